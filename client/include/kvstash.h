@@ -1,0 +1,209 @@
+/* libkvstash: the C client of kvstashd.
+ *
+ * One kvs_client is one gRPC channel to one daemon. It is thread-safe: any number of
+ * threads may issue calls on the same handle at once (each call gets its own completion
+ * queue). Every call returns 0 or a negative KVS_E* code (gpu/base/err.h) and, when `err`
+ * is not NULL, fills it with the code and a message; for errors that the server sent,
+ * the message is the server's status text (which names the field at fault) and
+ * kvs_err_grpc_status(err->code) gives back the gRPC status class.
+ *
+ * Errors map from gRPC status as kvs_err_from_grpc_status() says: INVALID_ARGUMENT ->
+ * KVS_EINVAL, NOT_FOUND -> KVS_ENOTFOUND, ALREADY_EXISTS -> KVS_EEXIST,
+ * RESOURCE_EXHAUSTED -> KVS_ENOSPC, UNAVAILABLE -> KVS_EUNAVAIL, DATA_LOSS ->
+ * KVS_EDATALOSS, DEADLINE_EXCEEDED -> KVS_ETIMEDOUT, UNAUTHENTICATED -> KVS_EUNAUTH,
+ * PERMISSION_DENIED -> KVS_EPERM, anything else -> KVS_EINTERNAL.
+ *
+ * Block keys: kvs_key_chain() derives the chained block key of DESIGN §1 so every
+ * process and language computes the same bytes (test vectors in README.md).
+ */
+#ifndef KVSTASH_H
+#define KVSTASH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/spec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVS_API __attribute__((visibility("default")))
+
+typedef struct kvs_client kvs_client;
+
+typedef enum kvs_tier {
+    KVS_TIER_NONE = 0, /* absent */
+    KVS_TIER_GPU = 1,
+    KVS_TIER_HOST = 2,
+    KVS_TIER_DISK = 3,
+} kvs_tier;
+
+typedef enum kvs_format {
+    KVS_FORMAT_RAW = 0,     /* decoded, namespace dtype, layout [L][2][t][H][D] */
+    KVS_FORMAT_ENCODED = 1, /* encoded block bytes (DESIGN §5) */
+} kvs_format;
+
+KVS_API const char *kvs_tier_name(kvs_tier tier); /* "none", "gpu", "host", "disk" */
+
+/* ------------------------------------------------------------------ connection */
+
+typedef struct kvs_client_opts {
+    const char *target;     /* "127.0.0.1:50051", "unix:/run/kvstash.sock"; NULL = default */
+    const char *token;      /* bearer token sent as "authorization: Bearer <token>"; NULL = none */
+    int64_t timeout_ms;     /* deadline of every call; 0 = 30000 */
+    size_t max_message;     /* max gRPC message size both ways; 0 = 64 MiB */
+    size_t chunk_bytes;     /* payload bytes per Put message; 0 = 1 MiB */
+} kvs_client_opts;
+
+/* Creates a client for opts->target (borrowed; copied). Does not wait for the
+ * connection: the first call does. On success *out is owned by the caller and freed
+ * with kvs_client_close(). */
+KVS_API int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *err);
+
+/* Waits for in-flight calls of other threads to be the caller's problem: call it only
+ * once no other thread uses the handle. NULL is allowed. */
+KVS_API void kvs_client_close(kvs_client *c);
+
+/* ------------------------------------------------------------------ data path */
+
+typedef struct kvs_put_result {
+    kvs_tier tier;          /* tier the block landed in */
+    uint64_t encoded_bytes; /* bytes the daemon stores for it */
+    uint64_t raw_bytes;     /* payload bytes sent */
+    bool replaced;          /* an older block with the same key was replaced */
+} kvs_put_result;
+
+/* Stores one block: `data` (borrowed, `len` bytes, layout [L][2][tokens][H][D] in
+ * `dtype`) under `key` (1..64 bytes) in namespace `ns`, streamed in chunks of
+ * opts.chunk_bytes. res may be NULL. */
+KVS_API int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                           uint32_t tokens, kvs_dtype dtype, const void *data, size_t len,
+                           kvs_put_result *res, kvs_err *err);
+
+typedef struct kvs_get_result {
+    uint32_t tokens;
+    kvs_dtype dtype;
+    uint32_t layer_begin, layer_end; /* layers returned: [begin, end) */
+    uint64_t bytes;                  /* payload bytes returned */
+    kvs_format format;
+    kvs_tier tier; /* tier it was served from */
+} kvs_get_result;
+
+/* Fetches a whole block, decoded, into buf (caller-owned, cap bytes). Fails with
+ * KVS_E2BIG (buf untouched beyond cap) if the block does not fit. res may be NULL. */
+KVS_API int kvs_client_get(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                           void *buf, size_t cap, kvs_get_result *res, kvs_err *err);
+
+/* Called for each chunk of a streamed Get, in layout order: bytes [offset, offset+len)
+ * of `layer` (K then V of that layer). `data` is borrowed until the callback returns.
+ * The first call for a layer has offset 0; a layer is complete when offset + len equals
+ * the layer's size. A non-zero return cancels the call and is returned by
+ * kvs_client_get_layers(). `hdr` is filled before the first data callback. */
+typedef int (*kvs_layer_cb)(void *ctx, const kvs_get_result *hdr, uint32_t layer,
+                            uint64_t offset, const void *data, size_t len);
+
+typedef struct kvs_get_opts {
+    kvs_format format;     /* RAW (default) or ENCODED */
+    uint32_t layer_begin;  /* [layer_begin, layer_end); layer_end = 0 means all layers */
+    uint32_t layer_end;
+} kvs_get_opts;
+
+/* Streams a block layer by layer through cb. opts may be NULL (all layers, RAW). */
+KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key,
+                                  size_t key_len, const kvs_get_opts *opts, kvs_layer_cb cb,
+                                  void *ctx, kvs_get_result *res, kvs_err *err);
+
+/* A block key as a value (caller-allocatable). */
+typedef struct kvs_key {
+    uint8_t len; /* 1..KVS_KEY_MAX */
+    uint8_t bytes[KVS_KEY_MAX];
+} kvs_key;
+
+/* How many leading keys of keys[0..n) are present (*prefix), and each one's tier
+ * (tiers: caller array of n entries, KVS_TIER_NONE when absent; may be NULL). */
+KVS_API int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                              uint32_t *prefix, kvs_tier *tiers, kvs_err *err);
+
+/* present: caller array of n entries. */
+KVS_API int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                              bool *present, kvs_err *err);
+
+/* Deletes the keys that exist; *deleted (may be NULL) counts them. */
+KVS_API int kvs_client_delete(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                              uint32_t *deleted, kvs_err *err);
+
+/* ------------------------------------------------------------------ admin */
+
+typedef struct kvs_ns_info {
+    kvs_ns_spec spec;
+    uint32_t id;
+    uint64_t blocks;
+    uint64_t stored_bytes; /* encoded bytes held */
+    uint64_t raw_bytes;    /* payload bytes they represent */
+    uint64_t block_bytes;  /* raw bytes of one full block */
+} kvs_ns_info;
+
+/* Creates a namespace. Empty codec names mean "none". info may be NULL. */
+KVS_API int kvs_client_ns_create(kvs_client *c, const kvs_ns_spec *spec, kvs_ns_info *info,
+                                 kvs_err *err);
+KVS_API int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks_dropped,
+                               kvs_err *err);
+/* *out (owned by the caller, freed with free()) holds *n entries. */
+KVS_API int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err);
+/* Finds one namespace by name through ListNamespaces; KVS_ENOTFOUND if absent. */
+KVS_API int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err);
+
+typedef struct kvs_tier_stats {
+    kvs_tier tier;
+    uint64_t capacity_bytes, used_bytes, blocks, hits, evictions;
+} kvs_tier_stats;
+
+typedef struct kvs_rpc_stats {
+    char method[32];
+    uint64_t calls, errors;
+} kvs_rpc_stats;
+
+typedef struct kvs_stats {
+    kvs_tier_stats tiers[3]; size_t n_tiers;
+    kvs_ns_info *namespaces; size_t n_namespaces; /* owned by the kvs_stats */
+    kvs_rpc_stats *rpcs; size_t n_rpcs;           /* owned by the kvs_stats */
+    uint64_t misses;
+    uint64_t uptime_ms;
+    char version[32];
+} kvs_stats;
+
+/* *out is owned by the caller and freed with kvs_stats_free(). */
+KVS_API int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err);
+KVS_API void kvs_stats_free(kvs_stats *s);
+
+typedef struct kvs_health {
+    bool serving;  /* false while draining */
+    char version[32];
+    uint64_t uptime_ms;
+} kvs_health;
+
+KVS_API int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err);
+
+/* ------------------------------------------------------------------ block keys */
+
+#define KVS_CHAIN_KEY_LEN 16
+
+/* Chained block key (DESIGN §1): out = XXH3-128 (seed 0) over prev (16 bytes; NULL means
+ * 16 zero bytes, the key before block 0) followed by tokens[0..n) as little-endian
+ * uint32, written in XXH128's canonical (big-endian) form. */
+KVS_API void kvs_key_chain(const uint8_t prev[KVS_CHAIN_KEY_LEN], const uint32_t *tokens,
+                           size_t n, uint8_t out[KVS_CHAIN_KEY_LEN]);
+
+/* Keys of a whole sequence cut into blocks of block_tokens: keys[i] covers tokens
+ * [i*block_tokens, min((i+1)*block_tokens, n_tokens)), the last block may be partial.
+ * Writes min(needed, max_keys) keys and returns how many keys the sequence needs. */
+KVS_API size_t kvs_key_chain_seq(const uint32_t *tokens, size_t n_tokens, uint32_t block_tokens,
+                                 kvs_key *keys, size_t max_keys);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,361 @@
+/* Call base: arming request slots, the event dispatcher, batch helpers, auth and the
+ * unary path. The state machine, its invariants and the lock order are in call.h.
+ * Runs on the completion-queue threads only. */
+#include "daemon/call.h"
+
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/support/alloc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "daemon/log.h"
+#include "gpu/base/mem.h"
+
+uint64_t kvs_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static kvs_call *call_new(kvs_server *srv, kvs_rpc rpc)
+{
+    kvs_call *c = kvs_xcalloc(1, sizeof *c);
+    c->srv = srv;
+    c->rpc = rpc;
+    c->id = atomic_fetch_add(&srv->next_call_id, 1) + 1;
+    grpc_metadata_array_init(&c->md);
+    grpc_call_details_init(&c->details);
+    pthread_mutex_init(&c->mu, NULL);
+    for (int i = 0; i < KVS_STEP_COUNT; i++) {
+        c->tags[i].call = c;
+        c->tags[i].step = (kvs_call_step)i;
+    }
+    c->pending = 1; /* the ARRIVE request */
+    return c;
+}
+
+static void call_free(kvs_call *c)
+{
+    kvs_server *srv = c->srv;
+    if (c->rpc == KVS_RPC_PUT)
+        kvs_put_cleanup(c);
+    else if (c->rpc == KVS_RPC_GET)
+        kvs_get_cleanup(c);
+    if (c->call)
+        grpc_call_unref(c->call);
+    grpc_metadata_array_destroy(&c->md);
+    grpc_call_details_destroy(&c->details);
+    if (c->request)
+        grpc_byte_buffer_destroy(c->request);
+    if (c->recv)
+        grpc_byte_buffer_destroy(c->recv);
+    if (c->send)
+        grpc_byte_buffer_destroy(c->send);
+    if (c->status_details_set)
+        grpc_slice_unref(c->status_details);
+    pthread_mutex_destroy(&c->mu);
+    bool admitted = c->admitted;
+    free(c);
+
+    pthread_mutex_lock(&srv->mu);
+    srv->live--;
+    if (admitted)
+        srv->inflight--;
+    pthread_cond_broadcast(&srv->cond);
+    pthread_mutex_unlock(&srv->mu);
+}
+
+int kvs_call_arm(kvs_server *srv, kvs_rpc rpc)
+{
+    pthread_mutex_lock(&srv->mu);
+    if (srv->shutting_down) {
+        pthread_mutex_unlock(&srv->mu);
+        return KVS_EUNAVAIL;
+    }
+    kvs_call *c = call_new(srv, rpc);
+    srv->live++;
+    grpc_call_error e;
+    /* Requested under srv->mu so that shutdown cannot slip in between the check above
+     * and the request (a request after the queue shut down aborts the process). */
+    if (rpc == KVS_RPC_UNKNOWN) {
+        e = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, srv->cq, srv->cq,
+                                     &c->tags[KVS_STEP_ARRIVE]);
+    } else {
+        bool with_payload = rpc != KVS_RPC_PUT;
+        e = grpc_server_request_registered_call(srv->server, srv->registered[rpc], &c->call,
+                                                &c->deadline, &c->md,
+                                                with_payload ? &c->request : NULL, srv->cq,
+                                                srv->cq, &c->tags[KVS_STEP_ARRIVE]);
+    }
+    pthread_mutex_unlock(&srv->mu);
+    if (e != GRPC_CALL_OK) {
+        kvs_log(KVS_LOG_ERROR, "arming a %s slot failed: grpc_call_error %d",
+                rpc == KVS_RPC_UNKNOWN ? "generic" : kvs_rpcs[rpc].name, (int)e);
+        c->rpc = KVS_RPC_UNKNOWN; /* nothing method-specific to clean */
+        call_free(c);
+        return KVS_EINTERNAL;
+    }
+    return 0;
+}
+
+/* Starts a batch tagged with step; on a synchronous refusal the call is abandoned. */
+static void start_batch(kvs_call *c, const grpc_op *ops, size_t n, kvs_call_step step)
+{
+    pthread_mutex_lock(&c->mu);
+    c->pending++;
+    pthread_mutex_unlock(&c->mu);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->tags[step], NULL);
+    if (e != GRPC_CALL_OK) {
+        kvs_log(KVS_LOG_ERROR, "call#%llu %s: grpc_call_start_batch (step %d) failed: %d",
+                (unsigned long long)c->id, kvs_rpcs[c->rpc < KVS_RPC_COUNT ? c->rpc : 0].name,
+                (int)step, (int)e);
+        pthread_mutex_lock(&c->mu);
+        c->pending--;
+        c->finished = true;
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+static size_t add_initial_md(kvs_call *c, grpc_op *op)
+{
+    if (c->md_sent)
+        return 0;
+    c->md_sent = true;
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_SEND_INITIAL_METADATA;
+    return 1;
+}
+
+/* Packs msg into c->send (which must be free: invariant 1). */
+static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
+{
+    size_t n = protobuf_c_message_get_packed_size(msg);
+    grpc_slice s = grpc_slice_malloc(n);
+    protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+void kvs_call_recv(kvs_call *c)
+{
+    grpc_op ops[2];
+    size_t n = add_initial_md(c, &ops[0]);
+    memset(&ops[n], 0, sizeof ops[n]);
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n].data.recv_message.recv_message = &c->recv;
+    start_batch(c, ops, n + 1, KVS_STEP_RECV);
+}
+
+void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg)
+{
+    grpc_op ops[2];
+    size_t n = add_initial_md(c, &ops[0]);
+    c->send = pack(msg);
+    memset(&ops[n], 0, sizeof ops[n]);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = c->send;
+    start_batch(c, ops, n + 1, KVS_STEP_SEND);
+}
+
+static void finish(kvs_call *c, const ProtobufCMessage *msg, grpc_status_code status,
+                   const char *details)
+{
+    grpc_op ops[3];
+    size_t n = add_initial_md(c, &ops[0]);
+    if (msg) {
+        c->send = pack(msg);
+        memset(&ops[n], 0, sizeof ops[n]);
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = c->send;
+        n++;
+    }
+    memset(&ops[n], 0, sizeof ops[n]);
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = status;
+    if (details) {
+        c->status_details = grpc_slice_from_copied_string(details);
+        c->status_details_set = true;
+        ops[n].data.send_status_from_server.status_details = &c->status_details;
+    }
+    start_batch(c, ops, n + 1, KVS_STEP_FINISH);
+}
+
+void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg)
+{
+    finish(c, msg, GRPC_STATUS_OK, NULL);
+}
+
+void kvs_call_fail(kvs_call *c, int code, const char *msg)
+{
+    const char *name = c->rpc < KVS_RPC_COUNT ? kvs_rpcs[c->rpc].name : "unknown";
+    if (c->rpc < KVS_RPC_COUNT)
+        atomic_fetch_add(&c->srv->rpc_errors[c->rpc], 1);
+    /* Client mistakes are routine for a server: log them at debug, our own at error. */
+    int status = kvs_err_grpc_status(code);
+    kvs_log(status == GRPC_STATUS_INTERNAL || status == GRPC_STATUS_DATA_LOSS ? KVS_LOG_ERROR
+                                                                              : KVS_LOG_DEBUG,
+            "call#%llu %s: %s: %s", (unsigned long long)c->id, name, kvs_err_name(code), msg);
+    finish(c, NULL, (grpc_status_code)status, msg);
+}
+
+void kvs_call_abandon(kvs_call *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->finished = true;
+    pthread_mutex_unlock(&c->mu);
+}
+
+grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)
+{
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, bb))
+        return grpc_empty_slice();
+    grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    return s;
+}
+
+/* Constant-time comparison of a metadata value with "Bearer <token>". */
+static bool bearer_is(grpc_slice value, const char *token)
+{
+    static const char prefix[] = "Bearer ";
+    size_t plen = sizeof prefix - 1, tlen = strlen(token);
+    size_t vlen = GRPC_SLICE_LENGTH(value);
+    const unsigned char *v = GRPC_SLICE_START_PTR(value);
+    if (vlen != plen + tlen || memcmp(v, prefix, plen) != 0)
+        return false;
+    unsigned char diff = 0;
+    for (size_t i = 0; i < tlen; i++)
+        diff |= (unsigned char)(v[plen + i] ^ (unsigned char)token[i]);
+    return diff == 0;
+}
+
+/* Auth rules (DESIGN §9): with --token set, KvStash calls need the client or admin
+ * token; with --admin-token set, KvAdmin calls need the admin token (a valid client
+ * token gets PERMISSION_DENIED); with only --token set, it also opens KvAdmin. Health is
+ * always open so that probes work without secrets. */
+static int check_auth(kvs_call *c, kvs_err *err)
+{
+    const kvs_config *cfg = c->srv->cfg;
+    if (c->rpc == KVS_RPC_HEALTH)
+        return 0;
+    bool admin_rpc = kvs_rpcs[c->rpc].admin;
+    const char *need_admin = cfg->admin_token[0] ? cfg->admin_token : NULL;
+    const char *need_client = cfg->token[0] ? cfg->token : NULL;
+    if (admin_rpc ? !(need_admin || need_client) : !need_client)
+        return 0;
+    bool is_admin = false, is_client = false;
+    for (size_t i = 0; i < c->md.count; i++) {
+        if (!grpc_slice_str_cmp(c->md.metadata[i].key, "authorization")) {
+            grpc_slice v = c->md.metadata[i].value;
+            is_admin |= need_admin && bearer_is(v, need_admin);
+            is_client |= need_client && bearer_is(v, need_client);
+        }
+    }
+    if (admin_rpc) {
+        if (need_admin ? is_admin : is_client)
+            return 0;
+        if (need_admin && is_client)
+            return kvs_err_set(err, KVS_EPERM,
+                               "authorization: the client token may not call KvAdmin.%s",
+                               kvs_rpcs[c->rpc].name);
+        return kvs_err_set(err, KVS_EUNAUTH, "authorization: missing or unknown bearer token");
+    }
+    if (is_client || is_admin)
+        return 0;
+    return kvs_err_set(err, KVS_EUNAUTH, "authorization: missing or unknown bearer token");
+}
+
+static void on_arrive(kvs_call *c, bool ok)
+{
+    kvs_server *srv = c->srv;
+    if (!ok) { /* the server is shutting down: this slot never got a call */
+        kvs_call_abandon(c);
+        return;
+    }
+    /* Keep the slot count constant: re-arm before the work on this call starts. */
+    kvs_call_arm(srv, c->rpc);
+
+    grpc_op close_op;
+    memset(&close_op, 0, sizeof close_op);
+    close_op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    close_op.data.recv_close_on_server.cancelled = &c->cancelled;
+    start_batch(c, &close_op, 1, KVS_STEP_CLOSE);
+
+    if (c->rpc == KVS_RPC_UNKNOWN) {
+        char *method = grpc_slice_to_c_string(c->details.method);
+        char msg[300];
+        snprintf(msg, sizeof msg, "method %.200s is not implemented by kvstashd", method);
+        gpr_free(method);
+        kvs_call_fail(c, KVS_ENOTSUP, msg);
+        return;
+    }
+    atomic_fetch_add(&srv->rpc_calls[c->rpc], 1);
+    if (c->rpc != KVS_RPC_HEALTH && atomic_load(&srv->draining)) {
+        kvs_call_fail(c, KVS_EUNAVAIL, "server is draining: retry on another instance");
+        return;
+    }
+    kvs_err err;
+    kvs_err_clear(&err);
+    if (check_auth(c, &err)) {
+        kvs_call_fail(c, err.code, err.msg);
+        return;
+    }
+    if (c->rpc != KVS_RPC_HEALTH) {
+        pthread_mutex_lock(&srv->mu);
+        c->admitted = true;
+        srv->inflight++;
+        pthread_mutex_unlock(&srv->mu);
+    }
+    if (c->rpc == KVS_RPC_PUT) {
+        kvs_put_start(c);
+        return;
+    }
+    if (!c->request) {
+        kvs_call_fail(c, KVS_EINVAL, "request: the client sent no request message");
+        return;
+    }
+    grpc_slice req = kvs_call_flatten(c->request);
+    const uint8_t *p = GRPC_SLICE_START_PTR(req);
+    size_t len = GRPC_SLICE_LENGTH(req);
+    if (c->rpc == KVS_RPC_GET) {
+        kvs_get_start(c, p, len);
+    } else {
+        int rc = kvs_rpcs[c->rpc].unary(c, p, len, &err);
+        if (rc)
+            kvs_call_fail(c, rc, err.msg);
+    }
+    grpc_slice_unref(req);
+}
+
+void kvs_call_on_event(kvs_call_tag *tag, bool ok)
+{
+    kvs_call *c = tag->call;
+    switch (tag->step) {
+    case KVS_STEP_ARRIVE: on_arrive(c, ok); break;
+    case KVS_STEP_CLOSE: break; /* c->cancelled is set; the send/recv paths see failures */
+    case KVS_STEP_RECV: kvs_put_on_recv(c, ok); break;
+    case KVS_STEP_SEND:
+        grpc_byte_buffer_destroy(c->send);
+        c->send = NULL;
+        kvs_get_on_send(c, ok);
+        break;
+    case KVS_STEP_FINISH:
+        if (c->send) {
+            grpc_byte_buffer_destroy(c->send);
+            c->send = NULL;
+        }
+        kvs_call_abandon(c); /* nothing more to send: finished */
+        break;
+    default: break;
+    }
+    pthread_mutex_lock(&c->mu);
+    bool done = --c->pending == 0 && c->finished;
+    pthread_mutex_unlock(&c->mu);
+    if (done)
+        call_free(c);
+}

@@ -1,0 +1,200 @@
+/* Daemon-internal: the server's shared state and the per-call state machine base.
+ *
+ * One kvs_call per gRPC call (and per armed request slot). Completion-queue threads
+ * drive it: every batch started on a call carries a tag (call, step); when the batch
+ * completes, kvs_call_on_event runs the step's handler on whichever CQ thread got it.
+ *
+ *   armed ──ARRIVE──> admitted ──(method start)──> RECV/SEND steps ──> FINISH ──> freed
+ *     │                  │                                               ▲
+ *     │                  └─ rejected (draining, auth, bad request) ──────┘
+ *     └─ ARRIVE !ok (server shutting down) ──> freed
+ *   CLOSE (RECV_CLOSE_ON_SERVER) is posted at arrival and completes when the call ends
+ *   or is cancelled; it is the only reliable cancellation signal.
+ *
+ * Invariants:
+ *  1. At most one batch per kind is outstanding: besides CLOSE, a call has either one
+ *     RECV, one SEND or one FINISH batch in flight, never two, so method handlers never
+ *     run concurrently for one call. Only the `mu`-guarded fields are shared with CLOSE.
+ *  2. `pending` counts batches started and not yet completed (the ARRIVE request counts
+ *     as one). The call is freed when pending reaches 0 and `finished` is set; a handler
+ *     starts its follow-up batch before the current event is retired, so pending never
+ *     drops to 0 early.
+ *  3. Every admitted call is counted in srv->inflight until freed; kvs_server_shutdown
+ *     waits for srv->live (every call object, armed or not) to reach 0 before the
+ *     completion queue is shut down.
+ *
+ * Lock order: srv->mu, then call->mu; the store's lock is taken with neither held
+ * (handlers call the store before taking any daemon lock).
+ */
+#ifndef KVS_DAEMON_CALL_H
+#define KVS_DAEMON_CALL_H
+
+#include <grpc/grpc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "daemon/config.h"
+#include "storage/store.h"
+
+typedef enum kvs_rpc {
+    KVS_RPC_PUT,
+    KVS_RPC_GET,
+    KVS_RPC_LOOKUP,
+    KVS_RPC_EXISTS,
+    KVS_RPC_DELETE,
+    KVS_RPC_NS_CREATE,
+    KVS_RPC_NS_DROP,
+    KVS_RPC_NS_LIST,
+    KVS_RPC_STATS,
+    KVS_RPC_HEALTH,
+    KVS_RPC_COUNT,
+    KVS_RPC_UNKNOWN = KVS_RPC_COUNT, /* the generic slot: answers UNIMPLEMENTED */
+} kvs_rpc;
+
+typedef struct kvs_server kvs_server;
+typedef struct kvs_call kvs_call;
+
+/* Unary handler: parses `req` (len bytes, borrowed), does the work, and either calls
+ * kvs_call_reply() and returns 0, or returns a KVS_E* code with err filled (the caller
+ * then answers with that status). */
+typedef int (*kvs_unary_fn)(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+
+typedef struct kvs_rpc_desc {
+    const char *path; /* "/kvstash.v1.KvStash/Put" */
+    const char *name; /* "Put" */
+    bool admin;       /* KvAdmin service: admin token rules */
+    bool streaming;   /* Put or Get: own state machine */
+    kvs_unary_fn unary;
+} kvs_rpc_desc;
+
+extern const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT];
+
+struct kvs_server {
+    const kvs_config *cfg; /* borrowed from main, outlives the server */
+    kvs_store *store;      /* borrowed */
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
+    pthread_t *threads;
+    unsigned nthreads;
+    uint64_t start_ms;   /* monotonic, for uptime */
+    atomic_bool draining;
+    atomic_uint_fast64_t next_call_id;
+    atomic_uint_fast64_t rpc_calls[KVS_RPC_COUNT];
+    atomic_uint_fast64_t rpc_errors[KVS_RPC_COUNT];
+
+    pthread_mutex_t mu; /* guards the fields below */
+    pthread_cond_t cond;
+    bool shutting_down;  /* no more re-arming */
+    bool shutdown_done;  /* the shutdown tag completed */
+    unsigned live;       /* call objects alive (armed + admitted) */
+    unsigned inflight;   /* admitted calls not yet freed (Health excluded) */
+    int shutdown_tag;    /* address used as the shutdown notification tag */
+};
+
+typedef enum kvs_call_step {
+    KVS_STEP_ARRIVE,
+    KVS_STEP_CLOSE,
+    KVS_STEP_RECV,
+    KVS_STEP_SEND,
+    KVS_STEP_FINISH,
+    KVS_STEP_COUNT,
+} kvs_call_step;
+
+typedef struct kvs_call_tag {
+    kvs_call *call;
+    kvs_call_step step;
+} kvs_call_tag;
+
+/* Per-RPC state of the two streaming calls. */
+typedef struct kvs_put_state {
+    kvs_ns *ns;       /* reference, set once the header is accepted */
+    kvs_block *blk;   /* FILLING block, reserved at the header */
+    uint64_t expected, received;
+    uint8_t key[KVS_KEY_MAX];
+    size_t key_len;
+} kvs_put_state;
+
+typedef struct kvs_get_state {
+    kvs_ns *ns;
+    kvs_block *blk; /* reader reference */
+    uint32_t layer, layer_end;
+    uint64_t offset, layer_bytes, chunk;
+} kvs_get_state;
+
+struct kvs_call {
+    kvs_server *srv;
+    kvs_rpc rpc;
+    uint64_t id; /* for log lines: "call#812" */
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_call_details details;  /* generic slot only */
+    grpc_metadata_array md;     /* request metadata */
+    grpc_byte_buffer *request;  /* the request message of unary calls and Get */
+    grpc_byte_buffer *recv;     /* RECV step target */
+    grpc_byte_buffer *send;     /* message of the SEND/FINISH batch in flight */
+    grpc_slice status_details;
+    bool status_details_set;
+    bool md_sent;
+    bool admitted;
+    kvs_call_tag tags[KVS_STEP_COUNT];
+
+    pthread_mutex_t mu; /* guards pending, finished, cancelled */
+    int pending;
+    bool finished;
+    int cancelled; /* written by grpc when CLOSE completes */
+
+    union {
+        kvs_put_state put;
+        kvs_get_state get;
+    } u;
+};
+
+/* Arms a request slot for rpc (KVS_RPC_UNKNOWN: the generic slot). Returns 0, or an
+ * error if the server is shutting down or grpc refused. Caller must not hold srv->mu. */
+int kvs_call_arm(kvs_server *srv, kvs_rpc rpc);
+
+/* Runs the handler of the completed batch. */
+void kvs_call_on_event(kvs_call_tag *tag, bool ok);
+
+/* Step helpers for handlers (each starts one batch). */
+void kvs_call_recv(kvs_call *c);
+/* Packs msg (borrowed, as above) and sends it as the next stream message (SEND step). */
+void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg);
+/* Packs msg (borrowed; may be freed once this returns; NULL for status only) and sends
+ * it with status OK (FINISH step). */
+void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg);
+/* Sends an error status: code (KVS_E*) mapped to gRPC, msg as details (FINISH step). */
+void kvs_call_fail(kvs_call *c, int code, const char *msg);
+/* Ends the call without sending anything more (after a failed op or a cancel). */
+void kvs_call_abandon(kvs_call *c);
+
+/* Copies a received byte buffer into one contiguous slice. The caller reads
+ * GRPC_SLICE_START_PTR/LENGTH and unrefs the slice. */
+grpc_slice kvs_call_flatten(grpc_byte_buffer *bb);
+
+/* Streaming handlers (call_put.c, call_get.c). */
+void kvs_put_start(kvs_call *c);
+void kvs_put_on_recv(kvs_call *c, bool ok);
+void kvs_put_cleanup(kvs_call *c);
+void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len);
+void kvs_get_on_send(kvs_call *c, bool ok);
+void kvs_get_cleanup(kvs_call *c);
+
+/* Unary handlers (call_keys.c, call_admin.c). */
+int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_delete_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+
+uint64_t kvs_now_ms(void);
+
+#endif

@@ -1,0 +1,158 @@
+/* KvAdmin: CreateNamespace, DropNamespace, ListNamespaces, Stats, Health (DESIGN §4).
+ * Unary calls on CQ threads; replies are built from store snapshots taken under the
+ * store lock, so no daemon lock is held while the store is asked. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/call.h"
+#include "daemon/wire.h"
+#include "gpu/base/mem.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+
+#ifndef KVS_VERSION
+#define KVS_VERSION "dev"
+#endif
+
+int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__CreateNamespaceRequest *r =
+        kvstash__v1__create_namespace_request__unpack(NULL, len, req);
+    if (!r)
+        return kvs_err_set(err, KVS_EINVAL, "CreateNamespaceRequest: not a valid protobuf message");
+    kvs_ns_spec spec;
+    kvs_ns *ns = NULL;
+    int rc = kvs_wire_spec_from_proto(r->spec, &spec, err);
+    kvstash__v1__create_namespace_request__free_unpacked(r, NULL);
+    if (rc == 0)
+        rc = kvs_store_ns_create(c->srv->store, &spec, &ns, err);
+    if (rc)
+        return rc;
+    kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns)};
+    kvs_ns_unref(ns);
+    Kvstash__V1__NamespaceSpec pspec;
+    Kvstash__V1__NamespaceInfo pinfo;
+    kvs_wire_info_to_proto(&info, &pspec, &pinfo);
+    kvs_call_reply(c, &pinfo.base);
+    return 0;
+}
+
+int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__NameRequest *r = kvstash__v1__name_request__unpack(NULL, len, req);
+    if (!r)
+        return kvs_err_set(err, KVS_EINVAL, "NameRequest: not a valid protobuf message");
+    uint64_t dropped = 0;
+    int rc = kvs_wire_check_name(r->name, "name", err);
+    if (rc == 0)
+        rc = kvs_store_ns_drop(c->srv->store, r->name, &dropped, err);
+    kvstash__v1__name_request__free_unpacked(r, NULL);
+    if (rc)
+        return rc;
+    Kvstash__V1__DropNamespaceReply reply = KVSTASH__V1__DROP_NAMESPACE_REPLY__INIT;
+    reply.blocks_dropped = dropped;
+    kvs_call_reply(c, &reply.base);
+    return 0;
+}
+
+/* Wire form of a namespace snapshot list; free with ns_protos_free. */
+typedef struct ns_protos {
+    kvs_store_ns_info *snap;
+    Kvstash__V1__NamespaceSpec *specs;
+    Kvstash__V1__NamespaceInfo *infos;
+    Kvstash__V1__NamespaceInfo **ptrs;
+    size_t n;
+} ns_protos;
+
+static int ns_protos_build(kvs_store *st, ns_protos *p, kvs_err *err)
+{
+    memset(p, 0, sizeof *p);
+    int rc = kvs_store_ns_list(st, &p->snap, &p->n, err);
+    if (rc)
+        return rc;
+    size_t n = p->n ? p->n : 1;
+    p->specs = kvs_xcalloc(n, sizeof *p->specs);
+    p->infos = kvs_xcalloc(n, sizeof *p->infos);
+    p->ptrs = kvs_xcalloc(n, sizeof *p->ptrs);
+    for (size_t i = 0; i < p->n; i++) {
+        kvs_wire_info_to_proto(&p->snap[i], &p->specs[i], &p->infos[i]);
+        p->ptrs[i] = &p->infos[i];
+    }
+    return 0;
+}
+
+static void ns_protos_free(ns_protos *p)
+{
+    free(p->snap);
+    free(p->specs);
+    free(p->infos);
+    free(p->ptrs);
+}
+
+int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    ns_protos p;
+    int rc = ns_protos_build(c->srv->store, &p, err);
+    if (rc)
+        return rc;
+    Kvstash__V1__ListNamespacesReply reply = KVSTASH__V1__LIST_NAMESPACES_REPLY__INIT;
+    reply.n_namespaces = p.n;
+    reply.namespaces = p.ptrs;
+    kvs_call_reply(c, &reply.base);
+    ns_protos_free(&p);
+    return 0;
+}
+
+int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    kvs_server *srv = c->srv;
+    ns_protos p;
+    int rc = ns_protos_build(srv->store, &p, err);
+    if (rc)
+        return rc;
+    kvs_store_stats st;
+    kvs_store_get_stats(srv->store, &st);
+
+    Kvstash__V1__TierStats host = KVSTASH__V1__TIER_STATS__INIT;
+    host.tier = KVSTASH__V1__TIER__TIER_HOST;
+    host.capacity_bytes = st.host_capacity;
+    host.used_bytes = st.host_used;
+    host.blocks = st.host_blocks;
+    host.hits = st.host_hits;
+    host.evictions = st.host_evictions;
+    Kvstash__V1__TierStats *tiers[] = {&host};
+
+    Kvstash__V1__RpcStats rpcs[KVS_RPC_COUNT];
+    Kvstash__V1__RpcStats *rpc_ptrs[KVS_RPC_COUNT];
+    for (int i = 0; i < KVS_RPC_COUNT; i++) {
+        kvstash__v1__rpc_stats__init(&rpcs[i]);
+        rpcs[i].method = (char *)kvs_rpcs[i].name;
+        rpcs[i].calls = atomic_load(&srv->rpc_calls[i]);
+        rpcs[i].errors = atomic_load(&srv->rpc_errors[i]);
+        rpc_ptrs[i] = &rpcs[i];
+    }
+
+    Kvstash__V1__StatsReply reply = KVSTASH__V1__STATS_REPLY__INIT;
+    reply.n_tiers = 1;
+    reply.tiers = tiers;
+    reply.n_namespaces = p.n;
+    reply.namespaces = p.ptrs;
+    reply.n_rpcs = KVS_RPC_COUNT;
+    reply.rpcs = rpc_ptrs;
+    reply.misses = st.misses;
+    reply.uptime_ms = kvs_now_ms() - srv->start_ms;
+    reply.version = (char *)KVS_VERSION;
+    kvs_call_reply(c, &reply.base);
+    ns_protos_free(&p);
+    return 0;
+}
+
+int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__HealthReply reply = KVSTASH__V1__HEALTH_REPLY__INIT;
+    reply.status = atomic_load(&c->srv->draining) ? KVSTASH__V1__HEALTH_REPLY__STATUS__DRAINING
+                                                  : KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
+    reply.version = (char *)KVS_VERSION;
+    reply.uptime_ms = kvs_now_ms() - c->srv->start_ms;
+    kvs_call_reply(c, &reply.base);
+    return 0;
+}

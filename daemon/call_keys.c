@@ -1,0 +1,102 @@
+/* Lookup, Exists, Delete: unary calls over a batch of keys (DESIGN §2, §4). One request
+ * shape (KeysRequest), one validation path; each handler differs only in the store verb
+ * and the reply it builds. Runs on CQ threads. */
+#include <stdlib.h>
+
+#include "daemon/call.h"
+#include "daemon/wire.h"
+#include "gpu/base/mem.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+
+typedef struct keys_req {
+    Kvstash__V1__KeysRequest *msg;
+    kvs_ns *ns;
+    kvs_store_key *keys;
+    size_t n;
+} keys_req;
+
+static int keys_open(kvs_call *c, const uint8_t *req, size_t len, keys_req *k, kvs_err *err)
+{
+    k->msg = kvstash__v1__keys_request__unpack(NULL, len, req);
+    if (!k->msg)
+        return kvs_err_set(err, KVS_EINVAL, "KeysRequest: not a valid protobuf message");
+    int rc = kvs_wire_check_name(k->msg->namespace_, "namespace", err);
+    if (rc)
+        return rc;
+    if ((rc = kvs_store_ns_find(c->srv->store, k->msg->namespace_, &k->ns, err)))
+        return rc;
+    k->n = k->msg->n_keys;
+    /* Bounded by max_keys once checked; allocate after the count check. */
+    if (k->n == 0 || k->n > c->srv->cfg->max_keys)
+        return kvs_wire_check_keys(k->msg->keys, k->n, c->srv->cfg->max_keys, NULL, err);
+    k->keys = kvs_trymalloc(k->n * sizeof *k->keys);
+    if (!k->keys)
+        return kvs_err_set(err, KVS_ENOMEM, "keys: out of memory for %zu keys", k->n);
+    return kvs_wire_check_keys(k->msg->keys, k->n, c->srv->cfg->max_keys, k->keys, err);
+}
+
+static void keys_close(keys_req *k)
+{
+    if (k->msg)
+        kvstash__v1__keys_request__free_unpacked(k->msg, NULL);
+    if (k->ns)
+        kvs_ns_unref(k->ns);
+    free(k->keys);
+}
+
+int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    keys_req k = {0};
+    int rc = keys_open(c, req, len, &k, err);
+    kvs_store_tier *tiers = NULL;
+    if (rc == 0 && !(tiers = kvs_trymalloc(k.n * sizeof *tiers)))
+        rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
+    if (rc == 0) {
+        Kvstash__V1__LookupReply reply = KVSTASH__V1__LOOKUP_REPLY__INIT;
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks);
+        /* kvs_store_tier and the wire Tier enum share their values by construction. */
+        reply.n_tiers = k.n;
+        reply.tiers = (Kvstash__V1__Tier *)tiers;
+        kvs_call_reply(c, &reply.base);
+    }
+    free(tiers);
+    keys_close(&k);
+    return rc;
+}
+
+int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    keys_req k = {0};
+    int rc = keys_open(c, req, len, &k, err);
+    kvs_store_tier *tiers = NULL;
+    protobuf_c_boolean *present = NULL;
+    if (rc == 0 && (!(tiers = kvs_trymalloc(k.n * sizeof *tiers)) ||
+                    !(present = kvs_trymalloc(k.n * sizeof *present))))
+        rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
+    if (rc == 0) {
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, NULL);
+        for (size_t i = 0; i < k.n; i++)
+            present[i] = tiers[i] != KVS_STORE_TIER_NONE;
+        Kvstash__V1__ExistsReply reply = KVSTASH__V1__EXISTS_REPLY__INIT;
+        reply.n_present = k.n;
+        reply.present = present;
+        kvs_call_reply(c, &reply.base);
+    }
+    free(tiers);
+    free(present);
+    keys_close(&k);
+    return rc;
+}
+
+int kvs_delete_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    keys_req k = {0};
+    int rc = keys_open(c, req, len, &k, err);
+    if (rc == 0) {
+        Kvstash__V1__DeleteReply reply = KVSTASH__V1__DELETE_REPLY__INIT;
+        reply.deleted = kvs_store_delete(c->srv->store, k.ns, k.keys, k.n);
+        kvs_call_reply(c, &reply.base);
+    }
+    keys_close(&k);
+    return rc;
+}

@@ -1,0 +1,150 @@
+/* Put: the client-streaming state machine (DESIGN §2, §4).
+ *
+ *   start ──recv──> HEADER ──valid──> reserve block ──recv──> DATA ──recv──> ... ──┐
+ *            │         └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED)
+ *            │                                                                     │
+ *            └─ recv !ok (cancelled, oversize message): abandon                     │
+ *   end of stream (recv ok, no message) ──complete?──> commit ──> reply(PutReply)  <┘
+ *                                        └─ short ──> fail(INVALID_ARGUMENT "truncated")
+ *
+ * Every size is checked against the namespace before the block buffer is reserved
+ * (its size comes from the namespace and the token count, never from the client), and
+ * each data chunk is bounds-checked before it is copied. Runs on CQ threads; one step
+ * at a time per call (call.h invariant 1).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "daemon/call.h"
+#include "daemon/wire.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+
+void kvs_put_start(kvs_call *c)
+{
+    kvs_call_recv(c);
+}
+
+void kvs_put_cleanup(kvs_call *c)
+{
+    kvs_put_state *p = &c->u.put;
+    if (p->blk)
+        kvs_store_block_abort(c->srv->store, p->blk);
+    if (p->ns)
+        kvs_ns_unref(p->ns);
+    p->blk = NULL;
+    p->ns = NULL;
+}
+
+static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    int rc = kvs_wire_check_name(h->namespace_, "namespace", err);
+    if (rc)
+        return rc;
+    rc = kvs_store_ns_find(c->srv->store, h->namespace_, &p->ns, err);
+    if (rc)
+        return rc;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(p->ns);
+    if ((rc = kvs_key_validate(h->key.len, err)))
+        return rc;
+    if ((rc = kvs_spec_block_bytes(spec, h->tokens, &p->expected, err)))
+        return rc;
+    if ((int)h->dtype != (int)spec->dtype)
+        return kvs_err_set(err, KVS_EINVAL, "dtype: %s given, namespace '%s' stores %s",
+                           kvs_dtype_name((kvs_dtype)h->dtype), spec->name,
+                           kvs_dtype_name(spec->dtype));
+    if (h->payload_bytes && h->payload_bytes != p->expected)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "payload_bytes: %llu given, but %u tokens of namespace '%s' take "
+                           "%llu bytes",
+                           (unsigned long long)h->payload_bytes, h->tokens, spec->name,
+                           (unsigned long long)p->expected);
+    memcpy(p->key, h->key.data, h->key.len);
+    p->key_len = h->key.len;
+    return kvs_store_block_alloc(c->srv->store, p->ns, h->tokens, p->expected, &p->blk, err);
+}
+
+static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    Kvstash__V1__PutChunk *m = kvstash__v1__put_chunk__unpack(NULL, len, buf);
+    if (!m)
+        return kvs_err_set(err, KVS_EINVAL, "PutChunk: not a valid protobuf message");
+    int rc = 0;
+    if (m->kind_case == KVSTASH__V1__PUT_CHUNK__KIND_HEADER) {
+        if (p->ns)
+            rc = kvs_err_set(err, KVS_EINVAL, "header: sent twice (only the first chunk is one)");
+        else
+            rc = on_header(c, m->header, err);
+    } else if (!p->ns) {
+        rc = kvs_err_set(err, KVS_EINVAL, "header: the first chunk of a Put must be a header");
+    } else if (m->kind_case == KVSTASH__V1__PUT_CHUNK__KIND_DATA) {
+        uint64_t n = m->data.len;
+        if (n > p->expected - p->received)
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "payload: more than the %llu bytes that %u tokens take",
+                             (unsigned long long)p->expected, kvs_block_tokens(p->blk));
+        else {
+            memcpy((uint8_t *)kvs_block_data(p->blk) + p->received, m->data.data, n);
+            p->received += n;
+        }
+    }
+    kvstash__v1__put_chunk__free_unpacked(m, NULL);
+    return rc;
+}
+
+static void on_end(kvs_call *c)
+{
+    kvs_put_state *p = &c->u.put;
+    kvs_err err;
+    kvs_err_clear(&err);
+    if (!p->ns) {
+        kvs_call_fail(c, KVS_EINVAL, "header: the stream ended before a header was sent");
+        return;
+    }
+    if (p->received != p->expected) {
+        snprintf(err.msg, sizeof err.msg,
+                 "payload: got %llu of %llu bytes (truncated stream: the client half-closed "
+                 "early)",
+                 (unsigned long long)p->received, (unsigned long long)p->expected);
+        kvs_call_fail(c, KVS_EINVAL, err.msg);
+        return;
+    }
+    kvs_store_put_info info;
+    kvs_block *blk = p->blk;
+    p->blk = NULL; /* the store owns it from here, committed or not */
+    int rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &err);
+    if (rc) {
+        kvs_call_fail(c, rc, err.msg);
+        return;
+    }
+    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
+    reply.tier = (Kvstash__V1__Tier)info.tier;
+    reply.encoded_bytes = info.stored_bytes;
+    reply.raw_bytes = p->received;
+    reply.replaced = info.replaced;
+    kvs_call_reply(c, &reply.base);
+}
+
+void kvs_put_on_recv(kvs_call *c, bool ok)
+{
+    if (!ok) { /* cancelled, deadline, or grpc refused an oversize message */
+        kvs_call_abandon(c);
+        return;
+    }
+    if (!c->recv) {
+        on_end(c);
+        return;
+    }
+    grpc_slice s = kvs_call_flatten(c->recv);
+    grpc_byte_buffer_destroy(c->recv);
+    c->recv = NULL;
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = on_chunk(c, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), &err);
+    grpc_slice_unref(s);
+    if (rc)
+        kvs_call_fail(c, rc, err.msg);
+    else
+        kvs_call_recv(c);
+}

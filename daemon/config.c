@@ -1,0 +1,191 @@
+/* kvstashd configuration: see config.h. */
+#include "daemon/config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "daemon/log.h"
+
+
+
+void kvs_config_defaults(kvs_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    snprintf(cfg->listen, sizeof cfg->listen, "127.0.0.1:50051");
+    cfg->host_capacity = 2ull << 30;
+    cfg->max_message = 64ull << 20;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    cfg->threads = n < 2 ? 2 : (n > 64 ? 64 : (unsigned)n);
+    cfg->log_level = KVS_LOG_INFO;
+    cfg->drain_timeout_s = 30;
+    cfg->stats_interval_s = 60;
+    cfg->max_keys = 4096;
+}
+
+int kvs_parse_size(const char *s, uint64_t *out)
+{
+    if (!s || !*s)
+        return 0;
+    errno = 0;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || s[0] == '-')
+        return 0;
+    unsigned shift = 0;
+    switch (*end) {
+    case '\0': break;
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    default: return 0;
+    }
+    if (*end == 'i' || *end == 'B') /* accept 2GiB, 2GB, 2G as the same */
+        end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
+    if (*end != '\0')
+        return 0;
+    if (shift && v > (UINT64_MAX >> shift))
+        return 0;
+    *out = (uint64_t)v << shift;
+    return 1;
+}
+
+static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+{
+    errno = 0;
+    char *end;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-' || v < lo || v > hi)
+        return 0;
+    *out = (unsigned)v;
+    return 1;
+}
+
+static int copy_str(char *dst, size_t cap, const char *src, const char *flag, kvs_err *err)
+{
+    if (strlen(src) >= cap)
+        return kvs_err_set(err, KVS_EINVAL, "%s: longer than %zu characters", flag, cap - 1);
+    memcpy(dst, src, strlen(src) + 1);
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvstashd [options]\n"
+            "\n"
+            "KV-cache offload store for LLM inference. Runs on embedded defaults with no\n"
+            "options; every option below overrides one default.\n"
+            "\n"
+            "  --listen ADDR          gRPC address, HOST:PORT or unix:PATH (default 127.0.0.1:50051;\n"
+            "                         port 0 picks a free port)\n"
+            "  --port-file PATH       write the bound port number to PATH once listening\n"
+            "  --host-capacity SIZE   bytes of the host RAM tier, e.g. 512M, 2G (default 2G)\n"
+            "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
+            "  --threads N            completion-queue threads (default: cores, at least 2)\n"
+            "  --log-level LEVEL      error, warn, info or debug (default info)\n"
+            "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
+            "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
+            "  --drain-timeout SEC    on SIGTERM, wait this long for in-flight calls (default 30)\n"
+            "  --stats-interval SEC   log a stats line every SEC seconds, 0 = never (default 60)\n"
+            "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
+            "  -h, --help             this text\n"
+            "  --version              print the version\n"
+            "\n"
+            "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
+            "which keeps them out of the process list.\n");
+}
+
+int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
+{
+    enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
+           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_VERSION };
+    static const struct option opts[] = {
+        {"listen", required_argument, NULL, O_LISTEN},
+        {"port-file", required_argument, NULL, O_PORT_FILE},
+        {"host-capacity", required_argument, NULL, O_HOST_CAP},
+        {"max-message", required_argument, NULL, O_MAX_MSG},
+        {"threads", required_argument, NULL, O_THREADS},
+        {"log-level", required_argument, NULL, O_LOG},
+        {"token", required_argument, NULL, O_TOKEN},
+        {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
+        {"drain-timeout", required_argument, NULL, O_DRAIN},
+        {"stats-interval", required_argument, NULL, O_STATS},
+        {"max-keys", required_argument, NULL, O_MAX_KEYS},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, O_VERSION},
+        {NULL, 0, NULL, 0},
+    };
+    const char *env;
+    if ((env = getenv("KVSTASH_TOKEN")) && copy_str(cfg->token, sizeof cfg->token, env,
+                                                     "KVSTASH_TOKEN", err))
+        return err ? err->code : KVS_EINVAL;
+    if ((env = getenv("KVSTASH_ADMIN_TOKEN")) &&
+        copy_str(cfg->admin_token, sizeof cfg->admin_token, env, "KVSTASH_ADMIN_TOKEN", err))
+        return err ? err->code : KVS_EINVAL;
+
+    optind = 1;
+    opterr = 0;
+    int c, rc = 0;
+    uint64_t size;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case O_LISTEN: rc = copy_str(cfg->listen, sizeof cfg->listen, optarg, "--listen", err); break;
+        case O_PORT_FILE:
+            rc = copy_str(cfg->port_file, sizeof cfg->port_file, optarg, "--port-file", err);
+            break;
+        case O_HOST_CAP:
+            if (!kvs_parse_size(optarg, &size) || size == 0)
+                return kvs_err_set(err, KVS_EINVAL, "--host-capacity: '%s' is not a size > 0", optarg);
+            cfg->host_capacity = size;
+            break;
+        case O_MAX_MSG:
+            if (!kvs_parse_size(optarg, &size) || size < 4096 || size > (1ull << 31) - 1)
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--max-message: '%s' is not a size in 4K..2G-1", optarg);
+            cfg->max_message = size;
+            break;
+        case O_THREADS:
+            if (!parse_uint(optarg, 1, 256, &cfg->threads))
+                return kvs_err_set(err, KVS_EINVAL, "--threads: '%s' is not in 1..256", optarg);
+            break;
+        case O_LOG: {
+            int lvl = kvs_log_level_parse(optarg);
+            if (lvl < 0)
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--log-level: '%s' is not error, warn, info or debug", optarg);
+            cfg->log_level = (kvs_log_level)lvl;
+            break;
+        }
+        case O_TOKEN: rc = copy_str(cfg->token, sizeof cfg->token, optarg, "--token", err); break;
+        case O_ADMIN_TOKEN:
+            rc = copy_str(cfg->admin_token, sizeof cfg->admin_token, optarg, "--admin-token", err);
+            break;
+        case O_DRAIN:
+            if (!parse_uint(optarg, 0, 86400, &cfg->drain_timeout_s))
+                return kvs_err_set(err, KVS_EINVAL, "--drain-timeout: '%s' is not in 0..86400", optarg);
+            break;
+        case O_STATS:
+            if (!parse_uint(optarg, 0, 86400, &cfg->stats_interval_s))
+                return kvs_err_set(err, KVS_EINVAL, "--stats-interval: '%s' is not in 0..86400", optarg);
+            break;
+        case O_MAX_KEYS:
+            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
+                return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576", optarg);
+            break;
+        case 'h': usage(stdout); return 1;
+        case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;
+        case ':': return kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
+        default: return kvs_err_set(err, KVS_EINVAL, "%s: unknown option (see --help)", argv[optind - 1]);
+        }
+        if (rc)
+            return rc;
+    }
+    if (optind < argc)
+        return kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
+    return 0;
+}

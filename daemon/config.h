@@ -1,0 +1,36 @@
+/* kvstashd configuration: embedded defaults overridden by command-line flags
+ * (DESIGN §11; the YAML file comes later). Every value is validated here, and error
+ * messages name the flag. */
+#ifndef KVS_DAEMON_CONFIG_H
+#define KVS_DAEMON_CONFIG_H
+
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/base/log.h"
+
+typedef struct kvs_config {
+    char listen[256];        /* gRPC address, host:port or unix:/path */
+    char port_file[512];     /* if set, the bound port is written there once listening */
+    uint64_t host_capacity;  /* bytes of the host tier */
+    uint64_t max_message;    /* largest gRPC message accepted or sent */
+    unsigned threads;        /* completion-queue threads */
+    kvs_log_level log_level;
+    char token[256];         /* data-path bearer token ("" = open) */
+    char admin_token[256];   /* KvAdmin bearer token ("" = same rules as token) */
+    unsigned drain_timeout_s;
+    unsigned stats_interval_s; /* 0 = no periodic stats line */
+    unsigned max_keys;       /* keys per Lookup/Exists/Delete */
+} kvs_config;
+
+void kvs_config_defaults(kvs_config *cfg);
+
+/* Parses argv into cfg. Returns 0 to run, 1 if --help/--version was printed (exit 0),
+ * or KVS_EINVAL with a message naming the flag. */
+int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err);
+
+/* Parses "512", "64K", "256M", "2G", "1T" (powers of 1024). Returns false on garbage or
+ * overflow. */
+int kvs_parse_size(const char *s, uint64_t *out);
+
+#endif

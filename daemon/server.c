@@ -1,0 +1,184 @@
+/* kvstashd's gRPC server: see server.h; the call state machine is in call.h/call.c.
+ * Threads: `nthreads` completion-queue threads run every call's handlers; the loop
+ * thread only calls create/drain/inflight/shutdown/destroy. */
+#include "daemon/server.h"
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/call.h"
+#include "daemon/log.h"
+#include "gpu/base/mem.h"
+
+/* Request slots kept armed per method: enough that a burst of calls never waits for a
+ * CQ thread to re-arm. */
+#define SLOTS_PER_METHOD 16
+
+const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
+    [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, NULL},
+    [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, true, NULL},
+    [KVS_RPC_LOOKUP] = {"/kvstash.v1.KvStash/Lookup", "Lookup", false, false, kvs_lookup_handle},
+    [KVS_RPC_EXISTS] = {"/kvstash.v1.KvStash/Exists", "Exists", false, false, kvs_exists_handle},
+    [KVS_RPC_DELETE] = {"/kvstash.v1.KvStash/Delete", "Delete", false, false, kvs_delete_handle},
+    [KVS_RPC_NS_CREATE] = {"/kvstash.v1.KvAdmin/CreateNamespace", "CreateNamespace", true, false,
+                           kvs_ns_create_handle},
+    [KVS_RPC_NS_DROP] = {"/kvstash.v1.KvAdmin/DropNamespace", "DropNamespace", true, false,
+                         kvs_ns_drop_handle},
+    [KVS_RPC_NS_LIST] = {"/kvstash.v1.KvAdmin/ListNamespaces", "ListNamespaces", true, false,
+                         kvs_ns_list_handle},
+    [KVS_RPC_STATS] = {"/kvstash.v1.KvAdmin/Stats", "Stats", true, false, kvs_stats_handle},
+    [KVS_RPC_HEALTH] = {"/kvstash.v1.KvAdmin/Health", "Health", true, false, kvs_health_handle},
+};
+
+static void *cq_thread(void *arg)
+{
+    kvs_server *srv = arg;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        if (ev.tag == &srv->shutdown_tag) {
+            pthread_mutex_lock(&srv->mu);
+            srv->shutdown_done = true;
+            pthread_cond_broadcast(&srv->cond);
+            pthread_mutex_unlock(&srv->mu);
+            continue;
+        }
+        kvs_call_on_event(ev.tag, ev.success != 0);
+    }
+    return NULL;
+}
+
+int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_server **out,
+                      int *bound_port, kvs_err *err)
+{
+    kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
+    srv->cfg = cfg;
+    srv->store = store;
+    srv->start_ms = kvs_now_ms();
+    pthread_mutex_init(&srv->mu, NULL);
+    pthread_cond_init(&srv->cond, NULL);
+
+    grpc_arg args[2];
+    args[0].type = args[1].type = GRPC_ARG_INTEGER;
+    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[0].value.integer = args[1].value.integer = (int)cfg->max_message;
+    grpc_channel_args chargs = {2, args};
+
+    srv->cq = grpc_completion_queue_create_for_next(NULL);
+    srv->server = grpc_server_create(&chargs, NULL);
+    grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
+    for (int i = 0; i < KVS_RPC_COUNT; i++) {
+        srv->registered[i] = grpc_server_register_method(
+            srv->server, kvs_rpcs[i].path, NULL,
+            i == KVS_RPC_PUT ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        if (!srv->registered[i]) {
+            kvs_err_set(err, KVS_EINTERNAL, "grpc_server_register_method %s failed", kvs_rpcs[i].path);
+            goto fail;
+        }
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int port = grpc_server_add_http2_port(srv->server, cfg->listen, creds);
+    grpc_server_credentials_release(creds);
+    if (port == 0) {
+        kvs_err_set(err, KVS_EINVAL, "--listen: cannot listen on '%s' (address in use or invalid)",
+                    cfg->listen);
+        goto fail;
+    }
+    grpc_server_start(srv->server);
+
+    for (int i = 0; i <= KVS_RPC_COUNT; i++) {
+        int slots = i == KVS_RPC_UNKNOWN ? 2 : SLOTS_PER_METHOD;
+        for (int s = 0; s < slots; s++)
+            if (kvs_call_arm(srv, (kvs_rpc)i)) {
+                kvs_err_set(err, KVS_EINTERNAL, "arming request slots failed");
+                goto fail_started;
+            }
+    }
+    srv->nthreads = cfg->threads;
+    srv->threads = kvs_xcalloc(srv->nthreads, sizeof *srv->threads);
+    for (unsigned i = 0; i < srv->nthreads; i++) {
+        int rc = pthread_create(&srv->threads[i], NULL, cq_thread, srv);
+        if (rc) {
+            srv->nthreads = i;
+            kvs_err_set(err, -rc, "pthread_create (completion-queue thread %u): %s", i, strerror(rc));
+            goto fail_started;
+        }
+    }
+    *bound_port = port;
+    *out = srv;
+    return 0;
+
+fail_started:
+    /* Threads (if any) drain the queue; shutdown waits for every armed slot. */
+    if (srv->nthreads == 0) {
+        srv->nthreads = 1;
+        srv->threads = srv->threads ? srv->threads : kvs_xcalloc(1, sizeof *srv->threads);
+        pthread_create(&srv->threads[0], NULL, cq_thread, srv);
+    }
+    kvs_server_shutdown(srv);
+    kvs_server_destroy(srv);
+    return err ? err->code : KVS_EINTERNAL;
+fail:
+    grpc_server_destroy(srv->server);
+    grpc_completion_queue_shutdown(srv->cq);
+    while (grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(srv->cq);
+    srv->server = NULL;
+    srv->cq = NULL;
+    kvs_server_destroy(srv);
+    return err ? err->code : KVS_EINTERNAL;
+}
+
+void kvs_server_drain(kvs_server *srv)
+{
+    atomic_store(&srv->draining, true);
+}
+
+unsigned kvs_server_inflight(kvs_server *srv)
+{
+    pthread_mutex_lock(&srv->mu);
+    unsigned n = srv->inflight;
+    pthread_mutex_unlock(&srv->mu);
+    return n;
+}
+
+void kvs_server_shutdown(kvs_server *srv)
+{
+    atomic_store(&srv->draining, true);
+    pthread_mutex_lock(&srv->mu);
+    srv->shutting_down = true;
+    pthread_mutex_unlock(&srv->mu);
+    grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->shutdown_tag);
+    /* The drain phase is over: whatever is still running is cut short. */
+    grpc_server_cancel_all_calls(srv->server);
+    pthread_mutex_lock(&srv->mu);
+    while (!srv->shutdown_done || srv->live > 0)
+        pthread_cond_wait(&srv->cond, &srv->mu);
+    pthread_mutex_unlock(&srv->mu);
+    grpc_completion_queue_shutdown(srv->cq);
+    for (unsigned i = 0; i < srv->nthreads; i++)
+        pthread_join(srv->threads[i], NULL);
+    grpc_server_destroy(srv->server);
+    grpc_completion_queue_destroy(srv->cq);
+    srv->server = NULL;
+    srv->cq = NULL;
+}
+
+void kvs_server_destroy(kvs_server *srv)
+{
+    if (!srv)
+        return;
+    free(srv->threads);
+    pthread_cond_destroy(&srv->cond);
+    pthread_mutex_destroy(&srv->mu);
+    free(srv);
+}

@@ -1,0 +1,31 @@
+/* kvstashd's gRPC server: binds the listener, owns the completion queue and its
+ * threads, keeps request slots armed for every method, and drains on request.
+ *
+ * Lifecycle (driven by main.c on the loop thread):
+ *   kvs_server_create (bind, arm, start CQ threads) -> serving
+ *   kvs_server_drain  -> new calls answer UNAVAILABLE, Health says DRAINING
+ *   (main waits until kvs_server_inflight() == 0 or the drain timeout)
+ *   kvs_server_shutdown (stop listening, cancel leftovers, wait for every call object,
+ *                        shut the queue, join threads) -> kvs_server_destroy
+ */
+#ifndef KVS_DAEMON_SERVER_H
+#define KVS_DAEMON_SERVER_H
+
+#include "daemon/config.h"
+#include "gpu/base/err.h"
+#include "storage/store.h"
+
+typedef struct kvs_server kvs_server;
+
+/* cfg and store are borrowed and must outlive the server. *bound_port receives the TCP
+ * port actually bound (0 for a unix socket). */
+int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_server **out,
+                      int *bound_port, kvs_err *err);
+void kvs_server_drain(kvs_server *srv);
+/* Admitted calls that have not finished (Health excluded). Thread-safe. */
+unsigned kvs_server_inflight(kvs_server *srv);
+/* Blocking; see the lifecycle above. */
+void kvs_server_shutdown(kvs_server *srv);
+void kvs_server_destroy(kvs_server *srv);
+
+#endif

@@ -1,0 +1,40 @@
+/* Wire <-> internal conversions and request validation (DESIGN §4).
+ *
+ * Everything a request carries is checked here or in the store before any buffer is
+ * sized from it; messages name the field at fault ("keys[3]: empty ..."). Pure
+ * functions, no I/O: unit-tested in tests/unit/test_wire.c and a fuzz target later.
+ */
+#ifndef KVS_DAEMON_WIRE_H
+#define KVS_DAEMON_WIRE_H
+
+#include <stddef.h>
+
+#include "gpu/base/err.h"
+#include "gpu/spec.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+#include "storage/store.h"
+
+/* Checks a namespace name field is present and short enough to copy; `field` names it
+ * in the message. (The character rules are checked at creation.) */
+int kvs_wire_check_name(const char *name, const char *field, kvs_err *err);
+
+/* Fills out from a NamespaceSpec (empty codec names become "none", UNSPECIFIED dtype
+ * stays unspecified and is refused by kvs_spec_validate). */
+int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out,
+                             kvs_err *err);
+
+/* Fills a NamespaceSpec/NamespaceInfo pair from a store snapshot. `spec` must outlive
+ * `info` (info->spec points to it); strings point into `src`. */
+void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__NamespaceSpec *spec,
+                            Kvstash__V1__NamespaceInfo *info);
+
+/* Checks the keys of a KeysRequest: 1..max_keys keys, each 1..KVS_KEY_MAX bytes, and
+ * fills keys_out (caller array of n). */
+int kvs_wire_check_keys(const ProtobufCBinaryData *keys, size_t n, unsigned max_keys,
+                        kvs_store_key *keys_out, kvs_err *err);
+
+/* Resolves a Get's layer range against the namespace: layer_end 0 means all layers. */
+int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t *out_begin,
+                         uint32_t *out_end, kvs_err *err);
+
+#endif

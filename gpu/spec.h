@@ -1,0 +1,72 @@
+/* Namespace specification: one model's KV layout plus its codec choice (DESIGN §1).
+ *
+ * A kvs_ns_spec is a plain value type shared by the daemon, the storage layer and the
+ * client. It is validated once (kvs_spec_validate) when a namespace is created; every
+ * size later taken from a request is checked against it before a buffer is sized.
+ * Block layout, row-major: [L][2][t][H][D] (2 = K then V), t <= T tokens.
+ */
+#ifndef KVS_SPEC_H
+#define KVS_SPEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+
+#define KVS_NAME_MAX 64      /* namespace name: 1..64 of [A-Za-z0-9._-] */
+#define KVS_KEY_MAX 64       /* block key: 1..64 opaque bytes */
+#define KVS_CODEC_NAME_MAX 31
+
+/* Limits on a layout; generous for today's models, small enough that every product of
+ * them fits in 64 bits with room to spare. */
+#define KVS_MAX_LAYERS 1024
+#define KVS_MAX_KV_HEADS 1024
+#define KVS_MAX_HEAD_DIM 1024
+#define KVS_MAX_BLOCK_TOKENS 65536
+
+typedef enum kvs_dtype {
+    KVS_DTYPE_UNSPECIFIED = 0,
+    KVS_DTYPE_FP16 = 1,
+    KVS_DTYPE_BF16 = 2,
+} kvs_dtype;
+
+typedef struct kvs_ns_spec {
+    char name[KVS_NAME_MAX + 1];
+    uint32_t layers;       /* L */
+    uint32_t kv_heads;     /* H */
+    uint32_t head_dim;     /* D, a multiple of 16 */
+    uint32_t block_tokens; /* T */
+    kvs_dtype dtype;
+    char key_codec[KVS_CODEC_NAME_MAX + 1];
+    char value_codec[KVS_CODEC_NAME_MAX + 1];
+    bool keys_pre_rope;
+    bool durable;
+    uint64_t seed;
+} kvs_ns_spec;
+
+/* Bytes of one element of dtype (2), or 0 for an unknown dtype. */
+size_t kvs_dtype_size(kvs_dtype dtype);
+const char *kvs_dtype_name(kvs_dtype dtype);
+/* Parses "fp16"/"bf16"; returns KVS_DTYPE_UNSPECIFIED otherwise. */
+kvs_dtype kvs_dtype_parse(const char *s);
+
+/* True if s is a codec this build can store with. v1.0 knows only "none". */
+bool kvs_codec_name_known(const char *s);
+
+/* Checks every field; the message names the field at fault. Empty codec names are
+ * not accepted here: callers fill defaults ("none") first. */
+int kvs_spec_validate(const kvs_ns_spec *spec, kvs_err *err);
+
+/* Raw payload bytes of a block of `tokens` tokens: L * 2 * tokens * H * D * sizeof(dtype).
+ * Fails with KVS_EINVAL if tokens is 0 or above block_tokens (message names "tokens"). */
+int kvs_spec_block_bytes(const kvs_ns_spec *spec, uint32_t tokens, uint64_t *out, kvs_err *err);
+
+/* Raw bytes of one layer (K and V) of a block of `tokens` tokens (no checks beyond
+ * those of a validated spec). */
+uint64_t kvs_spec_layer_bytes(const kvs_ns_spec *spec, uint32_t tokens);
+
+/* Checks a block key's length (1..KVS_KEY_MAX); message names "key". */
+int kvs_key_validate(size_t key_len, kvs_err *err);
+
+#endif

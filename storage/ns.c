@@ -1,0 +1,110 @@
+/* Namespaces and their registry: see ns.h. The registry is a small array: a daemon
+ * serves a handful of models, and lookups by name are dwarfed by the work of a Put. */
+#include "storage/ns.h"
+
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+
+struct kvs_ns {
+    atomic_uint refs;
+    uint32_t id;
+    bool dropped;
+    kvs_ns_spec spec;
+    kvs_ns_usage usage;
+};
+
+struct kvs_ns_registry {
+    kvs_ns **items;
+    size_t count, cap;
+    uint32_t next_id;
+};
+
+kvs_ns *kvs_ns_ref(kvs_ns *ns)
+{
+    atomic_fetch_add_explicit(&ns->refs, 1, memory_order_relaxed);
+    return ns;
+}
+
+void kvs_ns_unref(kvs_ns *ns)
+{
+    if (ns && atomic_fetch_sub_explicit(&ns->refs, 1, memory_order_acq_rel) == 1)
+        free(ns);
+}
+
+const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns) { return &ns->spec; }
+uint32_t kvs_ns_id(const kvs_ns *ns) { return ns->id; }
+bool kvs_ns_dropped(const kvs_ns *ns) { return ns->dropped; }
+kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns) { return &ns->usage; }
+
+kvs_ns_registry *kvs_ns_registry_create(void)
+{
+    kvs_ns_registry *reg = kvs_xcalloc(1, sizeof *reg);
+    reg->next_id = 1;
+    return reg;
+}
+
+void kvs_ns_registry_destroy(kvs_ns_registry *reg)
+{
+    if (!reg)
+        return;
+    for (size_t i = 0; i < reg->count; i++)
+        kvs_ns_unref(reg->items[i]);
+    free(reg->items);
+    free(reg);
+}
+
+static ptrdiff_t find_slot(const kvs_ns_registry *reg, const char *name)
+{
+    for (size_t i = 0; i < reg->count; i++)
+        if (strcmp(reg->items[i]->spec.name, name) == 0)
+            return (ptrdiff_t)i;
+    return -1;
+}
+
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_ns **out,
+                        kvs_err *err)
+{
+    if (find_slot(reg, spec->name) >= 0)
+        return kvs_err_set(err, KVS_EEXIST, "name: namespace '%s' already exists", spec->name);
+    if (reg->count == reg->cap) {
+        size_t cap = reg->cap ? reg->cap * 2 : 8;
+        kvs_ns **items = realloc(reg->items, cap * sizeof *items);
+        if (!items)
+            return kvs_err_set(err, KVS_ENOMEM, "namespace registry: out of memory");
+        reg->items = items;
+        reg->cap = cap;
+    }
+    kvs_ns *ns = kvs_xcalloc(1, sizeof *ns);
+    atomic_init(&ns->refs, 1);
+    ns->id = reg->next_id++;
+    ns->spec = *spec;
+    reg->items[reg->count++] = ns;
+    if (out)
+        *out = kvs_ns_ref(ns);
+    return 0;
+}
+
+kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name)
+{
+    ptrdiff_t i = find_slot(reg, name);
+    return i < 0 ? NULL : reg->items[i];
+}
+
+kvs_ns *kvs_ns_registry_remove(kvs_ns_registry *reg, const char *name)
+{
+    ptrdiff_t i = find_slot(reg, name);
+    if (i < 0)
+        return NULL;
+    kvs_ns *ns = reg->items[i];
+    memmove(&reg->items[i], &reg->items[i + 1], (reg->count - (size_t)i - 1) * sizeof *reg->items);
+    reg->count--;
+    ns->dropped = true;
+    return ns;
+}
+
+size_t kvs_ns_registry_count(const kvs_ns_registry *reg) { return reg->count; }
+
+kvs_ns *kvs_ns_registry_at(kvs_ns_registry *reg, size_t i) { return reg->items[i]; }

@@ -1,0 +1,59 @@
+/* Namespaces (DESIGN §1): an immutable spec plus an id, reference-counted, and the
+ * registry that maps names to them.
+ *
+ * A kvs_ns lives while anyone holds a reference: the registry holds one until the
+ * namespace is dropped, every stored block holds one, and a request holds one while it
+ * works. So a Put racing a DropNamespace finishes on a valid (dropped) namespace and its
+ * block is refused at commit (kvs_ns_dropped) rather than touching freed memory.
+ *
+ * Threading: kvs_ns_ref/unref are atomic and may be called from any thread. The
+ * registry and the counters in kvs_ns_usage are guarded by the owner's lock (the store).
+ */
+#ifndef KVS_STORAGE_NS_H
+#define KVS_STORAGE_NS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/spec.h"
+
+typedef struct kvs_ns kvs_ns;
+
+/* Counters of a namespace; guarded by the store lock. */
+typedef struct kvs_ns_usage {
+    uint64_t blocks;
+    uint64_t stored_bytes; /* bytes held in tiers */
+    uint64_t raw_bytes;    /* payload bytes those blocks represent */
+    uint64_t tokens;       /* tokens those blocks hold */
+} kvs_ns_usage;
+
+/* Takes / drops a reference. unref frees the namespace when the last one goes. */
+kvs_ns *kvs_ns_ref(kvs_ns *ns);
+void kvs_ns_unref(kvs_ns *ns);
+
+const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns); /* valid while a reference is held */
+uint32_t kvs_ns_id(const kvs_ns *ns);
+bool kvs_ns_dropped(const kvs_ns *ns);                /* guarded by the store lock */
+kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns);            /* guarded by the store lock */
+
+typedef struct kvs_ns_registry kvs_ns_registry;
+
+kvs_ns_registry *kvs_ns_registry_create(void);
+/* Drops the registry's references (namespaces still referenced elsewhere live on). */
+void kvs_ns_registry_destroy(kvs_ns_registry *reg);
+
+/* Registers a validated spec under a fresh id; *out (may be NULL) receives a new
+ * reference. KVS_EEXIST if the name is taken. */
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_ns **out,
+                        kvs_err *err);
+/* Borrowed pointer (no reference taken), or NULL. */
+kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
+/* Unregisters and marks dropped; returns the registry's reference to the caller, or
+ * NULL if absent. */
+kvs_ns *kvs_ns_registry_remove(kvs_ns_registry *reg, const char *name);
+size_t kvs_ns_registry_count(const kvs_ns_registry *reg);
+/* i-th namespace in creation order (borrowed), i < count. */
+kvs_ns *kvs_ns_registry_at(kvs_ns_registry *reg, size_t i);
+
+#endif

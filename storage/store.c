@@ -1,0 +1,440 @@
+/* The store: see store.h for the block lifecycle, invariants and locking. */
+#include "storage/store.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "gpu/base/mem.h"
+#include "storage/index.h"
+#include "storage/lru.h"
+
+struct kvs_block {
+    kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
+    kvs_lru_node lru;    /* linked in st->lru when LINKED */
+    kvs_ns *ns;          /* reference held by the block */
+    unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
+    bool linked;
+    uint32_t tokens;
+    uint64_t size;
+    uint64_t checksum; /* XXH3-64 of data, set at commit */
+    unsigned char *data;
+};
+
+struct kvs_store {
+    pthread_mutex_t mu;
+    kvs_ns_registry *reg;
+    kvs_index *index;
+    kvs_lru lru;
+    kvs_store_stats stats;
+    kvs_log_fn log;
+    void *log_ctx;
+};
+
+#define BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, node)))
+#define BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, lru)))
+
+static void logf_(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void logf_(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
+{
+    if (!st->log)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    st->log(st->log_ctx, lvl, line);
+}
+
+int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
+{
+    if (opts->host_capacity == 0)
+        return kvs_err_set(err, KVS_EINVAL, "host_capacity: must be > 0");
+    kvs_store *st = kvs_xcalloc(1, sizeof *st);
+    int rc = pthread_mutex_init(&st->mu, NULL);
+    if (rc != 0) {
+        free(st);
+        return kvs_err_set(err, -rc, "store: pthread_mutex_init: %s", strerror(rc));
+    }
+    st->reg = kvs_ns_registry_create();
+    st->index = kvs_index_create();
+    kvs_lru_init(&st->lru);
+    st->stats.host_capacity = opts->host_capacity;
+    st->log = opts->log;
+    st->log_ctx = opts->log_ctx;
+    *out = st;
+    return 0;
+}
+
+static void block_free(kvs_block *blk)
+{
+    kvs_ns_unref(blk->ns);
+    free(blk->data);
+    free(blk);
+}
+
+/* Unlinks a LINKED block from index and LRU, fixes the counters and drops the index's
+ * reference; frees it if no reader holds it. Returns true if it was freed now. */
+static bool unlink_locked(kvs_store *st, kvs_block *blk)
+{
+    kvs_index_remove(st->index, &blk->node);
+    kvs_lru_remove(&st->lru, &blk->lru);
+    blk->linked = false;
+    kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
+    u->blocks--;
+    u->stored_bytes -= blk->size;
+    u->raw_bytes -= blk->size;
+    u->tokens -= blk->tokens;
+    st->stats.host_blocks--;
+    if (--blk->refs == 0) {
+        st->stats.host_used -= blk->size;
+        return true;
+    }
+    return false;
+}
+
+void kvs_store_destroy(kvs_store *st)
+{
+    if (!st)
+        return;
+    kvs_lru_node *n;
+    while ((n = kvs_lru_oldest(&st->lru)) != NULL) {
+        kvs_block *blk = BLOCK_OF_LRU(n);
+        if (unlink_locked(st, blk))
+            block_free(blk);
+    }
+    kvs_index_destroy(st->index);
+    kvs_ns_registry_destroy(st->reg);
+    pthread_mutex_destroy(&st->mu);
+    free(st);
+}
+
+/* ---------------------------------------------------------------- namespaces */
+
+int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
+{
+    int rc = kvs_spec_validate(spec, err);
+    if (rc)
+        return rc;
+    uint64_t full;
+    rc = kvs_spec_block_bytes(spec, spec->block_tokens, &full, err);
+    if (rc)
+        return rc;
+    if (full > st->stats.host_capacity)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "block_tokens: a full block of %llu bytes exceeds the host tier "
+                           "capacity of %llu bytes",
+                           (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
+    pthread_mutex_lock(&st->mu);
+    rc = kvs_ns_registry_add(st->reg, spec, out, err);
+    pthread_mutex_unlock(&st->mu);
+    if (rc == 0)
+        logf_(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
+              spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
+              kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec);
+    return rc;
+}
+
+int kvs_store_ns_find(kvs_store *st, const char *name, kvs_ns **out, kvs_err *err)
+{
+    pthread_mutex_lock(&st->mu);
+    kvs_ns *ns = kvs_ns_registry_find(st->reg, name);
+    if (ns)
+        kvs_ns_ref(ns);
+    pthread_mutex_unlock(&st->mu);
+    if (!ns)
+        return kvs_err_set(err, KVS_ENOTFOUND, "namespace: '%.64s' not found", name);
+    *out = ns;
+    return 0;
+}
+
+int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped, kvs_err *err)
+{
+    uint64_t dropped = 0;
+    kvs_block *to_free = NULL; /* chained through node.next once unlinked */
+    pthread_mutex_lock(&st->mu);
+    kvs_ns *ns = kvs_ns_registry_remove(st->reg, name);
+    if (ns) {
+        kvs_lru_node *n = kvs_lru_oldest(&st->lru);
+        while (n) {
+            kvs_lru_node *newer = kvs_lru_newer(&st->lru, n);
+            kvs_block *blk = BLOCK_OF_LRU(n);
+            if (blk->ns == ns) {
+                dropped++;
+                if (unlink_locked(st, blk)) {
+                    blk->node.next = (kvs_index_node *)to_free;
+                    to_free = blk;
+                }
+            }
+            n = newer;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (!ns)
+        return kvs_err_set(err, KVS_ENOTFOUND, "name: namespace '%.64s' not found", name);
+    while (to_free) {
+        kvs_block *next = (kvs_block *)to_free->node.next;
+        block_free(to_free);
+        to_free = next;
+    }
+    kvs_ns_unref(ns);
+    logf_(st, KVS_LOG_INFO, "namespace '%s' dropped with %llu blocks", name,
+          (unsigned long long)dropped);
+    if (blocks_dropped)
+        *blocks_dropped = dropped;
+    return 0;
+}
+
+int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err *err)
+{
+    pthread_mutex_lock(&st->mu);
+    size_t count = kvs_ns_registry_count(st->reg);
+    kvs_store_ns_info *v = calloc(count ? count : 1, sizeof *v);
+    if (!v) {
+        pthread_mutex_unlock(&st->mu);
+        return kvs_err_set(err, KVS_ENOMEM, "namespace list: out of memory");
+    }
+    for (size_t i = 0; i < count; i++) {
+        kvs_ns *ns = kvs_ns_registry_at(st->reg, i);
+        v[i].spec = *kvs_ns_spec_of(ns);
+        v[i].id = kvs_ns_id(ns);
+        v[i].usage = *kvs_ns_usage_of(ns);
+    }
+    pthread_mutex_unlock(&st->mu);
+    *out = v;
+    *n = count;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- blocks */
+
+/* Evicts idle LINKED blocks, least recently used first, until `need` more bytes fit.
+ * Evicted blocks are chained on *to_free for the caller to free outside the lock. */
+static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
+{
+    kvs_lru_node *n = kvs_lru_oldest(&st->lru);
+    while (st->stats.host_used + need > st->stats.host_capacity && n) {
+        kvs_lru_node *newer = kvs_lru_newer(&st->lru, n);
+        kvs_block *blk = BLOCK_OF_LRU(n);
+        if (blk->refs == 1) { /* idle: only the index holds it (invariant 3) */
+            st->stats.host_evictions++;
+            if (unlink_locked(st, blk)) {
+                blk->node.next = (kvs_index_node *)*to_free;
+                *to_free = blk;
+            }
+        }
+        n = newer;
+    }
+    return st->stats.host_used + need <= st->stats.host_capacity;
+}
+
+static void free_chain(kvs_block *b)
+{
+    while (b) {
+        kvs_block *next = (kvs_block *)b->node.next;
+        block_free(b);
+        b = next;
+    }
+}
+
+int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
+                          kvs_block **out, kvs_err *err)
+{
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    bool ok = make_room_locked(st, bytes, &to_free);
+    if (ok)
+        st->stats.host_used += bytes;
+    uint64_t used = st->stats.host_used, cap = st->stats.host_capacity;
+    pthread_mutex_unlock(&st->mu);
+    free_chain(to_free);
+    if (!ok)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "host tier: no room for %llu bytes (%llu of %llu used, the rest "
+                           "is busy)",
+                           (unsigned long long)bytes, (unsigned long long)used,
+                           (unsigned long long)cap);
+    kvs_block *blk = calloc(1, sizeof *blk);
+    unsigned char *data = blk ? kvs_trymalloc(bytes) : NULL;
+    if (!data) {
+        free(blk);
+        pthread_mutex_lock(&st->mu);
+        st->stats.host_used -= bytes;
+        pthread_mutex_unlock(&st->mu);
+        return kvs_err_set(err, KVS_ENOMEM, "host tier: cannot allocate %llu bytes",
+                           (unsigned long long)bytes);
+    }
+    blk->ns = kvs_ns_ref(ns);
+    blk->tokens = tokens;
+    blk->size = bytes;
+    blk->data = data;
+    *out = blk;
+    return 0;
+}
+
+void *kvs_block_data(kvs_block *blk) { return blk->data; }
+uint64_t kvs_block_size(const kvs_block *blk) { return blk->size; }
+uint32_t kvs_block_tokens(const kvs_block *blk) { return blk->tokens; }
+kvs_store_tier kvs_block_tier(const kvs_block *blk) { return KVS_STORE_TIER_HOST; }
+
+void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
+{
+    pthread_mutex_lock(&st->mu);
+    st->stats.host_used -= blk->size;
+    pthread_mutex_unlock(&st->mu);
+    block_free(blk);
+}
+
+int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                           kvs_store_put_info *info, kvs_err *err)
+{
+    int rc = kvs_key_validate(key_len, err);
+    if (rc) {
+        kvs_store_block_abort(st, blk);
+        return rc;
+    }
+    /* Hash outside the lock: the block is still private to this caller. */
+    blk->checksum = XXH3_64bits(blk->data, blk->size);
+    kvs_index_node_init(&blk->node, kvs_ns_id(blk->ns), key, key_len);
+
+    kvs_block *old = NULL;
+    bool free_old = false;
+    pthread_mutex_lock(&st->mu);
+    if (kvs_ns_dropped(blk->ns)) {
+        pthread_mutex_unlock(&st->mu);
+        rc = kvs_err_set(err, KVS_ENOTFOUND, "namespace: '%s' was dropped during the put",
+                         kvs_ns_spec_of(blk->ns)->name);
+        kvs_store_block_abort(st, blk);
+        return rc;
+    }
+    kvs_index_node *prev = kvs_index_find(st->index, blk->node.ns_id, key, key_len);
+    if (prev) {
+        old = BLOCK_OF_NODE(prev);
+        free_old = unlink_locked(st, old);
+    }
+    kvs_index_insert(st->index, &blk->node);
+    kvs_lru_push(&st->lru, &blk->lru);
+    blk->linked = true;
+    blk->refs = 1;
+    kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
+    u->blocks++;
+    u->stored_bytes += blk->size;
+    u->raw_bytes += blk->size;
+    u->tokens += blk->tokens;
+    st->stats.host_blocks++;
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        block_free(old);
+    if (info) {
+        info->tier = KVS_STORE_TIER_HOST;
+        info->stored_bytes = blk->size;
+        info->replaced = old != NULL;
+    }
+    return 0;
+}
+
+int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
+                  kvs_err *err)
+{
+    pthread_mutex_lock(&st->mu);
+    kvs_index_node *n = kvs_index_find(st->index, kvs_ns_id(ns), key, key_len);
+    if (!n) {
+        st->stats.misses++;
+        pthread_mutex_unlock(&st->mu);
+        return kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s'",
+                           kvs_ns_spec_of(ns)->name);
+    }
+    kvs_block *blk = BLOCK_OF_NODE(n);
+    blk->refs++;
+    kvs_lru_touch(&st->lru, &blk->lru);
+    pthread_mutex_unlock(&st->mu);
+
+    /* Invariant 4: verify outside the lock; the payload is read-only once linked. */
+    if (XXH3_64bits(blk->data, blk->size) != blk->checksum) {
+        bool free_now = false;
+        pthread_mutex_lock(&st->mu);
+        st->stats.checksum_failures++;
+        if (blk->linked)
+            unlink_locked(st, blk);
+        if (--blk->refs == 0) {
+            st->stats.host_used -= blk->size;
+            free_now = true;
+        }
+        pthread_mutex_unlock(&st->mu);
+        logf_(st, KVS_LOG_ERROR, "namespace '%s': block failed its checksum and was dropped",
+              kvs_ns_spec_of(ns)->name);
+        if (free_now)
+            block_free(blk);
+        return kvs_err_set(err, KVS_EDATALOSS,
+                           "key: stored block failed its checksum and was dropped");
+    }
+    pthread_mutex_lock(&st->mu);
+    st->stats.host_hits++;
+    pthread_mutex_unlock(&st->mu);
+    *out = blk;
+    return 0;
+}
+
+void kvs_store_block_release(kvs_store *st, kvs_block *blk)
+{
+    bool free_now = false;
+    pthread_mutex_lock(&st->mu);
+    if (--blk->refs == 0) {
+        st->stats.host_used -= blk->size;
+        free_now = true;
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (free_now)
+        block_free(blk);
+}
+
+void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
+                      kvs_store_tier *tiers, uint32_t *prefix)
+{
+    uint32_t p = 0;
+    bool in_prefix = true;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        bool hit = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len) != NULL;
+        tiers[i] = hit ? KVS_STORE_TIER_HOST : KVS_STORE_TIER_NONE;
+        in_prefix = in_prefix && hit;
+        p += in_prefix;
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (prefix)
+        *prefix = p;
+}
+
+uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n)
+{
+    uint32_t deleted = 0;
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_index_node *node = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len);
+        if (!node)
+            continue;
+        kvs_block *blk = BLOCK_OF_NODE(node);
+        deleted++;
+        if (unlink_locked(st, blk)) {
+            blk->node.next = (kvs_index_node *)to_free;
+            to_free = blk;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    free_chain(to_free);
+    return deleted;
+}
+
+void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
+{
+    pthread_mutex_lock(&st->mu);
+    *out = st->stats;
+    pthread_mutex_unlock(&st->mu);
+}

@@ -1,0 +1,139 @@
+/* The store: namespaces, the block index and the host-RAM tier behind one facade.
+ *
+ * This version has one tier (host RAM, byte capacity, LRU eviction) and stores blocks as
+ * given (codec "none"). Later tiers (gpu, disk) and codecs slot in behind the same verbs.
+ *
+ * Block lifecycle (each transition names the function that performs it):
+ *
+ *     kvs_store_block_alloc ──> FILLING ──kvs_store_block_commit──> LINKED ──┐
+ *            (capacity reserved)   │                                 │ ▲    │ evicted / deleted /
+ *                                  └─kvs_store_block_abort──> freed  │ │    │ replaced / ns dropped
+ *                                                                    ▼ │    ▼
+ *                                              kvs_store_get (ref++)  READ  UNLINKED ──last unref──> freed
+ *
+ * Invariants:
+ *  1. used_bytes = bytes of every block that is FILLING, LINKED, or UNLINKED but still
+ *     referenced; used_bytes <= capacity at all times (reservation happens before any
+ *     payload byte is allocated, so concurrent Puts cannot overshoot).
+ *  2. A LINKED block is in the index and in the LRU exactly once.
+ *  3. Eviction only takes LINKED blocks with no readers (refs == 1, the index's own);
+ *     busy blocks are skipped, never waited for.
+ *  4. Every block carries the XXH3-64 of its bytes, checked on every read; a mismatch
+ *     unlinks the block, counts it, and answers KVS_EDATALOSS.
+ *
+ * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
+ * index, the LRU, the namespace registry and all counters; it is a leaf lock (nothing
+ * else is taken while it is held) and is never held while payload bytes are copied or
+ * hashed. Block payloads are written only in FILLING (by the one caller that allocated
+ * the block) and are read-only once committed.
+ */
+#ifndef KVS_STORAGE_STORE_H
+#define KVS_STORAGE_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/base/log.h"
+#include "gpu/spec.h"
+#include "storage/ns.h"
+
+typedef struct kvs_store kvs_store;
+typedef struct kvs_block kvs_block;
+
+typedef enum kvs_store_tier {
+    KVS_STORE_TIER_NONE = 0,
+    KVS_STORE_TIER_GPU = 1,
+    KVS_STORE_TIER_HOST = 2,
+    KVS_STORE_TIER_DISK = 3,
+} kvs_store_tier;
+
+typedef struct kvs_store_opts {
+    uint64_t host_capacity; /* bytes of the host tier */
+    kvs_log_fn log;         /* may be NULL */
+    void *log_ctx;
+} kvs_store_opts;
+
+int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err);
+/* Frees everything. No block may still be referenced. */
+void kvs_store_destroy(kvs_store *st);
+
+/* ---------------------------------------------------------------- namespaces */
+
+/* Validates spec and registers it; *out (may be NULL) gets a new reference. Fails with
+ * KVS_EINVAL (field named), KVS_EEXIST, or KVS_ENOSPC when one full block would not
+ * fit in the host tier. */
+int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err);
+/* Looks a namespace up; *out gets a new reference (release with kvs_ns_unref).
+ * KVS_ENOTFOUND names the namespace. */
+int kvs_store_ns_find(kvs_store *st, const char *name, kvs_ns **out, kvs_err *err);
+/* Drops a namespace and all its blocks (readers in progress finish first, on their own
+ * references). *blocks_dropped may be NULL. */
+int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped, kvs_err *err);
+
+typedef struct kvs_store_ns_info {
+    kvs_ns_spec spec;
+    uint32_t id;
+    kvs_ns_usage usage;
+} kvs_store_ns_info;
+
+/* Snapshot of every namespace; *out is malloc'ed (free with free()), *n entries. */
+int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err *err);
+
+/* ---------------------------------------------------------------- blocks */
+
+/* Reserves `bytes` in the host tier (evicting least recently used idle blocks as needed)
+ * and allocates a block of that size for namespace ns (a reference is taken) holding
+ * `tokens` tokens. The caller fills kvs_block_data() and then commits or aborts.
+ * KVS_ENOSPC if nothing more can be evicted, KVS_ENOMEM if the allocation fails. */
+int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
+                          kvs_block **out, kvs_err *err);
+/* Writable payload of a FILLING block; read-only view of a committed one. */
+void *kvs_block_data(kvs_block *blk);
+uint64_t kvs_block_size(const kvs_block *blk);
+uint32_t kvs_block_tokens(const kvs_block *blk);
+kvs_store_tier kvs_block_tier(const kvs_block *blk);
+
+typedef struct kvs_store_put_info {
+    kvs_store_tier tier;
+    uint64_t stored_bytes;
+    bool replaced;
+} kvs_store_put_info;
+
+/* Links a filled block under key (1..KVS_KEY_MAX bytes), replacing an older block with
+ * the same key. Ownership of blk passes to the store in every case (on failure it is
+ * freed). KVS_ENOTFOUND if its namespace was dropped meanwhile. info may be NULL. */
+int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                           kvs_store_put_info *info, kvs_err *err);
+/* Frees a FILLING block and returns its reservation. */
+void kvs_store_block_abort(kvs_store *st, kvs_block *blk);
+
+/* Finds a block, verifies its checksum and returns it with a reader reference
+ * (release with kvs_store_block_release). KVS_ENOTFOUND on a miss, KVS_EDATALOSS (block
+ * dropped) on a checksum mismatch. Counts hits and misses and marks the block used. */
+int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
+                  kvs_err *err);
+void kvs_store_block_release(kvs_store *st, kvs_block *blk);
+
+/* A key as a (pointer, length) pair; borrowed for the duration of the call. */
+typedef struct kvs_store_key {
+    const void *data;
+    size_t len;
+} kvs_store_key;
+
+/* For each key, its tier (KVS_STORE_TIER_NONE when absent) into tiers[i]; *prefix (may
+ * be NULL) = number of leading keys present. Keys must have been validated. */
+void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
+                      kvs_store_tier *tiers, uint32_t *prefix);
+/* Deletes the keys that exist; returns how many were deleted. */
+uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n);
+
+typedef struct kvs_store_stats {
+    uint64_t host_capacity, host_used, host_blocks, host_hits, host_evictions;
+    uint64_t misses, checksum_failures;
+} kvs_store_stats;
+
+void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);
+
+#endif
