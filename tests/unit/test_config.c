@@ -1,0 +1,86 @@
+/* daemon/config: sizes, flag validation messages name the flag, defaults. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "daemon/config.h"
+
+static void test_sizes(void **state)
+{
+    uint64_t v;
+    assert_true(kvs_parse_size("512", &v));
+    assert_int_equal(v, 512);
+    assert_true(kvs_parse_size("64K", &v));
+    assert_int_equal(v, 64 << 10);
+    assert_true(kvs_parse_size("2G", &v));
+    assert_int_equal(v, 2ull << 30);
+    assert_true(kvs_parse_size("2GiB", &v));
+    assert_int_equal(v, 2ull << 30);
+    assert_true(kvs_parse_size("1t", &v));
+    assert_int_equal(v, 1ull << 40);
+    assert_false(kvs_parse_size("", &v));
+    assert_false(kvs_parse_size("-1", &v));
+    assert_false(kvs_parse_size("12X", &v));
+    assert_false(kvs_parse_size("G", &v));
+    assert_false(kvs_parse_size("99999999999999T", &v)); /* overflows 64 bits */
+}
+
+static int parse(kvs_config *cfg, kvs_err *err, int argc, char **argv)
+{
+    kvs_config_defaults(cfg);
+    return kvs_config_parse_args(cfg, argc, argv, err);
+}
+
+static void test_flags(void **state)
+{
+    kvs_config cfg;
+    kvs_err err;
+    char *ok[] = {"kvstashd", "--listen", "127.0.0.1:0", "--host-capacity", "256M",
+                  "--threads", "3", "--log-level", "debug", "--max-keys", "10", NULL};
+    assert_int_equal(parse(&cfg, &err, 11, ok), 0);
+    assert_string_equal(cfg.listen, "127.0.0.1:0");
+    assert_int_equal(cfg.host_capacity, 256ull << 20);
+    assert_int_equal(cfg.threads, 3);
+    assert_int_equal(cfg.log_level, KVS_LOG_DEBUG);
+    assert_int_equal(cfg.max_keys, 10);
+
+    char *bad_cap[] = {"kvstashd", "--host-capacity", "lots", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_cap), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--host-capacity"));
+    char *bad_lvl[] = {"kvstashd", "--log-level", "loud", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_lvl), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--log-level"));
+    char *bad_msg[] = {"kvstashd", "--max-message", "1", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_msg), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--max-message"));
+    char *unknown[] = {"kvstashd", "--frobnicate", NULL};
+    assert_int_equal(parse(&cfg, &err, 2, unknown), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--frobnicate"));
+    char *missing[] = {"kvstashd", "--listen", NULL};
+    assert_int_equal(parse(&cfg, &err, 2, missing), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--listen"));
+}
+
+static void test_defaults(void **state)
+{
+    kvs_config cfg;
+    kvs_config_defaults(&cfg);
+    assert_string_equal(cfg.listen, "127.0.0.1:50051"); /* loopback by default (DESIGN §9) */
+    assert_int_equal(cfg.host_capacity, 2ull << 30);
+    assert_true(cfg.threads >= 2);
+    assert_string_equal(cfg.token, "");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sizes),
+        cmocka_unit_test(test_flags),
+        cmocka_unit_test(test_defaults),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,369 @@
+/* storage/store: namespaces, block lifecycle, LRU eviction, busy blocks, checksums,
+ * accounting, and a multi-threaded soak that checks the invariants of store.h. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "storage/store.h"
+
+/* L=2 H=1 D=16 T=4 fp16: a full block is 2*2*4*1*16*2 = 512 bytes. */
+static kvs_ns_spec small_spec(const char *name)
+{
+    kvs_ns_spec s;
+    memset(&s, 0, sizeof s);
+    snprintf(s.name, sizeof s.name, "%s", name);
+    s.layers = 2;
+    s.kv_heads = 1;
+    s.head_dim = 16;
+    s.block_tokens = 4;
+    s.dtype = KVS_DTYPE_FP16;
+    strcpy(s.key_codec, "none");
+    strcpy(s.value_codec, "none");
+    return s;
+}
+
+static kvs_store *new_store(uint64_t cap)
+{
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = cap};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    return st;
+}
+
+/* Puts a block whose bytes are all `fill`; returns the commit's result. */
+static int put(kvs_store *st, kvs_ns *ns, const char *key, uint32_t tokens, uint8_t fill,
+               kvs_store_put_info *info, kvs_err *err)
+{
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &bytes, NULL), 0);
+    kvs_block *blk;
+    int rc = kvs_store_block_alloc(st, ns, tokens, bytes, &blk, err);
+    if (rc)
+        return rc;
+    memset(kvs_block_data(blk), fill, bytes);
+    return kvs_store_block_commit(st, blk, key, strlen(key), info, err);
+}
+
+/* Gets key and checks every byte equals fill. */
+static void expect_block(kvs_store *st, kvs_ns *ns, const char *key, uint8_t fill)
+{
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_get(st, ns, key, strlen(key), &blk, &err), 0);
+    const uint8_t *p = kvs_block_data(blk);
+    for (uint64_t i = 0; i < kvs_block_size(blk); i++)
+        assert_int_equal(p[i], fill);
+    kvs_store_block_release(st, blk);
+}
+
+static void expect_missing(kvs_store *st, kvs_ns *ns, const char *key)
+{
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_get(st, ns, key, strlen(key), &blk, &err), KVS_ENOTFOUND);
+    assert_non_null(strstr(err.msg, "key"));
+}
+
+static void test_ns_validation(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_err err;
+    kvs_ns_spec s = small_spec("m");
+    s.head_dim = 24;
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "head_dim"));
+    s = small_spec("bad name!");
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "name"));
+    s = small_spec("m");
+    strcpy(s.key_codec, "zip");
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "key_codec"));
+    s = small_spec("m");
+    s.dtype = KVS_DTYPE_UNSPECIFIED;
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "dtype"));
+    s = small_spec("m");
+    s.block_tokens = 4096;
+    s.layers = 5; /* a full block is 5*2*4096*16*2 = 1.25 MiB > the 1 MiB tier */
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_ENOSPC);
+    assert_non_null(strstr(err.msg, "block_tokens"));
+
+    s = small_spec("m");
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), 0);
+    assert_int_equal(kvs_store_ns_create(st, &s, NULL, &err), KVS_EEXIST);
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_find(st, "nope", &ns, &err), KVS_ENOTFOUND);
+    assert_non_null(strstr(err.msg, "namespace"));
+    kvs_store_destroy(st);
+}
+
+static void test_roundtrip_replace_delete(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    kvs_store_put_info info;
+    assert_int_equal(put(st, ns, "a", 4, 0x11, &info, &err), 0);
+    assert_int_equal(info.tier, KVS_STORE_TIER_HOST);
+    assert_int_equal(info.stored_bytes, 512);
+    assert_false(info.replaced);
+    assert_int_equal(put(st, ns, "b", 1, 0x22, &info, &err), 0); /* partial block: 128 B */
+    assert_int_equal(info.stored_bytes, 128);
+    expect_block(st, ns, "a", 0x11);
+    expect_block(st, ns, "b", 0x22);
+
+    assert_int_equal(put(st, ns, "a", 2, 0x33, &info, &err), 0);
+    assert_true(info.replaced);
+    expect_block(st, ns, "a", 0x33);
+
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, 256 + 128);
+    assert_int_equal(stats.host_blocks, 2);
+
+    kvs_store_key keys[3] = {{"a", 1}, {"zz", 2}, {"b", 1}};
+    kvs_store_tier tiers[3];
+    uint32_t prefix;
+    kvs_store_lookup(st, ns, keys, 3, tiers, &prefix);
+    assert_int_equal(prefix, 1); /* "zz" breaks the prefix even though "b" is present */
+    assert_int_equal(tiers[0], KVS_STORE_TIER_HOST);
+    assert_int_equal(tiers[1], KVS_STORE_TIER_NONE);
+    assert_int_equal(tiers[2], KVS_STORE_TIER_HOST);
+
+    assert_int_equal(kvs_store_delete(st, ns, keys, 3), 2);
+    expect_missing(st, ns, "a");
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, 0);
+    assert_int_equal(stats.host_blocks, 0);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
+static void test_lru_eviction_and_busy_blocks(void **state)
+{
+    kvs_store *st = new_store(4 * 512); /* room for exactly four full blocks */
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    const char *names[] = {"b0", "b1", "b2", "b3"};
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(put(st, ns, names[i], 4, (uint8_t)i, NULL, &err), 0);
+    expect_block(st, ns, "b0", 0); /* b0 becomes most recently used: b1 is the oldest */
+    assert_int_equal(put(st, ns, "b4", 4, 4, NULL, &err), 0);
+    expect_missing(st, ns, "b1");
+    expect_block(st, ns, "b0", 0);
+
+    /* A reader holds b2 (now the oldest): eviction skips it and takes b3. */
+    kvs_block *held;
+    assert_int_equal(kvs_store_get(st, ns, "b2", 2, &held, &err), 0);
+    expect_block(st, ns, "b4", 4);
+    expect_block(st, ns, "b0", 0); /* order now: b3 (oldest), b2 (held), b4, b0 */
+    assert_int_equal(put(st, ns, "b5", 4, 5, NULL, &err), 0);
+    expect_missing(st, ns, "b3");
+
+    /* Deleting a held block unlinks it; its bytes stay valid until released. */
+    kvs_store_key k2 = {"b2", 2};
+    assert_int_equal(kvs_store_delete(st, ns, &k2, 1), 1);
+    expect_missing(st, ns, "b2");
+    const uint8_t *p = kvs_block_data(held);
+    for (int i = 0; i < 512; i++)
+        assert_int_equal(p[i], 2);
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, 4 * 512); /* held block still counted */
+    assert_int_equal(stats.host_blocks, 3);
+    kvs_store_block_release(st, held);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, 3 * 512);
+    assert_int_equal(stats.host_evictions, 2);
+
+    /* When every block is busy nothing can be evicted: ENOSPC, nothing lost. */
+    kvs_block *h[3];
+    const char *live[] = {"b0", "b4", "b5"};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(kvs_store_get(st, ns, live[i], 2, &h[i], &err), 0);
+    kvs_block *blk;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk, &err), 0); /* the free slot */
+    kvs_block *blk2;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk2, &err), KVS_ENOSPC);
+    assert_non_null(strstr(err.msg, "no room"));
+    kvs_store_block_abort(st, blk);
+    for (int i = 0; i < 3; i++)
+        kvs_store_block_release(st, h[i]);
+    expect_block(st, ns, "b0", 0);
+    expect_block(st, ns, "b4", 4);
+    expect_block(st, ns, "b5", 5);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
+static void test_checksum_mismatch_is_data_loss(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    assert_int_equal(put(st, ns, "a", 4, 0x5a, NULL, &err), 0);
+    kvs_block *blk;
+    assert_int_equal(kvs_store_get(st, ns, "a", 1, &blk, &err), 0);
+    ((uint8_t *)kvs_block_data(blk))[100] ^= 0x01; /* simulate a flipped bit in RAM */
+    kvs_store_block_release(st, blk);
+    assert_int_equal(kvs_store_get(st, ns, "a", 1, &blk, &err), KVS_EDATALOSS);
+    assert_non_null(strstr(err.msg, "checksum"));
+    expect_missing(st, ns, "a"); /* dropped, not served again */
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.checksum_failures, 1);
+    assert_int_equal(stats.host_used, 0);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
+static void test_drop_namespace(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_ns_spec s1 = small_spec("one"), s2 = small_spec("two");
+    kvs_ns *n1, *n2;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s1, &n1, &err), 0);
+    assert_int_equal(kvs_store_ns_create(st, &s2, &n2, &err), 0);
+    assert_int_equal(put(st, n1, "a", 4, 1, NULL, &err), 0);
+    assert_int_equal(put(st, n1, "b", 4, 1, NULL, &err), 0);
+    assert_int_equal(put(st, n2, "a", 4, 2, NULL, &err), 0);
+
+    /* A Put in progress when its namespace is dropped is refused at commit. */
+    kvs_block *filling;
+    assert_int_equal(kvs_store_block_alloc(st, n1, 4, 512, &filling, &err), 0);
+    uint64_t dropped = 0;
+    assert_int_equal(kvs_store_ns_drop(st, "one", &dropped, &err), 0);
+    assert_int_equal(dropped, 2);
+    memset(kvs_block_data(filling), 0, 512);
+    assert_int_equal(kvs_store_block_commit(st, filling, "c", 1, NULL, &err), KVS_ENOTFOUND);
+    assert_int_equal(kvs_store_ns_drop(st, "one", NULL, &err), KVS_ENOTFOUND);
+
+    expect_block(st, n2, "a", 2);
+    kvs_store_ns_info *list;
+    size_t n;
+    assert_int_equal(kvs_store_ns_list(st, &list, &n, &err), 0);
+    assert_int_equal(n, 1);
+    assert_string_equal(list[0].spec.name, "two");
+    assert_int_equal(list[0].usage.blocks, 1);
+    assert_int_equal(list[0].usage.stored_bytes, 512);
+    assert_int_equal(list[0].usage.tokens, 4);
+    free(list);
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, 512);
+    kvs_ns_unref(n1);
+    kvs_ns_unref(n2);
+    kvs_store_destroy(st);
+}
+
+/* ---- soak: threads put/get/delete over a shared keyspace; bytes must always match the
+ * key's fill pattern (key index in every byte), and accounting must end balanced. */
+
+typedef struct soak_arg {
+    kvs_store *st;
+    kvs_ns *ns;
+    unsigned seed;
+    int bad;
+} soak_arg;
+
+static void *soak_thread(void *p)
+{
+    soak_arg *a = p;
+    char key[16];
+    for (int i = 0; i < 4000; i++) {
+        unsigned r = rand_r(&a->seed);
+        int k = (int)(r % 64);
+        snprintf(key, sizeof key, "k%d", k);
+        kvs_err err;
+        switch ((r >> 8) % 4) {
+        case 0:
+        case 1: {
+            uint32_t t = 1 + (r >> 12) % 4;
+            uint64_t bytes = 128ull * t;
+            kvs_block *blk;
+            if (kvs_store_block_alloc(a->st, a->ns, t, bytes, &blk, &err) == 0) {
+                memset(kvs_block_data(blk), k, bytes);
+                if (kvs_store_block_commit(a->st, blk, key, strlen(key), NULL, &err))
+                    a->bad++;
+            }
+            break;
+        }
+        case 2: {
+            kvs_block *blk;
+            int rc = kvs_store_get(a->st, a->ns, key, strlen(key), &blk, &err);
+            if (rc == 0) {
+                const uint8_t *d = kvs_block_data(blk);
+                for (uint64_t j = 0; j < kvs_block_size(blk); j++)
+                    a->bad += d[j] != k;
+                kvs_store_block_release(a->st, blk);
+            } else if (rc != KVS_ENOTFOUND) {
+                a->bad++;
+            }
+            break;
+        }
+        default: {
+            kvs_store_key sk = {key, strlen(key)};
+            kvs_store_delete(a->st, a->ns, &sk, 1);
+        }
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_soak(void **state)
+{
+    kvs_store *st = new_store(16 * 512); /* small: eviction runs constantly */
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, NULL), 0);
+    enum { T = 4 };
+    pthread_t th[T];
+    soak_arg args[T];
+    for (int i = 0; i < T; i++) {
+        args[i] = (soak_arg){st, ns, 1234u + (unsigned)i, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, soak_thread, &args[i]), 0);
+    }
+    for (int i = 0; i < T; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(args[i].bad, 0);
+    }
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_true(stats.host_used <= stats.host_capacity);
+    kvs_store_ns_info *list;
+    size_t n;
+    assert_int_equal(kvs_store_ns_list(st, &list, &n, NULL), 0);
+    assert_int_equal(list[0].usage.stored_bytes, stats.host_used); /* nothing held */
+    assert_int_equal(list[0].usage.blocks, stats.host_blocks);
+    free(list);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ns_validation),
+        cmocka_unit_test(test_roundtrip_replace_delete),
+        cmocka_unit_test(test_lru_eviction_and_busy_blocks),
+        cmocka_unit_test(test_checksum_mismatch_is_data_loss),
+        cmocka_unit_test(test_drop_namespace),
+        cmocka_unit_test(test_concurrent_soak),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,135 @@
+/* daemon/wire: request validation names the field; spec conversion fills defaults. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "daemon/wire.h"
+
+static void test_keys(void **state)
+{
+    kvs_err err;
+    kvs_store_key out[3];
+    uint8_t long_key[65] = {0};
+    ProtobufCBinaryData ok[2] = {{1, (uint8_t *)"a"}, {64, long_key}};
+    assert_int_equal(kvs_wire_check_keys(ok, 2, 10, out, &err), 0);
+    assert_int_equal(out[1].len, 64);
+    assert_ptr_equal(out[1].data, long_key);
+
+    ProtobufCBinaryData empty[2] = {{1, (uint8_t *)"a"}, {0, NULL}};
+    assert_int_equal(kvs_wire_check_keys(empty, 2, 10, out, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "keys[1]"));
+
+    ProtobufCBinaryData too_long[1] = {{65, long_key}};
+    assert_int_equal(kvs_wire_check_keys(too_long, 1, 10, out, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "keys[0]"));
+    assert_non_null(strstr(err.msg, "65"));
+
+    assert_int_equal(kvs_wire_check_keys(ok, 2, 1, out, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "limit"));
+    assert_int_equal(kvs_wire_check_keys(ok, 0, 1, out, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "keys"));
+}
+
+static void test_layer_range(void **state)
+{
+    kvs_err err;
+    uint32_t b, e;
+    assert_int_equal(kvs_wire_layer_range(0, 0, 32, &b, &e, &err), 0);
+    assert_int_equal(b, 0);
+    assert_int_equal(e, 32);
+    assert_int_equal(kvs_wire_layer_range(5, 7, 32, &b, &e, &err), 0);
+    assert_int_equal(b, 5);
+    assert_int_equal(e, 7);
+    assert_int_equal(kvs_wire_layer_range(0, 33, 32, &b, &e, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "layer_end"));
+    assert_int_equal(kvs_wire_layer_range(7, 7, 32, &b, &e, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "layer_begin"));
+    assert_int_equal(kvs_wire_layer_range(32, 0, 32, &b, &e, &err), KVS_EINVAL);
+}
+
+static void test_spec_from_proto(void **state)
+{
+    kvs_err err;
+    kvs_ns_spec s;
+    Kvstash__V1__NamespaceSpec p = KVSTASH__V1__NAMESPACE_SPEC__INIT;
+    assert_int_equal(kvs_wire_spec_from_proto(NULL, &s, &err), KVS_EINVAL);
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), KVS_EINVAL); /* name "" */
+    assert_non_null(strstr(err.msg, "name"));
+    char long_name[80];
+    memset(long_name, 'x', sizeof long_name - 1);
+    long_name[79] = '\0';
+    p.name = long_name;
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "name"));
+
+    p.name = "llama";
+    p.layers = 32;
+    p.kv_heads = 8;
+    p.head_dim = 128;
+    p.block_tokens = 16;
+    p.dtype = KVSTASH__V1__DTYPE__DTYPE_BF16;
+    p.seed = 42;
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), 0);
+    assert_string_equal(s.key_codec, "none"); /* empty codec names mean none */
+    assert_string_equal(s.value_codec, "none");
+    assert_int_equal(s.dtype, KVS_DTYPE_BF16);
+    assert_int_equal(s.seed, 42);
+    assert_int_equal(kvs_spec_validate(&s, &err), 0);
+
+    p.dtype = (Kvstash__V1__Dtype)77; /* unknown enum value from a newer client */
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), 0);
+    assert_int_equal(kvs_spec_validate(&s, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "dtype"));
+
+    /* Round trip through the info form. */
+    kvs_store_ns_info info = {.spec = s, .id = 3, .usage = {.blocks = 2, .stored_bytes = 10}};
+    info.spec.dtype = KVS_DTYPE_FP16;
+    Kvstash__V1__NamespaceSpec ps;
+    Kvstash__V1__NamespaceInfo pi;
+    kvs_wire_info_to_proto(&info, &ps, &pi);
+    assert_string_equal(pi.spec->name, "llama");
+    assert_int_equal(pi.id, 3);
+    assert_int_equal(pi.blocks, 2);
+    assert_int_equal(pi.block_bytes, 32ull * 2 * 16 * 8 * 128 * 2);
+}
+
+static void test_block_bytes_and_keys(void **state)
+{
+    kvs_err err;
+    kvs_ns_spec s;
+    memset(&s, 0, sizeof s);
+    strcpy(s.name, "m");
+    s.layers = 1024;
+    s.kv_heads = 1024;
+    s.head_dim = 1024;
+    s.block_tokens = 65536;
+    s.dtype = KVS_DTYPE_FP16;
+    strcpy(s.key_codec, "none");
+    strcpy(s.value_codec, "none");
+    assert_int_equal(kvs_spec_validate(&s, &err), 0);
+    uint64_t bytes;
+    /* The largest layout still computes without overflow: 2^10*2*2^16*2^10*2^10*2 = 2^48. */
+    assert_int_equal(kvs_spec_block_bytes(&s, 65536, &bytes, &err), 0);
+    assert_int_equal(bytes, 1ull << 48);
+    assert_int_equal(kvs_spec_block_bytes(&s, 0, &bytes, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "tokens"));
+    assert_int_equal(kvs_spec_block_bytes(&s, 65537, &bytes, &err), KVS_EINVAL);
+    assert_int_equal(kvs_key_validate(0, &err), KVS_EINVAL);
+    assert_int_equal(kvs_key_validate(65, &err), KVS_EINVAL);
+    assert_int_equal(kvs_key_validate(64, &err), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_keys),
+        cmocka_unit_test(test_layer_range),
+        cmocka_unit_test(test_spec_from_proto),
+        cmocka_unit_test(test_block_bytes_and_keys),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
