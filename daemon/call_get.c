@@ -111,10 +111,12 @@ void kvs_get_on_send(kvs_call *c, bool ok)
     chunk.data.len = n;
     chunk.layer = g->layer;
     chunk.offset = g->offset;
-    kvs_call_send(c, &chunk.base);
+    /* Advance before sending: the send may complete, and this handler run again on
+     * another CQ thread, before kvs_call_send returns. */
     g->offset += n;
     if (g->offset == g->layer_bytes) {
         g->layer++;
         g->offset = 0;
     }
+    kvs_call_send(c, &chunk.base);
 }

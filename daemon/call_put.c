@@ -110,10 +110,16 @@ static void on_end(kvs_call *c)
         kvs_call_fail(c, KVS_EINVAL, err.msg);
         return;
     }
+    int rc = kvs_payload_check_finite(kvs_ns_spec_of(p->ns), kvs_block_tokens(p->blk),
+                                      kvs_block_data(p->blk), &err);
+    if (rc) {
+        kvs_call_fail(c, rc, err.msg);
+        return;
+    }
     kvs_store_put_info info;
     kvs_block *blk = p->blk;
     p->blk = NULL; /* the store owns it from here, committed or not */
-    int rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &err);
+    rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &err);
     if (rc) {
         kvs_call_fail(c, rc, err.msg);
         return;

@@ -102,3 +102,37 @@ int kvs_key_validate(size_t key_len, kvs_err *err)
                            KVS_KEY_MAX);
     return 0;
 }
+
+int kvs_payload_check_finite(const kvs_ns_spec *s, uint32_t tokens, const void *data,
+                             kvs_err *err)
+{
+    /* fp16 and bf16 both flag NaN/Inf with an all-ones exponent; only its width differs. */
+    const uint16_t mask = s->dtype == KVS_DTYPE_BF16 ? 0x7F80 : 0x7C00;
+    const uint16_t *x = data;
+    uint64_t n = kvs_spec_layer_bytes(s, tokens) / 2 * s->layers;
+    enum { STRIDE = 4096 };
+    for (uint64_t base = 0; base < n; base += STRIDE) {
+        uint64_t end = base + STRIDE < n ? base + STRIDE : n;
+        unsigned bad = 0;
+        for (uint64_t i = base; i < end; i++) /* branch-free: vectorizes */
+            bad |= (x[i] & mask) == mask;
+        if (!bad)
+            continue;
+        for (uint64_t i = base; i < end; i++) {
+            if ((x[i] & mask) != mask)
+                continue;
+            uint64_t hd = (uint64_t)s->kv_heads * s->head_dim, r = i;
+            uint32_t ch = (uint32_t)(r % s->head_dim);
+            uint32_t head = (uint32_t)(r / s->head_dim % s->kv_heads);
+            uint32_t tok = (uint32_t)(r / hd % tokens);
+            uint32_t kv = (uint32_t)(r / (hd * tokens) % 2);
+            uint32_t layer = (uint32_t)(r / (hd * tokens * 2));
+            bool nan = (x[i] & (uint16_t)~(mask | 0x8000)) != 0;
+            return kvs_err_set(err, KVS_EINVAL,
+                               "payload: %s at layer %u, %s, token %u, head %u, channel %u",
+                               nan ? "NaN" : (x[i] & 0x8000 ? "-Inf" : "+Inf"), layer,
+                               kv ? "V" : "K", tok, head, ch);
+        }
+    }
+    return 0;
+}

@@ -66,6 +66,12 @@ int kvs_spec_block_bytes(const kvs_ns_spec *spec, uint32_t tokens, uint64_t *out
  * those of a validated spec). */
 uint64_t kvs_spec_layer_bytes(const kvs_ns_spec *spec, uint32_t tokens);
 
+/* Checks a raw payload of `tokens` tokens (layout [L][2][t][H][D], spec->dtype) for NaN
+ * and Inf, which no codec can store meaningfully (DESIGN §4). KVS_EINVAL names the first
+ * bad element: "payload: NaN at layer 3, V, token 7, head 1, channel 42". */
+int kvs_payload_check_finite(const kvs_ns_spec *spec, uint32_t tokens, const void *data,
+                             kvs_err *err);
+
 /* Checks a block key's length (1..KVS_KEY_MAX); message names "key". */
 int kvs_key_validate(size_t key_len, kvs_err *err);
 

@@ -63,7 +63,7 @@ typedef struct kvs_client_opts {
  * with kvs_client_close(). */
 KVS_API int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *err);
 
-/* Waits for in-flight calls of other threads to be the caller's problem: call it only
+/* Does not wait for in-flight calls of other threads: call it only
  * once no other thread uses the handle. NULL is allowed. */
 KVS_API void kvs_client_close(kvs_client *c);
 

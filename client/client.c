@@ -1,0 +1,955 @@
+/* libkvstash: the C client of kvstashd over the gRPC C core (contract: include/kvstash.h).
+ *
+ * A kvs_client owns one grpc_channel and options that never change after connect. Every
+ * API call is one `rpc` on the caller's stack: its own pluck completion queue and
+ * grpc_call, batches run one at a time and waited for, everything freed before the call
+ * returns. The handle therefore holds no per-call state and any number of threads may
+ * use it at once (a grpc_channel is thread-safe). Messages are protobuf-c; one generic
+ * unary helper serves every unary RPC, and the conversions between the kvs_* structs and
+ * the protobuf messages live in one place each (spec_to_pb, info_from_pb).
+ */
+#include "kvstash.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+
+#define DEFAULT_TARGET "127.0.0.1:50051"
+#define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_MAX_MESSAGE ((size_t)64 << 20)
+#define DEFAULT_CHUNK_BYTES ((size_t)1 << 20)
+/* Bytes a data PutChunk adds around its payload: one tag byte and a varint length. */
+#define CHUNK_OVERHEAD 16
+/* The call deadline makes every op complete; the pluck waits this much longer before it
+ * cancels the call itself, so a stuck transport cannot hang the caller. */
+#define PLUCK_GRACE_MS 5000
+
+#define STASH(m) "/kvstash.v1.KvStash/" m
+#define ADMIN(m) "/kvstash.v1.KvAdmin/" m
+
+struct kvs_client {
+    grpc_channel *channel;
+    char *target;
+    char *auth; /* "Bearer <token>", or NULL */
+    int64_t timeout_ms;
+    size_t chunk_bytes;
+};
+
+const char *kvs_tier_name(kvs_tier tier)
+{
+    switch (tier) {
+    case KVS_TIER_GPU: return "gpu";
+    case KVS_TIER_HOST: return "host";
+    case KVS_TIER_DISK: return "disk";
+    default: return "none";
+    }
+}
+
+/* ------------------------------------------------------------------ connection */
+
+int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!out)
+        return kvs_err_set(err, KVS_EINVAL, "connect: out is NULL");
+    *out = NULL;
+    kvs_client_opts o = opts ? *opts : (kvs_client_opts){0};
+    if (!o.target)
+        o.target = DEFAULT_TARGET;
+    if (o.timeout_ms == 0)
+        o.timeout_ms = DEFAULT_TIMEOUT_MS;
+    if (o.max_message == 0)
+        o.max_message = DEFAULT_MAX_MESSAGE;
+    if (o.chunk_bytes == 0)
+        o.chunk_bytes = DEFAULT_CHUNK_BYTES;
+
+    if (o.target[0] == '\0')
+        return kvs_err_set(err, KVS_EINVAL, "target: empty");
+    if (o.timeout_ms < 0)
+        return kvs_err_set(err, KVS_EINVAL, "timeout_ms: %lld is negative",
+                           (long long)o.timeout_ms);
+    /* Channel args are ints. */
+    if (o.max_message > INT_MAX)
+        return kvs_err_set(err, KVS_EINVAL, "max_message: %zu over the gRPC limit of %d",
+                           o.max_message, INT_MAX);
+    if (o.chunk_bytes > o.max_message - CHUNK_OVERHEAD)
+        return kvs_err_set(err, KVS_EINVAL, "chunk_bytes: %zu does not fit in max_message %zu",
+                           o.chunk_bytes, o.max_message);
+    if (o.token) {
+        /* Metadata values must be printable ASCII; catch a pasted newline here rather
+         * than as an opaque failure of the first call. */
+        for (const char *p = o.token; *p; p++)
+            if (*p < 0x20 || *p > 0x7e)
+                return kvs_err_set(err, KVS_EINVAL, "token: contains a non-printable character");
+    }
+
+    kvs_client *c = kvs_xcalloc(1, sizeof *c);
+    c->target = kvs_xstrdup(o.target);
+    c->timeout_ms = o.timeout_ms;
+    c->chunk_bytes = o.chunk_bytes;
+    if (o.token && o.token[0]) {
+        size_t n = strlen(o.token) + sizeof "Bearer ";
+        c->auth = kvs_xmalloc(n);
+        snprintf(c->auth, n, "Bearer %s", o.token);
+    }
+
+    grpc_init();
+    grpc_arg args[3] = {
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+         .value.integer = (int)o.max_message},
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
+         .value.integer = (int)o.max_message},
+        /* No call is ever retried (a Put stream is not replayable), and without retries
+         * gRPC need not keep a copy of the messages sent. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ENABLE_RETRIES, .value.integer = 0},
+    };
+    grpc_channel_args cargs = {.num_args = 3, .args = args};
+    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    if (!creds) {
+        kvs_client_close(c);
+        return kvs_err_set(err, KVS_EINTERNAL, "connect: grpc_insecure_credentials_create failed");
+    }
+    c->channel = grpc_channel_create(c->target, creds, &cargs);
+    grpc_channel_credentials_release(creds);
+    if (!c->channel) {
+        kvs_client_close(c);
+        return kvs_err_set(err, KVS_EINTERNAL, "connect: cannot create a channel to %s",
+                           o.target);
+    }
+    *out = c;
+    return 0;
+}
+
+void kvs_client_close(kvs_client *c)
+{
+    if (!c)
+        return;
+    if (c->channel)
+        grpc_channel_destroy(c->channel);
+    /* grpc_init was called in connect whatever happened after it. */
+    grpc_shutdown();
+    free(c->auth);
+    free(c->target);
+    free(c);
+}
+
+/* ------------------------------------------------------------------ one call */
+
+typedef struct rpc {
+    const kvs_client *c;
+    const char *name; /* "Put": prefixes every message */
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata auth;
+    grpc_metadata_array initial_md, trailing_md;
+    grpc_status_code status;
+    grpc_slice details;
+    bool have_status;
+    grpc_call_error call_error; /* first grpc_call_start_batch failure */
+} rpc;
+
+static int rpc_start(rpc *r, const kvs_client *c, const char *method, kvs_err *err)
+{
+    memset(r, 0, sizeof *r);
+    r->c = c;
+    r->name = strrchr(method, '/') + 1;
+    r->details = grpc_empty_slice();
+    grpc_metadata_array_init(&r->initial_md);
+    grpc_metadata_array_init(&r->trailing_md);
+    r->deadline = gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+                               gpr_time_from_millis(c->timeout_ms, GPR_TIMESPAN));
+    r->cq = grpc_completion_queue_create_for_pluck(NULL);
+    if (!r->cq)
+        return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a completion queue", r->name);
+    r->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
+                                       grpc_slice_from_static_string(method), NULL, r->deadline,
+                                       NULL);
+    if (!r->call)
+        return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a call", r->name);
+    if (c->auth) {
+        r->auth.key = grpc_slice_from_static_string("authorization");
+        /* The client outlives its calls, so its string can back a static slice. */
+        r->auth.value = grpc_slice_from_static_string(c->auth);
+    }
+    return 0;
+}
+
+/* Runs one batch and waits for it; returns whether all its ops succeeded. A batch with
+ * RECV_STATUS_ON_CLIENT always completes, so the status is known afterwards. */
+static bool rpc_run(rpc *r, const grpc_op *ops, size_t n)
+{
+    grpc_call_error ce = grpc_call_start_batch(r->call, ops, n, r, NULL);
+    if (ce != GRPC_CALL_OK) {
+        if (r->call_error == GRPC_CALL_OK)
+            r->call_error = ce;
+        return false;
+    }
+    gpr_timespec until = gpr_time_add(r->deadline,
+                                      gpr_time_from_millis(PLUCK_GRACE_MS, GPR_TIMESPAN));
+    grpc_event ev = grpc_completion_queue_pluck(r->cq, r, until, NULL);
+    if (ev.type == GRPC_QUEUE_TIMEOUT) {
+        /* Cancelling completes every pending op; the batch must still be collected
+         * before the queue can be destroyed. */
+        grpc_call_cancel(r->call, NULL);
+        ev = grpc_completion_queue_pluck(r->cq, r, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (ops[i].op == GRPC_OP_RECV_STATUS_ON_CLIENT)
+            r->have_status = true;
+    return ev.type == GRPC_OP_COMPLETE && ev.success;
+}
+
+/* Op builders: each fills one grpc_op of a batch. */
+static grpc_op op_send_md(rpc *r)
+{
+    grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
+    if (r->c->auth) {
+        op.data.send_initial_metadata.count = 1;
+        op.data.send_initial_metadata.metadata = &r->auth;
+    }
+    return op;
+}
+
+static grpc_op op_send_msg(grpc_byte_buffer *bb)
+{
+    return (grpc_op){.op = GRPC_OP_SEND_MESSAGE, .data.send_message.send_message = bb};
+}
+
+static grpc_op op_close(void)
+{
+    return (grpc_op){.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT};
+}
+
+static grpc_op op_recv_md(rpc *r)
+{
+    return (grpc_op){.op = GRPC_OP_RECV_INITIAL_METADATA,
+                     .data.recv_initial_metadata.recv_initial_metadata = &r->initial_md};
+}
+
+static grpc_op op_recv_msg(grpc_byte_buffer **bb)
+{
+    return (grpc_op){.op = GRPC_OP_RECV_MESSAGE, .data.recv_message.recv_message = bb};
+}
+
+static grpc_op op_recv_status(rpc *r)
+{
+    grpc_op op = {.op = GRPC_OP_RECV_STATUS_ON_CLIENT};
+    op.data.recv_status_on_client.trailing_metadata = &r->trailing_md;
+    op.data.recv_status_on_client.status = &r->status;
+    op.data.recv_status_on_client.status_details = &r->details;
+    return op;
+}
+
+/* Turns a non-OK status into a kvs code with the server's text prefixed by the RPC name. */
+static int status_error(const rpc *r, kvs_err *err)
+{
+    int code = kvs_err_from_grpc_status(r->status);
+    int n = (int)GRPC_SLICE_LENGTH(r->details);
+    const char *d = (const char *)GRPC_SLICE_START_PTR(r->details);
+    if (n == 0) {
+        d = kvs_strerror(code);
+        n = (int)strlen(d);
+    }
+    if (r->status == GRPC_STATUS_UNAVAILABLE)
+        return kvs_err_set(err, code, "%s: %s unavailable: %.*s", r->name, r->c->target, n, d);
+    if (r->status == GRPC_STATUS_DEADLINE_EXCEEDED)
+        return kvs_err_set(err, code, "%s: no answer from %s within %lld ms (%.*s)", r->name,
+                           r->c->target, (long long)r->c->timeout_ms, n, d);
+    return kvs_err_set(err, code, "%s: %.*s", r->name, n, d);
+}
+
+/* Ends the call and frees it. rc != 0 is a local failure (already in err) that cancels
+ * the call and is returned as is; otherwise the result is the call's status. */
+static int rpc_finish(rpc *r, int rc, kvs_err *err)
+{
+    if (r->call) {
+        if (!r->have_status) {
+            if (rc != 0)
+                grpc_call_cancel(r->call, NULL);
+            grpc_op op = op_recv_status(r);
+            (void)rpc_run(r, &op, 1); /* the status says how it went */
+        }
+        /* A server error explains more than a refused batch, so it wins. */
+        if (rc == 0 && r->have_status && r->status != GRPC_STATUS_OK)
+            rc = status_error(r, err);
+        else if (rc == 0 && (!r->have_status || r->call_error != GRPC_CALL_OK))
+            rc = kvs_err_set(err, KVS_EINTERNAL, "%s: grpc_call_start_batch failed (%d)",
+                             r->name, (int)r->call_error);
+        grpc_call_unref(r->call);
+    }
+    if (r->cq) {
+        grpc_completion_queue_shutdown(r->cq);
+        /* Every batch was collected above, so this returns SHUTDOWN at once. */
+        while (grpc_completion_queue_pluck(r->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL)
+                   .type != GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(r->cq);
+    }
+    grpc_metadata_array_destroy(&r->initial_md);
+    grpc_metadata_array_destroy(&r->trailing_md);
+    grpc_slice_unref(r->details);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ messages */
+
+/* Packs m into a new byte buffer (freed with grpc_byte_buffer_destroy); NULL if out of
+ * memory. */
+static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    grpc_slice s;
+    if (n == 0) {
+        s = grpc_empty_slice();
+    } else {
+        uint8_t *buf = kvs_trymalloc(n);
+        if (!buf)
+            return NULL;
+        protobuf_c_message_pack(m, buf);
+        s = grpc_slice_new(buf, n, free);
+    }
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+/* Parses a received message; *out is freed with protobuf_c_message_free_unpacked. */
+static int unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
+                      ProtobufCMessage **out, kvs_err *err)
+{
+    *out = NULL;
+    if (!bb)
+        return kvs_err_set(err, KVS_EPROTO, "%s: the server sent no %s", name, d->short_name);
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, bb))
+        return kvs_err_set(err, KVS_EPROTO, "%s: cannot read the %s", name, d->short_name);
+    grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    *out = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    if (!*out)
+        return kvs_err_set(err, KVS_EPROTO, "%s: malformed %s", name, d->short_name);
+    return 0;
+}
+
+/* One request, one reply: the whole call is a single batch. On success *reply belongs
+ * to the caller (protobuf_c_message_free_unpacked). */
+static int unary(const kvs_client *c, const char *method, const ProtobufCMessage *req,
+                 const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+                 kvs_err *err)
+{
+    kvs_err_clear(err);
+    *reply = NULL;
+    if (!c)
+        return kvs_err_set(err, KVS_EINVAL, "%s: client is NULL", strrchr(method, '/') + 1);
+    rpc r;
+    int rc = rpc_start(&r, c, method, err);
+    if (rc != 0)
+        return rpc_finish(&r, rc, err);
+    grpc_byte_buffer *out = pack_msg(req), *in = NULL;
+    if (!out)
+        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "%s: out of memory", r.name), err);
+    grpc_op ops[] = {op_send_md(&r), op_send_msg(out),  op_close(),
+                     op_recv_md(&r), op_recv_msg(&in), op_recv_status(&r)};
+    (void)rpc_run(&r, ops, sizeof ops / sizeof ops[0]); /* the status says how it went */
+    grpc_byte_buffer_destroy(out);
+    rc = rpc_finish(&r, 0, err);
+    if (rc == 0)
+        rc = unpack_msg(r.name, in, reply_desc, reply, err);
+    if (in)
+        grpc_byte_buffer_destroy(in);
+    return rc;
+}
+
+static kvs_tier tier_from_pb(int t)
+{
+    return (t >= KVS_TIER_GPU && t <= KVS_TIER_DISK) ? (kvs_tier)t : KVS_TIER_NONE;
+}
+
+static kvs_dtype dtype_from_pb(int d)
+{
+    return (d == KVS_DTYPE_FP16 || d == KVS_DTYPE_BF16) ? (kvs_dtype)d : KVS_DTYPE_UNSPECIFIED;
+}
+
+/* ------------------------------------------------------------------ Put */
+
+static void keep_caller_buffer(void *p)
+{
+    (void)p; /* the payload belongs to the caller of kvs_client_put */
+}
+
+/* A data PutChunk around borrowed payload bytes, without copying them: the message is
+ * the field's tag and varint length (protobuf wire format) followed by the bytes, so
+ * the payload slice can point into the caller's buffer. kvs_client_put waits for the
+ * whole call to end before it returns, so the buffer outlives every use of the slice. */
+static grpc_byte_buffer *data_chunk(const uint8_t *p, size_t n)
+{
+    uint8_t head[CHUNK_OVERHEAD];
+    size_t h = 0;
+    head[h++] = (uint8_t)((KVSTASH__V1__PUT_CHUNK__KIND_DATA << 3) |
+                          PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED);
+    uint64_t v = n;
+    do {
+        head[h++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+        v >>= 7;
+    } while (v);
+    grpc_slice s[2] = {grpc_slice_from_copied_buffer((const char *)head, h),
+                       grpc_slice_new((void *)p, n, keep_caller_buffer)};
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
+    grpc_slice_unref(s[0]);
+    grpc_slice_unref(s[1]);
+    return bb;
+}
+
+int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                   uint32_t tokens, kvs_dtype dtype, const void *data, size_t len,
+                   kvs_put_result *res, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || (!key && key_len) || (!data && len))
+        return kvs_err_set(err, KVS_EINVAL, "Put: NULL argument");
+    if (kvs_key_validate(key_len, err) != 0)
+        return kvs_err_prefix(err, "Put");
+
+    Kvstash__V1__PutHeader hdr = KVSTASH__V1__PUT_HEADER__INIT;
+    hdr.namespace_ = (char *)ns;
+    hdr.key = (ProtobufCBinaryData){key_len, (uint8_t *)key};
+    hdr.tokens = tokens;
+    hdr.dtype = (Kvstash__V1__Dtype)dtype;
+    hdr.payload_bytes = len;
+    Kvstash__V1__PutChunk first = KVSTASH__V1__PUT_CHUNK__INIT;
+    first.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_HEADER;
+    first.header = &hdr;
+
+    rpc r;
+    int rc = rpc_start(&r, c, STASH("Put"), err);
+    if (rc != 0)
+        return rpc_finish(&r, rc, err);
+    grpc_byte_buffer *bb = pack_msg(&first.base);
+    if (!bb)
+        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Put: out of memory"), err);
+    grpc_op head_ops[] = {op_send_md(&r), op_send_msg(bb)};
+    bool ok = rpc_run(&r, head_ops, 2);
+    grpc_byte_buffer_destroy(bb);
+
+    /* One message in flight at a time; a failed send means the server has already
+     * answered (usually with an error naming the field), so go and read it. */
+    size_t off = 0;
+    while (ok && off < len) {
+        size_t n = len - off < c->chunk_bytes ? len - off : c->chunk_bytes;
+        bb = data_chunk((const uint8_t *)data + off, n);
+        grpc_op op = op_send_msg(bb);
+        ok = rpc_run(&r, &op, 1);
+        grpc_byte_buffer_destroy(bb);
+        if (ok)
+            off += n;
+    }
+
+    grpc_byte_buffer *in = NULL;
+    if (ok) {
+        grpc_op tail[] = {op_close(), op_recv_md(&r), op_recv_msg(&in), op_recv_status(&r)};
+        (void)rpc_run(&r, tail, 4); /* the status says how it went */
+    }
+    rc = rpc_finish(&r, 0, err);
+    if (rc == 0 && off < len)
+        rc = kvs_err_set(err, KVS_EPROTO, "Put: the server ended the call after %zu of %zu bytes",
+                         off, len);
+    ProtobufCMessage *m = NULL;
+    if (rc == 0)
+        rc = unpack_msg(r.name, in, &kvstash__v1__put_reply__descriptor, &m, err);
+    if (in)
+        grpc_byte_buffer_destroy(in);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__PutReply *rep = (const Kvstash__V1__PutReply *)m;
+    if (res)
+        *res = (kvs_put_result){.tier = tier_from_pb(rep->tier),
+                                .encoded_bytes = rep->encoded_bytes,
+                                .raw_bytes = rep->raw_bytes,
+                                .replaced = rep->replaced};
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ Get */
+
+/* Where the stream of a Get stands: chunks must arrive contiguous and in layout order. */
+typedef struct get_state {
+    kvs_get_result hdr;
+    bool have_hdr;
+    uint64_t total, got;
+    uint64_t layer_size; /* RAW: total / layers; ENCODED: 0 (sections differ in size) */
+    uint32_t layer;      /* layer of the last data chunk */
+    uint64_t layer_off;  /* bytes of `layer` received */
+} get_state;
+
+static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_cb cb, void *ctx,
+                     kvs_err *err)
+{
+    if (ch->header) {
+        const Kvstash__V1__GetHeader *h = ch->header;
+        if (st->have_hdr)
+            return kvs_err_set(err, KVS_EPROTO, "Get: a second header in the stream");
+        if (h->layer_end <= h->layer_begin)
+            return kvs_err_set(err, KVS_EPROTO, "Get: header: empty layer range [%u, %u)",
+                               h->layer_begin, h->layer_end);
+        st->have_hdr = true;
+        st->total = h->total_bytes;
+        st->hdr = (kvs_get_result){.tokens = h->tokens,
+                                   .dtype = dtype_from_pb(h->dtype),
+                                   .layer_begin = h->layer_begin,
+                                   .layer_end = h->layer_end,
+                                   .bytes = h->total_bytes,
+                                   .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                                 ? KVS_FORMAT_ENCODED
+                                                 : KVS_FORMAT_RAW,
+                                   .tier = tier_from_pb(h->tier)};
+        uint32_t layers = h->layer_end - h->layer_begin;
+        if (st->hdr.format == KVS_FORMAT_RAW) {
+            if (st->total % layers != 0)
+                return kvs_err_set(err, KVS_EPROTO,
+                                   "Get: header: total_bytes %llu is not a multiple of %u layers",
+                                   (unsigned long long)st->total, layers);
+            st->layer_size = st->total / layers;
+        }
+        st->layer = h->layer_begin;
+    } else if (!st->have_hdr) {
+        return kvs_err_set(err, KVS_EPROTO, "Get: data before the header");
+    }
+    size_t n = ch->data.len;
+    if (n == 0)
+        return 0;
+    bool same = ch->layer == st->layer && ch->offset == st->layer_off;
+    bool next = ch->layer == st->layer + 1 && ch->offset == 0 && st->layer_off > 0 &&
+                (st->layer_size == 0 || st->layer_off == st->layer_size);
+    if ((!same && !next) || ch->layer >= st->hdr.layer_end ||
+        (st->layer_size && ch->offset + n > st->layer_size) || n > st->total - st->got)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "Get: chunk of layer %u at offset %llu (%zu bytes) out of order "
+                           "after %llu of %llu bytes",
+                           ch->layer, (unsigned long long)ch->offset, n,
+                           (unsigned long long)st->got, (unsigned long long)st->total);
+    if (next) {
+        st->layer = ch->layer;
+        st->layer_off = 0;
+    }
+    int rc = cb(ctx, &st->hdr, ch->layer, ch->offset, ch->data.data, n);
+    if (rc != 0)
+        return kvs_err_set(err, rc, "Get: stopped by the layer callback: %s (%d)",
+                           kvs_strerror(rc), rc);
+    st->layer_off += n;
+    st->got += n;
+    return 0;
+}
+
+int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                          const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx,
+                          kvs_get_result *res, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || (!key && key_len) || !cb)
+        return kvs_err_set(err, KVS_EINVAL, "Get: NULL argument");
+    if (kvs_key_validate(key_len, err) != 0)
+        return kvs_err_prefix(err, "Get");
+    kvs_get_opts o = opts ? *opts : (kvs_get_opts){0};
+    Kvstash__V1__GetRequest q = KVSTASH__V1__GET_REQUEST__INIT;
+    q.namespace_ = (char *)ns;
+    q.key = (ProtobufCBinaryData){key_len, (uint8_t *)key};
+    q.format = o.format == KVS_FORMAT_ENCODED ? KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                              : KVSTASH__V1__FORMAT__FORMAT_RAW;
+    q.layer_begin = o.layer_begin;
+    q.layer_end = o.layer_end;
+
+    rpc r;
+    int rc = rpc_start(&r, c, STASH("Get"), err);
+    if (rc != 0)
+        return rpc_finish(&r, rc, err);
+    grpc_byte_buffer *bb = pack_msg(&q.base);
+    if (!bb)
+        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Get: out of memory"), err);
+    grpc_op ops[] = {op_send_md(&r), op_send_msg(bb), op_close(), op_recv_md(&r)};
+    bool ok = rpc_run(&r, ops, 4);
+    grpc_byte_buffer_destroy(bb);
+
+    get_state st = {0};
+    while (ok && rc == 0) {
+        grpc_byte_buffer *in = NULL;
+        grpc_op op = op_recv_msg(&in);
+        ok = rpc_run(&r, &op, 1);
+        if (!ok || !in) /* end of stream: the status follows */
+            break;
+        ProtobufCMessage *m = NULL;
+        rc = unpack_msg(r.name, in, &kvstash__v1__get_chunk__descriptor, &m, err);
+        grpc_byte_buffer_destroy(in);
+        if (rc == 0)
+            rc = get_chunk(&st, (const Kvstash__V1__GetChunk *)m, cb, ctx, err);
+        if (m)
+            protobuf_c_message_free_unpacked(m, NULL);
+    }
+    rc = rpc_finish(&r, rc, err);
+    if (rc == 0 && !st.have_hdr)
+        rc = kvs_err_set(err, KVS_EPROTO, "Get: the stream ended without a header");
+    if (rc == 0 && st.got != st.total)
+        rc = kvs_err_set(err, KVS_EPROTO, "Get: the stream ended after %llu of %llu bytes",
+                         (unsigned long long)st.got, (unsigned long long)st.total);
+    if (rc == 0 && res) {
+        *res = st.hdr;
+        res->bytes = st.got;
+    }
+    return rc;
+}
+
+typedef struct copy_ctx {
+    uint8_t *buf;
+    size_t cap, pos;
+    uint64_t need;
+} copy_ctx;
+
+static int copy_layer(void *ctx, const kvs_get_result *hdr, uint32_t layer, uint64_t offset,
+                      const void *data, size_t len)
+{
+    copy_ctx *cc = ctx;
+    if (hdr->bytes > cc->cap) {
+        cc->need = hdr->bytes;
+        return KVS_E2BIG;
+    }
+    /* get_layers has checked that chunks are contiguous, in order and within total. */
+    memcpy(cc->buf + cc->pos, data, len);
+    cc->pos += len;
+    return 0;
+}
+
+int kvs_client_get(kvs_client *c, const char *ns, const void *key, size_t key_len, void *buf,
+                   size_t cap, kvs_get_result *res, kvs_err *err)
+{
+    if (!buf && cap) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "Get: buf is NULL");
+    }
+    copy_ctx cc = {.buf = buf, .cap = cap};
+    int rc = kvs_client_get_layers(c, ns, key, key_len, NULL, copy_layer, &cc, res, err);
+    if (rc == KVS_E2BIG && cc.need)
+        kvs_err_set(err, rc, "Get: block of %llu bytes does not fit in a buffer of %zu",
+                    (unsigned long long)cc.need, cap);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ keys */
+
+/* One KeysRequest RPC (Lookup, Exists, Delete). The request borrows the caller's keys. */
+static int keys_call(kvs_client *c, const char *method, const char *ns, const kvs_key *keys,
+                     size_t n, const ProtobufCMessageDescriptor *reply_desc,
+                     ProtobufCMessage **reply, kvs_err *err)
+{
+    const char *name = strrchr(method, '/') + 1;
+    kvs_err_clear(err);
+    *reply = NULL;
+    if (!ns || (!keys && n))
+        return kvs_err_set(err, KVS_EINVAL, "%s: NULL argument", name);
+    uint64_t bytes;
+    if (!kvs_mul_size(n ? n : 1, sizeof(ProtobufCBinaryData), &bytes) || bytes > SIZE_MAX)
+        return kvs_err_set(err, KVS_EINVAL, "%s: %zu keys is too many", name, n);
+    ProtobufCBinaryData *bin = kvs_trymalloc((size_t)bytes);
+    if (!bin)
+        return kvs_err_set(err, KVS_ENOMEM, "%s: out of memory for %zu keys", name, n);
+    for (size_t i = 0; i < n; i++) {
+        if (kvs_key_validate(keys[i].len, err) != 0) {
+            free(bin);
+            return kvs_err_prefix(err, "%s: keys[%zu]", name, i);
+        }
+        bin[i] = (ProtobufCBinaryData){keys[i].len, (uint8_t *)keys[i].bytes};
+    }
+    Kvstash__V1__KeysRequest q = KVSTASH__V1__KEYS_REQUEST__INIT;
+    q.namespace_ = (char *)ns;
+    q.n_keys = n;
+    q.keys = bin;
+    int rc = unary(c, method, &q.base, reply_desc, reply, err);
+    free(bin);
+    return rc;
+}
+
+int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                      uint32_t *prefix, kvs_tier *tiers, kvs_err *err)
+{
+    ProtobufCMessage *m;
+    int rc = keys_call(c, STASH("Lookup"), ns, keys, n, &kvstash__v1__lookup_reply__descriptor,
+                       &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__LookupReply *rep = (const Kvstash__V1__LookupReply *)m;
+    if (rep->n_tiers != n || rep->prefix_blocks > n) {
+        rc = kvs_err_set(err, KVS_EPROTO, "Lookup: %zu tiers and prefix %u for %zu keys",
+                         rep->n_tiers, rep->prefix_blocks, n);
+    } else {
+        if (prefix)
+            *prefix = rep->prefix_blocks;
+        for (size_t i = 0; tiers && i < n; i++)
+            tiers[i] = tier_from_pb(rep->tiers[i]);
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    return rc;
+}
+
+int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                      bool *present, kvs_err *err)
+{
+    ProtobufCMessage *m;
+    int rc = keys_call(c, STASH("Exists"), ns, keys, n, &kvstash__v1__exists_reply__descriptor,
+                       &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__ExistsReply *rep = (const Kvstash__V1__ExistsReply *)m;
+    if (rep->n_present != n)
+        rc = kvs_err_set(err, KVS_EPROTO, "Exists: %zu answers for %zu keys", rep->n_present, n);
+    for (size_t i = 0; rc == 0 && present && i < n; i++)
+        present[i] = rep->present[i];
+    protobuf_c_message_free_unpacked(m, NULL);
+    return rc;
+}
+
+int kvs_client_delete(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                      uint32_t *deleted, kvs_err *err)
+{
+    ProtobufCMessage *m;
+    int rc = keys_call(c, STASH("Delete"), ns, keys, n, &kvstash__v1__delete_reply__descriptor,
+                       &m, err);
+    if (rc != 0)
+        return rc;
+    if (deleted)
+        *deleted = ((const Kvstash__V1__DeleteReply *)m)->deleted;
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ admin */
+
+/* The message borrows the strings of s; empty codec names become "none" (kvstash.h). */
+static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
+{
+    *pb = (Kvstash__V1__NamespaceSpec)KVSTASH__V1__NAMESPACE_SPEC__INIT;
+    pb->name = (char *)s->name;
+    pb->layers = s->layers;
+    pb->kv_heads = s->kv_heads;
+    pb->head_dim = s->head_dim;
+    pb->block_tokens = s->block_tokens;
+    pb->dtype = (Kvstash__V1__Dtype)s->dtype;
+    pb->key_codec = (char *)(s->key_codec[0] ? s->key_codec : "none");
+    pb->value_codec = (char *)(s->value_codec[0] ? s->value_codec : "none");
+    pb->keys_pre_rope = s->keys_pre_rope;
+    pb->seed = s->seed;
+    pb->durable = s->durable;
+}
+
+static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info)
+{
+    memset(info, 0, sizeof *info);
+    const Kvstash__V1__NamespaceSpec *s = pb->spec;
+    if (s) {
+        snprintf(info->spec.name, sizeof info->spec.name, "%s", s->name);
+        info->spec.layers = s->layers;
+        info->spec.kv_heads = s->kv_heads;
+        info->spec.head_dim = s->head_dim;
+        info->spec.block_tokens = s->block_tokens;
+        info->spec.dtype = dtype_from_pb(s->dtype);
+        snprintf(info->spec.key_codec, sizeof info->spec.key_codec, "%s", s->key_codec);
+        snprintf(info->spec.value_codec, sizeof info->spec.value_codec, "%s", s->value_codec);
+        info->spec.keys_pre_rope = s->keys_pre_rope;
+        info->spec.seed = s->seed;
+        info->spec.durable = s->durable;
+    }
+    info->id = pb->id;
+    info->blocks = pb->blocks;
+    info->stored_bytes = pb->stored_bytes;
+    info->raw_bytes = pb->raw_bytes;
+    info->block_bytes = pb->block_bytes;
+}
+
+/* A caller-owned array of n infos (never NULL on success, even for n = 0). */
+static int infos_from_pb(const char *name, Kvstash__V1__NamespaceInfo *const *pb, size_t n,
+                         kvs_ns_info **out, kvs_err *err)
+{
+    uint64_t bytes;
+    if (!kvs_mul_size(n ? n : 1, sizeof(kvs_ns_info), &bytes) || bytes > SIZE_MAX ||
+        !(*out = kvs_trymalloc((size_t)bytes)))
+        return kvs_err_set(err, KVS_ENOMEM, "%s: out of memory for %zu namespaces", name, n);
+    for (size_t i = 0; i < n; i++)
+        info_from_pb(pb[i], &(*out)[i]);
+    return 0;
+}
+
+int kvs_client_ns_create(kvs_client *c, const kvs_ns_spec *spec, kvs_ns_info *info, kvs_err *err)
+{
+    if (!spec) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "CreateNamespace: spec is NULL");
+    }
+    Kvstash__V1__NamespaceSpec pb;
+    spec_to_pb(spec, &pb);
+    Kvstash__V1__CreateNamespaceRequest q = KVSTASH__V1__CREATE_NAMESPACE_REQUEST__INIT;
+    q.spec = &pb;
+    ProtobufCMessage *m;
+    int rc = unary(c, ADMIN("CreateNamespace"), &q.base, &kvstash__v1__namespace_info__descriptor,
+                   &m, err);
+    if (rc != 0)
+        return rc;
+    if (info)
+        info_from_pb((const Kvstash__V1__NamespaceInfo *)m, info);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks_dropped, kvs_err *err)
+{
+    if (!name) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "DropNamespace: name is NULL");
+    }
+    Kvstash__V1__NameRequest q = KVSTASH__V1__NAME_REQUEST__INIT;
+    q.name = (char *)name;
+    ProtobufCMessage *m;
+    int rc = unary(c, ADMIN("DropNamespace"), &q.base,
+                   &kvstash__v1__drop_namespace_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    if (blocks_dropped)
+        *blocks_dropped = ((const Kvstash__V1__DropNamespaceReply *)m)->blocks_dropped;
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err)
+{
+    if (!out || !n) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "ListNamespaces: NULL argument");
+    }
+    *out = NULL;
+    *n = 0;
+    Kvstash__V1__ListNamespacesRequest q = KVSTASH__V1__LIST_NAMESPACES_REQUEST__INIT;
+    ProtobufCMessage *m;
+    int rc = unary(c, ADMIN("ListNamespaces"), &q.base,
+                   &kvstash__v1__list_namespaces_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__ListNamespacesReply *rep = (const Kvstash__V1__ListNamespacesReply *)m;
+    rc = infos_from_pb("ListNamespaces", rep->namespaces, rep->n_namespaces, out, err);
+    if (rc == 0)
+        *n = rep->n_namespaces;
+    protobuf_c_message_free_unpacked(m, NULL);
+    return rc;
+}
+
+int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err)
+{
+    if (!name || !info) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "ListNamespaces: NULL argument");
+    }
+    kvs_ns_info *all;
+    size_t n;
+    int rc = kvs_client_ns_list(c, &all, &n, err);
+    if (rc != 0)
+        return rc;
+    rc = kvs_err_set(err, KVS_ENOTFOUND, "namespace: '%s' not found", name);
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(all[i].spec.name, name) == 0) {
+            *info = all[i];
+            kvs_err_clear(err);
+            rc = 0;
+            break;
+        }
+    }
+    free(all);
+    return rc;
+}
+
+int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
+{
+    if (!out) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "Stats: out is NULL");
+    }
+    *out = NULL;
+    Kvstash__V1__StatsRequest q = KVSTASH__V1__STATS_REQUEST__INIT;
+    ProtobufCMessage *m;
+    int rc = unary(c, ADMIN("Stats"), &q.base, &kvstash__v1__stats_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__StatsReply *rep = (const Kvstash__V1__StatsReply *)m;
+    kvs_stats *s = kvs_xcalloc(1, sizeof *s);
+    for (size_t i = 0; i < rep->n_tiers && s->n_tiers < 3; i++) {
+        const Kvstash__V1__TierStats *t = rep->tiers[i];
+        s->tiers[s->n_tiers++] = (kvs_tier_stats){.tier = tier_from_pb(t->tier),
+                                                  .capacity_bytes = t->capacity_bytes,
+                                                  .used_bytes = t->used_bytes,
+                                                  .blocks = t->blocks,
+                                                  .hits = t->hits,
+                                                  .evictions = t->evictions};
+    }
+    rc = infos_from_pb("Stats", rep->namespaces, rep->n_namespaces, &s->namespaces, err);
+    if (rc == 0) {
+        s->n_namespaces = rep->n_namespaces;
+        uint64_t bytes;
+        if (!kvs_mul_size(rep->n_rpcs ? rep->n_rpcs : 1, sizeof(kvs_rpc_stats), &bytes) ||
+            bytes > SIZE_MAX || !(s->rpcs = kvs_trymalloc((size_t)bytes)))
+            rc = kvs_err_set(err, KVS_ENOMEM, "Stats: out of memory for %zu rpcs", rep->n_rpcs);
+    }
+    for (size_t i = 0; rc == 0 && i < rep->n_rpcs; i++) {
+        kvs_rpc_stats *r = &s->rpcs[s->n_rpcs++];
+        snprintf(r->method, sizeof r->method, "%s", rep->rpcs[i]->method);
+        r->calls = rep->rpcs[i]->calls;
+        r->errors = rep->rpcs[i]->errors;
+    }
+    s->misses = rep->misses;
+    s->uptime_ms = rep->uptime_ms;
+    snprintf(s->version, sizeof s->version, "%s", rep->version);
+    protobuf_c_message_free_unpacked(m, NULL);
+    if (rc != 0) {
+        kvs_stats_free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+void kvs_stats_free(kvs_stats *s)
+{
+    if (!s)
+        return;
+    free(s->namespaces);
+    free(s->rpcs);
+    free(s);
+}
+
+int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err)
+{
+    if (!out) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "Health: out is NULL");
+    }
+    Kvstash__V1__HealthRequest q = KVSTASH__V1__HEALTH_REQUEST__INIT;
+    ProtobufCMessage *m;
+    int rc = unary(c, ADMIN("Health"), &q.base, &kvstash__v1__health_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__HealthReply *rep = (const Kvstash__V1__HealthReply *)m;
+    memset(out, 0, sizeof *out);
+    out->serving = rep->status == KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
+    snprintf(out->version, sizeof out->version, "%s", rep->version);
+    out->uptime_ms = rep->uptime_ms;
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}

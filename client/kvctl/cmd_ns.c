@@ -1,0 +1,264 @@
+/* kvctl ns create | list | drop: namespace administration through KvAdmin, plus the
+ * JSON form of a namespace that `stats` shares. Single-threaded.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvctl.h"
+
+uint64_t kvctl_token_bytes(const kvs_ns_spec *spec)
+{
+    return kvs_spec_layer_bytes(spec, 1) * spec->layers; /* < 2^31 by the spec limits */
+}
+
+void kvctl_ns_usage(const kvs_ns_info *ns, uint64_t *tokens, double *bytes_per_token,
+                    double *ratio)
+{
+    uint64_t per = kvctl_token_bytes(&ns->spec);
+    *tokens = per ? ns->raw_bytes / per : 0;
+    *bytes_per_token = *tokens ? (double)ns->stored_bytes / (double)*tokens : 0;
+    *ratio = ns->stored_bytes ? (double)ns->raw_bytes / (double)ns->stored_bytes : 0;
+}
+
+void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
+{
+    kvctl_json_open(j, key, '{');
+    kvctl_json_str(j, "name", ns->spec.name);
+    kvctl_json_u64(j, "id", ns->id);
+    kvctl_json_u64(j, "layers", ns->spec.layers);
+    kvctl_json_u64(j, "kv_heads", ns->spec.kv_heads);
+    kvctl_json_u64(j, "head_dim", ns->spec.head_dim);
+    kvctl_json_u64(j, "block_tokens", ns->spec.block_tokens);
+    kvctl_json_str(j, "dtype", kvs_dtype_name(ns->spec.dtype));
+    kvctl_json_str(j, "key_codec", ns->spec.key_codec);
+    kvctl_json_str(j, "value_codec", ns->spec.value_codec);
+    kvctl_json_bool(j, "keys_pre_rope", ns->spec.keys_pre_rope);
+    kvctl_json_bool(j, "durable", ns->spec.durable);
+    kvctl_json_u64(j, "seed", ns->spec.seed);
+    kvctl_json_u64(j, "blocks", ns->blocks);
+    kvctl_json_u64(j, "stored_bytes", ns->stored_bytes);
+    kvctl_json_u64(j, "raw_bytes", ns->raw_bytes);
+    kvctl_json_u64(j, "block_bytes", ns->block_bytes);
+    uint64_t tokens;
+    double per_token, ratio;
+    kvctl_ns_usage(ns, &tokens, &per_token, &ratio);
+    kvctl_json_u64(j, "tokens", tokens);
+    kvctl_json_num(j, "bytes_per_token", per_token);
+    kvctl_json_num(j, "compression_ratio", ratio);
+    kvctl_json_close(j, '}');
+}
+
+/* ------------------------------------------------------------------ ns create */
+
+static bool set_codec(char *dst, const char *src)
+{
+    if (strlen(src) > KVS_CODEC_NAME_MAX)
+        return false;
+    snprintf(dst, KVS_CODEC_NAME_MAX + 1, "%s", src);
+    return true;
+}
+
+static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"layers", required_argument, NULL, 'L'},     {"kv-heads", required_argument, NULL, 'H'},
+        {"head-dim", required_argument, NULL, 'D'},   {"block-tokens", required_argument, NULL, 'T'},
+        {"dtype", required_argument, NULL, 'd'},      {"key-codec", required_argument, NULL, 'k'},
+        {"value-codec", required_argument, NULL, 'v'}, {"codec", required_argument, NULL, 'c'},
+        {"seed", required_argument, NULL, 's'},       {"keys-pre-rope", no_argument, NULL, 'r'},
+        {"durable", no_argument, NULL, 'u'},          {0, 0, 0, 0},
+    };
+    kvs_ns_spec spec = {.dtype = KVS_DTYPE_FP16};
+    uint32_t *dims[] = {&spec.layers, &spec.kv_heads, &spec.head_dim, &spec.block_tokens};
+    const char *dim_opts = "LHDT";
+    int c;
+    while ((c = kvctl_getopt(cmd, argc, argv, opts)) != -1) {
+        uint64_t v;
+        const char *dim = strchr(dim_opts, c);
+        if (c == '?')
+            return KVCTL_USAGE;
+        if (dim && c) {
+            if (!kvctl_parse_u64(optarg, 1, UINT32_MAX, &v))
+                return kvctl_usage(cmd, "--%s: '%s' is not a positive integer",
+                                   opts[dim - dim_opts].name, optarg);
+            *dims[dim - dim_opts] = (uint32_t)v;
+        } else if (c == 'd') {
+            spec.dtype = kvs_dtype_parse(optarg);
+            if (spec.dtype == KVS_DTYPE_UNSPECIFIED)
+                return kvctl_usage(cmd, "--dtype: '%s' is not fp16 or bf16", optarg);
+        } else if (c == 'k' || c == 'v' || c == 'c') {
+            if ((c != 'v' && !set_codec(spec.key_codec, optarg)) ||
+                (c != 'k' && !set_codec(spec.value_codec, optarg)))
+                return kvctl_usage(cmd, "codec name '%s' is longer than %d characters", optarg,
+                                   KVS_CODEC_NAME_MAX);
+        } else if (c == 's') {
+            if (!kvctl_parse_u64(optarg, 0, UINT64_MAX, &v))
+                return kvctl_usage(cmd, "--seed: '%s' is not an unsigned integer", optarg);
+            spec.seed = v;
+        } else if (c == 'r') {
+            spec.keys_pre_rope = true;
+        } else if (c == 'u') {
+            spec.durable = true;
+        }
+    }
+    if (argc - optind != 1)
+        return kvctl_usage(cmd, "expected one NAME, got %d arguments", argc - optind);
+    const char *name = argv[optind];
+    if (strlen(name) > KVS_NAME_MAX)
+        return kvctl_usage(cmd, "NAME: longer than %d characters", KVS_NAME_MAX);
+    snprintf(spec.name, sizeof spec.name, "%s", name);
+    static const char *const dim_names[] = {"--layers", "--kv-heads", "--head-dim",
+                                            "--block-tokens"};
+    for (size_t i = 0; i < 4; i++)
+        if (*dims[i] == 0)
+            return kvctl_usage(cmd, "%s is required", dim_names[i]);
+
+    kvs_client *cl;
+    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
+        return KVCTL_FAIL;
+    kvs_ns_info info;
+    kvs_err err;
+    int rc = kvs_client_ns_create(cl, &spec, &info, &err);
+    kvs_client_close(cl);
+    if (rc != 0)
+        return kvctl_fail(cmd, &err);
+    if (g->json) {
+        kvctl_json j;
+        kvctl_json_init(&j, stdout);
+        kvctl_json_ns(&j, NULL, &info);
+        return KVCTL_OK;
+    }
+    char b[32];
+    printf("created namespace %s (id %u): L=%u H=%u D=%u T=%u %s, codecs %s/%s%s%s, "
+           "%s per block\n",
+           info.spec.name, info.id, info.spec.layers, info.spec.kv_heads, info.spec.head_dim,
+           info.spec.block_tokens, kvs_dtype_name(info.spec.dtype), info.spec.key_codec,
+           info.spec.value_codec, info.spec.keys_pre_rope ? ", keys pre-RoPE" : "",
+           info.spec.durable ? ", durable" : "", kvctl_fmt_bytes(info.block_bytes, b, sizeof b));
+    return KVCTL_OK;
+}
+
+const kvctl_cmd kvctl_cmd_ns_create = {
+    .name = "ns create",
+    .args = "NAME --layers L --kv-heads H --head-dim D --block-tokens T [--dtype fp16|bf16]\n"
+            "       [--codec C | --key-codec C --value-codec C] [--seed N] [--keys-pre-rope]\n"
+            "       [--durable]",
+    .summary = "create a namespace (one model's KV layout and codecs)",
+    .help = "A namespace is immutable once created. A block of t tokens is the layout\n"
+            "[L][2][t][H][D] in the namespace's dtype, t <= T.\n"
+            "\n"
+            "  --layers L          transformer layers\n"
+            "  --kv-heads H        KV heads per layer\n"
+            "  --head-dim D        head dimension, a multiple of 16\n"
+            "  --block-tokens T    tokens per full block\n"
+            "  --dtype fp16|bf16   payload dtype (default fp16)\n"
+            "  --key-codec C       codec of the keys (default none)\n"
+            "  --value-codec C     codec of the values (default none)\n"
+            "  --codec C           the same codec for keys and values\n"
+            "  --seed N            seed of every random choice a codec makes (default 0)\n"
+            "  --keys-pre-rope     keys are stored before RoPE\n"
+            "  --durable           acknowledge a Put only once it is on disk\n",
+    .run = ns_create,
+};
+
+/* ------------------------------------------------------------------ ns list */
+
+static int ns_list(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
+{
+    static const struct option opts[] = {{0, 0, 0, 0}};
+    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
+        return KVCTL_USAGE;
+    if (optind != argc)
+        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    kvs_client *cl;
+    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
+        return KVCTL_FAIL;
+    kvs_ns_info *all;
+    size_t n;
+    kvs_err err;
+    int rc = kvs_client_ns_list(cl, &all, &n, &err);
+    kvs_client_close(cl);
+    if (rc != 0)
+        return kvctl_fail(cmd, &err);
+    if (g->json) {
+        kvctl_json j;
+        kvctl_json_init(&j, stdout);
+        kvctl_json_open(&j, NULL, '[');
+        for (size_t i = 0; i < n; i++)
+            kvctl_json_ns(&j, NULL, &all[i]);
+        kvctl_json_close(&j, ']');
+    } else if (n == 0) {
+        printf("no namespaces\n");
+    } else {
+        kvctl_table t;
+        kvctl_table_init(&t, 11, "NAME", "ID", "L", "H", "D", "T", "DTYPE", "CODECS", "BLOCKS",
+                         "STORED", "BLOCK");
+        for (size_t i = 0; i < n; i++) {
+            const kvs_ns_info *ns = &all[i];
+            char b[32];
+            kvctl_table_cell(&t, "%s", ns->spec.name);
+            kvctl_table_cell(&t, "%u", ns->id);
+            kvctl_table_cell(&t, "%u", ns->spec.layers);
+            kvctl_table_cell(&t, "%u", ns->spec.kv_heads);
+            kvctl_table_cell(&t, "%u", ns->spec.head_dim);
+            kvctl_table_cell(&t, "%u", ns->spec.block_tokens);
+            kvctl_table_cell(&t, "%s", kvs_dtype_name(ns->spec.dtype));
+            kvctl_table_cell(&t, "%s/%s", ns->spec.key_codec, ns->spec.value_codec);
+            kvctl_table_cell(&t, "%llu", (unsigned long long)ns->blocks);
+            kvctl_table_cell(&t, "%s", kvctl_fmt_bytes(ns->stored_bytes, b, sizeof b));
+            kvctl_table_cell(&t, "%s", kvctl_fmt_bytes(ns->block_bytes, b, sizeof b));
+        }
+        kvctl_table_print(&t, stdout);
+        kvctl_table_free(&t);
+    }
+    free(all);
+    return KVCTL_OK;
+}
+
+const kvctl_cmd kvctl_cmd_ns_list = {
+    .name = "ns list",
+    .args = "",
+    .summary = "list namespaces with their layout and usage",
+    .help = "Columns: name, id, layers, KV heads, head dim, tokens per block, dtype,\n"
+            "key/value codecs, blocks held, encoded bytes held, raw bytes of a full block.\n",
+    .run = ns_list,
+};
+
+/* ------------------------------------------------------------------ ns drop */
+
+static int ns_drop(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
+{
+    static const struct option opts[] = {{0, 0, 0, 0}};
+    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
+        return KVCTL_USAGE;
+    if (argc - optind != 1)
+        return kvctl_usage(cmd, "expected one NAME, got %d arguments", argc - optind);
+    kvs_client *cl;
+    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
+        return KVCTL_FAIL;
+    uint64_t dropped = 0;
+    kvs_err err;
+    int rc = kvs_client_ns_drop(cl, argv[optind], &dropped, &err);
+    kvs_client_close(cl);
+    if (rc != 0)
+        return kvctl_fail(cmd, &err);
+    if (g->json) {
+        kvctl_json j;
+        kvctl_json_init(&j, stdout);
+        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_str(&j, "name", argv[optind]);
+        kvctl_json_u64(&j, "blocks_dropped", dropped);
+        kvctl_json_close(&j, '}');
+    } else {
+        printf("dropped namespace %s (%llu blocks)\n", argv[optind], (unsigned long long)dropped);
+    }
+    return KVCTL_OK;
+}
+
+const kvctl_cmd kvctl_cmd_ns_drop = {
+    .name = "ns drop",
+    .args = "NAME",
+    .summary = "drop a namespace and every block in it",
+    .help = "Prints how many blocks were dropped.\n",
+    .run = ns_drop,
+};

@@ -1,0 +1,459 @@
+"""Helpers for the kvstash integration tests: the wire (generated at test time from
+proto/ with Debian's protoc and grpc_python_plugin), a running kvstashd, payloads, and
+Put/Get through the Python stubs.
+
+The generated client is an independent implementation of the wire, so the C server and
+the C client cannot agree on a private mistake. Everything here is plain functions over
+the stubs; conftest.py turns them into fixtures.
+"""
+import atexit
+import contextlib
+import hashlib
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+KVSTASHD = os.environ.get("KVSTASHD", os.path.join(REPO, "build", "bin", "kvstashd"))
+KVCTL = os.environ.get("KVCTL", os.path.join(REPO, "build", "bin", "kvctl"))
+PROTO_DIR = os.environ.get("KVS_PROTO_DIR", os.path.join(REPO, "proto"))
+PROTOC = "/usr/bin/protoc"
+GRPC_PLUGIN = "/usr/bin/grpc_python_plugin"
+
+# Generous client-side limits so that the daemon's limits are the ones under test.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+]
+
+# ----------------------------------------------------------------------------- wire
+
+pb = None       # kvstash.v1.kvstash_pb2
+pb_grpc = None  # kvstash.v1.kvstash_pb2_grpc
+_gen_dir = None
+
+
+def load_proto():
+    """Generates the messages and stubs into a temporary directory (once per process)
+    and imports them. Returns (pb, pb_grpc)."""
+    global pb, pb_grpc, _gen_dir
+    if pb is not None:
+        return pb, pb_grpc
+    src = os.path.join(PROTO_DIR, "kvstash", "v1", "kvstash.proto")
+    if not os.path.exists(src):
+        raise RuntimeError(f"proto not found: {src} (KVS_PROTO_DIR={PROTO_DIR})")
+    _gen_dir = tempfile.mkdtemp(prefix="kvs-proto-")
+    atexit.register(shutil.rmtree, _gen_dir, True)
+    cmd = [PROTOC, f"-I{PROTO_DIR}", f"--python_out={_gen_dir}",
+           f"--grpc_python_out={_gen_dir}",
+           f"--plugin=protoc-gen-grpc_python={GRPC_PLUGIN}", src]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"protoc failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
+    sys.path.insert(0, _gen_dir)
+    pb = importlib.import_module("kvstash.v1.kvstash_pb2")
+    pb_grpc = importlib.import_module("kvstash.v1.kvstash_pb2_grpc")
+    # The modules must come from the directory just generated, not from anything
+    # installed under the same package name.
+    assert pb.__file__.startswith(_gen_dir), pb.__file__
+    return pb, pb_grpc
+
+
+load_proto()
+
+FP16 = pb.DTYPE_FP16
+BF16 = pb.DTYPE_BF16
+RAW = pb.FORMAT_RAW
+ENCODED = pb.FORMAT_ENCODED
+TIER_NONE = pb.TIER_NONE
+TIER_HOST = pb.TIER_HOST
+SERVING = pb.HealthReply.SERVING
+DRAINING = pb.HealthReply.DRAINING
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def block_bytes(L, H, D, t, dtype=FP16):
+    """Raw bytes of a block of t tokens: [L][2][t][H][D] of 2-byte elements."""
+    return L * 2 * t * H * D * 2
+
+
+def payload(L, H, D, t, dtype=FP16, seed=0):
+    """Deterministic random block of t tokens (finite values: the daemon may reject NaN
+    and Inf), as bytes of exactly block_bytes(L, H, D, t)."""
+    rng = np.random.default_rng(seed)
+    n = L * 2 * t * H * D
+    x = rng.standard_normal(n, dtype=np.float32)
+    if dtype == BF16:
+        # bf16 = the top 16 bits of an fp32 (truncation keeps values finite).
+        raw = (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    else:
+        raw = x.astype("<f2").tobytes()
+    assert len(raw) == block_bytes(L, H, D, t, dtype)
+    return raw
+
+
+def seed_of(*parts):
+    """A stable 64-bit seed from any printable parts (hash() is salted per process)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+_ns_counter = [0]
+_ns_lock = threading.Lock()
+
+
+def ns_name(prefix="ns"):
+    with _ns_lock:
+        _ns_counter[0] += 1
+        return f"{prefix}-{os.getpid()}-{_ns_counter[0]}"
+
+
+def spec(name=None, L=2, H=2, D=16, T=4, dtype=FP16, key_codec="none", value_codec="none",
+         **kw):
+    return pb.NamespaceSpec(name=name or ns_name(), layers=L, kv_heads=H, head_dim=D,
+                            block_tokens=T, dtype=dtype, key_codec=key_codec,
+                            value_codec=value_codec, **kw)
+
+
+def make_ns(admin, name=None, L=2, H=2, D=16, T=4, dtype=FP16, metadata=None, **kw):
+    """Creates a namespace; returns its NamespaceInfo."""
+    s = spec(name, L, H, D, T, dtype, **kw)
+    return admin.CreateNamespace(pb.CreateNamespaceRequest(spec=s), metadata=metadata,
+                                 timeout=10)
+
+
+class Ns:
+    """A namespace's layout, to size and generate payloads for it."""
+
+    def __init__(self, info):
+        s = info.spec
+        self.info = info
+        self.name = s.name
+        self.L, self.H, self.D, self.T, self.dtype = (s.layers, s.kv_heads, s.head_dim,
+                                                      s.block_tokens, s.dtype)
+
+    def bytes(self, t=None):
+        return block_bytes(self.L, self.H, self.D, self.T if t is None else t, self.dtype)
+
+    def layer_bytes(self, t=None):
+        return self.bytes(t) // self.L
+
+    def payload(self, t=None, seed=0):
+        return payload(self.L, self.H, self.D, self.T if t is None else t, self.dtype, seed)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def put_chunks(ns, key, tokens, data, dtype=FP16, chunk=1 << 20, payload_bytes=0):
+    """PutChunk messages: the header, then data split by `chunk` (an int, or a list of
+    sizes used in turn, cycling)."""
+    yield pb.PutChunk(header=pb.PutHeader(namespace=ns, key=key, tokens=tokens, dtype=dtype,
+                                          payload_bytes=payload_bytes))
+    sizes = chunk if isinstance(chunk, (list, tuple)) else [chunk]
+    i = pos = 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        yield pb.PutChunk(data=data[pos:pos + n])
+        pos += n
+        i += 1
+
+
+def put(stub, ns, key, tokens, data, dtype=FP16, chunk=1 << 20, payload_bytes=0,
+        metadata=None, timeout=30):
+    return stub.Put(put_chunks(ns, key, tokens, data, dtype, chunk, payload_bytes),
+                    metadata=metadata, timeout=timeout)
+
+
+class GetResult:
+    def __init__(self, header, chunks):
+        self.header = header
+        self.chunks = chunks
+        self.data = b"".join(c.data for c in chunks)
+
+
+def check_get_chunks(header, chunks):
+    """Checks the streamed layout of a Get: data chunks in layout order, each within one
+    layer, offsets contiguous from 0 in every layer of [layer_begin, layer_end), and the
+    total equal to header.total_bytes."""
+    b, e = header.layer_begin, header.layer_end
+    assert e > b, f"header layer range [{b}, {e})"
+    n = e - b
+    assert header.total_bytes % n == 0, f"total_bytes {header.total_bytes} over {n} layers"
+    lb = header.total_bytes // n
+    layer, off = b, 0
+    for i, c in enumerate(chunks):
+        assert not c.HasField("header"), f"chunk {i + 1} repeats the header"
+        assert len(c.data) > 0, f"chunk {i + 1} is empty"
+        if off == lb:  # previous layer complete: the next chunk starts the next one
+            layer, off = layer + 1, 0
+        assert c.layer == layer and c.offset == off, (
+            f"chunk {i + 1}: layer {c.layer} offset {c.offset}, expected layer {layer} "
+            f"offset {off} (layer bytes {lb})")
+        assert off + len(c.data) <= lb, (
+            f"chunk {i + 1} crosses the end of layer {layer}: {off}+{len(c.data)} > {lb}")
+        off += len(c.data)
+    assert (layer, off) == (e - 1, lb), (
+        f"stream ended at layer {layer} offset {off}, expected layer {e - 1} offset {lb}")
+
+
+def get(stub, ns, key, layer_begin=0, layer_end=0, fmt=RAW, metadata=None, timeout=30,
+        check=True):
+    """Get through the stub; returns a GetResult after checking the chunk layout."""
+    it = stub.Get(pb.GetRequest(namespace=ns, key=key, format=fmt, layer_begin=layer_begin,
+                                layer_end=layer_end), metadata=metadata, timeout=timeout)
+    msgs = list(it)
+    assert msgs, "Get stream ended without a header"
+    first = msgs[0]
+    assert first.HasField("header"), f"first GetChunk has no header: {first}"
+    assert len(first.data) == 0, "first GetChunk carries data"
+    if check:
+        check_get_chunks(first.header, msgs[1:])
+    return GetResult(first.header, msgs[1:])
+
+
+def rpc_error(fn, *args, **kw):
+    """Calls fn and returns the grpc.RpcError it raised (fails if it did not)."""
+    try:
+        r = fn(*args, **kw)
+        if hasattr(r, "__iter__") and not isinstance(r, (bytes, str)) and \
+                not hasattr(r, "DESCRIPTOR"):
+            r = list(r)  # a server stream: the error comes while reading it
+    except grpc.RpcError as e:
+        return e
+    raise AssertionError(f"expected an error, got {r!r:.300}")
+
+
+def expect_error(code, fn, *args, words=(), **kw):
+    """Calls fn, expects grpc.RpcError with status `code` and every word of `words` in
+    its details (case-insensitive); returns the error."""
+    e = rpc_error(fn, *args, **kw)
+    details = e.details() or ""
+    assert e.code() == code, f"status {e.code()} ({details!r}), expected {code}"
+    for w in ([words] if isinstance(words, str) else words):
+        assert w.lower() in details.lower(), f"details {details!r} do not name {w!r}"
+    return e
+
+
+def bearer(token):
+    return (("authorization", f"Bearer {token}"),)
+
+
+# ----------------------------------------------------------------------------- daemon
+
+DEFAULT_TIMEOUT = 60  # seconds; a call made without a timeout gets this one
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, timeout):
+        self.method, self.metadata, self.credentials = d.method, d.metadata, d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+        self.timeout = timeout
+
+
+class _DefaultTimeout(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Gives every call a deadline, so that a daemon that stops answering fails the test
+    that hit it instead of hanging the whole run."""
+
+    def _d(self, d):
+        return d if d.timeout is not None else _Details(d, DEFAULT_TIMEOUT)
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._d(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._d(d), req)
+
+    def intercept_stream_unary(self, cont, d, reqs):
+        return cont(self._d(d), reqs)
+
+    def intercept_stream_stream(self, cont, d, reqs):
+        return cont(self._d(d), reqs)
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL it if the test process dies (e.g. killed by the
+    ctest timeout), so no daemon outlives the run."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+_live = []  # daemons started and not yet stopped (their stderr goes into failure reports)
+
+
+class Daemon:
+    """A kvstashd on a free loopback port, with stubs over one channel."""
+
+    def __init__(self, workdir, host_capacity="256M", extra=(), token=None,
+                 start_timeout=20):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self.port_file = os.path.join(workdir, "port")
+        self.stderr_path = os.path.join(workdir, "kvstashd.stderr")
+        self.token = token  # sent with Health while waiting for SERVING
+        self.argv = [KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", self.port_file,
+                     "--host-capacity", str(host_capacity), *map(str, extra)]
+        if not os.access(KVSTASHD, os.X_OK):
+            raise RuntimeError(f"kvstashd not built: {KVSTASHD}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.port_file)
+        self._err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._err,
+                                     stderr=self._err, cwd=workdir,
+                                     preexec_fn=_die_with_parent)
+        self.stopped = False
+        _live.append(self)
+        self.channel = None
+        try:
+            self.port = self._wait_port(start_timeout)
+            self.target = f"127.0.0.1:{self.port}"
+            self.channel = self.new_channel()
+            self.stub = pb_grpc.KvStashStub(self.channel)
+            self.admin = pb_grpc.KvAdminStub(self.channel)
+            self._wait_serving(start_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stderr_text(self, limit=20000):
+        try:
+            with open(self.stderr_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return ""
+        text = data.decode("utf-8", "replace")
+        return text if len(text) <= limit else "...\n" + text[-limit:]
+
+    def _fail(self, what):
+        return RuntimeError(f"{what}\nargv: {' '.join(self.argv)}\n--- kvstashd stderr ---\n"
+                            f"{self.stderr_text()}")
+
+    def _wait_port(self, timeout):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._fail(f"kvstashd exited with {self.proc.returncode} at start")
+            try:
+                with open(self.port_file) as f:
+                    s = f.read()
+            except FileNotFoundError:
+                s = ""
+            s = s.strip()
+            if s.isdigit():
+                # A port file read mid-write could show a prefix of the number: take it
+                # once two reads agree.
+                if s == last and 0 < int(s) < 65536:
+                    return int(s)
+                last = s
+            time.sleep(0.02)
+        raise self._fail(f"no port in {self.port_file} after {timeout}s")
+
+    def _wait_serving(self, timeout):
+        deadline = time.monotonic() + timeout
+        md = bearer(self.token) if self.token else None
+        err = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._fail(f"kvstashd exited with {self.proc.returncode} at start")
+            try:
+                r = self.admin.Health(pb.HealthRequest(), metadata=md, timeout=2)
+                if r.status == SERVING:
+                    return
+                err = f"Health status {r.status}"
+            except grpc.RpcError as e:
+                err = f"Health: {e.code()} {e.details()}"
+            time.sleep(0.05)
+        raise self._fail(f"daemon not SERVING after {timeout}s: {err}")
+
+    def new_channel(self, options=()):
+        ch = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS + list(options))
+        return grpc.intercept_channel(ch, _DefaultTimeout())
+
+    def stubs(self, options=()):
+        """A fresh channel and its (KvStash, KvAdmin) stubs: (channel, stub, admin)."""
+        ch = self.new_channel(options)
+        return ch, pb_grpc.KvStashStub(ch), pb_grpc.KvAdminStub(ch)
+
+    def kvctl(self, *args, timeout=120, input=None, target=True):
+        argv = [KVCTL] + (["--target", self.target] if target else []) + [str(a) for a in args]
+        return subprocess.run(argv, capture_output=True, timeout=timeout, input=input)
+
+    def health(self, timeout=5):
+        return self.admin.Health(pb.HealthRequest(), timeout=timeout)
+
+    def stats(self, metadata=None):
+        return self.admin.Stats(pb.StatsRequest(), metadata=metadata, timeout=10)
+
+    def host_tier(self, metadata=None):
+        for t in self.stats(metadata).tiers:
+            if t.tier == TIER_HOST:
+                return t
+        raise AssertionError("Stats has no TIER_HOST entry")
+
+    def terminate(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout=20):
+        """Waits for exit; returns the exit code or raises with stderr attached."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._fail(f"kvstashd did not exit within {timeout}s of SIGTERM") from None
+
+    def stop(self, timeout=20):
+        """SIGTERM, wait, and check the exit code is 0. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            if self.channel is not None:
+                self.channel.close()
+            self.terminate()
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise self._fail(f"kvstashd did not exit within {timeout}s of SIGTERM")
+            if rc != 0:
+                raise self._fail(f"kvstashd exited with {rc} (signal {-rc})" if rc < 0
+                                 else f"kvstashd exited with {rc}")
+        finally:
+            self._close()
+
+    def kill(self):
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.channel is not None:
+            self.channel.close()
+        self._close()
+
+    def _close(self):
+        if self in _live:
+            _live.remove(self)
+        self._err.close()
+
+
+def live_daemons():
+    return list(_live)

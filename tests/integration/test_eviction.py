@@ -1,0 +1,89 @@
+"""LRU eviction in the host tier: with room for 4 blocks, storing 6 evicts the two least
+recently used; blocks read recently survive; every block is either served byte-exact or
+reported missing, never wrong."""
+import grpc
+
+import kvs
+from kvs import TIER_HOST, TIER_NONE, pb
+
+# 1 MiB blocks; the tier holds 4.5 of them, so 4 fit.
+L, H, D, T = 8, 4, 128, 64
+BLOCK = kvs.block_bytes(L, H, D, T)
+assert BLOCK == 1 << 20
+CAPACITY = 4 * BLOCK + BLOCK // 2
+
+
+def present(d, ns, keys):
+    return list(d.stub.Exists(pb.KeysRequest(namespace=ns.name, keys=keys), timeout=10).present)
+
+
+def test_lru_eviction(daemon):
+    d = daemon(host_capacity=str(CAPACITY))
+    assert d.host_tier().capacity_bytes == CAPACITY
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    keys = [f"blk{i}".encode() for i in range(6)]
+    datas = [ns.payload(T, seed=i) for i in range(6)]
+
+    for i in range(4):
+        kvs.put(d.stub, ns.name, keys[i], T, datas[i])
+    assert present(d, ns, keys[:4]) == [True] * 4
+    assert d.host_tier().evictions == 0
+
+    # Touch blk0: it becomes the most recently used.
+    assert kvs.get(d.stub, ns.name, keys[0]).data == datas[0]
+
+    for i in (4, 5):
+        r = kvs.put(d.stub, ns.name, keys[i], T, datas[i])
+        assert r.tier == TIER_HOST
+
+    # blk1 and blk2 were the least recently used.
+    assert present(d, ns, keys) == [True, False, False, True, True, True]
+    lk = d.stub.Lookup(pb.KeysRequest(namespace=ns.name, keys=keys), timeout=10)
+    assert lk.prefix_blocks == 1
+    assert list(lk.tiers) == [TIER_HOST, TIER_NONE, TIER_NONE, TIER_HOST, TIER_HOST, TIER_HOST]
+    for i in (1, 2):
+        kvs.expect_error(grpc.StatusCode.NOT_FOUND, kvs.get, d.stub, ns.name, keys[i],
+                         words="key")
+    for i in (0, 3, 4, 5):
+        assert kvs.get(d.stub, ns.name, keys[i]).data == datas[i], keys[i]
+
+    host = d.host_tier()
+    assert host.evictions == 2
+    assert host.blocks == 4
+    assert host.used_bytes <= host.capacity_bytes
+    info = [n for n in d.stats().namespaces if n.spec.name == ns.name][0]
+    assert info.blocks == 4
+
+
+def test_eviction_under_churn(daemon):
+    """Many more blocks than fit, mixed sizes, reads in between: every block is served
+    byte-exact or reported missing, the tier never goes over capacity, and the most
+    recently written block is always there."""
+    d = daemon(host_capacity=str(CAPACITY))
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    written = {}
+    for i in range(24):
+        t = 1 + (i * 37) % T
+        k = f"c{i}".encode()
+        written[k] = ns.payload(t, seed=1000 + i)
+        kvs.put(d.stub, ns.name, k, t, written[k])
+        assert kvs.get(d.stub, ns.name, k).data == written[k]
+        if i % 3 == 0:  # read an older one if still there
+            old = f"c{i // 2}".encode()
+            try:
+                assert kvs.get(d.stub, ns.name, old).data == written[old]
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        host = d.host_tier()
+        assert host.used_bytes <= host.capacity_bytes
+    alive = 0
+    for k, v in written.items():
+        try:
+            assert kvs.get(d.stub, ns.name, k).data == v, k
+            alive += 1
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+    assert alive >= 4
+    host = d.host_tier()
+    assert host.evictions == len(written) - alive
+    assert host.blocks == alive
