@@ -52,14 +52,16 @@ run_tests() {
 
 demo() {
     build
-    local bin=$BUILD/bin work port pid kvctl
-    work=$(mktemp -d)
-    trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+    local bin=$BUILD/bin port
+    DEMO_WORK=$(mktemp -d)
+    DEMO_PID=""
+    trap '[ -z "$DEMO_PID" ] || kill "$DEMO_PID" 2>/dev/null; rm -rf "$DEMO_WORK"' EXIT
+    local work=$DEMO_WORK
     log "starting kvstashd on its embedded defaults (port 50051, or a free one if taken)"
     local listen=127.0.0.1:50051
     if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then listen=127.0.0.1:0; fi
     "$bin/kvstashd" --listen "$listen" --port-file "$work/port" 2>"$work/kvstashd.log" &
-    pid=$!
+    DEMO_PID=$!
     for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.1; done
     [ -s "$work/port" ] || { cat "$work/kvstashd.log"; echo "kvstashd did not start" >&2; exit 1; }
     port=$(cat "$work/port")
@@ -94,9 +96,10 @@ demo() {
     kvctl ns list
 
     log "stopping kvstashd (SIGTERM: drain, then exit)"
-    kill -TERM "$pid"
+    kill -TERM "$DEMO_PID"
     local rc=0
-    wait "$pid" || rc=$?
+    wait "$DEMO_PID" || rc=$?
+    DEMO_PID=""
     [ "$rc" -eq 0 ] || { cat "$work/kvstashd.log"; echo "kvstashd exited with $rc" >&2; exit 1; }
     [ "$ok" -eq "$n" ] || { echo "demo: $((n - ok)) blocks did not verify" >&2; exit 1; }
     log "demo done: kvstashd stopped cleanly"
