@@ -5,8 +5,8 @@
  * grpc_call, batches run one at a time and waited for, everything freed before the call
  * returns. The handle therefore holds no per-call state and any number of threads may
  * use it at once (a grpc_channel is thread-safe). Messages are protobuf-c; one generic
- * unary helper serves every unary RPC, and the conversions between the kvs_* structs and
- * the protobuf messages live in one place each (spec_to_pb, info_from_pb).
+ * unary helper (kvs__unary) serves every unary RPC. This file holds the connection, the
+ * call machinery and the data path; admin.c holds the KvAdmin calls.
  */
 #include "kvstash.h"
 
@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "client/client_int.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
 #define DEFAULT_TARGET "127.0.0.1:50051"
@@ -34,8 +35,6 @@
  * cancels the call itself, so a stuck transport cannot hang the caller. */
 #define PLUCK_GRACE_MS 5000
 
-#define STASH(m) "/kvstash.v1.KvStash/" m
-#define ADMIN(m) "/kvstash.v1.KvAdmin/" m
 
 struct kvs_client {
     grpc_channel *channel;
@@ -347,7 +346,7 @@ static int unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMes
 
 /* One request, one reply: the whole call is a single batch. On success *reply belongs
  * to the caller (protobuf_c_message_free_unpacked). */
-static int unary(const kvs_client *c, const char *method, const ProtobufCMessage *req,
+int kvs__unary(const kvs_client *c, const char *method, const ProtobufCMessage *req,
                  const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
                  kvs_err *err)
 {
@@ -374,12 +373,12 @@ static int unary(const kvs_client *c, const char *method, const ProtobufCMessage
     return rc;
 }
 
-static kvs_tier tier_from_pb(int t)
+kvs_tier kvs__tier_from_pb(int t)
 {
     return (t >= KVS_TIER_GPU && t <= KVS_TIER_DISK) ? (kvs_tier)t : KVS_TIER_NONE;
 }
 
-static kvs_dtype dtype_from_pb(int d)
+kvs_dtype kvs__dtype_from_pb(int d)
 {
     return (d == KVS_DTYPE_FP16 || d == KVS_DTYPE_BF16) ? (kvs_dtype)d : KVS_DTYPE_UNSPECIFIED;
 }
@@ -476,7 +475,7 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
         return rc;
     const Kvstash__V1__PutReply *rep = (const Kvstash__V1__PutReply *)m;
     if (res)
-        *res = (kvs_put_result){.tier = tier_from_pb(rep->tier),
+        *res = (kvs_put_result){.tier = kvs__tier_from_pb(rep->tier),
                                 .encoded_bytes = rep->encoded_bytes,
                                 .raw_bytes = rep->raw_bytes,
                                 .replaced = rep->replaced};
@@ -509,14 +508,14 @@ static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_c
         st->have_hdr = true;
         st->total = h->total_bytes;
         st->hdr = (kvs_get_result){.tokens = h->tokens,
-                                   .dtype = dtype_from_pb(h->dtype),
+                                   .dtype = kvs__dtype_from_pb(h->dtype),
                                    .layer_begin = h->layer_begin,
                                    .layer_end = h->layer_end,
                                    .bytes = h->total_bytes,
                                    .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
                                                  ? KVS_FORMAT_ENCODED
                                                  : KVS_FORMAT_RAW,
-                                   .tier = tier_from_pb(h->tier)};
+                                   .tier = kvs__tier_from_pb(h->tier)};
         uint32_t layers = h->layer_end - h->layer_begin;
         if (st->hdr.format == KVS_FORMAT_RAW) {
             if (st->total % layers != 0)
@@ -676,7 +675,7 @@ static int keys_call(kvs_client *c, const char *method, const char *ns, const kv
     q.namespace_ = (char *)ns;
     q.n_keys = n;
     q.keys = bin;
-    int rc = unary(c, method, &q.base, reply_desc, reply, err);
+    int rc = kvs__unary(c, method, &q.base, reply_desc, reply, err);
     free(bin);
     return rc;
 }
@@ -697,7 +696,7 @@ int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t
         if (prefix)
             *prefix = rep->prefix_blocks;
         for (size_t i = 0; tiers && i < n; i++)
-            tiers[i] = tier_from_pb(rep->tiers[i]);
+            tiers[i] = kvs__tier_from_pb(rep->tiers[i]);
     }
     protobuf_c_message_free_unpacked(m, NULL);
     return rc;
@@ -730,226 +729,6 @@ int kvs_client_delete(kvs_client *c, const char *ns, const kvs_key *keys, size_t
         return rc;
     if (deleted)
         *deleted = ((const Kvstash__V1__DeleteReply *)m)->deleted;
-    protobuf_c_message_free_unpacked(m, NULL);
-    return 0;
-}
-
-/* ------------------------------------------------------------------ admin */
-
-/* The message borrows the strings of s; empty codec names become "none" (kvstash.h). */
-static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
-{
-    *pb = (Kvstash__V1__NamespaceSpec)KVSTASH__V1__NAMESPACE_SPEC__INIT;
-    pb->name = (char *)s->name;
-    pb->layers = s->layers;
-    pb->kv_heads = s->kv_heads;
-    pb->head_dim = s->head_dim;
-    pb->block_tokens = s->block_tokens;
-    pb->dtype = (Kvstash__V1__Dtype)s->dtype;
-    pb->key_codec = (char *)(s->key_codec[0] ? s->key_codec : "none");
-    pb->value_codec = (char *)(s->value_codec[0] ? s->value_codec : "none");
-    pb->keys_pre_rope = s->keys_pre_rope;
-    pb->seed = s->seed;
-    pb->durable = s->durable;
-}
-
-static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info)
-{
-    memset(info, 0, sizeof *info);
-    const Kvstash__V1__NamespaceSpec *s = pb->spec;
-    if (s) {
-        snprintf(info->spec.name, sizeof info->spec.name, "%s", s->name);
-        info->spec.layers = s->layers;
-        info->spec.kv_heads = s->kv_heads;
-        info->spec.head_dim = s->head_dim;
-        info->spec.block_tokens = s->block_tokens;
-        info->spec.dtype = dtype_from_pb(s->dtype);
-        snprintf(info->spec.key_codec, sizeof info->spec.key_codec, "%s", s->key_codec);
-        snprintf(info->spec.value_codec, sizeof info->spec.value_codec, "%s", s->value_codec);
-        info->spec.keys_pre_rope = s->keys_pre_rope;
-        info->spec.seed = s->seed;
-        info->spec.durable = s->durable;
-    }
-    info->id = pb->id;
-    info->blocks = pb->blocks;
-    info->stored_bytes = pb->stored_bytes;
-    info->raw_bytes = pb->raw_bytes;
-    info->block_bytes = pb->block_bytes;
-}
-
-/* A caller-owned array of n infos (never NULL on success, even for n = 0). */
-static int infos_from_pb(const char *name, Kvstash__V1__NamespaceInfo *const *pb, size_t n,
-                         kvs_ns_info **out, kvs_err *err)
-{
-    uint64_t bytes;
-    if (!kvs_mul_size(n ? n : 1, sizeof(kvs_ns_info), &bytes) || bytes > SIZE_MAX ||
-        !(*out = kvs_trymalloc((size_t)bytes)))
-        return kvs_err_set(err, KVS_ENOMEM, "%s: out of memory for %zu namespaces", name, n);
-    for (size_t i = 0; i < n; i++)
-        info_from_pb(pb[i], &(*out)[i]);
-    return 0;
-}
-
-int kvs_client_ns_create(kvs_client *c, const kvs_ns_spec *spec, kvs_ns_info *info, kvs_err *err)
-{
-    if (!spec) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "CreateNamespace: spec is NULL");
-    }
-    Kvstash__V1__NamespaceSpec pb;
-    spec_to_pb(spec, &pb);
-    Kvstash__V1__CreateNamespaceRequest q = KVSTASH__V1__CREATE_NAMESPACE_REQUEST__INIT;
-    q.spec = &pb;
-    ProtobufCMessage *m;
-    int rc = unary(c, ADMIN("CreateNamespace"), &q.base, &kvstash__v1__namespace_info__descriptor,
-                   &m, err);
-    if (rc != 0)
-        return rc;
-    if (info)
-        info_from_pb((const Kvstash__V1__NamespaceInfo *)m, info);
-    protobuf_c_message_free_unpacked(m, NULL);
-    return 0;
-}
-
-int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks_dropped, kvs_err *err)
-{
-    if (!name) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "DropNamespace: name is NULL");
-    }
-    Kvstash__V1__NameRequest q = KVSTASH__V1__NAME_REQUEST__INIT;
-    q.name = (char *)name;
-    ProtobufCMessage *m;
-    int rc = unary(c, ADMIN("DropNamespace"), &q.base,
-                   &kvstash__v1__drop_namespace_reply__descriptor, &m, err);
-    if (rc != 0)
-        return rc;
-    if (blocks_dropped)
-        *blocks_dropped = ((const Kvstash__V1__DropNamespaceReply *)m)->blocks_dropped;
-    protobuf_c_message_free_unpacked(m, NULL);
-    return 0;
-}
-
-int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err)
-{
-    if (!out || !n) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "ListNamespaces: NULL argument");
-    }
-    *out = NULL;
-    *n = 0;
-    Kvstash__V1__ListNamespacesRequest q = KVSTASH__V1__LIST_NAMESPACES_REQUEST__INIT;
-    ProtobufCMessage *m;
-    int rc = unary(c, ADMIN("ListNamespaces"), &q.base,
-                   &kvstash__v1__list_namespaces_reply__descriptor, &m, err);
-    if (rc != 0)
-        return rc;
-    const Kvstash__V1__ListNamespacesReply *rep = (const Kvstash__V1__ListNamespacesReply *)m;
-    rc = infos_from_pb("ListNamespaces", rep->namespaces, rep->n_namespaces, out, err);
-    if (rc == 0)
-        *n = rep->n_namespaces;
-    protobuf_c_message_free_unpacked(m, NULL);
-    return rc;
-}
-
-int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err)
-{
-    if (!name || !info) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "ListNamespaces: NULL argument");
-    }
-    kvs_ns_info *all;
-    size_t n;
-    int rc = kvs_client_ns_list(c, &all, &n, err);
-    if (rc != 0)
-        return rc;
-    rc = kvs_err_set(err, KVS_ENOTFOUND, "namespace: '%s' not found", name);
-    for (size_t i = 0; i < n; i++) {
-        if (strcmp(all[i].spec.name, name) == 0) {
-            *info = all[i];
-            kvs_err_clear(err);
-            rc = 0;
-            break;
-        }
-    }
-    free(all);
-    return rc;
-}
-
-int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
-{
-    if (!out) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "Stats: out is NULL");
-    }
-    *out = NULL;
-    Kvstash__V1__StatsRequest q = KVSTASH__V1__STATS_REQUEST__INIT;
-    ProtobufCMessage *m;
-    int rc = unary(c, ADMIN("Stats"), &q.base, &kvstash__v1__stats_reply__descriptor, &m, err);
-    if (rc != 0)
-        return rc;
-    const Kvstash__V1__StatsReply *rep = (const Kvstash__V1__StatsReply *)m;
-    kvs_stats *s = kvs_xcalloc(1, sizeof *s);
-    for (size_t i = 0; i < rep->n_tiers && s->n_tiers < 3; i++) {
-        const Kvstash__V1__TierStats *t = rep->tiers[i];
-        s->tiers[s->n_tiers++] = (kvs_tier_stats){.tier = tier_from_pb(t->tier),
-                                                  .capacity_bytes = t->capacity_bytes,
-                                                  .used_bytes = t->used_bytes,
-                                                  .blocks = t->blocks,
-                                                  .hits = t->hits,
-                                                  .evictions = t->evictions};
-    }
-    rc = infos_from_pb("Stats", rep->namespaces, rep->n_namespaces, &s->namespaces, err);
-    if (rc == 0) {
-        s->n_namespaces = rep->n_namespaces;
-        uint64_t bytes;
-        if (!kvs_mul_size(rep->n_rpcs ? rep->n_rpcs : 1, sizeof(kvs_rpc_stats), &bytes) ||
-            bytes > SIZE_MAX || !(s->rpcs = kvs_trymalloc((size_t)bytes)))
-            rc = kvs_err_set(err, KVS_ENOMEM, "Stats: out of memory for %zu rpcs", rep->n_rpcs);
-    }
-    for (size_t i = 0; rc == 0 && i < rep->n_rpcs; i++) {
-        kvs_rpc_stats *r = &s->rpcs[s->n_rpcs++];
-        snprintf(r->method, sizeof r->method, "%s", rep->rpcs[i]->method);
-        r->calls = rep->rpcs[i]->calls;
-        r->errors = rep->rpcs[i]->errors;
-    }
-    s->misses = rep->misses;
-    s->uptime_ms = rep->uptime_ms;
-    snprintf(s->version, sizeof s->version, "%s", rep->version);
-    protobuf_c_message_free_unpacked(m, NULL);
-    if (rc != 0) {
-        kvs_stats_free(s);
-        return rc;
-    }
-    *out = s;
-    return 0;
-}
-
-void kvs_stats_free(kvs_stats *s)
-{
-    if (!s)
-        return;
-    free(s->namespaces);
-    free(s->rpcs);
-    free(s);
-}
-
-int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err)
-{
-    if (!out) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "Health: out is NULL");
-    }
-    Kvstash__V1__HealthRequest q = KVSTASH__V1__HEALTH_REQUEST__INIT;
-    ProtobufCMessage *m;
-    int rc = unary(c, ADMIN("Health"), &q.base, &kvstash__v1__health_reply__descriptor, &m, err);
-    if (rc != 0)
-        return rc;
-    const Kvstash__V1__HealthReply *rep = (const Kvstash__V1__HealthReply *)m;
-    memset(out, 0, sizeof *out);
-    out->serving = rep->status == KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
-    snprintf(out->version, sizeof out->version, "%s", rep->version);
-    out->uptime_ms = rep->uptime_ms;
     protobuf_c_message_free_unpacked(m, NULL);
     return 0;
 }
