@@ -84,7 +84,7 @@ static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
             rc = kvs_err_set(err, KVS_EINVAL,
                              "payload: more than the %llu bytes that %u tokens take",
                              (unsigned long long)p->expected, kvs_block_tokens(p->blk));
-        else {
+        else if (n > 0) { /* an empty chunk carries a NULL pointer: nothing to copy */
             memcpy((uint8_t *)kvs_block_data(p->blk) + p->received, m->data.data, n);
             p->received += n;
         }

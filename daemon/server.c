@@ -4,7 +4,9 @@
 #include "daemon/server.h"
 
 #include <grpc/grpc.h>
+#include <errno.h>
 #include <grpc/grpc_security.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +92,15 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_server **out,
         kvs_err_set(err, KVS_EINVAL, "--listen: cannot listen on '%s' (address in use or invalid)",
                     cfg->listen);
         goto fail;
+    }
+    if (strncmp(cfg->listen, "unix:", 5) == 0) {
+        /* DESIGN §9: co-located workers in the daemon's group may connect, others not. */
+        if (chmod(cfg->listen + 5, 0660) != 0) {
+            kvs_err_set(err, -errno, "--listen: chmod 0660 '%s': %s", cfg->listen + 5,
+                        strerror(errno));
+            goto fail;
+        }
+        port = 0;
     }
     grpc_server_start(srv->server);
 

@@ -10,7 +10,8 @@ Fixtures:
                   returns a kvs.Daemon (.target .proc .stub .admin .kvctl(*args)). At
                   teardown each one gets SIGTERM and must exit 0 within 20 s.
   module_daemon   the same factory, with daemons shared by one test module.
-On any failure, the stderr of every daemon still running is attached to the report.
+On any failure, the stderr of every daemon still running is attached to the report; a
+sanitizer report in a daemon's stderr (KVS_SANITIZE builds) fails the test that caused it.
 """
 import os
 import sys
@@ -59,6 +60,17 @@ def module_daemon(tmp_path_factory):
     start, finish = _factory(tmp_path_factory, "kvstashd-mod")
     yield start
     finish()
+
+
+@pytest.fixture(autouse=True)
+def _sanitizer_watch():
+    """Fails the test during which a running daemon (a sanitizer build) wrote a
+    sanitizer report, rather than the last test of the module that shares it."""
+    for d in kvs.live_daemons():
+        d.new_sanitizer_report()  # skip what earlier tests caused
+    yield
+    found = [(d.target, r) for d in kvs.live_daemons() if (r := d.new_sanitizer_report())]
+    assert not found, f"sanitizer report in kvstashd stderr during this test: {found}"
 
 
 @pytest.hookimpl(hookwrapper=True)

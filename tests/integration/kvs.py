@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -251,6 +252,22 @@ def bearer(token):
     return (("authorization", f"Bearer {token}"),)
 
 
+# ----------------------------------------------------------------------------- kvctl
+
+SANITIZER_REPORT = re.compile(r"runtime error: .*|ERROR: \w+Sanitizer: .*|"
+                              r"WARNING: ThreadSanitizer: .*")
+
+
+def run_kvctl(*args, timeout=120, input=None):
+    """Runs $KVCTL ARGS and returns the CompletedProcess; a sanitizer report on its
+    stderr (KVS_SANITIZE builds) fails at once, whatever the exit code."""
+    r = subprocess.run([KVCTL] + [str(a) for a in args], capture_output=True,
+                       timeout=timeout, input=input)
+    m = SANITIZER_REPORT.search(r.stderr.decode("utf-8", "replace"))
+    assert not m, f"sanitizer report from kvctl {args}: {r.stderr.decode('utf-8', 'replace')}"
+    return r
+
+
 # ----------------------------------------------------------------------------- daemon
 
 DEFAULT_TIMEOUT = 60  # seconds; a call made without a timeout gets this one
@@ -341,6 +358,13 @@ class Daemon:
         text = data.decode("utf-8", "replace")
         return text if len(text) <= limit else "...\n" + text[-limit:]
 
+    def new_sanitizer_report(self):
+        """The first sanitizer report written since the last call, or None."""
+        text = self.stderr_text(limit=1 << 30)
+        m = SANITIZER_REPORT.search(text, getattr(self, "_scanned", 0))
+        self._scanned = len(text)
+        return m.group(0) if m else None
+
     def _fail(self, what):
         return RuntimeError(f"{what}\nargv: {' '.join(self.argv)}\n--- kvstashd stderr ---\n"
                             f"{self.stderr_text()}")
@@ -393,8 +417,9 @@ class Daemon:
         return ch, pb_grpc.KvStashStub(ch), pb_grpc.KvAdminStub(ch)
 
     def kvctl(self, *args, timeout=120, input=None, target=True):
-        argv = [KVCTL] + (["--target", self.target] if target else []) + [str(a) for a in args]
-        return subprocess.run(argv, capture_output=True, timeout=timeout, input=input)
+        """Runs $KVCTL --target <this daemon> ARGS; returns the CompletedProcess."""
+        return run_kvctl(*((["--target", self.target] if target else []) + list(args)),
+                         timeout=timeout, input=input)
 
     def health(self, timeout=5):
         return self.admin.Health(pb.HealthRequest(), timeout=timeout)
@@ -437,6 +462,11 @@ class Daemon:
             if rc != 0:
                 raise self._fail(f"kvstashd exited with {rc} (signal {-rc})" if rc < 0
                                  else f"kvstashd exited with {rc}")
+            # In a sanitizer build (KVS_SANITIZE), a report that did not stop the daemon
+            # still fails the test that provoked it.
+            report = self.new_sanitizer_report()
+            if report:
+                raise self._fail(f"sanitizer report in kvstashd stderr: {report!r}")
         finally:
             self._close()
 

@@ -102,3 +102,49 @@ def test_token_from_environment(tmp_path):
         p.terminate()
         assert p.wait(20) == 0
         p.stderr.close()
+
+
+@pytest.fixture
+def unix_daemon(tmp_path):
+    """kvstashd on a Unix socket (DESIGN §9: for co-located workers)."""
+    sock = tmp_path / "kvstash.sock"
+    err = open(tmp_path / "stderr", "wb")
+    p = subprocess.Popen([kvs.KVSTASHD, "--listen", f"unix:{sock}", "--host-capacity", "64M"],
+                         stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert p.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, "no socket after 20 s"
+            time.sleep(0.02)
+        yield sock, p
+    finally:
+        if p.poll() is None:
+            p.terminate()
+        rc = p.wait(20)
+        err.close()
+        assert rc == 0, (tmp_path / "stderr").read_text()
+        assert not sock.exists(), "socket file left behind"
+
+
+def test_unix_socket(unix_daemon, tmp_path):
+    sock, _ = unix_daemon
+    target = f"unix:{sock}"
+    with grpc.insecure_channel(target) as ch:
+        stub, admin = kvs.pb_grpc.KvStashStub(ch), kvs.pb_grpc.KvAdminStub(ch)
+        grpc.channel_ready_future(ch).result(timeout=10)
+        assert admin.Health(pb.HealthRequest(), timeout=5).status == kvs.SERVING
+        ns = kvs.Ns(kvs.make_ns(admin, L=2, H=2, D=16, T=4))
+        p = ns.payload(4, seed=1)
+        kvs.put(stub, ns.name, b"u", 4, p)
+        assert kvs.get(stub, ns.name, b"u").data == p
+        # kvctl over the same socket.
+        out = tmp_path / "o.bin"
+        r = kvs.run_kvctl("--target", target, "get", ns.name, "u", out)
+        assert r.returncode == 0, r
+        assert out.read_bytes() == p
+
+
+def test_unix_socket_mode(unix_daemon):
+    sock, _ = unix_daemon
+    assert oct(os.stat(sock).st_mode & 0o777) == oct(0o660)

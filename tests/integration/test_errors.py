@@ -74,6 +74,54 @@ def test_truncated_stream(d, ns):
     assert list(r.present) == [False]
 
 
+def poke(payload_bytes, t, index, value):
+    """payload with the 16-bit element at (layer, kv, token, head, channel) = value."""
+    layer, kv, tok, head, ch = index
+    i = (((layer * 2 + kv) * t + tok) * H + head) * D + ch
+    b = bytearray(payload_bytes)
+    b[2 * i:2 * i + 2] = value.to_bytes(2, "little")
+    return bytes(b)
+
+
+NONFINITE = {
+    # dtype: [(name, bits)]
+    FP16: [("NaN", 0x7E00), ("NaN", 0xFC01), ("+Inf", 0x7C00), ("-Inf", 0xFC00)],
+    BF16: [("NaN", 0x7FC0), ("NaN", 0xFF81), ("+Inf", 0x7F80), ("-Inf", 0xFF80)],
+}
+
+
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])
+def test_nonfinite_payload(d, dtype):
+    """NaN or Inf anywhere in the payload: INVALID_ARGUMENT naming the payload and the
+    element (DESIGN §4); an older block under the key is kept."""
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, dtype=dtype))
+    good = ns.payload(3, seed=1)
+    kvs.put(d.stub, ns.name, b"k", 3, good, dtype=dtype)
+    used = d.host_tier().used_bytes
+    spots = [(0, 0, 0, 0, 0), (1, 1, 2, 1, 15), (1, 0, 1, 0, 7)]
+    for (name, bits), spot in zip(NONFINITE[dtype], spots + spots[:1]):
+        bad = poke(ns.payload(3, seed=2), 3, spot, bits)
+        e = kvs.expect_error(INVALID, kvs.put, d.stub, ns.name, b"k", 3, bad, dtype=dtype,
+                             words=["payload", name])
+        layer, kv, tok, head, ch = spot
+        want = f"layer {layer}, {'KV'[kv]}, token {tok}, head {head}, channel {ch}"
+        assert want in e.details(), (e.details(), want)
+    assert kvs.get(d.stub, ns.name, b"k").data == good
+    assert d.host_tier().used_bytes == used
+
+
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])
+def test_extreme_finite_values_accepted(d, dtype):
+    """The largest finite values, subnormals and -0 are data, not errors."""
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, dtype=dtype))
+    top = 0x7BFF if dtype == FP16 else 0x7F7F
+    p = ns.payload(2, seed=3)
+    for i, v in enumerate([top, top | 0x8000, 0x0001, 0x8001, 0x8000, 0x0000]):
+        p = poke(p, 2, (i % L, i % 2, i % 2, i % H, i), v)
+    kvs.put(d.stub, ns.name, b"x", 2, p, dtype=dtype)
+    assert kvs.get(d.stub, ns.name, b"x").data == p
+
+
 def test_missing_header(d, ns):
     kvs.expect_error(INVALID, put_msgs, d, [data(ns.payload())], words="header")
     kvs.expect_error(INVALID, put_msgs, d, [], words="header")
@@ -134,6 +182,31 @@ def test_get_encoded_unimplemented(d, ns):
                      fmt=kvs.ENCODED)
 
 
+def test_get_unknown_format(d, ns):
+    """proto rule: an unknown enum value is treated as UNSPECIFIED and answered with
+    INVALID_ARGUMENT where a value is needed."""
+    kvs.expect_error(INVALID, kvs.get, d.stub, ns.name, b"sentinel", fmt=7, words="format")
+
+
+def test_unknown_fields_ignored(d, ns):
+    """Fields a v1.0 server does not know (100-199 are reserved for extensions) are
+    skipped, not refused: a newer client still talks to this server."""
+    ext = b"\xa0\x06\x01" + b"\xaa\x06\x03abc"  # field 100 = 1, field 101 = "abc"
+    h = pb.PutHeader(namespace=ns.name, key=b"ext", tokens=T, dtype=FP16)
+    h.MergeFromString(ext)
+    assert h.SerializeToString().endswith(ext)
+    p = ns.payload(T, seed=77)
+    r = d.stub.Put(iter([pb.PutChunk(header=h), data(p)]), timeout=10)
+    assert r.raw_bytes == len(p)
+    req = pb.GetRequest(namespace=ns.name, key=b"ext")
+    req.MergeFromString(ext)
+    msgs = list(d.stub.Get(req, timeout=10))
+    assert b"".join(m.data for m in msgs[1:]) == p
+    kr = pb.KeysRequest(namespace=ns.name, keys=[b"ext"])
+    kr.MergeFromString(b"\xa0\x06\x01")
+    assert d.stub.Lookup(kr, timeout=10).prefix_blocks == 1
+
+
 def test_lookup_empty_key_in_list(d, ns):
     keys = [b"a", b"sentinel", b"", b"b"]
     for rpc in (d.stub.Lookup, d.stub.Exists, d.stub.Delete):
@@ -182,6 +255,14 @@ def test_bad_namespace_spec(d, field, kw):
     # Nothing half-created.
     names = [n.spec.name for n in d.admin.ListNamespaces(pb.ListNamespacesRequest()).namespaces]
     assert s.name not in names
+
+
+@pytest.mark.parametrize("name", ["a", "A.b_c-9", "n" * 64, "0", "...", "-x-"])
+def test_good_namespace_names(d, name):
+    """1..64 of [A-Za-z0-9._-]."""
+    info = kvs.make_ns(d.admin, name=name)
+    assert info.spec.name == name
+    d.admin.DropNamespace(pb.NameRequest(name=name), timeout=10)
 
 
 def test_empty_namespace_name(d):

@@ -3,7 +3,6 @@ put/get byte-exact in both directions, lookup, delete, stats --json, chained key
 (against Python's xxhash), bench, --help of every command, and a dead target."""
 import json
 import socket
-import subprocess
 import struct
 
 import pytest
@@ -164,9 +163,21 @@ def test_put_get_files(d, tmp_path):
     lb = ns.layer_bytes(11)
     ok(d.kvctl("get", name, "py", out, "--layers", "1:3"))
     assert out.read_bytes() == data[lb:3 * lb]
+    ok(d.kvctl("get", name, "py", out, "--layers", "2:"))
+    assert out.read_bytes() == data[2 * lb:]
     # To stdout.
     r = d.kvctl("get", name, "py", "-")
     assert ok(r) is not None and r.stdout == data
+    # From stdin.
+    data2 = ns.payload(16, seed=160)
+    ok(d.kvctl("put", name, "stdin-key", "-", input=data2))
+    assert kvs.get(d.stub, name, b"stdin-key").data == data2
+    # ENCODED is not served yet: exit 1, and the message says why.
+    r = d.kvctl("get", name, "py", out, "--encoded")
+    assert r.returncode == 1 and b"encoded" in r.stderr.lower(), r.stderr
+    # A bad layer range: the daemon's message names the layer field.
+    r = d.kvctl("get", name, "py", out, "--layers", "3:9")
+    assert r.returncode in (1, 2) and b"layer" in r.stderr, r.stderr
 
     # A file of a size no token count gives: refused, nothing stored.
     bad = tmp_path / "bad.bin"
@@ -249,20 +260,30 @@ def test_bench(d):
     js = json.loads(ok(d.kvctl("--json", "bench", name, "--blocks", 8, "--threads", 2,
                                "--seed", 5)))
     assert js["verified"] == 8 and js["ok"] is True, js
+    # More threads than cores, bf16, partial blocks; the blocks are checked from Python
+    # too (--keep leaves them in place).
+    name2 = kvs.ns_name("bench")
+    info = kvs.make_ns(d.admin, name=name2, L=2, H=2, D=32, T=8, dtype=BF16)
+    out = ok(d.kvctl("bench", name2, "--blocks", 64, "--threads", 8, "--tokens", 5,
+                     "--keep", timeout=120))
+    assert "verified 64/64" in out, out
+    n = list_ns(d)[name2]
+    assert n.blocks == 64 and n.raw_bytes == 64 * kvs.block_bytes(2, 2, 32, 5)
+    assert info.id == n.id
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: "-".join(c))
 def test_help(cmd):
-    r = subprocess.run([kvs.KVCTL, *cmd, "--help"], capture_output=True, timeout=30)
+    r = kvs.run_kvctl(*cmd, "--help", timeout=30)
     assert r.returncode == 0, r
     assert b"usage" in r.stdout.lower(), r.stdout
-    r = subprocess.run([kvs.KVCTL, "help", *cmd], capture_output=True, timeout=30)
+    r = kvs.run_kvctl("help", *cmd, timeout=30)
     assert r.returncode == 0, r
 
 
 def test_global_help_and_version():
     for args in (["--help"], ["help"], ["--version"]):
-        r = subprocess.run([kvs.KVCTL, *args], capture_output=True, timeout=30)
+        r = kvs.run_kvctl(*args, timeout=30)
         assert r.returncode == 0 and r.stdout, (args, r)
 
 
@@ -279,8 +300,8 @@ def dead_target():
                                   ["lookup", "x", "k"], ["get", "x", "k", "-"]],
                          ids=lambda a: "-".join(a))
 def test_dead_target(args):
-    r = subprocess.run([kvs.KVCTL, "--target", dead_target(), "--timeout-ms", "3000",
-                            *args], capture_output=True, timeout=30)
+    r = kvs.run_kvctl("--target", dead_target(), "--timeout-ms", "3000", *args,
+                      timeout=30)
     assert r.returncode == 1, r
     assert r.stderr.startswith(b"kvctl: "), r.stderr
     assert len(r.stderr.strip()) > len(b"kvctl: "), r.stderr

@@ -198,6 +198,7 @@ def test_drop_namespace(d):
     assert kvs.get(d.stub, other.name, b"\x00").data == keep
     again = kvs.make_ns(d.admin, name=ns.name, L=2, H=1, D=16, T=4)
     assert again.blocks == 0
+    assert again.id != ns.info.id  # ids are fresh: blocks record the id they belong to
     assert list(d.stub.Exists(keys_req(ns.name, [b"\x00"])).present) == [False]
 
 
