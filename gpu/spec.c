@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec.h"
 
 size_t kvs_dtype_size(kvs_dtype dtype)
 {
@@ -30,7 +31,7 @@ kvs_dtype kvs_dtype_parse(const char *s)
 
 bool kvs_codec_name_known(const char *s)
 {
-    return strcmp(s, "none") == 0;
+    return kvs_codec_lookup(s, NULL, NULL);
 }
 
 static bool name_ok(const char *s)
@@ -66,12 +67,13 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
                            KVS_MAX_BLOCK_TOKENS);
     if (kvs_dtype_size(s->dtype) == 0)
         return kvs_err_set(err, KVS_EINVAL, "dtype: must be fp16 or bf16");
+    char names[160];
     if (!kvs_codec_name_known(s->key_codec))
-        return kvs_err_set(err, KVS_EINVAL, "key_codec: unknown codec '%.31s' (available: none)",
-                           s->key_codec);
+        return kvs_err_set(err, KVS_EINVAL, "key_codec: unknown codec '%.31s' (available: %s)",
+                           s->key_codec, kvs_codec_names(names, sizeof names));
     if (!kvs_codec_name_known(s->value_codec))
-        return kvs_err_set(err, KVS_EINVAL,
-                           "value_codec: unknown codec '%.31s' (available: none)", s->value_codec);
+        return kvs_err_set(err, KVS_EINVAL, "value_codec: unknown codec '%.31s' (available: %s)",
+                           s->value_codec, kvs_codec_names(names, sizeof names));
     return 0;
 }
 

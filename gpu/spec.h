@@ -51,7 +51,7 @@ const char *kvs_dtype_name(kvs_dtype dtype);
 /* Parses "fp16"/"bf16"; returns KVS_DTYPE_UNSPECIFIED otherwise. */
 kvs_dtype kvs_dtype_parse(const char *s);
 
-/* True if s is a codec this build can store with. v1.0 knows only "none". */
+/* True if s names a codec this build can store with (gpu/codec.h registry). */
 bool kvs_codec_name_known(const char *s);
 
 /* Checks every field; the message names the field at fault. Empty codec names are

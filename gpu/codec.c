@@ -1,0 +1,283 @@
+/* Codec registry, the generic half of every codec (dtype conversion, NaN/Inf checks)
+ * and block framing. The quantizers live in codec_<name>.c behind kvs_codec_ops
+ * (codec_int.h). */
+#include "gpu/codec.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec_int.h"
+#include "gpu/format.h"
+#include "gpu/half.h"
+
+typedef struct codec_entry {
+    const char *name;
+    kvs_codec_id id;
+    unsigned bits;
+    const kvs_codec_ops *ops;
+} codec_entry;
+
+/* The one table of codecs (quantizers.md). bits is the code width the name promises
+ * (polarquant: its level-1 angle bits; the stored rate is 3.875 bits/element). */
+static const codec_entry codecs[] = {
+    {"none", KVS_CODEC_NONE, 16, &kvs__codec_none_ops},
+    {"fp8", KVS_CODEC_FP8, 8, &kvs__codec_fp8_ops},
+    {"kivi-2", KVS_CODEC_KIVI, 2, &kvs__codec_kivi_ops},
+    {"kivi-4", KVS_CODEC_KIVI, 4, &kvs__codec_kivi_ops},
+    {"polarquant", KVS_CODEC_POLARQUANT, 4, &kvs__codec_polarquant_ops},
+    {"rotatekv-2", KVS_CODEC_ROTATEKV, 2, &kvs__codec_rotatekv_ops},
+    {"rotatekv-3", KVS_CODEC_ROTATEKV, 3, &kvs__codec_rotatekv_ops},
+    {"rotatekv-4", KVS_CODEC_ROTATEKV, 4, &kvs__codec_rotatekv_ops},
+    {"squat-2", KVS_CODEC_SQUAT, 2, &kvs__codec_squat_ops},
+    {"squat-4", KVS_CODEC_SQUAT, 4, &kvs__codec_squat_ops},
+};
+#define NCODECS (sizeof codecs / sizeof codecs[0])
+
+/* A codec whose quantizer file has no encoder yet is not offered. */
+static const codec_entry *find(const char *name)
+{
+    for (size_t i = 0; i < NCODECS; i++)
+        if (strcmp(codecs[i].name, name) == 0 && codecs[i].ops->encode)
+            return &codecs[i];
+    return NULL;
+}
+
+bool kvs_codec_lookup(const char *name, kvs_codec_id *id, unsigned *bits)
+{
+    const codec_entry *e = find(name);
+    if (!e)
+        return false;
+    if (id)
+        *id = e->id;
+    if (bits)
+        *bits = e->bits;
+    return true;
+}
+
+const char *kvs_codec_name(kvs_codec_id id, unsigned bits)
+{
+    for (size_t i = 0; i < NCODECS; i++)
+        if (codecs[i].id == id && codecs[i].bits == bits)
+            return codecs[i].name;
+    return NULL;
+}
+
+const char *kvs_codec_names(char *buf, size_t cap)
+{
+    size_t n = 0;
+    if (cap == 0)
+        return buf;
+    buf[0] = '\0';
+    for (size_t i = 0; i < NCODECS; i++) {
+        if (!codecs[i].ops->encode)
+            continue;
+        size_t m = strlen(codecs[i].name);
+        if (n + m + 3 >= cap)
+            break;
+        if (n) {
+            memcpy(buf + n, ", ", 2);
+            n += 2;
+        }
+        memcpy(buf + n, codecs[i].name, m + 1);
+        n += m;
+    }
+    return buf;
+}
+
+int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *state,
+                     kvs_codec **out, kvs_err *err)
+{
+    const char *field = kv == KVS_KEYS ? "key_codec" : "value_codec";
+    const char *name = kv == KVS_KEYS ? spec->key_codec : spec->value_codec;
+    const codec_entry *e = find(name);
+    if (!e)
+    {
+        char names[160];
+        return kvs_err_set(err, KVS_EINVAL, "%s: unknown codec '%.31s' (available: %s)", field,
+                           name, kvs_codec_names(names, sizeof names));
+    }
+    kvs_codec *c = kvs_xcalloc(1, sizeof *c);
+    c->ops = e->ops;
+    c->id = e->id;
+    c->bits = e->bits;
+    c->kv = kv;
+    c->spec = *spec;
+    if (state && state->len) {
+        void *copy = kvs_trymalloc(state->len);
+        if (!copy) {
+            free(c);
+            return kvs_err_set(err, KVS_ENOMEM, "%s: out of memory for codec state", field);
+        }
+        memcpy(copy, state->data, state->len);
+        c->state = (kvs_codec_state){state->version, copy, state->len};
+    } else if (state) {
+        c->state.version = state->version;
+    }
+    int rc = c->ops->init ? c->ops->init(c, err) : 0;
+    if (rc) {
+        kvs_err_prefix(err, "%s '%s'", field, name);
+        free((void *)c->state.data);
+        free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void kvs_codec_destroy(kvs_codec *c)
+{
+    if (!c)
+        return;
+    if (c->ops->fini)
+        c->ops->fini(c);
+    free((void *)c->state.data);
+    free(c);
+}
+
+kvs_codec_id kvs_codec_id_of(const kvs_codec *c) { return c->id; }
+unsigned kvs_codec_bits(const kvs_codec *c) { return c->bits; }
+uint32_t kvs_codec_state_version(const kvs_codec *c) { return c->state.version; }
+
+size_t kvs_codec_section_max(const kvs_codec *c, uint32_t t)
+{
+    return c->ops->section_max(c, t);
+}
+
+static size_t section_elems(const kvs_codec *c, uint32_t t)
+{
+    return (size_t)t * c->spec.kv_heads * c->spec.head_dim;
+}
+
+int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                     uint8_t *out, size_t cap, size_t *len, kvs_err *err)
+{
+    if (t == 0 || t > c->spec.block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
+    size_t n = section_elems(c, t);
+    float *x = kvs_trymalloc(n * sizeof *x);
+    if (!x)
+        return kvs_err_set(err, KVS_ENOMEM, "encode: out of memory for %zu elements", n);
+    bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
+    for (size_t i = 0; i < n; i++) {
+        x[i] = bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]);
+        if (!isfinite(x[i])) {
+            size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
+            kvs_err_set(err, KVS_EINVAL, "payload: %s at layer %u, %s, token %zu, head %zu, "
+                        "channel %zu", isnan(x[i]) ? "NaN" : "Inf", layer,
+                        c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
+                        i % c->spec.head_dim);
+            free(x);
+            return KVS_EINVAL;
+        }
+    }
+    int rc = c->ops->encode(c, layer, t, x, out, cap, len, err);
+    free(x);
+    return rc;
+}
+
+int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
+                     size_t len, uint16_t *out, kvs_err *err)
+{
+    if (t == 0 || t > c->spec.block_tokens)
+        return kvs_err_set(err, KVS_EPROTO, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
+    size_t n = section_elems(c, t);
+    float *x = kvs_trymalloc(n * sizeof *x);
+    if (!x)
+        return kvs_err_set(err, KVS_ENOMEM, "decode: out of memory for %zu elements", n);
+    int rc = c->ops->decode(c, layer, t, in, len, x, err);
+    if (rc == 0) {
+        bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
+        for (size_t i = 0; i < n; i++)
+            out[i] = bf16 ? kvs_f32_to_bf16(x[i]) : kvs_f32_to_fp16(x[i]);
+    }
+    free(x);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- blocks */
+
+size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t)
+{
+    return kvs_format_prefix_bytes(k->spec.layers) +
+           (size_t)k->spec.layers * (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
+}
+
+int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                     const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err)
+{
+    const kvs_ns_spec *s = &k->spec;
+    size_t prefix = kvs_format_prefix_bytes(s->layers);
+    if (cap < prefix)
+        return kvs_err_set(err, KVS_ENOSPC, "encode: output buffer too small");
+    uint32_t *offsets = kvs_trymalloc((2 * (size_t)s->layers + 1) * sizeof *offsets);
+    if (!offsets)
+        return kvs_err_set(err, KVS_ENOMEM, "encode: out of memory");
+    size_t pos = prefix, sec = section_elems(k, t);
+    int rc = 0;
+    for (uint32_t l = 0; l < s->layers && rc == 0; l++) {
+        for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
+            const kvs_codec *c = kv ? v : k;
+            size_t n = 0;
+            offsets[2 * l + kv] = (uint32_t)pos;
+            rc = kvs_codec_encode(c, l, t, raw + (2 * (size_t)l + kv) * sec, out + pos,
+                                  cap - pos, &n, err);
+            pos += n;
+            if (rc == 0 && pos > UINT32_MAX)
+                rc = kvs_err_set(err, KVS_E2BIG, "encode: block over 4 GiB");
+        }
+    }
+    if (rc == 0) {
+        offsets[2 * s->layers] = (uint32_t)pos;
+        kvs_block_info info = {
+            .dtype = (uint8_t)s->dtype,
+            .flags = s->keys_pre_rope ? 1 : 0,
+            .ns_id = ns_id,
+            .k_codec = (uint8_t)k->id, .k_bits = (uint8_t)k->bits,
+            .v_codec = (uint8_t)v->id, .v_bits = (uint8_t)v->bits,
+            .layers = s->layers, .kv_heads = s->kv_heads, .head_dim = s->head_dim,
+            .tokens = t,
+            .k_state = k->state.version, .v_state = v->state.version,
+            .seed = s->seed,
+            .total_bytes = pos,
+        };
+        kvs_format_write_prefix(&info, offsets, out);
+        kvs_format_seal(out, pos);
+        *len = pos;
+    }
+    free(offsets);
+    return rc;
+}
+
+int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                     uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err)
+{
+    kvs_block_info info;
+    int rc = kvs_format_parse(enc, len, &info, err);
+    if (rc)
+        return rc;
+    const kvs_ns_spec *s = &k->spec;
+    if (info.layers != s->layers || info.kv_heads != s->kv_heads ||
+        info.head_dim != s->head_dim || info.dtype != s->dtype || info.tokens > s->block_tokens)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: layout does not match the namespace");
+    if (info.k_codec != k->id || info.k_bits != k->bits || info.v_codec != v->id ||
+        info.v_bits != v->bits || info.k_state != k->state.version ||
+        info.v_state != v->state.version)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: codecs or codec state versions do not "
+                           "match the decoder");
+    if (layer_begin >= layer_end || layer_end > s->layers)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, s->layers);
+    size_t sec = section_elems(k, info.tokens);
+    for (uint32_t l = layer_begin; l < layer_end && rc == 0; l++) {
+        for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
+            const uint8_t *p;
+            size_t n;
+            kvs_format_section(enc, l, kv, &p, &n);
+            rc = kvs_codec_decode(kv ? v : k, l, info.tokens, p, n,
+                                  raw + (2 * (size_t)(l - layer_begin) + kv) * sec, err);
+        }
+    }
+    return rc;
+}

@@ -1,0 +1,102 @@
+/* Codecs: quantizers that turn one section of a KV block (one layer's keys or values:
+ * t tokens x H kv-heads x D channels) into encoded bytes and back (quantizers.md,
+ * DESIGN §5-6).
+ *
+ * One kvs_codec per (namespace, K or V). It is created from the namespace spec, holds
+ * precomputed tables (codebooks, random signs, permutations) and the learned codec state
+ * it encodes with, and is immutable afterwards: any number of threads may encode and
+ * decode with it at once.
+ *
+ * Block-level encode/decode (kvs_block_encode/decode) frame the sections of a whole block
+ * in the encoded block format of gpu/format.h.
+ *
+ * Registry: kvs_codec_lookup() maps names ("kivi-2") to (family, bits); one table in
+ * codec.c lists every codec this build knows.
+ */
+#ifndef KVS_CODEC_H
+#define KVS_CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/spec.h"
+
+typedef enum kvs_codec_id {
+    KVS_CODEC_NONE = 0,
+    KVS_CODEC_FP8 = 1,
+    KVS_CODEC_KIVI = 2,
+    KVS_CODEC_POLARQUANT = 3,
+    KVS_CODEC_ROTATEKV = 4,
+    KVS_CODEC_SQUAT = 5,
+    KVS_CODEC_COUNT
+} kvs_codec_id;
+
+typedef enum kvs_kv {
+    KVS_KEYS = 0,
+    KVS_VALUES = 1,
+} kvs_kv;
+
+typedef struct kvs_codec kvs_codec;
+
+/* Name -> (id, bits). Returns false for an unknown name. */
+bool kvs_codec_lookup(const char *name, kvs_codec_id *id, unsigned *bits);
+/* Canonical name of (id, bits), e.g. "rotatekv-2"; NULL if the pair is not a codec. */
+const char *kvs_codec_name(kvs_codec_id id, unsigned bits);
+/* Writes the comma-separated list of every available codec name into buf (for error
+ * messages and --help); returns buf. */
+const char *kvs_codec_names(char *buf, size_t cap);
+
+/* Learned codec state (RotateKV channel order, SQuat query subspace): opaque, versioned
+ * bytes owned by the namespace; version 0 means "nothing learned yet". */
+typedef struct kvs_codec_state {
+    uint32_t version;
+    const void *data; /* borrowed; layout defined by the codec */
+    size_t len;
+} kvs_codec_state;
+
+/* Creates the codec for the keys or values of a validated spec. state may be NULL
+ * (version 0). KVS_EINVAL names the codec field if the name is unknown or the layout is
+ * unsupported by it (e.g. head_dim not a multiple of 16 for polarquant). Free with
+ * kvs_codec_destroy. */
+int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *state,
+                     kvs_codec **out, kvs_err *err);
+void kvs_codec_destroy(kvs_codec *c);
+
+kvs_codec_id kvs_codec_id_of(const kvs_codec *c);
+unsigned kvs_codec_bits(const kvs_codec *c);
+uint32_t kvs_codec_state_version(const kvs_codec *c);
+
+/* Upper bound on the encoded bytes of one section of t tokens (1 <= t <= block_tokens). */
+size_t kvs_codec_section_max(const kvs_codec *c, uint32_t t);
+
+/* Encodes one section: `in` holds t*H*D elements of the namespace dtype, row-major
+ * [t][H][D] (borrowed). Writes at most `cap` bytes to out and sets *len. NaN/Inf input is
+ * KVS_EINVAL naming layer, token, head and channel. */
+int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                     uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+
+/* Decodes one section of `len` bytes into t*H*D elements of the namespace dtype.
+ * KVS_EPROTO if the bytes are inconsistent with (t, len). */
+int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
+                     size_t len, uint16_t *out, kvs_err *err);
+
+/* ---------------------------------------------------------------- blocks */
+
+/* Upper bound on the encoded size of a block of t tokens (header, table, sections). */
+size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t);
+
+/* Encodes a raw block ([L][2][t][H][D], namespace dtype) into the encoded block format
+ * (gpu/format.h) stamped with ns_id. Writes at most cap bytes; *len is the exact size. */
+int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                     const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+
+/* Decodes layers [layer_begin, layer_end) of an encoded block into raw (which receives
+ * (layer_end - layer_begin) * 2 * t * H * D elements). The block is parsed and its
+ * checksum verified first (KVS_EDATALOSS on mismatch); its header must match the codecs
+ * (KVS_EPROTO otherwise). */
+int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                     uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err);
+
+#endif

@@ -1,0 +1,47 @@
+/* Codec internals shared by codec.c and the quantizer files (codec_<name>.c). Each
+ * quantizer provides one kvs_codec_ops table; codec.c does everything generic: the
+ * registry, dtype conversion to and from fp32, NaN/Inf checks, block framing.
+ *
+ * Contract for an ops table (the CPU reference is the definition of correct):
+ *  - init: validate the layout for this quantizer (KVS_EINVAL naming the codec field)
+ *    and precompute tables into c->priv (freed by fini). May read c->state.
+ *  - section_max(t): upper bound of encode's output for t tokens; the exact size must
+ *    depend only on (t, and data-dependent extras such as RotateKV's sinks).
+ *  - encode: in = t*H*D finite fp32 values, row-major [t][H][D]; write <= cap bytes.
+ *  - decode: out = t*H*D fp32 values; reject inconsistent lengths with KVS_EPROTO.
+ *  Both are pure functions of (codec, layer, t, input): no hidden state, thread-safe.
+ */
+#ifndef KVS_CODEC_INT_H
+#define KVS_CODEC_INT_H
+
+#include "gpu/codec.h"
+
+typedef struct kvs_codec_ops {
+    const char *family; /* "kivi" */
+    int (*init)(kvs_codec *c, kvs_err *err);
+    void (*fini)(kvs_codec *c);
+    size_t (*section_max)(const kvs_codec *c, uint32_t t);
+    int (*encode)(const kvs_codec *c, uint32_t layer, uint32_t t, const float *in, uint8_t *out,
+                  size_t cap, size_t *len, kvs_err *err);
+    int (*decode)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                  float *out, kvs_err *err);
+} kvs_codec_ops;
+
+struct kvs_codec {
+    const kvs_codec_ops *ops;
+    kvs_codec_id id;
+    unsigned bits;
+    kvs_kv kv;
+    kvs_ns_spec spec;      /* copy of the namespace spec */
+    kvs_codec_state state; /* data copied and owned by the codec */
+    void *priv;            /* quantizer tables, owned through ops->fini */
+};
+
+extern const kvs_codec_ops kvs__codec_none_ops;
+extern const kvs_codec_ops kvs__codec_fp8_ops;
+extern const kvs_codec_ops kvs__codec_kivi_ops;
+extern const kvs_codec_ops kvs__codec_polarquant_ops;
+extern const kvs_codec_ops kvs__codec_rotatekv_ops;
+extern const kvs_codec_ops kvs__codec_squat_ops;
+
+#endif
