@@ -113,7 +113,8 @@ typedef struct kvs_call_tag {
 /* Per-RPC state of the two streaming calls. */
 typedef struct kvs_put_state {
     kvs_ns *ns;       /* reference, set once the header is accepted */
-    kvs_block *blk;   /* FILLING block, reserved at the header */
+    kvs_block *blk;   /* FILLING block, its encoded size reserved at the header */
+    uint8_t *raw;     /* payload being received (expected bytes), encoded at the end */
     uint64_t expected, received;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
@@ -121,8 +122,11 @@ typedef struct kvs_put_state {
 
 typedef struct kvs_get_state {
     kvs_ns *ns;
-    kvs_block *blk; /* reader reference */
-    uint32_t layer, layer_end;
+    kvs_block *blk;       /* reader reference */
+    const uint8_t *bytes; /* what is streamed: decoded layers (owned: raw) or the block */
+    uint8_t *raw;         /* decoded layers [layer_begin, layer_end), NULL for ENCODED */
+    bool encoded;
+    uint32_t layer, layer_begin, layer_end;
     uint64_t offset, layer_bytes, chunk;
 } kvs_get_state;
 

@@ -11,10 +11,13 @@
  * `offset` locating the piece. Runs on CQ threads, one step at a time per call.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "daemon/call.h"
 #include "daemon/wire.h"
+#include "gpu/base/mem.h"
+#include "gpu/codec.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
 /* Payload bytes per message: big enough to amortize per-message cost, small enough to
@@ -24,6 +27,8 @@
 void kvs_get_cleanup(kvs_call *c)
 {
     kvs_get_state *g = &c->u.get;
+    free(g->raw);
+    g->raw = NULL;
     if (g->blk)
         kvs_store_block_release(c->srv->store, g->blk);
     if (g->ns)
@@ -43,22 +48,43 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
     const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
     if ((rc = kvs_key_validate(r->key.len, err)))
         return rc;
-    if (r->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED)
-        return kvs_err_set(err, KVS_ENOTSUP,
-                           "format: ENCODED is not served yet (the codec library comes with "
-                           "the encoded block format); ask for RAW");
-    if (r->format != KVSTASH__V1__FORMAT__FORMAT_RAW)
+    if (r->format != KVSTASH__V1__FORMAT__FORMAT_RAW &&
+        r->format != KVSTASH__V1__FORMAT__FORMAT_ENCODED)
         return kvs_err_set(err, KVS_EINVAL, "format: unknown value %d", (int)r->format);
-    if ((rc = kvs_wire_layer_range(r->layer_begin, r->layer_end, spec->layers, &g->layer,
+    g->encoded = r->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED;
+    if (g->encoded && (r->layer_begin || r->layer_end))
+        return kvs_err_set(err, KVS_EINVAL, "layer_begin: a layer range needs format RAW (an "
+                           "encoded block is served whole)");
+    if ((rc = kvs_wire_layer_range(r->layer_begin, r->layer_end, spec->layers, &g->layer_begin,
                                    &g->layer_end, err)))
         return rc;
     if ((rc = kvs_store_get(c->srv->store, g->ns, r->key.data, r->key.len, &g->blk, err)))
         return rc;
-    g->layer_bytes = kvs_spec_layer_bytes(spec, kvs_block_tokens(g->blk));
+    uint32_t t = kvs_block_tokens(g->blk);
+    g->layer = g->layer_begin;
     g->offset = 0;
     uint64_t limit = c->srv->cfg->max_message > 4096 ? c->srv->cfg->max_message - 1024 : 3072;
     g->chunk = limit < GET_CHUNK_MAX ? limit : GET_CHUNK_MAX;
-    return 0;
+    if (g->encoded) {
+        /* The encoded block is one "layer" for streaming purposes: chunks of layer 0. */
+        g->bytes = kvs_block_data(g->blk);
+        g->layer_bytes = kvs_block_size(g->blk);
+        g->layer_end = g->layer_begin + 1;
+        return 0;
+    }
+    /* Decode only the layers asked for (sections are independent). */
+    g->layer_bytes = kvs_spec_layer_bytes(spec, t);
+    uint64_t n = g->layer_bytes * (g->layer_end - g->layer_begin);
+    if (!(g->raw = kvs_trymalloc(n)))
+        return kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %llu bytes",
+                           (unsigned long long)n);
+    rc = kvs_block_decode(kvs_ns_codec(g->ns, KVS_KEYS), kvs_ns_codec(g->ns, KVS_VALUES),
+                          kvs_block_data(g->blk), kvs_block_size(g->blk), g->layer_begin,
+                          g->layer_end, (uint16_t *)g->raw, err);
+    if (rc == KVS_EPROTO || rc == KVS_EDATALOSS) /* stored bytes we cannot read: data loss */
+        return kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %s", err->msg);
+    g->bytes = g->raw;
+    return rc;
 }
 
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
@@ -81,10 +107,10 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
     Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;
     hdr.tokens = kvs_block_tokens(g->blk);
     hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
-    hdr.layer_begin = g->layer;
-    hdr.layer_end = g->layer_end;
-    hdr.total_bytes = g->layer_bytes * (g->layer_end - g->layer);
-    hdr.format = KVSTASH__V1__FORMAT__FORMAT_RAW;
+    hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
+    hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
+    hdr.total_bytes = g->layer_bytes * (g->layer_end - g->layer_begin);
+    hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
     hdr.tier = (Kvstash__V1__Tier)kvs_block_tier(g->blk);
     Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
     chunk.header = &hdr;
@@ -105,11 +131,11 @@ void kvs_get_on_send(kvs_call *c, bool ok)
     uint64_t n = g->layer_bytes - g->offset;
     if (n > g->chunk)
         n = g->chunk;
-    const uint8_t *data = kvs_block_data(g->blk);
     Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
-    chunk.data.data = (uint8_t *)data + (uint64_t)g->layer * g->layer_bytes + g->offset;
+    chunk.data.data =
+        (uint8_t *)g->bytes + (uint64_t)(g->layer - g->layer_begin) * g->layer_bytes + g->offset;
     chunk.data.len = n;
-    chunk.layer = g->layer;
+    chunk.layer = g->encoded ? 0 : g->layer;
     chunk.offset = g->offset;
     /* Advance before sending: the send may complete, and this handler run again on
      * another CQ thread, before kvs_call_send returns. */

@@ -13,10 +13,13 @@
  * at a time per call (call.h invariant 1).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "daemon/call.h"
 #include "daemon/wire.h"
+#include "gpu/base/mem.h"
+#include "gpu/codec.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
 void kvs_put_start(kvs_call *c)
@@ -29,6 +32,8 @@ void kvs_put_cleanup(kvs_call *c)
     kvs_put_state *p = &c->u.put;
     if (p->blk)
         kvs_store_block_abort(c->srv->store, p->blk);
+    free(p->raw);
+    p->raw = NULL;
     if (p->ns)
         kvs_ns_unref(p->ns);
     p->blk = NULL;
@@ -61,7 +66,16 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
                            (unsigned long long)p->expected);
     memcpy(p->key, h->key.data, h->key.len);
     p->key_len = h->key.len;
-    return kvs_store_block_alloc(c->srv->store, p->ns, h->tokens, p->expected, &p->blk, err);
+    /* Reserve the encoded size in the tier first (it bounds what we keep), then the
+     * transient receive buffer, sized from the namespace (checked above). */
+    uint64_t enc_max = kvs_block_encoded_max(kvs_ns_codec(p->ns, KVS_KEYS),
+                                             kvs_ns_codec(p->ns, KVS_VALUES), h->tokens);
+    if ((rc = kvs_store_block_alloc(c->srv->store, p->ns, h->tokens, enc_max, &p->blk, err)))
+        return rc;
+    if (!(p->raw = kvs_trymalloc(p->expected)))
+        return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
+                           (unsigned long long)p->expected);
+    return 0;
 }
 
 static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
@@ -85,7 +99,7 @@ static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
                              "payload: more than the %llu bytes that %u tokens take",
                              (unsigned long long)p->expected, kvs_block_tokens(p->blk));
         else if (n > 0) { /* an empty chunk carries a NULL pointer: nothing to copy */
-            memcpy((uint8_t *)kvs_block_data(p->blk) + p->received, m->data.data, n);
+            memcpy(p->raw + p->received, m->data.data, n);
             p->received += n;
         }
     }
@@ -110,12 +124,19 @@ static void on_end(kvs_call *c)
         kvs_call_fail(c, KVS_EINVAL, err.msg);
         return;
     }
-    int rc = kvs_payload_check_finite(kvs_ns_spec_of(p->ns), kvs_block_tokens(p->blk),
-                                      kvs_block_data(p->blk), &err);
+    /* Encode on this CQ thread (CPU codecs; the GPU engine and the thread-pool hand-off
+     * come with issue 4). NaN/Inf input fails here, naming the element. */
+    size_t enc_len = 0;
+    int rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
+                              kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
+                              kvs_block_data(p->blk), kvs_block_size(p->blk), &enc_len, &err);
+    free(p->raw);
+    p->raw = NULL;
     if (rc) {
-        kvs_call_fail(c, rc, err.msg);
+        kvs_call_fail(c, rc == KVS_ENOSPC ? KVS_EINTERNAL : rc, err.msg);
         return;
     }
+    kvs_block_set_size(p->blk, enc_len, p->expected);
     kvs_store_put_info info;
     kvs_block *blk = p->blk;
     p->blk = NULL; /* the store owns it from here, committed or not */

@@ -165,7 +165,7 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
         if (!isfinite(x[i])) {
             size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
             kvs_err_set(err, KVS_EINVAL, "payload: %s at layer %u, %s, token %zu, head %zu, "
-                        "channel %zu", isnan(x[i]) ? "NaN" : "Inf", layer,
+                        "channel %zu", isnan(x[i]) ? "NaN" : (x[i] < 0 ? "-Inf" : "+Inf"), layer,
                         c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
                         i % c->spec.head_dim);
             free(x);

@@ -13,6 +13,7 @@ struct kvs_ns {
     uint32_t id;
     bool dropped;
     kvs_ns_spec spec;
+    kvs_codec *codecs[2]; /* keys, values */
     kvs_ns_usage usage;
 };
 
@@ -30,11 +31,15 @@ kvs_ns *kvs_ns_ref(kvs_ns *ns)
 
 void kvs_ns_unref(kvs_ns *ns)
 {
-    if (ns && atomic_fetch_sub_explicit(&ns->refs, 1, memory_order_acq_rel) == 1)
+    if (ns && atomic_fetch_sub_explicit(&ns->refs, 1, memory_order_acq_rel) == 1) {
+        kvs_codec_destroy(ns->codecs[0]);
+        kvs_codec_destroy(ns->codecs[1]);
         free(ns);
+    }
 }
 
 const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns) { return &ns->spec; }
+const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv) { return ns->codecs[kv]; }
 uint32_t kvs_ns_id(const kvs_ns *ns) { return ns->id; }
 bool kvs_ns_dropped(const kvs_ns *ns) { return ns->dropped; }
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns) { return &ns->usage; }
@@ -64,8 +69,8 @@ static ptrdiff_t find_slot(const kvs_ns_registry *reg, const char *name)
     return -1;
 }
 
-int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_ns **out,
-                        kvs_err *err)
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
+                        kvs_ns **out, kvs_err *err)
 {
     if (find_slot(reg, spec->name) >= 0)
         return kvs_err_set(err, KVS_EEXIST, "name: namespace '%s' already exists", spec->name);
@@ -81,6 +86,8 @@ int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_ns **
     atomic_init(&ns->refs, 1);
     ns->id = reg->next_id++;
     ns->spec = *spec;
+    ns->codecs[0] = codecs[0];
+    ns->codecs[1] = codecs[1];
     reg->items[reg->count++] = ns;
     if (out)
         *out = kvs_ns_ref(ns);

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gpu/codec.h"
 #include "gpu/spec.h"
 
 typedef struct kvs_ns kvs_ns;
@@ -23,7 +24,7 @@ typedef struct kvs_ns kvs_ns;
 /* Counters of a namespace; guarded by the store lock. */
 typedef struct kvs_ns_usage {
     uint64_t blocks;
-    uint64_t stored_bytes; /* bytes held in tiers */
+    uint64_t stored_bytes; /* encoded bytes held in tiers */
     uint64_t raw_bytes;    /* payload bytes those blocks represent */
     uint64_t tokens;       /* tokens those blocks hold */
 } kvs_ns_usage;
@@ -33,6 +34,8 @@ kvs_ns *kvs_ns_ref(kvs_ns *ns);
 void kvs_ns_unref(kvs_ns *ns);
 
 const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns); /* valid while a reference is held */
+/* The namespace's codec for keys or values (immutable; valid while a reference is held). */
+const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv);
 uint32_t kvs_ns_id(const kvs_ns *ns);
 bool kvs_ns_dropped(const kvs_ns *ns);                /* guarded by the store lock */
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns);            /* guarded by the store lock */
@@ -43,10 +46,11 @@ kvs_ns_registry *kvs_ns_registry_create(void);
 /* Drops the registry's references (namespaces still referenced elsewhere live on). */
 void kvs_ns_registry_destroy(kvs_ns_registry *reg);
 
-/* Registers a validated spec under a fresh id; *out (may be NULL) receives a new
- * reference. KVS_EEXIST if the name is taken. */
-int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_ns **out,
-                        kvs_err *err);
+/* Registers a validated spec with its two codecs (ownership passes to the namespace on
+ * success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
+ * a new reference. KVS_EEXIST if the name is taken. */
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
+                        kvs_ns **out, kvs_err *err);
 /* Borrowed pointer (no reference taken), or NULL. */
 kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
 /* Unregisters and marks dropped; returns the registry's reference to the caller, or

@@ -19,7 +19,9 @@ struct kvs_block {
     unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
     bool linked;
     uint32_t tokens;
-    uint64_t size;
+    uint64_t size;      /* stored (encoded) bytes; the reservation while FILLING */
+    uint64_t raw_bytes; /* payload bytes the block represents */
+    uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
     uint64_t checksum; /* XXH3-64 of data, set at commit */
     unsigned char *data;
 };
@@ -89,7 +91,7 @@ static bool unlink_locked(kvs_store *st, kvs_block *blk)
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks--;
     u->stored_bytes -= blk->size;
-    u->raw_bytes -= blk->size;
+    u->raw_bytes -= blk->raw_bytes;
     u->tokens -= blk->tokens;
     st->stats.host_blocks--;
     if (--blk->refs == 0) {
@@ -122,18 +124,28 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
     int rc = kvs_spec_validate(spec, err);
     if (rc)
         return rc;
-    uint64_t full;
-    rc = kvs_spec_block_bytes(spec, spec->block_tokens, &full, err);
-    if (rc)
+    kvs_codec *codecs[2] = {NULL, NULL};
+    if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &codecs[0], err)) ||
+        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &codecs[1], err))) {
+        kvs_codec_destroy(codecs[0]);
         return rc;
-    if (full > st->stats.host_capacity)
+    }
+    uint64_t full = kvs_block_encoded_max(codecs[0], codecs[1], spec->block_tokens);
+    if (full > st->stats.host_capacity) {
+        kvs_codec_destroy(codecs[0]);
+        kvs_codec_destroy(codecs[1]);
         return kvs_err_set(err, KVS_ENOSPC,
-                           "block_tokens: a full block of %llu bytes exceeds the host tier "
-                           "capacity of %llu bytes",
+                           "block_tokens: a full encoded block of %llu bytes exceeds the host "
+                           "tier capacity of %llu bytes",
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
+    }
     pthread_mutex_lock(&st->mu);
-    rc = kvs_ns_registry_add(st->reg, spec, out, err);
+    rc = kvs_ns_registry_add(st->reg, spec, codecs, out, err);
     pthread_mutex_unlock(&st->mu);
+    if (rc) {
+        kvs_codec_destroy(codecs[0]);
+        kvs_codec_destroy(codecs[1]);
+    }
     if (rc == 0)
         logf_(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
               spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
@@ -273,9 +285,17 @@ int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t b
     blk->ns = kvs_ns_ref(ns);
     blk->tokens = tokens;
     blk->size = bytes;
+    blk->raw_bytes = bytes;
     blk->data = data;
     *out = blk;
     return 0;
+}
+
+void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
+{
+    blk->shrink += blk->size - size;
+    blk->size = size;
+    blk->raw_bytes = raw_bytes;
 }
 
 void *kvs_block_data(kvs_block *blk) { return blk->data; }
@@ -286,7 +306,7 @@ kvs_store_tier kvs_block_tier(const kvs_block *blk) { return KVS_STORE_TIER_HOST
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
 {
     pthread_mutex_lock(&st->mu);
-    st->stats.host_used -= blk->size;
+    st->stats.host_used -= blk->size + blk->shrink;
     pthread_mutex_unlock(&st->mu);
     block_free(blk);
 }
@@ -299,7 +319,13 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
         kvs_store_block_abort(st, blk);
         return rc;
     }
-    /* Hash outside the lock: the block is still private to this caller. */
+    /* Give back what the encoder did not use; hash outside the lock (the block is still
+     * private to this caller). */
+    if (blk->shrink) {
+        unsigned char *smaller = realloc(blk->data, blk->size ? blk->size : 1);
+        if (smaller)
+            blk->data = smaller;
+    }
     blk->checksum = XXH3_64bits(blk->data, blk->size);
     kvs_index_node_init(&blk->node, kvs_ns_id(blk->ns), key, key_len);
 
@@ -313,6 +339,8 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
         kvs_store_block_abort(st, blk);
         return rc;
     }
+    st->stats.host_used -= blk->shrink;
+    blk->shrink = 0;
     kvs_index_node *prev = kvs_index_find(st->index, blk->node.ns_id, key, key_len);
     if (prev) {
         old = BLOCK_OF_NODE(prev);
@@ -325,7 +353,7 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks++;
     u->stored_bytes += blk->size;
-    u->raw_bytes += blk->size;
+    u->raw_bytes += blk->raw_bytes;
     u->tokens += blk->tokens;
     st->stats.host_blocks++;
     pthread_mutex_unlock(&st->mu);

@@ -1,7 +1,8 @@
 /* The store: namespaces, the block index and the host-RAM tier behind one facade.
  *
- * This version has one tier (host RAM, byte capacity, LRU eviction) and stores blocks as
- * given (codec "none"). Later tiers (gpu, disk) and codecs slot in behind the same verbs.
+ * This version has one tier (host RAM, byte capacity, LRU eviction). Blocks arrive here
+ * already encoded (gpu/codec.h); each namespace owns its key and value codecs. Later
+ * tiers (gpu, disk) slot in behind the same verbs.
  *
  * Block lifecycle (each transition names the function that performs it):
  *
@@ -89,6 +90,10 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
  * KVS_ENOSPC if nothing more can be evicted, KVS_ENOMEM if the allocation fails. */
 int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
                           kvs_block **out, kvs_err *err);
+/* Sets the final stored size of a FILLING block (<= the size it was allocated with; the
+ * difference is given back at commit) and the raw payload bytes it represents. Without
+ * this call both equal the allocated size. */
+void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes);
 /* Writable payload of a FILLING block; read-only view of a committed one. */
 void *kvs_block_data(kvs_block *blk);
 uint64_t kvs_block_size(const kvs_block *blk);

@@ -85,6 +85,33 @@ DRAINING = pb.HealthReply.DRAINING
 # ----------------------------------------------------------------------------- layouts
 
 
+def parse_encoded(b):
+    """Independent reader of the encoded block format (gpu/format.h, version 1): checks the
+    header, the section table and the XXH3-64 over every byte (checksum field as zero) and
+    returns (header dict, [(start, end) per section, (layer, K/V) order])."""
+    import struct
+    import xxhash
+    assert len(b) >= 64 and b[:4] == b"KVS1", b[:4]
+    (ver, dtype, flags, ns_id, kc, kb, vc, vb, L, H, D, _r, t, ks, vs, _r2, seed, total,
+     csum) = struct.unpack_from("<HBBIBBBBHHHHIIIIQQQ", b, 4)
+    assert ver == 1 and total == len(b)
+    h = xxhash.xxh3_64()
+    h.update(b[:56]); h.update(bytes(8)); h.update(b[64:])
+    assert h.intdigest() == csum, "checksum"
+    offs = struct.unpack_from("<%dI" % (2 * L + 1), b, 64)
+    assert offs[0] == 64 + 4 * (2 * L + 1) and offs[-1] == total
+    assert all(a <= c for a, c in zip(offs, offs[1:]))
+    hdr = dict(dtype=dtype, flags=flags, ns_id=ns_id, k_codec=kc, k_bits=kb, v_codec=vc,
+               v_bits=vb, layers=L, kv_heads=H, head_dim=D, tokens=t, k_state=ks,
+               v_state=vs, seed=seed)
+    return hdr, list(zip(offs[:-1], offs[1:]))
+
+
+def encoded_prefix_bytes(L):
+    """Header + section table of an encoded block (gpu/format.h)."""
+    return 64 + 4 * (2 * L + 1)
+
+
 def block_bytes(L, H, D, t, dtype=FP16):
     """Raw bytes of a block of t tokens: [L][2][t][H][D] of 2-byte elements."""
     return L * 2 * t * H * D * 2
@@ -191,6 +218,14 @@ def check_get_chunks(header, chunks):
     total equal to header.total_bytes."""
     b, e = header.layer_begin, header.layer_end
     assert e > b, f"header layer range [{b}, {e})"
+    if header.format == ENCODED:  # one stream of bytes, all in "layer 0", contiguous
+        off = 0
+        for i, c in enumerate(chunks):
+            assert not c.HasField("header") and len(c.data) > 0, f"chunk {i + 1}"
+            assert c.layer == 0 and c.offset == off, f"chunk {i + 1}: {c.layer}/{c.offset}"
+            off += len(c.data)
+        assert off == header.total_bytes, f"{off} of {header.total_bytes} bytes"
+        return
     n = e - b
     assert header.total_bytes % n == 0, f"total_bytes {header.total_bytes} over {n} layers"
     lb = header.total_bytes // n

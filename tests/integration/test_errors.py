@@ -177,9 +177,10 @@ def test_bad_layer_range(d, ns, begin, end):
                      layer_end=end, words="layer")
 
 
-def test_get_encoded_unimplemented(d, ns):
-    kvs.expect_error(grpc.StatusCode.UNIMPLEMENTED, kvs.get, d.stub, ns.name, b"sentinel",
-                     fmt=kvs.ENCODED)
+def test_get_encoded_with_layer_range(d, ns):
+    """An encoded block is served whole: a layer range needs format RAW."""
+    kvs.expect_error(INVALID, kvs.get, d.stub, ns.name, b"sentinel", fmt=kvs.ENCODED,
+                     layer_begin=0, layer_end=1, words="layer")
 
 
 def test_get_unknown_format(d, ns):
@@ -385,8 +386,8 @@ def test_block_over_host_capacity(daemon):
     # 2 MiB full block > 1 MiB host tier.
     kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.make_ns, d.admin, L=32, H=8,
                      D=128, T=16)
-    # One that fits is accepted.
-    kvs.make_ns(d.admin, L=16, H=8, D=128, T=16)
+    # One that fits, encoded header included, is accepted.
+    kvs.make_ns(d.admin, L=15, H=8, D=128, T=16)
 
 
 # ------------------------------------------------------------------ auth
