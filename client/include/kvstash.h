@@ -116,6 +116,20 @@ KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key
                                   size_t key_len, const kvs_get_opts *opts, kvs_layer_cb cb,
                                   void *ctx, kvs_get_result *res, kvs_err *err);
 
+/* Decodes an encoded block (as Get with format ENCODED returns it) on this CPU into raw
+ * (caller-owned, cap bytes; layout [L][2][t][H][D] in the namespace dtype), using the
+ * namespace's spec (kvs_client_ns_get). The block's checksum is verified first
+ * (KVS_EDATALOSS). Blocks encoded with learned codec state (version > 0) need that state,
+ * which this version cannot fetch yet: KVS_ENOTSUP. res (may be NULL) gets tokens, dtype,
+ * layers and bytes. */
+KVS_API int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw,
+                             size_t cap, kvs_get_result *res, kvs_err *err);
+
+/* Get with format ENCODED (a fraction of the wire bytes), then kvs_decode_block here:
+ * the same result as kvs_client_get, decoded on the client's CPU. */
+KVS_API int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                                 void *buf, size_t cap, kvs_get_result *res, kvs_err *err);
+
 /* A block key as a value (caller-allocatable). */
 typedef struct kvs_key {
     uint8_t len; /* 1..KVS_KEY_MAX */

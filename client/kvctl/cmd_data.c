@@ -189,12 +189,36 @@ static bool parse_layers(const char *s, uint32_t *begin, uint32_t *end)
     return true;
 }
 
+/* get --local: the block travels encoded and is decoded by libkvstash on this CPU. */
+static int get_local(const kvctl_cmd *cmd, kvs_client *cl, const char *ns, const kvs_key *key,
+                     sink *s, kvs_get_result *res)
+{
+    kvs_err err;
+    kvs_ns_info info;
+    uint64_t cap;
+    if (kvs_client_ns_get(cl, ns, &info, &err) != 0)
+        return kvctl_fail(cmd, &err);
+    if (kvs_spec_block_bytes(&info.spec, info.spec.block_tokens, &cap, &err) != 0)
+        return kvctl_fail(cmd, &err);
+    void *buf = malloc(cap);
+    if (!buf)
+        return kvctl_failf(cmd, "out of memory for %llu bytes", (unsigned long long)cap);
+    int rc = KVCTL_OK;
+    if (kvs_client_get_local(cl, ns, key->bytes, key->len, buf, cap, res, &err) != 0)
+        rc = kvctl_fail(cmd, &err);
+    else if (fwrite(buf, 1, res->bytes, s->f) != res->bytes)
+        rc = kvctl_failf(cmd, "write: %s", strerror(errno));
+    free(buf);
+    return rc;
+}
+
 static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
     static const struct option opts[] = {
         {"layers", required_argument, NULL, 'l'}, {"encoded", no_argument, NULL, 'e'},
-        {0, 0, 0, 0}};
+        {"local", no_argument, NULL, 'L'}, {0, 0, 0, 0}};
     kvs_get_opts go = {.format = KVS_FORMAT_RAW};
+    bool local = false;
     int c;
     while ((c = kvctl_getopt(cmd, argc, argv, opts)) != -1) {
         if (c == '?')
@@ -203,7 +227,12 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
             return kvctl_usage(cmd, "--layers: '%s' is not A:B (B > A) or A:", optarg);
         if (c == 'e')
             go.format = KVS_FORMAT_ENCODED;
+        if (c == 'L')
+            local = true;
     }
+    if (local && (go.format == KVS_FORMAT_ENCODED || go.layer_end))
+        return kvctl_usage(cmd, "--local fetches the whole block encoded and decodes it here: "
+                                "it excludes --encoded and --layers");
     if (argc - optind != 3)
         return kvctl_usage(cmd, "expected NS KEY FILE, got %d arguments", argc - optind);
     const char *ns = argv[optind], *key_arg = argv[optind + 1], *path = argv[optind + 2];
@@ -224,9 +253,13 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
     kvs_get_result res;
     kvs_err err;
     int rc = KVCTL_OK;
-    if (kvs_client_get_layers(cl, ns, key.bytes, key.len, &go, write_layer, &s, &res, &err) != 0)
+    if (local) {
+        rc = get_local(cmd, cl, ns, &key, &s, &res);
+    } else if (kvs_client_get_layers(cl, ns, key.bytes, key.len, &go, write_layer, &s, &res,
+                                     &err) != 0) {
         rc = s.error ? kvctl_failf(cmd, "%s: %s", path, strerror(s.error))
                      : kvctl_fail(cmd, &err);
+    }
     kvs_client_close(cl);
     if ((to_stdout ? fflush(s.f) : fclose(s.f)) != 0 && rc == KVCTL_OK)
         rc = kvctl_failf(cmd, "%s: %s", path, strerror(errno));
@@ -262,14 +295,15 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
 
 const kvctl_cmd kvctl_cmd_get = {
     .name = "get",
-    .args = "NS KEY FILE [--layers A:B] [--encoded]",
+    .args = "NS KEY FILE [--layers A:B] [--encoded | --local]",
     .summary = "fetch a block into FILE ('-' = stdout)",
     .help = "Writes the block, decoded, in the raw layout [L][2][t][H][D], and prints a\n"
             "summary (tokens, bytes, tier) to stderr (--json: to stdout unless FILE is '-').\n"
             "On failure FILE is removed.\n"
             "\n"
             "  --layers A:B   only layers A (inclusive) to B (exclusive); 'A:' to the end\n"
-            "  --encoded      the encoded block bytes instead of the decoded payload\n",
+            "  --encoded      the encoded block bytes instead of the decoded payload\n"
+            "  --local        fetch the block encoded (fewer wire bytes) and decode it here\n",
     .run = get,
 };
 

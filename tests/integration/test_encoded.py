@@ -26,3 +26,18 @@ def test_encoded_none_block_matches_raw(daemon):
             if n.spec.name == ns.name][0]
     assert info.raw_bytes == sum(L * 2 * t * H * D * 2 for t in (1, 5, T))
     assert info.stored_bytes == info.raw_bytes + 3 * kvs.encoded_prefix_bytes(L)
+
+
+def test_kvctl_get_local_decodes_on_the_client(daemon, tmp_path):
+    """libkvstash fetches the encoded block and decodes it on the client's CPU: the bytes
+    equal the server-decoded Get."""
+    d = daemon()
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    data = ns.payload(5, seed=3)
+    kvs.put(d.stub, ns.name, b"loc", 5, data)
+    out = tmp_path / "local.bin"
+    r = d.kvctl("get", ns.name, "loc", out, "--local")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data == kvs.get(d.stub, ns.name, b"loc").data
+    r = d.kvctl("get", ns.name, "loc", out, "--local", "--encoded")
+    assert r.returncode == 2
