@@ -18,6 +18,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
+#include "gpu/format.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
 /* Payload bytes per message: big enough to amortize per-message cost, small enough to
@@ -78,9 +79,18 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
     if (!(g->raw = kvs_trymalloc(n)))
         return kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %llu bytes",
                            (unsigned long long)n);
-    rc = kvs_block_decode(kvs_ns_codec(g->ns, KVS_KEYS), kvs_ns_codec(g->ns, KVS_VALUES),
-                          kvs_block_data(g->blk), kvs_block_size(g->blk), g->layer_begin,
-                          g->layer_end, (uint16_t *)g->raw, err);
+    /* Decode with the codec state the block was encoded with (it may predate the
+     * namespace's current state). */
+    kvs_block_info info;
+    const kvs_codec *kc = NULL, *vc = NULL;
+    rc = kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, err);
+    if (rc == 0 && (!(kc = kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state)) ||
+                    !(vc = kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state))))
+        rc = kvs_err_set(err, KVS_EPROTO, "codec state versions %u/%u unknown", info.k_state,
+                         info.v_state);
+    if (rc == 0)
+        rc = kvs_block_decode(kc, vc, kvs_block_data(g->blk), kvs_block_size(g->blk),
+                              g->layer_begin, g->layer_end, (uint16_t *)g->raw, err);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS) /* stored bytes we cannot read: data loss */
         return kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %s", err->msg);
     g->bytes = g->raw;

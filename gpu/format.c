@@ -62,18 +62,13 @@ void kvs_format_seal(uint8_t *block, size_t len)
     put64(block + 56, checksum(block, len));
 }
 
-int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
+int kvs_format_peek(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
 {
     if (len < KVS_FORMAT_HEADER_BYTES)
         return kvs_err_set(err, KVS_EPROTO, "encoded block: %zu bytes, shorter than its header",
                            len);
-    if (memcmp(b, KVS_FORMAT_MAGIC, 4) != 0)
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: bad magic (not a KVS1 block)");
     memset(info, 0, sizeof *info);
     info->version = get16(b + 4);
-    if (info->version != KVS_FORMAT_VERSION)
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: format version %u unknown (this build "
-                           "reads %d)", info->version, KVS_FORMAT_VERSION);
     info->dtype = b[6];
     info->flags = b[7];
     info->ns_id = get32(b + 8);
@@ -90,6 +85,19 @@ int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err
     info->seed = get64(b + 40);
     info->total_bytes = get64(b + 48);
     info->checksum = get64(b + 56);
+    return 0;
+}
+
+int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
+{
+    int rc = kvs_format_peek(b, len, info, err);
+    if (rc)
+        return rc;
+    if (memcmp(b, KVS_FORMAT_MAGIC, 4) != 0)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: bad magic (not a KVS1 block)");
+    if (info->version != KVS_FORMAT_VERSION)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: format version %u unknown (this build "
+                           "reads %d)", info->version, KVS_FORMAT_VERSION);
     if (info->layers == 0 || info->layers > KVS_MAX_LAYERS || info->kv_heads == 0 ||
         info->kv_heads > KVS_MAX_KV_HEADS || info->head_dim == 0 ||
         info->head_dim > KVS_MAX_HEAD_DIM || info->tokens == 0 ||

@@ -65,6 +65,10 @@ void kvs_format_seal(uint8_t *block, size_t len);
  * mismatch; KVS_EPROTO for anything malformed). Fills *info. */
 int kvs_format_parse(const uint8_t *block, size_t len, kvs_block_info *info, kvs_err *err);
 
+/* Reads the header fields of a block without validating it (len must be at least
+ * KVS_FORMAT_HEADER_BYTES, else KVS_EPROTO): to choose a decoder before the full parse. */
+int kvs_format_peek(const uint8_t *block, size_t len, kvs_block_info *info, kvs_err *err);
+
 /* Section (layer, kv) of a block parsed OK: its start and length. */
 void kvs_format_section(const uint8_t *block, uint32_t layer, unsigned kv, const uint8_t **start,
                         size_t *len);

@@ -13,7 +13,10 @@ struct kvs_ns {
     uint32_t id;
     bool dropped;
     kvs_ns_spec spec;
-    kvs_codec *codecs[2]; /* keys, values */
+    /* Per K/V: every codec version ever published, oldest first; current = [n - 1].
+     * Slots are written before `n` is published (release), read after (acquire). */
+    kvs_codec *codecs[2][KVS_NS_MAX_STATE_VERSIONS];
+    atomic_uint ncodecs[2];
     kvs_ns_usage usage;
 };
 
@@ -32,14 +35,43 @@ kvs_ns *kvs_ns_ref(kvs_ns *ns)
 void kvs_ns_unref(kvs_ns *ns)
 {
     if (ns && atomic_fetch_sub_explicit(&ns->refs, 1, memory_order_acq_rel) == 1) {
-        kvs_codec_destroy(ns->codecs[0]);
-        kvs_codec_destroy(ns->codecs[1]);
+        for (int kv = 0; kv < 2; kv++)
+            for (unsigned i = 0; i < atomic_load(&ns->ncodecs[kv]); i++)
+                kvs_codec_destroy(ns->codecs[kv][i]);
         free(ns);
     }
 }
 
 const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns) { return &ns->spec; }
-const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv) { return ns->codecs[kv]; }
+const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv)
+{
+    unsigned n = atomic_load_explicit(&((kvs_ns *)ns)->ncodecs[kv], memory_order_acquire);
+    return ns->codecs[kv][n - 1];
+}
+
+const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t version)
+{
+    unsigned n = atomic_load_explicit(&((kvs_ns *)ns)->ncodecs[kv], memory_order_acquire);
+    for (unsigned i = 0; i < n; i++)
+        if (kvs_codec_state_version(ns->codecs[kv][i]) == version)
+            return ns->codecs[kv][i];
+    return NULL;
+}
+
+int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err)
+{
+    unsigned n = atomic_load(&ns->ncodecs[kv]);
+    if (kvs_codec_state_version(codec) <= kvs_codec_state_version(ns->codecs[kv][n - 1]))
+        return kvs_err_set(err, KVS_EINVAL, "codec state: version %u is not newer than %u",
+                           kvs_codec_state_version(codec),
+                           kvs_codec_state_version(ns->codecs[kv][n - 1]));
+    if (n == KVS_NS_MAX_STATE_VERSIONS)
+        return kvs_err_set(err, KVS_ENOSPC, "codec state: namespace '%s' holds %d versions already",
+                           ns->spec.name, KVS_NS_MAX_STATE_VERSIONS);
+    ns->codecs[kv][n] = codec;
+    atomic_store_explicit(&ns->ncodecs[kv], n + 1, memory_order_release);
+    return 0;
+}
 uint32_t kvs_ns_id(const kvs_ns *ns) { return ns->id; }
 bool kvs_ns_dropped(const kvs_ns *ns) { return ns->dropped; }
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns) { return &ns->usage; }
@@ -86,8 +118,10 @@ int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec
     atomic_init(&ns->refs, 1);
     ns->id = reg->next_id++;
     ns->spec = *spec;
-    ns->codecs[0] = codecs[0];
-    ns->codecs[1] = codecs[1];
+    for (int kv = 0; kv < 2; kv++) {
+        ns->codecs[kv][0] = codecs[kv];
+        atomic_init(&ns->ncodecs[kv], 1);
+    }
     reg->items[reg->count++] = ns;
     if (out)
         *out = kvs_ns_ref(ns);

@@ -34,8 +34,21 @@ kvs_ns *kvs_ns_ref(kvs_ns *ns);
 void kvs_ns_unref(kvs_ns *ns);
 
 const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns); /* valid while a reference is held */
-/* The namespace's codec for keys or values (immutable; valid while a reference is held). */
+/* Codec state versions a namespace can hold per K/V (version 0 = nothing learned). */
+#define KVS_NS_MAX_STATE_VERSIONS 16
+
+/* The namespace's current codec for keys or values: new blocks are encoded with it.
+ * Codecs are immutable and live as long as the namespace (valid while a reference is
+ * held); lock-free for readers. */
 const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv);
+/* The codec of a given state version (blocks record the version they were encoded with,
+ * so they stay decodable after the state moves on), or NULL if unknown. */
+const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t version);
+/* Publishes a codec built with a newer state version as the current one (ownership
+ * passes to the namespace). KVS_EINVAL if its version is not above the current one,
+ * KVS_ENOSPC if the namespace holds KVS_NS_MAX_STATE_VERSIONS versions already. Callers
+ * serialize publishers (the store lock); readers need no lock. */
+int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err);
 uint32_t kvs_ns_id(const kvs_ns *ns);
 bool kvs_ns_dropped(const kvs_ns *ns);                /* guarded by the store lock */
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns);            /* guarded by the store lock */

@@ -271,6 +271,32 @@ static void test_drop_namespace(void **state)
     kvs_store_destroy(st);
 }
 
+static void test_codec_state_versions(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    const kvs_codec *v0 = kvs_ns_codec(ns, KVS_KEYS);
+    assert_int_equal(kvs_codec_state_version(v0), 0);
+    kvs_codec_state st1 = {.version = 1};
+    kvs_codec *c1;
+    assert_int_equal(kvs_codec_create(&s, KVS_KEYS, &st1, &c1, &err), 0);
+    assert_int_equal(kvs_ns_codec_publish(ns, KVS_KEYS, c1, &err), 0);
+    assert_ptr_equal(kvs_ns_codec(ns, KVS_KEYS), c1);            /* new blocks use v1 */
+    assert_ptr_equal(kvs_ns_codec_version(ns, KVS_KEYS, 0), v0); /* old blocks still decode */
+    assert_ptr_equal(kvs_ns_codec_version(ns, KVS_KEYS, 1), c1);
+    assert_null(kvs_ns_codec_version(ns, KVS_KEYS, 2));
+    assert_int_equal(kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES)), 0);
+    kvs_codec *again;
+    assert_int_equal(kvs_codec_create(&s, KVS_KEYS, &st1, &again, &err), 0);
+    assert_int_equal(kvs_ns_codec_publish(ns, KVS_KEYS, again, &err), KVS_EINVAL);
+    kvs_codec_destroy(again);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 /* ---- soak: threads put/get/delete over a shared keyspace; bytes must always match the
  * key's fill pattern (key index in every byte), and accounting must end balanced. */
 
@@ -363,6 +389,7 @@ int main(void)
         cmocka_unit_test(test_lru_eviction_and_busy_blocks),
         cmocka_unit_test(test_checksum_mismatch_is_data_loss),
         cmocka_unit_test(test_drop_namespace),
+        cmocka_unit_test(test_codec_state_versions),
         cmocka_unit_test(test_concurrent_soak),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
