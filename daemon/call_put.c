@@ -163,13 +163,27 @@ void kvs_put_on_recv(kvs_call *c, bool ok)
         on_end(c);
         return;
     }
-    grpc_slice s = kvs_call_flatten(c->recv);
-    grpc_byte_buffer_destroy(c->recv);
-    c->recv = NULL;
     kvs_err err;
     kvs_err_clear(&err);
-    int rc = on_chunk(c, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), &err);
-    grpc_slice_unref(s);
+    kvs_put_state *p = &c->u.put;
+    int rc = 0;
+    uint64_t n = 0;
+    /* Data chunks (all but the first message) go straight from the gRPC slices into the
+     * receive buffer; anything else takes the protobuf-c path. */
+    int fast = p->raw ? kvs_wire_put_data(c->recv, p->raw + p->received,
+                                          p->expected - p->received, &n, &err)
+                      : 0;
+    if (fast == 1) {
+        p->received += n;
+    } else if (fast < 0) {
+        rc = fast;
+    } else {
+        grpc_slice s = kvs_call_flatten(c->recv);
+        rc = on_chunk(c, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), &err);
+        grpc_slice_unref(s);
+    }
+    grpc_byte_buffer_destroy(c->recv);
+    c->recv = NULL;
     if (rc)
         kvs_call_fail(c, rc, err.msg);
     else

@@ -1,6 +1,8 @@
 /* Wire conversions and request validation: see wire.h. */
 #include "daemon/wire.h"
 
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -107,4 +109,61 @@ int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t
     *out_begin = begin;
     *out_end = end;
     return 0;
+}
+
+int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
+                      kvs_err *err)
+{
+    /* Wire form of PutChunk{data: D}: 0x12, varint len(D), D. The prefix is at most
+     * 11 bytes and may straddle slices, so it is gathered byte by byte first. */
+    size_t total = grpc_byte_buffer_length(bb);
+    grpc_byte_buffer_reader rd;
+    if (total < 2 || !grpc_byte_buffer_reader_init(&rd, bb))
+        return 0;
+    uint8_t prefix[11];
+    size_t have = 0, used = 0;
+    grpc_slice s;
+    int result = 0;
+    uint64_t len = 0;
+    size_t hdr = 0;
+    while (grpc_byte_buffer_reader_next(&rd, &s)) {
+        const uint8_t *p = GRPC_SLICE_START_PTR(s);
+        size_t sl = GRPC_SLICE_LENGTH(s), off = 0;
+        while (hdr == 0 && off < sl && have < sizeof prefix) {
+            prefix[have++] = p[off++];
+            if (prefix[0] != 0x12)
+                break;
+            if (have >= 2 && !(prefix[have - 1] & 0x80)) { /* varint complete */
+                for (size_t i = have - 1; i >= 1; i--)
+                    len = (len << 7) | (prefix[i] & 0x7F);
+                hdr = have;
+            }
+        }
+        if (hdr == 0 && have > 0 && (prefix[0] != 0x12 || have == sizeof prefix)) {
+            grpc_slice_unref(s);
+            break; /* not a lone data field: the caller unpacks */
+        }
+        if (hdr && used == 0) {
+            if (len != total - hdr) { /* other fields follow: not the fast shape */
+                grpc_slice_unref(s);
+                break;
+            }
+            if (len > cap) {
+                grpc_slice_unref(s);
+                result = kvs_err_set(err, KVS_EINVAL, "payload: more than the %llu bytes that "
+                                     "remain of the block", (unsigned long long)cap);
+                break;
+            }
+            result = 1;
+        }
+        if (hdr && off < sl) {
+            memcpy(dst + used, p + off, sl - off);
+            used += sl - off;
+        }
+        grpc_slice_unref(s);
+    }
+    grpc_byte_buffer_reader_destroy(&rd);
+    if (result == 1)
+        *n = used;
+    return result;
 }

@@ -7,7 +7,9 @@
 #ifndef KVS_DAEMON_WIRE_H
 #define KVS_DAEMON_WIRE_H
 
+#include <grpc/byte_buffer.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "gpu/base/err.h"
 #include "gpu/spec.h"
@@ -36,5 +38,13 @@ int kvs_wire_check_keys(const ProtobufCBinaryData *keys, size_t n, unsigned max_
 /* Resolves a Get's layer range against the namespace: layer_end 0 means all layers. */
 int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t *out_begin,
                          uint32_t *out_end, kvs_err *err);
+
+/* Fast path for a Put data chunk (PutChunk with only field 2, `data`): if the message in
+ * bb is exactly tag 0x12, a varint length and that many bytes, copies the bytes straight
+ * from the gRPC slices to dst (at most cap bytes) without flattening or unpacking, and
+ * sets *n. Returns 1 when done, 0 when the message has another shape (the caller then
+ * unpacks it with protobuf-c), or KVS_EINVAL when the data would exceed cap. */
+int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
+                      kvs_err *err);
 
 #endif

@@ -6,6 +6,8 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <grpc/grpc.h>
+#include <grpc/slice.h>
 
 #include "daemon/wire.h"
 
@@ -123,6 +125,61 @@ static void test_block_bytes_and_keys(void **state)
     assert_int_equal(kvs_key_validate(64, &err), 0);
 }
 
+/* A PutChunk{data} message split into slices at every pair of cut points. */
+static grpc_byte_buffer *split(const uint8_t *m, size_t len, size_t a, size_t b)
+{
+    grpc_slice sl[3] = {grpc_slice_from_copied_buffer((const char *)m, a),
+                        grpc_slice_from_copied_buffer((const char *)m + a, b - a),
+                        grpc_slice_from_copied_buffer((const char *)m + b, len - b)};
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(sl, 3);
+    for (int i = 0; i < 3; i++)
+        grpc_slice_unref(sl[i]);
+    return bb;
+}
+
+static void test_put_data_fast_path(void **state)
+{
+    uint8_t data[300];
+    for (int i = 0; i < 300; i++)
+        data[i] = (uint8_t)(i * 7 + 1);
+    Kvstash__V1__PutChunk m = KVSTASH__V1__PUT_CHUNK__INIT;
+    m.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_DATA;
+    m.data.data = data;
+    m.data.len = sizeof data;
+    uint8_t wire[320];
+    size_t len = kvstash__v1__put_chunk__pack(&m, wire); /* 0x12, 2-byte varint, data */
+    assert_int_equal(len, 303);
+    uint8_t dst[300];
+    uint64_t n;
+    kvs_err err;
+    for (size_t a = 0; a <= 4; a++) { /* cuts inside the tag and the varint, and later */
+        for (size_t b = a; b <= len; b += 37) {
+            memset(dst, 0, sizeof dst);
+            grpc_byte_buffer *bb = split(wire, len, a, b);
+            assert_int_equal(kvs_wire_put_data(bb, dst, sizeof dst, &n, &err), 1);
+            assert_int_equal(n, 300);
+            assert_memory_equal(dst, data, 300);
+            assert_int_equal(kvs_wire_put_data(bb, dst, 299, &n, &err), KVS_EINVAL);
+            assert_non_null(strstr(err.msg, "payload"));
+            grpc_byte_buffer_destroy(bb);
+        }
+    }
+    /* A header chunk is not the fast shape: the caller unpacks it. */
+    Kvstash__V1__PutHeader h = KVSTASH__V1__PUT_HEADER__INIT;
+    h.namespace_ = "m";
+    m.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_HEADER;
+    m.header = &h;
+    len = kvstash__v1__put_chunk__pack(&m, wire);
+    grpc_byte_buffer *bb = split(wire, len, 1, 2);
+    assert_int_equal(kvs_wire_put_data(bb, dst, sizeof dst, &n, &err), 0);
+    grpc_byte_buffer_destroy(bb);
+    /* Data followed by another field: also left to protobuf-c. */
+    uint8_t odd[] = {0x12, 0x02, 0xAA, 0xBB, 0x12, 0x01, 0xCC};
+    bb = split(odd, sizeof odd, 3, 5);
+    assert_int_equal(kvs_wire_put_data(bb, dst, sizeof dst, &n, &err), 0);
+    grpc_byte_buffer_destroy(bb);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -130,6 +187,7 @@ int main(void)
         cmocka_unit_test(test_layer_range),
         cmocka_unit_test(test_spec_from_proto),
         cmocka_unit_test(test_block_bytes_and_keys),
+        cmocka_unit_test(test_put_data_fast_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
