@@ -36,10 +36,15 @@ static const codec_entry codecs[] = {
 #define NCODECS (sizeof codecs / sizeof codecs[0])
 
 /* A codec whose quantizer file has no encoder yet is not offered. */
+static bool available(const kvs_codec_ops *ops)
+{
+    return ops->encode || ops->encode_raw;
+}
+
 static const codec_entry *find(const char *name)
 {
     for (size_t i = 0; i < NCODECS; i++)
-        if (strcmp(codecs[i].name, name) == 0 && codecs[i].ops->encode)
+        if (strcmp(codecs[i].name, name) == 0 && available(codecs[i].ops))
             return &codecs[i];
     return NULL;
 }
@@ -71,7 +76,7 @@ const char *kvs_codec_names(char *buf, size_t cap)
         return buf;
     buf[0] = '\0';
     for (size_t i = 0; i < NCODECS; i++) {
-        if (!codecs[i].ops->encode)
+        if (!available(codecs[i].ops))
             continue;
         size_t m = strlen(codecs[i].name);
         if (n + m + 3 >= cap)
@@ -150,11 +155,43 @@ static size_t section_elems(const kvs_codec *c, uint32_t t)
     return (size_t)t * c->spec.kv_heads * c->spec.head_dim;
 }
 
+static int nonfinite(const kvs_codec *c, uint32_t layer, size_t i, float x, kvs_err *err)
+{
+    size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
+    return kvs_err_set(err, KVS_EINVAL, "payload: %s at layer %u, %s, token %zu, head %zu, "
+                       "channel %zu", isnan(x) ? "NaN" : (x < 0 ? "-Inf" : "+Inf"), layer,
+                       c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
+                       i % c->spec.head_dim);
+}
+
+int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                      kvs_err *err)
+{
+    /* fp16 and bf16 both mark NaN/Inf with an all-ones exponent. */
+    bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
+    const uint16_t mask = bf16 ? 0x7F80 : 0x7C00;
+    size_t n = section_elems(c, t);
+    unsigned bad = 0;
+    for (size_t i = 0; i < n; i++) /* branch-free: vectorizes */
+        bad |= (in[i] & mask) == mask;
+    if (!bad)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((in[i] & mask) == mask)
+            return nonfinite(c, layer, i, bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]),
+                             err);
+    return 0;
+}
+
 int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
                      uint8_t *out, size_t cap, size_t *len, kvs_err *err)
 {
     if (t == 0 || t > c->spec.block_tokens)
         return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
+    if (layer >= c->spec.layers)
+        return kvs_err_set(err, KVS_EINVAL, "layer: %u not below %u", layer, c->spec.layers);
+    if (c->ops->encode_raw)
+        return c->ops->encode_raw(c, layer, t, in, out, cap, len, err);
     size_t n = section_elems(c, t);
     float *x = kvs_trymalloc(n * sizeof *x);
     if (!x)
@@ -163,11 +200,7 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
     for (size_t i = 0; i < n; i++) {
         x[i] = bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]);
         if (!isfinite(x[i])) {
-            size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
-            kvs_err_set(err, KVS_EINVAL, "payload: %s at layer %u, %s, token %zu, head %zu, "
-                        "channel %zu", isnan(x[i]) ? "NaN" : (x[i] < 0 ? "-Inf" : "+Inf"), layer,
-                        c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
-                        i % c->spec.head_dim);
+            nonfinite(c, layer, i, x[i], err);
             free(x);
             return KVS_EINVAL;
         }
@@ -182,6 +215,10 @@ int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
 {
     if (t == 0 || t > c->spec.block_tokens)
         return kvs_err_set(err, KVS_EPROTO, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
+    if (layer >= c->spec.layers)
+        return kvs_err_set(err, KVS_EINVAL, "layer: %u not below %u", layer, c->spec.layers);
+    if (c->ops->decode_raw)
+        return c->ops->decode_raw(c, layer, t, in, len, out, err);
     size_t n = section_elems(c, t);
     float *x = kvs_trymalloc(n * sizeof *x);
     if (!x)
@@ -189,8 +226,12 @@ int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
     int rc = c->ops->decode(c, layer, t, in, len, x, err);
     if (rc == 0) {
         bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
-        for (size_t i = 0; i < n; i++)
-            out[i] = bf16 ? kvs_f32_to_bf16(x[i]) : kvs_f32_to_fp16(x[i]);
+        /* A lossy reconstruction may overshoot the largest fp16 a little: saturate, so
+         * that decoded blocks are always finite. */
+        for (size_t i = 0; i < n; i++) {
+            float v = bf16 || fabsf(x[i]) < 65504.0f ? x[i] : (x[i] < 0 ? -65504.0f : 65504.0f);
+            out[i] = bf16 ? kvs_f32_to_bf16(v) : kvs_f32_to_fp16(v);
+        }
     }
     free(x);
     return rc;

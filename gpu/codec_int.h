@@ -25,7 +25,18 @@ typedef struct kvs_codec_ops {
                   size_t cap, size_t *len, kvs_err *err);
     int (*decode)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
                   float *out, kvs_err *err);
+    /* Optional: a codec that works on the stored 16-bit elements directly (`none`) sets
+     * these instead of paying the fp32 round trip; encode_raw must reject NaN/Inf with
+     * the same message as the generic path (kvs__check_finite). */
+    int (*encode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                      uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+    int (*decode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
+                      size_t len, uint16_t *out, kvs_err *err);
 } kvs_codec_ops;
+
+/* KVS_EINVAL naming the first NaN/Inf of a section's t*H*D raw elements, or 0. */
+int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                      kvs_err *err);
 
 struct kvs_codec {
     const kvs_codec_ops *ops;
