@@ -15,10 +15,6 @@ int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void 
     int rc = kvs_format_parse(enc, len, &info, err);
     if (rc)
         return rc;
-    if (info.k_state || info.v_state)
-        return kvs_err_set(err, KVS_ENOTSUP, "decode: block uses learned codec state (versions "
-                           "%u/%u), which the client cannot fetch yet; ask for format RAW",
-                           info.k_state, info.v_state);
     uint64_t need;
     if ((rc = kvs_spec_block_bytes(spec, info.tokens, &need, err)))
         return kvs_err_prefix(err, "decode");
@@ -27,8 +23,17 @@ int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void 
                            (unsigned long long)need, cap);
     kvs_codec *k = NULL, *v = NULL;
     if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &k, err)) == 0 &&
-        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &v, err)) == 0)
-        rc = kvs_block_decode(k, v, enc, len, 0, spec->layers, raw, err);
+        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &v, err)) == 0) {
+        /* Codecs whose decode reads learned state (RotateKV's key permutation) need the
+         * block's state version, which the client cannot fetch yet. */
+        if ((info.k_state && kvs_codec_decode_needs_state(k)) ||
+            (info.v_state && kvs_codec_decode_needs_state(v)))
+            rc = kvs_err_set(err, KVS_ENOTSUP, "decode: block uses learned codec state "
+                             "(versions %u/%u) that the client cannot fetch yet; ask for "
+                             "format RAW", info.k_state, info.v_state);
+        else
+            rc = kvs_block_decode(k, v, enc, len, 0, spec->layers, raw, err);
+    }
     kvs_codec_destroy(k);
     kvs_codec_destroy(v);
     if (rc == 0 && res)

@@ -145,6 +145,11 @@ kvs_codec_id kvs_codec_id_of(const kvs_codec *c) { return c->id; }
 unsigned kvs_codec_bits(const kvs_codec *c) { return c->bits; }
 uint32_t kvs_codec_state_version(const kvs_codec *c) { return c->state.version; }
 
+bool kvs_codec_decode_needs_state(const kvs_codec *c)
+{
+    return !c->ops->decode_ignores_state;
+}
+
 size_t kvs_codec_section_max(const kvs_codec *c, uint32_t t)
 {
     return c->ops->section_max(c, t);
@@ -303,8 +308,9 @@ int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
         info.head_dim != s->head_dim || info.dtype != s->dtype || info.tokens > s->block_tokens)
         return kvs_err_set(err, KVS_EPROTO, "encoded block: layout does not match the namespace");
     if (info.k_codec != k->id || info.k_bits != k->bits || info.v_codec != v->id ||
-        info.v_bits != v->bits || info.k_state != k->state.version ||
-        info.v_state != v->state.version)
+        info.v_bits != v->bits ||
+        (kvs_codec_decode_needs_state(k) && info.k_state != k->state.version) ||
+        (kvs_codec_decode_needs_state(v) && info.v_state != v->state.version))
         return kvs_err_set(err, KVS_EPROTO, "encoded block: codecs or codec state versions do not "
                            "match the decoder");
     if (layer_begin >= layer_end || layer_end > s->layers)

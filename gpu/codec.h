@@ -68,6 +68,10 @@ kvs_codec_id kvs_codec_id_of(const kvs_codec *c);
 unsigned kvs_codec_bits(const kvs_codec *c);
 uint32_t kvs_codec_state_version(const kvs_codec *c);
 
+/* True if decoding needs the codec state a block was encoded with (RotateKV keys);
+ * false if any state version decodes it (none, fp8, KIVI, PolarQuant, SQuat). */
+bool kvs_codec_decode_needs_state(const kvs_codec *c);
+
 /* Upper bound on the encoded bytes of one section of t tokens (1 <= t <= block_tokens). */
 size_t kvs_codec_section_max(const kvs_codec *c, uint32_t t);
 

@@ -95,4 +95,5 @@ const kvs_codec_ops kvs__codec_fp8_ops = {
     .section_max = fp8_size,
     .encode = fp8_encode,
     .decode = fp8_decode,
+    .decode_ignores_state = true,
 };

@@ -25,6 +25,9 @@ typedef struct kvs_codec_ops {
                   size_t cap, size_t *len, kvs_err *err);
     int (*decode)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
                   float *out, kvs_err *err);
+    /* True if decode reads no codec state (SQuat: its bytes are KIVI bytes), so a block
+     * decodes with a codec of any state version. */
+    bool decode_ignores_state;
     /* Optional: a codec that works on the stored 16-bit elements directly (`none`) sets
      * these instead of paying the fp32 round trip; encode_raw must reject NaN/Inf with
      * the same message as the generic path (kvs__check_finite). */

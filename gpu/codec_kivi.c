@@ -255,4 +255,5 @@ const kvs_codec_ops kvs__codec_kivi_ops = {
     .section_max = kvs__kivi_section_max,
     .encode = kvs__kivi_encode,
     .decode = kvs__kivi_decode,
+    .decode_ignores_state = true,
 };

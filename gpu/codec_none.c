@@ -40,4 +40,5 @@ const kvs_codec_ops kvs__codec_none_ops = {
     .section_max = none_max,
     .encode_raw = none_encode_raw,
     .decode_raw = none_decode_raw,
+    .decode_ignores_state = true,
 };

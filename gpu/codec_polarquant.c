@@ -170,4 +170,5 @@ const kvs_codec_ops kvs__codec_polarquant_ops = {
     .section_max = pq_max,
     .encode = pq_encode,
     .decode = pq_decode,
+    .decode_ignores_state = true,
 };

@@ -556,4 +556,5 @@ const kvs_codec_ops kvs__codec_squat_ops = {
     .section_max = kvs__kivi_section_max,
     .encode = squat_encode,
     .decode = kvs__kivi_decode,
+    .decode_ignores_state = true,
 };
