@@ -51,6 +51,7 @@ typedef enum kvs_rpc {
     KVS_RPC_NS_LIST,
     KVS_RPC_STATS,
     KVS_RPC_HEALTH,
+    KVS_RPC_ADD_QUERIES,
     KVS_RPC_COUNT,
     KVS_RPC_UNKNOWN = KVS_RPC_COUNT, /* the generic slot: answers UNIMPLEMENTED */
 } kvs_rpc;
@@ -198,6 +199,7 @@ int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
 int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 
 uint64_t kvs_now_ms(void);
 

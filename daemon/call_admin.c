@@ -1,6 +1,7 @@
 /* KvAdmin: CreateNamespace, DropNamespace, ListNamespaces, Stats, Health (DESIGN §4).
  * Unary calls on CQ threads; replies are built from store snapshots taken under the
  * store lock, so no daemon lock is held while the store is asked. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -8,6 +9,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "storage/learn.h"
 
 #ifndef KVS_VERSION
 #define KVS_VERSION "dev"
@@ -28,7 +30,7 @@ int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *e
     if (rc)
         return rc;
     kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns)};
-    kvs_ns_unref(ns);
+    kvs_ns_unref(ns); /* a new namespace has learned nothing: state versions 0 */
     Kvstash__V1__NamespaceSpec pspec;
     Kvstash__V1__NamespaceInfo pinfo;
     kvs_wire_info_to_proto(&info, &pspec, &pinfo);
@@ -155,4 +157,49 @@ int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     reply.uptime_ms = kvs_now_ms() - c->srv->start_ms;
     kvs_call_reply(c, &reply.base);
     return 0;
+}
+
+int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__AddQueriesRequest *r = kvstash__v1__add_queries_request__unpack(NULL, len, req);
+    if (!r)
+        return kvs_err_set(err, KVS_EINVAL, "AddQueriesRequest: not a valid protobuf message");
+    kvs_ns *ns = NULL;
+    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
+    if (rc == 0)
+        rc = kvs_store_ns_find(c->srv->store, r->namespace_, &ns, err);
+    if (rc == 0) {
+        /* Every size is checked against the namespace before the bytes are read. */
+        const kvs_ns_spec *s = kvs_ns_spec_of(ns);
+        uint64_t want = 0;
+        bool ok = r->tokens > 0 && r->query_heads > 0 && r->query_heads <= 64 * s->kv_heads &&
+                  kvs_mul_size((uint64_t)s->layers * r->tokens, (uint64_t)r->query_heads *
+                               s->head_dim * 2, &want);
+        if (!ok)
+            rc = kvs_err_set(err, KVS_EINVAL, "tokens, query_heads: must be > 0 (query_heads at "
+                             "most 64 x kv_heads)");
+        else if (r->queries.len != want)
+            rc = kvs_err_set(err, KVS_EINVAL, "queries: %zu bytes, but %u layers x %u tokens x %u "
+                             "heads x %u channels take %llu", r->queries.len, s->layers,
+                             r->tokens, r->query_heads, s->head_dim, (unsigned long long)want);
+        else if (((uintptr_t)r->queries.data & 1) != 0)
+            rc = kvs_err_set(err, KVS_EINTERNAL, "queries: misaligned buffer");
+        else
+            rc = kvs_learn_queries(kvs_ns_learner(ns), ns, r->query_heads, r->tokens,
+                                   (const uint16_t *)r->queries.data, NULL, err);
+    }
+    kvstash__v1__add_queries_request__free_unpacked(r, NULL);
+    if (rc == 0) {
+        kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns),
+                                  .key_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_KEYS)),
+                                  .value_state =
+                                      kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES))};
+        Kvstash__V1__NamespaceSpec pspec;
+        Kvstash__V1__NamespaceInfo pinfo;
+        kvs_wire_info_to_proto(&info, &pspec, &pinfo);
+        kvs_call_reply(c, &pinfo.base);
+    }
+    if (ns)
+        kvs_ns_unref(ns);
+    return rc;
 }

@@ -17,10 +17,12 @@
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/log.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "storage/learn.h"
 
 void kvs_put_start(kvs_call *c)
 {
@@ -126,8 +128,15 @@ static void on_end(kvs_call *c)
     }
     /* Encode on this CQ thread (CPU codecs; the GPU engine and the thread-pool hand-off
      * come with issue 4). NaN/Inf input fails here, naming the element. */
+    /* RotateKV namespaces learn their key channel order from the first blocks they store
+     * (storage/learn.h); a calibration failure costs quality, never the Put. */
+    int rc = kvs_learn_keys(kvs_ns_learner(p->ns), p->ns, kvs_block_tokens(p->blk),
+                            (const uint16_t *)p->raw, &err);
+    if (rc)
+        kvs_log(KVS_LOG_WARN, "call#%llu Put: namespace '%s': calibration: %s",
+                (unsigned long long)c->id, kvs_ns_spec_of(p->ns)->name, err.msg);
     size_t enc_len = 0;
-    int rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
+    rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
                               kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
                               kvs_block_data(p->blk), kvs_block_size(p->blk), &enc_len, &err);
     free(p->raw);

@@ -24,6 +24,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->drain_timeout_s = 30;
     cfg->stats_interval_s = 60;
     cfg->max_keys = 4096;
+    cfg->calib_tokens = 4096;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -93,6 +94,8 @@ static void usage(FILE *f)
             "  --drain-timeout SEC    on SIGTERM, wait this long for in-flight calls (default 30)\n"
             "  --stats-interval SEC   log a stats line every SEC seconds, 0 = never (default 60)\n"
             "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
+            "  --calib-tokens N       rotatekv-*: key tokens that calibrate the channel order\n"
+            "                         before it is frozen (default 4096)\n"
             "  -h, --help             this text\n"
             "  --version              print the version\n"
             "\n"
@@ -103,7 +106,7 @@ static void usage(FILE *f)
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
-           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_VERSION };
+           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -116,6 +119,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"drain-timeout", required_argument, NULL, O_DRAIN},
         {"stats-interval", required_argument, NULL, O_STATS},
         {"max-keys", required_argument, NULL, O_MAX_KEYS},
+        {"calib-tokens", required_argument, NULL, O_CALIB},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -176,6 +180,10 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         case O_MAX_KEYS:
             if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
                 return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576", optarg);
+            break;
+        case O_CALIB:
+            if (!parse_uint(optarg, 1, 1u << 24, &cfg->calib_tokens))
+                return kvs_err_set(err, KVS_EINVAL, "--calib-tokens: '%s' is not in 1..16777216", optarg);
             break;
         case 'h': usage(stdout); return 1;
         case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;

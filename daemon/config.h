@@ -21,6 +21,7 @@ typedef struct kvs_config {
     unsigned drain_timeout_s;
     unsigned stats_interval_s; /* 0 = no periodic stats line */
     unsigned max_keys;       /* keys per Lookup/Exists/Delete */
+    unsigned calib_tokens;   /* RotateKV: tokens of keys that calibrate the channel order */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

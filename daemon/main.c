@@ -143,7 +143,9 @@ int main(int argc, char **argv)
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 
     grpc_init();
-    kvs_store_opts sopts = {.host_capacity = d.cfg.host_capacity, .log = kvs_log_sink};
+    kvs_store_opts sopts = {.host_capacity = d.cfg.host_capacity,
+                            .calib_tokens = d.cfg.calib_tokens,
+                            .log = kvs_log_sink};
     int port = 0;
     if ((rc = kvs_store_create(&sopts, &d.store, &err)) ||
         (rc = kvs_server_create(&d.cfg, d.store, &d.server, &port, &err))) {

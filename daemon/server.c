@@ -33,6 +33,8 @@ const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
                          kvs_ns_list_handle},
     [KVS_RPC_STATS] = {"/kvstash.v1.KvAdmin/Stats", "Stats", true, false, kvs_stats_handle},
     [KVS_RPC_HEALTH] = {"/kvstash.v1.KvAdmin/Health", "Health", true, false, kvs_health_handle},
+    [KVS_RPC_ADD_QUERIES] = {"/kvstash.v1.KvAdmin/AddQueries", "AddQueries", true, false,
+                             kvs_add_queries_handle},
 };
 
 static void *cq_thread(void *arg)

@@ -74,6 +74,8 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__Namespace
     info->blocks = src->usage.blocks;
     info->stored_bytes = src->usage.stored_bytes;
     info->raw_bytes = src->usage.raw_bytes;
+    info->key_state_version = src->key_state;
+    info->value_state_version = src->value_state;
     uint64_t full = 0;
     kvs_spec_block_bytes(&src->spec, src->spec.block_tokens, &full, NULL);
     info->block_bytes = full;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "storage/learn.h"
 
 struct kvs_ns {
     atomic_uint refs;
@@ -17,6 +18,7 @@ struct kvs_ns {
      * Slots are written before `n` is published (release), read after (acquire). */
     kvs_codec *codecs[2][KVS_NS_MAX_STATE_VERSIONS];
     atomic_uint ncodecs[2];
+    kvs_learn *learn;
     kvs_ns_usage usage;
 };
 
@@ -38,6 +40,7 @@ void kvs_ns_unref(kvs_ns *ns)
         for (int kv = 0; kv < 2; kv++)
             for (unsigned i = 0; i < atomic_load(&ns->ncodecs[kv]); i++)
                 kvs_codec_destroy(ns->codecs[kv][i]);
+        kvs_learn_destroy(ns->learn);
         free(ns);
     }
 }
@@ -75,6 +78,7 @@ int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err)
 uint32_t kvs_ns_id(const kvs_ns *ns) { return ns->id; }
 bool kvs_ns_dropped(const kvs_ns *ns) { return ns->dropped; }
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns) { return &ns->usage; }
+kvs_learn *kvs_ns_learner(const kvs_ns *ns) { return ns->learn; }
 
 kvs_ns_registry *kvs_ns_registry_create(void)
 {
@@ -102,7 +106,7 @@ static ptrdiff_t find_slot(const kvs_ns_registry *reg, const char *name)
 }
 
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_ns **out, kvs_err *err)
+                        kvs_learn *learn, kvs_ns **out, kvs_err *err)
 {
     if (find_slot(reg, spec->name) >= 0)
         return kvs_err_set(err, KVS_EEXIST, "name: namespace '%s' already exists", spec->name);
@@ -118,6 +122,7 @@ int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec
     atomic_init(&ns->refs, 1);
     ns->id = reg->next_id++;
     ns->spec = *spec;
+    ns->learn = learn;
     for (int kv = 0; kv < 2; kv++) {
         ns->codecs[kv][0] = codecs[kv];
         atomic_init(&ns->ncodecs[kv], 1);

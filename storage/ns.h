@@ -20,6 +20,7 @@
 #include "gpu/spec.h"
 
 typedef struct kvs_ns kvs_ns;
+typedef struct kvs_learn kvs_learn; /* storage/learn.h */
 
 /* Counters of a namespace; guarded by the store lock. */
 typedef struct kvs_ns_usage {
@@ -49,6 +50,8 @@ const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t vers
  * KVS_ENOSPC if the namespace holds KVS_NS_MAX_STATE_VERSIONS versions already. Callers
  * serialize publishers (the store lock); readers need no lock. */
 int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err);
+/* The namespace's online learner of codec state (NULL if its codecs learn nothing). */
+kvs_learn *kvs_ns_learner(const kvs_ns *ns);
 uint32_t kvs_ns_id(const kvs_ns *ns);
 bool kvs_ns_dropped(const kvs_ns *ns);                /* guarded by the store lock */
 kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns);            /* guarded by the store lock */
@@ -59,11 +62,11 @@ kvs_ns_registry *kvs_ns_registry_create(void);
 /* Drops the registry's references (namespaces still referenced elsewhere live on). */
 void kvs_ns_registry_destroy(kvs_ns_registry *reg);
 
-/* Registers a validated spec with its two codecs (ownership passes to the namespace on
- * success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
+/* Registers a validated spec with its two codecs and its learner (may be NULL; ownership
+ * of all three passes to the namespace on success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
  * a new reference. KVS_EEXIST if the name is taken. */
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_ns **out, kvs_err *err);
+                        kvs_learn *learn, kvs_ns **out, kvs_err *err);
 /* Borrowed pointer (no reference taken), or NULL. */
 kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
 /* Unregisters and marks dropped; returns the registry's reference to the caller, or

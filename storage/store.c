@@ -10,6 +10,7 @@
 
 #include "gpu/base/mem.h"
 #include "storage/index.h"
+#include "storage/learn.h"
 #include "storage/lru.h"
 
 struct kvs_block {
@@ -32,6 +33,7 @@ struct kvs_store {
     kvs_index *index;
     kvs_lru lru;
     kvs_store_stats stats;
+    uint32_t calib_tokens;
     kvs_log_fn log;
     void *log_ctx;
 };
@@ -68,6 +70,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     st->index = kvs_index_create();
     kvs_lru_init(&st->lru);
     st->stats.host_capacity = opts->host_capacity;
+    st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;
     *out = st;
@@ -139,12 +142,19 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
                            "tier capacity of %llu bytes",
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
     }
+    kvs_learn *learn = NULL;
+    if ((rc = kvs_learn_create(spec, st->calib_tokens, &learn, err))) {
+        kvs_codec_destroy(codecs[0]);
+        kvs_codec_destroy(codecs[1]);
+        return rc;
+    }
     pthread_mutex_lock(&st->mu);
-    rc = kvs_ns_registry_add(st->reg, spec, codecs, out, err);
+    rc = kvs_ns_registry_add(st->reg, spec, codecs, learn, out, err);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
         kvs_codec_destroy(codecs[0]);
         kvs_codec_destroy(codecs[1]);
+        kvs_learn_destroy(learn);
     }
     if (rc == 0)
         logf_(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
@@ -217,6 +227,8 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
         v[i].spec = *kvs_ns_spec_of(ns);
         v[i].id = kvs_ns_id(ns);
         v[i].usage = *kvs_ns_usage_of(ns);
+        v[i].key_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_KEYS));
+        v[i].value_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES));
     }
     pthread_mutex_unlock(&st->mu);
     *out = v;

@@ -52,6 +52,7 @@ typedef enum kvs_store_tier {
 
 typedef struct kvs_store_opts {
     uint64_t host_capacity; /* bytes of the host tier */
+    uint32_t calib_tokens;  /* RotateKV calibration tokens N_cal (0 = 4096) */
     kvs_log_fn log;         /* may be NULL */
     void *log_ctx;
 } kvs_store_opts;
@@ -77,6 +78,7 @@ typedef struct kvs_store_ns_info {
     kvs_ns_spec spec;
     uint32_t id;
     kvs_ns_usage usage;
+    uint32_t key_state, value_state; /* current codec state versions */
 } kvs_store_ns_info;
 
 /* Snapshot of every namespace; *out is malloc'ed (free with free()), *n entries. */
