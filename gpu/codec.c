@@ -25,6 +25,7 @@ static const codec_entry codecs[] = {
     {"none", KVS_CODEC_NONE, 16, &kvs__codec_none_ops},
     {"fp8", KVS_CODEC_FP8, 8, &kvs__codec_fp8_ops},
     {"kivi-2", KVS_CODEC_KIVI, 2, &kvs__codec_kivi_ops},
+    {"kivi-3", KVS_CODEC_KIVI, 3, &kvs__codec_kivi_ops}, /* PolarQuant's bit class (4.0) */
     {"kivi-4", KVS_CODEC_KIVI, 4, &kvs__codec_kivi_ops},
     {"polarquant", KVS_CODEC_POLARQUANT, 4, &kvs__codec_polarquant_ops},
     {"rotatekv-2", KVS_CODEC_ROTATEKV, 2, &kvs__codec_rotatekv_ops},

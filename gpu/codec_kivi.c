@@ -244,8 +244,8 @@ int kvs__kivi_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
 
 static int kivi_init(kvs_codec *c, kvs_err *err)
 {
-    if (c->bits != 2 && c->bits != 4)
-        return kvs_err_set(err, KVS_EINVAL, "bits %u not supported (2 or 4)", c->bits);
+    if (c->bits < 2 || c->bits > 4)
+        return kvs_err_set(err, KVS_EINVAL, "bits %u not supported (2, 3 or 4)", c->bits);
     return 0;
 }
 

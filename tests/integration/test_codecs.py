@@ -14,11 +14,11 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 # Relative L2 error bounds on Gaussian data (the codecs' unit tests pin them down finely;
 # here they only catch a daemon that decodes with the wrong codec or state).
-BOUNDS = {"none": 0.0, "fp8": 0.05, "kivi-4": 0.12, "kivi-2": 0.5, "squat-2": 0.55,
+BOUNDS = {"none": 0.0, "fp8": 0.05, "kivi-4": 0.12, "kivi-3": 0.25, "kivi-2": 0.5, "squat-2": 0.55,
           "squat-4": 0.12, "polarquant": 0.22, "rotatekv-2": 0.5, "rotatekv-3": 0.3,
           "rotatekv-4": 0.15}
 # Section payload bits per element at t = T = 32 (no sinks on Gaussian data).
-BITS = {"none": 16, "fp8": 8 + 32 / (T * D), "kivi-2": 3, "kivi-4": 5, "squat-2": 3,
+BITS = {"none": 16, "fp8": 8 + 32 / (T * D), "kivi-2": 3, "kivi-3": 4, "kivi-4": 5, "squat-2": 3,
         "squat-4": 5, "polarquant": 3.875, "rotatekv-2": 2.25, "rotatekv-3": 3.25,
         "rotatekv-4": 4.25}
 
