@@ -92,8 +92,21 @@ demo() {
     log "workload 2: Llama-3-8B-like layout (32 layers, 8 kv-heads, head_dim 128, 16 tokens = 2 MiB blocks)"
     kvctl ns create llama3-8b --layers 32 --kv-heads 8 --head-dim 128 --block-tokens 16
     kvctl bench llama3-8b --blocks 128 --threads 4
+
+    log "workload 3: the same real KV stored compressed (quantizers: PolarQuant, RotateKV-2, KIVI-2)"
+    for codec in polarquant rotatekv-2 kivi-2; do
+        kvctl ns create "realkv-$codec" --layers 6 --kv-heads 4 --head-dim 128 --block-tokens 16 \
+            --codec "$codec" >/dev/null
+        for ((i = 0; i < n; i++)); do
+            kvctl put "realkv-$codec" "hex:${keys[i]}" "$work/blk/block-$i.bin" >/dev/null
+            kvctl get "realkv-$codec" "hex:${keys[i]}" "$work/lossy-$i.bin" 2>/dev/null
+        done
+    done
     kvctl stats
     kvctl ns list
+
+    log "codec quality on the real KV sample (tests/bench/quality.c; full table in tests/bench/RESULTS.md)"
+    "$bin/kvs-quality" "$ROOT/tests/data/realkv-a-64.kvs" --block-tokens 16
 
     log "stopping kvstashd (SIGTERM: drain, then exit)"
     kill -TERM "$DEMO_PID"
