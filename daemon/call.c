@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "daemon/log.h"
+#include "daemon/work.h"
 #include "gpu/base/mem.h"
 
 uint64_t kvs_now_ms(void)
@@ -207,6 +208,14 @@ void kvs_call_abandon(kvs_call *c)
     pthread_mutex_lock(&c->mu);
     c->finished = true;
     pthread_mutex_unlock(&c->mu);
+}
+
+void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *))
+{
+    if (!c->srv->work || kvs_work_submit(c->srv->work, fn, done, c) != 0) {
+        fn(c);
+        done(c);
+    }
 }
 
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)

@@ -77,6 +77,7 @@ extern const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT];
 struct kvs_server {
     const kvs_config *cfg; /* borrowed from main, outlives the server */
     kvs_store *store;      /* borrowed */
+    struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
@@ -119,6 +120,9 @@ typedef struct kvs_put_state {
     uint64_t expected, received;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
+    int rc;        /* result of the encode job */
+    size_t enc_len;
+    kvs_err err;
 } kvs_put_state;
 
 typedef struct kvs_get_state {
@@ -129,6 +133,8 @@ typedef struct kvs_get_state {
     bool encoded;
     uint32_t layer, layer_begin, layer_end;
     uint64_t offset, layer_bytes, chunk;
+    int rc; /* result of the decode job */
+    kvs_err err;
 } kvs_get_state;
 
 struct kvs_call {
@@ -177,6 +183,11 @@ void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg);
 void kvs_call_fail(kvs_call *c, int code, const char *msg);
 /* Ends the call without sending anything more (after a failed op or a cancel). */
 void kvs_call_abandon(kvs_call *c);
+
+/* Runs fn(c) on the libuv pool and then done(c) on the loop thread (daemon/work.h), or
+ * both right here when there is no pool or it is closed (shutdown). Between the two the
+ * call must have no batch in flight but CLOSE. */
+void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *));
 
 /* Copies a received byte buffer into one contiguous slice. The caller reads
  * GRPC_SLICE_START_PTR/LENGTH and unrefs the slice. */

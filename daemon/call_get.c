@@ -1,6 +1,7 @@
 /* Get: the server-streaming state machine (DESIGN §2, §4).
  *
- *   start ──valid──> store_get (reader ref) ──send header──> SEND ──> send layer chunk ──┐
+ *   start ──valid──> store_get (reader ref) ──DECODE (libuv pool: decode_job; RAW only)
+ *         ──send header──> SEND ──> send layer chunk ──┐
  *     └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / DATA_LOSS / UNIMPLEMENTED)        ▲   │
  *                                                                                  └───┘
  *   all layers sent ──> reply(status OK)        send !ok (client gone) ──> abandon
@@ -16,6 +17,7 @@
 
 #include "daemon/call.h"
 #include "daemon/wire.h"
+#include "daemon/work.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
 #include "gpu/format.h"
@@ -73,17 +75,28 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
         g->layer_end = g->layer_begin + 1;
         return 0;
     }
-    /* Decode only the layers asked for (sections are independent). */
+    /* Decode only the layers asked for (sections are independent); the decode itself
+     * runs in decode_job. */
     g->layer_bytes = kvs_spec_layer_bytes(spec, t);
     uint64_t n = g->layer_bytes * (g->layer_end - g->layer_begin);
     if (!(g->raw = kvs_trymalloc(n)))
         return kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %llu bytes",
                            (unsigned long long)n);
-    /* Decode with the codec state the block was encoded with (it may predate the
-     * namespace's current state). */
+    g->bytes = g->raw;
+    return 0;
+}
+
+/* Pool thread: decode with the codec state the block was encoded with (it may predate
+ * the namespace's current state). Only CLOSE is in flight meanwhile (call.h inv. 1). */
+static void decode_job(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    kvs_err *err = &g->err;
     kvs_block_info info;
     const kvs_codec *kc = NULL, *vc = NULL;
-    rc = kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, err);
+    kvs_err_clear(err);
+    int rc = kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, err);
     if (rc == 0 && (!(kc = kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state)) ||
                     !(vc = kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state))))
         rc = kvs_err_set(err, KVS_EPROTO, "codec state versions %u/%u unknown", info.k_state,
@@ -92,9 +105,31 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
         rc = kvs_block_decode(kc, vc, kvs_block_data(g->blk), kvs_block_size(g->blk),
                               g->layer_begin, g->layer_end, (uint16_t *)g->raw, err);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS) /* stored bytes we cannot read: data loss */
-        return kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %s", err->msg);
-    g->bytes = g->raw;
-    return rc;
+        rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
+    g->rc = rc;
+}
+
+/* Loop thread (or inline): answer with the header chunk, then stream (kvs_get_on_send). */
+static void send_header(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    if (g->rc) {
+        kvs_call_fail(c, g->rc, g->err.msg);
+        return;
+    }
+    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
+    Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;
+    hdr.tokens = kvs_block_tokens(g->blk);
+    hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
+    hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
+    hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
+    hdr.total_bytes = g->layer_bytes * (g->layer_end - g->layer_begin);
+    hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
+    hdr.tier = (Kvstash__V1__Tier)kvs_block_tier(g->blk);
+    Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
+    chunk.header = &hdr;
+    kvs_call_send(c, &chunk.base);
 }
 
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
@@ -112,19 +147,10 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
         kvs_call_fail(c, rc, err.msg);
         return;
     }
-    kvs_get_state *g = &c->u.get;
-    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
-    Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;
-    hdr.tokens = kvs_block_tokens(g->blk);
-    hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
-    hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
-    hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
-    hdr.total_bytes = g->layer_bytes * (g->layer_end - g->layer_begin);
-    hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
-    hdr.tier = (Kvstash__V1__Tier)kvs_block_tier(g->blk);
-    Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
-    chunk.header = &hdr;
-    kvs_call_send(c, &chunk.base);
+    if (c->u.get.encoded)
+        send_header(c); /* the stored bytes go out as they are */
+    else
+        kvs_call_run_work(c, decode_job, send_header);
 }
 
 void kvs_get_on_send(kvs_call *c, bool ok)

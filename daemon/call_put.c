@@ -4,13 +4,15 @@
  *            │         └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED)
  *            │                                                                     │
  *            └─ recv !ok (cancelled, oversize message): abandon                     │
- *   end of stream (recv ok, no message) ──complete?──> commit ──> reply(PutReply)  <┘
+ *   end of stream (recv ok, no message) ──complete?──> ENCODE (libuv pool: encode_job)
+ *                                        │            ──> commit ──> reply(PutReply)   <┘
  *                                        └─ short ──> fail(INVALID_ARGUMENT "truncated")
  *
  * Every size is checked against the namespace before the block buffer is reserved
  * (its size comes from the namespace and the token count, never from the client), and
- * each data chunk is bounds-checked before it is copied. Runs on CQ threads; one step
- * at a time per call (call.h invariant 1).
+ * each data chunk is bounds-checked before it is copied. Runs on CQ threads, except the
+ * encode (pool thread) and what follows it (loop thread); one step at a time per call
+ * (call.h invariant 1).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +21,7 @@
 #include "daemon/call.h"
 #include "daemon/log.h"
 #include "daemon/wire.h"
+#include "daemon/work.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
 #include "kvstash/v1/kvstash.pb-c.h"
@@ -109,6 +112,53 @@ static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
     return rc;
 }
 
+/* Pool thread: learn, encode. The call has no batch but CLOSE in flight (call.h invariant
+ * 1), so nothing else touches its state meanwhile. */
+static void encode_job(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_put_state *p = &c->u.put;
+    kvs_err_clear(&p->err);
+    /* RotateKV namespaces learn their key channel order from the first blocks they store
+     * (storage/learn.h); a calibration failure costs quality, never the Put. */
+    if (kvs_learn_keys(kvs_ns_learner(p->ns), p->ns, kvs_block_tokens(p->blk),
+                       (const uint16_t *)p->raw, &p->err))
+        kvs_log(KVS_LOG_WARN, "call#%llu Put: namespace '%s': calibration: %s",
+                (unsigned long long)c->id, kvs_ns_spec_of(p->ns)->name, p->err.msg);
+    /* NaN/Inf input fails here, naming the element. */
+    p->rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
+                             kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
+                             kvs_block_data(p->blk), kvs_block_size(p->blk), &p->enc_len, &p->err);
+    free(p->raw);
+    p->raw = NULL;
+}
+
+/* Loop thread (or inline): commit the encoded block and answer. */
+static void encode_done(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_put_state *p = &c->u.put;
+    if (p->rc) {
+        kvs_call_fail(c, p->rc == KVS_ENOSPC ? KVS_EINTERNAL : p->rc, p->err.msg);
+        return;
+    }
+    kvs_block_set_size(p->blk, p->enc_len, p->expected);
+    kvs_store_put_info info;
+    kvs_block *blk = p->blk;
+    p->blk = NULL; /* the store owns it from here, committed or not */
+    int rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &p->err);
+    if (rc) {
+        kvs_call_fail(c, rc, p->err.msg);
+        return;
+    }
+    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
+    reply.tier = (Kvstash__V1__Tier)info.tier;
+    reply.encoded_bytes = info.stored_bytes;
+    reply.raw_bytes = p->received;
+    reply.replaced = info.replaced;
+    kvs_call_reply(c, &reply.base);
+}
+
 static void on_end(kvs_call *c)
 {
     kvs_put_state *p = &c->u.put;
@@ -126,40 +176,8 @@ static void on_end(kvs_call *c)
         kvs_call_fail(c, KVS_EINVAL, err.msg);
         return;
     }
-    /* Encode on this CQ thread (CPU codecs; the GPU engine and the thread-pool hand-off
-     * come with issue 4). NaN/Inf input fails here, naming the element. */
-    /* RotateKV namespaces learn their key channel order from the first blocks they store
-     * (storage/learn.h); a calibration failure costs quality, never the Put. */
-    int rc = kvs_learn_keys(kvs_ns_learner(p->ns), p->ns, kvs_block_tokens(p->blk),
-                            (const uint16_t *)p->raw, &err);
-    if (rc)
-        kvs_log(KVS_LOG_WARN, "call#%llu Put: namespace '%s': calibration: %s",
-                (unsigned long long)c->id, kvs_ns_spec_of(p->ns)->name, err.msg);
-    size_t enc_len = 0;
-    rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
-                              kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
-                              kvs_block_data(p->blk), kvs_block_size(p->blk), &enc_len, &err);
-    free(p->raw);
-    p->raw = NULL;
-    if (rc) {
-        kvs_call_fail(c, rc == KVS_ENOSPC ? KVS_EINTERNAL : rc, err.msg);
-        return;
-    }
-    kvs_block_set_size(p->blk, enc_len, p->expected);
-    kvs_store_put_info info;
-    kvs_block *blk = p->blk;
-    p->blk = NULL; /* the store owns it from here, committed or not */
-    rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &err);
-    if (rc) {
-        kvs_call_fail(c, rc, err.msg);
-        return;
-    }
-    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
-    reply.tier = (Kvstash__V1__Tier)info.tier;
-    reply.encoded_bytes = info.stored_bytes;
-    reply.raw_bytes = p->received;
-    reply.replaced = info.replaced;
-    kvs_call_reply(c, &reply.base);
+    /* Encoding is CPU work: off to the libuv pool, then commit and reply from there. */
+    kvs_call_run_work(c, encode_job, encode_done);
 }
 
 void kvs_put_on_recv(kvs_call *c, bool ok)

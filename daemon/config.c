@@ -20,6 +20,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->max_message = 64ull << 20;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     cfg->threads = n < 2 ? 2 : (n > 64 ? 64 : (unsigned)n);
+    cfg->codec_threads = cfg->threads;
     cfg->log_level = KVS_LOG_INFO;
     cfg->drain_timeout_s = 30;
     cfg->stats_interval_s = 60;
@@ -88,6 +89,7 @@ static void usage(FILE *f)
             "  --host-capacity SIZE   bytes of the host RAM tier, e.g. 512M, 2G (default 2G)\n"
             "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
             "  --threads N            completion-queue threads (default: cores, at least 2)\n"
+            "  --codec-threads N      thread-pool threads for CPU encode/decode (default: cores)\n"
             "  --log-level LEVEL      error, warn, info or debug (default info)\n"
             "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
             "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
@@ -106,7 +108,7 @@ static void usage(FILE *f)
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
-           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_VERSION };
+           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -120,6 +122,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"stats-interval", required_argument, NULL, O_STATS},
         {"max-keys", required_argument, NULL, O_MAX_KEYS},
         {"calib-tokens", required_argument, NULL, O_CALIB},
+        {"codec-threads", required_argument, NULL, O_CODEC_THREADS},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -180,6 +183,10 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         case O_MAX_KEYS:
             if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
                 return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576", optarg);
+            break;
+        case O_CODEC_THREADS:
+            if (!parse_uint(optarg, 1, 1024, &cfg->codec_threads))
+                return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024", optarg);
             break;
         case O_CALIB:
             if (!parse_uint(optarg, 1, 1u << 24, &cfg->calib_tokens))

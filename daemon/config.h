@@ -15,6 +15,7 @@ typedef struct kvs_config {
     uint64_t host_capacity;  /* bytes of the host tier */
     uint64_t max_message;    /* largest gRPC message accepted or sent */
     unsigned threads;        /* completion-queue threads */
+    unsigned codec_threads;  /* libuv pool threads for CPU codec work */
     kvs_log_level log_level;
     char token[256];         /* data-path bearer token ("" = open) */
     char admin_token[256];   /* KvAdmin bearer token ("" = same rules as token) */

@@ -2,14 +2,16 @@
  * daemon's only process-global state (the `daemon` struct below, reached through the
  * loop's data pointer).
  *
- * Start: parse flags -> grpc_init -> store -> server (bind, arm, CQ threads) -> port
- * file -> loop (signals, stats timer). Stop (SIGTERM/SIGINT): drain (new calls get
+ * Start: parse flags -> grpc_init -> loop (signals, stats timer) -> codec work mailbox
+ * (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop (SIGTERM/SIGINT): drain (new calls get
  * UNAVAILABLE) -> poll until in-flight calls finish or --drain-timeout passes -> close
- * loop handles -> server shutdown -> store -> grpc_shutdown -> exit 0. A second signal
+ * loop handles (queued codec work still finishes) -> server shutdown -> work mailbox ->
+ * store -> grpc_shutdown -> exit 0. A second signal
  * during the drain skips the wait.
  *
  * Threads: the loop runs on the main thread; gRPC's completion-queue threads run every
- * call (daemon/server.c) and never touch libuv.
+ * call (daemon/server.c) and touch libuv only through the work mailbox; CPU codec work runs
+ * on libuv's thread pool (--codec-threads).
  */
 #include <grpc/grpc.h>
 #include <malloc.h>
@@ -24,6 +26,7 @@
 #include "daemon/config.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
+#include "daemon/work.h"
 #include "storage/store.h"
 
 #define DRAIN_POLL_MS 50
@@ -31,6 +34,7 @@
 typedef struct daemon_state {
     kvs_config cfg;
     kvs_store *store;
+    kvs_work *work;
     kvs_server *server;
     uv_loop_t loop;
     uv_signal_t sigterm, sigint;
@@ -41,6 +45,8 @@ typedef struct daemon_state {
 
 static void close_all(daemon_state *d)
 {
+    if (d->work)
+        kvs_work_close(d->work);
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
     uv_close((uv_handle_t *)&d->stats_timer, NULL);
@@ -142,20 +148,28 @@ int main(int argc, char **argv)
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 
+    /* CPU codec work runs on libuv's pool: size it before the loop first uses it. */
+    char pool[16];
+    snprintf(pool, sizeof pool, "%u", d.cfg.codec_threads);
+    setenv("UV_THREADPOOL_SIZE", pool, 1);
     grpc_init();
     kvs_store_opts sopts = {.host_capacity = d.cfg.host_capacity,
                             .calib_tokens = d.cfg.calib_tokens,
                             .log = kvs_log_sink};
     int port = 0;
-    if ((rc = kvs_store_create(&sopts, &d.store, &err)) ||
-        (rc = kvs_server_create(&d.cfg, d.store, &d.server, &port, &err))) {
+    if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
+        (rc = kvs_store_create(&sopts, &d.store, &err)) ||
+        (rc = kvs_server_create(&d.cfg, d.store, d.work, &d.server, &port, &err))) {
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
+        close_all(&d);
+        uv_run(&d.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&d.loop);
+        kvs_work_destroy(d.work);
         kvs_store_destroy(d.store);
         grpc_shutdown();
         return 1;
     }
-    if ((rc = start_loop(&d, &err)) == 0 && d.cfg.port_file[0] &&
-        write_port_file(d.cfg.port_file, port) != 0)
+    if (d.cfg.port_file[0] && write_port_file(d.cfg.port_file, port) != 0)
         rc = kvs_err_set(&err, KVS_EIO, "--port-file: cannot write '%s'", d.cfg.port_file);
     int exit_code = 0;
     if (rc) {
@@ -173,6 +187,7 @@ int main(int argc, char **argv)
     uv_run(&d.loop, UV_RUN_DEFAULT);
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
+    kvs_work_destroy(d.work); /* no CQ thread is left to submit */
     kvs_store_destroy(d.store);
     rc = uv_loop_close(&d.loop);
     if (rc)

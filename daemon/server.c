@@ -58,12 +58,13 @@ static void *cq_thread(void *arg)
     return NULL;
 }
 
-int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_server **out,
-                      int *bound_port, kvs_err *err)
+int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
+                      kvs_server **out, int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->cfg = cfg;
     srv->store = store;
+    srv->work = work;
     srv->start_ms = kvs_now_ms();
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);

@@ -144,3 +144,15 @@ def test_add_queries_errors(daemon):
                                                       queries=q), words="squat")
     kvs.expect_error(grpc.StatusCode.NOT_FOUND, d.admin.AddQueries,
                      req(namespace="nope", query_heads=2 * H, tokens=4, queries=q))
+
+
+def test_kvctl_bench_with_a_lossy_codec(daemon):
+    """kvctl bench verifies lossy namespaces by error, not bytes: finite, within its bound,
+    and reports the mean relative error."""
+    d = daemon()
+    name = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="polarquant",
+                       value_codec="polarquant").spec.name
+    r = d.kvctl("bench", name, "--blocks", "6", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "verified 6/6 blocks" in out and "mean 0.1" in out, out
