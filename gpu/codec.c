@@ -138,6 +138,8 @@ void kvs_codec_destroy(kvs_codec *c)
         return;
     if (c->ops->fini)
         c->ops->fini(c);
+    if (c->priv_cuda && c->ops->cuda_release)
+        c->ops->cuda_release(c);
     free((void *)c->state.data);
     free(c);
 }

@@ -23,6 +23,10 @@
 #include "gpu/base/err.h"
 #include "gpu/spec.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum kvs_codec_id {
     KVS_CODEC_NONE = 0,
     KVS_CODEC_FP8 = 1,
@@ -102,5 +106,9 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
  * (KVS_EPROTO otherwise). */
 int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
                      uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -15,6 +15,11 @@
 #define KVS_CODEC_INT_H
 
 #include "gpu/codec.h"
+#include "gpu/codec_cuda.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 typedef struct kvs_codec_ops {
     const char *family; /* "kivi" */
@@ -35,6 +40,16 @@ typedef struct kvs_codec_ops {
                       uint8_t *out, size_t cap, size_t *len, kvs_err *err);
     int (*decode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
                       size_t len, uint16_t *out, kvs_err *err);
+    /* CUDA (gpu/codec_<name>.cu; gpu/codec_cuda.h for the batch contract); NULL where the
+     * codec has no kernels (yet) or the build has no CUDA. `supported` checks the layout;
+     * `cuda_prepare` uploads tables into c->priv_cuda, `cuda_release` frees them. */
+    bool (*cuda_supported)(const kvs_codec *c);
+    int (*cuda_prepare)(kvs_codec *c, kvs_err *err);
+    void (*cuda_release)(kvs_codec *c);
+    int (*encode_cuda)(const kvs_codec *c, const struct kvs_cuda_sections *s, void *stream,
+                       kvs_err *err);
+    int (*decode_cuda)(const kvs_codec *c, const struct kvs_cuda_sections *s, void *stream,
+                       kvs_err *err);
 } kvs_codec_ops;
 
 /* KVS_EINVAL naming the first NaN/Inf of a section's t*H*D raw elements, or 0. */
@@ -49,6 +64,7 @@ struct kvs_codec {
     kvs_ns_spec spec;      /* copy of the namespace spec */
     kvs_codec_state state; /* data copied and owned by the codec */
     void *priv;            /* quantizer tables, owned through ops->fini */
+    void *priv_cuda;       /* device tables, owned through ops->cuda_release */
 };
 
 extern const kvs_codec_ops kvs__codec_none_ops;
@@ -57,5 +73,29 @@ extern const kvs_codec_ops kvs__codec_kivi_ops;
 extern const kvs_codec_ops kvs__codec_polarquant_ops;
 extern const kvs_codec_ops kvs__codec_rotatekv_ops;
 extern const kvs_codec_ops kvs__codec_squat_ops;
+
+#ifdef KVS_HAVE_CUDA
+/* CUDA launchers, one set per quantizer file (gpu/codec_<name>.cu). */
+int kvs__fp8_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                         kvs_err *err);
+int kvs__fp8_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                         kvs_err *err);
+bool kvs__kivi_cuda_supported(const kvs_codec *c);
+int kvs__kivi_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                          kvs_err *err);
+int kvs__kivi_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                          kvs_err *err);
+bool kvs__polarquant_cuda_supported(const kvs_codec *c);
+int kvs__polarquant_cuda_prepare(kvs_codec *c, kvs_err *err);
+void kvs__polarquant_cuda_release(kvs_codec *c);
+int kvs__polarquant_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                                kvs_err *err);
+int kvs__polarquant_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                                kvs_err *err);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

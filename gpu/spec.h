@@ -14,6 +14,10 @@
 
 #include "gpu/base/err.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define KVS_NAME_MAX 64      /* namespace name: 1..64 of [A-Za-z0-9._-] */
 #define KVS_KEY_MAX 64       /* block key: 1..64 opaque bytes */
 #define KVS_CODEC_NAME_MAX 31
@@ -74,5 +78,9 @@ int kvs_payload_check_finite(const kvs_ns_spec *spec, uint32_t tokens, const voi
 
 /* Checks a block key's length (1..KVS_KEY_MAX); message names "key". */
 int kvs_key_validate(size_t key_len, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -117,8 +117,7 @@ static int put(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         return rc;
     if (g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, stdout, '{');
         kvctl_json_str(&j, "namespace", ns);
         kvctl_json_str(&j, "key", key_arg);
         kvctl_json_u64(&j, "tokens", tokens);
@@ -271,8 +270,7 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
     }
     if (g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, to_stdout ? stderr : stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, to_stdout ? stderr : stdout, '{');
         kvctl_json_str(&j, "namespace", ns);
         kvctl_json_str(&j, "key", key_arg);
         kvctl_json_u64(&j, "tokens", res.tokens);
@@ -312,13 +310,36 @@ const kvctl_cmd kvctl_cmd_get = {
 /* Parses "NS KEY..." for lookup, exists and delete. */
 static int ns_and_keys(const kvctl_cmd *cmd, int argc, char **argv, kvs_key **keys, size_t *n)
 {
-    static const struct option opts[] = {{0, 0, 0, 0}};
-    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
+    if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
         return KVCTL_USAGE;
     if (argc - optind < 2)
         return kvctl_usage(cmd, "expected NS and at least one KEY");
     *n = (size_t)(argc - optind - 1);
     return kvctl_parse_keys(cmd, argc - optind - 1, argv + optind + 1, keys);
+}
+
+/* Prints a two-column table: KEY (the keys as given) and `head`, cell(vals, i) per key. */
+static void key_table(const char *head, char **names, size_t n,
+                      const char *(*cell)(const void *vals, size_t i), const void *vals)
+{
+    kvctl_table t;
+    kvctl_table_init(&t, 2, "KEY", head);
+    for (size_t i = 0; i < n; i++) {
+        kvctl_table_cell(&t, "%s", names[i]);
+        kvctl_table_cell(&t, "%s", cell(vals, i));
+    }
+    kvctl_table_print(&t, stdout);
+    kvctl_table_free(&t);
+}
+
+static const char *tier_cell(const void *tiers, size_t i)
+{
+    return kvs_tier_name(((const kvs_tier *)tiers)[i]);
+}
+
+static const char *present_cell(const void *present, size_t i)
+{
+    return ((const bool *)present)[i] ? "yes" : "no";
 }
 
 static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
@@ -341,8 +362,7 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
     }
     if (rc == KVCTL_OK && g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, stdout, '{');
         kvctl_json_u64(&j, "prefix", prefix);
         kvctl_json_open(&j, "keys", '[');
         for (size_t i = 0; i < n; i++) {
@@ -355,14 +375,7 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
         kvctl_json_close(&j, '}');
     } else if (rc == KVCTL_OK) {
         printf("prefix %u of %zu blocks\n", prefix, n);
-        kvctl_table t;
-        kvctl_table_init(&t, 2, "KEY", "TIER");
-        for (size_t i = 0; i < n; i++) {
-            kvctl_table_cell(&t, "%s", names[i]);
-            kvctl_table_cell(&t, "%s", kvs_tier_name(tiers[i]));
-        }
-        kvctl_table_print(&t, stdout);
-        kvctl_table_free(&t);
+        key_table("TIER", names, n, tier_cell, tiers);
     }
     free(tiers);
     free(keys);
@@ -397,20 +410,12 @@ static int exists(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
     }
     if (rc == KVCTL_OK && g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, stdout, '{');
         for (size_t i = 0; i < n; i++)
             kvctl_json_bool(&j, names[i], present[i]);
         kvctl_json_close(&j, '}');
     } else if (rc == KVCTL_OK) {
-        kvctl_table t;
-        kvctl_table_init(&t, 2, "KEY", "PRESENT");
-        for (size_t i = 0; i < n; i++) {
-            kvctl_table_cell(&t, "%s", names[i]);
-            kvctl_table_cell(&t, "%s", present[i] ? "yes" : "no");
-        }
-        kvctl_table_print(&t, stdout);
-        kvctl_table_free(&t);
+        key_table("PRESENT", names, n, present_cell, present);
     }
     free(present);
     free(keys);

@@ -165,25 +165,20 @@ const kvctl_cmd kvctl_cmd_ns_create = {
 
 static int ns_list(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {{0, 0, 0, 0}};
-    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
-        return KVCTL_USAGE;
-    if (optind != argc)
-        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
     kvs_client *cl;
-    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
-        return KVCTL_FAIL;
+    int rc = kvctl_connect_no_args(cmd, g, argc, argv, &cl);
+    if (rc != KVCTL_OK)
+        return rc;
     kvs_ns_info *all;
     size_t n;
     kvs_err err;
-    int rc = kvs_client_ns_list(cl, &all, &n, &err);
+    rc = kvs_client_ns_list(cl, &all, &n, &err);
     kvs_client_close(cl);
     if (rc != 0)
         return kvctl_fail(cmd, &err);
     if (g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '[');
+        kvctl_json_begin(&j, stdout, '[');
         for (size_t i = 0; i < n; i++)
             kvctl_json_ns(&j, NULL, &all[i]);
         kvctl_json_close(&j, ']');
@@ -228,8 +223,7 @@ const kvctl_cmd kvctl_cmd_ns_list = {
 
 static int ns_drop(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {{0, 0, 0, 0}};
-    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
+    if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
         return KVCTL_USAGE;
     if (argc - optind != 1)
         return kvctl_usage(cmd, "expected one NAME, got %d arguments", argc - optind);
@@ -244,8 +238,7 @@ static int ns_drop(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char 
         return kvctl_fail(cmd, &err);
     if (g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, stdout, '{');
         kvctl_json_str(&j, "name", argv[optind]);
         kvctl_json_u64(&j, "blocks_dropped", dropped);
         kvctl_json_close(&j, '}');

@@ -17,6 +17,15 @@ static void json_tier(kvctl_json *j, const kvs_tier_stats *t)
     kvctl_json_close(j, '}');
 }
 
+/* The member "tiers": an array of json_tier objects. */
+static void json_tiers(kvctl_json *j, const kvs_stats *s)
+{
+    kvctl_json_open(j, "tiers", '[');
+    for (size_t i = 0; i < s->n_tiers; i++)
+        json_tier(j, &s->tiers[i]);
+    kvctl_json_close(j, ']');
+}
+
 static double percent(uint64_t part, uint64_t whole)
 {
     return whole ? 100.0 * (double)part / (double)whole : 0;
@@ -26,18 +35,14 @@ static double percent(uint64_t part, uint64_t whole)
 
 static int status(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {{0, 0, 0, 0}};
-    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
-        return KVCTL_USAGE;
-    if (optind != argc)
-        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
     kvs_client *cl;
-    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
-        return KVCTL_FAIL;
+    int rc = kvctl_connect_no_args(cmd, g, argc, argv, &cl);
+    if (rc != KVCTL_OK)
+        return rc;
     kvs_health h;
     kvs_stats *st = NULL;
     kvs_err err;
-    int rc = kvs_client_health(cl, &h, &err);
+    rc = kvs_client_health(cl, &h, &err);
     /* Health is the answer; Stats only adds usage, so its failure (a token that is not
      * the admin one, say) is reported but does not fail the command. */
     kvs_err serr;
@@ -49,8 +54,7 @@ static int status(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
 
     if (g->json) {
         kvctl_json j;
-        kvctl_json_init(&j, stdout);
-        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_begin(&j, stdout, '{');
         kvctl_json_str(&j, "target", g->target);
         kvctl_json_str(&j, "status", h.serving ? "serving" : "draining");
         kvctl_json_bool(&j, "serving", h.serving);
@@ -58,10 +62,7 @@ static int status(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
         kvctl_json_u64(&j, "uptime_ms", h.uptime_ms);
         if (st) {
             kvctl_json_u64(&j, "namespaces", st->n_namespaces);
-            kvctl_json_open(&j, "tiers", '[');
-            for (size_t i = 0; i < st->n_tiers; i++)
-                json_tier(&j, &st->tiers[i]);
-            kvctl_json_close(&j, ']');
+            json_tiers(&j, st);
         }
         kvctl_json_close(&j, '}');
     } else {
@@ -102,15 +103,11 @@ const kvctl_cmd kvctl_cmd_status = {
 static void stats_json(const kvs_stats *s)
 {
     kvctl_json j;
-    kvctl_json_init(&j, stdout);
-    kvctl_json_open(&j, NULL, '{');
+    kvctl_json_begin(&j, stdout, '{');
     kvctl_json_str(&j, "version", s->version);
     kvctl_json_u64(&j, "uptime_ms", s->uptime_ms);
     kvctl_json_u64(&j, "misses", s->misses);
-    kvctl_json_open(&j, "tiers", '[');
-    for (size_t i = 0; i < s->n_tiers; i++)
-        json_tier(&j, &s->tiers[i]);
-    kvctl_json_close(&j, ']');
+    json_tiers(&j, s);
     kvctl_json_open(&j, "namespaces", '[');
     for (size_t i = 0; i < s->n_namespaces; i++)
         kvctl_json_ns(&j, NULL, &s->namespaces[i]);
@@ -192,17 +189,13 @@ static void stats_text(const kvs_stats *s)
 
 static int stats(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {{0, 0, 0, 0}};
-    if (kvctl_getopt(cmd, argc, argv, opts) != -1)
-        return KVCTL_USAGE;
-    if (optind != argc)
-        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
     kvs_client *cl;
-    if (kvctl_connect(cmd, g, &cl) != KVCTL_OK)
-        return KVCTL_FAIL;
+    int rc = kvctl_connect_no_args(cmd, g, argc, argv, &cl);
+    if (rc != KVCTL_OK)
+        return rc;
     kvs_stats *s;
     kvs_err err;
-    int rc = kvs_client_stats(cl, &s, &err);
+    rc = kvs_client_stats(cl, &s, &err);
     kvs_client_close(cl);
     if (rc != 0)
         return kvctl_fail(cmd, &err);

@@ -61,6 +61,13 @@ int kvctl_getopt(const kvctl_cmd *cmd, int argc, char **argv, const struct optio
 
 /* Connects with the global options; prints the error itself. */
 int kvctl_connect(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client **out);
+/* kvctl_getopt for a command without options: KVCTL_OK, or KVCTL_USAGE after the usage
+ * error. Positional arguments are then argv[optind..argc). */
+int kvctl_no_options(const kvctl_cmd *cmd, int argc, char **argv);
+/* For a command that takes neither options nor arguments: checks both, then connects.
+ * KVCTL_OK with *out to close, or KVCTL_USAGE / KVCTL_FAIL with the error printed. */
+int kvctl_connect_no_args(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv,
+                          kvs_client **out);
 
 /* ------------------------------------------------------------------ parsing */
 
@@ -104,6 +111,8 @@ typedef struct kvctl_json {
 } kvctl_json;
 
 void kvctl_json_init(kvctl_json *j, FILE *f);
+/* kvctl_json_init, then the top-level object or array ('{' or '[') is opened. */
+void kvctl_json_begin(kvctl_json *j, FILE *f, char bracket);
 void kvctl_json_open(kvctl_json *j, const char *key, char bracket); /* '{' or '[' */
 void kvctl_json_close(kvctl_json *j, char bracket);                 /* '}' or ']'; newline at 0 */
 void kvctl_json_str(kvctl_json *j, const char *key, const char *v);

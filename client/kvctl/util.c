@@ -68,6 +68,22 @@ int kvctl_connect(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client **out
     return KVCTL_OK;
 }
 
+int kvctl_no_options(const kvctl_cmd *cmd, int argc, char **argv)
+{
+    static const struct option none[] = {{0, 0, 0, 0}};
+    return kvctl_getopt(cmd, argc, argv, none) == -1 ? KVCTL_OK : KVCTL_USAGE;
+}
+
+int kvctl_connect_no_args(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv,
+                          kvs_client **out)
+{
+    if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
+        return KVCTL_USAGE;
+    if (optind != argc)
+        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    return kvctl_connect(cmd, g, out) == KVCTL_OK ? KVCTL_OK : KVCTL_FAIL;
+}
+
 /* ------------------------------------------------------------------ parsing */
 
 bool kvctl_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out)
@@ -327,6 +343,12 @@ void kvctl_json_init(kvctl_json *j, FILE *f)
 }
 
 /* Comma and key before a value. */
+void kvctl_json_begin(kvctl_json *j, FILE *f, char bracket)
+{
+    kvctl_json_init(j, f);
+    kvctl_json_open(j, NULL, bracket);
+}
+
 static void member(kvctl_json *j, const char *key)
 {
     if (!j->first[j->depth])

@@ -13,6 +13,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* XX(name, value, grpc status number, message) */
 #define KVS_ERR_MAP(XX)                                                          \
     XX(EINVAL, -30001, 3, "invalid argument")                                    \
@@ -69,5 +73,9 @@ int kvs_err_grpc_status(int code);
 /* The KVS_E* code for a gRPC status number (inverse of kvs_err_grpc_status where it is
  * unambiguous; RESOURCE_EXHAUSTED maps to KVS_ENOSPC). */
 int kvs_err_from_grpc_status(int status);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -14,6 +14,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 void *kvs_xmalloc(size_t n);
 void *kvs_xcalloc(size_t count, size_t size);
 char *kvs_xstrdup(const char *s);
@@ -28,5 +32,9 @@ static inline bool kvs_mul_size(uint64_t a, uint64_t b, uint64_t *out)
     *out = r;
     return true;
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

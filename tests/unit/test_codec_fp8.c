@@ -14,7 +14,7 @@
 
 #include "gpu/codec.h"
 #include "gpu/half.h"
-#include "gpu/rng.h"
+#include "tests/support/kvs_test.h"
 
 /* ---------------------------------------------------------------- definitions */
 
@@ -88,54 +88,10 @@ static void test_fp8_table(void **state)
 
 /* ---------------------------------------------------------------- codec helpers */
 
+/* fp8 keys and values, seed 7 */
 static kvs_ns_spec spec(uint32_t L, uint32_t H, uint32_t D, uint32_t T, kvs_dtype dt)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    strcpy(s.name, "t");
-    s.layers = L;
-    s.kv_heads = H;
-    s.head_dim = D;
-    s.block_tokens = T;
-    s.dtype = dt;
-    s.seed = 7;
-    strcpy(s.key_codec, "fp8");
-    strcpy(s.value_codec, "fp8");
-    return s;
-}
-
-static double gauss(kvs_rng *r)
-{
-    double u1 = ((kvs_rng_next(r) >> 11) + 1) * 0x1.0p-53, u2 = (kvs_rng_next(r) >> 11) * 0x1.0p-53;
-    return sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
-}
-
-static uint16_t *gauss_data(size_t n, uint64_t seed, double sigma, kvs_dtype dt)
-{
-    kvs_rng r;
-    kvs_rng_init(&r, seed, 0, 0, 0, 0);
-    uint16_t *x = malloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) {
-        float f = (float)(sigma * gauss(&r));
-        x[i] = dt == KVS_DTYPE_BF16 ? kvs_f32_to_bf16(f) : kvs_f32_to_fp16(f);
-    }
-    return x;
-}
-
-static float to_f(uint16_t h, kvs_dtype dt)
-{
-    return dt == KVS_DTYPE_BF16 ? kvs_bf16_to_f32(h) : kvs_fp16_to_f32(h);
-}
-
-static double rel_err(const uint16_t *a, const uint16_t *b, size_t n, kvs_dtype dt)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double x = to_f(a[i], dt), y = to_f(b[i], dt);
-        num += (x - y) * (x - y);
-        den += x * x;
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
+    return kvs_test_spec(L, H, D, T, dt, "fp8", "fp8", 7);
 }
 
 /* Encodes and decodes one section; returns the relative error; checks the size. */
@@ -162,7 +118,7 @@ static double roundtrip(const kvs_ns_spec *s, kvs_kv kv, uint32_t t, const uint1
     free(enc);
     free(enc2);
     kvs_codec_destroy(c);
-    return rel_err(in, out, n, s->dtype);
+    return kvs_test_rel_err(in, out, n, s->dtype);
 }
 
 static void test_roundtrip_shapes(void **state)
@@ -176,7 +132,8 @@ static void test_roundtrip_shapes(void **state)
                 kvs_ns_spec s = spec(2, 3, dims[di], 64, dt);
                 uint32_t t = toks[ti];
                 size_t n = (size_t)t * 3 * dims[di], bytes;
-                uint16_t *in = gauss_data(n, 11 + di * 7 + ti, 2.0, dt), *out = malloc(n * 2);
+                uint16_t *in = kvs_test_gauss_data(n, 11 + di * 7 + ti, 2.0, dt),
+                         *out = malloc(n * 2);
                 double e = roundtrip(&s, KVS_VALUES, t, in, out, &bytes);
                 /* e4m3: 3 mantissa bits, relative rounding error <= 2^-4 per element;
                  * Gaussian data: about 0.026 (quantizers-reference.md §6). */
@@ -186,7 +143,7 @@ static void test_roundtrip_shapes(void **state)
                 assert_true(e < 0.035);
                 assert_true(e > 0.01);
                 for (size_t i = 0; i < n; i++) {
-                    double x = to_f(in[i], dt), y = to_f(out[i], dt);
+                    double x = kvs_test_to_f32(in[i], dt), y = kvs_test_to_f32(out[i], dt);
                     /* per element: 2^-4 relative for normals, plus the subnormal step
                      * (2^-10 * scale) and the output rounding */
                     assert_true(fabs(x - y) <= fabs(x) * (0.0625 + 0.01) + 1e-3);
@@ -203,7 +160,7 @@ static void test_per_head_scale(void **state)
     kvs_ns_spec s = spec(1, 3, 64, 16, KVS_DTYPE_FP16);
     uint32_t t = 16, D = 64;
     size_t n = (size_t)t * 3 * D, bytes;
-    uint16_t *in = gauss_data(n, 5, 1.0, KVS_DTYPE_FP16), *out = malloc(n * 2);
+    uint16_t *in = kvs_test_gauss_data(n, 5, 1.0, KVS_DTYPE_FP16), *out = malloc(n * 2);
     for (uint32_t tok = 0; tok < t; tok++)
         for (uint32_t j = 0; j < D; j++) {
             size_t i0 = ((size_t)tok * 3 + 0) * D + j, i1 = i0 + D, i2 = i1 + D;
@@ -265,19 +222,19 @@ static void test_block_roundtrip(void **state)
     assert_int_equal(kvs_codec_create(&s, KVS_VALUES, NULL, &v, &err), 0);
     uint32_t t = 20;
     size_t sec = (size_t)t * 2 * 64, n = 3 * 2 * sec;
-    uint16_t *raw = gauss_data(n, 99, 3.0, KVS_DTYPE_BF16), *back = malloc(n * 2);
+    uint16_t *raw = kvs_test_gauss_data(n, 99, 3.0, KVS_DTYPE_BF16), *back = malloc(n * 2);
     size_t cap = kvs_block_encoded_max(k, v, t), len;
     uint8_t *enc = malloc(cap);
     assert_int_equal(kvs_block_encode(k, v, 1, t, raw, enc, cap, &len, &err), 0);
     assert_int_equal(kvs_block_decode(k, v, enc, len, 0, 3, back, &err), 0);
     for (uint32_t l = 0; l < 3; l++) {
         const uint16_t *K = raw + 2 * l * sec, *V = K + sec;
-        assert_true(rel_err(K, back + 2 * l * sec, sec, KVS_DTYPE_BF16) < 0.035);
+        assert_true(kvs_test_rel_err(K, back + 2 * l * sec, sec, KVS_DTYPE_BF16) < 0.035);
         assert_memory_equal(V, back + (2 * l + 1) * sec, sec * 2); /* none: exact */
     }
     /* one layer alone */
     assert_int_equal(kvs_block_decode(k, v, enc, len, 1, 2, back, &err), 0);
-    assert_true(rel_err(raw + 2 * sec, back, sec, KVS_DTYPE_BF16) < 0.035);
+    assert_true(kvs_test_rel_err(raw + 2 * sec, back, sec, KVS_DTYPE_BF16) < 0.035);
     enc[len - 1] ^= 1;
     assert_int_equal(kvs_block_decode(k, v, enc, len, 0, 3, back, &err), KVS_EDATALOSS);
     free(raw);

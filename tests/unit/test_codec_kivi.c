@@ -15,50 +15,13 @@
 
 #include "gpu/codec.h"
 #include "gpu/half.h"
-#include "gpu/rng.h"
+#include "tests/support/kvs_test.h"
 
+/* fp16, seed 3 */
 static kvs_ns_spec spec(uint32_t L, uint32_t H, uint32_t D, uint32_t T, const char *kc,
                         const char *vc)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    strcpy(s.name, "t");
-    s.layers = L;
-    s.kv_heads = H;
-    s.head_dim = D;
-    s.block_tokens = T;
-    s.dtype = KVS_DTYPE_FP16;
-    s.seed = 3;
-    strcpy(s.key_codec, kc);
-    strcpy(s.value_codec, vc);
-    return s;
-}
-
-static double gauss(kvs_rng *r)
-{
-    double u1 = ((kvs_rng_next(r) >> 11) + 1) * 0x1.0p-53, u2 = (kvs_rng_next(r) >> 11) * 0x1.0p-53;
-    return sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
-}
-
-static uint16_t *gauss_data(size_t n, uint64_t seed)
-{
-    kvs_rng r;
-    kvs_rng_init(&r, seed, 0, 0, 0, 0);
-    uint16_t *x = malloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++)
-        x[i] = kvs_f32_to_fp16((float)gauss(&r));
-    return x;
-}
-
-static double rel_err(const uint16_t *a, const uint16_t *b, size_t n)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double x = kvs_fp16_to_f32(a[i]), y = kvs_fp16_to_f32(b[i]);
-        num += (x - y) * (x - y);
-        den += x * x;
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
+    return kvs_test_spec(L, H, D, T, KVS_DTYPE_FP16, kc, vc, 3);
 }
 
 /* Encodes + decodes one section with codec `name`; checks determinism and bad lengths;
@@ -132,10 +95,11 @@ static void test_roundtrip_shapes(void **state)
                     kvs_ns_spec s = spec(1, 2, dims[di], 64, names[bi], names[bi]);
                     uint32_t t = toks[ti], D = dims[di];
                     size_t n = (size_t)t * 2 * D;
-                    uint16_t *in = gauss_data(n, 100 + 10 * di + ti), *out = malloc(n * 2);
+                    uint16_t *in = kvs_test_gauss_data(n, 100 + 10 * di + ti, 1.0, KVS_DTYPE_FP16),
+                             *out = malloc(n * 2);
                     roundtrip(&s, (kvs_kv)kv, t, in, out, NULL);
                     check_group_bound(in, out, t, 2, D, bits[bi], (kvs_kv)kv);
-                    double e = rel_err(in, out, n);
+                    double e = kvs_test_rel_err(in, out, n, KVS_DTYPE_FP16);
                     if (D == 128 && t == 64)
                         fprintf(stderr, "%s %s gaussian D=128 t=64: rel err %.4f\n", names[bi],
                                 kv ? "V" : "K", e);
@@ -299,7 +263,8 @@ static void test_block_roundtrip(void **state)
     assert_int_equal(kvs_codec_create(&s, KVS_VALUES, NULL, &v, &err), 0);
     for (uint32_t t = 32; t >= 1; t = t == 32 ? 7 : 0) {
         size_t sec = (size_t)t * 2 * 128, n = 4 * 2 * sec;
-        uint16_t *raw = gauss_data(n, t), *back = malloc(n * 2), *one = malloc(sec * 2);
+        uint16_t *raw = kvs_test_gauss_data(n, t, 1.0, KVS_DTYPE_FP16), *back = malloc(n * 2),
+                 *one = malloc(sec * 2);
         size_t cap = kvs_block_encoded_max(k, v, t), len;
         uint8_t *enc = malloc(cap);
         assert_int_equal(kvs_block_encode(k, v, 9, t, raw, enc, cap, &len, &err), 0);
@@ -323,46 +288,14 @@ static void test_block_roundtrip(void **state)
 
 /* ---------------------------------------------------------------- real sample */
 
-static uint8_t *load_sample(size_t *size)
-{
-    const char *dir = getenv("KVS_TEST_DATA");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/realkv-a-64.kvs", dir ? dir : KVS_SOURCE_DIR "/tests/data");
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc((size_t)n);
-    assert_int_equal(fread(b, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return b;
-}
-
-/* Offset of array `name` in the kvsample/1 header (checked against its shape). */
-static const uint16_t *sample_array(const uint8_t *b, size_t size, const char *name,
-                                    const char *shape)
-{
-    char key[64];
-    snprintf(key, sizeof key, "{\"name\": \"%s\", \"shape\": %s", name, shape);
-    const char *p = strstr((const char *)b, key);
-    assert_non_null(p);
-    p = strstr(p, "\"offset\": ");
-    assert_non_null(p);
-    size_t off = strtoul(p + 10, NULL, 10);
-    assert_true(off % 2 == 0 && off < size);
-    return (const uint16_t *)(b + off);
-}
-
 static void test_real_sample(void **state)
 {
-    size_t size;
-    uint8_t *b = load_sample(&size);
-    assert_memory_equal(b, "KVSAMPLE1\n", 10);
-    const uint16_t *K = sample_array(b, size, "k", "[6, 64, 4, 128]");
-    const uint16_t *V = sample_array(b, size, "v", "[6, 64, 4, 128]");
+    kvs_test_sample sm;
+    if (!kvs_test_sample_load(&sm))
+        fail_msg("cannot open realkv-a-64.kvs (set KVS_TEST_DATA)");
+    assert_memory_equal(sm.bytes, "KVSAMPLE1\n", 10);
+    const uint16_t *K = kvs_test_sample_array(&sm, "k", "[6, 64, 4, 128]");
+    const uint16_t *V = kvs_test_sample_array(&sm, "v", "[6, 64, 4, 128]");
     const size_t sec = 32 * 4 * 128;
     uint16_t *out = malloc(sec * 2);
     static const char *names[] = {"kivi-2", "kivi-4"};
@@ -403,7 +336,7 @@ static void test_real_sample(void **state)
         }
     }
     free(out);
-    free(b);
+    kvs_test_sample_free(&sm);
 }
 
 int main(void)

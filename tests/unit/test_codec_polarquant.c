@@ -18,36 +18,17 @@
 #include "gpu/codec_polarquant.h"
 #include "gpu/half.h"
 #include "gpu/rng.h"
+#include "tests/support/kvs_test.h"
 
 static const double PI = 3.14159265358979323846;
 
 /* ---------------------------------------------------------------- helpers */
 
+/* polarquant keys and values */
 static kvs_ns_spec pq_spec(uint32_t layers, uint32_t heads, uint32_t d, uint32_t tokens,
                            kvs_dtype dtype, uint64_t seed)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    snprintf(s.name, sizeof s.name, "pq");
-    s.layers = layers;
-    s.kv_heads = heads;
-    s.head_dim = d;
-    s.block_tokens = tokens;
-    s.dtype = dtype;
-    strcpy(s.key_codec, "polarquant");
-    strcpy(s.value_codec, "polarquant");
-    s.seed = seed;
-    return s;
-}
-
-static kvs_codec *make(const kvs_ns_spec *s, kvs_kv kv)
-{
-    kvs_codec *c = NULL;
-    kvs_err err;
-    int rc = kvs_codec_create(s, kv, NULL, &c, &err);
-    if (rc)
-        fail_msg("create: %s", err.msg);
-    return c;
+    return kvs_test_spec(layers, heads, d, tokens, dtype, "polarquant", "polarquant", seed);
 }
 
 /* Standard normal draws (Box-Muller on xoshiro256** uniforms). */
@@ -160,7 +141,7 @@ static errsum gaussian_error(uint32_t d, size_t vecs, double outlier, uint64_t s
 {
     const uint32_t T = 1024;
     kvs_ns_spec s = pq_spec(1, 1, d, T, KVS_DTYPE_FP16, seed);
-    kvs_codec *c = make(&s, KVS_KEYS);
+    kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, NULL);
     size_t n = (size_t)T * d, cap = kvs_codec_section_max(c, T);
     uint16_t *h = malloc(n * 2), *ho = malloc(n * 2);
     float *x = malloc(n * 4), *xh = malloc(n * 4);
@@ -292,7 +273,7 @@ static void test_angle_statistics(void **state)
     const size_t vecs = 100352; /* 49 sections of 2048 */
     const uint64_t seed = 1234;
     kvs_ns_spec s = pq_spec(1, H, d, T, KVS_DTYPE_FP16, seed);
-    kvs_codec *c = make(&s, KVS_VALUES);
+    kvs_codec *c = kvs_test_codec(&s, KVS_VALUES, NULL);
     size_t n = (size_t)T * d, cap = kvs_codec_section_max(c, T);
     uint16_t *h = malloc(n * 2);
     float *x = malloc(n * 4);
@@ -432,7 +413,7 @@ static void test_roundtrip_shapes(void **state)
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         uint32_t d = cases[ci].d, H = cases[ci].h, T = cases[ci].T, t = cases[ci].t;
         kvs_ns_spec s = pq_spec(2, H, d, T, KVS_DTYPE_FP16, 42);
-        kvs_codec *c = make(&s, KVS_KEYS);
+        kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, NULL);
         size_t n = (size_t)t * H * d, cap = kvs_codec_section_max(c, t) + 16;
         uint16_t *h = malloc(n * 2), *ho = malloc(n * 2);
         float *x = malloc(n * 4), *xh = malloc(n * 4);
@@ -473,7 +454,7 @@ static void test_block_roundtrip(void **state)
     (void)state;
     const uint32_t L = 3, H = 2, d = 128, T = 16;
     kvs_ns_spec s = pq_spec(L, H, d, T, KVS_DTYPE_BF16, 9);
-    kvs_codec *k = make(&s, KVS_KEYS), *v = make(&s, KVS_VALUES);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
     gauss g;
     gauss_init(&g, 4);
     for (uint32_t t = 1; t <= T; t += 5) {
@@ -514,7 +495,7 @@ static void test_zero_vectors_exact(void **state)
     (void)state;
     const uint32_t d = 128, H = 2, t = 4;
     kvs_ns_spec s = pq_spec(1, H, d, t, KVS_DTYPE_FP16, 1);
-    kvs_codec *c = make(&s, KVS_KEYS);
+    kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, NULL);
     size_t n = (size_t)t * H * d, cap = kvs_codec_section_max(c, t);
     uint16_t *h = calloc(n, 2), *ho = malloc(n * 2);
     float *x = malloc(n * 4);
@@ -548,7 +529,7 @@ static void test_bits_accounting(void **state)
     for (size_t i = 0; i < 3; i++) {
         uint32_t d = dims[i], H = 4, T = 64;
         kvs_ns_spec s = pq_spec(1, H, d, T, KVS_DTYPE_FP16, 1);
-        kvs_codec *c = make(&s, KVS_KEYS);
+        kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, NULL);
         for (uint32_t t = 1; t <= T; t = t * 2 + 1) {
             size_t bytes = kvs_codec_section_max(c, t);
             assert_int_equal(bytes * 8 * 16, (size_t)t * H * d * 62);
@@ -567,8 +548,9 @@ static void test_seed_determinism(void **state)
     const uint32_t d = 64, H = 2, t = 8;
     kvs_ns_spec s1 = pq_spec(4, H, d, t, KVS_DTYPE_FP16, 100); /* 4 layers: layer 3 below */
     kvs_ns_spec s2 = pq_spec(4, H, d, t, KVS_DTYPE_FP16, 101);
-    kvs_codec *a = make(&s1, KVS_KEYS), *a2 = make(&s1, KVS_KEYS), *av = make(&s1, KVS_VALUES);
-    kvs_codec *b = make(&s2, KVS_KEYS);
+    kvs_codec *a = kvs_test_codec(&s1, KVS_KEYS, NULL), *a2 = kvs_test_codec(&s1, KVS_KEYS, NULL),
+              *av = kvs_test_codec(&s1, KVS_VALUES, NULL);
+    kvs_codec *b = kvs_test_codec(&s2, KVS_KEYS, NULL);
     size_t n = (size_t)t * H * d, cap = kvs_codec_section_max(a, t);
     uint16_t *h = malloc(n * 2);
     float *x = malloc(n * 4);
@@ -608,7 +590,7 @@ static void test_decode_layout(void **state)
         const uint32_t d = dims[di], nc = d / 16, H = 3, t = 5;
         const uint64_t seed = 555;
         kvs_ns_spec s = pq_spec(1, H, d, t, KVS_DTYPE_FP16, seed);
-        kvs_codec *c = make(&s, KVS_VALUES);
+        kvs_codec *c = kvs_test_codec(&s, KVS_VALUES, NULL);
         size_t n = (size_t)t * H, len = kvs_codec_section_max(c, t), ub = (14 * nc + 7) / 8;
         uint8_t *enc = malloc(len);
         uint16_t *out = malloc(n * d * 2);
@@ -666,7 +648,7 @@ static void test_bad_lengths_and_bytes(void **state)
     (void)state;
     const uint32_t d = 128, H = 2, T = 8;
     kvs_ns_spec s = pq_spec(1, H, d, T, KVS_DTYPE_FP16, 3);
-    kvs_codec *c = make(&s, KVS_KEYS);
+    kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, NULL);
     size_t n = (size_t)T * H * d, cap = kvs_codec_section_max(c, T) + 64;
     uint16_t *h = malloc(n * 2), *ho = malloc(n * 2);
     float *x = malloc(n * 4);
@@ -739,7 +721,7 @@ static void test_radius_overflow(void **state)
     (void)state;
     const uint32_t d = 128, H = 2, t = 3;
     kvs_ns_spec s = pq_spec(2, H, d, t, KVS_DTYPE_BF16, 1);
-    kvs_codec *c = make(&s, KVS_VALUES);
+    kvs_codec *c = kvs_test_codec(&s, KVS_VALUES, NULL);
     size_t n = (size_t)t * H * d, cap = kvs_codec_section_max(c, t), len;
     uint16_t *h = calloc(n, 2), *ho = malloc(n * 2);
     uint8_t *enc = malloc(cap);
@@ -753,7 +735,7 @@ static void test_radius_overflow(void **state)
     assert_non_null(strstr(err.msg, "layer 1, V"));
     /* fp16 namespace: a one-hot 65504 spreads to 65504/sqrt(8) per chunk: fits */
     kvs_ns_spec s16 = pq_spec(1, H, d, t, KVS_DTYPE_FP16, 1);
-    kvs_codec *c16 = make(&s16, KVS_KEYS);
+    kvs_codec *c16 = kvs_test_codec(&s16, KVS_KEYS, NULL);
     memset(h, 0, n * 2);
     h[0] = 0x7BFF;
     assert_int_equal(kvs_codec_encode(c16, 0, t, h, enc, cap, &len, &err), 0);
@@ -768,50 +750,26 @@ static void test_radius_overflow(void **state)
 
 /* ---------------------------------------------------------------- real KV */
 
-/* Offset of array `name` in a kvsample/1 header (its JSON "offset" field), or 0. */
-static long sample_offset(const char *hdr, const char *name)
-{
-    char key[64];
-    snprintf(key, sizeof key, "\"name\": \"%s\"", name);
-    const char *p = strstr(hdr, key);
-    if (!p)
-        return 0;
-    p = strstr(p, "\"offset\": ");
-    return p ? strtol(p + 10, NULL, 10) : 0;
-}
-
 /* tests/data/realkv-a-64.kvs (6 layers, 64 tokens, 4 kv-heads, D = 128): mean over layers
  * of |K^-K|/|K| and |V^-V|/|V| through the block API; reference §6: 0.179 / 0.177. */
 static void test_real_sample(void **state)
 {
     (void)state;
-    char path[1024];
-    const char *dir = getenv("KVS_TEST_DATA");
-    snprintf(path, sizeof path, "%s/realkv-a-64.kvs", dir ? dir : KVS_SOURCE_DIR "/tests/data");
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s (set KVS_TEST_DATA)", path);
+    kvs_test_sample sm;
+    if (!kvs_test_sample_load(&sm))
+        fail_msg("cannot open realkv-a-64.kvs (set KVS_TEST_DATA)");
     const uint32_t L = 6, T = 64, H = 4, d = 128;
     const size_t sec = (size_t)T * H * d, arr = L * sec;
-    char hdr[4097];
-    assert_int_equal(fread(hdr, 1, 4096, f), 4096);
-    hdr[4096] = '\0';
-    assert_non_null(strstr(hdr, "\"shape\": [6, 64, 4, 128]"));
-    long ok = sample_offset(hdr, "k"), ov = sample_offset(hdr, "v");
-    assert_true(ok >= 4096 && ov >= 4096);
-    uint16_t *k = malloc(arr * 2), *v = malloc(arr * 2);
-    assert_int_equal(fseek(f, ok, SEEK_SET), 0);
-    assert_int_equal(fread(k, 2, arr, f), arr);
-    assert_int_equal(fseek(f, ov, SEEK_SET), 0);
-    assert_int_equal(fread(v, 2, arr, f), arr);
-    fclose(f);
+    /* arrays past the 4096-byte header, wholly inside the file (checked there) */
+    const uint16_t *k = kvs_test_sample_array(&sm, "k", "[6, 64, 4, 128]"),
+                   *v = kvs_test_sample_array(&sm, "v", "[6, 64, 4, 128]");
     uint16_t *raw = malloc(2 * arr * 2), *back = malloc(2 * arr * 2);
     for (uint32_t l = 0; l < L; l++) { /* [L][t][H][D] arrays -> [L][2][t][H][D] block */
         memcpy(raw + (2 * (size_t)l) * sec, k + l * sec, sec * 2);
         memcpy(raw + (2 * (size_t)l + 1) * sec, v + l * sec, sec * 2);
     }
     kvs_ns_spec s = pq_spec(L, H, d, T, KVS_DTYPE_FP16, 0x5eed);
-    kvs_codec *ck = make(&s, KVS_KEYS), *cv = make(&s, KVS_VALUES);
+    kvs_codec *ck = kvs_test_codec(&s, KVS_KEYS, NULL), *cv = kvs_test_codec(&s, KVS_VALUES, NULL);
     size_t cap = kvs_block_encoded_max(ck, cv, T), len;
     uint8_t *enc = malloc(cap);
     kvs_err err;
@@ -835,8 +793,7 @@ static void test_real_sample(void **state)
                   mean[1]);
     assert_true(fabs(mean[0] - 0.179) < 0.008);
     assert_true(fabs(mean[1] - 0.177) < 0.008);
-    free(k);
-    free(v);
+    kvs_test_sample_free(&sm);
     free(raw);
     free(back);
     free(enc);

@@ -19,6 +19,7 @@
 #include "gpu/hadamard.h"
 #include "gpu/half.h"
 #include "gpu/quant.h"
+#include "tests/support/kvs_test.h"
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -42,32 +43,13 @@ static float gauss(void)
     return (float)(sqrt(-2.0 * log(uniform())) * cos(6.283185307179586 * uniform()));
 }
 
+/* fp16, the same codec for keys and values, pre-RoPE keys, seed 2; validated */
 static kvs_ns_spec make_spec(uint32_t L, uint32_t H, uint32_t D, uint32_t T, const char *codec)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    snprintf(s.name, sizeof s.name, "rkv");
-    s.layers = L;
-    s.kv_heads = H;
-    s.head_dim = D;
-    s.block_tokens = T;
-    s.dtype = KVS_DTYPE_FP16;
-    snprintf(s.key_codec, sizeof s.key_codec, "%s", codec);
-    snprintf(s.value_codec, sizeof s.value_codec, "%s", codec);
+    kvs_ns_spec s = kvs_test_spec(L, H, D, T, KVS_DTYPE_FP16, codec, codec, 2);
     s.keys_pre_rope = true;
-    s.seed = 2;
     assert_int_equal(kvs_spec_validate(&s, NULL), 0);
     return s;
-}
-
-static kvs_codec *make_codec(const kvs_ns_spec *s, kvs_kv kv, const kvs_codec_state *st)
-{
-    kvs_codec *c = NULL;
-    kvs_err err;
-    int rc = kvs_codec_create(s, kv, st, &c, &err);
-    if (rc)
-        fail_msg("kvs_codec_create: %s", err.msg);
-    return c;
 }
 
 /* n fp16 Gaussian values times sigma. */
@@ -77,18 +59,6 @@ static uint16_t *gauss_fp16(size_t n, float sigma)
     for (size_t i = 0; i < n; i++)
         h[i] = kvs_f32_to_fp16(sigma * gauss());
     return h;
-}
-
-/* Relative L2 error of b against a (fp16 arrays). */
-static double rel_err(const uint16_t *a, const uint16_t *b, size_t n)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double x = kvs_fp16_to_f32(a[i]), y = kvs_fp16_to_f32(b[i]);
-        num += (x - y) * (x - y);
-        den += x * x;
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
 /* Encodes and decodes one section; sets *len (if not NULL) to the encoded size. */
@@ -117,7 +87,7 @@ static double section_err(const kvs_codec *c, const kvs_ns_spec *s, uint32_t lay
     size_t n = (size_t)t * s->kv_heads * s->head_dim;
     uint16_t *out = malloc(n * sizeof *out);
     round_trip(c, layer, t, in, out, len);
-    double e = rel_err(in, out, n);
+    double e = kvs_test_rel_err(in, out, n, KVS_DTYPE_FP16);
     free(out);
     return e;
 }
@@ -206,8 +176,8 @@ static void test_random_shapes(void **st)
                 snprintf(name, sizeof name, "rotatekv-%u", bits);
                 uint32_t H = Hs[hi], D = Ds[di], T = 32;
                 kvs_ns_spec s = make_spec(1, H, D, T, name);
-                kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
-                kvs_codec *v = make_codec(&s, KVS_VALUES, NULL);
+                kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
+                kvs_codec *v = kvs_test_codec(&s, KVS_VALUES, NULL);
                 const uint32_t ts[] = {T, 17, 1};
                 for (size_t ti = 0; ti < 3; ti++) {
                     uint32_t t = ts[ti];
@@ -238,8 +208,8 @@ static void test_gaussian_report(void **st)
         char name[16];
         snprintf(name, sizeof name, "rotatekv-%u", bits);
         kvs_ns_spec s = make_spec(1, 4, 128, 64, name);
-        kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
-        kvs_codec *v = make_codec(&s, KVS_VALUES, NULL);
+        kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
+        kvs_codec *v = kvs_test_codec(&s, KVS_VALUES, NULL);
         uint16_t *in = gauss_fp16(64 * 512, 1.0f);
         double ek = section_err(k, &s, 0, 64, in, NULL);
         double ev = section_err(v, &s, 0, 64, in, NULL);
@@ -270,8 +240,8 @@ static void test_bits_accounting(void **st)
         snprintf(name, sizeof name, "rotatekv-%u", cases[i].bits);
         uint32_t D = cases[i].D, H = 4, t = 64;
         kvs_ns_spec s = make_spec(1, H, D, t, name);
-        kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
-        kvs_codec *v = make_codec(&s, KVS_VALUES, NULL);
+        kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
+        kvs_codec *v = kvs_test_codec(&s, KVS_VALUES, NULL);
         size_t n = (size_t)t * H * D, lk, lv;
         uint16_t *in = gauss_fp16(n, 1.0f); /* Gaussian: no token is 8x the median norm */
         section_err(k, &s, 0, t, in, &lk);
@@ -289,7 +259,7 @@ static void test_bits_accounting(void **st)
     /* D = 64 with an odd number of 128-channel key groups: H = 3 -> 192 channels =
      * groups of 128 + 64: 2 bits + 2 groups * 32 bits per 192 elements. */
     kvs_ns_spec s = make_spec(1, 3, 64, 8, "rotatekv-2");
-    kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
     size_t n = 8 * 192, lk;
     uint16_t *in = gauss_fp16(n, 1.0f);
     section_err(k, &s, 0, 8, in, &lk);
@@ -305,7 +275,7 @@ static void test_sinks_bit_exact(void **st)
     (void)st;
     kvs_ns_spec s = make_spec(2, 4, 128, 32, "rotatekv-2");
     for (int kv = 0; kv < 2; kv++) {
-        kvs_codec *c = make_codec(&s, (kvs_kv)kv, NULL);
+        kvs_codec *c = kvs_test_codec(&s, (kvs_kv)kv, NULL);
         uint32_t t = 32, C = 512;
         size_t n = (size_t)t * C;
         uint16_t *in = gauss_fp16(n, 1.0f), *out = malloc(n * sizeof *out);
@@ -321,8 +291,8 @@ static void test_sinks_bit_exact(void **st)
         assert_memory_equal(out, in, C * 2);
         assert_memory_equal(out + 9 * C, in + 9 * C, C * 2);
         /* the others are quantized (not exact) and fine */
-        assert_true(rel_err(in + C, out + C, 8 * C) < 0.45);
-        assert_true(rel_err(in + C, out + C, 8 * C) > 0.0);
+        assert_true(kvs_test_rel_err(in + C, out + C, 8 * C, KVS_DTYPE_FP16) < 0.45);
+        assert_true(kvs_test_rel_err(in + C, out + C, 8 * C, KVS_DTYPE_FP16) > 0.0);
 
         /* six outliers: only the S = 4 largest become sinks */
         const uint32_t tok[6] = {1, 3, 5, 7, 11, 13};
@@ -350,7 +320,7 @@ static void test_sinks_bit_exact(void **st)
         kvs_codec_destroy(c);
     }
     /* t = 1 and t = 2: median is the token itself / the smaller one */
-    kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
     uint16_t *in = gauss_fp16(2 * 512, 1.0f), out[2 * 512];
     size_t len;
     for (uint32_t j = 0; j < 512; j++)
@@ -370,7 +340,7 @@ static void test_range_sinks_bf16(void **st)
     (void)st;
     kvs_ns_spec s = make_spec(1, 4, 64, 16, "rotatekv-4");
     s.dtype = KVS_DTYPE_BF16;
-    kvs_codec *k = make_codec(&s, KVS_KEYS, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL);
     uint32_t t = 16, C = 256;
     uint16_t in[16 * 256], out[16 * 256];
     for (uint32_t i = 0; i < t * C; i++)
@@ -423,7 +393,7 @@ static void test_permutation_round_trip(void **st)
     }
     uint8_t buf[8 + 2 * 256 * 2];
     kvs_codec_state sp = perm_state(L, C, p, buf);
-    kvs_codec *id = make_codec(&s, KVS_KEYS, NULL), *pc = make_codec(&s, KVS_KEYS, &sp);
+    kvs_codec *id = kvs_test_codec(&s, KVS_KEYS, NULL), *pc = kvs_test_codec(&s, KVS_KEYS, &sp);
     assert_int_equal(kvs_codec_state_version(pc), 1);
     size_t n = (size_t)t * C;
     uint16_t *in = gauss_fp16(n, 1.0f), *o1 = malloc(n * 2), *o2 = malloc(n * 2);
@@ -439,7 +409,7 @@ static void test_permutation_round_trip(void **st)
         assert_memory_equal(o1, o2, n * 2);
     }
     /* the value codec ignores the state */
-    kvs_codec *v = make_codec(&s, KVS_VALUES, &sp);
+    kvs_codec *v = kvs_test_codec(&s, KVS_VALUES, &sp);
     kvs_codec_destroy(v);
     free(in);
     free(o1);
@@ -537,7 +507,7 @@ static void test_calibration(void **st)
             assert_true(mean[prev] <= mean[cur]);
         }
     kvs_codec_state cs = {1, state, len};
-    kvs_codec *c = make_codec(&s2, KVS_KEYS, &cs);
+    kvs_codec *c = kvs_test_codec(&s2, KVS_KEYS, &cs);
     kvs_codec_destroy(c);
     free(state);
     free(keys);
@@ -562,16 +532,16 @@ static void test_outlier_channel(void **st)
                                             (j == 300 ? -20.0f : 0.0f));
     double plain = plain_err(in, t, C, 2, 1.0f);
     double plain08 = plain_err(in, t, C, 2, 0.8f);
-    kvs_codec *id = make_codec(&s, KVS_KEYS, NULL);
+    kvs_codec *id = kvs_test_codec(&s, KVS_KEYS, NULL);
     round_trip(id, 0, t, in, out, NULL);
-    double rot = rel_err(in, out, n);
+    double rot = kvs_test_rel_err(in, out, n, KVS_DTYPE_FP16);
     void *state;
     size_t len;
     assert_int_equal(kvs_rotatekv_calibrate(&s, in, t, &state, &len, NULL), 0);
     kvs_codec_state cs = {1, state, len};
-    kvs_codec *pc = make_codec(&s, KVS_KEYS, &cs);
+    kvs_codec *pc = kvs_test_codec(&s, KVS_KEYS, &cs);
     round_trip(pc, 0, t, in, out, NULL);
-    double both = rel_err(in, out, n);
+    double both = kvs_test_rel_err(in, out, n, KVS_DTYPE_FP16);
     print_message("outlier channel K rel: plain per-token-2 clip1 %.4f clip0.8 %.4f, "
                   "rotation %.4f, rotation+reorder %.4f\n", plain, plain08, rot, both);
     /* measured over 40 streams: both/plain 0.47..0.50, both/rot 0.66..0.69 */
@@ -592,7 +562,7 @@ static void test_deterministic(void **st)
     kvs_ns_spec s = make_spec(1, 4, 128, 16, "rotatekv-3");
     kvs_ns_spec s2 = s;
     s2.seed = 99;
-    kvs_codec *a = make_codec(&s, KVS_KEYS, NULL), *b = make_codec(&s2, KVS_KEYS, NULL);
+    kvs_codec *a = kvs_test_codec(&s, KVS_KEYS, NULL), *b = kvs_test_codec(&s2, KVS_KEYS, NULL);
     uint16_t *in = gauss_fp16(16 * 512, 2.0f);
     uint8_t e1[8192], e2[8192], e3[8192];
     size_t l1, l2, l3;
@@ -615,7 +585,7 @@ static void test_bad_lengths(void **st)
     uint32_t t = 8, C = 256;
     kvs_ns_spec s = make_spec(1, 4, 64, t, "rotatekv-2");
     for (int kv = 0; kv < 2; kv++) {
-        kvs_codec *c = make_codec(&s, (kvs_kv)kv, NULL);
+        kvs_codec *c = kvs_test_codec(&s, (kvs_kv)kv, NULL);
         size_t max = kvs_codec_section_max(c, t), rec = kv ? 64 + 4 * 4 : 64 + 2 * 4;
         uint8_t *buf = malloc(max + 64);
         for (size_t i = 0; i < max + 64; i++)
@@ -679,15 +649,16 @@ static void test_block_round_trip(void **st)
         memcpy(keys + l * sec, raw + 2 * l * sec, sec * 2);
     assert_int_equal(kvs_rotatekv_calibrate(&s, keys, t, &state, &slen, NULL), 0);
     kvs_codec_state cs = {3, state, slen};
-    kvs_codec *k = make_codec(&s, KVS_KEYS, &cs), *v = make_codec(&s, KVS_VALUES, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, &cs), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
     size_t cap = kvs_block_encoded_max(k, v, t), len;
     uint8_t *enc = malloc(cap);
     kvs_err err;
     assert_int_equal(kvs_block_encode(k, v, 7, t, raw, enc, cap, &len, &err), 0);
     assert_int_equal(kvs_block_decode(k, v, enc, len, 0, L, dec, &err), 0);
     for (uint32_t l = 0; l < L; l++) {
-        double ek = rel_err(raw + 2 * l * sec, dec + 2 * l * sec, sec);
-        double ev = rel_err(raw + (2 * l + 1) * sec, dec + (2 * l + 1) * sec, sec);
+        double ek = kvs_test_rel_err(raw + 2 * l * sec, dec + 2 * l * sec, sec, KVS_DTYPE_FP16);
+        double ev =
+            kvs_test_rel_err(raw + (2 * l + 1) * sec, dec + (2 * l + 1) * sec, sec, KVS_DTYPE_FP16);
         assert_true(ek < 0.11);
         assert_true(ev < 0.45);
     }
@@ -697,7 +668,7 @@ static void test_block_round_trip(void **st)
     assert_int_equal(kvs_block_decode(k, v, enc, len, 1, 2, one, &err), 0);
     assert_memory_equal(one, dec + 2 * sec, 2 * sec * 2);
     /* a decoder with another state version refuses the block */
-    kvs_codec *k0 = make_codec(&s, KVS_KEYS, NULL);
+    kvs_codec *k0 = kvs_test_codec(&s, KVS_KEYS, NULL);
     assert_int_equal(kvs_block_decode(k0, v, enc, len, 0, L, dec, &err), KVS_EPROTO);
     kvs_codec_destroy(k0);
     free(one);
@@ -713,45 +684,19 @@ static void test_block_round_trip(void **st)
 /* ---------------------------------------------------------------- real sample */
 
 typedef struct sample {
-    uint8_t *bytes;
-    size_t len;
+    kvs_test_sample file;
     const uint16_t *k, *kpre, *v, *q; /* [6][64][H][128], q [6][64][8][128] */
 } sample;
 
-static const uint16_t *array_at(const sample *s, const char *name)
-{
-    char key[64];
-    snprintf(key, sizeof key, "\"name\": \"%s\"", name);
-    const char *p = strstr((const char *)s->bytes, key);
-    assert_non_null(p);
-    p = strstr(p, "\"offset\":");
-    assert_non_null(p);
-    size_t off = strtoul(p + 9, NULL, 10);
-    assert_true(off % 2 == 0 && off < s->len);
-    return (const uint16_t *)(s->bytes + off);
-}
-
 static bool load_sample(sample *s)
 {
-    char path[1024];
-    const char *dir = getenv("KVS_TEST_DATA");
-    snprintf(path, sizeof path, "%s/realkv-a-64.kvs", dir ? dir : KVS_SOURCE_DIR "/tests/data");
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    if (!kvs_test_sample_load(&s->file))
         return false;
-    fseek(f, 0, SEEK_END);
-    s->len = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    s->bytes = malloc(s->len + 1);
-    assert_int_equal(fread(s->bytes, 1, s->len, f), s->len);
-    fclose(f);
-    s->bytes[4095] = 0; /* header text ends inside the 4096-byte header */
-    s->k = array_at(s, "k");
-    s->kpre = array_at(s, "k_pre_rope");
-    s->v = array_at(s, "v");
-    s->q = array_at(s, "q");
-    s->bytes[4095] = ' ';
-    assert_true(s->len >= 1183744 + 6 * 64 * 8 * 128 * 2);
+    s->k = kvs_test_sample_array(&s->file, "k", "[6, 64, 4, 128]");
+    s->kpre = kvs_test_sample_array(&s->file, "k_pre_rope", "[6, 64, 4, 128]");
+    s->v = kvs_test_sample_array(&s->file, "v", "[6, 64, 4, 128]");
+    s->q = kvs_test_sample_array(&s->file, "q", "[6, 64, 8, 128]");
+    assert_true(s->file.size >= 1183744 + 6 * 64 * 8 * 128 * 2);
     return true;
 }
 
@@ -764,25 +709,6 @@ static void rope(float *x, uint32_t D, uint32_t pos)
         x[i] = (float)(a * c - b * sn);
         x[i + D / 2] = (float)(b * c + a * sn);
     }
-}
-
-/* Causal logits q.k^T of layer l for all 8 query heads (kv-head h/2): relative error. */
-static double logit_err(const uint16_t *q, const float *k, const float *kh, uint32_t n)
-{
-    double num = 0, den = 0;
-    for (uint32_t h = 0; h < 8; h++)
-        for (uint32_t i = 0; i < n; i++)
-            for (uint32_t j = 0; j <= i; j++) {
-                double a = 0, b = 0;
-                for (uint32_t d = 0; d < 128; d++) {
-                    double qq = kvs_fp16_to_f32(q[(i * 8 + h) * 128 + d]);
-                    a += qq * k[(j * 4 + h / 2) * 128 + d];
-                    b += qq * kh[(j * 4 + h / 2) * 128 + d];
-                }
-                num += (a - b) * (a - b);
-                den += a * a;
-            }
-    return sqrt(num / den);
 }
 
 static void real_run(const sample *sm, unsigned bits, bool pre_rope, double *ek, double *ev,
@@ -799,7 +725,7 @@ static void real_run(const sample *sm, unsigned bits, bool pre_rope, double *ek,
     size_t slen;
     assert_int_equal(kvs_rotatekv_calibrate(&s, keys, n, &state, &slen, NULL), 0);
     kvs_codec_state cs = {1, state, slen};
-    kvs_codec *k = make_codec(&s, KVS_KEYS, &cs), *v = make_codec(&s, KVS_VALUES, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, &cs), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
     uint16_t *out = malloc(sec * 2);
     float *kf = malloc(sec * 4), *kh = malloc(sec * 4);
     *ek = *ev = *el = *eplain = 0;
@@ -810,7 +736,7 @@ static void real_run(const sample *sm, unsigned bits, bool pre_rope, double *ek,
         const uint16_t *kin = keys + l * sec, *vin = sm->v + l * sec;
         round_trip(k, l, n, kin, out, &len);
         *sinks += (unsigned)((len - n * rec) / (2 + 2 * C - rec));
-        *ek += rel_err(kin, out, sec) / L;
+        *ek += kvs_test_rel_err(kin, out, sec, KVS_DTYPE_FP16) / L;
         *eplain += plain_err(kin, n, C, 2, 1.0f) / L;
         /* logits against the post-RoPE keys of the file */
         for (size_t i = 0; i < sec; i++) {
@@ -821,10 +747,10 @@ static void real_run(const sample *sm, unsigned bits, bool pre_rope, double *ek,
             for (uint32_t i = 0; i < n; i++)
                 for (uint32_t h = 0; h < 4; h++)
                     rope(kh + (i * 4 + h) * 128, 128, i);
-        *el += logit_err(sm->q + l * (size_t)n * 8 * 128, kf, kh, n) / L;
+        *el += kvs_test_logit_err(sm->q + l * (size_t)n * 8 * 128, kf, kh, n, 8, 4, 128) / L;
         round_trip(v, l, n, vin, out, &len);
         *sinks += (unsigned)((len - n * rec) / (2 + 2 * C - rec));
-        *ev += rel_err(vin, out, sec) / L;
+        *ev += kvs_test_rel_err(vin, out, sec, KVS_DTYPE_FP16) / L;
     }
     free(out);
     free(kf);
@@ -877,7 +803,7 @@ static void test_real_sample(void **st)
                 assert_true(ev < 0.12);
             }
         }
-    free(sm.bytes);
+    kvs_test_sample_free(&sm.file);
 }
 
 int main(void)

@@ -17,37 +17,12 @@
 #include "gpu/codec_squat.h"
 #include "gpu/half.h"
 #include "gpu/rng.h"
+#include "tests/support/kvs_test.h"
 
+/* fp16, the same codec for keys and values, seed 5 */
 static kvs_ns_spec spec(uint32_t L, uint32_t H, uint32_t D, uint32_t T, const char *codec)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    strcpy(s.name, "t");
-    s.layers = L;
-    s.kv_heads = H;
-    s.head_dim = D;
-    s.block_tokens = T;
-    s.dtype = KVS_DTYPE_FP16;
-    s.seed = 5;
-    strcpy(s.key_codec, codec);
-    strcpy(s.value_codec, codec);
-    return s;
-}
-
-static double gauss(kvs_rng *r)
-{
-    double u1 = ((kvs_rng_next(r) >> 11) + 1) * 0x1.0p-53, u2 = (kvs_rng_next(r) >> 11) * 0x1.0p-53;
-    return sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
-}
-
-static uint16_t *gauss_data(size_t n, uint64_t seed)
-{
-    kvs_rng r;
-    kvs_rng_init(&r, seed, 0, 0, 0, 0);
-    uint16_t *x = malloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++)
-        x[i] = kvs_f32_to_fp16((float)gauss(&r));
-    return x;
+    return kvs_test_spec(L, H, D, T, KVS_DTYPE_FP16, codec, codec, 5);
 }
 
 /* Encodes one section; returns malloc'd bytes and their length. */
@@ -64,16 +39,6 @@ static uint8_t *encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uin
     return enc;
 }
 
-static kvs_codec *make(const kvs_ns_spec *s, kvs_kv kv, const kvs_codec_state *st)
-{
-    kvs_codec *c;
-    kvs_err err;
-    int rc = kvs_codec_create(s, kv, st, &c, &err);
-    if (rc)
-        fail_msg("create: %s", err.msg);
-    return c;
-}
-
 /* ---------------------------------------------------------------- no queries = KIVI */
 
 static void expect_same_as_kivi(const kvs_ns_spec *s2, const kvs_codec_state *st, uint32_t t,
@@ -84,7 +49,8 @@ static void expect_same_as_kivi(const kvs_ns_spec *s2, const kvs_codec_state *st
     snprintf(sk.key_codec, sizeof sk.key_codec, "kivi-%c", s2->key_codec[6]);
     strcpy(sk.value_codec, sk.key_codec);
     for (int kv = 0; kv < 2; kv++) {
-        kvs_codec *q = make(s2, (kvs_kv)kv, st), *k = make(&sk, (kvs_kv)kv, NULL);
+        kvs_codec *q = kvs_test_codec(s2, (kvs_kv)kv, st),
+                  *k = kvs_test_codec(&sk, (kvs_kv)kv, NULL);
         assert_int_equal(kvs_squat_subspace_heads(q), 0);
         size_t lq, lk;
         uint8_t *eq = encode(q, 0, t, in, &lq), *ek = encode(k, 0, t, in, &lk);
@@ -106,7 +72,7 @@ static void test_no_queries_is_kivi(void **state)
             for (int b4 = 0; b4 < 2; b4++) {
                 kvs_ns_spec s = spec(2, 2, dims[di], 64, b4 ? "squat-4" : "squat-2");
                 size_t n = (size_t)toks[ti] * 2 * dims[di];
-                uint16_t *in = gauss_data(n, di * 10 + ti);
+                uint16_t *in = kvs_test_gauss_data(n, di * 10 + ti, 1.0, KVS_DTYPE_FP16);
                 /* version 0 (no state), then a version-1 state whose heads have N = 0,
                  * then one whose Grams are zero (lambda * Q^T Q = 0: A = I, C = 0) */
                 expect_same_as_kivi(&s, NULL, toks[ti], in);
@@ -174,7 +140,7 @@ static double *orthonormal(uint32_t D, uint32_t k, uint64_t seed)
     double *U = malloc((size_t)D * k * sizeof *U);
     for (uint32_t c = 0; c < k; c++) {
         for (uint32_t i = 0; i < D; i++)
-            U[i * k + c] = gauss(&r);
+            U[i * k + c] = kvs_test_gauss(&r);
         for (int pass = 0; pass < 2; pass++)
             for (uint32_t p = 0; p < c; p++) {
                 double dot = 0;
@@ -219,7 +185,7 @@ static void check_compensation(uint32_t D)
     assert_int_equal(kvs_squat_state_from_grams(&s, g, &N, &bytes, &len, NULL), 0);
     assert_int_equal(len, kvs_squat_state_bytes(&s));
     kvs_codec_state st = {3, bytes, len};
-    kvs_codec *c = make(&s, KVS_KEYS, &st);
+    kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, &st);
     assert_int_equal(kvs_squat_subspace_heads(c), 1);
 
     /* A from the fp32 Gram the codec saw: top-20 eigen-part of g. The fp32 rounding of
@@ -336,7 +302,7 @@ static void check_subspace(uint32_t D, const char *codec, double *gain)
     for (size_t v = 0; v < (size_t)n * Hq; v++) {
         double a[8];
         for (uint32_t i = 0; i < r0; i++)
-            a[i] = 3 * gauss(&r);
+            a[i] = 3 * kvs_test_gauss(&r);
         for (uint32_t j = 0; j < D; j++) {
             double x = 0;
             for (uint32_t i = 0; i < r0; i++)
@@ -349,13 +315,14 @@ static void check_subspace(uint32_t D, const char *codec, double *gain)
     kvs_err err;
     assert_int_equal(kvs_squat_state_from_queries(&s, Hq, q, n, &bytes, &len, &err), 0);
     kvs_codec_state st = {1, bytes, len};
-    kvs_codec *sq = make(&s, KVS_KEYS, &st);
+    kvs_codec *sq = kvs_test_codec(&s, KVS_KEYS, &st);
     assert_int_equal(kvs_squat_subspace_heads(sq), H);
     kvs_ns_spec sk = s;
     snprintf(sk.key_codec, sizeof sk.key_codec, "kivi-%c", codec[6]);
-    kvs_codec *kv = make(&sk, KVS_KEYS, NULL);
+    kvs_codec *kv = kvs_test_codec(&sk, KVS_KEYS, NULL);
     size_t ne = (size_t)t * H * D;
-    uint16_t *k = gauss_data(ne, D), *o1 = malloc(ne * 2), *o2 = malloc(ne * 2);
+    uint16_t *k = kvs_test_gauss_data(ne, D, 1.0, KVS_DTYPE_FP16), *o1 = malloc(ne * 2),
+             *o2 = malloc(ne * 2);
     size_t l1, l2;
     uint8_t *e1 = encode(sq, 0, t, k, &l1), *e2 = encode(kv, 0, t, k, &l2);
     assert_int_equal(l1, l2);
@@ -471,15 +438,15 @@ static void test_block_roundtrip(void **state)
 {
     kvs_ns_spec s = spec(2, 2, 128, 32, "squat-2");
     uint32_t t = 32, n = 8;
-    uint16_t *q = gauss_data((size_t)2 * n * 4 * 128, 4);
+    uint16_t *q = kvs_test_gauss_data((size_t)2 * n * 4 * 128, 4, 1.0, KVS_DTYPE_FP16);
     void *bytes;
     size_t len;
     assert_int_equal(kvs_squat_state_from_queries(&s, 4, q, n, &bytes, &len, NULL), 0);
     kvs_codec_state st = {2, bytes, len};
-    kvs_codec *k = make(&s, KVS_KEYS, &st), *v = make(&s, KVS_VALUES, NULL);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, &st), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
     assert_int_equal(kvs_codec_state_version(k), 2);
     size_t sec = (size_t)t * 2 * 128, ne = 2 * 2 * sec;
-    uint16_t *raw = gauss_data(ne, 8), *back = malloc(ne * 2);
+    uint16_t *raw = kvs_test_gauss_data(ne, 8, 1.0, KVS_DTYPE_FP16), *back = malloc(ne * 2);
     size_t cap = kvs_block_encoded_max(k, v, t), blen;
     uint8_t *enc = malloc(cap), *enc2 = malloc(cap);
     kvs_err err;
@@ -500,7 +467,7 @@ static void test_block_roundtrip(void **state)
         }
     /* SQuat bytes are KIVI bytes: a decoder of any state version (here: none) reads the
      * block, so blocks stay decodable as the query state moves on. */
-    kvs_codec *k0 = make(&s, KVS_KEYS, NULL);
+    kvs_codec *k0 = kvs_test_codec(&s, KVS_KEYS, NULL);
     uint16_t *back0 = malloc(2 * 2 * sec * sizeof *back0);
     assert_non_null(back0);
     assert_false(kvs_codec_decode_needs_state(k0));
@@ -520,80 +487,27 @@ static void test_block_roundtrip(void **state)
 
 /* ---------------------------------------------------------------- real sample */
 
-static uint8_t *load_sample(size_t *size)
-{
-    const char *dir = getenv("KVS_TEST_DATA");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/realkv-a-64.kvs", dir ? dir : KVS_SOURCE_DIR "/tests/data");
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc((size_t)n);
-    assert_int_equal(fread(b, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return b;
-}
-
-static const uint16_t *sample_array(const uint8_t *b, size_t size, const char *name,
-                                    const char *shape)
-{
-    char key[64];
-    snprintf(key, sizeof key, "{\"name\": \"%s\", \"shape\": %s", name, shape);
-    const char *p = strstr((const char *)b, key);
-    assert_non_null(p);
-    p = strstr(p, "\"offset\": ");
-    assert_non_null(p);
-    size_t off = strtoul(p + 10, NULL, 10);
-    assert_true(off % 2 == 0 && off < size);
-    return (const uint16_t *)(b + off);
-}
-
-/* Causal logit error ||q K^T - q K^T|| / ||q K^T|| of layer l over all 8 query heads
- * (query head h reads kv-head h / 2), K and Kh as [64][4][128] fp16. */
-static void logit_err(const uint16_t *Q, const uint16_t *K, const uint16_t *Kh, double *num,
-                      double *den)
-{
-    for (uint32_t i = 0; i < 64; i++)
-        for (uint32_t hq = 0; hq < 8; hq++) {
-            const uint16_t *qv = Q + ((size_t)i * 8 + hq) * 128;
-            for (uint32_t j = 0; j <= i; j++) {
-                const uint16_t *kv = K + ((size_t)j * 4 + hq / 2) * 128;
-                const uint16_t *kh = Kh + ((size_t)j * 4 + hq / 2) * 128;
-                double a = 0, b = 0;
-                for (uint32_t c = 0; c < 128; c++) {
-                    double qc = kvs_fp16_to_f32(qv[c]);
-                    a += qc * kvs_fp16_to_f32(kv[c]);
-                    b += qc * kvs_fp16_to_f32(kh[c]);
-                }
-                *num += (a - b) * (a - b);
-                *den += a * a;
-            }
-        }
-}
-
 static void test_real_sample(void **state)
 {
-    size_t size;
-    uint8_t *b = load_sample(&size);
-    const uint16_t *K = sample_array(b, size, "k", "[6, 64, 4, 128]");
-    const uint16_t *Q = sample_array(b, size, "q", "[6, 64, 8, 128]");
+    kvs_test_sample sm;
+    if (!kvs_test_sample_load(&sm))
+        fail_msg("cannot open realkv-a-64.kvs (set KVS_TEST_DATA)");
+    const uint16_t *K = kvs_test_sample_array(&sm, "k", "[6, 64, 4, 128]");
+    const uint16_t *Q = kvs_test_sample_array(&sm, "q", "[6, 64, 8, 128]");
     kvs_ns_spec s = spec(6, 4, 128, 32, "squat-2");
     void *bytes;
     size_t len;
     kvs_err err;
     assert_int_equal(kvs_squat_state_from_queries(&s, 8, Q, 64, &bytes, &len, &err), 0);
     kvs_codec_state st = {1, bytes, len};
-    kvs_codec *sq = make(&s, KVS_KEYS, &st);
+    kvs_codec *sq = kvs_test_codec(&s, KVS_KEYS, &st);
     assert_int_equal(kvs_squat_subspace_heads(sq), 24);
     kvs_ns_spec sk = s;
     strcpy(sk.key_codec, "kivi-2");
-    kvs_codec *kv = make(&sk, KVS_KEYS, NULL);
+    kvs_codec *kv = kvs_test_codec(&sk, KVS_KEYS, NULL);
     const size_t sec = 32 * 4 * 128, lay = 64 * 4 * 128;
     uint16_t *hat[2] = {malloc(lay * 2), malloc(lay * 2)};
+    float *kf = malloc(lay * sizeof *kf), *khf = malloc(lay * sizeof *khf);
     double lerr[2] = {0, 0}, kerr[2] = {0, 0};
     for (uint32_t l = 0; l < 6; l++) {
         const uint16_t *Kl = K + l * lay;
@@ -605,14 +519,19 @@ static void test_real_sample(void **state)
                 assert_int_equal(kvs_codec_decode(c, l, 32, e, n, hat[ci] + blk * sec, NULL), 0);
                 free(e);
             }
-            double num = 0, den = 0, kn = 0, kd = 0;
-            logit_err(Q + (size_t)l * 64 * 8 * 128, Kl, hat[ci], &num, &den);
+            double kn = 0, kd = 0;
+            for (size_t i = 0; i < lay; i++) {
+                kf[i] = kvs_fp16_to_f32(Kl[i]);
+                khf[i] = kvs_fp16_to_f32(hat[ci][i]);
+            }
+            /* causal logits of all 8 query heads (query head h reads kv-head h / 2) */
+            lerr[ci] +=
+                kvs_test_logit_err(Q + (size_t)l * 64 * 8 * 128, kf, khf, 64, 8, 4, 128) / 6;
             for (size_t i = 0; i < lay; i++) {
                 double x = kvs_fp16_to_f32(Kl[i]), d = x - kvs_fp16_to_f32(hat[ci][i]);
                 kn += d * d;
                 kd += x * x;
             }
-            lerr[ci] += sqrt(num / den) / 6;
             kerr[ci] += sqrt(kn / kd) / 6;
         }
     }
@@ -625,8 +544,10 @@ static void test_real_sample(void **state)
     assert_true(lerr[0] < lerr[1]);
     free(hat[0]);
     free(hat[1]);
+    free(kf);
+    free(khf);
     free(bytes);
-    free(b);
+    kvs_test_sample_free(&sm);
     kvs_codec_destroy(sq);
     kvs_codec_destroy(kv);
 }
