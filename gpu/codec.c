@@ -145,6 +145,7 @@ void kvs_codec_destroy(kvs_codec *c)
 }
 
 kvs_codec_id kvs_codec_id_of(const kvs_codec *c) { return c->id; }
+const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c) { return &c->spec; }
 unsigned kvs_codec_bits(const kvs_codec *c) { return c->bits; }
 uint32_t kvs_codec_state_version(const kvs_codec *c) { return c->state.version; }
 
@@ -299,6 +300,23 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
     return rc;
 }
 
+int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const kvs_block_info *info,
+                    kvs_err *err)
+{
+    const kvs_ns_spec *s = &k->spec;
+    if (info->layers != s->layers || info->kv_heads != s->kv_heads ||
+        info->head_dim != s->head_dim || info->dtype != s->dtype ||
+        info->tokens > s->block_tokens)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: layout does not match the namespace");
+    if (info->k_codec != k->id || info->k_bits != k->bits || info->v_codec != v->id ||
+        info->v_bits != v->bits ||
+        (kvs_codec_decode_needs_state(k) && info->k_state != k->state.version) ||
+        (kvs_codec_decode_needs_state(v) && info->v_state != v->state.version))
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: codecs or codec state versions do not "
+                           "match the decoder");
+    return 0;
+}
+
 int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
                      uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err)
 {
@@ -306,16 +324,9 @@ int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
     int rc = kvs_format_parse(enc, len, &info, err);
     if (rc)
         return rc;
+    if ((rc = kvs_block_check(k, v, &info, err)))
+        return rc;
     const kvs_ns_spec *s = &k->spec;
-    if (info.layers != s->layers || info.kv_heads != s->kv_heads ||
-        info.head_dim != s->head_dim || info.dtype != s->dtype || info.tokens > s->block_tokens)
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: layout does not match the namespace");
-    if (info.k_codec != k->id || info.k_bits != k->bits || info.v_codec != v->id ||
-        info.v_bits != v->bits ||
-        (kvs_codec_decode_needs_state(k) && info.k_state != k->state.version) ||
-        (kvs_codec_decode_needs_state(v) && info.v_state != v->state.version))
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: codecs or codec state versions do not "
-                           "match the decoder");
     if (layer_begin >= layer_end || layer_end > s->layers)
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
                            layer_end, s->layers);

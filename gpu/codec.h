@@ -69,6 +69,7 @@ int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *
 void kvs_codec_destroy(kvs_codec *c);
 
 kvs_codec_id kvs_codec_id_of(const kvs_codec *c);
+const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c); /* the namespace spec it was made for */
 unsigned kvs_codec_bits(const kvs_codec *c);
 uint32_t kvs_codec_state_version(const kvs_codec *c);
 
@@ -99,6 +100,13 @@ size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t)
  * (gpu/format.h) stamped with ns_id. Writes at most cap bytes; *len is the exact size. */
 int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
                      const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+
+struct kvs_block_info; /* gpu/format.h */
+
+/* Checks that a parsed block (kvs_format_parse) was written for this namespace layout and
+ * these codecs, with a state version they can decode. KVS_EPROTO otherwise. */
+int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const struct kvs_block_info *info,
+                    kvs_err *err);
 
 /* Decodes layers [layer_begin, layer_end) of an encoded block into raw (which receives
  * (layer_end - layer_begin) * 2 * t * H * D elements). The block is parsed and its

@@ -1,0 +1,553 @@
+/* The GPU codec engine: see engine.h for the data flow, completion and threading.
+ *
+ * Batch layout in the staging buffers (B requests of one kind, one codec pair, one t;
+ * decode also one layer range of nl layers; sec = t*H*D elements):
+ *   raw side:     K sections [B][nl][sec], then V sections [B][nl][sec]   (fp16/bf16)
+ *   encoded side: K sections [B][nl] at stride sk, then V at stride sv     (bytes)
+ *   layers:       [B][nl] layer index of each section (the same list for K and V)
+ * The codecs with kernels have encoded sizes that depend on t only, so strides are exact
+ * and sections are contiguous. Encode uses nl = L.
+ */
+#include "gpu/engine.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec_cuda.h"
+#include "gpu/format.h"
+
+#ifndef KVS_HAVE_CUDA
+
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
+{
+    *out = NULL;
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_destroy(kvs_engine *e) {}
+bool kvs_engine_failed(const kvs_engine *e) { return true; }
+const char *kvs_engine_device_name(const kvs_engine *e) { return "none"; }
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v) { return false; }
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+
+#else
+#include <cuda_runtime.h>
+
+#include "gpu/base/cuda_try.h"
+
+typedef enum { JOB_ENCODE, JOB_DECODE } job_kind;
+
+typedef struct job {
+    job_kind kind;
+    const kvs_codec *k, *v;
+    uint32_t t, lb, le, ns_id;
+    const uint16_t *raw_in; /* encode */
+    uint8_t *out;
+    size_t cap, *len;
+    const uint8_t *enc; /* decode */
+    size_t enc_len;
+    uint16_t *raw_out;
+    kvs_engine_done done;
+    void *arg;
+    uint64_t enq_us;
+    struct job *next;
+} job;
+
+struct kvs_engine {
+    kvs_engine_opts o;
+    char name[256];
+    pthread_t thread;
+    pthread_mutex_t mu; /* guards the queue and stop; also serializes kvs_engine_accepts */
+    pthread_cond_t cv;
+    job *head, *tail;
+    bool stop;
+    atomic_bool failed;
+    cudaStream_t st;
+    uint8_t *h_raw, *h_enc, *d_raw, *d_enc; /* staging_bytes each */
+    uint32_t *h_layers, *d_layers;          /* max_sections each */
+    unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
+    size_t max_sections;
+};
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static size_t sec_elems(const kvs_codec *k, uint32_t t)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    return (size_t)t * s->kv_heads * s->head_dim;
+}
+
+static bool compatible(const job *a, const job *b)
+{
+    return a->kind == b->kind && a->k == b->k && a->v == b->v && a->t == b->t &&
+           a->lb == b->lb && a->le == b->le;
+}
+
+/* Bytes of staging one request takes on the raw side and on the encoded side. */
+static void footprint(const job *j, size_t *raw, size_t *enc)
+{
+    size_t nl = j->le - j->lb;
+    *raw = 2 * nl * sec_elems(j->k, j->t) * 2;
+    *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
+}
+
+static void finish(job *j, int rc, const kvs_err *err)
+{
+    j->done(j->arg, rc, err);
+    free(j);
+}
+
+static void fail_all(job *list, int rc, const kvs_err *err)
+{
+    while (list) {
+        job *next = list->next;
+        finish(list, rc, err);
+        list = next;
+    }
+}
+
+/* Marks the engine failed after an error the device does not recover from. */
+static void note_error(kvs_engine *e, cudaError_t rc)
+{
+    if (rc == cudaErrorIllegalAddress || rc == cudaErrorLaunchFailure ||
+        rc == cudaErrorHardwareStackError || rc == cudaErrorIllegalInstruction ||
+        rc == cudaErrorMisalignedAddress || rc == cudaErrorInvalidPc ||
+        rc == cudaErrorECCUncorrectable)
+        atomic_store(&e->failed, true);
+}
+
+#define ENGINE_TRY(e, expr, err)                                                              \
+    do {                                                                                      \
+        cudaError_t rc_ = (expr);                                                             \
+        if (rc_ != cudaSuccess) {                                                             \
+            note_error((e), rc_);                                                             \
+            return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,             \
+                               cudaGetErrorString(rc_));                                      \
+        }                                                                                     \
+    } while (0)
+
+/* Launches the K and V kernels of a batch of nb requests over nl layers each, with the
+ * staging filled by the caller; copies the results and the NaN words back; waits. */
+static int run_batch(kvs_engine *e, const job *first, uint32_t nb, bool encode, kvs_err *err)
+{
+    const kvs_codec *k = first->k, *v = first->v;
+    uint32_t nl = first->le - first->lb, t = first->t;
+    size_t n = (size_t)nb * nl, sec = sec_elems(k, t);
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    size_t raw_bytes = 2 * n * sec * 2, enc_bytes = n * (sk + sv);
+    for (size_t i = 0; i < n; i++)
+        e->h_layers[i] = first->lb + (uint32_t)(i % nl);
+    ENGINE_TRY(e, cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
+                                  cudaMemcpyHostToDevice, e->st), err);
+    kvs_cuda_sections ks = {.n = (uint32_t)n, .t = t, .layer = e->d_layers,
+                            .raw = (const uint16_t *)e->d_raw, .raw_out = (uint16_t *)e->d_raw,
+                            .enc = e->d_enc, .enc_out = e->d_enc, .stride = sk,
+                            .bad = e->d_bad};
+    kvs_cuda_sections vs = ks;
+    vs.raw = (const uint16_t *)e->d_raw + n * sec;
+    vs.raw_out = (uint16_t *)e->d_raw + n * sec;
+    vs.enc = vs.enc_out = e->d_enc + n * sk;
+    vs.stride = sv;
+    vs.bad = e->d_bad + 1;
+    int rc;
+    if (encode) {
+        ENGINE_TRY(e, cudaMemcpyAsync(e->d_raw, e->h_raw, raw_bytes, cudaMemcpyHostToDevice, e->st),
+                   err);
+        ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
+        if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
+            (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
+            return rc;
+        ENGINE_TRY(e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st),
+                   err);
+        ENGINE_TRY(e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad,
+                                      cudaMemcpyDeviceToHost, e->st), err);
+    } else {
+        ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st),
+                   err);
+        if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
+            (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
+            return rc;
+        ENGINE_TRY(e, cudaMemcpyAsync(e->h_raw, e->d_raw, raw_bytes, cudaMemcpyDeviceToHost, e->st),
+                   err);
+    }
+    ENGINE_TRY(e, cudaStreamSynchronize(e->st), err);
+    return 0;
+}
+
+static void do_encode(kvs_engine *e, job *list, uint32_t nb)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    uint32_t L = s->layers, t = list->t;
+    size_t sec = sec_elems(k, t), n = (size_t)nb * L;
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    uint16_t *hr = (uint16_t *)e->h_raw;
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++) /* [L][2][t][H][D] -> K [B][L], V [B][L] */
+        for (uint32_t l = 0; l < L; l++) {
+            memcpy(hr + ((size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l) * sec, sec * 2);
+            memcpy(hr + (n + (size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l + 1) * sec,
+                   sec * 2);
+        }
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = run_batch(e, list, nb, true, &err);
+    if (rc) {
+        fail_all(list, rc, &err);
+        return;
+    }
+    size_t prefix = kvs_format_prefix_bytes(L);
+    uint32_t *offsets = kvs_xmalloc((2 * (size_t)L + 1) * sizeof *offsets);
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) {
+        next = j->next;
+        /* NaN/Inf: the smallest flat index over the K (or V) launch names request, layer,
+         * token, head and channel, as the CPU path does. */
+        unsigned long long bad[2] = {e->h_bad[0], e->h_bad[1]};
+        int kvbad = -1;
+        for (int kv = 0; kv < 2 && kvbad < 0; kv++)
+            if (bad[kv] != ~0ull && bad[kv] / (L * sec) == b)
+                kvbad = kv;
+        if (kvbad >= 0) {
+            size_t i = bad[kvbad] % (L * sec), hd = (size_t)s->kv_heads * s->head_dim;
+            kvs_err_set(&err, KVS_EINVAL, "payload: NaN or Inf at layer %zu, %s, token %zu, head "
+                        "%zu, channel %zu", i / sec, kvbad ? "V" : "K", i % sec / hd,
+                        i % hd / s->head_dim, i % s->head_dim);
+            finish(j, KVS_EINVAL, &err);
+            continue;
+        }
+        size_t pos = prefix;
+        for (uint32_t l = 0; l < L; l++) {
+            offsets[2 * l] = (uint32_t)pos;
+            memcpy(j->out + pos, e->h_enc + ((size_t)b * L + l) * sk, sk);
+            pos += sk;
+            offsets[2 * l + 1] = (uint32_t)pos;
+            memcpy(j->out + pos, e->h_enc + n * sk + ((size_t)b * L + l) * sv, sv);
+            pos += sv;
+        }
+        offsets[2 * L] = (uint32_t)pos;
+        kvs_block_info info = {
+            .dtype = (uint8_t)s->dtype, .flags = s->keys_pre_rope ? 1 : 0, .ns_id = j->ns_id,
+            .k_codec = (uint8_t)kvs_codec_id_of(k), .k_bits = (uint8_t)kvs_codec_bits(k),
+            .v_codec = (uint8_t)kvs_codec_id_of(v), .v_bits = (uint8_t)kvs_codec_bits(v),
+            .layers = L, .kv_heads = s->kv_heads, .head_dim = s->head_dim, .tokens = t,
+            .k_state = kvs_codec_state_version(k), .v_state = kvs_codec_state_version(v),
+            .seed = s->seed, .total_bytes = pos};
+        kvs_format_write_prefix(&info, offsets, j->out);
+        kvs_format_seal(j->out, pos);
+        *j->len = pos;
+        finish(j, 0, NULL);
+    }
+    free(offsets);
+}
+
+static void do_decode(kvs_engine *e, job *list, uint32_t nb)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    uint32_t nl = list->le - list->lb, t = list->t;
+    size_t sec = sec_elems(k, t), n = (size_t)nb * nl;
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++)
+        for (uint32_t l = 0; l < nl; l++) {
+            const uint8_t *p;
+            size_t len;
+            kvs_format_section(j->enc, j->lb + l, 0, &p, &len);
+            memcpy(e->h_enc + ((size_t)b * nl + l) * sk, p, sk);
+            kvs_format_section(j->enc, j->lb + l, 1, &p, &len);
+            memcpy(e->h_enc + n * sk + ((size_t)b * nl + l) * sv, p, sv);
+        }
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = run_batch(e, list, nb, false, &err);
+    if (rc) {
+        fail_all(list, rc, &err);
+        return;
+    }
+    const uint16_t *hr = (const uint16_t *)e->h_raw;
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) { /* K [B][nl], V [B][nl] -> [nl][2][t][H][D] */
+        next = j->next;
+        for (uint32_t l = 0; l < nl; l++) {
+            memcpy(j->raw_out + (2 * (size_t)l) * sec, hr + ((size_t)b * nl + l) * sec, sec * 2);
+            memcpy(j->raw_out + (2 * (size_t)l + 1) * sec, hr + (n + (size_t)b * nl + l) * sec,
+                   sec * 2);
+        }
+        finish(j, 0, NULL);
+    }
+}
+
+/* Takes a batch off the queue: the oldest request and every compatible one that fits the
+ * staging, up to max_batch; waits up to deadline_us for more while the batch is short. */
+static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
+{
+    job *first = e->head;
+    uint64_t deadline = first->enq_us + e->o.deadline_us;
+    for (;;) {
+        uint32_t count = 0;
+        for (job *j = e->head; j && count < e->o.max_batch; j = j->next)
+            count += compatible(first, j);
+        uint64_t now = now_us();
+        if (count >= e->o.max_batch || now >= deadline || e->stop)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t wait_ns = (deadline - now) * 1000u + (uint64_t)ts.tv_nsec;
+        ts.tv_sec += (time_t)(wait_ns / 1000000000u);
+        ts.tv_nsec = (long)(wait_ns % 1000000000u);
+        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+    }
+    size_t raw_used = 0, enc_used = 0;
+    job *batch = NULL, **tail = &batch, **pp = &e->head;
+    *nb = 0;
+    while (*pp && *nb < e->o.max_batch) {
+        job *j = *pp;
+        size_t r, c;
+        footprint(j, &r, &c);
+        if (compatible(first, j) && raw_used + r <= e->o.staging_bytes &&
+            enc_used + c <= e->o.staging_bytes &&
+            ((*nb + 1) * (size_t)(j->le - j->lb) <= e->max_sections)) {
+            *pp = j->next;
+            j->next = NULL;
+            *tail = j;
+            tail = &j->next;
+            raw_used += r;
+            enc_used += c;
+            (*nb)++;
+        } else {
+            pp = &j->next;
+        }
+    }
+    e->tail = NULL;
+    for (job *j = e->head; j; j = j->next)
+        e->tail = j;
+    return batch;
+}
+
+static void *engine_main(void *arg)
+{
+    kvs_engine *e = arg;
+    if (cudaSetDevice(e->o.device) != cudaSuccess)
+        atomic_store(&e->failed, true);
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->head && !e->stop)
+            pthread_cond_wait(&e->cv, &e->mu);
+        if (!e->head)
+            break; /* stop requested and nothing queued */
+        uint32_t nb;
+        job *batch = take_batch_locked(e, &nb);
+        pthread_mutex_unlock(&e->mu);
+        if (atomic_load(&e->failed)) {
+            kvs_err err;
+            kvs_err_set(&err, KVS_EINTERNAL, "GPU engine on %s failed earlier; restart kvstashd",
+                        e->name);
+            fail_all(batch, KVS_EINTERNAL, &err);
+        } else if (batch->kind == JOB_ENCODE) {
+            do_encode(e, batch, nb);
+        } else {
+            do_decode(e, batch, nb);
+        }
+        pthread_mutex_lock(&e->mu);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+static int alloc_all(kvs_engine *e, kvs_err *err)
+{
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    KVS_CUDA_CHECK(cudaStreamCreateWithFlags(&e->st, cudaStreamNonBlocking), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_raw, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_enc, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_raw, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_enc, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_layers, e->max_sections * sizeof *e->h_layers),
+                   err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_layers, e->max_sections * sizeof *e->d_layers), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
+    return 0;
+}
+
+static void free_all(kvs_engine *e)
+{
+    cudaFreeHost(e->h_raw);
+    cudaFreeHost(e->h_enc);
+    cudaFreeHost(e->h_layers);
+    cudaFreeHost(e->h_bad);
+    cudaFree(e->d_raw);
+    cudaFree(e->d_enc);
+    cudaFree(e->d_layers);
+    cudaFree(e->d_bad);
+    if (e->st)
+        cudaStreamDestroy(e->st);
+}
+
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
+{
+    *out = NULL;
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0)
+        return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: no CUDA device");
+    if (opts->device < 0 || opts->device >= ndev)
+        return kvs_err_set(err, KVS_EINVAL, "GPU engine: device %d of %d", opts->device, ndev);
+    kvs_engine *e = kvs_xcalloc(1, sizeof *e);
+    e->o = *opts;
+    if (!e->o.staging_bytes)
+        e->o.staging_bytes = (size_t)256 << 20;
+    if (!e->o.max_batch)
+        e->o.max_batch = 256;
+    if (!e->o.deadline_us)
+        e->o.deadline_us = 200;
+    e->max_sections = (size_t)e->o.max_batch * KVS_MAX_LAYERS;
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, e->o.device) == cudaSuccess)
+        snprintf(e->name, sizeof e->name, "%.200s (device %d)", prop.name, e->o.device);
+    int rc = alloc_all(e, err);
+    if (rc == 0) {
+        pthread_mutex_init(&e->mu, NULL);
+        pthread_cond_init(&e->cv, NULL);
+        int prc = pthread_create(&e->thread, NULL, engine_main, e);
+        if (prc) {
+            pthread_mutex_destroy(&e->mu);
+            pthread_cond_destroy(&e->cv);
+            rc = kvs_err_set(err, -prc, "GPU engine: pthread_create: %s", strerror(prc));
+        }
+    }
+    if (rc) {
+        free_all(e);
+        free(e);
+        return rc;
+    }
+    *out = e;
+    return 0;
+}
+
+void kvs_engine_destroy(kvs_engine *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+    free_all(e);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+bool kvs_engine_failed(const kvs_engine *e)
+{
+    return atomic_load(&((kvs_engine *)e)->failed);
+}
+
+const char *kvs_engine_device_name(const kvs_engine *e)
+{
+    return e->name;
+}
+
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+{
+    if (kvs_engine_failed(e) || !kvs_codec_cuda_supported(k) || !kvs_codec_cuda_supported(v))
+        return false;
+    /* Preparing uploads tables once; serialize it (prepare is not thread-safe). The
+     * engine's device is made current in this thread for the upload. */
+    pthread_mutex_lock(&e->mu);
+    kvs_err err;
+    bool ok = cudaSetDevice(e->o.device) == cudaSuccess && kvs_codec_cuda_prepare(k, &err) == 0 &&
+              kvs_codec_cuda_prepare(v, &err) == 0;
+    pthread_mutex_unlock(&e->mu);
+    return ok;
+}
+
+static int submit(kvs_engine *e, job *j, kvs_err *err)
+{
+    size_t raw, enc;
+    footprint(j, &raw, &enc);
+    if (raw > e->o.staging_bytes || enc > e->o.staging_bytes) {
+        free(j);
+        return kvs_err_set(err, KVS_E2BIG, "GPU engine: a block of %zu bytes exceeds the "
+                           "staging of %zu bytes", raw, e->o.staging_bytes);
+    }
+    j->enq_us = now_us();
+    pthread_mutex_lock(&e->mu);
+    if (e->tail)
+        e->tail->next = j;
+    else
+        e->head = j;
+    e->tail = j;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    if (t == 0 || t > s->block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, s->block_tokens);
+    if (cap < kvs_block_encoded_max(k, v, t))
+        return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_ENCODE, .k = k, .v = v, .t = t, .lb = 0, .le = s->layers,
+               .ns_id = ns_id, .raw_in = raw, .out = out, .cap = cap, .len = len,
+               .done = done, .arg = arg};
+    return submit(e, j, err);
+}
+
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    kvs_block_info info;
+    int rc = kvs_format_parse(enc, len, &info, err);
+    if (rc == 0)
+        rc = kvs_block_check(k, v, &info, err);
+    if (rc)
+        return rc;
+    if (layer_begin >= layer_end || layer_end > info.layers)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, info.layers);
+    size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
+    for (uint32_t l = layer_begin; l < layer_end; l++) {
+        const uint8_t *p;
+        size_t n0, n1;
+        kvs_format_section(enc, l, 0, &p, &n0);
+        kvs_format_section(enc, l, 1, &p, &n1);
+        if (n0 != sk || n1 != sv)
+            return kvs_err_set(err, KVS_EPROTO, "encoded block: layer %u sections of %zu/%zu "
+                               "bytes, the codecs write %zu/%zu", l, n0, n1, sk, sv);
+    }
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
+               .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,
+               .arg = arg};
+    return submit(e, j, err);
+}
+
+#endif

@@ -1,0 +1,74 @@
+/* The GPU codec engine (DESIGN §2, §8; issue 4): one per GPU. It owns a thread, a CUDA
+ * stream, pinned staging buffers and device scratch, all allocated at start (nothing is
+ * allocated on the data path). Requests from many calls are gathered into batches (up to
+ * max_batch blocks, or until the oldest has waited deadline_us) and each batch is one
+ * launch per codec: keys of all its blocks, then values.
+ *
+ * Encode: raw block (host) -> pinned -> H2D -> encode kernels -> D2H -> the host writes the
+ * block header, section table and checksum (gpu/format.h) into the caller's buffer.
+ * Decode: encoded block (host) -> checksum and layout checked on the host -> sections of
+ * the requested layers -> pinned -> H2D -> decode kernels -> D2H -> raw layers in the
+ * caller's buffer, layout [layers][2][t][H][D].
+ *
+ * Completion: done(arg, rc, err) runs on the engine thread once the result is in the
+ * caller's buffer (or failed); it must not block. A failed launch fails only the requests
+ * of its batch, with KVS_EINTERNAL and the CUDA error text; a sticky device error puts the
+ * engine in a failed state where every request fails at once (kvs_engine_failed).
+ *
+ * Threading: submit from any thread; the engine thread is the only one that touches the
+ * device, the stream and the staging buffers.
+ */
+#ifndef KVS_ENGINE_H
+#define KVS_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvs_engine kvs_engine;
+
+typedef struct kvs_engine_opts {
+    int device;            /* CUDA device ordinal */
+    size_t staging_bytes;  /* pinned staging per direction; bounds a batch (default 256 MiB) */
+    uint32_t max_batch;    /* blocks per batch (default 256) */
+    uint32_t deadline_us;  /* longest wait to fill a batch (default 200) */
+} kvs_engine_opts;
+
+/* Starts the engine on opts->device. KVS_ENOTSUP without CUDA or without that device. */
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err);
+/* Finishes queued requests, stops the thread, frees everything. NULL is allowed. */
+void kvs_engine_destroy(kvs_engine *e);
+bool kvs_engine_failed(const kvs_engine *e);
+/* Device name, for logs. */
+const char *kvs_engine_device_name(const kvs_engine *e);
+
+/* True if the engine can run both codecs (kernels exist for codec and layout); the
+ * caller falls back to the CPU otherwise. Prepares the codecs' device tables on first use
+ * (codecs must outlive the engine's use of them). */
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v);
+
+typedef void (*kvs_engine_done)(void *arg, int rc, const kvs_err *err);
+
+/* Encodes a raw block of t tokens (borrowed until done runs) into out (cap bytes, at least
+ * kvs_block_encoded_max(k, v, t)); *len is set before done runs. */
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err);
+
+/* Decodes layers [layer_begin, layer_end) of an encoded block (borrowed until done runs)
+ * into raw. The block must have been encoded with these codecs' state versions. */
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,250 @@
+/* gpu/engine: batched GPU encode/decode of whole blocks against the CPU block path.
+ *
+ * For each codec the engine accepts: 300 blocks (full and partial) submitted from 4
+ * threads so that batches form; every encoded block must equal kvs_block_encode's bytes
+ * (tie-tolerant codecs: decoded values within 1 ulp instead), decode of every block and
+ * of a layer range must equal kvs_block_decode; a block with a NaN fails alone, naming
+ * the element, while the rest of its batch succeeds. Exits 77 without a GPU.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gpu/codec.h"
+#include "gpu/engine.h"
+#include "gpu/format.h"
+#include "gpu/half.h"
+
+enum { L = 6, H = 4, D = 128, T = 16, BLOCKS = 300, THREADS = 4 };
+
+static int failures;
+
+typedef struct req {
+    uint32_t t;
+    uint16_t *raw;
+    uint8_t *gpu, *cpu;
+    size_t gpu_len, cpu_len;
+    uint16_t *dec_gpu, *dec_cpu;
+    atomic_int done;
+    int rc;
+    kvs_err err;
+} req;
+
+static void on_done(void *arg, int rc, const kvs_err *err)
+{
+    req *r = arg;
+    r->rc = rc;
+    if (err)
+        r->err = *err;
+    atomic_store(&r->done, 1);
+}
+
+static void wait_all(req *r, int n)
+{
+    for (int i = 0; i < n; i++)
+        while (!atomic_load(&r[i].done))
+            usleep(100);
+}
+
+typedef struct ctx {
+    kvs_engine *e;
+    kvs_codec *k, *v;
+    req *r;
+    int from, step;
+    int decode;
+} ctx;
+
+static void *submitter(void *p)
+{
+    ctx *c = p;
+    for (int i = c->from; i < BLOCKS; i += c->step) {
+        req *r = &c->r[i];
+        kvs_err err;
+        int rc = c->decode
+                     ? kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu,
+                                         on_done, r, &err)
+                     : kvs_engine_encode(c->e, c->k, c->v, 7, r->t, r->raw, r->gpu,
+                                         kvs_block_encoded_max(c->k, c->v, r->t), &r->gpu_len,
+                                         on_done, r, &err);
+        if (rc) {
+            r->rc = rc;
+            r->err = err;
+            atomic_store(&r->done, 1);
+        }
+    }
+    return NULL;
+}
+
+static void run(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int decode)
+{
+    pthread_t th[THREADS];
+    ctx cs[THREADS];
+    for (int i = 0; i < BLOCKS; i++)
+        atomic_store(&r[i].done, 0);
+    for (int t = 0; t < THREADS; t++) {
+        cs[t] = (ctx){e, k, v, r, t, THREADS, decode};
+        pthread_create(&th[t], NULL, submitter, &cs[t]);
+    }
+    for (int t = 0; t < THREADS; t++)
+        pthread_join(th[t], NULL);
+    wait_all(r, BLOCKS);
+}
+
+static int ulps(uint16_t a, uint16_t b)
+{
+    int ia = a & 0x8000 ? -(int)(a & 0x7FFF) : (int)a;
+    int ib = b & 0x8000 ? -(int)(b & 0x7FFF) : (int)b;
+    return abs(ia - ib);
+}
+
+static void test_codec(kvs_engine *e, const char *name)
+{
+    kvs_ns_spec s;
+    memset(&s, 0, sizeof s);
+    strcpy(s.name, "eng");
+    s.layers = L;
+    s.kv_heads = H;
+    s.head_dim = D;
+    s.block_tokens = T;
+    s.dtype = KVS_DTYPE_FP16;
+    s.seed = 99;
+    snprintf(s.key_codec, sizeof s.key_codec, "%s", name);
+    snprintf(s.value_codec, sizeof s.value_codec, "%s", name);
+    kvs_codec *k, *v;
+    kvs_err err;
+    if (kvs_codec_create(&s, KVS_KEYS, NULL, &k, &err) ||
+        kvs_codec_create(&s, KVS_VALUES, NULL, &v, &err)) {
+        printf("FAIL %s: %s\n", name, err.msg);
+        failures++;
+        return;
+    }
+    if (!kvs_engine_accepts(e, k, v)) {
+        printf("%-12s not accepted by the engine (no kernels)\n", name);
+        kvs_codec_destroy(k);
+        kvs_codec_destroy(v);
+        return;
+    }
+    int before = failures;
+    req *r = calloc(BLOCKS, sizeof *r);
+    uint64_t x = 0x1234567ull + (uint64_t)name[0];
+    int nan_at = 77;
+    for (int i = 0; i < BLOCKS; i++) {
+        r[i].t = i % 5 == 4 ? 1 + (uint32_t)(i % T) : T; /* mostly full, some partial */
+        size_t n = (size_t)L * 2 * r[i].t * H * D;
+        r[i].raw = malloc(n * 2);
+        r[i].dec_gpu = malloc(n * 2);
+        r[i].dec_cpu = malloc(n * 2);
+        size_t cap = kvs_block_encoded_max(k, v, r[i].t);
+        r[i].gpu = malloc(cap);
+        r[i].cpu = malloc(cap);
+        for (size_t j = 0; j < n; j++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            r[i].raw[j] = kvs_f32_to_fp16((float)((int64_t)(x >> 40) - (1 << 23)) / (1 << 22));
+        }
+        if (i == nan_at)
+            r[i].raw[n / 3] = 0x7E00;
+        int rc = kvs_block_encode(k, v, 7, r[i].t, r[i].raw, r[i].cpu, cap, &r[i].cpu_len, &err);
+        if ((rc != 0) != (i == nan_at)) {
+            printf("FAIL %s: CPU encode of block %d: %s\n", name, i, err.msg);
+            failures++;
+        }
+    }
+    run(e, k, v, r, 0);
+    int tie = kvs_codec_id_of(k) == KVS_CODEC_POLARQUANT;
+    for (int i = 0; i < BLOCKS; i++) {
+        if (i == nan_at) {
+            if (r[i].rc != KVS_EINVAL || !strstr(r[i].err.msg, "NaN")) {
+                printf("FAIL %s: block with NaN: rc %d %s\n", name, r[i].rc, r[i].err.msg);
+                failures++;
+            }
+            continue;
+        }
+        if (r[i].rc) {
+            printf("FAIL %s: engine encode of block %d: %s\n", name, i, r[i].err.msg);
+            failures++;
+        } else if (r[i].gpu_len != r[i].cpu_len ||
+                   (!tie && memcmp(r[i].gpu, r[i].cpu, r[i].cpu_len) != 0)) {
+            printf("FAIL %s: block %d: engine bytes differ from kvs_block_encode\n", name, i);
+            failures++;
+        }
+        kvs_block_info info;
+        if (r[i].rc == 0 && kvs_format_parse(r[i].gpu, r[i].gpu_len, &info, &err) != 0) {
+            printf("FAIL %s: block %d does not parse: %s\n", name, i, err.msg);
+            failures++;
+        }
+    }
+    /* Decode the CPU's bytes on the engine; compare with the CPU decode. */
+    r[nan_at].cpu_len = r[0].cpu_len; /* the NaN block has no CPU bytes: reuse block 0's */
+    memcpy(r[nan_at].cpu, r[0].cpu, r[0].cpu_len);
+    r[nan_at].t = r[0].t;
+    run(e, k, v, r, 1);
+    for (int i = 0; i < BLOCKS; i++) {
+        size_t n = (size_t)L * 2 * r[i].t * H * D;
+        if (r[i].rc ||
+            kvs_block_decode(k, v, r[i].cpu, r[i].cpu_len, 0, L, r[i].dec_cpu, &err) != 0) {
+            printf("FAIL %s: decode of block %d: %s\n", name, i, r[i].rc ? r[i].err.msg : err.msg);
+            failures++;
+            continue;
+        }
+        for (size_t j = 0; j < n; j++)
+            if (ulps(r[i].dec_gpu[j], r[i].dec_cpu[j]) > 1) {
+                printf("FAIL %s: block %d element %zu: GPU %04x CPU %04x\n", name, i, j,
+                       r[i].dec_gpu[j], r[i].dec_cpu[j]);
+                failures++;
+                break;
+            }
+    }
+    /* A layer range decodes exactly those layers. */
+    atomic_store(&r[0].done, 0);
+    if (kvs_engine_decode(e, k, v, r[0].cpu, r[0].cpu_len, 2, 4, r[0].dec_gpu, on_done, &r[0],
+                          &err) != 0) {
+        printf("FAIL %s: layer range submit: %s\n", name, err.msg);
+        failures++;
+    } else {
+        wait_all(&r[0], 1);
+        size_t per_layer = (size_t)2 * r[0].t * H * D;
+        kvs_block_decode(k, v, r[0].cpu, r[0].cpu_len, 0, L, r[0].dec_cpu, &err);
+        for (size_t j = 0; j < 2 * per_layer; j++)
+            if (ulps(r[0].dec_gpu[j], r[0].dec_cpu[2 * per_layer + j]) > 1) {
+                printf("FAIL %s: layer range element %zu\n", name, j);
+                failures++;
+                break;
+            }
+    }
+    for (int i = 0; i < BLOCKS; i++) {
+        free(r[i].raw);
+        free(r[i].gpu);
+        free(r[i].cpu);
+        free(r[i].dec_gpu);
+        free(r[i].dec_cpu);
+    }
+    free(r);
+    kvs_codec_destroy(k);
+    kvs_codec_destroy(v);
+    printf("%-12s %s\n", name, failures == before ? "engine matches CPU" : "MISMATCH");
+}
+
+int main(void)
+{
+    kvs_engine *e;
+    kvs_err err;
+    kvs_engine_opts o = {.device = 0, .staging_bytes = 64u << 20, .max_batch = 64,
+                         .deadline_us = 500};
+    if (kvs_engine_create(&o, &e, &err) != 0) {
+        printf("test_engine_gpu: %s: skipped\n", err.msg);
+        return err.code == KVS_ENOTSUP ? 77 : 1;
+    }
+    printf("test_engine_gpu: %s\n", kvs_engine_device_name(e));
+    char names[256];
+    kvs_codec_names(names, sizeof names);
+    for (char *tok = strtok(names, ", "); tok; tok = strtok(NULL, ", "))
+        test_codec(e, tok);
+    kvs_engine_destroy(e);
+    printf("test_engine_gpu: %d failures\n", failures);
+    return failures ? 1 : 0;
+}
