@@ -78,6 +78,7 @@ struct kvs_server {
     const kvs_config *cfg; /* borrowed from main, outlives the server */
     kvs_store *store;      /* borrowed */
     struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
+    struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */

@@ -20,6 +20,7 @@
 #include "daemon/work.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
+#include "gpu/engine.h"
 #include "gpu/format.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
@@ -132,6 +133,17 @@ static void send_header(void *arg)
     kvs_call_send(c, &chunk.base);
 }
 
+/* Engine thread: the GPU decode finished (or failed). */
+static void engine_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    g->rc = rc;
+    if (err)
+        g->err = *err;
+    send_header(c);
+}
+
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
 {
     kvs_err err;
@@ -147,10 +159,24 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
         kvs_call_fail(c, rc, err.msg);
         return;
     }
-    if (c->u.get.encoded)
+    kvs_get_state *g = &c->u.get;
+    if (g->encoded) {
         send_header(c); /* the stored bytes go out as they are */
-    else
-        kvs_call_run_work(c, decode_job, send_header);
+        return;
+    }
+    /* GPU engine when it has kernels for the block's codecs, else the libuv pool. */
+    kvs_engine *eng = c->srv->engine;
+    kvs_block_info info;
+    kvs_codec *kc = NULL, *vc = NULL;
+    if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
+        (kc = (kvs_codec *)kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state)) &&
+        (vc = (kvs_codec *)kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state)) &&
+        kvs_engine_accepts(eng, kc, vc) &&
+        kvs_engine_decode(eng, kc, vc, kvs_block_data(g->blk), kvs_block_size(g->blk),
+                          g->layer_begin, g->layer_end, (uint16_t *)g->raw, engine_done, c,
+                          &g->err) == 0)
+        return;
+    kvs_call_run_work(c, decode_job, send_header);
 }
 
 void kvs_get_on_send(kvs_call *c, bool ok)

@@ -24,6 +24,7 @@
 #include "daemon/work.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
+#include "gpu/engine.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/learn.h"
 
@@ -159,6 +160,19 @@ static void encode_done(void *arg)
     kvs_call_reply(c, &reply.base);
 }
 
+/* Engine thread: the GPU encode finished (or failed: its error names the cause). */
+static void engine_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_call *c = arg;
+    kvs_put_state *p = &c->u.put;
+    p->rc = rc;
+    if (err)
+        p->err = *err;
+    free(p->raw);
+    p->raw = NULL;
+    encode_done(c);
+}
+
 static void on_end(kvs_call *c)
 {
     kvs_put_state *p = &c->u.put;
@@ -176,7 +190,16 @@ static void on_end(kvs_call *c)
         kvs_call_fail(c, KVS_EINVAL, err.msg);
         return;
     }
-    /* Encoding is CPU work: off to the libuv pool, then commit and reply from there. */
+    /* The GPU engine encodes when it has kernels for both codecs; otherwise the CPU codecs
+     * run on the libuv pool. Either way encode_done commits and replies. */
+    kvs_engine *eng = c->srv->engine;
+    kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
+    kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
+    if (eng && !kvs_ns_learner(p->ns) && kvs_engine_accepts(eng, kc, vc) &&
+        kvs_engine_encode(eng, kc, vc, kvs_ns_id(p->ns), kvs_block_tokens(p->blk),
+                          (const uint16_t *)p->raw, kvs_block_data(p->blk), kvs_block_size(p->blk),
+                          &p->enc_len, engine_done, c, &p->err) == 0)
+        return;
     kvs_call_run_work(c, encode_job, encode_done);
 }
 

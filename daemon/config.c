@@ -90,6 +90,9 @@ static void usage(FILE *f)
             "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
             "  --threads N            completion-queue threads (default: cores, at least 2)\n"
             "  --codec-threads N      thread-pool threads for CPU encode/decode (default: cores)\n"
+            "  --gpu auto|on|off      GPU codec engine: auto uses one when present (default),\n"
+            "                         on refuses to start without one; --no-gpu = --gpu off\n"
+            "  --gpu-device N         CUDA device of the engine (default 0)\n"
             "  --log-level LEVEL      error, warn, info or debug (default info)\n"
             "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
             "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
@@ -108,7 +111,7 @@ static void usage(FILE *f)
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
-           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_VERSION };
+           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -123,6 +126,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"max-keys", required_argument, NULL, O_MAX_KEYS},
         {"calib-tokens", required_argument, NULL, O_CALIB},
         {"codec-threads", required_argument, NULL, O_CODEC_THREADS},
+        {"gpu", required_argument, NULL, O_GPU},
+        {"no-gpu", no_argument, NULL, O_NO_GPU},
+        {"gpu-device", required_argument, NULL, O_GPU_DEVICE},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -184,6 +190,24 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
                 return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576", optarg);
             break;
+        case O_GPU:
+            if (strcmp(optarg, "auto") == 0)
+                cfg->gpu = KVS_GPU_AUTO;
+            else if (strcmp(optarg, "on") == 0)
+                cfg->gpu = KVS_GPU_ON;
+            else if (strcmp(optarg, "off") == 0)
+                cfg->gpu = KVS_GPU_OFF;
+            else
+                return kvs_err_set(err, KVS_EINVAL, "--gpu: '%s' is not auto, on or off", optarg);
+            break;
+        case O_NO_GPU: cfg->gpu = KVS_GPU_OFF; break;
+        case O_GPU_DEVICE: {
+            unsigned dev;
+            if (!parse_uint(optarg, 0, 255, &dev))
+                return kvs_err_set(err, KVS_EINVAL, "--gpu-device: '%s' is not in 0..255", optarg);
+            cfg->gpu_device = (int)dev;
+            break;
+        }
         case O_CODEC_THREADS:
             if (!parse_uint(optarg, 1, 1024, &cfg->codec_threads))
                 return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024", optarg);

@@ -9,6 +9,8 @@
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
 
+enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
+
 typedef struct kvs_config {
     char listen[256];        /* gRPC address, host:port or unix:/path */
     char port_file[512];     /* if set, the bound port is written there once listening */
@@ -16,6 +18,8 @@ typedef struct kvs_config {
     uint64_t max_message;    /* largest gRPC message accepted or sent */
     unsigned threads;        /* completion-queue threads */
     unsigned codec_threads;  /* libuv pool threads for CPU codec work */
+    int gpu;                 /* KVS_GPU_AUTO, KVS_GPU_ON (fail without one), KVS_GPU_OFF */
+    int gpu_device;          /* CUDA device of the codec engine */
     kvs_log_level log_level;
     char token[256];         /* data-path bearer token ("" = open) */
     char admin_token[256];   /* KvAdmin bearer token ("" = same rules as token) */

@@ -27,6 +27,7 @@
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include "daemon/work.h"
+#include "gpu/engine.h"
 #include "storage/store.h"
 
 #define DRAIN_POLL_MS 50
@@ -35,6 +36,7 @@ typedef struct daemon_state {
     kvs_config cfg;
     kvs_store *store;
     kvs_work *work;
+    kvs_engine *engine;
     kvs_server *server;
     uv_loop_t loop;
     uv_signal_t sigterm, sigint;
@@ -128,6 +130,29 @@ static int start_loop(daemon_state *d, kvs_err *err)
     return 0;
 }
 
+/* The GPU codec engine: on a device when there is one (--gpu auto), required with
+ * --gpu on, skipped with --gpu off. Without it codecs run on the CPU pool. */
+static int start_engine(daemon_state *d, kvs_err *err)
+{
+    if (d->cfg.gpu == KVS_GPU_OFF) {
+        kvs_log(KVS_LOG_INFO, "GPU engine off (--gpu off): CPU codecs on %u pool threads",
+                d->cfg.codec_threads);
+        return 0;
+    }
+    kvs_engine_opts o = {.device = d->cfg.gpu_device};
+    kvs_err e2;
+    int rc = kvs_engine_create(&o, &d->engine, &e2);
+    if (rc == 0) {
+        kvs_log(KVS_LOG_INFO, "GPU engine on %s", kvs_engine_device_name(d->engine));
+        return 0;
+    }
+    if (d->cfg.gpu == KVS_GPU_ON)
+        return kvs_err_set(err, rc, "--gpu on: %s", e2.msg);
+    kvs_log(KVS_LOG_INFO, "no GPU engine (%s): CPU codecs on %u pool threads", e2.msg,
+            d->cfg.codec_threads);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static daemon_state d; /* the daemon's one global: large, zeroed, lives until exit */
@@ -158,12 +183,13 @@ int main(int argc, char **argv)
                             .log = kvs_log_sink};
     int port = 0;
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
-        (rc = kvs_store_create(&sopts, &d.store, &err)) ||
-        (rc = kvs_server_create(&d.cfg, d.store, d.work, &d.server, &port, &err))) {
+        (rc = start_engine(&d, &err)) || (rc = kvs_store_create(&sopts, &d.store, &err)) ||
+        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, &d.server, &port, &err))) {
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
         close_all(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
+        kvs_engine_destroy(d.engine);
         kvs_work_destroy(d.work);
         kvs_store_destroy(d.store);
         grpc_shutdown();
@@ -187,7 +213,8 @@ int main(int argc, char **argv)
     uv_run(&d.loop, UV_RUN_DEFAULT);
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
-    kvs_work_destroy(d.work); /* no CQ thread is left to submit */
+    kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
+    kvs_work_destroy(d.work);     /* no CQ thread is left to submit */
     kvs_store_destroy(d.store);
     rc = uv_loop_close(&d.loop);
     if (rc)
