@@ -171,4 +171,11 @@ const kvs_codec_ops kvs__codec_polarquant_ops = {
     .encode = pq_encode,
     .decode = pq_decode,
     .decode_ignores_state = true,
+#ifdef KVS_HAVE_CUDA
+    .cuda_supported = kvs__polarquant_cuda_supported,
+    .cuda_prepare = kvs__polarquant_cuda_prepare,
+    .cuda_release = kvs__polarquant_cuda_release,
+    .encode_cuda = kvs__polarquant_encode_cuda,
+    .decode_cuda = kvs__polarquant_decode_cuda,
+#endif
 };

@@ -1,6 +1,6 @@
 /* PolarQuant (quantizers.md `polarquant`; quantizers-reference.md §2, §9.2-9.3): encoded
  * section layout, analytic codebooks and the per-chunk polar transform, shared by the CPU
- * reference (gpu/codec_polarquant.c) and, later, the CUDA kernels.
+ * reference (gpu/codec_polarquant.c) and the CUDA kernels (gpu/codec_polarquant.cu).
  *
  * Encode one vector x (one token, one kv-head, D channels; D a power of two >= 16):
  *  1. y = R x, R = (1/sqrt(D)) H_D diag(s): flip the signs s_i = -1, then the normalized
@@ -53,8 +53,8 @@
  *
  * Tables: generated in double by gpu/gen/polar_codebooks.c (command in its header) and
  * rounded once to float; they agree with the quantizers-reference.md §2.3 table to 1e-6.
- * Under nvcc they live in constant memory (KVS_PQ_TABLE), so the KVS_HD chunk functions
- * below are then for device code only.
+ * Under nvcc they live in constant memory (KVS_PQ_TABLE), so the chunk functions below
+ * (KVS_PQ_FN) are then device functions.
  */
 #ifndef KVS_CODEC_POLARQUANT_H
 #define KVS_CODEC_POLARQUANT_H
@@ -76,10 +76,14 @@
 /* Bytes of one encoded vector of D channels. */
 #define KVS_PQ_VEC_BYTES(D) (6 * ((size_t)(D) / 16) + KVS_PQ_UPPER_BYTES((size_t)(D) / 16))
 
+/* Under nvcc the tables live in constant memory, which host code cannot read: the chunk
+ * functions below are then device functions (KVS_PQ_FN); in C they are plain inline. */
 #ifdef __CUDACC__
 #define KVS_PQ_TABLE static __constant__ const
+#define KVS_PQ_FN static inline __device__
 #else
 #define KVS_PQ_TABLE static const
+#define KVS_PQ_FN static inline
 #endif
 
 /* clang-format off */
@@ -142,7 +146,7 @@ KVS_PQ_TABLE float kvs_pq_bd[3][3][3] = {
 
 /* Level-1 sector 0..15 of the pair (a, b): floor((atan2(b, a) mod 2 pi) / (pi/8)) by
  * comparisons (see the header comment for ties). */
-KVS_HD unsigned kvs_pq_sector(float a, float b)
+KVS_PQ_FN unsigned kvs_pq_sector(float a, float b)
 {
     unsigned q;
     float x, y;
@@ -164,7 +168,7 @@ KVS_HD unsigned kvs_pq_sector(float a, float b)
 }
 
 /* 2-bit code of the level-(lev) angle atan2(b, a) of non-negative radii (a, b). */
-KVS_HD unsigned kvs_pq_code(int lev, float a, float b)
+KVS_PQ_FN unsigned kvs_pq_code(int lev, float a, float b)
 {
     unsigned j = 0;
     for (int k = 0; k < 3; k++)
@@ -175,7 +179,7 @@ KVS_HD unsigned kvs_pq_code(int lev, float a, float b)
 /* Polar transform and quantization of one chunk u[16] (§2.3 steps 2, 3, 5). Writes the
  * level-1 nibbles to *l1 and the 7 two-bit codes to c2; returns the chunk norm r4 in
  * fp32 (Inf if the squares overflow). */
-KVS_HD float kvs_pq_encode_chunk(const float *u, uint32_t *l1, uint8_t *c2)
+KVS_PQ_FN float kvs_pq_encode_chunk(const float *u, uint32_t *l1, uint8_t *c2)
 {
     float r1[8], r2[4], r3[2];
     uint32_t w = 0;
@@ -201,7 +205,7 @@ KVS_HD float kvs_pq_encode_chunk(const float *u, uint32_t *l1, uint8_t *c2)
 
 /* Inverse of kvs_pq_encode_chunk with centroids (§2.3 step 6): u[16] from the radius,
  * the level-1 nibbles and the 7 two-bit codes. */
-KVS_HD void kvs_pq_decode_chunk(float r4, uint32_t l1, const uint8_t *c2, float *u)
+KVS_PQ_FN void kvs_pq_decode_chunk(float r4, uint32_t l1, const uint8_t *c2, float *u)
 {
     float r3[2], r2[4], r1[8];
     r3[0] = r4 * kvs_pq_cb[2][1][c2[6]];

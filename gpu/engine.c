@@ -221,18 +221,11 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
-        /* NaN/Inf: the smallest flat index over the K (or V) launch names request, layer,
-         * token, head and channel, as the CPU path does. */
-        unsigned long long bad[2] = {e->h_bad[0], e->h_bad[1]};
-        int kvbad = -1;
-        for (int kv = 0; kv < 2 && kvbad < 0; kv++)
-            if (bad[kv] != ~0ull && bad[kv] / (L * sec) == b)
-                kvbad = kv;
-        if (kvbad >= 0) {
-            size_t i = bad[kvbad] % (L * sec), hd = (size_t)s->kv_heads * s->head_dim;
-            kvs_err_set(&err, KVS_EINVAL, "payload: NaN or Inf at layer %zu, %s, token %zu, head "
-                        "%zu, channel %zu", i / sec, kvbad ? "V" : "K", i % sec / hd,
-                        i % hd / s->head_dim, i % s->head_dim);
+        /* NaN/Inf: the kernels flag the batch; only then is each request's input scanned
+         * on the host, so every bad request fails with the CPU path's message (naming the
+         * element) and the clean ones of the same batch succeed. */
+        if ((e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull) &&
+            kvs_payload_check_finite(s, t, j->raw_in, &err) != 0) {
             finish(j, KVS_EINVAL, &err);
             continue;
         }

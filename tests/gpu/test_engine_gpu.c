@@ -130,7 +130,7 @@ static void test_codec(kvs_engine *e, const char *name)
     int before = failures;
     req *r = calloc(BLOCKS, sizeof *r);
     uint64_t x = 0x1234567ull + (uint64_t)name[0];
-    int nan_at = 77;
+    int nan_at = 77, nan2 = 78; /* two bad requests, likely in one batch: both must fail */
     for (int i = 0; i < BLOCKS; i++) {
         r[i].t = i % 5 == 4 ? 1 + (uint32_t)(i % T) : T; /* mostly full, some partial */
         size_t n = (size_t)L * 2 * r[i].t * H * D;
@@ -148,8 +148,10 @@ static void test_codec(kvs_engine *e, const char *name)
         }
         if (i == nan_at)
             r[i].raw[n / 3] = 0x7E00;
+        if (i == nan2)
+            r[i].raw[n - 1] = 0xFC00; /* -Inf, last element */
         int rc = kvs_block_encode(k, v, 7, r[i].t, r[i].raw, r[i].cpu, cap, &r[i].cpu_len, &err);
-        if ((rc != 0) != (i == nan_at)) {
+        if ((rc != 0) != (i == nan_at || i == nan2)) {
             printf("FAIL %s: CPU encode of block %d: %s\n", name, i, err.msg);
             failures++;
         }
@@ -157,8 +159,8 @@ static void test_codec(kvs_engine *e, const char *name)
     run(e, k, v, r, 0);
     int tie = kvs_codec_id_of(k) == KVS_CODEC_POLARQUANT;
     for (int i = 0; i < BLOCKS; i++) {
-        if (i == nan_at) {
-            if (r[i].rc != KVS_EINVAL || !strstr(r[i].err.msg, "NaN")) {
+        if (i == nan_at || i == nan2) {
+            if (r[i].rc != KVS_EINVAL || !strstr(r[i].err.msg, i == nan_at ? "NaN" : "-Inf")) {
                 printf("FAIL %s: block with NaN: rc %d %s\n", name, r[i].rc, r[i].err.msg);
                 failures++;
             }
@@ -179,9 +181,12 @@ static void test_codec(kvs_engine *e, const char *name)
         }
     }
     /* Decode the CPU's bytes on the engine; compare with the CPU decode. */
-    r[nan_at].cpu_len = r[0].cpu_len; /* the NaN block has no CPU bytes: reuse block 0's */
-    memcpy(r[nan_at].cpu, r[0].cpu, r[0].cpu_len);
-    r[nan_at].t = r[0].t;
+    for (int b = 0; b < 2; b++) { /* the NaN blocks have no CPU bytes: reuse block 0's */
+        int i = b ? nan2 : nan_at;
+        r[i].cpu_len = r[0].cpu_len;
+        memcpy(r[i].cpu, r[0].cpu, r[0].cpu_len);
+        r[i].t = r[0].t;
+    }
     run(e, k, v, r, 1);
     for (int i = 0; i < BLOCKS; i++) {
         size_t n = (size_t)L * 2 * r[i].t * H * D;
