@@ -96,4 +96,9 @@ const kvs_codec_ops kvs__codec_fp8_ops = {
     .encode = fp8_encode,
     .decode = fp8_decode,
     .decode_ignores_state = true,
+#ifdef KVS_HAVE_CUDA
+    /* No .cuda_supported: the kernels take any head_dim (a multiple of 16). */
+    .encode_cuda = kvs__fp8_encode_cuda,
+    .decode_cuda = kvs__fp8_decode_cuda,
+#endif
 };

@@ -256,4 +256,9 @@ const kvs_codec_ops kvs__codec_kivi_ops = {
     .encode = kvs__kivi_encode,
     .decode = kvs__kivi_decode,
     .decode_ignores_state = true,
+#ifdef KVS_HAVE_CUDA
+    .cuda_supported = kvs__kivi_cuda_supported,
+    .encode_cuda = kvs__kivi_encode_cuda,
+    .decode_cuda = kvs__kivi_decode_cuda,
+#endif
 };

@@ -11,6 +11,10 @@
 
 #include "gpu/codec_int.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* KIVI's own group size (quantizers-reference.md §5.1, §6): 32 tokens per key channel
  * group, 32 channels per value group. */
 #define KVS_KIVI_GROUP 32
@@ -59,5 +63,9 @@ int kvs__kivi_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const float
                      size_t cap, size_t *len, kvs_err *err);
 int kvs__kivi_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
                      float *out, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

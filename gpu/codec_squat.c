@@ -557,4 +557,10 @@ const kvs_codec_ops kvs__codec_squat_ops = {
     .encode = squat_encode,
     .decode = kvs__kivi_decode,
     .decode_ignores_state = true,
+#ifdef KVS_HAVE_CUDA
+    /* Decode is KIVI's (same bytes). No encode kernel yet, so kvs_codec_cuda_supported()
+     * is false for squat; whoever adds encode_cuda adds .cuda_supported (KIVI's head_dim
+     * limits apply to this decode). */
+    .decode_cuda = kvs__kivi_decode_cuda,
+#endif
 };

@@ -221,12 +221,13 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
-        /* NaN/Inf: the kernels flag the batch; only then is each request's input scanned
-         * on the host, so every bad request fails with the CPU path's message (naming the
-         * element) and the clean ones of the same batch succeed. */
-        if ((e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull) &&
-            kvs_payload_check_finite(s, t, j->raw_in, &err) != 0) {
-            finish(j, KVS_EINVAL, &err);
+        /* The kernels flag a batch holding NaN/Inf input or a value their fp16 parameters
+         * cannot hold; the flag names one element of the whole launch. Then every request
+         * of the batch is encoded again by the CPU reference: the bad ones fail with its
+         * message (naming the element), the others get the same bytes. */
+        if (e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull) {
+            int rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
+            finish(j, rc2, rc2 ? &err : NULL);
             continue;
         }
         size_t pos = prefix;

@@ -1,0 +1,291 @@
+/* CUDA kernels of `fp8` (codec_fp8.c is the reference and documents the section layout:
+ * H fp32 scales, then the e4m3fn codes in the input order [t][H][D]). Batch contract:
+ * gpu/codec_cuda.h.
+ *
+ * Encode: one CTA per (section, head). Pass 1 reads the head's t*D values (16-byte loads
+ * of 8 channels, a warp covering whole rows) for max|x| (a max is exact in any order) and
+ * NaN/Inf; a warp-shuffle and shared-memory reduction gives the CTA's amax and scale =
+ * amax / 448, as the reference. Pass 2 reads the same values again (from L1/L2) and writes
+ * kvs_f32_to_fp8(x / scale), 8 codes per store; a zero head gets scale 0 and codes 0.
+ * Decode: one thread per 8 consecutive elements: 8 code bytes and the head's scale in, one
+ * 16-byte store out, fp8_value(code) * scale (one multiply), saturated as
+ * kvs_codec_decode does.
+ * Nothing depends on head_dim beyond D being a multiple of 8 (the namespace spec makes it
+ * a multiple of 16), so every layout is supported and D is a run-time value.
+ *
+ * Encoded bytes are read and written with the widest access their address allows (4H and
+ * the caller's stride need not be multiples of 8); raw pointers must be 16-byte aligned.
+ * `bad`: encode records (atomicMin) the flat index over n*t*H*D of any NaN/Inf input.
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "gpu/base/cuda_try.h"
+#include "gpu/codec_int.h"
+#include "gpu/half.h"
+
+#define FP8_THREADS 256
+#define FP8_MAX_ITEMS 0x7FFFFFFFu /* work items (or CTAs) of one launch: below 2^31 */
+
+/* ---------------------------------------------------------------- helpers */
+
+/* Division by a run-time constant with a multiply and a shift, exact for x < 2^31
+ * (CUTLASS's FastDivmod: m = ceil(2^(31+l) / d), l = ceil(log2 d)). */
+typedef struct kdiv {
+    uint32_t d, mul, shr;
+} kdiv;
+
+static kdiv kdiv_make(uint32_t d)
+{
+    kdiv k = {d, 0, 0};
+    if (d != 1) {
+        unsigned l = 0;
+        while ((1ull << l) < d)
+            l++;
+        k.mul = (uint32_t)(((1ull << (31 + l)) + d - 1) / d);
+        k.shr = l - 1;
+    }
+    return k;
+}
+
+static __device__ __forceinline__ uint32_t kdiv_q(uint32_t x, kdiv k)
+{
+    return k.d == 1 ? x : __umulhi(x, k.mul) >> k.shr;
+}
+
+template <bool BF16> static __device__ __forceinline__ float in_val(uint32_t u16)
+{
+    return BF16 ? __uint_as_float(u16 << 16) : __half2float(__ushort_as_half((uint16_t)u16));
+}
+
+template <bool BF16> static __device__ __forceinline__ bool nonfinite(uint32_t u16)
+{
+    const uint32_t mask = BF16 ? 0x7F80 : 0x7C00;
+    return (u16 & mask) == mask;
+}
+
+/* Element k (0..7) of 8 raw elements held as 4 words. */
+static __device__ __forceinline__ uint32_t elem(const uint32_t *x, int k)
+{
+    return k & 1 ? x[k / 2] >> 16 : x[k / 2] & 0xFFFF;
+}
+
+/* The namespace dtype from the fp32 decode, saturated as kvs_codec_decode does (|x| >=
+ * 65504 becomes +-65504 for fp16, NaN included). The saturated value is finite, where
+ * cvt.rn.f16.f32 and kvs_f32_to_fp16 agree bit for bit; bf16 keeps kvs_f32_to_bf16 for
+ * its NaN bits. */
+template <bool BF16> static __device__ __forceinline__ uint32_t out_val(float x)
+{
+    if (BF16)
+        return kvs_f32_to_bf16(x);
+    float v = fabsf(x) < 65504.0f ? x : (x < 0 ? -65504.0f : 65504.0f);
+    return __half_as_ushort(__float2half_rn(v));
+}
+
+static __device__ __forceinline__ uint32_t ld_u32(const uint8_t *p)
+{
+    if (((uintptr_t)p & 3) == 0)
+        return *(const uint32_t *)p;
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static __device__ __forceinline__ void st_u32(uint8_t *p, uint32_t v)
+{
+    if (((uintptr_t)p & 3) == 0) {
+        *(uint32_t *)p = v;
+    } else {
+        p[0] = (uint8_t)v;
+        p[1] = (uint8_t)(v >> 8);
+        p[2] = (uint8_t)(v >> 16);
+        p[3] = (uint8_t)(v >> 24);
+    }
+}
+
+static __device__ __forceinline__ uint2 ld8(const uint8_t *p)
+{
+    if (((uintptr_t)p & 7) == 0)
+        return *(const uint2 *)p;
+    return make_uint2(ld_u32(p), ld_u32(p + 4));
+}
+
+static __device__ __forceinline__ void st8(uint8_t *p, uint2 v)
+{
+    if (((uintptr_t)p & 7) == 0) {
+        *(uint2 *)p = v;
+    } else {
+        st_u32(p, v.x);
+        st_u32(p + 4, v.y);
+    }
+}
+
+/* ---------------------------------------------------------------- kernels */
+
+typedef struct fp8_args {
+    const uint16_t *raw;     /* this launch's first section */
+    uint16_t *raw_out;
+    const uint8_t *enc;
+    uint8_t *enc_out;
+    size_t stride;
+    unsigned long long *bad;
+    unsigned long long sec0; /* batch index of this launch's first section (for `bad`) */
+    uint32_t t, H, D;
+    uint32_t per_sec, total; /* decode: 8-element items per section and in this launch */
+    kdiv dsec;               /* by per_sec */
+    kdiv drow;               /* by D/8: 8-element chunk -> (token, head) row */
+    kdiv dH;                 /* by H */
+} fp8_args;
+
+/* One CTA per (section, head): blockIdx.x = section * H + head. */
+template <bool BF16>
+static __global__ void __launch_bounds__(FP8_THREADS) fp8_encode_kernel(fp8_args a)
+{
+    __shared__ float warp_max[FP8_THREADS / 32];
+    uint32_t sec = blockIdx.x / a.H, h = blockIdx.x - sec * a.H;
+    uint32_t d8 = a.D / 8, chunks = a.t * d8;
+    size_t hd = (size_t)a.H * a.D;
+    const uint16_t *src = a.raw + (size_t)sec * a.t * hd + (size_t)h * a.D;
+
+    float amax = 0.0f;
+    bool nf = false;
+    for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+        uint4 v = *(const uint4 *)(src + tok * hd + j8 * 8);
+        uint32_t x[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            uint32_t u = elem(x, k);
+            amax = fmaxf(amax, fabsf(in_val<BF16>(u)));
+            nf |= nonfinite<BF16>(u);
+        }
+    }
+    if (nf && a.bad) { /* this thread's first NaN/Inf: its chunks come in index order */
+        for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+            uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+            uint4 v = *(const uint4 *)(src + tok * hd + j8 * 8);
+            uint32_t x[4] = {v.x, v.y, v.z, v.w};
+            int k = 0;
+            while (k < 8 && !nonfinite<BF16>(elem(x, k)))
+                k++;
+            if (k < 8) {
+                atomicMin(a.bad, ((a.sec0 + sec) * a.t + tok) * hd + (size_t)h * a.D + j8 * 8 + k);
+                break;
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    if ((threadIdx.x & 31) == 0)
+        warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = warp_max[0];
+    for (unsigned w = 1; w < blockDim.x / 32; w++)
+        amax = fmaxf(amax, warp_max[w]);
+    float scale = amax / 448.0f;
+
+    uint8_t *base = a.enc_out + (size_t)sec * a.stride;
+    if (threadIdx.x == 0)
+        st_u32(base + 4 * (size_t)h, __float_as_uint(scale));
+    uint8_t *codes = base + 4 * (size_t)a.H + (size_t)h * a.D;
+    for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+        uint4 v = *(const uint4 *)(src + tok * hd + j8 * 8);
+        uint32_t x[4] = {v.x, v.y, v.z, v.w};
+        uint32_t q[2] = {0, 0};
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            uint32_t b = scale == 0.0f ? 0 : kvs_f32_to_fp8(in_val<BF16>(elem(x, k)) / scale);
+            q[k / 4] |= b << (8 * (k % 4));
+        }
+        st8(codes + tok * hd + j8 * 8, make_uint2(q[0], q[1]));
+    }
+}
+
+/* One thread per 8 consecutive elements of the launch. */
+template <bool BF16>
+static __global__ void __launch_bounds__(FP8_THREADS) fp8_decode_kernel(fp8_args a)
+{
+    uint32_t i = blockIdx.x * FP8_THREADS + threadIdx.x;
+    if (i >= a.total)
+        return;
+    uint32_t sec = kdiv_q(i, a.dsec), w8 = i - sec * a.per_sec;
+    uint32_t row = kdiv_q(w8, a.drow), h = row - kdiv_q(row, a.dH) * a.H;
+    const uint8_t *base = a.enc + (size_t)sec * a.stride;
+    float scale = __uint_as_float(ld_u32(base + 4 * (size_t)h));
+    uint2 c = ld8(base + 4 * (size_t)a.H + (size_t)w8 * 8);
+    uint32_t o[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        o[k] = out_val<BF16>(kvs_fp8_to_f32((uint8_t)((k < 4 ? c.x : c.y) >> (8 * (k % 4)))) *
+                             scale);
+    *(uint4 *)(a.raw_out + (size_t)i * 8) =
+        make_uint4(o[0] | o[1] << 16, o[2] | o[3] << 16, o[4] | o[5] << 16, o[6] | o[7] << 16);
+}
+
+/* ---------------------------------------------------------------- launchers */
+
+static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, bool encode,
+               kvs_err *err)
+{
+    cudaStream_t st = (cudaStream_t)stream;
+    bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
+    uint32_t H = c->spec.kv_heads, D = c->spec.head_dim;
+    const void *raw = encode ? (const void *)s->raw : (const void *)s->raw_out;
+    if (((uintptr_t)raw & 15) != 0)
+        return kvs_err_set(err, KVS_EINVAL, "fp8: raw device pointer %p not 16-byte aligned", raw);
+    if (D % 8 != 0 || (uint64_t)s->t * H * D / 8 >= FP8_MAX_ITEMS)
+        return kvs_err_set(err, KVS_ENOTSUP, "fp8: no CUDA kernels for %u x %u x %u sections",
+                           s->t, H, D);
+    uint32_t per_sec = encode ? H : s->t * H * (D / 8);
+    uint32_t chunk = FP8_MAX_ITEMS / per_sec; /* sections per launch */
+    size_t sec_elems = (size_t)s->t * H * D;
+    /* Encode CTAs: enough warps for one head's chunks, at most FP8_THREADS. */
+    uint32_t chunks = s->t * (D / 8), threads = (chunks + 31) / 32 * 32;
+    threads = threads > FP8_THREADS ? FP8_THREADS : threads;
+    for (uint32_t s0 = 0; s0 < s->n; s0 += chunk) {
+        uint32_t cnt = s->n - s0 < chunk ? s->n - s0 : chunk;
+        fp8_args a;
+        a.raw = s->raw ? s->raw + s0 * sec_elems : NULL;
+        a.raw_out = s->raw_out ? s->raw_out + s0 * sec_elems : NULL;
+        a.enc = s->enc ? s->enc + s0 * s->stride : NULL;
+        a.enc_out = s->enc_out ? s->enc_out + s0 * s->stride : NULL;
+        a.stride = s->stride;
+        a.bad = s->bad;
+        a.sec0 = s0;
+        a.t = s->t;
+        a.H = H;
+        a.D = D;
+        a.per_sec = per_sec;
+        a.total = cnt * per_sec;
+        a.dsec = kdiv_make(per_sec);
+        a.drow = kdiv_make(D / 8);
+        a.dH = kdiv_make(H);
+        if (encode) {
+            if (bf16)
+                fp8_encode_kernel<true><<<a.total, threads, 0, st>>>(a);
+            else
+                fp8_encode_kernel<false><<<a.total, threads, 0, st>>>(a);
+        } else {
+            unsigned blocks = (a.total + FP8_THREADS - 1) / FP8_THREADS;
+            if (bf16)
+                fp8_decode_kernel<true><<<blocks, FP8_THREADS, 0, st>>>(a);
+            else
+                fp8_decode_kernel<false><<<blocks, FP8_THREADS, 0, st>>>(a);
+        }
+        KVS_CUDA_CHECK(cudaGetLastError(), err);
+    }
+    return 0;
+}
+
+extern "C" int kvs__fp8_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                                    kvs_err *err)
+{
+    return run(c, s, stream, true, err);
+}
+
+extern "C" int kvs__fp8_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                                    kvs_err *err)
+{
+    return run(c, s, stream, false, err);
+}
