@@ -5,8 +5,10 @@
  * Encode: one CTA per (section, head). Pass 1 reads the head's t*D values (16-byte loads
  * of 8 channels, a warp covering whole rows) for max|x| (a max is exact in any order) and
  * NaN/Inf; a warp-shuffle and shared-memory reduction gives the CTA's amax and scale =
- * amax / 448, as the reference. Pass 2 reads the same values again (from L1/L2) and writes
- * kvs_f32_to_fp8(x / scale), 8 codes per store; a zero head gets scale 0 and codes 0.
+ * amax / 448, as the reference. Pass 2 writes kvs_f32_to_fp8(x / scale), 8 codes per
+ * store, from the values kept in registers (a thread's first FP8_KEEP chunks; the head's
+ * whole tile at t*D <= 4096) or read again (from L1/L2) beyond them; a zero head gets
+ * scale 0 and codes 0.
  * Decode: one thread per 8 consecutive elements: 8 code bytes and the head's scale in, one
  * 16-byte store out, fp8_value(code) * scale (one multiply), saturated as
  * kvs_codec_decode does.
@@ -136,7 +138,39 @@ typedef struct fp8_args {
     kdiv dH;                 /* by H */
 } fp8_args;
 
-/* One CTA per (section, head): blockIdx.x = section * H + head. */
+/* Pass 1 on one chunk of 8 values: max|x| (exact in any order) and NaN/Inf. */
+template <bool BF16>
+static __device__ __forceinline__ void fp8_scan(uint4 v, float *amax, bool *nf)
+{
+    uint32_t x[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        uint32_t u = elem(x, k);
+        *amax = fmaxf(*amax, fabsf(in_val<BF16>(u)));
+        *nf |= nonfinite<BF16>(u);
+    }
+}
+
+/* Pass 2 on one chunk: 8 codes, one 8-byte store. */
+template <bool BF16>
+static __device__ __forceinline__ void fp8_codes(uint4 v, float scale, uint8_t *dst)
+{
+    uint32_t x[4] = {v.x, v.y, v.z, v.w};
+    uint32_t q[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        uint32_t b = scale == 0.0f ? 0 : kvs_f32_to_fp8(in_val<BF16>(elem(x, k)) / scale);
+        q[k / 4] |= b << (8 * (k % 4));
+    }
+    st8(dst, make_uint2(q[0], q[1]));
+}
+
+/* One CTA per (section, head): blockIdx.x = section * H + head. A thread's first
+ * FP8_KEEP chunks stay in registers between the passes (all of them when t*D <=
+ * FP8_KEEP * 8 * blockDim.x, e.g. t = 16, D = 128: one chunk per thread); later chunks
+ * are read again (from L1/L2). Each thread visits its chunks in the same order in both
+ * passes either way. */
+#define FP8_KEEP 2
 template <bool BF16>
 static __global__ void __launch_bounds__(FP8_THREADS) fp8_encode_kernel(fp8_args a)
 {
@@ -146,18 +180,25 @@ static __global__ void __launch_bounds__(FP8_THREADS) fp8_encode_kernel(fp8_args
     size_t hd = (size_t)a.H * a.D;
     const uint16_t *src = a.raw + (size_t)sec * a.t * hd + (size_t)h * a.D;
 
+    uint4 keep[FP8_KEEP];
+#pragma unroll
+    for (int r = 0; r < FP8_KEEP; r++) {
+        uint32_t c = threadIdx.x + r * blockDim.x;
+        keep[r] = make_uint4(0, 0, 0, 0);
+        if (c < chunks) {
+            uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+            keep[r] = *(const uint4 *)(src + tok * hd + j8 * 8);
+        }
+    }
     float amax = 0.0f;
     bool nf = false;
-    for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
-        uint4 v = *(const uint4 *)(src + tok * hd + j8 * 8);
-        uint32_t x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            uint32_t u = elem(x, k);
-            amax = fmaxf(amax, fabsf(in_val<BF16>(u)));
-            nf |= nonfinite<BF16>(u);
-        }
+    for (int r = 0; r < FP8_KEEP; r++)
+        if (threadIdx.x + r * blockDim.x < chunks)
+            fp8_scan<BF16>(keep[r], &amax, &nf);
+    for (uint32_t c = threadIdx.x + FP8_KEEP * blockDim.x; c < chunks; c += blockDim.x) {
+        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+        fp8_scan<BF16>(*(const uint4 *)(src + tok * hd + j8 * 8), &amax, &nf);
     }
     if (nf && a.bad) { /* this thread's first NaN/Inf: its chunks come in index order */
         for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
@@ -188,17 +229,17 @@ static __global__ void __launch_bounds__(FP8_THREADS) fp8_encode_kernel(fp8_args
     if (threadIdx.x == 0)
         st_u32(base + 4 * (size_t)h, __float_as_uint(scale));
     uint8_t *codes = base + 4 * (size_t)a.H + (size_t)h * a.D;
-    for (uint32_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
-        uint4 v = *(const uint4 *)(src + tok * hd + j8 * 8);
-        uint32_t x[4] = {v.x, v.y, v.z, v.w};
-        uint32_t q[2] = {0, 0};
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            uint32_t b = scale == 0.0f ? 0 : kvs_f32_to_fp8(in_val<BF16>(elem(x, k)) / scale);
-            q[k / 4] |= b << (8 * (k % 4));
+    for (int r = 0; r < FP8_KEEP; r++) {
+        uint32_t c = threadIdx.x + r * blockDim.x;
+        if (c < chunks) {
+            uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+            fp8_codes<BF16>(keep[r], scale, codes + tok * hd + j8 * 8);
         }
-        st8(codes + tok * hd + j8 * 8, make_uint2(q[0], q[1]));
+    }
+    for (uint32_t c = threadIdx.x + FP8_KEEP * blockDim.x; c < chunks; c += blockDim.x) {
+        uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
+        fp8_codes<BF16>(*(const uint4 *)(src + tok * hd + j8 * 8), scale, codes + tok * hd + j8 * 8);
     }
 }
 

@@ -243,8 +243,10 @@ typedef struct kivi_args {
     size_t k_row, k_codes, v_codes;
 } kivi_args;
 
-/* Keys, one thread per (section, token group, head, channel pair). */
-template <int D, unsigned B, bool BF16>
+/* Keys, one thread per (section, token group, head, channel pair). G >= gk bounds the
+ * group's tokens at compile time (16 when gk <= 16: half the registers, more warps in
+ * flight; the operations on the n tokens are the same). */
+template <int D, unsigned B, bool BF16, int G>
 static __global__ void __launch_bounds__(KIVI_THREADS) kivi_encode_keys_kernel(kivi_args a)
 {
     uint32_t i = blockIdx.x * KIVI_THREADS + threadIdx.x;
@@ -256,18 +258,18 @@ static __global__ void __launch_bounds__(KIVI_THREADS) kivi_encode_keys_kernel(k
     uint32_t tok0 = gi * a.gk, n = min(a.gk, a.t - tok0), row32 = a.H * (D / 2);
     const uint32_t *src =
         (const uint32_t *)(a.raw + ((size_t)sec * a.t + tok0) * a.H * D) + hp;
-    uint32_t x[32];
+    uint32_t x[G];
 #pragma unroll
-    for (int k = 0; k < 32; k++)
+    for (int k = 0; k < G; k++)
         x[k] = (uint32_t)k < n ? src[(size_t)k * row32] : 0;
 
     unsigned long long first = ((a.sec0 + sec) * a.t + tok0) * a.H * D + (size_t)h * D + j;
     bool nf = false;
 #pragma unroll
-    for (int k = 0; k < 32; k++)
+    for (int k = 0; k < G; k++)
         nf |= (uint32_t)k < n && nonfinite_pair<BF16>(x[k]);
     if (nf) { /* the smallest index of this thread: token order, then channel */
-        for (int k = 0; k < 32; k++) {
+        for (int k = 0; k < G; k++) {
             if ((uint32_t)k >= n || !nonfinite_pair<BF16>(x[k]))
                 continue;
             unsigned c = nonfinite<BF16>(x[k] & 0xFFFF) ? 0 : 1;
@@ -282,7 +284,7 @@ static __global__ void __launch_bounds__(KIVI_THREADS) kivi_encode_keys_kernel(k
     for (int c = 0; c < 2; c++) {
         float mn = in_pair<BF16>(x[0], c), mx = mn;
 #pragma unroll
-        for (int k = 1; k < 32; k++) {
+        for (int k = 1; k < G; k++) {
             if ((uint32_t)k < n) {
                 float v = in_pair<BF16>(x[k], c);
                 mn = v < mn ? v : mn;
@@ -294,7 +296,7 @@ static __global__ void __launch_bounds__(KIVI_THREADS) kivi_encode_keys_kernel(k
             flag(a.bad, first + c);
         uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int k = 0; k < 32; k++)
+        for (int k = 0; k < G; k++)
             if ((uint32_t)k < n)
                 put_code<B>(w, k, kvs_minmax_code(p, in_pair<BF16>(x[k], c), B));
         size_t row = (size_t)h * D + j + c;
@@ -452,8 +454,10 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
         a.k_codes = g.k_codes;
         a.v_codes = g.v_codes;
         unsigned blocks = (a.total + KIVI_THREADS - 1) / KIVI_THREADS;
-        if (keys && encode)
-            kivi_encode_keys_kernel<D, B, BF16><<<blocks, KIVI_THREADS, 0, st>>>(a);
+        if (keys && encode && g.gk <= 16)
+            kivi_encode_keys_kernel<D, B, BF16, 16><<<blocks, KIVI_THREADS, 0, st>>>(a);
+        else if (keys && encode)
+            kivi_encode_keys_kernel<D, B, BF16, 32><<<blocks, KIVI_THREADS, 0, st>>>(a);
         else if (keys)
             kivi_decode_keys_kernel<D, B, BF16><<<blocks, KIVI_THREADS, 0, st>>>(a);
         else if (encode)

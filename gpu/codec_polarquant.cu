@@ -3,8 +3,8 @@
  * contract: gpu/codec_cuda.h.
  *
  * Thread mapping: a lane owns E consecutive coordinates of one (token, head) vector (E = 4
- * for D = 64 and 128, E = 8 for D = 256: pq_lane_coords), so a vector takes LPV = D/E
- * lanes: one warp per vector at D = 128 and 256, two vectors per warp at D = 64.
+ * for D = 64, E = 8 for D = 128 and 256: pq_lane_coords), so a vector takes LPV = D/E
+ * lanes: one warp per vector at D = 256, two vectors per warp at D = 64 and 128.
  *  - FWHT: stages h < E in registers, stages h >= E with __shfl_xor_sync(h/E) inside the
  *    vector's lanes. Every stage computes exactly the reference's butterflies (lower
  *    index a + b, upper a - b, with a the lower operand), in the reference's stage order
@@ -73,10 +73,13 @@
 #define PQ_FULL 0xFFFFFFFFu /* every lane takes part in every shuffle */
 
 /* Lanes' coordinates, per head_dim. E = 4 is the §9.3 sketch (one warp per D = 128
- * vector); E = 8 and 16 also compile (fewer shuffles, more registers). */
+ * vector); E = 8 (two D = 128 vectors per warp) needs fewer shuffles per vector, 16 per
+ * vector instead of 26 at D = 128 (the FWHT's cross-lane stages, the tree's cross-lane
+ * levels and the code-word merge), which bound the encode at E = 4; 16 also compiles.
+ * The roundings do not depend on E: every butterfly and tree node has the same operands. */
 static constexpr int pq_lane_coords(int d)
 {
-    return d >= 256 ? 8 : 4;
+    return d >= 128 ? 8 : 4;
 }
 
 template <int D, int E> struct pq_geom {
