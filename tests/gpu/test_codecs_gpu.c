@@ -22,6 +22,7 @@
 #include "gpu/codec.h"
 #include "gpu/codec_cuda.h"
 #include "gpu/half.h"
+#include "tests/support/kvs_test.h"
 
 #ifndef KVS_HAVE_CUDA
 int main(void)
@@ -102,18 +103,7 @@ typedef struct shape {
 
 static kvs_ns_spec make_spec(const char *codec, shape s, kvs_dtype dt)
 {
-    kvs_ns_spec sp;
-    memset(&sp, 0, sizeof sp);
-    snprintf(sp.name, sizeof sp.name, "gpu");
-    sp.layers = 4;
-    sp.kv_heads = s.H;
-    sp.head_dim = s.D;
-    sp.block_tokens = 64;
-    sp.dtype = dt;
-    sp.seed = 1234;
-    snprintf(sp.key_codec, sizeof sp.key_codec, "%s", codec);
-    snprintf(sp.value_codec, sizeof sp.value_codec, "%s", codec);
-    return sp;
+    return kvs_test_spec(4, s.H, s.D, 64, dt, codec, codec, 1234);
 }
 
 static int tie_tolerant(const kvs_codec *c)

@@ -17,6 +17,7 @@
 #include "gpu/engine.h"
 #include "gpu/format.h"
 #include "gpu/half.h"
+#include "tests/support/kvs_test.h"
 
 enum { L = 6, H = 4, D = 128, T = 16, BLOCKS = 300, THREADS = 4 };
 
@@ -102,17 +103,7 @@ static int ulps(uint16_t a, uint16_t b)
 
 static void test_codec(kvs_engine *e, const char *name)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    strcpy(s.name, "eng");
-    s.layers = L;
-    s.kv_heads = H;
-    s.head_dim = D;
-    s.block_tokens = T;
-    s.dtype = KVS_DTYPE_FP16;
-    s.seed = 99;
-    snprintf(s.key_codec, sizeof s.key_codec, "%s", name);
-    snprintf(s.value_codec, sizeof s.value_codec, "%s", name);
+    kvs_ns_spec s = kvs_test_spec(L, H, D, T, KVS_DTYPE_FP16, name, name, 99);
     kvs_codec *k, *v;
     kvs_err err;
     if (kvs_codec_create(&s, KVS_KEYS, NULL, &k, &err) ||

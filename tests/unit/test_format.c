@@ -12,21 +12,11 @@
 
 #include "gpu/codec.h"
 #include "gpu/format.h"
+#include "tests/support/kvs_test.h"
 
 static kvs_ns_spec spec(kvs_dtype dt)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
-    strcpy(s.name, "m");
-    s.layers = 3;
-    s.kv_heads = 2;
-    s.head_dim = 16;
-    s.block_tokens = 8;
-    s.dtype = dt;
-    s.seed = 7;
-    strcpy(s.key_codec, "none");
-    strcpy(s.value_codec, "none");
-    return s;
+    return kvs_test_spec(3, 2, 16, 8, dt, "none", "none", 7);
 }
 
 typedef struct fixture {

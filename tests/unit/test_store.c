@@ -12,20 +12,13 @@
 #include <cmocka.h>
 
 #include "storage/store.h"
+#include "tests/support/kvs_test.h"
 
 /* L=2 H=1 D=16 T=4 fp16: a full block is 2*2*4*1*16*2 = 512 bytes. */
 static kvs_ns_spec small_spec(const char *name)
 {
-    kvs_ns_spec s;
-    memset(&s, 0, sizeof s);
+    kvs_ns_spec s = kvs_test_spec(2, 1, 16, 4, KVS_DTYPE_FP16, "none", "none", 0);
     snprintf(s.name, sizeof s.name, "%s", name);
-    s.layers = 2;
-    s.kv_heads = 1;
-    s.head_dim = 16;
-    s.block_tokens = 4;
-    s.dtype = KVS_DTYPE_FP16;
-    strcpy(s.key_codec, "none");
-    strcpy(s.value_codec, "none");
     return s;
 }
 
