@@ -50,6 +50,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdbool.h>
+#include <cjson/cJSON.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,7 +79,6 @@
 #define MAGIC "KVSAMPLE1\n"
 #define MAX_CODECS 64
 #define MAX_ARRAYS 16
-#define JSON_DEPTH 32
 #define REPS 3
 
 /* ---------------------------------------------------------------- sample file */
@@ -101,215 +101,80 @@ typedef struct sample {
     uint16_t *k, *k_pre, *v, *q;
 } sample;
 
-typedef struct jp {
-    const char *p, *end, *base; /* base: byte 0 of the file, for error offsets */
-    char what[128]; /* first parse error */
-} jp;
-
-static bool jfail(jp *j, const char *msg)
+/* An unsigned integer JSON number (shapes, offsets); false for anything else. */
+static bool json_uint(const cJSON *n, uint64_t *out)
 {
-    if (!j->what[0])
-        snprintf(j->what, sizeof j->what, "%s at byte %zu", msg, (size_t)(j->p - j->base));
-    return false;
-}
-
-static void jws(jp *j)
-{
-    while (j->p < j->end && (*j->p == ' ' || *j->p == '\n' || *j->p == '\r' || *j->p == '\t'))
-        j->p++;
-}
-
-static bool jlit(jp *j, char c)
-{
-    jws(j);
-    if (j->p < j->end && *j->p == c) {
-        j->p++;
-        return true;
-    }
-    return false;
-}
-
-/* A string; its bytes (escapes other than \" and \\ kept as written, which is enough for
- * the ASCII names we compare) go to out if out is not NULL, truncated to cap - 1. */
-static bool jstring(jp *j, char *out, size_t cap)
-{
-    size_t n = 0;
-    if (!jlit(j, '"'))
-        return jfail(j, "expected a string");
-    while (j->p < j->end && *j->p != '"') {
-        char c = *j->p++;
-        if (c == '\\') {
-            if (j->p >= j->end)
-                break;
-            c = *j->p++;
-        } else if ((unsigned char)c < 0x20) {
-            return jfail(j, "control character in a string");
-        }
-        if (out && n + 1 < cap)
-            out[n++] = c;
-    }
-    if (j->p >= j->end)
-        return jfail(j, "unterminated string");
-    j->p++;
-    if (out && cap)
-        out[n] = '\0';
-    return true;
-}
-
-static bool jnumber(jp *j, double *out)
-{
-    jws(j);
-    char buf[64];
-    size_t n = 0;
-    while (j->p < j->end && n + 1 < sizeof buf && strchr("+-0123456789.eE", *j->p))
-        buf[n++] = *j->p++;
-    buf[n] = '\0';
-    char *e;
-    errno = 0;
-    double v = strtod(buf, &e);
-    if (n == 0 || *e || errno)
-        return jfail(j, "expected a number");
-    *out = v;
-    return true;
-}
-
-static bool juint(jp *j, uint64_t *out)
-{
-    double v;
-    if (!jnumber(j, &v))
+    if (!cJSON_IsNumber(n) || n->valuedouble < 0 || n->valuedouble > 9007199254740992.0 ||
+        n->valuedouble != (double)(uint64_t)n->valuedouble)
         return false;
-    if (!(v >= 0 && v <= 9007199254740992.0) || v != floor(v))
-        return jfail(j, "expected a non-negative integer");
-    *out = (uint64_t)v;
+    *out = (uint64_t)n->valuedouble;
     return true;
 }
 
-static bool jskip(jp *j, int depth)
-{
-    if (depth > JSON_DEPTH)
-        return jfail(j, "nesting too deep");
-    jws(j);
-    if (j->p >= j->end)
-        return jfail(j, "unexpected end");
-    char c = *j->p;
-    if (c == '"')
-        return jstring(j, NULL, 0);
-    if (c == '{' || c == '[') {
-        char close = c == '{' ? '}' : ']';
-        j->p++;
-        if (jlit(j, close))
-            return true;
-        do {
-            if (c == '{' && (!jstring(j, NULL, 0) || !jlit(j, ':')))
-                return jfail(j, "expected \"key\":");
-            if (!jskip(j, depth + 1))
-                return false;
-        } while (jlit(j, ','));
-        return jlit(j, close) ? true : jfail(j, "expected , or a closing bracket");
-    }
-    static const char *const words[] = {"true", "false", "null"};
-    for (size_t i = 0; i < 3; i++) {
-        size_t m = strlen(words[i]);
-        if ((size_t)(j->end - j->p) >= m && memcmp(j->p, words[i], m) == 0) {
-            j->p += m;
-            return true;
-        }
-    }
-    double ignored;
-    return jnumber(j, &ignored);
-}
-
-static bool jarray_desc(jp *j, array_desc *a)
-{
-    memset(a, 0, sizeof *a);
-    if (!jlit(j, '{'))
-        return jfail(j, "array entry: expected an object");
-    if (jlit(j, '}'))
-        return true;
-    do {
-        char key[32];
-        if (!jstring(j, key, sizeof key) || !jlit(j, ':'))
-            return jfail(j, "expected \"key\":");
-        if (strcmp(key, "name") == 0) {
-            if (!jstring(j, a->name, sizeof a->name))
-                return false;
-        } else if (strcmp(key, "dtype") == 0) {
-            if (!jstring(j, a->dtype, sizeof a->dtype))
-                return false;
-        } else if (strcmp(key, "offset") == 0) {
-            if (!juint(j, &a->offset))
-                return false;
-            a->have_offset = true;
-        } else if (strcmp(key, "shape") == 0) {
-            if (!jlit(j, '['))
-                return jfail(j, "shape: expected a list");
-            a->rank = 0;
-            if (!jlit(j, ']')) {
-                do {
-                    if (a->rank == 4)
-                        return jfail(j, "shape: more than 4 dimensions");
-                    if (!juint(j, &a->shape[a->rank++]))
-                        return false;
-                } while (jlit(j, ','));
-                if (!jlit(j, ']'))
-                    return jfail(j, "shape: expected ]");
-            }
-        } else if (!jskip(j, 1)) {
-            return false;
-        }
-    } while (jlit(j, ','));
-    return jlit(j, '}') ? true : jfail(j, "array entry: expected }");
-}
-
-/* Top-level object: "arrays" and "model".rope_theta are read, the rest skipped. */
-static bool parse_header(jp *j, array_desc *arrays, size_t *narrays, sample *s)
+/* The header's "arrays" list and "model".rope_theta (cJSON does the parsing); msg names
+ * what is malformed. */
+static bool parse_header(const char *text, size_t len, array_desc *arrays, size_t *narrays,
+                         sample *s, char *msg, size_t cap)
 {
     *narrays = 0;
-    if (!jlit(j, '{'))
-        return jfail(j, "expected a JSON object");
-    if (jlit(j, '}'))
-        return true;
-    do {
-        char key[32];
-        if (!jstring(j, key, sizeof key) || !jlit(j, ':'))
-            return jfail(j, "expected \"key\":");
-        if (strcmp(key, "arrays") == 0) {
-            if (!jlit(j, '['))
-                return jfail(j, "arrays: expected a list");
-            if (jlit(j, ']'))
-                continue;
-            do {
-                if (*narrays == MAX_ARRAYS)
-                    return jfail(j, "arrays: too many entries");
-                if (!jarray_desc(j, &arrays[(*narrays)++]))
-                    return false;
-            } while (jlit(j, ','));
-            if (!jlit(j, ']'))
-                return jfail(j, "arrays: expected ]");
-        } else if (strcmp(key, "model") == 0) {
-            if (!jlit(j, '{'))
-                return jfail(j, "model: expected an object");
-            if (jlit(j, '}'))
-                continue;
-            do {
-                char mk[32];
-                if (!jstring(j, mk, sizeof mk) || !jlit(j, ':'))
-                    return jfail(j, "model: expected \"key\":");
-                if (strcmp(mk, "rope_theta") == 0) {
-                    if (!jnumber(j, &s->rope_theta))
-                        return false;
-                    s->have_theta = true;
-                } else if (!jskip(j, 2)) {
-                    return false;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    bool ok = false;
+    const cJSON *list = root ? cJSON_GetObjectItemCaseSensitive(root, "arrays") : NULL;
+    if (!root) {
+        snprintf(msg, cap, "not valid JSON");
+    } else if (!cJSON_IsArray(list)) {
+        snprintf(msg, cap, "arrays: expected a list");
+    } else {
+        ok = true;
+        const cJSON *e;
+        cJSON_ArrayForEach(e, list) {
+            if (*narrays == MAX_ARRAYS) {
+                snprintf(msg, cap, "arrays: too many entries");
+                ok = false;
+                break;
+            }
+            array_desc *d = &arrays[(*narrays)++];
+            memset(d, 0, sizeof *d);
+            const cJSON *name = cJSON_GetObjectItemCaseSensitive(e, "name");
+            const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(e, "dtype");
+            const cJSON *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
+            const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "offset");
+            if (!cJSON_IsString(name) || strlen(name->valuestring) >= sizeof d->name ||
+                !cJSON_IsString(dtype) || strlen(dtype->valuestring) >= sizeof d->dtype ||
+                !cJSON_IsArray(shape) || cJSON_GetArraySize(shape) > 4) {
+                snprintf(msg, cap, "arrays[%zu]: needs a name, a dtype and a shape of at most 4 "
+                         "dimensions", *narrays - 1);
+                ok = false;
+                break;
+            }
+            strcpy(d->name, name->valuestring);
+            strcpy(d->dtype, dtype->valuestring);
+            const cJSON *dim;
+            cJSON_ArrayForEach(dim, shape) {
+                if (!json_uint(dim, &d->shape[d->rank++])) {
+                    snprintf(msg, cap, "arrays[%zu].shape: not unsigned integers", *narrays - 1);
+                    ok = false;
                 }
-            } while (jlit(j, ','));
-            if (!jlit(j, '}'))
-                return jfail(j, "model: expected }");
-        } else if (!jskip(j, 1)) {
-            return false;
+            }
+            if (off) {
+                d->have_offset = json_uint(off, &d->offset);
+                if (!d->have_offset) {
+                    snprintf(msg, cap, "arrays[%zu].offset: not an unsigned integer", *narrays - 1);
+                    ok = false;
+                }
+            }
+            if (!ok)
+                break;
         }
-    } while (jlit(j, ','));
-    return jlit(j, '}') ? true : jfail(j, "expected , or }");
+        const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+        const cJSON *theta = model ? cJSON_GetObjectItemCaseSensitive(model, "rope_theta") : NULL;
+        if (ok && cJSON_IsNumber(theta)) {
+            s->rope_theta = theta->valuedouble;
+            s->have_theta = true;
+        }
+    }
+    cJSON_Delete(root);
+    return ok;
 }
 
 static const array_desc *find_array(const array_desc *a, size_t n, const char *name)
@@ -398,10 +263,10 @@ static int sample_load(const char *path, uint32_t max_tokens, sample *s, kvs_err
     }
     array_desc arrays[MAX_ARRAYS];
     size_t narrays;
-    jp j = {(const char *)buf + strlen(MAGIC), (const char *)buf + HEADER_BYTES,
-            (const char *)buf, {0}};
-    if (!parse_header(&j, arrays, &narrays, s)) {
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: header JSON: %s", path, j.what);
+    char why[160];
+    if (!parse_header((const char *)buf + strlen(MAGIC), HEADER_BYTES - strlen(MAGIC), arrays,
+                      &narrays, s, why, sizeof why)) {
+        rc = kvs_err_set(err, KVS_EINVAL, "%s: header JSON: %s", path, why);
         goto out;
     }
     const array_desc *ak = find_array(arrays, narrays, "k"),
