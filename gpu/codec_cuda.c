@@ -10,6 +10,11 @@ bool kvs_codec_cuda_supported(const kvs_codec *c)
            (!c->ops->cuda_supported || c->ops->cuda_supported(c));
 }
 
+bool kvs_codec_cuda_fixed_size(const kvs_codec *c)
+{
+    return !c->ops->variable_size;
+}
+
 static int unsupported(const kvs_codec *c, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "%s: no CUDA kernels for this codec and layout "
@@ -44,6 +49,9 @@ int kvs_codec_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *
                           kvs_err *err)
 {
     int rc = check(c, s, err);
+    if (rc == 0 && c->ops->variable_size && !s->len_out)
+        return kvs_err_set(err, KVS_EINVAL, "%s: sections vary in size: len_out is required",
+                           c->ops->family);
     return rc ? rc : (s->n ? c->ops->encode_cuda(c, s, stream, err) : 0);
 }
 
@@ -51,5 +59,8 @@ int kvs_codec_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *
                           kvs_err *err)
 {
     int rc = check(c, s, err);
+    if (rc == 0 && c->ops->variable_size && !s->len)
+        return kvs_err_set(err, KVS_EINVAL, "%s: sections vary in size: len is required",
+                           c->ops->family);
     return rc ? rc : (s->n ? c->ops->decode_cuda(c, s, stream, err) : 0);
 }

@@ -6,8 +6,12 @@
  * tokens: raw sections [n][t][H][D] in the namespace dtype, encoded sections at a fixed
  * stride (>= kvs_codec_section_max(t)). All pointers are device pointers; launches go on
  * the caller's stream (never the default stream) and return at once: results are ready
- * when the stream reaches them. Encoded sizes of the codecs with kernels are exact
- * functions of t (kvs_codec_section_max), so each section's length is known on the host.
+ * when the stream reaches them.
+ *
+ * Section sizes: most codecs write exactly kvs_codec_section_max(t) bytes per section
+ * (kvs_codec_cuda_fixed_size true). RotateKV's depends on its data (sink tokens): the
+ * encode kernel writes each section's length to len_out, and decode reads each one from
+ * len. Sections always sit at `stride` from each other whatever their length.
  *
  * Includable from C with or without CUDA; without it every function reports
  * KVS_ENOTSUP.
@@ -35,12 +39,26 @@ typedef struct kvs_cuda_sections {
     uint8_t *enc_out;           /* encode output: n sections at `stride` */
     size_t stride;              /* bytes from one encoded section to the next */
     unsigned long long *bad;    /* encode: device word set to the smallest index (over
-                                 * n*t*H*D) of a NaN/Inf input, untouched if none; the
-                                 * caller initializes it to ~0ull. May be NULL. */
+                                 * n*t*H*D) of a NaN/Inf input (or of an input the codec
+                                 * refuses, e.g. too many RotateKV range sinks), untouched
+                                 * if none. Decode: set (atomicMin) to the index of a
+                                 * section whose bytes are malformed (never trusted: the
+                                 * kernel stays in bounds and writes something), untouched
+                                 * if none. The caller initializes it to ~0ull. May be
+                                 * NULL. The host redoes a flagged batch on the CPU, which
+                                 * reports the exact error. */
+    uint32_t *len_out;          /* encode: device, n entries: each section's length.
+                                 * Required unless kvs_codec_cuda_fixed_size. */
+    const uint32_t *len;        /* decode: device, n entries: each section's length, or
+                                 * NULL when kvs_codec_cuda_fixed_size (every section is
+                                 * kvs_codec_section_max(t) bytes). */
 } kvs_cuda_sections;
 
 /* True if this build has kernels for c (codec and layout, e.g. head_dim 64/128/256). */
 bool kvs_codec_cuda_supported(const kvs_codec *c);
+
+/* True if every section of t tokens encodes to exactly kvs_codec_section_max(t) bytes. */
+bool kvs_codec_cuda_fixed_size(const kvs_codec *c);
 
 /* Uploads the codec's tables to the current device (once, before the first launch; not
  * thread-safe against launches of the same codec). Idempotent. */

@@ -33,6 +33,8 @@ typedef struct kvs_codec_ops {
     /* True if decode reads no codec state (SQuat: its bytes are KIVI bytes), so a block
      * decodes with a codec of any state version. */
     bool decode_ignores_state;
+    /* True if a section's size depends on its data, not only on t (RotateKV sinks). */
+    bool variable_size;
     /* Optional: a codec that works on the stored 16-bit elements directly (`none`) sets
      * these instead of paying the fp32 round trip; encode_raw must reject NaN/Inf with
      * the same message as the generic path (kvs__check_finite). */

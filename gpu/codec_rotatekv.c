@@ -572,4 +572,5 @@ const kvs_codec_ops kvs__codec_rotatekv_ops = {
     .section_max = rkv_max,
     .encode = rkv_encode,
     .decode = rkv_decode,
+    .variable_size = true,
 };

@@ -25,6 +25,23 @@
 #include "tests/support/kvs_test.h"
 
 #ifndef KVS_HAVE_CUDA
+static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_kind kind)
+{
+    run_case_state(name, kv, s, dt, kind, NULL);
+}
+
+/* ---------------------------------------------------------------- learned state */
+
+/* RotateKV keys with a calibrated channel permutation (state version 1). */
+static void state_cases_rotatekv(void)
+{
+}
+
+/* SQuat keys with a query subspace (state version 1). */
+static void state_cases_squat(void)
+{
+}
+
 int main(void)
 {
     printf("test_codecs_gpu: this build has no CUDA: skipped\n");
@@ -114,12 +131,15 @@ static int tie_tolerant(const kvs_codec *c)
     return kvs_codec_id_of(c) == KVS_CODEC_POLARQUANT;
 }
 
-static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_kind kind)
+/* One comparison. state: codec state (NULL = version 0) for a namespace of 4 layers with
+ * this shape (the caller builds it, e.g. a RotateKV permutation or SQuat Grams). */
+static void run_case_state(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_kind kind,
+                           const kvs_codec_state *state)
 {
     kvs_ns_spec sp = make_spec(name, s, dt);
     kvs_codec *c;
     kvs_err err;
-    if (kvs_codec_create(&sp, kv, NULL, &c, &err) != 0) {
+    if (kvs_codec_create(&sp, kv, state, &c, &err) != 0) {
         printf("FAIL %s: create: %s\n", name, err.msg);
         failures++;
         return;
@@ -139,7 +159,9 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
     uint16_t *raw = malloc(total * 2), *cpu_dec = malloc(total * 2), *gpu_dec = malloc(total * 2);
     uint8_t *cpu_enc = malloc(stride * s.n), *gpu_enc = malloc(stride * s.n);
     uint32_t *layers = malloc(s.n * sizeof *layers);
-    if (!raw || !cpu_dec || !gpu_dec || !cpu_enc || !gpu_enc || !layers) {
+    uint32_t *cpu_len = malloc(s.n * sizeof *cpu_len), *gpu_len = malloc(s.n * sizeof *gpu_len);
+    int fixed = kvs_codec_cuda_fixed_size(c);
+    if (!raw || !cpu_dec || !gpu_dec || !cpu_enc || !gpu_enc || !layers || !cpu_len || !gpu_len) {
         fprintf(stderr, "out of memory\n");
         exit(1);
     }
@@ -152,14 +174,15 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
         memset(cpu_enc + i * stride, 0, stride);
         cpu_rc = kvs_codec_encode(c, layers[i], s.t, raw + i * elems, cpu_enc + i * stride, stride,
                                   &len, &err);
-        if (cpu_rc == 0 && len != stride) {
+        cpu_len[i] = (uint32_t)len;
+        if (cpu_rc == 0 && fixed && len != stride) {
             printf("FAIL %s: CPU section of %zu bytes, section_max %zu (not fixed-size)\n", name,
                    len, stride);
             failures++;
             cpu_rc = -1;
         }
         if (cpu_rc == 0)
-            cpu_rc = kvs_codec_decode(c, layers[i], s.t, cpu_enc + i * stride, stride,
+            cpu_rc = kvs_codec_decode(c, layers[i], s.t, cpu_enc + i * stride, len,
                                       cpu_dec + i * elems, &err);
     }
     if (cpu_rc) {
@@ -182,7 +205,7 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
 
     uint16_t *d_raw, *d_dec;
     uint8_t *d_enc, *d_cpu_enc;
-    uint32_t *d_layers;
+    uint32_t *d_layers, *d_len, *d_len_out;
     unsigned long long *d_bad, bad = 0;
     cudaStream_t st;
     CHECK_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -192,6 +215,10 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
     CHECK_CUDA(cudaMalloc((void **)&d_cpu_enc, stride * s.n));
     CHECK_CUDA(cudaMalloc((void **)&d_layers, s.n * sizeof *layers));
     CHECK_CUDA(cudaMalloc((void **)&d_bad, sizeof *d_bad));
+    CHECK_CUDA(cudaMalloc((void **)&d_len, s.n * sizeof *d_len));
+    CHECK_CUDA(cudaMalloc((void **)&d_len_out, s.n * sizeof *d_len_out));
+    CHECK_CUDA(cudaMemcpy(d_len, cpu_len, s.n * sizeof *cpu_len, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemset(d_len_out, 0xA5, s.n * sizeof *d_len_out));
     CHECK_CUDA(cudaMemcpy(d_raw, raw, total * 2, cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(d_cpu_enc, cpu_enc, stride * s.n, cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(d_layers, layers, s.n * sizeof *layers, cudaMemcpyHostToDevice));
@@ -201,7 +228,8 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
     CHECK_CUDA(cudaMemset(d_bad, 0xFF, sizeof *d_bad));
     kvs_cuda_sections sec = {.n = s.n, .t = s.t, .layer = d_layers, .raw = d_raw,
                              .raw_out = d_dec, .enc = d_cpu_enc, .enc_out = d_enc,
-                             .stride = stride, .bad = d_bad};
+                             .stride = stride, .bad = d_bad,
+                             .len_out = fixed ? NULL : d_len_out, .len = fixed ? NULL : d_len};
     int rc = kvs_codec_encode_cuda(c, &sec, st, &err);
     if (rc == 0)
         rc = kvs_codec_decode_cuda(c, &sec, st, &err);
@@ -213,13 +241,19 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
         CHECK_CUDA(cudaMemcpy(gpu_enc, d_enc, stride * s.n, cudaMemcpyDeviceToHost));
         CHECK_CUDA(cudaMemcpy(gpu_dec, d_dec, total * 2, cudaMemcpyDeviceToHost));
         CHECK_CUDA(cudaMemcpy(&bad, d_bad, sizeof bad, cudaMemcpyDeviceToHost));
-        size_t diff_bytes = 0, first_diff = SIZE_MAX;
-        for (size_t i = 0; i < stride * s.n; i++)
-            if (gpu_enc[i] != cpu_enc[i]) {
-                diff_bytes++;
-                if (first_diff == SIZE_MAX)
-                    first_diff = i;
-            }
+        CHECK_CUDA(cudaMemcpy(gpu_len, d_len_out, s.n * sizeof *gpu_len, cudaMemcpyDeviceToHost));
+        size_t diff_bytes = 0, first_diff = SIZE_MAX, diff_lens = 0;
+        for (uint32_t k = 0; k < s.n; k++) {
+            size_t len = cpu_len[k];
+            if (!fixed && gpu_len[k] != cpu_len[k])
+                diff_lens++;
+            for (size_t i = k * stride; i < k * stride + len; i++)
+                if (gpu_enc[i] != cpu_enc[i]) {
+                    diff_bytes++;
+                    if (first_diff == SIZE_MAX)
+                        first_diff = i;
+                }
+        }
         size_t diff_vals = 0, first_val = SIZE_MAX;
         int worst = 0;
         for (size_t i = 0; i < total; i++) {
@@ -234,13 +268,14 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
         }
         double frac = (double)diff_bytes / (double)(stride * s.n);
         int enc_ok = diff_bytes == 0 || (tie_tolerant(c) && frac <= 1e-4);
-        int ok = enc_ok && diff_vals == 0 && bad == ~0ull;
+        int ok = enc_ok && diff_lens == 0 && diff_vals == 0 && bad == ~0ull;
         if (!ok || diff_bytes)
-            printf("%s %s %s D=%u H=%u t=%u n=%u %s: encode %zu/%zu bytes differ (first at %zu),"
-                   " decode %zu values > 1 ulp (first at %zu, worst %d ulp), bad=%llx\n",
+            printf("%s %s %s D=%u H=%u t=%u n=%u %s state=%u: encode %zu/%zu bytes differ (first "
+                   "at %zu), %zu section lengths differ, decode %zu values > 1 ulp (first at %zu,"
+                   " worst %d ulp), bad=%llx\n",
                    ok ? "note" : "FAIL", name, kv ? "V" : "K", s.D, s.H, s.t, s.n,
-                   input_names[kind], diff_bytes, stride * s.n, first_diff, diff_vals, first_val,
-                   worst, bad);
+                   input_names[kind], state ? state->version : 0, diff_bytes, stride * s.n,
+                   first_diff, diff_lens, diff_vals, first_val, worst, bad);
         failures += !ok;
     }
     /* NaN/Inf: the kernel must name the first bad element (flat index). */
@@ -269,8 +304,12 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
     cudaFree(d_cpu_enc);
     cudaFree(d_layers);
     cudaFree(d_bad);
+    cudaFree(d_len);
+    cudaFree(d_len_out);
     cudaStreamDestroy(st);
 out:
+    free(cpu_len);
+    free(gpu_len);
     free(raw);
     free(cpu_dec);
     free(gpu_dec);
@@ -278,6 +317,23 @@ out:
     free(gpu_enc);
     free(layers);
     kvs_codec_destroy(c);
+}
+
+static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_kind kind)
+{
+    run_case_state(name, kv, s, dt, kind, NULL);
+}
+
+/* ---------------------------------------------------------------- learned state */
+
+/* RotateKV keys with a calibrated channel permutation (state version 1). */
+static void state_cases_rotatekv(void)
+{
+}
+
+/* SQuat keys with a query subspace (state version 1). */
+static void state_cases_squat(void)
+{
 }
 
 int main(void)
@@ -325,6 +381,8 @@ int main(void)
         printf("%-12s %s\n", tok, failures == before ? "GPU matches CPU" : "MISMATCH");
         tested++;
     }
+    state_cases_rotatekv();
+    state_cases_squat();
     printf("test_codecs_gpu: %d codecs with kernels, %d failures\n", tested, failures);
     return failures ? 1 : 0;
 }
