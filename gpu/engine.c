@@ -4,9 +4,12 @@
  * decode also one layer range of nl layers; sec = t*H*D elements):
  *   raw side:     K sections [B][nl][sec], then V sections [B][nl][sec]   (fp16/bf16)
  *   encoded side: K sections [B][nl] at stride sk, then V at stride sv     (bytes)
+ *   lengths:      K [B][nl], then V [B][nl] section lengths (u32)
  *   layers:       [B][nl] layer index of each section (the same list for K and V)
- * The codecs with kernels have encoded sizes that depend on t only, so strides are exact
- * and sections are contiguous. Encode uses nl = L.
+ * sk, sv = kvs_codec_section_max(t): a section is at most that long (exactly, except for
+ * RotateKV whose sinks make it shorter). Encode uses nl = L. One block's K sections are
+ * contiguous in the staging, and so are its V sections: that is also the slot layout of
+ * the GPU tier (engine.h), so a slot is filled or read with two device copies.
  */
 #include "gpu/engine.h"
 
@@ -44,24 +47,60 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
+                        kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
+{
+    return (size_t)kvs_codec_spec(k)->layers *
+           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
+}
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
 
 #else
 #include <cuda_runtime.h>
 
 #include "gpu/base/cuda_try.h"
 
-typedef enum { JOB_ENCODE, JOB_DECODE } job_kind;
+typedef enum { JOB_ENCODE, JOB_DECODE, JOB_FETCH } job_kind;
 
 typedef struct job {
     job_kind kind;
+    bool dev; /* encode/decode: the encoded side is a GPU tier slot, not host memory */
     const kvs_codec *k, *v;
     uint32_t t, lb, le, ns_id;
     const uint16_t *raw_in; /* encode */
-    uint8_t *out;
+    uint8_t *out;           /* encode (host), fetch */
     size_t cap, *len;
-    const uint8_t *enc; /* decode */
+    const uint8_t *enc; /* decode (host) */
     size_t enc_len;
-    uint16_t *raw_out;
+    uint16_t *raw_out; /* decode */
+    uint8_t *slot;     /* dev encode/decode, fetch: device address */
+    uint32_t *lens;    /* dev encode (out), dev decode and fetch (in): 2L section lengths */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;
@@ -80,8 +119,10 @@ struct kvs_engine {
     cudaStream_t st;
     uint8_t *h_raw, *h_enc, *d_raw, *d_enc; /* staging_bytes each */
     uint32_t *h_layers, *d_layers;          /* max_sections each */
+    uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */
     unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
     size_t max_sections;
+    void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
 };
 
 static uint64_t now_us(void)
@@ -97,17 +138,23 @@ static size_t sec_elems(const kvs_codec *k, uint32_t t)
     return (size_t)t * s->kv_heads * s->head_dim;
 }
 
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
+{
+    return (size_t)kvs_codec_spec(k)->layers *
+           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
+}
+
 static bool compatible(const job *a, const job *b)
 {
-    return a->kind == b->kind && a->k == b->k && a->v == b->v && a->t == b->t &&
-           a->lb == b->lb && a->le == b->le;
+    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v &&
+           a->t == b->t && a->lb == b->lb && a->le == b->le;
 }
 
 /* Bytes of staging one request takes on the raw side and on the encoded side. */
 static void footprint(const job *j, size_t *raw, size_t *enc)
 {
     size_t nl = j->le - j->lb;
-    *raw = 2 * nl * sec_elems(j->k, j->t) * 2;
+    *raw = j->kind == JOB_FETCH ? 0 : 2 * nl * sec_elems(j->k, j->t) * 2;
     *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
 }
 
@@ -146,59 +193,157 @@ static void note_error(kvs_engine *e, cudaError_t rc)
         }                                                                                     \
     } while (0)
 
-/* Launches the K and V kernels of a batch of nb requests over nl layers each, with the
- * staging filled by the caller; copies the results and the NaN words back; waits. */
-static int run_batch(kvs_engine *e, const job *first, uint32_t nb, bool encode, kvs_err *err)
+/* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
+ * klen[l], V likewise) into out as an encoded block (gpu/format.h), sealed. Returns its
+ * size; out holds kvs_block_encoded_max bytes. */
+static size_t frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
+                          const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
 {
-    const kvs_codec *k = first->k, *v = first->v;
-    uint32_t nl = first->le - first->lb, t = first->t;
+    const kvs_ns_spec *s = kvs_codec_spec(j->k);
+    uint32_t L = s->layers, offsets[2 * KVS_MAX_LAYERS + 1];
+    size_t pos = kvs_format_prefix_bytes(L);
+    for (uint32_t l = 0; l < L; l++) {
+        offsets[2 * l] = (uint32_t)pos;
+        memcpy(out + pos, kb + l * sk, klen[l]);
+        pos += klen[l];
+        offsets[2 * l + 1] = (uint32_t)pos;
+        memcpy(out + pos, vb + l * sv, vlen[l]);
+        pos += vlen[l];
+    }
+    offsets[2 * L] = (uint32_t)pos;
+    kvs_block_info info = {
+        .dtype = (uint8_t)s->dtype, .flags = s->keys_pre_rope ? 1 : 0, .ns_id = j->ns_id,
+        .k_codec = (uint8_t)kvs_codec_id_of(j->k), .k_bits = (uint8_t)kvs_codec_bits(j->k),
+        .v_codec = (uint8_t)kvs_codec_id_of(j->v), .v_bits = (uint8_t)kvs_codec_bits(j->v),
+        .layers = L, .kv_heads = s->kv_heads, .head_dim = s->head_dim, .tokens = j->t,
+        .k_state = kvs_codec_state_version(j->k), .v_state = kvs_codec_state_version(j->v),
+        .seed = s->seed, .total_bytes = pos};
+    kvs_format_write_prefix(&info, offsets, out);
+    kvs_format_seal(out, pos);
+    return pos;
+}
+
+/* Runs one batch of nb compatible encode or decode requests over nl layers each: moves
+ * the encoded side in (decode), launches the K and V kernels, moves the results out, waits.
+ * The caller filled h_raw (encode) or h_enc and h_len (host decode) and h_len (dev decode). */
+static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    bool encode = list->kind == JOB_ENCODE, dev = list->dev;
+    uint32_t nl = list->le - list->lb, t = list->t;
     size_t n = (size_t)nb * nl, sec = sec_elems(k, t);
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t raw_bytes = 2 * n * sec * 2, enc_bytes = n * (sk + sv);
+    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (size_t i = 0; i < n; i++)
-        e->h_layers[i] = first->lb + (uint32_t)(i % nl);
+        e->h_layers[i] = list->lb + (uint32_t)(i % nl);
     ENGINE_TRY(e, cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
                                   cudaMemcpyHostToDevice, e->st), err);
+    ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
     kvs_cuda_sections ks = {.n = (uint32_t)n, .t = t, .layer = e->d_layers,
                             .raw = (const uint16_t *)e->d_raw, .raw_out = (uint16_t *)e->d_raw,
                             .enc = e->d_enc, .enc_out = e->d_enc, .stride = sk,
-                            .bad = e->d_bad};
+                            .bad = e->d_bad, .len_out = kfix ? NULL : e->d_len,
+                            .len = kfix ? NULL : e->d_len};
     kvs_cuda_sections vs = ks;
     vs.raw = (const uint16_t *)e->d_raw + n * sec;
     vs.raw_out = (uint16_t *)e->d_raw + n * sec;
     vs.enc = vs.enc_out = e->d_enc + n * sk;
     vs.stride = sv;
     vs.bad = e->d_bad + 1;
+    vs.len_out = vfix ? NULL : e->d_len + n;
+    vs.len = vfix ? NULL : e->d_len + n;
     int rc;
     if (encode) {
         ENGINE_TRY(e, cudaMemcpyAsync(e->d_raw, e->h_raw, raw_bytes, cudaMemcpyHostToDevice, e->st),
                    err);
-        ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
         if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
             return rc;
-        ENGINE_TRY(e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st),
-                   err);
-        ENGINE_TRY(e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad,
+        if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
+            uint32_t b = 0;
+            for (job *j = list; j; j = j->next, b++) {
+                ENGINE_TRY(e, cudaMemcpyAsync(j->slot, e->d_enc + b * nl * sk, nl * sk,
+                                              cudaMemcpyDeviceToDevice, e->st), err);
+                ENGINE_TRY(e, cudaMemcpyAsync(j->slot + nl * sk, e->d_enc + n * sk + b * nl * sv,
+                                              nl * sv, cudaMemcpyDeviceToDevice, e->st), err);
+            }
+        } else {
+            ENGINE_TRY(e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost,
+                                          e->st), err);
+        }
+        ENGINE_TRY(e, cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
                                       cudaMemcpyDeviceToHost, e->st), err);
     } else {
-        ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st),
-                   err);
+        if (dev) { /* gather the layers asked for from the slots */
+            uint32_t b = 0, L = kvs_codec_spec(k)->layers;
+            for (job *j = list; j; j = j->next, b++) {
+                ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot + j->lb * sk,
+                                              nl * sk, cudaMemcpyDeviceToDevice, e->st), err);
+                ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
+                                              j->slot + L * sk + j->lb * sv, nl * sv,
+                                              cudaMemcpyDeviceToDevice, e->st), err);
+            }
+        } else {
+            ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice,
+                                          e->st), err);
+        }
+        if (!kfix || !vfix)
+            ENGINE_TRY(e, cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
+                                          cudaMemcpyHostToDevice, e->st), err);
         if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
             return rc;
         ENGINE_TRY(e, cudaMemcpyAsync(e->h_raw, e->d_raw, raw_bytes, cudaMemcpyDeviceToHost, e->st),
                    err);
     }
+    ENGINE_TRY(e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad,
+                                  cudaMemcpyDeviceToHost, e->st), err);
     ENGINE_TRY(e, cudaStreamSynchronize(e->st), err);
+    if (encode) { /* fixed-size codecs leave their lengths implicit */
+        for (size_t i = 0; i < n && kfix; i++)
+            e->h_len[i] = (uint32_t)sk;
+        for (size_t i = 0; i < n && vfix; i++)
+            e->h_len[n + i] = (uint32_t)sv;
+    }
     return 0;
+}
+
+/* A dev encode of a flagged batch, redone by the CPU reference: its sections go to the
+ * slot with two host-to-device copies. */
+static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
+{
+    size_t cap = kvs_block_encoded_max(j->k, j->v, j->t), len;
+    uint8_t *tmp = kvs_trymalloc(cap);
+    if (!tmp)
+        return kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
+    int rc = kvs_block_encode(j->k, j->v, j->ns_id, j->t, j->raw_in, tmp, cap, &len, err);
+    uint32_t L = kvs_codec_spec(j->k)->layers;
+    size_t sk = kvs_codec_section_max(j->k, j->t), sv = kvs_codec_section_max(j->v, j->t);
+    for (uint32_t l = 0; l < L && rc == 0; l++)
+        for (int kv = 0; kv < 2 && rc == 0; kv++) {
+            const uint8_t *p;
+            size_t n;
+            kvs_format_section(tmp, l, kv, &p, &n);
+            j->lens[kv * L + l] = (uint32_t)n;
+            uint8_t *dst = j->slot + (kv ? L * sk + l * sv : l * sk);
+            cudaError_t ce = cudaMemcpyAsync(dst, p, n, cudaMemcpyHostToDevice, e->st);
+            if (ce == cudaSuccess)
+                ce = cudaStreamSynchronize(e->st);
+            if (ce != cudaSuccess) {
+                note_error(e, ce);
+                rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy to the GPU tier: %s",
+                                 cudaGetErrorString(ce));
+            }
+        }
+    free(tmp);
+    return rc;
 }
 
 static void do_encode(kvs_engine *e, job *list, uint32_t nb)
 {
     const kvs_codec *k = list->k, *v = list->v;
-    const kvs_ns_spec *s = kvs_codec_spec(k);
-    uint32_t L = s->layers, t = list->t;
+    uint32_t L = kvs_codec_spec(k)->layers, t = list->t;
     size_t sec = sec_elems(k, t), n = (size_t)nb * L;
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     uint16_t *hr = (uint16_t *)e->h_raw;
@@ -211,82 +356,120 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
         }
     kvs_err err;
     kvs_err_clear(&err);
-    int rc = run_batch(e, list, nb, true, &err);
+    int rc = run_batch(e, list, nb, &err);
     if (rc) {
         fail_all(list, rc, &err);
         return;
     }
-    size_t prefix = kvs_format_prefix_bytes(L);
-    uint32_t *offsets = kvs_xmalloc((2 * (size_t)L + 1) * sizeof *offsets);
+    /* The kernels flag a batch holding NaN/Inf input or a value they refuse (the flag
+     * names one element of the whole launch). Then every request of the batch is encoded
+     * again by the CPU reference: the bad ones fail with its message (naming the element),
+     * the others get the same bytes. */
+    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
-        /* The kernels flag a batch holding NaN/Inf input or a value their fp16 parameters
-         * cannot hold; the flag names one element of the whole launch. Then every request
-         * of the batch is encoded again by the CPU reference: the bad ones fail with its
-         * message (naming the element), the others get the same bytes. */
-        if (e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull) {
-            int rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
-            finish(j, rc2, rc2 ? &err : NULL);
-            continue;
+        int rc2 = 0;
+        if (flagged && j->dev) {
+            rc2 = cpu_encode_dev(e, j, &err);
+        } else if (flagged) {
+            rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
+        } else if (j->dev) {
+            memcpy(j->lens, e->h_len + (size_t)b * L, L * sizeof *j->lens);
+            memcpy(j->lens + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens);
+        } else {
+            *j->len = frame_block(j, e->h_enc + (size_t)b * L * sk, sk, e->h_len + (size_t)b * L,
+                                  e->h_enc + n * sk + (size_t)b * L * sv, sv,
+                                  e->h_len + n + (size_t)b * L, j->out);
         }
-        size_t pos = prefix;
-        for (uint32_t l = 0; l < L; l++) {
-            offsets[2 * l] = (uint32_t)pos;
-            memcpy(j->out + pos, e->h_enc + ((size_t)b * L + l) * sk, sk);
-            pos += sk;
-            offsets[2 * l + 1] = (uint32_t)pos;
-            memcpy(j->out + pos, e->h_enc + n * sk + ((size_t)b * L + l) * sv, sv);
-            pos += sv;
-        }
-        offsets[2 * L] = (uint32_t)pos;
-        kvs_block_info info = {
-            .dtype = (uint8_t)s->dtype, .flags = s->keys_pre_rope ? 1 : 0, .ns_id = j->ns_id,
-            .k_codec = (uint8_t)kvs_codec_id_of(k), .k_bits = (uint8_t)kvs_codec_bits(k),
-            .v_codec = (uint8_t)kvs_codec_id_of(v), .v_bits = (uint8_t)kvs_codec_bits(v),
-            .layers = L, .kv_heads = s->kv_heads, .head_dim = s->head_dim, .tokens = t,
-            .k_state = kvs_codec_state_version(k), .v_state = kvs_codec_state_version(v),
-            .seed = s->seed, .total_bytes = pos};
-        kvs_format_write_prefix(&info, offsets, j->out);
-        kvs_format_seal(j->out, pos);
-        *j->len = pos;
-        finish(j, 0, NULL);
+        finish(j, rc2, rc2 ? &err : NULL);
     }
-    free(offsets);
 }
 
 static void do_decode(kvs_engine *e, job *list, uint32_t nb)
 {
     const kvs_codec *k = list->k, *v = list->v;
-    uint32_t nl = list->le - list->lb, t = list->t;
+    uint32_t nl = list->le - list->lb, t = list->t, L = kvs_codec_spec(k)->layers;
     size_t sec = sec_elems(k, t), n = (size_t)nb * nl;
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     uint32_t b = 0;
     for (job *j = list; j; j = j->next, b++)
         for (uint32_t l = 0; l < nl; l++) {
+            size_t i = (size_t)b * nl + l;
+            if (j->dev) {
+                e->h_len[i] = j->lens[j->lb + l];
+                e->h_len[n + i] = j->lens[L + j->lb + l];
+                continue;
+            }
             const uint8_t *p;
             size_t len;
             kvs_format_section(j->enc, j->lb + l, 0, &p, &len);
-            memcpy(e->h_enc + ((size_t)b * nl + l) * sk, p, sk);
+            memcpy(e->h_enc + i * sk, p, len);
+            e->h_len[i] = (uint32_t)len;
             kvs_format_section(j->enc, j->lb + l, 1, &p, &len);
-            memcpy(e->h_enc + n * sk + ((size_t)b * nl + l) * sv, p, sv);
+            memcpy(e->h_enc + n * sk + i * sv, p, len);
+            e->h_len[n + i] = (uint32_t)len;
         }
     kvs_err err;
     kvs_err_clear(&err);
-    int rc = run_batch(e, list, nb, false, &err);
+    int rc = run_batch(e, list, nb, &err);
     if (rc) {
         fail_all(list, rc, &err);
         return;
     }
+    /* A section the kernels found malformed: host blocks are decoded again by the CPU
+     * reference (which names the problem); a slot holds bytes our own kernels wrote, so a
+     * malformed one is data loss. */
+    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
     const uint16_t *hr = (const uint16_t *)e->h_raw;
     b = 0;
     for (job *j = list, *next; j; j = next, b++) { /* K [B][nl], V [B][nl] -> [nl][2][t][H][D] */
         next = j->next;
+        if (flagged && j->dev) {
+            kvs_err_set(&err, KVS_EDATALOSS, "GPU tier: a block's sections are malformed");
+            finish(j, KVS_EDATALOSS, &err);
+            continue;
+        }
+        if (flagged) {
+            int rc2 = kvs_block_decode(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
+            finish(j, rc2, rc2 ? &err : NULL);
+            continue;
+        }
         for (uint32_t l = 0; l < nl; l++) {
             memcpy(j->raw_out + (2 * (size_t)l) * sec, hr + ((size_t)b * nl + l) * sec, sec * 2);
             memcpy(j->raw_out + (2 * (size_t)l + 1) * sec, hr + (n + (size_t)b * nl + l) * sec,
                    sec * 2);
         }
+        finish(j, 0, NULL);
+    }
+}
+
+/* Slots back to the host: one device-to-host copy per block, then framing and checksum. */
+static void do_fetch(kvs_engine *e, job *list, uint32_t nb)
+{
+    uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
+    size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
+    size_t slot = (size_t)L * (sk + sv);
+    kvs_err err;
+    kvs_err_clear(&err);
+    uint32_t b = 0;
+    cudaError_t ce = cudaSuccess;
+    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++)
+        ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(e->st);
+    if (ce != cudaSuccess) {
+        note_error(e, ce);
+        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s",
+                    cudaGetErrorString(ce));
+        fail_all(list, KVS_EINTERNAL, &err);
+        return;
+    }
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) {
+        next = j->next;
+        const uint8_t *kb = e->h_enc + b * slot;
+        *j->len = frame_block(j, kb, sk, j->lens, kb + L * sk, sv, j->lens + L, j->out);
         finish(j, 0, NULL);
     }
 }
@@ -359,8 +542,10 @@ static void *engine_main(void *arg)
             fail_all(batch, KVS_EINTERNAL, &err);
         } else if (batch->kind == JOB_ENCODE) {
             do_encode(e, batch, nb);
-        } else {
+        } else if (batch->kind == JOB_DECODE) {
             do_decode(e, batch, nb);
+        } else {
+            do_fetch(e, batch, nb);
         }
         pthread_mutex_lock(&e->mu);
     }
@@ -379,6 +564,9 @@ static int alloc_all(kvs_engine *e, kvs_err *err)
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_layers, e->max_sections * sizeof *e->h_layers),
                    err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_layers, e->max_sections * sizeof *e->d_layers), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_len, 2 * e->max_sections * sizeof *e->h_len),
+                   err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_len, 2 * e->max_sections * sizeof *e->d_len), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
     return 0;
@@ -390,6 +578,9 @@ static void free_all(kvs_engine *e)
     cudaFreeHost(e->h_enc);
     cudaFreeHost(e->h_layers);
     cudaFreeHost(e->h_bad);
+    cudaFreeHost(e->h_len);
+    cudaFree(e->d_len);
+    cudaFree(e->tier);
     cudaFree(e->d_raw);
     cudaFree(e->d_enc);
     cudaFree(e->d_layers);
@@ -528,18 +719,106 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
                            layer_end, info.layers);
     size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
+    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (uint32_t l = layer_begin; l < layer_end; l++) {
         const uint8_t *p;
         size_t n0, n1;
         kvs_format_section(enc, l, 0, &p, &n0);
         kvs_format_section(enc, l, 1, &p, &n1);
-        if (n0 != sk || n1 != sv)
+        if (n0 > sk || n1 > sv || (kfix && n0 != sk) || (vfix && n1 != sv))
             return kvs_err_set(err, KVS_EPROTO, "encoded block: layer %u sections of %zu/%zu "
-                               "bytes, the codecs write %zu/%zu", l, n0, n1, sk, sv);
+                               "bytes, the codecs write %s%zu/%s%zu", l, n0, n1,
+                               kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
     }
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
                .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,
+               .arg = arg};
+    return submit(e, j, err);
+}
+
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
+{
+    if (e->tier)
+        return kvs_err_set(err, KVS_EEXIST, "GPU tier: already allocated");
+    /* The engine thread may be running kernels: cudaMalloc on another thread is fine, it
+     * only needs the device current here. */
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    cudaError_t ce = cudaMalloc(&e->tier, bytes);
+    if (ce != cudaSuccess) {
+        e->tier = NULL;
+        return kvs_err_set(err, KVS_ENOMEM, "GPU tier: cudaMalloc of %llu bytes on %s: %s",
+                           (unsigned long long)bytes, e->name, cudaGetErrorString(ce));
+    }
+    *base = e->tier;
+    return 0;
+}
+
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
+                        kvs_err *err)
+{
+    size_t f = 0, t = 0;
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    KVS_CUDA_CHECK(cudaMemGetInfo(&f, &t), err);
+    *free_bytes = f;
+    *total_bytes = t;
+    return 0;
+}
+
+static int check_tokens(const kvs_codec *k, uint32_t t, kvs_err *err)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    if (t == 0 || t > s->block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, s->block_tokens);
+    return 0;
+}
+
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_ENCODE, .dev = true, .k = k, .v = v, .t = t, .lb = 0,
+               .le = kvs_codec_spec(k)->layers, .raw_in = raw, .slot = slot, .lens = lens,
+               .done = done, .arg = arg};
+    return submit(e, j, err);
+}
+
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    uint32_t L = kvs_codec_spec(k)->layers;
+    if (layer_begin >= layer_end || layer_end > L)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, L);
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_DECODE, .dev = true, .k = k, .v = v, .t = t, .lb = layer_begin,
+               .le = layer_end, .slot = (uint8_t *)slot, .lens = (uint32_t *)lens,
+               .raw_out = raw, .done = done, .arg = arg};
+    return submit(e, j, err);
+}
+
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    if (cap < kvs_block_encoded_max(k, v, t))
+        return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_FETCH, .k = k, .v = v, .t = t, .lb = 0,
+               .le = kvs_codec_spec(k)->layers, .ns_id = ns_id, .slot = (uint8_t *)slot,
+               .lens = (uint32_t *)lens, .out = out, .cap = cap, .len = len, .done = done,
                .arg = arg};
     return submit(e, j, err);
 }

@@ -15,6 +15,17 @@
  * of its batch, with KVS_EINTERNAL and the CUDA error text; a sticky device error puts the
  * engine in a failed state where every request fails at once (kvs_engine_failed).
  *
+ * GPU tier (DESIGN §7): the engine also owns the tier's device memory (one region,
+ * kvs_engine_tier_alloc; storage/slots.h cuts it into slots) and moves blocks in and out
+ * of slots: encode straight into a slot (no D2H of the encoded bytes), decode straight
+ * from a slot, and fetch a slot back to the host as a framed, sealed block (demotion to
+ * the host tier, Get ENCODED). Slot layout of a block of t tokens and L layers: the key
+ * sections of layers 0..L-1 at stride kvs_codec_section_max(k, t), then the value
+ * sections at stride kvs_codec_section_max(v, t); the section lengths live on the host
+ * (lens[2L]: keys of each layer, then values). The bytes in a slot are not checksummed
+ * (they never left the device: HBM has ECC); the checksum is computed when a slot is
+ * fetched to the host.
+ *
  * Threading: submit from any thread; the engine thread is the only one that touches the
  * device, the stream and the staging buffers.
  */
@@ -67,6 +78,34 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
 int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
                       size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
                       kvs_engine_done done, void *arg, kvs_err *err);
+
+/* ---------------------------------------------------------------- GPU tier */
+
+/* Allocates the GPU tier's region of `bytes` on the engine's device (once; freed by
+ * kvs_engine_destroy) into *base (a device address). */
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err);
+/* Free and total memory of the engine's device, for sizing the tier as a share. */
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
+                        kvs_err *err);
+/* Bytes a block of t tokens takes in a slot (layout above). */
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t);
+
+/* Encodes a raw block of t tokens (host, borrowed until done) into the device slot;
+ * lens (host, 2L entries, borrowed) receives the section lengths before done runs. */
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err);
+/* Decodes layers [layer_begin, layer_end) of the block in a device slot (written by
+ * kvs_engine_encode_dev with these codecs' state versions) into raw (host). */
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err);
+/* Copies the block in a device slot to the host as an encoded block (gpu/format.h) stamped
+ * with ns_id and sealed: out (cap bytes, at least kvs_block_encoded_max), *len set. */
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
 
 #ifdef __cplusplus
 }

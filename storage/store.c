@@ -12,6 +12,7 @@
 #include "storage/index.h"
 #include "storage/learn.h"
 #include "storage/lru.h"
+#include "storage/slots.h"
 
 struct kvs_block {
     kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
@@ -23,15 +24,23 @@ struct kvs_block {
     uint64_t size;      /* stored (encoded) bytes; the reservation while FILLING */
     uint64_t raw_bytes; /* payload bytes the block represents */
     uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
-    uint64_t checksum; /* XXH3-64 of data, set at commit */
-    unsigned char *data;
+    uint64_t checksum; /* XXH3-64 of data, set at commit (host tier) */
+    unsigned char *data; /* host tier */
+    kvs_store_tier tier;
+    bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
+    uint64_t slot_bytes; /* gpu tier */
+    kvs_block_dev dev;   /* gpu tier */
 };
 
 struct kvs_store {
     pthread_mutex_t mu;
     kvs_ns_registry *reg;
     kvs_index *index;
-    kvs_lru lru;
+    kvs_lru lru;     /* host tier */
+    kvs_lru gpu_lru; /* gpu tier */
+    kvs_slots *gpu;  /* NULL without a gpu tier */
+    uint64_t gpu_high, gpu_low; /* watermarks in bytes */
+    uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
     kvs_store_stats stats;
     uint32_t calib_tokens;
     kvs_log_fn log;
@@ -66,9 +75,27 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         free(st);
         return kvs_err_set(err, -rc, "store: pthread_mutex_init: %s", strerror(rc));
     }
+    if (opts->gpu_base && opts->gpu_capacity) {
+        uint64_t slab = opts->gpu_slab ? opts->gpu_slab : (uint64_t)64 << 20;
+        if (!opts->gpu_slab && slab > opts->gpu_capacity / 4)
+            slab = opts->gpu_capacity / 4;
+        rc = kvs_slots_create(opts->gpu_base, opts->gpu_capacity, slab, &st->gpu, err);
+        if (rc) {
+            pthread_mutex_destroy(&st->mu);
+            free(st);
+            return rc;
+        }
+        uint64_t cap = kvs_slots_capacity(st->gpu);
+        unsigned hi = opts->gpu_high_pct ? opts->gpu_high_pct : 90;
+        unsigned lo = opts->gpu_low_pct ? opts->gpu_low_pct : 80;
+        st->gpu_high = cap / 100 * (hi > 100 ? 100 : hi);
+        st->gpu_low = cap / 100 * (lo > hi ? hi : lo);
+        st->stats.gpu_capacity = cap;
+    }
     st->reg = kvs_ns_registry_create();
     st->index = kvs_index_create();
     kvs_lru_init(&st->lru);
+    kvs_lru_init(&st->gpu_lru);
     st->stats.host_capacity = opts->host_capacity;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
     st->log = opts->log;
@@ -81,7 +108,35 @@ static void block_free(kvs_block *blk)
 {
     kvs_ns_unref(blk->ns);
     free(blk->data);
+    free(blk->dev.lens);
     free(blk);
+}
+
+static kvs_lru *lru_of(kvs_store *st, const kvs_block *blk)
+{
+    return blk->tier == KVS_STORE_TIER_GPU ? &st->gpu_lru : &st->lru;
+}
+
+/* Returns a block's capacity to its tier (its last reference is gone, or it was never
+ * committed). */
+static void give_back_locked(kvs_store *st, kvs_block *blk)
+{
+    if (blk->tier == KVS_STORE_TIER_GPU) {
+        kvs_slots_free(st->gpu, (uintptr_t)blk->dev.slot);
+        st->stats.gpu_used = kvs_slots_used(st->gpu);
+    } else {
+        st->stats.host_used -= blk->size + blk->shrink;
+    }
+}
+
+/* Drops one reference; on the last, gives the capacity back and returns true (the
+ * caller frees the block outside the lock). */
+static bool unref_locked(kvs_store *st, kvs_block *blk)
+{
+    if (--blk->refs)
+        return false;
+    give_back_locked(st, blk);
+    return true;
 }
 
 /* Unlinks a LINKED block from index and LRU, fixes the counters and drops the index's
@@ -89,31 +144,34 @@ static void block_free(kvs_block *blk)
 static bool unlink_locked(kvs_store *st, kvs_block *blk)
 {
     kvs_index_remove(st->index, &blk->node);
-    kvs_lru_remove(&st->lru, &blk->lru);
+    kvs_lru_remove(lru_of(st, blk), &blk->lru);
     blk->linked = false;
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks--;
     u->stored_bytes -= blk->size;
     u->raw_bytes -= blk->raw_bytes;
     u->tokens -= blk->tokens;
-    st->stats.host_blocks--;
-    if (--blk->refs == 0) {
-        st->stats.host_used -= blk->size;
-        return true;
-    }
-    return false;
+    if (blk->tier == KVS_STORE_TIER_GPU)
+        st->stats.gpu_blocks--;
+    else
+        st->stats.host_blocks--;
+    return unref_locked(st, blk);
 }
 
 void kvs_store_destroy(kvs_store *st)
 {
     if (!st)
         return;
-    kvs_lru_node *n;
-    while ((n = kvs_lru_oldest(&st->lru)) != NULL) {
-        kvs_block *blk = BLOCK_OF_LRU(n);
-        if (unlink_locked(st, blk))
-            block_free(blk);
+    kvs_lru *lists[2] = {&st->lru, &st->gpu_lru};
+    for (int i = 0; i < 2; i++) {
+        kvs_lru_node *n;
+        while ((n = kvs_lru_oldest(lists[i])) != NULL) {
+            kvs_block *blk = BLOCK_OF_LRU(n);
+            if (unlink_locked(st, blk))
+                block_free(blk);
+        }
     }
+    kvs_slots_destroy(st->gpu);
     kvs_index_destroy(st->index);
     kvs_ns_registry_destroy(st->reg);
     pthread_mutex_destroy(&st->mu);
@@ -182,10 +240,11 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
     kvs_block *to_free = NULL; /* chained through node.next once unlinked */
     pthread_mutex_lock(&st->mu);
     kvs_ns *ns = kvs_ns_registry_remove(st->reg, name);
-    if (ns) {
-        kvs_lru_node *n = kvs_lru_oldest(&st->lru);
+    kvs_lru *lists[2] = {&st->lru, &st->gpu_lru};
+    for (int i = 0; i < 2 && ns; i++) {
+        kvs_lru_node *n = kvs_lru_oldest(lists[i]);
         while (n) {
-            kvs_lru_node *newer = kvs_lru_newer(&st->lru, n);
+            kvs_lru_node *newer = kvs_lru_newer(lists[i], n);
             kvs_block *blk = BLOCK_OF_LRU(n);
             if (blk->ns == ns) {
                 dropped++;
@@ -299,13 +358,58 @@ int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t b
     blk->size = bytes;
     blk->raw_bytes = bytes;
     blk->data = data;
+    blk->tier = KVS_STORE_TIER_HOST;
     *out = blk;
     return 0;
 }
 
+bool kvs_store_has_gpu(const kvs_store *st)
+{
+    return st->gpu != NULL;
+}
+
+int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
+                              kvs_block **out, kvs_err *err)
+{
+    if (!st->gpu)
+        return kvs_err_set(err, KVS_ENOSPC, "gpu tier: not configured");
+    uint32_t L = kvs_ns_spec_of(ns)->layers;
+    kvs_block *blk = calloc(1, sizeof *blk);
+    uint32_t *lens = blk ? calloc(2 * (size_t)L, sizeof *lens) : NULL;
+    if (!lens) {
+        free(blk);
+        return kvs_err_set(err, KVS_ENOMEM, "gpu tier: out of memory");
+    }
+    uintptr_t addr = 0;
+    pthread_mutex_lock(&st->mu);
+    int rc = kvs_slots_alloc(st->gpu, kvs_ns_id(ns), slot_bytes, &addr, err);
+    if (rc == 0)
+        st->stats.gpu_used = kvs_slots_used(st->gpu);
+    pthread_mutex_unlock(&st->mu);
+    if (rc) {
+        free(lens);
+        free(blk);
+        return rc;
+    }
+    blk->ns = kvs_ns_ref(ns);
+    blk->tokens = tokens;
+    blk->tier = KVS_STORE_TIER_GPU;
+    blk->slot_bytes = slot_bytes;
+    blk->size = blk->raw_bytes = slot_bytes;
+    blk->dev = (kvs_block_dev){.slot = (void *)addr, .lens = lens};
+    *out = blk;
+    return 0;
+}
+
+kvs_block_dev *kvs_block_device(kvs_block *blk)
+{
+    return blk->tier == KVS_STORE_TIER_GPU ? &blk->dev : NULL;
+}
+
 void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
 {
-    blk->shrink += blk->size - size;
+    if (blk->tier != KVS_STORE_TIER_GPU) /* a slot is a slot: nothing to give back */
+        blk->shrink += blk->size - size;
     blk->size = size;
     blk->raw_bytes = raw_bytes;
 }
@@ -313,14 +417,32 @@ void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
 void *kvs_block_data(kvs_block *blk) { return blk->data; }
 uint64_t kvs_block_size(const kvs_block *blk) { return blk->size; }
 uint32_t kvs_block_tokens(const kvs_block *blk) { return blk->tokens; }
-kvs_store_tier kvs_block_tier(const kvs_block *blk) { return KVS_STORE_TIER_HOST; }
+kvs_store_tier kvs_block_tier(const kvs_block *blk) { return blk->tier; }
 
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
 {
     pthread_mutex_lock(&st->mu);
-    st->stats.host_used -= blk->size + blk->shrink;
+    give_back_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
     block_free(blk);
+}
+
+/* Inserts a block (node initialized) into the index and its tier's LRU as the newest. */
+static void link_locked(kvs_store *st, kvs_block *blk)
+{
+    kvs_index_insert(st->index, &blk->node);
+    kvs_lru_push(lru_of(st, blk), &blk->lru);
+    blk->linked = true;
+    blk->refs = 1;
+    kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
+    u->blocks++;
+    u->stored_bytes += blk->size;
+    u->raw_bytes += blk->raw_bytes;
+    u->tokens += blk->tokens;
+    if (blk->tier == KVS_STORE_TIER_GPU)
+        st->stats.gpu_blocks++;
+    else
+        st->stats.host_blocks++;
 }
 
 int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
@@ -338,7 +460,8 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
         if (smaller)
             blk->data = smaller;
     }
-    blk->checksum = XXH3_64bits(blk->data, blk->size);
+    if (blk->tier == KVS_STORE_TIER_HOST)
+        blk->checksum = XXH3_64bits(blk->data, blk->size);
     kvs_index_node_init(&blk->node, kvs_ns_id(blk->ns), key, key_len);
 
     kvs_block *old = NULL;
@@ -358,21 +481,12 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
         old = BLOCK_OF_NODE(prev);
         free_old = unlink_locked(st, old);
     }
-    kvs_index_insert(st->index, &blk->node);
-    kvs_lru_push(&st->lru, &blk->lru);
-    blk->linked = true;
-    blk->refs = 1;
-    kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
-    u->blocks++;
-    u->stored_bytes += blk->size;
-    u->raw_bytes += blk->raw_bytes;
-    u->tokens += blk->tokens;
-    st->stats.host_blocks++;
+    link_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
     if (free_old)
         block_free(old);
     if (info) {
-        info->tier = KVS_STORE_TIER_HOST;
+        info->tier = blk->tier;
         info->stored_bytes = blk->size;
         info->replaced = old != NULL;
     }
@@ -392,7 +506,13 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
     }
     kvs_block *blk = BLOCK_OF_NODE(n);
     blk->refs++;
-    kvs_lru_touch(&st->lru, &blk->lru);
+    kvs_lru_touch(lru_of(st, blk), &blk->lru);
+    if (blk->tier == KVS_STORE_TIER_GPU) { /* invariant 4: no host bytes to verify */
+        st->stats.gpu_hits++;
+        pthread_mutex_unlock(&st->mu);
+        *out = blk;
+        return 0;
+    }
     pthread_mutex_unlock(&st->mu);
 
     /* Invariant 4: verify outside the lock; the payload is read-only once linked. */
@@ -402,10 +522,7 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
         st->stats.checksum_failures++;
         if (blk->linked)
             unlink_locked(st, blk);
-        if (--blk->refs == 0) {
-            st->stats.host_used -= blk->size;
-            free_now = true;
-        }
+        free_now = unref_locked(st, blk);
         pthread_mutex_unlock(&st->mu);
         logf_(st, KVS_LOG_ERROR, "namespace '%s': block failed its checksum and was dropped",
               kvs_ns_spec_of(ns)->name);
@@ -423,12 +540,8 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
 
 void kvs_store_block_release(kvs_store *st, kvs_block *blk)
 {
-    bool free_now = false;
     pthread_mutex_lock(&st->mu);
-    if (--blk->refs == 0) {
-        st->stats.host_used -= blk->size;
-        free_now = true;
-    }
+    bool free_now = unref_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
     if (free_now)
         block_free(blk);
@@ -441,8 +554,9 @@ void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size
     bool in_prefix = true;
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
-        bool hit = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len) != NULL;
-        tiers[i] = hit ? KVS_STORE_TIER_HOST : KVS_STORE_TIER_NONE;
+        kvs_index_node *node = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len);
+        bool hit = node != NULL;
+        tiers[i] = hit ? BLOCK_OF_NODE(node)->tier : KVS_STORE_TIER_NONE;
         in_prefix = in_prefix && hit;
         p += in_prefix;
     }
@@ -477,4 +591,82 @@ void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
     pthread_mutex_unlock(&st->mu);
+}
+
+/* ---------------------------------------------------------------- gpu tier demotion */
+
+bool kvs_store_gpu_over_high(kvs_store *st)
+{
+    if (!st->gpu)
+        return false;
+    pthread_mutex_lock(&st->mu);
+    bool over = st->stats.gpu_used - st->gpu_picked > st->gpu_high;
+    pthread_mutex_unlock(&st->mu);
+    return over;
+}
+
+size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
+{
+    size_t n = 0;
+    if (!st->gpu)
+        return 0;
+    pthread_mutex_lock(&st->mu);
+    uint64_t left = st->stats.gpu_used - st->gpu_picked; /* demotions in flight count as done */
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && n < max && left > st->gpu_low;
+         it = kvs_lru_newer(&st->gpu_lru, it)) {
+        kvs_block *blk = BLOCK_OF_LRU(it);
+        if (blk->refs != 1 || blk->demoting) /* busy (invariant 3) or already picked */
+            continue;
+        blk->demoting = true;
+        blk->refs++;
+        left -= blk->slot_bytes;
+        st->gpu_picked += blk->slot_bytes;
+        out[n++] = blk;
+    }
+    pthread_mutex_unlock(&st->mu);
+    return n;
+}
+
+void kvs_store_demote_cancel(kvs_store *st, kvs_block *old)
+{
+    pthread_mutex_lock(&st->mu);
+    old->demoting = false;
+    st->gpu_picked -= old->slot_bytes;
+    bool free_old = unref_locked(st, old);
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        block_free(old);
+}
+
+void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
+{
+    if (nb->shrink) {
+        unsigned char *smaller = realloc(nb->data, nb->size ? nb->size : 1);
+        if (smaller)
+            nb->data = smaller;
+    }
+    nb->checksum = XXH3_64bits(nb->data, nb->size);
+    nb->node = old->node; /* same identity; index links are rewritten by the insert */
+    pthread_mutex_lock(&st->mu);
+    bool swap = old->linked && !kvs_ns_dropped(old->ns);
+    bool free_old = false, free_nb = false;
+    if (swap) {
+        free_old = unlink_locked(st, old);
+        st->stats.host_used -= nb->shrink;
+        nb->shrink = 0;
+        link_locked(st, nb);
+        st->stats.gpu_demotions++;
+    } else { /* deleted, replaced or dropped meanwhile: the copy is not needed */
+        give_back_locked(st, nb);
+        free_nb = true;
+    }
+    old->demoting = false;
+    st->gpu_picked -= old->slot_bytes;
+    if (!free_old)
+        free_old = unref_locked(st, old);
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        block_free(old);
+    if (free_nb)
+        block_free(nb);
 }

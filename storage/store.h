@@ -1,8 +1,13 @@
-/* The store: namespaces, the block index and the host-RAM tier behind one facade.
+/* The store: namespaces, the block index and the tiers behind one facade.
  *
- * This version has one tier (host RAM, byte capacity, LRU eviction). Blocks arrive here
- * already encoded (gpu/codec.h); each namespace owns its key and value codecs. Later
- * tiers (gpu, disk) slot in behind the same verbs.
+ * Tiers (DESIGN §7): gpu (optional: fixed-size slots in a device region the GPU engine
+ * allocated, storage/slots.h) and host (RAM, byte capacity). Blocks arrive here already
+ * encoded (gpu/codec.h); each namespace owns its key and value codecs. Each tier has its
+ * own LRU list. The host tier evicts (least recently used idle blocks) to make room; the
+ * gpu tier never evicts: above its high watermark the daemon demotes its least recently
+ * used idle blocks to the host tier (kvs_store_gpu_pick, then kvs_store_demote_commit
+ * once the engine fetched the bytes), so a Put that finds the gpu tier full simply lands
+ * in the host tier. The store itself never touches device memory.
  *
  * Block lifecycle (each transition names the function that performs it):
  *
@@ -19,8 +24,12 @@
  *  2. A LINKED block is in the index and in the LRU exactly once.
  *  3. Eviction only takes LINKED blocks with no readers (refs == 1, the index's own);
  *     busy blocks are skipped, never waited for.
- *  4. Every block carries the XXH3-64 of its bytes, checked on every read; a mismatch
- *     unlinks the block, counts it, and answers KVS_EDATALOSS.
+ *  4. Every host block carries the XXH3-64 of its bytes, checked on every read; a mismatch
+ *     unlinks the block, counts it, and answers KVS_EDATALOSS. GPU blocks have no
+ *     checksum while on the device (the engine seals the bytes when it fetches them).
+ *  5. gpu_used = slot bytes of every GPU block that is FILLING, LINKED, or UNLINKED but
+ *     still referenced; a block's slot is returned with its last reference.
+ *  6. A block being demoted carries the demoter's reference and is picked only once.
  *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
  * index, the LRU, the namespace registry and all counters; it is a leaf lock (nothing
@@ -52,6 +61,11 @@ typedef enum kvs_store_tier {
 
 typedef struct kvs_store_opts {
     uint64_t host_capacity; /* bytes of the host tier */
+    uintptr_t gpu_base;     /* GPU tier region (device address, borrowed), or 0: no GPU tier */
+    uint64_t gpu_capacity;  /* bytes at gpu_base */
+    uint64_t gpu_slab;      /* slab size (0: 64 MiB, at most capacity/4) */
+    unsigned gpu_high_pct;  /* demote above this share of the gpu tier (0: 90) */
+    unsigned gpu_low_pct;   /* ...down to this share (0: 80) */
     uint32_t calib_tokens;  /* RotateKV calibration tokens N_cal (0 = 4096) */
     kvs_log_fn log;         /* may be NULL */
     void *log_ctx;
@@ -102,6 +116,37 @@ uint64_t kvs_block_size(const kvs_block *blk);
 uint32_t kvs_block_tokens(const kvs_block *blk);
 kvs_store_tier kvs_block_tier(const kvs_block *blk);
 
+/* The GPU side of a GPU-tier block (gpu/engine.h slot layout). */
+typedef struct kvs_block_dev {
+    void *slot;               /* device address of the slot */
+    uint32_t *lens;           /* 2L section lengths: keys of each layer, then values */
+    uint32_t k_state, v_state; /* codec state versions the sections were encoded with */
+} kvs_block_dev;
+
+/* Reserves a GPU tier slot of slot_bytes (no eviction: KVS_ENOSPC when the tier is full or
+ * absent) and allocates a GPU block for it. The caller fills the slot (engine), the lens
+ * and states (kvs_block_device), sets the size with kvs_block_set_size (the block's
+ * encoded size as a framed block), then commits or aborts like a host block. */
+int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
+                              kvs_block **out, kvs_err *err);
+/* The GPU side of a GPU-tier block; NULL for other tiers. */
+kvs_block_dev *kvs_block_device(kvs_block *blk);
+bool kvs_store_has_gpu(const kvs_store *st);
+
+/* True while the gpu tier is above its high watermark. */
+bool kvs_store_gpu_over_high(kvs_store *st);
+/* Picks up to max idle GPU blocks, least recently used first, while the gpu tier minus
+ * the picks stays above its low watermark; each comes back with a reference held by the
+ * demoter (invariant 6). Returns the count. */
+size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max);
+/* Ends the demotion of a picked GPU block `old`: nb is a host block (kvs_store_block_alloc)
+ * filled with old's bytes as an encoded block. If old is still linked, nb takes its place
+ * in the index (host tier, newest) and old is unlinked; otherwise nb is aborted. Either
+ * way the demoter's reference on old is dropped and nb is owned by the store. */
+void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb);
+/* Gives up the demotion of a picked block (it stays in the gpu tier). */
+void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
+
 typedef struct kvs_store_put_info {
     kvs_store_tier tier;
     uint64_t stored_bytes;
@@ -138,6 +183,7 @@ uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, 
 
 typedef struct kvs_store_stats {
     uint64_t host_capacity, host_used, host_blocks, host_hits, host_evictions;
+    uint64_t gpu_capacity, gpu_used, gpu_blocks, gpu_hits, gpu_demotions;
     uint64_t misses, checksum_failures;
 } kvs_store_stats;
 

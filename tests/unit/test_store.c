@@ -374,6 +374,146 @@ static void test_concurrent_soak(void **state)
     kvs_store_destroy(st);
 }
 
+/* ---------------------------------------------------------------- gpu tier (bookkeeping:
+ * the store never touches the region, so a fake device address stands in for it) */
+
+#define FAKE_DEV ((uintptr_t)0x7f0000000000ull)
+
+static kvs_store *new_gpu_store(uint64_t host_cap, uint64_t gpu_cap, uint64_t slab)
+{
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = host_cap, .gpu_base = FAKE_DEV, .gpu_capacity = gpu_cap,
+                        .gpu_slab = slab, .gpu_high_pct = 75, .gpu_low_pct = 50};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    assert_true(kvs_store_has_gpu(st));
+    return st;
+}
+
+static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_block **out, kvs_err *err)
+{
+    kvs_block *blk;
+    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, err);
+    if (rc)
+        return rc;
+    kvs_block_dev *d = kvs_block_device(blk);
+    assert_non_null(d);
+    assert_true((uintptr_t)d->slot >= FAKE_DEV && (uintptr_t)d->slot + 1000 <= FAKE_DEV + 8000);
+    d->lens[0] = 7; /* what the engine writes */
+    kvs_block_set_size(blk, 300, 512);
+    if (out)
+        *out = blk;
+    return kvs_store_block_commit(st, blk, key, strlen(key), NULL, err);
+}
+
+static void test_gpu_tier_and_demotion(void **state)
+{
+    /* 8 slots of 1000 bytes (slabs of 2000), high watermark 6000, low 4000. */
+    kvs_store *st = new_gpu_store(1 << 20, 8000, 2000);
+    kvs_ns_spec s = small_spec("g");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    char key[16];
+    for (int i = 0; i < 8; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(put_gpu(st, ns, key, NULL, &err), 0);
+    }
+    assert_int_equal(put_gpu(st, ns, "k8", NULL, &err), KVS_ENOSPC); /* full: never evicts */
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 8000);
+    assert_int_equal(stats.gpu_blocks, 8);
+    assert_true(kvs_store_gpu_over_high(st));
+
+    /* Lookup reports the tier; Get hands out the GPU view (no checksum on the device). */
+    kvs_store_key k0 = {"k0", 2};
+    kvs_store_tier tier;
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    assert_int_equal(tier, KVS_STORE_TIER_GPU);
+    kvs_block *busy;
+    assert_int_equal(kvs_store_get(st, ns, "k1", 2, &busy, &err), 0); /* k1 busy: not picked */
+    assert_int_equal(kvs_block_device(busy)->lens[0], 7);
+
+    /* Pick: oldest idle first (k0, k2, k3, k4) down to the low watermark. */
+    kvs_block *picked[8];
+    size_t n = kvs_store_gpu_pick(st, picked, 8);
+    assert_int_equal(n, 4);
+    assert_int_equal(kvs_store_gpu_pick(st, picked + n, 8), 0); /* picked once only */
+    /* Demote k0 (a host copy replaces it), cancel k2, k3 is deleted meanwhile, k4 demoted. */
+    kvs_block *nb;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
+    memset(kvs_block_data(nb), 0x5A, 512);
+    kvs_store_demote_commit(st, picked[0], nb);
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    assert_int_equal(tier, KVS_STORE_TIER_HOST);
+    expect_block(st, ns, "k0", 0x5A); /* checksummed like any host block */
+    kvs_store_demote_cancel(st, picked[1]);
+    kvs_store_key k3 = {"k3", 2};
+    assert_int_equal(kvs_store_delete(st, ns, &k3, 1), 1);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
+    kvs_store_demote_commit(st, picked[2], nb); /* k3 is gone: the copy is dropped */
+    expect_missing(st, ns, "k3");
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
+    memset(kvs_block_data(nb), 0x11, 512);
+    kvs_store_demote_commit(st, picked[3], nb);
+    expect_block(st, ns, "k4", 0x11);
+
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_demotions, 2);
+    assert_int_equal(stats.gpu_blocks, 5); /* k1 k2 k5 k6 k7 */
+    assert_int_equal(stats.gpu_used, 5000);
+    assert_int_equal(stats.host_blocks, 2);
+    assert_int_equal(stats.host_used, 1024);
+    /* Room again: new Puts land in the GPU tier; replacing a GPU block by a host one
+     * frees its slot once the last reader lets go. */
+    assert_int_equal(put_gpu(st, ns, "k8", NULL, &err), 0);
+    assert_int_equal(put(st, ns, "k1", 4, 0x22, NULL, &err), 0);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 6000); /* k1's slot is still held by its reader */
+    kvs_store_block_release(st, busy);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 5000);
+    expect_block(st, ns, "k1", 0x22);
+
+    /* Dropping the namespace returns every slot. */
+    kvs_ns_unref(ns);
+    assert_int_equal(kvs_store_ns_drop(st, "g", NULL, &err), 0);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 0);
+    assert_int_equal(stats.gpu_blocks, 0);
+    assert_int_equal(stats.host_used, 0);
+    kvs_store_destroy(st);
+}
+
+static void test_gpu_abort_and_absent(void **state)
+{
+    kvs_store *st = new_store(1 << 20);
+    kvs_ns_spec s = small_spec("a");
+    kvs_ns *ns;
+    kvs_err err;
+    kvs_block *blk;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    assert_false(kvs_store_has_gpu(st));
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 100, &blk, &err), KVS_ENOSPC);
+    assert_false(kvs_store_gpu_over_high(st));
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+
+    st = new_gpu_store(1 << 20, 4000, 1000);
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, &err), 0);
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 1000);
+    kvs_store_block_abort(st, blk);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_used, 0);
+    /* A slot larger than a slab is refused with a reason, not a crash. */
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 1001, &blk, &err), KVS_EINVAL);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -384,6 +524,8 @@ int main(void)
         cmocka_unit_test(test_drop_namespace),
         cmocka_unit_test(test_codec_state_versions),
         cmocka_unit_test(test_concurrent_soak),
+        cmocka_unit_test(test_gpu_tier_and_demotion),
+        cmocka_unit_test(test_gpu_abort_and_absent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
