@@ -79,6 +79,7 @@ struct kvs_server {
     kvs_store *store;      /* borrowed */
     struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
     struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
+    struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
@@ -123,6 +124,8 @@ typedef struct kvs_put_state {
     size_t key_len;
     int rc;        /* result of the encode job */
     size_t enc_len;
+    bool gpu;      /* blk is a GPU tier block: the engine encodes into its slot */
+    const struct kvs_codec *kc, *vc; /* the codecs of a GPU tier Put (state versions in blk) */
     kvs_err err;
 } kvs_put_state;
 
@@ -136,6 +139,8 @@ typedef struct kvs_get_state {
     uint64_t offset, layer_bytes, chunk;
     int rc; /* result of the decode job */
     kvs_err err;
+    uint8_t *fetched; /* ENCODED Get of a GPU block: the block fetched to the host */
+    size_t fetched_len;
 } kvs_get_state;
 
 struct kvs_call {

@@ -121,7 +121,15 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     host.blocks = st.host_blocks;
     host.hits = st.host_hits;
     host.evictions = st.host_evictions;
-    Kvstash__V1__TierStats *tiers[] = {&host};
+    /* The GPU tier's "evictions" are its demotions to the host tier. */
+    Kvstash__V1__TierStats gpu = KVSTASH__V1__TIER_STATS__INIT;
+    gpu.tier = KVSTASH__V1__TIER__TIER_GPU;
+    gpu.capacity_bytes = st.gpu_capacity;
+    gpu.used_bytes = st.gpu_used;
+    gpu.blocks = st.gpu_blocks;
+    gpu.hits = st.gpu_hits;
+    gpu.evictions = st.gpu_demotions;
+    Kvstash__V1__TierStats *tiers[] = {&host, &gpu};
 
     Kvstash__V1__RpcStats rpcs[KVS_RPC_COUNT];
     Kvstash__V1__RpcStats *rpc_ptrs[KVS_RPC_COUNT];
@@ -134,7 +142,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     }
 
     Kvstash__V1__StatsReply reply = KVSTASH__V1__STATS_REPLY__INIT;
-    reply.n_tiers = 1;
+    reply.n_tiers = kvs_store_has_gpu(srv->store) ? 2 : 1;
     reply.tiers = tiers;
     reply.n_namespaces = p.n;
     reply.namespaces = p.ptrs;

@@ -6,8 +6,10 @@
  *                                                                                  └───┘
  *   all layers sent ──> reply(status OK)        send !ok (client gone) ──> abandon
  *
- * The block stays referenced (so neither eviction nor delete frees it) until the call is
- * freed. Each data chunk carries bytes of exactly one layer, so a worker can start on
+ * A GPU tier block is decoded by the engine straight from its slot (RAW), or fetched to
+ * the host as an encoded block (ENCODED); a GPU tier block needs the engine (it is the only
+ * way to its bytes). The block stays referenced (so neither eviction, demotion nor delete
+ * frees it or its slot) until the call is freed. Each data chunk carries bytes of exactly one layer, so a worker can start on
  * layer l as soon as its bytes are in; a layer larger than the chunk size is split, with
  * `offset` locating the piece. Runs on CQ threads, one step at a time per call.
  */
@@ -33,6 +35,8 @@ void kvs_get_cleanup(kvs_call *c)
     kvs_get_state *g = &c->u.get;
     free(g->raw);
     g->raw = NULL;
+    free(g->fetched);
+    g->fetched = NULL;
     if (g->blk)
         kvs_store_block_release(c->srv->store, g->blk);
     if (g->ns)
@@ -70,10 +74,19 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
     uint64_t limit = c->srv->cfg->max_message > 4096 ? c->srv->cfg->max_message - 1024 : 3072;
     g->chunk = limit < GET_CHUNK_MAX ? limit : GET_CHUNK_MAX;
     if (g->encoded) {
-        /* The encoded block is one "layer" for streaming purposes: chunks of layer 0. */
+        /* The encoded block is one "layer" for streaming purposes: chunks of layer 0. A
+         * GPU block is fetched first (kvs_get_start), into g->fetched. */
+        g->layer_end = g->layer_begin + 1;
+        if (kvs_block_tier(g->blk) == KVS_STORE_TIER_GPU) {
+            size_t cap = kvs_block_encoded_max(kvs_ns_codec(g->ns, KVS_KEYS),
+                                               kvs_ns_codec(g->ns, KVS_VALUES), t);
+            if (!(g->fetched = kvs_trymalloc(cap)))
+                return kvs_err_set(err, KVS_ENOMEM, "fetch: cannot allocate %zu bytes", cap);
+            g->bytes = g->fetched;
+            return 0;
+        }
         g->bytes = kvs_block_data(g->blk);
         g->layer_bytes = kvs_block_size(g->blk);
-        g->layer_end = g->layer_begin + 1;
         return 0;
     }
     /* Decode only the layers asked for (sections are independent); the decode itself
@@ -144,6 +157,42 @@ static void engine_done(void *arg, int rc, const kvs_err *err)
     send_header(c);
 }
 
+/* Engine thread: a GPU block's bytes reached the host (ENCODED Get). */
+static void fetch_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    g->layer_bytes = g->fetched_len;
+    engine_done(arg, rc, err);
+}
+
+/* A GPU tier block: decode from its slot, or fetch it, with the codecs of the state
+ * versions it was encoded with. */
+static void start_gpu(kvs_call *c)
+{
+    kvs_get_state *g = &c->u.get;
+    kvs_engine *eng = c->srv->engine;
+    const kvs_block_dev *d = kvs_block_device(g->blk);
+    const kvs_codec *kc = kvs_ns_codec_version(g->ns, KVS_KEYS, d->k_state);
+    const kvs_codec *vc = kvs_ns_codec_version(g->ns, KVS_VALUES, d->v_state);
+    uint32_t t = kvs_block_tokens(g->blk);
+    kvs_err err;
+    int rc;
+    if (!eng || !kc || !vc) {
+        kvs_call_fail(c, KVS_EINTERNAL, "GPU tier block without its engine or codec state");
+        return;
+    }
+    if (g->encoded)
+        rc = kvs_engine_fetch_dev(eng, kc, vc, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched,
+                                  kvs_block_encoded_max(kc, vc, t), &g->fetched_len, fetch_done,
+                                  c, &err);
+    else
+        rc = kvs_engine_decode_dev(eng, kc, vc, t, d->slot, d->lens, g->layer_begin, g->layer_end,
+                                   (uint16_t *)g->raw, engine_done, c, &err);
+    if (rc)
+        kvs_call_fail(c, rc == KVS_EDATALOSS ? rc : KVS_EINTERNAL, err.msg);
+}
+
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
 {
     kvs_err err;
@@ -160,6 +209,10 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
         return;
     }
     kvs_get_state *g = &c->u.get;
+    if (kvs_block_tier(g->blk) == KVS_STORE_TIER_GPU) {
+        start_gpu(c);
+        return;
+    }
     if (g->encoded) {
         send_header(c); /* the stored bytes go out as they are */
         return;

@@ -4,9 +4,15 @@
  *            │         └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED)
  *            │                                                                     │
  *            └─ recv !ok (cancelled, oversize message): abandon                     │
- *   end of stream (recv ok, no message) ──complete?──> ENCODE (libuv pool: encode_job)
- *                                        │            ──> commit ──> reply(PutReply)   <┘
+ *   end of stream (recv ok, no message) ──complete?──> ENCODE ──> commit ──> reply(PutReply)
  *                                        └─ short ──> fail(INVALID_ARGUMENT "truncated")
+ *
+ * Where the block goes (decided at the header, when its room is reserved): with a GPU
+ * engine that has kernels for the namespace's codecs, a free GPU tier slot, and no
+ * RotateKV calibration in progress (it needs the raw keys on the host), the engine
+ * encodes straight into the slot; otherwise the block is reserved in the host tier and
+ * encoded by the engine (into host memory) or by the CPU codecs on the libuv pool. A Put
+ * that finds the GPU tier full kicks demotion (storage/tiering.h) and goes to the host.
  *
  * Every size is checked against the namespace before the block buffer is reserved
  * (its size comes from the namespace and the token count, never from the client), and
@@ -25,8 +31,10 @@
 #include "gpu/base/mem.h"
 #include "gpu/codec.h"
 #include "gpu/engine.h"
+#include "gpu/format.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/learn.h"
+#include "storage/tiering.h"
 
 void kvs_put_start(kvs_call *c)
 {
@@ -72,11 +80,30 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
                            (unsigned long long)p->expected);
     memcpy(p->key, h->key.data, h->key.len);
     p->key_len = h->key.len;
-    /* Reserve the encoded size in the tier first (it bounds what we keep), then the
-     * transient receive buffer, sized from the namespace (checked above). */
-    uint64_t enc_max = kvs_block_encoded_max(kvs_ns_codec(p->ns, KVS_KEYS),
-                                             kvs_ns_codec(p->ns, KVS_VALUES), h->tokens);
-    if ((rc = kvs_store_block_alloc(c->srv->store, p->ns, h->tokens, enc_max, &p->blk, err)))
+    /* Reserve room in a tier first (it bounds what we keep), then the transient receive
+     * buffer, sized from the namespace (checked above). */
+    kvs_store *st = c->srv->store;
+    kvs_engine *eng = c->srv->engine;
+    kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
+    kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
+    if (eng && kvs_store_has_gpu(st) && !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) &&
+        kvs_engine_accepts(eng, kc, vc)) {
+        /* One slot size per namespace: a full block's (a partial block fits in it). */
+        uint64_t slot = kvs_engine_slot_bytes(kc, vc, spec->block_tokens);
+        kvs_err e2;
+        if (kvs_store_block_alloc_gpu(st, p->ns, h->tokens, slot, &p->blk, &e2) == 0) {
+            kvs_block_dev *d = kvs_block_device(p->blk);
+            p->gpu = true;
+            p->kc = kc;
+            p->vc = vc;
+            d->k_state = kvs_codec_state_version(kc);
+            d->v_state = kvs_codec_state_version(vc);
+        } else {
+            kvs_tiering_kick(c->srv->tiering);
+        }
+    }
+    uint64_t enc_max = kvs_block_encoded_max(kc, vc, h->tokens);
+    if (!p->gpu && (rc = kvs_store_block_alloc(st, p->ns, h->tokens, enc_max, &p->blk, err)))
         return rc;
     if (!(p->raw = kvs_trymalloc(p->expected)))
         return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
@@ -143,6 +170,13 @@ static void encode_done(void *arg)
         kvs_call_fail(c, p->rc == KVS_ENOSPC ? KVS_EINTERNAL : p->rc, p->err.msg);
         return;
     }
+    if (p->gpu) { /* its size as an encoded block, as if it were framed on the host */
+        const kvs_block_dev *d = kvs_block_device(p->blk);
+        uint32_t L = kvs_ns_spec_of(p->ns)->layers;
+        p->enc_len = kvs_format_prefix_bytes(L);
+        for (uint32_t i = 0; i < 2 * L; i++)
+            p->enc_len += d->lens[i];
+    }
     kvs_block_set_size(p->blk, p->enc_len, p->expected);
     kvs_store_put_info info;
     kvs_block *blk = p->blk;
@@ -158,6 +192,8 @@ static void encode_done(void *arg)
     reply.raw_bytes = p->received;
     reply.replaced = info.replaced;
     kvs_call_reply(c, &reply.base);
+    if (info.tier == KVS_STORE_TIER_GPU)
+        kvs_tiering_kick(c->srv->tiering); /* returns at once below the high watermark */
 }
 
 /* Engine thread: the GPU encode finished (or failed: its error names the cause). */
@@ -193,9 +229,17 @@ static void on_end(kvs_call *c)
     /* The GPU engine encodes when it has kernels for both codecs; otherwise the CPU codecs
      * run on the libuv pool. Either way encode_done commits and replies. */
     kvs_engine *eng = c->srv->engine;
+    if (p->gpu) {
+        kvs_block_dev *d = kvs_block_device(p->blk);
+        if (kvs_engine_encode_dev(eng, p->kc, p->vc, kvs_block_tokens(p->blk),
+                                  (const uint16_t *)p->raw, d->slot, d->lens, engine_done, c,
+                                  &err) != 0)
+            kvs_call_fail(c, KVS_EINTERNAL, err.msg);
+        return;
+    }
     kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
     kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
-    if (eng && !kvs_ns_learner(p->ns) && kvs_engine_accepts(eng, kc, vc) &&
+    if (eng && !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) && kvs_engine_accepts(eng, kc, vc) &&
         kvs_engine_encode(eng, kc, vc, kvs_ns_id(p->ns), kvs_block_tokens(p->blk),
                           (const uint16_t *)p->raw, kvs_block_data(p->blk), kvs_block_size(p->blk),
                           &p->enc_len, engine_done, c, &p->err) == 0)

@@ -26,6 +26,9 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->stats_interval_s = 60;
     cfg->max_keys = 4096;
     cfg->calib_tokens = 4096;
+    cfg->gpu_capacity_pct = 25;
+    cfg->gpu_high_pct = 90;
+    cfg->gpu_low_pct = 80;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -93,6 +96,10 @@ static void usage(FILE *f)
             "  --gpu auto|on|off      GPU codec engine: auto uses one when present (default),\n"
             "                         on refuses to start without one; --no-gpu = --gpu off\n"
             "  --gpu-device N         CUDA device of the engine (default 0)\n"
+            "  --gpu-capacity SIZE|N%% GPU tier: bytes of device memory, or a share of the free\n"
+            "                         memory at start; 0 = no GPU tier (default 25%%)\n"
+            "  --gpu-watermarks H,L   demote GPU blocks to the host tier above H%% of the GPU\n"
+            "                         tier, down to L%% (default 90,80)\n"
             "  --log-level LEVEL      error, warn, info or debug (default info)\n"
             "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
             "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
@@ -111,7 +118,8 @@ static void usage(FILE *f)
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
-           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE, O_VERSION };
+           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
+           O_GPU_CAP, O_GPU_WM, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -129,6 +137,8 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"gpu", required_argument, NULL, O_GPU},
         {"no-gpu", no_argument, NULL, O_NO_GPU},
         {"gpu-device", required_argument, NULL, O_GPU_DEVICE},
+        {"gpu-capacity", required_argument, NULL, O_GPU_CAP},
+        {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -206,6 +216,37 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             if (!parse_uint(optarg, 0, 255, &dev))
                 return kvs_err_set(err, KVS_EINVAL, "--gpu-device: '%s' is not in 0..255", optarg);
             cfg->gpu_device = (int)dev;
+            break;
+        }
+        case O_GPU_CAP: {
+            size_t n = strlen(optarg);
+            if (n > 1 && optarg[n - 1] == '%') {
+                char pct[8];
+                unsigned v;
+                if (n > sizeof pct || (memcpy(pct, optarg, n - 1), pct[n - 1] = 0,
+                                       !parse_uint(pct, 1, 95, &v)))
+                    return kvs_err_set(err, KVS_EINVAL, "--gpu-capacity: '%s' is not a share in "
+                                       "1%%..95%%", optarg);
+                cfg->gpu_capacity = 0;
+                cfg->gpu_capacity_pct = v;
+            } else if (kvs_parse_size(optarg, &size)) {
+                cfg->gpu_capacity = size;
+                cfg->gpu_capacity_pct = 0; /* 0 bytes and no share: no GPU tier */
+            } else {
+                return kvs_err_set(err, KVS_EINVAL, "--gpu-capacity: '%s' is neither a size "
+                                   "(e.g. 8G) nor a share (e.g. 25%%)", optarg);
+            }
+            break;
+        }
+        case O_GPU_WM: {
+            unsigned hi, lo;
+            char tail;
+            if (sscanf(optarg, "%u,%u%c", &hi, &lo, &tail) != 2 || hi > 100 || hi == 0 ||
+                lo >= hi)
+                return kvs_err_set(err, KVS_EINVAL, "--gpu-watermarks: '%s' is not HIGH,LOW "
+                                   "with 0 <= LOW < HIGH <= 100", optarg);
+            cfg->gpu_high_pct = hi;
+            cfg->gpu_low_pct = lo;
             break;
         }
         case O_CODEC_THREADS:

@@ -20,6 +20,9 @@ typedef struct kvs_config {
     unsigned codec_threads;  /* libuv pool threads for CPU codec work */
     int gpu;                 /* KVS_GPU_AUTO, KVS_GPU_ON (fail without one), KVS_GPU_OFF */
     int gpu_device;          /* CUDA device of the codec engine */
+    uint64_t gpu_capacity;   /* bytes of the GPU tier; 0 = gpu_capacity_pct of free memory */
+    unsigned gpu_capacity_pct; /* share of free device memory when gpu_capacity is 0 */
+    unsigned gpu_high_pct, gpu_low_pct; /* GPU tier demotion watermarks */
     kvs_log_level log_level;
     char token[256];         /* data-path bearer token ("" = open) */
     char admin_token[256];   /* KvAdmin bearer token ("" = same rules as token) */

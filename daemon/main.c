@@ -37,6 +37,9 @@ typedef struct daemon_state {
     kvs_store *store;
     kvs_work *work;
     kvs_engine *engine;
+    kvs_tiering *tiering;
+    void *gpu_tier;     /* device region of the GPU tier (owned by the engine) */
+    uint64_t gpu_bytes; /* its size, 0 without a GPU tier */
     kvs_server *server;
     uv_loop_t loop;
     uv_signal_t sigterm, sigint;
@@ -89,8 +92,12 @@ static void on_stats(uv_timer_t *t)
     kvs_store_stats st;
     kvs_store_get_stats(d->store, &st);
     kvs_log(KVS_LOG_INFO,
-            "stats: host %llu/%llu bytes in %llu blocks, hits %llu, misses %llu, evictions %llu, "
+            "stats: gpu %llu/%llu bytes in %llu blocks, hits %llu, demotions %llu; "
+            "host %llu/%llu bytes in %llu blocks, hits %llu, misses %llu, evictions %llu, "
             "checksum failures %llu, in flight %u",
+            (unsigned long long)st.gpu_used, (unsigned long long)st.gpu_capacity,
+            (unsigned long long)st.gpu_blocks, (unsigned long long)st.gpu_hits,
+            (unsigned long long)st.gpu_demotions,
             (unsigned long long)st.host_used, (unsigned long long)st.host_capacity,
             (unsigned long long)st.host_blocks, (unsigned long long)st.host_hits,
             (unsigned long long)st.misses, (unsigned long long)st.host_evictions,
@@ -153,6 +160,37 @@ static int start_engine(daemon_state *d, kvs_err *err)
     return 0;
 }
 
+/* The GPU tier's device region (in bytes, or a share of the free memory now), then the
+ * store over it, then the demotion driver. Without an engine or with --gpu-capacity 0
+ * the store has the host tier only. */
+static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
+{
+    uint64_t bytes = d->cfg.gpu_capacity;
+    int rc;
+    if (d->engine && !bytes && d->cfg.gpu_capacity_pct) {
+        uint64_t free_b, total_b;
+        if ((rc = kvs_engine_mem_info(d->engine, &free_b, &total_b, err)))
+            return rc;
+        bytes = free_b / 100 * d->cfg.gpu_capacity_pct;
+    }
+    if (d->engine && bytes) {
+        if ((rc = kvs_engine_tier_alloc(d->engine, bytes, &d->gpu_tier, err)))
+            return kvs_err_set(err, rc, "--gpu-capacity: %s", err->msg);
+        d->gpu_bytes = bytes;
+        sopts->gpu_base = (uintptr_t)d->gpu_tier;
+        sopts->gpu_capacity = bytes;
+    }
+    if ((rc = kvs_store_create(sopts, &d->store, err)))
+        return rc;
+    if (d->gpu_bytes) {
+        d->tiering = kvs_tiering_create(d->store, d->engine);
+        kvs_log(KVS_LOG_INFO, "GPU tier: %llu bytes on %s; demotion to the host tier above "
+                "%u%%, down to %u%%", (unsigned long long)bytes,
+                kvs_engine_device_name(d->engine), d->cfg.gpu_high_pct, d->cfg.gpu_low_pct);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static daemon_state d; /* the daemon's one global: large, zeroed, lives until exit */
@@ -178,17 +216,23 @@ int main(int argc, char **argv)
     snprintf(pool, sizeof pool, "%u", d.cfg.codec_threads);
     setenv("UV_THREADPOOL_SIZE", pool, 1);
     grpc_init();
+    int port = 0;
+    /* The store is created once the GPU tier's region exists; tiering needs the store. */
     kvs_store_opts sopts = {.host_capacity = d.cfg.host_capacity,
                             .calib_tokens = d.cfg.calib_tokens,
+                            .gpu_high_pct = d.cfg.gpu_high_pct,
+                            .gpu_low_pct = d.cfg.gpu_low_pct,
                             .log = kvs_log_sink};
-    int port = 0;
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
-        (rc = start_engine(&d, &err)) || (rc = kvs_store_create(&sopts, &d.store, &err)) ||
-        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, &d.server, &port, &err))) {
+        (rc = start_engine(&d, &err)) ||
+        (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
+        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, d.tiering, &d.server, &port,
+                                &err))) {
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
         close_all(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
+        kvs_tiering_destroy(d.tiering);
         kvs_engine_destroy(d.engine);
         kvs_work_destroy(d.work);
         kvs_store_destroy(d.store);
@@ -213,6 +257,7 @@ int main(int argc, char **argv)
     uv_run(&d.loop, UV_RUN_DEFAULT);
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
+    kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
     kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
     kvs_work_destroy(d.work);     /* no CQ thread is left to submit */
     kvs_store_destroy(d.store);

@@ -59,13 +59,15 @@ static void *cq_thread(void *arg)
 }
 
 int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
-                      kvs_engine *engine, kvs_server **out, int *bound_port, kvs_err *err)
+                      kvs_engine *engine, kvs_tiering *tiering, kvs_server **out,
+                      int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->cfg = cfg;
     srv->store = store;
     srv->work = work;
     srv->engine = engine;
+    srv->tiering = tiering;
     srv->start_ms = kvs_now_ms();
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);

@@ -82,6 +82,16 @@ static int publish_locked(kvs_learn *ln, kvs_ns *ns, void *state, size_t len, kv
     return rc;
 }
 
+bool kvs_learn_wants_keys(kvs_learn *ln)
+{
+    if (!ln || ln->key_codec != KVS_CODEC_ROTATEKV)
+        return false;
+    pthread_mutex_lock(&ln->mu);
+    bool wants = !ln->frozen;
+    pthread_mutex_unlock(&ln->mu);
+    return wants;
+}
+
 int kvs_learn_keys(kvs_learn *ln, kvs_ns *ns, uint32_t t, const uint16_t *raw, kvs_err *err)
 {
     if (!ln || ln->key_codec != KVS_CODEC_ROTATEKV)

@@ -18,6 +18,7 @@
 #ifndef KVS_STORAGE_LEARN_H
 #define KVS_STORAGE_LEARN_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "gpu/base/err.h"
@@ -35,6 +36,9 @@ void kvs_learn_destroy(kvs_learn *ln);
  * calibration; when N_cal tokens have been seen, freezes the permutation and publishes
  * it on ns. A no-op for other codecs and once frozen. */
 int kvs_learn_keys(kvs_learn *ln, kvs_ns *ns, uint32_t t, const uint16_t *raw, kvs_err *err);
+/* True while kvs_learn_keys still wants the raw keys of Puts (RotateKV calibrating); a Put
+ * may then skip it (the GPU path does not hand raw keys over). NULL: false. */
+bool kvs_learn_wants_keys(kvs_learn *ln);
 
 /* Adds post-RoPE query rows q ([L][n][q_heads][D], namespace dtype) to the SQuat query
  * state and publishes a new key codec built from it; *version (may be NULL) gets the new

@@ -87,7 +87,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         }
         uint64_t cap = kvs_slots_capacity(st->gpu);
         unsigned hi = opts->gpu_high_pct ? opts->gpu_high_pct : 90;
-        unsigned lo = opts->gpu_low_pct ? opts->gpu_low_pct : 80;
+        unsigned lo = opts->gpu_high_pct ? opts->gpu_low_pct : 80;
         st->gpu_high = cap / 100 * (hi > 100 ? 100 : hi);
         st->gpu_low = cap / 100 * (lo > hi ? hi : lo);
         st->stats.gpu_capacity = cap;
@@ -418,6 +418,7 @@ void *kvs_block_data(kvs_block *blk) { return blk->data; }
 uint64_t kvs_block_size(const kvs_block *blk) { return blk->size; }
 uint32_t kvs_block_tokens(const kvs_block *blk) { return blk->tokens; }
 kvs_store_tier kvs_block_tier(const kvs_block *blk) { return blk->tier; }
+kvs_ns *kvs_block_ns(const kvs_block *blk) { return blk->ns; }
 
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
 {

@@ -115,6 +115,7 @@ void *kvs_block_data(kvs_block *blk);
 uint64_t kvs_block_size(const kvs_block *blk);
 uint32_t kvs_block_tokens(const kvs_block *blk);
 kvs_store_tier kvs_block_tier(const kvs_block *blk);
+kvs_ns *kvs_block_ns(const kvs_block *blk); /* borrowed: the block holds a reference */
 
 /* The GPU side of a GPU-tier block (gpu/engine.h slot layout). */
 typedef struct kvs_block_dev {

@@ -25,23 +25,6 @@
 #include "tests/support/kvs_test.h"
 
 #ifndef KVS_HAVE_CUDA
-static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_kind kind)
-{
-    run_case_state(name, kv, s, dt, kind, NULL);
-}
-
-/* ---------------------------------------------------------------- learned state */
-
-/* RotateKV keys with a calibrated channel permutation (state version 1). */
-static void state_cases_rotatekv(void)
-{
-}
-
-/* SQuat keys with a query subspace (state version 1). */
-static void state_cases_squat(void)
-{
-}
-
 int main(void)
 {
     printf("test_codecs_gpu: this build has no CUDA: skipped\n");

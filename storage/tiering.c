@@ -1,0 +1,130 @@
+/* Demotion rounds: see tiering.h. A round picks up to ROUND blocks (kvs_store_gpu_pick),
+ * reserves a host block for each (which may evict host blocks, the host tier's usual
+ * policy), and queues one engine fetch per block; the last completion of the round ends
+ * it and kicks again. `busy` is the round's token: whoever sets it runs the round. */
+#include "storage/tiering.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "gpu/base/mem.h"
+
+#define ROUND 64
+
+struct kvs_tiering {
+    kvs_store *st;
+    kvs_engine *eng;
+    atomic_bool busy;     /* a round is running */
+    atomic_bool stopping; /* no new rounds */
+    atomic_uint pending;  /* fetches of the running round not yet completed */
+};
+
+typedef struct move {
+    kvs_tiering *t;
+    kvs_block *old, *nb;
+    uint64_t raw_bytes;
+    size_t len;
+} move;
+
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng)
+{
+    kvs_tiering *t = kvs_xcalloc(1, sizeof *t);
+    t->st = st;
+    t->eng = eng;
+    return t;
+}
+
+static void end_round(kvs_tiering *t)
+{
+    atomic_store(&t->busy, false);
+    if (!atomic_load(&t->stopping))
+        kvs_tiering_kick(t);
+}
+
+/* Engine thread: one block's bytes are on the host (or the fetch failed). */
+static void on_fetched(void *arg, int rc, const kvs_err *err)
+{
+    move *m = arg;
+    kvs_tiering *t = m->t;
+    if (rc == 0) {
+        kvs_block_set_size(m->nb, m->len, m->raw_bytes);
+        kvs_store_demote_commit(t->st, m->old, m->nb);
+    } else {
+        kvs_store_block_abort(t->st, m->nb);
+        kvs_store_demote_cancel(t->st, m->old);
+    }
+    free(m);
+    if (atomic_fetch_sub(&t->pending, 1) == 1)
+        end_round(t);
+}
+
+/* Queues the demotion of one picked block; false if it could not start (cancelled). */
+static bool start_move(kvs_tiering *t, kvs_block *old)
+{
+    kvs_ns *ns = kvs_block_ns(old);
+    const kvs_block_dev *d = kvs_block_device(old);
+    const kvs_codec *k = kvs_ns_codec_version(ns, KVS_KEYS, d->k_state);
+    const kvs_codec *v = kvs_ns_codec_version(ns, KVS_VALUES, d->v_state);
+    uint32_t tokens = kvs_block_tokens(old);
+    uint64_t raw_bytes = 0;
+    kvs_err err;
+    if (!k || !v || kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &raw_bytes, &err)) {
+        kvs_store_demote_cancel(t->st, old);
+        return false;
+    }
+    move *m = kvs_xcalloc(1, sizeof *m);
+    *m = (move){.t = t, .old = old, .raw_bytes = raw_bytes};
+    uint64_t cap = kvs_block_encoded_max(k, v, tokens);
+    if (kvs_store_block_alloc(t->st, ns, tokens, cap, &m->nb, &err)) {
+        free(m); /* the host tier is full of busy blocks: try again next round */
+        kvs_store_demote_cancel(t->st, old);
+        return false;
+    }
+    atomic_fetch_add(&t->pending, 1);
+    if (kvs_engine_fetch_dev(t->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
+                             kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err)) {
+        atomic_fetch_sub(&t->pending, 1);
+        kvs_store_block_abort(t->st, m->nb);
+        kvs_store_demote_cancel(t->st, old);
+        free(m);
+        return false;
+    }
+    return true;
+}
+
+void kvs_tiering_kick(kvs_tiering *t)
+{
+    if (!t || atomic_load(&t->stopping) || !kvs_store_gpu_over_high(t->st))
+        return;
+    if (atomic_exchange(&t->busy, true))
+        return; /* a round is running; its end kicks again */
+    kvs_block *picked[ROUND];
+    size_t n = kvs_store_gpu_pick(t->st, picked, ROUND);
+    /* The round's own token keeps `pending` above zero until every move is queued, so a
+     * fast completion cannot end the round early. */
+    atomic_store(&t->pending, 1);
+    size_t started = 0;
+    for (size_t i = 0; i < n; i++)
+        started += start_move(t, picked[i]);
+    if (atomic_fetch_sub(&t->pending, 1) == 1) {
+        /* Nothing in flight: either nothing was picked or every move was refused. Do not
+         * kick again from here (it would spin); the next Put or timer will. */
+        atomic_store(&t->busy, false);
+        if (started)
+            kvs_tiering_kick(t);
+    }
+}
+
+void kvs_tiering_destroy(kvs_tiering *t)
+{
+    if (!t)
+        return;
+    atomic_store(&t->stopping, true);
+    while (atomic_load(&t->busy)) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    free(t);
+}

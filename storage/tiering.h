@@ -1,0 +1,31 @@
+/* Background demotion between tiers (DESIGN §7): while the GPU tier is above its high
+ * watermark, its least recently used idle blocks move to the host tier, down to the low
+ * watermark. The bytes travel through the GPU engine (kvs_engine_fetch_dev: D2H of the
+ * slot, framing and checksum on the host); the store swaps the host copy in
+ * (kvs_store_demote_commit). Demotion never blocks a Put or Get: a Put that finds the GPU
+ * tier full lands in the host tier, and readers of a block being demoted keep using its
+ * slot until they let go.
+ *
+ * Threading: kvs_tiering_kick may be called from any thread (it returns at once when a
+ * round is already running); completions run on the engine thread and start the next
+ * round while the tier is still above the high watermark. One round at a time.
+ */
+#ifndef KVS_STORAGE_TIERING_H
+#define KVS_STORAGE_TIERING_H
+
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/engine.h"
+#include "storage/store.h"
+
+typedef struct kvs_tiering kvs_tiering;
+
+/* store and engine are borrowed and must outlive the tiering object. */
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng);
+/* Starts a demotion round if the GPU tier is above its high watermark and none runs. */
+void kvs_tiering_kick(kvs_tiering *t);
+/* Waits for the round in flight (the engine must still run), then frees. NULL is fine. */
+void kvs_tiering_destroy(kvs_tiering *t);
+
+#endif
