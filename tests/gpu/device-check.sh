@@ -2,35 +2,55 @@
 # GPU checks on the device machine (an H100/H200 without our Debian libraries).
 # Here (the build machine):
 #   cmake -S . -B build-gpu -DKVS_CUDA=ON -DKVS_WERROR=ON && cmake --build build-gpu -j2
-#   mkdir -p .gpurun && cp build-gpu/tests/gpu/test_* build-gpu/bin/kvs-bench-gpu \
-#       build-gpu/bin/kvstashd build-gpu/bin/kvctl .gpurun/
-#   ../shared/tools/bundle-libs .devlibs .gpurun/*
-# then run this script there with .gpurun and .devlibs carried. It runs the kernel and
-# engine tests, the same tests under compute-sanitizer memcheck, and the benchmark, and
-# leaves the logs in $OUT (or ./gpu-out).
+#   tests/gpu/stage.sh build-gpu          # -> .gpurun/bundle.tar.xz
+# then run this script there with .gpurun carried. Steps (each can be turned off):
+#   TESTS=1     kernel and engine tests (GPU vs CPU references, GPU tier in the engine)
+#   MEMCHECK=1  the same under compute-sanitizer memcheck
+#   INTEG=1     the daemon's integration tests through the GPU engine (whole suite, GPU
+#               tier off so the host-tier tests see what they expect), then the GPU tier
+#               tests and the round-trip/codec/encoded suites with the GPU tier on
+#   BENCH=1     kvs-bench-gpu (kernel throughput vs copy bandwidth, one-block latency)
+#   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
+# Logs go to $OUT (or ./gpu-out).
 set -u
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=$PWD/.devlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 R=.gpurun
+[ -f $R/bundle.tar.xz ] && tar -C $R -xJf $R/bundle.tar.xz
+export LD_LIBRARY_PATH=$PWD/$R/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
-for t in test_codecs_gpu test_engine_gpu; do
-    $R/$t > "$OUT/$t.log" 2>&1
-    rc=$?
-    echo "== $t: exit $rc"; tail -n 12 "$OUT/$t.log"
-    [ $rc -eq 0 ] || status=1
-done
-if [ "${MEMCHECK:-1}" = 1 ]; then
+note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
+if [ "${TESTS:-1}" = 1 ]; then
     for t in test_codecs_gpu test_engine_gpu; do
-        compute-sanitizer --tool memcheck --error-exitcode 9 $R/$t > "$OUT/memcheck-$t.log" 2>&1
+        $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
-        echo "== memcheck $t: exit $rc"; grep -E "ERROR SUMMARY|Invalid|failures" "$OUT/memcheck-$t.log" | tail -n 3
-        [ $rc -eq 0 ] || status=1
+        note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"
     done
 fi
+if [ "${MEMCHECK:-1}" = 1 ]; then
+    for t in test_codecs_gpu test_engine_gpu; do
+        compute-sanitizer --tool memcheck --error-exitcode 9 $R/bin/$t > "$OUT/memcheck-$t.log" 2>&1
+        rc=$?
+        note "memcheck $t" $rc; grep -E "ERROR SUMMARY|Invalid|failures" "$OUT/memcheck-$t.log" | tail -n 3
+    done
+fi
+if [ "${INTEG:-1}" = 1 ]; then
+    export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
+    export PYTHONUNBUFFERED=1
+    (cd tests/integration && KVSTASHD_EXTRA="--gpu on --gpu-capacity 0" \
+        python3 -m pytest -q -x -p no:cacheprovider . > "$OUT/integ-engine.log" 2>&1)
+    note "integration, GPU engine, host tier" $?; tail -n 5 "$OUT/integ-engine.log"
+    (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
+        test_gpu_tier.py test_roundtrip.py test_codecs.py test_encoded.py > "$OUT/integ-tier.log" 2>&1)
+    note "integration, GPU engine + GPU tier" $?; tail -n 5 "$OUT/integ-tier.log"
+fi
 if [ "${BENCH:-1}" = 1 ]; then
-    $R/kvs-bench-gpu > "$OUT/bench_gpu.md" 2>&1
+    $R/bin/kvs-bench-gpu > "$OUT/bench_gpu.md" 2>&1
     echo "== kvs-bench-gpu: exit $?"; cat "$OUT/bench_gpu.md"
+fi
+if [ "${E2E:-1}" = 1 ]; then
+    tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
+    echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
 fi
 exit $status

@@ -4,7 +4,9 @@
  * threads so that batches form; every encoded block must equal kvs_block_encode's bytes
  * (tie-tolerant codecs: decoded values within 1 ulp instead), decode of every block and
  * of a layer range must equal kvs_block_decode; a block with a NaN fails alone, naming
- * the element, while the rest of its batch succeeds. Exits 77 without a GPU.
+ * the element, while the rest of its batch succeeds. GPU tier: the same blocks encoded
+ * into device slots, fetched back (framed and sealed: the same bytes as the CPU's),
+ * decoded from the slots whole and by layer range. Exits 77 without a GPU.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -22,9 +24,13 @@
 enum { L = 6, H = 4, D = 128, T = 16, BLOCKS = 300, THREADS = 4 };
 
 static int failures;
+static uint8_t *tier;       /* device region for the GPU tier checks */
+static size_t tier_bytes;
 
 typedef struct req {
     uint32_t t;
+    uint8_t *slot;  /* device */
+    uint32_t lens[2 * L];
     uint16_t *raw;
     uint8_t *gpu, *cpu;
     size_t gpu_len, cpu_len;
@@ -55,7 +61,7 @@ typedef struct ctx {
     kvs_codec *k, *v;
     req *r;
     int from, step;
-    int decode;
+    int decode; /* 0 encode, 1 decode, 2 encode into slot, 3 decode from slot, 4 fetch */
 } ctx;
 
 static void *submitter(void *p)
@@ -64,12 +70,30 @@ static void *submitter(void *p)
     for (int i = c->from; i < BLOCKS; i += c->step) {
         req *r = &c->r[i];
         kvs_err err;
-        int rc = c->decode
-                     ? kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu,
-                                         on_done, r, &err)
-                     : kvs_engine_encode(c->e, c->k, c->v, 7, r->t, r->raw, r->gpu,
-                                         kvs_block_encoded_max(c->k, c->v, r->t), &r->gpu_len,
-                                         on_done, r, &err);
+        size_t cap = kvs_block_encoded_max(c->k, c->v, r->t);
+        int rc;
+        switch (c->decode) {
+        case 0:
+            rc = kvs_engine_encode(c->e, c->k, c->v, 7, r->t, r->raw, r->gpu, cap, &r->gpu_len,
+                                   on_done, r, &err);
+            break;
+        case 1:
+            rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu,
+                                   on_done, r, &err);
+            break;
+        case 2:
+            rc = kvs_engine_encode_dev(c->e, c->k, c->v, r->t, r->raw, r->slot, r->lens, on_done,
+                                       r, &err);
+            break;
+        case 3:
+            rc = kvs_engine_decode_dev(c->e, c->k, c->v, r->t, r->slot, r->lens, 0, L, r->dec_gpu,
+                                       on_done, r, &err);
+            break;
+        default:
+            rc = kvs_engine_fetch_dev(c->e, c->k, c->v, 7, r->t, r->slot, r->lens, r->gpu, cap,
+                                      &r->gpu_len, on_done, r, &err);
+            break;
+        }
         if (rc) {
             r->rc = rc;
             r->err = err;
@@ -99,6 +123,106 @@ static int ulps(uint16_t a, uint16_t b)
     int ia = a & 0x8000 ? -(int)(a & 0x7FFF) : (int)a;
     int ib = b & 0x8000 ? -(int)(b & 0x7FFF) : (int)b;
     return abs(ia - ib);
+}
+
+/* The decoded layers [lb, le) of request i equal the CPU decode of its CPU bytes. */
+static int check_decoded(const char *name, const char *what, kvs_codec *k, kvs_codec *v, req *r,
+                         int i, uint32_t lb, uint32_t le)
+{
+    kvs_err err;
+    size_t per_layer = (size_t)2 * r[i].t * H * D;
+    if (kvs_block_decode(k, v, r[i].cpu, r[i].cpu_len, 0, L, r[i].dec_cpu, &err) != 0) {
+        printf("FAIL %s: CPU decode of block %d: %s\n", name, i, err.msg);
+        return 1;
+    }
+    for (size_t j = 0; j < (le - lb) * per_layer; j++)
+        if (ulps(r[i].dec_gpu[j], r[i].dec_cpu[lb * per_layer + j]) > 1) {
+            printf("FAIL %s: %s: block %d element %zu: GPU %04x CPU %04x\n", name, what, i, j,
+                   r[i].dec_gpu[j], r[i].dec_cpu[lb * per_layer + j]);
+            return 1;
+        }
+    return 0;
+}
+
+/* GPU tier: encode into slots, fetch back, decode from slots (whole, and layers 1..3). */
+static void test_tier(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan_at, int nan2)
+{
+    size_t slot = kvs_engine_slot_bytes(k, v, T);
+    if (slot * BLOCKS > tier_bytes) {
+        printf("FAIL: tier region too small\n");
+        failures++;
+        return;
+    }
+    const char *name = kvs_codec_name(kvs_codec_id_of(k), kvs_codec_bits(k));
+    int tie = kvs_codec_id_of(k) == KVS_CODEC_POLARQUANT;
+    for (int i = 0; i < BLOCKS; i++) {
+        r[i].slot = tier + (size_t)i * slot;
+        if (i == nan_at || i == nan2) { /* restore the bad inputs: they must fail alone */
+            size_t n = (size_t)L * 2 * r[i].t * H * D;
+            r[i].raw[i == nan_at ? n / 3 : n - 1] = i == nan_at ? 0x7E00 : 0xFC00;
+        }
+    }
+    run(e, k, v, r, 2);
+    for (int i = 0; i < BLOCKS; i++) {
+        int bad = i == nan_at || i == nan2;
+        if (bad != (r[i].rc != 0) || (bad && r[i].rc != KVS_EINVAL)) {
+            printf("FAIL %s: slot encode of block %d: rc %d %s\n", name, i, r[i].rc,
+                   r[i].err.msg);
+            failures++;
+        }
+    }
+    /* The NaN blocks' slots hold nothing valid: give them block 0's contents for the rest. */
+    for (int b = 0; b < 2; b++) {
+        int i = b ? nan2 : nan_at;
+        r[i].slot = r[0].slot;
+        memcpy(r[i].lens, r[0].lens, sizeof r[i].lens);
+    }
+    for (int i = 0; i < BLOCKS; i++)
+        memset(r[i].gpu, 0xA5, r[i].cpu_len);
+    run(e, k, v, r, 4);
+    for (int i = 0; i < BLOCKS; i++) {
+        kvs_block_info info;
+        kvs_err err;
+        if (r[i].rc) {
+            printf("FAIL %s: fetch of block %d: %s\n", name, i, r[i].err.msg);
+            failures++;
+        } else if (kvs_format_parse(r[i].gpu, r[i].gpu_len, &info, &err) != 0) {
+            printf("FAIL %s: fetched block %d does not parse: %s\n", name, i, err.msg);
+            failures++;
+        } else if (!tie && (r[i].gpu_len != r[i].cpu_len ||
+                            memcmp(r[i].gpu, r[i].cpu, r[i].cpu_len) != 0)) {
+            printf("FAIL %s: fetched block %d differs from kvs_block_encode\n", name, i);
+            failures++;
+        }
+    }
+    /* Decode from the slots; tie-tolerant codecs compare with the CPU decode of the bytes
+     * the GPU wrote (fetched above). */
+    for (int i = 0; i < BLOCKS && tie; i++)
+        if (r[i].rc == 0) {
+            memcpy(r[i].cpu, r[i].gpu, r[i].gpu_len);
+            r[i].cpu_len = r[i].gpu_len;
+        }
+    for (int i = 0; i < BLOCKS; i++)
+        memset(r[i].dec_gpu, 0xA5, (size_t)L * 2 * r[i].t * H * D * 2);
+    run(e, k, v, r, 3);
+    for (int i = 0; i < BLOCKS; i++) {
+        if (r[i].rc) {
+            printf("FAIL %s: slot decode of block %d: %s\n", name, i, r[i].err.msg);
+            failures++;
+        } else {
+            failures += check_decoded(name, "slot decode", k, v, r, i, 0, L);
+        }
+    }
+    atomic_store(&r[5].done, 0);
+    kvs_err err;
+    if (kvs_engine_decode_dev(e, k, v, r[5].t, r[5].slot, r[5].lens, 1, 4, r[5].dec_gpu, on_done,
+                              &r[5], &err) != 0) {
+        printf("FAIL %s: slot layer range submit: %s\n", name, err.msg);
+        failures++;
+    } else {
+        wait_all(&r[5], 1);
+        failures += r[5].rc != 0 || check_decoded(name, "slot layer range", k, v, r, 5, 1, 4);
+    }
 }
 
 static void test_codec(kvs_engine *e, const char *name)
@@ -212,6 +336,7 @@ static void test_codec(kvs_engine *e, const char *name)
                 break;
             }
     }
+    test_tier(e, k, v, r, nan_at, nan2);
     for (int i = 0; i < BLOCKS; i++) {
         free(r[i].raw);
         free(r[i].gpu);
@@ -236,6 +361,11 @@ int main(void)
         return err.code == KVS_ENOTSUP ? 77 : 1;
     }
     printf("test_engine_gpu: %s\n", kvs_engine_device_name(e));
+    tier_bytes = (size_t)512 << 20;
+    if (kvs_engine_tier_alloc(e, tier_bytes, (void **)&tier, &err) != 0) {
+        printf("FAIL: tier: %s\n", err.msg);
+        return 1;
+    }
     char names[256];
     kvs_codec_names(names, sizeof names);
     for (char *tok = strtok(names, ", "); tok; tok = strtok(NULL, ", "))

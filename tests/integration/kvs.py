@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,12 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 KVSTASHD = os.environ.get("KVSTASHD", os.path.join(REPO, "build", "bin", "kvstashd"))
 KVCTL = os.environ.get("KVCTL", os.path.join(REPO, "build", "bin", "kvctl"))
 PROTO_DIR = os.environ.get("KVS_PROTO_DIR", os.path.join(REPO, "proto"))
+# Extra kvstashd flags for every daemon (before each test's own), e.g. "--gpu on" to run
+# the whole suite through the GPU engine on a GPU machine.
+KVSTASHD_EXTRA = shlex.split(os.environ.get("KVSTASHD_EXTRA", ""))
+# A directory holding kvstash/v1/kvstash_pb2{,_grpc}.py generated beforehand, for machines
+# without protoc (the GPU machine); by default they are generated at test time.
+PB_DIR = os.environ.get("KVS_PB_DIR")
 PROTOC = "/usr/bin/protoc"
 GRPC_PLUGIN = "/usr/bin/grpc_python_plugin"
 
@@ -50,6 +57,11 @@ def load_proto():
     and imports them. Returns (pb, pb_grpc)."""
     global pb, pb_grpc, _gen_dir
     if pb is not None:
+        return pb, pb_grpc
+    if PB_DIR:
+        sys.path.insert(0, PB_DIR)
+        pb = importlib.import_module("kvstash.v1.kvstash_pb2")
+        pb_grpc = importlib.import_module("kvstash.v1.kvstash_pb2_grpc")
         return pb, pb_grpc
     src = os.path.join(PROTO_DIR, "kvstash", "v1", "kvstash.proto")
     if not os.path.exists(src):
@@ -361,7 +373,8 @@ class Daemon:
         self.stderr_path = os.path.join(workdir, "kvstashd.stderr")
         self.token = token  # sent with Health while waiting for SERVING
         self.argv = [KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", self.port_file,
-                     "--host-capacity", str(host_capacity), *map(str, extra)]
+                     "--host-capacity", str(host_capacity), *KVSTASHD_EXTRA,
+                     *map(str, extra)]
         if not os.access(KVSTASHD, os.X_OK):
             raise RuntimeError(f"kvstashd not built: {KVSTASHD}")
         with contextlib.suppress(FileNotFoundError):

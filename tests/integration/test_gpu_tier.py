@@ -1,0 +1,138 @@
+"""The GPU tier through kvstashd (issue 4; DESIGN §7): blocks put while the tier has room
+stay in GPU memory, encoded; Get decodes straight from there (or fetches the encoded
+block); above the high watermark the least recently used blocks move to the host tier;
+every block stays readable and correct throughout.
+
+These tests need a GPU and a CUDA build: where `kvstashd --gpu on` cannot start (CI), they
+are skipped. The reference for lossy codecs is the client's own CPU decode of the encoded
+block (`kvctl get --local`), which the GPU decode must match within one fp16 ulp.
+"""
+import time
+
+import numpy as np
+import pytest
+
+import kvs
+
+L, H, D, T = 4, 8, 128, 16
+GPU_CODECS = ["none", "fp8", "kivi-2", "kivi-4", "polarquant", "rotatekv-2", "squat-2"]
+
+
+def gpu_daemon(daemon, capacity="256M", extra=()):
+    try:
+        return daemon(extra=["--gpu", "on", "--gpu-capacity", capacity, *extra])
+    except RuntimeError as e:
+        if "--gpu on" in str(e):
+            pytest.skip("no GPU engine here: " + str(e).splitlines()[0])
+        raise
+
+
+def tier(d, which):
+    for t in d.stats().tiers:
+        if t.tier == which:
+            return t
+    raise AssertionError(f"Stats has no tier {which}")
+
+
+def ulps(a, b):
+    """Largest distance in fp16 ulps between two fp16 byte strings."""
+    x = np.frombuffer(a, "<i2").astype(np.int32)
+    y = np.frombuffer(b, "<i2").astype(np.int32)
+    x = np.where(x < 0, -(x & 0x7FFF), x)
+    y = np.where(y < 0, -(y & 0x7FFF), y)
+    return int(np.abs(x - y).max()) if len(x) else 0
+
+
+@pytest.mark.parametrize("codec", GPU_CODECS)
+def test_put_lands_in_gpu_and_decodes_from_it(daemon, tmp_path, codec):
+    d = gpu_daemon(daemon)
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    keys = []
+    for i, t in enumerate((T, T, 5, 1, T)):
+        data = ns.payload(t, seed=kvs.seed_of(codec, i))
+        r = kvs.put(d.stub, ns.name, b"g%d" % i, t, data)
+        assert r.tier == kvs.pb.TIER_GPU, r
+        keys.append((b"g%d" % i, t, data))
+    look = d.stub.Lookup(kvs.pb.KeysRequest(namespace=ns.name, keys=[k for k, _, _ in keys]))
+    assert list(look.tiers) == [kvs.pb.TIER_GPU] * len(keys)
+    for key, t, data in keys:
+        got = kvs.get(d.stub, ns.name, key)
+        assert got.header.tier == kvs.pb.TIER_GPU
+        assert len(got.data) == len(data)
+        # The encoded block comes back from the device framed and sealed: it parses, and
+        # the client's CPU decode of it matches the GPU decode.
+        enc = kvs.get(d.stub, ns.name, key, fmt=kvs.ENCODED)
+        hdr, sections = kvs.parse_encoded(enc.data)
+        assert (hdr["layers"], hdr["tokens"]) == (L, t)
+        out = tmp_path / "local.bin"
+        r = d.kvctl("get", ns.name, key.decode(), out, "--local")
+        assert r.returncode == 0, r.stderr
+        assert ulps(out.read_bytes(), got.data) <= 1
+        if codec == "none":
+            assert got.data == data
+        # A layer range decodes those layers only.
+        part = kvs.get(d.stub, ns.name, key, layer_begin=1, layer_end=3)
+        lb = ns.layer_bytes(t)
+        assert ulps(part.data, got.data[lb:3 * lb]) == 0
+    g = tier(d, kvs.pb.TIER_GPU)
+    assert g.blocks == len(keys) and g.hits >= 3 * len(keys) and g.capacity_bytes > 0
+
+
+def test_demotion_keeps_every_block(daemon):
+    """A GPU tier of a few slots: Puts beyond it land in the host tier, demotion moves the
+    least recently used GPU blocks to the host tier, and every block reads back exactly."""
+    # none at L=4 H=8 D=128 T=16: a slot is 256 KiB; 2 MiB holds 8 of them.
+    d = gpu_daemon(daemon, capacity="2M", extra=["--gpu-watermarks", "75,50"])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    blocks = {}
+    tiers_seen = set()
+    for i in range(40):
+        data = ns.payload(T, seed=i)
+        r = kvs.put(d.stub, ns.name, b"d%d" % i, T, data)
+        tiers_seen.add(r.tier)
+        blocks[b"d%d" % i] = data
+    assert kvs.pb.TIER_GPU in tiers_seen
+    deadline = time.monotonic() + 10
+    while tier(d, kvs.pb.TIER_GPU).evictions == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    g = tier(d, kvs.pb.TIER_GPU)
+    assert g.evictions > 0, g  # demotions
+    assert g.used_bytes <= g.capacity_bytes
+    look = d.stub.Lookup(kvs.pb.KeysRequest(namespace=ns.name, keys=list(blocks)))
+    assert set(look.tiers) <= {kvs.pb.TIER_GPU, kvs.pb.TIER_HOST}
+    assert kvs.pb.TIER_HOST in set(look.tiers)
+    for key, data in blocks.items():
+        assert kvs.get(d.stub, ns.name, key).data == data
+        enc = kvs.get(d.stub, ns.name, key, fmt=kvs.ENCODED)
+        kvs.parse_encoded(enc.data)  # checksum verified by the parser
+    # Delete and replace work on both tiers.
+    assert d.stub.Delete(kvs.pb.KeysRequest(namespace=ns.name, keys=list(blocks)[:20])).deleted == 20
+    new = ns.payload(T, seed=999)
+    kvs.put(d.stub, ns.name, b"d39", T, new)
+    assert kvs.get(d.stub, ns.name, b"d39").data == new
+    kvs.expect_error(kvs.grpc.StatusCode.NOT_FOUND, kvs.get, d.stub, ns.name, b"d0")
+
+
+def test_nan_in_gpu_put_fails_alone(daemon):
+    d = gpu_daemon(daemon)
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="kivi-2",
+                            value_codec="kivi-2"))
+    good = ns.payload(T, seed=1)
+    bad = bytearray(ns.payload(T, seed=2))
+    bad[1000:1002] = b"\x00\x7e"  # fp16 NaN
+    kvs.expect_error(kvs.grpc.StatusCode.INVALID_ARGUMENT, kvs.put, d.stub, ns.name, b"bad", T,
+                     bytes(bad), words=("NaN",))
+    assert kvs.put(d.stub, ns.name, b"good", T, good).tier == kvs.pb.TIER_GPU
+    assert tier(d, kvs.pb.TIER_GPU).blocks == 1
+    assert len(kvs.get(d.stub, ns.name, b"good").data) == len(good)
+
+
+def test_drop_namespace_frees_gpu_slots(daemon):
+    d = gpu_daemon(daemon, capacity="4M")
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    for i in range(6):
+        kvs.put(d.stub, ns.name, b"x%d" % i, T, ns.payload(T, seed=i))
+    assert tier(d, kvs.pb.TIER_GPU).used_bytes > 0
+    d.admin.DropNamespace(kvs.pb.NameRequest(name=ns.name))
+    g = tier(d, kvs.pb.TIER_GPU)
+    assert g.used_bytes == 0 and g.blocks == 0
