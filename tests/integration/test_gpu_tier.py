@@ -45,8 +45,13 @@ def ulps(a, b):
 
 @pytest.mark.parametrize("codec", GPU_CODECS)
 def test_put_lands_in_gpu_and_decodes_from_it(daemon, tmp_path, codec):
-    d = gpu_daemon(daemon)
+    # RotateKV calibrates its channel order on the host from the first blocks' raw keys
+    # (16 tokens here): that block goes to the host tier, later ones to the GPU tier.
+    d = gpu_daemon(daemon, extra=["--calib-tokens", "16"])
     ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    if codec.startswith("rotatekv"):
+        r = kvs.put(d.stub, ns.name, b"calib", T, ns.payload(T, seed=12345))
+        assert r.tier == kvs.pb.TIER_HOST
     keys = []
     for i, t in enumerate((T, T, 5, 1, T)):
         data = ns.payload(t, seed=kvs.seed_of(codec, i))
