@@ -41,4 +41,8 @@ const kvs_codec_ops kvs__codec_none_ops = {
     .encode_raw = none_encode_raw,
     .decode_raw = none_decode_raw,
     .decode_ignores_state = true,
+#ifdef KVS_HAVE_CUDA
+    .encode_cuda = kvs__none_encode_cuda,
+    .decode_cuda = kvs__none_decode_cuda,
+#endif
 };

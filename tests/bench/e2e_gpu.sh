@@ -6,7 +6,8 @@
 # relative error bound for lossy codecs). Prints one markdown row per (mode, codec, threads).
 #
 #   tests/bench/e2e_gpu.sh [KVSTASHD] [KVCTL]    (defaults: build/bin/...)
-# Environment: BLOCKS (default 512), THREADS (default "1 8"), CODECS, MODES ("gpu cpu").
+# Environment: BLOCKS (default 512), THREADS (default "1 8"), CODECS, MODES ("gpu cpu"),
+# LOGDIR (keep the daemons' logs there).
 set -u
 D=${1:-build/bin/kvstashd}
 C=${2:-build/bin/kvctl}
@@ -15,7 +16,9 @@ THREADS=${THREADS:-"1 8"}
 CODECS=${CODECS:-"none fp8 kivi-2 kivi-4 polarquant rotatekv-2 squat-2"}
 MODES=${MODES:-"gpu cpu"}
 WORK=$(mktemp -d)
-trap 'kill $PID 2>/dev/null; rm -rf "$WORK"' EXIT
+LOGDIR=${LOGDIR:-}
+# Daemon logs are kept in $LOGDIR when set (the device run passes $OUT).
+trap 'kill $PID 2>/dev/null; [ -n "$LOGDIR" ] && cp "$WORK"/d-*.log "$LOGDIR"/ 2>/dev/null; rm -rf "$WORK"' EXIT
 echo "| mode | codec | threads | put MB/s | put p50 ms | put p99 ms | get MB/s | get p50 ms | get p99 ms | verified |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for mode in $MODES; do

@@ -50,7 +50,7 @@ if [ "${BENCH:-1}" = 1 ]; then
     echo "== kvs-bench-gpu: exit $?"; cat "$OUT/bench_gpu.md"
 fi
 if [ "${E2E:-1}" = 1 ]; then
-    tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
+    LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
     echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
 fi
 exit $status

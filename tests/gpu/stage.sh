@@ -1,7 +1,7 @@
 #!/bin/sh
 # Stages what the GPU machine needs (it has none of our Debian libraries, no protoc):
 # binaries of a CUDA build (stripped), the shared libraries they need
-# (../shared/tools/bundle-libs), and the Python wire modules generated here, packed into
+# (/work/shared/tools/bundle-libs), and the Python wire modules generated here, packed into
 # one .gpurun/bundle.tar.xz (xz's large window shares the CUDA fatbin the binaries have in
 # common, which keeps the carry far below its limit). tests/gpu/device-check.sh unpacks it.
 #
@@ -14,7 +14,7 @@ mkdir -p "$S/bin" "$S/pb"
 cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/bin/kvs-bench-gpu" \
    "$B/bin/kvstashd" "$B/bin/kvctl" "$S/bin/"
 strip "$S"/bin/*
-../shared/tools/bundle-libs "$S/libs" "$S"/bin/* > /dev/null
+/work/shared/tools/bundle-libs "$S/libs" "$S"/bin/* > /dev/null
 /usr/bin/protoc -Iproto --python_out="$S/pb" --grpc_python_out="$S/pb" \
     --plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin proto/kvstash/v1/kvstash.proto
 rm -rf .gpurun
