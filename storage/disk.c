@@ -1,0 +1,1182 @@
+/* The disk tier over LMDB: see disk.h for the directory layout, the durability of each
+ * mode and the threading rules.
+ *
+ * Invariants:
+ *  1. Every value in `blocks` was a well-formed encoded block of the namespace in its key
+ *     when it was written (put checks the header), so a value that is not, found later,
+ *     is corruption: it is dropped and counted, never handed out.
+ *  2. Writes happen only under d->wmu, held for exactly one write transaction (never
+ *     across a callback, never while another lock is taken: a leaf lock).
+ *  3. Nothing is written into a directory before it has been judged ours: the directory
+ *     is locked (flock, which writes nothing), listed, and an existing data.mdb is read
+ *     through a read-only LMDB handle without a lock file before the real open.
+ */
+#include "storage/disk.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <lmdb.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/format.h"
+#include "gpu/spec.h"
+
+#define MIB ((uint64_t)1024 * 1024)
+#define MAP_MAX ((uint64_t)64 << 40) /* 64 TiB: far inside x86-64's 128 TiB of user space */
+#define MAP_SLACK (64 * MIB)         /* fixed part of kvs_disk_map_bytes */
+#define SCAN_CHUNK 4096              /* records per read transaction of a scan */
+#define DEL_CHUNK 4096               /* deletes per write transaction of ns_del */
+#define LMDB_KEY_MAX 511             /* LMDB's compile-time key limit (mdb_env_get_maxkeysize) */
+#define BKEY_MAX (4 + KVS_KEY_MAX)
+#define NKEY_MAX (4 + KVS_DISK_NS_REC_MAX)
+#define FORMAT_NAME "kvstash-disk"
+#define LOG_BAD_MAX 8 /* bad records logged one by one per scan */
+
+struct kvs_disk {
+    MDB_env *env;
+    MDB_dbi main, meta, ns, blocks;
+    int dirfd;  /* holds the flock that makes the directory ours while open */
+    char *path; /* owned */
+    char identity[KVS_DISK_IDENTITY_MAX + 1];
+    bool nosync;
+    bool mu_init;
+    pthread_mutex_t wmu; /* the one writer (invariant 2) */
+    unsigned fail_nth;   /* fault injection countdown, under wmu */
+    int fail_rc;
+    /* Under wmu: the last commit deleted records. LMDB reuses the pages freed by
+     * transaction T only from transaction T+2 on (the meta page of T-1 may still be the
+     * one a crash falls back to), so a put that finds the map full right after an
+     * eviction commits a tiny change first and tries again (put_batch). */
+    bool freed_pending;
+    atomic_uint_fast64_t write_errors, read_errors, checksum_failures, map_full, syncs;
+    kvs_log_fn log;
+    void *log_ctx;
+};
+
+static void dlog(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void dlog(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
+{
+    if (!d->log)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    d->log(d->log_ctx, lv, line);
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* An LMDB key: namespace id (big-endian) then `len` bytes. */
+static MDB_val make_key(uint8_t *buf, uint32_t ns_id, const void *bytes, size_t len)
+{
+    put_be32(buf, ns_id);
+    if (len)
+        memcpy(buf + 4, bytes, len);
+    return (MDB_val){.mv_size = 4 + len, .mv_data = buf};
+}
+
+/* Up to 16 bytes of a key in hex for messages ("…" when cut); buf has 40 bytes. */
+static const char *hex(const void *p, size_t n, char *buf)
+{
+    const uint8_t *b = p;
+    size_t m = n > 16 ? 16 : n, o = 0;
+    for (size_t i = 0; i < m; i++)
+        o += (size_t)snprintf(buf + o, 40 - o, "%02x", b[i]);
+    if (m < n)
+        snprintf(buf + o, 40 - o, "...");
+    return buf;
+}
+
+/* ---------------------------------------------------------------- errors */
+
+static int write_fail(kvs_disk *d, int rc, const char *what, kvs_err *err)
+{
+    if (rc == MDB_MAP_FULL) {
+        atomic_fetch_add(&d->map_full, 1);
+        return kvs_err_set(err, KVS_ENOSPC, "disk tier %s: %s: LMDB map full: evict and retry",
+                           d->path, what);
+    }
+    if (rc == MDB_TXN_FULL)
+        return kvs_err_set(err, KVS_E2BIG,
+                           "disk tier %s: %s: too many pages for one "
+                           "transaction: split the batch",
+                           d->path, what);
+    atomic_fetch_add(&d->write_errors, 1);
+    if (rc == ENOSPC || rc == EDQUOT) {
+        dlog(d, KVS_LOG_ERROR, "disk tier %s: %s: filesystem full", d->path, what);
+        return kvs_err_set(err, KVS_ENOSPC, "disk tier %s: %s: filesystem full (%s)", d->path, what,
+                           mdb_strerror(rc));
+    }
+    dlog(d, KVS_LOG_ERROR, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
+    return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
+}
+
+static int read_fail(kvs_disk *d, int rc, const char *what, kvs_err *err)
+{
+    atomic_fetch_add(&d->read_errors, 1);
+    return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
+}
+
+/* An LMDB failure while opening or inspecting the environment. */
+static int open_fail(const char *path, int rc, const char *what, kvs_err *err)
+{
+    if (rc == MDB_INVALID)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "disk tier %s: data.mdb is not an LMDB environment "
+                           "(or its header pages are destroyed): not a kvstash data directory, "
+                           "refusing to use it",
+                           path);
+    if (rc == MDB_VERSION_MISMATCH || rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND ||
+        rc == MDB_INCOMPATIBLE || rc == MDB_BAD_DBI)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "disk tier %s: %s: %s: damaged or incompatible "
+                           "environment, refusing to use it",
+                           path, what, mdb_strerror(rc));
+    return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", path, what, mdb_strerror(rc));
+}
+
+static int sys_fail(const char *path, const char *what, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", path, what, strerror(errno));
+}
+
+/* ---------------------------------------------------------------- block checks */
+
+/* What the scan relies on and put guarantees (invariant 1): header readable, magic,
+ * version, length and namespace. KVS_EPROTO with the reason. */
+static int check_header(const uint8_t *b, size_t len, uint32_t ns_id, kvs_block_info *info,
+                        kvs_err *err)
+{
+    int rc = kvs_format_peek(b, len, info, err);
+    if (rc)
+        return rc;
+    if (memcmp(b, KVS_FORMAT_MAGIC, 4) != 0)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: bad magic (not a KVS1 block)");
+    if (info->version != KVS_FORMAT_VERSION)
+        return kvs_err_set(err, KVS_EPROTO, "encoded block: format version %u unknown",
+                           info->version);
+    if (info->total_bytes != len)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: header says %" PRIu64 " bytes, value has %zu",
+                           info->total_bytes, len);
+    if (info->ns_id != ns_id)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: header names namespace %" PRIu32
+                           ", stored under %" PRIu32,
+                           info->ns_id, ns_id);
+    return 0;
+}
+
+/* Everything: kvs_format_parse (checksum over all bytes) and the namespace. */
+static int check_full(const uint8_t *b, size_t len, uint32_t ns_id, kvs_block_info *info,
+                      kvs_err *err)
+{
+    int rc = kvs_format_parse(b, len, info, err);
+    if (rc)
+        return rc;
+    if (info->ns_id != ns_id)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: header names namespace %" PRIu32
+                           ", stored under %" PRIu32,
+                           info->ns_id, ns_id);
+    return 0;
+}
+
+static bool key_len_ok(size_t n)
+{
+    return n >= 1 && n <= KVS_KEY_MAX;
+}
+
+/* ---------------------------------------------------------------- transactions */
+
+static int wbegin(kvs_disk *d, MDB_txn **txn, kvs_err *err)
+{
+    pthread_mutex_lock(&d->wmu);
+    int rc = mdb_txn_begin(d->env, NULL, 0, txn);
+    if (rc) {
+        pthread_mutex_unlock(&d->wmu);
+        return write_fail(d, rc, "mdb_txn_begin", err);
+    }
+    return 0;
+}
+
+static void wabort(kvs_disk *d, MDB_txn *txn)
+{
+    mdb_txn_abort(txn);
+    pthread_mutex_unlock(&d->wmu);
+}
+
+/* Commits a write transaction (or fails it as injected); LMDB's code. `freed`: the
+ * transaction deleted records (see freed_pending). */
+static int commit_locked(kvs_disk *d, MDB_txn *txn, bool freed)
+{
+    int rc;
+    if (d->fail_nth && --d->fail_nth == 0) {
+        rc = d->fail_rc;
+        mdb_txn_abort(txn);
+    } else {
+        rc = mdb_txn_commit(txn);
+    }
+    if (rc == 0)
+        d->freed_pending = freed;
+    return rc;
+}
+
+/* Commits and releases the writer lock. */
+static int wcommit(kvs_disk *d, MDB_txn *txn, bool freed, kvs_err *err)
+{
+    int rc = commit_locked(d, txn, freed);
+    pthread_mutex_unlock(&d->wmu);
+    return rc ? write_fail(d, rc, "commit", err) : 0;
+}
+
+/* Commits a change to one small meta record ("gen", a counter), so that the pages the
+ * last commit freed become reusable by the next transaction (freed_pending). */
+static int bump_locked(kvs_disk *d)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(d->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    MDB_val k = {.mv_size = 3, .mv_data = "gen"}, v;
+    uint64_t gen = 0;
+    rc = mdb_get(txn, d->meta, &k, &v);
+    if (rc == 0 && v.mv_size == sizeof gen)
+        memcpy(&gen, v.mv_data, sizeof gen);
+    gen++;
+    v = (MDB_val){.mv_size = sizeof gen, .mv_data = &gen};
+    if ((rc = mdb_put(txn, d->meta, &k, &v, 0))) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    return commit_locked(d, txn, false);
+}
+
+static int rbegin(kvs_disk *d, MDB_txn **txn, kvs_err *err)
+{
+    int rc = mdb_txn_begin(d->env, NULL, MDB_RDONLY, txn);
+    return rc ? read_fail(d, rc, "mdb_txn_begin (read)", err) : 0;
+}
+
+static int do_sync(kvs_disk *d, kvs_err *err)
+{
+    atomic_fetch_add(&d->syncs, 1);
+    int rc = mdb_env_sync(d->env, 1);
+    return rc ? write_fail(d, rc, "mdb_env_sync", err) : 0;
+}
+
+/* ---------------------------------------------------------------- open and close */
+
+uint64_t kvs_disk_map_bytes(uint64_t budget)
+{
+    if (budget == 0 || budget > MAP_MAX)
+        return 0;
+    uint64_t m = budget + budget / 4 + MAP_SLACK;
+    m = (m + MIB - 1) / MIB * MIB;
+    return m > MAP_MAX ? 0 : m;
+}
+
+/* Creates the directory if missing, locks it, and checks it holds only our files.
+ * *data_bytes = size of data.mdb (0 if absent). */
+static int claim_dir(kvs_disk *d, uint64_t *data_bytes, kvs_err *err)
+{
+    const char *p = d->path;
+    struct stat st;
+    *data_bytes = 0;
+    if (stat(p, &st) != 0) {
+        if (errno != ENOENT)
+            return sys_fail(p, "stat", err);
+        if (mkdir(p, 0700) != 0 && errno != EEXIST) {
+            if (errno == ENOENT)
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "disk tier %s: its parent directory does "
+                                   "not exist",
+                                   p);
+            return sys_fail(p, "mkdir", err);
+        }
+        dlog(d, KVS_LOG_INFO, "disk tier %s: created the directory", p);
+    } else if (!S_ISDIR(st.st_mode)) {
+        return kvs_err_set(err, KVS_EINVAL, "disk tier %s: not a directory", p);
+    }
+    d->dirfd = open(p, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d->dirfd < 0)
+        return sys_fail(p, "open", err);
+    /* flock on the directory itself: two daemons (or two handles in one process, which
+     * LMDB forbids) on one environment would each trust an index the other changes. */
+    if (flock(d->dirfd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK)
+            return kvs_err_set(err, KVS_EINVAL,
+                               "disk tier %s: in use by another process (or "
+                               "already open in this one)",
+                               p);
+        return sys_fail(p, "flock", err);
+    }
+    DIR *dir = opendir(p);
+    if (!dir)
+        return sys_fail(p, "opendir", err);
+    int rc = 0;
+    for (;;) {
+        errno = 0;
+        struct dirent *e = readdir(dir);
+        if (!e) {
+            if (errno)
+                rc = sys_fail(p, "readdir", err);
+            break;
+        }
+        const char *n = e->d_name;
+        if (!strcmp(n, ".") || !strcmp(n, "..") || !strcmp(n, "lost+found"))
+            continue;
+        if (strcmp(n, "data.mdb") != 0 && strcmp(n, "lock.mdb") != 0) {
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "disk tier %s: holds '%.64s', which is not a "
+                             "kvstash file: refusing to use (or wipe) a directory with other "
+                             "data; empty it or choose another data directory",
+                             p, n);
+            break;
+        }
+        if (fstatat(d->dirfd, n, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+            rc = sys_fail(p, n, err);
+            break;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            rc = kvs_err_set(err, KVS_EINVAL, "disk tier %s: %s is not a regular file", p, n);
+            break;
+        }
+        if (!strcmp(n, "data.mdb"))
+            *data_bytes = (uint64_t)st.st_size;
+    }
+    closedir(dir);
+    return rc;
+}
+
+/* Reads value `name` of the meta database; KVS_ENOTFOUND if absent. */
+static int meta_get(MDB_txn *txn, MDB_dbi meta, const char *name, MDB_val *v)
+{
+    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
+    int rc = mdb_get(txn, meta, &k, v);
+    return rc == MDB_NOTFOUND ? KVS_ENOTFOUND : rc;
+}
+
+/* Judges an existing, non-empty data.mdb without writing a byte: a read-only handle
+ * with no lock file (we hold the directory's flock). Copies the recorded identity. */
+static int inspect_locked(kvs_disk *d, const kvs_disk_opts *o, uint64_t data_bytes, kvs_err *err)
+{
+    const char *p = d->path;
+    MDB_env *env;
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    MDB_dbi main;
+    int rc = mdb_env_create(&env);
+    if (rc)
+        return open_fail(p, rc, "mdb_env_create", err);
+    mdb_env_set_maxdbs(env, 4);
+    rc = mdb_env_open(env, p, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
+    if (rc) {
+        rc = open_fail(p, rc, "mdb_env_open (read-only)", err);
+        goto out;
+    }
+    MDB_envinfo ei;
+    MDB_stat es;
+    mdb_env_info(env, &ei);
+    mdb_env_stat(env, &es);
+    /* A file shorter than its committed pages would fault (SIGBUS) when read. */
+    uint64_t need = ((uint64_t)ei.me_last_pgno + 1) * es.ms_psize;
+    if (data_bytes < need) {
+        rc = kvs_err_set(err, KVS_EPROTO,
+                         "disk tier %s: data.mdb is truncated: %" PRIu64
+                         " bytes, its last committed page ends at %" PRIu64 "; refusing to "
+                         "use it",
+                         p, data_bytes, need);
+        goto out;
+    }
+    if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
+        (rc = mdb_dbi_open(txn, NULL, 0, &main))) {
+        rc = open_fail(p, rc, "reading the main database", err);
+        goto out;
+    }
+    /* The main database names the named databases: ours are meta, ns and blocks. An
+     * empty one is an environment created by an open that died before its first commit. */
+    if ((rc = mdb_cursor_open(txn, main, &cur))) {
+        rc = open_fail(p, rc, "mdb_cursor_open", err);
+        goto out;
+    }
+    MDB_val k, v;
+    bool empty = true;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        empty = false;
+        static const char *ours[] = {"meta", "ns", "blocks"};
+        bool known = false;
+        for (size_t i = 0; i < 3; i++)
+            known |= k.mv_size == strlen(ours[i]) && !memcmp(k.mv_data, ours[i], k.mv_size);
+        if (!known) {
+            char h[40];
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "disk tier %s: an LMDB environment holding key "
+                             "%s that kvstash does not use: not a kvstash data directory, "
+                             "refusing to use it",
+                             p, hex(k.mv_data, k.mv_size, h));
+            goto out;
+        }
+    }
+    if (rc != MDB_NOTFOUND) {
+        rc = open_fail(p, rc, "reading the main database", err);
+        goto out;
+    }
+    rc = 0;
+    if (empty)
+        goto out;
+    MDB_dbi meta;
+    rc = mdb_dbi_open(txn, "meta", 0, &meta);
+    if (rc == MDB_NOTFOUND || rc == MDB_INCOMPATIBLE) {
+        rc = kvs_err_set(err, KVS_EINVAL,
+                         "disk tier %s: an LMDB environment without kvstash's "
+                         "meta database: not a kvstash data directory, refusing to use it",
+                         p);
+        goto out;
+    }
+    if (rc) {
+        rc = open_fail(p, rc, "opening the meta database", err);
+        goto out;
+    }
+    rc = meta_get(txn, meta, "format", &v);
+    if (rc || v.mv_size != strlen(FORMAT_NAME) || memcmp(v.mv_data, FORMAT_NAME, v.mv_size)) {
+        rc = rc && rc != KVS_ENOTFOUND
+                 ? open_fail(p, rc, "reading meta", err)
+                 : kvs_err_set(err, KVS_EINVAL,
+                               "disk tier %s: meta database without the "
+                               "'%s' format mark: not a kvstash data directory, refusing to "
+                               "use it",
+                               p, FORMAT_NAME);
+        goto out;
+    }
+    rc = meta_get(txn, meta, "version", &v);
+    if (rc || v.mv_size != 4) {
+        rc = rc && rc != KVS_ENOTFOUND ? open_fail(p, rc, "reading meta", err)
+                                       : kvs_err_set(err, KVS_EPROTO,
+                                                     "disk tier %s: meta 'version' missing or "
+                                                     "malformed: damaged, refusing to use it",
+                                                     p);
+        goto out;
+    }
+    const uint8_t *vb = v.mv_data;
+    uint32_t ver =
+        (uint32_t)vb[0] | (uint32_t)vb[1] << 8 | (uint32_t)vb[2] << 16 | (uint32_t)vb[3] << 24;
+    if (ver != KVS_DISK_VERSION) {
+        rc = kvs_err_set(err, KVS_EPROTO,
+                         "disk tier %s: format version %" PRIu32 " is not "
+                         "one this build reads (%d): refusing to use it",
+                         p, ver, KVS_DISK_VERSION);
+        goto out;
+    }
+    rc = meta_get(txn, meta, "identity", &v);
+    if (rc == 0) {
+        size_t n = v.mv_size > KVS_DISK_IDENTITY_MAX ? KVS_DISK_IDENTITY_MAX : v.mv_size;
+        memcpy(d->identity, v.mv_data, n);
+        d->identity[n] = 0;
+        if (o->identity && d->identity[0] && strcmp(o->identity, d->identity) != 0) {
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "disk tier %s: belongs to daemon '%.64s', not "
+                             "'%.64s': refusing to use it",
+                             p, d->identity, o->identity);
+            goto out;
+        }
+    } else if (rc != KVS_ENOTFOUND) {
+        rc = open_fail(p, rc, "reading meta", err);
+        goto out;
+    }
+    rc = 0;
+    MDB_dbi other;
+    static const char *named[] = {"ns", "blocks"};
+    for (size_t i = 0; i < 2 && rc == 0; i++) {
+        int r = mdb_dbi_open(txn, named[i], 0, &other);
+        if (r && r != MDB_NOTFOUND)
+            rc = open_fail(p, r, named[i], err);
+    }
+out:
+    if (cur)
+        mdb_cursor_close(cur);
+    if (txn)
+        mdb_txn_abort(txn);
+    mdb_env_close(env);
+    return rc;
+}
+
+static int put_meta(MDB_txn *txn, MDB_dbi meta, const char *name, const void *val, size_t len)
+{
+    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
+    MDB_val v = {.mv_size = len, .mv_data = (void *)val};
+    return mdb_put(txn, meta, &k, &v, 0);
+}
+
+/* The real open, once the directory is judged ours: creates the databases and the meta
+ * records of a new environment. */
+static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *err)
+{
+    const char *p = d->path;
+    int rc = mdb_env_create(&d->env);
+    if (rc)
+        return open_fail(p, rc, "mdb_env_create", err);
+    if ((rc = mdb_env_set_mapsize(d->env, map)) || (rc = mdb_env_set_maxdbs(d->env, 4)) ||
+        (rc = mdb_env_set_maxreaders(d->env, o->max_readers ? o->max_readers : 512)))
+        return open_fail(p, rc, "configuring the environment", err);
+    unsigned flags = MDB_NOTLS | (o->nosync ? MDB_NOSYNC : 0);
+    if ((rc = mdb_env_open(d->env, p, flags, 0600))) {
+        mdb_env_close(d->env); /* LMDB: close even when open fails */
+        d->env = NULL;
+        return open_fail(p, rc, "mdb_env_open", err);
+    }
+    int dead = 0;
+    mdb_reader_check(d->env, &dead); /* slots of crashed readers (other processes) */
+
+    MDB_txn *txn;
+    if ((rc = mdb_txn_begin(d->env, NULL, 0, &txn)))
+        return open_fail(p, rc, "mdb_txn_begin", err);
+    bool fresh = false;
+    MDB_val v;
+    if ((rc = mdb_dbi_open(txn, NULL, 0, &d->main)) ||
+        (rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &d->meta)) ||
+        (rc = mdb_dbi_open(txn, "ns", MDB_CREATE, &d->ns)) ||
+        (rc = mdb_dbi_open(txn, "blocks", MDB_CREATE, &d->blocks)))
+        goto fail;
+    rc = meta_get(txn, d->meta, "format", &v);
+    if (rc == KVS_ENOTFOUND) {
+        fresh = true;
+        uint8_t ver[4] = {KVS_DISK_VERSION & 0xff, 0, 0, 0};
+        uint64_t now = (uint64_t)time(NULL);
+        uint8_t created[8];
+        for (int i = 0; i < 8; i++)
+            created[i] = (uint8_t)(now >> (8 * i));
+        if ((rc = put_meta(txn, d->meta, "format", FORMAT_NAME, strlen(FORMAT_NAME))) ||
+            (rc = put_meta(txn, d->meta, "version", ver, 4)) ||
+            (rc = put_meta(txn, d->meta, "created", created, 8)))
+            goto fail;
+    } else if (rc) {
+        goto fail;
+    }
+    if (o->identity && !d->identity[0]) {
+        if ((rc = put_meta(txn, d->meta, "identity", o->identity, strlen(o->identity))))
+            goto fail;
+        snprintf(d->identity, sizeof d->identity, "%s", o->identity);
+    }
+    if ((rc = mdb_txn_commit(txn)))
+        return open_fail(p, rc, "committing the meta records", err);
+    if (fresh && (rc = mdb_env_sync(d->env, 1)))
+        return open_fail(p, rc, "mdb_env_sync", err);
+    MDB_envinfo ei;
+    mdb_env_info(d->env, &ei);
+    dlog(d, KVS_LOG_INFO, "disk tier %s: %s, map %" PRIu64 " MiB, %s commits", p,
+         fresh ? "new environment" : "opened", (uint64_t)ei.me_mapsize / MIB,
+         o->nosync ? "unsynced" : "synced");
+    return 0;
+fail:
+    mdb_txn_abort(txn);
+    return open_fail(p, rc, "initializing the databases", err);
+}
+
+int kvs_disk_open(const char *dir, uint64_t budget_bytes, const kvs_disk_opts *opts, kvs_disk **out,
+                  kvs_err *err)
+{
+    kvs_disk_opts o = opts ? *opts : (kvs_disk_opts){0};
+    if (!out)
+        return kvs_err_set(err, KVS_EINVAL, "disk tier: out is NULL");
+    *out = NULL;
+    if (!dir || !*dir)
+        return kvs_err_set(err, KVS_EINVAL, "disk tier: data directory: empty path");
+    uint64_t map = o.map_bytes;
+    if (map) {
+        long pg = sysconf(_SC_PAGESIZE);
+        uint64_t ps = pg > 0 ? (uint64_t)pg : 4096;
+        if (map > MAP_MAX)
+            return kvs_err_set(err, KVS_EINVAL,
+                               "disk tier %s: map_bytes %" PRIu64 " over "
+                               "64 TiB",
+                               dir, map);
+        map = (map + ps - 1) / ps * ps;
+    } else if (!(map = kvs_disk_map_bytes(budget_bytes))) {
+        return kvs_err_set(err, KVS_EINVAL,
+                           "disk tier %s: budget %" PRIu64 " bytes: must be "
+                           "1 byte to 51 TiB",
+                           dir, budget_bytes);
+    }
+    if (o.identity && strlen(o.identity) > KVS_DISK_IDENTITY_MAX)
+        return kvs_err_set(err, KVS_EINVAL, "disk tier %s: identity: over %d bytes", dir,
+                           KVS_DISK_IDENTITY_MAX);
+
+    kvs_disk *d = kvs_xcalloc(1, sizeof *d);
+    d->dirfd = -1;
+    d->path = kvs_xstrdup(dir);
+    d->nosync = o.nosync;
+    d->log = o.log;
+    d->log_ctx = o.log_ctx;
+    pthread_mutex_init(&d->wmu, NULL);
+    d->mu_init = true;
+    uint64_t data_bytes;
+    int rc = claim_dir(d, &data_bytes, err);
+    if (!rc && data_bytes > 0)
+        rc = inspect_locked(d, &o, data_bytes, err);
+    if (!rc)
+        rc = open_env(d, &o, map, err);
+    if (rc) {
+        kvs_disk_close(d);
+        return rc;
+    }
+    *out = d;
+    return 0;
+}
+
+void kvs_disk_close(kvs_disk *d)
+{
+    if (!d)
+        return;
+    if (d->env)
+        mdb_env_close(d->env);
+    if (d->dirfd >= 0)
+        close(d->dirfd); /* releases the flock */
+    if (d->mu_init)
+        pthread_mutex_destroy(&d->wmu);
+    free(d->path);
+    free(d);
+}
+
+const char *kvs_disk_path(const kvs_disk *d)
+{
+    return d->path;
+}
+
+const char *kvs_disk_identity(const kvs_disk *d)
+{
+    return d->identity;
+}
+
+/* ---------------------------------------------------------------- blocks */
+
+/* One write transaction storing items; LMDB's code. Replacing a block frees pages too,
+ * but is not counted as freeing: the worst case is one KVS_ENOSPC more. */
+static int put_locked(kvs_disk *d, const kvs_disk_item *items, size_t n)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(d->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t kb[BKEY_MAX];
+        MDB_val k = make_key(kb, items[i].ns_id, items[i].key, items[i].key_len);
+        MDB_val v = {.mv_size = items[i].len, .mv_data = (void *)items[i].bytes};
+        if ((rc = mdb_put(txn, d->blocks, &k, &v, 0))) {
+            mdb_txn_abort(txn);
+            return rc;
+        }
+    }
+    return commit_locked(d, txn, false);
+}
+
+static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool durable, kvs_err *err)
+{
+    if (!d || (n && !items))
+        return kvs_err_set(err, KVS_EINVAL, "disk put: NULL argument");
+    for (size_t i = 0; i < n; i++) {
+        const kvs_disk_item *it = &items[i];
+        if (!it->key || !key_len_ok(it->key_len))
+            return kvs_err_set(err, KVS_EINVAL, "disk put: item %zu: key: %zu bytes (1..%d)", i,
+                               it->key_len, KVS_KEY_MAX);
+        kvs_block_info info;
+        kvs_err why;
+        if (!it->bytes || check_header(it->bytes, it->len, it->ns_id, &info, &why)) {
+            char h[40];
+            return kvs_err_set(
+                err, KVS_EINVAL, "disk put: item %zu (namespace %" PRIu32 ", key %s): %s", i,
+                it->ns_id, hex(it->key, it->key_len, h), it->bytes ? why.msg : "no bytes");
+        }
+    }
+    if (n == 0)
+        return durable && d->nosync ? do_sync(d, err) : 0;
+    pthread_mutex_lock(&d->wmu);
+    int rc = put_locked(d, items, n);
+    if (rc == MDB_MAP_FULL && d->freed_pending && bump_locked(d) == 0)
+        rc = put_locked(d, items, n);
+    pthread_mutex_unlock(&d->wmu);
+    if (rc)
+        return write_fail(d, rc, "storing blocks", err);
+    /* In synced mode the commit has flushed already. */
+    return durable && d->nosync ? do_sync(d, err) : 0;
+}
+
+int kvs_disk_put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, kvs_err *err)
+{
+    return put_batch(d, items, n, false, err);
+}
+
+int kvs_disk_put_durable(kvs_disk *d, const kvs_disk_item *items, size_t n, kvs_err *err)
+{
+    return put_batch(d, items, n, true, err);
+}
+
+int kvs_disk_del(kvs_disk *d, const kvs_disk_key *keys, size_t n, uint64_t *deleted, kvs_err *err)
+{
+    if (deleted)
+        *deleted = 0;
+    if (!d || (n && !keys))
+        return kvs_err_set(err, KVS_EINVAL, "disk delete: NULL argument");
+    for (size_t i = 0; i < n; i++)
+        if (!keys[i].key || !key_len_ok(keys[i].key_len))
+            return kvs_err_set(err, KVS_EINVAL, "disk delete: key %zu: %zu bytes (1..%d)", i,
+                               keys[i].key_len, KVS_KEY_MAX);
+    if (n == 0)
+        return 0;
+    MDB_txn *txn;
+    int rc = wbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    uint64_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t kb[BKEY_MAX];
+        MDB_val k = make_key(kb, keys[i].ns_id, keys[i].key, keys[i].key_len);
+        rc = mdb_del(txn, d->blocks, &k, NULL);
+        if (rc == 0)
+            count++;
+        else if (rc != MDB_NOTFOUND) {
+            wabort(d, txn);
+            return write_fail(d, rc, "mdb_del", err);
+        }
+    }
+    if ((rc = wcommit(d, txn, count > 0, err)))
+        return rc;
+    if (deleted)
+        *deleted = count;
+    return 0;
+}
+
+/* A bad record's LMDB key, kept to drop it once the read transaction is over. */
+typedef struct bad_key {
+    size_t len;
+    uint8_t k[LMDB_KEY_MAX];
+} bad_key;
+
+/* Deletes the records among `bad` that still fail verification (another writer may have
+ * replaced one since it was read), in transactions of DEL_CHUNK. Returns how many went.
+ * A failure here is counted and logged only: the record is found again next time. */
+static uint64_t drop_bad(kvs_disk *d, const bad_key *bad, size_t n)
+{
+    uint64_t dropped = 0;
+    for (size_t at = 0; at < n; at += DEL_CHUNK) {
+        size_t end = n - at > DEL_CHUNK ? at + DEL_CHUNK : n;
+        MDB_txn *txn;
+        kvs_err err;
+        if (wbegin(d, &txn, &err))
+            goto failed;
+        uint64_t here = 0;
+        for (size_t i = at; i < end; i++) {
+            MDB_val k = {.mv_size = bad[i].len, .mv_data = (void *)bad[i].k}, v;
+            int rc = mdb_get(txn, d->blocks, &k, &v);
+            if (rc == MDB_NOTFOUND)
+                continue;
+            kvs_block_info info;
+            if (rc == 0 && k.mv_size > 4 &&
+                check_full(v.mv_data, v.mv_size, get_be32(bad[i].k), &info, NULL) == 0)
+                continue;
+            if (rc == 0)
+                rc = mdb_del(txn, d->blocks, &k, NULL);
+            if (rc) {
+                wabort(d, txn);
+                write_fail(d, rc, "dropping a bad block", &err);
+                goto failed;
+            }
+            here++;
+        }
+        if (wcommit(d, txn, here > 0, &err))
+            goto failed;
+        dropped += here;
+        continue;
+    failed:
+        dlog(d, KVS_LOG_ERROR, "disk tier %s: could not drop bad blocks: %s", d->path, err.msg);
+        break;
+    }
+    return dropped;
+}
+
+int kvs_disk_get(kvs_disk *d, uint32_t ns_id, const void *key, size_t key_len, kvs_disk_read_fn fn,
+                 void *arg, kvs_err *err)
+{
+    if (!d || !fn || !key || !key_len_ok(key_len))
+        return kvs_err_set(err, KVS_EINVAL, "disk get: key: %zu bytes (1..%d)", key_len,
+                           KVS_KEY_MAX);
+    bad_key bk;
+    MDB_val k = make_key(bk.k, ns_id, key, key_len), v;
+    bk.len = k.mv_size;
+    MDB_txn *txn;
+    int rc = rbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    char h[40];
+    hex(key, key_len, h);
+    rc = mdb_get(txn, d->blocks, &k, &v);
+    if (rc) {
+        mdb_txn_abort(txn);
+        if (rc == MDB_NOTFOUND)
+            return kvs_err_set(err, KVS_ENOTFOUND,
+                               "disk tier: key %s of namespace %" PRIu32 " not found", h, ns_id);
+        return read_fail(d, rc, "mdb_get", err);
+    }
+    kvs_block_info info;
+    kvs_err why;
+    if (check_full(v.mv_data, v.mv_size, ns_id, &info, &why)) {
+        mdb_txn_abort(txn);
+        atomic_fetch_add(&d->checksum_failures, 1);
+        dlog(d, KVS_LOG_WARN,
+             "disk tier %s: block %s of namespace %" PRIu32 " is bad (%s): "
+             "dropped",
+             d->path, h, ns_id, why.msg);
+        drop_bad(d, &bk, 1);
+        return kvs_err_set(err, KVS_EDATALOSS,
+                           "disk tier: block %s of namespace %" PRIu32 ": %s: dropped", h, ns_id,
+                           why.msg);
+    }
+    rc = fn(v.mv_data, v.mv_size, arg);
+    mdb_txn_abort(txn);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- scan */
+
+int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
+                  kvs_disk_scan_info *info, kvs_err *err)
+{
+    if (info)
+        memset(info, 0, sizeof *info);
+    if (!d || !fn)
+        return kvs_err_set(err, KVS_EINVAL, "disk scan: NULL argument");
+    kvs_disk_scan_info si = {0};
+    bad_key *bad = NULL;
+    size_t nbad = 0, cap = 0;
+    uint8_t last[LMDB_KEY_MAX];
+    size_t last_len = 0;
+    int rc = 0, stop = 0;
+    /* Read transactions of SCAN_CHUNK records, each resuming after the last key seen. */
+    while (!stop) {
+        MDB_txn *txn;
+        MDB_cursor *cur;
+        if ((rc = rbegin(d, &txn, err)))
+            break;
+        if ((rc = mdb_cursor_open(txn, d->blocks, &cur))) {
+            mdb_txn_abort(txn);
+            rc = read_fail(d, rc, "mdb_cursor_open", err);
+            break;
+        }
+        MDB_val k, v;
+        if (!last_len) {
+            rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+        } else {
+            k = (MDB_val){.mv_size = last_len, .mv_data = last};
+            rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+            if (rc == 0 && k.mv_size == last_len && !memcmp(k.mv_data, last, last_len))
+                rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        }
+        for (size_t seen = 0; rc == 0 && seen < SCAN_CHUNK; seen++) {
+            last_len = k.mv_size <= LMDB_KEY_MAX ? k.mv_size : LMDB_KEY_MAX;
+            memcpy(last, k.mv_data, last_len);
+            kvs_block_info bi;
+            kvs_err why;
+            int bad_rc;
+            uint32_t ns = 0;
+            if (k.mv_size < 5 || k.mv_size > BKEY_MAX) {
+                bad_rc = kvs_err_set(&why, KVS_EPROTO, "key of %zu bytes", k.mv_size);
+            } else {
+                ns = get_be32(k.mv_data);
+                bad_rc = flags & KVS_DISK_SCAN_VERIFY
+                             ? check_full(v.mv_data, v.mv_size, ns, &bi, &why)
+                             : check_header(v.mv_data, v.mv_size, ns, &bi, &why);
+            }
+            if (bad_rc) {
+                uint64_t nfail = atomic_fetch_add(&d->checksum_failures, 1);
+                char h[40];
+                if (nfail < LOG_BAD_MAX)
+                    dlog(d, KVS_LOG_WARN, "disk tier %s: scan: record %s is bad (%s): dropping",
+                         d->path, hex(k.mv_data, k.mv_size, h), why.msg);
+                if (nbad == cap) {
+                    size_t ncap = cap ? 2 * cap : 64;
+                    bad_key *nb = realloc(bad, ncap * sizeof *nb);
+                    if (nb) {
+                        bad = nb;
+                        cap = ncap;
+                    }
+                }
+                if (nbad < cap) { /* else: found again, and dropped, next time */
+                    bad[nbad].len = last_len;
+                    memcpy(bad[nbad].k, last, last_len);
+                    nbad++;
+                }
+            } else {
+                kvs_disk_entry e = {
+                    .ns_id = ns,
+                    .key = (const uint8_t *)k.mv_data + 4,
+                    .key_len = k.mv_size - 4,
+                    .bytes = v.mv_size,
+                    .tokens = bi.tokens,
+                    .k_state = bi.k_state,
+                    .v_state = bi.v_state,
+                };
+                si.blocks++;
+                si.bytes += v.mv_size;
+                if ((stop = fn(&e, arg)))
+                    break;
+            }
+            rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        }
+        mdb_cursor_close(cur);
+        mdb_txn_abort(txn);
+        if (rc == MDB_NOTFOUND) {
+            rc = 0;
+            break;
+        }
+        if (rc) {
+            rc = read_fail(d, rc, "scan", err);
+            break;
+        }
+    }
+    if (nbad) {
+        si.dropped = drop_bad(d, bad, nbad);
+        dlog(d, KVS_LOG_WARN, "disk tier %s: scan dropped %" PRIu64 " bad records", d->path,
+             si.dropped);
+    }
+    free(bad);
+    if (info)
+        *info = si;
+    return stop ? stop : rc;
+}
+
+/* ---------------------------------------------------------------- namespace records */
+
+static bool rec_ok(const void *rec, size_t rec_len)
+{
+    return rec_len <= KVS_DISK_NS_REC_MAX && (rec || rec_len == 0);
+}
+
+int kvs_disk_ns_put(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len, const void *val,
+                    size_t val_len, kvs_err *err)
+{
+    if (!d || !rec_ok(rec, rec_len) || (!val && val_len))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "disk namespace record: name of %zu bytes (0..%d) "
+                           "or NULL value",
+                           rec_len, KVS_DISK_NS_REC_MAX);
+    uint8_t kb[NKEY_MAX];
+    MDB_val k = make_key(kb, ns_id, rec, rec_len);
+    MDB_val v = {.mv_size = val_len, .mv_data = val_len ? (void *)val : (void *)""};
+    MDB_txn *txn;
+    int rc = wbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    if ((rc = mdb_put(txn, d->ns, &k, &v, 0))) {
+        wabort(d, txn);
+        return write_fail(d, rc, "mdb_put (namespace record)", err);
+    }
+    if ((rc = wcommit(d, txn, false, err)))
+        return rc;
+    return d->nosync ? do_sync(d, err) : 0;
+}
+
+int kvs_disk_ns_get(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len,
+                    kvs_disk_read_fn fn, void *arg, kvs_err *err)
+{
+    if (!d || !fn || !rec_ok(rec, rec_len))
+        return kvs_err_set(err, KVS_EINVAL, "disk namespace record: name of %zu bytes (0..%d)",
+                           rec_len, KVS_DISK_NS_REC_MAX);
+    uint8_t kb[NKEY_MAX];
+    MDB_val k = make_key(kb, ns_id, rec, rec_len), v;
+    MDB_txn *txn;
+    int rc = rbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    rc = mdb_get(txn, d->ns, &k, &v);
+    if (rc) {
+        mdb_txn_abort(txn);
+        char h[40];
+        if (rc == MDB_NOTFOUND)
+            return kvs_err_set(err, KVS_ENOTFOUND,
+                               "disk tier: namespace %" PRIu32 " has no "
+                               "record '%s' (hex)",
+                               ns_id, hex(rec, rec_len, h));
+        return read_fail(d, rc, "mdb_get (namespace record)", err);
+    }
+    rc = fn(v.mv_data, v.mv_size, arg);
+    mdb_txn_abort(txn);
+    return rc;
+}
+
+int kvs_disk_ns_list(kvs_disk *d, kvs_disk_ns_fn fn, void *arg, kvs_err *err)
+{
+    if (!d || !fn)
+        return kvs_err_set(err, KVS_EINVAL, "disk namespace list: NULL argument");
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = rbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    if ((rc = mdb_cursor_open(txn, d->ns, &cur))) {
+        mdb_txn_abort(txn);
+        return read_fail(d, rc, "mdb_cursor_open", err);
+    }
+    MDB_val k, v;
+    int stop = 0;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && !stop;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < 4 || k.mv_size > NKEY_MAX) {
+            char h[40];
+            dlog(d, KVS_LOG_WARN,
+                 "disk tier %s: namespace record with a malformed key %s: "
+                 "skipped",
+                 d->path, hex(k.mv_data, k.mv_size, h));
+            continue;
+        }
+        const uint8_t *kb = k.mv_data;
+        stop = fn(get_be32(kb), kb + 4, k.mv_size - 4, v.mv_data, v.mv_size, arg);
+    }
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    if (stop)
+        return stop;
+    return rc == MDB_NOTFOUND ? 0 : read_fail(d, rc, "listing namespace records", err);
+}
+
+/* Deletes up to `max` records of `dbi` whose key starts with the 4 bytes of pfx, in one
+ * write transaction; *n = how many. */
+static int del_prefix(kvs_disk *d, MDB_dbi dbi, const uint8_t *pfx, size_t max, uint64_t *n,
+                      kvs_err *err)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    *n = 0;
+    int rc = wbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    if ((rc = mdb_cursor_open(txn, dbi, &cur))) {
+        wabort(d, txn);
+        return write_fail(d, rc, "mdb_cursor_open", err);
+    }
+    MDB_val k = {.mv_size = 4, .mv_data = (void *)pfx}, v;
+    uint64_t count = 0;
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && count < max && k.mv_size >= 4 && !memcmp(k.mv_data, pfx, 4)) {
+        if ((rc = mdb_cursor_del(cur, 0)))
+            break;
+        count++;
+        /* After a delete the cursor already stands on the next record: MDB_NEXT
+         * returns that one (LMDB's C_DEL rule). */
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close(cur);
+    if (rc && rc != MDB_NOTFOUND) {
+        wabort(d, txn);
+        return write_fail(d, rc, "deleting a namespace", err);
+    }
+    if ((rc = wcommit(d, txn, count > 0, err)))
+        return rc;
+    *n = count;
+    return 0;
+}
+
+int kvs_disk_ns_del(kvs_disk *d, uint32_t ns_id, uint64_t *blocks_deleted, kvs_err *err)
+{
+    if (blocks_deleted)
+        *blocks_deleted = 0;
+    if (!d)
+        return kvs_err_set(err, KVS_EINVAL, "disk namespace delete: NULL handle");
+    uint8_t pfx[4];
+    put_be32(pfx, ns_id);
+    uint64_t n, total = 0;
+    int rc;
+    do {
+        if ((rc = del_prefix(d, d->blocks, pfx, DEL_CHUNK, &n, err)))
+            return rc;
+        total += n;
+        if (blocks_deleted)
+            *blocks_deleted = total;
+    } while (n == DEL_CHUNK);
+    /* Records last: a crash before this point leaves a namespace with fewer blocks. */
+    if ((rc = del_prefix(d, d->ns, pfx, SIZE_MAX, &n, err)))
+        return rc;
+    return d->nosync ? do_sync(d, err) : 0;
+}
+
+/* ---------------------------------------------------------------- stats, sync, tests */
+
+int kvs_disk_get_stats(kvs_disk *d, kvs_disk_stats *out, kvs_err *err)
+{
+    memset(out, 0, sizeof *out);
+    if (!d)
+        return kvs_err_set(err, KVS_EINVAL, "disk stats: NULL handle");
+    out->write_errors = atomic_load(&d->write_errors);
+    out->read_errors = atomic_load(&d->read_errors);
+    out->checksum_failures = atomic_load(&d->checksum_failures);
+    out->map_full = atomic_load(&d->map_full);
+    out->syncs = atomic_load(&d->syncs);
+    MDB_txn *txn;
+    int rc = rbegin(d, &txn, err);
+    if (rc)
+        return rc;
+    MDB_envinfo ei;
+    mdb_env_info(d->env, &ei);
+    /* dbi 0 is LMDB's free-page database (as mdb_stat -f reads it); its own pages are
+     * in use, the pages it lists are not. */
+    MDB_dbi dbis[5] = {0, d->main, d->meta, d->ns, d->blocks};
+    MDB_stat st[5];
+    uint64_t pages = 2; /* the two meta pages */
+    for (size_t i = 0; i < 5; i++) {
+        if ((rc = mdb_stat(txn, dbis[i], &st[i]))) {
+            mdb_txn_abort(txn);
+            return read_fail(d, rc, "mdb_stat", err);
+        }
+        pages += st[i].ms_branch_pages + st[i].ms_leaf_pages + st[i].ms_overflow_pages;
+    }
+    mdb_txn_abort(txn);
+    out->page_size = st[4].ms_psize;
+    out->map_bytes = ei.me_mapsize;
+    out->file_bytes = ((uint64_t)ei.me_last_pgno + 1) * out->page_size;
+    out->used_bytes = pages * out->page_size;
+    out->blocks = st[4].ms_entries;
+    out->ns_records = st[3].ms_entries;
+    return 0;
+}
+
+int kvs_disk_sync(kvs_disk *d, kvs_err *err)
+{
+    if (!d)
+        return kvs_err_set(err, KVS_EINVAL, "disk sync: NULL handle");
+    return do_sync(d, err);
+}
+
+void kvs_disk_test_fail_write(kvs_disk *d, unsigned nth, int mdb_rc)
+{
+    pthread_mutex_lock(&d->wmu);
+    d->fail_nth = nth;
+    d->fail_rc = mdb_rc;
+    pthread_mutex_unlock(&d->wmu);
+}
