@@ -24,6 +24,10 @@ LAYOUTS = [
 ]
 
 
+def g_tier_matches(d, ns, key, tier):
+    return list(d.stub.Lookup(kvs.pb.KeysRequest(namespace=ns.name, keys=[key])).tiers) == [tier]
+
+
 @pytest.mark.parametrize("L,H,D,T,dtype,t", LAYOUTS)
 def test_roundtrip_layouts(d, L, H, D, T, dtype, t):
     ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, dtype=dtype))
@@ -31,7 +35,9 @@ def test_roundtrip_layouts(d, L, H, D, T, dtype, t):
     data = ns.payload(t, seed=kvs.seed_of(L, H, D, T, dtype, t))
     key = b"block-" + bytes([L, H, t])
     r = kvs.put(d.stub, ns.name, key, t, data, dtype=dtype, chunk=256 << 10)
-    assert r.tier == TIER_HOST
+    # The GPU tier when the daemon has one (a GPU machine), the host tier otherwise.
+    assert r.tier == (kvs.pb.TIER_GPU if d.has_gpu_tier() else TIER_HOST)
+    assert g_tier_matches(d, ns, key, r.tier)
     assert r.raw_bytes == len(data)
     assert r.encoded_bytes >= len(data)  # codec "none" stores the bytes as given
     assert not r.replaced
