@@ -129,7 +129,20 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     gpu.blocks = st.gpu_blocks;
     gpu.hits = st.gpu_hits;
     gpu.evictions = st.gpu_demotions;
-    Kvstash__V1__TierStats *tiers[] = {&host, &gpu};
+    /* The disk tier's "evictions" leave the store; host evictions became disk blocks. */
+    Kvstash__V1__TierStats disk = KVSTASH__V1__TIER_STATS__INIT;
+    disk.tier = KVSTASH__V1__TIER__TIER_DISK;
+    disk.capacity_bytes = st.disk_capacity;
+    disk.used_bytes = st.disk_used;
+    disk.blocks = st.disk_blocks;
+    disk.hits = st.disk_hits;
+    disk.evictions = st.disk_evictions;
+    Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};
+    size_t n_tiers = 1;
+    if (kvs_store_has_gpu(srv->store))
+        tiers[n_tiers++] = &gpu;
+    if (kvs_store_has_disk(srv->store))
+        tiers[n_tiers++] = &disk;
 
     Kvstash__V1__RpcStats rpcs[KVS_RPC_COUNT];
     Kvstash__V1__RpcStats *rpc_ptrs[KVS_RPC_COUNT];
@@ -142,7 +155,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     }
 
     Kvstash__V1__StatsReply reply = KVSTASH__V1__STATS_REPLY__INIT;
-    reply.n_tiers = kvs_store_has_gpu(srv->store) ? 2 : 1;
+    reply.n_tiers = n_tiers;
     reply.tiers = tiers;
     reply.n_namespaces = p.n;
     reply.namespaces = p.ptrs;

@@ -29,6 +29,8 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->gpu_capacity_pct = 25;
     cfg->gpu_high_pct = 90;
     cfg->gpu_low_pct = 80;
+    cfg->disk_capacity = 16ull << 30;
+    cfg->promote = 1;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -108,6 +110,10 @@ static void usage(FILE *f)
             "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
             "  --calib-tokens N       rotatekv-*: key tokens that calibrate the channel order\n"
             "                         before it is frozen (default 4096)\n"
+            "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
+            "                         or empty; a foreign directory is refused); default: none\n"
+            "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
+            "  --promote on|off       a Get of a disk block moves it to the host tier (default on)\n"
             "  -h, --help             this text\n"
             "  --version              print the version\n"
             "\n"
@@ -119,7 +125,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -139,6 +145,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"gpu-device", required_argument, NULL, O_GPU_DEVICE},
         {"gpu-capacity", required_argument, NULL, O_GPU_CAP},
         {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
+        {"data-dir", required_argument, NULL, O_DATA_DIR},
+        {"disk-capacity", required_argument, NULL, O_DISK_CAP},
+        {"promote", required_argument, NULL, O_PROMOTE},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -256,6 +265,25 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         case O_CALIB:
             if (!parse_uint(optarg, 1, 1u << 24, &cfg->calib_tokens))
                 return kvs_err_set(err, KVS_EINVAL, "--calib-tokens: '%s' is not in 1..16777216", optarg);
+            break;
+        case O_DATA_DIR:
+            if (!optarg[0])
+                return kvs_err_set(err, KVS_EINVAL, "--data-dir: empty path");
+            rc = copy_str(cfg->data_dir, sizeof cfg->data_dir, optarg, "--data-dir", err);
+            break;
+        case O_DISK_CAP:
+            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
+                return kvs_err_set(err, KVS_EINVAL, "--disk-capacity: '%s' is not a size >= 1M",
+                                   optarg);
+            cfg->disk_capacity = size;
+            break;
+        case O_PROMOTE:
+            if (strcmp(optarg, "on") == 0)
+                cfg->promote = 1;
+            else if (strcmp(optarg, "off") == 0)
+                cfg->promote = 0;
+            else
+                return kvs_err_set(err, KVS_EINVAL, "--promote: '%s' is not on or off", optarg);
             break;
         case 'h': usage(stdout); return 1;
         case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;

@@ -30,6 +30,9 @@ typedef struct kvs_config {
     unsigned stats_interval_s; /* 0 = no periodic stats line */
     unsigned max_keys;       /* keys per Lookup/Exists/Delete */
     unsigned calib_tokens;   /* RotateKV: tokens of keys that calibrate the channel order */
+    char data_dir[512];      /* disk tier directory ("" = no disk tier) */
+    uint64_t disk_capacity;  /* byte budget of the disk tier */
+    int promote;             /* 1: a Get of a disk block moves it to the host tier */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

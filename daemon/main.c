@@ -35,6 +35,7 @@
 typedef struct daemon_state {
     kvs_config cfg;
     kvs_store *store;
+    kvs_disk *disk; /* disk tier (--data-dir), closed after the store */
     kvs_work *work;
     kvs_engine *engine;
     kvs_tiering *tiering;
@@ -94,14 +95,18 @@ static void on_stats(uv_timer_t *t)
     kvs_log(KVS_LOG_INFO,
             "stats: gpu %llu/%llu bytes in %llu blocks, hits %llu, demotions %llu; "
             "host %llu/%llu bytes in %llu blocks, hits %llu, misses %llu, evictions %llu, "
-            "checksum failures %llu, in flight %u",
+            "checksum failures %llu; disk %llu/%llu bytes in %llu blocks, hits %llu, "
+            "evictions %llu, write errors %llu; in flight %u",
             (unsigned long long)st.gpu_used, (unsigned long long)st.gpu_capacity,
             (unsigned long long)st.gpu_blocks, (unsigned long long)st.gpu_hits,
             (unsigned long long)st.gpu_demotions,
             (unsigned long long)st.host_used, (unsigned long long)st.host_capacity,
             (unsigned long long)st.host_blocks, (unsigned long long)st.host_hits,
             (unsigned long long)st.misses, (unsigned long long)st.host_evictions,
-            (unsigned long long)st.checksum_failures, kvs_server_inflight(d->server));
+            (unsigned long long)st.checksum_failures, (unsigned long long)st.disk_used,
+            (unsigned long long)st.disk_capacity, (unsigned long long)st.disk_blocks,
+            (unsigned long long)st.disk_hits, (unsigned long long)st.disk_evictions,
+            (unsigned long long)st.disk_write_errors, kvs_server_inflight(d->server));
 }
 
 static int write_port_file(const char *path, int port)
@@ -180,6 +185,17 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         sopts->gpu_base = (uintptr_t)d->gpu_tier;
         sopts->gpu_capacity = bytes;
     }
+    if (d->cfg.data_dir[0]) {
+        kvs_disk_opts dopts = {.nosync = true, .log = kvs_log_sink};
+        if ((rc = kvs_disk_open(d->cfg.data_dir, d->cfg.disk_capacity, &dopts, &d->disk, err)))
+            return kvs_err_prefix(err, "--data-dir");
+        sopts->disk = d->disk;
+        sopts->disk_capacity = d->cfg.disk_capacity;
+        kvs_log(KVS_LOG_INFO, "disk tier: %s, budget %llu bytes, promotion %s",
+                d->cfg.data_dir, (unsigned long long)d->cfg.disk_capacity,
+                d->cfg.promote ? "on" : "off");
+    }
+    sopts->no_promote = !d->cfg.promote;
     if ((rc = kvs_store_create(sopts, &d->store, err)))
         return rc;
     if (d->gpu_bytes) {
@@ -236,6 +252,7 @@ int main(int argc, char **argv)
         kvs_engine_destroy(d.engine);
         kvs_work_destroy(d.work);
         kvs_store_destroy(d.store);
+        kvs_disk_close(d.disk);
         grpc_shutdown();
         return 1;
     }
@@ -260,7 +277,8 @@ int main(int argc, char **argv)
     kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
     kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
     kvs_work_destroy(d.work);     /* no CQ thread is left to submit */
-    kvs_store_destroy(d.store);
+    kvs_store_destroy(d.store); /* applies the disk writer's queue */
+    kvs_disk_close(d.disk);
     rc = uv_loop_close(&d.loop);
     if (rc)
         kvs_log(KVS_LOG_WARN, "uv_loop_close: %s", uv_strerror(rc));

@@ -9,51 +9,14 @@
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
-#include "storage/index.h"
 #include "storage/learn.h"
-#include "storage/lru.h"
-#include "storage/slots.h"
+#include "storage/spill.h"
+#include "storage/store_int.h"
 
-struct kvs_block {
-    kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
-    kvs_lru_node lru;    /* linked in st->lru when LINKED */
-    kvs_ns *ns;          /* reference held by the block */
-    unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
-    bool linked;
-    uint32_t tokens;
-    uint64_t size;      /* stored (encoded) bytes; the reservation while FILLING */
-    uint64_t raw_bytes; /* payload bytes the block represents */
-    uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
-    uint64_t checksum; /* XXH3-64 of data, set at commit (host tier) */
-    unsigned char *data; /* host tier */
-    kvs_store_tier tier;
-    bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
-    uint64_t slot_bytes; /* gpu tier */
-    kvs_block_dev dev;   /* gpu tier */
-};
+#define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
+#define BLOCK_OF_LRU KVS__BLOCK_OF_LRU
 
-struct kvs_store {
-    pthread_mutex_t mu;
-    kvs_ns_registry *reg;
-    kvs_index *index;
-    kvs_lru lru;     /* host tier */
-    kvs_lru gpu_lru; /* gpu tier */
-    kvs_slots *gpu;  /* NULL without a gpu tier */
-    uint64_t gpu_high, gpu_low; /* watermarks in bytes */
-    uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
-    kvs_store_stats stats;
-    uint32_t calib_tokens;
-    kvs_log_fn log;
-    void *log_ctx;
-};
-
-#define BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, node)))
-#define BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, lru)))
-
-static void logf_(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void logf_(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
+void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
 {
     if (!st->log)
         return;
@@ -96,15 +59,26 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     st->index = kvs_index_create();
     kvs_lru_init(&st->lru);
     kvs_lru_init(&st->gpu_lru);
+    kvs_lru_init(&st->disk_lru);
     st->stats.host_capacity = opts->host_capacity;
+    st->promote = !opts->no_promote;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;
+    if (opts->disk) {
+        st->disk = opts->disk;
+        st->stats.disk_capacity = opts->disk_capacity;
+        st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
+        if ((rc = kvs_spill_create(st, &st->spill, err))) {
+            kvs_store_destroy(st);
+            return rc;
+        }
+    }
     *out = st;
     return 0;
 }
 
-static void block_free(kvs_block *blk)
+void kvs__block_free(kvs_block *blk)
 {
     kvs_ns_unref(blk->ns);
     free(blk->data);
@@ -114,7 +88,31 @@ static void block_free(kvs_block *blk)
 
 static kvs_lru *lru_of(kvs_store *st, const kvs_block *blk)
 {
-    return blk->tier == KVS_STORE_TIER_GPU ? &st->gpu_lru : &st->lru;
+    return blk->tier == KVS_STORE_TIER_GPU    ? &st->gpu_lru
+           : blk->tier == KVS_STORE_TIER_DISK ? &st->disk_lru
+                                               : &st->lru;
+}
+
+kvs_block *kvs__disk_entry_new(const kvs_block *blk)
+{
+    kvs_block *d = kvs_xcalloc(1, sizeof *d);
+    d->node = blk->node;
+    d->ns = kvs_ns_ref(blk->ns);
+    d->tokens = blk->tokens;
+    d->size = blk->size;
+    d->raw_bytes = blk->raw_bytes;
+    d->tier = KVS_STORE_TIER_DISK;
+    d->on_disk = true;
+    return d;
+}
+
+/* Unlinks a block that leaves the store for good (delete, replace) and queues the
+ * removal of its disk record, if it has one or one is being written (invariant 8). */
+static bool forget_locked(kvs_store *st, kvs_block *blk)
+{
+    if (st->spill && (blk->on_disk || blk->queued))
+        kvs_spill_del(st->spill, blk->node.ns_id, blk->node.key, blk->node.key_len);
+    return kvs__store_unlink_locked(st, blk);
 }
 
 /* Returns a block's capacity to its tier (its last reference is gone, or it was never
@@ -124,14 +122,16 @@ static void give_back_locked(kvs_store *st, kvs_block *blk)
     if (blk->tier == KVS_STORE_TIER_GPU) {
         kvs_slots_free(st->gpu, (uintptr_t)blk->dev.slot);
         st->stats.gpu_used = kvs_slots_used(st->gpu);
-    } else {
+    } else if (blk->spilled) {
+        st->stats.spill_pending -= blk->size;
+    } else if (blk->tier == KVS_STORE_TIER_HOST) {
         st->stats.host_used -= blk->size + blk->shrink;
-    }
+    } /* disk entries and transient reads hold no budget (invariant 7) */
 }
 
 /* Drops one reference; on the last, gives the capacity back and returns true (the
  * caller frees the block outside the lock). */
-static bool unref_locked(kvs_store *st, kvs_block *blk)
+bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk)
 {
     if (--blk->refs)
         return false;
@@ -141,7 +141,7 @@ static bool unref_locked(kvs_store *st, kvs_block *blk)
 
 /* Unlinks a LINKED block from index and LRU, fixes the counters and drops the index's
  * reference; frees it if no reader holds it. Returns true if it was freed now. */
-static bool unlink_locked(kvs_store *st, kvs_block *blk)
+bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
 {
     kvs_index_remove(st->index, &blk->node);
     kvs_lru_remove(lru_of(st, blk), &blk->lru);
@@ -153,22 +153,27 @@ static bool unlink_locked(kvs_store *st, kvs_block *blk)
     u->tokens -= blk->tokens;
     if (blk->tier == KVS_STORE_TIER_GPU)
         st->stats.gpu_blocks--;
+    else if (blk->tier == KVS_STORE_TIER_DISK)
+        st->stats.disk_blocks--;
     else
         st->stats.host_blocks--;
-    return unref_locked(st, blk);
+    if (blk->on_disk)
+        st->stats.disk_used -= blk->size;
+    return kvs__store_unref_locked(st, blk);
 }
 
 void kvs_store_destroy(kvs_store *st)
 {
     if (!st)
         return;
-    kvs_lru *lists[2] = {&st->lru, &st->gpu_lru};
-    for (int i = 0; i < 2; i++) {
+    kvs_spill_destroy(st->spill); /* applies what is queued: drops its references */
+    kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
+    for (int i = 0; i < 3; i++) {
         kvs_lru_node *n;
         while ((n = kvs_lru_oldest(lists[i])) != NULL) {
             kvs_block *blk = BLOCK_OF_LRU(n);
-            if (unlink_locked(st, blk))
-                block_free(blk);
+            if (kvs__store_unlink_locked(st, blk))
+                kvs__block_free(blk);
         }
     }
     kvs_slots_destroy(st->gpu);
@@ -215,7 +220,7 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
         kvs_learn_destroy(learn);
     }
     if (rc == 0)
-        logf_(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
+        kvs__store_log(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
               spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
               kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec);
     return rc;
@@ -240,15 +245,15 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
     kvs_block *to_free = NULL; /* chained through node.next once unlinked */
     pthread_mutex_lock(&st->mu);
     kvs_ns *ns = kvs_ns_registry_remove(st->reg, name);
-    kvs_lru *lists[2] = {&st->lru, &st->gpu_lru};
-    for (int i = 0; i < 2 && ns; i++) {
+    kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
+    for (int i = 0; i < 3 && ns; i++) {
         kvs_lru_node *n = kvs_lru_oldest(lists[i]);
         while (n) {
             kvs_lru_node *newer = kvs_lru_newer(lists[i], n);
             kvs_block *blk = BLOCK_OF_LRU(n);
             if (blk->ns == ns) {
                 dropped++;
-                if (unlink_locked(st, blk)) {
+                if (kvs__store_unlink_locked(st, blk)) {
                     blk->node.next = (kvs_index_node *)to_free;
                     to_free = blk;
                 }
@@ -256,16 +261,18 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
             n = newer;
         }
     }
+    if (ns && st->spill) /* after any queued write of its blocks (FIFO) */
+        kvs_spill_ns_del(st->spill, kvs_ns_id(ns));
     pthread_mutex_unlock(&st->mu);
     if (!ns)
         return kvs_err_set(err, KVS_ENOTFOUND, "name: namespace '%.64s' not found", name);
     while (to_free) {
         kvs_block *next = (kvs_block *)to_free->node.next;
-        block_free(to_free);
+        kvs__block_free(to_free);
         to_free = next;
     }
     kvs_ns_unref(ns);
-    logf_(st, KVS_LOG_INFO, "namespace '%s' dropped with %llu blocks", name,
+    kvs__store_log(st, KVS_LOG_INFO, "namespace '%s' dropped with %llu blocks", name,
           (unsigned long long)dropped);
     if (blocks_dropped)
         *blocks_dropped = dropped;
@@ -305,23 +312,39 @@ static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
     while (st->stats.host_used + need > st->stats.host_capacity && n) {
         kvs_lru_node *newer = kvs_lru_newer(&st->lru, n);
         kvs_block *blk = BLOCK_OF_LRU(n);
-        if (blk->refs == 1) { /* idle: only the index holds it (invariant 3) */
-            st->stats.host_evictions++;
-            if (unlink_locked(st, blk)) {
-                blk->node.next = (kvs_index_node *)*to_free;
-                *to_free = blk;
-            }
-        }
         n = newer;
+        if (blk->refs != 1) /* busy, or with the disk writer (invariants 3, 8) */
+            continue;
+        st->stats.host_evictions++;
+        if (st->spill && blk->on_disk) { /* its record is there already: no write */
+            kvs_block *d = kvs__disk_entry_new(blk);
+            kvs__store_unlink_locked(st, blk); /* refs was 1: free */
+            kvs__store_link_locked(st, d);
+            st->stats.disk_spills++;
+        } else if (st->spill && st->stats.spill_pending + blk->size <= st->spill_max) {
+            /* Off the budget now, readable until the writer commits it (invariant 8). */
+            blk->spilled = blk->queued = true;
+            blk->refs++;
+            st->stats.host_used -= blk->size;
+            st->stats.spill_pending += blk->size;
+            kvs_spill_put(st->spill, blk);
+            continue;
+        } else {
+            if (st->spill)
+                st->stats.spill_dropped++; /* the writer is behind: a lost cache entry */
+            kvs__store_unlink_locked(st, blk);
+        }
+        blk->node.next = (kvs_index_node *)*to_free;
+        *to_free = blk;
     }
     return st->stats.host_used + need <= st->stats.host_capacity;
 }
 
-static void free_chain(kvs_block *b)
+void kvs__block_free_chain(kvs_block *b)
 {
     while (b) {
         kvs_block *next = (kvs_block *)b->node.next;
-        block_free(b);
+        kvs__block_free(b);
         b = next;
     }
 }
@@ -336,7 +359,7 @@ int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t b
         st->stats.host_used += bytes;
     uint64_t used = st->stats.host_used, cap = st->stats.host_capacity;
     pthread_mutex_unlock(&st->mu);
-    free_chain(to_free);
+    kvs__block_free_chain(to_free);
     if (!ok)
         return kvs_err_set(err, KVS_ENOSPC,
                            "host tier: no room for %llu bytes (%llu of %llu used, the rest "
@@ -366,6 +389,11 @@ int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t b
 bool kvs_store_has_gpu(const kvs_store *st)
 {
     return st->gpu != NULL;
+}
+
+bool kvs_store_has_disk(const kvs_store *st)
+{
+    return st->disk != NULL;
 }
 
 int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
@@ -425,11 +453,11 @@ void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
     pthread_mutex_lock(&st->mu);
     give_back_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
-    block_free(blk);
+    kvs__block_free(blk);
 }
 
 /* Inserts a block (node initialized) into the index and its tier's LRU as the newest. */
-static void link_locked(kvs_store *st, kvs_block *blk)
+void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
 {
     kvs_index_insert(st->index, &blk->node);
     kvs_lru_push(lru_of(st, blk), &blk->lru);
@@ -442,8 +470,12 @@ static void link_locked(kvs_store *st, kvs_block *blk)
     u->tokens += blk->tokens;
     if (blk->tier == KVS_STORE_TIER_GPU)
         st->stats.gpu_blocks++;
+    else if (blk->tier == KVS_STORE_TIER_DISK)
+        st->stats.disk_blocks++;
     else
         st->stats.host_blocks++;
+    if (blk->on_disk)
+        st->stats.disk_used += blk->size;
 }
 
 int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
@@ -480,12 +512,12 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
     kvs_index_node *prev = kvs_index_find(st->index, blk->node.ns_id, key, key_len);
     if (prev) {
         old = BLOCK_OF_NODE(prev);
-        free_old = unlink_locked(st, old);
+        free_old = forget_locked(st, old);
     }
-    link_locked(st, blk);
+    kvs__store_link_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
     if (free_old)
-        block_free(old);
+        kvs__block_free(old);
     if (info) {
         info->tier = blk->tier;
         info->stored_bytes = blk->size;
@@ -515,6 +547,8 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
         return 0;
     }
     pthread_mutex_unlock(&st->mu);
+    if (blk->tier == KVS_STORE_TIER_DISK) /* verified by the disk module as it is read */
+        return kvs_spill_read(st, blk, out, err);
 
     /* Invariant 4: verify outside the lock; the payload is read-only once linked. */
     if (XXH3_64bits(blk->data, blk->size) != blk->checksum) {
@@ -522,13 +556,13 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
         pthread_mutex_lock(&st->mu);
         st->stats.checksum_failures++;
         if (blk->linked)
-            unlink_locked(st, blk);
-        free_now = unref_locked(st, blk);
+            forget_locked(st, blk);
+        free_now = kvs__store_unref_locked(st, blk);
         pthread_mutex_unlock(&st->mu);
-        logf_(st, KVS_LOG_ERROR, "namespace '%s': block failed its checksum and was dropped",
+        kvs__store_log(st, KVS_LOG_ERROR, "namespace '%s': block failed its checksum and was dropped",
               kvs_ns_spec_of(ns)->name);
         if (free_now)
-            block_free(blk);
+            kvs__block_free(blk);
         return kvs_err_set(err, KVS_EDATALOSS,
                            "key: stored block failed its checksum and was dropped");
     }
@@ -542,10 +576,10 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
 void kvs_store_block_release(kvs_store *st, kvs_block *blk)
 {
     pthread_mutex_lock(&st->mu);
-    bool free_now = unref_locked(st, blk);
+    bool free_now = kvs__store_unref_locked(st, blk);
     pthread_mutex_unlock(&st->mu);
     if (free_now)
-        block_free(blk);
+        kvs__block_free(blk);
 }
 
 void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
@@ -577,13 +611,13 @@ uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, 
             continue;
         kvs_block *blk = BLOCK_OF_NODE(node);
         deleted++;
-        if (unlink_locked(st, blk)) {
+        if (forget_locked(st, blk)) {
             blk->node.next = (kvs_index_node *)to_free;
             to_free = blk;
         }
     }
     pthread_mutex_unlock(&st->mu);
-    free_chain(to_free);
+    kvs__block_free_chain(to_free);
     return deleted;
 }
 
@@ -633,10 +667,10 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old)
     pthread_mutex_lock(&st->mu);
     old->demoting = false;
     st->gpu_picked -= old->slot_bytes;
-    bool free_old = unref_locked(st, old);
+    bool free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
     if (free_old)
-        block_free(old);
+        kvs__block_free(old);
 }
 
 void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
@@ -652,10 +686,10 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     bool swap = old->linked && !kvs_ns_dropped(old->ns);
     bool free_old = false, free_nb = false;
     if (swap) {
-        free_old = unlink_locked(st, old);
+        free_old = kvs__store_unlink_locked(st, old);
         st->stats.host_used -= nb->shrink;
         nb->shrink = 0;
-        link_locked(st, nb);
+        kvs__store_link_locked(st, nb);
         st->stats.gpu_demotions++;
     } else { /* deleted, replaced or dropped meanwhile: the copy is not needed */
         give_back_locked(st, nb);
@@ -664,10 +698,10 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     old->demoting = false;
     st->gpu_picked -= old->slot_bytes;
     if (!free_old)
-        free_old = unref_locked(st, old);
+        free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
     if (free_old)
-        block_free(old);
+        kvs__block_free(old);
     if (free_nb)
-        block_free(nb);
+        kvs__block_free(nb);
 }

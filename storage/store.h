@@ -1,13 +1,18 @@
 /* The store: namespaces, the block index and the tiers behind one facade.
  *
  * Tiers (DESIGN §7): gpu (optional: fixed-size slots in a device region the GPU engine
- * allocated, storage/slots.h) and host (RAM, byte capacity). Blocks arrive here already
+ * allocated, storage/slots.h), host (RAM, byte capacity) and disk (optional: an LMDB
+ * environment, storage/disk.h, with a byte budget). Blocks arrive here already
  * encoded (gpu/codec.h); each namespace owns its key and value codecs. Each tier has its
  * own LRU list. The host tier evicts (least recently used idle blocks) to make room; the
  * gpu tier never evicts: above its high watermark the daemon demotes its least recently
  * used idle blocks to the host tier (kvs_store_gpu_pick, then kvs_store_demote_commit
  * once the engine fetched the bytes), so a Put that finds the gpu tier full simply lands
- * in the host tier. The store itself never touches device memory.
+ * in the host tier. The store itself never touches device memory. With a disk tier, the
+ * host tier's victims are not dropped but handed to the disk writer (storage/spill.h),
+ * which writes them off the request path and then turns their index entries into disk
+ * entries (no payload); a Get of a disk block reads it back (verified) and, unless
+ * opts.no_promote, moves it to the host tier, where it keeps its disk record.
  *
  * Block lifecycle (each transition names the function that performs it):
  *
@@ -30,10 +35,22 @@
  *  5. gpu_used = slot bytes of every GPU block that is FILLING, LINKED, or UNLINKED but
  *     still referenced; a block's slot is returned with its last reference.
  *  6. A block being demoted carries the demoter's reference and is picked only once.
+ *  7. disk_used = bytes of the linked blocks whose record is in the disk tier (on_disk:
+ *     every disk entry, and host blocks promoted from disk or written durably); disk
+ *     entries and transient disk reads hold no host budget.
+ *  8. A host block handed to the disk writer (spilled) holds the writer's reference, is
+ *     never picked again, and its bytes count in spill_pending (bounded by spill_max; past
+ *     it, victims are dropped as without a disk tier) instead of host_used. Removing a
+ *     block that is on disk or queued for writing queues the removal of its record after
+ *     the write (one FIFO), so a record never outlives its block's removal by more than
+ *     the writer's queue.
  *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
- * index, the LRU, the namespace registry and all counters; it is a leaf lock (nothing
- * else is taken while it is held) and is never held while payload bytes are copied or
+ * index, the LRUs, the namespace registry and all counters. Lock order (the one place it
+ * is written down): store->mu, then the disk writer's queue lock (spill.c), then the
+ * disk module's writer lock (disk.c, only ever taken by the writer thread and by reads
+ * with no store lock held) -- in practice store->mu is held only to queue, never across
+ * an LMDB transaction or a CUDA call, and never while payload bytes are copied or
  * hashed. Block payloads are written only in FILLING (by the one caller that allocated
  * the block) and are read-only once committed.
  */
@@ -47,6 +64,7 @@
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
 #include "gpu/spec.h"
+#include "storage/disk.h"
 #include "storage/ns.h"
 
 typedef struct kvs_store kvs_store;
@@ -67,6 +85,11 @@ typedef struct kvs_store_opts {
     unsigned gpu_high_pct;  /* demote above this share of the gpu tier (0: 90) */
     unsigned gpu_low_pct;   /* ...down to this share (0: 80) */
     uint32_t calib_tokens;  /* RotateKV calibration tokens N_cal (0 = 4096) */
+    kvs_disk *disk;         /* disk tier (borrowed: opened and closed by the caller, and
+                             * must outlive the store), or NULL: no disk tier */
+    uint64_t disk_capacity; /* byte budget of the disk tier */
+    uint64_t spill_max;     /* most bytes queued for the disk writer (0: host/4) */
+    bool no_promote;        /* Get of a disk block leaves it on disk (default: promote) */
     kvs_log_fn log;         /* may be NULL */
     void *log_ctx;
 } kvs_store_opts;
@@ -133,6 +156,10 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
 /* The GPU side of a GPU-tier block; NULL for other tiers. */
 kvs_block_dev *kvs_block_device(kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
+bool kvs_store_has_disk(const kvs_store *st);
+/* Waits until the disk writer has applied everything queued so far (tests, flush). A
+ * no-op without a disk tier. */
+void kvs_store_disk_wait(kvs_store *st);
 
 /* True while the gpu tier is above its high watermark. */
 bool kvs_store_gpu_over_high(kvs_store *st);
@@ -164,7 +191,10 @@ void kvs_store_block_abort(kvs_store *st, kvs_block *blk);
 
 /* Finds a block, verifies its checksum and returns it with a reader reference
  * (release with kvs_store_block_release). KVS_ENOTFOUND on a miss, KVS_EDATALOSS (block
- * dropped) on a checksum mismatch. Counts hits and misses and marks the block used. */
+ * dropped) on a checksum mismatch. Counts hits and misses and marks the block used.
+ * A disk block is read from LMDB in the calling thread (no lock held): the block handed
+ * out is a host block (promoted) or a transient copy whose tier reads DISK; KVS_EIO or
+ * KVS_ENOMEM when that read fails. */
 int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
                   kvs_err *err);
 void kvs_store_block_release(kvs_store *st, kvs_block *blk);
@@ -185,6 +215,12 @@ uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, 
 typedef struct kvs_store_stats {
     uint64_t host_capacity, host_used, host_blocks, host_hits, host_evictions;
     uint64_t gpu_capacity, gpu_used, gpu_blocks, gpu_hits, gpu_demotions;
+    uint64_t disk_capacity, disk_used, disk_blocks, disk_hits, disk_evictions;
+    uint64_t disk_spills;       /* host blocks that became disk entries */
+    uint64_t disk_promotions;   /* disk blocks moved to the host tier by a Get */
+    uint64_t disk_write_errors; /* failed disk writes (their blocks were dropped) */
+    uint64_t spill_pending;     /* bytes queued for the disk writer */
+    uint64_t spill_dropped;     /* host victims dropped: writer behind or write failed */
     uint64_t misses, checksum_failures;
 } kvs_store_stats;
 

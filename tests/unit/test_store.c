@@ -1,5 +1,9 @@
 /* storage/store: namespaces, block lifecycle, LRU eviction, busy blocks, checksums,
- * accounting, and a multi-threaded soak that checks the invariants of store.h. */
+ * accounting, a multi-threaded soak that checks the invariants of store.h, and the disk
+ * tier behind the same verbs (spill, read back, promotion, delete/replace/drop, budget
+ * eviction, corrupt records, write errors; one temporary directory per test). */
+#define _GNU_SOURCE
+#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,9 +12,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
+#include "gpu/codec.h"
 #include "storage/store.h"
 #include "tests/support/kvs_test.h"
 
@@ -514,6 +520,311 @@ static void test_gpu_abort_and_absent(void **state)
     kvs_store_destroy(st);
 }
 
+/* ---------------------------------------------------------------- disk tier */
+
+typedef struct disk_fx {
+    char dir[64];
+    kvs_disk *disk;
+    kvs_store *st;
+    kvs_ns *ns;
+} disk_fx;
+
+/* A store of host_blocks full blocks (namespace "d": L=2 H=2 D=16 T=8, codec `codec`) over
+ * a fresh disk tier of disk_budget bytes. */
+static void fx_open(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t disk_budget,
+                    bool no_promote)
+{
+    snprintf(f->dir, sizeof f->dir, "/tmp/kvs-test-store-XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    kvs_err err;
+    kvs_disk_opts dopts = {.nosync = true};
+    assert_int_equal(kvs_disk_open(f->dir, disk_budget, &dopts, &f->disk, &err), 0);
+    kvs_store_opts o = {.host_capacity = host_bytes, .disk = f->disk,
+                        .disk_capacity = disk_budget, .spill_max = 64 << 20,
+                        .no_promote = no_promote};
+    assert_int_equal(kvs_store_create(&o, &f->st, &err), 0);
+    kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, codec, codec, 5);
+    snprintf(s.name, sizeof s.name, "d");
+    assert_int_equal(kvs_store_ns_create(f->st, &s, &f->ns, &err), 0);
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    return remove(p);
+}
+
+static void fx_close(disk_fx *f)
+{
+    kvs_ns_unref(f->ns);
+    kvs_store_destroy(f->st);
+    kvs_disk_close(f->disk);
+    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Puts a real encoded block of t tokens drawn from seed under key; returns its bytes
+ * (malloc'd) and length. */
+static uint8_t *put_enc(disk_fx *f, const char *key, uint32_t t, uint64_t seed, size_t *len)
+{
+    const kvs_ns_spec *sp = kvs_ns_spec_of(f->ns);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(sp, t, &raw_bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(raw_bytes / 2, seed, 1.0, sp->dtype);
+    const kvs_codec *k = kvs_ns_codec(f->ns, KVS_KEYS), *v = kvs_ns_codec(f->ns, KVS_VALUES);
+    size_t cap = kvs_block_encoded_max(k, v, t);
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_block_alloc(f->st, f->ns, t, cap, &blk, &err), 0);
+    assert_int_equal(kvs_block_encode(k, v, kvs_ns_id(f->ns), t, raw, kvs_block_data(blk), cap,
+                                      len, &err), 0);
+    kvs_block_set_size(blk, *len, raw_bytes);
+    uint8_t *copy = malloc(*len);
+    memcpy(copy, kvs_block_data(blk), *len);
+    assert_int_equal(kvs_store_block_commit(f->st, blk, key, strlen(key), NULL, &err), 0);
+    free(raw);
+    return copy;
+}
+
+static kvs_store_tier tier_of(disk_fx *f, const char *key)
+{
+    kvs_store_key k = {key, strlen(key)};
+    kvs_store_tier t;
+    kvs_store_lookup(f->st, f->ns, &k, 1, &t, NULL);
+    return t;
+}
+
+/* Gets key and compares with want; returns the tier the block came in. */
+static kvs_store_tier expect_bytes(disk_fx *f, const char *key, const uint8_t *want, size_t len)
+{
+    kvs_block *blk;
+    kvs_err err;
+    int rc = kvs_store_get(f->st, f->ns, key, strlen(key), &blk, &err);
+    if (rc)
+        fail_msg("get %s: %s", key, err.msg);
+    assert_int_equal(kvs_block_size(blk), len);
+    assert_memory_equal(kvs_block_data(blk), want, len);
+    kvs_store_tier t = kvs_block_tier(blk);
+    kvs_store_block_release(f->st, blk);
+    return t;
+}
+
+#define NB 12
+
+static void test_disk_spill_get_promote(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 3 * 2200, 16 << 20, false); /* a none block of 8 tokens: ~2.1 KB */
+    uint8_t *want[NB];
+    size_t len[NB];
+    char key[16];
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 100 + i, &len[i]);
+    }
+    kvs_store_disk_wait(f.st);
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_true(kvs_store_has_disk(f.st));
+    assert_int_equal(s.disk_blocks + s.host_blocks, NB);
+    assert_true(s.disk_blocks >= NB - 3);
+    assert_int_equal(s.disk_spills, s.disk_blocks);
+    assert_int_equal(s.spill_dropped, 0);
+    assert_int_equal(s.spill_pending, 0);
+    assert_true(s.host_used <= s.host_capacity);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    assert_int_equal(tier_of(&f, "k11"), KVS_STORE_TIER_HOST);
+
+    /* Every block comes back byte for byte; a disk block is promoted to the host tier. */
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        expect_bytes(&f, key, want[i], len[i]);
+    }
+    assert_int_equal(tier_of(&f, "k11"), KVS_STORE_TIER_HOST); /* read last */
+    kvs_store_disk_wait(f.st);
+    kvs_store_get_stats(f.st, &s);
+    assert_true(s.disk_promotions >= NB - 3);
+    assert_true(s.disk_hits >= NB - 3);
+    assert_int_equal(s.disk_blocks + s.host_blocks, NB);
+    /* Promoted blocks keep their record: evicting them again wrote nothing new, and a
+     * second round of reads still finds everything. */
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        expect_bytes(&f, key, want[i], len[i]);
+        free(want[i]);
+    }
+    kvs_disk_stats ds;
+    assert_int_equal(kvs_disk_get_stats(f.disk, &ds, NULL), 0);
+    assert_true(ds.blocks <= NB);
+    fx_close(&f);
+}
+
+static void test_disk_no_promote(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "kivi-2", 2 * 1024, 16 << 20, true);
+    uint8_t *want[4];
+    size_t len[4];
+    char key[16];
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 7 + i, &len[i]);
+    }
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    assert_int_equal(expect_bytes(&f, "k0", want[0], len[0]), KVS_STORE_TIER_DISK);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK); /* stays on disk */
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        expect_bytes(&f, key, want[i], len[i]);
+        free(want[i]);
+    }
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.disk_promotions, 0);
+    fx_close(&f);
+}
+
+static int noop_cb(const void *b, size_t n, void *a)
+{
+    return 0;
+}
+
+static int disk_present(disk_fx *f, const char *key)
+{
+    return kvs_disk_get(f->disk, kvs_ns_id(f->ns), key, strlen(key), noop_cb, NULL, NULL);
+}
+
+static void test_disk_delete_replace_drop(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    size_t len;
+    char key[16];
+    for (int i = 0; i < 6; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        free(put_enc(&f, key, 8, 40 + i, &len));
+    }
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    assert_int_equal(disk_present(&f, "k0"), 0);
+
+    kvs_store_key del = {"k0", 2};
+    assert_int_equal(kvs_store_delete(f.st, f.ns, &del, 1), 1);
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(disk_present(&f, "k0"), KVS_ENOTFOUND);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_NONE);
+
+    /* Replacing a disk block: the new bytes are served, the old record goes. */
+    assert_int_equal(tier_of(&f, "k1"), KVS_STORE_TIER_DISK);
+    uint8_t *nw = put_enc(&f, "k1", 3, 999, &len);
+    kvs_store_disk_wait(f.st);
+    expect_bytes(&f, "k1", nw, len);
+    free(nw);
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.disk_blocks + s.host_blocks, 5);
+
+    uint64_t dropped = 0;
+    assert_int_equal(kvs_store_ns_drop(f.st, "d", &dropped, NULL), 0);
+    assert_int_equal(dropped, 5);
+    kvs_store_disk_wait(f.st);
+    kvs_disk_stats ds;
+    assert_int_equal(kvs_disk_get_stats(f.disk, &ds, NULL), 0);
+    assert_int_equal(ds.blocks, 0);
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.disk_used, 0);
+    assert_int_equal(s.disk_blocks, 0);
+    fx_close(&f);
+}
+
+static void test_disk_corrupt_record_is_data_loss(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    size_t len;
+    uint8_t *b0 = put_enc(&f, "k0", 8, 1, &len);
+    free(put_enc(&f, "k1", 8, 2, &len));
+    free(put_enc(&f, "k2", 8, 3, &len));
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    /* Rewrite k0's record with one payload bit flipped (the header stays valid). */
+    b0[len - 1] ^= 0x10;
+    kvs_disk_item it = {kvs_ns_id(f.ns), "k0", 2, b0, len};
+    assert_int_equal(kvs_disk_put_batch(f.disk, &it, 1, NULL), 0);
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_get(f.st, f.ns, "k0", 2, &blk, &err), KVS_EDATALOSS);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_NONE);
+    assert_int_equal(kvs_store_get(f.st, f.ns, "k0", 2, &blk, &err), KVS_ENOTFOUND);
+    kvs_store_disk_wait(f.st); /* the attempted promotion may have spilled k1 */
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.checksum_failures, 1);
+    assert_int_equal(s.disk_blocks + s.host_blocks, 2);
+    free(b0);
+    fx_close(&f);
+}
+
+static void test_disk_budget_eviction(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 4 * 2200, false); /* room for 4 blocks on disk */
+    uint8_t *want[NB];
+    size_t len[NB];
+    char key[16];
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 300 + i, &len[i]);
+        kvs_store_disk_wait(f.st);
+    }
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_true(s.disk_used <= s.disk_capacity);
+    assert_true(s.disk_evictions >= NB - 2 - 4);
+    assert_true(s.host_blocks + s.disk_blocks >= 5); /* 2 in RAM, about 4 on disk */
+    /* Served byte for byte or reported missing (reads promote, which spills and evicts
+     * again meanwhile). */
+    int found = 0;
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        kvs_block *blk;
+        kvs_err err;
+        int rc = kvs_store_get(f.st, f.ns, key, strlen(key), &blk, &err);
+        if (rc == 0) {
+            assert_memory_equal(kvs_block_data(blk), want[i], len[i]);
+            kvs_store_block_release(f.st, blk);
+            found++;
+        } else {
+            assert_int_equal(rc, KVS_ENOTFOUND);
+        }
+        free(want[i]);
+    }
+    assert_true(found >= 2);
+    fx_close(&f);
+}
+
+static void test_disk_write_error(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    size_t len;
+    free(put_enc(&f, "k0", 8, 1, &len));
+    free(put_enc(&f, "k1", 8, 2, &len));
+    kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
+    uint8_t *b2 = put_enc(&f, "k2", 8, 3, &len); /* k0 goes to the writer, which fails */
+    kvs_store_disk_wait(f.st);
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.disk_write_errors, 1);
+    assert_int_equal(s.spill_dropped, 1);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_NONE);
+    free(put_enc(&f, "k3", 8, 4, &len)); /* later writes work again */
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(tier_of(&f, "k1"), KVS_STORE_TIER_DISK);
+    expect_bytes(&f, "k2", b2, len);
+    free(b2);
+    fx_close(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -526,6 +837,12 @@ int main(void)
         cmocka_unit_test(test_concurrent_soak),
         cmocka_unit_test(test_gpu_tier_and_demotion),
         cmocka_unit_test(test_gpu_abort_and_absent),
+        cmocka_unit_test(test_disk_spill_get_promote),
+        cmocka_unit_test(test_disk_no_promote),
+        cmocka_unit_test(test_disk_delete_replace_drop),
+        cmocka_unit_test(test_disk_corrupt_record_is_data_loss),
+        cmocka_unit_test(test_disk_budget_eviction),
+        cmocka_unit_test(test_disk_write_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,463 @@
+/* The disk writer and the disk read path: see spill.h. The writer thread owns every
+ * LMDB write the store makes (LMDB's rule: one writer, batched transactions); request
+ * threads only read (kvs_spill_read), in short read transactions of their own.
+ */
+#include "storage/spill.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "gpu/base/mem.h"
+
+#define BATCH_ITEMS 64              /* blocks per write transaction */
+#define BATCH_BYTES (64ull << 20)   /* ...and their bytes */
+#define RUN_MAX 1024                /* deletes per transaction */
+#define ENOSPC_TRIES 4              /* evict-and-retry rounds on a full map */
+
+typedef enum op_kind { OP_PUT, OP_DURABLE, OP_DEL, OP_NS_DEL, OP_MARK } op_kind;
+
+typedef struct op {
+    struct op *next;
+    op_kind kind;
+    kvs_block *blk; /* put, durable: the writer's reference */
+    kvs_spill_done_fn done;
+    void *arg;
+    uint32_t ns_id; /* del, ns_del */
+    uint8_t key_len;
+    uint8_t key[KVS_KEY_MAX];
+} op;
+
+struct kvs_spill {
+    kvs_store *st; /* borrowed */
+    pthread_t thread;
+    pthread_mutex_t mu; /* guards head, tail, stop */
+    pthread_cond_t cv;
+    op *head, **tail;
+    bool stop;
+};
+
+/* A disk record named for deletion. */
+typedef struct victim {
+    uint32_t ns_id;
+    uint8_t key_len;
+    uint8_t key[KVS_KEY_MAX];
+} victim;
+
+static void push(kvs_spill *sp, op *o)
+{
+    pthread_mutex_lock(&sp->mu);
+    *sp->tail = o;
+    sp->tail = &o->next;
+    pthread_cond_signal(&sp->cv);
+    pthread_mutex_unlock(&sp->mu);
+}
+
+static op *op_new(op_kind kind)
+{
+    op *o = kvs_xcalloc(1, sizeof *o); /* small and fixed (STYLE: may abort) */
+    o->kind = kind;
+    return o;
+}
+
+void kvs_spill_put(kvs_spill *sp, kvs_block *blk)
+{
+    op *o = op_new(OP_PUT);
+    o->blk = blk;
+    push(sp, o);
+}
+
+void kvs_spill_durable(kvs_spill *sp, kvs_block *blk, kvs_spill_done_fn done, void *arg)
+{
+    op *o = op_new(OP_DURABLE);
+    o->blk = blk;
+    o->done = done;
+    o->arg = arg;
+    push(sp, o);
+}
+
+void kvs_spill_del(kvs_spill *sp, uint32_t ns_id, const void *key, size_t key_len)
+{
+    op *o = op_new(OP_DEL);
+    o->ns_id = ns_id;
+    o->key_len = (uint8_t)key_len;
+    memcpy(o->key, key, key_len);
+    push(sp, o);
+}
+
+void kvs_spill_ns_del(kvs_spill *sp, uint32_t ns_id)
+{
+    op *o = op_new(OP_NS_DEL);
+    o->ns_id = ns_id;
+    push(sp, o);
+}
+
+void kvs_spill_mark(kvs_spill *sp, kvs_spill_done_fn done, void *arg)
+{
+    op *o = op_new(OP_MARK);
+    o->done = done;
+    o->arg = arg;
+    push(sp, o);
+}
+
+/* ---------------------------------------------------------------- writer */
+
+static void del_records(kvs_store *st, const victim *v, size_t n, const char *why)
+{
+    kvs_disk_key keys[RUN_MAX];
+    for (size_t i = 0; i < n;) {
+        size_t m = 0;
+        for (; i < n && m < RUN_MAX; i++, m++)
+            keys[m] = (kvs_disk_key){v[i].ns_id, v[i].key, v[i].key_len};
+        kvs_err err;
+        if (kvs_disk_del(st->disk, keys, m, NULL, &err)) {
+            pthread_mutex_lock(&st->mu);
+            st->stats.disk_write_errors++;
+            pthread_mutex_unlock(&st->mu);
+            kvs__store_log(st, KVS_LOG_ERROR, "disk tier: deleting %zu records (%s): %s", m,
+                           why, err.msg);
+        }
+    }
+}
+
+/* Evicts idle disk entries, oldest first, until `need` more bytes fit the budget and at
+ * least `extra` bytes went; deletes their records. Returns how many were evicted. */
+static size_t make_disk_room(kvs_store *st, uint64_t need, uint64_t extra)
+{
+    size_t n = 0, cap = 0;
+    victim *v = NULL;
+    uint64_t freed = 0;
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    kvs_lru_node *it = kvs_lru_oldest(&st->disk_lru);
+    while (it && (st->stats.disk_used + need > st->stats.disk_capacity || freed < extra)) {
+        kvs_block *d = KVS__BLOCK_OF_LRU(it);
+        it = kvs_lru_newer(&st->disk_lru, it);
+        if (d->refs != 1) /* a reader is reading it (invariant 3) */
+            continue;
+        if (n == cap) {
+            victim *nv = realloc(v, (cap ? 2 * cap : 64) * sizeof *v);
+            if (!nv)
+                break; /* evict fewer this round */
+            v = nv;
+            cap = cap ? 2 * cap : 64;
+        }
+        v[n].ns_id = d->node.ns_id;
+        v[n].key_len = d->node.key_len;
+        memcpy(v[n].key, d->node.key, d->node.key_len);
+        n++;
+        freed += d->size;
+        st->stats.disk_evictions++;
+        kvs__store_unlink_locked(st, d); /* idle: freed below */
+        d->node.next = (kvs_index_node *)to_free;
+        to_free = d;
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
+    if (n)
+        del_records(st, v, n, "evicted");
+    free(v);
+    return n;
+}
+
+/* Writes items, making room in the budget first and again while LMDB finds its map full. */
+static int write_items(kvs_store *st, const kvs_disk_item *items, size_t m, uint64_t bytes,
+                       bool durable, kvs_err *err)
+{
+    make_disk_room(st, bytes, 0);
+    for (int tries = 0;; tries++) {
+        int rc = durable ? kvs_disk_put_durable(st->disk, items, m, err)
+                         : kvs_disk_put_batch(st->disk, items, m, err);
+        if (rc != KVS_ENOSPC || tries == ENOSPC_TRIES)
+            return rc;
+        pthread_mutex_lock(&st->mu);
+        uint64_t extra = st->stats.disk_used / 8;
+        pthread_mutex_unlock(&st->mu);
+        if (!make_disk_room(st, bytes, extra > bytes ? extra : bytes))
+            return rc; /* nothing left to evict */
+    }
+}
+
+/* A run of put or durable ops (at most BATCH_ITEMS) in one transaction. */
+static void apply_puts(kvs_spill *sp, op **run, size_t n, bool durable)
+{
+    kvs_store *st = sp->st;
+    kvs_disk_item items[BATCH_ITEMS];
+    bool in[BATCH_ITEMS];
+    kvs_block *fresh[BATCH_ITEMS] = {0};
+    size_t m = 0;
+    uint64_t bytes = 0;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = run[i]->blk;
+        /* Removed meanwhile: whoever removed it queued the record's deletion after us,
+         * so skipping is enough. Identity and payload are immutable once linked. */
+        in[i] = b->linked && !kvs_ns_dropped(b->ns);
+        if (in[i]) {
+            items[m++] = (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data,
+                                         b->size};
+            bytes += b->size;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = m ? write_items(st, items, m, bytes, durable, &err) : 0;
+    for (size_t i = 0; i < n && rc == 0 && !durable; i++)
+        if (in[i])
+            fresh[i] = kvs__disk_entry_new(run[i]->blk);
+
+    kvs_block *to_free = NULL;
+    size_t dropped = 0;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = run[i]->blk;
+        b->queued = false;
+        bool live = b->linked && !kvs_ns_dropped(b->ns);
+        if (in[i] && live && rc == 0) {
+            if (durable) {
+                b->on_disk = true;
+                st->stats.disk_used += b->size;
+            } else { /* the host copy leaves; readers keep it until they let go */
+                kvs__store_unlink_locked(st, b);
+                kvs__store_link_locked(st, fresh[i]);
+                fresh[i] = NULL;
+                st->stats.disk_spills++;
+            }
+        } else if (in[i] && live && !durable) { /* not written: dropped as if no disk */
+            kvs__store_unlink_locked(st, b);
+            st->stats.spill_dropped++;
+            dropped++;
+        }
+        if (kvs__store_unref_locked(st, b)) {
+            b->node.next = (kvs_index_node *)to_free;
+            to_free = b;
+        }
+    }
+    if (rc && rc != KVS_ENOSPC)
+        st->stats.disk_write_errors += m;
+    pthread_mutex_unlock(&st->mu);
+    for (size_t i = 0; i < n; i++)
+        if (fresh[i])
+            kvs__block_free(fresh[i]);
+    kvs__block_free_chain(to_free);
+    if (rc)
+        kvs__store_log(st, KVS_LOG_ERROR, "disk tier: writing %zu blocks (%llu bytes)%s: %s", m,
+                       (unsigned long long)bytes,
+                       durable ? " of durable puts" : dropped ? ", dropped from the host tier" : "",
+                       err.msg);
+    for (size_t i = 0; durable && i < n; i++)
+        run[i]->done(run[i]->arg, in[i] ? rc : 0, in[i] && rc ? &err : NULL);
+}
+
+static void apply_dels(kvs_spill *sp, op **run, size_t n)
+{
+    victim v[RUN_MAX];
+    for (size_t i = 0; i < n; i++) {
+        v[i].ns_id = run[i]->ns_id;
+        v[i].key_len = run[i]->key_len;
+        memcpy(v[i].key, run[i]->key, run[i]->key_len);
+    }
+    del_records(sp->st, v, n, "removed blocks");
+}
+
+static void apply_one(kvs_spill *sp, op *o)
+{
+    kvs_err err;
+    if (o->kind == OP_MARK) {
+        o->done(o->arg, 0, NULL);
+    } else if (o->kind == OP_NS_DEL && kvs_disk_ns_del(sp->st->disk, o->ns_id, NULL, &err)) {
+        kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: dropping namespace id %u: %s",
+                       o->ns_id, err.msg);
+    }
+}
+
+/* Applies a list in order, grouping consecutive ops of one kind into a transaction. */
+static void apply(kvs_spill *sp, op *list)
+{
+    op *run[RUN_MAX];
+    while (list) {
+        op_kind k = list->kind;
+        size_t n = 0, lim = k == OP_PUT || k == OP_DURABLE ? BATCH_ITEMS : k == OP_DEL ? RUN_MAX : 1;
+        uint64_t bytes = 0;
+        while (list && list->kind == k && n < lim && bytes < BATCH_BYTES) {
+            if (list->blk)
+                bytes += list->blk->size;
+            run[n++] = list;
+            list = list->next;
+        }
+        if (k == OP_PUT || k == OP_DURABLE)
+            apply_puts(sp, run, n, k == OP_DURABLE);
+        else if (k == OP_DEL)
+            apply_dels(sp, run, n);
+        else
+            apply_one(sp, run[0]);
+        for (size_t i = 0; i < n; i++)
+            free(run[i]);
+    }
+}
+
+static void *writer_main(void *arg)
+{
+    kvs_spill *sp = arg;
+    pthread_mutex_lock(&sp->mu);
+    for (;;) {
+        while (!sp->head && !sp->stop)
+            pthread_cond_wait(&sp->cv, &sp->mu);
+        if (!sp->head)
+            break; /* stopping, and everything queued is applied */
+        op *list = sp->head;
+        sp->head = NULL;
+        sp->tail = &sp->head;
+        pthread_mutex_unlock(&sp->mu);
+        apply(sp, list);
+        pthread_mutex_lock(&sp->mu);
+    }
+    pthread_mutex_unlock(&sp->mu);
+    return NULL;
+}
+
+int kvs_spill_create(kvs_store *st, kvs_spill **out, kvs_err *err)
+{
+    kvs_spill *sp = kvs_xcalloc(1, sizeof *sp);
+    sp->st = st;
+    sp->tail = &sp->head;
+    int rc = pthread_mutex_init(&sp->mu, NULL);
+    if (rc == 0 && (rc = pthread_cond_init(&sp->cv, NULL)) != 0)
+        pthread_mutex_destroy(&sp->mu);
+    if (rc == 0 && (rc = pthread_create(&sp->thread, NULL, writer_main, sp)) != 0) {
+        pthread_cond_destroy(&sp->cv);
+        pthread_mutex_destroy(&sp->mu);
+    }
+    if (rc) {
+        free(sp);
+        return kvs_err_set(err, -rc, "disk writer: cannot start: %s", strerror(rc));
+    }
+    *out = sp;
+    return 0;
+}
+
+void kvs_spill_destroy(kvs_spill *sp)
+{
+    if (!sp)
+        return;
+    pthread_mutex_lock(&sp->mu);
+    sp->stop = true;
+    pthread_cond_signal(&sp->cv);
+    pthread_mutex_unlock(&sp->mu);
+    pthread_join(sp->thread, NULL);
+    pthread_cond_destroy(&sp->cv);
+    pthread_mutex_destroy(&sp->mu);
+    free(sp);
+}
+
+typedef struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+} waiter;
+
+static void wake(void *arg, int rc, const kvs_err *err)
+{
+    (void)rc;
+    (void)err;
+    waiter *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+void kvs_store_disk_wait(kvs_store *st)
+{
+    if (!st->spill)
+        return;
+    waiter w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    kvs_spill_mark(st->spill, wake, &w);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+}
+
+/* ---------------------------------------------------------------- reads */
+
+typedef struct rd {
+    unsigned char *dst;
+    uint64_t len;
+} rd;
+
+static int copy_cb(const void *bytes, size_t len, void *arg)
+{
+    rd *r = arg;
+    if (len != r->len) /* rewritten under another size since: not this block any more */
+        return KVS_ENOTFOUND;
+    memcpy(r->dst, bytes, len);
+    return 0;
+}
+
+int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
+{
+    kvs_ns *ns = d->ns;
+    kvs_block *h = NULL;
+    int rc = 0;
+    if (st->promote && kvs_store_block_alloc(st, ns, d->tokens, d->size, &h, NULL) != 0)
+        h = NULL; /* no room in the host tier: serve a transient copy */
+    if (!h) {
+        h = calloc(1, sizeof *h);
+        unsigned char *data = h ? kvs_trymalloc(d->size ? d->size : 1) : NULL;
+        if (!data) {
+            free(h);
+            h = NULL;
+            rc = kvs_err_set(err, KVS_ENOMEM, "disk tier: cannot allocate %llu bytes to read a "
+                             "block", (unsigned long long)d->size);
+        } else {
+            *h = (kvs_block){.data = data, .ns = kvs_ns_ref(ns), .tokens = d->tokens,
+                             .size = d->size, .tier = KVS_STORE_TIER_DISK, .transient = true};
+        }
+    }
+    if (rc == 0) {
+        h->raw_bytes = d->raw_bytes;
+        rd r = {h->data, d->size};
+        rc = kvs_disk_get(st->disk, d->node.ns_id, d->node.key, d->node.key_len, copy_cb, &r, err);
+        if (rc == KVS_ENOTFOUND)
+            rc = kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s' (its disk "
+                             "record is gone)", kvs_ns_spec_of(ns)->name);
+        else if (rc == 0)
+            h->checksum = XXH3_64bits(h->data, h->size); /* host tier invariant 4 */
+    }
+    pthread_mutex_lock(&st->mu);
+    if (rc) {
+        if (rc == KVS_EDATALOSS)
+            st->stats.checksum_failures++;
+        else if (rc == KVS_ENOTFOUND)
+            st->stats.misses++;
+        /* The disk module already deleted a record that failed its checksum. */
+        if ((rc == KVS_EDATALOSS || rc == KVS_ENOTFOUND) && d->linked)
+            kvs__store_unlink_locked(st, d);
+    } else {
+        st->stats.disk_hits++;
+        if (!h->transient && d->linked && !kvs_ns_dropped(ns)) {
+            h->node = d->node;
+            h->on_disk = true; /* the record stays: evicting h again costs no write */
+            kvs__store_unlink_locked(st, d);
+            kvs__store_link_locked(st, h);
+            st->stats.disk_promotions++;
+        }
+        h->refs = h->linked ? 2 : 1; /* + the reader's */
+    }
+    bool free_d = kvs__store_unref_locked(st, d);
+    pthread_mutex_unlock(&st->mu);
+    if (free_d)
+        kvs__block_free(d);
+    if (rc && h) {
+        if (h->transient)
+            kvs__block_free(h);
+        else
+            kvs_store_block_abort(st, h);
+    }
+    if (rc == 0)
+        *out = h;
+    return rc;
+}

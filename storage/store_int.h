@@ -1,0 +1,81 @@
+/* Private to the store and its disk-tier plumbing (storage/spill.c): the block and store
+ * structures and the helpers both files use. Nothing outside storage/ includes this.
+ * Every *_locked function expects store->mu held (store.h: lock order).
+ */
+#ifndef KVS_STORAGE_STORE_INT_H
+#define KVS_STORAGE_STORE_INT_H
+
+#include <pthread.h>
+
+#include "storage/disk.h"
+#include "storage/index.h"
+#include "storage/lru.h"
+#include "storage/slots.h"
+#include "storage/store.h"
+
+typedef struct kvs_spill kvs_spill; /* storage/spill.h */
+
+struct kvs_block {
+    kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
+    kvs_lru_node lru;    /* linked in its tier's LRU when LINKED */
+    kvs_ns *ns;          /* reference held by the block */
+    unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
+    bool linked;
+    uint32_t tokens;
+    uint64_t size;      /* stored (encoded) bytes; the reservation while FILLING */
+    uint64_t raw_bytes; /* payload bytes the block represents */
+    uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
+    uint64_t checksum; /* XXH3-64 of data, set at commit (host tier) */
+    unsigned char *data; /* host tier, and a transient disk read; NULL for a disk entry */
+    kvs_store_tier tier;
+    bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
+    bool on_disk;        /* its encoded bytes are a record of the disk tier (invariant 7) */
+    bool queued;         /* a write of it to the disk tier is queued or running (inv. 8) */
+    bool spilled;        /* host block handed to the disk writer: its bytes count in
+                          * st->spill_bytes, not host_used (invariant 8) */
+    bool transient;      /* a disk block read for one reader: never linked, no budget */
+    uint64_t slot_bytes; /* gpu tier */
+    kvs_block_dev dev;   /* gpu tier */
+};
+
+struct kvs_store {
+    pthread_mutex_t mu;
+    kvs_ns_registry *reg;
+    kvs_index *index;
+    kvs_lru lru;      /* host tier */
+    kvs_lru gpu_lru;  /* gpu tier */
+    kvs_lru disk_lru; /* disk tier (index entries without payload) */
+    kvs_slots *gpu;   /* NULL without a gpu tier */
+    uint64_t gpu_high, gpu_low; /* watermarks in bytes */
+    uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
+    kvs_disk *disk;             /* borrowed; NULL without a disk tier */
+    kvs_spill *spill;           /* the disk writer; NULL without a disk tier */
+    uint64_t spill_max;         /* most bytes handed to the writer at once */
+    bool promote;               /* Get of a disk block moves it to the host tier */
+    kvs_store_stats stats;
+    uint32_t calib_tokens;
+    kvs_log_fn log;
+    void *log_ctx;
+};
+
+#define KVS__BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, node)))
+#define KVS__BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, lru)))
+
+void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Frees a block that is neither linked nor referenced (outside the lock). */
+void kvs__block_free(kvs_block *blk);
+/* Frees a chain of blocks linked through node.next. */
+void kvs__block_free_chain(kvs_block *b);
+/* Inserts an initialized block into the index and its tier's LRU (refs = 1). */
+void kvs__store_link_locked(kvs_store *st, kvs_block *blk);
+/* Unlinks a LINKED block and drops the index's reference; true if it is now free (the
+ * caller frees it outside the lock). Queues nothing for the disk tier. */
+bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk);
+/* Drops one reference; true on the last (capacity given back; caller frees). */
+bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
+/* A disk-tier index entry standing for blk's record (same identity, no payload); not
+ * linked. Small fixed allocation (aborts on failure). */
+kvs_block *kvs__disk_entry_new(const kvs_block *blk);
+
+#endif
