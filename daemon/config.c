@@ -31,6 +31,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->gpu_low_pct = 80;
     cfg->disk_capacity = 16ull << 30;
     cfg->promote = 1;
+    cfg->flush_on_exit = 1;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -114,6 +115,8 @@ static void usage(FILE *f)
             "                         or empty; a foreign directory is refused); default: none\n"
             "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
             "  --promote on|off       a Get of a disk block moves it to the host tier (default on)\n"
+            "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
+            "                         a restart finds them (default on)\n"
             "  -h, --help             this text\n"
             "  --version              print the version\n"
             "\n"
@@ -125,7 +128,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -148,6 +151,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"data-dir", required_argument, NULL, O_DATA_DIR},
         {"disk-capacity", required_argument, NULL, O_DISK_CAP},
         {"promote", required_argument, NULL, O_PROMOTE},
+        {"flush-on-exit", required_argument, NULL, O_FLUSH_EXIT},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -284,6 +288,13 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 cfg->promote = 0;
             else
                 return kvs_err_set(err, KVS_EINVAL, "--promote: '%s' is not on or off", optarg);
+            break;
+        case O_FLUSH_EXIT:
+            if (strcmp(optarg, "on") == 0 || strcmp(optarg, "off") == 0)
+                cfg->flush_on_exit = optarg[1] == 'n';
+            else
+                return kvs_err_set(err, KVS_EINVAL, "--flush-on-exit: '%s' is not on or off",
+                                   optarg);
             break;
         case 'h': usage(stdout); return 1;
         case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;

@@ -33,6 +33,7 @@ typedef struct kvs_config {
     char data_dir[512];      /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;  /* byte budget of the disk tier */
     int promote;             /* 1: a Get of a disk block moves it to the host tier */
+    int flush_on_exit;       /* 1: write host blocks to the disk tier at shutdown */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

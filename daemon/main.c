@@ -277,6 +277,12 @@ int main(int argc, char **argv)
     kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
     kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
     kvs_work_destroy(d.work);     /* no CQ thread is left to submit */
+    if (d.disk && d.cfg.flush_on_exit) {
+        uint64_t t0 = uv_hrtime();
+        uint64_t n = kvs_store_flush(d.store);
+        kvs_log(KVS_LOG_INFO, "flushed %llu host blocks to the disk tier in %.1f ms",
+                (unsigned long long)n, (double)(uv_hrtime() - t0) / 1e6);
+    }
     kvs_store_destroy(d.store); /* applies the disk writer's queue */
     kvs_disk_close(d.disk);
     rc = uv_loop_close(&d.loop);

@@ -105,6 +105,20 @@ static ptrdiff_t find_slot(const kvs_ns_registry *reg, const char *name)
     return -1;
 }
 
+kvs_ns *kvs_ns_registry_find_id(kvs_ns_registry *reg, uint32_t id)
+{
+    for (size_t i = 0; i < reg->count; i++)
+        if (reg->items[i]->id == id)
+            return reg->items[i];
+    return NULL;
+}
+
+void kvs_ns_registry_set_next_id(kvs_ns_registry *reg, uint32_t id)
+{
+    if (id > reg->next_id)
+        reg->next_id = id;
+}
+
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
                         kvs_learn *learn, kvs_ns **out, kvs_err *err)
 {

@@ -73,6 +73,12 @@ kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
  * NULL if absent. */
 kvs_ns *kvs_ns_registry_remove(kvs_ns_registry *reg, const char *name);
 size_t kvs_ns_registry_count(const kvs_ns_registry *reg);
+/* Borrowed pointer to the namespace with this id, or NULL. */
+kvs_ns *kvs_ns_registry_find_id(kvs_ns_registry *reg, uint32_t id);
+/* The next namespace added gets id `id` if it is above every id handed out so far (restoring
+ * namespaces from the disk tier keeps their ids, which the stored blocks carry); lower ids
+ * are ignored. */
+void kvs_ns_registry_set_next_id(kvs_ns_registry *reg, uint32_t id);
 /* i-th namespace in creation order (borrowed), i < count. */
 kvs_ns *kvs_ns_registry_at(kvs_ns_registry *reg, size_t i);
 

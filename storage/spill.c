@@ -4,8 +4,10 @@
  */
 #include "storage/spill.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
@@ -15,7 +17,7 @@
 #define RUN_MAX 1024                /* deletes per transaction */
 #define ENOSPC_TRIES 4              /* evict-and-retry rounds on a full map */
 
-typedef enum op_kind { OP_PUT, OP_DURABLE, OP_DEL, OP_NS_DEL, OP_MARK } op_kind;
+typedef enum op_kind { OP_PUT, OP_COPY, OP_DURABLE, OP_DEL, OP_NS_DEL, OP_MARK } op_kind;
 
 typedef struct op {
     struct op *next;
@@ -178,9 +180,11 @@ static int write_items(kvs_store *st, const kvs_disk_item *items, size_t m, uint
     }
 }
 
-/* A run of put or durable ops (at most BATCH_ITEMS) in one transaction. */
-static void apply_puts(kvs_spill *sp, op **run, size_t n, bool durable)
+/* A run of put, copy or durable ops (at most BATCH_ITEMS) in one transaction. A put moves
+ * the block to disk; copy and durable leave it in the host tier, now on_disk. */
+static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
 {
+    bool durable = kind == OP_DURABLE, keep = kind != OP_PUT;
     kvs_store *st = sp->st;
     kvs_disk_item items[BATCH_ITEMS];
     bool in[BATCH_ITEMS];
@@ -204,7 +208,7 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, bool durable)
     kvs_err err;
     kvs_err_clear(&err);
     int rc = m ? write_items(st, items, m, bytes, durable, &err) : 0;
-    for (size_t i = 0; i < n && rc == 0 && !durable; i++)
+    for (size_t i = 0; i < n && rc == 0 && !keep; i++)
         if (in[i])
             fresh[i] = kvs__disk_entry_new(run[i]->blk);
 
@@ -216,7 +220,7 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, bool durable)
         b->queued = false;
         bool live = b->linked && !kvs_ns_dropped(b->ns);
         if (in[i] && live && rc == 0) {
-            if (durable) {
+            if (keep) {
                 b->on_disk = true;
                 st->stats.disk_used += b->size;
             } else { /* the host copy leaves; readers keep it until they let go */
@@ -225,7 +229,7 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, bool durable)
                 fresh[i] = NULL;
                 st->stats.disk_spills++;
             }
-        } else if (in[i] && live && !durable) { /* not written: dropped as if no disk */
+        } else if (in[i] && live && !keep) { /* not written: dropped as if no disk */
             kvs__store_unlink_locked(st, b);
             st->stats.spill_dropped++;
             dropped++;
@@ -279,7 +283,8 @@ static void apply(kvs_spill *sp, op *list)
     op *run[RUN_MAX];
     while (list) {
         op_kind k = list->kind;
-        size_t n = 0, lim = k == OP_PUT || k == OP_DURABLE ? BATCH_ITEMS : k == OP_DEL ? RUN_MAX : 1;
+        bool put = k == OP_PUT || k == OP_COPY || k == OP_DURABLE;
+        size_t n = 0, lim = put ? BATCH_ITEMS : k == OP_DEL ? RUN_MAX : 1;
         uint64_t bytes = 0;
         while (list && list->kind == k && n < lim && bytes < BATCH_BYTES) {
             if (list->blk)
@@ -287,8 +292,8 @@ static void apply(kvs_spill *sp, op *list)
             run[n++] = list;
             list = list->next;
         }
-        if (k == OP_PUT || k == OP_DURABLE)
-            apply_puts(sp, run, n, k == OP_DURABLE);
+        if (put)
+            apply_puts(sp, run, n, k);
         else if (k == OP_DEL)
             apply_dels(sp, run, n);
         else
@@ -460,4 +465,152 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     if (rc == 0)
         *out = h;
     return rc;
+}
+
+/* ---------------------------------------------------------------- flush, persistence */
+
+uint64_t kvs_store_flush(kvs_store *st)
+{
+    uint64_t n = 0;
+    if (!st->spill)
+        return 0;
+    pthread_mutex_lock(&st->mu);
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it; it = kvs_lru_newer(&st->lru, it)) {
+        kvs_block *b = KVS__BLOCK_OF_LRU(it);
+        if (b->on_disk || b->queued || b->spilled)
+            continue;
+        b->queued = true;
+        b->refs++;
+        op *o = op_new(OP_COPY);
+        o->blk = b;
+        push(st->spill, o);
+        n++;
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs_store_disk_wait(st);
+    return n;
+}
+
+/* Spec record (name ""): one line of text, versioned, so a reader never depends on a C
+ * struct's layout: "kvs-ns 1 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED". */
+int kvs__spill_ns_record_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
+{
+    const kvs_ns_spec *s = kvs_ns_spec_of(ns);
+    char line[512];
+    int n = snprintf(line, sizeof line, "kvs-ns 1 %s %u %u %u %u %d %s %s %d %d %llu", s->name,
+                     s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
+                     s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
+                     (unsigned long long)s->seed);
+    int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
+    return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
+}
+
+static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
+{
+    char line[512], name[KVS_NAME_MAX + 2], kc[KVS_CODEC_NAME_MAX + 2], vc[KVS_CODEC_NAME_MAX + 2];
+    if (len >= sizeof line)
+        return -1;
+    memcpy(line, val, len);
+    line[len] = 0;
+    int dtype, pre, dur;
+    unsigned long long seed;
+    char tail;
+    memset(s, 0, sizeof *s);
+    /* Widths one over the maxima, so an over-long field is caught by validation. */
+    if (sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name, &s->layers,
+               &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc, &pre, &dur, &seed,
+               &tail) != 11 ||
+        strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
+        strlen(vc) > KVS_CODEC_NAME_MAX)
+        return -1;
+    strcpy(s->name, name);
+    strcpy(s->key_codec, kc);
+    strcpy(s->value_codec, vc);
+    s->dtype = (kvs_dtype)dtype;
+    s->keys_pre_rope = pre != 0;
+    s->durable = dur != 0;
+    s->seed = seed;
+    return 0;
+}
+
+typedef struct restore {
+    kvs_store *st;
+    kvs_err *err;
+    uint32_t namespaces;
+    kvs_ns *last; /* cache: blocks come in namespace order */
+    uint64_t linked, skipped;
+} restore;
+
+static int on_ns_record(uint32_t ns_id, const void *rec, size_t rec_len, const void *val,
+                        size_t val_len, void *arg)
+{
+    restore *r = arg;
+    if (rec_len != 0)
+        return 0; /* codec state records: not written yet */
+    kvs_ns_spec spec;
+    if (parse_spec(val, val_len, &spec))
+        return kvs_err_set(r->err, KVS_EPROTO, "disk tier %s: namespace record %u is not a "
+                           "spec this version reads", kvs_disk_path(r->st->disk), ns_id);
+    kvs_ns *ns;
+    int rc = kvs__store_ns_add(r->st, &spec, ns_id, &ns, r->err);
+    if (rc)
+        return kvs_err_prefix(r->err, "disk tier %s: namespace %u", kvs_disk_path(r->st->disk),
+                              ns_id);
+    kvs_ns_unref(ns);
+    r->namespaces++;
+    return 0;
+}
+
+/* Startup only (no other thread uses the store yet): taking the store lock inside the
+ * scan's read transaction cannot wait on anything. */
+static int on_block(const kvs_disk_entry *e, void *arg)
+{
+    restore *r = arg;
+    kvs_store *st = r->st;
+    pthread_mutex_lock(&st->mu);
+    kvs_ns *ns = r->last && kvs_ns_id(r->last) == e->ns_id ? r->last
+                                                          : kvs_ns_registry_find_id(st->reg, e->ns_id);
+    r->last = ns;
+    uint64_t raw = 0;
+    if (!ns || e->key_len < 1 || e->key_len > KVS_KEY_MAX ||
+        !kvs_ns_codec_version(ns, KVS_KEYS, e->k_state) ||
+        !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state) ||
+        kvs_spec_block_bytes(kvs_ns_spec_of(ns), e->tokens, &raw, NULL)) {
+        r->skipped++; /* no namespace, or codec state not restored: not servable */
+        pthread_mutex_unlock(&st->mu);
+        return 0;
+    }
+    kvs_block *d = kvs_xcalloc(1, sizeof *d);
+    kvs_index_node_init(&d->node, e->ns_id, e->key, e->key_len);
+    d->ns = kvs_ns_ref(ns);
+    d->tokens = e->tokens;
+    d->size = e->bytes;
+    d->raw_bytes = raw;
+    d->tier = KVS_STORE_TIER_DISK;
+    d->on_disk = true;
+    kvs__store_link_locked(st, d);
+    r->linked++;
+    pthread_mutex_unlock(&st->mu);
+    return 0;
+}
+
+int kvs__spill_restore(kvs_store *st, kvs_err *err)
+{
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    restore r = {.st = st, .err = err};
+    int rc = kvs_disk_ns_list(st->disk, on_ns_record, &r, err);
+    if (rc)
+        return rc;
+    kvs_disk_scan_info info;
+    if ((rc = kvs_disk_scan(st->disk, 0, on_block, &r, &info, err)))
+        return kvs_err_prefix(err, "disk tier %s: rebuilding the index", kvs_disk_path(st->disk));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    kvs__store_log(st, KVS_LOG_INFO, "disk tier %s: restored %u namespaces and %llu blocks "
+                   "(%llu bytes) in %.1f ms; %llu blocks skipped, %llu bad records dropped",
+                   kvs_disk_path(st->disk), r.namespaces, (unsigned long long)r.linked,
+                   (unsigned long long)st->stats.disk_used, ms, (unsigned long long)r.skipped,
+                   (unsigned long long)info.dropped);
+    return 0;
 }

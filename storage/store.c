@@ -69,7 +69,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         st->disk = opts->disk;
         st->stats.disk_capacity = opts->disk_capacity;
         st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
-        if ((rc = kvs_spill_create(st, &st->spill, err))) {
+        if ((rc = kvs_spill_create(st, &st->spill, err)) || (rc = kvs__spill_restore(st, err))) {
             kvs_store_destroy(st);
             return rc;
         }
@@ -187,6 +187,24 @@ void kvs_store_destroy(kvs_store *st)
 
 int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
 {
+    kvs_ns *ns = NULL;
+    int rc = kvs__store_ns_add(st, spec, 0, &ns, err);
+    if (rc == 0 && st->disk && (rc = kvs__spill_ns_record_put(st, ns, err))) {
+        /* Not persisted: refuse rather than lose the namespace at the next restart. */
+        kvs_ns_unref(ns);
+        kvs_store_ns_drop(st, spec->name, NULL, NULL);
+        return rc;
+    }
+    if (out)
+        *out = ns;
+    else if (ns)
+        kvs_ns_unref(ns);
+    return rc;
+}
+
+int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
+                      kvs_err *err)
+{
     int rc = kvs_spec_validate(spec, err);
     if (rc)
         return rc;
@@ -212,7 +230,12 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
         return rc;
     }
     pthread_mutex_lock(&st->mu);
-    rc = kvs_ns_registry_add(st->reg, spec, codecs, learn, out, err);
+    if (id && kvs_ns_registry_find_id(st->reg, id))
+        rc = kvs_err_set(err, KVS_EEXIST, "namespace id %u: already in use", id);
+    else if (id)
+        kvs_ns_registry_set_next_id(st->reg, id);
+    if (rc == 0)
+        rc = kvs_ns_registry_add(st->reg, spec, codecs, learn, out, err);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
         kvs_codec_destroy(codecs[0]);

@@ -13,6 +13,10 @@
  * which writes them off the request path and then turns their index entries into disk
  * entries (no payload); a Get of a disk block reads it back (verified) and, unless
  * opts.no_promote, moves it to the host tier, where it keeps its disk record.
+ * Persistence: a namespace's spec is recorded in the disk tier when it is created (and
+ * its records go when it is dropped); kvs_store_create recreates the recorded namespaces
+ * under their ids and indexes every stored block of them (learned codec state is not
+ * recorded yet: blocks that need it are skipped).
  *
  * Block lifecycle (each transition names the function that performs it):
  *
@@ -160,6 +164,10 @@ bool kvs_store_has_disk(const kvs_store *st);
 /* Waits until the disk writer has applied everything queued so far (tests, flush). A
  * no-op without a disk tier. */
 void kvs_store_disk_wait(kvs_store *st);
+/* Writes every host block that has no disk record yet to the disk tier (they stay in the
+ * host tier) and waits for it; returns how many were queued. GPU blocks are not written.
+ * For a clean shutdown (--flush-on-exit) and kvctl flush. */
+uint64_t kvs_store_flush(kvs_store *st);
 
 /* True while the gpu tier is above its high watermark. */
 bool kvs_store_gpu_over_high(kvs_store *st);

@@ -78,4 +78,14 @@ bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
  * linked. Small fixed allocation (aborts on failure). */
 kvs_block *kvs__disk_entry_new(const kvs_block *blk);
 
+/* Validates spec and registers it (kvs_store_ns_create without persisting it); id 0 = a
+ * fresh id, else that id (restoring from the disk tier). *out gets a reference. */
+int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
+                      kvs_err *err);
+/* Writes ns's spec record to the disk tier (flushed); storage/spill.c. */
+int kvs__spill_ns_record_put(kvs_store *st, kvs_ns *ns, kvs_err *err);
+/* Recreates the namespaces recorded in the disk tier and the index of its blocks (at
+ * create, before any other thread uses the store); storage/spill.c. */
+int kvs__spill_restore(kvs_store *st, kvs_err *err);
+
 #endif
