@@ -78,6 +78,10 @@ extern const kvs_codec_ops kvs__codec_squat_ops;
 
 #ifdef KVS_HAVE_CUDA
 /* CUDA launchers, one set per quantizer file (gpu/codec_<name>.cu). */
+int kvs__none_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                          kvs_err *err);
+int kvs__none_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                          kvs_err *err);
 int kvs__fp8_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
                          kvs_err *err);
 int kvs__fp8_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
@@ -94,6 +98,18 @@ int kvs__polarquant_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, 
                                 kvs_err *err);
 int kvs__polarquant_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
                                 kvs_err *err);
+bool kvs__rotatekv_cuda_supported(const kvs_codec *c);
+int kvs__rotatekv_cuda_prepare(kvs_codec *c, kvs_err *err);
+void kvs__rotatekv_cuda_release(kvs_codec *c);
+int kvs__rotatekv_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                              kvs_err *err);
+int kvs__rotatekv_decode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                              kvs_err *err);
+bool kvs__squat_cuda_supported(const kvs_codec *c);
+int kvs__squat_cuda_prepare(kvs_codec *c, kvs_err *err);
+void kvs__squat_cuda_release(kvs_codec *c);
+int kvs__squat_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
+                           kvs_err *err);
 #endif
 
 #ifdef __cplusplus

@@ -54,10 +54,6 @@
 #include "gpu/half.h"
 #include "gpu/quant.h"
 
-/* A rotated group whose |values| exceed this cannot be stored with fp16 parameters
- * without overflow of lo, scale or the decoded value: the token is kept as a sink. */
-#define RANGE_MAX 32768.0f
-
 typedef struct rkv {
     uint32_t heads, dim, chans; /* H, D, C = H*D */
     unsigned bits;
@@ -270,7 +266,7 @@ static int rkv_init(kvs_codec *c, kvs_err *err)
     r->dim = s->head_dim;
     r->chans = s->kv_heads * s->head_dim;
     r->bits = c->bits;
-    r->clip = c->bits == 2 ? 0.8f : 1.0f; /* §3.7 defaults */
+    r->clip = KVS_ROTATEKV_CLIP(c->bits);
     if (c->kv == KVS_KEYS) {
         r->gsize = KVS_ROTATEKV_GROUP;
         r->ngroups = (r->chans + KVS_ROTATEKV_GROUP - 1) / KVS_ROTATEKV_GROUP;
@@ -355,7 +351,7 @@ static uint32_t group_len(const rkv *r, uint32_t g)
 static bool in_range(const rkv *r, const float *y)
 {
     for (uint32_t j = 0; j < r->chans; j++)
-        if (fabsf(y[j]) > RANGE_MAX)
+        if (fabsf(y[j]) > KVS_ROTATEKV_RANGE_MAX)
             return false;
     return true;
 }
@@ -573,4 +569,11 @@ const kvs_codec_ops kvs__codec_rotatekv_ops = {
     .encode = rkv_encode,
     .decode = rkv_decode,
     .variable_size = true,
+#ifdef KVS_HAVE_CUDA
+    .cuda_supported = kvs__rotatekv_cuda_supported,
+    .cuda_prepare = kvs__rotatekv_cuda_prepare,
+    .cuda_release = kvs__rotatekv_cuda_release,
+    .encode_cuda = kvs__rotatekv_encode_cuda,
+    .decode_cuda = kvs__rotatekv_decode_cuda,
+#endif
 };

@@ -558,9 +558,12 @@ const kvs_codec_ops kvs__codec_squat_ops = {
     .decode = kvs__kivi_decode,
     .decode_ignores_state = true,
 #ifdef KVS_HAVE_CUDA
-    /* Decode is KIVI's (same bytes). No encode kernel yet, so kvs_codec_cuda_supported()
-     * is false for squat; whoever adds encode_cuda adds .cuda_supported (KIVI's head_dim
-     * limits apply to this decode). */
+    /* gpu/codec_squat.cu: key encode with the compensation; values, keys without a
+     * subspace and decode (the same bytes) go to KIVI's launchers. */
+    .cuda_supported = kvs__squat_cuda_supported,
+    .cuda_prepare = kvs__squat_cuda_prepare,
+    .cuda_release = kvs__squat_cuda_release,
+    .encode_cuda = kvs__squat_encode_cuda,
     .decode_cuda = kvs__kivi_decode_cuda,
 #endif
 };

@@ -16,7 +16,7 @@ typedef struct kdiv {
     uint32_t d, mul, shr;
 } kdiv;
 
-static kdiv kdiv_make(uint32_t d)
+static inline kdiv kdiv_make(uint32_t d)
 {
     kdiv k = {d, 0, 0};
     if (d != 1) {

@@ -21,6 +21,7 @@
 
 #include "gpu/codec.h"
 #include "gpu/codec_cuda.h"
+#include "gpu/codec_squat.h"
 #include "gpu/half.h"
 
 #ifndef KVS_HAVE_CUDA
@@ -82,6 +83,9 @@ static double copy_bandwidth(cudaStream_t st)
     return 2.0 * (double)n / (median(ms, REPEATS) * 1e-3);
 }
 
+/* Section lengths (RotateKV's vary with its sinks): encode writes them, decode reads them. */
+static uint32_t *d_lens;
+
 typedef struct result {
     double enc_ms, dec_ms;
 } result;
@@ -113,7 +117,7 @@ static result time_batch(kvs_codec *c, uint32_t blocks, uint16_t *d_raw_pool, si
                                .raw = d_raw_pool + (size_t)k * raw_bytes, .raw_out = d_out,
                                .enc = d_enc_pool + (size_t)k * enc_bytes,
                                .enc_out = d_enc_pool + (size_t)k * enc_bytes, .stride = stride,
-                               .bad = NULL};
+                               .bad = NULL, .len_out = d_lens, .len = d_lens};
         CK(cudaEventRecord(e0, st));
         if (kvs_codec_encode_cuda(c, &s, st, &err)) {
             fprintf(stderr, "encode: %s\n", err.msg);
@@ -155,10 +159,12 @@ static void one_block_latency(kvs_codec *k, kvs_codec *v, uint32_t *d_layers, cu
         h_raw[i] = kvs_f32_to_fp16((float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f);
     /* Keys first then values, [L][t][H][D] each, as the engine will stage them. */
     kvs_cuda_sections ks = {.n = L, .t = T, .layer = d_layers, .raw = d_raw, .raw_out = d_raw,
-                            .enc = d_enc, .enc_out = d_enc, .stride = sk};
+                            .enc = d_enc, .enc_out = d_enc, .stride = sk, .len_out = d_lens,
+                            .len = d_lens};
     kvs_cuda_sections vs = {.n = L, .t = T, .layer = d_layers, .raw = d_raw + L * sec,
                             .raw_out = d_raw + L * sec, .enc = d_enc + L * sk,
-                            .enc_out = d_enc + L * sk, .stride = sv};
+                            .enc_out = d_enc + L * sk, .stride = sv, .len_out = d_lens + L,
+                            .len = d_lens + L};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -241,6 +247,7 @@ int main(void)
     CK(cudaMalloc((void **)&d_layers, 4096 * L * sizeof *layers));
     CK(cudaMemcpy(d_layers, layers, 4096 * L * sizeof *layers, cudaMemcpyHostToDevice));
     free(layers);
+    CK(cudaMalloc((void **)&d_lens, 4096 * L * sizeof *d_lens));
 
     printf("| codec | blocks | enc ms | enc GB/s fp16 | enc moved/copy | dec ms | dec GB/s fp16 "
            "| dec moved/copy |\n|---|---|---|---|---|---|---|---|\n");
@@ -261,7 +268,26 @@ int main(void)
         snprintf(s.value_codec, sizeof s.value_codec, "%s", tok);
         kvs_codec *k, *v;
         kvs_err err;
-        if (kvs_codec_create(&s, KVS_KEYS, NULL, &k, &err))
+        /* SQuat keys with a query subspace (state from random queries, 2 query heads per
+         * kv-head): with state version 0 they would be plain KIVI. */
+        kvs_codec_state st_k = {0}, *stp = NULL;
+        void *st_bytes = NULL;
+        if (strncmp(tok, "squat", 5) == 0) {
+            uint32_t nq = 64, qh = 2 * H;
+            size_t qn = (size_t)L * nq * qh * D;
+            uint16_t *q = malloc(qn * 2);
+            for (size_t i = 0; i < qn; i++)
+                q[i] = kvs_f32_to_fp16((float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f);
+            size_t len = 0;
+            if (q && kvs_squat_state_from_queries(&s, qh, q, nq, &st_bytes, &len, &err) == 0) {
+                st_k = (kvs_codec_state){.version = 1, .data = st_bytes, .len = len};
+                stp = &st_k;
+            }
+            free(q);
+        }
+        int crc = kvs_codec_create(&s, KVS_KEYS, stp, &k, &err);
+        free(st_bytes);
+        if (crc)
             continue;
         if (kvs_codec_create(&s, KVS_VALUES, NULL, &v, &err)) {
             kvs_codec_destroy(k);
