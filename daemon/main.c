@@ -180,7 +180,7 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
     }
     if (d->engine && bytes) {
         if ((rc = kvs_engine_tier_alloc(d->engine, bytes, &d->gpu_tier, err)))
-            return kvs_err_set(err, rc, "--gpu-capacity: %s", err->msg);
+            return kvs_err_prefix(err, "--gpu-capacity");
         d->gpu_bytes = bytes;
         sopts->gpu_base = (uintptr_t)d->gpu_tier;
         sopts->gpu_capacity = bytes;

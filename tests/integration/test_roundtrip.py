@@ -46,7 +46,7 @@ def test_roundtrip_layouts(d, L, H, D, T, dtype, t):
     assert (h.tokens, h.dtype, h.layer_begin, h.layer_end) == (t, dtype, 0, L)
     assert h.total_bytes == len(data)
     assert h.format == kvs.RAW
-    assert h.tier == TIER_HOST
+    assert h.tier == r.tier
     assert g.data == data
 
 
