@@ -59,10 +59,6 @@ template <bool BF16> static __device__ __forceinline__ bool nonfinite_pair(uint3
     return nonfinite<BF16>(x & 0xFFFF) | nonfinite<BF16>(x >> 16);
 }
 
-static __device__ __forceinline__ bool fp16_inf(uint16_t h)
-{
-    return (h & 0x7FFF) == 0x7C00;
-}
 
 /* Code k of a group packed LSB first at B bits (gpu/bitpack.h) into / out of words. */
 template <unsigned B> static __device__ __forceinline__ void put_code(uint32_t *w, int k,
@@ -83,39 +79,7 @@ template <unsigned B> static __device__ __forceinline__ uint32_t get_code(const 
     return v & ((1u << B) - 1);
 }
 
-/* n <= 16 bytes at p, any alignment, to/from little-endian words (zero beyond n). */
-static __device__ __forceinline__ void ld_bytes(const uint8_t *p, unsigned n, uint32_t w[4])
-{
-    bool al = ((uintptr_t)p & 3) == 0;
-#pragma unroll
-    for (unsigned i = 0; i < 4; i++) {
-        w[i] = 0;
-        if (al && 4 * i + 4 <= n) {
-            w[i] = *(const uint32_t *)(p + 4 * i);
-        } else {
-#pragma unroll
-            for (unsigned k = 0; k < 4; k++)
-                if (4 * i + k < n)
-                    w[i] |= (uint32_t)p[4 * i + k] << (8 * k);
-        }
-    }
-}
 
-static __device__ __forceinline__ void st_bytes(uint8_t *p, unsigned n, const uint32_t w[4])
-{
-    bool al = ((uintptr_t)p & 3) == 0;
-#pragma unroll
-    for (unsigned i = 0; i < 4; i++) {
-        if (al && 4 * i + 4 <= n) {
-            *(uint32_t *)(p + 4 * i) = w[i];
-        } else {
-#pragma unroll
-            for (unsigned k = 0; k < 4; k++)
-                if (4 * i + k < n)
-                    p[4 * i + k] = (uint8_t)(w[i] >> (8 * k));
-        }
-    }
-}
 
 /* NW words to p with the widest stores its alignment allows. */
 template <int NW> static __device__ __forceinline__ void st_words(uint8_t *p, const uint32_t *w)
@@ -154,11 +118,6 @@ static __device__ __forceinline__ kvs_minmax par_of(uint32_t w)
     return p;
 }
 
-static __device__ __forceinline__ void flag(unsigned long long *bad, unsigned long long i)
-{
-    if (bad)
-        atomicMin(bad, i);
-}
 
 /* ---------------------------------------------------------------- kernels */
 

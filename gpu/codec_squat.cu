@@ -100,33 +100,8 @@ typedef struct squat_cuda {
 
 /* ---------------------------------------------------------------- helpers */
 
-static __device__ __forceinline__ bool fp16_inf(uint16_t h)
-{
-    return (h & 0x7FFF) == 0x7C00;
-}
 
-static __device__ __forceinline__ void flag(unsigned long long *bad, unsigned long long i)
-{
-    if (bad)
-        atomicMin(bad, i);
-}
 
-/* n <= 16 bytes of little-endian words to p, any alignment (codec_kivi.cu's st_bytes). */
-static __device__ __forceinline__ void st_bytes(uint8_t *p, unsigned n, const uint32_t w[4])
-{
-    bool al = ((uintptr_t)p & 3) == 0;
-#pragma unroll
-    for (unsigned i = 0; i < 4; i++) {
-        if (al && 4 * i + 4 <= n) {
-            *(uint32_t *)(p + 4 * i) = w[i];
-        } else {
-#pragma unroll
-            for (unsigned k = 0; k < 4; k++)
-                if (4 * i + k < n)
-                    p[4 * i + k] = (uint8_t)(w[i] >> (8 * k));
-        }
-    }
-}
 
 /* ---------------------------------------------------------------- kernel */
 

@@ -1,7 +1,8 @@
 /* Device helpers shared by the codec kernels (gpu/codec_<name>.cu): fast division by
  * a run-time constant for index math, reading and writing the namespace dtype exactly as
  * the CPU side does (gpu/half.h, gpu/codec.c's decode saturation), and 32-bit loads and
- * stores at any byte alignment (encoded sections may start anywhere). CUDA C++ only. */
+ * stores at any byte alignment (encoded sections may start anywhere), and the `bad` word
+ * update of the NaN/Inf contract (gpu/codec_cuda.h). CUDA C++ only. */
 #ifndef KVS_CUDA_UTIL_CUH
 #define KVS_CUDA_UTIL_CUH
 
@@ -74,6 +75,51 @@ static __device__ __forceinline__ void st_u32(uint8_t *p, uint32_t v)
         p[2] = (uint8_t)(v >> 16);
         p[3] = (uint8_t)(v >> 24);
     }
+}
+
+static __device__ __forceinline__ bool fp16_inf(uint16_t h)
+{
+    return (h & 0x7FFF) == 0x7C00;
+}
+
+/* n <= 16 bytes at p, any alignment, to/from little-endian words (zero beyond n). */
+static __device__ __forceinline__ void ld_bytes(const uint8_t *p, unsigned n, uint32_t w[4])
+{
+    bool al = ((uintptr_t)p & 3) == 0;
+#pragma unroll
+    for (unsigned i = 0; i < 4; i++) {
+        w[i] = 0;
+        if (al && 4 * i + 4 <= n) {
+            w[i] = *(const uint32_t *)(p + 4 * i);
+        } else {
+#pragma unroll
+            for (unsigned k = 0; k < 4; k++)
+                if (4 * i + k < n)
+                    w[i] |= (uint32_t)p[4 * i + k] << (8 * k);
+        }
+    }
+}
+
+static __device__ __forceinline__ void st_bytes(uint8_t *p, unsigned n, const uint32_t w[4])
+{
+    bool al = ((uintptr_t)p & 3) == 0;
+#pragma unroll
+    for (unsigned i = 0; i < 4; i++) {
+        if (al && 4 * i + 4 <= n) {
+            *(uint32_t *)(p + 4 * i) = w[i];
+        } else {
+#pragma unroll
+            for (unsigned k = 0; k < 4; k++)
+                if (4 * i + k < n)
+                    p[4 * i + k] = (uint8_t)(w[i] >> (8 * k));
+        }
+    }
+}
+
+static __device__ __forceinline__ void flag(unsigned long long *bad, unsigned long long i)
+{
+    if (bad)
+        atomicMin(bad, i);
 }
 
 #endif
