@@ -126,6 +126,7 @@ typedef struct kvs_put_state {
     size_t enc_len;
     bool gpu;      /* blk is a GPU tier block: the engine encodes into its slot */
     const struct kvs_codec *kc, *vc; /* the codecs of a GPU tier Put (state versions in blk) */
+    kvs_store_put_info info;         /* the commit's, for the reply of a durable Put */
     kvs_err err;
 } kvs_put_state;
 

@@ -25,6 +25,10 @@ int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *e
     kvs_ns *ns = NULL;
     int rc = kvs_wire_spec_from_proto(r->spec, &spec, err);
     kvstash__v1__create_namespace_request__free_unpacked(r, NULL);
+    if (rc == 0 && spec.durable && !kvs_store_has_disk(c->srv->store))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "durable: this daemon has no disk tier to make Puts "
+                           "durable (start kvstashd with --data-dir)");
     if (rc == 0)
         rc = kvs_store_ns_create(c->srv->store, &spec, &ns, err);
     if (rc)

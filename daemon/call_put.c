@@ -6,6 +6,8 @@
  *            └─ recv !ok (cancelled, oversize message): abandon                     │
  *   end of stream (recv ok, no message) ──complete?──> ENCODE ──> commit ──> reply(PutReply)
  *                                        └─ short ──> fail(INVALID_ARGUMENT "truncated")
+ *   durable namespace: commit ──> DURABLE write (disk writer thread: LMDB commit + flush)
+ *                                  ──ok──> reply(PutReply)   └─failed─> fail (durable_done)
  *
  * Where the block goes (decided at the header, when its room is reserved): with a GPU
  * engine that has kernels for the namespace's codecs, a free GPU tier slot, and no
@@ -17,8 +19,10 @@
  * Every size is checked against the namespace before the block buffer is reserved
  * (its size comes from the namespace and the token count, never from the client), and
  * each data chunk is bounds-checked before it is copied. Runs on CQ threads, except the
- * encode (pool thread) and what follows it (loop thread); one step at a time per call
- * (call.h invariant 1).
+ * encode (pool thread) and what follows it (loop thread), and the answer to a durable Put
+ * (the disk writer's thread, once its block is on disk: a durable block always goes to
+ * the host tier, from where it is written); one step at a time per call (call.h
+ * invariant 1).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,8 +90,9 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
     kvs_engine *eng = c->srv->engine;
     kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
     kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
-    if (eng && kvs_store_has_gpu(st) && !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) &&
-        kvs_engine_accepts(eng, kc, vc)) {
+    /* A durable block is written from host memory: it never takes a GPU slot. */
+    if (eng && kvs_store_has_gpu(st) && !spec->durable &&
+        !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) && kvs_engine_accepts(eng, kc, vc)) {
         /* One slot size per namespace: a full block's (a partial block fits in it). */
         uint64_t slot = kvs_engine_slot_bytes(kc, vc, spec->block_tokens);
         kvs_err e2;
@@ -161,6 +166,41 @@ static void encode_job(void *arg)
     p->raw = NULL;
 }
 
+static void reply_put(kvs_call *c)
+{
+    kvs_put_state *p = &c->u.put;
+    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
+    reply.tier = (Kvstash__V1__Tier)p->info.tier;
+    reply.encoded_bytes = p->info.stored_bytes;
+    reply.raw_bytes = p->received;
+    reply.replaced = p->info.replaced;
+    kvs_call_reply(c, &reply.base);
+}
+
+/* Disk writer thread: the durable write of a Put's block is done (store.h,
+ * kvs_store_durable_fn). Only now is the Put answered. A failure leaves nothing of the
+ * block behind, so the status says "not stored": RESOURCE_EXHAUSTED when the disk tier is
+ * full of blocks it cannot evict (map full after eviction) or the block is too big for
+ * one transaction, UNAVAILABLE when the write or its flush failed (the daemon keeps
+ * serving; a retry may succeed), NOT_FOUND when the namespace was dropped meanwhile, and
+ * INTERNAL for anything else. */
+static void durable_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_call *c = arg;
+    if (rc == 0) {
+        reply_put(c);
+        return;
+    }
+    int code = rc == KVS_ENOSPC || rc == KVS_E2BIG || rc == KVS_ENOMEM ? rc
+               : rc == KVS_EIO                                         ? KVS_EUNAVAIL
+               : rc == KVS_ENOTFOUND                                   ? KVS_ENOTFOUND
+                                                                       : KVS_EINTERNAL;
+    char msg[KVS_ERR_MSG_LEN + 64];
+    snprintf(msg, sizeof msg, "durable: the block did not reach disk and is not stored: %s",
+             err ? err->msg : kvs_strerror(rc));
+    kvs_call_fail(c, code, msg);
+}
+
 /* Loop thread (or inline): commit the encoded block and answer. */
 static void encode_done(void *arg)
 {
@@ -178,22 +218,28 @@ static void encode_done(void *arg)
             p->enc_len += d->lens[i];
     }
     kvs_block_set_size(p->blk, p->enc_len, p->expected);
-    kvs_store_put_info info;
     kvs_block *blk = p->blk;
     p->blk = NULL; /* the store owns it from here, committed or not */
-    int rc = kvs_store_block_commit(c->srv->store, blk, p->key, p->key_len, &info, &p->err);
+    kvs_store *st = c->srv->store;
+    if (kvs_ns_spec_of(p->ns)->durable) {
+        /* durable_done answers, maybe before this returns: c is not ours after success. */
+        int rc = kvs_store_block_commit_durable(st, blk, p->key, p->key_len, &p->info, durable_done,
+                                                c, &p->err);
+        if (rc)
+            kvs_call_fail(c, rc, p->err.msg);
+        return;
+    }
+    int rc = kvs_store_block_commit(st, blk, p->key, p->key_len, &p->info, &p->err);
     if (rc) {
         kvs_call_fail(c, rc, p->err.msg);
         return;
     }
-    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
-    reply.tier = (Kvstash__V1__Tier)info.tier;
-    reply.encoded_bytes = info.stored_bytes;
-    reply.raw_bytes = p->received;
-    reply.replaced = info.replaced;
-    kvs_call_reply(c, &reply.base);
-    if (info.tier == KVS_STORE_TIER_GPU)
-        kvs_tiering_kick(c->srv->tiering); /* returns at once below the high watermark */
+    /* Read before replying: the call may be freed once the reply is out. */
+    bool kick = p->info.tier == KVS_STORE_TIER_GPU;
+    struct kvs_tiering *tiering = c->srv->tiering;
+    reply_put(c);
+    if (kick)
+        kvs_tiering_kick(tiering); /* returns at once below the high watermark */
 }
 
 /* Engine thread: the GPU encode finished (or failed: its error names the cause). */

@@ -181,22 +181,27 @@ static int write_items(kvs_store *st, const kvs_disk_item *items, size_t m, uint
 }
 
 /* A run of put, copy or durable ops (at most BATCH_ITEMS) in one transaction. A put moves
- * the block to disk; copy and durable leave it in the host tier, now on_disk. */
+ * the block to disk; copy and durable leave it in the host tier, now on_disk. A put or
+ * copy of a block removed meanwhile is skipped (whoever removed it queued the record's
+ * deletion after us). A durable block is written even then, unless its namespace is
+ * gone: its Put is acknowledged after this write whatever happened to it meanwhile, and
+ * what replaced or deleted it is queued after us, so at any instant of a crash an
+ * acknowledged block is on disk or superseded by a later operation. */
 static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
 {
     bool durable = kind == OP_DURABLE, keep = kind != OP_PUT;
     kvs_store *st = sp->st;
     kvs_disk_item items[BATCH_ITEMS];
-    bool in[BATCH_ITEMS];
+    bool in[BATCH_ITEMS], gone[BATCH_ITEMS];
     kvs_block *fresh[BATCH_ITEMS] = {0};
     size_t m = 0;
     uint64_t bytes = 0;
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
         kvs_block *b = run[i]->blk;
-        /* Removed meanwhile: whoever removed it queued the record's deletion after us,
-         * so skipping is enough. Identity and payload are immutable once linked. */
-        in[i] = b->linked && !kvs_ns_dropped(b->ns);
+        /* Identity and payload are immutable once linked, and our reference keeps them. */
+        gone[i] = kvs_ns_dropped(b->ns);
+        in[i] = !gone[i] && (durable || b->linked);
         if (in[i]) {
             items[m++] = (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data,
                                          b->size};
@@ -229,6 +234,11 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
                 fresh[i] = NULL;
                 st->stats.disk_spills++;
             }
+        } else if (in[i] && live && durable) {
+            /* Not durable, so not acknowledged: nothing of it may stay. The record under
+             * its key may be the one it replaced (commit skipped that deletion). */
+            kvs__store_unlink_locked(st, b);
+            kvs_spill_del(sp, b->node.ns_id, b->node.key, b->node.key_len);
         } else if (in[i] && live && !keep) { /* not written: dropped as if no disk */
             kvs__store_unlink_locked(st, b);
             st->stats.spill_dropped++;
@@ -249,10 +259,19 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
     if (rc)
         kvs__store_log(st, KVS_LOG_ERROR, "disk tier: writing %zu blocks (%llu bytes)%s: %s", m,
                        (unsigned long long)bytes,
-                       durable ? " of durable puts" : dropped ? ", dropped from the host tier" : "",
+                       durable   ? " of durable puts (answered with the error)"
+                       : dropped ? ", dropped from the host tier"
+                                 : "",
                        err.msg);
-    for (size_t i = 0; durable && i < n; i++)
-        run[i]->done(run[i]->arg, in[i] ? rc : 0, in[i] && rc ? &err : NULL);
+    for (size_t i = 0; durable && i < n; i++) {
+        if (gone[i]) {
+            kvs_err e2;
+            kvs_err_set(&e2, KVS_ENOTFOUND, "namespace: dropped before the block reached disk");
+            run[i]->done(run[i]->arg, KVS_ENOTFOUND, &e2);
+        } else {
+            run[i]->done(run[i]->arg, rc, rc ? &err : NULL);
+        }
+    }
 }
 
 static void apply_dels(kvs_spill *sp, op **run, size_t n)

@@ -6,7 +6,10 @@
  *   put      a host block evicted to disk (spill): written with kvs_disk_put_batch; once
  *            committed, its index entry becomes a disk entry (no payload) and the host
  *            copy is freed when its last reader lets go. Until then it stays readable.
- *   durable  a block of a durable namespace: kvs_disk_put_durable, then a callback.
+ *   durable  a block of a durable namespace (kvs_store_block_commit_durable): written
+ *            with kvs_disk_put_durable (consecutive ones share a transaction and one
+ *            flush), then its callback; the block stays in the host tier, now on_disk.
+ *            On failure the block is unlinked and its key's record deleted (a del op).
  *   del      a block's record (delete, replace: queued under the store lock, so a later
  *            put of the same key is applied after it)
  *   ns_del   every record of a dropped namespace
@@ -15,7 +18,8 @@
  * batch fits the budget; when LMDB still reports its map full (KVS_ENOSPC), it evicts
  * more and retries a few times, then gives up: a spilled block is dropped (a lost cache
  * entry, counted), a durable put is answered KVS_ENOSPC. Write errors are counted and
- * logged and the blocks stay in (or leave) the host tier as if never written.
+ * logged and spilled blocks leave the host tier as if never written (copies stay);
+ * durable ones are answered with the error and leave.
  *
  * Threading and locks: the queue has its own mutex (sp->mu), taken after store->mu
  * when the store queues under its lock (store.h: lock order); the writer never holds

@@ -187,6 +187,11 @@ void kvs_store_destroy(kvs_store *st)
 
 int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
 {
+    if (spec->durable && !st->disk) /* nowhere to be durable: refuse rather than pretend */
+        return kvs_err_set(err, KVS_EINVAL,
+                           "durable: namespace '%.64s' asks for durable Puts, "
+                           "but this store has no disk tier",
+                           spec->name);
     kvs_ns *ns = NULL;
     int rc = kvs__store_ns_add(st, spec, 0, &ns, err);
     if (rc == 0 && st->disk && (rc = kvs__spill_ns_record_put(st, ns, err))) {
@@ -501,10 +506,15 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
         st->stats.disk_used += blk->size;
 }
 
-int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
-                           kvs_store_put_info *info, kvs_err *err)
+/* Commit, plus the durable write when done is set (kvs_store_block_commit_durable). */
+static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                  kvs_store_put_info *info, kvs_store_durable_fn done, void *arg, kvs_err *err)
 {
     int rc = kvs_key_validate(key_len, err);
+    if (rc == 0 && done && (!st->spill || blk->tier != KVS_STORE_TIER_HOST))
+        rc = kvs_err_set(err, KVS_EINVAL, "durable: namespace '%s': a durable write needs %s",
+                         kvs_ns_spec_of(blk->ns)->name,
+                         st->spill ? "a host tier block" : "a disk tier");
     if (rc) {
         kvs_store_block_abort(st, blk);
         return rc;
@@ -535,18 +545,43 @@ int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_
     kvs_index_node *prev = kvs_index_find(st->index, blk->node.ns_id, key, key_len);
     if (prev) {
         old = BLOCK_OF_NODE(prev);
-        free_old = forget_locked(st, old);
+        /* A durable write replaces the old record in one transaction: deleting it first
+         * would let a crash between the two lose an acknowledged block. */
+        free_old = done ? kvs__store_unlink_locked(st, old) : forget_locked(st, old);
     }
     kvs__store_link_locked(st, blk);
-    pthread_mutex_unlock(&st->mu);
-    if (free_old)
-        kvs__block_free(old);
+    /* Before the durable write is queued: done may run before we return. */
     if (info) {
         info->tier = blk->tier;
         info->stored_bytes = blk->size;
         info->replaced = old != NULL;
     }
+    if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
+        blk->queued = true;
+        blk->refs++;
+        kvs_spill_durable(st->spill, blk, done, arg);
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        kvs__block_free(old);
     return 0;
+}
+
+int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                           kvs_store_put_info *info, kvs_err *err)
+{
+    return commit(st, blk, key, key_len, info, NULL, NULL, err);
+}
+
+int kvs_store_block_commit_durable(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                                   kvs_store_put_info *info, kvs_store_durable_fn done, void *arg,
+                                   kvs_err *err)
+{
+    if (!done) {
+        kvs_store_block_abort(st, blk);
+        return kvs_err_set(err, KVS_EINVAL, "durable: no completion callback");
+    }
+    return commit(st, blk, key, key_len, info, done, arg, err);
 }
 
 int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,

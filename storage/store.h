@@ -12,7 +12,10 @@
  * host tier's victims are not dropped but handed to the disk writer (storage/spill.h),
  * which writes them off the request path and then turns their index entries into disk
  * entries (no payload); a Get of a disk block reads it back (verified) and, unless
- * opts.no_promote, moves it to the host tier, where it keeps its disk record.
+ * opts.no_promote, moves it to the host tier, where it keeps its disk record. A block of
+ * a `durable` namespace is committed with kvs_store_block_commit_durable: linked at once,
+ * written to LMDB with a flush by the disk writer, and reported done only then (the
+ * daemon acknowledges the Put at that point).
  * Persistence: a namespace's spec is recorded in the disk tier when it is created (and
  * its records go when it is dropped); kvs_store_create recreates the recorded namespaces
  * under their ids and indexes every stored block of them (learned codec state is not
@@ -24,7 +27,8 @@
  *            (capacity reserved)   │                                 │ ▲    │ evicted / deleted /
  *                                  └─kvs_store_block_abort──> freed  │ │    │ replaced / ns dropped
  *                                                                    ▼ │    ▼
- *                                              kvs_store_get (ref++)  READ  UNLINKED ──last unref──> freed
+ *                                              kvs_store_get (ref++)  READ  UNLINKED ──last
+ * unref──> freed
  *
  * Invariants:
  *  1. used_bytes = bytes of every block that is FILLING, LINKED, or UNLINKED but still
@@ -47,7 +51,8 @@
  *     it, victims are dropped as without a disk tier) instead of host_used. Removing a
  *     block that is on disk or queued for writing queues the removal of its record after
  *     the write (one FIFO), so a record never outlives its block's removal by more than
- *     the writer's queue.
+ *     the writer's queue. Exception: a durable commit that replaces a block queues no
+ *     removal; its own write replaces the record (or, failing, removes it).
  *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
  * index, the LRUs, the namespace registry and all counters. Lock order (the one place it
@@ -105,8 +110,8 @@ void kvs_store_destroy(kvs_store *st);
 /* ---------------------------------------------------------------- namespaces */
 
 /* Validates spec and registers it; *out (may be NULL) gets a new reference. Fails with
- * KVS_EINVAL (field named), KVS_EEXIST, or KVS_ENOSPC when one full block would not
- * fit in the host tier. */
+ * KVS_EINVAL (field named; `durable` without a disk tier), KVS_EEXIST, or KVS_ENOSPC
+ * when one full block would not fit in the host tier. */
 int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err);
 /* Looks a namespace up; *out gets a new reference (release with kvs_ns_unref).
  * KVS_ENOTFOUND names the namespace. */
@@ -194,6 +199,28 @@ typedef struct kvs_store_put_info {
  * freed). KVS_ENOTFOUND if its namespace was dropped meanwhile. info may be NULL. */
 int kvs_store_block_commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
                            kvs_store_put_info *info, kvs_err *err);
+/* The end of a durable commit: runs once, on the disk writer thread, with no store lock
+ * held. rc 0: the block is committed to LMDB and flushed (kvs_disk_put_durable), or it
+ * was deleted or replaced by a later operation before its turn (whose own writes come
+ * after it). Otherwise the write failed and the block was unlinked (if it still was
+ * linked) and its key's record queued for deletion, so nothing of it is left to serve:
+ * KVS_ENOSPC (the disk budget and the map are full of blocks that cannot be evicted),
+ * KVS_E2BIG (one block over an LMDB transaction), KVS_EIO (a write or flush failed;
+ * counted in disk_write_errors), KVS_ENOTFOUND (the namespace was dropped meanwhile).
+ * err (borrowed, valid during the call) says why; NULL when rc is 0. */
+typedef void (*kvs_store_durable_fn)(void *arg, int rc, const kvs_err *err);
+
+/* kvs_store_block_commit for a block of a `durable` namespace: links it in its tier as
+ * usual (Gets see it at once), then queues its durable write to the disk tier; done(arg,
+ * ...) reports the outcome later (the caller acknowledges the Put only then). The block
+ * stays in the host tier, unevictable until the write is done, and then has a disk
+ * record (on_disk). Replacing a block writes over its record in the same transaction
+ * instead of deleting it first, so a crash never loses both versions. Needs a disk tier
+ * and a host block (KVS_EINVAL otherwise). On a non-zero return (as
+ * kvs_store_block_commit's; blk freed) done is never called. */
+int kvs_store_block_commit_durable(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
+                                   kvs_store_put_info *info, kvs_store_durable_fn done, void *arg,
+                                   kvs_err *err);
 /* Frees a FILLING block and returns its reservation. */
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk);
 

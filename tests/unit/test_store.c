@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <lmdb.h>
 
 #include "gpu/codec.h"
 #include "storage/store.h"
@@ -825,6 +826,164 @@ static void test_disk_write_error(void **state)
     fx_close(&f);
 }
 
+/* ---- durable namespaces */
+
+typedef struct durable_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    int rc;
+    char msg[KVS_ERR_MSG_LEN];
+} durable_wait;
+
+static void durable_cb(void *arg, int rc, const kvs_err *err)
+{
+    durable_wait *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    w->rc = rc;
+    snprintf(w->msg, sizeof w->msg, "%s", err ? err->msg : "");
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Commits a block of `fill` bytes (t tokens, a real none-encoded block: the disk module
+ * checks headers) durably under key and waits for its callback; returns the callback's rc.
+ * *enc (may be NULL) receives a copy of the bytes (free it). */
+static int put_durable(disk_fx *f, kvs_ns *ns, const char *key, uint64_t seed, uint8_t **enc,
+                       size_t *len, char *msg)
+{
+    const kvs_ns_spec *sp = kvs_ns_spec_of(ns);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(sp, 8, &raw_bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(raw_bytes / 2, seed, 1.0, sp->dtype);
+    const kvs_codec *k = kvs_ns_codec(ns, KVS_KEYS), *v = kvs_ns_codec(ns, KVS_VALUES);
+    size_t cap = kvs_block_encoded_max(k, v, 8), n;
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_block_alloc(f->st, ns, 8, cap, &blk, &err), 0);
+    assert_int_equal(
+        kvs_block_encode(k, v, kvs_ns_id(ns), 8, raw, kvs_block_data(blk), cap, &n, &err), 0);
+    free(raw);
+    kvs_block_set_size(blk, n, raw_bytes);
+    if (enc) {
+        *enc = malloc(n);
+        memcpy(*enc, kvs_block_data(blk), n);
+        *len = n;
+    }
+    durable_wait w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    kvs_store_put_info info;
+    assert_int_equal(
+        kvs_store_block_commit_durable(f->st, blk, key, strlen(key), &info, durable_cb, &w, &err),
+        0);
+    assert_int_equal(info.tier, KVS_STORE_TIER_HOST);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    if (msg)
+        strcpy(msg, w.msg);
+    return w.rc;
+}
+
+typedef struct rec_copy {
+    uint8_t *bytes;
+    size_t len;
+} rec_copy;
+
+static int copy_rec(const void *b, size_t n, void *a)
+{
+    rec_copy *r = a;
+    r->bytes = malloc(n);
+    memcpy(r->bytes, b, n);
+    r->len = n;
+    return 0;
+}
+
+/* The disk record of key in ns equals want (len bytes). */
+static void expect_record(disk_fx *f, kvs_ns *ns, const char *key, const uint8_t *want, size_t len)
+{
+    rec_copy r = {0};
+    assert_int_equal(kvs_disk_get(f->disk, kvs_ns_id(ns), key, strlen(key), copy_rec, &r, NULL), 0);
+    assert_int_equal(r.len, len);
+    assert_memory_equal(r.bytes, want, len);
+    free(r.bytes);
+}
+
+static void test_durable(void **state)
+{
+    /* Without a disk tier, a durable namespace is refused, naming the field. */
+    kvs_store *plain = new_store(1 << 20);
+    kvs_ns_spec s = small_spec("dur");
+    s.durable = true;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(plain, &s, NULL, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "durable"));
+    kvs_store_destroy(plain);
+
+    disk_fx f;
+    fx_open(&f, "none", 64 << 10, 16 << 20, false);
+    kvs_ns_spec ds = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 5);
+    snprintf(ds.name, sizeof ds.name, "dur");
+    ds.durable = true;
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(f.st, &ds, &ns, &err), 0);
+
+    /* Done means on disk: the record is there when the callback runs, and the block stays
+     * in the host tier with its record (on_disk: counted in disk_used). */
+    uint8_t *a, *b;
+    size_t alen, blen;
+    assert_int_equal(put_durable(&f, ns, "k0", 1, &a, &alen, NULL), 0);
+    expect_record(&f, ns, "k0", a, alen);
+    kvs_store_stats st;
+    kvs_store_get_stats(f.st, &st);
+    assert_int_equal(st.host_blocks, 1);
+    assert_int_equal(st.disk_used, alen);
+    kvs_store_key k0 = {"k0", 2};
+    kvs_store_tier t;
+    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL);
+    assert_int_equal(t, KVS_STORE_TIER_HOST);
+
+    /* Replacing writes over the record (no deletion queued before the write). */
+    assert_int_equal(put_durable(&f, ns, "k0", 2, &b, &blen, NULL), 0);
+    expect_record(&f, ns, "k0", b, blen);
+    kvs_store_disk_wait(f.st);
+    expect_record(&f, ns, "k0", b, blen);
+
+    /* A failed write answers the error and leaves nothing: the new block is unlinked and
+     * the record under its key (the block it replaced) is deleted. */
+    char msg[KVS_ERR_MSG_LEN];
+    kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
+    assert_int_equal(put_durable(&f, ns, "k0", 3, NULL, NULL, msg), KVS_EIO);
+    assert_true(strlen(msg) > 0);
+    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL);
+    assert_int_equal(t, KVS_STORE_TIER_NONE);
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(kvs_disk_get(f.disk, kvs_ns_id(ns), "k0", 2, noop_cb, NULL, NULL),
+                     KVS_ENOTFOUND);
+    kvs_store_get_stats(f.st, &st);
+    assert_int_equal(st.disk_write_errors, 1);
+    assert_int_equal(st.disk_used, 0);
+
+    /* Writes work again. Then a full map with nothing to evict: KVS_ENOSPC, same cleanup
+     * (k2 first, so that no freed pages are pending: the disk module would retry). */
+    assert_int_equal(put_durable(&f, ns, "k2", 5, NULL, NULL, NULL), 0);
+    kvs_disk_test_fail_write(f.disk, 1, MDB_MAP_FULL);
+    assert_int_equal(put_durable(&f, ns, "k1", 4, NULL, NULL, NULL), KVS_ENOSPC);
+    kvs_store_key k1 = {"k1", 2};
+    kvs_store_lookup(f.st, ns, &k1, 1, &t, NULL);
+    assert_int_equal(t, KVS_STORE_TIER_NONE);
+    kvs_store_disk_wait(f.st);
+    kvs_store_get_stats(f.st, &st);
+    assert_int_equal(st.host_blocks + st.disk_blocks, 1);
+    assert_int_equal(st.spill_dropped, 0);
+    assert_int_equal(st.disk_write_errors, 1); /* a full map is not a write error */
+    free(a);
+    free(b);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -843,6 +1002,7 @@ int main(void)
         cmocka_unit_test(test_disk_corrupt_record_is_data_loss),
         cmocka_unit_test(test_disk_budget_eviction),
         cmocka_unit_test(test_disk_write_error),
+        cmocka_unit_test(test_durable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
