@@ -14,7 +14,10 @@ struct kvs_learn {
     pthread_mutex_t mu;
     kvs_ns_spec spec;
     kvs_codec_id key_codec;
-    uint32_t version; /* last published key state version */
+    kvs_learn_persist_fn persist; /* may be NULL */
+    void *persist_ctx;
+    uint32_t version;  /* last published key state version */
+    uint32_t reserved; /* last key state version handed out (>= version) */
     /* RotateKV: signed channel sums [L][H*D] over `seen` tokens, until frozen. */
     double *sums;
     uint32_t seen, calib_tokens;
@@ -24,8 +27,8 @@ struct kvs_learn {
     uint64_t *rows;
 };
 
-int kvs_learn_create(const kvs_ns_spec *spec, uint32_t calib_tokens, kvs_learn **out,
-                     kvs_err *err)
+int kvs_learn_create(const kvs_ns_spec *spec, uint32_t calib_tokens, kvs_learn_persist_fn persist,
+                     void *ctx, kvs_learn **out, kvs_err *err)
 {
     *out = NULL;
     kvs_codec_id id;
@@ -37,6 +40,8 @@ int kvs_learn_create(const kvs_ns_spec *spec, uint32_t calib_tokens, kvs_learn *
     pthread_mutex_init(&ln->mu, NULL);
     ln->spec = *spec;
     ln->key_codec = id;
+    ln->persist = persist;
+    ln->persist_ctx = ctx;
     ln->calib_tokens = calib_tokens ? calib_tokens : 1;
     size_t hd = (size_t)spec->kv_heads * spec->head_dim;
     if (id == KVS_CODEC_ROTATEKV) {
@@ -69,16 +74,32 @@ void kvs_learn_destroy(kvs_learn *ln)
     free(ln);
 }
 
-/* Builds a key codec with state (version, bytes) and publishes it on ns. */
-static int publish_locked(kvs_learn *ln, kvs_ns *ns, void *state, size_t len, kvs_err *err)
+/* Builds a key codec with state (v, bytes), has it recorded, and publishes it on ns if
+ * no newer version was published meanwhile. v was reserved under ln->mu, which the
+ * caller does not hold now (the persist hook writes to LMDB). */
+static int publish(kvs_learn *ln, kvs_ns *ns, uint32_t v, const void *state, size_t len,
+                   kvs_err *err)
 {
-    kvs_codec_state st = {ln->version + 1, state, len};
+    kvs_codec_state st = {v, state, len};
     kvs_codec *c;
     int rc = kvs_codec_create(&ln->spec, KVS_KEYS, &st, &c, err);
-    if (rc == 0 && (rc = kvs_ns_codec_publish(ns, KVS_KEYS, c, err)) != 0)
+    if (rc)
+        return rc;
+    if (ln->persist && (rc = ln->persist(ln->persist_ctx, ns, KVS_KEYS, &st, err))) {
         kvs_codec_destroy(c);
-    if (rc == 0)
-        ln->version++;
+        return rc;
+    }
+    pthread_mutex_lock(&ln->mu);
+    if (v > ln->version) {
+        if ((rc = kvs_ns_codec_publish(ns, KVS_KEYS, c, err)) == 0)
+            ln->version = v;
+    } else { /* overtaken by a newer (cumulative) state: this one is not needed */
+        kvs_codec_destroy(c);
+        c = NULL;
+    }
+    pthread_mutex_unlock(&ln->mu);
+    if (rc)
+        kvs_codec_destroy(c);
     return rc;
 }
 
@@ -98,6 +119,9 @@ int kvs_learn_keys(kvs_learn *ln, kvs_ns *ns, uint32_t t, const uint16_t *raw, k
         return 0;
     pthread_mutex_lock(&ln->mu);
     int rc = 0;
+    void *state = NULL;
+    size_t len = 0;
+    uint32_t v = 0;
     if (!ln->frozen) {
         /* Gather the keys of every layer into [L][t][H][D], the calibration layout. */
         size_t sec = (size_t)t * ln->spec.kv_heads * ln->spec.head_dim;
@@ -112,17 +136,17 @@ int kvs_learn_keys(kvs_learn *ln, kvs_ns *ns, uint32_t t, const uint16_t *raw, k
         }
         ln->seen += t;
         if (rc == 0 && ln->seen >= ln->calib_tokens) {
-            void *state;
-            size_t len;
             rc = kvs_rotatekv_calib_freeze(&ln->spec, ln->sums, &state, &len, err);
-            if (rc == 0) {
-                rc = publish_locked(ln, ns, state, len, err);
-                free(state);
-            }
-            ln->frozen = true; /* once: a failed freeze keeps the identity, it is not retried */
+            if (rc == 0)
+                v = ++ln->reserved;
+            /* Once: a failed freeze (or record) keeps the identity, it is not retried. */
+            ln->frozen = true;
         }
     }
     pthread_mutex_unlock(&ln->mu);
+    if (v)
+        rc = publish(ln, ns, v, state, len, err);
+    free(state);
     return rc;
 }
 
@@ -160,16 +184,55 @@ int kvs_learn_queries(kvs_learn *ln, kvs_ns *ns, uint32_t q_heads, uint32_t n, c
     }
     for (size_t i = 0; i < heads * dd; i++)
         gram[i] = (float)ln->gram[i];
-    void *state;
+    void *state = NULL;
+    uint32_t v = 0;
     rc = kvs_squat_state_from_grams(s, gram, ln->rows, &state, &len, err);
-    if (rc == 0) {
-        rc = publish_locked(ln, ns, state, len, err);
-        free(state);
-    }
-    if (rc == 0 && version)
-        *version = ln->version;
+    if (rc == 0)
+        v = ++ln->reserved;
     pthread_mutex_unlock(&ln->mu);
+    /* The rows stay accumulated even if this version is not published: the next one
+     * carries them. */
+    if (rc == 0)
+        rc = publish(ln, ns, v, state, len, err);
+    if (rc == 0 && version)
+        *version = v;
+    free(state);
     free(gram);
     free(part);
     return rc;
+}
+
+int kvs_learn_restore(kvs_learn *ln, kvs_kv kv, const kvs_codec_state *state, kvs_err *err)
+{
+    if (!ln || kv != KVS_KEYS)
+        return 0;
+    const kvs_ns_spec *s = &ln->spec;
+    size_t dd = (size_t)s->head_dim * s->head_dim, heads = (size_t)s->layers * s->kv_heads;
+    if (ln->key_codec == KVS_CODEC_SQUAT && state->version &&
+        (state->len != kvs_squat_state_bytes(s) || !state->data))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "codec state: %zu bytes, a SQuat state of namespace "
+                           "'%s' has %zu",
+                           state->len, s->name, kvs_squat_state_bytes(s));
+    pthread_mutex_lock(&ln->mu);
+    if (state->version > ln->version) {
+        ln->version = state->version;
+        if (ln->reserved < state->version)
+            ln->reserved = state->version;
+        if (ln->key_codec == KVS_CODEC_ROTATEKV) {
+            ln->frozen = true;
+        } else { /* the state's Grams and row counts are the sums so far (codec_squat.h) */
+            const uint8_t *p = (const uint8_t *)state->data + 16;
+            for (size_t h = 0; h < heads; h++, p += 8 + 4 * dd) {
+                memcpy(&ln->rows[h], p, 8);
+                for (size_t i = 0; i < dd; i++) {
+                    float g;
+                    memcpy(&g, p + 8 + 4 * i, 4);
+                    ln->gram[h * dd + i] = g;
+                }
+            }
+        }
+    }
+    pthread_mutex_unlock(&ln->mu);
+    return 0;
 }

@@ -9,11 +9,19 @@
  *    Gram matrix per (layer, kv-head); every call publishes a new key state version.
  * Each new state becomes a new codec version on the namespace (kvs_ns_codec_publish);
  * blocks record the version they were encoded with, so older blocks stay decodable.
- * Not persisted yet: state lives as long as the daemon (the disk tier brings
- * persistence with the namespace).
  *
- * Threading: thread-safe; one mutex per learner, a leaf lock held while accumulating and
- * while building the new codec (no store or daemon lock is held then).
+ * Persistence: a learner may have a persist hook (the store's: it records the state in
+ * the disk tier). A new version is handed to it before it is published, so no block is
+ * encoded with a state that is not recorded yet; a version the hook refuses is never
+ * published (blocks keep the previous state: quality, not correctness). At start the
+ * store publishes the recorded versions itself and brings the learner up to date with
+ * kvs_learn_restore.
+ *
+ * Threading: thread-safe; one mutex per learner, a leaf lock held while accumulating,
+ * while building the new state and while publishing it, but not across the persist hook
+ * (an LMDB write): versions are reserved under the lock, persisted outside it, and
+ * published in order; a SQuat version that a newer one overtook is dropped unpublished
+ * (the newer state holds every row of the older one: the Gram is cumulative).
  */
 #ifndef KVS_STORAGE_LEARN_H
 #define KVS_STORAGE_LEARN_H
@@ -26,11 +34,24 @@
 
 typedef struct kvs_learn kvs_learn;
 
+/* Records a new state version of ns (state borrowed for the call) before it is
+ * published; non-zero (err filled) keeps it unpublished. Called with no lock held. */
+typedef int (*kvs_learn_persist_fn)(void *ctx, kvs_ns *ns, kvs_kv kv, const kvs_codec_state *state,
+                                    kvs_err *err);
+
 /* Creates the learner of a namespace whose key codec learns (rotatekv-*, squat-*);
- * *out = NULL for the others. calib_tokens = RotateKV's N_cal. */
-int kvs_learn_create(const kvs_ns_spec *spec, uint32_t calib_tokens, kvs_learn **out,
-                     kvs_err *err);
+ * *out = NULL for the others. calib_tokens = RotateKV's N_cal. persist (may be NULL:
+ * nothing recorded) and ctx (borrowed, must outlive the learner) form the hook above. */
+int kvs_learn_create(const kvs_ns_spec *spec, uint32_t calib_tokens, kvs_learn_persist_fn persist,
+                     void *ctx, kvs_learn **out, kvs_err *err);
 void kvs_learn_destroy(kvs_learn *ln);
+
+/* A recorded state version (restored at start and already published on the namespace by
+ * the caller) brings the learner up to it: later versions are numbered after it; a
+ * RotateKV key state ends calibration; a SQuat key state becomes the accumulated query
+ * Grams that later AddQueries add to. Value states and older versions change nothing.
+ * NULL ln is a no-op. KVS_EINVAL if a SQuat state's bytes do not fit the namespace. */
+int kvs_learn_restore(kvs_learn *ln, kvs_kv kv, const kvs_codec_state *state, kvs_err *err);
 
 /* Feeds the keys of a raw block (layout [L][2][t][H][D], namespace dtype) to RotateKV
  * calibration; when N_cal tokens have been seen, freezes the permutation and publishes

@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
@@ -486,7 +485,7 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     return rc;
 }
 
-/* ---------------------------------------------------------------- flush, persistence */
+/* ---------------------------------------------------------------- flush */
 
 uint64_t kvs_store_flush(kvs_store *st)
 {
@@ -508,128 +507,4 @@ uint64_t kvs_store_flush(kvs_store *st)
     pthread_mutex_unlock(&st->mu);
     kvs_store_disk_wait(st);
     return n;
-}
-
-/* Spec record (name ""): one line of text, versioned, so a reader never depends on a C
- * struct's layout: "kvs-ns 1 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED". */
-int kvs__spill_ns_record_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
-{
-    const kvs_ns_spec *s = kvs_ns_spec_of(ns);
-    char line[512];
-    int n = snprintf(line, sizeof line, "kvs-ns 1 %s %u %u %u %u %d %s %s %d %d %llu", s->name,
-                     s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
-                     s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
-                     (unsigned long long)s->seed);
-    int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
-    return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
-}
-
-static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
-{
-    char line[512], name[KVS_NAME_MAX + 2], kc[KVS_CODEC_NAME_MAX + 2], vc[KVS_CODEC_NAME_MAX + 2];
-    if (len >= sizeof line)
-        return -1;
-    memcpy(line, val, len);
-    line[len] = 0;
-    int dtype, pre, dur;
-    unsigned long long seed;
-    char tail;
-    memset(s, 0, sizeof *s);
-    /* Widths one over the maxima, so an over-long field is caught by validation. */
-    if (sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name, &s->layers,
-               &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc, &pre, &dur, &seed,
-               &tail) != 11 ||
-        strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
-        strlen(vc) > KVS_CODEC_NAME_MAX)
-        return -1;
-    strcpy(s->name, name);
-    strcpy(s->key_codec, kc);
-    strcpy(s->value_codec, vc);
-    s->dtype = (kvs_dtype)dtype;
-    s->keys_pre_rope = pre != 0;
-    s->durable = dur != 0;
-    s->seed = seed;
-    return 0;
-}
-
-typedef struct restore {
-    kvs_store *st;
-    kvs_err *err;
-    uint32_t namespaces;
-    kvs_ns *last; /* cache: blocks come in namespace order */
-    uint64_t linked, skipped;
-} restore;
-
-static int on_ns_record(uint32_t ns_id, const void *rec, size_t rec_len, const void *val,
-                        size_t val_len, void *arg)
-{
-    restore *r = arg;
-    if (rec_len != 0)
-        return 0; /* codec state records: not written yet */
-    kvs_ns_spec spec;
-    if (parse_spec(val, val_len, &spec))
-        return kvs_err_set(r->err, KVS_EPROTO, "disk tier %s: namespace record %u is not a "
-                           "spec this version reads", kvs_disk_path(r->st->disk), ns_id);
-    kvs_ns *ns;
-    int rc = kvs__store_ns_add(r->st, &spec, ns_id, &ns, r->err);
-    if (rc)
-        return kvs_err_prefix(r->err, "disk tier %s: namespace %u", kvs_disk_path(r->st->disk),
-                              ns_id);
-    kvs_ns_unref(ns);
-    r->namespaces++;
-    return 0;
-}
-
-/* Startup only (no other thread uses the store yet): taking the store lock inside the
- * scan's read transaction cannot wait on anything. */
-static int on_block(const kvs_disk_entry *e, void *arg)
-{
-    restore *r = arg;
-    kvs_store *st = r->st;
-    pthread_mutex_lock(&st->mu);
-    kvs_ns *ns = r->last && kvs_ns_id(r->last) == e->ns_id ? r->last
-                                                          : kvs_ns_registry_find_id(st->reg, e->ns_id);
-    r->last = ns;
-    uint64_t raw = 0;
-    if (!ns || e->key_len < 1 || e->key_len > KVS_KEY_MAX ||
-        !kvs_ns_codec_version(ns, KVS_KEYS, e->k_state) ||
-        !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state) ||
-        kvs_spec_block_bytes(kvs_ns_spec_of(ns), e->tokens, &raw, NULL)) {
-        r->skipped++; /* no namespace, or codec state not restored: not servable */
-        pthread_mutex_unlock(&st->mu);
-        return 0;
-    }
-    kvs_block *d = kvs_xcalloc(1, sizeof *d);
-    kvs_index_node_init(&d->node, e->ns_id, e->key, e->key_len);
-    d->ns = kvs_ns_ref(ns);
-    d->tokens = e->tokens;
-    d->size = e->bytes;
-    d->raw_bytes = raw;
-    d->tier = KVS_STORE_TIER_DISK;
-    d->on_disk = true;
-    kvs__store_link_locked(st, d);
-    r->linked++;
-    pthread_mutex_unlock(&st->mu);
-    return 0;
-}
-
-int kvs__spill_restore(kvs_store *st, kvs_err *err)
-{
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    restore r = {.st = st, .err = err};
-    int rc = kvs_disk_ns_list(st->disk, on_ns_record, &r, err);
-    if (rc)
-        return rc;
-    kvs_disk_scan_info info;
-    if ((rc = kvs_disk_scan(st->disk, 0, on_block, &r, &info, err)))
-        return kvs_err_prefix(err, "disk tier %s: rebuilding the index", kvs_disk_path(st->disk));
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
-    kvs__store_log(st, KVS_LOG_INFO, "disk tier %s: restored %u namespaces and %llu blocks "
-                   "(%llu bytes) in %.1f ms; %llu blocks skipped, %llu bad records dropped",
-                   kvs_disk_path(st->disk), r.namespaces, (unsigned long long)r.linked,
-                   (unsigned long long)st->stats.disk_used, ms, (unsigned long long)r.skipped,
-                   (unsigned long long)info.dropped);
-    return 0;
 }

@@ -69,7 +69,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         st->disk = opts->disk;
         st->stats.disk_capacity = opts->disk_capacity;
         st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
-        if ((rc = kvs_spill_create(st, &st->spill, err)) || (rc = kvs__spill_restore(st, err))) {
+        if ((rc = kvs_spill_create(st, &st->spill, err)) || (rc = kvs__persist_restore(st, err))) {
             kvs_store_destroy(st);
             return rc;
         }
@@ -194,7 +194,7 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
                            spec->name);
     kvs_ns *ns = NULL;
     int rc = kvs__store_ns_add(st, spec, 0, &ns, err);
-    if (rc == 0 && st->disk && (rc = kvs__spill_ns_record_put(st, ns, err))) {
+    if (rc == 0 && st->disk && (rc = kvs__persist_ns_put(st, ns, err))) {
         /* Not persisted: refuse rather than lose the namespace at the next restart. */
         kvs_ns_unref(ns);
         kvs_store_ns_drop(st, spec->name, NULL, NULL);
@@ -229,7 +229,8 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
-    if ((rc = kvs_learn_create(spec, st->calib_tokens, &learn, err))) {
+    if ((rc = kvs_learn_create(spec, st->calib_tokens, st->disk ? kvs__persist_state_put : NULL, st,
+                               &learn, err))) {
         kvs_codec_destroy(codecs[0]);
         kvs_codec_destroy(codecs[1]);
         return rc;

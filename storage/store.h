@@ -16,10 +16,12 @@
  * a `durable` namespace is committed with kvs_store_block_commit_durable: linked at once,
  * written to LMDB with a flush by the disk writer, and reported done only then (the
  * daemon acknowledges the Put at that point).
- * Persistence: a namespace's spec is recorded in the disk tier when it is created (and
- * its records go when it is dropped); kvs_store_create recreates the recorded namespaces
- * under their ids and indexes every stored block of them (learned codec state is not
- * recorded yet: blocks that need it are skipped).
+ * Persistence (storage/persist.c): a namespace's spec is recorded in the disk tier when
+ * it is created, and each learned codec state version before it is published (so before
+ * any block is encoded with it); its records go when it is dropped. kvs_store_create
+ * recreates the recorded namespaces under their ids with every recorded state version,
+ * and indexes every stored block of them (a block whose state record is unreadable is
+ * skipped).
  *
  * Block lifecycle (each transition names the function that performs it):
  *

@@ -1,5 +1,6 @@
-/* Private to the store and its disk-tier plumbing (storage/spill.c): the block and store
- * structures and the helpers both files use. Nothing outside storage/ includes this.
+/* Private to the store and its disk-tier plumbing (storage/spill.c, storage/persist.c):
+ * the block and store structures and the helpers these files use. Nothing outside
+ * storage/ includes this.
  * Every *_locked function expects store->mu held (store.h: lock order).
  */
 #ifndef KVS_STORAGE_STORE_INT_H
@@ -82,10 +83,15 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk);
  * fresh id, else that id (restoring from the disk tier). *out gets a reference. */
 int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
                       kvs_err *err);
-/* Writes ns's spec record to the disk tier (flushed); storage/spill.c. */
-int kvs__spill_ns_record_put(kvs_store *st, kvs_ns *ns, kvs_err *err);
-/* Recreates the namespaces recorded in the disk tier and the index of its blocks (at
- * create, before any other thread uses the store); storage/spill.c. */
-int kvs__spill_restore(kvs_store *st, kvs_err *err);
+/* storage/persist.c: */
+/* Writes ns's spec record to the disk tier (flushed). */
+int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err);
+/* The learners' persist hook (storage/learn.h kvs_learn_persist_fn; ctx = the store):
+ * writes a codec state record (flushed); 0 without a disk tier. */
+int kvs__persist_state_put(void *ctx, kvs_ns *ns, kvs_kv kv, const kvs_codec_state *state,
+                           kvs_err *err);
+/* Recreates the namespaces recorded in the disk tier with every recorded codec state,
+ * and the index of its blocks (at create, before any other thread uses the store). */
+int kvs__persist_restore(kvs_store *st, kvs_err *err);
 
 #endif

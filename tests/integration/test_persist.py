@@ -1,9 +1,13 @@
 """Disk tier and restart (DESIGN §7): blocks past the host tier go to disk and come back
 byte-exact; after SIGTERM (host blocks flushed) and a start on the same --data-dir, every
-namespace and block is there again (codecs none and kivi-2); a data directory that is not
-ours is refused at start with a clear message and left as it was."""
+namespace and block is there again (codecs none and kivi-2), and so is every learned codec
+state version (RotateKV's calibrated permutation, SQuat's query Grams), so their blocks decode
+exactly as before; a data directory that is not ours is refused at start with a clear message
+and left as it was."""
 import os
 import subprocess
+
+import numpy as np
 
 import kvs
 from kvs import pb
@@ -50,6 +54,45 @@ def test_disk_tier_and_restart(daemon, tmp_path):
         assert lk.prefix_blocks == len(got)
         for k, v in got.items():
             assert kvs.get(d2.stub, name, k).data == v, (name, k)
+    d2.stop()
+
+
+def test_codec_states_survive_restart(daemon, tmp_path):
+    extra = ["--data-dir", str(tmp_path / "data"), "--calib-tokens", "16",
+             "--stats-interval", "0"]
+    d = daemon(extra=extra)
+    rk = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="rotatekv-2",
+                            value_codec="rotatekv-2"))
+    sq = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="squat-2",
+                            value_codec="kivi-2"))
+    rng = np.random.default_rng(5)
+    q = (rng.standard_normal((L, 32, 2 * H, D))).astype("<f2")
+    info = d.admin.AddQueries(pb.AddQueriesRequest(namespace=sq.name, query_heads=2 * H,
+                                                   tokens=32, queries=q.tobytes()))
+    assert info.key_state_version == 1
+    before = {}
+    for ns in (rk, sq):
+        for i in range(6):  # rk: the first block (16 tokens) calibrates version 1
+            kvs.put(d.stub, ns.name, b"s%d" % i, T, ns.payload(T, seed=50 + i))
+        for i in range(6):
+            enc = kvs.get(d.stub, ns.name, b"s%d" % i, fmt=kvs.ENCODED).data
+            raw = kvs.get(d.stub, ns.name, b"s%d" % i).data
+            before[ns.name, i] = (kvs.parse_encoded(enc)[0]["k_state"], enc, raw)
+    assert {before[rk.name, i][0] for i in range(6)} == {1}  # all need the permutation
+    assert {before[sq.name, i][0] for i in range(6)} == {1}
+    d.stop()  # flushes the host blocks: all of them reach disk
+
+    d2 = daemon(extra=extra)
+    assert "(2 codec states, 0 unreadable)" in d2.stderr_text()
+    versions = {n.spec.name: n.key_state_version for n in d2.stats().namespaces}
+    assert versions == {rk.name: 1, sq.name: 1}
+    for (name, i), (_, enc, raw) in before.items():
+        assert kvs.get(d2.stub, name, b"s%d" % i, fmt=kvs.ENCODED).data == enc, (name, i)
+        assert kvs.get(d2.stub, name, b"s%d" % i).data == raw, (name, i)
+    # Learning goes on from the restored state: the next version is 2.
+    info = d2.admin.AddQueries(pb.AddQueriesRequest(namespace=sq.name, query_heads=2 * H,
+                                                    tokens=32, queries=q.tobytes()))
+    assert info.key_state_version == 2
     d2.stop()
 
 

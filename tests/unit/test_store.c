@@ -18,6 +18,7 @@
 #include <lmdb.h>
 
 #include "gpu/codec.h"
+#include "storage/learn.h"
 #include "storage/store.h"
 #include "tests/support/kvs_test.h"
 
@@ -984,6 +985,130 @@ static void test_durable(void **state)
     fx_close(&f);
 }
 
+/* ---- learned codec state survives a restart */
+
+static kvs_store *open_store(kvs_disk *disk, uint32_t calib_tokens)
+{
+    kvs_store *st;
+    kvs_err err;
+    kvs_store_opts o = {.host_capacity = 1 << 20,
+                        .disk = disk,
+                        .disk_capacity = 16 << 20,
+                        .calib_tokens = calib_tokens};
+    if (kvs_store_create(&o, &st, &err))
+        fail_msg("store: %s", err.msg);
+    return st;
+}
+
+static kvs_ns *find_ns(kvs_store *st, const char *name)
+{
+    kvs_ns *ns;
+    kvs_err err;
+    if (kvs_store_ns_find(st, name, &ns, &err))
+        fail_msg("%s", err.msg);
+    return ns;
+}
+
+static void test_codec_state_persisted(void **state)
+{
+    char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/kvs-test-state-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    kvs_err err;
+    kvs_disk_opts dopts = {.nosync = true};
+    kvs_disk *disk;
+    assert_int_equal(kvs_disk_open(dir, 16 << 20, &dopts, &disk, &err), 0);
+    kvs_store *st = open_store(disk, 8);
+
+    /* RotateKV: one block of 8 tokens calibrates (version 1); a block encoded with v1
+     * goes to disk. */
+    kvs_ns_spec rs = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "rotatekv-2", "rotatekv-2", 3);
+    snprintf(rs.name, sizeof rs.name, "rk");
+    kvs_ns *rk;
+    assert_int_equal(kvs_store_ns_create(st, &rs, &rk, &err), 0);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(&rs, 8, &raw_bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(raw_bytes / 2, 11, 1.0, rs.dtype);
+    assert_int_equal(kvs_learn_keys(kvs_ns_learner(rk), rk, 8, raw, &err), 0);
+    assert_int_equal(kvs_codec_state_version(kvs_ns_codec(rk, KVS_KEYS)), 1);
+    const kvs_codec *k = kvs_ns_codec(rk, KVS_KEYS), *v = kvs_ns_codec(rk, KVS_VALUES);
+    size_t cap = kvs_block_encoded_max(k, v, 8), len;
+    kvs_block *blk;
+    assert_int_equal(kvs_store_block_alloc(st, rk, 8, cap, &blk, &err), 0);
+    assert_int_equal(
+        kvs_block_encode(k, v, kvs_ns_id(rk), 8, raw, kvs_block_data(blk), cap, &len, &err), 0);
+    kvs_block_set_size(blk, len, raw_bytes);
+    uint8_t *enc = malloc(len);
+    memcpy(enc, kvs_block_data(blk), len);
+    assert_int_equal(kvs_store_block_commit(st, blk, "b", 1, NULL, &err), 0);
+    uint16_t *before = malloc(raw_bytes);
+    assert_int_equal(kvs_block_decode(k, v, enc, len, 0, 2, before, &err), 0);
+
+    /* SQuat: queries publish version 1. */
+    kvs_ns_spec ss = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "squat-2", "kivi-2", 4);
+    snprintf(ss.name, sizeof ss.name, "sq");
+    kvs_ns *sq;
+    assert_int_equal(kvs_store_ns_create(st, &ss, &sq, &err), 0);
+    uint16_t *q = kvs_test_gauss_data(2 * 4 * 2 * 16, 12, 1.0, ss.dtype);
+    uint32_t ver = 0;
+    assert_int_equal(kvs_learn_queries(kvs_ns_learner(sq), sq, 2, 4, q, &ver, &err), 0);
+    assert_int_equal(ver, 1);
+    assert_int_equal(kvs_store_flush(st), 1); /* the RotateKV block */
+
+    /* An orphan state record (namespace id 77 has no spec) and an unreadable state
+     * record of "rk" (version 2: its block would be skipped, the rest restores). */
+    assert_int_equal(kvs_disk_ns_put(disk, 77, "K\0\0\0\1", 5, "junk", 4, &err), 0);
+    assert_int_equal(kvs_disk_ns_put(disk, kvs_ns_id(rk), "K\0\0\0\2", 5, "KST1junk", 8, &err), 0);
+    kvs_ns_unref(rk);
+    kvs_ns_unref(sq);
+    kvs_store_destroy(st);
+
+    st = open_store(disk, 8);
+    rk = find_ns(st, "rk");
+    assert_int_equal(kvs_codec_state_version(kvs_ns_codec(rk, KVS_KEYS)), 1);
+    assert_false(kvs_learn_wants_keys(kvs_ns_learner(rk))); /* calibration is done */
+    kvs_block *got;
+    assert_int_equal(kvs_store_get(st, rk, "b", 1, &got, &err), 0);
+    assert_int_equal(kvs_block_size(got), len);
+    assert_memory_equal(kvs_block_data(got), enc, len);
+    uint16_t *after = malloc(raw_bytes);
+    assert_int_equal(kvs_block_decode(kvs_ns_codec_version(rk, KVS_KEYS, 1),
+                                      kvs_ns_codec_version(rk, KVS_VALUES, 0), kvs_block_data(got),
+                                      len, 0, 2, after, &err),
+                     0);
+    assert_memory_equal(after, before, raw_bytes); /* the same permutation decodes it */
+    kvs_store_block_release(st, got);
+    sq = find_ns(st, "sq");
+    assert_int_equal(kvs_codec_state_version(kvs_ns_codec(sq, KVS_KEYS)), 1);
+    assert_int_equal(kvs_learn_queries(kvs_ns_learner(sq), sq, 2, 4, q, &ver, &err), 0);
+    assert_int_equal(ver, 2); /* numbering goes on after the restored version */
+    /* The orphan's records are gone and its id is not handed out again. */
+    assert_int_equal(kvs_disk_ns_get(disk, 77, "K\0\0\0\1", 5, noop_cb, NULL, NULL), KVS_ENOTFOUND);
+    kvs_ns_spec ns3 = small_spec("third");
+    kvs_ns *third;
+    assert_int_equal(kvs_store_ns_create(st, &ns3, &third, &err), 0);
+    assert_true(kvs_ns_id(third) > 77);
+    kvs_ns_unref(third);
+    kvs_ns_unref(rk);
+    kvs_ns_unref(sq);
+    kvs_store_destroy(st);
+
+    /* Version 2 of "sq" was recorded too: a third start has both. */
+    st = open_store(disk, 8);
+    sq = find_ns(st, "sq");
+    assert_int_equal(kvs_codec_state_version(kvs_ns_codec(sq, KVS_KEYS)), 2);
+    assert_non_null(kvs_ns_codec_version(sq, KVS_KEYS, 1));
+    kvs_ns_unref(sq);
+    kvs_store_destroy(st);
+    kvs_disk_close(disk);
+    free(raw);
+    free(q);
+    free(enc);
+    free(before);
+    free(after);
+    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1003,6 +1128,7 @@ int main(void)
         cmocka_unit_test(test_disk_budget_eviction),
         cmocka_unit_test(test_disk_write_error),
         cmocka_unit_test(test_durable),
+        cmocka_unit_test(test_codec_state_persisted),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
