@@ -10,8 +10,9 @@
  *    of N = G*D (keys) or D (values) coordinates, E = max(8, N/32), so a vector takes
  *    LPV = N/E <= 32 lanes. Stages h < E run in registers, stages h >= E with
  *    __shfl_xor_sync(h/E) (polarquant's pattern); every stage computes the reference's
- *    butterflies (lower a + b, upper a - b, a the lower operand) in its order h = 1, 2,
- *    4, ..., then one multiply by kvs_fwht_scale(N).
+ *    butterflies (lower a + b, upper a - b, a the lower operand; the upper lane computes
+ *    a + (-b), which IEEE defines as a - b) in its order h = 1, 2, 4, ..., then one
+ *    multiply by kvs_fwht_scale(N).
  *  - Token norms (sink test, double): one lane per token sums (double)v*v sequentially in
  *    channel order, exactly the reference's loop; no reassociation, so a token whose norm
  *    sits on the threshold decides the same way. The lower median is found by ranking
@@ -40,9 +41,9 @@
  * of the non-sink tokens at their final positions, the sink list, the sink vectors,
  * len_out.
  *  - Resident path (the whole section and its records fit RKV_RESIDENT_BUDGET bytes of
- *    shared memory; Llama-3-8B-like layouts with t <= 32 do): the input is read once;
- *    records are staged in shared memory during phase 1 (while warp 0 sums norms) and
- *    copied to their positions in phase 2.
+ *    shared memory; Llama-3-8B's C = 1024 at t = 16 takes 68-72 KiB, three CTAs per H100
+ *    SM): the input is read once; records are staged in shared memory during phase 1
+ *    (while warp 0 sums norms) and copied to their positions in phase 2.
  *  - Two-pass path (larger sections): phase 1 only classifies; phase 2 reads the chunks
  *    again and quantizes straight to global memory.
  *  Per token, the quantizing warp goes through a per-warp buffer of C floats: the FWHT
@@ -82,6 +83,17 @@
  * out of order or out of range, or whose layer is out of range; that section is decoded
  * as if it had no sinks (in bounds: t records fit every stride).
  *
+ * Where the GPU may differ from the CPU: nowhere on inputs the reference accepts except
+ * the NaN tokens above (flagged, so the host uses the CPU's bytes). Decode of bytes no
+ * encoder writes (fp16 parameters that are Inf/NaN, so NaN outputs) into a bf16
+ * namespace may differ in the NaN's sign and payload bits (x86 and CUDA propagate NaNs
+ * differently); fp16 saturates NaN to 65504 on both sides.
+ *
+ * Throughput (H100, tests/bench/RESULTS.md): encode 0.18-0.20 of the copy floor, decode
+ * 0.47-0.50. The encode is instruction-bound (FWHT shuffle stages, an IEEE division per
+ * code, the group scans, all kept identical to the reference), and a lone block waits on
+ * the norm lanes' sequential double adds (C of them per token).
+ *
  * Codec state: the key permutation of every layer is uploaded once by cuda_prepare to
  * the device that is current then (c->priv_cuda); launches on another device are refused
  * (KVS_EINVAL). Values and state version 0 need no table.
@@ -91,6 +103,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <atomic>
 
 extern "C" {
 #include "gpu/codec_rotatekv.h" /* a C header without its own extern "C" block */
@@ -102,16 +116,17 @@ extern "C" {
 #include "gpu/half.h"
 #include "gpu/quant.h"
 
-#define RKV_THREADS 256               /* encode CTA (8 warps), decode CTA at most */
-#define RKV_FULL 0xFFFFFFFFu          /* every lane takes part in every shuffle */
-#define RKV_CHUNK_MAX 32              /* tokens per chunk: one norm lane each */
-#define RKV_CTRL 64                   /* bytes of rkv_ctrl at the start of shared memory */
+#define RKV_THREADS 256                  /* encode CTA (8 warps), decode CTA at most */
+#define RKV_FULL 0xFFFFFFFFu             /* every lane takes part in every shuffle */
+#define RKV_CHUNK_MAX 32                 /* tokens per chunk: one norm lane each */
+#define RKV_CTRL 64                      /* bytes of rkv_ctrl at the start of shared memory */
 #define RKV_RESIDENT_BUDGET (112u << 10) /* shared memory of the resident encode path */
-#define RKV_STREAM_BUDGET (96u << 10) /* of the two-pass path (and the support check) */
-#define RKV_DECODE_SMEM (48u << 10)   /* decode scatter buffers: no opt-in needed */
-#define RKV_MAX_TOKENS 1024           /* block_tokens: norms in shared memory, O(t^2) rank */
-#define RKV_MAX_CHANNELS 4096         /* H*D */
-#define RKV_MAX_ITEMS 0x7FFFFFFFu     /* blocks / warps of one launch */
+#define RKV_STREAM_BUDGET (96u << 10)    /* of the two-pass path (and the support check) */
+#define RKV_DECODE_SMEM (48u << 10)      /* decode scatter buffers: no opt-in needed */
+#define RKV_MAX_TOKENS 1024              /* block_tokens: norms in shared memory, O(t^2) rank */
+#define RKV_MAX_CHANNELS 4096            /* H*D */
+#define RKV_MAX_ITEMS 0x7FFFFFFFu        /* blocks / warps of one launch */
+#define RKV_DEVICES 64                   /* devices whose shared-memory opt-in is cached */
 
 #define RKV_F_RANGE 1 /* a rotated value beyond KVS_ROTATEKV_RANGE_MAX */
 #define RKV_F_NAN 2   /* a rotated value is NaN */
@@ -126,38 +141,38 @@ static __host__ __device__ constexpr int rkv_lane_elems(int n)
 /* ---------------------------------------------------------------- arguments */
 
 typedef struct rkv_args {
-    const uint16_t *raw;     /* encode: this launch's first section */
-    uint16_t *raw_out;       /* decode */
-    const uint8_t *enc;      /* decode */
-    uint8_t *enc_out;        /* encode */
-    const uint32_t *layer;   /* this launch's first section */
-    const uint32_t *len;     /* decode */
-    uint32_t *len_out;       /* encode */
+    const uint16_t *raw;   /* encode: this launch's first section */
+    uint16_t *raw_out;     /* decode */
+    const uint8_t *enc;    /* decode */
+    uint8_t *enc_out;      /* encode */
+    const uint32_t *layer; /* this launch's first section */
+    const uint32_t *len;   /* decode */
+    uint32_t *len_out;     /* encode */
     unsigned long long *bad;
-    const uint16_t *perm;    /* device [L][C] key permutation, NULL for the identity */
+    const uint16_t *perm; /* device [L][C] key permutation, NULL for the identity */
     size_t stride;
     unsigned long long sec0; /* batch index of this launch's first section */
     uint32_t n;              /* sections in this launch */
     uint32_t t, C, L;
-    uint32_t gs_shift;       /* log2 of the group size (keys: 128, values: min(D, 128)) */
+    uint32_t gs_shift;             /* log2 of the group size (keys: 128, values: min(D, 128)) */
     uint32_t ngroups, cbytes, rec; /* groups per token, code bytes, record bytes */
-    float clip, fscale;      /* KVS_ROTATEKV_CLIP(bits), kvs_fwht_scale(N) */
+    float clip, fscale;            /* KVS_ROTATEKV_CLIP(bits), kvs_fwht_scale(N) */
     int bf16;
     /* decode */
-    uint32_t nwarps;         /* n * t */
-    kdiv dt;                 /* by t */
+    uint32_t nwarps; /* n * t */
+    kdiv dt;         /* by t */
     /* encode plan: shared-memory offsets (bytes, 16-aligned) and sizes */
-    uint32_t tc, resident;   /* tokens per chunk (t when resident) */
+    uint32_t tc, resident; /* tokens per chunk (t when resident) */
     uint32_t o_norm, o_flag, o_perm, o_raw, o_stage, o_area;
     uint32_t rs, rec16, area; /* raw row stride, staged record stride, per-warp area */
-    kdiv drow;               /* by C/8: 16-byte units per raw row */
+    kdiv drow;                /* by C/8: 16-byte units per raw row */
 } rkv_args;
 
 /* Start of the encode kernel's shared memory. */
 typedef struct rkv_ctrl {
-    double med;       /* lower median of the token norms */
-    int has_nf;       /* the section holds a NaN/Inf input */
-    uint32_t ns;      /* sinks chosen */
+    double med;  /* lower median of the token norms */
+    int has_nf;  /* the section holds a NaN/Inf input */
+    uint32_t ns; /* sinks chosen */
     uint32_t list[KVS_ROTATEKV_MAX_SINKS];
 } rkv_ctrl;
 static_assert(sizeof(rkv_ctrl) <= RKV_CTRL, "rkv_ctrl fits its slot");
@@ -301,6 +316,13 @@ static __device__ __forceinline__ void load_vals(const uint8_t *p, bool valid, i
     }
 }
 
+/* An input element through the reference's decode: to_f32, then kvs_codec_decode's
+ * saturation and conversion (the identity on finite fp16/bf16; Inf/NaN fp16 -> +-65504). */
+static __device__ __forceinline__ uint32_t resat(uint32_t u, int bf16)
+{
+    return bf16 ? out_val<true>(in_val<true>(u)) : out_val<false>(in_val<false>(u));
+}
+
 /* E floats to the namespace dtype at dst (16-byte aligned), saturated as kvs_codec_decode. */
 template <int E>
 static __device__ __forceinline__ void store_vals(uint16_t *dst, const float (&x)[E], int bf16)
@@ -385,8 +407,8 @@ static __device__ __forceinline__ void gather(const float *scr, const uint16_t *
  * buffers (C floats, then ngroups (min, max) pairs, then ngroups (word, zero) pairs). */
 template <int N, int B>
 static __device__ __forceinline__ void enc_token(const rkv_args &a, const uint8_t *row,
-                                                 uint8_t *area, const uint16_t *perm,
-                                                 uint8_t *dst, uint8_t *flag_out, unsigned lane)
+                                                 uint8_t *area, const uint16_t *perm, uint8_t *dst,
+                                                 uint8_t *flag_out, unsigned lane)
 {
     constexpr int E = rkv_lane_elems(N), LPV = N / E, SW = 32 * E, NB = E * B / 8;
     float *scr = (float *)area;
@@ -490,9 +512,10 @@ static __device__ __forceinline__ void enc_token(const rkv_args &a, const uint8_
 
 /* Token rows c0..c0+nt-1 of the section to shared memory (rows rs bytes apart); with
  * `check`, every NaN/Inf is reported (the thread's first; atomicMin keeps the smallest). */
-static __device__ __forceinline__ void load_chunk(const rkv_args &a, const uint16_t *src, uint32_t c0, uint32_t nt,
-                                  uint8_t *raw_s, bool check, rkv_ctrl *ctl,
-                                  unsigned long long elem0)
+static __device__ __forceinline__ void load_chunk(const rkv_args &a, const uint16_t *src,
+                                                  uint32_t c0, uint32_t nt, uint8_t *raw_s,
+                                                  bool check, rkv_ctrl *ctl,
+                                                  unsigned long long elem0)
 {
     const uint32_t upr = a.C / 8, units = nt * upr;
     const uint32_t mask = a.bf16 ? 0x7F80u : 0x7C00u;
@@ -520,22 +543,37 @@ static __device__ __forceinline__ void load_chunk(const rkv_args &a, const uint1
     }
 }
 
-/* sum of (double)v*v over the C elements of a raw row, in channel order (select_sinks). */
-static __device__ double token_norm(const uint8_t *row, uint32_t C, int bf16)
+/* sum of (double)v*v over the C elements of a raw row, in channel order (select_sinks):
+ * one add after the other, as the reference; 64 bytes are loaded ahead so that only the
+ * adds' latency is on the chain. */
+template <bool BF16> static __device__ double token_norm_t(const uint8_t *row, uint32_t C)
 {
     const uint4 *r = (const uint4 *)row;
+    const uint32_t units = C / 8;
     double s = 0;
-    for (uint32_t u = 0; u < C / 8; u++) {
-        const uint4 x = r[u];
-        const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+    for (uint32_t u = 0; u < units; u += 4) {
+        uint4 x[4];
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const uint32_t h = (w[e / 2] >> (16 * (e % 2))) & 0xFFFF;
-            const double v = bf16 ? in_val<true>(h) : in_val<false>(h);
-            s += v * v;
+        for (int q = 0; q < 4; q++)
+            x[q] = u + q < units ? r[u + q] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            if (u + q >= units)
+                break;
+            const uint32_t w[4] = {x[q].x, x[q].y, x[q].z, x[q].w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const double v = in_val<BF16>((w[e / 2] >> (16 * (e % 2))) & 0xFFFF);
+                s += v * v;
+            }
         }
     }
     return s;
+}
+
+static __device__ double token_norm(const uint8_t *row, uint32_t C, int bf16)
+{
+    return bf16 ? token_norm_t<true>(row, C) : token_norm_t<false>(row, C);
 }
 
 template <int N, int B>
@@ -771,9 +809,7 @@ static __global__ void __launch_bounds__(RKV_THREADS) rkv_decode_kernel(const rk
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const uint32_t lo = x[i] & 0xFFFF, hi = x[i] >> 16;
-                o[i] = a.bf16 ? out_val<true>(in_val<true>(lo)) | out_val<true>(in_val<true>(hi)) << 16
-                              : out_val<false>(in_val<false>(lo)) |
-                                    out_val<false>(in_val<false>(hi)) << 16;
+                o[i] = resat(lo, a.bf16) | resat(hi, a.bf16) << 16;
             }
             *(uint4 *)(dst + ch) = make_uint4(o[0], o[1], o[2], o[3]);
         }
@@ -856,9 +892,9 @@ typedef struct rkv_cuda {
 } rkv_cuda;
 
 typedef struct rkv_geom {
-    uint32_t N;     /* FWHT size: G*D (keys), D (values) */
+    uint32_t N; /* FWHT size: G*D (keys), D (values) */
     uint32_t C, gs_shift, ngroups, cbytes, rec;
-    bool perm;      /* keys with a learned permutation */
+    bool perm; /* keys with a learned permutation */
 } rkv_geom;
 
 static uint32_t ilog2(uint32_t x)
@@ -932,9 +968,10 @@ static int plan_encode(const rkv_geom *g, uint32_t t, size_t lim, rkv_args *a, u
                 *nw = w;
                 return 0;
             }
-    return kvs_err_set(err, KVS_ENOTSUP, "rotatekv: a section of %u tokens x %u channels "
-                       "needs more shared memory than this device has (%zu bytes)", t, g->C,
-                       lim);
+    return kvs_err_set(err, KVS_ENOTSUP,
+                       "rotatekv: a section of %u tokens x %u channels "
+                       "needs more shared memory than this device has (%zu bytes)",
+                       t, g->C, lim);
 }
 
 extern "C" bool kvs__rotatekv_cuda_supported(const kvs_codec *c)
@@ -1029,10 +1066,16 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
         if (rc)
             return rc;
         a.drow = kdiv_make(g->C / 8);
-        if (smem > (48u << 10))
+        /* the opt-in is per device and only grows: set it when this launch needs more */
+        static std::atomic<int> opted[RKV_DEVICES];
+        if (smem > (48u << 10) && (dev < 0 || dev >= RKV_DEVICES || opted[dev] < (int)smem)) {
             KVS_CUDA_CHECK(cudaFuncSetAttribute(rkv_encode_kernel<N, B>,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                (int)smem), err);
+                                                (int)smem),
+                           err);
+            if (dev >= 0 && dev < RKV_DEVICES && opted[dev] < (int)smem)
+                opted[dev] = (int)smem;
+        }
         const size_t sec_elems = (size_t)t * g->C;
         for (uint32_t s0 = 0; s0 < s->n; s0 += RKV_MAX_ITEMS) {
             const uint32_t cnt = s->n - s0 < RKV_MAX_ITEMS ? s->n - s0 : RKV_MAX_ITEMS;
@@ -1081,10 +1124,14 @@ static int dispatch_bits(const kvs_codec *c, const kvs_cuda_sections *s, cudaStr
                          bool encode, const rkv_geom *g, const rkv_args &a, kvs_err *err)
 {
     switch (c->bits) {
-    case 2: return launch<N, 2>(c, s, st, encode, g, a, err);
-    case 3: return launch<N, 3>(c, s, st, encode, g, a, err);
-    case 4: return launch<N, 4>(c, s, st, encode, g, a, err);
-    default: break;
+    case 2:
+        return launch<N, 2>(c, s, st, encode, g, a, err);
+    case 3:
+        return launch<N, 3>(c, s, st, encode, g, a, err);
+    case 4:
+        return launch<N, 4>(c, s, st, encode, g, a, err);
+    default:
+        break;
     }
     return kvs_err_set(err, KVS_ENOTSUP, "rotatekv: no CUDA kernels for %u bits", c->bits);
 }
@@ -1095,23 +1142,26 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
     const rkv_cuda *pc = (const rkv_cuda *)c->priv_cuda;
     const void *raw = encode ? (const void *)s->raw : (const void *)s->raw_out;
     if (((uintptr_t)raw & 15) != 0)
-        return kvs_err_set(err, KVS_EINVAL, "rotatekv: raw device pointer %p not 16-byte "
-                           "aligned", raw);
+        return kvs_err_set(err, KVS_EINVAL, "rotatekv: raw device pointer %p not 16-byte aligned",
+                           raw);
     rkv_geom g;
     geom_init(c, &g);
     /* The kernels' record geometry must be the reference's (section_max = its formula). */
     const uint32_t cap = s->t < KVS_ROTATEKV_MAX_SINKS ? s->t : KVS_ROTATEKV_MAX_SINKS;
     const size_t smax = (size_t)(s->t - cap) * g.rec + (size_t)cap * (2 + 2 * (size_t)g.C);
     if (smax != kvs_codec_section_max(c, s->t))
-        return kvs_err_set(err, KVS_EINTERNAL, "rotatekv: kernel geometry (%zu bytes for %u "
-                           "tokens) disagrees with the reference (%zu)", smax, s->t,
-                           kvs_codec_section_max(c, s->t));
+        return kvs_err_set(err, KVS_EINTERNAL,
+                           "rotatekv: kernel geometry (%zu bytes for %u "
+                           "tokens) disagrees with the reference (%zu)",
+                           smax, s->t, kvs_codec_section_max(c, s->t));
     if (g.perm) {
         int dev = -1;
         KVS_CUDA_CHECK(cudaGetDevice(&dev), err);
         if (dev != pc->device)
-            return kvs_err_set(err, KVS_EINVAL, "rotatekv: codec prepared on device %d, "
-                               "launched on device %d", pc->device, dev);
+            return kvs_err_set(err, KVS_EINVAL,
+                               "rotatekv: codec prepared on device %d, "
+                               "launched on device %d",
+                               pc->device, dev);
     }
     rkv_args a;
     memset(&a, 0, sizeof a);
@@ -1130,17 +1180,24 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
     a.bf16 = c->spec.dtype == KVS_DTYPE_BF16;
     cudaStream_t st = (cudaStream_t)stream;
     switch (g.N) {
-    case 16: return dispatch_bits<16>(c, s, st, encode, &g, a, err);
-    case 32: return dispatch_bits<32>(c, s, st, encode, &g, a, err);
-    case 64: return dispatch_bits<64>(c, s, st, encode, &g, a, err);
-    case 128: return dispatch_bits<128>(c, s, st, encode, &g, a, err);
-    case 256: return dispatch_bits<256>(c, s, st, encode, &g, a, err);
-    case 512: return dispatch_bits<512>(c, s, st, encode, &g, a, err);
-    case 1024: return dispatch_bits<1024>(c, s, st, encode, &g, a, err);
-    default: break;
+    case 16:
+        return dispatch_bits<16>(c, s, st, encode, &g, a, err);
+    case 32:
+        return dispatch_bits<32>(c, s, st, encode, &g, a, err);
+    case 64:
+        return dispatch_bits<64>(c, s, st, encode, &g, a, err);
+    case 128:
+        return dispatch_bits<128>(c, s, st, encode, &g, a, err);
+    case 256:
+        return dispatch_bits<256>(c, s, st, encode, &g, a, err);
+    case 512:
+        return dispatch_bits<512>(c, s, st, encode, &g, a, err);
+    case 1024:
+        return dispatch_bits<1024>(c, s, st, encode, &g, a, err);
+    default:
+        break;
     }
-    return kvs_err_set(err, KVS_ENOTSUP, "rotatekv: no CUDA kernels for a %u-point rotation",
-                       g.N);
+    return kvs_err_set(err, KVS_ENOTSUP, "rotatekv: no CUDA kernels for a %u-point rotation", g.N);
 }
 
 extern "C" int kvs__rotatekv_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s,

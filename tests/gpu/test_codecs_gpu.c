@@ -321,8 +321,8 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
  * range sinks than S: the CPU refuses, the kernel must flag inside that section; 5: as 0,
  * plus token 1 all -0 and token 2 random signed zeros (group minima and maxima that are
  * zeros of both signs: the first of equal values must win, as in the CPU's scan); 6
- * (t >= 4): tokens below t/2 are v, the others 2v, the last 10v (norm^2 100x the lower
- * median, 25x the upper one: a sink only with the lower median). Then
+ * (t >= 4): tokens 0..(t-1)/2 are v, the others 2v, the last 10v (norm^2 100x the lower
+ * median; for even t 25x the upper one: a sink only with the lower median). Then
  * decode of section 0 with a wrong length, and with its first sink index out of range,
  * must flag section 0. */
 static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
@@ -375,7 +375,7 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
                         v = uniform() < 0.5 ? -0.0 : 0.0;
                     break;
                 case 6:
-                    v = tok < s.t / 2 ? v0 : (tok == s.t - 1 ? 10.0 * v0 : 2.0 * v0);
+                    v = tok <= (s.t - 1) / 2 ? v0 : (tok == s.t - 1 ? 10.0 * v0 : 2.0 * v0);
                     break;
                 case 1:
                     if (tok % 2 == 1 && tok < 14)
@@ -540,7 +540,7 @@ static void state_cases_rotatekv(void)
      * section read twice) */
     static const shape shapes[] = {
         {8, 128, 16, 9},  {3, 64, 16, 5}, {4, 64, 33, 9}, {1, 16, 5, 3},
-        {2, 256, 3, 5},   {6, 32, 1, 4},  {8, 128, 64, 6}, {8, 256, 64, 3},
+        {2, 256, 3, 5},   {6, 32, 1, 4},  {8, 128, 64, 2}, {8, 256, 64, 2},
     };
     static const char *names[] = {"rotatekv-2", "rotatekv-3", "rotatekv-4"};
     static const input_kind kinds[] = {IN_GAUSS, IN_OUTLIER, IN_HUGE, IN_CONST_ROWS, IN_ZERO};
@@ -573,6 +573,8 @@ static void state_cases_rotatekv(void)
         const kvs_codec_state st = {1, bytes, len};
         const int big = s.t * C >= 65536; /* the two-pass path */
         for (int b = 0; b < 3; b++) {
+            if (big && b == 1)
+                continue;
             for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
                 if (!big || kinds[k] == IN_GAUSS)
                     run_case_state(names[b], KVS_KEYS, s, KVS_DTYPE_FP16, kinds[k], &st);
@@ -582,7 +584,7 @@ static void state_cases_rotatekv(void)
             for (int p = 0; p < 7; p++)
                 if (p != 4 && (p != 2 || s.t >= 6) && (p != 6 || s.t >= 4)) {
                     rkv_sink_case(names[b], KVS_KEYS, s, KVS_DTYPE_FP16, &st, p);
-                    if (big) /* values and identity keys on the two-pass path too */
+                    if (big && (p == 0 || p == 3)) /* values on the two-pass path too */
                         rkv_sink_case(names[b], KVS_VALUES, s, KVS_DTYPE_FP16, NULL, p);
                 }
             rkv_sink_case(names[b], KVS_KEYS, s, KVS_DTYPE_BF16, &st, 3);
