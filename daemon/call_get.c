@@ -1,6 +1,7 @@
 /* Get: the server-streaming state machine (DESIGN §2, §4).
  *
- *   start ──valid──> store_get (reader ref) ──DECODE (libuv pool: decode_job; RAW only)
+ *   start ──valid──> store_find (reader ref) [──READ (libuv pool: read_job; a disk block)]
+ *         ──DECODE (libuv pool: decode_job; RAW only)
  *         ──send header──> SEND ──> send layer chunk ──┐
  *     └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / DATA_LOSS / UNIMPLEMENTED)        ▲   │
  *                                                                                  └───┘
@@ -11,7 +12,8 @@
  * way to its bytes). The block stays referenced (so neither eviction, demotion nor delete
  * frees it or its slot) until the call is freed. Each data chunk carries bytes of exactly one layer, so a worker can start on
  * layer l as soon as its bytes are in; a layer larger than the chunk size is split, with
- * `offset` locating the piece. Runs on CQ threads, one step at a time per call.
+ * `offset` locating the piece. Runs on CQ threads, except the disk read and the CPU decode
+ * (pool threads) and what follows them (loop thread); one step at a time per call.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,8 +68,15 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
     if ((rc = kvs_wire_layer_range(r->layer_begin, r->layer_end, spec->layers, &g->layer_begin,
                                    &g->layer_end, err)))
         return rc;
-    if ((rc = kvs_store_get(c->srv->store, g->ns, r->key.data, r->key.len, &g->blk, err)))
-        return rc;
+    /* A disk block comes back unread: its LMDB read runs on the pool (kvs_get_start). */
+    return kvs_store_find(c->srv->store, g->ns, r->key.data, r->key.len, &g->blk, err);
+}
+
+/* Sizes the stream and its buffers once the block's bytes are at hand. */
+static int setup(kvs_call *c, kvs_err *err)
+{
+    kvs_get_state *g = &c->u.get;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
     uint32_t t = kvs_block_tokens(g->blk);
     g->layer = g->layer_begin;
     g->offset = 0;
@@ -193,21 +202,9 @@ static void start_gpu(kvs_call *c)
         kvs_call_fail(c, rc == KVS_EDATALOSS ? rc : KVS_EINTERNAL, err.msg);
 }
 
-void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
+/* Decode or send a block whose bytes are at hand (setup done). */
+static void dispatch(kvs_call *c)
 {
-    kvs_err err;
-    kvs_err_clear(&err);
-    Kvstash__V1__GetRequest *r = kvstash__v1__get_request__unpack(NULL, len, req);
-    if (!r) {
-        kvs_call_fail(c, KVS_EINVAL, "GetRequest: not a valid protobuf message");
-        return;
-    }
-    int rc = prepare(c, r, &err);
-    kvstash__v1__get_request__free_unpacked(r, NULL);
-    if (rc) {
-        kvs_call_fail(c, rc, err.msg);
-        return;
-    }
     kvs_get_state *g = &c->u.get;
     if (kvs_block_tier(g->blk) == KVS_STORE_TIER_GPU) {
         start_gpu(c);
@@ -230,6 +227,56 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
                           &g->err) == 0)
         return;
     kvs_call_run_work(c, decode_job, send_header);
+}
+
+/* Pool thread: read a disk block (LMDB read transaction, verified copy) and size the
+ * stream. Only CLOSE is in flight meanwhile (call.h invariant 1). */
+static void read_job(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    kvs_block *d = g->blk;
+    g->blk = NULL; /* kvs_store_read takes over our reference on d */
+    kvs_err_clear(&g->err);
+    g->rc = kvs_store_read(c->srv->store, d, &g->blk, &g->err);
+    if (g->rc == 0)
+        g->rc = setup(c, &g->err);
+}
+
+/* Loop thread (or inline): the disk read is done. */
+static void read_done(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    if (g->rc)
+        kvs_call_fail(c, g->rc, g->err.msg);
+    else
+        dispatch(c);
+}
+
+void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
+{
+    kvs_err err;
+    kvs_err_clear(&err);
+    Kvstash__V1__GetRequest *r = kvstash__v1__get_request__unpack(NULL, len, req);
+    if (!r) {
+        kvs_call_fail(c, KVS_EINVAL, "GetRequest: not a valid protobuf message");
+        return;
+    }
+    int rc = prepare(c, r, &err);
+    kvstash__v1__get_request__free_unpacked(r, NULL);
+    kvs_get_state *g = &c->u.get;
+    if (rc == 0 && kvs_block_unread(g->blk)) {
+        kvs_call_run_work(c, read_job, read_done);
+        return;
+    }
+    if (rc == 0)
+        rc = setup(c, &err);
+    if (rc) {
+        kvs_call_fail(c, rc, err.msg);
+        return;
+    }
+    dispatch(c);
 }
 
 void kvs_get_on_send(kvs_call *c, bool ok)

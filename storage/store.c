@@ -588,6 +588,28 @@ int kvs_store_block_commit_durable(kvs_store *st, kvs_block *blk, const void *ke
 int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
                   kvs_err *err)
 {
+    kvs_block *blk;
+    int rc = kvs_store_find(st, ns, key, key_len, &blk, err);
+    return rc ? rc : kvs_store_read(st, blk, out, err);
+}
+
+bool kvs_block_unread(const kvs_block *blk)
+{
+    return blk->tier == KVS_STORE_TIER_DISK && !blk->data; /* transient reads have bytes */
+}
+
+int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err)
+{
+    if (!kvs_block_unread(blk)) {
+        *out = blk;
+        return 0;
+    }
+    return kvs_spill_read(st, blk, out, err); /* verified by the disk module as it is read */
+}
+
+int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
+                   kvs_err *err)
+{
     pthread_mutex_lock(&st->mu);
     kvs_index_node *n = kvs_index_find(st->index, kvs_ns_id(ns), key, key_len);
     if (!n) {
@@ -606,8 +628,10 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
         return 0;
     }
     pthread_mutex_unlock(&st->mu);
-    if (blk->tier == KVS_STORE_TIER_DISK) /* verified by the disk module as it is read */
-        return kvs_spill_read(st, blk, out, err);
+    if (blk->tier == KVS_STORE_TIER_DISK) { /* read by kvs_store_read */
+        *out = blk;
+        return 0;
+    }
 
     /* Invariant 4: verify outside the lock; the payload is read-only once linked. */
     if (XXH3_64bits(blk->data, blk->size) != blk->checksum) {

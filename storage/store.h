@@ -234,6 +234,20 @@ void kvs_store_block_abort(kvs_store *st, kvs_block *blk);
  * KVS_ENOMEM when that read fails. */
 int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
                   kvs_err *err);
+/* kvs_store_get without the blocking part, for an event thread: a disk block comes back
+ * unread (kvs_block_unread: a referenced index entry without bytes; kvs_block_tokens and
+ * kvs_block_size are valid) for the caller to finish with kvs_store_read elsewhere (a
+ * worker thread). Other blocks come back as kvs_store_get hands them out. */
+int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len,
+                   kvs_block **out, kvs_err *err);
+/* True for a disk block from kvs_store_find that kvs_store_read has not read yet. */
+bool kvs_block_unread(const kvs_block *blk);
+/* Reads an unread disk block (blocking: one LMDB read transaction and a copy; no lock
+ * held across it), exactly as kvs_store_get would have: the caller's reference on blk is
+ * dropped in every case, and on success *out gets a reader reference on a readable block
+ * (promoted or transient). Errors as kvs_store_get's for a disk block. A block that is
+ * not unread is handed back as it is. */
+int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err);
 void kvs_store_block_release(kvs_store *st, kvs_block *blk);
 
 /* A key as a (pointer, length) pair; borrowed for the duration of the call. */

@@ -685,6 +685,48 @@ static void test_disk_no_promote(void **state)
     fx_close(&f);
 }
 
+/* kvs_store_find leaves a disk block unread (no LMDB read on the caller's thread);
+ * kvs_store_read finishes it like kvs_store_get. */
+static void test_disk_find_then_read(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    size_t len;
+    uint8_t *b0 = put_enc(&f, "k0", 8, 21, &len);
+    free(put_enc(&f, "k1", 8, 22, &len));
+    free(put_enc(&f, "k2", 8, 23, &len));
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    kvs_block *d, *got;
+    kvs_err err;
+    assert_int_equal(kvs_store_find(f.st, f.ns, "k0", 2, &d, &err), 0);
+    assert_true(kvs_block_unread(d));
+    assert_null(kvs_block_data(d));
+    assert_int_equal(kvs_block_size(d), len);
+    assert_int_equal(kvs_block_tokens(d), 8);
+    assert_int_equal(kvs_store_read(f.st, d, &got, &err), 0);
+    assert_false(kvs_block_unread(got));
+    assert_memory_equal(kvs_block_data(got), b0, len);
+    kvs_store_block_release(f.st, got);
+    /* A host block comes back readable, and read hands it back as it is. */
+    assert_int_equal(kvs_store_find(f.st, f.ns, "k2", 2, &d, &err), 0);
+    assert_false(kvs_block_unread(d));
+    assert_int_equal(kvs_store_read(f.st, d, &got, &err), 0);
+    assert_ptr_equal(got, d);
+    kvs_store_block_release(f.st, got);
+    /* Deleted between find and read: the read answers not found and drops the entry. */
+    kvs_store_disk_wait(f.st);
+    const char *cold = tier_of(&f, "k1") == KVS_STORE_TIER_DISK ? "k1" : "k0";
+    assert_int_equal(tier_of(&f, cold), KVS_STORE_TIER_DISK);
+    assert_int_equal(kvs_store_find(f.st, f.ns, cold, 2, &d, &err), 0);
+    kvs_store_key del = {cold, 2};
+    assert_int_equal(kvs_store_delete(f.st, f.ns, &del, 1), 1);
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(kvs_store_read(f.st, d, &got, &err), KVS_ENOTFOUND);
+    free(b0);
+    fx_close(&f);
+}
+
 static int noop_cb(const void *b, size_t n, void *a)
 {
     return 0;
@@ -1127,6 +1169,7 @@ int main(void)
         cmocka_unit_test(test_disk_corrupt_record_is_data_loss),
         cmocka_unit_test(test_disk_budget_eviction),
         cmocka_unit_test(test_disk_write_error),
+        cmocka_unit_test(test_disk_find_then_read),
         cmocka_unit_test(test_durable),
         cmocka_unit_test(test_codec_state_persisted),
     };
