@@ -120,10 +120,19 @@ static void decode_job(void *arg)
     const kvs_codec *kc = NULL, *vc = NULL;
     kvs_err_clear(err);
     int rc = kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, err);
-    if (rc == 0 && (!(kc = kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state)) ||
-                    !(vc = kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state))))
-        rc = kvs_err_set(err, KVS_EPROTO, "codec state versions %u/%u unknown", info.k_state,
-                         info.v_state);
+    if (rc == 0) {
+        kc = kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state);
+        vc = kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state);
+        /* A state this daemon does not hold (its record was unreadable at start,
+         * storage/persist.c): a codec whose decode ignores the state decodes with any. */
+        if (!kc && !kvs_codec_decode_needs_state(kvs_ns_codec(g->ns, KVS_KEYS)))
+            kc = kvs_ns_codec(g->ns, KVS_KEYS);
+        if (!vc && !kvs_codec_decode_needs_state(kvs_ns_codec(g->ns, KVS_VALUES)))
+            vc = kvs_ns_codec(g->ns, KVS_VALUES);
+        if (!kc || !vc)
+            rc = kvs_err_set(err, KVS_EPROTO, "codec state versions %u/%u unknown (their "
+                             "records were unreadable at start)", info.k_state, info.v_state);
+    }
     if (rc == 0)
         rc = kvs_block_decode(kc, vc, kvs_block_data(g->blk), kvs_block_size(g->blk),
                               g->layer_begin, g->layer_end, (uint16_t *)g->raw, err);

@@ -13,9 +13,15 @@
  *         24  n  the state bytes, as the codec defines them (kvs_codec_state.data)
  * A state is recorded before it is published (storage/learn.h), so every block on disk
  * was encoded with recorded states. A state record that is unreadable is logged and
- * skipped: the blocks that need it are skipped too (never decoded with a wrong state).
+ * skipped; the blocks encoded with it are still indexed (they keep their place in the
+ * budget and can be evicted, deleted and dropped): an encoded Get serves their bytes, and
+ * a decoding Get decodes them only if the codec ignores the state (SQuat, KIVI, ...),
+ * never with a wrong state, and answers DATA_LOSS otherwise.
  * Records of an id without a spec (a namespace dropped while one of its states was
  * being recorded) are deleted at start, and no new namespace reuses that id meanwhile.
+ * Blocks that can never be served -- of a namespace that has no spec, or whose token
+ * count does not fit their namespace -- are deleted once the index is rebuilt (logged
+ * and counted), rather than left on disk outside the index.
  *
  * Threading: record writes run on the caller's thread (namespace create, the learner's
  * publishing thread) with no store lock held; the restore runs inside kvs_store_create,
@@ -137,8 +143,38 @@ typedef struct restore {
     uint32_t orphans[ORPHANS_MAX];
     size_t norphans;
     kvs_ns *last; /* cache: blocks come in namespace order */
-    uint64_t linked, skipped;
+    uint64_t linked, unknown_state;
+    kvs_disk_key *dead; /* unservable blocks, deleted after the scan (keys in dead_keys) */
+    uint8_t (*dead_keys)[KVS_KEY_MAX];
+    size_t ndead, dead_cap;
+    uint64_t dead_lost; /* unservable blocks that could not be listed (memory) */
 } restore;
+
+/* Remembers an unservable block for deletion after the scan. */
+static void note_dead(restore *r, const kvs_disk_entry *e)
+{
+    if (e->key_len < 1 || e->key_len > KVS_KEY_MAX) { /* the disk module's checks prevent it */
+        r->dead_lost++;
+        return;
+    }
+    if (r->ndead == r->dead_cap) {
+        size_t cap = r->dead_cap ? 2 * r->dead_cap : 64;
+        kvs_disk_key *k = realloc(r->dead, cap * sizeof *k);
+        if (k)
+            r->dead = k;
+        uint8_t(*b)[KVS_KEY_MAX] = k ? realloc(r->dead_keys, cap * sizeof *b) : NULL;
+        if (b)
+            r->dead_keys = b;
+        if (!k || !b) {
+            r->dead_lost++; /* stays on disk, outside the index, until a later start */
+            return;
+        }
+        r->dead_cap = cap;
+    }
+    memcpy(r->dead_keys[r->ndead], e->key, e->key_len);
+    r->dead[r->ndead] = (kvs_disk_key){e->ns_id, NULL, e->key_len};
+    r->ndead++;
+}
 
 /* A state record of namespace ns: checked, then published on it and handed to its
  * learner. KVS_EPROTO (err filled) if it cannot be used. */
@@ -194,7 +230,7 @@ static int on_ns_record(uint32_t ns_id, const void *rec, size_t rec_len, const v
             r->bad_states++;
             kvs__store_log(st, KVS_LOG_ERROR,
                            "disk tier %s: namespace '%s': %s codec state %u "
-                           "skipped (blocks encoded with it will be too): %s",
+                           "skipped (blocks encoded with it cannot be decoded): %s",
                            kvs_disk_path(st->disk), kvs_ns_spec_of(ns)->name,
                            kv == KVS_KEYS ? "key" : "value", version, e2.msg);
         } else {
@@ -232,13 +268,14 @@ static int on_block(const kvs_disk_entry *e, void *arg)
     r->last = ns;
     uint64_t raw = 0;
     if (!ns || e->key_len < 1 || e->key_len > KVS_KEY_MAX ||
-        !kvs_ns_codec_version(ns, KVS_KEYS, e->k_state) ||
-        !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state) ||
         kvs_spec_block_bytes(kvs_ns_spec_of(ns), e->tokens, &raw, NULL)) {
-        r->skipped++; /* no namespace, or its codec state was not restored: not servable */
         pthread_mutex_unlock(&st->mu);
+        note_dead(r, e);
         return 0;
     }
+    if (!kvs_ns_codec_version(ns, KVS_KEYS, e->k_state) ||
+        !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state))
+        r->unknown_state++; /* indexed all the same: see the top of the file */
     kvs_block *d = kvs_xcalloc(1, sizeof *d);
     kvs_index_node_init(&d->node, e->ns_id, e->key, e->key_len);
     d->ns = kvs_ns_ref(ns);
@@ -276,16 +313,37 @@ int kvs__persist_restore(kvs_store *st, kvs_err *err)
                            kvs_disk_path(st->disk), r.orphans[i], (unsigned long long)blocks);
     }
     kvs_disk_scan_info info;
-    if ((rc = kvs_disk_scan(st->disk, 0, on_block, &r, &info, err)))
+    if ((rc = kvs_disk_scan(st->disk, 0, on_block, &r, &info, err))) {
+        free(r.dead);
+        free(r.dead_keys);
         return kvs_err_prefix(err, "disk tier %s: rebuilding the index", kvs_disk_path(st->disk));
+    }
+    uint64_t deleted = 0;
+    if (r.ndead) {
+        for (size_t i = 0; i < r.ndead; i++)
+            r.dead[i].key = r.dead_keys[i];
+        kvs_err e2;
+        if (kvs_disk_del(st->disk, r.dead, r.ndead, &deleted, &e2))
+            kvs__store_log(st, KVS_LOG_ERROR, "disk tier %s: deleting %zu unservable blocks: %s",
+                           kvs_disk_path(st->disk), r.ndead, e2.msg);
+        else
+            kvs__store_log(st, KVS_LOG_WARN,
+                           "disk tier %s: deleted %llu blocks that cannot be served (no "
+                           "namespace spec, or a token count their namespace does not allow)",
+                           kvs_disk_path(st->disk), (unsigned long long)deleted);
+    }
+    free(r.dead);
+    free(r.dead_keys);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
     kvs__store_log(st, KVS_LOG_INFO,
-                   "disk tier %s: restored %u namespaces (%u codec states, "
-                   "%u unreadable) and %llu blocks (%llu bytes) in %.1f ms; %llu blocks "
-                   "skipped, %llu bad records dropped",
+                   "disk tier %s: restored %u namespaces (%u codec states, %u unreadable) "
+                   "and %llu blocks (%llu bytes; %llu of an unknown codec state) in %.1f ms; "
+                   "%llu unservable blocks deleted, %llu left, %llu bad records dropped",
                    kvs_disk_path(st->disk), r.namespaces, r.states, r.bad_states,
-                   (unsigned long long)r.linked, (unsigned long long)st->stats.disk_used, ms,
-                   (unsigned long long)r.skipped, (unsigned long long)info.dropped);
+                   (unsigned long long)r.linked, (unsigned long long)st->stats.disk_used,
+                   (unsigned long long)r.unknown_state, ms, (unsigned long long)deleted,
+                   (unsigned long long)(r.ndead - deleted + r.dead_lost),
+                   (unsigned long long)info.dropped);
     return 0;
 }

@@ -20,8 +20,8 @@
  * it is created, and each learned codec state version before it is published (so before
  * any block is encoded with it); its records go when it is dropped. kvs_store_create
  * recreates the recorded namespaces under their ids with every recorded state version,
- * and indexes every stored block of them (a block whose state record is unreadable is
- * skipped).
+ * and indexes every stored block of them (persist.c: what happens to blocks whose state
+ * record is unreadable, and to blocks that can never be served).
  *
  * Block lifecycle (each transition names the function that performs it):
  *

@@ -154,8 +154,9 @@ def check_after_restart(d, dur, plain, keys, plain_keys, stats):
     """The checks of the module docstring; updates what each key holds now."""
     ns = {n.spec.name: n for n in d.stats().namespaces}
     assert dur in ns and ns[dur].spec.durable and plain in ns, sorted(ns)
-    m = re.findall(r"(\d+) blocks skipped, (\d+) bad records dropped", d.stderr_text())
-    assert m and m[-1] == ("0", "0"), m
+    m = re.findall(r"(\d+) of an unknown codec state\) in [0-9.]+ ms; (\d+) unservable blocks "
+                   r"deleted, (\d+) left, (\d+) bad records dropped", d.stderr_text())
+    assert m and m[-1] == ("0", "0", "0", "0"), m
     problems = []
     for name, ks, durable in ((dur, keys, True), (plain, plain_keys, False)):
         here = present(d, name, [k.name for k in ks])

@@ -640,7 +640,11 @@ static void test_disk_spill_get_promote(void **state)
         snprintf(key, sizeof key, "k%d", i);
         expect_bytes(&f, key, want[i], len[i]);
     }
-    assert_int_equal(tier_of(&f, "k11"), KVS_STORE_TIER_HOST); /* read last */
+    /* Read last, with the writer idle: the reads above spilled k11, and a block read while
+     * its write is queued is served from the host tier, then becomes a disk entry. */
+    kvs_store_disk_wait(f.st);
+    expect_bytes(&f, "k11", want[11], len[11]);
+    assert_int_equal(tier_of(&f, "k11"), KVS_STORE_TIER_HOST);
     kvs_store_disk_wait(f.st);
     kvs_store_get_stats(f.st, &s);
     assert_true(s.disk_promotions >= NB - 3);
@@ -1151,6 +1155,93 @@ static void test_codec_state_persisted(void **state)
     nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
+/* Encodes a block of t tokens for spec (state version kstate for the keys) stamped with
+ * ns_id and stores it in the disk tier directly; returns its bytes (malloc'd). */
+static uint8_t *disk_block(kvs_disk *disk, const kvs_ns_spec *spec, uint32_t ns_id,
+                           uint32_t kstate, uint32_t t, const char *key, size_t *len)
+{
+    kvs_err err;
+    kvs_codec_state cs = {.version = kstate};
+    kvs_codec *k, *v;
+    assert_int_equal(kvs_codec_create(spec, KVS_KEYS, &cs, &k, &err), 0);
+    assert_int_equal(kvs_codec_create(spec, KVS_VALUES, NULL, &v, &err), 0);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(spec, t, &raw_bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(raw_bytes / 2, 5 + t, 1.0, spec->dtype);
+    size_t cap = kvs_block_encoded_max(k, v, t);
+    uint8_t *enc = malloc(cap);
+    assert_int_equal(kvs_block_encode(k, v, ns_id, t, raw, enc, cap, len, &err), 0);
+    kvs_disk_item it = {ns_id, key, strlen(key), enc, *len};
+    assert_int_equal(kvs_disk_put_batch(disk, &it, 1, &err), 0);
+    kvs_codec_destroy(k);
+    kvs_codec_destroy(v);
+    free(raw);
+    return enc;
+}
+
+/* At start, a block of a codec state the daemon does not hold is indexed (its bytes are
+ * served; a codec that ignores the state decodes it), and blocks that can never be
+ * served (no namespace, a token count the namespace does not allow) are deleted rather
+ * than left outside the index. */
+static void test_restore_unknown_state_and_unservable(void **state)
+{
+    char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/kvs-test-restore-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    kvs_err err;
+    kvs_disk_opts dopts = {.nosync = true};
+    kvs_disk *disk;
+    assert_int_equal(kvs_disk_open(dir, 16 << 20, &dopts, &disk, &err), 0);
+    kvs_store *st = open_store(disk, 0);
+    kvs_ns_spec ks = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "kivi-2", "kivi-2", 6);
+    snprintf(ks.name, sizeof ks.name, "kv");
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &ks, &ns, &err), 0);
+    uint32_t id = kvs_ns_id(ns);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+
+    size_t len, l2, l3;
+    uint8_t *odd = disk_block(disk, &ks, id, 3, 8, "odd-state", &len);
+    kvs_ns_spec big = ks;
+    big.block_tokens = 16;
+    free(disk_block(disk, &big, id, 0, 16, "too-long", &l2));
+    free(disk_block(disk, &ks, 99, 0, 8, "no-ns", &l3));
+
+    st = open_store(disk, 0);
+    ns = find_ns(st, "kv");
+    kvs_store_key keys[2] = {{"odd-state", 9}, {"too-long", 8}};
+    kvs_store_tier tiers[2];
+    kvs_store_lookup(st, ns, keys, 2, tiers, NULL);
+    assert_int_equal(tiers[0], KVS_STORE_TIER_DISK);
+    assert_int_equal(tiers[1], KVS_STORE_TIER_NONE);
+    kvs_block *got;
+    assert_int_equal(kvs_store_get(st, ns, "odd-state", 9, &got, &err), 0);
+    assert_int_equal(kvs_block_size(got), len);
+    assert_memory_equal(kvs_block_data(got), odd, len);
+    assert_null(kvs_ns_codec_version(ns, KVS_KEYS, 3));
+    assert_false(kvs_codec_decode_needs_state(kvs_ns_codec(ns, KVS_KEYS)));
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(&ks, 8, &raw_bytes, NULL), 0);
+    uint16_t *out = malloc(raw_bytes);
+    assert_int_equal(kvs_block_decode(kvs_ns_codec(ns, KVS_KEYS), kvs_ns_codec(ns, KVS_VALUES),
+                                      kvs_block_data(got), len, 0, 2, out, &err), 0);
+    kvs_store_block_release(st, got);
+    assert_int_equal(kvs_disk_get(disk, id, "too-long", 8, noop_cb, NULL, NULL), KVS_ENOTFOUND);
+    assert_int_equal(kvs_disk_get(disk, 99, "no-ns", 5, noop_cb, NULL, NULL), KVS_ENOTFOUND);
+    kvs_store_stats s;
+    kvs_store_get_stats(st, &s);
+    assert_int_equal(s.disk_blocks, 0); /* the one entry was promoted by the get */
+    assert_int_equal(s.host_blocks, 1);
+    assert_int_equal(s.disk_used, len);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+    kvs_disk_close(disk);
+    free(odd);
+    free(out);
+    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1172,6 +1263,7 @@ int main(void)
         cmocka_unit_test(test_disk_find_then_read),
         cmocka_unit_test(test_durable),
         cmocka_unit_test(test_codec_state_persisted),
+        cmocka_unit_test(test_restore_unknown_state_and_unservable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
