@@ -1,6 +1,6 @@
-/* libkvstash: the KvAdmin calls (namespaces, stats, health) and the conversions between
- * kvs_ns_spec/kvs_ns_info and their protobuf messages, each in one place (spec_to_pb,
- * info_from_pb). Contract: include/kvstash.h; call machinery: client.c. */
+/* libkvstash: the KvAdmin calls (namespaces, stats, health, verify, flush, evict) and the
+ * conversions between kvs_ns_spec/kvs_ns_info and their protobuf messages, each in one place
+ * (spec_to_pb, info_from_pb). Contract: include/kvstash.h; call machinery: client.c. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,6 +225,86 @@ int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err)
     out->serving = rep->status == KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
     snprintf(out->version, sizeof out->version, "%s", rep->version);
     out->uptime_ms = rep->uptime_ms;
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+int kvs_client_verify(kvs_client *c, kvs_verify_result *out, kvs_err *err)
+{
+    if (!out) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "Verify: out is NULL");
+    }
+    memset(out, 0, sizeof *out);
+    Kvstash__V1__VerifyRequest q = KVSTASH__V1__VERIFY_REQUEST__INIT;
+    ProtobufCMessage *m;
+    int rc =
+        kvs__unary(c, ADMIN("Verify"), &q.base, &kvstash__v1__verify_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__VerifyReply *rep = (const Kvstash__V1__VerifyReply *)m;
+    for (size_t i = 0; i < rep->n_tiers && out->n_tiers < 3; i++) {
+        const Kvstash__V1__TierVerify *t = rep->tiers[i];
+        out->tiers[out->n_tiers++] = (kvs_verify_tier){.tier = kvs__tier_from_pb(t->tier),
+                                                       .checked = t->checked,
+                                                       .bad = t->bad,
+                                                       .skipped = t->skipped};
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+int kvs_client_flush(kvs_client *c, kvs_flush_result *out, kvs_err *err)
+{
+    Kvstash__V1__FlushRequest q = KVSTASH__V1__FLUSH_REQUEST__INIT;
+    ProtobufCMessage *m;
+    int rc = kvs__unary(c, ADMIN("Flush"), &q.base, &kvstash__v1__flush_reply__descriptor, &m, err);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__FlushReply *rep = (const Kvstash__V1__FlushReply *)m;
+    if (out)
+        *out = (kvs_flush_result){.written = rep->written,
+                                  .failed = rep->failed,
+                                  .already = rep->already,
+                                  .gpu_skipped = rep->gpu_skipped};
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+int kvs_client_evict(kvs_client *c, const char *ns, const kvs_key *keys, size_t n, kvs_evict_to to,
+                     kvs_evict_result *out, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if ((n && !keys) || (!ns && n))
+        return kvs_err_set(err, KVS_EINVAL, "Evict: keys %s",
+                           n && !keys ? "is NULL" : "given without a namespace");
+    if (to != KVS_EVICT_HOST && to != KVS_EVICT_DISK && to != KVS_EVICT_OUT)
+        return kvs_err_set(err, KVS_EINVAL, "Evict: to: %d is not a kvs_evict_to", (int)to);
+    ProtobufCBinaryData *bins = NULL;
+    if (n && !(bins = kvs_trymalloc(n * sizeof *bins)))
+        return kvs_err_set(err, KVS_ENOMEM, "Evict: out of memory for %zu keys", n);
+    for (size_t i = 0; i < n; i++)
+        bins[i] = (ProtobufCBinaryData){.len = keys[i].len, .data = (uint8_t *)keys[i].bytes};
+    Kvstash__V1__EvictRequest q = KVSTASH__V1__EVICT_REQUEST__INIT;
+    q.namespace_ = (char *)(ns ? ns : "");
+    q.all = ns == NULL;
+    q.n_keys = n;
+    q.keys = bins;
+    /* kvs_evict_to and the wire Target share their values by construction. */
+    q.to = (Kvstash__V1__EvictRequest__Target)to;
+    ProtobufCMessage *m;
+    int rc = kvs__unary(c, ADMIN("Evict"), &q.base, &kvstash__v1__evict_reply__descriptor, &m, err);
+    free(bins);
+    if (rc != 0)
+        return rc;
+    const Kvstash__V1__EvictReply *rep = (const Kvstash__V1__EvictReply *)m;
+    if (out)
+        *out = (kvs_evict_result){.moved = rep->moved,
+                                  .dropped = rep->dropped,
+                                  .unchanged = rep->unchanged,
+                                  .busy = rep->busy,
+                                  .failed = rep->failed,
+                                  .absent = rep->absent};
     protobuf_c_message_free_unpacked(m, NULL);
     return 0;
 }

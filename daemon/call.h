@@ -52,6 +52,9 @@ typedef enum kvs_rpc {
     KVS_RPC_STATS,
     KVS_RPC_HEALTH,
     KVS_RPC_ADD_QUERIES,
+    KVS_RPC_VERIFY,
+    KVS_RPC_FLUSH,
+    KVS_RPC_EVICT,
     KVS_RPC_COUNT,
     KVS_RPC_UNKNOWN = KVS_RPC_COUNT, /* the generic slot: answers UNIMPLEMENTED */
 } kvs_rpc;
@@ -144,6 +147,12 @@ typedef struct kvs_get_state {
     size_t fetched_len;
 } kvs_get_state;
 
+/* Verify, Flush, Evict (call_tiers.c): the job that runs on the pool; owned by the call
+ * from the handler until the reply (freed then). */
+typedef struct kvs_tiers_state {
+    struct kvs_tiers_job *job;
+} kvs_tiers_state;
+
 struct kvs_call {
     kvs_server *srv;
     kvs_rpc rpc;
@@ -169,6 +178,7 @@ struct kvs_call {
     union {
         kvs_put_state put;
         kvs_get_state get;
+        kvs_tiers_state tiers;
     } u;
 };
 
@@ -208,7 +218,7 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len);
 void kvs_get_on_send(kvs_call *c, bool ok);
 void kvs_get_cleanup(kvs_call *c);
 
-/* Unary handlers (call_keys.c, call_admin.c). */
+/* Unary handlers (call_keys.c, call_admin.c, call_tiers.c). */
 int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_delete_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
@@ -218,6 +228,10 @@ int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
 int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+/* Long admin calls (call_tiers.c): they answer later, from the loop thread. */
+int kvs_verify_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_flush_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_evict_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 
 uint64_t kvs_now_ms(void);
 

@@ -35,6 +35,9 @@ const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
     [KVS_RPC_HEALTH] = {"/kvstash.v1.KvAdmin/Health", "Health", true, false, kvs_health_handle},
     [KVS_RPC_ADD_QUERIES] = {"/kvstash.v1.KvAdmin/AddQueries", "AddQueries", true, false,
                              kvs_add_queries_handle},
+    [KVS_RPC_VERIFY] = {"/kvstash.v1.KvAdmin/Verify", "Verify", true, false, kvs_verify_handle},
+    [KVS_RPC_FLUSH] = {"/kvstash.v1.KvAdmin/Flush", "Flush", true, false, kvs_flush_handle},
+    [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, false, kvs_evict_handle},
 };
 
 static void *cq_thread(void *arg)

@@ -906,7 +906,8 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
             kvs_err why;
             int bad_rc;
             uint32_t ns = 0;
-            if (k.mv_size < 5 || k.mv_size > BKEY_MAX) {
+            bool key_ok = k.mv_size >= 5 && k.mv_size <= BKEY_MAX;
+            if (!key_ok) {
                 bad_rc = kvs_err_set(&why, KVS_EPROTO, "key of %zu bytes", k.mv_size);
             } else {
                 ns = get_be32(k.mv_data);
@@ -932,6 +933,14 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
                     bad[nbad].len = last_len;
                     memcpy(bad[nbad].k, last, last_len);
                     nbad++;
+                }
+                if ((flags & KVS_DISK_SCAN_BAD) && key_ok) {
+                    kvs_disk_entry e = {.ns_id = ns,
+                                        .key = (const uint8_t *)k.mv_data + 4,
+                                        .key_len = k.mv_size - 4,
+                                        .bad = true};
+                    if ((stop = fn(&e, arg)))
+                        break;
                 }
             } else {
                 kvs_disk_entry e = {

@@ -163,6 +163,8 @@ typedef struct kvs_disk_entry {
     uint64_t bytes;            /* stored (encoded) size */
     uint32_t tokens;           /* from the block header */
     uint32_t k_state, v_state; /* codec state versions it was encoded with */
+    bool bad;                  /* KVS_DISK_SCAN_BAD: the record failed its checks (only
+                                * ns_id and key are meaningful then) */
 } kvs_disk_entry;
 
 /* Non-zero stops the scan; kvs_disk_scan returns that value. */
@@ -170,6 +172,8 @@ typedef int (*kvs_disk_scan_fn)(const kvs_disk_entry *e, void *arg);
 
 enum {
     KVS_DISK_SCAN_VERIFY = 1, /* verify every checksum too (reads every byte: kvctl verify) */
+    KVS_DISK_SCAN_BAD = 2,    /* report the records that fail too (e->bad set), so the caller
+                               * can forget them; they are dropped after the scan as usual */
 };
 
 typedef struct kvs_disk_scan_info {
@@ -181,7 +185,8 @@ typedef struct kvs_disk_scan_info {
 /* Calls fn once for every stored block, in key order (namespace id, then key). Without
  * KVS_DISK_SCAN_VERIFY each record costs one read of its header (kvs_format_peek plus
  * magic, version, length and namespace checks). Records that fail those checks are
- * not reported: they are deleted once the scan is done and counted. The scan reads in
+ * not reported (unless KVS_DISK_SCAN_BAD: then with e->bad set, when their key has a
+ * valid length): they are deleted once the scan is done and counted. The scan reads in
  * read transactions of a few thousand records, so it does not hold one snapshot for
  * long; a block present for the whole scan is reported exactly once. info may be NULL. */
 int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,

@@ -68,6 +68,13 @@ void kvs_spill_put(kvs_spill *sp, kvs_block *blk)
     push(sp, o);
 }
 
+void kvs_spill_copy(kvs_spill *sp, kvs_block *blk)
+{
+    op *o = op_new(OP_COPY);
+    o->blk = blk;
+    push(sp, o);
+}
+
 void kvs_spill_durable(kvs_spill *sp, kvs_block *blk, kvs_spill_done_fn done, void *arg)
 {
     op *o = op_new(OP_DURABLE);

@@ -45,6 +45,9 @@ void kvs_spill_destroy(kvs_spill *sp);
  * reference on blk, which the writer drops when done; the caller has set blk->queued. */
 void kvs_spill_put(kvs_spill *sp, kvs_block *blk);
 void kvs_spill_durable(kvs_spill *sp, kvs_block *blk, kvs_spill_done_fn done, void *arg);
+/* A copy (kvs_store_flush, kvs_store_flush_sync): written like a put, but the block stays
+ * in the host tier, on_disk once committed; a failed write leaves it as it was. */
+void kvs_spill_copy(kvs_spill *sp, kvs_block *blk);
 void kvs_spill_del(kvs_spill *sp, uint32_t ns_id, const void *key, size_t key_len);
 void kvs_spill_ns_del(kvs_spill *sp, uint32_t ns_id);
 /* done(arg, 0, NULL) runs on the writer thread once everything queued before is applied. */

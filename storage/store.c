@@ -115,6 +115,11 @@ static bool forget_locked(kvs_store *st, kvs_block *blk)
     return kvs__store_unlink_locked(st, blk);
 }
 
+bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk)
+{
+    return forget_locked(st, blk);
+}
+
 /* Returns a block's capacity to its tier (its last reference is gone, or it was never
  * committed). */
 static void give_back_locked(kvs_store *st, kvs_block *blk)

@@ -277,4 +277,78 @@ typedef struct kvs_store_stats {
 
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);
 
+/* ---------------------------------------------------------------- admin (store_admin.c)
+ * The operator's verbs behind KvAdmin Verify, Flush and Evict. Each may take long (it
+ * reads every block, or waits for the disk writer): call it off the request threads. */
+
+typedef struct kvs_store_verify_info {
+    uint64_t host_checked, host_bad; /* host blocks hashed; of those, failed and dropped */
+    uint64_t disk_checked, disk_bad; /* disk records read whole; failed and dropped */
+    uint64_t gpu_skipped; /* GPU blocks: not checked (no checksum on the device, inv. 4) */
+} kvs_store_verify_info;
+
+/* Checks every stored block: each host block against its XXH3-64 (outside the lock; the
+ * host blocks are held, so unevictable, only until their own check is done), then every
+ * record of the disk tier whole (kvs_disk_scan with KVS_DISK_SCAN_VERIFY, no store lock
+ * held during the scan). A bad block is dropped as a Get would drop it (invariant 4,
+ * counted in checksum_failures, logged); a bad disk record is dropped by the disk module
+ * and its index entry forgotten (a host copy of it stays, without its record). GPU blocks
+ * are counted, not checked. KVS_ENOMEM (nothing checked) or a disk scan error (the host
+ * part is done; *info holds its counts). */
+int kvs_store_verify(kvs_store *st, kvs_store_verify_info *info, kvs_err *err);
+
+typedef struct kvs_store_flush_info {
+    uint64_t written;     /* host blocks written to the disk tier by this call */
+    uint64_t failed;      /* handed to the writer but not written (write error, map full after
+                           * eviction, or removed meanwhile); they stay in the host tier */
+    uint64_t already;     /* host blocks that had a disk record, or were being written */
+    uint64_t gpu_skipped; /* GPU blocks: not written (flush is host -> disk) */
+} kvs_store_flush_info;
+
+/* kvs_store_flush that reports: writes every host block without a disk record to the disk
+ * tier (they stay in the host tier), waits for the writer, then flushes the environment to
+ * stable storage (kvs_disk_sync). KVS_EINVAL without a disk tier, KVS_ENOMEM, or the sync's
+ * error (*info is filled either way once the writes were queued). */
+int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err);
+
+/* Which blocks an evict applies to; every pointer borrowed for the call. */
+typedef struct kvs_store_sel {
+    kvs_ns *ns;                /* NULL: every namespace (keys must be NULL then) */
+    const kvs_store_key *keys; /* validated keys of ns, or NULL: every block of ns */
+    size_t n;
+} kvs_store_sel;
+
+typedef struct kvs_store_evict_info {
+    uint64_t moved;     /* blocks moved to the target tier */
+    uint64_t dropped;   /* blocks removed from the store, disk records too (target NONE) */
+    uint64_t unchanged; /* already in the target tier or a colder one */
+    uint64_t busy;      /* left where they were: being read, written or demoted (invariant 3) */
+    uint64_t failed;    /* handed to the disk writer but not written (write error, map full):
+                         * dropped, as a host victim that cannot be written is */
+    uint64_t absent;    /* keys not found */
+} kvs_store_evict_info;
+
+/* Moves picked GPU blocks (each holding the demoter's reference, invariant 6) to the host
+ * tier and ends each demotion (kvs_store_demote_commit or _cancel) before it returns; the
+ * result is how many moved. storage/tiering's kvs_tiering_demote. */
+typedef size_t (*kvs_store_demote_fn)(void *arg, kvs_block **picked, size_t n);
+
+/* Moves the selected blocks down to tier `to` or out of the store, and waits until it is
+ * done (the disk writer included):
+ *   KVS_STORE_TIER_HOST  GPU blocks go to the host tier through demote(demote_arg, ...),
+ *                        in rounds of up to 64 (without demote they count as busy);
+ *   KVS_STORE_TIER_DISK  the same, then host blocks go to the disk tier: a block with a
+ *                        disk record becomes a disk entry at once, the others are handed
+ *                        to the disk writer (in rounds bounded by opts.spill_max) and are
+ *                        disk entries once it committed them;
+ *   KVS_STORE_TIER_NONE  every selected block is removed, as kvs_store_delete does (its
+ *                        readers keep their bytes until they let go; its disk record is
+ *                        deleted after any queued write of it).
+ * Idle blocks only move (invariant 3: busy ones are skipped and counted); blocks never
+ * move up. Counts host and disk blocks that leave as evictions. KVS_EINVAL: `to` is the GPU
+ * tier or out of range, DISK without a disk tier, keys without a namespace; KVS_ENOMEM. */
+int kvs_store_evict(kvs_store *st, const kvs_store_sel *sel, kvs_store_tier to,
+                    kvs_store_demote_fn demote, void *demote_arg, kvs_store_evict_info *info,
+                    kvs_err *err);
+
 #endif

@@ -1,4 +1,5 @@
-/* Private to the store and its disk-tier plumbing (storage/spill.c, storage/persist.c):
+/* Private to the store and its disk-tier plumbing (storage/spill.c, storage/persist.c)
+ * and admin verbs (storage/store_admin.c):
  * the block and store structures and the helpers these files use. Nothing outside
  * storage/ includes this.
  * Every *_locked function expects store->mu held (store.h: lock order).
@@ -73,6 +74,10 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk);
 /* Unlinks a LINKED block and drops the index's reference; true if it is now free (the
  * caller frees it outside the lock). Queues nothing for the disk tier. */
 bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk);
+/* Unlinks a LINKED block that leaves the store for good (delete, replace, a failed
+ * checksum, an operator's evict) and queues the removal of its disk record, if it has one
+ * or one is being written (invariant 8). True if it is now free (caller frees it). */
+bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not

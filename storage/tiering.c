@@ -4,6 +4,7 @@
  * it and kicks again. `busy` is the round's token: whoever sets it runs the round. */
 #include "storage/tiering.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -21,12 +22,37 @@ struct kvs_tiering {
     atomic_uint pending;  /* fetches of the running round not yet completed */
 };
 
+/* An explicit demotion (kvs_tiering_demote): its caller waits for pending to reach 0. */
+typedef struct batch {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t pending, moved; /* under mu */
+} batch;
+
 typedef struct move {
     kvs_tiering *t;
+    batch *b; /* NULL: a move of the watermark round */
     kvs_block *old, *nb;
     uint64_t raw_bytes;
     size_t len;
 } move;
+
+static void batch_start(batch *b)
+{
+    pthread_mutex_lock(&b->mu);
+    b->pending++;
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* A move of b ended; after the unlock b may be gone (its waiter frees it). */
+static void batch_end(batch *b, bool moved)
+{
+    pthread_mutex_lock(&b->mu);
+    b->moved += moved;
+    if (--b->pending == 0)
+        pthread_cond_signal(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+}
 
 kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng)
 {
@@ -48,6 +74,7 @@ static void on_fetched(void *arg, int rc, const kvs_err *err)
 {
     move *m = arg;
     kvs_tiering *t = m->t;
+    batch *b = m->b;
     if (rc == 0) {
         kvs_block_set_size(m->nb, m->len, m->raw_bytes);
         kvs_store_demote_commit(t->st, m->old, m->nb);
@@ -56,12 +83,15 @@ static void on_fetched(void *arg, int rc, const kvs_err *err)
         kvs_store_demote_cancel(t->st, m->old);
     }
     free(m);
-    if (atomic_fetch_sub(&t->pending, 1) == 1)
+    if (b)
+        batch_end(b, rc == 0);
+    else if (atomic_fetch_sub(&t->pending, 1) == 1)
         end_round(t);
 }
 
-/* Queues the demotion of one picked block; false if it could not start (cancelled). */
-static bool start_move(kvs_tiering *t, kvs_block *old)
+/* Queues the demotion of one picked block for the round (b NULL) or for batch b; false if
+ * it could not start (cancelled). */
+static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
 {
     kvs_ns *ns = kvs_block_ns(old);
     const kvs_block_dev *d = kvs_block_device(old);
@@ -75,17 +105,23 @@ static bool start_move(kvs_tiering *t, kvs_block *old)
         return false;
     }
     move *m = kvs_xcalloc(1, sizeof *m);
-    *m = (move){.t = t, .old = old, .raw_bytes = raw_bytes};
+    *m = (move){.t = t, .b = b, .old = old, .raw_bytes = raw_bytes};
     uint64_t cap = kvs_block_encoded_max(k, v, tokens);
     if (kvs_store_block_alloc(t->st, ns, tokens, cap, &m->nb, &err)) {
         free(m); /* the host tier is full of busy blocks: try again next round */
         kvs_store_demote_cancel(t->st, old);
         return false;
     }
-    atomic_fetch_add(&t->pending, 1);
+    if (b)
+        batch_start(b);
+    else
+        atomic_fetch_add(&t->pending, 1);
     if (kvs_engine_fetch_dev(t->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
                              kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err)) {
-        atomic_fetch_sub(&t->pending, 1);
+        if (b)
+            batch_end(b, false);
+        else
+            atomic_fetch_sub(&t->pending, 1);
         kvs_store_block_abort(t->st, m->nb);
         kvs_store_demote_cancel(t->st, old);
         free(m);
@@ -107,7 +143,7 @@ void kvs_tiering_kick(kvs_tiering *t)
     atomic_store(&t->pending, 1);
     size_t started = 0;
     for (size_t i = 0; i < n; i++)
-        started += start_move(t, picked[i]);
+        started += start_move(t, picked[i], NULL);
     if (atomic_fetch_sub(&t->pending, 1) == 1) {
         /* Nothing in flight: either nothing was picked or every move was refused. Do not
          * kick again from here (it would spin); the next Put or timer will. */
@@ -115,6 +151,24 @@ void kvs_tiering_kick(kvs_tiering *t)
         if (started)
             kvs_tiering_kick(t);
     }
+}
+
+size_t kvs_tiering_demote(void *arg, kvs_block **picked, size_t n)
+{
+    kvs_tiering *t = arg;
+    batch b = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .pending = 1};
+    /* Our own token keeps pending above zero until every move is queued. */
+    for (size_t i = 0; i < n; i++)
+        start_move(t, picked[i], &b);
+    pthread_mutex_lock(&b.mu);
+    b.pending--;
+    while (b.pending > 0)
+        pthread_cond_wait(&b.cv, &b.mu);
+    size_t moved = b.moved;
+    pthread_mutex_unlock(&b.mu);
+    pthread_cond_destroy(&b.cv);
+    pthread_mutex_destroy(&b.mu);
+    return moved;
 }
 
 void kvs_tiering_destroy(kvs_tiering *t)

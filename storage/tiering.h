@@ -8,7 +8,8 @@
  *
  * Threading: kvs_tiering_kick may be called from any thread (it returns at once when a
  * round is already running); completions run on the engine thread and start the next
- * round while the tier is still above the high watermark. One round at a time.
+ * round while the tier is still above the high watermark. One round at a time; explicit
+ * demotions (kvs_tiering_demote, an operator's evict) run beside it on blocks of their own.
  */
 #ifndef KVS_STORAGE_TIERING_H
 #define KVS_STORAGE_TIERING_H
@@ -25,6 +26,11 @@ typedef struct kvs_tiering kvs_tiering;
 kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng);
 /* Starts a demotion round if the GPU tier is above its high watermark and none runs. */
 void kvs_tiering_kick(kvs_tiering *t);
+/* Moves picked GPU blocks (each holding the demoter's reference: kvs_store_evict's
+ * picks) to the host tier through the engine, outside the watermark rounds, and waits until
+ * every move has ended (committed or cancelled); returns how many moved. A
+ * kvs_store_demote_fn (arg = t). Blocks the caller: never call it on the engine thread. */
+size_t kvs_tiering_demote(void *t, kvs_block **picked, size_t n);
 /* Waits for the round in flight (the engine must still run), then frees. NULL is fine. */
 void kvs_tiering_destroy(kvs_tiering *t);
 

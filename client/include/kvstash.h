@@ -201,6 +201,56 @@ typedef struct kvs_health {
 
 KVS_API int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err);
 
+/* Verify, Flush and Evict read every block or wait for disk writes: give the client a
+ * timeout_ms that fits the data (kvctl uses 10 minutes for them). */
+
+typedef struct kvs_verify_tier {
+    kvs_tier tier;
+    uint64_t checked; /* blocks read and checked */
+    uint64_t bad;     /* of those, failed their checksum and were dropped */
+    uint64_t skipped; /* not checked (GPU blocks carry no checksum on the device) */
+} kvs_verify_tier;
+
+typedef struct kvs_verify_result {
+    kvs_verify_tier tiers[3]; /* one per tier the daemon has */
+    size_t n_tiers;
+} kvs_verify_result;
+
+/* Checks every stored block's checksum; bad ones are dropped (and counted) by the daemon. */
+KVS_API int kvs_client_verify(kvs_client *c, kvs_verify_result *out, kvs_err *err);
+
+typedef struct kvs_flush_result {
+    uint64_t written;     /* host blocks written to the disk tier */
+    uint64_t failed;      /* not written (write error, disk full, removed meanwhile) */
+    uint64_t already;     /* host blocks that had a disk record already */
+    uint64_t gpu_skipped; /* GPU blocks, not written (flush is host -> disk) */
+} kvs_flush_result;
+
+/* Writes every host block without a disk record to the disk tier and waits until it is
+ * committed and flushed. KVS_EINVAL when the daemon has no disk tier. out may be NULL. */
+KVS_API int kvs_client_flush(kvs_client *c, kvs_flush_result *out, kvs_err *err);
+
+typedef enum kvs_evict_to {
+    KVS_EVICT_HOST = 1, /* GPU blocks move to the host tier */
+    KVS_EVICT_DISK = 2, /* GPU and host blocks move to the disk tier */
+    KVS_EVICT_OUT = 3,  /* blocks leave the store (disk records too) */
+} kvs_evict_to;
+
+typedef struct kvs_evict_result {
+    uint64_t moved;     /* now in the target tier */
+    uint64_t dropped;   /* removed (KVS_EVICT_OUT) */
+    uint64_t unchanged; /* already in the target tier or a colder one */
+    uint64_t busy;      /* skipped: being read, written or demoted */
+    uint64_t failed;    /* could not be written to disk: no longer stored */
+    uint64_t absent;    /* keys not found */
+} kvs_evict_result;
+
+/* Moves blocks down to `to` or out, and returns once done. ns NULL: every block of every
+ * namespace (keys must then be NULL); keys NULL (n = 0): every block of ns. out may be
+ * NULL. */
+KVS_API int kvs_client_evict(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                             kvs_evict_to to, kvs_evict_result *out, kvs_err *err);
+
 /* ------------------------------------------------------------------ block keys */
 
 #define KVS_CHAIN_KEY_LEN 16

@@ -39,9 +39,10 @@ struct kvctl_cmd {
 };
 
 /* The commands (one definition each, in cmd_*.c). */
-extern const kvctl_cmd kvctl_cmd_status, kvctl_cmd_ns_create, kvctl_cmd_ns_list,
-    kvctl_cmd_ns_drop, kvctl_cmd_put, kvctl_cmd_get, kvctl_cmd_lookup, kvctl_cmd_exists,
-    kvctl_cmd_delete, kvctl_cmd_key, kvctl_cmd_stats, kvctl_cmd_bench;
+extern const kvctl_cmd kvctl_cmd_status, kvctl_cmd_ns_create, kvctl_cmd_ns_list, kvctl_cmd_ns_drop,
+    kvctl_cmd_put, kvctl_cmd_get, kvctl_cmd_lookup, kvctl_cmd_exists, kvctl_cmd_delete,
+    kvctl_cmd_key, kvctl_cmd_stats, kvctl_cmd_bench, kvctl_cmd_verify, kvctl_cmd_flush,
+    kvctl_cmd_evict;
 
 /* ------------------------------------------------------------------ diagnostics */
 

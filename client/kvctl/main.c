@@ -23,6 +23,7 @@ static const kvctl_cmd *const COMMANDS[] = {
     &kvctl_cmd_status, &kvctl_cmd_ns_create, &kvctl_cmd_ns_list, &kvctl_cmd_ns_drop,
     &kvctl_cmd_put,    &kvctl_cmd_get,       &kvctl_cmd_lookup,  &kvctl_cmd_exists,
     &kvctl_cmd_delete, &kvctl_cmd_key,       &kvctl_cmd_stats,   &kvctl_cmd_bench,
+    &kvctl_cmd_verify, &kvctl_cmd_flush,     &kvctl_cmd_evict,
 };
 #define N_COMMANDS (sizeof COMMANDS / sizeof COMMANDS[0])
 
@@ -37,7 +38,8 @@ static void print_overview(FILE *f)
             "global options:\n"
             "  --target ADDR     daemon address, host:port or unix:PATH (default: $KVSTASH_TARGET,\n"
             "                    else " DEFAULT_TARGET ")\n"
-            "  --token T         bearer token (the admin token for ns, stats and status)\n"
+            "  --token T         bearer token (the admin token for ns, stats, status, verify,\n"
+            "                    flush and evict)\n"
             "  --timeout-ms N    deadline of each call (default 30000)\n"
             "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
             "  --json            machine-readable output (also accepted after the command)\n"

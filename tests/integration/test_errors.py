@@ -285,7 +285,7 @@ def test_duplicate_namespace(d):
 
 
 def test_unknown_method(d):
-    for method in ("/kvstash.v1.KvStash/Nope", "/kvstash.v1.KvAdmin/Evict",
+    for method in ("/kvstash.v1.KvStash/Nope", "/kvstash.v1.KvAdmin/Nope",
                    "/no.such.Service/Get"):
         call = d.channel.unary_unary(method, request_serializer=lambda x: x,
                                      response_deserializer=lambda x: x)

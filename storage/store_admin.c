@@ -1,0 +1,543 @@
+/* The store's operator verbs (store.h, "admin"): verify every block, flush the host tier
+ * to disk with a report, and evict a selection of blocks down a tier or out.
+ *
+ * They run on a caller's thread that may block for long (the daemon's libuv pool): the
+ * store lock is taken in short holds, never across hashing a block, an LMDB transaction
+ * (the disk scan and reads run with no lock held) or the wait for the disk writer. Blocks
+ * they work on are pinned by a reference of their own while the lock is released, which
+ * makes them busy (unevictable) for that time only; removals go through the same paths as
+ * kvs_store_delete and eviction, so store.h's invariants hold unchanged.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "gpu/base/mem.h"
+#include "storage/spill.h"
+#include "storage/store_int.h"
+
+#define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
+#define BLOCK_OF_LRU KVS__BLOCK_OF_LRU
+#define DEMOTE_ROUND 64 /* GPU blocks per demotion batch (storage/tiering's round) */
+
+/* The first bytes of a key in hex, for log lines. */
+static const char *key_hex(const kvs_index_node *n, char *buf, size_t len)
+{
+    size_t k = n->key_len < 16 ? n->key_len : 16, at = 0;
+    for (size_t i = 0; i < k && at + 3 <= len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%02x", n->key[i]);
+    if (k < n->key_len && at + 3 < len)
+        snprintf(buf + at, len - at, "..");
+    return buf;
+}
+
+/* ---------------------------------------------------------------- verify */
+
+static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
+{
+    pthread_mutex_lock(&st->mu);
+    size_t n = st->lru.count;
+    kvs_block **v = kvs_trymalloc((n ? n : 1) * sizeof *v);
+    if (!v) {
+        pthread_mutex_unlock(&st->mu);
+        return kvs_err_set(err, KVS_ENOMEM, "verify: cannot allocate the list of %zu host blocks",
+                           n);
+    }
+    size_t m = 0;
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it && m < n;
+         it = kvs_lru_newer(&st->lru, it)) {
+        kvs_block *b = BLOCK_OF_LRU(it);
+        b->refs++; /* ours: its bytes stay while we hash them */
+        v[m++] = b;
+    }
+    out->gpu_skipped = st->stats.gpu_blocks;
+    pthread_mutex_unlock(&st->mu);
+
+    for (size_t i = 0; i < m; i++) {
+        kvs_block *b = v[i];
+        /* Payloads are read-only once linked (store.h), so no lock while hashing. */
+        bool ok = XXH3_64bits(b->data, b->size) == b->checksum;
+        pthread_mutex_lock(&st->mu);
+        if (!ok) {
+            st->stats.checksum_failures++;
+            out->host_bad++;
+            if (b->linked)
+                kvs__store_forget_locked(st, b); /* we still hold it: not freed here */
+        }
+        bool free_now = kvs__store_unref_locked(st, b);
+        pthread_mutex_unlock(&st->mu);
+        if (!ok) {
+            char h[40];
+            kvs__store_log(st, KVS_LOG_ERROR,
+                           "verify: namespace '%s': host block %s failed its checksum and was "
+                           "dropped",
+                           kvs_ns_spec_of(b->ns)->name, key_hex(&b->node, h, sizeof h));
+        }
+        if (free_now)
+            kvs__block_free(b);
+    }
+    out->host_checked = m;
+    free(v);
+    return 0;
+}
+
+/* A record the disk scan found bad (KVS_DISK_SCAN_BAD). */
+typedef struct bad_rec {
+    uint32_t ns_id;
+    uint8_t key_len;
+    uint8_t key[KVS_KEY_MAX];
+} bad_rec;
+
+typedef struct scan_ctx {
+    bad_rec *bad;
+    size_t n, cap;
+    uint64_t nbad;
+} scan_ctx;
+
+/* Inside the scan's read transaction: only remembers (no store lock, no disk write). */
+static int on_record(const kvs_disk_entry *e, void *arg)
+{
+    scan_ctx *c = arg;
+    if (!e->bad)
+        return 0;
+    c->nbad++;
+    if (e->key_len < 1 || e->key_len > KVS_KEY_MAX)
+        return 0; /* no index entry can have that key */
+    if (c->n == c->cap) {
+        size_t ncap = c->cap ? 2 * c->cap : 64;
+        bad_rec *nb = realloc(c->bad, ncap * sizeof *nb);
+        if (!nb)
+            return 0; /* its index entry stays; a Get finds the record gone and forgets it */
+        c->bad = nb;
+        c->cap = ncap;
+    }
+    bad_rec *r = &c->bad[c->n++];
+    r->ns_id = e->ns_id;
+    r->key_len = (uint8_t)e->key_len;
+    memcpy(r->key, e->key, e->key_len);
+    return 0;
+}
+
+static int read_nothing(const void *bytes, size_t len, void *arg)
+{
+    (void)bytes;
+    (void)len;
+    (void)arg;
+    return 0;
+}
+
+static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
+{
+    scan_ctx c = {0};
+    kvs_disk_scan_info si;
+    int rc =
+        kvs_disk_scan(st->disk, KVS_DISK_SCAN_VERIFY | KVS_DISK_SCAN_BAD, on_record, &c, &si, err);
+    out->disk_checked = si.blocks + c.nbad;
+    out->disk_bad = c.nbad;
+    /* The scan dropped the bad records after it ended, unless one was rewritten meanwhile:
+     * a read (verified, no lock held) tells which are gone, and only their index entries
+     * are forgotten. */
+    for (size_t i = 0; i < c.n; i++) {
+        bad_rec *r = &c.bad[i];
+        int grc = kvs_disk_get(st->disk, r->ns_id, r->key, r->key_len, read_nothing, NULL, NULL);
+        if (grc != KVS_ENOTFOUND && grc != KVS_EDATALOSS)
+            continue; /* good now, or unreadable (the next Get decides) */
+        bool free_now = false;
+        kvs_block *b = NULL;
+        pthread_mutex_lock(&st->mu);
+        kvs_index_node *node = kvs_index_find(st->index, r->ns_id, r->key, r->key_len);
+        if (node) {
+            b = BLOCK_OF_NODE(node);
+            if (b->tier == KVS_STORE_TIER_DISK) {
+                free_now = kvs__store_unlink_locked(st, b);
+            } else if (b->on_disk && !b->queued) { /* its host copy is whole: keep it */
+                b->on_disk = false;
+                st->stats.disk_used -= b->size;
+            }
+        }
+        pthread_mutex_unlock(&st->mu);
+        if (free_now)
+            kvs__block_free(b);
+    }
+    pthread_mutex_lock(&st->mu);
+    st->stats.checksum_failures += c.nbad;
+    pthread_mutex_unlock(&st->mu);
+    free(c.bad);
+    if (c.nbad)
+        kvs__store_log(st, KVS_LOG_ERROR,
+                       "verify: disk tier %s: %llu of %llu records were bad "
+                       "and were dropped",
+                       kvs_disk_path(st->disk), (unsigned long long)c.nbad,
+                       (unsigned long long)out->disk_checked);
+    return rc ? kvs_err_prefix(err, "verify: disk tier %s", kvs_disk_path(st->disk)) : 0;
+}
+
+int kvs_store_verify(kvs_store *st, kvs_store_verify_info *info, kvs_err *err)
+{
+    memset(info, 0, sizeof *info);
+    int rc = verify_host(st, info, err);
+    if (rc == 0 && st->disk) {
+        if (info->host_bad) /* their records' removal first: the scan then skips them */
+            kvs_store_disk_wait(st);
+        rc = verify_disk(st, info, err);
+    }
+    return rc;
+}
+
+/* ---------------------------------------------------------------- flush */
+
+int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err)
+{
+    memset(info, 0, sizeof *info);
+    if (!st->spill)
+        return kvs_err_set(err, KVS_EINVAL, "flush: this store has no disk tier");
+    pthread_mutex_lock(&st->mu);
+    size_t n = st->lru.count;
+    kvs_block **v = kvs_trymalloc((n ? n : 1) * sizeof *v);
+    if (!v) {
+        pthread_mutex_unlock(&st->mu);
+        return kvs_err_set(err, KVS_ENOMEM, "flush: cannot allocate the list of %zu host blocks",
+                           n);
+    }
+    size_t m = 0;
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it && m < n;
+         it = kvs_lru_newer(&st->lru, it)) {
+        kvs_block *b = BLOCK_OF_LRU(it);
+        if (b->on_disk || b->queued || b->spilled) {
+            info->already++;
+            continue;
+        }
+        b->queued = true;
+        b->refs += 2; /* the writer's (invariant 8), and ours to read the outcome */
+        v[m++] = b;
+        kvs_spill_copy(st->spill, b);
+    }
+    info->gpu_skipped = st->stats.gpu_blocks;
+    pthread_mutex_unlock(&st->mu);
+
+    kvs_store_disk_wait(st);
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < m; i++) {
+        kvs_block *b = v[i];
+        if (b->on_disk)
+            info->written++;
+        else
+            info->failed++;
+        if (kvs__store_unref_locked(st, b)) {
+            b->node.next = (kvs_index_node *)to_free;
+            to_free = b;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
+    free(v);
+    int rc = kvs_disk_sync(st->disk, err);
+    return rc ? kvs_err_prefix(err, "flush: disk tier %s", kvs_disk_path(st->disk)) : 0;
+}
+
+/* ---------------------------------------------------------------- evict */
+
+static bool in_sel(const kvs_store_sel *sel, const kvs_block *b)
+{
+    return !sel->ns || b->ns == sel->ns;
+}
+
+/* The selected block of key i (keys mode), or NULL. */
+static kvs_block *sel_key_locked(kvs_store *st, const kvs_store_sel *sel, size_t i)
+{
+    kvs_index_node *node =
+        kvs_index_find(st->index, kvs_ns_id(sel->ns), sel->keys[i].data, sel->keys[i].len);
+    return node ? BLOCK_OF_NODE(node) : NULL;
+}
+
+typedef struct tier_counts {
+    uint64_t gpu, host, disk;
+} tier_counts;
+
+static void count_tier(tier_counts *c, kvs_store_tier t)
+{
+    if (t == KVS_STORE_TIER_GPU)
+        c->gpu++;
+    else if (t == KVS_STORE_TIER_DISK)
+        c->disk++;
+    else
+        c->host++;
+}
+
+static uint64_t count_list(const kvs_lru *l, const kvs_store_sel *sel)
+{
+    if (!sel->ns)
+        return l->count;
+    uint64_t n = 0;
+    for (kvs_lru_node *it = kvs_lru_oldest(l); it; it = kvs_lru_newer(l, it))
+        n += in_sel(sel, BLOCK_OF_LRU(it));
+    return n;
+}
+
+/* How many selected blocks each tier holds, and the keys not found. */
+static void classify(kvs_store *st, const kvs_store_sel *sel, tier_counts *c,
+                     kvs_store_evict_info *out)
+{
+    pthread_mutex_lock(&st->mu);
+    if (sel->keys) {
+        for (size_t i = 0; i < sel->n; i++) {
+            kvs_block *b = sel_key_locked(st, sel, i);
+            if (b)
+                count_tier(c, b->tier);
+            else
+                out->absent++;
+        }
+    } else {
+        c->gpu = count_list(&st->gpu_lru, sel);
+        c->host = count_list(&st->lru, sel);
+        c->disk = count_list(&st->disk_lru, sel);
+    }
+    pthread_mutex_unlock(&st->mu);
+}
+
+/* Removes one selected block (target NONE), counting it. */
+static void drop_locked(kvs_store *st, kvs_block *b, kvs_block **to_free, kvs_store_evict_info *out)
+{
+    if (b->tier == KVS_STORE_TIER_HOST)
+        st->stats.host_evictions++;
+    else if (b->tier == KVS_STORE_TIER_DISK)
+        st->stats.disk_evictions++;
+    out->dropped++;
+    if (kvs__store_forget_locked(st, b)) {
+        b->node.next = (kvs_index_node *)*to_free;
+        *to_free = b;
+    }
+}
+
+static void drop_sel(kvs_store *st, const kvs_store_sel *sel, kvs_store_evict_info *out)
+{
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    if (sel->keys) {
+        for (size_t i = 0; i < sel->n; i++) {
+            kvs_block *b = sel_key_locked(st, sel, i);
+            if (b)
+                drop_locked(st, b, &to_free, out);
+        }
+    } else {
+        kvs_lru *lists[3] = {&st->gpu_lru, &st->lru, &st->disk_lru};
+        for (int l = 0; l < 3; l++) {
+            kvs_lru_node *it = kvs_lru_oldest(lists[l]);
+            while (it) {
+                kvs_lru_node *newer = kvs_lru_newer(lists[l], it);
+                kvs_block *b = BLOCK_OF_LRU(it);
+                if (in_sel(sel, b))
+                    drop_locked(st, b, &to_free, out);
+                it = newer;
+            }
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
+}
+
+static void pick_locked(kvs_store *st, kvs_block *b, kvs_block **out, size_t *got)
+{
+    b->demoting = true; /* invariant 6, as kvs_store_gpu_pick */
+    b->refs++;
+    st->gpu_picked += b->slot_bytes;
+    out[(*got)++] = b;
+}
+
+/* Picks up to max idle selected GPU blocks for demotion, oldest first. */
+static size_t pick_sel(kvs_store *st, const kvs_store_sel *sel, kvs_block **out, size_t max)
+{
+    size_t got = 0;
+    pthread_mutex_lock(&st->mu);
+    if (sel->keys) {
+        for (size_t i = 0; i < sel->n && got < max; i++) {
+            kvs_block *b = sel_key_locked(st, sel, i);
+            if (b && b->tier == KVS_STORE_TIER_GPU && b->refs == 1 && !b->demoting)
+                pick_locked(st, b, out, &got);
+        }
+    } else {
+        for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && got < max;
+             it = kvs_lru_newer(&st->gpu_lru, it)) {
+            kvs_block *b = BLOCK_OF_LRU(it);
+            if (in_sel(sel, b) && b->refs == 1 && !b->demoting)
+                pick_locked(st, b, out, &got);
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return got;
+}
+
+/* Demotes the selected GPU blocks in rounds until a round moves none; returns how many
+ * moved. */
+static uint64_t gpu_to_host(kvs_store *st, const kvs_store_sel *sel, kvs_store_demote_fn demote,
+                            void *arg)
+{
+    uint64_t moved = 0;
+    kvs_block *picked[DEMOTE_ROUND];
+    size_t n;
+    while (demote && (n = pick_sel(st, sel, picked, DEMOTE_ROUND)) > 0) {
+        size_t m = demote(arg, picked, n);
+        moved += m;
+        if (m == 0)
+            break; /* the host tier is full of busy blocks, or the engine refuses */
+    }
+    return moved;
+}
+
+/* One round of host -> disk: where the round stands. */
+typedef struct round {
+    kvs_block **mine; /* handed to the writer this round, with our reference */
+    size_t m, cap;
+    uint64_t room; /* spill budget left this round */
+    bool progress;
+    kvs_block *to_free;
+} round;
+
+/* Moves idle host block b to the disk tier, or queues it; false when this round has no
+ * room left for it (it stays for the next round). */
+static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evict_info *out)
+{
+    if (b->on_disk) { /* its record is there already: no write (as make_room does) */
+        kvs_block *d = kvs__disk_entry_new(b);
+        if (kvs__store_unlink_locked(st, b)) {
+            b->node.next = (kvs_index_node *)r->to_free;
+            r->to_free = b;
+        }
+        kvs__store_link_locked(st, d);
+        st->stats.disk_spills++;
+        st->stats.host_evictions++;
+        out->moved++;
+        r->progress = true;
+        return true;
+    }
+    /* A lone block over the budget still goes: the round would never start otherwise. */
+    if (r->m == r->cap || (r->m > 0 && b->size > r->room))
+        return false;
+    b->spilled = b->queued = true; /* off the host budget, readable until committed (inv. 8) */
+    b->refs += 2;                  /* the writer's, and ours to read the outcome */
+    st->stats.host_used -= b->size;
+    st->stats.spill_pending += b->size;
+    st->stats.host_evictions++;
+    r->room -= b->size < r->room ? b->size : r->room;
+    r->mine[r->m++] = b;
+    r->progress = true;
+    kvs_spill_put(st->spill, b);
+    return true;
+}
+
+/* Host -> disk in rounds bounded by the spill budget: each round queues what fits, waits
+ * for the writer, and counts what became a disk entry. `limit` bounds the blocks an
+ * all-blocks selection moves (those selected at the start, so a steady stream of Puts
+ * cannot keep it going). */
+static int host_to_disk(kvs_store *st, const kvs_store_sel *sel, uint64_t limit,
+                        kvs_store_evict_info *out, kvs_err *err)
+{
+    round r = {.cap = sel->keys ? sel->n : (size_t)limit};
+    if (r.cap == 0)
+        return 0;
+    r.mine = kvs_trymalloc(r.cap * sizeof *r.mine);
+    if (!r.mine)
+        return kvs_err_set(err, KVS_ENOMEM, "evict: cannot allocate the list of %zu blocks", r.cap);
+    size_t pos = 0;    /* keys: the next one */
+    uint64_t done = 0; /* all blocks: how many were taken */
+    for (;;) {
+        r.m = 0;
+        r.progress = false;
+        r.to_free = NULL;
+        pthread_mutex_lock(&st->mu);
+        r.room =
+            st->spill_max > st->stats.spill_pending ? st->spill_max - st->stats.spill_pending : 0;
+        if (sel->keys) {
+            for (; pos < sel->n; pos++) {
+                kvs_block *b = sel_key_locked(st, sel, pos);
+                if (!b || b->tier != KVS_STORE_TIER_HOST)
+                    continue; /* counted by classify */
+                if (b->refs != 1) {
+                    out->busy++;
+                    continue;
+                }
+                if (!to_disk_locked(st, b, &r, out))
+                    break;
+            }
+        } else {
+            kvs_lru_node *it = kvs_lru_oldest(&st->lru);
+            while (it && done < limit) {
+                kvs_lru_node *newer = kvs_lru_newer(&st->lru, it);
+                kvs_block *b = BLOCK_OF_LRU(it);
+                it = newer;
+                if (!in_sel(sel, b) || b->refs != 1)
+                    continue;
+                if (!to_disk_locked(st, b, &r, out))
+                    break;
+                done++;
+            }
+        }
+        pthread_mutex_unlock(&st->mu);
+        kvs__block_free_chain(r.to_free);
+        r.to_free = NULL;
+        if (r.m) {
+            kvs_store_disk_wait(st);
+            pthread_mutex_lock(&st->mu);
+            for (size_t i = 0; i < r.m; i++) {
+                kvs_block *b = r.mine[i];
+                kvs_index_node *node =
+                    kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len);
+                if (!b->linked && node && BLOCK_OF_NODE(node)->tier == KVS_STORE_TIER_DISK)
+                    out->moved++;
+                else
+                    out->failed++;
+                if (kvs__store_unref_locked(st, b)) {
+                    b->node.next = (kvs_index_node *)r.to_free;
+                    r.to_free = b;
+                }
+            }
+            pthread_mutex_unlock(&st->mu);
+            kvs__block_free_chain(r.to_free);
+        }
+        if (!r.progress || (sel->keys && pos >= sel->n))
+            break;
+    }
+    if (!sel->keys) { /* what is left of the selection in the host tier was busy */
+        pthread_mutex_lock(&st->mu);
+        for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it; it = kvs_lru_newer(&st->lru, it)) {
+            kvs_block *b = BLOCK_OF_LRU(it);
+            out->busy += in_sel(sel, b) && b->refs != 1;
+        }
+        pthread_mutex_unlock(&st->mu);
+    }
+    free(r.mine);
+    return 0;
+}
+
+int kvs_store_evict(kvs_store *st, const kvs_store_sel *sel, kvs_store_tier to,
+                    kvs_store_demote_fn demote, void *demote_arg, kvs_store_evict_info *info,
+                    kvs_err *err)
+{
+    memset(info, 0, sizeof *info);
+    if (to != KVS_STORE_TIER_NONE && to != KVS_STORE_TIER_HOST && to != KVS_STORE_TIER_DISK)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "to: blocks move down to the host or disk tier, or "
+                           "out (tier %d given)",
+                           (int)to);
+    if (to == KVS_STORE_TIER_DISK && !st->spill)
+        return kvs_err_set(err, KVS_EINVAL, "to: this store has no disk tier");
+    if (sel->keys && !sel->ns)
+        return kvs_err_set(err, KVS_EINVAL, "keys: given without a namespace");
+    tier_counts c = {0};
+    classify(st, sel, &c, info);
+    if (to == KVS_STORE_TIER_NONE) {
+        drop_sel(st, sel, info);
+        return 0;
+    }
+    uint64_t gpu_moved = c.gpu ? gpu_to_host(st, sel, demote, demote_arg) : 0;
+    info->busy = c.gpu > gpu_moved ? c.gpu - gpu_moved : 0; /* left on the GPU */
+    if (to == KVS_STORE_TIER_HOST) {
+        info->moved = gpu_moved;
+        info->unchanged = c.host + c.disk;
+        return 0;
+    }
+    info->unchanged = c.disk;
+    return host_to_disk(st, sel, c.host + gpu_moved, info, err);
+}
