@@ -32,6 +32,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->disk_capacity = 16ull << 30;
     cfg->promote = 1;
     cfg->flush_on_exit = 1;
+    cfg->eviction = KVS_POLICY_LRU;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -117,6 +118,9 @@ static void usage(FILE *f)
             "  --promote on|off       a Get of a disk block moves it to the host tier (default on)\n"
             "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
             "                         a restart finds them (default on)\n"
+            "  --eviction lru|s3fifo  host tier eviction order: least recently used, or S3-FIFO\n"
+            "                         (scan-resistant: one-off blocks leave before re-read\n"
+            "                         ones; a 30%% small queue) (default lru)\n"
             "  -h, --help             this text\n"
             "  --version              print the version\n"
             "\n"
@@ -128,7 +132,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -152,6 +156,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"disk-capacity", required_argument, NULL, O_DISK_CAP},
         {"promote", required_argument, NULL, O_PROMOTE},
         {"flush-on-exit", required_argument, NULL, O_FLUSH_EXIT},
+        {"eviction", required_argument, NULL, O_EVICTION},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -294,6 +299,11 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 cfg->flush_on_exit = optarg[1] == 'n';
             else
                 return kvs_err_set(err, KVS_EINVAL, "--flush-on-exit: '%s' is not on or off",
+                                   optarg);
+            break;
+        case O_EVICTION:
+            if (kvs_policy_kind_parse(optarg, &cfg->eviction, err))
+                return kvs_err_set(err, KVS_EINVAL, "--eviction: '%.64s' is not lru or s3fifo",
                                    optarg);
             break;
         case 'h': usage(stdout); return 1;

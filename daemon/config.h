@@ -8,6 +8,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
+#include "storage/policy.h"
 
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
@@ -34,6 +35,7 @@ typedef struct kvs_config {
     uint64_t disk_capacity;  /* byte budget of the disk tier */
     int promote;             /* 1: a Get of a disk block moves it to the host tier */
     int flush_on_exit;       /* 1: write host blocks to the disk tier at shutdown */
+    kvs_policy_kind eviction; /* host tier eviction policy (--eviction) */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

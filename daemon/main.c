@@ -235,6 +235,12 @@ int main(int argc, char **argv)
     int port = 0;
     /* The store is created once the GPU tier's region exists; tiering needs the store. */
     kvs_store_opts sopts = {.host_capacity = d.cfg.host_capacity,
+                            .eviction = d.cfg.eviction,
+                            /* S3-FIFO's small queue at 30% of the tier, not the paper's 10%:
+                             * a conversation's blocks are read again at its next turn, after
+                             * the user's think time; with 10% they leave first and the turn
+                             * misses (tests/bench/RESULTS.md, eviction policies). */
+                            .eviction_small_pct = 30,
                             .calib_tokens = d.cfg.calib_tokens,
                             .gpu_high_pct = d.cfg.gpu_high_pct,
                             .gpu_low_pct = d.cfg.gpu_low_pct,
@@ -265,11 +271,11 @@ int main(int argc, char **argv)
         exit_code = 1;
     } else {
         kvs_log(KVS_LOG_INFO,
-                "kvstashd %s listening on %s (port %d), host tier %llu bytes, %u threads, "
-                "max message %llu bytes%s",
+                "kvstashd %s listening on %s (port %d), host tier %llu bytes (eviction %s), "
+                "%u threads, max message %llu bytes%s",
                 KVS_VERSION, d.cfg.listen, port, (unsigned long long)d.cfg.host_capacity,
-                d.cfg.threads, (unsigned long long)d.cfg.max_message,
-                d.cfg.token[0] ? ", token auth on" : "");
+                kvs_policy_name(d.cfg.eviction), d.cfg.threads,
+                (unsigned long long)d.cfg.max_message, d.cfg.token[0] ? ", token auth on" : "");
     }
     uv_run(&d.loop, UV_RUN_DEFAULT);
     kvs_server_shutdown(d.server);

@@ -1,6 +1,7 @@
 /* The store: see store.h for the block lifecycle, invariants and locking. */
 #include "storage/store.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -15,6 +16,7 @@
 
 #define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
 #define BLOCK_OF_LRU KVS__BLOCK_OF_LRU
+#define BLOCK_OF_POL KVS__BLOCK_OF_POL
 
 void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
 {
@@ -60,6 +62,13 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     kvs_lru_init(&st->lru);
     kvs_lru_init(&st->gpu_lru);
     kvs_lru_init(&st->disk_lru);
+    kvs_policy_opts popts = {.small_percent = opts->eviction_small_pct};
+    if ((rc = kvs_policy_create(opts->eviction ? opts->eviction : KVS_POLICY_LRU,
+                                opts->host_capacity, &popts, &st->policy, err))) {
+        kvs_store_destroy(st);
+        kvs_err_prefix(err, "eviction: host tier policy");
+        return rc;
+    }
     st->stats.host_capacity = opts->host_capacity;
     st->promote = !opts->no_promote;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
@@ -150,6 +159,8 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
 {
     kvs_index_remove(st->index, &blk->node);
     kvs_lru_remove(lru_of(st, blk), &blk->lru);
+    if (kvs_policy_node_linked(&blk->pol))
+        kvs_policy_remove(st->policy, &blk->pol);
     blk->linked = false;
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks--;
@@ -181,6 +192,7 @@ void kvs_store_destroy(kvs_store *st)
                 kvs__block_free(blk);
         }
     }
+    kvs_policy_destroy(st->policy); /* after the unlinks above: they leave it */
     kvs_slots_destroy(st->gpu);
     kvs_index_destroy(st->index);
     kvs_ns_registry_destroy(st->reg);
@@ -338,17 +350,24 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
 
 /* ---------------------------------------------------------------- blocks */
 
-/* Evicts idle LINKED blocks, least recently used first, until `need` more bytes fit.
- * Evicted blocks are chained on *to_free for the caller to free outside the lock. */
+/* Evicts idle LINKED host blocks in the order the host policy offers them until `need`
+ * more bytes fit; a busy candidate is skipped and stays where it is (policy.h's
+ * busy-skip contract). Evicted blocks are chained on *to_free for the caller to free
+ * outside the lock. */
 static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
 {
-    kvs_lru_node *n = kvs_lru_oldest(&st->lru);
-    while (st->stats.host_used + need > st->stats.host_capacity && n) {
-        kvs_lru_node *newer = kvs_lru_newer(&st->lru, n);
-        kvs_block *blk = BLOCK_OF_LRU(n);
-        n = newer;
+    kvs_policy_cursor cur;
+    kvs_policy_node *pn;
+    kvs_policy_scan_begin(st->policy, &cur);
+    while (st->stats.host_used + need > st->stats.host_capacity &&
+           (pn = kvs_policy_victim(st->policy, &cur)) != NULL) {
+        kvs_block *blk = BLOCK_OF_POL(pn);
         if (blk->refs != 1) /* busy, or with the disk writer (invariants 3, 8) */
             continue;
+        /* Out of the policy now, whatever follows (S3-FIFO remembers it in its ghost if it
+         * leaves from S); the unlinks below then leave the policy alone, so the scan goes
+         * on. A spilled block stays linked but is no candidate any more (invariant 2). */
+        kvs_policy_evicted(st->policy, pn);
         st->stats.host_evictions++;
         if (st->spill && blk->on_disk) { /* its record is there already: no write */
             kvs_block *d = kvs__disk_entry_new(blk);
@@ -495,6 +514,13 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
 {
     kvs_index_insert(st->index, &blk->node);
     kvs_lru_push(lru_of(st, blk), &blk->lru);
+    if (blk->tier == KVS_STORE_TIER_HOST) {
+        /* Fails only for a linked node or 0 bytes, neither possible here (invariant 2). */
+        int prc = kvs_policy_insert(st->policy, &blk->pol, blk->node.hash,
+                                    blk->size ? blk->size : 1, NULL);
+        assert(prc == 0);
+        (void)prc;
+    }
     blk->linked = true;
     blk->refs = 1;
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
@@ -626,6 +652,8 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
     kvs_block *blk = BLOCK_OF_NODE(n);
     blk->refs++;
     kvs_lru_touch(lru_of(st, blk), &blk->lru);
+    if (kvs_policy_node_linked(&blk->pol)) /* host blocks not yet evicted */
+        kvs_policy_hit(st->policy, &blk->pol);
     if (blk->tier == KVS_STORE_TIER_GPU) { /* invariant 4: no host bytes to verify */
         st->stats.gpu_hits++;
         pthread_mutex_unlock(&st->mu);

@@ -4,18 +4,20 @@
  * allocated, storage/slots.h), host (RAM, byte capacity) and disk (optional: an LMDB
  * environment, storage/disk.h, with a byte budget). Blocks arrive here already
  * encoded (gpu/codec.h); each namespace owns its key and value codecs. Each tier has its
- * own LRU list. The host tier evicts (least recently used idle blocks) to make room; the
- * gpu tier never evicts: above its high watermark the daemon demotes its least recently
- * used idle blocks to the host tier (kvs_store_gpu_pick, then kvs_store_demote_commit
- * once the engine fetched the bytes), so a Put that finds the gpu tier full simply lands
- * in the host tier. The store itself never touches device memory. With a disk tier, the
- * host tier's victims are not dropped but handed to the disk writer (storage/spill.h),
- * which writes them off the request path and then turns their index entries into disk
- * entries (no payload); a Get of a disk block reads it back (verified) and, unless
- * opts.no_promote, moves it to the host tier, where it keeps its disk record. A block of
- * a `durable` namespace is committed with kvs_store_block_commit_durable: linked at once,
- * written to LMDB with a flush by the disk writer, and reported done only then (the
- * daemon acknowledges the Put at that point).
+ * own LRU list. The host tier evicts idle blocks to make room, in the order of its
+ * eviction policy (opts.eviction, storage/policy.h: LRU, or the scan-resistant S3-FIFO;
+ * its LRU list then only enumerates its blocks); the gpu tier never evicts: above its
+ * high watermark the daemon demotes its least recently used idle blocks to the host tier
+ * (kvs_store_gpu_pick, then kvs_store_demote_commit once the engine fetched the bytes),
+ * so a Put that finds the gpu tier full simply lands in the host tier. The store itself
+ * never touches device memory. With a disk tier, the host tier's victims are not dropped
+ * but handed to the disk writer (storage/spill.h), which writes them off the request path
+ * and then turns their index entries into disk entries (no payload); a Get of a disk
+ * block reads it back (verified) and, unless opts.no_promote, moves it to the host tier,
+ * where it keeps its disk record. A block of a `durable` namespace is committed with
+ * kvs_store_block_commit_durable: linked at once, written to LMDB with a flush by the
+ * disk writer, and reported done only then (the daemon acknowledges the Put at that
+ * point).
  * Persistence (storage/persist.c): a namespace's spec is recorded in the disk tier when
  * it is created, and each learned codec state version before it is published (so before
  * any block is encoded with it); its records go when it is dropped. kvs_store_create
@@ -36,7 +38,8 @@
  *  1. used_bytes = bytes of every block that is FILLING, LINKED, or UNLINKED but still
  *     referenced; used_bytes <= capacity at all times (reservation happens before any
  *     payload byte is allocated, so concurrent Puts cannot overshoot).
- *  2. A LINKED block is in the index and in the LRU exactly once.
+ *  2. A LINKED block is in the index and in its tier's LRU exactly once; a LINKED host
+ *     block is also in the host policy, until it is evicted (spilled blocks are not).
  *  3. Eviction only takes LINKED blocks with no readers (refs == 1, the index's own);
  *     busy blocks are skipped, never waited for.
  *  4. Every host block carries the XXH3-64 of its bytes, checked on every read; a mismatch
@@ -77,6 +80,7 @@
 #include "gpu/spec.h"
 #include "storage/disk.h"
 #include "storage/ns.h"
+#include "storage/policy.h"
 
 typedef struct kvs_store kvs_store;
 typedef struct kvs_block kvs_block;
@@ -101,6 +105,9 @@ typedef struct kvs_store_opts {
     uint64_t disk_capacity; /* byte budget of the disk tier */
     uint64_t spill_max;     /* most bytes queued for the disk writer (0: host/4) */
     bool no_promote;        /* Get of a disk block leaves it on disk (default: promote) */
+    kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
+    uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
+                                  * (0: the policy's default, 10) */
     kvs_log_fn log;         /* may be NULL */
     void *log_ctx;
 } kvs_store_opts;
@@ -134,7 +141,7 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
 
 /* ---------------------------------------------------------------- blocks */
 
-/* Reserves `bytes` in the host tier (evicting least recently used idle blocks as needed)
+/* Reserves `bytes` in the host tier (evicting idle blocks in policy order as needed)
  * and allocates a block of that size for namespace ns (a reference is taken) holding
  * `tokens` tokens. The caller fills kvs_block_data() and then commits or aborts.
  * KVS_ENOSPC if nothing more can be evicted, KVS_ENOMEM if the allocation fails. */

@@ -170,7 +170,9 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
                        "and were dropped",
                        kvs_disk_path(st->disk), (unsigned long long)c.nbad,
                        (unsigned long long)out->disk_checked);
-    return rc ? kvs_err_prefix(err, "verify: disk tier %s", kvs_disk_path(st->disk)) : 0;
+    if (rc)
+        kvs_err_prefix(err, "verify: disk tier %s", kvs_disk_path(st->disk));
+    return rc;
 }
 
 int kvs_store_verify(kvs_store *st, kvs_store_verify_info *info, kvs_err *err)
@@ -234,7 +236,9 @@ int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err
     kvs__block_free_chain(to_free);
     free(v);
     int rc = kvs_disk_sync(st->disk, err);
-    return rc ? kvs_err_prefix(err, "flush: disk tier %s", kvs_disk_path(st->disk)) : 0;
+    if (rc)
+        kvs_err_prefix(err, "flush: disk tier %s", kvs_disk_path(st->disk));
+    return rc;
 }
 
 /* ---------------------------------------------------------------- evict */
@@ -300,6 +304,8 @@ static void classify(kvs_store *st, const kvs_store_sel *sel, tier_counts *c,
 /* Removes one selected block (target NONE), counting it. */
 static void drop_locked(kvs_store *st, kvs_block *b, kvs_block **to_free, kvs_store_evict_info *out)
 {
+    if (kvs_policy_node_linked(&b->pol)) /* an eviction, for the policy too (its ghost) */
+        kvs_policy_evicted(st->policy, &b->pol);
     if (b->tier == KVS_STORE_TIER_HOST)
         st->stats.host_evictions++;
     else if (b->tier == KVS_STORE_TIER_DISK)
@@ -400,6 +406,7 @@ typedef struct round {
 static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evict_info *out)
 {
     if (b->on_disk) { /* its record is there already: no write (as make_room does) */
+        kvs_policy_evicted(st->policy, &b->pol);
         kvs_block *d = kvs__disk_entry_new(b);
         if (kvs__store_unlink_locked(st, b)) {
             b->node.next = (kvs_index_node *)r->to_free;
@@ -415,6 +422,7 @@ static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evic
     /* A lone block over the budget still goes: the round would never start otherwise. */
     if (r->m == r->cap || (r->m > 0 && b->size > r->room))
         return false;
+    kvs_policy_evicted(st->policy, &b->pol); /* linked still, but no candidate (inv. 2) */
     b->spilled = b->queued = true; /* off the host budget, readable until committed (inv. 8) */
     b->refs += 2;                  /* the writer's, and ours to read the outcome */
     st->stats.host_used -= b->size;

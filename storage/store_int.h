@@ -12,6 +12,7 @@
 #include "storage/disk.h"
 #include "storage/index.h"
 #include "storage/lru.h"
+#include "storage/policy.h"
 #include "storage/slots.h"
 #include "storage/store.h"
 
@@ -20,6 +21,7 @@ typedef struct kvs_spill kvs_spill; /* storage/spill.h */
 struct kvs_block {
     kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
     kvs_lru_node lru;    /* linked in its tier's LRU when LINKED */
+    kvs_policy_node pol; /* host tier: in st->policy while LINKED, until evicted */
     kvs_ns *ns;          /* reference held by the block */
     unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
     bool linked;
@@ -44,7 +46,8 @@ struct kvs_store {
     pthread_mutex_t mu;
     kvs_ns_registry *reg;
     kvs_index *index;
-    kvs_lru lru;      /* host tier */
+    kvs_lru lru;        /* host tier: every linked host block (for walks; recency order) */
+    kvs_policy *policy; /* host tier eviction order (opts.eviction; invariant 2) */
     kvs_lru gpu_lru;  /* gpu tier */
     kvs_lru disk_lru; /* disk tier (index entries without payload) */
     kvs_slots *gpu;   /* NULL without a gpu tier */
@@ -62,6 +65,7 @@ struct kvs_store {
 
 #define KVS__BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, node)))
 #define KVS__BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, lru)))
+#define KVS__BLOCK_OF_POL(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, pol)))
 
 void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -63,6 +63,12 @@ static void test_flags(void **state)
     char *missing[] = {"kvstashd", "--listen", NULL};
     assert_int_equal(parse(&cfg, &err, 2, missing), KVS_EINVAL);
     assert_non_null(strstr(err.msg, "--listen"));
+    char *ev[] = {"kvstashd", "--eviction", "s3fifo", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, ev), 0);
+    assert_int_equal(cfg.eviction, KVS_POLICY_S3FIFO);
+    char *bad_ev[] = {"kvstashd", "--eviction", "mru", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_ev), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--eviction"));
 }
 
 static void test_defaults(void **state)
@@ -73,6 +79,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.host_capacity, 2ull << 30);
     assert_true(cfg.threads >= 2);
     assert_string_equal(cfg.token, "");
+    assert_int_equal(cfg.eviction, KVS_POLICY_LRU);
 }
 
 int main(void)

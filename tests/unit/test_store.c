@@ -1,4 +1,4 @@
-/* storage/store: namespaces, block lifecycle, LRU eviction, busy blocks, checksums,
+/* storage/store: namespaces, block lifecycle, LRU and S3-FIFO eviction, busy blocks, checksums,
  * accounting, a multi-threaded soak that checks the invariants of store.h, and the disk
  * tier behind the same verbs (spill, read back, promotion, delete/replace/drop, budget
  * eviction, corrupt records, write errors; one temporary directory per test). */
@@ -232,6 +232,93 @@ static void test_checksum_mismatch_is_data_loss(void **state)
     kvs_store_destroy(st);
 }
 
+/* The host tier's eviction policy (opts.eviction, storage/policy.h): a working set is read
+ * again, then a scan of one-off blocks twice the tier's size goes through. Returns how many
+ * of the working set's 3 blocks are still there, each checked byte for byte. */
+static int working_set_after_scan(kvs_policy_kind kind)
+{
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = 10 * 512, .eviction = kind};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    kvs_ns_spec s = small_spec("p");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    const char *ws[3] = {"w0", "w1", "w2"};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(put(st, ns, ws[i], 4, (uint8_t)(0x10 + i), NULL, &err), 0);
+    for (int i = 0; i < 3; i++)
+        expect_block(st, ns, ws[i], (uint8_t)(0x10 + i)); /* re-read: the working set */
+    char key[8];
+    kvs_store_stats stats;
+    for (int i = 0; i < 20; i++) { /* never read again */
+        snprintf(key, sizeof key, "s%d", i);
+        assert_int_equal(put(st, ns, key, 4, (uint8_t)i, NULL, &err), 0);
+        kvs_store_get_stats(st, &stats);
+        assert_true(stats.host_used <= stats.host_capacity);
+    }
+    assert_int_equal(stats.host_evictions, 23 - 10);
+    assert_int_equal(stats.host_blocks, 10);
+    int alive = 0;
+    for (int i = 0; i < 3; i++) {
+        kvs_store_key k = {ws[i], 2};
+        kvs_store_tier t;
+        kvs_store_lookup(st, ns, &k, 1, &t, NULL);
+        if (t == KVS_STORE_TIER_HOST) {
+            expect_block(st, ns, ws[i], (uint8_t)(0x10 + i));
+            alive++;
+        }
+    }
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+    return alive;
+}
+
+static void test_policy_scan_resistance(void **state)
+{
+    /* LRU: the scan pushes the working set out (its blocks are the least recently used). */
+    assert_int_equal(working_set_after_scan(0), 0); /* 0: the default, LRU */
+    assert_int_equal(working_set_after_scan(KVS_POLICY_LRU), 0);
+    /* S3-FIFO: read while in the small queue, the working set moved to the main queue; the
+     * scan's blocks enter the small queue and leave from there. */
+    assert_int_equal(working_set_after_scan(KVS_POLICY_S3FIFO), 3);
+
+    /* S3-FIFO skips busy blocks too (policy.h's busy-skip contract): with every block held
+     * nothing can be evicted (ENOSPC, nothing lost); the one let go is the one evicted. */
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = 4 * 512, .eviction = KVS_POLICY_S3FIFO};
+    kvs_err err;
+    assert_int_equal(kvs_store_create(&o, &st, &err), 0);
+    kvs_ns_spec s = small_spec("b");
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    const char *names[4] = {"a0", "a1", "a2", "a3"};
+    kvs_block *held[4];
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(put(st, ns, names[i], 4, (uint8_t)i, NULL, &err), 0);
+        assert_int_equal(kvs_store_get(st, ns, names[i], 2, &held[i], &err), 0);
+    }
+    kvs_block *blk;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk, &err), KVS_ENOSPC);
+    kvs_store_block_release(st, held[1]);
+    assert_int_equal(put(st, ns, "a4", 4, 4, NULL, &err), 0);
+    expect_missing(st, ns, "a1");
+    for (int i = 0; i < 4; i++) {
+        if (i != 1) {
+            kvs_store_block_release(st, held[i]);
+            expect_block(st, ns, names[i], (uint8_t)i);
+        }
+    }
+    expect_block(st, ns, "a4", 4);
+    /* An unknown policy is refused, naming the option. */
+    kvs_store *bad = NULL;
+    o.eviction = (kvs_policy_kind)9;
+    assert_int_equal(kvs_store_create(&o, &bad, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "eviction"));
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 static void test_drop_namespace(void **state)
 {
     kvs_store *st = new_store(1 << 20);
@@ -352,9 +439,12 @@ static void *soak_thread(void *p)
     return NULL;
 }
 
-static void test_concurrent_soak(void **state)
+static void soak(kvs_policy_kind eviction)
 {
-    kvs_store *st = new_store(16 * 512); /* small: eviction runs constantly */
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = 16 * 512, /* small: eviction runs constantly */
+                        .eviction = eviction};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = small_spec("m");
     kvs_ns *ns;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, NULL), 0);
@@ -380,6 +470,12 @@ static void test_concurrent_soak(void **state)
     free(list);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
+}
+
+static void test_concurrent_soak(void **state)
+{
+    soak(KVS_POLICY_LRU);
+    soak(KVS_POLICY_S3FIFO);
 }
 
 /* ---------------------------------------------------------------- gpu tier (bookkeeping:
@@ -1248,6 +1344,7 @@ int main(void)
         cmocka_unit_test(test_ns_validation),
         cmocka_unit_test(test_roundtrip_replace_delete),
         cmocka_unit_test(test_lru_eviction_and_busy_blocks),
+        cmocka_unit_test(test_policy_scan_resistance),
         cmocka_unit_test(test_checksum_mismatch_is_data_loss),
         cmocka_unit_test(test_drop_namespace),
         cmocka_unit_test(test_codec_state_versions),
