@@ -4,7 +4,8 @@
 # --data-dir and prints the restore line it logs. BIN = folder of kvstashd and kvctl.
 set -u
 B=${BIN:-build/bin}
-D=${DATA:-/tmp/rb-data}; rm -rf $D; mkdir -p $D
+D=$(mktemp -d)  # a fresh data directory, removed at the end
+trap 'rm -rf "$D"' EXIT
 $B/kvstashd --listen 127.0.0.1:0 --port-file /tmp/rb.port --data-dir $D --host-capacity 64M --disk-capacity 8G --stats-interval 0 > /tmp/rb-d1.log 2>&1 &
 P=$!; sleep 1.5
 T="--target 127.0.0.1:$(cat /tmp/rb.port)"
