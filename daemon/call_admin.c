@@ -108,6 +108,20 @@ int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
     return 0;
 }
 
+static Kvstash__V1__TierStats tier_stats(Kvstash__V1__Tier tier, uint64_t capacity,
+                                         uint64_t used, uint64_t blocks, uint64_t hits,
+                                         uint64_t evictions)
+{
+    Kvstash__V1__TierStats t = KVSTASH__V1__TIER_STATS__INIT;
+    t.tier = tier;
+    t.capacity_bytes = capacity;
+    t.used_bytes = used;
+    t.blocks = blocks;
+    t.hits = hits;
+    t.evictions = evictions;
+    return t;
+}
+
 int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
     kvs_server *srv = c->srv;
@@ -118,29 +132,17 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     kvs_store_stats st;
     kvs_store_get_stats(srv->store, &st);
 
-    Kvstash__V1__TierStats host = KVSTASH__V1__TIER_STATS__INIT;
-    host.tier = KVSTASH__V1__TIER__TIER_HOST;
-    host.capacity_bytes = st.host_capacity;
-    host.used_bytes = st.host_used;
-    host.blocks = st.host_blocks;
-    host.hits = st.host_hits;
-    host.evictions = st.host_evictions;
-    /* The GPU tier's "evictions" are its demotions to the host tier. */
-    Kvstash__V1__TierStats gpu = KVSTASH__V1__TIER_STATS__INIT;
-    gpu.tier = KVSTASH__V1__TIER__TIER_GPU;
-    gpu.capacity_bytes = st.gpu_capacity;
-    gpu.used_bytes = st.gpu_used;
-    gpu.blocks = st.gpu_blocks;
-    gpu.hits = st.gpu_hits;
-    gpu.evictions = st.gpu_demotions;
-    /* The disk tier's "evictions" leave the store; host evictions became disk blocks. */
-    Kvstash__V1__TierStats disk = KVSTASH__V1__TIER_STATS__INIT;
-    disk.tier = KVSTASH__V1__TIER__TIER_DISK;
-    disk.capacity_bytes = st.disk_capacity;
-    disk.used_bytes = st.disk_used;
-    disk.blocks = st.disk_blocks;
-    disk.hits = st.disk_hits;
-    disk.evictions = st.disk_evictions;
+    /* The GPU tier's "evictions" are its demotions to the host tier; the disk tier's
+     * leave the store (host evictions became disk blocks). */
+    Kvstash__V1__TierStats host = tier_stats(KVSTASH__V1__TIER__TIER_HOST, st.host_capacity,
+                                             st.host_used, st.host_blocks, st.host_hits,
+                                             st.host_evictions);
+    Kvstash__V1__TierStats gpu = tier_stats(KVSTASH__V1__TIER__TIER_GPU, st.gpu_capacity,
+                                            st.gpu_used, st.gpu_blocks, st.gpu_hits,
+                                            st.gpu_demotions);
+    Kvstash__V1__TierStats disk = tier_stats(KVSTASH__V1__TIER__TIER_DISK, st.disk_capacity,
+                                             st.disk_used, st.disk_blocks, st.disk_hits,
+                                             st.disk_evictions);
     Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};
     size_t n_tiers = 1;
     if (kvs_store_has_gpu(srv->store))
