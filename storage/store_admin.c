@@ -19,7 +19,8 @@
 
 #define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
 #define BLOCK_OF_LRU KVS__BLOCK_OF_LRU
-#define DEMOTE_ROUND 64 /* GPU blocks per demotion batch (storage/tiering's round) */
+#define DEMOTE_ROUND 64  /* GPU blocks per demotion batch (storage/tiering's round) */
+#define VERIFY_BATCH 256 /* host blocks pinned at a time by verify */
 
 /* The first bytes of a key in hex, for log lines. */
 static const char *key_hex(const kvs_index_node *n, char *buf, size_t len)
@@ -34,51 +35,67 @@ static const char *key_hex(const kvs_index_node *n, char *buf, size_t len)
 
 /* ---------------------------------------------------------------- verify */
 
+/* Host blocks are checked in batches, each pinned (a reference of ours) only while it is
+ * hashed, so the host tier keeps evicting meanwhile. The walk follows the host LRU list
+ * across the lock releases; blocks the pass has checked carry its number and are skipped
+ * when a Get moved them ahead or the walk restarts (its place was unlinked meanwhile). */
 static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
 {
+    (void)err;
+    kvs_block *v[VERIFY_BATCH];
+    bool ok[VERIFY_BATCH];
+    kvs_block *to_free = NULL;
     pthread_mutex_lock(&st->mu);
-    size_t n = st->lru.count;
-    kvs_block **v = kvs_trymalloc((n ? n : 1) * sizeof *v);
-    if (!v) {
-        pthread_mutex_unlock(&st->mu);
-        return kvs_err_set(err, KVS_ENOMEM, "verify: cannot allocate the list of %zu host blocks",
-                           n);
-    }
-    size_t m = 0;
-    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it && m < n;
-         it = kvs_lru_newer(&st->lru, it)) {
-        kvs_block *b = BLOCK_OF_LRU(it);
-        b->refs++; /* ours: its bytes stay while we hash them */
-        v[m++] = b;
-    }
+    uint32_t pass = ++st->verify_pass;
     out->gpu_skipped = st->stats.gpu_blocks;
-    pthread_mutex_unlock(&st->mu);
-
-    for (size_t i = 0; i < m; i++) {
-        kvs_block *b = v[i];
-        /* Payloads are read-only once linked (store.h), so no lock while hashing. */
-        bool ok = XXH3_64bits(b->data, b->size) == b->checksum;
-        pthread_mutex_lock(&st->mu);
-        if (!ok) {
-            st->stats.checksum_failures++;
-            out->host_bad++;
-            if (b->linked)
-                kvs__store_forget_locked(st, b); /* we still hold it: not freed here */
+    kvs_lru_node *it = kvs_lru_oldest(&st->lru);
+    for (;;) {
+        size_t m = 0;
+        for (; it && m < VERIFY_BATCH; it = kvs_lru_newer(&st->lru, it)) {
+            kvs_block *b = BLOCK_OF_LRU(it);
+            if (b->verified == pass)
+                continue;
+            b->verified = pass;
+            b->refs++; /* ours: its bytes stay while we hash them */
+            v[m++] = b;
         }
-        bool free_now = kvs__store_unref_locked(st, b);
         pthread_mutex_unlock(&st->mu);
-        if (!ok) {
-            char h[40];
-            kvs__store_log(st, KVS_LOG_ERROR,
-                           "verify: namespace '%s': host block %s failed its checksum and was "
-                           "dropped",
-                           kvs_ns_spec_of(b->ns)->name, key_hex(&b->node, h, sizeof h));
+        kvs__block_free_chain(to_free);
+        to_free = NULL;
+        if (m == 0)
+            break;
+        /* Payloads are read-only once linked (store.h), so no lock while hashing. */
+        for (size_t i = 0; i < m; i++) {
+            ok[i] = XXH3_64bits(v[i]->data, v[i]->size) == v[i]->checksum;
+            if (!ok[i]) {
+                char h[40];
+                kvs__store_log(st, KVS_LOG_ERROR,
+                               "verify: namespace '%s': host block %s failed its checksum and "
+                               "was dropped",
+                               kvs_ns_spec_of(v[i]->ns)->name, key_hex(&v[i]->node, h, sizeof h));
+            }
         }
-        if (free_now)
-            kvs__block_free(b);
+        out->host_checked += m;
+        pthread_mutex_lock(&st->mu);
+        for (size_t i = 0; i < m; i++) {
+            if (!ok[i]) {
+                st->stats.checksum_failures++;
+                out->host_bad++;
+                if (v[i]->linked)
+                    kvs__store_forget_locked(st, v[i]); /* ours still: not freed here */
+            }
+        }
+        /* Go on after the batch's last block if it is still in the list, else from the
+         * start (what this pass checked is skipped). */
+        kvs_block *last = v[m - 1];
+        it = last->linked ? kvs_lru_newer(&st->lru, &last->lru) : kvs_lru_oldest(&st->lru);
+        for (size_t i = 0; i < m; i++) {
+            if (kvs__store_unref_locked(st, v[i])) {
+                v[i]->node.next = (kvs_index_node *)to_free;
+                to_free = v[i];
+            }
+        }
     }
-    out->host_checked = m;
-    free(v);
     return 0;
 }
 

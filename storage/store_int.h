@@ -38,6 +38,7 @@ struct kvs_block {
     bool spilled;        /* host block handed to the disk writer: its bytes count in
                           * st->spill_bytes, not host_used (invariant 8) */
     bool transient;      /* a disk block read for one reader: never linked, no budget */
+    uint32_t verified;   /* the kvs_store_verify pass that checked it (st->verify_pass) */
     uint64_t slot_bytes; /* gpu tier */
     kvs_block_dev dev;   /* gpu tier */
 };
@@ -57,6 +58,7 @@ struct kvs_store {
     kvs_spill *spill;           /* the disk writer; NULL without a disk tier */
     uint64_t spill_max;         /* most bytes handed to the writer at once */
     bool promote;               /* Get of a disk block moves it to the host tier */
+    uint32_t verify_pass;       /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
     uint32_t calib_tokens;
     kvs_log_fn log;

@@ -183,6 +183,54 @@ static void test_verify(void **state)
     fx_close(&f);
 }
 
+/* Many host blocks: verify pins and checks them in batches; bad ones at batch edges (the
+ * last of a batch makes the walk restart) are each found once, every block checked once. */
+static void test_verify_batches(void **state)
+{
+    kvs_store *st;
+    kvs_store_opts o = {.host_capacity = 1 << 20};
+    kvs_err err;
+    assert_int_equal(kvs_store_create(&o, &st, &err), 0);
+    kvs_ns_spec s = kvs_test_spec(2, 1, 16, 4, KVS_DTYPE_FP16, "none", "none", 0);
+    snprintf(s.name, sizeof s.name, "v");
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    enum { N = 600 };
+    char key[8];
+    for (int i = 0; i < N; i++) {
+        kvs_block *blk;
+        assert_int_equal(kvs_store_block_alloc(st, ns, 4, 64, &blk, &err), 0);
+        memset(kvs_block_data(blk), i & 0xff, 64);
+        snprintf(key, sizeof key, "b%d", i);
+        assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);
+    }
+    const int bad[4] = {0, 255, 256, N - 1};
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "b%d", bad[i]);
+        kvs_block *blk;
+        assert_int_equal(kvs_store_get(st, ns, key, strlen(key), &blk, &err), 0);
+        ((uint8_t *)kvs_block_data(blk))[7] ^= 0x80;
+        kvs_store_block_release(st, blk);
+    }
+    kvs_store_verify_info vi;
+    assert_int_equal(kvs_store_verify(st, &vi, &err), 0);
+    assert_int_equal(vi.host_checked, N);
+    assert_int_equal(vi.host_bad, 4);
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "b%d", bad[i]);
+        assert_int_equal(tier_of(st, ns, key), KVS_STORE_TIER_NONE);
+    }
+    assert_int_equal(kvs_store_verify(st, &vi, &err), 0);
+    assert_int_equal(vi.host_checked, N - 4);
+    assert_int_equal(vi.host_bad, 0);
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_used, (N - 4) * 64);
+    assert_int_equal(stats.checksum_failures, 4);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 /* ---------------------------------------------------------------- flush */
 
 static void test_flush(void **state)
@@ -470,6 +518,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_verify),
+        cmocka_unit_test(test_verify_batches),
         cmocka_unit_test(test_flush),
         cmocka_unit_test(test_evict_host_to_disk),
         cmocka_unit_test(test_evict_out),
