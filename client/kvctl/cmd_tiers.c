@@ -18,17 +18,25 @@ static int connect_long(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client
     return kvctl_connect(cmd, &lg, out);
 }
 
-/* ------------------------------------------------------------------ verify */
-
-static int verify(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
+/* Commands without options or arguments: checks that, then connects. */
+static int connect_no_args(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv,
+                           kvs_client **out)
 {
     if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
         return KVCTL_USAGE;
     if (optind < argc)
         return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    return connect_long(cmd, g, out) != KVCTL_OK ? KVCTL_FAIL : KVCTL_OK;
+}
+
+/* ------------------------------------------------------------------ verify */
+
+static int verify(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
+{
     kvs_client *cl;
-    if (connect_long(cmd, g, &cl) != KVCTL_OK)
-        return KVCTL_FAIL;
+    int st = connect_no_args(cmd, g, argc, argv, &cl);
+    if (st != KVCTL_OK)
+        return st;
     kvs_verify_result r;
     kvs_err err;
     int rc = kvs_client_verify(cl, &r, &err);
@@ -93,13 +101,10 @@ const kvctl_cmd kvctl_cmd_verify = {
 
 static int flush(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
-        return KVCTL_USAGE;
-    if (optind < argc)
-        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
     kvs_client *cl;
-    if (connect_long(cmd, g, &cl) != KVCTL_OK)
-        return KVCTL_FAIL;
+    int st = connect_no_args(cmd, g, argc, argv, &cl);
+    if (st != KVCTL_OK)
+        return st;
     kvs_flush_result r;
     kvs_err err;
     int rc = kvs_client_flush(cl, &r, &err);
