@@ -29,6 +29,8 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->gpu_capacity_pct = 25;
     cfg->gpu_high_pct = 90;
     cfg->gpu_low_pct = 80;
+    cfg->host_high_pct = 90;
+    cfg->host_low_pct = 80;
     cfg->disk_capacity = 16ull << 30;
     cfg->promote = 1;
     cfg->flush_on_exit = 1;
@@ -74,6 +76,18 @@ static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
     return 1;
 }
 
+/* "HIGH,LOW" percentages with 0 <= LOW < HIGH <= 100. */
+static bool parse_watermarks(const char *s, unsigned *high, unsigned *low)
+{
+    unsigned hi, lo;
+    char tail;
+    if (sscanf(s, "%u,%u%c", &hi, &lo, &tail) != 2 || hi > 100 || hi == 0 || lo >= hi)
+        return false;
+    *high = hi;
+    *low = lo;
+    return true;
+}
+
 static int copy_str(char *dst, size_t cap, const char *src, const char *flag, kvs_err *err)
 {
     if (strlen(src) >= cap)
@@ -115,6 +129,9 @@ static void usage(FILE *f)
             "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
             "                         or empty; a foreign directory is refused); default: none\n"
             "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
+            "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
+            "                         the background above H%% of the host tier, down to L%%\n"
+            "                         (default 90,80)\n"
             "  --promote on|off       a Get of a disk block moves it to the host tier (default on)\n"
             "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
             "                         a restart finds them (default on)\n"
@@ -132,7 +149,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -152,6 +169,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"gpu-device", required_argument, NULL, O_GPU_DEVICE},
         {"gpu-capacity", required_argument, NULL, O_GPU_CAP},
         {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
+        {"host-watermarks", required_argument, NULL, O_HOST_WM},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
         {"disk-capacity", required_argument, NULL, O_DISK_CAP},
         {"promote", required_argument, NULL, O_PROMOTE},
@@ -256,17 +274,16 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             }
             break;
         }
-        case O_GPU_WM: {
-            unsigned hi, lo;
-            char tail;
-            if (sscanf(optarg, "%u,%u%c", &hi, &lo, &tail) != 2 || hi > 100 || hi == 0 ||
-                lo >= hi)
+        case O_GPU_WM:
+            if (!parse_watermarks(optarg, &cfg->gpu_high_pct, &cfg->gpu_low_pct))
                 return kvs_err_set(err, KVS_EINVAL, "--gpu-watermarks: '%s' is not HIGH,LOW "
                                    "with 0 <= LOW < HIGH <= 100", optarg);
-            cfg->gpu_high_pct = hi;
-            cfg->gpu_low_pct = lo;
             break;
-        }
+        case O_HOST_WM:
+            if (!parse_watermarks(optarg, &cfg->host_high_pct, &cfg->host_low_pct))
+                return kvs_err_set(err, KVS_EINVAL, "--host-watermarks: '%s' is not HIGH,LOW "
+                                   "with 0 <= LOW < HIGH <= 100", optarg);
+            break;
         case O_CODEC_THREADS:
             if (!parse_uint(optarg, 1, 1024, &cfg->codec_threads))
                 return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024", optarg);

@@ -24,6 +24,7 @@ typedef struct kvs_config {
     uint64_t gpu_capacity;   /* bytes of the GPU tier; 0 = gpu_capacity_pct of free memory */
     unsigned gpu_capacity_pct; /* share of free device memory when gpu_capacity is 0 */
     unsigned gpu_high_pct, gpu_low_pct; /* GPU tier demotion watermarks */
+    unsigned host_high_pct, host_low_pct; /* host tier demotion (to disk) watermarks */
     kvs_log_level log_level;
     char token[256];         /* data-path bearer token ("" = open) */
     char admin_token[256];   /* KvAdmin bearer token ("" = same rules as token) */

@@ -191,9 +191,10 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;
         sopts->disk_capacity = d->cfg.disk_capacity;
-        kvs_log(KVS_LOG_INFO, "disk tier: %s, budget %llu bytes, promotion %s",
+        kvs_log(KVS_LOG_INFO, "disk tier: %s, budget %llu bytes, promotion %s; host blocks "
+                "written there in the background above %u%% of the host tier, down to %u%%",
                 d->cfg.data_dir, (unsigned long long)d->cfg.disk_capacity,
-                d->cfg.promote ? "on" : "off");
+                d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
     }
     sopts->no_promote = !d->cfg.promote;
     if ((rc = kvs_store_create(sopts, &d->store, err)))
@@ -244,6 +245,8 @@ int main(int argc, char **argv)
                             .calib_tokens = d.cfg.calib_tokens,
                             .gpu_high_pct = d.cfg.gpu_high_pct,
                             .gpu_low_pct = d.cfg.gpu_low_pct,
+                            .host_high_pct = d.cfg.host_high_pct,
+                            .host_low_pct = d.cfg.host_low_pct,
                             .log = kvs_log_sink};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
         (rc = start_engine(&d, &err)) ||

@@ -36,6 +36,7 @@ struct kvs_spill {
     pthread_cond_t cv;
     op *head, **tail;
     bool stop;
+    bool kick; /* kvs_spill_kick: run the host tier's background demotion */
 };
 
 /* A disk record named for deletion. */
@@ -98,6 +99,14 @@ void kvs_spill_ns_del(kvs_spill *sp, uint32_t ns_id)
     op *o = op_new(OP_NS_DEL);
     o->ns_id = ns_id;
     push(sp, o);
+}
+
+void kvs_spill_kick(kvs_spill *sp)
+{
+    pthread_mutex_lock(&sp->mu);
+    sp->kick = true;
+    pthread_cond_signal(&sp->cv);
+    pthread_mutex_unlock(&sp->mu);
 }
 
 void kvs_spill_mark(kvs_spill *sp, kvs_spill_done_fn done, void *arg)
@@ -333,15 +342,21 @@ static void *writer_main(void *arg)
     kvs_spill *sp = arg;
     pthread_mutex_lock(&sp->mu);
     for (;;) {
-        while (!sp->head && !sp->stop)
+        while (!sp->head && !sp->stop && !sp->kick)
             pthread_cond_wait(&sp->cv, &sp->mu);
-        if (!sp->head)
+        if (!sp->head && sp->stop)
             break; /* stopping, and everything queued is applied */
         op *list = sp->head;
         sp->head = NULL;
         sp->tail = &sp->head;
+        sp->kick = false;
+        bool stopping = sp->stop;
         pthread_mutex_unlock(&sp->mu);
         apply(sp, list);
+        /* After each batch, so a demotion that filled the queue goes on as it drains; the
+         * blocks it hands over are queued, and so applied by the next turn of this loop. */
+        if (!stopping)
+            kvs__store_host_demote(sp->st);
         pthread_mutex_lock(&sp->mu);
     }
     pthread_mutex_unlock(&sp->mu);

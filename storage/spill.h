@@ -14,6 +14,9 @@
  *            put of the same key is applied after it)
  *   ns_del   every record of a dropped namespace
  *   mark     a callback once everything queued before it is applied (flush, tests)
+ * Background demotion: after each batch, and when kicked (a host block was linked above
+ * the host tier's high watermark), the writer asks the store to hand it idle host blocks
+ * down to the low watermark (kvs__store_host_demote); they come back as put ops.
  * Disk budget: before a batch, the writer evicts the oldest idle disk entries until the
  * batch fits the budget; when LMDB still reports its map full (KVS_ENOSPC), it evicts
  * more and retries a few times, then gives up: a spilled block is dropped (a lost cache
@@ -50,6 +53,9 @@ void kvs_spill_durable(kvs_spill *sp, kvs_block *blk, kvs_spill_done_fn done, vo
 void kvs_spill_copy(kvs_spill *sp, kvs_block *blk);
 void kvs_spill_del(kvs_spill *sp, uint32_t ns_id, const void *key, size_t key_len);
 void kvs_spill_ns_del(kvs_spill *sp, uint32_t ns_id);
+/* Wakes the writer to run the host tier's background demotion (kvs__store_host_demote),
+ * which it also runs after every batch it applied. */
+void kvs_spill_kick(kvs_spill *sp);
 /* done(arg, 0, NULL) runs on the writer thread once everything queued before is applied. */
 void kvs_spill_mark(kvs_spill *sp, kvs_spill_done_fn done, void *arg);
 

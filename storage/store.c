@@ -78,6 +78,10 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         st->disk = opts->disk;
         st->stats.disk_capacity = opts->disk_capacity;
         st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
+        unsigned hi = opts->host_high_pct ? opts->host_high_pct : 90;
+        unsigned lo = opts->host_high_pct ? opts->host_low_pct : 80;
+        st->host_high = opts->host_capacity / 100 * (hi > 100 ? 100 : hi);
+        st->host_low = opts->host_capacity / 100 * (lo > hi ? hi : lo);
         if ((rc = kvs_spill_create(st, &st->spill, err)) || (rc = kvs__persist_restore(st, err))) {
             kvs_store_destroy(st);
             return rc;
@@ -350,20 +354,26 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
 
 /* ---------------------------------------------------------------- blocks */
 
-/* Evicts idle LINKED host blocks in the order the host policy offers them until `need`
- * more bytes fit; a busy candidate is skipped and stays where it is (policy.h's
- * busy-skip contract). Evicted blocks are chained on *to_free for the caller to free
- * outside the lock. */
-static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
+/* Evicts idle LINKED host blocks in the order the host policy offers them until host_used
+ * is at most `target`; a busy candidate is skipped and stays where it is (policy.h's
+ * busy-skip contract). With a disk tier a victim goes to disk: a block whose record is
+ * there already becomes a disk entry at once, another is handed to the disk writer while
+ * the writer's queue has room (spill_max); past that, `drop` says whether victims are
+ * dropped (a Put needs the room now) or the eviction stops (background demotion: the
+ * writer calls again once it caught up). Evicted blocks are chained on *to_free for the
+ * caller to free outside the lock. */
+static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_block **to_free)
 {
     kvs_policy_cursor cur;
     kvs_policy_node *pn;
     kvs_policy_scan_begin(st->policy, &cur);
-    while (st->stats.host_used + need > st->stats.host_capacity &&
-           (pn = kvs_policy_victim(st->policy, &cur)) != NULL) {
+    while (st->stats.host_used > target && (pn = kvs_policy_victim(st->policy, &cur)) != NULL) {
         kvs_block *blk = BLOCK_OF_POL(pn);
         if (blk->refs != 1) /* busy, or with the disk writer (invariants 3, 8) */
             continue;
+        bool writable = st->spill && st->stats.spill_pending + blk->size <= st->spill_max;
+        if (st->spill && !blk->on_disk && !writable && !drop)
+            break;
         /* Out of the policy now, whatever follows (S3-FIFO remembers it in its ghost if it
          * leaves from S); the unlinks below then leave the policy alone, so the scan goes
          * on. A spilled block stays linked but is no candidate any more (invariant 2). */
@@ -374,7 +384,7 @@ static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
             kvs__store_unlink_locked(st, blk); /* refs was 1: free */
             kvs__store_link_locked(st, d);
             st->stats.disk_spills++;
-        } else if (st->spill && st->stats.spill_pending + blk->size <= st->spill_max) {
+        } else if (writable) {
             /* Off the budget now, readable until the writer commits it (invariant 8). */
             blk->spilled = blk->queued = true;
             blk->refs++;
@@ -390,7 +400,30 @@ static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
         blk->node.next = (kvs_index_node *)*to_free;
         *to_free = blk;
     }
+}
+
+/* Makes room for `need` more bytes in the host tier (evict_until_locked, dropping victims
+ * the disk writer cannot take); true if they fit now. */
+static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
+{
+    if (need > st->stats.host_capacity)
+        return false;
+    evict_until_locked(st, st->stats.host_capacity - need, true, to_free);
     return st->stats.host_used + need <= st->stats.host_capacity;
+}
+
+void kvs__store_host_demote(kvs_store *st)
+{
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    if (st->stats.host_used > st->host_high)
+        st->host_demoting = true;
+    if (st->host_demoting) {
+        evict_until_locked(st, st->host_low, false, &to_free);
+        st->host_demoting = st->stats.host_used > st->host_low;
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
 }
 
 void kvs__block_free_chain(kvs_block *b)
@@ -520,6 +553,8 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
                                     blk->size ? blk->size : 1, NULL);
         assert(prc == 0);
         (void)prc;
+        if (st->spill && st->stats.host_used > st->host_high)
+            kvs_spill_kick(st->spill); /* background demotion to the disk tier */
     }
     blk->linked = true;
     blk->refs = 1;

@@ -12,7 +12,9 @@
  * so a Put that finds the gpu tier full simply lands in the host tier. The store itself
  * never touches device memory. With a disk tier, the host tier's victims are not dropped
  * but handed to the disk writer (storage/spill.h), which writes them off the request path
- * and then turns their index entries into disk entries (no payload); a Get of a disk
+ * and then turns their index entries into disk entries (no payload); the same happens in
+ * the background (the writer asks, kvs__store_host_demote) once the host tier passes its
+ * high watermark, down to its low one, so that Puts rarely evict on their path; a Get of a disk
  * block reads it back (verified) and, unless opts.no_promote, moves it to the host tier,
  * where it keeps its disk record. A block of a `durable` namespace is committed with
  * kvs_store_block_commit_durable: linked at once, written to LMDB with a flush by the
@@ -104,6 +106,9 @@ typedef struct kvs_store_opts {
                              * must outlive the store), or NULL: no disk tier */
     uint64_t disk_capacity; /* byte budget of the disk tier */
     uint64_t spill_max;     /* most bytes queued for the disk writer (0: host/4) */
+    unsigned host_high_pct; /* with a disk tier: demote host blocks to disk in the
+                             * background above this share of the host tier (0: 90)... */
+    unsigned host_low_pct;  /* ...down to this share (0 with host_high_pct 0: 80) */
     bool no_promote;        /* Get of a disk block leaves it on disk (default: promote) */
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50

@@ -57,6 +57,8 @@ struct kvs_store {
     kvs_disk *disk;             /* borrowed; NULL without a disk tier */
     kvs_spill *spill;           /* the disk writer; NULL without a disk tier */
     uint64_t spill_max;         /* most bytes handed to the writer at once */
+    uint64_t host_high, host_low; /* host tier watermarks in bytes (with a disk tier) */
+    bool host_demoting;         /* between crossing host_high and reaching host_low */
     bool promote;               /* Get of a disk block moves it to the host tier */
     uint32_t verify_pass;       /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
@@ -89,6 +91,12 @@ bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not
  * linked. Small fixed allocation (aborts on failure). */
 kvs_block *kvs__disk_entry_new(const kvs_block *blk);
+
+/* Background demotion of the host tier to the disk tier (the disk writer calls it after
+ * each batch and when kicked): once host_used passed host_high, hands idle host blocks to
+ * the disk writer in policy order, without dropping any, until host_used is at most
+ * host_low (over several calls when the writer's queue is full). Takes store->mu. */
+void kvs__store_host_demote(kvs_store *st);
 
 /* Validates spec and registers it (kvs_store_ns_create without persisting it); id 0 = a
  * fresh id, else that id (restoring from the disk tier). *out gets a reference. */

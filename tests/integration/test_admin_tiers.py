@@ -17,7 +17,7 @@ import kvs
 from kvs import TIER_HOST, TIER_NONE, pb
 
 TIER_DISK = pb.TIER_DISK
-L, H, D, T = 2, 2, 64, 16  # 8 KiB `none` blocks: each value its own overflow pages
+L, H, D, T = 2, 2, 64, 16  # 16 KiB `none` blocks: each value its own overflow pages
 Target = pb.EvictRequest.Target
 
 
@@ -187,6 +187,38 @@ def test_evict_to_disk_and_out(daemon, tmp_path):
     d3 = daemon(extra=extra)
     assert lookup(d3, a.name, keys) == [TIER_NONE] * 5
     assert lookup(d3, b.name, keys) == [TIER_NONE] * 5
+
+
+def test_host_watermarks_demote_in_background(daemon, tmp_path):
+    """Past --host-watermarks' high mark the host tier writes its oldest idle blocks to disk
+    by itself (no Put needs the room), down to the low mark; every block still reads back."""
+    import time
+    cap = 1 << 20
+    d = daemon(extra=data_args(tmp_path, "--host-capacity", str(cap), "--gpu-capacity", "0",
+                               "--host-watermarks", "40,20"))
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    datas = {}
+    for i in range(20):  # 20 blocks of 16 KiB: under 40% of 1 MiB, nothing moves
+        datas[b"w%d" % i] = ns.payload(T, seed=kvs.seed_of(ns.name, i))
+        kvs.put(d.stub, ns.name, b"w%d" % i, T, datas[b"w%d" % i])
+    time.sleep(0.3)
+    assert lookup(d, ns.name, list(datas)) == [TIER_HOST] * 20
+    for i in range(20, 40):  # over 40%
+        datas[b"w%d" % i] = ns.payload(T, seed=kvs.seed_of(ns.name, i))
+        kvs.put(d.stub, ns.name, b"w%d" % i, T, datas[b"w%d" % i])
+    deadline = time.time() + 20
+    while d.host_tier().used_bytes > cap * 20 // 100 and time.time() < deadline:
+        time.sleep(0.05)
+    host = d.host_tier()
+    assert host.used_bytes <= cap * 20 // 100, host
+    tiers = lookup(d, ns.name, list(datas))
+    n_disk = tiers.count(TIER_DISK)
+    assert n_disk + tiers.count(TIER_HOST) == 40
+    # Oldest first (LRU): the disk blocks are a prefix of the put order.
+    assert tiers == [TIER_DISK] * n_disk + [TIER_HOST] * (40 - n_disk), tiers
+    assert n_disk >= 20
+    for k, want in datas.items():
+        assert kvs.get(d.stub, ns.name, k).data == want, k
 
 
 def test_bad_requests_and_tokens(daemon, tmp_path):

@@ -69,6 +69,18 @@ static void test_flags(void **state)
     char *bad_ev[] = {"kvstashd", "--eviction", "mru", NULL};
     assert_int_equal(parse(&cfg, &err, 3, bad_ev), KVS_EINVAL);
     assert_non_null(strstr(err.msg, "--eviction"));
+    char *wm[] = {"kvstashd", "--host-watermarks", "70,0", "--gpu-watermarks", "100,99", NULL};
+    assert_int_equal(parse(&cfg, &err, 5, wm), 0);
+    assert_int_equal(cfg.host_high_pct, 70);
+    assert_int_equal(cfg.host_low_pct, 0);
+    assert_int_equal(cfg.gpu_high_pct, 100);
+    assert_int_equal(cfg.gpu_low_pct, 99);
+    const char *bad_wm[] = {"80,80", "101,50", "0,0", "90", "90,80,70", "90,x"};
+    for (size_t i = 0; i < sizeof bad_wm / sizeof *bad_wm; i++) {
+        char *argv[] = {"kvstashd", "--host-watermarks", (char *)bad_wm[i], NULL};
+        assert_int_equal(parse(&cfg, &err, 3, argv), KVS_EINVAL);
+        assert_non_null(strstr(err.msg, "--host-watermarks"));
+    }
 }
 
 static void test_defaults(void **state)
@@ -80,6 +92,8 @@ static void test_defaults(void **state)
     assert_true(cfg.threads >= 2);
     assert_string_equal(cfg.token, "");
     assert_int_equal(cfg.eviction, KVS_POLICY_LRU);
+    assert_int_equal(cfg.host_high_pct, 90);
+    assert_int_equal(cfg.host_low_pct, 80);
 }
 
 int main(void)

@@ -629,8 +629,8 @@ typedef struct disk_fx {
 
 /* A store of host_blocks full blocks (namespace "d": L=2 H=2 D=16 T=8, codec `codec`) over
  * a fresh disk tier of disk_budget bytes. */
-static void fx_open(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t disk_budget,
-                    bool no_promote)
+static void fx_open_wm(disk_fx *f, const char *codec, uint64_t host_bytes,
+                       uint64_t disk_budget, bool no_promote, unsigned high, unsigned low)
 {
     snprintf(f->dir, sizeof f->dir, "/tmp/kvs-test-store-XXXXXX");
     assert_non_null(mkdtemp(f->dir));
@@ -639,11 +639,19 @@ static void fx_open(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t
     assert_int_equal(kvs_disk_open(f->dir, disk_budget, &dopts, &f->disk, &err), 0);
     kvs_store_opts o = {.host_capacity = host_bytes, .disk = f->disk,
                         .disk_capacity = disk_budget, .spill_max = 64 << 20,
-                        .no_promote = no_promote};
+                        .no_promote = no_promote, .host_high_pct = high,
+                        .host_low_pct = low};
     assert_int_equal(kvs_store_create(&o, &f->st, &err), 0);
     kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, codec, codec, 5);
     snprintf(s.name, sizeof s.name, "d");
     assert_int_equal(kvs_store_ns_create(f->st, &s, &f->ns, &err), 0);
+}
+
+static void fx_open(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t disk_budget,
+                    bool no_promote)
+{
+    /* Watermarks at 100%: background demotion never starts; blocks leave on demand. */
+    fx_open_wm(f, codec, host_bytes, disk_budget, no_promote, 100, 100);
 }
 
 static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
@@ -756,6 +764,82 @@ static void test_disk_spill_get_promote(void **state)
     kvs_disk_stats ds;
     assert_int_equal(kvs_disk_get_stats(f.disk, &ds, NULL), 0);
     assert_true(ds.blocks <= NB);
+    fx_close(&f);
+}
+
+/* Waits (up to 10 s) until the host tier is at most `bytes` and the writer's queue is
+ * empty: background demotion runs on the writer thread, after the batch it is kicked in. */
+static void wait_host_at_most(disk_fx *f, uint64_t bytes)
+{
+    kvs_store_stats s;
+    for (int i = 0; i < 1000; i++) {
+        kvs_store_disk_wait(f->st);
+        kvs_store_get_stats(f->st, &s);
+        if (s.host_used <= bytes && s.spill_pending == 0)
+            return;
+        usleep(10000);
+    }
+    fail_msg("host tier still at %llu bytes (want <= %llu), %llu pending",
+             (unsigned long long)s.host_used, (unsigned long long)bytes,
+             (unsigned long long)s.spill_pending);
+}
+
+/* Above its high watermark the host tier demotes its idle blocks to disk in the background
+ * (oldest first under LRU) down to the low watermark, without a Put asking for room, and
+ * drops nothing; below it nothing moves. */
+static void test_host_watermarks(void **state)
+{
+    disk_fx f;
+    size_t one;
+    uint8_t *probe;
+    /* Size one block first (a none block of 8 tokens is ~2.1 KB). */
+    fx_open(&f, "none", 1 << 20, 16 << 20, false);
+    probe = put_enc(&f, "probe", 8, 1, &one);
+    free(probe);
+    fx_close(&f);
+
+    /* Room for 20.5 blocks: the high watermark (50%) lies between 10 and 11 blocks, the
+     * low one (30%) between 6 and 7. */
+    const uint64_t cap = 20 * one + one / 2;
+    fx_open_wm(&f, "none", cap, 16 << 20, false, 50, 30);
+    uint8_t *want[NB];
+    size_t len[NB];
+    char key[16];
+    for (int i = 0; i < 10; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 200 + i, &len[i]);
+    }
+    kvs_store_disk_wait(f.st);
+    kvs_store_stats s;
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.disk_blocks, 0);
+    assert_int_equal(s.host_blocks, 10);
+    assert_int_equal(s.host_evictions, 0);
+
+    /* The 11th crosses it: the 5 oldest go to disk, the 6 newest stay. */
+    want[10] = put_enc(&f, "k10", 8, 210, &len[10]);
+    wait_host_at_most(&f, cap / 100 * 30);
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.host_blocks, 6);
+    assert_int_equal(s.disk_blocks, 5);
+    assert_int_equal(s.disk_spills, 5);
+    assert_int_equal(s.spill_dropped, 0);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    assert_int_equal(tier_of(&f, "k4"), KVS_STORE_TIER_DISK);
+    assert_int_equal(tier_of(&f, "k5"), KVS_STORE_TIER_HOST);
+    assert_int_equal(tier_of(&f, "k10"), KVS_STORE_TIER_HOST);
+
+    /* Between the watermarks again: the next Put moves nothing (hysteresis). */
+    want[11] = put_enc(&f, "k11", 8, 211, &len[11]);
+    kvs_store_disk_wait(f.st);
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.host_blocks, 7);
+    assert_int_equal(s.disk_spills, 5);
+    for (int i = 0; i < NB; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        expect_bytes(&f, key, want[i], len[i]);
+        free(want[i]);
+    }
     fx_close(&f);
 }
 
@@ -1352,6 +1436,7 @@ int main(void)
         cmocka_unit_test(test_gpu_tier_and_demotion),
         cmocka_unit_test(test_gpu_abort_and_absent),
         cmocka_unit_test(test_disk_spill_get_promote),
+        cmocka_unit_test(test_host_watermarks),
         cmocka_unit_test(test_disk_no_promote),
         cmocka_unit_test(test_disk_delete_replace_drop),
         cmocka_unit_test(test_disk_corrupt_record_is_data_loss),

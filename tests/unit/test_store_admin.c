@@ -40,7 +40,10 @@ static void fx_open(fx *f, uint64_t host_bytes, uint64_t spill_max)
     kvs_store_opts o = {.host_capacity = host_bytes,
                         .disk = f->disk,
                         .disk_capacity = 16 << 20,
-                        .spill_max = spill_max};
+                        .spill_max = spill_max,
+                        /* no background demotion: blocks move only when asked to */
+                        .host_high_pct = 100,
+                        .host_low_pct = 100};
     assert_int_equal(kvs_store_create(&o, &f->st, &err), 0);
     kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 5);
     snprintf(s.name, sizeof s.name, "d");
