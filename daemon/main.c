@@ -186,7 +186,10 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         sopts->gpu_capacity = bytes;
     }
     if (d->cfg.data_dir[0]) {
-        kvs_disk_opts dopts = {.nosync = true, .log = kvs_log_sink};
+        /* Data pages flushed at each commit, the meta page lazily: a power loss may undo
+         * the last batch but never leaves an environment the next start must refuse
+         * (MDB_NOSYNC could, on filesystems that reorder writes). */
+        kvs_disk_opts dopts = {.nometasync = true, .log = kvs_log_sink};
         if ((rc = kvs_disk_open(d->cfg.data_dir, d->cfg.disk_capacity, &dopts, &d->disk, err)))
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;

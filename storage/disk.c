@@ -51,7 +51,7 @@ struct kvs_disk {
     int dirfd;  /* holds the flock that makes the directory ours while open */
     char *path; /* owned */
     char identity[KVS_DISK_IDENTITY_MAX + 1];
-    bool nosync;
+    bool lazy; /* commits are not flushed whole (nosync, nometasync): sync explicitly */
     bool mu_init;
     pthread_mutex_t wmu; /* the one writer (invariant 2) */
     unsigned fail_nth;   /* fault injection countdown, under wmu */
@@ -547,7 +547,9 @@ static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *
     if ((rc = mdb_env_set_mapsize(d->env, map)) || (rc = mdb_env_set_maxdbs(d->env, 4)) ||
         (rc = mdb_env_set_maxreaders(d->env, o->max_readers ? o->max_readers : 512)))
         return open_fail(p, rc, "configuring the environment", err);
-    unsigned flags = MDB_NOTLS | (o->nosync ? MDB_NOSYNC : 0);
+    unsigned flags = MDB_NOTLS | (o->nosync        ? MDB_NOSYNC
+                                  : o->nometasync ? MDB_NOMETASYNC
+                                                  : 0);
     if ((rc = mdb_env_open(d->env, p, flags, 0600))) {
         mdb_env_close(d->env); /* LMDB: close even when open fails */
         d->env = NULL;
@@ -594,7 +596,7 @@ static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *
     mdb_env_info(d->env, &ei);
     dlog(d, KVS_LOG_INFO, "disk tier %s: %s, map %" PRIu64 " MiB, %s commits", p,
          fresh ? "new environment" : "opened", (uint64_t)ei.me_mapsize / MIB,
-         o->nosync ? "unsynced" : "synced");
+         o->nosync ? "unsynced" : o->nometasync ? "data-synced" : "synced");
     return 0;
 fail:
     mdb_txn_abort(txn);
@@ -633,7 +635,7 @@ int kvs_disk_open(const char *dir, uint64_t budget_bytes, const kvs_disk_opts *o
     kvs_disk *d = kvs_xcalloc(1, sizeof *d);
     d->dirfd = -1;
     d->path = kvs_xstrdup(dir);
-    d->nosync = o.nosync;
+    d->lazy = o.nosync || o.nometasync;
     d->log = o.log;
     d->log_ctx = o.log_ctx;
     pthread_mutex_init(&d->wmu, NULL);
@@ -717,7 +719,7 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
         }
     }
     if (n == 0)
-        return durable && d->nosync ? do_sync(d, err) : 0;
+        return durable && d->lazy ? do_sync(d, err) : 0;
     pthread_mutex_lock(&d->wmu);
     int rc = put_locked(d, items, n);
     if (rc == MDB_MAP_FULL && d->freed_pending && bump_locked(d) == 0)
@@ -726,7 +728,7 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
     if (rc)
         return write_fail(d, rc, "storing blocks", err);
     /* In synced mode the commit has flushed already. */
-    return durable && d->nosync ? do_sync(d, err) : 0;
+    return durable && d->lazy ? do_sync(d, err) : 0;
 }
 
 int kvs_disk_put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, kvs_err *err)
@@ -1009,7 +1011,7 @@ int kvs_disk_ns_put(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len
     }
     if ((rc = wcommit(d, txn, false, err)))
         return rc;
-    return d->nosync ? do_sync(d, err) : 0;
+    return d->lazy ? do_sync(d, err) : 0;
 }
 
 int kvs_disk_ns_get(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len,
@@ -1132,7 +1134,7 @@ int kvs_disk_ns_del(kvs_disk *d, uint32_t ns_id, uint64_t *blocks_deleted, kvs_e
     /* Records last: a crash before this point leaves a namespace with fewer blocks. */
     if ((rc = del_prefix(d, d->ns, pfx, SIZE_MAX, &n, err)))
         return rc;
-    return d->nosync ? do_sync(d, err) : 0;
+    return d->lazy ? do_sync(d, err) : 0;
 }
 
 /* ---------------------------------------------------------------- stats, sync, tests */

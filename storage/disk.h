@@ -37,6 +37,11 @@
  *    kernel's own writeback); LMDB keeps its integrity then only on filesystems that
  *    preserve write order (its documentation), and otherwise the next open may find a
  *    damaged environment, which it refuses (KVS_EPROTO) rather than wipes.
+ *  - opts.nometasync (MDB_NOMETASYNC; what kvstashd uses): a commit flushes the pages
+ *    it wrote (fdatasync) but not the meta page that makes it current; the next commit's
+ *    flush (or kvs_disk_sync) carries it. An OS crash or power loss may undo the last
+ *    commit, never damage the environment (LMDB's documentation): the price is one
+ *    fdatasync per batch on the writer thread, off the request path.
  *  - kvs_disk_put_durable: commits and flushes (fdatasync) before returning, whatever
  *    the mode: for `durable` namespaces. Namespace records are always flushed.
  *
@@ -68,6 +73,7 @@ typedef struct kvs_disk kvs_disk;
 
 typedef struct kvs_disk_opts {
     bool nosync;          /* MDB_NOSYNC: see Durability above */
+    bool nometasync;      /* MDB_NOMETASYNC (ignored with nosync): see Durability above */
     uint64_t map_bytes;   /* LMDB map size; 0 = kvs_disk_map_bytes(budget) */
     const char *identity; /* this daemon's identity (borrowed; copied), or NULL: an
                            * existing directory recorded under another identity is

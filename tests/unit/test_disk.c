@@ -821,6 +821,21 @@ static void test_durable(void **state)
     assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
     assert_int_equal(st.syncs, 2);
     kvs_disk_close(d);
+    /* Meta-lazy mode (kvstashd's): a plain put needs no explicit flush, a durable one
+     * flushes the meta page explicitly; both read back, after a reopen too. */
+    kvs_disk_opts lazy_meta = {.nometasync = true};
+    d = open_ok(t.data, 16 << 20, &lazy_meta);
+    kvs_disk_item it2 = {1, "m", 1, b, len};
+    assert_int_equal(kvs_disk_put_batch(d, &it2, 1, NULL), 0);
+    assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
+    assert_int_equal(st.syncs, 0);
+    assert_int_equal(kvs_disk_put_durable(d, &it, 1, NULL), 0);
+    assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
+    assert_int_equal(st.syncs, 1);
+    kvs_disk_close(d);
+    d = open_ok(t.data, 16 << 20, &lazy_meta);
+    expect_block(d, 1, "m", b, len);
+    kvs_disk_close(d);
     /* Synced mode: every commit is flushed by LMDB itself, no extra flush. */
     d = open_ok(t.data, 16 << 20, NULL);
     assert_int_equal(kvs_disk_put_durable(d, &it, 1, NULL), 0);
@@ -937,9 +952,11 @@ static void test_foreign_refused(void **state)
  * reports each committed batch number on the pipe after put_batch returns. */
 #define CR_BATCH 64
 
-static void crash_child(const char *dir, int wfd, uint8_t *const *tmpl, const size_t *len)
+static void crash_child(const char *dir, int wfd, uint8_t *const *tmpl, const size_t *len,
+                        bool meta_lazy)
 {
-    kvs_disk_opts o = {.nosync = true};
+    /* Both lazy modes: kvstashd's (data synced, meta lazily) and the unsynced one. */
+    kvs_disk_opts o = {.nosync = !meta_lazy, .nometasync = meta_lazy};
     kvs_disk *d = NULL;
     if (kvs_disk_open(dir, 256 << 20, &o, &d, NULL))
         _exit(2);
@@ -1006,7 +1023,7 @@ static void test_crash_during_write(void **state)
         assert_true(pid >= 0);
         if (pid == 0) {
             close(fds[0]);
-            crash_child(t.data, fds[1], tmpl, len);
+            crash_child(t.data, fds[1], tmpl, len, round % 2 == 1);
         }
         close(fds[1]);
         /* Wait for a few commits, then kill at a random moment: most of the child's time
