@@ -211,6 +211,27 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
     return 0;
 }
 
+/* --flush-on-exit with a GPU tier: its blocks go to the disk tier (through the host tier,
+ * while the engine still runs), so a restart finds them; the host blocks go with them. */
+static void flush_gpu_tier(daemon_state *d)
+{
+    uint64_t t0 = uv_hrtime();
+    kvs_store_sel all = {0};
+    kvs_store_evict_info ei;
+    kvs_err err;
+    if (kvs_store_evict(d->store, &all, KVS_STORE_TIER_DISK, kvs_tiering_demote, d->tiering, &ei,
+                        &err)) {
+        kvs_log(KVS_LOG_ERROR, "flush at exit: GPU and host tiers to disk: %s", err.msg);
+        return;
+    }
+    kvs_log(ei.failed || ei.busy ? KVS_LOG_WARN : KVS_LOG_INFO,
+            "flush at exit: %llu GPU and host blocks moved to the disk tier in %.1f ms "
+            "(%llu failed, %llu busy, %llu there already)",
+            (unsigned long long)ei.moved, (double)(uv_hrtime() - t0) / 1e6,
+            (unsigned long long)ei.failed, (unsigned long long)ei.busy,
+            (unsigned long long)ei.unchanged);
+}
+
 int main(int argc, char **argv)
 {
     static daemon_state d; /* the daemon's one global: large, zeroed, lives until exit */
@@ -286,6 +307,8 @@ int main(int argc, char **argv)
     uv_run(&d.loop, UV_RUN_DEFAULT);
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
+    if (d.disk && d.cfg.flush_on_exit && d.tiering)
+        flush_gpu_tier(&d);
     kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
     kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
     kvs_work_destroy(d.work);     /* no CQ thread is left to submit */

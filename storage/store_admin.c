@@ -393,9 +393,12 @@ static size_t pick_sel(kvs_store *st, const kvs_store_sel *sel, kvs_block **out,
 }
 
 /* Demotes the selected GPU blocks in rounds until a round moves none; returns how many
- * moved. */
+ * moved. On the way to disk (settle), a round that left the host tier above its high
+ * watermark first waits for the disk writer, which is moving host blocks down meanwhile
+ * (background demotion): the next round then finds room without making the host tier
+ * drop victims the writer has no room for. */
 static uint64_t gpu_to_host(kvs_store *st, const kvs_store_sel *sel, kvs_store_demote_fn demote,
-                            void *arg)
+                            void *arg, bool settle)
 {
     uint64_t moved = 0;
     kvs_block *picked[DEMOTE_ROUND];
@@ -405,6 +408,11 @@ static uint64_t gpu_to_host(kvs_store *st, const kvs_store_sel *sel, kvs_store_d
         moved += m;
         if (m == 0)
             break; /* the host tier is full of busy blocks, or the engine refuses */
+        pthread_mutex_lock(&st->mu);
+        bool over = st->stats.host_used > st->host_high;
+        pthread_mutex_unlock(&st->mu);
+        if (settle && over)
+            kvs_store_disk_wait(st);
     }
     return moved;
 }
@@ -556,7 +564,8 @@ int kvs_store_evict(kvs_store *st, const kvs_store_sel *sel, kvs_store_tier to,
         drop_sel(st, sel, info);
         return 0;
     }
-    uint64_t gpu_moved = c.gpu ? gpu_to_host(st, sel, demote, demote_arg) : 0;
+    uint64_t gpu_moved =
+        c.gpu ? gpu_to_host(st, sel, demote, demote_arg, to == KVS_STORE_TIER_DISK) : 0;
     info->busy = c.gpu > gpu_moved ? c.gpu - gpu_moved : 0; /* left on the GPU */
     if (to == KVS_STORE_TIER_HOST) {
         info->moved = gpu_moved;
