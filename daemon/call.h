@@ -82,7 +82,7 @@ struct kvs_server {
     kvs_store *store;      /* borrowed */
     struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
     struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
-    struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion */
+    struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */

@@ -26,6 +26,7 @@
 #include "gpu/codec.h"
 #include "gpu/engine.h"
 #include "gpu/format.h"
+#include "storage/tiering.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 
 /* Payload bytes per message: big enough to amortize per-message cost, small enough to
@@ -219,6 +220,9 @@ static void dispatch(kvs_call *c)
         start_gpu(c);
         return;
     }
+    /* A hot host block moves up to the GPU tier (when allowed and there is room), beside
+     * this Get, which goes on reading the host copy. */
+    kvs_tiering_promote(c->srv->tiering, g->blk);
     if (g->encoded) {
         send_header(c); /* the stored bytes go out as they are */
         return;

@@ -23,6 +23,7 @@
 #include "gpu/base/mem.h"
 #include "gpu/codec_cuda.h"
 #include "gpu/format.h"
+#include "gpu/engine_int.h"
 
 #ifndef KVS_HAVE_CUDA
 
@@ -47,83 +48,11 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
-int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
-{
-    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
-}
-int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
-                        kvs_err *err)
-{
-    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
-}
-size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
-{
-    return (size_t)kvs_codec_spec(k)->layers *
-           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
-}
-int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const uint16_t *raw, void *slot, uint32_t *lens,
-                          kvs_engine_done done, void *arg, kvs_err *err)
-{
-    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
-}
-int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
-                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
-                          kvs_err *err)
-{
-    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
-}
-int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
-                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
-                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
-{
-    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
-}
 
 #else
 #include <cuda_runtime.h>
 
 #include "gpu/base/cuda_try.h"
-
-typedef enum { JOB_ENCODE, JOB_DECODE, JOB_FETCH } job_kind;
-
-typedef struct job {
-    job_kind kind;
-    bool dev; /* encode/decode: the encoded side is a GPU tier slot, not host memory */
-    const kvs_codec *k, *v;
-    uint32_t t, lb, le, ns_id;
-    const uint16_t *raw_in; /* encode */
-    uint8_t *out;           /* encode (host), fetch */
-    size_t cap, *len;
-    const uint8_t *enc; /* decode (host) */
-    size_t enc_len;
-    uint16_t *raw_out; /* decode */
-    uint8_t *slot;     /* dev encode/decode, fetch: device address */
-    uint32_t *lens;    /* dev encode (out), dev decode and fetch (in): 2L section lengths */
-    kvs_engine_done done;
-    void *arg;
-    uint64_t enq_us;
-    struct job *next;
-} job;
-
-struct kvs_engine {
-    kvs_engine_opts o;
-    char name[256];
-    pthread_t thread;
-    pthread_mutex_t mu; /* guards the queue and stop; also serializes kvs_engine_accepts */
-    pthread_cond_t cv;
-    job *head, *tail;
-    bool stop;
-    atomic_bool failed;
-    cudaStream_t st;
-    uint8_t *h_raw, *h_enc, *d_raw, *d_enc; /* staging_bytes each */
-    uint32_t *h_layers, *d_layers;          /* max_sections each */
-    uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */
-    unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
-    size_t max_sections;
-    void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
-};
 
 static uint64_t now_us(void)
 {
@@ -138,12 +67,6 @@ static size_t sec_elems(const kvs_codec *k, uint32_t t)
     return (size_t)t * s->kv_heads * s->head_dim;
 }
 
-size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
-{
-    return (size_t)kvs_codec_spec(k)->layers *
-           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
-}
-
 static bool compatible(const job *a, const job *b)
 {
     return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v &&
@@ -154,27 +77,27 @@ static bool compatible(const job *a, const job *b)
 static void footprint(const job *j, size_t *raw, size_t *enc)
 {
     size_t nl = j->le - j->lb;
-    *raw = j->kind == JOB_FETCH ? 0 : 2 * nl * sec_elems(j->k, j->t) * 2;
+    *raw = j->kind == JOB_FETCH || j->kind == JOB_UPLOAD ? 0 : 2 * nl * sec_elems(j->k, j->t) * 2;
     *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
 }
 
-static void finish(job *j, int rc, const kvs_err *err)
+void kvs__engine_finish(job *j, int rc, const kvs_err *err)
 {
     j->done(j->arg, rc, err);
     free(j);
 }
 
-static void fail_all(job *list, int rc, const kvs_err *err)
+void kvs__engine_fail_all(job *list, int rc, const kvs_err *err)
 {
     while (list) {
         job *next = list->next;
-        finish(list, rc, err);
+        kvs__engine_finish(list, rc, err);
         list = next;
     }
 }
 
 /* Marks the engine failed after an error the device does not recover from. */
-static void note_error(kvs_engine *e, cudaError_t rc)
+void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
 {
     if (rc == cudaErrorIllegalAddress || rc == cudaErrorLaunchFailure ||
         rc == cudaErrorHardwareStackError || rc == cudaErrorIllegalInstruction ||
@@ -187,7 +110,7 @@ static void note_error(kvs_engine *e, cudaError_t rc)
     do {                                                                                      \
         cudaError_t rc_ = (expr);                                                             \
         if (rc_ != cudaSuccess) {                                                             \
-            note_error((e), rc_);                                                             \
+            kvs__engine_note_error((e), rc_);                                                             \
             return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,             \
                                cudaGetErrorString(rc_));                                      \
         }                                                                                     \
@@ -196,7 +119,7 @@ static void note_error(kvs_engine *e, cudaError_t rc)
 /* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
  * klen[l], V likewise) into out as an encoded block (gpu/format.h), sealed. Returns its
  * size; out holds kvs_block_encoded_max bytes. */
-static size_t frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
+size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
                           const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
 {
     const kvs_ns_spec *s = kvs_codec_spec(j->k);
@@ -331,7 +254,7 @@ static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
             if (ce == cudaSuccess)
                 ce = cudaStreamSynchronize(e->st);
             if (ce != cudaSuccess) {
-                note_error(e, ce);
+                kvs__engine_note_error(e, ce);
                 rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy to the GPU tier: %s",
                                  cudaGetErrorString(ce));
             }
@@ -358,7 +281,7 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
     kvs_err_clear(&err);
     int rc = run_batch(e, list, nb, &err);
     if (rc) {
-        fail_all(list, rc, &err);
+        kvs__engine_fail_all(list, rc, &err);
         return;
     }
     /* The kernels flag a batch holding NaN/Inf input or a value they refuse (the flag
@@ -378,11 +301,11 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
             memcpy(j->lens, e->h_len + (size_t)b * L, L * sizeof *j->lens);
             memcpy(j->lens + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens);
         } else {
-            *j->len = frame_block(j, e->h_enc + (size_t)b * L * sk, sk, e->h_len + (size_t)b * L,
+            *j->len = kvs__engine_frame_block(j, e->h_enc + (size_t)b * L * sk, sk, e->h_len + (size_t)b * L,
                                   e->h_enc + n * sk + (size_t)b * L * sv, sv,
                                   e->h_len + n + (size_t)b * L, j->out);
         }
-        finish(j, rc2, rc2 ? &err : NULL);
+        kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
     }
 }
 
@@ -414,7 +337,7 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
     kvs_err_clear(&err);
     int rc = run_batch(e, list, nb, &err);
     if (rc) {
-        fail_all(list, rc, &err);
+        kvs__engine_fail_all(list, rc, &err);
         return;
     }
     /* A section the kernels found malformed: host blocks are decoded again by the CPU
@@ -427,12 +350,12 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
         next = j->next;
         if (flagged && j->dev) {
             kvs_err_set(&err, KVS_EDATALOSS, "GPU tier: a block's sections are malformed");
-            finish(j, KVS_EDATALOSS, &err);
+            kvs__engine_finish(j, KVS_EDATALOSS, &err);
             continue;
         }
         if (flagged) {
             int rc2 = kvs_block_decode(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
-            finish(j, rc2, rc2 ? &err : NULL);
+            kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
             continue;
         }
         for (uint32_t l = 0; l < nl; l++) {
@@ -440,37 +363,7 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
             memcpy(j->raw_out + (2 * (size_t)l + 1) * sec, hr + (n + (size_t)b * nl + l) * sec,
                    sec * 2);
         }
-        finish(j, 0, NULL);
-    }
-}
-
-/* Slots back to the host: one device-to-host copy per block, then framing and checksum. */
-static void do_fetch(kvs_engine *e, job *list, uint32_t nb)
-{
-    uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
-    size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
-    size_t slot = (size_t)L * (sk + sv);
-    kvs_err err;
-    kvs_err_clear(&err);
-    uint32_t b = 0;
-    cudaError_t ce = cudaSuccess;
-    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++)
-        ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
-    if (ce == cudaSuccess)
-        ce = cudaStreamSynchronize(e->st);
-    if (ce != cudaSuccess) {
-        note_error(e, ce);
-        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s",
-                    cudaGetErrorString(ce));
-        fail_all(list, KVS_EINTERNAL, &err);
-        return;
-    }
-    b = 0;
-    for (job *j = list, *next; j; j = next, b++) {
-        next = j->next;
-        const uint8_t *kb = e->h_enc + b * slot;
-        *j->len = frame_block(j, kb, sk, j->lens, kb + L * sk, sv, j->lens + L, j->out);
-        finish(j, 0, NULL);
+        kvs__engine_finish(j, 0, NULL);
     }
 }
 
@@ -539,13 +432,15 @@ static void *engine_main(void *arg)
             kvs_err err;
             kvs_err_set(&err, KVS_EINTERNAL, "GPU engine on %s failed earlier; restart kvstashd",
                         e->name);
-            fail_all(batch, KVS_EINTERNAL, &err);
+            kvs__engine_fail_all(batch, KVS_EINTERNAL, &err);
         } else if (batch->kind == JOB_ENCODE) {
             do_encode(e, batch, nb);
         } else if (batch->kind == JOB_DECODE) {
             do_decode(e, batch, nb);
+        } else if (batch->kind == JOB_FETCH) {
+            kvs__engine_do_fetch(e, batch, nb);
         } else {
-            do_fetch(e, batch, nb);
+            kvs__engine_do_upload(e, batch, nb);
         }
         pthread_mutex_lock(&e->mu);
     }
@@ -668,7 +563,7 @@ bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
     return ok;
 }
 
-static int submit(kvs_engine *e, job *j, kvs_err *err)
+int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
 {
     size_t raw, enc;
     footprint(j, &raw, &enc);
@@ -702,7 +597,7 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     *j = (job){.kind = JOB_ENCODE, .k = k, .v = v, .t = t, .lb = 0, .le = s->layers,
                .ns_id = ns_id, .raw_in = raw, .out = out, .cap = cap, .len = len,
                .done = done, .arg = arg};
-    return submit(e, j, err);
+    return kvs__engine_submit(e, j, err);
 }
 
 int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
@@ -734,93 +629,7 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
     *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
                .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,
                .arg = arg};
-    return submit(e, j, err);
-}
-
-int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
-{
-    if (e->tier)
-        return kvs_err_set(err, KVS_EEXIST, "GPU tier: already allocated");
-    /* The engine thread may be running kernels: cudaMalloc on another thread is fine, it
-     * only needs the device current here. */
-    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
-    cudaError_t ce = cudaMalloc(&e->tier, bytes);
-    if (ce != cudaSuccess) {
-        e->tier = NULL;
-        return kvs_err_set(err, KVS_ENOMEM, "GPU tier: cudaMalloc of %llu bytes on %s: %s",
-                           (unsigned long long)bytes, e->name, cudaGetErrorString(ce));
-    }
-    *base = e->tier;
-    return 0;
-}
-
-int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
-                        kvs_err *err)
-{
-    size_t f = 0, t = 0;
-    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
-    KVS_CUDA_CHECK(cudaMemGetInfo(&f, &t), err);
-    *free_bytes = f;
-    *total_bytes = t;
-    return 0;
-}
-
-static int check_tokens(const kvs_codec *k, uint32_t t, kvs_err *err)
-{
-    const kvs_ns_spec *s = kvs_codec_spec(k);
-    if (t == 0 || t > s->block_tokens)
-        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, s->block_tokens);
-    return 0;
-}
-
-int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const uint16_t *raw, void *slot, uint32_t *lens,
-                          kvs_engine_done done, void *arg, kvs_err *err)
-{
-    int rc = check_tokens(k, t, err);
-    if (rc)
-        return rc;
-    job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_ENCODE, .dev = true, .k = k, .v = v, .t = t, .lb = 0,
-               .le = kvs_codec_spec(k)->layers, .raw_in = raw, .slot = slot, .lens = lens,
-               .done = done, .arg = arg};
-    return submit(e, j, err);
-}
-
-int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
-                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
-                          kvs_err *err)
-{
-    int rc = check_tokens(k, t, err);
-    if (rc)
-        return rc;
-    uint32_t L = kvs_codec_spec(k)->layers;
-    if (layer_begin >= layer_end || layer_end > L)
-        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
-                           layer_end, L);
-    job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_DECODE, .dev = true, .k = k, .v = v, .t = t, .lb = layer_begin,
-               .le = layer_end, .slot = (uint8_t *)slot, .lens = (uint32_t *)lens,
-               .raw_out = raw, .done = done, .arg = arg};
-    return submit(e, j, err);
-}
-
-int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
-                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
-                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
-{
-    int rc = check_tokens(k, t, err);
-    if (rc)
-        return rc;
-    if (cap < kvs_block_encoded_max(k, v, t))
-        return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
-    job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_FETCH, .k = k, .v = v, .t = t, .lb = 0,
-               .le = kvs_codec_spec(k)->layers, .ns_id = ns_id, .slot = (uint8_t *)slot,
-               .lens = (uint32_t *)lens, .out = out, .cap = cap, .len = len, .done = done,
-               .arg = arg};
-    return submit(e, j, err);
+    return kvs__engine_submit(e, j, err);
 }
 
 #endif

@@ -17,9 +17,10 @@
  *
  * GPU tier (DESIGN §7): the engine also owns the tier's device memory (one region,
  * kvs_engine_tier_alloc; storage/slots.h cuts it into slots) and moves blocks in and out
- * of slots: encode straight into a slot (no D2H of the encoded bytes), decode straight
- * from a slot, and fetch a slot back to the host as a framed, sealed block (demotion to
- * the host tier, Get ENCODED). Slot layout of a block of t tokens and L layers: the key
+ * of slots (gpu/engine_tier.c): encode straight into a slot (no D2H of the encoded bytes),
+ * decode straight from a slot, fetch a slot back to the host as a framed, sealed block
+ * (demotion to the host tier, Get ENCODED), and upload a host block's sections into a slot
+ * (promotion on Get). Slot layout of a block of t tokens and L layers: the key
  * sections of layers 0..L-1 at stride kvs_codec_section_max(k, t), then the value
  * sections at stride kvs_codec_section_max(v, t); the section lengths live on the host
  * (lens[2L]: keys of each layer, then values). The bytes in a slot are not checksummed
@@ -106,6 +107,13 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
 int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                          uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
                          size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
+/* Copies an encoded block (host, borrowed until done; checked as kvs_engine_decode checks
+ * it) into a device slot of kvs_engine_slot_bytes(k, v, its tokens), in slot layout; lens
+ * (host, 2L entries, borrowed) receives the section lengths before done runs. The block
+ * must have been encoded with these codecs' state versions. Promotion to the GPU tier. */
+int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
+                          kvs_err *err);
 
 #ifdef __cplusplus
 }

@@ -837,6 +837,7 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     bool swap = old->linked && !kvs_ns_dropped(old->ns);
     bool free_old = false, free_nb = false;
     if (swap) {
+        nb->on_disk = old->on_disk; /* a promoted block kept its disk record (invariant 7) */
         free_old = kvs__store_unlink_locked(st, old);
         st->stats.host_used -= nb->shrink;
         nb->shrink = 0;
@@ -855,4 +856,70 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
         kvs__block_free(old);
     if (free_nb)
         kvs__block_free(nb);
+}
+
+/* ---------------------------------------------------------------- promotion to the gpu tier */
+
+bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out)
+{
+    if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST || blk->transient)
+        return false;
+    pthread_mutex_lock(&st->mu);
+    bool ok = blk->linked && !blk->spilled && !blk->queued && !blk->promoting &&
+              st->stats.gpu_used + slot_bytes <= st->gpu_high &&
+              kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
+    if (ok) {
+        blk->promoting = true;
+        blk->refs++;
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (!ok)
+        return false;
+    kvs_block *g;
+    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, slot_bytes, &g, NULL)) {
+        kvs_store_promote_cancel(st, blk, NULL); /* taken meanwhile */
+        return false;
+    }
+    g->size = blk->size; /* the framed size, as a Put into the gpu tier records it */
+    g->raw_bytes = blk->raw_bytes;
+    *out = g;
+    return true;
+}
+
+void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g)
+{
+    g->node = old->node; /* same identity; index links are rewritten by the insert */
+    pthread_mutex_lock(&st->mu);
+    bool swap = old->linked && !old->spilled && !old->queued && !kvs_ns_dropped(old->ns);
+    bool free_old = false, free_g = false;
+    if (swap) {
+        /* The disk record, if any, stays with the block (invariant 7). */
+        g->on_disk = old->on_disk;
+        free_old = kvs__store_unlink_locked(st, old);
+        kvs__store_link_locked(st, g);
+        st->stats.gpu_promotions++;
+    } else { /* deleted, replaced, dropped or spilled meanwhile: the copy is not needed */
+        give_back_locked(st, g);
+        free_g = true;
+    }
+    old->promoting = false;
+    if (!free_old)
+        free_old = kvs__store_unref_locked(st, old);
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        kvs__block_free(old);
+    if (free_g)
+        kvs__block_free(g);
+}
+
+void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g)
+{
+    if (g)
+        kvs_store_block_abort(st, g);
+    pthread_mutex_lock(&st->mu);
+    old->promoting = false;
+    bool free_old = kvs__store_unref_locked(st, old);
+    pthread_mutex_unlock(&st->mu);
+    if (free_old)
+        kvs__block_free(old);
 }

@@ -51,7 +51,8 @@
  *     still referenced; a block's slot is returned with its last reference.
  *  6. A block being demoted carries the demoter's reference and is picked only once.
  *  7. disk_used = bytes of the linked blocks whose record is in the disk tier (on_disk:
- *     every disk entry, and host blocks promoted from disk or written durably); disk
+ *     every disk entry, host blocks promoted from disk or written durably, and gpu blocks
+ *     promoted from such host blocks or demoted back); disk
  *     entries and transient disk reads hold no host budget.
  *  8. A host block handed to the disk writer (spilled) holds the writer's reference, is
  *     never picked again, and its bytes count in spill_pending (bounded by spill_max; past
@@ -109,7 +110,8 @@ typedef struct kvs_store_opts {
     unsigned host_high_pct; /* with a disk tier: demote host blocks to disk in the
                              * background above this share of the host tier (0: 90)... */
     unsigned host_low_pct;  /* ...down to this share (0 with host_high_pct 0: 80) */
-    bool no_promote;        /* Get of a disk block leaves it on disk (default: promote) */
+    bool no_promote;        /* a Get leaves disk blocks on disk and host blocks in the
+                             * host tier (default: promote them one tier up) */
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
                                   * (0: the policy's default, 10) */
@@ -202,6 +204,21 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb);
 /* Gives up the demotion of a picked block (it stays in the gpu tier). */
 void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
 
+/* Promotion of a host block to the gpu tier (a Get of it, unless opts.no_promote): begin
+ * checks that blk (a block the caller holds a reference on) is a linked host block that is
+ * not being written to disk nor already promoted, and that a slot of slot_bytes fits the
+ * gpu tier below its high watermark (a promotion never triggers a demotion); it then takes
+ * the promoter's reference on blk and allocates the gpu block *out (FILLING) for the
+ * caller to fill (engine upload: slot, lens, states), and returns true; false when there
+ * is no promotion to do (no gpu tier, promotion off, not such a block, no room). Commit
+ * swaps the gpu block in if blk is still linked (it keeps blk's disk record, if any),
+ * else drops it; cancel (upload failed; g may be NULL) leaves blk where it was. Both drop
+ * the promoter's reference. */
+bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
+                             kvs_block **out);
+void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g);
+void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g);
+
 typedef struct kvs_store_put_info {
     kvs_store_tier tier;
     uint64_t stored_bytes;
@@ -278,6 +295,7 @@ uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, 
 typedef struct kvs_store_stats {
     uint64_t host_capacity, host_used, host_blocks, host_hits, host_evictions;
     uint64_t gpu_capacity, gpu_used, gpu_blocks, gpu_hits, gpu_demotions;
+    uint64_t gpu_promotions; /* host blocks moved to the gpu tier by a Get */
     uint64_t disk_capacity, disk_used, disk_blocks, disk_hits, disk_evictions;
     uint64_t disk_spills;       /* host blocks that became disk entries */
     uint64_t disk_promotions;   /* disk blocks moved to the host tier by a Get */

@@ -33,6 +33,7 @@ struct kvs_block {
     unsigned char *data; /* host tier, and a transient disk read; NULL for a disk entry */
     kvs_store_tier tier;
     bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
+    bool promoting;      /* host block being copied to the gpu tier (kvs_store_promote_*) */
     bool on_disk;        /* its encoded bytes are a record of the disk tier (invariant 7) */
     bool queued;         /* a write of it to the disk tier is queued or running (inv. 8) */
     bool spilled;        /* host block handed to the disk writer: its bytes count in

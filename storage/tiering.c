@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/format.h"
 
 #define ROUND 64
 
@@ -20,6 +21,7 @@ struct kvs_tiering {
     atomic_bool busy;     /* a round is running */
     atomic_bool stopping; /* no new rounds */
     atomic_uint pending;  /* fetches of the running round not yet completed */
+    atomic_uint promoting; /* promotions in flight (and callers inside kvs_tiering_promote) */
 };
 
 /* An explicit demotion (kvs_tiering_demote): its caller waits for pending to reach 0. */
@@ -171,12 +173,68 @@ size_t kvs_tiering_demote(void *arg, kvs_block **picked, size_t n)
     return moved;
 }
 
+/* A promotion: the host block (with the promoter's reference) and its gpu copy. */
+typedef struct promo {
+    kvs_tiering *t;
+    kvs_block *old, *g;
+} promo;
+
+/* Engine thread: the host block's sections are in the slot (or the copy failed). */
+static void on_uploaded(void *arg, int rc, const kvs_err *err)
+{
+    (void)err;
+    promo *p = arg;
+    kvs_tiering *t = p->t;
+    if (rc == 0)
+        kvs_store_promote_commit(t->st, p->old, p->g);
+    else
+        kvs_store_promote_cancel(t->st, p->old, p->g);
+    free(p);
+    atomic_fetch_sub(&t->promoting, 1);
+}
+
+void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
+{
+    if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST)
+        return;
+    /* Counted before the check, so that destroy either sees us or we see it stopping. */
+    atomic_fetch_add(&t->promoting, 1);
+    kvs_ns *ns = kvs_block_ns(blk);
+    kvs_block_info info;
+    kvs_codec *k = NULL, *v = NULL;
+    promo *p = NULL;
+    if (!atomic_load(&t->stopping) &&
+        kvs_format_peek(kvs_block_data(blk), kvs_block_size(blk), &info, NULL) == 0 &&
+        (k = (kvs_codec *)kvs_ns_codec_version(ns, KVS_KEYS, info.k_state)) &&
+        (v = (kvs_codec *)kvs_ns_codec_version(ns, KVS_VALUES, info.v_state)) &&
+        kvs_engine_accepts(t->eng, k, v)) {
+        p = kvs_xcalloc(1, sizeof *p);
+        *p = (promo){.t = t, .old = blk};
+        if (!kvs_store_promote_begin(t->st, blk, kvs_engine_slot_bytes(k, v, info.tokens),
+                                     &p->g)) {
+            free(p);
+            p = NULL;
+        }
+    }
+    if (!p) {
+        atomic_fetch_sub(&t->promoting, 1);
+        return;
+    }
+    kvs_block_dev *d = kvs_block_device(p->g);
+    d->k_state = info.k_state;
+    d->v_state = info.v_state;
+    kvs_err err;
+    if (kvs_engine_upload_dev(t->eng, k, v, kvs_block_data(blk), kvs_block_size(blk), d->slot,
+                              d->lens, on_uploaded, p, &err))
+        on_uploaded(p, -1, &err); /* refused (a malformed block: its Get will say so) */
+}
+
 void kvs_tiering_destroy(kvs_tiering *t)
 {
     if (!t)
         return;
     atomic_store(&t->stopping, true);
-    while (atomic_load(&t->busy)) {
+    while (atomic_load(&t->busy) || atomic_load(&t->promoting)) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }

@@ -1,6 +1,7 @@
-/* Background demotion between tiers (DESIGN §7): while the GPU tier is above its high
- * watermark, its least recently used idle blocks move to the host tier, down to the low
- * watermark. The bytes travel through the GPU engine (kvs_engine_fetch_dev: D2H of the
+/* Moves between the GPU and host tiers (DESIGN §7). Demotion, in the background: while
+ * the GPU tier is above its high watermark, its least recently used idle blocks move to the
+ * host tier, down to the low watermark. Promotion: a Get of a host block copies it to the
+ * GPU tier while that is below its high watermark (kvs_tiering_promote). The bytes travel through the GPU engine (kvs_engine_fetch_dev: D2H of the
  * slot, framing and checksum on the host); the store swaps the host copy in
  * (kvs_store_demote_commit). Demotion never blocks a Put or Get: a Put that finds the GPU
  * tier full lands in the host tier, and readers of a block being demoted keep using its
@@ -31,7 +32,15 @@ void kvs_tiering_kick(kvs_tiering *t);
  * every move has ended (committed or cancelled); returns how many moved. A
  * kvs_store_demote_fn (arg = t). Blocks the caller: never call it on the engine thread. */
 size_t kvs_tiering_demote(void *t, kvs_block **picked, size_t n);
-/* Waits for the round in flight (the engine must still run), then frees. NULL is fine. */
+/* Promotion on Get (DESIGN §7): starts copying host block blk (the caller holds a
+ * reference, needed only during the call) to the gpu tier through the engine, if the
+ * store allows it (kvs_store_promote_begin: promotion on, room below the gpu tier's high
+ * watermark) and the engine has kernels for its codecs; returns at once. When the copy is
+ * done, the gpu copy takes the host block's place (kvs_store_promote_commit), unless the
+ * block was deleted or replaced meanwhile. Any thread. */
+void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk);
+/* Waits for the round and the promotions in flight (the engine must still run), then
+ * frees. NULL is fine. */
 void kvs_tiering_destroy(kvs_tiering *t);
 
 #endif

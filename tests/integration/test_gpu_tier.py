@@ -172,3 +172,62 @@ def test_gpu_blocks_survive_restart(daemon, tmp_path):
     assert list(look.tiers) == [kvs.pb.TIER_DISK] * len(blocks)
     for key, data in blocks.items():
         assert kvs.get(d2.stub, ns.name, key).data == data, key
+
+
+def wait_tiers(d, ns, keys, want, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = list(d.stub.Lookup(kvs.pb.KeysRequest(namespace=ns, keys=keys)).tiers)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi-2", "squat-2"])
+def test_get_promotes_host_blocks_to_gpu(daemon, codec):
+    """A Get of a host block copies it to the GPU tier beside the answer (--promote on, the
+    default); later Gets decode it there to the same values. With --promote off it stays."""
+    for promote in ("on", "off"):
+        d = gpu_daemon(daemon, capacity="16M", extra=["--promote", promote])
+        ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec,
+                                value_codec=codec))
+        keys = [b"p%d" % i for i in range(6)]
+        for i, k in enumerate(keys):
+            kvs.put(d.stub, ns.name, k, T if i else 5, ns.payload(T if i else 5, seed=i))
+        first = {k: kvs.get(d.stub, ns.name, k).data for k in keys}  # decoded on the GPU tier
+        rep = d.admin.Evict(kvs.pb.EvictRequest(
+            namespace=ns.name, to=kvs.pb.EvictRequest.Target.TARGET_HOST), timeout=60)
+        assert rep.moved == len(keys), rep
+        for k in keys:
+            got = kvs.get(d.stub, ns.name, k)
+            assert got.header.tier == kvs.pb.TIER_HOST
+            assert got.data == first[k], k
+        want = kvs.pb.TIER_GPU if promote == "on" else kvs.pb.TIER_HOST
+        assert wait_tiers(d, ns.name, keys, [want] * len(keys)) == [want] * len(keys)
+        for k in keys:
+            got = kvs.get(d.stub, ns.name, k)
+            assert got.header.tier == want
+            assert got.data == first[k], k
+        d.stop()
+
+
+def test_promoted_durable_block_keeps_its_record(daemon, tmp_path):
+    """A durable block (committed to LMDB from the host tier) promoted to the GPU tier keeps
+    its disk record: it survives a SIGKILL; deleting it there removes the record too."""
+    extra = ["--data-dir", str(tmp_path / "data"), "--stats-interval", "0"]
+    d = gpu_daemon(daemon, capacity="16M", extra=extra)
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, durable=True))
+    a, b = ns.payload(T, seed=1), ns.payload(T, seed=2)
+    assert kvs.put(d.stub, ns.name, b"a", T, a).tier == kvs.pb.TIER_HOST
+    assert kvs.put(d.stub, ns.name, b"b", T, b).tier == kvs.pb.TIER_HOST
+    assert kvs.get(d.stub, ns.name, b"a").data == a
+    assert kvs.get(d.stub, ns.name, b"b").data == b
+    assert wait_tiers(d, ns.name, [b"a", b"b"], [kvs.pb.TIER_GPU] * 2) == [kvs.pb.TIER_GPU] * 2
+    assert d.stub.Delete(kvs.pb.KeysRequest(namespace=ns.name, keys=[b"b"])).deleted == 1
+    # The record's deletion is queued to the disk writer: let it run before the kill.
+    d.admin.Flush(kvs.pb.FlushRequest(), timeout=30)
+    d.kill()
+    d2 = daemon(extra=["--gpu", "off", *extra])
+    assert wait_tiers(d2, ns.name, [b"a", b"b"], [kvs.pb.TIER_DISK, kvs.pb.TIER_NONE]) == \
+        [kvs.pb.TIER_DISK, kvs.pb.TIER_NONE]
+    assert kvs.get(d2.stub, ns.name, b"a").data == a

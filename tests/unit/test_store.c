@@ -589,6 +589,91 @@ static void test_gpu_tier_and_demotion(void **state)
     kvs_store_destroy(st);
 }
 
+/* Promotion of host blocks to the gpu tier (what kvs_tiering_promote drives): the gpu copy
+ * takes the block's place, unless it was deleted meanwhile; one promotion at a time per
+ * block; never above the high watermark; nothing with promotion off. */
+static void test_gpu_promotion(void **state)
+{
+    /* 8 slots of 1000 bytes (slabs of 2000), high watermark 6000. */
+    kvs_store *st = new_gpu_store(1 << 20, 8000, 2000);
+    kvs_ns_spec s = small_spec("p");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    for (int i = 0; i < 3; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "h%d", i);
+        assert_int_equal(put(st, ns, key, 4, (uint8_t)(0x30 + i), NULL, &err), 0);
+    }
+    kvs_store_stats st0, st1;
+    kvs_store_get_stats(st, &st0);
+
+    kvs_block *h, *g, *g2;
+    assert_int_equal(kvs_store_get(st, ns, "h0", 2, &h, &err), 0);
+    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_false(kvs_store_promote_begin(st, h, 1000, &g2)); /* one at a time */
+    assert_int_equal(kvs_block_tier(g), KVS_STORE_TIER_GPU);
+    assert_int_equal(kvs_block_size(g), kvs_block_size(h));
+    kvs_store_block_release(st, h); /* the promoter's reference keeps it */
+    kvs_block_device(g)->lens[0] = 9;
+    kvs_store_promote_commit(st, h, g);
+    kvs_store_key k0 = {"h0", 2};
+    kvs_store_tier tier;
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    assert_int_equal(tier, KVS_STORE_TIER_GPU);
+    assert_int_equal(kvs_store_get(st, ns, "h0", 2, &g2, &err), 0);
+    assert_int_equal(kvs_block_device(g2)->lens[0], 9);
+    kvs_store_block_release(st, g2);
+    kvs_store_get_stats(st, &st1);
+    assert_int_equal(st1.gpu_promotions, 1);
+    assert_int_equal(st1.gpu_blocks, 1);
+    assert_int_equal(st1.gpu_used, 1000);
+    assert_int_equal(st1.host_blocks, 2);
+    assert_int_equal(st1.host_used, st0.host_used / 3 * 2);
+
+    /* Deleted while the copy runs: the copy is dropped, its slot returned. */
+    assert_int_equal(kvs_store_get(st, ns, "h1", 2, &h, &err), 0);
+    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    kvs_store_block_release(st, h);
+    kvs_store_key k1 = {"h1", 2};
+    assert_int_equal(kvs_store_delete(st, ns, &k1, 1), 1);
+    kvs_store_promote_commit(st, h, g);
+    expect_missing(st, ns, "h1");
+    /* Cancelled (the upload failed): it stays a host block. */
+    assert_int_equal(kvs_store_get(st, ns, "h2", 2, &h, &err), 0);
+    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    kvs_store_promote_cancel(st, h, g);
+    kvs_store_block_release(st, h);
+    expect_block(st, ns, "h2", 0x32);
+    kvs_store_get_stats(st, &st1);
+    assert_int_equal(st1.gpu_used, 1000);
+    assert_int_equal(st1.gpu_promotions, 1);
+
+    /* No promotion that would take the gpu tier past its high watermark. */
+    char key[8];
+    for (int i = 0; i < 5; i++) { /* 6000 used */
+        snprintf(key, sizeof key, "g%d", i);
+        assert_int_equal(put_gpu(st, ns, key, NULL, &err), 0);
+    }
+    assert_int_equal(kvs_store_get(st, ns, "h2", 2, &h, &err), 0);
+    assert_false(kvs_store_promote_begin(st, h, 1000, &g));
+    kvs_store_block_release(st, h);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+
+    /* Promotion off: nothing moves up. */
+    kvs_store_opts o = {.host_capacity = 1 << 20, .gpu_base = FAKE_DEV, .gpu_capacity = 8000,
+                        .gpu_slab = 2000, .no_promote = true};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    assert_int_equal(put(st, ns, "h0", 4, 1, NULL, &err), 0);
+    assert_int_equal(kvs_store_get(st, ns, "h0", 2, &h, &err), 0);
+    assert_false(kvs_store_promote_begin(st, h, 1000, &g));
+    kvs_store_block_release(st, h);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 static void test_gpu_abort_and_absent(void **state)
 {
     kvs_store *st = new_store(1 << 20);
@@ -1434,6 +1519,7 @@ int main(void)
         cmocka_unit_test(test_codec_state_versions),
         cmocka_unit_test(test_concurrent_soak),
         cmocka_unit_test(test_gpu_tier_and_demotion),
+        cmocka_unit_test(test_gpu_promotion),
         cmocka_unit_test(test_gpu_abort_and_absent),
         cmocka_unit_test(test_disk_spill_get_promote),
         cmocka_unit_test(test_host_watermarks),
