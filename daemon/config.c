@@ -132,6 +132,9 @@ static void usage(FILE *f)
             "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
             "                         the background above H%% of the host tier, down to L%%\n"
             "                         (default 90,80)\n"
+            "  --spill-queue SIZE     with --data-dir: most bytes of host blocks waiting for the\n"
+            "                         disk writer; past it, host victims are dropped (default: a\n"
+            "                         quarter of --host-capacity)\n"
             "  --promote on|off       a Get moves a disk block to the host tier, a host block to\n"
             "                         the GPU tier below its high watermark (default on)\n"
             "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
@@ -150,7 +153,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -171,6 +174,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"gpu-capacity", required_argument, NULL, O_GPU_CAP},
         {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
         {"host-watermarks", required_argument, NULL, O_HOST_WM},
+        {"spill-queue", required_argument, NULL, O_SPILL_Q},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
         {"disk-capacity", required_argument, NULL, O_DISK_CAP},
         {"promote", required_argument, NULL, O_PROMOTE},
@@ -303,6 +307,12 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--disk-capacity: '%s' is not a size >= 1M",
                                    optarg);
             cfg->disk_capacity = size;
+            break;
+        case O_SPILL_Q:
+            if (!kvs_parse_size(optarg, &size) || size == 0)
+                return kvs_err_set(err, KVS_EINVAL, "--spill-queue: '%s' is not a size > 0",
+                                   optarg);
+            cfg->spill_queue = size;
             break;
         case O_PROMOTE:
             if (strcmp(optarg, "on") == 0)

@@ -194,6 +194,7 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;
         sopts->disk_capacity = d->cfg.disk_capacity;
+        sopts->spill_max = d->cfg.spill_queue;
         kvs_log(KVS_LOG_INFO, "disk tier: %s, budget %llu bytes, promotion %s; host blocks "
                 "written there in the background above %u%% of the host tier, down to %u%%",
                 d->cfg.data_dir, (unsigned long long)d->cfg.disk_capacity,

@@ -371,7 +371,11 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
         kvs_block *blk = BLOCK_OF_POL(pn);
         if (blk->refs != 1) /* busy, or with the disk writer (invariants 3, 8) */
             continue;
-        bool writable = st->spill && st->stats.spill_pending + blk->size <= st->spill_max;
+        /* Background demotion (drop false) keeps half of the writer's queue for victims
+         * of Puts. A lone block over the limit still goes, or it could never leave. */
+        uint64_t qmax = drop ? st->spill_max : st->spill_max / 2;
+        bool writable = st->spill && (st->stats.spill_pending == 0 ||
+                                      st->stats.spill_pending + blk->size <= qmax);
         if (st->spill && !blk->on_disk && !writable && !drop)
             break;
         /* Out of the policy now, whatever follows (S3-FIFO remembers it in its ghost if it
@@ -402,13 +406,13 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
     }
 }
 
-/* Makes room for `need` more bytes in the host tier (evict_until_locked, dropping victims
- * the disk writer cannot take); true if they fit now. */
-static bool make_room_locked(kvs_store *st, uint64_t need, kvs_block **to_free)
+/* Makes room for `need` more bytes in the host tier (evict_until_locked; drop: also
+ * dropping victims the disk writer cannot take); true if they fit now. */
+static bool make_room_locked(kvs_store *st, uint64_t need, bool drop, kvs_block **to_free)
 {
     if (need > st->stats.host_capacity)
         return false;
-    evict_until_locked(st, st->stats.host_capacity - need, true, to_free);
+    evict_until_locked(st, st->stats.host_capacity - need, drop, to_free);
     return st->stats.host_used + need <= st->stats.host_capacity;
 }
 
@@ -435,12 +439,12 @@ void kvs__block_free_chain(kvs_block *b)
     }
 }
 
-int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
-                          kvs_block **out, kvs_err *err)
+static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes, bool drop,
+                       kvs_block **out, kvs_err *err)
 {
     kvs_block *to_free = NULL;
     pthread_mutex_lock(&st->mu);
-    bool ok = make_room_locked(st, bytes, &to_free);
+    bool ok = make_room_locked(st, bytes, drop, &to_free);
     if (ok)
         st->stats.host_used += bytes;
     uint64_t used = st->stats.host_used, cap = st->stats.host_capacity;
@@ -470,6 +474,18 @@ int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t b
     blk->tier = KVS_STORE_TIER_HOST;
     *out = blk;
     return 0;
+}
+
+int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
+                          kvs_block **out, kvs_err *err)
+{
+    return block_alloc(st, ns, tokens, bytes, true, out, err);
+}
+
+int kvs_store_block_alloc_nodrop(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
+                                 kvs_block **out, kvs_err *err)
+{
+    return block_alloc(st, ns, tokens, bytes, false, out, err);
 }
 
 bool kvs_store_has_gpu(const kvs_store *st)

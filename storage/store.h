@@ -154,6 +154,11 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
  * KVS_ENOSPC if nothing more can be evicted, KVS_ENOMEM if the allocation fails. */
 int kvs_store_block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
                           kvs_block **out, kvs_err *err);
+/* kvs_store_block_alloc that never drops a victim to make room: with a disk tier, victims
+ * the disk writer has no room for stay and the call fails with KVS_ENOSPC instead (a
+ * demotion then waits for the writer rather than losing a block to make room for one). */
+int kvs_store_block_alloc_nodrop(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t bytes,
+                                 kvs_block **out, kvs_err *err);
 /* Sets the final stored size of a FILLING block (<= the size it was allocated with; the
  * difference is given back at commit) and the raw payload bytes it represents. Without
  * this call both equal the allocated size. */

@@ -393,26 +393,26 @@ static size_t pick_sel(kvs_store *st, const kvs_store_sel *sel, kvs_block **out,
 }
 
 /* Demotes the selected GPU blocks in rounds until a round moves none; returns how many
- * moved. On the way to disk (settle), a round that left the host tier above its high
- * watermark first waits for the disk writer, which is moving host blocks down meanwhile
- * (background demotion): the next round then finds room without making the host tier
- * drop victims the writer has no room for. */
+ * moved. On the way to disk (settle), a round that could not place every block waits for
+ * the disk writer, which moves the host tier's victims down meanwhile, and gives up only
+ * after three rounds in a row placed nothing. */
 static uint64_t gpu_to_host(kvs_store *st, const kvs_store_sel *sel, kvs_store_demote_fn demote,
                             void *arg, bool settle)
 {
     uint64_t moved = 0;
     kvs_block *picked[DEMOTE_ROUND];
     size_t n;
+    int idle = 0; /* consecutive rounds that moved nothing */
     while (demote && (n = pick_sel(st, sel, picked, DEMOTE_ROUND)) > 0) {
         size_t m = demote(arg, picked, n);
         moved += m;
-        if (m == 0)
-            break; /* the host tier is full of busy blocks, or the engine refuses */
-        pthread_mutex_lock(&st->mu);
-        bool over = st->stats.host_used > st->host_high;
-        pthread_mutex_unlock(&st->mu);
-        if (settle && over)
+        /* Demotion never drops a host block to make room (kvs_store_block_alloc_nodrop):
+         * blocks it could not place wait for the writer to move host blocks down. */
+        if (m < n && settle)
             kvs_store_disk_wait(st);
+        idle = m ? 0 : idle + 1;
+        if (idle == (settle ? 3 : 1))
+            break; /* the host tier is full of busy blocks, or the engine refuses */
     }
     return moved;
 }

@@ -109,8 +109,8 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
     move *m = kvs_xcalloc(1, sizeof *m);
     *m = (move){.t = t, .b = b, .old = old, .raw_bytes = raw_bytes};
     uint64_t cap = kvs_block_encoded_max(k, v, tokens);
-    if (kvs_store_block_alloc(t->st, ns, tokens, cap, &m->nb, &err)) {
-        free(m); /* the host tier is full of busy blocks: try again next round */
+    if (kvs_store_block_alloc_nodrop(t->st, ns, tokens, cap, &m->nb, &err)) {
+        free(m); /* no room without losing a block: try again next round */
         kvs_store_demote_cancel(t->st, old);
         return false;
     }
@@ -210,8 +210,9 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
         kvs_engine_accepts(t->eng, k, v)) {
         p = kvs_xcalloc(1, sizeof *p);
         *p = (promo){.t = t, .old = blk};
-        if (!kvs_store_promote_begin(t->st, blk, kvs_engine_slot_bytes(k, v, info.tokens),
-                                     &p->g)) {
+        /* One slot size per namespace, a full block's, as Puts use (storage/slots.h). */
+        uint64_t slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens);
+        if (!kvs_store_promote_begin(t->st, blk, slot, &p->g)) {
             free(p);
             p = NULL;
         }

@@ -8,7 +8,8 @@
 #   MEMCHECK=1  the same under compute-sanitizer memcheck
 #   INTEG=1     the daemon's integration tests through the GPU engine (whole suite, GPU
 #               tier off so the host-tier tests see what they expect), then the GPU tier
-#               tests and the round-trip/codec/encoded suites with the GPU tier on
+#               tests and the round-trip/codec/encoded/tiers/durable/persist/crash suites
+#               with the GPU tier on
 #   BENCH=1     kvs-bench-gpu (kernel throughput vs copy bandwidth, one-block latency)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 # Logs go to $OUT (or ./gpu-out).
@@ -42,7 +43,8 @@ if [ "${INTEG:-1}" = 1 ]; then
         python3 -m pytest -q -x -p no:cacheprovider . > "$OUT/integ-engine.log" 2>&1)
     note "integration, GPU engine, host tier" $?; tail -n 5 "$OUT/integ-engine.log"
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
-        test_gpu_tier.py test_roundtrip.py test_codecs.py test_encoded.py > "$OUT/integ-tier.log" 2>&1)
+        test_gpu_tier.py test_roundtrip.py test_codecs.py test_encoded.py test_admin_tiers.py \
+        test_durable.py test_persist.py test_crash.py > "$OUT/integ-tier.log" 2>&1)
     note "integration, GPU engine + GPU tier" $?; tail -n 5 "$OUT/integ-tier.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then

