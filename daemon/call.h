@@ -142,6 +142,7 @@ typedef struct kvs_get_state {
     uint32_t layer, layer_begin, layer_end;
     uint64_t offset, layer_bytes, chunk;
     int rc; /* result of the decode job */
+    bool decoded; /* a disk block decoded straight from LMDB's map (read_job) */
     kvs_err err;
     uint8_t *fetched; /* ENCODED Get of a GPU block: the block fetched to the host */
     size_t fetched_len;

@@ -1,6 +1,7 @@
 /* Get: the server-streaming state machine (DESIGN §2, §4).
  *
- *   start ──valid──> store_find (reader ref) [──READ (libuv pool: read_job; a disk block)]
+ *   start ──valid──> store_find (reader ref) [──READ (libuv pool: read_job; a disk block;
+ *         RAW with promotion off and CPU codecs: decoded there, from LMDB's map)]
  *         ──DECODE (libuv pool: decode_job; RAW only)
  *         ──send header──> SEND ──> send layer chunk ──┐
  *     └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / DATA_LOSS / UNIMPLEMENTED)        ▲   │
@@ -110,17 +111,17 @@ static int setup(kvs_call *c, kvs_err *err)
     return 0;
 }
 
-/* Pool thread: decode with the codec state the block was encoded with (it may predate
- * the namespace's current state). Only CLOSE is in flight meanwhile (call.h inv. 1). */
-static void decode_job(void *arg)
+/* Decodes the requested layers of an encoded block into g->raw, with the codec state the
+ * block was encoded with (it may predate the namespace's current state); g->err says why
+ * not. */
+static int decode_bytes(kvs_call *c, const uint8_t *bytes, size_t len)
 {
-    kvs_call *c = arg;
     kvs_get_state *g = &c->u.get;
     kvs_err *err = &g->err;
     kvs_block_info info;
     const kvs_codec *kc = NULL, *vc = NULL;
     kvs_err_clear(err);
-    int rc = kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, err);
+    int rc = kvs_format_peek(bytes, len, &info, err);
     if (rc == 0) {
         kc = kvs_ns_codec_version(g->ns, KVS_KEYS, info.k_state);
         vc = kvs_ns_codec_version(g->ns, KVS_VALUES, info.v_state);
@@ -135,11 +136,26 @@ static void decode_job(void *arg)
                              "records were unreadable at start)", info.k_state, info.v_state);
     }
     if (rc == 0)
-        rc = kvs_block_decode(kc, vc, kvs_block_data(g->blk), kvs_block_size(g->blk),
-                              g->layer_begin, g->layer_end, (uint16_t *)g->raw, err);
+        rc = kvs_block_decode(kc, vc, bytes, len, g->layer_begin, g->layer_end,
+                              (uint16_t *)g->raw, err);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS) /* stored bytes we cannot read: data loss */
         rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
-    g->rc = rc;
+    return rc;
+}
+
+/* Pool thread: decode a block whose bytes are at hand. Only CLOSE is in flight meanwhile
+ * (call.h inv. 1). */
+static void decode_job(void *arg)
+{
+    kvs_call *c = arg;
+    kvs_get_state *g = &c->u.get;
+    g->rc = decode_bytes(c, kvs_block_data(g->blk), kvs_block_size(g->blk));
+}
+
+/* Inside LMDB's read transaction (kvs_store_view): decode straight from the map. */
+static int decode_view(const void *bytes, size_t len, void *arg)
+{
+    return decode_bytes(arg, bytes, len);
 }
 
 /* Loop thread (or inline): answer with the header chunk, then stream (kvs_get_on_send). */
@@ -242,12 +258,27 @@ static void dispatch(kvs_call *c)
     kvs_call_run_work(c, decode_job, send_header);
 }
 
-/* Pool thread: read a disk block (LMDB read transaction, verified copy) and size the
- * stream. Only CLOSE is in flight meanwhile (call.h invariant 1). */
+/* Pool thread: read a disk block (LMDB read transaction, verified) and size the stream.
+ * A RAW Get that the CPU decodes, with promotion off, decodes straight from LMDB's map
+ * (nothing is kept, so nothing needs a copy); otherwise the block is copied out (the
+ * copy is the promoted host block, or what the engine or the ENCODED stream reads later).
+ * Only CLOSE is in flight meanwhile (call.h invariant 1). */
 static void read_job(void *arg)
 {
     kvs_call *c = arg;
     kvs_get_state *g = &c->u.get;
+    kvs_store *st = c->srv->store;
+    kvs_engine *eng = c->srv->engine;
+    if (!g->encoded && !kvs_store_promotes(st) &&
+        (!eng || !kvs_engine_accepts(eng, (kvs_codec *)kvs_ns_codec(g->ns, KVS_KEYS),
+                                     (kvs_codec *)kvs_ns_codec(g->ns, KVS_VALUES)))) {
+        kvs_err_clear(&g->err);
+        g->decoded = true;
+        g->rc = setup(c, &g->err);
+        if (g->rc == 0)
+            g->rc = kvs_store_view(st, g->blk, decode_view, c, &g->err);
+        return;
+    }
     kvs_block *d = g->blk;
     g->blk = NULL; /* kvs_store_read takes over our reference on d */
     kvs_err_clear(&g->err);
@@ -263,6 +294,8 @@ static void read_done(void *arg)
     kvs_get_state *g = &c->u.get;
     if (g->rc)
         kvs_call_fail(c, g->rc, g->err.msg);
+    else if (g->decoded)
+        send_header(c);
     else
         dispatch(c);
 }

@@ -507,6 +507,45 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     return rc;
 }
 
+typedef struct view {
+    uint64_t len;
+    kvs_disk_read_fn fn;
+    void *arg;
+    bool called;
+} view;
+
+static int view_cb(const void *bytes, size_t len, void *arg)
+{
+    view *v = arg;
+    if (len != v->len) /* rewritten under another size since: not this block any more */
+        return KVS_ENOTFOUND;
+    v->called = true;
+    return v->fn(bytes, len, v->arg);
+}
+
+int kvs_spill_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, kvs_err *err)
+{
+    view v = {.len = d->size, .fn = fn, .arg = arg};
+    int rc = kvs_disk_get(st->disk, d->node.ns_id, d->node.key, d->node.key_len, view_cb, &v, err);
+    bool lost = !v.called && (rc == KVS_ENOTFOUND || rc == KVS_EDATALOSS);
+    if (lost && rc == KVS_ENOTFOUND)
+        rc = kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s' (its disk "
+                         "record is gone)", kvs_ns_spec_of(d->ns)->name);
+    pthread_mutex_lock(&st->mu);
+    if (v.called) {
+        st->stats.disk_hits++;
+    } else if (lost) { /* the disk module already deleted a record that failed its checksum */
+        if (rc == KVS_EDATALOSS)
+            st->stats.checksum_failures++;
+        else
+            st->stats.misses++;
+        if (d->linked && d->tier == KVS_STORE_TIER_DISK && !d->data)
+            kvs__store_unlink_locked(st, d); /* the caller's reference keeps it */
+    }
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- flush */
 
 uint64_t kvs_store_flush(kvs_store *st)

@@ -66,4 +66,8 @@ void kvs_spill_mark(kvs_spill *sp, kvs_spill_done_fn done, void *arg);
  * KVS_ENOMEM, KVS_EIO. Takes store->mu itself; none may be held. */
 int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err);
 
+/* Hands disk entry d's verified bytes to fn inside one LMDB read transaction (zero-copy;
+ * see kvs_store_view). The caller's reference on d stays. */
+int kvs_spill_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, kvs_err *err);
+
 #endif

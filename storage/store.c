@@ -498,6 +498,11 @@ bool kvs_store_has_disk(const kvs_store *st)
     return st->disk != NULL;
 }
 
+bool kvs_store_promotes(const kvs_store *st)
+{
+    return st->promote;
+}
+
 int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
                               kvs_block **out, kvs_err *err)
 {
@@ -687,6 +692,14 @@ int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err)
         return 0;
     }
     return kvs_spill_read(st, blk, out, err); /* verified by the disk module as it is read */
+}
+
+int kvs_store_view(kvs_store *st, kvs_block *blk, kvs_disk_read_fn fn, void *arg, kvs_err *err)
+{
+    if (!kvs_block_unread(blk) || st->promote)
+        return kvs_err_set(err, KVS_EINVAL, "view: only an unread disk block, with promotion "
+                           "off");
+    return kvs_spill_view(st, blk, fn, arg, err);
 }
 
 int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,

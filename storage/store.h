@@ -187,6 +187,8 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
 kvs_block_dev *kvs_block_device(kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
 bool kvs_store_has_disk(const kvs_store *st);
+/* True unless opts.no_promote. */
+bool kvs_store_promotes(const kvs_store *st);
 /* Waits until the disk writer has applied everything queued so far (tests, flush). A
  * no-op without a disk tier. */
 void kvs_store_disk_wait(kvs_store *st);
@@ -282,6 +284,15 @@ bool kvs_block_unread(const kvs_block *blk);
  * (promoted or transient). Errors as kvs_store_get's for a disk block. A block that is
  * not unread is handed back as it is. */
 int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err);
+/* Zero-copy read of an unread disk block (kvs_store_find), for a reader that decodes it
+ * at once and with promotion off (with promotion on, the copy kvs_store_read makes is the
+ * promoted block): fn(bytes, len, arg) runs on the block's bytes in LMDB's map, verified
+ * (checksum), inside one short read transaction (blocking; no lock held); the bytes are
+ * valid only during the call. fn's non-zero return is passed back. The block stays unread
+ * and the caller keeps its reference. KVS_ENOTFOUND (record gone) and KVS_EDATALOSS
+ * (checksum: record dropped) forget the entry and count as kvs_store_read does; KVS_EIO;
+ * KVS_EINVAL when blk is not unread or promotion is on. */
+int kvs_store_view(kvs_store *st, kvs_block *blk, kvs_disk_read_fn fn, void *arg, kvs_err *err);
 void kvs_store_block_release(kvs_store *st, kvs_block *blk);
 
 /* A key as a (pointer, length) pair; borrowed for the duration of the call. */

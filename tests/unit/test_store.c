@@ -1006,6 +1006,81 @@ static int disk_present(disk_fx *f, const char *key)
     return kvs_disk_get(f->disk, kvs_ns_id(f->ns), key, strlen(key), noop_cb, NULL, NULL);
 }
 
+typedef struct seen {
+    const uint8_t *want;
+    size_t len;
+    int calls;
+} seen;
+
+static int compare_view(const void *bytes, size_t len, void *arg)
+{
+    seen *v = arg;
+    v->calls++;
+    assert_int_equal(len, v->len);
+    assert_memory_equal(bytes, v->want, len);
+    return 0;
+}
+
+static int refuse_view(const void *bytes, size_t len, void *arg)
+{
+    return KVS_EPROTO;
+}
+
+/* With promotion off, a disk block can be read zero-copy (kvs_store_view): the callback
+ * sees its verified bytes in LMDB's map, the block stays a disk entry; a corrupt record is
+ * data loss and forgotten; the callback's error comes back as it is. */
+static void test_disk_view(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "kivi-2", 2 * 1024, 16 << 20, true);
+    uint8_t *want[4];
+    size_t len[4];
+    char key[8];
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 40 + i, &len[i]);
+    }
+    kvs_store_disk_wait(f.st);
+    assert_false(kvs_store_promotes(f.st));
+    kvs_block *d, *h;
+    kvs_err err;
+    kvs_store_stats s0, s1;
+    kvs_store_get_stats(f.st, &s0);
+    assert_int_equal(kvs_store_find(f.st, f.ns, "k0", 2, &d, &err), 0);
+    assert_true(kvs_block_unread(d));
+    seen v = {want[0], len[0], 0};
+    assert_int_equal(kvs_store_view(f.st, d, compare_view, &v, &err), 0);
+    assert_int_equal(v.calls, 1);
+    assert_true(kvs_block_unread(d)); /* nothing copied, still a disk entry */
+    assert_int_equal(kvs_store_view(f.st, d, refuse_view, NULL, &err), KVS_EPROTO);
+    kvs_store_block_release(f.st, d);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    kvs_store_get_stats(f.st, &s1);
+    assert_int_equal(s1.disk_hits, s0.disk_hits + 2);
+
+    /* A record with a flipped byte: data loss, counted, the entry forgotten. */
+    want[1][len[1] - 1] ^= 1;
+    kvs_disk_item it = {kvs_ns_id(f.ns), "k1", 2, want[1], len[1]};
+    assert_int_equal(kvs_disk_put_batch(f.disk, &it, 1, NULL), 0);
+    assert_int_equal(kvs_store_find(f.st, f.ns, "k1", 2, &d, &err), 0);
+    v = (seen){want[1], len[1], 0};
+    assert_int_equal(kvs_store_view(f.st, d, compare_view, &v, &err), KVS_EDATALOSS);
+    assert_int_equal(v.calls, 0);
+    kvs_store_block_release(f.st, d);
+    assert_int_equal(tier_of(&f, "k1"), KVS_STORE_TIER_NONE);
+    kvs_store_get_stats(f.st, &s1);
+    assert_int_equal(s1.checksum_failures, s0.checksum_failures + 1);
+
+    /* Not an unread disk block: refused. */
+    assert_int_equal(kvs_store_find(f.st, f.ns, "k3", 2, &h, &err), 0);
+    if (!kvs_block_unread(h))
+        assert_int_equal(kvs_store_view(f.st, h, compare_view, &v, &err), KVS_EINVAL);
+    kvs_store_block_release(f.st, h);
+    for (int i = 0; i < 4; i++)
+        free(want[i]);
+    fx_close(&f);
+}
+
 static void test_disk_delete_replace_drop(void **state)
 {
     disk_fx f;
@@ -1524,6 +1599,7 @@ int main(void)
         cmocka_unit_test(test_disk_spill_get_promote),
         cmocka_unit_test(test_host_watermarks),
         cmocka_unit_test(test_disk_no_promote),
+        cmocka_unit_test(test_disk_view),
         cmocka_unit_test(test_disk_delete_replace_drop),
         cmocka_unit_test(test_disk_corrupt_record_is_data_loss),
         cmocka_unit_test(test_disk_budget_eviction),
