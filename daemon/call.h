@@ -180,6 +180,7 @@ struct kvs_call {
         kvs_put_state put;
         kvs_get_state get;
         kvs_tiers_state tiers;
+        uint32_t deleted; /* Delete of a durable namespace: answered once on disk */
     } u;
 };
 

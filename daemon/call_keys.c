@@ -1,6 +1,8 @@
 /* Lookup, Exists, Delete: unary calls over a batch of keys (DESIGN §2, §4). One request
  * shape (KeysRequest), one validation path; each handler differs only in the store verb
- * and the reply it builds. Runs on CQ threads. */
+ * and the reply it builds. Runs on CQ threads, except the answer to a Delete in a durable
+ * namespace: the disk writer's thread, once the deletions are committed and flushed. */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "daemon/call.h"
@@ -88,14 +90,38 @@ int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     return rc;
 }
 
+static void delete_reply(kvs_call *c)
+{
+    Kvstash__V1__DeleteReply reply = KVSTASH__V1__DELETE_REPLY__INIT;
+    reply.deleted = c->u.deleted;
+    kvs_call_reply(c, &reply.base);
+}
+
+/* Disk writer thread: a durable namespace's deletions are committed and flushed. */
+static void delete_durable_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_call *c = arg;
+    if (rc) {
+        char msg[KVS_ERR_MSG_LEN + 128];
+        snprintf(msg, sizeof msg, "durable: the blocks are deleted, but flushing the disk "
+                 "tier failed (a crash may bring them back): %s", err ? err->msg : "");
+        kvs_call_fail(c, KVS_EUNAVAIL, msg);
+        return;
+    }
+    delete_reply(c);
+}
+
 int kvs_delete_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
     keys_req k = {0};
     int rc = keys_open(c, req, len, &k, err);
     if (rc == 0) {
-        Kvstash__V1__DeleteReply reply = KVSTASH__V1__DELETE_REPLY__INIT;
-        reply.deleted = kvs_store_delete(c->srv->store, k.ns, k.keys, k.n);
-        kvs_call_reply(c, &reply.base);
+        c->u.deleted = kvs_store_delete(c->srv->store, k.ns, k.keys, k.n);
+        /* A durable namespace answers once the records' deletions are on disk. */
+        if (kvs_ns_spec_of(k.ns)->durable && c->u.deleted)
+            kvs_store_disk_barrier(c->srv->store, delete_durable_done, c);
+        else
+            delete_reply(c);
     }
     keys_close(&k);
     return rc;

@@ -426,6 +426,34 @@ void kvs_store_disk_wait(kvs_store *st)
     pthread_mutex_unlock(&w.mu);
 }
 
+typedef struct barrier {
+    kvs_store *st;
+    kvs_store_durable_fn done;
+    void *arg;
+} barrier;
+
+static void barrier_done(void *arg, int rc, const kvs_err *e)
+{
+    (void)rc;
+    (void)e;
+    barrier b = *(barrier *)arg;
+    free(arg);
+    kvs_err err;
+    int src = kvs_disk_sync(b.st->disk, &err);
+    b.done(b.arg, src, src ? &err : NULL);
+}
+
+void kvs_store_disk_barrier(kvs_store *st, kvs_store_durable_fn done, void *arg)
+{
+    if (!st->spill) {
+        done(arg, 0, NULL);
+        return;
+    }
+    barrier *b = kvs_xcalloc(1, sizeof *b); /* small and fixed (STYLE: may abort) */
+    *b = (barrier){st, done, arg};
+    kvs_spill_mark(st->spill, barrier_done, b);
+}
+
 /* ---------------------------------------------------------------- reads */
 
 typedef struct rd {

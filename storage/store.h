@@ -259,6 +259,11 @@ typedef void (*kvs_store_durable_fn)(void *arg, int rc, const kvs_err *err);
 int kvs_store_block_commit_durable(kvs_store *st, kvs_block *blk, const void *key, size_t key_len,
                                    kvs_store_put_info *info, kvs_store_durable_fn done, void *arg,
                                    kvs_err *err);
+/* Runs done(arg, rc, err) on the disk writer thread once everything queued for it so far
+ * is committed, and flushed to stable storage (kvs_disk_sync: rc is its error); inline
+ * with rc 0 without a disk tier. A durable namespace's Delete answers then, so that a
+ * deleted block cannot come back after a crash. */
+void kvs_store_disk_barrier(kvs_store *st, kvs_store_durable_fn done, void *arg);
 /* Frees a FILLING block and returns its reservation. */
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk);
 

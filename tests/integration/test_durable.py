@@ -47,7 +47,16 @@ def test_durable_put_survives_sigkill(daemon, tmp_path):
     assert plain.name in spaces
     lk = d2.stub.Lookup(pb.KeysRequest(namespace=plain.name, keys=[b"p0"]), timeout=10)
     assert lk.prefix_blocks == 0
-    d2.stop()
+    # A Delete in a durable namespace is answered once the deletions are on disk: the
+    # deleted blocks stay deleted through a SIGKILL right after the answer.
+    gone = [b"d1", b"d2", b"d3"]
+    assert d2.stub.Delete(pb.KeysRequest(namespace=ns.name, keys=gone + [b"nope"]),
+                          timeout=10).deleted == 3
+    d2.kill()
+    d3 = daemon(extra=extra)
+    lk = d3.stub.Lookup(pb.KeysRequest(namespace=ns.name, keys=list(want)), timeout=10)
+    assert [t != kvs.TIER_NONE for t in lk.tiers] == [k not in gone for k in want]
+    d3.stop()
 
 
 def test_durable_disk_full(daemon, tmp_path):

@@ -1081,6 +1081,50 @@ static void test_disk_view(void **state)
     fx_close(&f);
 }
 
+typedef struct barrier_seen {
+    disk_fx *f;
+    int rc, calls;
+    bool record_gone;
+} barrier_seen;
+
+static int read_nothing(const void *bytes, size_t len, void *arg)
+{
+    return 0;
+}
+
+static void on_barrier(void *arg, int rc, const kvs_err *err)
+{
+    barrier_seen *b = arg;
+    b->calls++;
+    b->rc = rc;
+    b->record_gone = kvs_disk_get(b->f->disk, kvs_ns_id(b->f->ns), "b0", 2, read_nothing, NULL,
+                                  NULL) == KVS_ENOTFOUND;
+}
+
+/* kvs_store_disk_barrier runs once what was queued before it is applied: a deleted
+ * block's record is gone from LMDB when it runs (a durable Delete answers then). */
+static void test_disk_barrier(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 1 << 20, 16 << 20, false);
+    size_t len;
+    free(put_enc(&f, "b0", 8, 1, &len));
+    kvs_store_key k = {"b0", 2};
+    kvs_store_evict_info ei;
+    kvs_store_sel sel = {f.ns, &k, 1};
+    kvs_err err;
+    assert_int_equal(kvs_store_evict(f.st, &sel, KVS_STORE_TIER_DISK, NULL, NULL, &ei, &err), 0);
+    assert_int_equal(ei.moved, 1);
+    assert_int_equal(kvs_store_delete(f.st, f.ns, &k, 1), 1);
+    barrier_seen b = {.f = &f, .rc = -1};
+    kvs_store_disk_barrier(f.st, on_barrier, &b);
+    kvs_store_disk_wait(f.st); /* the barrier ran before this returns (one FIFO) */
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.rc, 0);
+    assert_true(b.record_gone);
+    fx_close(&f);
+}
+
 static void test_disk_delete_replace_drop(void **state)
 {
     disk_fx f;
@@ -1600,6 +1644,7 @@ int main(void)
         cmocka_unit_test(test_host_watermarks),
         cmocka_unit_test(test_disk_no_promote),
         cmocka_unit_test(test_disk_view),
+        cmocka_unit_test(test_disk_barrier),
         cmocka_unit_test(test_disk_delete_replace_drop),
         cmocka_unit_test(test_disk_corrupt_record_is_data_loss),
         cmocka_unit_test(test_disk_budget_eviction),
