@@ -30,6 +30,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->gpu_high_pct = 90;
     cfg->gpu_low_pct = 80;
     cfg->host_high_pct = 90;
+    cfg->host_pinned = 1;
     cfg->host_low_pct = 80;
     cfg->disk_capacity = 16ull << 30;
     cfg->promote = 1;
@@ -118,6 +119,8 @@ static void usage(FILE *f)
             "                         memory at start; 0 = no GPU tier (default 25%%)\n"
             "  --gpu-watermarks H,L   demote GPU blocks to the host tier above H%% of the GPU\n"
             "                         tier, down to L%% (default 90,80)\n"
+            "  --host-pinned on|off   with a GPU engine: host blocks in pinned memory, pinned in\n"
+            "                         64 MiB slabs, so the engine moves them by DMA (default on)\n"
             "  --log-level LEVEL      error, warn, info or debug (default info)\n"
             "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
             "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
@@ -153,7 +156,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_HOST_PIN, O_VERSION };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -175,6 +178,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
         {"host-watermarks", required_argument, NULL, O_HOST_WM},
         {"spill-queue", required_argument, NULL, O_SPILL_Q},
+        {"host-pinned", required_argument, NULL, O_HOST_PIN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
         {"disk-capacity", required_argument, NULL, O_DISK_CAP},
         {"promote", required_argument, NULL, O_PROMOTE},
@@ -307,6 +311,12 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--disk-capacity: '%s' is not a size >= 1M",
                                    optarg);
             cfg->disk_capacity = size;
+            break;
+        case O_HOST_PIN:
+            if (strcmp(optarg, "on") && strcmp(optarg, "off"))
+                return kvs_err_set(err, KVS_EINVAL, "--host-pinned: '%s' is not on or off",
+                                   optarg);
+            cfg->host_pinned = optarg[1] == 'n';
             break;
         case O_SPILL_Q:
             if (!kvs_parse_size(optarg, &size) || size == 0)

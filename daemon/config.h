@@ -34,6 +34,7 @@ typedef struct kvs_config {
     unsigned calib_tokens;   /* RotateKV: tokens of keys that calibrate the channel order */
     char data_dir[512];      /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;  /* byte budget of the disk tier */
+    int host_pinned;         /* with a GPU engine: host blocks in pinned memory (default 1) */
     uint64_t spill_queue;    /* bytes of host blocks waiting for the disk writer; 0: host/4 */
     int promote;             /* 1: a Get of a disk block moves it to the host tier */
     int flush_on_exit;       /* 1: write host blocks to the disk tier at shutdown */

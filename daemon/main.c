@@ -39,6 +39,7 @@ typedef struct daemon_state {
     kvs_work *work;
     kvs_engine *engine;
     kvs_tiering *tiering;
+    kvs_hostpool *host_pool; /* pinned memory of host blocks (with an engine), or NULL */
     void *gpu_tier;     /* device region of the GPU tier (owned by the engine) */
     uint64_t gpu_bytes; /* its size, 0 without a GPU tier */
     kvs_server *server;
@@ -165,6 +166,37 @@ static int start_engine(daemon_state *d, kvs_err *err)
     return 0;
 }
 
+static int pin_slab(void *ctx, void *addr, size_t bytes, kvs_err *err)
+{
+    return kvs_engine_host_register(ctx, addr, bytes, err);
+}
+
+static void unpin_slab(void *ctx, void *addr, size_t bytes)
+{
+    kvs_engine_host_unregister(ctx, addr, bytes);
+}
+
+/* With a GPU engine, host blocks live in pinned memory (storage/hostpool.h), so promotion
+ * and demotion copy them by DMA. Room for the host tier, the blocks queued for the disk
+ * writer, and the pool's rounding (at most an eighth per block), in 64 MiB slabs. */
+static int start_host_pool(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
+{
+    uint64_t spill = sopts->disk ? (sopts->spill_max ? sopts->spill_max
+                                                     : sopts->host_capacity / 4)
+                                 : 0;
+    uint64_t need = sopts->host_capacity + spill;
+    kvs_hostpool_opts po = {.max_bytes = need + need / 8 + ((uint64_t)128 << 20),
+                            .pin = pin_slab, .unpin = unpin_slab, .ctx = d->engine};
+    int rc = kvs_hostpool_create(&po, &d->host_pool, err);
+    if (rc)
+        return kvs_err_prefix(err, "--host-pinned");
+    sopts->host_pool = d->host_pool;
+    kvs_log(KVS_LOG_INFO, "host tier in pinned memory: %llu bytes of address space reserved, "
+            "pinned in 64 MiB slabs as blocks arrive (--host-pinned off: plain malloc)",
+            (unsigned long long)po.max_bytes);
+    return 0;
+}
+
 /* The GPU tier's device region (in bytes, or a share of the free memory now), then the
  * store over it, then the demotion driver. Without an engine or with --gpu-capacity 0
  * the store has the host tier only. */
@@ -201,6 +233,8 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
                 d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
     }
     sopts->no_promote = !d->cfg.promote;
+    if (d->engine && d->cfg.host_pinned && (rc = start_host_pool(d, sopts, err)))
+        return rc;
     if ((rc = kvs_store_create(sopts, &d->store, err)))
         return rc;
     if (d->gpu_bytes) {
@@ -283,9 +317,10 @@ int main(int argc, char **argv)
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
         kvs_tiering_destroy(d.tiering);
-        kvs_engine_destroy(d.engine);
         kvs_work_destroy(d.work);
         kvs_store_destroy(d.store);
+        kvs_hostpool_destroy(d.host_pool); /* unpins through the engine */
+        kvs_engine_destroy(d.engine);
         kvs_disk_close(d.disk);
         grpc_shutdown();
         return 1;
@@ -311,8 +346,7 @@ int main(int argc, char **argv)
     if (d.disk && d.cfg.flush_on_exit && d.tiering)
         flush_gpu_tier(&d);
     kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
-    kvs_engine_destroy(d.engine); /* after the server: no call is left waiting on it */
-    kvs_work_destroy(d.work);     /* no CQ thread is left to submit */
+    kvs_work_destroy(d.work);       /* no CQ thread is left to submit */
     if (d.disk && d.cfg.flush_on_exit) {
         uint64_t t0 = uv_hrtime();
         uint64_t n = kvs_store_flush(d.store);
@@ -320,6 +354,8 @@ int main(int argc, char **argv)
                 (unsigned long long)n, (double)(uv_hrtime() - t0) / 1e6);
     }
     kvs_store_destroy(d.store); /* applies the disk writer's queue */
+    kvs_hostpool_destroy(d.host_pool); /* no block is left; unpins through the engine */
+    kvs_engine_destroy(d.engine); /* after the server and the store: nothing uses it */
     kvs_disk_close(d.disk);
     rc = uv_loop_close(&d.loop);
     if (rc)

@@ -127,10 +127,12 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
     size_t pos = kvs_format_prefix_bytes(L);
     for (uint32_t l = 0; l < L; l++) {
         offsets[2 * l] = (uint32_t)pos;
-        memcpy(out + pos, kb + l * sk, klen[l]);
+        if (kb)
+            memcpy(out + pos, kb + l * sk, klen[l]);
         pos += klen[l];
         offsets[2 * l + 1] = (uint32_t)pos;
-        memcpy(out + pos, vb + l * sv, vlen[l]);
+        if (kb)
+            memcpy(out + pos, vb + l * sv, vlen[l]);
         pos += vlen[l];
     }
     offsets[2 * L] = (uint32_t)pos;

@@ -114,6 +114,12 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
 int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
                           size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
                           kvs_err *err);
+/* Pins host memory for the engine's copies (cudaHostRegister; slow: do it once per large
+ * region, as storage/hostpool does), and undoes it. Upload and fetch then move the
+ * sections of a block in such memory by DMA, without the staging buffers (when its codecs
+ * have fixed-size sections; RotateKV's go through the staging). */
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err);
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -32,6 +32,8 @@ typedef struct job {
     uint8_t *slot;     /* dev encode/decode, fetch, upload: device address */
     uint32_t *lens;    /* dev encode and upload (out), dev decode and fetch (in): 2L section
                         * lengths */
+    bool direct;       /* upload, fetch: DMA between the slot and pinned host memory, no
+                        * staging (engine_tier.c) */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;
@@ -66,7 +68,9 @@ void kvs__engine_note_error(kvs_engine *e, cudaError_t rc);
 int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err);
 /* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
  * klen[l], V likewise) into out as an encoded block (gpu/format.h), sealed. Returns its
- * size; out holds kvs_block_encoded_max bytes. */
+ * size; out holds kvs_block_encoded_max bytes. kb NULL: the sections are in out already,
+ * at their framed places (a direct copy); only the header, table and checksum are
+ * written. */
 size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
                                const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out);
 /* Engine thread, engine_tier.c: a batch of fetch jobs, of upload jobs. */

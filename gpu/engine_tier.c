@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec_cuda.h"
 #include "gpu/engine_int.h"
 #include "gpu/format.h"
 
@@ -53,6 +54,11 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes) {}
 
 #else
 #include "gpu/base/cuda_try.h"
@@ -71,10 +77,23 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     size_t slot = (size_t)L * (sk + sv);
     kvs_err err;
     kvs_err_clear(&err);
+    size_t prefix = kvs_format_prefix_bytes(L);
     uint32_t b = 0;
     cudaError_t ce = cudaSuccess;
-    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++)
-        ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
+    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
+        if (!j->direct) {
+            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost,
+                                 e->st);
+            continue;
+        }
+        /* Sections straight to their framed places in the pinned block: K of layer l at
+         * prefix + l*(sk+sv), V right after it (fixed sizes: every length is sk or sv). */
+        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot, sk, sk, L,
+                               cudaMemcpyDeviceToHost, e->st);
+        if (ce == cudaSuccess)
+            ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot + L * sk, sv, sv, L,
+                                   cudaMemcpyDeviceToHost, e->st);
+    }
     if (ce == cudaSuccess)
         ce = cudaStreamSynchronize(e->st);
     if (ce != cudaSuccess) {
@@ -87,10 +106,39 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
-        const uint8_t *kb = e->h_enc + b * slot;
-        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens, kb + L * sk, sv, j->lens + L, j->out);
+        const uint8_t *kb = j->direct ? NULL : e->h_enc + b * slot;
+        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens, kb ? kb + L * sk : NULL, sv,
+                                          j->lens + L, j->out);
         kvs__engine_finish(j, 0, NULL);
     }
+}
+
+/* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
+ * reach it without a staging buffer. */
+static bool pinned(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+}
+
+/* True if an encoded block's sections sit at the stride fixed-size codecs give them: K of
+ * layer l at prefix + l*(sk+sv) with sk bytes, V right after with sv. */
+static bool regular(const uint8_t *enc, uint32_t L, size_t sk, size_t sv)
+{
+    const uint8_t *at = enc + kvs_format_prefix_bytes(L);
+    for (uint32_t l = 0; l < L; l++, at += sk + sv) {
+        const uint8_t *p, *q;
+        size_t n, m;
+        kvs_format_section(enc, l, 0, &p, &n);
+        kvs_format_section(enc, l, 1, &q, &m);
+        if (p != at || n != sk || q != at + sk || m != sv)
+            return false;
+    }
+    return true;
 }
 
 int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
@@ -175,7 +223,9 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
     *j = (job){.kind = JOB_FETCH, .k = k, .v = v, .t = t, .lb = 0,
                .le = kvs_codec_spec(k)->layers, .ns_id = ns_id, .slot = (uint8_t *)slot,
                .lens = (uint32_t *)lens, .out = out, .cap = cap, .len = len, .done = done,
-               .arg = arg};
+               .arg = arg,
+               .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
+                         pinned(out)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -188,6 +238,13 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
     size_t slot = (size_t)L * (sk + sv);
     uint32_t b = 0;
     for (job *j = list; j; j = j->next, b++) {
+        if (j->direct) {
+            for (uint32_t l = 0; l < L; l++) {
+                j->lens[l] = (uint32_t)sk;
+                j->lens[L + l] = (uint32_t)sv;
+            }
+            continue;
+        }
         uint8_t *kb = e->h_enc + b * slot, *vb = kb + L * sk;
         for (uint32_t l = 0; l < L; l++) {
             const uint8_t *p;
@@ -201,9 +258,21 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
         }
     }
     cudaError_t ce = cudaSuccess;
+    size_t prefix = kvs_format_prefix_bytes(L);
     b = 0;
-    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++)
-        ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice, e->st);
+    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
+        if (!j->direct) {
+            ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice,
+                                 e->st);
+            continue;
+        }
+        /* From the pinned block straight into the slot layout: two strided copies. */
+        ce = cudaMemcpy2DAsync(j->slot, sk, j->enc + prefix, sk + sv, sk, L,
+                               cudaMemcpyHostToDevice, e->st);
+        if (ce == cudaSuccess)
+            ce = cudaMemcpy2DAsync(j->slot + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
+                                   cudaMemcpyHostToDevice, e->st);
+    }
     if (ce == cudaSuccess)
         ce = cudaStreamSynchronize(e->st);
     if (ce != cudaSuccess) {
@@ -218,6 +287,25 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
         next = j->next;
         kvs__engine_finish(j, 0, NULL);
     }
+}
+
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
+{
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    cudaError_t ce = cudaHostRegister(addr, bytes, cudaHostRegisterDefault);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaHostRegister of %zu bytes: %s",
+                           bytes, cudaGetErrorString(ce));
+    }
+    return 0;
+}
+
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes)
+{
+    (void)bytes;
+    if (cudaSetDevice(e->o.device) == cudaSuccess)
+        cudaHostUnregister(addr);
 }
 
 int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
@@ -242,7 +330,8 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
     }
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_UPLOAD, .k = k, .v = v, .t = info.tokens, .lb = 0, .le = info.layers,
-               .enc = enc, .enc_len = len, .slot = slot, .lens = lens, .done = done, .arg = arg};
+               .enc = enc, .enc_len = len, .slot = slot, .lens = lens, .done = done, .arg = arg,
+               .direct = regular(enc, info.layers, sk, sv) && pinned(enc)};
     return kvs__engine_submit(e, j, err);
 }
 

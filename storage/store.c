@@ -71,6 +71,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     }
     st->stats.host_capacity = opts->host_capacity;
     st->promote = !opts->no_promote;
+    st->pool = opts->host_pool;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;
@@ -94,7 +95,10 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
 void kvs__block_free(kvs_block *blk)
 {
     kvs_ns_unref(blk->ns);
-    free(blk->data);
+    if (blk->pool)
+        kvs_hostpool_free(blk->pool, blk->data);
+    else
+        free(blk->data);
     free(blk->dev.lens);
     free(blk);
 }
@@ -457,7 +461,11 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
                            (unsigned long long)bytes, (unsigned long long)used,
                            (unsigned long long)cap);
     kvs_block *blk = calloc(1, sizeof *blk);
-    unsigned char *data = blk ? kvs_trymalloc(bytes) : NULL;
+    unsigned char *data = NULL;
+    if (blk && st->pool && (data = kvs_hostpool_alloc(st->pool, bytes)))
+        blk->pool = st->pool; /* pinned: the engine copies it by DMA */
+    else if (blk)
+        data = kvs_trymalloc(bytes);
     if (!data) {
         free(blk);
         pthread_mutex_lock(&st->mu);
@@ -609,7 +617,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
     }
     /* Give back what the encoder did not use; hash outside the lock (the block is still
      * private to this caller). */
-    if (blk->shrink) {
+    if (blk->shrink && !blk->pool) { /* a pool block keeps its slot */
         unsigned char *smaller = realloc(blk->data, blk->size ? blk->size : 1);
         if (smaller)
             blk->data = smaller;
@@ -855,7 +863,7 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old)
 
 void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
 {
-    if (nb->shrink) {
+    if (nb->shrink && !nb->pool) {
         unsigned char *smaller = realloc(nb->data, nb->size ? nb->size : 1);
         if (smaller)
             nb->data = smaller;

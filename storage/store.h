@@ -82,6 +82,7 @@
 #include "gpu/base/log.h"
 #include "gpu/spec.h"
 #include "storage/disk.h"
+#include "storage/hostpool.h"
 #include "storage/ns.h"
 #include "storage/policy.h"
 
@@ -110,6 +111,8 @@ typedef struct kvs_store_opts {
     unsigned host_high_pct; /* with a disk tier: demote host blocks to disk in the
                              * background above this share of the host tier (0: 90)... */
     unsigned host_low_pct;  /* ...down to this share (0 with host_high_pct 0: 80) */
+    kvs_hostpool *host_pool; /* host blocks come from this pool (borrowed; outlives the
+                              * store), malloc when it has no room; NULL: malloc */
     bool no_promote;        /* a Get leaves disk blocks on disk and host blocks in the
                              * host tier (default: promote them one tier up) */
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */

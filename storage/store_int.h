@@ -10,6 +10,7 @@
 #include <pthread.h>
 
 #include "storage/disk.h"
+#include "storage/hostpool.h"
 #include "storage/index.h"
 #include "storage/lru.h"
 #include "storage/policy.h"
@@ -31,6 +32,7 @@ struct kvs_block {
     uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
     uint64_t checksum; /* XXH3-64 of data, set at commit (host tier) */
     unsigned char *data; /* host tier, and a transient disk read; NULL for a disk entry */
+    kvs_hostpool *pool;  /* data came from this pinned pool (else malloc) */
     kvs_store_tier tier;
     bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
     bool promoting;      /* host block being copied to the gpu tier (kvs_store_promote_*) */
@@ -50,6 +52,7 @@ struct kvs_store {
     kvs_index *index;
     kvs_lru lru;        /* host tier: every linked host block (for walks; recency order) */
     kvs_policy *policy; /* host tier eviction order (opts.eviction; invariant 2) */
+    kvs_hostpool *pool; /* borrowed; NULL: host blocks are malloc'ed */
     kvs_lru gpu_lru;  /* gpu tier */
     kvs_lru disk_lru; /* disk tier (index entries without payload) */
     kvs_slots *gpu;   /* NULL without a gpu tier */

@@ -149,6 +149,85 @@ static int check_decoded(const char *name, const char *what, kvs_codec *k, kvs_c
     return 0;
 }
 
+/* Upload (promotion): the host blocks into fresh slots; fetching them back gives the same
+ * bytes, and decoding from them the CPU's values. With `pin`, the blocks and the fetch
+ * outputs live in memory registered with the engine, so fixed-size codecs take the direct
+ * DMA path (no staging) both ways. */
+static void check_upload(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, const char *name,
+                         size_t slot, int pin)
+{
+    kvs_err err;
+    if ((2 + (size_t)pin) * slot * BLOCKS > tier_bytes) {
+        printf("FAIL: tier region too small for the upload check\n");
+        failures++;
+        return;
+    }
+    size_t stride = (kvs_block_encoded_max(k, v, T) + 4095) / 4096 * 4096;
+    uint8_t *cpu_save[BLOCKS], *gpu_save[BLOCKS];
+    uint8_t *in = NULL, *outb = NULL;
+    if (pin) {
+        in = aligned_alloc(4096, stride * BLOCKS);
+        outb = aligned_alloc(4096, stride * BLOCKS);
+        if (!in || !outb || kvs_engine_host_register(e, in, stride * BLOCKS, &err) ||
+            kvs_engine_host_register(e, outb, stride * BLOCKS, &err)) {
+            printf("FAIL %s: pinned buffers: %s\n", name, err.msg);
+            failures++;
+            free(in);
+            free(outb);
+            return;
+        }
+        for (int i = 0; i < BLOCKS; i++) {
+            cpu_save[i] = r[i].cpu;
+            gpu_save[i] = r[i].gpu;
+            memcpy(in + i * stride, r[i].cpu, r[i].cpu_len);
+            r[i].cpu = in + i * stride;
+            r[i].gpu = outb + i * stride;
+        }
+    }
+    const char *how = pin ? "pinned" : "staged";
+    for (int i = 0; i < BLOCKS; i++) {
+        r[i].slot = tier + (size_t)((1 + pin) * BLOCKS + i) * slot;
+        memset(r[i].lens, 0xFF, sizeof r[i].lens);
+    }
+    run(e, k, v, r, 5);
+    for (int i = 0; i < BLOCKS; i++)
+        if (r[i].rc) {
+            printf("FAIL %s: %s upload of block %d: %s\n", name, how, i, r[i].err.msg);
+            failures++;
+        }
+    for (int i = 0; i < BLOCKS; i++)
+        memset(r[i].gpu, 0xA5, r[i].cpu_len);
+    run(e, k, v, r, 4);
+    for (int i = 0; i < BLOCKS; i++)
+        if (r[i].rc || r[i].gpu_len != r[i].cpu_len || memcmp(r[i].gpu, r[i].cpu, r[i].cpu_len)) {
+            printf("FAIL %s: %s uploaded block %d fetched back differs\n", name, how, i);
+            failures++;
+        }
+    for (int i = 0; i < BLOCKS; i++)
+        memset(r[i].dec_gpu, 0xA5, (size_t)L * 2 * r[i].t * H * D * 2);
+    run(e, k, v, r, 3);
+    for (int i = 0; i < BLOCKS; i++)
+        failures += r[i].rc != 0 || check_decoded(name, how, k, v, r, i, 0, L);
+    /* A block with a flipped byte is refused before anything reaches the slot. */
+    r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
+    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, r[7].slot, r[7].lens, on_done,
+                              &r[7], &err) != KVS_EDATALOSS) {
+        printf("FAIL %s: a corrupt block was not refused by upload\n", name);
+        failures++;
+    }
+    r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
+    if (pin) {
+        for (int i = 0; i < BLOCKS; i++) {
+            r[i].cpu = cpu_save[i];
+            r[i].gpu = gpu_save[i];
+        }
+        kvs_engine_host_unregister(e, in, stride * BLOCKS);
+        kvs_engine_host_unregister(e, outb, stride * BLOCKS);
+        free(in);
+        free(outb);
+    }
+}
+
 /* GPU tier: encode into slots, fetch back, decode from slots (whole, and layers 1..3). */
 static void test_tier(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan_at, int nan2)
 {
@@ -229,44 +308,8 @@ static void test_tier(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan
         failures += r[5].rc != 0 || check_decoded(name, "slot layer range", k, v, r, 5, 1, 4);
     }
 
-    /* Upload (promotion): the host blocks into fresh slots; fetching them back gives the same
-     * bytes, and decoding from them the CPU's values. */
-    if (2 * slot * BLOCKS > tier_bytes) {
-        printf("FAIL: tier region too small for the upload check\n");
-        failures++;
-        return;
-    }
-    for (int i = 0; i < BLOCKS; i++) {
-        r[i].slot = tier + (size_t)(BLOCKS + i) * slot;
-        memset(r[i].lens, 0xFF, sizeof r[i].lens);
-    }
-    run(e, k, v, r, 5);
-    for (int i = 0; i < BLOCKS; i++)
-        if (r[i].rc) {
-            printf("FAIL %s: upload of block %d: %s\n", name, i, r[i].err.msg);
-            failures++;
-        }
-    for (int i = 0; i < BLOCKS; i++)
-        memset(r[i].gpu, 0xA5, r[i].cpu_len);
-    run(e, k, v, r, 4);
-    for (int i = 0; i < BLOCKS; i++)
-        if (r[i].rc || r[i].gpu_len != r[i].cpu_len || memcmp(r[i].gpu, r[i].cpu, r[i].cpu_len)) {
-            printf("FAIL %s: uploaded block %d fetched back differs\n", name, i);
-            failures++;
-        }
-    for (int i = 0; i < BLOCKS; i++)
-        memset(r[i].dec_gpu, 0xA5, (size_t)L * 2 * r[i].t * H * D * 2);
-    run(e, k, v, r, 3);
-    for (int i = 0; i < BLOCKS; i++)
-        failures += r[i].rc != 0 || check_decoded(name, "uploaded slot decode", k, v, r, i, 0, L);
-    /* A block with a flipped byte is refused before anything reaches the slot. */
-    r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
-    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, r[7].slot, r[7].lens, on_done,
-                              &r[7], &err) != KVS_EDATALOSS) {
-        printf("FAIL %s: a corrupt block was not refused by upload\n", name);
-        failures++;
-    }
-    r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
+    check_upload(e, k, v, r, name, slot, 0);
+    check_upload(e, k, v, r, name, slot, 1);
 }
 
 static void test_codec(kvs_engine *e, const char *name)

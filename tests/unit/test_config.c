@@ -75,6 +75,12 @@ static void test_flags(void **state)
     assert_int_equal(cfg.host_low_pct, 0);
     assert_int_equal(cfg.gpu_high_pct, 100);
     assert_int_equal(cfg.gpu_low_pct, 99);
+    char *pin[] = {"kvstashd", "--host-pinned", "off", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, pin), 0);
+    assert_int_equal(cfg.host_pinned, 0);
+    char *bad_pin[] = {"kvstashd", "--host-pinned", "yes", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad_pin), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--host-pinned"));
     char *sq[] = {"kvstashd", "--spill-queue", "64M", NULL};
     assert_int_equal(parse(&cfg, &err, 3, sq), 0);
     assert_int_equal(cfg.spill_queue, 64ull << 20);
@@ -100,6 +106,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.eviction, KVS_POLICY_LRU);
     assert_int_equal(cfg.host_high_pct, 90);
     assert_int_equal(cfg.host_low_pct, 80);
+    assert_int_equal(cfg.host_pinned, 1);
 }
 
 int main(void)

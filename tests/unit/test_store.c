@@ -674,6 +674,74 @@ static void test_gpu_promotion(void **state)
     kvs_store_destroy(st);
 }
 
+/* Host blocks from a pinned pool (opts.host_pool): their bytes live in the pool, evicted
+ * and deleted blocks give their slots back, a block too large for a slab falls back to
+ * malloc, and everything reads back as usual. */
+static void test_host_pool_blocks(void **state)
+{
+    kvs_hostpool *pool;
+    kvs_hostpool_opts po = {.max_bytes = 4 << 20, .slab_bytes = 1 << 20};
+    assert_int_equal(kvs_hostpool_create(&po, &pool, NULL), 0);
+    kvs_store *st;
+    kvs_store_opts o = {.host_capacity = 64 << 10, .host_pool = pool};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    kvs_ns_spec s = small_spec("hp");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    uint64_t one;
+    assert_int_equal(kvs_spec_block_bytes(&s, 4, &one, NULL), 0);
+    int fit = (int)((64 << 10) / one);
+    char key[16];
+    for (int i = 0; i < fit + 3; i++) { /* the first 3 are evicted */
+        snprintf(key, sizeof key, "b%d", i);
+        assert_int_equal(put(st, ns, key, 4, (uint8_t)i, NULL, &err), 0);
+    }
+    kvs_block *b;
+    assert_int_equal(kvs_store_get(st, ns, "b5", 2, &b, &err), 0);
+    assert_true(kvs_hostpool_owns(pool, kvs_block_data(b)));
+    kvs_store_block_release(st, b);
+    for (int i = 3; i < fit + 3; i++) {
+        snprintf(key, sizeof key, "b%d", i);
+        expect_block(st, ns, key, (uint8_t)i);
+    }
+    expect_missing(st, ns, "b0");
+    kvs_hostpool_stats ps;
+    kvs_hostpool_get_stats(pool, &ps);
+    assert_int_equal(one, 512);
+    assert_int_equal(ps.used, (uint64_t)fit * 4096); /* the smallest slot is 4 KiB */
+    /* A shrunk block keeps its slot and its bytes. */
+    kvs_block *blk;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, one, &blk, &err), 0);
+    memset(kvs_block_data(blk), 0x77, one);
+    kvs_block_set_size(blk, one / 2, one);
+    assert_int_equal(kvs_store_block_commit(st, blk, "half", 4, NULL, &err), 0);
+    expect_block(st, ns, "half", 0x77);
+    kvs_store_stats ss;
+    kvs_store_get_stats(st, &ss);
+    assert_true(ss.host_used <= 64 << 10);
+    kvs_ns_unref(ns);
+    assert_int_equal(kvs_store_ns_drop(st, "hp", NULL, &err), 0);
+    kvs_hostpool_get_stats(pool, &ps);
+    assert_int_equal(ps.used, 0); /* every slot back */
+    kvs_store_destroy(st);
+
+    /* Blocks larger than a slab: malloc, transparently. */
+    o.host_capacity = 8 << 20;
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    kvs_ns_spec big = kvs_test_spec(4, 8, 128, 256, KVS_DTYPE_FP16, "none", "none", 0);
+    snprintf(big.name, sizeof big.name, "big");
+    assert_int_equal(kvs_store_ns_create(st, &big, &ns, &err), 0);
+    assert_int_equal(put(st, ns, "B", 256, 0x42, NULL, &err), 0); /* 4 MiB */
+    assert_int_equal(kvs_store_get(st, ns, "B", 1, &b, &err), 0);
+    assert_false(kvs_hostpool_owns(pool, kvs_block_data(b)));
+    kvs_store_block_release(st, b);
+    expect_block(st, ns, "B", 0x42);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+    kvs_hostpool_destroy(pool);
+}
+
 static void test_gpu_abort_and_absent(void **state)
 {
     kvs_store *st = new_store(1 << 20);
@@ -1639,6 +1707,7 @@ int main(void)
         cmocka_unit_test(test_concurrent_soak),
         cmocka_unit_test(test_gpu_tier_and_demotion),
         cmocka_unit_test(test_gpu_promotion),
+        cmocka_unit_test(test_host_pool_blocks),
         cmocka_unit_test(test_gpu_abort_and_absent),
         cmocka_unit_test(test_disk_spill_get_promote),
         cmocka_unit_test(test_host_watermarks),
