@@ -11,6 +11,7 @@
 #               tests and the round-trip/codec/encoded/tiers/durable/persist/crash suites
 #               with the GPU tier on
 #   BENCH=1     kvs-bench-gpu (kernel throughput vs copy bandwidth, one-block latency)
+#   TIERBENCH=1 kvs-bench-tier (host <-> GPU tier moves, staged vs pinned host memory)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 # Logs go to $OUT (or ./gpu-out).
 set -u
@@ -50,6 +51,10 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
     $R/bin/kvs-bench-gpu > "$OUT/bench_gpu.md" 2>&1
     echo "== kvs-bench-gpu: exit $?"; cat "$OUT/bench_gpu.md"
+fi
+if [ "${TIERBENCH:-1}" = 1 ]; then
+    $R/bin/kvs-bench-tier > "$OUT/bench_tier.md" 2>&1
+    echo "== kvs-bench-tier: exit $?"; cat "$OUT/bench_tier.md"
 fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
