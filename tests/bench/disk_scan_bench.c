@@ -2,14 +2,15 @@
  * long its startup scan (what the store's index rebuild reads) takes, issue 5 item 2.
  *
  *   kvs-disk-scan-bench [--dir DIR] [--blocks N] [--batch B] [--layers L] [--heads H]
- *                       [--head-dim D] [--tokens T] [--codec NAME] [--nosync] [--verify]
+ *                       [--head-dim D] [--tokens T] [--codec NAME] [--nosync | --nometasync] [--verify]
  *                       [--keep]
  *
  * Blocks are real encoded blocks (kvs_block_encode of Gaussian fp16 data): 64 distinct
  * ones of the given layout and codec (default L=2 H=1 D=128 T=16, codec kivi-2: 3668
  * bytes, one 4 KiB LMDB page each), stored N times (default 1,000,000) under 16-byte
  * pseudo-random keys (like the client's chained keys: random in LMDB's key order), in
- * batches of B (default 1000) per write transaction, synced commits unless --nosync.
+ * batches of B (default 1000) per write transaction, synced commits unless --nosync
+ * (MDB_NOSYNC) or --nometasync (MDB_NOMETASYNC: what kvstashd uses).
  *
  * Reported (wall time, CLOCK_MONOTONIC):
  *  - put: blocks/s and MB/s (10^6 bytes of encoded blocks) over all batches, plus a
@@ -77,7 +78,7 @@ static bool parse_u64(const char *s, uint64_t lo, uint64_t hi, uint64_t *out)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: kvs-disk-scan-bench [--dir DIR] [--blocks N] [--batch B] [--layers L]\n"
-               "           [--heads H] [--head-dim D] [--tokens T] [--codec NAME] [--nosync]\n"
+               "           [--heads H] [--head-dim D] [--tokens T] [--codec NAME] [--nosync | --nometasync]\n"
                "           [--verify] [--keep]\n");
 }
 
@@ -180,7 +181,7 @@ int main(int argc, char **argv)
 {
     const char *dir_arg = NULL, *codec = "kivi-2";
     uint64_t n = 1000000, batch = 1000, L = 2, H = 1, D = 128, T = 16;
-    bool nosync = false, verify = false, keep = false;
+    bool nosync = false, nometasync = false, verify = false, keep = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool more = i + 1 < argc;
@@ -189,6 +190,8 @@ int main(int argc, char **argv)
             return 0;
         } else if (!strcmp(a, "--nosync")) {
             nosync = true;
+        } else if (!strcmp(a, "--nometasync")) {
+            nometasync = true;
         } else if (!strcmp(a, "--verify")) {
             verify = true;
         } else if (!strcmp(a, "--keep")) {
@@ -267,7 +270,7 @@ int main(int argc, char **argv)
      * the B-tree, the free list and COW slack. */
     uint64_t pages = (len[0] + 16 + 4095) / 4096;
     uint64_t map = n * pages * 4096 / 10 * 13 + (256ull << 20);
-    kvs_disk_opts o = {.map_bytes = map, .nosync = nosync};
+    kvs_disk_opts o = {.map_bytes = map, .nosync = nosync, .nometasync = nometasync};
     kvs_disk *d;
     if (kvs_disk_open(dir, 1, &o, &d, &err)) {
         fprintf(stderr, "open: %s\n", err.msg);
@@ -276,7 +279,8 @@ int main(int argc, char **argv)
     printf("kvs-disk-scan-bench: %" PRIu64 " blocks of %zu bytes (L=%" PRIu64 " H=%" PRIu64
            " D=%" PRIu64 " T=%" PRIu64 " %s, %" PRIu64 " LMDB page(s) each), batches of %" PRIu64
            ", %s commits, map %" PRIu64 " MiB, in %s\n",
-           n, len[0], L, H, D, T, codec, pages, batch, nosync ? "unsynced" : "synced", map >> 20,
+           n, len[0], L, H, D, T, codec, pages, batch,
+           nosync ? "unsynced" : nometasync ? "data-synced (kvstashd's)" : "synced", map >> 20,
            dir);
 
     kvs_disk_item *items = malloc(batch * sizeof *items);
