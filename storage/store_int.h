@@ -1,6 +1,6 @@
-/* Private to the store and its disk-tier plumbing (storage/spill.c, storage/persist.c)
- * and admin verbs (storage/store_admin.c):
- * the block and store structures and the helpers these files use. Nothing outside
+/* Private to the store (storage/store.c, its GPU tier in storage/store_gpu.c), its
+ * disk-tier plumbing (storage/spill.c, storage/persist.c) and admin verbs
+ * (storage/store_admin.c): the block and store structures and the helpers these files use. Nothing outside
  * storage/ includes this.
  * Every *_locked function expects store->mu held (store.h: lock order).
  */
@@ -90,6 +90,8 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk);
  * checksum, an operator's evict) and queues the removal of its disk record, if it has one
  * or one is being written (invariant 8). True if it is now free (caller frees it). */
 bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk);
+/* Gives a block's capacity back to its tier (slot, host bytes, spill queue). */
+void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not
