@@ -1,7 +1,7 @@
 /* Private to the store (storage/store.c, its GPU tier in storage/store_gpu.c), its
  * disk-tier plumbing (storage/spill.c, storage/persist.c) and admin verbs
- * (storage/store_admin.c): the block and store structures and the helpers these files use. Nothing outside
- * storage/ includes this.
+ * (storage/store_admin.c): the block and store structures and the helpers these files
+ * use. Nothing outside storage/ includes this.
  * Every *_locked function expects store->mu held (store.h: lock order).
  */
 #ifndef KVS_STORAGE_STORE_INT_H
