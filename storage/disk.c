@@ -13,9 +13,7 @@
  */
 #include "storage/disk.h"
 
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -23,52 +21,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include <lmdb.h>
 
 #include "gpu/base/mem.h"
 #include "gpu/format.h"
 #include "gpu/spec.h"
+#include "storage/disk_int.h"
 
-#define MIB ((uint64_t)1024 * 1024)
-#define MAP_MAX ((uint64_t)64 << 40) /* 64 TiB: far inside x86-64's 128 TiB of user space */
-#define MAP_SLACK (64 * MIB)         /* fixed part of kvs_disk_map_bytes */
 #define SCAN_CHUNK 4096              /* records per read transaction of a scan */
 #define DEL_CHUNK 4096               /* deletes per write transaction of ns_del */
 #define LMDB_KEY_MAX 511             /* LMDB's compile-time key limit (mdb_env_get_maxkeysize) */
 #define BKEY_MAX (4 + KVS_KEY_MAX)
 #define NKEY_MAX (4 + KVS_DISK_NS_REC_MAX)
-#define FORMAT_NAME "kvstash-disk"
 #define LOG_BAD_MAX 8 /* bad records logged one by one per scan */
 
-struct kvs_disk {
-    MDB_env *env;
-    MDB_dbi main, meta, ns, blocks;
-    int dirfd;  /* holds the flock that makes the directory ours while open */
-    char *path; /* owned */
-    char identity[KVS_DISK_IDENTITY_MAX + 1];
-    bool lazy; /* commits are not flushed whole (nosync, nometasync): sync explicitly */
-    bool mu_init;
-    pthread_mutex_t wmu; /* the one writer (invariant 2) */
-    unsigned fail_nth;   /* fault injection countdown, under wmu */
-    int fail_rc;
-    /* Under wmu: the last commit deleted records. LMDB reuses the pages freed by
-     * transaction T only from transaction T+2 on (the meta page of T-1 may still be the
-     * one a crash falls back to), so a put that finds the map full right after an
-     * eviction commits a tiny change first and tries again (put_batch). */
-    bool freed_pending;
-    atomic_uint_fast64_t write_errors, read_errors, checksum_failures, map_full, syncs;
-    kvs_log_fn log;
-    void *log_ctx;
-};
 
-static void dlog(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void dlog(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
+void kvs__disk_log(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
 {
     if (!d->log)
         return;
@@ -103,7 +72,7 @@ static MDB_val make_key(uint8_t *buf, uint32_t ns_id, const void *bytes, size_t 
 }
 
 /* Up to 16 bytes of a key in hex for messages ("…" when cut); buf has 40 bytes. */
-static const char *hex(const void *p, size_t n, char *buf)
+const char *kvs__disk_hex(const void *p, size_t n, char *buf)
 {
     const uint8_t *b = p;
     size_t m = n > 16 ? 16 : n, o = 0;
@@ -130,11 +99,11 @@ static int write_fail(kvs_disk *d, int rc, const char *what, kvs_err *err)
                            d->path, what);
     atomic_fetch_add(&d->write_errors, 1);
     if (rc == ENOSPC || rc == EDQUOT) {
-        dlog(d, KVS_LOG_ERROR, "disk tier %s: %s: filesystem full", d->path, what);
+        kvs__disk_log(d, KVS_LOG_ERROR, "disk tier %s: %s: filesystem full", d->path, what);
         return kvs_err_set(err, KVS_ENOSPC, "disk tier %s: %s: filesystem full (%s)", d->path, what,
                            mdb_strerror(rc));
     }
-    dlog(d, KVS_LOG_ERROR, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
+    kvs__disk_log(d, KVS_LOG_ERROR, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
     return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", d->path, what, mdb_strerror(rc));
 }
 
@@ -145,7 +114,7 @@ static int read_fail(kvs_disk *d, int rc, const char *what, kvs_err *err)
 }
 
 /* An LMDB failure while opening or inspecting the environment. */
-static int open_fail(const char *path, int rc, const char *what, kvs_err *err)
+int kvs__disk_open_fail(const char *path, int rc, const char *what, kvs_err *err)
 {
     if (rc == MDB_INVALID)
         return kvs_err_set(err, KVS_EINVAL,
@@ -162,7 +131,7 @@ static int open_fail(const char *path, int rc, const char *what, kvs_err *err)
     return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", path, what, mdb_strerror(rc));
 }
 
-static int sys_fail(const char *path, const char *what, kvs_err *err)
+int kvs__disk_sys_fail(const char *path, const char *what, kvs_err *err)
 {
     return kvs_err_set(err, KVS_EIO, "disk tier %s: %s: %s", path, what, strerror(errno));
 }
@@ -292,392 +261,6 @@ static int do_sync(kvs_disk *d, kvs_err *err)
     return rc ? write_fail(d, rc, "mdb_env_sync", err) : 0;
 }
 
-/* ---------------------------------------------------------------- open and close */
-
-uint64_t kvs_disk_map_bytes(uint64_t budget)
-{
-    if (budget == 0 || budget > MAP_MAX)
-        return 0;
-    uint64_t m = budget + budget / 4 + MAP_SLACK;
-    m = (m + MIB - 1) / MIB * MIB;
-    return m > MAP_MAX ? 0 : m;
-}
-
-/* Creates the directory if missing, locks it, and checks it holds only our files.
- * *data_bytes = size of data.mdb (0 if absent). */
-static int claim_dir(kvs_disk *d, uint64_t *data_bytes, kvs_err *err)
-{
-    const char *p = d->path;
-    struct stat st;
-    *data_bytes = 0;
-    if (stat(p, &st) != 0) {
-        if (errno != ENOENT)
-            return sys_fail(p, "stat", err);
-        if (mkdir(p, 0700) != 0 && errno != EEXIST) {
-            if (errno == ENOENT)
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "disk tier %s: its parent directory does "
-                                   "not exist",
-                                   p);
-            return sys_fail(p, "mkdir", err);
-        }
-        dlog(d, KVS_LOG_INFO, "disk tier %s: created the directory", p);
-    } else if (!S_ISDIR(st.st_mode)) {
-        return kvs_err_set(err, KVS_EINVAL, "disk tier %s: not a directory", p);
-    }
-    d->dirfd = open(p, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (d->dirfd < 0)
-        return sys_fail(p, "open", err);
-    /* flock on the directory itself: two daemons (or two handles in one process, which
-     * LMDB forbids) on one environment would each trust an index the other changes. */
-    if (flock(d->dirfd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno == EWOULDBLOCK)
-            return kvs_err_set(err, KVS_EINVAL,
-                               "disk tier %s: in use by another process (or "
-                               "already open in this one)",
-                               p);
-        return sys_fail(p, "flock", err);
-    }
-    DIR *dir = opendir(p);
-    if (!dir)
-        return sys_fail(p, "opendir", err);
-    int rc = 0;
-    for (;;) {
-        errno = 0;
-        struct dirent *e = readdir(dir);
-        if (!e) {
-            if (errno)
-                rc = sys_fail(p, "readdir", err);
-            break;
-        }
-        const char *n = e->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, "..") || !strcmp(n, "lost+found"))
-            continue;
-        if (strcmp(n, "data.mdb") != 0 && strcmp(n, "lock.mdb") != 0) {
-            rc = kvs_err_set(err, KVS_EINVAL,
-                             "disk tier %s: holds '%.64s', which is not a "
-                             "kvstash file: refusing to use (or wipe) a directory with other "
-                             "data; empty it or choose another data directory",
-                             p, n);
-            break;
-        }
-        if (fstatat(d->dirfd, n, &st, AT_SYMLINK_NOFOLLOW) != 0) {
-            rc = sys_fail(p, n, err);
-            break;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            rc = kvs_err_set(err, KVS_EINVAL, "disk tier %s: %s is not a regular file", p, n);
-            break;
-        }
-        if (!strcmp(n, "data.mdb"))
-            *data_bytes = (uint64_t)st.st_size;
-    }
-    closedir(dir);
-    return rc;
-}
-
-/* Reads value `name` of the meta database; KVS_ENOTFOUND if absent. */
-static int meta_get(MDB_txn *txn, MDB_dbi meta, const char *name, MDB_val *v)
-{
-    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
-    int rc = mdb_get(txn, meta, &k, v);
-    return rc == MDB_NOTFOUND ? KVS_ENOTFOUND : rc;
-}
-
-/* Judges an existing, non-empty data.mdb without writing a byte: a read-only handle
- * with no lock file (we hold the directory's flock). Copies the recorded identity. */
-static int inspect_locked(kvs_disk *d, const kvs_disk_opts *o, uint64_t data_bytes, kvs_err *err)
-{
-    const char *p = d->path;
-    MDB_env *env;
-    MDB_txn *txn = NULL;
-    MDB_cursor *cur = NULL;
-    MDB_dbi main;
-    int rc = mdb_env_create(&env);
-    if (rc)
-        return open_fail(p, rc, "mdb_env_create", err);
-    mdb_env_set_maxdbs(env, 4);
-    rc = mdb_env_open(env, p, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
-    if (rc) {
-        rc = open_fail(p, rc, "mdb_env_open (read-only)", err);
-        goto out;
-    }
-    MDB_envinfo ei;
-    MDB_stat es;
-    mdb_env_info(env, &ei);
-    mdb_env_stat(env, &es);
-    /* A file shorter than its committed pages would fault (SIGBUS) when read. */
-    uint64_t need = ((uint64_t)ei.me_last_pgno + 1) * es.ms_psize;
-    if (data_bytes < need) {
-        rc = kvs_err_set(err, KVS_EPROTO,
-                         "disk tier %s: data.mdb is truncated: %" PRIu64
-                         " bytes, its last committed page ends at %" PRIu64 "; refusing to "
-                         "use it",
-                         p, data_bytes, need);
-        goto out;
-    }
-    if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
-        (rc = mdb_dbi_open(txn, NULL, 0, &main))) {
-        rc = open_fail(p, rc, "reading the main database", err);
-        goto out;
-    }
-    /* The main database names the named databases: ours are meta, ns and blocks. An
-     * empty one is an environment created by an open that died before its first commit. */
-    if ((rc = mdb_cursor_open(txn, main, &cur))) {
-        rc = open_fail(p, rc, "mdb_cursor_open", err);
-        goto out;
-    }
-    MDB_val k, v;
-    bool empty = true;
-    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        empty = false;
-        static const char *ours[] = {"meta", "ns", "blocks"};
-        bool known = false;
-        for (size_t i = 0; i < 3; i++)
-            known |= k.mv_size == strlen(ours[i]) && !memcmp(k.mv_data, ours[i], k.mv_size);
-        if (!known) {
-            char h[40];
-            rc = kvs_err_set(err, KVS_EINVAL,
-                             "disk tier %s: an LMDB environment holding key "
-                             "%s that kvstash does not use: not a kvstash data directory, "
-                             "refusing to use it",
-                             p, hex(k.mv_data, k.mv_size, h));
-            goto out;
-        }
-    }
-    if (rc != MDB_NOTFOUND) {
-        rc = open_fail(p, rc, "reading the main database", err);
-        goto out;
-    }
-    rc = 0;
-    if (empty)
-        goto out;
-    MDB_dbi meta;
-    rc = mdb_dbi_open(txn, "meta", 0, &meta);
-    if (rc == MDB_NOTFOUND || rc == MDB_INCOMPATIBLE) {
-        rc = kvs_err_set(err, KVS_EINVAL,
-                         "disk tier %s: an LMDB environment without kvstash's "
-                         "meta database: not a kvstash data directory, refusing to use it",
-                         p);
-        goto out;
-    }
-    if (rc) {
-        rc = open_fail(p, rc, "opening the meta database", err);
-        goto out;
-    }
-    rc = meta_get(txn, meta, "format", &v);
-    if (rc || v.mv_size != strlen(FORMAT_NAME) || memcmp(v.mv_data, FORMAT_NAME, v.mv_size)) {
-        rc = rc && rc != KVS_ENOTFOUND
-                 ? open_fail(p, rc, "reading meta", err)
-                 : kvs_err_set(err, KVS_EINVAL,
-                               "disk tier %s: meta database without the "
-                               "'%s' format mark: not a kvstash data directory, refusing to "
-                               "use it",
-                               p, FORMAT_NAME);
-        goto out;
-    }
-    rc = meta_get(txn, meta, "version", &v);
-    if (rc || v.mv_size != 4) {
-        rc = rc && rc != KVS_ENOTFOUND ? open_fail(p, rc, "reading meta", err)
-                                       : kvs_err_set(err, KVS_EPROTO,
-                                                     "disk tier %s: meta 'version' missing or "
-                                                     "malformed: damaged, refusing to use it",
-                                                     p);
-        goto out;
-    }
-    const uint8_t *vb = v.mv_data;
-    uint32_t ver =
-        (uint32_t)vb[0] | (uint32_t)vb[1] << 8 | (uint32_t)vb[2] << 16 | (uint32_t)vb[3] << 24;
-    if (ver != KVS_DISK_VERSION) {
-        rc = kvs_err_set(err, KVS_EPROTO,
-                         "disk tier %s: format version %" PRIu32 " is not "
-                         "one this build reads (%d): refusing to use it",
-                         p, ver, KVS_DISK_VERSION);
-        goto out;
-    }
-    rc = meta_get(txn, meta, "identity", &v);
-    if (rc == 0) {
-        size_t n = v.mv_size > KVS_DISK_IDENTITY_MAX ? KVS_DISK_IDENTITY_MAX : v.mv_size;
-        memcpy(d->identity, v.mv_data, n);
-        d->identity[n] = 0;
-        if (o->identity && d->identity[0] && strcmp(o->identity, d->identity) != 0) {
-            rc = kvs_err_set(err, KVS_EINVAL,
-                             "disk tier %s: belongs to daemon '%.64s', not "
-                             "'%.64s': refusing to use it",
-                             p, d->identity, o->identity);
-            goto out;
-        }
-    } else if (rc != KVS_ENOTFOUND) {
-        rc = open_fail(p, rc, "reading meta", err);
-        goto out;
-    }
-    rc = 0;
-    MDB_dbi other;
-    static const char *named[] = {"ns", "blocks"};
-    for (size_t i = 0; i < 2 && rc == 0; i++) {
-        int r = mdb_dbi_open(txn, named[i], 0, &other);
-        if (r && r != MDB_NOTFOUND)
-            rc = open_fail(p, r, named[i], err);
-    }
-out:
-    if (cur)
-        mdb_cursor_close(cur);
-    if (txn)
-        mdb_txn_abort(txn);
-    mdb_env_close(env);
-    return rc;
-}
-
-static int put_meta(MDB_txn *txn, MDB_dbi meta, const char *name, const void *val, size_t len)
-{
-    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
-    MDB_val v = {.mv_size = len, .mv_data = (void *)val};
-    return mdb_put(txn, meta, &k, &v, 0);
-}
-
-/* The real open, once the directory is judged ours: creates the databases and the meta
- * records of a new environment. */
-static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *err)
-{
-    const char *p = d->path;
-    int rc = mdb_env_create(&d->env);
-    if (rc)
-        return open_fail(p, rc, "mdb_env_create", err);
-    if ((rc = mdb_env_set_mapsize(d->env, map)) || (rc = mdb_env_set_maxdbs(d->env, 4)) ||
-        (rc = mdb_env_set_maxreaders(d->env, o->max_readers ? o->max_readers : 512)))
-        return open_fail(p, rc, "configuring the environment", err);
-    unsigned flags = MDB_NOTLS | (o->nosync        ? MDB_NOSYNC
-                                  : o->nometasync ? MDB_NOMETASYNC
-                                                  : 0);
-    if ((rc = mdb_env_open(d->env, p, flags, 0600))) {
-        mdb_env_close(d->env); /* LMDB: close even when open fails */
-        d->env = NULL;
-        return open_fail(p, rc, "mdb_env_open", err);
-    }
-    int dead = 0;
-    mdb_reader_check(d->env, &dead); /* slots of crashed readers (other processes) */
-
-    MDB_txn *txn;
-    if ((rc = mdb_txn_begin(d->env, NULL, 0, &txn)))
-        return open_fail(p, rc, "mdb_txn_begin", err);
-    bool fresh = false;
-    MDB_val v;
-    if ((rc = mdb_dbi_open(txn, NULL, 0, &d->main)) ||
-        (rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &d->meta)) ||
-        (rc = mdb_dbi_open(txn, "ns", MDB_CREATE, &d->ns)) ||
-        (rc = mdb_dbi_open(txn, "blocks", MDB_CREATE, &d->blocks)))
-        goto fail;
-    rc = meta_get(txn, d->meta, "format", &v);
-    if (rc == KVS_ENOTFOUND) {
-        fresh = true;
-        uint8_t ver[4] = {KVS_DISK_VERSION & 0xff, 0, 0, 0};
-        uint64_t now = (uint64_t)time(NULL);
-        uint8_t created[8];
-        for (int i = 0; i < 8; i++)
-            created[i] = (uint8_t)(now >> (8 * i));
-        if ((rc = put_meta(txn, d->meta, "format", FORMAT_NAME, strlen(FORMAT_NAME))) ||
-            (rc = put_meta(txn, d->meta, "version", ver, 4)) ||
-            (rc = put_meta(txn, d->meta, "created", created, 8)))
-            goto fail;
-    } else if (rc) {
-        goto fail;
-    }
-    if (o->identity && !d->identity[0]) {
-        if ((rc = put_meta(txn, d->meta, "identity", o->identity, strlen(o->identity))))
-            goto fail;
-        snprintf(d->identity, sizeof d->identity, "%s", o->identity);
-    }
-    if ((rc = mdb_txn_commit(txn)))
-        return open_fail(p, rc, "committing the meta records", err);
-    if (fresh && (rc = mdb_env_sync(d->env, 1)))
-        return open_fail(p, rc, "mdb_env_sync", err);
-    MDB_envinfo ei;
-    mdb_env_info(d->env, &ei);
-    dlog(d, KVS_LOG_INFO, "disk tier %s: %s, map %" PRIu64 " MiB, %s commits", p,
-         fresh ? "new environment" : "opened", (uint64_t)ei.me_mapsize / MIB,
-         o->nosync ? "unsynced" : o->nometasync ? "data-synced" : "synced");
-    return 0;
-fail:
-    mdb_txn_abort(txn);
-    return open_fail(p, rc, "initializing the databases", err);
-}
-
-int kvs_disk_open(const char *dir, uint64_t budget_bytes, const kvs_disk_opts *opts, kvs_disk **out,
-                  kvs_err *err)
-{
-    kvs_disk_opts o = opts ? *opts : (kvs_disk_opts){0};
-    if (!out)
-        return kvs_err_set(err, KVS_EINVAL, "disk tier: out is NULL");
-    *out = NULL;
-    if (!dir || !*dir)
-        return kvs_err_set(err, KVS_EINVAL, "disk tier: data directory: empty path");
-    uint64_t map = o.map_bytes;
-    if (map) {
-        long pg = sysconf(_SC_PAGESIZE);
-        uint64_t ps = pg > 0 ? (uint64_t)pg : 4096;
-        if (map > MAP_MAX)
-            return kvs_err_set(err, KVS_EINVAL,
-                               "disk tier %s: map_bytes %" PRIu64 " over "
-                               "64 TiB",
-                               dir, map);
-        map = (map + ps - 1) / ps * ps;
-    } else if (!(map = kvs_disk_map_bytes(budget_bytes))) {
-        return kvs_err_set(err, KVS_EINVAL,
-                           "disk tier %s: budget %" PRIu64 " bytes: must be "
-                           "1 byte to 51 TiB",
-                           dir, budget_bytes);
-    }
-    if (o.identity && strlen(o.identity) > KVS_DISK_IDENTITY_MAX)
-        return kvs_err_set(err, KVS_EINVAL, "disk tier %s: identity: over %d bytes", dir,
-                           KVS_DISK_IDENTITY_MAX);
-
-    kvs_disk *d = kvs_xcalloc(1, sizeof *d);
-    d->dirfd = -1;
-    d->path = kvs_xstrdup(dir);
-    d->lazy = o.nosync || o.nometasync;
-    d->log = o.log;
-    d->log_ctx = o.log_ctx;
-    pthread_mutex_init(&d->wmu, NULL);
-    d->mu_init = true;
-    uint64_t data_bytes;
-    int rc = claim_dir(d, &data_bytes, err);
-    if (!rc && data_bytes > 0)
-        rc = inspect_locked(d, &o, data_bytes, err);
-    if (!rc)
-        rc = open_env(d, &o, map, err);
-    if (rc) {
-        kvs_disk_close(d);
-        return rc;
-    }
-    *out = d;
-    return 0;
-}
-
-void kvs_disk_close(kvs_disk *d)
-{
-    if (!d)
-        return;
-    if (d->env)
-        mdb_env_close(d->env);
-    if (d->dirfd >= 0)
-        close(d->dirfd); /* releases the flock */
-    if (d->mu_init)
-        pthread_mutex_destroy(&d->wmu);
-    free(d->path);
-    free(d);
-}
-
-const char *kvs_disk_path(const kvs_disk *d)
-{
-    return d->path;
-}
-
-const char *kvs_disk_identity(const kvs_disk *d)
-{
-    return d->identity;
-}
-
 /* ---------------------------------------------------------------- blocks */
 
 /* One write transaction storing items; LMDB's code. Replacing a block frees pages too,
@@ -715,7 +298,7 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
             char h[40];
             return kvs_err_set(
                 err, KVS_EINVAL, "disk put: item %zu (namespace %" PRIu32 ", key %s): %s", i,
-                it->ns_id, hex(it->key, it->key_len, h), it->bytes ? why.msg : "no bytes");
+                it->ns_id, kvs__disk_hex(it->key, it->key_len, h), it->bytes ? why.msg : "no bytes");
         }
     }
     if (n == 0)
@@ -818,7 +401,7 @@ static uint64_t drop_bad(kvs_disk *d, const bad_key *bad, size_t n)
         dropped += here;
         continue;
     failed:
-        dlog(d, KVS_LOG_ERROR, "disk tier %s: could not drop bad blocks: %s", d->path, err.msg);
+        kvs__disk_log(d, KVS_LOG_ERROR, "disk tier %s: could not drop bad blocks: %s", d->path, err.msg);
         break;
     }
     return dropped;
@@ -838,7 +421,7 @@ int kvs_disk_get(kvs_disk *d, uint32_t ns_id, const void *key, size_t key_len, k
     if (rc)
         return rc;
     char h[40];
-    hex(key, key_len, h);
+    kvs__disk_hex(key, key_len, h);
     rc = mdb_get(txn, d->blocks, &k, &v);
     if (rc) {
         mdb_txn_abort(txn);
@@ -852,7 +435,7 @@ int kvs_disk_get(kvs_disk *d, uint32_t ns_id, const void *key, size_t key_len, k
     if (check_full(v.mv_data, v.mv_size, ns_id, &info, &why)) {
         mdb_txn_abort(txn);
         atomic_fetch_add(&d->checksum_failures, 1);
-        dlog(d, KVS_LOG_WARN,
+        kvs__disk_log(d, KVS_LOG_WARN,
              "disk tier %s: block %s of namespace %" PRIu32 " is bad (%s): "
              "dropped",
              d->path, h, ns_id, why.msg);
@@ -921,8 +504,8 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
                 uint64_t nfail = atomic_fetch_add(&d->checksum_failures, 1);
                 char h[40];
                 if (nfail < LOG_BAD_MAX)
-                    dlog(d, KVS_LOG_WARN, "disk tier %s: scan: record %s is bad (%s): dropping",
-                         d->path, hex(k.mv_data, k.mv_size, h), why.msg);
+                    kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: scan: record %s is bad (%s): dropping",
+                         d->path, kvs__disk_hex(k.mv_data, k.mv_size, h), why.msg);
                 if (nbad == cap) {
                     size_t ncap = cap ? 2 * cap : 64;
                     bad_key *nb = realloc(bad, ncap * sizeof *nb);
@@ -974,7 +557,7 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
     }
     if (nbad) {
         si.dropped = drop_bad(d, bad, nbad);
-        dlog(d, KVS_LOG_WARN, "disk tier %s: scan dropped %" PRIu64 " bad records", d->path,
+        kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: scan dropped %" PRIu64 " bad records", d->path,
              si.dropped);
     }
     free(bad);
@@ -1034,7 +617,7 @@ int kvs_disk_ns_get(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len
             return kvs_err_set(err, KVS_ENOTFOUND,
                                "disk tier: namespace %" PRIu32 " has no "
                                "record '%s' (hex)",
-                               ns_id, hex(rec, rec_len, h));
+                               ns_id, kvs__disk_hex(rec, rec_len, h));
         return read_fail(d, rc, "mdb_get (namespace record)", err);
     }
     rc = fn(v.mv_data, v.mv_size, arg);
@@ -1061,10 +644,10 @@ int kvs_disk_ns_list(kvs_disk *d, kvs_disk_ns_fn fn, void *arg, kvs_err *err)
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
         if (k.mv_size < 4 || k.mv_size > NKEY_MAX) {
             char h[40];
-            dlog(d, KVS_LOG_WARN,
+            kvs__disk_log(d, KVS_LOG_WARN,
                  "disk tier %s: namespace record with a malformed key %s: "
                  "skipped",
-                 d->path, hex(k.mv_data, k.mv_size, h));
+                 d->path, kvs__disk_hex(k.mv_data, k.mv_size, h));
             continue;
         }
         const uint8_t *kb = k.mv_data;
