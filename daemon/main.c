@@ -94,19 +94,24 @@ static void on_stats(uv_timer_t *t)
     kvs_store_stats st;
     kvs_store_get_stats(d->store, &st);
     kvs_log(KVS_LOG_INFO,
-            "stats: gpu %llu/%llu bytes in %llu blocks, hits %llu, demotions %llu; "
+            "stats: gpu %llu/%llu bytes in %llu blocks, hits %llu, demotions %llu, "
+            "promotions %llu; "
             "host %llu/%llu bytes in %llu blocks, hits %llu, misses %llu, evictions %llu, "
-            "checksum failures %llu; disk %llu/%llu bytes in %llu blocks, hits %llu, "
+            "checksum failures %llu; spills %llu, spill queue %llu bytes, dropped %llu; "
+            "disk %llu/%llu bytes in %llu blocks, hits %llu, promotions %llu, "
             "evictions %llu, write errors %llu; in flight %u",
             (unsigned long long)st.gpu_used, (unsigned long long)st.gpu_capacity,
             (unsigned long long)st.gpu_blocks, (unsigned long long)st.gpu_hits,
-            (unsigned long long)st.gpu_demotions,
+            (unsigned long long)st.gpu_demotions, (unsigned long long)st.gpu_promotions,
             (unsigned long long)st.host_used, (unsigned long long)st.host_capacity,
             (unsigned long long)st.host_blocks, (unsigned long long)st.host_hits,
             (unsigned long long)st.misses, (unsigned long long)st.host_evictions,
-            (unsigned long long)st.checksum_failures, (unsigned long long)st.disk_used,
+            (unsigned long long)st.checksum_failures, (unsigned long long)st.disk_spills,
+            (unsigned long long)st.spill_pending, (unsigned long long)st.spill_dropped,
+            (unsigned long long)st.disk_used,
             (unsigned long long)st.disk_capacity, (unsigned long long)st.disk_blocks,
-            (unsigned long long)st.disk_hits, (unsigned long long)st.disk_evictions,
+            (unsigned long long)st.disk_hits, (unsigned long long)st.disk_promotions,
+            (unsigned long long)st.disk_evictions,
             (unsigned long long)st.disk_write_errors, kvs_server_inflight(d->server));
 }
 

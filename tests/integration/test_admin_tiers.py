@@ -301,3 +301,24 @@ def test_evict_gpu_blocks(daemon, tmp_path):
     assert lookup(d, ns.name, keys) == [TIER_DISK] * 4
     for k in keys:
         assert kvs.get(d.stub, ns.name, k).data == datas[k], k
+
+
+def test_stats_line_reports_tier_movements(daemon, tmp_path):
+    """The periodic stats line counts spills to disk and promotions from it."""
+    import time
+    d = daemon(host_capacity="128K", extra=["--data-dir", str(tmp_path / "data"),
+                                             "--stats-interval", "1", "--gpu-capacity", "0"])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    for i in range(12):  # 16 KiB blocks: most go to disk
+        kvs.put(d.stub, ns.name, b"s%d" % i, T, ns.payload(T, seed=i))
+    d.admin.Flush(pb.FlushRequest(), timeout=30)
+    assert kvs.get(d.stub, ns.name, b"s0").data == ns.payload(T, seed=0)  # promoted from disk
+    deadline = time.time() + 5
+    import re
+    while time.time() < deadline:
+        lines = [ln for ln in d.stderr_text().splitlines() if "stats: gpu" in ln]
+        m = re.search(r"spills (\d+),.* disk .* promotions (\d+)", lines[-1]) if lines else None
+        if m and int(m.group(1)) > 0 and int(m.group(2)) > 0:
+            break
+        time.sleep(0.2)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0, lines[-1:] if lines else "no line"
