@@ -8,7 +8,7 @@
 #   MEMCHECK=1  the same under compute-sanitizer memcheck
 #   INTEG=1     the daemon's integration tests through the GPU engine (whole suite, GPU
 #               tier off so the host-tier tests see what they expect), then the GPU tier
-#               tests and the round-trip/codec/encoded/tiers/durable/persist/crash suites
+#               tests and the round-trip/codec/encoded/tiers/durable/persist/crash/full suites
 #               with the GPU tier on
 #   BENCH=1     kvs-bench-gpu (kernel throughput vs copy bandwidth, one-block latency)
 #   TIERBENCH=1 kvs-bench-tier (host <-> GPU tier moves, staged vs pinned host memory)
@@ -45,7 +45,7 @@ if [ "${INTEG:-1}" = 1 ]; then
     note "integration, GPU engine, host tier" $?; tail -n 5 "$OUT/integ-engine.log"
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
         test_gpu_tier.py test_roundtrip.py test_codecs.py test_encoded.py test_admin_tiers.py \
-        test_durable.py test_persist.py test_crash.py > "$OUT/integ-tier.log" 2>&1)
+        test_durable.py test_persist.py test_crash.py test_tiers_full.py > "$OUT/integ-tier.log" 2>&1)
     note "integration, GPU engine + GPU tier" $?; tail -n 5 "$OUT/integ-tier.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
