@@ -368,3 +368,19 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
     if (done)
         call_free(c);
 }
+
+uint8_t *kvs_call_buf_alloc(kvs_call *c, size_t n)
+{
+    kvs_hostpool *pool = kvs_store_host_pool(c->srv->store);
+    uint8_t *p = pool ? kvs_hostpool_alloc(pool, n) : NULL;
+    return p ? p : kvs_trymalloc(n);
+}
+
+void kvs_call_buf_free(kvs_call *c, uint8_t *p)
+{
+    kvs_hostpool *pool = kvs_store_host_pool(c->srv->store);
+    if (p && kvs_hostpool_owns(pool, p))
+        kvs_hostpool_free(pool, p);
+    else
+        free(p);
+}

@@ -207,6 +207,12 @@ void kvs_call_abandon(kvs_call *c);
  * both right here when there is no pool or it is closed (shutdown). Between the two the
  * call must have no batch in flight but CLOSE. */
 void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *));
+/* A payload buffer of n bytes for the engine to read or write (a Put's raw block, a Get's
+ * decoded layers): from the pinned host pool when there is one and it has room, so the
+ * engine moves it by DMA without its staging; else malloc. NULL when out of memory. Free
+ * with kvs_call_buf_free (NULL is fine). */
+uint8_t *kvs_call_buf_alloc(kvs_call *c, size_t n);
+void kvs_call_buf_free(kvs_call *c, uint8_t *p);
 
 /* Copies a received byte buffer into one contiguous slice. The caller reads
  * GRPC_SLICE_START_PTR/LENGTH and unrefs the slice. */

@@ -37,7 +37,7 @@
 void kvs_get_cleanup(kvs_call *c)
 {
     kvs_get_state *g = &c->u.get;
-    free(g->raw);
+    kvs_call_buf_free(c, g->raw);
     g->raw = NULL;
     free(g->fetched);
     g->fetched = NULL;
@@ -104,7 +104,7 @@ static int setup(kvs_call *c, kvs_err *err)
      * runs in decode_job. */
     g->layer_bytes = kvs_spec_layer_bytes(spec, t);
     uint64_t n = g->layer_bytes * (g->layer_end - g->layer_begin);
-    if (!(g->raw = kvs_trymalloc(n)))
+    if (!(g->raw = kvs_call_buf_alloc(c, n)))
         return kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %llu bytes",
                            (unsigned long long)n);
     g->bytes = g->raw;

@@ -50,7 +50,7 @@ void kvs_put_cleanup(kvs_call *c)
     kvs_put_state *p = &c->u.put;
     if (p->blk)
         kvs_store_block_abort(c->srv->store, p->blk);
-    free(p->raw);
+    kvs_call_buf_free(c, p->raw);
     p->raw = NULL;
     if (p->ns)
         kvs_ns_unref(p->ns);
@@ -110,7 +110,7 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
     uint64_t enc_max = kvs_block_encoded_max(kc, vc, h->tokens);
     if (!p->gpu && (rc = kvs_store_block_alloc(st, p->ns, h->tokens, enc_max, &p->blk, err)))
         return rc;
-    if (!(p->raw = kvs_trymalloc(p->expected)))
+    if (!(p->raw = kvs_call_buf_alloc(c, p->expected)))
         return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
                            (unsigned long long)p->expected);
     return 0;
@@ -162,7 +162,7 @@ static void encode_job(void *arg)
     p->rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
                              kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
                              kvs_block_data(p->blk), kvs_block_size(p->blk), &p->enc_len, &p->err);
-    free(p->raw);
+    kvs_call_buf_free(c, p->raw);
     p->raw = NULL;
 }
 
@@ -250,7 +250,7 @@ static void engine_done(void *arg, int rc, const kvs_err *err)
     p->rc = rc;
     if (err)
         p->err = *err;
-    free(p->raw);
+    kvs_call_buf_free(c, p->raw);
     p->raw = NULL;
     encode_done(c);
 }

@@ -182,15 +182,17 @@ static void unpin_slab(void *ctx, void *addr, size_t bytes)
 }
 
 /* With a GPU engine, host blocks live in pinned memory (storage/hostpool.h), so promotion
- * and demotion copy them by DMA. Room for the host tier, the blocks queued for the disk
- * writer, and the pool's rounding (at most an eighth per block), in 64 MiB slabs. */
+ * and demotion copy them by DMA, and so do the Put and Get payload buffers the engine
+ * encodes from and decodes into (daemon/call.h kvs_call_buf_alloc). Address space for the
+ * host tier, the blocks queued for the disk writer, the pool's rounding (at most an eighth
+ * per block) and 1 GiB of payloads in flight; pinned in 64 MiB slabs as they are used. */
 static int start_host_pool(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
 {
     uint64_t spill = sopts->disk ? (sopts->spill_max ? sopts->spill_max
                                                      : sopts->host_capacity / 4)
                                  : 0;
     uint64_t need = sopts->host_capacity + spill;
-    kvs_hostpool_opts po = {.max_bytes = need + need / 8 + ((uint64_t)128 << 20),
+    kvs_hostpool_opts po = {.max_bytes = need + need / 8 + ((uint64_t)1 << 30),
                             .pin = pin_slab, .unpin = unpin_slab, .ctx = d->engine};
     int rc = kvs_hostpool_create(&po, &d->host_pool, err);
     if (rc)

@@ -148,6 +148,57 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
     return pos;
 }
 
+bool kvs__engine_pinned(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+}
+
+/* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
+ * of the staging h_raw when no request brought pinned raw memory; otherwise per request,
+ * two strided copies straight between its own buffer ([nl][2][sec]: K and V of each layer
+ * interleaved) and d_raw for a pinned one, two plain ones through h_raw for the others. */
+static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, bool to_dev,
+                    kvs_err *err)
+{
+    bool any = false;
+    for (job *j = list; j; j = j->next)
+        any |= j->pinned_raw;
+    enum cudaMemcpyKind kind = to_dev ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+    size_t w = sec * 2; /* bytes of one section */
+    if (!any) {
+        void *dst = to_dev ? (void *)e->d_raw : (void *)e->h_raw;
+        const void *src = to_dev ? (const void *)e->h_raw : (const void *)e->d_raw;
+        ENGINE_TRY(e, cudaMemcpyAsync(dst, src, 2 * n * w, kind, e->st), err);
+        return 0;
+    }
+    size_t b = 0;
+    for (job *j = list; j; j = j->next, b++) {
+        for (int kv = 0; kv < 2; kv++) {
+            size_t dev_off = ((size_t)kv * n + b * nl) * w; /* in d_raw and h_raw */
+            uint8_t *dev = e->d_raw + dev_off;
+            if (!j->pinned_raw) {
+                uint8_t *host = e->h_raw + dev_off;
+                ENGINE_TRY(e, cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
+                                              to_dev ? (const void *)host : (const void *)dev,
+                                              nl * w, kind, e->st), err);
+                continue;
+            }
+            uint8_t *user = to_dev ? (uint8_t *)j->raw_in : (uint8_t *)j->raw_out;
+            user += (size_t)kv * w;
+            if (to_dev)
+                ENGINE_TRY(e, cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
+            else
+                ENGINE_TRY(e, cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
+        }
+    }
+    return 0;
+}
+
 /* Runs one batch of nb compatible encode or decode requests over nl layers each: moves
  * the encoded side in (decode), launches the K and V kernels, moves the results out, waits.
  * The caller filled h_raw (encode) or h_enc and h_len (host decode) and h_len (dev decode). */
@@ -158,7 +209,7 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     uint32_t nl = list->le - list->lb, t = list->t;
     size_t n = (size_t)nb * nl, sec = sec_elems(k, t);
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
-    size_t raw_bytes = 2 * n * sec * 2, enc_bytes = n * (sk + sv);
+    size_t enc_bytes = n * (sk + sv);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
@@ -180,8 +231,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     vs.len = vfix ? NULL : e->d_len + n;
     int rc;
     if (encode) {
-        ENGINE_TRY(e, cudaMemcpyAsync(e->d_raw, e->h_raw, raw_bytes, cudaMemcpyHostToDevice, e->st),
-                   err);
+        if ((rc = move_raw(e, list, nl, n, sec, true, err)))
+            return rc;
         if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
             return rc;
@@ -219,8 +270,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
             return rc;
-        ENGINE_TRY(e, cudaMemcpyAsync(e->h_raw, e->d_raw, raw_bytes, cudaMemcpyDeviceToHost, e->st),
-                   err);
+        if ((rc = move_raw(e, list, nl, n, sec, false, err)))
+            return rc;
     }
     ENGINE_TRY(e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad,
                                   cudaMemcpyDeviceToHost, e->st), err);
@@ -274,7 +325,7 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
     uint16_t *hr = (uint16_t *)e->h_raw;
     uint32_t b = 0;
     for (job *j = list; j; j = j->next, b++) /* [L][2][t][H][D] -> K [B][L], V [B][L] */
-        for (uint32_t l = 0; l < L; l++) {
+        for (uint32_t l = 0; l < L && !j->pinned_raw; l++) { /* pinned: move_raw's DMA */
             memcpy(hr + ((size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l) * sec, sec * 2);
             memcpy(hr + (n + (size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l + 1) * sec,
                    sec * 2);
@@ -360,7 +411,7 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
             kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
             continue;
         }
-        for (uint32_t l = 0; l < nl; l++) {
+        for (uint32_t l = 0; l < nl && !j->pinned_raw; l++) { /* pinned: DMA'd in place */
             memcpy(j->raw_out + (2 * (size_t)l) * sec, hr + ((size_t)b * nl + l) * sec, sec * 2);
             memcpy(j->raw_out + (2 * (size_t)l + 1) * sec, hr + (n + (size_t)b * nl + l) * sec,
                    sec * 2);
@@ -598,7 +649,7 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_ENCODE, .k = k, .v = v, .t = t, .lb = 0, .le = s->layers,
                .ns_id = ns_id, .raw_in = raw, .out = out, .cap = cap, .len = len,
-               .done = done, .arg = arg};
+               .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -630,7 +681,7 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
                .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,
-               .arg = arg};
+               .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 

@@ -34,6 +34,8 @@ typedef struct job {
                         * lengths */
     bool direct;       /* upload, fetch: DMA between the slot and pinned host memory, no
                         * staging (engine_tier.c) */
+    bool pinned_raw;   /* encode, decode: the raw buffer is pinned host memory: DMA'd
+                        * straight to or from d_raw, no staging (engine.c, move_raw) */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;
@@ -73,6 +75,9 @@ int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err);
  * written. */
 size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
                                const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out);
+/* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
+ * reach it without a staging buffer. */
+bool kvs__engine_pinned(const void *p);
 /* Engine thread, engine_tier.c: a batch of fetch jobs, of upload jobs. */
 void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb);
 void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb);

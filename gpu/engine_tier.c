@@ -113,18 +113,6 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     }
 }
 
-/* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
- * reach it without a staging buffer. */
-static bool pinned(const void *p)
-{
-    struct cudaPointerAttributes a;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-        cudaGetLastError(); /* not sticky: clear it */
-        return false;
-    }
-    return a.type == cudaMemoryTypeHost;
-}
-
 /* True if an encoded block's sections sit at the stride fixed-size codecs give them: K of
  * layer l at prefix + l*(sk+sv) with sk bytes, V right after with sv. */
 static bool regular(const uint8_t *enc, uint32_t L, size_t sk, size_t sv)
@@ -187,7 +175,7 @@ int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_ENCODE, .dev = true, .k = k, .v = v, .t = t, .lb = 0,
                .le = kvs_codec_spec(k)->layers, .raw_in = raw, .slot = slot, .lens = lens,
-               .done = done, .arg = arg};
+               .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -206,7 +194,7 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_DECODE, .dev = true, .k = k, .v = v, .t = t, .lb = layer_begin,
                .le = layer_end, .slot = (uint8_t *)slot, .lens = (uint32_t *)lens,
-               .raw_out = raw, .done = done, .arg = arg};
+               .raw_out = raw, .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -225,7 +213,7 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
                .lens = (uint32_t *)lens, .out = out, .cap = cap, .len = len, .done = done,
                .arg = arg,
                .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
-                         pinned(out)};
+                         kvs__engine_pinned(out)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -331,7 +319,7 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_UPLOAD, .k = k, .v = v, .t = info.tokens, .lb = 0, .le = info.layers,
                .enc = enc, .enc_len = len, .slot = slot, .lens = lens, .done = done, .arg = arg,
-               .direct = regular(enc, info.layers, sk, sv) && pinned(enc)};
+               .direct = regular(enc, info.layers, sk, sv) && kvs__engine_pinned(enc)};
     return kvs__engine_submit(e, j, err);
 }
 

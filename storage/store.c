@@ -506,6 +506,11 @@ bool kvs_store_has_disk(const kvs_store *st)
     return st->disk != NULL;
 }
 
+kvs_hostpool *kvs_store_host_pool(const kvs_store *st)
+{
+    return st->pool;
+}
+
 bool kvs_store_promotes(const kvs_store *st)
 {
     return st->promote;

@@ -190,6 +190,9 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
 kvs_block_dev *kvs_block_device(kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
 bool kvs_store_has_disk(const kvs_store *st);
+/* The pinned host pool the store was given (opts.host_pool), or NULL: request buffers that
+ * the engine reads or writes may come from it too. */
+kvs_hostpool *kvs_store_host_pool(const kvs_store *st);
 /* True unless opts.no_promote. */
 bool kvs_store_promotes(const kvs_store *st);
 /* Waits until the disk writer has applied everything queued so far (tests, flush). A

@@ -7,7 +7,7 @@
 #
 #   tests/bench/e2e_gpu.sh [KVSTASHD] [KVCTL]    (defaults: build/bin/...)
 # Environment: BLOCKS (default 512), THREADS (default "1 8"), CODECS, MODES ("gpu cpu"),
-# LOGDIR (keep the daemons' logs there).
+# LOGDIR (keep the daemons' logs there), EXTRA (more kvstashd flags, e.g. --host-pinned off).
 set -u
 D=${1:-build/bin/kvstashd}
 C=${2:-build/bin/kvctl}
@@ -27,7 +27,7 @@ for mode in $MODES; do
     # --calib-tokens 16: rotatekv freezes its channel order on the first block (the
     # bench's own warm-up) instead of after 4096 tokens.
     $D --listen 127.0.0.1:0 --port-file "$WORK/port" --host-capacity 16G --stats-interval 0 \
-        --calib-tokens 16 $flags > "$WORK/d-$mode.log" 2>&1 &
+        --calib-tokens 16 $flags ${EXTRA:-} > "$WORK/d-$mode.log" 2>&1 &
     PID=$!
     for _ in $(seq 200); do [ -s "$WORK/port" ] && break; sleep 0.1; done
     if [ ! -s "$WORK/port" ]; then echo "kvstashd ($mode) did not start:"; cat "$WORK/d-$mode.log"; exit 1; fi

@@ -6,7 +6,9 @@
  * of a layer range must equal kvs_block_decode; a block with a NaN fails alone, naming
  * the element, while the rest of its batch succeeds. GPU tier: the same blocks encoded
  * into device slots, fetched back (framed and sealed: the same bytes as the CPU's),
- * decoded from the slots whole and by layer range. Exits 77 without a GPU.
+ * decoded from the slots whole and by layer range. Half the requests keep their raw input
+ * and decoded output in pinned memory (moved by DMA in place), half in malloc'ed memory
+ * (through the staging), mixed in the same batches. Exits 77 without a GPU.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -333,11 +335,23 @@ static void test_codec(kvs_engine *e, const char *name)
     req *r = calloc(BLOCKS, sizeof *r);
     uint64_t x = 0x1234567ull + (uint64_t)name[0];
     int nan_at = 77, nan2 = 78; /* two bad requests, likely in one batch: both must fail */
+    /* Even requests keep their raw input and decode output in memory registered with the
+     * engine (DMA'd in place), odd ones in malloc'ed memory (through the staging): batches
+     * mix both. */
+    size_t rstride = ((size_t)L * 2 * T * H * D * 2 + 4095) / 4096 * 4096;
+    size_t rbytes = rstride * (BLOCKS / 2 + 1);
+    uint8_t *raw_pin = aligned_alloc(4096, rbytes), *dec_pin = aligned_alloc(4096, rbytes);
+    if (!raw_pin || !dec_pin || kvs_engine_host_register(e, raw_pin, rbytes, &err) ||
+        kvs_engine_host_register(e, dec_pin, rbytes, &err)) {
+        printf("FAIL %s: pinned raw buffers: %s\n", name, err.msg);
+        failures++;
+        exit(1);
+    }
     for (int i = 0; i < BLOCKS; i++) {
         r[i].t = i % 5 == 4 ? 1 + (uint32_t)(i % T) : T; /* mostly full, some partial */
         size_t n = (size_t)L * 2 * r[i].t * H * D;
-        r[i].raw = malloc(n * 2);
-        r[i].dec_gpu = malloc(n * 2);
+        r[i].raw = i % 2 ? malloc(n * 2) : (uint16_t *)(raw_pin + (size_t)(i / 2) * rstride);
+        r[i].dec_gpu = i % 2 ? malloc(n * 2) : (uint16_t *)(dec_pin + (size_t)(i / 2) * rstride);
         r[i].dec_cpu = malloc(n * 2);
         size_t cap = kvs_block_encoded_max(k, v, r[i].t);
         r[i].gpu = malloc(cap);
@@ -425,12 +439,18 @@ static void test_codec(kvs_engine *e, const char *name)
     }
     test_tier(e, k, v, r, nan_at, nan2);
     for (int i = 0; i < BLOCKS; i++) {
-        free(r[i].raw);
+        if (i % 2) {
+            free(r[i].raw);
+            free(r[i].dec_gpu);
+        }
         free(r[i].gpu);
         free(r[i].cpu);
-        free(r[i].dec_gpu);
         free(r[i].dec_cpu);
     }
+    kvs_engine_host_unregister(e, raw_pin, rbytes);
+    kvs_engine_host_unregister(e, dec_pin, rbytes);
+    free(raw_pin);
+    free(dec_pin);
     free(r);
     kvs_codec_destroy(k);
     kvs_codec_destroy(v);
