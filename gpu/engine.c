@@ -653,20 +653,21 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     return kvs__engine_submit(e, j, err);
 }
 
-int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
-                      kvs_engine_done done, void *arg, kvs_err *err)
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                            size_t len, uint32_t layer_begin, uint32_t layer_end,
+                            kvs_block_info *info, kvs_err *err)
 {
-    kvs_block_info info;
-    int rc = kvs_format_parse(enc, len, &info, err);
+    int rc = kvs_format_parse(enc, len, info, err);
     if (rc == 0)
-        rc = kvs_block_check(k, v, &info, err);
+        rc = kvs_block_check(k, v, info, err);
     if (rc)
         return rc;
-    if (layer_begin >= layer_end || layer_end > info.layers)
+    if (layer_end == 0)
+        layer_end = info->layers;
+    if (layer_begin >= layer_end || layer_end > info->layers)
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
-                           layer_end, info.layers);
-    size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
+                           layer_end, info->layers);
+    size_t sk = kvs_codec_section_max(k, info->tokens), sv = kvs_codec_section_max(v, info->tokens);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (uint32_t l = layer_begin; l < layer_end; l++) {
         const uint8_t *p;
@@ -678,6 +679,19 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
                                "bytes, the codecs write %s%zu/%s%zu", l, n0, n1,
                                kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
     }
+    return 0;
+}
+
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    if (layer_end == 0) /* for the helper 0 means every layer; here it is an empty range */
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, 0) is empty", layer_begin);
+    kvs_block_info info;
+    int rc = kvs__engine_check_block(k, v, enc, len, layer_begin, layer_end, &info, err);
+    if (rc)
+        return rc;
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
                .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,

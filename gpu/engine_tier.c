@@ -300,22 +300,12 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                           size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
                           kvs_err *err)
 {
+    /* The checks decode makes: the slot's fixed-size sections must be exactly the codecs'. */
     kvs_block_info info;
-    int rc = kvs_format_parse(enc, len, &info, err);
-    if (rc == 0)
-        rc = kvs_block_check(k, v, &info, err);
+    int rc = kvs__engine_check_block(k, v, enc, len, 0, 0, &info, err);
     if (rc)
         return rc;
     size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
-    for (uint32_t l = 0; l < info.layers; l++) {
-        const uint8_t *p;
-        size_t n0, n1;
-        kvs_format_section(enc, l, 0, &p, &n0);
-        kvs_format_section(enc, l, 1, &p, &n1);
-        if (n0 > sk || n1 > sv) /* the slot has room for the codecs' largest sections only */
-            return kvs_err_set(err, KVS_EPROTO, "encoded block: layer %u sections of %zu/%zu "
-                               "bytes, the codecs write at most %zu/%zu", l, n0, n1, sk, sv);
-    }
     job *j = kvs_xcalloc(1, sizeof *j);
     *j = (job){.kind = JOB_UPLOAD, .k = k, .v = v, .t = info.tokens, .lb = 0, .le = info.layers,
                .enc = enc, .enc_len = len, .slot = slot, .lens = lens, .done = done, .arg = arg,
