@@ -456,85 +456,6 @@ void kvs_store_disk_barrier(kvs_store *st, kvs_store_durable_fn done, void *arg)
 
 /* ---------------------------------------------------------------- reads */
 
-typedef struct rd {
-    unsigned char *dst;
-    uint64_t len;
-} rd;
-
-static int copy_cb(const void *bytes, size_t len, void *arg)
-{
-    rd *r = arg;
-    if (len != r->len) /* rewritten under another size since: not this block any more */
-        return KVS_ENOTFOUND;
-    memcpy(r->dst, bytes, len);
-    return 0;
-}
-
-int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
-{
-    kvs_ns *ns = d->ns;
-    kvs_block *h = NULL;
-    int rc = 0;
-    if (st->promote && kvs_store_block_alloc(st, ns, d->tokens, d->size, &h, NULL) != 0)
-        h = NULL; /* no room in the host tier: serve a transient copy */
-    if (!h) {
-        h = calloc(1, sizeof *h);
-        unsigned char *data = h ? kvs_trymalloc(d->size ? d->size : 1) : NULL;
-        if (!data) {
-            free(h);
-            h = NULL;
-            rc = kvs_err_set(err, KVS_ENOMEM, "disk tier: cannot allocate %llu bytes to read a "
-                             "block", (unsigned long long)d->size);
-        } else {
-            *h = (kvs_block){.data = data, .ns = kvs_ns_ref(ns), .tokens = d->tokens,
-                             .size = d->size, .tier = KVS_STORE_TIER_DISK, .transient = true};
-        }
-    }
-    if (rc == 0) {
-        h->raw_bytes = d->raw_bytes;
-        rd r = {h->data, d->size};
-        rc = kvs_disk_get(st->disk, d->node.ns_id, d->node.key, d->node.key_len, copy_cb, &r, err);
-        if (rc == KVS_ENOTFOUND)
-            rc = kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s' (its disk "
-                             "record is gone)", kvs_ns_spec_of(ns)->name);
-        else if (rc == 0)
-            h->checksum = XXH3_64bits(h->data, h->size); /* host tier invariant 4 */
-    }
-    pthread_mutex_lock(&st->mu);
-    if (rc) {
-        if (rc == KVS_EDATALOSS)
-            st->stats.checksum_failures++;
-        else if (rc == KVS_ENOTFOUND)
-            st->stats.misses++;
-        /* The disk module already deleted a record that failed its checksum. */
-        if ((rc == KVS_EDATALOSS || rc == KVS_ENOTFOUND) && d->linked)
-            kvs__store_unlink_locked(st, d);
-    } else {
-        st->stats.disk_hits++;
-        if (!h->transient && d->linked && !kvs_ns_dropped(ns)) {
-            h->node = d->node;
-            h->on_disk = true; /* the record stays: evicting h again costs no write */
-            kvs__store_unlink_locked(st, d);
-            kvs__store_link_locked(st, h);
-            st->stats.disk_promotions++;
-        }
-        h->refs = h->linked ? 2 : 1; /* + the reader's */
-    }
-    bool free_d = kvs__store_unref_locked(st, d);
-    pthread_mutex_unlock(&st->mu);
-    if (free_d)
-        kvs__block_free(d);
-    if (rc && h) {
-        if (h->transient)
-            kvs__block_free(h);
-        else
-            kvs_store_block_abort(st, h);
-    }
-    if (rc == 0)
-        *out = h;
-    return rc;
-}
-
 typedef struct view {
     uint64_t len;
     kvs_disk_read_fn fn;
@@ -571,6 +492,65 @@ int kvs_spill_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, 
             kvs__store_unlink_locked(st, d); /* the caller's reference keeps it */
     }
     pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+static int copy_cb(const void *bytes, size_t len, void *dst)
+{
+    memcpy(dst, bytes, len); /* len checked by view_cb */
+    return 0;
+}
+
+int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
+{
+    kvs_ns *ns = d->ns;
+    kvs_block *h = NULL;
+    int rc = 0;
+    if (st->promote && kvs_store_block_alloc(st, ns, d->tokens, d->size, &h, NULL) != 0)
+        h = NULL; /* no room in the host tier: serve a transient copy */
+    if (!h) {
+        h = calloc(1, sizeof *h);
+        unsigned char *data = h ? kvs_trymalloc(d->size ? d->size : 1) : NULL;
+        if (!data) {
+            free(h);
+            h = NULL;
+            rc = kvs_err_set(err, KVS_ENOMEM, "disk tier: cannot allocate %llu bytes to read a "
+                             "block", (unsigned long long)d->size);
+        } else {
+            *h = (kvs_block){.data = data, .ns = kvs_ns_ref(ns), .tokens = d->tokens,
+                             .size = d->size, .tier = KVS_STORE_TIER_DISK, .transient = true};
+        }
+    }
+    if (rc == 0) {
+        h->raw_bytes = d->raw_bytes;
+        /* Verified, counted, and a lost record's entry forgotten, by the view. */
+        rc = kvs_spill_view(st, d, copy_cb, h->data, err);
+        if (rc == 0)
+            h->checksum = XXH3_64bits(h->data, h->size); /* host tier invariant 4 */
+    }
+    pthread_mutex_lock(&st->mu);
+    if (rc == 0) {
+        if (!h->transient && d->linked && !kvs_ns_dropped(ns)) {
+            h->node = d->node;
+            h->on_disk = true; /* the record stays: evicting h again costs no write */
+            kvs__store_unlink_locked(st, d);
+            kvs__store_link_locked(st, h);
+            st->stats.disk_promotions++;
+        }
+        h->refs = h->linked ? 2 : 1; /* + the reader's */
+    }
+    bool free_d = kvs__store_unref_locked(st, d);
+    pthread_mutex_unlock(&st->mu);
+    if (free_d)
+        kvs__block_free(d);
+    if (rc && h) {
+        if (h->transient)
+            kvs__block_free(h);
+        else
+            kvs_store_block_abort(st, h);
+    }
+    if (rc == 0)
+        *out = h;
     return rc;
 }
 
