@@ -39,14 +39,10 @@
 
 void kvs__disk_log(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
 {
-    if (!d->log)
-        return;
-    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    kvs_vlogf(d->log, d->log_ctx, lv, fmt, ap);
     va_end(ap);
-    d->log(d->log_ctx, lv, line);
 }
 
 static void put_be32(uint8_t *p, uint32_t v)
@@ -138,6 +134,17 @@ int kvs__disk_sys_fail(const char *path, const char *what, kvs_err *err)
 
 /* ---------------------------------------------------------------- block checks */
 
+/* The block's header names the namespace it is stored under. */
+static int check_ns(const kvs_block_info *info, uint32_t ns_id, kvs_err *err)
+{
+    if (info->ns_id != ns_id)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: header names namespace %" PRIu32
+                           ", stored under %" PRIu32,
+                           info->ns_id, ns_id);
+    return 0;
+}
+
 /* What the scan relies on and put guarantees (invariant 1): header readable, magic,
  * version, length and namespace. KVS_EPROTO with the reason. */
 static int check_header(const uint8_t *b, size_t len, uint32_t ns_id, kvs_block_info *info,
@@ -155,12 +162,7 @@ static int check_header(const uint8_t *b, size_t len, uint32_t ns_id, kvs_block_
         return kvs_err_set(err, KVS_EPROTO,
                            "encoded block: header says %" PRIu64 " bytes, value has %zu",
                            info->total_bytes, len);
-    if (info->ns_id != ns_id)
-        return kvs_err_set(err, KVS_EPROTO,
-                           "encoded block: header names namespace %" PRIu32
-                           ", stored under %" PRIu32,
-                           info->ns_id, ns_id);
-    return 0;
+    return check_ns(info, ns_id, err);
 }
 
 /* Everything: kvs_format_parse (checksum over all bytes) and the namespace. */
@@ -168,14 +170,7 @@ static int check_full(const uint8_t *b, size_t len, uint32_t ns_id, kvs_block_in
                       kvs_err *err)
 {
     int rc = kvs_format_parse(b, len, info, err);
-    if (rc)
-        return rc;
-    if (info->ns_id != ns_id)
-        return kvs_err_set(err, KVS_EPROTO,
-                           "encoded block: header names namespace %" PRIu32
-                           ", stored under %" PRIu32,
-                           info->ns_id, ns_id);
-    return 0;
+    return rc ? rc : check_ns(info, ns_id, err);
 }
 
 static bool key_len_ok(size_t n)

@@ -20,14 +20,10 @@
 
 void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
 {
-    if (!st->log)
-        return;
-    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    kvs_vlogf(st->log, st->log_ctx, lvl, fmt, ap);
     va_end(ap);
-    st->log(st->log_ctx, lvl, line);
 }
 
 int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
