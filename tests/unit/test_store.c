@@ -780,16 +780,27 @@ typedef struct disk_fx {
     kvs_ns *ns;
 } disk_fx;
 
+/* A disk tier of `budget` bytes (unsynced: tests) in a fresh directory made in dir (64
+ * bytes), named after tag. */
+static kvs_disk *tmp_disk(char *dir, const char *tag, uint64_t budget)
+{
+    snprintf(dir, 64, "/tmp/kvs-test-%s-XXXXXX", tag);
+    assert_non_null(mkdtemp(dir));
+    kvs_err err;
+    kvs_disk_opts dopts = {.nosync = true};
+    kvs_disk *disk;
+    if (kvs_disk_open(dir, budget, &dopts, &disk, &err))
+        fail_msg("%s", err.msg);
+    return disk;
+}
+
 /* A store of host_blocks full blocks (namespace "d": L=2 H=2 D=16 T=8, codec `codec`) over
  * a fresh disk tier of disk_budget bytes. */
 static void fx_open_wm(disk_fx *f, const char *codec, uint64_t host_bytes,
                        uint64_t disk_budget, bool no_promote, unsigned high, unsigned low)
 {
-    snprintf(f->dir, sizeof f->dir, "/tmp/kvs-test-store-XXXXXX");
-    assert_non_null(mkdtemp(f->dir));
+    f->disk = tmp_disk(f->dir, "store", disk_budget);
     kvs_err err;
-    kvs_disk_opts dopts = {.nosync = true};
-    assert_int_equal(kvs_disk_open(f->dir, disk_budget, &dopts, &f->disk, &err), 0);
     kvs_store_opts o = {.host_capacity = host_bytes, .disk = f->disk,
                         .disk_capacity = disk_budget, .spill_max = 64 << 20,
                         .no_promote = no_promote, .host_high_pct = high,
@@ -1510,12 +1521,8 @@ static kvs_ns *find_ns(kvs_store *st, const char *name)
 static void test_codec_state_persisted(void **state)
 {
     char dir[64];
-    snprintf(dir, sizeof dir, "/tmp/kvs-test-state-XXXXXX");
-    assert_non_null(mkdtemp(dir));
+    kvs_disk *disk = tmp_disk(dir, "state", 16 << 20);
     kvs_err err;
-    kvs_disk_opts dopts = {.nosync = true};
-    kvs_disk *disk;
-    assert_int_equal(kvs_disk_open(dir, 16 << 20, &dopts, &disk, &err), 0);
     kvs_store *st = open_store(disk, 8);
 
     /* RotateKV: one block of 8 tokens calibrates (version 1); a block encoded with v1
@@ -1638,12 +1645,8 @@ static uint8_t *disk_block(kvs_disk *disk, const kvs_ns_spec *spec, uint32_t ns_
 static void test_restore_unknown_state_and_unservable(void **state)
 {
     char dir[64];
-    snprintf(dir, sizeof dir, "/tmp/kvs-test-restore-XXXXXX");
-    assert_non_null(mkdtemp(dir));
+    kvs_disk *disk = tmp_disk(dir, "restore", 16 << 20);
     kvs_err err;
-    kvs_disk_opts dopts = {.nosync = true};
-    kvs_disk *disk;
-    assert_int_equal(kvs_disk_open(dir, 16 << 20, &dopts, &disk, &err), 0);
     kvs_store *st = open_store(disk, 0);
     kvs_ns_spec ks = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "kivi-2", "kivi-2", 6);
     snprintf(ks.name, sizeof ks.name, "kv");
