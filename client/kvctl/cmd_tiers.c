@@ -9,24 +9,28 @@
 
 #define LONG_TIMEOUT_MS (10 * 60 * 1000)
 
-/* kvctl_connect with the long default deadline. */
-static int connect_long(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client **out)
+/* The global options, with the long default deadline unless --timeout-ms was given. */
+static kvctl_globals long_globals(const kvctl_globals *g)
 {
     kvctl_globals lg = *g;
     if (lg.timeout_ms == 0)
         lg.timeout_ms = LONG_TIMEOUT_MS;
+    return lg;
+}
+
+/* kvctl_connect with the long default deadline. */
+static int connect_long(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client **out)
+{
+    kvctl_globals lg = long_globals(g);
     return kvctl_connect(cmd, &lg, out);
 }
 
-/* Commands without options or arguments: checks that, then connects. */
+/* kvctl_connect_no_args with the long default deadline. */
 static int connect_no_args(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv,
                            kvs_client **out)
 {
-    if (kvctl_no_options(cmd, argc, argv) != KVCTL_OK)
-        return KVCTL_USAGE;
-    if (optind < argc)
-        return kvctl_usage(cmd, "unexpected argument '%s'", argv[optind]);
-    return connect_long(cmd, g, out) != KVCTL_OK ? KVCTL_FAIL : KVCTL_OK;
+    kvctl_globals lg = long_globals(g);
+    return kvctl_connect_no_args(cmd, &lg, argc, argv, out);
 }
 
 /* ------------------------------------------------------------------ verify */
