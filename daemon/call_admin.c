@@ -17,10 +17,10 @@
 
 int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__CreateNamespaceRequest *r =
-        kvstash__v1__create_namespace_request__unpack(NULL, len, req);
+    Kvstash__V1__CreateNamespaceRequest *r = (Kvstash__V1__CreateNamespaceRequest *)kvs_wire_unpack(
+        &kvstash__v1__create_namespace_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "CreateNamespaceRequest: not a valid protobuf message");
+        return err->code;
     kvs_ns_spec spec;
     kvs_ns *ns = NULL;
     int rc = kvs_wire_spec_from_proto(r->spec, &spec, err);
@@ -44,9 +44,10 @@ int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *e
 
 int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__NameRequest *r = kvstash__v1__name_request__unpack(NULL, len, req);
+    Kvstash__V1__NameRequest *r = (Kvstash__V1__NameRequest *)kvs_wire_unpack(
+        &kvstash__v1__name_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "NameRequest: not a valid protobuf message");
+        return err->code;
     uint64_t dropped = 0;
     int rc = kvs_wire_check_name(r->name, "name", err);
     if (rc == 0)
@@ -188,9 +189,10 @@ int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 
 int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__AddQueriesRequest *r = kvstash__v1__add_queries_request__unpack(NULL, len, req);
+    Kvstash__V1__AddQueriesRequest *r = (Kvstash__V1__AddQueriesRequest *)kvs_wire_unpack(
+        &kvstash__v1__add_queries_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "AddQueriesRequest: not a valid protobuf message");
+        return err->code;
     kvs_ns *ns = NULL;
     int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
     if (rc == 0)

@@ -304,9 +304,10 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
 {
     kvs_err err;
     kvs_err_clear(&err);
-    Kvstash__V1__GetRequest *r = kvstash__v1__get_request__unpack(NULL, len, req);
+    Kvstash__V1__GetRequest *r = (Kvstash__V1__GetRequest *)kvs_wire_unpack(
+        &kvstash__v1__get_request__descriptor, req, len, &err);
     if (!r) {
-        kvs_call_fail(c, KVS_EINVAL, "GetRequest: not a valid protobuf message");
+        kvs_call_fail(c, err.code, err.msg);
         return;
     }
     int rc = prepare(c, r, &err);

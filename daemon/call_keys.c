@@ -19,9 +19,10 @@ typedef struct keys_req {
 
 static int keys_open(kvs_call *c, const uint8_t *req, size_t len, keys_req *k, kvs_err *err)
 {
-    k->msg = kvstash__v1__keys_request__unpack(NULL, len, req);
+    k->msg = (Kvstash__V1__KeysRequest *)kvs_wire_unpack(&kvstash__v1__keys_request__descriptor,
+                                                         req, len, err);
     if (!k->msg)
-        return kvs_err_set(err, KVS_EINVAL, "KeysRequest: not a valid protobuf message");
+        return err->code;
     int rc = kvs_wire_check_name(k->msg->namespace_, "namespace", err);
     if (rc)
         return rc;

@@ -119,9 +119,10 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
 static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
 {
     kvs_put_state *p = &c->u.put;
-    Kvstash__V1__PutChunk *m = kvstash__v1__put_chunk__unpack(NULL, len, buf);
+    Kvstash__V1__PutChunk *m = (Kvstash__V1__PutChunk *)kvs_wire_unpack(
+        &kvstash__v1__put_chunk__descriptor, buf, len, err);
     if (!m)
-        return kvs_err_set(err, KVS_EINVAL, "PutChunk: not a valid protobuf message");
+        return err->code;
     int rc = 0;
     if (m->kind_case == KVSTASH__V1__PUT_CHUNK__KIND_HEADER) {
         if (p->ns)

@@ -111,9 +111,10 @@ static void verify_done(void *arg)
 
 int kvs_verify_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__VerifyRequest *r = kvstash__v1__verify_request__unpack(NULL, len, req);
+    Kvstash__V1__VerifyRequest *r = (Kvstash__V1__VerifyRequest *)kvs_wire_unpack(
+        &kvstash__v1__verify_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "VerifyRequest: not a valid protobuf message");
+        return err->code;
     kvstash__v1__verify_request__free_unpacked(r, NULL);
     job_new(c);
     kvs_call_run_work(c, verify_work, verify_done);
@@ -148,9 +149,10 @@ static void flush_done(void *arg)
 
 int kvs_flush_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__FlushRequest *r = kvstash__v1__flush_request__unpack(NULL, len, req);
+    Kvstash__V1__FlushRequest *r = (Kvstash__V1__FlushRequest *)kvs_wire_unpack(
+        &kvstash__v1__flush_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "FlushRequest: not a valid protobuf message");
+        return err->code;
     kvstash__v1__flush_request__free_unpacked(r, NULL);
     if (!kvs_store_has_disk(c->srv->store))
         return kvs_err_set(err, KVS_EINVAL,
@@ -252,9 +254,10 @@ static int evict_open(kvs_call *c, kvs_tiers_job *j, Kvstash__V1__EvictRequest *
 
 int kvs_evict_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
-    Kvstash__V1__EvictRequest *r = kvstash__v1__evict_request__unpack(NULL, len, req);
+    Kvstash__V1__EvictRequest *r = (Kvstash__V1__EvictRequest *)kvs_wire_unpack(
+        &kvstash__v1__evict_request__descriptor, req, len, err);
     if (!r)
-        return kvs_err_set(err, KVS_EINVAL, "EvictRequest: not a valid protobuf message");
+        return err->code;
     kvs_tiers_job *j = job_new(c);
     int rc = evict_open(c, j, r, err);
     if (rc) {

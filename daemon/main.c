@@ -44,7 +44,7 @@ typedef struct daemon_state {
     uint64_t gpu_bytes; /* its size, 0 without a GPU tier */
     kvs_server *server;
     uv_loop_t loop;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sighup;
     uv_timer_t stats_timer, drain_timer;
     uint64_t drain_deadline_ms;
     int signals_seen;
@@ -56,6 +56,7 @@ static void close_all(daemon_state *d)
         kvs_work_close(d->work);
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
+    uv_close((uv_handle_t *)&d->sighup, NULL);
     uv_close((uv_handle_t *)&d->stats_timer, NULL);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
 }
@@ -86,6 +87,16 @@ static void on_signal(uv_signal_t *s, int signum)
     uv_timer_stop(&d->stats_timer);
     d->drain_deadline_ms = uv_now(&d->loop) + (uint64_t)d->cfg.drain_timeout_s * 1000;
     uv_timer_start(&d->drain_timer, on_drain_poll, 0, DRAIN_POLL_MS);
+}
+
+/* SIGHUP asks a daemon to reload its configuration; its default action would end the
+ * process without a drain or a flush. Every setting comes from flags today, so there is
+ * nothing to reload: say so and go on. */
+static void on_sighup(uv_signal_t *s, int signum)
+{
+    (void)s;
+    (void)signum;
+    kvs_log(KVS_LOG_INFO, "SIGHUP: nothing to reload (settings come from flags); ignored");
 }
 
 static void on_stats(uv_timer_t *t)
@@ -135,11 +146,14 @@ static int start_loop(daemon_state *d, kvs_err *err)
         return kvs_err_set(err, KVS_EINTERNAL, "uv_loop_init: %s", uv_strerror(rc));
     uv_signal_init(&d->loop, &d->sigterm);
     uv_signal_init(&d->loop, &d->sigint);
+    uv_signal_init(&d->loop, &d->sighup);
     uv_timer_init(&d->loop, &d->stats_timer);
     uv_timer_init(&d->loop, &d->drain_timer);
-    d->sigterm.data = d->sigint.data = d->stats_timer.data = d->drain_timer.data = d;
+    d->sigterm.data = d->sigint.data = d->sighup.data = d;
+    d->stats_timer.data = d->drain_timer.data = d;
     if ((rc = uv_signal_start(&d->sigterm, on_signal, SIGTERM)) ||
-        (rc = uv_signal_start(&d->sigint, on_signal, SIGINT)))
+        (rc = uv_signal_start(&d->sigint, on_signal, SIGINT)) ||
+        (rc = uv_signal_start(&d->sighup, on_sighup, SIGHUP)))
         return kvs_err_set(err, KVS_EINTERNAL, "uv_signal_start: %s", uv_strerror(rc));
     if (d->cfg.stats_interval_s) {
         uint64_t ms = (uint64_t)d->cfg.stats_interval_s * 1000;
@@ -289,6 +303,7 @@ int main(int argc, char **argv)
     }
     kvs_log_set_level(d.cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGHUP, SIG_IGN); /* until the loop handles it (on_sighup) */
     /* Keep MiB-sized payload buffers in the heap instead of a fresh mmap per block
      * (GRPC-C-CORE.md: 1.5-2x Put throughput measured). */
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
@@ -348,6 +363,9 @@ int main(int argc, char **argv)
                 (unsigned long long)d.cfg.max_message, d.cfg.token[0] ? ", token auth on" : "");
     }
     uv_run(&d.loop, UV_RUN_DEFAULT);
+    /* Closing the loop's SIGHUP handle restored the default action (exit): a SIGHUP
+     * during the flush below must not cut it short. */
+    signal(SIGHUP, SIG_IGN);
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
     if (d.disk && d.cfg.flush_on_exit && d.tiering)

@@ -3,8 +3,117 @@
 
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+
+/* ---------------------------------------------------------------- unpacking */
+
+#define WIRE_DEPTH_MAX 8 /* nesting of our messages is 2; deeper is not ours */
+
+/* A varint at *pos (at most 10 bytes, inside len); false when malformed. */
+static bool read_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *v)
+{
+    *v = 0;
+    for (unsigned shift = 0; shift < 70 && *pos < len; shift += 7) {
+        uint8_t b = p[(*pos)++];
+        *v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80))
+            return true;
+    }
+    return false;
+}
+
+/* Length of a valid UTF-8 sequence at s (n bytes left), 0 if invalid (overlongs,
+ * surrogates and code points over U+10FFFF included). */
+static size_t utf8_seq(const uint8_t *s, size_t n)
+{
+    uint8_t c = s[0];
+    size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
+                                : (c & 0xF8) == 0xF0 ? 4 : 0;
+    if (len == 0 || len > n || (len == 2 && c < 0xC2))
+        return 0;
+    for (size_t i = 1; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    if (len == 3) {
+        uint32_t cp = (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F);
+        if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+    } else if (len == 4) {
+        uint32_t cp = (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 |
+                      (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+        if (cp < 0x10000 || cp > 0x10FFFF)
+            return 0;
+    }
+    return len;
+}
+
+static int check_string(const uint8_t *s, size_t n, const char *path, kvs_err *err)
+{
+    for (size_t i = 0; i < n;) {
+        if (s[i] == 0)
+            return kvs_err_set(err, KVS_EINVAL, "%s: contains a NUL byte at offset %zu", path, i);
+        size_t k = utf8_seq(s + i, n - i);
+        if (k == 0)
+            return kvs_err_set(err, KVS_EINVAL, "%s: not valid UTF-8 at offset %zu", path, i);
+        i += k;
+    }
+    return 0;
+}
+
+/* Walks the wire form of a `d` message and checks its string fields (recursing into
+ * message fields). Malformed wire data is left to protobuf-c's unpack, which refuses it. */
+static int check_strings(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len,
+                         const char *prefix, unsigned depth, kvs_err *err)
+{
+    size_t pos = 0;
+    while (pos < len) {
+        uint64_t tag, n;
+        if (!read_varint(p, len, &pos, &tag))
+            return 0;
+        switch (tag & 7) {
+        case 0:
+            if (!read_varint(p, len, &pos, &n))
+                return 0;
+            continue;
+        case 1: pos += 8; continue;
+        case 5: pos += 4; continue;
+        case 2: break;
+        default: return 0; /* groups: not in proto3 */
+        }
+        if (!read_varint(p, len, &pos, &n) || n > len - pos)
+            return 0;
+        const ProtobufCFieldDescriptor *f =
+            tag >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                                   : NULL;
+        if (f && (f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_MESSAGE)) {
+            char path[128];
+            snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", f->name);
+            int rc = f->type == PROTOBUF_C_TYPE_STRING ? check_string(p + pos, n, path, err)
+                     : depth < WIRE_DEPTH_MAX
+                         ? check_strings(f->descriptor, p + pos, n, path, depth + 1, err)
+                         : 0;
+            if (rc)
+                return rc;
+        }
+        pos += n;
+    }
+    return 0;
+}
+
+ProtobufCMessage *kvs_wire_unpack(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
+                                  size_t len, kvs_err *err)
+{
+    if (check_strings(desc, buf, len, "", 0, err))
+        return NULL;
+    ProtobufCMessage *m = protobuf_c_message_unpack(desc, NULL, len, buf);
+    if (!m)
+        kvs_err_set(err, KVS_EINVAL, "%s: not a valid protobuf message", desc->short_name);
+    return m;
+}
+
+/* ---------------------------------------------------------------- fields */
 
 int kvs_wire_check_name(const char *name, const char *field, kvs_err *err)
 {

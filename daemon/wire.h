@@ -16,6 +16,16 @@
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/store.h"
 
+/* Unpacks a request of type `desc` (protobuf-c) after checking every string field on the
+ * wire, nested messages included: protobuf-c hands strings out NUL-terminated without
+ * their length, so a name with an embedded NUL would silently be cut there ("zz\0x"
+ * acting on "zz"). A string holding a NUL or invalid UTF-8 (proto3 requires UTF-8) is
+ * KVS_EINVAL naming the field ("spec.name: contains a NUL byte at offset 2"); bytes that
+ * are not a message of that type are KVS_EINVAL naming the type. Free the result with
+ * protobuf_c_message_free_unpacked(msg, NULL). */
+ProtobufCMessage *kvs_wire_unpack(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
+                                  size_t len, kvs_err *err);
+
 /* Checks a namespace name field is present and short enough to copy; `field` names it
  * in the message. (The character rules are checked at creation.) */
 int kvs_wire_check_name(const char *name, const char *field, kvs_err *err);

@@ -39,6 +39,10 @@ static bool name_ok(const char *s)
     size_t n = strnlen(s, KVS_NAME_MAX + 1);
     if (n == 0 || n > KVS_NAME_MAX)
         return false;
+    /* "." and ".." would name a directory, not a namespace, wherever a name becomes a
+     * path component or a metric label. */
+    if (!strcmp(s, ".") || !strcmp(s, ".."))
+        return false;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
         bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -53,7 +57,8 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
 {
     if (!name_ok(s->name))
         return kvs_err_set(err, KVS_EINVAL,
-                           "name: must be 1..%d characters of [A-Za-z0-9._-]", KVS_NAME_MAX);
+                           "name: must be 1..%d characters of [A-Za-z0-9._-], not \".\" or \"..\"",
+                           KVS_NAME_MAX);
     if (s->layers == 0 || s->layers > KVS_MAX_LAYERS)
         return kvs_err_set(err, KVS_EINVAL, "layers: %u not in 1..%d", s->layers, KVS_MAX_LAYERS);
     if (s->kv_heads == 0 || s->kv_heads > KVS_MAX_KV_HEADS)

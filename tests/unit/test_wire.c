@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -10,6 +11,75 @@
 #include <grpc/slice.h>
 
 #include "daemon/wire.h"
+
+/* Packs m into a malloc'ed buffer. */
+static uint8_t *packed(const ProtobufCMessage *m, size_t *len)
+{
+    *len = protobuf_c_message_get_packed_size(m);
+    uint8_t *b = malloc(*len ? *len : 1);
+    protobuf_c_message_pack(m, b);
+    return b;
+}
+
+/* Strings are checked on the wire with their length: protobuf-c's NUL-terminated copy
+ * would cut "zz\0x" to "zz" (issue 10, fault 6). Nested messages are walked too. */
+static void test_unpack_strings(void **state)
+{
+    kvs_err err;
+    size_t len;
+    Kvstash__V1__NameRequest nr = KVSTASH__V1__NAME_REQUEST__INIT;
+    nr.name = "zz";
+    uint8_t *b = packed(&nr.base, &len);
+    ProtobufCMessage *m = kvs_wire_unpack(&kvstash__v1__name_request__descriptor, b, len, &err);
+    assert_non_null(m);
+    assert_string_equal(((Kvstash__V1__NameRequest *)m)->name, "zz");
+    protobuf_c_message_free_unpacked(m, NULL);
+    /* "zz\0anything": pack the bytes by hand (protobuf-c packs strings with strlen). */
+    static const char nul[] = "zz\0anything";
+    uint8_t wire[2 + sizeof nul - 1] = {0x0A, sizeof nul - 1};
+    memcpy(wire + 2, nul, sizeof nul - 1);
+    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, wire, sizeof wire, &err));
+    assert_int_equal(err.code, KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "name: contains a NUL byte at offset 2"));
+    /* Invalid UTF-8 (a lone continuation byte, an overlong '/') */
+    uint8_t bad_utf8[] = {0x0A, 3, 'a', 0x80, 'b'};
+    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, bad_utf8, sizeof bad_utf8,
+                                &err));
+    assert_non_null(strstr(err.msg, "name: not valid UTF-8 at offset 1"));
+    uint8_t overlong[] = {0x0A, 2, 0xC0, 0xAF};
+    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, overlong, sizeof overlong,
+                                &err));
+    /* Valid multi-byte UTF-8 passes the wire check (the name rules refuse it later). */
+    uint8_t euro[] = {0x0A, 3, 0xE2, 0x82, 0xAC};
+    m = kvs_wire_unpack(&kvstash__v1__name_request__descriptor, euro, sizeof euro, &err);
+    assert_non_null(m);
+    protobuf_c_message_free_unpacked(m, NULL);
+    free(b);
+
+    /* A nested string: CreateNamespaceRequest.spec.key_codec */
+    Kvstash__V1__NamespaceSpec sp = KVSTASH__V1__NAMESPACE_SPEC__INIT;
+    sp.name = "ok";
+    sp.key_codec = "none";
+    Kvstash__V1__CreateNamespaceRequest cr = KVSTASH__V1__CREATE_NAMESPACE_REQUEST__INIT;
+    cr.spec = &sp;
+    b = packed(&cr.base, &len);
+    m = kvs_wire_unpack(&kvstash__v1__create_namespace_request__descriptor, b, len, &err);
+    assert_non_null(m);
+    protobuf_c_message_free_unpacked(m, NULL);
+    uint8_t *nulb = memchr(b, 'n', len); /* the 'n' of "none": make it a NUL */
+    while (nulb && memcmp(nulb, "none", 4) != 0)
+        nulb = memchr(nulb + 1, 'n', len - (size_t)(nulb + 1 - b));
+    assert_non_null(nulb);
+    nulb[1] = 0;
+    assert_null(kvs_wire_unpack(&kvstash__v1__create_namespace_request__descriptor, b, len, &err));
+    assert_non_null(strstr(err.msg, "spec.key_codec: contains a NUL byte at offset 1"));
+    free(b);
+
+    /* Not a message of the type: named, not a crash. */
+    uint8_t junk[] = {0x0A, 0x7F, 'x'};
+    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, junk, sizeof junk, &err));
+    assert_non_null(strstr(err.msg, "NameRequest: not a valid protobuf message"));
+}
 
 static void test_keys(void **state)
 {
@@ -183,6 +253,7 @@ static void test_put_data_fast_path(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_unpack_strings),
         cmocka_unit_test(test_keys),
         cmocka_unit_test(test_layer_range),
         cmocka_unit_test(test_spec_from_proto),
