@@ -36,6 +36,9 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->promote = 1;
     cfg->flush_on_exit = 1;
     cfg->eviction = KVS_POLICY_LRU;
+    cfg->max_puts = 1024;
+    cfg->max_puts_per_conn = 256;
+    cfg->stream_idle_s = 30;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -131,6 +134,9 @@ static void usage(FILE *f)
             "                         before it is frozen (default 4096)\n"
             "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
             "                         or empty; a foreign directory is refused); default: none\n"
+            "  --data-dir-reset       start a new, empty store where --data-dir holds an empty,\n"
+            "                         truncated or damaged data.mdb (kept as data.mdb.broken-TIME,\n"
+            "                         never deleted); without it such a directory is refused\n"
             "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
             "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
             "                         the background above H%% of the host tier, down to L%%\n"
@@ -145,6 +151,13 @@ static void usage(FILE *f)
             "  --eviction lru|s3fifo  host tier eviction order: least recently used, or S3-FIFO\n"
             "                         (scan-resistant: one-off blocks leave before re-read\n"
             "                         ones; a 30%% small queue) (default lru)\n"
+            "  --recv-budget SIZE     memory for Put payloads being received, all streams together;\n"
+            "                         a Put past it gets RESOURCE_EXHAUSTED (default: a quarter\n"
+            "                         of --host-capacity)\n"
+            "  --max-puts N           Put streams open at once (default 1024)\n"
+            "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
+            "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
+            "                         seconds, returning its memory (default 30)\n"
             "  -h, --help             this text\n"
             "  --version              print the version\n"
             "\n"
@@ -156,7 +169,8 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
     enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
            O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_HOST_PIN, O_VERSION };
+           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_HOST_PIN, O_VERSION,
+           O_DATA_RESET, O_RECV_BUDGET, O_MAX_PUTS, O_MAX_PUTS_CONN, O_STREAM_IDLE };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -184,6 +198,11 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"promote", required_argument, NULL, O_PROMOTE},
         {"flush-on-exit", required_argument, NULL, O_FLUSH_EXIT},
         {"eviction", required_argument, NULL, O_EVICTION},
+        {"data-dir-reset", no_argument, NULL, O_DATA_RESET},
+        {"recv-budget", required_argument, NULL, O_RECV_BUDGET},
+        {"max-puts", required_argument, NULL, O_MAX_PUTS},
+        {"max-puts-per-conn", required_argument, NULL, O_MAX_PUTS_CONN},
+        {"stream-idle", required_argument, NULL, O_STREAM_IDLE},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
@@ -344,6 +363,28 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--eviction: '%.64s' is not lru or s3fifo",
                                    optarg);
             break;
+        case O_DATA_RESET: cfg->data_dir_reset = 1; break;
+        case O_RECV_BUDGET:
+            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
+                return kvs_err_set(err, KVS_EINVAL, "--recv-budget: '%s' is not a size >= 1M",
+                                   optarg);
+            cfg->recv_budget = size;
+            break;
+        case O_MAX_PUTS:
+            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_puts))
+                return kvs_err_set(err, KVS_EINVAL, "--max-puts: '%s' is not in 1..1048576",
+                                   optarg);
+            break;
+        case O_MAX_PUTS_CONN:
+            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_puts_per_conn))
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--max-puts-per-conn: '%s' is not in 1..1048576", optarg);
+            break;
+        case O_STREAM_IDLE:
+            if (!parse_uint(optarg, 1, 86400, &cfg->stream_idle_s))
+                return kvs_err_set(err, KVS_EINVAL, "--stream-idle: '%s' is not in 1..86400",
+                                   optarg);
+            break;
         case 'h': usage(stdout); return 1;
         case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;
         case ':': return kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
@@ -354,5 +395,10 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
     }
     if (optind < argc)
         return kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
+    if (cfg->data_dir_reset && !cfg->data_dir[0])
+        return kvs_err_set(err, KVS_EINVAL, "--data-dir-reset: needs --data-dir");
+    if (!cfg->recv_budget)
+        cfg->recv_budget = cfg->host_capacity / 4 > (1ull << 20) ? cfg->host_capacity / 4
+                                                                 : 1ull << 20;
     return 0;
 }

@@ -39,6 +39,11 @@ typedef struct kvs_config {
     int promote;             /* 1: a Get of a disk block moves it to the host tier */
     int flush_on_exit;       /* 1: write host blocks to the disk tier at shutdown */
     kvs_policy_kind eviction; /* host tier eviction policy (--eviction) */
+    int data_dir_reset;      /* 1: a broken data.mdb is kept aside and a new store started */
+    uint64_t recv_budget;    /* bytes of Put payloads being received, all calls; 0: host/4 */
+    unsigned max_puts;       /* Put streams open at once, all connections */
+    unsigned max_puts_per_conn; /* ...and from one connection (one peer address) */
+    unsigned stream_idle_s;  /* a Put or Get stream without progress this long is cancelled */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

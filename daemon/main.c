@@ -242,7 +242,9 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         /* Data pages flushed at each commit, the meta page lazily: a power loss may undo
          * the last batch but never leaves an environment the next start must refuse
          * (MDB_NOSYNC could, on filesystems that reorder writes). */
-        kvs_disk_opts dopts = {.nometasync = true, .log = kvs_log_sink};
+        kvs_disk_opts dopts = {.nometasync = true,
+                               .reset_broken = d->cfg.data_dir_reset,
+                               .log = kvs_log_sink};
         if ((rc = kvs_disk_open(d->cfg.data_dir, d->cfg.disk_capacity, &dopts, &d->disk, err)))
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;

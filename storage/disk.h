@@ -17,8 +17,10 @@
  *
  * Refusal, never wiping: kvs_disk_open creates a missing or empty directory, and refuses
  * (without writing a byte there) a directory holding other files, an LMDB environment
- * without our meta, an unknown format version, a truncated or corrupt data.mdb, or a
- * directory another process (or another kvs_disk in this one) has open.
+ * without our meta, an unknown format version, an empty, missing (beside a lock.mdb),
+ * truncated or corrupt data.mdb, or a directory another process (or another kvs_disk in
+ * this one) has open. Only opts.reset_broken starts over where data.mdb is broken, and
+ * it keeps the old file (data.mdb.broken-<time>, tolerated in the directory after).
  *
  * Integrity: every block handed to a reader has passed kvs_format_parse (its XXH3-64 over
  * all its bytes); a block that fails is deleted, counted and answered with
@@ -79,6 +81,12 @@ typedef struct kvs_disk_opts {
                            * existing directory recorded under another identity is
                            * refused; NULL skips the check */
     unsigned max_readers; /* concurrent read transactions; 0 = 512 */
+    bool reset_broken;    /* a directory of ours whose data.mdb is empty, missing beside a
+                           * lock.mdb, truncated or damaged (what is otherwise refused with
+                           * KVS_EPROTO, or as "not an LMDB environment") gets a new, empty
+                           * environment: data.mdb is renamed data.mdb.broken-<unix time>,
+                           * never deleted; an operator's explicit choice (kvstashd
+                           * --data-dir-reset), never a default */
     kvs_log_fn log;       /* may be NULL */
     void *log_ctx;
 } kvs_disk_opts;

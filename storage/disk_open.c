@@ -35,13 +35,21 @@ uint64_t kvs_disk_map_bytes(uint64_t budget)
     return m > MAP_MAX ? 0 : m;
 }
 
-/* Creates the directory if missing, locks it, and checks it holds only our files.
- * *data_bytes = size of data.mdb (0 if absent). */
-static int claim_dir(kvs_disk *d, uint64_t *data_bytes, kvs_err *err)
+/* What claim_dir found of LMDB's two files. */
+typedef struct dir_files {
+    bool data, lock;     /* data.mdb, lock.mdb exist */
+    uint64_t data_bytes; /* size of data.mdb */
+    unsigned kept;       /* data.mdb.broken-* files left by an earlier reset */
+} dir_files;
+
+#define KEPT_PREFIX "data.mdb.broken-"
+
+/* Creates the directory if missing, locks it, and checks it holds only our files. */
+static int claim_dir(kvs_disk *d, dir_files *f, kvs_err *err)
 {
     const char *p = d->path;
     struct stat st;
-    *data_bytes = 0;
+    memset(f, 0, sizeof *f);
     if (stat(p, &st) != 0) {
         if (errno != ENOENT)
             return kvs__disk_sys_fail(p, "stat", err);
@@ -85,6 +93,10 @@ static int claim_dir(kvs_disk *d, uint64_t *data_bytes, kvs_err *err)
         const char *n = e->d_name;
         if (!strcmp(n, ".") || !strcmp(n, "..") || !strcmp(n, "lost+found"))
             continue;
+        if (!strncmp(n, KEPT_PREFIX, strlen(KEPT_PREFIX))) { /* a reset's leftover */
+            f->kept++;
+            continue;
+        }
         if (strcmp(n, "data.mdb") != 0 && strcmp(n, "lock.mdb") != 0) {
             rc = kvs_err_set(err, KVS_EINVAL,
                              "disk tier %s: holds '%.64s', which is not a "
@@ -101,8 +113,12 @@ static int claim_dir(kvs_disk *d, uint64_t *data_bytes, kvs_err *err)
             rc = kvs_err_set(err, KVS_EINVAL, "disk tier %s: %s is not a regular file", p, n);
             break;
         }
-        if (!strcmp(n, "data.mdb"))
-            *data_bytes = (uint64_t)st.st_size;
+        if (!strcmp(n, "data.mdb")) {
+            f->data = true;
+            f->data_bytes = (uint64_t)st.st_size;
+        } else {
+            f->lock = true;
+        }
     }
     closedir(dir);
     return rc;
@@ -131,6 +147,8 @@ static int inspect_locked(kvs_disk *d, const kvs_disk_opts *o, uint64_t data_byt
     mdb_env_set_maxdbs(env, 4);
     rc = mdb_env_open(env, p, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
     if (rc) {
+        /* Damage (our file names, unreadable LMDB pages) rather than a permission error */
+        d->broken = rc == MDB_INVALID || rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND;
         rc = kvs__disk_open_fail(p, rc, "mdb_env_open (read-only)", err);
         goto out;
     }
@@ -141,6 +159,7 @@ static int inspect_locked(kvs_disk *d, const kvs_disk_opts *o, uint64_t data_byt
     /* A file shorter than its committed pages would fault (SIGBUS) when read. */
     uint64_t need = ((uint64_t)ei.me_last_pgno + 1) * es.ms_psize;
     if (data_bytes < need) {
+        d->broken = true;
         rc = kvs_err_set(err, KVS_EPROTO,
                          "disk tier %s: data.mdb is truncated: %" PRIu64
                          " bytes, its last committed page ends at %" PRIu64 "; refusing to "
@@ -150,6 +169,7 @@ static int inspect_locked(kvs_disk *d, const kvs_disk_opts *o, uint64_t data_byt
     }
     if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
         (rc = mdb_dbi_open(txn, NULL, 0, &main))) {
+        d->broken = rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND;
         rc = kvs__disk_open_fail(p, rc, "reading the main database", err);
         goto out;
     }
@@ -335,6 +355,63 @@ fail:
     return kvs__disk_open_fail(p, rc, "initializing the databases", err);
 }
 
+#define RESET_HINT "--data-dir-reset starts a new store, keeping the old file"
+
+/* Judges what claim_dir found: an empty data.mdb, or a lock.mdb without one, is what is
+ * left of a store (a failed copy, a full disk at the wrong moment), never a new
+ * directory: refused as broken. A non-empty data.mdb is inspected. */
+static int judge_files(kvs_disk *d, const kvs_disk_opts *o, const dir_files *f, kvs_err *err)
+{
+    if (f->kept)
+        kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: holds %u " KEPT_PREFIX "* file%s from "
+                      "an earlier --data-dir-reset (not read; remove once no longer needed)",
+                      d->path, f->kept, f->kept > 1 ? "s" : "");
+    if (f->data && f->data_bytes == 0) {
+        d->broken = true;
+        return kvs_err_set(err, KVS_EPROTO,
+                           "disk tier %s: data.mdb is empty: its store is lost; refused (%s)",
+                           d->path, RESET_HINT);
+    }
+    if (!f->data && f->lock) {
+        d->broken = true;
+        return kvs_err_set(err, KVS_EPROTO,
+                           "disk tier %s: lock.mdb but no data.mdb: its store is gone; "
+                           "refused (%s)", d->path, RESET_HINT);
+    }
+    int rc = f->data_bytes > 0 ? inspect_locked(d, o, f->data_bytes, err) : 0;
+    if (rc && d->broken && err) {
+        size_t n = strlen(err->msg);
+        snprintf(err->msg + n, sizeof err->msg - n, " (%s)", RESET_HINT);
+    }
+    return rc;
+}
+
+/* opts.reset_broken on a broken directory: data.mdb is renamed aside (never deleted)
+ * and lock.mdb, which holds no data, removed; the directory is then empty for open_env. */
+static int keep_aside(kvs_disk *d, const dir_files *f, kvs_err *err)
+{
+    char kept[64];
+    if (f->data) {
+        long long now = (long long)time(NULL);
+        int n = 0;
+        struct stat st;
+        do /* a second reset within the same second gets a suffix */
+            snprintf(kept, sizeof kept, KEPT_PREFIX "%lld%s%.0d", now, n ? "-" : "", n);
+        while (fstatat(d->dirfd, kept, &st, AT_SYMLINK_NOFOLLOW) == 0 && ++n < 100);
+        if (renameat(d->dirfd, "data.mdb", d->dirfd, kept) != 0)
+            return kvs__disk_sys_fail(d->path, "renaming data.mdb aside", err);
+    }
+    if (f->lock && unlinkat(d->dirfd, "lock.mdb", 0) != 0 && errno != ENOENT)
+        return kvs__disk_sys_fail(d->path, "removing lock.mdb", err);
+    if (fsync(d->dirfd) != 0)
+        return kvs__disk_sys_fail(d->path, "fsync of the directory", err);
+    kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: reset: %s%s; starting a new, empty store",
+                  d->path, f->data ? "the broken data.mdb is kept as " : "no data.mdb",
+                  f->data ? kept : "");
+    kvs_err_clear(err);
+    return 0;
+}
+
 int kvs_disk_open(const char *dir, uint64_t budget_bytes, const kvs_disk_opts *opts, kvs_disk **out,
                   kvs_err *err)
 {
@@ -372,10 +449,12 @@ int kvs_disk_open(const char *dir, uint64_t budget_bytes, const kvs_disk_opts *o
     d->log_ctx = o.log_ctx;
     pthread_mutex_init(&d->wmu, NULL);
     d->mu_init = true;
-    uint64_t data_bytes;
-    int rc = claim_dir(d, &data_bytes, err);
-    if (!rc && data_bytes > 0)
-        rc = inspect_locked(d, &o, data_bytes, err);
+    dir_files f;
+    int rc = claim_dir(d, &f, err);
+    if (!rc)
+        rc = judge_files(d, &o, &f, err);
+    if (rc && d->broken && o.reset_broken)
+        rc = keep_aside(d, &f, err);
     if (!rc)
         rc = open_env(d, &o, map, err);
     if (rc) {

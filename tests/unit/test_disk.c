@@ -948,6 +948,81 @@ static void test_foreign_refused(void **state)
     tmp_remove(&t);
 }
 
+/* A directory that holds our files but whose data.mdb is empty (a failed copy, a full
+ * disk at the wrong moment) or missing beside a lock.mdb is refused untouched, like a
+ * truncated one: it used to become a new, empty store silently (issue 10, fault 2).
+ * opts.reset starts a new store there instead, keeping the old data.mdb aside. */
+static void test_broken_data_file(void **state)
+{
+    tmpdir t;
+    tmp_make(&t);
+    char p[160], f[200];
+
+    /* ours, then data.mdb emptied */
+    snprintf(p, sizeof p, "%s/empty", t.root);
+    kvs_disk *d = open_ok(p, 1 << 20, NULL);
+    size_t len;
+    uint8_t *b = make_block(1, 8, 1, &len);
+    assert_int_equal(put1(d, 1, "k", b, len, NULL), 0);
+    kvs_disk_close(d);
+    snprintf(f, sizeof f, "%s/data.mdb", p);
+    assert_int_equal(truncate(f, 0), 0);
+    expect_refused(p, KVS_EPROTO, "data.mdb is empty", NULL);
+
+    /* a lock.mdb without its data.mdb */
+    char lp[160];
+    snprintf(lp, sizeof lp, "%s/lockonly", t.root);
+    assert_int_equal(mkdir(lp, 0700), 0);
+    write_file(lp, "lock.mdb", "", 0);
+    expect_refused(lp, KVS_EPROTO, "no data.mdb", NULL);
+
+    /* reset: a new store, the old file kept as data.mdb.broken-<unix time> */
+    kvs_disk_opts reset = {.reset_broken = true};
+    d = open_ok(p, 1 << 20, &reset);
+    seen s = {0};
+    assert_int_equal(kvs_disk_scan(d, 0, seen_cb, &s, NULL, NULL), 0);
+    assert_int_equal(s.n, 0);
+    kvs_disk_close(d);
+    DIR *dir = opendir(p);
+    assert_non_null(dir);
+    struct dirent *e;
+    int kept = 0;
+    while ((e = readdir(dir)) != NULL)
+        kept += !strncmp(e->d_name, "data.mdb.broken-", 16);
+    closedir(dir);
+    assert_int_equal(kept, 1);
+    /* reopening without the option: the new store, the kept file tolerated */
+    d = open_ok(p, 1 << 20, NULL);
+    assert_int_equal(put1(d, 1, "k2", b, len, NULL), 0);
+    kvs_disk_close(d);
+
+    /* reset also takes a truncated environment */
+    snprintf(p, sizeof p, "%s/trunc", t.root);
+    d = open_ok(p, 1 << 20, NULL);
+    for (unsigned i = 0; i < 20; i++) {
+        char key[32];
+        key_of(key, "t", i);
+        assert_int_equal(put1(d, 1, key, b, len, NULL), 0);
+    }
+    kvs_disk_close(d);
+    snprintf(f, sizeof f, "%s/data.mdb", p);
+    assert_int_equal(truncate(f, 4 * 4096), 0);
+    kvs_disk_close(open_ok(p, 1 << 20, &reset));
+
+    /* but never a directory that is not ours, nor another daemon's */
+    snprintf(p, sizeof p, "%s/notes2", t.root);
+    assert_int_equal(mkdir(p, 0700), 0);
+    write_file(p, "notes.txt", "keep me", 7);
+    expect_refused(p, KVS_EINVAL, "notes.txt", &reset);
+    kvs_disk_opts a = {.identity = "node-a"}, b_reset = {.identity = "node-b",
+                                                          .reset_broken = true};
+    snprintf(p, sizeof p, "%s/owned", t.root);
+    kvs_disk_close(open_ok(p, 1 << 20, &a));
+    expect_refused(p, KVS_EINVAL, "node-a", &b_reset);
+    free(b);
+    tmp_remove(&t);
+}
+
 /* The child writes batches of CR_BATCH blocks named "b<batch>-<i>" until killed, and
  * reports each committed batch number on the pipe after put_batch returns. */
 #define CR_BATCH 64
@@ -1197,6 +1272,7 @@ int main(void)
         cmocka_unit_test(test_write_errors),
         cmocka_unit_test(test_durable),
         cmocka_unit_test(test_foreign_refused),
+        cmocka_unit_test(test_broken_data_file),
         cmocka_unit_test(test_crash_during_write),
         cmocka_unit_test(test_threads),
     };
