@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/work.h"
 #include "gpu/base/mem.h"
@@ -38,9 +39,37 @@ static kvs_call *call_new(kvs_server *srv, kvs_rpc rpc)
     return c;
 }
 
+/* Links an admitted streaming call into srv->streams (call.h invariant 4). */
+static void streams_link(kvs_server *srv, kvs_call *c)
+{
+    pthread_mutex_lock(&srv->mu);
+    c->snext = srv->streams;
+    c->sprev = NULL;
+    if (srv->streams)
+        srv->streams->sprev = c;
+    srv->streams = c;
+    c->streamed = true;
+    pthread_mutex_unlock(&srv->mu);
+}
+
+static void streams_unlink(kvs_server *srv, kvs_call *c)
+{
+    pthread_mutex_lock(&srv->mu);
+    if (c->sprev)
+        c->sprev->snext = c->snext;
+    else
+        srv->streams = c->snext;
+    if (c->snext)
+        c->snext->sprev = c->sprev;
+    c->streamed = false;
+    pthread_mutex_unlock(&srv->mu);
+}
+
 static void call_free(kvs_call *c)
 {
     kvs_server *srv = c->srv;
+    if (c->streamed) /* before the grpc_call goes: the sweep may be about to cancel it */
+        streams_unlink(srv, c);
     if (c->rpc == KVS_RPC_PUT)
         kvs_put_cleanup(c);
     else if (c->rpc == KVS_RPC_GET)
@@ -141,8 +170,16 @@ static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
     return bb;
 }
 
+/* The call now waits for its client (what the idle sweep measures). */
+static void wait_client(kvs_call *c)
+{
+    uint64_t now = kvs_now_ms();
+    atomic_store(&c->waiting_ms, now ? now : 1);
+}
+
 void kvs_call_recv(kvs_call *c)
 {
+    wait_client(c);
     grpc_op ops[2];
     size_t n = add_initial_md(c, &ops[0]);
     memset(&ops[n], 0, sizeof ops[n]);
@@ -153,6 +190,7 @@ void kvs_call_recv(kvs_call *c)
 
 void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg)
 {
+    wait_client(c);
     grpc_op ops[2];
     size_t n = add_initial_md(c, &ops[0]);
     c->send = pack(msg);
@@ -320,8 +358,17 @@ static void on_arrive(kvs_call *c, bool ok)
         srv->inflight++;
         pthread_mutex_unlock(&srv->mu);
     }
+    if (kvs_rpcs[c->rpc].streaming)
+        streams_link(srv, c);
     if (c->rpc == KVS_RPC_PUT) {
-        kvs_put_start(c);
+        /* A stream slot first (daemon/limits.h): a client cannot open Puts without bound. */
+        char *peer = grpc_call_get_peer(c->call);
+        int rc = kvs_limits_put_open(srv->limits, peer, &c->u.put.slot, &err);
+        gpr_free(peer);
+        if (rc)
+            kvs_call_fail(c, rc, err.msg);
+        else
+            kvs_put_start(c);
         return;
     }
     if (!c->request) {
@@ -347,8 +394,12 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
     switch (tag->step) {
     case KVS_STEP_ARRIVE: on_arrive(c, ok); break;
     case KVS_STEP_CLOSE: break; /* c->cancelled is set; the send/recv paths see failures */
-    case KVS_STEP_RECV: kvs_put_on_recv(c, ok); break;
+    case KVS_STEP_RECV:
+        atomic_store(&c->waiting_ms, 0);
+        kvs_put_on_recv(c, ok);
+        break;
     case KVS_STEP_SEND:
+        atomic_store(&c->waiting_ms, 0);
         grpc_byte_buffer_destroy(c->send);
         c->send = NULL;
         kvs_get_on_send(c, ok);

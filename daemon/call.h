@@ -22,6 +22,9 @@
  *  3. Every admitted call is counted in srv->inflight until freed; kvs_server_shutdown
  *     waits for srv->live (every call object, armed or not) to reach 0 before the
  *     completion queue is shut down.
+ *  4. Every admitted Put and Get is in srv->streams from admission until call_free
+ *     unlinks it, before its grpc_call is released: the sweep (kvs_server_sweep, under
+ *     srv->mu) may cancel any call it finds there.
  *
  * Lock order: srv->mu, then call->mu; the store's lock is taken with neither held
  * (handlers call the store before taking any daemon lock).
@@ -83,6 +86,7 @@ struct kvs_server {
     struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
     struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
+    struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
@@ -100,6 +104,8 @@ struct kvs_server {
     bool shutdown_done;  /* the shutdown tag completed */
     unsigned live;       /* call objects alive (armed + admitted) */
     unsigned inflight;   /* admitted calls not yet freed (Health excluded) */
+    kvs_call *streams;   /* admitted Put and Get calls, for the idle sweep (invariant 4) */
+    uint64_t idle_cancelled; /* streams cut by kvs_server_sweep */
     int shutdown_tag;    /* address used as the shutdown notification tag */
 };
 
@@ -119,10 +125,13 @@ typedef struct kvs_call_tag {
 
 /* Per-RPC state of the two streaming calls. */
 typedef struct kvs_put_state {
+    struct kvs_limits_slot *slot; /* the stream's admission slot (daemon/limits.h) */
     kvs_ns *ns;       /* reference, set once the header is accepted */
-    kvs_block *blk;   /* FILLING block, its encoded size reserved at the header */
-    uint8_t *raw;     /* payload being received (expected bytes), encoded at the end */
+    kvs_block *blk;   /* FILLING block, reserved once the payload is complete */
+    uint8_t *raw;     /* payload being received (expected bytes), from the first data chunk */
+    uint64_t recv_held; /* bytes of the receive budget raw holds (0 once released) */
     uint64_t expected, received;
+    uint32_t tokens;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
     int rc;        /* result of the encode job */
@@ -170,6 +179,13 @@ struct kvs_call {
     bool md_sent;
     bool admitted;
     kvs_call_tag tags[KVS_STEP_COUNT];
+
+    /* Since when the call waits for its client (a RECV or SEND in flight; monotonic ms),
+     * 0 while it does not: what kvs_server_sweep measures idleness by. */
+    atomic_uint_fast64_t waiting_ms;
+    kvs_call *snext, *sprev; /* srv->streams links, under srv->mu (invariant 4) */
+    bool streamed;           /* linked in srv->streams */
+    bool idle_cut;           /* cancelled by the sweep (under srv->mu) */
 
     pthread_mutex_t mu; /* guards pending, finished, cancelled */
     int pending;

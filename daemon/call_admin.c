@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/limits.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
@@ -171,6 +172,18 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     reply.misses = st.misses;
     reply.uptime_ms = kvs_now_ms() - srv->start_ms;
     reply.version = (char *)KVS_VERSION;
+    kvs_limits_stats ls;
+    kvs_limits_get_stats(srv->limits, &ls);
+    Kvstash__V1__StreamStats streams = KVSTASH__V1__STREAM_STATS__INIT;
+    streams.recv_budget_bytes = ls.recv_budget;
+    streams.recv_used_bytes = ls.recv_used;
+    streams.puts_open = ls.puts_open;
+    streams.puts_refused = ls.puts_refused;
+    streams.recv_refused = ls.recv_refused;
+    pthread_mutex_lock(&srv->mu);
+    streams.idle_cancelled = srv->idle_cancelled;
+    pthread_mutex_unlock(&srv->mu);
+    reply.streams = &streams;
     kvs_call_reply(c, &reply.base);
     ns_protos_free(&p);
     return 0;

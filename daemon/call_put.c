@@ -1,34 +1,43 @@
 /* Put: the client-streaming state machine (DESIGN §2, §4).
  *
- *   start ──recv──> HEADER ──valid──> reserve block ──recv──> DATA ──recv──> ... ──┐
- *            │         └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED)
- *            │                                                                     │
- *            └─ recv !ok (cancelled, oversize message): abandon                     │
- *   end of stream (recv ok, no message) ──complete?──> ENCODE ──> commit ──> reply(PutReply)
- *                                        └─ short ──> fail(INVALID_ARGUMENT "truncated")
+ *   arrive ──slot (--max-puts, --max-puts-per-conn)──> start ──recv──> HEADER ──valid──┐
+ *     └─ no slot: fail(RESOURCE_EXHAUSTED)        └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND)
+ *   ┌──────────────────────────────────────────────────────────────────────────────────┘
+ *   └─recv──> DATA (the first takes the receive buffer from --recv-budget, or fails
+ *             RESOURCE_EXHAUSTED) ──recv──> DATA ... ──end of stream──> complete? ──┐
+ *             recv !ok (cancelled, --stream-idle, oversize message): abandon         │
+ *                                       short: fail(INVALID_ARGUMENT "truncated") ──┤
+ *   ┌────────────────────────────────────────────────────────────────────────────────┘
+ *   └─> reserve the block in a tier (may evict) ──> ENCODE ──> commit ──> reply(PutReply)
  *   durable namespace: commit ──> DURABLE write (disk writer thread: LMDB commit + flush)
  *                                  ──ok──> reply(PutReply)   └─failed─> fail (durable_done)
  *
- * Where the block goes (decided at the header, when its room is reserved): with a GPU
- * engine that has kernels for the namespace's codecs, a free GPU tier slot, and no
- * RotateKV calibration in progress (it needs the raw keys on the host), the engine
- * encodes straight into the slot; otherwise the block is reserved in the host tier and
- * encoded by the engine (into host memory) or by the CPU codecs on the libuv pool. A Put
- * that finds the GPU tier full kicks demotion (storage/tiering.h) and goes to the host.
+ * What a Put holds while its client is sending (limits.h): a stream slot and, from its
+ * first data chunk, a receive buffer counted in the receive budget; never room in a tier.
+ * Only once the whole payload is here is the block reserved in a tier, so a stalled or
+ * slow client never evicts anyone's committed blocks; the receive buffer goes back to the
+ * budget as soon as the payload is encoded, or when the call ends (a cancel included).
  *
- * Every size is checked against the namespace before the block buffer is reserved
- * (its size comes from the namespace and the token count, never from the client), and
- * each data chunk is bounds-checked before it is copied. Runs on CQ threads, except the
- * encode (pool thread) and what follows it (loop thread), and the answer to a durable Put
- * (the disk writer's thread, once its block is on disk: a durable block always goes to
- * the host tier, from where it is written); one step at a time per call (call.h
- * invariant 1).
+ * Where the block goes (decided once the payload is complete): with a GPU engine that has
+ * kernels for the namespace's codecs, a free GPU tier slot, and no RotateKV calibration
+ * in progress (it needs the raw keys on the host), the engine encodes straight into the
+ * slot; otherwise the block is reserved in the host tier and encoded by the engine (into
+ * host memory) or by the CPU codecs on the libuv pool. A Put that finds the GPU tier full
+ * kicks demotion (storage/tiering.h) and goes to the host.
+ *
+ * Every size is checked against the namespace before anything is reserved (sizes come
+ * from the namespace and the token count, never from the client), and each data chunk is
+ * bounds-checked before it is copied. Runs on CQ threads, except the encode (pool thread)
+ * and what follows it (loop thread), and the answer to a durable Put (the disk writer's
+ * thread, once its block is on disk: a durable block always goes to the host tier, from
+ * where it is written); one step at a time per call (call.h invariant 1).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/wire.h"
 #include "daemon/work.h"
@@ -45,15 +54,29 @@ void kvs_put_start(kvs_call *c)
     kvs_call_recv(c);
 }
 
+/* Frees the receive buffer and gives its bytes back to the receive budget. Runs where the
+ * payload stops being needed: after the encode (pool or engine thread) or at cleanup. */
+static void raw_release(kvs_call *c)
+{
+    kvs_put_state *p = &c->u.put;
+    kvs_call_buf_free(c, p->raw);
+    p->raw = NULL;
+    if (p->recv_held) {
+        kvs_limits_recv_give(c->srv->limits, p->recv_held);
+        p->recv_held = 0;
+    }
+}
+
 void kvs_put_cleanup(kvs_call *c)
 {
     kvs_put_state *p = &c->u.put;
     if (p->blk)
         kvs_store_block_abort(c->srv->store, p->blk);
-    kvs_call_buf_free(c, p->raw);
-    p->raw = NULL;
+    raw_release(c);
     if (p->ns)
         kvs_ns_unref(p->ns);
+    kvs_limits_put_close(c->srv->limits, p->slot);
+    p->slot = NULL;
     p->blk = NULL;
     p->ns = NULL;
 }
@@ -84,8 +107,31 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
                            (unsigned long long)p->expected);
     memcpy(p->key, h->key.data, h->key.len);
     p->key_len = h->key.len;
-    /* Reserve room in a tier first (it bounds what we keep), then the transient receive
-     * buffer, sized from the namespace (checked above). */
+    p->tokens = h->tokens;
+    return 0;
+}
+
+/* The receive buffer, at the first data chunk: counted in the receive budget (sized from
+ * the namespace, checked at the header), never in a tier. */
+static int recv_buffer(kvs_call *c, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    int rc = kvs_limits_recv_take(c->srv->limits, p->expected, err);
+    if (rc)
+        return rc;
+    p->recv_held = p->expected;
+    if (!(p->raw = kvs_call_buf_alloc(c, p->expected)))
+        return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
+                           (unsigned long long)p->expected); /* cleanup gives it back */
+    return 0;
+}
+
+/* The whole payload is here: reserve the block in a tier (the GPU tier when the engine
+ * can encode into it, else the host tier, which may evict idle blocks). */
+static int reserve_block(kvs_call *c, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(p->ns);
     kvs_store *st = c->srv->store;
     kvs_engine *eng = c->srv->engine;
     kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
@@ -96,24 +142,19 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
         /* One slot size per namespace: a full block's (a partial block fits in it). */
         uint64_t slot = kvs_engine_slot_bytes(kc, vc, spec->block_tokens);
         kvs_err e2;
-        if (kvs_store_block_alloc_gpu(st, p->ns, h->tokens, slot, &p->blk, &e2) == 0) {
+        if (kvs_store_block_alloc_gpu(st, p->ns, p->tokens, slot, &p->blk, &e2) == 0) {
             kvs_block_dev *d = kvs_block_device(p->blk);
             p->gpu = true;
             p->kc = kc;
             p->vc = vc;
             d->k_state = kvs_codec_state_version(kc);
             d->v_state = kvs_codec_state_version(vc);
-        } else {
-            kvs_tiering_kick(c->srv->tiering);
+            return 0;
         }
+        kvs_tiering_kick(c->srv->tiering);
     }
-    uint64_t enc_max = kvs_block_encoded_max(kc, vc, h->tokens);
-    if (!p->gpu && (rc = kvs_store_block_alloc(st, p->ns, h->tokens, enc_max, &p->blk, err)))
-        return rc;
-    if (!(p->raw = kvs_call_buf_alloc(c, p->expected)))
-        return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
-                           (unsigned long long)p->expected);
-    return 0;
+    uint64_t enc_max = kvs_block_encoded_max(kc, vc, p->tokens);
+    return kvs_store_block_alloc(st, p->ns, p->tokens, enc_max, &p->blk, err);
 }
 
 static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
@@ -136,8 +177,10 @@ static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
         if (n > p->expected - p->received)
             rc = kvs_err_set(err, KVS_EINVAL,
                              "payload: more than the %llu bytes that %u tokens take",
-                             (unsigned long long)p->expected, kvs_block_tokens(p->blk));
-        else if (n > 0) { /* an empty chunk carries a NULL pointer: nothing to copy */
+                             (unsigned long long)p->expected, p->tokens);
+        else if (n > 0 && !p->raw) /* the first data: the receive buffer is taken now */
+            rc = recv_buffer(c, err);
+        if (rc == 0 && n > 0) { /* an empty chunk carries a NULL pointer: nothing to copy */
             memcpy(p->raw + p->received, m->data.data, n);
             p->received += n;
         }
@@ -163,8 +206,7 @@ static void encode_job(void *arg)
     p->rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
                              kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
                              kvs_block_data(p->blk), kvs_block_size(p->blk), &p->enc_len, &p->err);
-    kvs_call_buf_free(c, p->raw);
-    p->raw = NULL;
+    raw_release(c);
 }
 
 static void reply_put(kvs_call *c)
@@ -251,8 +293,7 @@ static void engine_done(void *arg, int rc, const kvs_err *err)
     p->rc = rc;
     if (err)
         p->err = *err;
-    kvs_call_buf_free(c, p->raw);
-    p->raw = NULL;
+    raw_release(c);
     encode_done(c);
 }
 
@@ -271,6 +312,10 @@ static void on_end(kvs_call *c)
                  "early)",
                  (unsigned long long)p->received, (unsigned long long)p->expected);
         kvs_call_fail(c, KVS_EINVAL, err.msg);
+        return;
+    }
+    if (reserve_block(c, &err)) {
+        kvs_call_fail(c, err.code, err.msg);
         return;
     }
     /* The GPU engine encodes when it has kernels for both codecs; otherwise the CPU codecs

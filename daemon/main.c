@@ -45,7 +45,8 @@ typedef struct daemon_state {
     kvs_server *server;
     uv_loop_t loop;
     uv_signal_t sigterm, sigint, sighup;
-    uv_timer_t stats_timer, drain_timer;
+    uv_timer_t stats_timer, drain_timer, sweep_timer;
+    unsigned sweeps;
     uint64_t drain_deadline_ms;
     int signals_seen;
 } daemon_state;
@@ -59,6 +60,7 @@ static void close_all(daemon_state *d)
     uv_close((uv_handle_t *)&d->sighup, NULL);
     uv_close((uv_handle_t *)&d->stats_timer, NULL);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
+    uv_close((uv_handle_t *)&d->sweep_timer, NULL);
 }
 
 static void on_drain_poll(uv_timer_t *t)
@@ -97,6 +99,23 @@ static void on_sighup(uv_signal_t *s, int signum)
     (void)s;
     (void)signum;
     kvs_log(KVS_LOG_INFO, "SIGHUP: nothing to reload (settings come from flags); ignored");
+}
+
+#define SWEEP_MS 500         /* stalled-stream sweep period */
+#define TRIM_EVERY 20        /* sweeps between heap checks (10 s) */
+#define TRIM_FREE (64 << 20) /* free heap bytes that make a trim worth its page faults */
+
+/* Cancels streams stalled past --stream-idle (daemon/server.h) and now and then gives free
+ * heap memory back to the OS: payload buffers are kept in the heap for speed (main's
+ * mallopt), so after a burst of large Puts, or a cancelled one, glibc would otherwise
+ * hold hundreds of MiB it no longer uses. */
+static void on_sweep(uv_timer_t *t)
+{
+    daemon_state *d = t->data;
+    if (d->server)
+        kvs_server_sweep(d->server, (uint64_t)d->cfg.stream_idle_s * 1000);
+    if (++d->sweeps % TRIM_EVERY == 0 && mallinfo2().fordblks > TRIM_FREE)
+        malloc_trim(0);
 }
 
 static void on_stats(uv_timer_t *t)
@@ -149,12 +168,14 @@ static int start_loop(daemon_state *d, kvs_err *err)
     uv_signal_init(&d->loop, &d->sighup);
     uv_timer_init(&d->loop, &d->stats_timer);
     uv_timer_init(&d->loop, &d->drain_timer);
+    uv_timer_init(&d->loop, &d->sweep_timer);
     d->sigterm.data = d->sigint.data = d->sighup.data = d;
-    d->stats_timer.data = d->drain_timer.data = d;
+    d->stats_timer.data = d->drain_timer.data = d->sweep_timer.data = d;
     if ((rc = uv_signal_start(&d->sigterm, on_signal, SIGTERM)) ||
         (rc = uv_signal_start(&d->sigint, on_signal, SIGINT)) ||
         (rc = uv_signal_start(&d->sighup, on_sighup, SIGHUP)))
         return kvs_err_set(err, KVS_EINTERNAL, "uv_signal_start: %s", uv_strerror(rc));
+    uv_timer_start(&d->sweep_timer, on_sweep, SWEEP_MS, SWEEP_MS);
     if (d->cfg.stats_interval_s) {
         uint64_t ms = (uint64_t)d->cfg.stats_interval_s * 1000;
         uv_timer_start(&d->stats_timer, on_stats, ms, ms);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/limits.h"
 #include "daemon/log.h"
 #include "gpu/base/mem.h"
 
@@ -72,6 +73,10 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
     srv->engine = engine;
     srv->tiering = tiering;
     srv->start_ms = kvs_now_ms();
+    kvs_limits_opts lo = {.max_puts = cfg->max_puts,
+                          .max_puts_per_conn = cfg->max_puts_per_conn,
+                          .recv_budget = cfg->recv_budget};
+    srv->limits = kvs_limits_create(&lo);
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);
 
@@ -171,6 +176,33 @@ unsigned kvs_server_inflight(kvs_server *srv)
     return n;
 }
 
+unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
+{
+    uint64_t now = kvs_now_ms();
+    unsigned cut = 0;
+    pthread_mutex_lock(&srv->mu);
+    for (kvs_call *c = srv->streams; c; c = c->snext) {
+        uint64_t since = atomic_load(&c->waiting_ms);
+        if (!since || c->idle_cut || now - since < idle_ms)
+            continue;
+        /* Thread-safe in gRPC; the call's pending RECV or SEND then completes with a
+         * failure on a CQ thread, which abandons the call and frees what it holds. */
+        char msg[128];
+        snprintf(msg, sizeof msg, "%s: no progress from the client for %llu s: cancelled "
+                 "(--stream-idle)", kvs_rpcs[c->rpc].name,
+                 (unsigned long long)(idle_ms / 1000));
+        grpc_call_cancel_with_status(c->call, GRPC_STATUS_DEADLINE_EXCEEDED, msg, NULL);
+        c->idle_cut = true;
+        cut++;
+    }
+    srv->idle_cancelled += cut;
+    pthread_mutex_unlock(&srv->mu);
+    if (cut)
+        kvs_log(KVS_LOG_WARN, "cancelled %u stalled stream%s (no progress for %llu s, "
+                "--stream-idle)", cut, cut > 1 ? "s" : "", (unsigned long long)(idle_ms / 1000));
+    return cut;
+}
+
 void kvs_server_shutdown(kvs_server *srv)
 {
     atomic_store(&srv->draining, true);
@@ -198,6 +230,7 @@ void kvs_server_destroy(kvs_server *srv)
     if (!srv)
         return;
     free(srv->threads);
+    kvs_limits_destroy(srv->limits);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
     free(srv);

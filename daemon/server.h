@@ -29,6 +29,11 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
 void kvs_server_drain(kvs_server *srv);
 /* Admitted calls that have not finished (Health excluded). Thread-safe. */
 unsigned kvs_server_inflight(kvs_server *srv);
+/* Cancels every admitted Put or Get that has waited for its client (its next message, or
+ * room to send one) for idle_ms or more: a stalled client cannot hold a stream slot,
+ * receive memory or a block reference for longer (--stream-idle). Returns how many it
+ * cancelled. Thread-safe; called by the loop's sweep timer. */
+unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms);
 /* Blocking; see the lifecycle above. */
 void kvs_server_shutdown(kvs_server *srv);
 void kvs_server_destroy(kvs_server *srv);
