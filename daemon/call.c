@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "daemon/auth.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/work.h"
@@ -266,43 +267,28 @@ grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)
     return s;
 }
 
-/* Constant-time comparison of a metadata value with "Bearer <token>". */
-static bool bearer_is(grpc_slice value, const char *token)
-{
-    static const char prefix[] = "Bearer ";
-    size_t plen = sizeof prefix - 1, tlen = strlen(token);
-    size_t vlen = GRPC_SLICE_LENGTH(value);
-    const unsigned char *v = GRPC_SLICE_START_PTR(value);
-    if (vlen != plen + tlen || memcmp(v, prefix, plen) != 0)
-        return false;
-    unsigned char diff = 0;
-    for (size_t i = 0; i < tlen; i++)
-        diff |= (unsigned char)(v[plen + i] ^ (unsigned char)token[i]);
-    return diff == 0;
-}
-
 /* Auth rules (DESIGN §9): with --token set, KvStash calls need the client or admin
  * token; with --admin-token set, KvAdmin calls need the admin token (a valid client
  * token gets PERMISSION_DENIED); with only --token set, it also opens KvAdmin. Health is
- * always open so that probes work without secrets. */
+ * always open so that probes work without secrets. Tokens are compared as digests in
+ * constant time (daemon/auth.h). */
 static int check_auth(kvs_call *c, kvs_err *err)
 {
-    const kvs_config *cfg = c->srv->cfg;
+    const kvs_auth *auth = c->srv->auth;
     if (c->rpc == KVS_RPC_HEALTH)
         return 0;
     bool admin_rpc = kvs_rpcs[c->rpc].admin;
-    const char *need_admin = cfg->admin_token[0] ? cfg->admin_token : NULL;
-    const char *need_client = cfg->token[0] ? cfg->token : NULL;
+    bool need_admin = kvs_auth_has_admin(auth), need_client = kvs_auth_has_client(auth);
     if (admin_rpc ? !(need_admin || need_client) : !need_client)
         return 0;
-    bool is_admin = false, is_client = false;
+    unsigned roles = 0;
     for (size_t i = 0; i < c->md.count; i++) {
         if (!grpc_slice_str_cmp(c->md.metadata[i].key, "authorization")) {
             grpc_slice v = c->md.metadata[i].value;
-            is_admin |= need_admin && bearer_is(v, need_admin);
-            is_client |= need_client && bearer_is(v, need_client);
+            roles |= kvs_auth_roles(auth, GRPC_SLICE_START_PTR(v), GRPC_SLICE_LENGTH(v));
         }
     }
+    bool is_admin = roles & KVS_AUTH_ADMIN, is_client = roles & KVS_AUTH_CLIENT;
     if (admin_rpc) {
         if (need_admin ? is_admin : is_client)
             return 0;

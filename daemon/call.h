@@ -87,6 +87,7 @@ struct kvs_server {
     struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
+    struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */

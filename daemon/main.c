@@ -103,7 +103,7 @@ static void on_sighup(uv_signal_t *s, int signum)
 
 #define SWEEP_MS 500         /* stalled-stream sweep period */
 #define TRIM_EVERY 20        /* sweeps between heap checks (10 s) */
-#define TRIM_FREE (64 << 20) /* free heap bytes that make a trim worth its page faults */
+#define TRIM_FREE (16 << 20) /* free heap bytes that make a trim worth its page faults */
 
 /* Cancels streams stalled past --stream-idle (daemon/server.h) and now and then gives free
  * heap memory back to the OS: payload buffers are kept in the heap for speed (main's
@@ -331,6 +331,12 @@ int main(int argc, char **argv)
      * (GRPC-C-CORE.md: 1.5-2x Put throughput measured). */
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    /* glibc's default of 8 arenas per core keeps freed memory in each thread's arena,
+     * where a trim cannot return what partly used heaps pin: after a 64-client burst and a
+     * namespace drop the daemon held 43-78 MB instead of 15-19 MB with 4 arenas, at the
+     * same Put/Get throughput (tests/bench/RESULTS.md, heap after load). */
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    mallopt(M_ARENA_MAX, cores > 4 ? (int)cores : 4);
 
     /* CPU codec work runs on libuv's pool: size it before the loop first uses it. */
     char pool[16];

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon/auth.h"
 #include "daemon/call.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
@@ -77,6 +78,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
                           .max_puts_per_conn = cfg->max_puts_per_conn,
                           .recv_budget = cfg->recv_budget};
     srv->limits = kvs_limits_create(&lo);
+    srv->auth = kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token,
+                                strlen(cfg->admin_token));
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);
 
@@ -100,22 +103,23 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
         }
     }
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    /* DESIGN §9: co-located workers in the daemon's group may connect, others not. A Unix
+     * socket gets its mode when gRPC binds it, here: under umask 0117 it is created 0660,
+     * never wider, with no window before a chmod. The umask is the process's, but no
+     * other thread of ours creates files while the server starts. */
+    bool unix_sock = strncmp(cfg->listen, "unix:", 5) == 0;
+    mode_t old_mask = unix_sock ? umask(0117) : 0;
     int port = grpc_server_add_http2_port(srv->server, cfg->listen, creds);
+    if (unix_sock)
+        umask(old_mask);
     grpc_server_credentials_release(creds);
     if (port == 0) {
         kvs_err_set(err, KVS_EINVAL, "--listen: cannot listen on '%s' (address in use or invalid)",
                     cfg->listen);
         goto fail;
     }
-    if (strncmp(cfg->listen, "unix:", 5) == 0) {
-        /* DESIGN §9: co-located workers in the daemon's group may connect, others not. */
-        if (chmod(cfg->listen + 5, 0660) != 0) {
-            kvs_err_set(err, -errno, "--listen: chmod 0660 '%s': %s", cfg->listen + 5,
-                        strerror(errno));
-            goto fail;
-        }
+    if (unix_sock)
         port = 0;
-    }
     grpc_server_start(srv->server);
 
     for (int i = 0; i <= KVS_RPC_COUNT; i++) {
@@ -231,6 +235,7 @@ void kvs_server_destroy(kvs_server *srv)
         return;
     free(srv->threads);
     kvs_limits_destroy(srv->limits);
+    kvs_auth_destroy(srv->auth);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
     free(srv);

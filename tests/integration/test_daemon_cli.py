@@ -148,3 +148,34 @@ def test_unix_socket(unix_daemon, tmp_path):
 def test_unix_socket_mode(unix_daemon):
     sock, _ = unix_daemon
     assert oct(os.stat(sock).st_mode & 0o777) == oct(0o660)
+
+
+def test_unix_socket_never_wider_than_0660(tmp_path):
+    """The socket is created with its final mode (a umask around bind), not created with
+    the process's umask and chmod'ed after: no window in which others may connect. The
+    shim records the mode at the instant of bind(); the test runs the daemon with umask
+    0 so that a socket made without the fix would be 0777 at that instant."""
+    shim = os.environ.get("KVS_BINDMODE") or os.path.join(
+        kvs.REPO, "build", "lib", "libkvs_bindmode.so")
+    if not os.path.exists(shim):
+        pytest.skip(f"bind shim not built: {shim}")
+    sock = tmp_path / "k.sock"
+    out = tmp_path / "bindmode"
+    env = dict(os.environ, LD_PRELOAD=shim, KVS_BINDMODE_OUT=str(out))
+    p = subprocess.Popen([kvs.KVSTASHD, "--listen", f"unix:{sock}", "--host-capacity", "64M"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: os.umask(0))
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "no socket after 20 s"
+            time.sleep(0.02)
+    finally:
+        p.terminate()
+        assert p.wait(20) == 0
+        p.stderr.close()
+    lines = [ln.split(" ", 1) for ln in out.read_text().splitlines()]
+    mine = [int(m, 8) for m, path in lines if path == str(sock)]
+    assert mine, f"bind of {sock} not seen: {lines}"
+    assert all(m & 0o777 == 0o660 for m in mine), [oct(m) for m in mine]
