@@ -10,6 +10,13 @@
  *  3. Nothing is written into a directory before it has been judged ours: the directory
  *     is locked (flock, which writes nothing), listed, and an existing data.mdb is read
  *     through a read-only LMDB handle without a lock file before the real open.
+ *  4. A put never starts a transaction it expects to fail for room: it first checks its
+ *     pages (estimated from above) plus HEADROOM against the map's free pages and the
+ *     filesystem's free bytes plus the file's own free pages, and answers KVS_ENOSPC if
+ *     they do not fit. The headroom (HEADROOM_MAX) is for deletions, which skip the check: on a full
+ *     disk the store can always evict, and deleting never fails for lack of room (unless
+ *     something else fills the filesystem, which no check here can prevent; then the
+ *     failed transaction leaves LMDB as it was and the caller retries).
  */
 #include "storage/disk.h"
 
@@ -21,6 +28,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <lmdb.h>
 
@@ -35,6 +45,11 @@
 #define BKEY_MAX (4 + KVS_KEY_MAX)
 #define NKEY_MAX (4 + KVS_DISK_NS_REC_MAX)
 #define LOG_BAD_MAX 8 /* bad records logged one by one per scan */
+/* Kept free in the map and on the filesystem by every put (invariant 4): LMDB copies on
+ * write, so deleting records takes new pages too (the leaves and branches it changes, and
+ * the free list that grows by the pages it frees). A few MiB cover a deletion of
+ * thousands of records; a tiny map (tests) keeps a sixteenth. */
+#define HEADROOM_MAX (4 * MIB)
 
 
 void kvs__disk_log(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
@@ -278,6 +293,68 @@ static int put_locked(kvs_disk *d, const kvs_disk_item *items, size_t n)
     return commit_locked(d, txn, false);
 }
 
+/* Bytes of pages a put of these items may take, from above: each value over a page's
+ * worth goes to overflow pages of its own (16-byte header), and every item adds a leaf
+ * node; plus pages for B-tree splits, the branches above and the free list. */
+static uint64_t put_need(const kvs_disk_item *items, size_t n, uint64_t psize)
+{
+    uint64_t need = 16 * psize;
+    for (size_t i = 0; i < n; i++)
+        need += (items[i].len + 16 + psize - 1) / psize * psize + 4 + items[i].key_len + 64;
+    return need;
+}
+
+/* Invariant 4: KVS_ENOSPC unless `need` bytes plus HEADROOM fit both the map and the
+ * filesystem. Under wmu (no other writer changes the numbers meanwhile). */
+static int room_locked(kvs_disk *d, uint64_t need, kvs_err *err)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(d->env, NULL, MDB_RDONLY, &txn);
+    if (rc)
+        return read_fail(d, rc, "mdb_txn_begin (room check)", err);
+    MDB_dbi dbis[5] = {0, d->main, d->meta, d->ns, d->blocks};
+    uint64_t pages = 2, psize = 4096;
+    for (size_t i = 0; i < 5 && rc == 0; i++) {
+        MDB_stat s;
+        if ((rc = mdb_stat(txn, dbis[i], &s)) == 0) {
+            pages += s.ms_branch_pages + s.ms_leaf_pages + s.ms_overflow_pages;
+            psize = s.ms_psize;
+        }
+    }
+    mdb_txn_abort(txn);
+    if (rc)
+        return read_fail(d, rc, "mdb_stat (room check)", err);
+    MDB_envinfo ei;
+    mdb_env_info(d->env, &ei);
+    uint64_t used = pages * psize, file = ((uint64_t)ei.me_last_pgno + 1) * psize;
+    uint64_t fs;
+    if (d->test_fs_limit) { /* a filesystem that holds test_fs_limit bytes of data.mdb */
+        struct stat fst;
+        if (fstatat(d->dirfd, "data.mdb", &fst, 0) != 0)
+            return kvs__disk_sys_fail(d->path, "stat data.mdb", err);
+        fs = d->test_fs_limit > (uint64_t)fst.st_size ? d->test_fs_limit - (uint64_t)fst.st_size
+                                                        : 0;
+    } else {
+        struct statvfs sv;
+        if (fstatvfs(d->dirfd, &sv) != 0)
+            return kvs__disk_sys_fail(d->path, "fstatvfs", err);
+        fs = (uint64_t)sv.f_bavail * sv.f_frsize;
+    }
+    /* Free pages inside the file are reused before the file grows. */
+    uint64_t map_room = ei.me_mapsize > used ? ei.me_mapsize - used : 0;
+    uint64_t fs_room = fs + (file > used ? file - used : 0);
+    uint64_t room = map_room < fs_room ? map_room : fs_room;
+    uint64_t headroom = ei.me_mapsize / 16 < HEADROOM_MAX ? ei.me_mapsize / 16 : HEADROOM_MAX;
+    if (need + headroom <= room)
+        return 0;
+    atomic_fetch_add(&d->no_room, 1);
+    return kvs_err_set(err, KVS_ENOSPC,
+                       "disk tier %s: no room for %" PRIu64 " bytes (%s full: %" PRIu64
+                       " bytes free, %" PRIu64 " KiB kept for deletions)",
+                       d->path, need, map_room <= fs_room ? "LMDB map" : "filesystem", room,
+                       headroom >> 10);
+}
+
 static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool durable, kvs_err *err)
 {
     if (!d || (n && !items))
@@ -299,8 +376,14 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
     if (n == 0)
         return durable && d->lazy ? do_sync(d, err) : 0;
     pthread_mutex_lock(&d->wmu);
-    int rc = put_locked(d, items, n);
-    if (rc == MDB_MAP_FULL && d->freed_pending && bump_locked(d) == 0)
+    long pg = sysconf(_SC_PAGESIZE); /* LMDB's page size is the OS page size */
+    int rc = room_locked(d, put_need(items, n, pg > 0 ? (uint64_t)pg : 4096), err);
+    if (rc) {
+        pthread_mutex_unlock(&d->wmu);
+        return rc;
+    }
+    rc = put_locked(d, items, n);
+    if ((rc == MDB_MAP_FULL || rc == ENOSPC) && d->freed_pending && bump_locked(d) == 0)
         rc = put_locked(d, items, n);
     pthread_mutex_unlock(&d->wmu);
     if (rc)
@@ -727,6 +810,7 @@ int kvs_disk_get_stats(kvs_disk *d, kvs_disk_stats *out, kvs_err *err)
     out->checksum_failures = atomic_load(&d->checksum_failures);
     out->map_full = atomic_load(&d->map_full);
     out->syncs = atomic_load(&d->syncs);
+    out->no_room = atomic_load(&d->no_room);
     MDB_txn *txn;
     int rc = rbegin(d, &txn, err);
     if (rc)
@@ -760,6 +844,13 @@ int kvs_disk_sync(kvs_disk *d, kvs_err *err)
     if (!d)
         return kvs_err_set(err, KVS_EINVAL, "disk sync: NULL handle");
     return do_sync(d, err);
+}
+
+void kvs_disk_test_fs_limit(kvs_disk *d, uint64_t bytes)
+{
+    pthread_mutex_lock(&d->wmu);
+    d->test_fs_limit = bytes;
+    pthread_mutex_unlock(&d->wmu);
 }
 
 void kvs_disk_test_fail_write(kvs_disk *d, unsigned nth, int mdb_rc)

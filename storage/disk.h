@@ -137,8 +137,10 @@ typedef struct kvs_disk_key {
  * batch, the last item of a name wins): all of them or none. Each item is checked first
  * (key length; the block's header: magic, version, length = len, namespace = ns_id;
  * the checksum is the caller's business: host blocks are verified when read):
- * KVS_EINVAL names the item. KVS_ENOSPC: the map is full (MDB_MAP_FULL) or the
- * filesystem is; nothing was written: evict and retry. KVS_E2BIG: too many pages for
+ * KVS_EINVAL names the item. KVS_ENOSPC: the map or the filesystem has no room for
+ * the batch with a few MiB to spare for deletions (checked before the transaction starts:
+ * disk.c invariant 4), or LMDB found it full anyway; nothing was written: evict and retry
+ * (deletions skip the check and use the spare room, so they succeed on a full disk). KVS_E2BIG: too many pages for
  * one transaction: split the batch. KVS_EIO: any other failure, with LMDB's text,
  * counted in write_errors. Blocks: it waits for the writer lock and, in synced mode,
  * for fdatasync.
@@ -246,6 +248,7 @@ typedef struct kvs_disk_stats {
     uint64_t checksum_failures; /* blocks found bad (get or scan), deleted */
     uint64_t map_full;          /* writes refused with KVS_ENOSPC by a full map */
     uint64_t syncs;             /* explicit flushes (put_durable, ns records, sync) */
+    uint64_t no_room;           /* puts refused before they started: no room (KVS_ENOSPC) */
 } kvs_disk_stats;
 
 /* Fills *out from mdb_env_info / mdb_stat (one short read transaction) and the
@@ -257,6 +260,11 @@ int kvs_disk_get_stats(kvs_disk *d, kvs_disk_stats *out, kvs_err *err);
 int kvs_disk_sync(kvs_disk *d, kvs_err *err);
 
 /* ---------------------------------------------------------------- testing */
+
+/* Tests: pretend data.mdb sits on a filesystem with room for `bytes` of it (free space =
+ * bytes - its size; 0: the real filesystem again), to exercise the room check of put
+ * without filling a real one. */
+void kvs_disk_test_fs_limit(kvs_disk *d, uint64_t bytes);
 
 /* Fault injection (STYLE: tests): the `nth` write transaction from now (1 = the next)
  * fails as if LMDB had returned mdb_rc (e.g. EIO, MDB_MAP_FULL) and is aborted; 0

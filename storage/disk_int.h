@@ -33,6 +33,9 @@ struct kvs_disk {
      * eviction commits a tiny change first and tries again (put_batch). */
     bool freed_pending;
     atomic_uint_fast64_t write_errors, read_errors, checksum_failures, map_full, syncs;
+    atomic_uint_fast64_t no_room; /* puts refused before starting (put_batch's room check) */
+    uint64_t test_fs_limit;       /* tests: a filesystem holding this many bytes of data.mdb
+                                   * (0: the real one, statvfs), under wmu */
     kvs_log_fn log;
     void *log_ctx;
 };

@@ -29,6 +29,13 @@ typedef struct op {
     uint8_t key[KVS_KEY_MAX];
 } op;
 
+/* A disk record named for deletion; key_len 0 names a whole namespace (ns_del). */
+typedef struct victim {
+    uint32_t ns_id;
+    uint8_t key_len;
+    uint8_t key[KVS_KEY_MAX];
+} victim;
+
 struct kvs_spill {
     kvs_store *st; /* borrowed */
     pthread_t thread;
@@ -37,14 +44,10 @@ struct kvs_spill {
     op *head, **tail;
     bool stop;
     bool kick; /* kvs_spill_kick: run the host tier's background demotion */
+    /* Writer thread only: deletions that failed, retried before each batch (add_pending) */
+    victim *pend;
+    size_t npend, cap_pend;
 };
-
-/* A disk record named for deletion. */
-typedef struct victim {
-    uint32_t ns_id;
-    uint8_t key_len;
-    uint8_t key[KVS_KEY_MAX];
-} victim;
 
 static void push(kvs_spill *sp, op *o)
 {
@@ -119,69 +122,196 @@ void kvs_spill_mark(kvs_spill *sp, kvs_spill_done_fn done, void *arg)
 
 /* ---------------------------------------------------------------- writer */
 
-static void del_records(kvs_store *st, const victim *v, size_t n, const char *why)
+static void count_write_error(kvs_store *st, uint64_t n)
 {
-    kvs_disk_key keys[RUN_MAX];
-    for (size_t i = 0; i < n;) {
-        size_t m = 0;
-        for (; i < n && m < RUN_MAX; i++, m++)
-            keys[m] = (kvs_disk_key){v[i].ns_id, v[i].key, v[i].key_len};
-        kvs_err err;
-        if (kvs_disk_del(st->disk, keys, m, NULL, &err)) {
-            pthread_mutex_lock(&st->mu);
-            st->stats.disk_write_errors++;
-            pthread_mutex_unlock(&st->mu);
-            kvs__store_log(st, KVS_LOG_ERROR, "disk tier: deleting %zu records (%s): %s", m,
-                           why, err.msg);
-        }
-    }
+    pthread_mutex_lock(&st->mu);
+    st->stats.disk_write_errors += n;
+    pthread_mutex_unlock(&st->mu);
 }
 
-/* Evicts idle disk entries, oldest first, until `need` more bytes fit the budget and at
- * least `extra` bytes went; deletes their records. Returns how many were evicted. */
-static size_t make_disk_room(kvs_store *st, uint64_t need, uint64_t extra)
+/* Deletes the named records in transactions of RUN_MAX; 0, or the first failure (logged
+ * and counted; the runs before it are committed, it and the ones after are not). */
+static int del_records(kvs_store *st, const victim *v, size_t n, const char *why, size_t *done)
 {
+    kvs_disk_key keys[RUN_MAX];
+    size_t i = 0;
+    int rc = 0;
+    while (i < n && rc == 0) {
+        size_t m = 0;
+        for (size_t j = i; j < n && m < RUN_MAX; j++, m++)
+            keys[m] = (kvs_disk_key){v[j].ns_id, v[j].key, v[j].key_len};
+        kvs_err err;
+        if ((rc = kvs_disk_del(st->disk, keys, m, NULL, &err))) {
+            count_write_error(st, 1);
+            kvs__store_log(st, KVS_LOG_ERROR, "disk tier: deleting %zu records (%s): %s", m,
+                           why, err.msg);
+        } else {
+            i += m;
+        }
+    }
+    if (done)
+        *done = i;
+    return rc;
+}
+
+/* Deletions that failed (a write error) wait in sp->pend and are retried before every
+ * batch, so that the index, which forgot those blocks already, and LMDB agree again as
+ * soon as the disk lets them. A later write of the same key supersedes a pending deletion
+ * (forget_pending): retrying it then would delete the new record. */
+static void add_pending(kvs_spill *sp, const victim *v, size_t n)
+{
+    if (sp->npend + n > sp->cap_pend) {
+        size_t cap = sp->cap_pend ? sp->cap_pend : 64;
+        while (cap < sp->npend + n)
+            cap *= 2;
+        victim *nv = realloc(sp->pend, cap * sizeof *nv);
+        if (!nv) { /* the records stay until a restart finds and indexes them again */
+            kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: out of memory keeping %zu "
+                           "failed deletions for a retry", n);
+            return;
+        }
+        sp->pend = nv;
+        sp->cap_pend = cap;
+    }
+    memcpy(sp->pend + sp->npend, v, n * sizeof *v);
+    sp->npend += n;
+}
+
+static void forget_pending(kvs_spill *sp, uint32_t ns_id, const void *key, size_t key_len)
+{
+    for (size_t i = 0; i < sp->npend;)
+        if (sp->pend[i].ns_id == ns_id && sp->pend[i].key_len == key_len &&
+            !memcmp(sp->pend[i].key, key, key_len))
+            sp->pend[i] = sp->pend[--sp->npend];
+        else
+            i++;
+}
+
+/* Namespace drops first (a record of a dropped namespace would come back at restart),
+ * then the records; what still fails stays for the next turn. */
+static void retry_pending(kvs_spill *sp)
+{
+    kvs_store *st = sp->st;
+    size_t keep = 0;
+    for (size_t i = 0; i < sp->npend; i++) {
+        kvs_err err;
+        if (sp->pend[i].key_len == 0 && kvs_disk_ns_del(st->disk, sp->pend[i].ns_id, NULL, &err))
+            sp->pend[keep++] = sp->pend[i];
+        else if (sp->pend[i].key_len)
+            sp->pend[keep++] = sp->pend[i];
+    }
+    sp->npend = keep;
+    size_t nk = 0; /* records: move them to the front, delete them in runs */
+    for (size_t i = 0; i < sp->npend; i++)
+        if (sp->pend[i].key_len) {
+            victim t = sp->pend[nk];
+            sp->pend[nk++] = sp->pend[i];
+            sp->pend[i] = t;
+        }
+    size_t done = 0;
+    if (nk && del_records(st, sp->pend, nk, "retried", &done) == 0)
+        kvs__store_log(st, KVS_LOG_INFO, "disk tier: %zu deletions that had failed are done", nk);
+    memmove(sp->pend, sp->pend + done, (sp->npend - done) * sizeof *sp->pend);
+    sp->npend -= done;
+}
+
+/* Makes room in the disk budget: deletes records of non-durable blocks, oldest first,
+ * until `need` more bytes fit and at least `extra` bytes went. First disk entries (the
+ * block leaves the store), then the records of idle host blocks (the block stays in the
+ * host tier, without a record). The records are deleted before the index changes, and
+ * the index changes only if the deletion committed: after an error both still agree.
+ * Records of durable namespaces are never taken (README: the durable contract), nor those
+ * of blocks being read or written. Returns the bytes freed. */
+static uint64_t make_disk_room(kvs_spill *sp, uint64_t need, uint64_t extra)
+{
+    kvs_store *st = sp->st;
     size_t n = 0, cap = 0;
-    victim *v = NULL;
+    kvs_block **picked = NULL;
     uint64_t freed = 0;
+    pthread_mutex_lock(&st->mu);
+    for (int pass = 0; pass < 2; pass++) {
+        kvs_lru *list = pass ? &st->lru : &st->disk_lru;
+        for (kvs_lru_node *it = kvs_lru_oldest(list);
+             it && (st->stats.disk_used - freed + need > st->stats.disk_capacity || freed < extra);
+             it = kvs_lru_newer(list, it)) {
+            kvs_block *b = KVS__BLOCK_OF_LRU(it);
+            if (b->refs != 1 || !b->on_disk || b->queued || b->evicting || b->promoting ||
+                kvs_ns_spec_of(b->ns)->durable)
+                continue;
+            if (n == cap) {
+                kvs_block **np = realloc(picked, (cap ? 2 * cap : 64) * sizeof *np);
+                if (!np)
+                    break; /* evict fewer this round */
+                picked = np;
+                cap = cap ? 2 * cap : 64;
+            }
+            picked[n++] = b;
+            b->refs++; /* busy for everyone else while its record goes (invariant 3) */
+            b->evicting = true;
+            freed += b->size;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (!n) {
+        free(picked);
+        return 0;
+    }
+    victim *v = malloc(n * sizeof *v);
+    int rc = v ? 0 : KVS_ENOMEM;
+    for (size_t i = 0; v && i < n; i++) { /* identity is immutable: no lock needed */
+        v[i].ns_id = picked[i]->node.ns_id;
+        v[i].key_len = picked[i]->node.key_len;
+        memcpy(v[i].key, picked[i]->node.key, picked[i]->node.key_len);
+    }
+    size_t done = 0;
+    if (v)
+        rc = del_records(st, v, n, "evicted", &done);
+    free(v);
     kvs_block *to_free = NULL;
     pthread_mutex_lock(&st->mu);
-    kvs_lru_node *it = kvs_lru_oldest(&st->disk_lru);
-    while (it && (st->stats.disk_used + need > st->stats.disk_capacity || freed < extra)) {
-        kvs_block *d = KVS__BLOCK_OF_LRU(it);
-        it = kvs_lru_newer(&st->disk_lru, it);
-        if (d->refs != 1) /* a reader is reading it (invariant 3) */
-            continue;
-        if (n == cap) {
-            victim *nv = realloc(v, (cap ? 2 * cap : 64) * sizeof *v);
-            if (!nv)
-                break; /* evict fewer this round */
-            v = nv;
-            cap = cap ? 2 * cap : 64;
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = picked[i];
+        b->evicting = false;
+        if (i < done && b->linked && b->on_disk) {
+            st->stats.disk_evictions++;
+            if (b->tier == KVS_STORE_TIER_DISK) {
+                kvs__store_unlink_locked(st, b); /* our reference keeps it to below */
+            } else { /* a host copy without its record now */
+                b->on_disk = false;
+                st->stats.disk_used -= b->size;
+            }
         }
-        v[n].ns_id = d->node.ns_id;
-        v[n].key_len = d->node.key_len;
-        memcpy(v[n].key, d->node.key, d->node.key_len);
-        n++;
-        freed += d->size;
-        st->stats.disk_evictions++;
-        kvs__store_unlink_locked(st, d); /* idle: freed below */
-        d->node.next = (kvs_index_node *)to_free;
-        to_free = d;
+        if (kvs__store_unref_locked(st, b)) {
+            b->node.next = (kvs_index_node *)to_free;
+            to_free = b;
+        }
     }
     pthread_mutex_unlock(&st->mu);
     kvs__block_free_chain(to_free);
-    if (n)
-        del_records(st, v, n, "evicted");
-    free(v);
-    return n;
+    free(picked);
+    (void)rc; /* logged and counted by del_records; what went is `done` */
+    return done == n ? freed : 0;
 }
 
-/* Writes items, making room in the budget first and again while LMDB finds its map full. */
-static int write_items(kvs_store *st, const kvs_disk_item *items, size_t m, uint64_t bytes,
+/* Writes items: room in the budget first (make_disk_room), then LMDB, which refuses a
+ * batch without room on its map or filesystem before starting it (disk.h); on KVS_ENOSPC
+ * more non-durable records go and the write is tried again, a few times. KVS_ENOSPC
+ * when nothing evictable is left: the budget or the disk is full of durable blocks (or of
+ * blocks in use). */
+static int write_items(kvs_spill *sp, const kvs_disk_item *items, size_t m, uint64_t bytes,
                        bool durable, kvs_err *err)
 {
-    make_disk_room(st, bytes, 0);
+    kvs_store *st = sp->st;
+    make_disk_room(sp, bytes, 0);
+    pthread_mutex_lock(&st->mu);
+    uint64_t used = st->stats.disk_used, cap = st->stats.disk_capacity;
+    pthread_mutex_unlock(&st->mu);
+    if (used + bytes > cap)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "disk tier: no room for %llu bytes in its budget of %llu bytes "
+                           "(--disk-capacity): %llu bytes are durable blocks or in use",
+                           (unsigned long long)bytes, (unsigned long long)cap,
+                           (unsigned long long)used);
     for (int tries = 0;; tries++) {
         int rc = durable ? kvs_disk_put_durable(st->disk, items, m, err)
                          : kvs_disk_put_batch(st->disk, items, m, err);
@@ -190,34 +320,41 @@ static int write_items(kvs_store *st, const kvs_disk_item *items, size_t m, uint
         pthread_mutex_lock(&st->mu);
         uint64_t extra = st->stats.disk_used / 8;
         pthread_mutex_unlock(&st->mu);
-        if (!make_disk_room(st, bytes, extra > bytes ? extra : bytes))
+        if (!make_disk_room(sp, bytes, extra > bytes ? extra : bytes))
             return rc; /* nothing left to evict */
     }
 }
 
-/* A run of put, copy or durable ops (at most BATCH_ITEMS) in one transaction. A put moves
- * the block to disk; copy and durable leave it in the host tier, now on_disk. A put or
- * copy of a block removed meanwhile is skipped (whoever removed it queued the record's
- * deletion after us). A durable block is written even then, unless its namespace is
- * gone: its Put is acknowledged after this write whatever happened to it meanwhile, and
- * what replaced or deleted it is queued after us, so at any instant of a crash an
- * acknowledged block is on disk or superseded by a later operation. */
+/* A run of put, copy or durable ops (at most BATCH_ITEMS) in one transaction; when the
+ * whole run does not fit, one block at a time, so that as many as there is room for are
+ * written. A put moves the block to disk; copy and durable leave it in the host tier, now
+ * on_disk. A put or copy of a block removed meanwhile is skipped (whoever removed it
+ * queued the record's deletion after us). A durable block is written even then, unless
+ * its namespace is gone: its Put is acknowledged after this write whatever happened to
+ * it meanwhile, and what replaced or deleted it is queued after us, so at any instant of
+ * a crash an acknowledged block is on disk or superseded by a later operation. A durable
+ * write that fails leaves its key as it was before the Put: the block is unlinked and the
+ * record it replaced, if any (still in LMDB: nothing was written), indexed again. */
 static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
 {
     bool durable = kind == OP_DURABLE, keep = kind != OP_PUT;
     kvs_store *st = sp->st;
     kvs_disk_item items[BATCH_ITEMS];
-    bool in[BATCH_ITEMS], gone[BATCH_ITEMS];
+    size_t at[BATCH_ITEMS]; /* items[j] is run[at[j]] */
+    int rcs[BATCH_ITEMS];
+    kvs_err errs[BATCH_ITEMS];
+    bool gone[BATCH_ITEMS];
     kvs_block *fresh[BATCH_ITEMS] = {0};
     size_t m = 0;
     uint64_t bytes = 0;
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
         kvs_block *b = run[i]->blk;
+        rcs[i] = 0;
         /* Identity and payload are immutable once linked, and our reference keeps them. */
         gone[i] = kvs_ns_dropped(b->ns);
-        in[i] = !gone[i] && (durable || b->linked);
-        if (in[i]) {
+        if (!gone[i] && (durable || b->linked)) {
+            at[m] = i;
             items[m++] = (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data,
                                          b->size};
             bytes += b->size;
@@ -225,21 +362,43 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
     }
     pthread_mutex_unlock(&st->mu);
 
-    kvs_err err;
-    kvs_err_clear(&err);
-    int rc = m ? write_items(st, items, m, bytes, durable, &err) : 0;
-    for (size_t i = 0; i < n && rc == 0 && !keep; i++)
-        if (in[i])
+    bool written[BATCH_ITEMS] = {0};
+    int rc = m ? write_items(sp, items, m, bytes, durable, &errs[0]) : 0;
+    if (rc == KVS_ENOSPC && m > 1) {
+        for (size_t j = 0; j < m; j++)
+            if ((rcs[at[j]] = write_items(sp, &items[j], 1, items[j].len, durable, &errs[at[j]])))
+                rc = rcs[at[j]];
+    } else {
+        for (size_t j = 0; j < m; j++) {
+            rcs[at[j]] = rc;
+            if (rc)
+                errs[at[j]] = errs[0];
+        }
+    }
+    size_t nfailed = 0;
+    for (size_t j = 0; j < m; j++) {
+        size_t i = at[j];
+        if (rcs[i]) {
+            nfailed++;
+            continue;
+        }
+        written[i] = true;
+        forget_pending(sp, items[j].ns_id, items[j].key, items[j].key_len);
+        if (!keep)
             fresh[i] = kvs__disk_entry_new(run[i]->blk);
+    }
 
     kvs_block *to_free = NULL;
-    size_t dropped = 0;
+    size_t dropped = 0, io_errors = 0;
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
         kvs_block *b = run[i]->blk;
         b->queued = false;
         bool live = b->linked && !kvs_ns_dropped(b->ns);
-        if (in[i] && live && rc == 0) {
+        bool in = !gone[i] && (durable || written[i] || rcs[i]);
+        if (in && rcs[i] && rcs[i] != KVS_ENOSPC)
+            io_errors++;
+        if (written[i] && live) {
             if (keep) {
                 b->on_disk = true;
                 st->stats.disk_used += b->size;
@@ -249,12 +408,19 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
                 fresh[i] = NULL;
                 st->stats.disk_spills++;
             }
-        } else if (in[i] && live && durable) {
-            /* Not durable, so not acknowledged: nothing of it may stay. The record under
-             * its key may be the one it replaced (commit skipped that deletion). */
+        } else if (rcs[i] && live && durable) {
+            /* Not durable, so not acknowledged: nothing of it may stay; the key goes back
+             * to what it was, with the record it replaced if it had one. */
             kvs__store_unlink_locked(st, b);
-            kvs_spill_del(sp, b->node.ns_id, b->node.key, b->node.key_len);
-        } else if (in[i] && live && !keep) { /* not written: dropped as if no disk */
+            if (b->prev_rec && !kvs_index_find(st->index, b->node.ns_id, b->node.key,
+                                               b->node.key_len)) {
+                kvs_block *d = kvs__disk_entry_new(b);
+                d->tokens = b->prev_tokens;
+                d->size = b->prev_size;
+                d->raw_bytes = b->prev_raw;
+                kvs__store_link_locked(st, d);
+            }
+        } else if (rcs[i] && live && !keep) { /* not written: dropped as if no disk */
             kvs__store_unlink_locked(st, b);
             st->stats.spill_dropped++;
             dropped++;
@@ -264,27 +430,28 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
             to_free = b;
         }
     }
-    if (rc && rc != KVS_ENOSPC)
-        st->stats.disk_write_errors += m;
+    st->stats.disk_write_errors += io_errors;
+    if (durable)
+        st->stats.disk_refused += nfailed - io_errors;
     pthread_mutex_unlock(&st->mu);
     for (size_t i = 0; i < n; i++)
         if (fresh[i])
             kvs__block_free(fresh[i]);
     kvs__block_free_chain(to_free);
-    if (rc)
-        kvs__store_log(st, KVS_LOG_ERROR, "disk tier: writing %zu blocks (%llu bytes)%s: %s", m,
-                       (unsigned long long)bytes,
-                       durable   ? " of durable puts (answered with the error)"
+    if (nfailed)
+        kvs__store_log(st, rc == KVS_ENOSPC ? KVS_LOG_WARN : KVS_LOG_ERROR,
+                       "disk tier: %zu of %zu blocks not written%s: %s", nfailed, m,
+                       durable   ? " (durable puts answered with the error)"
                        : dropped ? ", dropped from the host tier"
                                  : "",
-                       err.msg);
+                       errs[at[0]].msg[0] ? errs[at[0]].msg : kvs_strerror(rc));
     for (size_t i = 0; durable && i < n; i++) {
         if (gone[i]) {
             kvs_err e2;
             kvs_err_set(&e2, KVS_ENOTFOUND, "namespace: dropped before the block reached disk");
             run[i]->done(run[i]->arg, KVS_ENOTFOUND, &e2);
         } else {
-            run[i]->done(run[i]->arg, rc, rc ? &err : NULL);
+            run[i]->done(run[i]->arg, rcs[i], rcs[i] ? &errs[i] : NULL);
         }
     }
 }
@@ -297,7 +464,9 @@ static void apply_dels(kvs_spill *sp, op **run, size_t n)
         v[i].key_len = run[i]->key_len;
         memcpy(v[i].key, run[i]->key, run[i]->key_len);
     }
-    del_records(sp->st, v, n, "removed blocks");
+    size_t done = 0;
+    if (del_records(sp->st, v, n, "removed blocks", &done))
+        add_pending(sp, v + done, n - done);
 }
 
 static void apply_one(kvs_spill *sp, op *o)
@@ -306,8 +475,10 @@ static void apply_one(kvs_spill *sp, op *o)
     if (o->kind == OP_MARK) {
         o->done(o->arg, 0, NULL);
     } else if (o->kind == OP_NS_DEL && kvs_disk_ns_del(sp->st->disk, o->ns_id, NULL, &err)) {
-        kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: dropping namespace id %u: %s",
-                       o->ns_id, err.msg);
+        kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: dropping namespace id %u: %s "
+                       "(retried before the next batch)", o->ns_id, err.msg);
+        victim v = {.ns_id = o->ns_id, .key_len = 0};
+        add_pending(sp, &v, 1);
     }
 }
 
@@ -352,6 +523,8 @@ static void *writer_main(void *arg)
         sp->kick = false;
         bool stopping = sp->stop;
         pthread_mutex_unlock(&sp->mu);
+        if (sp->npend) /* older than anything in list: first */
+            retry_pending(sp);
         apply(sp, list);
         /* After each batch, so a demotion that filled the queue goes on as it drains; the
          * blocks it hands over are queued, and so applied by the next turn of this loop. */
@@ -392,6 +565,10 @@ void kvs_spill_destroy(kvs_spill *sp)
     pthread_cond_signal(&sp->cv);
     pthread_mutex_unlock(&sp->mu);
     pthread_join(sp->thread, NULL);
+    if (sp->npend)
+        kvs__store_log(sp->st, KVS_LOG_WARN, "disk tier: %zu record deletions still failed at "
+                       "shutdown: those blocks come back at the next start", sp->npend);
+    free(sp->pend);
     pthread_cond_destroy(&sp->cv);
     pthread_mutex_destroy(&sp->mu);
     free(sp);
@@ -530,7 +707,7 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     }
     pthread_mutex_lock(&st->mu);
     if (rc == 0) {
-        if (!h->transient && d->linked && !kvs_ns_dropped(ns)) {
+        if (!h->transient && d->linked && !d->evicting && !kvs_ns_dropped(ns)) {
             h->node = d->node;
             h->on_disk = true; /* the record stays: evicting h again costs no write */
             kvs__store_unlink_locked(st, d);

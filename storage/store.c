@@ -606,6 +606,12 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         old = BLOCK_OF_NODE(prev);
         /* A durable write replaces the old record in one transaction: deleting it first
          * would let a crash between the two lose an acknowledged block. */
+        if (done && (old->on_disk || old->queued)) {
+            blk->prev_rec = true;
+            blk->prev_tokens = old->tokens;
+            blk->prev_size = old->size;
+            blk->prev_raw = old->raw_bytes;
+        }
         free_old = done ? kvs__store_unlink_locked(st, old) : forget_locked(st, old);
     }
     kvs__store_link_locked(st, blk);

@@ -327,6 +327,7 @@ typedef struct kvs_store_stats {
     uint64_t disk_spills;       /* host blocks that became disk entries */
     uint64_t disk_promotions;   /* disk blocks moved to the host tier by a Get */
     uint64_t disk_write_errors; /* failed disk writes (their blocks were dropped) */
+    uint64_t disk_refused;      /* durable Puts refused: no room for them on the disk tier */
     uint64_t spill_pending;     /* bytes queued for the disk writer */
     uint64_t spill_dropped;     /* host victims dropped: writer behind or write failed */
     uint64_t misses, checksum_failures;

@@ -132,7 +132,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
     if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST || blk->transient)
         return false;
     pthread_mutex_lock(&st->mu);
-    bool ok = blk->linked && !blk->spilled && !blk->queued && !blk->promoting &&
+    bool ok = blk->linked && !blk->spilled && !blk->queued && !blk->promoting && !blk->evicting &&
               st->stats.gpu_used + slot_bytes <= st->gpu_high &&
               kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
     if (ok) {

@@ -41,6 +41,14 @@ struct kvs_block {
     bool spilled;        /* host block handed to the disk writer: its bytes count in
                           * st->spill_bytes, not host_used (invariant 8) */
     bool transient;      /* a disk block read for one reader: never linked, no budget */
+    bool evicting;       /* the disk writer is deleting its record (make_disk_room): not
+                          * promoted meanwhile, so no copy claims a record that goes */
+    /* A durable commit that replaced a block with a disk record (or one being written)
+     * keeps that record's size here: if its own write fails, the old record, which is
+     * still in LMDB, is indexed again, so the acknowledged block stays (README: durable). */
+    bool prev_rec;
+    uint32_t prev_tokens;
+    uint64_t prev_size, prev_raw;
     uint32_t verified;   /* the kvs_store_verify pass that checked it (st->verify_pass) */
     uint64_t slot_bytes; /* gpu tier */
     kvs_block_dev dev;   /* gpu tier */

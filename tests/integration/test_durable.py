@@ -60,10 +60,10 @@ def test_durable_put_survives_sigkill(daemon, tmp_path):
 
 
 def test_durable_disk_full(daemon, tmp_path):
-    """Durable blocks kept in RAM cannot be evicted from the disk tier, so with a small
-    budget LMDB's map fills (budget + 25% + 64 MiB): the Put that does not fit fails and
-    its key is absent; every block acknowledged before it is served."""
-    extra = ["--data-dir", str(tmp_path / "data"), "--disk-capacity", "1M",
+    """Durable blocks are never evicted from the disk tier, so once its budget is full of
+    them the Put that does not fit fails (RESOURCE_EXHAUSTED naming the disk tier) and its
+    key is absent; every block acknowledged before it is served."""
+    extra = ["--data-dir", str(tmp_path / "data"), "--disk-capacity", "64M",
              "--stats-interval", "0"]
     d = daemon(host_capacity="512M", extra=extra)
     ns = kvs.Ns(kvs.make_ns(d.admin, L=8, H=8, D=128, T=64, durable=True))  # 2 MiB blocks
@@ -82,6 +82,7 @@ def test_durable_disk_full(daemon, tmp_path):
     key, e = err
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
     assert "durable" in e.details() and "not stored" in e.details(), e.details()
+    assert "disk tier" in e.details(), e.details()
     print(f"{len(acked)} durable blocks acknowledged before: {e.details()}")
     assert len(acked) >= 20
     lk = d.stub.Lookup(pb.KeysRequest(namespace=ns.name, keys=[key]), timeout=10)

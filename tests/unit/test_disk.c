@@ -734,13 +734,15 @@ static void test_map_full(void **state)
         batches++;
     }
     assert_int_equal(rc, KVS_ENOSPC);
-    assert_non_null(strstr(err.msg, "map full"));
+    /* Refused by the room check before the transaction (invariant 4), or by LMDB */
+    if (!strstr(err.msg, "LMDB map full") && !strstr(err.msg, "map full"))
+        fail_msg("%s", err.msg);
     assert_true(n > 100 && n < 256); /* 1 MiB of 4 KiB pages */
     for (unsigned i = 0; i < 8; i++)
         expect_missing(d, 1, keys[n + i]); /* the failed batch left nothing */
     kvs_disk_stats st;
     assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
-    assert_int_equal(st.map_full, 1);
+    assert_int_equal(st.map_full + st.no_room, 1);
     assert_int_equal(st.write_errors, 0);
     assert_int_equal(st.blocks, n);
 
@@ -766,6 +768,61 @@ static void test_map_full(void **state)
     expect_block(d, 1, keys[n], b, len);
     kvs_disk_close(d);
     free(dk);
+    free(b);
+    tmp_remove(&t);
+}
+
+/* Invariant 4: with the filesystem nearly full, a put is refused before it starts (and
+ * leaves nothing), deletions still go through, and pages they free inside the file are
+ * reused without asking the filesystem for more (issue 10, fault 1). */
+static void test_room_check(void **state)
+{
+    tmpdir t;
+    tmp_make(&t);
+    kvs_disk *d = open_ok(t.data, 64 << 20, NULL);
+    size_t len;
+    uint8_t *b = make_block(1, 8, 64, &len); /* tens of KiB */
+    static char keys[8192][32];
+    kvs_err err;
+    /* A "filesystem" with room for 16 MiB of data.mdb. */
+    kvs_disk_test_fs_limit(d, 16 << 20);
+    unsigned n = 0;
+    int rc = 0;
+    while (n < 8000) {
+        kvs_disk_item it = {1, keys[n], key_of(keys[n], "r", n), b, len};
+        if ((rc = kvs_disk_put_batch(d, &it, 1, &err)))
+            break;
+        n++;
+        kvs_disk_stats st;
+        assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
+        /* The file never grows into the headroom. */
+        assert_true(st.file_bytes <= (16u << 20) - (1u << 20));
+    }
+    assert_int_equal(rc, KVS_ENOSPC);
+    assert_non_null(strstr(err.msg, "filesystem full"));
+    assert_true(n > 10);
+    expect_missing(d, 1, keys[n]);
+    kvs_disk_stats st;
+    assert_int_equal(kvs_disk_get_stats(d, &st, NULL), 0);
+    assert_int_equal(st.no_room, 1);
+    assert_int_equal(st.write_errors, 0);
+    /* Something else fills the filesystem up to the file: deletions still commit (they
+     * take pages from the file's own free ones, never more than the headroom) ... */
+    kvs_disk_test_fs_limit(d, st.file_bytes);
+    unsigned ndel = n - 10; /* frees more than the headroom and a put */
+    kvs_disk_key *dk = calloc(ndel, sizeof *dk);
+    for (unsigned i = 0; i < ndel; i++)
+        dk[i] = (kvs_disk_key){1, keys[i], strlen(keys[i])};
+    uint64_t deleted = 0;
+    assert_int_equal(kvs_disk_del(d, dk, ndel, &deleted, &err), 0);
+    assert_int_equal(deleted, ndel);
+    free(dk);
+    /* ... and the pages they freed are reused by a put that fits them. */
+    kvs_disk_item it = {1, keys[n], key_of(keys[n], "r", n), b, len};
+    if (kvs_disk_put_batch(d, &it, 1, &err))
+        fail_msg("n %u len %zu: %s", n, len, err.msg);
+    expect_block(d, 1, keys[n], b, len);
+    kvs_disk_close(d);
     free(b);
     tmp_remove(&t);
 }
@@ -1269,6 +1326,7 @@ int main(void)
         cmocka_unit_test(test_ns_records),
         cmocka_unit_test(test_corrupt_blocks_dropped),
         cmocka_unit_test(test_map_full),
+        cmocka_unit_test(test_room_check),
         cmocka_unit_test(test_write_errors),
         cmocka_unit_test(test_durable),
         cmocka_unit_test(test_foreign_refused),

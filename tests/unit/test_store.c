@@ -1460,20 +1460,26 @@ static void test_durable(void **state)
     kvs_store_disk_wait(f.st);
     expect_record(&f, ns, "k0", b, blen);
 
-    /* A failed write answers the error and leaves nothing: the new block is unlinked and
-     * the record under its key (the block it replaced) is deleted. */
+    /* A failed write answers the error and leaves the key as it was before that Put: the
+     * new block is unlinked and the block it replaced, acknowledged and still on disk
+     * (nothing was written), is served again from its record (issue 10: a failed
+     * overwrite used to delete it). */
     char msg[KVS_ERR_MSG_LEN];
     kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
     assert_int_equal(put_durable(&f, ns, "k0", 3, NULL, NULL, msg), KVS_EIO);
     assert_true(strlen(msg) > 0);
     kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL);
-    assert_int_equal(t, KVS_STORE_TIER_NONE);
+    assert_int_equal(t, KVS_STORE_TIER_DISK);
     kvs_store_disk_wait(f.st);
-    assert_int_equal(kvs_disk_get(f.disk, kvs_ns_id(ns), "k0", 2, noop_cb, NULL, NULL),
-                     KVS_ENOTFOUND);
+    expect_record(&f, ns, "k0", b, blen);
+    kvs_block *got;
+    assert_int_equal(kvs_store_get(f.st, ns, "k0", 2, &got, &err), 0);
+    assert_int_equal(kvs_block_size(got), blen);
+    assert_memory_equal(kvs_block_data(got), b, blen);
+    kvs_store_block_release(f.st, got);
     kvs_store_get_stats(f.st, &st);
     assert_int_equal(st.disk_write_errors, 1);
-    assert_int_equal(st.disk_used, 0);
+    assert_int_equal(st.disk_used, blen);
 
     /* Writes work again. Then a full map with nothing to evict: KVS_ENOSPC, same cleanup
      * (k2 first, so that no freed pages are pending: the disk module would retry). */
@@ -1485,9 +1491,10 @@ static void test_durable(void **state)
     assert_int_equal(t, KVS_STORE_TIER_NONE);
     kvs_store_disk_wait(f.st);
     kvs_store_get_stats(f.st, &st);
-    assert_int_equal(st.host_blocks + st.disk_blocks, 1);
+    assert_int_equal(st.host_blocks + st.disk_blocks, 2); /* k0, k2 */
     assert_int_equal(st.spill_dropped, 0);
     assert_int_equal(st.disk_write_errors, 1); /* a full map is not a write error */
+    assert_int_equal(st.disk_refused, 1);
     free(a);
     free(b);
     kvs_ns_unref(ns);
