@@ -153,7 +153,7 @@ static void usage(FILE *f)
             "                         ones; a 30%% small queue) (default lru)\n"
             "  --recv-budget SIZE     memory for Put payloads being received, all streams together;\n"
             "                         a Put past it gets RESOURCE_EXHAUSTED (default: a quarter\n"
-            "                         of --host-capacity)\n"
+            "                         of --host-capacity, at least 64M)\n"
             "  --max-puts N           Put streams open at once (default 1024)\n"
             "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
             "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
@@ -397,8 +397,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         return kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
     if (cfg->data_dir_reset && !cfg->data_dir[0])
         return kvs_err_set(err, KVS_EINVAL, "--data-dir-reset: needs --data-dir");
+    /* A quarter of the host tier, but room for a few large blocks even with a tiny one. */
     if (!cfg->recv_budget)
-        cfg->recv_budget = cfg->host_capacity / 4 > (1ull << 20) ? cfg->host_capacity / 4
-                                                                 : 1ull << 20;
+        cfg->recv_budget = cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4
+                                                                  : 64ull << 20;
     return 0;
 }

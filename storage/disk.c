@@ -355,6 +355,18 @@ static int room_locked(kvs_disk *d, uint64_t need, kvs_err *err)
                        headroom >> 10);
 }
 
+/* LMDB reports a short write as EIO ("which error code?" in its source), and that is what
+ * a filesystem that fills under it (the room check counts free pages of the file that
+ * LMDB may not reuse yet, and other programs write there too) gives: when the
+ * filesystem now has less than `need` bytes free, the EIO was a full disk. */
+static bool fs_short(kvs_disk *d, uint64_t need)
+{
+    if (d->test_fs_limit)
+        return false;
+    struct statvfs sv;
+    return fstatvfs(d->dirfd, &sv) == 0 && (uint64_t)sv.f_bavail * sv.f_frsize < need;
+}
+
 static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool durable, kvs_err *err)
 {
     if (!d || (n && !items))
@@ -382,9 +394,15 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
         pthread_mutex_unlock(&d->wmu);
         return rc;
     }
+    uint64_t need = put_need(items, n, pg > 0 ? (uint64_t)pg : 4096);
     rc = put_locked(d, items, n);
-    if ((rc == MDB_MAP_FULL || rc == ENOSPC) && d->freed_pending && bump_locked(d) == 0)
+    if (rc == EIO && fs_short(d, need))
+        rc = ENOSPC;
+    if ((rc == MDB_MAP_FULL || rc == ENOSPC) && d->freed_pending && bump_locked(d) == 0) {
         rc = put_locked(d, items, n);
+        if (rc == EIO && fs_short(d, need))
+            rc = ENOSPC;
+    }
     pthread_mutex_unlock(&d->wmu);
     if (rc)
         return write_fail(d, rc, "storing blocks", err);

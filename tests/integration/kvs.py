@@ -315,6 +315,45 @@ def run_kvctl(*args, timeout=120, input=None):
     return r
 
 
+# ----------------------------------------------------------------------------- filesystems
+
+
+@contextlib.contextmanager
+def small_filesystem(path, mib):
+    """A filesystem of `mib` MiB mounted at path (created), for disk-full tests: a tmpfs
+    where this process may mount one, else an ext4 image on a loop device. Yields the kind
+    that ran ("tmpfs" or "loop"), or None when neither can be mounted here (the caller then
+    falls back to a small --disk-capacity and says so)."""
+    os.makedirs(path, exist_ok=True)
+    kind = None
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs",
+                        str(path)], capture_output=True)
+    if r.returncode == 0:
+        kind = "tmpfs"
+    else:
+        img = f"{path}.img"
+        try:
+            with open(img, "wb") as f:
+                f.truncate(mib << 20)
+            if (subprocess.run(["mkfs.ext4", "-q", "-F", img], capture_output=True).returncode == 0
+                    and subprocess.run(["mount", "-o", "loop", img, str(path)],
+                                       capture_output=True).returncode == 0):
+                kind = "loop"  # its lost+found is tolerated by the daemon
+        except OSError:
+            pass
+    try:
+        yield kind
+    finally:
+        if kind:
+            for _ in range(50):  # a daemon just killed may hold it for a moment
+                if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+        if kind != "tmpfs":
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.img")
+
+
 # ----------------------------------------------------------------------------- daemon
 
 DEFAULT_TIMEOUT = 60  # seconds; a call made without a timeout gets this one

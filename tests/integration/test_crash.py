@@ -14,8 +14,15 @@ About one start in four is also killed a few milliseconds in (opening LMDB, rest
 index) before the start that serves. Counts (kills, acknowledged Puts, blocks verified,
 lost, corrupt) are printed at the end; lost and corrupt must be 0.
 
+The disk-full phase (issue 10) runs the same loop with larger blocks on a small filesystem
+(kvs.small_filesystem: tmpfs or a loop device; a small --disk-capacity where neither can be
+mounted), which the load fills: durable Puts are then refused (RESOURCE_EXHAUSTED naming
+the disk tier; such a Put is known not stored and its key keeps its last acknowledged
+generation), and still nothing acknowledged may be lost across the kills.
+
 Environment: KVS_CRASH_ROUNDS (kills; default 20), KVS_CRASH_SEED (default: random,
 printed, so a failure can be replayed)."""
+import contextlib
 import os
 import random
 import re
@@ -24,12 +31,17 @@ import threading
 import time
 
 import grpc
+import pytest
 
 import kvs
 from kvs import pb
 
 ROUNDS = int(os.environ.get("KVS_CRASH_ROUNDS", "20"))
-L, H, D, T = 2, 2, 64, 16  # 16 KiB full blocks
+FULL_ROUNDS = min(ROUNDS, 8)  # the disk-full phase
+# Block layout (L, H, D, T) per namespace: 16 KiB full blocks, 256 KiB in the disk-full
+# phase (so that the load fills a small filesystem).
+LAYOUT = {"normal": (2, 2, 64, 16), "disk_full": (8, 8, 64, 16)}
+layout_of = {}  # namespace name -> (L, H, D, T)
 WRITERS, KEYS_PER_WRITER = 3, 40  # durable namespace: each key has one writer
 PLAIN_KEYS = 80  # plain namespace: one writer, one reader-free keyspace
 GENS = 1 << 30
@@ -47,11 +59,18 @@ class Key:
 
 
 def tokens_of(ns, key):
-    return 1 + kvs.seed_of(ns, key) % T
+    return 1 + kvs.seed_of(ns, key) % layout_of[ns][3]
 
 
 def payload(ns, key, gen):
+    L, H, D, _ = layout_of[ns]
     return kvs.payload(L, H, D, tokens_of(ns, key), kvs.FP16, kvs.seed_of(ns, key, gen))
+
+
+def disk_full(e):
+    """A durable Put refused for lack of room on the disk tier: known not stored."""
+    return (e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk tier" in e.details()
+            and "not stored" in e.details())
 
 
 class Load:
@@ -92,6 +111,11 @@ class Load:
                 kvs.put(stub, self.dur, k.name, tokens_of(self.dur, k.name),
                         payload(self.dur, k.name, gen), timeout=10)
             except grpc.RpcError as e:
+                if disk_full(e):
+                    with self.lock:
+                        k.inflight = None  # refused: the key keeps what it had
+                        self.stats["refused"] += 1
+                    continue
                 self.fail(f"durable Put {k.name}: {e.code()} {e.details()}")
                 return
             with self.lock:
@@ -108,6 +132,8 @@ class Load:
                 kvs.put(stub, self.plain, k.name, tokens_of(self.plain, k.name),
                         payload(self.plain, k.name, gen), timeout=10)
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    continue  # a cache that is full: fine
                 self.fail(f"plain Put {k.name}: {e.code()} {e.details()}")
                 return
 
@@ -198,49 +224,78 @@ def check_after_restart(d, dur, plain, keys, plain_keys, stats):
     assert not problems, "\n".join(problems[:20])
 
 
-def kill_during_start(workdir, extra, rng):
+def kill_during_start(workdir, host, extra, rng):
     """SIGKILLs a kvstashd a few milliseconds into its start."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "kvstashd.stderr"), "wb") as err:
-        p = kvs.spawn([kvs.KVSTASHD, "--listen", "127.0.0.1:0", "--host-capacity", "512K",
-                       *kvs.KVSTASHD_EXTRA, *extra], stdin=subprocess.DEVNULL, stdout=err,
-                      stderr=err, cwd=workdir)
+        p = kvs.spawn([kvs.KVSTASHD, "--listen", "127.0.0.1:0", "--host-capacity", host,
+                       *kvs.KVSTASHD_EXTRA, *map(str, extra)], stdin=subprocess.DEVNULL,
+                      stdout=err, stderr=err, cwd=workdir)
         time.sleep(rng.uniform(0.0, 0.03))
         p.kill()
         p.wait()
 
 
-def test_crash_sigkill_durable(tmp_path, capsys):
+@pytest.mark.parametrize("phase", ["normal", "disk_full"])
+def test_crash_sigkill_durable(tmp_path, capsys, phase):
     def report(line):  # shown even when pytest captures output (ctest's log keeps it)
         with capsys.disabled():
             print(line, flush=True)
 
     seed = int(os.environ.get("KVS_CRASH_SEED", random.SystemRandom().getrandbits(32)))
-    report(f"\ncrash test: seed {seed} (KVS_CRASH_SEED={seed} replays it), {ROUNDS} kills")
-    rng = random.Random(seed)
-    data = str(tmp_path / "data")
-    extra = ["--data-dir", data, "--stats-interval", "0", "--log-level", "info"]
+    rounds = ROUNDS if phase == "normal" else FULL_ROUNDS
+    with contextlib.ExitStack() as stack:
+        data = tmp_path / "data"
+        host = "512K"
+        extra = ["--stats-interval", "0", "--log-level", "info"]
+        fs = None
+        if phase == "disk_full":
+            host = "2M"  # room for a few 256 KiB blocks; the rest spills
+            fs = stack.enter_context(kvs.small_filesystem(tmp_path / "fs", 16))
+            data = tmp_path / "fs" / "data" if fs else data
+            if not fs:
+                extra += ["--disk-capacity", "8M"]
+        extra += ["--data-dir", str(data)]
+        report(f"\ncrash test ({phase}{', ' + (fs or 'no mount: budget 8M') if phase != 'normal' else ''}): "
+               f"seed {seed} (KVS_CRASH_SEED={seed} replays it), {rounds} kills")
+        stats = run_crash_rounds(tmp_path, phase, rounds, host, extra, random.Random(seed))
+        report(f"crash test ({phase}): {stats['kills']} kills under load "
+               f"(+{stats['start_kills']} during start), "
+               f"{stats['acked']} acknowledged durable Puts, {stats['refused']} refused (disk "
+               f"full), {stats['verified']} blocks verified, lost {stats['lost']}, "
+               f"corrupt {stats['corrupt']} (in-flight Puts found present "
+               f"{stats['inflight_present']}, absent {stats['inflight_absent']}); "
+               f"{stats['seconds']:.1f} s")
+        assert stats["kills"] >= min(rounds, 20) and stats["acked"] > 0
+        assert stats["lost"] == 0 and stats["corrupt"] == 0
+        if phase == "disk_full":
+            assert stats["refused"] > 0, "the load never filled the disk"
+
+
+def run_crash_rounds(tmp_path, phase, rounds, host, extra, rng):
     keys = [Key(f"k{w}-{i}".encode()) for w in range(WRITERS) for i in range(KEYS_PER_WRITER)]
     plain_keys = [Key(f"p{i}".encode()) for i in range(PLAIN_KEYS)]
-    stats = dict(kills=0, start_kills=0, acked=0, verified=0, lost=0, corrupt=0, inflight_present=0,
-                 inflight_absent=0)
+    stats = dict(kills=0, start_kills=0, acked=0, refused=0, verified=0, lost=0, corrupt=0,
+                 inflight_present=0, inflight_absent=0)
     lock = threading.Lock()
     dur = plain = None
     t0 = time.monotonic()
     daemons = []
+    L, H, D, T = LAYOUT[phase]
     try:
-        for r in range(ROUNDS + 1):
+        for r in range(rounds + 1):
             if r and rng.random() < 0.25:
-                kill_during_start(str(tmp_path / f"start{r}"), extra, rng)
+                kill_during_start(str(tmp_path / f"start{r}"), host, extra, rng)
                 stats["start_kills"] += 1
-            d = kvs.Daemon(str(tmp_path / f"run{r}"), host_capacity="512K", extra=extra)
+            d = kvs.Daemon(str(tmp_path / f"run{r}"), host_capacity=host, extra=extra)
             daemons.append(d)
             if r == 0:
                 dur = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, durable=True).spec.name
                 plain = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T).spec.name
+                layout_of[dur] = layout_of[plain] = LAYOUT[phase]
             else:
                 check_after_restart(d, dur, plain, keys, plain_keys, stats)
-            if r == ROUNDS:
+            if r == rounds:
                 d.stop()
                 break
             load = Load(d, dur, plain, keys, plain_keys, rng, lock, stats)
@@ -255,11 +310,5 @@ def test_crash_sigkill_durable(tmp_path, capsys):
         for d in daemons:
             if not d.stopped:
                 d.kill()
-    report(f"crash test: {stats['kills']} kills under load (+{stats['start_kills']} during start), "
-          f"{stats['acked']} acknowledged durable Puts, "
-          f"{stats['verified']} blocks verified, lost {stats['lost']}, "
-          f"corrupt {stats['corrupt']} (in-flight Puts found present "
-          f"{stats['inflight_present']}, absent {stats['inflight_absent']}); "
-          f"{time.monotonic() - t0:.1f} s")
-    assert stats["kills"] >= min(ROUNDS, 20) and stats["acked"] > 0
-    assert stats["lost"] == 0 and stats["corrupt"] == 0
+    stats["seconds"] = time.monotonic() - t0
+    return stats

@@ -1501,6 +1501,150 @@ static void test_durable(void **state)
     fx_close(&f);
 }
 
+
+/* ---- the durable contract on a full disk (issue 10, fault 1) */
+
+/* Durable and non-durable namespaces share a disk budget of 8 blocks: non-durable records
+ * are what gets evicted; once the budget holds only durable blocks, a durable Put is
+ * refused (KVS_ENOSPC naming the disk tier) and every acknowledged durable block stays. */
+static void test_disk_full_durable_contract(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 8 * 2200, false);
+    kvs_ns_spec ds = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 5);
+    snprintf(ds.name, sizeof ds.name, "dur");
+    ds.durable = true;
+    kvs_ns *dur;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(f.st, &ds, &dur, &err), 0);
+    char key[16], msg[KVS_ERR_MSG_LEN];
+    size_t len;
+    /* 4 non-durable blocks spill to disk (2 stay in RAM) */
+    for (int i = 0; i < 6; i++) {
+        snprintf(key, sizeof key, "n%d", i);
+        free(put_enc(&f, key, 8, 500 + i, &len));
+        kvs_store_disk_wait(f.st);
+    }
+    /* durable blocks until one is refused */
+    uint8_t *want[16];
+    size_t wlen[16];
+    int acked = 0, rc = 0;
+    for (; acked < 16; acked++) {
+        snprintf(key, sizeof key, "d%d", acked);
+        if ((rc = put_durable(&f, dur, key, 600 + acked, &want[acked], &wlen[acked], msg))) {
+            free(want[acked]);
+            break;
+        }
+    }
+    assert_int_equal(rc, KVS_ENOSPC);
+    assert_non_null(strstr(msg, "disk tier"));
+    assert_true(acked >= 7); /* the budget's 8 blocks, less one of rounding at most */
+    kvs_store_stats st;
+    kvs_store_get_stats(f.st, &st);
+    assert_true(st.disk_used <= st.disk_capacity);
+    assert_int_equal(st.disk_refused, 1);
+    /* every non-durable record was evicted to make room, every durable one stayed */
+    for (int i = 0; i < acked; i++) {
+        snprintf(key, sizeof key, "d%d", i);
+        expect_record(&f, dur, key, want[i], wlen[i]);
+    }
+    for (int i = 0; i < 6; i++) {
+        snprintf(key, sizeof key, "n%d", i);
+        assert_int_equal(disk_present(&f, key), KVS_ENOTFOUND);
+    }
+    /* more non-durable puts: their victims cannot be written (no room), durable ones
+     * are never taken for them */
+    for (int i = 6; i < 12; i++) {
+        snprintf(key, sizeof key, "n%d", i);
+        free(put_enc(&f, key, 8, 500 + i, &len));
+        kvs_store_disk_wait(f.st);
+    }
+    for (int i = 0; i < acked; i++) {
+        snprintf(key, sizeof key, "d%d", i);
+        expect_record(&f, dur, key, want[i], wlen[i]);
+        free(want[i]);
+    }
+    /* deleting a durable block makes room for the next durable Put */
+    kvs_store_key k0 = {"d0", 2};
+    assert_int_equal(kvs_store_delete(f.st, dur, &k0, 1), 1);
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(put_durable(&f, dur, "d-new", 700, NULL, NULL, NULL), 0);
+    kvs_ns_unref(dur);
+    fx_close(&f);
+}
+
+/* Eviction deletes records before it changes the index: when the deletion fails (a
+ * write error), the entries stay indexed and their records stay, and both still agree. */
+static void test_disk_evict_failure_keeps_index(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 4 * 2200, false); /* 4 blocks on disk */
+    char key[16];
+    size_t len;
+    uint8_t *want[6];
+    for (int i = 0; i < 6; i++) { /* k0..k3 on disk, k4, k5 in RAM */
+        snprintf(key, sizeof key, "k%d", i);
+        want[i] = put_enc(&f, key, 8, 800 + i, &len);
+        kvs_store_disk_wait(f.st);
+    }
+    for (int i = 0; i < 4; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(tier_of(&f, key), KVS_STORE_TIER_DISK);
+    }
+    /* The next spill must evict k0; that deletion fails. */
+    kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
+    free(put_enc(&f, "k6", 8, 806, &len));
+    kvs_store_disk_wait(f.st);
+    for (int i = 0; i < 4; i++) { /* index and LMDB agree: all four still there */
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(tier_of(&f, key), KVS_STORE_TIER_DISK);
+        assert_int_equal(disk_present(&f, key), 0);
+        expect_bytes(&f, key, want[i], len);
+    }
+    kvs_store_stats st;
+    kvs_store_get_stats(f.st, &st);
+    assert_true(st.disk_write_errors >= 1);
+    assert_true(st.disk_used <= st.disk_capacity);
+    for (int i = 0; i < 6; i++)
+        free(want[i]);
+    fx_close(&f);
+}
+
+/* A record deletion that fails (delete, replace) is retried before the next batch, and
+ * a later write of the same key is not undone by the retry. */
+static void test_disk_failed_delete_retried(void **state)
+{
+    disk_fx f;
+    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    size_t len;
+    char key[16];
+    for (int i = 0; i < 4; i++) { /* k0, k1 spill to disk */
+        snprintf(key, sizeof key, "k%d", i);
+        free(put_enc(&f, key, 8, 900 + i, &len));
+        kvs_store_disk_wait(f.st);
+    }
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_DISK);
+    assert_int_equal(tier_of(&f, "k1"), KVS_STORE_TIER_DISK);
+    kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
+    kvs_store_key dk[2] = {{"k0", 2}, {"k1", 2}};
+    assert_int_equal(kvs_store_delete(f.st, f.ns, dk, 2), 2);
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(disk_present(&f, "k0"), 0); /* the deletion failed: still there */
+    /* k1 is written again before the retry runs; the retry must spare it */
+    uint8_t *k1 = put_enc(&f, "k1", 8, 999, &len);
+    for (int i = 4; i < 8; i++) { /* pushes k1 to disk, and runs the writer again */
+        snprintf(key, sizeof key, "k%d", i);
+        free(put_enc(&f, key, 8, 900 + i, &len));
+        kvs_store_disk_wait(f.st);
+    }
+    kvs_store_disk_wait(f.st);
+    assert_int_equal(disk_present(&f, "k0"), KVS_ENOTFOUND); /* retried */
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_NONE);
+    expect_bytes(&f, "k1", k1, len);
+    free(k1);
+    fx_close(&f);
+}
+
 /* ---- learned codec state survives a restart */
 
 static kvs_store *open_store(kvs_disk *disk, uint32_t calib_tokens)
@@ -1730,6 +1874,9 @@ int main(void)
         cmocka_unit_test(test_disk_write_error),
         cmocka_unit_test(test_disk_find_then_read),
         cmocka_unit_test(test_durable),
+        cmocka_unit_test(test_disk_full_durable_contract),
+        cmocka_unit_test(test_disk_evict_failure_keeps_index),
+        cmocka_unit_test(test_disk_failed_delete_retried),
         cmocka_unit_test(test_codec_state_persisted),
         cmocka_unit_test(test_restore_unknown_state_and_unservable),
     };
