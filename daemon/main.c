@@ -24,6 +24,7 @@
 
 #include "daemon/call.h"
 #include "daemon/config.h"
+#include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include "daemon/work.h"
@@ -123,13 +124,17 @@ static void on_stats(uv_timer_t *t)
     daemon_state *d = t->data;
     kvs_store_stats st;
     kvs_store_get_stats(d->store, &st);
+    kvs_limits_stats ls;
+    uint64_t idle;
+    kvs_server_stream_stats(d->server, &ls, &idle);
     kvs_log(KVS_LOG_INFO,
             "stats: gpu %llu/%llu bytes in %llu blocks, hits %llu, demotions %llu, "
             "promotions %llu; "
             "host %llu/%llu bytes in %llu blocks, hits %llu, misses %llu, evictions %llu, "
             "checksum failures %llu; spills %llu, spill queue %llu bytes, dropped %llu; "
             "disk %llu/%llu bytes in %llu blocks, hits %llu, promotions %llu, "
-            "evictions %llu, write errors %llu; in flight %u",
+            "evictions %llu, write errors %llu, durable Puts refused %llu; in flight %u; "
+            "Puts open %llu, receiving %llu/%llu bytes, refused %llu, idle-cancelled %llu",
             (unsigned long long)st.gpu_used, (unsigned long long)st.gpu_capacity,
             (unsigned long long)st.gpu_blocks, (unsigned long long)st.gpu_hits,
             (unsigned long long)st.gpu_demotions, (unsigned long long)st.gpu_promotions,
@@ -142,7 +147,11 @@ static void on_stats(uv_timer_t *t)
             (unsigned long long)st.disk_capacity, (unsigned long long)st.disk_blocks,
             (unsigned long long)st.disk_hits, (unsigned long long)st.disk_promotions,
             (unsigned long long)st.disk_evictions,
-            (unsigned long long)st.disk_write_errors, kvs_server_inflight(d->server));
+            (unsigned long long)st.disk_write_errors, (unsigned long long)st.disk_refused,
+            kvs_server_inflight(d->server), (unsigned long long)ls.puts_open,
+            (unsigned long long)ls.recv_used, (unsigned long long)ls.recv_budget,
+            (unsigned long long)(ls.puts_refused + ls.recv_refused),
+            (unsigned long long)idle);
 }
 
 static int write_port_file(const char *path, int port)

@@ -207,6 +207,14 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
     return cut;
 }
 
+void kvs_server_stream_stats(kvs_server *srv, kvs_limits_stats *out, uint64_t *idle)
+{
+    kvs_limits_get_stats(srv->limits, out);
+    pthread_mutex_lock(&srv->mu);
+    *idle = srv->idle_cancelled;
+    pthread_mutex_unlock(&srv->mu);
+}
+
 void kvs_server_shutdown(kvs_server *srv)
 {
     atomic_store(&srv->draining, true);

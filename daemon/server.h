@@ -34,6 +34,9 @@ unsigned kvs_server_inflight(kvs_server *srv);
  * receive memory or a block reference for longer (--stream-idle). Returns how many it
  * cancelled. Thread-safe; called by the loop's sweep timer. */
 unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms);
+/* Stream counters for the stats line: limits (daemon/limits.h) and idle cancellations. */
+struct kvs_limits_stats;
+void kvs_server_stream_stats(kvs_server *srv, struct kvs_limits_stats *out, uint64_t *idle);
 /* Blocking; see the lifecycle above. */
 void kvs_server_shutdown(kvs_server *srv);
 void kvs_server_destroy(kvs_server *srv);
