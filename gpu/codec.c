@@ -4,6 +4,8 @@
 #include "gpu/codec.h"
 
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -192,6 +194,27 @@ int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint
     return 0;
 }
 
+int kvs__field_nonfinite(const kvs_codec *c, uint32_t layer, kvs_err *err, const char *fmt, ...)
+{
+    char what[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return kvs_err_set(err, KVS_EINVAL, "encode: layer %u, %s: %s is not finite (overflow)", layer,
+                       c->kv == KVS_KEYS ? "K" : "V", what);
+}
+
+int kvs_codec_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                            size_t len, kvs_err *err)
+{
+    if (t == 0 || t > c->spec.block_tokens)
+        return kvs_err_set(err, KVS_EPROTO, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
+    if (layer >= c->spec.layers)
+        return kvs_err_set(err, KVS_EINVAL, "layer: %u not below %u", layer, c->spec.layers);
+    return c->ops->check_section ? c->ops->check_section(c, layer, t, sec, len, err) : 0;
+}
+
 int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
                      uint8_t *out, size_t cap, size_t *len, kvs_err *err)
 {
@@ -273,6 +296,10 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
             offsets[2 * l + kv] = (uint32_t)pos;
             rc = kvs_codec_encode(c, l, t, raw + (2 * (size_t)l + kv) * sec, out + pos,
                                   cap - pos, &n, err);
+            /* The safety net: whatever a range check missed, a NaN or Inf parameter is
+             * never acknowledged (it would decode to NaN for every element it scales). */
+            if (rc == 0)
+                rc = kvs_codec_check_section(c, l, t, out + pos, n, err);
             pos += n;
             if (rc == 0 && pos > UINT32_MAX)
                 rc = kvs_err_set(err, KVS_E2BIG, "encode: block over 4 GiB");

@@ -91,13 +91,25 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
 int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
                      size_t len, uint16_t *out, kvs_err *err);
 
+/* The safety net behind every encode: KVS_EINVAL ("encode: layer 3, K: fp16 group scale
+ * of head 1, channel 7, tokens 0.. is not finite (overflow)") if a floating-point field the
+ * codec computed and stored in the section (fp8 scales and codes, KIVI/SQuat group scale
+ * and minimum, PolarQuant radii, RotateKV group parameters) is NaN or Inf: such a block
+ * must never be acknowledged. KVS_EPROTO if len cannot be a section of t tokens. A pass
+ * over those fields only, no decode; 0 for codecs that store none (`none`).
+ * kvs_block_encode runs it on every section it writes, and the GPU engine on every
+ * section its kernels write for the host. */
+int kvs_codec_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                            size_t len, kvs_err *err);
+
 /* ---------------------------------------------------------------- blocks */
 
 /* Upper bound on the encoded size of a block of t tokens (header, table, sections). */
 size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t);
 
 /* Encodes a raw block ([L][2][t][H][D], namespace dtype) into the encoded block format
- * (gpu/format.h) stamped with ns_id. Writes at most cap bytes; *len is the exact size. */
+ * (gpu/format.h) stamped with ns_id. Writes at most cap bytes; *len is the exact size.
+ * Every section passes kvs_codec_check_section before the block is returned. */
 int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
                      const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err);
 

@@ -17,6 +17,7 @@
  *     offset 4H     t*H*D x u8 e4m3fn codes, row-major [t][H][D] (the input order)
  * Size 4H + t*H*D bytes, exactly: 8 + 32/(t*D) bits/element.
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -59,6 +60,13 @@ static int fp8_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const floa
                 amax = fmaxf(amax, fabsf(x[j]));
         }
         float scale = amax / FP8_MAX;
+        /* Unreachable for finite input (amax <= 3.4e38), kept so that no range check of
+         * any codec lets a non-finite parameter through (NaN fails the comparison). */
+        if (!(scale <= FLT_MAX))
+            return kvs_err_set(err, KVS_EINVAL,
+                               "payload: layer %u, %s, head %u: fp8 scale (max |x| / 448) "
+                               "overflows fp32",
+                               layer, c->kv == KVS_KEYS ? "K" : "V", h);
         put_f32(out + 4 * (size_t)h, scale);
         for (uint32_t tok = 0; tok < t; tok++) {
             size_t base = ((size_t)tok * H + h) * D;
@@ -90,11 +98,37 @@ static int fp8_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint
     return 0;
 }
 
+/* Safety net (kvs_codec_check_section): the fp32 scales and the e4m3fn codes, whose
+ * 0x7F/0xFF are NaN (the encoder saturates finite values to +-448 and never writes one). */
+static int fp8_check(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec, size_t len,
+                     kvs_err *err)
+{
+    uint32_t H = c->spec.kv_heads, D = c->spec.head_dim;
+    if (len != fp8_size(c, t))
+        return kvs_err_set(err, KVS_EPROTO, "fp8: section of %zu bytes, expected %zu for %u tokens",
+                           len, fp8_size(c, t), t);
+    for (uint32_t h = 0; h < H; h++)
+        if ((kvs_f32_bits(get_f32(sec + 4 * (size_t)h)) & 0x7F800000u) == 0x7F800000u)
+            return kvs__field_nonfinite(c, layer, err, "fp32 scale of head %u", h);
+    const uint8_t *codes = sec + 4 * (size_t)H;
+    size_t n = (size_t)t * H * D;
+    unsigned bad = 0;
+    for (size_t i = 0; i < n; i++) /* branch-free: vectorizes */
+        bad |= (codes[i] & 0x7F) == 0x7F;
+    for (size_t i = 0; bad && i < n; i++)
+        if ((codes[i] & 0x7F) == 0x7F)
+            return kvs__field_nonfinite(c, layer, err,
+                                        "e4m3fn code of token %zu, head %zu, channel %zu",
+                                        i / ((size_t)H * D), i / D % H, i % D);
+    return 0;
+}
+
 const kvs_codec_ops kvs__codec_fp8_ops = {
     .family = "fp8",
     .section_max = fp8_size,
     .encode = fp8_encode,
     .decode = fp8_decode,
+    .check_section = fp8_check,
     .decode_ignores_state = true,
 #ifdef KVS_HAVE_CUDA
     /* No .cuda_supported: the kernels take any head_dim (a multiple of 16). */

@@ -10,6 +10,11 @@
  *  - encode: in = t*H*D finite fp32 values, row-major [t][H][D]; write <= cap bytes.
  *  - decode: out = t*H*D fp32 values; reject inconsistent lengths with KVS_EPROTO.
  *  Both are pure functions of (codec, layer, t, input): no hidden state, thread-safe.
+ *  - Range checks count NaN as out of range (write !(fabsf(x) <= max), and for a stored
+ *    fp16 (h & 0x7C00) == 0x7C00): an fp32 overflow inside a transform (a rotation of
+ *    huge bf16 input) yields NaN, which fails every ordered comparison.
+ *  - check_section (optional): the safety net of kvs_codec_check_section; any codec that
+ *    stores floating-point fields of its own computing must have one.
  */
 #ifndef KVS_CODEC_INT_H
 #define KVS_CODEC_INT_H
@@ -42,6 +47,13 @@ typedef struct kvs_codec_ops {
                       uint8_t *out, size_t cap, size_t *len, kvs_err *err);
     int (*decode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
                       size_t len, uint16_t *out, kvs_err *err);
+    /* Optional (NULL: the section stores no float fields but copies of checked input):
+     * scans the floating-point fields of an encoded section of t tokens (scales, minima,
+     * radii; not input elements stored verbatim, such as RotateKV's sinks, which were
+     * checked finite) without decoding. KVS_EINVAL through kvs__field_nonfinite for the
+     * first NaN/Inf; KVS_EPROTO if len cannot be such a section. */
+    int (*check_section)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                         size_t len, kvs_err *err);
     /* CUDA (gpu/codec_<name>.cu; gpu/codec_cuda.h for the batch contract); NULL where the
      * codec has no kernels (yet) or the build has no CUDA. `supported` checks the layout;
      * `cuda_prepare` uploads tables into c->priv_cuda, `cuda_release` frees them. */
@@ -57,6 +69,11 @@ typedef struct kvs_codec_ops {
 /* KVS_EINVAL naming the first NaN/Inf of a section's t*H*D raw elements, or 0. */
 int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
                       kvs_err *err);
+
+/* KVS_EINVAL "encode: layer 3, K: <what> is not finite (overflow)", what formatted from
+ * fmt: the message of every check_section. Returns KVS_EINVAL. */
+int kvs__field_nonfinite(const kvs_codec *c, uint32_t layer, kvs_err *err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 struct kvs_codec {
     const kvs_codec_ops *ops;

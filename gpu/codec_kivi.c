@@ -31,11 +31,14 @@
  * The params plane starts at a multiple of 4 bytes (H*D*k_row and t*H*D*b/8 are, as D is
  * a multiple of 16), so a CUDA kernel can read each (scale, lo) pair as one uint32.
  * Range overflow: a group whose min or scale overflows fp16 (only bf16 input beyond
- * +-65504, or SQuat's compensated values) is rejected with KVS_EINVAL naming layer, head
- * and channel, rather than stored as Inf.
+ * +-65504, or SQuat's compensated values), or that holds a non-finite value (SQuat's
+ * compensation; KIVI's input is checked finite), is rejected with KVS_EINVAL naming
+ * layer, head and channel, rather than stored as Inf or NaN.
  */
 #include "gpu/codec_kivi.h"
 
+#include <float.h>
+#include <math.h>
 #include <string.h>
 
 #include "gpu/bitpack.h"
@@ -82,25 +85,30 @@ static kvs_minmax get_params(const uint8_t *p)
     return m;
 }
 
-static int fp16_inf(uint16_t h)
+/* Inf or NaN: both have the all-ones exponent. */
+static int fp16_nonfinite(uint16_t h)
 {
-    return (h & 0x7FFF) == 0x7C00;
+    return (h & 0x7C00) == 0x7C00;
 }
 
 /* Min-max quantization of n values x[i*stride] into packed codes `codes` and params
  * `par`; the decoded values go to xhat[i*stride] when xhat is not NULL. Returns false if
- * a parameter overflows fp16. */
+ * a parameter overflows fp16 or a value is not finite (the ordered min/max scan would
+ * skip a NaN and code it as garbage). KIVI's own input was checked finite by
+ * kvs_codec_encode; SQuat's compensated values were not. */
 static int quant_group(const float *x, size_t stride, uint32_t n, unsigned bits, uint8_t *codes,
                        uint8_t *par, float *xhat)
 {
     float mn = x[0], mx = x[0];
+    int finite = fabsf(x[0]) <= FLT_MAX;
     for (uint32_t i = 1; i < n; i++) {
         float v = x[i * stride];
         mn = v < mn ? v : mn;
         mx = v > mx ? v : mx;
+        finite &= fabsf(v) <= FLT_MAX;
     }
     kvs_minmax p = kvs_minmax_params(mn, mx, bits);
-    if (fp16_inf(p.scale) || fp16_inf(p.lo))
+    if (!finite || fp16_nonfinite(p.scale) || fp16_nonfinite(p.lo))
         return 0;
     uint8_t q[KVS_KIVI_GROUP];
     for (uint32_t i = 0; i < n; i++) {
@@ -242,6 +250,36 @@ int kvs__kivi_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
     return 0;
 }
 
+int kvs__kivi_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                            size_t len, kvs_err *err)
+{
+    kvs__kivi_geom g;
+    geom_of(c, t, &g);
+    bool keys = c->kv == KVS_KEYS;
+    size_t n = keys ? g.k_bytes : g.v_bytes;
+    if (len != n)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "%s: %s section of %zu bytes, expected %zu for %u tokens",
+                           c->ops->family, keys ? "K" : "V", len, n, t);
+    /* the params plane: (scale, lo) pairs, keys [H][D][nk], values [t][H][nv] */
+    const uint8_t *par = sec + (keys ? g.k_codes : g.v_codes);
+    size_t pairs = keys ? (size_t)g.heads * g.dim * g.nk : (size_t)t * g.heads * g.nv;
+    for (size_t i = 0; i < pairs; i++) {
+        kvs_minmax p = get_params(par + 4 * i);
+        if (!fp16_nonfinite(p.scale) && !fp16_nonfinite(p.lo))
+            continue;
+        const char *which = fp16_nonfinite(p.scale) ? "scale" : "minimum";
+        if (keys)
+            return kvs__field_nonfinite(c, layer, err,
+                                        "fp16 group %s of head %zu, channel %zu, tokens %zu..",
+                                        which, i / g.nk / g.dim, i / g.nk % g.dim, i % g.nk * g.gk);
+        return kvs__field_nonfinite(c, layer, err,
+                                    "fp16 group %s of token %zu, head %zu, channels %zu..", which,
+                                    i / g.nv / g.heads, i / g.nv % g.heads, i % g.nv * g.gv);
+    }
+    return 0;
+}
+
 static int kivi_init(kvs_codec *c, kvs_err *err)
 {
     if (c->bits < 2 || c->bits > 4)
@@ -255,6 +293,7 @@ const kvs_codec_ops kvs__codec_kivi_ops = {
     .section_max = kvs__kivi_section_max,
     .encode = kvs__kivi_encode,
     .decode = kvs__kivi_decode,
+    .check_section = kvs__kivi_check_section,
     .decode_ignores_state = true,
 #ifdef KVS_HAVE_CUDA
     .cuda_supported = kvs__kivi_cuda_supported,

@@ -57,12 +57,17 @@ void kvs__kivi_decode_keys(const kvs__kivi_geom *g, const uint8_t *sec, float *o
 void kvs__kivi_decode_values(const kvs__kivi_geom *g, const uint8_t *sec, float *out);
 
 /* The kvs_codec_ops members, reused by SQuat: section size (exact), encode of a value
- * section or a KIVI key section, decode of either (checks len: KVS_EPROTO). */
+ * section or a KIVI key section, decode of either (checks len: KVS_EPROTO), and the
+ * safety net of either. */
 size_t kvs__kivi_section_max(const kvs_codec *c, uint32_t t);
 int kvs__kivi_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const float *in, uint8_t *out,
                      size_t cap, size_t *len, kvs_err *err);
 int kvs__kivi_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
                      float *out, kvs_err *err);
+/* check_section (kvs_codec_check_section): the fp16 (scale, lo) planes of a K or V
+ * section; KVS_EPROTO if len is not the section's exact size. */
+int kvs__kivi_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                            size_t len, kvs_err *err);
 
 #ifdef __cplusplus
 }

@@ -21,6 +21,7 @@
  * Thread-safety: the codec's tables are read-only after init; encode/decode use stack
  * scratch only.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -103,6 +104,15 @@ static int pq_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const float
             uint32_t l1;
             float r = kvs_pq_encode_chunk(y + ch * KVS_PQ_CHUNK, &l1, codes + ch * KVS_PQ_CODES2);
             uint16_t h = kvs_f32_to_fp16(r);
+            /* Inf and NaN radii both: huge bf16 input overflows the fp32 rotation or the
+             * squares, and Inf - Inf in the FWHT makes the norm NaN, not Inf. */
+            if ((h & 0x7C00) == 0x7C00 && !isfinite(r))
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "payload: layer %u, %s, token %zu, head %zu: rotated chunk "
+                                   "%u (coordinates %u..%u) has a norm that overflows fp32, far "
+                                   "beyond the fp16 radius of polarquant (65504)",
+                                   layer, c->kv == KVS_KEYS ? "K" : "V", v / heads, v % heads, ch,
+                                   ch * KVS_PQ_CHUNK, ch * KVS_PQ_CHUNK + KVS_PQ_CHUNK - 1);
             if ((h & 0x7C00) == 0x7C00)
                 return kvs_err_set(err, KVS_EINVAL,
                                    "payload: layer %u, %s, token %zu, head %zu: "
@@ -163,6 +173,27 @@ static int pq_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
     return 0;
 }
 
+/* Safety net (kvs_codec_check_section): the fp16 radii plane, the section's only
+ * floating-point field. */
+static int pq_check(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec, size_t len,
+                    kvs_err *err)
+{
+    const pq_priv *p = c->priv;
+    const size_t n = (size_t)t * c->spec.kv_heads * p->chunks, need = pq_section_bytes(c, t);
+    if (len != need)
+        return kvs_err_set(err, KVS_EPROTO,
+                           "polarquant: section of %zu bytes, expected %zu for %u tokens", len,
+                           need, t);
+    for (size_t k = 0; k < n; k++) {
+        uint16_t h = (uint16_t)(sec[2 * k] | sec[2 * k + 1] << 8);
+        if ((h & 0x7C00) == 0x7C00)
+            return kvs__field_nonfinite(
+                c, layer, err, "fp16 radius of token %zu, head %zu, chunk %zu",
+                k / p->chunks / c->spec.kv_heads, k / p->chunks % c->spec.kv_heads, k % p->chunks);
+    }
+    return 0;
+}
+
 const kvs_codec_ops kvs__codec_polarquant_ops = {
     .family = "polarquant",
     .init = pq_init,
@@ -170,6 +201,7 @@ const kvs_codec_ops kvs__codec_polarquant_ops = {
     .section_max = pq_max,
     .encode = pq_encode,
     .decode = pq_decode,
+    .check_section = pq_check,
     .decode_ignores_state = true,
 #ifdef KVS_HAVE_CUDA
     .cuda_supported = kvs__polarquant_cuda_supported,

@@ -24,8 +24,9 @@
  *     on the same float constants and radii from sqrtf (correctly rounded on both; nvcc's
  *     default -prec-sqrt=true), so they agree bit for bit with --fmad=false.
  *  4. The radius r4 is stored as fp16 (RNE). A chunk norm that does not round to a finite
- *     fp16 (>= 65520: possible with bf16 inputs, or fp16 inputs of huge norm) fails the
- *     encode with KVS_EINVAL naming the chunk; nothing is clamped. Norms below the fp16
+ *     fp16 (>= 65520: possible with bf16 inputs, or fp16 inputs of huge norm; or Inf/NaN
+ *     when bf16 inputs near 3e38 overflow the fp32 rotation) fails the encode with
+ *     KVS_EINVAL naming the chunk; nothing is clamped. Norms below the fp16
  *     subnormal range (< 2^-25) store 0 and decode to a zero chunk.
  * Decode: radii top-down with the (cos, sin) tables of the centroids, level-1 coordinates
  * (r1 cos, r1 sin), then x = R^T y = diag(s) (H_D / sqrt(D)) y: FWHT, then sign flips.

@@ -27,7 +27,8 @@
  * KVS_ROTATEKV_TAU = 8 times the section's median token norm (the lower median: element
  * (t-1)/2 of the sorted norms; t = 1 therefore never has a sink). At most S = 4 sinks,
  * the largest norms first (ties: lower token index). Tokens whose rotated values would
- * not fit the fp16 parameters (any |value| of a quantization group > 32768) are sinks
+ * not fit the fp16 parameters (any |value| of a quantization group > 32768, or NaN/Inf:
+ * bf16 inputs near 3e38 overflow the fp32 rotation, and Inf - Inf is NaN) are sinks
  * before any other; more than S of them is KVS_EINVAL (possible only for bf16 namespaces
  * or fp16 values near the fp16 limit). Sinks are stored as their input elements (fp16 or
  * bf16, the namespace dtype) and come back bit-exact. Client-flagged sinks (a Put header
@@ -348,10 +349,11 @@ static uint32_t group_len(const rkv *r, uint32_t g)
     return r->chans - start < r->gsize ? r->chans - start : r->gsize;
 }
 
+/* Written so that NaN is out of range: an overflowed rotation is NaN, not only Inf. */
 static bool in_range(const rkv *r, const float *y)
 {
     for (uint32_t j = 0; j < r->chans; j++)
-        if (fabsf(y[j]) > KVS_ROTATEKV_RANGE_MAX)
+        if (!(fabsf(y[j]) <= KVS_ROTATEKV_RANGE_MAX))
             return false;
     return true;
 }
@@ -383,9 +385,10 @@ static int cmp_u32(const void *a, const void *b)
 
 /* Chooses the sinks of a section (header comment): range sinks, then client-flagged
  * tokens (client_mask: bit i of byte i/8 flags token i; NULL until the Put header field
- * exists), then norm outliers; at most max_sinks(t). is_sink[t] and sorted idx out. */
-static int select_sinks(const rkv *r, uint32_t t, const float *x, const float *y,
-                        const uint8_t *client_mask, uint8_t *is_sink, uint32_t *idx,
+ * exists), then norm outliers; at most max_sinks(t). is_sink[t] and sorted idx out.
+ * layer and kv only name the section in the error. */
+static int select_sinks(const rkv *r, uint32_t layer, kvs_kv kv, uint32_t t, const float *x,
+                        const float *y, const uint8_t *client_mask, uint8_t *is_sink, uint32_t *idx,
                         uint32_t *nsinks, kvs_err *err)
 {
     uint32_t cap = max_sinks(t), n = 0;
@@ -393,8 +396,12 @@ static int select_sinks(const rkv *r, uint32_t t, const float *x, const float *y
     for (uint32_t i = 0; i < t; i++)
         if (!in_range(r, y + (size_t)i * r->chans)) {
             if (n == cap)
-                return kvs_err_set(err, KVS_EINVAL, "payload: more than %u tokens too large "
-                                   "for rotatekv's fp16 group parameters (token %u)", cap, i);
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "payload: layer %u, %s, token %u: more than %u tokens too "
+                                   "large for rotatekv's fp16 group parameters (rotated values "
+                                   "beyond +-%.0f or overflowing fp32)",
+                                   layer, kv == KVS_KEYS ? "K" : "V", i, cap,
+                                   (double)KVS_ROTATEKV_RANGE_MAX);
             is_sink[i] = 1;
             idx[n++] = i;
         }
@@ -488,7 +495,7 @@ static int rkv_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const floa
     for (uint32_t i = 0; i < t; i++)
         forward(c, r, layer, in + (size_t)i * C, tmp, y + (size_t)i * C);
     uint32_t idx[KVS_ROTATEKV_MAX_SINKS], n = 0;
-    rc = select_sinks(r, t, in, y, NULL, is_sink, idx, &n, err);
+    rc = select_sinks(r, layer, c->kv, t, in, y, NULL, is_sink, idx, &n, err);
     if (rc)
         goto out;
     size_t total = section_size(r, t, n);
@@ -561,6 +568,43 @@ static int rkv_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint
     return 0;
 }
 
+/* Safety net (kvs_codec_check_section): the fp16 (scale, lo) of every group of every
+ * token record. Sinks are input elements, checked finite before encode. */
+static int rkv_check(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec, size_t len,
+                     kvs_err *err)
+{
+    const rkv *r = c->priv;
+    size_t base = (size_t)t * r->rec, per = sink_bytes(r) - r->rec;
+    if (len < base || (len - base) % per || (len - base) / per > max_sinks(t))
+        return kvs_err_set(err, KVS_EPROTO,
+                           "rotatekv: section of %zu bytes does not hold %u tokens (%zu "
+                           "bytes + 0..%u sinks of %zu)",
+                           len, t, base, max_sinks(t), per);
+    uint32_t n = (uint32_t)((len - base) / per);
+    const uint8_t *list = sec + (size_t)(t - n) * r->rec;
+    for (uint32_t k = 0; k < n; k++)
+        if (get16(list + 2 * k) >= t || (k && get16(list + 2 * k) <= get16(list + 2 * k - 2)))
+            return kvs_err_set(err, KVS_EPROTO,
+                               "rotatekv: sink list entry %u (token %u) out of order or range",
+                               k, get16(list + 2 * k));
+    uint32_t k = 0, rec = 0;
+    for (uint32_t i = 0; i < t; i++) {
+        if (k < n && get16(list + 2 * k) == i) { /* a sink: no record */
+            k++;
+            continue;
+        }
+        const uint8_t *params = sec + (size_t)rec++ * r->rec + (size_t)r->chans * r->bits / 8;
+        for (uint32_t g = 0; g < r->ngroups; g++) {
+            uint16_t scale = get16(params + 4 * (size_t)g), lo = get16(params + 4 * (size_t)g + 2);
+            if ((scale & 0x7C00) == 0x7C00 || (lo & 0x7C00) == 0x7C00)
+                return kvs__field_nonfinite(c, layer, err, "fp16 group %s of token %u, channels %u..",
+                                            (scale & 0x7C00) == 0x7C00 ? "scale" : "offset", i,
+                                            g * r->gsize);
+        }
+    }
+    return 0;
+}
+
 const kvs_codec_ops kvs__codec_rotatekv_ops = {
     .family = "rotatekv",
     .init = rkv_init,
@@ -568,6 +612,7 @@ const kvs_codec_ops kvs__codec_rotatekv_ops = {
     .section_max = rkv_max,
     .encode = rkv_encode,
     .decode = rkv_decode,
+    .check_section = rkv_check,
     .variable_size = true,
 #ifdef KVS_HAVE_CUDA
     .cuda_supported = kvs__rotatekv_cuda_supported,

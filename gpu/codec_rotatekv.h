@@ -55,8 +55,9 @@
 #define KVS_ROTATEKV_MAX_SINKS 4    /* S: fp16 sink tokens per section at most */
 #define KVS_ROTATEKV_TAU 8.0        /* sink if token norm > tau * median token norm */
 #define KVS_ROTATEKV_STATE_HEADER 8 /* bytes before the permutations */
-/* A token whose rotated values exceed this in magnitude cannot be stored with fp16 group
- * parameters (lo, scale or the decoded value would overflow): it is kept as a sink. */
+/* A token whose rotated values exceed this in magnitude, or are NaN/Inf (an fp32
+ * overflow in the rotation), cannot be stored with fp16 group parameters (lo, scale or
+ * the decoded value would overflow): it is kept as a sink. */
 #define KVS_ROTATEKV_RANGE_MAX 32768.0f
 /* Clip ratio of the quantizer (§3.7 defaults): 0.8 at 2 bits, 1.0 at 3 and 4. */
 #define KVS_ROTATEKV_CLIP(bits) ((bits) == 2 ? 0.8f : 1.0f)

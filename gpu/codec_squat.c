@@ -149,8 +149,15 @@ int kvs_squat_state_from_queries(const kvs_ns_spec *s, uint32_t q_heads, const u
                             acc[(size_t)i * D + j] += row[i] * row[j];
                 }
             size_t lh = (size_t)l * H + h;
-            for (size_t i = 0; i < dd; i++)
+            for (size_t i = 0; i < dd && rc == 0; i++) {
                 gram[lh * dd + i] = (float)acc[i];
+                /* finite bf16 queries beyond ~1e19 square past fp32 */
+                if (!isfinite(gram[lh * dd + i]))
+                    rc = kvs_err_set(err, KVS_EINVAL,
+                                     "queries: layer %u, kv-head %u: Gram matrix entry (%zu, "
+                                     "%zu) overflows fp32",
+                                     l, h, i / D, i % D);
+            }
             rows[lh] = (uint64_t)n * gq;
         }
     if (rc == 0)
@@ -327,8 +334,11 @@ static int head_matrices(const squat_priv *sp, uint32_t D, const uint8_t *gbytes
     size_t dd = (size_t)D * D;
     double *G = work, *V = G + dd, *A = V + dd, *S = A + dd, *Bm = S + dd, *w = Bm + dd,
            *tmp = w + D;
-    for (size_t i = 0; i < dd; i++)
+    for (size_t i = 0; i < dd; i++) {
         G[i] = kvs_bits_f32(get32(gbytes + 4 * i));
+        if (!isfinite(G[i]))
+            return KVS_EINVAL;
+    }
     for (uint32_t i = 0; i < D; i++)
         for (uint32_t j = 0; j < i; j++)
             G[i * D + j] = G[j * D + i] = 0.5 * (G[i * D + j] + G[j * D + i]);
@@ -368,6 +378,10 @@ static int head_matrices(const squat_priv *sp, uint32_t D, const uint8_t *gbytes
             return KVS_EINTERNAL;
         for (size_t i = 0; i < (size_t)m * k; i++) {
             C[i] = (float)-Bm[i];
+            /* A finite C keeps the compensated keys finite (|C| <= sqrt(|A - I|) / 2), so
+             * neither the reference nor the kernel ever quantizes a NaN. */
+            if (!isfinite(C[i]))
+                return KVS_EINTERNAL;
             nonzero |= C[i] != 0.0f;
         }
         C += (size_t)m * k;
@@ -437,7 +451,8 @@ static int squat_init(kvs_codec *c, kvs_err *err)
             free(C);
             rc = kvs_err_set(err, KVS_EINVAL,
                              "codec state v%u: layer %zu, kv-head %zu: Gram "
-                             "matrix not usable (eigensolver or Cholesky failed)",
+                             "matrix not usable (not finite, or the eigensolver or Cholesky "
+                             "failed)",
                              c->state.version, lh / s->kv_heads, lh % s->kv_heads);
         } else if (h == 0) {
             free(C);
@@ -556,6 +571,7 @@ const kvs_codec_ops kvs__codec_squat_ops = {
     .section_max = kvs__kivi_section_max,
     .encode = squat_encode,
     .decode = kvs__kivi_decode,
+    .check_section = kvs__kivi_check_section,
     .decode_ignores_state = true,
 #ifdef KVS_HAVE_CUDA
     /* gpu/codec_squat.cu: key encode with the compensation; values, keys without a

@@ -354,9 +354,18 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
             memcpy(j->lens, e->h_len + (size_t)b * L, L * sizeof *j->lens);
             memcpy(j->lens + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens);
         } else {
-            *j->len = kvs__engine_frame_block(j, e->h_enc + (size_t)b * L * sk, sk, e->h_len + (size_t)b * L,
-                                  e->h_enc + n * sk + (size_t)b * L * sv, sv,
-                                  e->h_len + n + (size_t)b * L, j->out);
+            const uint8_t *kb = e->h_enc + (size_t)b * L * sk;
+            const uint8_t *vb = e->h_enc + n * sk + (size_t)b * L * sv;
+            const uint32_t *kl = e->h_len + (size_t)b * L, *vl = e->h_len + n + (size_t)b * L;
+            /* kvs_block_encode's safety net, for sections the kernels wrote: a NaN/Inf
+             * parameter fails the request instead of being acknowledged. */
+            for (uint32_t l = 0; l < L && rc2 == 0; l++) {
+                rc2 = kvs_codec_check_section(k, l, t, kb + l * sk, kl[l], &err);
+                if (rc2 == 0)
+                    rc2 = kvs_codec_check_section(v, l, t, vb + l * sv, vl[l], &err);
+            }
+            if (rc2 == 0)
+                *j->len = kvs__engine_frame_block(j, kb, sk, kl, vb, sv, vl, j->out);
         }
         kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
     }

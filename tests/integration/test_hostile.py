@@ -1,0 +1,163 @@
+"""Regressions of the outside attack on kvstashd (issue 10): strings from the wire, signals,
+extreme values for every codec. The disk-full, stalled-stream and data-directory cases
+have modules of their own (test_disk_full.py, test_stalled.py, test_data_dir.py)."""
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import kvs
+from kvs import pb
+
+
+# ----------------------------------------------------------------------------- strings
+
+def test_nul_in_namespace_names_is_refused_everywhere(daemon):
+    """A name with an embedded NUL must not act on the name cut at the NUL (it dropped
+    namespace `zz` for `zz\\0anything`)."""
+    d = daemon()
+    info = kvs.make_ns(d.admin, name="zz")
+    ns = kvs.Ns(info)
+    kvs.put(d.stub, "zz", b"k1", ns.T, ns.payload())
+    C = grpc.StatusCode.INVALID_ARGUMENT
+    bad = "zz\0anything"
+    kvs.expect_error(C, d.admin.DropNamespace, pb.NameRequest(name=bad), words=["name", "NUL"])
+    kvs.expect_error(C, d.admin.CreateNamespace,
+                     pb.CreateNamespaceRequest(spec=kvs.spec(name="a\0b")),
+                     words=["spec.name", "NUL"])
+    kvs.expect_error(C, kvs.put, d.stub, bad, b"k2", ns.T, ns.payload(),
+                     words=["namespace", "NUL"])
+    kvs.expect_error(C, kvs.get, d.stub, bad, b"k1", words=["namespace", "NUL"])
+    kvs.expect_error(C, d.stub.Lookup, pb.KeysRequest(namespace=bad, keys=[b"k1"]),
+                     words=["namespace", "NUL"])
+    kvs.expect_error(C, d.stub.Delete, pb.KeysRequest(namespace=bad, keys=[b"k1"]),
+                     words=["namespace", "NUL"])
+    kvs.expect_error(C, d.admin.Evict, pb.EvictRequest(namespace=bad, all=True),
+                     words=["namespace", "NUL"])
+    # Codec names too: "none\0x" is not "none".
+    kvs.expect_error(C, d.admin.CreateNamespace,
+                     pb.CreateNamespaceRequest(spec=kvs.spec(key_codec="none\0x")),
+                     words=["key_codec", "NUL"])
+    # Nothing happened to `zz`: still there with its block.
+    names = [n.spec.name for n in d.admin.ListNamespaces(pb.ListNamespacesRequest()).namespaces]
+    assert "zz" in names and not any("\0" in n for n in names)
+    assert kvs.get(d.stub, "zz", b"k1").data == ns.payload()
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_names_are_refused(daemon, name):
+    d = daemon()
+    kvs.expect_error(grpc.StatusCode.INVALID_ARGUMENT, kvs.make_ns, d.admin, name=name,
+                     words=["name"])
+
+
+# ----------------------------------------------------------------------------- signals
+
+def test_sighup_neither_kills_nor_loses_blocks(daemon, tmp_path):
+    """SIGHUP used to end the process at once (no drain, no flush at exit): the daemon
+    keeps serving, and a SIGTERM afterwards still flushes the host tier to disk."""
+    data = tmp_path / "data"
+    args = ["--data-dir", data, "--stats-interval", 0]
+    d = daemon(extra=args)
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=2, H=2, D=16, T=4))
+    blocks = {b"k%d" % i: ns.payload(seed=i) for i in range(50)}
+    for k, v in blocks.items():
+        kvs.put(d.stub, ns.name, k, ns.T, v)
+    for _ in range(3):
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+    assert d.proc.poll() is None, f"kvstashd exited on SIGHUP:\n{d.stderr_text()}"
+    assert d.health().status == kvs.SERVING
+    assert "SIGHUP" in d.stderr_text()
+    d.stop()
+    d2 = daemon(extra=args)
+    for k, v in blocks.items():
+        assert kvs.get(d2.stub, ns.name, k).data == v
+
+
+# ----------------------------------------------------------------------------- extremes
+
+CODECS = ["none", "fp8", "kivi-2", "kivi-4", "polarquant", "rotatekv-2", "rotatekv-4",
+          "squat-2", "squat-4"]
+
+
+def _extreme(ns, kind, seed):
+    n = ns.bytes() // 2
+    rng = np.random.default_rng(seed)
+    if ns.dtype == kvs.BF16:
+        big = np.float32(3.0e38)
+    else:
+        big = np.float32(65504.0)
+    if kind == "max":
+        x = np.full(n, big, np.float32)
+    elif kind == "alternating":
+        x = np.where(np.arange(n) % 2 == 0, big, -big).astype(np.float32)
+    else:  # spread: random values up to the dtype's largest
+        x = (rng.uniform(-1.0, 1.0, n) * big).astype(np.float32)
+    if ns.dtype == kvs.BF16:
+        return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    return x.astype("<f2").tobytes()
+
+
+def _finite(raw, dtype):
+    h = np.frombuffer(raw, "<u2")
+    mask = 0x7F80 if dtype == kvs.BF16 else 0x7C00
+    return not np.any((h & mask) == mask)
+
+
+@pytest.mark.parametrize("dtype", [kvs.FP16, kvs.BF16], ids=["fp16", "bf16"])
+def test_extreme_values_are_refused_or_stored_finite(module_daemon, dtype):
+    """Finite values up to the dtype's largest (bf16 +-3e38 overflowed RotateKV's fp32
+    rotation into NaN, acknowledged with OK and served as NaN): every codec either refuses
+    the block naming the overflow or serves finite values."""
+    d = module_daemon()
+    for codec in CODECS:
+        ns = kvs.Ns(kvs.make_ns(d.admin, L=2, H=4, D=128, T=16, dtype=dtype,
+                                key_codec=codec, value_codec=codec))
+        for kind in ["max", "alternating", "spread"]:
+            raw = _extreme(ns, kind, kvs.seed_of(codec, kind))
+            key = kind.encode()
+            try:
+                kvs.put(d.stub, ns.name, key, ns.T, raw, dtype=ns.dtype)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (codec, kind, e)
+                det = e.details().lower()
+                assert "nan" not in det and "inf " not in det, (codec, kind, e.details())
+                assert "payload" in det, (codec, kind, e.details())
+                continue
+            out = kvs.get(d.stub, ns.name, key).data
+            assert _finite(out, dtype), f"{codec} {kind}: stored OK, served non-finite"
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_returned_after_load_and_drop(daemon):
+    """A 64-client burst of 2 MiB blocks, then a namespace drop: the heap kept the payload
+    buffers (hundreds of MiB) for good. The daemon now gives free heap back to the OS
+    within a few seconds (trim on its sweep timer, a bounded number of arenas)."""
+    # 64 x 2 MiB in flight: a receive budget (a quarter of the host tier) of 256 MiB.
+    d = daemon(host_capacity="1G", extra=["--stats-interval", 0])
+    rss0 = _rss(d.proc.pid)
+    d.kvctl("ns", "create", "burst", "--layers", 32, "--kv-heads", 8, "--head-dim", 128,
+            "--block-tokens", 16)
+    r = d.kvctl("bench", "burst", "--blocks", 256, "--threads", 64, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak = _rss(d.proc.pid)
+    assert d.kvctl("ns", "drop", "burst").returncode == 0
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and _rss(d.proc.pid) > rss0 + (96 << 20):
+        time.sleep(0.5)
+    after = _rss(d.proc.pid)
+    assert after <= rss0 + (96 << 20), \
+        f"RSS {after >> 20} MiB 25 s after the drop (start {rss0 >> 20}, peak {peak >> 20})"
