@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
-    for t in test_codecs_gpu test_engine_gpu; do
+    for t in test_codecs_gpu test_engine_gpu test_extremes_gpu; do
         $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
         note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"
@@ -45,7 +45,8 @@ if [ "${INTEG:-1}" = 1 ]; then
     note "integration, GPU engine, host tier" $?; tail -n 5 "$OUT/integ-engine.log"
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
         test_gpu_tier.py test_roundtrip.py test_codecs.py test_encoded.py test_admin_tiers.py \
-        test_durable.py test_persist.py test_crash.py test_tiers_full.py > "$OUT/integ-tier.log" 2>&1)
+        test_durable.py test_persist.py test_crash.py test_tiers_full.py test_disk_full.py \
+        test_stalled.py test_hostile.py > "$OUT/integ-tier.log" 2>&1)
     note "integration, GPU engine + GPU tier" $?; tail -n 5 "$OUT/integ-tier.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then

@@ -11,7 +11,8 @@ B=${1:-build-gpu}
 S=$(mktemp -d)
 trap 'rm -rf "$S"' EXIT
 mkdir -p "$S/bin" "$S/pb"
-cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/bin/kvs-bench-gpu" \
+cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_extremes_gpu" \
+   "$B/bin/kvs-bench-gpu" \
    "$B/bin/kvs-bench-tier" \
    "$B/bin/kvstashd" "$B/bin/kvctl" "$S/bin/"
 strip "$S"/bin/*
