@@ -76,8 +76,8 @@ int kvs_client_ns_create(kvs_client *c, const kvs_ns_spec *spec, kvs_ns_info *in
     Kvstash__V1__CreateNamespaceRequest q = KVSTASH__V1__CREATE_NAMESPACE_REQUEST__INIT;
     q.spec = &pb;
     ProtobufCMessage *m;
-    int rc = kvs__unary(c, ADMIN("CreateNamespace"), &q.base, &kvstash__v1__namespace_info__descriptor,
-                   &m, err);
+    int rc = kvs__unary(c, ADMIN("CreateNamespace"), &q.base,
+                        &kvstash__v1__namespace_info__descriptor, &m, err);
     if (rc != 0)
         return rc;
     if (info)
@@ -96,7 +96,7 @@ int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks_dropped
     q.name = (char *)name;
     ProtobufCMessage *m;
     int rc = kvs__unary(c, ADMIN("DropNamespace"), &q.base,
-                   &kvstash__v1__drop_namespace_reply__descriptor, &m, err);
+                        &kvstash__v1__drop_namespace_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     if (blocks_dropped)
@@ -116,7 +116,7 @@ int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err
     Kvstash__V1__ListNamespacesRequest q = KVSTASH__V1__LIST_NAMESPACES_REQUEST__INIT;
     ProtobufCMessage *m;
     int rc = kvs__unary(c, ADMIN("ListNamespaces"), &q.base,
-                   &kvstash__v1__list_namespaces_reply__descriptor, &m, err);
+                        &kvstash__v1__list_namespaces_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     const Kvstash__V1__ListNamespacesReply *rep = (const Kvstash__V1__ListNamespacesReply *)m;
@@ -217,7 +217,8 @@ int kvs_client_health(kvs_client *c, kvs_health *out, kvs_err *err)
     }
     Kvstash__V1__HealthRequest q = KVSTASH__V1__HEALTH_REQUEST__INIT;
     ProtobufCMessage *m;
-    int rc = kvs__unary(c, ADMIN("Health"), &q.base, &kvstash__v1__health_reply__descriptor, &m, err);
+    int rc =
+        kvs__unary(c, ADMIN("Health"), &q.base, &kvstash__v1__health_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     const Kvstash__V1__HealthReply *rep = (const Kvstash__V1__HealthReply *)m;

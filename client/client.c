@@ -35,7 +35,6 @@
  * cancels the call itself, so a stuck transport cannot hang the caller. */
 #define PLUCK_GRACE_MS 5000
 
-
 struct kvs_client {
     grpc_channel *channel;
     char *target;
@@ -47,10 +46,14 @@ struct kvs_client {
 const char *kvs_tier_name(kvs_tier tier)
 {
     switch (tier) {
-    case KVS_TIER_GPU: return "gpu";
-    case KVS_TIER_HOST: return "host";
-    case KVS_TIER_DISK: return "disk";
-    default: return "none";
+    case KVS_TIER_GPU:
+        return "gpu";
+    case KVS_TIER_HOST:
+        return "host";
+    case KVS_TIER_DISK:
+        return "disk";
+    default:
+        return "none";
     }
 }
 
@@ -124,8 +127,7 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
     grpc_channel_credentials_release(creds);
     if (!c->channel) {
         kvs_client_close(c);
-        return kvs_err_set(err, KVS_EINTERNAL, "connect: cannot create a channel to %s",
-                           o.target);
+        return kvs_err_set(err, KVS_EINTERNAL, "connect: cannot create a channel to %s", o.target);
     }
     *out = c;
     return 0;
@@ -173,9 +175,9 @@ static int rpc_start(rpc *r, const kvs_client *c, const char *method, kvs_err *e
     r->cq = grpc_completion_queue_create_for_pluck(NULL);
     if (!r->cq)
         return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a completion queue", r->name);
-    r->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
-                                       grpc_slice_from_static_string(method), NULL, r->deadline,
-                                       NULL);
+    r->call =
+        grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
+                                 grpc_slice_from_static_string(method), NULL, r->deadline, NULL);
     if (!r->call)
         return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a call", r->name);
     if (c->auth) {
@@ -196,8 +198,8 @@ static bool rpc_run(rpc *r, const grpc_op *ops, size_t n)
             r->call_error = ce;
         return false;
     }
-    gpr_timespec until = gpr_time_add(r->deadline,
-                                      gpr_time_from_millis(PLUCK_GRACE_MS, GPR_TIMESPAN));
+    gpr_timespec until =
+        gpr_time_add(r->deadline, gpr_time_from_millis(PLUCK_GRACE_MS, GPR_TIMESPAN));
     grpc_event ev = grpc_completion_queue_pluck(r->cq, r, until, NULL);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         /* Cancelling completes every pending op; the batch must still be collected
@@ -285,8 +287,8 @@ static int rpc_finish(rpc *r, int rc, kvs_err *err)
         if (rc == 0 && r->have_status && r->status != GRPC_STATUS_OK)
             rc = status_error(r, err);
         else if (rc == 0 && (!r->have_status || r->call_error != GRPC_CALL_OK))
-            rc = kvs_err_set(err, KVS_EINTERNAL, "%s: grpc_call_start_batch failed (%d)",
-                             r->name, (int)r->call_error);
+            rc = kvs_err_set(err, KVS_EINTERNAL, "%s: grpc_call_start_batch failed (%d)", r->name,
+                             (int)r->call_error);
         grpc_call_unref(r->call);
     }
     if (r->cq) {
@@ -347,8 +349,7 @@ static int unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMes
 /* One request, one reply: the whole call is a single batch. On success *reply belongs
  * to the caller (protobuf_c_message_free_unpacked). */
 int kvs__unary(const kvs_client *c, const char *method, const ProtobufCMessage *req,
-                 const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
-                 kvs_err *err)
+               const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply, kvs_err *err)
 {
     kvs_err_clear(err);
     *reply = NULL;
@@ -361,7 +362,7 @@ int kvs__unary(const kvs_client *c, const char *method, const ProtobufCMessage *
     grpc_byte_buffer *out = pack_msg(req), *in = NULL;
     if (!out)
         return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "%s: out of memory", r.name), err);
-    grpc_op ops[] = {op_send_md(&r), op_send_msg(out),  op_close(),
+    grpc_op ops[] = {op_send_md(&r), op_send_msg(out), op_close(),
                      op_recv_md(&r), op_recv_msg(&in), op_recv_status(&r)};
     (void)rpc_run(&r, ops, sizeof ops / sizeof ops[0]); /* the status says how it went */
     grpc_byte_buffer_destroy(out);
@@ -398,8 +399,8 @@ static grpc_byte_buffer *data_chunk(const uint8_t *p, size_t n)
 {
     uint8_t head[CHUNK_OVERHEAD];
     size_t h = 0;
-    head[h++] = (uint8_t)((KVSTASH__V1__PUT_CHUNK__KIND_DATA << 3) |
-                          PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED);
+    head[h++] =
+        (uint8_t)((KVSTASH__V1__PUT_CHUNK__KIND_DATA << 3) | PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED);
     uint64_t v = n;
     do {
         head[h++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
@@ -413,9 +414,8 @@ static grpc_byte_buffer *data_chunk(const uint8_t *p, size_t n)
     return bb;
 }
 
-int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_len,
-                   uint32_t tokens, kvs_dtype dtype, const void *data, size_t len,
-                   kvs_put_result *res, kvs_err *err)
+int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_len, uint32_t tokens,
+                   kvs_dtype dtype, const void *data, size_t len, kvs_put_result *res, kvs_err *err)
 {
     kvs_err_clear(err);
     if (!c || !ns || (!key && key_len) || (!data && len))
@@ -547,16 +547,16 @@ static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_c
     }
     int rc = cb(ctx, &st->hdr, ch->layer, ch->offset, ch->data.data, n);
     if (rc != 0)
-        return kvs_err_set(err, rc, "Get: stopped by the layer callback: %s (%d)",
-                           kvs_strerror(rc), rc);
+        return kvs_err_set(err, rc, "Get: stopped by the layer callback: %s (%d)", kvs_strerror(rc),
+                           rc);
     st->layer_off += n;
     st->got += n;
     return 0;
 }
 
 int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t key_len,
-                          const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx,
-                          kvs_get_result *res, kvs_err *err)
+                          const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx, kvs_get_result *res,
+                          kvs_err *err)
 {
     kvs_err_clear(err);
     if (!c || !ns || (!key && key_len) || !cb)
@@ -684,8 +684,8 @@ int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t
                       uint32_t *prefix, kvs_tier *tiers, kvs_err *err)
 {
     ProtobufCMessage *m;
-    int rc = keys_call(c, STASH("Lookup"), ns, keys, n, &kvstash__v1__lookup_reply__descriptor,
-                       &m, err);
+    int rc =
+        keys_call(c, STASH("Lookup"), ns, keys, n, &kvstash__v1__lookup_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     const Kvstash__V1__LookupReply *rep = (const Kvstash__V1__LookupReply *)m;
@@ -702,12 +702,12 @@ int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t
     return rc;
 }
 
-int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
-                      bool *present, kvs_err *err)
+int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n, bool *present,
+                      kvs_err *err)
 {
     ProtobufCMessage *m;
-    int rc = keys_call(c, STASH("Exists"), ns, keys, n, &kvstash__v1__exists_reply__descriptor,
-                       &m, err);
+    int rc =
+        keys_call(c, STASH("Exists"), ns, keys, n, &kvstash__v1__exists_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     const Kvstash__V1__ExistsReply *rep = (const Kvstash__V1__ExistsReply *)m;
@@ -723,8 +723,8 @@ int kvs_client_delete(kvs_client *c, const char *ns, const kvs_key *keys, size_t
                       uint32_t *deleted, kvs_err *err)
 {
     ProtobufCMessage *m;
-    int rc = keys_call(c, STASH("Delete"), ns, keys, n, &kvstash__v1__delete_reply__descriptor,
-                       &m, err);
+    int rc =
+        keys_call(c, STASH("Delete"), ns, keys, n, &kvstash__v1__delete_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     if (deleted)

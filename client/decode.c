@@ -8,8 +8,8 @@
 #include "gpu/format.h"
 #include "kvstash.h"
 
-int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw,
-                     size_t cap, kvs_get_result *res, kvs_err *err)
+int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw, size_t cap,
+                     kvs_get_result *res, kvs_err *err)
 {
     kvs_block_info info;
     int rc = kvs_format_parse(enc, len, &info, err);
@@ -28,18 +28,24 @@ int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void 
          * block's state version, which the client cannot fetch yet. */
         if ((info.k_state && kvs_codec_decode_needs_state(k)) ||
             (info.v_state && kvs_codec_decode_needs_state(v)))
-            rc = kvs_err_set(err, KVS_ENOTSUP, "decode: block uses learned codec state "
+            rc = kvs_err_set(err, KVS_ENOTSUP,
+                             "decode: block uses learned codec state "
                              "(versions %u/%u) that the client cannot fetch yet; ask for "
-                             "format RAW", info.k_state, info.v_state);
+                             "format RAW",
+                             info.k_state, info.v_state);
         else
             rc = kvs_block_decode(k, v, enc, len, 0, spec->layers, raw, err);
     }
     kvs_codec_destroy(k);
     kvs_codec_destroy(v);
     if (rc == 0 && res)
-        *res = (kvs_get_result){.tokens = info.tokens, .dtype = (kvs_dtype)info.dtype,
-                                .layer_begin = 0, .layer_end = spec->layers, .bytes = need,
-                                .format = KVS_FORMAT_RAW, .tier = KVS_TIER_NONE};
+        *res = (kvs_get_result){.tokens = info.tokens,
+                                .dtype = (kvs_dtype)info.dtype,
+                                .layer_begin = 0,
+                                .layer_end = spec->layers,
+                                .bytes = need,
+                                .format = KVS_FORMAT_RAW,
+                                .tier = KVS_TIER_NONE};
     return rc;
 }
 
@@ -65,8 +71,8 @@ static int collect(void *ctx, const kvs_get_result *hdr, uint32_t layer, uint64_
     return 0;
 }
 
-int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t key_len,
-                         void *buf, size_t cap, kvs_get_result *res, kvs_err *err)
+int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t key_len, void *buf,
+                         size_t cap, kvs_get_result *res, kvs_err *err)
 {
     kvs_ns_info info;
     int rc = kvs_client_ns_get(c, ns, &info, err);

@@ -116,10 +116,9 @@ int kvs_call_arm(kvs_server *srv, kvs_rpc rpc)
                                      &c->tags[KVS_STEP_ARRIVE]);
     } else {
         bool with_payload = rpc != KVS_RPC_PUT;
-        e = grpc_server_request_registered_call(srv->server, srv->registered[rpc], &c->call,
-                                                &c->deadline, &c->md,
-                                                with_payload ? &c->request : NULL, srv->cq,
-                                                srv->cq, &c->tags[KVS_STEP_ARRIVE]);
+        e = grpc_server_request_registered_call(
+            srv->server, srv->registered[rpc], &c->call, &c->deadline, &c->md,
+            with_payload ? &c->request : NULL, srv->cq, srv->cq, &c->tags[KVS_STEP_ARRIVE]);
     }
     pthread_mutex_unlock(&srv->mu);
     if (e != GRPC_CALL_OK) {
@@ -378,8 +377,11 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
 {
     kvs_call *c = tag->call;
     switch (tag->step) {
-    case KVS_STEP_ARRIVE: on_arrive(c, ok); break;
-    case KVS_STEP_CLOSE: break; /* c->cancelled is set; the send/recv paths see failures */
+    case KVS_STEP_ARRIVE:
+        on_arrive(c, ok);
+        break;
+    case KVS_STEP_CLOSE:
+        break; /* c->cancelled is set; the send/recv paths see failures */
     case KVS_STEP_RECV:
         atomic_store(&c->waiting_ms, 0);
         kvs_put_on_recv(c, ok);
@@ -397,7 +399,8 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
         }
         kvs_call_abandon(c); /* nothing more to send: finished */
         break;
-    default: break;
+    default:
+        break;
     }
     pthread_mutex_lock(&c->mu);
     bool done = --c->pending == 0 && c->finished;

@@ -81,10 +81,10 @@ typedef struct kvs_rpc_desc {
 extern const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT];
 
 struct kvs_server {
-    const kvs_config *cfg; /* borrowed from main, outlives the server */
-    kvs_store *store;      /* borrowed */
-    struct kvs_work *work; /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
-    struct kvs_engine *engine; /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
+    const kvs_config *cfg;       /* borrowed from main, outlives the server */
+    kvs_store *store;            /* borrowed */
+    struct kvs_work *work;       /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
+    struct kvs_engine *engine;   /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */
@@ -93,7 +93,7 @@ struct kvs_server {
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
     pthread_t *threads;
     unsigned nthreads;
-    uint64_t start_ms;   /* monotonic, for uptime */
+    uint64_t start_ms; /* monotonic, for uptime */
     atomic_bool draining;
     atomic_uint_fast64_t next_call_id;
     atomic_uint_fast64_t rpc_calls[KVS_RPC_COUNT];
@@ -101,13 +101,13 @@ struct kvs_server {
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cond;
-    bool shutting_down;  /* no more re-arming */
-    bool shutdown_done;  /* the shutdown tag completed */
-    unsigned live;       /* call objects alive (armed + admitted) */
-    unsigned inflight;   /* admitted calls not yet freed (Health excluded) */
-    kvs_call *streams;   /* admitted Put and Get calls, for the idle sweep (invariant 4) */
+    bool shutting_down;      /* no more re-arming */
+    bool shutdown_done;      /* the shutdown tag completed */
+    unsigned live;           /* call objects alive (armed + admitted) */
+    unsigned inflight;       /* admitted calls not yet freed (Health excluded) */
+    kvs_call *streams;       /* admitted Put and Get calls, for the idle sweep (invariant 4) */
     uint64_t idle_cancelled; /* streams cut by kvs_server_sweep */
-    int shutdown_tag;    /* address used as the shutdown notification tag */
+    int shutdown_tag;        /* address used as the shutdown notification tag */
 };
 
 typedef enum kvs_call_step {
@@ -127,17 +127,17 @@ typedef struct kvs_call_tag {
 /* Per-RPC state of the two streaming calls. */
 typedef struct kvs_put_state {
     struct kvs_limits_slot *slot; /* the stream's admission slot (daemon/limits.h) */
-    kvs_ns *ns;       /* reference, set once the header is accepted */
-    kvs_block *blk;   /* FILLING block, reserved once the payload is complete */
-    uint8_t *raw;     /* payload being received (expected bytes), from the first data chunk */
+    kvs_ns *ns;                   /* reference, set once the header is accepted */
+    kvs_block *blk;               /* FILLING block, reserved once the payload is complete */
+    uint8_t *raw;       /* payload being received (expected bytes), from the first data chunk */
     uint64_t recv_held; /* bytes of the receive budget raw holds (0 once released) */
     uint64_t expected, received;
     uint32_t tokens;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
-    int rc;        /* result of the encode job */
+    int rc; /* result of the encode job */
     size_t enc_len;
-    bool gpu;      /* blk is a GPU tier block: the engine encodes into its slot */
+    bool gpu;                        /* blk is a GPU tier block: the engine encodes into its slot */
     const struct kvs_codec *kc, *vc; /* the codecs of a GPU tier Put (state versions in blk) */
     kvs_store_put_info info;         /* the commit's, for the reply of a durable Put */
     kvs_err err;
@@ -151,7 +151,7 @@ typedef struct kvs_get_state {
     bool encoded;
     uint32_t layer, layer_begin, layer_end;
     uint64_t offset, layer_bytes, chunk;
-    int rc; /* result of the decode job */
+    int rc;       /* result of the decode job */
     bool decoded; /* a disk block decoded straight from LMDB's map (read_job) */
     kvs_err err;
     uint8_t *fetched; /* ENCODED Get of a GPU block: the block fetched to the host */
@@ -170,11 +170,11 @@ struct kvs_call {
     uint64_t id; /* for log lines: "call#812" */
     grpc_call *call;
     gpr_timespec deadline;
-    grpc_call_details details;  /* generic slot only */
-    grpc_metadata_array md;     /* request metadata */
-    grpc_byte_buffer *request;  /* the request message of unary calls and Get */
-    grpc_byte_buffer *recv;     /* RECV step target */
-    grpc_byte_buffer *send;     /* message of the SEND/FINISH batch in flight */
+    grpc_call_details details; /* generic slot only */
+    grpc_metadata_array md;    /* request metadata */
+    grpc_byte_buffer *request; /* the request message of unary calls and Get */
+    grpc_byte_buffer *recv;    /* RECV step target */
+    grpc_byte_buffer *send;    /* message of the SEND/FINISH batch in flight */
     grpc_slice status_details;
     bool status_details_set;
     bool md_sent;

@@ -110,9 +110,8 @@ int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
     return 0;
 }
 
-static Kvstash__V1__TierStats tier_stats(Kvstash__V1__Tier tier, uint64_t capacity,
-                                         uint64_t used, uint64_t blocks, uint64_t hits,
-                                         uint64_t evictions)
+static Kvstash__V1__TierStats tier_stats(Kvstash__V1__Tier tier, uint64_t capacity, uint64_t used,
+                                         uint64_t blocks, uint64_t hits, uint64_t evictions)
 {
     Kvstash__V1__TierStats t = KVSTASH__V1__TIER_STATS__INIT;
     t.tier = tier;
@@ -136,15 +135,15 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 
     /* The GPU tier's "evictions" are its demotions to the host tier; the disk tier's
      * leave the store (host evictions became disk blocks). */
-    Kvstash__V1__TierStats host = tier_stats(KVSTASH__V1__TIER__TIER_HOST, st.host_capacity,
-                                             st.host_used, st.host_blocks, st.host_hits,
-                                             st.host_evictions);
-    Kvstash__V1__TierStats gpu = tier_stats(KVSTASH__V1__TIER__TIER_GPU, st.gpu_capacity,
-                                            st.gpu_used, st.gpu_blocks, st.gpu_hits,
-                                            st.gpu_demotions);
-    Kvstash__V1__TierStats disk = tier_stats(KVSTASH__V1__TIER__TIER_DISK, st.disk_capacity,
-                                             st.disk_used, st.disk_blocks, st.disk_hits,
-                                             st.disk_evictions);
+    Kvstash__V1__TierStats host =
+        tier_stats(KVSTASH__V1__TIER__TIER_HOST, st.host_capacity, st.host_used, st.host_blocks,
+                   st.host_hits, st.host_evictions);
+    Kvstash__V1__TierStats gpu =
+        tier_stats(KVSTASH__V1__TIER__TIER_GPU, st.gpu_capacity, st.gpu_used, st.gpu_blocks,
+                   st.gpu_hits, st.gpu_demotions);
+    Kvstash__V1__TierStats disk =
+        tier_stats(KVSTASH__V1__TIER__TIER_DISK, st.disk_capacity, st.disk_used, st.disk_blocks,
+                   st.disk_hits, st.disk_evictions);
     Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};
     size_t n_tiers = 1;
     if (kvs_store_has_gpu(srv->store))
@@ -215,15 +214,18 @@ int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err 
         const kvs_ns_spec *s = kvs_ns_spec_of(ns);
         uint64_t want = 0;
         bool ok = r->tokens > 0 && r->query_heads > 0 && r->query_heads <= 64 * s->kv_heads &&
-                  kvs_mul_size((uint64_t)s->layers * r->tokens, (uint64_t)r->query_heads *
-                               s->head_dim * 2, &want);
+                  kvs_mul_size((uint64_t)s->layers * r->tokens,
+                               (uint64_t)r->query_heads * s->head_dim * 2, &want);
         if (!ok)
-            rc = kvs_err_set(err, KVS_EINVAL, "tokens, query_heads: must be > 0 (query_heads at "
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "tokens, query_heads: must be > 0 (query_heads at "
                              "most 64 x kv_heads)");
         else if (r->queries.len != want)
-            rc = kvs_err_set(err, KVS_EINVAL, "queries: %zu bytes, but %u layers x %u tokens x %u "
-                             "heads x %u channels take %llu", r->queries.len, s->layers,
-                             r->tokens, r->query_heads, s->head_dim, (unsigned long long)want);
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "queries: %zu bytes, but %u layers x %u tokens x %u "
+                             "heads x %u channels take %llu",
+                             r->queries.len, s->layers, r->tokens, r->query_heads, s->head_dim,
+                             (unsigned long long)want);
         else if (((uintptr_t)r->queries.data & 1) != 0)
             rc = kvs_err_set(err, KVS_EINTERNAL, "queries: misaligned buffer");
         else
@@ -232,7 +234,8 @@ int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err 
     }
     kvstash__v1__add_queries_request__free_unpacked(r, NULL);
     if (rc == 0) {
-        kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns),
+        kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns),
+                                  .id = kvs_ns_id(ns),
                                   .key_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_KEYS)),
                                   .value_state =
                                       kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES))};

@@ -11,10 +11,11 @@
  * A GPU tier block is decoded by the engine straight from its slot (RAW), or fetched to
  * the host as an encoded block (ENCODED); a GPU tier block needs the engine (it is the only
  * way to its bytes). The block stays referenced (so neither eviction, demotion nor delete
- * frees it or its slot) until the call is freed. Each data chunk carries bytes of exactly one layer, so a worker can start on
- * layer l as soon as its bytes are in; a layer larger than the chunk size is split, with
- * `offset` locating the piece. Runs on CQ threads, except the disk read and the CPU decode
- * (pool threads) and what follows them (loop thread); one step at a time per call.
+ * frees it or its slot) until the call is freed. Each data chunk carries bytes of exactly one
+ * layer, so a worker can start on layer l as soon as its bytes are in; a layer larger than the
+ * chunk size is split, with `offset` locating the piece. Runs on CQ threads, except the disk read
+ * and the CPU decode (pool threads) and what follows them (loop thread); one step at a time per
+ * call.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,7 +66,8 @@ static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
         return kvs_err_set(err, KVS_EINVAL, "format: unknown value %d", (int)r->format);
     g->encoded = r->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED;
     if (g->encoded && (r->layer_begin || r->layer_end))
-        return kvs_err_set(err, KVS_EINVAL, "layer_begin: a layer range needs format RAW (an "
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layer_begin: a layer range needs format RAW (an "
                            "encoded block is served whole)");
     if ((rc = kvs_wire_layer_range(r->layer_begin, r->layer_end, spec->layers, &g->layer_begin,
                                    &g->layer_end, err)))
@@ -132,12 +134,14 @@ static int decode_bytes(kvs_call *c, const uint8_t *bytes, size_t len)
         if (!vc && !kvs_codec_decode_needs_state(kvs_ns_codec(g->ns, KVS_VALUES)))
             vc = kvs_ns_codec(g->ns, KVS_VALUES);
         if (!kc || !vc)
-            rc = kvs_err_set(err, KVS_EPROTO, "codec state versions %u/%u unknown (their "
-                             "records were unreadable at start)", info.k_state, info.v_state);
+            rc = kvs_err_set(err, KVS_EPROTO,
+                             "codec state versions %u/%u unknown (their "
+                             "records were unreadable at start)",
+                             info.k_state, info.v_state);
     }
     if (rc == 0)
-        rc = kvs_block_decode(kc, vc, bytes, len, g->layer_begin, g->layer_end,
-                              (uint16_t *)g->raw, err);
+        rc = kvs_block_decode(kc, vc, bytes, len, g->layer_begin, g->layer_end, (uint16_t *)g->raw,
+                              err);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS) /* stored bytes we cannot read: data loss */
         rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
     return rc;
@@ -219,8 +223,8 @@ static void start_gpu(kvs_call *c)
     }
     if (g->encoded)
         rc = kvs_engine_fetch_dev(eng, kc, vc, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched,
-                                  kvs_block_encoded_max(kc, vc, t), &g->fetched_len, fetch_done,
-                                  c, &err);
+                                  kvs_block_encoded_max(kc, vc, t), &g->fetched_len, fetch_done, c,
+                                  &err);
     else
         rc = kvs_engine_decode_dev(eng, kc, vc, t, d->slot, d->lens, g->layer_begin, g->layer_end,
                                    (uint16_t *)g->raw, engine_done, c, &err);

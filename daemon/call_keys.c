@@ -104,8 +104,10 @@ static void delete_durable_done(void *arg, int rc, const kvs_err *err)
     kvs_call *c = arg;
     if (rc) {
         char msg[KVS_ERR_MSG_LEN + 128];
-        snprintf(msg, sizeof msg, "durable: the blocks are deleted, but flushing the disk "
-                 "tier failed (a crash may bring them back): %s", err ? err->msg : "");
+        snprintf(msg, sizeof msg,
+                 "durable: the blocks are deleted, but flushing the disk "
+                 "tier failed (a crash may bring them back): %s",
+                 err ? err->msg : "");
         kvs_call_fail(c, KVS_EUNAVAIL, msg);
         return;
     }

@@ -356,8 +356,8 @@ void kvs_put_on_recv(kvs_call *c, bool ok)
     uint64_t n = 0;
     /* Data chunks (all but the first message) go straight from the gRPC slices into the
      * receive buffer; anything else takes the protobuf-c path. */
-    int fast = p->raw ? kvs_wire_put_data(c->recv, p->raw + p->received,
-                                          p->expected - p->received, &n, &err)
+    int fast = p->raw ? kvs_wire_put_data(c->recv, p->raw + p->received, p->expected - p->received,
+                                          &n, &err)
                       : 0;
     if (fast == 1) {
         p->received += n;

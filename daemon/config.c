@@ -10,8 +10,6 @@
 
 #include "daemon/log.h"
 
-
-
 void kvs_config_defaults(kvs_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
@@ -52,12 +50,30 @@ int kvs_parse_size(const char *s, uint64_t *out)
         return 0;
     unsigned shift = 0;
     switch (*end) {
-    case '\0': break;
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
-    case 't': case 'T': shift = 40; end++; break;
-    default: return 0;
+    case '\0':
+        break;
+    case 'k':
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 't':
+    case 'T':
+        shift = 40;
+        end++;
+        break;
+    default:
+        return 0;
     }
     if (*end == 'i' || *end == 'B') /* accept 2GiB, 2GB, 2G as the same */
         end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
@@ -102,75 +118,106 @@ static int copy_str(char *dst, size_t cap, const char *src, const char *flag, kv
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvstashd [options]\n"
-            "\n"
-            "KV-cache offload store for LLM inference. Runs on embedded defaults with no\n"
-            "options; every option below overrides one default.\n"
-            "\n"
-            "  --listen ADDR          gRPC address, HOST:PORT or unix:PATH (default 127.0.0.1:50051;\n"
-            "                         port 0 picks a free port)\n"
-            "  --port-file PATH       write the bound port number to PATH once listening\n"
-            "  --host-capacity SIZE   bytes of the host RAM tier, e.g. 512M, 2G (default 2G)\n"
-            "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
-            "  --threads N            completion-queue threads (default: cores, at least 2)\n"
-            "  --codec-threads N      thread-pool threads for CPU encode/decode (default: cores)\n"
-            "  --gpu auto|on|off      GPU codec engine: auto uses one when present (default),\n"
-            "                         on refuses to start without one; --no-gpu = --gpu off\n"
-            "  --gpu-device N         CUDA device of the engine (default 0)\n"
-            "  --gpu-capacity SIZE|N%% GPU tier: bytes of device memory, or a share of the free\n"
-            "                         memory at start; 0 = no GPU tier (default 25%%)\n"
-            "  --gpu-watermarks H,L   demote GPU blocks to the host tier above H%% of the GPU\n"
-            "                         tier, down to L%% (default 90,80)\n"
-            "  --host-pinned on|off   with a GPU engine: host blocks and payload buffers in pinned\n"
-            "                         memory (64 MiB slabs), moved by DMA (default on)\n"
-            "  --log-level LEVEL      error, warn, info or debug (default info)\n"
-            "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
-            "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
-            "  --drain-timeout SEC    on SIGTERM, wait this long for in-flight calls (default 30)\n"
-            "  --stats-interval SEC   log a stats line every SEC seconds, 0 = never (default 60)\n"
-            "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
-            "  --calib-tokens N       rotatekv-*: key tokens that calibrate the channel order\n"
-            "                         before it is frozen (default 4096)\n"
-            "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
-            "                         or empty; a foreign directory is refused); default: none\n"
-            "  --data-dir-reset       start a new, empty store where --data-dir holds an empty,\n"
-            "                         truncated or damaged data.mdb (kept as data.mdb.broken-TIME,\n"
-            "                         never deleted); without it such a directory is refused\n"
-            "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
-            "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
-            "                         the background above H%% of the host tier, down to L%%\n"
-            "                         (default 90,80)\n"
-            "  --spill-queue SIZE     with --data-dir: most bytes of host blocks waiting for the\n"
-            "                         disk writer; past it, host victims are dropped (default: a\n"
-            "                         quarter of --host-capacity)\n"
-            "  --promote on|off       a Get moves a disk block to the host tier, a host block to\n"
-            "                         the GPU tier below its high watermark (default on)\n"
-            "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
-            "                         a restart finds them (default on)\n"
-            "  --eviction lru|s3fifo  host tier eviction order: least recently used, or S3-FIFO\n"
-            "                         (scan-resistant: one-off blocks leave before re-read\n"
-            "                         ones; a 30%% small queue) (default lru)\n"
-            "  --recv-budget SIZE     memory for Put payloads being received, all streams together;\n"
-            "                         a Put past it gets RESOURCE_EXHAUSTED (default: a quarter\n"
-            "                         of --host-capacity, at least 64M)\n"
-            "  --max-puts N           Put streams open at once (default 1024)\n"
-            "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
-            "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
-            "                         seconds, returning its memory (default 30)\n"
-            "  -h, --help             this text\n"
-            "  --version              print the version\n"
-            "\n"
-            "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
-            "which keeps them out of the process list.\n");
+    fprintf(
+        f,
+        "usage: kvstashd [options]\n"
+        "\n"
+        "KV-cache offload store for LLM inference. Runs on embedded defaults with no\n"
+        "options; every option below overrides one default.\n"
+        "\n"
+        "  --listen ADDR          gRPC address, HOST:PORT or unix:PATH (default 127.0.0.1:50051;\n"
+        "                         port 0 picks a free port)\n"
+        "  --port-file PATH       write the bound port number to PATH once listening\n"
+        "  --host-capacity SIZE   bytes of the host RAM tier, e.g. 512M, 2G (default 2G)\n"
+        "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
+        "  --threads N            completion-queue threads (default: cores, at least 2)\n"
+        "  --codec-threads N      thread-pool threads for CPU encode/decode (default: cores)\n"
+        "  --gpu auto|on|off      GPU codec engine: auto uses one when present (default),\n"
+        "                         on refuses to start without one; --no-gpu = --gpu off\n"
+        "  --gpu-device N         CUDA device of the engine (default 0)\n"
+        "  --gpu-capacity SIZE|N%% GPU tier: bytes of device memory, or a share of the free\n"
+        "                         memory at start; 0 = no GPU tier (default 25%%)\n"
+        "  --gpu-watermarks H,L   demote GPU blocks to the host tier above H%% of the GPU\n"
+        "                         tier, down to L%% (default 90,80)\n"
+        "  --host-pinned on|off   with a GPU engine: host blocks and payload buffers in pinned\n"
+        "                         memory (64 MiB slabs), moved by DMA (default on)\n"
+        "  --log-level LEVEL      error, warn, info or debug (default info)\n"
+        "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
+        "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
+        "  --drain-timeout SEC    on SIGTERM, wait this long for in-flight calls (default 30)\n"
+        "  --stats-interval SEC   log a stats line every SEC seconds, 0 = never (default 60)\n"
+        "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
+        "  --calib-tokens N       rotatekv-*: key tokens that calibrate the channel order\n"
+        "                         before it is frozen (default 4096)\n"
+        "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
+        "                         or empty; a foreign directory is refused); default: none\n"
+        "  --data-dir-reset       start a new, empty store where --data-dir holds an empty,\n"
+        "                         truncated or damaged data.mdb (kept as data.mdb.broken-TIME,\n"
+        "                         never deleted); without it such a directory is refused\n"
+        "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
+        "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
+        "                         the background above H%% of the host tier, down to L%%\n"
+        "                         (default 90,80)\n"
+        "  --spill-queue SIZE     with --data-dir: most bytes of host blocks waiting for the\n"
+        "                         disk writer; past it, host victims are dropped (default: a\n"
+        "                         quarter of --host-capacity)\n"
+        "  --promote on|off       a Get moves a disk block to the host tier, a host block to\n"
+        "                         the GPU tier below its high watermark (default on)\n"
+        "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
+        "                         a restart finds them (default on)\n"
+        "  --eviction lru|s3fifo  host tier eviction order: least recently used, or S3-FIFO\n"
+        "                         (scan-resistant: one-off blocks leave before re-read\n"
+        "                         ones; a 30%% small queue) (default lru)\n"
+        "  --recv-budget SIZE     memory for Put payloads being received, all streams together;\n"
+        "                         a Put past it gets RESOURCE_EXHAUSTED (default: a quarter\n"
+        "                         of --host-capacity, at least 64M)\n"
+        "  --max-puts N           Put streams open at once (default 1024)\n"
+        "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
+        "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
+        "                         seconds, returning its memory (default 30)\n"
+        "  -h, --help             this text\n"
+        "  --version              print the version\n"
+        "\n"
+        "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
+        "which keeps them out of the process list.\n");
 }
 
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
-    enum { O_LISTEN = 256, O_PORT_FILE, O_HOST_CAP, O_MAX_MSG, O_THREADS, O_LOG, O_TOKEN,
-           O_ADMIN_TOKEN, O_DRAIN, O_STATS, O_MAX_KEYS, O_CALIB, O_CODEC_THREADS, O_GPU, O_NO_GPU, O_GPU_DEVICE,
-           O_GPU_CAP, O_GPU_WM, O_DATA_DIR, O_DISK_CAP, O_PROMOTE, O_FLUSH_EXIT, O_EVICTION, O_HOST_WM, O_SPILL_Q, O_HOST_PIN, O_VERSION,
-           O_DATA_RESET, O_RECV_BUDGET, O_MAX_PUTS, O_MAX_PUTS_CONN, O_STREAM_IDLE };
+    enum {
+        O_LISTEN = 256,
+        O_PORT_FILE,
+        O_HOST_CAP,
+        O_MAX_MSG,
+        O_THREADS,
+        O_LOG,
+        O_TOKEN,
+        O_ADMIN_TOKEN,
+        O_DRAIN,
+        O_STATS,
+        O_MAX_KEYS,
+        O_CALIB,
+        O_CODEC_THREADS,
+        O_GPU,
+        O_NO_GPU,
+        O_GPU_DEVICE,
+        O_GPU_CAP,
+        O_GPU_WM,
+        O_DATA_DIR,
+        O_DISK_CAP,
+        O_PROMOTE,
+        O_FLUSH_EXIT,
+        O_EVICTION,
+        O_HOST_WM,
+        O_SPILL_Q,
+        O_HOST_PIN,
+        O_VERSION,
+        O_DATA_RESET,
+        O_RECV_BUDGET,
+        O_MAX_PUTS,
+        O_MAX_PUTS_CONN,
+        O_STREAM_IDLE
+    };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"port-file", required_argument, NULL, O_PORT_FILE},
@@ -208,8 +255,8 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {NULL, 0, NULL, 0},
     };
     const char *env;
-    if ((env = getenv("KVSTASH_TOKEN")) && copy_str(cfg->token, sizeof cfg->token, env,
-                                                     "KVSTASH_TOKEN", err))
+    if ((env = getenv("KVSTASH_TOKEN")) &&
+        copy_str(cfg->token, sizeof cfg->token, env, "KVSTASH_TOKEN", err))
         return err ? err->code : KVS_EINVAL;
     if ((env = getenv("KVSTASH_ADMIN_TOKEN")) &&
         copy_str(cfg->admin_token, sizeof cfg->admin_token, env, "KVSTASH_ADMIN_TOKEN", err))
@@ -221,19 +268,22 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
     uint64_t size;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
-        case O_LISTEN: rc = copy_str(cfg->listen, sizeof cfg->listen, optarg, "--listen", err); break;
+        case O_LISTEN:
+            rc = copy_str(cfg->listen, sizeof cfg->listen, optarg, "--listen", err);
+            break;
         case O_PORT_FILE:
             rc = copy_str(cfg->port_file, sizeof cfg->port_file, optarg, "--port-file", err);
             break;
         case O_HOST_CAP:
             if (!kvs_parse_size(optarg, &size) || size == 0)
-                return kvs_err_set(err, KVS_EINVAL, "--host-capacity: '%s' is not a size > 0", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--host-capacity: '%s' is not a size > 0",
+                                   optarg);
             cfg->host_capacity = size;
             break;
         case O_MAX_MSG:
             if (!kvs_parse_size(optarg, &size) || size < 4096 || size > (1ull << 31) - 1)
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--max-message: '%s' is not a size in 4K..2G-1", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--max-message: '%s' is not a size in 4K..2G-1",
+                                   optarg);
             cfg->max_message = size;
             break;
         case O_THREADS:
@@ -248,21 +298,26 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             cfg->log_level = (kvs_log_level)lvl;
             break;
         }
-        case O_TOKEN: rc = copy_str(cfg->token, sizeof cfg->token, optarg, "--token", err); break;
+        case O_TOKEN:
+            rc = copy_str(cfg->token, sizeof cfg->token, optarg, "--token", err);
+            break;
         case O_ADMIN_TOKEN:
             rc = copy_str(cfg->admin_token, sizeof cfg->admin_token, optarg, "--admin-token", err);
             break;
         case O_DRAIN:
             if (!parse_uint(optarg, 0, 86400, &cfg->drain_timeout_s))
-                return kvs_err_set(err, KVS_EINVAL, "--drain-timeout: '%s' is not in 0..86400", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--drain-timeout: '%s' is not in 0..86400",
+                                   optarg);
             break;
         case O_STATS:
             if (!parse_uint(optarg, 0, 86400, &cfg->stats_interval_s))
-                return kvs_err_set(err, KVS_EINVAL, "--stats-interval: '%s' is not in 0..86400", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--stats-interval: '%s' is not in 0..86400",
+                                   optarg);
             break;
         case O_MAX_KEYS:
             if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
-                return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576",
+                                   optarg);
             break;
         case O_GPU:
             if (strcmp(optarg, "auto") == 0)
@@ -274,7 +329,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             else
                 return kvs_err_set(err, KVS_EINVAL, "--gpu: '%s' is not auto, on or off", optarg);
             break;
-        case O_NO_GPU: cfg->gpu = KVS_GPU_OFF; break;
+        case O_NO_GPU:
+            cfg->gpu = KVS_GPU_OFF;
+            break;
         case O_GPU_DEVICE: {
             unsigned dev;
             if (!parse_uint(optarg, 0, 255, &dev))
@@ -287,38 +344,48 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             if (n > 1 && optarg[n - 1] == '%') {
                 char pct[8];
                 unsigned v;
-                if (n > sizeof pct || (memcpy(pct, optarg, n - 1), pct[n - 1] = 0,
-                                       !parse_uint(pct, 1, 95, &v)))
-                    return kvs_err_set(err, KVS_EINVAL, "--gpu-capacity: '%s' is not a share in "
-                                       "1%%..95%%", optarg);
+                if (n > sizeof pct ||
+                    (memcpy(pct, optarg, n - 1), pct[n - 1] = 0, !parse_uint(pct, 1, 95, &v)))
+                    return kvs_err_set(err, KVS_EINVAL,
+                                       "--gpu-capacity: '%s' is not a share in "
+                                       "1%%..95%%",
+                                       optarg);
                 cfg->gpu_capacity = 0;
                 cfg->gpu_capacity_pct = v;
             } else if (kvs_parse_size(optarg, &size)) {
                 cfg->gpu_capacity = size;
                 cfg->gpu_capacity_pct = 0; /* 0 bytes and no share: no GPU tier */
             } else {
-                return kvs_err_set(err, KVS_EINVAL, "--gpu-capacity: '%s' is neither a size "
-                                   "(e.g. 8G) nor a share (e.g. 25%%)", optarg);
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--gpu-capacity: '%s' is neither a size "
+                                   "(e.g. 8G) nor a share (e.g. 25%%)",
+                                   optarg);
             }
             break;
         }
         case O_GPU_WM:
             if (!parse_watermarks(optarg, &cfg->gpu_high_pct, &cfg->gpu_low_pct))
-                return kvs_err_set(err, KVS_EINVAL, "--gpu-watermarks: '%s' is not HIGH,LOW "
-                                   "with 0 <= LOW < HIGH <= 100", optarg);
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--gpu-watermarks: '%s' is not HIGH,LOW "
+                                   "with 0 <= LOW < HIGH <= 100",
+                                   optarg);
             break;
         case O_HOST_WM:
             if (!parse_watermarks(optarg, &cfg->host_high_pct, &cfg->host_low_pct))
-                return kvs_err_set(err, KVS_EINVAL, "--host-watermarks: '%s' is not HIGH,LOW "
-                                   "with 0 <= LOW < HIGH <= 100", optarg);
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--host-watermarks: '%s' is not HIGH,LOW "
+                                   "with 0 <= LOW < HIGH <= 100",
+                                   optarg);
             break;
         case O_CODEC_THREADS:
             if (!parse_uint(optarg, 1, 1024, &cfg->codec_threads))
-                return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024",
+                                   optarg);
             break;
         case O_CALIB:
             if (!parse_uint(optarg, 1, 1u << 24, &cfg->calib_tokens))
-                return kvs_err_set(err, KVS_EINVAL, "--calib-tokens: '%s' is not in 1..16777216", optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--calib-tokens: '%s' is not in 1..16777216",
+                                   optarg);
             break;
         case O_DATA_DIR:
             if (!optarg[0])
@@ -333,8 +400,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             break;
         case O_HOST_PIN:
             if (strcmp(optarg, "on") && strcmp(optarg, "off"))
-                return kvs_err_set(err, KVS_EINVAL, "--host-pinned: '%s' is not on or off",
-                                   optarg);
+                return kvs_err_set(err, KVS_EINVAL, "--host-pinned: '%s' is not on or off", optarg);
             cfg->host_pinned = optarg[1] == 'n';
             break;
         case O_SPILL_Q:
@@ -363,7 +429,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--eviction: '%.64s' is not lru or s3fifo",
                                    optarg);
             break;
-        case O_DATA_RESET: cfg->data_dir_reset = 1; break;
+        case O_DATA_RESET:
+            cfg->data_dir_reset = 1;
+            break;
         case O_RECV_BUDGET:
             if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
                 return kvs_err_set(err, KVS_EINVAL, "--recv-budget: '%s' is not a size >= 1M",
@@ -385,10 +453,17 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--stream-idle: '%s' is not in 1..86400",
                                    optarg);
             break;
-        case 'h': usage(stdout); return 1;
-        case O_VERSION: printf("kvstashd %s\n", KVS_VERSION); return 1;
-        case ':': return kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
-        default: return kvs_err_set(err, KVS_EINVAL, "%s: unknown option (see --help)", argv[optind - 1]);
+        case 'h':
+            usage(stdout);
+            return 1;
+        case O_VERSION:
+            printf("kvstashd %s\n", KVS_VERSION);
+            return 1;
+        case ':':
+            return kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
+        default:
+            return kvs_err_set(err, KVS_EINVAL, "%s: unknown option (see --help)",
+                               argv[optind - 1]);
         }
         if (rc)
             return rc;
@@ -399,7 +474,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         return kvs_err_set(err, KVS_EINVAL, "--data-dir-reset: needs --data-dir");
     /* A quarter of the host tier, but room for a few large blocks even with a tiny one. */
     if (!cfg->recv_budget)
-        cfg->recv_budget = cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4
-                                                                  : 64ull << 20;
+        cfg->recv_budget =
+            cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4 : 64ull << 20;
     return 0;
 }

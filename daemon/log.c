@@ -9,8 +9,14 @@
 
 static kvs_log_level g_level = KVS_LOG_INFO;
 
-void kvs_log_set_level(kvs_log_level level) { g_level = level; }
-kvs_log_level kvs_log_get_level(void) { return g_level; }
+void kvs_log_set_level(kvs_log_level level)
+{
+    g_level = level;
+}
+kvs_log_level kvs_log_get_level(void)
+{
+    return g_level;
+}
 
 int kvs_log_level_parse(const char *s)
 {

@@ -3,11 +3,11 @@
  * loop's data pointer).
  *
  * Start: parse flags -> grpc_init -> loop (signals, stats timer) -> codec work mailbox
- * (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop (SIGTERM/SIGINT): drain (new calls get
- * UNAVAILABLE) -> poll until in-flight calls finish or --drain-timeout passes -> close
- * loop handles (queued codec work still finishes) -> server shutdown -> work mailbox ->
- * store -> grpc_shutdown -> exit 0. A second signal
- * during the drain skips the wait.
+ * (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop
+ * (SIGTERM/SIGINT): drain (new calls get UNAVAILABLE) -> poll until in-flight calls finish or
+ * --drain-timeout passes -> close loop handles (queued codec work still finishes) -> server
+ * shutdown -> work mailbox -> store -> grpc_shutdown -> exit 0. A second signal during the drain
+ * skips the wait.
  *
  * Threads: the loop runs on the main thread; gRPC's completion-queue threads run every
  * call (daemon/server.c) and touch libuv only through the work mailbox; CPU codec work runs
@@ -41,8 +41,8 @@ typedef struct daemon_state {
     kvs_engine *engine;
     kvs_tiering *tiering;
     kvs_hostpool *host_pool; /* pinned memory of host blocks (with an engine), or NULL */
-    void *gpu_tier;     /* device region of the GPU tier (owned by the engine) */
-    uint64_t gpu_bytes; /* its size, 0 without a GPU tier */
+    void *gpu_tier;          /* device region of the GPU tier (owned by the engine) */
+    uint64_t gpu_bytes;      /* its size, 0 without a GPU tier */
     kvs_server *server;
     uv_loop_t loop;
     uv_signal_t sigterm, sigint, sighup;
@@ -143,15 +143,13 @@ static void on_stats(uv_timer_t *t)
             (unsigned long long)st.misses, (unsigned long long)st.host_evictions,
             (unsigned long long)st.checksum_failures, (unsigned long long)st.disk_spills,
             (unsigned long long)st.spill_pending, (unsigned long long)st.spill_dropped,
-            (unsigned long long)st.disk_used,
-            (unsigned long long)st.disk_capacity, (unsigned long long)st.disk_blocks,
-            (unsigned long long)st.disk_hits, (unsigned long long)st.disk_promotions,
-            (unsigned long long)st.disk_evictions,
+            (unsigned long long)st.disk_used, (unsigned long long)st.disk_capacity,
+            (unsigned long long)st.disk_blocks, (unsigned long long)st.disk_hits,
+            (unsigned long long)st.disk_promotions, (unsigned long long)st.disk_evictions,
             (unsigned long long)st.disk_write_errors, (unsigned long long)st.disk_refused,
             kvs_server_inflight(d->server), (unsigned long long)ls.puts_open,
             (unsigned long long)ls.recv_used, (unsigned long long)ls.recv_budget,
-            (unsigned long long)(ls.puts_refused + ls.recv_refused),
-            (unsigned long long)idle);
+            (unsigned long long)(ls.puts_refused + ls.recv_refused), (unsigned long long)idle);
 }
 
 static int write_port_file(const char *path, int port)
@@ -232,17 +230,19 @@ static void unpin_slab(void *ctx, void *addr, size_t bytes)
  * per block) and 1 GiB of payloads in flight; pinned in 64 MiB slabs as they are used. */
 static int start_host_pool(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
 {
-    uint64_t spill = sopts->disk ? (sopts->spill_max ? sopts->spill_max
-                                                     : sopts->host_capacity / 4)
-                                 : 0;
+    uint64_t spill =
+        sopts->disk ? (sopts->spill_max ? sopts->spill_max : sopts->host_capacity / 4) : 0;
     uint64_t need = sopts->host_capacity + spill;
     kvs_hostpool_opts po = {.max_bytes = need + need / 8 + ((uint64_t)1 << 30),
-                            .pin = pin_slab, .unpin = unpin_slab, .ctx = d->engine};
+                            .pin = pin_slab,
+                            .unpin = unpin_slab,
+                            .ctx = d->engine};
     int rc = kvs_hostpool_create(&po, &d->host_pool, err);
     if (rc)
         return kvs_err_prefix(err, "--host-pinned");
     sopts->host_pool = d->host_pool;
-    kvs_log(KVS_LOG_INFO, "host tier in pinned memory: %llu bytes of address space reserved, "
+    kvs_log(KVS_LOG_INFO,
+            "host tier in pinned memory: %llu bytes of address space reserved, "
             "pinned in 64 MiB slabs as blocks arrive (--host-pinned off: plain malloc)",
             (unsigned long long)po.max_bytes);
     return 0;
@@ -272,15 +272,15 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         /* Data pages flushed at each commit, the meta page lazily: a power loss may undo
          * the last batch but never leaves an environment the next start must refuse
          * (MDB_NOSYNC could, on filesystems that reorder writes). */
-        kvs_disk_opts dopts = {.nometasync = true,
-                               .reset_broken = d->cfg.data_dir_reset,
-                               .log = kvs_log_sink};
+        kvs_disk_opts dopts = {
+            .nometasync = true, .reset_broken = d->cfg.data_dir_reset, .log = kvs_log_sink};
         if ((rc = kvs_disk_open(d->cfg.data_dir, d->cfg.disk_capacity, &dopts, &d->disk, err)))
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;
         sopts->disk_capacity = d->cfg.disk_capacity;
         sopts->spill_max = d->cfg.spill_queue;
-        kvs_log(KVS_LOG_INFO, "disk tier: %s, budget %llu bytes, promotion %s; host blocks "
+        kvs_log(KVS_LOG_INFO,
+                "disk tier: %s, budget %llu bytes, promotion %s; host blocks "
                 "written there in the background above %u%% of the host tier, down to %u%%",
                 d->cfg.data_dir, (unsigned long long)d->cfg.disk_capacity,
                 d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
@@ -292,9 +292,11 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         return rc;
     if (d->gpu_bytes) {
         d->tiering = kvs_tiering_create(d->store, d->engine);
-        kvs_log(KVS_LOG_INFO, "GPU tier: %llu bytes on %s; demotion to the host tier above "
-                "%u%%, down to %u%%", (unsigned long long)bytes,
-                kvs_engine_device_name(d->engine), d->cfg.gpu_high_pct, d->cfg.gpu_low_pct);
+        kvs_log(KVS_LOG_INFO,
+                "GPU tier: %llu bytes on %s; demotion to the host tier above "
+                "%u%%, down to %u%%",
+                (unsigned long long)bytes, kvs_engine_device_name(d->engine), d->cfg.gpu_high_pct,
+                d->cfg.gpu_low_pct);
     }
     return 0;
 }
@@ -368,8 +370,7 @@ int main(int argc, char **argv)
                             .host_low_pct = d.cfg.host_low_pct,
                             .log = kvs_log_sink};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
-        (rc = start_engine(&d, &err)) ||
-        (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
+        (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
         (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, d.tiering, &d.server, &port,
                                 &err))) {
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
@@ -416,9 +417,9 @@ int main(int argc, char **argv)
         kvs_log(KVS_LOG_INFO, "flushed %llu host blocks to the disk tier in %.1f ms",
                 (unsigned long long)n, (double)(uv_hrtime() - t0) / 1e6);
     }
-    kvs_store_destroy(d.store); /* applies the disk writer's queue */
+    kvs_store_destroy(d.store);        /* applies the disk writer's queue */
     kvs_hostpool_destroy(d.host_pool); /* no block is left; unpins through the engine */
-    kvs_engine_destroy(d.engine); /* after the server and the store: nothing uses it */
+    kvs_engine_destroy(d.engine);      /* after the server and the store: nothing uses it */
     kvs_disk_close(d.disk);
     rc = uv_loop_close(&d.loop);
     if (rc)

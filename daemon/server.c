@@ -46,7 +46,8 @@ static void *cq_thread(void *arg)
 {
     kvs_server *srv = arg;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        grpc_event ev =
+            grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
         if (ev.type != GRPC_OP_COMPLETE)
@@ -63,9 +64,8 @@ static void *cq_thread(void *arg)
     return NULL;
 }
 
-int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
-                      kvs_engine *engine, kvs_tiering *tiering, kvs_server **out,
-                      int *bound_port, kvs_err *err)
+int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, kvs_engine *engine,
+                      kvs_tiering *tiering, kvs_server **out, int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->cfg = cfg;
@@ -78,8 +78,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
                           .max_puts_per_conn = cfg->max_puts_per_conn,
                           .recv_budget = cfg->recv_budget};
     srv->limits = kvs_limits_create(&lo);
-    srv->auth = kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token,
-                                strlen(cfg->admin_token));
+    srv->auth =
+        kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token, strlen(cfg->admin_token));
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);
 
@@ -96,9 +96,11 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
     for (int i = 0; i < KVS_RPC_COUNT; i++) {
         srv->registered[i] = grpc_server_register_method(
             srv->server, kvs_rpcs[i].path, NULL,
-            i == KVS_RPC_PUT ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+            i == KVS_RPC_PUT ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+            0);
         if (!srv->registered[i]) {
-            kvs_err_set(err, KVS_EINTERNAL, "grpc_server_register_method %s failed", kvs_rpcs[i].path);
+            kvs_err_set(err, KVS_EINTERNAL, "grpc_server_register_method %s failed",
+                        kvs_rpcs[i].path);
             goto fail;
         }
     }
@@ -136,7 +138,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work,
         int rc = pthread_create(&srv->threads[i], NULL, cq_thread, srv);
         if (rc) {
             srv->nthreads = i;
-            kvs_err_set(err, -rc, "pthread_create (completion-queue thread %u): %s", i, strerror(rc));
+            kvs_err_set(err, -rc, "pthread_create (completion-queue thread %u): %s", i,
+                        strerror(rc));
             goto fail_started;
         }
     }
@@ -192,9 +195,10 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
         /* Thread-safe in gRPC; the call's pending RECV or SEND then completes with a
          * failure on a CQ thread, which abandons the call and frees what it holds. */
         char msg[128];
-        snprintf(msg, sizeof msg, "%s: no progress from the client for %llu s: cancelled "
-                 "(--stream-idle)", kvs_rpcs[c->rpc].name,
-                 (unsigned long long)(idle_ms / 1000));
+        snprintf(msg, sizeof msg,
+                 "%s: no progress from the client for %llu s: cancelled "
+                 "(--stream-idle)",
+                 kvs_rpcs[c->rpc].name, (unsigned long long)(idle_ms / 1000));
         grpc_call_cancel_with_status(c->call, GRPC_STATUS_DEADLINE_EXCEEDED, msg, NULL);
         c->idle_cut = true;
         cut++;
@@ -202,8 +206,10 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
     srv->idle_cancelled += cut;
     pthread_mutex_unlock(&srv->mu);
     if (cut)
-        kvs_log(KVS_LOG_WARN, "cancelled %u stalled stream%s (no progress for %llu s, "
-                "--stream-idle)", cut, cut > 1 ? "s" : "", (unsigned long long)(idle_ms / 1000));
+        kvs_log(KVS_LOG_WARN,
+                "cancelled %u stalled stream%s (no progress for %llu s, "
+                "--stream-idle)",
+                cut, cut > 1 ? "s" : "", (unsigned long long)(idle_ms / 1000));
     return cut;
 }
 

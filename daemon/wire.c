@@ -29,8 +29,11 @@ static bool read_varint(const uint8_t *p, size_t len, size_t *pos, uint64_t *v)
 static size_t utf8_seq(const uint8_t *s, size_t n)
 {
     uint8_t c = s[0];
-    size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
-                                : (c & 0xF8) == 0xF0 ? 4 : 0;
+    size_t len = c < 0x80             ? 1
+                 : (c & 0xE0) == 0xC0 ? 2
+                 : (c & 0xF0) == 0xE0 ? 3
+                 : (c & 0xF8) == 0xF0 ? 4
+                                      : 0;
     if (len == 0 || len > n || (len == 2 && c < 0xC2))
         return 0;
     for (size_t i = 1; i < len; i++)
@@ -77,16 +80,23 @@ static int check_strings(const ProtobufCMessageDescriptor *d, const uint8_t *p, 
             if (!read_varint(p, len, &pos, &n))
                 return 0;
             continue;
-        case 1: pos += 8; continue;
-        case 5: pos += 4; continue;
-        case 2: break;
-        default: return 0; /* groups: not in proto3 */
+        case 1:
+            pos += 8;
+            continue;
+        case 5:
+            pos += 4;
+            continue;
+        case 2:
+            break;
+        default:
+            return 0; /* groups: not in proto3 */
         }
         if (!read_varint(p, len, &pos, &n) || n > len - pos)
             return 0;
         const ProtobufCFieldDescriptor *f =
-            tag >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
-                                   : NULL;
+            tag >> 3 <= UINT32_MAX
+                ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                : NULL;
         if (f && (f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_MESSAGE)) {
             char path[128];
             snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", f->name);
@@ -135,8 +145,7 @@ static int copy_codec(char *dst, const char *src, const char *field, kvs_err *er
     return 0;
 }
 
-int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out,
-                             kvs_err *err)
+int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out, kvs_err *err)
 {
     memset(out, 0, sizeof *out);
     if (!p)
@@ -149,9 +158,10 @@ int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *o
     out->kv_heads = p->kv_heads;
     out->head_dim = p->head_dim;
     out->block_tokens = p->block_tokens;
-    out->dtype = (p->dtype == KVSTASH__V1__DTYPE__DTYPE_FP16 || p->dtype == KVSTASH__V1__DTYPE__DTYPE_BF16)
-                     ? (kvs_dtype)p->dtype
-                     : KVS_DTYPE_UNSPECIFIED;
+    out->dtype =
+        (p->dtype == KVSTASH__V1__DTYPE__DTYPE_FP16 || p->dtype == KVSTASH__V1__DTYPE__DTYPE_BF16)
+            ? (kvs_dtype)p->dtype
+            : KVS_DTYPE_UNSPECIFIED;
     if ((rc = copy_codec(out->key_codec, p->key_codec, "key_codec", err)))
         return rc;
     if ((rc = copy_codec(out->value_codec, p->value_codec, "value_codec", err)))
@@ -222,8 +232,7 @@ int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t
     return 0;
 }
 
-int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
-                      kvs_err *err)
+int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n, kvs_err *err)
 {
     /* Wire form of PutChunk{data: D}: 0x12, varint len(D), D. The prefix is at most
      * 11 bytes and may straddle slices, so it is gathered byte by byte first. */
@@ -261,8 +270,10 @@ int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t
             }
             if (len > cap) {
                 grpc_slice_unref(s);
-                result = kvs_err_set(err, KVS_EINVAL, "payload: more than the %llu bytes that "
-                                     "remain of the block", (unsigned long long)cap);
+                result = kvs_err_set(err, KVS_EINVAL,
+                                     "payload: more than the %llu bytes that "
+                                     "remain of the block",
+                                     (unsigned long long)cap);
                 break;
             }
             result = 1;

@@ -32,8 +32,7 @@ int kvs_wire_check_name(const char *name, const char *field, kvs_err *err);
 
 /* Fills out from a NamespaceSpec (empty codec names become "none", UNSPECIFIED dtype
  * stays unspecified and is refused by kvs_spec_validate). */
-int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out,
-                             kvs_err *err);
+int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out, kvs_err *err);
 
 /* Fills a NamespaceSpec/NamespaceInfo pair from a store snapshot. `spec` must outlive
  * `info` (info->spec points to it); strings point into `src`. */
@@ -54,7 +53,6 @@ int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t
  * from the gRPC slices to dst (at most cap bytes) without flattening or unpacking, and
  * sets *n. Returns 1 when done, 0 when the message has another shape (the caller then
  * unpacks it with protobuf-c), or KVS_EINVAL when the data would exceed cap. */
-int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
-                      kvs_err *err);
+int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n, kvs_err *err);
 
 #endif

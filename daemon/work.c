@@ -102,7 +102,6 @@ int kvs_work_submit(kvs_work *w, kvs_work_fn fn, kvs_work_fn done, void *arg)
     return 0;
 }
 
-
 void kvs_work_close(kvs_work *w)
 {
     pthread_mutex_lock(&w->mu);

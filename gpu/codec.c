@@ -100,8 +100,7 @@ int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *
     const char *field = kv == KVS_KEYS ? "key_codec" : "value_codec";
     const char *name = kv == KVS_KEYS ? spec->key_codec : spec->value_codec;
     const codec_entry *e = find(name);
-    if (!e)
-    {
+    if (!e) {
         char names[160];
         return kvs_err_set(err, KVS_EINVAL, "%s: unknown codec '%.31s' (available: %s)", field,
                            name, kvs_codec_names(names, sizeof names));
@@ -146,10 +145,22 @@ void kvs_codec_destroy(kvs_codec *c)
     free(c);
 }
 
-kvs_codec_id kvs_codec_id_of(const kvs_codec *c) { return c->id; }
-const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c) { return &c->spec; }
-unsigned kvs_codec_bits(const kvs_codec *c) { return c->bits; }
-uint32_t kvs_codec_state_version(const kvs_codec *c) { return c->state.version; }
+kvs_codec_id kvs_codec_id_of(const kvs_codec *c)
+{
+    return c->id;
+}
+const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c)
+{
+    return &c->spec;
+}
+unsigned kvs_codec_bits(const kvs_codec *c)
+{
+    return c->bits;
+}
+uint32_t kvs_codec_state_version(const kvs_codec *c)
+{
+    return c->state.version;
+}
 
 bool kvs_codec_decode_needs_state(const kvs_codec *c)
 {
@@ -169,8 +180,10 @@ static size_t section_elems(const kvs_codec *c, uint32_t t)
 static int nonfinite(const kvs_codec *c, uint32_t layer, size_t i, float x, kvs_err *err)
 {
     size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
-    return kvs_err_set(err, KVS_EINVAL, "payload: %s at layer %u, %s, token %zu, head %zu, "
-                       "channel %zu", isnan(x) ? "NaN" : (x < 0 ? "-Inf" : "+Inf"), layer,
+    return kvs_err_set(err, KVS_EINVAL,
+                       "payload: %s at layer %u, %s, token %zu, head %zu, "
+                       "channel %zu",
+                       isnan(x) ? "NaN" : (x < 0 ? "-Inf" : "+Inf"), layer,
                        c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
                        i % c->spec.head_dim);
 }
@@ -242,8 +255,8 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
     return rc;
 }
 
-int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
-                     size_t len, uint16_t *out, kvs_err *err)
+int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                     uint16_t *out, kvs_err *err)
 {
     if (t == 0 || t > c->spec.block_tokens)
         return kvs_err_set(err, KVS_EPROTO, "tokens: %u not in 1..%u", t, c->spec.block_tokens);
@@ -294,8 +307,8 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
             const kvs_codec *c = kv ? v : k;
             size_t n = 0;
             offsets[2 * l + kv] = (uint32_t)pos;
-            rc = kvs_codec_encode(c, l, t, raw + (2 * (size_t)l + kv) * sec, out + pos,
-                                  cap - pos, &n, err);
+            rc = kvs_codec_encode(c, l, t, raw + (2 * (size_t)l + kv) * sec, out + pos, cap - pos,
+                                  &n, err);
             /* The safety net: whatever a range check missed, a NaN or Inf parameter is
              * never acknowledged (it would decode to NaN for every element it scales). */
             if (rc == 0)
@@ -311,11 +324,16 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
             .dtype = (uint8_t)s->dtype,
             .flags = s->keys_pre_rope ? 1 : 0,
             .ns_id = ns_id,
-            .k_codec = (uint8_t)k->id, .k_bits = (uint8_t)k->bits,
-            .v_codec = (uint8_t)v->id, .v_bits = (uint8_t)v->bits,
-            .layers = s->layers, .kv_heads = s->kv_heads, .head_dim = s->head_dim,
+            .k_codec = (uint8_t)k->id,
+            .k_bits = (uint8_t)k->bits,
+            .v_codec = (uint8_t)v->id,
+            .v_bits = (uint8_t)v->bits,
+            .layers = s->layers,
+            .kv_heads = s->kv_heads,
+            .head_dim = s->head_dim,
             .tokens = t,
-            .k_state = k->state.version, .v_state = v->state.version,
+            .k_state = k->state.version,
+            .v_state = v->state.version,
             .seed = s->seed,
             .total_bytes = pos,
         };
@@ -332,14 +350,14 @@ int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const kvs_block_info
 {
     const kvs_ns_spec *s = &k->spec;
     if (info->layers != s->layers || info->kv_heads != s->kv_heads ||
-        info->head_dim != s->head_dim || info->dtype != s->dtype ||
-        info->tokens > s->block_tokens)
+        info->head_dim != s->head_dim || info->dtype != s->dtype || info->tokens > s->block_tokens)
         return kvs_err_set(err, KVS_EPROTO, "encoded block: layout does not match the namespace");
     if (info->k_codec != k->id || info->k_bits != k->bits || info->v_codec != v->id ||
         info->v_bits != v->bits ||
         (kvs_codec_decode_needs_state(k) && info->k_state != k->state.version) ||
         (kvs_codec_decode_needs_state(v) && info->v_state != v->state.version))
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: codecs or codec state versions do not "
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: codecs or codec state versions do not "
                            "match the decoder");
     return 0;
 }

@@ -88,8 +88,8 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
 
 /* Decodes one section of `len` bytes into t*H*D elements of the namespace dtype.
  * KVS_EPROTO if the bytes are inconsistent with (t, len). */
-int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
-                     size_t len, uint16_t *out, kvs_err *err);
+int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                     uint16_t *out, kvs_err *err);
 
 /* The safety net behind every encode: KVS_EINVAL ("encode: layer 3, K: fp16 group scale
  * of head 1, channel 7, tokens 0.. is not finite (overflow)") if a floating-point field the

@@ -17,8 +17,10 @@ bool kvs_codec_cuda_fixed_size(const kvs_codec *c)
 
 static int unsupported(const kvs_codec *c, kvs_err *err)
 {
-    return kvs_err_set(err, KVS_ENOTSUP, "%s: no CUDA kernels for this codec and layout "
-                       "(head_dim %u) in this build", c->ops->family, c->spec.head_dim);
+    return kvs_err_set(err, KVS_ENOTSUP,
+                       "%s: no CUDA kernels for this codec and layout "
+                       "(head_dim %u) in this build",
+                       c->ops->family, c->spec.head_dim);
 }
 
 int kvs_codec_cuda_prepare(kvs_codec *c, kvs_err *err)

@@ -30,28 +30,28 @@ extern "C" {
 #endif
 
 typedef struct kvs_cuda_sections {
-    uint32_t n;                 /* sections in the batch */
-    uint32_t t;                 /* tokens of every section */
-    const uint32_t *layer;      /* device, n entries: each section's layer */
-    const uint16_t *raw;        /* encode input: n * t*H*D elements */
-    uint16_t *raw_out;          /* decode output: n * t*H*D elements */
-    const uint8_t *enc;         /* decode input: n sections at `stride` */
-    uint8_t *enc_out;           /* encode output: n sections at `stride` */
-    size_t stride;              /* bytes from one encoded section to the next */
-    unsigned long long *bad;    /* encode: device word set to the smallest index (over
-                                 * n*t*H*D) of a NaN/Inf input (or of an input the codec
-                                 * refuses, e.g. too many RotateKV range sinks), untouched
-                                 * if none. Decode: set (atomicMin) to the index of a
-                                 * section whose bytes are malformed (never trusted: the
-                                 * kernel stays in bounds and writes something), untouched
-                                 * if none. The caller initializes it to ~0ull. May be
-                                 * NULL. The host redoes a flagged batch on the CPU, which
-                                 * reports the exact error. */
-    uint32_t *len_out;          /* encode: device, n entries: each section's length.
-                                 * Required unless kvs_codec_cuda_fixed_size. */
-    const uint32_t *len;        /* decode: device, n entries: each section's length, or
-                                 * NULL when kvs_codec_cuda_fixed_size (every section is
-                                 * kvs_codec_section_max(t) bytes). */
+    uint32_t n;              /* sections in the batch */
+    uint32_t t;              /* tokens of every section */
+    const uint32_t *layer;   /* device, n entries: each section's layer */
+    const uint16_t *raw;     /* encode input: n * t*H*D elements */
+    uint16_t *raw_out;       /* decode output: n * t*H*D elements */
+    const uint8_t *enc;      /* decode input: n sections at `stride` */
+    uint8_t *enc_out;        /* encode output: n sections at `stride` */
+    size_t stride;           /* bytes from one encoded section to the next */
+    unsigned long long *bad; /* encode: device word set to the smallest index (over
+                              * n*t*H*D) of a NaN/Inf input (or of an input the codec
+                              * refuses, e.g. too many RotateKV range sinks), untouched
+                              * if none. Decode: set (atomicMin) to the index of a
+                              * section whose bytes are malformed (never trusted: the
+                              * kernel stays in bounds and writes something), untouched
+                              * if none. The caller initializes it to ~0ull. May be
+                              * NULL. The host redoes a flagged batch on the CPU, which
+                              * reports the exact error. */
+    uint32_t *len_out;       /* encode: device, n entries: each section's length.
+                              * Required unless kvs_codec_cuda_fixed_size. */
+    const uint32_t *len;     /* decode: device, n entries: each section's length, or
+                              * NULL when kvs_codec_cuda_fixed_size (every section is
+                              * kvs_codec_section_max(t) bytes). */
 } kvs_cuda_sections;
 
 /* True if this build has kernels for c (codec and layout, e.g. head_dim 64/128/256). */

@@ -59,7 +59,7 @@ static __device__ __forceinline__ void st8(uint8_t *p, uint2 v)
 /* ---------------------------------------------------------------- kernels */
 
 typedef struct fp8_args {
-    const uint16_t *raw;     /* this launch's first section */
+    const uint16_t *raw; /* this launch's first section */
     uint16_t *raw_out;
     const uint8_t *enc;
     uint8_t *enc_out;
@@ -74,8 +74,7 @@ typedef struct fp8_args {
 } fp8_args;
 
 /* Pass 1 on one chunk of 8 values: max|x| (exact in any order) and NaN/Inf. */
-template <bool BF16>
-static __device__ __forceinline__ void fp8_scan(uint4 v, float *amax, bool *nf)
+template <bool BF16> static __device__ __forceinline__ void fp8_scan(uint4 v, float *amax, bool *nf)
 {
     uint32_t x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -174,7 +173,8 @@ static __global__ void __launch_bounds__(FP8_THREADS) fp8_encode_kernel(fp8_args
     }
     for (uint32_t c = threadIdx.x + FP8_KEEP * blockDim.x; c < chunks; c += blockDim.x) {
         uint32_t tok = kdiv_q(c, a.drow), j8 = c - tok * d8;
-        fp8_codes<BF16>(*(const uint4 *)(src + tok * hd + j8 * 8), scale, codes + tok * hd + j8 * 8);
+        fp8_codes<BF16>(*(const uint4 *)(src + tok * hd + j8 * 8), scale,
+                        codes + tok * hd + j8 * 8);
     }
 }
 
@@ -193,8 +193,8 @@ static __global__ void __launch_bounds__(FP8_THREADS) fp8_decode_kernel(fp8_args
     uint32_t o[8];
 #pragma unroll
     for (int k = 0; k < 8; k++)
-        o[k] = out_val<BF16>(kvs_fp8_to_f32((uint8_t)((k < 4 ? c.x : c.y) >> (8 * (k % 4)))) *
-                             scale);
+        o[k] =
+            out_val<BF16>(kvs_fp8_to_f32((uint8_t)((k < 4 ? c.x : c.y) >> (8 * (k % 4)))) * scale);
     *(uint4 *)(a.raw_out + (size_t)i * 8) =
         make_uint4(o[0] | o[1] << 16, o[2] | o[3] << 16, o[4] | o[5] << 16, o[6] | o[7] << 16);
 }
@@ -211,8 +211,8 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
     if (((uintptr_t)raw & 15) != 0)
         return kvs_err_set(err, KVS_EINVAL, "fp8: raw device pointer %p not 16-byte aligned", raw);
     if (D % 8 != 0 || (uint64_t)s->t * H * D / 8 >= FP8_MAX_ITEMS)
-        return kvs_err_set(err, KVS_ENOTSUP, "fp8: no CUDA kernels for %u x %u x %u sections",
-                           s->t, H, D);
+        return kvs_err_set(err, KVS_ENOTSUP, "fp8: no CUDA kernels for %u x %u x %u sections", s->t,
+                           H, D);
     uint32_t per_sec = encode ? H : s->t * H * (D / 8);
     uint32_t chunk = FP8_MAX_ITEMS / per_sec; /* sections per launch */
     size_t sec_elems = (size_t)s->t * H * D;

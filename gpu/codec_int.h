@@ -45,8 +45,8 @@ typedef struct kvs_codec_ops {
      * the same message as the generic path (kvs__check_finite). */
     int (*encode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
                       uint8_t *out, size_t cap, size_t *len, kvs_err *err);
-    int (*decode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
-                      size_t len, uint16_t *out, kvs_err *err);
+    int (*decode_raw)(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                      uint16_t *out, kvs_err *err);
     /* Optional (NULL: the section stores no float fields but copies of checked input):
      * scans the floating-point fields of an encoded section of t tokens (scales, minima,
      * radii; not input elements stored verbatim, such as RotateKV's sinks, which were

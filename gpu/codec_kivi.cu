@@ -59,10 +59,9 @@ template <bool BF16> static __device__ __forceinline__ bool nonfinite_pair(uint3
     return nonfinite<BF16>(x & 0xFFFF) | nonfinite<BF16>(x >> 16);
 }
 
-
 /* Code k of a group packed LSB first at B bits (gpu/bitpack.h) into / out of words. */
-template <unsigned B> static __device__ __forceinline__ void put_code(uint32_t *w, int k,
-                                                                      uint32_t q)
+template <unsigned B>
+static __device__ __forceinline__ void put_code(uint32_t *w, int k, uint32_t q)
 {
     const int bit = k * (int)B, wi = bit / 32, sh = bit % 32;
     w[wi] |= q << sh;
@@ -78,8 +77,6 @@ template <unsigned B> static __device__ __forceinline__ uint32_t get_code(const 
         v |= w[wi + 1] << (32 - sh);
     return v & ((1u << B) - 1);
 }
-
-
 
 /* NW words to p with the widest stores its alignment allows. */
 template <int NW> static __device__ __forceinline__ void st_words(uint8_t *p, const uint32_t *w)
@@ -118,11 +115,10 @@ static __device__ __forceinline__ kvs_minmax par_of(uint32_t w)
     return p;
 }
 
-
 /* ---------------------------------------------------------------- kernels */
 
 typedef struct kivi_args {
-    const uint16_t *raw;    /* this launch's first section */
+    const uint16_t *raw; /* this launch's first section */
     uint16_t *raw_out;
     const uint8_t *enc;
     uint8_t *enc_out;
@@ -130,10 +126,10 @@ typedef struct kivi_args {
     unsigned long long *bad;
     unsigned long long sec0; /* batch index of this launch's first section (for `bad`) */
     uint32_t t, H;
-    uint32_t per_sec, total;  /* work items per section and in this launch */
-    kdiv dsec;                /* by per_sec */
-    kdiv dgrp;                /* keys: by H*D/2, the items of one token group */
-    uint32_t gk, nk, k_grp;   /* keys geometry (kvs__kivi_geom) */
+    uint32_t per_sec, total; /* work items per section and in this launch */
+    kdiv dsec;               /* by per_sec */
+    kdiv dgrp;               /* keys: by H*D/2, the items of one token group */
+    uint32_t gk, nk, k_grp;  /* keys geometry (kvs__kivi_geom) */
     size_t k_row, k_codes, v_codes;
 } kivi_args;
 
@@ -150,8 +146,7 @@ static __global__ void __launch_bounds__(KIVI_THREADS) kivi_encode_keys_kernel(k
     uint32_t gi = kdiv_q(r, a.dgrp), hp = r - gi * a.dgrp.d; /* hp: pair over [H][D/2] */
     uint32_t h = hp / (D / 2), j = 2 * (hp % (D / 2));
     uint32_t tok0 = gi * a.gk, n = min(a.gk, a.t - tok0), row32 = a.H * (D / 2);
-    const uint32_t *src =
-        (const uint32_t *)(a.raw + ((size_t)sec * a.t + tok0) * a.H * D) + hp;
+    const uint32_t *src = (const uint32_t *)(a.raw + ((size_t)sec * a.t + tok0) * a.H * D) + hp;
     uint32_t x[G];
 #pragma unroll
     for (int k = 0; k < G; k++)
@@ -369,13 +364,17 @@ static int dispatch_bits(const kvs_codec *c, const kvs_cuda_sections *s, cudaStr
 {
     bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
     switch (c->bits) {
-    case 2: return bf16 ? launch<D, 2, true>(c, s, st, encode, err)
-                        : launch<D, 2, false>(c, s, st, encode, err);
-    case 3: return bf16 ? launch<D, 3, true>(c, s, st, encode, err)
-                        : launch<D, 3, false>(c, s, st, encode, err);
-    case 4: return bf16 ? launch<D, 4, true>(c, s, st, encode, err)
-                        : launch<D, 4, false>(c, s, st, encode, err);
-    default: break;
+    case 2:
+        return bf16 ? launch<D, 2, true>(c, s, st, encode, err)
+                    : launch<D, 2, false>(c, s, st, encode, err);
+    case 3:
+        return bf16 ? launch<D, 3, true>(c, s, st, encode, err)
+                    : launch<D, 3, false>(c, s, st, encode, err);
+    case 4:
+        return bf16 ? launch<D, 4, true>(c, s, st, encode, err)
+                    : launch<D, 4, false>(c, s, st, encode, err);
+    default:
+        break;
     }
     return kvs_err_set(err, KVS_ENOTSUP, "kivi: no CUDA kernels for %u bits", c->bits);
 }
@@ -385,17 +384,19 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
 {
     const void *raw = encode ? (const void *)s->raw : (const void *)s->raw_out;
     if (((uintptr_t)raw & 15) != 0)
-        return kvs_err_set(err, KVS_EINVAL, "kivi: raw device pointer %p not 16-byte aligned",
-                           raw);
+        return kvs_err_set(err, KVS_EINVAL, "kivi: raw device pointer %p not 16-byte aligned", raw);
     cudaStream_t st = (cudaStream_t)stream;
     switch (c->spec.head_dim) {
-    case 64: return dispatch_bits<64>(c, s, st, encode, err);
-    case 128: return dispatch_bits<128>(c, s, st, encode, err);
-    case 256: return dispatch_bits<256>(c, s, st, encode, err);
-    default: break;
+    case 64:
+        return dispatch_bits<64>(c, s, st, encode, err);
+    case 128:
+        return dispatch_bits<128>(c, s, st, encode, err);
+    case 256:
+        return dispatch_bits<256>(c, s, st, encode, err);
+    default:
+        break;
     }
-    return kvs_err_set(err, KVS_ENOTSUP, "kivi: no CUDA kernels for head_dim %u",
-                       c->spec.head_dim);
+    return kvs_err_set(err, KVS_ENOTSUP, "kivi: no CUDA kernels for head_dim %u", c->spec.head_dim);
 }
 
 extern "C" bool kvs__kivi_cuda_supported(const kvs_codec *c)

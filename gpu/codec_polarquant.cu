@@ -83,11 +83,11 @@ static constexpr int pq_lane_coords(int d)
 }
 
 template <int D, int E> struct pq_geom {
-    static constexpr int LPV = D / E;               /* lanes per vector */
-    static constexpr int VPW = 32 / LPV;            /* vectors per warp */
-    static constexpr int LPC = KVS_PQ_CHUNK / E;    /* lanes per 16-coordinate chunk */
-    static constexpr int C = D / KVS_PQ_CHUNK;      /* chunks per vector */
-    static constexpr int UB = (C * 14 + 7) / 8;     /* bytes of the levels-2..4 string */
+    static constexpr int LPV = D / E;            /* lanes per vector */
+    static constexpr int VPW = 32 / LPV;         /* vectors per warp */
+    static constexpr int LPC = KVS_PQ_CHUNK / E; /* lanes per 16-coordinate chunk */
+    static constexpr int C = D / KVS_PQ_CHUNK;   /* chunks per vector */
+    static constexpr int UB = (C * 14 + 7) / 8;  /* bytes of the levels-2..4 string */
     static constexpr int LOGE = E == 4 ? 2 : E == 8 ? 3 : 4;
     static_assert(E == 4 || E == 8 || E == 16, "a lane owns 4, 8 or 16 coordinates");
     static_assert(LPV >= 1 && LPV <= 32 && 32 % LPV == 0, "a vector fits a warp");
@@ -122,7 +122,8 @@ __device__ __forceinline__ constexpr int pq_off(int l)
 
 /* This lane's E sign bits (bit i: coordinate lv*E + i), from the by-value words with
  * compile-time indices only (a run-time index into the parameter would spill it). */
-template <int D, int E> __device__ __forceinline__ uint32_t pq_sign_bits(const pq_signs &s, unsigned lv)
+template <int D, int E>
+__device__ __forceinline__ uint32_t pq_sign_bits(const pq_signs &s, unsigned lv)
 {
     const unsigned bit = lv * E, word = bit / 32;
     uint32_t w = s.w[0];
@@ -182,7 +183,8 @@ __global__ void __launch_bounds__(PQ_THREADS) polarquant_encode_kernel(const pq_
     typedef pq_geom<D, E> G;
     const unsigned lane = threadIdx.x & 31, grp = lane / G::LPV, lv = lane % G::LPV;
     const unsigned k = lv % G::LPC, c = lv / G::LPC; /* lane in chunk, chunk */
-    const unsigned long long warp = ((unsigned long long)blockIdx.x * PQ_THREADS + threadIdx.x) / 32;
+    const unsigned long long warp =
+        ((unsigned long long)blockIdx.x * PQ_THREADS + threadIdx.x) / 32;
     const unsigned long long v = warp * G::VPW + grp;
     const bool valid = v < a.nvec;
     const unsigned long long e0 = v * D + lv * E; /* flat index of this lane's first element */
@@ -226,15 +228,16 @@ __global__ void __launch_bounds__(PQ_THREADS) polarquant_encode_kernel(const pq_
     if (first >= 0 && a.bad)
         atomicMin(a.bad, e0 + (unsigned)first);
     const unsigned nonfinite = __ballot_sync(PQ_FULL, first >= 0);
-    const bool vec_bad = G::LPV == 32 ? nonfinite != 0
-                                      : ((nonfinite >> (grp * G::LPV)) & ((1u << G::LPV) - 1)) != 0;
+    const bool vec_bad =
+        G::LPV == 32 ? nonfinite != 0 : ((nonfinite >> (grp * G::LPV)) & ((1u << G::LPV) - 1)) != 0;
 
     /* §2.3 step 1: y = (1/sqrt(D)) H diag(s) x */
     const uint32_t sb = pq_sign_bits<D, E>(a.signs, lv);
     float y[E];
 #pragma unroll
     for (int i = 0; i < E; i++) {
-        float x = a.bf16 ? __uint_as_float((uint32_t)h[i] << 16) : __half2float(__ushort_as_half(h[i]));
+        float x =
+            a.bf16 ? __uint_as_float((uint32_t)h[i] << 16) : __half2float(__ushort_as_half(h[i]));
         y[i] = x * ((sb >> i) & 1 ? -1.0f : 1.0f);
     }
     pq_fwht<D, E>(y, lv, a.scale);
@@ -306,7 +309,8 @@ __global__ void __launch_bounds__(PQ_THREADS) polarquant_encode_kernel(const pq_
 #pragma unroll
     for (int it = 0; it < (G::UB + G::LPV - 1) / G::LPV; it++) {
         const unsigned m = lv + it * G::LPV;
-        const unsigned c0 = min(8 * m / 14, (unsigned)G::C - 1), c1 = min(c0 + 1, (unsigned)G::C - 1);
+        const unsigned c0 = min(8 * m / 14, (unsigned)G::C - 1),
+                       c1 = min(c0 + 1, (unsigned)G::C - 1);
         const uint32_t w0 = __shfl_sync(PQ_FULL, w, grp * G::LPV + c0 * G::LPC);
         const uint32_t w1 = __shfl_sync(PQ_FULL, w, grp * G::LPV + c1 * G::LPC);
         if (valid && m < (unsigned)G::UB) {
@@ -337,7 +341,8 @@ __global__ void __launch_bounds__(PQ_THREADS) polarquant_decode_kernel(const pq_
 
     const unsigned lane = threadIdx.x & 31, grp = lane / G::LPV, lv = lane % G::LPV;
     const unsigned k = lv % G::LPC, c = lv / G::LPC;
-    const unsigned long long warp = ((unsigned long long)blockIdx.x * PQ_THREADS + threadIdx.x) / 32;
+    const unsigned long long warp =
+        ((unsigned long long)blockIdx.x * PQ_THREADS + threadIdx.x) / 32;
     const unsigned long long v = warp * G::VPW + grp;
     const bool valid = v < a.nvec;
 
@@ -364,7 +369,8 @@ __global__ void __launch_bounds__(PQ_THREADS) polarquant_decode_kernel(const pq_
         w = (x >> sh) & 0x3FFF;
     }
     /* a radius the reference rejects (sign, Inf, NaN) decodes as 0 */
-    const float r4 = (hr & 0x8000) || (hr & 0x7C00) == 0x7C00 ? 0.0f : __half2float(__ushort_as_half(hr));
+    const float r4 =
+        (hr & 0x8000) || (hr & 0x7C00) == 0x7C00 ? 0.0f : __half2float(__ushort_as_half(hr));
 
     /* §2.3 step 6, top down along this lane's path: levels 4..LOGE+1 across lanes */
     float rr = r4;
@@ -494,8 +500,10 @@ static int pq_launch(const kvs_codec *c, const kvs_cuda_sections *s, void *strea
     const unsigned long long warps = (a.nvec + G::VPW - 1) / G::VPW;
     const unsigned long long blocks = (warps + PQ_THREADS / 32 - 1) / (PQ_THREADS / 32);
     if (blocks > 0x7FFFFFFFull)
-        return kvs_err_set(err, KVS_EINVAL, "polarquant: batch of %llu vectors is too large for "
-                           "one launch", a.nvec);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "polarquant: batch of %llu vectors is too large for "
+                           "one launch",
+                           a.nvec);
     cudaStream_t st = (cudaStream_t)stream;
     if (encode)
         polarquant_encode_kernel<D, E><<<(unsigned)blocks, PQ_THREADS, 0, st>>>(a);

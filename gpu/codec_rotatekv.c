@@ -115,8 +115,10 @@ static uint16_t from_f32(const kvs_ns_spec *s, float f)
 static int check_layout(const kvs_ns_spec *s, kvs_err *err)
 {
     if (!kvs_is_pow2(s->head_dim) || s->head_dim < 16)
-        return kvs_err_set(err, KVS_EINVAL, "head_dim: %u is not a power of two >= 16, which "
-                           "rotatekv's Hadamard rotation needs", s->head_dim);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "head_dim: %u is not a power of two >= 16, which "
+                           "rotatekv's Hadamard rotation needs",
+                           s->head_dim);
     return 0;
 }
 
@@ -165,8 +167,10 @@ int kvs_rotatekv_calib_freeze(const kvs_ns_spec *spec, const double *sums, void 
 {
     size_t C = (size_t)spec->kv_heads * spec->head_dim;
     if (C > 65536)
-        return kvs_err_set(err, KVS_EINVAL, "kv_heads*head_dim: %zu channels do not fit the "
-                           "uint16 rotatekv permutation", C);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "kv_heads*head_dim: %zu channels do not fit the "
+                           "uint16 rotatekv permutation",
+                           C);
     size_t n = KVS_ROTATEKV_STATE_HEADER + (size_t)spec->layers * C * 2;
     uint8_t *st = kvs_trymalloc(n);
     chan_sum *idx = kvs_trymalloc(C * sizeof *idx);
@@ -191,8 +195,8 @@ int kvs_rotatekv_calib_freeze(const kvs_ns_spec *spec, const double *sums, void 
     return 0;
 }
 
-int kvs_rotatekv_calibrate(const kvs_ns_spec *spec, const uint16_t *keys, uint32_t n,
-                           void **state, size_t *len, kvs_err *err)
+int kvs_rotatekv_calibrate(const kvs_ns_spec *spec, const uint16_t *keys, uint32_t n, void **state,
+                           size_t *len, kvs_err *err)
 {
     size_t C = (size_t)spec->kv_heads * spec->head_dim;
     double *sums = calloc((size_t)spec->layers * C, sizeof *sums);
@@ -215,11 +219,15 @@ static int load_state(const kvs_codec *c, rkv *r, kvs_err *err)
     const uint8_t *d = s->data;
     size_t C = r->chans, L = c->spec.layers;
     if (s->len < KVS_ROTATEKV_STATE_HEADER || !d)
-        return kvs_err_set(err, KVS_EINVAL, "state: %zu bytes, too short for a rotatekv "
-                           "permutation", s->len);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "state: %zu bytes, too short for a rotatekv "
+                           "permutation",
+                           s->len);
     if (get32(d) != L || get32(d + 4) != C)
-        return kvs_err_set(err, KVS_EINVAL, "state: permutation for %u layers x %u channels, "
-                           "namespace has %zu x %zu", get32(d), get32(d + 4), L, C);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "state: permutation for %u layers x %u channels, "
+                           "namespace has %zu x %zu",
+                           get32(d), get32(d + 4), L, C);
     if (C > 65536 || s->len != KVS_ROTATEKV_STATE_HEADER + L * C * 2)
         return kvs_err_set(err, KVS_EINVAL, "state: %zu bytes, expected %zu", s->len,
                            KVS_ROTATEKV_STATE_HEADER + L * C * 2);
@@ -235,8 +243,10 @@ static int load_state(const kvs_codec *c, rkv *r, kvs_err *err)
             uint32_t p = get16(d + KVS_ROTATEKV_STATE_HEADER + 2 * (l * C + j));
             if (p >= C || seen[p]) {
                 free(seen);
-                return kvs_err_set(err, KVS_EINVAL, "state: layer %zu is not a permutation "
-                                   "(channel %u at position %zu)", l, p, j);
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "state: layer %zu is not a permutation "
+                                   "(channel %u at position %zu)",
+                                   l, p, j);
             }
             seen[p] = 1;
             r->perm[l * C + j] = p;
@@ -476,8 +486,8 @@ static void decode_token(const rkv *r, const uint8_t *rec, float *y)
     }
 }
 
-static int rkv_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const float *in,
-                      uint8_t *out, size_t cap, size_t *len, kvs_err *err)
+static int rkv_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const float *in, uint8_t *out,
+                      size_t cap, size_t *len, kvs_err *err)
 {
     const rkv *r = c->priv;
     size_t C = r->chans;
@@ -500,8 +510,10 @@ static int rkv_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const floa
         goto out;
     size_t total = section_size(r, t, n);
     if (cap < total) {
-        rc = kvs_err_set(err, KVS_ENOSPC, "rotatekv encode: output buffer of %zu bytes, "
-                         "section needs %zu", cap, total);
+        rc = kvs_err_set(err, KVS_ENOSPC,
+                         "rotatekv encode: output buffer of %zu bytes, "
+                         "section needs %zu",
+                         cap, total);
         goto out;
     }
     uint8_t *p = out;
@@ -526,25 +538,28 @@ out:
     return rc;
 }
 
-static int rkv_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in,
-                      size_t len, float *out, kvs_err *err)
+static int rkv_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                      float *out, kvs_err *err)
 {
     const rkv *r = c->priv;
     size_t C = r->chans, base = (size_t)t * r->rec, per = sink_bytes(r) - r->rec;
     if (layer >= c->spec.layers)
         return kvs_err_set(err, KVS_EPROTO, "layer: %u not below %u", layer, c->spec.layers);
     if (len < base || (len - base) % per || (len - base) / per > max_sinks(t))
-        return kvs_err_set(err, KVS_EPROTO, "rotatekv: section of %zu bytes does not hold %u "
-                           "tokens (%zu bytes + 0..%u sinks of %zu)", len, t, base,
-                           max_sinks(t), per);
+        return kvs_err_set(err, KVS_EPROTO,
+                           "rotatekv: section of %zu bytes does not hold %u "
+                           "tokens (%zu bytes + 0..%u sinks of %zu)",
+                           len, t, base, max_sinks(t), per);
     uint32_t n = (uint32_t)((len - base) / per);
     const uint8_t *list = in + (size_t)(t - n) * r->rec, *vecs = list + 2 * (size_t)n;
     uint32_t idx[KVS_ROTATEKV_MAX_SINKS];
     for (uint32_t k = 0; k < n; k++) {
         idx[k] = get16(list + 2 * k);
         if (idx[k] >= t || (k && idx[k] <= idx[k - 1]))
-            return kvs_err_set(err, KVS_EPROTO, "rotatekv: sink list entry %u (token %u) out "
-                               "of order or range", k, idx[k]);
+            return kvs_err_set(err, KVS_EPROTO,
+                               "rotatekv: sink list entry %u (token %u) out "
+                               "of order or range",
+                               k, idx[k]);
     }
     float *y = kvs_trymalloc(C * sizeof *y);
     if (!y)
@@ -585,8 +600,8 @@ static int rkv_check(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
     for (uint32_t k = 0; k < n; k++)
         if (get16(list + 2 * k) >= t || (k && get16(list + 2 * k) <= get16(list + 2 * k - 2)))
             return kvs_err_set(err, KVS_EPROTO,
-                               "rotatekv: sink list entry %u (token %u) out of order or range",
-                               k, get16(list + 2 * k));
+                               "rotatekv: sink list entry %u (token %u) out of order or range", k,
+                               get16(list + 2 * k));
     uint32_t k = 0, rec = 0;
     for (uint32_t i = 0; i < t; i++) {
         if (k < n && get16(list + 2 * k) == i) { /* a sink: no record */
@@ -597,9 +612,9 @@ static int rkv_check(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8
         for (uint32_t g = 0; g < r->ngroups; g++) {
             uint16_t scale = get16(params + 4 * (size_t)g), lo = get16(params + 4 * (size_t)g + 2);
             if ((scale & 0x7C00) == 0x7C00 || (lo & 0x7C00) == 0x7C00)
-                return kvs__field_nonfinite(c, layer, err, "fp16 group %s of token %u, channels %u..",
-                                            (scale & 0x7C00) == 0x7C00 ? "scale" : "offset", i,
-                                            g * r->gsize);
+                return kvs__field_nonfinite(
+                    c, layer, err, "fp16 group %s of token %u, channels %u..",
+                    (scale & 0x7C00) == 0x7C00 ? "scale" : "offset", i, g * r->gsize);
         }
     }
     return 0;

@@ -86,7 +86,7 @@ int kvs_rotatekv_calib_freeze(const kvs_ns_spec *spec, const double *sums, void 
                               size_t *len, kvs_err *err);
 
 /* Both steps over n calibration tokens of every layer ([L][n][H][D], namespace dtype). */
-int kvs_rotatekv_calibrate(const kvs_ns_spec *spec, const uint16_t *keys, uint32_t n,
-                           void **state, size_t *len, kvs_err *err);
+int kvs_rotatekv_calibrate(const kvs_ns_spec *spec, const uint16_t *keys, uint32_t n, void **state,
+                           size_t *len, kvs_err *err);
 
 #endif

@@ -33,9 +33,18 @@ int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *er
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
 void kvs_engine_destroy(kvs_engine *e) {}
-bool kvs_engine_failed(const kvs_engine *e) { return true; }
-const char *kvs_engine_device_name(const kvs_engine *e) { return "none"; }
-bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v) { return false; }
+bool kvs_engine_failed(const kvs_engine *e)
+{
+    return true;
+}
+const char *kvs_engine_device_name(const kvs_engine *e)
+{
+    return "none";
+}
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+{
+    return false;
+}
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                       uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
                       kvs_engine_done done, void *arg, kvs_err *err)
@@ -69,8 +78,8 @@ static size_t sec_elems(const kvs_codec *k, uint32_t t)
 
 static bool compatible(const job *a, const job *b)
 {
-    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v &&
-           a->t == b->t && a->lb == b->lb && a->le == b->le;
+    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v && a->t == b->t &&
+           a->lb == b->lb && a->le == b->le;
 }
 
 /* Bytes of staging one request takes on the raw side and on the encoded side. */
@@ -106,21 +115,21 @@ void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
         atomic_store(&e->failed, true);
 }
 
-#define ENGINE_TRY(e, expr, err)                                                              \
-    do {                                                                                      \
-        cudaError_t rc_ = (expr);                                                             \
-        if (rc_ != cudaSuccess) {                                                             \
-            kvs__engine_note_error((e), rc_);                                                             \
-            return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,             \
-                               cudaGetErrorString(rc_));                                      \
-        }                                                                                     \
+#define ENGINE_TRY(e, expr, err)                                                                   \
+    do {                                                                                           \
+        cudaError_t rc_ = (expr);                                                                  \
+        if (rc_ != cudaSuccess) {                                                                  \
+            kvs__engine_note_error((e), rc_);                                                      \
+            return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,                  \
+                               cudaGetErrorString(rc_));                                           \
+        }                                                                                          \
     } while (0)
 
 /* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
  * klen[l], V likewise) into out as an encoded block (gpu/format.h), sealed. Returns its
  * size; out holds kvs_block_encoded_max bytes. */
 size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
-                          const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
+                               const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
 {
     const kvs_ns_spec *s = kvs_codec_spec(j->k);
     uint32_t L = s->layers, offsets[2 * KVS_MAX_LAYERS + 1];
@@ -136,13 +145,21 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
         pos += vlen[l];
     }
     offsets[2 * L] = (uint32_t)pos;
-    kvs_block_info info = {
-        .dtype = (uint8_t)s->dtype, .flags = s->keys_pre_rope ? 1 : 0, .ns_id = j->ns_id,
-        .k_codec = (uint8_t)kvs_codec_id_of(j->k), .k_bits = (uint8_t)kvs_codec_bits(j->k),
-        .v_codec = (uint8_t)kvs_codec_id_of(j->v), .v_bits = (uint8_t)kvs_codec_bits(j->v),
-        .layers = L, .kv_heads = s->kv_heads, .head_dim = s->head_dim, .tokens = j->t,
-        .k_state = kvs_codec_state_version(j->k), .v_state = kvs_codec_state_version(j->v),
-        .seed = s->seed, .total_bytes = pos};
+    kvs_block_info info = {.dtype = (uint8_t)s->dtype,
+                           .flags = s->keys_pre_rope ? 1 : 0,
+                           .ns_id = j->ns_id,
+                           .k_codec = (uint8_t)kvs_codec_id_of(j->k),
+                           .k_bits = (uint8_t)kvs_codec_bits(j->k),
+                           .v_codec = (uint8_t)kvs_codec_id_of(j->v),
+                           .v_bits = (uint8_t)kvs_codec_bits(j->v),
+                           .layers = L,
+                           .kv_heads = s->kv_heads,
+                           .head_dim = s->head_dim,
+                           .tokens = j->t,
+                           .k_state = kvs_codec_state_version(j->k),
+                           .v_state = kvs_codec_state_version(j->v),
+                           .seed = s->seed,
+                           .total_bytes = pos};
     kvs_format_write_prefix(&info, offsets, out);
     kvs_format_seal(out, pos);
     return pos;
@@ -183,9 +200,11 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
             uint8_t *dev = e->d_raw + dev_off;
             if (!j->pinned_raw) {
                 uint8_t *host = e->h_raw + dev_off;
-                ENGINE_TRY(e, cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
-                                              to_dev ? (const void *)host : (const void *)dev,
-                                              nl * w, kind, e->st), err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
+                                           to_dev ? (const void *)host : (const void *)dev, nl * w,
+                                           kind, e->st),
+                           err);
                 continue;
             }
             uint8_t *user = to_dev ? (uint8_t *)j->raw_in : (uint8_t *)j->raw_out;
@@ -213,13 +232,21 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
-    ENGINE_TRY(e, cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
-                                  cudaMemcpyHostToDevice, e->st), err);
+    ENGINE_TRY(e,
+               cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
+                               cudaMemcpyHostToDevice, e->st),
+               err);
     ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
-    kvs_cuda_sections ks = {.n = (uint32_t)n, .t = t, .layer = e->d_layers,
-                            .raw = (const uint16_t *)e->d_raw, .raw_out = (uint16_t *)e->d_raw,
-                            .enc = e->d_enc, .enc_out = e->d_enc, .stride = sk,
-                            .bad = e->d_bad, .len_out = kfix ? NULL : e->d_len,
+    kvs_cuda_sections ks = {.n = (uint32_t)n,
+                            .t = t,
+                            .layer = e->d_layers,
+                            .raw = (const uint16_t *)e->d_raw,
+                            .raw_out = (uint16_t *)e->d_raw,
+                            .enc = e->d_enc,
+                            .enc_out = e->d_enc,
+                            .stride = sk,
+                            .bad = e->d_bad,
+                            .len_out = kfix ? NULL : e->d_len,
                             .len = kfix ? NULL : e->d_len};
     kvs_cuda_sections vs = ks;
     vs.raw = (const uint16_t *)e->d_raw + n * sec;
@@ -239,42 +266,57 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
             uint32_t b = 0;
             for (job *j = list; j; j = j->next, b++) {
-                ENGINE_TRY(e, cudaMemcpyAsync(j->slot, e->d_enc + b * nl * sk, nl * sk,
-                                              cudaMemcpyDeviceToDevice, e->st), err);
-                ENGINE_TRY(e, cudaMemcpyAsync(j->slot + nl * sk, e->d_enc + n * sk + b * nl * sv,
-                                              nl * sv, cudaMemcpyDeviceToDevice, e->st), err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(j->slot, e->d_enc + b * nl * sk, nl * sk,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(j->slot + nl * sk, e->d_enc + n * sk + b * nl * sv,
+                                           nl * sv, cudaMemcpyDeviceToDevice, e->st),
+                           err);
             }
         } else {
-            ENGINE_TRY(e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost,
-                                          e->st), err);
+            ENGINE_TRY(
+                e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st),
+                err);
         }
-        ENGINE_TRY(e, cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
-                                      cudaMemcpyDeviceToHost, e->st), err);
+        ENGINE_TRY(e,
+                   cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
+                                   cudaMemcpyDeviceToHost, e->st),
+                   err);
     } else {
         if (dev) { /* gather the layers asked for from the slots */
             uint32_t b = 0, L = kvs_codec_spec(k)->layers;
             for (job *j = list; j; j = j->next, b++) {
-                ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot + j->lb * sk,
-                                              nl * sk, cudaMemcpyDeviceToDevice, e->st), err);
-                ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
-                                              j->slot + L * sk + j->lb * sv, nl * sv,
-                                              cudaMemcpyDeviceToDevice, e->st), err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot + j->lb * sk, nl * sk,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
+                                           j->slot + L * sk + j->lb * sv, nl * sv,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
             }
         } else {
-            ENGINE_TRY(e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice,
-                                          e->st), err);
+            ENGINE_TRY(
+                e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st),
+                err);
         }
         if (!kfix || !vfix)
-            ENGINE_TRY(e, cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
-                                          cudaMemcpyHostToDevice, e->st), err);
+            ENGINE_TRY(e,
+                       cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
+                                       cudaMemcpyHostToDevice, e->st),
+                       err);
         if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
             return rc;
         if ((rc = move_raw(e, list, nl, n, sec, false, err)))
             return rc;
     }
-    ENGINE_TRY(e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad,
-                                  cudaMemcpyDeviceToHost, e->st), err);
+    ENGINE_TRY(
+        e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
+        err);
     ENGINE_TRY(e, cudaStreamSynchronize(e->st), err);
     if (encode) { /* fixed-size codecs leave their lengths implicit */
         for (size_t i = 0; i < n && kfix; i++)
@@ -521,8 +563,7 @@ static int alloc_all(kvs_engine *e, kvs_err *err)
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_layers, e->max_sections * sizeof *e->h_layers),
                    err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_layers, e->max_sections * sizeof *e->d_layers), err);
-    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_len, 2 * e->max_sections * sizeof *e->h_len),
-                   err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_len, 2 * e->max_sections * sizeof *e->h_len), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_len, 2 * e->max_sections * sizeof *e->d_len), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
@@ -631,8 +672,10 @@ int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
     footprint(j, &raw, &enc);
     if (raw > e->o.staging_bytes || enc > e->o.staging_bytes) {
         free(j);
-        return kvs_err_set(err, KVS_E2BIG, "GPU engine: a block of %zu bytes exceeds the "
-                           "staging of %zu bytes", raw, e->o.staging_bytes);
+        return kvs_err_set(err, KVS_E2BIG,
+                           "GPU engine: a block of %zu bytes exceeds the "
+                           "staging of %zu bytes",
+                           raw, e->o.staging_bytes);
     }
     j->enq_us = now_us();
     pthread_mutex_lock(&e->mu);
@@ -656,15 +699,26 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     if (cap < kvs_block_encoded_max(k, v, t))
         return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_ENCODE, .k = k, .v = v, .t = t, .lb = 0, .le = s->layers,
-               .ns_id = ns_id, .raw_in = raw, .out = out, .cap = cap, .len = len,
-               .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
+    *j = (job){.kind = JOB_ENCODE,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = s->layers,
+               .ns_id = ns_id,
+               .raw_in = raw,
+               .out = out,
+               .cap = cap,
+               .len = len,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
-int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                            size_t len, uint32_t layer_begin, uint32_t layer_end,
-                            kvs_block_info *info, kvs_err *err)
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
+                            kvs_err *err)
 {
     int rc = kvs_format_parse(enc, len, info, err);
     if (rc == 0)
@@ -684,9 +738,10 @@ int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_
         kvs_format_section(enc, l, 0, &p, &n0);
         kvs_format_section(enc, l, 1, &p, &n1);
         if (n0 > sk || n1 > sv || (kfix && n0 != sk) || (vfix && n1 != sv))
-            return kvs_err_set(err, KVS_EPROTO, "encoded block: layer %u sections of %zu/%zu "
-                               "bytes, the codecs write %s%zu/%s%zu", l, n0, n1,
-                               kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
+            return kvs_err_set(err, KVS_EPROTO,
+                               "encoded block: layer %u sections of %zu/%zu "
+                               "bytes, the codecs write %s%zu/%s%zu",
+                               l, n0, n1, kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
     }
     return 0;
 }
@@ -702,9 +757,18 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
     if (rc)
         return rc;
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_DECODE, .k = k, .v = v, .t = info.tokens, .lb = layer_begin,
-               .le = layer_end, .enc = enc, .enc_len = len, .raw_out = raw, .done = done,
-               .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
+    *j = (job){.kind = JOB_DECODE,
+               .k = k,
+               .v = v,
+               .t = info.tokens,
+               .lb = layer_begin,
+               .le = layer_end,
+               .enc = enc,
+               .enc_len = len,
+               .raw_out = raw,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 

@@ -47,10 +47,10 @@ extern "C" {
 typedef struct kvs_engine kvs_engine;
 
 typedef struct kvs_engine_opts {
-    int device;            /* CUDA device ordinal */
-    size_t staging_bytes;  /* pinned staging per direction; bounds a batch (default 256 MiB) */
-    uint32_t max_batch;    /* blocks per batch (default 256) */
-    uint32_t deadline_us;  /* longest wait to fill a batch (default 200) */
+    int device;           /* CUDA device ordinal */
+    size_t staging_bytes; /* pinned staging per direction; bounds a batch (default 256 MiB) */
+    uint32_t max_batch;   /* blocks per batch (default 256) */
+    uint32_t deadline_us; /* longest wait to fill a batch (default 200) */
 } kvs_engine_opts;
 
 /* Starts the engine on opts->device. KVS_ENOTSUP without CUDA or without that device. */
@@ -86,16 +86,15 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
  * kvs_engine_destroy) into *base (a device address). */
 int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err);
 /* Free and total memory of the engine's device, for sizing the tier as a share. */
-int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
-                        kvs_err *err);
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err);
 /* Bytes a block of t tokens takes in a slot (layout above). */
 size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t);
 
 /* Encodes a raw block of t tokens (host, borrowed until done) into the device slot;
  * lens (host, 2L entries, borrowed) receives the section lengths before done runs. */
 int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const uint16_t *raw, void *slot, uint32_t *lens,
-                          kvs_engine_done done, void *arg, kvs_err *err);
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err);
 /* Decodes layers [layer_begin, layer_end) of the block in a device slot (written by
  * kvs_engine_encode_dev with these codecs' state versions) into raw (host). */
 int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,

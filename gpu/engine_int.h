@@ -80,9 +80,9 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
  * layout (kvs_block_check), and every section of layers [layer_begin, layer_end) (0: all)
  * within the codecs' largest (exactly that size for fixed-size codecs, whose kernels do not
  * read lengths). Fills *info. */
-int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                            size_t len, uint32_t layer_begin, uint32_t layer_end,
-                            kvs_block_info *info, kvs_err *err);
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
+                            kvs_err *err);
 /* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
  * reach it without a staging buffer. */
 bool kvs__engine_pinned(const void *p);

@@ -19,8 +19,7 @@ int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *e
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
-int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
-                        kvs_err *err)
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
@@ -30,8 +29,8 @@ size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
            (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
 }
 int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const uint16_t *raw, void *slot, uint32_t *lens,
-                          kvs_engine_done done, void *arg, kvs_err *err)
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
@@ -82,14 +81,13 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     cudaError_t ce = cudaSuccess;
     for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
         if (!j->direct) {
-            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost,
-                                 e->st);
+            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
             continue;
         }
         /* Sections straight to their framed places in the pinned block: K of layer l at
          * prefix + l*(sk+sv), V right after it (fixed sizes: every length is sk or sv). */
-        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot, sk, sk, L,
-                               cudaMemcpyDeviceToHost, e->st);
+        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot, sk, sk, L, cudaMemcpyDeviceToHost,
+                               e->st);
         if (ce == cudaSuccess)
             ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot + L * sk, sv, sv, L,
                                    cudaMemcpyDeviceToHost, e->st);
@@ -146,8 +144,7 @@ int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *e
     return 0;
 }
 
-int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes,
-                        kvs_err *err)
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err)
 {
     size_t f = 0, t = 0;
     KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
@@ -166,16 +163,26 @@ static int check_tokens(const kvs_codec *k, uint32_t t, kvs_err *err)
 }
 
 int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const uint16_t *raw, void *slot, uint32_t *lens,
-                          kvs_engine_done done, void *arg, kvs_err *err)
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err)
 {
     int rc = check_tokens(k, t, err);
     if (rc)
         return rc;
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_ENCODE, .dev = true, .k = k, .v = v, .t = t, .lb = 0,
-               .le = kvs_codec_spec(k)->layers, .raw_in = raw, .slot = slot, .lens = lens,
-               .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
+    *j = (job){.kind = JOB_ENCODE,
+               .dev = true,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = kvs_codec_spec(k)->layers,
+               .raw_in = raw,
+               .slot = slot,
+               .lens = lens,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -192,9 +199,19 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
                            layer_end, L);
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_DECODE, .dev = true, .k = k, .v = v, .t = t, .lb = layer_begin,
-               .le = layer_end, .slot = (uint8_t *)slot, .lens = (uint32_t *)lens,
-               .raw_out = raw, .done = done, .arg = arg, .pinned_raw = kvs__engine_pinned(raw)};
+    *j = (job){.kind = JOB_DECODE,
+               .dev = true,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = layer_begin,
+               .le = layer_end,
+               .slot = (uint8_t *)slot,
+               .lens = (uint32_t *)lens,
+               .raw_out = raw,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -208,9 +225,19 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
     if (cap < kvs_block_encoded_max(k, v, t))
         return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_FETCH, .k = k, .v = v, .t = t, .lb = 0,
-               .le = kvs_codec_spec(k)->layers, .ns_id = ns_id, .slot = (uint8_t *)slot,
-               .lens = (uint32_t *)lens, .out = out, .cap = cap, .len = len, .done = done,
+    *j = (job){.kind = JOB_FETCH,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = kvs_codec_spec(k)->layers,
+               .ns_id = ns_id,
+               .slot = (uint8_t *)slot,
+               .lens = (uint32_t *)lens,
+               .out = out,
+               .cap = cap,
+               .len = len,
+               .done = done,
                .arg = arg,
                .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
                          kvs__engine_pinned(out)};
@@ -250,13 +277,12 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
     b = 0;
     for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
         if (!j->direct) {
-            ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice,
-                                 e->st);
+            ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice, e->st);
             continue;
         }
         /* From the pinned block straight into the slot layout: two strided copies. */
-        ce = cudaMemcpy2DAsync(j->slot, sk, j->enc + prefix, sk + sv, sk, L,
-                               cudaMemcpyHostToDevice, e->st);
+        ce = cudaMemcpy2DAsync(j->slot, sk, j->enc + prefix, sk + sv, sk, L, cudaMemcpyHostToDevice,
+                               e->st);
         if (ce == cudaSuccess)
             ce = cudaMemcpy2DAsync(j->slot + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
                                    cudaMemcpyHostToDevice, e->st);
@@ -307,8 +333,18 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
         return rc;
     size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
     job *j = kvs_xcalloc(1, sizeof *j);
-    *j = (job){.kind = JOB_UPLOAD, .k = k, .v = v, .t = info.tokens, .lb = 0, .le = info.layers,
-               .enc = enc, .enc_len = len, .slot = slot, .lens = lens, .done = done, .arg = arg,
+    *j = (job){.kind = JOB_UPLOAD,
+               .k = k,
+               .v = v,
+               .t = info.tokens,
+               .lb = 0,
+               .le = info.layers,
+               .enc = enc,
+               .enc_len = len,
+               .slot = slot,
+               .lens = lens,
+               .done = done,
+               .arg = arg,
                .direct = regular(enc, info.layers, sk, sv) && kvs__engine_pinned(enc)};
     return kvs__engine_submit(e, j, err);
 }

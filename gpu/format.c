@@ -7,15 +7,33 @@
 
 #include "gpu/spec.h"
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint16_t get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
 static uint32_t get32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
-static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
+static uint64_t get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
 
 size_t kvs_format_prefix_bytes(uint32_t layers)
 {
@@ -96,8 +114,10 @@ int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err
     if (memcmp(b, KVS_FORMAT_MAGIC, 4) != 0)
         return kvs_err_set(err, KVS_EPROTO, "encoded block: bad magic (not a KVS1 block)");
     if (info->version != KVS_FORMAT_VERSION)
-        return kvs_err_set(err, KVS_EPROTO, "encoded block: format version %u unknown (this build "
-                           "reads %d)", info->version, KVS_FORMAT_VERSION);
+        return kvs_err_set(err, KVS_EPROTO,
+                           "encoded block: format version %u unknown (this build "
+                           "reads %d)",
+                           info->version, KVS_FORMAT_VERSION);
     if (info->layers == 0 || info->layers > KVS_MAX_LAYERS || info->kv_heads == 0 ||
         info->kv_heads > KVS_MAX_KV_HEADS || info->head_dim == 0 ||
         info->head_dim > KVS_MAX_HEAD_DIM || info->tokens == 0 ||
@@ -113,8 +133,10 @@ int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err
     for (uint32_t i = 0; i <= 2 * info->layers; i++) {
         uint32_t off = get32(b + KVS_FORMAT_HEADER_BYTES + 4 * i);
         if (off < prev || off > len)
-            return kvs_err_set(err, KVS_EPROTO, "encoded block: section %u offset %u out of order "
-                               "or past the end", i, off);
+            return kvs_err_set(err, KVS_EPROTO,
+                               "encoded block: section %u offset %u out of order "
+                               "or past the end",
+                               i, off);
         prev = off;
     }
     if (prev != len)

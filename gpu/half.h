@@ -52,7 +52,7 @@ KVS_HD uint16_t kvs_f32_to_fp16(float f)
         return (uint16_t)(sign | 0x7C00 | (a > 0x7F800000u ? 0x200 : 0));
     if (a >= 0x477FF000u) /* rounds to >= 65520: overflow to Inf */
         return (uint16_t)(sign | 0x7C00);
-    if (a < 0x38800000u) { /* below the smallest normal 2^-14: subnormal or zero */
+    if (a < 0x38800000u) {   /* below the smallest normal 2^-14: subnormal or zero */
         if (a < 0x33000000u) /* below half the smallest subnormal: 0 (2^-25 ties to 0) */
             return sign;
         uint32_t e = a >> 23, m = (a & 0x7FFFFF) | 0x800000;
@@ -105,7 +105,7 @@ KVS_HD uint8_t kvs_f32_to_fp8(float f)
         return (uint8_t)(sign | 0x7F);
     if (a >= 0x43E00000u) /* >= 448 (and Inf): saturate */
         return (uint8_t)(sign | 0x7E);
-    if (a < 0x3C800000u) { /* below 2^-6, the smallest normal: subnormal, unit 2^-9 */
+    if (a < 0x3C800000u) {   /* below 2^-6, the smallest normal: subnormal, unit 2^-9 */
         if (a < 0x3A800000u) /* below 2^-10 = half the smallest subnormal: 0 (tie to even) */
             return sign;
         uint32_t e = a >> 23, m = (a & 0x7FFFFF) | 0x800000;

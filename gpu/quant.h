@@ -58,8 +58,7 @@ KVS_HD unsigned kvs_minmax_code(kvs_minmax p, float x, unsigned bits)
 }
 
 /* RotateKV form: parameters and codes of a group (clip ratio c multiplies min and max). */
-KVS_HD kvs_minmax kvs_minmax_params_zp(float mn, float mx, float clip, unsigned bits,
-                                       float *zero)
+KVS_HD kvs_minmax kvs_minmax_params_zp(float mn, float mx, float clip, unsigned bits, float *zero)
 {
     kvs_minmax p;
     float maxq = (float)((1u << bits) - 1);

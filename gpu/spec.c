@@ -14,9 +14,12 @@ size_t kvs_dtype_size(kvs_dtype dtype)
 const char *kvs_dtype_name(kvs_dtype dtype)
 {
     switch (dtype) {
-    case KVS_DTYPE_FP16: return "fp16";
-    case KVS_DTYPE_BF16: return "bf16";
-    default: return "unspecified";
+    case KVS_DTYPE_FP16:
+        return "fp16";
+    case KVS_DTYPE_BF16:
+        return "bf16";
+    default:
+        return "unspecified";
     }
 }
 
@@ -110,8 +113,7 @@ int kvs_key_validate(size_t key_len, kvs_err *err)
     return 0;
 }
 
-int kvs_payload_check_finite(const kvs_ns_spec *s, uint32_t tokens, const void *data,
-                             kvs_err *err)
+int kvs_payload_check_finite(const kvs_ns_spec *s, uint32_t tokens, const void *data, kvs_err *err)
 {
     /* fp16 and bf16 both flag NaN/Inf with an all-ones exponent; only its width differs. */
     const uint16_t mask = s->dtype == KVS_DTYPE_BF16 ? 0x7F80 : 0x7C00;
@@ -134,7 +136,7 @@ int kvs_payload_check_finite(const kvs_ns_spec *s, uint32_t tokens, const void *
             uint32_t tok = (uint32_t)(r / hd % tokens);
             uint32_t kv = (uint32_t)(r / (hd * tokens) % 2);
             uint32_t layer = (uint32_t)(r / (hd * tokens * 2));
-            bool nan = (x[i] & (uint16_t)~(mask | 0x8000)) != 0;
+            bool nan = (x[i] & (uint16_t) ~(mask | 0x8000)) != 0;
             return kvs_err_set(err, KVS_EINVAL,
                                "payload: %s at layer %u, %s, token %u, head %u, channel %u",
                                nan ? "NaN" : (x[i] & 0x8000 ? "-Inf" : "+Inf"), layer,

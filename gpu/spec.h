@@ -18,8 +18,8 @@
 extern "C" {
 #endif
 
-#define KVS_NAME_MAX 64      /* namespace name: 1..64 of [A-Za-z0-9._-] */
-#define KVS_KEY_MAX 64       /* block key: 1..64 opaque bytes */
+#define KVS_NAME_MAX 64 /* namespace name: 1..64 of [A-Za-z0-9._-] */
+#define KVS_KEY_MAX 64  /* block key: 1..64 opaque bytes */
 #define KVS_CODEC_NAME_MAX 31
 
 /* Limits on a layout; generous for today's models, small enough that every product of

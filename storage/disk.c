@@ -13,10 +13,10 @@
  *  4. A put never starts a transaction it expects to fail for room: it first checks its
  *     pages (estimated from above) plus HEADROOM against the map's free pages and the
  *     filesystem's free bytes plus the file's own free pages, and answers KVS_ENOSPC if
- *     they do not fit. The headroom (HEADROOM_MAX) is for deletions, which skip the check: on a full
- *     disk the store can always evict, and deleting never fails for lack of room (unless
- *     something else fills the filesystem, which no check here can prevent; then the
- *     failed transaction leaves LMDB as it was and the caller retries).
+ *     they do not fit. The headroom (HEADROOM_MAX) is for deletions, which skip the check: on a
+ * full disk the store can always evict, and deleting never fails for lack of room (unless something
+ * else fills the filesystem, which no check here can prevent; then the failed transaction leaves
+ * LMDB as it was and the caller retries).
  */
 #include "storage/disk.h"
 
@@ -39,9 +39,9 @@
 #include "gpu/spec.h"
 #include "storage/disk_int.h"
 
-#define SCAN_CHUNK 4096              /* records per read transaction of a scan */
-#define DEL_CHUNK 4096               /* deletes per write transaction of ns_del */
-#define LMDB_KEY_MAX 511             /* LMDB's compile-time key limit (mdb_env_get_maxkeysize) */
+#define SCAN_CHUNK 4096  /* records per read transaction of a scan */
+#define DEL_CHUNK 4096   /* deletes per write transaction of ns_del */
+#define LMDB_KEY_MAX 511 /* LMDB's compile-time key limit (mdb_env_get_maxkeysize) */
 #define BKEY_MAX (4 + KVS_KEY_MAX)
 #define NKEY_MAX (4 + KVS_DISK_NS_REC_MAX)
 #define LOG_BAD_MAX 8 /* bad records logged one by one per scan */
@@ -50,7 +50,6 @@
  * the free list that grows by the pages it frees). A few MiB cover a deletion of
  * thousands of records; a tiny map (tests) keeps a sixteenth. */
 #define HEADROOM_MAX (4 * MIB)
-
 
 void kvs__disk_log(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
 {
@@ -332,8 +331,8 @@ static int room_locked(kvs_disk *d, uint64_t need, kvs_err *err)
         struct stat fst;
         if (fstatat(d->dirfd, "data.mdb", &fst, 0) != 0)
             return kvs__disk_sys_fail(d->path, "stat data.mdb", err);
-        fs = d->test_fs_limit > (uint64_t)fst.st_size ? d->test_fs_limit - (uint64_t)fst.st_size
-                                                        : 0;
+        fs =
+            d->test_fs_limit > (uint64_t)fst.st_size ? d->test_fs_limit - (uint64_t)fst.st_size : 0;
     } else {
         struct statvfs sv;
         if (fstatvfs(d->dirfd, &sv) != 0)
@@ -380,9 +379,10 @@ static int put_batch(kvs_disk *d, const kvs_disk_item *items, size_t n, bool dur
         kvs_err why;
         if (!it->bytes || check_header(it->bytes, it->len, it->ns_id, &info, &why)) {
             char h[40];
-            return kvs_err_set(
-                err, KVS_EINVAL, "disk put: item %zu (namespace %" PRIu32 ", key %s): %s", i,
-                it->ns_id, kvs__disk_hex(it->key, it->key_len, h), it->bytes ? why.msg : "no bytes");
+            return kvs_err_set(err, KVS_EINVAL,
+                               "disk put: item %zu (namespace %" PRIu32 ", key %s): %s", i,
+                               it->ns_id, kvs__disk_hex(it->key, it->key_len, h),
+                               it->bytes ? why.msg : "no bytes");
         }
     }
     if (n == 0)
@@ -497,7 +497,8 @@ static uint64_t drop_bad(kvs_disk *d, const bad_key *bad, size_t n)
         dropped += here;
         continue;
     failed:
-        kvs__disk_log(d, KVS_LOG_ERROR, "disk tier %s: could not drop bad blocks: %s", d->path, err.msg);
+        kvs__disk_log(d, KVS_LOG_ERROR, "disk tier %s: could not drop bad blocks: %s", d->path,
+                      err.msg);
         break;
     }
     return dropped;
@@ -532,9 +533,9 @@ int kvs_disk_get(kvs_disk *d, uint32_t ns_id, const void *key, size_t key_len, k
         mdb_txn_abort(txn);
         atomic_fetch_add(&d->checksum_failures, 1);
         kvs__disk_log(d, KVS_LOG_WARN,
-             "disk tier %s: block %s of namespace %" PRIu32 " is bad (%s): "
-             "dropped",
-             d->path, h, ns_id, why.msg);
+                      "disk tier %s: block %s of namespace %" PRIu32 " is bad (%s): "
+                      "dropped",
+                      d->path, h, ns_id, why.msg);
         drop_bad(d, &bk, 1);
         return kvs_err_set(err, KVS_EDATALOSS,
                            "disk tier: block %s of namespace %" PRIu32 ": %s: dropped", h, ns_id,
@@ -600,8 +601,9 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
                 uint64_t nfail = atomic_fetch_add(&d->checksum_failures, 1);
                 char h[40];
                 if (nfail < LOG_BAD_MAX)
-                    kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: scan: record %s is bad (%s): dropping",
-                         d->path, kvs__disk_hex(k.mv_data, k.mv_size, h), why.msg);
+                    kvs__disk_log(d, KVS_LOG_WARN,
+                                  "disk tier %s: scan: record %s is bad (%s): dropping", d->path,
+                                  kvs__disk_hex(k.mv_data, k.mv_size, h), why.msg);
                 if (nbad == cap) {
                     size_t ncap = cap ? 2 * cap : 64;
                     bad_key *nb = realloc(bad, ncap * sizeof *nb);
@@ -653,8 +655,8 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
     }
     if (nbad) {
         si.dropped = drop_bad(d, bad, nbad);
-        kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: scan dropped %" PRIu64 " bad records", d->path,
-             si.dropped);
+        kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: scan dropped %" PRIu64 " bad records",
+                      d->path, si.dropped);
     }
     free(bad);
     if (info)
@@ -741,9 +743,9 @@ int kvs_disk_ns_list(kvs_disk *d, kvs_disk_ns_fn fn, void *arg, kvs_err *err)
         if (k.mv_size < 4 || k.mv_size > NKEY_MAX) {
             char h[40];
             kvs__disk_log(d, KVS_LOG_WARN,
-                 "disk tier %s: namespace record with a malformed key %s: "
-                 "skipped",
-                 d->path, kvs__disk_hex(k.mv_data, k.mv_size, h));
+                          "disk tier %s: namespace record with a malformed key %s: "
+                          "skipped",
+                          d->path, kvs__disk_hex(k.mv_data, k.mv_size, h));
             continue;
         }
         const uint8_t *kb = k.mv_data;

@@ -140,8 +140,8 @@ typedef struct kvs_disk_key {
  * KVS_EINVAL names the item. KVS_ENOSPC: the map or the filesystem has no room for
  * the batch with a few MiB to spare for deletions (checked before the transaction starts:
  * disk.c invariant 4), or LMDB found it full anyway; nothing was written: evict and retry
- * (deletions skip the check and use the spare room, so they succeed on a full disk). KVS_E2BIG: too many pages for
- * one transaction: split the batch. KVS_EIO: any other failure, with LMDB's text,
+ * (deletions skip the check and use the spare room, so they succeed on a full disk). KVS_E2BIG: too
+ * many pages for one transaction: split the batch. KVS_EIO: any other failure, with LMDB's text,
  * counted in write_errors. Blocks: it waits for the writer lock and, in synced mode,
  * for fdatasync.
  * Evict-then-retry works: LMDB reuses the pages freed by a transaction only from the

@@ -22,7 +22,7 @@ struct kvs_disk {
     char *path; /* owned */
     char identity[KVS_DISK_IDENTITY_MAX + 1];
     bool broken; /* kvs_disk_open: the refusal is a broken data.mdb (opts.reset_broken) */
-    bool lazy; /* commits are not flushed whole (nosync, nometasync): sync explicitly */
+    bool lazy;   /* commits are not flushed whole (nosync, nometasync): sync explicitly */
     bool mu_init;
     pthread_mutex_t wmu; /* the one writer (invariant 2) */
     unsigned fail_nth;   /* fault injection countdown, under wmu */

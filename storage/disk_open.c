@@ -299,9 +299,7 @@ static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *
     if ((rc = mdb_env_set_mapsize(d->env, map)) || (rc = mdb_env_set_maxdbs(d->env, 4)) ||
         (rc = mdb_env_set_maxreaders(d->env, o->max_readers ? o->max_readers : 512)))
         return kvs__disk_open_fail(p, rc, "configuring the environment", err);
-    unsigned flags = MDB_NOTLS | (o->nosync        ? MDB_NOSYNC
-                                  : o->nometasync ? MDB_NOMETASYNC
-                                                  : 0);
+    unsigned flags = MDB_NOTLS | (o->nosync ? MDB_NOSYNC : o->nometasync ? MDB_NOMETASYNC : 0);
     if ((rc = mdb_env_open(d->env, p, flags, 0600))) {
         mdb_env_close(d->env); /* LMDB: close even when open fails */
         d->env = NULL;
@@ -347,8 +345,10 @@ static int open_env(kvs_disk *d, const kvs_disk_opts *o, uint64_t map, kvs_err *
     MDB_envinfo ei;
     mdb_env_info(d->env, &ei);
     kvs__disk_log(d, KVS_LOG_INFO, "disk tier %s: %s, map %" PRIu64 " MiB, %s commits", p,
-         fresh ? "new environment" : "opened", (uint64_t)ei.me_mapsize / MIB,
-         o->nosync ? "unsynced" : o->nometasync ? "data-synced" : "synced");
+                  fresh ? "new environment" : "opened", (uint64_t)ei.me_mapsize / MIB,
+                  o->nosync       ? "unsynced"
+                  : o->nometasync ? "data-synced"
+                                  : "synced");
     return 0;
 fail:
     mdb_txn_abort(txn);
@@ -363,7 +363,8 @@ fail:
 static int judge_files(kvs_disk *d, const kvs_disk_opts *o, const dir_files *f, kvs_err *err)
 {
     if (f->kept)
-        kvs__disk_log(d, KVS_LOG_WARN, "disk tier %s: holds %u " KEPT_PREFIX "* file%s from "
+        kvs__disk_log(d, KVS_LOG_WARN,
+                      "disk tier %s: holds %u " KEPT_PREFIX "* file%s from "
                       "an earlier --data-dir-reset (not read; remove once no longer needed)",
                       d->path, f->kept, f->kept > 1 ? "s" : "");
     if (f->data && f->data_bytes == 0) {
@@ -376,7 +377,8 @@ static int judge_files(kvs_disk *d, const kvs_disk_opts *o, const dir_files *f, 
         d->broken = true;
         return kvs_err_set(err, KVS_EPROTO,
                            "disk tier %s: lock.mdb but no data.mdb: its store is gone; "
-                           "refused (%s)", d->path, RESET_HINT);
+                           "refused (%s)",
+                           d->path, RESET_HINT);
     }
     int rc = f->data_bytes > 0 ? inspect_locked(d, o, f->data_bytes, err) : 0;
     if (rc && d->broken && err) {
@@ -488,4 +490,3 @@ const char *kvs_disk_identity(const kvs_disk *d)
 {
     return d->identity;
 }
-

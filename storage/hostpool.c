@@ -40,18 +40,22 @@ int kvs_hostpool_create(const kvs_hostpool_opts *opts, kvs_hostpool **out, kvs_e
 {
     uint64_t slab = opts->slab_bytes ? opts->slab_bytes : (uint64_t)64 << 20;
     if (slab < MIN_SLOT || slab % 4096 || slab > UINT32_MAX)
-        return kvs_err_set(err, KVS_EINVAL, "host pool: slab of %llu bytes (4 KiB multiples "
-                           "up to 4 GiB)", (unsigned long long)slab);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "host pool: slab of %llu bytes (4 KiB multiples "
+                           "up to 4 GiB)",
+                           (unsigned long long)slab);
     uint64_t n = (opts->max_bytes + slab - 1) / slab;
     if (n == 0 || n > (1u << 24))
         return kvs_err_set(err, KVS_EINVAL, "host pool: %llu bytes is not 1..%llu slabs of %llu",
                            (unsigned long long)opts->max_bytes, 1ull << 24,
                            (unsigned long long)slab);
-    void *base = mmap(NULL, n * slab, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
+    void *base =
+        mmap(NULL, n * slab, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED)
-        return kvs_err_set(err, KVS_ENOMEM, "host pool: reserving %llu bytes of address space "
-                           "failed", (unsigned long long)(n * slab));
+        return kvs_err_set(err, KVS_ENOMEM,
+                           "host pool: reserving %llu bytes of address space "
+                           "failed",
+                           (unsigned long long)(n * slab));
     kvs_hostpool *p = kvs_xcalloc(1, sizeof *p);
     p->o = *opts;
     p->o.slab_bytes = slab;

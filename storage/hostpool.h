@@ -34,8 +34,8 @@ typedef int (*kvs_hostpool_pin_fn)(void *ctx, void *addr, size_t bytes, kvs_err 
 typedef void (*kvs_hostpool_unpin_fn)(void *ctx, void *addr, size_t bytes);
 
 typedef struct kvs_hostpool_opts {
-    uint64_t max_bytes;  /* address space reserved (rounded up to whole slabs) */
-    uint64_t slab_bytes; /* 0: 64 MiB */
+    uint64_t max_bytes;          /* address space reserved (rounded up to whole slabs) */
+    uint64_t slab_bytes;         /* 0: 64 MiB */
     kvs_hostpool_pin_fn pin;     /* may be NULL: slabs are committed but not pinned */
     kvs_hostpool_unpin_fn unpin; /* with pin */
     void *ctx;

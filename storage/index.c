@@ -55,8 +55,7 @@ static int same(const kvs_index_node *n, uint64_t hash, uint32_t ns_id, const vo
            memcmp(n->key, key, key_len) == 0;
 }
 
-kvs_index_node *kvs_index_find(const kvs_index *ix, uint32_t ns_id, const void *key,
-                               size_t key_len)
+kvs_index_node *kvs_index_find(const kvs_index *ix, uint32_t ns_id, const void *key, size_t key_len)
 {
     uint64_t h = hash_of(ns_id, key, key_len);
     for (kvs_index_node *n = ix->ix_buckets[h & (ix->ix_nbuckets - 1)]; n; n = n->next)

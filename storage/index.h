@@ -18,7 +18,7 @@ typedef struct kvs_index_node {
     struct kvs_index_node *next; /* private: bucket chain */
     uint64_t hash;               /* private: cached hash of (ns_id, key) */
     uint32_t ns_id;
-    uint8_t key_len;             /* 1..KVS_KEY_MAX */
+    uint8_t key_len; /* 1..KVS_KEY_MAX */
     uint8_t key[KVS_KEY_MAX];
 } kvs_index_node;
 

@@ -154,8 +154,10 @@ int kvs_learn_queries(kvs_learn *ln, kvs_ns *ns, uint32_t q_heads, uint32_t n, c
                       uint32_t *version, kvs_err *err)
 {
     if (!ln || ln->key_codec != KVS_CODEC_SQUAT)
-        return kvs_err_set(err, KVS_EINVAL, "namespace: key codec '%s' learns nothing from "
-                           "queries (only squat-* does)", kvs_ns_spec_of(ns)->key_codec);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "namespace: key codec '%s' learns nothing from "
+                           "queries (only squat-* does)",
+                           kvs_ns_spec_of(ns)->key_codec);
     void *part;
     size_t len;
     int rc = kvs_squat_state_from_queries(&ln->spec, q_heads, q, n, &part, &len, err);

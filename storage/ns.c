@@ -45,7 +45,10 @@ void kvs_ns_unref(kvs_ns *ns)
     }
 }
 
-const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns) { return &ns->spec; }
+const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns)
+{
+    return &ns->spec;
+}
 const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv)
 {
     unsigned n = atomic_load_explicit(&((kvs_ns *)ns)->ncodecs[kv], memory_order_acquire);
@@ -75,10 +78,22 @@ int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err)
     atomic_store_explicit(&ns->ncodecs[kv], n + 1, memory_order_release);
     return 0;
 }
-uint32_t kvs_ns_id(const kvs_ns *ns) { return ns->id; }
-bool kvs_ns_dropped(const kvs_ns *ns) { return ns->dropped; }
-kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns) { return &ns->usage; }
-kvs_learn *kvs_ns_learner(const kvs_ns *ns) { return ns->learn; }
+uint32_t kvs_ns_id(const kvs_ns *ns)
+{
+    return ns->id;
+}
+bool kvs_ns_dropped(const kvs_ns *ns)
+{
+    return ns->dropped;
+}
+kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns)
+{
+    return &ns->usage;
+}
+kvs_learn *kvs_ns_learner(const kvs_ns *ns)
+{
+    return ns->learn;
+}
 
 kvs_ns_registry *kvs_ns_registry_create(void)
 {
@@ -165,6 +180,12 @@ kvs_ns *kvs_ns_registry_remove(kvs_ns_registry *reg, const char *name)
     return ns;
 }
 
-size_t kvs_ns_registry_count(const kvs_ns_registry *reg) { return reg->count; }
+size_t kvs_ns_registry_count(const kvs_ns_registry *reg)
+{
+    return reg->count;
+}
 
-kvs_ns *kvs_ns_registry_at(kvs_ns_registry *reg, size_t i) { return reg->items[i]; }
+kvs_ns *kvs_ns_registry_at(kvs_ns_registry *reg, size_t i)
+{
+    return reg->items[i];
+}

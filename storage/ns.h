@@ -53,8 +53,8 @@ int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err);
 /* The namespace's online learner of codec state (NULL if its codecs learn nothing). */
 kvs_learn *kvs_ns_learner(const kvs_ns *ns);
 uint32_t kvs_ns_id(const kvs_ns *ns);
-bool kvs_ns_dropped(const kvs_ns *ns);                /* guarded by the store lock */
-kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns);            /* guarded by the store lock */
+bool kvs_ns_dropped(const kvs_ns *ns);     /* guarded by the store lock */
+kvs_ns_usage *kvs_ns_usage_of(kvs_ns *ns); /* guarded by the store lock */
 
 typedef struct kvs_ns_registry kvs_ns_registry;
 
@@ -63,8 +63,8 @@ kvs_ns_registry *kvs_ns_registry_create(void);
 void kvs_ns_registry_destroy(kvs_ns_registry *reg);
 
 /* Registers a validated spec with its two codecs and its learner (may be NULL; ownership
- * of all three passes to the namespace on success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
- * a new reference. KVS_EEXIST if the name is taken. */
+ * of all three passes to the namespace on success; on failure the caller keeps them) under a fresh
+ * id; *out (may be NULL) receives a new reference. KVS_EEXIST if the name is taken. */
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
                         kvs_learn *learn, kvs_ns **out, kvs_err *err);
 /* Borrowed pointer (no reference taken), or NULL. */

@@ -38,9 +38,10 @@ int kvs_slots_create(uintptr_t base, uint64_t capacity, uint64_t slab_bytes, kvs
                      kvs_err *err)
 {
     if (slab_bytes == 0 || capacity / slab_bytes == 0)
-        return kvs_err_set(err, KVS_EINVAL, "slots: capacity of %llu bytes holds no slab of "
-                           "%llu bytes", (unsigned long long)capacity,
-                           (unsigned long long)slab_bytes);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "slots: capacity of %llu bytes holds no slab of "
+                           "%llu bytes",
+                           (unsigned long long)capacity, (unsigned long long)slab_bytes);
     if (capacity / slab_bytes >= NONE)
         return kvs_err_set(err, KVS_EINVAL, "slots: too many slabs");
     kvs_slots *s = kvs_xcalloc(1, sizeof *s);
@@ -109,18 +110,19 @@ bool kvs_slots_can_alloc(const kvs_slots *s, uint32_t id, uint64_t slot_bytes)
     return (c && c->partial != NONE) || s->free_count > 0;
 }
 
-int kvs_slots_alloc(kvs_slots *s, uint32_t id, uint64_t slot_bytes, uintptr_t *addr,
-                    kvs_err *err)
+int kvs_slots_alloc(kvs_slots *s, uint32_t id, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err)
 {
     if (slot_bytes == 0 || slot_bytes > s->slab_bytes)
-        return kvs_err_set(err, KVS_EINVAL, "slots: a slot of %llu bytes does not fit a slab "
-                           "of %llu", (unsigned long long)slot_bytes,
-                           (unsigned long long)s->slab_bytes);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "slots: a slot of %llu bytes does not fit a slab "
+                           "of %llu",
+                           (unsigned long long)slot_bytes, (unsigned long long)s->slab_bytes);
     cls *c = find_class(s, id);
     if (c && c->slabs && c->slot_bytes != slot_bytes)
-        return kvs_err_set(err, KVS_EINVAL, "slots: class %u holds slots of %llu bytes, not "
-                           "%llu", id, (unsigned long long)c->slot_bytes,
-                           (unsigned long long)slot_bytes);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "slots: class %u holds slots of %llu bytes, not "
+                           "%llu",
+                           id, (unsigned long long)c->slot_bytes, (unsigned long long)slot_bytes);
     if (!c) {
         if (s->nclasses == s->cap_classes) {
             uint32_t cap = s->cap_classes ? 2 * s->cap_classes : 8;
@@ -183,7 +185,19 @@ void kvs_slots_free(kvs_slots *s, uintptr_t addr)
     }
 }
 
-uint64_t kvs_slots_capacity(const kvs_slots *s) { return (uint64_t)s->nslabs * s->slab_bytes; }
-uint64_t kvs_slots_used(const kvs_slots *s) { return s->used; }
-uint64_t kvs_slots_slab_bytes(const kvs_slots *s) { return s->slab_bytes; }
-uint32_t kvs_slots_free_slabs(const kvs_slots *s) { return s->free_count; }
+uint64_t kvs_slots_capacity(const kvs_slots *s)
+{
+    return (uint64_t)s->nslabs * s->slab_bytes;
+}
+uint64_t kvs_slots_used(const kvs_slots *s)
+{
+    return s->used;
+}
+uint64_t kvs_slots_slab_bytes(const kvs_slots *s)
+{
+    return s->slab_bytes;
+}
+uint32_t kvs_slots_free_slabs(const kvs_slots *s)
+{
+    return s->free_count;
+}

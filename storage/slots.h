@@ -32,8 +32,7 @@ void kvs_slots_destroy(kvs_slots *s);
 /* A slot of slot_bytes (1..slab_bytes) for size class `cls` (e.g. a namespace id: slots of
  * one class share slabs). *addr = its start. KVS_ENOSPC when no slab has room and no free
  * slab is left; KVS_EINVAL when slot_bytes does not fit a slab or changes for a class. */
-int kvs_slots_alloc(kvs_slots *s, uint32_t cls, uint64_t slot_bytes, uintptr_t *addr,
-                    kvs_err *err);
+int kvs_slots_alloc(kvs_slots *s, uint32_t cls, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err);
 /* Returns a slot given by kvs_slots_alloc. */
 void kvs_slots_free(kvs_slots *s, uintptr_t addr);
 /* True if a slot of slot_bytes for cls could be allocated now. */

@@ -11,10 +11,10 @@
 
 #include "gpu/base/mem.h"
 
-#define BATCH_ITEMS 64              /* blocks per write transaction */
-#define BATCH_BYTES (64ull << 20)   /* ...and their bytes */
-#define RUN_MAX 1024                /* deletes per transaction */
-#define ENOSPC_TRIES 4              /* evict-and-retry rounds on a full map */
+#define BATCH_ITEMS 64            /* blocks per write transaction */
+#define BATCH_BYTES (64ull << 20) /* ...and their bytes */
+#define RUN_MAX 1024              /* deletes per transaction */
+#define ENOSPC_TRIES 4            /* evict-and-retry rounds on a full map */
 
 typedef enum op_kind { OP_PUT, OP_COPY, OP_DURABLE, OP_DEL, OP_NS_DEL, OP_MARK } op_kind;
 
@@ -143,8 +143,8 @@ static int del_records(kvs_store *st, const victim *v, size_t n, const char *why
         kvs_err err;
         if ((rc = kvs_disk_del(st->disk, keys, m, NULL, &err))) {
             count_write_error(st, 1);
-            kvs__store_log(st, KVS_LOG_ERROR, "disk tier: deleting %zu records (%s): %s", m,
-                           why, err.msg);
+            kvs__store_log(st, KVS_LOG_ERROR, "disk tier: deleting %zu records (%s): %s", m, why,
+                           err.msg);
         } else {
             i += m;
         }
@@ -166,8 +166,10 @@ static void add_pending(kvs_spill *sp, const victim *v, size_t n)
             cap *= 2;
         victim *nv = realloc(sp->pend, cap * sizeof *nv);
         if (!nv) { /* the records stay until a restart finds and indexes them again */
-            kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: out of memory keeping %zu "
-                           "failed deletions for a retry", n);
+            kvs__store_log(sp->st, KVS_LOG_ERROR,
+                           "disk tier: out of memory keeping %zu "
+                           "failed deletions for a retry",
+                           n);
             return;
         }
         sp->pend = nv;
@@ -276,7 +278,7 @@ static uint64_t make_disk_room(kvs_spill *sp, uint64_t need, uint64_t extra)
             st->stats.disk_evictions++;
             if (b->tier == KVS_STORE_TIER_DISK) {
                 kvs__store_unlink_locked(st, b); /* our reference keeps it to below */
-            } else { /* a host copy without its record now */
+            } else {                             /* a host copy without its record now */
                 b->on_disk = false;
                 st->stats.disk_used -= b->size;
             }
@@ -355,8 +357,8 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
         gone[i] = kvs_ns_dropped(b->ns);
         if (!gone[i] && (durable || b->linked)) {
             at[m] = i;
-            items[m++] = (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data,
-                                         b->size};
+            items[m++] =
+                (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data, b->size};
             bytes += b->size;
         }
     }
@@ -412,8 +414,8 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
             /* Not durable, so not acknowledged: nothing of it may stay; the key goes back
              * to what it was, with the record it replaced if it had one. */
             kvs__store_unlink_locked(st, b);
-            if (b->prev_rec && !kvs_index_find(st->index, b->node.ns_id, b->node.key,
-                                               b->node.key_len)) {
+            if (b->prev_rec &&
+                !kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len)) {
                 kvs_block *d = kvs__disk_entry_new(b);
                 d->tokens = b->prev_tokens;
                 d->size = b->prev_size;
@@ -475,8 +477,10 @@ static void apply_one(kvs_spill *sp, op *o)
     if (o->kind == OP_MARK) {
         o->done(o->arg, 0, NULL);
     } else if (o->kind == OP_NS_DEL && kvs_disk_ns_del(sp->st->disk, o->ns_id, NULL, &err)) {
-        kvs__store_log(sp->st, KVS_LOG_ERROR, "disk tier: dropping namespace id %u: %s "
-                       "(retried before the next batch)", o->ns_id, err.msg);
+        kvs__store_log(sp->st, KVS_LOG_ERROR,
+                       "disk tier: dropping namespace id %u: %s "
+                       "(retried before the next batch)",
+                       o->ns_id, err.msg);
         victim v = {.ns_id = o->ns_id, .key_len = 0};
         add_pending(sp, &v, 1);
     }
@@ -566,8 +570,10 @@ void kvs_spill_destroy(kvs_spill *sp)
     pthread_mutex_unlock(&sp->mu);
     pthread_join(sp->thread, NULL);
     if (sp->npend)
-        kvs__store_log(sp->st, KVS_LOG_WARN, "disk tier: %zu record deletions still failed at "
-                       "shutdown: those blocks come back at the next start", sp->npend);
+        kvs__store_log(sp->st, KVS_LOG_WARN,
+                       "disk tier: %zu record deletions still failed at "
+                       "shutdown: those blocks come back at the next start",
+                       sp->npend);
     free(sp->pend);
     pthread_cond_destroy(&sp->cv);
     pthread_mutex_destroy(&sp->mu);
@@ -655,8 +661,10 @@ int kvs_spill_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, 
     int rc = kvs_disk_get(st->disk, d->node.ns_id, d->node.key, d->node.key_len, view_cb, &v, err);
     bool lost = !v.called && (rc == KVS_ENOTFOUND || rc == KVS_EDATALOSS);
     if (lost && rc == KVS_ENOTFOUND)
-        rc = kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s' (its disk "
-                         "record is gone)", kvs_ns_spec_of(d->ns)->name);
+        rc = kvs_err_set(err, KVS_ENOTFOUND,
+                         "key: not found in namespace '%s' (its disk "
+                         "record is gone)",
+                         kvs_ns_spec_of(d->ns)->name);
     pthread_mutex_lock(&st->mu);
     if (v.called) {
         st->stats.disk_hits++;
@@ -691,11 +699,17 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
         if (!data) {
             free(h);
             h = NULL;
-            rc = kvs_err_set(err, KVS_ENOMEM, "disk tier: cannot allocate %llu bytes to read a "
-                             "block", (unsigned long long)d->size);
+            rc = kvs_err_set(err, KVS_ENOMEM,
+                             "disk tier: cannot allocate %llu bytes to read a "
+                             "block",
+                             (unsigned long long)d->size);
         } else {
-            *h = (kvs_block){.data = data, .ns = kvs_ns_ref(ns), .tokens = d->tokens,
-                             .size = d->size, .tier = KVS_STORE_TIER_DISK, .transient = true};
+            *h = (kvs_block){.data = data,
+                             .ns = kvs_ns_ref(ns),
+                             .tokens = d->tokens,
+                             .size = d->size,
+                             .tier = KVS_STORE_TIER_DISK,
+                             .transient = true};
         }
     }
     if (rc == 0) {

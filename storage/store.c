@@ -103,7 +103,7 @@ static kvs_lru *lru_of(kvs_store *st, const kvs_block *blk)
 {
     return blk->tier == KVS_STORE_TIER_GPU    ? &st->gpu_lru
            : blk->tier == KVS_STORE_TIER_DISK ? &st->disk_lru
-                                               : &st->lru;
+                                              : &st->lru;
 }
 
 kvs_block *kvs__disk_entry_new(const kvs_block *blk)
@@ -270,9 +270,10 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
         kvs_learn_destroy(learn);
     }
     if (rc == 0)
-        kvs__store_log(st, KVS_LOG_INFO, "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)",
-              spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
-              kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec);
+        kvs__store_log(st, KVS_LOG_INFO,
+                       "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)", spec->name,
+                       spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
+                       kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec);
     return rc;
 }
 
@@ -323,7 +324,7 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
     }
     kvs_ns_unref(ns);
     kvs__store_log(st, KVS_LOG_INFO, "namespace '%s' dropped with %llu blocks", name,
-          (unsigned long long)dropped);
+                   (unsigned long long)dropped);
     if (blocks_dropped)
         *blocks_dropped = dropped;
     return 0;
@@ -520,11 +521,26 @@ void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
     blk->raw_bytes = raw_bytes;
 }
 
-void *kvs_block_data(kvs_block *blk) { return blk->data; }
-uint64_t kvs_block_size(const kvs_block *blk) { return blk->size; }
-uint32_t kvs_block_tokens(const kvs_block *blk) { return blk->tokens; }
-kvs_store_tier kvs_block_tier(const kvs_block *blk) { return blk->tier; }
-kvs_ns *kvs_block_ns(const kvs_block *blk) { return blk->ns; }
+void *kvs_block_data(kvs_block *blk)
+{
+    return blk->data;
+}
+uint64_t kvs_block_size(const kvs_block *blk)
+{
+    return blk->size;
+}
+uint32_t kvs_block_tokens(const kvs_block *blk)
+{
+    return blk->tokens;
+}
+kvs_store_tier kvs_block_tier(const kvs_block *blk)
+{
+    return blk->tier;
+}
+kvs_ns *kvs_block_ns(const kvs_block *blk)
+{
+    return blk->ns;
+}
 
 void kvs_store_block_abort(kvs_store *st, kvs_block *blk)
 {
@@ -674,7 +690,8 @@ int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err)
 int kvs_store_view(kvs_store *st, kvs_block *blk, kvs_disk_read_fn fn, void *arg, kvs_err *err)
 {
     if (!kvs_block_unread(blk) || st->promote)
-        return kvs_err_set(err, KVS_EINVAL, "view: only an unread disk block, with promotion "
+        return kvs_err_set(err, KVS_EINVAL,
+                           "view: only an unread disk block, with promotion "
                            "off");
     return kvs_spill_view(st, blk, fn, arg, err);
 }
@@ -716,8 +733,9 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
             forget_locked(st, blk);
         free_now = kvs__store_unref_locked(st, blk);
         pthread_mutex_unlock(&st->mu);
-        kvs__store_log(st, KVS_LOG_ERROR, "namespace '%s': block failed its checksum and was dropped",
-              kvs_ns_spec_of(ns)->name);
+        kvs__store_log(st, KVS_LOG_ERROR,
+                       "namespace '%s': block failed its checksum and was dropped",
+                       kvs_ns_spec_of(ns)->name);
         if (free_now)
             kvs__block_free(blk);
         return kvs_err_set(err, KVS_EDATALOSS,

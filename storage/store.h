@@ -97,28 +97,28 @@ typedef enum kvs_store_tier {
 } kvs_store_tier;
 
 typedef struct kvs_store_opts {
-    uint64_t host_capacity; /* bytes of the host tier */
-    uintptr_t gpu_base;     /* GPU tier region (device address, borrowed), or 0: no GPU tier */
-    uint64_t gpu_capacity;  /* bytes at gpu_base */
-    uint64_t gpu_slab;      /* slab size (0: 64 MiB, at most capacity/4) */
-    unsigned gpu_high_pct;  /* demote above this share of the gpu tier (0: 90) */
-    unsigned gpu_low_pct;   /* ...down to this share (0: 80) */
-    uint32_t calib_tokens;  /* RotateKV calibration tokens N_cal (0 = 4096) */
-    kvs_disk *disk;         /* disk tier (borrowed: opened and closed by the caller, and
-                             * must outlive the store), or NULL: no disk tier */
-    uint64_t disk_capacity; /* byte budget of the disk tier */
-    uint64_t spill_max;     /* most bytes queued for the disk writer (0: host/4) */
-    unsigned host_high_pct; /* with a disk tier: demote host blocks to disk in the
-                             * background above this share of the host tier (0: 90)... */
-    unsigned host_low_pct;  /* ...down to this share (0 with host_high_pct 0: 80) */
-    kvs_hostpool *host_pool; /* host blocks come from this pool (borrowed; outlives the
-                              * store), malloc when it has no room; NULL: malloc */
-    bool no_promote;        /* a Get leaves disk blocks on disk and host blocks in the
-                             * host tier (default: promote them one tier up) */
+    uint64_t host_capacity;      /* bytes of the host tier */
+    uintptr_t gpu_base;          /* GPU tier region (device address, borrowed), or 0: no GPU tier */
+    uint64_t gpu_capacity;       /* bytes at gpu_base */
+    uint64_t gpu_slab;           /* slab size (0: 64 MiB, at most capacity/4) */
+    unsigned gpu_high_pct;       /* demote above this share of the gpu tier (0: 90) */
+    unsigned gpu_low_pct;        /* ...down to this share (0: 80) */
+    uint32_t calib_tokens;       /* RotateKV calibration tokens N_cal (0 = 4096) */
+    kvs_disk *disk;              /* disk tier (borrowed: opened and closed by the caller, and
+                                  * must outlive the store), or NULL: no disk tier */
+    uint64_t disk_capacity;      /* byte budget of the disk tier */
+    uint64_t spill_max;          /* most bytes queued for the disk writer (0: host/4) */
+    unsigned host_high_pct;      /* with a disk tier: demote host blocks to disk in the
+                                  * background above this share of the host tier (0: 90)... */
+    unsigned host_low_pct;       /* ...down to this share (0 with host_high_pct 0: 80) */
+    kvs_hostpool *host_pool;     /* host blocks come from this pool (borrowed; outlives the
+                                  * store), malloc when it has no room; NULL: malloc */
+    bool no_promote;             /* a Get leaves disk blocks on disk and host blocks in the
+                                  * host tier (default: promote them one tier up) */
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
                                   * (0: the policy's default, 10) */
-    kvs_log_fn log;         /* may be NULL */
+    kvs_log_fn log;              /* may be NULL */
     void *log_ctx;
 } kvs_store_opts;
 
@@ -175,8 +175,8 @@ kvs_ns *kvs_block_ns(const kvs_block *blk); /* borrowed: the block holds a refer
 
 /* The GPU side of a GPU-tier block (gpu/engine.h slot layout). */
 typedef struct kvs_block_dev {
-    void *slot;               /* device address of the slot */
-    uint32_t *lens;           /* 2L section lengths: keys of each layer, then values */
+    void *slot;                /* device address of the slot */
+    uint32_t *lens;            /* 2L section lengths: keys of each layer, then values */
     uint32_t k_state, v_state; /* codec state versions the sections were encoded with */
 } kvs_block_dev;
 
@@ -227,8 +227,7 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
  * swaps the gpu block in if blk is still linked (it keeps blk's disk record, if any),
  * else drops it; cancel (upload failed; g may be NULL) leaves blk where it was. Both drop
  * the promoter's reference. */
-bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
-                             kvs_block **out);
+bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out);
 void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g);
 void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g);
 
@@ -285,8 +284,8 @@ int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kv
  * unread (kvs_block_unread: a referenced index entry without bytes; kvs_block_tokens and
  * kvs_block_size are valid) for the caller to finish with kvs_store_read elsewhere (a
  * worker thread). Other blocks come back as kvs_store_get hands them out. */
-int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len,
-                   kvs_block **out, kvs_err *err);
+int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
+                   kvs_err *err);
 /* True for a disk block from kvs_store_find that kvs_store_read has not read yet. */
 bool kvs_block_unread(const kvs_block *blk);
 /* Reads an unread disk block (blocking: one LMDB read transaction and a copy; no lock

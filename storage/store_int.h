@@ -27,22 +27,22 @@ struct kvs_block {
     unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
     bool linked;
     uint32_t tokens;
-    uint64_t size;      /* stored (encoded) bytes; the reservation while FILLING */
-    uint64_t raw_bytes; /* payload bytes the block represents */
-    uint64_t shrink;    /* reserved bytes to give back at commit (kvs_block_set_size) */
-    uint64_t checksum; /* XXH3-64 of data, set at commit (host tier) */
+    uint64_t size;       /* stored (encoded) bytes; the reservation while FILLING */
+    uint64_t raw_bytes;  /* payload bytes the block represents */
+    uint64_t shrink;     /* reserved bytes to give back at commit (kvs_block_set_size) */
+    uint64_t checksum;   /* XXH3-64 of data, set at commit (host tier) */
     unsigned char *data; /* host tier, and a transient disk read; NULL for a disk entry */
     kvs_hostpool *pool;  /* data came from this pinned pool (else malloc) */
     kvs_store_tier tier;
-    bool demoting;       /* picked by kvs_store_gpu_pick (invariant 6) */
-    bool promoting;      /* host block being copied to the gpu tier (kvs_store_promote_*) */
-    bool on_disk;        /* its encoded bytes are a record of the disk tier (invariant 7) */
-    bool queued;         /* a write of it to the disk tier is queued or running (inv. 8) */
-    bool spilled;        /* host block handed to the disk writer: its bytes count in
-                          * st->spill_bytes, not host_used (invariant 8) */
-    bool transient;      /* a disk block read for one reader: never linked, no budget */
-    bool evicting;       /* the disk writer is deleting its record (make_disk_room): not
-                          * promoted meanwhile, so no copy claims a record that goes */
+    bool demoting;  /* picked by kvs_store_gpu_pick (invariant 6) */
+    bool promoting; /* host block being copied to the gpu tier (kvs_store_promote_*) */
+    bool on_disk;   /* its encoded bytes are a record of the disk tier (invariant 7) */
+    bool queued;    /* a write of it to the disk tier is queued or running (inv. 8) */
+    bool spilled;   /* host block handed to the disk writer: its bytes count in
+                     * st->spill_bytes, not host_used (invariant 8) */
+    bool transient; /* a disk block read for one reader: never linked, no budget */
+    bool evicting;  /* the disk writer is deleting its record (make_disk_room): not
+                     * promoted meanwhile, so no copy claims a record that goes */
     /* A durable commit that replaced a block with a disk record (or one being written)
      * keeps that record's size here: if its own write fails, the old record, which is
      * still in LMDB, is indexed again, so the acknowledged block stays (README: durable). */
@@ -58,30 +58,30 @@ struct kvs_store {
     pthread_mutex_t mu;
     kvs_ns_registry *reg;
     kvs_index *index;
-    kvs_lru lru;        /* host tier: every linked host block (for walks; recency order) */
-    kvs_policy *policy; /* host tier eviction order (opts.eviction; invariant 2) */
-    kvs_hostpool *pool; /* borrowed; NULL: host blocks are malloc'ed */
-    kvs_lru gpu_lru;  /* gpu tier */
-    kvs_lru disk_lru; /* disk tier (index entries without payload) */
-    kvs_slots *gpu;   /* NULL without a gpu tier */
+    kvs_lru lru;                /* host tier: every linked host block (for walks; recency order) */
+    kvs_policy *policy;         /* host tier eviction order (opts.eviction; invariant 2) */
+    kvs_hostpool *pool;         /* borrowed; NULL: host blocks are malloc'ed */
+    kvs_lru gpu_lru;            /* gpu tier */
+    kvs_lru disk_lru;           /* disk tier (index entries without payload) */
+    kvs_slots *gpu;             /* NULL without a gpu tier */
     uint64_t gpu_high, gpu_low; /* watermarks in bytes */
     uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
     kvs_disk *disk;             /* borrowed; NULL without a disk tier */
     kvs_spill *spill;           /* the disk writer; NULL without a disk tier */
     uint64_t spill_max;         /* most bytes handed to the writer at once */
     uint64_t host_high, host_low; /* host tier watermarks in bytes (with a disk tier) */
-    bool host_demoting;         /* between crossing host_high and reaching host_low */
-    bool promote;               /* Get of a disk block moves it to the host tier */
-    uint32_t verify_pass;       /* kvs_store_verify passes started (store_admin.c) */
+    bool host_demoting;           /* between crossing host_high and reaching host_low */
+    bool promote;                 /* Get of a disk block moves it to the host tier */
+    uint32_t verify_pass;         /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
     uint32_t calib_tokens;
     kvs_log_fn log;
     void *log_ctx;
 };
 
-#define KVS__BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, node)))
-#define KVS__BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, lru)))
-#define KVS__BLOCK_OF_POL(n) ((kvs_block *)((char *)(n) - offsetof(kvs_block, pol)))
+#define KVS__BLOCK_OF_NODE(n) ((kvs_block *)((char *)(n)-offsetof(kvs_block, node)))
+#define KVS__BLOCK_OF_LRU(n) ((kvs_block *)((char *)(n)-offsetof(kvs_block, lru)))
+#define KVS__BLOCK_OF_POL(n) ((kvs_block *)((char *)(n)-offsetof(kvs_block, pol)))
 
 void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -18,9 +18,9 @@
 struct kvs_tiering {
     kvs_store *st;
     kvs_engine *eng;
-    atomic_bool busy;     /* a round is running */
-    atomic_bool stopping; /* no new rounds */
-    atomic_uint pending;  /* fetches of the running round not yet completed */
+    atomic_bool busy;      /* a round is running */
+    atomic_bool stopping;  /* no new rounds */
+    atomic_uint pending;   /* fetches of the running round not yet completed */
     atomic_uint promoting; /* promotions in flight (and callers inside kvs_tiering_promote) */
 };
 

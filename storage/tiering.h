@@ -1,11 +1,11 @@
 /* Moves between the GPU and host tiers (DESIGN §7). Demotion, in the background: while
  * the GPU tier is above its high watermark, its least recently used idle blocks move to the
  * host tier, down to the low watermark. Promotion: a Get of a host block copies it to the
- * GPU tier while that is below its high watermark (kvs_tiering_promote). The bytes travel through the GPU engine (kvs_engine_fetch_dev: D2H of the
- * slot, framing and checksum on the host); the store swaps the host copy in
- * (kvs_store_demote_commit). Demotion never blocks a Put or Get: a Put that finds the GPU
- * tier full lands in the host tier, and readers of a block being demoted keep using its
- * slot until they let go.
+ * GPU tier while that is below its high watermark (kvs_tiering_promote). The bytes travel through
+ * the GPU engine (kvs_engine_fetch_dev: D2H of the slot, framing and checksum on the host); the
+ * store swaps the host copy in (kvs_store_demote_commit). Demotion never blocks a Put or Get: a Put
+ * that finds the GPU tier full lands in the host tier, and readers of a block being demoted keep
+ * using its slot until they let go.
  *
  * Threading: kvs_tiering_kick may be called from any thread (it returns at once when a
  * round is already running); completions run on the engine thread and start the next

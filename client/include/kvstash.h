@@ -51,11 +51,11 @@ KVS_API const char *kvs_tier_name(kvs_tier tier); /* "none", "gpu", "host", "dis
 /* ------------------------------------------------------------------ connection */
 
 typedef struct kvs_client_opts {
-    const char *target;     /* "127.0.0.1:50051", "unix:/run/kvstash.sock"; NULL = default */
-    const char *token;      /* bearer token sent as "authorization: Bearer <token>"; NULL = none */
-    int64_t timeout_ms;     /* deadline of every call; 0 = 30000 */
-    size_t max_message;     /* max gRPC message size both ways; 0 = 64 MiB */
-    size_t chunk_bytes;     /* payload bytes per Put message; 0 = 1 MiB */
+    const char *target; /* "127.0.0.1:50051", "unix:/run/kvstash.sock"; NULL = default */
+    const char *token;  /* bearer token sent as "authorization: Bearer <token>"; NULL = none */
+    int64_t timeout_ms; /* deadline of every call; 0 = 30000 */
+    size_t max_message; /* max gRPC message size both ways; 0 = 64 MiB */
+    size_t chunk_bytes; /* payload bytes per Put message; 0 = 1 MiB */
 } kvs_client_opts;
 
 /* Creates a client for opts->target (borrowed; copied). Does not wait for the
@@ -102,19 +102,19 @@ KVS_API int kvs_client_get(kvs_client *c, const char *ns, const void *key, size_
  * The first call for a layer has offset 0; a layer is complete when offset + len equals
  * the layer's size. A non-zero return cancels the call and is returned by
  * kvs_client_get_layers(). `hdr` is filled before the first data callback. */
-typedef int (*kvs_layer_cb)(void *ctx, const kvs_get_result *hdr, uint32_t layer,
-                            uint64_t offset, const void *data, size_t len);
+typedef int (*kvs_layer_cb)(void *ctx, const kvs_get_result *hdr, uint32_t layer, uint64_t offset,
+                            const void *data, size_t len);
 
 typedef struct kvs_get_opts {
-    kvs_format format;     /* RAW (default) or ENCODED */
-    uint32_t layer_begin;  /* [layer_begin, layer_end); layer_end = 0 means all layers */
+    kvs_format format;    /* RAW (default) or ENCODED */
+    uint32_t layer_begin; /* [layer_begin, layer_end); layer_end = 0 means all layers */
     uint32_t layer_end;
 } kvs_get_opts;
 
 /* Streams a block layer by layer through cb. opts may be NULL (all layers, RAW). */
-KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key,
-                                  size_t key_len, const kvs_get_opts *opts, kvs_layer_cb cb,
-                                  void *ctx, kvs_get_result *res, kvs_err *err);
+KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                                  const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx,
+                                  kvs_get_result *res, kvs_err *err);
 
 /* Decodes an encoded block (as Get with format ENCODED returns it) on this CPU into raw
  * (caller-owned, cap bytes; layout [L][2][t][H][D] in the namespace dtype), using the
@@ -181,9 +181,12 @@ typedef struct kvs_rpc_stats {
 } kvs_rpc_stats;
 
 typedef struct kvs_stats {
-    kvs_tier_stats tiers[3]; size_t n_tiers;
-    kvs_ns_info *namespaces; size_t n_namespaces; /* owned by the kvs_stats */
-    kvs_rpc_stats *rpcs; size_t n_rpcs;           /* owned by the kvs_stats */
+    kvs_tier_stats tiers[3];
+    size_t n_tiers;
+    kvs_ns_info *namespaces;
+    size_t n_namespaces; /* owned by the kvs_stats */
+    kvs_rpc_stats *rpcs;
+    size_t n_rpcs; /* owned by the kvs_stats */
     uint64_t misses;
     uint64_t uptime_ms;
     char version[32];
@@ -194,7 +197,7 @@ KVS_API int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err);
 KVS_API void kvs_stats_free(kvs_stats *s);
 
 typedef struct kvs_health {
-    bool serving;  /* false while draining */
+    bool serving; /* false while draining */
     char version[32];
     uint64_t uptime_ms;
 } kvs_health;
@@ -258,8 +261,8 @@ KVS_API int kvs_client_evict(kvs_client *c, const char *ns, const kvs_key *keys,
 /* Chained block key (DESIGN §1): out = XXH3-128 (seed 0) over prev (16 bytes; NULL means
  * 16 zero bytes, the key before block 0) followed by tokens[0..n) as little-endian
  * uint32, written in XXH128's canonical (big-endian) form. */
-KVS_API void kvs_key_chain(const uint8_t prev[KVS_CHAIN_KEY_LEN], const uint32_t *tokens,
-                           size_t n, uint8_t out[KVS_CHAIN_KEY_LEN]);
+KVS_API void kvs_key_chain(const uint8_t prev[KVS_CHAIN_KEY_LEN], const uint32_t *tokens, size_t n,
+                           uint8_t out[KVS_CHAIN_KEY_LEN]);
 
 /* Keys of a whole sequence cut into blocks of block_tokens: keys[i] covers tokens
  * [i*block_tokens, min((i+1)*block_tokens, n_tokens)), the last block may be partial.

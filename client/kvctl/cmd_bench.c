@@ -45,7 +45,7 @@ typedef struct worker {
     const bench_cfg *cfg;
     bench_op op;
     unsigned index;
-    bool running; /* started as a thread (else run inline) */
+    bool running;       /* started as a thread (else run inline) */
     op_result *results; /* cfg->blocks slots; this worker writes i % threads == index */
     size_t failures;
     char first_error[KVS_ERR_MSG_LEN + 64];
@@ -147,13 +147,13 @@ static void *worker_main(void *arg)
             r->ms = now_ms() - t0;
         } else {
             kvs_get_result res;
-            rc = kvs_client_get(cfg->cl, cfg->ns, key.bytes, key.len, got, cfg->block_bytes,
-                                &res, &err);
+            rc = kvs_client_get(cfg->cl, cfg->ns, key.bytes, key.len, got, cfg->block_bytes, &res,
+                                &err);
             double t1 = now_ms();
             r->ms = t1 - t0;
             if (rc == 0 && cfg->exact) {
-                r->verified = res.bytes == cfg->block_bytes &&
-                              memcmp(got, expect, cfg->block_bytes) == 0;
+                r->verified =
+                    res.bytes == cfg->block_bytes && memcmp(got, expect, cfg->block_bytes) == 0;
                 if (!r->verified)
                     record_error(w, i, "bytes read back differ from the bytes put");
             } else if (rc == 0) {
@@ -162,8 +162,9 @@ static void *worker_main(void *arg)
                                  : INFINITY;
                 r->verified = r->rel_err < LOSSY_MAX_REL_ERR;
                 if (!r->verified)
-                    record_error(w, i, "block read back is not finite or too far from the one "
-                                       "put for any codec");
+                    record_error(w, i,
+                                 "block read back is not finite or too far from the one "
+                                 "put for any codec");
             }
             w->client_ms += now_ms() - t1;
         }
@@ -307,8 +308,8 @@ static void print_report(const bench_cfg *cfg, const phase_stats *ph, size_t nph
     }
     char b[32];
     printf("bench %s: %zu blocks of %u tokens (%s), %u threads, seed %llu\n\n", cfg->ns,
-           cfg->blocks, cfg->tokens, kvctl_fmt_bytes(cfg->block_bytes, b, sizeof b),
-           cfg->threads, (unsigned long long)cfg->seed);
+           cfg->blocks, cfg->tokens, kvctl_fmt_bytes(cfg->block_bytes, b, sizeof b), cfg->threads,
+           (unsigned long long)cfg->seed);
     kvctl_table t;
     kvctl_table_init(&t, 8, "OP", "COUNT", "OK", "VERIFIED", "OPS/S", "MB/S", "P50 MS", "P99 MS");
     for (size_t i = 0; i < nph; i++) {
@@ -337,7 +338,8 @@ static void print_report(const bench_cfg *cfg, const phase_stats *ph, size_t nph
                 n++;
             }
         printf("\nverified %zu/%zu blocks (lossy codecs: finite, relative L2 error < %.1f; "
-               "mean %.4f)\n", verified, cfg->blocks, LOSSY_MAX_REL_ERR, n ? sum / n : 0.0);
+               "mean %.4f)\n",
+               verified, cfg->blocks, LOSSY_MAX_REL_ERR, n ? sum / n : 0.0);
     }
     if (deleted >= 0)
         printf("deleted %lld blocks\n", deleted);
@@ -360,8 +362,7 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
         if (c == 'p' && !kvctl_parse_u64(optarg, 1, MAX_THREADS, &threads))
             return kvctl_usage(cmd, "--threads: '%s' is not in 1..%d", optarg, MAX_THREADS);
         if (c == 't' && !kvctl_parse_u64(optarg, 1, KVS_MAX_BLOCK_TOKENS, &tokens))
-            return kvctl_usage(cmd, "--tokens: '%s' is not in 1..%d", optarg,
-                               KVS_MAX_BLOCK_TOKENS);
+            return kvctl_usage(cmd, "--tokens: '%s' is not in 1..%d", optarg, KVS_MAX_BLOCK_TOKENS);
         if (c == 's' && !kvctl_parse_u64(optarg, 0, UINT64_MAX, &seed))
             return kvctl_usage(cmd, "--seed: '%s' is not an unsigned integer", optarg);
         if (c == 'k')
@@ -369,7 +370,9 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
     }
     if (argc - optind != 1)
         return kvctl_usage(cmd, "expected one NS, got %d arguments", argc - optind);
-    bench_cfg cfg = {.ns = argv[optind], .seed = seed, .blocks = blocks,
+    bench_cfg cfg = {.ns = argv[optind],
+                     .seed = seed,
+                     .blocks = blocks,
                      .threads = (unsigned)(threads < blocks ? threads : blocks)};
 
     if (kvctl_connect(cmd, g, &cfg.cl) != KVCTL_OK)
@@ -383,7 +386,8 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
     }
     cfg.tokens = tokens ? (uint32_t)tokens : info.spec.block_tokens;
     cfg.dtype = info.spec.dtype;
-    cfg.exact = strcmp(info.spec.key_codec, "none") == 0 && strcmp(info.spec.value_codec, "none") == 0;
+    cfg.exact =
+        strcmp(info.spec.key_codec, "none") == 0 && strcmp(info.spec.value_codec, "none") == 0;
     if (kvs_spec_block_bytes(&info.spec, cfg.tokens, &bytes, &err) != 0 || bytes > SIZE_MAX) {
         kvs_client_close(cfg.cl);
         return kvctl_usage(cmd, "--tokens: %s", err.msg);

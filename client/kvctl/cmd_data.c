@@ -47,8 +47,8 @@ static int read_file(const kvctl_cmd *cmd, const char *path, uint8_t **out, size
 }
 
 /* Tokens of a payload of len bytes in namespace ns, or a usage error naming the sizes. */
-static int derive_tokens(const kvctl_cmd *cmd, const kvs_ns_info *ns, const char *path,
-                         size_t len, uint32_t *tokens)
+static int derive_tokens(const kvctl_cmd *cmd, const kvs_ns_info *ns, const char *path, size_t len,
+                         uint32_t *tokens)
 {
     uint64_t per = kvctl_token_bytes(&ns->spec);
     if (per == 0 || len % per != 0 || len / per == 0 || len / per > ns->spec.block_tokens)
@@ -63,9 +63,9 @@ static int derive_tokens(const kvctl_cmd *cmd, const kvs_ns_info *ns, const char
 
 static int put(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"tokens", required_argument, NULL, 't'}, {"dtype", required_argument, NULL, 'd'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokens", required_argument, NULL, 't'},
+                                         {"dtype", required_argument, NULL, 'd'},
+                                         {0, 0, 0, 0}};
     uint64_t tokens = 0;
     kvs_dtype dtype = KVS_DTYPE_UNSPECIFIED;
     int c;
@@ -107,9 +107,8 @@ static int put(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         }
     }
     kvs_put_result res;
-    if (rc == KVCTL_OK &&
-        kvs_client_put(cl, ns, key.bytes, key.len, (uint32_t)tokens, dtype, data, len, &res,
-                       &err) != 0)
+    if (rc == KVCTL_OK && kvs_client_put(cl, ns, key.bytes, key.len, (uint32_t)tokens, dtype, data,
+                                         len, &res, &err) != 0)
         rc = kvctl_fail(cmd, &err);
     kvs_client_close(cl);
     free(data);
@@ -213,9 +212,10 @@ static int get_local(const kvctl_cmd *cmd, kvs_client *cl, const char *ns, const
 
 static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"layers", required_argument, NULL, 'l'}, {"encoded", no_argument, NULL, 'e'},
-        {"local", no_argument, NULL, 'L'}, {0, 0, 0, 0}};
+    static const struct option opts[] = {{"layers", required_argument, NULL, 'l'},
+                                         {"encoded", no_argument, NULL, 'e'},
+                                         {"local", no_argument, NULL, 'L'},
+                                         {0, 0, 0, 0}};
     kvs_get_opts go = {.format = KVS_FORMAT_RAW};
     bool local = false;
     int c;
@@ -256,8 +256,7 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         rc = get_local(cmd, cl, ns, &key, &s, &res);
     } else if (kvs_client_get_layers(cl, ns, key.bytes, key.len, &go, write_layer, &s, &res,
                                      &err) != 0) {
-        rc = s.error ? kvctl_failf(cmd, "%s: %s", path, strerror(s.error))
-                     : kvctl_fail(cmd, &err);
+        rc = s.error ? kvctl_failf(cmd, "%s: %s", path, strerror(s.error)) : kvctl_fail(cmd, &err);
     }
     kvs_client_close(cl);
     if ((to_stdout ? fflush(s.f) : fclose(s.f)) != 0 && rc == KVCTL_OK)
@@ -283,8 +282,8 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         kvctl_json_close(&j, '}');
     } else {
         char b[32];
-        fprintf(stderr, "get %s %s: %u tokens %s, layers %u:%u, %s %s from %s tier\n", ns,
-                key_arg, res.tokens, kvs_dtype_name(res.dtype), res.layer_begin, res.layer_end,
+        fprintf(stderr, "get %s %s: %u tokens %s, layers %u:%u, %s %s from %s tier\n", ns, key_arg,
+                res.tokens, kvs_dtype_name(res.dtype), res.layer_begin, res.layer_end,
                 kvctl_fmt_bytes(res.bytes, b, sizeof b),
                 res.format == KVS_FORMAT_ENCODED ? "encoded" : "raw", kvs_tier_name(res.tier));
     }

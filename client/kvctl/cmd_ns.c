@@ -11,8 +11,7 @@ uint64_t kvctl_token_bytes(const kvs_ns_spec *spec)
     return kvs_spec_layer_bytes(spec, 1) * spec->layers; /* < 2^31 by the spec limits */
 }
 
-void kvctl_ns_usage(const kvs_ns_info *ns, uint64_t *tokens, double *bytes_per_token,
-                    double *ratio)
+void kvctl_ns_usage(const kvs_ns_info *ns, uint64_t *tokens, double *bytes_per_token, double *ratio)
 {
     uint64_t per = kvctl_token_bytes(&ns->spec);
     *tokens = per ? ns->raw_bytes / per : 0;
@@ -61,12 +60,18 @@ static bool set_codec(char *dst, const char *src)
 static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"layers", required_argument, NULL, 'L'},     {"kv-heads", required_argument, NULL, 'H'},
-        {"head-dim", required_argument, NULL, 'D'},   {"block-tokens", required_argument, NULL, 'T'},
-        {"dtype", required_argument, NULL, 'd'},      {"key-codec", required_argument, NULL, 'k'},
-        {"value-codec", required_argument, NULL, 'v'}, {"codec", required_argument, NULL, 'c'},
-        {"seed", required_argument, NULL, 's'},       {"keys-pre-rope", no_argument, NULL, 'r'},
-        {"durable", no_argument, NULL, 'u'},          {0, 0, 0, 0},
+        {"layers", required_argument, NULL, 'L'},
+        {"kv-heads", required_argument, NULL, 'H'},
+        {"head-dim", required_argument, NULL, 'D'},
+        {"block-tokens", required_argument, NULL, 'T'},
+        {"dtype", required_argument, NULL, 'd'},
+        {"key-codec", required_argument, NULL, 'k'},
+        {"value-codec", required_argument, NULL, 'v'},
+        {"codec", required_argument, NULL, 'c'},
+        {"seed", required_argument, NULL, 's'},
+        {"keys-pre-rope", no_argument, NULL, 'r'},
+        {"durable", no_argument, NULL, 'u'},
+        {0, 0, 0, 0},
     };
     kvs_ns_spec spec = {.dtype = KVS_DTYPE_FP16};
     uint32_t *dims[] = {&spec.layers, &spec.kv_heads, &spec.head_dim, &spec.block_tokens};

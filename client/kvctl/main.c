@@ -29,23 +29,23 @@ static const kvctl_cmd *const COMMANDS[] = {
 
 static void print_overview(FILE *f)
 {
-    fprintf(f,
-            "usage: kvctl [--target ADDR] [--token T] [--timeout-ms N] [--chunk SIZE] [--json]\n"
-            "             COMMAND [ARGS...]\n"
-            "\n"
-            "Administers and debugs a kvstashd daemon.\n"
-            "\n"
-            "global options:\n"
-            "  --target ADDR     daemon address, host:port or unix:PATH (default: $KVSTASH_TARGET,\n"
-            "                    else " DEFAULT_TARGET ")\n"
-            "  --token T         bearer token (the admin token for ns, stats, status, verify,\n"
-            "                    flush and evict)\n"
-            "  --timeout-ms N    deadline of each call (default 30000)\n"
-            "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
-            "  --json            machine-readable output (also accepted after the command)\n"
-            "  --version, --help\n"
-            "\n"
-            "commands:\n");
+    fprintf(
+        f, "usage: kvctl [--target ADDR] [--token T] [--timeout-ms N] [--chunk SIZE] [--json]\n"
+           "             COMMAND [ARGS...]\n"
+           "\n"
+           "Administers and debugs a kvstashd daemon.\n"
+           "\n"
+           "global options:\n"
+           "  --target ADDR     daemon address, host:port or unix:PATH (default: $KVSTASH_TARGET,\n"
+           "                    else " DEFAULT_TARGET ")\n"
+           "  --token T         bearer token (the admin token for ns, stats, status, verify,\n"
+           "                    flush and evict)\n"
+           "  --timeout-ms N    deadline of each call (default 30000)\n"
+           "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
+           "  --json            machine-readable output (also accepted after the command)\n"
+           "  --version, --help\n"
+           "\n"
+           "commands:\n");
     for (size_t i = 0; i < N_COMMANDS; i++)
         fprintf(f, "  %-10s  %s\n", COMMANDS[i]->name, COMMANDS[i]->summary);
     fprintf(f, "\n'kvctl help COMMAND' or 'kvctl COMMAND --help' describes one command.\n"
@@ -145,10 +145,14 @@ static void strip_common(int *argc, char **argv, bool *help)
 static int parse_globals(int argc, char **argv, int *first)
 {
     static const struct option opts[] = {
-        {"target", required_argument, NULL, 't'},  {"token", required_argument, NULL, 'k'},
-        {"timeout-ms", required_argument, NULL, 'T'}, {"chunk", required_argument, NULL, 'c'},
-        {"json", no_argument, NULL, 'j'},          {"help", no_argument, NULL, 'h'},
-        {"version", no_argument, NULL, 'V'},       {0, 0, 0, 0},
+        {"target", required_argument, NULL, 't'},
+        {"token", required_argument, NULL, 'k'},
+        {"timeout-ms", required_argument, NULL, 'T'},
+        {"chunk", required_argument, NULL, 'c'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {0, 0, 0, 0},
     };
     const char *env = getenv("KVSTASH_TARGET");
     g_opts.target = env && env[0] ? env : DEFAULT_TARGET;
@@ -158,9 +162,15 @@ static int parse_globals(int argc, char **argv, int *first)
     while ((c = getopt_long(argc, argv, "+:h", opts, NULL)) != -1) {
         uint64_t v;
         switch (c) {
-        case 't': g_opts.target = optarg; break;
-        case 'k': g_opts.token = optarg; break;
-        case 'j': g_opts.json = true; break;
+        case 't':
+            g_opts.target = optarg;
+            break;
+        case 'k':
+            g_opts.token = optarg;
+            break;
+        case 'j':
+            g_opts.json = true;
+            break;
         case 'T':
             if (!kvctl_parse_u64(optarg, 1, INT64_MAX, &v)) {
                 fprintf(stderr, "kvctl: --timeout-ms: '%s' is not a positive integer\n", optarg);
@@ -175,14 +185,17 @@ static int parse_globals(int argc, char **argv, int *first)
                 return KVCTL_USAGE;
             }
             break;
-        case 'h': print_overview(stdout); return KVCTL_OK;
-        case 'V': printf("kvctl %s\n", KVSTASH_VERSION); return KVCTL_OK;
+        case 'h':
+            print_overview(stdout);
+            return KVCTL_OK;
+        case 'V':
+            printf("kvctl %s\n", KVSTASH_VERSION);
+            return KVCTL_OK;
         case ':':
             fprintf(stderr, "kvctl: option '%s' needs a value\n", argv[optind - 1]);
             return KVCTL_USAGE;
         default:
-            fprintf(stderr, "kvctl: unknown option '%s' (see 'kvctl --help')\n",
-                    argv[optind - 1]);
+            fprintf(stderr, "kvctl: unknown option '%s' (see 'kvctl --help')\n", argv[optind - 1]);
             return KVCTL_USAGE;
         }
     }

@@ -29,8 +29,7 @@ int kvctl_usage(const kvctl_cmd *cmd, const char *fmt, ...)
 
 int kvctl_fail(const kvctl_cmd *cmd, const kvs_err *err)
 {
-    fprintf(stderr, "kvctl: %s: %s\n", cmd->name,
-            err->msg[0] ? err->msg : kvs_strerror(err->code));
+    fprintf(stderr, "kvctl: %s: %s\n", cmd->name, err->msg[0] ? err->msg : kvs_strerror(err->code));
     return KVCTL_FAIL;
 }
 
@@ -111,7 +110,7 @@ bool kvctl_parse_size(const char *s, uint64_t *out)
     static const struct {
         const char *suffix;
         unsigned shift;
-    } units[] = {{"", 0},   {"B", 0},    {"K", 10},   {"KiB", 10}, {"M", 20},
+    } units[] = {{"", 0},     {"B", 0},  {"K", 10},   {"KiB", 10}, {"M", 20},
                  {"MiB", 20}, {"G", 30}, {"GiB", 30}, {"k", 10}};
     for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
         if (strcmp(end, units[i].suffix) != 0)
@@ -320,11 +319,21 @@ void kvctl_json_escape(FILE *f, const char *s)
     fputc('"', f);
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         switch (*p) {
-        case '"': fputs("\\\"", f); break;
-        case '\\': fputs("\\\\", f); break;
-        case '\n': fputs("\\n", f); break;
-        case '\r': fputs("\\r", f); break;
-        case '\t': fputs("\\t", f); break;
+        case '"':
+            fputs("\\\"", f);
+            break;
+        case '\\':
+            fputs("\\\\", f);
+            break;
+        case '\n':
+            fputs("\\n", f);
+            break;
+        case '\r':
+            fputs("\\r", f);
+            break;
+        case '\t':
+            fputs("\\t", f);
+            break;
         default:
             if (*p < 0x20)
                 fprintf(f, "\\u%04x", *p);

@@ -9,13 +9,13 @@
 
 #include "gpu/base/err.h"
 
-#define KVS_CUDA_CHECK(expr, err)                                                             \
-    do {                                                                                      \
-        cudaError_t kvs_cuda_rc_ = (expr);                                                    \
-        if (kvs_cuda_rc_ != cudaSuccess)                                                      \
-            return kvs_err_set((err), KVS_EINTERNAL, "%s: %s (%s) at %s:%d", #expr,           \
-                               cudaGetErrorString(kvs_cuda_rc_), cudaGetErrorName(kvs_cuda_rc_), \
-                               __FILE__, __LINE__);                                           \
+#define KVS_CUDA_CHECK(expr, err)                                                                  \
+    do {                                                                                           \
+        cudaError_t kvs_cuda_rc_ = (expr);                                                         \
+        if (kvs_cuda_rc_ != cudaSuccess)                                                           \
+            return kvs_err_set((err), KVS_EINTERNAL, "%s: %s (%s) at %s:%d", #expr,                \
+                               cudaGetErrorString(kvs_cuda_rc_), cudaGetErrorName(kvs_cuda_rc_),   \
+                               __FILE__, __LINE__);                                                \
     } while (0)
 
 #endif

@@ -54,8 +54,8 @@ const char *kvs_strerror(int code)
     if (code == 0)
         return "success";
     switch (code) {
-#define KVS_ERR_STR(name, val, grpc, msg) \
-    case KVS_##name:                      \
+#define KVS_ERR_STR(name, val, grpc, msg)                                                          \
+    case KVS_##name:                                                                               \
         return msg;
         KVS_ERR_MAP(KVS_ERR_STR)
 #undef KVS_ERR_STR
@@ -70,8 +70,8 @@ const char *kvs_err_name(int code)
     if (code == 0)
         return "OK";
     switch (code) {
-#define KVS_ERR_NAME(name, val, grpc, msg) \
-    case KVS_##name:                       \
+#define KVS_ERR_NAME(name, val, grpc, msg)                                                         \
+    case KVS_##name:                                                                               \
         return "KVS_" #name;
         KVS_ERR_MAP(KVS_ERR_NAME)
 #undef KVS_ERR_NAME
@@ -84,8 +84,8 @@ int kvs_err_grpc_status(int code)
     if (code == 0)
         return 0;
     switch (code) {
-#define KVS_ERR_GRPC(name, val, grpc, msg) \
-    case KVS_##name:                       \
+#define KVS_ERR_GRPC(name, val, grpc, msg)                                                         \
+    case KVS_##name:                                                                               \
         return grpc;
         KVS_ERR_MAP(KVS_ERR_GRPC)
 #undef KVS_ERR_GRPC
@@ -96,18 +96,31 @@ int kvs_err_grpc_status(int code)
 int kvs_err_from_grpc_status(int status)
 {
     switch (status) {
-    case 0: return 0;
-    case 1: return KVS_ECANCELED;
-    case 3: return KVS_EINVAL;
-    case 4: return KVS_ETIMEDOUT;
-    case 5: return KVS_ENOTFOUND;
-    case 6: return KVS_EEXIST;
-    case 7: return KVS_EPERM;
-    case 8: return KVS_ENOSPC;
-    case 12: return KVS_ENOTSUP;
-    case 14: return KVS_EUNAVAIL;
-    case 15: return KVS_EDATALOSS;
-    case 16: return KVS_EUNAUTH;
-    default: return KVS_EINTERNAL;
+    case 0:
+        return 0;
+    case 1:
+        return KVS_ECANCELED;
+    case 3:
+        return KVS_EINVAL;
+    case 4:
+        return KVS_ETIMEDOUT;
+    case 5:
+        return KVS_ENOTFOUND;
+    case 6:
+        return KVS_EEXIST;
+    case 7:
+        return KVS_EPERM;
+    case 8:
+        return KVS_ENOSPC;
+    case 12:
+        return KVS_ENOTSUP;
+    case 14:
+        return KVS_EUNAVAIL;
+    case 15:
+        return KVS_EDATALOSS;
+    case 16:
+        return KVS_EUNAUTH;
+    default:
+        return KVS_EINTERNAL;
     }
 }

@@ -18,22 +18,22 @@ extern "C" {
 #endif
 
 /* XX(name, value, grpc status number, message) */
-#define KVS_ERR_MAP(XX)                                                          \
-    XX(EINVAL, -30001, 3, "invalid argument")                                    \
-    XX(ENOTFOUND, -30002, 5, "not found")                                        \
-    XX(EEXIST, -30003, 6, "already exists")                                      \
-    XX(ENOSPC, -30004, 8, "no room: nothing can be evicted to make space")      \
-    XX(ENOMEM, -30005, 8, "out of memory")                                       \
-    XX(E2BIG, -30006, 8, "message or block over the configured limit")           \
-    XX(EUNAUTH, -30007, 16, "missing or unknown bearer token")                   \
-    XX(EPERM, -30008, 7, "token not allowed for this call")                      \
-    XX(EUNAVAIL, -30009, 14, "server unavailable (draining or unreachable)")     \
-    XX(EDATALOSS, -30010, 15, "stored block failed its checksum and was dropped") \
-    XX(EINTERNAL, -30011, 13, "internal error")                                  \
-    XX(ENOTSUP, -30012, 12, "not supported")                                     \
-    XX(ETIMEDOUT, -30013, 4, "deadline exceeded")                                \
-    XX(ECANCELED, -30014, 1, "cancelled")                                        \
-    XX(EIO, -30015, 13, "I/O error")                                             \
+#define KVS_ERR_MAP(XX)                                                                            \
+    XX(EINVAL, -30001, 3, "invalid argument")                                                      \
+    XX(ENOTFOUND, -30002, 5, "not found")                                                          \
+    XX(EEXIST, -30003, 6, "already exists")                                                        \
+    XX(ENOSPC, -30004, 8, "no room: nothing can be evicted to make space")                         \
+    XX(ENOMEM, -30005, 8, "out of memory")                                                         \
+    XX(E2BIG, -30006, 8, "message or block over the configured limit")                             \
+    XX(EUNAUTH, -30007, 16, "missing or unknown bearer token")                                     \
+    XX(EPERM, -30008, 7, "token not allowed for this call")                                        \
+    XX(EUNAVAIL, -30009, 14, "server unavailable (draining or unreachable)")                       \
+    XX(EDATALOSS, -30010, 15, "stored block failed its checksum and was dropped")                  \
+    XX(EINTERNAL, -30011, 13, "internal error")                                                    \
+    XX(ENOTSUP, -30012, 12, "not supported")                                                       \
+    XX(ETIMEDOUT, -30013, 4, "deadline exceeded")                                                  \
+    XX(ECANCELED, -30014, 1, "cancelled")                                                          \
+    XX(EIO, -30015, 13, "I/O error")                                                               \
     XX(EPROTO, -30016, 13, "protocol error: malformed message")
 
 enum {
@@ -54,8 +54,7 @@ void kvs_err_clear(kvs_err *err);
 
 /* Sets err (if not NULL) to code with a printf-style message and returns code, so that
  * `return kvs_err_set(err, KVS_EINVAL, "tokens: %u > block_tokens %u", t, T);` reads well. */
-int kvs_err_set(kvs_err *err, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+int kvs_err_set(kvs_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Prefixes the existing message with context ("while ...: "); returns err->code (or 0). */
 int kvs_err_prefix(kvs_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

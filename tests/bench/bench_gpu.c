@@ -33,13 +33,13 @@ int main(void)
 #else
 #include <cuda_runtime.h>
 
-#define CK(x)                                                                                 \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                          \
-        }                                                                                     \
+#define CK(x)                                                                                      \
+    do {                                                                                           \
+        cudaError_t e_ = (x);                                                                      \
+        if (e_ != cudaSuccess) {                                                                   \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
 enum { L = 32, H = 8, D = 128, T = 16, REPEATS = 15 };
@@ -92,8 +92,8 @@ typedef struct result {
 
 /* Times encode and decode of `blocks` blocks' worth of one codec's sections. */
 static result time_batch(kvs_codec *c, uint32_t blocks, uint16_t *d_raw_pool, size_t pool_elems,
-                         uint8_t *d_enc_pool, size_t enc_pool, uint32_t *d_layers,
-                         uint16_t *d_out, cudaStream_t st)
+                         uint8_t *d_enc_pool, size_t enc_pool, uint32_t *d_layers, uint16_t *d_out,
+                         cudaStream_t st)
 {
     uint32_t n = blocks * L;
     size_t sec_elems = (size_t)T * H * D, stride = kvs_codec_section_max(c, T);
@@ -113,11 +113,17 @@ static result time_batch(kvs_codec *c, uint32_t blocks, uint16_t *d_raw_pool, si
     kvs_err err;
     for (int r = -2; r < REPEATS; r++) {
         int k = (r + 2) % copies;
-        kvs_cuda_sections s = {.n = n, .t = T, .layer = d_layers,
-                               .raw = d_raw_pool + (size_t)k * raw_bytes, .raw_out = d_out,
+        kvs_cuda_sections s = {.n = n,
+                               .t = T,
+                               .layer = d_layers,
+                               .raw = d_raw_pool + (size_t)k * raw_bytes,
+                               .raw_out = d_out,
                                .enc = d_enc_pool + (size_t)k * enc_bytes,
-                               .enc_out = d_enc_pool + (size_t)k * enc_bytes, .stride = stride,
-                               .bad = NULL, .len_out = d_lens, .len = d_lens};
+                               .enc_out = d_enc_pool + (size_t)k * enc_bytes,
+                               .stride = stride,
+                               .bad = NULL,
+                               .len_out = d_lens,
+                               .len = d_lens};
         CK(cudaEventRecord(e0, st));
         if (kvs_codec_encode_cuda(c, &s, st, &err)) {
             fprintf(stderr, "encode: %s\n", err.msg);
@@ -158,12 +164,25 @@ static void one_block_latency(kvs_codec *k, kvs_codec *v, uint32_t *d_layers, cu
     for (size_t i = 0; i < raw / 2; i++)
         h_raw[i] = kvs_f32_to_fp16((float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f);
     /* Keys first then values, [L][t][H][D] each, as the engine will stage them. */
-    kvs_cuda_sections ks = {.n = L, .t = T, .layer = d_layers, .raw = d_raw, .raw_out = d_raw,
-                            .enc = d_enc, .enc_out = d_enc, .stride = sk, .len_out = d_lens,
+    kvs_cuda_sections ks = {.n = L,
+                            .t = T,
+                            .layer = d_layers,
+                            .raw = d_raw,
+                            .raw_out = d_raw,
+                            .enc = d_enc,
+                            .enc_out = d_enc,
+                            .stride = sk,
+                            .len_out = d_lens,
                             .len = d_lens};
-    kvs_cuda_sections vs = {.n = L, .t = T, .layer = d_layers, .raw = d_raw + L * sec,
-                            .raw_out = d_raw + L * sec, .enc = d_enc + L * sk,
-                            .enc_out = d_enc + L * sk, .stride = sv, .len_out = d_lens + L,
+    kvs_cuda_sections vs = {.n = L,
+                            .t = T,
+                            .layer = d_layers,
+                            .raw = d_raw + L * sec,
+                            .raw_out = d_raw + L * sec,
+                            .enc = d_enc + L * sk,
+                            .enc_out = d_enc + L * sk,
+                            .stride = sv,
+                            .len_out = d_lens + L,
                             .len = d_lens + L};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
@@ -218,8 +237,8 @@ int main(void)
     double bw = copy_bandwidth(st);
     printf("device: %s, %d SMs, L2 %d MiB; D2D copy %.0f GB/s (read + write)\n", prop.name,
            prop.multiProcessorCount, prop.l2CacheSize >> 20, bw / 1e9);
-    printf("layout L=%d H=%d D=%d T=%d fp16; sections per codec launch = blocks x %d\n\n", L, H,
-           D, T, L);
+    printf("layout L=%d H=%d D=%d T=%d fp16; sections per codec launch = blocks x %d\n\n", L, H, D,
+           T, L);
 
     /* Pools: raw 6 GiB of random fp16 (rotated copies), encoded of the same size. */
     size_t pool_elems = (size_t)3 << 30, enc_pool = (size_t)6 << 30;
@@ -301,10 +320,10 @@ int main(void)
         }
         static const uint32_t batches[] = {1, 16, 256, 4096};
         for (int b = 0; b < 4; b++) {
-            result rk = time_batch(k, batches[b], d_raw, pool_elems, d_enc, enc_pool, d_layers,
-                                   d_out, st);
-            result rv = time_batch(v, batches[b], d_raw, pool_elems, d_enc, enc_pool, d_layers,
-                                   d_out, st);
+            result rk =
+                time_batch(k, batches[b], d_raw, pool_elems, d_enc, enc_pool, d_layers, d_out, st);
+            result rv =
+                time_batch(v, batches[b], d_raw, pool_elems, d_enc, enc_pool, d_layers, d_out, st);
             double raw = (double)batches[b] * L * T * H * D * 2 * 2; /* K and V */
             double encb = (double)batches[b] * L *
                           (kvs_codec_section_max(k, T) + kvs_codec_section_max(v, T));
@@ -321,7 +340,8 @@ int main(void)
         kvs_codec_destroy(v);
     }
     printf("\nOne 16-token block end to end on a stream (H2D pinned + K and V kernels + D2H), "
-           "median µs:\n\n| codec | encode µs | decode µs |\n|---|---|---|\n%s", lat);
+           "median µs:\n\n| codec | encode µs | decode µs |\n|---|---|---|\n%s",
+           lat);
     cudaFree(d_raw);
     cudaFree(d_enc);
     cudaFree(d_out);

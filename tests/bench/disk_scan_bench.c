@@ -2,7 +2,8 @@
  * long its startup scan (what the store's index rebuild reads) takes, issue 5 item 2.
  *
  *   kvs-disk-scan-bench [--dir DIR] [--blocks N] [--batch B] [--layers L] [--heads H]
- *                       [--head-dim D] [--tokens T] [--codec NAME] [--nosync | --nometasync] [--verify]
+ *                       [--head-dim D] [--tokens T] [--codec NAME] [--nosync | --nometasync]
+ * [--verify]
  *                       [--keep]
  *
  * Blocks are real encoded blocks (kvs_block_encode of Gaussian fp16 data): 64 distinct
@@ -78,7 +79,8 @@ static bool parse_u64(const char *s, uint64_t lo, uint64_t hi, uint64_t *out)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: kvs-disk-scan-bench [--dir DIR] [--blocks N] [--batch B] [--layers L]\n"
-               "           [--heads H] [--head-dim D] [--tokens T] [--codec NAME] [--nosync | --nometasync]\n"
+               "           [--heads H] [--head-dim D] [--tokens T] [--codec NAME] [--nosync | "
+               "--nometasync]\n"
                "           [--verify] [--keep]\n");
 }
 
@@ -280,8 +282,10 @@ int main(int argc, char **argv)
            " D=%" PRIu64 " T=%" PRIu64 " %s, %" PRIu64 " LMDB page(s) each), batches of %" PRIu64
            ", %s commits, map %" PRIu64 " MiB, in %s\n",
            n, len[0], L, H, D, T, codec, pages, batch,
-           nosync ? "unsynced" : nometasync ? "data-synced (kvstashd's)" : "synced", map >> 20,
-           dir);
+           nosync       ? "unsynced"
+           : nometasync ? "data-synced (kvstashd's)"
+                        : "synced",
+           map >> 20, dir);
 
     kvs_disk_item *items = malloc(batch * sizeof *items);
     uint8_t(*keys)[16] = malloc(batch * 16);

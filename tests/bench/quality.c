@@ -127,7 +127,8 @@ static bool parse_header(const char *text, size_t len, array_desc *arrays, size_
     } else {
         ok = true;
         const cJSON *e;
-        cJSON_ArrayForEach(e, list) {
+        cJSON_ArrayForEach(e, list)
+        {
             if (*narrays == MAX_ARRAYS) {
                 snprintf(msg, cap, "arrays: too many entries");
                 ok = false;
@@ -142,15 +143,18 @@ static bool parse_header(const char *text, size_t len, array_desc *arrays, size_
             if (!cJSON_IsString(name) || strlen(name->valuestring) >= sizeof d->name ||
                 !cJSON_IsString(dtype) || strlen(dtype->valuestring) >= sizeof d->dtype ||
                 !cJSON_IsArray(shape) || cJSON_GetArraySize(shape) > 4) {
-                snprintf(msg, cap, "arrays[%zu]: needs a name, a dtype and a shape of at most 4 "
-                         "dimensions", *narrays - 1);
+                snprintf(msg, cap,
+                         "arrays[%zu]: needs a name, a dtype and a shape of at most 4 "
+                         "dimensions",
+                         *narrays - 1);
                 ok = false;
                 break;
             }
             strcpy(d->name, name->valuestring);
             strcpy(d->dtype, dtype->valuestring);
             const cJSON *dim;
-            cJSON_ArrayForEach(dim, shape) {
+            cJSON_ArrayForEach(dim, shape)
+            {
                 if (!json_uint(dim, &d->shape[d->rank++])) {
                     snprintf(msg, cap, "arrays[%zu].shape: not unsigned integers", *narrays - 1);
                     ok = false;
@@ -191,14 +195,14 @@ static int load_array(const sample *s, const uint8_t *buf, size_t size, const ar
                       uint32_t keep, uint16_t **out, kvs_err *err)
 {
     if (a->rank != 4)
-        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has rank %u, not 4", s->path,
-                           a->name, a->rank);
+        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has rank %u, not 4", s->path, a->name,
+                           a->rank);
     if (strcmp(a->dtype, "float16") != 0 && strcmp(a->dtype, "fp16") != 0)
-        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has dtype '%s', not float16",
-                           s->path, a->name, a->dtype);
+        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has dtype '%s', not float16", s->path,
+                           a->name, a->dtype);
     if (!a->have_offset || a->offset < HEADER_BYTES)
-        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has no offset past the header",
-                           s->path, a->name);
+        return kvs_err_set(err, KVS_EINVAL, "%s: array '%s' has no offset past the header", s->path,
+                           a->name);
     uint64_t elems = 1;
     for (uint32_t i = 0; i < 4; i++)
         if (a->shape[i] == 0 || !kvs_mul_size(elems, a->shape[i], &elems))
@@ -207,7 +211,8 @@ static int load_array(const sample *s, const uint8_t *buf, size_t size, const ar
     if (!kvs_mul_size(elems, 2, &bytes) || a->offset > size || bytes > size - a->offset)
         return kvs_err_set(err, KVS_EINVAL,
                            "%s: array '%s' (%llu bytes at offset %llu) runs past the end of "
-                           "the file (%zu bytes)", s->path, a->name, (unsigned long long)bytes,
+                           "the file (%zu bytes)",
+                           s->path, a->name, (unsigned long long)bytes,
                            (unsigned long long)a->offset, size);
     uint64_t L = a->shape[0], n = a->shape[1], row = a->shape[2] * a->shape[3];
     uint16_t *dst = kvs_trymalloc(L * keep * row * sizeof *dst);
@@ -247,8 +252,8 @@ static int sample_load(const char *path, uint32_t max_tokens, sample *s, kvs_err
     if (end < 0 || fseek(f, 0, SEEK_SET) != 0) {
         rc = kvs_err_set(err, KVS_EIO, "%s: cannot seek", path);
     } else if ((size = (size_t)end) < HEADER_BYTES) {
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: %zu bytes, shorter than the 4096-byte header",
-                         path, size);
+        rc = kvs_err_set(err, KVS_EINVAL, "%s: %zu bytes, shorter than the 4096-byte header", path,
+                         size);
     } else if (!(buf = kvs_trymalloc(size))) {
         rc = kvs_err_set(err, KVS_ENOMEM, "%s: out of memory for %zu bytes", path, size);
     } else if (fread(buf, 1, size, f) != size) {
@@ -269,13 +274,14 @@ static int sample_load(const char *path, uint32_t max_tokens, sample *s, kvs_err
         rc = kvs_err_set(err, KVS_EINVAL, "%s: header JSON: %s", path, why);
         goto out;
     }
-    const array_desc *ak = find_array(arrays, narrays, "k"),
-                     *av = find_array(arrays, narrays, "v"),
+    const array_desc *ak = find_array(arrays, narrays, "k"), *av = find_array(arrays, narrays, "v"),
                      *aq = find_array(arrays, narrays, "q"),
                      *ap = find_array(arrays, narrays, "k_pre_rope");
     if (!ak || !av || !aq) {
         rc = kvs_err_set(err, KVS_EINVAL, "%s: the header lists no '%s' array", path,
-                         !ak ? "k" : !av ? "v" : "q");
+                         !ak   ? "k"
+                         : !av ? "v"
+                               : "q");
         goto out;
     }
     /* Shapes: k, v (and k_pre_rope) [L][n][H][D] alike; q [L][n][Hq][D], H divides Hq. */
@@ -290,8 +296,10 @@ static int sample_load(const char *path, uint32_t max_tokens, sample *s, kvs_err
     if (ak->rank != 4 || aq->rank != 4 || aq->shape[0] != ak->shape[0] ||
         aq->shape[1] != ak->shape[1] || aq->shape[3] != ak->shape[3] || ak->shape[2] == 0 ||
         aq->shape[2] % ak->shape[2] != 0 || aq->shape[2] == 0) {
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: 'q' must be [L][n][Hq][D] with k [L][n][H][D] "
-                         "and H dividing Hq", path);
+        rc = kvs_err_set(err, KVS_EINVAL,
+                         "%s: 'q' must be [L][n][Hq][D] with k [L][n][H][D] "
+                         "and H dividing Hq",
+                         path);
         goto out;
     }
     if (ak->shape[0] > KVS_MAX_LAYERS || ak->shape[1] > UINT32_MAX ||
@@ -393,8 +401,8 @@ typedef struct fullkv {
 
 /* Causal attention of layer l for reference (k, v) and decoded (kh, vh) together; sets
  * the relative logit and output errors over all query heads. */
-static void attention_layer(const sample *s, const fullkv *ref, const double *kh,
-                            const double *vh, uint32_t l, double *logit_rel, double *out_rel)
+static void attention_layer(const sample *s, const fullkv *ref, const double *kh, const double *vh,
+                            uint32_t l, double *logit_rel, double *out_rel)
 {
     uint32_t n = s->tokens, H = s->kv_heads, Hq = s->q_heads, D = s->head_dim;
     uint32_t gq = Hq / H;
@@ -458,10 +466,10 @@ typedef struct result {
     size_t enc_bytes, prefix_bytes, state_bytes;
     uint64_t elems; /* 2 L n H D */
     double bits, ratio;
-    double k_rel, v_rel;           /* whole file */
-    double k_rel_lm, v_rel_lm;     /* mean over layers of the per-layer error */
-    double logit_lm, out_lm;       /* mean over layers */
-    double *layer;                 /* [L][4]: k, v, logit, out per layer (owned) */
+    double k_rel, v_rel;       /* whole file */
+    double k_rel_lm, v_rel_lm; /* mean over layers of the per-layer error */
+    double logit_lm, out_lm;   /* mean over layers */
+    double *layer;             /* [L][4]: k, v, logit, out per layer (owned) */
     double enc_mbps, dec_mbps;
     uint32_t blocks;
 } result;
@@ -473,7 +481,10 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static bool starts_with(const char *s, const char *p) { return strncmp(s, p, strlen(p)) == 0; }
+static bool starts_with(const char *s, const char *p)
+{
+    return strncmp(s, p, strlen(p)) == 0;
+}
 
 /* Builds the key codec's state (RotateKV permutation, SQuat queries) into *state
  * (malloc'd, or NULL for none) and describes it in r->keys_note. */
@@ -488,12 +499,10 @@ static int key_state(const sample *s, const sample *calib, const kvs_ns_spec *sp
 #ifdef HAVE_ROTATEKV_CALIB
         const uint16_t *ck = r->pre_rope ? calib->k_pre : calib->k;
         if (!ck)
-            return kvs_err_set(err, KVS_EINVAL, "%s: no k_pre_rope to calibrate on",
-                               calib->path);
+            return kvs_err_set(err, KVS_EINVAL, "%s: no k_pre_rope to calibrate on", calib->path);
         if (calib->layers != s->layers || calib->kv_heads != s->kv_heads ||
             calib->head_dim != s->head_dim)
-            return kvs_err_set(err, KVS_EINVAL, "%s: layout differs from %s", calib->path,
-                               s->path);
+            return kvs_err_set(err, KVS_EINVAL, "%s: layout differs from %s", calib->path, s->path);
         int rc = kvs_rotatekv_calibrate(spec, ck, calib->tokens, state, len, err);
         if (rc)
             return rc;
@@ -503,15 +512,16 @@ static int key_state(const sample *s, const sample *calib, const kvs_ns_spec *sp
                  strcmp(calib->path, s->path) == 0 ? ", the evaluated file itself (in-sample)"
                                                    : "");
 #else
-        snprintf(r->keys_note, sizeof r->keys_note, "%s; identity permutation (this build "
-                 "has no kvs_rotatekv_calibrate)", what);
+        snprintf(r->keys_note, sizeof r->keys_note,
+                 "%s; identity permutation (this build "
+                 "has no kvs_rotatekv_calibrate)",
+                 what);
 #endif
         return 0;
     }
     if (starts_with(r->name, "squat-")) {
 #ifdef HAVE_SQUAT_STATE
-        int rc = kvs_squat_state_from_queries(spec, s->q_heads, s->q, s->tokens, state, len,
-                                              err);
+        int rc = kvs_squat_state_from_queries(spec, s->q_heads, s->q, s->tokens, state, len, err);
         if (rc)
             return rc;
         snprintf(r->keys_note, sizeof r->keys_note,
@@ -519,7 +529,8 @@ static int key_state(const sample *s, const sample *calib, const kvs_ns_spec *sp
                  "kv-head: the method, SQuat builds it from the prompt's queries; not tuning)",
                  s->tokens * (s->q_heads / s->kv_heads));
 #else
-        snprintf(r->keys_note, sizeof r->keys_note, "post-RoPE keys; NO query state (this "
+        snprintf(r->keys_note, sizeof r->keys_note,
+                 "post-RoPE keys; NO query state (this "
                  "build has no kvs_squat_state_from_queries): encodes as KIVI");
 #endif
         return 0;
@@ -534,8 +545,12 @@ static int run_codec(const sample *s, const sample *calib, const fullkv *ref, ui
     uint32_t L = s->layers, n = s->tokens, H = s->kv_heads, D = s->head_dim;
     size_t row = (size_t)H * D;
     kvs_ns_spec spec = {
-        .layers = L, .kv_heads = H, .head_dim = D, .block_tokens = T,
-        .dtype = KVS_DTYPE_FP16, .seed = 1,
+        .layers = L,
+        .kv_heads = H,
+        .head_dim = D,
+        .block_tokens = T,
+        .dtype = KVS_DTYPE_FP16,
+        .seed = 1,
     };
     snprintf(spec.name, sizeof spec.name, "quality");
     snprintf(spec.key_codec, sizeof spec.key_codec, "%s", r->name);
@@ -591,8 +606,8 @@ static int run_codec(const sample *s, const sample *calib, const fullkv *ref, ui
         for (uint32_t b = 0; b < nb && rc == 0; b++) {
             uint32_t t0 = b * T, t = n - t0 < T ? n - t0 : T;
             size_t room = (b + 1 < nb ? enc_off[b + 1] : cap) - enc_off[b];
-            rc = kvs_block_encode(ck, cv, 1, t, raw + 2 * (size_t)L * t0 * row,
-                                  enc + enc_off[b], room, &enc_len[b], err);
+            rc = kvs_block_encode(ck, cv, 1, t, raw + 2 * (size_t)L * t0 * row, enc + enc_off[b],
+                                  room, &enc_len[b], err);
             if (rc)
                 kvs_err_prefix(err, "block %u (tokens %u..%u): encode", b, t0, t0 + t);
         }
@@ -625,9 +640,9 @@ static int run_codec(const sample *s, const sample *calib, const fullkv *ref, ui
     r->bits = (double)r->enc_bytes * 8 / (double)r->elems;
     r->ratio = 16 / r->bits;
 
-    if (kvs_codec_id_of(ck) == KVS_CODEC_NONE &&
-        memcmp(raw, dec, r->elems * sizeof *raw) != 0) {
-        rc = kvs_err_set(err, KVS_EINTERNAL, "self-check: 'none' did not round-trip bit for "
+    if (kvs_codec_id_of(ck) == KVS_CODEC_NONE && memcmp(raw, dec, r->elems * sizeof *raw) != 0) {
+        rc = kvs_err_set(err, KVS_EINTERNAL,
+                         "self-check: 'none' did not round-trip bit for "
                          "bit");
         goto out;
     }
@@ -777,8 +792,8 @@ static int add_codecs(const char *list, char names[][KVS_CODEC_NAME_MAX + 1], si
          tok = strtok_r(NULL, ", ", &save)) {
         if (!kvs_codec_lookup(tok, NULL, NULL)) {
             char avail[256];
-            fprintf(stderr, "kvs-quality: unknown or unavailable codec '%s' (available: %s)\n",
-                    tok, kvs_codec_names(avail, sizeof avail));
+            fprintf(stderr, "kvs-quality: unknown or unavailable codec '%s' (available: %s)\n", tok,
+                    kvs_codec_names(avail, sizeof avail));
             return -1;
         }
         if (*count == MAX_CODECS) {
@@ -804,12 +819,12 @@ static void print_table(const sample *s, const result *res, size_t n, bool per_l
     printf("\n");
     for (size_t i = 0; i < n; i++) {
         const result *r = &res[i];
-        printf("%s: %s; %u blocks, %zu encoded bytes (%zu of block headers and tables)",
-               r->name, r->keys_note, r->blocks, r->enc_bytes, r->prefix_bytes);
+        printf("%s: %s; %u blocks, %zu encoded bytes (%zu of block headers and tables)", r->name,
+               r->keys_note, r->blocks, r->enc_bytes, r->prefix_bytes);
         if (r->state_bytes)
             printf("; key codec state %zu bytes (namespace state, not in bits/elt; %.3f "
-                   "bits/elt if amortized over this sample alone)", r->state_bytes,
-                   (double)r->state_bytes * 8 / (double)r->elems);
+                   "bits/elt if amortized over this sample alone)",
+                   r->state_bytes, (double)r->state_bytes * 8 / (double)r->elems);
         printf("\n");
     }
     if (!per_layer)
@@ -818,8 +833,8 @@ static void print_table(const sample *s, const result *res, size_t n, bool per_l
     for (size_t i = 0; i < n; i++)
         for (uint32_t l = 0; l < s->layers; l++) {
             const double *lr = res[i].layer + 4 * (size_t)l;
-            printf("| %s | %u | %.4f | %.4f | %.4f | %.4f |\n", res[i].name, l, lr[0], lr[1],
-                   lr[2], lr[3]);
+            printf("| %s | %u | %.4f | %.4f | %.4f | %.4f |\n", res[i].name, l, lr[0], lr[1], lr[2],
+                   lr[3]);
         }
 }
 
@@ -847,11 +862,11 @@ static void print_json(const sample *s, const char *calib, double rope_check, ui
                "\"header_bytes\": %zu, \"state_bytes\": %zu, \"elements\": %llu",
                r->pre_rope ? "true" : "false", r->blocks, r->enc_bytes, r->prefix_bytes,
                r->state_bytes, (unsigned long long)r->elems);
-        const char *k[] = {"bits_per_element", "ratio", "k_rel", "v_rel", "k_rel_file",
-                           "v_rel_file", "logit_rel", "attn_out_rel", "encode_mb_s",
-                           "decode_mb_s"};
-        double v[] = {r->bits, r->ratio, r->k_rel_lm, r->v_rel_lm, r->k_rel, r->v_rel,
-                      r->logit_lm, r->out_lm, r->enc_mbps, r->dec_mbps};
+        const char *k[] = {"bits_per_element", "ratio",      "k_rel",     "v_rel",
+                           "k_rel_file",       "v_rel_file", "logit_rel", "attn_out_rel",
+                           "encode_mb_s",      "decode_mb_s"};
+        double v[] = {r->bits,  r->ratio,    r->k_rel_lm, r->v_rel_lm, r->k_rel,
+                      r->v_rel, r->logit_lm, r->out_lm,   r->enc_mbps, r->dec_mbps};
         for (size_t j = 0; j < sizeof v / sizeof v[0]; j++) {
             printf(", \"%s\": ", k[j]);
             json_num(stdout, v[j]);
@@ -967,8 +982,10 @@ int main(int argc, char **argv)
         rope_check = nn > 0 ? sqrt(d / nn) : 0;
         free(kr);
         if (rope_check > 1e-2)
-            fprintf(stderr, "kvs-quality: warning: RoPE(k_pre_rope) differs from k by %.3g "
-                    "(relative): the RoPE convention does not match this file\n", rope_check);
+            fprintf(stderr,
+                    "kvs-quality: warning: RoPE(k_pre_rope) differs from k by %.3g "
+                    "(relative): the RoPE convention does not match this file\n",
+                    rope_check);
     }
 
     result *res = kvs_xcalloc(ncodecs, sizeof *res);
@@ -992,14 +1009,17 @@ int main(int argc, char **argv)
         print_json(&s, need_calib ? calib->path : "", rope_check, T, res, done);
     } else {
         printf("kvs-quality %s: L=%u n=%u H=%u Hq=%u D=%u, fp16, seed 1, block_tokens %u "
-               "(%u blocks)\n", s.path, s.layers, s.tokens, s.kv_heads, s.q_heads, s.head_dim,
-               T, (s.tokens + T - 1) / T);
+               "(%u blocks)\n",
+               s.path, s.layers, s.tokens, s.kv_heads, s.q_heads, s.head_dim, T,
+               (s.tokens + T - 1) / T);
         if (s.k_pre)
             printf("RoPE check (rotate-half, theta %g): ||rope(k_pre_rope) - k|| / ||k|| = "
-                   "%.2e\n", s.rope_theta, rope_check);
+                   "%.2e\n",
+                   s.rope_theta, rope_check);
         printf("errors: mean over layers of per-layer relative L2 error (\"file\": over the "
                "whole file); logits and attn out: causal, all %u query heads, reference in "
-               "double; MB/s: fp16 input, best of %d, one thread\n\n", s.q_heads, REPS);
+               "double; MB/s: fp16 input, best of %d, one thread\n\n",
+               s.q_heads, REPS);
         print_table(&s, res, done, per_layer);
     }
 

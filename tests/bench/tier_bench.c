@@ -63,7 +63,7 @@ typedef struct blocks {
     size_t stride, slot;
     uint8_t *src, *dst; /* n blocks each, at stride */
     size_t *len, *got;
-    uint32_t *lens;     /* 2L per block */
+    uint32_t *lens; /* 2L per block */
     uint8_t *tier;
 } blocks;
 
@@ -75,9 +75,8 @@ static int pass(kvs_engine *e, kvs_codec *k, kvs_codec *v, blocks *b, double t[2
     atomic_store(&pending, (int)b->n);
     double t0 = now_s();
     for (uint32_t i = 0; i < b->n; i++)
-        if (kvs_engine_upload_dev(e, k, v, b->src + i * b->stride, b->len[i],
-                                  b->tier + i * b->slot, b->lens + 2 * L * i, on_done, NULL,
-                                  &err)) {
+        if (kvs_engine_upload_dev(e, k, v, b->src + i * b->stride, b->len[i], b->tier + i * b->slot,
+                                  b->lens + 2 * L * i, on_done, NULL, &err)) {
             fprintf(stderr, "upload: %s\n", err.msg);
             return 1;
         }
@@ -209,8 +208,8 @@ int main(int argc, char **argv)
            kvs_engine_device_name(e), n, L, H, D, T, REPEATS);
     printf("| codec | move | blocks | KiB/block | staged GB/s | staged µs/block | pinned GB/s "
            "| pinned µs/block | speed-up |\n|---|---|---|---|---|---|---|---|---|\n");
-    const char *codecs[] = {"none", "fp8", "kivi-2", "kivi-4", "polarquant", "rotatekv-2",
-                            "squat-2"};
+    const char *codecs[] = {"none",       "fp8",        "kivi-2", "kivi-4",
+                            "polarquant", "rotatekv-2", "squat-2"};
     for (size_t i = 0; i < sizeof codecs / sizeof *codecs; i++)
         bench_codec(e, tier, tier_bytes, n, codecs[i]);
     kvs_engine_destroy(e);

@@ -36,13 +36,13 @@ int main(void)
 
 static int failures;
 
-#define CHECK_CUDA(x)                                                                         \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                          \
-        }                                                                                     \
+#define CHECK_CUDA(x)                                                                              \
+    do {                                                                                           \
+        cudaError_t e_ = (x);                                                                      \
+        if (e_ != cudaSuccess) {                                                                   \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
 /* ---------------------------------------------------------------- inputs */
@@ -63,7 +63,15 @@ static double gauss(void)
     return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
 }
 
-typedef enum { IN_GAUSS, IN_ZERO, IN_CONST_ROWS, IN_HUGE, IN_TINY, IN_OUTLIER, IN_COUNT } input_kind;
+typedef enum {
+    IN_GAUSS,
+    IN_ZERO,
+    IN_CONST_ROWS,
+    IN_HUGE,
+    IN_TINY,
+    IN_OUTLIER,
+    IN_COUNT
+} input_kind;
 static const char *input_names[] = {"gauss", "zeros", "const-rows", "huge", "tiny", "outlier"};
 
 static uint16_t to_dtype(kvs_dtype dt, double x)
@@ -77,12 +85,24 @@ static void fill(uint16_t *x, size_t count, uint32_t D, kvs_dtype dt, input_kind
     for (size_t i = 0; i < count; i++) {
         double v;
         switch (kind) {
-        case IN_ZERO: v = 0; break;
-        case IN_CONST_ROWS: v = 0.75 + (double)(i / D % 5); break; /* constant per vector */
-        case IN_HUGE: v = gauss() * 6000.0; break;   /* stays well inside fp16 after codecs */
-        case IN_TINY: v = gauss() * 1e-6; break;     /* fp16 subnormals */
-        case IN_OUTLIER: v = gauss() * (i % D == 17 ? 60.0 : 1.0); break;
-        default: v = gauss(); break;
+        case IN_ZERO:
+            v = 0;
+            break;
+        case IN_CONST_ROWS:
+            v = 0.75 + (double)(i / D % 5);
+            break; /* constant per vector */
+        case IN_HUGE:
+            v = gauss() * 6000.0;
+            break; /* stays well inside fp16 after codecs */
+        case IN_TINY:
+            v = gauss() * 1e-6;
+            break; /* fp16 subnormals */
+        case IN_OUTLIER:
+            v = gauss() * (i % D == 17 ? 60.0 : 1.0);
+            break;
+        default:
+            v = gauss();
+            break;
         }
         x[i] = to_dtype(dt, v);
     }
@@ -210,10 +230,17 @@ static void run_case_state(const char *name, kvs_kv kv, shape s, kvs_dtype dt, i
     CHECK_CUDA(cudaMemset(d_enc, 0xA5, stride * s.n));
     CHECK_CUDA(cudaMemset(d_dec, 0xA5, total * 2));
     CHECK_CUDA(cudaMemset(d_bad, 0xFF, sizeof *d_bad));
-    kvs_cuda_sections sec = {.n = s.n, .t = s.t, .layer = d_layers, .raw = d_raw,
-                             .raw_out = d_dec, .enc = d_cpu_enc, .enc_out = d_enc,
-                             .stride = stride, .bad = d_bad,
-                             .len_out = fixed ? NULL : d_len_out, .len = fixed ? NULL : d_len};
+    kvs_cuda_sections sec = {.n = s.n,
+                             .t = s.t,
+                             .layer = d_layers,
+                             .raw = d_raw,
+                             .raw_out = d_dec,
+                             .enc = d_cpu_enc,
+                             .enc_out = d_enc,
+                             .stride = stride,
+                             .bad = d_bad,
+                             .len_out = fixed ? NULL : d_len_out,
+                             .len = fixed ? NULL : d_len};
     int rc = kvs_codec_encode_cuda(c, &sec, st, &err);
     if (rc == 0)
         rc = kvs_codec_decode_cuda(c, &sec, st, &err);
@@ -337,8 +364,8 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
         return;
     }
     if (!kvs_codec_cuda_supported(c) || kvs_codec_cuda_prepare(c, &err) != 0) {
-        printf("FAIL %s %s D=%u H=%u t=%u: no kernels or prepare failed\n", name,
-               kv ? "V" : "K", s.D, s.H, s.t);
+        printf("FAIL %s %s D=%u H=%u t=%u: no kernels or prepare failed\n", name, kv ? "V" : "K",
+               s.D, s.H, s.t);
         failures++;
         kvs_codec_destroy(c);
         return;
@@ -404,8 +431,8 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
     for (uint32_t k = 0; k < s.n; k++) {
         size_t len = 0;
         layers[k] = k % sp.layers;
-        cpu_rc = kvs_codec_encode(c, layers[k], s.t, raw + k * elems, cpu_enc + k * stride,
-                                  stride, &len, &err);
+        cpu_rc = kvs_codec_encode(c, layers[k], s.t, raw + k * elems, cpu_enc + k * stride, stride,
+                                  &len, &err);
         if (cpu_rc) {
             refused = k;
             break;
@@ -451,9 +478,17 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
     CHECK_CUDA(cudaMemset(d_dec, 0xA5, total * 2));
     CHECK_CUDA(cudaMemset(d_len_out, 0xA5, s.n * sizeof *d_len_out));
     CHECK_CUDA(cudaMemset(d_bad, 0xFF, sizeof *d_bad));
-    kvs_cuda_sections sec = {.n = s.n, .t = s.t, .layer = d_layers, .raw = d_raw,
-                             .raw_out = d_dec, .enc = d_cpu_enc, .enc_out = d_enc,
-                             .stride = stride, .bad = d_bad, .len_out = d_len_out, .len = d_len};
+    kvs_cuda_sections sec = {.n = s.n,
+                             .t = s.t,
+                             .layer = d_layers,
+                             .raw = d_raw,
+                             .raw_out = d_dec,
+                             .enc = d_cpu_enc,
+                             .enc_out = d_enc,
+                             .stride = stride,
+                             .bad = d_bad,
+                             .len_out = d_len_out,
+                             .len = d_len};
     const char *what = "";
     if (kvs_codec_encode_cuda(c, &sec, st, &err) != 0) {
         what = err.msg;
@@ -491,8 +526,8 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
                 CHECK_CUDA(cudaMemcpy(d_len, &wrong, sizeof wrong, cudaMemcpyHostToDevice));
             } else {
                 CHECK_CUDA(cudaMemcpy(d_len, cpu_len, sizeof *cpu_len, cudaMemcpyHostToDevice));
-                CHECK_CUDA(cudaMemcpy(d_cpu_enc + (s.t - ns0) * rec, idx_t, 2,
-                                      cudaMemcpyHostToDevice));
+                CHECK_CUDA(
+                    cudaMemcpy(d_cpu_enc + (s.t - ns0) * rec, idx_t, 2, cudaMemcpyHostToDevice));
             }
             CHECK_CUDA(cudaMemset(d_bad, 0xFF, sizeof *d_bad));
             if (kvs_codec_decode_cuda(c, &sec, st, &err) != 0) {
@@ -507,8 +542,8 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
     }
     if (*what) {
         printf("FAIL %s %s D=%u H=%u t=%u n=%u %s pattern %d state=%u: %s (bad=%llx)\n", name,
-               kv ? "V" : "K", s.D, s.H, s.t, s.n, dt == KVS_DTYPE_BF16 ? "bf16" : "fp16",
-               pattern, state ? state->version : 0, what, bad);
+               kv ? "V" : "K", s.D, s.H, s.t, s.n, dt == KVS_DTYPE_BF16 ? "bf16" : "fp16", pattern,
+               state ? state->version : 0, what, bad);
         failures++;
     }
     cudaFree(d_raw);
@@ -539,8 +574,8 @@ static void state_cases_rotatekv(void)
      * group), t = 1 and 3; the last two shapes take the two-pass path (chunks of the
      * section read twice) */
     static const shape shapes[] = {
-        {8, 128, 16, 9},  {3, 64, 16, 5}, {4, 64, 33, 9}, {1, 16, 5, 3},
-        {2, 256, 3, 5},   {6, 32, 1, 4},  {8, 128, 64, 2}, {8, 256, 64, 2},
+        {8, 128, 16, 9}, {3, 64, 16, 5}, {4, 64, 33, 9},  {1, 16, 5, 3},
+        {2, 256, 3, 5},  {6, 32, 1, 4},  {8, 128, 64, 2}, {8, 256, 64, 2},
     };
     static const char *names[] = {"rotatekv-2", "rotatekv-3", "rotatekv-4"};
     static const input_kind kinds[] = {IN_GAUSS, IN_OUTLIER, IN_HUGE, IN_CONST_ROWS, IN_ZERO};
@@ -719,8 +754,11 @@ static void state_cases_squat(void)
         {"squat-2", {4, 128, 16, 37}, KVS_DTYPE_FP16, ALL, 1},
         {"squat-2", {8, 128, 16, 1000}, KVS_DTYPE_FP16, K(IN_GAUSS), 0},
         {"squat-2", {2, 128, 40, 7}, KVS_DTYPE_FP16, K(IN_GAUSS) | K(IN_TINY) | K(IN_OUTLIER), 0},
-        {"squat-2", {3, 128, 64, 4}, KVS_DTYPE_FP16,
-         K(IN_GAUSS) | K(IN_CONST_ROWS) | K(IN_HUGE), 0},
+        {"squat-2",
+         {3, 128, 64, 4},
+         KVS_DTYPE_FP16,
+         K(IN_GAUSS) | K(IN_CONST_ROWS) | K(IN_HUGE),
+         0},
         {"squat-2", {1, 256, 7, 5}, KVS_DTYPE_FP16, K(IN_GAUSS) | K(IN_OUTLIER), 1},
         {"squat-2", {1, 256, 64, 2}, KVS_DTYPE_FP16, K(IN_GAUSS), 0},
         {"squat-2", {1, 256, 1, 3}, KVS_DTYPE_FP16, K(IN_GAUSS), 0},
@@ -746,8 +784,8 @@ static void state_cases_squat(void)
         void *bytes = squat_state(name, s, cases[ci].dt, &len, &active);
         kvs_codec_state st = {1, bytes, len};
         if (cases[ci].differ && !squat_differs_from_kivi(name, s, cases[ci].dt, &st, active)) {
-            printf("FAIL %s D=%u t=%u: the query subspace leaves the codes equal to KIVI's\n",
-                   name, s.D, s.t);
+            printf("FAIL %s D=%u t=%u: the query subspace leaves the codes equal to KIVI's\n", name,
+                   s.D, s.t);
             failures++;
         }
         for (int kind = 0; kind < IN_COUNT; kind++)
@@ -776,8 +814,8 @@ int main(void)
     char names[256];
     kvs_codec_names(names, sizeof names);
     static const shape shapes[] = {
-        {1, 64, 1, 1},   {4, 128, 16, 37}, {8, 128, 16, 1000}, {2, 256, 7, 5},
-        {4, 64, 33, 9},  {3, 128, 64, 4},  {1, 256, 64, 2},
+        {1, 64, 1, 1},  {4, 128, 16, 37}, {8, 128, 16, 1000}, {2, 256, 7, 5},
+        {4, 64, 33, 9}, {3, 128, 64, 4},  {1, 256, 64, 2},
     };
     int tested = 0;
     for (char *tok = strtok(names, ", "); tok; tok = strtok(NULL, ", ")) {

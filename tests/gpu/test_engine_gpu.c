@@ -26,12 +26,12 @@
 enum { L = 6, H = 4, D = 128, T = 16, BLOCKS = 300, THREADS = 4 };
 
 static int failures;
-static uint8_t *tier;       /* device region for the GPU tier checks */
+static uint8_t *tier; /* device region for the GPU tier checks */
 static size_t tier_bytes;
 
 typedef struct req {
     uint32_t t;
-    uint8_t *slot;  /* device */
+    uint8_t *slot; /* device */
     uint32_t lens[2 * L];
     uint16_t *raw;
     uint8_t *gpu, *cpu;
@@ -81,12 +81,12 @@ static void *submitter(void *p)
                                    on_done, r, &err);
             break;
         case 1:
-            rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu,
-                                   on_done, r, &err);
+            rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu, on_done,
+                                   r, &err);
             break;
         case 2:
-            rc = kvs_engine_encode_dev(c->e, c->k, c->v, r->t, r->raw, r->slot, r->lens, on_done,
-                                       r, &err);
+            rc = kvs_engine_encode_dev(c->e, c->k, c->v, r->t, r->raw, r->slot, r->lens, on_done, r,
+                                       &err);
             break;
         case 3:
             rc = kvs_engine_decode_dev(c->e, c->k, c->v, r->t, r->slot, r->lens, 0, L, r->dec_gpu,
@@ -212,8 +212,8 @@ static void check_upload(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, cons
         failures += r[i].rc != 0 || check_decoded(name, how, k, v, r, i, 0, L);
     /* A block with a flipped byte is refused before anything reaches the slot. */
     r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
-    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, r[7].slot, r[7].lens, on_done,
-                              &r[7], &err) != KVS_EDATALOSS) {
+    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, r[7].slot, r[7].lens, on_done, &r[7],
+                              &err) != KVS_EDATALOSS) {
         printf("FAIL %s: a corrupt block was not refused by upload\n", name);
         failures++;
     }
@@ -252,8 +252,7 @@ static void test_tier(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan
     for (int i = 0; i < BLOCKS; i++) {
         int bad = i == nan_at || i == nan2;
         if (bad != (r[i].rc != 0) || (bad && r[i].rc != KVS_EINVAL)) {
-            printf("FAIL %s: slot encode of block %d: rc %d %s\n", name, i, r[i].rc,
-                   r[i].err.msg);
+            printf("FAIL %s: slot encode of block %d: rc %d %s\n", name, i, r[i].rc, r[i].err.msg);
             failures++;
         }
     }
@@ -461,8 +460,8 @@ int main(void)
 {
     kvs_engine *e;
     kvs_err err;
-    kvs_engine_opts o = {.device = 0, .staging_bytes = 64u << 20, .max_batch = 64,
-                         .deadline_us = 500};
+    kvs_engine_opts o = {
+        .device = 0, .staging_bytes = 64u << 20, .max_batch = 64, .deadline_us = 500};
     if (kvs_engine_create(&o, &e, &err) != 0) {
         printf("test_engine_gpu: %s: skipped\n", err.msg);
         return err.code == KVS_ENOTSUP ? 77 : 1;

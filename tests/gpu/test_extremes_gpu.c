@@ -57,11 +57,23 @@ static float h2f(uint16_t h, kvs_dtype dt)
     return dt == KVS_DTYPE_BF16 ? kvs_bf16_to_f32(h) : kvs_fp16_to_f32(h);
 }
 
-enum { P_MAX, P_NMAX, P_ALT, P_TOKEN, P_CHANNEL, P_SPREAD, P_3E38, P_SUB, P_ZERO, P_MIX, P_GAUSS,
-       NP };
-static const char *pattern_name[NP] = {"max",    "-max", "alternating", "hot token",
-                                       "hot channel", "spread", "3e38", "subnormal",
-                                       "zero",   "huge+tiny", "gauss"};
+enum {
+    P_MAX,
+    P_NMAX,
+    P_ALT,
+    P_TOKEN,
+    P_CHANNEL,
+    P_SPREAD,
+    P_3E38,
+    P_SUB,
+    P_ZERO,
+    P_MIX,
+    P_GAUSS,
+    NP
+};
+static const char *pattern_name[NP] = {"max",         "-max",      "alternating", "hot token",
+                                       "hot channel", "spread",    "3e38",        "subnormal",
+                                       "zero",        "huge+tiny", "gauss"};
 
 /* n elements [..][t][H][D] of pattern p in dtype dt. malloc'd. */
 static uint16_t *make(int p, kvs_dtype dt, size_t n, uint32_t t, uint32_t H, uint32_t D,
@@ -77,17 +89,39 @@ static uint16_t *make(int p, kvs_dtype dt, size_t n, uint32_t t, uint32_t H, uin
         uint16_t tiny = sign | (uint16_t)(1 + kvs_rng_next(&r) % sub);
         uint16_t small = f2h((float)gauss(&r), dt);
         switch (p) {
-        case P_MAX: raw[i] = mx; break;
-        case P_NMAX: raw[i] = mx | 0x8000; break;
-        case P_ALT: raw[i] = (tok + j) & 1 ? mx | 0x8000 : mx; break;
-        case P_TOKEN: raw[i] = tok == 2 % t ? mx : small; break;
-        case P_CHANNEL: raw[i] = h == 1 % H && j == 5 ? mx : small; break;
-        case P_SPREAD: raw[i] = f2h((float)((2 * unit(&r) - 1) * h2f(mx, dt)), dt); break;
-        case P_3E38: raw[i] = sign | kvs_f32_to_bf16((float)(3.0e38 * (1 + 0.1 * unit(&r)))); break;
-        case P_SUB: raw[i] = tiny; break;
-        case P_ZERO: raw[i] = 0; break;
-        case P_MIX: raw[i] = j % 4 == 0 ? (tok & 1 ? mx | 0x8000 : mx) : tiny; break;
-        default: raw[i] = small; break;
+        case P_MAX:
+            raw[i] = mx;
+            break;
+        case P_NMAX:
+            raw[i] = mx | 0x8000;
+            break;
+        case P_ALT:
+            raw[i] = (tok + j) & 1 ? mx | 0x8000 : mx;
+            break;
+        case P_TOKEN:
+            raw[i] = tok == 2 % t ? mx : small;
+            break;
+        case P_CHANNEL:
+            raw[i] = h == 1 % H && j == 5 ? mx : small;
+            break;
+        case P_SPREAD:
+            raw[i] = f2h((float)((2 * unit(&r) - 1) * h2f(mx, dt)), dt);
+            break;
+        case P_3E38:
+            raw[i] = sign | kvs_f32_to_bf16((float)(3.0e38 * (1 + 0.1 * unit(&r))));
+            break;
+        case P_SUB:
+            raw[i] = tiny;
+            break;
+        case P_ZERO:
+            raw[i] = 0;
+            break;
+        case P_MIX:
+            raw[i] = j % 4 == 0 ? (tok & 1 ? mx | 0x8000 : mx) : tiny;
+            break;
+        default:
+            raw[i] = small;
+            break;
         }
     }
     return raw;
@@ -141,13 +175,14 @@ static void learn_state(const kvs_ns_spec *s, void **state, size_t *len)
     *state = NULL;
     *len = 0;
     if (!strncmp(s->key_codec, "rotatekv", 8)) {
-        uint16_t *keys = make(P_MIX, s->dtype, s->layers * 32 * C, 32, s->kv_heads, s->head_dim, 11);
+        uint16_t *keys =
+            make(P_MIX, s->dtype, s->layers * 32 * C, 32, s->kv_heads, s->head_dim, 11);
         kvs_rotatekv_calibrate(s, keys, 32, state, len, NULL);
         free(keys);
     } else if (!strncmp(s->key_codec, "squat", 5)) {
         uint32_t qh = 2 * s->kv_heads;
-        uint16_t *q = make(P_GAUSS, s->dtype, s->layers * 8 * qh * s->head_dim, 8, qh,
-                           s->head_dim, 12);
+        uint16_t *q =
+            make(P_GAUSS, s->dtype, s->layers * 8 * qh * s->head_dim, 8, qh, s->head_dim, 12);
         kvs_squat_state_from_queries(s, qh, q, 8, state, len, NULL);
         free(q);
     }
@@ -157,8 +192,8 @@ int main(void)
 {
     kvs_engine *e;
     kvs_err err;
-    kvs_engine_opts o = {.device = 0, .staging_bytes = 64u << 20, .max_batch = 16,
-                         .deadline_us = 50};
+    kvs_engine_opts o = {
+        .device = 0, .staging_bytes = 64u << 20, .max_batch = 16, .deadline_us = 50};
     if (kvs_engine_create(&o, &e, &err) != 0) {
         printf("test_extremes_gpu: %s: skipped\n", err.msg);
         return err.code == KVS_ENOTSUP ? 77 : 1;
@@ -171,10 +206,13 @@ int main(void)
     for (char *name = strtok(names, ", "); name; name = strtok(NULL, ", "))
         for (int d = 0; d < 2; d++)
             for (int li = 0; li < 2; li++) {
-                kvs_ns_spec s = {.layers = 2, .kv_heads = layouts[li][0],
-                                 .head_dim = layouts[li][1], .block_tokens = 16,
+                kvs_ns_spec s = {.layers = 2,
+                                 .kv_heads = layouts[li][0],
+                                 .head_dim = layouts[li][1],
+                                 .block_tokens = 16,
                                  .dtype = d ? KVS_DTYPE_BF16 : KVS_DTYPE_FP16,
-                                 .keys_pre_rope = true, .seed = 5};
+                                 .keys_pre_rope = true,
+                                 .seed = 5};
                 snprintf(s.name, sizeof s.name, "t");
                 snprintf(s.key_codec, sizeof s.key_codec, "%s", name);
                 snprintf(s.value_codec, sizeof s.value_codec, "%s", name);
@@ -203,6 +241,7 @@ int main(void)
             }
     kvs_engine_destroy(e);
     printf("test_extremes_gpu: %d blocks, %d through the GPU, %d refused by the reference, %d "
-           "failures\n", cases, gpu_cases, refused, failures);
+           "failures\n",
+           cases, gpu_cases, refused, failures);
     return failures || gpu_cases == 0 ? 1 : 0;
 }

@@ -63,7 +63,7 @@ static uint16_t *gauss_fp16(size_t n, float sigma)
 
 /* Encodes and decodes one section; sets *len (if not NULL) to the encoded size. */
 static void round_trip(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
-                         uint16_t *out, size_t *len)
+                       uint16_t *out, size_t *len)
 {
     size_t cap = kvs_codec_section_max(c, t);
     uint8_t *enc = malloc(cap);
@@ -186,13 +186,13 @@ static void test_random_shapes(void **st)
                     double ek = section_err(k, &s, 0, t, in, NULL);
                     double ev = section_err(v, &s, 0, t, in, NULL);
                     if (bits == 2 && ti == 0 && hi == 0)
-                        print_message("gaussian rotatekv-%u D=%u H=%u t=%u: K %.4f V %.4f\n",
-                                      bits, D, H, t, ek, ev);
+                        print_message("gaussian rotatekv-%u D=%u H=%u t=%u: K %.4f V %.4f\n", bits,
+                                      D, H, t, ek, ev);
                     /* one token = 1..4 groups: a noisier estimate */
                     double b = bound[bits] * (t == 1 ? 1.5 : 1.0);
                     if (!(ek < b && ev < b))
-                        fail_msg("rotatekv-%u D=%u H=%u t=%u: K %.4f V %.4f > %.3f", bits, D, H,
-                                 t, ek, ev, b);
+                        fail_msg("rotatekv-%u D=%u H=%u t=%u: K %.4f V %.4f > %.3f", bits, D, H, t,
+                                 ek, ev, b);
                     free(in);
                 }
                 kvs_codec_destroy(k);
@@ -213,8 +213,8 @@ static void test_gaussian_report(void **st)
         uint16_t *in = gauss_fp16(64 * 512, 1.0f);
         double ek = section_err(k, &s, 0, 64, in, NULL);
         double ev = section_err(v, &s, 0, 64, in, NULL);
-        print_message("gaussian D=128 H=4 t=64 %s: K %.4f V %.4f (plain per-token %.4f)\n",
-                      name, ek, ev, plain_err(in, 64, 512, bits, bits == 2 ? 0.8f : 1.0f));
+        print_message("gaussian D=128 H=4 t=64 %s: K %.4f V %.4f (plain per-token %.4f)\n", name,
+                      ek, ev, plain_err(in, 64, 512, bits, bits == 2 ? 0.8f : 1.0f));
         free(in);
         kvs_codec_destroy(k);
         kvs_codec_destroy(v);
@@ -231,9 +231,8 @@ static void test_bits_accounting(void **st)
         unsigned bits;
         double k, v;
     } cases[] = {
-        {128, 2, 2.25, 2.25}, {64, 2, 2.25, 2.5},  {256, 2, 2.25, 2.25},
-        {128, 3, 3.25, 3.25}, {64, 3, 3.25, 3.5},  {128, 4, 4.25, 4.25},
-        {64, 4, 4.25, 4.5},
+        {128, 2, 2.25, 2.25}, {64, 2, 2.25, 2.5},   {256, 2, 2.25, 2.25}, {128, 3, 3.25, 3.25},
+        {64, 3, 3.25, 3.5},   {128, 4, 4.25, 4.25}, {64, 4, 4.25, 4.5},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char name[16];
@@ -383,7 +382,7 @@ static void test_permutation_round_trip(void **st)
     for (uint32_t l = 0; l < L; l++) {
         for (uint32_t j = 0; j < C; j++)
             p[l * C + j] = (uint16_t)((j + 128 * (l + 1)) % C); /* swap the two groups */
-        for (uint32_t g = 0; g < C; g += 128) /* Fisher-Yates inside each group */
+        for (uint32_t g = 0; g < C; g += 128)                   /* Fisher-Yates inside each group */
             for (uint32_t j = 127; j > 0; j--) {
                 uint32_t r = (uint32_t)(next_u64() % (j + 1));
                 uint16_t tmp = p[l * C + g + j];
@@ -543,7 +542,8 @@ static void test_outlier_channel(void **st)
     round_trip(pc, 0, t, in, out, NULL);
     double both = kvs_test_rel_err(in, out, n, KVS_DTYPE_FP16);
     print_message("outlier channel K rel: plain per-token-2 clip1 %.4f clip0.8 %.4f, "
-                  "rotation %.4f, rotation+reorder %.4f\n", plain, plain08, rot, both);
+                  "rotation %.4f, rotation+reorder %.4f\n",
+                  plain, plain08, rot, both);
     /* measured over 40 streams: both/plain 0.47..0.50, both/rot 0.66..0.69 */
     assert_true(both < 0.6 * plain);
     assert_true(both < 0.8 * rot);
@@ -594,8 +594,7 @@ static void test_bad_lengths(void **st)
         kvs_err err;
         size_t per = 2 + 2 * C - rec;
         for (size_t len = 0; len <= max + 64; len++) {
-            bool valid = len >= t * rec && (len - t * rec) % per == 0 &&
-                         (len - t * rec) / per <= 4;
+            bool valid = len >= t * rec && (len - t * rec) % per == 0 && (len - t * rec) / per <= 4;
             int rc = kvs_codec_decode(c, 0, t, buf, len, out, &err);
             if (!valid)
                 assert_int_equal(rc, KVS_EPROTO);
@@ -616,8 +615,7 @@ static void test_bad_lengths(void **st)
         /* encode into a buffer that is too small */
         uint16_t *in = gauss_fp16((size_t)t * C, 1.0f);
         size_t len;
-        assert_int_equal(kvs_codec_encode(c, 0, t, in, buf, t * rec - 1, &len, &err),
-                         KVS_ENOSPC);
+        assert_int_equal(kvs_codec_encode(c, 0, t, in, buf, t * rec - 1, &len, &err), KVS_ENOSPC);
         assert_int_equal(kvs_codec_encode(c, 0, t, in, buf, t * rec, &len, &err), 0);
         assert_int_equal(len, t * rec);
         /* layer out of range */
@@ -787,8 +785,8 @@ static void test_real_sample(void **st)
             unsigned sinks;
             real_run(&sm, bits, pre, &ek, &ev, &el, &ep, &sinks);
             print_message("realkv-a-64 rotatekv-%u %s keys, self-calibrated: K %.4f V %.4f "
-                          "logits %.4f (plain per-token-2 K %.4f), sinks %u", bits,
-                          pre ? "pre-RoPE" : "post-RoPE", ek, ev, el, ep, sinks);
+                          "logits %.4f (plain per-token-2 K %.4f), sinks %u",
+                          bits, pre ? "pre-RoPE" : "post-RoPE", ek, ev, el, ep, sinks);
             if (ref_k[bits] > 0)
                 print_message("; §6 ref K %.3f V %.3f", ref_k[bits], ref_v[bits]);
             print_message("\n");
@@ -813,20 +811,13 @@ int main(void)
     if (seed)
         rng_state = strtoull(seed, NULL, 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_fwht_involution),
-        cmocka_unit_test(test_head_group),
-        cmocka_unit_test(test_random_shapes),
-        cmocka_unit_test(test_gaussian_report),
-        cmocka_unit_test(test_bits_accounting),
-        cmocka_unit_test(test_sinks_bit_exact),
-        cmocka_unit_test(test_range_sinks_bf16),
-        cmocka_unit_test(test_permutation_round_trip),
-        cmocka_unit_test(test_state_validation),
-        cmocka_unit_test(test_calibration),
-        cmocka_unit_test(test_outlier_channel),
-        cmocka_unit_test(test_deterministic),
-        cmocka_unit_test(test_bad_lengths),
-        cmocka_unit_test(test_block_round_trip),
+        cmocka_unit_test(test_fwht_involution),  cmocka_unit_test(test_head_group),
+        cmocka_unit_test(test_random_shapes),    cmocka_unit_test(test_gaussian_report),
+        cmocka_unit_test(test_bits_accounting),  cmocka_unit_test(test_sinks_bit_exact),
+        cmocka_unit_test(test_range_sinks_bf16), cmocka_unit_test(test_permutation_round_trip),
+        cmocka_unit_test(test_state_validation), cmocka_unit_test(test_calibration),
+        cmocka_unit_test(test_outlier_channel),  cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_bad_lengths),      cmocka_unit_test(test_block_round_trip),
         cmocka_unit_test(test_real_sample),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -39,8 +39,8 @@ static void test_flags(void **state)
 {
     kvs_config cfg;
     kvs_err err;
-    char *ok[] = {"kvstashd", "--listen", "127.0.0.1:0", "--host-capacity", "256M",
-                  "--threads", "3", "--log-level", "debug", "--max-keys", "10", NULL};
+    char *ok[] = {"kvstashd", "--listen",    "127.0.0.1:0", "--host-capacity", "256M", "--threads",
+                  "3",        "--log-level", "debug",       "--max-keys",      "10",   NULL};
     assert_int_equal(parse(&cfg, &err, 11, ok), 0);
     assert_string_equal(cfg.listen, "127.0.0.1:0");
     assert_int_equal(cfg.host_capacity, 256ull << 20);

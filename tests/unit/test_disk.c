@@ -1071,8 +1071,8 @@ static void test_broken_data_file(void **state)
     assert_int_equal(mkdir(p, 0700), 0);
     write_file(p, "notes.txt", "keep me", 7);
     expect_refused(p, KVS_EINVAL, "notes.txt", &reset);
-    kvs_disk_opts a = {.identity = "node-a"}, b_reset = {.identity = "node-b",
-                                                          .reset_broken = true};
+    kvs_disk_opts a = {.identity = "node-a"},
+                  b_reset = {.identity = "node-b", .reset_broken = true};
     snprintf(p, sizeof p, "%s/owned", t.root);
     kvs_disk_close(open_ok(p, 1 << 20, &a));
     expect_refused(p, KVS_EINVAL, "node-a", &b_reset);
@@ -1319,20 +1319,13 @@ static void test_threads(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_create_and_reopen),
-        cmocka_unit_test(test_roundtrip_batches),
-        cmocka_unit_test(test_put_checks),
-        cmocka_unit_test(test_restart_and_scan),
-        cmocka_unit_test(test_ns_records),
-        cmocka_unit_test(test_corrupt_blocks_dropped),
-        cmocka_unit_test(test_map_full),
-        cmocka_unit_test(test_room_check),
-        cmocka_unit_test(test_write_errors),
-        cmocka_unit_test(test_durable),
-        cmocka_unit_test(test_foreign_refused),
-        cmocka_unit_test(test_broken_data_file),
-        cmocka_unit_test(test_crash_during_write),
-        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_create_and_reopen),  cmocka_unit_test(test_roundtrip_batches),
+        cmocka_unit_test(test_put_checks),         cmocka_unit_test(test_restart_and_scan),
+        cmocka_unit_test(test_ns_records),         cmocka_unit_test(test_corrupt_blocks_dropped),
+        cmocka_unit_test(test_map_full),           cmocka_unit_test(test_room_check),
+        cmocka_unit_test(test_write_errors),       cmocka_unit_test(test_durable),
+        cmocka_unit_test(test_foreign_refused),    cmocka_unit_test(test_broken_data_file),
+        cmocka_unit_test(test_crash_during_write), cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, setup_codecs, teardown_codecs);
 }

@@ -42,8 +42,11 @@ static void fake_unpin(void *ctx, void *addr, size_t bytes)
 static void test_alloc_pin_reuse(void **state)
 {
     pins pc = {0};
-    kvs_hostpool_opts o = {.max_bytes = 4 * SLAB, .slab_bytes = SLAB, .pin = fake_pin,
-                           .unpin = fake_unpin, .ctx = &pc};
+    kvs_hostpool_opts o = {.max_bytes = 4 * SLAB,
+                           .slab_bytes = SLAB,
+                           .pin = fake_pin,
+                           .unpin = fake_unpin,
+                           .ctx = &pc};
     kvs_hostpool *p;
     kvs_err err;
     assert_int_equal(kvs_hostpool_create(&o, &p, &err), 0);
@@ -97,8 +100,11 @@ static void test_alloc_pin_reuse(void **state)
 static void test_pin_failure_and_small(void **state)
 {
     pins pc = {.fail_next = 1};
-    kvs_hostpool_opts o = {.max_bytes = 2 * SLAB, .slab_bytes = SLAB, .pin = fake_pin,
-                           .unpin = fake_unpin, .ctx = &pc};
+    kvs_hostpool_opts o = {.max_bytes = 2 * SLAB,
+                           .slab_bytes = SLAB,
+                           .pin = fake_pin,
+                           .unpin = fake_unpin,
+                           .ctx = &pc};
     kvs_hostpool *p;
     assert_int_equal(kvs_hostpool_create(&o, &p, NULL), 0);
     /* The first slab's pin fails: it is used anyway, unpinned, and counted. */

@@ -199,14 +199,10 @@ static void test_long_blocks(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_vector_a_empty),
-        cmocka_unit_test(test_vector_b_first_block),
-        cmocka_unit_test(test_vector_c_chained),
-        cmocka_unit_test(test_vector_d_sequence),
-        cmocka_unit_test(test_vector_e_max_token),
-        cmocka_unit_test(test_seq_returns_needed),
-        cmocka_unit_test(test_chain_order_sensitive),
-        cmocka_unit_test(test_long_blocks),
+        cmocka_unit_test(test_vector_a_empty),        cmocka_unit_test(test_vector_b_first_block),
+        cmocka_unit_test(test_vector_c_chained),      cmocka_unit_test(test_vector_d_sequence),
+        cmocka_unit_test(test_vector_e_max_token),    cmocka_unit_test(test_seq_returns_needed),
+        cmocka_unit_test(test_chain_order_sensitive), cmocka_unit_test(test_long_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -34,7 +34,7 @@ static void test_finite(void **state)
     assert_non_null(x);
     for (size_t i = 0; i < bytes / 2; i++)
         x[i] = (uint16_t)(0x3C00 ^ (i & 0x83FF)); /* finite values of both signs, incl. max */
-    x[7] = 0x7BFF; /* 65504, the largest finite fp16 */
+    x[7] = 0x7BFF;                                /* 65504, the largest finite fp16 */
     assert_int_equal(kvs_payload_check_finite(&s, t, x, &err), 0);
 
     x[at(&s, t, 2, 1, 4, 1, 15)] = 0x7E00; /* NaN in the very last element */

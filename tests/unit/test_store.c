@@ -486,8 +486,12 @@ static void test_concurrent_soak(void **state)
 static kvs_store *new_gpu_store(uint64_t host_cap, uint64_t gpu_cap, uint64_t slab)
 {
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = host_cap, .gpu_base = FAKE_DEV, .gpu_capacity = gpu_cap,
-                        .gpu_slab = slab, .gpu_high_pct = 75, .gpu_low_pct = 50};
+    kvs_store_opts o = {.host_capacity = host_cap,
+                        .gpu_base = FAKE_DEV,
+                        .gpu_capacity = gpu_cap,
+                        .gpu_slab = slab,
+                        .gpu_high_pct = 75,
+                        .gpu_low_pct = 50};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     assert_true(kvs_store_has_gpu(st));
     return st;
@@ -662,8 +666,11 @@ static void test_gpu_promotion(void **state)
     kvs_store_destroy(st);
 
     /* Promotion off: nothing moves up. */
-    kvs_store_opts o = {.host_capacity = 1 << 20, .gpu_base = FAKE_DEV, .gpu_capacity = 8000,
-                        .gpu_slab = 2000, .no_promote = true};
+    kvs_store_opts o = {.host_capacity = 1 << 20,
+                        .gpu_base = FAKE_DEV,
+                        .gpu_capacity = 8000,
+                        .gpu_slab = 2000,
+                        .no_promote = true};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
     assert_int_equal(put(st, ns, "h0", 4, 1, NULL, &err), 0);
@@ -796,14 +803,17 @@ static kvs_disk *tmp_disk(char *dir, const char *tag, uint64_t budget)
 
 /* A store of host_blocks full blocks (namespace "d": L=2 H=2 D=16 T=8, codec `codec`) over
  * a fresh disk tier of disk_budget bytes. */
-static void fx_open_wm(disk_fx *f, const char *codec, uint64_t host_bytes,
-                       uint64_t disk_budget, bool no_promote, unsigned high, unsigned low)
+static void fx_open_wm(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t disk_budget,
+                       bool no_promote, unsigned high, unsigned low)
 {
     f->disk = tmp_disk(f->dir, "store", disk_budget);
     kvs_err err;
-    kvs_store_opts o = {.host_capacity = host_bytes, .disk = f->disk,
-                        .disk_capacity = disk_budget, .spill_max = 64 << 20,
-                        .no_promote = no_promote, .host_high_pct = high,
+    kvs_store_opts o = {.host_capacity = host_bytes,
+                        .disk = f->disk,
+                        .disk_capacity = disk_budget,
+                        .spill_max = 64 << 20,
+                        .no_promote = no_promote,
+                        .host_high_pct = high,
                         .host_low_pct = low};
     assert_int_equal(kvs_store_create(&o, &f->st, &err), 0);
     kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, codec, codec, 5);
@@ -844,8 +854,8 @@ static uint8_t *put_enc(disk_fx *f, const char *key, uint32_t t, uint64_t seed, 
     kvs_block *blk;
     kvs_err err;
     assert_int_equal(kvs_store_block_alloc(f->st, f->ns, t, cap, &blk, &err), 0);
-    assert_int_equal(kvs_block_encode(k, v, kvs_ns_id(f->ns), t, raw, kvs_block_data(blk), cap,
-                                      len, &err), 0);
+    assert_int_equal(
+        kvs_block_encode(k, v, kvs_ns_id(f->ns), t, raw, kvs_block_data(blk), cap, len, &err), 0);
     kvs_block_set_size(blk, *len, raw_bytes);
     uint8_t *copy = malloc(*len);
     memcpy(copy, kvs_block_data(blk), *len);
@@ -1501,7 +1511,6 @@ static void test_durable(void **state)
     fx_close(&f);
 }
 
-
 /* ---- the durable contract on a full disk (issue 10, fault 1) */
 
 /* Durable and non-durable namespaces share a disk budget of 8 blocks: non-durable records
@@ -1767,8 +1776,8 @@ static void test_codec_state_persisted(void **state)
 
 /* Encodes a block of t tokens for spec (state version kstate for the keys) stamped with
  * ns_id and stores it in the disk tier directly; returns its bytes (malloc'd). */
-static uint8_t *disk_block(kvs_disk *disk, const kvs_ns_spec *spec, uint32_t ns_id,
-                           uint32_t kstate, uint32_t t, const char *key, size_t *len)
+static uint8_t *disk_block(kvs_disk *disk, const kvs_ns_spec *spec, uint32_t ns_id, uint32_t kstate,
+                           uint32_t t, const char *key, size_t *len)
 {
     kvs_err err;
     kvs_codec_state cs = {.version = kstate};
@@ -1831,7 +1840,8 @@ static void test_restore_unknown_state_and_unservable(void **state)
     assert_int_equal(kvs_spec_block_bytes(&ks, 8, &raw_bytes, NULL), 0);
     uint16_t *out = malloc(raw_bytes);
     assert_int_equal(kvs_block_decode(kvs_ns_codec(ns, KVS_KEYS), kvs_ns_codec(ns, KVS_VALUES),
-                                      kvs_block_data(got), len, 0, 2, out, &err), 0);
+                                      kvs_block_data(got), len, 0, 2, out, &err),
+                     0);
     kvs_store_block_release(st, got);
     assert_int_equal(kvs_disk_get(disk, id, "too-long", 8, noop_cb, NULL, NULL), KVS_ENOTFOUND);
     assert_int_equal(kvs_disk_get(disk, 99, "no-ns", 5, noop_cb, NULL, NULL), KVS_ENOTFOUND);

@@ -520,12 +520,9 @@ static void test_evict_gpu(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_verify),
-        cmocka_unit_test(test_verify_batches),
-        cmocka_unit_test(test_flush),
-        cmocka_unit_test(test_evict_host_to_disk),
-        cmocka_unit_test(test_evict_out),
-        cmocka_unit_test(test_evict_gpu),
+        cmocka_unit_test(test_verify),    cmocka_unit_test(test_verify_batches),
+        cmocka_unit_test(test_flush),     cmocka_unit_test(test_evict_host_to_disk),
+        cmocka_unit_test(test_evict_out), cmocka_unit_test(test_evict_gpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -43,12 +43,12 @@ static void test_unpack_strings(void **state)
     assert_non_null(strstr(err.msg, "name: contains a NUL byte at offset 2"));
     /* Invalid UTF-8 (a lone continuation byte, an overlong '/') */
     uint8_t bad_utf8[] = {0x0A, 3, 'a', 0x80, 'b'};
-    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, bad_utf8, sizeof bad_utf8,
-                                &err));
+    assert_null(
+        kvs_wire_unpack(&kvstash__v1__name_request__descriptor, bad_utf8, sizeof bad_utf8, &err));
     assert_non_null(strstr(err.msg, "name: not valid UTF-8 at offset 1"));
     uint8_t overlong[] = {0x0A, 2, 0xC0, 0xAF};
-    assert_null(kvs_wire_unpack(&kvstash__v1__name_request__descriptor, overlong, sizeof overlong,
-                                &err));
+    assert_null(
+        kvs_wire_unpack(&kvstash__v1__name_request__descriptor, overlong, sizeof overlong, &err));
     /* Valid multi-byte UTF-8 passes the wire check (the name rules refuse it later). */
     uint8_t euro[] = {0x0A, 3, 0xE2, 0x82, 0xAC};
     m = kvs_wire_unpack(&kvstash__v1__name_request__descriptor, euro, sizeof euro, &err);
@@ -253,12 +253,9 @@ static void test_put_data_fast_path(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_unpack_strings),
-        cmocka_unit_test(test_keys),
-        cmocka_unit_test(test_layer_range),
-        cmocka_unit_test(test_spec_from_proto),
-        cmocka_unit_test(test_block_bytes_and_keys),
-        cmocka_unit_test(test_put_data_fast_path),
+        cmocka_unit_test(test_unpack_strings),       cmocka_unit_test(test_keys),
+        cmocka_unit_test(test_layer_range),          cmocka_unit_test(test_spec_from_proto),
+        cmocka_unit_test(test_block_bytes_and_keys), cmocka_unit_test(test_put_data_fast_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
