@@ -4,8 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu/codec.h"
-#include "gpu/format.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
 #include "kvstash.h"
 
 int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw, size_t cap,

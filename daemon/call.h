@@ -84,7 +84,7 @@ struct kvs_server {
     const kvs_config *cfg;       /* borrowed from main, outlives the server */
     kvs_store *store;            /* borrowed */
     struct kvs_work *work;       /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
-    struct kvs_engine *engine;   /* borrowed, may be NULL: GPU codec engine (gpu/engine.h) */
+    struct kvs_engine *engine;   /* borrowed, may be NULL: GPU codec engine (gpu/engine/engine.h) */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */

@@ -10,7 +10,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
-#include "storage/learn.h"
+#include "gpu/codec/learn.h"
 
 #ifndef KVS_VERSION
 #define KVS_VERSION "dev"

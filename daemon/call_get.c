@@ -25,9 +25,9 @@
 #include "daemon/wire.h"
 #include "daemon/work.h"
 #include "gpu/base/mem.h"
-#include "gpu/codec.h"
-#include "gpu/engine.h"
-#include "gpu/format.h"
+#include "gpu/codec/codec.h"
+#include "gpu/engine/engine.h"
+#include "gpu/codec/format.h"
 #include "storage/tiering.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 

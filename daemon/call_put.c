@@ -42,11 +42,11 @@
 #include "daemon/wire.h"
 #include "daemon/work.h"
 #include "gpu/base/mem.h"
-#include "gpu/codec.h"
-#include "gpu/engine.h"
-#include "gpu/format.h"
+#include "gpu/codec/codec.h"
+#include "gpu/engine/engine.h"
+#include "gpu/codec/format.h"
 #include "kvstash/v1/kvstash.pb-c.h"
-#include "storage/learn.h"
+#include "gpu/codec/learn.h"
 #include "storage/tiering.h"
 
 void kvs_put_start(kvs_call *c)
@@ -197,7 +197,7 @@ static void encode_job(void *arg)
     kvs_put_state *p = &c->u.put;
     kvs_err_clear(&p->err);
     /* RotateKV namespaces learn their key channel order from the first blocks they store
-     * (storage/learn.h); a calibration failure costs quality, never the Put. */
+     * (gpu/codec/learn.h); a calibration failure costs quality, never the Put. */
     if (kvs_learn_keys(kvs_ns_learner(p->ns), p->ns, kvs_block_tokens(p->blk),
                        (const uint16_t *)p->raw, &p->err))
         kvs_log(KVS_LOG_WARN, "call#%llu Put: namespace '%s': calibration: %s",

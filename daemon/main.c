@@ -28,7 +28,7 @@
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include "daemon/work.h"
-#include "gpu/engine.h"
+#include "gpu/engine/engine.h"
 #include "storage/store.h"
 
 #define DRAIN_POLL_MS 50

@@ -13,7 +13,7 @@
 
 #include "daemon/config.h"
 #include "daemon/work.h"
-#include "gpu/engine.h"
+#include "gpu/engine/engine.h"
 #include "gpu/base/err.h"
 #include "storage/store.h"
 #include "storage/tiering.h"

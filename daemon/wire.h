@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "gpu/base/err.h"
-#include "gpu/spec.h"
+#include "gpu/codec/spec.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/store.h"
 

@@ -35,8 +35,8 @@
 #include <lmdb.h>
 
 #include "gpu/base/mem.h"
-#include "gpu/format.h"
-#include "gpu/spec.h"
+#include "gpu/codec/format.h"
+#include "gpu/codec/spec.h"
 #include "storage/disk_int.h"
 
 #define SCAN_CHUNK 4096  /* records per read transaction of a scan */
@@ -216,7 +216,7 @@ static void wabort(kvs_disk *d, MDB_txn *txn)
 static int commit_locked(kvs_disk *d, MDB_txn *txn, bool freed)
 {
     int rc;
-    if (d->fail_nth && --d->fail_nth == 0) {
+    if ((d->fail_nth && --d->fail_nth == 0) || (d->fail_left && d->fail_left--)) {
         rc = d->fail_rc;
         mdb_txn_abort(txn);
     } else {
@@ -873,10 +873,20 @@ void kvs_disk_test_fs_limit(kvs_disk *d, uint64_t bytes)
     pthread_mutex_unlock(&d->wmu);
 }
 
+void kvs_disk_test_fail_writes(kvs_disk *d, unsigned n, int mdb_rc)
+{
+    pthread_mutex_lock(&d->wmu);
+    d->fail_nth = 0;
+    d->fail_left = n;
+    d->fail_rc = mdb_rc;
+    pthread_mutex_unlock(&d->wmu);
+}
+
 void kvs_disk_test_fail_write(kvs_disk *d, unsigned nth, int mdb_rc)
 {
     pthread_mutex_lock(&d->wmu);
     d->fail_nth = nth;
+    d->fail_left = 0;
     d->fail_rc = mdb_rc;
     pthread_mutex_unlock(&d->wmu);
 }

@@ -11,7 +11,7 @@
  *           (0..KVS_DISK_NS_REC_MAX bytes); value = opaque bytes the store serializes
  *           (the spec, each codec state version)
  *   blocks  key = namespace id (u32 big-endian) + the block key (1..KVS_KEY_MAX bytes);
- *           value = the encoded block (gpu/format.h), byte for byte as in the host tier
+ *           value = the encoded block (gpu/codec/format.h), byte for byte as in the host tier
  * Big-endian ids keep each namespace's records and blocks contiguous in LMDB's key
  * order, so a namespace is one key range.
  *
@@ -270,5 +270,7 @@ void kvs_disk_test_fs_limit(kvs_disk *d, uint64_t bytes);
  * fails as if LMDB had returned mdb_rc (e.g. EIO, MDB_MAP_FULL) and is aborted; 0
  * disarms. */
 void kvs_disk_test_fail_write(kvs_disk *d, unsigned nth, int mdb_rc);
+/* The next n write transactions fail as if LMDB had returned mdb_rc; 0 disarms. */
+void kvs_disk_test_fail_writes(kvs_disk *d, unsigned n, int mdb_rc);
 
 #endif

@@ -26,6 +26,7 @@ struct kvs_disk {
     bool mu_init;
     pthread_mutex_t wmu; /* the one writer (invariant 2) */
     unsigned fail_nth;   /* fault injection countdown, under wmu */
+    unsigned fail_left;  /* ...or this many next transactions fail */
     int fail_rc;
     /* Under wmu: the last commit deleted records. LMDB reuses the pages freed by
      * transaction T only from transaction T+2 on (the meta page of T-1 may still be the

@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "gpu/base/mem.h"
-#include "gpu/format.h"
+#include "gpu/codec/format.h"
 #include "storage/disk_int.h"
 
 #define MAP_MAX ((uint64_t)64 << 40) /* 64 TiB: far inside x86-64's 128 TiB of user space */

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "gpu/spec.h"
+#include "gpu/codec/spec.h"
 
 typedef struct kvs_index_node {
     struct kvs_index_node *next; /* private: bucket chain */

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
-#include "storage/learn.h"
+#include "gpu/codec/learn.h"
 
 struct kvs_ns {
     atomic_uint refs;

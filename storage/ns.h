@@ -16,11 +16,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "gpu/codec.h"
-#include "gpu/spec.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/spec.h"
 
 typedef struct kvs_ns kvs_ns;
-typedef struct kvs_learn kvs_learn; /* storage/learn.h */
+typedef struct kvs_learn kvs_learn; /* gpu/codec/learn.h */
 
 /* Counters of a namespace; guarded by the store lock. */
 typedef struct kvs_ns_usage {

@@ -11,7 +11,7 @@
  *   offset 0  4  magic "KST1"     4  4  version (u32 LE, = the one in the name)
  *          8  8  n (u64 LE)      16  8  XXH3-64 of the n state bytes (u64 LE)
  *         24  n  the state bytes, as the codec defines them (kvs_codec_state.data)
- * A state is recorded before it is published (storage/learn.h), so every block on disk
+ * A state is recorded before it is published (gpu/codec/learn.h), so every block on disk
  * was encoded with recorded states. A state record that is unreadable is logged and
  * skipped; the blocks encoded with it are still indexed (they keep their place in the
  * budget and can be evicted, deleted and dropped): an encoded Get serves their bytes, and
@@ -34,7 +34,7 @@
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
-#include "storage/learn.h"
+#include "gpu/codec/learn.h"
 #include "storage/store_int.h"
 
 #define STATE_MAGIC "KST1"
@@ -75,10 +75,11 @@ static uint64_t get_le(const uint8_t *p, int n)
     return v;
 }
 
-int kvs__persist_state_put(void *ctx, kvs_ns *ns, kvs_kv kv, const kvs_codec_state *state,
+int kvs__persist_state_put(void *ctx, void *owner, kvs_kv kv, const kvs_codec_state *state,
                            kvs_err *err)
 {
     kvs_store *st = ctx;
+    kvs_ns *ns = owner;
     const char *name = kvs_ns_spec_of(ns)->name;
     if (!st->disk)
         return 0;

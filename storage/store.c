@@ -10,7 +10,7 @@
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
-#include "storage/learn.h"
+#include "gpu/codec/learn.h"
 #include "storage/spill.h"
 #include "storage/store_int.h"
 
@@ -228,6 +228,13 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
     return rc;
 }
 
+/* The learners' publish hook (gpu/codec/learn.h): a new codec state version of ns. */
+static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_err *err)
+{
+    (void)ctx;
+    return kvs_ns_codec_publish(owner, kv, c, err);
+}
+
 int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
                       kvs_err *err)
 {
@@ -250,8 +257,9 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
-    if ((rc = kvs_learn_create(spec, st->calib_tokens, st->disk ? kvs__persist_state_put : NULL, st,
-                               &learn, err))) {
+    kvs_learn_hooks hooks = {
+        .persist = st->disk ? kvs__persist_state_put : NULL, .publish = publish_codec, .ctx = st};
+    if ((rc = kvs_learn_create(spec, st->calib_tokens, &hooks, &learn, err))) {
         kvs_codec_destroy(codecs[0]);
         kvs_codec_destroy(codecs[1]);
         return rc;

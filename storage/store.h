@@ -3,7 +3,7 @@
  * Tiers (DESIGN §7): gpu (optional: fixed-size slots in a device region the GPU engine
  * allocated, storage/slots.h), host (RAM, byte capacity) and disk (optional: an LMDB
  * environment, storage/disk.h, with a byte budget). Blocks arrive here already
- * encoded (gpu/codec.h); each namespace owns its key and value codecs. Each tier has its
+ * encoded (gpu/codec/codec.h); each namespace owns its key and value codecs. Each tier has its
  * own LRU list. The host tier evicts idle blocks to make room, in the order of its
  * eviction policy (opts.eviction, storage/policy.h: LRU, or the scan-resistant S3-FIFO;
  * its LRU list then only enumerates its blocks); the gpu tier never evicts: above its
@@ -80,7 +80,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
-#include "gpu/spec.h"
+#include "gpu/codec/spec.h"
 #include "storage/disk.h"
 #include "storage/hostpool.h"
 #include "storage/ns.h"
@@ -173,7 +173,7 @@ uint32_t kvs_block_tokens(const kvs_block *blk);
 kvs_store_tier kvs_block_tier(const kvs_block *blk);
 kvs_ns *kvs_block_ns(const kvs_block *blk); /* borrowed: the block holds a reference */
 
-/* The GPU side of a GPU-tier block (gpu/engine.h slot layout). */
+/* The GPU side of a GPU-tier block (gpu/engine/engine.h slot layout). */
 typedef struct kvs_block_dev {
     void *slot;                /* device address of the slot */
     uint32_t *lens;            /* 2L section lengths: keys of each layer, then values */

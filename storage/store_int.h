@@ -119,9 +119,9 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
 /* storage/persist.c: */
 /* Writes ns's spec record to the disk tier (flushed). */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err);
-/* The learners' persist hook (storage/learn.h kvs_learn_persist_fn; ctx = the store):
+/* The learners' persist hook (gpu/codec/learn.h; ctx = the store, owner = the kvs_ns):
  * writes a codec state record (flushed); 0 without a disk tier. */
-int kvs__persist_state_put(void *ctx, kvs_ns *ns, kvs_kv kv, const kvs_codec_state *state,
+int kvs__persist_state_put(void *ctx, void *owner, kvs_kv kv, const kvs_codec_state *state,
                            kvs_err *err);
 /* Recreates the namespaces recorded in the disk tier with every recorded codec state,
  * and the index of its blocks (at create, before any other thread uses the store). */

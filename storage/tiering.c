@@ -11,7 +11,7 @@
 #include <time.h>
 
 #include "gpu/base/mem.h"
-#include "gpu/format.h"
+#include "gpu/codec/format.h"
 
 #define ROUND 64
 

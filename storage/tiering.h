@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #include "gpu/base/err.h"
-#include "gpu/engine.h"
+#include "gpu/engine/engine.h"
 #include "storage/store.h"
 
 typedef struct kvs_tiering kvs_tiering;

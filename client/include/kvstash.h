@@ -24,7 +24,7 @@
 #include <stdint.h>
 
 #include "gpu/base/err.h"
-#include "gpu/spec.h"
+#include "gpu/codec/spec.h"
 
 #ifdef __cplusplus
 extern "C" {

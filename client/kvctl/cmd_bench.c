@@ -14,7 +14,7 @@
 #include <time.h>
 
 #include "gpu/base/mem.h"
-#include "gpu/half.h"
+#include "gpu/codec/half.h"
 #include "kvctl.h"
 
 #define MAX_THREADS 256

@@ -19,10 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_cuda.h"
-#include "gpu/codec_squat.h"
-#include "gpu/half.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/codec/half.h"
 
 #ifndef KVS_HAVE_CUDA
 int main(void)

@@ -43,9 +43,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "gpu/codec.h"
-#include "gpu/rng.h"
-#include "gpu/spec.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/rng.h"
+#include "gpu/codec/spec.h"
 #include "storage/disk.h"
 
 #define TEMPLATES 64

@@ -59,18 +59,18 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/mem.h"
-#include "gpu/codec.h"
-#include "gpu/format.h"
-#include "gpu/half.h"
-#include "gpu/spec.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/spec.h"
 
 #if defined(__has_include)
-#if __has_include("gpu/codec_rotatekv.h")
-#include "gpu/codec_rotatekv.h"
+#if __has_include("gpu/codec/codec_rotatekv.h")
+#include "gpu/codec/codec_rotatekv.h"
 #define HAVE_ROTATEKV_CALIB 1
 #endif
-#if __has_include("gpu/codec_squat.h")
-#include "gpu/codec_squat.h"
+#if __has_include("gpu/codec/codec_squat.h")
+#include "gpu/codec/codec_squat.h"
 #define HAVE_SQUAT_STATE 1
 #endif
 #endif

@@ -21,9 +21,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "gpu/codec.h"
-#include "gpu/engine.h"
-#include "gpu/format.h"
+#include "gpu/codec/codec.h"
+#include "gpu/engine/engine.h"
+#include "gpu/codec/format.h"
 #include "tests/support/kvs_test.h"
 
 enum { L = 32, H = 8, D = 128, T = 16, REPEATS = 5 };

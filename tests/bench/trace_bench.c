@@ -5,7 +5,7 @@
  *                   [--caps 1,2,5,10,20] [--gap TICKS] [--small-percent P] [--tail-first]
  *                   [--breakdown] [--tiny]
  *
- * Workload (generated from --seed with xoshiro256**, gpu/rng.h; no files). Requests arrive
+ * Workload (generated from --seed with xoshiro256**, gpu/codec/rng.h; no files). Requests arrive
  * one per tick. A request is a list of blocks, each identified by a chained key: key(i) =
  * hash(key(i-1), content(i)), as inference servers key prefix blocks, so the same content
  * after a different prefix is a different block. Two namespaces (models) with different
@@ -54,7 +54,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/mem.h"
-#include "gpu/rng.h"
+#include "gpu/codec/rng.h"
 #include "storage/policy.h"
 
 #define MAX_NS 2

@@ -1,4 +1,4 @@
-/* GPU kernels vs CPU references, for every codec that has kernels (gpu/codec_cuda.h).
+/* GPU kernels vs CPU references, for every codec that has kernels (gpu/codec/codec_cuda.h).
  *
  * For each codec, K and V, head_dim 64/128/256, several kv-head counts, token counts (1,
  * odd, partial, full) and batch sizes, on random inputs drawn fresh each run (the seed is
@@ -19,10 +19,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_cuda.h"
-#include "gpu/codec_squat.h"
-#include "gpu/half.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/codec/half.h"
 #include "tests/support/kvs_test.h"
 
 #ifndef KVS_HAVE_CUDA
@@ -131,7 +131,7 @@ static int tie_tolerant(const kvs_codec *c)
 {
     /* PolarQuant quantizes angles by comparisons on rotated values: an input on a decision
      * boundary may round either way between two correct implementations (documented in
-     * gpu/codec_polarquant.h); every other codec must match byte for byte. */
+     * gpu/codec/codec_polarquant.h); every other codec must match byte for byte. */
     return kvs_codec_id_of(c) == KVS_CODEC_POLARQUANT;
 }
 
@@ -337,7 +337,7 @@ static void run_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt, input_k
 
 /* ---------------------------------------------------------------- learned state */
 
-#include "gpu/codec_rotatekv.h"
+#include "gpu/codec/codec_rotatekv.h"
 
 /* RotateKV sections that fill() does not make, compared like run_case_state (bytes,
  * lengths, decode bit for bit, `bad`). pattern 0: tokens 0 and 9 (mod t) scaled by 50
@@ -676,7 +676,7 @@ static void *squat_state(const char *name, shape s, kvs_dtype dt, size_t *len, u
     }
     *active = 0;
     for (size_t lh = 0; lh < (size_t)sp.layers * s.H; lh++) {
-        if (lh % 4 == 3) /* record: u64 N, then the Gram (gpu/codec_squat.h) */
+        if (lh % 4 == 3) /* record: u64 N, then the Gram (gpu/codec/codec_squat.h) */
             memset((uint8_t *)bytes + 16 + lh * (8 + 4 * (size_t)D * D), 0, 8);
         else
             (*active)++;

@@ -17,10 +17,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "gpu/codec.h"
-#include "gpu/engine.h"
-#include "gpu/format.h"
-#include "gpu/half.h"
+#include "gpu/codec/codec.h"
+#include "gpu/engine/engine.h"
+#include "gpu/codec/format.h"
+#include "gpu/codec/half.h"
 #include "tests/support/kvs_test.h"
 
 enum { L = 6, H = 4, D = 128, T = 16, BLOCKS = 300, THREADS = 4 };

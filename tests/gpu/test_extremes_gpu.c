@@ -14,12 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_rotatekv.h"
-#include "gpu/codec_squat.h"
-#include "gpu/engine.h"
-#include "gpu/half.h"
-#include "gpu/rng.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_rotatekv.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/engine/engine.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/rng.h"
 
 typedef struct req {
     atomic_int done;

@@ -98,7 +98,7 @@ DRAINING = pb.HealthReply.DRAINING
 
 
 def parse_encoded(b):
-    """Independent reader of the encoded block format (gpu/format.h, version 1): checks the
+    """Independent reader of the encoded block format (gpu/codec/format.h, version 1): checks the
     header, the section table and the XXH3-64 over every byte (checksum field as zero) and
     returns (header dict, [(start, end) per section, (layer, K/V) order])."""
     import struct
@@ -120,7 +120,7 @@ def parse_encoded(b):
 
 
 def encoded_prefix_bytes(L):
-    """Header + section table of an encoded block (gpu/format.h)."""
+    """Header + section table of an encoded block (gpu/codec/format.h)."""
     return 64 + 4 * (2 * L + 1)
 
 

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "gpu/half.h"
+#include "gpu/codec/half.h"
 
 #define SAMPLE_HEADER 4096
 #define SAMPLE_MAGIC "KVSAMPLE1\n"

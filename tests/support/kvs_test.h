@@ -12,8 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "gpu/codec.h"
-#include "gpu/rng.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/rng.h"
 
 /* ---------------------------------------------------------------- specs and codecs */
 

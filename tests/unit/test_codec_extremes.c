@@ -24,12 +24,12 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_rotatekv.h"
-#include "gpu/codec_squat.h"
-#include "gpu/format.h"
-#include "gpu/half.h"
-#include "gpu/rng.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_rotatekv.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/codec/format.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/rng.h"
 #include "tests/support/kvs_test.h"
 
 typedef enum pattern {
@@ -285,7 +285,7 @@ static void test_codec(void **state)
 /* ---------------------------------------------------------------- the safety net */
 
 /* Byte offset of one floating-point field in a section of each codec, written by hand
- * from the layouts (gpu/codec_<name>.c header comments), and its width (2: fp16, 4:
+ * from the layouts (gpu/codec/codec_<name>.c header comments), and its width (2: fp16, 4:
  * fp32, 1: an e4m3fn code). */
 typedef struct planted {
     const char *codec;

@@ -1,4 +1,4 @@
-/* gpu/codec_fp8.c and gpu/half.h's e4m3fn conversions: the conversion of all 65536 fp16
+/* gpu/codec/codec_fp8.c and gpu/half.h's e4m3fn conversions: the conversion of all 65536 fp16
  * inputs against a table built from the e4m3fn definition; round trips through the
  * codec and block API; per-head scales, zero heads, exact size, bad lengths. */
 #include <setjmp.h>
@@ -12,8 +12,8 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/half.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/half.h"
 #include "tests/support/kvs_test.h"
 
 /* ---------------------------------------------------------------- definitions */

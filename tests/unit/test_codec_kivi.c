@@ -1,4 +1,4 @@
-/* gpu/codec_kivi.c: per-channel keys / per-token values in groups of 32, the
+/* gpu/codec/codec_kivi.c: per-channel keys / per-token values in groups of 32, the
  * half-step error bound per group, constant groups exact, LSB-first packing, exact
  * bits/element, bad lengths, block round trip, and the real sample (errors vs
  * quantizers-reference.md §6). */
@@ -13,8 +13,8 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/half.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/half.h"
 #include "tests/support/kvs_test.h"
 
 /* fp16, seed 3 */

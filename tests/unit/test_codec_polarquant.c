@@ -1,6 +1,6 @@
-/* gpu/codec_polarquant: PolarQuant CPU reference (quantizers.md `polarquant`;
+/* gpu/codec/codec_polarquant: PolarQuant CPU reference (quantizers.md `polarquant`;
  * quantizers-reference.md §2, §9.2, §9.4). The test recomputes the rotation and the angles
- * in double on its own (signs from gpu/rng.h as documented, its own FWHT, atan2) and reads
+ * in double on its own (signs from gpu/codec/rng.h as documented, its own FWHT, atan2) and reads
  * the encoded planes at the documented offsets, so layout, codebooks and quantizer are
  * checked against the spec rather than against the codec's own helpers. */
 #include <setjmp.h>
@@ -14,10 +14,10 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_polarquant.h"
-#include "gpu/half.h"
-#include "gpu/rng.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_polarquant.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/rng.h"
 #include "tests/support/kvs_test.h"
 
 static const double PI = 3.14159265358979323846;

@@ -1,4 +1,4 @@
-/* gpu/codec_rotatekv: rotatekv-2/-3/-4 (quantizers.md "rotatekv-2", quantizers-reference.md
+/* gpu/codec/codec_rotatekv: rotatekv-2/-3/-4 (quantizers.md "rotatekv-2", quantizers-reference.md
  * §3, checklist §9.4): Hadamard involution, head grouping, permutation state (round trip,
  * validation, calibration), sinks, outlier channel, bits accounting, length checks, block
  * round trip, and the real sample tests/data/realkv-a-64.kvs against §6. */
@@ -13,12 +13,12 @@
 
 #include <cmocka.h>
 
-#include "gpu/bitpack.h"
-#include "gpu/codec.h"
-#include "gpu/codec_rotatekv.h"
-#include "gpu/hadamard.h"
-#include "gpu/half.h"
-#include "gpu/quant.h"
+#include "gpu/codec/bitpack.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_rotatekv.h"
+#include "gpu/codec/hadamard.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/quant.h"
 #include "tests/support/kvs_test.h"
 
 /* ---------------------------------------------------------------- helpers */

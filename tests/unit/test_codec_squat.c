@@ -1,4 +1,4 @@
-/* gpu/codec_squat.c: without queries SQuat is KIVI bit for bit; the compensation
+/* gpu/codec/codec_squat.c: without queries SQuat is KIVI bit for bit; the compensation
  * matrices equal the Schur-complement construction of quantizers-reference.md §4.3;
  * with a low-rank query subspace the key error leaves the subspace; on the real sample
  * the attention logits move less than with KIVI; the state helpers and their checks. */
@@ -13,10 +13,10 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/codec_squat.h"
-#include "gpu/half.h"
-#include "gpu/rng.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/codec/half.h"
+#include "gpu/codec/rng.h"
 #include "tests/support/kvs_test.h"
 
 /* fp16, the same codec for keys and values, seed 5 */

@@ -26,7 +26,7 @@
 #include <cmocka.h>
 #include <lmdb.h>
 
-#include "gpu/format.h"
+#include "gpu/codec/format.h"
 #include "storage/disk.h"
 #include "tests/support/kvs_test.h"
 

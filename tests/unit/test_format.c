@@ -1,4 +1,4 @@
-/* gpu/format + block framing with the `none` codec: bit-exact round trips, layer-range
+/* gpu/codec/format + block framing with the `none` codec: bit-exact round trips, layer-range
  * decode, strict parsing (every flipped byte, truncation, bad version, bad table), and
  * the codec registry. */
 #include <setjmp.h>
@@ -10,8 +10,8 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
-#include "gpu/format.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
 #include "tests/support/kvs_test.h"
 
 static kvs_ns_spec spec(kvs_dtype dt)

@@ -1,4 +1,4 @@
-/* gpu/half.h: fp16 and bf16 conversions against the compiler's own IEEE conversions
+/* gpu/codec/half.h: fp16 and bf16 conversions against the compiler's own IEEE conversions
  * (_Float16, and bf16 by truncation rules) on every fp16 input and on many fp32 inputs. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,7 +9,7 @@
 
 #include <cmocka.h>
 
-#include "gpu/half.h"
+#include "gpu/codec/half.h"
 
 static void test_fp16_all_inputs(void **state)
 {

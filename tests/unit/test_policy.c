@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "gpu/rng.h"
+#include "gpu/codec/rng.h"
 #include "storage/policy.h"
 
 typedef struct obj {

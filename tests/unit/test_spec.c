@@ -1,4 +1,4 @@
-/* gpu/spec: payload NaN/Inf detection names the element; dtype helpers. */
+/* gpu/codec/spec: payload NaN/Inf detection names the element; dtype helpers. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,7 +8,7 @@
 
 #include <cmocka.h>
 
-#include "gpu/spec.h"
+#include "gpu/codec/spec.h"
 #include "tests/support/kvs_test.h"
 
 static kvs_ns_spec spec(kvs_dtype dt)

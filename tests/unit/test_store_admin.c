@@ -17,7 +17,7 @@
 
 #include <cmocka.h>
 
-#include "gpu/codec.h"
+#include "gpu/codec/codec.h"
 #include "storage/store.h"
 #include "tests/support/kvs_test.h"
 

@@ -1,0 +1,134 @@
+/* Codecs: quantizers that turn one section of a KV block (one layer's keys or values:
+ * t tokens x H kv-heads x D channels) into encoded bytes and back (quantizers.md,
+ * DESIGN §5-6).
+ *
+ * One kvs_codec per (namespace, K or V). It is created from the namespace spec, holds
+ * precomputed tables (codebooks, random signs, permutations) and the learned codec state
+ * it encodes with, and is immutable afterwards: any number of threads may encode and
+ * decode with it at once.
+ *
+ * Block-level encode/decode (kvs_block_encode/decode) frame the sections of a whole block
+ * in the encoded block format of gpu/codec/format.h.
+ *
+ * Registry: kvs_codec_lookup() maps names ("kivi-2") to (family, bits); one table in
+ * codec.c lists every codec this build knows.
+ */
+#ifndef KVS_CODEC_H
+#define KVS_CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/codec/spec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kvs_codec_id {
+    KVS_CODEC_NONE = 0,
+    KVS_CODEC_FP8 = 1,
+    KVS_CODEC_KIVI = 2,
+    KVS_CODEC_POLARQUANT = 3,
+    KVS_CODEC_ROTATEKV = 4,
+    KVS_CODEC_SQUAT = 5,
+    KVS_CODEC_COUNT
+} kvs_codec_id;
+
+typedef enum kvs_kv {
+    KVS_KEYS = 0,
+    KVS_VALUES = 1,
+} kvs_kv;
+
+typedef struct kvs_codec kvs_codec;
+
+/* Name -> (id, bits). Returns false for an unknown name. */
+bool kvs_codec_lookup(const char *name, kvs_codec_id *id, unsigned *bits);
+/* Canonical name of (id, bits), e.g. "rotatekv-2"; NULL if the pair is not a codec. */
+const char *kvs_codec_name(kvs_codec_id id, unsigned bits);
+/* Writes the comma-separated list of every available codec name into buf (for error
+ * messages and --help); returns buf. */
+const char *kvs_codec_names(char *buf, size_t cap);
+
+/* Learned codec state (RotateKV channel order, SQuat query subspace): opaque, versioned
+ * bytes owned by the namespace; version 0 means "nothing learned yet". */
+typedef struct kvs_codec_state {
+    uint32_t version;
+    const void *data; /* borrowed; layout defined by the codec */
+    size_t len;
+} kvs_codec_state;
+
+/* Creates the codec for the keys or values of a validated spec. state may be NULL
+ * (version 0). KVS_EINVAL names the codec field if the name is unknown or the layout is
+ * unsupported by it (e.g. head_dim not a multiple of 16 for polarquant). Free with
+ * kvs_codec_destroy. */
+int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *state,
+                     kvs_codec **out, kvs_err *err);
+void kvs_codec_destroy(kvs_codec *c);
+
+kvs_codec_id kvs_codec_id_of(const kvs_codec *c);
+const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c); /* the namespace spec it was made for */
+unsigned kvs_codec_bits(const kvs_codec *c);
+uint32_t kvs_codec_state_version(const kvs_codec *c);
+
+/* True if decoding needs the codec state a block was encoded with (RotateKV keys);
+ * false if any state version decodes it (none, fp8, KIVI, PolarQuant, SQuat). */
+bool kvs_codec_decode_needs_state(const kvs_codec *c);
+
+/* Upper bound on the encoded bytes of one section of t tokens (1 <= t <= block_tokens). */
+size_t kvs_codec_section_max(const kvs_codec *c, uint32_t t);
+
+/* Encodes one section: `in` holds t*H*D elements of the namespace dtype, row-major
+ * [t][H][D] (borrowed). Writes at most `cap` bytes to out and sets *len. NaN/Inf input is
+ * KVS_EINVAL naming layer, token, head and channel. */
+int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                     uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+
+/* Decodes one section of `len` bytes into t*H*D elements of the namespace dtype.
+ * KVS_EPROTO if the bytes are inconsistent with (t, len). */
+int kvs_codec_decode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *in, size_t len,
+                     uint16_t *out, kvs_err *err);
+
+/* The safety net behind every encode: KVS_EINVAL ("encode: layer 3, K: fp16 group scale
+ * of head 1, channel 7, tokens 0.. is not finite (overflow)") if a floating-point field the
+ * codec computed and stored in the section (fp8 scales and codes, KIVI/SQuat group scale
+ * and minimum, PolarQuant radii, RotateKV group parameters) is NaN or Inf: such a block
+ * must never be acknowledged. KVS_EPROTO if len cannot be a section of t tokens. A pass
+ * over those fields only, no decode; 0 for codecs that store none (`none`).
+ * kvs_block_encode runs it on every section it writes, and the GPU engine on every
+ * section its kernels write for the host. */
+int kvs_codec_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
+                            size_t len, kvs_err *err);
+
+/* ---------------------------------------------------------------- blocks */
+
+/* Upper bound on the encoded size of a block of t tokens (header, table, sections). */
+size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t);
+
+/* Encodes a raw block ([L][2][t][H][D], namespace dtype) into the encoded block format
+ * (gpu/codec/format.h) stamped with ns_id. Writes at most cap bytes; *len is the exact size.
+ * Every section passes kvs_codec_check_section before the block is returned. */
+int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                     const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err);
+
+struct kvs_block_info; /* gpu/codec/format.h */
+
+/* Checks that a parsed block (kvs_format_parse) was written for this namespace layout and
+ * these codecs, with a state version they can decode. KVS_EPROTO otherwise. */
+int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const struct kvs_block_info *info,
+                    kvs_err *err);
+
+/* Decodes layers [layer_begin, layer_end) of an encoded block into raw (which receives
+ * (layer_end - layer_begin) * 2 * t * H * D elements). The block is parsed and its
+ * checksum verified first (KVS_EDATALOSS on mismatch); its header must match the codecs
+ * (KVS_EPROTO otherwise). */
+int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                     uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,147 @@
+/* Namespace specification: see spec.h. */
+#include "gpu/codec/spec.h"
+
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec/codec.h"
+
+size_t kvs_dtype_size(kvs_dtype dtype)
+{
+    return (dtype == KVS_DTYPE_FP16 || dtype == KVS_DTYPE_BF16) ? 2 : 0;
+}
+
+const char *kvs_dtype_name(kvs_dtype dtype)
+{
+    switch (dtype) {
+    case KVS_DTYPE_FP16:
+        return "fp16";
+    case KVS_DTYPE_BF16:
+        return "bf16";
+    default:
+        return "unspecified";
+    }
+}
+
+kvs_dtype kvs_dtype_parse(const char *s)
+{
+    if (strcmp(s, "fp16") == 0)
+        return KVS_DTYPE_FP16;
+    if (strcmp(s, "bf16") == 0)
+        return KVS_DTYPE_BF16;
+    return KVS_DTYPE_UNSPECIFIED;
+}
+
+bool kvs_codec_name_known(const char *s)
+{
+    return kvs_codec_lookup(s, NULL, NULL);
+}
+
+static bool name_ok(const char *s)
+{
+    size_t n = strnlen(s, KVS_NAME_MAX + 1);
+    if (n == 0 || n > KVS_NAME_MAX)
+        return false;
+    /* "." and ".." would name a directory, not a namespace, wherever a name becomes a
+     * path component or a metric label. */
+    if (!strcmp(s, ".") || !strcmp(s, ".."))
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                  c == '.' || c == '_' || c == '-';
+        if (!ok)
+            return false;
+    }
+    return true;
+}
+
+int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
+{
+    if (!name_ok(s->name))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "name: must be 1..%d characters of [A-Za-z0-9._-], not \".\" or \"..\"",
+                           KVS_NAME_MAX);
+    if (s->layers == 0 || s->layers > KVS_MAX_LAYERS)
+        return kvs_err_set(err, KVS_EINVAL, "layers: %u not in 1..%d", s->layers, KVS_MAX_LAYERS);
+    if (s->kv_heads == 0 || s->kv_heads > KVS_MAX_KV_HEADS)
+        return kvs_err_set(err, KVS_EINVAL, "kv_heads: %u not in 1..%d", s->kv_heads,
+                           KVS_MAX_KV_HEADS);
+    if (s->head_dim == 0 || s->head_dim > KVS_MAX_HEAD_DIM || s->head_dim % 16 != 0)
+        return kvs_err_set(err, KVS_EINVAL, "head_dim: %u must be a multiple of 16 in 16..%d",
+                           s->head_dim, KVS_MAX_HEAD_DIM);
+    if (s->block_tokens == 0 || s->block_tokens > KVS_MAX_BLOCK_TOKENS)
+        return kvs_err_set(err, KVS_EINVAL, "block_tokens: %u not in 1..%d", s->block_tokens,
+                           KVS_MAX_BLOCK_TOKENS);
+    if (kvs_dtype_size(s->dtype) == 0)
+        return kvs_err_set(err, KVS_EINVAL, "dtype: must be fp16 or bf16");
+    char names[160];
+    if (!kvs_codec_name_known(s->key_codec))
+        return kvs_err_set(err, KVS_EINVAL, "key_codec: unknown codec '%.31s' (available: %s)",
+                           s->key_codec, kvs_codec_names(names, sizeof names));
+    if (!kvs_codec_name_known(s->value_codec))
+        return kvs_err_set(err, KVS_EINVAL, "value_codec: unknown codec '%.31s' (available: %s)",
+                           s->value_codec, kvs_codec_names(names, sizeof names));
+    return 0;
+}
+
+uint64_t kvs_spec_layer_bytes(const kvs_ns_spec *s, uint32_t tokens)
+{
+    /* Bounded by the KVS_MAX_* limits: 2 * 65536 * 1024 * 1024 * 2 < 2^39. */
+    return 2ull * tokens * s->kv_heads * s->head_dim * kvs_dtype_size(s->dtype);
+}
+
+int kvs_spec_block_bytes(const kvs_ns_spec *s, uint32_t tokens, uint64_t *out, kvs_err *err)
+{
+    if (tokens == 0 || tokens > s->block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u (block_tokens of '%s')",
+                           tokens, s->block_tokens, s->name);
+    uint64_t total;
+    if (!kvs_mul_size(kvs_spec_layer_bytes(s, tokens), s->layers, &total))
+        return kvs_err_set(err, KVS_EINVAL, "tokens: block size overflows");
+    *out = total;
+    return 0;
+}
+
+int kvs_key_validate(size_t key_len, kvs_err *err)
+{
+    if (key_len == 0)
+        return kvs_err_set(err, KVS_EINVAL, "key: empty (must be 1..%d bytes)", KVS_KEY_MAX);
+    if (key_len > KVS_KEY_MAX)
+        return kvs_err_set(err, KVS_EINVAL, "key: %zu bytes, over the limit of %d", key_len,
+                           KVS_KEY_MAX);
+    return 0;
+}
+
+int kvs_payload_check_finite(const kvs_ns_spec *s, uint32_t tokens, const void *data, kvs_err *err)
+{
+    /* fp16 and bf16 both flag NaN/Inf with an all-ones exponent; only its width differs. */
+    const uint16_t mask = s->dtype == KVS_DTYPE_BF16 ? 0x7F80 : 0x7C00;
+    const uint16_t *x = data;
+    uint64_t n = kvs_spec_layer_bytes(s, tokens) / 2 * s->layers;
+    enum { STRIDE = 4096 };
+    for (uint64_t base = 0; base < n; base += STRIDE) {
+        uint64_t end = base + STRIDE < n ? base + STRIDE : n;
+        unsigned bad = 0;
+        for (uint64_t i = base; i < end; i++) /* branch-free: vectorizes */
+            bad |= (x[i] & mask) == mask;
+        if (!bad)
+            continue;
+        for (uint64_t i = base; i < end; i++) {
+            if ((x[i] & mask) != mask)
+                continue;
+            uint64_t hd = (uint64_t)s->kv_heads * s->head_dim, r = i;
+            uint32_t ch = (uint32_t)(r % s->head_dim);
+            uint32_t head = (uint32_t)(r / s->head_dim % s->kv_heads);
+            uint32_t tok = (uint32_t)(r / hd % tokens);
+            uint32_t kv = (uint32_t)(r / (hd * tokens) % 2);
+            uint32_t layer = (uint32_t)(r / (hd * tokens * 2));
+            bool nan = (x[i] & (uint16_t) ~(mask | 0x8000)) != 0;
+            return kvs_err_set(err, KVS_EINVAL,
+                               "payload: %s at layer %u, %s, token %u, head %u, channel %u",
+                               nan ? "NaN" : (x[i] & 0x8000 ? "-Inf" : "+Inf"), layer,
+                               kv ? "V" : "K", tok, head, ch);
+        }
+    }
+    return 0;
+}

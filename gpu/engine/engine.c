@@ -1,0 +1,739 @@
+/* The GPU codec engine: see engine.h for the data flow, completion and threading.
+ *
+ * Batch layout in the staging buffers (B requests of one kind, one codec pair, one t;
+ * decode also one layer range of nl layers; sec = t*H*D elements):
+ *   raw side:     K sections [B][nl][sec], then V sections [B][nl][sec]   (fp16/bf16)
+ *   encoded side: K sections [B][nl] at stride sk, then V at stride sv     (bytes)
+ *   lengths:      K [B][nl], then V [B][nl] section lengths (u32)
+ *   layers:       [B][nl] layer index of each section (the same list for K and V)
+ * sk, sv = kvs_codec_section_max(t): a section is at most that long (exactly, except for
+ * RotateKV whose sinks make it shorter). Encode uses nl = L. One block's K sections are
+ * contiguous in the staging, and so are its V sections: that is also the slot layout of
+ * the GPU tier (engine.h), so a slot is filled or read with two device copies.
+ */
+#include "gpu/engine/engine.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/format.h"
+#include "gpu/engine/engine_int.h"
+
+#include <cuda_runtime.h>
+
+#include "gpu/base/cuda_try.h"
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static size_t sec_elems(const kvs_codec *k, uint32_t t)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    return (size_t)t * s->kv_heads * s->head_dim;
+}
+
+static bool compatible(const job *a, const job *b)
+{
+    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v && a->t == b->t &&
+           a->lb == b->lb && a->le == b->le;
+}
+
+/* Bytes of staging one request takes on the raw side and on the encoded side. */
+static void footprint(const job *j, size_t *raw, size_t *enc)
+{
+    size_t nl = j->le - j->lb;
+    *raw = j->kind == JOB_FETCH || j->kind == JOB_UPLOAD ? 0 : 2 * nl * sec_elems(j->k, j->t) * 2;
+    *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
+}
+
+void kvs__engine_finish(job *j, int rc, const kvs_err *err)
+{
+    j->done(j->arg, rc, err);
+    free(j);
+}
+
+void kvs__engine_fail_all(job *list, int rc, const kvs_err *err)
+{
+    while (list) {
+        job *next = list->next;
+        kvs__engine_finish(list, rc, err);
+        list = next;
+    }
+}
+
+/* Marks the engine failed after an error the device does not recover from. */
+void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
+{
+    if (rc == cudaErrorIllegalAddress || rc == cudaErrorLaunchFailure ||
+        rc == cudaErrorHardwareStackError || rc == cudaErrorIllegalInstruction ||
+        rc == cudaErrorMisalignedAddress || rc == cudaErrorInvalidPc ||
+        rc == cudaErrorECCUncorrectable)
+        atomic_store(&e->failed, true);
+}
+
+#define ENGINE_TRY(e, expr, err)                                                                   \
+    do {                                                                                           \
+        cudaError_t rc_ = (expr);                                                                  \
+        if (rc_ != cudaSuccess) {                                                                  \
+            kvs__engine_note_error((e), rc_);                                                      \
+            return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,                  \
+                               cudaGetErrorString(rc_));                                           \
+        }                                                                                          \
+    } while (0)
+
+/* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
+ * klen[l], V likewise) into out as an encoded block (gpu/codec/format.h), sealed. Returns its
+ * size; out holds kvs_block_encoded_max bytes. */
+size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
+                               const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(j->k);
+    uint32_t L = s->layers, offsets[2 * KVS_MAX_LAYERS + 1];
+    size_t pos = kvs_format_prefix_bytes(L);
+    for (uint32_t l = 0; l < L; l++) {
+        offsets[2 * l] = (uint32_t)pos;
+        if (kb)
+            memcpy(out + pos, kb + l * sk, klen[l]);
+        pos += klen[l];
+        offsets[2 * l + 1] = (uint32_t)pos;
+        if (kb)
+            memcpy(out + pos, vb + l * sv, vlen[l]);
+        pos += vlen[l];
+    }
+    offsets[2 * L] = (uint32_t)pos;
+    kvs_block_info info = {.dtype = (uint8_t)s->dtype,
+                           .flags = s->keys_pre_rope ? 1 : 0,
+                           .ns_id = j->ns_id,
+                           .k_codec = (uint8_t)kvs_codec_id_of(j->k),
+                           .k_bits = (uint8_t)kvs_codec_bits(j->k),
+                           .v_codec = (uint8_t)kvs_codec_id_of(j->v),
+                           .v_bits = (uint8_t)kvs_codec_bits(j->v),
+                           .layers = L,
+                           .kv_heads = s->kv_heads,
+                           .head_dim = s->head_dim,
+                           .tokens = j->t,
+                           .k_state = kvs_codec_state_version(j->k),
+                           .v_state = kvs_codec_state_version(j->v),
+                           .seed = s->seed,
+                           .total_bytes = pos};
+    kvs_format_write_prefix(&info, offsets, out);
+    kvs_format_seal(out, pos);
+    return pos;
+}
+
+bool kvs__engine_pinned(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+}
+
+/* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
+ * of the staging h_raw when no request brought pinned raw memory; otherwise per request,
+ * two strided copies straight between its own buffer ([nl][2][sec]: K and V of each layer
+ * interleaved) and d_raw for a pinned one, two plain ones through h_raw for the others. */
+static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, bool to_dev,
+                    kvs_err *err)
+{
+    bool any = false;
+    for (job *j = list; j; j = j->next)
+        any |= j->pinned_raw;
+    enum cudaMemcpyKind kind = to_dev ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+    size_t w = sec * 2; /* bytes of one section */
+    if (!any) {
+        void *dst = to_dev ? (void *)e->d_raw : (void *)e->h_raw;
+        const void *src = to_dev ? (const void *)e->h_raw : (const void *)e->d_raw;
+        ENGINE_TRY(e, cudaMemcpyAsync(dst, src, 2 * n * w, kind, e->st), err);
+        return 0;
+    }
+    size_t b = 0;
+    for (job *j = list; j; j = j->next, b++) {
+        for (int kv = 0; kv < 2; kv++) {
+            size_t dev_off = ((size_t)kv * n + b * nl) * w; /* in d_raw and h_raw */
+            uint8_t *dev = e->d_raw + dev_off;
+            if (!j->pinned_raw) {
+                uint8_t *host = e->h_raw + dev_off;
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
+                                           to_dev ? (const void *)host : (const void *)dev, nl * w,
+                                           kind, e->st),
+                           err);
+                continue;
+            }
+            uint8_t *user = to_dev ? (uint8_t *)j->raw_in : (uint8_t *)j->raw_out;
+            user += (size_t)kv * w;
+            if (to_dev)
+                ENGINE_TRY(e, cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
+            else
+                ENGINE_TRY(e, cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
+        }
+    }
+    return 0;
+}
+
+/* Runs one batch of nb compatible encode or decode requests over nl layers each: moves
+ * the encoded side in (decode), launches the K and V kernels, moves the results out, waits.
+ * The caller filled h_raw (encode) or h_enc and h_len (host decode) and h_len (dev decode). */
+static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    bool encode = list->kind == JOB_ENCODE, dev = list->dev;
+    uint32_t nl = list->le - list->lb, t = list->t;
+    size_t n = (size_t)nb * nl, sec = sec_elems(k, t);
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    size_t enc_bytes = n * (sk + sv);
+    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
+    for (size_t i = 0; i < n; i++)
+        e->h_layers[i] = list->lb + (uint32_t)(i % nl);
+    ENGINE_TRY(e,
+               cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
+                               cudaMemcpyHostToDevice, e->st),
+               err);
+    ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
+    kvs_cuda_sections ks = {.n = (uint32_t)n,
+                            .t = t,
+                            .layer = e->d_layers,
+                            .raw = (const uint16_t *)e->d_raw,
+                            .raw_out = (uint16_t *)e->d_raw,
+                            .enc = e->d_enc,
+                            .enc_out = e->d_enc,
+                            .stride = sk,
+                            .bad = e->d_bad,
+                            .len_out = kfix ? NULL : e->d_len,
+                            .len = kfix ? NULL : e->d_len};
+    kvs_cuda_sections vs = ks;
+    vs.raw = (const uint16_t *)e->d_raw + n * sec;
+    vs.raw_out = (uint16_t *)e->d_raw + n * sec;
+    vs.enc = vs.enc_out = e->d_enc + n * sk;
+    vs.stride = sv;
+    vs.bad = e->d_bad + 1;
+    vs.len_out = vfix ? NULL : e->d_len + n;
+    vs.len = vfix ? NULL : e->d_len + n;
+    int rc;
+    if (encode) {
+        if ((rc = move_raw(e, list, nl, n, sec, true, err)))
+            return rc;
+        if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
+            (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
+            return rc;
+        if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
+            uint32_t b = 0;
+            for (job *j = list; j; j = j->next, b++) {
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(j->slot, e->d_enc + b * nl * sk, nl * sk,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(j->slot + nl * sk, e->d_enc + n * sk + b * nl * sv,
+                                           nl * sv, cudaMemcpyDeviceToDevice, e->st),
+                           err);
+            }
+        } else {
+            ENGINE_TRY(
+                e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st),
+                err);
+        }
+        ENGINE_TRY(e,
+                   cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
+                                   cudaMemcpyDeviceToHost, e->st),
+                   err);
+    } else {
+        if (dev) { /* gather the layers asked for from the slots */
+            uint32_t b = 0, L = kvs_codec_spec(k)->layers;
+            for (job *j = list; j; j = j->next, b++) {
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot + j->lb * sk, nl * sk,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
+                ENGINE_TRY(e,
+                           cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
+                                           j->slot + L * sk + j->lb * sv, nl * sv,
+                                           cudaMemcpyDeviceToDevice, e->st),
+                           err);
+            }
+        } else {
+            ENGINE_TRY(
+                e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st),
+                err);
+        }
+        if (!kfix || !vfix)
+            ENGINE_TRY(e,
+                       cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
+                                       cudaMemcpyHostToDevice, e->st),
+                       err);
+        if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
+            (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
+            return rc;
+        if ((rc = move_raw(e, list, nl, n, sec, false, err)))
+            return rc;
+    }
+    ENGINE_TRY(
+        e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
+        err);
+    ENGINE_TRY(e, cudaStreamSynchronize(e->st), err);
+    if (encode) { /* fixed-size codecs leave their lengths implicit */
+        for (size_t i = 0; i < n && kfix; i++)
+            e->h_len[i] = (uint32_t)sk;
+        for (size_t i = 0; i < n && vfix; i++)
+            e->h_len[n + i] = (uint32_t)sv;
+    }
+    return 0;
+}
+
+/* A dev encode of a flagged batch, redone by the CPU reference: its sections go to the
+ * slot with two host-to-device copies. */
+static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
+{
+    size_t cap = kvs_block_encoded_max(j->k, j->v, j->t), len;
+    uint8_t *tmp = kvs_trymalloc(cap);
+    if (!tmp)
+        return kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
+    int rc = kvs_block_encode(j->k, j->v, j->ns_id, j->t, j->raw_in, tmp, cap, &len, err);
+    uint32_t L = kvs_codec_spec(j->k)->layers;
+    size_t sk = kvs_codec_section_max(j->k, j->t), sv = kvs_codec_section_max(j->v, j->t);
+    for (uint32_t l = 0; l < L && rc == 0; l++)
+        for (int kv = 0; kv < 2 && rc == 0; kv++) {
+            const uint8_t *p;
+            size_t n;
+            kvs_format_section(tmp, l, kv, &p, &n);
+            j->lens[kv * L + l] = (uint32_t)n;
+            uint8_t *dst = j->slot + (kv ? L * sk + l * sv : l * sk);
+            cudaError_t ce = cudaMemcpyAsync(dst, p, n, cudaMemcpyHostToDevice, e->st);
+            if (ce == cudaSuccess)
+                ce = cudaStreamSynchronize(e->st);
+            if (ce != cudaSuccess) {
+                kvs__engine_note_error(e, ce);
+                rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy to the GPU tier: %s",
+                                 cudaGetErrorString(ce));
+            }
+        }
+    free(tmp);
+    return rc;
+}
+
+static void do_encode(kvs_engine *e, job *list, uint32_t nb)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    uint32_t L = kvs_codec_spec(k)->layers, t = list->t;
+    size_t sec = sec_elems(k, t), n = (size_t)nb * L;
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    uint16_t *hr = (uint16_t *)e->h_raw;
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++) /* [L][2][t][H][D] -> K [B][L], V [B][L] */
+        for (uint32_t l = 0; l < L && !j->pinned_raw; l++) { /* pinned: move_raw's DMA */
+            memcpy(hr + ((size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l) * sec, sec * 2);
+            memcpy(hr + (n + (size_t)b * L + l) * sec, j->raw_in + (2 * (size_t)l + 1) * sec,
+                   sec * 2);
+        }
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = run_batch(e, list, nb, &err);
+    if (rc) {
+        kvs__engine_fail_all(list, rc, &err);
+        return;
+    }
+    /* The kernels flag a batch holding NaN/Inf input or a value they refuse (the flag
+     * names one element of the whole launch). Then every request of the batch is encoded
+     * again by the CPU reference: the bad ones fail with its message (naming the element),
+     * the others get the same bytes. */
+    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) {
+        next = j->next;
+        int rc2 = 0;
+        if (flagged && j->dev) {
+            rc2 = cpu_encode_dev(e, j, &err);
+        } else if (flagged) {
+            rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
+        } else if (j->dev) {
+            memcpy(j->lens, e->h_len + (size_t)b * L, L * sizeof *j->lens);
+            memcpy(j->lens + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens);
+        } else {
+            const uint8_t *kb = e->h_enc + (size_t)b * L * sk;
+            const uint8_t *vb = e->h_enc + n * sk + (size_t)b * L * sv;
+            const uint32_t *kl = e->h_len + (size_t)b * L, *vl = e->h_len + n + (size_t)b * L;
+            /* kvs_block_encode's safety net, for sections the kernels wrote: a NaN/Inf
+             * parameter fails the request instead of being acknowledged. */
+            for (uint32_t l = 0; l < L && rc2 == 0; l++) {
+                rc2 = kvs_codec_check_section(k, l, t, kb + l * sk, kl[l], &err);
+                if (rc2 == 0)
+                    rc2 = kvs_codec_check_section(v, l, t, vb + l * sv, vl[l], &err);
+            }
+            if (rc2 == 0)
+                *j->len = kvs__engine_frame_block(j, kb, sk, kl, vb, sv, vl, j->out);
+        }
+        kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
+    }
+}
+
+static void do_decode(kvs_engine *e, job *list, uint32_t nb)
+{
+    const kvs_codec *k = list->k, *v = list->v;
+    uint32_t nl = list->le - list->lb, t = list->t, L = kvs_codec_spec(k)->layers;
+    size_t sec = sec_elems(k, t), n = (size_t)nb * nl;
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++)
+        for (uint32_t l = 0; l < nl; l++) {
+            size_t i = (size_t)b * nl + l;
+            if (j->dev) {
+                e->h_len[i] = j->lens[j->lb + l];
+                e->h_len[n + i] = j->lens[L + j->lb + l];
+                continue;
+            }
+            const uint8_t *p;
+            size_t len;
+            kvs_format_section(j->enc, j->lb + l, 0, &p, &len);
+            memcpy(e->h_enc + i * sk, p, len);
+            e->h_len[i] = (uint32_t)len;
+            kvs_format_section(j->enc, j->lb + l, 1, &p, &len);
+            memcpy(e->h_enc + n * sk + i * sv, p, len);
+            e->h_len[n + i] = (uint32_t)len;
+        }
+    kvs_err err;
+    kvs_err_clear(&err);
+    int rc = run_batch(e, list, nb, &err);
+    if (rc) {
+        kvs__engine_fail_all(list, rc, &err);
+        return;
+    }
+    /* A section the kernels found malformed: host blocks are decoded again by the CPU
+     * reference (which names the problem); a slot holds bytes our own kernels wrote, so a
+     * malformed one is data loss. */
+    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
+    const uint16_t *hr = (const uint16_t *)e->h_raw;
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) { /* K [B][nl], V [B][nl] -> [nl][2][t][H][D] */
+        next = j->next;
+        if (flagged && j->dev) {
+            kvs_err_set(&err, KVS_EDATALOSS, "GPU tier: a block's sections are malformed");
+            kvs__engine_finish(j, KVS_EDATALOSS, &err);
+            continue;
+        }
+        if (flagged) {
+            int rc2 = kvs_block_decode(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
+            kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
+            continue;
+        }
+        for (uint32_t l = 0; l < nl && !j->pinned_raw; l++) { /* pinned: DMA'd in place */
+            memcpy(j->raw_out + (2 * (size_t)l) * sec, hr + ((size_t)b * nl + l) * sec, sec * 2);
+            memcpy(j->raw_out + (2 * (size_t)l + 1) * sec, hr + (n + (size_t)b * nl + l) * sec,
+                   sec * 2);
+        }
+        kvs__engine_finish(j, 0, NULL);
+    }
+}
+
+/* Takes a batch off the queue: the oldest request and every compatible one that fits the
+ * staging, up to max_batch; waits up to deadline_us for more while the batch is short. */
+static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
+{
+    job *first = e->head;
+    uint64_t deadline = first->enq_us + e->o.deadline_us;
+    for (;;) {
+        uint32_t count = 0;
+        for (job *j = e->head; j && count < e->o.max_batch; j = j->next)
+            count += compatible(first, j);
+        uint64_t now = now_us();
+        if (count >= e->o.max_batch || now >= deadline || e->stop)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t wait_ns = (deadline - now) * 1000u + (uint64_t)ts.tv_nsec;
+        ts.tv_sec += (time_t)(wait_ns / 1000000000u);
+        ts.tv_nsec = (long)(wait_ns % 1000000000u);
+        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+    }
+    size_t raw_used = 0, enc_used = 0;
+    job *batch = NULL, **tail = &batch, **pp = &e->head;
+    *nb = 0;
+    while (*pp && *nb < e->o.max_batch) {
+        job *j = *pp;
+        size_t r, c;
+        footprint(j, &r, &c);
+        if (compatible(first, j) && raw_used + r <= e->o.staging_bytes &&
+            enc_used + c <= e->o.staging_bytes &&
+            ((*nb + 1) * (size_t)(j->le - j->lb) <= e->max_sections)) {
+            *pp = j->next;
+            j->next = NULL;
+            *tail = j;
+            tail = &j->next;
+            raw_used += r;
+            enc_used += c;
+            (*nb)++;
+        } else {
+            pp = &j->next;
+        }
+    }
+    e->tail = NULL;
+    for (job *j = e->head; j; j = j->next)
+        e->tail = j;
+    return batch;
+}
+
+static void *engine_main(void *arg)
+{
+    kvs_engine *e = arg;
+    if (cudaSetDevice(e->o.device) != cudaSuccess)
+        atomic_store(&e->failed, true);
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->head && !e->stop)
+            pthread_cond_wait(&e->cv, &e->mu);
+        if (!e->head)
+            break; /* stop requested and nothing queued */
+        uint32_t nb;
+        job *batch = take_batch_locked(e, &nb);
+        pthread_mutex_unlock(&e->mu);
+        if (atomic_load(&e->failed)) {
+            kvs_err err;
+            kvs_err_set(&err, KVS_EINTERNAL, "GPU engine on %s failed earlier; restart kvstashd",
+                        e->name);
+            kvs__engine_fail_all(batch, KVS_EINTERNAL, &err);
+        } else if (batch->kind == JOB_ENCODE) {
+            do_encode(e, batch, nb);
+        } else if (batch->kind == JOB_DECODE) {
+            do_decode(e, batch, nb);
+        } else if (batch->kind == JOB_FETCH) {
+            kvs__engine_do_fetch(e, batch, nb);
+        } else {
+            kvs__engine_do_upload(e, batch, nb);
+        }
+        pthread_mutex_lock(&e->mu);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+static int alloc_all(kvs_engine *e, kvs_err *err)
+{
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    KVS_CUDA_CHECK(cudaStreamCreateWithFlags(&e->st, cudaStreamNonBlocking), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_raw, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_enc, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_raw, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_enc, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_layers, e->max_sections * sizeof *e->h_layers),
+                   err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_layers, e->max_sections * sizeof *e->d_layers), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_len, 2 * e->max_sections * sizeof *e->h_len), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_len, 2 * e->max_sections * sizeof *e->d_len), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
+    return 0;
+}
+
+static void free_all(kvs_engine *e)
+{
+    cudaFreeHost(e->h_raw);
+    cudaFreeHost(e->h_enc);
+    cudaFreeHost(e->h_layers);
+    cudaFreeHost(e->h_bad);
+    cudaFreeHost(e->h_len);
+    cudaFree(e->d_len);
+    cudaFree(e->tier);
+    cudaFree(e->d_raw);
+    cudaFree(e->d_enc);
+    cudaFree(e->d_layers);
+    cudaFree(e->d_bad);
+    if (e->st)
+        cudaStreamDestroy(e->st);
+}
+
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
+{
+    *out = NULL;
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0)
+        return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: no CUDA device");
+    if (opts->device < 0 || opts->device >= ndev)
+        return kvs_err_set(err, KVS_EINVAL, "GPU engine: device %d of %d", opts->device, ndev);
+    kvs_engine *e = kvs_xcalloc(1, sizeof *e);
+    e->o = *opts;
+    if (!e->o.staging_bytes)
+        e->o.staging_bytes = (size_t)256 << 20;
+    if (!e->o.max_batch)
+        e->o.max_batch = 256;
+    if (!e->o.deadline_us)
+        e->o.deadline_us = 200;
+    e->max_sections = (size_t)e->o.max_batch * KVS_MAX_LAYERS;
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, e->o.device) == cudaSuccess)
+        snprintf(e->name, sizeof e->name, "%.200s (device %d)", prop.name, e->o.device);
+    int rc = alloc_all(e, err);
+    if (rc == 0) {
+        pthread_mutex_init(&e->mu, NULL);
+        pthread_cond_init(&e->cv, NULL);
+        int prc = pthread_create(&e->thread, NULL, engine_main, e);
+        if (prc) {
+            pthread_mutex_destroy(&e->mu);
+            pthread_cond_destroy(&e->cv);
+            rc = kvs_err_set(err, -prc, "GPU engine: pthread_create: %s", strerror(prc));
+        }
+    }
+    if (rc) {
+        free_all(e);
+        free(e);
+        return rc;
+    }
+    *out = e;
+    return 0;
+}
+
+void kvs_engine_destroy(kvs_engine *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+    free_all(e);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+bool kvs_engine_failed(const kvs_engine *e)
+{
+    return atomic_load(&((kvs_engine *)e)->failed);
+}
+
+const char *kvs_engine_device_name(const kvs_engine *e)
+{
+    return e->name;
+}
+
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+{
+    if (kvs_engine_failed(e) || !kvs_codec_cuda_supported(k) || !kvs_codec_cuda_supported(v))
+        return false;
+    /* Preparing uploads tables once; serialize it (prepare is not thread-safe). The
+     * engine's device is made current in this thread for the upload. */
+    pthread_mutex_lock(&e->mu);
+    kvs_err err;
+    bool ok = cudaSetDevice(e->o.device) == cudaSuccess && kvs_codec_cuda_prepare(k, &err) == 0 &&
+              kvs_codec_cuda_prepare(v, &err) == 0;
+    pthread_mutex_unlock(&e->mu);
+    return ok;
+}
+
+int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
+{
+    size_t raw, enc;
+    footprint(j, &raw, &enc);
+    if (raw > e->o.staging_bytes || enc > e->o.staging_bytes) {
+        free(j);
+        return kvs_err_set(err, KVS_E2BIG,
+                           "GPU engine: a block of %zu bytes exceeds the "
+                           "staging of %zu bytes",
+                           raw, e->o.staging_bytes);
+    }
+    j->enq_us = now_us();
+    pthread_mutex_lock(&e->mu);
+    if (e->tail)
+        e->tail->next = j;
+    else
+        e->head = j;
+    e->tail = j;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    if (t == 0 || t > s->block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, s->block_tokens);
+    if (cap < kvs_block_encoded_max(k, v, t))
+        return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_ENCODE,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = s->layers,
+               .ns_id = ns_id,
+               .raw_in = raw,
+               .out = out,
+               .cap = cap,
+               .len = len,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
+    return kvs__engine_submit(e, j, err);
+}
+
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
+                            kvs_err *err)
+{
+    int rc = kvs_format_parse(enc, len, info, err);
+    if (rc == 0)
+        rc = kvs_block_check(k, v, info, err);
+    if (rc)
+        return rc;
+    if (layer_end == 0)
+        layer_end = info->layers;
+    if (layer_begin >= layer_end || layer_end > info->layers)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, info->layers);
+    size_t sk = kvs_codec_section_max(k, info->tokens), sv = kvs_codec_section_max(v, info->tokens);
+    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
+    for (uint32_t l = layer_begin; l < layer_end; l++) {
+        const uint8_t *p;
+        size_t n0, n1;
+        kvs_format_section(enc, l, 0, &p, &n0);
+        kvs_format_section(enc, l, 1, &p, &n1);
+        if (n0 > sk || n1 > sv || (kfix && n0 != sk) || (vfix && n1 != sv))
+            return kvs_err_set(err, KVS_EPROTO,
+                               "encoded block: layer %u sections of %zu/%zu "
+                               "bytes, the codecs write %s%zu/%s%zu",
+                               l, n0, n1, kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
+    }
+    return 0;
+}
+
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    if (layer_end == 0) /* for the helper 0 means every layer; here it is an empty range */
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, 0) is empty", layer_begin);
+    kvs_block_info info;
+    int rc = kvs__engine_check_block(k, v, enc, len, layer_begin, layer_end, &info, err);
+    if (rc)
+        return rc;
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_DECODE,
+               .k = k,
+               .v = v,
+               .t = info.tokens,
+               .lb = layer_begin,
+               .le = layer_end,
+               .enc = enc,
+               .enc_len = len,
+               .raw_out = raw,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
+    return kvs__engine_submit(e, j, err);
+}

@@ -1,0 +1,126 @@
+/* The GPU codec engine (DESIGN §2, §8; issue 4): one per GPU. It owns a thread, a CUDA
+ * stream, pinned staging buffers and device scratch, all allocated at start (nothing is
+ * allocated on the data path). Requests from many calls are gathered into batches (up to
+ * max_batch blocks, or until the oldest has waited deadline_us) and each batch is one
+ * launch per codec: keys of all its blocks, then values.
+ *
+ * Encode: raw block (host) -> pinned -> H2D -> encode kernels -> D2H -> the host writes the
+ * block header, section table and checksum (gpu/codec/format.h) into the caller's buffer.
+ * Decode: encoded block (host) -> checksum and layout checked on the host -> sections of
+ * the requested layers -> pinned -> H2D -> decode kernels -> D2H -> raw layers in the
+ * caller's buffer, layout [layers][2][t][H][D].
+ *
+ * Completion: done(arg, rc, err) runs on the engine thread once the result is in the
+ * caller's buffer (or failed); it must not block. A failed launch fails only the requests
+ * of its batch, with KVS_EINTERNAL and the CUDA error text; a sticky device error puts the
+ * engine in a failed state where every request fails at once (kvs_engine_failed).
+ *
+ * GPU tier (DESIGN §7): the engine also owns the tier's device memory (one region,
+ * kvs_engine_tier_alloc; storage/slots.h cuts it into slots) and moves blocks in and out
+ * of slots (gpu/engine/engine_tier.c): encode straight into a slot (no D2H of the encoded bytes),
+ * decode straight from a slot, fetch a slot back to the host as a framed, sealed block
+ * (demotion to the host tier, Get ENCODED), and upload a host block's sections into a slot
+ * (promotion on Get). Slot layout of a block of t tokens and L layers: the key
+ * sections of layers 0..L-1 at stride kvs_codec_section_max(k, t), then the value
+ * sections at stride kvs_codec_section_max(v, t); the section lengths live on the host
+ * (lens[2L]: keys of each layer, then values). The bytes in a slot are not checksummed
+ * (they never left the device: HBM has ECC); the checksum is computed when a slot is
+ * fetched to the host.
+ *
+ * Threading: submit from any thread; the engine thread is the only one that touches the
+ * device, the stream and the staging buffers.
+ */
+#ifndef KVS_ENGINE_H
+#define KVS_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/codec/codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvs_engine kvs_engine;
+
+typedef struct kvs_engine_opts {
+    int device;           /* CUDA device ordinal */
+    size_t staging_bytes; /* pinned staging per direction; bounds a batch (default 256 MiB) */
+    uint32_t max_batch;   /* blocks per batch (default 256) */
+    uint32_t deadline_us; /* longest wait to fill a batch (default 200) */
+} kvs_engine_opts;
+
+/* Starts the engine on opts->device. KVS_ENOTSUP without CUDA or without that device. */
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err);
+/* Finishes queued requests, stops the thread, frees everything. NULL is allowed. */
+void kvs_engine_destroy(kvs_engine *e);
+bool kvs_engine_failed(const kvs_engine *e);
+/* Device name, for logs. */
+const char *kvs_engine_device_name(const kvs_engine *e);
+
+/* True if the engine can run both codecs (kernels exist for codec and layout); the
+ * caller falls back to the CPU otherwise. Prepares the codecs' device tables on first use
+ * (codecs must outlive the engine's use of them). */
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v);
+
+typedef void (*kvs_engine_done)(void *arg, int rc, const kvs_err *err);
+
+/* Encodes a raw block of t tokens (borrowed until done runs) into out (cap bytes, at least
+ * kvs_block_encoded_max(k, v, t)); *len is set before done runs. */
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err);
+
+/* Decodes layers [layer_begin, layer_end) of an encoded block (borrowed until done runs)
+ * into raw. The block must have been encoded with these codecs' state versions. */
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err);
+
+/* ---------------------------------------------------------------- GPU tier */
+
+/* Allocates the GPU tier's region of `bytes` on the engine's device (once; freed by
+ * kvs_engine_destroy) into *base (a device address). */
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err);
+/* Free and total memory of the engine's device, for sizing the tier as a share. */
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err);
+/* Bytes a block of t tokens takes in a slot (layout above). */
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t);
+
+/* Encodes a raw block of t tokens (host, borrowed until done) into the device slot;
+ * lens (host, 2L entries, borrowed) receives the section lengths before done runs. */
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err);
+/* Decodes layers [layer_begin, layer_end) of the block in a device slot (written by
+ * kvs_engine_encode_dev with these codecs' state versions) into raw (host). */
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err);
+/* Copies the block in a device slot to the host as an encoded block (gpu/codec/format.h) stamped
+ * with ns_id and sealed: out (cap bytes, at least kvs_block_encoded_max), *len set. */
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
+/* Copies an encoded block (host, borrowed until done; checked as kvs_engine_decode checks
+ * it) into a device slot of kvs_engine_slot_bytes(k, v, its tokens), in slot layout; lens
+ * (host, 2L entries, borrowed) receives the section lengths before done runs. The block
+ * must have been encoded with these codecs' state versions. Promotion to the GPU tier. */
+int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
+                          kvs_err *err);
+/* Pins host memory for the engine's copies (cudaHostRegister; slow: do it once per large
+ * region, as storage/hostpool does), and undoes it. Upload and fetch then move the
+ * sections of a block in such memory by DMA, without the staging buffers (when its codecs
+ * have fixed-size sections; RotateKV's go through the staging). */
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err);
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,92 @@
+/* Private to the GPU engine's two files: engine.c (the thread, batching, encode and decode
+ * of host blocks) and engine_tier.c (the GPU tier's jobs: slots in and out). The job and
+ * engine structures and the helpers both use. Nothing else includes this.
+ */
+#ifndef KVS_GPU_ENGINE_INT_H
+#define KVS_GPU_ENGINE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "gpu/engine/engine.h"
+#include "gpu/codec/format.h"
+
+typedef enum { JOB_ENCODE, JOB_DECODE, JOB_FETCH, JOB_UPLOAD } job_kind;
+
+typedef struct job {
+    job_kind kind;
+    bool dev; /* encode/decode: the encoded side is a GPU tier slot, not host memory */
+    const kvs_codec *k, *v;
+    uint32_t t, lb, le, ns_id;
+    const uint16_t *raw_in; /* encode */
+    uint8_t *out;           /* encode (host), fetch */
+    size_t cap, *len;
+    const uint8_t *enc; /* decode, upload (host) */
+    size_t enc_len;
+    uint16_t *raw_out; /* decode */
+    uint8_t *slot;     /* dev encode/decode, fetch, upload: device address */
+    uint32_t *lens;    /* dev encode and upload (out), dev decode and fetch (in): 2L section
+                        * lengths */
+    bool direct;       /* upload, fetch: DMA between the slot and pinned host memory, no
+                        * staging (engine_tier.c) */
+    bool pinned_raw;   /* encode, decode: the raw buffer is pinned host memory: DMA'd
+                        * straight to or from d_raw, no staging (engine.c, move_raw) */
+    kvs_engine_done done;
+    void *arg;
+    uint64_t enq_us;
+    struct job *next;
+} job;
+
+struct kvs_engine {
+    kvs_engine_opts o;
+    char name[256];
+    pthread_t thread;
+    pthread_mutex_t mu; /* guards the queue and stop; also serializes kvs_engine_accepts */
+    pthread_cond_t cv;
+    job *head, *tail;
+    bool stop;
+    atomic_bool failed;
+    cudaStream_t st;
+    uint8_t *h_raw, *h_enc, *d_raw, *d_enc; /* staging_bytes each */
+    uint32_t *h_layers, *d_layers;          /* max_sections each */
+    uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */
+    unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
+    size_t max_sections;
+    void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
+};
+
+/* Runs j's callback and frees j. */
+void kvs__engine_finish(job *j, int rc, const kvs_err *err);
+/* kvs__engine_finish for every job of a list. */
+void kvs__engine_fail_all(job *list, int rc, const kvs_err *err);
+/* Marks the engine failed after an error the device does not recover from. */
+void kvs__engine_note_error(kvs_engine *e, cudaError_t rc);
+/* Queues j (taken over: freed on error) for the engine thread. */
+int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err);
+/* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
+ * klen[l], V likewise) into out as an encoded block (gpu/codec/format.h), sealed. Returns its
+ * size; out holds kvs_block_encoded_max bytes. kb NULL: the sections are in out already,
+ * at their framed places (a direct copy); only the header, table and checksum are
+ * written. */
+size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
+                               const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out);
+/* Checks an encoded block before a job reads it: kvs_format_parse (checksum), the codecs and
+ * layout (kvs_block_check), and every section of layers [layer_begin, layer_end) (0: all)
+ * within the codecs' largest (exactly that size for fixed-size codecs, whose kernels do not
+ * read lengths). Fills *info. */
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
+                            kvs_err *err);
+/* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
+ * reach it without a staging buffer. */
+bool kvs__engine_pinned(const void *p);
+/* Engine thread, engine_tier.c: a batch of fetch jobs, of upload jobs. */
+void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb);
+void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb);
+
+#endif

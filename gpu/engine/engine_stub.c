@@ -1,0 +1,81 @@
+/* The GPU engine of a build without CUDA: every entry point answers KVS_ENOTSUP (or
+ * "no engine"), so the daemon and the tools code on the CPU. The one place this build
+ * differs from a CUDA one (STYLE: no #ifdef forest in engine.c). */
+#include "gpu/engine/engine.h"
+
+#include <stdlib.h>
+
+int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
+{
+    *out = NULL;
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_destroy(kvs_engine *e) {}
+bool kvs_engine_failed(const kvs_engine *e)
+{
+    return true;
+}
+const char *kvs_engine_device_name(const kvs_engine *e)
+{
+    return "none";
+}
+bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+{
+    return false;
+}
+int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                      uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                      kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
+{
+    return (size_t)kvs_codec_spec(k)->layers *
+           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
+}
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes) {}

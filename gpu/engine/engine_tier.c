@@ -1,0 +1,303 @@
+/* The GPU engine's GPU-tier jobs (engine.h, "GPU tier"): the tier's region, and blocks
+ * into and out of slots: encode straight into a slot and decode straight from one (batched
+ * with host jobs by engine.c's run_batch), fetch a slot back to the host as a sealed block,
+ * and upload a host block's sections into a slot (promotion to the GPU tier).
+ */
+#include "gpu/engine/engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec/codec_cuda.h"
+#include "gpu/engine/engine_int.h"
+#include "gpu/codec/format.h"
+
+#include "gpu/base/cuda_try.h"
+
+size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
+{
+    return (size_t)kvs_codec_spec(k)->layers *
+           (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
+}
+
+/* Slots back to the host: one device-to-host copy per block, then framing and checksum. */
+void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
+{
+    uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
+    size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
+    size_t slot = (size_t)L * (sk + sv);
+    kvs_err err;
+    kvs_err_clear(&err);
+    size_t prefix = kvs_format_prefix_bytes(L);
+    uint32_t b = 0;
+    cudaError_t ce = cudaSuccess;
+    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
+        if (!j->direct) {
+            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
+            continue;
+        }
+        /* Sections straight to their framed places in the pinned block: K of layer l at
+         * prefix + l*(sk+sv), V right after it (fixed sizes: every length is sk or sv). */
+        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot, sk, sk, L, cudaMemcpyDeviceToHost,
+                               e->st);
+        if (ce == cudaSuccess)
+            ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot + L * sk, sv, sv, L,
+                                   cudaMemcpyDeviceToHost, e->st);
+    }
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(e->st);
+    if (ce != cudaSuccess) {
+        kvs__engine_note_error(e, ce);
+        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s",
+                    cudaGetErrorString(ce));
+        kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
+        return;
+    }
+    b = 0;
+    for (job *j = list, *next; j; j = next, b++) {
+        next = j->next;
+        const uint8_t *kb = j->direct ? NULL : e->h_enc + b * slot;
+        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens, kb ? kb + L * sk : NULL, sv,
+                                          j->lens + L, j->out);
+        kvs__engine_finish(j, 0, NULL);
+    }
+}
+
+/* True if an encoded block's sections sit at the stride fixed-size codecs give them: K of
+ * layer l at prefix + l*(sk+sv) with sk bytes, V right after with sv. */
+static bool regular(const uint8_t *enc, uint32_t L, size_t sk, size_t sv)
+{
+    const uint8_t *at = enc + kvs_format_prefix_bytes(L);
+    for (uint32_t l = 0; l < L; l++, at += sk + sv) {
+        const uint8_t *p, *q;
+        size_t n, m;
+        kvs_format_section(enc, l, 0, &p, &n);
+        kvs_format_section(enc, l, 1, &q, &m);
+        if (p != at || n != sk || q != at + sk || m != sv)
+            return false;
+    }
+    return true;
+}
+
+int kvs_engine_tier_alloc(kvs_engine *e, uint64_t bytes, void **base, kvs_err *err)
+{
+    if (e->tier)
+        return kvs_err_set(err, KVS_EEXIST, "GPU tier: already allocated");
+    /* The engine thread may be running kernels: cudaMalloc on another thread is fine, it
+     * only needs the device current here. */
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    cudaError_t ce = cudaMalloc(&e->tier, bytes);
+    if (ce != cudaSuccess) {
+        e->tier = NULL;
+        return kvs_err_set(err, KVS_ENOMEM, "GPU tier: cudaMalloc of %llu bytes on %s: %s",
+                           (unsigned long long)bytes, e->name, cudaGetErrorString(ce));
+    }
+    *base = e->tier;
+    return 0;
+}
+
+int kvs_engine_mem_info(kvs_engine *e, uint64_t *free_bytes, uint64_t *total_bytes, kvs_err *err)
+{
+    size_t f = 0, t = 0;
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    KVS_CUDA_CHECK(cudaMemGetInfo(&f, &t), err);
+    *free_bytes = f;
+    *total_bytes = t;
+    return 0;
+}
+
+static int check_tokens(const kvs_codec *k, uint32_t t, kvs_err *err)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    if (t == 0 || t > s->block_tokens)
+        return kvs_err_set(err, KVS_EINVAL, "tokens: %u not in 1..%u", t, s->block_tokens);
+    return 0;
+}
+
+int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const uint16_t *raw, void *slot, uint32_t *lens, kvs_engine_done done,
+                          void *arg, kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_ENCODE,
+               .dev = true,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = kvs_codec_spec(k)->layers,
+               .raw_in = raw,
+               .slot = slot,
+               .lens = lens,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
+    return kvs__engine_submit(e, j, err);
+}
+
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    uint32_t L = kvs_codec_spec(k)->layers;
+    if (layer_begin >= layer_end || layer_end > L)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, L);
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_DECODE,
+               .dev = true,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = layer_begin,
+               .le = layer_end,
+               .slot = (uint8_t *)slot,
+               .lens = (uint32_t *)lens,
+               .raw_out = raw,
+               .done = done,
+               .arg = arg,
+               .pinned_raw = kvs__engine_pinned(raw)};
+    return kvs__engine_submit(e, j, err);
+}
+
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    int rc = check_tokens(k, t, err);
+    if (rc)
+        return rc;
+    if (cap < kvs_block_encoded_max(k, v, t))
+        return kvs_err_set(err, KVS_ENOSPC, "GPU engine: output buffer too small");
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_FETCH,
+               .k = k,
+               .v = v,
+               .t = t,
+               .lb = 0,
+               .le = kvs_codec_spec(k)->layers,
+               .ns_id = ns_id,
+               .slot = (uint8_t *)slot,
+               .lens = (uint32_t *)lens,
+               .out = out,
+               .cap = cap,
+               .len = len,
+               .done = done,
+               .arg = arg,
+               .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
+                         kvs__engine_pinned(out)};
+    return kvs__engine_submit(e, j, err);
+}
+
+/* Host blocks into slots: each block's sections gathered into the staging in slot layout,
+ * then one host-to-device copy per block. */
+void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
+{
+    uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
+    size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
+    size_t slot = (size_t)L * (sk + sv);
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++) {
+        if (j->direct) {
+            for (uint32_t l = 0; l < L; l++) {
+                j->lens[l] = (uint32_t)sk;
+                j->lens[L + l] = (uint32_t)sv;
+            }
+            continue;
+        }
+        uint8_t *kb = e->h_enc + b * slot, *vb = kb + L * sk;
+        for (uint32_t l = 0; l < L; l++) {
+            const uint8_t *p;
+            size_t n;
+            kvs_format_section(j->enc, l, 0, &p, &n);
+            memcpy(kb + l * sk, p, n);
+            j->lens[l] = (uint32_t)n;
+            kvs_format_section(j->enc, l, 1, &p, &n);
+            memcpy(vb + l * sv, p, n);
+            j->lens[L + l] = (uint32_t)n;
+        }
+    }
+    cudaError_t ce = cudaSuccess;
+    size_t prefix = kvs_format_prefix_bytes(L);
+    b = 0;
+    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
+        if (!j->direct) {
+            ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice, e->st);
+            continue;
+        }
+        /* From the pinned block straight into the slot layout: two strided copies. */
+        ce = cudaMemcpy2DAsync(j->slot, sk, j->enc + prefix, sk + sv, sk, L, cudaMemcpyHostToDevice,
+                               e->st);
+        if (ce == cudaSuccess)
+            ce = cudaMemcpy2DAsync(j->slot + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
+                                   cudaMemcpyHostToDevice, e->st);
+    }
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(e->st);
+    if (ce != cudaSuccess) {
+        kvs__engine_note_error(e, ce);
+        kvs_err err;
+        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy into the GPU tier: %s",
+                    cudaGetErrorString(ce));
+        kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
+        return;
+    }
+    for (job *j = list, *next; j; j = next) {
+        next = j->next;
+        kvs__engine_finish(j, 0, NULL);
+    }
+}
+
+int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
+{
+    KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
+    cudaError_t ce = cudaHostRegister(addr, bytes, cudaHostRegisterDefault);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaHostRegister of %zu bytes: %s",
+                           bytes, cudaGetErrorString(ce));
+    }
+    return 0;
+}
+
+void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes)
+{
+    (void)bytes;
+    if (cudaSetDevice(e->o.device) == cudaSuccess)
+        cudaHostUnregister(addr);
+}
+
+int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    /* The checks decode makes: the slot's fixed-size sections must be exactly the codecs'. */
+    kvs_block_info info;
+    int rc = kvs__engine_check_block(k, v, enc, len, 0, 0, &info, err);
+    if (rc)
+        return rc;
+    size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);
+    job *j = kvs_xcalloc(1, sizeof *j);
+    *j = (job){.kind = JOB_UPLOAD,
+               .k = k,
+               .v = v,
+               .t = info.tokens,
+               .lb = 0,
+               .le = info.layers,
+               .enc = enc,
+               .enc_len = len,
+               .slot = slot,
+               .lens = lens,
+               .done = done,
+               .arg = arg,
+               .direct = regular(enc, info.layers, sk, sv) && kvs__engine_pinned(enc)};
+    return kvs__engine_submit(e, j, err);
+}
