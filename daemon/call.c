@@ -14,6 +14,7 @@
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/work.h"
+#include "storage/xfer.h"
 #include "gpu/base/mem.h"
 
 uint64_t kvs_now_ms(void)
@@ -411,16 +412,10 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
 
 uint8_t *kvs_call_buf_alloc(kvs_call *c, size_t n)
 {
-    kvs_hostpool *pool = kvs_store_host_pool(c->srv->store);
-    uint8_t *p = pool ? kvs_hostpool_alloc(pool, n) : NULL;
-    return p ? p : kvs_trymalloc(n);
+    return kvs_xfer_host_alloc(c->srv->xfer, n);
 }
 
 void kvs_call_buf_free(kvs_call *c, uint8_t *p)
 {
-    kvs_hostpool *pool = kvs_store_host_pool(c->srv->store);
-    if (p && kvs_hostpool_owns(pool, p))
-        kvs_hostpool_free(pool, p);
-    else
-        free(p);
+    kvs_xfer_host_free(c->srv->xfer, p);
 }

@@ -84,8 +84,8 @@ struct kvs_server {
     const kvs_config *cfg;       /* borrowed from main, outlives the server */
     kvs_store *store;            /* borrowed */
     struct kvs_work *work;       /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
-    struct kvs_engine *engine;   /* borrowed, may be NULL: GPU codec engine (gpu/engine/engine.h) */
-    struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion, promotion */
+    struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion (Evict) */
+    struct kvs_xfer *xfer;       /* owned: the data path of Put and Get (storage/xfer.h) */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */
     grpc_server *server;
@@ -128,34 +128,22 @@ typedef struct kvs_call_tag {
 typedef struct kvs_put_state {
     struct kvs_limits_slot *slot; /* the stream's admission slot (daemon/limits.h) */
     kvs_ns *ns;                   /* reference, set once the header is accepted */
-    kvs_block *blk;               /* FILLING block, reserved once the payload is complete */
     uint8_t *raw;       /* payload being received (expected bytes), from the first data chunk */
     uint64_t recv_held; /* bytes of the receive budget raw holds (0 once released) */
     uint64_t expected, received;
     uint32_t tokens;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
-    int rc; /* result of the encode job */
-    size_t enc_len;
-    bool gpu;                        /* blk is a GPU tier block: the engine encodes into its slot */
-    const struct kvs_codec *kc, *vc; /* the codecs of a GPU tier Put (state versions in blk) */
-    kvs_store_put_info info;         /* the commit's, for the reply of a durable Put */
-    kvs_err err;
 } kvs_put_state;
 
 typedef struct kvs_get_state {
     kvs_ns *ns;
-    kvs_block *blk;       /* reader reference */
-    const uint8_t *bytes; /* what is streamed: decoded layers (owned: raw) or the block */
-    uint8_t *raw;         /* decoded layers [layer_begin, layer_end), NULL for ENCODED */
+    struct kvs_xfer_get *op; /* the data path's Get (storage/xfer.h), open until cleanup */
+    const uint8_t *bytes;    /* what is streamed: decoded layers (raw) or the encoded block */
+    uint8_t *raw;            /* decoded layers [layer_begin, layer_end), NULL for ENCODED */
     bool encoded;
     uint32_t layer, layer_begin, layer_end;
     uint64_t offset, layer_bytes, chunk;
-    int rc;       /* result of the decode job */
-    bool decoded; /* a disk block decoded straight from LMDB's map (read_job) */
-    kvs_err err;
-    uint8_t *fetched; /* ENCODED Get of a GPU block: the block fetched to the host */
-    size_t fetched_len;
 } kvs_get_state;
 
 /* Verify, Flush, Evict (call_tiers.c): the job that runs on the pool; owned by the call
@@ -224,10 +212,9 @@ void kvs_call_abandon(kvs_call *c);
  * both right here when there is no pool or it is closed (shutdown). Between the two the
  * call must have no batch in flight but CLOSE. */
 void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *));
-/* A payload buffer of n bytes for the engine to read or write (a Put's raw block, a Get's
- * decoded layers): from the pinned host pool when there is one and it has room, so the
- * engine moves it by DMA without its staging; else malloc. NULL when out of memory. Free
- * with kvs_call_buf_free (NULL is fine). */
+/* A payload buffer of n bytes (a Put's raw block, a Get's decoded layers): the data
+ * path's host buffer (kvs_xfer_host_alloc: pinned when it can be). NULL when out of
+ * memory. Free with kvs_call_buf_free (NULL is fine). */
 uint8_t *kvs_call_buf_alloc(kvs_call *c, size_t n);
 void kvs_call_buf_free(kvs_call *c, uint8_t *p);
 

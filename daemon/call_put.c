@@ -1,4 +1,5 @@
-/* Put: the client-streaming state machine (DESIGN §2, §4).
+/* Put: the client-streaming state machine (DESIGN §2, §4). Protocol only: where the block
+ * goes and who encodes it is the data path's (storage/xfer.h).
  *
  *   arrive ──slot (--max-puts, --max-puts-per-conn)──> start ──recv──> HEADER ──valid──┐
  *     └─ no slot: fail(RESOURCE_EXHAUSTED)        └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND)
@@ -8,29 +9,20 @@
  *             recv !ok (cancelled, --stream-idle, oversize message): abandon         │
  *                                       short: fail(INVALID_ARGUMENT "truncated") ──┤
  *   ┌────────────────────────────────────────────────────────────────────────────────┘
- *   └─> reserve the block in a tier (may evict) ──> ENCODE ──> commit ──> reply(PutReply)
- *   durable namespace: commit ──> DURABLE write (disk writer thread: LMDB commit + flush)
- *                                  ──ok──> reply(PutReply)   └─failed─> fail (durable_done)
+ *   └─> kvs_xfer_put (reserve a tier, encode, commit; a durable block once on disk)
+ *         ──consumed──> receive buffer back to the budget ──done──> reply(PutReply) / fail
  *
  * What a Put holds while its client is sending (limits.h): a stream slot and, from its
  * first data chunk, a receive buffer counted in the receive budget; never room in a tier.
- * Only once the whole payload is here is the block reserved in a tier, so a stalled or
- * slow client never evicts anyone's committed blocks; the receive buffer goes back to the
- * budget as soon as the payload is encoded, or when the call ends (a cancel included).
- *
- * Where the block goes (decided once the payload is complete): with a GPU engine that has
- * kernels for the namespace's codecs, a free GPU tier slot, and no RotateKV calibration
- * in progress (it needs the raw keys on the host), the engine encodes straight into the
- * slot; otherwise the block is reserved in the host tier and encoded by the engine (into
- * host memory) or by the CPU codecs on the libuv pool. A Put that finds the GPU tier full
- * kicks demotion (storage/tiering.h) and goes to the host.
+ * Only once the whole payload is here does the data path reserve the block in a tier, so
+ * a stalled or slow client never evicts committed blocks; the receive buffer goes back to
+ * the budget as soon as the payload is encoded, or when the call ends (a cancel included).
  *
  * Every size is checked against the namespace before anything is reserved (sizes come
  * from the namespace and the token count, never from the client), and each data chunk is
- * bounds-checked before it is copied. Runs on CQ threads, except the encode (pool thread)
- * and what follows it (loop thread), and the answer to a durable Put (the disk writer's
- * thread, once its block is on disk: a durable block always goes to the host tier, from
- * where it is written); one step at a time per call (call.h invariant 1).
+ * bounds-checked before it is copied. Runs on CQ threads, except the data path's
+ * callbacks (pool, loop, engine or disk writer thread); one step at a time per call
+ * (call.h invariant 1).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,16 +30,9 @@
 
 #include "daemon/call.h"
 #include "daemon/limits.h"
-#include "daemon/log.h"
 #include "daemon/wire.h"
-#include "daemon/work.h"
-#include "gpu/base/mem.h"
-#include "gpu/codec/codec.h"
-#include "gpu/engine/engine.h"
-#include "gpu/codec/format.h"
 #include "kvstash/v1/kvstash.pb-c.h"
-#include "gpu/codec/learn.h"
-#include "storage/tiering.h"
+#include "storage/xfer.h"
 
 void kvs_put_start(kvs_call *c)
 {
@@ -55,7 +40,7 @@ void kvs_put_start(kvs_call *c)
 }
 
 /* Frees the receive buffer and gives its bytes back to the receive budget. Runs where the
- * payload stops being needed: after the encode (pool or engine thread) or at cleanup. */
+ * payload stops being needed: once it is encoded (any thread) or at cleanup. */
 static void raw_release(kvs_call *c)
 {
     kvs_put_state *p = &c->u.put;
@@ -70,14 +55,11 @@ static void raw_release(kvs_call *c)
 void kvs_put_cleanup(kvs_call *c)
 {
     kvs_put_state *p = &c->u.put;
-    if (p->blk)
-        kvs_store_block_abort(c->srv->store, p->blk);
     raw_release(c);
     if (p->ns)
         kvs_ns_unref(p->ns);
     kvs_limits_put_close(c->srv->limits, p->slot);
     p->slot = NULL;
-    p->blk = NULL;
     p->ns = NULL;
 }
 
@@ -126,37 +108,6 @@ static int recv_buffer(kvs_call *c, kvs_err *err)
     return 0;
 }
 
-/* The whole payload is here: reserve the block in a tier (the GPU tier when the engine
- * can encode into it, else the host tier, which may evict idle blocks). */
-static int reserve_block(kvs_call *c, kvs_err *err)
-{
-    kvs_put_state *p = &c->u.put;
-    const kvs_ns_spec *spec = kvs_ns_spec_of(p->ns);
-    kvs_store *st = c->srv->store;
-    kvs_engine *eng = c->srv->engine;
-    kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
-    kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
-    /* A durable block is written from host memory: it never takes a GPU slot. */
-    if (eng && kvs_store_has_gpu(st) && !spec->durable &&
-        !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) && kvs_engine_accepts(eng, kc, vc)) {
-        /* One slot size per namespace: a full block's (a partial block fits in it). */
-        uint64_t slot = kvs_engine_slot_bytes(kc, vc, spec->block_tokens);
-        kvs_err e2;
-        if (kvs_store_block_alloc_gpu(st, p->ns, p->tokens, slot, &p->blk, &e2) == 0) {
-            kvs_block_dev *d = kvs_block_device(p->blk);
-            p->gpu = true;
-            p->kc = kc;
-            p->vc = vc;
-            d->k_state = kvs_codec_state_version(kc);
-            d->v_state = kvs_codec_state_version(vc);
-            return 0;
-        }
-        kvs_tiering_kick(c->srv->tiering);
-    }
-    uint64_t enc_max = kvs_block_encoded_max(kc, vc, p->tokens);
-    return kvs_store_block_alloc(st, p->ns, p->tokens, enc_max, &p->blk, err);
-}
-
 static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
 {
     kvs_put_state *p = &c->u.put;
@@ -189,112 +140,29 @@ static int on_chunk(kvs_call *c, const uint8_t *buf, size_t len, kvs_err *err)
     return rc;
 }
 
-/* Pool thread: learn, encode. The call has no batch but CLOSE in flight (call.h invariant
- * 1), so nothing else touches its state meanwhile. */
-static void encode_job(void *arg)
+/* The data path has read the payload (any thread; the call has no batch but CLOSE in
+ * flight, call.h invariant 1). */
+static void put_consumed(void *arg)
+{
+    raw_release(arg);
+}
+
+/* The data path's answer: stored (info), or why not. Runs on whichever thread finished
+ * (loop, engine, or the disk writer's for a durable namespace). */
+static void put_done(void *arg, int rc, const kvs_err *err, const kvs_store_put_info *info)
 {
     kvs_call *c = arg;
     kvs_put_state *p = &c->u.put;
-    kvs_err_clear(&p->err);
-    /* RotateKV namespaces learn their key channel order from the first blocks they store
-     * (gpu/codec/learn.h); a calibration failure costs quality, never the Put. */
-    if (kvs_learn_keys(kvs_ns_learner(p->ns), p->ns, kvs_block_tokens(p->blk),
-                       (const uint16_t *)p->raw, &p->err))
-        kvs_log(KVS_LOG_WARN, "call#%llu Put: namespace '%s': calibration: %s",
-                (unsigned long long)c->id, kvs_ns_spec_of(p->ns)->name, p->err.msg);
-    /* NaN/Inf input fails here, naming the element. */
-    p->rc = kvs_block_encode(kvs_ns_codec(p->ns, KVS_KEYS), kvs_ns_codec(p->ns, KVS_VALUES),
-                             kvs_ns_id(p->ns), kvs_block_tokens(p->blk), (const uint16_t *)p->raw,
-                             kvs_block_data(p->blk), kvs_block_size(p->blk), &p->enc_len, &p->err);
-    raw_release(c);
-}
-
-static void reply_put(kvs_call *c)
-{
-    kvs_put_state *p = &c->u.put;
-    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
-    reply.tier = (Kvstash__V1__Tier)p->info.tier;
-    reply.encoded_bytes = p->info.stored_bytes;
-    reply.raw_bytes = p->received;
-    reply.replaced = p->info.replaced;
-    kvs_call_reply(c, &reply.base);
-}
-
-/* Disk writer thread: the durable write of a Put's block is done (store.h,
- * kvs_store_durable_fn). Only now is the Put answered. A failure leaves nothing of the
- * block behind, so the status says "not stored": RESOURCE_EXHAUSTED when the disk tier is
- * full of blocks it cannot evict (map full after eviction) or the block is too big for
- * one transaction, UNAVAILABLE when the write or its flush failed (the daemon keeps
- * serving; a retry may succeed), NOT_FOUND when the namespace was dropped meanwhile, and
- * INTERNAL for anything else. */
-static void durable_done(void *arg, int rc, const kvs_err *err)
-{
-    kvs_call *c = arg;
-    if (rc == 0) {
-        reply_put(c);
-        return;
-    }
-    int code = rc == KVS_ENOSPC || rc == KVS_E2BIG || rc == KVS_ENOMEM ? rc
-               : rc == KVS_EIO                                         ? KVS_EUNAVAIL
-               : rc == KVS_ENOTFOUND                                   ? KVS_ENOTFOUND
-                                                                       : KVS_EINTERNAL;
-    char msg[KVS_ERR_MSG_LEN + 64];
-    snprintf(msg, sizeof msg, "durable: the block did not reach disk and is not stored: %s",
-             err ? err->msg : kvs_strerror(rc));
-    kvs_call_fail(c, code, msg);
-}
-
-/* Loop thread (or inline): commit the encoded block and answer. */
-static void encode_done(void *arg)
-{
-    kvs_call *c = arg;
-    kvs_put_state *p = &c->u.put;
-    if (p->rc) {
-        kvs_call_fail(c, p->rc == KVS_ENOSPC ? KVS_EINTERNAL : p->rc, p->err.msg);
-        return;
-    }
-    if (p->gpu) { /* its size as an encoded block, as if it were framed on the host */
-        const kvs_block_dev *d = kvs_block_device(p->blk);
-        uint32_t L = kvs_ns_spec_of(p->ns)->layers;
-        p->enc_len = kvs_format_prefix_bytes(L);
-        for (uint32_t i = 0; i < 2 * L; i++)
-            p->enc_len += d->lens[i];
-    }
-    kvs_block_set_size(p->blk, p->enc_len, p->expected);
-    kvs_block *blk = p->blk;
-    p->blk = NULL; /* the store owns it from here, committed or not */
-    kvs_store *st = c->srv->store;
-    if (kvs_ns_spec_of(p->ns)->durable) {
-        /* durable_done answers, maybe before this returns: c is not ours after success. */
-        int rc = kvs_store_block_commit_durable(st, blk, p->key, p->key_len, &p->info, durable_done,
-                                                c, &p->err);
-        if (rc)
-            kvs_call_fail(c, rc, p->err.msg);
-        return;
-    }
-    int rc = kvs_store_block_commit(st, blk, p->key, p->key_len, &p->info, &p->err);
     if (rc) {
-        kvs_call_fail(c, rc, p->err.msg);
+        kvs_call_fail(c, rc, err ? err->msg : kvs_strerror(rc));
         return;
     }
-    /* Read before replying: the call may be freed once the reply is out. */
-    bool kick = p->info.tier == KVS_STORE_TIER_GPU;
-    struct kvs_tiering *tiering = c->srv->tiering;
-    reply_put(c);
-    if (kick)
-        kvs_tiering_kick(tiering); /* returns at once below the high watermark */
-}
-
-/* Engine thread: the GPU encode finished (or failed: its error names the cause). */
-static void engine_done(void *arg, int rc, const kvs_err *err)
-{
-    kvs_call *c = arg;
-    kvs_put_state *p = &c->u.put;
-    p->rc = rc;
-    if (err)
-        p->err = *err;
-    raw_release(c);
-    encode_done(c);
+    Kvstash__V1__PutReply reply = KVSTASH__V1__PUT_REPLY__INIT;
+    reply.tier = (Kvstash__V1__Tier)info->tier;
+    reply.encoded_bytes = info->stored_bytes;
+    reply.raw_bytes = p->received;
+    reply.replaced = info->replaced;
+    kvs_call_reply(c, &reply.base);
 }
 
 static void on_end(kvs_call *c)
@@ -314,29 +182,16 @@ static void on_end(kvs_call *c)
         kvs_call_fail(c, KVS_EINVAL, err.msg);
         return;
     }
-    if (reserve_block(c, &err)) {
+    kvs_xfer_put_req r = {.ns = p->ns,
+                          .key = p->key,
+                          .key_len = p->key_len,
+                          .tokens = p->tokens,
+                          .src = {KVS_XFER_HOST, p->raw, p->expected},
+                          .consumed = put_consumed,
+                          .done = put_done,
+                          .arg = c};
+    if (kvs_xfer_put(c->srv->xfer, &r, &err))
         kvs_call_fail(c, err.code, err.msg);
-        return;
-    }
-    /* The GPU engine encodes when it has kernels for both codecs; otherwise the CPU codecs
-     * run on the libuv pool. Either way encode_done commits and replies. */
-    kvs_engine *eng = c->srv->engine;
-    if (p->gpu) {
-        kvs_block_dev *d = kvs_block_device(p->blk);
-        if (kvs_engine_encode_dev(eng, p->kc, p->vc, kvs_block_tokens(p->blk),
-                                  (const uint16_t *)p->raw, d->slot, d->lens, engine_done, c,
-                                  &err) != 0)
-            kvs_call_fail(c, KVS_EINTERNAL, err.msg);
-        return;
-    }
-    kvs_codec *kc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_KEYS);
-    kvs_codec *vc = (kvs_codec *)kvs_ns_codec(p->ns, KVS_VALUES);
-    if (eng && !kvs_learn_wants_keys(kvs_ns_learner(p->ns)) && kvs_engine_accepts(eng, kc, vc) &&
-        kvs_engine_encode(eng, kc, vc, kvs_ns_id(p->ns), kvs_block_tokens(p->blk),
-                          (const uint16_t *)p->raw, kvs_block_data(p->blk), kvs_block_size(p->blk),
-                          &p->enc_len, engine_done, c, &p->err) == 0)
-        return;
-    kvs_call_run_work(c, encode_job, encode_done);
 }
 
 void kvs_put_on_recv(kvs_call *c, bool ok)

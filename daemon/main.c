@@ -286,6 +286,7 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
                 d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
     }
     sopts->no_promote = !d->cfg.promote;
+    sopts->engine = d->engine; /* codecs are prepared for it as namespaces get them */
     if (d->engine && d->cfg.host_pinned && (rc = start_host_pool(d, sopts, err)))
         return rc;
     if ((rc = kvs_store_create(sopts, &d->store, err)))

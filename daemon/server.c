@@ -15,6 +15,7 @@
 #include "daemon/call.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
+#include "storage/xfer.h"
 #include "gpu/base/mem.h"
 
 /* Request slots kept armed per method: enough that a burst of calls never waits for a
@@ -41,6 +42,16 @@ const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
     [KVS_RPC_FLUSH] = {"/kvstash.v1.KvAdmin/Flush", "Flush", true, false, kvs_flush_handle},
     [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, false, kvs_evict_handle},
 };
+
+/* The data path's pool (storage/xfer.h opts.run): the libuv pool, or inline once it is
+ * closed (shutdown). */
+static void run_on_pool(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg)
+{
+    if (!ctx || kvs_work_submit(ctx, fn, done, arg) != 0) {
+        fn(arg);
+        done(arg);
+    }
+}
 
 static void *cq_thread(void *arg)
 {
@@ -71,8 +82,14 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
     srv->cfg = cfg;
     srv->store = store;
     srv->work = work;
-    srv->engine = engine;
     srv->tiering = tiering;
+    kvs_xfer_opts xo = {.store = store,
+                        .engine = engine,
+                        .tiering = tiering,
+                        .run = run_on_pool,
+                        .run_ctx = work,
+                        .log = kvs_log_sink};
+    srv->xfer = kvs_xfer_create(&xo);
     srv->start_ms = kvs_now_ms();
     kvs_limits_opts lo = {.max_puts = cfg->max_puts,
                           .max_puts_per_conn = cfg->max_puts_per_conn,
@@ -249,6 +266,7 @@ void kvs_server_destroy(kvs_server *srv)
         return;
     free(srv->threads);
     kvs_limits_destroy(srv->limits);
+    kvs_xfer_destroy(srv->xfer);
     kvs_auth_destroy(srv->auth);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);

@@ -64,6 +64,25 @@ const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t vers
     return NULL;
 }
 
+int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec **k,
+                     const kvs_codec **v, kvs_err *err)
+{
+    const kvs_codec *kc = kvs_ns_codec_version(ns, KVS_KEYS, kv);
+    const kvs_codec *vc = kvs_ns_codec_version(ns, KVS_VALUES, vv);
+    if (!kc && !kvs_codec_decode_needs_state(kvs_ns_codec(ns, KVS_KEYS)))
+        kc = kvs_ns_codec(ns, KVS_KEYS);
+    if (!vc && !kvs_codec_decode_needs_state(kvs_ns_codec(ns, KVS_VALUES)))
+        vc = kvs_ns_codec(ns, KVS_VALUES);
+    *k = kc;
+    *v = vc;
+    if (kc && vc)
+        return 0;
+    return kvs_err_set(err, KVS_EPROTO,
+                       "codec state versions %u/%u unknown (their records were unreadable at "
+                       "start)",
+                       kv, vv);
+}
+
 int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err)
 {
     unsigned n = atomic_load(&ns->ncodecs[kv]);

@@ -45,6 +45,12 @@ const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv);
 /* The codec of a given state version (blocks record the version they were encoded with,
  * so they stay decodable after the state moves on), or NULL if unknown. */
 const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t version);
+/* The codecs for a block stamped with key state version kv and value state version vv:
+ * the namespace's codec of each version, or, for a codec whose decode ignores its state
+ * (SQuat), the current one when that version is unknown here (its record was unreadable
+ * at start). KVS_EPROTO naming the versions when a needed one is unknown. Lock-free. */
+int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec **k,
+                     const kvs_codec **v, kvs_err *err);
 /* Publishes a codec built with a newer state version as the current one (ownership
  * passes to the namespace). KVS_EINVAL if its version is not above the current one,
  * KVS_ENOSPC if the namespace holds KVS_NS_MAX_STATE_VERSIONS versions already. Callers

@@ -191,6 +191,7 @@ static int restore_state(restore *r, kvs_ns *ns, kvs_kv kv, uint32_t version, co
     kvs_codec *c;
     int rc = kvs_codec_create(kvs_ns_spec_of(ns), kv, &cs, &c, err);
     if (rc == 0) {
+        kvs__store_codec_prepare(r->st, c);
         pthread_mutex_lock(&r->st->mu); /* publishers are serialized (ns.h) */
         rc = kvs_ns_codec_publish(ns, kv, c, err);
         pthread_mutex_unlock(&r->st->mu);

@@ -10,6 +10,7 @@
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/engine/engine.h"
 #include "gpu/codec/learn.h"
 #include "storage/spill.h"
 #include "storage/store_int.h"
@@ -69,6 +70,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     st->promote = !opts->no_promote;
     st->pool = opts->host_pool;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
+    st->engine = opts->engine;
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;
     if (opts->disk) {
@@ -228,10 +230,16 @@ int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kv
     return rc;
 }
 
+void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c)
+{
+    if (st->engine)
+        kvs_engine_prepare(st->engine, c, NULL); /* KVS_ENOTSUP: the CPU codes it */
+}
+
 /* The learners' publish hook (gpu/codec/learn.h): a new codec state version of ns. */
 static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_err *err)
 {
-    (void)ctx;
+    kvs__store_codec_prepare(ctx, c);
     return kvs_ns_codec_publish(owner, kv, c, err);
 }
 
@@ -247,6 +255,8 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
         kvs_codec_destroy(codecs[0]);
         return rc;
     }
+    kvs__store_codec_prepare(st, codecs[0]);
+    kvs__store_codec_prepare(st, codecs[1]);
     uint64_t full = kvs_block_encoded_max(codecs[0], codecs[1], spec->block_tokens);
     if (full > st->stats.host_capacity) {
         kvs_codec_destroy(codecs[0]);

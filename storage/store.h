@@ -115,6 +115,9 @@ typedef struct kvs_store_opts {
                                   * store), malloc when it has no room; NULL: malloc */
     bool no_promote;             /* a Get leaves disk blocks on disk and host blocks in the
                                   * host tier (default: promote them one tier up) */
+    struct kvs_engine *engine;   /* the GPU codec engine (borrowed; outlives the store), or
+                                  * NULL: every codec the store adds to a namespace is
+                                  * prepared for it first (kvs_engine_prepare) */
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
                                   * (0: the policy's default, 10) */

@@ -75,6 +75,7 @@ struct kvs_store {
     uint32_t verify_pass;         /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
     uint32_t calib_tokens;
+    struct kvs_engine *engine; /* borrowed, may be NULL (opts.engine) */
     kvs_log_fn log;
     void *log_ctx;
 };
@@ -111,6 +112,10 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk);
  * the disk writer in policy order, without dropping any, until host_used is at most
  * host_low (over several calls when the writer's queue is full). Takes store->mu. */
 void kvs__store_host_demote(kvs_store *st);
+
+/* Prepares codec c for the GPU engine, if there is one, before anyone can see it (a codec
+ * without kernels is simply coded on the CPU). */
+void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c);
 
 /* Validates spec and registers it (kvs_store_ns_create without persisting it); id 0 = a
  * fresh id, else that id (restoring from the disk tier). *out gets a reference. */

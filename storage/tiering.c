@@ -201,12 +201,11 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     atomic_fetch_add(&t->promoting, 1);
     kvs_ns *ns = kvs_block_ns(blk);
     kvs_block_info info;
-    kvs_codec *k = NULL, *v = NULL;
+    const kvs_codec *k = NULL, *v = NULL;
     promo *p = NULL;
     if (!atomic_load(&t->stopping) &&
         kvs_format_peek(kvs_block_data(blk), kvs_block_size(blk), &info, NULL) == 0 &&
-        (k = (kvs_codec *)kvs_ns_codec_version(ns, KVS_KEYS, info.k_state)) &&
-        (v = (kvs_codec *)kvs_ns_codec_version(ns, KVS_VALUES, info.v_state)) &&
+        kvs_ns_codecs_at(ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
         kvs_engine_accepts(t->eng, k, v)) {
         p = kvs_xcalloc(1, sizeof *p);
         *p = (promo){.t = t, .old = blk};

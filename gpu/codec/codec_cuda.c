@@ -53,6 +53,12 @@ bool kvs_codec_cuda_fixed_size(const kvs_codec *c)
     return !c->ops->variable_size;
 }
 
+bool kvs_codec_cuda_ready(const kvs_codec *c)
+{
+    const cuda_ops *o = ops_of(c);
+    return o && (!o->supported || o->supported(c)) && (!o->prepare || c->priv_cuda);
+}
+
 static int unsupported(const kvs_codec *c, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP,

@@ -63,6 +63,8 @@ bool kvs_codec_cuda_fixed_size(const kvs_codec *c);
 /* Uploads the codec's tables to the current device (once, before the first launch; not
  * thread-safe against launches of the same codec). Idempotent. */
 int kvs_codec_cuda_prepare(kvs_codec *c, kvs_err *err);
+/* True once c can be launched: supported, and prepared if its kernels need tables. */
+bool kvs_codec_cuda_ready(const kvs_codec *c);
 
 int kvs_codec_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
                           kvs_err *err);

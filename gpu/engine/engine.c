@@ -576,10 +576,12 @@ int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *er
     int rc = alloc_all(e, err);
     if (rc == 0) {
         pthread_mutex_init(&e->mu, NULL);
+        pthread_mutex_init(&e->prep_mu, NULL);
         pthread_cond_init(&e->cv, NULL);
         int prc = pthread_create(&e->thread, NULL, engine_main, e);
         if (prc) {
             pthread_mutex_destroy(&e->mu);
+            pthread_mutex_destroy(&e->prep_mu);
             pthread_cond_destroy(&e->cv);
             rc = kvs_err_set(err, -prc, "GPU engine: pthread_create: %s", strerror(prc));
         }
@@ -618,18 +620,30 @@ const char *kvs_engine_device_name(const kvs_engine *e)
     return e->name;
 }
 
-bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
 {
-    if (kvs_engine_failed(e) || !kvs_codec_cuda_supported(k) || !kvs_codec_cuda_supported(v))
-        return false;
-    /* Preparing uploads tables once; serialize it (prepare is not thread-safe). The
-     * engine's device is made current in this thread for the upload. */
-    pthread_mutex_lock(&e->mu);
-    kvs_err err;
-    bool ok = cudaSetDevice(e->o.device) == cudaSuccess && kvs_codec_cuda_prepare(k, &err) == 0 &&
-              kvs_codec_cuda_prepare(v, &err) == 0;
-    pthread_mutex_unlock(&e->mu);
-    return ok;
+    if (kvs_engine_failed(e))
+        return kvs_err_set(err, KVS_EUNAVAIL, "GPU engine: failed earlier");
+    if (!kvs_codec_cuda_supported(c))
+        return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: no kernels for this codec");
+    /* Table uploads are not thread-safe with each other; they take their own lock, never
+     * the queue's (daemon/THREADS.md), and make the engine's device current on this
+     * thread for the upload. */
+    pthread_mutex_lock(&e->prep_mu);
+    int rc = 0;
+    cudaError_t cu = cudaSetDevice(e->o.device);
+    if (cu != cudaSuccess)
+        rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaSetDevice: %s",
+                         cudaGetErrorString(cu));
+    else
+        rc = kvs_codec_cuda_prepare(c, err);
+    pthread_mutex_unlock(&e->prep_mu);
+    return rc;
+}
+
+bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec *v)
+{
+    return !kvs_engine_failed(e) && kvs_codec_cuda_ready(k) && kvs_codec_cuda_ready(v);
 }
 
 int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)

@@ -61,10 +61,14 @@ bool kvs_engine_failed(const kvs_engine *e);
 /* Device name, for logs. */
 const char *kvs_engine_device_name(const kvs_engine *e);
 
-/* True if the engine can run both codecs (kernels exist for codec and layout); the
- * caller falls back to the CPU otherwise. Prepares the codecs' device tables on first use
- * (codecs must outlive the engine's use of them). */
-bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v);
+/* Uploads codec c's device tables (once; idempotent) so that the engine can run it: call
+ * it when the codec is made, before anyone else can see it (the store does, for every codec
+ * it adds to a namespace). KVS_ENOTSUP when there are no kernels for the codec and layout
+ * (the CPU codes it then). Blocking (a table upload); thread-safe. */
+int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err);
+/* True if the engine can run both codecs: kernels exist and kvs_engine_prepare succeeded
+ * for each; the caller falls back to the CPU otherwise. Lock-free, any thread. */
+bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec *v);
 
 typedef void (*kvs_engine_done)(void *arg, int rc, const kvs_err *err);
 

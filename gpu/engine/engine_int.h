@@ -46,7 +46,8 @@ struct kvs_engine {
     kvs_engine_opts o;
     char name[256];
     pthread_t thread;
-    pthread_mutex_t mu; /* guards the queue and stop; also serializes kvs_engine_accepts */
+    pthread_mutex_t mu;      /* guards the queue and stop */
+    pthread_mutex_t prep_mu; /* serializes codec table uploads (kvs_engine_prepare) */
     pthread_cond_t cv;
     job *head, *tail;
     bool stop;

@@ -19,7 +19,11 @@ const char *kvs_engine_device_name(const kvs_engine *e)
 {
     return "none";
 }
-bool kvs_engine_accepts(kvs_engine *e, kvs_codec *k, kvs_codec *v)
+int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec *v)
 {
     return false;
 }

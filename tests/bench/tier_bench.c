@@ -106,6 +106,8 @@ static void bench_codec(kvs_engine *e, uint8_t *tier, size_t tier_bytes, uint32_
         printf("| %s | codec: %s |\n", name, err.msg);
         return;
     }
+    kvs_engine_prepare(e, k, NULL); /* as the store does for every codec it adds */
+    kvs_engine_prepare(e, v, NULL);
     if (!kvs_engine_accepts(e, k, v)) {
         kvs_codec_destroy(k);
         kvs_codec_destroy(v);

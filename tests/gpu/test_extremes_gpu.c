@@ -229,6 +229,8 @@ int main(void)
                         printf("FAIL: codec %s: %s\n", name, err.msg);
                         return 1;
                     }
+                    kvs_engine_prepare(e, k, NULL);
+                    kvs_engine_prepare(e, v, NULL);
                     if (kvs_engine_accepts(e, k, v))
                         for (int p = 0; p < NP; p++)
                             for (int ti = 0; ti < 2; ti++)

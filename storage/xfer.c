@@ -1,0 +1,493 @@
+/* The data path: see xfer.h for what it decides and the order of each operation.
+ *
+ * Ownership: a Put's op (put_op) is owned by whichever step runs, one at a time (the
+ * caller's thread, then the engine or the pool, then the completion thread, then the disk
+ * writer for a durable block), and freed by finish_put after the caller's done. A Get's
+ * op is the caller's from open to close; between run and its done the data path works on
+ * it and the caller does not touch it.
+ */
+#include "storage/xfer.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
+#include "gpu/codec/learn.h"
+#include "gpu/engine/engine.h"
+#include "storage/tiering.h"
+
+struct kvs_xfer {
+    kvs_xfer_opts o;
+};
+
+kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o)
+{
+    kvs_xfer *x = kvs_xcalloc(1, sizeof *x);
+    x->o = *o;
+    return x;
+}
+
+void kvs_xfer_destroy(kvs_xfer *x)
+{
+    free(x);
+}
+
+uint8_t *kvs_xfer_host_alloc(kvs_xfer *x, size_t n)
+{
+    kvs_hostpool *pool = kvs_store_host_pool(x->o.store);
+    uint8_t *p = pool ? kvs_hostpool_alloc(pool, n) : NULL;
+    return p ? p : kvs_trymalloc(n);
+}
+
+void kvs_xfer_host_free(kvs_xfer *x, uint8_t *p)
+{
+    kvs_hostpool *pool = kvs_store_host_pool(x->o.store);
+    if (p && kvs_hostpool_owns(pool, p))
+        kvs_hostpool_free(pool, p);
+    else
+        free(p);
+}
+
+static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    kvs_vlogf(x->o.log, x->o.log_ctx, lvl, fmt, ap);
+    va_end(ap);
+}
+
+/* Runs fn then done through the caller's pool, or inline. */
+static void run(kvs_xfer *x, void (*fn)(void *), void (*done)(void *), void *arg)
+{
+    if (x->o.run) {
+        x->o.run(x->o.run_ctx, fn, done, arg);
+    } else {
+        fn(arg);
+        done(arg);
+    }
+}
+
+/* ---------------------------------------------------------------- Put */
+
+typedef struct put_op {
+    kvs_xfer *x;
+    kvs_xfer_put_req r;
+    uint8_t key[KVS_KEY_MAX];
+    kvs_block *blk;         /* FILLING until commit hands it to the store */
+    bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
+    bool consumed;          /* r.consumed has run */
+    const kvs_codec *k, *v; /* the codecs it is encoded with */
+    uint64_t raw_bytes;
+    size_t enc_len;
+    int rc;
+    kvs_err err;
+    kvs_store_put_info info;
+} put_op;
+
+static void consume(put_op *op)
+{
+    if (!op->consumed && op->r.consumed)
+        op->r.consumed(op->r.arg);
+    op->consumed = true;
+}
+
+static void finish_put(put_op *op, int rc, const kvs_err *err)
+{
+    consume(op);
+    if (op->blk)
+        kvs_store_block_abort(op->x->o.store, op->blk);
+    op->r.done(op->r.arg, rc, rc ? err : NULL, rc ? NULL : &op->info);
+    free(op);
+}
+
+/* Placement (xfer.h): the GPU tier when the engine can encode into a slot there, else
+ * the host tier (which may evict to make room). */
+static int reserve(put_op *op, kvs_err *err)
+{
+    kvs_xfer *x = op->x;
+    kvs_ns *ns = op->r.ns;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(ns);
+    kvs_store *st = x->o.store;
+    op->k = kvs_ns_codec(ns, KVS_KEYS);
+    op->v = kvs_ns_codec(ns, KVS_VALUES);
+    /* A durable block is written from host memory: it never takes a GPU slot. A RotateKV
+     * namespace still calibrating needs the raw keys on the host. */
+    if (x->o.engine && kvs_store_has_gpu(st) && !spec->durable &&
+        !kvs_learn_wants_keys(kvs_ns_learner(ns)) &&
+        kvs_engine_accepts(x->o.engine, op->k, op->v)) {
+        /* One slot size per namespace: a full block's (a partial block fits in it). */
+        uint64_t slot = kvs_engine_slot_bytes(op->k, op->v, spec->block_tokens);
+        if (kvs_store_block_alloc_gpu(st, ns, op->r.tokens, slot, &op->blk, NULL) == 0) {
+            kvs_block_dev *d = kvs_block_device(op->blk);
+            op->gpu = true;
+            d->k_state = kvs_codec_state_version(op->k);
+            d->v_state = kvs_codec_state_version(op->v);
+            return 0;
+        }
+        kvs_tiering_kick(x->o.tiering); /* full: demote, and land in the host tier now */
+    }
+    uint64_t enc_max = kvs_block_encoded_max(op->k, op->v, op->r.tokens);
+    return kvs_store_block_alloc(st, ns, op->r.tokens, enc_max, &op->blk, err);
+}
+
+/* Disk writer thread: the durable write of the block is done (store.h); only now is the
+ * Put answered. A failure leaves nothing of the block, so the answer says "not stored":
+ * KVS_ENOSPC when the disk tier has no room for it (or KVS_E2BIG: too big for one
+ * transaction), KVS_EUNAVAIL when the write or its flush failed (a retry may succeed),
+ * KVS_ENOTFOUND when the namespace was dropped meanwhile, KVS_EINTERNAL otherwise. */
+static void durable_done(void *arg, int rc, const kvs_err *err)
+{
+    if (rc == 0) {
+        finish_put(arg, 0, NULL);
+        return;
+    }
+    int code = rc == KVS_ENOSPC || rc == KVS_E2BIG || rc == KVS_ENOMEM ? rc
+               : rc == KVS_EIO                                         ? KVS_EUNAVAIL
+               : rc == KVS_ENOTFOUND                                   ? KVS_ENOTFOUND
+                                                                       : KVS_EINTERNAL;
+    kvs_err e2;
+    kvs_err_set(&e2, code, "durable: the block did not reach disk and is not stored: %s",
+                err ? err->msg : kvs_strerror(rc));
+    finish_put(arg, code, &e2);
+}
+
+/* Commits the encoded block and ends the Put (durable: once it is on disk). */
+static void commit(void *arg)
+{
+    put_op *op = arg;
+    kvs_xfer *x = op->x;
+    if (op->rc) { /* an encoder's "no room" is ours, not the client's */
+        finish_put(op, op->rc == KVS_ENOSPC ? KVS_EINTERNAL : op->rc, &op->err);
+        return;
+    }
+    if (op->gpu) { /* its size as an encoded block, as if it were framed on the host */
+        const kvs_block_dev *d = kvs_block_device(op->blk);
+        uint32_t L = kvs_ns_spec_of(op->r.ns)->layers;
+        op->enc_len = kvs_format_prefix_bytes(L);
+        for (uint32_t i = 0; i < 2 * L; i++)
+            op->enc_len += d->lens[i];
+    }
+    kvs_block_set_size(op->blk, op->enc_len, op->raw_bytes);
+    kvs_block *blk = op->blk;
+    op->blk = NULL; /* the store owns it from here, committed or not */
+    kvs_store *st = x->o.store;
+    int rc;
+    if (kvs_ns_spec_of(op->r.ns)->durable) {
+        /* durable_done ends the Put, maybe before this returns: op is not ours after. */
+        if ((rc = kvs_store_block_commit_durable(st, blk, op->key, op->r.key_len, &op->info,
+                                                 durable_done, op, &op->err)))
+            finish_put(op, rc, &op->err);
+        return;
+    }
+    rc = kvs_store_block_commit(st, blk, op->key, op->r.key_len, &op->info, &op->err);
+    bool kick = rc == 0 && op->info.tier == KVS_STORE_TIER_GPU;
+    struct kvs_tiering *tiering = x->o.tiering;
+    finish_put(op, rc, &op->err);
+    if (kick)
+        kvs_tiering_kick(tiering); /* returns at once below the high watermark */
+}
+
+/* Pool thread: learn, encode on the CPU. */
+static void encode_job(void *arg)
+{
+    put_op *op = arg;
+    const uint16_t *raw = (const uint16_t *)op->r.src.ptr;
+    kvs_err_clear(&op->err);
+    /* RotateKV namespaces learn their key channel order from the first blocks they store
+     * (gpu/codec/learn.h); a calibration failure costs quality, never the Put. */
+    kvs_err lerr;
+    if (kvs_learn_keys(kvs_ns_learner(op->r.ns), op->r.ns, op->r.tokens, raw, &lerr))
+        xlog(op->x, KVS_LOG_WARN, "namespace '%s': calibration: %s", kvs_ns_spec_of(op->r.ns)->name,
+             lerr.msg);
+    /* The codecs current now (calibration may just have published new ones). NaN/Inf
+     * input fails here, naming the element. */
+    op->k = kvs_ns_codec(op->r.ns, KVS_KEYS);
+    op->v = kvs_ns_codec(op->r.ns, KVS_VALUES);
+    op->rc =
+        kvs_block_encode(op->k, op->v, kvs_ns_id(op->r.ns), op->r.tokens, raw,
+                         kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len, &op->err);
+    consume(op);
+}
+
+/* Engine thread: the GPU encode finished (or failed: its error names the cause). */
+static void engine_encoded(void *arg, int rc, const kvs_err *err)
+{
+    put_op *op = arg;
+    op->rc = rc;
+    if (err)
+        op->err = *err;
+    consume(op);
+    commit(op);
+}
+
+int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
+{
+    const kvs_ns_spec *spec = kvs_ns_spec_of(r->ns);
+    uint64_t raw_bytes;
+    int rc = kvs_key_validate(r->key_len, err);
+    if (rc == 0)
+        rc = kvs_spec_block_bytes(spec, r->tokens, &raw_bytes, err);
+    if (rc)
+        return rc;
+    if (r->src.kind != KVS_XFER_HOST || r->src.len != raw_bytes)
+        return kvs_err_set(err, KVS_EINVAL, "payload: %zu bytes given, %u tokens take %llu",
+                           r->src.len, r->tokens, (unsigned long long)raw_bytes);
+    put_op *op = kvs_xcalloc(1, sizeof *op); /* small and fixed (STYLE: may abort) */
+    op->x = x;
+    op->r = *r;
+    memcpy(op->key, r->key, r->key_len);
+    op->r.key = op->key;
+    op->raw_bytes = raw_bytes;
+    if ((rc = reserve(op, err))) {
+        free(op);
+        return rc;
+    }
+    /* The coder: the engine when it has kernels for both codecs, else the CPU codecs on
+     * the pool. Either way commit runs next. */
+    kvs_engine *eng = x->o.engine;
+    const uint16_t *raw = (const uint16_t *)r->src.ptr;
+    kvs_err e2;
+    if (op->gpu) {
+        kvs_block_dev *d = kvs_block_device(op->blk);
+        if (kvs_engine_encode_dev(eng, op->k, op->v, r->tokens, raw, d->slot, d->lens,
+                                  engine_encoded, op, &e2) != 0)
+            finish_put(op, KVS_EINTERNAL, &e2);
+        return 0;
+    }
+    if (eng && !kvs_learn_wants_keys(kvs_ns_learner(r->ns)) &&
+        kvs_engine_accepts(eng, op->k, op->v) &&
+        kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens, raw,
+                          kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len,
+                          engine_encoded, op, &e2) == 0)
+        return 0;
+    run(x, encode_job, commit, op);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Get */
+
+struct kvs_xfer_get {
+    kvs_xfer *x;
+    kvs_ns *ns;
+    kvs_block *blk; /* reader reference */
+    bool encoded;
+    uint32_t lb, le;
+    kvs_xfer_buf dst;
+    uint8_t *fetched; /* encoded Get of a GPU block: the block fetched to the host */
+    size_t fetched_len;
+    bool decoded; /* decoded straight from LMDB's map by the read */
+    int rc;
+    kvs_err err;
+    void (*done)(void *arg, int rc, const kvs_err *err);
+    void *arg;
+};
+
+int kvs_xfer_get_open(kvs_xfer *x, const kvs_xfer_get_req *r, kvs_xfer_get **out, kvs_err *err)
+{
+    kvs_block *blk;
+    int rc = kvs_store_find(x->o.store, r->ns, r->key, r->key_len, &blk, err);
+    if (rc)
+        return rc;
+    kvs_xfer_get *g = kvs_xcalloc(1, sizeof *g);
+    *g = (kvs_xfer_get){.x = x,
+                        .ns = r->ns,
+                        .blk = blk,
+                        .encoded = r->encoded,
+                        .lb = r->layer_begin,
+                        .le = r->layer_end};
+    *out = g;
+    return 0;
+}
+
+uint32_t kvs_xfer_get_tokens(const kvs_xfer_get *g)
+{
+    return kvs_block_tokens(g->blk);
+}
+
+kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g)
+{
+    return kvs_block_tier(g->blk);
+}
+
+uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g)
+{
+    return kvs_spec_layer_bytes(kvs_ns_spec_of(g->ns), kvs_block_tokens(g->blk)) * (g->le - g->lb);
+}
+
+const uint8_t *kvs_xfer_get_encoded(const kvs_xfer_get *g, size_t *len)
+{
+    if (g->fetched) {
+        *len = g->fetched_len;
+        return g->fetched;
+    }
+    *len = kvs_block_size(g->blk);
+    return kvs_block_data(g->blk);
+}
+
+void kvs_xfer_get_close(kvs_xfer_get *g)
+{
+    if (!g)
+        return;
+    free(g->fetched);
+    if (g->blk) /* NULL after a failed disk read, which dropped it */
+        kvs_store_block_release(g->x->o.store, g->blk);
+    free(g);
+}
+
+static void finish_get(kvs_xfer_get *g, int rc, const kvs_err *err)
+{
+    g->done(g->arg, rc, rc ? err : NULL);
+}
+
+/* Decodes the requested layers of encoded bytes into dst with the codecs the block was
+ * encoded with (kvs_ns_codecs_at); bytes we stored but cannot read are data loss. */
+static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
+{
+    kvs_err *err = &g->err;
+    kvs_block_info info;
+    const kvs_codec *k = NULL, *v = NULL;
+    kvs_err_clear(err);
+    int rc = kvs_format_peek(bytes, len, &info, err);
+    if (rc == 0)
+        rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
+    if (rc == 0)
+        rc = kvs_block_decode(k, v, bytes, len, g->lb, g->le, (uint16_t *)g->dst.ptr, err);
+    if (rc == KVS_EPROTO || rc == KVS_EDATALOSS)
+        rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
+    return rc;
+}
+
+/* Pool thread: decode a block whose bytes are at hand. */
+static void decode_job(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    g->rc = decode_bytes(g, kvs_block_data(g->blk), kvs_block_size(g->blk));
+}
+
+static void decoded(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    finish_get(g, g->rc, &g->err);
+}
+
+/* Inside LMDB's read transaction (kvs_store_view): decode straight from the map. */
+static int decode_view(const void *bytes, size_t len, void *arg)
+{
+    return decode_bytes(arg, bytes, len);
+}
+
+/* Engine thread: the GPU decode, or the fetch of a GPU block, finished. */
+static void engine_done(void *arg, int rc, const kvs_err *err)
+{
+    finish_get(arg, rc, err);
+}
+
+/* A GPU tier block: decode from its slot, or fetch it, with the codecs of the state
+ * versions it was encoded with. */
+static int start_gpu(kvs_xfer_get *g, kvs_err *err)
+{
+    kvs_engine *eng = g->x->o.engine;
+    const kvs_block_dev *d = kvs_block_device(g->blk);
+    const kvs_codec *k, *v;
+    uint32_t t = kvs_block_tokens(g->blk);
+    if (!eng || kvs_ns_codecs_at(g->ns, d->k_state, d->v_state, &k, &v, NULL))
+        return kvs_err_set(err, KVS_EINTERNAL, "GPU tier block without its engine or codec state");
+    int rc;
+    if (g->encoded) {
+        size_t cap = kvs_block_encoded_max(k, v, t);
+        if (!(g->fetched = kvs_trymalloc(cap)))
+            return kvs_err_set(err, KVS_ENOMEM, "fetch: cannot allocate %zu bytes", cap);
+        rc = kvs_engine_fetch_dev(eng, k, v, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched, cap,
+                                  &g->fetched_len, engine_done, g, err);
+    } else {
+        rc = kvs_engine_decode_dev(eng, k, v, t, d->slot, d->lens, g->lb, g->le,
+                                   (uint16_t *)g->dst.ptr, engine_done, g, err);
+    }
+    if (rc && rc != KVS_EDATALOSS) /* the engine refused a submission: ours, not the client's */
+        rc = err->code = KVS_EINTERNAL;
+    return rc;
+}
+
+/* The block's bytes are at hand (a GPU slot, host memory): decode or hand them out. */
+static void dispatch(kvs_xfer_get *g)
+{
+    kvs_xfer *x = g->x;
+    kvs_err err;
+    if (kvs_block_tier(g->blk) == KVS_STORE_TIER_GPU) {
+        int rc = start_gpu(g, &err);
+        if (rc)
+            finish_get(g, rc, &err);
+        return;
+    }
+    /* A hot host block moves up to the GPU tier (when allowed and there is room), beside
+     * this Get, which goes on reading the host copy. */
+    kvs_tiering_promote(x->o.tiering, g->blk);
+    if (g->encoded) {
+        finish_get(g, 0, NULL); /* the stored bytes go out as they are */
+        return;
+    }
+    /* The engine when it has kernels for the block's codecs, else the pool. */
+    kvs_engine *eng = x->o.engine;
+    kvs_block_info info;
+    const kvs_codec *k, *v;
+    if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
+        kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
+        kvs_engine_accepts(eng, k, v) &&
+        kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk), g->lb, g->le,
+                          (uint16_t *)g->dst.ptr, engine_done, g, &g->err) == 0)
+        return;
+    run(x, decode_job, decoded, g);
+}
+
+/* Pool thread: read a disk block (LMDB read transaction, verified). A raw Get that the
+ * CPU decodes, with promotion off, decodes straight from LMDB's map (nothing is kept, so
+ * nothing needs a copy); otherwise the block is copied out (the copy is the promoted
+ * host block, or what the engine or the encoded stream reads later). */
+static void read_job(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    kvs_store *st = g->x->o.store;
+    kvs_engine *eng = g->x->o.engine;
+    kvs_err_clear(&g->err);
+    if (!g->encoded && !kvs_store_promotes(st) &&
+        (!eng || !kvs_engine_accepts(eng, kvs_ns_codec(g->ns, KVS_KEYS),
+                                     kvs_ns_codec(g->ns, KVS_VALUES)))) {
+        g->decoded = true;
+        g->rc = kvs_store_view(st, g->blk, decode_view, g, &g->err);
+        return;
+    }
+    kvs_block *d = g->blk;
+    g->blk = NULL; /* kvs_store_read takes over our reference on d, in every case */
+    g->rc = kvs_store_read(st, d, &g->blk, &g->err);
+}
+
+static void read_done(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    if (g->rc || g->decoded)
+        finish_get(g, g->rc, &g->err);
+    else
+        dispatch(g);
+}
+
+int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
+                     void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err)
+{
+    if (!g->encoded && (!dst || dst->kind != KVS_XFER_HOST || dst->len < kvs_xfer_get_raw_bytes(g)))
+        return kvs_err_set(err, KVS_EINVAL, "get: destination of %zu bytes, %llu needed",
+                           dst ? dst->len : 0, (unsigned long long)kvs_xfer_get_raw_bytes(g));
+    if (dst)
+        g->dst = *dst;
+    g->done = done;
+    g->arg = arg;
+    if (kvs_block_unread(g->blk))
+        run(g->x, read_job, read_done, g);
+    else
+        dispatch(g);
+    return 0;
+}

@@ -1,0 +1,140 @@
+/* The data path (DESIGN §2): the one module between a caller that speaks a protocol (the
+ * daemon's gRPC calls today; shared memory, CUDA IPC and a Python package next) and the
+ * tiers. It owns every decision about a block's bytes on their way in and out:
+ *   - placement: the GPU tier when the engine can encode into a slot there (and no
+ *     RotateKV calibration wants the raw keys on the host), else the host tier (which may
+ *     evict to make room); durable namespaces always go through the host tier to disk;
+ *   - the coder: the GPU engine when it has kernels for the codecs, else the CPU codecs
+ *     on the caller's pool (opts.run);
+ *   - the codec state versions: a block is decoded with the codecs it was encoded with
+ *     (kvs_ns_codecs_at), which may predate the namespace's current ones;
+ *   - promotion on Get (disk -> host in the store, host -> GPU through the tiering).
+ * Callers parse and validate their requests, hand a source or a destination to the data
+ * path, and answer when it calls back.
+ *
+ * Sources and destinations are a tagged buffer (kvs_xfer_buf): a host buffer today
+ * (pinned or not: the engine moves pinned ones by DMA without its staging); a new
+ * transport adds a kind, not a path.
+ *
+ *   Put:  kvs_xfer_put ──> reserve a tier ──> [learn] ──> encode (engine | pool) ──>
+ *         consumed(arg) ──> commit (durable: the disk writer commits and flushes first) ──>
+ *         done(arg, rc)
+ *   Get:  kvs_xfer_get_open (find) ──> kvs_xfer_get_run: [read from disk (pool)] ──>
+ *         [promote] ──> decode into dst (engine | pool) or make the encoded bytes ready ──>
+ *         done(arg, rc) ──> kvs_xfer_get_close
+ *
+ * Threading: every function may be called from any thread. Callbacks run exactly once,
+ * on whichever thread finished the work (the engine's, a pool thread, the caller's
+ * completion thread behind opts.run, the disk writer's for a durable Put), or inside the
+ * call that started it; they must not block.
+ */
+#ifndef KVS_STORAGE_XFER_H
+#define KVS_STORAGE_XFER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu/base/err.h"
+#include "gpu/base/log.h"
+#include "storage/store.h"
+
+struct kvs_engine;
+struct kvs_tiering;
+
+typedef struct kvs_xfer kvs_xfer;
+
+/* Where payload bytes are. */
+typedef enum kvs_xfer_mem {
+    KVS_XFER_HOST = 1, /* host memory of this process (pinned or not) */
+} kvs_xfer_mem;
+
+/* A source or destination of raw payload bytes, layout [L][2][t][H][D] (a Get's
+ * destination: the requested layers only). Borrowed by the data path for the time its
+ * call documents. */
+typedef struct kvs_xfer_buf {
+    kvs_xfer_mem kind;
+    uint8_t *ptr;
+    size_t len;
+} kvs_xfer_buf;
+
+typedef struct kvs_xfer_opts {
+    kvs_store *store;            /* borrowed; outlives the data path */
+    struct kvs_engine *engine;   /* borrowed, may be NULL: CPU codecs only */
+    struct kvs_tiering *tiering; /* borrowed, may be NULL: no GPU tier moves */
+    /* Runs fn(arg) off the calling thread (a pool), then done(arg) on a thread that may
+     * answer the caller; NULL runs both inline. The daemon's is its libuv pool. */
+    void (*run)(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg);
+    void *run_ctx;
+    kvs_log_fn log; /* may be NULL */
+    void *log_ctx;
+} kvs_xfer_opts;
+
+/* Small fixed allocation: aborts when out of memory. */
+kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o);
+/* No operation may be in progress. NULL is fine. */
+void kvs_xfer_destroy(kvs_xfer *x);
+
+/* A host buffer of n bytes for a payload the engine will read or write: from the pinned
+ * host pool when there is one with room, so the engine moves it by DMA; else malloc.
+ * NULL when out of memory. Free with kvs_xfer_host_free (NULL is fine). */
+uint8_t *kvs_xfer_host_alloc(kvs_xfer *x, size_t n);
+void kvs_xfer_host_free(kvs_xfer *x, uint8_t *p);
+
+/* ---------------------------------------------------------------- Put */
+
+typedef struct kvs_xfer_put_req {
+    kvs_ns *ns;      /* borrowed; a reference held by the caller until done */
+    const void *key; /* 1..KVS_KEY_MAX bytes, copied */
+    size_t key_len;
+    uint32_t tokens;  /* 1..block_tokens */
+    kvs_xfer_buf src; /* exactly kvs_spec_block_bytes(tokens) bytes, borrowed until consumed */
+    /* The payload has been read: src may be freed. Runs before done (may be NULL). */
+    void (*consumed)(void *arg);
+    /* The end: rc 0 and info (borrowed for the call) when stored, else rc and err naming
+     * the cause (KVS_ENOSPC: no room in any tier, or a durable Put with no room on disk;
+     * KVS_EINVAL: NaN/Inf or values a codec cannot store, naming the element; KVS_ENOTFOUND:
+     * the namespace was dropped; KVS_EINTERNAL: an encoder failure; KVS_EUNAVAIL: a
+     * durable write that failed). */
+    void (*done)(void *arg, int rc, const kvs_err *err, const kvs_store_put_info *info);
+    void *arg;
+} kvs_xfer_put_req;
+
+/* Stores a block: see the diagram above. 0: done (and consumed) will run; otherwise
+ * neither runs and err says why (the request is malformed or nothing could be reserved). */
+int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err);
+
+/* ---------------------------------------------------------------- Get */
+
+typedef struct kvs_xfer_get kvs_xfer_get;
+
+typedef struct kvs_xfer_get_req {
+    kvs_ns *ns;      /* borrowed; the caller holds a reference until close */
+    const void *key; /* validated by the caller; borrowed for the call */
+    size_t key_len;
+    bool encoded;                    /* the stored block as it is (kvs_xfer_get_encoded) */
+    uint32_t layer_begin, layer_end; /* raw: the layers to decode, validated */
+} kvs_xfer_get_req;
+
+/* Finds the block (KVS_ENOTFOUND; KVS_EDATALOSS when a host block fails its checksum) and
+ * holds it (neither eviction nor delete frees it) until kvs_xfer_get_close. */
+int kvs_xfer_get_open(kvs_xfer *x, const kvs_xfer_get_req *r, kvs_xfer_get **out, kvs_err *err);
+uint32_t kvs_xfer_get_tokens(const kvs_xfer_get *g);
+/* The tier the bytes come from (valid after run's done: a disk block read into the host
+ * tier by the read says HOST, one read for this Get alone says DISK). */
+kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g);
+/* Raw: bytes of the requested layers, what dst must hold. */
+uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g);
+/* Raw: decodes the requested layers into dst (borrowed until done). Encoded: makes the
+ * stored bytes ready (kvs_xfer_get_encoded); dst is NULL. done(arg, rc, err) once: rc
+ * KVS_EDATALOSS for stored bytes that cannot be read (dropped), KVS_ENOTFOUND (a disk
+ * record gone meanwhile), KVS_EIO, KVS_ENOMEM, KVS_EINTERNAL. Nonzero return: done never
+ * runs. Once per open. */
+int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
+                     void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err);
+/* Encoded: the stored block (borrowed until close), after run's done with rc 0. */
+const uint8_t *kvs_xfer_get_encoded(const kvs_xfer_get *g, size_t *len);
+/* Releases the block and what the Get holds. NULL is fine. */
+void kvs_xfer_get_close(kvs_xfer_get *g);
+
+#endif
