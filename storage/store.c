@@ -236,10 +236,15 @@ void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c)
         kvs_engine_prepare(st->engine, c, NULL); /* KVS_ENOTSUP: the CPU codes it */
 }
 
-/* The learners' publish hook (gpu/codec/learn.h): a new codec state version of ns. */
-static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_err *err)
+/* The learners' hooks (gpu/codec/learn.h): a new codec state version of ns. */
+static void prepare_codec(void *ctx, kvs_codec *c)
 {
     kvs__store_codec_prepare(ctx, c);
+}
+
+static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_err *err)
+{
+    (void)ctx;
     return kvs_ns_codec_publish(owner, kv, c, err);
 }
 
@@ -267,8 +272,10 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
-    kvs_learn_hooks hooks = {
-        .persist = st->disk ? kvs__persist_state_put : NULL, .publish = publish_codec, .ctx = st};
+    kvs_learn_hooks hooks = {.prepare = prepare_codec,
+                             .persist = st->disk ? kvs__persist_state_put : NULL,
+                             .publish = publish_codec,
+                             .ctx = st};
     if ((rc = kvs_learn_create(spec, st->calib_tokens, &hooks, &learn, err))) {
         kvs_codec_destroy(codecs[0]);
         kvs_codec_destroy(codecs[1]);

@@ -83,6 +83,8 @@ static int publish(kvs_learn *ln, void *owner, uint32_t v, const void *state, si
     int rc = kvs_codec_create(&ln->spec, KVS_KEYS, &st, &c, err);
     if (rc)
         return rc;
+    if (ln->hooks.prepare)
+        ln->hooks.prepare(ln->hooks.ctx, c);
     if (ln->hooks.persist && (rc = ln->hooks.persist(ln->hooks.ctx, owner, KVS_KEYS, &st, err))) {
         kvs_codec_destroy(c);
         return rc;

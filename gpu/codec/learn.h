@@ -42,8 +42,12 @@ typedef struct kvs_learn_hooks {
     /* Records a new state version (state borrowed for the call) before it is published;
      * non-zero (err filled) keeps it unpublished. NULL: nothing is recorded. */
     int (*persist)(void *ctx, void *owner, kvs_kv kv, const kvs_codec_state *state, kvs_err *err);
+    /* Readies codec c (built with the new state) before anyone can see it (the store's:
+     * the GPU engine's device tables). NULL: nothing to do. */
+    void (*prepare)(void *ctx, kvs_codec *c);
     /* Publishes codec c (built with the new state; ownership passes on success) as the
-     * owner's current one. Required. */
+     * owner's current one, under the learner's lock (which orders versions): it must not
+     * block. Required. */
     int (*publish)(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_err *err);
     void *ctx;
 } kvs_learn_hooks;
