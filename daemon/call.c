@@ -251,10 +251,7 @@ void kvs_call_abandon(kvs_call *c)
 
 void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *))
 {
-    if (!c->srv->work || kvs_work_submit(c->srv->work, fn, done, c) != 0) {
-        fn(c);
-        done(c);
-    }
+    kvs_work_run(c->srv->work, fn, done, c);
 }
 
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)

@@ -292,7 +292,7 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
     if ((rc = kvs_store_create(sopts, &d->store, err)))
         return rc;
     if (d->gpu_bytes) {
-        d->tiering = kvs_tiering_create(d->store, d->engine);
+        d->tiering = kvs_tiering_create(d->store, d->engine, kvs_work_run, d->work);
         kvs_log(KVS_LOG_INFO,
                 "GPU tier: %llu bytes on %s; demotion to the host tier above "
                 "%u%%, down to %u%%",

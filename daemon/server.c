@@ -43,16 +43,6 @@ const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
     [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, false, kvs_evict_handle},
 };
 
-/* The data path's pool (storage/xfer.h opts.run): the libuv pool, or inline once it is
- * closed (shutdown). */
-static void run_on_pool(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg)
-{
-    if (!ctx || kvs_work_submit(ctx, fn, done, arg) != 0) {
-        fn(arg);
-        done(arg);
-    }
-}
-
 static void *cq_thread(void *arg)
 {
     kvs_server *srv = arg;
@@ -86,7 +76,7 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
     kvs_xfer_opts xo = {.store = store,
                         .engine = engine,
                         .tiering = tiering,
-                        .run = run_on_pool,
+                        .run = kvs_work_run,
                         .run_ctx = work,
                         .log = kvs_log_sink};
     srv->xfer = kvs_xfer_create(&xo);

@@ -39,6 +39,11 @@ static void run_done(uv_work_t *req, int status)
 
 static void start(kvs_work *w, item *it)
 {
+    if (!it->fn) { /* a post: done runs here, on the loop thread */
+        it->done(it->arg);
+        free(it);
+        return;
+    }
     int rc = uv_queue_work(w->loop, &it->req, run_fn, run_done);
     if (rc) { /* cannot happen on a live loop; never lose the call: run it here */
         kvs_log(KVS_LOG_ERROR, "uv_queue_work: %s: running inline", uv_strerror(rc));
@@ -100,6 +105,15 @@ int kvs_work_submit(kvs_work *w, kvs_work_fn fn, kvs_work_fn done, void *arg)
     uv_async_send(&w->async);
     pthread_mutex_unlock(&w->mu);
     return 0;
+}
+
+void kvs_work_run(void *w, kvs_work_fn fn, kvs_work_fn done, void *arg)
+{
+    if (!w || kvs_work_submit(w, fn, done, arg) != 0) {
+        if (fn)
+            fn(arg);
+        done(arg);
+    }
 }
 
 void kvs_work_close(kvs_work *w)

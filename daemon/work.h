@@ -27,9 +27,15 @@ typedef void (*kvs_work_fn)(void *arg);
 /* Creates the mailbox on loop (loop thread). */
 int kvs_work_create(uv_loop_t *loop, kvs_work **out, kvs_err *err);
 
-/* Runs fn(arg) on a pool thread, then done(arg) on the loop thread. Thread-safe.
- * KVS_EUNAVAIL once closed (the caller then runs fn and done itself). */
+/* Runs fn(arg) on a pool thread, then done(arg) on the loop thread; fn NULL: done alone,
+ * on the loop thread (a completion handed off the thread that finished the work, e.g.
+ * the GPU engine's). Thread-safe. KVS_EUNAVAIL once closed (the caller then runs fn and
+ * done itself). */
 int kvs_work_submit(kvs_work *w, kvs_work_fn fn, kvs_work_fn done, void *arg);
+
+/* kvs_work_submit, or fn (if any) then done right here when w is NULL or closed: the
+ * run hook the data path and the tiering take (storage/xfer.h), ctx = w. */
+void kvs_work_run(void *w, kvs_work_fn fn, kvs_work_fn done, void *arg);
 
 /* Loop thread: refuse new submissions, start what is queued, close the async handle. */
 void kvs_work_close(kvs_work *w);

@@ -18,6 +18,8 @@
 struct kvs_tiering {
     kvs_store *st;
     kvs_engine *eng;
+    kvs_tiering_run_fn run; /* completions off the engine thread (may be NULL: inline) */
+    void *run_ctx;
     atomic_bool busy;      /* a round is running */
     atomic_bool stopping;  /* no new rounds */
     atomic_uint pending;   /* fetches of the running round not yet completed */
@@ -37,6 +39,7 @@ typedef struct move {
     kvs_block *old, *nb;
     uint64_t raw_bytes;
     size_t len;
+    int rc; /* the fetch's */
 } move;
 
 static void batch_start(batch *b)
@@ -56,12 +59,26 @@ static void batch_end(batch *b, bool moved)
     pthread_mutex_unlock(&b->mu);
 }
 
-kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng)
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng, kvs_tiering_run_fn run,
+                                void *run_ctx)
 {
     kvs_tiering *t = kvs_xcalloc(1, sizeof *t);
     t->st = st;
     t->eng = eng;
+    t->run = run;
+    t->run_ctx = run_ctx;
     return t;
+}
+
+/* Hands an engine completion to the completion thread: commits, evictions (the next
+ * round's reservations) and kicks never run on the engine thread, which only drives the
+ * GPU. */
+static void post(kvs_tiering *t, void (*fn)(void *), void *arg)
+{
+    if (t->run)
+        t->run(t->run_ctx, NULL, fn, arg);
+    else
+        fn(arg);
 }
 
 static void end_round(kvs_tiering *t)
@@ -71,12 +88,13 @@ static void end_round(kvs_tiering *t)
         kvs_tiering_kick(t);
 }
 
-/* Engine thread: one block's bytes are on the host (or the fetch failed). */
-static void on_fetched(void *arg, int rc, const kvs_err *err)
+/* Completion thread: one block's bytes are on the host (or the fetch failed). */
+static void fetched(void *arg)
 {
     move *m = arg;
     kvs_tiering *t = m->t;
     batch *b = m->b;
+    int rc = m->rc;
     if (rc == 0) {
         kvs_block_set_size(m->nb, m->len, m->raw_bytes);
         kvs_store_demote_commit(t->st, m->old, m->nb);
@@ -89,6 +107,15 @@ static void on_fetched(void *arg, int rc, const kvs_err *err)
         batch_end(b, rc == 0);
     else if (atomic_fetch_sub(&t->pending, 1) == 1)
         end_round(t);
+}
+
+/* Engine thread: the fetch ended; the rest runs on the completion thread. */
+static void on_fetched(void *arg, int rc, const kvs_err *err)
+{
+    (void)err;
+    move *m = arg;
+    m->rc = rc;
+    post(m->t, fetched, m);
 }
 
 /* Queues the demotion of one picked block for the round (b NULL) or for batch b; false if
@@ -177,20 +204,29 @@ size_t kvs_tiering_demote(void *arg, kvs_block **picked, size_t n)
 typedef struct promo {
     kvs_tiering *t;
     kvs_block *old, *g;
+    int rc; /* the upload's */
 } promo;
 
-/* Engine thread: the host block's sections are in the slot (or the copy failed). */
-static void on_uploaded(void *arg, int rc, const kvs_err *err)
+/* Completion thread: the host block's sections are in the slot (or the copy failed). */
+static void uploaded(void *arg)
 {
-    (void)err;
     promo *p = arg;
     kvs_tiering *t = p->t;
-    if (rc == 0)
+    if (p->rc == 0)
         kvs_store_promote_commit(t->st, p->old, p->g);
     else
         kvs_store_promote_cancel(t->st, p->old, p->g);
     free(p);
     atomic_fetch_sub(&t->promoting, 1);
+}
+
+/* Engine thread: the upload ended; the swap runs on the completion thread. */
+static void on_uploaded(void *arg, int rc, const kvs_err *err)
+{
+    (void)err;
+    promo *p = arg;
+    p->rc = rc;
+    post(p->t, uploaded, p);
 }
 
 void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)

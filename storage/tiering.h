@@ -8,8 +8,9 @@
  * using its slot until they let go.
  *
  * Threading: kvs_tiering_kick may be called from any thread (it returns at once when a
- * round is already running); completions run on the engine thread and start the next
- * round while the tier is still above the high watermark. One round at a time; explicit
+ * round is already running); completions come back from the engine thread through the
+ * run hook (the daemon's loop thread) and start the next round while the tier is still
+ * above the high watermark. One round at a time; explicit
  * demotions (kvs_tiering_demote, an operator's evict) run beside it on blocks of their own.
  */
 #ifndef KVS_STORAGE_TIERING_H
@@ -23,8 +24,14 @@
 
 typedef struct kvs_tiering kvs_tiering;
 
-/* store and engine are borrowed and must outlive the tiering object. */
-kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng);
+/* Runs done(arg) on the caller's completion thread (fn is always NULL here; the same
+ * hook as storage/xfer.h's opts.run). */
+typedef void (*kvs_tiering_run_fn)(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg);
+
+/* store and engine are borrowed and must outlive the tiering object. Engine completions
+ * are handed to run (NULL: handled on the engine thread). */
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng, kvs_tiering_run_fn run,
+                                void *run_ctx);
 /* Starts a demotion round if the GPU tier is above its high watermark and none runs. */
 void kvs_tiering_kick(kvs_tiering *t);
 /* Moves picked GPU blocks (each holding the demoter's reference: kvs_store_evict's

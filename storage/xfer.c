@@ -61,13 +61,15 @@ static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)
     va_end(ap);
 }
 
-/* Runs fn then done through the caller's pool, or inline. */
+/* Runs fn then done through the caller's pool, or inline; fn NULL: done alone, on the
+ * caller's completion thread. */
 static void run(kvs_xfer *x, void (*fn)(void *), void (*done)(void *), void *arg)
 {
     if (x->o.run) {
         x->o.run(x->o.run_ctx, fn, done, arg);
     } else {
-        fn(arg);
+        if (fn)
+            fn(arg);
         done(arg);
     }
 }
@@ -214,7 +216,8 @@ static void encode_job(void *arg)
     consume(op);
 }
 
-/* Engine thread: the GPU encode finished (or failed: its error names the cause). */
+/* Engine thread: the GPU encode finished (or failed: its error names the cause); the
+ * commit runs on the completion thread. */
 static void engine_encoded(void *arg, int rc, const kvs_err *err)
 {
     put_op *op = arg;
@@ -222,7 +225,7 @@ static void engine_encoded(void *arg, int rc, const kvs_err *err)
     if (err)
         op->err = *err;
     consume(op);
-    commit(op);
+    run(op->x, NULL, commit, op);
 }
 
 int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
@@ -381,10 +384,15 @@ static int decode_view(const void *bytes, size_t len, void *arg)
     return decode_bytes(arg, bytes, len);
 }
 
-/* Engine thread: the GPU decode, or the fetch of a GPU block, finished. */
+/* Engine thread: the GPU decode, or the fetch of a GPU block, finished; the answer goes
+ * out from the completion thread. */
 static void engine_done(void *arg, int rc, const kvs_err *err)
 {
-    finish_get(arg, rc, err);
+    kvs_xfer_get *g = arg;
+    g->rc = rc;
+    if (err)
+        g->err = *err;
+    run(g->x, NULL, decoded, g);
 }
 
 /* A GPU tier block: decode from its slot, or fetch it, with the codecs of the state

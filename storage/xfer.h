@@ -24,9 +24,9 @@
  *         done(arg, rc) ──> kvs_xfer_get_close
  *
  * Threading: every function may be called from any thread. Callbacks run exactly once,
- * on whichever thread finished the work (the engine's, a pool thread, the caller's
- * completion thread behind opts.run, the disk writer's for a durable Put), or inside the
- * call that started it; they must not block.
+ * on the caller's completion thread (opts.run), on the disk writer's for a durable Put,
+ * or inside the call that started it; never on the engine thread (consumed may: it only
+ * frees a buffer). They must not block.
  */
 #ifndef KVS_STORAGE_XFER_H
 #define KVS_STORAGE_XFER_H
@@ -62,8 +62,11 @@ typedef struct kvs_xfer_opts {
     kvs_store *store;            /* borrowed; outlives the data path */
     struct kvs_engine *engine;   /* borrowed, may be NULL: CPU codecs only */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: no GPU tier moves */
-    /* Runs fn(arg) off the calling thread (a pool), then done(arg) on a thread that may
-     * answer the caller; NULL runs both inline. The daemon's is its libuv pool. */
+    /* Runs fn(arg) off the calling thread (a pool), then done(arg) on the caller's
+     * completion thread; fn NULL: done alone, there. The GPU engine's completions come
+     * back through it (fn NULL), so commits, evictions and answers never run on the engine
+     * thread, which only drives the GPU. NULL runs both inline. The daemon's: its libuv
+     * pool, completions on the loop thread. */
     void (*run)(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg);
     void *run_ctx;
     kvs_log_fn log; /* may be NULL */
