@@ -8,6 +8,7 @@
 #include "client/client_int.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 
 /* ------------------------------------------------------------------ admin */
 
@@ -15,14 +16,14 @@
 static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
 {
     *pb = (Kvstash__V1__NamespaceSpec)KVSTASH__V1__NAMESPACE_SPEC__INIT;
-    pb->name = (char *)s->name;
+    pb->name = kvs_pb_str(s->name);
     pb->layers = s->layers;
     pb->kv_heads = s->kv_heads;
     pb->head_dim = s->head_dim;
     pb->block_tokens = s->block_tokens;
     pb->dtype = (Kvstash__V1__Dtype)s->dtype;
-    pb->key_codec = (char *)(s->key_codec[0] ? s->key_codec : "none");
-    pb->value_codec = (char *)(s->value_codec[0] ? s->value_codec : "none");
+    pb->key_codec = kvs_pb_str(s->key_codec[0] ? s->key_codec : "none");
+    pb->value_codec = kvs_pb_str(s->value_codec[0] ? s->value_codec : "none");
     pb->keys_pre_rope = s->keys_pre_rope;
     pb->seed = s->seed;
     pb->durable = s->durable;
@@ -93,7 +94,7 @@ int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks_dropped
         return kvs_err_set(err, KVS_EINVAL, "DropNamespace: name is NULL");
     }
     Kvstash__V1__NameRequest q = KVSTASH__V1__NAME_REQUEST__INIT;
-    q.name = (char *)name;
+    q.name = kvs_pb_str(name);
     ProtobufCMessage *m;
     int rc = kvs__unary(c, ADMIN("DropNamespace"), &q.base,
                         &kvstash__v1__drop_namespace_reply__descriptor, &m, err);
@@ -285,9 +286,9 @@ int kvs_client_evict(kvs_client *c, const char *ns, const kvs_key *keys, size_t 
     if (n && !(bins = kvs_trymalloc(n * sizeof *bins)))
         return kvs_err_set(err, KVS_ENOMEM, "Evict: out of memory for %zu keys", n);
     for (size_t i = 0; i < n; i++)
-        bins[i] = (ProtobufCBinaryData){.len = keys[i].len, .data = (uint8_t *)keys[i].bytes};
+        bins[i] = kvs_pb_bin(keys[i].bytes, keys[i].len);
     Kvstash__V1__EvictRequest q = KVSTASH__V1__EVICT_REQUEST__INIT;
-    q.namespace_ = (char *)(ns ? ns : "");
+    q.namespace_ = kvs_pb_str(ns ? ns : "");
     q.all = ns == NULL;
     q.n_keys = n;
     q.keys = bins;

@@ -24,6 +24,7 @@
 #include "gpu/base/mem.h"
 #include "client/client_int.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 
 #define DEFAULT_TARGET "127.0.0.1:50051"
 #define DEFAULT_TIMEOUT_MS 30000
@@ -406,8 +407,10 @@ static grpc_byte_buffer *data_chunk(const uint8_t *p, size_t n)
         head[h++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
         v >>= 7;
     } while (v);
+    /* The slice references the caller's bytes (no copy); gRPC only reads a slice it
+     * sends, but grpc_slice_new takes a non-const pointer. */
     grpc_slice s[2] = {grpc_slice_from_copied_buffer((const char *)head, h),
-                       grpc_slice_new((void *)p, n, keep_caller_buffer)};
+                       grpc_slice_new((void *)(uintptr_t)p, n, keep_caller_buffer)};
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
     grpc_slice_unref(s[0]);
     grpc_slice_unref(s[1]);
@@ -424,8 +427,8 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
         return kvs_err_prefix(err, "Put");
 
     Kvstash__V1__PutHeader hdr = KVSTASH__V1__PUT_HEADER__INIT;
-    hdr.namespace_ = (char *)ns;
-    hdr.key = (ProtobufCBinaryData){key_len, (uint8_t *)key};
+    hdr.namespace_ = kvs_pb_str(ns);
+    hdr.key = kvs_pb_bin(key, key_len);
     hdr.tokens = tokens;
     hdr.dtype = (Kvstash__V1__Dtype)dtype;
     hdr.payload_bytes = len;
@@ -565,8 +568,8 @@ int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t
         return kvs_err_prefix(err, "Get");
     kvs_get_opts o = opts ? *opts : (kvs_get_opts){0};
     Kvstash__V1__GetRequest q = KVSTASH__V1__GET_REQUEST__INIT;
-    q.namespace_ = (char *)ns;
-    q.key = (ProtobufCBinaryData){key_len, (uint8_t *)key};
+    q.namespace_ = kvs_pb_str(ns);
+    q.key = kvs_pb_bin(key, key_len);
     q.format = o.format == KVS_FORMAT_ENCODED ? KVSTASH__V1__FORMAT__FORMAT_ENCODED
                                               : KVSTASH__V1__FORMAT__FORMAT_RAW;
     q.layer_begin = o.layer_begin;
@@ -669,10 +672,10 @@ static int keys_call(kvs_client *c, const char *method, const char *ns, const kv
             free(bin);
             return kvs_err_prefix(err, "%s: keys[%zu]", name, i);
         }
-        bin[i] = (ProtobufCBinaryData){keys[i].len, (uint8_t *)keys[i].bytes};
+        bin[i] = kvs_pb_bin(keys[i].bytes, keys[i].len);
     }
     Kvstash__V1__KeysRequest q = KVSTASH__V1__KEYS_REQUEST__INIT;
-    q.namespace_ = (char *)ns;
+    q.namespace_ = kvs_pb_str(ns);
     q.n_keys = n;
     q.keys = bin;
     int rc = kvs__unary(c, method, &q.base, reply_desc, reply, err);

@@ -72,10 +72,8 @@ static void call_free(kvs_call *c)
     kvs_server *srv = c->srv;
     if (c->streamed) /* before the grpc_call goes: the sweep may be about to cancel it */
         streams_unlink(srv, c);
-    if (c->rpc == KVS_RPC_PUT)
-        kvs_put_cleanup(c);
-    else if (c->rpc == KVS_RPC_GET)
-        kvs_get_cleanup(c);
+    if (c->rpc < KVS_RPC_COUNT && kvs_rpcs[c->rpc].cleanup)
+        kvs_rpcs[c->rpc].cleanup(c);
     if (c->call)
         grpc_call_unref(c->call);
     grpc_metadata_array_destroy(&c->md);
@@ -116,7 +114,7 @@ int kvs_call_arm(kvs_server *srv, kvs_rpc rpc)
         e = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, srv->cq, srv->cq,
                                      &c->tags[KVS_STEP_ARRIVE]);
     } else {
-        bool with_payload = rpc != KVS_RPC_PUT;
+        bool with_payload = !kvs_rpcs[rpc].client_streaming;
         e = grpc_server_request_registered_call(
             srv->server, srv->registered[rpc], &c->call, &c->deadline, &c->md,
             with_payload ? &c->request : NULL, srv->cq, srv->cq, &c->tags[KVS_STEP_ARRIVE]);
@@ -341,17 +339,11 @@ static void on_arrive(kvs_call *c, bool ok)
         srv->inflight++;
         pthread_mutex_unlock(&srv->mu);
     }
-    if (kvs_rpcs[c->rpc].streaming)
+    const kvs_rpc_desc *d = &kvs_rpcs[c->rpc];
+    if (d->start)
         streams_link(srv, c);
-    if (c->rpc == KVS_RPC_PUT) {
-        /* A stream slot first (daemon/limits.h): a client cannot open Puts without bound. */
-        char *peer = grpc_call_get_peer(c->call);
-        int rc = kvs_limits_put_open(srv->limits, peer, &c->u.put.slot, &err);
-        gpr_free(peer);
-        if (rc)
-            kvs_call_fail(c, rc, err.msg);
-        else
-            kvs_put_start(c);
+    if (d->client_streaming) {
+        d->start(c, NULL, 0);
         return;
     }
     if (!c->request) {
@@ -361,10 +353,10 @@ static void on_arrive(kvs_call *c, bool ok)
     grpc_slice req = kvs_call_flatten(c->request);
     const uint8_t *p = GRPC_SLICE_START_PTR(req);
     size_t len = GRPC_SLICE_LENGTH(req);
-    if (c->rpc == KVS_RPC_GET) {
-        kvs_get_start(c, p, len);
+    if (d->start) {
+        d->start(c, p, len);
     } else {
-        int rc = kvs_rpcs[c->rpc].unary(c, p, len, &err);
+        int rc = d->unary(c, p, len, &err);
         if (rc)
             kvs_call_fail(c, rc, err.msg);
     }
@@ -382,13 +374,13 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
         break; /* c->cancelled is set; the send/recv paths see failures */
     case KVS_STEP_RECV:
         atomic_store(&c->waiting_ms, 0);
-        kvs_put_on_recv(c, ok);
+        kvs_rpcs[c->rpc].on_recv(c, ok);
         break;
     case KVS_STEP_SEND:
         atomic_store(&c->waiting_ms, 0);
         grpc_byte_buffer_destroy(c->send);
         c->send = NULL;
-        kvs_get_on_send(c, ok);
+        kvs_rpcs[c->rpc].on_send(c, ok);
         break;
     case KVS_STEP_FINISH:
         if (c->send) {

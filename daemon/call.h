@@ -70,12 +70,22 @@ typedef struct kvs_call kvs_call;
  * then answers with that status). */
 typedef int (*kvs_unary_fn)(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 
+/* One RPC: how the call base (call.c) arms, admits and drives it. Unary calls have a
+ * handler; streaming calls (Put, Get) a state machine of their own, entered through these
+ * hooks: call.c names no RPC. */
 typedef struct kvs_rpc_desc {
-    const char *path; /* "/kvstash.v1.KvStash/Put" */
-    const char *name; /* "Put" */
-    bool admin;       /* KvAdmin service: admin token rules */
-    bool streaming;   /* Put or Get: own state machine */
-    kvs_unary_fn unary;
+    const char *path;      /* "/kvstash.v1.KvStash/Put" */
+    const char *name;      /* "Put" */
+    bool admin;            /* KvAdmin service: admin token rules */
+    bool client_streaming; /* the requests are a stream (Put): no request message at arrival */
+    kvs_unary_fn unary;    /* unary calls; NULL for streaming ones */
+    /* Streaming calls: start once admitted (req/len: the request message, NULL/0 for a
+     * client stream); on_recv and on_send when a RECV or SEND batch completes; cleanup
+     * when the call is freed (what the call state holds). */
+    void (*start)(kvs_call *c, const uint8_t *req, size_t len);
+    void (*on_recv)(kvs_call *c, bool ok);
+    void (*on_send)(kvs_call *c, bool ok);
+    void (*cleanup)(kvs_call *c);
 } kvs_rpc_desc;
 
 extern const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT];
@@ -223,7 +233,7 @@ void kvs_call_buf_free(kvs_call *c, uint8_t *p);
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb);
 
 /* Streaming handlers (call_put.c, call_get.c). */
-void kvs_put_start(kvs_call *c);
+void kvs_put_start(kvs_call *c, const uint8_t *req, size_t len);
 void kvs_put_on_recv(kvs_call *c, bool ok);
 void kvs_put_cleanup(kvs_call *c);
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len);

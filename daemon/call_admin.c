@@ -10,6 +10,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 #include "gpu/codec/learn.h"
 
 #ifndef KVS_VERSION
@@ -155,7 +156,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     Kvstash__V1__RpcStats *rpc_ptrs[KVS_RPC_COUNT];
     for (int i = 0; i < KVS_RPC_COUNT; i++) {
         kvstash__v1__rpc_stats__init(&rpcs[i]);
-        rpcs[i].method = (char *)kvs_rpcs[i].name;
+        rpcs[i].method = kvs_pb_str(kvs_rpcs[i].name);
         rpcs[i].calls = atomic_load(&srv->rpc_calls[i]);
         rpcs[i].errors = atomic_load(&srv->rpc_errors[i]);
         rpc_ptrs[i] = &rpcs[i];
@@ -170,7 +171,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     reply.rpcs = rpc_ptrs;
     reply.misses = st.misses;
     reply.uptime_ms = kvs_now_ms() - srv->start_ms;
-    reply.version = (char *)KVS_VERSION;
+    reply.version = kvs_pb_str(KVS_VERSION);
     kvs_limits_stats ls;
     kvs_limits_get_stats(srv->limits, &ls);
     Kvstash__V1__StreamStats streams = KVSTASH__V1__STREAM_STATS__INIT;
@@ -193,7 +194,7 @@ int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     Kvstash__V1__HealthReply reply = KVSTASH__V1__HEALTH_REPLY__INIT;
     reply.status = atomic_load(&c->srv->draining) ? KVSTASH__V1__HEALTH_REPLY__STATUS__DRAINING
                                                   : KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
-    reply.version = (char *)KVS_VERSION;
+    reply.version = kvs_pb_str(KVS_VERSION);
     reply.uptime_ms = kvs_now_ms() - c->srv->start_ms;
     kvs_call_reply(c, &reply.base);
     return 0;

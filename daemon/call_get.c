@@ -21,6 +21,7 @@
 #include "daemon/call.h"
 #include "daemon/wire.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 #include "storage/xfer.h"
 
 /* Payload bytes per message: big enough to amortize per-message cost, small enough to

@@ -24,6 +24,7 @@
  * callbacks (pool, loop, engine or disk writer thread); one step at a time per call
  * (call.h invariant 1).
  */
+#include <grpc/support/alloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,9 +35,19 @@
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/xfer.h"
 
-void kvs_put_start(kvs_call *c)
+void kvs_put_start(kvs_call *c, const uint8_t *req, size_t len)
 {
-    kvs_call_recv(c);
+    (void)req;
+    (void)len;
+    /* A stream slot first (daemon/limits.h): a client cannot open Puts without bound. */
+    kvs_err err;
+    char *peer = grpc_call_get_peer(c->call);
+    int rc = kvs_limits_put_open(c->srv->limits, peer, &c->u.put.slot, &err);
+    gpr_free(peer);
+    if (rc)
+        kvs_call_fail(c, rc, err.msg);
+    else
+        kvs_call_recv(c);
 }
 
 /* Frees the receive buffer and gives its bytes back to the receive budget. Runs where the

@@ -23,8 +23,10 @@
 #define SLOTS_PER_METHOD 16
 
 const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
-    [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, NULL},
-    [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, true, NULL},
+    [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, NULL, kvs_put_start,
+                     kvs_put_on_recv, NULL, kvs_put_cleanup},
+    [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, false, NULL, kvs_get_start, NULL,
+                     kvs_get_on_send, kvs_get_cleanup},
     [KVS_RPC_LOOKUP] = {"/kvstash.v1.KvStash/Lookup", "Lookup", false, false, kvs_lookup_handle},
     [KVS_RPC_EXISTS] = {"/kvstash.v1.KvStash/Exists", "Exists", false, false, kvs_exists_handle},
     [KVS_RPC_DELETE] = {"/kvstash.v1.KvStash/Delete", "Delete", false, false, kvs_delete_handle},
@@ -103,7 +105,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
     for (int i = 0; i < KVS_RPC_COUNT; i++) {
         srv->registered[i] = grpc_server_register_method(
             srv->server, kvs_rpcs[i].path, NULL,
-            i == KVS_RPC_PUT ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+            kvs_rpcs[i].client_streaming ? GRPC_SRM_PAYLOAD_NONE
+                                         : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
             0);
         if (!srv->registered[i]) {
             kvs_err_set(err, KVS_EINTERNAL, "grpc_server_register_method %s failed",

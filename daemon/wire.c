@@ -1,5 +1,6 @@
 /* Wire conversions and request validation: see wire.h. */
 #include "daemon/wire.h"
+#include "pbc.h"
 
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
@@ -177,14 +178,14 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__Namespace
 {
     kvstash__v1__namespace_spec__init(spec);
     kvstash__v1__namespace_info__init(info);
-    spec->name = (char *)src->spec.name;
+    spec->name = kvs_pb_str(src->spec.name);
     spec->layers = src->spec.layers;
     spec->kv_heads = src->spec.kv_heads;
     spec->head_dim = src->spec.head_dim;
     spec->block_tokens = src->spec.block_tokens;
     spec->dtype = (Kvstash__V1__Dtype)src->spec.dtype;
-    spec->key_codec = (char *)src->spec.key_codec;
-    spec->value_codec = (char *)src->spec.value_codec;
+    spec->key_codec = kvs_pb_str(src->spec.key_codec);
+    spec->value_codec = kvs_pb_str(src->spec.value_codec);
     spec->keys_pre_rope = src->spec.keys_pre_rope;
     spec->durable = src->spec.durable;
     spec->seed = src->spec.seed;

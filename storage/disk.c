@@ -283,7 +283,7 @@ static int put_locked(kvs_disk *d, const kvs_disk_item *items, size_t n)
     for (size_t i = 0; i < n; i++) {
         uint8_t kb[BKEY_MAX];
         MDB_val k = make_key(kb, items[i].ns_id, items[i].key, items[i].key_len);
-        MDB_val v = {.mv_size = items[i].len, .mv_data = (void *)items[i].bytes};
+        MDB_val v = kvs__mdb_val(items[i].bytes, items[i].len);
         if ((rc = mdb_put(txn, d->blocks, &k, &v, 0))) {
             mdb_txn_abort(txn);
             return rc;
@@ -475,7 +475,7 @@ static uint64_t drop_bad(kvs_disk *d, const bad_key *bad, size_t n)
             goto failed;
         uint64_t here = 0;
         for (size_t i = at; i < end; i++) {
-            MDB_val k = {.mv_size = bad[i].len, .mv_data = (void *)bad[i].k}, v;
+            MDB_val k = kvs__mdb_val(bad[i].k, bad[i].len), v;
             int rc = mdb_get(txn, d->blocks, &k, &v);
             if (rc == MDB_NOTFOUND)
                 continue;
@@ -681,7 +681,7 @@ int kvs_disk_ns_put(kvs_disk *d, uint32_t ns_id, const void *rec, size_t rec_len
                            rec_len, KVS_DISK_NS_REC_MAX);
     uint8_t kb[NKEY_MAX];
     MDB_val k = make_key(kb, ns_id, rec, rec_len);
-    MDB_val v = {.mv_size = val_len, .mv_data = val_len ? (void *)val : (void *)""};
+    MDB_val v = kvs__mdb_val(val_len ? val : "", val_len);
     MDB_txn *txn;
     int rc = wbegin(d, &txn, err);
     if (rc)
@@ -773,7 +773,7 @@ static int del_prefix(kvs_disk *d, MDB_dbi dbi, const uint8_t *pfx, size_t max, 
         wabort(d, txn);
         return write_fail(d, rc, "mdb_cursor_open", err);
     }
-    MDB_val k = {.mv_size = 4, .mv_data = (void *)pfx}, v;
+    MDB_val k = kvs__mdb_val(pfx, 4), v;
     uint64_t count = 0;
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     while (rc == 0 && count < max && k.mv_size >= 4 && !memcmp(k.mv_data, pfx, 4)) {

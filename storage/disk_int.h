@@ -41,6 +41,13 @@ struct kvs_disk {
     void *log_ctx;
 };
 
+/* An MDB_val over n bytes at p. LMDB's MDB_val is not const, but the keys and values we
+ * hand it are only read (mdb_put copies them): the one place that drops const for it. */
+static inline MDB_val kvs__mdb_val(const void *p, size_t n)
+{
+    return (MDB_val){.mv_size = n, .mv_data = (void *)(uintptr_t)p};
+}
+
 /* A line to the handle's log sink, if any. */
 void kvs__disk_log(kvs_disk *d, kvs_log_level lv, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -127,7 +127,7 @@ static int claim_dir(kvs_disk *d, dir_files *f, kvs_err *err)
 /* Reads value `name` of the meta database; KVS_ENOTFOUND if absent. */
 static int meta_get(MDB_txn *txn, MDB_dbi meta, const char *name, MDB_val *v)
 {
-    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
+    MDB_val k = kvs__mdb_val(name, strlen(name));
     int rc = mdb_get(txn, meta, &k, v);
     return rc == MDB_NOTFOUND ? KVS_ENOTFOUND : rc;
 }
@@ -283,8 +283,8 @@ out:
 
 static int put_meta(MDB_txn *txn, MDB_dbi meta, const char *name, const void *val, size_t len)
 {
-    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
-    MDB_val v = {.mv_size = len, .mv_data = (void *)val};
+    MDB_val k = kvs__mdb_val(name, strlen(name));
+    MDB_val v = kvs__mdb_val(val, len);
     return mdb_put(txn, meta, &k, &v, 0);
 }
 

@@ -51,13 +51,13 @@ const kvs_ns_spec *kvs_ns_spec_of(const kvs_ns *ns)
 }
 const kvs_codec *kvs_ns_codec(const kvs_ns *ns, kvs_kv kv)
 {
-    unsigned n = atomic_load_explicit(&((kvs_ns *)ns)->ncodecs[kv], memory_order_acquire);
+    unsigned n = atomic_load_explicit(&ns->ncodecs[kv], memory_order_acquire);
     return ns->codecs[kv][n - 1];
 }
 
 const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t version)
 {
-    unsigned n = atomic_load_explicit(&((kvs_ns *)ns)->ncodecs[kv], memory_order_acquire);
+    unsigned n = atomic_load_explicit(&ns->ncodecs[kv], memory_order_acquire);
     for (unsigned i = 0; i < n; i++)
         if (kvs_codec_state_version(ns->codecs[kv][i]) == version)
             return ns->codecs[kv][i];

@@ -119,13 +119,14 @@ int kvs_codec_create(const kvs_ns_spec *spec, kvs_kv kv, const kvs_codec_state *
         }
         memcpy(copy, state->data, state->len);
         c->state = (kvs_codec_state){state->version, copy, state->len};
+        c->state_owned = copy;
     } else if (state) {
         c->state.version = state->version;
     }
     int rc = c->ops->init ? c->ops->init(c, err) : 0;
     if (rc) {
         kvs_err_prefix(err, "%s '%s'", field, name);
-        free((void *)c->state.data);
+        free(c->state_owned);
         free(c);
         return rc;
     }
@@ -141,7 +142,7 @@ void kvs_codec_destroy(kvs_codec *c)
         c->ops->fini(c);
     if (c->priv_cuda && c->cuda_release)
         c->cuda_release(c);
-    free((void *)c->state.data);
+    free(c->state_owned);
     free(c);
 }
 

@@ -71,7 +71,8 @@ struct kvs_codec {
     unsigned bits;
     kvs_kv kv;
     kvs_ns_spec spec;      /* copy of the namespace spec */
-    kvs_codec_state state; /* data copied and owned by the codec */
+    kvs_codec_state state; /* data: state_owned */
+    void *state_owned;     /* the codec's copy of the state bytes (freed with it) */
     void *priv;            /* quantizer tables, owned through ops->fini */
     void *priv_cuda;       /* device tables (kvs_codec_cuda_prepare, in kvs_codec_cuda) */
     void (*cuda_release)(kvs_codec *c); /* frees priv_cuda; set with it, so that this CPU

@@ -173,12 +173,13 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                            err);
                 continue;
             }
-            uint8_t *user = to_dev ? (uint8_t *)j->raw_in : (uint8_t *)j->raw_out;
-            user += (size_t)kv * w;
-            if (to_dev)
+            if (to_dev) {
+                const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
                 ENGINE_TRY(e, cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
-            else
+            } else {
+                uint8_t *user = (uint8_t *)j->raw_out + (size_t)kv * w;
                 ENGINE_TRY(e, cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
+            }
         }
     }
     return 0;
@@ -233,11 +234,11 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
             uint32_t b = 0;
             for (job *j = list; j; j = j->next, b++) {
                 ENGINE_TRY(e,
-                           cudaMemcpyAsync(j->slot, e->d_enc + b * nl * sk, nl * sk,
+                           cudaMemcpyAsync(j->slot.out, e->d_enc + b * nl * sk, nl * sk,
                                            cudaMemcpyDeviceToDevice, e->st),
                            err);
                 ENGINE_TRY(e,
-                           cudaMemcpyAsync(j->slot + nl * sk, e->d_enc + n * sk + b * nl * sv,
+                           cudaMemcpyAsync(j->slot.out + nl * sk, e->d_enc + n * sk + b * nl * sv,
                                            nl * sv, cudaMemcpyDeviceToDevice, e->st),
                            err);
             }
@@ -255,12 +256,12 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
             uint32_t b = 0, L = kvs_codec_spec(k)->layers;
             for (job *j = list; j; j = j->next, b++) {
                 ENGINE_TRY(e,
-                           cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot + j->lb * sk, nl * sk,
+                           cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot.in + j->lb * sk, nl * sk,
                                            cudaMemcpyDeviceToDevice, e->st),
                            err);
                 ENGINE_TRY(e,
                            cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
-                                           j->slot + L * sk + j->lb * sv, nl * sv,
+                                           j->slot.in + L * sk + j->lb * sv, nl * sv,
                                            cudaMemcpyDeviceToDevice, e->st),
                            err);
             }
@@ -309,8 +310,8 @@ static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
             const uint8_t *p;
             size_t n;
             kvs_format_section(tmp, l, kv, &p, &n);
-            j->lens[kv * L + l] = (uint32_t)n;
-            uint8_t *dst = j->slot + (kv ? L * sk + l * sv : l * sk);
+            j->lens.out[kv * L + l] = (uint32_t)n;
+            uint8_t *dst = j->slot.out + (kv ? L * sk + l * sv : l * sk);
             cudaError_t ce = cudaMemcpyAsync(dst, p, n, cudaMemcpyHostToDevice, e->st);
             if (ce == cudaSuccess)
                 ce = cudaStreamSynchronize(e->st);
@@ -359,8 +360,8 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
         } else if (flagged) {
             rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
         } else if (j->dev) {
-            memcpy(j->lens, e->h_len + (size_t)b * L, L * sizeof *j->lens);
-            memcpy(j->lens + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens);
+            memcpy(j->lens.out, e->h_len + (size_t)b * L, L * sizeof *j->lens.out);
+            memcpy(j->lens.out + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens.out);
         } else {
             const uint8_t *kb = e->h_enc + (size_t)b * L * sk;
             const uint8_t *vb = e->h_enc + n * sk + (size_t)b * L * sv;
@@ -390,8 +391,8 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
         for (uint32_t l = 0; l < nl; l++) {
             size_t i = (size_t)b * nl + l;
             if (j->dev) {
-                e->h_len[i] = j->lens[j->lb + l];
-                e->h_len[n + i] = j->lens[L + j->lb + l];
+                e->h_len[i] = j->lens.in[j->lb + l];
+                e->h_len[n + i] = j->lens.in[L + j->lb + l];
                 continue;
             }
             const uint8_t *p;
@@ -612,7 +613,7 @@ void kvs_engine_destroy(kvs_engine *e)
 
 bool kvs_engine_failed(const kvs_engine *e)
 {
-    return atomic_load(&((kvs_engine *)e)->failed);
+    return atomic_load(&e->failed);
 }
 
 const char *kvs_engine_device_name(const kvs_engine *e)

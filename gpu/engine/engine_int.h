@@ -28,14 +28,19 @@ typedef struct job {
     size_t cap, *len;
     const uint8_t *enc; /* decode, upload (host) */
     size_t enc_len;
-    uint16_t *raw_out; /* decode */
-    uint8_t *slot;     /* dev encode/decode, fetch, upload: device address */
-    uint32_t *lens;    /* dev encode and upload (out), dev decode and fetch (in): 2L section
-                        * lengths */
-    bool direct;       /* upload, fetch: DMA between the slot and pinned host memory, no
-                        * staging (engine_tier.c) */
-    bool pinned_raw;   /* encode, decode: the raw buffer is pinned host memory: DMA'd
-                        * straight to or from d_raw, no staging (engine.c, move_raw) */
+    uint16_t *raw_out;     /* decode */
+    union {                /* dev encode/decode, fetch, upload: device address */
+        uint8_t *out;      /* written: dev encode, upload */
+        const uint8_t *in; /* read: dev decode, fetch */
+    } slot;
+    union {                 /* 2L section lengths (host) */
+        uint32_t *out;      /* dev encode, upload */
+        const uint32_t *in; /* dev decode, fetch */
+    } lens;
+    bool direct;     /* upload, fetch: DMA between the slot and pinned host memory, no
+                      * staging (engine_tier.c) */
+    bool pinned_raw; /* encode, decode: the raw buffer is pinned host memory: DMA'd
+                      * straight to or from d_raw, no staging (engine.c, move_raw) */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;

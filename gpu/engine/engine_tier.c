@@ -34,15 +34,16 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     cudaError_t ce = cudaSuccess;
     for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
         if (!j->direct) {
-            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot, slot, cudaMemcpyDeviceToHost, e->st);
+            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot.in, slot, cudaMemcpyDeviceToHost,
+                                 e->st);
             continue;
         }
         /* Sections straight to their framed places in the pinned block: K of layer l at
          * prefix + l*(sk+sv), V right after it (fixed sizes: every length is sk or sv). */
-        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot, sk, sk, L, cudaMemcpyDeviceToHost,
-                               e->st);
+        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot.in, sk, sk, L,
+                               cudaMemcpyDeviceToHost, e->st);
         if (ce == cudaSuccess)
-            ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot + L * sk, sv, sv, L,
+            ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot.in + L * sk, sv, sv, L,
                                    cudaMemcpyDeviceToHost, e->st);
     }
     if (ce == cudaSuccess)
@@ -58,8 +59,8 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
         const uint8_t *kb = j->direct ? NULL : e->h_enc + b * slot;
-        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens, kb ? kb + L * sk : NULL, sv,
-                                          j->lens + L, j->out);
+        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens.in, kb ? kb + L * sk : NULL, sv,
+                                          j->lens.in + L, j->out);
         kvs__engine_finish(j, 0, NULL);
     }
 }
@@ -131,8 +132,8 @@ int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .lb = 0,
                .le = kvs_codec_spec(k)->layers,
                .raw_in = raw,
-               .slot = slot,
-               .lens = lens,
+               .slot.out = slot,
+               .lens.out = lens,
                .done = done,
                .arg = arg,
                .pinned_raw = kvs__engine_pinned(raw)};
@@ -159,8 +160,8 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .t = t,
                .lb = layer_begin,
                .le = layer_end,
-               .slot = (uint8_t *)slot,
-               .lens = (uint32_t *)lens,
+               .slot.in = slot,
+               .lens.in = lens,
                .raw_out = raw,
                .done = done,
                .arg = arg,
@@ -185,8 +186,8 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
                .lb = 0,
                .le = kvs_codec_spec(k)->layers,
                .ns_id = ns_id,
-               .slot = (uint8_t *)slot,
-               .lens = (uint32_t *)lens,
+               .slot.in = slot,
+               .lens.in = lens,
                .out = out,
                .cap = cap,
                .len = len,
@@ -208,8 +209,8 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
     for (job *j = list; j; j = j->next, b++) {
         if (j->direct) {
             for (uint32_t l = 0; l < L; l++) {
-                j->lens[l] = (uint32_t)sk;
-                j->lens[L + l] = (uint32_t)sv;
+                j->lens.out[l] = (uint32_t)sk;
+                j->lens.out[L + l] = (uint32_t)sv;
             }
             continue;
         }
@@ -219,10 +220,10 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
             size_t n;
             kvs_format_section(j->enc, l, 0, &p, &n);
             memcpy(kb + l * sk, p, n);
-            j->lens[l] = (uint32_t)n;
+            j->lens.out[l] = (uint32_t)n;
             kvs_format_section(j->enc, l, 1, &p, &n);
             memcpy(vb + l * sv, p, n);
-            j->lens[L + l] = (uint32_t)n;
+            j->lens.out[L + l] = (uint32_t)n;
         }
     }
     cudaError_t ce = cudaSuccess;
@@ -230,14 +231,15 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
     b = 0;
     for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
         if (!j->direct) {
-            ce = cudaMemcpyAsync(j->slot, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice, e->st);
+            ce = cudaMemcpyAsync(j->slot.out, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice,
+                                 e->st);
             continue;
         }
         /* From the pinned block straight into the slot layout: two strided copies. */
-        ce = cudaMemcpy2DAsync(j->slot, sk, j->enc + prefix, sk + sv, sk, L, cudaMemcpyHostToDevice,
-                               e->st);
+        ce = cudaMemcpy2DAsync(j->slot.out, sk, j->enc + prefix, sk + sv, sk, L,
+                               cudaMemcpyHostToDevice, e->st);
         if (ce == cudaSuccess)
-            ce = cudaMemcpy2DAsync(j->slot + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
+            ce = cudaMemcpy2DAsync(j->slot.out + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
                                    cudaMemcpyHostToDevice, e->st);
     }
     if (ce == cudaSuccess)
@@ -294,8 +296,8 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .le = info.layers,
                .enc = enc,
                .enc_len = len,
-               .slot = slot,
-               .lens = lens,
+               .slot.out = slot,
+               .lens.out = lens,
                .done = done,
                .arg = arg,
                .direct = regular(enc, info.layers, sk, sv) && kvs__engine_pinned(enc)};

@@ -736,10 +736,10 @@ static void json_num(FILE *f, double v)
 static void default_calib(const char *file, char *out, size_t cap)
 {
     snprintf(out, cap, "%s", file);
-    const char *base = strrchr(out, '/');
+    char *base = strrchr(out, '/');
     base = base ? base + 1 : out;
     char *hit = NULL;
-    for (char *p = (char *)base; (p = strchr(p, '-')) != NULL; p++)
+    for (char *p = base; (p = strchr(p, '-')) != NULL; p++)
         if ((p[1] == 'a' || p[1] == 'b') && (p[2] == '.' || p[2] == '-'))
             hit = p;
     if (hit) {

@@ -217,8 +217,9 @@ static int run_case(const kvs_codec *k, const kvs_codec *v, const char *what, pa
 }
 
 /* The learned state of the key codec: a calibrated RotateKV permutation or a SQuat query
- * subspace, from Gaussian data; NULL data (version 0) for the other codecs. */
-static kvs_codec_state key_state(const kvs_ns_spec *s, const char *codec)
+ * subspace, from Gaussian data; NULL data (version 0) for the other codecs. *owned gets
+ * the bytes to free. */
+static kvs_codec_state key_state(const kvs_ns_spec *s, const char *codec, void **owned)
 {
     kvs_codec_state st = {0, NULL, 0};
     size_t C = (size_t)s->kv_heads * s->head_dim;
@@ -238,6 +239,7 @@ static kvs_codec_state key_state(const kvs_ns_spec *s, const char *codec)
     }
     if (bytes)
         st = (kvs_codec_state){1, bytes, len};
+    *owned = bytes;
     return st;
 }
 
@@ -255,7 +257,8 @@ static void test_codec(void **state)
             kvs_err err;
             if (kvs_spec_validate(&s, &err))
                 fail_msg("spec: %s", err.msg);
-            kvs_codec_state st = key_state(&s, codec);
+            void *owned;
+            kvs_codec_state st = key_state(&s, codec, &owned);
             for (int learned = 0; learned < (st.version ? 2 : 1); learned++) {
                 kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, learned ? &st : NULL);
                 kvs_codec *v = kvs_test_codec(&s, KVS_VALUES, NULL);
@@ -275,7 +278,7 @@ static void test_codec(void **state)
                 kvs_codec_destroy(k);
                 kvs_codec_destroy(v);
             }
-            free((void *)st.data);
+            free(owned);
         }
     }
     if (failures)

@@ -87,9 +87,9 @@ static void test_flags(void **state)
     char *bad_sq[] = {"kvstashd", "--spill-queue", "0", NULL};
     assert_int_equal(parse(&cfg, &err, 3, bad_sq), KVS_EINVAL);
     assert_non_null(strstr(err.msg, "--spill-queue"));
-    const char *bad_wm[] = {"80,80", "101,50", "0,0", "90", "90,80,70", "90,x"};
+    char *bad_wm[] = {"80,80", "101,50", "0,0", "90", "90,80,70", "90,x"};
     for (size_t i = 0; i < sizeof bad_wm / sizeof *bad_wm; i++) {
-        char *argv[] = {"kvstashd", "--host-watermarks", (char *)bad_wm[i], NULL};
+        char *argv[] = {"kvstashd", "--host-watermarks", bad_wm[i], NULL};
         assert_int_equal(parse(&cfg, &err, 3, argv), KVS_EINVAL);
         assert_non_null(strstr(err.msg, "--host-watermarks"));
     }
