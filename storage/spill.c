@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <xxhash.h>
 
 #include "gpu/base/mem.h"
 
@@ -237,7 +236,7 @@ static uint64_t make_disk_room(kvs_spill *sp, uint64_t need, uint64_t extra)
              it && (st->stats.disk_used - freed + need > st->stats.disk_capacity || freed < extra);
              it = kvs_lru_newer(list, it)) {
             kvs_block *b = KVS__BLOCK_OF_LRU(it);
-            if (b->refs != 1 || !b->on_disk || b->queued || b->evicting || b->promoting ||
+            if (b->refs != 1 || !b->on_disk || b->state != KVS_BLOCK_IDLE ||
                 kvs_ns_spec_of(b->ns)->durable)
                 continue;
             if (n == cap) {
@@ -249,7 +248,7 @@ static uint64_t make_disk_room(kvs_spill *sp, uint64_t need, uint64_t extra)
             }
             picked[n++] = b;
             b->refs++; /* busy for everyone else while its record goes (invariant 3) */
-            b->evicting = true;
+            kvs__block_set_state(b, KVS_BLOCK_UNRECORDING);
             freed += b->size;
         }
     }
@@ -273,16 +272,19 @@ static uint64_t make_disk_room(kvs_spill *sp, uint64_t need, uint64_t extra)
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
         kvs_block *b = picked[i];
-        b->evicting = false;
-        if (i < done && b->linked && b->on_disk) {
+        bool still = b->state == KVS_BLOCK_UNRECORDING; /* else removed meanwhile */
+        if (still && i < done && b->on_disk) {
             st->stats.disk_evictions++;
             if (b->tier == KVS_STORE_TIER_DISK) {
                 kvs__store_unlink_locked(st, b); /* our reference keeps it to below */
-            } else {                             /* a host copy without its record now */
+                still = false;
+            } else { /* a host copy without its record now */
                 b->on_disk = false;
                 st->stats.disk_used -= b->size;
             }
         }
+        if (still)
+            kvs__block_set_state(b, KVS_BLOCK_IDLE);
         if (kvs__store_unref_locked(st, b)) {
             b->node.next = (kvs_index_node *)to_free;
             to_free = b;
@@ -355,7 +357,7 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
         rcs[i] = 0;
         /* Identity and payload are immutable once linked, and our reference keeps them. */
         gone[i] = kvs_ns_dropped(b->ns);
-        if (!gone[i] && (durable || b->linked)) {
+        if (!gone[i] && (durable || kvs__block_linked(b))) {
             at[m] = i;
             items[m++] =
                 (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data, b->size};
@@ -395,8 +397,7 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
         kvs_block *b = run[i]->blk;
-        b->queued = false;
-        bool live = b->linked && !kvs_ns_dropped(b->ns);
+        bool live = kvs__block_linked(b) && !kvs_ns_dropped(b->ns);
         bool in = !gone[i] && (durable || written[i] || rcs[i]);
         if (in && rcs[i] && rcs[i] != KVS_ENOSPC)
             io_errors++;
@@ -427,6 +428,8 @@ static void apply_puts(kvs_spill *sp, op **run, size_t n, op_kind kind)
             st->stats.spill_dropped++;
             dropped++;
         }
+        if (b->state == KVS_BLOCK_WRITING) /* a copy or a durable block that stays */
+            kvs__block_set_state(b, KVS_BLOCK_IDLE);
         if (kvs__store_unref_locked(st, b)) {
             b->node.next = (kvs_index_node *)to_free;
             to_free = b;
@@ -673,7 +676,7 @@ int kvs_spill_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, 
             st->stats.checksum_failures++;
         else
             st->stats.misses++;
-        if (d->linked && d->tier == KVS_STORE_TIER_DISK && !d->data)
+        if (kvs__block_linked(d) && d->tier == KVS_STORE_TIER_DISK && !d->data)
             kvs__store_unlink_locked(st, d); /* the caller's reference keeps it */
     }
     pthread_mutex_unlock(&st->mu);
@@ -709,33 +712,31 @@ int kvs_spill_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
                              .tokens = d->tokens,
                              .size = d->size,
                              .tier = KVS_STORE_TIER_DISK,
-                             .transient = true};
+                             .state = KVS_BLOCK_TRANSIENT};
         }
     }
     if (rc == 0) {
         h->raw_bytes = d->raw_bytes;
         /* Verified, counted, and a lost record's entry forgotten, by the view. */
         rc = kvs_spill_view(st, d, copy_cb, h->data, err);
-        if (rc == 0)
-            h->checksum = XXH3_64bits(h->data, h->size); /* host tier invariant 4 */
     }
     pthread_mutex_lock(&st->mu);
     if (rc == 0) {
-        if (!h->transient && d->linked && !d->evicting && !kvs_ns_dropped(ns)) {
+        if (h->state != KVS_BLOCK_TRANSIENT && d->state == KVS_BLOCK_IDLE && !kvs_ns_dropped(ns)) {
             h->node = d->node;
             h->on_disk = true; /* the record stays: evicting h again costs no write */
             kvs__store_unlink_locked(st, d);
             kvs__store_link_locked(st, h);
             st->stats.disk_promotions++;
         }
-        h->refs = h->linked ? 2 : 1; /* + the reader's */
+        h->refs = kvs__block_linked(h) ? 2 : 1; /* + the reader's */
     }
     bool free_d = kvs__store_unref_locked(st, d);
     pthread_mutex_unlock(&st->mu);
     if (free_d)
         kvs__block_free(d);
     if (rc && h) {
-        if (h->transient)
+        if (h->state == KVS_BLOCK_TRANSIENT)
             kvs__block_free(h);
         else
             kvs_store_block_abort(st, h);
@@ -755,9 +756,9 @@ uint64_t kvs_store_flush(kvs_store *st)
     pthread_mutex_lock(&st->mu);
     for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it; it = kvs_lru_newer(&st->lru, it)) {
         kvs_block *b = KVS__BLOCK_OF_LRU(it);
-        if (b->on_disk || b->queued || b->spilled)
-            continue;
-        b->queued = true;
+        if (b->on_disk || b->state != KVS_BLOCK_IDLE)
+            continue; /* has a record, or one is being written, or busy elsewhere */
+        kvs__block_set_state(b, KVS_BLOCK_WRITING);
         b->refs++;
         op *o = op_new(OP_COPY);
         o->blk = b;

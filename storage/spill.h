@@ -45,7 +45,8 @@ int kvs_spill_create(kvs_store *st, kvs_spill **out, kvs_err *err);
 void kvs_spill_destroy(kvs_spill *sp);
 
 /* Queue operations (any thread; store->mu may be held). put and durable take over one
- * reference on blk, which the writer drops when done; the caller has set blk->queued. */
+ * reference on blk, which the writer drops when done; the caller has set its state (WRITING
+ * or SPILLING). */
 void kvs_spill_put(kvs_spill *sp, kvs_block *blk);
 void kvs_spill_durable(kvs_spill *sp, kvs_block *blk, kvs_spill_done_fn done, void *arg);
 /* A copy (kvs_store_flush, kvs_store_flush_sync): written like a put, but the block stays

@@ -7,9 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <xxhash.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/format.h"
 #include "gpu/engine/engine.h"
 #include "gpu/codec/learn.h"
 #include "storage/spill.h"
@@ -90,6 +90,29 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     return 0;
 }
 
+/* The transitions of store.h's diagram: allowed[from][to]. */
+static const bool allowed[KVS_BLOCK_STATES][KVS_BLOCK_STATES] = {
+    [KVS_BLOCK_FILLING] = {[KVS_BLOCK_IDLE] = true, [KVS_BLOCK_WRITING] = true},
+    [KVS_BLOCK_IDLE] = {[KVS_BLOCK_WRITING] = true,
+                        [KVS_BLOCK_SPILLING] = true,
+                        [KVS_BLOCK_PROMOTING] = true,
+                        [KVS_BLOCK_DEMOTING] = true,
+                        [KVS_BLOCK_UNRECORDING] = true,
+                        [KVS_BLOCK_UNLINKED] = true},
+    [KVS_BLOCK_WRITING] = {[KVS_BLOCK_IDLE] = true, [KVS_BLOCK_UNLINKED] = true},
+    [KVS_BLOCK_SPILLING] = {[KVS_BLOCK_UNLINKED] = true},
+    [KVS_BLOCK_PROMOTING] = {[KVS_BLOCK_IDLE] = true, [KVS_BLOCK_UNLINKED] = true},
+    [KVS_BLOCK_DEMOTING] = {[KVS_BLOCK_IDLE] = true, [KVS_BLOCK_UNLINKED] = true},
+    [KVS_BLOCK_UNRECORDING] = {[KVS_BLOCK_IDLE] = true, [KVS_BLOCK_UNLINKED] = true},
+};
+
+void kvs__block_set_state(kvs_block *b, kvs_block_state to)
+{
+    assert(allowed[b->state][to]);
+    (void)allowed; /* without assertions (NDEBUG) the table is only documentation */
+    b->state = to;
+}
+
 void kvs__block_free(kvs_block *blk)
 {
     kvs_ns_unref(blk->ns);
@@ -125,7 +148,8 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk)
  * removal of its disk record, if it has one or one is being written (invariant 8). */
 static bool forget_locked(kvs_store *st, kvs_block *blk)
 {
-    if (st->spill && (blk->on_disk || blk->queued))
+    if (st->spill &&
+        (blk->on_disk || blk->state == KVS_BLOCK_WRITING || blk->state == KVS_BLOCK_SPILLING))
         kvs_spill_del(st->spill, blk->node.ns_id, blk->node.key, blk->node.key_len);
     return kvs__store_unlink_locked(st, blk);
 }
@@ -139,14 +163,21 @@ bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk)
  * committed). */
 void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
 {
-    if (blk->tier == KVS_STORE_TIER_GPU) {
+    switch (blk->charge) {
+    case KVS_CHARGE_GPU:
         kvs_slots_free(st->gpu, (uintptr_t)blk->dev.slot);
         st->stats.gpu_used = kvs_slots_used(st->gpu);
-    } else if (blk->spilled) {
+        break;
+    case KVS_CHARGE_SPILL:
         st->stats.spill_pending -= blk->size;
-    } else if (blk->tier == KVS_STORE_TIER_HOST) {
+        break;
+    case KVS_CHARGE_HOST:
         st->stats.host_used -= blk->size + blk->shrink;
-    } /* disk entries and transient reads hold no budget (invariant 7) */
+        break;
+    case KVS_CHARGE_NONE:
+        break; /* disk entries and transient reads (invariant 7) */
+    }
+    blk->charge = KVS_CHARGE_NONE;
 }
 
 /* Drops one reference; on the last, gives the capacity back and returns true (the
@@ -167,7 +198,7 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     kvs_lru_remove(lru_of(st, blk), &blk->lru);
     if (kvs_policy_node_linked(&blk->pol))
         kvs_policy_remove(st->policy, &blk->pol);
-    blk->linked = false;
+    kvs__block_set_state(blk, KVS_BLOCK_UNLINKED);
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks--;
     u->stored_bytes -= blk->size;
@@ -416,7 +447,8 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
             st->stats.disk_spills++;
         } else if (writable) {
             /* Off the budget now, readable until the writer commits it (invariant 8). */
-            blk->spilled = blk->queued = true;
+            kvs__block_set_state(blk, KVS_BLOCK_SPILLING);
+            blk->charge = KVS_CHARGE_SPILL;
             blk->refs++;
             st->stats.host_used -= blk->size;
             st->stats.spill_pending += blk->size;
@@ -502,6 +534,7 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
     blk->raw_bytes = bytes;
     blk->data = data;
     blk->tier = KVS_STORE_TIER_HOST;
+    blk->charge = KVS_CHARGE_HOST;
     *out = blk;
     return 0;
 }
@@ -589,7 +622,7 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
         if (st->spill && st->stats.host_used > st->host_high)
             kvs_spill_kick(st->spill); /* background demotion to the disk tier */
     }
-    blk->linked = true;
+    kvs__block_set_state(blk, KVS_BLOCK_IDLE);
     blk->refs = 1;
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks++;
@@ -619,15 +652,13 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         kvs_store_block_abort(st, blk);
         return rc;
     }
-    /* Give back what the encoder did not use; hash outside the lock (the block is still
-     * private to this caller). */
+    /* Give back what the encoder did not use (the block is still private to this
+     * caller). Its integrity is the encoded block's own checksum (invariant 4). */
     if (blk->shrink && !blk->pool) { /* a pool block keeps its slot */
         unsigned char *smaller = realloc(blk->data, blk->size ? blk->size : 1);
         if (smaller)
             blk->data = smaller;
     }
-    if (blk->tier == KVS_STORE_TIER_HOST)
-        blk->checksum = XXH3_64bits(blk->data, blk->size);
     kvs_index_node_init(&blk->node, kvs_ns_id(blk->ns), key, key_len);
 
     kvs_block *old = NULL;
@@ -647,7 +678,8 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         old = BLOCK_OF_NODE(prev);
         /* A durable write replaces the old record in one transaction: deleting it first
          * would let a crash between the two lose an acknowledged block. */
-        if (done && (old->on_disk || old->queued)) {
+        if (done &&
+            (old->on_disk || old->state == KVS_BLOCK_WRITING || old->state == KVS_BLOCK_SPILLING)) {
             blk->prev_rec = true;
             blk->prev_tokens = old->tokens;
             blk->prev_size = old->size;
@@ -663,7 +695,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         info->replaced = old != NULL;
     }
     if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
-        blk->queued = true;
+        kvs__block_set_state(blk, KVS_BLOCK_WRITING);
         blk->refs++;
         kvs_spill_durable(st->spill, blk, done, arg);
     }
@@ -749,12 +781,14 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
         return 0;
     }
 
-    /* Invariant 4: verify outside the lock; the payload is read-only once linked. */
-    if (XXH3_64bits(blk->data, blk->size) != blk->checksum) {
+    /* Invariant 4: verify outside the lock (the block's own checksum, over every byte);
+     * the payload is read-only once linked. */
+    kvs_block_info info;
+    if (kvs_format_parse(blk->data, blk->size, &info, NULL) != 0) {
         bool free_now = false;
         pthread_mutex_lock(&st->mu);
         st->stats.checksum_failures++;
-        if (blk->linked)
+        if (kvs__block_linked(blk))
             forget_locked(st, blk);
         free_now = kvs__store_unref_locked(st, blk);
         pthread_mutex_unlock(&st->mu);

@@ -27,40 +27,52 @@
  * and indexes every stored block of them (persist.c: what happens to blocks whose state
  * record is unreadable, and to blocks that can never be served).
  *
- * Block lifecycle (each transition names the function that performs it):
+ * Block states (kvs_block_state in store_int.h; one at a time, changed only through
+ * kvs__block_set_state, which asserts each transition below; independent of the state, a
+ * block may have a record in the disk tier: the on_disk bit, invariant 7):
  *
- *     kvs_store_block_alloc ──> FILLING ──kvs_store_block_commit──> LINKED ──┐
- *            (capacity reserved)   │                                 │ ▲    │ evicted / deleted /
- *                                  └─kvs_store_block_abort──> freed  │ │    │ replaced / ns dropped
- *                                                                    ▼ │    ▼
- *                                              kvs_store_get (ref++)  READ  UNLINKED ──last
- * unref──> freed
+ *   block_alloc(_gpu) ─> FILLING ─commit─> IDLE <──────────────────────────────────┐
+ *        (reserved)        │ └─commit_durable─> WRITING ─written / copy failed──────┤
+ *                          └─abort─> freed        ▲ kvs_store_flush, flush_sync ────┤IDLE
+ *   IDLE ─host eviction, evict to disk──> SPILLING ─written: a disk entry replaces it┤
+ *   IDLE ─promote_begin──> PROMOTING ─cancel──────────────────────────────────────>─┤
+ *   IDLE ─gpu_pick, evict─> DEMOTING ─cancel, or the swap did not happen─────────>──┤
+ *   IDLE ─writer's eviction (make_disk_room)─> UNRECORDING ─record gone, copy stays─┘
+ *   any of IDLE, WRITING, SPILLING, PROMOTING, DEMOTING, UNRECORDING ─unlink (delete,
+ *        replace, ns drop, eviction, a swap that replaced it)─> UNLINKED ─last unref─> freed
+ *   a disk read for one reader (no room to promote) ─> TRANSIENT ─release─> freed
+ *
+ * A block is in the index in every state but FILLING, UNLINKED and TRANSIENT. An operation
+ * in flight holds its own reference; when the block is unlinked meanwhile, the operation
+ * finds UNLINKED at its end and leaves it so. Where a block's bytes are counted is its
+ * `charge` (host, spill queue, gpu slot, none), returned with its last reference.
  *
  * Invariants:
- *  1. used_bytes = bytes of every block that is FILLING, LINKED, or UNLINKED but still
+ *  1. used_bytes = bytes of every block that is FILLING, linked, or UNLINKED but still
  *     referenced; used_bytes <= capacity at all times (reservation happens before any
  *     payload byte is allocated, so concurrent Puts cannot overshoot).
- *  2. A LINKED block is in the index and in its tier's LRU exactly once; a LINKED host
- *     block is also in the host policy, until it is evicted (spilled blocks are not).
- *  3. Eviction only takes LINKED blocks with no readers (refs == 1, the index's own);
+ *  2. A linked block is in the index and in its tier's LRU exactly once; a linked host
+ *     block is also in the host policy, until it is evicted (SPILLING blocks are not).
+ *  3. Eviction only takes IDLE blocks with no readers (refs == 1, the index's own);
  *     busy blocks are skipped, never waited for.
- *  4. Every host block carries the XXH3-64 of its bytes, checked on every read; a mismatch
- *     unlinks the block, counts it, and answers KVS_EDATALOSS. GPU blocks have no
- *     checksum while on the device (the engine seals the bytes when it fetches them).
- *  5. gpu_used = slot bytes of every GPU block that is FILLING, LINKED, or UNLINKED but
+ *  4. Every host block is an encoded block whose own XXH3-64 (gpu/codec/format.h) is
+ *     checked on every read; a mismatch unlinks the block, counts it, and answers
+ *     KVS_EDATALOSS. GPU blocks have no checksum while on the device (the engine seals the
+ *     bytes when it fetches them).
+ *  5. gpu_used = slot bytes of every GPU block that is FILLING, linked, or UNLINKED but
  *     still referenced; a block's slot is returned with its last reference.
- *  6. A block being demoted carries the demoter's reference and is picked only once.
+ *  6. A DEMOTING block carries the demoter's reference and is picked only once.
  *  7. disk_used = bytes of the linked blocks whose record is in the disk tier (on_disk:
  *     every disk entry, host blocks promoted from disk or written durably, and gpu blocks
  *     promoted from such host blocks or demoted back); disk
  *     entries and transient disk reads hold no host budget.
- *  8. A host block handed to the disk writer (spilled) holds the writer's reference, is
- *     never picked again, and its bytes count in spill_pending (bounded by spill_max; past
- *     it, victims are dropped as without a disk tier) instead of host_used. Removing a
- *     block that is on disk or queued for writing queues the removal of its record after
- *     the write (one FIFO), so a record never outlives its block's removal by more than
- *     the writer's queue. Exception: a durable commit that replaces a block queues no
- *     removal; its own write replaces the record (or, failing, removes it).
+ *  8. A SPILLING block holds the writer's reference, is never picked again, and its bytes
+ *     count in spill_pending (bounded by spill_max; past it, victims are dropped as without
+ *     a disk tier) instead of host_used. Removing a block that is on disk or being written
+ *     (WRITING, SPILLING) queues the removal of its record after the write (one FIFO), so a
+ *     record never outlives its block's removal by more than the writer's queue. Exception:
+ *     a durable commit that replaces a block queues no removal; its own write replaces the
+ *     record (or, failing, re-indexes it: README, durable contract).
  *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
  * index, the LRUs, the namespace registry and all counters. Lock order (the one place it

@@ -11,9 +11,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <xxhash.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/format.h"
 #include "storage/spill.h"
 #include "storage/store_int.h"
 
@@ -66,7 +66,8 @@ static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             break;
         /* Payloads are read-only once linked (store.h), so no lock while hashing. */
         for (size_t i = 0; i < m; i++) {
-            ok[i] = XXH3_64bits(v[i]->data, v[i]->size) == v[i]->checksum;
+            kvs_block_info info; /* the encoded block's own checksum (invariant 4) */
+            ok[i] = kvs_format_parse(v[i]->data, v[i]->size, &info, NULL) == 0;
             if (!ok[i]) {
                 char h[40];
                 kvs__store_log(st, KVS_LOG_ERROR,
@@ -81,14 +82,15 @@ static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             if (!ok[i]) {
                 st->stats.checksum_failures++;
                 out->host_bad++;
-                if (v[i]->linked)
+                if (kvs__block_linked(v[i]))
                     kvs__store_forget_locked(st, v[i]); /* ours still: not freed here */
             }
         }
         /* Go on after the batch's last block if it is still in the list, else from the
          * start (what this pass checked is skipped). */
         kvs_block *last = v[m - 1];
-        it = last->linked ? kvs_lru_newer(&st->lru, &last->lru) : kvs_lru_oldest(&st->lru);
+        it = kvs__block_linked(last) ? kvs_lru_newer(&st->lru, &last->lru)
+                                     : kvs_lru_oldest(&st->lru);
         for (size_t i = 0; i < m; i++) {
             if (kvs__store_unref_locked(st, v[i])) {
                 v[i]->node.next = (kvs_index_node *)to_free;
@@ -168,7 +170,8 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             b = BLOCK_OF_NODE(node);
             if (b->tier == KVS_STORE_TIER_DISK) {
                 free_now = kvs__store_unlink_locked(st, b);
-            } else if (b->on_disk && !b->queued) { /* its host copy is whole: keep it */
+            } else if (b->on_disk && b->state != KVS_BLOCK_WRITING &&
+                       b->state != KVS_BLOCK_SPILLING) { /* its host copy is whole: keep it */
                 b->on_disk = false;
                 st->stats.disk_used -= b->size;
             }
@@ -223,11 +226,15 @@ int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err
     for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it && m < n;
          it = kvs_lru_newer(&st->lru, it)) {
         kvs_block *b = BLOCK_OF_LRU(it);
-        if (b->on_disk || b->queued || b->spilled) {
+        if (b->on_disk || b->state == KVS_BLOCK_WRITING || b->state == KVS_BLOCK_SPILLING) {
             info->already++;
             continue;
         }
-        b->queued = true;
+        if (b->state != KVS_BLOCK_IDLE) { /* being promoted or its record deleted */
+            info->failed++;
+            continue;
+        }
+        kvs__block_set_state(b, KVS_BLOCK_WRITING);
         b->refs += 2; /* the writer's (invariant 8), and ours to read the outcome */
         v[m++] = b;
         kvs_spill_copy(st->spill, b);
@@ -363,7 +370,7 @@ static void drop_sel(kvs_store *st, const kvs_store_sel *sel, kvs_store_evict_in
 
 static void pick_locked(kvs_store *st, kvs_block *b, kvs_block **out, size_t *got)
 {
-    b->demoting = true; /* invariant 6, as kvs_store_gpu_pick */
+    kvs__block_set_state(b, KVS_BLOCK_DEMOTING); /* invariant 6, as kvs_store_gpu_pick */
     b->refs++;
     st->gpu_picked += b->slot_bytes;
     out[(*got)++] = b;
@@ -377,14 +384,14 @@ static size_t pick_sel(kvs_store *st, const kvs_store_sel *sel, kvs_block **out,
     if (sel->keys) {
         for (size_t i = 0; i < sel->n && got < max; i++) {
             kvs_block *b = sel_key_locked(st, sel, i);
-            if (b && b->tier == KVS_STORE_TIER_GPU && b->refs == 1 && !b->demoting)
+            if (b && b->tier == KVS_STORE_TIER_GPU && b->refs == 1 && b->state == KVS_BLOCK_IDLE)
                 pick_locked(st, b, out, &got);
         }
     } else {
         for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && got < max;
              it = kvs_lru_newer(&st->gpu_lru, it)) {
             kvs_block *b = BLOCK_OF_LRU(it);
-            if (in_sel(sel, b) && b->refs == 1 && !b->demoting)
+            if (in_sel(sel, b) && b->refs == 1 && b->state == KVS_BLOCK_IDLE)
                 pick_locked(st, b, out, &got);
         }
     }
@@ -448,8 +455,10 @@ static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evic
     if (r->m == r->cap || (r->m > 0 && b->size > r->room))
         return false;
     kvs_policy_evicted(st->policy, &b->pol); /* linked still, but no candidate (inv. 2) */
-    b->spilled = b->queued = true; /* off the host budget, readable until committed (inv. 8) */
-    b->refs += 2;                  /* the writer's, and ours to read the outcome */
+    /* Off the host budget, readable until committed (invariant 8). */
+    kvs__block_set_state(b, KVS_BLOCK_SPILLING);
+    b->charge = KVS_CHARGE_SPILL;
+    b->refs += 2; /* the writer's, and ours to read the outcome */
     st->stats.host_used -= b->size;
     st->stats.spill_pending += b->size;
     st->stats.host_evictions++;
@@ -517,7 +526,8 @@ static int host_to_disk(kvs_store *st, const kvs_store_sel *sel, uint64_t limit,
                 kvs_block *b = r.mine[i];
                 kvs_index_node *node =
                     kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len);
-                if (!b->linked && node && BLOCK_OF_NODE(node)->tier == KVS_STORE_TIER_DISK)
+                if (!kvs__block_linked(b) && node &&
+                    BLOCK_OF_NODE(node)->tier == KVS_STORE_TIER_DISK)
                     out->moved++;
                 else
                     out->failed++;

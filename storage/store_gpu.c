@@ -4,7 +4,6 @@
  */
 #include <pthread.h>
 #include <stdlib.h>
-#include <xxhash.h>
 
 #include "storage/store_int.h"
 
@@ -34,6 +33,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
     blk->ns = kvs_ns_ref(ns);
     blk->tokens = tokens;
     blk->tier = KVS_STORE_TIER_GPU;
+    blk->charge = KVS_CHARGE_GPU;
     blk->slot_bytes = slot_bytes;
     blk->size = blk->raw_bytes = slot_bytes;
     blk->dev = (kvs_block_dev){.slot = (void *)addr, .lens = lens};
@@ -68,9 +68,9 @@ size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
     for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && n < max && left > st->gpu_low;
          it = kvs_lru_newer(&st->gpu_lru, it)) {
         kvs_block *blk = KVS__BLOCK_OF_LRU(it);
-        if (blk->refs != 1 || blk->demoting) /* busy (invariant 3) or already picked */
+        if (blk->refs != 1 || blk->state != KVS_BLOCK_IDLE) /* busy (inv. 3) or picked */
             continue;
-        blk->demoting = true;
+        kvs__block_set_state(blk, KVS_BLOCK_DEMOTING);
         blk->refs++;
         left -= blk->slot_bytes;
         st->gpu_picked += blk->slot_bytes;
@@ -83,7 +83,8 @@ size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
 void kvs_store_demote_cancel(kvs_store *st, kvs_block *old)
 {
     pthread_mutex_lock(&st->mu);
-    old->demoting = false;
+    if (old->state == KVS_BLOCK_DEMOTING) /* else removed meanwhile */
+        kvs__block_set_state(old, KVS_BLOCK_IDLE);
     st->gpu_picked -= old->slot_bytes;
     bool free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
@@ -98,10 +99,9 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
         if (smaller)
             nb->data = smaller;
     }
-    nb->checksum = XXH3_64bits(nb->data, nb->size);
     nb->node = old->node; /* same identity; index links are rewritten by the insert */
     pthread_mutex_lock(&st->mu);
-    bool swap = old->linked && !kvs_ns_dropped(old->ns);
+    bool swap = old->state == KVS_BLOCK_DEMOTING && !kvs_ns_dropped(old->ns);
     bool free_old = false, free_nb = false;
     if (swap) {
         nb->on_disk = old->on_disk; /* a promoted block kept its disk record (invariant 7) */
@@ -114,7 +114,8 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
         kvs__store_give_back_locked(st, nb);
         free_nb = true;
     }
-    old->demoting = false;
+    if (old->state == KVS_BLOCK_DEMOTING) /* not swapped: it stays where it is */
+        kvs__block_set_state(old, KVS_BLOCK_IDLE);
     st->gpu_picked -= old->slot_bytes;
     if (!free_old)
         free_old = kvs__store_unref_locked(st, old);
@@ -129,14 +130,13 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
 
 bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out)
 {
-    if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST || blk->transient)
+    if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST)
         return false;
     pthread_mutex_lock(&st->mu);
-    bool ok = blk->linked && !blk->spilled && !blk->queued && !blk->promoting && !blk->evicting &&
-              st->stats.gpu_used + slot_bytes <= st->gpu_high &&
+    bool ok = blk->state == KVS_BLOCK_IDLE && st->stats.gpu_used + slot_bytes <= st->gpu_high &&
               kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
     if (ok) {
-        blk->promoting = true;
+        kvs__block_set_state(blk, KVS_BLOCK_PROMOTING);
         blk->refs++;
     }
     pthread_mutex_unlock(&st->mu);
@@ -157,7 +157,7 @@ void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g)
 {
     g->node = old->node; /* same identity; index links are rewritten by the insert */
     pthread_mutex_lock(&st->mu);
-    bool swap = old->linked && !old->spilled && !old->queued && !kvs_ns_dropped(old->ns);
+    bool swap = old->state == KVS_BLOCK_PROMOTING && !kvs_ns_dropped(old->ns);
     bool free_old = false, free_g = false;
     if (swap) {
         /* The disk record, if any, stays with the block (invariant 7). */
@@ -169,7 +169,8 @@ void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g)
         kvs__store_give_back_locked(st, g);
         free_g = true;
     }
-    old->promoting = false;
+    if (old->state == KVS_BLOCK_PROMOTING)
+        kvs__block_set_state(old, KVS_BLOCK_IDLE);
     if (!free_old)
         free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
@@ -184,7 +185,8 @@ void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g)
     if (g)
         kvs_store_block_abort(st, g);
     pthread_mutex_lock(&st->mu);
-    old->promoting = false;
+    if (old->state == KVS_BLOCK_PROMOTING) /* else removed meanwhile */
+        kvs__block_set_state(old, KVS_BLOCK_IDLE);
     bool free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
     if (free_old)

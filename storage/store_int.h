@@ -19,30 +19,47 @@
 
 typedef struct kvs_spill kvs_spill; /* storage/spill.h */
 
+/* What a block is doing: one state at a time (the diagram in store.h), changed only by
+ * kvs__block_set_state, which asserts the transition. */
+typedef enum kvs_block_state {
+    KVS_BLOCK_FILLING,     /* allocated, its payload being written; not in the index */
+    KVS_BLOCK_IDLE,        /* in the index, nothing in flight (readers may hold it) */
+    KVS_BLOCK_WRITING,     /* host block whose durable or copy write is queued (inv. 8) */
+    KVS_BLOCK_SPILLING,    /* host victim queued for the disk writer (invariant 8) */
+    KVS_BLOCK_PROMOTING,   /* host block being copied to the gpu tier */
+    KVS_BLOCK_DEMOTING,    /* gpu block being moved to the host tier (invariant 6) */
+    KVS_BLOCK_UNRECORDING, /* its disk record being deleted by the writer's eviction: not
+                            * promoted meanwhile, so no copy claims a record that goes */
+    KVS_BLOCK_UNLINKED,    /* out of the index; freed with its last reference */
+    KVS_BLOCK_TRANSIENT,   /* a disk block read for one reader: never in the index */
+    KVS_BLOCK_STATES
+} kvs_block_state;
+
+/* Which budget the block's bytes are counted in; returned with its last reference. */
+typedef enum kvs_block_charge {
+    KVS_CHARGE_NONE,  /* disk entries, transient reads */
+    KVS_CHARGE_HOST,  /* host_used */
+    KVS_CHARGE_SPILL, /* spill_pending: a host victim handed to the disk writer */
+    KVS_CHARGE_GPU,   /* a gpu tier slot */
+} kvs_block_charge;
+
 struct kvs_block {
-    kvs_index_node node; /* identity (ns id, key); linked in st->index when LINKED */
-    kvs_lru_node lru;    /* linked in its tier's LRU when LINKED */
-    kvs_policy_node pol; /* host tier: in st->policy while LINKED, until evicted */
+    kvs_index_node node; /* identity (ns id, key); in st->index while linked */
+    kvs_lru_node lru;    /* in its tier's LRU while linked */
+    kvs_policy_node pol; /* host tier: in st->policy while linked, until evicted */
     kvs_ns *ns;          /* reference held by the block */
-    unsigned refs;       /* 1 for the index while LINKED + 1 per reader; under st->mu */
-    bool linked;
+    unsigned refs;       /* 1 for the index while linked + 1 per reader; under st->mu */
+    kvs_block_state state;
+    kvs_block_charge charge;
+    bool on_disk; /* its encoded bytes are a record of the disk tier (invariant 7): apart
+                   * from the state, a block may have a record in any state */
     uint32_t tokens;
     uint64_t size;       /* stored (encoded) bytes; the reservation while FILLING */
     uint64_t raw_bytes;  /* payload bytes the block represents */
     uint64_t shrink;     /* reserved bytes to give back at commit (kvs_block_set_size) */
-    uint64_t checksum;   /* XXH3-64 of data, set at commit (host tier) */
     unsigned char *data; /* host tier, and a transient disk read; NULL for a disk entry */
     kvs_hostpool *pool;  /* data came from this pinned pool (else malloc) */
     kvs_store_tier tier;
-    bool demoting;  /* picked by kvs_store_gpu_pick (invariant 6) */
-    bool promoting; /* host block being copied to the gpu tier (kvs_store_promote_*) */
-    bool on_disk;   /* its encoded bytes are a record of the disk tier (invariant 7) */
-    bool queued;    /* a write of it to the disk tier is queued or running (inv. 8) */
-    bool spilled;   /* host block handed to the disk writer: its bytes count in
-                     * st->spill_bytes, not host_used (invariant 8) */
-    bool transient; /* a disk block read for one reader: never linked, no budget */
-    bool evicting;  /* the disk writer is deleting its record (make_disk_room): not
-                     * promoted meanwhile, so no copy claims a record that goes */
     /* A durable commit that replaced a block with a disk record (or one being written)
      * keeps that record's size here: if its own write fails, the old record, which is
      * still in LMDB, is indexed again, so the acknowledged block stays (README: durable). */
@@ -53,6 +70,15 @@ struct kvs_block {
     uint64_t slot_bytes; /* gpu tier */
     kvs_block_dev dev;   /* gpu tier */
 };
+
+/* Changes a block's state, asserting the transition (store.h diagram). Under store->mu. */
+void kvs__block_set_state(kvs_block *b, kvs_block_state to);
+/* In the index: IDLE, or an operation in flight on a linked block. */
+static inline bool kvs__block_linked(const kvs_block *b)
+{
+    return b->state != KVS_BLOCK_FILLING && b->state != KVS_BLOCK_UNLINKED &&
+           b->state != KVS_BLOCK_TRANSIENT;
+}
 
 struct kvs_store {
     pthread_mutex_t mu;

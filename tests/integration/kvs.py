@@ -37,6 +37,10 @@ KVSTASHD_EXTRA = shlex.split(os.environ.get("KVSTASHD_EXTRA", ""))
 # without protoc (the GPU machine); by default they are generated at test time.
 PB_DIR = os.environ.get("KVS_PB_DIR")
 PROTOC = "/usr/bin/protoc"
+# A sanitizer build (ctest passes KVS_SANITIZE): its allocator keeps freed memory in
+# quarantine and must be the first library loaded, so RSS checks and LD_PRELOAD shims do
+# not apply.
+SANITIZED = bool(os.environ.get("KVS_SANITIZE"))
 GRPC_PLUGIN = "/usr/bin/grpc_python_plugin"
 
 # Generous client-side limits so that the daemon's limits are the ones under test.

@@ -126,7 +126,8 @@ def test_nearly_complete_streams_are_bounded_and_returned(daemon):
     # 3 x 8 MiB held; gRPC's own buffers and the refused messages on top. Before the fix
     # this was 359 MB (every stream got its 8 MiB buffer).
     rss = rss_bytes(d.proc.pid)
-    assert rss - rss0 < 120 << 20, f"RSS grew by {(rss - rss0) >> 20} MiB"
+    if not kvs.SANITIZED:  # a sanitizer's allocator keeps freed memory (quarantine)
+        assert rss - rss0 < 120 << 20, f"RSS grew by {(rss - rss0) >> 20} MiB"
     wait_for(lambda: stream_stats(d).puts_open == 0, timeout=30, what="idle cancellation")
     st = stream_stats(d)
     assert st.recv_used_bytes == 0 and st.idle_cancelled >= 3

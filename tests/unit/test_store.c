@@ -18,17 +18,22 @@
 #include <lmdb.h>
 
 #include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
 #include "gpu/codec/learn.h"
 #include "storage/store.h"
 #include "tests/support/kvs_test.h"
 
-/* L=2 H=1 D=16 T=4 fp16: a full block is 2*2*4*1*16*2 = 512 bytes. */
+/* L=2 H=1 D=16 T=4 fp16: a full block's payload is 2*2*4*1*16*2 = 512 bytes, stored as an
+ * encoded block of codec none (ENC(4) bytes: header, section table, the payload). */
 static kvs_ns_spec small_spec(const char *name)
 {
     kvs_ns_spec s = kvs_test_spec(2, 1, 16, 4, KVS_DTYPE_FP16, "none", "none", 0);
     snprintf(s.name, sizeof s.name, "%s", name);
     return s;
 }
+
+/* Encoded bytes of a small_spec block of t tokens. */
+#define ENC(t) ((uint64_t)kvs_format_prefix_bytes(2) + 128u * (t))
 
 static kvs_store *new_store(uint64_t cap)
 {
@@ -38,29 +43,60 @@ static kvs_store *new_store(uint64_t cap)
     return st;
 }
 
-/* Puts a block whose bytes are all `fill`; returns the commit's result. */
+/* Writes into dst (cap bytes) a valid encoded block of ns (codec none) holding t tokens
+ * whose payload bytes all are `fill` (the store checks the block's own checksum, so its
+ * blocks must be real ones); returns its length. */
+static size_t encode_fill(kvs_ns *ns, uint32_t t, uint8_t fill, void *dst, size_t cap)
+{
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), t, &raw_bytes, NULL), 0);
+    uint8_t *raw = malloc(raw_bytes);
+    memset(raw, fill, raw_bytes);
+    size_t len;
+    kvs_err err;
+    if (kvs_block_encode(kvs_ns_codec(ns, KVS_KEYS), kvs_ns_codec(ns, KVS_VALUES), kvs_ns_id(ns), t,
+                         (const uint16_t *)raw, dst, cap, &len, &err))
+        fail_msg("encode_fill: %s", err.msg);
+    free(raw);
+    return len;
+}
+
+/* Puts a block whose payload bytes are all `fill`; returns the commit's result. */
 static int put(kvs_store *st, kvs_ns *ns, const char *key, uint32_t tokens, uint8_t fill,
                kvs_store_put_info *info, kvs_err *err)
 {
-    uint64_t bytes;
-    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &bytes, NULL), 0);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &raw_bytes, NULL), 0);
+    uint64_t cap =
+        kvs_block_encoded_max(kvs_ns_codec(ns, KVS_KEYS), kvs_ns_codec(ns, KVS_VALUES), tokens);
     kvs_block *blk;
-    int rc = kvs_store_block_alloc(st, ns, tokens, bytes, &blk, err);
+    int rc = kvs_store_block_alloc(st, ns, tokens, cap, &blk, err);
     if (rc)
         return rc;
-    memset(kvs_block_data(blk), fill, bytes);
+    size_t len = encode_fill(ns, tokens, fill, kvs_block_data(blk), cap);
+    kvs_block_set_size(blk, len, raw_bytes);
     return kvs_store_block_commit(st, blk, key, strlen(key), info, err);
 }
 
-/* Gets key and checks every byte equals fill. */
+/* The block is a valid encoded block whose payload bytes all equal fill. */
+static void expect_fill(kvs_ns *ns, kvs_block *blk, uint8_t fill)
+{
+    kvs_block_info info;
+    assert_int_equal(kvs_format_parse(kvs_block_data(blk), kvs_block_size(blk), &info, NULL), 0);
+    size_t pre = kvs_format_prefix_bytes(info.layers);
+    const uint8_t *p = (const uint8_t *)kvs_block_data(blk) + pre;
+    for (uint64_t i = 0; i < kvs_block_size(blk) - pre; i++)
+        assert_int_equal(p[i], fill);
+    (void)ns;
+}
+
+/* Gets key and checks every payload byte equals fill. */
 static void expect_block(kvs_store *st, kvs_ns *ns, const char *key, uint8_t fill)
 {
     kvs_block *blk;
     kvs_err err;
     assert_int_equal(kvs_store_get(st, ns, key, strlen(key), &blk, &err), 0);
-    const uint8_t *p = kvs_block_data(blk);
-    for (uint64_t i = 0; i < kvs_block_size(blk); i++)
-        assert_int_equal(p[i], fill);
+    expect_fill(ns, blk, fill);
     kvs_store_block_release(st, blk);
 }
 
@@ -116,10 +152,10 @@ static void test_roundtrip_replace_delete(void **state)
     kvs_store_put_info info;
     assert_int_equal(put(st, ns, "a", 4, 0x11, &info, &err), 0);
     assert_int_equal(info.tier, KVS_STORE_TIER_HOST);
-    assert_int_equal(info.stored_bytes, 512);
+    assert_int_equal(info.stored_bytes, ENC(4));
     assert_false(info.replaced);
     assert_int_equal(put(st, ns, "b", 1, 0x22, &info, &err), 0); /* partial block: 128 B */
-    assert_int_equal(info.stored_bytes, 128);
+    assert_int_equal(info.stored_bytes, ENC(1));
     expect_block(st, ns, "a", 0x11);
     expect_block(st, ns, "b", 0x22);
 
@@ -129,7 +165,7 @@ static void test_roundtrip_replace_delete(void **state)
 
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 256 + 128);
+    assert_int_equal(stats.host_used, ENC(2) + ENC(1));
     assert_int_equal(stats.host_blocks, 2);
 
     kvs_store_key keys[3] = {{"a", 1}, {"zz", 2}, {"b", 1}};
@@ -152,7 +188,7 @@ static void test_roundtrip_replace_delete(void **state)
 
 static void test_lru_eviction_and_busy_blocks(void **state)
 {
-    kvs_store *st = new_store(4 * 512); /* room for exactly four full blocks */
+    kvs_store *st = new_store(4 * ENC(4)); /* room for exactly four full blocks */
     kvs_ns_spec s = small_spec("m");
     kvs_ns *ns;
     kvs_err err;
@@ -177,16 +213,14 @@ static void test_lru_eviction_and_busy_blocks(void **state)
     kvs_store_key k2 = {"b2", 2};
     assert_int_equal(kvs_store_delete(st, ns, &k2, 1), 1);
     expect_missing(st, ns, "b2");
-    const uint8_t *p = kvs_block_data(held);
-    for (int i = 0; i < 512; i++)
-        assert_int_equal(p[i], 2);
+    expect_fill(ns, held, 2);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 4 * 512); /* held block still counted */
+    assert_int_equal(stats.host_used, 4 * ENC(4)); /* held block still counted */
     assert_int_equal(stats.host_blocks, 3);
     kvs_store_block_release(st, held);
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 3 * 512);
+    assert_int_equal(stats.host_used, 3 * ENC(4));
     assert_int_equal(stats.host_evictions, 2);
 
     /* When every block is busy nothing can be evicted: ENOSPC, nothing lost. */
@@ -195,9 +229,9 @@ static void test_lru_eviction_and_busy_blocks(void **state)
     for (int i = 0; i < 3; i++)
         assert_int_equal(kvs_store_get(st, ns, live[i], 2, &h[i], &err), 0);
     kvs_block *blk;
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk, &err), 0); /* the free slot */
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &blk, &err), 0); /* the free slot */
     kvs_block *blk2;
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk2, &err), KVS_ENOSPC);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &blk2, &err), KVS_ENOSPC);
     assert_non_null(strstr(err.msg, "no room"));
     kvs_store_block_abort(st, blk);
     for (int i = 0; i < 3; i++)
@@ -238,7 +272,7 @@ static void test_checksum_mismatch_is_data_loss(void **state)
 static int working_set_after_scan(kvs_policy_kind kind)
 {
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 10 * 512, .eviction = kind};
+    kvs_store_opts o = {.host_capacity = 10 * ENC(4), .eviction = kind};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = small_spec("p");
     kvs_ns *ns;
@@ -286,7 +320,7 @@ static void test_policy_scan_resistance(void **state)
     /* S3-FIFO skips busy blocks too (policy.h's busy-skip contract): with every block held
      * nothing can be evicted (ENOSPC, nothing lost); the one let go is the one evicted. */
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 4 * 512, .eviction = KVS_POLICY_S3FIFO};
+    kvs_store_opts o = {.host_capacity = 4 * ENC(4), .eviction = KVS_POLICY_S3FIFO};
     kvs_err err;
     assert_int_equal(kvs_store_create(&o, &st, &err), 0);
     kvs_ns_spec s = small_spec("b");
@@ -299,7 +333,7 @@ static void test_policy_scan_resistance(void **state)
         assert_int_equal(kvs_store_get(st, ns, names[i], 2, &held[i], &err), 0);
     }
     kvs_block *blk;
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &blk, &err), KVS_ENOSPC);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &blk, &err), KVS_ENOSPC);
     kvs_store_block_release(st, held[1]);
     assert_int_equal(put(st, ns, "a4", 4, 4, NULL, &err), 0);
     expect_missing(st, ns, "a1");
@@ -333,11 +367,11 @@ static void test_drop_namespace(void **state)
 
     /* A Put in progress when its namespace is dropped is refused at commit. */
     kvs_block *filling;
-    assert_int_equal(kvs_store_block_alloc(st, n1, 4, 512, &filling, &err), 0);
+    assert_int_equal(kvs_store_block_alloc(st, n1, 4, ENC(4), &filling, &err), 0);
     uint64_t dropped = 0;
     assert_int_equal(kvs_store_ns_drop(st, "one", &dropped, &err), 0);
     assert_int_equal(dropped, 2);
-    memset(kvs_block_data(filling), 0, 512);
+    encode_fill(n1, 4, 0, kvs_block_data(filling), ENC(4));
     assert_int_equal(kvs_store_block_commit(st, filling, "c", 1, NULL, &err), KVS_ENOTFOUND);
     assert_int_equal(kvs_store_ns_drop(st, "one", NULL, &err), KVS_ENOTFOUND);
 
@@ -348,12 +382,12 @@ static void test_drop_namespace(void **state)
     assert_int_equal(n, 1);
     assert_string_equal(list[0].spec.name, "two");
     assert_int_equal(list[0].usage.blocks, 1);
-    assert_int_equal(list[0].usage.stored_bytes, 512);
+    assert_int_equal(list[0].usage.stored_bytes, ENC(4));
     assert_int_equal(list[0].usage.tokens, 4);
     free(list);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 512);
+    assert_int_equal(stats.host_used, ENC(4));
     kvs_ns_unref(n1);
     kvs_ns_unref(n2);
     kvs_store_destroy(st);
@@ -408,10 +442,10 @@ static void *soak_thread(void *p)
         case 0:
         case 1: {
             uint32_t t = 1 + (r >> 12) % 4;
-            uint64_t bytes = 128ull * t;
+            uint64_t bytes = ENC(t);
             kvs_block *blk;
             if (kvs_store_block_alloc(a->st, a->ns, t, bytes, &blk, &err) == 0) {
-                memset(kvs_block_data(blk), k, bytes);
+                encode_fill(a->ns, t, (uint8_t)k, kvs_block_data(blk), bytes);
                 if (kvs_store_block_commit(a->st, blk, key, strlen(key), NULL, &err))
                     a->bad++;
             }
@@ -422,7 +456,7 @@ static void *soak_thread(void *p)
             int rc = kvs_store_get(a->st, a->ns, key, strlen(key), &blk, &err);
             if (rc == 0) {
                 const uint8_t *d = kvs_block_data(blk);
-                for (uint64_t j = 0; j < kvs_block_size(blk); j++)
+                for (uint64_t j = kvs_format_prefix_bytes(2); j < kvs_block_size(blk); j++)
                     a->bad += d[j] != k;
                 kvs_store_block_release(a->st, blk);
             } else if (rc != KVS_ENOTFOUND) {
@@ -442,7 +476,7 @@ static void *soak_thread(void *p)
 static void soak(kvs_policy_kind eviction)
 {
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 16 * 512, /* small: eviction runs constantly */
+    kvs_store_opts o = {.host_capacity = 16 * ENC(4), /* small: eviction runs constantly */
                         .eviction = eviction};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = small_spec("m");
@@ -549,8 +583,8 @@ static void test_gpu_tier_and_demotion(void **state)
     assert_int_equal(kvs_store_gpu_pick(st, picked + n, 8), 0); /* picked once only */
     /* Demote k0 (a host copy replaces it), cancel k2, k3 is deleted meanwhile, k4 demoted. */
     kvs_block *nb;
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
-    memset(kvs_block_data(nb), 0x5A, 512);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
+    encode_fill(ns, 4, 0x5A, kvs_block_data(nb), ENC(4));
     kvs_store_demote_commit(st, picked[0], nb);
     kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
     assert_int_equal(tier, KVS_STORE_TIER_HOST);
@@ -558,11 +592,11 @@ static void test_gpu_tier_and_demotion(void **state)
     kvs_store_demote_cancel(st, picked[1]);
     kvs_store_key k3 = {"k3", 2};
     assert_int_equal(kvs_store_delete(st, ns, &k3, 1), 1);
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
     kvs_store_demote_commit(st, picked[2], nb); /* k3 is gone: the copy is dropped */
     expect_missing(st, ns, "k3");
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, 512, &nb, &err), 0);
-    memset(kvs_block_data(nb), 0x11, 512);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
+    encode_fill(ns, 4, 0x11, kvs_block_data(nb), ENC(4));
     kvs_store_demote_commit(st, picked[3], nb);
     expect_block(st, ns, "k4", 0x11);
 
@@ -571,7 +605,7 @@ static void test_gpu_tier_and_demotion(void **state)
     assert_int_equal(stats.gpu_blocks, 5); /* k1 k2 k5 k6 k7 */
     assert_int_equal(stats.gpu_used, 5000);
     assert_int_equal(stats.host_blocks, 2);
-    assert_int_equal(stats.host_used, 1024);
+    assert_int_equal(stats.host_used, 2 * ENC(4));
     /* Room again: new Puts land in the GPU tier; replacing a GPU block by a host one
      * frees its slot once the last reader lets go. */
     assert_int_equal(put_gpu(st, ns, "k8", NULL, &err), 0);
@@ -696,8 +730,7 @@ static void test_host_pool_blocks(void **state)
     kvs_ns *ns;
     kvs_err err;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
-    uint64_t one;
-    assert_int_equal(kvs_spec_block_bytes(&s, 4, &one, NULL), 0);
+    uint64_t one = ENC(4); /* a full block as stored */
     int fit = (int)((64 << 10) / one);
     char key[16];
     for (int i = 0; i < fit + 3; i++) { /* the first 3 are evicted */
@@ -715,13 +748,11 @@ static void test_host_pool_blocks(void **state)
     expect_missing(st, ns, "b0");
     kvs_hostpool_stats ps;
     kvs_hostpool_get_stats(pool, &ps);
-    assert_int_equal(one, 512);
     assert_int_equal(ps.used, (uint64_t)fit * 4096); /* the smallest slot is 4 KiB */
     /* A shrunk block keeps its slot and its bytes. */
     kvs_block *blk;
-    assert_int_equal(kvs_store_block_alloc(st, ns, 4, one, &blk, &err), 0);
-    memset(kvs_block_data(blk), 0x77, one);
-    kvs_block_set_size(blk, one / 2, one);
+    assert_int_equal(kvs_store_block_alloc(st, ns, 2, one, &blk, &err), 0);
+    kvs_block_set_size(blk, encode_fill(ns, 2, 0x77, kvs_block_data(blk), one), 256);
     assert_int_equal(kvs_store_block_commit(st, blk, "half", 4, NULL, &err), 0);
     expect_block(st, ns, "half", 0x77);
     kvs_store_stats ss;

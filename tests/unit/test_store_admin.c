@@ -18,6 +18,7 @@
 #include <cmocka.h>
 
 #include "gpu/codec/codec.h"
+#include "gpu/codec/format.h"
 #include "storage/store.h"
 #include "tests/support/kvs_test.h"
 
@@ -83,6 +84,28 @@ static uint8_t *put_enc(fx *f, const char *key, uint64_t seed, size_t *len)
     assert_int_equal(kvs_store_block_commit(f->st, blk, key, strlen(key), NULL, &err), 0);
     free(raw);
     return copy;
+}
+
+/* Allocates and fills a host block of ns with a valid encoded block of t tokens whose
+ * payload bytes all are `fill` (the store checks blocks by their own checksum); the caller
+ * commits it. fill must not make fp16 Inf/NaN patterns (0x7C..0x7F, 0xFC..0xFF). */
+static kvs_block *filled_block(kvs_store *st, kvs_ns *ns, uint32_t t, uint8_t fill)
+{
+    const kvs_codec *k = kvs_ns_codec(ns, KVS_KEYS), *v = kvs_ns_codec(ns, KVS_VALUES);
+    uint64_t raw_bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), t, &raw_bytes, NULL), 0);
+    size_t cap = kvs_block_encoded_max(k, v, t), len;
+    kvs_block *blk;
+    kvs_err err;
+    assert_int_equal(kvs_store_block_alloc(st, ns, t, cap, &blk, &err), 0);
+    uint8_t *raw = malloc(raw_bytes);
+    memset(raw, fill, raw_bytes);
+    assert_int_equal(kvs_block_encode(k, v, kvs_ns_id(ns), t, (const uint16_t *)raw,
+                                      kvs_block_data(blk), cap, &len, &err),
+                     0);
+    free(raw);
+    kvs_block_set_size(blk, len, raw_bytes);
+    return blk;
 }
 
 static kvs_store_tier tier_of(kvs_store *st, kvs_ns *ns, const char *key)
@@ -201,9 +224,7 @@ static void test_verify_batches(void **state)
     enum { N = 600 };
     char key[8];
     for (int i = 0; i < N; i++) {
-        kvs_block *blk;
-        assert_int_equal(kvs_store_block_alloc(st, ns, 4, 64, &blk, &err), 0);
-        memset(kvs_block_data(blk), i & 0xff, 64);
+        kvs_block *blk = filled_block(st, ns, 1, (uint8_t)(1 + i % 0x70));
         snprintf(key, sizeof key, "b%d", i);
         assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);
     }
@@ -228,7 +249,7 @@ static void test_verify_batches(void **state)
     assert_int_equal(vi.host_bad, 0);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, (N - 4) * 64);
+    assert_int_equal(stats.host_used, (N - 4) * (kvs_format_prefix_bytes(2) + 128));
     assert_int_equal(stats.checksum_failures, 4);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
@@ -367,9 +388,7 @@ static void test_evict_out(void **state)
     kvs_ns *other;
     kvs_err err;
     assert_int_equal(kvs_store_ns_create(f.st, &s2, &other, &err), 0);
-    kvs_block *blk;
-    assert_int_equal(kvs_store_block_alloc(f.st, other, 8, 100, &blk, &err), 0);
-    memset(kvs_block_data(blk), 7, 100);
+    kvs_block *blk = filled_block(f.st, other, 8, 7);
     assert_int_equal(kvs_store_block_commit(f.st, blk, "x", 1, NULL, &err), 0);
 
     /* Keys: a disk block and a host block (being read: it goes all the same). */
@@ -442,9 +461,7 @@ static size_t fake_demote(void *arg, kvs_block **picked, size_t n)
             kvs_store_demote_cancel(fd->st, picked[i]);
             continue;
         }
-        kvs_block *nb;
-        assert_int_equal(kvs_store_block_alloc(fd->st, fd->ns, 4, 512, &nb, NULL), 0);
-        memset(kvs_block_data(nb), 0x5A, 512);
+        kvs_block *nb = filled_block(fd->st, fd->ns, 4, 0x5A);
         kvs_store_demote_commit(fd->st, picked[i], nb);
         moved++;
     }
