@@ -249,7 +249,7 @@ static int on_ns_record(uint32_t ns_id, const void *rec, size_t rec_len, const v
                            "spec this version reads",
                            kvs_disk_path(st->disk), ns_id);
     kvs_ns *ns;
-    int rc = kvs__store_ns_add(st, &spec, ns_id, &ns, r->err);
+    int rc = kvs__store_ns_add(st, &spec, ns_id, kvs__persist_state_put, &ns, r->err);
     if (rc)
         return kvs_err_prefix(r->err, "disk tier %s: namespace %u", kvs_disk_path(st->disk), ns_id);
     kvs_ns_unref(ns);

@@ -12,7 +12,7 @@
 #include "gpu/codec/format.h"
 #include "gpu/engine/engine.h"
 #include "gpu/codec/learn.h"
-#include "storage/spill.h"
+#include "storage/writer.h"
 #include "storage/store_int.h"
 
 #define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
@@ -25,69 +25,6 @@ void kvs__store_log(kvs_store *st, kvs_log_level lvl, const char *fmt, ...)
     va_start(ap, fmt);
     kvs_vlogf(st->log, st->log_ctx, lvl, fmt, ap);
     va_end(ap);
-}
-
-int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
-{
-    if (opts->host_capacity == 0)
-        return kvs_err_set(err, KVS_EINVAL, "host_capacity: must be > 0");
-    kvs_store *st = kvs_xcalloc(1, sizeof *st);
-    int rc = pthread_mutex_init(&st->mu, NULL);
-    if (rc != 0) {
-        free(st);
-        return kvs_err_set(err, -rc, "store: pthread_mutex_init: %s", strerror(rc));
-    }
-    if (opts->gpu_base && opts->gpu_capacity) {
-        uint64_t slab = opts->gpu_slab ? opts->gpu_slab : (uint64_t)64 << 20;
-        if (!opts->gpu_slab && slab > opts->gpu_capacity / 4)
-            slab = opts->gpu_capacity / 4;
-        rc = kvs_slots_create(opts->gpu_base, opts->gpu_capacity, slab, &st->gpu, err);
-        if (rc) {
-            pthread_mutex_destroy(&st->mu);
-            free(st);
-            return rc;
-        }
-        uint64_t cap = kvs_slots_capacity(st->gpu);
-        unsigned hi = opts->gpu_high_pct ? opts->gpu_high_pct : 90;
-        unsigned lo = opts->gpu_high_pct ? opts->gpu_low_pct : 80;
-        st->gpu_high = cap / 100 * (hi > 100 ? 100 : hi);
-        st->gpu_low = cap / 100 * (lo > hi ? hi : lo);
-        st->stats.gpu_capacity = cap;
-    }
-    st->reg = kvs_ns_registry_create();
-    st->index = kvs_index_create();
-    kvs_lru_init(&st->lru);
-    kvs_lru_init(&st->gpu_lru);
-    kvs_lru_init(&st->disk_lru);
-    kvs_policy_opts popts = {.small_percent = opts->eviction_small_pct};
-    if ((rc = kvs_policy_create(opts->eviction ? opts->eviction : KVS_POLICY_LRU,
-                                opts->host_capacity, &popts, &st->policy, err))) {
-        kvs_store_destroy(st);
-        kvs_err_prefix(err, "eviction: host tier policy");
-        return rc;
-    }
-    st->stats.host_capacity = opts->host_capacity;
-    st->promote = !opts->no_promote;
-    st->pool = opts->host_pool;
-    st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
-    st->engine = opts->engine;
-    st->log = opts->log;
-    st->log_ctx = opts->log_ctx;
-    if (opts->disk) {
-        st->disk = opts->disk;
-        st->stats.disk_capacity = opts->disk_capacity;
-        st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
-        unsigned hi = opts->host_high_pct ? opts->host_high_pct : 90;
-        unsigned lo = opts->host_high_pct ? opts->host_low_pct : 80;
-        st->host_high = opts->host_capacity / 100 * (hi > 100 ? 100 : hi);
-        st->host_low = opts->host_capacity / 100 * (lo > hi ? hi : lo);
-        if ((rc = kvs_spill_create(st, &st->spill, err)) || (rc = kvs__persist_restore(st, err))) {
-            kvs_store_destroy(st);
-            return rc;
-        }
-    }
-    *out = st;
-    return 0;
 }
 
 /* The transitions of store.h's diagram: allowed[from][to]. */
@@ -148,9 +85,9 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk)
  * removal of its disk record, if it has one or one is being written (invariant 8). */
 static bool forget_locked(kvs_store *st, kvs_block *blk)
 {
-    if (st->spill &&
+    if (st->writer &&
         (blk->on_disk || blk->state == KVS_BLOCK_WRITING || blk->state == KVS_BLOCK_SPILLING))
-        kvs_spill_del(st->spill, blk->node.ns_id, blk->node.key, blk->node.key_len);
+        kvs_writer_del(st->writer, blk->node.ns_id, blk->node.key, blk->node.key_len);
     return kvs__store_unlink_locked(st, blk);
 }
 
@@ -219,7 +156,7 @@ void kvs_store_destroy(kvs_store *st)
 {
     if (!st)
         return;
-    kvs_spill_destroy(st->spill); /* applies what is queued: drops its references */
+    kvs_writer_destroy(st->writer); /* applies what is queued: drops its references */
     kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
     for (int i = 0; i < 3; i++) {
         kvs_lru_node *n;
@@ -239,28 +176,6 @@ void kvs_store_destroy(kvs_store *st)
 
 /* ---------------------------------------------------------------- namespaces */
 
-int kvs_store_ns_create(kvs_store *st, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
-{
-    if (spec->durable && !st->disk) /* nowhere to be durable: refuse rather than pretend */
-        return kvs_err_set(err, KVS_EINVAL,
-                           "durable: namespace '%.64s' asks for durable Puts, "
-                           "but this store has no disk tier",
-                           spec->name);
-    kvs_ns *ns = NULL;
-    int rc = kvs__store_ns_add(st, spec, 0, &ns, err);
-    if (rc == 0 && st->disk && (rc = kvs__persist_ns_put(st, ns, err))) {
-        /* Not persisted: refuse rather than lose the namespace at the next restart. */
-        kvs_ns_unref(ns);
-        kvs_store_ns_drop(st, spec->name, NULL, NULL);
-        return rc;
-    }
-    if (out)
-        *out = ns;
-    else if (ns)
-        kvs_ns_unref(ns);
-    return rc;
-}
-
 void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c)
 {
     if (st->engine)
@@ -279,8 +194,8 @@ static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_er
     return kvs_ns_codec_publish(owner, kv, c, err);
 }
 
-int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
-                      kvs_err *err)
+int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
+                      kvs__state_persist_fn persist, kvs_ns **out, kvs_err *err)
 {
     int rc = kvs_spec_validate(spec, err);
     if (rc)
@@ -303,10 +218,8 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_n
                            (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
-    kvs_learn_hooks hooks = {.prepare = prepare_codec,
-                             .persist = st->disk ? kvs__persist_state_put : NULL,
-                             .publish = publish_codec,
-                             .ctx = st};
+    kvs_learn_hooks hooks = {
+        .prepare = prepare_codec, .persist = persist, .publish = publish_codec, .ctx = st};
     if ((rc = kvs_learn_create(spec, st->calib_tokens, &hooks, &learn, err))) {
         kvs_codec_destroy(codecs[0]);
         kvs_codec_destroy(codecs[1]);
@@ -368,8 +281,8 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
             n = newer;
         }
     }
-    if (ns && st->spill) /* after any queued write of its blocks (FIFO) */
-        kvs_spill_ns_del(st->spill, kvs_ns_id(ns));
+    if (ns && st->writer) /* after any queued write of its blocks (FIFO) */
+        kvs_writer_ns_del(st->writer, kvs_ns_id(ns));
     pthread_mutex_unlock(&st->mu);
     if (!ns)
         return kvs_err_set(err, KVS_ENOTFOUND, "name: namespace '%.64s' not found", name);
@@ -431,16 +344,16 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
         /* Background demotion (drop false) keeps half of the writer's queue for victims
          * of Puts. A lone block over the limit still goes, or it could never leave. */
         uint64_t qmax = drop ? st->spill_max : st->spill_max / 2;
-        bool writable = st->spill && (st->stats.spill_pending == 0 ||
-                                      st->stats.spill_pending + blk->size <= qmax);
-        if (st->spill && !blk->on_disk && !writable && !drop)
+        bool writable = st->writer && (st->stats.spill_pending == 0 ||
+                                       st->stats.spill_pending + blk->size <= qmax);
+        if (st->writer && !blk->on_disk && !writable && !drop)
             break;
         /* Out of the policy now, whatever follows (S3-FIFO remembers it in its ghost if it
          * leaves from S); the unlinks below then leave the policy alone, so the scan goes
          * on. A spilled block stays linked but is no candidate any more (invariant 2). */
         kvs_policy_evicted(st->policy, pn);
         st->stats.host_evictions++;
-        if (st->spill && blk->on_disk) { /* its record is there already: no write */
+        if (st->writer && blk->on_disk) { /* its record is there already: no write */
             kvs_block *d = kvs__disk_entry_new(blk);
             kvs__store_unlink_locked(st, blk); /* refs was 1: free */
             kvs__store_link_locked(st, d);
@@ -452,10 +365,10 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
             blk->refs++;
             st->stats.host_used -= blk->size;
             st->stats.spill_pending += blk->size;
-            kvs_spill_put(st->spill, blk);
+            kvs_writer_put(st->writer, blk, blk->size);
             continue;
         } else {
-            if (st->spill)
+            if (st->writer)
                 st->stats.spill_dropped++; /* the writer is behind: a lost cache entry */
             kvs__store_unlink_locked(st, blk);
         }
@@ -619,8 +532,8 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
                                     blk->size ? blk->size : 1, NULL);
         assert(prc == 0);
         (void)prc;
-        if (st->spill && st->stats.host_used > st->host_high)
-            kvs_spill_kick(st->spill); /* background demotion to the disk tier */
+        if (st->writer && st->stats.host_used > st->host_high)
+            kvs_writer_kick(st->writer); /* background demotion to the disk tier */
     }
     kvs__block_set_state(blk, KVS_BLOCK_IDLE);
     blk->refs = 1;
@@ -644,10 +557,10 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
                   kvs_store_put_info *info, kvs_store_durable_fn done, void *arg, kvs_err *err)
 {
     int rc = kvs_key_validate(key_len, err);
-    if (rc == 0 && done && (!st->spill || blk->tier != KVS_STORE_TIER_HOST))
+    if (rc == 0 && done && (!st->writer || blk->tier != KVS_STORE_TIER_HOST))
         rc = kvs_err_set(err, KVS_EINVAL, "durable: namespace '%s': a durable write needs %s",
                          kvs_ns_spec_of(blk->ns)->name,
-                         st->spill ? "a host tier block" : "a disk tier");
+                         st->writer ? "a host tier block" : "a disk tier");
     if (rc) {
         kvs_store_block_abort(st, blk);
         return rc;
@@ -697,7 +610,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
     if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
         kvs__block_set_state(blk, KVS_BLOCK_WRITING);
         blk->refs++;
-        kvs_spill_durable(st->spill, blk, done, arg);
+        kvs_writer_durable(st->writer, blk, blk->size, done, arg);
     }
     pthread_mutex_unlock(&st->mu);
     if (free_old)
@@ -722,35 +635,9 @@ int kvs_store_block_commit_durable(kvs_store *st, kvs_block *blk, const void *ke
     return commit(st, blk, key, key_len, info, done, arg, err);
 }
 
-int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
-                  kvs_err *err)
-{
-    kvs_block *blk;
-    int rc = kvs_store_find(st, ns, key, key_len, &blk, err);
-    return rc ? rc : kvs_store_read(st, blk, out, err);
-}
-
 bool kvs_block_unread(const kvs_block *blk)
 {
     return blk->tier == KVS_STORE_TIER_DISK && !blk->data; /* transient reads have bytes */
-}
-
-int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err)
-{
-    if (!kvs_block_unread(blk)) {
-        *out = blk;
-        return 0;
-    }
-    return kvs_spill_read(st, blk, out, err); /* verified by the disk module as it is read */
-}
-
-int kvs_store_view(kvs_store *st, kvs_block *blk, kvs_disk_read_fn fn, void *arg, kvs_err *err)
-{
-    if (!kvs_block_unread(blk) || st->promote)
-        return kvs_err_set(err, KVS_EINVAL,
-                           "view: only an unread disk block, with promotion "
-                           "off");
-    return kvs_spill_view(st, blk, fn, arg, err);
 }
 
 int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,

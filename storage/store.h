@@ -11,11 +11,11 @@
  * (kvs_store_gpu_pick, then kvs_store_demote_commit once the engine fetched the bytes),
  * so a Put that finds the gpu tier full simply lands in the host tier. The store itself
  * never touches device memory. With a disk tier, the host tier's victims are not dropped
- * but handed to the disk writer (storage/spill.h), which writes them off the request path
- * and then turns their index entries into disk entries (no payload); the same happens in
- * the background (the writer asks, kvs__store_host_demote) once the host tier passes its
- * high watermark, down to its low one, so that Puts rarely evict on their path; a Get of a disk
- * block reads it back (verified) and, unless opts.no_promote, moves it to the host tier,
+ * but handed to the disk writer (storage/writer.h, its hooks in storage/store_disk.c), which writes
+ * them off the request path and then turns their index entries into disk entries (no payload); the
+ * same happens in the background (the writer asks, kvs__store_host_demote) once the host tier
+ * passes its high watermark, down to its low one, so that Puts rarely evict on their path; a Get of
+ * a disk block reads it back (verified) and, unless opts.no_promote, moves it to the host tier,
  * where it keeps its disk record. A block of a `durable` namespace is committed with
  * kvs_store_block_commit_durable: linked at once, written to LMDB with a flush by the
  * disk writer, and reported done only then (the daemon acknowledges the Put at that
@@ -76,7 +76,7 @@
  *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
  * index, the LRUs, the namespace registry and all counters. Lock order (the one place it
- * is written down): store->mu, then the disk writer's queue lock (spill.c), then the
+ * is written down): store->mu, then the disk writer's queue lock (writer.c), then the
  * disk module's writer lock (disk.c, only ever taken by the writer thread and by reads
  * with no store lock held) -- in practice store->mu is held only to queue, never across
  * an LMDB transaction or a CUDA call, and never while payload bytes are copied or

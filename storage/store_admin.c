@@ -14,7 +14,7 @@
 
 #include "gpu/base/mem.h"
 #include "gpu/codec/format.h"
-#include "storage/spill.h"
+#include "storage/writer.h"
 #include "storage/store_int.h"
 
 #define BLOCK_OF_NODE KVS__BLOCK_OF_NODE
@@ -212,7 +212,7 @@ int kvs_store_verify(kvs_store *st, kvs_store_verify_info *info, kvs_err *err)
 int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err)
 {
     memset(info, 0, sizeof *info);
-    if (!st->spill)
+    if (!st->writer)
         return kvs_err_set(err, KVS_EINVAL, "flush: this store has no disk tier");
     pthread_mutex_lock(&st->mu);
     size_t n = st->lru.count;
@@ -237,7 +237,7 @@ int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err
         kvs__block_set_state(b, KVS_BLOCK_WRITING);
         b->refs += 2; /* the writer's (invariant 8), and ours to read the outcome */
         v[m++] = b;
-        kvs_spill_copy(st->spill, b);
+        kvs_writer_copy(st->writer, b, b->size);
     }
     info->gpu_skipped = st->stats.gpu_blocks;
     pthread_mutex_unlock(&st->mu);
@@ -465,7 +465,7 @@ static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evic
     r->room -= b->size < r->room ? b->size : r->room;
     r->mine[r->m++] = b;
     r->progress = true;
-    kvs_spill_put(st->spill, b);
+    kvs_writer_put(st->writer, b, b->size);
     return true;
 }
 
@@ -564,7 +564,7 @@ int kvs_store_evict(kvs_store *st, const kvs_store_sel *sel, kvs_store_tier to,
                            "to: blocks move down to the host or disk tier, or "
                            "out (tier %d given)",
                            (int)to);
-    if (to == KVS_STORE_TIER_DISK && !st->spill)
+    if (to == KVS_STORE_TIER_DISK && !st->writer)
         return kvs_err_set(err, KVS_EINVAL, "to: this store has no disk tier");
     if (sel->keys && !sel->ns)
         return kvs_err_set(err, KVS_EINVAL, "keys: given without a namespace");

@@ -1,5 +1,6 @@
 /* Private to the store (storage/store.c, its GPU tier in storage/store_gpu.c), its
- * disk-tier plumbing (storage/spill.c, storage/persist.c) and admin verbs
+ * disk-tier plumbing (storage/store_disk.c: the writer's hooks and disk reads;
+ * storage/persist.c: records and restore; storage/store_open.c: create) and admin verbs
  * (storage/store_admin.c): the block and store structures and the helpers these files
  * use. Nothing outside storage/ includes this.
  * Every *_locked function expects store->mu held (store.h: lock order).
@@ -17,7 +18,7 @@
 #include "storage/slots.h"
 #include "storage/store.h"
 
-typedef struct kvs_spill kvs_spill; /* storage/spill.h */
+#include "storage/writer.h"
 
 /* What a block is doing: one state at a time (the diagram in store.h), changed only by
  * kvs__block_set_state, which asserts the transition. */
@@ -93,7 +94,7 @@ struct kvs_store {
     uint64_t gpu_high, gpu_low; /* watermarks in bytes */
     uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
     kvs_disk *disk;             /* borrowed; NULL without a disk tier */
-    kvs_spill *spill;           /* the disk writer; NULL without a disk tier */
+    kvs_writer *writer;         /* the disk writer; NULL without a disk tier */
     uint64_t spill_max;         /* most bytes handed to the writer at once */
     uint64_t host_high, host_low; /* host tier watermarks in bytes (with a disk tier) */
     bool host_demoting;           /* between crossing host_high and reaching host_low */
@@ -143,10 +144,17 @@ void kvs__store_host_demote(kvs_store *st);
  * without kernels is simply coded on the CPU). */
 void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c);
 
-/* Validates spec and registers it (kvs_store_ns_create without persisting it); id 0 = a
- * fresh id, else that id (restoring from the disk tier). *out gets a reference. */
-int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id, kvs_ns **out,
-                      kvs_err *err);
+/* A learner's persist hook (gpu/codec/learn.h): kvs__persist_state_put, or NULL. */
+typedef int (*kvs__state_persist_fn)(void *ctx, void *owner, kvs_kv kv,
+                                     const kvs_codec_state *state, kvs_err *err);
+/* Validates spec and registers it (kvs_store_ns_create without recording its spec); id 0
+ * = a fresh id, else that id (restoring from the disk tier); persist records its learned
+ * codec states (NULL: not recorded). *out gets a reference. */
+int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
+                      kvs__state_persist_fn persist, kvs_ns **out, kvs_err *err);
+
+/* storage/store_disk.c: the disk writer's hooks for st (kvs_writer_create). */
+void kvs__store_writer_hooks(kvs_store *st, kvs_writer_hooks *h);
 /* storage/persist.c: */
 /* Writes ns's spec record to the disk tier (flushed). */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err);

@@ -1,0 +1,448 @@
+/* The store's disk side (store.h; DESIGN §7): what the disk writer (storage/writer.h)
+ * asks of the store through its hooks — the bytes of queued blocks, room in the disk
+ * budget, and the index after each write — and the store's disk verbs: reads of disk
+ * blocks (verified, promoted), waits for the writer, durable barriers, flushes.
+ *
+ * The writer's hooks run on the writer thread and take store->mu for their bookkeeping,
+ * never across an LMDB transaction (the writer does those with no store lock held).
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/base/mem.h"
+#include "storage/store_int.h"
+#include "storage/writer.h"
+
+/* ---------------------------------------------------------------- the writer's hooks */
+
+/* The run's blocks to write now. Identity and payload are immutable once linked, and the
+ * writer's reference keeps them. A put or copy of a block removed meanwhile is skipped
+ * (whoever removed it queued the record's deletion after this). A durable block is written
+ * even then, unless its namespace is gone: its Put is acknowledged after this write
+ * whatever happened to it meanwhile, and what replaced or deleted it is queued after it,
+ * so at any instant of a crash an acknowledged block is on disk or superseded by a later
+ * operation. */
+static size_t gather(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n,
+                     kvs_disk_item *items, size_t *at, bool *gone)
+{
+    kvs_store *st = ctx;
+    size_t m = 0;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = blocks[i];
+        gone[i] = kvs_ns_dropped(b->ns);
+        if (!gone[i] && (kind == KVS_WRITER_DURABLE || kvs__block_linked(b))) {
+            at[m] = i;
+            items[m++] =
+                (kvs_disk_item){b->node.ns_id, b->node.key, b->node.key_len, b->data, b->size};
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return m;
+}
+
+/* Frees room in the disk budget: deletes records of non-durable blocks, oldest first,
+ * until `need` more bytes fit and at least `extra` bytes went. First disk entries (the
+ * block leaves the store), then the records of idle host blocks (the block stays in the
+ * host tier, without a record). The records are deleted before the index changes, and
+ * the index changes only if the deletion committed: after an error both still agree.
+ * Records of durable namespaces are never taken (README: the durable contract), nor those
+ * of blocks being read or written. Returns the bytes freed. */
+static uint64_t free_records(kvs_store *st, uint64_t need, uint64_t extra)
+{
+    size_t n = 0, cap = 0;
+    kvs_block **picked = NULL;
+    uint64_t freed = 0;
+    pthread_mutex_lock(&st->mu);
+    for (int pass = 0; pass < 2; pass++) {
+        kvs_lru *list = pass ? &st->lru : &st->disk_lru;
+        for (kvs_lru_node *it = kvs_lru_oldest(list);
+             it && (st->stats.disk_used - freed + need > st->stats.disk_capacity || freed < extra);
+             it = kvs_lru_newer(list, it)) {
+            kvs_block *b = KVS__BLOCK_OF_LRU(it);
+            if (b->refs != 1 || !b->on_disk || b->state != KVS_BLOCK_IDLE ||
+                kvs_ns_spec_of(b->ns)->durable)
+                continue;
+            if (n == cap) {
+                kvs_block **np = realloc(picked, (cap ? 2 * cap : 64) * sizeof *np);
+                if (!np)
+                    break; /* evict fewer this round */
+                picked = np;
+                cap = cap ? 2 * cap : 64;
+            }
+            picked[n++] = b;
+            b->refs++; /* busy for everyone else while its record goes (invariant 3) */
+            kvs__block_set_state(b, KVS_BLOCK_UNRECORDING);
+            freed += b->size;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    if (!n) {
+        free(picked);
+        return 0;
+    }
+    kvs_writer_rec *r = malloc(n * sizeof *r);
+    size_t done = 0;
+    for (size_t i = 0; r && i < n; i++) { /* identity is immutable: no lock needed */
+        r[i].ns_id = picked[i]->node.ns_id;
+        r[i].key_len = picked[i]->node.key_len;
+        memcpy(r[i].key, picked[i]->node.key, picked[i]->node.key_len);
+    }
+    if (r) /* a failure is logged and counted by the writer; what went is `done` */
+        kvs_writer_delete_now(st->writer, r, n, "evicted", &done);
+    free(r);
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = picked[i];
+        bool still = b->state == KVS_BLOCK_UNRECORDING; /* else removed meanwhile */
+        if (still && i < done && b->on_disk) {
+            st->stats.disk_evictions++;
+            if (b->tier == KVS_STORE_TIER_DISK) {
+                kvs__store_unlink_locked(st, b); /* our reference keeps it to below */
+                still = false;
+            } else { /* a host copy without its record now */
+                b->on_disk = false;
+                st->stats.disk_used -= b->size;
+            }
+        }
+        if (still)
+            kvs__block_set_state(b, KVS_BLOCK_IDLE);
+        if (kvs__store_unref_locked(st, b)) {
+            b->node.next = (kvs_index_node *)to_free;
+            to_free = b;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
+    free(picked);
+    return done == n ? freed : 0;
+}
+
+/* The budget is strict: a write that does not fit once every evictable record went is
+ * refused (durable Puts answer RESOURCE_EXHAUSTED naming the disk tier; spills are
+ * dropped). After LMDB or the filesystem said full, an eighth of the tier (at least the
+ * write) more goes. */
+static int room(void *ctx, uint64_t need, bool retry, kvs_err *err)
+{
+    kvs_store *st = ctx;
+    if (retry) {
+        pthread_mutex_lock(&st->mu);
+        uint64_t extra = st->stats.disk_used / 8;
+        pthread_mutex_unlock(&st->mu);
+        if (free_records(st, need, extra > need ? extra : need))
+            return 0;
+        return kvs_err_set(err, KVS_ENOSPC, "disk tier: nothing left to evict");
+    }
+    free_records(st, need, 0);
+    pthread_mutex_lock(&st->mu);
+    uint64_t used = st->stats.disk_used, cap = st->stats.disk_capacity;
+    pthread_mutex_unlock(&st->mu);
+    if (used + need <= cap)
+        return 0;
+    return kvs_err_set(err, KVS_ENOSPC,
+                       "disk tier: no room for %llu bytes in its budget of %llu bytes "
+                       "(--disk-capacity): %llu bytes are durable blocks or in use",
+                       (unsigned long long)need, (unsigned long long)cap, (unsigned long long)used);
+}
+
+/* The index after a run: a written put becomes a disk entry (the host copy leaves; its
+ * readers keep it until they let go); a written copy or durable block stays, now with its
+ * record. A durable write that failed leaves its key as it was before the Put: the block is
+ * unlinked and the record it replaced, if any (still in LMDB: nothing was written), indexed
+ * again. A put that failed is dropped as without a disk tier; a copy that failed stays. */
+static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n, const bool *gone,
+                   const bool *written, const int *rcs)
+{
+    kvs_store *st = ctx;
+    bool durable = kind == KVS_WRITER_DURABLE, keep = kind != KVS_WRITER_PUT;
+    kvs_block *fresh[KVS_WRITER_RUN_MAX] = {0};
+    for (size_t i = 0; i < n; i++) /* allocations outside the lock */
+        if (written[i] && !keep)
+            fresh[i] = kvs__disk_entry_new(blocks[i]);
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *b = blocks[i];
+        bool live = kvs__block_linked(b) && !kvs_ns_dropped(b->ns);
+        if (!gone[i] && rcs[i] && rcs[i] != KVS_ENOSPC)
+            st->stats.disk_write_errors++;
+        else if (!gone[i] && rcs[i] && durable)
+            st->stats.disk_refused++;
+        if (written[i] && live) {
+            if (keep) {
+                b->on_disk = true;
+                st->stats.disk_used += b->size;
+            } else {
+                kvs__store_unlink_locked(st, b);
+                kvs__store_link_locked(st, fresh[i]);
+                fresh[i] = NULL;
+                st->stats.disk_spills++;
+            }
+        } else if (rcs[i] && live && durable) {
+            kvs__store_unlink_locked(st, b);
+            if (b->prev_rec &&
+                !kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len)) {
+                kvs_block *d = kvs__disk_entry_new(b);
+                d->tokens = b->prev_tokens;
+                d->size = b->prev_size;
+                d->raw_bytes = b->prev_raw;
+                kvs__store_link_locked(st, d);
+            }
+        } else if (rcs[i] && live && !keep) {
+            kvs__store_unlink_locked(st, b);
+            st->stats.spill_dropped++;
+        }
+        if (b->state == KVS_BLOCK_WRITING) /* a copy or a durable block that stays */
+            kvs__block_set_state(b, KVS_BLOCK_IDLE);
+        if (kvs__store_unref_locked(st, b)) { /* the writer's reference */
+            b->node.next = (kvs_index_node *)to_free;
+            to_free = b;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    for (size_t i = 0; i < n; i++)
+        if (fresh[i])
+            kvs__block_free(fresh[i]);
+    kvs__block_free_chain(to_free);
+}
+
+static void idle(void *ctx)
+{
+    kvs__store_host_demote(ctx);
+}
+
+static void write_errors(void *ctx, uint64_t n)
+{
+    kvs_store *st = ctx;
+    pthread_mutex_lock(&st->mu);
+    st->stats.disk_write_errors += n;
+    pthread_mutex_unlock(&st->mu);
+}
+
+void kvs__store_writer_hooks(kvs_store *st, kvs_writer_hooks *h)
+{
+    *h = (kvs_writer_hooks){.ctx = st,
+                            .gather = gather,
+                            .room = room,
+                            .finish = finish,
+                            .idle = idle,
+                            .write_errors = write_errors,
+                            .log = st->log,
+                            .log_ctx = st->log_ctx};
+}
+
+/* ---------------------------------------------------------------- waits and barriers */
+
+typedef struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+} waiter;
+
+static void wake(void *arg, int rc, const kvs_err *err)
+{
+    (void)rc;
+    (void)err;
+    waiter *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+void kvs_store_disk_wait(kvs_store *st)
+{
+    if (!st->writer)
+        return;
+    waiter w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    kvs_writer_mark(st->writer, wake, &w);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+}
+
+typedef struct barrier {
+    kvs_store *st;
+    kvs_store_durable_fn done;
+    void *arg;
+} barrier;
+
+static void barrier_done(void *arg, int rc, const kvs_err *e)
+{
+    (void)rc;
+    (void)e;
+    barrier b = *(barrier *)arg;
+    free(arg);
+    kvs_err err;
+    int src = kvs_disk_sync(b.st->disk, &err);
+    b.done(b.arg, src, src ? &err : NULL);
+}
+
+void kvs_store_disk_barrier(kvs_store *st, kvs_store_durable_fn done, void *arg)
+{
+    if (!st->writer) {
+        done(arg, 0, NULL);
+        return;
+    }
+    barrier *b = kvs_xcalloc(1, sizeof *b); /* small and fixed (STYLE: may abort) */
+    *b = (barrier){st, done, arg};
+    kvs_writer_mark(st->writer, barrier_done, b);
+}
+
+/* ---------------------------------------------------------------- reads */
+
+typedef struct view {
+    uint64_t len;
+    kvs_disk_read_fn fn;
+    void *arg;
+    bool called;
+} view;
+
+static int view_cb(const void *bytes, size_t len, void *arg)
+{
+    view *v = arg;
+    if (len != v->len) /* rewritten under another size since: not this block any more */
+        return KVS_ENOTFOUND;
+    v->called = true;
+    return v->fn(bytes, len, v->arg);
+}
+
+/* d's verified bytes to fn inside one LMDB read transaction; a lost record (gone, or
+ * dropped by the disk module for its checksum) forgets the entry and is counted. The
+ * caller's reference on d stays. */
+static int disk_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg, kvs_err *err)
+{
+    view v = {.len = d->size, .fn = fn, .arg = arg};
+    int rc = kvs_disk_get(st->disk, d->node.ns_id, d->node.key, d->node.key_len, view_cb, &v, err);
+    bool lost = !v.called && (rc == KVS_ENOTFOUND || rc == KVS_EDATALOSS);
+    if (lost && rc == KVS_ENOTFOUND)
+        rc = kvs_err_set(err, KVS_ENOTFOUND,
+                         "key: not found in namespace '%s' (its disk record is gone)",
+                         kvs_ns_spec_of(d->ns)->name);
+    pthread_mutex_lock(&st->mu);
+    if (v.called) {
+        st->stats.disk_hits++;
+    } else if (lost) { /* the disk module already deleted a record that failed its checksum */
+        if (rc == KVS_EDATALOSS)
+            st->stats.checksum_failures++;
+        else
+            st->stats.misses++;
+        if (kvs__block_linked(d) && d->tier == KVS_STORE_TIER_DISK && !d->data)
+            kvs__store_unlink_locked(st, d); /* the caller's reference keeps it */
+    }
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+static int copy_cb(const void *bytes, size_t len, void *dst)
+{
+    memcpy(dst, bytes, len); /* len checked by view_cb */
+    return 0;
+}
+
+/* Reads disk entry d (the caller's reference is dropped) into host memory; with promotion,
+ * the copy replaces d in the index as a host block that keeps the record. */
+static int disk_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
+{
+    kvs_ns *ns = d->ns;
+    kvs_block *h = NULL;
+    int rc = 0;
+    if (st->promote && kvs_store_block_alloc(st, ns, d->tokens, d->size, &h, NULL) != 0)
+        h = NULL; /* no room in the host tier: serve a transient copy */
+    if (!h) {
+        h = calloc(1, sizeof *h);
+        unsigned char *data = h ? kvs_trymalloc(d->size ? d->size : 1) : NULL;
+        if (!data) {
+            free(h);
+            h = NULL;
+            rc = kvs_err_set(err, KVS_ENOMEM,
+                             "disk tier: cannot allocate %llu bytes to read a block",
+                             (unsigned long long)d->size);
+        } else {
+            *h = (kvs_block){.data = data,
+                             .ns = kvs_ns_ref(ns),
+                             .tokens = d->tokens,
+                             .size = d->size,
+                             .tier = KVS_STORE_TIER_DISK,
+                             .state = KVS_BLOCK_TRANSIENT};
+        }
+    }
+    if (rc == 0) {
+        h->raw_bytes = d->raw_bytes;
+        /* Verified, counted, and a lost record's entry forgotten, by the view. */
+        rc = disk_view(st, d, copy_cb, h->data, err);
+    }
+    pthread_mutex_lock(&st->mu);
+    if (rc == 0) {
+        if (h->state != KVS_BLOCK_TRANSIENT && d->state == KVS_BLOCK_IDLE && !kvs_ns_dropped(ns)) {
+            h->node = d->node;
+            h->on_disk = true; /* the record stays: evicting h again costs no write */
+            kvs__store_unlink_locked(st, d);
+            kvs__store_link_locked(st, h);
+            st->stats.disk_promotions++;
+        }
+        h->refs = kvs__block_linked(h) ? 2 : 1; /* + the reader's */
+    }
+    bool free_d = kvs__store_unref_locked(st, d);
+    pthread_mutex_unlock(&st->mu);
+    if (free_d)
+        kvs__block_free(d);
+    if (rc && h) {
+        if (h->state == KVS_BLOCK_TRANSIENT)
+            kvs__block_free(h);
+        else
+            kvs_store_block_abort(st, h);
+    }
+    if (rc == 0)
+        *out = h;
+    return rc;
+}
+
+int kvs_store_read(kvs_store *st, kvs_block *blk, kvs_block **out, kvs_err *err)
+{
+    if (!kvs_block_unread(blk)) {
+        *out = blk;
+        return 0;
+    }
+    return disk_read(st, blk, out, err); /* verified by the disk module as it is read */
+}
+
+int kvs_store_view(kvs_store *st, kvs_block *blk, kvs_disk_read_fn fn, void *arg, kvs_err *err)
+{
+    if (!kvs_block_unread(blk) || st->promote)
+        return kvs_err_set(err, KVS_EINVAL, "view: only an unread disk block, with promotion off");
+    return disk_view(st, blk, fn, arg, err);
+}
+
+int kvs_store_get(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, kvs_block **out,
+                  kvs_err *err)
+{
+    kvs_block *blk;
+    int rc = kvs_store_find(st, ns, key, key_len, &blk, err);
+    return rc ? rc : kvs_store_read(st, blk, out, err);
+}
+
+/* ---------------------------------------------------------------- flush */
+
+uint64_t kvs_store_flush(kvs_store *st)
+{
+    uint64_t n = 0;
+    if (!st->writer)
+        return 0;
+    pthread_mutex_lock(&st->mu);
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it; it = kvs_lru_newer(&st->lru, it)) {
+        kvs_block *b = KVS__BLOCK_OF_LRU(it);
+        if (b->on_disk || b->state != KVS_BLOCK_IDLE)
+            continue; /* has a record, or one is being written, or busy elsewhere */
+        kvs__block_set_state(b, KVS_BLOCK_WRITING);
+        b->refs++;
+        kvs_writer_copy(st->writer, b, b->size);
+        n++;
+    }
+    pthread_mutex_unlock(&st->mu);
+    kvs_store_disk_wait(st);
+    return n;
+}
