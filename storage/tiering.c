@@ -260,8 +260,8 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     d->k_state = info.k_state;
     d->v_state = info.v_state;
     kvs_err err;
-    if (kvs_engine_upload_dev(t->eng, k, v, kvs_block_data(blk), kvs_block_size(blk), d->slot,
-                              d->lens, on_uploaded, p, &err))
+    if (kvs_engine_upload_dev(t->eng, k, v, kvs_block_data(blk), kvs_block_size(blk),
+                              KVS_BLOCK_VERIFIED, d->slot, d->lens, on_uploaded, p, &err))
         on_uploaded(p, -1, &err); /* refused (a malformed block: its Get will say so) */
 }
 

@@ -44,7 +44,9 @@ size_t kvs_tiering_demote(void *t, kvs_block **picked, size_t n);
  * store allows it (kvs_store_promote_begin: promotion on, room below the gpu tier's high
  * watermark) and the engine has kernels for its codecs; returns at once. When the copy is
  * done, the gpu copy takes the host block's place (kvs_store_promote_commit), unless the
- * block was deleted or replaced meanwhile. Any thread. */
+ * block was deleted or replaced meanwhile. blk's bytes are those kvs_store_find verified
+ * (invariant 4: read-only while referenced), so the upload does not hash them again.
+ * Any thread. */
 void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk);
 /* Waits for the round and the promotions in flight (the engine must still run), then
  * frees. NULL is fine. */

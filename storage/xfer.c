@@ -348,7 +348,9 @@ static void finish_get(kvs_xfer_get *g, int rc, const kvs_err *err)
 }
 
 /* Decodes the requested layers of encoded bytes into dst with the codecs the block was
- * encoded with (kvs_ns_codecs_at); bytes we stored but cannot read are data loss. */
+ * encoded with (kvs_ns_codecs_at); bytes we stored but cannot read are data loss. The
+ * bytes come from the store, which verified their checksum when it found the host block
+ * or read the disk record (store.h, invariant 4): not hashed again. */
 static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
 {
     kvs_err *err = &g->err;
@@ -359,7 +361,7 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
     if (rc == 0)
         rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
     if (rc == 0)
-        rc = kvs_block_decode(k, v, bytes, len, g->lb, g->le, (uint16_t *)g->dst.ptr, err);
+        rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le, (uint16_t *)g->dst.ptr, err);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS)
         rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
     return rc;
@@ -446,8 +448,9 @@ static void dispatch(kvs_xfer_get *g)
     if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
         kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
         kvs_engine_accepts(eng, k, v) &&
-        kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk), g->lb, g->le,
-                          (uint16_t *)g->dst.ptr, engine_done, g, &g->err) == 0)
+        kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk),
+                          KVS_BLOCK_VERIFIED, g->lb, g->le, (uint16_t *)g->dst.ptr, engine_done, g,
+                          &g->err) == 0)
         return;
     run(x, decode_job, decoded, g);
 }

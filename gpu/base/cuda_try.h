@@ -1,7 +1,10 @@
-/* Checked CUDA runtime calls (STYLE: GPU code; STYLE-anchors §7.1): one macro that turns a
- * failure into a kvs_err naming the call, the CUDA error and the place, and jumps to the
- * function's `fail` label (or returns) instead of aborting: the daemon must survive a
- * failed launch. After every kernel launch: KVS_CUDA_TRY(cudaGetLastError(), err). */
+/* Checked CUDA runtime calls (STYLE: GPU code; STYLE-anchors §7.1): the one macro for
+ * them, in the codecs' launchers and in the engine alike. A failure returns KVS_EINTERNAL
+ * from the function with a kvs_err naming the call, the CUDA error and the place, instead
+ * of aborting: the daemon must survive a failed launch. After every kernel launch:
+ * KVS_CUDA_CHECK(cudaGetLastError(), err). Whether the device is lost for good is not the
+ * call site's business: the engine thread asks the stream once after a failed batch
+ * (gpu/engine/engine.c), where sticky errors show again. */
 #ifndef KVS_BASE_CUDA_TRY_H
 #define KVS_BASE_CUDA_TRY_H
 

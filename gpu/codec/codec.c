@@ -321,29 +321,37 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
     }
     if (rc == 0) {
         offsets[2 * s->layers] = (uint32_t)pos;
-        kvs_block_info info = {
-            .dtype = (uint8_t)s->dtype,
-            .flags = s->keys_pre_rope ? 1 : 0,
-            .ns_id = ns_id,
-            .k_codec = (uint8_t)k->id,
-            .k_bits = (uint8_t)k->bits,
-            .v_codec = (uint8_t)v->id,
-            .v_bits = (uint8_t)v->bits,
-            .layers = s->layers,
-            .kv_heads = s->kv_heads,
-            .head_dim = s->head_dim,
-            .tokens = t,
-            .k_state = k->state.version,
-            .v_state = v->state.version,
-            .seed = s->seed,
-            .total_bytes = pos,
-        };
-        kvs_format_write_prefix(&info, offsets, out);
-        kvs_format_seal(out, pos);
-        *len = pos;
+        *len = kvs_block_frame(k, v, ns_id, t, offsets, out);
     }
     free(offsets);
     return rc;
+}
+
+size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                       const uint32_t *offsets, uint8_t *out)
+{
+    const kvs_ns_spec *s = &k->spec;
+    size_t total = offsets[2 * s->layers];
+    kvs_block_info info = {
+        .dtype = (uint8_t)s->dtype,
+        .flags = s->keys_pre_rope ? 1 : 0,
+        .ns_id = ns_id,
+        .k_codec = (uint8_t)k->id,
+        .k_bits = (uint8_t)k->bits,
+        .v_codec = (uint8_t)v->id,
+        .v_bits = (uint8_t)v->bits,
+        .layers = s->layers,
+        .kv_heads = s->kv_heads,
+        .head_dim = s->head_dim,
+        .tokens = t,
+        .k_state = k->state.version,
+        .v_state = v->state.version,
+        .seed = s->seed,
+        .total_bytes = total,
+    };
+    kvs_format_write_prefix(&info, offsets, out);
+    kvs_format_seal(out, total);
+    return total;
 }
 
 int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const kvs_block_info *info,
@@ -363,14 +371,21 @@ int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const kvs_block_info
     return 0;
 }
 
-int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
-                     uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err)
+int kvs_block_parse(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                    kvs_block_trust trust, kvs_block_info *info, kvs_err *err)
+{
+    int rc = trust == KVS_BLOCK_VERIFIED ? kvs_format_check(enc, len, info, err)
+                                         : kvs_format_parse(enc, len, info, err);
+    return rc ? rc : kvs_block_check(k, v, info, err);
+}
+
+static int block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                        kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                        uint16_t *raw, kvs_err *err)
 {
     kvs_block_info info;
-    int rc = kvs_format_parse(enc, len, &info, err);
+    int rc = kvs_block_parse(k, v, enc, len, trust, &info, err);
     if (rc)
-        return rc;
-    if ((rc = kvs_block_check(k, v, &info, err)))
         return rc;
     const kvs_ns_spec *s = &k->spec;
     if (layer_begin >= layer_end || layer_end > s->layers)
@@ -387,4 +402,17 @@ int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
         }
     }
     return rc;
+}
+
+int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                     uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err)
+{
+    return block_decode(k, v, enc, len, KVS_BLOCK_UNTRUSTED, layer_begin, layer_end, raw, err);
+}
+
+int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                              size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                              kvs_err *err)
+{
+    return block_decode(k, v, enc, len, KVS_BLOCK_VERIFIED, layer_begin, layer_end, raw, err);
 }

@@ -113,12 +113,34 @@ size_t kvs_block_encoded_max(const kvs_codec *k, const kvs_codec *v, uint32_t t)
 int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
                      const uint16_t *raw, uint8_t *out, size_t cap, size_t *len, kvs_err *err);
 
+/* Writes the header and section table of a block of t tokens encoded with k and v, whose
+ * 2L sections are in place in out at offsets (2L+1 entries, the last one the block's end),
+ * and seals it (gpu/codec/format.h): the one builder of a block header, for
+ * kvs_block_encode and the GPU engine. Returns the block's size, offsets[2L]. */
+size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                       const uint32_t *offsets, uint8_t *out);
+
 struct kvs_block_info; /* gpu/codec/format.h */
+
+/* How a reader checks an encoded block. A block is hashed once on each path that reads
+ * it: by the first owner that receives its bytes (the store, when it finds a host block or
+ * reads a disk record; a client, when bytes arrive), not again by every decoder after it. */
+typedef enum kvs_block_trust {
+    KVS_BLOCK_UNTRUSTED, /* every check, the checksum over all bytes included */
+    KVS_BLOCK_VERIFIED,  /* the caller verified the checksum since the bytes were written,
+                          * and they cannot change while it reads (the store's blocks are
+                          * read-only while referenced): every check but the hash */
+} kvs_block_trust;
 
 /* Checks that a parsed block (kvs_format_parse) was written for this namespace layout and
  * these codecs, with a state version they can decode. KVS_EPROTO otherwise. */
 int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const struct kvs_block_info *info,
                     kvs_err *err);
+
+/* kvs_format_parse (UNTRUSTED) or kvs_format_check (VERIFIED), then kvs_block_check:
+ * everything a decoder relies on before it reads a section. Fills *info. */
+int kvs_block_parse(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                    kvs_block_trust trust, struct kvs_block_info *info, kvs_err *err);
 
 /* Decodes layers [layer_begin, layer_end) of an encoded block into raw (which receives
  * (layer_end - layer_begin) * 2 * t * H * D elements). The block is parsed and its
@@ -126,6 +148,10 @@ int kvs_block_check(const kvs_codec *k, const kvs_codec *v, const struct kvs_blo
  * (KVS_EPROTO otherwise). */
 int kvs_block_decode(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
                      uint32_t layer_begin, uint32_t layer_end, uint16_t *raw, kvs_err *err);
+/* kvs_block_decode of a block the caller verified (KVS_BLOCK_VERIFIED): no hash. */
+int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                              size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
+                              kvs_err *err);
 
 #ifdef __cplusplus
 }

@@ -219,13 +219,12 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
     /* Encode CTAs: enough warps for one head's chunks, at most FP8_THREADS. */
     uint32_t chunks = s->t * (D / 8), threads = (chunks + 31) / 32 * 32;
     threads = threads > FP8_THREADS ? FP8_THREADS : threads;
-    for (uint32_t s0 = 0; s0 < s->n; s0 += chunk) {
-        uint32_t cnt = s->n - s0 < chunk ? s->n - s0 : chunk;
+    return kvs_cuda_each_launch(s, chunk, sec_elems, [&](const kvs_cuda_sections &p, uint32_t s0) {
         fp8_args a;
-        a.raw = s->raw ? s->raw + s0 * sec_elems : NULL;
-        a.raw_out = s->raw_out ? s->raw_out + s0 * sec_elems : NULL;
-        a.enc = s->enc ? s->enc + s0 * s->stride : NULL;
-        a.enc_out = s->enc_out ? s->enc_out + s0 * s->stride : NULL;
+        a.raw = p.raw;
+        a.raw_out = p.raw_out;
+        a.enc = p.enc;
+        a.enc_out = p.enc_out;
         a.stride = s->stride;
         a.bad = s->bad;
         a.sec0 = s0;
@@ -233,7 +232,7 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
         a.H = H;
         a.D = D;
         a.per_sec = per_sec;
-        a.total = cnt * per_sec;
+        a.total = p.n * per_sec;
         a.dsec = kdiv_make(per_sec);
         a.drow = kdiv_make(D / 8);
         a.dH = kdiv_make(H);
@@ -250,8 +249,8 @@ static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, boo
                 fp8_decode_kernel<false><<<blocks, FP8_THREADS, 0, st>>>(a);
         }
         KVS_CUDA_CHECK(cudaGetLastError(), err);
-    }
-    return 0;
+        return 0;
+    });
 }
 
 extern "C" int kvs__fp8_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,

@@ -320,20 +320,19 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
                             : (encode ? s->t * g.heads * (D / 32) : s->t * g.heads * (D / 8));
     uint32_t chunk = KIVI_MAX_ITEMS / per_sec; /* sections per launch */
     size_t sec_elems = (size_t)s->t * g.heads * D;
-    for (uint32_t s0 = 0; s0 < s->n; s0 += chunk) {
-        uint32_t cnt = s->n - s0 < chunk ? s->n - s0 : chunk;
+    return kvs_cuda_each_launch(s, chunk, sec_elems, [&](const kvs_cuda_sections &p, uint32_t s0) {
         kivi_args a;
-        a.raw = s->raw ? s->raw + s0 * sec_elems : NULL;
-        a.raw_out = s->raw_out ? s->raw_out + s0 * sec_elems : NULL;
-        a.enc = s->enc ? s->enc + s0 * s->stride : NULL;
-        a.enc_out = s->enc_out ? s->enc_out + s0 * s->stride : NULL;
+        a.raw = p.raw;
+        a.raw_out = p.raw_out;
+        a.enc = p.enc;
+        a.enc_out = p.enc_out;
         a.stride = s->stride;
         a.bad = s->bad;
         a.sec0 = s0;
         a.t = s->t;
         a.H = g.heads;
         a.per_sec = per_sec;
-        a.total = cnt * per_sec;
+        a.total = p.n * per_sec;
         a.dsec = kdiv_make(per_sec);
         a.dgrp = kdiv_make(g.heads * (D / 2));
         a.gk = g.gk;
@@ -354,8 +353,8 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
         else
             kivi_decode_values_kernel<D, B, BF16><<<blocks, KIVI_THREADS, 0, st>>>(a);
         KVS_CUDA_CHECK(cudaGetLastError(), err);
-    }
-    return 0;
+        return 0;
+    });
 }
 
 template <int D>

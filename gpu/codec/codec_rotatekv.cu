@@ -1077,19 +1077,19 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
                 opted[dev] = (int)smem;
         }
         const size_t sec_elems = (size_t)t * g->C;
-        for (uint32_t s0 = 0; s0 < s->n; s0 += RKV_MAX_ITEMS) {
-            const uint32_t cnt = s->n - s0 < RKV_MAX_ITEMS ? s->n - s0 : RKV_MAX_ITEMS;
-            rkv_args b = a;
-            b.raw = s->raw + s0 * sec_elems;
-            b.enc_out = s->enc_out + s0 * s->stride;
-            b.layer = s->layer + s0;
-            b.len_out = s->len_out + s0;
-            b.sec0 = s0;
-            b.n = cnt;
-            rkv_encode_kernel<N, B><<<cnt, nw * 32, smem, st>>>(b);
-            KVS_CUDA_CHECK(cudaGetLastError(), err);
-        }
-        return 0;
+        return kvs_cuda_each_launch(s, RKV_MAX_ITEMS, sec_elems,
+                                    [&](const kvs_cuda_sections &p, uint32_t s0) {
+                                        rkv_args b = a;
+                                        b.raw = p.raw;
+                                        b.enc_out = p.enc_out;
+                                        b.layer = p.layer;
+                                        b.len_out = p.len_out;
+                                        b.sec0 = s0;
+                                        b.n = p.n;
+                                        rkv_encode_kernel<N, B><<<p.n, nw * 32, smem, st>>>(b);
+                                        KVS_CUDA_CHECK(cudaGetLastError(), err);
+                                        return 0;
+                                    });
     }
     uint32_t wpb = RKV_THREADS / 32;
     size_t smem = 0;
@@ -1102,21 +1102,20 @@ static int launch(const kvs_codec *c, const kvs_cuda_sections *s, cudaStream_t s
     a.dt = kdiv_make(t);
     const uint32_t chunk = RKV_MAX_ITEMS / t; /* sections per launch: warps < 2^31 */
     const size_t sec_elems = (size_t)t * g->C;
-    for (uint32_t s0 = 0; s0 < s->n; s0 += chunk) {
-        const uint32_t cnt = s->n - s0 < chunk ? s->n - s0 : chunk;
+    return kvs_cuda_each_launch(s, chunk, sec_elems, [&](const kvs_cuda_sections &p, uint32_t s0) {
         rkv_args b = a;
-        b.raw_out = s->raw_out + s0 * sec_elems;
-        b.enc = s->enc + s0 * s->stride;
-        b.layer = s->layer + s0;
-        b.len = s->len + s0;
+        b.raw_out = p.raw_out;
+        b.enc = p.enc;
+        b.layer = p.layer;
+        b.len = p.len;
         b.sec0 = s0;
-        b.n = cnt;
-        b.nwarps = cnt * t;
+        b.n = p.n;
+        b.nwarps = p.n * t;
         const uint32_t blocks = (b.nwarps + wpb - 1) / wpb;
         rkv_decode_kernel<N, B><<<blocks, wpb * 32, smem, st>>>(b);
         KVS_CUDA_CHECK(cudaGetLastError(), err);
-    }
-    return 0;
+        return 0;
+    });
 }
 
 template <int N>

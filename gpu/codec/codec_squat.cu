@@ -269,12 +269,11 @@ static int sq_launch(const kvs_codec *c, const squat_cuda *sc, const kvs_cuda_se
     const uint32_t per_sec = g.nk * g.heads, chunk = SQ_MAX_CTAS / per_sec;
     const size_t sec_elems = (size_t)s->t * g.heads * D;
     const size_t smem = (size_t)(g.gk + SQ_TPT - 1) / SQ_TPT * SQ_TPT * D * sizeof(float);
-    for (uint32_t s0 = 0; s0 < s->n; s0 += chunk) {
-        uint32_t cnt = s->n - s0 < chunk ? s->n - s0 : chunk;
+    return kvs_cuda_each_launch(s, chunk, sec_elems, [&](const kvs_cuda_sections &p, uint32_t s0) {
         squat_args a;
-        a.raw = s->raw + s0 * sec_elems;
-        a.enc_out = s->enc_out + s0 * s->stride;
-        a.layer = s->layer + s0;
+        a.raw = p.raw;
+        a.enc_out = p.enc_out;
+        a.layer = p.layer;
         a.slot = sc->slot;
         a.C = sc->C;
         a.bad = s->bad;
@@ -291,14 +290,14 @@ static int sq_launch(const kvs_codec *c, const squat_cuda *sc, const kvs_cuda_se
         a.k_grp = (uint32_t)g.k_grp;
         a.dsec = kdiv_make(per_sec);
         a.dh = kdiv_make(g.heads);
-        unsigned blocks = cnt * per_sec;
+        unsigned blocks = p.n * per_sec;
         if (g.gk <= 16)
             squat_encode_keys_kernel<D, B, BF16, 16><<<blocks, SQ_THREADS, smem, st>>>(a);
         else
             squat_encode_keys_kernel<D, B, BF16, 32><<<blocks, SQ_THREADS, smem, st>>>(a);
         KVS_CUDA_CHECK(cudaGetLastError(), err);
-    }
-    return 0;
+        return 0;
+    });
 }
 
 template <int D>

@@ -2,13 +2,15 @@
  * a run-time constant for index math, reading and writing the namespace dtype exactly as
  * the CPU side does (gpu/half.h, gpu/codec.c's decode saturation), and 32-bit loads and
  * stores at any byte alignment (encoded sections may start anywhere), and the `bad` word
- * update of the NaN/Inf contract (gpu/codec/codec_cuda.h). CUDA C++ only. */
+ * update of the NaN/Inf contract (gpu/codec/codec_cuda.h), and the one loop that splits a
+ * batch into launches (kvs_cuda_each_launch). CUDA C++ only. */
 #ifndef KVS_CUDA_UTIL_CUH
 #define KVS_CUDA_UTIL_CUH
 
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "gpu/codec/codec_cuda.h"
 #include "gpu/codec/half.h"
 
 /* Division by a run-time constant with a multiply and a shift, exact for x < 2^31
@@ -120,6 +122,36 @@ static __device__ __forceinline__ void flag(unsigned long long *bad, unsigned lo
 {
     if (bad)
         atomicMin(bad, i);
+}
+
+/* The launchers' one chunked-launch loop: a batch of s->n sections goes out in launches of
+ * at most per_launch sections (so that a launch's work-item indices and grid stay below
+ * 2^31), launch(part, s0) for each: part is s with n the launch's count and every
+ * per-section pointer (raw, raw_out: sec_elems elements a section; enc, enc_out: stride
+ * bytes; layer, len, len_out: one entry) advanced to section s0, the batch index of the
+ * launch's first section (`bad` stays an index over the whole batch: kernels add s0).
+ * Returns launch's first failure, else 0. */
+template <typename F>
+static int kvs_cuda_each_launch(const kvs_cuda_sections *s, uint32_t per_launch, size_t sec_elems,
+                                F launch)
+{
+    if (per_launch == 0)
+        per_launch = 1;
+    for (uint32_t s0 = 0; s0 < s->n; s0 += per_launch) {
+        kvs_cuda_sections part = *s;
+        part.n = s->n - s0 < per_launch ? s->n - s0 : per_launch;
+        part.raw = s->raw ? s->raw + s0 * sec_elems : NULL;
+        part.raw_out = s->raw_out ? s->raw_out + s0 * sec_elems : NULL;
+        part.enc = s->enc ? s->enc + s0 * s->stride : NULL;
+        part.enc_out = s->enc_out ? s->enc_out + s0 * s->stride : NULL;
+        part.layer = s->layer ? s->layer + s0 : NULL;
+        part.len = s->len ? s->len + s0 : NULL;
+        part.len_out = s->len_out ? s->len_out + s0 : NULL;
+        int rc = launch(part, s0);
+        if (rc)
+            return rc;
+    }
+    return 0;
 }
 
 #endif

@@ -106,7 +106,7 @@ int kvs_format_peek(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err 
     return 0;
 }
 
-int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
+int kvs_format_check(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
 {
     int rc = kvs_format_peek(b, len, info, err);
     if (rc)
@@ -142,6 +142,14 @@ int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err
     if (prev != len)
         return kvs_err_set(err, KVS_EPROTO, "encoded block: sections end at %u, block at %zu", prev,
                            len);
+    return 0;
+}
+
+int kvs_format_parse(const uint8_t *b, size_t len, kvs_block_info *info, kvs_err *err)
+{
+    int rc = kvs_format_check(b, len, info, err);
+    if (rc)
+        return rc;
     if (checksum(b, len) != info->checksum)
         return kvs_err_set(err, KVS_EDATALOSS, "encoded block: checksum mismatch");
     return 0;

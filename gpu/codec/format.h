@@ -65,6 +65,11 @@ void kvs_format_seal(uint8_t *block, size_t len);
  * mismatch; KVS_EPROTO for anything malformed). Fills *info. */
 int kvs_format_parse(const uint8_t *block, size_t len, kvs_block_info *info, kvs_err *err);
 
+/* kvs_format_parse without the checksum: every structural check a reader's bounds rely
+ * on, for bytes whose checksum their owner verified since they were written and which
+ * cannot change meanwhile (kvs_block_trust in gpu/codec/codec.h). */
+int kvs_format_check(const uint8_t *block, size_t len, kvs_block_info *info, kvs_err *err);
+
 /* Reads the header fields of a block without validating it (len must be at least
  * KVS_FORMAT_HEADER_BYTES, else KVS_EPROTO): to choose a decoder before the full parse. */
 int kvs_format_peek(const uint8_t *block, size_t len, kvs_block_info *info, kvs_err *err);

@@ -29,116 +29,10 @@
 
 #include "gpu/base/cuda_try.h"
 
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-static size_t sec_elems(const kvs_codec *k, uint32_t t)
-{
-    const kvs_ns_spec *s = kvs_codec_spec(k);
-    return (size_t)t * s->kv_heads * s->head_dim;
-}
-
 static bool compatible(const job *a, const job *b)
 {
     return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v && a->t == b->t &&
            a->lb == b->lb && a->le == b->le;
-}
-
-/* Bytes of staging one request takes on the raw side and on the encoded side. */
-static void footprint(const job *j, size_t *raw, size_t *enc)
-{
-    size_t nl = j->le - j->lb;
-    *raw = j->kind == JOB_FETCH || j->kind == JOB_UPLOAD ? 0 : 2 * nl * sec_elems(j->k, j->t) * 2;
-    *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
-}
-
-void kvs__engine_finish(job *j, int rc, const kvs_err *err)
-{
-    j->done(j->arg, rc, err);
-    free(j);
-}
-
-void kvs__engine_fail_all(job *list, int rc, const kvs_err *err)
-{
-    while (list) {
-        job *next = list->next;
-        kvs__engine_finish(list, rc, err);
-        list = next;
-    }
-}
-
-/* Marks the engine failed after an error the device does not recover from. */
-void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
-{
-    if (rc == cudaErrorIllegalAddress || rc == cudaErrorLaunchFailure ||
-        rc == cudaErrorHardwareStackError || rc == cudaErrorIllegalInstruction ||
-        rc == cudaErrorMisalignedAddress || rc == cudaErrorInvalidPc ||
-        rc == cudaErrorECCUncorrectable)
-        atomic_store(&e->failed, true);
-}
-
-#define ENGINE_TRY(e, expr, err)                                                                   \
-    do {                                                                                           \
-        cudaError_t rc_ = (expr);                                                                  \
-        if (rc_ != cudaSuccess) {                                                                  \
-            kvs__engine_note_error((e), rc_);                                                      \
-            return kvs_err_set((err), KVS_EINTERNAL, "GPU engine: %s: %s", #expr,                  \
-                               cudaGetErrorString(rc_));                                           \
-        }                                                                                          \
-    } while (0)
-
-/* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
- * klen[l], V likewise) into out as an encoded block (gpu/codec/format.h), sealed. Returns its
- * size; out holds kvs_block_encoded_max bytes. */
-size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
-                               const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
-{
-    const kvs_ns_spec *s = kvs_codec_spec(j->k);
-    uint32_t L = s->layers, offsets[2 * KVS_MAX_LAYERS + 1];
-    size_t pos = kvs_format_prefix_bytes(L);
-    for (uint32_t l = 0; l < L; l++) {
-        offsets[2 * l] = (uint32_t)pos;
-        if (kb)
-            memcpy(out + pos, kb + l * sk, klen[l]);
-        pos += klen[l];
-        offsets[2 * l + 1] = (uint32_t)pos;
-        if (kb)
-            memcpy(out + pos, vb + l * sv, vlen[l]);
-        pos += vlen[l];
-    }
-    offsets[2 * L] = (uint32_t)pos;
-    kvs_block_info info = {.dtype = (uint8_t)s->dtype,
-                           .flags = s->keys_pre_rope ? 1 : 0,
-                           .ns_id = j->ns_id,
-                           .k_codec = (uint8_t)kvs_codec_id_of(j->k),
-                           .k_bits = (uint8_t)kvs_codec_bits(j->k),
-                           .v_codec = (uint8_t)kvs_codec_id_of(j->v),
-                           .v_bits = (uint8_t)kvs_codec_bits(j->v),
-                           .layers = L,
-                           .kv_heads = s->kv_heads,
-                           .head_dim = s->head_dim,
-                           .tokens = j->t,
-                           .k_state = kvs_codec_state_version(j->k),
-                           .v_state = kvs_codec_state_version(j->v),
-                           .seed = s->seed,
-                           .total_bytes = pos};
-    kvs_format_write_prefix(&info, offsets, out);
-    kvs_format_seal(out, pos);
-    return pos;
-}
-
-bool kvs__engine_pinned(const void *p)
-{
-    struct cudaPointerAttributes a;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-        cudaGetLastError(); /* not sticky: clear it */
-        return false;
-    }
-    return a.type == cudaMemoryTypeHost;
 }
 
 /* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
@@ -156,7 +50,7 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
     if (!any) {
         void *dst = to_dev ? (void *)e->d_raw : (void *)e->h_raw;
         const void *src = to_dev ? (const void *)e->h_raw : (const void *)e->d_raw;
-        ENGINE_TRY(e, cudaMemcpyAsync(dst, src, 2 * n * w, kind, e->st), err);
+        KVS_CUDA_CHECK(cudaMemcpyAsync(dst, src, 2 * n * w, kind, e->st), err);
         return 0;
     }
     size_t b = 0;
@@ -166,19 +60,18 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
             uint8_t *dev = e->d_raw + dev_off;
             if (!j->pinned_raw) {
                 uint8_t *host = e->h_raw + dev_off;
-                ENGINE_TRY(e,
-                           cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
-                                           to_dev ? (const void *)host : (const void *)dev, nl * w,
-                                           kind, e->st),
-                           err);
+                KVS_CUDA_CHECK(cudaMemcpyAsync(to_dev ? (void *)dev : (void *)host,
+                                               to_dev ? (const void *)host : (const void *)dev,
+                                               nl * w, kind, e->st),
+                               err);
                 continue;
             }
             if (to_dev) {
                 const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
-                ENGINE_TRY(e, cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
+                KVS_CUDA_CHECK(cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
             } else {
                 uint8_t *user = (uint8_t *)j->raw_out + (size_t)kv * w;
-                ENGINE_TRY(e, cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
+                KVS_CUDA_CHECK(cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
             }
         }
     }
@@ -193,17 +86,16 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     const kvs_codec *k = list->k, *v = list->v;
     bool encode = list->kind == JOB_ENCODE, dev = list->dev;
     uint32_t nl = list->le - list->lb, t = list->t;
-    size_t n = (size_t)nb * nl, sec = sec_elems(k, t);
+    size_t n = (size_t)nb * nl, sec = kvs__engine_sec_elems(k, t);
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t enc_bytes = n * (sk + sv);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
-    ENGINE_TRY(e,
-               cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
-                               cudaMemcpyHostToDevice, e->st),
-               err);
-    ENGINE_TRY(e, cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
+    KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
+                                   cudaMemcpyHostToDevice, e->st),
+                   err);
+    KVS_CUDA_CHECK(cudaMemsetAsync(e->d_bad, 0xFF, 2 * sizeof *e->d_bad, e->st), err);
     kvs_cuda_sections ks = {.n = (uint32_t)n,
                             .t = t,
                             .layer = e->d_layers,
@@ -233,58 +125,51 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
             uint32_t b = 0;
             for (job *j = list; j; j = j->next, b++) {
-                ENGINE_TRY(e,
-                           cudaMemcpyAsync(j->slot.out, e->d_enc + b * nl * sk, nl * sk,
-                                           cudaMemcpyDeviceToDevice, e->st),
-                           err);
-                ENGINE_TRY(e,
-                           cudaMemcpyAsync(j->slot.out + nl * sk, e->d_enc + n * sk + b * nl * sv,
-                                           nl * sv, cudaMemcpyDeviceToDevice, e->st),
-                           err);
+                KVS_CUDA_CHECK(cudaMemcpyAsync(j->slot.out, e->d_enc + b * nl * sk, nl * sk,
+                                               cudaMemcpyDeviceToDevice, e->st),
+                               err);
+                KVS_CUDA_CHECK(cudaMemcpyAsync(j->slot.out + nl * sk,
+                                               e->d_enc + n * sk + b * nl * sv, nl * sv,
+                                               cudaMemcpyDeviceToDevice, e->st),
+                               err);
             }
         } else {
-            ENGINE_TRY(
-                e, cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st),
-                err);
+            KVS_CUDA_CHECK(
+                cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st), err);
         }
-        ENGINE_TRY(e,
-                   cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
-                                   cudaMemcpyDeviceToHost, e->st),
-                   err);
+        KVS_CUDA_CHECK(cudaMemcpyAsync(e->h_len, e->d_len, 2 * n * sizeof *e->h_len,
+                                       cudaMemcpyDeviceToHost, e->st),
+                       err);
     } else {
         if (dev) { /* gather the layers asked for from the slots */
             uint32_t b = 0, L = kvs_codec_spec(k)->layers;
             for (job *j = list; j; j = j->next, b++) {
-                ENGINE_TRY(e,
-                           cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot.in + j->lb * sk, nl * sk,
-                                           cudaMemcpyDeviceToDevice, e->st),
-                           err);
-                ENGINE_TRY(e,
-                           cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
-                                           j->slot.in + L * sk + j->lb * sv, nl * sv,
-                                           cudaMemcpyDeviceToDevice, e->st),
-                           err);
+                KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot.in + j->lb * sk,
+                                               nl * sk, cudaMemcpyDeviceToDevice, e->st),
+                               err);
+                KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
+                                               j->slot.in + L * sk + j->lb * sv, nl * sv,
+                                               cudaMemcpyDeviceToDevice, e->st),
+                               err);
             }
         } else {
-            ENGINE_TRY(
-                e, cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st),
-                err);
+            KVS_CUDA_CHECK(
+                cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st), err);
         }
         if (!kfix || !vfix)
-            ENGINE_TRY(e,
-                       cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
-                                       cudaMemcpyHostToDevice, e->st),
-                       err);
+            KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_len, e->h_len, 2 * n * sizeof *e->h_len,
+                                           cudaMemcpyHostToDevice, e->st),
+                           err);
         if ((rc = kvs_codec_decode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_decode_cuda(v, &vs, e->st, err)))
             return rc;
         if ((rc = move_raw(e, list, nl, n, sec, false, err)))
             return rc;
     }
-    ENGINE_TRY(
-        e, cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
+    KVS_CUDA_CHECK(
+        cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
         err);
-    ENGINE_TRY(e, cudaStreamSynchronize(e->st), err);
+    KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
     if (encode) { /* fixed-size codecs leave their lengths implicit */
         for (size_t i = 0; i < n && kfix; i++)
             e->h_len[i] = (uint32_t)sk;
@@ -315,21 +200,21 @@ static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
             cudaError_t ce = cudaMemcpyAsync(dst, p, n, cudaMemcpyHostToDevice, e->st);
             if (ce == cudaSuccess)
                 ce = cudaStreamSynchronize(e->st);
-            if (ce != cudaSuccess) {
-                kvs__engine_note_error(e, ce);
-                rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy to the GPU tier: %s",
-                                 cudaGetErrorString(ce));
-            }
+            if (ce != cudaSuccess)
+                rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy to the GPU tier: %s (%s)",
+                                 cudaGetErrorString(ce), cudaGetErrorName(ce));
         }
     free(tmp);
     return rc;
 }
 
-static void do_encode(kvs_engine *e, job *list, uint32_t nb)
+/* The batch runners (engine_int.h: kvs__engine_runner): one batch of a kind, every job
+ * finished; they return KVS_EINTERNAL when a CUDA call failed on the way. */
+static int do_encode(kvs_engine *e, job *list, uint32_t nb)
 {
     const kvs_codec *k = list->k, *v = list->v;
     uint32_t L = kvs_codec_spec(k)->layers, t = list->t;
-    size_t sec = sec_elems(k, t), n = (size_t)nb * L;
+    size_t sec = kvs__engine_sec_elems(k, t), n = (size_t)nb * L;
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     uint16_t *hr = (uint16_t *)e->h_raw;
     uint32_t b = 0;
@@ -344,7 +229,7 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
     int rc = run_batch(e, list, nb, &err);
     if (rc) {
         kvs__engine_fail_all(list, rc, &err);
-        return;
+        return rc;
     }
     /* The kernels flag a batch holding NaN/Inf input or a value they refuse (the flag
      * names one element of the whole launch). Then every request of the batch is encoded
@@ -357,6 +242,8 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
         int rc2 = 0;
         if (flagged && j->dev) {
             rc2 = cpu_encode_dev(e, j, &err);
+            if (rc2 == KVS_EINTERNAL)
+                rc = rc2; /* a copy to the slot failed: the engine looks at the device */
         } else if (flagged) {
             rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
         } else if (j->dev) {
@@ -378,13 +265,14 @@ static void do_encode(kvs_engine *e, job *list, uint32_t nb)
         }
         kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
     }
+    return rc;
 }
 
-static void do_decode(kvs_engine *e, job *list, uint32_t nb)
+static int do_decode(kvs_engine *e, job *list, uint32_t nb)
 {
     const kvs_codec *k = list->k, *v = list->v;
     uint32_t nl = list->le - list->lb, t = list->t, L = kvs_codec_spec(k)->layers;
-    size_t sec = sec_elems(k, t), n = (size_t)nb * nl;
+    size_t sec = kvs__engine_sec_elems(k, t), n = (size_t)nb * nl;
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     uint32_t b = 0;
     for (job *j = list; j; j = j->next, b++)
@@ -409,7 +297,7 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
     int rc = run_batch(e, list, nb, &err);
     if (rc) {
         kvs__engine_fail_all(list, rc, &err);
-        return;
+        return rc;
     }
     /* A section the kernels found malformed: host blocks are decoded again by the CPU
      * reference (which names the problem); a slot holds bytes our own kernels wrote, so a
@@ -424,8 +312,9 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
             kvs__engine_finish(j, KVS_EDATALOSS, &err);
             continue;
         }
-        if (flagged) {
-            int rc2 = kvs_block_decode(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
+        if (flagged) { /* checked at submission (kvs__engine_check_block): no second hash */
+            int rc2 =
+                kvs_block_decode_verified(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
             kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
             continue;
         }
@@ -436,6 +325,7 @@ static void do_decode(kvs_engine *e, job *list, uint32_t nb)
         }
         kvs__engine_finish(j, 0, NULL);
     }
+    return 0;
 }
 
 /* Takes a batch off the queue: the oldest request and every compatible one that fits the
@@ -448,7 +338,7 @@ static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
         uint32_t count = 0;
         for (job *j = e->head; j && count < e->o.max_batch; j = j->next)
             count += compatible(first, j);
-        uint64_t now = now_us();
+        uint64_t now = kvs__engine_now_us();
         if (count >= e->o.max_batch || now >= deadline || e->stop)
             break;
         struct timespec ts;
@@ -464,7 +354,7 @@ static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
     while (*pp && *nb < e->o.max_batch) {
         job *j = *pp;
         size_t r, c;
-        footprint(j, &r, &c);
+        kvs__engine_footprint(j, &r, &c);
         if (compatible(first, j) && raw_used + r <= e->o.staging_bytes &&
             enc_used + c <= e->o.staging_bytes &&
             ((*nb + 1) * (size_t)(j->le - j->lb) <= e->max_sections)) {
@@ -485,6 +375,13 @@ static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
     return batch;
 }
 
+static const kvs__engine_runner runners[] = {
+    [JOB_ENCODE] = do_encode,
+    [JOB_DECODE] = do_decode,
+    [JOB_FETCH] = kvs__engine_do_fetch,
+    [JOB_UPLOAD] = kvs__engine_do_upload,
+};
+
 static void *engine_main(void *arg)
 {
     kvs_engine *e = arg;
@@ -504,14 +401,10 @@ static void *engine_main(void *arg)
             kvs_err_set(&err, KVS_EINTERNAL, "GPU engine on %s failed earlier; restart kvstashd",
                         e->name);
             kvs__engine_fail_all(batch, KVS_EINTERNAL, &err);
-        } else if (batch->kind == JOB_ENCODE) {
-            do_encode(e, batch, nb);
-        } else if (batch->kind == JOB_DECODE) {
-            do_decode(e, batch, nb);
-        } else if (batch->kind == JOB_FETCH) {
-            kvs__engine_do_fetch(e, batch, nb);
-        } else {
-            kvs__engine_do_upload(e, batch, nb);
+        } else if (runners[batch->kind](e, batch, nb) == KVS_EINTERNAL) {
+            /* A CUDA call failed: the errors the device does not recover from are sticky,
+             * so the stream answers with them now; then every later job fails fast. */
+            kvs__engine_note_error(e, cudaStreamSynchronize(e->st));
         }
         pthread_mutex_lock(&e->mu);
     }
@@ -634,8 +527,8 @@ int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
     int rc = 0;
     cudaError_t cu = cudaSetDevice(e->o.device);
     if (cu != cudaSuccess)
-        rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaSetDevice: %s",
-                         cudaGetErrorString(cu));
+        rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaSetDevice: %s (%s)",
+                         cudaGetErrorString(cu), cudaGetErrorName(cu));
     else
         rc = kvs_codec_cuda_prepare(c, err);
     pthread_mutex_unlock(&e->prep_mu);
@@ -645,29 +538,6 @@ int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
 bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec *v)
 {
     return !kvs_engine_failed(e) && kvs_codec_cuda_ready(k) && kvs_codec_cuda_ready(v);
-}
-
-int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
-{
-    size_t raw, enc;
-    footprint(j, &raw, &enc);
-    if (raw > e->o.staging_bytes || enc > e->o.staging_bytes) {
-        free(j);
-        return kvs_err_set(err, KVS_E2BIG,
-                           "GPU engine: a block of %zu bytes exceeds the "
-                           "staging of %zu bytes",
-                           raw, e->o.staging_bytes);
-    }
-    j->enq_us = now_us();
-    pthread_mutex_lock(&e->mu);
-    if (e->tail)
-        e->tail->next = j;
-    else
-        e->head = j;
-    e->tail = j;
-    pthread_cond_signal(&e->cv);
-    pthread_mutex_unlock(&e->mu);
-    return 0;
 }
 
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
@@ -697,44 +567,14 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     return kvs__engine_submit(e, j, err);
 }
 
-int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
-                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
-                            kvs_err *err)
-{
-    int rc = kvs_format_parse(enc, len, info, err);
-    if (rc == 0)
-        rc = kvs_block_check(k, v, info, err);
-    if (rc)
-        return rc;
-    if (layer_end == 0)
-        layer_end = info->layers;
-    if (layer_begin >= layer_end || layer_end > info->layers)
-        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
-                           layer_end, info->layers);
-    size_t sk = kvs_codec_section_max(k, info->tokens), sv = kvs_codec_section_max(v, info->tokens);
-    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
-    for (uint32_t l = layer_begin; l < layer_end; l++) {
-        const uint8_t *p;
-        size_t n0, n1;
-        kvs_format_section(enc, l, 0, &p, &n0);
-        kvs_format_section(enc, l, 1, &p, &n1);
-        if (n0 > sk || n1 > sv || (kfix && n0 != sk) || (vfix && n1 != sv))
-            return kvs_err_set(err, KVS_EPROTO,
-                               "encoded block: layer %u sections of %zu/%zu "
-                               "bytes, the codecs write %s%zu/%s%zu",
-                               l, n0, n1, kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
-    }
-    return 0;
-}
-
 int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
-                      kvs_engine_done done, void *arg, kvs_err *err)
+                      size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                      uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err)
 {
     if (layer_end == 0) /* for the helper 0 means every layer; here it is an empty range */
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, 0) is empty", layer_begin);
     kvs_block_info info;
-    int rc = kvs__engine_check_block(k, v, enc, len, layer_begin, layer_end, &info, err);
+    int rc = kvs__engine_check_block(k, v, enc, len, trust, layer_begin, layer_end, &info, err);
     if (rc)
         return rc;
     job *j = kvs_xcalloc(1, sizeof *j);

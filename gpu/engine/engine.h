@@ -79,10 +79,13 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
                       kvs_engine_done done, void *arg, kvs_err *err);
 
 /* Decodes layers [layer_begin, layer_end) of an encoded block (borrowed until done runs)
- * into raw. The block must have been encoded with these codecs' state versions. */
+ * into raw. The block must have been encoded with these codecs' state versions. It is
+ * checked before it is queued (kvs_block_parse with trust: the checksum unless the
+ * caller verified it, KVS_EDATALOSS on a mismatch), and every section of the layers asked
+ * for must fit what the codecs write (KVS_EPROTO). */
 int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
-                      kvs_engine_done done, void *arg, kvs_err *err);
+                      size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                      uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err);
 
 /* ---------------------------------------------------------------- GPU tier */
 
@@ -115,8 +118,8 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
  * (host, 2L entries, borrowed) receives the section lengths before done runs. The block
  * must have been encoded with these codecs' state versions. Promotion to the GPU tier. */
 int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
-                          kvs_err *err);
+                          size_t len, kvs_block_trust trust, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err);
 /* Pins host memory for the engine's copies (cudaHostRegister; slow: do it once per large
  * region, as storage/hostpool does), and undoes it. Upload and fetch then move the
  * sections of a block in such memory by DMA, without the staging buffers (when its codecs

@@ -1,6 +1,7 @@
-/* Private to the GPU engine's two files: engine.c (the thread, batching, encode and decode
- * of host blocks) and engine_tier.c (the GPU tier's jobs: slots in and out). The job and
- * engine structures and the helpers both use. Nothing else includes this.
+/* Private to the GPU engine's files: engine.c (the thread, batching, encode and decode),
+ * engine_tier.c (the GPU tier's jobs: slots in and out) and engine_job.c (what both use:
+ * submission, completion, block checks and framing). The job and engine structures.
+ * Nothing else includes this. Calls go one way: engine.c -> engine_tier.c -> engine_job.c.
  */
 #ifndef KVS_GPU_ENGINE_INT_H
 #define KVS_GPU_ENGINE_INT_H
@@ -66,33 +67,44 @@ struct kvs_engine {
     void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
 };
 
+/* engine_job.c */
+uint64_t kvs__engine_now_us(void);
+/* Elements of one section (t tokens of every head of a layer). */
+size_t kvs__engine_sec_elems(const kvs_codec *k, uint32_t t);
+/* Bytes of staging one request takes on the raw side and on the encoded side. */
+void kvs__engine_footprint(const job *j, size_t *raw, size_t *enc);
 /* Runs j's callback and frees j. */
 void kvs__engine_finish(job *j, int rc, const kvs_err *err);
 /* kvs__engine_finish for every job of a list. */
 void kvs__engine_fail_all(job *list, int rc, const kvs_err *err);
-/* Marks the engine failed after an error the device does not recover from. */
+/* Marks the engine failed when rc is an error the device does not recover from (the
+ * engine thread asks the stream after a batch whose CUDA calls failed). */
 void kvs__engine_note_error(kvs_engine *e, cudaError_t rc);
 /* Queues j (taken over: freed on error) for the engine thread. */
 int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err);
 /* Frames one block's sections (host memory: K of layer l at kb + l*sk with length
- * klen[l], V likewise) into out as an encoded block (gpu/codec/format.h), sealed. Returns its
+ * klen[l], V likewise) into out as an encoded block (kvs_block_frame), sealed. Returns its
  * size; out holds kvs_block_encoded_max bytes. kb NULL: the sections are in out already,
  * at their framed places (a direct copy); only the header, table and checksum are
  * written. */
 size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
                                const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out);
-/* Checks an encoded block before a job reads it: kvs_format_parse (checksum), the codecs and
- * layout (kvs_block_check), and every section of layers [layer_begin, layer_end) (0: all)
- * within the codecs' largest (exactly that size for fixed-size codecs, whose kernels do not
- * read lengths). Fills *info. */
+/* Checks an encoded block before a job reads it: kvs_block_parse (with the checksum unless
+ * trust says the caller verified it), and every section of layers [layer_begin,
+ * layer_end) (0: all) within the codecs' largest (exactly that size for fixed-size codecs,
+ * whose kernels do not read lengths). Fills *info. */
 int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
-                            uint32_t layer_begin, uint32_t layer_end, kvs_block_info *info,
-                            kvs_err *err);
+                            kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                            kvs_block_info *info, kvs_err *err);
 /* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
  * reach it without a staging buffer. */
 bool kvs__engine_pinned(const void *p);
-/* Engine thread, engine_tier.c: a batch of fetch jobs, of upload jobs. */
-void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb);
-void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb);
+
+/* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
+ * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */
+typedef int (*kvs__engine_runner)(kvs_engine *e, job *list, uint32_t nb);
+/* engine_tier.c: the runners of fetch jobs and of upload jobs. */
+int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb);
+int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb);
 
 #endif

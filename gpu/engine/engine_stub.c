@@ -34,8 +34,8 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
 int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                      size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
-                      kvs_engine_done done, void *arg, kvs_err *err)
+                      size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                      uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
@@ -73,8 +73,8 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
 int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
-                          kvs_err *err)
+                          size_t len, kvs_block_trust trust, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }

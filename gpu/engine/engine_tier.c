@@ -22,7 +22,7 @@ size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
 }
 
 /* Slots back to the host: one device-to-host copy per block, then framing and checksum. */
-void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
+int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
 {
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
     size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
@@ -49,11 +49,10 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     if (ce == cudaSuccess)
         ce = cudaStreamSynchronize(e->st);
     if (ce != cudaSuccess) {
-        kvs__engine_note_error(e, ce);
-        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s",
-                    cudaGetErrorString(ce));
+        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s (%s)",
+                    cudaGetErrorString(ce), cudaGetErrorName(ce));
         kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
-        return;
+        return KVS_EINTERNAL;
     }
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
@@ -63,6 +62,7 @@ void kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
                                           j->lens.in + L, j->out);
         kvs__engine_finish(j, 0, NULL);
     }
+    return 0;
 }
 
 /* True if an encoded block's sections sit at the stride fixed-size codecs give them: K of
@@ -200,7 +200,7 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
 
 /* Host blocks into slots: each block's sections gathered into the staging in slot layout,
  * then one host-to-device copy per block. */
-void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
+int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
 {
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
     size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
@@ -245,17 +245,17 @@ void kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
     if (ce == cudaSuccess)
         ce = cudaStreamSynchronize(e->st);
     if (ce != cudaSuccess) {
-        kvs__engine_note_error(e, ce);
         kvs_err err;
-        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy into the GPU tier: %s",
-                    cudaGetErrorString(ce));
+        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy into the GPU tier: %s (%s)",
+                    cudaGetErrorString(ce), cudaGetErrorName(ce));
         kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
-        return;
+        return KVS_EINTERNAL;
     }
     for (job *j = list, *next; j; j = next) {
         next = j->next;
         kvs__engine_finish(j, 0, NULL);
     }
+    return 0;
 }
 
 int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
@@ -278,12 +278,12 @@ void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes)
 }
 
 int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                          size_t len, void *slot, uint32_t *lens, kvs_engine_done done, void *arg,
-                          kvs_err *err)
+                          size_t len, kvs_block_trust trust, void *slot, uint32_t *lens,
+                          kvs_engine_done done, void *arg, kvs_err *err)
 {
     /* The checks decode makes: the slot's fixed-size sections must be exactly the codecs'. */
     kvs_block_info info;
-    int rc = kvs__engine_check_block(k, v, enc, len, 0, 0, &info, err);
+    int rc = kvs__engine_check_block(k, v, enc, len, trust, 0, 0, &info, err);
     if (rc)
         return rc;
     size_t sk = kvs_codec_section_max(k, info.tokens), sv = kvs_codec_section_max(v, info.tokens);

@@ -75,8 +75,9 @@ static int pass(kvs_engine *e, kvs_codec *k, kvs_codec *v, blocks *b, double t[2
     atomic_store(&pending, (int)b->n);
     double t0 = now_s();
     for (uint32_t i = 0; i < b->n; i++)
-        if (kvs_engine_upload_dev(e, k, v, b->src + i * b->stride, b->len[i], b->tier + i * b->slot,
-                                  b->lens + 2 * L * i, on_done, NULL, &err)) {
+        if (kvs_engine_upload_dev(e, k, v, b->src + i * b->stride, b->len[i], KVS_BLOCK_VERIFIED,
+                                  b->tier + i * b->slot, b->lens + 2 * L * i, on_done, NULL,
+                                  &err)) {
             fprintf(stderr, "upload: %s\n", err.msg);
             return 1;
         }

@@ -81,8 +81,8 @@ static void *submitter(void *p)
                                    on_done, r, &err);
             break;
         case 1:
-            rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, 0, L, r->dec_gpu, on_done,
-                                   r, &err);
+            rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, KVS_BLOCK_UNTRUSTED, 0, L,
+                                   r->dec_gpu, on_done, r, &err);
             break;
         case 2:
             rc = kvs_engine_encode_dev(c->e, c->k, c->v, r->t, r->raw, r->slot, r->lens, on_done, r,
@@ -93,8 +93,8 @@ static void *submitter(void *p)
                                        on_done, r, &err);
             break;
         case 5:
-            rc = kvs_engine_upload_dev(c->e, c->k, c->v, r->cpu, r->cpu_len, r->slot, r->lens,
-                                       on_done, r, &err);
+            rc = kvs_engine_upload_dev(c->e, c->k, c->v, r->cpu, r->cpu_len, KVS_BLOCK_UNTRUSTED,
+                                       r->slot, r->lens, on_done, r, &err);
             break;
         default:
             rc = kvs_engine_fetch_dev(c->e, c->k, c->v, 7, r->t, r->slot, r->lens, r->gpu, cap,
@@ -212,8 +212,8 @@ static void check_upload(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, cons
         failures += r[i].rc != 0 || check_decoded(name, how, k, v, r, i, 0, L);
     /* A block with a flipped byte is refused before anything reaches the slot. */
     r[7].cpu[r[7].cpu_len / 2] ^= 0x40;
-    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, r[7].slot, r[7].lens, on_done, &r[7],
-                              &err) != KVS_EDATALOSS) {
+    if (kvs_engine_upload_dev(e, k, v, r[7].cpu, r[7].cpu_len, KVS_BLOCK_UNTRUSTED, r[7].slot,
+                              r[7].lens, on_done, &r[7], &err) != KVS_EDATALOSS) {
         printf("FAIL %s: a corrupt block was not refused by upload\n", name);
         failures++;
     }
@@ -423,8 +423,8 @@ static void test_codec(kvs_engine *e, const char *name)
     }
     /* A layer range decodes exactly those layers. */
     atomic_store(&r[0].done, 0);
-    if (kvs_engine_decode(e, k, v, r[0].cpu, r[0].cpu_len, 2, 4, r[0].dec_gpu, on_done, &r[0],
-                          &err) != 0) {
+    if (kvs_engine_decode(e, k, v, r[0].cpu, r[0].cpu_len, KVS_BLOCK_UNTRUSTED, 2, 4, r[0].dec_gpu,
+                          on_done, &r[0], &err) != 0) {
         printf("FAIL %s: layer range submit: %s\n", name, err.msg);
         failures++;
     } else {

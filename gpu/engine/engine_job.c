@@ -1,0 +1,143 @@
+/* The GPU engine's jobs, below both of its job runners (engine.c: the thread, batching,
+ * encode and decode; engine_tier.c: the GPU tier's fetch and upload): the queue's
+ * submission, a job's completion, the checks on a block before a job reads it, and the
+ * framing of sections into a sealed block. Calls neither runner (engine.c -> engine_tier.c
+ * -> engine_job.c).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime.h>
+
+#include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/format.h"
+#include "gpu/engine/engine_int.h"
+
+uint64_t kvs__engine_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+size_t kvs__engine_sec_elems(const kvs_codec *k, uint32_t t)
+{
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    return (size_t)t * s->kv_heads * s->head_dim;
+}
+
+void kvs__engine_footprint(const job *j, size_t *raw, size_t *enc)
+{
+    size_t nl = j->le - j->lb;
+    *raw = j->kind == JOB_FETCH || j->kind == JOB_UPLOAD
+               ? 0
+               : 2 * nl * kvs__engine_sec_elems(j->k, j->t) * 2;
+    *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
+}
+
+void kvs__engine_finish(job *j, int rc, const kvs_err *err)
+{
+    j->done(j->arg, rc, err);
+    free(j);
+}
+
+void kvs__engine_fail_all(job *list, int rc, const kvs_err *err)
+{
+    while (list) {
+        job *next = list->next;
+        kvs__engine_finish(list, rc, err);
+        list = next;
+    }
+}
+
+void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
+{
+    if (rc == cudaErrorIllegalAddress || rc == cudaErrorLaunchFailure ||
+        rc == cudaErrorHardwareStackError || rc == cudaErrorIllegalInstruction ||
+        rc == cudaErrorMisalignedAddress || rc == cudaErrorInvalidPc ||
+        rc == cudaErrorECCUncorrectable)
+        atomic_store(&e->failed, true);
+}
+
+size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,
+                               const uint8_t *vb, size_t sv, const uint32_t *vlen, uint8_t *out)
+{
+    uint32_t L = kvs_codec_spec(j->k)->layers, offsets[2 * KVS_MAX_LAYERS + 1];
+    size_t pos = kvs_format_prefix_bytes(L);
+    for (uint32_t l = 0; l < L; l++) {
+        offsets[2 * l] = (uint32_t)pos;
+        if (kb)
+            memcpy(out + pos, kb + l * sk, klen[l]);
+        pos += klen[l];
+        offsets[2 * l + 1] = (uint32_t)pos;
+        if (kb)
+            memcpy(out + pos, vb + l * sv, vlen[l]);
+        pos += vlen[l];
+    }
+    offsets[2 * L] = (uint32_t)pos;
+    return kvs_block_frame(j->k, j->v, j->ns_id, j->t, offsets, out);
+}
+
+bool kvs__engine_pinned(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+}
+
+int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
+{
+    size_t raw, enc;
+    kvs__engine_footprint(j, &raw, &enc);
+    if (raw > e->o.staging_bytes || enc > e->o.staging_bytes) {
+        free(j);
+        return kvs_err_set(err, KVS_E2BIG,
+                           "GPU engine: a block of %zu bytes exceeds the "
+                           "staging of %zu bytes",
+                           raw, e->o.staging_bytes);
+    }
+    j->enq_us = kvs__engine_now_us();
+    pthread_mutex_lock(&e->mu);
+    if (e->tail)
+        e->tail->next = j;
+    else
+        e->head = j;
+    e->tail = j;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
+                            kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                            kvs_block_info *info, kvs_err *err)
+{
+    int rc = kvs_block_parse(k, v, enc, len, trust, info, err);
+    if (rc)
+        return rc;
+    if (layer_end == 0)
+        layer_end = info->layers;
+    if (layer_begin >= layer_end || layer_end > info->layers)
+        return kvs_err_set(err, KVS_EINVAL, "layers: [%u, %u) not within %u layers", layer_begin,
+                           layer_end, info->layers);
+    size_t sk = kvs_codec_section_max(k, info->tokens), sv = kvs_codec_section_max(v, info->tokens);
+    bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
+    for (uint32_t l = layer_begin; l < layer_end; l++) {
+        const uint8_t *p;
+        size_t n0, n1;
+        kvs_format_section(enc, l, 0, &p, &n0);
+        kvs_format_section(enc, l, 1, &p, &n1);
+        if (n0 > sk || n1 > sv || (kfix && n0 != sk) || (vfix && n1 != sv))
+            return kvs_err_set(err, KVS_EPROTO,
+                               "encoded block: layer %u sections of %zu/%zu "
+                               "bytes, the codecs write %s%zu/%s%zu",
+                               l, n0, n1, kfix ? "" : "at most ", sk, vfix ? "" : "at most ", sv);
+    }
+    return 0;
+}
