@@ -72,8 +72,8 @@ static void call_free(kvs_call *c)
     kvs_server *srv = c->srv;
     if (c->streamed) /* before the grpc_call goes: the sweep may be about to cancel it */
         streams_unlink(srv, c);
-    if (c->rpc < KVS_RPC_COUNT && kvs_rpcs[c->rpc].cleanup)
-        kvs_rpcs[c->rpc].cleanup(c);
+    if (c->rpc < KVS_RPC_COUNT && c->srv->rpcs[c->rpc].cleanup)
+        c->srv->rpcs[c->rpc].cleanup(c);
     if (c->call)
         grpc_call_unref(c->call);
     grpc_metadata_array_destroy(&c->md);
@@ -114,7 +114,7 @@ int kvs_call_arm(kvs_server *srv, kvs_rpc rpc)
         e = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, srv->cq, srv->cq,
                                      &c->tags[KVS_STEP_ARRIVE]);
     } else {
-        bool with_payload = !kvs_rpcs[rpc].client_streaming;
+        bool with_payload = !c->srv->rpcs[rpc].client_streaming;
         e = grpc_server_request_registered_call(
             srv->server, srv->registered[rpc], &c->call, &c->deadline, &c->md,
             with_payload ? &c->request : NULL, srv->cq, srv->cq, &c->tags[KVS_STEP_ARRIVE]);
@@ -122,7 +122,7 @@ int kvs_call_arm(kvs_server *srv, kvs_rpc rpc)
     pthread_mutex_unlock(&srv->mu);
     if (e != GRPC_CALL_OK) {
         kvs_log(KVS_LOG_ERROR, "arming a %s slot failed: grpc_call_error %d",
-                rpc == KVS_RPC_UNKNOWN ? "generic" : kvs_rpcs[rpc].name, (int)e);
+                rpc == KVS_RPC_UNKNOWN ? "generic" : c->srv->rpcs[rpc].name, (int)e);
         c->rpc = KVS_RPC_UNKNOWN; /* nothing method-specific to clean */
         call_free(c);
         return KVS_EINTERNAL;
@@ -139,7 +139,7 @@ static void start_batch(kvs_call *c, const grpc_op *ops, size_t n, kvs_call_step
     grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->tags[step], NULL);
     if (e != GRPC_CALL_OK) {
         kvs_log(KVS_LOG_ERROR, "call#%llu %s: grpc_call_start_batch (step %d) failed: %d",
-                (unsigned long long)c->id, kvs_rpcs[c->rpc < KVS_RPC_COUNT ? c->rpc : 0].name,
+                (unsigned long long)c->id, c->srv->rpcs[c->rpc < KVS_RPC_COUNT ? c->rpc : 0].name,
                 (int)step, (int)e);
         pthread_mutex_lock(&c->mu);
         c->pending--;
@@ -229,7 +229,7 @@ void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg)
 
 void kvs_call_fail(kvs_call *c, int code, const char *msg)
 {
-    const char *name = c->rpc < KVS_RPC_COUNT ? kvs_rpcs[c->rpc].name : "unknown";
+    const char *name = c->rpc < KVS_RPC_COUNT ? c->srv->rpcs[c->rpc].name : "unknown";
     if (c->rpc < KVS_RPC_COUNT)
         atomic_fetch_add(&c->srv->rpc_errors[c->rpc], 1);
     /* Client mistakes are routine for a server: log them at debug, our own at error. */
@@ -272,7 +272,7 @@ static int check_auth(kvs_call *c, kvs_err *err)
     const kvs_auth *auth = c->srv->auth;
     if (c->rpc == KVS_RPC_HEALTH)
         return 0;
-    bool admin_rpc = kvs_rpcs[c->rpc].admin;
+    bool admin_rpc = c->srv->rpcs[c->rpc].admin;
     bool need_admin = kvs_auth_has_admin(auth), need_client = kvs_auth_has_client(auth);
     if (admin_rpc ? !(need_admin || need_client) : !need_client)
         return 0;
@@ -290,7 +290,7 @@ static int check_auth(kvs_call *c, kvs_err *err)
         if (need_admin && is_client)
             return kvs_err_set(err, KVS_EPERM,
                                "authorization: the client token may not call KvAdmin.%s",
-                               kvs_rpcs[c->rpc].name);
+                               c->srv->rpcs[c->rpc].name);
         return kvs_err_set(err, KVS_EUNAUTH, "authorization: missing or unknown bearer token");
     }
     if (is_client || is_admin)
@@ -339,7 +339,7 @@ static void on_arrive(kvs_call *c, bool ok)
         srv->inflight++;
         pthread_mutex_unlock(&srv->mu);
     }
-    const kvs_rpc_desc *d = &kvs_rpcs[c->rpc];
+    const kvs_rpc_desc *d = &c->srv->rpcs[c->rpc];
     if (d->start)
         streams_link(srv, c);
     if (d->client_streaming) {
@@ -374,13 +374,13 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
         break; /* c->cancelled is set; the send/recv paths see failures */
     case KVS_STEP_RECV:
         atomic_store(&c->waiting_ms, 0);
-        kvs_rpcs[c->rpc].on_recv(c, ok);
+        c->srv->rpcs[c->rpc].on_recv(c, ok);
         break;
     case KVS_STEP_SEND:
         atomic_store(&c->waiting_ms, 0);
         grpc_byte_buffer_destroy(c->send);
         c->send = NULL;
-        kvs_rpcs[c->rpc].on_send(c, ok);
+        c->srv->rpcs[c->rpc].on_send(c, ok);
         break;
     case KVS_STEP_FINISH:
         if (c->send) {

@@ -156,7 +156,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     Kvstash__V1__RpcStats *rpc_ptrs[KVS_RPC_COUNT];
     for (int i = 0; i < KVS_RPC_COUNT; i++) {
         kvstash__v1__rpc_stats__init(&rpcs[i]);
-        rpcs[i].method = kvs_pb_str(kvs_rpcs[i].name);
+        rpcs[i].method = kvs_pb_str(srv->rpcs[i].name);
         rpcs[i].calls = atomic_load(&srv->rpc_calls[i]);
         rpcs[i].errors = atomic_load(&srv->rpc_errors[i]);
         rpc_ptrs[i] = &rpcs[i];

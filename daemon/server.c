@@ -22,7 +22,7 @@
  * CQ thread to re-arm. */
 #define SLOTS_PER_METHOD 16
 
-const kvs_rpc_desc kvs_rpcs[KVS_RPC_COUNT] = {
+static const kvs_rpc_desc rpc_table[KVS_RPC_COUNT] = {
     [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, NULL, kvs_put_start,
                      kvs_put_on_recv, NULL, kvs_put_cleanup},
     [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, false, NULL, kvs_get_start, NULL,
@@ -71,6 +71,7 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
                       kvs_tiering *tiering, kvs_server **out, int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
+    srv->rpcs = rpc_table;
     srv->cfg = cfg;
     srv->store = store;
     srv->work = work;
@@ -104,13 +105,13 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
     grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
     for (int i = 0; i < KVS_RPC_COUNT; i++) {
         srv->registered[i] = grpc_server_register_method(
-            srv->server, kvs_rpcs[i].path, NULL,
-            kvs_rpcs[i].client_streaming ? GRPC_SRM_PAYLOAD_NONE
-                                         : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+            srv->server, srv->rpcs[i].path, NULL,
+            srv->rpcs[i].client_streaming ? GRPC_SRM_PAYLOAD_NONE
+                                          : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
             0);
         if (!srv->registered[i]) {
             kvs_err_set(err, KVS_EINTERNAL, "grpc_server_register_method %s failed",
-                        kvs_rpcs[i].path);
+                        srv->rpcs[i].path);
             goto fail;
         }
     }
@@ -208,7 +209,7 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
         snprintf(msg, sizeof msg,
                  "%s: no progress from the client for %llu s: cancelled "
                  "(--stream-idle)",
-                 kvs_rpcs[c->rpc].name, (unsigned long long)(idle_ms / 1000));
+                 srv->rpcs[c->rpc].name, (unsigned long long)(idle_ms / 1000));
         grpc_call_cancel_with_status(c->call, GRPC_STATUS_DEADLINE_EXCEEDED, msg, NULL);
         c->idle_cut = true;
         cut++;

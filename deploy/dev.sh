@@ -3,7 +3,8 @@
 #   deploy/dev.sh demo   install what is missing, build, start kvstashd on its defaults,
 #                        run a real workload with kvctl, show the results, stop the daemon
 #   deploy/dev.sh test   install what is missing, build (warnings are errors), run every test
-# Other verbs: deps (install only), build (install + build).
+# Other verbs: deps (install only), build (install + build), sanitize (the whole suite
+# built with ASan + UBSan in build-asan, CPU only: the README's Development section).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,6 +49,17 @@ run_tests() {
     log "running every test (ctest)"
     cd "$BUILD"
     ctest --output-on-failure --timeout 900 "$@"
+}
+
+sanitize() {
+    deps
+    local dir=$ROOT/build-asan
+    log "building with ASan + UBSan in $dir (cmake preset asan)"
+    (cd "$ROOT" && cmake --preset asan -DKVS_WERROR=ON >/dev/null)
+    cmake --build "$dir" -j"$(nproc)" >/dev/null
+    log "running every test under the sanitizers"
+    cd "$dir"
+    ctest --output-on-failure --timeout 1800 "$@"
 }
 
 demo() {
@@ -122,6 +134,7 @@ case "${1:-demo}" in
     deps) deps ;;
     build) build ;;
     test) shift; run_tests "$@" ;;
+    sanitize) shift; sanitize "$@" ;;
     demo) demo ;;
-    *) echo "usage: $0 [demo|test|build|deps]" >&2; exit 2 ;;
+    *) echo "usage: $0 [demo|test|build|deps|sanitize]" >&2; exit 2 ;;
 esac

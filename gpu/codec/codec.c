@@ -178,47 +178,6 @@ static size_t section_elems(const kvs_codec *c, uint32_t t)
     return (size_t)t * c->spec.kv_heads * c->spec.head_dim;
 }
 
-static int nonfinite(const kvs_codec *c, uint32_t layer, size_t i, float x, kvs_err *err)
-{
-    size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
-    return kvs_err_set(err, KVS_EINVAL,
-                       "payload: %s at layer %u, %s, token %zu, head %zu, "
-                       "channel %zu",
-                       isnan(x) ? "NaN" : (x < 0 ? "-Inf" : "+Inf"), layer,
-                       c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
-                       i % c->spec.head_dim);
-}
-
-int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
-                      kvs_err *err)
-{
-    /* fp16 and bf16 both mark NaN/Inf with an all-ones exponent. */
-    bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
-    const uint16_t mask = bf16 ? 0x7F80 : 0x7C00;
-    size_t n = section_elems(c, t);
-    unsigned bad = 0;
-    for (size_t i = 0; i < n; i++) /* branch-free: vectorizes */
-        bad |= (in[i] & mask) == mask;
-    if (!bad)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if ((in[i] & mask) == mask)
-            return nonfinite(c, layer, i, bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]),
-                             err);
-    return 0;
-}
-
-int kvs__field_nonfinite(const kvs_codec *c, uint32_t layer, kvs_err *err, const char *fmt, ...)
-{
-    char what[160];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    return kvs_err_set(err, KVS_EINVAL, "encode: layer %u, %s: %s is not finite (overflow)", layer,
-                       c->kv == KVS_KEYS ? "K" : "V", what);
-}
-
 int kvs_codec_check_section(const kvs_codec *c, uint32_t layer, uint32_t t, const uint8_t *sec,
                             size_t len, kvs_err *err)
 {
@@ -246,7 +205,7 @@ int kvs_codec_encode(const kvs_codec *c, uint32_t layer, uint32_t t, const uint1
     for (size_t i = 0; i < n; i++) {
         x[i] = bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]);
         if (!isfinite(x[i])) {
-            nonfinite(c, layer, i, x[i], err);
+            kvs__nonfinite_at(c, layer, i, x[i], err);
             free(x);
             return KVS_EINVAL;
         }

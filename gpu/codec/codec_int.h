@@ -56,6 +56,10 @@ typedef struct kvs_codec_ops {
                          size_t len, kvs_err *err);
 } kvs_codec_ops;
 
+/* gpu/codec/finite.c: */
+/* KVS_EINVAL "payload: NaN at layer 3, K, token 5, head 1, channel 7" for the element at
+ * index i (over t*H*D) of a section, whose value is x. */
+int kvs__nonfinite_at(const kvs_codec *c, uint32_t layer, size_t i, float x, kvs_err *err);
 /* KVS_EINVAL naming the first NaN/Inf of a section's t*H*D raw elements, or 0. */
 int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
                       kvs_err *err);

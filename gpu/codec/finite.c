@@ -1,0 +1,54 @@
+/* The codecs' shared NaN/Inf checks and their messages (codec_int.h): the input check of
+ * the generic encode path and of codecs with their own (kvs__check_finite), and the error
+ * for a parameter a codec computed that is not finite (kvs__field_nonfinite). Below both
+ * the codec base (codec.c) and every codec_<name>.c, which call it: codec.c -> codec_<name>.c
+ * -> finite.c, no file calling back up.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "gpu/codec/codec_int.h"
+#include "gpu/codec/half.h"
+
+int kvs__nonfinite_at(const kvs_codec *c, uint32_t layer, size_t i, float x, kvs_err *err)
+{
+    size_t hd = (size_t)c->spec.kv_heads * c->spec.head_dim;
+    return kvs_err_set(err, KVS_EINVAL,
+                       "payload: %s at layer %u, %s, token %zu, head %zu, "
+                       "channel %zu",
+                       isnan(x) ? "NaN" : (x < 0 ? "-Inf" : "+Inf"), layer,
+                       c->kv == KVS_KEYS ? "K" : "V", i / hd, i % hd / c->spec.head_dim,
+                       i % c->spec.head_dim);
+}
+
+int kvs__check_finite(const kvs_codec *c, uint32_t layer, uint32_t t, const uint16_t *in,
+                      kvs_err *err)
+{
+    /* fp16 and bf16 both mark NaN/Inf with an all-ones exponent. */
+    bool bf16 = c->spec.dtype == KVS_DTYPE_BF16;
+    const uint16_t mask = bf16 ? 0x7F80 : 0x7C00;
+    size_t n = (size_t)t * c->spec.kv_heads * c->spec.head_dim;
+    unsigned bad = 0;
+    for (size_t i = 0; i < n; i++) /* branch-free: vectorizes */
+        bad |= (in[i] & mask) == mask;
+    if (!bad)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((in[i] & mask) == mask)
+            return kvs__nonfinite_at(c, layer, i,
+                                     bf16 ? kvs_bf16_to_f32(in[i]) : kvs_fp16_to_f32(in[i]), err);
+    return 0;
+}
+
+int kvs__field_nonfinite(const kvs_codec *c, uint32_t layer, kvs_err *err, const char *fmt, ...)
+{
+    char what[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return kvs_err_set(err, KVS_EINVAL, "encode: layer %u, %s: %s is not finite (overflow)", layer,
+                       c->kv == KVS_KEYS ? "K" : "V", what);
+}
