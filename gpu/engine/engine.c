@@ -179,6 +179,21 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     return 0;
 }
 
+/* run_batch for the encode and decode runners: on failure every job of the batch fails
+ * with its error (the rc is returned); else *flagged says whether a kernel flagged an
+ * element or section (the `bad` words), which the runner then redoes on the CPU. */
+static int run_or_fail(kvs_engine *e, job *list, uint32_t nb, bool *flagged, kvs_err *err)
+{
+    kvs_err_clear(err);
+    int rc = run_batch(e, list, nb, err);
+    if (rc) {
+        kvs__engine_fail_all(list, rc, err);
+        return rc;
+    }
+    *flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
+    return 0;
+}
+
 /* A dev encode of a flagged batch, redone by the CPU reference: its sections go to the
  * slot with two host-to-device copies. */
 static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
@@ -225,17 +240,14 @@ static int do_encode(kvs_engine *e, job *list, uint32_t nb)
                    sec * 2);
         }
     kvs_err err;
-    kvs_err_clear(&err);
-    int rc = run_batch(e, list, nb, &err);
-    if (rc) {
-        kvs__engine_fail_all(list, rc, &err);
+    bool flagged;
+    int rc = run_or_fail(e, list, nb, &flagged, &err);
+    if (rc)
         return rc;
-    }
     /* The kernels flag a batch holding NaN/Inf input or a value they refuse (the flag
      * names one element of the whole launch). Then every request of the batch is encoded
      * again by the CPU reference: the bad ones fail with its message (naming the element),
      * the others get the same bytes. */
-    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
     b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
@@ -293,16 +305,13 @@ static int do_decode(kvs_engine *e, job *list, uint32_t nb)
             e->h_len[n + i] = (uint32_t)len;
         }
     kvs_err err;
-    kvs_err_clear(&err);
-    int rc = run_batch(e, list, nb, &err);
-    if (rc) {
-        kvs__engine_fail_all(list, rc, &err);
+    bool flagged;
+    int rc = run_or_fail(e, list, nb, &flagged, &err);
+    if (rc)
         return rc;
-    }
     /* A section the kernels found malformed: host blocks are decoded again by the CPU
      * reference (which names the problem); a slot holds bytes our own kernels wrote, so a
      * malformed one is data loss. */
-    bool flagged = e->h_bad[0] != ~0ull || e->h_bad[1] != ~0ull;
     const uint16_t *hr = (const uint16_t *)e->h_raw;
     b = 0;
     for (job *j = list, *next; j; j = next, b++) { /* K [B][nl], V [B][nl] -> [nl][2][t][H][D] */
