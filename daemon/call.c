@@ -244,7 +244,13 @@ void kvs_call_abandon(kvs_call *c)
 {
     pthread_mutex_lock(&c->mu);
     c->finished = true;
+    /* Inside an event handler pending counts that event, so the handler's return frees the
+     * call; a call abandoned from elsewhere (the data path's callback, once its client has
+     * gone and CLOSE has completed) may have nothing in flight left to do it. */
+    bool now = c->pending == 0;
     pthread_mutex_unlock(&c->mu);
+    if (now)
+        call_free(c);
 }
 
 void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *))

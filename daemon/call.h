@@ -58,6 +58,9 @@ typedef enum kvs_rpc {
     KVS_RPC_VERIFY,
     KVS_RPC_FLUSH,
     KVS_RPC_EVICT,
+    KVS_RPC_PUT_MANY,
+    KVS_RPC_GET_MANY,
+    KVS_RPC_DATA_PLANE,
     KVS_RPC_COUNT,
     KVS_RPC_UNKNOWN = KVS_RPC_COUNT, /* the generic slot: answers UNIMPLEMENTED */
 } kvs_rpc;
@@ -96,6 +99,7 @@ struct kvs_server {
     struct kvs_xfer *xfer;       /* owned: the data path of Put and Get (storage/xfer.h) */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */
+    struct kvs_regions *regions; /* borrowed, may be NULL: shared memory (daemon/region.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */
@@ -135,26 +139,48 @@ typedef struct kvs_call_tag {
     kvs_call_step step;
 } kvs_call_tag;
 
-/* Per-RPC state of the two streaming calls. */
+/* Per-RPC state of the streaming calls. Put and PutMany share one machine (call_put.c):
+ * a Put is a PutMany of exactly one block that answers with that block's outcome. */
+struct kvs_put_block;
+struct kvs_put_result;
 typedef struct kvs_put_state {
     struct kvs_limits_slot *slot; /* the stream's admission slot (daemon/limits.h) */
-    kvs_ns *ns;                   /* reference, set once the header is accepted */
-    uint8_t *raw;       /* payload being received (expected bytes), from the first data chunk */
-    uint64_t recv_held; /* bytes of the receive budget raw holds (0 once released) */
-    uint64_t expected, received;
-    uint32_t tokens;
-    uint8_t key[KVS_KEY_MAX];
-    size_t key_len;
+    bool many;                    /* PutMany: per-block results, blocks stored as they arrive */
+    struct kvs_put_block *cur;    /* the block whose header came and payload is arriving */
+    uint32_t blocks;              /* headers accepted */
+    pthread_mutex_t mu;           /* guards the fields below (a leaf: call_put.c) */
+    bool mu_init;
+    struct kvs_put_result *results; /* one per accepted header, in stream order */
+    uint32_t results_cap;
+    uint32_t outstanding; /* blocks handed to the data path and not yet done */
+    bool ended;           /* no more receives: end of stream, an error or a cancel */
+    bool abandoned;       /* the client went away */
+    bool finishing;       /* the answer has been started (once) */
+    int fail_rc;          /* a protocol error that fails the whole call */
+    char fail_msg[256];
 } kvs_put_state;
 
+/* Get and GetMany share one machine (call_get.c): a Get is a GetMany of one key that
+ * answers with that block or the error. */
+struct kvs_get_item;
 typedef struct kvs_get_state {
     kvs_ns *ns;
-    struct kvs_xfer_get *op; /* the data path's Get (storage/xfer.h), open until cleanup */
-    const uint8_t *bytes;    /* what is streamed: decoded layers (raw) or the encoded block */
-    uint8_t *raw;            /* decoded layers [layer_begin, layer_end), NULL for ENCODED */
-    bool encoded;
-    uint32_t layer, layer_begin, layer_end;
+    bool many, prefix, encoded;
+    uint32_t layer_begin, layer_end;
+    struct kvs_get_item *items; /* one per key */
+    uint32_t n;                 /* keys */
+    uint32_t next_open;         /* the next item to open and run (a window ahead of send) */
+    uint32_t send;              /* the item being sent */
+    struct kvs_region *region;  /* GetMany into shared memory: a reference, NULL otherwise */
+    uint64_t slot_bytes;
+    pthread_mutex_t mu; /* guards items' ready flags and waiting (a leaf: call_get.c) */
+    bool mu_init;
+    bool waiting;    /* the sender stopped for items[send] to be ready */
+    bool header_out; /* items[send]'s header is sent: its data chunks follow */
+    uint32_t layer;  /* the chunk position within items[send] */
     uint64_t offset, layer_bytes, chunk;
+    const uint8_t *bytes;
+    uint32_t layer_stop;
 } kvs_get_state;
 
 /* Verify, Flush, Evict (call_tiers.c): the job that runs on the pool; owned by the call
@@ -216,7 +242,8 @@ void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg);
 void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg);
 /* Sends an error status: code (KVS_E*) mapped to gRPC, msg as details (FINISH step). */
 void kvs_call_fail(kvs_call *c, int code, const char *msg);
-/* Ends the call without sending anything more (after a failed op or a cancel). */
+/* Ends the call without sending anything more (after a failed op or a cancel). Callable
+ * from any thread; frees the call at once when no batch is in flight. */
 void kvs_call_abandon(kvs_call *c);
 
 /* Runs fn(c) on the libuv pool and then done(c) on the loop thread (daemon/work.h), or
@@ -250,6 +277,7 @@ int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
 int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_data_plane_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 /* Long admin calls (call_tiers.c): they answer later, from the loop thread. */
 int kvs_verify_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/region.h"
 #include "daemon/limits.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
@@ -196,6 +197,29 @@ int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
                                                   : KVSTASH__V1__HEALTH_REPLY__STATUS__SERVING;
     reply.version = kvs_pb_str(KVS_VERSION);
     reply.uptime_ms = kvs_now_ms() - c->srv->start_ms;
+    kvs_call_reply(c, &reply.base);
+    return 0;
+}
+
+/* Where a co-located client shares memory (README "Data plane"). The boot id lets a
+ * client tell that it runs on this host: only then can it pass a descriptor here. */
+int kvs_data_plane_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    (void)req;
+    (void)len;
+    (void)err;
+    char boot[64] = "";
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(boot, sizeof boot, f))
+            boot[0] = 0;
+        fclose(f);
+        boot[strcspn(boot, "\n")] = 0;
+    }
+    Kvstash__V1__DataPlaneReply reply = KVSTASH__V1__DATA_PLANE_REPLY__INIT;
+    reply.region_socket = kvs_pb_str(kvs_regions_path(c->srv->regions));
+    reply.boot_id = boot;
+    reply.max_region_bytes = kvs_regions_max_bytes(c->srv->regions);
     kvs_call_reply(c, &reply.base);
     return 0;
 }

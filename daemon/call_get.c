@@ -1,25 +1,38 @@
-/* Get: the server-streaming state machine (DESIGN §2, §4). Protocol only: where the bytes
- * come from and who decodes them is the data path's (storage/xfer.h).
+/* Get and GetMany: the server-streaming state machine (DESIGN §2, §4). Protocol only: where
+ * the bytes come from and who decodes them is the data path's (storage/xfer.h). A Get is a
+ * GetMany of one key that answers with that block or the error, so both share one machine.
  *
- *   start ──valid──> kvs_xfer_get_open (the block, held) ──> kvs_xfer_get_run (read,
- *         promote, decode into our buffer or make the encoded bytes ready) ──done──>
- *         send header ──> SEND ──> send layer chunk ──┐
- *     └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND / DATA_LOSS)               ▲   │
- *                                                                          └───┘
- *   all layers sent ──> reply(status OK)        send !ok (client gone) ──> abandon
+ *   start ──valid──> open and run up to GET_WINDOW items ahead of the sender
+ *     └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND)     (kvs_xfer_get_open + _run: read,
+ *                                                     promote, decode into its buffer or
+ *                                                     the region, or encoded bytes ready)
+ *   SEND items[send]: not ready ──> wait (its ready callback resumes the sender)
+ *                     ready, ok ──> header chunk ──> its layer chunks (none into a region)
+ *                     ready, error ──> Get: fail; GetMany: header with the code; prefix:
+ *                                      stop (reply OK: the leading present blocks were sent)
+ *               ──> close it, open the next, send++ ... all sent ──> reply(status OK)
+ *   send !ok (client gone) ──> abandon
  *
- * The block stays held (neither eviction, demotion nor delete frees it or its slot) until
- * the call is freed. Each data chunk carries bytes of exactly one layer, so a worker can
- * start on layer l as soon as its bytes are in; a layer larger than the chunk size is
+ * The call ends (reply, fail or abandon) only once no item is in the data path
+ * (`inflight` 0): a prefix Get that stops early, or a client that goes away, leaves decodes
+ * of items opened ahead running, and their buffers must outlive them.
+ *
+ * Each block stays held (neither eviction, demotion nor delete frees it or its slot) from
+ * its open until it is sent. Each data chunk carries bytes of exactly one layer, so a worker
+ * can start on layer l as soon as its bytes are in; a layer larger than the chunk size is
  * split, with `offset` locating the piece. Runs on CQ threads, except the data path's
- * callback (pool, loop or engine thread); one step at a time per call.
+ * callback (pool, loop or engine thread), which marks its item ready under
+ * kvs_get_state.mu and resumes the sender only if the sender waits for that item (`waiting`:
+ * so the sender runs in one place at a time, call.h invariant 1).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/region.h"
 #include "daemon/wire.h"
+#include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "pbc.h"
 #include "storage/xfer.h"
@@ -27,126 +40,392 @@
 /* Payload bytes per message: big enough to amortize per-message cost, small enough to
  * stay far below any sane --max-message. */
 #define GET_CHUNK_MAX (1u << 20)
+/* Blocks read and decoded ahead of the one being sent: overlaps decode with the network
+ * and bounds a GetMany's buffers to this many blocks. */
+#define GET_WINDOW 4
+
+typedef struct kvs_get_item {
+    kvs_call *c;
+    uint32_t index;
+    uint8_t key[KVS_KEY_MAX];
+    size_t key_len;
+    struct kvs_xfer_get *op; /* open from open_item until it is sent */
+    uint8_t *raw;            /* decoded layers (owned), NULL when encoded or into a region */
+    kvs_region *region;      /* GetMany into shared memory: this block's slot, held */
+    uint8_t *dst;            /* ...its bytes */
+    bool opened, closed;
+    bool ready; /* under mu: rc and msg are final */
+    int rc;
+    char msg[256];
+} kvs_get_item;
+
+typedef enum end_kind { END_NONE, END_REPLY, END_FAIL, END_ABANDON } end_kind;
+
+/* Beyond the state in call.h: what ends the call once nothing is in flight. */
+typedef struct get_end {
+    end_kind kind;
+    int rc;
+    char msg[256];
+    uint32_t inflight; /* items in the data path (run started, ready not yet) */
+    uint32_t wait_for; /* the item the sender waits for, while state.waiting */
+} get_end;
+
+/* The state's tail, kept here: call.h need not know it. */
+static get_end *end_of(kvs_call *c)
+{
+    return (get_end *)&c->u.get.items[c->u.get.n];
+}
+
+static void item_close(kvs_get_item *it)
+{
+    if (it->closed)
+        return;
+    it->closed = true;
+    kvs_xfer_get_close(it->op);
+    it->op = NULL;
+    kvs_call_buf_free(it->c, it->raw);
+    it->raw = NULL;
+    kvs_region_release(it->region);
+    it->region = NULL;
+}
 
 void kvs_get_cleanup(kvs_call *c)
 {
     kvs_get_state *g = &c->u.get;
-    kvs_xfer_get_close(g->op);
-    g->op = NULL;
-    kvs_call_buf_free(c, g->raw);
-    g->raw = NULL;
+    for (uint32_t i = 0; g->items && i < g->n; i++)
+        item_close(&g->items[i]);
+    free(g->items);
+    g->items = NULL;
     if (g->ns)
         kvs_ns_unref(g->ns);
     g->ns = NULL;
+    if (g->mu_init)
+        pthread_mutex_destroy(&g->mu);
+    g->mu_init = false;
 }
 
-static int prepare(kvs_call *c, const Kvstash__V1__GetRequest *r, kvs_err *err)
+static void do_end(kvs_call *c, end_kind kind, int rc, const char *msg)
+{
+    if (kind == END_REPLY)
+        kvs_call_reply(c, NULL);
+    else if (kind == END_FAIL)
+        kvs_call_fail(c, rc, msg);
+    else
+        kvs_call_abandon(c);
+}
+
+/* Ends the call now, or when the last item in flight is ready. */
+static void end_call(kvs_call *c, end_kind kind, int rc, const char *msg)
 {
     kvs_get_state *g = &c->u.get;
-    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
+    get_end *e = end_of(c);
+    pthread_mutex_lock(&g->mu);
+    e->kind = kind;
+    e->rc = rc;
+    snprintf(e->msg, sizeof e->msg, "%s", msg ? msg : "");
+    bool now = e->inflight == 0;
+    pthread_mutex_unlock(&g->mu);
+    if (now)
+        do_end(c, kind, rc, msg);
+}
+
+static void advance(kvs_call *c);
+
+/* The data path's answer for one item (any thread). */
+static void item_ready(void *arg, int rc, const kvs_err *err)
+{
+    kvs_get_item *it = arg;
+    kvs_call *c = it->c;
+    kvs_get_state *g = &c->u.get;
+    get_end *e = end_of(c);
+    pthread_mutex_lock(&g->mu);
+    it->rc = rc;
     if (rc)
-        return rc;
-    if ((rc = kvs_store_ns_find(c->srv->store, r->namespace_, &g->ns, err)))
-        return rc;
-    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
-    if ((rc = kvs_key_validate(r->key.len, err)))
-        return rc;
-    if (r->format != KVSTASH__V1__FORMAT__FORMAT_RAW &&
-        r->format != KVSTASH__V1__FORMAT__FORMAT_ENCODED)
-        return kvs_err_set(err, KVS_EINVAL, "format: unknown value %d", (int)r->format);
-    g->encoded = r->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED;
-    if (g->encoded && (r->layer_begin || r->layer_end))
-        return kvs_err_set(err, KVS_EINVAL,
-                           "layer_begin: a layer range needs format RAW (an "
-                           "encoded block is served whole)");
-    if ((rc = kvs_wire_layer_range(r->layer_begin, r->layer_end, spec->layers, &g->layer_begin,
-                                   &g->layer_end, err)))
-        return rc;
+        snprintf(it->msg, sizeof it->msg, "%s", err ? err->msg : kvs_strerror(rc));
+    it->ready = true;
+    e->inflight--;
+    bool resume = g->waiting && e->wait_for == it->index && e->kind == END_NONE;
+    if (resume)
+        g->waiting = false;
+    bool ended = e->kind != END_NONE && e->inflight == 0;
+    end_kind kind = e->kind;
+    pthread_mutex_unlock(&g->mu);
+    if (ended)
+        do_end(c, kind, e->rc, e->msg);
+    else if (resume)
+        advance(c);
+}
+
+static void item_fail(kvs_get_item *it, int rc, const char *msg)
+{
+    kvs_get_state *g = &it->c->u.get;
+    pthread_mutex_lock(&g->mu);
+    it->rc = rc;
+    snprintf(it->msg, sizeof it->msg, "%s", msg);
+    it->ready = true;
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Finds the item's block and starts its read and decode. */
+static void open_item(kvs_call *c, kvs_get_item *it)
+{
+    kvs_get_state *g = &c->u.get;
+    kvs_err err;
+    kvs_err_clear(&err);
+    it->opened = true;
     kvs_xfer_get_req q = {.ns = g->ns,
-                          .key = r->key.data,
-                          .key_len = r->key.len,
+                          .key = it->key,
+                          .key_len = it->key_len,
                           .encoded = g->encoded,
                           .layer_begin = g->layer_begin,
                           .layer_end = g->layer_end};
-    if ((rc = kvs_xfer_get_open(c->srv->xfer, &q, &g->op, err)))
-        return rc;
-    if (g->encoded)
-        return 0;
-    /* Decode only the layers asked for (sections are independent). */
-    uint64_t n = kvs_xfer_get_raw_bytes(g->op);
-    if (!(g->raw = kvs_call_buf_alloc(c, n)))
-        return kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %llu bytes",
-                           (unsigned long long)n);
-    return 0;
-}
-
-/* The data path's answer (any thread): the bytes are ready; answer with the header chunk,
- * then stream (kvs_get_on_send). */
-static void get_ready(void *arg, int rc, const kvs_err *err)
-{
-    kvs_call *c = arg;
-    kvs_get_state *g = &c->u.get;
+    int rc = kvs_xfer_get_open(c->srv->xfer, &q, &it->op, &err);
     if (rc) {
-        kvs_call_fail(c, rc, err ? err->msg : kvs_strerror(rc));
+        item_fail(it, rc, err.msg);
         return;
     }
-    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
-    g->layer = g->layer_begin;
-    g->offset = 0;
-    uint64_t limit = c->srv->cfg->max_message > 4096 ? c->srv->cfg->max_message - 1024 : 3072;
-    g->chunk = limit < GET_CHUNK_MAX ? limit : GET_CHUNK_MAX;
-    if (g->encoded) { /* the encoded block is one "layer" for streaming purposes */
-        size_t len;
-        g->bytes = kvs_xfer_get_encoded(g->op, &len);
-        g->layer_bytes = len;
-        g->layer_end = g->layer_begin + 1;
-    } else {
-        g->bytes = g->raw;
-        g->layer_bytes = kvs_spec_layer_bytes(spec, kvs_xfer_get_tokens(g->op));
+    kvs_xfer_buf dst = {KVS_XFER_HOST, NULL, 0};
+    if (!g->encoded) {
+        dst.len = kvs_xfer_get_raw_bytes(it->op);
+        if (it->dst && dst.len > g->slot_bytes) {
+            snprintf(err.msg, sizeof err.msg,
+                     "region_slot_bytes: the block's %llu bytes do not fit a slot of %llu",
+                     (unsigned long long)dst.len, (unsigned long long)g->slot_bytes);
+            item_fail(it, KVS_ENOSPC, err.msg);
+            return;
+        }
+        if (!(dst.ptr = it->dst) && !(dst.ptr = it->raw = kvs_call_buf_alloc(c, dst.len))) {
+            snprintf(err.msg, sizeof err.msg, "decode: cannot allocate %llu bytes",
+                     (unsigned long long)dst.len);
+            item_fail(it, KVS_ENOMEM, err.msg);
+            return;
+        }
     }
-    Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;
-    hdr.tokens = kvs_xfer_get_tokens(g->op);
-    hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
-    hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
-    hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
-    hdr.total_bytes = g->layer_bytes * (g->layer_end - g->layer_begin);
-    hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
-    hdr.tier = (Kvstash__V1__Tier)kvs_xfer_get_tier(g->op);
-    Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
-    chunk.header = &hdr;
-    kvs_call_send(c, &chunk.base);
+    get_end *e = end_of(c);
+    pthread_mutex_lock(&g->mu);
+    e->inflight++;
+    pthread_mutex_unlock(&g->mu);
+    if ((rc = kvs_xfer_get_run(it->op, g->encoded ? NULL : &dst, item_ready, it, &err))) {
+        pthread_mutex_lock(&g->mu);
+        e->inflight--;
+        pthread_mutex_unlock(&g->mu);
+        item_fail(it, rc, err.msg);
+    }
+}
+
+static int prepare(kvs_call *c, const char *ns_name, Kvstash__V1__Format format,
+                   uint32_t layer_begin, uint32_t layer_end, kvs_err *err)
+{
+    kvs_get_state *g = &c->u.get;
+    int rc = kvs_wire_check_name(ns_name, "namespace", err);
+    if (rc)
+        return rc;
+    if ((rc = kvs_store_ns_find(c->srv->store, ns_name, &g->ns, err)))
+        return rc;
+    if (format != KVSTASH__V1__FORMAT__FORMAT_RAW && format != KVSTASH__V1__FORMAT__FORMAT_ENCODED)
+        return kvs_err_set(err, KVS_EINVAL, "format: unknown value %d", (int)format);
+    g->encoded = format == KVSTASH__V1__FORMAT__FORMAT_ENCODED;
+    if (g->encoded && (layer_begin || layer_end))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layer_begin: a layer range needs format RAW (an "
+                           "encoded block is served whole)");
+    return kvs_wire_layer_range(layer_begin, layer_end, kvs_ns_spec_of(g->ns)->layers,
+                                &g->layer_begin, &g->layer_end, err);
+}
+
+/* Items for n keys, with the end state after them (end_of). */
+static void items_alloc(kvs_call *c, uint32_t n)
+{
+    kvs_get_state *g = &c->u.get;
+    g->n = n;
+    g->items = kvs_xcalloc(1, n * sizeof *g->items + sizeof(get_end));
+    for (uint32_t i = 0; i < n; i++) {
+        g->items[i].c = c;
+        g->items[i].index = i;
+    }
+}
+
+static int parse_get(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__GetRequest *r = (Kvstash__V1__GetRequest *)kvs_wire_unpack(
+        &kvstash__v1__get_request__descriptor, req, len, err);
+    if (!r)
+        return err->code;
+    int rc = prepare(c, r->namespace_, r->format, r->layer_begin, r->layer_end, err);
+    if (rc == 0)
+        rc = kvs_key_validate(r->key.len, err);
+    if (rc == 0) {
+        items_alloc(c, 1);
+        memcpy(c->u.get.items[0].key, r->key.data, r->key.len);
+        c->u.get.items[0].key_len = r->key.len;
+    }
+    kvstash__v1__get_request__free_unpacked(r, NULL);
+    return rc;
+}
+
+static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    kvs_get_state *g = &c->u.get;
+    Kvstash__V1__GetManyRequest *r = (Kvstash__V1__GetManyRequest *)kvs_wire_unpack(
+        &kvstash__v1__get_many_request__descriptor, req, len, err);
+    if (!r)
+        return err->code;
+    kvs_store_key *keys = NULL;
+    int rc = prepare(c, r->namespace_, r->format, r->layer_begin, r->layer_end, err);
+    if (rc)
+        goto out;
+    g->prefix = r->prefix;
+    if (r->n_keys == 0 || r->n_keys > c->srv->cfg->max_keys) {
+        rc = kvs_wire_check_keys(r->keys, r->n_keys, c->srv->cfg->max_keys, NULL, err);
+        goto out;
+    }
+    keys = kvs_xcalloc(r->n_keys, sizeof *keys);
+    if ((rc = kvs_wire_check_keys(r->keys, r->n_keys, c->srv->cfg->max_keys, keys, err)))
+        goto out;
+    if (r->region.len == 0 && (r->n_region_offsets || r->region_slot_bytes)) {
+        rc = kvs_err_set(err, KVS_EINVAL, "region_offsets: given without a region");
+        goto out;
+    }
+    if (r->region.len && r->n_region_offsets != r->n_keys) {
+        rc = kvs_err_set(err, KVS_EINVAL, "region_offsets: %zu offsets for %zu keys (one each)",
+                         r->n_region_offsets, r->n_keys);
+        goto out;
+    }
+    if (r->region.len && r->region_slot_bytes == 0) {
+        rc = kvs_err_set(err, KVS_EINVAL, "region_slot_bytes: needed with a region (> 0)");
+        goto out;
+    }
+    items_alloc(c, (uint32_t)r->n_keys);
+    g->slot_bytes = r->region_slot_bytes;
+    for (uint32_t i = 0; i < g->n; i++) {
+        kvs_get_item *it = &g->items[i];
+        memcpy(it->key, keys[i].data, keys[i].len);
+        it->key_len = keys[i].len;
+        if (!r->region.len)
+            continue;
+        char field[48];
+        snprintf(field, sizeof field, "region_offsets[%u]", i);
+        if ((rc = kvs_regions_acquire(c->srv->regions, r->region.data, r->region.len,
+                                      r->region_offsets[i], g->slot_bytes, field, &it->region,
+                                      &it->dst, err)))
+            goto out;
+    }
+out:
+    free(keys);
+    kvstash__v1__get_many_request__free_unpacked(r, NULL);
+    return rc;
 }
 
 void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
 {
+    kvs_get_state *g = &c->u.get;
+    g->many = c->rpc == KVS_RPC_GET_MANY;
+    pthread_mutex_init(&g->mu, NULL);
+    g->mu_init = true;
     kvs_err err;
     kvs_err_clear(&err);
-    Kvstash__V1__GetRequest *r = (Kvstash__V1__GetRequest *)kvs_wire_unpack(
-        &kvstash__v1__get_request__descriptor, req, len, &err);
-    if (!r) {
-        kvs_call_fail(c, err.code, err.msg);
+    int rc = g->many ? parse_get_many(c, req, len, &err) : parse_get(c, req, len, &err);
+    if (rc) {
+        /* Nothing was opened, nothing is in flight: end now (end_of needs items). */
+        kvs_call_fail(c, rc, err.msg);
         return;
     }
-    int rc = prepare(c, r, &err);
-    kvstash__v1__get_request__free_unpacked(r, NULL);
-    kvs_get_state *g = &c->u.get;
-    if (rc == 0) {
-        kvs_xfer_buf dst = {KVS_XFER_HOST, g->raw, g->raw ? kvs_xfer_get_raw_bytes(g->op) : 0};
-        rc = kvs_xfer_get_run(g->op, g->encoded ? NULL : &dst, get_ready, c, &err);
-    }
-    if (rc)
-        kvs_call_fail(c, rc, err.msg);
+    g->chunk = c->srv->cfg->max_message > 4096 ? c->srv->cfg->max_message - 1024 : 3072;
+    if (g->chunk > GET_CHUNK_MAX)
+        g->chunk = GET_CHUNK_MAX;
+    advance(c);
 }
 
-void kvs_get_on_send(kvs_call *c, bool ok)
+/* The header of items[send] (ready): its data follows unless it went into the region. */
+static void send_header(kvs_call *c, kvs_get_item *it)
 {
     kvs_get_state *g = &c->u.get;
-    if (!ok) { /* the client went away or the deadline passed */
-        kvs_call_abandon(c);
+    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
+    Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;
+    Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
+    chunk.header = &hdr;
+    hdr.index = it->index;
+    if (it->rc) {
+        hdr.code = (uint32_t)kvs_err_grpc_status(it->rc);
+        hdr.error = it->msg;
+        g->send++; /* no data follows */
+        kvs_call_send(c, &chunk.base);
         return;
     }
-    if (g->layer >= g->layer_end) {
-        kvs_call_reply(c, NULL);
+    hdr.tokens = kvs_xfer_get_tokens(it->op);
+    hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
+    hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
+    hdr.tier = (Kvstash__V1__Tier)kvs_xfer_get_tier(it->op);
+    hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
+    hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
+    g->layer = g->layer_begin;
+    g->offset = 0;
+    if (g->encoded) { /* the encoded block is one "layer" for streaming purposes */
+        size_t len;
+        g->bytes = kvs_xfer_get_encoded(it->op, &len);
+        g->layer_bytes = len;
+        g->layer_stop = g->layer_begin + 1;
+    } else {
+        g->bytes = it->dst ? it->dst : it->raw;
+        g->layer_bytes = kvs_spec_layer_bytes(spec, hdr.tokens);
+        g->layer_stop = g->layer_end;
+    }
+    hdr.total_bytes = g->layer_bytes * (g->layer_stop - g->layer_begin);
+    if (it->dst && g->encoded) { /* into the region: the stored bytes, if they fit */
+        if (hdr.total_bytes > g->slot_bytes) {
+            snprintf(it->msg, sizeof it->msg,
+                     "region_slot_bytes: the encoded block's %llu bytes do not fit a slot of "
+                     "%llu",
+                     (unsigned long long)hdr.total_bytes, (unsigned long long)g->slot_bytes);
+            it->rc = KVS_ENOSPC;
+            if (!g->many || g->prefix) {
+                end_call(c, g->many ? END_REPLY : END_FAIL, it->rc, it->msg);
+                return;
+            }
+            send_header(c, it);
+            return;
+        }
+        memcpy(it->dst, g->bytes, hdr.total_bytes);
+    }
+    if (it->dst)
+        g->send++; /* header only: the bytes are in the region */
+    else
+        g->header_out = true;
+    kvs_call_send(c, &chunk.base);
+}
+
+/* Sends the next message of the stream, or waits for the item it needs (see the diagram).
+ * Runs on a CQ thread after a send, at start, or on the thread whose ready callback
+ * resumed a waiting sender. */
+static void advance(kvs_call *c)
+{
+    kvs_get_state *g = &c->u.get;
+    /* Items before the one being sent are done: their bytes were copied into messages. */
+    for (uint32_t i = g->send; i-- > 0 && !g->items[i].closed;)
+        item_close(&g->items[i]);
+    if (g->send >= g->n) {
+        end_call(c, END_REPLY, 0, NULL);
+        return;
+    }
+    for (uint32_t i = g->next_open; i < g->n && i < g->send + GET_WINDOW; i++)
+        open_item(c, &g->items[g->next_open++]);
+    kvs_get_item *it = &g->items[g->send];
+    if (!g->header_out) {
+        pthread_mutex_lock(&g->mu);
+        bool ready = it->ready;
+        if (!ready) {
+            g->waiting = true;
+            end_of(c)->wait_for = g->send;
+        }
+        pthread_mutex_unlock(&g->mu);
+        if (!ready)
+            return; /* item_ready resumes */
+        if (it->rc && (!g->many || g->prefix)) {
+            /* Get: the error is the answer. Prefix: the leading present blocks were sent. */
+            end_call(c, g->many ? END_REPLY : END_FAIL, it->rc, it->msg);
+            return;
+        }
+        send_header(c, it);
         return;
     }
     uint64_t n = g->layer_bytes - g->offset;
@@ -161,11 +440,25 @@ void kvs_get_on_send(kvs_call *c, bool ok)
     chunk.layer = g->encoded ? 0 : g->layer;
     chunk.offset = g->offset;
     /* Advance before sending: the send may complete, and this handler run again on
-     * another CQ thread, before kvs_call_send returns. */
+     * another CQ thread, before kvs_call_send returns. The item is closed by that next
+     * run, after the message (which copies the bytes) is packed. */
     g->offset += n;
     if (g->offset == g->layer_bytes) {
         g->layer++;
         g->offset = 0;
+        if (g->layer >= g->layer_stop) {
+            g->header_out = false;
+            g->send++;
+        }
     }
     kvs_call_send(c, &chunk.base);
+}
+
+void kvs_get_on_send(kvs_call *c, bool ok)
+{
+    if (!ok) { /* the client went away or the deadline passed */
+        end_call(c, END_ABANDON, 0, NULL);
+        return;
+    }
+    advance(c);
 }

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->drain_timeout_s = 30;
     cfg->stats_interval_s = 60;
     cfg->max_keys = 4096;
+    cfg->region_max_bytes = 64ull << 30;
     cfg->calib_tokens = 4096;
     cfg->gpu_capacity_pct = 25;
     cfg->gpu_high_pct = 90;
@@ -175,6 +177,11 @@ static void usage(FILE *f)
         "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
         "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
         "                         seconds, returning its memory (default 30)\n"
+        "  --region-socket PATH   Unix socket where co-located clients register shared memory\n"
+        "                         for PutMany/GetMany without payload copies (README \"Data\n"
+        "                         plane\"); 'none' for none (default: <listen path>.region for\n"
+        "                         a unix: listen address, else none)\n"
+        "  --region-max-bytes SIZE  shared memory registered, all clients (default 64G)\n"
         "  -h, --help             this text\n"
         "  --version              print the version\n"
         "\n"
@@ -216,7 +223,9 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         O_RECV_BUDGET,
         O_MAX_PUTS,
         O_MAX_PUTS_CONN,
-        O_STREAM_IDLE
+        O_STREAM_IDLE,
+        O_REGION_SOCKET,
+        O_REGION_MAX
     };
     static const struct option opts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
@@ -250,11 +259,14 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         {"max-puts", required_argument, NULL, O_MAX_PUTS},
         {"max-puts-per-conn", required_argument, NULL, O_MAX_PUTS_CONN},
         {"stream-idle", required_argument, NULL, O_STREAM_IDLE},
+        {"region-socket", required_argument, NULL, O_REGION_SOCKET},
+        {"region-max-bytes", required_argument, NULL, O_REGION_MAX},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION},
         {NULL, 0, NULL, 0},
     };
     const char *env;
+    bool region_given = false;
     if ((env = getenv("KVSTASH_TOKEN")) &&
         copy_str(cfg->token, sizeof cfg->token, env, "KVSTASH_TOKEN", err))
         return err ? err->code : KVS_EINVAL;
@@ -453,6 +465,20 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
                 return kvs_err_set(err, KVS_EINVAL, "--stream-idle: '%s' is not in 1..86400",
                                    optarg);
             break;
+        case O_REGION_SOCKET:
+            if (!optarg[0])
+                return kvs_err_set(err, KVS_EINVAL,
+                                   "--region-socket: empty path ('none' for none)");
+            rc = copy_str(cfg->region_socket, sizeof cfg->region_socket, optarg, "--region-socket",
+                          err);
+            region_given = true;
+            break;
+        case O_REGION_MAX:
+            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
+                return kvs_err_set(err, KVS_EINVAL, "--region-max-bytes: '%s' is not a size >= 1M",
+                                   optarg);
+            cfg->region_max_bytes = size;
+            break;
         case 'h':
             usage(stdout);
             return 1;
@@ -470,6 +496,11 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
     }
     if (optind < argc)
         return kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
+    if (!region_given && strncmp(cfg->listen, "unix:", 5) == 0 &&
+        strlen(cfg->listen + 5) + sizeof ".region" <= sizeof cfg->region_socket)
+        snprintf(cfg->region_socket, sizeof cfg->region_socket, "%s.region", cfg->listen + 5);
+    if (strcmp(cfg->region_socket, "none") == 0)
+        cfg->region_socket[0] = 0;
     if (cfg->data_dir_reset && !cfg->data_dir[0])
         return kvs_err_set(err, KVS_EINVAL, "--data-dir-reset: needs --data-dir");
     /* A quarter of the host tier, but room for a few large blocks even with a tiny one. */

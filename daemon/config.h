@@ -44,6 +44,8 @@ typedef struct kvs_config {
     unsigned max_puts;          /* Put streams open at once, all connections */
     unsigned max_puts_per_conn; /* ...and from one connection (one peer address) */
     unsigned stream_idle_s;     /* a Put or Get stream without progress this long is cancelled */
+    char region_socket[108];    /* shared-memory region socket ("" = none; "none" given) */
+    uint64_t region_max_bytes;  /* bytes of shared memory registered, all clients together */
 } kvs_config;
 
 void kvs_config_defaults(kvs_config *cfg);

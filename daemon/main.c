@@ -26,6 +26,7 @@
 #include "daemon/config.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
+#include "daemon/region.h"
 #include "daemon/server.h"
 #include "daemon/work.h"
 #include "gpu/engine/engine.h"
@@ -44,6 +45,7 @@ typedef struct daemon_state {
     void *gpu_tier;          /* device region of the GPU tier (owned by the engine) */
     uint64_t gpu_bytes;      /* its size, 0 without a GPU tier */
     kvs_server *server;
+    kvs_regions *regions; /* the region socket (--region-socket), or NULL */
     uv_loop_t loop;
     uv_signal_t sigterm, sigint, sighup;
     uv_timer_t stats_timer, drain_timer, sweep_timer;
@@ -52,10 +54,28 @@ typedef struct daemon_state {
     int signals_seen;
 } daemon_state;
 
+/* The region socket (daemon/region.h), after the engine: regions are pinned for it. */
+static int start_regions(daemon_state *d, kvs_err *err)
+{
+    if (!d->cfg.region_socket[0])
+        return 0;
+    kvs_regions_opts o = {.path = d->cfg.region_socket,
+                          .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
+                          .max_bytes = d->cfg.region_max_bytes,
+                          .engine = d->engine,
+                          .log = kvs_log_sink};
+    int rc = kvs_regions_create(&d->loop, &o, &d->regions, err);
+    if (rc == 0)
+        kvs_log(KVS_LOG_INFO, "region socket %s (shared memory up to %llu bytes)",
+                d->cfg.region_socket, (unsigned long long)d->cfg.region_max_bytes);
+    return rc;
+}
+
 static void close_all(daemon_state *d)
 {
     if (d->work)
         kvs_work_close(d->work);
+    kvs_regions_close(d->regions);
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
     uv_close((uv_handle_t *)&d->sighup, NULL);
@@ -372,14 +392,16 @@ int main(int argc, char **argv)
                             .log = kvs_log_sink};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
         (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
-        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, d.tiering, &d.server, &port,
-                                &err))) {
+        (rc = start_regions(&d, &err)) ||
+        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, d.tiering, d.regions, &d.server,
+                                &port, &err))) {
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
         close_all(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
         kvs_tiering_destroy(d.tiering);
         kvs_work_destroy(d.work);
+        kvs_regions_destroy(d.regions);
         kvs_store_destroy(d.store);
         kvs_hostpool_destroy(d.host_pool); /* unpins through the engine */
         kvs_engine_destroy(d.engine);
@@ -412,6 +434,7 @@ int main(int argc, char **argv)
         flush_gpu_tier(&d);
     kvs_tiering_destroy(d.tiering); /* demotions in flight finish on the engine */
     kvs_work_destroy(d.work);       /* no CQ thread is left to submit */
+    kvs_regions_destroy(d.regions); /* no call holds a region any more; unpins */
     if (d.disk && d.cfg.flush_on_exit) {
         uint64_t t0 = uv_hrtime();
         uint64_t n = kvs_store_flush(d.store);

@@ -15,6 +15,7 @@
 #include "daemon/call.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
+#include "daemon/region.h"
 #include "storage/xfer.h"
 #include "gpu/base/mem.h"
 
@@ -43,6 +44,13 @@ static const kvs_rpc_desc rpc_table[KVS_RPC_COUNT] = {
     [KVS_RPC_VERIFY] = {"/kvstash.v1.KvAdmin/Verify", "Verify", true, false, kvs_verify_handle},
     [KVS_RPC_FLUSH] = {"/kvstash.v1.KvAdmin/Flush", "Flush", true, false, kvs_flush_handle},
     [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, false, kvs_evict_handle},
+    /* Batched and shared-memory calls: the same machines as Put and Get. */
+    [KVS_RPC_PUT_MANY] = {"/kvstash.v1.KvStash/PutMany", "PutMany", false, true, NULL,
+                          kvs_put_start, kvs_put_on_recv, NULL, kvs_put_cleanup},
+    [KVS_RPC_GET_MANY] = {"/kvstash.v1.KvStash/GetMany", "GetMany", false, false, NULL,
+                          kvs_get_start, NULL, kvs_get_on_send, kvs_get_cleanup},
+    [KVS_RPC_DATA_PLANE] = {"/kvstash.v1.KvStash/DataPlane", "DataPlane", false, false,
+                            kvs_data_plane_handle},
 };
 
 static void *cq_thread(void *arg)
@@ -68,9 +76,11 @@ static void *cq_thread(void *arg)
 }
 
 int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, kvs_engine *engine,
-                      kvs_tiering *tiering, kvs_server **out, int *bound_port, kvs_err *err)
+                      kvs_tiering *tiering, kvs_regions *regions, kvs_server **out, int *bound_port,
+                      kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
+    srv->regions = regions;
     srv->rpcs = rpc_table;
     srv->cfg = cfg;
     srv->store = store;

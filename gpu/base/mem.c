@@ -27,6 +27,14 @@ void *kvs_xcalloc(size_t count, size_t size)
     return p;
 }
 
+void *kvs_xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (!q)
+        oom(n);
+    return q;
+}
+
 char *kvs_xstrdup(const char *s)
 {
     size_t n = strlen(s) + 1;

@@ -20,6 +20,8 @@ extern "C" {
 
 void *kvs_xmalloc(size_t n);
 void *kvs_xcalloc(size_t count, size_t size);
+/* Grows a small table (bounded by a limit the caller checks); aborts when out of memory. */
+void *kvs_xrealloc(void *p, size_t n);
 char *kvs_xstrdup(const char *s);
 void *kvs_trymalloc(size_t n);
 

@@ -1,0 +1,79 @@
+/* Shared-memory regions (README "Data plane"): the region socket and the registry of the
+ * regions co-located clients registered through it (wire format: proto/kvstash/v1/region.h).
+ *
+ * A region is a client's memfd, mapped here (MAP_SHARED) and pinned for the GPU engine
+ * when there is one, so a Put's encode and a Get's decode move bytes by DMA straight
+ * between the worker's memory and the GPU, and a CPU codec reads and writes it in place.
+ *
+ *   registered (listed: its id resolves) ──connection closed──> unlisted ──last ref──> unmapped
+ *
+ * Invariants:
+ *  1. A region's id resolves (kvs_regions_acquire) only while it is listed; every acquire
+ *     holds a reference, and the mapping (and its pin) goes only when the region is
+ *     unlisted and the last reference is released. A call holds its reference from
+ *     validation until its bytes are no longer touched, so a client that disconnects
+ *     mid-call cannot unmap memory a codec is writing.
+ *  2. Only files sealed against shrinking are mapped: a truncation could otherwise turn a
+ *     later access into SIGBUS. Growing is harmless (the mapping has a fixed length).
+ *  3. Every (offset, length) is checked against the mapping without overflow before a
+ *     pointer is formed.
+ *  4. Registered bytes are bounded (--region-max-bytes, all connections); each region is
+ *     at most that too.
+ *
+ * Threads: the socket is served on the loop thread (libuv polls; requests are a few bytes,
+ * the one slow step is the pin, once per region). acquire/release run on any thread. Lock:
+ * `kvs_regions.mu`, a leaf (daemon/THREADS.md).
+ */
+#ifndef KVS_DAEMON_REGION_H
+#define KVS_DAEMON_REGION_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "gpu/base/err.h"
+#include "gpu/base/log.h"
+
+struct kvs_engine;
+
+typedef struct kvs_regions kvs_regions;
+typedef struct kvs_region kvs_region;
+
+typedef struct kvs_regions_opts {
+    const char *path;          /* the Unix socket to listen on (created; an old one replaced) */
+    unsigned mode;             /* its permission bits, e.g. 0600 */
+    uint64_t max_bytes;        /* registered bytes, all regions together (invariant 4) */
+    struct kvs_engine *engine; /* borrowed, may be NULL: regions are pinned for it */
+    kvs_log_fn log;            /* may be NULL */
+    void *log_ctx;
+} kvs_regions_opts;
+
+/* Listens on o->path on loop (loop thread). */
+int kvs_regions_create(uv_loop_t *loop, const kvs_regions_opts *o, kvs_regions **out, kvs_err *err);
+/* Loop thread: stops listening and closes every connection (their regions are unlisted). */
+void kvs_regions_close(kvs_regions *r);
+/* After the loop has run the close callbacks and no call holds a region. NULL is fine. */
+void kvs_regions_destroy(kvs_regions *r);
+
+const char *kvs_regions_path(const kvs_regions *r);
+uint64_t kvs_regions_max_bytes(const kvs_regions *r);
+
+/* Resolves [offset, offset + len) of region `id` (id_len bytes; `field` names the request
+ * field in errors) to a pointer and takes a reference: KVS_ENOTFOUND for an id that is not
+ * registered (or whose connection closed), KVS_EINVAL for a range outside the region.
+ * Release with kvs_region_release. Any thread. */
+int kvs_regions_acquire(kvs_regions *r, const uint8_t *id, size_t id_len, uint64_t offset,
+                        uint64_t len, const char *field, kvs_region **out, uint8_t **ptr,
+                        kvs_err *err);
+/* Another reference to a region already held (a call that uses it for several blocks). */
+void kvs_region_ref(kvs_region *g);
+/* Drops a reference; NULL is fine. Any thread. */
+void kvs_region_release(kvs_region *g);
+
+/* Counters for Stats. */
+typedef struct kvs_regions_stats {
+    uint64_t regions, bytes, pinned_bytes, connections, refused;
+} kvs_regions_stats;
+void kvs_regions_stats_get(kvs_regions *r, kvs_regions_stats *out);
+
+#endif

@@ -1,0 +1,432 @@
+"""The data plane (issue 12, README "Data plane"): batched calls (PutMany, GetMany), the
+prefix Get, and shared memory through the region socket — each byte-identical to the
+plain Put/Get path, and each attacked with malformed, hostile and racing requests."""
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+
+import grpc
+import pytest
+
+import kvs
+from kvs import FP16
+
+REGION_REQ = struct.Struct("=4sIQ")          # magic, op, bytes
+REGION_REP = struct.Struct("=4si16sQII200s")  # magic, code, id, bytes, pinned, 0, msg
+OK, INVALID, NOT_FOUND, EXHAUSTED = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
+                                     grpc.StatusCode.NOT_FOUND,
+                                     grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@pytest.fixture(scope="module")
+def d(module_daemon, tmp_path_factory):
+    sock = str(tmp_path_factory.mktemp("region") / "kvstashd.region")
+    dm = module_daemon(host_capacity="512M",
+                       extra=("--region-socket", sock, "--region-max-bytes", "64M",
+                              "--max-keys", "64"))
+    dm.region_socket = sock
+    return dm
+
+
+@pytest.fixture
+def ns(d):
+    return kvs.Ns(kvs.make_ns(d.admin, L=4, H=2, D=64, T=16))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def put_many_chunks(blocks, chunk=64 << 10):
+    """blocks: (ns, key, tokens, data) or (ns, key, tokens, (region, offset))."""
+    for ns, key, tokens, data in blocks:
+        if isinstance(data, tuple):
+            yield kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+                namespace=ns, key=key, tokens=tokens, dtype=FP16, region=data[0],
+                region_offset=data[1]))
+            continue
+        yield kvs.pb.PutChunk(header=kvs.pb.PutHeader(namespace=ns, key=key, tokens=tokens,
+                                                      dtype=FP16))
+        for pos in range(0, len(data), chunk):
+            yield kvs.pb.PutChunk(data=data[pos:pos + chunk])
+
+
+def put_many(d, blocks, **kw):
+    return d.stub.PutMany(put_many_chunks(blocks, **kw), timeout=60).results
+
+
+def get_many(d, ns, keys, **kw):
+    """GetMany; returns [(header, data)] in stream order, checking each block's chunks."""
+    msgs = list(d.stub.GetMany(kvs.pb.GetManyRequest(namespace=ns, keys=keys, **kw),
+                               timeout=60))
+    out, i = [], 0
+    while i < len(msgs):
+        assert msgs[i].HasField("header"), f"message {i}: data before a header"
+        h, j = msgs[i].header, i + 1
+        while j < len(msgs) and not msgs[j].HasField("header"):
+            j += 1
+        if h.code == 0 and "region" not in kw:
+            kvs.check_get_chunks(h, msgs[i + 1:j])
+        else:
+            assert j == i + 1, f"block {h.index}: data chunks after an error or a region header"
+        out.append((h, b"".join(m.data for m in msgs[i + 1:j])))
+        i = j
+    return out
+
+
+class Region:
+    """A memfd shared with the daemon through its region socket."""
+
+    def __init__(self, path, size, seal=True, register=True):
+        self.fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        if seal:
+            import fcntl
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        self.mem = mmap.mmap(self.fd, size)
+        self.size = size
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(path)
+        if register:
+            code, msg, self.id, self.pinned = self.register(size)
+            assert code == 0, msg
+
+    def register(self, size, fds=None, raw=None):
+        req = raw if raw is not None else REGION_REQ.pack(b"KVR1", 1, size)
+        socket.send_fds(self.sock, [req], [self.fd] if fds is None else fds)
+        rep = self.sock.recv(REGION_REP.size + 16)
+        assert len(rep) == REGION_REP.size, f"reply of {len(rep)} bytes"
+        magic, code, rid, nbytes, pinned, _, msg = REGION_REP.unpack(rep)
+        assert magic == b"KVR1"
+        return code, msg.rstrip(b"\0").decode(), rid, pinned
+
+    def close(self):
+        self.sock.close()
+        self.mem.close()
+        os.close(self.fd)
+
+
+# ----------------------------------------------------------------------------- PutMany
+
+
+def test_put_many_then_get_many_match_plain_calls(d, ns):
+    blocks = [(ns.name, b"pm-%d" % i, 16 - i, ns.payload(16 - i, seed=i)) for i in range(6)]
+    res = put_many(d, blocks, chunk=7000)
+    assert [r.code for r in res] == [0] * 6
+    assert all(r.encoded_bytes > 0 for r in res)
+    for _, key, t, data in blocks:  # plain Get sees what PutMany stored
+        assert kvs.get(d.stub, ns.name, key).data == data
+    got = get_many(d, ns.name, [b[1] for b in blocks])
+    assert [h.index for h, _ in got] == list(range(6))
+    assert [h.tokens for h, _ in got] == [16 - i for i in range(6)]
+    assert [data for _, data in got] == [b[3] for b in blocks]
+
+
+def test_put_many_reports_each_block(d, ns):
+    lossy = kvs.Ns(kvs.make_ns(d.admin, L=2, H=2, D=64, T=16, key_codec="polarquant"))
+    good = lossy.payload(16, seed=1)
+    bad = bytearray(good)
+    bad[10:12] = b"\x00\x7e"  # fp16 NaN: a quantizing codec cannot store it
+    res = put_many(d, [(lossy.name, b"ok-1", 16, good), (lossy.name, b"nan", 16, bytes(bad)),
+                       (lossy.name, b"ok-2", 16, good)])
+    assert [r.code for r in res] == [0, INVALID.value[0], 0]
+    assert "nan" in res[1].error.lower() or "finite" in res[1].error.lower(), res[1].error
+    present = list(d.stub.Exists(kvs.pb.KeysRequest(namespace=lossy.name,
+                                                    keys=[b"ok-1", b"nan", b"ok-2"])).present)
+    assert present == [True, False, True]
+
+
+def test_put_many_empty_stream_answers_no_results(d):
+    assert list(d.stub.PutMany(iter([]), timeout=10).results) == []
+
+
+def test_put_many_header_before_block_complete(d, ns):
+    data = ns.payload(16)
+
+    def chunks():
+        yield kvs.pb.PutChunk(header=kvs.pb.PutHeader(namespace=ns.name, key=b"a", tokens=16,
+                                                      dtype=FP16))
+        yield kvs.pb.PutChunk(data=data[:100])
+        yield kvs.pb.PutChunk(header=kvs.pb.PutHeader(namespace=ns.name, key=b"b", tokens=16,
+                                                      dtype=FP16))
+    kvs.expect_error(INVALID, d.stub.PutMany, chunks(), words=("header", "block 0"))
+
+
+def test_put_many_data_without_header_and_truncation(d, ns):
+    data = ns.payload(16)
+    blocks = list(put_many_chunks([(ns.name, b"x", 16, data)]))
+    kvs.expect_error(INVALID, d.stub.PutMany, iter(blocks + [kvs.pb.PutChunk(data=b"zz")]),
+                     words=("data", "header"))
+    kvs.expect_error(INVALID, d.stub.PutMany, iter(blocks[:-1]), words=("truncated",))
+    kvs.expect_error(INVALID, d.stub.PutMany, iter([kvs.pb.PutChunk(data=b"zz")]),
+                     words=("header",))
+
+
+def test_put_many_block_limit(d, ns):
+    data = ns.payload(1)
+    blocks = [(ns.name, b"k%d" % i, 1, data) for i in range(65)]  # --max-keys 64
+    kvs.expect_error(INVALID, put_many, d, blocks, words=("max-keys",))
+
+
+def test_put_many_unknown_namespace_fails_the_call(d, ns):
+    kvs.expect_error(NOT_FOUND, put_many, d, [(ns.name, b"a", 1, ns.payload(1)),
+                                              ("no-such-ns", b"b", 1, ns.payload(1))])
+
+
+def test_put_many_cancelled_midway_leaves_daemon_healthy(d, ns):
+    data = ns.payload(16)
+    stop = threading.Event()
+
+    def chunks():
+        for i in range(40):
+            yield from put_many_chunks([(ns.name, b"c%d" % i, 16, data)])
+        stop.wait(5)
+    fut = d.stub.PutMany.future(chunks(), timeout=30)
+    fut.cancel()
+    stop.set()
+    assert kvs.put(d.stub, ns.name, b"after", 16, data).raw_bytes == len(data)
+
+
+# ----------------------------------------------------------------------------- GetMany
+
+
+def test_get_many_absent_keys_are_answered_in_place(d, ns):
+    data = [ns.payload(16, seed=i) for i in range(3)]
+    put_many(d, [(ns.name, b"g%d" % i, 16, data[i]) for i in range(3)])
+    got = get_many(d, ns.name, [b"g0", b"missing", b"g2", b"g1"])
+    assert [(h.index, h.code) for h, _ in got] == [(0, 0), (1, NOT_FOUND.value[0]), (2, 0), (3, 0)]
+    assert got[1][0].error and got[1][1] == b""
+    assert [got[0][1], got[2][1], got[3][1]] == [data[0], data[2], data[1]]
+
+
+def test_prefix_get_stops_at_first_absent(d, ns):
+    data = [ns.payload(16, seed=10 + i) for i in range(5)]
+    put_many(d, [(ns.name, b"p%d" % i, 16, data[i]) for i in (0, 1, 2, 4)])
+    got = get_many(d, ns.name, [b"p%d" % i for i in range(5)], prefix=True)
+    assert [h.index for h, _ in got] == [0, 1, 2]
+    assert [x for _, x in got] == data[:3]
+    assert get_many(d, ns.name, [b"p3", b"p4"], prefix=True) == []
+
+
+def test_get_many_layer_range_and_encoded(d, ns):
+    data = ns.payload(16, seed=7)
+    put_many(d, [(ns.name, b"lr", 16, data)])
+    lb = ns.layer_bytes(16)
+    (h, raw), = get_many(d, ns.name, [b"lr"], layer_begin=1, layer_end=3)
+    assert (h.layer_begin, h.layer_end) == (1, 3) and raw == data[lb:3 * lb]
+    (h, enc), = get_many(d, ns.name, [b"lr"], format=kvs.ENCODED)
+    assert enc == kvs.get(d.stub, ns.name, b"lr", fmt=kvs.ENCODED).data
+
+
+def test_get_many_validation_names_the_field(d, ns):
+    kvs.expect_error(INVALID, get_many, d, ns.name, [], words=("keys",))
+    kvs.expect_error(INVALID, get_many, d, ns.name, [b"k"] * 65, words=("keys",))
+    kvs.expect_error(INVALID, get_many, d, ns.name, [b""], words=("keys[0]",))
+    kvs.expect_error(INVALID, get_many, d, ns.name, [b"k"], layer_begin=3, layer_end=2,
+                     words=("layer_begin",))
+    kvs.expect_error(NOT_FOUND, get_many, d, "nope", [b"k"])
+    kvs.expect_error(INVALID, get_many, d, ns.name, [b"k"], region_offsets=[0],
+                     words=("region_offsets",))
+
+
+def test_get_many_many_large_blocks_in_order(d):
+    big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))  # 2 MiB blocks
+    data = [big.payload(16, seed=100 + i) for i in range(12)]
+    res = put_many(d, [(big.name, b"b%d" % i, 16, data[i]) for i in range(12)], chunk=1 << 20)
+    assert all(r.code == 0 for r in res)
+    got = get_many(d, big.name, [b"b%d" % i for i in reversed(range(12))])
+    assert [x for _, x in got] == list(reversed(data))
+
+
+def test_get_many_client_gone_midway(d):
+    big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))
+    data = big.payload(16)
+    put_many(d, [(big.name, b"c%d" % i, 16, data) for i in range(8)])
+    for _ in range(5):
+        it = d.stub.GetMany(kvs.pb.GetManyRequest(namespace=big.name,
+                                                  keys=[b"c%d" % i for i in range(8)]),
+                            timeout=30)
+        next(it)
+        it.cancel()
+    assert get_many(d, big.name, [b"c0"])[0][1] == data
+
+
+# ----------------------------------------------------------------------------- shared memory
+
+
+def test_data_plane_names_the_region_socket(d):
+    r = d.stub.DataPlane(kvs.pb.DataPlaneRequest())
+    assert r.region_socket == d.region_socket
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert r.boot_id == f.read().strip()
+    assert r.max_region_bytes == 64 << 20
+
+
+def test_region_put_and_get_byte_identical(d, ns):
+    n = 4
+    bb = ns.bytes(16)
+    reg = Region(d.region_socket, 2 * n * bb)
+    try:
+        data = [ns.payload(16, seed=200 + i) for i in range(n)]
+        for i in range(n):
+            reg.mem[i * bb:(i + 1) * bb] = data[i]
+        res = put_many(d, [(ns.name, b"r%d" % i, 16, (reg.id, i * bb)) for i in range(n)])
+        assert [r.code for r in res] == [0] * n
+        for i in range(n):  # stored from shared memory, read back over gRPC
+            assert kvs.get(d.stub, ns.name, b"r%d" % i).data == data[i]
+        base = n * bb
+        got = get_many(d, ns.name, [b"r%d" % i for i in range(n)], region=reg.id,
+                       region_offsets=[base + i * bb for i in range(n)], region_slot_bytes=bb)
+        assert [(h.index, h.code, h.total_bytes) for h, _ in got] == [(i, 0, bb) for i in range(n)]
+        for i in range(n):
+            assert reg.mem[base + i * bb:base + (i + 1) * bb] == data[i]
+        # A plain Put names shared memory too.
+        reg.mem[0:bb] = data[3]
+        r = d.stub.Put(iter([kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+            namespace=ns.name, key=b"single", tokens=16, dtype=FP16, region=reg.id,
+            region_offset=0))]))
+        assert r.raw_bytes == bb
+        assert kvs.get(d.stub, ns.name, b"single").data == data[3]
+    finally:
+        reg.close()
+
+
+def test_region_encoded_get_and_small_slots(d):
+    lossy = kvs.Ns(kvs.make_ns(d.admin, L=2, H=2, D=64, T=16, key_codec="polarquant",
+                               value_codec="kivi-2"))
+    data = lossy.payload(16, seed=5)
+    put_many(d, [(lossy.name, b"e", 16, data)])
+    enc = kvs.get(d.stub, lossy.name, b"e", fmt=kvs.ENCODED).data
+    reg = Region(d.region_socket, 1 << 20)
+    try:
+        (h, _), = get_many(d, lossy.name, [b"e"], format=kvs.ENCODED, region=reg.id,
+                           region_offsets=[4096], region_slot_bytes=len(enc))
+        assert h.code == 0 and h.total_bytes == len(enc)
+        assert reg.mem[4096:4096 + len(enc)] == enc
+        (h, _), = get_many(d, lossy.name, [b"e"], format=kvs.ENCODED, region=reg.id,
+                           region_offsets=[0], region_slot_bytes=len(enc) - 1)
+        assert h.code == EXHAUSTED.value[0] and "region_slot_bytes" in h.error
+        (h, _), = get_many(d, lossy.name, [b"e"], region=reg.id, region_offsets=[0],
+                           region_slot_bytes=len(data) - 2)
+        assert h.code == EXHAUSTED.value[0] and "region_slot_bytes" in h.error
+    finally:
+        reg.close()
+
+
+def test_region_offsets_outside_are_refused(d, ns):
+    bb = ns.bytes(16)
+    reg = Region(d.region_socket, 2 * bb)
+    try:
+        put_many(d, [(ns.name, b"o", 16, ns.payload(16))])
+        for off in (bb + 1, 2 * bb, 2**64 - 1, 2**63):
+            kvs.expect_error(INVALID, put_many, d, [(ns.name, b"x", 16, (reg.id, off))],
+                             words=("region", "outside"))
+            kvs.expect_error(INVALID, get_many, d, ns.name, [b"o", b"o"], region=reg.id,
+                             region_offsets=[0, off], region_slot_bytes=bb,
+                             words=("region_offsets[1]",))
+        kvs.expect_error(INVALID, get_many, d, ns.name, [b"o"], region=reg.id,
+                         region_offsets=[0], region_slot_bytes=2**64 - 1,
+                         words=("region_offsets[0]",))
+        kvs.expect_error(INVALID, get_many, d, ns.name, [b"o", b"o"], region=reg.id,
+                         region_offsets=[0], region_slot_bytes=bb, words=("region_offsets",))
+        kvs.expect_error(INVALID, put_many, d, [(ns.name, b"x", 16, (b"short", 0))],
+                         words=("region",))
+        kvs.expect_error(NOT_FOUND, put_many, d, [(ns.name, b"x", 16, (b"\0" * 16, 0))],
+                         words=("region",))
+        # data chunks after a header that names shared memory
+        chunks = list(put_many_chunks([(ns.name, b"x", 16, (reg.id, 0))]))
+        kvs.expect_error(INVALID, d.stub.PutMany, iter(chunks + [kvs.pb.PutChunk(data=b"z")]),
+                         words=("data", "header"))
+    finally:
+        reg.close()
+
+
+def test_region_dies_with_its_connection(d, ns):
+    bb = ns.bytes(16)
+    reg = Region(d.region_socket, bb)
+    reg.mem[:] = ns.payload(16)
+    rid = reg.id
+    assert put_many(d, [(ns.name, b"live", 16, (rid, 0))])[0].code == 0
+    reg.close()
+    # the daemon sees the close on its loop: retry briefly
+    for _ in range(100):
+        e = kvs.rpc_error(put_many, d, [(ns.name, b"dead", 16, (rid, 0))])
+        if e.code() == NOT_FOUND:
+            break
+        time.sleep(0.02)
+    assert e.code() == NOT_FOUND and "region" in e.details()
+
+
+def test_region_registration_is_checked(d):
+    import fcntl
+    reg = Region(d.region_socket, 1 << 20, seal=False, register=False)
+    try:
+        code, msg, _, _ = reg.register(1 << 20)  # unsealed: could shrink under the daemon
+        assert code != 0 and "F_SEAL_SHRINK" in msg
+        fcntl.fcntl(reg.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        code, msg, _, _ = reg.register((1 << 20) + 1)  # more than the file holds
+        assert code != 0 and "bytes" in msg
+        code, msg, _, _ = reg.register(0)
+        assert code != 0 and "bytes" in msg
+        code, msg, _, _ = reg.register(65 << 20)  # over --region-max-bytes
+        assert code != 0 and "region-max-bytes" in msg
+        code, msg, _, _ = reg.register(1 << 20, fds=[])
+        assert code != 0 and "descriptor" in msg
+        code, msg, _, _ = reg.register(1 << 20, fds=[reg.fd, reg.fd])
+        assert code != 0 and "descriptor" in msg
+        code, msg, _, _ = reg.register(1 << 20, raw=b"garbage!")
+        assert code != 0 and "request" in msg
+        code, msg, _, _ = reg.register(1 << 20, raw=REGION_REQ.pack(b"KVR1", 9, 1 << 20))
+        assert code != 0 and "op" in msg
+        with open("/proc/self/exe", "rb") as f:  # a regular file: no seals at all
+            code, msg, _, _ = reg.register(4096, fds=[f.fileno()])
+        assert code != 0 and "memfd" in msg
+        code, msg, rid, _ = reg.register(1 << 20)  # and then a good one on the same socket
+        assert code == 0 and len(rid) == 16
+        with pytest.raises(PermissionError):  # the seal holds: the region cannot shrink
+            os.ftruncate(reg.fd, 4096)
+    finally:
+        reg.close()
+    # total bytes come back when connections close: 64M can be registered again
+    big = Region(d.region_socket, 60 << 20)
+    big.close()
+    again = Region(d.region_socket, 60 << 20)
+    again.close()
+
+
+def test_region_socket_hostile_clients(d):
+    # connect and vanish, send nothing, send a huge datagram: the daemon keeps serving
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(d.region_socket)
+        s.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(d.region_socket)
+    s.send(b"x" * 60000)
+    rep = s.recv(REGION_REP.size)
+    assert REGION_REP.unpack(rep)[1] != 0
+    s.close()
+    reg = Region(d.region_socket, 4096)
+    reg.close()
+    assert d.stub.DataPlane(kvs.pb.DataPlaneRequest()).region_socket == d.region_socket
+
+
+def test_region_get_races_disconnect(d):
+    """A client that closes its region while GetMany writes into it: the daemon keeps the
+    mapping until the call is done (no crash), and later calls are refused."""
+    big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))
+    bb = big.bytes(16)
+    put_many(d, [(big.name, b"z%d" % i, 16, big.payload(16, seed=i)) for i in range(8)])
+    for _ in range(3):
+        reg = Region(d.region_socket, 8 * bb)
+        it = d.stub.GetMany(kvs.pb.GetManyRequest(
+            namespace=big.name, keys=[b"z%d" % i for i in range(8)], region=reg.id,
+            region_offsets=[i * bb for i in range(8)], region_slot_bytes=bb), timeout=30)
+        reg.close()
+        try:
+            list(it)
+        except grpc.RpcError as e:
+            assert e.code() == NOT_FOUND
+    assert get_many(d, big.name, [b"z0"])[0][0].code == 0
