@@ -36,14 +36,6 @@
  * cancels the call itself, so a stuck transport cannot hang the caller. */
 #define PLUCK_GRACE_MS 5000
 
-struct kvs_client {
-    grpc_channel *channel;
-    char *target;
-    char *auth; /* "Bearer <token>", or NULL */
-    int64_t timeout_ms;
-    size_t chunk_bytes;
-};
-
 const char *kvs_tier_name(kvs_tier tier)
 {
     switch (tier) {
@@ -149,21 +141,7 @@ void kvs_client_close(kvs_client *c)
 
 /* ------------------------------------------------------------------ one call */
 
-typedef struct rpc {
-    const kvs_client *c;
-    const char *name; /* "Put": prefixes every message */
-    grpc_completion_queue *cq;
-    grpc_call *call;
-    gpr_timespec deadline;
-    grpc_metadata auth;
-    grpc_metadata_array initial_md, trailing_md;
-    grpc_status_code status;
-    grpc_slice details;
-    bool have_status;
-    grpc_call_error call_error; /* first grpc_call_start_batch failure */
-} rpc;
-
-static int rpc_start(rpc *r, const kvs_client *c, const char *method, kvs_err *err)
+int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err)
 {
     memset(r, 0, sizeof *r);
     r->c = c;
@@ -191,7 +169,7 @@ static int rpc_start(rpc *r, const kvs_client *c, const char *method, kvs_err *e
 
 /* Runs one batch and waits for it; returns whether all its ops succeeded. A batch with
  * RECV_STATUS_ON_CLIENT always completes, so the status is known afterwards. */
-static bool rpc_run(rpc *r, const grpc_op *ops, size_t n)
+bool kvs__rpc_run(kvs__rpc *r, const grpc_op *ops, size_t n)
 {
     grpc_call_error ce = grpc_call_start_batch(r->call, ops, n, r, NULL);
     if (ce != GRPC_CALL_OK) {
@@ -215,7 +193,7 @@ static bool rpc_run(rpc *r, const grpc_op *ops, size_t n)
 }
 
 /* Op builders: each fills one grpc_op of a batch. */
-static grpc_op op_send_md(rpc *r)
+grpc_op kvs__op_send_md(kvs__rpc *r)
 {
     grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
     if (r->c->auth) {
@@ -225,28 +203,28 @@ static grpc_op op_send_md(rpc *r)
     return op;
 }
 
-static grpc_op op_send_msg(grpc_byte_buffer *bb)
+grpc_op kvs__op_send_msg(grpc_byte_buffer *bb)
 {
     return (grpc_op){.op = GRPC_OP_SEND_MESSAGE, .data.send_message.send_message = bb};
 }
 
-static grpc_op op_close(void)
+grpc_op kvs__op_close(void)
 {
     return (grpc_op){.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT};
 }
 
-static grpc_op op_recv_md(rpc *r)
+grpc_op kvs__op_recv_md(kvs__rpc *r)
 {
     return (grpc_op){.op = GRPC_OP_RECV_INITIAL_METADATA,
                      .data.recv_initial_metadata.recv_initial_metadata = &r->initial_md};
 }
 
-static grpc_op op_recv_msg(grpc_byte_buffer **bb)
+grpc_op kvs__op_recv_msg(grpc_byte_buffer **bb)
 {
     return (grpc_op){.op = GRPC_OP_RECV_MESSAGE, .data.recv_message.recv_message = bb};
 }
 
-static grpc_op op_recv_status(rpc *r)
+grpc_op kvs__op_recv_status(kvs__rpc *r)
 {
     grpc_op op = {.op = GRPC_OP_RECV_STATUS_ON_CLIENT};
     op.data.recv_status_on_client.trailing_metadata = &r->trailing_md;
@@ -256,7 +234,7 @@ static grpc_op op_recv_status(rpc *r)
 }
 
 /* Turns a non-OK status into a kvs code with the server's text prefixed by the RPC name. */
-static int status_error(const rpc *r, kvs_err *err)
+static int status_error(const kvs__rpc *r, kvs_err *err)
 {
     int code = kvs_err_from_grpc_status(r->status);
     int n = (int)GRPC_SLICE_LENGTH(r->details);
@@ -275,14 +253,14 @@ static int status_error(const rpc *r, kvs_err *err)
 
 /* Ends the call and frees it. rc != 0 is a local failure (already in err) that cancels
  * the call and is returned as is; otherwise the result is the call's status. */
-static int rpc_finish(rpc *r, int rc, kvs_err *err)
+int kvs__rpc_finish(kvs__rpc *r, int rc, kvs_err *err)
 {
     if (r->call) {
         if (!r->have_status) {
             if (rc != 0)
                 grpc_call_cancel(r->call, NULL);
-            grpc_op op = op_recv_status(r);
-            (void)rpc_run(r, &op, 1); /* the status says how it went */
+            grpc_op op = kvs__op_recv_status(r);
+            (void)kvs__rpc_run(r, &op, 1); /* the status says how it went */
         }
         /* A server error explains more than a refused batch, so it wins. */
         if (rc == 0 && r->have_status && r->status != GRPC_STATUS_OK)
@@ -310,7 +288,7 @@ static int rpc_finish(rpc *r, int rc, kvs_err *err)
 
 /* Packs m into a new byte buffer (freed with grpc_byte_buffer_destroy); NULL if out of
  * memory. */
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
+grpc_byte_buffer *kvs__pack_msg(const ProtobufCMessage *m)
 {
     size_t n = protobuf_c_message_get_packed_size(m);
     grpc_slice s;
@@ -329,8 +307,8 @@ static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
 }
 
 /* Parses a received message; *out is freed with protobuf_c_message_free_unpacked. */
-static int unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
-                      ProtobufCMessage **out, kvs_err *err)
+int kvs__unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
+                    ProtobufCMessage **out, kvs_err *err)
 {
     *out = NULL;
     if (!bb)
@@ -356,20 +334,20 @@ int kvs__unary(const kvs_client *c, const char *method, const ProtobufCMessage *
     *reply = NULL;
     if (!c)
         return kvs_err_set(err, KVS_EINVAL, "%s: client is NULL", strrchr(method, '/') + 1);
-    rpc r;
-    int rc = rpc_start(&r, c, method, err);
+    kvs__rpc r;
+    int rc = kvs__rpc_start(&r, c, method, err);
     if (rc != 0)
-        return rpc_finish(&r, rc, err);
-    grpc_byte_buffer *out = pack_msg(req), *in = NULL;
+        return kvs__rpc_finish(&r, rc, err);
+    grpc_byte_buffer *out = kvs__pack_msg(req), *in = NULL;
     if (!out)
-        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "%s: out of memory", r.name), err);
-    grpc_op ops[] = {op_send_md(&r), op_send_msg(out), op_close(),
-                     op_recv_md(&r), op_recv_msg(&in), op_recv_status(&r)};
-    (void)rpc_run(&r, ops, sizeof ops / sizeof ops[0]); /* the status says how it went */
+        return kvs__rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "%s: out of memory", r.name), err);
+    grpc_op ops[] = {kvs__op_send_md(&r), kvs__op_send_msg(out), kvs__op_close(),
+                     kvs__op_recv_md(&r), kvs__op_recv_msg(&in), kvs__op_recv_status(&r)};
+    (void)kvs__rpc_run(&r, ops, sizeof ops / sizeof ops[0]); /* the status says how it went */
     grpc_byte_buffer_destroy(out);
-    rc = rpc_finish(&r, 0, err);
+    rc = kvs__rpc_finish(&r, 0, err);
     if (rc == 0)
-        rc = unpack_msg(r.name, in, reply_desc, reply, err);
+        rc = kvs__unpack_msg(r.name, in, reply_desc, reply, err);
     if (in)
         grpc_byte_buffer_destroy(in);
     return rc;
@@ -396,7 +374,7 @@ static void keep_caller_buffer(void *p)
  * the field's tag and varint length (protobuf wire format) followed by the bytes, so
  * the payload slice can point into the caller's buffer. kvs_client_put waits for the
  * whole call to end before it returns, so the buffer outlives every use of the slice. */
-static grpc_byte_buffer *data_chunk(const uint8_t *p, size_t n)
+grpc_byte_buffer *kvs__data_chunk(const uint8_t *p, size_t n)
 {
     uint8_t head[CHUNK_OVERHEAD];
     size_t h = 0;
@@ -436,15 +414,15 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
     first.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_HEADER;
     first.header = &hdr;
 
-    rpc r;
-    int rc = rpc_start(&r, c, STASH("Put"), err);
+    kvs__rpc r;
+    int rc = kvs__rpc_start(&r, c, STASH("Put"), err);
     if (rc != 0)
-        return rpc_finish(&r, rc, err);
-    grpc_byte_buffer *bb = pack_msg(&first.base);
+        return kvs__rpc_finish(&r, rc, err);
+    grpc_byte_buffer *bb = kvs__pack_msg(&first.base);
     if (!bb)
-        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Put: out of memory"), err);
-    grpc_op head_ops[] = {op_send_md(&r), op_send_msg(bb)};
-    bool ok = rpc_run(&r, head_ops, 2);
+        return kvs__rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Put: out of memory"), err);
+    grpc_op head_ops[] = {kvs__op_send_md(&r), kvs__op_send_msg(bb)};
+    bool ok = kvs__rpc_run(&r, head_ops, 2);
     grpc_byte_buffer_destroy(bb);
 
     /* One message in flight at a time; a failed send means the server has already
@@ -452,9 +430,9 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
     size_t off = 0;
     while (ok && off < len) {
         size_t n = len - off < c->chunk_bytes ? len - off : c->chunk_bytes;
-        bb = data_chunk((const uint8_t *)data + off, n);
-        grpc_op op = op_send_msg(bb);
-        ok = rpc_run(&r, &op, 1);
+        bb = kvs__data_chunk((const uint8_t *)data + off, n);
+        grpc_op op = kvs__op_send_msg(bb);
+        ok = kvs__rpc_run(&r, &op, 1);
         grpc_byte_buffer_destroy(bb);
         if (ok)
             off += n;
@@ -462,16 +440,17 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
 
     grpc_byte_buffer *in = NULL;
     if (ok) {
-        grpc_op tail[] = {op_close(), op_recv_md(&r), op_recv_msg(&in), op_recv_status(&r)};
-        (void)rpc_run(&r, tail, 4); /* the status says how it went */
+        grpc_op tail[] = {kvs__op_close(), kvs__op_recv_md(&r), kvs__op_recv_msg(&in),
+                          kvs__op_recv_status(&r)};
+        (void)kvs__rpc_run(&r, tail, 4); /* the status says how it went */
     }
-    rc = rpc_finish(&r, 0, err);
+    rc = kvs__rpc_finish(&r, 0, err);
     if (rc == 0 && off < len)
         rc = kvs_err_set(err, KVS_EPROTO, "Put: the server ended the call after %zu of %zu bytes",
                          off, len);
     ProtobufCMessage *m = NULL;
     if (rc == 0)
-        rc = unpack_msg(r.name, in, &kvstash__v1__put_reply__descriptor, &m, err);
+        rc = kvs__unpack_msg(r.name, in, &kvstash__v1__put_reply__descriptor, &m, err);
     if (in)
         grpc_byte_buffer_destroy(in);
     if (rc != 0)
@@ -575,33 +554,34 @@ int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t
     q.layer_begin = o.layer_begin;
     q.layer_end = o.layer_end;
 
-    rpc r;
-    int rc = rpc_start(&r, c, STASH("Get"), err);
+    kvs__rpc r;
+    int rc = kvs__rpc_start(&r, c, STASH("Get"), err);
     if (rc != 0)
-        return rpc_finish(&r, rc, err);
-    grpc_byte_buffer *bb = pack_msg(&q.base);
+        return kvs__rpc_finish(&r, rc, err);
+    grpc_byte_buffer *bb = kvs__pack_msg(&q.base);
     if (!bb)
-        return rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Get: out of memory"), err);
-    grpc_op ops[] = {op_send_md(&r), op_send_msg(bb), op_close(), op_recv_md(&r)};
-    bool ok = rpc_run(&r, ops, 4);
+        return kvs__rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "Get: out of memory"), err);
+    grpc_op ops[] = {kvs__op_send_md(&r), kvs__op_send_msg(bb), kvs__op_close(),
+                     kvs__op_recv_md(&r)};
+    bool ok = kvs__rpc_run(&r, ops, 4);
     grpc_byte_buffer_destroy(bb);
 
     get_state st = {0};
     while (ok && rc == 0) {
         grpc_byte_buffer *in = NULL;
-        grpc_op op = op_recv_msg(&in);
-        ok = rpc_run(&r, &op, 1);
+        grpc_op op = kvs__op_recv_msg(&in);
+        ok = kvs__rpc_run(&r, &op, 1);
         if (!ok || !in) /* end of stream: the status follows */
             break;
         ProtobufCMessage *m = NULL;
-        rc = unpack_msg(r.name, in, &kvstash__v1__get_chunk__descriptor, &m, err);
+        rc = kvs__unpack_msg(r.name, in, &kvstash__v1__get_chunk__descriptor, &m, err);
         grpc_byte_buffer_destroy(in);
         if (rc == 0)
             rc = get_chunk(&st, (const Kvstash__V1__GetChunk *)m, cb, ctx, err);
         if (m)
             protobuf_c_message_free_unpacked(m, NULL);
     }
-    rc = rpc_finish(&r, rc, err);
+    rc = kvs__rpc_finish(&r, rc, err);
     if (rc == 0 && !st.have_hdr)
         rc = kvs_err_set(err, KVS_EPROTO, "Get: the stream ended without a header");
     if (rc == 0 && st.got != st.total)

@@ -3,12 +3,60 @@
 #ifndef KVS_CLIENT_INT_H
 #define KVS_CLIENT_INT_H
 
+#include <grpc/grpc.h>
 #include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
 
 #include "kvstash.h"
 
 #define STASH(m) "/kvstash.v1.KvStash/" m
 #define ADMIN(m) "/kvstash.v1.KvAdmin/" m
+
+/* The handle: fixed after connect (client.c). */
+struct kvs_client {
+    grpc_channel *channel;
+    char *target;
+    char *auth; /* "Bearer <token>", or NULL */
+    int64_t timeout_ms;
+    size_t chunk_bytes;
+};
+
+/* One call on the caller's stack (client.c): its own pluck completion queue, batches run
+ * one at a time and waited for; kvs__rpc_finish frees everything. */
+typedef struct kvs__rpc {
+    const kvs_client *c;
+    const char *name; /* "Put": prefixes every message */
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata auth;
+    grpc_metadata_array initial_md, trailing_md;
+    grpc_status_code status;
+    grpc_slice details;
+    bool have_status;
+    grpc_call_error call_error; /* first grpc_call_start_batch failure */
+} kvs__rpc;
+
+int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err);
+/* Runs one batch and waits for it; whether all its ops succeeded. */
+bool kvs__rpc_run(kvs__rpc *r, const grpc_op *ops, size_t n);
+/* Ends the call: rc != 0 (a local failure, in err) cancels it; else the call's status. */
+int kvs__rpc_finish(kvs__rpc *r, int rc, kvs_err *err);
+grpc_op kvs__op_send_md(kvs__rpc *r);
+grpc_op kvs__op_send_msg(grpc_byte_buffer *bb);
+grpc_op kvs__op_close(void);
+grpc_op kvs__op_recv_md(kvs__rpc *r);
+grpc_op kvs__op_recv_msg(grpc_byte_buffer **bb);
+grpc_op kvs__op_recv_status(kvs__rpc *r);
+/* A packed message (NULL when out of memory); a data PutChunk around borrowed bytes. */
+grpc_byte_buffer *kvs__pack_msg(const ProtobufCMessage *m);
+grpc_byte_buffer *kvs__data_chunk(const uint8_t *p, size_t n);
+int kvs__unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
+                    ProtobufCMessage **out, kvs_err *err);
+
+/* The id a registered region carries in requests (client/region.c). */
+#define KVS__REGION_ID_LEN 16
+const uint8_t *kvs__region_id(const kvs_region *g);
 
 /* One request, one reply: the whole call is a single batch. On success *reply belongs
  * to the caller (protobuf_c_message_free_unpacked). */

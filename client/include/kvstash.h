@@ -149,6 +149,79 @@ KVS_API int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys
 KVS_API int kvs_client_delete(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
                               uint32_t *deleted, kvs_err *err);
 
+/* ------------------------------------------------------------------ data plane */
+
+/* Shared memory with a daemon on this host (README "Data plane"): one region, created and
+ * registered once (a memfd the daemon maps, and pins for its GPU engine), then named by
+ * PutMany and GetMany items instead of carrying bytes over gRPC. KVS_ENOTSUP when the
+ * daemon runs on another host (its boot id differs) or has no region socket: use the
+ * bytes path then. The region lives until kvs_region_close (which the daemon sees as the
+ * region's end); close it only once no call names it. Thread-safe to read and write from
+ * any thread; the client must outlive no region (they are independent). */
+typedef struct kvs_region kvs_region;
+KVS_API int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *err);
+KVS_API void *kvs_region_data(const kvs_region *g);
+KVS_API size_t kvs_region_size(const kvs_region *g);
+/* Whether the daemon pinned it for its GPU engine (DMA straight to and from the GPU). */
+KVS_API bool kvs_region_pinned(const kvs_region *g);
+/* NULL is fine. */
+KVS_API void kvs_region_close(kvs_region *g);
+
+/* One block of a PutMany: its payload in `data` (len bytes, borrowed for the call) or, with
+ * data NULL, at `offset` in `region`. rc, msg and res are filled by the call: rc 0 and res,
+ * or the block's own error (KVS_EINVAL for a NaN a lossy codec refuses, KVS_ENOSPC, ...). */
+typedef struct kvs_put_item {
+    const void *key;
+    size_t key_len;
+    uint32_t tokens;
+    const void *data;
+    size_t len;
+    const kvs_region *region;
+    uint64_t offset;
+    int rc;
+    char msg[160];
+    kvs_put_result res;
+} kvs_put_item;
+
+/* Stores n blocks of namespace ns in one call (one round trip; the daemon encodes each as
+ * soon as its bytes are in). Returns 0 when the call went through, each block's outcome in
+ * its item; an error fails the whole call (a bad namespace, more than the daemon's
+ * --max-keys blocks, a region id it does not know). */
+KVS_API int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
+                                size_t n, kvs_err *err);
+
+/* One block of a GetMany: written into buf (cap bytes) or, with buf NULL, at `offset` in
+ * `region` (a slot of cap bytes; the items of one call all use the same region and cap).
+ * rc is 0 and res says what came, KVS_ENOTFOUND for an absent key, KVS_ENOSPC when the
+ * block does not fit cap, or the block's error; `answered` says which items were. */
+typedef struct kvs_get_item {
+    const void *key;
+    size_t key_len;
+    void *buf;
+    size_t cap;
+    const kvs_region *region;
+    uint64_t offset;
+    int rc;
+    char msg[160];
+    bool answered;
+    kvs_get_result res;
+} kvs_get_item;
+
+typedef struct kvs_get_many_opts {
+    kvs_format format;    /* RAW (default) or ENCODED */
+    uint32_t layer_begin; /* RAW: [layer_begin, layer_end); layer_end 0 = all layers */
+    uint32_t layer_end;
+    /* Prefix Get: stop at the first absent (or unreadable) block; *served counts the
+     * leading blocks answered, and the items after them are left unanswered. */
+    bool prefix;
+} kvs_get_many_opts;
+
+/* Fetches n blocks of ns in one call, decoded (or encoded), streamed in key order while
+ * the daemon decodes the next ones. opts may be NULL. *served (may be NULL): items
+ * answered with data. */
+KVS_API int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size_t n,
+                                const kvs_get_many_opts *opts, size_t *served, kvs_err *err);
+
 /* ------------------------------------------------------------------ admin */
 
 typedef struct kvs_ns_info {

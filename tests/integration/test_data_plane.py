@@ -430,3 +430,38 @@ def test_region_get_races_disconnect(d):
         except grpc.RpcError as e:
             assert e.code() == NOT_FOUND
     assert get_many(d, big.name, [b"z0"])[0][0].code == 0
+
+
+# ----------------------------------------------------------------------------- libkvstash
+
+
+BENCH_RESTORE = os.environ.get("KVS_BENCH_RESTORE",
+                               os.path.join(os.path.dirname(kvs.KVCTL), "kvs-bench-restore"))
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi-2"])
+def test_libkvstash_paths_return_the_same_bytes(tmp_path, codec):
+    """libkvstash's PutMany (bytes and shared memory), Get, GetMany, GetMany into shared
+    memory and GetMany encoded + client decode, through kvs-bench-restore on a small prefix:
+    it exits 1 when a path returns other bytes than the first (or, for `none`, than were
+    put). The daemon listens on a Unix socket, so the region socket is on by default."""
+    import subprocess
+    sock = str(tmp_path / "kvs.sock")
+    err = open(tmp_path / "stderr", "wb")
+    proc = kvs.spawn([kvs.KVSTASHD, "--listen", "unix:" + sock, "--host-capacity", "256M",
+                      *kvs.KVSTASHD_EXTRA], stdout=err, stderr=err)
+    try:
+        for _ in range(200):
+            if os.path.exists(sock + ".region"):
+                break
+            time.sleep(0.05)
+        r = subprocess.run([BENCH_RESTORE, "--target", "unix:" + sock, "--codec", codec,
+                            "--tokens", "64", "--layers", "4", "--heads", "2", "--dim", "64",
+                            "--reps", "1"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for path in ("PutMany (shm", "| get |", "| getmany |", "| shm |", "| encoded |"):
+            assert path in r.stdout, r.stdout
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        err.close()

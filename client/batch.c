@@ -1,0 +1,290 @@
+/* libkvstash: PutMany and GetMany (contract: include/kvstash.h, "data plane"). One call
+ * each, on the machinery of client.c (client_int.h). Items that name a region carry no
+ * bytes: the daemon reads or writes the shared memory (client/region.c).
+ */
+#include <grpc/byte_buffer.h>
+#include <grpc/grpc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "client/client_int.h"
+#include "gpu/base/mem.h"
+#include "kvstash.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
+
+static void item_msg(char *dst, size_t cap, const char *src, size_t n)
+{
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+static int check_region_item(const kvs_region *g, uint64_t offset, uint64_t len, size_t i,
+                             const char *what, kvs_err *err)
+{
+    size_t size = kvs_region_size(g);
+    if (offset > size || len > size - offset)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "%s: items[%zu]: bytes [%llu, +%llu) lie outside the region's %zu", what,
+                           i, (unsigned long long)offset, (unsigned long long)len, size);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ PutMany */
+
+int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
+                        size_t n, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || (!items && n))
+        return kvs_err_set(err, KVS_EINVAL, "PutMany: NULL argument");
+    for (size_t i = 0; i < n; i++) {
+        kvs_put_item *it = &items[i];
+        if (!it->key || kvs_key_validate(it->key_len, err) != 0)
+            return kvs_err_prefix(err, "PutMany: items[%zu]: key", i);
+        if (!it->data && !it->region)
+            return kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: neither data nor region", i);
+        if (!it->data && check_region_item(it->region, it->offset, it->len, i, "PutMany", err))
+            return err->code;
+        it->rc = KVS_EPROTO; /* until the reply says otherwise */
+        it->msg[0] = 0;
+    }
+    kvs__rpc r;
+    int rc = kvs__rpc_start(&r, c, STASH("PutMany"), err);
+    if (rc)
+        return kvs__rpc_finish(&r, rc, err);
+    grpc_op md = kvs__op_send_md(&r);
+    bool ok = kvs__rpc_run(&r, &md, 1);
+    /* One message in flight at a time: a header, then the payload in chunks that point at
+     * the caller's bytes (kvs__data_chunk: no copy). */
+    for (size_t i = 0; ok && i < n; i++) {
+        const kvs_put_item *it = &items[i];
+        Kvstash__V1__PutHeader hdr = KVSTASH__V1__PUT_HEADER__INIT;
+        hdr.namespace_ = kvs_pb_str(ns);
+        hdr.key = kvs_pb_bin(it->key, it->key_len);
+        hdr.tokens = it->tokens;
+        hdr.dtype = (Kvstash__V1__Dtype)dtype;
+        hdr.payload_bytes = it->len;
+        if (!it->data) {
+            hdr.region = kvs_pb_bin(kvs__region_id(it->region), KVS__REGION_ID_LEN);
+            hdr.region_offset = it->offset;
+        }
+        Kvstash__V1__PutChunk first = KVSTASH__V1__PUT_CHUNK__INIT;
+        first.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_HEADER;
+        first.header = &hdr;
+        grpc_byte_buffer *bb = kvs__pack_msg(&first.base);
+        if (!bb)
+            return kvs__rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "PutMany: out of memory"), err);
+        grpc_op op = kvs__op_send_msg(bb);
+        ok = kvs__rpc_run(&r, &op, 1);
+        grpc_byte_buffer_destroy(bb);
+        for (size_t off = 0; ok && it->data && off < it->len;) {
+            size_t m = it->len - off < c->chunk_bytes ? it->len - off : c->chunk_bytes;
+            bb = kvs__data_chunk((const uint8_t *)it->data + off, m);
+            op = kvs__op_send_msg(bb);
+            ok = kvs__rpc_run(&r, &op, 1);
+            grpc_byte_buffer_destroy(bb);
+            off += m;
+        }
+    }
+    grpc_byte_buffer *in = NULL;
+    if (ok) {
+        grpc_op tail[] = {kvs__op_close(), kvs__op_recv_md(&r), kvs__op_recv_msg(&in),
+                          kvs__op_recv_status(&r)};
+        (void)kvs__rpc_run(&r, tail, 4); /* the status says how it went */
+    }
+    rc = kvs__rpc_finish(&r, 0, err); /* a failed send: the server's status explains it */
+    ProtobufCMessage *m = NULL;
+    if (rc == 0)
+        rc = kvs__unpack_msg(r.name, in, &kvstash__v1__put_many_reply__descriptor, &m, err);
+    if (in)
+        grpc_byte_buffer_destroy(in);
+    if (rc)
+        return rc;
+    const Kvstash__V1__PutManyReply *rep = (const Kvstash__V1__PutManyReply *)m;
+    if (rep->n_results != n) {
+        protobuf_c_message_free_unpacked(m, NULL);
+        return kvs_err_set(err, KVS_EPROTO, "PutMany: %zu results for %zu blocks", rep->n_results,
+                           n);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const Kvstash__V1__PutResult *pr = rep->results[i];
+        kvs_put_item *it = &items[i];
+        it->rc = pr->code ? kvs_err_from_grpc_status((int)pr->code) : 0;
+        if (pr->code)
+            item_msg(it->msg, sizeof it->msg, pr->error, strlen(pr->error));
+        it->res = (kvs_put_result){.tier = kvs__tier_from_pb(pr->tier),
+                                   .encoded_bytes = pr->encoded_bytes,
+                                   .raw_bytes = pr->code ? 0 : it->len,
+                                   .replaced = pr->replaced};
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ GetMany */
+
+/* Where the stream stands: the item being received and its bytes so far. */
+typedef struct many_state {
+    kvs_get_item *items;
+    size_t n, served;
+    kvs_get_item *cur; /* receiving data for this item, or NULL */
+    uint64_t got;
+    bool region;
+    long last; /* index of the last header, -1 before the first */
+} many_state;
+
+static int many_chunk(many_state *st, const Kvstash__V1__GetChunk *ch, const char *name,
+                      kvs_err *err)
+{
+    if (ch->header) {
+        const Kvstash__V1__GetHeader *h = ch->header;
+        if (st->cur && st->got != st->cur->res.bytes)
+            return kvs_err_set(err, KVS_EPROTO, "%s: block %ld ended after %llu of %llu bytes",
+                               name, st->last, (unsigned long long)st->got,
+                               (unsigned long long)st->cur->res.bytes);
+        if ((long)h->index <= st->last || h->index >= st->n)
+            return kvs_err_set(err, KVS_EPROTO, "%s: header for item %u after item %ld of %zu",
+                               name, h->index, st->last, st->n);
+        st->last = h->index;
+        kvs_get_item *it = &st->items[h->index];
+        it->answered = true;
+        st->cur = NULL;
+        st->got = 0;
+        if (h->code) {
+            it->rc = kvs_err_from_grpc_status((int)h->code);
+            item_msg(it->msg, sizeof it->msg, h->error, strlen(h->error));
+            return 0;
+        }
+        it->rc = 0;
+        it->res = (kvs_get_result){.tokens = h->tokens,
+                                   .dtype = kvs__dtype_from_pb(h->dtype),
+                                   .layer_begin = h->layer_begin,
+                                   .layer_end = h->layer_end,
+                                   .bytes = h->total_bytes,
+                                   .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                                 ? KVS_FORMAT_ENCODED
+                                                 : KVS_FORMAT_RAW,
+                                   .tier = kvs__tier_from_pb(h->tier)};
+        st->served++;
+        if (st->region)
+            return 0; /* the bytes are in the region already */
+        if (h->total_bytes > it->cap) {
+            it->rc = KVS_E2BIG;
+            snprintf(it->msg, sizeof it->msg, "block of %llu bytes does not fit in %zu",
+                     (unsigned long long)h->total_bytes, it->cap);
+        }
+        st->cur = it;
+        return 0;
+    }
+    if (!st->cur)
+        return kvs_err_set(err, KVS_EPROTO, "%s: data without a block header", name);
+    size_t n = ch->data.len;
+    if (n > st->cur->res.bytes - st->got)
+        return kvs_err_set(err, KVS_EPROTO, "%s: more data than block %ld's %llu bytes", name,
+                           st->last, (unsigned long long)st->cur->res.bytes);
+    if (st->cur->rc == 0) /* chunks arrive in order: the daemon streams each block whole */
+        memcpy((uint8_t *)st->cur->buf + st->got, ch->data.data, n);
+    st->got += n;
+    return 0;
+}
+
+int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size_t n,
+                        const kvs_get_many_opts *opts, size_t *served, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (served)
+        *served = 0;
+    if (!c || !ns || !items || n == 0)
+        return kvs_err_set(err, KVS_EINVAL, "GetMany: NULL argument or no items");
+    kvs_get_many_opts o = opts ? *opts : (kvs_get_many_opts){0};
+    const kvs_region *region = items[0].buf ? NULL : items[0].region;
+    ProtobufCBinaryData *keys = kvs_trymalloc(n * sizeof *keys);
+    uint64_t *offsets = region ? kvs_trymalloc(n * sizeof *offsets) : NULL;
+    if (!keys || (region && !offsets)) {
+        free(keys);
+        free(offsets);
+        return kvs_err_set(err, KVS_ENOMEM, "GetMany: out of memory");
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        kvs_get_item *it = &items[i];
+        it->answered = false;
+        it->rc = KVS_ENOTFOUND;
+        it->msg[0] = 0;
+        if (!it->key || kvs_key_validate(it->key_len, err) != 0)
+            rc = kvs_err_prefix(err, "GetMany: items[%zu]: key", i);
+        else if (!region && !it->buf)
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "GetMany: items[%zu]: no buf (and items[0] names "
+                             "no region)",
+                             i);
+        else if (region && (it->buf || it->region != region || it->cap != items[0].cap))
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "GetMany: items[%zu]: every item of a call into a region names "
+                             "the same region and cap, and no buf",
+                             i);
+        else if (region)
+            rc = check_region_item(region, it->offset, it->cap, i, "GetMany", err);
+        keys[i] = kvs_pb_bin(it->key, it->key_len);
+        if (offsets)
+            offsets[i] = it->offset;
+    }
+    Kvstash__V1__GetManyRequest q = KVSTASH__V1__GET_MANY_REQUEST__INIT;
+    q.namespace_ = kvs_pb_str(ns);
+    q.n_keys = n;
+    q.keys = keys;
+    q.format = o.format == KVS_FORMAT_ENCODED ? KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                              : KVSTASH__V1__FORMAT__FORMAT_RAW;
+    q.layer_begin = o.layer_begin;
+    q.layer_end = o.layer_end;
+    q.prefix = o.prefix;
+    if (region) {
+        q.region = kvs_pb_bin(kvs__region_id(region), KVS__REGION_ID_LEN);
+        q.n_region_offsets = n;
+        q.region_offsets = offsets;
+        q.region_slot_bytes = items[0].cap;
+    }
+    grpc_byte_buffer *bb = rc ? NULL : kvs__pack_msg(&q.base);
+    free(keys);
+    free(offsets);
+    if (rc)
+        return rc;
+    if (!bb)
+        return kvs_err_set(err, KVS_ENOMEM, "GetMany: out of memory");
+    kvs__rpc r;
+    if ((rc = kvs__rpc_start(&r, c, STASH("GetMany"), err))) {
+        grpc_byte_buffer_destroy(bb);
+        return kvs__rpc_finish(&r, rc, err);
+    }
+    grpc_op ops[] = {kvs__op_send_md(&r), kvs__op_send_msg(bb), kvs__op_close(),
+                     kvs__op_recv_md(&r)};
+    bool ok = kvs__rpc_run(&r, ops, 4);
+    grpc_byte_buffer_destroy(bb);
+    many_state st = {.items = items, .n = n, .region = region != NULL, .last = -1};
+    while (ok && rc == 0) {
+        grpc_byte_buffer *in = NULL;
+        grpc_op op = kvs__op_recv_msg(&in);
+        ok = kvs__rpc_run(&r, &op, 1);
+        if (!ok || !in) /* end of stream: the status follows */
+            break;
+        ProtobufCMessage *m = NULL;
+        rc = kvs__unpack_msg(r.name, in, &kvstash__v1__get_chunk__descriptor, &m, err);
+        grpc_byte_buffer_destroy(in);
+        if (rc == 0)
+            rc = many_chunk(&st, (const Kvstash__V1__GetChunk *)m, r.name, err);
+        if (m)
+            protobuf_c_message_free_unpacked(m, NULL);
+    }
+    rc = kvs__rpc_finish(&r, rc, err);
+    if (rc == 0 && st.cur && st.got != st.cur->res.bytes)
+        rc = kvs_err_set(err, KVS_EPROTO, "GetMany: the stream ended inside block %ld", st.last);
+    if (rc == 0 && !o.prefix && (size_t)(st.last + 1) != n)
+        rc = kvs_err_set(err, KVS_EPROTO, "GetMany: %ld of %zu blocks answered", st.last + 1, n);
+    if (served)
+        *served = st.served;
+    return rc;
+}

@@ -1,0 +1,290 @@
+/* kvs-bench-restore: how fast a worker gets a cached prompt prefix back from kvstashd, by
+ * each path of the data plane (issue 12, README "Data plane"):
+ *
+ *   get        one Get per block, one after the other (the path before issue 12)
+ *   getmany    one GetMany call for the whole prefix, bytes over gRPC
+ *   shm        one GetMany whose blocks the daemon writes into a shared-memory region
+ *   encoded    one GetMany of the encoded blocks, decoded on this CPU (kvs_decode_block):
+ *              the remote path, fewer wire bytes
+ *
+ * The prefix is `--tokens` tokens of a Llama-3-8B-shaped model by default (32 layers, 8 KV
+ * heads of 128, fp16, 16-token blocks: 2 MiB a block, 1 GiB for 8k tokens), stored once
+ * with PutMany (timed too: shm and bytes). Every path's bytes are compared with the first
+ * path's outside the timed phase: byte for byte for codec `none`, and every lossy path
+ * must equal the `get` path's decode, so a path that returned other bytes fails the run
+ * (exit 1). The numbers are reported, never asserted: tests/bench/RESULTS.md.
+ *
+ *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
+ *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
+ *                     [--reps 3] [--paths get,getmany,shm,encoded] [--token T]
+ */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gpu/codec/half.h"
+#include "kvstash.h"
+
+#define MAX_PATHS 4
+
+typedef struct cfg {
+    const char *target, *codec, *token;
+    uint32_t tokens, layers, heads, dim, block;
+    unsigned reps;
+    char paths[128];
+} cfg;
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int die(const char *what, const kvs_err *e)
+{
+    fprintf(stderr, "kvs-bench-restore: %s: %s\n", what, e->msg);
+    return 1;
+}
+
+/* KV-like values: gaussian with a few outlier channels (as real keys have), finite fp16. */
+static void fill(uint16_t *p, size_t n, uint64_t seed, uint32_t dim)
+{
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i += 2) {
+        double u[2];
+        for (int k = 0; k < 2; k++) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            u[k] = ((s >> 11) + 0.5) / 9007199254740992.0;
+        }
+        double r = sqrt(-2 * log(u[0])), a = 6.283185307179586 * u[1];
+        double v[2] = {r * cos(a), r * sin(a)};
+        for (int k = 0; k < 2 && i + k < n; k++) {
+            double scale = ((i + k) % dim) % 37 == 0 ? 8.0 : 1.0;
+            p[i + k] = kvs_f32_to_fp16((float)(v[k] * scale));
+        }
+    }
+}
+
+static bool want(const cfg *c, const char *path)
+{
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", c->paths);
+    for (char *t = strtok(buf, ","); t; t = strtok(NULL, ","))
+        if (strcmp(t, path) == 0)
+            return true;
+    return false;
+}
+
+int main(int argc, char **argv)
+{
+    cfg c = {.target = "127.0.0.1:50051",
+             .codec = "none",
+             .tokens = 8192,
+             .layers = 32,
+             .heads = 8,
+             .dim = 128,
+             .block = 16,
+             .reps = 3};
+    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded");
+    static const struct option opts[] = {
+        {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
+        {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
+        {"paths", 1, 0, 'p'},  {"token", 1, 0, 'k'}, {0, 0, 0, 0}};
+    for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
+        switch (o) {
+        case 't':
+            c.target = optarg;
+            break;
+        case 'c':
+            c.codec = optarg;
+            break;
+        case 'n':
+            c.tokens = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'L':
+            c.layers = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'H':
+            c.heads = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'D':
+            c.dim = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'T':
+            c.block = (uint32_t)strtoul(optarg, NULL, 10);
+            break;
+        case 'r':
+            c.reps = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'p':
+            snprintf(c.paths, sizeof c.paths, "%s", optarg);
+            break;
+        case 'k':
+            c.token = optarg;
+            break;
+        default:
+            fprintf(stderr, "usage: see the comment at the top of restore_bench.c\n");
+            return 2;
+        }
+    }
+    if (!c.tokens || !c.block || !c.reps || c.tokens % c.block) {
+        fprintf(stderr, "kvs-bench-restore: --tokens must be a positive multiple of --block\n");
+        return 2;
+    }
+    kvs_err e;
+    kvs_client *cl;
+    kvs_client_opts co = {.target = c.target, .token = c.token, .timeout_ms = 600000};
+    if (kvs_client_connect(&co, &cl, &e))
+        return die("connect", &e);
+    kvs_ns_spec spec = {.layers = c.layers,
+                        .kv_heads = c.heads,
+                        .head_dim = c.dim,
+                        .block_tokens = c.block,
+                        .dtype = KVS_DTYPE_FP16,
+                        .seed = 1};
+    snprintf(spec.name, sizeof spec.name, "restore-%s-%ld", c.codec, (long)getpid());
+    snprintf(spec.key_codec, sizeof spec.key_codec, "%s", c.codec);
+    snprintf(spec.value_codec, sizeof spec.value_codec, "%s", c.codec);
+    kvs_ns_info info;
+    if (kvs_client_ns_create(cl, &spec, &info, &e))
+        return die("CreateNamespace", &e);
+    size_t nb = c.tokens / c.block, bb = info.block_bytes, total = nb * bb;
+    uint16_t *src = malloc(total);
+    uint8_t *out[MAX_PATHS] = {0};
+    kvs_put_item *pi = calloc(nb, sizeof *pi);
+    kvs_get_item *gi = calloc(nb, sizeof *gi);
+    uint64_t *keys = calloc(nb, sizeof *keys);
+    if (!src || !pi || !gi || !keys) {
+        fprintf(stderr, "kvs-bench-restore: out of memory for %zu bytes\n", total);
+        return 1;
+    }
+    fill(src, total / 2, 42, c.dim);
+    for (size_t i = 0; i < nb; i++)
+        keys[i] = 0x6b76730000000000ull + i;
+
+    /* Store the prefix: PutMany from the bytes (and from shared memory when there is one). */
+    kvs_region *reg = NULL;
+    int rrc = kvs_region_create(cl, total, &reg, &e);
+    if (rrc && rrc != KVS_ENOTSUP)
+        return die("region", &e);
+    if (rrc)
+        printf("shared memory: not available (%s)\n", e.msg);
+    for (size_t i = 0; i < nb; i++)
+        pi[i] = (kvs_put_item){.key = &keys[i],
+                               .key_len = 8,
+                               .tokens = c.block,
+                               .data = (const uint8_t *)src + i * bb,
+                               .len = bb};
+    double t0 = now_ms();
+    if (kvs_client_put_many(cl, spec.name, KVS_DTYPE_FP16, pi, nb, &e))
+        return die("PutMany", &e);
+    double put_ms = now_ms() - t0;
+    for (size_t i = 0; i < nb; i++)
+        if (pi[i].rc)
+            return fprintf(stderr, "PutMany: block %zu: %s\n", i, pi[i].msg), 1;
+    uint64_t enc_bytes = 0;
+    for (size_t i = 0; i < nb; i++)
+        enc_bytes += pi[i].res.encoded_bytes;
+    printf("prefix: %u tokens, %zu blocks of %zu bytes (%.1f MiB raw, %.1f MiB stored, "
+           "codec %s)\n",
+           c.tokens, nb, bb, total / 1048576.0, enc_bytes / 1048576.0, c.codec);
+    printf("| path | restore ms (best of %u) | GB/s (raw bytes) |\n|---|---|---|\n", c.reps);
+    printf("| PutMany (bytes) | %.1f | %.2f |\n", put_ms, total / put_ms / 1e6);
+    if (reg) {
+        memcpy(kvs_region_data(reg), src, total);
+        for (size_t i = 0; i < nb; i++)
+            pi[i] = (kvs_put_item){.key = &keys[i],
+                                   .key_len = 8,
+                                   .tokens = c.block,
+                                   .region = reg,
+                                   .offset = i * bb,
+                                   .len = bb};
+        t0 = now_ms();
+        if (kvs_client_put_many(cl, spec.name, KVS_DTYPE_FP16, pi, nb, &e))
+            return die("PutMany (shm)", &e);
+        put_ms = now_ms() - t0;
+        printf("| PutMany (shm%s) | %.1f | %.2f |\n", kvs_region_pinned(reg) ? ", pinned" : "",
+               put_ms, total / put_ms / 1e6);
+    }
+
+    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded"};
+    int failed = 0, ref = -1;
+    uint8_t *encbuf = NULL;
+    size_t enc_cap = bb + (bb >> 2) + 65536; /* an encoded block is at most a bit over raw */
+    for (int p = 0; p < MAX_PATHS; p++) {
+        if (!want(&c, names[p]) || (p == 2 && !reg))
+            continue;
+        out[p] = malloc(total);
+        if (p == 3 && !encbuf)
+            encbuf = malloc(nb * enc_cap);
+        if (!out[p] || (p == 3 && !encbuf))
+            return fprintf(stderr, "out of memory\n"), 1;
+        double best = 1e30;
+        for (unsigned rep = 0; rep < c.reps; rep++) {
+            size_t served = 0;
+            t0 = now_ms();
+            int rc = 0;
+            if (p == 0) {
+                for (size_t i = 0; i < nb && !rc; i++)
+                    rc = kvs_client_get(cl, spec.name, &keys[i], 8, out[p] + i * bb, bb, NULL, &e);
+            } else {
+                for (size_t i = 0; i < nb; i++)
+                    gi[i] = (kvs_get_item){.key = &keys[i], .key_len = 8};
+                for (size_t i = 0; i < nb; i++) {
+                    if (p == 1)
+                        gi[i].buf = out[p] + i * bb, gi[i].cap = bb;
+                    else if (p == 2)
+                        gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
+                    else
+                        gi[i].buf = encbuf + i * enc_cap, gi[i].cap = enc_cap;
+                }
+                kvs_get_many_opts go = {.format = p == 3 ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
+                                        .prefix = true};
+                rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
+                if (!rc && served != nb)
+                    rc = kvs_err_set(&e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, nb);
+                for (size_t i = 0; i < nb && !rc && p == 3; i++)
+                    rc = kvs_decode_block(&spec, encbuf + i * enc_cap, gi[i].res.bytes,
+                                          out[p] + i * bb, bb, NULL, &e);
+            }
+            double ms = now_ms() - t0;
+            if (rc)
+                return die(names[p], &e);
+            if (ms < best)
+                best = ms;
+        }
+        if (p == 2)
+            memcpy(out[p], kvs_region_data(reg), total);
+        printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
+        if (ref < 0)
+            ref = p;
+        else if (memcmp(out[p], out[ref], total) != 0) {
+            fprintf(stderr, "kvs-bench-restore: path %s returned other bytes than %s\n", names[p],
+                    names[ref]);
+            failed = 1;
+        }
+        if (strcmp(c.codec, "none") == 0 && memcmp(out[p], src, total) != 0) {
+            fprintf(stderr,
+                    "kvs-bench-restore: path %s: codec none did not return the bytes "
+                    "put\n",
+                    names[p]);
+            failed = 1;
+        }
+    }
+    kvs_client_ns_drop(cl, spec.name, NULL, &e);
+    kvs_region_close(reg);
+    kvs_client_close(cl);
+    for (int p = 0; p < MAX_PATHS; p++)
+        free(out[p]);
+    free(encbuf);
+    free(src);
+    free(pi);
+    free(gi);
+    free(keys);
+    return failed;
+}
