@@ -12,6 +12,8 @@
 #               with the GPU tier on
 #   BENCH=1     kvs-bench-gpu (kernel throughput vs copy bandwidth, one-block latency)
 #   TIERBENCH=1 kvs-bench-tier (host <-> GPU tier moves, staged vs pinned host memory)
+#   RESTORE=1   tests/bench/restore_gpu.sh (a prefix restored by each data-plane path, vs
+#               recomputing it with PyTorch)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 # Logs go to $OUT (or ./gpu-out).
 set -u
@@ -56,6 +58,10 @@ fi
 if [ "${TIERBENCH:-1}" = 1 ]; then
     $R/bin/kvs-bench-tier > "$OUT/bench_tier.md" 2>&1
     echo "== kvs-bench-tier: exit $?"; cat "$OUT/bench_tier.md"
+fi
+if [ "${RESTORE:-1}" = 1 ]; then
+    tests/bench/restore_gpu.sh $R/bin/kvstashd $R/bin/kvs-bench-restore "$OUT" > "$OUT/restore.md" 2>&1
+    echo "== restore vs recompute: exit $?"; cat "$OUT/restore.md"
 fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Restore vs recompute on the GPU machine (issue 12; results in RESULTS.md). Starts a
+# kvstashd with the GPU engine on a Unix socket (so the region socket is on), times a
+# prompt prefix's restore by each path with kvs-bench-restore for each codec and length,
+# then prefill, the copy into a paged cache and the first decode step with
+# tests/bench/recompute.py (PyTorch, random weights).
+#
+#   tests/bench/restore_gpu.sh KVSTASHD KVS_BENCH_RESTORE [OUTDIR]
+#   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3)
+set -u
+D=$1; B=$2; O=${3:-.}
+TOKENS=${TOKENS:-1024 4096 8192 16384}
+CODECS=${CODECS:-none polarquant rotatekv-2 kivi-2}
+REPS=${REPS:-3}
+W=$(mktemp -d)
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$W"' EXIT
+"$D" --listen "unix:$W/kvs.sock" --gpu on --host-capacity 48G --region-max-bytes 8G \
+    --log-level warn > "$O/restore-kvstashd.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do [ -S "$W/kvs.sock.region" ] && break; sleep 0.1; done
+echo "# restore by path ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, $(date -u +%F))"
+for c in $CODECS; do
+    for n in $TOKENS; do
+        paths=getmany,shm,encoded
+        [ "$c" = none ] && paths=get,getmany,shm,encoded
+        echo "## codec $c, $n tokens"
+        "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" 2>&1
+        echo "(exit $?)"
+    done
+done
+echo "# recompute"
+python3 "$(dirname "$0")/recompute.py" --tokens "$(echo $TOKENS | tr ' ' ,)" 2>&1
