@@ -191,6 +191,17 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
     }
     s->misses = rep->misses;
     s->uptime_ms = rep->uptime_ms;
+    if (rep->data_plane) {
+        const Kvstash__V1__DataPlaneStats *dp = rep->data_plane;
+        s->data_plane = (kvs_data_plane_stats){.regions = dp->regions,
+                                               .region_bytes = dp->region_bytes,
+                                               .region_pinned_bytes = dp->region_pinned_bytes,
+                                               .region_refused = dp->region_refused,
+                                               .put_region_bytes = dp->put_region_bytes,
+                                               .put_wire_bytes = dp->put_wire_bytes,
+                                               .get_region_bytes = dp->get_region_bytes,
+                                               .get_wire_bytes = dp->get_wire_bytes};
+    }
     snprintf(s->version, sizeof s->version, "%s", rep->version);
     protobuf_c_message_free_unpacked(m, NULL);
     if (rc != 0) {

@@ -113,6 +113,8 @@ struct kvs_server {
     atomic_uint_fast64_t next_call_id;
     atomic_uint_fast64_t rpc_calls[KVS_RPC_COUNT];
     atomic_uint_fast64_t rpc_errors[KVS_RPC_COUNT];
+    /* Payload bytes by path (Stats' DataPlaneStats): shared memory or the gRPC stream. */
+    atomic_uint_fast64_t put_region_bytes, put_wire_bytes, get_region_bytes, get_wire_bytes;
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cond;

@@ -185,6 +185,18 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     streams.idle_cancelled = srv->idle_cancelled;
     pthread_mutex_unlock(&srv->mu);
     reply.streams = &streams;
+    Kvstash__V1__DataPlaneStats dp = KVSTASH__V1__DATA_PLANE_STATS__INIT;
+    kvs_regions_stats rs;
+    kvs_regions_stats_get(srv->regions, &rs);
+    dp.regions = rs.regions;
+    dp.region_bytes = rs.bytes;
+    dp.region_pinned_bytes = rs.pinned_bytes;
+    dp.region_refused = rs.refused;
+    dp.put_region_bytes = atomic_load(&srv->put_region_bytes);
+    dp.put_wire_bytes = atomic_load(&srv->put_wire_bytes);
+    dp.get_region_bytes = atomic_load(&srv->get_region_bytes);
+    dp.get_wire_bytes = atomic_load(&srv->get_wire_bytes);
+    reply.data_plane = &dp;
     kvs_call_reply(c, &reply.base);
     ns_protos_free(&p);
     return 0;

@@ -387,6 +387,8 @@ static void send_header(kvs_call *c, kvs_get_item *it)
         }
         memcpy(it->dst, g->bytes, hdr.total_bytes);
     }
+    atomic_fetch_add(it->dst ? &c->srv->get_region_bytes : &c->srv->get_wire_bytes,
+                     hdr.total_bytes);
     if (it->dst)
         g->send++; /* header only: the bytes are in the region */
     else

@@ -49,6 +49,7 @@ typedef struct kvs_put_block {
     uint8_t *raw;       /* the payload: the receive buffer, or the region's bytes */
     uint64_t recv_held; /* bytes of the receive budget raw holds (0: none, or released) */
     kvs_region *region; /* shared memory: held until the payload is read */
+    bool from_region;
     uint64_t expected, received;
     uint32_t tokens;
     uint8_t key[KVS_KEY_MAX];
@@ -220,6 +221,9 @@ static void put_done(void *arg, int rc, const kvs_err *err, const kvs_store_put_
 {
     kvs_put_block *b = arg;
     kvs_call *c = b->c;
+    if (rc == 0)
+        atomic_fetch_add(b->from_region ? &c->srv->put_region_bytes : &c->srv->put_wire_bytes,
+                         b->expected);
     block_result(b, rc, err ? err->msg : NULL, rc ? NULL : info);
     block_free(b);
     kvs_put_state *p = &c->u.put;
@@ -302,8 +306,10 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
     memcpy(b->key, h->key.data, h->key.len);
     b->key_len = h->key.len;
     b->tokens = h->tokens;
-    if (b->region)
+    if (b->region) {
         b->received = b->expected;
+        b->from_region = true;
+    }
     pthread_mutex_lock(&p->mu);
     if (p->blocks == p->results_cap) {
         p->results_cap = p->results_cap ? 2 * p->results_cap : 8;

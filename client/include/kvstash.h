@@ -253,6 +253,12 @@ typedef struct kvs_rpc_stats {
     uint64_t calls, errors;
 } kvs_rpc_stats;
 
+/* How payload bytes moved (README "Data plane"): shared memory or gRPC bytes. */
+typedef struct kvs_data_plane_stats {
+    uint64_t regions, region_bytes, region_pinned_bytes, region_refused;
+    uint64_t put_region_bytes, put_wire_bytes, get_region_bytes, get_wire_bytes;
+} kvs_data_plane_stats;
+
 typedef struct kvs_stats {
     kvs_tier_stats tiers[3];
     size_t n_tiers;
@@ -263,6 +269,7 @@ typedef struct kvs_stats {
     uint64_t misses;
     uint64_t uptime_ms;
     char version[32];
+    kvs_data_plane_stats data_plane;
 } kvs_stats;
 
 /* *out is owned by the caller and freed with kvs_stats_free(). */

@@ -121,6 +121,17 @@ static void stats_json(const kvs_stats *s)
         kvctl_json_close(&j, '}');
     }
     kvctl_json_close(&j, ']');
+    const kvs_data_plane_stats *dp = &s->data_plane;
+    kvctl_json_open(&j, "data_plane", '{');
+    kvctl_json_u64(&j, "regions", dp->regions);
+    kvctl_json_u64(&j, "region_bytes", dp->region_bytes);
+    kvctl_json_u64(&j, "region_pinned_bytes", dp->region_pinned_bytes);
+    kvctl_json_u64(&j, "region_refused", dp->region_refused);
+    kvctl_json_u64(&j, "put_region_bytes", dp->put_region_bytes);
+    kvctl_json_u64(&j, "put_wire_bytes", dp->put_wire_bytes);
+    kvctl_json_u64(&j, "get_region_bytes", dp->get_region_bytes);
+    kvctl_json_u64(&j, "get_wire_bytes", dp->get_wire_bytes);
+    kvctl_json_close(&j, '}');
     kvctl_json_close(&j, '}');
 }
 
@@ -174,6 +185,16 @@ static void stats_text(const kvs_stats *s)
         kvctl_table_free(&t);
     }
 
+    const kvs_data_plane_stats *dp = &s->data_plane;
+    char c[32], d[32], e[32], f[32];
+    printf("\ndata plane: %llu shared-memory regions (%s, %s pinned); Put %s from shared "
+           "memory, %s over gRPC; Get %s into shared memory, %s over gRPC\n",
+           (unsigned long long)dp->regions, kvctl_fmt_bytes(dp->region_bytes, a, sizeof a),
+           kvctl_fmt_bytes(dp->region_pinned_bytes, b, sizeof b),
+           kvctl_fmt_bytes(dp->put_region_bytes, c, sizeof c),
+           kvctl_fmt_bytes(dp->put_wire_bytes, d, sizeof d),
+           kvctl_fmt_bytes(dp->get_region_bytes, e, sizeof e),
+           kvctl_fmt_bytes(dp->get_wire_bytes, f, sizeof f));
     if (s->n_rpcs > 0) {
         printf("\n");
         kvctl_table_init(&t, 3, "RPC", "CALLS", "ERRORS");

@@ -465,3 +465,27 @@ def test_libkvstash_paths_return_the_same_bytes(tmp_path, codec):
         proc.terminate()
         proc.wait(30)
         err.close()
+
+
+def test_stats_tell_shared_memory_from_wire_bytes(d, ns):
+    bb = ns.bytes(16)
+
+    def dp():
+        return d.admin.Stats(kvs.pb.StatsRequest()).data_plane
+    before = dp()
+    reg = Region(d.region_socket, 2 * bb)
+    try:
+        during = dp()
+        assert during.regions == before.regions + 1
+        assert during.region_bytes == before.region_bytes + 2 * bb
+        reg.mem[0:bb] = ns.payload(16, seed=3)
+        put_many(d, [(ns.name, b"s1", 16, (reg.id, 0)), (ns.name, b"s2", 16, ns.payload(16))])
+        get_many(d, ns.name, [b"s1"], region=reg.id, region_offsets=[bb], region_slot_bytes=bb)
+        get_many(d, ns.name, [b"s2"])
+        after = dp()
+        assert after.put_region_bytes - before.put_region_bytes == bb
+        assert after.put_wire_bytes - before.put_wire_bytes == bb
+        assert after.get_region_bytes - before.get_region_bytes == bb
+        assert after.get_wire_bytes - before.get_wire_bytes == bb
+    finally:
+        reg.close()
