@@ -92,6 +92,7 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
     c->target = kvs_xstrdup(o.target);
     c->timeout_ms = o.timeout_ms;
     c->chunk_bytes = o.chunk_bytes;
+    pthread_mutex_init(&c->states_mu, NULL);
     if (o.token && o.token[0]) {
         size_t n = strlen(o.token) + sizeof "Bearer ";
         c->auth = kvs_xmalloc(n);
@@ -134,6 +135,9 @@ void kvs_client_close(kvs_client *c)
         grpc_channel_destroy(c->channel);
     /* grpc_init was called in connect whatever happened after it. */
     grpc_shutdown();
+    for (size_t i = 0; i < c->n_states; i++)
+        free(c->states[i].data);
+    pthread_mutex_destroy(&c->states_mu);
     free(c->auth);
     free(c->target);
     free(c);

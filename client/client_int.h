@@ -5,6 +5,7 @@
 
 #include <grpc/grpc.h>
 #include <protobuf-c/protobuf-c.h>
+#include <pthread.h>
 #include <stdbool.h>
 
 #include "kvstash.h"
@@ -12,13 +13,27 @@
 #define STASH(m) "/kvstash.v1.KvStash/" m
 #define ADMIN(m) "/kvstash.v1.KvAdmin/" m
 
-/* The handle: fixed after connect (client.c). */
+/* Learned codec states fetched for client-side decode (decode.c): immutable once
+ * published, so cached by (namespace, K/V, version). */
+#define KVS__STATE_CACHE 32
+typedef struct kvs__state {
+    char ns[KVS_NAME_MAX + 1];
+    bool values;
+    uint32_t version;
+    void *data;
+    size_t len;
+} kvs__state;
+
+/* The handle: fixed after connect (client.c), but for the state cache. */
 struct kvs_client {
     grpc_channel *channel;
     char *target;
     char *auth; /* "Bearer <token>", or NULL */
     int64_t timeout_ms;
     size_t chunk_bytes;
+    pthread_mutex_t states_mu; /* guards the cache below */
+    kvs__state states[KVS__STATE_CACHE];
+    size_t n_states;
 };
 
 /* One call on the caller's stack (client.c): its own pluck completion queue, batches run

@@ -1,15 +1,25 @@
 /* libkvstash: client-side decode of encoded blocks (DESIGN §2: "the client library
  * decodes them on its own CPU"), through the same codec library as the daemon. The
  * codecs are built per call from the namespace spec; they are cheap next to a block. */
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "client/client_int.h"
+#include "gpu/base/mem.h"
+#include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 
 #include "gpu/codec/codec.h"
 #include "gpu/codec/format.h"
 #include "kvstash.h"
 
-int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw, size_t cap,
-                     kvs_get_result *res, kvs_err *err)
+/* Decodes with the learned states given (NULL: version 0, or a codec whose decode ignores
+ * its state). */
+static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
+                       const kvs_codec_state *vs, const void *enc, size_t len, void *raw,
+                       size_t cap, kvs_get_result *res, kvs_err *err)
 {
     kvs_block_info info;
     int rc = kvs_format_parse(enc, len, &info, err);
@@ -22,16 +32,17 @@ int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void 
         return kvs_err_set(err, KVS_E2BIG, "decode: block needs %llu bytes, buffer has %zu",
                            (unsigned long long)need, cap);
     kvs_codec *k = NULL, *v = NULL;
-    if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &k, err)) == 0 &&
-        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &v, err)) == 0) {
+    if ((rc = kvs_codec_create(spec, KVS_KEYS, ks, &k, err)) == 0 &&
+        (rc = kvs_codec_create(spec, KVS_VALUES, vs, &v, err)) == 0) {
         /* Codecs whose decode reads learned state (RotateKV's key permutation) need the
-         * block's state version, which the client cannot fetch yet. */
-        if ((info.k_state && kvs_codec_decode_needs_state(k)) ||
-            (info.v_state && kvs_codec_decode_needs_state(v)))
+         * block's own state version (kvs_client_decode_block fetches it). */
+        if ((info.k_state && kvs_codec_decode_needs_state(k) &&
+             kvs_codec_state_version(k) != info.k_state) ||
+            (info.v_state && kvs_codec_decode_needs_state(v) &&
+             kvs_codec_state_version(v) != info.v_state))
             rc = kvs_err_set(err, KVS_ENOTSUP,
-                             "decode: block uses learned codec state "
-                             "(versions %u/%u) that the client cannot fetch yet; ask for "
-                             "format RAW",
+                             "decode: block uses learned codec state (versions %u/%u): "
+                             "decode it with kvs_client_decode_block, which fetches them",
                              info.k_state, info.v_state);
         else
             rc = kvs_block_decode(k, v, enc, len, 0, spec->layers, raw, err);
@@ -47,6 +58,83 @@ int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void 
                                 .format = KVS_FORMAT_RAW,
                                 .tier = KVS_TIER_NONE};
     return rc;
+}
+
+int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw, size_t cap,
+                     kvs_get_result *res, kvs_err *err)
+{
+    return decode_with(spec, NULL, NULL, enc, len, raw, cap, res, err);
+}
+
+/* One learned state from the daemon (GetCodecState), kept in the client's cache: states
+ * never change once published, so each version is fetched once per client. */
+static int fetch_state(kvs_client *c, const char *ns, bool values, uint32_t version,
+                       kvs_codec_state *out, kvs_err *err)
+{
+    pthread_mutex_lock(&c->states_mu);
+    for (size_t i = 0; i < c->n_states; i++) {
+        kvs__state *s = &c->states[i];
+        if (s->values == values && s->version == version && strcmp(s->ns, ns) == 0) {
+            *out = (kvs_codec_state){version, s->data, s->len};
+            pthread_mutex_unlock(&c->states_mu);
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&c->states_mu);
+    Kvstash__V1__CodecStateRequest q = KVSTASH__V1__CODEC_STATE_REQUEST__INIT;
+    q.namespace_ = kvs_pb_str(ns);
+    q.values = values;
+    q.version = version;
+    ProtobufCMessage *m = NULL;
+    int rc = kvs__unary(c, STASH("GetCodecState"), &q.base,
+                        &kvstash__v1__codec_state_reply__descriptor, &m, err);
+    if (rc)
+        return rc;
+    const Kvstash__V1__CodecStateReply *rep = (const Kvstash__V1__CodecStateReply *)m;
+    void *copy = kvs_trymalloc(rep->state.len ? rep->state.len : 1);
+    if (!copy) {
+        protobuf_c_message_free_unpacked(m, NULL);
+        return kvs_err_set(err, KVS_ENOMEM, "GetCodecState: out of memory");
+    }
+    memcpy(copy, rep->state.data, rep->state.len);
+    size_t n = rep->state.len;
+    protobuf_c_message_free_unpacked(m, NULL);
+    pthread_mutex_lock(&c->states_mu);
+    if (c->n_states == KVS__STATE_CACHE) { /* full: the oldest goes (a few per namespace) */
+        free(c->states[0].data);
+        memmove(&c->states[0], &c->states[1], (KVS__STATE_CACHE - 1) * sizeof c->states[0]);
+        c->n_states--;
+    }
+    kvs__state *s = &c->states[c->n_states++];
+    snprintf(s->ns, sizeof s->ns, "%s", ns);
+    s->values = values;
+    s->version = version;
+    s->data = copy;
+    s->len = n;
+    *out = (kvs_codec_state){version, copy, n};
+    pthread_mutex_unlock(&c->states_mu);
+    return 0;
+}
+
+int kvs_client_decode_block(kvs_client *c, const char *ns, const kvs_ns_spec *spec, const void *enc,
+                            size_t len, void *raw, size_t cap, kvs_get_result *res, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || !spec)
+        return kvs_err_set(err, KVS_EINVAL, "decode: NULL argument");
+    kvs_block_info info;
+    int rc = kvs_format_parse(enc, len, &info, err);
+    if (rc)
+        return rc;
+    kvs_codec_state ks = {0}, vs = {0};
+    /* Fetched only when the block has learned state; a codec that ignores it decodes the
+     * same with any (the state is small: a permutation or a basis per layer and head). */
+    if (info.k_state && (rc = fetch_state(c, ns, false, info.k_state, &ks, err)))
+        return rc;
+    if (info.v_state && (rc = fetch_state(c, ns, true, info.v_state, &vs, err)))
+        return rc;
+    /* The state stays in the cache (never freed before kvs_client_close). */
+    return decode_with(spec, &ks, &vs, enc, len, raw, cap, res, err);
 }
 
 typedef struct grow_buf {
@@ -83,7 +171,7 @@ int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t 
     grow_buf b = {0};
     rc = kvs_client_get_layers(c, ns, key, key_len, &o, collect, &b, &got, err);
     if (rc == 0)
-        rc = kvs_decode_block(&info.spec, b.p, b.len, buf, cap, res, err);
+        rc = kvs_client_decode_block(c, ns, &info.spec, b.p, b.len, buf, cap, res, err);
     if (rc == 0 && res)
         res->tier = got.tier;
     free(b.p);

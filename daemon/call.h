@@ -61,6 +61,7 @@ typedef enum kvs_rpc {
     KVS_RPC_PUT_MANY,
     KVS_RPC_GET_MANY,
     KVS_RPC_DATA_PLANE,
+    KVS_RPC_CODEC_STATE,
     KVS_RPC_COUNT,
     KVS_RPC_UNKNOWN = KVS_RPC_COUNT, /* the generic slot: answers UNIMPLEMENTED */
 } kvs_rpc;
@@ -279,6 +280,7 @@ int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
 int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
+int kvs_codec_state_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_data_plane_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 /* Long admin calls (call_tiers.c): they answer later, from the loop thread. */

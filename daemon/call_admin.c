@@ -213,6 +213,41 @@ int kvs_health_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     return 0;
 }
 
+/* A learned codec state by version, for a client that decodes blocks itself. */
+int kvs_codec_state_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__CodecStateRequest *r = (Kvstash__V1__CodecStateRequest *)kvs_wire_unpack(
+        &kvstash__v1__codec_state_request__descriptor, req, len, err);
+    if (!r)
+        return err->code;
+    kvs_ns *ns = NULL;
+    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
+    if (rc == 0)
+        rc = kvs_store_ns_find(c->srv->store, r->namespace_, &ns, err);
+    if (rc == 0) {
+        kvs_kv kv = r->values ? KVS_VALUES : KVS_KEYS;
+        const kvs_codec *codec = r->version ? kvs_ns_codec_version(ns, kv, r->version) : NULL;
+        if (!codec) {
+            rc = kvs_err_set(err, KVS_ENOTFOUND,
+                             "version: namespace '%s' has no %s codec state version %u (it "
+                             "is at %u)",
+                             r->namespace_, r->values ? "value" : "key", r->version,
+                             kvs_codec_state_version(kvs_ns_codec(ns, kv)));
+        } else {
+            kvs_codec_state st = kvs_codec_state_of(codec);
+            Kvstash__V1__CodecStateReply reply = KVSTASH__V1__CODEC_STATE_REPLY__INIT;
+            reply.version = st.version;
+            reply.state.data = (uint8_t *)(uintptr_t)st.data; /* only packed (read) */
+            reply.state.len = st.len;
+            kvs_call_reply(c, &reply.base);
+        }
+    }
+    if (ns)
+        kvs_ns_unref(ns);
+    kvstash__v1__codec_state_request__free_unpacked(r, NULL);
+    return rc;
+}
+
 /* Where a co-located client shares memory (README "Data plane"). The boot id lets a
  * client tell that it runs on this host: only then can it pass a descriptor here. */
 int kvs_data_plane_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)

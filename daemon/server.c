@@ -49,6 +49,8 @@ static const kvs_rpc_desc rpc_table[KVS_RPC_COUNT] = {
                           kvs_put_start, kvs_put_on_recv, NULL, kvs_put_cleanup},
     [KVS_RPC_GET_MANY] = {"/kvstash.v1.KvStash/GetMany", "GetMany", false, false, NULL,
                           kvs_get_start, NULL, kvs_get_on_send, kvs_get_cleanup},
+    [KVS_RPC_CODEC_STATE] = {"/kvstash.v1.KvStash/GetCodecState", "GetCodecState", false, false,
+                             kvs_codec_state_handle},
     [KVS_RPC_DATA_PLANE] = {"/kvstash.v1.KvStash/DataPlane", "DataPlane", false, false,
                             kvs_data_plane_handle},
 };

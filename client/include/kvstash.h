@@ -119,13 +119,20 @@ KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key
 /* Decodes an encoded block (as Get with format ENCODED returns it) on this CPU into raw
  * (caller-owned, cap bytes; layout [L][2][t][H][D] in the namespace dtype), using the
  * namespace's spec (kvs_client_ns_get). The block's checksum is verified first
- * (KVS_EDATALOSS). Blocks encoded with learned codec state (version > 0) need that state,
- * which this version cannot fetch yet: KVS_ENOTSUP. res (may be NULL) gets tokens, dtype,
- * layers and bytes. */
+ * (KVS_EDATALOSS). Blocks encoded with learned codec state that their decode reads
+ * (RotateKV keys with version > 0) need that state: KVS_ENOTSUP here, use
+ * kvs_client_decode_block. res (may be NULL) gets tokens, dtype, layers and bytes. */
 KVS_API int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw,
                              size_t cap, kvs_get_result *res, kvs_err *err);
 
-/* Get with format ENCODED (a fraction of the wire bytes), then kvs_decode_block here:
+/* kvs_decode_block for any block: the learned codec states the block was encoded with
+ * (RotateKV's channel order, SQuat's subspace) are fetched from the daemon by version
+ * (GetCodecState) and cached in the client, so every codec decodes on the client. */
+KVS_API int kvs_client_decode_block(kvs_client *c, const char *ns, const kvs_ns_spec *spec,
+                                    const void *enc, size_t len, void *raw, size_t cap,
+                                    kvs_get_result *res, kvs_err *err);
+
+/* Get with format ENCODED (a fraction of the wire bytes), then kvs_client_decode_block:
  * the same result as kvs_client_get, decoded on the client's CPU. */
 KVS_API int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t key_len,
                                  void *buf, size_t cap, kvs_get_result *res, kvs_err *err);

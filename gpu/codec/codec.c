@@ -163,6 +163,11 @@ uint32_t kvs_codec_state_version(const kvs_codec *c)
     return c->state.version;
 }
 
+kvs_codec_state kvs_codec_state_of(const kvs_codec *c)
+{
+    return c->state;
+}
+
 bool kvs_codec_decode_needs_state(const kvs_codec *c)
 {
     return !c->ops->decode_ignores_state;

@@ -72,6 +72,10 @@ kvs_codec_id kvs_codec_id_of(const kvs_codec *c);
 const kvs_ns_spec *kvs_codec_spec(const kvs_codec *c); /* the namespace spec it was made for */
 unsigned kvs_codec_bits(const kvs_codec *c);
 uint32_t kvs_codec_state_version(const kvs_codec *c);
+/* The learned state the codec was made with (data borrowed: valid as long as c), which
+ * kvs_codec_create takes back: how a client gets the state to decode a block
+ * (GetCodecState). */
+kvs_codec_state kvs_codec_state_of(const kvs_codec *c);
 
 /* True if decoding needs the codec state a block was encoded with (RotateKV keys);
  * false if any state version decodes it (none, fp8, KIVI, PolarQuant, SQuat). */

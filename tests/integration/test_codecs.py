@@ -81,7 +81,7 @@ def ns_info(d, name):
             if n.spec.name == name][0]
 
 
-def test_rotatekv_calibrates_online_and_old_blocks_stay_readable(daemon):
+def test_rotatekv_calibrates_online_and_old_blocks_stay_readable(daemon, tmp_path):
     d = daemon(extra=["--calib-tokens", "64"])
     ns = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="rotatekv-2",
                      value_codec="rotatekv-2")
@@ -97,8 +97,21 @@ def test_rotatekv_calibrates_online_and_old_blocks_stay_readable(daemon):
               ["k_state"] for i in range(4)]
     assert states[0] == 0 and states[3] == 1
     for i, x in blocks.items():  # every version decodes with its own permutation
-        got = np.frombuffer(kvs.get(d.stub, name, b"r%d" % i).data, "<f2").reshape(x.shape)
+        raw = kvs.get(d.stub, name, b"r%d" % i).data
+        got = np.frombuffer(raw, "<f2").reshape(x.shape)
         assert rel(x, got) < 0.5
+        # ...on the client too: libkvstash fetches the block's state (GetCodecState).
+        out = tmp_path / f"r{i}.bin"
+        r = d.kvctl("get", name, f"r{i}", out, "--local")
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == raw
+    st = d.stub.GetCodecState(kvs.pb.CodecStateRequest(namespace=name, version=1))
+    assert st.version == 1 and len(st.state) > 0
+    kvs.expect_error(grpc.StatusCode.NOT_FOUND, d.stub.GetCodecState,
+                     kvs.pb.CodecStateRequest(namespace=name, version=2), words=("version",))
+    kvs.expect_error(grpc.StatusCode.NOT_FOUND, d.stub.GetCodecState,
+                     kvs.pb.CodecStateRequest(namespace=name, values=True, version=1),
+                     words=("value codec state version 1",))
 
 
 def test_squat_queries_publish_a_state_version(daemon, tmp_path):
