@@ -249,8 +249,8 @@ int main(int argc, char **argv)
                 if (!rc && served != nb)
                     rc = kvs_err_set(&e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, nb);
                 for (size_t i = 0; i < nb && !rc && p == 3; i++)
-                    rc = kvs_decode_block(&spec, encbuf + i * enc_cap, gi[i].res.bytes,
-                                          out[p] + i * bb, bb, NULL, &e);
+                    rc = kvs_client_decode_block(cl, spec.name, &spec, encbuf + i * enc_cap,
+                                                 gi[i].res.bytes, out[p] + i * bb, bb, NULL, &e);
             }
             double ms = now_ms() - t0;
             if (rc)
