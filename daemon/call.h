@@ -41,6 +41,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "daemon/config.h"
+#include "gpu/codec/paged.h"
 #include "storage/store.h"
 
 typedef enum kvs_rpc {
@@ -161,6 +162,11 @@ typedef struct kvs_put_state {
     bool finishing;       /* the answer has been started (once) */
     int fail_rc;          /* a protocol error that fails the whole call */
     char fail_msg[256];
+    /* Paged blocks: the stream's current layout (PutHeader.layout, reused by the headers
+     * after it); its offsets live in layout_bases (owned, allocated at the first). */
+    kvs_paged_layout layout;
+    uint64_t *layout_bases;
+    bool have_layout;
 } kvs_put_state;
 
 /* Get and GetMany share one machine (call_get.c): a Get is a GetMany of one key that
@@ -174,8 +180,14 @@ typedef struct kvs_get_state {
     uint32_t n;                 /* keys */
     uint32_t next_open;         /* the next item to open and run (a window ahead of send) */
     uint32_t send;              /* the item being sent */
-    struct kvs_region *region;  /* GetMany into shared memory: a reference, NULL otherwise */
+    struct kvs_region *region;  /* GetMany into paged shared memory: a reference, else NULL */
     uint64_t slot_bytes;
+    /* Paged: blocks are scattered into the engine's pages in the region (owned arrays). */
+    bool paged;
+    kvs_paged_layout layout;
+    uint64_t *layout_bases;
+    uint32_t *pages; /* n * pages_per_block */
+    uint32_t pages_per_block;
     pthread_mutex_t mu; /* guards items' ready flags and waiting (a leaf: call_get.c) */
     bool mu_init;
     bool waiting;    /* the sender stopped for items[send] to be ready */

@@ -33,6 +33,7 @@
 #include "daemon/region.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
+#include "gpu/codec/paged.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "pbc.h"
 #include "storage/xfer.h"
@@ -96,6 +97,12 @@ void kvs_get_cleanup(kvs_call *c)
         item_close(&g->items[i]);
     free(g->items);
     g->items = NULL;
+    kvs_region_release(g->region);
+    g->region = NULL;
+    free(g->layout_bases);
+    free(g->pages);
+    g->layout_bases = NULL;
+    g->pages = NULL;
     if (g->ns)
         kvs_ns_unref(g->ns);
     g->ns = NULL;
@@ -263,6 +270,43 @@ static int parse_get(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     return rc;
 }
 
+/* GetMany into an engine's paged KV in shared memory: every item's pages are checked for a
+ * full block against the region now (a partial block uses the first of them). */
+static int paged_prepare(kvs_call *c, const Kvstash__V1__GetManyRequest *r, kvs_err *err)
+{
+    kvs_get_state *g = &c->u.get;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
+    if (g->encoded)
+        return kvs_err_set(err, KVS_EINVAL, "layout: paged blocks need format RAW");
+    if (!r->layout)
+        return kvs_err_set(err, KVS_EINVAL, "layout: missing (pages given)");
+    g->layout_bases = kvs_xcalloc(2 * KVS_MAX_LAYERS, sizeof *g->layout_bases);
+    int rc = kvs_wire_paged_layout(r->layout, spec, &g->layout, g->layout_bases, err);
+    if (rc)
+        return rc;
+    if (g->layout.page_tokens == 0)
+        return kvs_err_set(err, KVS_EINVAL, "layout.page_tokens: must be at least 1");
+    uint32_t ppb = (spec->block_tokens + g->layout.page_tokens - 1) / g->layout.page_tokens;
+    if (r->n_pages != (size_t)ppb * g->n)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "pages: %zu page ids for %u keys of %u pages each (block_tokens %u, "
+                           "page_tokens %u)",
+                           r->n_pages, g->n, ppb, spec->block_tokens, g->layout.page_tokens);
+    uint8_t *base;
+    if ((rc = kvs_regions_acquire(c->srv->regions, r->region.data, r->region.len, 0, 0, "region",
+                                  &g->region, &base, err)))
+        return rc;
+    g->pages = kvs_xcalloc(r->n_pages, sizeof *g->pages);
+    memcpy(g->pages, r->pages, r->n_pages * sizeof *g->pages);
+    g->pages_per_block = ppb;
+    g->paged = true;
+    for (uint32_t i = 0; i < g->n; i++)
+        if ((rc = kvs_paged_check(&g->layout, spec, kvs_region_len(g->region), g->pages + i * ppb,
+                                  ppb, spec->block_tokens, err)))
+            return kvs_err_prefix(err, "key %u", i);
+    return 0;
+}
+
 static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
     kvs_get_state *g = &c->u.get;
@@ -286,12 +330,16 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
         rc = kvs_err_set(err, KVS_EINVAL, "region_offsets: given without a region");
         goto out;
     }
-    if (r->region.len && r->n_region_offsets != r->n_keys) {
+    if (r->region.len == 0 && (r->layout || r->n_pages)) {
+        rc = kvs_err_set(err, KVS_EINVAL, "layout, pages: given without a region");
+        goto out;
+    }
+    if (r->region.len && !(r->layout || r->n_pages) && r->n_region_offsets != r->n_keys) {
         rc = kvs_err_set(err, KVS_EINVAL, "region_offsets: %zu offsets for %zu keys (one each)",
                          r->n_region_offsets, r->n_keys);
         goto out;
     }
-    if (r->region.len && r->region_slot_bytes == 0) {
+    if (r->region.len && !(r->layout || r->n_pages) && r->region_slot_bytes == 0) {
         rc = kvs_err_set(err, KVS_EINVAL, "region_slot_bytes: needed with a region (> 0)");
         goto out;
     }
@@ -301,7 +349,7 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
         kvs_get_item *it = &g->items[i];
         memcpy(it->key, keys[i].data, keys[i].len);
         it->key_len = keys[i].len;
-        if (!r->region.len)
+        if (!r->region.len || r->layout || r->n_pages)
             continue;
         char field[48];
         snprintf(field, sizeof field, "region_offsets[%u]", i);
@@ -310,6 +358,8 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
                                       &it->dst, err)))
             goto out;
     }
+    if (r->layout || r->n_pages)
+        rc = paged_prepare(c, r, err);
 out:
     free(keys);
     kvstash__v1__get_many_request__free_unpacked(r, NULL);
@@ -371,6 +421,15 @@ static void send_header(kvs_call *c, kvs_get_item *it)
         g->layer_stop = g->layer_end;
     }
     hdr.total_bytes = g->layer_bytes * (g->layer_stop - g->layer_begin);
+    if (g->paged) { /* into the engine's pages: scattered, only the header is sent */
+        kvs_paged_scatter(&g->layout, kvs_region_base(g->region),
+                          g->pages + (size_t)it->index * g->pages_per_block, hdr.tokens,
+                          g->layer_begin, g->layer_end, it->raw);
+        atomic_fetch_add(&c->srv->get_region_bytes, hdr.total_bytes);
+        g->send++;
+        kvs_call_send(c, &chunk.base);
+        return;
+    }
     if (it->dst && g->encoded) { /* into the region: the stored bytes, if they fit */
         if (hdr.total_bytes > g->slot_bytes) {
             snprintf(it->msg, sizeof it->msg,

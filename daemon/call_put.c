@@ -38,6 +38,7 @@
 #include "daemon/region.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
+#include "gpu/codec/paged.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/xfer.h"
 
@@ -117,6 +118,8 @@ void kvs_put_cleanup(kvs_call *c)
     p->cur = NULL;
     for (uint32_t i = 0; i < p->blocks && p->results; i++)
         free(p->results[i].msg);
+    free(p->layout_bases);
+    p->layout_bases = NULL;
     free(p->results);
     p->results = NULL;
     if (p->mu_init)
@@ -254,6 +257,44 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
         put_done(b, err.code, &err, NULL);
 }
 
+static int recv_buffer(kvs_call *c, kvs_put_block *b, kvs_err *err);
+
+/* A paged block in shared memory (gpu/codec/paged.h): gathered here into a buffer counted
+ * in the receive budget, as if it had arrived on the stream, so the data path sees one
+ * kind of block. The layout is checked against the region's bytes before any is read. */
+static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHeader *h,
+                        const kvs_ns_spec *spec, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    int rc;
+    if (h->layout) {
+        if (!p->layout_bases)
+            p->layout_bases = kvs_xcalloc(2 * KVS_MAX_LAYERS, sizeof *p->layout_bases);
+        if ((rc = kvs_wire_paged_layout(h->layout, spec, &p->layout, p->layout_bases, err)))
+            return rc;
+        p->have_layout = true;
+    } else if (!p->have_layout) {
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layout: missing (pages given, and no earlier "
+                           "header of the stream had a layout)");
+    }
+    kvs_region *g;
+    uint8_t *base;
+    if ((rc = kvs_regions_acquire(c->srv->regions, h->region.data, h->region.len, 0, 0, "region",
+                                  &g, &base, err)))
+        return rc;
+    rc = kvs_paged_check(&p->layout, spec, kvs_region_len(g), h->pages, h->n_pages, h->tokens, err);
+    if (rc == 0)
+        rc = recv_buffer(c, b, err);
+    if (rc == 0) {
+        kvs_paged_gather(&p->layout, base, h->pages, h->tokens, 0, spec->layers, b->raw);
+        b->received = b->expected;
+        b->from_region = true;
+    }
+    kvs_region_release(g);
+    return rc;
+}
+
 static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
 {
     kvs_put_state *p = &c->u.put;
@@ -295,14 +336,19 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
                          (unsigned long long)b->expected);
         goto fail;
     }
-    if (h->region.len &&
-        (rc = kvs_regions_acquire(c->srv->regions, h->region.data, h->region.len, h->region_offset,
-                                  b->expected, "region", &b->region, &b->raw, err)))
-        goto fail;
-    if (!h->region.len && h->region_offset) {
-        rc = kvs_err_set(err, KVS_EINVAL, "region_offset: given without a region");
+    bool paged = h->layout || h->n_pages;
+    if (!h->region.len && (h->region_offset || paged)) {
+        rc = kvs_err_set(err, KVS_EINVAL, "%s: given without a region",
+                         paged ? "layout, pages" : "region_offset");
         goto fail;
     }
+    if (paged)
+        rc = gather_paged(c, b, h, spec, err);
+    else if (h->region.len)
+        rc = kvs_regions_acquire(c->srv->regions, h->region.data, h->region.len, h->region_offset,
+                                 b->expected, "region", &b->region, &b->raw, err);
+    if (rc)
+        goto fail;
     memcpy(b->key, h->key.data, h->key.len);
     b->key_len = h->key.len;
     b->tokens = h->tokens;
@@ -318,8 +364,8 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
     memset(&p->results[p->blocks], 0, sizeof *p->results);
     p->blocks++;
     pthread_mutex_unlock(&p->mu);
-    if (b->region && p->many)
-        dispatch(c, b); /* complete already */
+    if (b->received == b->expected && p->many)
+        dispatch(c, b); /* complete already: the payload was in shared memory */
     else
         p->cur = b;
     return 0;

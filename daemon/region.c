@@ -86,6 +86,16 @@ static void region_free(kvs_region *g)
     free(g);
 }
 
+uint8_t *kvs_region_base(const kvs_region *g)
+{
+    return g->base;
+}
+
+uint64_t kvs_region_len(const kvs_region *g)
+{
+    return g->len;
+}
+
 void kvs_region_ref(kvs_region *g)
 {
     atomic_fetch_add(&g->refs, 1);

@@ -65,6 +65,9 @@ uint64_t kvs_regions_max_bytes(const kvs_regions *r);
 int kvs_regions_acquire(kvs_regions *r, const uint8_t *id, size_t id_len, uint64_t offset,
                         uint64_t len, const char *field, kvs_region **out, uint8_t **ptr,
                         kvs_err *err);
+/* The whole mapping of a region held (paged layouts check their own bounds against it). */
+uint8_t *kvs_region_base(const kvs_region *g);
+uint64_t kvs_region_len(const kvs_region *g);
 /* Another reference to a region already held (a call that uses it for several blocks). */
 void kvs_region_ref(kvs_region *g);
 /* Drops a reference; NULL is fine. Any thread. */

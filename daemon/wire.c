@@ -1,5 +1,7 @@
 /* Wire conversions and request validation: see wire.h. */
 #include "daemon/wire.h"
+
+#include "gpu/codec/paged.h"
 #include "pbc.h"
 
 #include <grpc/byte_buffer_reader.h>
@@ -289,4 +291,27 @@ int kvs_wire_put_data(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t
     if (result == 1)
         *n = used;
     return result;
+}
+
+int kvs_wire_paged_layout(const Kvstash__V1__PagedLayout *p, const kvs_ns_spec *spec,
+                          kvs_paged_layout *out, uint64_t *bases, kvs_err *err)
+{
+    if (p->n_k_base != spec->layers || p->n_v_base != spec->layers)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layout.k_base, layout.v_base: %zu and %zu offsets, namespace '%s' "
+                           "has %u layers (one each)",
+                           p->n_k_base, p->n_v_base, spec->name, spec->layers);
+    memcpy(bases, p->k_base, spec->layers * sizeof *bases);
+    memcpy(bases + spec->layers, p->v_base, spec->layers * sizeof *bases);
+    *out = (kvs_paged_layout){.layers = spec->layers,
+                              .kv_heads = spec->kv_heads,
+                              .head_dim = spec->head_dim,
+                              .elem_bytes = (uint32_t)kvs_dtype_size(spec->dtype),
+                              .page_tokens = p->page_tokens,
+                              .k_base = bases,
+                              .v_base = bases + spec->layers,
+                              .page_stride = p->page_stride,
+                              .token_stride = p->token_stride,
+                              .head_stride = p->head_stride};
+    return 0;
 }

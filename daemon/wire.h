@@ -48,6 +48,13 @@ int kvs_wire_check_keys(const ProtobufCBinaryData *keys, size_t n, unsigned max_
 int kvs_wire_layer_range(uint32_t begin, uint32_t end, uint32_t layers, uint32_t *out_begin,
                          uint32_t *out_end, kvs_err *err);
 
+/* A PagedLayout against the namespace: k_base/v_base need one entry per layer (copied
+ * into bases, 2 * KVS_MAX_LAYERS entries: out points into it). The bounds are checked
+ * later, with the pages and the region (kvs_paged_check). */
+struct kvs_paged_layout;
+int kvs_wire_paged_layout(const Kvstash__V1__PagedLayout *p, const kvs_ns_spec *spec,
+                          struct kvs_paged_layout *out, uint64_t *bases, kvs_err *err);
+
 /* Fast path for a Put data chunk (PutChunk with only field 2, `data`): if the message in
  * bb is exactly tag 0x12, a varint length and that many bytes, copies the bytes straight
  * from the gRPC slices to dst (at most cap bytes) without flattening or unpacking, and

@@ -489,3 +489,125 @@ def test_stats_tell_shared_memory_from_wire_bytes(d, ns):
         assert after.get_wire_bytes - before.get_wire_bytes == bb
     finally:
         reg.close()
+
+
+# ----------------------------------------------------------------------------- paged layouts
+
+
+def vllm_layout(L, nb, bs, H, D):
+    """vLLM: one tensor [2][nb][bs][H][D] per layer, layers one after the other."""
+    R = H * D * 2
+    per_layer = 2 * nb * bs * R
+    lay = kvs.pb.PagedLayout(page_tokens=bs, k_base=[l * per_layer for l in range(L)],
+                             v_base=[l * per_layer + nb * bs * R for l in range(L)],
+                             page_stride=bs * R, token_stride=R, head_stride=D * 2)
+    return lay, L * per_layer
+
+
+def sglang_layout(L, np_, ps, H, D):
+    """SGLang page-first host pool [np][L][2][ps][H][D]."""
+    R = H * D * 2
+    lay = kvs.pb.PagedLayout(page_tokens=ps, k_base=[2 * l * ps * R for l in range(L)],
+                             v_base=[(2 * l + 1) * ps * R for l in range(L)],
+                             page_stride=L * 2 * ps * R, token_stride=R, head_stride=D * 2)
+    return lay, np_ * L * 2 * ps * R
+
+
+def ref_gather(mem, lay, pages, t, L, H, D):
+    """Reference gather with numpy, element by element index arithmetic: [L][2][t][H][D]."""
+    import numpy as np
+    a = np.frombuffer(mem, dtype="<u2")
+    out = np.empty((L, 2, t, H, D), dtype="<u2")
+    for l in range(L):
+        for kv, base in ((0, lay.k_base[l]), (1, lay.v_base[l])):
+            for i in range(t):
+                p = pages[i // lay.page_tokens]
+                off = base + p * lay.page_stride + (i % lay.page_tokens) * lay.token_stride
+                for h in range(H):
+                    o = (off + h * lay.head_stride) // 2
+                    out[l, kv, i, h] = a[o:o + D]
+    return out.tobytes()
+
+
+@pytest.mark.parametrize("t", [16, 5])
+def test_paged_put_and_get_match_a_reference_gather(d, t):
+    import numpy as np
+    L, H, D, T = 3, 2, 32, 16
+    nsx = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    vl, vbytes = vllm_layout(L, 8, T, H, D)
+    sl, sbytes = sglang_layout(L, 6, T, H, D)
+    src = Region(d.region_socket, vbytes)
+    dst = Region(d.region_socket, sbytes)
+    try:
+        rng = np.random.default_rng(t)
+        src.mem[:] = rng.integers(0, 0x7800, vbytes // 2, dtype="<u2").tobytes()  # finite fp16
+        pages = [[5], [2], [7]]
+        blocks = [(nsx.name, b"pg%d" % i, t, None) for i in range(3)]
+        hdrs = []
+        for i, (name, key, tok, _) in enumerate(blocks):
+            hdrs.append(kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+                namespace=name, key=key, tokens=tok, dtype=FP16, region=src.id,
+                layout=vl if i == 0 else None, pages=pages[i])))  # later headers reuse it
+        res = d.stub.PutMany(iter(hdrs)).results
+        assert [r.code for r in res] == [0, 0, 0], res
+        want = [ref_gather(src.mem, vl, pages[i], t, L, H, D) for i in range(3)]
+        for i in range(3):  # stored = the reference gather of the engine's pages
+            assert kvs.get(d.stub, nsx.name, b"pg%d" % i).data == want[i]
+        # Back into SGLang's page-first pool at other pages: exactly those bytes change.
+        out_pages = [4, 0, 3]
+        got = get_many(d, nsx.name, [b"pg%d" % i for i in range(3)], region=dst.id,
+                       layout=sl, pages=out_pages)
+        assert [(h.index, h.code) for h, _ in got] == [(0, 0), (1, 0), (2, 0)]
+        for i in range(3):
+            assert ref_gather(dst.mem, sl, [out_pages[i]], t, L, H, D) == want[i]
+        untouched = bytearray(dst.mem[:])
+        for p in out_pages:  # zero the written rows: what is left must be all zero
+            for l in range(L):
+                for base in (sl.k_base[l], sl.v_base[l]):
+                    off = base + p * sl.page_stride
+                    untouched[off:off + t * sl.token_stride] = bytes(t * sl.token_stride)
+        assert not any(untouched)
+        # A layer range lands in those layers only.
+        dst.mem[:] = bytes(sbytes)
+        get_many(d, nsx.name, [b"pg0"], region=dst.id, layout=sl, pages=[1], layer_begin=1,
+                 layer_end=2)
+        part = ref_gather(dst.mem, sl, [1], t, L, H, D)
+        lb = 2 * t * H * D * 2
+        assert part[lb:2 * lb] == want[0][lb:2 * lb] and not any(part[:lb] + part[2 * lb:])
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_paged_requests_are_checked(d):
+    L, H, D, T = 2, 2, 32, 16
+    nsx = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
+    vl, vbytes = vllm_layout(L, 4, T, H, D)
+    reg = Region(d.region_socket, vbytes)
+    try:
+        def put(layout, pages, region=reg.id, tokens=T):
+            return d.stub.PutMany(iter([kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+                namespace=nsx.name, key=b"x", tokens=tokens, dtype=FP16, region=region,
+                layout=layout, pages=pages))])).results
+        kvs.expect_error(INVALID, put, vl, [4], words=("pages[0]",))          # past the pool
+        kvs.expect_error(INVALID, put, vl, [2**32 - 1], words=("pages[0]",))
+        kvs.expect_error(INVALID, put, vl, [0, 1], words=("pages",))          # 2 for 1 page
+        kvs.expect_error(INVALID, put, None, [0], words=("layout",))          # no layout yet
+        bad = kvs.pb.PagedLayout(); bad.CopyFrom(vl); del bad.k_base[-1]
+        kvs.expect_error(INVALID, put, bad, [0], words=("k_base",))
+        huge = kvs.pb.PagedLayout(); huge.CopyFrom(vl); huge.page_stride = 2**63
+        kvs.expect_error(INVALID, put, huge, [1], words=("page",))
+        wrap = kvs.pb.PagedLayout(); wrap.CopyFrom(vl); wrap.k_base[0] = 2**64 - 64
+        kvs.expect_error(INVALID, put, wrap, [0], words=("k_base",))
+        kvs.expect_error(INVALID, put, vl, [0], region=b"", words=("region",))
+        assert [r.code for r in put(vl, [3])] == [0]
+        kvs.expect_error(INVALID, get_many, d, nsx.name, [b"x"], region=reg.id, layout=vl,
+                         pages=[9], words=("pages[0]",))
+        kvs.expect_error(INVALID, get_many, d, nsx.name, [b"x"], region=reg.id, layout=vl,
+                         pages=[0, 1], words=("pages",))
+        kvs.expect_error(INVALID, get_many, d, nsx.name, [b"x"], region=reg.id, layout=vl,
+                         pages=[0], format=kvs.ENCODED, words=("RAW",))
+        kvs.expect_error(INVALID, get_many, d, nsx.name, [b"x"], layout=vl, pages=[0],
+                         words=("region",))
+    finally:
+        reg.close()
