@@ -137,6 +137,7 @@ void kvs_client_close(kvs_client *c)
     grpc_shutdown();
     for (size_t i = 0; i < c->n_states; i++)
         free(c->states[i].data);
+    free(c->states);
     pthread_mutex_destroy(&c->states_mu);
     free(c->auth);
     free(c->target);

@@ -14,8 +14,7 @@
 #define ADMIN(m) "/kvstash.v1.KvAdmin/" m
 
 /* Learned codec states fetched for client-side decode (decode.c): immutable once
- * published, so cached by (namespace, K/V, version). */
-#define KVS__STATE_CACHE 32
+ * published, so cached by (namespace, K/V, version) until the client closes. */
 typedef struct kvs__state {
     char ns[KVS_NAME_MAX + 1];
     bool values;
@@ -32,8 +31,8 @@ struct kvs_client {
     int64_t timeout_ms;
     size_t chunk_bytes;
     pthread_mutex_t states_mu; /* guards the cache below */
-    kvs__state states[KVS__STATE_CACHE];
-    size_t n_states;
+    kvs__state *states;
+    size_t n_states, cap_states;
 };
 
 /* One call on the caller's stack (client.c): its own pluck completion queue, batches run

@@ -100,10 +100,12 @@ static int fetch_state(kvs_client *c, const char *ns, bool values, uint32_t vers
     size_t n = rep->state.len;
     protobuf_c_message_free_unpacked(m, NULL);
     pthread_mutex_lock(&c->states_mu);
-    if (c->n_states == KVS__STATE_CACHE) { /* full: the oldest goes (a few per namespace) */
-        free(c->states[0].data);
-        memmove(&c->states[0], &c->states[1], (KVS__STATE_CACHE - 1) * sizeof c->states[0]);
-        c->n_states--;
+    /* Kept until the client closes (kvs_client_codec_state's promise): a few per namespace
+     * (at most KVS_NS_MAX_STATE_VERSIONS per codec), each a few KiB. Two threads that
+     * fetched the same state at once both keep theirs: harmless. */
+    if (c->n_states == c->cap_states) {
+        c->cap_states = c->cap_states ? 2 * c->cap_states : 8;
+        c->states = kvs_xrealloc(c->states, c->cap_states * sizeof *c->states);
     }
     kvs__state *s = &c->states[c->n_states++];
     snprintf(s->ns, sizeof s->ns, "%s", ns);
@@ -114,6 +116,21 @@ static int fetch_state(kvs_client *c, const char *ns, bool values, uint32_t vers
     *out = (kvs_codec_state){version, copy, n};
     pthread_mutex_unlock(&c->states_mu);
     return 0;
+}
+
+int kvs_client_codec_state(kvs_client *c, const char *ns, bool values, uint32_t version,
+                           const void **data, size_t *len, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || !data || !len)
+        return kvs_err_set(err, KVS_EINVAL, "GetCodecState: NULL argument");
+    kvs_codec_state st;
+    int rc = fetch_state(c, ns, values, version, &st, err);
+    if (rc == 0) {
+        *data = st.data;
+        *len = st.len;
+    }
+    return rc;
 }
 
 int kvs_client_decode_block(kvs_client *c, const char *ns, const kvs_ns_spec *spec, const void *enc,

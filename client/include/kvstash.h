@@ -132,6 +132,12 @@ KVS_API int kvs_client_decode_block(kvs_client *c, const char *ns, const kvs_ns_
                                     const void *enc, size_t len, void *raw, size_t cap,
                                     kvs_get_result *res, kvs_err *err);
 
+/* A namespace's learned codec state of one version (keys, or values), fetched once and
+ * cached in the client: *data (len bytes) stays valid until kvs_client_close. For a
+ * decoder of one's own (libkvstash_cuda). KVS_ENOTFOUND for an unknown version. */
+KVS_API int kvs_client_codec_state(kvs_client *c, const char *ns, bool values, uint32_t version,
+                                   const void **data, size_t *len, kvs_err *err);
+
 /* Get with format ENCODED (a fraction of the wire bytes), then kvs_client_decode_block:
  * the same result as kvs_client_get, decoded on the client's CPU. */
 KVS_API int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t key_len,

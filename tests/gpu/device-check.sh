@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
-    for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu; do
+    for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu test_client_decode_gpu; do
         $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
         note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"

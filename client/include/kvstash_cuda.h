@@ -1,0 +1,43 @@
+/* libkvstash_cuda: decode encoded blocks on the worker's own GPU (README "Data plane").
+ *
+ * The remote restore path: a worker that cannot share memory with the daemon (another
+ * node, a runtime that refuses CUDA IPC) fetches the encoded blocks (GetMany with format
+ * ENCODED: 4-7x fewer bytes on the wire than fp16 with a quantizing codec) and decodes them
+ * here, with the same kernels as the daemon's engine and the same bytes as the CPU
+ * reference (kvs_decode_block). A separate library so that CPU-only clients of libkvstash
+ * never load the CUDA runtime; in a build without CUDA every call answers KVS_ENOTSUP.
+ *
+ * A decoder serves one namespace on the device current when it is created. It keeps the
+ * namespace's codecs (their tables uploaded once) per learned-state version, fetching the
+ * states a block needs through the client (GetCodecState). Not thread-safe: one decoder
+ * per thread (or a lock around it).
+ */
+#ifndef KVSTASH_CUDA_H
+#define KVSTASH_CUDA_H
+
+#include "kvstash.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvs_cuda_decoder kvs_cuda_decoder;
+
+/* c may be NULL: blocks that need a learned state then fail with KVS_ENOTSUP. spec is the
+ * namespace's (kvs_client_ns_get), copied; c (borrowed) must outlive the decoder. */
+KVS_API int kvs_cuda_decoder_create(kvs_client *c, const char *ns, const kvs_ns_spec *spec,
+                                    kvs_cuda_decoder **out, kvs_err *err);
+KVS_API void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d);
+
+/* Decodes one encoded block (host memory, len bytes; its checksum is verified here first:
+ * KVS_EDATALOSS) into raw_dev (device memory of cap bytes, layout [L][2][t][H][D] in the
+ * namespace dtype), on stream (a cudaStream_t; NULL: the decoder's own). Returns once the
+ * block is decoded (the stream is synchronized: the decoder's staging is reused by the
+ * next call). res (may be NULL) as kvs_decode_block fills it. */
+KVS_API int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void *raw_dev,
+                                  size_t cap, void *stream, kvs_get_result *res, kvs_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
