@@ -6,6 +6,8 @@
  *   shm        one GetMany whose blocks the daemon writes into a shared-memory region
  *   encoded    one GetMany of the encoded blocks, decoded on this CPU (kvs_decode_block):
  *              the remote path, fewer wire bytes
+ *   gpudecode  the same, decoded on this machine's GPU into device memory
+ *              (libkvstash_cuda): the remote path of a GPU worker; skipped without a GPU
  *
  * The prefix is `--tokens` tokens of a Llama-3-8B-shaped model by default (32 layers, 8 KV
  * heads of 128, fp16, 16-token blocks: 2 MiB a block, 1 GiB for 8k tokens), stored once
@@ -28,8 +30,12 @@
 
 #include "gpu/codec/half.h"
 #include "kvstash.h"
+#include "kvstash_cuda.h"
+#ifdef KVS_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
-#define MAX_PATHS 4
+#define MAX_PATHS 5
 
 typedef struct cfg {
     const char *target, *codec, *token;
@@ -70,6 +76,20 @@ static void fill(uint16_t *p, size_t n, uint64_t seed, uint32_t dim)
     }
 }
 
+/* The GPU kernels decode within one fp16 ulp of the CPU reference (test_codecs_gpu.c). */
+static unsigned max_ulp(const uint8_t *a8, const uint8_t *b8, size_t n)
+{
+    const uint16_t *a = (const uint16_t *)a8, *b = (const uint16_t *)b8;
+    unsigned worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        int x = a[i] & 0x8000 ? -(int)(a[i] & 0x7fff) : (int)a[i];
+        int y = b[i] & 0x8000 ? -(int)(b[i] & 0x7fff) : (int)b[i];
+        unsigned d = (unsigned)(x > y ? x - y : y - x);
+        worst = d > worst ? d : worst;
+    }
+    return worst;
+}
+
 static bool want(const cfg *c, const char *path)
 {
     char buf[128];
@@ -90,7 +110,7 @@ int main(int argc, char **argv)
              .dim = 128,
              .block = 16,
              .reps = 3};
-    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded");
+    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode");
     static const struct option opts[] = {
         {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
         {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
@@ -212,17 +232,33 @@ int main(int argc, char **argv)
                put_ms, total / put_ms / 1e6);
     }
 
-    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded"};
+    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded", "gpudecode"};
+    kvs_cuda_decoder *dec = NULL;
+    uint8_t *dev = NULL;
+    if (want(&c, "gpudecode")) {
+        kvs_err de;
+        if (kvs_cuda_decoder_create(cl, spec.name, &spec, &dec, &de)) {
+            printf("gpudecode: not available (%s)\n", de.msg);
+            dec = NULL;
+        }
+#ifdef KVS_HAVE_CUDA
+        if (dec && cudaMalloc((void **)&dev, total) != cudaSuccess) {
+            printf("gpudecode: cannot allocate %zu bytes of device memory\n", total);
+            kvs_cuda_decoder_destroy(dec);
+            dec = NULL;
+        }
+#endif
+    }
     int failed = 0, ref = -1;
     uint8_t *encbuf = NULL;
     size_t enc_cap = bb + (bb >> 2) + 65536; /* an encoded block is at most a bit over raw */
     for (int p = 0; p < MAX_PATHS; p++) {
-        if (!want(&c, names[p]) || (p == 2 && !reg))
+        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec))
             continue;
         out[p] = malloc(total);
-        if (p == 3 && !encbuf)
+        if (p >= 3 && !encbuf)
             encbuf = malloc(nb * enc_cap);
-        if (!out[p] || (p == 3 && !encbuf))
+        if (!out[p] || (p >= 3 && !encbuf))
             return fprintf(stderr, "out of memory\n"), 1;
         double best = 1e30;
         for (unsigned rep = 0; rep < c.reps; rep++) {
@@ -236,14 +272,14 @@ int main(int argc, char **argv)
                 for (size_t i = 0; i < nb; i++)
                     gi[i] = (kvs_get_item){.key = &keys[i], .key_len = 8};
                 for (size_t i = 0; i < nb; i++) {
-                    if (p == 1)
+                    if (p >= 3)
+                        gi[i].buf = encbuf + i * enc_cap, gi[i].cap = enc_cap;
+                    else if (p == 1)
                         gi[i].buf = out[p] + i * bb, gi[i].cap = bb;
                     else if (p == 2)
                         gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
-                    else
-                        gi[i].buf = encbuf + i * enc_cap, gi[i].cap = enc_cap;
                 }
-                kvs_get_many_opts go = {.format = p == 3 ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
+                kvs_get_many_opts go = {.format = p >= 3 ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
                 rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
                 if (!rc && served != nb)
@@ -251,6 +287,9 @@ int main(int argc, char **argv)
                 for (size_t i = 0; i < nb && !rc && p == 3; i++)
                     rc = kvs_client_decode_block(cl, spec.name, &spec, encbuf + i * enc_cap,
                                                  gi[i].res.bytes, out[p] + i * bb, bb, NULL, &e);
+                for (size_t i = 0; i < nb && !rc && p == 4; i++)
+                    rc = kvs_decode_block_cuda(dec, encbuf + i * enc_cap, gi[i].res.bytes,
+                                               dev + i * bb, bb, NULL, NULL, &e);
             }
             double ms = now_ms() - t0;
             if (rc)
@@ -260,10 +299,15 @@ int main(int argc, char **argv)
         }
         if (p == 2)
             memcpy(out[p], kvs_region_data(reg), total);
+#ifdef KVS_HAVE_CUDA
+        if (p == 4)
+            cudaMemcpy(out[p], dev, total, cudaMemcpyDeviceToHost);
+#endif
         printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
         if (ref < 0)
             ref = p;
-        else if (memcmp(out[p], out[ref], total) != 0) {
+        else if (p == 4 && strcmp(c.codec, "none") != 0 ? max_ulp(out[p], out[ref], total / 2) > 1
+                                                        : memcmp(out[p], out[ref], total) != 0) {
             fprintf(stderr, "kvs-bench-restore: path %s returned other bytes than %s\n", names[p],
                     names[ref]);
             failed = 1;
@@ -276,6 +320,10 @@ int main(int argc, char **argv)
             failed = 1;
         }
     }
+    kvs_cuda_decoder_destroy(dec);
+#ifdef KVS_HAVE_CUDA
+    cudaFree(dev);
+#endif
     kvs_client_ns_drop(cl, spec.name, NULL, &e);
     kvs_region_close(reg);
     kvs_client_close(cl);
