@@ -241,7 +241,10 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
         return kvs_err_set(err, KVS_EINVAL, "bytes: %llu asked, the file holds %llu",
                            (unsigned long long)bytes, (unsigned long long)st.st_size);
     }
-    void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    /* Populated now, once: else the first Put or Get through each 4 KiB page takes a fault
+     * on the data path (a 1 GiB region: 262,144 faults, measured 1.6 s against 1.0 s for
+     * the same PutMany over gRPC on the dev machine). */
+    void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (base == MAP_FAILED) {
         int e = errno;
         pthread_mutex_lock(&r->mu);
