@@ -100,7 +100,7 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
     }
 
     grpc_init();
-    grpc_arg args[3] = {
+    grpc_arg args[4] = {
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)o.max_message},
@@ -110,8 +110,13 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
         /* No call is ever retried (a Put stream is not replayable), and without retries
          * gRPC need not keep a copy of the messages sent. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ENABLE_RETRIES, .value.integer = 0},
+        /* One connection per client: gRPC otherwise shares one TCP connection among every
+         * channel of the process with the same settings, so eight clients of eight threads
+         * queued on one socket (Gets at 64 clients 30-50% slower, tests/bench/RESULTS.md,
+         * head-to-head with Redis). */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, .value.integer = 1},
     };
-    grpc_channel_args cargs = {.num_args = 3, .args = args};
+    grpc_channel_args cargs = {.num_args = sizeof args / sizeof args[0], .args = args};
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
     if (!creds) {
         kvs_client_close(c);
@@ -482,6 +487,9 @@ typedef struct get_state {
     uint64_t layer_off;  /* bytes of `layer` received */
 } get_state;
 
+static int layer_piece(get_state *st, uint32_t layer, uint64_t offset, const uint8_t *data,
+                       size_t n, kvs_layer_cb cb, void *ctx, kvs_err *err);
+
 static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_cb cb, void *ctx,
                      kvs_err *err)
 {
@@ -518,21 +526,43 @@ static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_c
     size_t n = ch->data.len;
     if (n == 0)
         return 0;
-    bool same = ch->layer == st->layer && ch->offset == st->layer_off;
-    bool next = ch->layer == st->layer + 1 && ch->offset == 0 && st->layer_off > 0 &&
+    if (st->layer_size && ch->offset == 0 && n > st->layer_size) {
+        /* Whole layers packed in one message (GetRequest.pack_layers): handed to the
+         * callback one layer at a time, each checked as if it had come alone. */
+        if (n % st->layer_size)
+            return kvs_err_set(err, KVS_EPROTO,
+                               "Get: a packed chunk of %zu bytes is not whole layers of %llu", n,
+                               (unsigned long long)st->layer_size);
+        for (size_t i = 0; i < n / st->layer_size; i++) {
+            int rc = layer_piece(st, ch->layer + (uint32_t)i, 0, ch->data.data + i * st->layer_size,
+                                 st->layer_size, cb, ctx, err);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
+    return layer_piece(st, ch->layer, ch->offset, ch->data.data, n, cb, ctx, err);
+}
+
+/* One piece of one layer: bytes [offset, offset + n) of `layer`, in order. */
+static int layer_piece(get_state *st, uint32_t layer, uint64_t offset, const uint8_t *data,
+                       size_t n, kvs_layer_cb cb, void *ctx, kvs_err *err)
+{
+    bool same = layer == st->layer && offset == st->layer_off;
+    bool next = layer == st->layer + 1 && offset == 0 && st->layer_off > 0 &&
                 (st->layer_size == 0 || st->layer_off == st->layer_size);
-    if ((!same && !next) || ch->layer >= st->hdr.layer_end ||
-        (st->layer_size && ch->offset + n > st->layer_size) || n > st->total - st->got)
+    if ((!same && !next) || layer >= st->hdr.layer_end ||
+        (st->layer_size && offset + n > st->layer_size) || n > st->total - st->got)
         return kvs_err_set(err, KVS_EPROTO,
                            "Get: chunk of layer %u at offset %llu (%zu bytes) out of order "
                            "after %llu of %llu bytes",
-                           ch->layer, (unsigned long long)ch->offset, n,
-                           (unsigned long long)st->got, (unsigned long long)st->total);
+                           layer, (unsigned long long)offset, n, (unsigned long long)st->got,
+                           (unsigned long long)st->total);
     if (next) {
-        st->layer = ch->layer;
+        st->layer = layer;
         st->layer_off = 0;
     }
-    int rc = cb(ctx, &st->hdr, ch->layer, ch->offset, ch->data.data, n);
+    int rc = cb(ctx, &st->hdr, layer, offset, data, n);
     if (rc != 0)
         return kvs_err_set(err, rc, "Get: stopped by the layer callback: %s (%d)", kvs_strerror(rc),
                            rc);
@@ -558,6 +588,7 @@ int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t
                                               : KVSTASH__V1__FORMAT__FORMAT_RAW;
     q.layer_begin = o.layer_begin;
     q.layer_end = o.layer_end;
+    q.pack_layers = true; /* get_chunk splits packed layers for the callback */
 
     kvs__rpc r;
     int rc = kvs__rpc_start(&r, c, STASH("Get"), err);

@@ -175,6 +175,7 @@ struct kvs_get_item;
 typedef struct kvs_get_state {
     kvs_ns *ns;
     bool many, prefix, encoded;
+    bool pack; /* whole layers may share a data chunk (GetRequest.pack_layers, GetMany) */
     uint32_t layer_begin, layer_end;
     struct kvs_get_item *items; /* one per key */
     uint32_t n;                 /* keys */

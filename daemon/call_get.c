@@ -261,6 +261,7 @@ static int parse_get(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     int rc = prepare(c, r->namespace_, r->format, r->layer_begin, r->layer_end, err);
     if (rc == 0)
         rc = kvs_key_validate(r->key.len, err);
+    c->u.get.pack = r->pack_layers;
     if (rc == 0) {
         items_alloc(c, 1);
         memcpy(c->u.get.items[0].key, r->key.data, r->key.len);
@@ -319,6 +320,7 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
     if (rc)
         goto out;
     g->prefix = r->prefix;
+    g->pack = true;
     if (r->n_keys == 0 || r->n_keys > c->srv->cfg->max_keys) {
         rc = kvs_wire_check_keys(r->keys, r->n_keys, c->srv->cfg->max_keys, NULL, err);
         goto out;
@@ -490,8 +492,17 @@ static void advance(kvs_call *c)
         return;
     }
     uint64_t n = g->layer_bytes - g->offset;
-    if (n > g->chunk)
+    uint32_t layers = 1; /* whole layers in this chunk */
+    if (g->pack && g->offset == 0 && !g->encoded && g->layer_bytes <= g->chunk) {
+        /* Per-message cost dominates small layers (a 1-token block: 32 layers of 4 KiB), so
+         * as many whole layers as fit go in one message. */
+        layers = (uint32_t)(g->chunk / g->layer_bytes);
+        if (layers > g->layer_stop - g->layer)
+            layers = g->layer_stop - g->layer;
+        n = (uint64_t)layers * g->layer_bytes;
+    } else if (n > g->chunk) {
         n = g->chunk;
+    }
     Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
     /* protobuf-c's data field is not const; the message is only packed (read) */
     chunk.data.data =
@@ -504,7 +515,14 @@ static void advance(kvs_call *c)
      * another CQ thread, before kvs_call_send returns. The item is closed by that next
      * run, after the message (which copies the bytes) is packed. */
     g->offset += n;
-    if (g->offset == g->layer_bytes) {
+    if (layers > 1) {
+        g->layer += layers;
+        g->offset = 0;
+        if (g->layer >= g->layer_stop) {
+            g->header_out = false;
+            g->send++;
+        }
+    } else if (g->offset == g->layer_bytes) {
         g->layer++;
         g->offset = 0;
         if (g->layer >= g->layer_stop) {

@@ -228,10 +228,11 @@ class GetResult:
         self.data = b"".join(c.data for c in chunks)
 
 
-def check_get_chunks(header, chunks):
+def check_get_chunks(header, chunks, packed=False):
     """Checks the streamed layout of a Get: data chunks in layout order, each within one
     layer, offsets contiguous from 0 in every layer of [layer_begin, layer_end), and the
-    total equal to header.total_bytes."""
+    total equal to header.total_bytes. packed (GetMany, pack_layers): a chunk may instead
+    hold several whole layers, starting at offset 0 of its `layer`."""
     b, e = header.layer_begin, header.layer_end
     assert e > b, f"header layer range [{b}, {e})"
     if header.format == ENCODED:  # one stream of bytes, all in "layer 0", contiguous
@@ -251,6 +252,12 @@ def check_get_chunks(header, chunks):
         assert len(c.data) > 0, f"chunk {i + 1} is empty"
         if off == lb:  # previous layer complete: the next chunk starts the next one
             layer, off = layer + 1, 0
+        if packed and off == 0 and len(c.data) > lb:
+            assert len(c.data) % lb == 0, f"chunk {i + 1}: {len(c.data)} bytes, not whole layers"
+            assert c.layer == layer and c.offset == 0, f"chunk {i + 1}: {c.layer}/{c.offset}"
+            layer, off = layer + len(c.data) // lb - 1, lb
+            assert layer < e, f"chunk {i + 1} runs past layer_end {e}"
+            continue
         assert c.layer == layer and c.offset == off, (
             f"chunk {i + 1}: layer {c.layer} offset {c.offset}, expected layer {layer} "
             f"offset {off} (layer bytes {lb})")

@@ -68,7 +68,7 @@ def get_many(d, ns, keys, **kw):
         while j < len(msgs) and not msgs[j].HasField("header"):
             j += 1
         if h.code == 0 and "region" not in kw:
-            kvs.check_get_chunks(h, msgs[i + 1:j])
+            kvs.check_get_chunks(h, msgs[i + 1:j], packed=True)
         else:
             assert j == i + 1, f"block {h.index}: data chunks after an error or a region header"
         out.append((h, b"".join(m.data for m in msgs[i + 1:j])))
@@ -611,3 +611,23 @@ def test_paged_requests_are_checked(d):
                          words=("region",))
     finally:
         reg.close()
+
+
+def test_small_blocks_pack_whole_layers(d):
+    """A 1-token block of a Llama-3-8B-shaped namespace is 32 layers of 8 KiB: GetMany (and
+    Get with pack_layers) send it in one data message instead of 32; a plain Get keeps one
+    layer per chunk, as the v1 contract says."""
+    big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))
+    data = big.payload(1, seed=9)
+    kvs.put(d.stub, big.name, b"t1", 1, data)
+    msgs = list(d.stub.GetMany(kvs.pb.GetManyRequest(namespace=big.name, keys=[b"t1"])))
+    assert len(msgs) == 2 and msgs[1].data == data and msgs[1].layer == 0
+    msgs = list(d.stub.Get(kvs.pb.GetRequest(namespace=big.name, key=b"t1", pack_layers=True)))
+    assert len(msgs) == 2 and msgs[1].data == data
+    msgs = list(d.stub.Get(kvs.pb.GetRequest(namespace=big.name, key=b"t1")))
+    assert len(msgs) == 33 and b"".join(m.data for m in msgs[1:]) == data
+    # A layer range packs too, starting at its first layer.
+    msgs = list(d.stub.Get(kvs.pb.GetRequest(namespace=big.name, key=b"t1", layer_begin=3,
+                                             layer_end=7, pack_layers=True)))
+    lb = len(data) // 32
+    assert len(msgs) == 2 and msgs[1].layer == 3 and msgs[1].data == data[3 * lb:7 * lb]
