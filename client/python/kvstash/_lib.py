@@ -1,0 +1,177 @@
+"""ctypes declarations of libkvstash (client/include/kvstash.h): the structs and functions the
+package calls, mirrored field for field. Internal: use kvstash.Client.
+
+The library is found, in order, at $KVSTASH_LIB, next to this package (an installed copy),
+in the source tree's build directory (build/lib, for a checkout), then by the linker's usual
+search (ctypes.util.find_library)."""
+import ctypes
+import ctypes.util
+import os
+
+c_u8p = ctypes.POINTER(ctypes.c_uint8)
+
+ERR_MSG_LEN = 256
+NAME_MAX = 64
+CODEC_NAME_MAX = 31
+KEY_MAX = 64
+
+
+class Err(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_int), ("msg", ctypes.c_char * ERR_MSG_LEN)]
+
+
+class ClientOpts(ctypes.Structure):
+    _fields_ = [("target", ctypes.c_char_p), ("token", ctypes.c_char_p),
+                ("timeout_ms", ctypes.c_int64), ("max_message", ctypes.c_size_t),
+                ("chunk_bytes", ctypes.c_size_t)]
+
+
+class NsSpec(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * (NAME_MAX + 1)), ("layers", ctypes.c_uint32),
+                ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
+                ("block_tokens", ctypes.c_uint32), ("dtype", ctypes.c_int),
+                ("key_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                ("value_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                ("keys_pre_rope", ctypes.c_bool), ("durable", ctypes.c_bool),
+                ("seed", ctypes.c_uint64)]
+
+
+class NsInfo(ctypes.Structure):
+    _fields_ = [("spec", NsSpec), ("id", ctypes.c_uint32), ("blocks", ctypes.c_uint64),
+                ("stored_bytes", ctypes.c_uint64), ("raw_bytes", ctypes.c_uint64),
+                ("block_bytes", ctypes.c_uint64)]
+
+
+class PutResult(ctypes.Structure):
+    _fields_ = [("tier", ctypes.c_int), ("encoded_bytes", ctypes.c_uint64),
+                ("raw_bytes", ctypes.c_uint64), ("replaced", ctypes.c_bool)]
+
+
+class GetResult(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_uint32), ("dtype", ctypes.c_int),
+                ("layer_begin", ctypes.c_uint32), ("layer_end", ctypes.c_uint32),
+                ("bytes", ctypes.c_uint64), ("format", ctypes.c_int), ("tier", ctypes.c_int)]
+
+
+class PutItem(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_void_p), ("key_len", ctypes.c_size_t),
+                ("tokens", ctypes.c_uint32), ("data", ctypes.c_void_p),
+                ("len", ctypes.c_size_t), ("region", ctypes.c_void_p),
+                ("offset", ctypes.c_uint64), ("rc", ctypes.c_int), ("msg", ctypes.c_char * 160),
+                ("res", PutResult)]
+
+
+class GetItem(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_void_p), ("key_len", ctypes.c_size_t),
+                ("buf", ctypes.c_void_p), ("cap", ctypes.c_size_t),
+                ("region", ctypes.c_void_p), ("offset", ctypes.c_uint64),
+                ("rc", ctypes.c_int), ("msg", ctypes.c_char * 160),
+                ("answered", ctypes.c_bool), ("res", GetResult)]
+
+
+class GetManyOpts(ctypes.Structure):
+    _fields_ = [("format", ctypes.c_int), ("layer_begin", ctypes.c_uint32),
+                ("layer_end", ctypes.c_uint32), ("prefix", ctypes.c_bool)]
+
+
+class Key(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint8), ("bytes", ctypes.c_uint8 * KEY_MAX)]
+
+
+class TierStats(ctypes.Structure):
+    _fields_ = [("tier", ctypes.c_int), ("capacity_bytes", ctypes.c_uint64),
+                ("used_bytes", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
+                ("hits", ctypes.c_uint64), ("evictions", ctypes.c_uint64)]
+
+
+class RpcStats(ctypes.Structure):
+    _fields_ = [("method", ctypes.c_char * 32), ("calls", ctypes.c_uint64),
+                ("errors", ctypes.c_uint64)]
+
+
+class DataPlaneStats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "regions", "region_bytes", "region_pinned_bytes", "region_refused", "put_region_bytes",
+        "put_wire_bytes", "get_region_bytes", "get_wire_bytes")]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [("tiers", TierStats * 3), ("n_tiers", ctypes.c_size_t),
+                ("namespaces", ctypes.POINTER(NsInfo)), ("n_namespaces", ctypes.c_size_t),
+                ("rpcs", ctypes.POINTER(RpcStats)), ("n_rpcs", ctypes.c_size_t),
+                ("misses", ctypes.c_uint64), ("uptime_ms", ctypes.c_uint64),
+                ("version", ctypes.c_char * 32), ("data_plane", DataPlaneStats)]
+
+
+def _candidates():
+    env = os.environ.get("KVSTASH_LIB")
+    if env:
+        yield env
+    here = os.path.dirname(os.path.abspath(__file__))
+    yield os.path.join(here, "libkvstash.so.0")
+    yield os.path.join(here, "..", "..", "..", "build", "lib", "libkvstash.so.0")
+    found = ctypes.util.find_library("kvstash")
+    if found:
+        yield found
+
+
+def load():
+    """The library with every prototype set (ctypes checks argument counts and types)."""
+    errors = []
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError as e:
+            errors.append(f"{path}: {e}")
+    else:
+        raise ImportError("kvstash: libkvstash not found (set KVSTASH_LIB to its path, or "
+                          "build the C library first): " + "; ".join(errors or ["no candidate"]))
+    P, E = ctypes.c_void_p, ctypes.POINTER(Err)
+    sig = {
+        "kvs_client_connect": (ctypes.c_int, [ctypes.POINTER(ClientOpts), ctypes.POINTER(P), E]),
+        "kvs_client_close": (None, [P]),
+        "kvs_client_put": (ctypes.c_int, [P, ctypes.c_char_p, P, ctypes.c_size_t, ctypes.c_uint32,
+                                          ctypes.c_int, P, ctypes.c_size_t,
+                                          ctypes.POINTER(PutResult), E]),
+        "kvs_client_get": (ctypes.c_int, [P, ctypes.c_char_p, P, ctypes.c_size_t, P,
+                                          ctypes.c_size_t, ctypes.POINTER(GetResult), E]),
+        "kvs_client_put_many": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.c_int,
+                                               ctypes.POINTER(PutItem), ctypes.c_size_t, E]),
+        "kvs_client_get_many": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(GetItem),
+                                               ctypes.c_size_t, ctypes.POINTER(GetManyOpts),
+                                               ctypes.POINTER(ctypes.c_size_t), E]),
+        "kvs_client_lookup": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
+                                             ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint32),
+                                             ctypes.POINTER(ctypes.c_int), E]),
+        "kvs_client_exists": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
+                                             ctypes.c_size_t, ctypes.POINTER(ctypes.c_bool), E]),
+        "kvs_client_delete": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
+                                             ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint32),
+                                             E]),
+        "kvs_client_ns_create": (ctypes.c_int, [P, ctypes.POINTER(NsSpec),
+                                                ctypes.POINTER(NsInfo), E]),
+        "kvs_client_ns_drop": (ctypes.c_int, [P, ctypes.c_char_p,
+                                              ctypes.POINTER(ctypes.c_uint64), E]),
+        "kvs_client_ns_get": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(NsInfo), E]),
+        "kvs_client_ns_list": (ctypes.c_int, [P, ctypes.POINTER(ctypes.POINTER(NsInfo)),
+                                              ctypes.POINTER(ctypes.c_size_t), E]),
+        "kvs_client_stats": (ctypes.c_int, [P, ctypes.POINTER(ctypes.POINTER(Stats)), E]),
+        "kvs_stats_free": (None, [ctypes.POINTER(Stats)]),
+        "kvs_region_create": (ctypes.c_int, [P, ctypes.c_size_t, ctypes.POINTER(P), E]),
+        "kvs_region_data": (P, [P]),
+        "kvs_region_size": (ctypes.c_size_t, [P]),
+        "kvs_region_pinned": (ctypes.c_bool, [P]),
+        "kvs_region_close": (None, [P]),
+        "kvs_key_chain_seq": (ctypes.c_size_t, [ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t,
+                                                ctypes.c_uint32, ctypes.POINTER(Key),
+                                                ctypes.c_size_t]),
+        "kvs_key_chain": (None, [P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t, P]),
+    }
+    for name, (res, args) in sig.items():
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
+    return lib
+
+
+lib = load()
