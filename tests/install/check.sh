@@ -1,0 +1,59 @@
+#!/bin/sh
+# cmake --install, then programs built against the installed C client, both ways (issue 13,
+# item 5): with pkg-config (shared, and static with the archive), and with the CMake package
+# (kvstash::kvstash, kvstash::kvstash_static). Each program computes a chained block key and
+# must print the README's test vector.
+#   tests/install/check.sh BUILD_DIR
+set -eu
+B=$(cd "$1" && pwd)
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+P=$T/prefix
+cmake --install "$B" --prefix "$P" > "$T/install.log"
+for f in bin/kvstashd bin/kvctl include/kvstash/kvstash.h include/kvstash/gpu/base/err.h \
+         include/kvstash/gpu/codec/spec.h lib/libkvstash.a lib/pkgconfig/kvstash.pc \
+         lib/cmake/kvstash/kvstashConfig.cmake; do
+    [ -e "$P/$f" ] || { echo "missing after install: $f"; exit 1; }
+done
+ls "$P"/lib/libkvstash.so* > /dev/null
+cat > "$T/prog.c" <<'C'
+#include <stdio.h>
+#include <kvstash.h>
+int main(void)
+{
+    uint32_t tokens[4] = {1, 2, 3, 4};
+    uint8_t key[KVS_CHAIN_KEY_LEN];
+    kvs_key_chain(NULL, tokens, 4, key);
+    for (int i = 0; i < KVS_CHAIN_KEY_LEN; i++)
+        printf("%02x", key[i]);
+    printf("\n");
+    return 0;
+}
+C
+want=4e7b4f6b8cadfb2a1b1a20c2457494c4
+export PKG_CONFIG_PATH=$P/lib/pkgconfig
+# shellcheck disable=SC2046
+cc -o "$T/shared" "$T/prog.c" $(pkg-config --cflags --libs kvstash) -Wl,-rpath,"$P/lib"
+# shellcheck disable=SC2046
+cc -o "$T/static" "$T/prog.c" $(pkg-config --cflags kvstash) "$P/lib/libkvstash.a" \
+    $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread
+mkdir -p "$T/cm"
+cat > "$T/cm/CMakeLists.txt" <<'CM'
+cmake_minimum_required(VERSION 3.25)
+project(use_kvstash C)
+find_package(kvstash REQUIRED)
+add_executable(cm_shared ../prog.c)
+target_link_libraries(cm_shared PRIVATE kvstash::kvstash)
+add_executable(cm_static ../prog.c)
+target_link_libraries(cm_static PRIVATE kvstash::kvstash_static)
+CM
+cmake -S "$T/cm" -B "$T/cm/build" -DCMAKE_PREFIX_PATH="$P" > "$T/cm.log" 2>&1 ||
+    { cat "$T/cm.log"; exit 1; }
+cmake --build "$T/cm/build" > "$T/cmb.log" 2>&1 || { cat "$T/cmb.log"; exit 1; }
+for p in "$T/shared" "$T/static" "$T/cm/build/cm_shared" "$T/cm/build/cm_static"; do
+    got=$(LD_LIBRARY_PATH=$P/lib "$p")
+    [ "$got" = "$want" ] || { echo "$p printed $got, want $want"; exit 1; }
+done
+if ldd "$T/static" | grep -q libkvstash; then echo "static program loads libkvstash.so"; exit 1; fi
+ldd "$T/shared" | grep -q "$P/lib/libkvstash.so" || { echo "shared program does not load the installed libkvstash"; exit 1; }
+echo "install check: 4 programs built against the installed library print the test vector"
