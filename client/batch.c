@@ -161,15 +161,7 @@ static int many_chunk(many_state *st, const Kvstash__V1__GetChunk *ch, const cha
             return 0;
         }
         it->rc = 0;
-        it->res = (kvs_get_result){.tokens = h->tokens,
-                                   .dtype = kvs__dtype_from_pb(h->dtype),
-                                   .layer_begin = h->layer_begin,
-                                   .layer_end = h->layer_end,
-                                   .bytes = h->total_bytes,
-                                   .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
-                                                 ? KVS_FORMAT_ENCODED
-                                                 : KVS_FORMAT_RAW,
-                                   .tier = kvs__tier_from_pb(h->tier)};
+        it->res = kvs__get_result_from_pb(h);
         st->served++;
         if (st->region)
             return 0; /* the bytes are in the region already */

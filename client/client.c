@@ -368,6 +368,19 @@ kvs_tier kvs__tier_from_pb(int t)
     return (t >= KVS_TIER_GPU && t <= KVS_TIER_DISK) ? (kvs_tier)t : KVS_TIER_NONE;
 }
 
+kvs_get_result kvs__get_result_from_pb(const Kvstash__V1__GetHeader *h)
+{
+    return (kvs_get_result){.tokens = h->tokens,
+                            .dtype = kvs__dtype_from_pb(h->dtype),
+                            .layer_begin = h->layer_begin,
+                            .layer_end = h->layer_end,
+                            .bytes = h->total_bytes,
+                            .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                          ? KVS_FORMAT_ENCODED
+                                          : KVS_FORMAT_RAW,
+                            .tier = kvs__tier_from_pb(h->tier)};
+}
+
 kvs_dtype kvs__dtype_from_pb(int d)
 {
     return (d == KVS_DTYPE_FP16 || d == KVS_DTYPE_BF16) ? (kvs_dtype)d : KVS_DTYPE_UNSPECIFIED;
@@ -502,15 +515,7 @@ static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_c
                                h->layer_begin, h->layer_end);
         st->have_hdr = true;
         st->total = h->total_bytes;
-        st->hdr = (kvs_get_result){.tokens = h->tokens,
-                                   .dtype = kvs__dtype_from_pb(h->dtype),
-                                   .layer_begin = h->layer_begin,
-                                   .layer_end = h->layer_end,
-                                   .bytes = h->total_bytes,
-                                   .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
-                                                 ? KVS_FORMAT_ENCODED
-                                                 : KVS_FORMAT_RAW,
-                                   .tier = kvs__tier_from_pb(h->tier)};
+        st->hdr = kvs__get_result_from_pb(h);
         uint32_t layers = h->layer_end - h->layer_begin;
         if (st->hdr.format == KVS_FORMAT_RAW) {
             if (st->total % layers != 0)

@@ -80,5 +80,8 @@ int kvs__unary(const kvs_client *c, const char *method, const ProtobufCMessage *
 /* Wire enum values to ours; unknown values become NONE / UNSPECIFIED. */
 kvs_tier kvs__tier_from_pb(int t);
 kvs_dtype kvs__dtype_from_pb(int d);
+/* A Get/GetMany block header as the API reports it. */
+struct Kvstash__V1__GetHeader;
+kvs_get_result kvs__get_result_from_pb(const struct Kvstash__V1__GetHeader *h);
 
 #endif

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "client/client_int.h"
+#include "gpu/base/host.h"
 #include "gpu/base/mem.h"
 #include "kvstash.h"
 #include "kvstash/v1/kvstash.pb-c.h"
@@ -76,14 +77,8 @@ static int data_plane(kvs_client *c, char *path, size_t cap, kvs_err *err)
     if (rc)
         return rc;
     const Kvstash__V1__DataPlaneReply *rep = (const Kvstash__V1__DataPlaneReply *)m;
-    char boot[64] = "";
-    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
-    if (f) {
-        if (!fgets(boot, sizeof boot, f))
-            boot[0] = 0;
-        fclose(f);
-        boot[strcspn(boot, "\n")] = 0;
-    }
+    char boot[64];
+    kvs_host_boot_id(boot, sizeof boot);
     if (!rep->region_socket[0])
         rc = kvs_err_set(err, KVS_ENOTSUP,
                          "region: the daemon has no region socket (kvstashd --region-socket)");

@@ -2,6 +2,7 @@
  * unary path. The state machine, its invariants and the lock order are in call.h.
  * Runs on the completion-queue threads only. */
 #include "daemon/call.h"
+#include "daemon/wire.h"
 
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/support/alloc.h>
@@ -256,6 +257,12 @@ void kvs_call_abandon(kvs_call *c)
 void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *))
 {
     kvs_work_run(c->srv->work, fn, done, c);
+}
+
+int kvs_call_ns_find(kvs_call *c, const char *name, kvs_ns **out, kvs_err *err)
+{
+    int rc = kvs_wire_check_name(name, "namespace", err);
+    return rc ? rc : kvs_store_ns_find(c->srv->store, name, out, err);
 }
 
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)

@@ -272,6 +272,11 @@ void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *));
 uint8_t *kvs_call_buf_alloc(kvs_call *c, size_t n);
 void kvs_call_buf_free(kvs_call *c, uint8_t *p);
 
+/* The namespace a request names (its `namespace` field): the name checked (the message
+ * names the field), then found in the store; *out is a reference the caller drops
+ * (kvs_ns_unref). KVS_EINVAL or KVS_ENOTFOUND otherwise. */
+int kvs_call_ns_find(kvs_call *c, const char *name, kvs_ns **out, kvs_err *err);
+
 /* Copies a received byte buffer into one contiguous slice. The caller reads
  * GRPC_SLICE_START_PTR/LENGTH and unrefs the slice. */
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb);

@@ -9,6 +9,7 @@
 #include "daemon/region.h"
 #include "daemon/limits.h"
 #include "daemon/wire.h"
+#include "gpu/base/host.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "pbc.h"
@@ -221,9 +222,7 @@ int kvs_codec_state_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err 
     if (!r)
         return err->code;
     kvs_ns *ns = NULL;
-    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
-    if (rc == 0)
-        rc = kvs_store_ns_find(c->srv->store, r->namespace_, &ns, err);
+    int rc = kvs_call_ns_find(c, r->namespace_, &ns, err);
     if (rc == 0) {
         kvs_kv kv = r->values ? KVS_VALUES : KVS_KEYS;
         const kvs_codec *codec = r->version ? kvs_ns_codec_version(ns, kv, r->version) : NULL;
@@ -255,14 +254,8 @@ int kvs_data_plane_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
     (void)req;
     (void)len;
     (void)err;
-    char boot[64] = "";
-    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
-    if (f) {
-        if (!fgets(boot, sizeof boot, f))
-            boot[0] = 0;
-        fclose(f);
-        boot[strcspn(boot, "\n")] = 0;
-    }
+    char boot[64];
+    kvs_host_boot_id(boot, sizeof boot);
     Kvstash__V1__DataPlaneReply reply = KVSTASH__V1__DATA_PLANE_REPLY__INIT;
     reply.region_socket = kvs_pb_str(kvs_regions_path(c->srv->regions));
     reply.boot_id = boot;
@@ -278,9 +271,7 @@ int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err 
     if (!r)
         return err->code;
     kvs_ns *ns = NULL;
-    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
-    if (rc == 0)
-        rc = kvs_store_ns_find(c->srv->store, r->namespace_, &ns, err);
+    int rc = kvs_call_ns_find(c, r->namespace_, &ns, err);
     if (rc == 0) {
         /* Every size is checked against the namespace before the bytes are read. */
         const kvs_ns_spec *s = kvs_ns_spec_of(ns);

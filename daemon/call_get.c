@@ -224,10 +224,8 @@ static int prepare(kvs_call *c, const char *ns_name, Kvstash__V1__Format format,
                    uint32_t layer_begin, uint32_t layer_end, kvs_err *err)
 {
     kvs_get_state *g = &c->u.get;
-    int rc = kvs_wire_check_name(ns_name, "namespace", err);
+    int rc = kvs_call_ns_find(c, ns_name, &g->ns, err);
     if (rc)
-        return rc;
-    if ((rc = kvs_store_ns_find(c->srv->store, ns_name, &g->ns, err)))
         return rc;
     if (format != KVSTASH__V1__FORMAT__FORMAT_RAW && format != KVSTASH__V1__FORMAT__FORMAT_ENCODED)
         return kvs_err_set(err, KVS_EINVAL, "format: unknown value %d", (int)format);

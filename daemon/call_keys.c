@@ -23,10 +23,8 @@ static int keys_open(kvs_call *c, const uint8_t *req, size_t len, keys_req *k, k
                                                          req, len, err);
     if (!k->msg)
         return err->code;
-    int rc = kvs_wire_check_name(k->msg->namespace_, "namespace", err);
+    int rc = kvs_call_ns_find(c, k->msg->namespace_, &k->ns, err);
     if (rc)
-        return rc;
-    if ((rc = kvs_store_ns_find(c->srv->store, k->msg->namespace_, &k->ns, err)))
         return rc;
     k->n = k->msg->n_keys;
     /* Bounded by max_keys once checked; allocate after the count check. */

@@ -309,13 +309,11 @@ static int on_header(kvs_call *c, const Kvstash__V1__PutHeader *h, kvs_err *err)
         return kvs_err_set(err, KVS_EINVAL,
                            "header: more than %u blocks in one PutMany (--max-keys)",
                            c->srv->cfg->max_keys);
-    int rc = kvs_wire_check_name(h->namespace_, "namespace", err);
-    if (rc)
-        return rc;
     kvs_put_block *b = kvs_xcalloc(1, sizeof *b);
     b->c = c;
     b->index = p->blocks;
-    if ((rc = kvs_store_ns_find(c->srv->store, h->namespace_, &b->ns, err)))
+    int rc = kvs_call_ns_find(c, h->namespace_, &b->ns, err);
+    if (rc)
         goto fail;
     const kvs_ns_spec *spec = kvs_ns_spec_of(b->ns);
     if ((rc = kvs_key_validate(h->key.len, err)))

@@ -238,9 +238,7 @@ static int evict_open(kvs_call *c, kvs_tiers_job *j, Kvstash__V1__EvictRequest *
                            "every namespace");
     if (!named)
         return 0;
-    int rc = kvs_wire_check_name(r->namespace_, "namespace", err);
-    if (rc == 0)
-        rc = kvs_store_ns_find(c->srv->store, r->namespace_, &j->ns, err);
+    int rc = kvs_call_ns_find(c, r->namespace_, &j->ns, err);
     if (rc || r->n_keys == 0)
         return rc;
     unsigned max = c->srv->cfg->max_keys;
