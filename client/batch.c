@@ -82,21 +82,12 @@ int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_
         grpc_op op = kvs__op_send_msg(bb);
         ok = kvs__rpc_run(&r, &op, 1);
         grpc_byte_buffer_destroy(bb);
-        for (size_t off = 0; ok && it->data && off < it->len;) {
-            size_t m = it->len - off < c->chunk_bytes ? it->len - off : c->chunk_bytes;
-            bb = kvs__data_chunk((const uint8_t *)it->data + off, m);
-            op = kvs__op_send_msg(bb);
-            ok = kvs__rpc_run(&r, &op, 1);
-            grpc_byte_buffer_destroy(bb);
-            off += m;
-        }
+        if (ok && it->data)
+            ok = kvs__send_payload(&r, it->data, it->len) == it->len;
     }
     grpc_byte_buffer *in = NULL;
-    if (ok) {
-        grpc_op tail[] = {kvs__op_close(), kvs__op_recv_md(&r), kvs__op_recv_msg(&in),
-                          kvs__op_recv_status(&r)};
-        (void)kvs__rpc_run(&r, tail, 4); /* the status says how it went */
-    }
+    if (ok)
+        kvs__end_stream(&r, &in);
     rc = kvs__rpc_finish(&r, 0, err); /* a failed send: the server's status explains it */
     ProtobufCMessage *m = NULL;
     if (rc == 0)

@@ -418,6 +418,31 @@ grpc_byte_buffer *kvs__data_chunk(const uint8_t *p, size_t n)
     return bb;
 }
 
+size_t kvs__send_payload(kvs__rpc *r, const void *data, size_t len)
+{
+    /* One message in flight at a time; a failed send means the server has already
+     * answered (usually with an error naming the field): the caller goes and reads it. */
+    size_t off = 0;
+    while (off < len) {
+        size_t n = len - off < r->c->chunk_bytes ? len - off : r->c->chunk_bytes;
+        grpc_byte_buffer *bb = kvs__data_chunk((const uint8_t *)data + off, n);
+        grpc_op op = kvs__op_send_msg(bb);
+        bool ok = kvs__rpc_run(r, &op, 1);
+        grpc_byte_buffer_destroy(bb);
+        if (!ok)
+            break;
+        off += n;
+    }
+    return off;
+}
+
+void kvs__end_stream(kvs__rpc *r, grpc_byte_buffer **in)
+{
+    grpc_op tail[] = {kvs__op_close(), kvs__op_recv_md(r), kvs__op_recv_msg(in),
+                      kvs__op_recv_status(r)};
+    (void)kvs__rpc_run(r, tail, 4); /* the status says how it went */
+}
+
 int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_len, uint32_t tokens,
                    kvs_dtype dtype, const void *data, size_t len, kvs_put_result *res, kvs_err *err)
 {
@@ -448,25 +473,10 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
     bool ok = kvs__rpc_run(&r, head_ops, 2);
     grpc_byte_buffer_destroy(bb);
 
-    /* One message in flight at a time; a failed send means the server has already
-     * answered (usually with an error naming the field), so go and read it. */
-    size_t off = 0;
-    while (ok && off < len) {
-        size_t n = len - off < c->chunk_bytes ? len - off : c->chunk_bytes;
-        bb = kvs__data_chunk((const uint8_t *)data + off, n);
-        grpc_op op = kvs__op_send_msg(bb);
-        ok = kvs__rpc_run(&r, &op, 1);
-        grpc_byte_buffer_destroy(bb);
-        if (ok)
-            off += n;
-    }
-
+    size_t off = ok ? kvs__send_payload(&r, data, len) : 0;
     grpc_byte_buffer *in = NULL;
-    if (ok) {
-        grpc_op tail[] = {kvs__op_close(), kvs__op_recv_md(&r), kvs__op_recv_msg(&in),
-                          kvs__op_recv_status(&r)};
-        (void)kvs__rpc_run(&r, tail, 4); /* the status says how it went */
-    }
+    if (off == len)
+        kvs__end_stream(&r, &in);
     rc = kvs__rpc_finish(&r, 0, err);
     if (rc == 0 && off < len)
         rc = kvs_err_set(err, KVS_EPROTO, "Put: the server ended the call after %zu of %zu bytes",

@@ -62,6 +62,12 @@ grpc_op kvs__op_close(void);
 grpc_op kvs__op_recv_md(kvs__rpc *r);
 grpc_op kvs__op_recv_msg(grpc_byte_buffer **bb);
 grpc_op kvs__op_recv_status(kvs__rpc *r);
+/* A client stream's payload as data chunks of the client's chunk size (no copies); returns
+ * the bytes sent: fewer when the server ended the call (its status says why). */
+size_t kvs__send_payload(kvs__rpc *r, const void *data, size_t len);
+/* A client stream's end: half-close, then the reply message (*in, may stay NULL) and the
+ * status, which kvs__rpc_finish reports. */
+void kvs__end_stream(kvs__rpc *r, grpc_byte_buffer **in);
 /* A packed message (NULL when out of memory); a data PutChunk around borrowed bytes. */
 grpc_byte_buffer *kvs__pack_msg(const ProtobufCMessage *m);
 grpc_byte_buffer *kvs__data_chunk(const uint8_t *p, size_t n);
