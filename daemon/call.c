@@ -190,10 +190,15 @@ void kvs_call_recv(kvs_call *c)
 
 void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg)
 {
+    kvs_call_send_buffer(c, pack(msg));
+}
+
+void kvs_call_send_buffer(kvs_call *c, grpc_byte_buffer *bb)
+{
     wait_client(c);
     grpc_op ops[2];
     size_t n = add_initial_md(c, &ops[0]);
-    c->send = pack(msg);
+    c->send = bb;
     memset(&ops[n], 0, sizeof ops[n]);
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = c->send;

@@ -253,6 +253,9 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok);
 void kvs_call_recv(kvs_call *c);
 /* Packs msg (borrowed, as above) and sends it as the next stream message (SEND step). */
 void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg);
+/* Sends bb (owned by the call from here) as the next stream message (SEND step): for a
+ * message built from slices that reference payload memory instead of copying it. */
+void kvs_call_send_buffer(kvs_call *c, grpc_byte_buffer *bb);
 /* Packs msg (borrowed; may be freed once this returns; NULL for status only) and sends
  * it with status OK (FINISH step). */
 void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg);

@@ -45,13 +45,32 @@
  * and bounds a GetMany's buffers to this many blocks. */
 #define GET_WINDOW 4
 
+/* A decoded block's buffer, shared by its item and the gRPC slices that send it without a
+ * copy: gRPC may hold a slice after the send completes (until the bytes are written), so the
+ * buffer goes back to the data path with the last reference, whoever drops it. */
+typedef struct get_buf {
+    atomic_uint refs;
+    struct kvs_xfer *xfer;
+    uint8_t *p;
+} get_buf;
+
+static void get_buf_unref(void *arg)
+{
+    get_buf *b = arg;
+    if (b && atomic_fetch_sub(&b->refs, 1) == 1) {
+        kvs_xfer_host_free(b->xfer, b->p);
+        free(b);
+    }
+}
+
 typedef struct kvs_get_item {
     kvs_call *c;
     uint32_t index;
     uint8_t key[KVS_KEY_MAX];
     size_t key_len;
     struct kvs_xfer_get *op; /* open from open_item until it is sent */
-    uint8_t *raw;            /* decoded layers (owned), NULL when encoded or into a region */
+    uint8_t *raw;            /* decoded layers (rawbuf's), NULL when encoded or into a region */
+    get_buf *rawbuf;         /* a reference */
     kvs_region *region;      /* GetMany into shared memory: this block's slot, held */
     uint8_t *dst;            /* ...its bytes */
     bool opened, closed;
@@ -84,7 +103,8 @@ static void item_close(kvs_get_item *it)
     it->closed = true;
     kvs_xfer_get_close(it->op);
     it->op = NULL;
-    kvs_call_buf_free(it->c, it->raw);
+    get_buf_unref(it->rawbuf);
+    it->rawbuf = NULL;
     it->raw = NULL;
     kvs_region_release(it->region);
     it->region = NULL;
@@ -137,6 +157,43 @@ static void end_call(kvs_call *c, end_kind kind, int rc, const char *msg)
 }
 
 static void advance(kvs_call *c);
+
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+    do {
+        p[n++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+        v >>= 7;
+    } while (v);
+    return n;
+}
+
+/* GetChunk{data, layer, offset} in protobuf wire form around n bytes of b at p, which the
+ * message references (one more reference on b) instead of copying. */
+static grpc_byte_buffer *data_chunk_ref(get_buf *b, const uint8_t *p, uint64_t n, uint32_t layer,
+                                        uint64_t offset)
+{
+    uint8_t head[11], tail[22];
+    size_t h = 0, t = 0;
+    head[h++] = 0x12; /* field 2, length-delimited */
+    h += put_varint(head + h, n);
+    if (layer) {
+        tail[t++] = 0x18; /* field 3, varint */
+        t += put_varint(tail + t, layer);
+    }
+    if (offset) {
+        tail[t++] = 0x20; /* field 4, varint */
+        t += put_varint(tail + t, offset);
+    }
+    atomic_fetch_add(&b->refs, 1);
+    grpc_slice s[3] = {grpc_slice_from_copied_buffer((const char *)head, h),
+                       grpc_slice_new_with_user_data((void *)(uintptr_t)p, n, get_buf_unref, b),
+                       grpc_slice_from_copied_buffer((const char *)tail, t)};
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, t ? 3 : 2);
+    for (int i = 0; i < 3; i++)
+        grpc_slice_unref(s[i]);
+    return bb;
+}
 
 /* The data path's answer for one item (any thread). */
 static void item_ready(void *arg, int rc, const kvs_err *err)
@@ -201,7 +258,13 @@ static void open_item(kvs_call *c, kvs_get_item *it)
             item_fail(it, KVS_ENOSPC, err.msg);
             return;
         }
-        if (!(dst.ptr = it->dst) && !(dst.ptr = it->raw = kvs_call_buf_alloc(c, dst.len))) {
+        if (!it->dst) {
+            it->rawbuf = kvs_xcalloc(1, sizeof *it->rawbuf);
+            atomic_init(&it->rawbuf->refs, 1);
+            it->rawbuf->xfer = c->srv->xfer;
+            it->rawbuf->p = it->raw = kvs_call_buf_alloc(c, dst.len);
+        }
+        if (!(dst.ptr = it->dst ? it->dst : it->raw)) {
             snprintf(err.msg, sizeof err.msg, "decode: cannot allocate %llu bytes",
                      (unsigned long long)dst.len);
             item_fail(it, KVS_ENOMEM, err.msg);
@@ -501,11 +564,15 @@ static void advance(kvs_call *c)
     } else if (n > g->chunk) {
         n = g->chunk;
     }
+    const uint8_t *data =
+        g->bytes + (uint64_t)(g->layer - g->layer_begin) * g->layer_bytes + g->offset;
+    /* Decoded bytes go out by reference (no copy into the message); the encoded block,
+     * which the data path owns until the item closes, is packed. */
+    grpc_byte_buffer *bb =
+        it->rawbuf && !g->encoded ? data_chunk_ref(it->rawbuf, data, n, g->layer, g->offset) : NULL;
     Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
     /* protobuf-c's data field is not const; the message is only packed (read) */
-    chunk.data.data =
-        (uint8_t *)(uintptr_t)(g->bytes + (uint64_t)(g->layer - g->layer_begin) * g->layer_bytes +
-                               g->offset);
+    chunk.data.data = (uint8_t *)(uintptr_t)data;
     chunk.data.len = n;
     chunk.layer = g->encoded ? 0 : g->layer;
     chunk.offset = g->offset;
@@ -528,7 +595,10 @@ static void advance(kvs_call *c)
             g->send++;
         }
     }
-    kvs_call_send(c, &chunk.base);
+    if (bb)
+        kvs_call_send_buffer(c, bb);
+    else
+        kvs_call_send(c, &chunk.base);
 }
 
 void kvs_get_on_send(kvs_call *c, bool ok)
