@@ -306,6 +306,32 @@ def expect_error(code, fn, *args, words=(), **kw):
     return e
 
 
+_client_modules = None
+
+
+def client_package():
+    """The client package `kvstash` (client/python), imported once per session.
+
+    The wire modules generated for these tests are the package kvstash.v1 (proto package
+    kvstash.v1), imported at session start; the client package has the same top-level name.
+    Both stay loaded: `pb` and `pb_grpc` keep their module objects, and from here on
+    `kvstash` in sys.modules is the client package (its adapters included), imported once,
+    so every test module sees the same classes (the vLLM test pickles connector metadata)."""
+    global _client_modules
+    if _client_modules is None:
+        sys.path.insert(0, os.path.join(REPO, "client", "python"))
+        os.environ.setdefault("KVSTASH_LIB",
+                              os.path.join(REPO, "build", "lib", "libkvstash.so.0"))
+        for m in [m for m in sys.modules if m == "kvstash" or m.startswith("kvstash.")]:
+            del sys.modules[m]
+        for m in ("kvstash", "kvstash.integrations.vllm", "kvstash.integrations.sglang"):
+            importlib.import_module(m)
+        _client_modules = {m: mod for m, mod in sys.modules.items()
+                           if m == "kvstash" or m.startswith("kvstash.")}
+    sys.modules.update(_client_modules)
+    return _client_modules["kvstash"]
+
+
 def bearer(token):
     return (("authorization", f"Bearer {token}"),)
 

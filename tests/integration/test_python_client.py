@@ -12,14 +12,7 @@ import pytest
 
 import kvs
 
-sys.path.insert(0, os.path.join(kvs.REPO, "client", "python"))
-os.environ.setdefault("KVSTASH_LIB", os.path.join(kvs.REPO, "build", "lib", "libkvstash.so.0"))
-# The wire modules generated for these tests are the package kvstash.v1 (proto package
-# kvstash.v1), already imported by kvs; the client package has the same top-level name.
-# Both are loaded: kvs keeps its modules, and `kvstash` becomes the client package.
-for _m in [m for m in sys.modules if m == "kvstash" or m.startswith("kvstash.")]:
-    del sys.modules[_m]
-import kvstash  # noqa: E402 (after the path is set)
+kvstash = kvs.client_package()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ zero-copy path) and batch_get / batch_set on flat pages (the generic path). The 
 numpy stand-in with the attributes and kv_buffer layouts of SGLang's MHATokenToKVPoolHost
 (page_size 16, 4 layers, 2 KV heads, head_dim 64, 32 pages)."""
 import hashlib
-import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,32 +12,8 @@ import pytest
 
 import kvs
 
-sys.path.insert(0, os.path.join(kvs.REPO, "client", "python"))
-os.environ.setdefault("KVSTASH_LIB", os.path.join(kvs.REPO, "build", "lib", "libkvstash.so.0"))
-# The wire modules generated for these tests are the package kvstash.v1 (proto package
-# kvstash.v1), already imported by kvs; the client package has the same top-level name.
-# Both are loaded: kvs keeps its modules, and `kvstash` becomes the client package.
-for _m in [m for m in sys.modules if m == "kvstash" or m.startswith("kvstash.")]:
-    del sys.modules[_m]
-import kvstash  # noqa: E402 (after the path is set)
-from kvstash.integrations import sglang as kv_sglang  # noqa: E402
-
-# The client package's modules as this file imported them. Another test module's preamble
-# may import the package again, after this one, when pytest collects both; the metadata
-# pickled across the "process boundary" below must find these classes under their names.
-_PACKAGE = {m: mod for m, mod in sys.modules.items() if m == "kvstash" or m.startswith("kvstash.")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _this_package():
-    saved = {m: sys.modules.get(m) for m in _PACKAGE}
-    sys.modules.update(_PACKAGE)
-    yield
-    for m, mod in saved.items():
-        if mod is None:
-            sys.modules.pop(m, None)
-        else:
-            sys.modules[m] = mod
+kvstash = kvs.client_package()
+from kvstash.integrations import sglang as kv_sglang  # noqa: E402 (the client package)
 
 PS, L, H, D, PAGES = 16, 4, 2, 64, 32
 LAYOUTS = ["page_first", "layer_first", "page_first_direct", "page_head"]

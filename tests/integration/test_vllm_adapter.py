@@ -5,9 +5,7 @@ and per step start_load_kv, then per layer wait_for_layer_load / attention / sav
 then wait_for_save. Paged caches are numpy arrays in vLLM's layout [2][num_blocks][16][H][D];
 a fake model writes each token's K and V, a function of the token prefix, into its slot."""
 import hashlib
-import os
 import pickle
-import sys
 import zlib
 from types import SimpleNamespace
 
@@ -16,32 +14,8 @@ import pytest
 
 import kvs
 
-sys.path.insert(0, os.path.join(kvs.REPO, "client", "python"))
-os.environ.setdefault("KVSTASH_LIB", os.path.join(kvs.REPO, "build", "lib", "libkvstash.so.0"))
-# The wire modules generated for these tests are the package kvstash.v1 (proto package
-# kvstash.v1), already imported by kvs; the client package has the same top-level name.
-# Both are loaded: kvs keeps its modules, and `kvstash` becomes the client package.
-for _m in [m for m in sys.modules if m == "kvstash" or m.startswith("kvstash.")]:
-    del sys.modules[_m]
-import kvstash  # noqa: E402 (after the path is set)
-from kvstash.integrations import vllm as kv_vllm  # noqa: E402
-
-# The client package's modules as this file imported them. Another test module's preamble
-# may import the package again, after this one, when pytest collects both; the metadata
-# pickled across the "process boundary" below must find these classes under their names.
-_PACKAGE = {m: mod for m, mod in sys.modules.items() if m == "kvstash" or m.startswith("kvstash.")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _this_package():
-    saved = {m: sys.modules.get(m) for m in _PACKAGE}
-    sys.modules.update(_PACKAGE)
-    yield
-    for m, mod in saved.items():
-        if mod is None:
-            sys.modules.pop(m, None)
-        else:
-            sys.modules[m] = mod
+kvstash = kvs.client_package()
+from kvstash.integrations import vllm as kv_vllm  # noqa: E402 (the client package)
 
 BS, L, H, D, NUM_BLOCKS = 16, 4, 2, 64, 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
