@@ -163,13 +163,18 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
                            (unsigned long long)need, cap);
     cudaStream_t st = stream ? (cudaStream_t)stream : d->own;
     cudaError_t e;
-    if (len > d->enc_cap) {
+    /* The kernels check that a section's stride covers its largest size (RotateKV's sections
+     * vary), so the staging has room for the last section at that size. */
+    size_t smax_k = kvs_codec_section_max(k, info.tokens),
+           smax_v = kvs_codec_section_max(v, info.tokens);
+    size_t need_enc = len + (smax_k > smax_v ? smax_k : smax_v);
+    if (need_enc > d->enc_cap) {
         cudaFree(d->enc_dev);
         d->enc_dev = NULL;
         d->enc_cap = 0;
-        if ((e = cudaMalloc((void **)&d->enc_dev, len)) != cudaSuccess)
+        if ((e = cudaMalloc((void **)&d->enc_dev, need_enc)) != cudaSuccess)
             return cuda_err(err, e, "staging");
-        d->enc_cap = len;
+        d->enc_cap = need_enc;
     }
     uint32_t lens[2 * KVS_MAX_LAYERS];
     size_t offs[2 * KVS_MAX_LAYERS];
@@ -195,7 +200,7 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
                 .layer = d->layers_dev + l,
                 .raw_out = (uint16_t *)raw_dev + (2 * l + kv) * sec,
                 .enc = d->enc_dev + offs[2 * l + kv],
-                .stride = lens[2 * l + kv],
+                .stride = kv ? smax_v : smax_k, /* one section per launch: only checked */
                 .len = kvs_codec_cuda_fixed_size(c) ? NULL : d->lens_dev + 2 * l + kv,
             };
             rc = kvs_codec_decode_cuda(c, &q, st, err);

@@ -77,6 +77,7 @@ static void one(const char *codec, uint32_t t, int kind)
     void *dev;
     cudaMalloc(&dev, n * 2);
     cudaMemset(dev, 0xff, n * 2); /* poisoned: every element must be written */
+    cudaDeviceSynchronize();      /* the decoder's stream does not wait for the legacy one */
     kvs_get_result res;
     if (kvs_decode_block_cuda(d, enc, len, dev, n * 2, NULL, &res, &err)) {
         FAIL("%s t=%u: %s", codec, t, err.msg);

@@ -193,7 +193,9 @@ static void run_case(const eng *e, uint32_t t, uint32_t lb, uint32_t le, uint32_
 
     /* Gather. */
     kvs_paged_gather(&e->lay, mem, pages, t, lb, le, want);
-    CHECK_CUDA(cudaMemset(dblk, 0xA5, bytes));
+    /* On the launches' stream: a cudaMemset goes on the legacy stream, which a non-blocking
+     * stream does not wait for (the first GPU run failed at random on exactly that). */
+    CHECK_CUDA(cudaMemsetAsync(dblk, 0xA5, bytes, stream));
     int rc = kvs_paged_gather_cuda(&e->lay, dmem, pages, t, lb, le, dblk, stream, &err);
     CHECK_CUDA(cudaStreamSynchronize(stream));
     if (rc) {
