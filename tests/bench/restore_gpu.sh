@@ -21,8 +21,10 @@ for _ in $(seq 100); do [ -S "$W/kvs.sock.region" ] && break; sleep 0.1; done
 echo "# restore by path ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, $(date -u +%F))"
 for c in $CODECS; do
     for n in $TOKENS; do
-        paths=getmany,shm,encoded
-        [ "$c" = none ] && paths=get,getmany,shm,encoded
+        # encoded + client CPU decode is the slow remote path (0.13 GB/s for polarquant on one
+        # thread): timed for `none` only; gpudecode is the remote path of a GPU worker.
+        paths=getmany,shm,gpudecode
+        [ "$c" = none ] && paths=get,getmany,shm,encoded,gpudecode
         echo "## codec $c, $n tokens"
         "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" 2>&1
         echo "(exit $?)"
