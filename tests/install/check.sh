@@ -56,4 +56,13 @@ for p in "$T/shared" "$T/static" "$T/cm/build/cm_shared" "$T/cm/build/cm_static"
 done
 if ldd "$T/static" | grep -q libkvstash; then echo "static program loads libkvstash.so"; exit 1; fi
 ldd "$T/shared" | grep -q "$P/lib/libkvstash.so" || { echo "shared program does not load the installed libkvstash"; exit 1; }
-echo "install check: 4 programs built against the installed library print the test vector"
+# The Python package, installed offline with Debian's pip, finds the installed library.
+python3=/usr/bin/python3
+PIP_NO_INDEX=1 $python3 -m pip install --quiet --no-deps --no-build-isolation --target "$T/py" \
+    "$(dirname "$0")/../../client/python" > "$T/pip.log" 2>&1 || { cat "$T/pip.log"; exit 1; }
+rm -rf "$(dirname "$0")/../../client/python/build" "$(dirname "$0")"/../../client/python/*.egg-info
+got=$(env -u KVSTASH_LIB PYTHONPATH="$T/py" LD_LIBRARY_PATH="$P/lib" $python3 -c \
+    'import kvstash, kvstash.integrations.vllm, kvstash.integrations.sglang
+print(kvstash.block_keys([1, 2, 3, 4], 4)[0].hex())')
+[ "$got" = "$want" ] || { echo "the pip-installed package printed $got, want $want"; exit 1; }
+echo "install check: 4 programs built against the installed library and the pip-installed Python package print the test vector"

@@ -2,8 +2,9 @@
 package calls, mirrored field for field. Internal: use kvstash.Client.
 
 The library is found, in order, at $KVSTASH_LIB, next to this package (an installed copy),
-in the source tree's build directory (build/lib, for a checkout), then by the linker's usual
-search (ctypes.util.find_library)."""
+in the source tree's build directory (build/lib, for a checkout), then where the dynamic
+linker finds libkvstash.so.0 (LD_LIBRARY_PATH, the ld.so cache after `cmake --install` and
+ldconfig), then by ctypes.util.find_library."""
 import ctypes
 import ctypes.util
 import os
@@ -110,6 +111,7 @@ def _candidates():
     here = os.path.dirname(os.path.abspath(__file__))
     yield os.path.join(here, "libkvstash.so.0")
     yield os.path.join(here, "..", "..", "..", "build", "lib", "libkvstash.so.0")
+    yield "libkvstash.so.0"  # the dynamic linker's search: LD_LIBRARY_PATH, ld.so.cache
     found = ctypes.util.find_library("kvstash")
     if found:
         yield found
