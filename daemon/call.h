@@ -189,7 +189,7 @@ typedef struct kvs_get_state {
     uint64_t *layout_bases;
     uint32_t *pages; /* n * pages_per_block */
     uint32_t pages_per_block;
-    pthread_mutex_t mu; /* guards items' ready flags and waiting (a leaf: call_get.c) */
+    pthread_mutex_t mu; /* guards items' ready flags, waiting and the end fields (a leaf) */
     bool mu_init;
     bool waiting;    /* the sender stopped for items[send] to be ready */
     bool header_out; /* items[send]'s header is sent: its data chunks follow */
@@ -197,6 +197,12 @@ typedef struct kvs_get_state {
     uint64_t offset, layer_bytes, chunk;
     const uint8_t *bytes;
     uint32_t layer_stop;
+    /* How the call ends once no item is in flight (call_get.c; under mu). */
+    int end_kind; /* END_NONE until reply, fail or abandon is decided */
+    int end_rc;
+    char end_msg[256];
+    uint32_t inflight; /* items in the data path (run started, ready not yet) */
+    uint32_t wait_for; /* the item the sender waits for, while waiting */
 } kvs_get_state;
 
 /* Verify, Flush, Evict (call_tiers.c): the job that runs on the pool; owned by the call

@@ -73,28 +73,14 @@ typedef struct kvs_get_item {
     get_buf *rawbuf;         /* a reference */
     kvs_region *region;      /* GetMany into shared memory: this block's slot, held */
     uint8_t *dst;            /* ...its bytes */
-    bool opened, closed;
+    bool closed;
     bool ready; /* under mu: rc and msg are final */
     int rc;
     char msg[256];
 } kvs_get_item;
 
+/* kvs_get_state.end_kind */
 typedef enum end_kind { END_NONE, END_REPLY, END_FAIL, END_ABANDON } end_kind;
-
-/* Beyond the state in call.h: what ends the call once nothing is in flight. */
-typedef struct get_end {
-    end_kind kind;
-    int rc;
-    char msg[256];
-    uint32_t inflight; /* items in the data path (run started, ready not yet) */
-    uint32_t wait_for; /* the item the sender waits for, while state.waiting */
-} get_end;
-
-/* The state's tail, kept here: call.h need not know it. */
-static get_end *end_of(kvs_call *c)
-{
-    return (get_end *)&c->u.get.items[c->u.get.n];
-}
 
 static void item_close(kvs_get_item *it)
 {
@@ -145,12 +131,11 @@ static void do_end(kvs_call *c, end_kind kind, int rc, const char *msg)
 static void end_call(kvs_call *c, end_kind kind, int rc, const char *msg)
 {
     kvs_get_state *g = &c->u.get;
-    get_end *e = end_of(c);
     pthread_mutex_lock(&g->mu);
-    e->kind = kind;
-    e->rc = rc;
-    snprintf(e->msg, sizeof e->msg, "%s", msg ? msg : "");
-    bool now = e->inflight == 0;
+    g->end_kind = kind;
+    g->end_rc = rc;
+    snprintf(g->end_msg, sizeof g->end_msg, "%s", msg ? msg : "");
+    bool now = g->inflight == 0;
     pthread_mutex_unlock(&g->mu);
     if (now)
         do_end(c, kind, rc, msg);
@@ -201,21 +186,20 @@ static void item_ready(void *arg, int rc, const kvs_err *err)
     kvs_get_item *it = arg;
     kvs_call *c = it->c;
     kvs_get_state *g = &c->u.get;
-    get_end *e = end_of(c);
     pthread_mutex_lock(&g->mu);
     it->rc = rc;
     if (rc)
         snprintf(it->msg, sizeof it->msg, "%s", err ? err->msg : kvs_strerror(rc));
     it->ready = true;
-    e->inflight--;
-    bool resume = g->waiting && e->wait_for == it->index && e->kind == END_NONE;
+    g->inflight--;
+    bool resume = g->waiting && g->wait_for == it->index && g->end_kind == END_NONE;
     if (resume)
         g->waiting = false;
-    bool ended = e->kind != END_NONE && e->inflight == 0;
-    end_kind kind = e->kind;
+    bool ended = g->end_kind != END_NONE && g->inflight == 0;
+    end_kind kind = g->end_kind;
     pthread_mutex_unlock(&g->mu);
     if (ended)
-        do_end(c, kind, e->rc, e->msg);
+        do_end(c, kind, g->end_rc, g->end_msg);
     else if (resume)
         advance(c);
 }
@@ -236,7 +220,6 @@ static void open_item(kvs_call *c, kvs_get_item *it)
     kvs_get_state *g = &c->u.get;
     kvs_err err;
     kvs_err_clear(&err);
-    it->opened = true;
     kvs_xfer_get_req q = {.ns = g->ns,
                           .key = it->key,
                           .key_len = it->key_len,
@@ -271,13 +254,12 @@ static void open_item(kvs_call *c, kvs_get_item *it)
             return;
         }
     }
-    get_end *e = end_of(c);
     pthread_mutex_lock(&g->mu);
-    e->inflight++;
+    g->inflight++;
     pthread_mutex_unlock(&g->mu);
     if ((rc = kvs_xfer_get_run(it->op, g->encoded ? NULL : &dst, item_ready, it, &err))) {
         pthread_mutex_lock(&g->mu);
-        e->inflight--;
+        g->inflight--;
         pthread_mutex_unlock(&g->mu);
         item_fail(it, rc, err.msg);
     }
@@ -301,12 +283,12 @@ static int prepare(kvs_call *c, const char *ns_name, Kvstash__V1__Format format,
                                 &g->layer_begin, &g->layer_end, err);
 }
 
-/* Items for n keys, with the end state after them (end_of). */
+/* Items for n keys. */
 static void items_alloc(kvs_call *c, uint32_t n)
 {
     kvs_get_state *g = &c->u.get;
     g->n = n;
-    g->items = kvs_xcalloc(1, n * sizeof *g->items + sizeof(get_end));
+    g->items = kvs_xcalloc(n, sizeof *g->items);
     for (uint32_t i = 0; i < n; i++) {
         g->items[i].c = c;
         g->items[i].index = i;
@@ -439,7 +421,7 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
     kvs_err_clear(&err);
     int rc = g->many ? parse_get_many(c, req, len, &err) : parse_get(c, req, len, &err);
     if (rc) {
-        /* Nothing was opened, nothing is in flight: end now (end_of needs items). */
+        /* Nothing was opened, nothing is in flight: end now. */
         kvs_call_fail(c, rc, err.msg);
         return;
     }
@@ -539,7 +521,7 @@ static void advance(kvs_call *c)
         bool ready = it->ready;
         if (!ready) {
             g->waiting = true;
-            end_of(c)->wait_for = g->send;
+            g->wait_for = g->send;
         }
         pthread_mutex_unlock(&g->mu);
         if (!ready)
