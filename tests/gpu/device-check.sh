@@ -41,6 +41,7 @@ if [ "${MEMCHECK:-1}" = 1 ]; then
 fi
 if [ "${INTEG:-1}" = 1 ]; then
     export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
+    export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0   # the Python package's library
     export PYTHONUNBUFFERED=1
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on --gpu-capacity 0" \
         python3 -m pytest -q -x -p no:cacheprovider . > "$OUT/integ-engine.log" 2>&1)

@@ -17,7 +17,9 @@ cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/t
    "$B/bin/kvs-bench-tier" "$B/bin/kvs-bench-restore" \
    "$B/bin/kvstashd" "$B/bin/kvctl" "$S/bin/"
 strip "$S"/bin/*
-/work/shared/tools/bundle-libs "$S/libs" "$S"/bin/* > /dev/null
+/work/shared/tools/bundle-libs "$S/libs" "$S"/bin/* "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 > /dev/null
+# The Python package's libraries (the tests load them by KVSTASH_LIB / beside it).
+cp -L "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 "$S/libs/"
 /usr/bin/protoc -Iproto --python_out="$S/pb" --grpc_python_out="$S/pb" \
     --plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin proto/kvstash/v1/kvstash.proto
 rm -rf .gpurun

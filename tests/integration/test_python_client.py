@@ -157,3 +157,147 @@ def test_package_imports_with_debians_python():
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "get_prefix" in r.stdout and "shared memory" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
+def test_layer_ranges(request, where):
+    """get/get_many with layers=: only those layers come back, equal to that slice of the
+    block, on both paths; a bad range is refused naming the field."""
+    with kvstash.Client(request.getfixturevalue(where)) as c:
+        name = kvs.ns_name("pylay")
+        c.create_namespace(name, layers=4, kv_heads=2, head_dim=64, block_tokens=16)
+        data = blocks(3, L=4, seed=7)
+        keys = [b"a", b"b", b"c"]
+        c.put_many(name, zip(keys, data))
+        for layers, sl in [(2, slice(2, 3)), ((1, 3), slice(1, 3)), (range(0, 4), slice(0, 4))]:
+            one = c.get(name, b"b", layers=layers)
+            assert one.shape == data[1][sl].shape and (one == data[1][sl]).all()
+            got = c.get_many(name, keys, layers=layers)
+            assert all((g == d[sl]).all() for g, d in zip(got, data))
+        for bad in [(3, 3), (0, 5), -1, (2, 1)]:
+            with pytest.raises(ValueError, match="layers"):
+                c.get(name, b"a", layers=bad)
+        with pytest.raises(TypeError, match="layers"):
+            c.get_many(name, keys, layers="all")
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
+def test_get_many_into_given_arrays_and_tensors(request, where):
+    """out=: blocks land in the caller's arrays (numpy and CPU torch tensors, bf16 too) and
+    the results are views of them; wrong destinations are refused naming out[i]."""
+    torch = pytest.importorskip("torch")
+    with kvstash.Client(request.getfixturevalue(where)) as c:
+        name = kvs.ns_name("pyout")
+        ns = c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16,
+                                dtype="bf16")
+        src = [torch.randn(2, 2, 16, 2, 64, dtype=torch.bfloat16) for _ in range(3)]
+        keys = [b"k0", b"k1", b"k2"]
+        assert all(isinstance(r, kvstash.PutResult) for r in c.put_many(name, zip(keys, src)))
+        outs = [torch.empty(2, 2, 16, 2, 64, dtype=torch.bfloat16),
+                np.empty(ns.block_bytes // 2, np.uint16),
+                torch.empty(ns.block_bytes // 2, dtype=torch.bfloat16)]
+        got = c.get_many(name, keys + [b"absent"], out=outs + [np.empty(ns.block_bytes // 2,
+                                                                         np.uint16)])
+        assert got[3] is None
+        assert torch.equal(outs[0], src[0]) and got[0].data_ptr() == outs[0].data_ptr()
+        assert np.shares_memory(got[1], outs[1])
+        assert torch.equal(torch.from_numpy(outs[1].view(np.int16)).view(torch.bfloat16),
+                           src[1].reshape(-1))
+        assert torch.equal(outs[2].view(2, 2, 16, 2, 64), src[2])
+        one = torch.zeros(2, 2, 16, 2, 64, dtype=torch.bfloat16)
+        assert c.get(name, b"k1", out=one).data_ptr() == one.data_ptr()
+        assert torch.equal(one, src[1])
+        with pytest.raises(ValueError, match=r"out\[1\] holds"):
+            c.get_many(name, keys[:2], out=[outs[0], np.empty(10, np.uint16)])
+        with pytest.raises(ValueError, match=r"out\[0\] must be contiguous"):
+            c.get_many(name, keys[:1], out=[torch.empty(2, 2, 16, 64, 2,
+                                                        dtype=torch.bfloat16).transpose(3, 4)])
+        with pytest.raises(ValueError, match="3 keys"):
+            c.get_many(name, keys, out=outs[:2])
+        with pytest.raises(kvstash.KvstashError, match="NOT_FOUND"):
+            c.get(name, b"absent", layers=0)
+
+
+def test_block_keys_continue_from_a_parent():
+    """block_keys(tail, parent=key of the block before) gives the keys the whole sequence
+    would have, so a worker keys new blocks without re-hashing the prefix."""
+    toks = list(range(1000, 1000 + 16 * 4 + 5))
+    whole = kvstash.block_keys(toks, 16)
+    assert kvstash.block_keys(toks[32:], 16, parent=whole[1]) == whole[2:]
+    assert kvstash.block_keys(toks[:16], 16, parent=None) == whole[:1]
+    with pytest.raises(ValueError, match="parent"):
+        kvstash.block_keys(toks, 16, parent=b"short")
+    with pytest.raises(ValueError, match="block_tokens"):
+        kvstash.block_keys(toks, 0)
+    with pytest.raises(ValueError, match="gpu_decode"):
+        kvstash.Client("127.0.0.1:1", gpu_decode="yes")
+
+
+def _cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (the GPU machine runs these: tests/gpu/device-check.sh)")
+    return torch
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_tensors_round_trip(request, where, dtype):
+    """CUDA tensors in and out, codec none: put_many from device memory, get_many into
+    device tensors (no GPU decode: nothing to shrink), bit-exact, on both paths."""
+    torch = _cuda_torch()
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    with kvstash.Client(request.getfixturevalue(where)) as c:
+        name = kvs.ns_name("pycu")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16,
+                           dtype=dtype)
+        src = [torch.randn(2, 2, 16, 2, 64, device="cuda").to(tdt) for _ in range(4)]
+        keys = [b"c%d" % i for i in range(4)]
+        assert all(isinstance(r, kvstash.PutResult) for r in c.put_many(name, zip(keys, src)))
+        path = "shm" if where == "unix_daemon" else "grpc"
+        assert c.last_path == path
+        outs = [torch.empty_like(s) for s in src]
+        got = c.get_many(name, keys, out=outs)
+        assert c.last_path == path
+        assert all(torch.equal(o, s) for o, s in zip(outs, src))
+        assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, outs))
+        host = c.get(name, b"c2")  # the same bytes through a host array
+        assert torch.equal(torch.from_numpy(host.view(np.int16)).cuda().view(tdt), src[2])
+        part = c.get(name, b"c1", out=torch.empty_like(src[1]), layers=1)
+        assert torch.equal(part, src[1][1:2])
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
+@pytest.mark.parametrize("codec", ["kivi-4", "polarquant", "rotatekv-4"])
+def test_cuda_gpu_decode_matches_daemon_decode(request, where, codec):
+    """A compressing codec and CUDA destinations: the blocks come encoded and are decoded on
+    this GPU (last_path says "+gpudecode"), to the very bytes the daemon's decode gives
+    (every codec decodes byte-identically on CPU and GPU). gpu_decode="off" and "on"."""
+    torch = _cuda_torch()
+    target = request.getfixturevalue(where)
+    with kvstash.Client(target) as c, kvstash.Client(target, gpu_decode="off") as off:
+        name = kvs.ns_name("pygd")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16,
+                           key_codec=codec, value_codec=codec)
+        src = blocks(5, seed=11)
+        keys = [b"g%d" % i for i in range(5)]
+        c.put_many(name, zip(keys, src))
+        want = c.get_many(name, keys)                       # decoded by the daemon, host
+        outs = [torch.empty(2, 2, 16, 2, 64, dtype=torch.float16, device="cuda")
+                for _ in keys]
+        c.get_many(name, keys, out=outs)
+        path = "shm" if where == "unix_daemon" else "grpc"
+        assert c.last_path == path + "+gpudecode"
+        for o, w in zip(outs, want):
+            assert torch.equal(o.cpu(), torch.from_numpy(w)), codec
+        outs2 = [torch.empty_like(o) for o in outs]
+        off.get_many(name, keys, out=outs2)
+        assert off.last_path == path
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs2))
+        pre = c.get_prefix(name, keys[:2] + [b"absent"] + keys[2:],
+                           out=[torch.empty_like(outs[0]) for _ in range(6)])
+        assert len(pre) == 2 and all(torch.equal(a, b) for a, b in zip(pre, outs))
+        with kvstash.Client(target, gpu_decode="on") as on:
+            o = torch.empty_like(outs[0])
+            on.get(name, keys[0], out=o)
+            assert on.last_path == path + "+gpudecode" and torch.equal(o, outs[0])

@@ -1,8 +1,9 @@
 """kvstash: the Python client of kvstashd, a KV-cache offload store for LLM inference.
 
 A ctypes binding over libkvstash (no compiled extension): everything the C client does, on
-numpy arrays and CPU torch tensors, with batched calls that use shared memory with a daemon
-on the same host.
+numpy arrays and torch tensors (CPU or CUDA), with batched calls that use shared memory with
+a daemon on the same host, and decode on this process's GPU into CUDA tensors
+(libkvstash_cuda) where that moves fewer bytes. Client.last_path says which path ran.
 
     import numpy as np, kvstash
     with kvstash.Client("127.0.0.1:50051") as c:

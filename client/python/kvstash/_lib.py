@@ -177,3 +177,35 @@ def load():
 
 
 lib = load()
+
+
+def load_cuda():
+    """libkvstash_cuda (decode on this process's GPU) with its prototypes, or None when it
+    cannot be loaded (a build without CUDA, no CUDA runtime here). Looked for at
+    $KVSTASH_CUDA_LIB, beside the libkvstash that was loaded, then by the dynamic linker."""
+    paths = []
+    if os.environ.get("KVSTASH_CUDA_LIB"):
+        paths.append(os.environ["KVSTASH_CUDA_LIB"])
+    if getattr(lib, "_name", None) and os.path.sep in lib._name:
+        paths.append(os.path.join(os.path.dirname(lib._name), "libkvstash_cuda.so.0"))
+    paths.append("libkvstash_cuda.so.0")
+    for path in paths:
+        try:
+            cl = ctypes.CDLL(path)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    P, E = ctypes.c_void_p, ctypes.POINTER(Err)
+    sig = {
+        "kvs_cuda_decoder_create": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(NsSpec),
+                                                   ctypes.POINTER(P), E]),
+        "kvs_cuda_decoder_destroy": (None, [P]),
+        "kvs_decode_block_cuda": (ctypes.c_int, [P, P, ctypes.c_size_t, P, ctypes.c_size_t, P,
+                                                 ctypes.POINTER(GetResult), E]),
+    }
+    for name, (res, args) in sig.items():
+        f = getattr(cl, name)
+        f.restype, f.argtypes = res, args
+    return cl

@@ -6,7 +6,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _lib
+from . import _arrays, _lib
+from ._arrays import Dst, Src
 from ._lib import lib
 
 # KVS_E* codes (gpu/base/err.h) -> (name, gRPC status name).
@@ -83,24 +84,10 @@ def _ns_of(info: _lib.NsInfo) -> Namespace:
                      info.raw_bytes, info.block_bytes)
 
 
-def _as_array(data) -> np.ndarray:
-    """A C-contiguous numpy view of host memory without a copy: numpy arrays, buffer-protocol
-    objects and CPU torch tensors (bf16 viewed as int16). CUDA tensors are not taken yet."""
-    if hasattr(data, "is_cuda"):  # a torch tensor
-        if data.is_cuda:
-            raise NotImplementedError(
-                "kvstash: CUDA tensors are not supported by this version of the package (copy "
-                "to the host with .cpu(); CUDA IPC and GPU decode: issue 13)")
-        t = data.contiguous()
-        if str(t.dtype) == "torch.bfloat16":
-            import torch
-            t = t.view(torch.int16)
-        data = t.numpy()
-    a = np.ascontiguousarray(np.asarray(data))  # no copy when already contiguous
-    if a.dtype.itemsize != 2:
-        raise TypeError(f"kvstash: KV arrays hold 2-byte elements (fp16 or bf16 bits), "
-                        f"got {a.dtype}")
-    return a
+def _enc_cap(raw_bytes: int) -> int:
+    """Room for one encoded block whose decoded form is raw_bytes: an encoded block is at most
+    its raw bytes (codec none) plus a header and per-layer framing."""
+    return raw_bytes + (raw_bytes >> 2) + 65536
 
 
 def _keybuf(key: Union[bytes, str]) -> bytes:
@@ -128,13 +115,25 @@ class Client:
             c.put_many("llama", zip(keys, blocks))          # blocks: [L][2][t][H][D] arrays
             blocks = c.get_prefix("llama", keys)            # the leading present blocks
 
-    Batched calls take the fastest path the daemon allows: shared memory when it runs on
-    this host (a region registered once, `shared_memory_bytes` large), else bytes over gRPC;
-    `last_path` says which one the last batched call of this thread took ("shm" or "grpc").
+    Blocks are numpy arrays (fp16, or bf16 bits as uint16), buffer-protocol objects, or torch
+    tensors on the CPU or a CUDA device. Batched calls take the fastest path the daemon and
+    the data allow, and `last_path` names it:
+      "shm"    shared memory with a daemon on this host (a region registered once,
+               `shared_memory_bytes` large); "grpc" the block bytes over gRPC otherwise.
+      "+gpudecode"  (after either) the blocks came encoded and were decoded on this
+               process's GPU straight into the CUDA tensors given as `out` (libkvstash_cuda):
+               `gpu_decode` "auto" does so for CUDA destinations of a compressing codec,
+               "on" for every CUDA destination, "off" never (the daemon decodes).
+    CUDA tensors are copied once by the GPU between device memory and the bytes the call
+    moves; a CUDA IPC path (no copy through host memory at all) does not exist yet.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
-                 timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20):
+                 timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
+                 gpu_decode: str = "auto"):
+        if gpu_decode not in ("auto", "on", "off"):
+            raise ValueError(f"kvstash: gpu_decode must be 'auto', 'on' or 'off', got "
+                             f"{gpu_decode!r}")
         self._opts = _lib.ClientOpts(target.encode(), token.encode() if token else None,
                                      timeout_ms, 0, 0)
         self._h = ctypes.c_void_p()
@@ -143,14 +142,27 @@ class Client:
                                       ctypes.byref(err)), err)
         self._shm_bytes = shared_memory_bytes
         self._region = None      # kvs_region*, or False once the daemon said no
-        self._region_lock = threading.Lock()  # the region's bytes serve one call at a time
+        self._region_cuda = False  # the region is registered with CUDA (pinned) here
+        # The region's bytes, the staging buffers and the GPU decoders serve one call at a
+        # time (libkvstash_cuda's decoders are not thread-safe).
+        self._region_lock = threading.Lock()
+        self._gpu_decode = gpu_decode
+        self._cuda_lib = None    # libkvstash_cuda, loaded on first use; False if it cannot be
+        self._decoders = {}      # (namespace, device index) -> kvs_cuda_decoder*
         self._ns_cache = {}
         self._tls = threading.local()
 
     # ------------------------------------------------------------------ lifetime
     def close(self):
         """Closes the connection (and the shared-memory region). Idempotent."""
+        for d in self._decoders.values():
+            self._cuda_lib.kvs_cuda_decoder_destroy(d)
+        self._decoders = {}
         if self._region:
+            if self._region_cuda:
+                import torch
+                torch.cuda.cudart().cudaHostUnregister(lib.kvs_region_data(self._region))
+                self._region_cuda = False
             lib.kvs_region_close(self._region)
         self._region = None
         if self._h:
@@ -171,7 +183,8 @@ class Client:
 
     @property
     def last_path(self) -> Optional[str]:
-        """"shm" or "grpc": the path the last batched call of this thread took."""
+        """The path the last batched call of this thread took: "shm" or "grpc", followed by
+        "+gpudecode" when the blocks were decoded on this process's GPU."""
         return getattr(self._tls, "path", None)
 
     # ------------------------------------------------------------------ namespaces
@@ -229,9 +242,9 @@ class Client:
     # ------------------------------------------------------------------ one block
     def put(self, ns: str, key, data) -> PutResult:
         """Stores one block: data is [L][2][t][H][D] (any shape with those bytes) of the
-        namespace's dtype; t is taken from its size."""
+        namespace's dtype, a host array or a CPU or CUDA tensor; t is taken from its size."""
         n = self._ns(ns)
-        a = _as_array(data)
+        a = Src(data).host_array()
         k = _keybuf(key)
         res, err = _lib.PutResult(), _lib.Err()
         _check(lib.kvs_client_put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
@@ -239,19 +252,26 @@ class Client:
                                   ctypes.byref(err)), err)
         return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
 
-    def get(self, ns: str, key, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Fetches one block, decoded, as an array [L][2][t][H][D] (into `out` when given:
-        a contiguous array of at least the block's bytes). KvstashError NOT_FOUND if absent."""
+    def get(self, ns: str, key, out=None, layers=None):
+        """Fetches one block, decoded, as [L][2][t][H][D] (a numpy array, or a view of `out`:
+        a contiguous array or CPU/CUDA tensor of at least the block's bytes). layers: an int,
+        a (begin, end) pair or a range: only those layers, [end-begin][2][t][H][D].
+        KvstashError NOT_FOUND if the key is absent."""
         n = self._ns(ns)
-        buf = out if out is not None else np.empty(n.block_bytes // 2, n.numpy_dtype)
-        if not buf.flags.c_contiguous:
-            raise ValueError("kvstash: out must be C-contiguous")
-        k = _keybuf(key)
-        res, err = _lib.GetResult(), _lib.Err()
-        _check(lib.kvs_client_get(self._h, ns.encode(), k, len(k), buf.ctypes.data, buf.nbytes,
-                                  ctypes.byref(res), ctypes.byref(err)), err)
-        flat = buf.reshape(-1)[: res.bytes // 2]
-        return flat.reshape(n.layers, 2, res.tokens, n.kv_heads, n.head_dim)
+        if layers is None and (out is None or isinstance(out, np.ndarray)):
+            # The unary Get: one round trip, no GetMany stream set up (small blocks).
+            dst = Dst(out if out is not None else np.empty(n.block_bytes // 2, n.numpy_dtype),
+                      "out", n.block_bytes)
+            k = _keybuf(key)
+            res, err = _lib.GetResult(), _lib.Err()
+            _check(lib.kvs_client_get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
+                                      ctypes.byref(res), ctypes.byref(err)), err)
+            return dst.shaped(res.bytes, (n.layers, 2, res.tokens, n.kv_heads, n.head_dim))
+        got = self.get_many(ns, [key], layers=layers, out=None if out is None else [out])
+        if got[0] is None:
+            raise KvstashError(ENOTFOUND, f"key {_keybuf(key).hex()} is not in namespace "
+                                          f"'{ns}'")
+        return got[0]
 
     # ------------------------------------------------------------------ batches
     def _region_for(self, nbytes: int):
@@ -273,31 +293,43 @@ class Client:
         return np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_uint8)),
                                      (lib.kvs_region_size(self._region),))
 
+    def _pin_region_for_cuda(self):
+        """Registers the region with CUDA once, so copies between it and CUDA tensors run
+        at the copy engines' speed and asynchronously. Best effort: pageable copies work."""
+        if self._region and not self._region_cuda:
+            import torch
+            rc = torch.cuda.cudart().cudaHostRegister(lib.kvs_region_data(self._region),
+                                                      lib.kvs_region_size(self._region), 0)
+            self._region_cuda = int(rc) == 0
+
     def put_many(self, ns: str, blocks) -> List[Union[PutResult, KvstashError]]:
-        """Stores many blocks in one call: blocks is an iterable of (key, data). Returns, per
-        block, a PutResult or the KvstashError that block got (the others are stored)."""
+        """Stores many blocks in one call: blocks is an iterable of (key, data), data as for
+        put(). Returns, per block, a PutResult or the KvstashError that block got (the
+        others are stored)."""
         n = self._ns(ns)
-        pairs = [(_keybuf(k), _as_array(d)) for k, d in blocks]
+        pairs = [(_keybuf(k), Src(d, f"blocks[{i}]")) for i, (k, d) in enumerate(blocks)]
         if not pairs:
             return []
         items = (_lib.PutItem * len(pairs))()
-        total = sum(a.nbytes for _, a in pairs)
+        total = sum(src.nbytes for _, src in pairs)
         err = _lib.Err()
         with self._region_lock:
             region = self._region_for(total)
+            if region and any(src.cuda for _, src in pairs):
+                self._pin_region_for_cuda()
             off = 0
             view = self._region_view() if region else None
-            for i, (k, a) in enumerate(pairs):
+            for i, (k, src) in enumerate(pairs):
                 items[i].key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
                 items[i].key_len = len(k)
-                items[i].tokens = self._tokens(n, a)
-                items[i].len = a.nbytes
+                items[i].tokens = self._tokens(n, src)
+                items[i].len = src.nbytes
                 if region:
-                    view[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
+                    src.copy_to(view[off:off + src.nbytes])
                     items[i].region, items[i].offset = region, off
-                    off += a.nbytes
+                    off += src.nbytes
                 else:
-                    items[i].data = a.ctypes.data
+                    items[i].data = src.host_array().ctypes.data
             self._tls.path = "shm" if region else "grpc"
             rc = lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], items,
                                          len(pairs), ctypes.byref(err))
@@ -306,61 +338,148 @@ class Client:
                 PutResult(_TIERS[it.res.tier], it.res.encoded_bytes, it.res.raw_bytes,
                           it.res.replaced) for it in items]
 
-    def get_many(self, ns: str, keys: Sequence, prefix: bool = False
-                 ) -> List[Optional[np.ndarray]]:
-        """Fetches many blocks in one call, in key order: an array [L][2][t][H][D] per key,
-        None for an absent one. prefix=True stops at the first absent key and returns only
-        the leading present blocks (Lookup + Get in one round trip)."""
+    def _decoder(self, ns: str, device):
+        """libkvstash_cuda's decoder of namespace ns on the tensor's device (made once)."""
+        import torch
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        d = self._decoders.get((ns, idx))
+        if d is None:
+            info, err = _lib.NsInfo(), _lib.Err()
+            _check(lib.kvs_client_ns_get(self._h, ns.encode(), ctypes.byref(info),
+                                         ctypes.byref(err)), err)
+            d = ctypes.c_void_p()
+            with torch.cuda.device(idx):
+                _check(self._cuda_lib.kvs_cuda_decoder_create(
+                    self._h, ns.encode(), ctypes.byref(info.spec), ctypes.byref(d),
+                    ctypes.byref(err)), err)
+            self._decoders[(ns, idx)] = d
+        return d
+
+    def _decode_on_gpu(self, n: Namespace, dsts, whole: bool) -> bool:
+        """Whether this call fetches encoded blocks and decodes them on this GPU."""
+        if self._gpu_decode == "off" or not any(d.cuda for d in dsts):
+            return False
+        if not all(d.cuda for d in dsts):
+            if self._gpu_decode == "on":
+                raise ValueError("kvstash: gpu_decode='on' decodes into CUDA tensors; every "
+                                 "out[i] must be one")
+            return False
+        if self._gpu_decode == "auto" and (not whole or (n.key_codec, n.value_codec) in
+                                           (("none", "none"), ("fp16", "fp16"))):
+            return False  # a layer range, or a codec that does not shrink the bytes moved
+        if self._cuda_lib is None:
+            self._cuda_lib = _lib.load_cuda() or False
+        if not self._cuda_lib:
+            if self._gpu_decode == "on":
+                raise KvstashError(ENOTSUP, "gpu_decode='on' needs libkvstash_cuda (a CUDA "
+                                            "build of the C library), which could not be loaded")
+            return False
+        if not whole:
+            raise ValueError("kvstash: gpu_decode='on' decodes whole blocks; layers must be "
+                             "None (or use gpu_decode='auto')")
+        return True
+
+    def get_many(self, ns: str, keys: Sequence, prefix: bool = False, layers=None,
+                 out: Optional[Sequence] = None) -> list:
+        """Fetches many blocks in one call, in key order: per key, [L][2][t][H][D] (a numpy
+        array, or a view of out[i]), None for an absent one. prefix=True stops at the first
+        absent key and returns only the leading present blocks (Lookup + Get in one round
+        trip). layers as for get(). out: one destination per key (contiguous numpy arrays or
+        CPU/CUDA tensors of at least a full block's bytes); CUDA destinations are filled on
+        torch's current stream of their device, which is synchronized before returning."""
         n = self._ns(ns)
         keys = [_keybuf(k) for k in keys]
         if not keys:
             return []
-        bb = n.block_bytes
+        lb, le = _arrays.layer_range(layers, n.layers)
+        bb = n.block_bytes // n.layers * (le - lb)     # a full block's bytes of those layers
+        if out is None:
+            dsts = [Dst(np.empty(bb // 2, n.numpy_dtype), "out", bb) for _ in keys]
+        else:
+            out = list(out)
+            if len(out) != len(keys):
+                raise ValueError(f"kvstash: out has {len(out)} destinations for {len(keys)} "
+                                 f"keys")
+            dsts = [Dst(o, f"out[{i}]", bb) for i, o in enumerate(out)]
+        gpu = self._decode_on_gpu(n, dsts, (lb, le) == (0, n.layers))
+        cap = _enc_cap(bb) if gpu else bb
         items = (_lib.GetItem * len(keys))()
-        outs = [np.empty(bb // 2, n.numpy_dtype) for _ in keys]
-        opts = _lib.GetManyOpts(0, 0, 0, prefix)
+        opts = _lib.GetManyOpts(1 if gpu else 0, lb, le if (lb, le) != (0, n.layers) else 0,
+                                prefix)
         served, err = ctypes.c_size_t(), _lib.Err()
         with self._region_lock:
-            region = self._region_for(bb * len(keys))
+            region = self._region_for(cap * len(keys))
+            # Bytes that land somewhere other than their destination: the region's slots,
+            # or host staging for CUDA destinations on the gRPC path.
+            staged = region is not None or gpu or any(d.cuda for d in dsts)
+            view = self._region_view() if region else (
+                np.empty(cap * len(keys), np.uint8) if staged else None)
+            if region and any(d.cuda for d in dsts):
+                self._pin_region_for_cuda()
             for i, k in enumerate(keys):
                 items[i].key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
                 items[i].key_len = len(k)
-                items[i].cap = bb
+                items[i].cap = cap
                 if region:
-                    items[i].region, items[i].offset = region, i * bb
+                    items[i].region, items[i].offset = region, i * cap
+                elif staged:
+                    items[i].buf = view.ctypes.data + i * cap
                 else:
-                    items[i].buf = outs[i].ctypes.data
-            self._tls.path = "shm" if region else "grpc"
+                    items[i].buf, items[i].cap = dsts[i].ptr, dsts[i].nbytes
+            self._tls.path = ("shm" if region else "grpc") + ("+gpudecode" if gpu else "")
             rc = lib.kvs_client_get_many(self._h, ns.encode(), items, len(keys),
                                          ctypes.byref(opts), ctypes.byref(served),
                                          ctypes.byref(err))
-            if rc == 0 and region:
-                view = self._region_view()
-                for i, it in enumerate(items):
-                    if it.answered and it.rc == 0:
-                        outs[i].view(np.uint8)[:it.res.bytes] = view[i * bb:i * bb + it.res.bytes]
+            if rc == 0 and staged:
+                self._land(n, items, dsts, view, cap, gpu)
         _check(rc, err)
         result = []
         for i, it in enumerate(items):
-            if not it.answered:
-                if prefix:
-                    break
-                result.append(None)
-            elif it.rc == ENOTFOUND:
+            if not it.answered or it.rc == ENOTFOUND:
                 if prefix:
                     break
                 result.append(None)
             elif it.rc:
                 raise KvstashError(it.rc, it.msg.decode(errors="replace"))
             else:
-                t = it.res.tokens
-                result.append(outs[i][: it.res.bytes // 2].reshape(n.layers, 2, t, n.kv_heads,
-                                                                   n.head_dim))
+                shape = (it.res.layer_end - it.res.layer_begin, 2, it.res.tokens, n.kv_heads,
+                         n.head_dim)
+                result.append(dsts[i].shaped(it.res.bytes, shape))
         return result
 
-    def get_prefix(self, ns: str, keys: Sequence) -> List[np.ndarray]:
-        """The leading present blocks of keys (a cached prompt prefix), in one call."""
-        return self.get_many(ns, keys, prefix=True)
+    def _land(self, n: Namespace, items, dsts, view: np.ndarray, cap: int, gpu: bool):
+        """Moves the answered blocks from their slots in view into their destinations:
+        decoded on the GPU (gpu), copied to the device, or copied in host memory. Called
+        with the region lock held; returns once every copy out of view is done."""
+        streams = set()
+        for i, it in enumerate(items):
+            if not it.answered or it.rc:
+                continue
+            d, slot = dsts[i], view[i * cap:i * cap + it.res.bytes]
+            if gpu:
+                stream = _arrays.cuda_stream_ptr(d.obj)
+                res, err = _lib.GetResult(), _lib.Err()
+                rc = self._cuda_lib.kvs_decode_block_cuda(
+                    self._decoder(n.name, d.obj.device), slot.ctypes.data, slot.nbytes,
+                    d.ptr, d.nbytes, stream, ctypes.byref(res), ctypes.byref(err))
+                if rc:  # this block only, as the daemon reports a block's own failure
+                    it.rc, it.msg = rc, err.msg[:159]
+                    continue
+                it.res = res
+            else:
+                d.fill(slot)
+                if d.cuda:
+                    streams.add(d.obj.device)
+        if streams:
+            import torch
+            for dev in streams:
+                torch.cuda.current_stream(dev).synchronize()
+
+    def get_prefix(self, ns: str, keys: Sequence, layers=None,
+                   out: Optional[Sequence] = None) -> list:
+        """The leading present blocks of keys (a cached prompt prefix), in one call; layers
+        and out as for get_many."""
+        return self.get_many(ns, keys, prefix=True, layers=layers, out=out)
 
     # ------------------------------------------------------------------ keys
     def lookup(self, ns: str, keys: Sequence) -> Tuple[int, List[str]]:
@@ -408,11 +527,28 @@ class Client:
             lib.kvs_stats_free(p)
 
 
-def block_keys(token_ids: Sequence[int], block_tokens: int) -> List[bytes]:
+def block_keys(token_ids: Sequence[int], block_tokens: int,
+               parent: Optional[bytes] = None) -> List[bytes]:
     """The chained block keys of a token sequence (DESIGN §1, README "Block keys"): the same
-    16-byte keys as kvs_key_chain_seq and `kvctl key`; the last block may be partial."""
+    16-byte keys as kvs_key_chain_seq and `kvctl key`; the last block may be partial.
+    parent: the key of the block just before token_ids[0], to continue a sequence whose
+    earlier blocks are keyed already (None: token_ids starts the sequence)."""
+    if block_tokens <= 0:
+        raise ValueError(f"kvstash: block_tokens must be positive, got {block_tokens}")
     toks = (ctypes.c_uint32 * len(token_ids))(*token_ids)
-    need = lib.kvs_key_chain_seq(toks, len(token_ids), block_tokens, None, 0)
-    keys = (_lib.Key * need)()
-    lib.kvs_key_chain_seq(toks, len(token_ids), block_tokens, keys, need)
-    return [bytes(k.bytes[:k.len]) for k in keys]
+    if parent is None:
+        need = lib.kvs_key_chain_seq(toks, len(token_ids), block_tokens, None, 0)
+        keys = (_lib.Key * need)()
+        lib.kvs_key_chain_seq(toks, len(token_ids), block_tokens, keys, need)
+        return [bytes(k.bytes[:k.len]) for k in keys]
+    prev = bytes(parent)
+    if len(prev) != 16:
+        raise ValueError(f"kvstash: parent is a 16-byte block key, got {len(prev)} bytes")
+    out, key = [], (ctypes.c_uint8 * 16)()
+    for b in range(0, len(token_ids), block_tokens):
+        n = min(block_tokens, len(token_ids) - b)
+        lib.kvs_key_chain(prev, ctypes.cast(ctypes.byref(toks, 4 * b),
+                                            ctypes.POINTER(ctypes.c_uint32)), n, key)
+        prev = bytes(key)
+        out.append(prev)
+    return out
