@@ -74,14 +74,24 @@ def sched_output(new=(), cached=(), scheduled=None):
         num_scheduled_tokens=dict(scheduled or {}), finished_req_ids=set())
 
 
+def _np(x):
+    return x.cpu().numpy() if hasattr(x, "cpu") else x
+
+
 class Engine:
     """One scheduler-side and one worker-side connector over numpy paged caches."""
 
-    def __init__(self, target, namespace, **extra):
+    def __init__(self, target, namespace, device=None, **extra):
         cfg = vllm_config(target, namespace, **extra)
         self.sched = kv_vllm.KvstashConnector(cfg, kv_vllm.KVConnectorRole.SCHEDULER)
         self.worker = kv_vllm.KvstashConnector(cfg, kv_vllm.KVConnectorRole.WORKER)
-        self.caches = {n: np.zeros((2, NUM_BLOCKS, BS, H, D), np.float16) for n in LAYERS}
+        if device is None:
+            self.caches = {n: np.zeros((2, NUM_BLOCKS, BS, H, D), np.float16) for n in LAYERS}
+        else:  # torch tensors on `device`, as vLLM's are
+            import torch
+            self.caches = {n: torch.zeros((2, NUM_BLOCKS, BS, H, D), dtype=torch.float16,
+                                          device=device) for n in LAYERS}
+        self.device = device
         self.worker.register_kv_caches(self.caches)
         self.namespace = namespace
 
@@ -93,21 +103,29 @@ class Engine:
         self.sched.update_state_after_alloc(r, Blocks(block_ids), n)
         return n
 
-    def step(self, so, compute, after_load=None):
+    def step(self, so, compute, after_load=None, on_layer=None):
         """One engine step: build_connector_meta, then the worker's forward.
-        compute: [(tokens, block_ids, first_pos, n_tokens)] the fake model computes."""
+        compute: [(tokens, block_ids, first_pos, n_tokens)] the fake model computes.
+        on_layer(meta, l) runs right after wait_for_layer_load of layer l; after_load(meta)
+        once the forward is over (loads happen in the background until then)."""
         meta = pickle.loads(pickle.dumps(self.sched.build_connector_meta(so)))
         w = self.worker
         w.bind_connector_metadata(meta)
         w.start_load_kv(SimpleNamespace(attn_metadata={}, virtual_engine=0))
-        if after_load:
-            after_load(meta)
         for l, name in enumerate(LAYERS):
             w.wait_for_layer_load(name)
+            if on_layer:
+                on_layer(meta, l)
             for tokens, ids, first, n in compute:  # the layer's attention writes its KV
                 for p in range(first, first + n):
-                    self.caches[name][:, ids[p // BS], p % BS] = token_kv(tokens, p)[l]
+                    kv = token_kv(tokens, p)[l]
+                    if self.device is not None:
+                        import torch
+                        kv = torch.from_numpy(kv).to(self.device)
+                    self.caches[name][:, ids[p // BS], p % BS] = kv
             w.save_kv_layer(name, self.caches[name], None)
+        if after_load:  # every layer waited for: the loads are in
+            after_load(meta)
         w.wait_for_save()
         assert w.get_finished(set()) == (None, None)
         w.clear_connector_metadata()
@@ -115,7 +133,7 @@ class Engine:
 
     def layer_blocks(self, block_id):
         """vLLM block block_id across all layers, [L][2][t][H][D]."""
-        return np.stack([self.caches[n][:, block_id] for n in LAYERS])
+        return np.stack([_np(self.caches[n][:, block_id]) for n in LAYERS])
 
     def close(self):
         self.sched.shutdown()
@@ -152,8 +170,18 @@ def compute_request_1(e, p1, ids1):
 
 
 # ------------------------------------------------------------------ tests
-def test_save_then_load_shared_prefix(target):
-    e = Engine(target, kvs.ns_name("vllm"))
+def _device(name):
+    if name is None:
+        return None
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (the GPU machine runs this: tests/gpu/device-check.sh)")
+    return name
+
+
+@pytest.mark.parametrize("device", [None, "cuda"], ids=["numpy", "cuda"])
+def test_save_then_load_shared_prefix(target, device):
+    e = Engine(target, kvs.ns_name("vllm"), device=_device(device))
     p1, p2 = prompts()
     ids1 = [3, 7, 1, 9, 12]
     compute_request_1(e, p1, ids1)
@@ -173,20 +201,23 @@ def test_save_then_load_shared_prefix(target):
     assert e.sched.get_num_new_matched_tokens(r2, 16) == (16, False)  # 1 block cached locally
     assert e.sched.get_num_new_matched_tokens(r2, 32) == (0, False)
     assert e.schedule(r2, ids2) == 32
-    before = {n: e.caches[n].copy() for n in LAYERS}
+    before = {n: _np(e.caches[n]).copy() for n in LAYERS}
+
+    def check_layer(meta, l):  # right after wait_for_layer_load, before attention writes
+        assert [(t.req_id, t.block_ids) for t in meta.loads] == [("r2", [20, 21])]
+        n = LAYERS[l]
+        cache = _np(e.caches[n])
+        for j, b in enumerate([20, 21]):
+            assert np.array_equal(cache[:, b], cache[:, ids1[j]])
+        other = np.ones(NUM_BLOCKS, bool)  # nothing but blocks 20 and 21 changed
+        other[[20, 21]] = False
+        assert np.array_equal(cache[:, other], before[n][:, other])
 
     def check_loaded(meta):
-        assert [(t.req_id, t.block_ids) for t in meta.loads] == [("r2", [20, 21])]
         assert e.worker.get_block_ids_with_load_errors() == set()
-        for j, b in enumerate([20, 21]):
-            assert np.array_equal(e.layer_blocks(b), e.layer_blocks(ids1[j]))
-        for n in LAYERS:  # nothing but blocks 20 and 21 changed
-            other = np.ones(NUM_BLOCKS, bool)
-            other[[20, 21]] = False
-            assert np.array_equal(e.caches[n][:, other], before[n][:, other])
 
     m = e.step(sched_output(new=[new_req(r2, ids2, 32)], scheduled={"r2": len(p2) - 32}),
-               [(p2, ids2, 32, len(p2) - 32)], after_load=check_loaded)
+               [(p2, ids2, 32, len(p2) - 32)], after_load=check_loaded, on_layer=check_layer)
     keys2 = kvstash.block_keys(p2, BS)
     assert [(t.keys, t.block_ids) for t in m.saves] == [(keys2[2:4], [22, 23])]  # not 0, 1
     e.sched.request_finished(r2, ids2)
@@ -256,6 +287,42 @@ def test_lossy_codec_namespace(target):
     e.step(sched_output(new=[new_req(r2, [20, 21, 22, 23, 24], 32)],
                         scheduled={"r2": len(p2) - 32}),
            [(p2, [20, 21, 22, 23, 24], 32, len(p2) - 32)], after_load=check_loaded)
+    e.close()
+
+
+def test_layers_load_in_the_background_group_by_group(target):
+    """start_load_kv returns at once and layer 0 is usable while later layer groups are still
+    being fetched: the second group's GetMany is held until the forward has used layer 0
+    (an implementation that loads everything before returning would hang here and fail).
+    load_layers_per_call=3 over 4 layers: two GetMany calls, [0, 3) and [3, 4)."""
+    import threading
+    e = Engine(target, kvs.ns_name("vllmg"), load_layers_per_call=3)
+    p1, p2 = prompts(seed=9)
+    ids1 = [3, 7, 1, 9, 12]
+    compute_request_1(e, p1, ids1)
+    r2 = request("r2", p2)
+    assert e.schedule(r2, [20, 21, 22, 23, 24]) == 32
+    gate, calls = threading.Event(), []
+    real = e.worker.client.get_many
+
+    def held(ns, keys, layers=None, **kw):
+        calls.append(layers)
+        if layers[0] > 0 and not gate.wait(10):
+            raise TimeoutError("layer 0 was never used before the last group was fetched")
+        return real(ns, keys, layers=layers, **kw)
+
+    e.worker.client.get_many = held
+
+    def on_layer(meta, l):
+        if l == 0:
+            gate.set()
+
+    e.step(sched_output(new=[new_req(r2, [20, 21, 22, 23, 24], 32)],
+                        scheduled={"r2": len(p2) - 32}), [], on_layer=on_layer)
+    assert calls == [(0, 3), (3, 4)]
+    assert e.worker.get_block_ids_with_load_errors() == set()
+    for j, b in enumerate([20, 21]):
+        assert np.array_equal(e.layer_blocks(b), expected_block(p1, j))
     e.close()
 
 

@@ -57,6 +57,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -153,6 +154,7 @@ class KvstashConnectorConfig:
     key_source: str = "auto"
     token: Optional[str] = None
     timeout_ms: int = 30000
+    load_layers_per_call: int = 0   # 0: a quarter of the model's layers per GetMany
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "KvstashConnectorConfig":
@@ -170,7 +172,11 @@ class KvstashConnectorConfig:
                   key_codec=extra.get("key_codec", codec),
                   value_codec=extra.get("value_codec", codec),
                   block_size=bs, key_source=extra.get("key_source", "auto"),
-                  token=extra.get("token"), timeout_ms=int(extra.get("timeout_ms", 30000)))
+                  token=extra.get("token"), timeout_ms=int(extra.get("timeout_ms", 30000)),
+                  load_layers_per_call=int(extra.get("load_layers_per_call", 0)))
+        if cfg.load_layers_per_call < 0:
+            raise ValueError(f"kvstash: load_layers_per_call must be >= 0, got "
+                             f"{cfg.load_layers_per_call}")
         if cfg.key_source not in ("auto", "tokens"):
             raise ValueError(f"kvstash: key_source is 'auto' or 'tokens', got "
                              f"{cfg.key_source!r}")
@@ -309,6 +315,101 @@ def _dtype_name(cache) -> str:
     raise NotImplementedError(f"kvstash: KV cache dtype {d} is not supported (fp16, bf16)")
 
 
+class _Load:
+    """One step's load, run on its own thread: for each group of layers, one GetMany of the
+    group's part of every block (into host memory: the shared-memory region or gRPC), then
+    each layer scattered into its paged cache; layer l's event is set once it is written.
+    For CUDA caches the scatters are queued on a side stream and a CUDA event per layer is
+    what the forward pass's stream waits on (wait_layer), so the copies overlap compute.
+
+    Blocks absent from any group (evicted mid-load) end in `errors`; their slots may hold
+    some layers, and vLLM recomputes them whole."""
+
+    def __init__(self, conn, keys, ids):
+        self.conn, self.keys, self.ids = conn, keys, ids
+        n_layers = len(conn._layers)
+        per = conn.cfg.load_layers_per_call or max(1, (n_layers + 3) // 4)
+        self.groups = [(b, min(b + per, n_layers)) for b in range(0, n_layers, per)]
+        self.done = [threading.Event() for _ in range(n_layers)]
+        self.cuda_events = [None] * n_layers
+        self.errors: set = set()
+        self.failure: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="kvstash-load", daemon=True)
+        cache0 = conn._caches[conn._layers[0].name]
+        self.stream, self.device = None, None
+        if _is_torch(cache0) and cache0.is_cuda:
+            import torch
+            self.device = cache0.device
+            self.stream = torch.cuda.Stream(device=cache0.device)
+            # The caches were written by work already queued on the current stream (a
+            # previous step); the side stream's copies go after it.
+            self.stream.wait_stream(torch.cuda.current_stream(cache0.device))
+
+    def start(self):
+        self.thread.start()
+
+    def _run(self):
+        conn = self.conn
+        try:
+            for b, e in self.groups:
+                try:
+                    got = conn.client.get_many(conn.cfg.namespace, self.keys, layers=(b, e))
+                except (KvstashError, OSError) as ex:
+                    log.warning("kvstash: loading layers [%d, %d) of %d blocks failed: %s",
+                                b, e, len(self.keys), ex)
+                    got = [None] * len(self.keys)
+                dst, src = [], []
+                for blk_id, blk in zip(self.ids, got):
+                    if blk is None or blk.shape[2] != conn.cfg.block_size or \
+                            blk_id in self.errors:
+                        self.errors.add(blk_id)
+                    else:
+                        dst.append(blk_id)
+                        src.append(blk)
+                stacked = np.stack(src) if dst else None          # [n][e-b][2][t][H][D]
+                for l in range(b, e):
+                    if dst:
+                        self._scatter(l, dst, stacked[:, l - b])
+                    self.done[l].set()
+        except BaseException as ex:  # noqa: BLE001 (re-raised on the forward's thread)
+            self.failure = ex
+            self.errors |= set(self.ids)
+        finally:
+            for ev in self.done:
+                ev.set()
+
+    def _scatter(self, l, ids, data):
+        layer = self.conn._layers[l]
+        cache = self.conn._caches[layer.name]
+        if self.stream is None:
+            layer.scatter(cache, ids, data)
+            return
+        import torch
+        with torch.cuda.stream(self.stream):
+            layer.scatter(cache, ids, data)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.cuda_events[l] = ev
+
+    def wait_layer(self, l: Optional[int]):
+        if l is None:
+            return
+        timeout = self.conn.cfg.timeout_ms / 1000 * (len(self.groups) + 1)
+        if not self.done[l].wait(timeout):
+            raise TimeoutError(f"kvstash: layer {l} did not load within {timeout:.0f} s")
+        if self.failure is not None:
+            raise RuntimeError("kvstash: the KV load failed") from self.failure
+        ev = self.cuda_events[l]
+        if ev is not None:
+            import torch
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def join(self):
+        self.thread.join()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
 # ---------------------------------------------------------------------------------- connector
 class KvstashConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by kvstashd; see the module docstring."""
@@ -330,6 +431,7 @@ class KvstashConnector(KVConnectorBase_V1):
         self._stage: Optional[np.ndarray] = None
         self._staged: set = set()
         self._load_errors: set = set()
+        self._load: Optional[_Load] = None
         log.info("kvstash connector (%s): target %s namespace %s block_size %d", role,
                  self.cfg.target, self.cfg.namespace, self.cfg.block_size)
 
@@ -341,6 +443,7 @@ class KvstashConnector(KVConnectorBase_V1):
         return self._client
 
     def shutdown(self):
+        self._join_load()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -500,40 +603,34 @@ class KvstashConnector(KVConnectorBase_V1):
         return meta if isinstance(meta, KvstashConnectorMetadata) else None
 
     def start_load_kv(self, forward_context, **kwargs):
-        """Fetches every block this step loads in one GetMany, then writes them into each
-        layer's cache, layer by layer. A block kvstashd no longer has (evicted since the
-        lookup) is reported by get_block_ids_with_load_errors, and vLLM recomputes it."""
+        """Starts loading every block this step loads, in the background, layer group by
+        layer group (one GetMany of those layers' part of every block per group, in model
+        order), so that the forward pass runs layer 0's attention while later layers
+        arrive. wait_for_layer_load waits for one layer. A block kvstashd no longer has
+        (evicted since the lookup) is reported by get_block_ids_with_load_errors, and
+        vLLM recomputes it."""
+        self._join_load()
         self._load_errors = set()
         meta = self._meta()
         if meta is None or not meta.loads:
             return
         keys = [k for tr in meta.loads for k in tr.keys]
         ids = [b for tr in meta.loads for b in tr.block_ids]
-        try:
-            got = self.client.get_many(self.cfg.namespace, keys)
-        except (KvstashError, OSError) as e:
-            log.warning("kvstash: loading %d blocks failed: %s", len(keys), e)
-            self._load_errors = set(ids)
-            return
-        dst, src = [], []
-        for b, blk in zip(ids, got):
-            if blk is None or blk.shape[2] != self.cfg.block_size:
-                self._load_errors.add(b)
-            else:
-                dst.append(b)
-                src.append(blk)
-        if not dst:
-            return
-        stacked = np.stack(src)                      # [n][L][2][t][H][D]
-        for l, layer in enumerate(self._layers):
-            layer.scatter(self._caches[layer.name], dst, stacked[:, l])
+        self._load = _Load(self, keys, ids)
+        self._load.start()
+
+    def _join_load(self):
+        """Waits for the step's load to end (every layer written or failed)."""
+        if self._load is not None:
+            self._load.join()
+            self._load_errors |= self._load.errors
+            self._load = None
 
     def wait_for_layer_load(self, layer_name: str):
-        """A no-op: start_load_kv has written all layers before the forward begins. With a
-        GPU cache, this is where the model would wait for layer_name's copy: start_load_kv
-        would fetch in the background (GetMany by layer range) and queue one host-to-device
-        copy per layer on a side stream, and this would wait on that layer's event."""
-        return
+        """Returns once layer_name's blocks of this step are in its cache; for a CUDA cache,
+        once the copy into it is ordered before the work queued next on the current stream."""
+        if self._load is not None:
+            self._load.wait_layer(self._index.get(layer_name))
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs):
         """Copies this layer's part of the blocks this step saves into the staging buffer
@@ -578,4 +675,5 @@ class KvstashConnector(KVConnectorBase_V1):
         return None, None
 
     def get_block_ids_with_load_errors(self):
+        self._join_load()
         return set(self._load_errors)
