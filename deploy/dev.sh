@@ -63,8 +63,26 @@ sanitize() {
     ctest --output-on-failure --timeout 1800 "$@"
 }
 
+# The C library, kvstashd and kvctl under /usr/local (cmake --install), and the Python package
+# for Debian's python3, offline (no index, Debian's pip and setuptools), so that
+# `python3 -c 'import kvstash'` works after the setup command (README "Python").
+install_system() {
+    log "installing libkvstash, kvstashd, kvctl (/usr/local) and the Python package kvstash"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo cmake --install "$BUILD" >"$BUILD/install.log" 2>&1 || { cat "$BUILD/install.log"; exit 1; }
+    $sudo ldconfig
+    # --break-system-packages: Debian marks its python3 externally managed (PEP 668); this
+    # package has no dependencies to conflict with Debian's and lands in /usr/local.
+    PIP_NO_INDEX=1 $sudo "$PY" -m pip install --quiet --no-deps --no-build-isolation \
+        --break-system-packages --upgrade "$ROOT/client/python" >"$BUILD/pip.log" 2>&1 ||
+        { cat "$BUILD/pip.log"; exit 1; }
+    (cd / && "$PY" -c 'import kvstash; print("python3: import kvstash", kvstash.__version__, "from", kvstash.__file__)')
+}
+
 demo() {
     build
+    install_system
     local bin=$BUILD/bin port
     DEMO_WORK=$(mktemp -d)
     DEMO_PID=""
