@@ -78,6 +78,10 @@ def load_proto():
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"protoc failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
+    # Regular packages (with __init__.py): a namespace package would lose to the client
+    # package `kvstash` installed by the setup command, wherever that sits on sys.path.
+    for d in ("kvstash", os.path.join("kvstash", "v1")):
+        open(os.path.join(_gen_dir, d, "__init__.py"), "a").close()
     sys.path.insert(0, _gen_dir)
     pb = importlib.import_module("kvstash.v1.kvstash_pb2")
     pb_grpc = importlib.import_module("kvstash.v1.kvstash_pb2_grpc")
@@ -307,6 +311,15 @@ def expect_error(code, fn, *args, words=(), **kw):
 
 
 _client_modules = None
+
+
+def key_vectors():
+    """(block_tokens, token ids, key hex strings) of each line of tests/data/key-vectors.txt."""
+    with open(os.path.join(REPO, "tests", "data", "key-vectors.txt")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                bt, toks, keys = line.split()
+                yield int(bt), [int(t) for t in toks.split(",")], keys.split(",")
 
 
 def client_package():

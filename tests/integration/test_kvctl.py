@@ -45,6 +45,16 @@ def list_ns(d):
             d.admin.ListNamespaces(pb.ListNamespacesRequest(), timeout=10).namespaces}
 
 
+def test_key_vector_file():
+    """tests/data/key-vectors.txt, the vectors libkvstash (test_keys.c) and the Python package
+    (test_python_client.py) check, from Python's xxhash: an independent implementation."""
+    n = 0
+    for bt, toks, keys in kvs.key_vectors():
+        assert [k.hex() for k in chain_keys(toks, bt)] == keys
+        n += 1
+    assert n >= 5
+
+
 def test_key_vectors():
     """The documented vectors, from Python itself (the same ones test_keys.c checks)."""
     z = bytes(16)

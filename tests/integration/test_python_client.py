@@ -109,6 +109,14 @@ def test_errors_carry_status_and_message(tcp):
     assert e.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
+def test_block_keys_match_the_vector_file():
+    """tests/data/key-vectors.txt: the file libkvstash and Python's xxhash are checked with."""
+    vectors = list(kvs.key_vectors())
+    assert len(vectors) >= 5
+    for bt, toks, keys in vectors:
+        assert [k.hex() for k in kvstash.block_keys(toks, bt)] == keys
+
+
 def test_block_keys_match_the_readme_vectors():
     # README "Block keys" (also checked in C by tests/unit/test_keys.c)
     assert kvstash.block_keys([1, 2, 3, 4, 5, 6, 7, 8], 4)[1].hex() == \

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -104,6 +105,48 @@ static void test_vector_d_sequence(void **state)
     assert_key_hex(out, VEC_D2);
 }
 
+/* Every sequence of tests/data/key-vectors.txt, the vector file the Python package and
+ * an independent xxhash implementation (tests/integration) check too. */
+static void test_vector_file(void **state)
+{
+    const char *path = KVS_SOURCE_DIR "/tests/data/key-vectors.txt";
+    FILE *f = fopen(path, "r");
+    if (!f)
+        fail_msg("cannot open %s", path);
+    char line[8192];
+    int checked = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#' || line[0] == '\n')
+            continue;
+        char *save = NULL;
+        const char *bt_s = strtok_r(line, " \n", &save);
+        char *toks_s = strtok_r(NULL, " \n", &save);
+        char *keys_s = strtok_r(NULL, " \n", &save);
+        assert_non_null(bt_s);
+        assert_non_null(toks_s);
+        assert_non_null(keys_s);
+        uint32_t toks[512];
+        size_t n = 0;
+        for (char *s2 = NULL, *t = strtok_r(toks_s, ",", &s2); t; t = strtok_r(NULL, ",", &s2)) {
+            assert_true(n < 512);
+            toks[n++] = (uint32_t)strtoul(t, NULL, 10);
+        }
+        kvs_key keys[64];
+        size_t need = kvs_key_chain_seq(toks, n, (uint32_t)atoi(bt_s), keys, 64);
+        size_t k = 0;
+        for (char *s2 = NULL, *h = strtok_r(keys_s, ",", &s2); h; h = strtok_r(NULL, ",", &s2)) {
+            assert_true(k < need);
+            assert_int_equal(keys[k].len, KVS_CHAIN_KEY_LEN);
+            assert_key_hex(keys[k].bytes, h);
+            k++;
+        }
+        assert_int_equal(k, need);
+        checked++;
+    }
+    fclose(f);
+    assert_true(checked >= 5);
+}
+
 /* Token ids are little-endian uint32: the top value must not be truncated or sign-extended. */
 static void test_vector_e_max_token(void **state)
 {
@@ -199,10 +242,11 @@ static void test_long_blocks(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_vector_a_empty),        cmocka_unit_test(test_vector_b_first_block),
-        cmocka_unit_test(test_vector_c_chained),      cmocka_unit_test(test_vector_d_sequence),
-        cmocka_unit_test(test_vector_e_max_token),    cmocka_unit_test(test_seq_returns_needed),
-        cmocka_unit_test(test_chain_order_sensitive), cmocka_unit_test(test_long_blocks),
+        cmocka_unit_test(test_vector_file),          cmocka_unit_test(test_vector_a_empty),
+        cmocka_unit_test(test_vector_b_first_block), cmocka_unit_test(test_vector_c_chained),
+        cmocka_unit_test(test_vector_d_sequence),    cmocka_unit_test(test_vector_e_max_token),
+        cmocka_unit_test(test_seq_returns_needed),   cmocka_unit_test(test_chain_order_sensitive),
+        cmocka_unit_test(test_long_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
