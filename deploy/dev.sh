@@ -136,6 +136,12 @@ demo() {
     kvctl stats
     kvctl ns list
 
+    log "workload 4: a multi-turn chat on a Llama-style torch model (random weights, CPU unless a GPU is here): prefixes restored from kvstashd vs recomputed"
+    local dev=cpu
+    (cd / && "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)') 2>/dev/null && dev=cuda
+    (cd / && "$PY" "$ROOT/client/python/examples/chat_reuse.py" --target "127.0.0.1:$port" \
+        --model tiny --device "$dev" --users 3 --turns 3 --system-tokens 256)
+
     log "codec quality on the real KV sample (tests/bench/quality.c; full table in tests/bench/RESULTS.md)"
     "$bin/kvs-quality" "$ROOT/tests/data/realkv-a-64.kvs" --block-tokens 16
 
