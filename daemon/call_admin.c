@@ -147,6 +147,12 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     Kvstash__V1__TierStats disk =
         tier_stats(KVSTASH__V1__TIER__TIER_DISK, st.disk_capacity, st.disk_used, st.disk_blocks,
                    st.disk_hits, st.disk_evictions);
+    kvs_hostpool *pool = kvs_store_host_pool(srv->store);
+    if (pool) {
+        kvs_hostpool_stats ps;
+        kvs_hostpool_get_stats(pool, &ps);
+        host.pinned_bytes = ps.committed;
+    }
     Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};
     size_t n_tiers = 1;
     if (kvs_store_has_gpu(srv->store))

@@ -42,8 +42,12 @@
  * stay far below any sane --max-message. */
 #define GET_CHUNK_MAX (1u << 20)
 /* Blocks read and decoded ahead of the one being sent: overlaps decode with the network
- * and bounds a GetMany's buffers to this many blocks. */
+ * and bounds a GetMany's buffers to this many blocks. Into a shared-memory region there
+ * are no buffers (the data path writes the caller's slots) and only a small header goes
+ * on the wire per block, so more blocks run at once: the copies and decodes of many
+ * blocks overlap instead of waiting on one header round trip each. */
 #define GET_WINDOW 4
+#define GET_WINDOW_REGION 16
 
 /* A decoded block's buffer, shared by its item and the gRPC slices that send it without a
  * copy: gRPC may hold a slice after the send completes (until the bytes are written), so the
@@ -513,7 +517,8 @@ static void advance(kvs_call *c)
         end_call(c, END_REPLY, 0, NULL);
         return;
     }
-    for (uint32_t i = g->next_open; i < g->n && i < g->send + GET_WINDOW; i++)
+    uint32_t window = g->region ? GET_WINDOW_REGION : GET_WINDOW;
+    for (uint32_t i = g->next_open; i < g->n && i < g->send + window; i++)
         open_item(c, &g->items[g->next_open++]);
     kvs_get_item *it = &g->items[g->send];
     if (!g->header_out) {

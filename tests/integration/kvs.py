@@ -313,6 +313,21 @@ def expect_error(code, fn, *args, words=(), **kw):
 _client_modules = None
 
 
+def rss_bytes(pid):
+    """Resident memory of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def pinned_bytes(d):
+    """Pinned host memory the daemon has committed (a GPU engine's host pool; 0 without one):
+    kept on purpose once committed, so memory tests count it apart from the heap."""
+    return sum(t.pinned_bytes for t in d.stats().tiers if t.tier == TIER_HOST)
+
+
 def key_vectors():
     """(block_tokens, token ids, key hex strings) of each line of tests/data/key-vectors.txt."""
     with open(os.path.join(REPO, "tests", "data", "key-vectors.txt")) as f:

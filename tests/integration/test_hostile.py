@@ -150,7 +150,7 @@ def test_memory_returned_after_load_and_drop(daemon):
         pytest.skip("a sanitizer's allocator keeps freed memory (quarantine)")
     # 64 x 2 MiB in flight: a receive budget (a quarter of the host tier) of 256 MiB.
     d = daemon(host_capacity="1G", extra=["--stats-interval", 0])
-    rss0 = _rss(d.proc.pid)
+    rss0, pinned0 = _rss(d.proc.pid), kvs.pinned_bytes(d)
     d.kvctl("ns", "create", "burst", "--layers", 32, "--kv-heads", 8, "--head-dim", 128,
             "--block-tokens", 16)
     r = d.kvctl("bench", "burst", "--blocks", 256, "--threads", 64, timeout=300)
@@ -158,8 +158,13 @@ def test_memory_returned_after_load_and_drop(daemon):
     peak = _rss(d.proc.pid)
     assert d.kvctl("ns", "drop", "burst").returncode == 0
     deadline = time.monotonic() + 25
-    while time.monotonic() < deadline and _rss(d.proc.pid) > rss0 + (96 << 20):
+    # With a GPU engine, payload buffers come from the pinned host pool, whose slabs stay
+    # committed by design (storage/hostpool.h: pinning is slow), bounded by its size and
+    # reported in Stats: the heap must still be given back.
+    bound = lambda: rss0 + (96 << 20) + kvs.pinned_bytes(d) - pinned0  # noqa: E731
+    while time.monotonic() < deadline and _rss(d.proc.pid) > bound():
         time.sleep(0.5)
     after = _rss(d.proc.pid)
-    assert after <= rss0 + (96 << 20), \
-        f"RSS {after >> 20} MiB 25 s after the drop (start {rss0 >> 20}, peak {peak >> 20})"
+    assert after <= bound(), \
+        f"RSS {after >> 20} MiB 25 s after the drop (start {rss0 >> 20}, peak {peak >> 20}, " \
+        f"pinned pool {kvs.pinned_bytes(d) >> 20} MiB)"
