@@ -309,3 +309,26 @@ def test_cuda_gpu_decode_matches_daemon_decode(request, where, codec):
             o = torch.empty_like(outs[0])
             on.get(name, keys[0], out=o)
             assert on.last_path == path + "+gpudecode" and torch.equal(o, outs[0])
+
+
+def test_batches_larger_than_the_region_go_through_it_in_windows(unix_daemon):
+    """A region of 3 blocks and batches of 10: put_many and get_many still take the shared
+    memory path ("shm"), in several calls, with every block right; a prefix that ends in a
+    later window stops there."""
+    bb = 2 * 2 * 16 * 2 * 64 * 2
+    with kvstash.Client(unix_daemon, shared_memory_bytes=3 * bb + 100) as c:
+        name = kvs.ns_name("pywin")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        data = blocks(10, seed=3)
+        keys = [b"w%d" % i for i in range(10)]
+        before = c.stats()["rpcs"].get("PutMany", (0, 0))[0]
+        res = c.put_many(name, zip(keys, data))
+        assert c.last_path == "shm" and all(isinstance(r, kvstash.PutResult) for r in res)
+        assert c.stats()["rpcs"]["PutMany"][0] - before == 4  # 3 + 3 + 3 + 1
+        got = c.get_many(name, keys)
+        assert c.last_path == "shm"
+        assert all((g == d).all() for g, d in zip(got, data))
+        c.delete(name, [keys[7]])
+        pre = c.get_prefix(name, keys)
+        assert len(pre) == 7 and all((g == d).all() for g, d in zip(pre, data))
+        assert c.get_many(name, keys)[7] is None

@@ -275,7 +275,8 @@ class Client:
 
     # ------------------------------------------------------------------ batches
     def _region_for(self, nbytes: int):
-        """The shared-memory region if the daemon is on this host and it fits, else None."""
+        """The shared-memory region if the daemon is on this host and one block of nbytes
+        fits it, else None. Batches larger than the region go through it in windows."""
         if self._region is False or nbytes > self._shm_bytes:
             return None
         if self._region is None:
@@ -305,35 +306,45 @@ class Client:
     def put_many(self, ns: str, blocks) -> List[Union[PutResult, KvstashError]]:
         """Stores many blocks in one call: blocks is an iterable of (key, data), data as for
         put(). Returns, per block, a PutResult or the KvstashError that block got (the
-        others are stored)."""
+        others are stored). Through shared memory, a batch larger than the region goes in
+        several calls, each filling the region."""
         n = self._ns(ns)
         pairs = [(_keybuf(k), Src(d, f"blocks[{i}]")) for i, (k, d) in enumerate(blocks)]
         if not pairs:
             return []
+        for _, src in pairs:
+            self._tokens(n, src)  # every block's size checked before anything is sent
         items = (_lib.PutItem * len(pairs))()
-        total = sum(src.nbytes for _, src in pairs)
-        err = _lib.Err()
         with self._region_lock:
-            region = self._region_for(total)
+            region = self._region_for(max(src.nbytes for _, src in pairs))
             if region and any(src.cuda for _, src in pairs):
                 self._pin_region_for_cuda()
-            off = 0
-            view = self._region_view() if region else None
-            for i, (k, src) in enumerate(pairs):
-                items[i].key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                items[i].key_len = len(k)
-                items[i].tokens = self._tokens(n, src)
-                items[i].len = src.nbytes
-                if region:
-                    src.copy_to(view[off:off + src.nbytes])
-                    items[i].region, items[i].offset = region, off
-                    off += src.nbytes
-                else:
-                    items[i].data = src.host_array().ctypes.data
             self._tls.path = "shm" if region else "grpc"
-            rc = lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], items,
-                                         len(pairs), ctypes.byref(err))
-        _check(rc, err)
+            view = self._region_view() if region else None
+            start = 0
+            while start < len(pairs):
+                end, off = start, 0
+                while end < len(pairs) and (not region or
+                                            off + pairs[end][1].nbytes <= self._shm_bytes):
+                    k, src = pairs[end]
+                    it = items[end]
+                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+                    it.key_len = len(k)
+                    it.tokens = self._tokens(n, src)
+                    it.len = src.nbytes
+                    if region:
+                        src.copy_to(view[off:off + src.nbytes])
+                        it.region, it.offset = region, off
+                        off += src.nbytes
+                    else:
+                        it.data = src.host_array().ctypes.data
+                    end += 1
+                err = _lib.Err()
+                sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
+                                  ctypes.POINTER(_lib.PutItem))
+                _check(lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
+                                               end - start, ctypes.byref(err)), err)
+                start = end
         return [KvstashError(it.rc, it.msg.decode(errors="replace")) if it.rc else
                 PutResult(_TIERS[it.res.tier], it.res.encoded_bytes, it.res.raw_bytes,
                           it.res.replaced) for it in items]
@@ -355,9 +366,13 @@ class Client:
             self._decoders[(ns, idx)] = d
         return d
 
-    def _decode_on_gpu(self, n: Namespace, dsts, whole: bool) -> bool:
-        """Whether this call fetches encoded blocks and decodes them on this GPU."""
+    def _decode_on_gpu(self, n: Namespace, dsts, whole: bool, local: bool) -> bool:
+        """Whether this call fetches encoded blocks and decodes them on this GPU. "auto"
+        does so for a remote daemon only: on this host, the daemon's decode into shared
+        memory moved blocks faster (tests/bench/RESULTS.md, "restore by path")."""
         if self._gpu_decode == "off" or not any(d.cuda for d in dsts):
+            return False
+        if self._gpu_decode == "auto" and local:
             return False
         if not all(d.cuda for d in dsts):
             if self._gpu_decode == "on":
@@ -401,38 +416,47 @@ class Client:
                 raise ValueError(f"kvstash: out has {len(out)} destinations for {len(keys)} "
                                  f"keys")
             dsts = [Dst(o, f"out[{i}]", bb) for i, o in enumerate(out)]
-        gpu = self._decode_on_gpu(n, dsts, (lb, le) == (0, n.layers))
-        cap = _enc_cap(bb) if gpu else bb
-        items = (_lib.GetItem * len(keys))()
-        opts = _lib.GetManyOpts(1 if gpu else 0, lb, le if (lb, le) != (0, n.layers) else 0,
-                                prefix)
-        served, err = ctypes.c_size_t(), _lib.Err()
+        whole = (lb, le) == (0, n.layers)
         with self._region_lock:
-            region = self._region_for(cap * len(keys))
+            local = self._region_for(bb) is not None
+            gpu = self._decode_on_gpu(n, dsts, whole, local)
+            cap = _enc_cap(bb) if gpu else bb
+            region = self._region_for(cap)
+            items = (_lib.GetItem * len(keys))()
+            opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix)
             # Bytes that land somewhere other than their destination: the region's slots,
             # or host staging for CUDA destinations on the gRPC path.
             staged = region is not None or gpu or any(d.cuda for d in dsts)
-            view = self._region_view() if region else (
-                np.empty(cap * len(keys), np.uint8) if staged else None)
             if region and any(d.cuda for d in dsts):
                 self._pin_region_for_cuda()
-            for i, k in enumerate(keys):
-                items[i].key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                items[i].key_len = len(k)
-                items[i].cap = cap
-                if region:
-                    items[i].region, items[i].offset = region, i * cap
-                elif staged:
-                    items[i].buf = view.ctypes.data + i * cap
-                else:
-                    items[i].buf, items[i].cap = dsts[i].ptr, dsts[i].nbytes
             self._tls.path = ("shm" if region else "grpc") + ("+gpudecode" if gpu else "")
-            rc = lib.kvs_client_get_many(self._h, ns.encode(), items, len(keys),
-                                         ctypes.byref(opts), ctypes.byref(served),
-                                         ctypes.byref(err))
-            if rc == 0 and staged:
-                self._land(n, items, dsts, view, cap, gpu)
-        _check(rc, err)
+            # Through the region, windows of as many blocks as it holds; else one call.
+            per = max(1, self._shm_bytes // cap) if region else len(keys)
+            for start in range(0, len(keys), per):
+                end = min(start + per, len(keys))
+                view = self._region_view() if region else (
+                    np.empty(cap * (end - start), np.uint8) if staged else None)
+                for i in range(start, end):
+                    it, k, slot = items[i], keys[i], (i - start) * cap
+                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+                    it.key_len = len(k)
+                    it.cap = cap
+                    if region:
+                        it.region, it.offset = region, slot
+                    elif staged:
+                        it.buf = view.ctypes.data + slot
+                    else:
+                        it.buf, it.cap = dsts[i].ptr, dsts[i].nbytes
+                served, err = ctypes.c_size_t(), _lib.Err()
+                sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
+                                  ctypes.POINTER(_lib.GetItem))
+                _check(lib.kvs_client_get_many(self._h, ns.encode(), sub, end - start,
+                                               ctypes.byref(opts), ctypes.byref(served),
+                                               ctypes.byref(err)), err)
+                if staged:
+                    self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
+                if prefix and served.value < end - start:
+                    break  # the prefix ends in this window; later items stay unanswered
         result = []
         for i, it in enumerate(items):
             if not it.answered or it.rc == ENOTFOUND:
