@@ -27,6 +27,7 @@ static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
     pb->keys_pre_rope = s->keys_pre_rope;
     pb->seed = s->seed;
     pb->durable = s->durable;
+    pb->host_quota_bytes = s->host_quota;
 }
 
 static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info)
@@ -45,6 +46,7 @@ static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info
         info->spec.keys_pre_rope = s->keys_pre_rope;
         info->spec.seed = s->seed;
         info->spec.durable = s->durable;
+        info->spec.host_quota = s->host_quota_bytes;
     }
     info->id = pb->id;
     info->blocks = pb->blocks;

@@ -172,6 +172,7 @@ int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *o
     out->keys_pre_rope = p->keys_pre_rope;
     out->durable = p->durable;
     out->seed = p->seed;
+    out->host_quota = p->host_quota_bytes;
     return 0;
 }
 
@@ -191,6 +192,7 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__Namespace
     spec->keys_pre_rope = src->spec.keys_pre_rope;
     spec->durable = src->spec.durable;
     spec->seed = src->spec.seed;
+    spec->host_quota_bytes = src->spec.host_quota;
     info->spec = spec;
     info->id = src->id;
     info->blocks = src->usage.blocks;

@@ -28,6 +28,8 @@ typedef struct kvs_ns_usage {
     uint64_t stored_bytes; /* encoded bytes held in tiers */
     uint64_t raw_bytes;    /* payload bytes those blocks represent */
     uint64_t tokens;       /* tokens those blocks hold */
+    uint64_t host_bytes;   /* bytes the namespace is charged in the host tier (its quota's
+                            * measure: host_used's share, kvs__store_host_charge_locked) */
 } kvs_ns_usage;
 
 /* Takes / drops a reference. unref frees the namespace when the last one goes. */

@@ -42,15 +42,16 @@
 #define ORPHANS_MAX 64 /* orphan namespace ids deleted per start (more: next start) */
 
 /* Spec record (name ""): one line of text, versioned, so a reader never depends on a C
- * struct's layout: "kvs-ns 1 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED". */
+ * struct's layout: "kvs-ns 2 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED QUOTA"
+ * (version 1, written before host quotas, lacks QUOTA: read as no quota). */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
 {
     const kvs_ns_spec *s = kvs_ns_spec_of(ns);
     char line[512];
-    int n =
-        snprintf(line, sizeof line, "kvs-ns 1 %s %u %u %u %u %d %s %s %d %d %llu", s->name,
-                 s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype, s->key_codec,
-                 s->value_codec, s->keys_pre_rope, s->durable, (unsigned long long)s->seed);
+    int n = snprintf(line, sizeof line, "kvs-ns 2 %s %u %u %u %u %d %s %s %d %d %llu %llu", s->name,
+                     s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
+                     s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
+                     (unsigned long long)s->seed, (unsigned long long)s->host_quota);
     int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
     return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
 }
@@ -116,16 +117,22 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
         return -1;
     memcpy(line, val, len);
     line[len] = 0;
-    int dtype, pre, dur;
-    unsigned long long seed;
+    int dtype, pre, dur, version;
+    unsigned long long seed, quota = 0;
     char tail;
     memset(s, 0, sizeof *s);
     /* Widths one over the maxima, so an over-long field is caught by validation. */
-    if (sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name, &s->layers,
-               &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc, &pre, &dur, &seed,
-               &tail) != 11 ||
-        strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
-        strlen(vc) > KVS_CODEC_NAME_MAX)
+    if (sscanf(line, "kvs-ns %d ", &version) != 1 || (version != 1 && version != 2))
+        return -1;
+    int got = version == 1
+                  ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name,
+                           &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
+                           &pre, &dur, &seed, &tail)
+                  : sscanf(line, "kvs-ns 2 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu%c", name,
+                           &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
+                           &pre, &dur, &seed, &quota, &tail);
+    if (got != (version == 1 ? 11 : 12) || strlen(name) > KVS_NAME_MAX ||
+        strlen(kc) > KVS_CODEC_NAME_MAX || strlen(vc) > KVS_CODEC_NAME_MAX)
         return -1;
     strcpy(s->name, name);
     strcpy(s->key_codec, kc);
@@ -134,6 +141,7 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
     s->keys_pre_rope = pre != 0;
     s->durable = dur != 0;
     s->seed = seed;
+    s->host_quota = quota;
     return 0;
 }
 

@@ -96,6 +96,12 @@ bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk)
     return forget_locked(st, blk);
 }
 
+void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
+{
+    st->stats.host_used += (uint64_t)delta;
+    kvs_ns_usage_of(ns)->host_bytes += (uint64_t)delta;
+}
+
 /* Returns a block's capacity to its tier (its last reference is gone, or it was never
  * committed). */
 void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
@@ -109,7 +115,7 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
         st->stats.spill_pending -= blk->size;
         break;
     case KVS_CHARGE_HOST:
-        st->stats.host_used -= blk->size + blk->shrink;
+        kvs__store_host_charge_locked(st, blk->ns, -(int64_t)(blk->size + blk->shrink));
         break;
     case KVS_CHARGE_NONE:
         break; /* disk entries and transient reads (invariant 7) */
@@ -331,15 +337,24 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
  * the writer's queue has room (spill_max); past that, `drop` says whether victims are
  * dropped (a Put needs the room now) or the eviction stops (background demotion: the
  * writer calls again once it caught up). Evicted blocks are chained on *to_free for the
- * caller to free outside the lock. */
-static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_block **to_free)
+ * caller to free outside the lock.
+ *
+ * With `only` (a namespace over its host quota), only that namespace's blocks are evicted,
+ * until its own share is at most `target`: the scan walks past other namespaces' blocks
+ * (O(host blocks) at worst) and leaves them in place, though a policy's victim scan may age
+ * them as it passes (S3-FIFO's promotion and CLOCK step), as any scan does. */
+static void evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, bool drop,
+                               kvs_block **to_free)
 {
     kvs_policy_cursor cur;
     kvs_policy_node *pn;
+    const uint64_t *used = only ? &kvs_ns_usage_of(only)->host_bytes : &st->stats.host_used;
     kvs_policy_scan_begin(st->policy, &cur);
-    while (st->stats.host_used > target && (pn = kvs_policy_victim(st->policy, &cur)) != NULL) {
+    while (*used > target && (pn = kvs_policy_victim(st->policy, &cur)) != NULL) {
         kvs_block *blk = BLOCK_OF_POL(pn);
         if (blk->refs != 1) /* busy, or with the disk writer (invariants 3, 8) */
+            continue;
+        if (only && blk->ns != only)
             continue;
         /* Background demotion (drop false) keeps half of the writer's queue for victims
          * of Puts. A lone block over the limit still goes, or it could never leave. */
@@ -363,7 +378,7 @@ static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_bl
             kvs__block_set_state(blk, KVS_BLOCK_SPILLING);
             blk->charge = KVS_CHARGE_SPILL;
             blk->refs++;
-            st->stats.host_used -= blk->size;
+            kvs__store_host_charge_locked(st, blk->ns, -(int64_t)blk->size);
             st->stats.spill_pending += blk->size;
             kvs_writer_put(st->writer, blk, blk->size);
             continue;
@@ -383,7 +398,7 @@ static bool make_room_locked(kvs_store *st, uint64_t need, bool drop, kvs_block 
 {
     if (need > st->stats.host_capacity)
         return false;
-    evict_until_locked(st, st->stats.host_capacity - need, drop, to_free);
+    evict_until_locked(st, NULL, st->stats.host_capacity - need, drop, to_free);
     return st->stats.host_used + need <= st->stats.host_capacity;
 }
 
@@ -394,7 +409,7 @@ void kvs__store_host_demote(kvs_store *st)
     if (st->stats.host_used > st->host_high)
         st->host_demoting = true;
     if (st->host_demoting) {
-        evict_until_locked(st, st->host_low, false, &to_free);
+        evict_until_locked(st, NULL, st->host_low, false, &to_free);
         st->host_demoting = st->stats.host_used > st->host_low;
     }
     pthread_mutex_unlock(&st->mu);
@@ -414,13 +429,29 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
                        kvs_block **out, kvs_err *err)
 {
     kvs_block *to_free = NULL;
+    uint64_t quota = kvs_ns_spec_of(ns)->host_quota;
     pthread_mutex_lock(&st->mu);
-    bool ok = make_room_locked(st, bytes, drop, &to_free);
+    const uint64_t *mine = &kvs_ns_usage_of(ns)->host_bytes;
+    /* Over its quota, a namespace makes room among its own blocks first, so that only
+     * the tier's own shortage (every namespace within its quota) evicts across tenants. */
+    bool within = true;
+    if (quota) {
+        if (*mine + bytes > quota && bytes <= quota)
+            evict_until_locked(st, ns, quota - bytes, drop, &to_free);
+        within = *mine + bytes <= quota;
+    }
+    bool ok = within && make_room_locked(st, bytes, drop, &to_free);
     if (ok)
-        st->stats.host_used += bytes;
-    uint64_t used = st->stats.host_used, cap = st->stats.host_capacity;
+        kvs__store_host_charge_locked(st, ns, (int64_t)bytes);
+    uint64_t used = st->stats.host_used, cap = st->stats.host_capacity, held = *mine;
     pthread_mutex_unlock(&st->mu);
     kvs__block_free_chain(to_free);
+    if (!within)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "host_quota_bytes: namespace '%s' holds %llu bytes of its host quota "
+                           "of %llu and no idle block of its own is left to evict for %llu more",
+                           kvs_ns_spec_of(ns)->name, (unsigned long long)held,
+                           (unsigned long long)quota, (unsigned long long)bytes);
     if (!ok)
         return kvs_err_set(err, KVS_ENOSPC,
                            "host tier: no room for %llu bytes (%llu of %llu used, the rest "
@@ -436,7 +467,7 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
     if (!data) {
         free(blk);
         pthread_mutex_lock(&st->mu);
-        st->stats.host_used -= bytes;
+        kvs__store_host_charge_locked(st, ns, -(int64_t)bytes);
         pthread_mutex_unlock(&st->mu);
         return kvs_err_set(err, KVS_ENOMEM, "host tier: cannot allocate %llu bytes",
                            (unsigned long long)bytes);
@@ -584,7 +615,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         kvs_store_block_abort(st, blk);
         return rc;
     }
-    st->stats.host_used -= blk->shrink;
+    kvs__store_host_charge_locked(st, blk->ns, -(int64_t)blk->shrink);
     blk->shrink = 0;
     kvs_index_node *prev = kvs_index_find(st->index, blk->node.ns_id, key, key_len);
     if (prev) {

@@ -106,7 +106,7 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     if (swap) {
         nb->on_disk = old->on_disk; /* a promoted block kept its disk record (invariant 7) */
         free_old = kvs__store_unlink_locked(st, old);
-        st->stats.host_used -= nb->shrink;
+        kvs__store_host_charge_locked(st, nb->ns, -(int64_t)nb->shrink);
         nb->shrink = 0;
         kvs__store_link_locked(st, nb);
         st->stats.gpu_demotions++;

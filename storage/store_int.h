@@ -128,6 +128,9 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk);
 bool kvs__store_forget_locked(kvs_store *st, kvs_block *blk);
 /* Gives a block's capacity back to its tier (slot, host bytes, spill queue). */
 void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk);
+/* Every change of the host tier's used bytes goes through here (delta signed), so each
+ * namespace's share, which its host quota is measured by, stays exact. */
+void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not

@@ -34,6 +34,7 @@ void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
     kvctl_json_bool(j, "keys_pre_rope", ns->spec.keys_pre_rope);
     kvctl_json_bool(j, "durable", ns->spec.durable);
     kvctl_json_u64(j, "seed", ns->spec.seed);
+    kvctl_json_u64(j, "host_quota_bytes", ns->spec.host_quota);
     kvctl_json_u64(j, "blocks", ns->blocks);
     kvctl_json_u64(j, "stored_bytes", ns->stored_bytes);
     kvctl_json_u64(j, "raw_bytes", ns->raw_bytes);
@@ -71,6 +72,7 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
         {"seed", required_argument, NULL, 's'},
         {"keys-pre-rope", no_argument, NULL, 'r'},
         {"durable", no_argument, NULL, 'u'},
+        {"host-quota", required_argument, NULL, 'q'},
         {0, 0, 0, 0},
     };
     kvs_ns_spec spec = {.dtype = KVS_DTYPE_FP16};
@@ -104,6 +106,10 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
             spec.keys_pre_rope = true;
         } else if (c == 'u') {
             spec.durable = true;
+        } else if (c == 'q') {
+            if (!kvctl_parse_size(optarg, &v))
+                return kvctl_usage(cmd, "--host-quota: '%s' is not a size (512M, 2G, ...)", optarg);
+            spec.host_quota = v;
         }
     }
     if (argc - optind != 1)
@@ -147,7 +153,7 @@ const kvctl_cmd kvctl_cmd_ns_create = {
     .name = "ns create",
     .args = "NAME --layers L --kv-heads H --head-dim D --block-tokens T [--dtype fp16|bf16]\n"
             "       [--codec C | --key-codec C --value-codec C] [--seed N] [--keys-pre-rope]\n"
-            "       [--durable]",
+            "       [--durable] [--host-quota SIZE]",
     .summary = "create a namespace (one model's KV layout and codecs)",
     .help = "A namespace is immutable once created. A block of t tokens is the layout\n"
             "[L][2][t][H][D] in the namespace's dtype, t <= T.\n"
@@ -162,7 +168,9 @@ const kvctl_cmd kvctl_cmd_ns_create = {
             "  --codec C           the same codec for keys and values\n"
             "  --seed N            seed of every random choice a codec makes (default 0)\n"
             "  --keys-pre-rope     keys are stored before RoPE\n"
-            "  --durable           acknowledge a Put only once it is on disk\n",
+            "  --durable           acknowledge a Put only once it is on disk\n"
+            "  --host-quota SIZE   bytes of the host tier it may hold (512M, 2G); over it a\n"
+            "                      Put evicts this namespace's own blocks, never another's\n",
     .run = ns_create,
 };
 

@@ -82,6 +82,13 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
     if (!kvs_codec_name_known(s->value_codec))
         return kvs_err_set(err, KVS_EINVAL, "value_codec: unknown codec '%.31s' (available: %s)",
                            s->value_codec, kvs_codec_names(names, sizeof names));
+    uint64_t full;
+    if (s->host_quota && kvs_spec_block_bytes(s, s->block_tokens, &full, NULL) == 0 &&
+        s->host_quota < full)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "host_quota_bytes: %llu is less than one full block (%llu bytes): "
+                           "0 (no quota) or at least a block",
+                           (unsigned long long)s->host_quota, (unsigned long long)full);
     return 0;
 }
 

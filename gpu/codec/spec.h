@@ -47,6 +47,8 @@ typedef struct kvs_ns_spec {
     bool keys_pre_rope;
     bool durable;
     uint64_t seed;
+    uint64_t host_quota; /* bytes of the host tier the namespace may hold; 0 = no quota. Over
+                          * it, a Put evicts the namespace's own blocks, never another's. */
 } kvs_ns_spec;
 
 /* Bytes of one element of dtype (2), or 0 for an unknown dtype. */

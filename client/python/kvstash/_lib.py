@@ -34,7 +34,7 @@ class NsSpec(ctypes.Structure):
                 ("key_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
                 ("value_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
                 ("keys_pre_rope", ctypes.c_bool), ("durable", ctypes.c_bool),
-                ("seed", ctypes.c_uint64)]
+                ("seed", ctypes.c_uint64), ("host_quota", ctypes.c_uint64)]
 
 
 class NsInfo(ctypes.Structure):

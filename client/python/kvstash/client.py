@@ -57,6 +57,7 @@ class Namespace:
     stored_bytes: int
     raw_bytes: int
     block_bytes: int
+    host_quota_bytes: int = 0
 
     @property
     def token_bytes(self) -> int:
@@ -81,7 +82,7 @@ def _ns_of(info: _lib.NsInfo) -> Namespace:
     return Namespace(s.name.decode(), s.layers, s.kv_heads, s.head_dim, s.block_tokens,
                      {1: "fp16", 2: "bf16"}.get(s.dtype, "?"), s.key_codec.decode(),
                      s.value_codec.decode(), bool(s.durable), info.blocks, info.stored_bytes,
-                     info.raw_bytes, info.block_bytes)
+                     info.raw_bytes, info.block_bytes, s.host_quota)
 
 
 def _enc_cap(raw_bytes: int) -> int:
@@ -191,13 +192,16 @@ class Client:
     def create_namespace(self, name: str, layers: int, kv_heads: int, head_dim: int,
                          block_tokens: int, dtype: str = "fp16", key_codec: str = "none",
                          value_codec: str = "none", durable: bool = False,
-                         keys_pre_rope: bool = False, seed: int = 0) -> Namespace:
-        """Creates a namespace (KvAdmin.CreateNamespace); see the README for codecs."""
+                         keys_pre_rope: bool = False, seed: int = 0,
+                         host_quota_bytes: int = 0) -> Namespace:
+        """Creates a namespace (KvAdmin.CreateNamespace); see the README for codecs.
+        host_quota_bytes: bytes of the host tier it may hold (0: no quota); over it, a Put
+        evicts this namespace's own blocks, never another namespace's."""
         if dtype not in _DTYPES:
             raise ValueError(f"kvstash: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         s = _lib.NsSpec(name.encode(), layers, kv_heads, head_dim, block_tokens,
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
-                        keys_pre_rope, durable, seed)
+                        keys_pre_rope, durable, seed, host_quota_bytes)
         info, err = _lib.NsInfo(), _lib.Err()
         _check(lib.kvs_client_ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
                                         ctypes.byref(err)), err)
