@@ -15,6 +15,8 @@
 #   RESTORE=1   tests/bench/restore_gpu.sh (a prefix restored by each data-plane path, vs
 #               recomputing it with PyTorch)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
+#   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
+#               through a kvstashd with its GPU engine (codec none, then CHAT_CODECS)
 # Logs go to $OUT (or ./gpu-out).
 set -u
 OUT=${OUT:-./gpu-out}
@@ -38,6 +40,13 @@ if [ "${MEMCHECK:-1}" = 1 ]; then
         rc=$?
         note "memcheck $t" $rc; grep -E "ERROR SUMMARY|Invalid|failures" "$OUT/memcheck-$t.log" | tail -n 3
     done
+fi
+if [ -n "${INTEG_ONLY:-}" ]; then  # these test files only, GPU engine + GPU tier
+    export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
+    export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 PYTHONUNBUFFERED=1
+    (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
+        -rs $INTEG_ONLY > "$OUT/integ-only.log" 2>&1)
+    note "integration ($INTEG_ONLY), GPU engine + GPU tier" $?; tail -n 25 "$OUT/integ-only.log"
 fi
 if [ "${INTEG:-1}" = 1 ]; then
     export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
@@ -67,5 +76,21 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
     echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
+fi
+if [ "${CHAT:-0}" = 1 ]; then
+    T=$(mktemp -d)
+    $R/bin/kvstashd --listen unix:$T/kvs.sock --gpu on --host-capacity 24G \
+        > "$OUT/chat-kvstashd.log" 2>&1 &
+    kpid=$!
+    for _ in $(seq 100); do [ -S $T/kvs.sock.region ] && break; sleep 0.1; done
+    for codec in none ${CHAT_CODECS:-kivi-4 polarquant}; do
+        PYTHONPATH=client/python PYTHONUNBUFFERED=1 KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 \
+            python3 client/python/examples/chat_reuse.py --target unix:$T/kvs.sock \
+            --model llama3-8b --device cuda --codec $codec --users 4 --turns 3 \
+            --system-tokens ${CHAT_SYSTEM:-4000} --turn-tokens 200 --reply-tokens 100 \
+            --json "$OUT/chat-8b-$codec.json" > "$OUT/chat-8b-$codec.log" 2>&1
+        note "chat example, llama3-8b shapes, codec $codec" $?; tail -n 22 "$OUT/chat-8b-$codec.log"
+    done
+    kill $kpid; wait $kpid
 fi
 exit $status
