@@ -332,7 +332,7 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
  * dropped (a Put needs the room now) or the eviction stops (background demotion: the
  * writer calls again once it caught up). Evicted blocks are chained on *to_free for the
  * caller to free outside the lock. */
-static void evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_block **to_free)
+void kvs__store_evict_until_locked(kvs_store *st, uint64_t target, bool drop, kvs_block **to_free)
 {
     kvs_policy_cursor cur;
     kvs_policy_node *pn;
@@ -383,7 +383,7 @@ static bool make_room_locked(kvs_store *st, uint64_t need, bool drop, kvs_block 
 {
     if (need > st->stats.host_capacity)
         return false;
-    evict_until_locked(st, st->stats.host_capacity - need, drop, to_free);
+    kvs__store_evict_until_locked(st, st->stats.host_capacity - need, drop, to_free);
     return st->stats.host_used + need <= st->stats.host_capacity;
 }
 
@@ -394,7 +394,7 @@ void kvs__store_host_demote(kvs_store *st)
     if (st->stats.host_used > st->host_high)
         st->host_demoting = true;
     if (st->host_demoting) {
-        evict_until_locked(st, st->host_low, false, &to_free);
+        kvs__store_evict_until_locked(st, st->host_low, false, &to_free);
         st->host_demoting = st->stats.host_used > st->host_low;
     }
     pthread_mutex_unlock(&st->mu);
