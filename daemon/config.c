@@ -139,6 +139,7 @@ typedef enum vtype {
 enum {
     O_AUTO = 1,     /* "auto" stands for the derived default (0 or "" in the field) */
     O_NONEMPTY = 2, /* T_STR: "" refused */
+    O_NONE = 4,     /* T_STR: "none" stands for "" (nothing; "./none" names a file) */
 };
 
 typedef struct key_def {
@@ -203,7 +204,8 @@ static const key_def keys[] = {
     {"calib_tokens", "calib-tokens", "N", T_UINT, 0, 0, FIELD(calib_tokens), 0, 1, 1u << 24,
      "in 1..16777216",
      "rotatekv-*: key tokens that calibrate the channel order\nbefore it is frozen (default 4096)"},
-    {"data_dir", "data-dir", "PATH", T_STR, 0, O_NONEMPTY, FIELD(data_dir), 0, 0, 0, "empty path",
+    {"data_dir", "data-dir", "PATH", T_STR, 0, O_NONEMPTY | O_NONE, FIELD(data_dir), 0, 0, 0,
+     "empty path",
      "disk tier: an LMDB environment in PATH (created if missing\nor empty; a foreign directory "
      "is refused); default: none"},
     {"data_dir_reset", "data-dir-reset", NULL, T_ONOFF, KVS_KEY_SWITCH, 0, FIELD(data_dir_reset), 0,
@@ -337,7 +339,7 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
                                "%s: '" SECRET_SET "' is what --print-config shows for a set "
                                "token, not a token: write the token itself",
                                w);
-        if (is_auto)
+        if (is_auto || ((k->opt & O_NONE) && strcmp(v, "none") == 0))
             n = 0, v = "";
         if (n >= k->size)
             return kvs_err_set(err, KVS_EINVAL, "%s: longer than %zu characters", w, k->size - 1);
@@ -455,6 +457,8 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
             s = s[0] ? SECRET_SET : "";
         else if ((k->opt & O_AUTO) && !s[0])
             s = "auto";
+        else if ((k->opt & O_NONE) && !s[0])
+            s = "none";
         snprintf(buf, cap, "%s", s);
         break;
     }

@@ -222,10 +222,13 @@ static void on_sighup(uv_signal_t *s, int signum)
         kvs_log(KVS_LOG_ERROR, "SIGHUP: config refused, nothing changed: %s", err.msg);
         return;
     }
-    /* host_capacity and eviction change together (one new policy), once. */
+    /* host_capacity and eviction change together (one new policy), once. log_level goes
+     * last, so that every line of this reload is logged at the level it found. */
     bool host_done = false;
     unsigned changed = 0, restart = 0;
-    for (int i = 0; i < KVS_CONFIG_NKEYS; i++) {
+    int log_key = kvs_config_key_find("log_level");
+    for (int n = 0; n < KVS_CONFIG_NKEYS; n++) {
+        int i = n == KVS_CONFIG_NKEYS - 1 ? log_key : n < log_key ? n : n + 1;
         if (kvs_config_key_equal(&d->cfg, &next, i)) {
             d->cfg.src[i] = next.src[i]; /* same value, maybe from elsewhere now */
             continue;
@@ -242,7 +245,7 @@ static void on_sighup(uv_signal_t *s, int signum)
             continue;
         }
         bool host = !strcmp(key, "host_capacity") || !strcmp(key, "eviction");
-        if (!(host && host_done) && (rc = apply_live(d, &next, key, &err))) {
+        if (i != log_key && !(host && host_done) && (rc = apply_live(d, &next, key, &err))) {
             kvs_log(KVS_LOG_ERROR, "SIGHUP: %s: %s -> %s: %s; keeping %s", key, was, now, err.msg,
                     was);
             continue;
@@ -251,6 +254,8 @@ static void on_sighup(uv_signal_t *s, int signum)
         kvs_config_key_copy(&d->cfg, &next, i);
         /* Tokens print as "<set>" or "": their values never reach the log. */
         kvs_log(KVS_LOG_INFO, "SIGHUP: %s: %s -> %s (%s)", key, was, now, src);
+        if (i == log_key)
+            kvs_log_set_level(next.log_level);
         changed++;
     }
     kvs_log(KVS_LOG_INFO, "SIGHUP: reloaded %s: %u settings changed, %u need a restart",
