@@ -285,9 +285,8 @@ grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)
  * token gets PERMISSION_DENIED); with only --token set, it also opens KvAdmin. Health is
  * always open so that probes work without secrets. Tokens are compared as digests in
  * constant time (daemon/auth.h). */
-static int check_auth(kvs_call *c, kvs_err *err)
+static int check_auth_with(kvs_call *c, const kvs_auth *auth, kvs_err *err)
 {
-    const kvs_auth *auth = c->srv->auth;
     if (c->rpc == KVS_RPC_HEALTH)
         return 0;
     bool admin_rpc = c->srv->rpcs[c->rpc].admin;
@@ -314,6 +313,17 @@ static int check_auth(kvs_call *c, kvs_err *err)
     if (is_client || is_admin)
         return 0;
     return kvs_err_set(err, KVS_EUNAUTH, "authorization: missing or unknown bearer token");
+}
+
+/* The reader's side of the auth swap (call.h, kvs_server.auth): counted in before the
+ * pointer is loaded, out after the last use of the object. */
+static int check_auth(kvs_call *c, kvs_err *err)
+{
+    kvs_server *srv = c->srv;
+    atomic_fetch_add(&srv->auth_readers, 1);
+    int rc = check_auth_with(c, atomic_load(&srv->auth), err);
+    atomic_fetch_sub(&srv->auth_readers, 1);
+    return rc;
 }
 
 static void on_arrive(kvs_call *c, bool ok)

@@ -100,7 +100,15 @@ struct kvs_server {
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion (Evict) */
     struct kvs_xfer *xfer;       /* owned: the data path of Put and Get (storage/xfer.h) */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
-    struct kvs_auth *auth;       /* owned: token digests (daemon/auth.h) */
+    /* Token digests (daemon/auth.h), owned. Swapped by a SIGHUP reload
+     * (kvs_server_set_auth) while CQ threads read it: a reader counts itself in
+     * auth_readers before it loads the pointer and out once done with the object, all
+     * seq_cst; an object swapped out waits in auth_retired (loop thread only) until
+     * auth_readers is seen at 0 after the swap, when no reader can still hold it. */
+    _Atomic(struct kvs_auth *) auth;
+    atomic_uint auth_readers;
+    struct kvs_auth *auth_retired[8];
+    unsigned n_retired;
     struct kvs_regions *regions; /* borrowed, may be NULL: shared memory (daemon/region.h) */
     grpc_server *server;
     grpc_completion_queue *cq;

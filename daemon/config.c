@@ -1,15 +1,28 @@
-/* kvstashd configuration: see config.h. */
+/* kvstashd configuration: see config.h. The key table (`keys` below) is the one place a
+ * setting is declared: its flag, YAML key, type, bounds, --help text and whether a reload
+ * may change it live; the flag parser, the config file (daemon/conffile.c),
+ * --print-config and main.c's SIGHUP reload all walk it. */
 #include "daemon/config.h"
 
 #include <errno.h>
 #include <getopt.h>
-#include <stdbool.h>
-#include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "daemon/conffile.h"
 #include "daemon/log.h"
+#include "gpu/base/mem.h"
+
+/* Placeholder --print-config writes for a set token; refused as a token (config.h). */
+#define SECRET_SET "<set>"
+
+static unsigned default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 2 ? 2 : (n > 64 ? 64 : (unsigned)n);
+}
 
 void kvs_config_defaults(kvs_config *cfg)
 {
@@ -17,8 +30,7 @@ void kvs_config_defaults(kvs_config *cfg)
     snprintf(cfg->listen, sizeof cfg->listen, "127.0.0.1:50051");
     cfg->host_capacity = 2ull << 30;
     cfg->max_message = 64ull << 20;
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    cfg->threads = n < 2 ? 2 : (n > 64 ? 64 : (unsigned)n);
+    cfg->threads = default_threads();
     cfg->codec_threads = cfg->threads;
     cfg->log_level = KVS_LOG_INFO;
     cfg->drain_timeout_s = 30;
@@ -110,402 +122,620 @@ static bool parse_watermarks(const char *s, unsigned *high, unsigned *low)
     return true;
 }
 
-static int copy_str(char *dst, size_t cap, const char *src, const char *flag, kvs_err *err)
+/* ---------------------------------------------------------------- the key table */
+
+typedef enum vtype {
+    T_STR,    /* a string field of `size` bytes */
+    T_SIZE,   /* uint64_t bytes, kvs_parse_size, in lo..hi */
+    T_UINT,   /* unsigned (or int) in lo..hi */
+    T_ONOFF,  /* int: on = 1, off = 0 */
+    T_LOG,    /* kvs_log_level */
+    T_GPU,    /* int: auto, on, off */
+    T_GPUCAP, /* uint64_t bytes, or "N%" into the second field (unsigned) */
+    T_WM,     /* "HIGH,LOW" into two unsigned fields */
+    T_EVICT,  /* kvs_policy_kind */
+} vtype;
+
+enum {
+    O_AUTO = 1,     /* "auto" stands for the derived default (0 or "" in the field) */
+    O_NONEMPTY = 2, /* T_STR: "" refused */
+    O_NONE = 4,     /* T_STR: "none" stands for "" (nothing; "./none" names a file) */
+};
+
+typedef struct key_def {
+    const char *key;  /* YAML key: the flag with '_' for '-' (test_config checks it) */
+    const char *flag; /* long option, without the dashes */
+    const char *arg;  /* --help's name for the value */
+    vtype type;
+    unsigned flags;   /* KVS_KEY_* */
+    unsigned opt;     /* O_* */
+    size_t off, size; /* the field in kvs_config */
+    size_t off2;      /* T_GPUCAP, T_WM: the second field */
+    uint64_t lo, hi;  /* T_SIZE, T_UINT bounds */
+    const char *want; /* a bad value "is not <want>"; T_STR: what an empty value is told */
+    const char *help; /* --help text; '\n' starts an indented continuation line */
+} key_def;
+
+#define FIELD(m) offsetof(kvs_config, m), sizeof(((kvs_config *)0)->m)
+#define LIVE KVS_KEY_LIVE
+
+/* Live keys are those main.c's reload applies (README "Config file" says why the others
+ * need a restart); every other key keeps its value until the next start. */
+static const key_def keys[] = {
+    {"listen", "listen", "ADDR", T_STR, 0, O_NONEMPTY, FIELD(listen), 0, 0, 0, "empty address",
+     "gRPC address, HOST:PORT or unix:PATH (default 127.0.0.1:50051;\nport 0 picks a free port)"},
+    {"port_file", "port-file", "PATH", T_STR, 0, 0, FIELD(port_file), 0, 0, 0, NULL,
+     "write the bound port number to PATH once listening"},
+    {"host_capacity", "host-capacity", "SIZE", T_SIZE, LIVE, 0, FIELD(host_capacity), 0, 1,
+     UINT64_MAX, "a size > 0", "bytes of the host RAM tier, e.g. 512M, 2G (default 2G)"},
+    {"max_message", "max-message", "SIZE", T_SIZE, 0, 0, FIELD(max_message), 0, 4096,
+     (1ull << 31) - 1, "a size in 4K..2G-1", "largest gRPC message accepted or sent (default 64M)"},
+    {"threads", "threads", "N", T_UINT, 0, O_AUTO, FIELD(threads), 0, 1, 256, "in 1..256",
+     "completion-queue threads (default auto: cores, at least 2)"},
+    {"codec_threads", "codec-threads", "N", T_UINT, 0, O_AUTO, FIELD(codec_threads), 0, 1, 1024,
+     "in 1..1024", "thread-pool threads for CPU encode/decode (default auto: cores)"},
+    {"gpu", "gpu", "auto|on|off", T_GPU, 0, 0, FIELD(gpu), 0, 0, 0, "auto, on or off",
+     "GPU codec engine: auto uses one when present (default),\non refuses to start without one; "
+     "--no-gpu = --gpu off"},
+    {"gpu_device", "gpu-device", "N", T_UINT, 0, 0, FIELD(gpu_device), 0, 0, 255, "in 0..255",
+     "CUDA device of the engine (default 0)"},
+    {"gpu_capacity", "gpu-capacity", "SIZE|N%", T_GPUCAP, 0, 0, FIELD(gpu_capacity),
+     offsetof(kvs_config, gpu_capacity_pct), 0, 0, NULL,
+     "GPU tier: bytes of device memory, or a share of the free\nmemory at start; 0 = no GPU "
+     "tier (default 25%)"},
+    {"gpu_watermarks", "gpu-watermarks", "H,L", T_WM, 0, 0, FIELD(gpu_high_pct),
+     offsetof(kvs_config, gpu_low_pct), 0, 0, NULL,
+     "demote GPU blocks to the host tier above H% of the GPU\ntier, down to L% (default 90,80)"},
+    {"host_pinned", "host-pinned", "on|off", T_ONOFF, 0, 0, FIELD(host_pinned), 0, 0, 0, NULL,
+     "with a GPU engine: host blocks and payload buffers in pinned\nmemory (64 MiB slabs), "
+     "moved by DMA (default on)"},
+    {"log_level", "log-level", "LEVEL", T_LOG, LIVE, 0, FIELD(log_level), 0, 0, 0, NULL,
+     "error, warn, info or debug (default info)"},
+    {"token", "token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(token), 0, 0, 0, NULL,
+     "require 'authorization: Bearer TOKEN' on KvStash calls"},
+    {"admin_token", "admin-token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(admin_token), 0,
+     0, 0, NULL, "require this token on KvAdmin calls (Health is open)"},
+    {"drain_timeout", "drain-timeout", "SEC", T_UINT, LIVE, 0, FIELD(drain_timeout_s), 0, 0, 86400,
+     "in 0..86400", "on SIGTERM, wait this long for in-flight calls (default 30)"},
+    {"stats_interval", "stats-interval", "SEC", T_UINT, LIVE, 0, FIELD(stats_interval_s), 0, 0,
+     86400, "in 0..86400", "log a stats line every SEC seconds, 0 = never (default 60)"},
+    {"max_keys", "max-keys", "N", T_UINT, 0, 0, FIELD(max_keys), 0, 1, 1u << 20, "in 1..1048576",
+     "keys per Lookup/Exists/Delete call (default 4096)"},
+    {"calib_tokens", "calib-tokens", "N", T_UINT, 0, 0, FIELD(calib_tokens), 0, 1, 1u << 24,
+     "in 1..16777216",
+     "rotatekv-*: key tokens that calibrate the channel order\nbefore it is frozen (default 4096)"},
+    {"data_dir", "data-dir", "PATH", T_STR, 0, O_NONEMPTY | O_NONE, FIELD(data_dir), 0, 0, 0,
+     "empty path",
+     "disk tier: an LMDB environment in PATH (created if missing\nor empty; a foreign directory "
+     "is refused); default: none"},
+    {"data_dir_reset", "data-dir-reset", NULL, T_ONOFF, KVS_KEY_SWITCH, 0, FIELD(data_dir_reset), 0,
+     0, 0, NULL,
+     "start a new, empty store where --data-dir holds an empty,\ntruncated or damaged data.mdb "
+     "(kept as data.mdb.broken-TIME,\nnever deleted); without it such a directory is refused\n"
+     "(in the file: data_dir_reset: on|off, default off)"},
+    {"disk_capacity", "disk-capacity", "SIZE", T_SIZE, 0, 0, FIELD(disk_capacity), 0, 1ull << 20,
+     UINT64_MAX, "a size >= 1M", "byte budget of the disk tier (default 16G)"},
+    {"host_watermarks", "host-watermarks", "H,L", T_WM, 0, 0, FIELD(host_high_pct),
+     offsetof(kvs_config, host_low_pct), 0, 0, NULL,
+     "with --data-dir: write idle host blocks to the disk tier in\nthe background above H% of "
+     "the host tier, down to L%\n(default 90,80)"},
+    {"spill_queue", "spill-queue", "SIZE", T_SIZE, 0, O_AUTO, FIELD(spill_queue), 0, 1, UINT64_MAX,
+     "a size > 0",
+     "with --data-dir: most bytes of host blocks waiting for the\ndisk writer; past it, host "
+     "victims are dropped (default\nauto: a quarter of --host-capacity)"},
+    {"promote", "promote", "on|off", T_ONOFF, 0, 0, FIELD(promote), 0, 0, 0, NULL,
+     "a Get moves a disk block to the host tier, a host block to\nthe GPU tier below its high "
+     "watermark (default on)"},
+    {"flush_on_exit", "flush-on-exit", "on|off", T_ONOFF, 0, 0, FIELD(flush_on_exit), 0, 0, 0, NULL,
+     "with --data-dir: write host blocks to disk at shutdown, so\na restart finds them "
+     "(default on)"},
+    {"eviction", "eviction", "lru|s3fifo", T_EVICT, LIVE, 0, FIELD(eviction), 0, 0, 0, NULL,
+     "host tier eviction order: least recently used, or S3-FIFO\n(scan-resistant: one-off "
+     "blocks leave before re-read\nones; a 30% small queue) (default lru)"},
+    {"recv_budget", "recv-budget", "SIZE", T_SIZE, 0, O_AUTO, FIELD(recv_budget), 0, 1ull << 20,
+     UINT64_MAX, "a size >= 1M",
+     "memory for Put payloads being received, all streams together;\na Put past it gets "
+     "RESOURCE_EXHAUSTED (default auto: a quarter\nof --host-capacity, at least 64M)"},
+    {"max_puts", "max-puts", "N", T_UINT, 0, 0, FIELD(max_puts), 0, 1, 1u << 20, "in 1..1048576",
+     "Put streams open at once (default 1024)"},
+    {"max_puts_per_conn", "max-puts-per-conn", "N", T_UINT, 0, 0, FIELD(max_puts_per_conn), 0, 1,
+     1u << 20, "in 1..1048576", "...from one client connection (default 256)"},
+    {"stream_idle", "stream-idle", "SEC", T_UINT, LIVE, 0, FIELD(stream_idle_s), 0, 1, 86400,
+     "in 1..86400",
+     "cancel a Put or Get stream that made no progress for SEC\nseconds, returning its memory "
+     "(default 30)"},
+    {"region_socket", "region-socket", "PATH", T_STR, 0, O_NONEMPTY | O_AUTO, FIELD(region_socket),
+     0, 0, 0, "empty path ('none' for none)",
+     "Unix socket where co-located clients register shared memory\nfor PutMany/GetMany without "
+     "payload copies (README \"Data\nplane\"); 'none' for none (default auto: <listen path>.region"
+     "\nfor a unix: listen address, else none)"},
+    {"region_max_bytes", "region-max-bytes", "SIZE", T_SIZE, 0, 0, FIELD(region_max_bytes), 0,
+     1ull << 20, UINT64_MAX, "a size >= 1M", "shared memory registered, all clients (default 64G)"},
+};
+
+_Static_assert(sizeof keys / sizeof keys[0] == KVS_CONFIG_NKEYS,
+               "KVS_CONFIG_NKEYS (config.h) must count the key table");
+
+int kvs_config_key_find(const char *key)
 {
-    if (strlen(src) >= cap)
-        return kvs_err_set(err, KVS_EINVAL, "%s: longer than %zu characters", flag, cap - 1);
-    memcpy(dst, src, strlen(src) + 1);
+    for (int i = 0; i < KVS_CONFIG_NKEYS; i++)
+        if (strcmp(keys[i].key, key) == 0)
+            return i;
+    return -1;
+}
+
+const char *kvs_config_key_name(int i)
+{
+    return keys[i].key;
+}
+
+const char *kvs_config_key_flag(int i)
+{
+    return keys[i].flag;
+}
+
+unsigned kvs_config_key_flags(int i)
+{
+    return keys[i].flags;
+}
+
+/* "--flag", "FILE:LINE: key" or "ENVVAR": how an error names a value's source. */
+static void source_name(const kvs_config *cfg, const key_def *k, kvs_config_src_kind src,
+                        uint32_t line, const char *env, char *buf, size_t cap)
+{
+    switch (src) {
+    case KVS_SRC_FLAG:
+        snprintf(buf, cap, "--%s", k->flag);
+        break;
+    case KVS_SRC_FILE:
+        snprintf(buf, cap, "%s:%u: %s", cfg->file, line, k->key);
+        break;
+    case KVS_SRC_ENV:
+        snprintf(buf, cap, "%s", env ? env : k->key);
+        break;
+    default:
+        snprintf(buf, cap, "%s", k->key);
+    }
+}
+
+static void *field(kvs_config *cfg, size_t off)
+{
+    return (char *)cfg + off;
+}
+
+static const void *cfield(const kvs_config *cfg, size_t off)
+{
+    return (const char *)cfg + off;
+}
+
+static void put_uint(kvs_config *cfg, size_t off, unsigned v)
+{
+    memcpy(field(cfg, off), &v, sizeof v); /* unsigned and int fields alike (4 bytes) */
+}
+
+static unsigned get_uint(const kvs_config *cfg, size_t off)
+{
+    unsigned v;
+    memcpy(&v, cfield(cfg, off), sizeof v);
+    return v;
+}
+
+int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kind src,
+                       uint32_t line, const char *env, kvs_err *err)
+{
+    const key_def *k = &keys[i];
+    char w[600];
+    source_name(cfg, k, src, line, env, w, sizeof w);
+    bool is_auto = (k->opt & O_AUTO) && strcmp(v, "auto") == 0;
+    uint64_t size;
+    unsigned u;
+    switch (k->type) {
+    case T_STR: {
+        size_t n = strlen(v);
+        if (!n && (k->opt & O_NONEMPTY))
+            return kvs_err_set(err, KVS_EINVAL, "%s: %s", w, k->want);
+        if ((k->flags & KVS_KEY_SECRET) && strcmp(v, SECRET_SET) == 0)
+            return kvs_err_set(err, KVS_EINVAL,
+                               "%s: '" SECRET_SET "' is what --print-config shows for a set "
+                               "token, not a token: write the token itself",
+                               w);
+        if (is_auto || ((k->opt & O_NONE) && strcmp(v, "none") == 0))
+            n = 0, v = "";
+        if (n >= k->size)
+            return kvs_err_set(err, KVS_EINVAL, "%s: longer than %zu characters", w, k->size - 1);
+        memcpy(field(cfg, k->off), v, n + 1);
+        break;
+    }
+    case T_SIZE:
+        if (is_auto)
+            size = 0;
+        else if (!kvs_parse_size(v, &size) || size < k->lo || size > k->hi)
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not %s%s", w, v, k->want,
+                               (k->opt & O_AUTO) ? " (or auto)" : "");
+        memcpy(field(cfg, k->off), &size, sizeof size);
+        break;
+    case T_UINT:
+        if (is_auto)
+            u = default_threads(); /* the only auto counts: threads, codec_threads */
+        else if (!parse_uint(v, (unsigned)k->lo, (unsigned)k->hi, &u))
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not %s%s", w, v, k->want,
+                               (k->opt & O_AUTO) ? " (or auto)" : "");
+        put_uint(cfg, k->off, u);
+        break;
+    case T_ONOFF:
+        if (strcmp(v, "on") && strcmp(v, "off"))
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not on or off", w, v);
+        put_uint(cfg, k->off, v[1] == 'n');
+        break;
+    case T_LOG: {
+        int lvl = kvs_log_level_parse(v);
+        if (lvl < 0)
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not error, warn, info or debug", w,
+                               v);
+        put_uint(cfg, k->off, (unsigned)lvl);
+        break;
+    }
+    case T_GPU:
+        if (strcmp(v, "auto") == 0)
+            u = KVS_GPU_AUTO;
+        else if (strcmp(v, "on") == 0)
+            u = KVS_GPU_ON;
+        else if (strcmp(v, "off") == 0)
+            u = KVS_GPU_OFF;
+        else
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not auto, on or off", w, v);
+        put_uint(cfg, k->off, u);
+        break;
+    case T_GPUCAP: {
+        size_t n = strlen(v);
+        if (n > 1 && v[n - 1] == '%') {
+            char pct[8];
+            if (n > sizeof pct ||
+                (memcpy(pct, v, n - 1), pct[n - 1] = 0, !parse_uint(pct, 1, 95, &u)))
+                return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not a share in 1%%..95%%", w,
+                                   v);
+            size = 0;
+        } else if (kvs_parse_size(v, &size)) {
+            u = 0; /* 0 bytes and no share: no GPU tier */
+        } else {
+            return kvs_err_set(err, KVS_EINVAL,
+                               "%s: '%.64s' is neither a size (e.g. 8G) nor a share (e.g. 25%%)", w,
+                               v);
+        }
+        memcpy(field(cfg, k->off), &size, sizeof size);
+        put_uint(cfg, k->off2, u);
+        break;
+    }
+    case T_WM: {
+        unsigned hi, lo;
+        if (!parse_watermarks(v, &hi, &lo))
+            return kvs_err_set(err, KVS_EINVAL,
+                               "%s: '%.64s' is not HIGH,LOW with 0 <= LOW < HIGH <= 100", w, v);
+        put_uint(cfg, k->off, hi);
+        put_uint(cfg, k->off2, lo);
+        break;
+    }
+    case T_EVICT: {
+        kvs_policy_kind kind;
+        if (kvs_policy_kind_parse(v, &kind, NULL))
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not lru or s3fifo", w, v);
+        put_uint(cfg, k->off, (unsigned)kind);
+        break;
+    }
+    }
+    cfg->src[i].kind = (uint8_t)src;
+    cfg->src[i].line = line;
     return 0;
 }
 
+/* 2G, 64M, 4K or bytes: the largest unit that divides the value. */
+static void fmt_size(uint64_t v, char *buf, size_t cap)
+{
+    static const char units[] = "KMGT";
+    int u = -1;
+    while (u < 3 && v && v % 1024 == 0) {
+        v /= 1024;
+        u++;
+    }
+    if (u < 0)
+        snprintf(buf, cap, "%llu", (unsigned long long)v);
+    else
+        snprintf(buf, cap, "%llu%c", (unsigned long long)v, units[u]);
+}
+
+void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
+{
+    static const char *levels[] = {"error", "warn", "info", "debug"};
+    static const char *gpu[] = {"auto", "on", "off"};
+    const key_def *k = &keys[i];
+    uint64_t size;
+    unsigned u = k->type == T_STR ? 0 : get_uint(cfg, k->off);
+    switch (k->type) {
+    case T_STR: {
+        const char *s = cfield(cfg, k->off);
+        if (k->flags & KVS_KEY_SECRET)
+            s = s[0] ? SECRET_SET : "";
+        else if ((k->opt & O_AUTO) && !s[0])
+            s = "auto";
+        else if ((k->opt & O_NONE) && !s[0])
+            s = "none";
+        snprintf(buf, cap, "%s", s);
+        break;
+    }
+    case T_SIZE:
+        memcpy(&size, cfield(cfg, k->off), sizeof size);
+        if ((k->opt & O_AUTO) && size == 0)
+            snprintf(buf, cap, "auto");
+        else
+            fmt_size(size, buf, cap);
+        break;
+    case T_UINT:
+        snprintf(buf, cap, "%u", u);
+        break;
+    case T_ONOFF:
+        snprintf(buf, cap, "%s", u ? "on" : "off");
+        break;
+    case T_LOG:
+        snprintf(buf, cap, "%s", levels[u < 4 ? u : 2]);
+        break;
+    case T_GPU:
+        snprintf(buf, cap, "%s", gpu[u < 3 ? u : 0]);
+        break;
+    case T_GPUCAP:
+        memcpy(&size, cfield(cfg, k->off), sizeof size);
+        if (get_uint(cfg, k->off2))
+            snprintf(buf, cap, "%u%%", get_uint(cfg, k->off2));
+        else
+            fmt_size(size, buf, cap);
+        break;
+    case T_WM:
+        snprintf(buf, cap, "%u,%u", u, get_uint(cfg, k->off2));
+        break;
+    case T_EVICT:
+        snprintf(buf, cap, "%s", kvs_policy_name((kvs_policy_kind)u));
+        break;
+    }
+}
+
+void kvs_config_key_source(const kvs_config *cfg, int i, char *buf, size_t cap)
+{
+    const struct kvs_config_src *s = &cfg->src[i];
+    switch (s->kind) {
+    case KVS_SRC_FILE:
+        snprintf(buf, cap, "file %s:%u", cfg->file, s->line);
+        break;
+    case KVS_SRC_FLAG:
+        snprintf(buf, cap, "flag --%s", keys[i].flag);
+        break;
+    case KVS_SRC_ENV:
+        snprintf(buf, cap, "env %s",
+                 strcmp(keys[i].key, "token") == 0 ? "KVSTASH_TOKEN" : "KVSTASH_ADMIN_TOKEN");
+        break;
+    default:
+        snprintf(buf, cap, "default");
+    }
+}
+
+/* Bytes of key i's second field (T_GPUCAP, T_WM), 0 for the others. */
+static size_t size2(const key_def *k)
+{
+    return k->type == T_GPUCAP || k->type == T_WM ? sizeof(unsigned) : 0;
+}
+
+bool kvs_config_key_equal(const kvs_config *a, const kvs_config *b, int i)
+{
+    const key_def *k = &keys[i];
+    if (k->type == T_STR) /* bytes past the NUL may differ */
+        return strcmp(cfield(a, k->off), cfield(b, k->off)) == 0;
+    return memcmp(cfield(a, k->off), cfield(b, k->off), k->size) == 0 &&
+           memcmp(cfield(a, k->off2), cfield(b, k->off2), size2(k)) == 0;
+}
+
+void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i)
+{
+    const key_def *k = &keys[i];
+    memcpy(field(dst, k->off), cfield(src, k->off), k->size);
+    memcpy(field(dst, k->off2), cfield(src, k->off2), size2(k));
+    dst->src[i] = src->src[i];
+}
+
+uint64_t kvs_config_recv_budget(const kvs_config *cfg)
+{
+    if (cfg->recv_budget)
+        return cfg->recv_budget;
+    /* A quarter of the host tier, but room for a few large blocks even with a tiny one. */
+    return cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4 : 64ull << 20;
+}
+
+const char *kvs_config_region_socket(const kvs_config *cfg, char *buf, size_t cap)
+{
+    buf[0] = 0;
+    if (strcmp(cfg->region_socket, "none") == 0)
+        return buf;
+    if (cfg->region_socket[0])
+        snprintf(buf, cap, "%s", cfg->region_socket);
+    else if (strncmp(cfg->listen, "unix:", 5) == 0 &&
+             strlen(cfg->listen + 5) + sizeof ".region" <= cap)
+        snprintf(buf, cap, "%s.region", cfg->listen + 5);
+    return buf;
+}
+
+/* A YAML double-quoted scalar. */
+static void put_quoted(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20 || ch == 0x7f)
+            fprintf(f, "\\x%02x", ch);
+        else
+            fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+void kvs_config_print(const kvs_config *cfg, FILE *f)
+{
+    fprintf(f,
+            "# kvstashd %s: effective configuration (kvstashd --print-config).\n"
+            "# Every key with its value and, in the comment, where it came from; kvstashd\n"
+            "# accepts this file back with --config (tokens excepted: \"" SECRET_SET
+            "\" stands for one).\n",
+            KVS_VERSION);
+    for (int i = 0; i < KVS_CONFIG_NKEYS; i++) {
+        char v[600], src[700];
+        kvs_config_key_value(cfg, i, v, sizeof v);
+        kvs_config_key_source(cfg, i, src, sizeof src);
+        fprintf(f, "%s: ", keys[i].key);
+        if (keys[i].type == T_STR)
+            put_quoted(f, v);
+        else
+            fputs(v, f);
+        fprintf(f, "  # %s\n", src);
+    }
+}
+
+/* ---------------------------------------------------------------- flags */
+
 static void usage(FILE *f)
 {
-    fprintf(
-        f,
-        "usage: kvstashd [options]\n"
-        "\n"
-        "KV-cache offload store for LLM inference. Runs on embedded defaults with no\n"
-        "options; every option below overrides one default.\n"
-        "\n"
-        "  --listen ADDR          gRPC address, HOST:PORT or unix:PATH (default 127.0.0.1:50051;\n"
-        "                         port 0 picks a free port)\n"
-        "  --port-file PATH       write the bound port number to PATH once listening\n"
-        "  --host-capacity SIZE   bytes of the host RAM tier, e.g. 512M, 2G (default 2G)\n"
-        "  --max-message SIZE     largest gRPC message accepted or sent (default 64M)\n"
-        "  --threads N            completion-queue threads (default: cores, at least 2)\n"
-        "  --codec-threads N      thread-pool threads for CPU encode/decode (default: cores)\n"
-        "  --gpu auto|on|off      GPU codec engine: auto uses one when present (default),\n"
-        "                         on refuses to start without one; --no-gpu = --gpu off\n"
-        "  --gpu-device N         CUDA device of the engine (default 0)\n"
-        "  --gpu-capacity SIZE|N%% GPU tier: bytes of device memory, or a share of the free\n"
-        "                         memory at start; 0 = no GPU tier (default 25%%)\n"
-        "  --gpu-watermarks H,L   demote GPU blocks to the host tier above H%% of the GPU\n"
-        "                         tier, down to L%% (default 90,80)\n"
-        "  --host-pinned on|off   with a GPU engine: host blocks and payload buffers in pinned\n"
-        "                         memory (64 MiB slabs), moved by DMA (default on)\n"
-        "  --log-level LEVEL      error, warn, info or debug (default info)\n"
-        "  --token TOKEN          require 'authorization: Bearer TOKEN' on KvStash calls\n"
-        "  --admin-token TOKEN    require this token on KvAdmin calls (Health is open)\n"
-        "  --drain-timeout SEC    on SIGTERM, wait this long for in-flight calls (default 30)\n"
-        "  --stats-interval SEC   log a stats line every SEC seconds, 0 = never (default 60)\n"
-        "  --max-keys N           keys per Lookup/Exists/Delete call (default 4096)\n"
-        "  --calib-tokens N       rotatekv-*: key tokens that calibrate the channel order\n"
-        "                         before it is frozen (default 4096)\n"
-        "  --data-dir PATH        disk tier: an LMDB environment in PATH (created if missing\n"
-        "                         or empty; a foreign directory is refused); default: none\n"
-        "  --data-dir-reset       start a new, empty store where --data-dir holds an empty,\n"
-        "                         truncated or damaged data.mdb (kept as data.mdb.broken-TIME,\n"
-        "                         never deleted); without it such a directory is refused\n"
-        "  --disk-capacity SIZE   byte budget of the disk tier (default 16G)\n"
-        "  --host-watermarks H,L  with --data-dir: write idle host blocks to the disk tier in\n"
-        "                         the background above H%% of the host tier, down to L%%\n"
-        "                         (default 90,80)\n"
-        "  --spill-queue SIZE     with --data-dir: most bytes of host blocks waiting for the\n"
-        "                         disk writer; past it, host victims are dropped (default: a\n"
-        "                         quarter of --host-capacity)\n"
-        "  --promote on|off       a Get moves a disk block to the host tier, a host block to\n"
-        "                         the GPU tier below its high watermark (default on)\n"
-        "  --flush-on-exit on|off with --data-dir: write host blocks to disk at shutdown, so\n"
-        "                         a restart finds them (default on)\n"
-        "  --eviction lru|s3fifo  host tier eviction order: least recently used, or S3-FIFO\n"
-        "                         (scan-resistant: one-off blocks leave before re-read\n"
-        "                         ones; a 30%% small queue) (default lru)\n"
-        "  --recv-budget SIZE     memory for Put payloads being received, all streams together;\n"
-        "                         a Put past it gets RESOURCE_EXHAUSTED (default: a quarter\n"
-        "                         of --host-capacity, at least 64M)\n"
-        "  --max-puts N           Put streams open at once (default 1024)\n"
-        "  --max-puts-per-conn N  ...from one client connection (default 256)\n"
-        "  --stream-idle SEC      cancel a Put or Get stream that made no progress for SEC\n"
-        "                         seconds, returning its memory (default 30)\n"
-        "  --region-socket PATH   Unix socket where co-located clients register shared memory\n"
-        "                         for PutMany/GetMany without payload copies (README \"Data\n"
-        "                         plane\"); 'none' for none (default: <listen path>.region for\n"
-        "                         a unix: listen address, else none)\n"
-        "  --region-max-bytes SIZE  shared memory registered, all clients (default 64G)\n"
-        "  -h, --help             this text\n"
-        "  --version              print the version\n"
-        "\n"
-        "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
-        "which keeps them out of the process list.\n");
+    fprintf(f, "usage: kvstashd [--config FILE] [options]\n"
+               "\n"
+               "KV-cache offload store for LLM inference. Runs on embedded defaults with no\n"
+               "options. A YAML config file overrides the defaults, and every option below\n"
+               "overrides both; every option is also a key of the file, its name with _ for -\n"
+               "(--host-capacity 4G is host_capacity: 4G). deploy/kvstashd.yaml lists them all.\n"
+               "\n"
+               "  --config FILE          read settings from FILE (default: $KVSTASHD_CONFIG, if\n"
+               "                         set); SIGHUP re-reads it and applies what can change\n"
+               "                         live (log_level, host_capacity, eviction, token,\n"
+               "                         admin_token, stats_interval, drain_timeout,\n"
+               "                         stream_idle); the others need a restart\n"
+               "  --print-config         print the effective settings as a config file, each\n"
+               "                         with where its value came from, and exit\n");
+    for (int i = 0; i < KVS_CONFIG_NKEYS; i++) {
+        char head[64];
+        snprintf(head, sizeof head, "--%s%s%s", keys[i].flag, keys[i].arg ? " " : "",
+                 keys[i].arg ? keys[i].arg : "");
+        fprintf(f, "  %-22s ", head);
+        if (strlen(head) > 22)
+            fprintf(f, "\n  %-22s ", "");
+        for (const char *h = keys[i].help; *h; h++) {
+            fputc(*h, f);
+            if (*h == '\n')
+                fprintf(f, "  %-22s ", "");
+        }
+        fputc('\n', f);
+    }
+    fprintf(f, "  --no-gpu               same as --gpu off\n"
+               "  -h, --help             this text\n"
+               "  --version              print the version\n"
+               "\n"
+               "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
+               "which keeps them out of the process list; they override the file, flags\n"
+               "override them.\n");
+}
+
+enum { O_CONFIG = 1000, O_PRINT, O_NO_GPU, O_VERSION };
+
+static int apply_env(kvs_config *cfg, const char *key, const char *var, kvs_err *err)
+{
+    const char *v = getenv(var);
+    return v ? kvs_config_key_set(cfg, kvs_config_key_find(key), v, KVS_SRC_ENV, 0, var, err) : 0;
 }
 
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
 {
-    enum {
-        O_LISTEN = 256,
-        O_PORT_FILE,
-        O_HOST_CAP,
-        O_MAX_MSG,
-        O_THREADS,
-        O_LOG,
-        O_TOKEN,
-        O_ADMIN_TOKEN,
-        O_DRAIN,
-        O_STATS,
-        O_MAX_KEYS,
-        O_CALIB,
-        O_CODEC_THREADS,
-        O_GPU,
-        O_NO_GPU,
-        O_GPU_DEVICE,
-        O_GPU_CAP,
-        O_GPU_WM,
-        O_DATA_DIR,
-        O_DISK_CAP,
-        O_PROMOTE,
-        O_FLUSH_EXIT,
-        O_EVICTION,
-        O_HOST_WM,
-        O_SPILL_Q,
-        O_HOST_PIN,
-        O_VERSION,
-        O_DATA_RESET,
-        O_RECV_BUDGET,
-        O_MAX_PUTS,
-        O_MAX_PUTS_CONN,
-        O_STREAM_IDLE,
-        O_REGION_SOCKET,
-        O_REGION_MAX
-    };
-    static const struct option opts[] = {
-        {"listen", required_argument, NULL, O_LISTEN},
-        {"port-file", required_argument, NULL, O_PORT_FILE},
-        {"host-capacity", required_argument, NULL, O_HOST_CAP},
-        {"max-message", required_argument, NULL, O_MAX_MSG},
-        {"threads", required_argument, NULL, O_THREADS},
-        {"log-level", required_argument, NULL, O_LOG},
-        {"token", required_argument, NULL, O_TOKEN},
-        {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
-        {"drain-timeout", required_argument, NULL, O_DRAIN},
-        {"stats-interval", required_argument, NULL, O_STATS},
-        {"max-keys", required_argument, NULL, O_MAX_KEYS},
-        {"calib-tokens", required_argument, NULL, O_CALIB},
-        {"codec-threads", required_argument, NULL, O_CODEC_THREADS},
-        {"gpu", required_argument, NULL, O_GPU},
-        {"no-gpu", no_argument, NULL, O_NO_GPU},
-        {"gpu-device", required_argument, NULL, O_GPU_DEVICE},
-        {"gpu-capacity", required_argument, NULL, O_GPU_CAP},
-        {"gpu-watermarks", required_argument, NULL, O_GPU_WM},
-        {"host-watermarks", required_argument, NULL, O_HOST_WM},
-        {"spill-queue", required_argument, NULL, O_SPILL_Q},
-        {"host-pinned", required_argument, NULL, O_HOST_PIN},
-        {"data-dir", required_argument, NULL, O_DATA_DIR},
-        {"disk-capacity", required_argument, NULL, O_DISK_CAP},
-        {"promote", required_argument, NULL, O_PROMOTE},
-        {"flush-on-exit", required_argument, NULL, O_FLUSH_EXIT},
-        {"eviction", required_argument, NULL, O_EVICTION},
-        {"data-dir-reset", no_argument, NULL, O_DATA_RESET},
-        {"recv-budget", required_argument, NULL, O_RECV_BUDGET},
-        {"max-puts", required_argument, NULL, O_MAX_PUTS},
-        {"max-puts-per-conn", required_argument, NULL, O_MAX_PUTS_CONN},
-        {"stream-idle", required_argument, NULL, O_STREAM_IDLE},
-        {"region-socket", required_argument, NULL, O_REGION_SOCKET},
-        {"region-max-bytes", required_argument, NULL, O_REGION_MAX},
-        {"help", no_argument, NULL, 'h'},
-        {"version", no_argument, NULL, O_VERSION},
-        {NULL, 0, NULL, 0},
-    };
-    const char *env;
-    bool region_given = false;
-    if ((env = getenv("KVSTASH_TOKEN")) &&
-        copy_str(cfg->token, sizeof cfg->token, env, "KVSTASH_TOKEN", err))
-        return err ? err->code : KVS_EINVAL;
-    if ((env = getenv("KVSTASH_ADMIN_TOKEN")) &&
-        copy_str(cfg->admin_token, sizeof cfg->admin_token, env, "KVSTASH_ADMIN_TOKEN", err))
-        return err ? err->code : KVS_EINVAL;
+    struct option opts[KVS_CONFIG_NKEYS + 6];
+    for (int i = 0; i < KVS_CONFIG_NKEYS; i++)
+        opts[i] = (struct option){keys[i].flag,
+                                  keys[i].flags & KVS_KEY_SWITCH ? no_argument : required_argument,
+                                  NULL, i};
+    opts[KVS_CONFIG_NKEYS + 0] = (struct option){"config", required_argument, NULL, O_CONFIG};
+    opts[KVS_CONFIG_NKEYS + 1] = (struct option){"print-config", no_argument, NULL, O_PRINT};
+    opts[KVS_CONFIG_NKEYS + 2] = (struct option){"no-gpu", no_argument, NULL, O_NO_GPU};
+    opts[KVS_CONFIG_NKEYS + 3] = (struct option){"help", no_argument, NULL, 'h'};
+    opts[KVS_CONFIG_NKEYS + 4] = (struct option){"version", no_argument, NULL, O_VERSION};
+    opts[KVS_CONFIG_NKEYS + 5] = (struct option){NULL, 0, NULL, 0};
 
-    optind = 1;
+    /* First the whole command line, keeping the settings for last: the file comes before
+     * them whatever their order (flags win). */
+    int *given = kvs_xcalloc((size_t)argc + 1, sizeof *given);
+    const char **vals = kvs_xcalloc((size_t)argc + 1, sizeof *vals);
+    int n = 0, c, rc = 0;
+    bool print = false;
+    const char *file = getenv("KVSTASHD_CONFIG");
+    optind = 0; /* glibc: a full rescan, as a SIGHUP reload parses argv again */
     opterr = 0;
-    int c, rc = 0;
-    uint64_t size;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-        switch (c) {
-        case O_LISTEN:
-            rc = copy_str(cfg->listen, sizeof cfg->listen, optarg, "--listen", err);
-            break;
-        case O_PORT_FILE:
-            rc = copy_str(cfg->port_file, sizeof cfg->port_file, optarg, "--port-file", err);
-            break;
-        case O_HOST_CAP:
-            if (!kvs_parse_size(optarg, &size) || size == 0)
-                return kvs_err_set(err, KVS_EINVAL, "--host-capacity: '%s' is not a size > 0",
-                                   optarg);
-            cfg->host_capacity = size;
-            break;
-        case O_MAX_MSG:
-            if (!kvs_parse_size(optarg, &size) || size < 4096 || size > (1ull << 31) - 1)
-                return kvs_err_set(err, KVS_EINVAL, "--max-message: '%s' is not a size in 4K..2G-1",
-                                   optarg);
-            cfg->max_message = size;
-            break;
-        case O_THREADS:
-            if (!parse_uint(optarg, 1, 256, &cfg->threads))
-                return kvs_err_set(err, KVS_EINVAL, "--threads: '%s' is not in 1..256", optarg);
-            break;
-        case O_LOG: {
-            int lvl = kvs_log_level_parse(optarg);
-            if (lvl < 0)
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--log-level: '%s' is not error, warn, info or debug", optarg);
-            cfg->log_level = (kvs_log_level)lvl;
-            break;
+        if (c >= 0 && c < KVS_CONFIG_NKEYS) {
+            given[n] = c;
+            vals[n++] = keys[c].flags & KVS_KEY_SWITCH ? "on" : optarg;
+            continue;
         }
-        case O_TOKEN:
-            rc = copy_str(cfg->token, sizeof cfg->token, optarg, "--token", err);
+        switch (c) {
+        case O_CONFIG:
+            file = optarg;
+            if (!file[0])
+                rc = kvs_err_set(err, KVS_EINVAL, "--config: empty path");
             break;
-        case O_ADMIN_TOKEN:
-            rc = copy_str(cfg->admin_token, sizeof cfg->admin_token, optarg, "--admin-token", err);
-            break;
-        case O_DRAIN:
-            if (!parse_uint(optarg, 0, 86400, &cfg->drain_timeout_s))
-                return kvs_err_set(err, KVS_EINVAL, "--drain-timeout: '%s' is not in 0..86400",
-                                   optarg);
-            break;
-        case O_STATS:
-            if (!parse_uint(optarg, 0, 86400, &cfg->stats_interval_s))
-                return kvs_err_set(err, KVS_EINVAL, "--stats-interval: '%s' is not in 0..86400",
-                                   optarg);
-            break;
-        case O_MAX_KEYS:
-            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_keys))
-                return kvs_err_set(err, KVS_EINVAL, "--max-keys: '%s' is not in 1..1048576",
-                                   optarg);
-            break;
-        case O_GPU:
-            if (strcmp(optarg, "auto") == 0)
-                cfg->gpu = KVS_GPU_AUTO;
-            else if (strcmp(optarg, "on") == 0)
-                cfg->gpu = KVS_GPU_ON;
-            else if (strcmp(optarg, "off") == 0)
-                cfg->gpu = KVS_GPU_OFF;
-            else
-                return kvs_err_set(err, KVS_EINVAL, "--gpu: '%s' is not auto, on or off", optarg);
+        case O_PRINT:
+            print = true;
             break;
         case O_NO_GPU:
-            cfg->gpu = KVS_GPU_OFF;
-            break;
-        case O_GPU_DEVICE: {
-            unsigned dev;
-            if (!parse_uint(optarg, 0, 255, &dev))
-                return kvs_err_set(err, KVS_EINVAL, "--gpu-device: '%s' is not in 0..255", optarg);
-            cfg->gpu_device = (int)dev;
-            break;
-        }
-        case O_GPU_CAP: {
-            size_t n = strlen(optarg);
-            if (n > 1 && optarg[n - 1] == '%') {
-                char pct[8];
-                unsigned v;
-                if (n > sizeof pct ||
-                    (memcpy(pct, optarg, n - 1), pct[n - 1] = 0, !parse_uint(pct, 1, 95, &v)))
-                    return kvs_err_set(err, KVS_EINVAL,
-                                       "--gpu-capacity: '%s' is not a share in "
-                                       "1%%..95%%",
-                                       optarg);
-                cfg->gpu_capacity = 0;
-                cfg->gpu_capacity_pct = v;
-            } else if (kvs_parse_size(optarg, &size)) {
-                cfg->gpu_capacity = size;
-                cfg->gpu_capacity_pct = 0; /* 0 bytes and no share: no GPU tier */
-            } else {
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--gpu-capacity: '%s' is neither a size "
-                                   "(e.g. 8G) nor a share (e.g. 25%%)",
-                                   optarg);
-            }
-            break;
-        }
-        case O_GPU_WM:
-            if (!parse_watermarks(optarg, &cfg->gpu_high_pct, &cfg->gpu_low_pct))
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--gpu-watermarks: '%s' is not HIGH,LOW "
-                                   "with 0 <= LOW < HIGH <= 100",
-                                   optarg);
-            break;
-        case O_HOST_WM:
-            if (!parse_watermarks(optarg, &cfg->host_high_pct, &cfg->host_low_pct))
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--host-watermarks: '%s' is not HIGH,LOW "
-                                   "with 0 <= LOW < HIGH <= 100",
-                                   optarg);
-            break;
-        case O_CODEC_THREADS:
-            if (!parse_uint(optarg, 1, 1024, &cfg->codec_threads))
-                return kvs_err_set(err, KVS_EINVAL, "--codec-threads: '%s' is not in 1..1024",
-                                   optarg);
-            break;
-        case O_CALIB:
-            if (!parse_uint(optarg, 1, 1u << 24, &cfg->calib_tokens))
-                return kvs_err_set(err, KVS_EINVAL, "--calib-tokens: '%s' is not in 1..16777216",
-                                   optarg);
-            break;
-        case O_DATA_DIR:
-            if (!optarg[0])
-                return kvs_err_set(err, KVS_EINVAL, "--data-dir: empty path");
-            rc = copy_str(cfg->data_dir, sizeof cfg->data_dir, optarg, "--data-dir", err);
-            break;
-        case O_DISK_CAP:
-            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
-                return kvs_err_set(err, KVS_EINVAL, "--disk-capacity: '%s' is not a size >= 1M",
-                                   optarg);
-            cfg->disk_capacity = size;
-            break;
-        case O_HOST_PIN:
-            if (strcmp(optarg, "on") && strcmp(optarg, "off"))
-                return kvs_err_set(err, KVS_EINVAL, "--host-pinned: '%s' is not on or off", optarg);
-            cfg->host_pinned = optarg[1] == 'n';
-            break;
-        case O_SPILL_Q:
-            if (!kvs_parse_size(optarg, &size) || size == 0)
-                return kvs_err_set(err, KVS_EINVAL, "--spill-queue: '%s' is not a size > 0",
-                                   optarg);
-            cfg->spill_queue = size;
-            break;
-        case O_PROMOTE:
-            if (strcmp(optarg, "on") == 0)
-                cfg->promote = 1;
-            else if (strcmp(optarg, "off") == 0)
-                cfg->promote = 0;
-            else
-                return kvs_err_set(err, KVS_EINVAL, "--promote: '%s' is not on or off", optarg);
-            break;
-        case O_FLUSH_EXIT:
-            if (strcmp(optarg, "on") == 0 || strcmp(optarg, "off") == 0)
-                cfg->flush_on_exit = optarg[1] == 'n';
-            else
-                return kvs_err_set(err, KVS_EINVAL, "--flush-on-exit: '%s' is not on or off",
-                                   optarg);
-            break;
-        case O_EVICTION:
-            if (kvs_policy_kind_parse(optarg, &cfg->eviction, err))
-                return kvs_err_set(err, KVS_EINVAL, "--eviction: '%.64s' is not lru or s3fifo",
-                                   optarg);
-            break;
-        case O_DATA_RESET:
-            cfg->data_dir_reset = 1;
-            break;
-        case O_RECV_BUDGET:
-            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
-                return kvs_err_set(err, KVS_EINVAL, "--recv-budget: '%s' is not a size >= 1M",
-                                   optarg);
-            cfg->recv_budget = size;
-            break;
-        case O_MAX_PUTS:
-            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_puts))
-                return kvs_err_set(err, KVS_EINVAL, "--max-puts: '%s' is not in 1..1048576",
-                                   optarg);
-            break;
-        case O_MAX_PUTS_CONN:
-            if (!parse_uint(optarg, 1, 1u << 20, &cfg->max_puts_per_conn))
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--max-puts-per-conn: '%s' is not in 1..1048576", optarg);
-            break;
-        case O_STREAM_IDLE:
-            if (!parse_uint(optarg, 1, 86400, &cfg->stream_idle_s))
-                return kvs_err_set(err, KVS_EINVAL, "--stream-idle: '%s' is not in 1..86400",
-                                   optarg);
-            break;
-        case O_REGION_SOCKET:
-            if (!optarg[0])
-                return kvs_err_set(err, KVS_EINVAL,
-                                   "--region-socket: empty path ('none' for none)");
-            rc = copy_str(cfg->region_socket, sizeof cfg->region_socket, optarg, "--region-socket",
-                          err);
-            region_given = true;
-            break;
-        case O_REGION_MAX:
-            if (!kvs_parse_size(optarg, &size) || size < (1ull << 20))
-                return kvs_err_set(err, KVS_EINVAL, "--region-max-bytes: '%s' is not a size >= 1M",
-                                   optarg);
-            cfg->region_max_bytes = size;
+            given[n] = kvs_config_key_find("gpu");
+            vals[n++] = "off";
             break;
         case 'h':
             usage(stdout);
-            return 1;
+            rc = KVS_CONFIG_EXIT;
+            break;
         case O_VERSION:
             printf("kvstashd %s\n", KVS_VERSION);
-            return 1;
+            rc = KVS_CONFIG_EXIT;
+            break;
         case ':':
-            return kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
+            rc = kvs_err_set(err, KVS_EINVAL, "%s: needs a value (see --help)", argv[optind - 1]);
+            break;
         default:
-            return kvs_err_set(err, KVS_EINVAL, "%s: unknown option (see --help)",
-                               argv[optind - 1]);
+            rc = kvs_err_set(err, KVS_EINVAL, "%s: unknown option (see --help)", argv[optind - 1]);
         }
         if (rc)
-            return rc;
+            goto out;
     }
-    if (optind < argc)
-        return kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
-    if (!region_given && strncmp(cfg->listen, "unix:", 5) == 0 &&
-        strlen(cfg->listen + 5) + sizeof ".region" <= sizeof cfg->region_socket)
-        snprintf(cfg->region_socket, sizeof cfg->region_socket, "%s.region", cfg->listen + 5);
-    if (strcmp(cfg->region_socket, "none") == 0)
-        cfg->region_socket[0] = 0;
-    if (cfg->data_dir_reset && !cfg->data_dir[0])
-        return kvs_err_set(err, KVS_EINVAL, "--data-dir-reset: needs --data-dir");
-    /* A quarter of the host tier, but room for a few large blocks even with a tiny one. */
-    if (!cfg->recv_budget)
-        cfg->recv_budget =
-            cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4 : 64ull << 20;
-    return 0;
+    if (optind < argc) {
+        rc = kvs_err_set(err, KVS_EINVAL, "%s: unexpected argument (see --help)", argv[optind]);
+        goto out;
+    }
+    if (file && file[0]) {
+        if (strlen(file) >= sizeof cfg->file) {
+            rc = kvs_err_set(err, KVS_EINVAL, "--config: longer than %zu characters",
+                             sizeof cfg->file - 1);
+            goto out;
+        }
+        snprintf(cfg->file, sizeof cfg->file, "%s", file);
+        if ((rc = kvs_conffile_apply(cfg, err)))
+            goto out;
+    }
+    if ((rc = apply_env(cfg, "token", "KVSTASH_TOKEN", err)) ||
+        (rc = apply_env(cfg, "admin_token", "KVSTASH_ADMIN_TOKEN", err)))
+        goto out;
+    for (int i = 0; i < n; i++)
+        if ((rc = kvs_config_key_set(cfg, given[i], vals[i], KVS_SRC_FLAG, 0, NULL, err)))
+            goto out;
+    if (cfg->data_dir_reset && !cfg->data_dir[0]) {
+        int i = kvs_config_key_find("data_dir_reset");
+        char w[600];
+        source_name(cfg, &keys[i], cfg->src[i].kind, cfg->src[i].line, NULL, w, sizeof w);
+        rc = kvs_err_set(err, KVS_EINVAL, "%s: needs %s", w,
+                         cfg->src[i].kind == KVS_SRC_FLAG ? "--data-dir" : "data_dir");
+        goto out;
+    }
+    rc = print ? KVS_CONFIG_PRINT : KVS_CONFIG_RUN;
+out:
+    free(given);
+    free(vals);
+    return rc;
 }

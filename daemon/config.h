@@ -1,10 +1,22 @@
-/* kvstashd configuration: embedded defaults overridden by command-line flags
- * (DESIGN §11; the YAML file comes later). Every value is validated here, and error
- * messages name the flag. */
+/* kvstashd configuration (DESIGN §11): embedded defaults, then a YAML config file
+ * (--config PATH or $KVSTASHD_CONFIG; daemon/conffile.h), then the tokens from the
+ * environment, then command-line flags: each later source wins. One table (config.c,
+ * `keys`) describes every setting once: its flag (--host-capacity), its YAML key (the
+ * flag's name with '_' for '-': host_capacity), how its value is parsed and checked, how
+ * it is printed back, and whether a SIGHUP reload may change it while the daemon runs
+ * (KVS_KEY_LIVE). A value from any source goes through the same check, and an error
+ * names where it came from: "--host-capacity: ...", "FILE:LINE: host_capacity: ...",
+ * "KVSTASH_TOKEN: ...". Each value's source is kept (cfg->src) for --print-config.
+ *
+ * Threading: a kvs_config is a plain value; whoever holds one decides who may read it
+ * (main.c: the loop thread changes only KVS_KEY_LIVE fields that no other thread reads).
+ */
 #ifndef KVS_DAEMON_CONFIG_H
 #define KVS_DAEMON_CONFIG_H
 
+#include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
@@ -12,13 +24,23 @@
 
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
+/* Number of settings in the key table (config.c checks it). */
+#define KVS_CONFIG_NKEYS 32
+
+typedef enum kvs_config_src_kind {
+    KVS_SRC_DEFAULT = 0,
+    KVS_SRC_FILE = 1,
+    KVS_SRC_ENV = 2,
+    KVS_SRC_FLAG = 3,
+} kvs_config_src_kind;
+
 typedef struct kvs_config {
     char listen[256];          /* gRPC address, host:port or unix:/path */
     char port_file[512];       /* if set, the bound port is written there once listening */
     uint64_t host_capacity;    /* bytes of the host tier */
     uint64_t max_message;      /* largest gRPC message accepted or sent */
-    unsigned threads;          /* completion-queue threads */
-    unsigned codec_threads;    /* libuv pool threads for CPU codec work */
+    unsigned threads;          /* completion-queue threads (auto: cores, 2..64) */
+    unsigned codec_threads;    /* libuv pool threads for CPU codec work (auto: as threads) */
     int gpu;                   /* KVS_GPU_AUTO, KVS_GPU_ON (fail without one), KVS_GPU_OFF */
     int gpu_device;            /* CUDA device of the codec engine */
     uint64_t gpu_capacity;     /* bytes of the GPU tier; 0 = gpu_capacity_pct of free memory */
@@ -35,24 +57,77 @@ typedef struct kvs_config {
     char data_dir[512];         /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;     /* byte budget of the disk tier */
     int host_pinned;            /* with a GPU engine: host blocks in pinned memory (default 1) */
-    uint64_t spill_queue;       /* bytes of host blocks waiting for the disk writer; 0: host/4 */
+    uint64_t spill_queue;       /* bytes of host blocks waiting for the disk writer; 0 = auto
+                                 * (the store's host/4) */
     int promote;                /* 1: a Get of a disk block moves it to the host tier */
     int flush_on_exit;          /* 1: write host blocks to the disk tier at shutdown */
     kvs_policy_kind eviction;   /* host tier eviction policy (--eviction) */
     int data_dir_reset;         /* 1: a broken data.mdb is kept aside and a new store started */
-    uint64_t recv_budget;       /* bytes of Put payloads being received, all calls; 0: host/4 */
+    uint64_t recv_budget;       /* bytes of Put payloads being received; 0 = auto
+                                 * (kvs_config_recv_budget) */
     unsigned max_puts;          /* Put streams open at once, all connections */
     unsigned max_puts_per_conn; /* ...and from one connection (one peer address) */
     unsigned stream_idle_s;     /* a Put or Get stream without progress this long is cancelled */
-    char region_socket[108];    /* shared-memory region socket ("" = none; "none" given) */
+    char region_socket[108];    /* shared-memory region socket: "" = auto, "none" = none
+                                 * (kvs_config_region_socket) */
     uint64_t region_max_bytes;  /* bytes of shared memory registered, all clients together */
+    char file[512];             /* the config file read ("" = none), re-read on SIGHUP */
+    struct kvs_config_src {
+        uint8_t kind;        /* kvs_config_src_kind */
+        uint32_t line;       /* KVS_SRC_FILE: 1-based line of the key */
+    } src[KVS_CONFIG_NKEYS]; /* where each key's value came from (key index) */
 } kvs_config;
 
+/* Embedded defaults; every source KVS_SRC_DEFAULT, no file. */
 void kvs_config_defaults(kvs_config *cfg);
 
-/* Parses argv into cfg. Returns 0 to run, 1 if --help/--version was printed (exit 0),
- * or KVS_EINVAL with a message naming the flag. */
+enum { KVS_CONFIG_RUN = 0, KVS_CONFIG_EXIT = 1, KVS_CONFIG_PRINT = 2 };
+
+/* Applies the config file, the environment's tokens and the flags in argv to cfg (which
+ * holds the defaults) in that order, then checks the settings that depend on each other.
+ * Returns KVS_CONFIG_RUN, KVS_CONFIG_EXIT (--help or --version printed: exit 0),
+ * KVS_CONFIG_PRINT (--print-config: cfg is complete and checked, print it and exit 0), or
+ * KVS_EINVAL / KVS_EIO with a message naming the flag, or the file, line and key. */
 int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err);
+
+/* Writes cfg as YAML that kvstashd accepts back as a config file: every key, each with a
+ * comment saying where its value came from; tokens as "<set>" (a value refused as a
+ * token, so the printout never passes for one). */
+void kvs_config_print(const kvs_config *cfg, FILE *f);
+
+/* ---------------------------------------------------------------- the key table */
+
+enum {
+    KVS_KEY_LIVE = 1,   /* a SIGHUP reload applies a new value (main.c) */
+    KVS_KEY_SECRET = 2, /* printed as "<set>", never logged */
+    KVS_KEY_SWITCH = 4, /* its flag takes no value (--data-dir-reset means on) */
+};
+
+/* Index of a YAML key ("host_capacity") in the table, or -1. */
+int kvs_config_key_find(const char *key);
+const char *kvs_config_key_name(int i); /* "host_capacity" */
+const char *kvs_config_key_flag(int i); /* "host-capacity" (without the dashes) */
+unsigned kvs_config_key_flags(int i);   /* KVS_KEY_* bits */
+/* Parses and checks value for key i and stores it in cfg with its source (line: for
+ * KVS_SRC_FILE, cfg->file's line). Errors name the source: "--flag: ...",
+ * "FILE:LINE: key: ...", "ENVVAR: ..." (env: the variable's name). */
+int kvs_config_key_set(kvs_config *cfg, int i, const char *value, kvs_config_src_kind src,
+                       uint32_t line, const char *env, kvs_err *err);
+/* The value of key i as the config file would spell it ("2G", "90,80", "lru"); secrets
+ * as "<set>" or "". */
+void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap);
+/* Where key i's value came from, in words: "default", "file kvstashd.yaml:3",
+ * "flag --host-capacity", "env KVSTASH_TOKEN". */
+void kvs_config_key_source(const kvs_config *cfg, int i, char *buf, size_t cap);
+/* True if key i has the same value in a and b (secrets compared too). */
+bool kvs_config_key_equal(const kvs_config *a, const kvs_config *b, int i);
+/* Copies key i's value and source from src to dst. */
+void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i);
+
+/* Effective values of the keys whose default is "auto" (derived from other keys). */
+uint64_t kvs_config_recv_budget(const kvs_config *cfg); /* auto: host/4, at least 64M */
+/* The region socket path, "" for none (auto: <listen path>.region for unix: listen). */
+const char *kvs_config_region_socket(const kvs_config *cfg, char *buf, size_t cap);
 
 /* Parses "512", "64K", "256M", "2G", "1T" (powers of 1024). Returns false on garbage or
  * overflow. */

@@ -3,19 +3,20 @@
 #include "daemon/log.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
-static kvs_log_level g_level = KVS_LOG_INFO;
+static _Atomic int g_level = KVS_LOG_INFO;
 
 void kvs_log_set_level(kvs_log_level level)
 {
-    g_level = level;
+    atomic_store_explicit(&g_level, (int)level, memory_order_relaxed);
 }
 kvs_log_level kvs_log_get_level(void)
 {
-    return g_level;
+    return (kvs_log_level)atomic_load_explicit(&g_level, memory_order_relaxed);
 }
 
 int kvs_log_level_parse(const char *s)
@@ -41,7 +42,7 @@ static void emit(kvs_log_level level, const char *msg)
 
 void kvs_log(kvs_log_level level, const char *fmt, ...)
 {
-    if (level > g_level)
+    if ((int)level > atomic_load_explicit(&g_level, memory_order_relaxed))
         return;
     char line[1024];
     va_list ap;
@@ -53,6 +54,6 @@ void kvs_log(kvs_log_level level, const char *fmt, ...)
 
 void kvs_log_sink(void *ctx, kvs_log_level level, const char *line)
 {
-    if (level <= g_level)
+    if ((int)level <= atomic_load_explicit(&g_level, memory_order_relaxed))
         emit(level, line);
 }

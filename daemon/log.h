@@ -1,6 +1,7 @@
 /* kvstashd's log: one line per event on stderr, "<UTC time> <LEVEL> <message>", which
- * journald collects as is. The level is process-wide, set once by main.c before any
- * thread starts and read-only afterwards (SIGHUP reload comes with the config file). */
+ * journald collects as is. The level is process-wide: set by main.c at start and again
+ * by a SIGHUP reload (log_level) while other threads log; it is an atomic read with
+ * relaxed order, since a line logged at the old level just before a change is harmless. */
 #ifndef KVS_DAEMON_LOG_H
 #define KVS_DAEMON_LOG_H
 

@@ -2,12 +2,14 @@
  * daemon's only process-global state (the `daemon` struct below, reached through the
  * loop's data pointer).
  *
- * Start: parse flags -> grpc_init -> loop (signals, stats timer) -> codec work mailbox
+ * Start: parse the config (defaults < --config file < env tokens < flags; daemon/config.h)
+ * -> grpc_init -> loop (signals, stats timer) -> codec work mailbox
  * (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop
  * (SIGTERM/SIGINT): drain (new calls get UNAVAILABLE) -> poll until in-flight calls finish or
  * --drain-timeout passes -> close loop handles (queued codec work still finishes) -> server
  * shutdown -> work mailbox -> store -> grpc_shutdown -> exit 0. A second signal during the drain
- * skips the wait.
+ * skips the wait. SIGHUP: re-read the config file and apply what may change live
+ * (on_sighup).
  *
  * Threads: the loop runs on the main thread; gRPC's completion-queue threads run every
  * call (daemon/server.c) and touch libuv only through the work mailbox; CPU codec work runs
@@ -22,6 +24,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "daemon/auth.h"
 #include "daemon/call.h"
 #include "daemon/config.h"
 #include "daemon/limits.h"
@@ -52,22 +55,25 @@ typedef struct daemon_state {
     unsigned sweeps;
     uint64_t drain_deadline_ms;
     int signals_seen;
+    int argc; /* the command line, parsed again at each reload (flags win over the file) */
+    char **argv;
 } daemon_state;
 
 /* The region socket (daemon/region.h), after the engine: regions are pinned for it. */
 static int start_regions(daemon_state *d, kvs_err *err)
 {
-    if (!d->cfg.region_socket[0])
+    char path[sizeof d->cfg.region_socket];
+    if (!kvs_config_region_socket(&d->cfg, path, sizeof path)[0])
         return 0;
-    kvs_regions_opts o = {.path = d->cfg.region_socket,
+    kvs_regions_opts o = {.path = path,
                           .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
                           .max_bytes = d->cfg.region_max_bytes,
                           .engine = d->engine,
                           .log = kvs_log_sink};
     int rc = kvs_regions_create(&d->loop, &o, &d->regions, err);
     if (rc == 0)
-        kvs_log(KVS_LOG_INFO, "region socket %s (shared memory up to %llu bytes)",
-                d->cfg.region_socket, (unsigned long long)d->cfg.region_max_bytes);
+        kvs_log(KVS_LOG_INFO, "region socket %s (shared memory up to %llu bytes)", path,
+                (unsigned long long)d->cfg.region_max_bytes);
     return rc;
 }
 
@@ -110,16 +116,6 @@ static void on_signal(uv_signal_t *s, int signum)
     uv_timer_stop(&d->stats_timer);
     d->drain_deadline_ms = uv_now(&d->loop) + (uint64_t)d->cfg.drain_timeout_s * 1000;
     uv_timer_start(&d->drain_timer, on_drain_poll, 0, DRAIN_POLL_MS);
-}
-
-/* SIGHUP asks a daemon to reload its configuration; its default action would end the
- * process without a drain or a flush. Every setting comes from flags today, so there is
- * nothing to reload: say so and go on. */
-static void on_sighup(uv_signal_t *s, int signum)
-{
-    (void)s;
-    (void)signum;
-    kvs_log(KVS_LOG_INFO, "SIGHUP: nothing to reload (settings come from flags); ignored");
 }
 
 #define SWEEP_MS 500         /* stalled-stream sweep period */
@@ -170,6 +166,100 @@ static void on_stats(uv_timer_t *t)
             kvs_server_inflight(d->server), (unsigned long long)ls.puts_open,
             (unsigned long long)ls.recv_used, (unsigned long long)ls.recv_budget,
             (unsigned long long)(ls.puts_refused + ls.recv_refused), (unsigned long long)idle);
+}
+
+/* Applies one live key's new value (config.h KVS_KEY_LIVE). Only the loop thread reads
+ * the cfg fields changed here, or they are read once at start (tokens): the CQ threads
+ * never see a field change under them. */
+static int apply_live(daemon_state *d, const kvs_config *next, const char *key, kvs_err *err)
+{
+    if (!strcmp(key, "log_level")) {
+        kvs_log_set_level(next->log_level);
+    } else if (!strcmp(key, "host_capacity") || !strcmp(key, "eviction")) {
+        uint64_t evicted = 0;
+        int rc = kvs_store_set_host(d->store, next->host_capacity, next->eviction, &evicted, err);
+        if (rc)
+            return rc;
+        if (evicted)
+            kvs_log(KVS_LOG_INFO, "SIGHUP: host tier: %llu blocks evicted to fit",
+                    (unsigned long long)evicted);
+    } else if (!strcmp(key, "token") || !strcmp(key, "admin_token")) {
+        kvs_server_set_auth(d->server,
+                            kvs_auth_create(next->token, strlen(next->token), next->admin_token,
+                                            strlen(next->admin_token)));
+    } else if (!strcmp(key, "stats_interval")) {
+        uv_timer_stop(&d->stats_timer);
+        uint64_t ms = (uint64_t)next->stats_interval_s * 1000;
+        if (ms)
+            uv_timer_start(&d->stats_timer, on_stats, ms, ms);
+    }
+    /* drain_timeout, stream_idle: read from d->cfg by the loop when needed. */
+    return 0;
+}
+
+/* SIGHUP: reads the config again as at start (defaults, the same file, the environment's
+ * tokens, the same flags, so flags still win) into a new kvs_config; a file that fails
+ * is refused whole and the running config stays. Then key by key: a live key's new value
+ * is applied and logged; another changed key is logged as needing a restart and keeps
+ * its running value, so d->cfg always says what runs. */
+static void on_sighup(uv_signal_t *s, int signum)
+{
+    daemon_state *d = s->data;
+    (void)signum;
+    if (!d->cfg.file[0]) {
+        kvs_log(KVS_LOG_INFO, "SIGHUP: no config file (--config, KVSTASHD_CONFIG): nothing "
+                              "to reload");
+        return;
+    }
+    if (d->signals_seen) /* draining: the daemon is on its way out */
+        return;
+    static kvs_config next; /* large; the loop thread is the only user */
+    kvs_err err;
+    kvs_err_clear(&err);
+    kvs_config_defaults(&next);
+    int rc = kvs_config_parse_args(&next, d->argc, d->argv, &err);
+    if (rc < 0) {
+        kvs_log(KVS_LOG_ERROR, "SIGHUP: config refused, nothing changed: %s", err.msg);
+        return;
+    }
+    /* host_capacity and eviction change together (one new policy), once. log_level goes
+     * last, so that every line of this reload is logged at the level it found. */
+    bool host_done = false;
+    unsigned changed = 0, restart = 0;
+    int log_key = kvs_config_key_find("log_level");
+    for (int n = 0; n < KVS_CONFIG_NKEYS; n++) {
+        int i = n == KVS_CONFIG_NKEYS - 1 ? log_key : n < log_key ? n : n + 1;
+        if (kvs_config_key_equal(&d->cfg, &next, i)) {
+            d->cfg.src[i] = next.src[i]; /* same value, maybe from elsewhere now */
+            continue;
+        }
+        const char *key = kvs_config_key_name(i);
+        char was[600], now[600], src[700];
+        kvs_config_key_value(&d->cfg, i, was, sizeof was);
+        kvs_config_key_value(&next, i, now, sizeof now);
+        kvs_config_key_source(&next, i, src, sizeof src);
+        if (!(kvs_config_key_flags(i) & KVS_KEY_LIVE)) {
+            kvs_log(KVS_LOG_WARN, "SIGHUP: %s: %s -> %s (%s) needs a restart; keeping %s", key, was,
+                    now, src, was);
+            restart++;
+            continue;
+        }
+        bool host = !strcmp(key, "host_capacity") || !strcmp(key, "eviction");
+        if (i != log_key && !(host && host_done) && (rc = apply_live(d, &next, key, &err))) {
+            kvs_log(KVS_LOG_ERROR, "SIGHUP: %s: %s -> %s: %s; keeping %s", key, was, now, err.msg,
+                    was);
+            continue;
+        }
+        host_done |= host;
+        kvs_config_key_copy(&d->cfg, &next, i);
+        /* Tokens print as "<set>" or "": their values never reach the log. */
+        kvs_log(KVS_LOG_INFO, "SIGHUP: %s: %s -> %s (%s)", key, was, now, src);
+        if (i == log_key)
+            kvs_log_set_level(next.log_level);
+        changed++;
+    }
+    kvs_log(KVS_LOG_INFO, "SIGHUP: reloaded %s: %u settings changed, %u need a restart",
+            d->cfg.file, changed, restart);
 }
 
 static int write_port_file(const char *path, int port)
@@ -350,12 +440,18 @@ int main(int argc, char **argv)
     kvs_err_clear(&err);
     kvs_config_defaults(&d.cfg);
     int rc = kvs_config_parse_args(&d.cfg, argc, argv, &err);
-    if (rc == 1)
+    if (rc == KVS_CONFIG_EXIT)
         return 0;
+    if (rc == KVS_CONFIG_PRINT) {
+        kvs_config_print(&d.cfg, stdout);
+        return fflush(stdout) == 0 ? 0 : 1;
+    }
     if (rc) {
         fprintf(stderr, "kvstashd: %s\n", err.msg);
         return 2;
     }
+    d.argc = argc;
+    d.argv = argv;
     kvs_log_set_level(d.cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN); /* until the loop handles it (on_sighup) */
@@ -423,6 +519,8 @@ int main(int argc, char **argv)
                 KVS_VERSION, d.cfg.listen, port, (unsigned long long)d.cfg.host_capacity,
                 kvs_policy_name(d.cfg.eviction), d.cfg.threads,
                 (unsigned long long)d.cfg.max_message, d.cfg.token[0] ? ", token auth on" : "");
+        if (d.cfg.file[0])
+            kvs_log(KVS_LOG_INFO, "config file %s (SIGHUP reloads it)", d.cfg.file);
     }
     uv_run(&d.loop, UV_RUN_DEFAULT);
     /* Closing the loop's SIGHUP handle restored the default action (exit): a SIGHUP

@@ -5,6 +5,7 @@
 
 #include <grpc/grpc.h>
 #include <errno.h>
+#include <sched.h>
 #include <grpc/grpc_security.h>
 #include <sys/stat.h>
 #include <stdio.h>
@@ -98,10 +99,11 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
     srv->start_ms = kvs_now_ms();
     kvs_limits_opts lo = {.max_puts = cfg->max_puts,
                           .max_puts_per_conn = cfg->max_puts_per_conn,
-                          .recv_budget = cfg->recv_budget};
+                          .recv_budget = kvs_config_recv_budget(cfg)};
     srv->limits = kvs_limits_create(&lo);
-    srv->auth =
-        kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token, strlen(cfg->admin_token));
+    atomic_init(&srv->auth, kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token,
+                                            strlen(cfg->admin_token)));
+    atomic_init(&srv->auth_readers, 0);
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);
 
@@ -206,8 +208,34 @@ unsigned kvs_server_inflight(kvs_server *srv)
     return n;
 }
 
+/* Frees the swapped-out auth objects once auth_readers reads 0: every reader that
+ * loaded one of them counted itself in before the swap (seq_cst), so this load sees its
+ * count, and 0 means it also counted itself out (call.h, kvs_server.auth). */
+static void reclaim_auth(kvs_server *srv)
+{
+    if (srv->n_retired == 0 || atomic_load(&srv->auth_readers) != 0)
+        return;
+    for (unsigned i = 0; i < srv->n_retired; i++)
+        kvs_auth_destroy(srv->auth_retired[i]);
+    srv->n_retired = 0;
+}
+
+void kvs_server_set_auth(kvs_server *srv, kvs_auth *auth)
+{
+    /* Full: wait for a moment with no reader (checks take microseconds). Only a burst of
+     * reloads faster than the sweep gets here. */
+    while (srv->n_retired == sizeof srv->auth_retired / sizeof srv->auth_retired[0]) {
+        reclaim_auth(srv);
+        if (srv->n_retired)
+            sched_yield();
+    }
+    srv->auth_retired[srv->n_retired++] = atomic_exchange(&srv->auth, auth);
+    reclaim_auth(srv);
+}
+
 unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
 {
+    reclaim_auth(srv);
     uint64_t now = kvs_now_ms();
     unsigned cut = 0;
     pthread_mutex_lock(&srv->mu);
@@ -273,7 +301,9 @@ void kvs_server_destroy(kvs_server *srv)
     free(srv->threads);
     kvs_limits_destroy(srv->limits);
     kvs_xfer_destroy(srv->xfer);
-    kvs_auth_destroy(srv->auth);
+    kvs_auth_destroy(atomic_load(&srv->auth)); /* no CQ thread is left */
+    for (unsigned i = 0; i < srv->n_retired; i++)
+        kvs_auth_destroy(srv->auth_retired[i]);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
     free(srv);

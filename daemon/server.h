@@ -39,6 +39,12 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms);
 /* Stream counters for the stats line: limits (daemon/limits.h) and idle cancellations. */
 struct kvs_limits_stats;
 void kvs_server_stream_stats(kvs_server *srv, struct kvs_limits_stats *out, uint64_t *idle);
+/* Replaces the token digests (a SIGHUP reload; auth is owned by the server from now on):
+ * calls checked after this returns see the new tokens; the old object is freed once no
+ * CQ thread can hold it (call.h, kvs_server.auth), here or at a later sweep. Loop thread
+ * only. */
+struct kvs_auth;
+void kvs_server_set_auth(kvs_server *srv, struct kvs_auth *auth);
 /* Blocking; see the lifecycle above. */
 void kvs_server_shutdown(kvs_server *srv);
 void kvs_server_destroy(kvs_server *srv);

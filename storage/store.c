@@ -343,8 +343,8 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
  * until its own share is at most `target`: the scan walks past other namespaces' blocks
  * (O(host blocks) at worst) and leaves them in place, though a policy's victim scan may age
  * them as it passes (S3-FIFO's promotion and CLOCK step), as any scan does. */
-static void evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, bool drop,
-                               kvs_block **to_free)
+void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, bool drop,
+                                   kvs_block **to_free)
 {
     kvs_policy_cursor cur;
     kvs_policy_node *pn;
@@ -392,13 +392,13 @@ static void evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, boo
     }
 }
 
-/* Makes room for `need` more bytes in the host tier (evict_until_locked; drop: also
+/* Makes room for `need` more bytes in the host tier (kvs__store_evict_until_locked; drop: also
  * dropping victims the disk writer cannot take); true if they fit now. */
 static bool make_room_locked(kvs_store *st, uint64_t need, bool drop, kvs_block **to_free)
 {
     if (need > st->stats.host_capacity)
         return false;
-    evict_until_locked(st, NULL, st->stats.host_capacity - need, drop, to_free);
+    kvs__store_evict_until_locked(st, NULL, st->stats.host_capacity - need, drop, to_free);
     return st->stats.host_used + need <= st->stats.host_capacity;
 }
 
@@ -409,7 +409,7 @@ void kvs__store_host_demote(kvs_store *st)
     if (st->stats.host_used > st->host_high)
         st->host_demoting = true;
     if (st->host_demoting) {
-        evict_until_locked(st, NULL, st->host_low, false, &to_free);
+        kvs__store_evict_until_locked(st, NULL, st->host_low, false, &to_free);
         st->host_demoting = st->stats.host_used > st->host_low;
     }
     pthread_mutex_unlock(&st->mu);
@@ -437,7 +437,7 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
     bool within = true;
     if (quota) {
         if (*mine + bytes > quota && bytes <= quota)
-            evict_until_locked(st, ns, quota - bytes, drop, &to_free);
+            kvs__store_evict_until_locked(st, ns, quota - bytes, drop, &to_free);
         within = *mine + bytes <= quota;
     }
     bool ok = within && make_room_locked(st, bytes, drop, &to_free);

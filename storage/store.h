@@ -349,6 +349,20 @@ typedef struct kvs_store_stats {
 
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);
 
+/* Changes the host tier at run time (a config reload): its byte capacity (> 0; the
+ * watermarks keep their percentages) and its eviction policy. A new policy is built
+ * first (outside the lock; KVS_EINVAL or KVS_ENOMEM and nothing changed if that fails),
+ * then, under store->mu, every host block in it moves to the new one in recency order
+ * (S3-FIFO's access counters and ghost start afresh), the capacity changes and, when it
+ * shrank below what is used, idle blocks are evicted as a Put would evict them (busy ones
+ * stay: host_used may exceed the capacity until they are released, and Puts get
+ * KVS_ENOSPC meanwhile). O(host blocks) under the lock. What stays as at create:
+ * spill_max (opts.spill_max, or a quarter of the capacity at create) and namespaces
+ * whose full block no longer fits (their Puts get KVS_ENOSPC). *evicted (may be NULL):
+ * blocks evicted. */
+int kvs_store_set_host(kvs_store *st, uint64_t capacity, kvs_policy_kind eviction,
+                       uint64_t *evicted, kvs_err *err);
+
 /* ---------------------------------------------------------------- admin (store_admin.c)
  * The operator's verbs behind KvAdmin Verify, Flush and Evict. Each may take long (it
  * reads every block, or waits for the disk writer): call it off the request threads. */

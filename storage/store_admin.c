@@ -1,5 +1,6 @@
 /* The store's operator verbs (store.h, "admin"): verify every block, flush the host tier
- * to disk with a report, and evict a selection of blocks down a tier or out.
+ * to disk with a report, evict a selection of blocks down a tier or out, and change the
+ * host tier's capacity and eviction policy at run time (kvs_store_set_host).
  *
  * They run on a caller's thread that may block for long (the daemon's libuv pool): the
  * store lock is taken in short holds, never across hashing a block, an LMDB transaction
@@ -8,6 +9,8 @@
  * makes them busy (unevictable) for that time only; removals go through the same paths as
  * kvs_store_delete and eviction, so store.h's invariants hold unchanged.
  */
+#include <assert.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -584,4 +587,58 @@ int kvs_store_evict(kvs_store *st, const kvs_store_sel *sel, kvs_store_tier to,
     }
     info->unchanged = c.disk;
     return host_to_disk(st, sel, c.host + gpu_moved, info, err);
+}
+
+/* ---------------------------------------------------------------- host tier at run time */
+
+void kvs__store_host_marks_locked(kvs_store *st)
+{
+    uint64_t cap = st->stats.host_capacity;
+    unsigned hi = st->host_high_pct > 100 ? 100 : st->host_high_pct;
+    unsigned lo = st->host_low_pct > hi ? hi : st->host_low_pct;
+    st->host_high = cap / 100 * hi;
+    st->host_low = cap / 100 * lo;
+}
+
+int kvs_store_set_host(kvs_store *st, uint64_t capacity, kvs_policy_kind eviction,
+                       uint64_t *evicted, kvs_err *err)
+{
+    if (capacity == 0)
+        return kvs_err_set(err, KVS_EINVAL, "host_capacity: must be > 0");
+    /* Built before the lock: its ghost table is sized from the capacity (policy.h). */
+    kvs_policy_opts popts = {.small_percent = st->eviction_small_pct};
+    kvs_policy *np = NULL;
+    int rc = kvs_policy_create(eviction, capacity, &popts, &np, err);
+    if (rc)
+        return kvs_err_prefix(err, "eviction: host tier policy");
+    kvs_block *to_free = NULL;
+    pthread_mutex_lock(&st->mu);
+    uint64_t before = st->stats.host_evictions;
+    /* Oldest first, so the new policy's queues start in the tier's recency order. Blocks
+     * that are not in the old policy (SPILLING, invariant 2) stay out of the new one. */
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->lru); it; it = kvs_lru_newer(&st->lru, it)) {
+        kvs_block *b = KVS__BLOCK_OF_LRU(it);
+        if (!kvs_policy_node_linked(&b->pol))
+            continue;
+        kvs_policy_remove(st->policy, &b->pol);
+        /* Fails only for a linked node or 0 bytes: neither here (as kvs__store_link_locked). */
+        int prc = kvs_policy_insert(np, &b->pol, b->node.hash, b->size ? b->size : 1, NULL);
+        assert(prc == 0);
+        (void)prc;
+    }
+    kvs_policy *old = st->policy;
+    st->policy = np;
+    st->stats.host_capacity = capacity;
+    kvs__store_host_marks_locked(st);
+    if (st->stats.host_used > capacity)
+        kvs__store_evict_until_locked(st, NULL, capacity, true, &to_free);
+    uint64_t n = st->stats.host_evictions - before;
+    pthread_mutex_unlock(&st->mu);
+    kvs__block_free_chain(to_free);
+    kvs_policy_destroy(old); /* no node is linked in it any more */
+    if (st->writer)
+        kvs_writer_kick(st->writer); /* the new high watermark may be passed already */
+    if (evicted)
+        *evicted = n;
+    return 0;
 }

@@ -96,10 +96,12 @@ struct kvs_store {
     kvs_disk *disk;             /* borrowed; NULL without a disk tier */
     kvs_writer *writer;         /* the disk writer; NULL without a disk tier */
     uint64_t spill_max;         /* most bytes handed to the writer at once */
-    uint64_t host_high, host_low; /* host tier watermarks in bytes (with a disk tier) */
-    bool host_demoting;           /* between crossing host_high and reaching host_low */
-    bool promote;                 /* Get of a disk block moves it to the host tier */
-    uint32_t verify_pass;         /* kvs_store_verify passes started (store_admin.c) */
+    uint64_t host_high, host_low;         /* host tier watermarks in bytes (with a disk tier) */
+    bool host_demoting;                   /* between crossing host_high and reaching host_low */
+    unsigned host_high_pct, host_low_pct; /* what host_high/low are computed from */
+    uint32_t eviction_small_pct;          /* opts.eviction_small_pct, for a new policy */
+    bool promote;                         /* Get of a disk block moves it to the host tier */
+    uint32_t verify_pass;                 /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
     uint32_t calib_tokens;
     struct kvs_engine *engine; /* borrowed, may be NULL (opts.engine) */
@@ -136,6 +138,17 @@ bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not
  * linked. Small fixed allocation (aborts on failure). */
 kvs_block *kvs__disk_entry_new(const kvs_block *blk);
+
+/* Evicts idle host blocks in policy order until host_used <= target (store.c: busy ones
+ * are skipped; with a disk tier victims go to the disk writer; `drop`: also drop victims
+ * the writer has no room for). With `only` non-NULL, only that namespace's blocks, until
+ * its own host share is <= target (its quota). Victims are chained on *to_free for the
+ * caller to free outside the lock. */
+void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, bool drop,
+                                   kvs_block **to_free);
+
+/* Computes host_high and host_low from the host capacity and host_*_pct. */
+void kvs__store_host_marks_locked(kvs_store *st);
 
 /* Background demotion of the host tier to the disk tier (the disk writer calls it after
  * each batch and when kicked): once host_used passed host_high, hands idle host blocks to

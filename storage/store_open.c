@@ -53,6 +53,9 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         return rc;
     }
     st->stats.host_capacity = opts->host_capacity;
+    st->eviction_small_pct = opts->eviction_small_pct;
+    st->host_high_pct = opts->host_high_pct ? opts->host_high_pct : 90;
+    st->host_low_pct = opts->host_high_pct ? opts->host_low_pct : 80;
     st->promote = !opts->no_promote;
     st->pool = opts->host_pool;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
@@ -63,10 +66,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         st->disk = opts->disk;
         st->stats.disk_capacity = opts->disk_capacity;
         st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
-        unsigned hi = opts->host_high_pct ? opts->host_high_pct : 90;
-        unsigned lo = opts->host_high_pct ? opts->host_low_pct : 80;
-        st->host_high = opts->host_capacity / 100 * (hi > 100 ? 100 : hi);
-        st->host_low = opts->host_capacity / 100 * (lo > hi ? hi : lo);
+        kvs__store_host_marks_locked(st); /* no other thread has the store yet */
         kvs_writer_hooks hooks;
         kvs__store_writer_hooks(st, &hooks);
         if ((rc = kvs_writer_create(st->disk, &hooks, &st->writer, err)) ||

@@ -487,9 +487,10 @@ class Daemon:
         self.port_file = os.path.join(workdir, "port")
         self.stderr_path = os.path.join(workdir, "kvstashd.stderr")
         self.token = token  # sent with Health while waiting for SERVING
+        # host_capacity None: no --host-capacity flag (a config file may set it).
+        cap = [] if host_capacity is None else ["--host-capacity", str(host_capacity)]
         self.argv = [KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", self.port_file,
-                     "--host-capacity", str(host_capacity), *KVSTASHD_EXTRA,
-                     *map(str, extra)]
+                     *cap, *KVSTASHD_EXTRA, *map(str, extra)]
         if not os.access(KVSTASHD, os.X_OK):
             raise RuntimeError(f"kvstashd not built: {KVSTASHD}")
         with contextlib.suppress(FileNotFoundError):

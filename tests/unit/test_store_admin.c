@@ -3,7 +3,8 @@
  * flush with a report (written, already, a failed write), and evict (keys and every block,
  * host -> disk in rounds of the spill budget, busy blocks skipped, blocks never moving up,
  * out of the store with their records, GPU blocks through a demotion callback, bad
- * arguments). One temporary data directory per test. */
+ * arguments), and the host tier's capacity and policy changed at run time. One temporary
+ * data directory per test. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <ftw.h>
@@ -439,6 +440,72 @@ static void test_evict_out(void **state)
     kvs_store_destroy(st);
 }
 
+/* ---------------------------------------------------------------- host tier at run time */
+
+/* kvs_store_set_host (a SIGHUP reload): a smaller capacity evicts idle blocks down to it
+ * (a busy one stays), the policy switches with every block still evictable through it,
+ * and bad arguments change nothing. */
+static void test_set_host(void **state)
+{
+    (void)state;
+    kvs_store *st;
+    kvs_err err;
+    kvs_store_opts o = {.host_capacity = 1 << 20};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 0);
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    char key[16];
+    for (int i = 0; i < 100; i++) { /* ~2.1 KB each: ~210 KB */
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(
+            kvs_store_block_commit(st, filled_block(st, ns, 8, 0x11), key, strlen(key), NULL, &err),
+            0);
+    }
+    kvs_store_stats ss;
+    kvs_store_get_stats(st, &ss);
+    assert_int_equal(ss.host_blocks, 100);
+    uint64_t one = ss.host_used / 100;
+    /* k99, the newest, is being read: busy, so it must survive the shrink. */
+    kvs_block *held;
+    assert_int_equal(kvs_store_get(st, ns, "k99", 3, &held, &err), 0);
+
+    assert_int_equal(kvs_store_set_host(st, 0, KVS_POLICY_LRU, NULL, &err), KVS_EINVAL);
+    assert_int_equal(kvs_store_set_host(st, 1 << 20, (kvs_policy_kind)9, NULL, &err), KVS_EINVAL);
+    kvs_store_get_stats(st, &ss);
+    assert_int_equal(ss.host_capacity, 1 << 20);
+    assert_int_equal(ss.host_blocks, 100);
+
+    uint64_t evicted = 0, cap = 10 * one + one / 2;
+    assert_int_equal(kvs_store_set_host(st, cap, KVS_POLICY_S3FIFO, &evicted, &err), 0);
+    kvs_store_get_stats(st, &ss);
+    assert_int_equal(ss.host_capacity, cap);
+    assert_true(ss.host_used <= cap);
+    assert_int_equal(ss.host_blocks, 10);
+    assert_int_equal(evicted, 90);
+    assert_int_equal(tier_of(st, ns, "k99"), KVS_STORE_TIER_HOST); /* busy: kept */
+    assert_int_equal(tier_of(st, ns, "k0"), KVS_STORE_TIER_NONE);  /* oldest: evicted */
+    kvs_store_block_release(st, held);
+
+    /* Every block moved into the new policy: new Puts evict through it and stay within. */
+    for (int i = 100; i < 140; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(
+            kvs_store_block_commit(st, filled_block(st, ns, 8, 0x22), key, strlen(key), NULL, &err),
+            0);
+    }
+    kvs_store_get_stats(st, &ss);
+    assert_true(ss.host_used <= cap);
+    assert_int_equal(ss.host_blocks, 10);
+    /* Back to LRU and a larger tier: nothing evicted, blocks kept. */
+    assert_int_equal(kvs_store_set_host(st, 1 << 20, KVS_POLICY_LRU, &evicted, &err), 0);
+    assert_int_equal(evicted, 0);
+    kvs_store_get_stats(st, &ss);
+    assert_int_equal(ss.host_blocks, 10);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+}
+
 /* ---------------------------------------------------------------- gpu blocks */
 
 #define FAKE_DEV ((uintptr_t)0x7f0000000000ull)
@@ -540,6 +607,7 @@ int main(void)
         cmocka_unit_test(test_verify),    cmocka_unit_test(test_verify_batches),
         cmocka_unit_test(test_flush),     cmocka_unit_test(test_evict_host_to_disk),
         cmocka_unit_test(test_evict_out), cmocka_unit_test(test_evict_gpu),
+        cmocka_unit_test(test_set_host),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
