@@ -322,6 +322,16 @@ def rss_bytes(pid):
     raise AssertionError("no VmRSS")
 
 
+def wait_for(pred, what="condition", timeout=20):
+    """Polls pred every 50 ms until it is true; AssertionError naming `what` after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def pinned_bytes(d):
     """Pinned host memory the daemon has committed (a GPU engine's host pool; 0 without one):
     kept on purpose once committed, so memory tests count it apart from the heap."""

@@ -136,15 +136,6 @@ def refused(fn, *args, **kw):
     return False
 
 
-def wait_for(pred, what, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sighup_reload(daemon, tmp_path):
     cfg = tmp_path / "kvstashd.yaml"
     cfg.write_text("log_level: info\nhost_capacity: 128M\ntoken: old-token\n"
@@ -157,8 +148,8 @@ def test_sighup_reload(daemon, tmp_path):
     cfg.write_text("log_level: warn\nhost_capacity: 64M\ntoken: new-token\n"
                    "admin_token: new-admin\nmax_keys: 8\n")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: max_keys" in d.stderr_text(), "the reload's log")
-    wait_for(lambda: refused(d.stats, old), "the old admin token refused")
+    kvs.wait_for(lambda: "SIGHUP: max_keys" in d.stderr_text(), "the reload's log")
+    kvs.wait_for(lambda: refused(d.stats, old), "the old admin token refused")
     assert d.host_tier(new).capacity_bytes == 64 * MiB
     log = d.stderr_text()
     assert "SIGHUP: log_level: info -> warn" in log, log
@@ -186,7 +177,7 @@ def test_sighup_reload(daemon, tmp_path):
     # A broken file is refused whole: nothing changes, the daemon keeps serving.
     cfg.write_text("log_level: debug\nhost_capacity: 32M\ntoken: other\nbogus_key: 1\n")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "config refused" in d.stderr_text(), "the refusal in the log")
+    kvs.wait_for(lambda: "config refused" in d.stderr_text(), "the refusal in the log")
     log = d.stderr_text()
     assert f"{cfg}:4: bogus_key" in log, log
     assert d.proc.poll() is None
@@ -196,7 +187,7 @@ def test_sighup_reload(daemon, tmp_path):
     cfg.write_text("log_level: info\nhost_capacity: 64M\ntoken: new-token\n"
                    "admin_token: new-admin\n")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.stderr_text().count("SIGHUP: reloaded") > n_info, "info lines again")
+    kvs.wait_for(lambda: d.stderr_text().count("SIGHUP: reloaded") > n_info, "info lines again")
     d.token = "new-admin"  # for the fixture's teardown
 
 
@@ -212,7 +203,7 @@ def test_sighup_host_capacity_evicts(daemon, tmp_path):
     assert used > 8 * MiB, used
     cfg.write_text("host_capacity: 4M\neviction: s3fifo\n")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.host_tier().capacity_bytes == 4 * MiB, "the new capacity")
+    kvs.wait_for(lambda: d.host_tier().capacity_bytes == 4 * MiB, "the new capacity")
     t = d.host_tier()
     assert t.used_bytes <= 4 * MiB, t
     assert "SIGHUP: eviction: lru -> s3fifo" in d.stderr_text()
@@ -226,5 +217,5 @@ def test_sighup_host_capacity_evicts(daemon, tmp_path):
 def test_sighup_without_file(daemon):
     d = daemon()
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "nothing to reload" in d.stderr_text(), "the SIGHUP line")
+    kvs.wait_for(lambda: "nothing to reload" in d.stderr_text(), "the SIGHUP line")
     assert d.proc.poll() is None

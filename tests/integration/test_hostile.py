@@ -1,7 +1,6 @@
 """Regressions of the outside attack on kvstashd (issue 10): strings from the wire, signals,
 extreme values for every codec. The disk-full, stalled-stream and data-directory cases
 have modules of their own (test_disk_full.py, test_stalled.py, test_data_dir.py)."""
-import os
 import signal
 import time
 
@@ -134,14 +133,6 @@ def test_extreme_values_are_refused_or_stored_finite(module_daemon, dtype):
 
 # ----------------------------------------------------------------------------- memory
 
-def _rss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_memory_returned_after_load_and_drop(daemon):
     """A 64-client burst of 2 MiB blocks, then a namespace drop: the heap kept the payload
     buffers (hundreds of MiB) for good. The daemon now gives free heap back to the OS
@@ -150,21 +141,21 @@ def test_memory_returned_after_load_and_drop(daemon):
         pytest.skip("a sanitizer's allocator keeps freed memory (quarantine)")
     # 64 x 2 MiB in flight: a receive budget (a quarter of the host tier) of 256 MiB.
     d = daemon(host_capacity="1G", extra=["--stats-interval", 0])
-    rss0, pinned0 = _rss(d.proc.pid), kvs.pinned_bytes(d)
+    rss0, pinned0 = kvs.rss_bytes(d.proc.pid), kvs.pinned_bytes(d)
     d.kvctl("ns", "create", "burst", "--layers", 32, "--kv-heads", 8, "--head-dim", 128,
             "--block-tokens", 16)
     r = d.kvctl("bench", "burst", "--blocks", 256, "--threads", 64, timeout=300)
     assert r.returncode == 0, r.stderr
-    peak = _rss(d.proc.pid)
+    peak = kvs.rss_bytes(d.proc.pid)
     assert d.kvctl("ns", "drop", "burst").returncode == 0
     deadline = time.monotonic() + 25
     # With a GPU engine, payload buffers come from the pinned host pool, whose slabs stay
     # committed by design (storage/hostpool.h: pinning is slow), bounded by its size and
     # reported in Stats: the heap must still be given back.
     bound = lambda: rss0 + (96 << 20) + kvs.pinned_bytes(d) - pinned0  # noqa: E731
-    while time.monotonic() < deadline and _rss(d.proc.pid) > bound():
+    while time.monotonic() < deadline and kvs.rss_bytes(d.proc.pid) > bound():
         time.sleep(0.5)
-    after = _rss(d.proc.pid)
+    after = kvs.rss_bytes(d.proc.pid)
     assert after <= bound(), \
         f"RSS {after >> 20} MiB 25 s after the drop (start {rss0 >> 20}, peak {peak >> 20}, " \
         f"pinned pool {kvs.pinned_bytes(d) >> 20} MiB)"

@@ -6,23 +6,13 @@ committed blocks; 48 streams holding all but one byte of an 8 MiB block took the
 Now a Put holds a stream slot (--max-puts, --max-puts-per-conn) and, from its first data
 chunk, a buffer counted in --recv-budget; the block's room in a tier is reserved only once
 its payload is complete; a stream without progress for --stream-idle is cancelled."""
-import queue
 import threading
-import time
 
 import grpc
 import pytest
 
 import kvs
 from kvs import pb
-
-
-def rss_bytes(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class StalledPut:
@@ -63,15 +53,6 @@ def stream_stats(d):
     return d.stats().streams
 
 
-def wait_for(pred, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_header_only_streams_evict_nobody(daemon):
     d = daemon(host_capacity="64M", extra=["--stream-idle", 3, "--stats-interval", 0])
     a = kvs.Ns(kvs.make_ns(d.admin, L=8, H=8, D=128, T=16))  # 512 KiB blocks
@@ -82,7 +63,7 @@ def test_header_only_streams_evict_nobody(daemon):
     b = kvs.Ns(kvs.make_ns(d.admin, L=8, H=8, D=128, T=16))
     channels = [d.stubs() for _ in range(4)]  # 50 streams per connection
     stalled = [StalledPut(channels[i % 4][1], b.name, b"s%d" % i, b.T) for i in range(200)]
-    wait_for(lambda: stream_stats(d).puts_open == 200, what="200 open Put streams")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 200, what="200 open Put streams")
     # Nothing was reserved for them: the committed blocks are all there, the tier as used.
     assert d.host_tier().used_bytes == used
     r = d.stub.Lookup(pb.KeysRequest(namespace=a.name, keys=list(blocks)))
@@ -90,7 +71,7 @@ def test_header_only_streams_evict_nobody(daemon):
     # Another client's Put goes through meanwhile.
     kvs.put(d.stub, a.name, b"late", a.T, a.payload(seed=999))
     # The stalled streams are cut after --stream-idle, and their slots come back.
-    wait_for(lambda: stream_stats(d).puts_open == 0, timeout=30, what="idle cancellation")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 0, timeout=30, what="idle cancellation")
     for s in stalled:
         s.finish()
         assert s.error is not None and s.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, \
@@ -110,13 +91,13 @@ def test_nearly_complete_streams_are_bounded_and_returned(daemon):
     ns = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=64))  # 8 MiB blocks
     assert ns.bytes() == 8 << 20
     data = ns.payload()
-    rss0, pinned0 = rss_bytes(d.proc.pid), kvs.pinned_bytes(d)
+    rss0, pinned0 = kvs.rss_bytes(d.proc.pid), kvs.pinned_bytes(d)
     channels = [d.stubs() for _ in range(4)]
     puts = [StalledPut(channels[i % 4][1], ns.name, b"n%d" % i, ns.T, data[:-1])
             for i in range(48)]
     for p in puts:
         assert p.sent.wait(30)
-    wait_for(lambda: stream_stats(d).recv_used_bytes == 24 << 20 and
+    kvs.wait_for(lambda: stream_stats(d).recv_used_bytes == 24 << 20 and
              stream_stats(d).recv_refused == 45, what="3 buffers held, 45 refused")
     refused = [p for p in puts if p.error is not None]
     assert len(refused) == 45
@@ -127,10 +108,10 @@ def test_nearly_complete_streams_are_bounded_and_returned(daemon):
     # this was 359 MB (every stream got its 8 MiB buffer).
     # With a GPU engine the held buffers are in the pinned pool, committed in 64 MiB slabs
     # (storage/hostpool.h): counted apart, they are a fixed slab, not a buffer per stream.
-    rss = rss_bytes(d.proc.pid) - (kvs.pinned_bytes(d) - pinned0)
+    rss = kvs.rss_bytes(d.proc.pid) - (kvs.pinned_bytes(d) - pinned0)
     if not kvs.SANITIZED:  # a sanitizer's allocator keeps freed memory (quarantine)
         assert rss - rss0 < 120 << 20, f"RSS grew by {(rss - rss0) >> 20} MiB"
-    wait_for(lambda: stream_stats(d).puts_open == 0, timeout=30, what="idle cancellation")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 0, timeout=30, what="idle cancellation")
     st = stream_stats(d)
     assert st.recv_used_bytes == 0 and st.idle_cancelled >= 3
     for p in puts:
@@ -151,18 +132,18 @@ def test_put_stream_caps(daemon):
     ch1, stub1, _ = d.stubs(options=own)
     ch2, stub2, _ = d.stubs(options=own)
     held = [StalledPut(stub1, ns.name, b"c1-%d" % i, ns.T) for i in range(4)]
-    wait_for(lambda: stream_stats(d).puts_open == 4, what="4 streams on one connection")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 4, what="4 streams on one connection")
     e = kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.put, stub1, ns.name, b"x",
                          ns.T, ns.payload(), words=["--max-puts-per-conn"])
     # Another connection still gets slots, up to the total.
     held += [StalledPut(stub2, ns.name, b"c2-%d" % i, ns.T) for i in range(2)]
-    wait_for(lambda: stream_stats(d).puts_open == 6, what="6 streams")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 6, what="6 streams")
     kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.put, stub2, ns.name, b"y",
                      ns.T, ns.payload(), words=["--max-puts"])
     assert stream_stats(d).puts_refused == 2
     for h in held:
         h.finish()
-    wait_for(lambda: stream_stats(d).puts_open == 0, what="slots given back")
+    kvs.wait_for(lambda: stream_stats(d).puts_open == 0, what="slots given back")
     kvs.put(stub1, ns.name, b"after", ns.T, ns.payload())
     ch1.close()
     ch2.close()
@@ -179,7 +160,7 @@ def test_stalled_get_is_cancelled(daemon):
     it = stub.Get(pb.GetRequest(namespace=ns.name, key=b"big"), timeout=60)
     first = next(it)  # the header; then read nothing more
     assert first.HasField("header")
-    wait_for(lambda: stream_stats(d).idle_cancelled >= 1, timeout=30, what="Get cancelled")
+    kvs.wait_for(lambda: stream_stats(d).idle_cancelled >= 1, timeout=30, what="Get cancelled")
     with pytest.raises(grpc.RpcError) as ei:
         for _ in it:
             pass
