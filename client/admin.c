@@ -130,12 +130,9 @@ int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err
     return rc;
 }
 
-int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err)
+/* Through ListNamespaces: daemons older than GetNamespace. */
+static int ns_get_by_list(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err)
 {
-    if (!name || !info) {
-        kvs_err_clear(err);
-        return kvs_err_set(err, KVS_EINVAL, "ListNamespaces: NULL argument");
-    }
     kvs_ns_info *all;
     size_t n;
     int rc = kvs_client_ns_list(c, &all, &n, err);
@@ -152,6 +149,30 @@ int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_er
     }
     free(all);
     return rc;
+}
+
+int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err)
+{
+    if (!name || !info) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "GetNamespace: NULL argument");
+    }
+    /* GetNamespace reads one namespace, which a tenant token may (README "Tenants");
+     * ListNamespaces is refused to it. A daemon without GetNamespace answers UNIMPLEMENTED. */
+    Kvstash__V1__NameRequest q = KVSTASH__V1__NAME_REQUEST__INIT;
+    q.name = (char *)(uintptr_t)name; /* protobuf-c fields are not const; only read */
+    ProtobufCMessage *m;
+    int rc = kvs__unary(c, ADMIN("GetNamespace"), &q.base, &kvstash__v1__namespace_info__descriptor,
+                        &m, err);
+    if (rc == KVS_ENOTSUP) {
+        kvs_err_clear(err);
+        return ns_get_by_list(c, name, info, err);
+    }
+    if (rc != 0)
+        return rc;
+    info_from_pb((const Kvstash__V1__NamespaceInfo *)m, info);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
 }
 
 int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)

@@ -264,10 +264,41 @@ void kvs_call_run_work(kvs_call *c, void (*fn)(void *), void (*done)(void *))
     kvs_work_run(c->srv->work, fn, done, c);
 }
 
+_Static_assert(sizeof(((kvs_call *)0)->token_digest) == KVS_AUTH_DIGEST_LEN,
+               "kvs_call.token_digest holds one auth digest");
+
+/* The name check and, for a tenant call, the grant check (call.h): inside the auth
+ * reader count, against the object current now; only the call's digest is kept. */
+static int ns_check(kvs_call *c, const char *name, const char *field, kvs_err *err)
+{
+    int rc = kvs_wire_check_name(name, field, err);
+    if (rc || !c->tenant)
+        return rc;
+    kvs_server *srv = c->srv;
+    atomic_fetch_add(&srv->auth_readers, 1);
+    bool granted = kvs_auth_grants(atomic_load(&srv->auth), c->token_digest, name);
+    atomic_fetch_sub(&srv->auth_readers, 1);
+    if (!granted) /* one message, whether the namespace exists or not */
+        return kvs_err_set(err, KVS_EPERM, "namespace '%s': not granted to this token", name);
+    return 0;
+}
+
 int kvs_call_ns_find(kvs_call *c, const char *name, kvs_ns **out, kvs_err *err)
 {
-    int rc = kvs_wire_check_name(name, "namespace", err);
+    int rc = ns_check(c, name, "namespace", err);
     return rc ? rc : kvs_store_ns_find(c->srv->store, name, out, err);
+}
+
+int kvs_call_ns_create(kvs_call *c, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
+{
+    int rc = ns_check(c, spec->name, "spec.name", err);
+    return rc ? rc : kvs_store_ns_create(c->srv->store, spec, out, err);
+}
+
+int kvs_call_ns_drop(kvs_call *c, const char *name, uint64_t *blocks_dropped, kvs_err *err)
+{
+    int rc = ns_check(c, name, "name", err);
+    return rc ? rc : kvs_store_ns_drop(c->srv->store, name, blocks_dropped, err);
 }
 
 grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)
@@ -280,34 +311,54 @@ grpc_slice kvs_call_flatten(grpc_byte_buffer *bb)
     return s;
 }
 
-/* Auth rules (DESIGN §9): with --token set, KvStash calls need the client or admin
- * token; with --admin-token set, KvAdmin calls need the admin token (a valid client
- * token gets PERMISSION_DENIED); with only --token set, it also opens KvAdmin. Health is
- * always open so that probes work without secrets. Tokens are compared as digests in
- * constant time (daemon/auth.h). */
+/* Auth rules (DESIGN §9, README "Tokens", "Tenants"): with --token set, KvStash calls
+ * need the client or admin token; with --admin-token set, KvAdmin calls need the admin
+ * token (a valid client token gets PERMISSION_DENIED); with only --token set, it also
+ * opens KvAdmin. With tenant tokens configured, no call but Health goes without a token,
+ * and a call presenting only a tenant token is admitted to the RPCs whose table row says
+ * `tenant` (server.c), marked c->tenant so that every namespace it names is checked
+ * (kvs_call_ns_find); any other KvAdmin call gets PERMISSION_DENIED. Health is always
+ * open so that probes work without secrets. Tokens are compared as digests in constant
+ * time (daemon/auth.h); the branches below are on the outcome, never on token bytes. */
 static int check_auth_with(kvs_call *c, const kvs_auth *auth, kvs_err *err)
 {
     if (c->rpc == KVS_RPC_HEALTH)
         return 0;
-    bool admin_rpc = c->srv->rpcs[c->rpc].admin;
+    const kvs_rpc_desc *d = &c->srv->rpcs[c->rpc];
+    bool admin_rpc = d->admin;
     bool need_admin = kvs_auth_has_admin(auth), need_client = kvs_auth_has_client(auth);
-    if (admin_rpc ? !(need_admin || need_client) : !need_client)
+    bool tenants = kvs_auth_has_tenants(auth);
+    if (admin_rpc ? !(need_admin || need_client || tenants) : !(need_client || tenants))
         return 0;
     unsigned roles = 0;
     for (size_t i = 0; i < c->md.count; i++) {
         if (!grpc_slice_str_cmp(c->md.metadata[i].key, "authorization")) {
             grpc_slice v = c->md.metadata[i].value;
-            roles |= kvs_auth_roles(auth, GRPC_SLICE_START_PTR(v), GRPC_SLICE_LENGTH(v));
+            uint8_t dig[KVS_AUTH_DIGEST_LEN];
+            kvs_auth_digest(GRPC_SLICE_START_PTR(v), GRPC_SLICE_LENGTH(v), dig);
+            unsigned r = kvs_auth_roles_digest(auth, dig);
+            if ((r & KVS_AUTH_TENANT) && !(roles & KVS_AUTH_TENANT)) /* the first one counts */
+                memcpy(c->token_digest, dig, sizeof dig);
+            roles |= r;
         }
     }
     bool is_admin = roles & KVS_AUTH_ADMIN, is_client = roles & KVS_AUTH_CLIENT;
+    bool is_tenant = (roles & KVS_AUTH_TENANT) && !is_admin && !is_client;
+    if (is_tenant) {
+        if (!d->tenant)
+            return kvs_err_set(err, KVS_EPERM,
+                               "authorization: a tenant token may not call KvAdmin.%s (it "
+                               "concerns every namespace)",
+                               d->name);
+        c->tenant = true;
+        return 0;
+    }
     if (admin_rpc) {
         if (need_admin ? is_admin : is_client)
             return 0;
         if (need_admin && is_client)
             return kvs_err_set(err, KVS_EPERM,
-                               "authorization: the client token may not call KvAdmin.%s",
-                               c->srv->rpcs[c->rpc].name);
+                               "authorization: the client token may not call KvAdmin.%s", d->name);
         return kvs_err_set(err, KVS_EUNAUTH, "authorization: missing or unknown bearer token");
     }
     if (is_client || is_admin)

@@ -1,4 +1,5 @@
-/* KvAdmin: CreateNamespace, DropNamespace, ListNamespaces, Stats, Health (DESIGN §4).
+/* KvAdmin: CreateNamespace, DropNamespace, GetNamespace, ListNamespaces, Stats, Health
+ * (DESIGN §4).
  * Unary calls on CQ threads; replies are built from store snapshots taken under the
  * store lock, so no daemon lock is held while the store is asked. */
 #include <stdint.h>
@@ -34,7 +35,7 @@ int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *e
                            "durable: this daemon has no disk tier to make Puts "
                            "durable (start kvstashd with --data-dir)");
     if (rc == 0)
-        rc = kvs_store_ns_create(c->srv->store, &spec, &ns, err);
+        rc = kvs_call_ns_create(c, &spec, &ns, err);
     if (rc)
         return rc;
     kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns)};
@@ -53,9 +54,7 @@ int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
     if (!r)
         return err->code;
     uint64_t dropped = 0;
-    int rc = kvs_wire_check_name(r->name, "name", err);
-    if (rc == 0)
-        rc = kvs_store_ns_drop(c->srv->store, r->name, &dropped, err);
+    int rc = kvs_call_ns_drop(c, r->name, &dropped, err);
     kvstash__v1__name_request__free_unpacked(r, NULL);
     if (rc)
         return rc;
@@ -97,6 +96,36 @@ static void ns_protos_free(ns_protos *p)
     free(p->specs);
     free(p->infos);
     free(p->ptrs);
+}
+
+int kvs_ns_get_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
+{
+    Kvstash__V1__NameRequest *r = (Kvstash__V1__NameRequest *)kvs_wire_unpack(
+        &kvstash__v1__name_request__descriptor, req, len, err);
+    if (!r)
+        return err->code;
+    /* Resolved first (the tenant check, NOT_FOUND), then read from the same snapshot
+     * ListNamespaces answers with: usage counts live there. */
+    kvs_ns *ns = NULL;
+    int rc = kvs_call_ns_find(c, r->name, &ns, err);
+    if (rc) {
+        kvstash__v1__name_request__free_unpacked(r, NULL);
+        return rc;
+    }
+    kvs_ns_unref(ns);
+    ns_protos p;
+    rc = ns_protos_build(c->srv->store, &p, err);
+    Kvstash__V1__NamespaceInfo *found = NULL;
+    for (size_t i = 0; rc == 0 && i < p.n && !found; i++)
+        if (strcmp(p.snap[i].spec.name, r->name) == 0)
+            found = p.ptrs[i];
+    if (rc == 0 && !found) /* dropped meanwhile */
+        rc = kvs_err_set(err, KVS_ENOTFOUND, "namespace: '%.64s' not found", r->name);
+    if (rc == 0)
+        kvs_call_reply(c, &found->base);
+    kvstash__v1__name_request__free_unpacked(r, NULL);
+    ns_protos_free(&p); /* build zeroes p first: safe after a failed build too */
+    return rc;
 }
 
 int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)

@@ -236,6 +236,9 @@ static int evict_open(kvs_call *c, kvs_tiers_job *j, Kvstash__V1__EvictRequest *
         return kvs_err_set(err, KVS_EINVAL,
                            "namespace: empty; name one, or set all to evict "
                            "every namespace");
+    if (r->all && c->tenant) /* every tenant's blocks: not one tenant's call (README "Tenants") */
+        return kvs_err_set(err, KVS_EPERM,
+                           "all: a tenant token may evict only its own namespaces; name one");
     if (!named)
         return 0;
     int rc = kvs_call_ns_find(c, r->namespace_, &j->ns, err);

@@ -195,6 +195,14 @@ static const key_def keys[] = {
      "require 'authorization: Bearer TOKEN' on KvStash calls"},
     {"admin_token", "admin-token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(admin_token), 0,
      0, 0, NULL, "require this token on KvAdmin calls (Health is open)"},
+    {"token_file", "token-file", "PATH", T_STR, LIVE, 0, FIELD(token_file), 0, 0, 0, NULL,
+     "read the KvStash token from PATH (the file's content, a\ntrailing newline dropped); "
+     "not with --token"},
+    {"admin_token_file", "admin-token-file", "PATH", T_STR, LIVE, 0, FIELD(admin_token_file), 0, 0,
+     0, NULL, "read the KvAdmin token from PATH; not with --admin-token"},
+    {"tenant_tokens", "tenant-tokens", "PATH", T_STR, LIVE, 0, FIELD(tenant_tokens), 0, 0, 0, NULL,
+     "per-namespace tokens: lines \"NAMESPACE TOKEN\" (README\n\"Tenants\"); a tenant token "
+     "reaches only its namespaces"},
     {"drain_timeout", "drain-timeout", "SEC", T_UINT, LIVE, 0, FIELD(drain_timeout_s), 0, 0, 86400,
      "in 0..86400", "on SIGTERM, wait this long for in-flight calls (default 30)"},
     {"stats_interval", "stats-interval", "SEC", T_UINT, LIVE, 0, FIELD(stats_interval_s), 0, 0,
@@ -611,8 +619,8 @@ static void usage(FILE *f)
                "  --config FILE          read settings from FILE (default: $KVSTASHD_CONFIG, if\n"
                "                         set); SIGHUP re-reads it and applies what can change\n"
                "                         live (log_level, host_capacity, eviction, token,\n"
-               "                         admin_token, stats_interval, drain_timeout,\n"
-               "                         stream_idle); the others need a restart\n"
+               "                         admin_token, the token files (re-read), stats_interval,\n"
+               "                         drain_timeout, stream_idle); the others need a restart\n"
                "  --print-config         print the effective settings as a config file, each\n"
                "                         with where its value came from, and exit\n");
     for (int i = 0; i < KVS_CONFIG_NKEYS; i++) {
@@ -633,12 +641,32 @@ static void usage(FILE *f)
                "  -h, --help             this text\n"
                "  --version              print the version\n"
                "\n"
-               "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN),\n"
-               "which keeps them out of the process list; they override the file, flags\n"
-               "override them.\n");
+               "Tokens may also come from the environment (KVSTASH_TOKEN, KVSTASH_ADMIN_TOKEN)\n"
+               "or from files (--token-file, --admin-token-file, --tenant-tokens), which keeps\n"
+               "them out of the process list; the environment overrides the config file, flags\n"
+               "override it. SIGHUP re-reads the token files even without --config.\n");
 }
 
 enum { O_CONFIG = 1000, O_PRINT, O_NO_GPU, O_VERSION };
+
+/* A token given both as a value and as a file: which one is meant is a guess, so
+ * neither wins (the error names where each came from). */
+static int check_token_files(const kvs_config *cfg, kvs_err *err)
+{
+    static const char *pairs[2][2] = {{"token", "token_file"}, {"admin_token", "admin_token_file"}};
+    for (int p = 0; p < 2; p++) {
+        int t = kvs_config_key_find(pairs[p][0]), f = kvs_config_key_find(pairs[p][1]);
+        if (!((const char *)cfield(cfg, keys[t].off))[0] ||
+            !((const char *)cfield(cfg, keys[f].off))[0])
+            continue;
+        char w[600], other[700];
+        source_name(cfg, &keys[f], cfg->src[f].kind, cfg->src[f].line, NULL, w, sizeof w);
+        kvs_config_key_source(cfg, t, other, sizeof other);
+        return kvs_err_set(err, KVS_EINVAL, "%s: conflicts with %s (%s): give the token one way", w,
+                           pairs[p][0], other);
+    }
+    return 0;
+}
 
 static int apply_env(kvs_config *cfg, const char *key, const char *var, kvs_err *err)
 {
@@ -725,6 +753,8 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
     for (int i = 0; i < n; i++)
         if ((rc = kvs_config_key_set(cfg, given[i], vals[i], KVS_SRC_FLAG, 0, NULL, err)))
             goto out;
+    if ((rc = check_token_files(cfg, err)))
+        goto out;
     if (cfg->data_dir_reset && !cfg->data_dir[0]) {
         int i = kvs_config_key_find("data_dir_reset");
         char w[600];

@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 32
+#define KVS_CONFIG_NKEYS 35
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -50,6 +50,12 @@ typedef struct kvs_config {
     kvs_log_level log_level;
     char token[256];       /* data-path bearer token ("" = open) */
     char admin_token[256]; /* KvAdmin bearer token ("" = same rules as token) */
+    /* Files the tokens are read from instead (daemon/tokens.h; "" = none; a file and its
+     * token value both set is refused), and the tenant file (README "Tenants"). Paths
+     * only: the files are read when the auth object is built, at start and each SIGHUP. */
+    char token_file[512];
+    char admin_token_file[512];
+    char tenant_tokens[512];
     unsigned drain_timeout_s;
     unsigned stats_interval_s;  /* 0 = no periodic stats line */
     unsigned max_keys;          /* keys per Lookup/Exists/Delete */

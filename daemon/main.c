@@ -3,13 +3,13 @@
  * loop's data pointer).
  *
  * Start: parse the config (defaults < --config file < env tokens < flags; daemon/config.h)
- * -> grpc_init -> loop (signals, stats timer) -> codec work mailbox
- * (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop
+ * -> read the token files (daemon/tokens.h) -> grpc_init -> loop (signals, stats timer) -> codec
+ * work mailbox (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop
  * (SIGTERM/SIGINT): drain (new calls get UNAVAILABLE) -> poll until in-flight calls finish or
  * --drain-timeout passes -> close loop handles (queued codec work still finishes) -> server
  * shutdown -> work mailbox -> store -> grpc_shutdown -> exit 0. A second signal during the drain
- * skips the wait. SIGHUP: re-read the config file and apply what may change live
- * (on_sighup).
+ * skips the wait. SIGHUP: re-read the config file and the token files and apply what may
+ * change live (on_sighup).
  *
  * Threads: the loop runs on the main thread; gRPC's completion-queue threads run every
  * call (daemon/server.c) and touch libuv only through the work mailbox; CPU codec work runs
@@ -25,6 +25,7 @@
 #include <uv.h>
 
 #include "daemon/auth.h"
+#include "daemon/tokens.h"
 #include "daemon/call.h"
 #include "daemon/config.h"
 #include "daemon/limits.h"
@@ -183,17 +184,14 @@ static int apply_live(daemon_state *d, const kvs_config *next, const char *key, 
         if (evicted)
             kvs_log(KVS_LOG_INFO, "SIGHUP: host tier: %llu blocks evicted to fit",
                     (unsigned long long)evicted);
-    } else if (!strcmp(key, "token") || !strcmp(key, "admin_token")) {
-        kvs_server_set_auth(d->server,
-                            kvs_auth_create(next->token, strlen(next->token), next->admin_token,
-                                            strlen(next->admin_token)));
     } else if (!strcmp(key, "stats_interval")) {
         uv_timer_stop(&d->stats_timer);
         uint64_t ms = (uint64_t)next->stats_interval_s * 1000;
         if (ms)
             uv_timer_start(&d->stats_timer, on_stats, ms, ms);
     }
-    /* drain_timeout, stream_idle: read from d->cfg by the loop when needed. */
+    /* drain_timeout, stream_idle: read from d->cfg by the loop when needed. The token
+     * keys: on_sighup swapped the auth object before the keys were compared. */
     return 0;
 }
 
@@ -206,9 +204,9 @@ static void on_sighup(uv_signal_t *s, int signum)
 {
     daemon_state *d = s->data;
     (void)signum;
-    if (!d->cfg.file[0]) {
-        kvs_log(KVS_LOG_INFO, "SIGHUP: no config file (--config, KVSTASHD_CONFIG): nothing "
-                              "to reload");
+    if (!d->cfg.file[0] && !kvs_tokens_from_files(&d->cfg)) {
+        kvs_log(KVS_LOG_INFO, "SIGHUP: no config file (--config, KVSTASHD_CONFIG) and no token "
+                              "file: nothing to reload");
         return;
     }
     if (d->signals_seen) /* draining: the daemon is on its way out */
@@ -218,10 +216,19 @@ static void on_sighup(uv_signal_t *s, int signum)
     kvs_err_clear(&err);
     kvs_config_defaults(&next);
     int rc = kvs_config_parse_args(&next, d->argc, d->argv, &err);
+    /* The token files are re-read at every reload, changed path or not (a rotated token
+     * keeps its file name); a bad one refuses the reload like a bad config file. */
+    struct kvs_auth *auth = NULL;
+    if (rc >= 0)
+        rc = kvs_tokens_load(&next, &auth, &err);
     if (rc < 0) {
         kvs_log(KVS_LOG_ERROR, "SIGHUP: config refused, nothing changed: %s", err.msg);
         return;
     }
+    kvs_log(KVS_LOG_INFO, "SIGHUP: tokens reloaded (client %s, admin %s, %zu tenant grants)",
+            kvs_auth_has_client(auth) ? "set" : "none", kvs_auth_has_admin(auth) ? "set" : "none",
+            kvs_auth_tenant_grants(auth));
+    kvs_server_set_auth(d->server, auth);
     /* host_capacity and eviction change together (one new policy), once. log_level goes
      * last, so that every line of this reload is logged at the level it found. */
     bool host_done = false;
@@ -259,7 +266,17 @@ static void on_sighup(uv_signal_t *s, int signum)
         changed++;
     }
     kvs_log(KVS_LOG_INFO, "SIGHUP: reloaded %s: %u settings changed, %u need a restart",
-            d->cfg.file, changed, restart);
+            d->cfg.file[0] ? d->cfg.file : "(no config file)", changed, restart);
+}
+
+/* The server, handed the auth object: *auth is NULL afterwards (the server owns it, even
+ * when create fails). */
+static int start_server(daemon_state *d, struct kvs_auth **auth, int *port, kvs_err *err)
+{
+    struct kvs_auth *a = *auth;
+    *auth = NULL;
+    return kvs_server_create(&d->cfg, a, d->store, d->work, d->engine, d->tiering, d->regions,
+                             &d->server, port, err);
 }
 
 static int write_port_file(const char *path, int port)
@@ -453,6 +470,13 @@ int main(int argc, char **argv)
     d.argc = argc;
     d.argv = argv;
     kvs_log_set_level(d.cfg.log_level);
+    /* Token files are read now: an unreadable or empty one stops the start like a bad
+     * flag. The server owns the object from kvs_server_create on. */
+    struct kvs_auth *auth = NULL;
+    if ((rc = kvs_tokens_load(&d.cfg, &auth, &err))) {
+        fprintf(stderr, "kvstashd: %s\n", err.msg);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN); /* until the loop handles it (on_sighup) */
     /* Keep MiB-sized payload buffers in the heap instead of a fresh mmap per block
@@ -488,9 +512,8 @@ int main(int argc, char **argv)
                             .log = kvs_log_sink};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
         (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
-        (rc = start_regions(&d, &err)) ||
-        (rc = kvs_server_create(&d.cfg, d.store, d.work, d.engine, d.tiering, d.regions, &d.server,
-                                &port, &err))) {
+        (rc = start_regions(&d, &err)) || (rc = start_server(&d, &auth, &port, &err))) {
+        kvs_auth_destroy(auth); /* NULL once the server took it */
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
         close_all(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -518,7 +541,11 @@ int main(int argc, char **argv)
                 "%u threads, max message %llu bytes%s",
                 KVS_VERSION, d.cfg.listen, port, (unsigned long long)d.cfg.host_capacity,
                 kvs_policy_name(d.cfg.eviction), d.cfg.threads,
-                (unsigned long long)d.cfg.max_message, d.cfg.token[0] ? ", token auth on" : "");
+                (unsigned long long)d.cfg.max_message,
+                d.cfg.token[0] || d.cfg.token_file[0] ? ", token auth on" : "");
+        if (d.cfg.tenant_tokens[0])
+            kvs_log(KVS_LOG_INFO, "tenant tokens from %s (README \"Tenants\")",
+                    d.cfg.tenant_tokens);
         if (d.cfg.file[0])
             kvs_log(KVS_LOG_INFO, "config file %s (SIGHUP reloads it)", d.cfg.file);
     }

@@ -24,35 +24,47 @@
  * CQ thread to re-arm. */
 #define SLOTS_PER_METHOD 16
 
+/* Columns: path, name, admin (KvAdmin rules), tenant (a tenant token may call it, on its
+ * granted namespaces: call.h, README "Tenants"), client streaming, then the handlers.
+ * Tenant tokens: every KvStash call; of KvAdmin, the calls that address one namespace
+ * (CreateNamespace, DropNamespace, GetNamespace, AddQueries, and Evict of a named
+ * namespace: call_tiers.c refuses `all`); Health is open to all. */
 static const kvs_rpc_desc rpc_table[KVS_RPC_COUNT] = {
-    [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, NULL, kvs_put_start,
+    [KVS_RPC_PUT] = {"/kvstash.v1.KvStash/Put", "Put", false, true, true, NULL, kvs_put_start,
                      kvs_put_on_recv, NULL, kvs_put_cleanup},
-    [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, false, NULL, kvs_get_start, NULL,
-                     kvs_get_on_send, kvs_get_cleanup},
-    [KVS_RPC_LOOKUP] = {"/kvstash.v1.KvStash/Lookup", "Lookup", false, false, kvs_lookup_handle},
-    [KVS_RPC_EXISTS] = {"/kvstash.v1.KvStash/Exists", "Exists", false, false, kvs_exists_handle},
-    [KVS_RPC_DELETE] = {"/kvstash.v1.KvStash/Delete", "Delete", false, false, kvs_delete_handle},
-    [KVS_RPC_NS_CREATE] = {"/kvstash.v1.KvAdmin/CreateNamespace", "CreateNamespace", true, false,
-                           kvs_ns_create_handle},
-    [KVS_RPC_NS_DROP] = {"/kvstash.v1.KvAdmin/DropNamespace", "DropNamespace", true, false,
+    [KVS_RPC_GET] = {"/kvstash.v1.KvStash/Get", "Get", false, true, false, NULL, kvs_get_start,
+                     NULL, kvs_get_on_send, kvs_get_cleanup},
+    [KVS_RPC_LOOKUP] = {"/kvstash.v1.KvStash/Lookup", "Lookup", false, true, false,
+                        kvs_lookup_handle},
+    [KVS_RPC_EXISTS] = {"/kvstash.v1.KvStash/Exists", "Exists", false, true, false,
+                        kvs_exists_handle},
+    [KVS_RPC_DELETE] = {"/kvstash.v1.KvStash/Delete", "Delete", false, true, false,
+                        kvs_delete_handle},
+    [KVS_RPC_NS_CREATE] = {"/kvstash.v1.KvAdmin/CreateNamespace", "CreateNamespace", true, true,
+                           false, kvs_ns_create_handle},
+    [KVS_RPC_NS_DROP] = {"/kvstash.v1.KvAdmin/DropNamespace", "DropNamespace", true, true, false,
                          kvs_ns_drop_handle},
-    [KVS_RPC_NS_LIST] = {"/kvstash.v1.KvAdmin/ListNamespaces", "ListNamespaces", true, false,
+    [KVS_RPC_NS_LIST] = {"/kvstash.v1.KvAdmin/ListNamespaces", "ListNamespaces", true, false, false,
                          kvs_ns_list_handle},
-    [KVS_RPC_STATS] = {"/kvstash.v1.KvAdmin/Stats", "Stats", true, false, kvs_stats_handle},
-    [KVS_RPC_HEALTH] = {"/kvstash.v1.KvAdmin/Health", "Health", true, false, kvs_health_handle},
-    [KVS_RPC_ADD_QUERIES] = {"/kvstash.v1.KvAdmin/AddQueries", "AddQueries", true, false,
+    [KVS_RPC_STATS] = {"/kvstash.v1.KvAdmin/Stats", "Stats", true, false, false, kvs_stats_handle},
+    [KVS_RPC_HEALTH] = {"/kvstash.v1.KvAdmin/Health", "Health", true, false, false,
+                        kvs_health_handle},
+    [KVS_RPC_ADD_QUERIES] = {"/kvstash.v1.KvAdmin/AddQueries", "AddQueries", true, true, false,
                              kvs_add_queries_handle},
-    [KVS_RPC_VERIFY] = {"/kvstash.v1.KvAdmin/Verify", "Verify", true, false, kvs_verify_handle},
-    [KVS_RPC_FLUSH] = {"/kvstash.v1.KvAdmin/Flush", "Flush", true, false, kvs_flush_handle},
-    [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, false, kvs_evict_handle},
+    [KVS_RPC_VERIFY] = {"/kvstash.v1.KvAdmin/Verify", "Verify", true, false, false,
+                        kvs_verify_handle},
+    [KVS_RPC_FLUSH] = {"/kvstash.v1.KvAdmin/Flush", "Flush", true, false, false, kvs_flush_handle},
+    [KVS_RPC_EVICT] = {"/kvstash.v1.KvAdmin/Evict", "Evict", true, true, false, kvs_evict_handle},
     /* Batched and shared-memory calls: the same machines as Put and Get. */
-    [KVS_RPC_PUT_MANY] = {"/kvstash.v1.KvStash/PutMany", "PutMany", false, true, NULL,
+    [KVS_RPC_PUT_MANY] = {"/kvstash.v1.KvStash/PutMany", "PutMany", false, true, true, NULL,
                           kvs_put_start, kvs_put_on_recv, NULL, kvs_put_cleanup},
-    [KVS_RPC_GET_MANY] = {"/kvstash.v1.KvStash/GetMany", "GetMany", false, false, NULL,
+    [KVS_RPC_GET_MANY] = {"/kvstash.v1.KvStash/GetMany", "GetMany", false, true, false, NULL,
                           kvs_get_start, NULL, kvs_get_on_send, kvs_get_cleanup},
-    [KVS_RPC_CODEC_STATE] = {"/kvstash.v1.KvStash/GetCodecState", "GetCodecState", false, false,
-                             kvs_codec_state_handle},
-    [KVS_RPC_DATA_PLANE] = {"/kvstash.v1.KvStash/DataPlane", "DataPlane", false, false,
+    [KVS_RPC_CODEC_STATE] = {"/kvstash.v1.KvStash/GetCodecState", "GetCodecState", false, true,
+                             false, kvs_codec_state_handle},
+    [KVS_RPC_NS_GET] = {"/kvstash.v1.KvAdmin/GetNamespace", "GetNamespace", true, true, false,
+                        kvs_ns_get_handle},
+    [KVS_RPC_DATA_PLANE] = {"/kvstash.v1.KvStash/DataPlane", "DataPlane", false, true, false,
                             kvs_data_plane_handle},
 };
 
@@ -78,9 +90,9 @@ static void *cq_thread(void *arg)
     return NULL;
 }
 
-int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, kvs_engine *engine,
-                      kvs_tiering *tiering, kvs_regions *regions, kvs_server **out, int *bound_port,
-                      kvs_err *err)
+int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_store *store, kvs_work *work,
+                      kvs_engine *engine, kvs_tiering *tiering, kvs_regions *regions,
+                      kvs_server **out, int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->regions = regions;
@@ -101,8 +113,7 @@ int kvs_server_create(const kvs_config *cfg, kvs_store *store, kvs_work *work, k
                           .max_puts_per_conn = cfg->max_puts_per_conn,
                           .recv_budget = kvs_config_recv_budget(cfg)};
     srv->limits = kvs_limits_create(&lo);
-    atomic_init(&srv->auth, kvs_auth_create(cfg->token, strlen(cfg->token), cfg->admin_token,
-                                            strlen(cfg->admin_token)));
+    atomic_init(&srv->auth, auth);
     atomic_init(&srv->auth_readers, 0);
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);

@@ -253,7 +253,8 @@ KVS_API int kvs_client_ns_drop(kvs_client *c, const char *name, uint64_t *blocks
                                kvs_err *err);
 /* *out (owned by the caller, freed with free()) holds *n entries. */
 KVS_API int kvs_client_ns_list(kvs_client *c, kvs_ns_info **out, size_t *n, kvs_err *err);
-/* Finds one namespace by name through ListNamespaces; KVS_ENOTFOUND if absent. */
+/* One namespace by name (KvAdmin.GetNamespace, which a tenant token may call for its own;
+ * ListNamespaces with a daemon that predates it); KVS_ENOTFOUND if absent. */
 KVS_API int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info, kvs_err *err);
 
 typedef struct kvs_tier_stats {

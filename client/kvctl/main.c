@@ -1,12 +1,16 @@
 /* kvctl: the admin and debugging CLI of kvstashd (DESIGN §10).
  *
- *   kvctl [--target ADDR] [--token T] [--timeout-ms N] [--chunk SIZE] [--json] COMMAND ...
+ *   kvctl [--target ADDR] [--token T | --token-file PATH] [--timeout-ms N] [--chunk SIZE] [--json]
+ * COMMAND ...
  *
  * This file holds the command table, the global options and the dispatch, including
  * `help`, `--help` and `--version`. The parsed global options are the only mutable
  * global state of kvctl; they are filled once here and handed to the commands as a
  * const pointer. Exit codes: 0 ok, 1 the call failed, 2 usage error.
  */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,8 +34,8 @@ static const kvctl_cmd *const COMMANDS[] = {
 static void print_overview(FILE *f)
 {
     fprintf(
-        f, "usage: kvctl [--target ADDR] [--token T] [--timeout-ms N] [--chunk SIZE] [--json]\n"
-           "             COMMAND [ARGS...]\n"
+        f, "usage: kvctl [--target ADDR] [--token T | --token-file PATH] [--timeout-ms N]\n"
+           "             [--chunk SIZE] [--json] COMMAND [ARGS...]\n"
            "\n"
            "Administers and debugs a kvstashd daemon.\n"
            "\n"
@@ -39,7 +43,10 @@ static void print_overview(FILE *f)
            "  --target ADDR     daemon address, host:port or unix:PATH (default: $KVSTASH_TARGET,\n"
            "                    else " DEFAULT_TARGET ")\n"
            "  --token T         bearer token (the admin token for ns, stats, status, verify,\n"
-           "                    flush and evict)\n"
+           "                    flush and evict; a tenant token for its own namespaces);\n"
+           "                    default: $KVSTASH_TOKEN\n"
+           "  --token-file PATH read the token from PATH, a trailing newline dropped (keeps\n"
+           "                    it out of `ps`); default: $KVSTASH_TOKEN_FILE\n"
            "  --timeout-ms N    deadline of each call (default 30000)\n"
            "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
            "  --json            machine-readable output (also accepted after the command)\n"
@@ -141,12 +148,66 @@ static void strip_common(int *argc, char **argv, bool *help)
     *argc = out;
 }
 
+/* Reads the token in path into a static buffer (the process's one token): the file's
+ * content, one trailing newline dropped. Returns NULL after printing why. */
+static const char *read_token_file(const char *what, const char *path)
+{
+    static char buf[4096 + 3];
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "kvctl: %s: cannot read '%s': %s\n", what, path, strerror(errno));
+        return NULL;
+    }
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    bool bad = ferror(f) || n == sizeof buf - 1;
+    fclose(f);
+    if (n && buf[n - 1] == '\n')
+        n--;
+    if (n && buf[n - 1] == '\r')
+        n--;
+    buf[n] = 0;
+    if (bad || n == 0 || strlen(buf) != n || strchr(buf, '\n')) {
+        fprintf(stderr, "kvctl: %s: '%s' %s\n", what, path,
+                n == 0 ? "is empty (the file must hold the token)"
+                       : "is not one token (a read error, a second line or over 4096 bytes)");
+        return NULL;
+    }
+    return buf;
+}
+
+/* The token: --token or --token-file (not both), else $KVSTASH_TOKEN or
+ * $KVSTASH_TOKEN_FILE (not both). Returns -1 to go on, or an exit code. */
+static int pick_token(const char *token_file)
+{
+    const char *etok = getenv("KVSTASH_TOKEN"), *efile = getenv("KVSTASH_TOKEN_FILE");
+    if (g_opts.token && token_file) {
+        fprintf(stderr, "kvctl: --token and --token-file: give the token one way\n");
+        return KVCTL_USAGE;
+    }
+    if (g_opts.token || token_file) {
+        if (token_file && !(g_opts.token = read_token_file("--token-file", token_file)))
+            return KVCTL_USAGE;
+        return -1;
+    }
+    if (etok && etok[0] && efile && efile[0]) {
+        fprintf(stderr, "kvctl: KVSTASH_TOKEN and KVSTASH_TOKEN_FILE are both set: give the token "
+                        "one way\n");
+        return KVCTL_USAGE;
+    }
+    if (efile && efile[0] && !(g_opts.token = read_token_file("KVSTASH_TOKEN_FILE", efile)))
+        return KVCTL_USAGE;
+    if (etok && etok[0])
+        g_opts.token = etok;
+    return -1;
+}
+
 /* Returns an exit code, or -1 to go on with the command at argv[*first]. */
 static int parse_globals(int argc, char **argv, int *first)
 {
     static const struct option opts[] = {
         {"target", required_argument, NULL, 't'},
         {"token", required_argument, NULL, 'k'},
+        {"token-file", required_argument, NULL, 'K'},
         {"timeout-ms", required_argument, NULL, 'T'},
         {"chunk", required_argument, NULL, 'c'},
         {"json", no_argument, NULL, 'j'},
@@ -156,6 +217,7 @@ static int parse_globals(int argc, char **argv, int *first)
     };
     const char *env = getenv("KVSTASH_TARGET");
     g_opts.target = env && env[0] ? env : DEFAULT_TARGET;
+    const char *token_file = NULL;
     opterr = 0;
     int c;
     /* "+": stop at the command name; its options are the command's. */
@@ -167,6 +229,9 @@ static int parse_globals(int argc, char **argv, int *first)
             break;
         case 'k':
             g_opts.token = optarg;
+            break;
+        case 'K':
+            token_file = optarg;
             break;
         case 'j':
             g_opts.json = true;
@@ -200,7 +265,7 @@ static int parse_globals(int argc, char **argv, int *first)
         }
     }
     *first = optind;
-    return -1;
+    return pick_token(token_file);
 }
 
 int main(int argc, char **argv)

@@ -37,7 +37,7 @@ bool kvs_codec_name_known(const char *s)
     return kvs_codec_lookup(s, NULL, NULL);
 }
 
-static bool name_ok(const char *s)
+bool kvs_spec_name_ok(const char *s)
 {
     size_t n = strnlen(s, KVS_NAME_MAX + 1);
     if (n == 0 || n > KVS_NAME_MAX)
@@ -58,7 +58,7 @@ static bool name_ok(const char *s)
 
 int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
 {
-    if (!name_ok(s->name))
+    if (!kvs_spec_name_ok(s->name))
         return kvs_err_set(err, KVS_EINVAL,
                            "name: must be 1..%d characters of [A-Za-z0-9._-], not \".\" or \"..\"",
                            KVS_NAME_MAX);

@@ -60,6 +60,10 @@ kvs_dtype kvs_dtype_parse(const char *s);
 /* True if s names a codec this build can store with (gpu/codec.h registry). */
 bool kvs_codec_name_known(const char *s);
 
+/* True if s is a valid namespace name: 1..KVS_NAME_MAX of [A-Za-z0-9._-], not "." or
+ * ".." (the rule kvs_spec_validate applies; the daemon's tenant file uses it too). */
+bool kvs_spec_name_ok(const char *s);
+
 /* Checks every field; the message names the field at fault. Empty codec names are
  * not accepted here: callers fill defaults ("none") first. */
 int kvs_spec_validate(const kvs_ns_spec *spec, kvs_err *err);

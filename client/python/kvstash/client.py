@@ -131,7 +131,14 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
                  timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
-                 gpu_decode: str = "auto"):
+                 gpu_decode: str = "auto", token_file: Optional[str] = None):
+        if token is not None and token_file is not None:
+            raise ValueError("kvstash: give token or token_file, not both")
+        if token_file is not None:  # the file's content, a trailing newline dropped
+            with open(token_file, "rb") as f:
+                token = f.read().decode().removesuffix("\n").removesuffix("\r")
+            if not token:
+                raise ValueError(f"kvstash: token_file '{token_file}' is empty")
         if gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"kvstash: gpu_decode must be 'auto', 'on' or 'off', got "
                              f"{gpu_decode!r}")
