@@ -600,6 +600,10 @@ class Daemon:
     def stats(self, metadata=None):
         return self.admin.Stats(pb.StatsRequest(), metadata=metadata, timeout=10)
 
+    def has_gpu_engine(self):
+        """True if this daemon encodes and decodes on a GPU (its start line says so)."""
+        return "INFO GPU engine on " in self.stderr_text()
+
     def has_gpu_tier(self):
         """True if this daemon keeps blocks in a GPU tier (a GPU machine with one)."""
         return any(t.tier == pb.TIER_GPU and t.capacity_bytes > 0 for t in self.stats().tiers)

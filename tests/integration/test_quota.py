@@ -28,7 +28,9 @@ def test_a_namespace_over_its_quota_evicts_only_its_own_blocks(daemon):
     """Host tier of 24 MiB. B stores 10 blocks; A (quota 12 MiB) then stores 40. Without the
     quota A's Puts evict B's blocks (they are the oldest); with it, A keeps its 12 newest and
     B keeps all 10."""
-    d = daemon(host_capacity="24M", extra=["--stats-interval", 0])
+    # The quota is the host tier's: a GPU tier, when the machine has one, is kept out
+    # (--gpu-capacity 0) so that Puts land in the host tier.
+    d = daemon(host_capacity="24M", extra=["--stats-interval", 0, "--gpu-capacity", 0])
     a = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, host_quota_bytes=12 * MIB))
     b = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
     assert a.bytes() == MIB
