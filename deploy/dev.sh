@@ -14,7 +14,7 @@ PY=/usr/bin/python3   # Debian's interpreter: python3-grpcio & co. live there
 # Debian 12 packages the build and the tests need.
 PACKAGES=(build-essential cmake pkg-config git
           libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libuv1-dev liblmdb-dev
-          libxxhash-dev libcmocka-dev libcjson-dev libssl-dev valgrind clang-format
+          libxxhash-dev libcmocka-dev libcjson-dev libssl-dev valgrind clang-format clang libclang-rt-14-dev
           python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-xxhash
           python3-pip python3-setuptools python3-wheel python3-torch
           protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev)
