@@ -89,12 +89,12 @@ static int parse_certs(const char *key, const char *path, const char *pem, size_
      * a block that is not a certificate, or a damaged one. */
     unsigned long e = ERR_peek_last_error();
     bool clean_end = ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE;
-    if (n == 0)
+    if (e && !clean_end)
+        rc = kvs_err_set(
+            err, KVS_EINVAL, "%s: '%s': certificate %u is damaged or not a PEM certificate (%s)",
+            key, path, n + 1, ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "?");
+    else if (n == 0)
         rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' holds no PEM certificate", key, path);
-    else if (e && !clean_end)
-        rc = kvs_err_set(err, KVS_EINVAL,
-                         "%s: '%s': certificate %u is not a valid PEM certificate (%s)", key, path,
-                         n + 1, ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "?");
     ERR_clear_error();
     BIO_free(bio);
     if (rc && leaf && *leaf) {

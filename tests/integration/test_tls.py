@@ -327,7 +327,13 @@ def test_bad_tls_config(pki, tmp_path):
     text = read(pki["server.pem"]).decode().splitlines()
     damaged.write_text("\n".join(text[:3] + ["!!!!"] + text[4:]) + "\n")
     err = start_fails("--tls-cert", str(damaged), "--tls-key", pki["server.key"])
-    assert "tls_cert" in err and str(damaged) in err, err
+    assert "tls_cert" in err and str(damaged) in err and "damaged" in err, err
+    # A key protected by a passphrase would prompt on the terminal: refused instead.
+    enc = str(tmp_path / "enc.key")
+    openssl("pkey", "-in", pki["server.key"], "-aes256", "-passout", "pass:secret", "-out", enc,
+            cwd=str(tmp_path))
+    err = start_fails("--tls-cert", pki["server.pem"], "--tls-key", enc)
+    assert "tls_key" in err and enc in err and "passphrase" in err, err
     err = start_fails("--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
                       "--tls-client-ca", str(garbage))
     assert "tls_client_ca" in err and str(garbage) in err, err
