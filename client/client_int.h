@@ -51,6 +51,11 @@ typedef struct kvs__rpc {
     grpc_call_error call_error; /* first grpc_call_start_batch failure */
 } kvs__rpc;
 
+/* The channel's credentials for opts' tls_* options (tls.c): insecure ones when none is
+ * set. *out is released by the caller (grpc_channel_credentials_release). After
+ * grpc_init. Errors name the option and the path. */
+int kvs__tls_credentials(const kvs_client_opts *opts, grpc_channel_credentials **out, kvs_err *err);
+
 int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err);
 /* Runs one batch and waits for it; whether all its ops succeeded. */
 bool kvs__rpc_run(kvs__rpc *r, const grpc_op *ops, size_t n);

@@ -203,6 +203,14 @@ static const key_def keys[] = {
     {"tenant_tokens", "tenant-tokens", "PATH", T_STR, LIVE, 0, FIELD(tenant_tokens), 0, 0, 0, NULL,
      "per-namespace tokens: lines \"NAMESPACE TOKEN\" (README\n\"Tenants\"); a tenant token "
      "reaches only its namespaces"},
+    {"tls_cert", "tls-cert", "PATH", T_STR, 0, 0, FIELD(tls_cert), 0, 0, 0, NULL,
+     "TLS on the TCP listener: the server's certificate chain,\nPEM, leaf first (README \"TLS\"); "
+     "needs --tls-key; not with\na unix: listen address"},
+    {"tls_key", "tls-key", "PATH", T_STR, 0, 0, FIELD(tls_key), 0, 0, 0, NULL,
+     "the private key of --tls-cert, PEM, unencrypted (mode 0600)"},
+    {"tls_client_ca", "tls-client-ca", "PATH", T_STR, 0, 0, FIELD(tls_client_ca), 0, 0, 0, NULL,
+     "mutual TLS: clients must present a certificate signed by a\nCA in this PEM file "
+     "(needs --tls-cert)"},
     {"drain_timeout", "drain-timeout", "SEC", T_UINT, LIVE, 0, FIELD(drain_timeout_s), 0, 0, 86400,
      "in 0..86400", "on SIGTERM, wait this long for in-flight calls (default 30)"},
     {"stats_interval", "stats-interval", "SEC", T_UINT, LIVE, 0, FIELD(stats_interval_s), 0, 0,
@@ -668,6 +676,32 @@ static int check_token_files(const kvs_config *cfg, kvs_err *err)
     return 0;
 }
 
+/* The TLS keys that only make sense together, and TLS on a Unix socket: that socket is
+ * guarded by its mode and group (0660) and its bytes never leave the host, where TLS would
+ * add a handshake and certificates to manage but no protection (README "TLS"). The files
+ * themselves are read by daemon/tls.c at start. */
+static int check_tls(const kvs_config *cfg, kvs_err *err)
+{
+    int cert = kvs_config_key_find("tls_cert"), key = kvs_config_key_find("tls_key"),
+        ca = kvs_config_key_find("tls_client_ca");
+    char w[600];
+    int at = -1;
+    const char *why = NULL;
+    if (cfg->tls_key[0] && !cfg->tls_cert[0])
+        at = key, why = "needs tls_cert (--tls-cert), the certificate it belongs to";
+    else if (cfg->tls_cert[0] && !cfg->tls_key[0])
+        at = cert, why = "needs tls_key (--tls-key), the certificate's private key";
+    else if (cfg->tls_client_ca[0] && !cfg->tls_cert[0])
+        at = ca, why = "mutual TLS needs tls_cert and tls_key (the server's own certificate)";
+    else if (cfg->tls_cert[0] && strncmp(cfg->listen, "unix:", 5) == 0)
+        at = cert, why = "TLS applies to a TCP listener; the unix: listen address is guarded by "
+                         "its mode and group instead (README \"TLS\")";
+    if (at < 0)
+        return 0;
+    source_name(cfg, &keys[at], cfg->src[at].kind, cfg->src[at].line, NULL, w, sizeof w);
+    return kvs_err_set(err, KVS_EINVAL, "%s: %s", w, why);
+}
+
 static int apply_env(kvs_config *cfg, const char *key, const char *var, kvs_err *err)
 {
     const char *v = getenv(var);
@@ -754,6 +788,8 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
         if ((rc = kvs_config_key_set(cfg, given[i], vals[i], KVS_SRC_FLAG, 0, NULL, err)))
             goto out;
     if ((rc = check_token_files(cfg, err)))
+        goto out;
+    if ((rc = check_tls(cfg, err)))
         goto out;
     if (cfg->data_dir_reset && !cfg->data_dir[0]) {
         int i = kvs_config_key_find("data_dir_reset");

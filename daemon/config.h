@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 35
+#define KVS_CONFIG_NKEYS 38
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -56,6 +56,12 @@ typedef struct kvs_config {
     char token_file[512];
     char admin_token_file[512];
     char tenant_tokens[512];
+    /* TLS of the gRPC listener (daemon/tls.h, README "TLS"): PEM files of the server's
+     * certificate chain and key, and of the CA that signs client certificates (mutual
+     * TLS); "" = plaintext / no client certificates. Read once at start. */
+    char tls_cert[512];
+    char tls_key[512];
+    char tls_client_ca[512];
     unsigned drain_timeout_s;
     unsigned stats_interval_s;  /* 0 = no periodic stats line */
     unsigned max_keys;          /* keys per Lookup/Exists/Delete */

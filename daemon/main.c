@@ -31,6 +31,7 @@
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/region.h"
+#include "daemon/tls.h"
 #include "daemon/server.h"
 #include "daemon/work.h"
 #include "gpu/engine/engine.h"
@@ -271,11 +272,12 @@ static void on_sighup(uv_signal_t *s, int signum)
 
 /* The server, handed the auth object: *auth is NULL afterwards (the server owns it, even
  * when create fails). */
-static int start_server(daemon_state *d, struct kvs_auth **auth, int *port, kvs_err *err)
+static int start_server(daemon_state *d, struct kvs_auth **auth, const kvs_tls *tls, int *port,
+                        kvs_err *err)
 {
     struct kvs_auth *a = *auth;
     *auth = NULL;
-    return kvs_server_create(&d->cfg, a, d->store, d->work, d->engine, d->tiering, d->regions,
+    return kvs_server_create(&d->cfg, a, tls, d->store, d->work, d->engine, d->tiering, d->regions,
                              &d->server, port, err);
 }
 
@@ -477,6 +479,14 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvstashd: %s\n", err.msg);
         return 2;
     }
+    /* The TLS files too, before the engine and the store take their time to start. The
+     * listener takes gRPC's copy; ours (the key) is wiped once it is up. */
+    kvs_tls *tls = NULL;
+    if ((rc = kvs_tls_load(&d.cfg, &tls, &err))) {
+        kvs_auth_destroy(auth);
+        fprintf(stderr, "kvstashd: %s\n", err.msg);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN); /* until the loop handles it (on_sighup) */
     /* Keep MiB-sized payload buffers in the heap instead of a fresh mmap per block
@@ -512,8 +522,9 @@ int main(int argc, char **argv)
                             .log = kvs_log_sink};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
         (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
-        (rc = start_regions(&d, &err)) || (rc = start_server(&d, &auth, &port, &err))) {
+        (rc = start_regions(&d, &err)) || (rc = start_server(&d, &auth, tls, &port, &err))) {
         kvs_auth_destroy(auth); /* NULL once the server took it */
+        kvs_tls_destroy(tls);
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
         close_all(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
@@ -528,6 +539,8 @@ int main(int argc, char **argv)
         grpc_shutdown();
         return 1;
     }
+    bool mutual = kvs_tls_mutual(tls);
+    kvs_tls_destroy(tls);
     if (d.cfg.port_file[0] && write_port_file(d.cfg.port_file, port) != 0)
         rc = kvs_err_set(&err, KVS_EIO, "--port-file: cannot write '%s'", d.cfg.port_file);
     int exit_code = 0;
@@ -538,11 +551,14 @@ int main(int argc, char **argv)
     } else {
         kvs_log(KVS_LOG_INFO,
                 "kvstashd %s listening on %s (port %d), host tier %llu bytes (eviction %s), "
-                "%u threads, max message %llu bytes%s",
+                "%u threads, max message %llu bytes%s%s",
                 KVS_VERSION, d.cfg.listen, port, (unsigned long long)d.cfg.host_capacity,
                 kvs_policy_name(d.cfg.eviction), d.cfg.threads,
                 (unsigned long long)d.cfg.max_message,
-                d.cfg.token[0] || d.cfg.token_file[0] ? ", token auth on" : "");
+                d.cfg.token[0] || d.cfg.token_file[0] ? ", token auth on" : "",
+                mutual              ? ", mutual TLS (client certificates required)"
+                : d.cfg.tls_cert[0] ? ", TLS"
+                                    : "");
         if (d.cfg.tenant_tokens[0])
             kvs_log(KVS_LOG_INFO, "tenant tokens from %s (README \"Tenants\")",
                     d.cfg.tenant_tokens);

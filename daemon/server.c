@@ -17,6 +17,7 @@
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/region.h"
+#include "daemon/tls.h"
 #include "storage/xfer.h"
 #include "gpu/base/mem.h"
 
@@ -90,9 +91,9 @@ static void *cq_thread(void *arg)
     return NULL;
 }
 
-int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_store *store, kvs_work *work,
-                      kvs_engine *engine, kvs_tiering *tiering, kvs_regions *regions,
-                      kvs_server **out, int *bound_port, kvs_err *err)
+int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, const kvs_tls *tls, kvs_store *store,
+                      kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
+                      kvs_regions *regions, kvs_server **out, int *bound_port, kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->regions = regions;
@@ -140,7 +141,12 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_store *store, k
             goto fail;
         }
     }
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds = kvs_tls_server_credentials(tls);
+    if (!creds) {
+        kvs_err_set(err, KVS_EINTERNAL, "%s: gRPC could not build the listener's credentials",
+                    tls ? "tls_cert" : "listen");
+        goto fail;
+    }
     /* DESIGN §9: co-located workers in the daemon's group may connect, others not. A Unix
      * socket gets its mode when gRPC binds it, here: under umask 0117 it is created 0660,
      * never wider, with no window before a chmod. The umask is the process's, but no
@@ -152,8 +158,11 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_store *store, k
         umask(old_mask);
     grpc_server_credentials_release(creds);
     if (port == 0) {
-        kvs_err_set(err, KVS_EINVAL, "--listen: cannot listen on '%s' (address in use or invalid)",
-                    cfg->listen);
+        /* The PEM files were checked by kvs_tls_load, so with TLS this is still most
+         * likely the address; say both. */
+        kvs_err_set(err, KVS_EINVAL,
+                    "--listen: cannot listen on '%s' (address in use or invalid%s)", cfg->listen,
+                    tls ? ", or gRPC refused the TLS certificate or key" : "");
         goto fail;
     }
     if (unix_sock)

@@ -56,6 +56,15 @@ typedef struct kvs_client_opts {
     int64_t timeout_ms; /* deadline of every call; 0 = 30000 */
     size_t max_message; /* max gRPC message size both ways; 0 = 64 MiB */
     size_t chunk_bytes; /* payload bytes per Put message; 0 = 1 MiB */
+    /* TLS (README "TLS"); all NULL = plaintext. Paths of PEM files, read by connect
+     * (errors name the option). Setting any of them turns TLS on. Added last: a
+     * zero-initialized struct of an older caller keeps meaning plaintext. */
+    const char *tls_ca;          /* CA certificates that sign the daemon's; NULL = gRPC's
+                                  * default roots */
+    const char *tls_cert;        /* mutual TLS: this client's certificate chain... */
+    const char *tls_key;         /* ...and its private key (both or neither) */
+    const char *tls_server_name; /* name checked in the daemon's certificate instead of the
+                                  * target's host (e.g. "localhost"); NULL = the target's */
 } kvs_client_opts;
 
 /* Creates a client for opts->target (borrowed; copied). Does not wait for the

@@ -23,6 +23,8 @@ enum { KVCTL_OK = 0, KVCTL_FAIL = 1, KVCTL_USAGE = 2 };
 typedef struct kvctl_globals {
     const char *target;
     const char *token;
+    /* TLS (kvs_client_opts' tls_*): PEM file paths and the name override; NULL = unset. */
+    const char *tls_ca, *tls_cert, *tls_key, *tls_server_name;
     int64_t timeout_ms;
     uint64_t chunk_bytes;
     bool json;

@@ -1,7 +1,7 @@
 /* kvctl: the admin and debugging CLI of kvstashd (DESIGN §10).
  *
- *   kvctl [--target ADDR] [--token T | --token-file PATH] [--timeout-ms N] [--chunk SIZE] [--json]
- * COMMAND ...
+ *   kvctl [--target ADDR] [--token T | --token-file PATH] [--tls-ca FILE] [--tls-cert FILE
+ * --tls-key FILE] [--tls-server-name NAME] [--timeout-ms N] [--chunk SIZE] [--json] COMMAND ...
  *
  * This file holds the command table, the global options and the dispatch, including
  * `help`, `--help` and `--version`. The parsed global options are the only mutable
@@ -34,8 +34,9 @@ static const kvctl_cmd *const COMMANDS[] = {
 static void print_overview(FILE *f)
 {
     fprintf(
-        f, "usage: kvctl [--target ADDR] [--token T | --token-file PATH] [--timeout-ms N]\n"
-           "             [--chunk SIZE] [--json] COMMAND [ARGS...]\n"
+        f, "usage: kvctl [--target ADDR] [--token T | --token-file PATH] [--tls-ca FILE]\n"
+           "             [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]\n"
+           "             [--timeout-ms N] [--chunk SIZE] [--json] COMMAND [ARGS...]\n"
            "\n"
            "Administers and debugs a kvstashd daemon.\n"
            "\n"
@@ -47,6 +48,15 @@ static void print_overview(FILE *f)
            "                    default: $KVSTASH_TOKEN\n"
            "  --token-file PATH read the token from PATH, a trailing newline dropped (keeps\n"
            "                    it out of `ps`); default: $KVSTASH_TOKEN_FILE\n"
+           "  --tls-ca FILE     TLS: trust the CA certificates in FILE (PEM) for the daemon's\n"
+           "                    certificate; default: $KVSTASH_TLS_CA. Any --tls-* option\n"
+           "                    turns TLS on (without --tls-ca: the system's roots)\n"
+           "  --tls-cert FILE   mutual TLS: this client's certificate chain (PEM), with\n"
+           "                    --tls-key; default: $KVSTASH_TLS_CERT\n"
+           "  --tls-key FILE    the private key of --tls-cert (PEM); default: $KVSTASH_TLS_KEY\n"
+           "  --tls-server-name NAME\n"
+           "                    check NAME in the daemon's certificate instead of the host of\n"
+           "                    --target; default: $KVSTASH_TLS_SERVER_NAME\n"
            "  --timeout-ms N    deadline of each call (default 30000)\n"
            "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
            "  --json            machine-readable output (also accepted after the command)\n"
@@ -208,6 +218,10 @@ static int parse_globals(int argc, char **argv, int *first)
         {"target", required_argument, NULL, 't'},
         {"token", required_argument, NULL, 'k'},
         {"token-file", required_argument, NULL, 'K'},
+        {"tls-ca", required_argument, NULL, 'A'},
+        {"tls-cert", required_argument, NULL, 'C'},
+        {"tls-key", required_argument, NULL, 'Y'},
+        {"tls-server-name", required_argument, NULL, 'N'},
         {"timeout-ms", required_argument, NULL, 'T'},
         {"chunk", required_argument, NULL, 'c'},
         {"json", no_argument, NULL, 'j'},
@@ -218,6 +232,21 @@ static int parse_globals(int argc, char **argv, int *first)
     const char *env = getenv("KVSTASH_TARGET");
     g_opts.target = env && env[0] ? env : DEFAULT_TARGET;
     const char *token_file = NULL;
+    /* The environment first; a flag overrides its variable. Empty counts as unset. */
+    static const struct {
+        const char *var;
+        const char **dst;
+    } tls_env[] = {
+        {"KVSTASH_TLS_CA", &g_opts.tls_ca},
+        {"KVSTASH_TLS_CERT", &g_opts.tls_cert},
+        {"KVSTASH_TLS_KEY", &g_opts.tls_key},
+        {"KVSTASH_TLS_SERVER_NAME", &g_opts.tls_server_name},
+    };
+    for (size_t i = 0; i < sizeof tls_env / sizeof tls_env[0]; i++) {
+        const char *v = getenv(tls_env[i].var);
+        if (v && v[0])
+            *tls_env[i].dst = v;
+    }
     opterr = 0;
     int c;
     /* "+": stop at the command name; its options are the command's. */
@@ -232,6 +261,18 @@ static int parse_globals(int argc, char **argv, int *first)
             break;
         case 'K':
             token_file = optarg;
+            break;
+        case 'A':
+            g_opts.tls_ca = optarg;
+            break;
+        case 'C':
+            g_opts.tls_cert = optarg;
+            break;
+        case 'Y':
+            g_opts.tls_key = optarg;
+            break;
+        case 'N':
+            g_opts.tls_server_name = optarg;
             break;
         case 'j':
             g_opts.json = true;

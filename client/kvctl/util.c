@@ -60,7 +60,11 @@ int kvctl_connect(const kvctl_cmd *cmd, const kvctl_globals *g, kvs_client **out
     kvs_client_opts o = {.target = g->target,
                          .token = g->token,
                          .timeout_ms = g->timeout_ms,
-                         .chunk_bytes = (size_t)g->chunk_bytes};
+                         .chunk_bytes = (size_t)g->chunk_bytes,
+                         .tls_ca = g->tls_ca,
+                         .tls_cert = g->tls_cert,
+                         .tls_key = g->tls_key,
+                         .tls_server_name = g->tls_server_name};
     kvs_err err;
     if (kvs_client_connect(&o, out, &err) != 0)
         return kvctl_fail(cmd, &err);

@@ -488,15 +488,19 @@ _live = []  # daemons started and not yet stopped (their stderr goes into failur
 
 
 class Daemon:
-    """A kvstashd on a free loopback port, with stubs over one channel."""
+    """A kvstashd on a free loopback port, with stubs over one channel.
+
+    credentials: grpc.ChannelCredentials for every channel made here (a daemon with TLS:
+    test_tls.py); None = plaintext."""
 
     def __init__(self, workdir, host_capacity="256M", extra=(), token=None,
-                 start_timeout=20):
+                 start_timeout=20, credentials=None):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.port_file = os.path.join(workdir, "port")
         self.stderr_path = os.path.join(workdir, "kvstashd.stderr")
         self.token = token  # sent with Health while waiting for SERVING
+        self.credentials = credentials
         # host_capacity None: no --host-capacity flag (a config file may set it).
         cap = [] if host_capacity is None else ["--host-capacity", str(host_capacity)]
         self.argv = [KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", self.port_file,
@@ -581,7 +585,9 @@ class Daemon:
         raise self._fail(f"daemon not SERVING after {timeout}s: {err}")
 
     def new_channel(self, options=()):
-        ch = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS + list(options))
+        opts = CHANNEL_OPTIONS + list(options)
+        ch = (grpc.secure_channel(self.target, self.credentials, options=opts)
+              if self.credentials else grpc.insecure_channel(self.target, options=opts))
         return grpc.intercept_channel(ch, _DefaultTimeout())
 
     def stubs(self, options=()):

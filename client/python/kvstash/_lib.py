@@ -24,7 +24,10 @@ class Err(ctypes.Structure):
 class ClientOpts(ctypes.Structure):
     _fields_ = [("target", ctypes.c_char_p), ("token", ctypes.c_char_p),
                 ("timeout_ms", ctypes.c_int64), ("max_message", ctypes.c_size_t),
-                ("chunk_bytes", ctypes.c_size_t)]
+                ("chunk_bytes", ctypes.c_size_t),
+                # TLS (kvstash.h): PEM file paths and the name override, in its order.
+                ("tls_ca", ctypes.c_char_p), ("tls_cert", ctypes.c_char_p),
+                ("tls_key", ctypes.c_char_p), ("tls_server_name", ctypes.c_char_p)]
 
 
 class NsSpec(ctypes.Structure):

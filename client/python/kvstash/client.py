@@ -131,7 +131,11 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
                  timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
-                 gpu_decode: str = "auto", token_file: Optional[str] = None):
+                 gpu_decode: str = "auto", token_file: Optional[str] = None,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, tls_server_name: Optional[str] = None):
+        # TLS (README "TLS"): PEM file paths, read by libkvstash (errors name the option);
+        # any of them turns TLS on; tls_cert and tls_key for mutual TLS.
         if token is not None and token_file is not None:
             raise ValueError("kvstash: give token or token_file, not both")
         if token_file is not None:  # the file's content, a trailing newline dropped
@@ -142,8 +146,12 @@ class Client:
         if gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"kvstash: gpu_decode must be 'auto', 'on' or 'off', got "
                              f"{gpu_decode!r}")
+        def path(p):  # str or os.PathLike
+            return str(p).encode() if p is not None else None
         self._opts = _lib.ClientOpts(target.encode(), token.encode() if token else None,
-                                     timeout_ms, 0, 0)
+                                     timeout_ms, 0, 0, path(tls_ca), path(tls_cert),
+                                     path(tls_key),
+                                     tls_server_name.encode() if tls_server_name else None)
         self._h = ctypes.c_void_p()
         err = _lib.Err()
         _check(lib.kvs_client_connect(ctypes.byref(self._opts), ctypes.byref(self._h),
