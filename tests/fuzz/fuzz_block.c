@@ -23,10 +23,10 @@ typedef struct nspair {
 } nspair;
 
 static const nspair spaces[] = {
-    {"none", "none", KVS_DTYPE_FP16},       {"fp8", "fp8", KVS_DTYPE_FP16},
-    {"kivi-2", "kivi-2", KVS_DTYPE_FP16},   {"kivi-4", "kivi-4", KVS_DTYPE_BF16},
+    {"none", "none", KVS_DTYPE_FP16},         {"fp8", "fp8", KVS_DTYPE_FP16},
+    {"kivi-2", "kivi-2", KVS_DTYPE_FP16},     {"kivi-4", "kivi-4", KVS_DTYPE_BF16},
     {"polarquant", "kivi-2", KVS_DTYPE_FP16}, {"rotatekv-2", "rotatekv-4", KVS_DTYPE_FP16},
-    {"squat-2", "kivi-2", KVS_DTYPE_FP16},  {"rotatekv-3", "squat-4", KVS_DTYPE_BF16},
+    {"squat-2", "kivi-2", KVS_DTYPE_FP16},    {"rotatekv-3", "squat-4", KVS_DTYPE_BF16},
 };
 
 /* libFuzzer's entry point. */
@@ -36,8 +36,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 1)
         return 0;
     const nspair *p = &spaces[data[0] % (sizeof spaces / sizeof spaces[0])];
-    kvs_ns_spec s = {.name = "fuzz", .layers = 2, .kv_heads = 2, .head_dim = 64,
-                     .block_tokens = 16, .dtype = p->dtype};
+    kvs_ns_spec s = {.name = "fuzz",
+                     .layers = 2,
+                     .kv_heads = 2,
+                     .head_dim = 64,
+                     .block_tokens = 16,
+                     .dtype = p->dtype};
     strcpy(s.key_codec, p->k);
     strcpy(s.value_codec, p->v);
     size_t cap = (size_t)2 * 2 * 16 * 2 * 64 * 2; /* one full block, [L][2][T][H][D] */
