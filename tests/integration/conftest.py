@@ -4,7 +4,8 @@ At import (session start) kvs.py generates the Python messages and stubs from pr
 with Debian's protoc and grpc_python_plugin and imports them.
 
 Fixtures:
-  daemon          factory: daemon(host_capacity="256M", extra=[...], token=None) starts
+  daemon          factory: daemon(host_capacity="256M", extra=[...], token=None, env=None)
+                  (env: the daemon's whole environment, None for the test's) starts
                   `$KVSTASHD --listen 127.0.0.1:0 --port-file <tmp>/port --host-capacity
                   <cap> [extra]`, waits for the port file and for Health = SERVING, and
                   returns a kvs.Daemon (.target .proc .stub .admin .kvctl(*args)). At
@@ -30,9 +31,10 @@ def pytest_report_header(config):
 def _factory(tmp_path_factory, label):
     started = []
 
-    def start(host_capacity="256M", extra=(), token=None):
+    def start(host_capacity="256M", extra=(), token=None, env=None):
         workdir = tmp_path_factory.mktemp(label)
-        d = kvs.Daemon(str(workdir), host_capacity=host_capacity, extra=extra, token=token)
+        d = kvs.Daemon(str(workdir), host_capacity=host_capacity, extra=extra, token=token,
+                       env=env)
         started.append(d)
         return d
 
