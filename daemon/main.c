@@ -341,7 +341,8 @@ static int start_metrics(daemon_state *d, kvs_err *err)
     kvs_metrics_opts o = {.listen = d->cfg.metrics_listen,
                           .store = d->store,
                           .server = d->server,
-                          .regions = d->regions};
+                          .regions = d->regions,
+                          .engine = d->engine};
     int port = 0;
     int rc = kvs_metrics_create(&o, &d->metrics, &port, err);
     if (rc == 0)

@@ -28,7 +28,9 @@
 #include "daemon/region.h"
 #include "daemon/server.h"
 #include "gpu/base/mem.h"
+#include "gpu/engine/engine.h"
 #include "storage/store.h"
+#include "storage/xfer.h"
 
 /* A scrape is a few KB plus a few hundred bytes per namespace; these bound what scrapers
  * can hold: connections at once (and from one address), and seconds a connection may
@@ -293,6 +295,57 @@ static void render_streams(FILE *f, kvs_server *srv, struct kvs_regions *regions
     sample(f, "kvstash_region_refused_total", rs.refused);
 }
 
+/* Codec work by op and by where it ran (storage/xfer.h), and the engine's batch sizes. */
+static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *engine)
+{
+    static const char *ops[2] = {"encode", "decode"}, *wheres[2] = {"cpu", "gpu"};
+    kvs_xfer_stats xs;
+    kvs_xfer_get_stats(srv->xfer, &xs);
+    static const struct {
+        const char *name, *help;
+    } fams[4] = {
+        {"kvstash_codec_ops_total", "Blocks encoded (Put) or decoded (raw Get), by where."},
+        {"kvstash_codec_seconds_total",
+         "Time spent on them (gpu: submission to completion, queue wait included)."},
+        {"kvstash_codec_raw_bytes_total",
+         "Payload bytes encoded, or decoded (the layers asked for)."},
+        {"kvstash_codec_encoded_bytes_total", "Encoded bytes written or read by them."}};
+    for (int i = 0; i < 4; i++) {
+        family(f, fams[i].name, "counter", fams[i].help);
+        for (int op = 0; op < 2; op++)
+            for (int w = 0; w < 2; w++) {
+                if (w == 1 && !engine)
+                    continue;
+                fprintf(f, "%s{op=\"%s\",engine=\"%s\"} ", fams[i].name, ops[op], wheres[w]);
+                if (i == 1)
+                    fprintf(f, "%.9f\n", (double)xs.ns[op][w] / 1e9);
+                else
+                    fprintf(f, "%llu\n",
+                            (unsigned long long)(i == 0   ? xs.ops[op][w]
+                                                 : i == 2 ? xs.raw_bytes[op][w]
+                                                          : xs.encoded_bytes[op][w]));
+            }
+    }
+    if (!engine)
+        return;
+    kvs_engine_stats es;
+    kvs_engine_get_stats(engine, &es);
+    family(f, "kvstash_gpu_engine_batch_size", "histogram",
+           "Requests per batch the GPU engine ran (encode, decode, moves).");
+    uint64_t cum = 0;
+    for (int b = 0; b <= KVS_ENGINE_BATCH_BUCKETS; b++) {
+        cum += es.batches[b];
+        if (b < KVS_ENGINE_BATCH_BUCKETS)
+            fprintf(f, "kvstash_gpu_engine_batch_size_bucket{le=\"%u\"} %llu\n",
+                    kvs_engine_batch_bounds[b], (unsigned long long)cum);
+        else
+            fprintf(f, "kvstash_gpu_engine_batch_size_bucket{le=\"+Inf\"} %llu\n",
+                    (unsigned long long)cum);
+    }
+    sample(f, "kvstash_gpu_engine_batch_size_sum", es.requests);
+    sample(f, "kvstash_gpu_engine_batch_size_count", cum);
+}
+
 int kvs_metrics_render(const kvs_metrics_opts *o, char **out, size_t *len, kvs_err *err)
 {
     /* Snapshots first: the store's lock is taken twice (stats, then namespaces), and
@@ -329,6 +382,7 @@ int kvs_metrics_render(const kvs_metrics_opts *o, char **out, size_t *len, kvs_e
     free(ns);
     render_rpcs(f, o->server);
     render_streams(f, o->server, o->regions);
+    render_codecs(f, o->server, o->engine);
     /* open_memstream's stream fails only for want of memory; fclose reports it. */
     bool bad = ferror(f) != 0;
     if (fclose(f) != 0 || bad) {

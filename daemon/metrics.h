@@ -23,12 +23,14 @@ typedef struct kvs_metrics kvs_metrics;
 struct kvs_server;
 struct kvs_store;
 struct kvs_regions;
+struct kvs_engine;
 
 typedef struct kvs_metrics_opts {
     const char *listen;          /* HOST:PORT or [V6]:PORT (port 0: a free one); borrowed */
     struct kvs_store *store;     /* borrowed; outlives the endpoint */
     struct kvs_server *server;   /* borrowed; outlives the endpoint */
     struct kvs_regions *regions; /* borrowed, may be NULL */
+    struct kvs_engine *engine;   /* borrowed, may be NULL: no GPU engine */
 } kvs_metrics_opts;
 
 /* Binds and starts serving (not ready yet). KVS_EINVAL for an address that does not

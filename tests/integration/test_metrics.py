@@ -129,6 +129,17 @@ def test_metrics_format_and_counters(daemon):
     assert total(m1, "kvstash_tier_used_bytes") > total(m0, "kvstash_tier_used_bytes")
     assert total(m1, "kvstash_tier_blocks") == total(m0, "kvstash_tier_blocks") + 1
     assert val(m1, "kvstash_tier_capacity_bytes", tier="host") == 256 << 20
+    # Codec work: one encode (the Put that succeeded), one decode (the Get that hit), on
+    # the CPU pool or the GPU engine, whichever ran it.
+    for op in ("encode", "decode"):
+        assert total(m1, "kvstash_codec_ops_total", op=op) - \
+            total(m0, "kvstash_codec_ops_total", op=op) == 1, op
+        assert total(m1, "kvstash_codec_raw_bytes_total", op=op) - \
+            total(m0, "kvstash_codec_raw_bytes_total", op=op) == len(data), op
+        assert total(m1, "kvstash_codec_encoded_bytes_total", op=op) - \
+            total(m0, "kvstash_codec_encoded_bytes_total", op=op) > 0, op
+        assert total(m1, "kvstash_codec_seconds_total", op=op) > \
+            total(m0, "kvstash_codec_seconds_total", op=op), op
 
     # MHD's own complaints come to our log as "metrics: ..." warnings: none expected.
     assert " WARN metrics:" not in d.stderr_text(), d.stderr_text()
