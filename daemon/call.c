@@ -18,6 +18,36 @@
 #include "storage/xfer.h"
 #include "gpu/base/mem.h"
 
+const uint64_t kvs_rpc_lat_bounds_ns[KVS_RPC_LAT_BUCKETS] = {
+    100000,   250000,    500000,    1000000,   2500000,    5000000,    10000000,   25000000,
+    50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000, 5000000000, 10000000000};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Counts the call's status and its time since arrival, once (the FINISH batch, or the
+ * call's end when its client left before one). Relaxed atomics: each counter is read
+ * alone by a scrape, which may see a call's code before its latency. */
+static void observe(kvs_call *c, grpc_status_code status)
+{
+    if (c->observed || !c->arrived_ns || c->rpc >= KVS_RPC_COUNT)
+        return;
+    c->observed = true;
+    kvs_server *srv = c->srv;
+    uint64_t ns = now_ns() - c->arrived_ns;
+    unsigned b = 0;
+    while (b < KVS_RPC_LAT_BUCKETS && ns > kvs_rpc_lat_bounds_ns[b])
+        b++;
+    unsigned code = (unsigned)status < KVS_GRPC_CODES ? (unsigned)status : GRPC_STATUS_UNKNOWN;
+    atomic_fetch_add_explicit(&srv->rpc_codes[c->rpc][code], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&srv->rpc_lat[c->rpc][b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&srv->rpc_lat_sum_ns[c->rpc], ns, memory_order_relaxed);
+}
+
 uint64_t kvs_now_ms(void)
 {
     struct timespec ts;
@@ -75,6 +105,7 @@ static void call_free(kvs_call *c)
         streams_unlink(srv, c);
     if (c->rpc < KVS_RPC_COUNT && c->srv->rpcs[c->rpc].cleanup)
         c->srv->rpcs[c->rpc].cleanup(c);
+    observe(c, GRPC_STATUS_CANCELLED); /* ended without a status: its client left */
     if (c->call)
         grpc_call_unref(c->call);
     grpc_metadata_array_destroy(&c->md);
@@ -139,9 +170,8 @@ static void start_batch(kvs_call *c, const grpc_op *ops, size_t n, kvs_call_step
     pthread_mutex_unlock(&c->mu);
     grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->tags[step], NULL);
     if (e != GRPC_CALL_OK) {
-        kvs_log(KVS_LOG_ERROR, "call#%llu %s: grpc_call_start_batch (step %d) failed: %d",
-                (unsigned long long)c->id, c->srv->rpcs[c->rpc < KVS_RPC_COUNT ? c->rpc : 0].name,
-                (int)step, (int)e);
+        kvs_log_call(KVS_LOG_ERROR, c->id, c->srv->rpcs[c->rpc < KVS_RPC_COUNT ? c->rpc : 0].name,
+                     "grpc_call_start_batch (step %d) failed: %d", (int)step, (int)e);
         pthread_mutex_lock(&c->mu);
         c->pending--;
         c->finished = true;
@@ -209,6 +239,7 @@ static void finish(kvs_call *c, const ProtobufCMessage *msg, grpc_status_code st
                    const char *details)
 {
     grpc_op ops[3];
+    observe(c, status);
     size_t n = add_initial_md(c, &ops[0]);
     if (msg) {
         c->send = pack(msg);
@@ -240,9 +271,9 @@ void kvs_call_fail(kvs_call *c, int code, const char *msg)
         atomic_fetch_add(&c->srv->rpc_errors[c->rpc], 1);
     /* Client mistakes are routine for a server: log them at debug, our own at error. */
     int status = kvs_err_grpc_status(code);
-    kvs_log(status == GRPC_STATUS_INTERNAL || status == GRPC_STATUS_DATA_LOSS ? KVS_LOG_ERROR
-                                                                              : KVS_LOG_DEBUG,
-            "call#%llu %s: %s: %s", (unsigned long long)c->id, name, kvs_err_name(code), msg);
+    kvs_log_call(status == GRPC_STATUS_INTERNAL || status == GRPC_STATUS_DATA_LOSS ? KVS_LOG_ERROR
+                                                                                   : KVS_LOG_DEBUG,
+                 c->id, name, "%s: %s", kvs_err_name(code), msg);
     finish(c, NULL, (grpc_status_code)status, msg);
 }
 
@@ -402,6 +433,7 @@ static void on_arrive(kvs_call *c, bool ok)
         return;
     }
     atomic_fetch_add(&srv->rpc_calls[c->rpc], 1);
+    c->arrived_ns = now_ns();
     if (c->rpc != KVS_RPC_HEALTH && atomic_load(&srv->draining)) {
         kvs_call_fail(c, KVS_EUNAVAIL, "server is draining: retry on another instance");
         return;

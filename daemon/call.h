@@ -71,6 +71,15 @@ typedef enum kvs_rpc {
 typedef struct kvs_server kvs_server;
 typedef struct kvs_call kvs_call;
 
+/* Per-RPC latency histogram (daemon/metrics.c exports it): upper bounds of its buckets in
+ * nanoseconds, from 100 us to 10 s (a Lookup answers in tens of microseconds, a GetMany
+ * of a few hundred MiB from disk in seconds); one more bucket, past the last bound, is
+ * +Inf. Fixed, so that every scrape and every daemon has the same `le` labels. */
+#define KVS_RPC_LAT_BUCKETS 16
+extern const uint64_t kvs_rpc_lat_bounds_ns[KVS_RPC_LAT_BUCKETS];
+/* gRPC status codes 0 (OK) .. 16 (UNAUTHENTICATED). */
+#define KVS_GRPC_CODES 17
+
 /* Unary handler: parses `req` (len bytes, borrowed), does the work, and either calls
  * kvs_call_reply() and returns 0, or returns a KVS_E* code with err filled (the caller
  * then answers with that status). */
@@ -129,6 +138,12 @@ struct kvs_server {
     atomic_uint_fast64_t next_call_id;
     atomic_uint_fast64_t rpc_calls[KVS_RPC_COUNT];
     atomic_uint_fast64_t rpc_errors[KVS_RPC_COUNT];
+    /* Every call that arrived for a known method, once, when its status is sent (or
+     * CANCELLED when its client left first): by status code, and its time from arrival in
+     * the latency histogram (per-bucket counts, not cumulative; the sum in ns). */
+    atomic_uint_fast64_t rpc_codes[KVS_RPC_COUNT][KVS_GRPC_CODES];
+    atomic_uint_fast64_t rpc_lat[KVS_RPC_COUNT][KVS_RPC_LAT_BUCKETS + 1];
+    atomic_uint_fast64_t rpc_lat_sum_ns[KVS_RPC_COUNT];
     /* Payload bytes by path (Stats' DataPlaneStats): shared memory or the gRPC stream. */
     atomic_uint_fast64_t put_region_bytes, put_wire_bytes, get_region_bytes, get_wire_bytes;
 
@@ -228,7 +243,9 @@ typedef struct kvs_tiers_state {
 struct kvs_call {
     kvs_server *srv;
     kvs_rpc rpc;
-    uint64_t id; /* for log lines: "call#812" */
+    uint64_t id;         /* for log lines: "call#812" */
+    uint64_t arrived_ns; /* monotonic, set at arrival (0: never arrived): latency */
+    bool observed;       /* its status and latency are counted (rpc_codes, rpc_lat) */
     grpc_call *call;
     gpr_timespec deadline;
     grpc_call_details details; /* generic slot only */

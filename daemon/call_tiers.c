@@ -100,12 +100,12 @@ static void verify_done(void *arg)
     reply.n_tiers = n;
     reply.tiers = tp;
     if (j->rc == 0)
-        kvs_log(v->host_bad || v->disk_bad ? KVS_LOG_WARN : KVS_LOG_INFO,
-                "call#%llu Verify: host %llu checked, %llu bad; disk %llu checked, %llu bad; "
-                "gpu %llu not checked",
-                (unsigned long long)c->id, (unsigned long long)v->host_checked,
-                (unsigned long long)v->host_bad, (unsigned long long)v->disk_checked,
-                (unsigned long long)v->disk_bad, (unsigned long long)v->gpu_skipped);
+        kvs_log_call(v->host_bad || v->disk_bad ? KVS_LOG_WARN : KVS_LOG_INFO, c->id, "Verify",
+                     "host %llu checked, %llu bad; disk %llu checked, %llu bad; "
+                     "gpu %llu not checked",
+                     (unsigned long long)v->host_checked, (unsigned long long)v->host_bad,
+                     (unsigned long long)v->disk_checked, (unsigned long long)v->disk_bad,
+                     (unsigned long long)v->gpu_skipped);
     finish_job(c, &reply.base);
 }
 
@@ -140,10 +140,10 @@ static void flush_done(void *arg)
     reply.failed = f->failed;
     reply.already = f->already;
     reply.gpu_skipped = f->gpu_skipped;
-    kvs_log(f->failed ? KVS_LOG_WARN : KVS_LOG_INFO,
-            "call#%llu Flush: %llu host blocks written, %llu failed, %llu already on disk",
-            (unsigned long long)c->id, (unsigned long long)f->written,
-            (unsigned long long)f->failed, (unsigned long long)f->already);
+    kvs_log_call(f->failed ? KVS_LOG_WARN : KVS_LOG_INFO, c->id, "Flush",
+                 "%llu host blocks written, %llu failed, %llu already on disk",
+                 (unsigned long long)f->written, (unsigned long long)f->failed,
+                 (unsigned long long)f->already);
     finish_job(c, &reply.base);
 }
 
@@ -188,16 +188,16 @@ static void evict_done(void *arg)
     reply.failed = e->failed;
     reply.absent = e->absent;
     if (j->rc == 0)
-        kvs_log(KVS_LOG_INFO,
-                "call#%llu Evict (%s, to %s): %llu moved, %llu dropped, %llu unchanged, "
-                "%llu busy, %llu failed, %llu absent",
-                (unsigned long long)c->id, j->ns ? kvs_ns_spec_of(j->ns)->name : "all namespaces",
-                j->to == KVS_STORE_TIER_HOST   ? "host"
-                : j->to == KVS_STORE_TIER_DISK ? "disk"
-                                               : "out",
-                (unsigned long long)e->moved, (unsigned long long)e->dropped,
-                (unsigned long long)e->unchanged, (unsigned long long)e->busy,
-                (unsigned long long)e->failed, (unsigned long long)e->absent);
+        kvs_log_call(KVS_LOG_INFO, c->id, "Evict",
+                     "%s, to %s: %llu moved, %llu dropped, %llu unchanged, "
+                     "%llu busy, %llu failed, %llu absent",
+                     j->ns ? kvs_ns_spec_of(j->ns)->name : "all namespaces",
+                     j->to == KVS_STORE_TIER_HOST   ? "host"
+                     : j->to == KVS_STORE_TIER_DISK ? "disk"
+                                                    : "out",
+                     (unsigned long long)e->moved, (unsigned long long)e->dropped,
+                     (unsigned long long)e->unchanged, (unsigned long long)e->busy,
+                     (unsigned long long)e->failed, (unsigned long long)e->absent);
     finish_job(c, &reply.base);
 }
 

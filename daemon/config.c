@@ -134,6 +134,7 @@ typedef enum vtype {
     T_GPUCAP, /* uint64_t bytes, or "N%" into the second field (unsigned) */
     T_WM,     /* "HIGH,LOW" into two unsigned fields */
     T_EVICT,  /* kvs_policy_kind */
+    T_LOGFMT, /* kvs_log_format */
 } vtype;
 
 enum {
@@ -191,6 +192,12 @@ static const key_def keys[] = {
      "moved by DMA (default on)"},
     {"log_level", "log-level", "LEVEL", T_LOG, LIVE, 0, FIELD(log_level), 0, 0, 0, NULL,
      "error, warn, info or debug (default info)"},
+    {"log_format", "log-format", "text|json", T_LOGFMT, LIVE, 0, FIELD(log_format), 0, 0, 0, NULL,
+     "log lines as text (default) or one JSON object per line\n(ts, level, component, msg, "
+     "call_id, method)"},
+    {"metrics_listen", "metrics-listen", "ADDR", T_STR, 0, 0, FIELD(metrics_listen), 0, 0, 0, NULL,
+     "serve HTTP /metrics (Prometheus), /healthz and /readyz on\nHOST:PORT, e.g. "
+     "127.0.0.1:9464 (default: off)"},
     {"token", "token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(token), 0, 0, 0, NULL,
      "require 'authorization: Bearer TOKEN' on KvStash calls"},
     {"admin_token", "admin-token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(admin_token), 0,
@@ -431,6 +438,13 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
         put_uint(cfg, k->off2, lo);
         break;
     }
+    case T_LOGFMT: {
+        int fmt = kvs_log_format_parse(v);
+        if (fmt < 0)
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not text or json", w, v);
+        put_uint(cfg, k->off, (unsigned)fmt);
+        break;
+    }
     case T_EVICT: {
         kvs_policy_kind kind;
         if (kvs_policy_kind_parse(v, &kind, NULL))
@@ -509,6 +523,9 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
         break;
     case T_EVICT:
         snprintf(buf, cap, "%s", kvs_policy_name((kvs_policy_kind)u));
+        break;
+    case T_LOGFMT:
+        snprintf(buf, cap, "%s", kvs_log_format_name((kvs_log_format)u));
         break;
     }
 }
@@ -626,9 +643,10 @@ static void usage(FILE *f)
                "\n"
                "  --config FILE          read settings from FILE (default: $KVSTASHD_CONFIG, if\n"
                "                         set); SIGHUP re-reads it and applies what can change\n"
-               "                         live (log_level, host_capacity, eviction, token,\n"
-               "                         admin_token, the token files (re-read), stats_interval,\n"
-               "                         drain_timeout, stream_idle); the others need a restart\n"
+               "                         live (log_level, log_format, host_capacity, eviction,\n"
+               "                         token, admin_token, the token files (re-read),\n"
+               "                         stats_interval, drain_timeout, stream_idle); the\n"
+               "                         others need a restart\n"
                "  --print-config         print the effective settings as a config file, each\n"
                "                         with where its value came from, and exit\n");
     for (int i = 0; i < KVS_CONFIG_NKEYS; i++) {

@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 38
+#define KVS_CONFIG_NKEYS 40
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -48,8 +48,10 @@ typedef struct kvs_config {
     unsigned gpu_high_pct, gpu_low_pct;   /* GPU tier demotion watermarks */
     unsigned host_high_pct, host_low_pct; /* host tier demotion (to disk) watermarks */
     kvs_log_level log_level;
-    char token[256];       /* data-path bearer token ("" = open) */
-    char admin_token[256]; /* KvAdmin bearer token ("" = same rules as token) */
+    int log_format;           /* kvs_log_format (daemon/log.h): text or json lines */
+    char metrics_listen[256]; /* HTTP /metrics, /healthz, /readyz: HOST:PORT, "" = off */
+    char token[256];          /* data-path bearer token ("" = open) */
+    char admin_token[256];    /* KvAdmin bearer token ("" = same rules as token) */
     /* Files the tokens are read from instead (daemon/tokens.h; "" = none; a file and its
      * token value both set is refused), and the tenant file (README "Tenants"). Paths
      * only: the files are read when the auth object is built, at start and each SIGHUP. */

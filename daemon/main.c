@@ -11,6 +11,13 @@
  * skips the wait. SIGHUP: re-read the config file and the token files and apply what may
  * change live (on_sighup).
  *
+ * Operators (README "Observability"): with --metrics-listen, an HTTP endpoint
+ * (daemon/metrics.h) starts once the gRPC server is up and is ready (/readyz 200) from then
+ * until the drain; it stops after the loop, before the server. Under systemd
+ * (NOTIFY_SOCKET set; sd_notify is a no-op otherwise) the daemon says READY=1 once its
+ * listeners are up, STOPPING=1 when it starts draining, and WATCHDOG=1 from a loop timer
+ * at half the unit's WatchdogSec (WATCHDOG_USEC), so a wedged loop is restarted.
+ *
  * Threads: the loop runs on the main thread; gRPC's completion-queue threads run every
  * call (daemon/server.c) and touch libuv only through the work mailbox; CPU codec work runs
  * on libuv's thread pool (--codec-threads).
@@ -18,9 +25,11 @@
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -30,6 +39,7 @@
 #include "daemon/config.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
+#include "daemon/metrics.h"
 #include "daemon/region.h"
 #include "daemon/tls.h"
 #include "daemon/server.h"
@@ -51,9 +61,10 @@ typedef struct daemon_state {
     uint64_t gpu_bytes;      /* its size, 0 without a GPU tier */
     kvs_server *server;
     kvs_regions *regions; /* the region socket (--region-socket), or NULL */
+    kvs_metrics *metrics; /* the HTTP endpoint (--metrics-listen), or NULL */
     uv_loop_t loop;
     uv_signal_t sigterm, sigint, sighup;
-    uv_timer_t stats_timer, drain_timer, sweep_timer;
+    uv_timer_t stats_timer, drain_timer, sweep_timer, watchdog_timer;
     unsigned sweeps;
     uint64_t drain_deadline_ms;
     int signals_seen;
@@ -71,7 +82,8 @@ static int start_regions(daemon_state *d, kvs_err *err)
                           .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
                           .max_bytes = d->cfg.region_max_bytes,
                           .engine = d->engine,
-                          .log = kvs_log_sink};
+                          .log = kvs_log_sink,
+                          .log_ctx = "region"};
     int rc = kvs_regions_create(&d->loop, &o, &d->regions, err);
     if (rc == 0)
         kvs_log(KVS_LOG_INFO, "region socket %s (shared memory up to %llu bytes)", path,
@@ -90,6 +102,7 @@ static void close_all(daemon_state *d)
     uv_close((uv_handle_t *)&d->stats_timer, NULL);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
     uv_close((uv_handle_t *)&d->sweep_timer, NULL);
+    uv_close((uv_handle_t *)&d->watchdog_timer, NULL);
 }
 
 static void on_drain_poll(uv_timer_t *t)
@@ -107,6 +120,43 @@ static void on_drain_poll(uv_timer_t *t)
     close_all(d);
 }
 
+/* sd_notify(3) with a formatted state; a no-op unless NOTIFY_SOCKET is set. A failure to
+ * reach systemd is logged and otherwise ignored: serving matters more than telling. */
+static void notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void notify(const char *fmt, ...)
+{
+    char state[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(state, sizeof state, fmt, ap);
+    va_end(ap);
+    int rc = sd_notify(0, state);
+    if (rc < 0)
+        kvs_log(KVS_LOG_WARN, "sd_notify: %s", strerror(-rc));
+}
+
+static void on_watchdog(uv_timer_t *t)
+{
+    (void)t;
+    notify("WATCHDOG=1");
+}
+
+/* WATCHDOG=1 at half the interval systemd expects (sd_watchdog_enabled: WATCHDOG_USEC, for
+ * this pid when WATCHDOG_PID is set), from the loop thread: if the loop stops turning,
+ * the pings stop and systemd restarts the daemon. */
+static void start_watchdog(daemon_state *d)
+{
+    uint64_t usec = 0;
+    int rc = sd_watchdog_enabled(0, &usec);
+    if (rc < 0)
+        kvs_log(KVS_LOG_WARN, "sd_watchdog_enabled: %s: no watchdog pings", strerror(-rc));
+    if (rc <= 0 || usec == 0)
+        return;
+    uint64_t ms = usec / 2000 ? usec / 2000 : 1;
+    uv_timer_start(&d->watchdog_timer, on_watchdog, ms, ms);
+    kvs_log(KVS_LOG_INFO, "systemd watchdog: pinging every %llu ms", (unsigned long long)ms);
+}
+
 static void on_signal(uv_signal_t *s, int signum)
 {
     daemon_state *d = s->data;
@@ -115,6 +165,8 @@ static void on_signal(uv_signal_t *s, int signum)
     kvs_log(KVS_LOG_INFO, "%s: draining (%u calls in flight, up to %us)", strsignal(signum),
             kvs_server_inflight(d->server), d->cfg.drain_timeout_s);
     kvs_server_drain(d->server);
+    kvs_metrics_set_ready(d->metrics, false);
+    notify("STOPPING=1\nSTATUS=draining (%u calls in flight)", kvs_server_inflight(d->server));
     uv_timer_stop(&d->stats_timer);
     d->drain_deadline_ms = uv_now(&d->loop) + (uint64_t)d->cfg.drain_timeout_s * 1000;
     uv_timer_start(&d->drain_timer, on_drain_poll, 0, DRAIN_POLL_MS);
@@ -177,6 +229,8 @@ static int apply_live(daemon_state *d, const kvs_config *next, const char *key, 
 {
     if (!strcmp(key, "log_level")) {
         kvs_log_set_level(next->log_level);
+    } else if (!strcmp(key, "log_format")) {
+        kvs_log_set_format((kvs_log_format)next->log_format);
     } else if (!strcmp(key, "host_capacity") || !strcmp(key, "eviction")) {
         uint64_t evicted = 0;
         int rc = kvs_store_set_host(d->store, next->host_capacity, next->eviction, &evicted, err);
@@ -281,6 +335,24 @@ static int start_server(daemon_state *d, struct kvs_auth **auth, const kvs_tls *
                              &d->server, port, err);
 }
 
+/* The HTTP endpoint, once the server is up (it reads the server's counters). */
+static int start_metrics(daemon_state *d, kvs_err *err)
+{
+    if (!d->cfg.metrics_listen[0])
+        return 0;
+    kvs_metrics_opts o = {.listen = d->cfg.metrics_listen,
+                          .store = d->store,
+                          .server = d->server,
+                          .regions = d->regions,
+                          .engine = d->engine};
+    int port = 0;
+    int rc = kvs_metrics_create(&o, &d->metrics, &port, err);
+    if (rc == 0)
+        kvs_log(KVS_LOG_INFO, "metrics on http://%s/metrics (port %d), /healthz, /readyz",
+                d->cfg.metrics_listen, port);
+    return rc;
+}
+
 static int write_port_file(const char *path, int port)
 {
     char tmp[600];
@@ -305,8 +377,10 @@ static int start_loop(daemon_state *d, kvs_err *err)
     uv_timer_init(&d->loop, &d->stats_timer);
     uv_timer_init(&d->loop, &d->drain_timer);
     uv_timer_init(&d->loop, &d->sweep_timer);
+    uv_timer_init(&d->loop, &d->watchdog_timer);
     d->sigterm.data = d->sigint.data = d->sighup.data = d;
     d->stats_timer.data = d->drain_timer.data = d->sweep_timer.data = d;
+    d->watchdog_timer.data = d;
     if ((rc = uv_signal_start(&d->sigterm, on_signal, SIGTERM)) ||
         (rc = uv_signal_start(&d->sigint, on_signal, SIGINT)) ||
         (rc = uv_signal_start(&d->sighup, on_sighup, SIGHUP)))
@@ -401,8 +475,10 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         /* Data pages flushed at each commit, the meta page lazily: a power loss may undo
          * the last batch but never leaves an environment the next start must refuse
          * (MDB_NOSYNC could, on filesystems that reorder writes). */
-        kvs_disk_opts dopts = {
-            .nometasync = true, .reset_broken = d->cfg.data_dir_reset, .log = kvs_log_sink};
+        kvs_disk_opts dopts = {.nometasync = true,
+                               .reset_broken = d->cfg.data_dir_reset,
+                               .log = kvs_log_sink,
+                               .log_ctx = "disk"};
         if ((rc = kvs_disk_open(d->cfg.data_dir, d->cfg.disk_capacity, &dopts, &d->disk, err)))
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;
@@ -472,6 +548,7 @@ int main(int argc, char **argv)
     d.argc = argc;
     d.argv = argv;
     kvs_log_set_level(d.cfg.log_level);
+    kvs_log_set_format((kvs_log_format)d.cfg.log_format);
     /* Token files are read now: an unreadable or empty one stops the start like a bad
      * flag. The server owns the object from kvs_server_create on. */
     struct kvs_auth *auth = NULL;
@@ -519,7 +596,8 @@ int main(int argc, char **argv)
                             .gpu_low_pct = d.cfg.gpu_low_pct,
                             .host_high_pct = d.cfg.host_high_pct,
                             .host_low_pct = d.cfg.host_low_pct,
-                            .log = kvs_log_sink};
+                            .log = kvs_log_sink,
+                            .log_ctx = "store"};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
         (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
         (rc = start_regions(&d, &err)) || (rc = start_server(&d, &auth, tls, &port, &err))) {
@@ -541,7 +619,8 @@ int main(int argc, char **argv)
     }
     bool mutual = kvs_tls_mutual(tls);
     kvs_tls_destroy(tls);
-    if (d.cfg.port_file[0] && write_port_file(d.cfg.port_file, port) != 0)
+    rc = start_metrics(&d, &err);
+    if (rc == 0 && d.cfg.port_file[0] && write_port_file(d.cfg.port_file, port) != 0)
         rc = kvs_err_set(&err, KVS_EIO, "--port-file: cannot write '%s'", d.cfg.port_file);
     int exit_code = 0;
     if (rc) {
@@ -564,11 +643,17 @@ int main(int argc, char **argv)
                     d.cfg.tenant_tokens);
         if (d.cfg.file[0])
             kvs_log(KVS_LOG_INFO, "config file %s (SIGHUP reloads it)", d.cfg.file);
+        /* Ready: the gRPC listener and the metrics endpoint are up, the disk tier (if
+         * any) was opened and indexed before the store was created. */
+        kvs_metrics_set_ready(d.metrics, true);
+        notify("READY=1\nSTATUS=serving on %s (port %d)", d.cfg.listen, port);
+        start_watchdog(&d);
     }
     uv_run(&d.loop, UV_RUN_DEFAULT);
     /* Closing the loop's SIGHUP handle restored the default action (exit): a SIGHUP
      * during the flush below must not cut it short. */
     signal(SIGHUP, SIG_IGN);
+    kvs_metrics_destroy(d.metrics); /* before the server and the store it reads */
     kvs_server_shutdown(d.server);
     kvs_server_destroy(d.server);
     if (d.disk && d.cfg.flush_on_exit && d.tiering)

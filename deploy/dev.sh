@@ -17,7 +17,9 @@ PACKAGES=(build-essential cmake pkg-config git
           libxxhash-dev libcmocka-dev libcjson-dev libssl-dev valgrind clang-format clang libclang-rt-14-dev
           python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-xxhash
           python3-pip python3-setuptools python3-wheel python3-torch
-          protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev)
+          protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev
+          libmicrohttpd-dev libsystemd-dev
+          prometheus)   # promtool, for test_metrics.py's format check (the server is not run)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

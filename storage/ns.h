@@ -30,6 +30,10 @@ typedef struct kvs_ns_usage {
     uint64_t tokens;       /* tokens those blocks hold */
     uint64_t host_bytes;   /* bytes the namespace is charged in the host tier (its quota's
                             * measure: host_used's share, kvs__store_host_charge_locked) */
+    /* Reads of the namespace's blocks (kvs_store_find/read/view), as the store's own
+     * gpu_hits, host_hits, disk_hits and misses count them: per namespace for the hit
+     * ratio an operator asks for (daemon/metrics.c). */
+    uint64_t gpu_hits, host_hits, disk_hits, misses;
 } kvs_ns_usage;
 
 /* Takes / drops a reference. unref frees the namespace when the last one goes. */

@@ -678,6 +678,7 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
     kvs_index_node *n = kvs_index_find(st->index, kvs_ns_id(ns), key, key_len);
     if (!n) {
         st->stats.misses++;
+        kvs_ns_usage_of(ns)->misses++;
         pthread_mutex_unlock(&st->mu);
         return kvs_err_set(err, KVS_ENOTFOUND, "key: not found in namespace '%s'",
                            kvs_ns_spec_of(ns)->name);
@@ -689,6 +690,7 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
         kvs_policy_hit(st->policy, &blk->pol);
     if (blk->tier == KVS_STORE_TIER_GPU) { /* invariant 4: no host bytes to verify */
         st->stats.gpu_hits++;
+        kvs_ns_usage_of(ns)->gpu_hits++;
         pthread_mutex_unlock(&st->mu);
         *out = blk;
         return 0;
@@ -720,6 +722,7 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
     }
     pthread_mutex_lock(&st->mu);
     st->stats.host_hits++;
+    kvs_ns_usage_of(ns)->host_hits++;
     pthread_mutex_unlock(&st->mu);
     *out = blk;
     return 0;

@@ -325,11 +325,14 @@ static int disk_view(kvs_store *st, kvs_block *d, kvs_disk_read_fn fn, void *arg
     pthread_mutex_lock(&st->mu);
     if (v.called) {
         st->stats.disk_hits++;
+        kvs_ns_usage_of(d->ns)->disk_hits++;
     } else if (lost) { /* the disk module already deleted a record that failed its checksum */
-        if (rc == KVS_EDATALOSS)
+        if (rc == KVS_EDATALOSS) {
             st->stats.checksum_failures++;
-        else
+        } else {
             st->stats.misses++;
+            kvs_ns_usage_of(d->ns)->misses++;
+        }
         if (kvs__block_linked(d) && d->tier == KVS_STORE_TIER_DISK && !d->data)
             kvs__store_unlink_locked(st, d); /* the caller's reference keeps it */
     }

@@ -9,8 +9,10 @@
 #include "storage/xfer.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gpu/base/mem.h"
 #include "gpu/codec/codec.h"
@@ -19,9 +21,42 @@
 #include "gpu/engine/engine.h"
 #include "storage/tiering.h"
 
+enum { ENCODE = 0, DECODE = 1, CPU = 0, GPU = 1 };
+
 struct kvs_xfer {
     kvs_xfer_opts o;
+    /* kvs_xfer_stats, [op][where]; counted by whichever thread finishes the codec work. */
+    atomic_uint_fast64_t ops[2][2], ns[2][2], raw_bytes[2][2], encoded_bytes[2][2];
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void count(kvs_xfer *x, int op, int where, uint64_t t0, uint64_t raw, uint64_t enc)
+{
+    atomic_fetch_add_explicit(&x->ops[op][where], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->ns[op][where], now_ns() - t0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->raw_bytes[op][where], raw, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->encoded_bytes[op][where], enc, memory_order_relaxed);
+}
+
+void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    for (int op = 0; op < 2; op++)
+        for (int w = 0; w < 2; w++) {
+            out->ops[op][w] = atomic_load_explicit(&x->ops[op][w], memory_order_relaxed);
+            out->ns[op][w] = atomic_load_explicit(&x->ns[op][w], memory_order_relaxed);
+            out->raw_bytes[op][w] =
+                atomic_load_explicit(&x->raw_bytes[op][w], memory_order_relaxed);
+            out->encoded_bytes[op][w] =
+                atomic_load_explicit(&x->encoded_bytes[op][w], memory_order_relaxed);
+        }
+}
 
 kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o)
 {
@@ -86,6 +121,7 @@ typedef struct put_op {
     const kvs_codec *k, *v; /* the codecs it is encoded with */
     uint64_t raw_bytes;
     size_t enc_len;
+    uint64_t t0; /* monotonic ns at the engine's submission (kvs_xfer_stats) */
     int rc;
     kvs_err err;
     kvs_store_put_info info;
@@ -173,6 +209,7 @@ static void commit(void *arg)
         op->enc_len = kvs_format_prefix_bytes(L);
         for (uint32_t i = 0; i < 2 * L; i++)
             op->enc_len += d->lens[i];
+        count(x, ENCODE, GPU, op->t0, op->raw_bytes, op->enc_len);
     }
     kvs_block_set_size(op->blk, op->enc_len, op->raw_bytes);
     kvs_block *blk = op->blk;
@@ -210,9 +247,12 @@ static void encode_job(void *arg)
      * input fails here, naming the element. */
     op->k = kvs_ns_codec(op->r.ns, KVS_KEYS);
     op->v = kvs_ns_codec(op->r.ns, KVS_VALUES);
+    uint64_t t0 = now_ns();
     op->rc =
         kvs_block_encode(op->k, op->v, kvs_ns_id(op->r.ns), op->r.tokens, raw,
                          kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len, &op->err);
+    if (op->rc == 0)
+        count(op->x, ENCODE, CPU, t0, op->raw_bytes, op->enc_len);
     consume(op);
 }
 
@@ -224,6 +264,9 @@ static void engine_encoded(void *arg, int rc, const kvs_err *err)
     op->rc = rc;
     if (err)
         op->err = *err;
+    /* A slot's encoded size is known at commit (its section lengths): counted there. */
+    if (rc == 0 && !op->gpu)
+        count(op->x, ENCODE, GPU, op->t0, op->raw_bytes, op->enc_len);
     consume(op);
     run(op->x, NULL, commit, op);
 }
@@ -255,6 +298,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     kvs_engine *eng = x->o.engine;
     const uint16_t *raw = (const uint16_t *)r->src.ptr;
     kvs_err e2;
+    op->t0 = now_ns();
     if (op->gpu) {
         kvs_block_dev *d = kvs_block_device(op->blk);
         if (kvs_engine_encode_dev(eng, op->k, op->v, r->tokens, raw, d->slot, d->lens,
@@ -283,7 +327,8 @@ struct kvs_xfer_get {
     kvs_xfer_buf dst;
     uint8_t *fetched; /* encoded Get of a GPU block: the block fetched to the host */
     size_t fetched_len;
-    bool decoded; /* decoded straight from LMDB's map by the read */
+    bool decoded;         /* decoded straight from LMDB's map by the read */
+    uint64_t t0, enc_len; /* a GPU decode: its submission (monotonic ns), the slot's bytes */
     int rc;
     kvs_err err;
     void (*done)(void *arg, int rc, const kvs_err *err);
@@ -360,8 +405,10 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
     int rc = kvs_format_peek(bytes, len, &info, err);
     if (rc == 0)
         rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
-    if (rc == 0)
-        rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le, (uint16_t *)g->dst.ptr, err);
+    uint64_t t0 = now_ns();
+    if (rc == 0 && (rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le,
+                                                   (uint16_t *)g->dst.ptr, err)) == 0)
+        count(g->x, DECODE, CPU, t0, g->dst.len, len);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS)
         rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
     return rc;
@@ -394,6 +441,8 @@ static void engine_done(void *arg, int rc, const kvs_err *err)
     g->rc = rc;
     if (err)
         g->err = *err;
+    if (rc == 0 && !g->encoded)
+        count(g->x, DECODE, GPU, g->t0, g->dst.len, g->enc_len);
     run(g->x, NULL, decoded, g);
 }
 
@@ -415,6 +464,10 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
         rc = kvs_engine_fetch_dev(eng, k, v, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched, cap,
                                   &g->fetched_len, engine_done, g, err);
     } else {
+        g->t0 = now_ns();
+        g->enc_len = kvs_format_prefix_bytes(kvs_ns_spec_of(g->ns)->layers);
+        for (uint32_t i = 0; i < 2 * kvs_ns_spec_of(g->ns)->layers; i++)
+            g->enc_len += d->lens[i];
         rc = kvs_engine_decode_dev(eng, k, v, t, d->slot, d->lens, g->lb, g->le,
                                    (uint16_t *)g->dst.ptr, engine_done, g, err);
     }
@@ -445,6 +498,8 @@ static void dispatch(kvs_xfer_get *g)
     kvs_engine *eng = x->o.engine;
     kvs_block_info info;
     const kvs_codec *k, *v;
+    g->t0 = now_ns(); /* before the submission: the engine may finish before it returns */
+    g->enc_len = kvs_block_size(g->blk);
     if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
         kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
         kvs_engine_accepts(eng, k, v) &&

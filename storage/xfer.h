@@ -78,6 +78,20 @@ kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o);
 /* No operation may be in progress. NULL is fine. */
 void kvs_xfer_destroy(kvs_xfer *x);
 
+/* Codec work the data path did, for operators (daemon/metrics.c), indexed [op][where]:
+ * op 0 encode (a Put), 1 decode (a Get in raw format); where 0 the CPU (the pool), 1 the
+ * GPU engine. Successful operations only. CPU time is the codec call's own; GPU time runs
+ * from the submission to the engine's completion, so it includes the wait in the
+ * engine's queue (what a request pays). raw: payload bytes (a decode: the layers asked
+ * for); encoded: the encoded block's bytes. Relaxed atomics, read one by one. */
+typedef struct kvs_xfer_stats {
+    uint64_t ops[2][2];
+    uint64_t ns[2][2];
+    uint64_t raw_bytes[2][2];
+    uint64_t encoded_bytes[2][2];
+} kvs_xfer_stats;
+void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out);
+
 /* A host buffer of n bytes for a payload the engine will read or write: from the pinned
  * host pool when there is one with room, so the engine moves it by DMA; else malloc.
  * NULL when out of memory. Free with kvs_xfer_host_free (NULL is fine). */

@@ -337,6 +337,19 @@ static int do_decode(kvs_engine *e, job *list, uint32_t nb)
     return 0;
 }
 
+const uint32_t kvs_engine_batch_bounds[KVS_ENGINE_BATCH_BUCKETS] = {1,  2,  4,   8,  16,
+                                                                    32, 64, 128, 256};
+
+/* The batch-size histogram (kvs_engine_get_stats): how well requests coalesce. */
+static void count_batch(kvs_engine *e, uint32_t nb)
+{
+    int b = 0;
+    while (b < KVS_ENGINE_BATCH_BUCKETS && nb > kvs_engine_batch_bounds[b])
+        b++;
+    atomic_fetch_add_explicit(&e->batches[b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->batch_requests, nb, memory_order_relaxed);
+}
+
 /* Takes a batch off the queue: the oldest request and every compatible one that fits the
  * staging, up to max_batch; waits up to deadline_us for more while the batch is short. */
 static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
@@ -405,6 +418,7 @@ static void *engine_main(void *arg)
         uint32_t nb;
         job *batch = take_batch_locked(e, &nb);
         pthread_mutex_unlock(&e->mu);
+        count_batch(e, nb);
         if (atomic_load(&e->failed)) {
             kvs_err err;
             kvs_err_set(&err, KVS_EINTERNAL, "GPU engine on %s failed earlier; restart kvstashd",
@@ -521,6 +535,16 @@ bool kvs_engine_failed(const kvs_engine *e)
 const char *kvs_engine_device_name(const kvs_engine *e)
 {
     return e->name;
+}
+
+void kvs_engine_get_stats(const kvs_engine *e, kvs_engine_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!e)
+        return;
+    for (int i = 0; i <= KVS_ENGINE_BATCH_BUCKETS; i++)
+        out->batches[i] = atomic_load_explicit(&e->batches[i], memory_order_relaxed);
+    out->requests = atomic_load_explicit(&e->batch_requests, memory_order_relaxed);
 }
 
 int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)

@@ -61,6 +61,19 @@ bool kvs_engine_failed(const kvs_engine *e);
 /* Device name, for logs. */
 const char *kvs_engine_device_name(const kvs_engine *e);
 
+/* Batches the engine thread ran, by size (requests per batch, all kinds together):
+ * batches[i] counts those of at most kvs_engine_batch_bounds[i] requests and more than the
+ * bound before (not cumulative); batches[KVS_ENGINE_BATCH_BUCKETS], those above the last
+ * bound. Relaxed atomics: a snapshot may be a batch behind. Thread-safe; zeros without
+ * CUDA. */
+#define KVS_ENGINE_BATCH_BUCKETS 9
+extern const uint32_t kvs_engine_batch_bounds[KVS_ENGINE_BATCH_BUCKETS];
+typedef struct kvs_engine_stats {
+    uint64_t batches[KVS_ENGINE_BATCH_BUCKETS + 1];
+    uint64_t requests; /* requests in those batches (the histogram's sum) */
+} kvs_engine_stats;
+void kvs_engine_get_stats(const kvs_engine *e, kvs_engine_stats *out);
+
 /* Uploads codec c's device tables (once; idempotent) so that the engine can run it: call
  * it when the codec is made, before anyone else can see it (the store does, for every codec
  * it adds to a namespace). KVS_ENOTSUP when there are no kernels for the codec and layout

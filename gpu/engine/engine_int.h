@@ -65,6 +65,9 @@ struct kvs_engine {
     unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
     size_t max_sections;
     void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
+    /* kvs_engine_get_stats: written by the engine thread only, read by anyone. */
+    atomic_uint_fast64_t batches[KVS_ENGINE_BATCH_BUCKETS + 1];
+    atomic_uint_fast64_t batch_requests;
 };
 
 /* engine_job.c */

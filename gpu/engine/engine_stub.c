@@ -4,6 +4,7 @@
 #include "gpu/engine/engine.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
 {
@@ -18,6 +19,12 @@ bool kvs_engine_failed(const kvs_engine *e)
 const char *kvs_engine_device_name(const kvs_engine *e)
 {
     return "none";
+}
+const uint32_t kvs_engine_batch_bounds[KVS_ENGINE_BATCH_BUCKETS] = {1,  2,  4,   8,  16,
+                                                                    32, 64, 128, 256};
+void kvs_engine_get_stats(const kvs_engine *e, kvs_engine_stats *out)
+{
+    memset(out, 0, sizeof *out);
 }
 int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
 {

@@ -5,7 +5,8 @@ with Debian's protoc and grpc_python_plugin and imports them.
 
 Fixtures:
   daemon          factory: daemon(host_capacity="256M", extra=[...], token=None,
-                  credentials=None) starts
+                  credentials=None, env=None) (credentials: a grpcio secure channel's; env:
+                  the daemon's whole environment, None for the test's) starts
                   `$KVSTASHD --listen 127.0.0.1:0 --port-file <tmp>/port --host-capacity
                   <cap> [extra]`, waits for the port file and for Health = SERVING, and
                   returns a kvs.Daemon (.target .proc .stub .admin .kvctl(*args)). At
@@ -31,10 +32,10 @@ def pytest_report_header(config):
 def _factory(tmp_path_factory, label):
     started = []
 
-    def start(host_capacity="256M", extra=(), token=None, credentials=None):
+    def start(host_capacity="256M", extra=(), token=None, credentials=None, env=None):
         workdir = tmp_path_factory.mktemp(label)
         d = kvs.Daemon(str(workdir), host_capacity=host_capacity, extra=extra, token=token,
-                       credentials=credentials)
+                       credentials=credentials, env=env)
         started.append(d)
         return d
 

@@ -494,7 +494,7 @@ class Daemon:
     test_tls.py); None = plaintext."""
 
     def __init__(self, workdir, host_capacity="256M", extra=(), token=None,
-                 start_timeout=20, credentials=None):
+                 start_timeout=20, credentials=None, env=None):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.port_file = os.path.join(workdir, "port")
@@ -510,8 +510,9 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.port_file)
         self._err = open(self.stderr_path, "wb")
+        # env: the whole environment of the daemon (None: this process's).
         self.proc = spawn(self.argv, stdin=subprocess.DEVNULL, stdout=self._err,
-                          stderr=self._err, cwd=workdir)
+                          stderr=self._err, cwd=workdir, env=env)
         self.stopped = False
         _live.append(self)
         self.channel = None
