@@ -18,14 +18,20 @@ PACKAGES=(build-essential cmake pkg-config git
           python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-xxhash
           python3-pip python3-setuptools python3-wheel python3-torch
           protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev
-          libmicrohttpd-dev libsystemd-dev
-          prometheus)   # promtool, for test_metrics.py's format check (the server is not run)
+          libmicrohttpd-dev libsystemd-dev)
+# Only for the test command: promtool, for test_metrics.py's format check. It comes with the
+# Prometheus server, which Debian enables on a systemd host: `demo` does not install it.
+TEST_PACKAGES=(prometheus)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 deps() {
+    install_missing "${PACKAGES[@]}"
+}
+
+install_missing() {
     local missing=()
-    for p in "${PACKAGES[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
@@ -49,6 +55,7 @@ build() {
 
 run_tests() {
     build
+    install_missing "${TEST_PACKAGES[@]}"
     log "running every test (ctest)"
     cd "$BUILD"
     ctest --output-on-failure --timeout 900 "$@"
@@ -56,6 +63,7 @@ run_tests() {
 
 sanitize() {
     deps
+    install_missing "${TEST_PACKAGES[@]}"
     local dir=$ROOT/build-asan
     log "building with ASan + UBSan in $dir (cmake preset asan)"
     (cd "$ROOT" && cmake --preset asan -DKVS_WERROR=ON >/dev/null)
