@@ -332,6 +332,20 @@ def wait_for(pred, what="condition", timeout=20):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def stuck_put(d, ns, release, timeout=30):
+    """Starts a Put into ns (a kvs.Ns of 4-token blocks) that sends its header and 8 bytes
+    and then waits for `release` (a threading.Event): a call that holds a drain open.
+    Returns (channel, future)."""
+    def chunks():
+        yield pb.PutChunk(header=pb.PutHeader(namespace=ns.name, key=b"k", tokens=4,
+                                              dtype=FP16))
+        yield pb.PutChunk(data=b"\0" * 8)
+        release.wait(timeout)
+
+    ch, stub, _ = d.stubs()
+    return ch, stub.Put.future(chunks(), timeout=timeout)
+
+
 def pinned_bytes(d):
     """Pinned host memory the daemon has committed (a GPU engine's host pool; 0 without one):
     kept on purpose once committed, so memory tests count it apart from the heap."""

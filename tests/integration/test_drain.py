@@ -116,15 +116,7 @@ def test_drain_timeout_cuts_stuck_calls(daemon):
     d = daemon(extra=["--drain-timeout", "2"])
     ns = kvs.Ns(kvs.make_ns(d.admin, L=2, H=2, D=16, T=4))
     release = threading.Event()
-
-    def stuck():
-        yield pb.PutChunk(header=pb.PutHeader(namespace=ns.name, key=b"k", tokens=4,
-                                              dtype=kvs.FP16))
-        yield pb.PutChunk(data=b"\0" * 8)
-        release.wait(30)
-
-    ch, stub, _ = d.stubs()
-    f = stub.Put.future(stuck(), timeout=30)
+    ch, f = kvs.stuck_put(d, ns, release)
     time.sleep(0.3)
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)

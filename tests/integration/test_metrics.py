@@ -164,15 +164,7 @@ def test_endpoints_and_drain(daemon):
     # /healthz and /metrics.
     ns = kvs.Ns(kvs.make_ns(d.admin, L=2, H=2, D=16, T=4))
     release = threading.Event()
-
-    def stuck():
-        yield pb.PutChunk(header=pb.PutHeader(namespace=ns.name, key=b"k", tokens=4,
-                                              dtype=kvs.FP16))
-        yield pb.PutChunk(data=b"\0" * 8)
-        release.wait(30)
-
-    ch, stub, _ = d.stubs()
-    f = stub.Put.future(stuck(), timeout=30)
+    ch, f = kvs.stuck_put(d, ns, release)
     try:
         kvs.wait_for(lambda: val(scrape(port)[1], "kvstash_rpc_inflight") >= 1, "Put in flight")
         d.proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,6 @@ Python package's token_file), and missing or wrong tokens are UNAUTHENTICATED.""
 import os
 import signal
 import subprocess
-import time
 
 import grpc
 import numpy as np
@@ -34,15 +33,6 @@ def write(path, text, mode=0o600):
 
 def tenant_file(path, lines):
     return write(path, "# tenants of this daemon\n\n" + "".join(f"{l}\n" for l in lines))
-
-
-def wait_for(pred, what, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +250,14 @@ def test_sighup_rereads_tenant_file(daemon, tmp_path):
     tenant_file(tmp_path / "tenants", [f"{NS_B} {TB}", f"{NS_A} {TB}"])
     n = d.stderr_text().count("SIGHUP: tokens reloaded")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.stderr_text().count("SIGHUP: tokens reloaded") > n, "the reload")
+    kvs.wait_for(lambda: d.stderr_text().count("SIGHUP: tokens reloaded") > n, "the reload")
     kvs.expect_error(UNAUTH, d.stub.Lookup, keys_req(NS_A), metadata=a)
     assert d.stub.Lookup(keys_req(NS_A), metadata=b).prefix_blocks == 1
     assert d.stub.Lookup(keys_req(NS_B), metadata=b).prefix_blocks == 0
     # A bad line refuses the reload whole, naming file:line: B keeps its grants.
     write(tmp_path / "tenants", f"{NS_B} {TB}\nbad/name {TA}\n")
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "config refused" in d.stderr_text(), "the refusal")
+    kvs.wait_for(lambda: "config refused" in d.stderr_text(), "the refusal")
     assert f"{tmp_path / 'tenants'}:2:" in d.stderr_text()
     assert d.stub.Lookup(keys_req(NS_A), metadata=b).prefix_blocks == 1
     kvs.expect_error(UNAUTH, d.stub.Lookup, keys_req(NS_A), metadata=a)
