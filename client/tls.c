@@ -12,18 +12,11 @@
 #include <string.h>
 
 #include "client/client_int.h"
+#include "gpu/base/file.h"
 #include "gpu/base/mem.h"
 
 /* A PEM file is a few KiB; refuse what cannot be one before reading it all. */
 #define PEM_MAX (1 << 20)
-
-/* Overwrites a buffer that held a private key; volatile so the stores are kept. */
-static void wipe(char *p, size_t n)
-{
-    volatile char *v = p;
-    while (n--)
-        *v++ = 0;
-}
 
 /* Reads path (the value of option `opt`) into *out, NUL-terminated, and checks it holds
  * a PEM block whose label ends with `label` ("CERTIFICATE", "PRIVATE KEY"). */
@@ -33,44 +26,28 @@ static int read_pem(const char *opt, const char *path, const char *label, char *
     *out = NULL;
     if (!path[0])
         return kvs_err_set(err, KVS_EINVAL, "%s: empty path", opt);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kvs_err_set(err, KVS_EINVAL, "%s: cannot read '%s': %s", opt, path, strerror(errno));
-    char *buf = kvs_xmalloc(PEM_MAX + 1);
-    size_t n = fread(buf, 1, PEM_MAX + 1, f);
-    int rd_err = ferror(f);
-    fclose(f);
+    int rc = kvs_file_read_text(opt, path, PEM_MAX, out, len, err);
+    if (rc)
+        return rc;
+    char *buf = *out;
+    size_t n = *len;
+    *out = NULL;
     char end[64];
     snprintf(end, sizeof end, "%s-----", label);
-    int rc = 0;
-    if (rd_err)
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: cannot read '%s': read error", opt, path);
-    else if (n > PEM_MAX)
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' is larger than %d bytes: not a PEM file", opt,
-                         path, PEM_MAX);
-    else if (memchr(buf, 0, n))
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' is binary, not PEM", opt, path);
-    if (!rc) {
-        buf[n] = 0;
-        /* Some "-----BEGIN ...<label>-----" line (a key file may start with EC
-         * PARAMETERS). */
-        bool found = false;
-        for (const char *b = strstr(buf, "-----BEGIN "); b && !found;
-             b = strstr(b + 1, "-----BEGIN ")) {
-            const char *eol = strchr(b, '\n');
-            size_t line = eol ? (size_t)(eol - b) : strlen(b);
-            while (line && (b[line - 1] == '\r' || b[line - 1] == ' '))
-                line--;
-            found = line >= strlen(end) && memcmp(b + line - strlen(end), end, strlen(end)) == 0;
-        }
-        if (!found)
-            rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' holds no PEM %s (-----BEGIN ...%s)", opt,
-                             path, label, end);
+    /* Some "-----BEGIN ...<label>-----" line (a key file may start with EC PARAMETERS). */
+    bool found = false;
+    for (const char *b = strstr(buf, "-----BEGIN "); b && !found;
+         b = strstr(b + 1, "-----BEGIN ")) {
+        const char *eol = strchr(b, '\n');
+        size_t line = eol ? (size_t)(eol - b) : strlen(b);
+        while (line && (b[line - 1] == '\r' || b[line - 1] == ' '))
+            line--;
+        found = line >= strlen(end) && memcmp(b + line - strlen(end), end, strlen(end)) == 0;
     }
-    if (rc) {
-        wipe(buf, n); /* it may have been a key */
-        free(buf);
-        return rc;
+    if (!found) {
+        kvs_file_free_secret(buf, n); /* it may have been a key */
+        return kvs_err_set(err, KVS_EINVAL, "%s: '%s' holds no PEM %s (-----BEGIN ...%s)", opt,
+                           path, label, end);
     }
     *out = buf;
     *len = n;
@@ -110,9 +87,7 @@ int kvs__tls_credentials(const kvs_client_opts *o, grpc_channel_credentials **ou
         if (!*out)
             rc = kvs_err_set(err, KVS_EINTERNAL, "connect: grpc_ssl_credentials_create_ex failed");
     }
-    if (key)
-        wipe(key, key_len);
-    free(key);
+    kvs_file_free_secret(key, key_len);
     free(cert);
     free(ca);
     return rc;

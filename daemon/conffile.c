@@ -9,35 +9,12 @@
 #include <string.h>
 #include <yaml.h>
 
+#include "gpu/base/file.h"
+
 /* What libcyaml loads: one string per key of the table, NULL when absent. */
 typedef struct file_values {
     char *v[KVS_CONFIG_NKEYS];
 } file_values;
-
-static int read_file(const char *path, char **out, size_t *len, kvs_err *err)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kvs_err_set(err, KVS_EIO, "%s: cannot open: %s", path, strerror(errno));
-    char *buf = malloc(KVS_CONFFILE_MAX + 1);
-    if (!buf) {
-        fclose(f);
-        return kvs_err_set(err, KVS_ENOMEM, "%s: no memory to read it", path);
-    }
-    size_t n = fread(buf, 1, KVS_CONFFILE_MAX + 1, f);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad || n > KVS_CONFFILE_MAX) {
-        free(buf);
-        return bad ? kvs_err_set(err, KVS_EIO, "%s: read error", path)
-                   : kvs_err_set(err, KVS_EINVAL, "%s: larger than %u bytes", path,
-                                 KVS_CONFFILE_MAX);
-    }
-    buf[n] = 0;
-    *out = buf;
-    *len = n;
-    return 0;
-}
 
 static bool plain_null(const yaml_event_t *ev)
 {
@@ -165,7 +142,7 @@ int kvs_conffile_apply(kvs_config *cfg, kvs_err *err)
     const char *path = cfg->file;
     char *buf = NULL;
     size_t len = 0;
-    int rc = read_file(path, &buf, &len, err);
+    int rc = kvs_file_read_text(NULL, path, KVS_CONFFILE_MAX, &buf, &len, err);
     if (rc)
         return rc;
     uint32_t lines[KVS_CONFIG_NKEYS] = {0};

@@ -16,6 +16,7 @@
 #include <openssl/x509.h>
 
 #include "daemon/log.h"
+#include "gpu/base/file.h"
 #include "gpu/base/mem.h"
 
 struct kvs_tls {
@@ -25,38 +26,24 @@ struct kvs_tls {
     char *client_ca; /* PEM CA certificates (tls_client_ca), or NULL: no client certificates */
 };
 
-/* Reads path (for key) into a NUL-terminated buffer (*len bytes before the NUL). */
+/* Reads path (for key) into a NUL-terminated buffer (*len bytes before the NUL): a PEM
+ * file, so never empty (gRPC takes the text as a C string: kvs_file_read_text refuses NULs,
+ * e.g. a DER file). */
 static int read_pem(const char *key, const char *path, char **out, size_t *len, kvs_err *err)
 {
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kvs_err_set(err, KVS_EIO, "%s: cannot read '%s': %s", key, path, strerror(errno));
-    char *buf = kvs_xmalloc(KVS_TLS_FILE_MAX + 1);
-    size_t n = fread(buf, 1, KVS_TLS_FILE_MAX + 1, f);
-    int rd_err = ferror(f);
-    fclose(f);
-    int rc = 0;
-    if (rd_err)
-        rc = kvs_err_set(err, KVS_EIO, "%s: cannot read '%s': read error", key, path);
-    else if (n > KVS_TLS_FILE_MAX)
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' is larger than %d bytes: not a PEM file", key,
-                         path, KVS_TLS_FILE_MAX);
-    else if (n == 0)
-        rc = kvs_err_set(err, KVS_EINVAL, "%s: '%s' is empty (want a PEM file)", key, path);
-    else if (memchr(buf, 0, n)) /* gRPC takes the text as a C string */
-        rc = kvs_err_set(err, KVS_EINVAL,
-                         "%s: '%s' is binary, not PEM (DER? convert it with openssl x509 "
-                         "-inform der)",
-                         key, path);
-    if (rc) {
-        OPENSSL_cleanse(buf, n); /* it may have been a key */
-        free(buf);
+    int rc = kvs_file_read_text(key, path, KVS_TLS_FILE_MAX, out, len, err);
+    if (rc == KVS_EINVAL && strstr(err->msg, "NUL byte"))
+        kvs_err_set(err, KVS_EINVAL,
+                    "%s: '%s' is binary, not PEM (DER? convert it with openssl "
+                    "x509 -inform der)",
+                    key, path);
+    if (rc)
         return rc;
+    if (*len == 0) {
+        free(*out);
+        *out = NULL;
+        return kvs_err_set(err, KVS_EINVAL, "%s: '%s' is empty (want a PEM file)", key, path);
     }
-    buf[n] = 0;
-    *out = buf;
-    *len = n;
     return 0;
 }
 
