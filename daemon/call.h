@@ -219,6 +219,7 @@ typedef struct kvs_get_state {
     uint32_t *pages; /* n * pages_per_block */
     uint32_t pages_per_block;
     pthread_mutex_t mu; /* guards items' ready flags, waiting and the end fields (a leaf) */
+    struct kvs_limits_slot *slot; /* the stream's admission slot (daemon/limits.h) */
     bool mu_init;
     bool waiting;    /* the sender stopped for items[send] to be ready */
     bool header_out; /* items[send]'s header is sent: its data chunks follow */

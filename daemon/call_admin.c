@@ -217,6 +217,8 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     streams.puts_open = ls.puts_open;
     streams.puts_refused = ls.puts_refused;
     streams.recv_refused = ls.recv_refused;
+    streams.gets_open = ls.gets_open;
+    streams.gets_refused = ls.gets_refused;
     pthread_mutex_lock(&srv->mu);
     streams.idle_cancelled = srv->idle_cancelled;
     pthread_mutex_unlock(&srv->mu);

@@ -25,11 +25,13 @@
  * kvs_get_state.mu and resumes the sender only if the sender waits for that item (`waiting`:
  * so the sender runs in one place at a time, call.h invariant 1).
  */
+#include <grpc/support/alloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/limits.h"
 #include "daemon/region.h"
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
@@ -119,6 +121,8 @@ void kvs_get_cleanup(kvs_call *c)
     if (g->mu_init)
         pthread_mutex_destroy(&g->mu);
     g->mu_init = false;
+    kvs_limits_close(c->srv->limits, KVS_LIMITS_GET, g->slot);
+    g->slot = NULL;
 }
 
 static void do_end(kvs_call *c, end_kind kind, int rc, const char *msg)
@@ -423,7 +427,13 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
     g->mu_init = true;
     kvs_err err;
     kvs_err_clear(&err);
-    int rc = g->many ? parse_get_many(c, req, len, &err) : parse_get(c, req, len, &err);
+    /* A stream slot first (daemon/limits.h): each Get holds read-ahead buffers for as long
+     * as its client keeps it open, so their number is bounded. */
+    char *peer = grpc_call_get_peer(c->call);
+    int rc = kvs_limits_open(c->srv->limits, KVS_LIMITS_GET, peer, &g->slot, &err);
+    gpr_free(peer);
+    if (rc == 0)
+        rc = g->many ? parse_get_many(c, req, len, &err) : parse_get(c, req, len, &err);
     if (rc) {
         /* Nothing was opened, nothing is in flight: end now. */
         kvs_call_fail(c, rc, err.msg);

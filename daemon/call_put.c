@@ -75,7 +75,7 @@ void kvs_put_start(kvs_call *c, const uint8_t *req, size_t len)
     /* A stream slot first (daemon/limits.h): a client cannot open Puts without bound. */
     kvs_err err;
     char *peer = grpc_call_get_peer(c->call);
-    int rc = kvs_limits_put_open(c->srv->limits, peer, &p->slot, &err);
+    int rc = kvs_limits_open(c->srv->limits, KVS_LIMITS_PUT, peer, &p->slot, &err);
     gpr_free(peer);
     if (rc)
         kvs_call_fail(c, rc, err.msg);
@@ -125,7 +125,7 @@ void kvs_put_cleanup(kvs_call *c)
     if (p->mu_init)
         pthread_mutex_destroy(&p->mu);
     p->mu_init = false;
-    kvs_limits_put_close(c->srv->limits, p->slot);
+    kvs_limits_close(c->srv->limits, KVS_LIMITS_PUT, p->slot);
     p->slot = NULL;
 }
 

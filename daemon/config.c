@@ -50,6 +50,8 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->eviction = KVS_POLICY_LRU;
     cfg->max_puts = 1024;
     cfg->max_puts_per_conn = 256;
+    cfg->max_gets = 1024;
+    cfg->max_gets_per_conn = 256;
     cfg->stream_idle_s = 30;
 }
 
@@ -262,6 +264,10 @@ static const key_def keys[] = {
     {"max_puts", "max-puts", "N", T_UINT, 0, 0, FIELD(max_puts), 0, 1, 1u << 20, "in 1..1048576",
      "Put streams open at once (default 1024)"},
     {"max_puts_per_conn", "max-puts-per-conn", "N", T_UINT, 0, 0, FIELD(max_puts_per_conn), 0, 1,
+     1u << 20, "in 1..1048576", "...from one client connection (default 256)"},
+    {"max_gets", "max-gets", "N", T_UINT, 0, 0, FIELD(max_gets), 0, 1, 1u << 20, "in 1..1048576",
+     "Get and GetMany streams open at once (default 1024)"},
+    {"max_gets_per_conn", "max-gets-per-conn", "N", T_UINT, 0, 0, FIELD(max_gets_per_conn), 0, 1,
      1u << 20, "in 1..1048576", "...from one client connection (default 256)"},
     {"stream_idle", "stream-idle", "SEC", T_UINT, LIVE, 0, FIELD(stream_idle_s), 0, 1, 86400,
      "in 1..86400",

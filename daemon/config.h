@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 40
+#define KVS_CONFIG_NKEYS 42
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -81,6 +81,8 @@ typedef struct kvs_config {
                                  * (kvs_config_recv_budget) */
     unsigned max_puts;          /* Put streams open at once, all connections */
     unsigned max_puts_per_conn; /* ...and from one connection (one peer address) */
+    unsigned max_gets;          /* Get and GetMany streams open at once, all connections */
+    unsigned max_gets_per_conn; /* ...and from one connection */
     unsigned stream_idle_s;     /* a Put or Get stream without progress this long is cancelled */
     char region_socket[108];    /* shared-memory region socket: "" = auto, "none" = none
                                  * (kvs_config_region_socket) */

@@ -1,9 +1,10 @@
 /* Admission limits of streaming calls: see limits.h.
  *
  * Invariants (under l->mu):
- *  1. puts_open = sum of the counts of every peer entry = slots handed out and not closed.
- *  2. A peer entry exists exactly while its count is > 0 (the table holds no dead peers,
- *     so its size is bounded by the open slots).
+ *  1. Per kind, the open count (puts_open, gets_open) = the sum of that kind's counts of
+ *     every peer entry = slots of that kind handed out and not closed.
+ *  2. A peer entry exists exactly while one of its counts is > 0 (the table holds no dead
+ *     peers, so its size is bounded by the open slots).
  *  3. recv_used <= recv_budget.
  */
 #include "daemon/limits.h"
@@ -21,7 +22,7 @@
 struct kvs_limits_slot {
     kvs_limits_slot *next; /* bucket chain */
     uint64_t hash;
-    unsigned count; /* this peer's open Put streams */
+    unsigned count[2]; /* this peer's open streams, by kvs_limits_kind */
     char peer[];
 };
 
@@ -55,30 +56,34 @@ void kvs_limits_destroy(kvs_limits *l)
     free(l);
 }
 
-int kvs_limits_put_open(kvs_limits *l, const char *peer, kvs_limits_slot **out, kvs_err *err)
+int kvs_limits_open(kvs_limits *l, kvs_limits_kind kind, const char *peer, kvs_limits_slot **out,
+                    kvs_err *err)
 {
+    static const char *const what[2] = {"Put", "Get"}, *const flag[2] = {"puts", "gets"};
     if (!peer)
         peer = "";
     size_t n = strlen(peer);
     uint64_t h = XXH3_64bits(peer, n);
     kvs_limits_slot **b = &l->bucket[h % BUCKETS];
+    unsigned max = kind == KVS_LIMITS_GET ? l->o.max_gets : l->o.max_puts;
+    unsigned per_conn = kind == KVS_LIMITS_GET ? l->o.max_gets_per_conn : l->o.max_puts_per_conn;
+    uint64_t *open = kind == KVS_LIMITS_GET ? &l->st.gets_open : &l->st.puts_open;
     pthread_mutex_lock(&l->mu);
     kvs_limits_slot *s = *b;
     while (s && (s->hash != h || strcmp(s->peer, peer) != 0))
         s = s->next;
     int rc = 0;
-    if (l->st.puts_open >= l->o.max_puts)
+    if (*open >= max)
         rc = kvs_err_set(err, KVS_ENOSPC,
-                         "Put: %u Put streams are open, the daemon's limit (--max-puts): "
-                         "retry later",
-                         l->o.max_puts);
-    else if (s && s->count >= l->o.max_puts_per_conn)
+                         "%s: %u %s streams are open, the daemon's limit (--max-%s): retry later",
+                         what[kind], max, what[kind], flag[kind]);
+    else if (s && s->count[kind] >= per_conn)
         rc = kvs_err_set(err, KVS_ENOSPC,
-                         "Put: %u Put streams are open on this connection, its limit "
-                         "(--max-puts-per-conn): retry later",
-                         l->o.max_puts_per_conn);
+                         "%s: %u %s streams are open on this connection, its limit "
+                         "(--max-%s-per-conn): retry later",
+                         what[kind], per_conn, what[kind], flag[kind]);
     if (rc) {
-        l->st.puts_refused++;
+        (*(kind == KVS_LIMITS_GET ? &l->st.gets_refused : &l->st.puts_refused))++;
         pthread_mutex_unlock(&l->mu);
         return rc;
     }
@@ -89,21 +94,21 @@ int kvs_limits_put_open(kvs_limits *l, const char *peer, kvs_limits_slot **out, 
         s->next = *b;
         *b = s;
     }
-    s->count++;
-    l->st.puts_open++;
+    s->count[kind]++;
+    (*open)++;
     pthread_mutex_unlock(&l->mu);
     *out = s;
     return 0;
 }
 
-void kvs_limits_put_close(kvs_limits *l, kvs_limits_slot *s)
+void kvs_limits_close(kvs_limits *l, kvs_limits_kind kind, kvs_limits_slot *s)
 {
     if (!s)
         return;
     kvs_limits_slot *dead = NULL;
     pthread_mutex_lock(&l->mu);
-    l->st.puts_open--;
-    if (--s->count == 0) { /* invariant 2 */
+    (*(kind == KVS_LIMITS_GET ? &l->st.gets_open : &l->st.puts_open))--;
+    if (--s->count[kind] == 0 && s->count[!kind] == 0) { /* invariant 2 */
         kvs_limits_slot **p = &l->bucket[s->hash % BUCKETS];
         while (*p != s)
             p = &(*p)->next;

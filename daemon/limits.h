@@ -6,9 +6,11 @@
  * so it can never evict another client's committed blocks.
  *
  *   --max-puts N            Put streams open at once, all connections together
+ *   --max-gets N            Get and GetMany streams likewise (their read-ahead buffers)
  *   --max-puts-per-conn N   ...from one connection, named by its peer address (gRPC's
  *                           "ipv4:127.0.0.1:5555"; Unix-socket clients share one name,
- *                           so for them this is a second total)
+ *                           so for them this is a second total); --max-gets-per-conn N
+ *                           the same for Gets
  *   --recv-budget SIZE      bytes of payload buffers held by Puts being received
  * A refusal is KVS_ENOSPC (RESOURCE_EXHAUSTED) naming the limit and its flag.
  *
@@ -24,9 +26,15 @@
 typedef struct kvs_limits kvs_limits;
 typedef struct kvs_limits_slot kvs_limits_slot; /* one open Put stream */
 
+/* The streams counted: a Put holds receive memory, a Get its read-ahead buffers (up to
+ * four decoded blocks, call_get.c), both for as long as its client keeps the stream open. */
+typedef enum kvs_limits_kind { KVS_LIMITS_PUT = 0, KVS_LIMITS_GET = 1 } kvs_limits_kind;
+
 typedef struct kvs_limits_opts {
     unsigned max_puts;          /* >= 1 */
     unsigned max_puts_per_conn; /* >= 1 */
+    unsigned max_gets;          /* >= 1: Get and GetMany streams open at once */
+    unsigned max_gets_per_conn; /* >= 1 */
     uint64_t recv_budget;       /* bytes, >= 1 */
 } kvs_limits_opts;
 
@@ -34,6 +42,8 @@ typedef struct kvs_limits_stats {
     uint64_t recv_budget, recv_used; /* bytes */
     uint64_t puts_open;
     uint64_t puts_refused; /* streams refused a slot */
+    uint64_t gets_open;
+    uint64_t gets_refused;
     uint64_t recv_refused; /* Puts refused receive memory */
 } kvs_limits_stats;
 
@@ -42,11 +52,13 @@ kvs_limits *kvs_limits_create(const kvs_limits_opts *o);
 /* Every slot must be closed and every byte given back. */
 void kvs_limits_destroy(kvs_limits *l);
 
-/* A stream slot for a Put from `peer` (borrowed; copied). *out is owned by the caller
- * until kvs_limits_put_close. KVS_ENOSPC naming the limit when either is reached. */
-int kvs_limits_put_open(kvs_limits *l, const char *peer, kvs_limits_slot **out, kvs_err *err);
+/* A stream slot of `kind` from `peer` (borrowed; copied). *out is owned by the caller
+ * until kvs_limits_close with the same kind. KVS_ENOSPC naming the limit and its flag when
+ * either the total or the connection's is reached. */
+int kvs_limits_open(kvs_limits *l, kvs_limits_kind kind, const char *peer, kvs_limits_slot **out,
+                    kvs_err *err);
 /* Gives a slot back; NULL is fine. */
-void kvs_limits_put_close(kvs_limits *l, kvs_limits_slot *s);
+void kvs_limits_close(kvs_limits *l, kvs_limits_kind kind, kvs_limits_slot *s);
 
 /* Takes `bytes` of the receive budget, all or nothing: KVS_ENOSPC (with the budget and its
  * use) when they do not fit. A request larger than the whole budget is KVS_ENOSPC too. */

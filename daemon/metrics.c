@@ -270,6 +270,11 @@ static void render_streams(FILE *f, kvs_server *srv, struct kvs_regions *regions
     kvs_server_stream_stats(srv, &ls, &idle);
     family(f, "kvstash_put_streams_open", "gauge", "Put streams holding a slot.");
     sample(f, "kvstash_put_streams_open", ls.puts_open);
+    family(f, "kvstash_get_streams_open", "gauge", "Get and GetMany streams holding a slot.");
+    sample(f, "kvstash_get_streams_open", ls.gets_open);
+    family(f, "kvstash_get_streams_refused_total", "counter",
+           "Get and GetMany streams refused a slot (--max-gets, --max-gets-per-conn).");
+    sample(f, "kvstash_get_streams_refused_total", ls.gets_refused);
     family(f, "kvstash_recv_budget_bytes", "gauge",
            "Memory for Put payloads being received (--recv-budget).");
     sample(f, "kvstash_recv_budget_bytes", ls.recv_budget);

@@ -113,6 +113,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, const kvs_tls *tls,
     srv->start_ms = kvs_now_ms();
     kvs_limits_opts lo = {.max_puts = cfg->max_puts,
                           .max_puts_per_conn = cfg->max_puts_per_conn,
+                          .max_gets = cfg->max_gets,
+                          .max_gets_per_conn = cfg->max_gets_per_conn,
                           .recv_budget = kvs_config_recv_budget(cfg)};
     srv->limits = kvs_limits_create(&lo);
     atomic_init(&srv->auth, auth);

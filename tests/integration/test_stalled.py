@@ -170,3 +170,41 @@ def test_stalled_get_is_cancelled(daemon):
     assert kvs.get(d.stub, ns.name, b"big").data == ns.payload()
     r = d.stub.Delete(pb.KeysRequest(namespace=ns.name, keys=[b"big"]))
     assert r.deleted == 1
+
+
+def test_get_streams_are_bounded(daemon):
+    """Each Get holds read-ahead buffers while its client keeps the stream open: a client
+    that opens Gets and never reads them is refused a slot past --max-gets-per-conn on its
+    connection and past --max-gets in total (RESOURCE_EXHAUSTED naming the flag), and the
+    slots come back when the streams end."""
+    d = daemon(extra=["--max-gets", 3, "--max-gets-per-conn", 2, "--stats-interval", 0])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=64))  # 8 MiB: a stream stalls
+    kvs.put(d.stub, ns.name, b"big", ns.T, ns.payload())
+    own = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.lookahead_bytes", 0)]
+    ch1, stub1, _ = d.stubs(options=own)
+    ch2, stub2, _ = d.stubs(options=own)
+    held = []
+
+    def hold(stub):
+        it = stub.GetMany(pb.GetManyRequest(namespace=ns.name, keys=[b"big"]), timeout=60)
+        assert next(it).HasField("header")  # open, then read nothing more
+        held.append(it)
+
+    try:
+        hold(stub1)
+        hold(stub1)
+        kvs.wait_for(lambda: stream_stats(d).gets_open == 2, what="2 Get streams open")
+        kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.get, stub1, ns.name, b"big",
+                         words=["--max-gets-per-conn"])
+        hold(stub2)  # another connection still gets one, up to the total
+        kvs.wait_for(lambda: stream_stats(d).gets_open == 3, what="3 Get streams open")
+        kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.get, stub2, ns.name, b"big",
+                         words=["--max-gets)"])
+        assert stream_stats(d).gets_refused == 2
+    finally:
+        for it in held:
+            it.cancel()
+    kvs.wait_for(lambda: stream_stats(d).gets_open == 0, what="Get slots given back")
+    assert kvs.get(stub1, ns.name, b"big").data == ns.payload()
+    ch1.close()
+    ch2.close()
