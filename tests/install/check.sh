@@ -32,10 +32,13 @@ int main(void)
 C
 want=4e7b4f6b8cadfb2a1b1a20c2457494c4
 export PKG_CONFIG_PATH=$P/lib/pkgconfig
+# A sanitizer build (ctest passes KVS_SANITIZE) installs instrumented libraries: programs
+# linking them need the same runtime.
+SAN=${KVS_SANITIZE:+-fsanitize=$KVS_SANITIZE}
 # shellcheck disable=SC2046
-cc -o "$T/shared" "$T/prog.c" $(pkg-config --cflags --libs kvstash) -Wl,-rpath,"$P/lib"
+cc $SAN -o "$T/shared" "$T/prog.c" $(pkg-config --cflags --libs kvstash) -Wl,-rpath,"$P/lib"
 # shellcheck disable=SC2046
-cc -o "$T/static" "$T/prog.c" $(pkg-config --cflags kvstash) "$P/lib/libkvstash.a" \
+cc $SAN -o "$T/static" "$T/prog.c" $(pkg-config --cflags kvstash) "$P/lib/libkvstash.a" \
     $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread
 mkdir -p "$T/cm"
 cat > "$T/cm/CMakeLists.txt" <<'CM'
@@ -47,7 +50,8 @@ target_link_libraries(cm_shared PRIVATE kvstash::kvstash)
 add_executable(cm_static ../prog.c)
 target_link_libraries(cm_static PRIVATE kvstash::kvstash_static)
 CM
-cmake -S "$T/cm" -B "$T/cm/build" -DCMAKE_PREFIX_PATH="$P" > "$T/cm.log" 2>&1 ||
+cmake -S "$T/cm" -B "$T/cm/build" -DCMAKE_PREFIX_PATH="$P" -DCMAKE_C_FLAGS="$SAN" \
+    -DCMAKE_EXE_LINKER_FLAGS="$SAN" > "$T/cm.log" 2>&1 ||
     { cat "$T/cm.log"; exit 1; }
 cmake --build "$T/cm/build" > "$T/cmb.log" 2>&1 || { cat "$T/cmb.log"; exit 1; }
 for p in "$T/shared" "$T/static" "$T/cm/build/cm_shared" "$T/cm/build/cm_static"; do
@@ -56,6 +60,10 @@ for p in "$T/shared" "$T/static" "$T/cm/build/cm_shared" "$T/cm/build/cm_static"
 done
 if ldd "$T/static" | grep -q libkvstash; then echo "static program loads libkvstash.so"; exit 1; fi
 ldd "$T/shared" | grep -q "$P/lib/libkvstash.so" || { echo "shared program does not load the installed libkvstash"; exit 1; }
+if [ -n "$SAN" ]; then # Python cannot load an ASan library unless the runtime came first
+    echo "install check: 4 programs built against the installed (sanitized) library print the test vector; the Python package is checked in the plain build"
+    exit 0
+fi
 # The Python package, installed offline with Debian's pip, finds the installed library.
 python3=/usr/bin/python3
 PIP_NO_INDEX=1 $python3 -m pip install --quiet --no-deps --no-build-isolation --target "$T/py" \
