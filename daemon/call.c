@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "daemon/auth.h"
+#include "daemon/config.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/work.h"
@@ -323,7 +324,20 @@ int kvs_call_ns_find(kvs_call *c, const char *name, kvs_ns **out, kvs_err *err)
 int kvs_call_ns_create(kvs_call *c, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
 {
     int rc = ns_check(c, spec->name, "spec.name", err);
-    return rc ? rc : kvs_store_ns_create(c->srv->store, spec, out, err);
+    if (rc || !c->tenant)
+        return rc ? rc : kvs_store_ns_create(c->srv->store, spec, out, err);
+    /* A tenant's namespace always has a host quota, at most the operator's cap: without
+     * one, its Puts could evict every other tenant's blocks (storage/store.c block_alloc). */
+    kvs_ns_spec s = *spec;
+    uint64_t cap = kvs_config_tenant_host_quota(c->srv->cfg);
+    if (s.host_quota > cap)
+        return kvs_err_set(err, KVS_EPERM,
+                           "host_quota_bytes: %llu; a tenant token may give its namespace at most "
+                           "%llu bytes of the host tier (--tenant-host-quota)",
+                           (unsigned long long)s.host_quota, (unsigned long long)cap);
+    if (s.host_quota == 0)
+        s.host_quota = cap;
+    return kvs_store_ns_create(c->srv->store, &s, out, err);
 }
 
 int kvs_call_ns_drop(kvs_call *c, const char *name, uint64_t *blocks_dropped, kvs_err *err)

@@ -212,6 +212,11 @@ static const key_def keys[] = {
     {"tenant_tokens", "tenant-tokens", "PATH", T_STR, LIVE, 0, FIELD(tenant_tokens), 0, 0, 0, NULL,
      "per-namespace tokens: lines \"NAMESPACE TOKEN\" (README\n\"Tenants\"); a tenant token "
      "reaches only its namespaces"},
+    {"tenant_host_quota", "tenant-host-quota", "SIZE", T_SIZE, 0, O_AUTO, FIELD(tenant_host_quota),
+     0, 1ull << 20, UINT64_MAX, "a size >= 1M",
+     "the most host tier a tenant token may give a namespace it\ncreates (host_quota_bytes; "
+     "asking none gets this), so a\ntenant cannot opt out of quotas (default auto: a quarter of "
+     "the\nhost capacity)"},
     {"tls_cert", "tls-cert", "PATH", T_STR, 0, 0, FIELD(tls_cert), 0, 0, 0, NULL,
      "TLS on the TCP listener: the server's certificate chain,\nPEM, leaf first (README \"TLS\"); "
      "needs --tls-key; not with\na unix: listen address"},
@@ -576,6 +581,11 @@ void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i)
     memcpy(field(dst, k->off), cfield(src, k->off), k->size);
     memcpy(field(dst, k->off2), cfield(src, k->off2), size2(k));
     dst->src[i] = src->src[i];
+}
+
+uint64_t kvs_config_tenant_host_quota(const kvs_config *cfg)
+{
+    return cfg->tenant_host_quota ? cfg->tenant_host_quota : cfg->host_capacity / 4;
 }
 
 uint64_t kvs_config_recv_budget(const kvs_config *cfg)

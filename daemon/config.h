@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 42
+#define KVS_CONFIG_NKEYS 43
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -58,6 +58,8 @@ typedef struct kvs_config {
     char token_file[512];
     char admin_token_file[512];
     char tenant_tokens[512];
+    uint64_t tenant_host_quota; /* most host_quota_bytes a tenant token may give a namespace it
+                                 * creates (and what it gets when it asks none); 0: auto */
     /* TLS of the gRPC listener (daemon/tls.h, README "TLS"): PEM files of the server's
      * certificate chain and key, and of the CA that signs client certificates (mutual
      * TLS); "" = plaintext / no client certificates. Read once at start. */
@@ -141,7 +143,8 @@ bool kvs_config_key_equal(const kvs_config *a, const kvs_config *b, int i);
 void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i);
 
 /* Effective values of the keys whose default is "auto" (derived from other keys). */
-uint64_t kvs_config_recv_budget(const kvs_config *cfg); /* auto: host/4, at least 64M */
+uint64_t kvs_config_recv_budget(const kvs_config *cfg);       /* auto: host/4, at least 64M */
+uint64_t kvs_config_tenant_host_quota(const kvs_config *cfg); /* auto: host/4 */
 /* The region socket path, "" for none (auto: <listen path>.region for unix: listen). */
 const char *kvs_config_region_socket(const kvs_config *cfg, char *buf, size_t cap);
 

@@ -4,6 +4,7 @@ included), a namespace they were not granted gets the same PERMISSION_DENIED whe
 exists or not, the KvAdmin calls that concern every tenant are refused to them, SIGHUP
 re-reads the tenant file, tokens come from files (the daemon's, kvctl's --token-file, the
 Python package's token_file), and missing or wrong tokens are UNAUTHENTICATED."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -158,6 +159,29 @@ def test_tenant_admin_calls(td):
     # Its own namespace: Evict is fine.
     d.admin.Evict(pb.EvictRequest(namespace=NS_A, to=pb.EvictRequest.TARGET_OUT), metadata=a)
     assert d.admin.Health(pb.HealthRequest(), metadata=a).status == kvs.SERVING
+
+
+def test_tenant_namespaces_always_have_a_quota(td):
+    """A tenant cannot opt out of host quotas: a namespace it creates without one gets the
+    operator's cap (--tenant-host-quota, auto: a quarter of the 256M host tier), more than
+    the cap is refused, less is kept; the admin's namespaces are as the admin made them."""
+    d, a, adm = td, kvs.bearer(TA), kvs.bearer(ADMIN)
+    cap = 64 << 20
+
+    def create(quota):
+        return d.admin.CreateNamespace(pb.CreateNamespaceRequest(
+            spec=kvs.spec(NS_A2, host_quota_bytes=quota)), metadata=a).spec.host_quota_bytes
+
+    try:
+        assert create(0) == cap
+        d.admin.DropNamespace(pb.NameRequest(name=NS_A2), metadata=a)
+        kvs.expect_error(DENIED, create, cap + 1,
+                         words=("host_quota_bytes", "--tenant-host-quota", str(cap)))
+        assert create(8 << 20) == 8 << 20
+    finally:
+        with contextlib.suppress(grpc.RpcError):
+            d.admin.DropNamespace(pb.NameRequest(name=NS_A2), metadata=adm)
+    assert d.admin.GetNamespace(pb.NameRequest(name=NS_A), metadata=adm).spec.host_quota_bytes == 0
 
 
 @pytest.mark.parametrize("md", [None, kvs.bearer("wrong"), (("authorization", TA),),
