@@ -342,3 +342,26 @@ def test_batches_larger_than_the_region_go_through_it_in_windows(unix_daemon):
         pre = c.get_prefix(name, keys)
         assert len(pre) == 7 and all((g == d).all() for g, d in zip(pre, data))
         assert c.get_many(name, keys)[7] is None
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
+def test_a_namespace_recreated_with_another_shape_is_seen(request, where):
+    """Client A caches a namespace's spec; client B drops it and creates it again with twice
+    the layers. A's next put, get and get_many work with the new shape (the cache is asked
+    again once when sizes do not fit it) instead of refusing or mis-shaping blocks."""
+    target = request.getfixturevalue(where)
+    name = kvs.ns_name("pyre")
+    with kvstash.Client(target) as a, kvstash.Client(target) as b:
+        a.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        a.put(name, b"old", blocks(1, L=2)[0])
+        assert a.get(name, b"old").shape == (2, 2, 16, 2, 64)
+        b.drop_namespace(name)
+        b.create_namespace(name, layers=4, kv_heads=2, head_dim=64, block_tokens=16)
+        new = blocks(3, L=4, seed=5)
+        b.put(name, b"n0", new[0])
+        got = a.get(name, b"n0")
+        assert got.shape == (4, 2, 16, 2, 64) and (got == new[0]).all()
+        a.put(name, b"n1", new[1])                      # A's cached spec said 2 layers
+        assert isinstance(a.put_many(name, [(b"n2", new[2])])[0], kvstash.PutResult)
+        many = a.get_many(name, [b"n0", b"n1", b"n2"])
+        assert all(g.shape == (4, 2, 16, 2, 64) and (g == d).all() for g, d in zip(many, new))

@@ -23,7 +23,7 @@ _CODES = {
 }
 _TIERS = {0: "none", 1: "gpu", 2: "host", 3: "disk"}
 _DTYPES = {"fp16": 1, "bf16": 2}
-ENOTFOUND, ENOTSUP = -30002, -30012
+ENOTFOUND, ENOTSUP, ENOSPC, E2BIG = -30002, -30012, -30004, -30006
 
 
 class KvstashError(Exception):
@@ -245,11 +245,27 @@ class Client:
         finally:
             ctypes.CDLL(None).free(p)
 
-    def _ns(self, name: str) -> Namespace:
-        ns = self._ns_cache.get(name)
+    def _ns(self, name: str, fresh: bool = False) -> Namespace:
+        """The namespace's spec, cached: another client may drop it and create it again
+        with another shape, so callers that see sizes the cached spec does not explain ask
+        again once (fresh=True) before they refuse or trust a result."""
+        ns = None if fresh else self._ns_cache.get(name)
         if ns is None:
             ns = self._ns_cache[name] = self.namespace(name)
         return ns
+
+    def _ns_fitting(self, name: str, sizes) -> Namespace:
+        """The spec, fetched again once when one of the payload sizes is no whole number of
+        its tokens (a stale cache; the size check then says what is wrong)."""
+        n = self._ns(name)
+        if any(s == 0 or s % n.token_bytes for s in sizes):
+            n = self._ns(name, fresh=True)
+        return n
+
+    def _stale(self, n: Namespace, res, lb: int, le: int) -> bool:
+        """A decoded block whose size the cached spec does not explain: the namespace was
+        recreated with another shape since it was cached."""
+        return res.bytes != res.tokens * n.token_bytes // n.layers * (le - lb)
 
     def _tokens(self, ns: Namespace, a: np.ndarray) -> int:
         if a.nbytes == 0 or a.nbytes % ns.token_bytes:
@@ -262,8 +278,8 @@ class Client:
     def put(self, ns: str, key, data) -> PutResult:
         """Stores one block: data is [L][2][t][H][D] (any shape with those bytes) of the
         namespace's dtype, a host array or a CPU or CUDA tensor; t is taken from its size."""
-        n = self._ns(ns)
         a = Src(data).host_array()
+        n = self._ns_fitting(ns, [a.nbytes])
         k = _keybuf(key)
         res, err = _lib.PutResult(), _lib.Err()
         _check(lib.kvs_client_put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
@@ -271,20 +287,24 @@ class Client:
                                   ctypes.byref(err)), err)
         return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
 
-    def get(self, ns: str, key, out=None, layers=None):
+    def get(self, ns: str, key, out=None, layers=None, _fresh: bool = False):
         """Fetches one block, decoded, as [L][2][t][H][D] (a numpy array, or a view of `out`:
         a contiguous array or CPU/CUDA tensor of at least the block's bytes). layers: an int,
         a (begin, end) pair or a range: only those layers, [end-begin][2][t][H][D].
         KvstashError NOT_FOUND if the key is absent."""
-        n = self._ns(ns)
+        n = self._ns(ns, fresh=_fresh)
         if layers is None and (out is None or isinstance(out, np.ndarray)):
             # The unary Get: one round trip, no GetMany stream set up (small blocks).
             dst = Dst(out if out is not None else np.empty(n.block_bytes // 2, n.numpy_dtype),
                       "out", n.block_bytes)
             k = _keybuf(key)
             res, err = _lib.GetResult(), _lib.Err()
-            _check(lib.kvs_client_get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
-                                      ctypes.byref(res), ctypes.byref(err)), err)
+            rc = lib.kvs_client_get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
+                                    ctypes.byref(res), ctypes.byref(err))
+            if not _fresh and out is None and (rc in (E2BIG, ENOSPC) or
+                                               (rc == 0 and self._stale(n, res, 0, n.layers))):
+                return self.get(ns, key, _fresh=True)  # the namespace changed shape
+            _check(rc, err)
             return dst.shaped(res.bytes, (n.layers, 2, res.tokens, n.kv_heads, n.head_dim))
         got = self.get_many(ns, [key], layers=layers, out=None if out is None else [out])
         if got[0] is None:
@@ -327,10 +347,10 @@ class Client:
         put(). Returns, per block, a PutResult or the KvstashError that block got (the
         others are stored). Through shared memory, a batch larger than the region goes in
         several calls, each filling the region."""
-        n = self._ns(ns)
         pairs = [(_keybuf(k), Src(d, f"blocks[{i}]")) for i, (k, d) in enumerate(blocks)]
         if not pairs:
             return []
+        n = self._ns_fitting(ns, [src.nbytes for _, src in pairs])
         for _, src in pairs:
             self._tokens(n, src)  # every block's size checked before anything is sent
         items = (_lib.PutItem * len(pairs))()
@@ -414,14 +434,14 @@ class Client:
         return True
 
     def get_many(self, ns: str, keys: Sequence, prefix: bool = False, layers=None,
-                 out: Optional[Sequence] = None) -> list:
+                 out: Optional[Sequence] = None, _fresh: bool = False) -> list:
         """Fetches many blocks in one call, in key order: per key, [L][2][t][H][D] (a numpy
         array, or a view of out[i]), None for an absent one. prefix=True stops at the first
         absent key and returns only the leading present blocks (Lookup + Get in one round
         trip). layers as for get(). out: one destination per key (contiguous numpy arrays or
         CPU/CUDA tensors of at least a full block's bytes); CUDA destinations are filled on
         torch's current stream of their device, which is synchronized before returning."""
-        n = self._ns(ns)
+        n = self._ns(ns, fresh=_fresh)
         keys = [_keybuf(k) for k in keys]
         if not keys:
             return []
@@ -476,6 +496,12 @@ class Client:
                     self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
                 if prefix and served.value < end - start:
                     break  # the prefix ends in this window; later items stay unanswered
+        if not _fresh and out is None and any(
+                it.answered and (it.rc in (E2BIG, ENOSPC) or
+                                 (it.rc == 0 and self._stale(n, it.res, lb, le)))
+                for it in items):
+            # Sizes the cached spec does not explain: the namespace changed shape. Once more.
+            return self.get_many(ns, keys, prefix=prefix, layers=layers, _fresh=True)
         result = []
         for i, it in enumerate(items):
             if not it.answered or it.rc == ENOTFOUND:
