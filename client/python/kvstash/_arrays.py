@@ -95,7 +95,7 @@ class Dst:
         if self.nbytes < need:
             raise ValueError(f"kvstash: {what} holds {self.nbytes} bytes, a block needs {need}")
 
-    def fill(self, src: np.ndarray, stream=None):
+    def fill(self, src: np.ndarray):
         """Copies src (host uint8) to the start of the destination; for a CUDA tensor the copy
         is queued on torch's current stream (non-blocking only from pinned memory: the
         caller synchronizes before src is reused)."""

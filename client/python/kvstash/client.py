@@ -222,6 +222,33 @@ class Client:
                                         ctypes.byref(err)), err)
         return _ns_of(info)
 
+    def open_namespace(self, name: str, layers: int, kv_heads: int, head_dim: int,
+                       block_tokens: int, dtype: str = "fp16", what: str = "this caller",
+                       **create) -> Namespace:
+        """The namespace `name`, created with this shape (and `create`'s other
+        create_namespace arguments: codecs, quota...) if it does not exist yet, as engine
+        workers do on start: a race with another worker creating it is fine. An existing
+        namespace is used as it is if its shape matches; ValueError naming the fields
+        otherwise (keys say nothing about the model: a shape mismatch means another one)."""
+        want = (layers, kv_heads, head_dim, block_tokens, dtype)
+        try:
+            ns = self.namespace(name)
+        except KvstashError as e:
+            if e.status != "NOT_FOUND":
+                raise
+            try:
+                ns = self.create_namespace(name, layers, kv_heads, head_dim, block_tokens,
+                                           dtype=dtype, **create)
+            except KvstashError as e2:
+                if e2.status != "ALREADY_EXISTS":  # another worker made it first
+                    raise
+                ns = self.namespace(name)
+        have = (ns.layers, ns.kv_heads, ns.head_dim, ns.block_tokens, ns.dtype)
+        if have != want:
+            raise ValueError(f"kvstash: namespace '{name}' holds (layers, kv_heads, head_dim, "
+                             f"block_tokens, dtype) = {have}, {what} needs {want}")
+        return ns
+
     def drop_namespace(self, name: str) -> int:
         """Drops a namespace and its blocks; returns how many blocks went."""
         n, err = ctypes.c_uint64(), _lib.Err()
@@ -351,8 +378,7 @@ class Client:
         if not pairs:
             return []
         n = self._ns_fitting(ns, [src.nbytes for _, src in pairs])
-        for _, src in pairs:
-            self._tokens(n, src)  # every block's size checked before anything is sent
+        tokens = [self._tokens(n, src) for _, src in pairs]  # all checked before any is sent
         items = (_lib.PutItem * len(pairs))()
         with self._region_lock:
             region = self._region_for(max(src.nbytes for _, src in pairs))
@@ -369,7 +395,7 @@ class Client:
                     it = items[end]
                     it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
                     it.key_len = len(k)
-                    it.tokens = self._tokens(n, src)
+                    it.tokens = tokens[end]
                     it.len = src.nbytes
                     if region:
                         src.copy_to(view[off:off + src.nbytes])

@@ -349,26 +349,11 @@ class KvstashHiCacheStorage(HiCacheStorage):
         self._ensure_namespace()
 
     def _ensure_namespace(self):
-        p, c, name = self._pool, self.client, self.cfg.namespace
-        try:
-            ns = c.namespace(name)
-        except KvstashError as e:
-            if e.status != "NOT_FOUND":
-                raise
-            try:
-                ns = c.create_namespace(name, layers=p.L, kv_heads=p.H, head_dim=p.D,
-                                        block_tokens=p.ps, dtype=p.dtype,
-                                        key_codec=self.cfg.key_codec,
-                                        value_codec=self.cfg.value_codec)
-            except KvstashError as e2:
-                if e2.status != "ALREADY_EXISTS":  # another rank or process made it first
-                    raise
-                ns = c.namespace(name)
-        have = (ns.layers, ns.kv_heads, ns.head_dim, ns.block_tokens, ns.dtype)
-        want = (p.L, p.H, p.D, p.ps, p.dtype)
-        if have != want:
-            raise ValueError(f"kvstash: namespace '{name}' holds (layers, kv_heads, head_dim, "
-                             f"page_size, dtype) = {have}, this host pool needs {want}")
+        p = self._pool
+        self.client.open_namespace(self.cfg.namespace, p.L, p.H, p.D, p.ps, p.dtype,
+                                   what="this host pool (block_tokens = page_size)",
+                                   key_codec=self.cfg.key_codec,
+                                   value_codec=self.cfg.value_codec)
 
     def _need_pool(self) -> _Pool:
         if self._pool is None:

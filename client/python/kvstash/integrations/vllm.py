@@ -575,26 +575,9 @@ class KvstashConnector(KVConnectorBase_V1):
         self._ensure_namespace(len(layers), H, D, t, first.dtype)
 
     def _ensure_namespace(self, L, H, D, t, dtype):
-        c, name = self.client, self.cfg.namespace
-        try:
-            ns = c.namespace(name)
-        except KvstashError as e:
-            if e.status != "NOT_FOUND":
-                raise
-            try:
-                ns = c.create_namespace(name, layers=L, kv_heads=H, head_dim=D,
-                                        block_tokens=t, dtype=dtype,
-                                        key_codec=self.cfg.key_codec,
-                                        value_codec=self.cfg.value_codec)
-            except KvstashError as e2:
-                if e2.status != "ALREADY_EXISTS":  # another worker made it first
-                    raise
-                ns = c.namespace(name)
-        have = (ns.layers, ns.kv_heads, ns.head_dim, ns.block_tokens, ns.dtype)
-        want = (L, H, D, t, dtype)
-        if have != want:
-            raise ValueError(f"kvstash: namespace '{name}' holds (layers, kv_heads, head_dim, "
-                             f"block_tokens, dtype) = {have}, this model needs {want}")
+        self.client.open_namespace(self.cfg.namespace, L, H, D, t, dtype, what="this model",
+                                   key_codec=self.cfg.key_codec,
+                                   value_codec=self.cfg.value_codec)
 
     def _meta(self) -> Optional[KvstashConnectorMetadata]:
         if not self.has_connector_metadata():
