@@ -25,6 +25,10 @@ R=.gpurun
 [ -f $R/bundle.tar.xz ] && tar -C $R -xJf $R/bundle.tar.xz
 export LD_LIBRARY_PATH=$PWD/$R/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The bundled daemon, kvctl, wire modules and the Python package's library, for every
+# step that runs the integration tests or the Python example.
+export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
+export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 PYTHONUNBUFFERED=1
 status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
@@ -42,16 +46,11 @@ if [ "${MEMCHECK:-1}" = 1 ]; then
     done
 fi
 if [ -n "${INTEG_ONLY:-}" ]; then  # these test files only, GPU engine + GPU tier
-    export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
-    export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 PYTHONUNBUFFERED=1
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
         -rs $INTEG_ONLY > "$OUT/integ-only.log" 2>&1)
     note "integration ($INTEG_ONLY), GPU engine + GPU tier" $?; tail -n 25 "$OUT/integ-only.log"
 fi
 if [ "${INTEG:-1}" = 1 ]; then
-    export KVSTASHD=$PWD/$R/bin/kvstashd KVCTL=$PWD/$R/bin/kvctl KVS_PB_DIR=$PWD/$R/pb
-    export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0   # the Python package's library
-    export PYTHONUNBUFFERED=1
     (cd tests/integration && KVSTASHD_EXTRA="--gpu on --gpu-capacity 0" \
         python3 -m pytest -q -x -p no:cacheprovider . > "$OUT/integ-engine.log" 2>&1)
     note "integration, GPU engine, host tier" $?; tail -n 5 "$OUT/integ-engine.log"
@@ -84,8 +83,7 @@ if [ "${CHAT:-0}" = 1 ]; then
     kpid=$!
     for _ in $(seq 100); do [ -S $T/kvs.sock.region ] && break; sleep 0.1; done
     for codec in none ${CHAT_CODECS:-kivi-4 polarquant}; do
-        PYTHONPATH=client/python PYTHONUNBUFFERED=1 KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 \
-            python3 client/python/examples/chat_reuse.py --target unix:$T/kvs.sock \
+        PYTHONPATH=client/python python3 client/python/examples/chat_reuse.py --target unix:$T/kvs.sock \
             --model llama3-8b --device cuda --codec $codec --users 4 --turns 3 \
             --system-tokens ${CHAT_SYSTEM:-4000} --turn-tokens 200 --reply-tokens 100 \
             --json "$OUT/chat-8b-$codec.json" > "$OUT/chat-8b-$codec.log" 2>&1
