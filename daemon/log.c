@@ -95,28 +95,30 @@ static void emit(kvs_log_level level, const char *component, uint64_t call_id, c
         fprintf(stderr, "%s %s %s\n", when, tags[level], msg);
 }
 
-void kvs_log(kvs_log_level level, const char *fmt, ...)
+static void vlog(kvs_log_level level, const char *component, uint64_t call_id, const char *method,
+                 const char *fmt, va_list ap)
 {
     if (!enabled(level))
         return;
     char line[1024];
+    vsnprintf(line, sizeof line, fmt, ap);
+    emit(level, component, call_id, method, line);
+}
+
+void kvs_log(kvs_log_level level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    vlog(level, "daemon", 0, NULL, fmt, ap);
     va_end(ap);
-    emit(level, "daemon", 0, NULL, line);
 }
 
 void kvs_log_call(kvs_log_level level, uint64_t call_id, const char *method, const char *fmt, ...)
 {
-    if (!enabled(level))
-        return;
-    char line[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    vlog(level, "call", call_id, method ? method : "unknown", fmt, ap);
     va_end(ap);
-    emit(level, "call", call_id, method ? method : "unknown", line);
 }
 
 void kvs_log_sink(void *ctx, kvs_log_level level, const char *line)
