@@ -44,12 +44,15 @@
  * stay far below any sane --max-message. */
 #define GET_CHUNK_MAX (1u << 20)
 /* Blocks read and decoded ahead of the one being sent: overlaps decode with the network
- * and bounds a GetMany's buffers to this many blocks. Into a shared-memory region there
- * are no buffers (the data path writes the caller's slots) and only a small header goes
- * on the wire per block, so more blocks run at once: the copies and decodes of many
- * blocks overlap instead of waiting on one header round trip each. */
+ * and bounds a GetMany's buffers to this many blocks. Into a shared-memory region's slots
+ * there are no buffers (the data path writes the caller's memory) and only a small header
+ * goes on the wire per block, so the whole batch runs at once, up to the GPU engine's
+ * largest batch: the engine then decodes many blocks per launch and per synchronization
+ * instead of a few. Paged destinations decode into buffers first (then scatter): those
+ * stay bounded. */
 #define GET_WINDOW 4
-#define GET_WINDOW_REGION 16
+#define GET_WINDOW_PAGED 16
+#define GET_WINDOW_SLOTS 256
 
 /* A decoded block's buffer, shared by its item and the gRPC slices that send it without a
  * copy: gRPC may hold a slice after the send completes (until the bytes are written), so the
@@ -398,6 +401,7 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
     }
     items_alloc(c, (uint32_t)r->n_keys);
     g->slot_bytes = r->region_slot_bytes;
+    g->slots = r->region.len && !(r->layout || r->n_pages);
     for (uint32_t i = 0; i < g->n; i++) {
         kvs_get_item *it = &g->items[i];
         memcpy(it->key, keys[i].data, keys[i].len);
@@ -527,7 +531,7 @@ static void advance(kvs_call *c)
         end_call(c, END_REPLY, 0, NULL);
         return;
     }
-    uint32_t window = g->region ? GET_WINDOW_REGION : GET_WINDOW;
+    uint32_t window = g->paged ? GET_WINDOW_PAGED : g->slots ? GET_WINDOW_SLOTS : GET_WINDOW;
     for (uint32_t i = g->next_open; i < g->n && i < g->send + window; i++)
         open_item(c, &g->items[g->next_open++]);
     kvs_get_item *it = &g->items[g->send];

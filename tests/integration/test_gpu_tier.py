@@ -234,3 +234,37 @@ def test_promoted_durable_block_keeps_its_record(daemon, tmp_path):
     assert wait_tiers(d2, ns.name, [b"a", b"b"], [kvs.pb.TIER_DISK, kvs.pb.TIER_NONE]) == \
         [kvs.pb.TIER_DISK, kvs.pb.TIER_NONE]
     assert kvs.get(d2.stub, ns.name, b"a").data == a
+
+
+def test_get_many_into_region_slots_batches_in_the_engine(daemon, tmp_path):
+    # A GetMany into region slots holds no buffers, so every block of the call is started
+    # at once and the engine decodes many per launch. With four blocks opened ahead of the
+    # sender (the window of the gRPC-bytes path, which the region path used by mistake)
+    # no engine batch could hold more than four of this call's decodes.
+    from test_data_plane import Region, get_many
+    from test_metrics import free_port, scrape
+    sock, port = str(tmp_path / "kvs.region"), free_port()
+    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M",
+                                  "--metrics-listen", f"127.0.0.1:{port}"])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="polarquant",
+                            value_codec="polarquant"))
+    n, bb = 64, L * 2 * T * H * D * 2
+    keys = [b"b%d" % i for i in range(n)]
+    for i, k in enumerate(keys):
+        assert kvs.put(d.stub, ns.name, k, T, ns.payload(T, seed=i)).tier == kvs.pb.TIER_GPU
+    reg = Region(sock, n * bb)
+    try:
+        def batches():
+            _, s = scrape(port)
+            le4 = s.get(("kvstash_gpu_engine_batch_size_bucket", (("le", "4"),)), 0.0)
+            return s[("kvstash_gpu_engine_batch_size_count", ())] - le4
+        before = batches()
+        got = get_many(d, ns.name, keys, region=reg.id,
+                       region_offsets=[i * bb for i in range(n)], region_slot_bytes=bb)
+        assert [h.code for h, _ in got] == [0] * n
+        assert batches() > before, "no engine batch of more than 4 decodes for 64 blocks"
+        # ...and the bytes are those of a plain Get of each block.
+        for i, k in enumerate(keys[:4]):
+            assert bytes(reg.mem[i * bb:(i + 1) * bb]) == kvs.get(d.stub, ns.name, k).data
+    finally:
+        reg.close()
