@@ -31,6 +31,7 @@ struct kvs_region {
     uint8_t *base;
     size_t size;
     bool pinned;
+    bool device; /* CUDA IPC: no memfd and no mapping here (base NULL) */
     uint8_t id[KVS_REGION_ID_LEN];
 };
 
@@ -52,6 +53,11 @@ size_t kvs_region_size(const kvs_region *g)
 bool kvs_region_pinned(const kvs_region *g)
 {
     return g && g->pinned;
+}
+
+bool kvs_region_device(const kvs_region *g)
+{
+    return g && g->device;
 }
 
 void kvs_region_close(kvs_region *g)
@@ -94,6 +100,47 @@ static int data_plane(kvs_client *c, char *path, size_t cap, kvs_err *err)
     return rc;
 }
 
+/* Connects g->sock to the region socket and sends one registration request (with fd
+ * attached when fd >= 0); fills g's id and pinned flag from the reply. */
+static int exchange(kvs_region *g, const struct sockaddr_un *sa, const void *req, size_t len,
+                    int fd, kvs_err *err)
+{
+    g->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (g->sock < 0 || connect(g->sock, (const struct sockaddr *)sa, sizeof *sa) != 0)
+        return kvs_err_set(err, KVS_EUNAVAIL, "region: connect %s: %s", sa->sun_path,
+                           strerror(errno));
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } cm;
+    memset(&cm, 0, sizeof cm);
+    struct iovec iov = {(void *)(uintptr_t)req, len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (fd >= 0) {
+        mh.msg_control = cm.buf;
+        mh.msg_controllen = sizeof cm.buf;
+        struct cmsghdr *ch = CMSG_FIRSTHDR(&mh);
+        ch->cmsg_level = SOL_SOCKET;
+        ch->cmsg_type = SCM_RIGHTS;
+        ch->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(ch), &fd, sizeof(int));
+    }
+    kvs_region_rep rep;
+    errno = 0;
+    if (sendmsg(g->sock, &mh, MSG_NOSIGNAL) != (ssize_t)len ||
+        recv(g->sock, &rep, sizeof rep, 0) != (ssize_t)sizeof rep ||
+        memcmp(rep.magic, KVS_REGION_MAGIC, 4) != 0)
+        return kvs_err_set(err, KVS_EUNAVAIL, "region: registering with %s: %s", sa->sun_path,
+                           errno ? strerror(errno) : "malformed reply");
+    if (rep.code != 0) {
+        rep.msg[sizeof rep.msg - 1] = 0;
+        return kvs_err_set(err, rep.code < 0 ? rep.code : KVS_EINTERNAL, "region: %s", rep.msg);
+    }
+    memcpy(g->id, rep.id, sizeof g->id);
+    g->pinned = rep.pinned != 0;
+    return 0;
+}
+
 int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *err)
 {
     kvs_err_clear(err);
@@ -124,44 +171,40 @@ int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *er
         goto fail;
     }
     g->base = base;
-    g->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (g->sock < 0 || connect(g->sock, (struct sockaddr *)&sa, sizeof sa) != 0) {
-        rc = kvs_err_set(err, KVS_EUNAVAIL, "region: connect %s: %s", sa.sun_path, strerror(errno));
-        goto fail;
-    }
     kvs_region_req req = {.op = KVS_REGION_OP_REGISTER, .bytes = bytes};
     memcpy(req.magic, KVS_REGION_MAGIC, 4);
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } cm;
-    memset(&cm, 0, sizeof cm);
-    struct iovec iov = {&req, sizeof req};
-    struct msghdr mh = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf};
-    struct cmsghdr *ch = CMSG_FIRSTHDR(&mh);
-    ch->cmsg_level = SOL_SOCKET;
-    ch->cmsg_type = SCM_RIGHTS;
-    ch->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(ch), &g->fd, sizeof(int));
-    kvs_region_rep rep;
-    if (sendmsg(g->sock, &mh, MSG_NOSIGNAL) != (ssize_t)sizeof req ||
-        recv(g->sock, &rep, sizeof rep, 0) != (ssize_t)sizeof rep ||
-        memcmp(rep.magic, KVS_REGION_MAGIC, 4) != 0) {
-        rc = kvs_err_set(err, KVS_EUNAVAIL, "region: registering with %s: %s", sa.sun_path,
-                         errno ? strerror(errno) : "malformed reply");
+    if ((rc = exchange(g, &sa, &req, sizeof req, g->fd, err)))
         goto fail;
-    }
-    if (rep.code != 0) {
-        rep.msg[sizeof rep.msg - 1] = 0;
-        rc = kvs_err_set(err, rep.code < 0 ? rep.code : KVS_EINTERNAL, "region: %s", rep.msg);
-        goto fail;
-    }
-    memcpy(g->id, rep.id, sizeof g->id);
-    g->pinned = rep.pinned != 0;
     *out = g;
     return 0;
 fail:
     kvs_region_close(g);
     return rc;
+}
+
+int kvs_region_create_ipc(kvs_client *c, const void *handle, uint64_t offset, uint64_t bytes,
+                          const void *uuid, kvs_region **out, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !out || !handle || !uuid || bytes == 0)
+        return kvs_err_set(err, KVS_EINVAL, "region: NULL argument or zero bytes");
+    *out = NULL;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int rc = data_plane(c, sa.sun_path, sizeof sa.sun_path, err);
+    if (rc)
+        return rc;
+    kvs_region *g = kvs_xcalloc(1, sizeof *g);
+    g->sock = g->fd = -1;
+    g->size = bytes;
+    g->device = true;
+    kvs_region_cuda_req req = {.op = KVS_REGION_OP_REGISTER_CUDA, .bytes = bytes, .offset = offset};
+    memcpy(req.magic, KVS_REGION_MAGIC, 4);
+    memcpy(req.handle, handle, sizeof req.handle);
+    memcpy(req.uuid, uuid, sizeof req.uuid);
+    if ((rc = exchange(g, &sa, &req, sizeof req, -1, err))) {
+        kvs_region_close(g);
+        return rc;
+    }
+    *out = g;
+    return 0;
 }

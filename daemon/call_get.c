@@ -242,7 +242,8 @@ static void open_item(kvs_call *c, kvs_get_item *it)
         item_fail(it, rc, err.msg);
         return;
     }
-    kvs_xfer_buf dst = {KVS_XFER_HOST, NULL, 0};
+    kvs_xfer_buf dst = {
+        it->region && kvs_region_device(it->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST, NULL, 0};
     if (!g->encoded) {
         dst.len = kvs_xfer_get_raw_bytes(it->op);
         if (it->dst && dst.len > g->slot_bytes) {
@@ -351,6 +352,11 @@ static int paged_prepare(kvs_call *c, const Kvstash__V1__GetManyRequest *r, kvs_
     if ((rc = kvs_regions_acquire(c->srv->regions, r->region.data, r->region.len, 0, 0, "region",
                                   &g->region, &base, err)))
         return rc;
+    if (kvs_region_device(g->region)) /* the scatter runs on the host */
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layout: paged blocks in GPU memory (a CUDA IPC region) are not "
+                           "supported yet: name contiguous slots (region_offsets) or use a "
+                           "shared-memory region");
     g->pages = kvs_xcalloc(r->n_pages, sizeof *g->pages);
     memcpy(g->pages, r->pages, r->n_pages * sizeof *g->pages);
     g->pages_per_block = ppb;
@@ -414,6 +420,13 @@ static int parse_get_many(kvs_call *c, const uint8_t *req, size_t len, kvs_err *
                                       r->region_offsets[i], g->slot_bytes, field, &it->region,
                                       &it->dst, err)))
             goto out;
+        if (g->encoded && kvs_region_device(it->region)) {
+            rc = kvs_err_set(err, KVS_EINVAL,
+                             "format: ENCODED into GPU memory (a CUDA IPC region) is not "
+                             "supported: ask for RAW (decoded there by the daemon's GPU) or "
+                             "name a shared-memory region");
+            goto out;
+        }
     }
     if (r->layout || r->n_pages)
         rc = paged_prepare(c, r, err);

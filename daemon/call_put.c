@@ -245,14 +245,16 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
     pthread_mutex_unlock(&p->mu);
     kvs_err err;
     kvs_err_clear(&err);
-    kvs_xfer_put_req r = {.ns = b->ns,
-                          .key = b->key,
-                          .key_len = b->key_len,
-                          .tokens = b->tokens,
-                          .src = {KVS_XFER_HOST, b->raw, b->expected},
-                          .consumed = put_consumed,
-                          .done = put_done,
-                          .arg = b};
+    kvs_xfer_put_req r = {
+        .ns = b->ns,
+        .key = b->key,
+        .key_len = b->key_len,
+        .tokens = b->tokens,
+        .src = {b->region && kvs_region_device(b->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST, b->raw,
+                b->expected},
+        .consumed = put_consumed,
+        .done = put_done,
+        .arg = b};
     if (kvs_xfer_put(c->srv->xfer, &r, &err))
         put_done(b, err.code, &err, NULL);
 }
@@ -283,6 +285,13 @@ static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHea
     if ((rc = kvs_regions_acquire(c->srv->regions, h->region.data, h->region.len, 0, 0, "region",
                                   &g, &base, err)))
         return rc;
+    if (kvs_region_device(g)) { /* the gather below runs on the host */
+        kvs_region_release(g);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "layout: paged blocks in GPU memory (a CUDA IPC region) are not "
+                           "supported yet: name contiguous blocks (region_offset) or use a "
+                           "shared-memory region");
+    }
     rc = kvs_paged_check(&p->layout, spec, kvs_region_len(g), h->pages, h->n_pages, h->tokens, err);
     if (rc == 0)
         rc = recv_buffer(c, b, err);

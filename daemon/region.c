@@ -34,6 +34,7 @@ struct kvs_region {
     uint8_t *base;
     uint64_t len;
     bool pinned;
+    void *ipc_base;   /* CUDA IPC: the allocation as opened (base is inside it), else NULL */
     bool listed;      /* under kvs_regions.mu */
     atomic_uint refs; /* the registry's while listed, plus one per acquire */
     kvs_regions *owner;
@@ -61,6 +62,7 @@ struct kvs_regions {
     pthread_mutex_t mu; /* leaf: guards list, bytes, the regions' listed flags, counters */
     kvs_region *list;
     uint64_t bytes, pinned_bytes, connections, refused;
+    uint64_t device_bytes; /* CUDA IPC regions' (the worker's GPU memory: not in bytes) */
 };
 
 static void logf_(kvs_regions *r, kvs_log_level lvl, const char *fmt, ...)
@@ -80,6 +82,11 @@ static void logf_(kvs_regions *r, kvs_log_level lvl, const char *fmt, ...)
 /* The mapping goes with the last reference of an unlisted region (invariant 1). */
 static void region_free(kvs_region *g)
 {
+    if (g->ipc_base) {
+        kvs_engine_ipc_close(g->owner->o.engine, g->ipc_base);
+        free(g);
+        return;
+    }
     if (g->pinned && g->owner->o.engine)
         kvs_engine_host_unregister(g->owner->o.engine, g->base, g->len);
     munmap(g->base, g->len);
@@ -94,6 +101,11 @@ uint8_t *kvs_region_base(const kvs_region *g)
 uint64_t kvs_region_len(const kvs_region *g)
 {
     return g->len;
+}
+
+bool kvs_region_device(const kvs_region *g)
+{
+    return g->ipc_base != NULL;
 }
 
 void kvs_region_ref(kvs_region *g)
@@ -167,7 +179,10 @@ static void unlist(kvs_regions *r, kvs_region *g)
             break;
         }
     g->listed = false;
-    r->bytes -= g->len;
+    if (g->ipc_base)
+        r->device_bytes -= g->len;
+    else
+        r->bytes -= g->len;
     if (g->pinned)
         r->pinned_bytes -= g->len;
     pthread_mutex_unlock(&r->mu);
@@ -288,6 +303,56 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
     return 0;
 }
 
+/* Opens a worker's GPU memory by its CUDA IPC handle (region.h, "CUDA IPC"): the range
+ * asked for must lie within the allocation as the driver knows it (invariant 3 then holds
+ * for every later acquire: they check against len). Not counted in --region-max-bytes,
+ * which bounds this daemon's host memory; REGIONS_PER_CONN bounds how many. */
+static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *q, kvs_region **out,
+                            kvs_err *err)
+{
+    if (!r->o.engine)
+        return kvs_err_set(err, KVS_ENOTSUP,
+                           "op: CUDA IPC needs kvstashd's GPU engine (--gpu on); this daemon "
+                           "codes on the CPU: register a shared-memory region instead");
+    if (k->n == REGIONS_PER_CONN)
+        return kvs_err_set(err, KVS_ENOSPC, "regions: this connection holds %d already (the most)",
+                           REGIONS_PER_CONN);
+    if (q->bytes == 0)
+        return kvs_err_set(err, KVS_EINVAL, "bytes: a region needs at least one byte");
+    void *base;
+    uint64_t avail;
+    int rc = kvs_engine_ipc_open(r->o.engine, q->handle, q->uuid, &base, &avail, err);
+    if (rc)
+        return rc;
+    if (q->offset > avail || q->bytes > avail - q->offset) {
+        kvs_engine_ipc_close(r->o.engine, base);
+        return kvs_err_set(
+            err, KVS_EINVAL, "bytes: [%llu, +%llu) lie outside the allocation's %llu bytes",
+            (unsigned long long)q->offset, (unsigned long long)q->bytes, (unsigned long long)avail);
+    }
+    kvs_region *g = kvs_xcalloc(1, sizeof *g);
+    g->ipc_base = base;
+    g->base = (uint8_t *)base + q->offset;
+    g->len = q->bytes;
+    g->owner = r;
+    atomic_init(&g->refs, 1);
+    if (getrandom(g->id, sizeof g->id, 0) != (ssize_t)sizeof g->id) {
+        int e = errno;
+        kvs_engine_ipc_close(r->o.engine, base);
+        free(g);
+        return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
+    }
+    pthread_mutex_lock(&r->mu);
+    g->listed = true;
+    g->next = r->list;
+    r->list = g;
+    r->device_bytes += g->len;
+    pthread_mutex_unlock(&r->mu);
+    k->regions[k->n++] = g;
+    *out = g;
+    return 0;
+}
+
 static void conn_reply(conn *k, const kvs_region_rep *rep)
 {
     ssize_t n = send(k->fd, rep, sizeof *rep, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -303,12 +368,16 @@ static void on_conn(uv_poll_t *p, int status, int events)
         conn_close(k);
         return;
     }
-    kvs_region_req req;
+    union {
+        kvs_region_req plain;
+        kvs_region_cuda_req cuda;
+    } u;
+    const kvs_region_req *req = &u.plain; /* the header both share */
     union {
         char buf[CMSG_SPACE(sizeof(int) * 4)];
         struct cmsghdr align;
     } cm;
-    struct iovec iov = {&req, sizeof req};
+    struct iovec iov = {&u, sizeof u};
     struct msghdr mh = {
         .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf};
     ssize_t n = recvmsg(k->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
@@ -333,25 +402,36 @@ static void on_conn(uv_poll_t *p, int status, int events)
     kvs_err err;
     kvs_err_clear(&err);
     int rc;
-    if (n != (ssize_t)sizeof req || memcmp(req.magic, KVS_REGION_MAGIC, 4) != 0)
+    kvs_region *g = NULL;
+    if (n < (ssize_t)sizeof *req || memcmp(req->magic, KVS_REGION_MAGIC, 4) != 0)
         rc = kvs_err_set(&err, KVS_EINVAL, "request: %zd bytes without the %s header (want %zu)", n,
-                         KVS_REGION_MAGIC, sizeof req);
-    else if (req.op != KVS_REGION_OP_REGISTER)
-        rc = kvs_err_set(&err, KVS_EINVAL, "op: unknown value %u", req.op);
+                         KVS_REGION_MAGIC, sizeof *req);
+    else if (req->op != KVS_REGION_OP_REGISTER && req->op != KVS_REGION_OP_REGISTER_CUDA)
+        rc = kvs_err_set(&err, KVS_EINVAL, "op: unknown value %u", req->op);
+    else if (req->op == KVS_REGION_OP_REGISTER_CUDA && n != (ssize_t)sizeof u.cuda)
+        rc = kvs_err_set(&err, KVS_EINVAL, "request: %zd bytes for a CUDA region (want %zu)", n,
+                         sizeof u.cuda);
+    else if (req->op == KVS_REGION_OP_REGISTER_CUDA && nfds != 0)
+        rc = kvs_err_set(&err, KVS_EINVAL, "fd: a CUDA region takes no descriptor (%d attached)",
+                         nfds);
+    else if (req->op == KVS_REGION_OP_REGISTER_CUDA)
+        rc = region_open_cuda(r, k, &u.cuda, &g, &err);
+    else if (n != (ssize_t)sizeof *req)
+        rc = kvs_err_set(&err, KVS_EINVAL, "request: %zd bytes (want %zu)", n, sizeof *req);
     else if (mh.msg_flags & MSG_CTRUNC)
         rc = kvs_err_set(&err, KVS_EINVAL, "fd: too many descriptors (send exactly one)");
     else if (nfds != 1)
         rc = kvs_err_set(&err, KVS_EINVAL, "fd: %d descriptors attached (send exactly one)", nfds);
-    else {
-        kvs_region *g = NULL;
-        rc = region_map(r, k, fds[0], req.bytes, &g, &err);
-        if (rc == 0) {
-            memcpy(rep.id, g->id, sizeof rep.id);
-            rep.bytes = g->len;
-            rep.pinned = g->pinned;
-            logf_(r, KVS_LOG_INFO, "region of %llu bytes registered (%s)",
-                  (unsigned long long)g->len, g->pinned ? "pinned" : "not pinned");
-        }
+    else
+        rc = region_map(r, k, fds[0], req->bytes, &g, &err);
+    if (rc == 0) {
+        memcpy(rep.id, g->id, sizeof rep.id);
+        rep.bytes = g->len;
+        rep.pinned = g->pinned;
+        logf_(r, KVS_LOG_INFO, "region of %llu bytes registered (%s)", (unsigned long long)g->len,
+              g->ipc_base ? "GPU memory, CUDA IPC"
+              : g->pinned ? "pinned"
+                          : "not pinned");
     }
     for (int i = 0; i < nfds; i++) /* the mapping keeps what it needs */
         close(fds[i]);
@@ -485,6 +565,7 @@ void kvs_regions_stats_get(kvs_regions *r, kvs_regions_stats *out)
         out->regions++;
     out->bytes = r->bytes;
     out->pinned_bytes = r->pinned_bytes;
+    out->device_bytes = r->device_bytes;
     out->connections = r->connections;
     out->refused = r->refused;
     pthread_mutex_unlock(&r->mu);

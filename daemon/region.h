@@ -4,6 +4,8 @@
  * A region is a client's memfd, mapped here (MAP_SHARED) and pinned for the GPU engine
  * when there is one, so a Put's encode and a Get's decode move bytes by DMA straight
  * between the worker's memory and the GPU, and a CPU codec reads and writes it in place.
+ * Or it is a worker's GPU memory, opened by its CUDA IPC handle on the engine's device
+ * (kvs_region_device): then Put encodes from it and Get decodes into it on the GPU.
  *
  *   registered (listed: its id resolves) ──connection closed──> unlisted ──last ref──> unmapped
  *
@@ -27,6 +29,7 @@
 #ifndef KVS_DAEMON_REGION_H
 #define KVS_DAEMON_REGION_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -68,6 +71,9 @@ int kvs_regions_acquire(kvs_regions *r, const uint8_t *id, size_t id_len, uint64
 /* The whole mapping of a region held (paged layouts check their own bounds against it). */
 uint8_t *kvs_region_base(const kvs_region *g);
 uint64_t kvs_region_len(const kvs_region *g);
+/* True for a CUDA IPC region: its bytes are a worker's GPU memory (base and ptr are
+ * device addresses: only the GPU engine may touch them). */
+bool kvs_region_device(const kvs_region *g);
 /* Another reference to a region already held (a call that uses it for several blocks). */
 void kvs_region_ref(kvs_region *g);
 /* Drops a reference; NULL is fine. Any thread. */
@@ -76,6 +82,7 @@ void kvs_region_release(kvs_region *g);
 /* Counters for Stats. */
 typedef struct kvs_regions_stats {
     uint64_t regions, bytes, pinned_bytes, connections, refused;
+    uint64_t device_bytes; /* of CUDA IPC regions (GPU memory of workers), not in bytes */
 } kvs_regions_stats;
 void kvs_regions_stats_get(kvs_regions *r, kvs_regions_stats *out);
 

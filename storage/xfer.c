@@ -118,6 +118,7 @@ typedef struct put_op {
     kvs_block *blk;         /* FILLING until commit hands it to the store */
     bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
     bool consumed;          /* r.consumed has run */
+    uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
     const kvs_codec *k, *v; /* the codecs it is encoded with */
     uint64_t raw_bytes;
     size_t enc_len;
@@ -132,6 +133,8 @@ static void consume(put_op *op)
     if (!op->consumed && op->r.consumed)
         op->r.consumed(op->r.arg);
     op->consumed = true;
+    kvs_xfer_host_free(op->x, op->bounce);
+    op->bounce = NULL;
 }
 
 static void finish_put(put_op *op, int rc, const kvs_err *err)
@@ -280,7 +283,8 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
         rc = kvs_spec_block_bytes(spec, r->tokens, &raw_bytes, err);
     if (rc)
         return rc;
-    if (r->src.kind != KVS_XFER_HOST || r->src.len != raw_bytes)
+    if ((r->src.kind != KVS_XFER_HOST && r->src.kind != KVS_XFER_DEVICE) ||
+        (r->src.kind == KVS_XFER_DEVICE && !x->o.engine) || r->src.len != raw_bytes)
         return kvs_err_set(err, KVS_EINVAL, "payload: %zu bytes given, %u tokens take %llu",
                            r->src.len, r->tokens, (unsigned long long)raw_bytes);
     put_op *op = kvs_xcalloc(1, sizeof *op); /* small and fixed (STYLE: may abort) */
@@ -312,6 +316,21 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
                           kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len,
                           engine_encoded, op, &e2) == 0)
         return 0;
+    /* The CPU encodes (and calibrates) from host memory: a GPU source is copied here. */
+    if (r->src.kind == KVS_XFER_DEVICE) {
+        if (!(op->bounce = kvs_xfer_host_alloc(x, raw_bytes))) {
+            kvs_err_set(&e2, KVS_ENOMEM,
+                        "payload: cannot allocate %llu bytes to copy it from the GPU",
+                        (unsigned long long)raw_bytes);
+            finish_put(op, KVS_ENOMEM, &e2);
+            return 0;
+        }
+        if (kvs_engine_copy(eng, op->bounce, raw, raw_bytes, &e2)) {
+            finish_put(op, KVS_EINTERNAL, &e2);
+            return 0;
+        }
+        op->r.src = (kvs_xfer_buf){KVS_XFER_HOST, op->bounce, raw_bytes};
+    }
     run(x, encode_job, commit, op);
     return 0;
 }
@@ -406,9 +425,18 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
     if (rc == 0)
         rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
     uint64_t t0 = now_ns();
-    if (rc == 0 && (rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le,
-                                                   (uint16_t *)g->dst.ptr, err)) == 0)
+    /* The CPU decodes into host memory: into a GPU destination through a host buffer. */
+    bool dev = g->dst.kind == KVS_XFER_DEVICE;
+    uint8_t *out = dev ? kvs_trymalloc(g->dst.len) : g->dst.ptr;
+    if (rc == 0 && !out)
+        rc = kvs_err_set(err, KVS_ENOMEM, "decode: cannot allocate %zu bytes", g->dst.len);
+    if (rc == 0 &&
+        (rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le, (uint16_t *)out, err)) == 0)
         count(g->x, DECODE, CPU, t0, g->dst.len, len);
+    if (dev && rc == 0)
+        rc = kvs_engine_copy(g->x->o.engine, g->dst.ptr, out, g->dst.len, err);
+    if (dev)
+        free(out);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS)
         rc = kvs_err_set(err, KVS_EDATALOSS, "key: stored block unreadable: %.180s", err->msg);
     return rc;
@@ -544,7 +572,9 @@ static void read_done(void *arg)
 int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
                      void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err)
 {
-    if (!g->encoded && (!dst || dst->kind != KVS_XFER_HOST || dst->len < kvs_xfer_get_raw_bytes(g)))
+    if (!g->encoded &&
+        (!dst || (dst->kind != KVS_XFER_HOST && dst->kind != KVS_XFER_DEVICE) ||
+         (dst->kind == KVS_XFER_DEVICE && !g->x->o.engine) || dst->len < kvs_xfer_get_raw_bytes(g)))
         return kvs_err_set(err, KVS_EINVAL, "get: destination of %zu bytes, %llu needed",
                            dst ? dst->len : 0, (unsigned long long)kvs_xfer_get_raw_bytes(g));
     if (dst)

@@ -12,9 +12,10 @@
  * Callers parse and validate their requests, hand a source or a destination to the data
  * path, and answer when it calls back.
  *
- * Sources and destinations are a tagged buffer (kvs_xfer_buf): a host buffer today
- * (pinned or not: the engine moves pinned ones by DMA without its staging); a new
- * transport adds a kind, not a path.
+ * Sources and destinations are a tagged buffer (kvs_xfer_buf): a host buffer (pinned or
+ * not: the engine moves pinned ones by DMA without its staging), or GPU memory (CUDA IPC:
+ * the engine moves it with device copies; the CPU steps bounce it through the host, here
+ * and nowhere else). A new transport adds a kind, not a path.
  *
  *   Put:  kvs_xfer_put ──> reserve a tier ──> [learn] ──> encode (engine | pool) ──>
  *         consumed(arg) ──> commit (durable: the disk writer commits and flushes first) ──>
@@ -46,7 +47,10 @@ typedef struct kvs_xfer kvs_xfer;
 
 /* Where payload bytes are. */
 typedef enum kvs_xfer_mem {
-    KVS_XFER_HOST = 1, /* host memory of this process (pinned or not) */
+    KVS_XFER_HOST = 1,   /* host memory of this process (pinned or not) */
+    KVS_XFER_DEVICE = 2, /* GPU memory the engine reaches (a worker's, by CUDA IPC): the
+                          * engine reads and writes it; a step on the CPU (a codec without
+                          * kernels, RotateKV's calibration) copies it through the host */
 } kvs_xfer_mem;
 
 /* A source or destination of raw payload bytes, layout [L][2][t][H][D] (a Get's

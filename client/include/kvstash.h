@@ -189,6 +189,23 @@ KVS_API bool kvs_region_pinned(const kvs_region *g);
 /* NULL is fine. */
 KVS_API void kvs_region_close(kvs_region *g);
 
+/* CUDA IPC with a daemon on this host whose GPU engine runs on the same GPU (README "Data
+ * plane"): device memory of the worker's (its KV cache) registered once by its IPC handle,
+ * then named by PutMany and GetMany items like a shared-memory region: Put encodes straight
+ * from it, Get decodes straight into it, GPU to GPU, with no host copy. handle: the 64
+ * bytes of a cudaIpcMemHandle_t of the allocation (cudaIpcGetMemHandle; torch's
+ * storage._share_cuda_()); [offset, offset + bytes): the part of that allocation to share;
+ * uuid: the 16 bytes of the device's UUID (cudaDeviceProp.uuid), which the daemon checks
+ * against its engine's. KVS_ENOTSUP: a daemon on another host, without a region socket or
+ * without a GPU engine (use a shared-memory region or bytes then); KVS_EINVAL: memory of
+ * another GPU, or a handle the driver refuses (the message says which). The memory must
+ * stay allocated until kvs_region_close. kvs_region_data is NULL for such a region:
+ * libkvstash_cuda's kvs_cuda_region_create does all this for a cudaMalloc'd pointer. */
+KVS_API int kvs_region_create_ipc(kvs_client *c, const void *handle, uint64_t offset,
+                                  uint64_t bytes, const void *uuid, kvs_region **out, kvs_err *err);
+/* True for a CUDA IPC region (its bytes are on the GPU). */
+KVS_API bool kvs_region_device(const kvs_region *g);
+
 /* One block of a PutMany: its payload in `data` (len bytes, borrowed for the call) or, with
  * data NULL, at `offset` in `region`. rc, msg and res are filled by the call: rc 0 and res,
  * or the block's own error (KVS_EINVAL for a NaN a lossy codec refuses, KVS_ENOSPC, ...). */

@@ -66,12 +66,15 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                                err);
                 continue;
             }
+            /* Default: the user's buffer is pinned host memory or device memory (UVA). */
             if (to_dev) {
                 const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
-                KVS_CUDA_CHECK(cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, kind, e->st), err);
+                KVS_CUDA_CHECK(
+                    cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, cudaMemcpyDefault, e->st), err);
             } else {
                 uint8_t *user = (uint8_t *)j->raw_out + (size_t)kv * w;
-                KVS_CUDA_CHECK(cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, kind, e->st), err);
+                KVS_CUDA_CHECK(
+                    cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, cudaMemcpyDefault, e->st), err);
             }
         }
     }
@@ -194,6 +197,70 @@ static int run_or_fail(kvs_engine *e, job *list, uint32_t nb, bool *flagged, kvs
     return 0;
 }
 
+/* Bytes of a job's raw side ([nl][2][t][H][D]). */
+static size_t raw_bytes(const job *j)
+{
+    return 2 * (size_t)(j->le - j->lb) * kvs__engine_sec_elems(j->k, j->t) * 2;
+}
+
+/* The CPU fallbacks read and write raw blocks on the host: a raw buffer in device memory
+ * (CUDA IPC) is copied through a host one (*tmp, freed by the caller). */
+static const uint16_t *host_raw_in(kvs_engine *e, const job *j, uint16_t **tmp, kvs_err *err)
+{
+    *tmp = NULL;
+    if (!j->raw_dev)
+        return j->raw_in;
+    if (!(*tmp = kvs_trymalloc(raw_bytes(j)))) {
+        kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
+        return NULL;
+    }
+    cudaError_t ce = cudaMemcpyAsync(*tmp, j->raw_in, raw_bytes(j), cudaMemcpyDefault, e->st);
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(e->st);
+    if (ce != cudaSuccess) {
+        kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy of a block from the GPU: %s (%s)",
+                    cudaGetErrorString(ce), cudaGetErrorName(ce));
+        free(*tmp);
+        *tmp = NULL;
+        return NULL;
+    }
+    return *tmp;
+}
+
+static int cpu_encode(kvs_engine *e, job *j, uint8_t *out, size_t cap, size_t *len, kvs_err *err)
+{
+    uint16_t *tmp;
+    const uint16_t *raw = host_raw_in(e, j, &tmp, err);
+    if (!raw)
+        return err->code;
+    int rc = kvs_block_encode(j->k, j->v, j->ns_id, j->t, raw, out, cap, len, err);
+    free(tmp);
+    return rc;
+}
+
+/* A flagged host block decoded again by the CPU reference, into device memory through a
+ * host buffer when the destination is there. */
+static int cpu_decode(kvs_engine *e, job *j, kvs_err *err)
+{
+    if (!j->raw_dev)
+        return kvs_block_decode_verified(j->k, j->v, j->enc, j->enc_len, j->lb, j->le, j->raw_out,
+                                         err);
+    uint16_t *tmp = kvs_trymalloc(raw_bytes(j));
+    if (!tmp)
+        return kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
+    int rc = kvs_block_decode_verified(j->k, j->v, j->enc, j->enc_len, j->lb, j->le, tmp, err);
+    if (rc == 0) {
+        cudaError_t ce = cudaMemcpyAsync(j->raw_out, tmp, raw_bytes(j), cudaMemcpyDefault, e->st);
+        if (ce == cudaSuccess)
+            ce = cudaStreamSynchronize(e->st);
+        if (ce != cudaSuccess)
+            rc = kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy of a block to the GPU: %s (%s)",
+                             cudaGetErrorString(ce), cudaGetErrorName(ce));
+    }
+    free(tmp);
+    return rc;
+}
+
 /* A dev encode of a flagged batch, redone by the CPU reference: its sections go to the
  * slot with two host-to-device copies. */
 static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
@@ -202,7 +269,7 @@ static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
     uint8_t *tmp = kvs_trymalloc(cap);
     if (!tmp)
         return kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
-    int rc = kvs_block_encode(j->k, j->v, j->ns_id, j->t, j->raw_in, tmp, cap, &len, err);
+    int rc = cpu_encode(e, j, tmp, cap, &len, err);
     uint32_t L = kvs_codec_spec(j->k)->layers;
     size_t sk = kvs_codec_section_max(j->k, j->t), sv = kvs_codec_section_max(j->v, j->t);
     for (uint32_t l = 0; l < L && rc == 0; l++)
@@ -257,7 +324,7 @@ static int do_encode(kvs_engine *e, job *list, uint32_t nb)
             if (rc2 == KVS_EINTERNAL)
                 rc = rc2; /* a copy to the slot failed: the engine looks at the device */
         } else if (flagged) {
-            rc2 = kvs_block_encode(k, v, j->ns_id, t, j->raw_in, j->out, j->cap, j->len, &err);
+            rc2 = cpu_encode(e, j, j->out, j->cap, j->len, &err);
         } else if (j->dev) {
             memcpy(j->lens.out, e->h_len + (size_t)b * L, L * sizeof *j->lens.out);
             memcpy(j->lens.out + L, e->h_len + n + (size_t)b * L, L * sizeof *j->lens.out);
@@ -322,8 +389,7 @@ static int do_decode(kvs_engine *e, job *list, uint32_t nb)
             continue;
         }
         if (flagged) { /* checked at submission (kvs__engine_check_block): no second hash */
-            int rc2 =
-                kvs_block_decode_verified(k, v, j->enc, j->enc_len, j->lb, j->le, j->raw_out, &err);
+            int rc2 = cpu_decode(e, j, &err);
             kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
             continue;
         }
@@ -596,7 +662,8 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
                .len = len,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw)};
+               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -622,6 +689,7 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
                .raw_out = raw,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw)};
+               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
 }

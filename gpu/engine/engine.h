@@ -140,6 +140,27 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
 int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err);
 void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes);
 
+/* ---------------------------------------------------------------- worker memory */
+
+/* CUDA IPC (gpu/engine/engine_ipc.c): opens device memory another process on this host
+ * exported (cudaIpcGetMemHandle: handle, 64 bytes) on the engine's device, whose UUID
+ * (16 bytes) it must name: KVS_EINVAL for another GPU's memory (the message names both)
+ * or a handle the driver refuses. *base: the allocation's start here; *bytes: its size
+ * as the driver knows it (what may be touched). Encode and decode jobs then take raw
+ * buffers in it (device memory: moved by device copies, never staged through the host).
+ * Close with kvs_engine_ipc_close once nothing uses it. Any thread; slow (once per
+ * registration). */
+#define KVS_ENGINE_IPC_HANDLE_LEN 64
+#define KVS_ENGINE_UUID_LEN 16
+int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDLE_LEN],
+                        const uint8_t uuid[KVS_ENGINE_UUID_LEN], void **base, uint64_t *bytes,
+                        kvs_err *err);
+void kvs_engine_ipc_close(kvs_engine *e, void *base);
+/* Copies n bytes between any two addresses the engine's device reaches (host memory,
+ * device memory, memory opened by IPC), synchronously: the data path's rare CPU steps on
+ * a worker's device memory. Any thread. */
+int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err *err);
+
 #ifdef __cplusplus
 }
 #endif

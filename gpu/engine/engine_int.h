@@ -40,8 +40,10 @@ typedef struct job {
     } lens;
     bool direct;     /* upload, fetch: DMA between the slot and pinned host memory, no
                       * staging (engine_tier.c) */
-    bool pinned_raw; /* encode, decode: the raw buffer is pinned host memory: DMA'd
-                      * straight to or from d_raw, no staging (engine.c, move_raw) */
+    bool pinned_raw; /* encode, decode: the raw buffer is pinned host memory or device
+                      * memory (a worker's, by CUDA IPC): DMA'd straight to or from d_raw,
+                      * no staging (engine.c, move_raw) */
+    bool raw_dev;    /* ...device memory: the CPU fallbacks copy it through the host */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;
@@ -102,6 +104,8 @@ int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_
 /* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
  * reach it without a staging buffer. */
 bool kvs__engine_pinned(const void *p);
+/* True if p is device memory (this process's, or another's opened by CUDA IPC). */
+bool kvs__engine_on_device(const void *p);
 
 /* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
  * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */

@@ -91,6 +91,16 @@ bool kvs__engine_pinned(const void *p)
     return a.type == cudaMemoryTypeHost;
 }
 
+bool kvs__engine_on_device(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
 int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)
 {
     size_t raw, enc;

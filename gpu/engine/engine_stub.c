@@ -90,3 +90,14 @@ int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *e
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
 void kvs_engine_host_unregister(kvs_engine *e, void *addr, size_t bytes) {}
+int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDLE_LEN],
+                        const uint8_t uuid[KVS_ENGINE_UUID_LEN], void **base, uint64_t *bytes,
+                        kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_ipc_close(kvs_engine *e, void *base) {}
+int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}

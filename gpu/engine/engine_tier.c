@@ -136,7 +136,8 @@ int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .lens.out = lens,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw)};
+               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -165,7 +166,8 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .raw_out = raw,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw)};
+               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
 }
 

@@ -396,6 +396,29 @@ def test_region_registration_is_checked(d):
     again.close()
 
 
+REGION_CUDA_REQ = struct.Struct("=4sIQQ64s16s")  # magic, op, bytes, offset, handle, uuid
+
+
+def test_cuda_region_requests_are_checked(d):
+    # A CUDA IPC region (op 2) names GPU memory by its handle and carries no descriptor. A
+    # daemon without a GPU engine refuses it as unsupported, naming the engine; one with an
+    # engine refuses this made-up device UUID, naming the field. Malformed requests first.
+    reg = Region(d.region_socket, 4096)
+    try:
+        req = REGION_CUDA_REQ.pack(b"KVR1", 2, 1 << 20, 0, b"\x01" * 64, b"\x02" * 16)
+        code, msg, _, _ = reg.register(0, raw=req)  # with the memfd attached
+        assert code == -30001 and "descriptor" in msg, (code, msg)
+        code, msg, _, _ = reg.register(0, raw=req[:-1], fds=[])
+        assert code == -30001 and "request" in msg and "CUDA" in msg, (code, msg)
+        code, msg, _, _ = reg.register(0, raw=req, fds=[])
+        assert (code == -30012 and "GPU engine" in msg) or (code == -30001 and "uuid" in msg), \
+            (code, msg)
+        code, msg, rid, _ = reg.register(4096)  # the connection still serves
+        assert code == 0 and len(rid) == 16
+    finally:
+        reg.close()
+
+
 def test_region_socket_hostile_clients(d):
     # connect and vanish, send nothing, send a huge datagram: the daemon keeps serving
     for _ in range(20):

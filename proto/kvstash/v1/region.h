@@ -11,6 +11,13 @@
  * GetManyRequest.region carry. The region lives as long as the connection: once the client
  * closes it (or exits), the id is refused and the mapping goes when the last call using it
  * ends. Integers are in host byte order (both ends share the host).
+ *
+ * CUDA IPC (op KVS_REGION_OP_REGISTER_CUDA, kvs_region_cuda_req, no descriptor): the
+ * region is device memory of the worker's on the GPU the daemon's engine runs on, named
+ * by its cudaIpcMemHandle_t; the daemon opens it (cudaIpcOpenMemHandle) and Put/Get
+ * encode from and decode into it on the GPU, with no host copy. The device's UUID is
+ * checked against the engine's: memory of another GPU is refused (KVS_EINVAL). A daemon
+ * without a GPU engine answers KVS_ENOTSUP. The reply is the same; pinned is 0.
  */
 #ifndef KVS_PROTO_REGION_H
 #define KVS_PROTO_REGION_H
@@ -21,13 +28,24 @@
 #define KVS_REGION_ID_LEN 16
 #define KVS_REGION_MSG_LEN 200
 
-enum { KVS_REGION_OP_REGISTER = 1 };
+enum { KVS_REGION_OP_REGISTER = 1, KVS_REGION_OP_REGISTER_CUDA = 2 };
+#define KVS_REGION_CUDA_HANDLE_LEN 64 /* sizeof(cudaIpcMemHandle_t) */
+#define KVS_REGION_CUDA_UUID_LEN 16   /* sizeof(cudaUUID_t) */
 
 typedef struct kvs_region_req {
     char magic[4];  /* KVS_REGION_MAGIC */
     uint32_t op;    /* KVS_REGION_OP_REGISTER */
     uint64_t bytes; /* bytes of the file to map, from offset 0 */
 } kvs_region_req;
+
+typedef struct kvs_region_cuda_req {
+    char magic[4];   /* KVS_REGION_MAGIC */
+    uint32_t op;     /* KVS_REGION_OP_REGISTER_CUDA */
+    uint64_t bytes;  /* bytes of the region, from offset */
+    uint64_t offset; /* where the region starts in the allocation the handle names */
+    uint8_t handle[KVS_REGION_CUDA_HANDLE_LEN];
+    uint8_t uuid[KVS_REGION_CUDA_UUID_LEN]; /* the device's (cudaDeviceProp.uuid) */
+} kvs_region_cuda_req;
 
 typedef struct kvs_region_rep {
     char magic[4];
@@ -39,9 +57,10 @@ typedef struct kvs_region_rep {
     char msg[KVS_REGION_MSG_LEN];  /* NUL-terminated: why, when code is not 0 */
 } kvs_region_rep;
 
-/* Fixed layouts with no padding, so any language can read them ("=4sIQ", "=4si16sQII200s"
- * in Python's struct). */
+/* Fixed layouts with no padding, so any language can read them ("=4sIQ", "=4sIQQ64s16s",
+ * "=4si16sQII200s" in Python's struct). */
 _Static_assert(sizeof(kvs_region_req) == 16, "region request layout");
+_Static_assert(sizeof(kvs_region_cuda_req) == 104, "CUDA region request layout");
 _Static_assert(sizeof(kvs_region_rep) == 240, "region reply layout");
 
 #endif

@@ -1,0 +1,96 @@
+/* The GPU engine's side of CUDA IPC (engine.h, "worker memory"): device memory another
+ * process on this host exported with cudaIpcGetMemHandle, opened on the engine's device so
+ * that its jobs encode from it and decode into it (move_raw's direct copies, engine.c).
+ *
+ * A handle names a whole allocation; the caller (daemon/region.c) shares a part of it.
+ * The allocation's real size comes from the driver (cuMemGetAddressRange, reached through
+ * the runtime's entry-point query so nothing links libcuda): a client cannot make the
+ * engine touch memory past its allocation by claiming a larger region.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "gpu/engine/engine_int.h"
+
+typedef CUresult (*get_range_fn)(CUdeviceptr *base, size_t *size, CUdeviceptr p);
+
+static int cuda_fail(kvs_err *err, int code, const char *what, cudaError_t ce)
+{
+    cudaGetLastError(); /* not sticky (these are argument errors): clear it */
+    return kvs_err_set(err, code, "%s: %s (%s)", what, cudaGetErrorString(ce),
+                       cudaGetErrorName(ce));
+}
+
+int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDLE_LEN],
+                        const uint8_t uuid[KVS_ENGINE_UUID_LEN], void **base, uint64_t *bytes,
+                        kvs_err *err)
+{
+    *base = NULL;
+    *bytes = 0;
+    struct cudaDeviceProp prop;
+    cudaError_t ce = cudaSetDevice(e->o.device);
+    if (ce == cudaSuccess)
+        ce = cudaGetDeviceProperties(&prop, e->o.device);
+    if (ce != cudaSuccess)
+        return cuda_fail(err, KVS_EINTERNAL, "GPU engine: device properties", ce);
+    _Static_assert(sizeof prop.uuid.bytes == KVS_ENGINE_UUID_LEN, "device UUID length");
+    if (memcmp(prop.uuid.bytes, uuid, KVS_ENGINE_UUID_LEN) != 0) {
+        char want[40], got[40];
+        for (int i = 0; i < 16; i++) {
+            snprintf(want + 2 * i, 3, "%02x", (unsigned char)prop.uuid.bytes[i]);
+            snprintf(got + 2 * i, 3, "%02x", uuid[i]);
+        }
+        return kvs_err_set(err, KVS_EINVAL,
+                           "uuid: the memory is on GPU %s; kvstashd's engine runs on %s (%s): "
+                           "share memory of that GPU, or use a shared-memory region",
+                           got, e->name, want);
+    }
+    cudaIpcMemHandle_t h;
+    _Static_assert(sizeof h == KVS_ENGINE_IPC_HANDLE_LEN, "IPC handle length");
+    memcpy(&h, handle, sizeof h);
+    void *p = NULL;
+    if ((ce = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess)) != cudaSuccess)
+        return cuda_fail(err, KVS_EINVAL,
+                         "handle: cudaIpcOpenMemHandle refused it (freed, of another host, or "
+                         "made in this process?)",
+                         ce);
+    get_range_fn get_range = NULL;
+    enum cudaDriverEntryPointQueryResult q;
+    CUdeviceptr b = 0;
+    size_t n = 0;
+    ce = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&get_range, 12000,
+                                          cudaEnableDefault, &q);
+    if (ce != cudaSuccess || q != cudaDriverEntryPointSuccess || !get_range ||
+        get_range(&b, &n, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS) {
+        cudaIpcCloseMemHandle(p);
+        return kvs_err_set(err, KVS_EINTERNAL,
+                           "GPU engine: the size of an IPC allocation is unknown "
+                           "(cuMemGetAddressRange)");
+    }
+    /* The handle opens at the allocation's start (b == p); counted from p either way. */
+    *base = p;
+    *bytes = (uint64_t)n - ((uint64_t)(uintptr_t)p - (uint64_t)b);
+    return 0;
+}
+
+void kvs_engine_ipc_close(kvs_engine *e, void *base)
+{
+    if (!base)
+        return;
+    cudaSetDevice(e->o.device);
+    cudaIpcCloseMemHandle(base);
+}
+
+int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err *err)
+{
+    cudaError_t ce = cudaSetDevice(e->o.device);
+    if (ce == cudaSuccess)
+        ce = cudaMemcpy(dst, src, n, cudaMemcpyDefault);
+    if (ce != cudaSuccess)
+        return kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy of %zu bytes: %s (%s)", n,
+                           cudaGetErrorString(ce), cudaGetErrorName(ce));
+    return 0;
+}
