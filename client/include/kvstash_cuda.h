@@ -37,6 +37,15 @@ KVS_API void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d);
 KVS_API int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void *raw_dev,
                                   size_t cap, void *stream, kvs_get_result *res, kvs_err *err);
 
+/* CUDA IPC (kvstash.h, kvs_region_create_ipc): registers bytes of device memory at dptr
+ * (inside a cudaMalloc allocation; torch's caching allocator's tensors are) with a daemon
+ * on this host whose GPU engine runs on that GPU; PutMany and GetMany items naming the
+ * region then move blocks GPU to GPU. The memory must stay allocated until
+ * kvs_region_close. KVS_ENOTSUP as kvs_region_create_ipc (remote daemon, no GPU engine),
+ * KVS_EINVAL for host memory, a range past the allocation, or another GPU. */
+KVS_API int kvs_cuda_region_create(kvs_client *c, void *dptr, size_t bytes, kvs_region **out,
+                                   kvs_err *err);
+
 #ifdef __cplusplus
 }
 #endif

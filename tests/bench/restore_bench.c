@@ -8,6 +8,9 @@
  *              the remote path, fewer wire bytes
  *   gpudecode  the same, decoded on this machine's GPU into device memory
  *              (libkvstash_cuda): the remote path of a GPU worker; skipped without a GPU
+ *   ipc        one GetMany whose blocks the daemon's GPU engine decodes straight into this
+ *              process's GPU memory (a CUDA IPC region, kvs_cuda_region_create): the
+ *              co-located GPU worker's path; skipped without a GPU engine on the same GPU
  *
  * The prefix is `--tokens` tokens of a Llama-3-8B-shaped model by default (32 layers, 8 KV
  * heads of 128, fp16, 16-token blocks: 2 MiB a block, 1 GiB for 8k tokens), stored once
@@ -18,7 +21,7 @@
  *
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
- *                     [--reps 3] [--paths get,getmany,shm,encoded] [--token T]
+ *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,ipc] [--token T]
  */
 #include <getopt.h>
 #include <math.h>
@@ -35,7 +38,7 @@
 #include <cuda_runtime.h>
 #endif
 
-#define MAX_PATHS 5
+#define MAX_PATHS 6
 
 typedef struct cfg {
     const char *target, *codec, *token;
@@ -110,7 +113,7 @@ int main(int argc, char **argv)
              .dim = 128,
              .block = 16,
              .reps = 3};
-    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode");
+    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,ipc");
     static const struct option opts[] = {
         {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
         {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
@@ -232,7 +235,41 @@ int main(int argc, char **argv)
                put_ms, total / put_ms / 1e6);
     }
 
-    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded", "gpudecode"};
+    /* CUDA IPC: device memory of this process's, registered with the daemon; PutMany from
+     * it is timed like the shm one. */
+    kvs_region *ireg = NULL;
+    uint8_t *ipc_dev = NULL;
+#ifdef KVS_HAVE_CUDA
+    if (want(&c, "ipc")) {
+        kvs_err ie;
+        if (cudaMalloc((void **)&ipc_dev, total) != cudaSuccess) {
+            printf("ipc: cannot allocate %zu bytes of device memory\n", total);
+            ipc_dev = NULL;
+        } else if (kvs_cuda_region_create(cl, ipc_dev, total, &ireg, &ie)) {
+            printf("ipc: not available (%s)\n", ie.msg);
+            ireg = NULL;
+        } else {
+            cudaMemcpy(ipc_dev, src, total, cudaMemcpyHostToDevice);
+            for (size_t i = 0; i < nb; i++)
+                pi[i] = (kvs_put_item){.key = &keys[i],
+                                       .key_len = 8,
+                                       .tokens = c.block,
+                                       .region = ireg,
+                                       .offset = i * bb,
+                                       .len = bb};
+            t0 = now_ms();
+            if (kvs_client_put_many(cl, spec.name, KVS_DTYPE_FP16, pi, nb, &e))
+                return die("PutMany (ipc)", &e);
+            put_ms = now_ms() - t0;
+            for (size_t i = 0; i < nb; i++)
+                if (pi[i].rc)
+                    return fprintf(stderr, "PutMany (ipc): block %zu: %s\n", i, pi[i].msg), 1;
+            printf("| PutMany (ipc) | %.1f | %.2f |\n", put_ms, total / put_ms / 1e6);
+            cudaMemset(ipc_dev, 0, total); /* what Get writes is then all Get's */
+        }
+    }
+#endif
+    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded", "gpudecode", "ipc"};
     kvs_cuda_decoder *dec = NULL;
     uint8_t *dev = NULL;
     if (want(&c, "gpudecode")) {
@@ -253,12 +290,12 @@ int main(int argc, char **argv)
     uint8_t *encbuf = NULL;
     size_t enc_cap = bb + (bb >> 2) + 65536; /* an encoded block is at most a bit over raw */
     for (int p = 0; p < MAX_PATHS; p++) {
-        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec))
+        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec) || (p == 5 && !ireg))
             continue;
         out[p] = malloc(total);
-        if (p >= 3 && !encbuf)
+        if ((p == 3 || p == 4) && !encbuf)
             encbuf = malloc(nb * enc_cap);
-        if (!out[p] || (p >= 3 && !encbuf))
+        if (!out[p] || ((p == 3 || p == 4) && !encbuf))
             return fprintf(stderr, "out of memory\n"), 1;
         double best = 1e30;
         for (unsigned rep = 0; rep < c.reps; rep++) {
@@ -272,14 +309,17 @@ int main(int argc, char **argv)
                 for (size_t i = 0; i < nb; i++)
                     gi[i] = (kvs_get_item){.key = &keys[i], .key_len = 8};
                 for (size_t i = 0; i < nb; i++) {
-                    if (p >= 3)
+                    if (p == 3 || p == 4)
                         gi[i].buf = encbuf + i * enc_cap, gi[i].cap = enc_cap;
                     else if (p == 1)
                         gi[i].buf = out[p] + i * bb, gi[i].cap = bb;
                     else if (p == 2)
                         gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
+                    else if (p == 5)
+                        gi[i].region = ireg, gi[i].offset = i * bb, gi[i].cap = bb;
                 }
-                kvs_get_many_opts go = {.format = p >= 3 ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
+                bool enc = p == 3 || p == 4;
+                kvs_get_many_opts go = {.format = enc ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
                 rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
                 if (!rc && served != nb)
@@ -302,6 +342,8 @@ int main(int argc, char **argv)
 #ifdef KVS_HAVE_CUDA
         if (p == 4)
             cudaMemcpy(out[p], dev, total, cudaMemcpyDeviceToHost);
+        if (p == 5)
+            cudaMemcpy(out[p], ipc_dev, total, cudaMemcpyDeviceToHost);
 #endif
         printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
         if (ref < 0)
@@ -321,8 +363,12 @@ int main(int argc, char **argv)
         }
     }
     kvs_cuda_decoder_destroy(dec);
+    kvs_region_close(ireg); /* before the memory goes: the daemon closes its handle */
 #ifdef KVS_HAVE_CUDA
     cudaFree(dev);
+    if (ireg)
+        usleep(100000); /* the daemon closes its mapping when it sees the connection end */
+    cudaFree(ipc_dev);
 #endif
     kvs_client_ns_drop(cl, spec.name, NULL, &e);
     kvs_region_close(reg);
