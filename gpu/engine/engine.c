@@ -417,17 +417,28 @@ static void count_batch(kvs_engine *e, uint32_t nb)
 }
 
 /* Takes a batch off the queue: the oldest request and every compatible one that fits the
- * staging, up to max_batch; waits up to deadline_us for more while the batch is short. */
+ * staging, up to max_batch; waits up to deadline_us for more while the batch is short
+ * (neither max_batch requests nor a full staging queued: waiting cannot make it larger). */
 static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
 {
     job *first = e->head;
     uint64_t deadline = first->enq_us + e->o.deadline_us;
     for (;;) {
         uint32_t count = 0;
-        for (job *j = e->head; j && count < e->o.max_batch; j = j->next)
-            count += compatible(first, j);
+        size_t raw = 0, enc = 0;
+        bool full = false;
+        for (job *j = e->head; j && count < e->o.max_batch && !full; j = j->next) {
+            if (!compatible(first, j))
+                continue;
+            size_t r, c;
+            kvs__engine_footprint(j, &r, &c);
+            raw += r;
+            enc += c;
+            full = raw > e->o.staging_bytes || enc > e->o.staging_bytes;
+            count++;
+        }
         uint64_t now = kvs__engine_now_us();
-        if (count >= e->o.max_batch || now >= deadline || e->stop)
+        if (count >= e->o.max_batch || full || now >= deadline || e->stop)
             break;
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
