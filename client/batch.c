@@ -129,40 +129,51 @@ typedef struct many_state {
     long last; /* index of the last header, -1 before the first */
 } many_state;
 
+/* One block's header: the item it answers, in order. */
+static int many_header(many_state *st, const Kvstash__V1__GetHeader *h, const char *name,
+                       kvs_err *err)
+{
+    if (st->cur && st->got != st->cur->res.bytes)
+        return kvs_err_set(err, KVS_EPROTO, "%s: block %ld ended after %llu of %llu bytes", name,
+                           st->last, (unsigned long long)st->got,
+                           (unsigned long long)st->cur->res.bytes);
+    if ((long)h->index <= st->last || h->index >= st->n)
+        return kvs_err_set(err, KVS_EPROTO, "%s: header for item %u after item %ld of %zu", name,
+                           h->index, st->last, st->n);
+    st->last = h->index;
+    kvs_get_item *it = &st->items[h->index];
+    it->answered = true;
+    st->cur = NULL;
+    st->got = 0;
+    if (h->code) {
+        it->rc = kvs_err_from_grpc_status((int)h->code);
+        item_msg(it->msg, sizeof it->msg, h->error, strlen(h->error));
+        return 0;
+    }
+    it->rc = 0;
+    it->res = kvs__get_result_from_pb(h);
+    st->served++;
+    if (st->region)
+        return 0; /* the bytes are in the region already */
+    if (h->total_bytes > it->cap) {
+        it->rc = KVS_E2BIG;
+        snprintf(it->msg, sizeof it->msg, "block of %llu bytes does not fit in %zu",
+                 (unsigned long long)h->total_bytes, it->cap);
+    }
+    st->cur = it;
+    return 0;
+}
+
 static int many_chunk(many_state *st, const Kvstash__V1__GetChunk *ch, const char *name,
                       kvs_err *err)
 {
+    if (ch->n_more && (!ch->header || !st->region))
+        return kvs_err_set(err, KVS_EPROTO, "%s: more headers outside a region GetMany", name);
     if (ch->header) {
-        const Kvstash__V1__GetHeader *h = ch->header;
-        if (st->cur && st->got != st->cur->res.bytes)
-            return kvs_err_set(err, KVS_EPROTO, "%s: block %ld ended after %llu of %llu bytes",
-                               name, st->last, (unsigned long long)st->got,
-                               (unsigned long long)st->cur->res.bytes);
-        if ((long)h->index <= st->last || h->index >= st->n)
-            return kvs_err_set(err, KVS_EPROTO, "%s: header for item %u after item %ld of %zu",
-                               name, h->index, st->last, st->n);
-        st->last = h->index;
-        kvs_get_item *it = &st->items[h->index];
-        it->answered = true;
-        st->cur = NULL;
-        st->got = 0;
-        if (h->code) {
-            it->rc = kvs_err_from_grpc_status((int)h->code);
-            item_msg(it->msg, sizeof it->msg, h->error, strlen(h->error));
-            return 0;
-        }
-        it->rc = 0;
-        it->res = kvs__get_result_from_pb(h);
-        st->served++;
-        if (st->region)
-            return 0; /* the bytes are in the region already */
-        if (h->total_bytes > it->cap) {
-            it->rc = KVS_E2BIG;
-            snprintf(it->msg, sizeof it->msg, "block of %llu bytes does not fit in %zu",
-                     (unsigned long long)h->total_bytes, it->cap);
-        }
-        st->cur = it;
-        return 0;
+        int rc = many_header(st, ch->header, name, err);
+        for (size_t i = 0; i < ch->n_more && rc == 0; i++)
+            rc = many_header(st, ch->more[i], name, err);
+        return rc;
     }
     if (!st->cur)
         return kvs_err_set(err, KVS_EPROTO, "%s: data without a block header", name);

@@ -462,9 +462,68 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
     advance(c);
 }
 
+/* Headers of region slots sent in one message at most (GetChunk.more): a message per
+ * block cost more than the block's own move once the GPU engine decodes a batch at once. */
+#define GET_HEADERS_MAX 64
+
+/* A region slot's header (ok or error): the bytes are in the slot already. */
+static void slot_header(kvs_call *c, const kvs_get_item *it, Kvstash__V1__GetHeader *hdr)
+{
+    kvs_get_state *g = &c->u.get;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
+    hdr->index = it->index;
+    if (it->rc) {
+        hdr->code = (uint32_t)kvs_err_grpc_status(it->rc);
+        hdr->error = (char *)(uintptr_t)it->msg; /* packed only */
+        return;
+    }
+    hdr->tokens = kvs_xfer_get_tokens(it->op);
+    hdr->dtype = (Kvstash__V1__Dtype)spec->dtype;
+    hdr->format = KVSTASH__V1__FORMAT__FORMAT_RAW;
+    hdr->tier = (Kvstash__V1__Tier)kvs_xfer_get_tier(it->op);
+    hdr->layer_begin = g->layer_begin;
+    hdr->layer_end = g->layer_end;
+    hdr->total_bytes = kvs_spec_layer_bytes(spec, hdr->tokens) * (g->layer_end - g->layer_begin);
+    atomic_fetch_add(&c->srv->get_region_bytes, hdr->total_bytes);
+}
+
+/* GetMany into region slots: items[send]'s header, and those of the items after it that
+ * are ready too (a prefix GetMany stops before an error: advance ends the call there). */
+static void send_slot_headers(kvs_call *c)
+{
+    kvs_get_state *g = &c->u.get;
+    Kvstash__V1__GetHeader hdrs[GET_HEADERS_MAX], *more[GET_HEADERS_MAX];
+    Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
+    size_t n = 0;
+    do {
+        hdrs[n] = (Kvstash__V1__GetHeader)KVSTASH__V1__GET_HEADER__INIT;
+        slot_header(c, &g->items[g->send], &hdrs[n]);
+        if (n)
+            more[n - 1] = &hdrs[n];
+        n++;
+        g->send++;
+        if (g->send >= g->n || n == GET_HEADERS_MAX)
+            break;
+        kvs_get_item *nx = &g->items[g->send];
+        pthread_mutex_lock(&g->mu);
+        bool ready = nx->ready;
+        pthread_mutex_unlock(&g->mu);
+        if (!ready || (nx->rc && g->prefix))
+            break;
+    } while (1);
+    chunk.header = &hdrs[0];
+    chunk.n_more = n - 1;
+    chunk.more = more;
+    kvs_call_send(c, &chunk.base);
+}
+
 /* The header of items[send] (ready): its data follows unless it went into the region. */
 static void send_header(kvs_call *c, kvs_get_item *it)
 {
+    if (c->u.get.slots && !c->u.get.encoded) {
+        send_slot_headers(c);
+        return;
+    }
     kvs_get_state *g = &c->u.get;
     const kvs_ns_spec *spec = kvs_ns_spec_of(g->ns);
     Kvstash__V1__GetHeader hdr = KVSTASH__V1__GET_HEADER__INIT;

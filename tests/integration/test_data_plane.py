@@ -57,10 +57,20 @@ def put_many(d, blocks, **kw):
     return d.stub.PutMany(put_many_chunks(blocks, **kw), timeout=60).results
 
 
-def get_many(d, ns, keys, **kw):
-    """GetMany; returns [(header, data)] in stream order, checking each block's chunks."""
-    msgs = list(d.stub.GetMany(kvs.pb.GetManyRequest(namespace=ns, keys=keys, **kw),
-                               timeout=60))
+def get_many(d, ns, keys, messages=None, **kw):
+    """GetMany; returns [(header, data)] in stream order, checking each block's chunks.
+    Headers a message carries in `more` (region slots) count as headers of their own;
+    messages (a list) receives the raw messages."""
+    raw = list(d.stub.GetMany(kvs.pb.GetManyRequest(namespace=ns, keys=keys, **kw),
+                              timeout=60))
+    if messages is not None:
+        messages.extend(raw)
+    msgs = []
+    for m in raw:
+        assert not m.more or ("region" in kw and m.HasField("header")), \
+            "more headers outside a region GetMany"
+        msgs.append(m)
+        msgs.extend(kvs.pb.GetChunk(header=h) for h in m.more)
     out, i = [], 0
     while i < len(msgs):
         assert msgs[i].HasField("header"), f"message {i}: data before a header"
@@ -394,6 +404,33 @@ def test_region_registration_is_checked(d):
     big.close()
     again = Region(d.region_socket, 60 << 20)
     again.close()
+
+
+def test_region_headers_share_messages(d):
+    # Into region slots only headers are streamed: those of blocks that are ready at once go
+    # in one message (GetChunk.more), in key order, errors in place; a prefix GetMany still
+    # stops at the first absent key.
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=2, H=1, D=64, T=16))
+    bb, n = ns.bytes(16), 48
+    blocks = [ns.payload(16, seed=i) for i in range(n)]
+    put_many(d, [(ns.name, b"h%d" % i, 16, blocks[i]) for i in range(n) if i != 40])
+    reg = Region(d.region_socket, n * bb)
+    try:
+        keys = [b"h%d" % i for i in range(n)]
+        msgs = []
+        got = get_many(d, ns.name, keys, messages=msgs, region=reg.id,
+                       region_offsets=[i * bb for i in range(n)], region_slot_bytes=bb)
+        assert [h.index for h, _ in got] == list(range(n))
+        assert [h.code for h, _ in got] == [0] * 40 + [NOT_FOUND.value[0]] + [0] * 7
+        assert len(msgs) < n, f"{len(msgs)} messages for {n} headers: none shared"
+        for i in range(n):
+            if i != 40:
+                assert bytes(reg.mem[i * bb:(i + 1) * bb]) == blocks[i], f"block {i}"
+        got = get_many(d, ns.name, keys, prefix=True, region=reg.id,
+                       region_offsets=[i * bb for i in range(n)], region_slot_bytes=bb)
+        assert [h.index for h, _ in got] == list(range(40))
+    finally:
+        reg.close()
 
 
 REGION_CUDA_REQ = struct.Struct("=4sIQQ64s16s")  # magic, op, bytes, offset, handle, uuid
