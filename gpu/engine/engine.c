@@ -67,6 +67,17 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                 continue;
             }
             /* Default: the user's buffer is pinned host memory or device memory (UVA). */
+            if (j->paged) { /* into d_enc (free once decoded) as a block, scattered below */
+                uint8_t *blk = e->d_enc + b * nl * 2 * w + (size_t)kv * w;
+                KVS_CUDA_CHECK(
+                    cudaMemcpy2DAsync(blk, 2 * w, dev, w, w, nl, cudaMemcpyDeviceToDevice, e->st),
+                    err);
+                if (kv == 1 &&
+                    kvs_paged_scatter_cuda(j->paged->lay, j->paged->base, j->paged->pages, j->t,
+                                           j->lb, j->le, e->d_enc + b * nl * 2 * w, e->st, err))
+                    return KVS_EINTERNAL;
+                continue;
+            }
             if (to_dev) {
                 const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
                 KVS_CUDA_CHECK(
@@ -250,7 +261,14 @@ static int cpu_decode(kvs_engine *e, job *j, kvs_err *err)
         return kvs_err_set(err, KVS_ENOMEM, "GPU engine: out of memory");
     int rc = kvs_block_decode_verified(j->k, j->v, j->enc, j->enc_len, j->lb, j->le, tmp, err);
     if (rc == 0) {
-        cudaError_t ce = cudaMemcpyAsync(j->raw_out, tmp, raw_bytes(j), cudaMemcpyDefault, e->st);
+        /* Paged: the block goes to d_enc (unused now: the batch is decoded) and is
+         * scattered from there. */
+        void *to = j->paged ? (void *)e->d_enc : (void *)j->raw_out;
+        cudaError_t ce = cudaMemcpyAsync(to, tmp, raw_bytes(j), cudaMemcpyDefault, e->st);
+        if (ce == cudaSuccess && j->paged &&
+            kvs_paged_scatter_cuda(j->paged->lay, j->paged->base, j->paged->pages, j->t, j->lb,
+                                   j->le, e->d_enc, e->st, err))
+            ce = cudaErrorLaunchFailure;
         if (ce == cudaSuccess)
             ce = cudaStreamSynchronize(e->st);
         if (ce != cudaSuccess)
@@ -678,9 +696,10 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
     return kvs__engine_submit(e, j, err);
 }
 
-int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
-                      size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
-                      uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err)
+static int submit_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                         size_t len, kvs_block_trust trust, uint32_t layer_begin,
+                         uint32_t layer_end, uint16_t *raw, const kvs_engine_paged *paged,
+                         kvs_engine_done done, void *arg, kvs_err *err)
 {
     if (layer_end == 0) /* for the helper 0 means every layer; here it is an empty range */
         return kvs_err_set(err, KVS_EINVAL, "layers: [%u, 0) is empty", layer_begin);
@@ -698,9 +717,27 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
                .enc = enc,
                .enc_len = len,
                .raw_out = raw,
+               .paged = paged,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = kvs__engine_on_device(raw)};
+               .pinned_raw = paged || kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = paged || kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
+}
+
+int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const uint8_t *enc,
+                      size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
+                      uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return submit_decode(e, k, v, enc, len, trust, layer_begin, layer_end, raw, NULL, done, arg,
+                         err);
+}
+
+int kvs_engine_decode_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                            const uint8_t *enc, size_t len, kvs_block_trust trust,
+                            uint32_t layer_begin, uint32_t layer_end, const kvs_engine_paged *dst,
+                            kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return submit_decode(e, k, v, enc, len, trust, layer_begin, layer_end, NULL, dst, done, arg,
+                         err);
 }

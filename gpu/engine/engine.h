@@ -39,6 +39,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/codec/codec.h"
+#include "gpu/codec/paged.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -100,6 +101,22 @@ int kvs_engine_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, con
                       size_t len, kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
                       uint16_t *raw, kvs_engine_done done, void *arg, kvs_err *err);
 
+/* A paged destination in device memory (gpu/codec/paged.h; a worker's KV cache opened by
+ * CUDA IPC): the decoded layers are scattered into the block's pages instead of written
+ * contiguously. All borrowed until done runs; kvs_paged_check accepted (lay, pages, the
+ * block's tokens) for the memory at base, and the layer range. */
+typedef struct kvs_engine_paged {
+    const kvs_paged_layout *lay;
+    uint8_t *base;
+    const uint32_t *pages;
+} kvs_engine_paged;
+
+/* kvs_engine_decode into a paged destination. */
+int kvs_engine_decode_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                            const uint8_t *enc, size_t len, kvs_block_trust trust,
+                            uint32_t layer_begin, uint32_t layer_end, const kvs_engine_paged *dst,
+                            kvs_engine_done done, void *arg, kvs_err *err);
+
 /* ---------------------------------------------------------------- GPU tier */
 
 /* Allocates the GPU tier's region of `bytes` on the engine's device (once; freed by
@@ -121,6 +138,11 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                           const void *slot, const uint32_t *lens, uint32_t layer_begin,
                           uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
                           kvs_err *err);
+/* kvs_engine_decode_dev into a paged destination. */
+int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                                const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                                uint32_t layer_end, const kvs_engine_paged *dst,
+                                kvs_engine_done done, void *arg, kvs_err *err);
 /* Copies the block in a device slot to the host as an encoded block (gpu/codec/format.h) stamped
  * with ns_id and sealed: out (cap bytes, at least kvs_block_encoded_max), *len set. */
 int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,

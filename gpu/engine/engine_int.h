@@ -44,6 +44,7 @@ typedef struct job {
                       * memory (a worker's, by CUDA IPC): DMA'd straight to or from d_raw,
                       * no staging (engine.c, move_raw) */
     bool raw_dev;    /* ...device memory: the CPU fallbacks copy it through the host */
+    const kvs_engine_paged *paged; /* decode: scattered into pages, not raw_out (borrowed) */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;

@@ -101,3 +101,17 @@ int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
+int kvs_engine_decode_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                            const uint8_t *enc, size_t len, kvs_block_trust trust,
+                            uint32_t layer_begin, uint32_t layer_end, const kvs_engine_paged *dst,
+                            kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                                const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                                uint32_t layer_end, const kvs_engine_paged *dst,
+                                kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}

@@ -141,10 +141,10 @@ int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
     return kvs__engine_submit(e, j, err);
 }
 
-int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
-                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
-                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
-                          kvs_err *err)
+static int submit_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                             const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                             uint32_t layer_end, uint16_t *raw, const kvs_engine_paged *paged,
+                             kvs_engine_done done, void *arg, kvs_err *err)
 {
     int rc = check_tokens(k, t, err);
     if (rc)
@@ -164,11 +164,30 @@ int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .slot.in = slot,
                .lens.in = lens,
                .raw_out = raw,
+               .paged = paged,
                .done = done,
                .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = kvs__engine_on_device(raw)};
+               .pinned_raw = paged || kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
+               .raw_dev = paged || kvs__engine_on_device(raw)};
     return kvs__engine_submit(e, j, err);
+}
+
+int kvs_engine_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                          uint32_t layer_end, uint16_t *raw, kvs_engine_done done, void *arg,
+                          kvs_err *err)
+{
+    return submit_decode_dev(e, k, v, t, slot, lens, layer_begin, layer_end, raw, NULL, done, arg,
+                             err);
+}
+
+int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t t,
+                                const void *slot, const uint32_t *lens, uint32_t layer_begin,
+                                uint32_t layer_end, const kvs_engine_paged *dst,
+                                kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return submit_decode_dev(e, k, v, t, slot, lens, layer_begin, layer_end, NULL, dst, done, arg,
+                             err);
 }
 
 int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,

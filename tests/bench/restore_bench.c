@@ -238,8 +238,8 @@ int main(int argc, char **argv)
     /* CUDA IPC: device memory of this process's, registered with the daemon; PutMany from
      * it is timed like the shm one. */
     kvs_region *ireg = NULL;
-    uint8_t *ipc_dev = NULL;
 #ifdef KVS_HAVE_CUDA
+    uint8_t *ipc_dev = NULL;
     if (want(&c, "ipc")) {
         kvs_err ie;
         if (cudaMalloc((void **)&ipc_dev, total) != cudaSuccess) {
