@@ -212,7 +212,8 @@ typedef struct kvs_get_state {
     uint32_t send;              /* the item being sent */
     struct kvs_region *region;  /* GetMany into paged shared memory: a reference, else NULL */
     uint64_t slot_bytes;
-    bool slots; /* GetMany into region slots (region_offsets): no buffers, a wide window */
+    bool slots;     /* GetMany into region slots (region_offsets): no buffers, a wide window */
+    bool dev_paged; /* paged into GPU memory (CUDA IPC): the engine scatters; as slots */
     /* Paged: blocks are scattered into the engine's pages in the region (owned arrays). */
     bool paged;
     kvs_paged_layout layout;

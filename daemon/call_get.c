@@ -242,9 +242,15 @@ static void open_item(kvs_call *c, kvs_get_item *it)
         item_fail(it, rc, err.msg);
         return;
     }
-    kvs_xfer_buf dst = {
-        it->region && kvs_region_device(it->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST, NULL, 0};
-    if (!g->encoded) {
+    kvs_xfer_buf dst = {.kind = it->region && kvs_region_device(it->region) ? KVS_XFER_DEVICE
+                                                                            : KVS_XFER_HOST};
+    if (g->dev_paged) { /* the engine scatters into the pages in GPU memory */
+        dst = (kvs_xfer_buf){.kind = KVS_XFER_DEVICE,
+                             .ptr = kvs_region_base(g->region),
+                             .len = kvs_region_len(g->region),
+                             .lay = &g->layout,
+                             .pages = g->pages + (size_t)it->index * g->pages_per_block};
+    } else if (!g->encoded) {
         dst.len = kvs_xfer_get_raw_bytes(it->op);
         if (it->dst && dst.len > g->slot_bytes) {
             snprintf(err.msg, sizeof err.msg,
@@ -352,11 +358,8 @@ static int paged_prepare(kvs_call *c, const Kvstash__V1__GetManyRequest *r, kvs_
     if ((rc = kvs_regions_acquire(c->srv->regions, r->region.data, r->region.len, 0, 0, "region",
                                   &g->region, &base, err)))
         return rc;
-    if (kvs_region_device(g->region)) /* the scatter runs on the host */
-        return kvs_err_set(err, KVS_EINVAL,
-                           "layout: paged blocks in GPU memory (a CUDA IPC region) are not "
-                           "supported yet: name contiguous slots (region_offsets) or use a "
-                           "shared-memory region");
+    /* GPU memory: the engine scatters each block as it decodes it, no buffer here. */
+    g->dev_paged = kvs_region_device(g->region);
     g->pages = kvs_xcalloc(r->n_pages, sizeof *g->pages);
     memcpy(g->pages, r->pages, r->n_pages * sizeof *g->pages);
     g->pages_per_block = ppb;
@@ -520,7 +523,7 @@ static void send_slot_headers(kvs_call *c)
 /* The header of items[send] (ready): its data follows unless it went into the region. */
 static void send_header(kvs_call *c, kvs_get_item *it)
 {
-    if (c->u.get.slots && !c->u.get.encoded) {
+    if ((c->u.get.slots || c->u.get.dev_paged) && !c->u.get.encoded) {
         send_slot_headers(c);
         return;
     }
@@ -603,7 +606,9 @@ static void advance(kvs_call *c)
         end_call(c, END_REPLY, 0, NULL);
         return;
     }
-    uint32_t window = g->paged ? GET_WINDOW_PAGED : g->slots ? GET_WINDOW_SLOTS : GET_WINDOW;
+    uint32_t window = g->slots || g->dev_paged ? GET_WINDOW_SLOTS
+                      : g->paged               ? GET_WINDOW_PAGED
+                                               : GET_WINDOW;
     for (uint32_t i = g->next_open; i < g->n && i < g->send + window; i++)
         open_item(c, &g->items[g->next_open++]);
     kvs_get_item *it = &g->items[g->send];

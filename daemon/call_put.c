@@ -250,8 +250,9 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
         .key = b->key,
         .key_len = b->key_len,
         .tokens = b->tokens,
-        .src = {b->region && kvs_region_device(b->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST, b->raw,
-                b->expected},
+        .src = {.kind = b->region && kvs_region_device(b->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST,
+                .ptr = b->raw,
+                .len = b->expected},
         .consumed = put_consumed,
         .done = put_done,
         .arg = b};

@@ -329,7 +329,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
             finish_put(op, KVS_EINTERNAL, &e2);
             return 0;
         }
-        op->r.src = (kvs_xfer_buf){KVS_XFER_HOST, op->bounce, raw_bytes};
+        op->r.src = (kvs_xfer_buf){.kind = KVS_XFER_HOST, .ptr = op->bounce, .len = raw_bytes};
     }
     run(x, encode_job, commit, op);
     return 0;
@@ -344,7 +344,8 @@ struct kvs_xfer_get {
     bool encoded;
     uint32_t lb, le;
     kvs_xfer_buf dst;
-    uint8_t *fetched; /* encoded Get of a GPU block: the block fetched to the host */
+    kvs_engine_paged paged; /* dst.lay set: the engine's view of it */
+    uint8_t *fetched;       /* encoded Get of a GPU block: the block fetched to the host */
     size_t fetched_len;
     bool decoded;         /* decoded straight from LMDB's map by the read */
     uint64_t t0, enc_len; /* a GPU decode: its submission (monotonic ns), the slot's bytes */
@@ -425,6 +426,10 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
     if (rc == 0)
         rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
     uint64_t t0 = now_ns();
+    if (rc == 0 && g->dst.lay) /* only the engine scatters into GPU pages */
+        return kvs_err_set(err, KVS_EUNAVAIL,
+                           "layout: a paged destination in GPU memory needs the GPU engine, which "
+                           "cannot decode this block now");
     /* The CPU decodes into host memory: into a GPU destination through a host buffer. */
     bool dev = g->dst.kind == KVS_XFER_DEVICE;
     uint8_t *out = dev ? kvs_trymalloc(g->dst.len) : g->dst.ptr;
@@ -496,8 +501,10 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
         g->enc_len = kvs_format_prefix_bytes(kvs_ns_spec_of(g->ns)->layers);
         for (uint32_t i = 0; i < 2 * kvs_ns_spec_of(g->ns)->layers; i++)
             g->enc_len += d->lens[i];
-        rc = kvs_engine_decode_dev(eng, k, v, t, d->slot, d->lens, g->lb, g->le,
-                                   (uint16_t *)g->dst.ptr, engine_done, g, err);
+        rc = g->dst.lay ? kvs_engine_decode_dev_paged(eng, k, v, t, d->slot, d->lens, g->lb, g->le,
+                                                      &g->paged, engine_done, g, err)
+                        : kvs_engine_decode_dev(eng, k, v, t, d->slot, d->lens, g->lb, g->le,
+                                                (uint16_t *)g->dst.ptr, engine_done, g, err);
     }
     if (rc && rc != KVS_EDATALOSS) /* the engine refused a submission: ours, not the client's */
         rc = err->code = KVS_EINTERNAL;
@@ -531,9 +538,12 @@ static void dispatch(kvs_xfer_get *g)
     if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
         kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
         kvs_engine_accepts(eng, k, v) &&
-        kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk),
-                          KVS_BLOCK_VERIFIED, g->lb, g->le, (uint16_t *)g->dst.ptr, engine_done, g,
-                          &g->err) == 0)
+        (g->dst.lay ? kvs_engine_decode_paged(eng, k, v, kvs_block_data(g->blk),
+                                              kvs_block_size(g->blk), KVS_BLOCK_VERIFIED, g->lb,
+                                              g->le, &g->paged, engine_done, g, &g->err)
+                    : kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk),
+                                        KVS_BLOCK_VERIFIED, g->lb, g->le, (uint16_t *)g->dst.ptr,
+                                        engine_done, g, &g->err)) == 0)
         return;
     run(x, decode_job, decoded, g);
 }
@@ -572,13 +582,16 @@ static void read_done(void *arg)
 int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
                      void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err)
 {
-    if (!g->encoded &&
-        (!dst || (dst->kind != KVS_XFER_HOST && dst->kind != KVS_XFER_DEVICE) ||
-         (dst->kind == KVS_XFER_DEVICE && !g->x->o.engine) || dst->len < kvs_xfer_get_raw_bytes(g)))
+    if (!g->encoded && (!dst || (dst->kind != KVS_XFER_HOST && dst->kind != KVS_XFER_DEVICE) ||
+                        (dst->kind == KVS_XFER_DEVICE && !g->x->o.engine) ||
+                        (dst->lay && dst->kind != KVS_XFER_DEVICE) ||
+                        (!dst->lay && dst->len < kvs_xfer_get_raw_bytes(g))))
         return kvs_err_set(err, KVS_EINVAL, "get: destination of %zu bytes, %llu needed",
                            dst ? dst->len : 0, (unsigned long long)kvs_xfer_get_raw_bytes(g));
     if (dst)
         g->dst = *dst;
+    if (dst && dst->lay)
+        g->paged = (kvs_engine_paged){dst->lay, dst->ptr, dst->pages};
     g->done = done;
     g->arg = arg;
     if (kvs_block_unread(g->blk))

@@ -38,6 +38,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
+#include "gpu/codec/paged.h"
 #include "storage/store.h"
 
 struct kvs_engine;
@@ -60,6 +61,12 @@ typedef struct kvs_xfer_buf {
     kvs_xfer_mem kind;
     uint8_t *ptr;
     size_t len;
+    /* A Get's DEVICE destination may be paged (gpu/codec/paged.h): ptr and len are then
+     * the worker's paged KV memory and the layers are scattered into the block's pages,
+     * which the caller checked (kvs_paged_check) against len. Borrowed like ptr. Only the
+     * GPU engine writes such a destination (KVS_EUNAVAIL without it). */
+    const kvs_paged_layout *lay;
+    const uint32_t *pages;
 } kvs_xfer_buf;
 
 typedef struct kvs_xfer_opts {

@@ -268,3 +268,87 @@ def test_get_many_into_region_slots_batches_in_the_engine(daemon, tmp_path):
             assert bytes(reg.mem[i * bb:(i + 1) * bb]) == kvs.get(d.stub, ns.name, k).data
     finally:
         reg.close()
+
+
+def cuda_region(sock_path, t):
+    """Registers CUDA tensor t's storage with the daemon as a CUDA IPC region (op 2 of the
+    region socket); returns (socket, region id). Keep the socket open while it is used."""
+    import socket
+    import uuid as uuidlib
+    import torch
+    from test_data_plane import REGION_CUDA_REQ, REGION_REP
+    dev, handle, size, offset = t.untyped_storage()._share_cuda_()[:4]
+    u = str(torch.cuda.get_device_properties(dev).uuid)
+    ub = uuidlib.UUID(u[4:] if u.startswith("GPU-") else u).bytes
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock_path)
+    s.send(REGION_CUDA_REQ.pack(b"KVR1", 2, size, offset, bytes(handle), ub))
+    magic, code, rid, nbytes, pinned, _, msg = REGION_REP.unpack(s.recv(REGION_REP.size))
+    assert code == 0, msg.rstrip(b"\0").decode()
+    assert nbytes == size
+    return s, rid
+
+
+@pytest.mark.parametrize("codec", ["none", "polarquant"])
+def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec):
+    # The co-located GPU worker's path: GetMany decodes straight into the worker's GPU
+    # memory, contiguous slots or an engine's paged layout, and PutMany encodes from it.
+    # Every byte equals what the same calls write into a shared-memory region.
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA in this torch")
+    from test_data_plane import Region, get_many, put_many, vllm_layout
+    sock = str(tmp_path / "kvs.region")
+    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M"])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    n, bb = 24, L * 2 * T * H * D * 2
+    keys = [b"c%d" % i for i in range(n)]
+    put_many(d, [(ns.name, k, T, ns.payload(T, seed=i)) for i, k in enumerate(keys)])
+    host = Region(sock, n * bb)
+    vl, vbytes = vllm_layout(L, n + 4, T, H, D)
+    hpaged = Region(sock, vbytes)
+    slots = torch.zeros(n * bb + 4096, dtype=torch.uint8, device="cuda")
+    paged = torch.zeros(vbytes, dtype=torch.uint8, device="cuda")
+    s1, rid = cuda_region(sock, slots)
+    s2, pid = cuda_region(sock, paged)
+    try:
+        offs = [4096 + i * bb for i in range(n)]
+        want = get_many(d, ns.name, keys, region=host.id,
+                        region_offsets=[i * bb for i in range(n)], region_slot_bytes=bb)
+        got = get_many(d, ns.name, keys, region=rid, region_offsets=offs, region_slot_bytes=bb)
+        assert [h.code for h, _ in got] == [0] * n
+        assert [h.total_bytes for h, _ in got] == [h.total_bytes for h, _ in want]
+        torch.cuda.synchronize()
+        assert bytes(slots[4096:].cpu().numpy()) == bytes(host.mem[:n * bb])
+        pages = [(7 * i + 3) % (n + 4) for i in range(n)]
+        get_many(d, ns.name, keys, region=hpaged.id, layout=vl, pages=pages)
+        got = get_many(d, ns.name, keys, region=pid, layout=vl, pages=pages)
+        assert [h.code for h, _ in got] == [0] * n
+        torch.cuda.synchronize()
+        assert bytes(paged.cpu().numpy()) == bytes(hpaged.mem[:vbytes])
+        assert any(hpaged.mem[:vbytes])
+        # PutMany from the GPU memory: stored as a Put of the same bytes stores them.
+        import numpy as np
+        for i in range(3):
+            slots[offs[i]:offs[i] + bb] = torch.from_numpy(
+                np.frombuffer(ns.payload(T, seed=i), dtype=np.uint8).copy()).cuda()
+        torch.cuda.synchronize()
+        res = put_many(d, [(ns.name, b"from-gpu-%d" % i, T, (rid, offs[i])) for i in range(3)])
+        assert [r.code for r in res] == [0, 0, 0], res
+        for i in range(3):
+            assert kvs.get(d.stub, ns.name, b"from-gpu-%d" % i).data == \
+                kvs.get(d.stub, ns.name, keys[i]).data
+        # Encoded blocks are not written into GPU memory: the field is named.
+        kvs.expect_error(grpc_invalid(), get_many, d, ns.name, keys[:1], format=kvs.ENCODED,
+                         region=rid, region_offsets=[0], region_slot_bytes=bb,
+                         words=("ENCODED",))
+    finally:
+        s1.close()
+        s2.close()
+        host.close()
+        hpaged.close()
+
+
+def grpc_invalid():
+    import grpc
+    return grpc.StatusCode.INVALID_ARGUMENT

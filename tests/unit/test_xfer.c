@@ -129,7 +129,7 @@ static uint16_t *put(fx *f, const char *key, uint32_t t, uint64_t seed)
                           .key = key,
                           .key_len = strlen(key),
                           .tokens = t,
-                          .src = {KVS_XFER_HOST, (uint8_t *)raw, bytes},
+                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
                           .done = put_done,
                           .arg = &r};
     kvs_err err;
@@ -155,7 +155,7 @@ static uint16_t *get_raw(fx *f, const char *key, size_t *n, kvs_store_tier *tier
         fail_msg("get %s: %s", key, err.msg);
     *n = kvs_xfer_get_raw_bytes(g);
     uint16_t *out = malloc(*n);
-    kvs_xfer_buf dst = {KVS_XFER_HOST, (uint8_t *)out, *n};
+    kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)out, .len = *n};
     result r = {0};
     if (kvs_xfer_get_run(g, &dst, get_done, &r, &err))
         fail_msg("get %s: %s", key, err.msg);
