@@ -1,7 +1,11 @@
 """The Python package (client/python/kvstash, issue 13 item 1) against a real daemon: every
 call, both batched paths (shared memory with a daemon on this host, gRPC bytes otherwise,
 `last_path` telling which ran), errors as exceptions with the gRPC status and the daemon's
-message, and the chained block keys of the README."""
+message, and the chained block keys of the README. CUDA IPC (issue 12 item 3): the
+registration's refusal by a daemon without a GPU engine here; the path itself on the GPU
+machine (tests/gpu/device-check.sh)."""
+import contextlib
+import ctypes
 import os
 import subprocess
 import sys
@@ -15,22 +19,35 @@ import kvs
 kvstash = kvs.client_package()
 
 
-@pytest.fixture(scope="module")
-def unix_daemon(tmp_path_factory):
-    """A daemon on a Unix socket: its region socket is on, so batches use shared memory."""
-    d = tmp_path_factory.mktemp("pyunix")
+@contextlib.contextmanager
+def _unix_daemon(tmp_path_factory, label, *extra):
+    """A daemon on a Unix socket (its region socket on), stderr in "stderr" beside it;
+    extra flags after $KVSTASHD_EXTRA's (the last of a repeated flag wins). Yields its
+    target, or None if it exited at start."""
+    d = tmp_path_factory.mktemp(label)
     sock = str(d / "kvs.sock")
     err = open(d / "stderr", "wb")
     proc = kvs.spawn([kvs.KVSTASHD, "--listen", "unix:" + sock, "--host-capacity", "256M",
-                      *kvs.KVSTASHD_EXTRA], stdout=err, stderr=err)
-    for _ in range(200):
-        if os.path.exists(sock + ".region"):
+                      *kvs.KVSTASHD_EXTRA, *extra], stdout=err, stderr=err)
+    for _ in range(400):
+        if os.path.exists(sock + ".region") or proc.poll() is not None:
             break
         time.sleep(0.05)
-    yield "unix:" + sock
-    proc.terminate()
-    proc.wait(30)
-    err.close()
+    try:
+        yield "unix:" + sock if proc.poll() is None else None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        err.close()
+
+
+@pytest.fixture(scope="module")
+def unix_daemon(tmp_path_factory):
+    """A daemon on a Unix socket: its region socket is on, so batches use shared memory."""
+    with _unix_daemon(tmp_path_factory, "pyunix") as target:
+        assert target, "kvstashd exited at start"
+        yield target
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +266,23 @@ def _cuda_torch():
     return torch
 
 
+def _has_gpu_engine(unix_target):
+    """Whether a daemon started by the unix_daemon-style fixtures (stderr beside its socket)
+    runs a GPU engine."""
+    d = os.path.dirname(unix_target[len("unix:"):])
+    with open(os.path.join(d, "stderr"), "rb") as f:
+        return b"INFO GPU engine on " in f.read()
+
+
+def _cuda_path(where, target):
+    """The path CUDA tensors take with the default path="auto": by IPC with a daemon on
+    this host that has a GPU engine (on GPU 0, the tests' device), shared memory with one
+    that has none, gRPC bytes with the TCP daemon (no region socket)."""
+    if where == "tcp":
+        return "grpc"
+    return "ipc" if _has_gpu_engine(target) else "shm"
+
+
 @pytest.mark.parametrize("where", ["tcp", "unix_daemon"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cuda_tensors_round_trip(request, where, dtype):
@@ -263,7 +297,7 @@ def test_cuda_tensors_round_trip(request, where, dtype):
         src = [torch.randn(2, 2, 16, 2, 64, device="cuda").to(tdt) for _ in range(4)]
         keys = [b"c%d" % i for i in range(4)]
         assert all(isinstance(r, kvstash.PutResult) for r in c.put_many(name, zip(keys, src)))
-        path = "shm" if where == "unix_daemon" else "grpc"
+        path = _cuda_path(where, request.getfixturevalue(where))
         assert c.last_path == path
         outs = [torch.empty_like(s) for s in src]
         got = c.get_many(name, keys, out=outs)
@@ -282,7 +316,8 @@ def test_cuda_gpu_decode_matches_daemon_decode(request, where, codec):
     """A compressing codec and CUDA destinations: with gpu_decode "on" (and "auto" for a
     remote daemon) the blocks come encoded and are decoded on this GPU (last_path says
     "+gpudecode"), to the very bytes the daemon's decode gives (every codec decodes
-    byte-identically on CPU and GPU); "off" and a local "auto" leave it to the daemon."""
+    byte-identically on CPU and GPU); "off" and a local "auto" leave it to the daemon (by
+    IPC when it has a GPU engine)."""
     torch = _cuda_torch()
     target = request.getfixturevalue(where)
     with kvstash.Client(target) as c, kvstash.Client(target, gpu_decode="off") as off:
@@ -299,7 +334,8 @@ def test_cuda_gpu_decode_matches_daemon_decode(request, where, codec):
         # "auto": decoded on this GPU for a remote daemon; a local one decodes into shared
         # memory itself (faster on the H100, RESULTS.md).
         path = "shm" if where == "unix_daemon" else "grpc"
-        assert c.last_path == (path if where == "unix_daemon" else path + "+gpudecode")
+        local = _cuda_path(where, target)
+        assert c.last_path == (local if where == "unix_daemon" else path + "+gpudecode")
         for o, w in zip(outs, want):
             assert torch.equal(o.cpu(), torch.from_numpy(w)), codec
         with kvstash.Client(target, gpu_decode="on") as on:
@@ -310,7 +346,7 @@ def test_cuda_gpu_decode_matches_daemon_decode(request, where, codec):
                 assert torch.equal(o.cpu(), torch.from_numpy(w)), codec
         outs2 = [torch.empty_like(o) for o in outs]
         off.get_many(name, keys, out=outs2)
-        assert off.last_path == path
+        assert off.last_path == local
         assert all(torch.equal(a, b) for a, b in zip(outs, outs2))
         pre = c.get_prefix(name, keys[:2] + [b"absent"] + keys[2:],
                            out=[torch.empty_like(outs[0]) for _ in range(6)])
@@ -365,3 +401,315 @@ def test_a_namespace_recreated_with_another_shape_is_seen(request, where):
         assert isinstance(a.put_many(name, [(b"n2", new[2])])[0], kvstash.PutResult)
         many = a.get_many(name, [b"n0", b"n1", b"n2"])
         assert all(g.shape == (4, 2, 16, 2, 64) and (g == d).all() for g, d in zip(many, new))
+
+
+# ------------------------------------------------------------------ CUDA IPC (issue 12 item 3)
+EINVAL, ENOTSUP = -30001, -30012
+FAKE_HANDLE, FAKE_UUID = bytes(range(64)), bytes(range(100, 116))
+E = 2 * 2 * 16 * 2 * 64  # elements of one block of the tests' namespaces
+
+
+def _create_ipc(client, handle=FAKE_HANDLE, uuid=FAKE_UUID, offset=0, nbytes=1 << 20):
+    """kvs_region_create_ipc called through ctypes: (rc, message, region)."""
+    r, err = ctypes.c_void_p(), kvstash._lib.Err()
+    rc = kvstash._lib.lib.kvs_region_create_ipc(client._h, handle, offset, nbytes, uuid,
+                                                ctypes.byref(r), ctypes.byref(err))
+    return rc, err.msg.decode(errors="replace"), r
+
+
+def test_cuda_ipc_registration_refused_without_a_gpu_engine(unix_daemon, tcp):
+    """kvs_region_create_ipc with a made-up handle and UUID (no CUDA needed): a daemon on
+    this host without a GPU engine answers KVS_ENOTSUP naming it, and the package's registry
+    remembers the answer and does not ask again (CUDA tensors then go through shared
+    memory); with an engine (the GPU machine's runs) the handle is refused, KVS_EINVAL,
+    remembered for that device. No region socket (the TCP daemon): KVS_ENOTSUP."""
+    engine = _has_gpu_engine(unix_daemon)
+    with kvstash.Client(unix_daemon, path="grpc") as c:
+        refused0 = c.stats()["data_plane"]["region_refused"]
+        rc, msg, r = _create_ipc(c)
+        assert not r.value
+        if engine:
+            assert rc == EINVAL, (rc, msg)
+        else:
+            assert rc == ENOTSUP, (rc, msg)
+            assert "GPU engine" in msg
+        refused1 = c.stats()["data_plane"]["region_refused"]
+        assert refused1 == refused0 + 1
+        reg = kvstash._ipc.Registry(4)
+        for _ in range(2):  # the second is answered from memory
+            with pytest.raises(kvstash._ipc.Unavailable) as e:
+                reg.register(c._h, FAKE_HANDLE, 0, 1 << 20, FAKE_UUID, device=0)
+            assert (e.value.code, e.value.msg) == (rc, msg)
+        assert c.stats()["data_plane"]["region_refused"] == refused1 + 1
+        assert (reg.refused, reg.bad_devices) == ((None, {0: msg}) if engine else (msg, {}))
+        assert len(reg) == 0
+    with kvstash.Client(tcp) as c:
+        rc, msg, r = _create_ipc(c)
+        assert rc == ENOTSUP and "region socket" in msg and not r.value
+
+
+def test_cuda_ipc_handle_forms_and_path_options():
+    """The handle in torch's _share_cuda_() tuple: the bare 64-byte cudaIpcMemHandle_t, or
+    [version][type]['c' payload] from newer torch; an expandable segment's ('e') has none.
+    The path options are checked when the Client is made."""
+    h, f = bytes(range(64)), kvstash._ipc.cuda_ipc_handle
+    assert f(h) == h
+    assert f(b"\x02c" + h) == h and f(b"\x03c" + h) == h
+    assert f(b"\x02e" + h) is None and f(b"\x02e" + h + b"segment") is None
+    assert f(None) is None and f(h[:10]) is None
+    with pytest.raises(ValueError, match="path"):
+        kvstash.Client("127.0.0.1:1", path="rdma")
+    with pytest.raises(ValueError, match="gpu_decode"):
+        kvstash.Client("127.0.0.1:1", path="ipc", gpu_decode="on")
+    with pytest.raises(ValueError, match="ipc_registrations"):
+        kvstash.Client("127.0.0.1:1", ipc_registrations=0)
+
+
+def test_path_option_forces_a_path(unix_daemon, tcp):
+    """path="grpc" moves the bytes over gRPC with a daemon on this host too; "shm" takes
+    shared memory or fails (UNIMPLEMENTED, with libkvstash's reason: a daemon without a
+    region socket, a block larger than the region); "ipc" leaves host arrays to the usual
+    path."""
+    data, keys = blocks(3, seed=21), [b"p0", b"p1", b"p2"]
+    with kvstash.Client(unix_daemon, path="grpc") as g, \
+            kvstash.Client(unix_daemon, path="shm") as s, \
+            kvstash.Client(unix_daemon, path="ipc") as i:
+        name = kvs.ns_name("pypath")
+        g.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        wire = g.stats()["data_plane"]["put_wire_bytes"]
+        assert all(isinstance(r, kvstash.PutResult) for r in g.put_many(name, zip(keys, data)))
+        assert g.last_path == "grpc"
+        assert g.stats()["data_plane"]["put_wire_bytes"] >= wire + sum(d.nbytes for d in data)
+        for c, want in ((s, "shm"), (i, "shm"), (g, "grpc")):
+            got = c.get_many(name, keys)
+            assert c.last_path == want and all((a == b).all() for a, b in zip(got, data))
+        i.put_many(name, zip(keys, data))
+        assert i.last_path == "shm"
+        with kvstash.Client(unix_daemon, path="shm", shared_memory_bytes=1000) as small:
+            with pytest.raises(kvstash.KvstashError) as e:
+                small.put_many(name, zip(keys, data))
+            assert e.value.status == "UNIMPLEMENTED" and "shared_memory_bytes" in str(e.value)
+    with kvstash.Client(tcp, path="shm") as s:
+        name = kvs.ns_name("pypath")
+        s.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        with pytest.raises(kvstash.KvstashError) as e:
+            s.get_many(name, keys)
+        assert e.value.status == "UNIMPLEMENTED" and "region socket" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def gpu_daemon(tmp_path_factory):
+    """A daemon on this host with a GPU engine (--gpu on, GPU 0: the tests' device), so CUDA
+    tensors go by IPC. Skipped without CUDA here, or when kvstashd cannot start an engine."""
+    _cuda_torch()
+    with _unix_daemon(tmp_path_factory, "pyipc", "--gpu", "on") as target:
+        if target is None:
+            pytest.skip("kvstashd --gpu on did not start")
+        yield target
+
+
+@pytest.fixture(scope="module")
+def cpu_unix_daemon(tmp_path_factory):
+    """A daemon on this host without a GPU engine (--gpu off)."""
+    with _unix_daemon(tmp_path_factory, "pynogpu", "--gpu", "off") as target:
+        assert target, "kvstashd --gpu off exited at start"
+        yield target
+
+
+def _bits(x):
+    """The 2-byte elements of a numpy array or tensor, flat, as a CPU int16 tensor (exact
+    equality, NaN bits included; shapes are checked apart)."""
+    import torch
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).reshape(-1)
+    return x.detach().contiguous().cpu().view(torch.int16).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_ipc_round_trip_is_byte_identical_to_grpc(gpu_daemon, dtype):
+    """Codec none, path="ipc": put_many from CUDA tensors and get_many into CUDA tensors
+    (the daemon's engine reading and writing this process's memory) store and return the
+    very bytes of the gRPC bytes path, both ways; a partial block, a layer range and a prefix
+    that stops at an absent key too, with destinations in separate storages (one GetMany
+    per storage)."""
+    torch = _cuda_torch()
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    with kvstash.Client(gpu_daemon, path="ipc") as c, \
+            kvstash.Client(gpu_daemon, path="grpc") as g:
+        name = kvs.ns_name("pyipc")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16,
+                           dtype=dtype)
+        src = [torch.randn(2, 2, 16, 2, 64, device="cuda").to(tdt) for _ in range(4)]
+        src.append(torch.randn(2, 2, 3, 2, 64, device="cuda").to(tdt))  # a partial block
+        keys = [b"i%d" % i for i in range(5)]
+        res = c.put_many(name, zip(keys, src))
+        assert c.last_path == "ipc" and all(isinstance(r, kvstash.PutResult) for r in res)
+        stored = g.get_many(name, keys)
+        assert g.last_path == "grpc"
+        for h, s in zip(stored, src):
+            assert h.shape == tuple(s.shape) and torch.equal(_bits(h), _bits(s))
+        outs = [torch.empty(2, 2, 16, 2, 64, dtype=tdt, device="cuda") for _ in keys]
+        got = c.get_many(name, keys, out=outs)
+        assert c.last_path == "ipc"
+        for o, x, s in zip(outs, got, src):
+            assert x.shape == s.shape and x.data_ptr() == o.data_ptr()
+            assert torch.equal(_bits(x), _bits(s))
+        host = torch.randn(2, 2, 16, 2, 64).to(tdt)  # stored over gRPC, fetched by IPC
+        g.put_many(name, [(b"h", host)])
+        o = torch.empty(2, 2, 16, 2, 64, dtype=tdt, device="cuda")
+        assert torch.equal(_bits(c.get(name, b"h", out=o)), _bits(host))
+        assert c.last_path == "ipc"
+        part = c.get(name, keys[1], out=torch.empty_like(outs[0]), layers=1)
+        assert c.last_path == "ipc" and part.shape == (1, 2, 16, 2, 64)
+        assert torch.equal(_bits(part), _bits(src[1][1:2]))
+        pre = c.get_prefix(name, keys[:2] + [b"absent"] + keys[2:],
+                           out=[torch.empty_like(outs[0]) for _ in range(6)])
+        assert len(pre) == 2 and all(torch.equal(_bits(p), _bits(s)) for p, s in zip(pre, src))
+
+
+@pytest.mark.parametrize("codec", ["polarquant", "kivi-2"])
+def test_ipc_matches_shared_memory_for_lossy_codecs(gpu_daemon, codec):
+    """A compressing codec: blocks encoded from CUDA tensors by IPC equal those encoded from
+    the same tensors through shared memory, and get_many into CUDA tensors by IPC gives the
+    very values the shared-memory path gives (the daemon's engine decodes either way)."""
+    torch = _cuda_torch()
+    with kvstash.Client(gpu_daemon, path="ipc") as c, \
+            kvstash.Client(gpu_daemon, path="shm") as s:
+        name = kvs.ns_name("pyipcq")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16,
+                           key_codec=codec, value_codec=codec)
+        dev = [torch.from_numpy(b).cuda() for b in blocks(4, seed=31)]
+        ki, ks = [b"ipc%d" % i for i in range(4)], [b"shm%d" % i for i in range(4)]
+        assert all(isinstance(r, kvstash.PutResult) for r in c.put_many(name, zip(ki, dev)))
+        assert c.last_path == "ipc"
+        assert all(isinstance(r, kvstash.PutResult) for r in s.put_many(name, zip(ks, dev)))
+        assert s.last_path == "shm"
+        by_ipc, by_shm = s.get_many(name, ki), s.get_many(name, ks)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(by_ipc, by_shm)), codec
+        outs_i = [torch.empty_like(d) for d in dev]
+        outs_s = [torch.empty_like(d) for d in dev]
+        c.get_many(name, ki, out=outs_i)
+        assert c.last_path == "ipc"
+        s.get_many(name, ki, out=outs_s)
+        assert s.last_path == "shm"
+        for a, b, h in zip(outs_i, outs_s, by_ipc):
+            assert torch.equal(_bits(a), _bits(b)) and torch.equal(_bits(a), _bits(h)), codec
+
+
+def _allocation_offset(torch, t):
+    """Where t's memory lies in the cudaMalloc allocation (torch's segment) holding it."""
+    p = t.data_ptr()
+    for seg in torch.cuda.memory_snapshot():
+        if seg["address"] <= p < seg["address"] + seg["total_size"]:
+            return p - seg["address"]
+    raise AssertionError("tensor in no segment of torch's allocator")
+
+
+def test_ipc_into_and_from_slices_of_a_larger_tensor(gpu_daemon):
+    """Destinations and a source that are views at nonzero offsets of one larger tensor,
+    itself not at the start of its cudaMalloc allocation: one registration for its storage
+    (offset in the allocation from _share_cuda_), each block at its own byte offset in the
+    storage, the bytes around them untouched."""
+    torch = _cuda_torch()
+    with kvstash.Client(gpu_daemon, path="ipc") as c, \
+            kvstash.Client(gpu_daemon, path="grpc") as g:
+        name = kvs.ns_name("pyipcoff")
+        g.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        data = [torch.randn(2, 2, 16, 2, 64).half() for _ in range(2)]
+        g.put_many(name, zip([b"s0", b"s1"], data))
+        keep = []  # small tensors share torch's 2 MiB segments: one lands past the start
+        for _ in range(32):
+            big = torch.full((3 * E + 100,), 7.0, dtype=torch.float16, device="cuda")
+            if _allocation_offset(torch, big) > 0:
+                break
+            keep.append(big)
+        assert _allocation_offset(torch, big) > 0
+        o1, o0 = big[100:100 + E], big[100 + E:100 + 2 * E]  # key order reversed in memory
+        got = c.get_many(name, [b"s0", b"s1"], out=[o0, o1])
+        assert c.last_path == "ipc" and len(c._ipc) == 1
+        assert got[0].data_ptr() == o0.data_ptr() and got[1].data_ptr() == o1.data_ptr()
+        assert torch.equal(_bits(o0), _bits(data[0])) and torch.equal(_bits(o1), _bits(data[1]))
+        assert bool((big[:100] == 7).all()) and bool((big[100 + 2 * E:] == 7).all())
+        c.put_many(name, [(b"s2", big[100 + E:100 + 2 * E].view(2, 2, 16, 2, 64))])
+        assert c.last_path == "ipc" and len(c._ipc) == 1
+        assert torch.equal(_bits(g.get(name, b"s2")), _bits(data[0]))
+
+
+def test_ipc_registrations_are_bounded_and_closed_with_the_client(gpu_daemon):
+    """A storage is registered once (the daemon counts it in data_plane.regions) and held
+    while registered; past ipc_registrations the least recently used is closed (never one
+    the current call uses); close() closes the rest, after which the tensors' memory goes
+    back to torch's allocator when they are dropped (torch's IPC ref counter released: no
+    limbo)."""
+    torch = _cuda_torch()
+    with kvstash.Client(gpu_daemon, path="grpc") as obs:
+        name = kvs.ns_name("pyipcreg")
+        obs.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        data, keys = blocks(3, seed=41), [b"r0", b"r1", b"r2"]
+        obs.put_many(name, zip(keys, data))
+
+        def regions():
+            return obs.stats()["data_plane"]["regions"]
+        r0 = regions()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        c = kvstash.Client(gpu_daemon, path="ipc", ipc_registrations=2)
+        outs = [torch.empty(2, 2, 16, 2, 64, dtype=torch.float16, device="cuda")
+                for _ in keys]  # three storages
+        c.get_many(name, keys, out=outs)
+        assert c.last_path == "ipc" and len(c._ipc) == 3  # all in use by that call
+        assert regions() == r0 + 3
+        c.get_many(name, keys[:1], out=outs[:1])  # outs[1], least recently used, goes
+        assert len(c._ipc) == 2
+        kvs.wait_for(lambda: regions() == r0 + 2, "the daemon dropping a closed registration")
+        assert all(torch.equal(_bits(o), _bits(d)) for o, d in zip(outs, data))
+        c.close()
+        assert len(c._ipc) == 0
+        kvs.wait_for(lambda: regions() == r0, "the daemon dropping the client's registrations")
+        del outs
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == base
+
+
+def test_ipc_falls_back_and_forced_ipc_says_why(gpu_daemon, cpu_unix_daemon):
+    """path="auto" takes IPC for contiguous CUDA tensors and shared memory otherwise (a
+    strided tensor, CUDA tensors mixed with host arrays, a daemon without a GPU engine,
+    which is then not asked again); path="ipc" refuses those: ValueError for the call's
+    data, UNIMPLEMENTED naming the GPU engine for the daemon."""
+    torch = _cuda_torch()
+    src = [torch.randn(2, 2, 16, 2, 64, device="cuda").half() for _ in range(2)]
+    strided = torch.randn(2, 2, 16, 64, 2, device="cuda").half().transpose(3, 4)
+    keys = [b"a0", b"a1"]
+    with kvstash.Client(gpu_daemon) as a, kvstash.Client(gpu_daemon, path="ipc") as f:
+        name = kvs.ns_name("pyipcfb")
+        a.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        a.put_many(name, zip(keys, src))
+        assert a.last_path == "ipc"
+        a.put_many(name, [(b"st", strided)])
+        assert a.last_path == "shm"
+        a.put_many(name, [(b"m0", src[0]), (b"m1", blocks(1)[0])])
+        assert a.last_path == "shm"
+        a.put(name, b"one", src[1])  # through put_many: IPC
+        assert a.last_path == "ipc"
+        o = torch.empty_like(src[0])
+        assert torch.equal(_bits(a.get(name, b"st", out=o)), _bits(strided))
+        assert a.last_path == "ipc"
+        with pytest.raises(ValueError, match="contiguous"):
+            f.put_many(name, [(b"st", strided)])
+        with pytest.raises(ValueError, match=r"blocks\[1\]"):
+            f.put_many(name, [(b"m0", src[0]), (b"m1", blocks(1)[0])])
+        with pytest.raises(ValueError, match=r"out\[0\]"):
+            f.get_many(name, keys, out=[np.empty(E, np.float16), torch.empty_like(src[0])])
+    with kvstash.Client(cpu_unix_daemon) as a, kvstash.Client(cpu_unix_daemon, path="ipc") as f:
+        name = kvs.ns_name("pyipcfb")
+        a.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        a.put_many(name, zip(keys, src))
+        assert a.last_path == "shm" and "GPU engine" in a._ipc.refused
+        refused = a.stats()["data_plane"]["region_refused"]
+        outs = [torch.empty_like(s) for s in src]
+        a.get_many(name, keys, out=outs)
+        assert a.last_path == "shm" and a.stats()["data_plane"]["region_refused"] == refused
+        assert all(torch.equal(_bits(o), _bits(s)) for o, s in zip(outs, src))
+        with pytest.raises(kvstash.KvstashError) as e:
+            f.put_many(name, zip(keys, src))
+        assert e.value.status == "UNIMPLEMENTED" and "GPU engine" in str(e.value)

@@ -2,8 +2,9 @@
 
 A ctypes binding over libkvstash (no compiled extension): everything the C client does, on
 numpy arrays and torch tensors (CPU or CUDA), with batched calls that use shared memory with
-a daemon on the same host, and decode on this process's GPU into CUDA tensors
-(libkvstash_cuda) where that moves fewer bytes. Client.last_path says which path ran.
+a daemon on the same host (CUDA IPC for CUDA tensors when its GPU engine runs on their GPU),
+and decode on this process's GPU into CUDA tensors (libkvstash_cuda) where that moves fewer
+bytes. Client.last_path says which path ran.
 
     import numpy as np, kvstash
     with kvstash.Client("127.0.0.1:50051") as c:

@@ -2,9 +2,10 @@
 the buffer protocol, and torch tensors on the CPU or a CUDA device. Internal to the package.
 
 Nothing is copied that need not be: a contiguous host array is handed to libkvstash by its
-address, a CUDA tensor is copied once, by the GPU's copy engine, between its device memory
-and the bytes the call moves (the shared-memory region, or a host staging buffer on the gRPC
-path), or decoded straight into it (libkvstash_cuda). Elements are 2 bytes (fp16, or bf16
+address, a CUDA tensor is read and written by the daemon in place (CUDA IPC, _ipc.py), or
+copied once, by the GPU's copy engine, between its device memory and the bytes the call
+moves (the shared-memory region, or a host staging buffer on the gRPC path), or decoded
+straight into it (libkvstash_cuda). Elements are 2 bytes (fp16, or bf16
 bits: numpy holds bf16 as uint16/int16). torch is imported only when a tensor is passed.
 """
 from typing import Optional, Tuple
@@ -23,17 +24,18 @@ def _u8(t):
 
 
 class Src:
-    """A block to store: host bytes (`host` is a contiguous numpy array), or a CUDA tensor."""
+    """A block to store: host bytes (`host` is a contiguous numpy array), or a CUDA tensor
+    (`tensor`, contiguous: a copy of a strided one; `given`, the tensor as passed)."""
 
     def __init__(self, data, what: str = "data"):
-        self.tensor = None
+        self.tensor = self.given = None
         if is_tensor(data):
             if data.element_size() != 2:
                 raise TypeError(f"kvstash: {what}: KV tensors hold 2-byte elements (fp16 or "
                                 f"bf16), got {data.dtype}")
             t = data.contiguous()
             if t.is_cuda:
-                self.tensor, self.host, self.nbytes = t, None, t.numel() * 2
+                self.tensor, self.given, self.host, self.nbytes = t, data, None, t.numel() * 2
                 return
             data = t.view(_int16()).numpy()
         a = np.ascontiguousarray(np.asarray(data))  # no copy when already contiguous

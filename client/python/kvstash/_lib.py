@@ -168,6 +168,10 @@ def load():
         "kvs_region_size": (ctypes.c_size_t, [P]),
         "kvs_region_pinned": (ctypes.c_bool, [P]),
         "kvs_region_close": (None, [P]),
+        # CUDA IPC (kvstash.h): handle (64 bytes), offset, bytes, device UUID (16 bytes).
+        "kvs_region_create_ipc": (ctypes.c_int, [P, P, ctypes.c_uint64, ctypes.c_uint64, P,
+                                                 ctypes.POINTER(P), E]),
+        "kvs_region_device": (ctypes.c_bool, [P]),
         "kvs_key_chain_seq": (ctypes.c_size_t, [ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t,
                                                 ctypes.c_uint32, ctypes.POINTER(Key),
                                                 ctypes.c_size_t]),

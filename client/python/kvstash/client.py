@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _arrays, _lib
+from . import _arrays, _ipc, _lib
 from ._arrays import Dst, Src
 from ._lib import lib
 
@@ -24,6 +24,7 @@ _CODES = {
 _TIERS = {0: "none", 1: "gpu", 2: "host", 3: "disk"}
 _DTYPES = {"fp16": 1, "bf16": 2}
 ENOTFOUND, ENOTSUP, ENOSPC, E2BIG = -30002, -30012, -30004, -30006
+_PATHS = ("auto", "ipc", "shm", "grpc")
 
 
 class KvstashError(Exception):
@@ -119,21 +120,35 @@ class Client:
     Blocks are numpy arrays (fp16, or bf16 bits as uint16), buffer-protocol objects, or torch
     tensors on the CPU or a CUDA device. Batched calls take the fastest path the daemon and
     the data allow, and `last_path` names it:
+      "ipc"    CUDA tensors (every block of put_many, every `out` of get_many), contiguous,
+               with a daemon on this host whose GPU engine (`--gpu on`) runs on their GPU:
+               the daemon encodes from and decodes into the tensors' memory through CUDA
+               IPC, no host copy. Each tensor's storage is registered once and stays
+               referenced (allocated) until close(), or until more than
+               `ipc_registrations` are (least recently used first).
       "shm"    shared memory with a daemon on this host (a region registered once,
                `shared_memory_bytes` large); "grpc" the block bytes over gRPC otherwise.
-      "+gpudecode"  (after either) the blocks came encoded and were decoded on this
+      "+gpudecode"  (after shm or grpc) the blocks came encoded and were decoded on this
                process's GPU straight into the CUDA tensors given as `out` (libkvstash_cuda):
-               `gpu_decode` "auto" does so for CUDA destinations of a compressing codec,
-               "on" for every CUDA destination, "off" never (the daemon decodes).
-    CUDA tensors are copied once by the GPU between device memory and the bytes the call
-    moves; a CUDA IPC path (no copy through host memory at all) does not exist yet.
+               `gpu_decode` "auto" does so for CUDA destinations of a compressing codec
+               from a remote daemon, "on" for every CUDA destination (never by IPC then),
+               "off" never (the daemon decodes).
+    `path` "auto" picks as above, falling back from ipc to shm when the daemon or the data
+    cannot take it (a daemon without a GPU engine is not asked again; memory of another GPU
+    is not offered again). "ipc", "shm" or "grpc" take that path or raise KvstashError
+    (UNIMPLEMENTED) saying why; "ipc" applies to calls with CUDA tensors (ValueError for a
+    call mixing them with host arrays, or a strided tensor), others go as with "auto";
+    "grpc" behaves as with a remote daemon. put() and get() of a CUDA tensor go through the
+    batched calls when "ipc" may take them. Outside ipc, CUDA tensors are copied once by the
+    GPU between device memory and the bytes the call moves.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
                  timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
                  gpu_decode: str = "auto", token_file: Optional[str] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, tls_server_name: Optional[str] = None):
+                 tls_key: Optional[str] = None, tls_server_name: Optional[str] = None,
+                 path: str = "auto", ipc_registrations: int = 64):
         # TLS (README "TLS"): PEM file paths, read by libkvstash (errors name the option);
         # any of them turns TLS on; tls_cert and tls_key for mutual TLS.
         if token is not None and token_file is not None:
@@ -146,11 +161,23 @@ class Client:
         if gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"kvstash: gpu_decode must be 'auto', 'on' or 'off', got "
                              f"{gpu_decode!r}")
-        def path(p):  # str or os.PathLike
+        if path not in _PATHS:
+            raise ValueError(f"kvstash: path must be one of {', '.join(map(repr, _PATHS))}, "
+                             f"got {path!r}")
+        if path == "ipc" and gpu_decode == "on":
+            raise ValueError("kvstash: path='ipc' has the daemon decode into CUDA tensors, "
+                             "gpu_decode='on' this process: choose one")
+        if ipc_registrations < 1:
+            raise ValueError(f"kvstash: ipc_registrations must be at least 1, got "
+                             f"{ipc_registrations}")
+        self._path = path
+        self._ipc = _ipc.Registry(ipc_registrations)
+
+        def pem(p):  # str or os.PathLike
             return str(p).encode() if p is not None else None
         self._opts = _lib.ClientOpts(target.encode(), token.encode() if token else None,
-                                     timeout_ms, 0, 0, path(tls_ca), path(tls_cert),
-                                     path(tls_key),
+                                     timeout_ms, 0, 0, pem(tls_ca), pem(tls_cert),
+                                     pem(tls_key),
                                      tls_server_name.encode() if tls_server_name else None)
         self._h = ctypes.c_void_p()
         err = _lib.Err()
@@ -158,6 +185,8 @@ class Client:
                                       ctypes.byref(err)), err)
         self._shm_bytes = shared_memory_bytes
         self._region = None      # kvs_region*, or False once the daemon said no
+        self._region_why = ""    # what it said
+        self._region_rc = 0      # and its code
         self._region_cuda = False  # the region is registered with CUDA (pinned) here
         # The region's bytes, the staging buffers and the GPU decoders serve one call at a
         # time (libkvstash_cuda's decoders are not thread-safe).
@@ -170,7 +199,9 @@ class Client:
 
     # ------------------------------------------------------------------ lifetime
     def close(self):
-        """Closes the connection (and the shared-memory region). Idempotent."""
+        """Closes the connection, the shared-memory region and the CUDA IPC registrations
+        (their tensors are no longer referenced here). Idempotent."""
+        self._ipc.close()
         for d in self._decoders.values():
             self._cuda_lib.kvs_cuda_decoder_destroy(d)
         self._decoders = {}
@@ -199,8 +230,9 @@ class Client:
 
     @property
     def last_path(self) -> Optional[str]:
-        """The path the last batched call of this thread took: "shm" or "grpc", followed by
-        "+gpudecode" when the blocks were decoded on this process's GPU."""
+        """The path the last batched call of this thread took: "ipc", "shm" or "grpc", the
+        latter two followed by "+gpudecode" when the blocks were decoded on this process's
+        GPU."""
         return getattr(self._tls, "path", None)
 
     # ------------------------------------------------------------------ namespaces
@@ -305,6 +337,11 @@ class Client:
     def put(self, ns: str, key, data) -> PutResult:
         """Stores one block: data is [L][2][t][H][D] (any shape with those bytes) of the
         namespace's dtype, a host array or a CPU or CUDA tensor; t is taken from its size."""
+        if self._ipc_may_take(data):
+            res = self.put_many(ns, [(key, data)])[0]
+            if isinstance(res, KvstashError):
+                raise res
+            return res
         a = Src(data).host_array()
         n = self._ns_fitting(ns, [a.nbytes])
         k = _keybuf(key)
@@ -342,8 +379,14 @@ class Client:
     # ------------------------------------------------------------------ batches
     def _region_for(self, nbytes: int):
         """The shared-memory region if the daemon is on this host and one block of nbytes
-        fits it, else None. Batches larger than the region go through it in windows."""
-        if self._region is False or nbytes > self._shm_bytes:
+        fits it, else None (KvstashError with path "shm"). Batches larger than the region
+        go through it in windows."""
+        if self._path == "grpc":
+            return None
+        if nbytes > self._shm_bytes:
+            if self._path == "shm":
+                raise KvstashError(ENOTSUP, f"path='shm': a block of {nbytes} bytes does not "
+                                            f"fit shared_memory_bytes ({self._shm_bytes})")
             return None
         if self._region is None:
             r, err = ctypes.c_void_p(), _lib.Err()
@@ -351,9 +394,52 @@ class Client:
                                        ctypes.byref(err))
             if rc:
                 self._region = False  # remote daemon or no region socket: bytes over gRPC
-                return None
-            self._region = r
+                self._region_rc, self._region_why = rc, err.msg.decode(errors="replace")
+            else:
+                self._region = r
+        if self._region is False:
+            if self._path == "shm":
+                raise KvstashError(self._region_rc, "path='shm': " + self._region_why)
+            return None
         return self._region
+
+    def _ipc_may_take(self, data) -> bool:
+        """Whether put() of data should go through put_many for the IPC path."""
+        return (self._path in ("auto", "ipc") and self._ipc.refused is None and
+                _arrays.is_tensor(data) and bool(data.is_cuda))
+
+    def _ipc_regions(self, tensors, what: str):
+        """The IPC path for one call: per entry of tensors (the CUDA tensors as given, None
+        for host data), (its storage's region, its byte offset there); None when the call
+        goes another way. Raises instead with path "ipc". Called with the region lock held;
+        the tensors' devices are synchronized (torch's current stream), since the daemon
+        reads and writes them outside its order."""
+        if self._path not in ("auto", "ipc") or all(t is None for t in tensors):
+            return None
+        if self._region is False and self._region_rc == ENOTSUP and self._ipc.refused is None:
+            # A remote daemon or no region socket: IPC is refused for the same reason (and
+            # torch's _share_cuda_ need not run for nothing).
+            self._ipc.refused = self._region_why
+        try:
+            for i, t in enumerate(tensors):
+                if t is None:
+                    raise _ipc.Unavailable(ENOTSUP, f"path='ipc' moves CUDA tensors: "
+                                                    f"{what}[{i}] is host memory",
+                                           caller=True)
+                if not t.is_contiguous():
+                    raise _ipc.Unavailable(ENOTSUP, f"path='ipc': {what}[{i}] must be "
+                                                    f"contiguous", caller=True)
+            regions = self._ipc.regions(self._h, tensors)
+        except _ipc.Unavailable as e:
+            if self._path != "ipc":
+                return None
+            if e.caller:
+                raise ValueError("kvstash: " + e.msg) from None
+            raise KvstashError(e.code, f"path='ipc': {e.msg}") from None
+        import torch
+        for dev in {t.device for t in tensors}:
+            torch.cuda.current_stream(dev).synchronize()
+        return regions
 
     def _region_view(self) -> np.ndarray:
         p = lib.kvs_region_data(self._region)
@@ -380,7 +466,24 @@ class Client:
         n = self._ns_fitting(ns, [src.nbytes for _, src in pairs])
         tokens = [self._tokens(n, src) for _, src in pairs]  # all checked before any is sent
         items = (_lib.PutItem * len(pairs))()
+        for it, (k, src), t in zip(items, pairs, tokens):
+            it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+            it.key_len, it.tokens, it.len = len(k), t, src.nbytes
+
+        def send(start, end):
+            err = _lib.Err()
+            sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
+                              ctypes.POINTER(_lib.PutItem))
+            _check(lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
+                                           end - start, ctypes.byref(err)), err)
         with self._region_lock:
+            ipc = self._ipc_regions([src.given for _, src in pairs], "blocks")
+            if ipc is not None:  # every block read by the daemon from its tensor's storage
+                self._tls.path = "ipc"
+                for it, (region, off) in zip(items, ipc):
+                    it.region, it.offset = region, off
+                send(0, len(items))
+                return self._put_results(items)
             region = self._region_for(max(src.nbytes for _, src in pairs))
             if region and any(src.cuda for _, src in pairs):
                 self._pin_region_for_cuda()
@@ -391,12 +494,7 @@ class Client:
                 end, off = start, 0
                 while end < len(pairs) and (not region or
                                             off + pairs[end][1].nbytes <= self._shm_bytes):
-                    k, src = pairs[end]
-                    it = items[end]
-                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                    it.key_len = len(k)
-                    it.tokens = tokens[end]
-                    it.len = src.nbytes
+                    src, it = pairs[end][1], items[end]
                     if region:
                         src.copy_to(view[off:off + src.nbytes])
                         it.region, it.offset = region, off
@@ -404,12 +502,12 @@ class Client:
                     else:
                         it.data = src.host_array().ctypes.data
                     end += 1
-                err = _lib.Err()
-                sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
-                                  ctypes.POINTER(_lib.PutItem))
-                _check(lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
-                                               end - start, ctypes.byref(err)), err)
+                send(start, end)
                 start = end
+        return self._put_results(items)
+
+    @staticmethod
+    def _put_results(items) -> List[Union[PutResult, KvstashError]]:
         return [KvstashError(it.rc, it.msg.decode(errors="replace")) if it.rc else
                 PutResult(_TIERS[it.res.tier], it.res.encoded_bytes, it.res.raw_bytes,
                           it.res.replaced) for it in items]
@@ -466,7 +564,8 @@ class Client:
         absent key and returns only the leading present blocks (Lookup + Get in one round
         trip). layers as for get(). out: one destination per key (contiguous numpy arrays or
         CPU/CUDA tensors of at least a full block's bytes); CUDA destinations are filled on
-        torch's current stream of their device, which is synchronized before returning."""
+        torch's current stream of their device, which is synchronized before returning (by
+        IPC, before the call: the daemon has written them when it returns)."""
         n = self._ns(ns, fresh=_fresh)
         keys = [_keybuf(k) for k in keys]
         if not keys:
@@ -482,46 +581,41 @@ class Client:
                                  f"keys")
             dsts = [Dst(o, f"out[{i}]", bb) for i, o in enumerate(out)]
         whole = (lb, le) == (0, n.layers)
+        items = (_lib.GetItem * len(keys))()
+        for it, k in zip(items, keys):
+            it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+            it.key_len = len(k)
+
+        def fetch(start, end, opts) -> int:
+            """GetMany of items[start:end]; how many were served."""
+            served, err = ctypes.c_size_t(), _lib.Err()
+            sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
+                              ctypes.POINTER(_lib.GetItem))
+            _check(lib.kvs_client_get_many(self._h, ns.encode(), sub, end - start,
+                                           ctypes.byref(opts), ctypes.byref(served),
+                                           ctypes.byref(err)), err)
+            return served.value
         with self._region_lock:
-            local = self._region_for(bb) is not None
-            gpu = self._decode_on_gpu(n, dsts, whole, local)
-            cap = _enc_cap(bb) if gpu else bb
-            region = self._region_for(cap)
-            items = (_lib.GetItem * len(keys))()
-            opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix)
-            # Bytes that land somewhere other than their destination: the region's slots,
-            # or host staging for CUDA destinations on the gRPC path.
-            staged = region is not None or gpu or any(d.cuda for d in dsts)
-            if region and any(d.cuda for d in dsts):
-                self._pin_region_for_cuda()
-            self._tls.path = ("shm" if region else "grpc") + ("+gpudecode" if gpu else "")
-            # Through the region, windows of as many blocks as it holds; else one call.
-            per = max(1, self._shm_bytes // cap) if region else len(keys)
-            for start in range(0, len(keys), per):
-                end = min(start + per, len(keys))
-                view = self._region_view() if region else (
-                    np.empty(cap * (end - start), np.uint8) if staged else None)
-                for i in range(start, end):
-                    it, k, slot = items[i], keys[i], (i - start) * cap
-                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                    it.key_len = len(k)
-                    it.cap = cap
-                    if region:
-                        it.region, it.offset = region, slot
-                    elif staged:
-                        it.buf = view.ctypes.data + slot
-                    else:
-                        it.buf, it.cap = dsts[i].ptr, dsts[i].nbytes
-                served, err = ctypes.c_size_t(), _lib.Err()
-                sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
-                                  ctypes.POINTER(_lib.GetItem))
-                _check(lib.kvs_client_get_many(self._h, ns.encode(), sub, end - start,
-                                               ctypes.byref(opts), ctypes.byref(served),
-                                               ctypes.byref(err)), err)
-                if staged:
-                    self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
-                if prefix and served.value < end - start:
-                    break  # the prefix ends in this window; later items stay unanswered
+            ipc = None if self._gpu_decode == "on" else self._ipc_regions(
+                [d.obj if d.cuda else None for d in dsts], "out")
+            if ipc is not None:  # decoded by the daemon straight into the tensors
+                self._tls.path = "ipc"
+                opts = _lib.GetManyOpts(0, lb, 0 if whole else le, prefix)
+                # The items of one call name one region: a call per run of destinations in
+                # the same storage, in key order, so a prefix still stops where it ends.
+                start = 0
+                while start < len(keys):
+                    end = start + 1
+                    while end < len(keys) and ipc[end][0] is ipc[start][0]:
+                        end += 1
+                    for i in range(start, end):
+                        items[i].cap = bb
+                        items[i].region, items[i].offset = ipc[i]
+                    if fetch(start, end, opts) < end - start and prefix:
+                        break
+                    start = end
+            else:
+                self._get_via_bytes(n, items, dsts, fetch, bb, lb, le, whole, prefix)
         if not _fresh and out is None and any(
                 it.answered and (it.rc in (E2BIG, ENOSPC) or
                                  (it.rc == 0 and self._stale(n, it.res, lb, le)))
@@ -541,6 +635,43 @@ class Client:
                          n.head_dim)
                 result.append(dsts[i].shaped(it.res.bytes, shape))
         return result
+
+    def _get_via_bytes(self, n: Namespace, items, dsts, fetch, bb: int, lb: int, le: int,
+                       whole: bool, prefix: bool):
+        """get_many through the shared-memory region or gRPC bytes (the region lock held):
+        into the region's slots, host staging or the destinations themselves, decoded on
+        this GPU where _decode_on_gpu says so."""
+        local = self._region_for(bb) is not None
+        gpu = self._decode_on_gpu(n, dsts, whole, local)
+        cap = _enc_cap(bb) if gpu else bb
+        region = self._region_for(cap)
+        opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix)
+        # Bytes that land somewhere other than their destination: the region's slots, or
+        # host staging for CUDA destinations on the gRPC path.
+        staged = region is not None or gpu or any(d.cuda for d in dsts)
+        if region and any(d.cuda for d in dsts):
+            self._pin_region_for_cuda()
+        self._tls.path = ("shm" if region else "grpc") + ("+gpudecode" if gpu else "")
+        # Through the region, windows of as many blocks as it holds; else one call.
+        per = max(1, self._shm_bytes // cap) if region else len(items)
+        for start in range(0, len(items), per):
+            end = min(start + per, len(items))
+            view = self._region_view() if region else (
+                np.empty(cap * (end - start), np.uint8) if staged else None)
+            for i in range(start, end):
+                it, slot = items[i], (i - start) * cap
+                it.cap = cap
+                if region:
+                    it.region, it.offset = region, slot
+                elif staged:
+                    it.buf = view.ctypes.data + slot
+                else:
+                    it.buf, it.cap = dsts[i].ptr, dsts[i].nbytes
+            served = fetch(start, end, opts)
+            if staged:
+                self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
+            if prefix and served < end - start:
+                break  # the prefix ends in this window; later items stay unanswered
 
     def _land(self, n: Namespace, items, dsts, view: np.ndarray, cap: int, gpu: bool):
         """Moves the answered blocks from their slots in view into their destinations:
