@@ -282,7 +282,11 @@ def cuda_region(sock_path, t):
     ub = uuidlib.UUID(u[4:] if u.startswith("GPU-") else u).bytes
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(sock_path)
-    s.send(REGION_CUDA_REQ.pack(b"KVR1", 2, size, offset, bytes(handle), ub))
+    # Newer torch prefixes the 64-byte cudaIpcMemHandle_t with a version and a type byte.
+    h = bytes(handle)
+    h = h[2:] if len(h) == 66 and h[1:2] == b"c" else h
+    assert len(h) == 64, f"an IPC handle of {len(h)} bytes"
+    s.send(REGION_CUDA_REQ.pack(b"KVR1", 2, size, offset, h, ub))
     magic, code, rid, nbytes, pinned, _, msg = REGION_REP.unpack(s.recv(REGION_REP.size))
     assert code == 0, msg.rstrip(b"\0").decode()
     assert nbytes == size
