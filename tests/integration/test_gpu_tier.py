@@ -274,18 +274,15 @@ def cuda_region(sock_path, t):
     """Registers CUDA tensor t's storage with the daemon as a CUDA IPC region (op 2 of the
     region socket); returns (socket, region id). Keep the socket open while it is used."""
     import socket
-    import uuid as uuidlib
-    import torch
     from test_data_plane import REGION_CUDA_REQ, REGION_REP
+    kvs.client_package()  # the package's readers of torch's IPC handle and device UUID
+    from kvstash._ipc import cuda_ipc_handle, device_uuid
     dev, handle, size, offset = t.untyped_storage()._share_cuda_()[:4]
-    u = str(torch.cuda.get_device_properties(dev).uuid)
-    ub = uuidlib.UUID(u[4:] if u.startswith("GPU-") else u).bytes
+    h = cuda_ipc_handle(handle)
+    assert h is not None, "this torch gave no CUDA IPC handle (expandable segments?)"
+    ub = device_uuid(dev)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(sock_path)
-    # Newer torch prefixes the 64-byte cudaIpcMemHandle_t with a version and a type byte.
-    h = bytes(handle)
-    h = h[2:] if len(h) == 66 and h[1:2] == b"c" else h
-    assert len(h) == 64, f"an IPC handle of {len(h)} bytes"
     s.send(REGION_CUDA_REQ.pack(b"KVR1", 2, size, offset, h, ub))
     magic, code, rid, nbytes, pinned, _, msg = REGION_REP.unpack(s.recv(REGION_REP.size))
     assert code == 0, msg.rstrip(b"\0").decode()
