@@ -137,7 +137,7 @@ def running_daemon(kvstashd, args, workdir, metrics_port, timeout=30, env=None):
     e = {k: v for k, v in os.environ.items()
          if k not in ("KVSTASHD_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
     e.update(env or {})
-    p = subprocess.Popen([kvstashd, *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([os.path.abspath(kvstashd), *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                          cwd=workdir, env=e)
     try:
         deadline = time.monotonic() + timeout
