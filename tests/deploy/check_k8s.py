@@ -381,7 +381,7 @@ def check_objects(f, objs, kvstashd, label, work):
     spill = dl.size_bytes(val["spill_queue"]) if val["spill_queue"] != "auto" else host // 4
     recv = dl.size_bytes(val["recv_budget"]) if val["recv_budget"] != "auto" else max(host // 4, 64 << 20)
     mem_need = host * 9 // 8 + (spill if val["data_dir"] != "none" else 0) + recv + 2 * GiB
-    mem = dl.size_bytes(str(lim.get("memory", "0")).replace("Gi", "G").replace("Mi", "M"))
+    mem = dl.size_bytes(re.sub(r"([KMGT])i$", r"\1", str(lim.get("memory", "0"))))
     f.check(mem and mem >= mem_need, f"{wl}: memory limit {lim.get('memory')} < host tier x "
             f"1.125 + spill queue + receive budget + 2Gi = {mem_need / GiB:.0f}Gi")
     gpu = val["gpu"] != "off"
