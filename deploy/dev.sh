@@ -19,9 +19,11 @@ PACKAGES=(build-essential cmake pkg-config git
           python3-pip python3-setuptools python3-wheel python3-torch
           protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev
           libmicrohttpd-dev libsystemd-dev)
-# Only for the test command: promtool, for test_metrics.py's format check. It comes with the
-# Prometheus server, which Debian enables on a systemd host: `demo` does not install it.
-TEST_PACKAGES=(prometheus)
+# Only for the test command: promtool, for test_metrics.py's format check and the alert
+# rules of deploy/k8s (it comes with the Prometheus server, which Debian enables on a
+# systemd host: `demo` does not install it); yamllint and python3-kubernetes (the API's
+# object models, for schema checks) for ctest deploy.k8s.
+TEST_PACKAGES=(prometheus yamllint python3-kubernetes)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -198,33 +199,67 @@ def test_metrics_listen_refused(tmp_path):
     assert r.returncode != 0 and "--metrics-listen" in r.stderr, r.stderr
 
 
-def test_sd_notify_ready_watchdog_stopping(daemon, tmp_path):
+def _recv_notify(sock):
+    """(sender pid, [lines]) of one datagram on a SO_PASSCRED notify socket."""
+    msg, anc, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+    pid = None
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = struct.unpack("iII", data[:12])[0]
+    return pid, msg.decode().split("\n")
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path):
+    """What deploy/systemd/kvstashd.service relies on (Type=notify, NotifyAccess=main,
+    WatchdogSec): READY=1 only once the gRPC port accepts and /readyz answers 200; every
+    notification from the main process (NotifyAccess=main drops the others); WATCHDOG=1
+    at half of WATCHDOG_USEC, never a gap of a whole interval (systemd would kill it);
+    STOPPING=1 on SIGTERM, then exit 0 (Restart=on-failure leaves it stopped)."""
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     sock.bind(path)
-    sock.settimeout(10)
-    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
+    sock.settimeout(20)
+    interval = 1.0  # WATCHDOG_USEC, seconds
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC=str(int(interval * 1e6)))
     env.pop("WATCHDOG_PID", None)  # unset: sd_watchdog_enabled takes the pings as ours
+    port_file, mport = tmp_path / "port", free_port()
+    err = open(tmp_path / "kvstashd.stderr", "wb")
+    proc = kvs.spawn([kvs.KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                      "--metrics-listen", f"127.0.0.1:{mport}", "--host-capacity", "64M",
+                      "--stats-interval", "0", *kvs.KVSTASHD_EXTRA],
+                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env)
     try:
-        d = daemon(env=env)
+        pid, lines = _recv_notify(sock)
+        assert "READY=1" in lines, lines
+        assert pid == proc.pid, (pid, proc.pid)
+        assert any(x.startswith("STATUS=serving") for x in lines), lines
+        # Ready means ready: the port is written, accepts, and /readyz says so.
+        port = int(port_file.read_text())
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert http(mport, "/readyz")[0] == 200
+        pings, deadline = [], time.monotonic() + 3.2 * interval
+        while time.monotonic() < deadline:
+            pid, lines = _recv_notify(sock)
+            assert pid == proc.pid, (pid, proc.pid, lines)
+            if "WATCHDOG=1" in lines:
+                pings.append(time.monotonic())
+        gaps = sorted(b - a for a, b in zip(pings, pings[1:]))
+        assert len(pings) >= 5, f"{len(pings)} pings in {3.2 * interval} s"
+        assert gaps[len(gaps) // 2] <= 0.6 * interval, f"pings every {gaps} s, not half of {interval}"
+        assert gaps[-1] < interval, f"a gap of {gaps[-1]} s: systemd's watchdog would fire"
+        proc.send_signal(signal.SIGTERM)
         got = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and got.count("WATCHDOG=1") < 2:
-            got += sock.recv(4096).decode().split("\n")
-        assert "READY=1" in got, got
-        assert any(x.startswith("STATUS=serving") for x in got), got
-        assert got.count("WATCHDOG=1") >= 2, got
-        assert got.index("READY=1") < got.index("WATCHDOG=1")
-        d.stop()
-        rest = []
-        sock.settimeout(2)
-        try:
-            while "STOPPING=1" not in rest:
-                rest += sock.recv(4096).decode().split("\n")
-        except socket.timeout:
-            pass
-        assert "STOPPING=1" in rest, rest
+        while "STOPPING=1" not in got:
+            pid, lines = _recv_notify(sock)
+            assert pid == proc.pid, (pid, proc.pid, lines)
+            got += lines
+        assert proc.wait(30) == 0
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
         sock.close()
 
 
