@@ -60,6 +60,7 @@ typedef struct daemon_state {
     void *gpu_tier;          /* device region of the GPU tier (owned by the engine) */
     uint64_t gpu_bytes;      /* its size, 0 without a GPU tier */
     kvs_server *server;
+    kvs_tls *tls; /* the listener's certificate (its fetcher reads it): until grpc_shutdown */
     kvs_regions *regions; /* the region socket (--region-socket), or NULL */
     kvs_metrics *metrics; /* the HTTP endpoint (--metrics-listen), or NULL */
     uv_loop_t loop;
@@ -259,16 +260,29 @@ static void on_sighup(uv_signal_t *s, int signum)
 {
     daemon_state *d = s->data;
     (void)signum;
-    if (!d->cfg.file[0] && !kvs_tokens_from_files(&d->cfg)) {
-        kvs_log(KVS_LOG_INFO, "SIGHUP: no config file (--config, KVSTASHD_CONFIG) and no token "
-                              "file: nothing to reload");
-        return;
-    }
     if (d->signals_seen) /* draining: the daemon is on its way out */
         return;
-    static kvs_config next; /* large; the loop thread is the only user */
     kvs_err err;
     kvs_err_clear(&err);
+    /* The TLS files at the running paths (a renewed certificate keeps its file names). */
+    if (d->tls) {
+        kvs_tls *next = NULL;
+        if (kvs_tls_load(&d->cfg, &next, &err) || kvs_tls_reload(d->tls, next, &err))
+            kvs_log(KVS_LOG_ERROR, "SIGHUP: TLS files refused, the running certificate stays: %s",
+                    err.msg);
+        else
+            kvs_log(KVS_LOG_INFO,
+                    "SIGHUP: TLS certificate and key reloaded from %s (new "
+                    "connections use them)",
+                    d->cfg.tls_cert);
+    }
+    if (!d->cfg.file[0] && !kvs_tokens_from_files(&d->cfg)) {
+        if (!d->tls)
+            kvs_log(KVS_LOG_INFO, "SIGHUP: no config file (--config, KVSTASHD_CONFIG), no token "
+                                  "file and no TLS: nothing to reload");
+        return;
+    }
+    static kvs_config next; /* large; the loop thread is the only user */
     kvs_config_defaults(&next);
     int rc = kvs_config_parse_args(&next, d->argc, d->argv, &err);
     /* The token files are re-read at every reload, changed path or not (a rotated token
@@ -326,7 +340,7 @@ static void on_sighup(uv_signal_t *s, int signum)
 
 /* The server, handed the auth object: *auth is NULL afterwards (the server owns it, even
  * when create fails). */
-static int start_server(daemon_state *d, struct kvs_auth **auth, const kvs_tls *tls, int *port,
+static int start_server(daemon_state *d, struct kvs_auth **auth, kvs_tls *tls, int *port,
                         kvs_err *err)
 {
     struct kvs_auth *a = *auth;
@@ -618,7 +632,7 @@ int main(int argc, char **argv)
         return 1;
     }
     bool mutual = kvs_tls_mutual(tls);
-    kvs_tls_destroy(tls);
+    d.tls = tls; /* SIGHUP reloads it; freed after grpc_shutdown */
     rc = start_metrics(&d, &err);
     if (rc == 0 && d.cfg.port_file[0] && write_port_file(d.cfg.port_file, port) != 0)
         rc = kvs_err_set(&err, KVS_EIO, "--port-file: cannot write '%s'", d.cfg.port_file);
@@ -675,6 +689,7 @@ int main(int argc, char **argv)
     if (rc)
         kvs_log(KVS_LOG_WARN, "uv_loop_close: %s", uv_strerror(rc));
     grpc_shutdown();
+    kvs_tls_destroy(d.tls); /* gRPC's fetcher is gone with its last credentials */
     kvs_log(KVS_LOG_INFO, "kvstashd stopped");
     return exit_code;
 }

@@ -91,7 +91,7 @@ static void *cq_thread(void *arg)
     return NULL;
 }
 
-int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, const kvs_tls *tls, kvs_store *store,
+int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_store *store,
                       kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
                       kvs_regions *regions, kvs_server **out, int *bound_port, kvs_err *err)
 {

@@ -29,7 +29,7 @@ struct kvs_regions;
  * *bound_port receives the TCP port actually bound (0 for a unix socket). */
 struct kvs_auth;
 struct kvs_tls;
-int kvs_server_create(const kvs_config *cfg, struct kvs_auth *auth, const struct kvs_tls *tls,
+int kvs_server_create(const kvs_config *cfg, struct kvs_auth *auth, struct kvs_tls *tls,
                       kvs_store *store, kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
                       struct kvs_regions *regions, kvs_server **out, int *bound_port, kvs_err *err);
 void kvs_server_drain(kvs_server *srv);

@@ -5,6 +5,7 @@
 #include "daemon/tls.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,11 +21,26 @@
 #include "gpu/base/mem.h"
 
 struct kvs_tls {
-    char *cert;      /* PEM certificate chain, leaf first (tls_cert) */
-    char *key;       /* PEM private key (tls_key); wiped before it is freed */
-    size_t key_cap;  /* bytes of `key` to wipe */
-    char *client_ca; /* PEM CA certificates (tls_client_ca), or NULL: no client certificates */
+    pthread_mutex_t mu; /* a leaf: guards the fields below (gRPC's threads fetch) */
+    char *cert;         /* PEM certificate chain, leaf first (tls_cert) */
+    char *key;          /* PEM private key (tls_key); wiped before it is freed */
+    size_t key_cap;     /* bytes of `key` to wipe */
+    char *client_ca;    /* PEM CA certificates (tls_client_ca), or NULL: no client certificates */
+    bool fresh;         /* loaded, not yet handed to gRPC (the state diagram in tls.h) */
+    bool mutual;        /* fixed at load: the listener's client certificate policy */
 };
+
+/* Frees the PEM text (the key wiped first). Under mu, or before anyone else sees t. */
+static void free_pem(kvs_tls *t)
+{
+    if (t->key)
+        OPENSSL_cleanse(t->key, t->key_cap);
+    free(t->key);
+    free(t->cert);
+    free(t->client_ca);
+    t->key = t->cert = t->client_ca = NULL;
+    t->key_cap = 0;
+}
 
 /* Reads path (for key) into a NUL-terminated buffer (*len bytes before the NUL): a PEM
  * file, so never empty (gRPC takes the text as a C string: kvs_file_read_text refuses NULs,
@@ -143,6 +159,7 @@ int kvs_tls_load(const kvs_config *cfg, kvs_tls **out, kvs_err *err)
     if (!cfg->tls_cert[0])
         return 0; /* config.c refused tls_key or tls_client_ca without it */
     kvs_tls *t = kvs_xcalloc(1, sizeof *t);
+    pthread_mutex_init(&t->mu, NULL);
     size_t cert_len = 0, key_len = 0, ca_len = 0;
     X509 *leaf = NULL;
     int rc = read_pem("tls_cert", cfg->tls_cert, &t->cert, &cert_len, err);
@@ -161,37 +178,83 @@ int kvs_tls_load(const kvs_config *cfg, kvs_tls **out, kvs_err *err)
         kvs_tls_destroy(t);
         return rc;
     }
+    t->fresh = true;
+    t->mutual = t->client_ca != NULL;
     *out = t;
     return 0;
 }
 
-grpc_server_credentials *kvs_tls_server_credentials(const kvs_tls *tls)
+/* gRPC's certificate-config fetcher (any of its threads, at the listener's creation and at
+ * each handshake): the files loaded since the last fetch, once. gRPC copies the PEM text
+ * into the config, so ours (the key) is wiped right away; the client CA is kept, as a
+ * reload needs it to compare. */
+static grpc_ssl_certificate_config_reload_status fetch(void *arg,
+                                                       grpc_ssl_server_certificate_config **out)
+{
+    kvs_tls *t = arg;
+    pthread_mutex_lock(&t->mu);
+    if (!t->fresh) {
+        pthread_mutex_unlock(&t->mu);
+        return GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_UNCHANGED;
+    }
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = t->key, .cert_chain = t->cert};
+    /* gRPC 1.51 asserts that a fetched config has root certificates, even when no client
+     * certificate is asked for: without a client CA our own chain stands in, never used
+     * (the listener does not request client certificates then). */
+    *out =
+        grpc_ssl_server_certificate_config_create(t->client_ca ? t->client_ca : t->cert, &pair, 1);
+    t->fresh = false;
+    OPENSSL_cleanse(t->key, t->key_cap);
+    pthread_mutex_unlock(&t->mu);
+    return *out ? GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_NEW : GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_FAIL;
+}
+
+grpc_server_credentials *kvs_tls_server_credentials(kvs_tls *tls)
 {
     if (!tls)
         return grpc_insecure_server_credentials_create();
-    grpc_ssl_pem_key_cert_pair pair = {.private_key = tls->key, .cert_chain = tls->cert};
     /* Without a client CA no certificate is asked for; with one, a client without a
      * certificate signed by it fails the handshake (it never reaches a call). */
-    return grpc_ssl_server_credentials_create_ex(
-        tls->client_ca, &pair, 1,
-        tls->client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                       : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
-        NULL);
+    grpc_ssl_server_credentials_options *o =
+        grpc_ssl_server_credentials_create_options_using_config_fetcher(
+            tls->mutual ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                        : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            fetch, tls);
+    return o ? grpc_ssl_server_credentials_create_with_options(o) : NULL;
+}
+
+int kvs_tls_reload(kvs_tls *live, kvs_tls *next, kvs_err *err)
+{
+    if (live->mutual != next->mutual) {
+        kvs_tls_destroy(next);
+        return kvs_err_set(err, KVS_EINVAL,
+                           "tls_client_ca: turning mutual TLS %s needs a restart (the running "
+                           "certificate stays)",
+                           live->mutual ? "off" : "on");
+    }
+    pthread_mutex_lock(&live->mu);
+    free_pem(live);
+    live->cert = next->cert;
+    live->key = next->key;
+    live->key_cap = next->key_cap;
+    live->client_ca = next->client_ca;
+    live->fresh = true;
+    pthread_mutex_unlock(&live->mu);
+    next->cert = next->key = next->client_ca = NULL; /* live's now */
+    kvs_tls_destroy(next);
+    return 0;
 }
 
 bool kvs_tls_mutual(const kvs_tls *tls)
 {
-    return tls && tls->client_ca;
+    return tls && tls->mutual;
 }
 
 void kvs_tls_destroy(kvs_tls *tls)
 {
     if (!tls)
         return;
-    if (tls->key)
-        OPENSSL_cleanse(tls->key, tls->key_cap);
-    free(tls->key);
-    free(tls->cert);
-    free(tls->client_ca);
+    free_pem(tls);
+    pthread_mutex_destroy(&tls->mu);
     free(tls);
 }

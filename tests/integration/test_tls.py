@@ -361,3 +361,40 @@ def test_print_config_shows_tls_keys(pki):
     assert r.returncode == 0, r.stderr
     assert f'tls_cert: "{pki["server.pem"]}"  # flag --tls-cert' in r.stdout, r.stdout
     assert 'tls_client_ca: ""  # default' in r.stdout, r.stdout
+
+
+def test_sighup_reloads_the_certificate(daemon, pki, tmp_path):
+    # A certificate is renewed in place (same paths, new files) and the daemon is sent
+    # SIGHUP: new connections get the new certificate; no restart, no call refused.
+    import shutil
+    import signal
+    cert, key = str(tmp_path / "tls.pem"), str(tmp_path / "tls.key")
+    shutil.copy(pki["server.pem"], cert)
+    shutil.copy(pki["server.key"], key)
+    os.chmod(key, 0o600)
+    d = daemon(extra=["--tls-cert", cert, "--tls-key", key], credentials=creds(pki))
+    round_trip(d)
+    make_leaf(pki["dir"], "renewed", "other-ca", "localhost",
+              "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth")
+    shutil.copy(os.path.join(pki["dir"], "renewed.pem"), cert)
+    shutil.copy(os.path.join(pki["dir"], "renewed.key"), key)
+    d.proc.send_signal(signal.SIGHUP)
+    kvs.wait_for(lambda: "SIGHUP: TLS" in d.stderr_text(), "the reload's log")
+    ch = grpc.secure_channel(d.target, creds(pki, ca="other-ca.pem"))
+    try:  # trusting only the new certificate's CA: served
+        kvs.pb_grpc.KvAdminStub(ch).Health(pb.HealthRequest(), timeout=10)
+    finally:
+        ch.close()
+    e = health_error(d.target, creds(pki, ca="ca.pem"))  # the old one is no longer served
+    assert e.code() == UNAVAILABLE, e
+    # A broken file is refused whole: the renewed certificate stays in use.
+    with open(key, "w") as f:
+        f.write("not a key\n")
+    d.proc.send_signal(signal.SIGHUP)
+    kvs.wait_for(lambda: "SIGHUP: TLS files refused" in d.stderr_text(), "the refusal's log")
+    ch = grpc.secure_channel(d.target, creds(pki, ca="other-ca.pem"))
+    try:
+        kvs.pb_grpc.KvAdminStub(ch).Health(pb.HealthRequest(), timeout=10)
+    finally:
+        ch.close()
+    assert d.proc.poll() is None
