@@ -39,7 +39,7 @@ SAN=${KVS_SANITIZE:+-fsanitize=$KVS_SANITIZE}
 cc $SAN -o "$T/shared" "$T/prog.c" $(pkg-config --cflags --libs kvstash) -Wl,-rpath,"$P/lib"
 # shellcheck disable=SC2046
 cc $SAN -o "$T/static" "$T/prog.c" $(pkg-config --cflags kvstash) "$P/lib/libkvstash.a" \
-    $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread
+    $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread -lresolv
 mkdir -p "$T/cm"
 cat > "$T/cm/CMakeLists.txt" <<'CM'
 cmake_minimum_required(VERSION 3.25)
