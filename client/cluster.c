@@ -361,7 +361,8 @@ int kvs_cluster_open(const kvs_cluster_opts *opts, kvs_cluster **out, kvs_err *e
     if (cl->backoff_max_ms < cl->backoff_min_ms)
         cl->backoff_max_ms = cl->backoff_min_ms;
     cl->timeout_ms = opts->client.timeout_ms ? opts->client.timeout_ms : DEFAULT_TIMEOUT_MS;
-    cl->local_id = dup_or_null(opts->local_id);
+    /* A local daemon named by its ring address is that member without being told. */
+    cl->local_id = dup_or_null(opts->local_id ? opts->local_id : opts->local);
     cl->copts = opts->client;
     cl->copts.timeout_ms = cl->timeout_ms;
     cl->copts.token = cl->token = dup_or_null(opts->client.token);

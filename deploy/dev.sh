@@ -21,7 +21,9 @@ PACKAGES=(build-essential cmake pkg-config git
           libmicrohttpd-dev libsystemd-dev)
 # Only for the test command: promtool, for test_metrics.py's format check. It comes with the
 # Prometheus server, which Debian enables on a systemd host: `demo` does not install it.
-TEST_PACKAGES=(prometheus)
+# dnsmasq-base: the DNS server test_sharding.py runs on a loopback port (the binary alone;
+# the `dnsmasq` package would also enable a system resolver service).
+TEST_PACKAGES=(prometheus dnsmasq-base)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -431,7 +431,7 @@ typedef struct kvs_cluster_opts {
      * server at the IPv4 address SERVER). PORT defaults to 50051. Required. */
     const char *targets;
     const char *local;    /* the node's own daemon ("unix:/run/kvstash/kvstash.sock"), or NULL */
-    const char *local_id; /* local's id in the ring ("10.0.0.7:50051"), or NULL */
+    const char *local_id; /* local's id in the ring ("10.0.0.7:50051"); NULL: local's text */
     int64_t resolve_ms;   /* dns: re-resolve this often (a background thread); 0 = 10000. A
                            * failed or empty answer keeps the daemons known */
     int64_t backoff_min_ms, backoff_max_ms; /* retry of a down daemon; 0 = 100, 5000 */

@@ -7,6 +7,7 @@
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -368,6 +369,76 @@ static void test_dns_system_resolver(void **state)
     assert_non_null(strstr(err.msg, "no-such-name.invalid"));
 }
 
+typedef struct hammer {
+    kvs_cluster *cl;
+    int calls;
+} hammer;
+
+static void *hammer_main(void *arg)
+{
+    hammer *h = arg;
+    uint8_t bufs[16][64], payload[64] = {0};
+    kvs_key keys[16];
+    kvs_get_item gets[16];
+    kvs_put_item puts[16];
+    for (uint32_t i = 0; i < 16; i++) {
+        kvs_key_chain(NULL, &i, 1, keys[i].bytes);
+        keys[i].len = KVS_CHAIN_KEY_LEN;
+        gets[i] = (kvs_get_item){.key = keys[i].bytes, .key_len = 16, .buf = bufs[i], .cap = 64};
+        puts[i] = (kvs_put_item){
+            .key = keys[i].bytes, .key_len = 16, .tokens = 1, .data = payload, .len = 64};
+    }
+    for (int n = 0; n < 40; n++) {
+        kvs_err err;
+        size_t served;
+        uint32_t prefix;
+        kvs_cluster_node nodes[4];
+        size_t nn;
+        assert_int_equal(kvs_cluster_get_many(h->cl, "ns", gets, 16, NULL, &served, &err), 0);
+        assert_int_equal(served, 0);
+        assert_int_equal(kvs_cluster_put_many(h->cl, "ns", KVS_DTYPE_FP16, puts, 16, &err), 0);
+        for (size_t i = 0; i < 16; i++)
+            assert_int_equal(puts[i].rc, KVS_EUNAVAIL);
+        assert_int_equal(kvs_cluster_lookup(h->cl, "ns", keys, 16, &prefix, NULL, &err), 0);
+        assert_int_equal(kvs_cluster_nodes(h->cl, nodes, 4, &nn, &err), 0);
+        h->calls += 4;
+    }
+    return NULL;
+}
+
+/* Threads calling at once while the nodes go down and are probed every few milliseconds,
+ * and the resolver thread re-resolves every millisecond: for the sanitizers (TSan: ctest in
+ * a tsan build), every call still returns its misses. */
+static void test_concurrent_calls(void **state)
+{
+    char targets[128];
+    snprintf(targets, sizeof targets, "127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d", closed_port(),
+             closed_port(), closed_port());
+    kvs_cluster_opts o = {.targets = targets,
+                          .backoff_min_ms = 1,
+                          .backoff_max_ms = 4,
+                          .parallel = 2,
+                          .local = "unix:/nonexistent/kvs.sock"};
+    o.client.timeout_ms = 2000;
+    kvs_cluster *cl = NULL, *dns = NULL;
+    kvs_err err;
+    assert_int_equal(kvs_cluster_open(&o, &cl, &err), 0);
+    kvs_cluster_opts d = {.targets = "dns:///localhost:1", .resolve_ms = 1, .backoff_min_ms = 1};
+    assert_int_equal(kvs_cluster_open(&d, &dns, &err), 0);
+    pthread_t th[6];
+    hammer h[6];
+    for (int i = 0; i < 6; i++) {
+        h[i] = (hammer){.cl = i % 3 == 2 ? dns : cl};
+        assert_int_equal(pthread_create(&th[i], NULL, hammer_main, &h[i]), 0);
+    }
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+        assert_int_equal(h[i].calls, 160);
+    }
+    kvs_cluster_close(dns);
+    kvs_cluster_close(cl);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -379,6 +450,7 @@ int main(void)
         cmocka_unit_test(test_namespace_calls_with_no_daemon),
         cmocka_unit_test(test_nodes_and_local),
         cmocka_unit_test(test_dns_system_resolver),
+        cmocka_unit_test(test_concurrent_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -24,6 +24,21 @@ _CODES = {
 _TIERS = {0: "none", 1: "gpu", 2: "host", 3: "disk"}
 _DTYPES = {"fp16": 1, "bf16": 2}
 ENOTFOUND, ENOTSUP, ENOSPC, E2BIG = -30002, -30012, -30004, -30006
+_ROUTES = {None: 0, False: 1, True: 2}  # get_many(local_first=...) -> kvs_route
+
+
+class _Calls:
+    """The C calls a Client's methods make: one daemon's (kvs_client_*) or a cluster's
+    (kvs_cluster_*), which share their signatures; picked once, so no method tells the two
+    apart."""
+
+    def __init__(self, kind: str):
+        for verb in ("put", "get", "put_many", "get_many", "lookup", "exists", "delete",
+                     "ns_create", "ns_drop", "ns_get"):
+            setattr(self, verb, getattr(lib, f"kvs_{kind}_{verb}"))
+
+
+_ONE, _CLUSTER = _Calls("client"), _Calls("cluster")
 
 
 class KvstashError(Exception):
@@ -108,7 +123,7 @@ def _keys(keys: Sequence[Union[bytes, str]]):
 
 
 class Client:
-    """A connection to kvstashd (one gRPC channel; thread-safe).
+    """A connection to kvstashd (one gRPC channel; thread-safe), or to several (sharding).
 
         with kvstash.Client("127.0.0.1:50051") as c:
             c.create_namespace("llama", layers=32, kv_heads=8, head_dim=128, block_tokens=16,
@@ -127,13 +142,29 @@ class Client:
                "on" for every CUDA destination, "off" never (the daemon decodes).
     CUDA tensors are copied once by the GPU between device memory and the bytes the call
     moves; a CUDA IPC path (no copy through host memory at all) does not exist yet.
+
+    Sharding (README "Sharding"): `target` as a list of targets, a comma-separated string,
+    or "dns:///NAME:PORT" (every A/AAAA record of NAME, re-resolved every `resolve_ms`; a
+    Kubernetes headless Service) spreads the keys over those daemons by rendezvous hashing;
+    the same calls work, batches fan out to the daemons in parallel. A daemon that is down
+    turns its keys into misses (None, like absent keys) and its puts into KvstashError
+    UNAVAILABLE results, within the call's deadline; it is retried with backoff (`backoff_ms`,
+    first and last wait). `local`: this node's own daemon ("unix:/run/kvstash.sock"), asked
+    first by gets and given a copy of every put (shared memory with it as above);
+    `local_id`: its id in the ring ("10.0.0.7:50051"). nodes() and owner() show the
+    placement. Namespaces are created on every daemon; stats() and namespaces() are one
+    daemon's business: open a Client on one of nodes(). Blocks are decoded by the daemons
+    (gpu_decode "auto" does not apply: codec state is learned per daemon).
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
+    def __init__(self, target: Union[str, Sequence[str]] = "127.0.0.1:50051",
+                 token: Optional[str] = None,
                  timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
                  gpu_decode: str = "auto", token_file: Optional[str] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, tls_server_name: Optional[str] = None):
+                 tls_key: Optional[str] = None, tls_server_name: Optional[str] = None,
+                 local: Optional[str] = None, local_id: Optional[str] = None,
+                 resolve_ms: int = 10000, backoff_ms: Tuple[int, int] = (100, 5000)):
         # TLS (README "TLS"): PEM file paths, read by libkvstash (errors name the option);
         # any of them turns TLS on; tls_cert and tls_key for mutual TLS.
         if token is not None and token_file is not None:
@@ -148,14 +179,29 @@ class Client:
                              f"{gpu_decode!r}")
         def path(p):  # str or os.PathLike
             return str(p).encode() if p is not None else None
-        self._opts = _lib.ClientOpts(target.encode(), token.encode() if token else None,
+        if not isinstance(target, str):
+            target = ",".join(target)
+        self._cluster = (local is not None or "," in target or target.startswith("dns:"))
+        if self._cluster and gpu_decode == "on":
+            raise ValueError("kvstash: gpu_decode='on' needs one daemon (learned codec state "
+                             "is per daemon); with several, the daemons decode")
+        self._c = _CLUSTER if self._cluster else _ONE
+        self._opts = _lib.ClientOpts(None if self._cluster else target.encode(),
+                                     token.encode() if token else None,
                                      timeout_ms, 0, 0, path(tls_ca), path(tls_cert),
                                      path(tls_key),
                                      tls_server_name.encode() if tls_server_name else None)
         self._h = ctypes.c_void_p()
         err = _lib.Err()
-        _check(lib.kvs_client_connect(ctypes.byref(self._opts), ctypes.byref(self._h),
-                                      ctypes.byref(err)), err)
+        if self._cluster:
+            self._copts = _lib.ClusterOpts(target.encode(), local.encode() if local else None,
+                                           local_id.encode() if local_id else None, resolve_ms,
+                                           backoff_ms[0], backoff_ms[1], 0, self._opts)
+            _check(lib.kvs_cluster_open(ctypes.byref(self._copts), ctypes.byref(self._h),
+                                        ctypes.byref(err)), err)
+        else:
+            _check(lib.kvs_client_connect(ctypes.byref(self._opts), ctypes.byref(self._h),
+                                          ctypes.byref(err)), err)
         self._shm_bytes = shared_memory_bytes
         self._region = None      # kvs_region*, or False once the daemon said no
         self._region_cuda = False  # the region is registered with CUDA (pinned) here
@@ -182,7 +228,7 @@ class Client:
             lib.kvs_region_close(self._region)
         self._region = None
         if self._h:
-            lib.kvs_client_close(self._h)
+            (lib.kvs_cluster_close if self._cluster else lib.kvs_client_close)(self._h)
             self._h = ctypes.c_void_p()
 
     def __enter__(self):
@@ -218,7 +264,7 @@ class Client:
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
                         keys_pre_rope, durable, seed, host_quota_bytes)
         info, err = _lib.NsInfo(), _lib.Err()
-        _check(lib.kvs_client_ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
+        _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
                                         ctypes.byref(err)), err)
         return _ns_of(info)
 
@@ -252,18 +298,24 @@ class Client:
     def drop_namespace(self, name: str) -> int:
         """Drops a namespace and its blocks; returns how many blocks went."""
         n, err = ctypes.c_uint64(), _lib.Err()
-        _check(lib.kvs_client_ns_drop(self._h, name.encode(), ctypes.byref(n),
+        _check(self._c.ns_drop(self._h, name.encode(), ctypes.byref(n),
                                       ctypes.byref(err)), err)
         self._ns_cache.pop(name, None)
         return n.value
 
     def namespace(self, name: str) -> Namespace:
         info, err = _lib.NsInfo(), _lib.Err()
-        _check(lib.kvs_client_ns_get(self._h, name.encode(), ctypes.byref(info),
+        _check(self._c.ns_get(self._h, name.encode(), ctypes.byref(info),
                                      ctypes.byref(err)), err)
         return _ns_of(info)
 
+    def _one_daemon(self, what: str):
+        if self._cluster:
+            raise KvstashError(ENOTSUP, f"{what}: one daemon's; with several, open a Client on "
+                                        f"one of nodes()")
+
     def namespaces(self) -> List[Namespace]:
+        self._one_daemon("namespaces")
         p, n, err = ctypes.POINTER(_lib.NsInfo)(), ctypes.c_size_t(), _lib.Err()
         _check(lib.kvs_client_ns_list(self._h, ctypes.byref(p), ctypes.byref(n),
                                       ctypes.byref(err)), err)
@@ -309,7 +361,7 @@ class Client:
         n = self._ns_fitting(ns, [a.nbytes])
         k = _keybuf(key)
         res, err = _lib.PutResult(), _lib.Err()
-        _check(lib.kvs_client_put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
+        _check(self._c.put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
                                   _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
                                   ctypes.byref(err)), err)
         return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
@@ -326,7 +378,7 @@ class Client:
                       "out", n.block_bytes)
             k = _keybuf(key)
             res, err = _lib.GetResult(), _lib.Err()
-            rc = lib.kvs_client_get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
+            rc = self._c.get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
                                     ctypes.byref(res), ctypes.byref(err))
             if not _fresh and out is None and (rc in (E2BIG, ENOSPC) or
                                                (rc == 0 and self._stale(n, res, 0, n.layers))):
@@ -346,8 +398,14 @@ class Client:
         if self._region is False or nbytes > self._shm_bytes:
             return None
         if self._region is None:
+            # Sharded: a region with the local daemon (the others' blocks move through its
+            # memory as bytes), none without one.
+            owner = lib.kvs_cluster_local(self._h) if self._cluster else self._h
+            if not owner:
+                self._region = False
+                return None
             r, err = ctypes.c_void_p(), _lib.Err()
-            rc = lib.kvs_region_create(self._h, self._shm_bytes, ctypes.byref(r),
+            rc = lib.kvs_region_create(owner, self._shm_bytes, ctypes.byref(r),
                                        ctypes.byref(err))
             if rc:
                 self._region = False  # remote daemon or no region socket: bytes over gRPC
@@ -407,7 +465,7 @@ class Client:
                 err = _lib.Err()
                 sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
                                   ctypes.POINTER(_lib.PutItem))
-                _check(lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
+                _check(self._c.put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
                                                end - start, ctypes.byref(err)), err)
                 start = end
         return [KvstashError(it.rc, it.msg.decode(errors="replace")) if it.rc else
@@ -421,7 +479,7 @@ class Client:
         d = self._decoders.get((ns, idx))
         if d is None:
             info, err = _lib.NsInfo(), _lib.Err()
-            _check(lib.kvs_client_ns_get(self._h, ns.encode(), ctypes.byref(info),
+            _check(self._c.ns_get(self._h, ns.encode(), ctypes.byref(info),
                                          ctypes.byref(err)), err)
             d = ctypes.c_void_p()
             with torch.cuda.device(idx):
@@ -435,7 +493,7 @@ class Client:
         """Whether this call fetches encoded blocks and decodes them on this GPU. "auto"
         does so for a remote daemon only: on this host, the daemon's decode into shared
         memory moved blocks faster (tests/bench/RESULTS.md, "restore by path")."""
-        if self._gpu_decode == "off" or not any(d.cuda for d in dsts):
+        if self._gpu_decode == "off" or self._cluster or not any(d.cuda for d in dsts):
             return False
         if self._gpu_decode == "auto" and local:
             return False
@@ -460,13 +518,16 @@ class Client:
         return True
 
     def get_many(self, ns: str, keys: Sequence, prefix: bool = False, layers=None,
-                 out: Optional[Sequence] = None, _fresh: bool = False) -> list:
+                 out: Optional[Sequence] = None, local_first: Optional[bool] = None,
+                 _fresh: bool = False) -> list:
         """Fetches many blocks in one call, in key order: per key, [L][2][t][H][D] (a numpy
         array, or a view of out[i]), None for an absent one. prefix=True stops at the first
         absent key and returns only the leading present blocks (Lookup + Get in one round
         trip). layers as for get(). out: one destination per key (contiguous numpy arrays or
         CPU/CUDA tensors of at least a full block's bytes); CUDA destinations are filled on
-        torch's current stream of their device, which is synchronized before returning."""
+        torch's current stream of their device, which is synchronized before returning.
+        local_first (sharded with a local daemon): True or None asks it first, False only
+        each key's owner."""
         n = self._ns(ns, fresh=_fresh)
         keys = [_keybuf(k) for k in keys]
         if not keys:
@@ -488,7 +549,8 @@ class Client:
             cap = _enc_cap(bb) if gpu else bb
             region = self._region_for(cap)
             items = (_lib.GetItem * len(keys))()
-            opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix)
+            opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix,
+                                    _ROUTES[local_first])
             # Bytes that land somewhere other than their destination: the region's slots,
             # or host staging for CUDA destinations on the gRPC path.
             staged = region is not None or gpu or any(d.cuda for d in dsts)
@@ -515,7 +577,7 @@ class Client:
                 served, err = ctypes.c_size_t(), _lib.Err()
                 sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
                                   ctypes.POINTER(_lib.GetItem))
-                _check(lib.kvs_client_get_many(self._h, ns.encode(), sub, end - start,
+                _check(self._c.get_many(self._h, ns.encode(), sub, end - start,
                                                ctypes.byref(opts), ctypes.byref(served),
                                                ctypes.byref(err)), err)
                 if staged:
@@ -527,7 +589,8 @@ class Client:
                                  (it.rc == 0 and self._stale(n, it.res, lb, le)))
                 for it in items):
             # Sizes the cached spec does not explain: the namespace changed shape. Once more.
-            return self.get_many(ns, keys, prefix=prefix, layers=layers, _fresh=True)
+            return self.get_many(ns, keys, prefix=prefix, layers=layers,
+                                 local_first=local_first, _fresh=True)
         result = []
         for i, it in enumerate(items):
             if not it.answered or it.rc == ENOTFOUND:
@@ -581,14 +644,14 @@ class Client:
         """(how many leading keys are present, each key's tier: "gpu"/"host"/"disk"/"none")."""
         arr = _keys(keys)
         prefix, tiers, err = ctypes.c_uint32(), (ctypes.c_int * len(keys))(), _lib.Err()
-        _check(lib.kvs_client_lookup(self._h, ns.encode(), arr, len(keys), ctypes.byref(prefix),
+        _check(self._c.lookup(self._h, ns.encode(), arr, len(keys), ctypes.byref(prefix),
                                      tiers, ctypes.byref(err)), err)
         return prefix.value, [_TIERS.get(t, "none") for t in tiers]
 
     def exists(self, ns: str, keys: Sequence) -> List[bool]:
         arr = _keys(keys)
         out, err = (ctypes.c_bool * len(keys))(), _lib.Err()
-        _check(lib.kvs_client_exists(self._h, ns.encode(), arr, len(keys), out,
+        _check(self._c.exists(self._h, ns.encode(), arr, len(keys), out,
                                      ctypes.byref(err)), err)
         return list(out)
 
@@ -596,13 +659,14 @@ class Client:
         """Deletes the keys that exist; returns how many."""
         arr = _keys(keys)
         n, err = ctypes.c_uint32(), _lib.Err()
-        _check(lib.kvs_client_delete(self._h, ns.encode(), arr, len(keys), ctypes.byref(n),
+        _check(self._c.delete(self._h, ns.encode(), arr, len(keys), ctypes.byref(n),
                                      ctypes.byref(err)), err)
         return n.value
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses."""
+        self._one_daemon("stats")
         p, err = ctypes.POINTER(_lib.Stats)(), _lib.Err()
         _check(lib.kvs_client_stats(self._h, ctypes.byref(p), ctypes.byref(err)), err)
         try:
@@ -620,6 +684,33 @@ class Client:
             }
         finally:
             lib.kvs_stats_free(p)
+
+
+    # ------------------------------------------------------------------ sharding
+    def nodes(self) -> List[dict]:
+        """The daemons of a sharded Client: per daemon its id ("10.0.0.7:50051"), whether
+        it is `local`, `up` (False while marked down), `retry_in_ms`, `failures` and `why`
+        it is down; the ring's in id order, then the local one."""
+        if not self._cluster:
+            return [{"id": self._opts.target.decode(), "local": False, "up": True,
+                     "retry_in_ms": 0, "failures": 0, "why": ""}]
+        n, err = ctypes.c_size_t(), _lib.Err()
+        _check(lib.kvs_cluster_nodes(self._h, None, 0, ctypes.byref(n), ctypes.byref(err)), err)
+        arr = (_lib.ClusterNode * (n.value + 4))()  # room for a refresh in between
+        _check(lib.kvs_cluster_nodes(self._h, arr, len(arr), ctypes.byref(n),
+                                     ctypes.byref(err)), err)
+        return [{"id": x.id.decode(), "local": x.local, "up": x.up,
+                 "retry_in_ms": x.retry_in_ms, "failures": x.failures,
+                 "why": x.why.decode(errors="replace")} for x in arr[:min(n.value, len(arr))]]
+
+    def owner(self, key) -> str:
+        """The id of the daemon that owns key (rendezvous hashing over nodes())."""
+        if not self._cluster:
+            return self._opts.target.decode()
+        k = _keybuf(key)
+        out, err = ctypes.create_string_buffer(_lib.NODE_ID_MAX), _lib.Err()
+        _check(lib.kvs_cluster_owner(self._h, k, len(k), out, ctypes.byref(err)), err)
+        return out.value.decode()
 
 
 def block_keys(token_ids: Sequence[int], block_tokens: int,
