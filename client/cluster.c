@@ -25,6 +25,7 @@
 #include "client/cluster_int.h"
 
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,6 +75,9 @@ struct kvs_cluster {
     int64_t resolve_ms, backoff_min_ms, backoff_max_ms, timeout_ms;
     kvs__node *local; /* fixed after open */
     kvs_pool *pool;
+    kvs_log_fn log;
+    void *log_ctx;
+    bool resolve_failing; /* the resolver thread's own */
 
     pthread_mutex_t mu;
     pthread_cond_t wake; /* closing (the resolver's sleep; CLOCK_MONOTONIC) */
@@ -95,6 +99,16 @@ static int64_t now_ms(void)
 static char *dup_or_null(const char *s)
 {
     return s ? kvs_xstrdup(s) : NULL;
+}
+
+/* An event for opts.log; never called with a lock held (the callback may call us). */
+__attribute__((format(printf, 3, 4))) static void event(const kvs_cluster *cl, kvs_log_level lvl,
+                                                        const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    kvs_vlogf(cl->log, cl->log_ctx, lvl, fmt, ap);
+    va_end(ap);
 }
 
 /* ------------------------------------------------------------------ nodes */
@@ -171,23 +185,29 @@ static admit node_admit(kvs__node *n, char *why, size_t cap)
     return a;
 }
 
-/* What a call to n found: an answer (any status the daemon sent) or none. */
+/* What a call to n found: an answer (any status the daemon sent) or none. Logs the node
+ * going down or coming back. */
 static void node_outcome(kvs_cluster *cl, kvs__node *n, bool probe, bool answered, const char *why)
 {
+    bool went_down = false, came_up = false;
+    int64_t retry = 0;
     pthread_mutex_lock(&n->mu);
     if (answered) {
         /* Only a probe marks a node up: an answer to a call that started before the node
          * was marked down says nothing about it now. */
         if (probe) {
+            came_up = n->down;
             n->down = false;
             n->backoff_ms = cl->backoff_min_ms;
         }
     } else {
         n->failures++;
         if (!n->down || probe) {
+            went_down = !n->down;
             if (!n->down)
                 n->backoff_ms = cl->backoff_min_ms;
             n->down = true;
+            retry = n->backoff_ms;
             n->retry_at_ms = now_ms() + n->backoff_ms;
             n->backoff_ms =
                 n->backoff_ms * 2 < cl->backoff_max_ms ? n->backoff_ms * 2 : cl->backoff_max_ms;
@@ -197,6 +217,12 @@ static void node_outcome(kvs_cluster *cl, kvs__node *n, bool probe, bool answere
     if (probe)
         n->probing = false;
     pthread_mutex_unlock(&n->mu);
+    if (went_down)
+        event(cl, KVS_LOG_WARN,
+              "cluster: %s marked down, its keys are misses (retried in %lld ms): %s", n->id,
+              (long long)retry, why);
+    if (came_up)
+        event(cl, KVS_LOG_INFO, "cluster: %s is back up", n->id);
 }
 
 /* ------------------------------------------------------------------ rings */
@@ -280,21 +306,60 @@ static size_t ring_owner(const ring *r, const void *key, size_t len)
     return best;
 }
 
-/* Resolves the targets again and publishes a new ring if the node set changed. */
+/* "a:1 b:2": the ids of `a` that `b` lacks (both sorted), cut to cap; "none" if none. */
+static void ids_missing(char *out, size_t cap, char *const *a, size_t na, char *const *b, size_t nb)
+{
+    size_t used = 0;
+    out[0] = 0;
+    for (size_t i = 0, j = 0; i < na && used < cap; i++) {
+        while (j < nb && strcmp(b[j], a[i]) < 0)
+            j++;
+        if (j == nb || strcmp(b[j], a[i]) != 0) {
+            int w = snprintf(out + used, cap - used, "%s%s", used ? " " : "", a[i]);
+            used += w > 0 ? (size_t)w : 0;
+        }
+    }
+    if (!out[0])
+        snprintf(out, cap, "none");
+}
+
+/* Resolves the targets again and publishes a new ring if the node set changed. Resolver
+ * thread. */
 static void refresh(kvs_cluster *cl)
 {
     char **ids;
     size_t n;
     kvs_err e;
-    if (kvs_resolve_run(cl->res, &ids, &n, &e) != 0)
-        return; /* the last ring stays (invariants above) */
+    if (kvs_resolve_run(cl->res, &ids, &n, &e) != 0) {
+        /* The last ring stays (invariants above); said once, not every period. */
+        if (!cl->resolve_failing)
+            event(cl, KVS_LOG_WARN, "cluster: %s; keeping the daemons known", e.msg);
+        cl->resolve_failing = true;
+        return;
+    }
+    if (cl->resolve_failing)
+        event(cl, KVS_LOG_INFO, "cluster: resolving '%s' works again", kvs_resolve_name(cl->res));
+    cl->resolve_failing = false;
     ring *old = ring_acquire(cl), *r = NULL;
-    if (!ring_same(old, ids, n) && ring_build(cl, ids, n, old, &r, &e) == 0) {
+    if (ring_same(old, ids, n)) {
+        /* nothing changed */
+    } else if (ring_build(cl, ids, n, old, &r, &e) != 0) {
+        event(cl, KVS_LOG_WARN, "cluster: the new daemons are not taken: %s", e.msg);
+    } else {
+        char **had = kvs_xcalloc(old->n, sizeof *had);
+        char added[200], removed[200];
+        for (size_t i = 0; i < old->n; i++)
+            had[i] = old->nodes[i]->id;
+        ids_missing(added, sizeof added, ids, n, had, old->n);
+        ids_missing(removed, sizeof removed, had, old->n, ids, n);
+        free(had);
         pthread_mutex_lock(&cl->mu);
         ring *prev = cl->ring;
         cl->ring = r;
         pthread_mutex_unlock(&cl->mu);
         ring_release(prev);
+        event(cl, KVS_LOG_INFO, "cluster: %zu daemons now (added: %s; removed: %s)", n, added,
+              removed);
     }
     ring_release(old);
     kvs_resolve_ids_free(ids, n);
@@ -361,6 +426,8 @@ int kvs_cluster_open(const kvs_cluster_opts *opts, kvs_cluster **out, kvs_err *e
     if (cl->backoff_max_ms < cl->backoff_min_ms)
         cl->backoff_max_ms = cl->backoff_min_ms;
     cl->timeout_ms = opts->client.timeout_ms ? opts->client.timeout_ms : DEFAULT_TIMEOUT_MS;
+    cl->log = opts->log;
+    cl->log_ctx = opts->log_ctx;
     /* A local daemon named by its ring address is that member without being told. */
     cl->local_id = dup_or_null(opts->local_id ? opts->local_id : opts->local);
     cl->copts = opts->client;

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "gpu/base/err.h"
+#include "gpu/base/log.h"
 #include "gpu/codec/spec.h"
 
 #ifdef __cplusplus
@@ -440,6 +441,12 @@ typedef struct kvs_cluster_opts {
      * message and chunk sizes, TLS (target ignored). With TLS and a dns: target,
      * tls_server_name defaults to the DNS name. */
     kvs_client_opts client;
+    /* Events, one line each, from the calling, worker or resolver thread, never under a lock
+     * of the cluster's: the node set changing (WARN when a resolution fails and the daemons
+     * known are kept, INFO when it works again), a daemon marked down (WARN) or back up
+     * (INFO). NULL: none. */
+    kvs_log_fn log;
+    void *log_ctx;
 } kvs_cluster_opts;
 
 /* Resolves the targets (a dns: name must have records now) and creates a client per daemon

@@ -11,6 +11,7 @@ trap 'rm -rf "$T"' EXIT
 P=$T/prefix
 cmake --install "$B" --prefix "$P" > "$T/install.log"
 for f in bin/kvstashd bin/kvctl include/kvstash/kvstash.h include/kvstash/gpu/base/err.h \
+         include/kvstash/gpu/base/log.h \
          include/kvstash/gpu/codec/spec.h lib/libkvstash.a lib/pkgconfig/kvstash.pc \
          lib/cmake/kvstash/kvstashConfig.cmake; do
     [ -e "$P/$f" ] || { echo "missing after install: $f"; exit 1; }

@@ -13,6 +13,7 @@ backoff. The local daemon (a Unix socket, shared memory) answers gets first and 
 
 Run with -s to see the measured spread and failover timings.
 """
+import logging
 import os
 import shutil
 import signal
@@ -122,11 +123,15 @@ class Dnsmasq:
     def __init__(self, workdir, addrs):
         self.hosts = os.path.join(workdir, "hosts")
         self.logpath = os.path.join(workdir, "dnsmasq.log")
+        # An empty config of its own (not /dev/null: seen replaced by a regular file that
+        # other programs write to on a shared test machine).
+        conf = os.path.join(workdir, "dnsmasq.conf")
+        open(conf, "w").close()
         self._write(addrs)
         for attempt in range(5):  # a port taken between the check and dnsmasq's bind
             self.port = common_port([DNS_ADDR], udp=True)
             self.log = open(self.logpath, "wb")
-            argv = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            argv = [DNSMASQ, "--keep-in-foreground", f"--conf-file={conf}", "--no-resolv",
                     "--no-hosts", f"--addn-hosts={self.hosts}", f"--listen-address={DNS_ADDR}",
                     "--bind-interfaces", f"--port={self.port}", "--pid-file=",
                     "--log-facility=-", "--log-queries"]
@@ -249,7 +254,8 @@ def test_spread_of_10k_keys(trio):
 # ----------------------------------------------------------------------------- failures
 
 
-def test_daemon_killed_mid_run(trio):
+def test_daemon_killed_mid_run(trio, caplog):
+    caplog.set_level(logging.INFO, logger="kvstash")  # the cluster's events
     ds, port, _ = trio
     ids = [d.target for d in ds]
     victim = ds[1]
@@ -303,6 +309,7 @@ def test_daemon_killed_mid_run(trio):
               f"{median(after):.1f} ms ({median(before):.1f} ms before; deadline {deadline_ms} "
               f"ms); node: up={node['up']} failures={node['failures']}")
         assert not node["up"] and victim.target in node["why"]
+        assert f"cluster: {victim.target} marked down" in caplog.text
         assert failover < deadline_ms / 1000
 
         # Puts to the dead owner fail item by item (UNAVAILABLE), never re-placed.
@@ -317,7 +324,8 @@ def test_daemon_killed_mid_run(trio):
             assert holds(d, name, new) == [hrw(k, ids) == d.target for k in new]
 
 
-def test_daemon_hung_then_back(trio):
+def test_daemon_hung_then_back(trio, caplog):
+    caplog.set_level(logging.INFO, logger="kvstash")  # the cluster's events
     ds, port, _ = trio
     ids = [d.target for d in ds]
     victim = ds[2]
@@ -350,12 +358,14 @@ def test_daemon_hung_then_back(trio):
               f"1000 ms), next {second * 1e3:.1f} ms; its keys hit again "
               f"{back * 1e3:.0f} ms after SIGCONT (backoff 100-400 ms)")
         assert [x["up"] for x in c.nodes()] == [True] * 3
+        assert f"cluster: {victim.target} is back up" in caplog.text
 
 
 # ----------------------------------------------------------------------------- DNS
 
 
-def test_dns_added_and_changed_records(trio, dns):
+def test_dns_added_and_changed_records(trio, dns, caplog):
+    caplog.set_level(logging.INFO, logger="kvstash")  # the cluster's events
     ds, port, daemon = trio
     ids = [d.target for d in ds]
     server = dns([d.host for d in ds])
@@ -385,6 +395,7 @@ def test_dns_added_and_changed_records(trio, dns):
         print(f"4th daemon {fourth.target}: in the ring {seen * 1e3:.0f} ms after the record "
               f"(resolve every 200 ms); {moved} of {n} keys ({moved / n:.1%}) moved")
         assert 0.15 * n <= moved <= 0.35 * n
+        assert f"4 daemons now (added: {fourth.target}; removed: none)" in caplog.text
         assert missed == [hrw(k, ids4) == fourth.target for k in keys]
         assert all((g == x).all() for g, x in zip(got, data) if g is not None)
         # Stored again, they land on the new daemon (the namespace created there on the
@@ -412,6 +423,7 @@ def test_dns_added_and_changed_records(trio, dns):
         server.stop()
         time.sleep(0.8)
         assert [x["id"] for x in c.nodes()] == ids3
+        assert "keeping the daemons known" in caplog.text
         assert sum(g is not None for g in get_all(c, name, keys[:1000])) > 0
 
 

@@ -260,13 +260,37 @@ static double get_and_put(kvs_cluster *cl, const char *why)
     return took;
 }
 
-/* A daemon that is not there: misses at once, marked down, tried again after a backoff that
- * doubles (50, 100, 200 ms here) and stops at its maximum. */
+typedef struct events {
+    pthread_mutex_t mu;
+    int warns;
+    char last[512];
+} events;
+
+static void on_event(void *ctx, kvs_log_level level, const char *line)
+{
+    events *e = ctx;
+    pthread_mutex_lock(&e->mu);
+    e->warns += level == KVS_LOG_WARN;
+    snprintf(e->last, sizeof e->last, "%s", line);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* A daemon that is not there: misses at once, marked down (said once in the log), tried
+ * again after a backoff that doubles (50, 100, 200 ms here) and stops at its maximum. */
 static void test_down_daemon_backoff(void **state)
 {
     char targets[64];
     snprintf(targets, sizeof targets, "127.0.0.1:%d", closed_port());
-    kvs_cluster *cl = open_on(targets, 2000);
+    events ev = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    kvs_cluster_opts o = {.targets = targets,
+                          .backoff_min_ms = 50,
+                          .backoff_max_ms = 200,
+                          .log = on_event,
+                          .log_ctx = &ev};
+    o.client.timeout_ms = 2000;
+    kvs_cluster *cl = NULL;
+    kvs_err err;
+    assert_int_equal(kvs_cluster_open(&o, &cl, &err), 0);
     assert_true(node0(cl).up);
 
     assert_true(get_and_put(cl, "unavailable") < 1.0); /* refused: no deadline to wait */
@@ -289,6 +313,9 @@ static void test_down_daemon_backoff(void **state)
                      (long long)n.retry_in_ms, (long long)want);
         last = want;
     }
+    assert_int_equal(ev.warns, 1); /* the probes that failed again are not news */
+    if (!strstr(ev.last, "marked down") || !strstr(ev.last, targets))
+        fail_msg("event '%s'", ev.last);
     kvs_cluster_close(cl);
 }
 

@@ -82,11 +82,16 @@ class GetManyOpts(ctypes.Structure):
 NODE_ID_MAX = 264
 
 
+# kvs_log_fn (gpu/base/log.h): (ctx, level, line); levels 0 error, 1 warn, 2 info, 3 debug.
+LogFn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+
+
 class ClusterOpts(ctypes.Structure):
     _fields_ = [("targets", ctypes.c_char_p), ("local", ctypes.c_char_p),
                 ("local_id", ctypes.c_char_p), ("resolve_ms", ctypes.c_int64),
                 ("backoff_min_ms", ctypes.c_int64), ("backoff_max_ms", ctypes.c_int64),
-                ("parallel", ctypes.c_uint), ("client", ClientOpts)]
+                ("parallel", ctypes.c_uint), ("client", ClientOpts), ("log", LogFn),
+                ("log_ctx", ctypes.c_void_p)]
 
 
 class ClusterNode(ctypes.Structure):

@@ -1,5 +1,6 @@
 """kvstash.Client: the Python face of libkvstash (see the package docstring)."""
 import ctypes
+import logging
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -39,6 +40,17 @@ class _Calls:
 
 
 _ONE, _CLUSTER = _Calls("client"), _Calls("cluster")
+_log = logging.getLogger("kvstash")
+_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}
+
+
+def _event(ctx, level, line):
+    """A sharded client's events (daemons down or back, the node set changing), from its
+    threads, to the "kvstash" logger."""
+    _log.log(_LEVELS.get(level, logging.DEBUG), "%s", line.decode(errors="replace"))
+
+
+_EVENT = _lib.LogFn(_event)  # one for every Client: it must outlive their threads
 
 
 class KvstashError(Exception):
@@ -152,7 +164,8 @@ class Client:
     first and last wait). `local`: this node's own daemon ("unix:/run/kvstash.sock"), asked
     first by gets and given a copy of every put (shared memory with it as above);
     `local_id`: its id in the ring ("10.0.0.7:50051"). nodes() and owner() show the
-    placement. Namespaces are created on every daemon; stats() and namespaces() are one
+    placement; daemons going down or coming back and the node set changing are logged to the
+    "kvstash" logger. Namespaces are created on every daemon; stats() and namespaces() are one
     daemon's business: open a Client on one of nodes(). Blocks are decoded by the daemons
     (gpu_decode "auto" does not apply: codec state is learned per daemon).
     """
@@ -196,7 +209,8 @@ class Client:
         if self._cluster:
             self._copts = _lib.ClusterOpts(target.encode(), local.encode() if local else None,
                                            local_id.encode() if local_id else None, resolve_ms,
-                                           backoff_ms[0], backoff_ms[1], 0, self._opts)
+                                           backoff_ms[0], backoff_ms[1], 0, self._opts, _EVENT,
+                                           None)
             _check(lib.kvs_cluster_open(ctypes.byref(self._copts), ctypes.byref(self._h),
                                         ctypes.byref(err)), err)
         else:
