@@ -671,8 +671,9 @@ int kvs__fan_out(kvs_cluster *cl, const kvs__op *op, void *ctx, size_t n, const 
             parts[n_parts++].node = local;
     } else {
         /* Each item's slot, counted; copies counted apart (an item has at most one). */
-        slot = kvs_trymalloc(n * sizeof *slot);
-        idx = kvs_trymalloc(2 * n * sizeof *idx);
+        bool fits = n <= SIZE_MAX / (2 * sizeof *idx);
+        slot = fits ? kvs_trymalloc(n * sizeof *slot) : NULL;
+        idx = fits ? kvs_trymalloc(2 * n * sizeof *idx) : NULL;
         if (!slot || !idx) {
             rc = kvs_err_set(err, KVS_ENOMEM, "%s: out of memory routing %zu items", op->name, n);
             goto out;

@@ -279,7 +279,7 @@ class Client:
                         keys_pre_rope, durable, seed, host_quota_bytes)
         info, err = _lib.NsInfo(), _lib.Err()
         _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
-                                        ctypes.byref(err)), err)
+                                 ctypes.byref(err)), err)
         return _ns_of(info)
 
     def open_namespace(self, name: str, layers: int, kv_heads: int, head_dim: int,
@@ -313,14 +313,14 @@ class Client:
         """Drops a namespace and its blocks; returns how many blocks went."""
         n, err = ctypes.c_uint64(), _lib.Err()
         _check(self._c.ns_drop(self._h, name.encode(), ctypes.byref(n),
-                                      ctypes.byref(err)), err)
+                               ctypes.byref(err)), err)
         self._ns_cache.pop(name, None)
         return n.value
 
     def namespace(self, name: str) -> Namespace:
         info, err = _lib.NsInfo(), _lib.Err()
         _check(self._c.ns_get(self._h, name.encode(), ctypes.byref(info),
-                                     ctypes.byref(err)), err)
+                              ctypes.byref(err)), err)
         return _ns_of(info)
 
     def _one_daemon(self, what: str):
@@ -376,8 +376,8 @@ class Client:
         k = _keybuf(key)
         res, err = _lib.PutResult(), _lib.Err()
         _check(self._c.put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
-                                  _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
-                                  ctypes.byref(err)), err)
+                           _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
+                           ctypes.byref(err)), err)
         return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
 
     def get(self, ns: str, key, out=None, layers=None, _fresh: bool = False):
@@ -393,7 +393,7 @@ class Client:
             k = _keybuf(key)
             res, err = _lib.GetResult(), _lib.Err()
             rc = self._c.get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
-                                    ctypes.byref(res), ctypes.byref(err))
+                             ctypes.byref(res), ctypes.byref(err))
             if not _fresh and out is None and (rc in (E2BIG, ENOSPC) or
                                                (rc == 0 and self._stale(n, res, 0, n.layers))):
                 return self.get(ns, key, _fresh=True)  # the namespace changed shape
@@ -480,7 +480,7 @@ class Client:
                 sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
                                   ctypes.POINTER(_lib.PutItem))
                 _check(self._c.put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
-                                               end - start, ctypes.byref(err)), err)
+                                        end - start, ctypes.byref(err)), err)
                 start = end
         return [KvstashError(it.rc, it.msg.decode(errors="replace")) if it.rc else
                 PutResult(_TIERS[it.res.tier], it.res.encoded_bytes, it.res.raw_bytes,
@@ -494,7 +494,7 @@ class Client:
         if d is None:
             info, err = _lib.NsInfo(), _lib.Err()
             _check(self._c.ns_get(self._h, ns.encode(), ctypes.byref(info),
-                                         ctypes.byref(err)), err)
+                                  ctypes.byref(err)), err)
             d = ctypes.c_void_p()
             with torch.cuda.device(idx):
                 _check(self._cuda_lib.kvs_cuda_decoder_create(
@@ -592,8 +592,8 @@ class Client:
                 sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
                                   ctypes.POINTER(_lib.GetItem))
                 _check(self._c.get_many(self._h, ns.encode(), sub, end - start,
-                                               ctypes.byref(opts), ctypes.byref(served),
-                                               ctypes.byref(err)), err)
+                                        ctypes.byref(opts), ctypes.byref(served),
+                                        ctypes.byref(err)), err)
                 if staged:
                     self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
                 if prefix and served.value < end - start:
@@ -659,14 +659,14 @@ class Client:
         arr = _keys(keys)
         prefix, tiers, err = ctypes.c_uint32(), (ctypes.c_int * len(keys))(), _lib.Err()
         _check(self._c.lookup(self._h, ns.encode(), arr, len(keys), ctypes.byref(prefix),
-                                     tiers, ctypes.byref(err)), err)
+                              tiers, ctypes.byref(err)), err)
         return prefix.value, [_TIERS.get(t, "none") for t in tiers]
 
     def exists(self, ns: str, keys: Sequence) -> List[bool]:
         arr = _keys(keys)
         out, err = (ctypes.c_bool * len(keys))(), _lib.Err()
         _check(self._c.exists(self._h, ns.encode(), arr, len(keys), out,
-                                     ctypes.byref(err)), err)
+                              ctypes.byref(err)), err)
         return list(out)
 
     def delete(self, ns: str, keys: Sequence) -> int:
@@ -674,7 +674,7 @@ class Client:
         arr = _keys(keys)
         n, err = ctypes.c_uint32(), _lib.Err()
         _check(self._c.delete(self._h, ns.encode(), arr, len(keys), ctypes.byref(n),
-                                     ctypes.byref(err)), err)
+                              ctypes.byref(err)), err)
         return n.value
 
     # ------------------------------------------------------------------ stats
