@@ -165,6 +165,8 @@ void kvs_client_close(kvs_client *c)
 
 /* ------------------------------------------------------------------ one call */
 
+_Thread_local gpr_timespec kvs__call_deadline;
+
 int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err)
 {
     memset(r, 0, sizeof *r);
@@ -175,6 +177,8 @@ int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err
     grpc_metadata_array_init(&r->trailing_md);
     r->deadline = gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
                                gpr_time_from_millis(c->timeout_ms, GPR_TIMESPAN));
+    if (kvs__call_deadline.tv_sec != 0 && gpr_time_cmp(kvs__call_deadline, r->deadline) < 0)
+        r->deadline = kvs__call_deadline;
     r->cq = grpc_completion_queue_create_for_pluck(NULL);
     if (!r->cq)
         return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a completion queue", r->name);

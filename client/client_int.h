@@ -56,6 +56,12 @@ typedef struct kvs__rpc {
  * grpc_init. Errors name the option and the path. */
 int kvs__tls_credentials(const kvs_client_opts *opts, grpc_channel_credentials **out, kvs_err *err);
 
+/* A deadline the calls this thread starts must end by, earlier than their client's
+ * timeout_ms would: the sharded client (cluster.c) sets it around each daemon's share of a
+ * cluster call, so that all its phases and retries fit the caller's one deadline. tv_sec 0
+ * (the initial value): none. */
+extern _Thread_local gpr_timespec kvs__call_deadline;
+
 int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err);
 /* Runs one batch and waits for it; whether all its ops succeeded. */
 bool kvs__rpc_run(kvs__rpc *r, const grpc_op *ops, size_t n);
@@ -82,6 +88,9 @@ int kvs__unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessa
 /* The id a registered region carries in requests (client/region.c). */
 #define KVS__REGION_ID_LEN 16
 const uint8_t *kvs__region_id(const kvs_region *g);
+/* The client whose daemon the region is registered with (the sharded client sends its items
+ * there by region, elsewhere as bytes). Compared, never dereferenced: it may be closed. */
+const kvs_client *kvs__region_client(const kvs_region *g);
 
 /* One request, one reply: the whole call is a single batch. On success *reply belongs
  * to the caller (protobuf_c_message_free_unpacked). */

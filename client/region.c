@@ -33,11 +33,17 @@ struct kvs_region {
     bool pinned;
     bool device; /* CUDA IPC: no memfd and no mapping here (base NULL) */
     uint8_t id[KVS_REGION_ID_LEN];
+    const kvs_client *client; /* registered with its daemon: identity only, never used */
 };
 
 const uint8_t *kvs__region_id(const kvs_region *g)
 {
     return g->id;
+}
+
+const kvs_client *kvs__region_client(const kvs_region *g)
+{
+    return g->client;
 }
 
 void *kvs_region_data(const kvs_region *g)
@@ -152,6 +158,7 @@ int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *er
     if (rc)
         return rc;
     kvs_region *g = kvs_xcalloc(1, sizeof *g);
+    g->client = c;
     g->sock = -1;
     g->size = bytes;
     g->fd = memfd_create("kvstash-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -194,6 +201,7 @@ int kvs_region_create_ipc(kvs_client *c, const void *handle, uint64_t offset, ui
     if (rc)
         return rc;
     kvs_region *g = kvs_xcalloc(1, sizeof *g);
+    g->client = c;
     g->sock = g->fd = -1;
     g->size = bytes;
     g->device = true;

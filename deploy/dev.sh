@@ -22,8 +22,10 @@ PACKAGES=(build-essential cmake pkg-config git
 # Only for the test command: promtool, for test_metrics.py's format check and the alert
 # rules of deploy/k8s (it comes with the Prometheus server, which Debian enables on a
 # systemd host: `demo` does not install it); yamllint and python3-kubernetes (the API's
-# object models, for schema checks) for ctest deploy.k8s.
-TEST_PACKAGES=(prometheus yamllint python3-kubernetes)
+# object models, for schema checks) for ctest deploy.k8s; dnsmasq-base, the DNS server
+# test_sharding.py runs on a loopback port (the binary alone; the `dnsmasq` package would
+# also enable a system resolver service).
+TEST_PACKAGES=(prometheus yamllint python3-kubernetes dnsmasq-base)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "gpu/base/err.h"
+#include "gpu/base/log.h"
 #include "gpu/codec/spec.h"
 
 #ifdef __cplusplus
@@ -246,6 +247,13 @@ typedef struct kvs_get_item {
     kvs_get_result res;
 } kvs_get_item;
 
+/* Which daemons a sharded client's get asks (kvs_cluster_opts.local). */
+typedef enum kvs_route {
+    KVS_ROUTE_DEFAULT = 0,     /* local first when the cluster has a local daemon */
+    KVS_ROUTE_OWNER = 1,       /* only each key's owner */
+    KVS_ROUTE_LOCAL_FIRST = 2, /* the local daemon, then the owners for what it lacks */
+} kvs_route;
+
 typedef struct kvs_get_many_opts {
     kvs_format format;    /* RAW (default) or ENCODED */
     uint32_t layer_begin; /* RAW: [layer_begin, layer_end); layer_end 0 = all layers */
@@ -253,6 +261,9 @@ typedef struct kvs_get_many_opts {
     /* Prefix Get: stop at the first absent (or unreadable) block; *served counts the
      * leading blocks answered, and the items after them are left unanswered. */
     bool prefix;
+    /* kvs_cluster_get_many only (kvs_client_get_many ignores it): whether this call asks
+     * the cluster's local daemon first. Added last: zero keeps the cluster's choice. */
+    kvs_route route;
 } kvs_get_many_opts;
 
 /* Fetches n blocks of ns in one call, decoded (or encoded), streamed in key order while
@@ -373,6 +384,131 @@ typedef struct kvs_evict_result {
  * NULL. */
 KVS_API int kvs_client_evict(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
                              kvs_evict_to to, kvs_evict_result *out, kvs_err *err);
+
+/* ------------------------------------------------------------------ sharding */
+
+/* A sharded client (README "Sharding"): the data-path calls of kvs_client over several
+ * independent daemons (no daemon knows of another), each key on one of them.
+ *
+ * Placement, rendezvous hashing: a key's owner is the node with the highest
+ * XXH64(key, seed = XXH64(node id, seed 0)), the smaller id on a tie. A node's id is its
+ * target text ("10.0.0.7:50051"; a DNS record's is "ADDR:PORT" or "[ADDR6]:PORT"). A node
+ * that joins takes about 1/n of the keys from the others and moves no other key; one that
+ * leaves gives only its own keys away.
+ *
+ * Daemons that do not answer: a call that gets UNAVAILABLE from a daemon, or no answer by its
+ * deadline, marks it down. For backoff_min_ms no call contacts it; then the next call that
+ * needs it tries it (one call at a time), and each failed try doubles the wait up to
+ * backoff_max_ms; an answer marks it up. While a daemon is down or unreachable its keys are
+ * misses for gets, lookups and exists (KVS_ENOTFOUND items, the message naming the daemon),
+ * and puts fail item by item with KVS_EUNAVAIL: a key is never re-placed on another daemon
+ * because its owner is down (only a change of the node set moves keys). No call takes longer
+ * than opts.client.timeout_ms in all.
+ *
+ * Local daemon (opts.local, the node's own kvstashd, e.g. over a Unix socket): a node-local
+ * cache in front of the owners. Puts go to the owner and a copy to the local daemon; gets,
+ * lookups and exists ask the local daemon first and the owners only for what it lacks
+ * (kvs_get_many_opts.route chooses per get). With opts.local_id (the local daemon's id in
+ * the ring) the keys it owns travel over the local channel and get no second copy.
+ *
+ * Namespaces live in each daemon: kvs_cluster_ns_create creates one on every daemon, and the
+ * cluster remembers the specs it created or read (kvs_cluster_ns_get) to create them on a
+ * daemon that lacks one when a put reaches it (one that joined later, or restarted empty).
+ *
+ * Thread-safe like kvs_client. A batched call asks its daemons in parallel (opts.parallel
+ * worker threads shared by every call, plus the caller's thread) and merges in key order.
+ * Items naming a shared-memory region go by region to the daemon it is registered with
+ * (create it on kvs_cluster_local's client) and as bytes from or into the region's memory
+ * to any other; a CUDA IPC region reaches its own daemon only (KVS_ENOTSUP elsewhere). */
+typedef struct kvs_cluster kvs_cluster;
+
+/* Bytes of a node id, its terminating zero included. */
+#define KVS_NODE_ID_MAX 264
+
+typedef struct kvs_cluster_opts {
+    /* The daemons: "HOST:PORT,HOST:PORT,..." (kvs_client targets; unix:PATH too), or
+     * "dns:///NAME:PORT" (every A and AAAA record of NAME through getaddrinfo, as for a
+     * Kubernetes headless Service), or "dns://SERVER[:SPORT]/NAME:PORT" (asking the DNS
+     * server at the IPv4 address SERVER). PORT defaults to 50051. Required. */
+    const char *targets;
+    const char *local;    /* the node's own daemon ("unix:/run/kvstash/kvstash.sock"), or NULL */
+    const char *local_id; /* local's id in the ring ("10.0.0.7:50051"); NULL: local's text */
+    int64_t resolve_ms;   /* dns: re-resolve this often (a background thread); 0 = 10000. A
+                           * failed or empty answer keeps the daemons known */
+    int64_t backoff_min_ms, backoff_max_ms; /* retry of a down daemon; 0 = 100, 5000 */
+    unsigned parallel;                      /* worker threads; 0 = 8 */
+    /* Every daemon's client: token, timeout_ms (the deadline of a whole cluster call),
+     * message and chunk sizes, TLS (target ignored). With TLS and a dns: target,
+     * tls_server_name defaults to the DNS name. */
+    kvs_client_opts client;
+    /* Events, one line each, from the calling, worker or resolver thread, never under a lock
+     * of the cluster's: the node set changing (WARN when a resolution fails and the daemons
+     * known are kept, INFO when it works again), a daemon marked down (WARN) or back up
+     * (INFO). NULL: none. */
+    kvs_log_fn log;
+    void *log_ctx;
+} kvs_cluster_opts;
+
+/* Resolves the targets (a dns: name must have records now) and creates a client per daemon
+ * without waiting for connections. *out is freed with kvs_cluster_close. */
+KVS_API int kvs_cluster_open(const kvs_cluster_opts *opts, kvs_cluster **out, kvs_err *err);
+/* Once no other thread uses it (as kvs_client_close). NULL is allowed. */
+KVS_API void kvs_cluster_close(kvs_cluster *cl);
+
+/* The calls of kvs_client, over the cluster (see above for daemons that are down). */
+KVS_API int kvs_cluster_put(kvs_cluster *cl, const char *ns, const void *key, size_t key_len,
+                            uint32_t tokens, kvs_dtype dtype, const void *data, size_t len,
+                            kvs_put_result *res, kvs_err *err);
+/* KVS_ENOTFOUND when absent, or when its owner (and the local daemon) did not answer. */
+KVS_API int kvs_cluster_get(kvs_cluster *cl, const char *ns, const void *key, size_t key_len,
+                            void *buf, size_t cap, kvs_get_result *res, kvs_err *err);
+KVS_API int kvs_cluster_put_many(kvs_cluster *cl, const char *ns, kvs_dtype dtype,
+                                 kvs_put_item *items, size_t n, kvs_err *err);
+/* Prefix: the leading present blocks in key order across every daemon (it stops at the
+ * first miss of the merged order, a down daemon's key included). */
+KVS_API int kvs_cluster_get_many(kvs_cluster *cl, const char *ns, kvs_get_item *items, size_t n,
+                                 const kvs_get_many_opts *opts, size_t *served, kvs_err *err);
+KVS_API int kvs_cluster_lookup(kvs_cluster *cl, const char *ns, const kvs_key *keys, size_t n,
+                               uint32_t *prefix, kvs_tier *tiers, kvs_err *err);
+KVS_API int kvs_cluster_exists(kvs_cluster *cl, const char *ns, const kvs_key *keys, size_t n,
+                               bool *present, kvs_err *err);
+/* From the owners and the local daemon; *deleted counts the owners' deletions. KVS_EUNAVAIL
+ * (after deleting the rest) when a daemon that may hold some of the keys did not answer. */
+KVS_API int kvs_cluster_delete(kvs_cluster *cl, const char *ns, const kvs_key *keys, size_t n,
+                               uint32_t *deleted, kvs_err *err);
+
+/* On every daemon up now (one that has it with the same shape counts as created); info (may
+ * be NULL) is one daemon's. KVS_EUNAVAIL when none answered. */
+KVS_API int kvs_cluster_ns_create(kvs_cluster *cl, const kvs_ns_spec *spec, kvs_ns_info *info,
+                                  kvs_err *err);
+/* From every daemon up now; *blocks_dropped (may be NULL) sums them. */
+KVS_API int kvs_cluster_ns_drop(kvs_cluster *cl, const char *name, uint64_t *blocks_dropped,
+                                kvs_err *err);
+/* The namespace as one daemon has it (the local one, else the first by id); KVS_ENOTFOUND
+ * when no daemon that answered has it. */
+KVS_API int kvs_cluster_ns_get(kvs_cluster *cl, const char *name, kvs_ns_info *info, kvs_err *err);
+
+/* The local daemon's client (borrowed until kvs_cluster_close), or NULL: for its regions and
+ * its admin calls. */
+KVS_API kvs_client *kvs_cluster_local(kvs_cluster *cl);
+
+/* The id of the key's owner in the current node set. */
+KVS_API int kvs_cluster_owner(kvs_cluster *cl, const void *key, size_t key_len,
+                              char id[KVS_NODE_ID_MAX], kvs_err *err);
+
+typedef struct kvs_cluster_node {
+    char id[KVS_NODE_ID_MAX]; /* the local daemon: its target */
+    bool local;               /* opts.local (not a ring member) */
+    bool up;                  /* false while marked down */
+    int64_t retry_in_ms;      /* down: until a call may try it again (0: the next may) */
+    uint64_t failures;        /* calls it did not answer, since it joined */
+    char why[160];            /* down: the failure that marked it */
+} kvs_cluster_node;
+
+/* The daemons now: the ring's in id order, then the local one. *n is set to their count
+ * and the first min(count, cap) are written to out (NULL with cap 0: count only). */
+KVS_API int kvs_cluster_nodes(kvs_cluster *cl, kvs_cluster_node *out, size_t cap, size_t *n,
+                              kvs_err *err);
 
 /* ------------------------------------------------------------------ block keys */
 

@@ -11,6 +11,7 @@ trap 'rm -rf "$T"' EXIT
 P=$T/prefix
 cmake --install "$B" --prefix "$P" > "$T/install.log"
 for f in bin/kvstashd bin/kvctl include/kvstash/kvstash.h include/kvstash/gpu/base/err.h \
+         include/kvstash/gpu/base/log.h \
          include/kvstash/gpu/codec/spec.h lib/libkvstash.a lib/pkgconfig/kvstash.pc \
          lib/cmake/kvstash/kvstashConfig.cmake; do
     [ -e "$P/$f" ] || { echo "missing after install: $f"; exit 1; }
@@ -39,7 +40,7 @@ SAN=${KVS_SANITIZE:+-fsanitize=$KVS_SANITIZE}
 cc $SAN -o "$T/shared" "$T/prog.c" $(pkg-config --cflags --libs kvstash) -Wl,-rpath,"$P/lib"
 # shellcheck disable=SC2046
 cc $SAN -o "$T/static" "$T/prog.c" $(pkg-config --cflags kvstash) "$P/lib/libkvstash.a" \
-    $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread
+    $(pkg-config --static --libs grpc libprotobuf-c libxxhash) -lm -lpthread -lresolv
 mkdir -p "$T/cm"
 cat > "$T/cm/CMakeLists.txt" <<'CM'
 cmake_minimum_required(VERSION 3.25)

@@ -5,11 +5,11 @@ with Debian's protoc and grpc_python_plugin and imports them.
 
 Fixtures:
   daemon          factory: daemon(host_capacity="256M", extra=[...], token=None,
-                  credentials=None, env=None) (credentials: a grpcio secure channel's; env:
-                  the daemon's whole environment, None for the test's) starts
-                  `$KVSTASHD --listen 127.0.0.1:0 --port-file <tmp>/port --host-capacity
-                  <cap> [extra]`, waits for the port file and for Health = SERVING, and
-                  returns a kvs.Daemon (.target .proc .stub .admin .kvctl(*args)). At
+                  credentials=None, env=None, listen="127.0.0.1:0") (credentials: a grpcio
+                  secure channel's; env: the daemon's whole environment, None for the
+                  test's) starts `$KVSTASHD --listen <listen> --port-file <tmp>/port
+                  --host-capacity <cap> [extra]`, waits for the port file and for Health =
+                  SERVING, and returns a kvs.Daemon (.target .proc .stub .admin .kvctl(*args)). At
                   teardown each one gets SIGTERM and must exit 0 within 20 s.
   module_daemon   the same factory, with daemons shared by one test module.
 On any failure, the stderr of every daemon still running is attached to the report; a
@@ -32,10 +32,11 @@ def pytest_report_header(config):
 def _factory(tmp_path_factory, label):
     started = []
 
-    def start(host_capacity="256M", extra=(), token=None, credentials=None, env=None):
+    def start(host_capacity="256M", extra=(), token=None, credentials=None, env=None,
+              listen="127.0.0.1:0"):
         workdir = tmp_path_factory.mktemp(label)
         d = kvs.Daemon(str(workdir), host_capacity=host_capacity, extra=extra, token=token,
-                       credentials=credentials, env=env)
+                       credentials=credentials, env=env, listen=listen)
         started.append(d)
         return d
 

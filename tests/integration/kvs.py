@@ -526,10 +526,11 @@ class Daemon:
     """A kvstashd on a free loopback port, with stubs over one channel.
 
     credentials: grpc.ChannelCredentials for every channel made here (a daemon with TLS:
-    test_tls.py); None = plaintext."""
+    test_tls.py); None = plaintext. listen: HOST:PORT to listen on (port 0: a free one),
+    e.g. another loopback address (test_sharding.py)."""
 
     def __init__(self, workdir, host_capacity="256M", extra=(), token=None,
-                 start_timeout=20, credentials=None, env=None):
+                 start_timeout=20, credentials=None, env=None, listen="127.0.0.1:0"):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.port_file = os.path.join(workdir, "port")
@@ -538,7 +539,8 @@ class Daemon:
         self.credentials = credentials
         # host_capacity None: no --host-capacity flag (a config file may set it).
         cap = [] if host_capacity is None else ["--host-capacity", str(host_capacity)]
-        self.argv = [KVSTASHD, "--listen", "127.0.0.1:0", "--port-file", self.port_file,
+        self.host = listen.rsplit(":", 1)[0]
+        self.argv = [KVSTASHD, "--listen", listen, "--port-file", self.port_file,
                      *cap, *KVSTASHD_EXTRA, *map(str, extra)]
         if not os.access(KVSTASHD, os.X_OK):
             raise RuntimeError(f"kvstashd not built: {KVSTASHD}")
@@ -553,7 +555,7 @@ class Daemon:
         self.channel = None
         try:
             self.port = self._wait_port(start_timeout)
-            self.target = f"127.0.0.1:{self.port}"
+            self.target = f"{self.host}:{self.port}"
             self.channel = self.new_channel()
             self.stub = pb_grpc.KvStashStub(self.channel)
             self.admin = pb_grpc.KvAdminStub(self.channel)

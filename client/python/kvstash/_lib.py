@@ -75,7 +75,29 @@ class GetItem(ctypes.Structure):
 
 class GetManyOpts(ctypes.Structure):
     _fields_ = [("format", ctypes.c_int), ("layer_begin", ctypes.c_uint32),
-                ("layer_end", ctypes.c_uint32), ("prefix", ctypes.c_bool)]
+                ("layer_end", ctypes.c_uint32), ("prefix", ctypes.c_bool),
+                ("route", ctypes.c_int)]  # kvs_route: 0 default, 1 owner, 2 local first
+
+
+NODE_ID_MAX = 264
+
+
+# kvs_log_fn (gpu/base/log.h): (ctx, level, line); levels 0 error, 1 warn, 2 info, 3 debug.
+LogFn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+
+
+class ClusterOpts(ctypes.Structure):
+    _fields_ = [("targets", ctypes.c_char_p), ("local", ctypes.c_char_p),
+                ("local_id", ctypes.c_char_p), ("resolve_ms", ctypes.c_int64),
+                ("backoff_min_ms", ctypes.c_int64), ("backoff_max_ms", ctypes.c_int64),
+                ("parallel", ctypes.c_uint), ("client", ClientOpts), ("log", LogFn),
+                ("log_ctx", ctypes.c_void_p)]
+
+
+class ClusterNode(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_char * NODE_ID_MAX), ("local", ctypes.c_bool),
+                ("up", ctypes.c_bool), ("retry_in_ms", ctypes.c_int64),
+                ("failures", ctypes.c_uint64), ("why", ctypes.c_char * 160)]
 
 
 class Key(ctypes.Structure):
@@ -177,6 +199,19 @@ def load():
                                                 ctypes.c_size_t]),
         "kvs_key_chain": (None, [P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t, P]),
     }
+    # The sharded client: its data-path and namespace calls have kvs_client's signatures
+    # (a kvs_cluster* for the kvs_client*), so the package calls either through one table.
+    for verb in ("put", "get", "put_many", "get_many", "lookup", "exists", "delete",
+                 "ns_create", "ns_drop", "ns_get"):
+        sig[f"kvs_cluster_{verb}"] = sig[f"kvs_client_{verb}"]
+    sig.update({
+        "kvs_cluster_open": (ctypes.c_int, [ctypes.POINTER(ClusterOpts), ctypes.POINTER(P), E]),
+        "kvs_cluster_close": (None, [P]),
+        "kvs_cluster_local": (P, [P]),
+        "kvs_cluster_owner": (ctypes.c_int, [P, P, ctypes.c_size_t, ctypes.c_char_p, E]),
+        "kvs_cluster_nodes": (ctypes.c_int, [P, ctypes.POINTER(ClusterNode), ctypes.c_size_t,
+                                             ctypes.POINTER(ctypes.c_size_t), E]),
+    })
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
         f.restype, f.argtypes = res, args

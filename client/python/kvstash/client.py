@@ -1,5 +1,6 @@
 """kvstash.Client: the Python face of libkvstash (see the package docstring)."""
 import ctypes
+import logging
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -25,6 +26,32 @@ _TIERS = {0: "none", 1: "gpu", 2: "host", 3: "disk"}
 _DTYPES = {"fp16": 1, "bf16": 2}
 ENOTFOUND, ENOTSUP, ENOSPC, E2BIG = -30002, -30012, -30004, -30006
 _PATHS = ("auto", "ipc", "shm", "grpc")
+_ROUTES = {None: 0, False: 1, True: 2}  # get_many(local_first=...) -> kvs_route
+
+
+class _Calls:
+    """The C calls a Client's methods make: one daemon's (kvs_client_*) or a cluster's
+    (kvs_cluster_*), which share their signatures; picked once, so no method tells the two
+    apart."""
+
+    def __init__(self, kind: str):
+        for verb in ("put", "get", "put_many", "get_many", "lookup", "exists", "delete",
+                     "ns_create", "ns_drop", "ns_get"):
+            setattr(self, verb, getattr(lib, f"kvs_{kind}_{verb}"))
+
+
+_ONE, _CLUSTER = _Calls("client"), _Calls("cluster")
+_log = logging.getLogger("kvstash")
+_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}
+
+
+def _event(ctx, level, line):
+    """A sharded client's events (daemons down or back, the node set changing), from its
+    threads, to the "kvstash" logger."""
+    _log.log(_LEVELS.get(level, logging.DEBUG), "%s", line.decode(errors="replace"))
+
+
+_EVENT = _lib.LogFn(_event)  # one for every Client: it must outlive their threads
 
 
 class KvstashError(Exception):
@@ -109,7 +136,7 @@ def _keys(keys: Sequence[Union[bytes, str]]):
 
 
 class Client:
-    """A connection to kvstashd (one gRPC channel; thread-safe).
+    """A connection to kvstashd (one gRPC channel; thread-safe), or to several (sharding).
 
         with kvstash.Client("127.0.0.1:50051") as c:
             c.create_namespace("llama", layers=32, kv_heads=8, head_dim=128, block_tokens=16,
@@ -141,14 +168,37 @@ class Client:
     "grpc" behaves as with a remote daemon. put() and get() of a CUDA tensor go through the
     batched calls when "ipc" may take them. Outside ipc, CUDA tensors are copied once by the
     GPU between device memory and the bytes the call moves.
+
+    Sharding (README "Sharding"): `target` as a list of targets, a comma-separated string,
+    or "dns:///NAME:PORT" (every A/AAAA record of NAME, re-resolved every `resolve_ms`; a
+    Kubernetes headless Service) spreads the keys over those daemons by rendezvous hashing;
+    the same calls work, batches fan out to the daemons in parallel. A daemon that is down
+    turns its keys into misses (None, like absent keys) and its puts into KvstashError
+    UNAVAILABLE results, within the call's deadline; it is retried with backoff (`backoff_ms`,
+    first and last wait). `local`: this node's own daemon ("unix:/run/kvstash.sock"), asked
+    first by gets and given a copy of every put; `local_id`: its id in the ring
+    ("10.0.0.7:50051"). nodes() and owner() show the placement; daemons going down or coming
+    back and the node set changing are logged to the "kvstash" logger. Namespaces are
+    created on every daemon; stats() and namespaces() are one daemon's business: open a
+    Client on one of nodes(). Blocks are decoded by the daemons (gpu_decode "auto" does not
+    apply and "on" is refused: codec state is learned per daemon).
+    Paths of a sharded Client: "shm" is a region with the `local` daemon only (the other
+    daemons' blocks move through its memory as bytes over gRPC; without `local`, "auto"
+    takes grpc and path="shm" raises KvstashError). There is no "ipc": a CUDA IPC region
+    reaches only the daemon it is registered with, and most keys' owners are others, so a
+    sharded Client refuses path="ipc" (ValueError) and "auto" never tries IPC; CUDA tensors
+    go through shm or grpc, copied once by the GPU.
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", token: Optional[str] = None,
+    def __init__(self, target: Union[str, Sequence[str]] = "127.0.0.1:50051",
+                 token: Optional[str] = None,
                  timeout_ms: int = 30000, shared_memory_bytes: int = 256 << 20,
                  gpu_decode: str = "auto", token_file: Optional[str] = None,
                  tls_ca: Optional[str] = None, tls_cert: Optional[str] = None,
                  tls_key: Optional[str] = None, tls_server_name: Optional[str] = None,
-                 path: str = "auto", ipc_registrations: int = 64):
+                 path: str = "auto", ipc_registrations: int = 64,
+                 local: Optional[str] = None, local_id: Optional[str] = None,
+                 resolve_ms: int = 10000, backoff_ms: Tuple[int, int] = (100, 5000)):
         # TLS (README "TLS"): PEM file paths, read by libkvstash (errors name the option);
         # any of them turns TLS on; tls_cert and tls_key for mutual TLS.
         if token is not None and token_file is not None:
@@ -175,14 +225,36 @@ class Client:
 
         def pem(p):  # str or os.PathLike
             return str(p).encode() if p is not None else None
-        self._opts = _lib.ClientOpts(target.encode(), token.encode() if token else None,
+        if not isinstance(target, str):
+            target = ",".join(target)
+        self._cluster = (local is not None or "," in target or target.startswith("dns:"))
+        if self._cluster and gpu_decode == "on":
+            raise ValueError("kvstash: gpu_decode='on' needs one daemon (learned codec state "
+                             "is per daemon); with several, the daemons decode")
+        if self._cluster and path == "ipc":
+            raise ValueError("kvstash: path='ipc' needs one daemon (a CUDA IPC region reaches "
+                             "only the daemon it is registered with, not a key's owner); "
+                             "a sharded Client moves CUDA tensors by shm or grpc")
+        if self._cluster:  # "auto" never tries IPC (nor runs torch's _share_cuda_)
+            self._ipc.refused = "a sharded Client does not use CUDA IPC"
+        self._c = _CLUSTER if self._cluster else _ONE
+        self._opts = _lib.ClientOpts(None if self._cluster else target.encode(),
+                                     token.encode() if token else None,
                                      timeout_ms, 0, 0, pem(tls_ca), pem(tls_cert),
                                      pem(tls_key),
                                      tls_server_name.encode() if tls_server_name else None)
         self._h = ctypes.c_void_p()
         err = _lib.Err()
-        _check(lib.kvs_client_connect(ctypes.byref(self._opts), ctypes.byref(self._h),
-                                      ctypes.byref(err)), err)
+        if self._cluster:
+            self._copts = _lib.ClusterOpts(target.encode(), local.encode() if local else None,
+                                           local_id.encode() if local_id else None, resolve_ms,
+                                           backoff_ms[0], backoff_ms[1], 0, self._opts, _EVENT,
+                                           None)
+            _check(lib.kvs_cluster_open(ctypes.byref(self._copts), ctypes.byref(self._h),
+                                        ctypes.byref(err)), err)
+        else:
+            _check(lib.kvs_client_connect(ctypes.byref(self._opts), ctypes.byref(self._h),
+                                          ctypes.byref(err)), err)
         self._shm_bytes = shared_memory_bytes
         self._region = None      # kvs_region*, or False once the daemon said no
         self._region_why = ""    # what it said
@@ -213,7 +285,7 @@ class Client:
             lib.kvs_region_close(self._region)
         self._region = None
         if self._h:
-            lib.kvs_client_close(self._h)
+            (lib.kvs_cluster_close if self._cluster else lib.kvs_client_close)(self._h)
             self._h = ctypes.c_void_p()
 
     def __enter__(self):
@@ -250,8 +322,8 @@ class Client:
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
                         keys_pre_rope, durable, seed, host_quota_bytes)
         info, err = _lib.NsInfo(), _lib.Err()
-        _check(lib.kvs_client_ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
-                                        ctypes.byref(err)), err)
+        _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
+                                 ctypes.byref(err)), err)
         return _ns_of(info)
 
     def open_namespace(self, name: str, layers: int, kv_heads: int, head_dim: int,
@@ -284,18 +356,24 @@ class Client:
     def drop_namespace(self, name: str) -> int:
         """Drops a namespace and its blocks; returns how many blocks went."""
         n, err = ctypes.c_uint64(), _lib.Err()
-        _check(lib.kvs_client_ns_drop(self._h, name.encode(), ctypes.byref(n),
-                                      ctypes.byref(err)), err)
+        _check(self._c.ns_drop(self._h, name.encode(), ctypes.byref(n),
+                               ctypes.byref(err)), err)
         self._ns_cache.pop(name, None)
         return n.value
 
     def namespace(self, name: str) -> Namespace:
         info, err = _lib.NsInfo(), _lib.Err()
-        _check(lib.kvs_client_ns_get(self._h, name.encode(), ctypes.byref(info),
-                                     ctypes.byref(err)), err)
+        _check(self._c.ns_get(self._h, name.encode(), ctypes.byref(info),
+                              ctypes.byref(err)), err)
         return _ns_of(info)
 
+    def _one_daemon(self, what: str):
+        if self._cluster:
+            raise KvstashError(ENOTSUP, f"{what}: one daemon's; with several, open a Client on "
+                                        f"one of nodes()")
+
     def namespaces(self) -> List[Namespace]:
+        self._one_daemon("namespaces")
         p, n, err = ctypes.POINTER(_lib.NsInfo)(), ctypes.c_size_t(), _lib.Err()
         _check(lib.kvs_client_ns_list(self._h, ctypes.byref(p), ctypes.byref(n),
                                       ctypes.byref(err)), err)
@@ -346,9 +424,9 @@ class Client:
         n = self._ns_fitting(ns, [a.nbytes])
         k = _keybuf(key)
         res, err = _lib.PutResult(), _lib.Err()
-        _check(lib.kvs_client_put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
-                                  _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
-                                  ctypes.byref(err)), err)
+        _check(self._c.put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
+                           _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
+                           ctypes.byref(err)), err)
         return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
 
     def get(self, ns: str, key, out=None, layers=None, _fresh: bool = False):
@@ -363,8 +441,8 @@ class Client:
                       "out", n.block_bytes)
             k = _keybuf(key)
             res, err = _lib.GetResult(), _lib.Err()
-            rc = lib.kvs_client_get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
-                                    ctypes.byref(res), ctypes.byref(err))
+            rc = self._c.get(self._h, ns.encode(), k, len(k), dst.ptr, dst.nbytes,
+                             ctypes.byref(res), ctypes.byref(err))
             if not _fresh and out is None and (rc in (E2BIG, ENOSPC) or
                                                (rc == 0 and self._stale(n, res, 0, n.layers))):
                 return self.get(ns, key, _fresh=True)  # the namespace changed shape
@@ -389,9 +467,16 @@ class Client:
                                             f"fit shared_memory_bytes ({self._shm_bytes})")
             return None
         if self._region is None:
+            # Sharded: a region with the local daemon (the others' blocks move through its
+            # memory as bytes), none without one.
+            owner = lib.kvs_cluster_local(self._h) if self._cluster else self._h
             r, err = ctypes.c_void_p(), _lib.Err()
-            rc = lib.kvs_region_create(self._h, self._shm_bytes, ctypes.byref(r),
-                                       ctypes.byref(err))
+            if not owner:
+                rc = ENOTSUP
+                err.msg = b"a sharded Client without `local` has no daemon on this host"
+            else:
+                rc = lib.kvs_region_create(owner, self._shm_bytes, ctypes.byref(r),
+                                           ctypes.byref(err))
             if rc:
                 self._region = False  # remote daemon or no region socket: bytes over gRPC
                 self._region_rc, self._region_why = rc, err.msg.decode(errors="replace")
@@ -474,8 +559,8 @@ class Client:
             err = _lib.Err()
             sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.PutItem)),
                               ctypes.POINTER(_lib.PutItem))
-            _check(lib.kvs_client_put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub,
-                                           end - start, ctypes.byref(err)), err)
+            _check(self._c.put_many(self._h, ns.encode(), _DTYPES[n.dtype], sub, end - start,
+                                    ctypes.byref(err)), err)
         with self._region_lock:
             ipc = self._ipc_regions([src.given for _, src in pairs], "blocks")
             if ipc is not None:  # every block read by the daemon from its tensor's storage
@@ -519,8 +604,8 @@ class Client:
         d = self._decoders.get((ns, idx))
         if d is None:
             info, err = _lib.NsInfo(), _lib.Err()
-            _check(lib.kvs_client_ns_get(self._h, ns.encode(), ctypes.byref(info),
-                                         ctypes.byref(err)), err)
+            _check(self._c.ns_get(self._h, ns.encode(), ctypes.byref(info),
+                                  ctypes.byref(err)), err)
             d = ctypes.c_void_p()
             with torch.cuda.device(idx):
                 _check(self._cuda_lib.kvs_cuda_decoder_create(
@@ -533,7 +618,7 @@ class Client:
         """Whether this call fetches encoded blocks and decodes them on this GPU. "auto"
         does so for a remote daemon only: on this host, the daemon's decode into shared
         memory moved blocks faster (tests/bench/RESULTS.md, "restore by path")."""
-        if self._gpu_decode == "off" or not any(d.cuda for d in dsts):
+        if self._gpu_decode == "off" or self._cluster or not any(d.cuda for d in dsts):
             return False
         if self._gpu_decode == "auto" and local:
             return False
@@ -558,14 +643,17 @@ class Client:
         return True
 
     def get_many(self, ns: str, keys: Sequence, prefix: bool = False, layers=None,
-                 out: Optional[Sequence] = None, _fresh: bool = False) -> list:
+                 out: Optional[Sequence] = None, local_first: Optional[bool] = None,
+                 _fresh: bool = False) -> list:
         """Fetches many blocks in one call, in key order: per key, [L][2][t][H][D] (a numpy
         array, or a view of out[i]), None for an absent one. prefix=True stops at the first
         absent key and returns only the leading present blocks (Lookup + Get in one round
         trip). layers as for get(). out: one destination per key (contiguous numpy arrays or
         CPU/CUDA tensors of at least a full block's bytes); CUDA destinations are filled on
         torch's current stream of their device, which is synchronized before returning (by
-        IPC, before the call: the daemon has written them when it returns)."""
+        IPC, before the call: the daemon has written them when it returns).
+        local_first (sharded with a local daemon): True or None asks it first, False only
+        each key's owner."""
         n = self._ns(ns, fresh=_fresh)
         keys = [_keybuf(k) for k in keys]
         if not keys:
@@ -586,21 +674,24 @@ class Client:
             it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
             it.key_len = len(k)
 
-        def fetch(start, end, opts) -> int:
-            """GetMany of items[start:end]; how many were served."""
+        opts = _lib.GetManyOpts(0, lb, 0 if whole else le, prefix, _ROUTES[local_first])
+
+        def fetch(start, end, encoded: bool) -> int:
+            """GetMany of items[start:end] (blocks as stored when encoded, for this GPU to
+            decode); how many were served."""
+            opts.format = 1 if encoded else 0
             served, err = ctypes.c_size_t(), _lib.Err()
             sub = ctypes.cast(ctypes.byref(items, start * ctypes.sizeof(_lib.GetItem)),
                               ctypes.POINTER(_lib.GetItem))
-            _check(lib.kvs_client_get_many(self._h, ns.encode(), sub, end - start,
-                                           ctypes.byref(opts), ctypes.byref(served),
-                                           ctypes.byref(err)), err)
+            _check(self._c.get_many(self._h, ns.encode(), sub, end - start,
+                                    ctypes.byref(opts), ctypes.byref(served),
+                                    ctypes.byref(err)), err)
             return served.value
         with self._region_lock:
             ipc = None if self._gpu_decode == "on" else self._ipc_regions(
                 [d.obj if d.cuda else None for d in dsts], "out")
             if ipc is not None:  # decoded by the daemon straight into the tensors
                 self._tls.path = "ipc"
-                opts = _lib.GetManyOpts(0, lb, 0 if whole else le, prefix)
                 # The items of one call name one region: a call per run of destinations in
                 # the same storage, in key order, so a prefix still stops where it ends.
                 start = 0
@@ -611,17 +702,18 @@ class Client:
                     for i in range(start, end):
                         items[i].cap = bb
                         items[i].region, items[i].offset = ipc[i]
-                    if fetch(start, end, opts) < end - start and prefix:
+                    if fetch(start, end, False) < end - start and prefix:
                         break
                     start = end
             else:
-                self._get_via_bytes(n, items, dsts, fetch, bb, lb, le, whole, prefix)
+                self._get_via_bytes(n, items, dsts, fetch, bb, whole, prefix)
         if not _fresh and out is None and any(
                 it.answered and (it.rc in (E2BIG, ENOSPC) or
                                  (it.rc == 0 and self._stale(n, it.res, lb, le)))
                 for it in items):
             # Sizes the cached spec does not explain: the namespace changed shape. Once more.
-            return self.get_many(ns, keys, prefix=prefix, layers=layers, _fresh=True)
+            return self.get_many(ns, keys, prefix=prefix, layers=layers,
+                                 local_first=local_first, _fresh=True)
         result = []
         for i, it in enumerate(items):
             if not it.answered or it.rc == ENOTFOUND:
@@ -636,8 +728,8 @@ class Client:
                 result.append(dsts[i].shaped(it.res.bytes, shape))
         return result
 
-    def _get_via_bytes(self, n: Namespace, items, dsts, fetch, bb: int, lb: int, le: int,
-                       whole: bool, prefix: bool):
+    def _get_via_bytes(self, n: Namespace, items, dsts, fetch, bb: int, whole: bool,
+                       prefix: bool):
         """get_many through the shared-memory region or gRPC bytes (the region lock held):
         into the region's slots, host staging or the destinations themselves, decoded on
         this GPU where _decode_on_gpu says so."""
@@ -645,7 +737,6 @@ class Client:
         gpu = self._decode_on_gpu(n, dsts, whole, local)
         cap = _enc_cap(bb) if gpu else bb
         region = self._region_for(cap)
-        opts = _lib.GetManyOpts(1 if gpu else 0, lb, 0 if whole else le, prefix)
         # Bytes that land somewhere other than their destination: the region's slots, or
         # host staging for CUDA destinations on the gRPC path.
         staged = region is not None or gpu or any(d.cuda for d in dsts)
@@ -667,7 +758,7 @@ class Client:
                     it.buf = view.ctypes.data + slot
                 else:
                     it.buf, it.cap = dsts[i].ptr, dsts[i].nbytes
-            served = fetch(start, end, opts)
+            served = fetch(start, end, gpu)
             if staged:
                 self._land(n, items[start:end], dsts[start:end], view, cap, gpu)
             if prefix and served < end - start:
@@ -712,28 +803,29 @@ class Client:
         """(how many leading keys are present, each key's tier: "gpu"/"host"/"disk"/"none")."""
         arr = _keys(keys)
         prefix, tiers, err = ctypes.c_uint32(), (ctypes.c_int * len(keys))(), _lib.Err()
-        _check(lib.kvs_client_lookup(self._h, ns.encode(), arr, len(keys), ctypes.byref(prefix),
-                                     tiers, ctypes.byref(err)), err)
+        _check(self._c.lookup(self._h, ns.encode(), arr, len(keys), ctypes.byref(prefix),
+                              tiers, ctypes.byref(err)), err)
         return prefix.value, [_TIERS.get(t, "none") for t in tiers]
 
     def exists(self, ns: str, keys: Sequence) -> List[bool]:
         arr = _keys(keys)
         out, err = (ctypes.c_bool * len(keys))(), _lib.Err()
-        _check(lib.kvs_client_exists(self._h, ns.encode(), arr, len(keys), out,
-                                     ctypes.byref(err)), err)
+        _check(self._c.exists(self._h, ns.encode(), arr, len(keys), out,
+                              ctypes.byref(err)), err)
         return list(out)
 
     def delete(self, ns: str, keys: Sequence) -> int:
         """Deletes the keys that exist; returns how many."""
         arr = _keys(keys)
         n, err = ctypes.c_uint32(), _lib.Err()
-        _check(lib.kvs_client_delete(self._h, ns.encode(), arr, len(keys), ctypes.byref(n),
-                                     ctypes.byref(err)), err)
+        _check(self._c.delete(self._h, ns.encode(), arr, len(keys), ctypes.byref(n),
+                              ctypes.byref(err)), err)
         return n.value
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses."""
+        self._one_daemon("stats")
         p, err = ctypes.POINTER(_lib.Stats)(), _lib.Err()
         _check(lib.kvs_client_stats(self._h, ctypes.byref(p), ctypes.byref(err)), err)
         try:
@@ -751,6 +843,33 @@ class Client:
             }
         finally:
             lib.kvs_stats_free(p)
+
+
+    # ------------------------------------------------------------------ sharding
+    def nodes(self) -> List[dict]:
+        """The daemons of a sharded Client: per daemon its id ("10.0.0.7:50051"), whether
+        it is `local`, `up` (False while marked down), `retry_in_ms`, `failures` and `why`
+        it is down; the ring's in id order, then the local one."""
+        if not self._cluster:
+            return [{"id": self._opts.target.decode(), "local": False, "up": True,
+                     "retry_in_ms": 0, "failures": 0, "why": ""}]
+        n, err = ctypes.c_size_t(), _lib.Err()
+        _check(lib.kvs_cluster_nodes(self._h, None, 0, ctypes.byref(n), ctypes.byref(err)), err)
+        arr = (_lib.ClusterNode * (n.value + 4))()  # room for a refresh in between
+        _check(lib.kvs_cluster_nodes(self._h, arr, len(arr), ctypes.byref(n),
+                                     ctypes.byref(err)), err)
+        return [{"id": x.id.decode(), "local": x.local, "up": x.up,
+                 "retry_in_ms": x.retry_in_ms, "failures": x.failures,
+                 "why": x.why.decode(errors="replace")} for x in arr[:min(n.value, len(arr))]]
+
+    def owner(self, key) -> str:
+        """The id of the daemon that owns key (rendezvous hashing over nodes())."""
+        if not self._cluster:
+            return self._opts.target.decode()
+        k = _keybuf(key)
+        out, err = ctypes.create_string_buffer(_lib.NODE_ID_MAX), _lib.Err()
+        _check(lib.kvs_cluster_owner(self._h, k, len(k), out, ctypes.byref(err)), err)
+        return out.value.decode()
 
 
 def block_keys(token_ids: Sequence[int], block_tokens: int,
