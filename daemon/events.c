@@ -13,11 +13,12 @@
  *    3. st.dropped = the sum of every slot's lost, ever; st.published and st.messages
  *       count what the publisher sent, st.send_errors the messages ZMQ refused; `sending`
  *       the events it took and has not counted yet. So every event emitted is queued,
- *       sending, published, dropped, or in a message that failed.
+ *       sending, published, dropped, in a message that failed, or a removal folded into
+ *       the store of the same key that followed it (fold_moves).
  *    4. stopping only goes false -> true (destroy); the publisher then sends what is
  *       queued and exits.
  *  - the publisher's own: the next sequence number, the msgpack buffer, `batch` (the
- *    events it took, sent with no lock held).
+ *    events it took, rewritten by fold_moves and sent with no lock held).
  */
 #include "daemon/events.h"
 
@@ -51,6 +52,7 @@ typedef struct slot {
     uint8_t ns_len;
     uint32_t block_tokens;
     uint32_t lost; /* invariant 2 */
+    bool held;     /* a removal at the end of the queue, left there once (publisher) */
     uint8_t key[KVS_KEY_MAX];
     char ns[KVS_NAME_MAX];
 } slot;
@@ -71,7 +73,7 @@ struct kvs_events {
     char endpoint[512];
     void *zctx, *sock;
     pthread_t thread;
-    slot *batch;
+    slot *batch; /* batch_max + 1 events */
     kvs_log_fn log;
     void *log_ctx;
 };
@@ -111,6 +113,7 @@ void kvs_events_emit(void *ctx, const kvs_store_event *e)
     s->ns_len = (uint8_t)ns_len;
     s->block_tokens = e->block_tokens;
     s->lost = 0;
+    s->held = false;
     if (key_len)
         memcpy(s->key, e->key, key_len);
     memcpy(s->ns, e->ns, ns_len);
@@ -259,10 +262,46 @@ static void send_message(pub *p, const slot *s, size_t n)
     p->messages++;
 }
 
+static bool same_block(const slot *a, const slot *b)
+{
+    return a->key_len == b->key_len && a->ns_len == b->ns_len &&
+           memcmp(a->key, b->key, a->key_len) == 0 && memcmp(a->ns, b->ns, a->ns_len) == 0;
+}
+
+/* A removal that a store of the same key follows at once (nothing between, no loss) is a
+ * move or a replace: the store reports the removal first (store.h), but a router should
+ * never see the block absent meanwhile. So the pair is published as the store, then the
+ * removal from the old tier, or as the store alone in the same tier. Whatever the pair
+ * was, the end state is the same: a delete then a Put of one key reads as that Put. The
+ * rewrite is in place (out <= i); returns the new count. */
+static size_t fold_moves(slot *s, size_t n)
+{
+    size_t out = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i + 1 < n && s[i].kind == KVS_STORE_EV_REMOVED && !s[i].lost &&
+            s[i + 1].kind == KVS_STORE_EV_STORED && same_block(&s[i], &s[i + 1])) {
+            slot removed = s[i], stored = s[i + 1];
+            i++;
+            if (removed.tier != stored.tier) {
+                removed.lost = stored.lost; /* a loss after the pair stays after it */
+                stored.lost = 0;
+                s[out++] = stored;
+                s[out++] = removed;
+            } else {
+                s[out++] = stored;
+            }
+            continue;
+        }
+        s[out++] = s[i];
+    }
+    return out;
+}
+
 /* Sends the n events taken: one message per run of one namespace; a run also ends at a
  * slot after which events were dropped, and the next sequence number is skipped there. */
-static void send_batch(pub *p, const slot *s, size_t n)
+static void send_batch(pub *p, slot *s, size_t n)
 {
+    n = fold_moves(s, n);
     for (size_t i = 0, j; i < n; i = j) {
         j = i + 1;
         while (j < n && !s[j - 1].lost && s[j].ns_len == s[i].ns_len &&
@@ -305,6 +344,27 @@ static void *publisher(void *arg)
                     break;
         }
         uint32_t n = ev->count < ev->batch_max ? ev->count : ev->batch_max;
+        /* A removal and the store that may follow it go out together (fold_moves): the
+         * next event too when it is queued (`batch` has room for one more); removals that
+         * end the queue wait for one more round instead, since the store of a move comes
+         * microseconds after its removal (both under one hold of the store lock). Each
+         * event waits so once at most: a plain delete is late by one flush period. */
+        if (n == ev->count && !ev->stopping) {
+            uint32_t keep = n;
+            for (; keep > 0; keep--) {
+                slot *t = &ev->ring[(ev->head + keep - 1) % ev->cap];
+                if (t->kind != KVS_STORE_EV_REMOVED || t->held || t->lost)
+                    break;
+                t->held = true;
+            }
+            if ((n = keep) == 0)
+                continue;
+        } else if (n < ev->count) {
+            const slot *last = &ev->ring[(ev->head + n - 1) % ev->cap];
+            if (last->kind == KVS_STORE_EV_REMOVED && !last->lost &&
+                ev->ring[(ev->head + n) % ev->cap].kind == KVS_STORE_EV_STORED)
+                n++;
+        }
         for (uint32_t i = 0; i < n; i++)
             ev->batch[i] = ev->ring[(ev->head + i) % ev->cap];
         ev->head = (ev->head + n) % ev->cap;
@@ -380,7 +440,7 @@ int kvs_events_create(const kvs_events_opts *o, kvs_events **out, kvs_err *err)
     ev->topic_len = tl;
     /* Sized from the config: fail softly (STYLE: allocations sized from outside). */
     ev->ring = calloc(ev->cap, sizeof *ev->ring);
-    ev->batch = calloc(ev->batch_max, sizeof *ev->batch);
+    ev->batch = calloc((size_t)ev->batch_max + 1, sizeof *ev->batch); /* + 1: a pair's end */
     if (!ev->ring || !ev->batch) {
         size_t bytes = (size_t)ev->cap * sizeof *ev->ring;
         free_events(ev);

@@ -34,7 +34,10 @@
  *            their block hashes as keys; llm-d reads a bin hash as its last 8 bytes,
  *            big-endian, the value vLLM's integer hashes had, so an 8-byte key is the same
  *            hash either way. medium: "GPU", "CPU" (the host tier) or "DISK".
- *            A move between tiers is BlockRemoved(old) then BlockStored(new).
+ *            A move between tiers (demotion, spill, promotion, a replace by a block in
+ *            another tier) is BlockStored(new tier) then BlockRemoved(old tier), so a
+ *            router never sees the block absent meanwhile (it holds it in two media for a
+ *            moment); a replace in the same tier is a BlockStored alone.
  *
  * Never blocking the data path: kvs_events_emit copies an event into a bounded ring
  * (opts.queue events; a slot holds the key and the namespace name) under a leaf lock and
@@ -79,7 +82,8 @@ typedef struct kvs_events_opts {
 
 typedef struct kvs_events_stats {
     uint64_t queued;      /* events waiting for the publisher, or being sent, now */
-    uint64_t published;   /* events sent */
+    uint64_t published;   /* events sent (keys of BlockStored and BlockRemoved, and
+                           * AllBlocksCleared), as subscribers count them */
     uint64_t messages;    /* messages (event batches) sent */
     uint64_t dropped;     /* events dropped because the ring was full */
     uint64_t send_errors; /* messages ZMQ refused (their events are lost too) */
