@@ -125,6 +125,7 @@ struct kvs_server {
     struct kvs_auth *auth_retired[8];
     unsigned n_retired;
     struct kvs_regions *regions; /* borrowed, may be NULL: shared memory (daemon/region.h) */
+    struct kvs_events *events;   /* borrowed, may be NULL: KV events (daemon/events.h) */
     grpc_server *server;
     grpc_completion_queue *cq;
     void *registered[KVS_RPC_COUNT]; /* grpc_server_register_method handles */

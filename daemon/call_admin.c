@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "daemon/call.h"
+#include "daemon/events.h"
 #include "daemon/region.h"
 #include "daemon/limits.h"
 #include "daemon/wire.h"
@@ -235,6 +236,18 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     dp.get_region_bytes = atomic_load(&srv->get_region_bytes);
     dp.get_wire_bytes = atomic_load(&srv->get_wire_bytes);
     reply.data_plane = &dp;
+    Kvstash__V1__EventStats evs = KVSTASH__V1__EVENT_STATS__INIT;
+    if (srv->events) {
+        kvs_events_stats es;
+        kvs_events_get_stats(srv->events, &es);
+        evs.endpoint = kvs_pb_str(kvs_events_endpoint(srv->events));
+        evs.published = es.published;
+        evs.messages = es.messages;
+        evs.dropped = es.dropped;
+        evs.send_errors = es.send_errors;
+        evs.queued = es.queued;
+        reply.events = &evs;
+    }
     kvs_call_reply(c, &reply.base);
     ns_protos_free(&p);
     return 0;

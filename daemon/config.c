@@ -53,6 +53,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->max_gets = 1024;
     cfg->max_gets_per_conn = 256;
     cfg->stream_idle_s = 30;
+    cfg->events_queue = 16384;
 }
 
 int kvs_parse_size(const char *s, uint64_t *out)
@@ -200,6 +201,16 @@ static const key_def keys[] = {
     {"metrics_listen", "metrics-listen", "ADDR", T_STR, 0, 0, FIELD(metrics_listen), 0, 0, 0, NULL,
      "serve HTTP /metrics (Prometheus), /healthz and /readyz on\nHOST:PORT, e.g. "
      "127.0.0.1:9464 (default: off)"},
+    {"events_listen", "events-listen", "ENDPOINT", T_STR, 0, 0, FIELD(events_listen), 0, 0, 0, NULL,
+     "publish KV block events for cache-aware routers (vLLM's\nformat: ZMQ PUB, msgpack) on "
+     "tcp://HOST:PORT or ipc://PATH,\ne.g. tcp://127.0.0.1:5557 (default: off)"},
+    {"events_topic", "events-topic", "TOPIC", T_STR, 0, O_AUTO, FIELD(events_topic), 0, 0, 0, NULL,
+     "topic prefix of the events: each message's topic is\nTOPIC@NAMESPACE (default auto: "
+     "kv@<hostname>)"},
+    {"events_queue", "events-queue", "N", T_UINT, 0, 0, FIELD(events_queue), 0, 1, 1u << 22,
+     "in 1..4194304",
+     "events held for the publisher; past it they are dropped\nand counted, never waited for "
+     "(default 16384)"},
     {"token", "token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(token), 0, 0, 0, NULL,
      "require 'authorization: Bearer TOKEN' on KvStash calls"},
     {"admin_token", "admin-token", "TOKEN", T_STR, LIVE | KVS_KEY_SECRET, 0, FIELD(admin_token), 0,
@@ -596,6 +607,22 @@ uint64_t kvs_config_recv_budget(const kvs_config *cfg)
     return cfg->host_capacity / 4 > (64ull << 20) ? cfg->host_capacity / 4 : 64ull << 20;
 }
 
+int kvs_config_events_topic(const kvs_config *cfg, char *buf, size_t cap, kvs_err *err)
+{
+    if (cfg->events_topic[0]) {
+        snprintf(buf, cap, "%s", cfg->events_topic);
+        return 0;
+    }
+    /* llm-d reads a topic kv@<pod>@<model>: the host names the pod, the namespace the
+     * model (events.h). */
+    char host[256];
+    if (gethostname(host, sizeof host) != 0)
+        return kvs_err_set(err, KVS_EIO, "events_topic: auto: gethostname: %s", strerror(errno));
+    host[sizeof host - 1] = 0;
+    snprintf(buf, cap, "kv@%s", host);
+    return 0;
+}
+
 const char *kvs_config_region_socket(const kvs_config *cfg, char *buf, size_t cap)
 {
     buf[0] = 0;
@@ -708,6 +735,19 @@ static int check_token_files(const kvs_config *cfg, kvs_err *err)
                            pairs[p][0], other);
     }
     return 0;
+}
+
+/* The events endpoint's transport: ZMQ offers more (inproc, pgm...), but only these two
+ * reach a router in another process. The rest is checked by the bind at start. */
+static int check_events(const kvs_config *cfg, kvs_err *err)
+{
+    const char *l = cfg->events_listen;
+    if (!l[0] || strncmp(l, "tcp://", 6) == 0 || strncmp(l, "ipc://", 6) == 0)
+        return 0;
+    int i = kvs_config_key_find("events_listen");
+    char w[600];
+    source_name(cfg, &keys[i], cfg->src[i].kind, cfg->src[i].line, NULL, w, sizeof w);
+    return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not tcp://HOST:PORT or ipc://PATH", w, l);
 }
 
 /* The TLS keys that only make sense together, and TLS on a Unix socket: that socket is
@@ -823,7 +863,7 @@ int kvs_config_parse_args(kvs_config *cfg, int argc, char **argv, kvs_err *err)
             goto out;
     if ((rc = check_token_files(cfg, err)))
         goto out;
-    if ((rc = check_tls(cfg, err)))
+    if ((rc = check_tls(cfg, err)) || (rc = check_events(cfg, err)))
         goto out;
     if (cfg->data_dir_reset && !cfg->data_dir[0]) {
         int i = kvs_config_key_find("data_dir_reset");

@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 43
+#define KVS_CONFIG_NKEYS 46
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -50,8 +50,14 @@ typedef struct kvs_config {
     kvs_log_level log_level;
     int log_format;           /* kvs_log_format (daemon/log.h): text or json lines */
     char metrics_listen[256]; /* HTTP /metrics, /healthz, /readyz: HOST:PORT, "" = off */
-    char token[256];          /* data-path bearer token ("" = open) */
-    char admin_token[256];    /* KvAdmin bearer token ("" = same rules as token) */
+    /* KV events for routers (daemon/events.h, README "KV events"): the ZMQ endpoint to
+     * bind ("" = off), the topic prefix ("" = auto: kv@<hostname>, kvs_config_events_topic)
+     * and the events held for the publisher. */
+    char events_listen[256];
+    char events_topic[256];
+    unsigned events_queue;
+    char token[256];       /* data-path bearer token ("" = open) */
+    char admin_token[256]; /* KvAdmin bearer token ("" = same rules as token) */
     /* Files the tokens are read from instead (daemon/tokens.h; "" = none; a file and its
      * token value both set is refused), and the tenant file (README "Tenants"). Paths
      * only: the files are read when the auth object is built, at start and each SIGHUP. */
@@ -145,6 +151,9 @@ void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i);
 /* Effective values of the keys whose default is "auto" (derived from other keys). */
 uint64_t kvs_config_recv_budget(const kvs_config *cfg);       /* auto: host/4, at least 64M */
 uint64_t kvs_config_tenant_host_quota(const kvs_config *cfg); /* auto: host/4 */
+/* The events' topic prefix: events_topic, or "kv@<hostname>" for auto. KVS_EIO when the
+ * host name cannot be read. */
+int kvs_config_events_topic(const kvs_config *cfg, char *buf, size_t cap, kvs_err *err);
 /* The region socket path, "" for none (auto: <listen path>.region for unix: listen). */
 const char *kvs_config_region_socket(const kvs_config *cfg, char *buf, size_t cap);
 

@@ -4,10 +4,12 @@
  *
  * Start: parse the config (defaults < --config file < env tokens < flags; daemon/config.h)
  * -> read the token files (daemon/tokens.h) -> grpc_init -> loop (signals, stats timer) -> codec
- * work mailbox (daemon/work.h) -> store -> server (bind, arm, CQ threads) -> port file -> run. Stop
+ * work mailbox (daemon/work.h) -> KV events (--events-listen: bind, publisher thread) -> store
+ * (its event sink armed) -> server (bind, arm, CQ threads) -> port file -> run. Stop
  * (SIGTERM/SIGINT): drain (new calls get UNAVAILABLE) -> poll until in-flight calls finish or
  * --drain-timeout passes -> close loop handles (queued codec work still finishes) -> server
- * shutdown -> work mailbox -> store -> grpc_shutdown -> exit 0. A second signal during the drain
+ * shutdown -> work mailbox -> store -> KV events (what is queued is sent) -> grpc_shutdown ->
+ * exit 0. A second signal during the drain
  * skips the wait. SIGHUP: re-read the config file and the token files and apply what may
  * change live (on_sighup).
  *
@@ -37,6 +39,7 @@
 #include "daemon/tokens.h"
 #include "daemon/call.h"
 #include "daemon/config.h"
+#include "daemon/events.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/metrics.h"
@@ -63,6 +66,7 @@ typedef struct daemon_state {
     kvs_tls *tls; /* the listener's certificate (its fetcher reads it): until grpc_shutdown */
     kvs_regions *regions; /* the region socket (--region-socket), or NULL */
     kvs_metrics *metrics; /* the HTTP endpoint (--metrics-listen), or NULL */
+    kvs_events *events;   /* KV events for routers (--events-listen), or NULL; after the store */
     uv_loop_t loop;
     uv_signal_t sigterm, sigint, sighup;
     uv_timer_t stats_timer, drain_timer, sweep_timer, watchdog_timer;
@@ -346,7 +350,7 @@ static int start_server(daemon_state *d, struct kvs_auth **auth, kvs_tls *tls, i
     struct kvs_auth *a = *auth;
     *auth = NULL;
     return kvs_server_create(&d->cfg, a, tls, d->store, d->work, d->engine, d->tiering, d->regions,
-                             &d->server, port, err);
+                             d->events, &d->server, port, err);
 }
 
 /* The HTTP endpoint, once the server is up (it reads the server's counters). */
@@ -358,7 +362,8 @@ static int start_metrics(daemon_state *d, kvs_err *err)
                           .store = d->store,
                           .server = d->server,
                           .regions = d->regions,
-                          .engine = d->engine};
+                          .engine = d->engine,
+                          .events = d->events};
     int port = 0;
     int rc = kvs_metrics_create(&o, &d->metrics, &port, err);
     if (rc == 0)
@@ -462,6 +467,31 @@ static int start_host_pool(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
             "host tier in pinned memory: %llu bytes of address space reserved, "
             "pinned in 64 MiB slabs as blocks arrive (--host-pinned off: plain malloc)",
             (unsigned long long)po.max_bytes);
+    return 0;
+}
+
+/* KV events (--events-listen): bound before the store is created, whose event sink it is
+ * (sopts->on_event), so a bad endpoint stops the start before the disk tier is opened. */
+static int start_events(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
+{
+    if (!d->cfg.events_listen[0])
+        return 0;
+    char topic[300];
+    int rc = kvs_config_events_topic(&d->cfg, topic, sizeof topic, err);
+    if (rc)
+        return rc;
+    kvs_events_opts o = {.listen = d->cfg.events_listen,
+                         .topic = topic,
+                         .queue = d->cfg.events_queue,
+                         .log = kvs_log_sink,
+                         .log_ctx = "events"};
+    if ((rc = kvs_events_create(&o, &d->events, err)))
+        return kvs_err_prefix(err, "--events-listen");
+    sopts->on_event = kvs_events_emit;
+    sopts->event_ctx = d->events;
+    kvs_log(KVS_LOG_INFO,
+            "KV events on %s, topic %s@<namespace> (vLLM's format; queue of %u events)",
+            kvs_events_endpoint(d->events), topic, d->cfg.events_queue);
     return 0;
 }
 
@@ -613,8 +643,9 @@ int main(int argc, char **argv)
                             .log = kvs_log_sink,
                             .log_ctx = "store"};
     if ((rc = start_loop(&d, &err)) || (rc = kvs_work_create(&d.loop, &d.work, &err)) ||
-        (rc = start_engine(&d, &err)) || (rc = start_gpu_tier_and_store(&d, &sopts, &err)) ||
-        (rc = start_regions(&d, &err)) || (rc = start_server(&d, &auth, tls, &port, &err))) {
+        (rc = start_engine(&d, &err)) || (rc = start_events(&d, &sopts, &err)) ||
+        (rc = start_gpu_tier_and_store(&d, &sopts, &err)) || (rc = start_regions(&d, &err)) ||
+        (rc = start_server(&d, &auth, tls, &port, &err))) {
         kvs_auth_destroy(auth); /* NULL once the server took it */
         kvs_tls_destroy(tls);
         kvs_log(KVS_LOG_ERROR, "startup failed: %s", err.msg);
@@ -625,6 +656,7 @@ int main(int argc, char **argv)
         kvs_work_destroy(d.work);
         kvs_regions_destroy(d.regions);
         kvs_store_destroy(d.store);
+        kvs_events_destroy(d.events);      /* the store, its one emitter, is gone */
         kvs_hostpool_destroy(d.host_pool); /* unpins through the engine */
         kvs_engine_destroy(d.engine);
         kvs_disk_close(d.disk);
@@ -682,6 +714,7 @@ int main(int argc, char **argv)
                 (unsigned long long)n, (double)(uv_hrtime() - t0) / 1e6);
     }
     kvs_store_destroy(d.store);        /* applies the disk writer's queue */
+    kvs_events_destroy(d.events);      /* sends what the store reported, the flush included */
     kvs_hostpool_destroy(d.host_pool); /* no block is left; unpins through the engine */
     kvs_engine_destroy(d.engine);      /* after the server and the store: nothing uses it */
     kvs_disk_close(d.disk);

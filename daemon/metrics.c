@@ -4,7 +4,7 @@
  * thread creates and destroys the endpoint and flips `ready`. State: `ready` (atomic) and
  * the borrowed sources in `o`, which outlive the endpoint (main.c destroys it before the
  * server and the store). Locks: none of our own; a render takes the store's, the server's,
- * the limits' and the regions' locks one at a time through their snapshot functions
+ * the limits', the regions' and the events' locks one at a time through their snapshot functions
  * (daemon/THREADS.md) and holds none while the page is written or sent.
  *
  * Names follow Prometheus' conventions: a `kvstash_` prefix, the unit in the name
@@ -23,6 +23,7 @@
 #include <sys/socket.h>
 
 #include "daemon/call.h"
+#include "daemon/events.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/region.h"
@@ -300,6 +301,28 @@ static void render_streams(FILE *f, kvs_server *srv, struct kvs_regions *regions
     sample(f, "kvstash_region_refused_total", rs.refused);
 }
 
+/* KV events (--events-listen, daemon/events.h): only when they are on. */
+static void render_events(FILE *f, struct kvs_events *ev)
+{
+    if (!ev)
+        return;
+    kvs_events_stats es;
+    kvs_events_get_stats(ev, &es);
+    family(f, "kvstash_events_published_total", "counter",
+           "KV block events sent to subscribers (--events-listen).");
+    sample(f, "kvstash_events_published_total", es.published);
+    family(f, "kvstash_events_messages_total", "counter", "Messages (event batches) sent.");
+    sample(f, "kvstash_events_messages_total", es.messages);
+    family(f, "kvstash_events_dropped_total", "counter",
+           "Events dropped because the publisher's queue was full (--events-queue).");
+    sample(f, "kvstash_events_dropped_total", es.dropped);
+    family(f, "kvstash_events_send_errors_total", "counter",
+           "Event messages the socket refused (their events are lost).");
+    sample(f, "kvstash_events_send_errors_total", es.send_errors);
+    family(f, "kvstash_events_queued", "gauge", "Events waiting for the publisher.");
+    sample(f, "kvstash_events_queued", es.queued);
+}
+
 /* Codec work by op and by where it ran (storage/xfer.h), and the engine's batch sizes. */
 static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *engine)
 {
@@ -388,6 +411,7 @@ int kvs_metrics_render(const kvs_metrics_opts *o, char **out, size_t *len, kvs_e
     render_rpcs(f, o->server);
     render_streams(f, o->server, o->regions);
     render_codecs(f, o->server, o->engine);
+    render_events(f, o->events);
     /* open_memstream's stream fails only for want of memory; fclose reports it. */
     bool bad = ferror(f) != 0;
     if (fclose(f) != 0 || bad) {

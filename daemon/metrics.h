@@ -7,9 +7,9 @@
  * HTTP is libmicrohttpd's, on one thread of its own (MHD's internal polling thread), with
  * a connection limit and an idle timeout so that a slow or hostile scraper cannot hold the
  * daemon's memory. A scrape takes snapshots one source at a time (the store's lock, the
- * server's lock, the limits' and the regions' locks, each alone and never nested; the RPC
- * counters are atomics), renders them into a buffer with no lock held, and only then
- * queues the response.
+ * server's lock, the limits', the regions' and the events' locks, each alone and never nested; the
+ * RPC counters are atomics), renders them into a buffer with no lock held, and only then queues the
+ * response.
  */
 #ifndef KVS_DAEMON_METRICS_H
 #define KVS_DAEMON_METRICS_H
@@ -24,6 +24,7 @@ struct kvs_server;
 struct kvs_store;
 struct kvs_regions;
 struct kvs_engine;
+struct kvs_events;
 
 typedef struct kvs_metrics_opts {
     const char *listen;          /* HOST:PORT or [V6]:PORT (port 0: a free one); borrowed */
@@ -31,6 +32,7 @@ typedef struct kvs_metrics_opts {
     struct kvs_server *server;   /* borrowed; outlives the endpoint */
     struct kvs_regions *regions; /* borrowed, may be NULL */
     struct kvs_engine *engine;   /* borrowed, may be NULL: no GPU engine */
+    struct kvs_events *events;   /* borrowed, may be NULL: no KV events */
 } kvs_metrics_opts;
 
 /* Binds and starts serving (not ready yet). KVS_EINVAL for an address that does not

@@ -14,6 +14,7 @@
 
 #include "daemon/auth.h"
 #include "daemon/call.h"
+#include "daemon/events.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 #include "daemon/region.h"
@@ -93,10 +94,12 @@ static void *cq_thread(void *arg)
 
 int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_store *store,
                       kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
-                      kvs_regions *regions, kvs_server **out, int *bound_port, kvs_err *err)
+                      kvs_regions *regions, kvs_events *events, kvs_server **out, int *bound_port,
+                      kvs_err *err)
 {
     kvs_server *srv = kvs_xcalloc(1, sizeof *srv);
     srv->regions = regions;
+    srv->events = events;
     srv->rpcs = rpc_table;
     srv->cfg = cfg;
     srv->store = store;

@@ -18,7 +18,7 @@ PACKAGES=(build-essential cmake pkg-config git
           python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-xxhash
           python3-pip python3-setuptools python3-wheel python3-torch
           protobuf-compiler protobuf-compiler-grpc libhiredis-dev libcyaml-dev libyaml-dev
-          libmicrohttpd-dev libsystemd-dev)
+          libmicrohttpd-dev libsystemd-dev libzmq3-dev libmsgpack-dev python3-zmq python3-msgpack)
 # Only for the test command: promtool, for test_metrics.py's format check and the alert
 # rules of deploy/k8s (it comes with the Prometheus server, which Debian enables on a
 # systemd host: `demo` does not install it); yamllint and python3-kubernetes (the API's

@@ -81,6 +81,22 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk)
     return d;
 }
 
+/* Reports a change of the index to the sink (store.h "Events"), under st->mu. A block of a
+ * dropped namespace says nothing: kvs_store_ns_drop reports the namespace once instead. */
+static void event_locked(kvs_store *st, kvs_store_event_kind kind, const kvs_block *blk)
+{
+    if (!st->on_event || kvs_ns_dropped(blk->ns))
+        return;
+    const kvs_ns_spec *sp = kvs_ns_spec_of(blk->ns);
+    kvs_store_event ev = {.kind = kind,
+                          .tier = blk->tier,
+                          .ns = sp->name,
+                          .block_tokens = sp->block_tokens,
+                          .key = blk->node.key,
+                          .key_len = blk->node.key_len};
+    st->on_event(st->event_ctx, &ev);
+}
+
 /* Unlinks a block that leaves the store for good (delete, replace) and queues the
  * removal of its disk record, if it has one or one is being written (invariant 8). */
 static bool forget_locked(kvs_store *st, kvs_block *blk)
@@ -142,6 +158,7 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     if (kvs_policy_node_linked(&blk->pol))
         kvs_policy_remove(st->policy, &blk->pol);
     kvs__block_set_state(blk, KVS_BLOCK_UNLINKED);
+    event_locked(st, KVS_STORE_EV_REMOVED, blk);
     kvs_ns_usage *u = kvs_ns_usage_of(blk->ns);
     u->blocks--;
     u->stored_bytes -= blk->size;
@@ -162,6 +179,9 @@ void kvs_store_destroy(kvs_store *st)
 {
     if (!st)
         return;
+    /* Letting go of every block is no eviction: a subscriber learns of the shutdown from
+     * the daemon, not from a REMOVED per block. */
+    st->on_event = NULL;
     kvs_writer_destroy(st->writer); /* applies what is queued: drops its references */
     kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
     for (int i = 0; i < 3; i++) {
@@ -289,6 +309,13 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
     }
     if (ns && st->writer) /* after any queued write of its blocks (FIFO) */
         kvs_writer_ns_del(st->writer, kvs_ns_id(ns));
+    if (ns && st->on_event) { /* its blocks said nothing (dropped: event_locked) */
+        kvs_store_event ev = {.kind = KVS_STORE_EV_CLEARED,
+                              .tier = KVS_STORE_TIER_NONE,
+                              .ns = kvs_ns_spec_of(ns)->name,
+                              .block_tokens = kvs_ns_spec_of(ns)->block_tokens};
+        st->on_event(st->event_ctx, &ev);
+    }
     pthread_mutex_unlock(&st->mu);
     if (!ns)
         return kvs_err_set(err, KVS_ENOTFOUND, "name: namespace '%.64s' not found", name);
@@ -581,6 +608,7 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
         st->stats.host_blocks++;
     if (blk->on_disk)
         st->stats.disk_used += blk->size;
+    event_locked(st, KVS_STORE_EV_STORED, blk);
 }
 
 /* Commit, plus the durable write when done is set (kvs_store_block_commit_durable). */

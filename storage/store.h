@@ -74,6 +74,19 @@
  *     a durable commit that replaces a block queues no removal; its own write replaces the
  *     record (or, failing, re-indexes it: README, durable contract).
  *
+ * Events (opts.on_event): every change of the index is reported, in the order it happens,
+ * to one sink, so that a subscriber replaying them holds, for every key, the tier that
+ * kvs_store_lookup reports (daemon/events.h publishes them for cache-aware routers).
+ * kvs__store_link_locked reports STORED (the block's tier) and kvs__store_unlink_locked
+ * REMOVED (the tier it left): commits, replacements, evictions, spills, demotions,
+ * promotions, deletes, checksum failures and an operator's evict all go through those
+ * two. A move between tiers is therefore REMOVED(old tier) then STORED(new tier), back to
+ * back under one hold of the lock; a replace in the same tier is REMOVED then STORED of
+ * the same tier. A disk record of a host or GPU block is no tier of its own (the block
+ * reads HOST or GPU, as Lookup says). A namespace drop reports one CLEARED instead of
+ * each of its blocks. Not reported: the blocks indexed from the disk tier by
+ * kvs_store_create (no one can be listening yet) and those kvs_store_destroy lets go.
+ *
  * Threading and locks: every function is thread-safe. One mutex (store->mu) guards the
  * index, the LRUs, the namespace registry and all counters. Lock order (the one place it
  * is written down): store->mu, then the disk writer's queue lock (writer.c), then the
@@ -108,6 +121,27 @@ typedef enum kvs_store_tier {
     KVS_STORE_TIER_DISK = 3,
 } kvs_store_tier;
 
+/* One change of the index (store.h, "Events"). Every pointer is borrowed for the call. */
+typedef enum kvs_store_event_kind {
+    KVS_STORE_EV_STORED = 1,  /* key now readable in `tier` */
+    KVS_STORE_EV_REMOVED = 2, /* key no longer in `tier` (gone, or moving: a STORED follows) */
+    KVS_STORE_EV_CLEARED = 3, /* namespace dropped with every block (key NULL, tier NONE) */
+} kvs_store_event_kind;
+
+typedef struct kvs_store_event {
+    kvs_store_event_kind kind;
+    kvs_store_tier tier;
+    const char *ns;        /* namespace name */
+    uint32_t block_tokens; /* the namespace's tokens per full block (T) */
+    const void *key;       /* 1..KVS_KEY_MAX bytes; NULL for CLEARED */
+    size_t key_len;
+} kvs_store_event;
+
+/* The event sink. Runs with the store lock held, on whichever thread changed the index
+ * (request, loop, pool, disk writer, an admin verb): it must not block, must not call into
+ * the store, and may take only a leaf lock (daemon/THREADS.md). */
+typedef void (*kvs_store_event_fn)(void *ctx, const kvs_store_event *ev);
+
 typedef struct kvs_store_opts {
     uint64_t host_capacity;      /* bytes of the host tier */
     uintptr_t gpu_base;          /* GPU tier region (device address, borrowed), or 0: no GPU tier */
@@ -133,6 +167,8 @@ typedef struct kvs_store_opts {
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
                                   * (0: the policy's default, 10) */
+    kvs_store_event_fn on_event; /* index changes (store.h "Events"), or NULL: none */
+    void *event_ctx;             /* its first argument (borrowed; outlives the store) */
     kvs_log_fn log;              /* may be NULL */
     void *log_ctx;
 } kvs_store_opts;

@@ -104,7 +104,9 @@ struct kvs_store {
     uint32_t verify_pass;                 /* kvs_store_verify passes started (store_admin.c) */
     kvs_store_stats stats;
     uint32_t calib_tokens;
-    struct kvs_engine *engine; /* borrowed, may be NULL (opts.engine) */
+    struct kvs_engine *engine;   /* borrowed, may be NULL (opts.engine) */
+    kvs_store_event_fn on_event; /* opts.on_event, armed once the disk tier is indexed */
+    void *event_ctx;
     kvs_log_fn log;
     void *log_ctx;
 };

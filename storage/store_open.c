@@ -75,6 +75,12 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
             return rc;
         }
     }
+    /* Armed only now: the blocks restored above were indexed before anyone could listen.
+     * Under the lock, since the disk writer already runs. */
+    pthread_mutex_lock(&st->mu);
+    st->on_event = opts->on_event;
+    st->event_ctx = opts->event_ctx;
+    pthread_mutex_unlock(&st->mu);
     *out = st;
     return 0;
 }

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -95,6 +96,49 @@ static void test_flags(void **state)
     }
 }
 
+/* KV events (daemon/events.h): off by default; a tcp:// or ipc:// endpoint; the topic
+ * auto is kv@<hostname>; the queue bounded. */
+static void test_events_keys(void **state)
+{
+    kvs_config cfg;
+    kvs_err err;
+    char buf[300];
+    kvs_config_defaults(&cfg);
+    assert_string_equal(cfg.events_listen, "");
+    assert_int_equal(cfg.events_queue, 16384);
+    char host[256];
+    assert_int_equal(gethostname(host, sizeof host), 0);
+    assert_int_equal(kvs_config_events_topic(&cfg, buf, sizeof buf, &err), 0);
+    assert_true(strncmp(buf, "kv@", 3) == 0 && strcmp(buf + 3, host) == 0);
+
+    char *ok[] = {"kvstashd",
+                  "--events-listen",
+                  "tcp://127.0.0.1:5557",
+                  "--events-topic",
+                  "kv@pod-7",
+                  "--events-queue",
+                  "64",
+                  NULL};
+    assert_int_equal(parse(&cfg, &err, 7, ok), 0);
+    assert_string_equal(cfg.events_listen, "tcp://127.0.0.1:5557");
+    assert_int_equal(cfg.events_queue, 64);
+    assert_int_equal(kvs_config_events_topic(&cfg, buf, sizeof buf, &err), 0);
+    assert_string_equal(buf, "kv@pod-7");
+    char *ipc[] = {"kvstashd", "--events-listen", "ipc:///run/kvstash/events", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, ipc), 0);
+    char *bad[] = {"kvstashd", "--events-listen", "127.0.0.1:5557", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, bad), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--events-listen: '127.0.0.1:5557' is not tcp://"));
+    char *inproc[] = {"kvstashd", "--events-listen", "inproc://x", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, inproc), KVS_EINVAL);
+    char *q0[] = {"kvstashd", "--events-queue", "0", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, q0), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "--events-queue"));
+    char *auto_topic[] = {"kvstashd", "--events-topic", "auto", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, auto_topic), 0);
+    assert_string_equal(cfg.events_topic, "");
+}
+
 static void test_defaults(void **state)
 {
     kvs_config cfg;
@@ -114,6 +158,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes),
         cmocka_unit_test(test_flags),
+        cmocka_unit_test(test_events_keys),
         cmocka_unit_test(test_defaults),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
