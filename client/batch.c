@@ -23,8 +23,8 @@ static void item_msg(char *dst, size_t cap, const char *src, size_t n)
     dst[n] = 0;
 }
 
-static int check_region_item(const kvs_region *g, uint64_t offset, uint64_t len, size_t i,
-                             const char *what, kvs_err *err)
+int kvs__region_item_check(const kvs_region *g, uint64_t offset, uint64_t len, size_t i,
+                           const char *what, kvs_err *err)
 {
     size_t size = kvs_region_size(g);
     if (offset > size || len > size - offset)
@@ -36,25 +36,33 @@ static int check_region_item(const kvs_region *g, uint64_t offset, uint64_t len,
 
 /* ------------------------------------------------------------------ PutMany */
 
-int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
-                        size_t n, kvs_err *err)
+int kvs__put_items_check(kvs_put_item *items, size_t n, kvs_err *err)
 {
-    kvs_err_clear(err);
-    if (!c || !ns || (!items && n))
-        return kvs_err_set(err, KVS_EINVAL, "PutMany: NULL argument");
     for (size_t i = 0; i < n; i++) {
         kvs_put_item *it = &items[i];
         if (!it->key || kvs_key_validate(it->key_len, err) != 0)
             return kvs_err_prefix(err, "PutMany: items[%zu]: key", i);
         if (!it->data && !it->region)
             return kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: neither data nor region", i);
-        if (!it->data && check_region_item(it->region, it->offset, it->len, i, "PutMany", err))
+        if (!it->data && kvs__region_item_check(it->region, it->offset, it->len, i, "PutMany", err))
             return err->code;
         it->rc = KVS_EPROTO; /* until the reply says otherwise */
         it->msg[0] = 0;
     }
+    return 0;
+}
+
+int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
+                        size_t n, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!c || !ns || (!items && n))
+        return kvs_err_set(err, KVS_EINVAL, "PutMany: NULL argument");
+    int rc = kvs__put_items_check(items, n, err);
+    if (rc)
+        return rc;
     kvs__rpc r;
-    int rc = kvs__rpc_start(&r, c, STASH("PutMany"), err);
+    rc = kvs__rpc_start(&r, c, STASH("PutMany"), err);
     if (rc)
         return kvs__rpc_finish(&r, rc, err);
     grpc_op md = kvs__op_send_md(&r);
@@ -279,7 +287,7 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
                              "the same region and cap, and no buf",
                              i);
         else if (region)
-            rc = check_region_item(region, it->offset, it->cap, i, "GetMany", err);
+            rc = kvs__region_item_check(region, it->offset, it->cap, i, "GetMany", err);
         keys[i] = kvs_pb_bin(it->key, it->key_len);
         if (offsets)
             offsets[i] = it->offset;

@@ -88,6 +88,13 @@ int kvs__unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessa
 /* The id a registered region carries in requests (client/region.c). */
 #define KVS__REGION_ID_LEN 16
 const uint8_t *kvs__region_id(const kvs_region *g);
+/* KVS_EINVAL unless [offset, offset + len) lies in region g (what: "PutMany"; i: the item). */
+int kvs__region_item_check(const kvs_region *g, uint64_t offset, uint64_t len, size_t i,
+                           const char *what, kvs_err *err);
+/* A PutMany's items, checked as one daemon and a cluster check them before anything is
+ * sent (keys, a payload or a region range each); each item's rc set to KVS_EPROTO until an
+ * answer says otherwise. KVS_EINVAL naming the item. */
+int kvs__put_items_check(kvs_put_item *items, size_t n, kvs_err *err);
 /* The client whose daemon the region is registered with (the sharded client sends its items
  * there by region, elsewhere as bytes). Compared, never dereferenced: it may be closed. */
 const kvs_client *kvs__region_client(const kvs_region *g);

@@ -44,17 +44,6 @@ static int region_bytes(const kvs_region *g, const kvs_client *c, uint8_t **p, u
     return 0;
 }
 
-static int check_region(const kvs_region *g, uint64_t offset, uint64_t len, const char *what,
-                        size_t i, kvs_err *err)
-{
-    size_t size = kvs_region_size(g);
-    if (offset > size || len > size - offset)
-        return kvs_err_set(err, KVS_EINVAL,
-                           "%s: items[%zu]: bytes [%llu, +%llu) lie outside the region's %zu", what,
-                           i, (unsigned long long)offset, (unsigned long long)len, size);
-    return 0;
-}
-
 /* ------------------------------------------------------------------ PutMany */
 
 typedef struct put_ctx {
@@ -134,17 +123,9 @@ int kvs_cluster_put_many(kvs_cluster *cl, const char *ns, kvs_dtype dtype, kvs_p
         return kvs_err_set(err, KVS_EINVAL, "PutMany: NULL argument");
     /* Checked here as the plain client checks them, so that a bad item fails the call before
      * any daemon stored part of it (and before a region item becomes a pointer). */
-    for (size_t i = 0; i < n; i++) {
-        kvs_put_item *it = &items[i];
-        if (!it->key || kvs_key_validate(it->key_len, err) != 0)
-            return kvs_err_prefix(err, "PutMany: items[%zu]: key", i);
-        if (!it->data && !it->region)
-            return kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: neither data nor region", i);
-        if (!it->data && check_region(it->region, it->offset, it->len, "PutMany", i, err))
-            return err ? err->code : KVS_EINVAL;
-        it->rc = KVS_EPROTO; /* until a daemon's answer says otherwise */
-        it->msg[0] = 0;
-    }
+    int rc = kvs__put_items_check(items, n, err);
+    if (rc)
+        return rc;
     put_ctx x = {.cl = cl, .ns = ns, .dtype = dtype, .items = items};
     return kvs__fan_out(cl, &put_op, &x, n, NULL, KVS__OWNERS | KVS__LOCAL,
                         kvs__cluster_deadline(cl), err);
@@ -261,7 +242,7 @@ int kvs_cluster_get_many(kvs_cluster *cl, const char *ns, kvs_get_item *items, s
             return kvs_err_prefix(err, "GetMany: items[%zu]: key", i);
         if (!it->buf && !it->region)
             return kvs_err_set(err, KVS_EINVAL, "GetMany: items[%zu]: neither buf nor region", i);
-        if (!it->buf && check_region(it->region, it->offset, it->cap, "GetMany", i, err))
+        if (!it->buf && kvs__region_item_check(it->region, it->offset, it->cap, i, "GetMany", err))
             return err ? err->code : KVS_EINVAL;
         it->answered = false;
         it->rc = KVS_ENOTFOUND;

@@ -147,20 +147,32 @@ static int exchange(kvs_region *g, const struct sockaddr_un *sa, const void *req
     return 0;
 }
 
+/* What both kinds of region start with: the daemon's region socket (sa), and g. */
+static int region_new(kvs_client *c, size_t bytes, struct sockaddr_un *sa, kvs_region **g,
+                      kvs_err *err)
+{
+    *sa = (struct sockaddr_un){.sun_family = AF_UNIX};
+    int rc = data_plane(c, sa->sun_path, sizeof sa->sun_path, err);
+    if (rc)
+        return rc;
+    *g = kvs_xcalloc(1, sizeof **g);
+    (*g)->client = c;
+    (*g)->sock = (*g)->fd = -1;
+    (*g)->size = bytes;
+    return 0;
+}
+
 int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *err)
 {
     kvs_err_clear(err);
     if (!c || !out || bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "region: NULL argument or zero bytes");
     *out = NULL;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    int rc = data_plane(c, sa.sun_path, sizeof sa.sun_path, err);
+    struct sockaddr_un sa;
+    kvs_region *g;
+    int rc = region_new(c, bytes, &sa, &g, err);
     if (rc)
         return rc;
-    kvs_region *g = kvs_xcalloc(1, sizeof *g);
-    g->client = c;
-    g->sock = -1;
-    g->size = bytes;
     g->fd = memfd_create("kvstash-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (g->fd < 0) {
         rc = kvs_err_set(err, KVS_ENOTSUP, "region: memfd_create: %s", strerror(errno));
@@ -196,14 +208,11 @@ int kvs_region_create_ipc(kvs_client *c, const void *handle, uint64_t offset, ui
     if (!c || !out || !handle || !uuid || bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "region: NULL argument or zero bytes");
     *out = NULL;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    int rc = data_plane(c, sa.sun_path, sizeof sa.sun_path, err);
+    struct sockaddr_un sa;
+    kvs_region *g;
+    int rc = region_new(c, bytes, &sa, &g, err);
     if (rc)
         return rc;
-    kvs_region *g = kvs_xcalloc(1, sizeof *g);
-    g->client = c;
-    g->sock = g->fd = -1;
-    g->size = bytes;
     g->device = true;
     kvs_region_cuda_req req = {.op = KVS_REGION_OP_REGISTER_CUDA, .bytes = bytes, .offset = offset};
     memcpy(req.magic, KVS_REGION_MAGIC, 4);
