@@ -54,7 +54,7 @@ int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
         rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
     if (rc == 0) {
         Kvstash__V1__LookupReply reply = KVSTASH__V1__LOOKUP_REPLY__INIT;
-        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks);
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks, NULL);
         /* kvs_store_tier and the wire Tier enum share their values by construction. */
         reply.n_tiers = k.n;
         reply.tiers = (Kvstash__V1__Tier *)tiers;
@@ -75,7 +75,7 @@ int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
                     !(present = kvs_trymalloc(k.n * sizeof *present))))
         rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
     if (rc == 0) {
-        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, NULL);
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, NULL, NULL);
         for (size_t i = 0; i < k.n; i++)
             present[i] = tiers[i] != KVS_STORE_TIER_NONE;
         Kvstash__V1__ExistsReply reply = KVSTASH__V1__EXISTS_REPLY__INIT;
