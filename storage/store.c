@@ -707,6 +707,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         info->tier = blk->tier;
         info->stored_bytes = blk->size;
         info->replaced = old != NULL;
+        info->fallback = blk->fallback;
     }
     if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
         kvs__block_set_state(blk, KVS_BLOCK_WRITING);

@@ -293,6 +293,7 @@ typedef struct kvs_store_put_info {
     kvs_store_tier tier;
     uint64_t stored_bytes;
     bool replaced;
+    unsigned fallback; /* kvs_block_get_fallback of the block */
 } kvs_store_put_info;
 
 /* Links a filled block under key (1..KVS_KEY_MAX bytes), replacing an older block with
