@@ -89,16 +89,21 @@ int main(int argc, char **argv)
     }
     if (reps < 1 || reps > 1000)
         reps = 20;
-    const char *codecs[] = {"none", "fp8", "kivi-4", "kivi-2", "polarquant", "rotatekv-2",
-                            "squat-2"};
-    printf("layout L=%u H=%u D=%u T=%u fp16, %d reps, one thread; ms per block (median)\n", L, H,
-           D, T, reps);
+    const char *codecs[] = {"none",       "fp8",        "kivi-4", "kivi-2",
+                            "polarquant", "rotatekv-2", "squat-2"};
+    printf("layout L=%u H=%u D=%u T=%u fp16, %d reps, one thread; ms per block (median)\n", L, H, D,
+           T, reps);
     printf("%-11s %8s %9s %10s %12s %8s %8s\n", "codec", "encode", "measure", "meas/enc",
            "re-enc none", "K err", "V err");
     int bad = 0;
     for (size_t c = 0; c < sizeof codecs / sizeof *codecs; c++) {
-        kvs_ns_spec s = {.layers = L, .kv_heads = H, .head_dim = D, .block_tokens = T,
-                         .dtype = KVS_DTYPE_FP16, .seed = 7, .max_rel_error = 1e-9};
+        kvs_ns_spec s = {.layers = L,
+                         .kv_heads = H,
+                         .head_dim = D,
+                         .block_tokens = T,
+                         .dtype = KVS_DTYPE_FP16,
+                         .seed = 7,
+                         .max_rel_error = 1e-9};
         snprintf(s.name, sizeof s.name, "bench");
         snprintf(s.key_codec, sizeof s.key_codec, "%s", codecs[c]);
         snprintf(s.value_codec, sizeof s.value_codec, "%s", codecs[c]);
