@@ -146,6 +146,7 @@ typedef struct put_op {
     kvs_block *blk;         /* FILLING until commit hands it to the store */
     bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
     bool measure;           /* the block is measured once encoded (check_block) */
+    bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
     const kvs_codec *k, *v; /* the codecs it is encoded with */
@@ -232,8 +233,8 @@ static void commit(void *arg)
 {
     put_op *op = arg;
     kvs_xfer *x = op->x;
-    if (op->rc) { /* an encoder's "no room" is ours, not the client's */
-        finish_put(op, op->rc == KVS_ENOSPC ? KVS_EINTERNAL : op->rc, &op->err);
+    if (op->rc) { /* an encoder's "no room" is ours, not the client's; the store's is */
+        finish_put(op, op->rc == KVS_ENOSPC && !op->no_room ? KVS_EINTERNAL : op->rc, &op->err);
         return;
     }
     if (op->gpu) { /* its size as an encoded block, as if it were framed on the host */
@@ -303,9 +304,11 @@ static int refit(put_op *op, unsigned sides, const uint16_t *raw, kvs_err *err)
     kvs_block *blk = op->blk;
     int rc;
     if (cap > kvs_block_size(blk) &&
-        (rc = kvs_store_block_alloc(st, ns, op->r.tokens, cap, &blk, err)))
+        (rc = kvs_store_block_alloc(st, ns, op->r.tokens, cap, &blk, err))) {
+        op->no_room = rc == KVS_ENOSPC;
         return kvs_err_prefix(err, "max_rel_error: the block's error passed the bound, and "
                                    "there is no room to store it with its fallback codec");
+    }
     uint64_t t0 = now_ns();
     rc = kvs_block_encode(k, v, kvs_ns_id(ns), op->r.tokens, raw, kvs_block_data(blk),
                           kvs_block_size(blk), &len, err);

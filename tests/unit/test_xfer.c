@@ -528,6 +528,48 @@ static void test_outliers_fall_back(void **state)
     fx_close(&f);
 }
 
+/* A fallback block that finds no room -- here a host quota of one raw block, which a
+ * `none` fallback (raw size plus its header) cannot fit -- fails the Put with KVS_ENOSPC
+ * naming max_rel_error (RESOURCE_EXHAUSTED on the wire), not as an encoder's failure, and
+ * leaves nothing stored. */
+static void test_fallback_without_room(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns_spec s = kvs_test_spec(2, 2, 32, 16, KVS_DTYPE_FP16, "kivi-2", "kivi-2", 7);
+    snprintf(s.name, sizeof s.name, "quota");
+    s.max_rel_error = 1e-4;
+    snprintf(s.fallback_codec, sizeof s.fallback_codec, "none");
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(&s, 16, &bytes, NULL), 0);
+    s.host_quota = bytes;
+    kvs_ns *ns;
+    kvs_err err;
+    if (kvs_store_ns_create(f.st, &s, &ns, &err))
+        fail_msg("namespace: %s", err.msg);
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 45, 1.0, KVS_DTYPE_FP16);
+    result r = {0};
+    kvs_xfer_put_req q = {.ns = ns,
+                          .key = "q",
+                          .key_len = 1,
+                          .tokens = 16,
+                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
+                          .done = put_done,
+                          .arg = &r};
+    assert_int_equal(kvs_xfer_put(f.x, &q, &err), 0);
+    assert_true(r.called);
+    assert_int_equal(r.rc, KVS_ENOSPC);
+    assert_non_null(strstr(r.msg, "max_rel_error"));
+    kvs_store_key k = {"q", 1};
+    kvs_store_tier t;
+    kvs_store_lookup(f.st, ns, &k, 1, &t, NULL, NULL);
+    assert_int_equal(t, KVS_STORE_TIER_NONE);
+    free(raw);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
 /* Sampling: a share of 1 measures every Put, 0 none; unset follows the data path's
  * default, which a reload changes. No measured block is a fallback without a bound. */
 static void test_sampling(void **state)
@@ -594,6 +636,7 @@ int main(void)
         cmocka_unit_test(test_bound_forces_fallback),
         cmocka_unit_test(test_bound_holds),
         cmocka_unit_test(test_outliers_fall_back),
+        cmocka_unit_test(test_fallback_without_room),
         cmocka_unit_test(test_sampling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
