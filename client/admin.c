@@ -12,8 +12,10 @@
 
 /* ------------------------------------------------------------------ admin */
 
-/* The message borrows the strings of s; empty codec names become "none" (kvstash.h). */
-static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
+/* The message borrows the strings of s and sample (which holds error_sample when it is
+ * set); empty codec names become "none" (kvstash.h). */
+static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb,
+                       Kvstash__V1__ErrorSample *sample)
 {
     *pb = (Kvstash__V1__NamespaceSpec)KVSTASH__V1__NAMESPACE_SPEC__INIT;
     pb->name = kvs_pb_str(s->name);
@@ -28,6 +30,20 @@ static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb)
     pb->seed = s->seed;
     pb->durable = s->durable;
     pb->host_quota_bytes = s->host_quota;
+    pb->max_rel_error = s->max_rel_error;
+    pb->fallback_codec = kvs_pb_str(s->fallback_codec);
+    if (s->error_sample_set) {
+        *sample = (Kvstash__V1__ErrorSample)KVSTASH__V1__ERROR_SAMPLE__INIT;
+        sample->share = s->error_sample;
+        pb->error_sample = sample;
+    }
+}
+
+static kvs_error_stats error_from_pb(const Kvstash__V1__ErrorStats *e)
+{
+    if (!e || !e->count)
+        return (kvs_error_stats){0};
+    return (kvs_error_stats){e->count, e->sum / (double)e->count, e->max};
 }
 
 static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info)
@@ -47,7 +63,24 @@ static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info
         info->spec.seed = s->seed;
         info->spec.durable = s->durable;
         info->spec.host_quota = s->host_quota_bytes;
+        if (s->error_sample) {
+            info->spec.error_sample_set = true;
+            info->spec.error_sample = s->error_sample->share;
+        }
+        info->spec.max_rel_error = s->max_rel_error;
+        snprintf(info->spec.fallback_codec, sizeof info->spec.fallback_codec, "%s",
+                 s->fallback_codec ? s->fallback_codec : "");
     }
+    const Kvstash__V1__FidelityStats *f = pb->fidelity; /* absent from older daemons */
+    if (f)
+        info->fidelity = (kvs_ns_fidelity){.error_sample = f->error_sample,
+                                           .keys = error_from_pb(f->key_error),
+                                           .values = error_from_pb(f->value_error),
+                                           .logits = error_from_pb(f->logit_error),
+                                           .checked = f->checked,
+                                           .fallback_blocks = f->fallback_blocks,
+                                           .fallback_keys = f->fallback_keys,
+                                           .fallback_values = f->fallback_values};
     info->id = pb->id;
     info->blocks = pb->blocks;
     info->stored_bytes = pb->stored_bytes;
@@ -75,7 +108,8 @@ int kvs_client_ns_create(kvs_client *c, const kvs_ns_spec *spec, kvs_ns_info *in
         return kvs_err_set(err, KVS_EINVAL, "CreateNamespace: spec is NULL");
     }
     Kvstash__V1__NamespaceSpec pb;
-    spec_to_pb(spec, &pb);
+    Kvstash__V1__ErrorSample sample;
+    spec_to_pb(spec, &pb, &sample);
     Kvstash__V1__CreateNamespaceRequest q = KVSTASH__V1__CREATE_NAMESPACE_REQUEST__INIT;
     q.spec = &pb;
     ProtobufCMessage *m;

@@ -119,7 +119,8 @@ int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_
         it->res = (kvs_put_result){.tier = kvs__tier_from_pb(pr->tier),
                                    .encoded_bytes = pr->encoded_bytes,
                                    .raw_bytes = pr->code ? 0 : it->len,
-                                   .replaced = pr->replaced};
+                                   .replaced = pr->replaced,
+                                   .fallback = pr->fallback};
     }
     protobuf_c_message_free_unpacked(m, NULL);
     return 0;

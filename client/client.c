@@ -396,7 +396,8 @@ kvs_get_result kvs__get_result_from_pb(const Kvstash__V1__GetHeader *h)
                             .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
                                           ? KVS_FORMAT_ENCODED
                                           : KVS_FORMAT_RAW,
-                            .tier = kvs__tier_from_pb(h->tier)};
+                            .tier = kvs__tier_from_pb(h->tier),
+                            .fallback = h->fallback};
 }
 
 kvs_dtype kvs__dtype_from_pb(int d)
@@ -511,7 +512,8 @@ int kvs_client_put(kvs_client *c, const char *ns, const void *key, size_t key_le
         *res = (kvs_put_result){.tier = kvs__tier_from_pb(rep->tier),
                                 .encoded_bytes = rep->encoded_bytes,
                                 .raw_bytes = rep->raw_bytes,
-                                .replaced = rep->replaced};
+                                .replaced = rep->replaced,
+                                .fallback = rep->fallback};
     protobuf_c_message_free_unpacked(m, NULL);
     return 0;
 }
@@ -735,20 +737,30 @@ static int keys_call(kvs_client *c, const char *method, const char *ns, const kv
 int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
                       uint32_t *prefix, kvs_tier *tiers, kvs_err *err)
 {
+    return kvs_client_lookup_fallback(c, ns, keys, n, prefix, tiers, NULL, err);
+}
+
+int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                               uint32_t *prefix, kvs_tier *tiers, bool *fallback, kvs_err *err)
+{
     ProtobufCMessage *m;
     int rc =
         keys_call(c, STASH("Lookup"), ns, keys, n, &kvstash__v1__lookup_reply__descriptor, &m, err);
     if (rc != 0)
         return rc;
     const Kvstash__V1__LookupReply *rep = (const Kvstash__V1__LookupReply *)m;
-    if (rep->n_tiers != n || rep->prefix_blocks > n) {
-        rc = kvs_err_set(err, KVS_EPROTO, "Lookup: %zu tiers and prefix %u for %zu keys",
-                         rep->n_tiers, rep->prefix_blocks, n);
+    /* fallback: n entries, or none (a namespace without a bound, an older daemon). */
+    if (rep->n_tiers != n || rep->prefix_blocks > n || (rep->n_fallback && rep->n_fallback != n)) {
+        rc = kvs_err_set(err, KVS_EPROTO,
+                         "Lookup: %zu tiers, %zu fallback flags and prefix %u for %zu keys",
+                         rep->n_tiers, rep->n_fallback, rep->prefix_blocks, n);
     } else {
         if (prefix)
             *prefix = rep->prefix_blocks;
         for (size_t i = 0; tiers && i < n; i++)
             tiers[i] = kvs__tier_from_pb(rep->tiers[i]);
+        for (size_t i = 0; fallback && i < n; i++)
+            fallback[i] = rep->n_fallback && rep->fallback[i];
     }
     protobuf_c_message_free_unpacked(m, NULL);
     return rc;

@@ -31,9 +31,14 @@ static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
     if (need > cap)
         return kvs_err_set(err, KVS_E2BIG, "decode: block needs %llu bytes, buffer has %zu",
                            (unsigned long long)need, cap);
+    /* A side stored with the namespace's fallback codec (max_rel_error) says so by the
+     * codec in the header; that codec has no learned state. */
+    unsigned fb = kvs_block_fallback(spec, &info);
     kvs_codec *k = NULL, *v = NULL;
-    if ((rc = kvs_codec_create(spec, KVS_KEYS, ks, &k, err)) == 0 &&
-        (rc = kvs_codec_create(spec, KVS_VALUES, vs, &v, err)) == 0) {
+    if ((rc = fb & KVS_FALLBACK_KEYS ? kvs_codec_create_fallback(spec, KVS_KEYS, &k, err)
+                                     : kvs_codec_create(spec, KVS_KEYS, ks, &k, err)) == 0 &&
+        (rc = fb & KVS_FALLBACK_VALUES ? kvs_codec_create_fallback(spec, KVS_VALUES, &v, err)
+                                       : kvs_codec_create(spec, KVS_VALUES, vs, &v, err)) == 0) {
         /* Codecs whose decode reads learned state (RotateKV's key permutation) need the
          * block's own state version (kvs_client_decode_block fetches it). */
         if ((info.k_state && kvs_codec_decode_needs_state(k) &&
@@ -56,7 +61,8 @@ static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
                                 .layer_end = spec->layers,
                                 .bytes = need,
                                 .format = KVS_FORMAT_RAW,
-                                .tier = KVS_TIER_NONE};
+                                .tier = KVS_TIER_NONE,
+                                .fallback = fb != 0};
     return rc;
 }
 
@@ -190,7 +196,7 @@ int kvs_client_get_local(kvs_client *c, const char *ns, const void *key, size_t 
     if (rc == 0)
         rc = kvs_client_decode_block(c, ns, &info.spec, b.p, b.len, buf, cap, res, err);
     if (rc == 0 && res)
-        res->tier = got.tier;
+        res->tier = got.tier; /* fallback: the decode read it from the block's header */
     free(b.p);
     return rc;
 }

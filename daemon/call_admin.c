@@ -16,6 +16,7 @@
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "pbc.h"
 #include "gpu/codec/learn.h"
+#include "storage/xfer.h"
 
 #ifndef KVS_VERSION
 #define KVS_VERSION "dev"
@@ -39,12 +40,12 @@ int kvs_ns_create_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *e
         rc = kvs_call_ns_create(c, &spec, &ns, err);
     if (rc)
         return rc;
+    /* A new namespace has learned and measured nothing: state versions 0, no samples. */
     kvs_store_ns_info info = {.spec = *kvs_ns_spec_of(ns), .id = kvs_ns_id(ns)};
-    kvs_ns_unref(ns); /* a new namespace has learned nothing: state versions 0 */
-    Kvstash__V1__NamespaceSpec pspec;
-    Kvstash__V1__NamespaceInfo pinfo;
-    kvs_wire_info_to_proto(&info, &pspec, &pinfo);
-    kvs_call_reply(c, &pinfo.base);
+    kvs_ns_unref(ns);
+    kvs_wire_ns w;
+    kvs_wire_info_to_proto(&info, kvs_xfer_error_sample(c->srv->xfer, &info.spec), &w);
+    kvs_call_reply(c, &w.info.base);
     return 0;
 }
 
@@ -68,25 +69,24 @@ int kvs_ns_drop_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err
 /* Wire form of a namespace snapshot list; free with ns_protos_free. */
 typedef struct ns_protos {
     kvs_store_ns_info *snap;
-    Kvstash__V1__NamespaceSpec *specs;
-    Kvstash__V1__NamespaceInfo *infos;
+    kvs_wire_ns *w;
     Kvstash__V1__NamespaceInfo **ptrs;
     size_t n;
 } ns_protos;
 
-static int ns_protos_build(kvs_store *st, ns_protos *p, kvs_err *err)
+static int ns_protos_build(kvs_server *srv, ns_protos *p, kvs_err *err)
 {
     memset(p, 0, sizeof *p);
-    int rc = kvs_store_ns_list(st, &p->snap, &p->n, err);
+    int rc = kvs_store_ns_list(srv->store, &p->snap, &p->n, err);
     if (rc)
         return rc;
     size_t n = p->n ? p->n : 1;
-    p->specs = kvs_xcalloc(n, sizeof *p->specs);
-    p->infos = kvs_xcalloc(n, sizeof *p->infos);
+    p->w = kvs_xcalloc(n, sizeof *p->w);
     p->ptrs = kvs_xcalloc(n, sizeof *p->ptrs);
     for (size_t i = 0; i < p->n; i++) {
-        kvs_wire_info_to_proto(&p->snap[i], &p->specs[i], &p->infos[i]);
-        p->ptrs[i] = &p->infos[i];
+        kvs_wire_info_to_proto(&p->snap[i], kvs_xfer_error_sample(srv->xfer, &p->snap[i].spec),
+                               &p->w[i]);
+        p->ptrs[i] = &p->w[i].info;
     }
     return 0;
 }
@@ -94,8 +94,7 @@ static int ns_protos_build(kvs_store *st, ns_protos *p, kvs_err *err)
 static void ns_protos_free(ns_protos *p)
 {
     free(p->snap);
-    free(p->specs);
-    free(p->infos);
+    free(p->w);
     free(p->ptrs);
 }
 
@@ -115,7 +114,7 @@ int kvs_ns_get_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     }
     kvs_ns_unref(ns);
     ns_protos p;
-    rc = ns_protos_build(c->srv->store, &p, err);
+    rc = ns_protos_build(c->srv, &p, err);
     Kvstash__V1__NamespaceInfo *found = NULL;
     for (size_t i = 0; rc == 0 && i < p.n && !found; i++)
         if (strcmp(p.snap[i].spec.name, r->name) == 0)
@@ -132,7 +131,7 @@ int kvs_ns_get_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 int kvs_ns_list_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
     ns_protos p;
-    int rc = ns_protos_build(c->srv->store, &p, err);
+    int rc = ns_protos_build(c->srv, &p, err);
     if (rc)
         return rc;
     Kvstash__V1__ListNamespacesReply reply = KVSTASH__V1__LIST_NAMESPACES_REPLY__INIT;
@@ -160,7 +159,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
 {
     kvs_server *srv = c->srv;
     ns_protos p;
-    int rc = ns_protos_build(srv->store, &p, err);
+    int rc = ns_protos_build(srv, &p, err);
     if (rc)
         return rc;
     kvs_store_stats st;
@@ -352,10 +351,10 @@ int kvs_add_queries_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err 
                                   .key_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_KEYS)),
                                   .value_state =
                                       kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES))};
-        Kvstash__V1__NamespaceSpec pspec;
-        Kvstash__V1__NamespaceInfo pinfo;
-        kvs_wire_info_to_proto(&info, &pspec, &pinfo);
-        kvs_call_reply(c, &pinfo.base);
+        kvs_fidelity_acc_read(kvs_ns_fidelity(ns), &info.fidelity);
+        kvs_wire_ns w;
+        kvs_wire_info_to_proto(&info, kvs_xfer_error_sample(c->srv->xfer, &info.spec), &w);
+        kvs_call_reply(c, &w.info.base);
     }
     if (ns)
         kvs_ns_unref(ns);

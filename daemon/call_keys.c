@@ -50,17 +50,29 @@ int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     keys_req k = {0};
     int rc = keys_open(c, req, len, &k, err);
     kvs_store_tier *tiers = NULL;
-    if (rc == 0 && !(tiers = kvs_trymalloc(k.n * sizeof *tiers)))
+    uint8_t *sides = NULL;
+    protobuf_c_boolean *fallback = NULL;
+    /* Fallback flags only where a namespace has a bound: the others cannot have any. */
+    bool bounded = rc == 0 && kvs_ns_spec_of(k.ns)->max_rel_error > 0;
+    if (rc == 0 && (!(tiers = kvs_trymalloc(k.n * sizeof *tiers)) ||
+                    (bounded && (!(sides = kvs_trymalloc(k.n)) ||
+                                 !(fallback = kvs_trymalloc(k.n * sizeof *fallback))))))
         rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
     if (rc == 0) {
         Kvstash__V1__LookupReply reply = KVSTASH__V1__LOOKUP_REPLY__INIT;
-        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks);
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks, sides);
         /* kvs_store_tier and the wire Tier enum share their values by construction. */
         reply.n_tiers = k.n;
         reply.tiers = (Kvstash__V1__Tier *)tiers;
+        for (size_t i = 0; bounded && i < k.n; i++)
+            fallback[i] = sides[i] != 0;
+        reply.n_fallback = bounded ? k.n : 0;
+        reply.fallback = fallback;
         kvs_call_reply(c, &reply.base);
     }
     free(tiers);
+    free(sides);
+    free(fallback);
     keys_close(&k);
     return rc;
 }
@@ -75,7 +87,7 @@ int kvs_exists_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
                     !(present = kvs_trymalloc(k.n * sizeof *present))))
         rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
     if (rc == 0) {
-        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, NULL);
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, NULL, NULL);
         for (size_t i = 0; i < k.n; i++)
             present[i] = tiers[i] != KVS_STORE_TIER_NONE;
         Kvstash__V1__ExistsReply reply = KVSTASH__V1__EXISTS_REPLY__INIT;

@@ -38,6 +38,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->max_keys = 4096;
     cfg->region_max_bytes = 64ull << 30;
     cfg->calib_tokens = 4096;
+    cfg->error_sample = 0.01;
     cfg->gpu_capacity_pct = 25;
     cfg->gpu_high_pct = 90;
     cfg->gpu_low_pct = 80;
@@ -138,6 +139,7 @@ typedef enum vtype {
     T_WM,     /* "HIGH,LOW" into two unsigned fields */
     T_EVICT,  /* kvs_policy_kind */
     T_LOGFMT, /* kvs_log_format */
+    T_SHARE,  /* double in 0..1 */
 } vtype;
 
 enum {
@@ -245,6 +247,11 @@ static const key_def keys[] = {
     {"calib_tokens", "calib-tokens", "N", T_UINT, 0, 0, FIELD(calib_tokens), 0, 1, 1u << 24,
      "in 1..16777216",
      "rotatekv-*: key tokens that calibrate the channel order\nbefore it is frozen (default 4096)"},
+    {"error_sample", "error-sample", "SHARE", T_SHARE, LIVE, 0, FIELD(error_sample), 0, 0, 0,
+     "a share of Puts in 0..1",
+     "share of Puts whose encoded block is decoded again and\nmeasured against its input, where "
+     "a namespace sets no\nerror_sample (README \"Namespace options\"); 0 = none\n(default "
+     "0.01)"},
     {"data_dir", "data-dir", "PATH", T_STR, 0, O_NONEMPTY | O_NONE, FIELD(data_dir), 0, 0, 0,
      "empty path",
      "disk tier: an LMDB environment in PATH (created if missing\nor empty; a foreign directory "
@@ -467,6 +474,15 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
         put_uint(cfg, k->off, (unsigned)fmt);
         break;
     }
+    case T_SHARE: {
+        char *end;
+        errno = 0;
+        double d = strtod(v, &end);
+        if (errno || end == v || *end || !(d >= 0 && d <= 1))
+            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not %s", w, v, k->want);
+        memcpy(field(cfg, k->off), &d, sizeof d);
+        break;
+    }
     case T_EVICT: {
         kvs_policy_kind kind;
         if (kvs_policy_kind_parse(v, &kind, NULL))
@@ -501,7 +517,8 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
     static const char *gpu[] = {"auto", "on", "off"};
     const key_def *k = &keys[i];
     uint64_t size;
-    unsigned u = k->type == T_STR ? 0 : get_uint(cfg, k->off);
+    unsigned u = k->type == T_STR || k->type == T_SHARE ? 0 : get_uint(cfg, k->off);
+    double d;
     switch (k->type) {
     case T_STR: {
         const char *s = cfield(cfg, k->off);
@@ -548,6 +565,14 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
         break;
     case T_LOGFMT:
         snprintf(buf, cap, "%s", kvs_log_format_name((kvs_log_format)u));
+        break;
+    case T_SHARE: /* the shortest form that reads back to the same double */
+        memcpy(&d, cfield(cfg, k->off), sizeof d);
+        for (int prec = 6; prec <= 17; prec++) {
+            snprintf(buf, cap, "%.*g", prec, d);
+            if (strtod(buf, NULL) == d)
+                break;
+        }
         break;
     }
 }

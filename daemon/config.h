@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 46
+#define KVS_CONFIG_NKEYS 47
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -76,6 +76,7 @@ typedef struct kvs_config {
     unsigned stats_interval_s;  /* 0 = no periodic stats line */
     unsigned max_keys;          /* keys per Lookup/Exists/Delete */
     unsigned calib_tokens;      /* RotateKV: tokens of keys that calibrate the channel order */
+    double error_sample;        /* share of Puts measured where a namespace sets none (0..1) */
     char data_dir[512];         /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;     /* byte budget of the disk tier */
     int host_pinned;            /* with a GPU engine: host blocks in pinned memory (default 1) */

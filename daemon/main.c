@@ -49,6 +49,7 @@
 #include "daemon/work.h"
 #include "gpu/engine/engine.h"
 #include "storage/store.h"
+#include "storage/xfer.h"
 
 #define DRAIN_POLL_MS 50
 
@@ -244,6 +245,9 @@ static int apply_live(daemon_state *d, const kvs_config *next, const char *key, 
         if (evicted)
             kvs_log(KVS_LOG_INFO, "SIGHUP: host tier: %llu blocks evicted to fit",
                     (unsigned long long)evicted);
+    } else if (!strcmp(key, "error_sample")) {
+        /* The data path keeps its own copy (an atomic the CQ threads read), not cfg's. */
+        kvs_xfer_set_error_sample(d->server->xfer, next->error_sample);
     } else if (!strcmp(key, "stats_interval")) {
         uv_timer_stop(&d->stats_timer);
         uint64_t ms = (uint64_t)next->stats_interval_s * 1000;

@@ -205,6 +205,73 @@ static void render_namespaces(FILE *f, const kvs_store_ns_info *v, size_t n)
     }
 }
 
+/* name_bucket/_sum/_count of one fidelity histogram, labelled namespace (and kv). */
+static void render_hist(FILE *f, const char *name, const char *ns, const char *kv,
+                        const kvs_fidelity_hist *h)
+{
+    for (int b = 0; b <= KVS_FIDELITY_NBOUNDS; b++) {
+        fprintf(f, "%s_bucket{namespace=\"", name);
+        label_value(f, ns);
+        if (kv)
+            fprintf(f, "\",kv=\"%s", kv);
+        if (b < KVS_FIDELITY_NBOUNDS)
+            fprintf(f, "\",le=\"%g\"} %llu\n", kvs_fidelity_bounds[b],
+                    (unsigned long long)h->buckets[b]);
+        else
+            fprintf(f, "\",le=\"+Inf\"} %llu\n", (unsigned long long)h->buckets[b]);
+    }
+    const char *suffix[2] = {"sum", "count"};
+    for (int i = 0; i < 2; i++) {
+        fprintf(f, "%s_%s{namespace=\"", name, suffix[i]);
+        label_value(f, ns);
+        if (kv)
+            fprintf(f, "\",kv=\"%s", kv);
+        if (i == 0)
+            fprintf(f, "\"} %.9g\n", h->sum);
+        else
+            fprintf(f, "\"} %llu\n", (unsigned long long)h->count);
+    }
+}
+
+/* Measured error per namespace (README "Namespace options"). Series only for namespaces
+ * that measured something (or have a bound, for the fallback counter): 2 x 13 + 2 per
+ * namespace that samples, 13 more for a squat one with query samples. */
+static void render_fidelity(FILE *f, const kvs_store_ns_info *v, size_t n)
+{
+    static const char *kv[2] = {"keys", "values"};
+    family(f, "kvstash_namespace_rel_error_ratio", "histogram",
+           "Relative error ||x^ - x|| / ||x|| of a namespace's measured blocks as stored, keys "
+           "and values (kv), over each block's layers, tokens and heads.");
+    for (size_t i = 0; i < n; i++)
+        for (int w = 0; w < 2; w++)
+            if (v[i].fidelity.h[w].count)
+                render_hist(f, "kvstash_namespace_rel_error_ratio", v[i].spec.name, kv[w],
+                            &v[i].fidelity.h[w]);
+    family(f, "kvstash_namespace_rel_error_max_ratio", "gauge",
+           "Largest relative error of a namespace's measured blocks since the start.");
+    for (size_t i = 0; i < n; i++)
+        for (int w = 0; w < 2; w++) {
+            if (!v[i].fidelity.h[w].count)
+                continue;
+            fputs("kvstash_namespace_rel_error_max_ratio{namespace=\"", f);
+            label_value(f, v[i].spec.name);
+            fprintf(f, "\",kv=\"%s\"} %.9g\n", kv[w], v[i].fidelity.h[w].max);
+        }
+    family(f, "kvstash_namespace_logit_rel_error_ratio", "histogram",
+           "Attention-logit error ||Q(K^-K)^T|| / ||QK^T|| of a squat namespace's measured "
+           "blocks, over the query samples it learned.");
+    for (size_t i = 0; i < n; i++)
+        if (v[i].fidelity.h[KVS_FIDELITY_LOGITS].count)
+            render_hist(f, "kvstash_namespace_logit_rel_error_ratio", v[i].spec.name, NULL,
+                        &v[i].fidelity.h[KVS_FIDELITY_LOGITS]);
+    family(f, "kvstash_namespace_fallback_blocks_total", "counter",
+           "Blocks of a namespace with max_rel_error stored with its fallback codec.");
+    for (size_t i = 0; i < n; i++)
+        if (v[i].spec.max_rel_error > 0)
+            sample1(f, "kvstash_namespace_fallback_blocks_total", "namespace", v[i].spec.name,
+                    v[i].fidelity.fallback);
+}
+
 /* name{method="M"...}: one family per method-labelled counter array. */
 static void render_rpc_counter(FILE *f, kvs_server *srv, const char *name, const char *help,
                                atomic_uint_fast64_t *arr)
@@ -407,6 +474,7 @@ int kvs_metrics_render(const kvs_metrics_opts *o, char **out, size_t *len, kvs_e
         sample(f, "kvstash_host_pinned_bytes", ps.committed);
     }
     render_namespaces(f, ns, n_ns);
+    render_fidelity(f, ns, n_ns);
     free(ns);
     render_rpcs(f, o->server);
     render_streams(f, o->server, o->regions);

@@ -111,7 +111,8 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_s
                         .run = kvs_work_run,
                         .run_ctx = work,
                         .log = kvs_log_sink,
-                        .log_ctx = "xfer"};
+                        .log_ctx = "xfer",
+                        .error_sample = cfg->error_sample};
     srv->xfer = kvs_xfer_create(&xo);
     srv->start_ms = kvs_now_ms();
     kvs_limits_opts lo = {.max_puts = cfg->max_puts,

@@ -173,12 +173,39 @@ int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *o
     out->durable = p->durable;
     out->seed = p->seed;
     out->host_quota = p->host_quota_bytes;
+    if (p->error_sample) {
+        out->error_sample_set = true;
+        out->error_sample = p->error_sample->share;
+    }
+    out->max_rel_error = p->max_rel_error;
+    if (p->fallback_codec && *p->fallback_codec) {
+        if (strlen(p->fallback_codec) > KVS_CODEC_NAME_MAX)
+            return kvs_err_set(err, KVS_EINVAL, "fallback_codec: unknown codec (name too long)");
+        strcpy(out->fallback_codec, p->fallback_codec);
+    }
+    kvs_spec_fill_defaults(out);
     return 0;
 }
 
-void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__NamespaceSpec *spec,
-                            Kvstash__V1__NamespaceInfo *info)
+/* One error histogram of a snapshot (fidelity.h's cumulative buckets). */
+static void error_stats(const kvs_fidelity_hist *h, double *bounds, uint64_t *buckets,
+                        Kvstash__V1__ErrorStats *out)
 {
+    kvstash__v1__error_stats__init(out);
+    out->count = h->count;
+    out->sum = h->sum;
+    out->max = h->max;
+    memcpy(buckets, h->buckets, sizeof h->buckets);
+    out->n_bounds = KVS_FIDELITY_NBOUNDS;
+    out->bounds = bounds;
+    out->n_buckets = KVS_FIDELITY_NBOUNDS + 1;
+    out->buckets = buckets;
+}
+
+void kvs_wire_info_to_proto(const kvs_store_ns_info *src, double error_sample, kvs_wire_ns *w)
+{
+    Kvstash__V1__NamespaceSpec *spec = &w->spec;
+    Kvstash__V1__NamespaceInfo *info = &w->info;
     kvstash__v1__namespace_spec__init(spec);
     kvstash__v1__namespace_info__init(info);
     spec->name = kvs_pb_str(src->spec.name);
@@ -193,6 +220,13 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__Namespace
     spec->durable = src->spec.durable;
     spec->seed = src->spec.seed;
     spec->host_quota_bytes = src->spec.host_quota;
+    if (src->spec.error_sample_set) {
+        kvstash__v1__error_sample__init(&w->sample);
+        w->sample.share = src->spec.error_sample;
+        spec->error_sample = &w->sample;
+    }
+    spec->max_rel_error = src->spec.max_rel_error;
+    spec->fallback_codec = kvs_pb_str(src->spec.fallback_codec);
     info->spec = spec;
     info->id = src->id;
     info->blocks = src->usage.blocks;
@@ -203,6 +237,22 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__Namespace
     uint64_t full = 0;
     kvs_spec_block_bytes(&src->spec, src->spec.block_tokens, &full, NULL);
     info->block_bytes = full;
+
+    const kvs_fidelity_stats *f = &src->fidelity;
+    Kvstash__V1__FidelityStats *fs = &w->fidelity;
+    kvstash__v1__fidelity_stats__init(fs);
+    memcpy(w->bounds, kvs_fidelity_bounds, sizeof w->bounds);
+    for (int i = 0; i < KVS_FIDELITY_WHATS; i++)
+        error_stats(&f->h[i], w->bounds, w->buckets[i], &w->errors[i]);
+    fs->error_sample = error_sample;
+    fs->key_error = &w->errors[KVS_FIDELITY_KEYS];
+    fs->value_error = &w->errors[KVS_FIDELITY_VALUES];
+    fs->logit_error = f->h[KVS_FIDELITY_LOGITS].count ? &w->errors[KVS_FIDELITY_LOGITS] : NULL;
+    fs->checked = f->checked;
+    fs->fallback_blocks = f->fallback;
+    fs->fallback_keys = f->fallback_sides[KVS_KEYS];
+    fs->fallback_values = f->fallback_sides[KVS_VALUES];
+    info->fidelity = fs;
 }
 
 int kvs_wire_check_keys(const ProtobufCBinaryData *keys, size_t n, unsigned max_keys,

@@ -30,14 +30,27 @@ ProtobufCMessage *kvs_wire_unpack(const ProtobufCMessageDescriptor *desc, const 
  * in the message. (The character rules are checked at creation.) */
 int kvs_wire_check_name(const char *name, const char *field, kvs_err *err);
 
-/* Fills out from a NamespaceSpec (empty codec names become "none", UNSPECIFIED dtype
- * stays unspecified and is refused by kvs_spec_validate). */
+/* Fills out from a NamespaceSpec (empty codec names become "none", and so does an empty
+ * fallback_codec with a max_rel_error: kvs_spec_fill_defaults; UNSPECIFIED dtype stays
+ * unspecified and is refused by kvs_spec_validate). */
 int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *out, kvs_err *err);
 
-/* Fills a NamespaceSpec/NamespaceInfo pair from a store snapshot. `spec` must outlive
- * `info` (info->spec points to it); strings point into `src`. */
-void kvs_wire_info_to_proto(const kvs_store_ns_info *src, Kvstash__V1__NamespaceSpec *spec,
-                            Kvstash__V1__NamespaceInfo *info);
+/* The wire form of one namespace: its NamespaceInfo (`info`) and every message and array
+ * that it points to, in one value. */
+typedef struct kvs_wire_ns {
+    Kvstash__V1__NamespaceInfo info;
+    Kvstash__V1__NamespaceSpec spec;
+    Kvstash__V1__ErrorSample sample;
+    Kvstash__V1__FidelityStats fidelity;
+    Kvstash__V1__ErrorStats errors[KVS_FIDELITY_WHATS];
+    double bounds[KVS_FIDELITY_NBOUNDS];
+    uint64_t buckets[KVS_FIDELITY_WHATS][KVS_FIDELITY_NBOUNDS + 1];
+} kvs_wire_ns;
+
+/* Fills w from a store snapshot; error_sample: the share of the namespace's Puts measured
+ * now (kvs_xfer_error_sample). w->info points into w and, for strings, into src: both must
+ * outlive it. */
+void kvs_wire_info_to_proto(const kvs_store_ns_info *src, double error_sample, kvs_wire_ns *w);
 
 /* Checks the keys of a KeysRequest: 1..max_keys keys, each 1..KVS_KEY_MAX bytes, and
  * fills keys_out (caller array of n). */

@@ -634,6 +634,10 @@ int kvs_disk_scan(kvs_disk *d, unsigned flags, kvs_disk_scan_fn fn, void *arg,
                     .tokens = bi.tokens,
                     .k_state = bi.k_state,
                     .v_state = bi.v_state,
+                    .k_codec = bi.k_codec,
+                    .k_bits = bi.k_bits,
+                    .v_codec = bi.v_codec,
+                    .v_bits = bi.v_bits,
                 };
                 si.blocks++;
                 si.bytes += v.mv_size;

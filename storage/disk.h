@@ -179,8 +179,10 @@ typedef struct kvs_disk_entry {
     uint64_t bytes;            /* stored (encoded) size */
     uint32_t tokens;           /* from the block header */
     uint32_t k_state, v_state; /* codec state versions it was encoded with */
-    bool bad;                  /* KVS_DISK_SCAN_BAD: the record failed its checks (only
-                                * ns_id and key are meaningful then) */
+    uint8_t k_codec, k_bits;   /* the codec of each side (a fallback codec's, if so) */
+    uint8_t v_codec, v_bits;
+    bool bad; /* KVS_DISK_SCAN_BAD: the record failed its checks (only
+               * ns_id and key are meaningful then) */
 } kvs_disk_entry;
 
 /* Non-zero stops the scan; kvs_disk_scan returns that value. */

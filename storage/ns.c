@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/format.h"
 #include "gpu/codec/learn.h"
 
 struct kvs_ns {
@@ -18,8 +19,10 @@ struct kvs_ns {
      * Slots are written before `n` is published (release), read after (acquire). */
     kvs_codec *codecs[2][KVS_NS_MAX_STATE_VERSIONS];
     atomic_uint ncodecs[2];
+    kvs_codec *fallback[2]; /* spec.fallback_codec per K/V, or NULL; immutable */
     kvs_learn *learn;
     kvs_ns_usage usage;
+    kvs_fidelity_acc fidelity; /* atomics: any thread */
 };
 
 struct kvs_ns_registry {
@@ -40,6 +43,8 @@ void kvs_ns_unref(kvs_ns *ns)
         for (int kv = 0; kv < 2; kv++)
             for (unsigned i = 0; i < atomic_load(&ns->ncodecs[kv]); i++)
                 kvs_codec_destroy(ns->codecs[kv][i]);
+        kvs_codec_destroy(ns->fallback[0]);
+        kvs_codec_destroy(ns->fallback[1]);
         kvs_learn_destroy(ns->learn);
         free(ns);
     }
@@ -81,6 +86,36 @@ int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec
                        "codec state versions %u/%u unknown (their records were unreadable at "
                        "start)",
                        kv, vv);
+}
+
+const kvs_codec *kvs_ns_fallback(const kvs_ns *ns, kvs_kv kv)
+{
+    return ns->fallback[kv];
+}
+
+int kvs_ns_block_codecs(const kvs_ns *ns, const kvs_block_info *info, const kvs_codec **k,
+                        const kvs_codec **v, unsigned *fallback, kvs_err *err)
+{
+    unsigned sides = kvs_block_fallback(&ns->spec, info);
+    int rc = kvs_ns_codecs_at(ns, info->k_state, info->v_state, k, v, err);
+    /* A fallback side carries state version 0 (its codec learns nothing), which the own
+     * codec of a RotateKV side may not know: decided before that lookup's verdict. */
+    if (sides & KVS_FALLBACK_KEYS)
+        *k = ns->fallback[KVS_KEYS];
+    if (sides & KVS_FALLBACK_VALUES)
+        *v = ns->fallback[KVS_VALUES];
+    if (fallback)
+        *fallback = sides;
+    if (rc && *k && *v) {
+        kvs_err_clear(err);
+        rc = 0;
+    }
+    return rc;
+}
+
+kvs_fidelity_acc *kvs_ns_fidelity(kvs_ns *ns)
+{
+    return &ns->fidelity;
 }
 
 int kvs_ns_codec_publish(kvs_ns *ns, kvs_kv kv, kvs_codec *codec, kvs_err *err)
@@ -154,7 +189,7 @@ void kvs_ns_registry_set_next_id(kvs_ns_registry *reg, uint32_t id)
 }
 
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_learn *learn, kvs_ns **out, kvs_err *err)
+                        kvs_codec *fallback[2], kvs_learn *learn, kvs_ns **out, kvs_err *err)
 {
     if (find_slot(reg, spec->name) >= 0)
         return kvs_err_set(err, KVS_EEXIST, "name: namespace '%s' already exists", spec->name);
@@ -172,6 +207,7 @@ int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec
     ns->spec = *spec;
     ns->learn = learn;
     for (int kv = 0; kv < 2; kv++) {
+        ns->fallback[kv] = fallback ? fallback[kv] : NULL;
         ns->codecs[kv][0] = codecs[kv];
         atomic_init(&ns->ncodecs[kv], 1);
     }

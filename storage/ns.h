@@ -17,10 +17,12 @@
 #include <stdint.h>
 
 #include "gpu/codec/codec.h"
+#include "gpu/codec/fidelity.h"
 #include "gpu/codec/spec.h"
 
 typedef struct kvs_ns kvs_ns;
-typedef struct kvs_learn kvs_learn; /* gpu/codec/learn.h */
+typedef struct kvs_learn kvs_learn;           /* gpu/codec/learn.h */
+typedef struct kvs_block_info kvs_block_info; /* gpu/codec/format.h */
 
 /* Counters of a namespace; guarded by the store lock. */
 typedef struct kvs_ns_usage {
@@ -57,6 +59,17 @@ const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t vers
  * at start). KVS_EPROTO naming the versions when a needed one is unknown. Lock-free. */
 int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec **k,
                      const kvs_codec **v, kvs_err *err);
+/* The namespace's fallback codec for keys or values (spec max_rel_error, fallback_codec),
+ * or NULL without one. Immutable, lives as long as the namespace. */
+const kvs_codec *kvs_ns_fallback(const kvs_ns *ns, kvs_kv kv);
+/* The codecs that decode a block whose header is info: for a side stored with the fallback
+ * codec (kvs_block_fallback), the namespace's fallback; for the others, the codec of the
+ * block's state version as kvs_ns_codecs_at picks it. *fallback (may be NULL) gets the
+ * KVS_FALLBACK_* sides. Errors as kvs_ns_codecs_at's. Lock-free. */
+int kvs_ns_block_codecs(const kvs_ns *ns, const kvs_block_info *info, const kvs_codec **k,
+                        const kvs_codec **v, unsigned *fallback, kvs_err *err);
+/* The namespace's measured error (gpu/codec/fidelity.h): lock-free, any thread. */
+kvs_fidelity_acc *kvs_ns_fidelity(kvs_ns *ns);
 /* Publishes a codec built with a newer state version as the current one (ownership
  * passes to the namespace). KVS_EINVAL if its version is not above the current one,
  * KVS_ENOSPC if the namespace holds KVS_NS_MAX_STATE_VERSIONS versions already. Callers
@@ -74,11 +87,12 @@ kvs_ns_registry *kvs_ns_registry_create(void);
 /* Drops the registry's references (namespaces still referenced elsewhere live on). */
 void kvs_ns_registry_destroy(kvs_ns_registry *reg);
 
-/* Registers a validated spec with its two codecs and its learner (may be NULL; ownership
- * of all three passes to the namespace on success; on failure the caller keeps them) under a fresh
- * id; *out (may be NULL) receives a new reference. KVS_EEXIST if the name is taken. */
+/* Registers a validated spec with its two codecs, its two fallback codecs (NULL without a
+ * bound) and its learner (may be NULL; ownership of all of them passes to the namespace on
+ * success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
+ * a new reference. KVS_EEXIST if the name is taken. */
 int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_learn *learn, kvs_ns **out, kvs_err *err);
+                        kvs_codec *fallback[2], kvs_learn *learn, kvs_ns **out, kvs_err *err);
 /* Borrowed pointer (no reference taken), or NULL. */
 kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
 /* Unregisters and marks dropped; returns the registry's reference to the caller, or

@@ -34,6 +34,7 @@
 #include <xxhash.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/format.h"
 #include "gpu/codec/learn.h"
 #include "storage/store_int.h"
 
@@ -42,16 +43,30 @@
 #define ORPHANS_MAX 64 /* orphan namespace ids deleted per start (more: next start) */
 
 /* Spec record (name ""): one line of text, versioned, so a reader never depends on a C
- * struct's layout: "kvs-ns 2 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED QUOTA"
- * (version 1, written before host quotas, lacks QUOTA: read as no quota). */
+ * struct's layout:
+ *   "kvs-ns 2 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED QUOTA"
+ *   "kvs-ns 3 <the same> SAMPLE MAX_REL_ERROR FALLBACK"
+ * Version 1, written before host quotas, lacks QUOTA (read as no quota). Version 3 adds the
+ * fidelity options (gpu/codec/spec.h): SAMPLE is error_sample ("-" when unset: the
+ * daemon's --error-sample), the two doubles in C's round-trip %.17g, FALLBACK "-" for
+ * none. It is written only for a namespace that sets one of them, so a build that reads
+ * versions 1-2 alone still restores every other namespace. */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
 {
     const kvs_ns_spec *s = kvs_ns_spec_of(ns);
-    char line[512];
-    int n = snprintf(line, sizeof line, "kvs-ns 2 %s %u %u %u %u %d %s %s %d %d %llu %llu", s->name,
-                     s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
-                     s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
-                     (unsigned long long)s->seed, (unsigned long long)s->host_quota);
+    char line[640], fid[160] = "";
+    bool v3 = s->error_sample_set || s->max_rel_error > 0;
+    if (v3) {
+        char sample[40] = "-";
+        if (s->error_sample_set)
+            snprintf(sample, sizeof sample, "%.17g", s->error_sample);
+        snprintf(fid, sizeof fid, " %s %.17g %s", sample, s->max_rel_error,
+                 s->fallback_codec[0] ? s->fallback_codec : "-");
+    }
+    int n = snprintf(line, sizeof line, "kvs-ns %d %s %u %u %u %u %d %s %s %d %d %llu %llu%s",
+                     v3 ? 3 : 2, s->name, s->layers, s->kv_heads, s->head_dim, s->block_tokens,
+                     (int)s->dtype, s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
+                     (unsigned long long)s->seed, (unsigned long long)s->host_quota, fid);
     int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
     return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
 }
@@ -110,9 +125,29 @@ int kvs__persist_state_put(void *ctx, void *owner, kvs_kv kv, const kvs_codec_st
     return 0;
 }
 
+/* The fidelity fields of a version 3 record (kvs__persist_ns_put); -1 if malformed. */
+static int parse_fidelity(const char *sample, const char *maxerr, const char *fallback,
+                          kvs_ns_spec *s)
+{
+    char *end;
+    if (strcmp(sample, "-") != 0) {
+        s->error_sample_set = true;
+        s->error_sample = strtod(sample, &end);
+        if (*end)
+            return -1;
+    }
+    s->max_rel_error = strtod(maxerr, &end);
+    if (*end || strlen(fallback) > KVS_CODEC_NAME_MAX)
+        return -1;
+    if (strcmp(fallback, "-") != 0)
+        strcpy(s->fallback_codec, fallback);
+    return 0;
+}
+
 static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
 {
-    char line[512], name[KVS_NAME_MAX + 2], kc[KVS_CODEC_NAME_MAX + 2], vc[KVS_CODEC_NAME_MAX + 2];
+    char line[640], name[KVS_NAME_MAX + 2], kc[KVS_CODEC_NAME_MAX + 2], vc[KVS_CODEC_NAME_MAX + 2];
+    char sample[40], maxerr[40], fb[KVS_CODEC_NAME_MAX + 2];
     if (len >= sizeof line)
         return -1;
     memcpy(line, val, len);
@@ -122,17 +157,27 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
     char tail;
     memset(s, 0, sizeof *s);
     /* Widths one over the maxima, so an over-long field is caught by validation. */
-    if (sscanf(line, "kvs-ns %d ", &version) != 1 || (version != 1 && version != 2))
+    if (sscanf(line, "kvs-ns %d ", &version) != 1 || version < 1 || version > 3)
         return -1;
-    int got = version == 1
-                  ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name,
+    int got = version == 1 ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c",
+                                    name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens,
+                                    &dtype, kc, vc, &pre, &dur, &seed, &tail)
+              : version == 2
+                  ? sscanf(line, "kvs-ns 2 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu%c", name,
                            &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
-                           &pre, &dur, &seed, &tail)
-                  : sscanf(line, "kvs-ns 2 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu%c", name,
-                           &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
-                           &pre, &dur, &seed, &quota, &tail);
-    if (got != (version == 1 ? 11 : 12) || strlen(name) > KVS_NAME_MAX ||
-        strlen(kc) > KVS_CODEC_NAME_MAX || strlen(vc) > KVS_CODEC_NAME_MAX)
+                           &pre, &dur, &seed, &quota, &tail)
+                  : sscanf(line,
+                           "kvs-ns 3 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
+                           "%32s%c",
+                           name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype,
+                           kc, vc, &pre, &dur, &seed, &quota, sample, maxerr, fb, &tail);
+    if (got != (version == 1   ? 11
+                : version == 2 ? 12
+                               : 15) ||
+        strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
+        strlen(vc) > KVS_CODEC_NAME_MAX)
+        return -1;
+    if (version == 3 && parse_fidelity(sample, maxerr, fb, s))
         return -1;
     strcpy(s->name, name);
     strcpy(s->key_codec, kc);
@@ -289,6 +334,11 @@ static int on_block(const kvs_disk_entry *e, void *arg)
     kvs_block *d = kvs_xcalloc(1, sizeof *d);
     kvs_index_node_init(&d->node, e->ns_id, e->key, e->key_len);
     d->ns = kvs_ns_ref(ns);
+    /* A side stored with the fallback codec (max_rel_error) says so in the header's codec
+     * ids, which the scan read: Lookup reports it without reading the block. */
+    kvs_block_info hdr = {
+        .k_codec = e->k_codec, .k_bits = e->k_bits, .v_codec = e->v_codec, .v_bits = e->v_bits};
+    d->fallback = (uint8_t)kvs_block_fallback(kvs_ns_spec_of(ns), &hdr);
     d->tokens = e->tokens;
     d->size = e->bytes;
     d->raw_bytes = raw;

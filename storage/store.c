@@ -73,6 +73,7 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk)
     kvs_block *d = kvs_xcalloc(1, sizeof *d);
     d->node = blk->node;
     d->ns = kvs_ns_ref(blk->ns);
+    d->fallback = blk->fallback;
     d->tokens = blk->tokens;
     d->size = blk->size;
     d->raw_bytes = blk->raw_bytes;
@@ -220,35 +221,56 @@ static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_er
     return kvs_ns_codec_publish(owner, kv, c, err);
 }
 
+/* Bytes of the largest block of t tokens a namespace may store: with a bound, a side may be
+ * stored with its fallback codec instead of its own (fallback[kv] NULL: none). */
+static uint64_t block_max(kvs_codec *const codecs[2], kvs_codec *const fallback[2], uint32_t t)
+{
+    uint64_t sec[2];
+    for (int kv = 0; kv < 2; kv++) {
+        sec[kv] = kvs_codec_section_max(codecs[kv], t);
+        if (fallback[kv] && kvs_codec_section_max(fallback[kv], t) > sec[kv])
+            sec[kv] = kvs_codec_section_max(fallback[kv], t);
+    }
+    const kvs_ns_spec *s = kvs_codec_spec(codecs[0]);
+    return kvs_format_prefix_bytes(s->layers) + (uint64_t)s->layers * (sec[0] + sec[1]);
+}
+
 int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
                       kvs__state_persist_fn persist, kvs_ns **out, kvs_err *err)
 {
     int rc = kvs_spec_validate(spec, err);
     if (rc)
         return rc;
-    kvs_codec *codecs[2] = {NULL, NULL};
-    if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &codecs[0], err)) ||
-        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &codecs[1], err))) {
-        kvs_codec_destroy(codecs[0]);
+    /* [0], [1]: keys and values; [2], [3]: their fallbacks (a bound only). */
+    kvs_codec *c[4] = {NULL, NULL, NULL, NULL};
+    if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &c[0], err)) ||
+        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &c[1], err)) ||
+        (spec->fallback_codec[0] &&
+         ((rc = kvs_codec_create_fallback(spec, KVS_KEYS, &c[2], err)) ||
+          (rc = kvs_codec_create_fallback(spec, KVS_VALUES, &c[3], err))))) {
+        for (int i = 0; i < 4; i++)
+            kvs_codec_destroy(c[i]);
         return rc;
     }
-    kvs__store_codec_prepare(st, codecs[0]);
-    kvs__store_codec_prepare(st, codecs[1]);
-    uint64_t full = kvs_block_encoded_max(codecs[0], codecs[1], spec->block_tokens);
+    for (int i = 0; i < 4; i++)
+        if (c[i])
+            kvs__store_codec_prepare(st, c[i]);
+    uint64_t full = block_max(c, c + 2, spec->block_tokens);
     if (full > st->stats.host_capacity) {
-        kvs_codec_destroy(codecs[0]);
-        kvs_codec_destroy(codecs[1]);
+        for (int i = 0; i < 4; i++)
+            kvs_codec_destroy(c[i]);
         return kvs_err_set(err, KVS_ENOSPC,
-                           "block_tokens: a full encoded block of %llu bytes exceeds the host "
+                           "block_tokens: a full encoded block of %llu bytes%s exceeds the host "
                            "tier capacity of %llu bytes",
-                           (unsigned long long)full, (unsigned long long)st->stats.host_capacity);
+                           (unsigned long long)full, c[2] ? " (with its fallback codec)" : "",
+                           (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
     kvs_learn_hooks hooks = {
         .prepare = prepare_codec, .persist = persist, .publish = publish_codec, .ctx = st};
     if ((rc = kvs_learn_create(spec, st->calib_tokens, &hooks, &learn, err))) {
-        kvs_codec_destroy(codecs[0]);
-        kvs_codec_destroy(codecs[1]);
+        for (int i = 0; i < 4; i++)
+            kvs_codec_destroy(c[i]);
         return rc;
     }
     pthread_mutex_lock(&st->mu);
@@ -257,14 +279,21 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
     else if (id)
         kvs_ns_registry_set_next_id(st->reg, id);
     if (rc == 0)
-        rc = kvs_ns_registry_add(st->reg, spec, codecs, learn, out, err);
+        rc = kvs_ns_registry_add(st->reg, spec, c, c + 2, learn, out, err);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
-        kvs_codec_destroy(codecs[0]);
-        kvs_codec_destroy(codecs[1]);
+        for (int i = 0; i < 4; i++)
+            kvs_codec_destroy(c[i]);
         kvs_learn_destroy(learn);
     }
-    if (rc == 0)
+    if (rc == 0 && spec->max_rel_error > 0)
+        kvs__store_log(st, KVS_LOG_INFO,
+                       "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s, "
+                       "max_rel_error %g, fallback %s)",
+                       spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
+                       kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec,
+                       spec->max_rel_error, spec->fallback_codec);
+    else if (rc == 0)
         kvs__store_log(st, KVS_LOG_INFO,
                        "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)", spec->name,
                        spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
@@ -348,6 +377,7 @@ int kvs_store_ns_list(kvs_store *st, kvs_store_ns_info **out, size_t *n, kvs_err
         v[i].usage = *kvs_ns_usage_of(ns);
         v[i].key_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_KEYS));
         v[i].value_state = kvs_codec_state_version(kvs_ns_codec(ns, KVS_VALUES));
+        kvs_fidelity_acc_read(kvs_ns_fidelity(ns), &v[i].fidelity); /* atomics: no lock needed */
     }
     pthread_mutex_unlock(&st->mu);
     *out = v;
@@ -550,6 +580,17 @@ void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
     blk->raw_bytes = raw_bytes;
 }
 
+void kvs_block_set_fallback(kvs_block *blk, unsigned sides)
+{
+    assert(blk->state == KVS_BLOCK_FILLING);
+    blk->fallback = (uint8_t)sides;
+}
+
+unsigned kvs_block_get_fallback(const kvs_block *blk)
+{
+    return blk->fallback;
+}
+
 void *kvs_block_data(kvs_block *blk)
 {
     return blk->data;
@@ -653,6 +694,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         if (done &&
             (old->on_disk || old->state == KVS_BLOCK_WRITING || old->state == KVS_BLOCK_SPILLING)) {
             blk->prev_rec = true;
+            blk->prev_fallback = old->fallback;
             blk->prev_tokens = old->tokens;
             blk->prev_size = old->size;
             blk->prev_raw = old->raw_bytes;
@@ -665,6 +707,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         info->tier = blk->tier;
         info->stored_bytes = blk->size;
         info->replaced = old != NULL;
+        info->fallback = blk->fallback;
     }
     if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
         kvs__block_set_state(blk, KVS_BLOCK_WRITING);
@@ -766,7 +809,7 @@ void kvs_store_block_release(kvs_store *st, kvs_block *blk)
 }
 
 void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
-                      kvs_store_tier *tiers, uint32_t *prefix)
+                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *fallback)
 {
     uint32_t p = 0;
     bool in_prefix = true;
@@ -775,6 +818,8 @@ void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size
         kvs_index_node *node = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len);
         bool hit = node != NULL;
         tiers[i] = hit ? BLOCK_OF_NODE(node)->tier : KVS_STORE_TIER_NONE;
+        if (fallback)
+            fallback[i] = hit ? BLOCK_OF_NODE(node)->fallback : 0;
         in_prefix = in_prefix && hit;
         p += in_prefix;
     }

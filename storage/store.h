@@ -195,6 +195,7 @@ typedef struct kvs_store_ns_info {
     uint32_t id;
     kvs_ns_usage usage;
     uint32_t key_state, value_state; /* current codec state versions */
+    kvs_fidelity_stats fidelity;     /* measured error since start (storage/xfer.h) */
 } kvs_store_ns_info;
 
 /* Snapshot of every namespace; *out is malloc'ed (free with free()), *n entries. */
@@ -217,6 +218,12 @@ int kvs_store_block_alloc_nodrop(kvs_store *st, kvs_ns *ns, uint32_t tokens, uin
  * difference is given back at commit) and the raw payload bytes it represents. Without
  * this call both equal the allocated size. */
 void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes);
+/* The sides of a block stored with its namespace's fallback codec (KVS_FALLBACK_* bits,
+ * gpu/codec/codec.h; max_rel_error): the data path sets them on a FILLING block before it
+ * commits it; they move with the block between tiers, and a disk record's are read back
+ * from its header at start, so Lookup can say so without reading the block. */
+void kvs_block_set_fallback(kvs_block *blk, unsigned sides);
+unsigned kvs_block_get_fallback(const kvs_block *blk);
 /* Writable payload of a FILLING block; read-only view of a committed one. */
 void *kvs_block_data(kvs_block *blk);
 uint64_t kvs_block_size(const kvs_block *blk);
@@ -286,6 +293,7 @@ typedef struct kvs_store_put_info {
     kvs_store_tier tier;
     uint64_t stored_bytes;
     bool replaced;
+    unsigned fallback; /* kvs_block_get_fallback of the block */
 } kvs_store_put_info;
 
 /* Links a filled block under key (1..KVS_KEY_MAX bytes), replacing an older block with
@@ -363,9 +371,11 @@ typedef struct kvs_store_key {
 } kvs_store_key;
 
 /* For each key, its tier (KVS_STORE_TIER_NONE when absent) into tiers[i]; *prefix (may
- * be NULL) = number of leading keys present. Keys must have been validated. */
+ * be NULL) = number of leading keys present; fallback (may be NULL): each block's sides
+ * stored with the fallback codec (kvs_block_get_fallback; 0 when absent) into fallback[i].
+ * Keys must have been validated. */
 void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
-                      kvs_store_tier *tiers, uint32_t *prefix);
+                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *fallback);
 /* Deletes the keys that exist; returns how many were deleted. */
 uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n);
 

@@ -186,6 +186,7 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
                 !kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len)) {
                 kvs_block *d = kvs__disk_entry_new(b);
                 d->tokens = b->prev_tokens;
+                d->fallback = b->prev_fallback;
                 d->size = b->prev_size;
                 d->raw_bytes = b->prev_raw;
                 kvs__store_link_locked(st, d);
@@ -367,6 +368,7 @@ static int disk_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
         } else {
             *h = (kvs_block){.data = data,
                              .ns = kvs_ns_ref(ns),
+                             .fallback = d->fallback,
                              .tokens = d->tokens,
                              .size = d->size,
                              .tier = KVS_STORE_TIER_DISK,
@@ -375,6 +377,7 @@ static int disk_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     }
     if (rc == 0) {
         h->raw_bytes = d->raw_bytes;
+        h->fallback = d->fallback;
         /* Verified, counted, and a lost record's entry forgotten, by the view. */
         rc = disk_view(st, d, copy_cb, h->data, err);
     }

@@ -52,8 +52,9 @@ struct kvs_block {
     unsigned refs;       /* 1 for the index while linked + 1 per reader; under st->mu */
     kvs_block_state state;
     kvs_block_charge charge;
-    bool on_disk; /* its encoded bytes are a record of the disk tier (invariant 7): apart
-                   * from the state, a block may have a record in any state */
+    bool on_disk;     /* its encoded bytes are a record of the disk tier (invariant 7): apart
+                       * from the state, a block may have a record in any state */
+    uint8_t fallback; /* KVS_FALLBACK_* sides stored with the fallback codec (store.h) */
     uint32_t tokens;
     uint64_t size;       /* stored (encoded) bytes; the reservation while FILLING */
     uint64_t raw_bytes;  /* payload bytes the block represents */
@@ -65,6 +66,7 @@ struct kvs_block {
      * keeps that record's size here: if its own write fails, the old record, which is
      * still in LMDB, is indexed again, so the acknowledged block stays (README: durable). */
     bool prev_rec;
+    uint8_t prev_fallback;
     uint32_t prev_tokens;
     uint64_t prev_size, prev_raw;
     uint32_t verified;   /* the kvs_store_verify pass that checked it (st->verify_pass) */

@@ -231,7 +231,10 @@ static void on_uploaded(void *arg, int rc, const kvs_err *err)
 
 void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
 {
-    if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST)
+    /* A block stored with its namespace's fallback codec (max_rel_error) stays in the host
+     * tier: GPU slots are sized for the namespace's own codecs, and a GPU block records only
+     * their state versions (storage/store.h kvs_block_dev). */
+    if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST || kvs_block_get_fallback(blk))
         return;
     /* Counted before the check, so that destroy either sees us or we see it stopping. */
     atomic_fetch_add(&t->promoting, 1);

@@ -16,6 +16,8 @@
 
 #include "gpu/base/mem.h"
 #include "gpu/codec/codec.h"
+#include "gpu/codec/codec_squat.h"
+#include "gpu/codec/fidelity.h"
 #include "gpu/codec/format.h"
 #include "gpu/codec/learn.h"
 #include "gpu/engine/engine.h"
@@ -31,6 +33,8 @@ struct kvs_xfer {
     kvs_xfer_opts o;
     /* kvs_xfer_stats, [op][where]; counted by whichever thread finishes the codec work. */
     atomic_uint_fast64_t ops[2][2], ns[2][2], raw_bytes[2][2], encoded_bytes[2][2];
+    atomic_uint_fast64_t sample_bits; /* the default error_sample (a double's bits): live */
+    atomic_uint_fast64_t draws;       /* the sampling stream's position */
 };
 
 static uint64_t now_ns(void)
@@ -66,7 +70,27 @@ kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o)
 {
     kvs_xfer *x = kvs_xcalloc(1, sizeof *x);
     x->o = *o;
+    kvs_xfer_set_error_sample(x, o->error_sample);
     return x;
+}
+
+void kvs_xfer_set_error_sample(kvs_xfer *x, double share)
+{
+    uint64_t bits;
+    memcpy(&bits, &share, sizeof bits);
+    atomic_store_explicit(&x->sample_bits, bits, memory_order_relaxed);
+}
+
+double kvs_xfer_error_sample(kvs_xfer *x, const kvs_ns_spec *spec)
+{
+    if (spec->max_rel_error > 0)
+        return 1.0;
+    if (spec->error_sample_set)
+        return spec->error_sample;
+    uint64_t bits = atomic_load_explicit(&x->sample_bits, memory_order_relaxed);
+    double share;
+    memcpy(&share, &bits, sizeof share);
+    return share;
 }
 
 void kvs_xfer_destroy(kvs_xfer *x)
@@ -121,6 +145,8 @@ typedef struct put_op {
     uint8_t key[KVS_KEY_MAX];
     kvs_block *blk;         /* FILLING until commit hands it to the store */
     bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
+    bool measure;           /* the block is measured once encoded (check_block) */
+    bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
     const kvs_codec *k, *v; /* the codecs it is encoded with */
@@ -151,7 +177,8 @@ static void finish_put(put_op *op, int rc, const kvs_err *err)
 }
 
 /* Placement (xfer.h): the GPU tier when the engine can encode into a slot there, else
- * the host tier (which may evict to make room). */
+ * the host tier (which may evict to make room). A measured block goes to the host tier:
+ * its bytes are checked on the CPU (xfer.h "Fidelity"). */
 static int reserve(put_op *op, kvs_err *err)
 {
     kvs_xfer *x = op->x;
@@ -162,7 +189,7 @@ static int reserve(put_op *op, kvs_err *err)
     op->v = kvs_ns_codec(ns, KVS_VALUES);
     /* A durable block is written from host memory: it never takes a GPU slot. A RotateKV
      * namespace still calibrating needs the raw keys on the host. */
-    if (x->o.engine && kvs_store_has_gpu(st) && !spec->durable &&
+    if (x->o.engine && kvs_store_has_gpu(st) && !spec->durable && !op->measure &&
         !kvs_learn_wants_keys(kvs_ns_learner(ns)) &&
         kvs_engine_accepts(x->o.engine, op->k, op->v)) {
         /* One slot size per namespace: a full block's (a partial block fits in it). */
@@ -206,8 +233,8 @@ static void commit(void *arg)
 {
     put_op *op = arg;
     kvs_xfer *x = op->x;
-    if (op->rc) { /* an encoder's "no room" is ours, not the client's */
-        finish_put(op, op->rc == KVS_ENOSPC ? KVS_EINTERNAL : op->rc, &op->err);
+    if (op->rc) { /* an encoder's "no room" is ours, not the client's; the store's is */
+        finish_put(op, op->rc == KVS_ENOSPC && !op->no_room ? KVS_EINTERNAL : op->rc, &op->err);
         return;
     }
     if (op->gpu) { /* its size as an encoded block, as if it were framed on the host */
@@ -238,7 +265,127 @@ static void commit(void *arg)
         kvs_tiering_kick(tiering); /* returns at once below the high watermark */
 }
 
-/* Pool thread: learn, encode on the CPU. */
+/* ---------------------------------------------------------------- fidelity
+ * What a Put's block is checked against (xfer.h "Fidelity"): decided in `measured`, done
+ * in check_block, both here and nowhere else. */
+
+static uint64_t splitmix64(uint64_t z)
+{
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Whether this Put's block is measured: every one of a namespace with a bound, else the
+ * share error_sample of them, drawn from a hashed counter (no lock: concurrent Puts take
+ * distinct positions of one uniform stream). */
+static bool measured(kvs_xfer *x, const kvs_ns_spec *spec)
+{
+    double share = kvs_xfer_error_sample(x, spec);
+    if (!(share > 0))
+        return false;
+    if (share >= 1)
+        return true;
+    uint64_t r = splitmix64(atomic_fetch_add_explicit(&x->draws, 1, memory_order_relaxed));
+    return (double)(r >> 11) * 0x1.0p-53 < share;
+}
+
+/* Encodes the block again with the fallback codec for `sides` (KVS_FALLBACK_*): in place
+ * when the encoding fits the block's reservation, else into a new host block that replaces
+ * it (a none fallback needs the raw size; the reservation had the own codecs' size). */
+static int refit(put_op *op, unsigned sides, const uint16_t *raw, kvs_err *err)
+{
+    kvs_ns *ns = op->r.ns;
+    kvs_store *st = op->x->o.store;
+    const kvs_codec *k = sides & KVS_FALLBACK_KEYS ? kvs_ns_fallback(ns, KVS_KEYS) : op->k;
+    const kvs_codec *v = sides & KVS_FALLBACK_VALUES ? kvs_ns_fallback(ns, KVS_VALUES) : op->v;
+    size_t cap = kvs_block_encoded_max(k, v, op->r.tokens), len;
+    kvs_block *blk = op->blk;
+    int rc;
+    if (cap > kvs_block_size(blk) &&
+        (rc = kvs_store_block_alloc(st, ns, op->r.tokens, cap, &blk, err))) {
+        op->no_room = rc == KVS_ENOSPC;
+        return kvs_err_prefix(err, "max_rel_error: the block's error passed the bound, and "
+                                   "there is no room to store it with its fallback codec");
+    }
+    uint64_t t0 = now_ns();
+    rc = kvs_block_encode(k, v, kvs_ns_id(ns), op->r.tokens, raw, kvs_block_data(blk),
+                          kvs_block_size(blk), &len, err);
+    if (rc) {
+        if (blk != op->blk)
+            kvs_store_block_abort(st, blk);
+        return rc;
+    }
+    count(op->x, ENCODE, CPU, t0, op->raw_bytes, len);
+    if (blk != op->blk) {
+        kvs_store_block_abort(st, op->blk);
+        op->blk = blk;
+    }
+    op->k = k;
+    op->v = v;
+    op->enc_len = len;
+    kvs_block_set_fallback(blk, sides);
+    return 0;
+}
+
+/* True if side kv's own codec and the namespace's fallback differ (else falling back would
+ * store the same bytes). */
+static bool can_fall_back(const kvs_codec *own, const kvs_codec *fallback)
+{
+    return fallback && (kvs_codec_id_of(own) != kvs_codec_id_of(fallback) ||
+                        kvs_codec_bits(own) != kvs_codec_bits(fallback));
+}
+
+/* Pool thread, after the encode and before consume (the input must still be there):
+ * decodes the block on the CPU and measures it against its input; with a bound, a side
+ * whose error passed it is stored with the fallback codec (refit) and measured again, so
+ * the namespace's figures describe the blocks as stored. Under a bound every failure
+ * fails the Put (the bound is a promise); a sample that cannot be measured is logged and
+ * the block stored all the same. */
+static void check_block(put_op *op)
+{
+    kvs_ns *ns = op->r.ns;
+    const kvs_ns_spec *spec = kvs_ns_spec_of(ns);
+    const uint16_t *raw = (const uint16_t *)op->r.src.ptr;
+    const kvs_codec *cur = kvs_ns_codec(ns, KVS_KEYS);
+    const kvs_codec *gram = kvs_squat_subspace_heads(cur) ? cur : NULL;
+    double bound = spec->max_rel_error;
+    kvs_fidelity_sample m;
+    kvs_err e;
+    int rc =
+        kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, &m, &e);
+    unsigned sides = 0;
+    if (rc == 0 && bound > 0) {
+        if (m.err[KVS_FIDELITY_KEYS] > bound && can_fall_back(op->k, kvs_ns_fallback(ns, KVS_KEYS)))
+            sides |= KVS_FALLBACK_KEYS;
+        if (m.err[KVS_FIDELITY_VALUES] > bound &&
+            can_fall_back(op->v, kvs_ns_fallback(ns, KVS_VALUES)))
+            sides |= KVS_FALLBACK_VALUES;
+    }
+    if (rc == 0 && sides && (rc = refit(op, sides, raw, &e)) == 0)
+        rc = kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, &m,
+                                  &e);
+    if (rc == 0) {
+        kvs_fidelity_acc_add(kvs_ns_fidelity(ns), &m, bound > 0, sides);
+    } else if (bound > 0) {
+        op->rc = e.code;
+        op->err = e;
+    } else {
+        xlog(op->x, KVS_LOG_WARN, "namespace '%s': error sample not measured: %s", spec->name,
+             e.msg);
+    }
+}
+
+/* Pool thread: measure a block the GPU engine encoded into host memory. */
+static void measure_job(void *arg)
+{
+    put_op *op = arg;
+    check_block(op);
+    consume(op);
+}
+
+/* Pool thread: learn, encode on the CPU (and measure). */
 static void encode_job(void *arg)
 {
     put_op *op = arg;
@@ -260,6 +407,8 @@ static void encode_job(void *arg)
                          kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len, &op->err);
     if (op->rc == 0)
         count(op->x, ENCODE, CPU, t0, op->raw_bytes, op->enc_len);
+    if (op->rc == 0 && op->measure)
+        check_block(op);
     consume(op);
 }
 
@@ -274,8 +423,26 @@ static void engine_encoded(void *arg, int rc, const kvs_err *err)
     /* A slot's encoded size is known at commit (its section lengths): counted there. */
     if (rc == 0 && !op->gpu)
         count(op->x, ENCODE, GPU, op->t0, op->raw_bytes, op->enc_len);
+    if (rc == 0 && op->measure) { /* on the pool, never here: the input stays till then */
+        run(op->x, measure_job, commit, op);
+        return;
+    }
     consume(op);
     run(op->x, NULL, commit, op);
+}
+
+/* Copies a GPU source to the host (the CPU reads it to encode, calibrate or measure). */
+static int bounce(put_op *op, kvs_err *err)
+{
+    kvs_xfer *x = op->x;
+    if (!(op->bounce = kvs_xfer_host_alloc(x, op->raw_bytes)))
+        return kvs_err_set(err, KVS_ENOMEM,
+                           "payload: cannot allocate %llu bytes to copy it from the GPU",
+                           (unsigned long long)op->raw_bytes);
+    if (kvs_engine_copy(x->o.engine, op->bounce, op->r.src.ptr, op->raw_bytes, err))
+        return KVS_EINTERNAL;
+    op->r.src = (kvs_xfer_buf){.kind = KVS_XFER_HOST, .ptr = op->bounce, .len = op->raw_bytes};
+    return 0;
 }
 
 int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
@@ -297,6 +464,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     memcpy(op->key, r->key, r->key_len);
     op->r.key = op->key;
     op->raw_bytes = raw_bytes;
+    op->measure = measured(x, spec);
     if ((rc = reserve(op, err))) {
         free(op);
         return rc;
@@ -304,40 +472,35 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     /* The coder: the engine when it has kernels for both codecs, else the CPU codecs on
      * the pool. Either way commit runs next. */
     kvs_engine *eng = x->o.engine;
-    const uint16_t *raw = (const uint16_t *)r->src.ptr;
     kvs_err e2;
     op->t0 = now_ns();
     if (op->gpu) {
         kvs_block_dev *d = kvs_block_device(op->blk);
-        if (kvs_engine_encode_dev(eng, op->k, op->v, r->tokens, raw, d->slot, d->lens,
-                                  engine_encoded, op, &e2) != 0)
+        if (kvs_engine_encode_dev(eng, op->k, op->v, r->tokens, (const uint16_t *)r->src.ptr,
+                                  d->slot, d->lens, engine_encoded, op, &e2) != 0)
             finish_put(op, KVS_EINTERNAL, &e2);
         return 0;
     }
-    if (eng && !kvs_learn_wants_keys(kvs_ns_learner(r->ns)) &&
-        kvs_engine_accepts(eng, op->k, op->v) &&
-        kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens, raw,
-                          kvs_block_data(op->blk), kvs_block_size(op->blk), &op->enc_len,
-                          engine_encoded, op, &e2) == 0)
+    bool on_engine = eng && !kvs_learn_wants_keys(kvs_ns_learner(r->ns)) &&
+                     kvs_engine_accepts(eng, op->k, op->v);
+    /* The CPU encodes (and calibrates) from host memory, and measures a block against its
+     * input there: a GPU source is copied here. */
+    if (r->src.kind == KVS_XFER_DEVICE && (op->measure || !on_engine) && bounce(op, &e2)) {
+        finish_put(op, e2.code, &e2);
         return 0;
-    /* The CPU encodes (and calibrates) from host memory: a GPU source is copied here. */
-    if (r->src.kind == KVS_XFER_DEVICE) {
-        if (!(op->bounce = kvs_xfer_host_alloc(x, raw_bytes))) {
-            kvs_err_set(&e2, KVS_ENOMEM,
-                        "payload: cannot allocate %llu bytes to copy it from the GPU",
-                        (unsigned long long)raw_bytes);
-            finish_put(op, KVS_ENOMEM, &e2);
-            return 0;
-        }
-        if (kvs_engine_copy(eng, op->bounce, raw, raw_bytes, &e2)) {
-            finish_put(op, KVS_EINTERNAL, &e2);
-            return 0;
-        }
-        op->r.src = (kvs_xfer_buf){.kind = KVS_XFER_HOST, .ptr = op->bounce, .len = raw_bytes};
+    }
+    if (on_engine &&
+        kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens,
+                          (const uint16_t *)op->r.src.ptr, kvs_block_data(op->blk),
+                          kvs_block_size(op->blk), &op->enc_len, engine_encoded, op, &e2) == 0)
+        return 0;
+    if (op->r.src.kind == KVS_XFER_DEVICE && bounce(op, &e2)) { /* the engine refused it */
+        finish_put(op, e2.code, &e2);
+        return 0;
     }
     /* As on Get: a small codec-none block is one memcpy, cheaper than the pool's hops;
      * a RotateKV namespace that calibrates is not codec none. */
-    if (raw_bytes <= XFER_INLINE_MAX && kvs_codec_id_of(op->k) == KVS_CODEC_NONE &&
+    if (raw_bytes <= XFER_INLINE_MAX && !op->measure && kvs_codec_id_of(op->k) == KVS_CODEC_NONE &&
         kvs_codec_id_of(op->v) == KVS_CODEC_NONE) {
         encode_job(op);
         commit(op);
@@ -394,6 +557,11 @@ kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g)
     return kvs_block_tier(g->blk);
 }
 
+unsigned kvs_xfer_get_fallback(const kvs_xfer_get *g)
+{
+    return kvs_block_get_fallback(g->blk);
+}
+
 uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g)
 {
     return kvs_spec_layer_bytes(kvs_ns_spec_of(g->ns), kvs_block_tokens(g->blk)) * (g->le - g->lb);
@@ -425,7 +593,8 @@ static void finish_get(kvs_xfer_get *g, int rc, const kvs_err *err)
 }
 
 /* Decodes the requested layers of encoded bytes into dst with the codecs the block was
- * encoded with (kvs_ns_codecs_at); bytes we stored but cannot read are data loss. The
+ * encoded with (kvs_ns_block_codecs: its state versions, or the namespace's fallback codec
+ * for a side stored with it); bytes we stored but cannot read are data loss. The
  * bytes come from the store, which verified their checksum when it found the host block
  * or read the disk record (store.h, invariant 4): not hashed again. */
 static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
@@ -436,7 +605,7 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
     kvs_err_clear(err);
     int rc = kvs_format_peek(bytes, len, &info, err);
     if (rc == 0)
-        rc = kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, err);
+        rc = kvs_ns_block_codecs(g->ns, &info, &k, &v, NULL, err);
     uint64_t t0 = now_ns();
     if (rc == 0 && g->dst.lay) /* only the engine scatters into GPU pages */
         return kvs_err_set(err, KVS_EUNAVAIL,
@@ -558,7 +727,7 @@ static void dispatch(kvs_xfer_get *g)
     g->t0 = now_ns(); /* before the submission: the engine may finish before it returns */
     g->enc_len = kvs_block_size(g->blk);
     if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
-        kvs_ns_codecs_at(g->ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
+        kvs_ns_block_codecs(g->ns, &info, &k, &v, NULL, NULL) == 0 &&
         kvs_engine_accepts(eng, k, v) &&
         (g->dst.lay ? kvs_engine_decode_paged(eng, k, v, kvs_block_data(g->blk),
                                               kvs_block_size(g->blk), KVS_BLOCK_VERIFIED, g->lb,

@@ -7,7 +7,9 @@
  *   - the coder: the GPU engine when it has kernels for the codecs, else the CPU codecs
  *     on the caller's pool (opts.run);
  *   - the codec state versions: a block is decoded with the codecs it was encoded with
- *     (kvs_ns_codecs_at), which may predate the namespace's current ones;
+ *     (kvs_ns_block_codecs), which may predate the namespace's current ones, or be its
+ *     fallback codec;
+ *   - fidelity (issue 16): which Puts are measured and what a bound does (below);
  *   - promotion on Get (disk -> host in the store, host -> GPU through the tiering).
  * Callers parse and validate their requests, hand a source or a destination to the data
  * path, and answer when it calls back.
@@ -17,12 +19,25 @@
  * the engine moves it with device copies; the CPU steps bounce it through the host, here
  * and nowhere else). A new transport adds a kind, not a path.
  *
- *   Put:  kvs_xfer_put ──> reserve a tier ──> [learn] ──> encode (engine | pool) ──>
- *         consumed(arg) ──> commit (durable: the disk writer commits and flushes first) ──>
- *         done(arg, rc)
+ *   Put:  kvs_xfer_put ──> [measured?] ──> reserve a tier ──> [learn] ──> encode (engine |
+ *         pool) ──> [measure (pool): decode, error; over the bound: the side again with the
+ *         fallback codec] ──> consumed(arg) ──> commit (durable: the disk writer commits and
+ *         flushes first) ──> done(arg, rc)
  *   Get:  kvs_xfer_get_open (find) ──> kvs_xfer_get_run: [read from disk (pool)] ──>
  *         [promote] ──> decode into dst (engine | pool) or make the encoded bytes ready ──>
  *         done(arg, rc) ──> kvs_xfer_get_close
+ *
+ * Fidelity: a Put is measured when its namespace has a bound (max_rel_error: every Put),
+ * else with probability error_sample (the namespace's, else opts.error_sample). A measured
+ * block skips the GPU tier (it lands in the host tier; a Get may promote it later): it is
+ * encoded as usual (the engine or the CPU), then decoded on the CPU on the pool, compared
+ * with the input (gpu/codec/fidelity.h) and counted in the namespace's accumulator; the
+ * input is held until then (consumed runs after). With a bound, a side whose relative error
+ * passes it is encoded again with the namespace's fallback codec (a new host block if it
+ * does not fit the reservation) and the block's header says so; such a block is never
+ * promoted to the GPU tier. A GPU source of a measured Put is copied to the host first.
+ * The GPU engine does not check blocks itself (the CPU decodes what it wrote: the same
+ * bytes).
  *
  * Threading: every function may be called from any thread. Callbacks run exactly once,
  * on the caller's completion thread (opts.run), on the disk writer's for a durable Put,
@@ -82,10 +97,16 @@ typedef struct kvs_xfer_opts {
     void *run_ctx;
     kvs_log_fn log; /* may be NULL */
     void *log_ctx;
+    double error_sample; /* share of Puts measured where a namespace sets none (0..1) */
 } kvs_xfer_opts;
 
 /* Small fixed allocation: aborts when out of memory. */
 kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o);
+/* Changes opts.error_sample (a config reload); Puts that start later use it. */
+void kvs_xfer_set_error_sample(kvs_xfer *x, double share);
+/* The share of a namespace's Puts that are measured now: 1 with a bound, else its own
+ * error_sample, else opts.error_sample. */
+double kvs_xfer_error_sample(kvs_xfer *x, const kvs_ns_spec *spec);
 /* No operation may be in progress. NULL is fine. */
 void kvs_xfer_destroy(kvs_xfer *x);
 
@@ -151,6 +172,8 @@ uint32_t kvs_xfer_get_tokens(const kvs_xfer_get *g);
 /* The tier the bytes come from (valid after run's done: a disk block read into the host
  * tier by the read says HOST, one read for this Get alone says DISK). */
 kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g);
+/* The sides of the block stored with its namespace's fallback codec (KVS_FALLBACK_*). */
+unsigned kvs_xfer_get_fallback(const kvs_xfer_get *g);
 /* Raw: bytes of the requested layers, what dst must hold. */
 uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g);
 /* Raw: decodes the requested layers into dst (borrowed until done). Encoded: makes the

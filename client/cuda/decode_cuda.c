@@ -34,6 +34,7 @@ struct kvs_cuda_decoder {
     kvs_ns_spec spec;
     codec_slot codecs[2][DECODER_CODECS]; /* [keys, values] */
     unsigned n_codecs[2];
+    kvs_codec *fallback[2]; /* spec.fallback_codec per side, made at its first block */
     cudaStream_t own;
     uint8_t *enc_dev; /* staging for one encoded block */
     size_t enc_cap;
@@ -93,6 +94,32 @@ static int codec_at(kvs_cuda_decoder *d, kvs_kv kv, uint32_t version, const kvs_
     return 0;
 }
 
+/* The namespace's fallback codec for side kv (max_rel_error: a side whose error passed the
+ * bound is stored with it, and the block's header says so), made and uploaded once. */
+static int fallback_at(kvs_cuda_decoder *d, kvs_kv kv, const kvs_codec **out, kvs_err *err)
+{
+    if (!d->fallback[kv]) {
+        kvs_codec *c;
+        int rc = kvs_codec_create_fallback(&d->spec, kv, &c, err);
+        if (rc)
+            return rc;
+        if (!kvs_codec_cuda_supported(c)) {
+            kvs_codec_destroy(c);
+            return kvs_err_set(err, KVS_ENOTSUP,
+                               "decode on the GPU: no kernels for fallback codec '%s' with "
+                               "head_dim %u",
+                               d->spec.fallback_codec, d->spec.head_dim);
+        }
+        if ((rc = kvs_codec_cuda_prepare(c, err))) {
+            kvs_codec_destroy(c);
+            return rc;
+        }
+        d->fallback[kv] = c;
+    }
+    *out = d->fallback[kv];
+    return 0;
+}
+
 int kvs_cuda_decoder_create(kvs_client *c, const char *ns, const kvs_ns_spec *spec,
                             kvs_cuda_decoder **out, kvs_err *err)
 {
@@ -131,6 +158,8 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
     for (int kv = 0; kv < 2; kv++)
         for (unsigned i = 0; i < d->n_codecs[kv]; i++)
             kvs_codec_destroy(d->codecs[kv][i].codec);
+    kvs_codec_destroy(d->fallback[0]);
+    kvs_codec_destroy(d->fallback[1]);
     cudaFree(d->enc_dev);
     cudaFree(d->lens_dev);
     cudaFree(d->layers_dev);
@@ -148,8 +177,12 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
     kvs_block_info info;
     int rc = kvs_format_peek(enc, len, &info, err);
     const kvs_codec *k, *v;
-    if (rc || (rc = codec_at(d, KVS_KEYS, info.k_state, &k, err)) ||
-        (rc = codec_at(d, KVS_VALUES, info.v_state, &v, err)) ||
+    unsigned fb = rc ? 0 : kvs_block_fallback(&d->spec, &info);
+    if (rc ||
+        (rc = fb & KVS_FALLBACK_KEYS ? fallback_at(d, KVS_KEYS, &k, err)
+                                     : codec_at(d, KVS_KEYS, info.k_state, &k, err)) ||
+        (rc = fb & KVS_FALLBACK_VALUES ? fallback_at(d, KVS_VALUES, &v, err)
+                                       : codec_at(d, KVS_VALUES, info.v_state, &v, err)) ||
         (rc = kvs_block_parse(k, v, enc, len, KVS_BLOCK_UNTRUSTED, &info, err)))
         return rc;
     const kvs_ns_spec *s = &d->spec;
@@ -215,7 +248,8 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
                                 .layer_end = s->layers,
                                 .bytes = need,
                                 .format = KVS_FORMAT_RAW,
-                                .tier = KVS_TIER_NONE};
+                                .tier = KVS_TIER_NONE,
+                                .fallback = fb != 0};
     return rc;
 }
 

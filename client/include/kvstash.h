@@ -84,6 +84,8 @@ typedef struct kvs_put_result {
     uint64_t encoded_bytes; /* bytes the daemon stores for it */
     uint64_t raw_bytes;     /* payload bytes sent */
     bool replaced;          /* an older block with the same key was replaced */
+    bool fallback;          /* its error passed the namespace's max_rel_error: keys, values or both
+                             * are stored with its fallback_codec (README "Namespace options") */
 } kvs_put_result;
 
 /* Stores one block: `data` (borrowed, `len` bytes, layout [L][2][tokens][H][D] in
@@ -100,6 +102,8 @@ typedef struct kvs_get_result {
     uint64_t bytes;                  /* payload bytes returned */
     kvs_format format;
     kvs_tier tier; /* tier it was served from */
+    bool fallback; /* stored with the namespace's fallback_codec (kvs_put_result): an
+                    * ENCODED block's header names the codec of each side */
 } kvs_get_result;
 
 /* Fetches a whole block, decoded, into buf (caller-owned, cap bytes). Fails with
@@ -131,7 +135,9 @@ KVS_API int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key
  * namespace's spec (kvs_client_ns_get). The block's checksum is verified first
  * (KVS_EDATALOSS). Blocks encoded with learned codec state that their decode reads
  * (RotateKV keys with version > 0) need that state: KVS_ENOTSUP here, use
- * kvs_client_decode_block. res (may be NULL) gets tokens, dtype, layers and bytes. */
+ * kvs_client_decode_block. A side stored with the namespace's fallback codec
+ * (max_rel_error: the block's header names it) decodes with that codec, which spec names.
+ * res (may be NULL) gets tokens, dtype, layers, bytes and fallback. */
 KVS_API int kvs_decode_block(const kvs_ns_spec *spec, const void *enc, size_t len, void *raw,
                              size_t cap, kvs_get_result *res, kvs_err *err);
 
@@ -163,6 +169,12 @@ typedef struct kvs_key {
  * (tiers: caller array of n entries, KVS_TIER_NONE when absent; may be NULL). */
 KVS_API int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
                               uint32_t *prefix, kvs_tier *tiers, kvs_err *err);
+/* kvs_client_lookup that also says, per key, whether the block is stored with the
+ * namespace's fallback codec (max_rel_error; fallback: caller array of n entries, false
+ * for absent keys and namespaces without a bound; may be NULL). */
+KVS_API int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                                       uint32_t *prefix, kvs_tier *tiers, bool *fallback,
+                                       kvs_err *err);
 
 /* present: caller array of n entries. */
 KVS_API int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
@@ -274,6 +286,23 @@ KVS_API int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *ite
 
 /* ------------------------------------------------------------------ admin */
 
+/* One measured relative error of a namespace's blocks (KvAdmin ErrorStats). */
+typedef struct kvs_error_stats {
+    uint64_t count; /* blocks measured */
+    double mean, max;
+} kvs_error_stats;
+
+/* What a namespace's codecs cost in fidelity, since the daemon started (README "Namespace
+ * options"; KvAdmin FidelityStats): the blocks measured, as stored. */
+typedef struct kvs_ns_fidelity {
+    double error_sample;  /* share of Puts measured now (1 with max_rel_error) */
+    kvs_error_stats keys; /* ||K^ - K|| / ||K|| */
+    kvs_error_stats values;
+    kvs_error_stats logits; /* squat with query samples: attention-logit error; else count 0 */
+    uint64_t checked;       /* Puts checked against max_rel_error */
+    uint64_t fallback_blocks, fallback_keys, fallback_values;
+} kvs_ns_fidelity;
+
 typedef struct kvs_ns_info {
     kvs_ns_spec spec;
     uint32_t id;
@@ -281,6 +310,7 @@ typedef struct kvs_ns_info {
     uint64_t stored_bytes; /* encoded bytes held */
     uint64_t raw_bytes;    /* payload bytes they represent */
     uint64_t block_bytes;  /* raw bytes of one full block */
+    kvs_ns_fidelity fidelity;
 } kvs_ns_info;
 
 /* Creates a namespace. Empty codec names mean "none". info may be NULL. */

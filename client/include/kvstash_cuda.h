@@ -9,8 +9,9 @@
  *
  * A decoder serves one namespace on the device current when it is created. It keeps the
  * namespace's codecs (their tables uploaded once) per learned-state version, fetching the
- * states a block needs through the client (GetCodecState). Not thread-safe: one decoder
- * per thread (or a lock around it).
+ * states a block needs through the client (GetCodecState), and its fallback codec
+ * (max_rel_error) for the sides a block's header says were stored with it. Not
+ * thread-safe: one decoder per thread (or a lock around it).
  */
 #ifndef KVSTASH_CUDA_H
 #define KVSTASH_CUDA_H

@@ -124,12 +124,14 @@ static int put(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         kvctl_json_u64(&j, "raw_bytes", res.raw_bytes);
         kvctl_json_u64(&j, "encoded_bytes", res.encoded_bytes);
         kvctl_json_bool(&j, "replaced", res.replaced);
+        kvctl_json_bool(&j, "fallback", res.fallback);
         kvctl_json_close(&j, '}');
     } else {
         char r[32], e[32];
-        printf("put %s %s: %llu tokens, %s -> %s tier, %s stored%s\n", ns, key_arg,
+        printf("put %s %s: %llu tokens, %s -> %s tier, %s stored%s%s\n", ns, key_arg,
                (unsigned long long)tokens, kvctl_fmt_bytes(res.raw_bytes, r, sizeof r),
                kvs_tier_name(res.tier), kvctl_fmt_bytes(res.encoded_bytes, e, sizeof e),
+               res.fallback ? " with the fallback codec (max_rel_error)" : "",
                res.replaced ? " (replaced an older block)" : "");
     }
     return KVCTL_OK;
@@ -279,13 +281,15 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         kvctl_json_u64(&j, "bytes", res.bytes);
         kvctl_json_str(&j, "format", res.format == KVS_FORMAT_ENCODED ? "encoded" : "raw");
         kvctl_json_str(&j, "tier", kvs_tier_name(res.tier));
+        kvctl_json_bool(&j, "fallback", res.fallback);
         kvctl_json_close(&j, '}');
     } else {
         char b[32];
-        fprintf(stderr, "get %s %s: %u tokens %s, layers %u:%u, %s %s from %s tier\n", ns, key_arg,
-                res.tokens, kvs_dtype_name(res.dtype), res.layer_begin, res.layer_end,
+        fprintf(stderr, "get %s %s: %u tokens %s, layers %u:%u, %s %s from %s tier%s\n", ns,
+                key_arg, res.tokens, kvs_dtype_name(res.dtype), res.layer_begin, res.layer_end,
                 kvctl_fmt_bytes(res.bytes, b, sizeof b),
-                res.format == KVS_FORMAT_ENCODED ? "encoded" : "raw", kvs_tier_name(res.tier));
+                res.format == KVS_FORMAT_ENCODED ? "encoded" : "raw", kvs_tier_name(res.tier),
+                res.fallback ? ", stored with the fallback codec" : "");
     }
     return KVCTL_OK;
 }
@@ -331,9 +335,19 @@ static void key_table(const char *head, char **names, size_t n,
     kvctl_table_free(&t);
 }
 
-static const char *tier_cell(const void *tiers, size_t i)
+/* A key's tier, and "(fallback)" for a block stored with its namespace's fallback codec. */
+typedef struct where {
+    kvs_tier *tiers;
+    bool *fallback;
+    char cell[32];
+} where;
+
+static const char *where_cell(const void *w, size_t i)
 {
-    return kvs_tier_name(((const kvs_tier *)tiers)[i]);
+    where *x = (where *)(uintptr_t)w; /* its own scratch cell */
+    snprintf(x->cell, sizeof x->cell, "%s%s", kvs_tier_name(x->tiers[i]),
+             x->fallback[i] ? " (fallback)" : "");
+    return x->cell;
 }
 
 static const char *present_cell(const void *present, size_t i)
@@ -350,12 +364,14 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
         return rc;
     char **names = argv + optind + 1;
     kvs_tier *tiers = kvs_xcalloc(n, sizeof *tiers);
+    bool *fallback = kvs_xcalloc(n, sizeof *fallback);
     uint32_t prefix = 0;
     kvs_client *cl;
     kvs_err err;
     rc = kvctl_connect(cmd, g, &cl);
     if (rc == KVCTL_OK) {
-        if (kvs_client_lookup(cl, argv[optind], keys, n, &prefix, tiers, &err) != 0)
+        if (kvs_client_lookup_fallback(cl, argv[optind], keys, n, &prefix, tiers, fallback, &err) !=
+            0)
             rc = kvctl_fail(cmd, &err);
         kvs_client_close(cl);
     }
@@ -368,15 +384,18 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
             kvctl_json_open(&j, NULL, '{');
             kvctl_json_str(&j, "key", names[i]);
             kvctl_json_str(&j, "tier", kvs_tier_name(tiers[i]));
+            kvctl_json_bool(&j, "fallback", fallback[i]);
             kvctl_json_close(&j, '}');
         }
         kvctl_json_close(&j, ']');
         kvctl_json_close(&j, '}');
     } else if (rc == KVCTL_OK) {
         printf("prefix %u of %zu blocks\n", prefix, n);
-        key_table("TIER", names, n, tier_cell, tiers);
+        where w = {.tiers = tiers, .fallback = fallback};
+        key_table("TIER", names, n, where_cell, &w);
     }
     free(tiers);
+    free(fallback);
     free(keys);
     return rc;
 }
@@ -386,7 +405,8 @@ const kvctl_cmd kvctl_cmd_lookup = {
     .args = "NS KEY...",
     .summary = "how many leading keys are stored, and each key's tier",
     .help = "Give a sequence's chained block keys in order (see 'kvctl key'): the prefix is\n"
-            "the number of leading blocks a worker can reuse.\n",
+            "the number of leading blocks a worker can reuse. A block stored with its\n"
+            "namespace's fallback codec (its error passed max_rel_error) says (fallback).\n",
     .run = lookup,
 };
 

@@ -1,6 +1,7 @@
 /* kvctl ns create | list | drop: namespace administration through KvAdmin, plus the
  * JSON form of a namespace that `stats` shares. Single-threaded.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,6 +36,10 @@ void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
     kvctl_json_bool(j, "durable", ns->spec.durable);
     kvctl_json_u64(j, "seed", ns->spec.seed);
     kvctl_json_u64(j, "host_quota_bytes", ns->spec.host_quota);
+    if (ns->spec.error_sample_set) /* else the daemon's --error-sample (fidelity below) */
+        kvctl_json_num(j, "error_sample", ns->spec.error_sample);
+    kvctl_json_num(j, "max_rel_error", ns->spec.max_rel_error);
+    kvctl_json_str(j, "fallback_codec", ns->spec.fallback_codec);
     kvctl_json_u64(j, "blocks", ns->blocks);
     kvctl_json_u64(j, "stored_bytes", ns->stored_bytes);
     kvctl_json_u64(j, "raw_bytes", ns->raw_bytes);
@@ -45,10 +50,41 @@ void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
     kvctl_json_u64(j, "tokens", tokens);
     kvctl_json_num(j, "bytes_per_token", per_token);
     kvctl_json_num(j, "compression_ratio", ratio);
+    const kvs_ns_fidelity *f = &ns->fidelity;
+    kvctl_json_open(j, "fidelity", '{');
+    kvctl_json_num(j, "error_sample", f->error_sample);
+    const struct {
+        const char *name;
+        const kvs_error_stats *e;
+    } errs[3] = {{"key_error", &f->keys}, {"value_error", &f->values}, {"logit_error", &f->logits}};
+    for (int i = 0; i < 3; i++) {
+        kvctl_json_open(j, errs[i].name, '{');
+        kvctl_json_u64(j, "count", errs[i].e->count);
+        kvctl_json_num(j, "mean", errs[i].e->mean);
+        kvctl_json_num(j, "max", errs[i].e->max);
+        kvctl_json_close(j, '}');
+    }
+    kvctl_json_u64(j, "checked", f->checked);
+    kvctl_json_u64(j, "fallback_blocks", f->fallback_blocks);
+    kvctl_json_u64(j, "fallback_keys", f->fallback_keys);
+    kvctl_json_u64(j, "fallback_values", f->fallback_values);
+    kvctl_json_close(j, '}');
     kvctl_json_close(j, '}');
 }
 
 /* ------------------------------------------------------------------ ns create */
+
+/* A finite double in [lo, hi]. */
+static bool parse_double(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double d = strtod(s, &end);
+    if (errno || end == s || *end || !(d >= lo && d <= hi))
+        return false;
+    *out = d;
+    return true;
+}
 
 static bool set_codec(char *dst, const char *src)
 {
@@ -73,6 +109,9 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
         {"keys-pre-rope", no_argument, NULL, 'r'},
         {"durable", no_argument, NULL, 'u'},
         {"host-quota", required_argument, NULL, 'q'},
+        {"error-sample", required_argument, NULL, 'e'},
+        {"max-rel-error", required_argument, NULL, 'm'},
+        {"fallback-codec", required_argument, NULL, 'f'},
         {0, 0, 0, 0},
     };
     kvs_ns_spec spec = {.dtype = KVS_DTYPE_FP16};
@@ -110,6 +149,17 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
             if (!kvctl_parse_size(optarg, &v))
                 return kvctl_usage(cmd, "--host-quota: '%s' is not a size (512M, 2G, ...)", optarg);
             spec.host_quota = v;
+        } else if (c == 'e') {
+            if (!parse_double(optarg, 0, 1, &spec.error_sample))
+                return kvctl_usage(cmd, "--error-sample: '%s' is not a share in 0..1", optarg);
+            spec.error_sample_set = true;
+        } else if (c == 'm') {
+            if (!parse_double(optarg, 0, 1e300, &spec.max_rel_error))
+                return kvctl_usage(cmd, "--max-rel-error: '%s' is not a number >= 0", optarg);
+        } else if (c == 'f') {
+            if (!set_codec(spec.fallback_codec, optarg))
+                return kvctl_usage(cmd, "--fallback-codec: '%s' is longer than %d characters",
+                                   optarg, KVS_CODEC_NAME_MAX);
         }
     }
     if (argc - optind != 1)
@@ -146,6 +196,12 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
            info.spec.block_tokens, kvs_dtype_name(info.spec.dtype), info.spec.key_codec,
            info.spec.value_codec, info.spec.keys_pre_rope ? ", keys pre-RoPE" : "",
            info.spec.durable ? ", durable" : "", kvctl_fmt_bytes(info.block_bytes, b, sizeof b));
+    if (info.spec.max_rel_error > 0)
+        printf("  every Put checked: a side whose relative error passes %g is stored with %s\n",
+               info.spec.max_rel_error, info.spec.fallback_codec);
+    else
+        printf("  error measured on %g%% of Puts%s\n", 100 * info.fidelity.error_sample,
+               info.spec.error_sample_set ? "" : " (the daemon's --error-sample)");
     return KVCTL_OK;
 }
 
@@ -153,7 +209,8 @@ const kvctl_cmd kvctl_cmd_ns_create = {
     .name = "ns create",
     .args = "NAME --layers L --kv-heads H --head-dim D --block-tokens T [--dtype fp16|bf16]\n"
             "       [--codec C | --key-codec C --value-codec C] [--seed N] [--keys-pre-rope]\n"
-            "       [--durable] [--host-quota SIZE]",
+            "       [--durable] [--host-quota SIZE] [--error-sample SHARE]\n"
+            "       [--max-rel-error E [--fallback-codec C]]",
     .summary = "create a namespace (one model's KV layout and codecs)",
     .help = "A namespace is immutable once created. A block of t tokens is the layout\n"
             "[L][2][t][H][D] in the namespace's dtype, t <= T.\n"
@@ -170,7 +227,14 @@ const kvctl_cmd kvctl_cmd_ns_create = {
             "  --keys-pre-rope     keys are stored before RoPE\n"
             "  --durable           acknowledge a Put only once it is on disk\n"
             "  --host-quota SIZE   bytes of the host tier it may hold (512M, 2G); over it a\n"
-            "                      Put evicts this namespace's own blocks, never another's\n",
+            "                      Put evicts this namespace's own blocks, never another's\n"
+            "  --error-sample S    share of Puts (0..1) whose encoded block the daemon decodes\n"
+            "                      again and measures (kvctl stats); default: the daemon's\n"
+            "                      --error-sample\n"
+            "  --max-rel-error E   check every Put: keys or values whose relative error\n"
+            "                      ||x^-x||/||x|| passes E are stored with the fallback codec\n"
+            "  --fallback-codec C  that codec: none (default: as they came), fp8, kivi-2,\n"
+            "                      kivi-3, kivi-4 or polarquant\n",
     .run = ns_create,
 };
 

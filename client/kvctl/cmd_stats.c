@@ -135,6 +135,53 @@ static void stats_json(const kvs_stats *s)
     kvctl_json_close(&j, '}');
 }
 
+/* "0.123 / 0.456" (mean / max) or "-" before any measurement. */
+static void error_cell(kvctl_table *t, const kvs_error_stats *e)
+{
+    if (e->count)
+        kvctl_table_cell(t, "%.4f / %.4f", e->mean, e->max);
+    else
+        kvctl_table_cell(t, "-");
+}
+
+/* Measured error per namespace (README "Namespace options"): those that measured something
+ * or have a bound. */
+static void fidelity_text(const kvs_stats *s)
+{
+    size_t shown = 0;
+    for (size_t i = 0; i < s->n_namespaces; i++)
+        shown += s->namespaces[i].fidelity.keys.count || s->namespaces[i].spec.max_rel_error > 0;
+    if (!shown)
+        return;
+    printf("\n");
+    kvctl_table t;
+    kvctl_table_init(&t, 8, "NAMESPACE", "SAMPLE", "MEASURED", "K ERR MEAN/MAX", "V ERR MEAN/MAX",
+                     "LOGIT ERR MEAN/MAX", "BOUND", "FALLBACK K/V");
+    for (size_t i = 0; i < s->n_namespaces; i++) {
+        const kvs_ns_info *ns = &s->namespaces[i];
+        const kvs_ns_fidelity *f = &ns->fidelity;
+        if (!f->keys.count && ns->spec.max_rel_error <= 0)
+            continue;
+        kvctl_table_cell(&t, "%s", ns->spec.name);
+        kvctl_table_cell(&t, "%g", f->error_sample);
+        kvctl_table_cell(&t, "%llu", (unsigned long long)f->keys.count);
+        error_cell(&t, &f->keys);
+        error_cell(&t, &f->values);
+        error_cell(&t, &f->logits);
+        if (ns->spec.max_rel_error > 0) {
+            kvctl_table_cell(&t, "%g -> %s", ns->spec.max_rel_error, ns->spec.fallback_codec);
+            kvctl_table_cell(&t, "%llu (%llu/%llu)", (unsigned long long)f->fallback_blocks,
+                             (unsigned long long)f->fallback_keys,
+                             (unsigned long long)f->fallback_values);
+        } else {
+            kvctl_table_cell(&t, "-");
+            kvctl_table_cell(&t, "-");
+        }
+    }
+    kvctl_table_print(&t, stdout);
+    kvctl_table_free(&t);
+}
+
 static void stats_text(const kvs_stats *s)
 {
     char up[32], a[32], b[32];
@@ -185,6 +232,8 @@ static void stats_text(const kvs_stats *s)
         kvctl_table_free(&t);
     }
 
+    fidelity_text(s);
+
     const kvs_data_plane_stats *dp = &s->data_plane;
     char c[32], d[32], e[32], f[32];
     printf("\ndata plane: %llu shared-memory regions (%s, %s pinned); Put %s from shared "
@@ -234,7 +283,11 @@ const kvctl_cmd kvctl_cmd_stats = {
     .summary = "tier usage, namespaces, compression and per-RPC counters",
     .help = "Tiers: capacity, bytes used, blocks, hits, evictions; misses. Namespaces:\n"
             "blocks, tokens held, encoded (stored) and raw bytes, encoded bytes per token,\n"
-            "compression ratio (raw / stored). RPCs: calls and errors per method.\n"
+            "compression ratio (raw / stored). Measured error of the namespaces that measure\n"
+            "it: the share of Puts sampled, blocks measured, relative error of keys and values\n"
+            "(and the attention-logit error of a squat namespace with query samples), mean and\n"
+            "max, the bound and the blocks stored with the fallback codec (keys/values).\n"
+            "RPCs: calls and errors per method.\n"
             "--json prints one JSON object with the same figures.\n",
     .run = stats,
 };

@@ -380,3 +380,36 @@ int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint
 {
     return block_decode(k, v, enc, len, KVS_BLOCK_VERIFIED, layer_begin, layer_end, raw, err);
 }
+
+/* ---------------------------------------------------------------- fallback */
+
+static bool codec_is(const char *name, uint8_t id, uint8_t bits)
+{
+    const codec_entry *e = find(name);
+    return e && e->id == id && e->bits == bits;
+}
+
+unsigned kvs_block_fallback(const kvs_ns_spec *spec, const kvs_block_info *info)
+{
+    if (!spec->fallback_codec[0])
+        return 0;
+    unsigned sides = 0;
+    if (!codec_is(spec->key_codec, info->k_codec, info->k_bits) &&
+        codec_is(spec->fallback_codec, info->k_codec, info->k_bits))
+        sides |= KVS_FALLBACK_KEYS;
+    if (!codec_is(spec->value_codec, info->v_codec, info->v_bits) &&
+        codec_is(spec->fallback_codec, info->v_codec, info->v_bits))
+        sides |= KVS_FALLBACK_VALUES;
+    return sides;
+}
+
+int kvs_codec_create_fallback(const kvs_ns_spec *spec, kvs_kv kv, kvs_codec **out, kvs_err *err)
+{
+    if (!spec->fallback_codec[0])
+        return kvs_err_set(err, KVS_EINVAL, "fallback_codec: namespace '%s' has none", spec->name);
+    kvs_ns_spec f = *spec;
+    snprintf(f.key_codec, sizeof f.key_codec, "%s", spec->fallback_codec);
+    snprintf(f.value_codec, sizeof f.value_codec, "%s", spec->fallback_codec);
+    int rc = kvs_codec_create(&f, kv, NULL, out, err);
+    return rc ? kvs_err_prefix(err, "fallback_codec") : 0;
+}

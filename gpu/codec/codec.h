@@ -157,6 +157,25 @@ int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint
                               size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
                               kvs_err *err);
 
+/* ---------------------------------------------------------------- fallback
+ * A namespace with max_rel_error (gpu/codec/spec.h) stores a side (keys or values) of a
+ * block whose measured error passed the bound with its fallback_codec. Nothing else marks
+ * such a block: its header names the codec and bits of each side (gpu/codec/format.h), and
+ * a reader tells the namespace's own codec from its fallback by them. */
+
+#define KVS_FALLBACK_KEYS 1u
+#define KVS_FALLBACK_VALUES 2u
+
+/* The sides of a block (its parsed or peeked header) stored with spec's fallback codec:
+ * KVS_FALLBACK_* bits. A side whose codec is the namespace's own is never a fallback (also
+ * where the fallback is that same codec); one that is neither is kvs_block_check's to
+ * refuse. */
+unsigned kvs_block_fallback(const kvs_ns_spec *spec, const struct kvs_block_info *info);
+
+/* Creates spec's fallback codec for side kv (no learned state: it has none). KVS_EINVAL
+ * naming fallback_codec when spec has none or it is unknown. Free with kvs_codec_destroy. */
+int kvs_codec_create_fallback(const kvs_ns_spec *spec, kvs_kv kv, kvs_codec **out, kvs_err *err);
+
 #ifdef __cplusplus
 }
 #endif

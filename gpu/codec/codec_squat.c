@@ -473,6 +473,22 @@ uint32_t kvs_squat_subspace_heads(const kvs_codec *c)
     return sp ? sp->active : 0;
 }
 
+const float *kvs_squat_gram(const kvs_codec *c, uint32_t layer, uint32_t head, uint64_t *rows)
+{
+    const kvs_ns_spec *s = &c->spec;
+    if (c->id != KVS_CODEC_SQUAT || c->kv != KVS_KEYS || c->state.version == 0 ||
+        c->state.len != kvs_squat_state_bytes(s) || layer >= s->layers || head >= s->kv_heads)
+        return NULL;
+    size_t dd = (size_t)s->head_dim * s->head_dim, lh = (size_t)layer * s->kv_heads + head;
+    const uint8_t *r = (const uint8_t *)c->state.data + STATE_HEADER + lh * (8 + 4 * dd);
+    uint64_t n = (uint64_t)get32(r) | (uint64_t)get32(r + 4) << 32;
+    if (rows)
+        *rows = n;
+    /* The state is a malloc'ed copy (kvs_codec_create) and every record starts 4-byte
+     * aligned after it (16 + k * (8 + 4 D^2) + 8): the floats can be read in place. */
+    return n ? (const float *)(const void *)(r + 8) : NULL;
+}
+
 int kvs_squat_compensation(const kvs_codec *c, uint32_t layer, uint32_t head, uint32_t b,
                            const float **C, uint32_t *rows, uint32_t *cols, kvs_err *err)
 {

@@ -50,6 +50,13 @@ int kvs_squat_state_from_queries(const kvs_ns_spec *spec, uint32_t q_heads, cons
  * codec encodes exactly like KIVI (for stats). 0 for value codecs. */
 uint32_t kvs_squat_subspace_heads(const kvs_codec *c);
 
+/* The query Gram G = sum of q q^T over the query rows of (layer, kv-head) that a squat key
+ * codec was made with: D*D fp32, row-major, borrowed from the codec (its state bytes);
+ * *rows (may be NULL) gets their count. NULL when there is none: not a squat key codec,
+ * state version 0, an index out of range, or no rows for that head. What the attention
+ * logit error of stored keys is measured with (gpu/codec/fidelity.h). */
+const float *kvs_squat_gram(const kvs_codec *c, uint32_t layer, uint32_t head, uint64_t *rows);
+
 /* Channel blocks of a squat codec for head_dim D: block size g (64 for D >= 128, D/2
  * below) and count ceil(D/g). */
 void kvs_squat_blocks(uint32_t head_dim, uint32_t *g, uint32_t *count);

@@ -1,6 +1,7 @@
 /* Namespace specification: see spec.h. */
 #include "gpu/codec/spec.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "gpu/base/mem.h"
@@ -56,6 +57,52 @@ bool kvs_spec_name_ok(const char *s)
     return true;
 }
 
+/* The fallback codec: only with a bound, and one that stores a block whose error passed
+ * it without the namespace's learned state: a block stored that way must decode wherever
+ * the namespace's blocks decode (the client library included), and the state a RotateKV or
+ * SQuat codec learns belongs to the namespace's own codec. */
+static int fallback_validate(const kvs_ns_spec *s, kvs_err *err)
+{
+    const char *f = s->fallback_codec;
+    if (!f[0])
+        return s->max_rel_error > 0
+                   ? kvs_err_set(err, KVS_EINVAL,
+                                 "fallback_codec: missing (max_rel_error needs the codec "
+                                 "a block that passes it is stored with; none keeps it as it is)")
+                   : 0;
+    if (s->max_rel_error == 0)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "fallback_codec: '%.31s' given without max_rel_error, the bound "
+                           "that decides when it is used",
+                           f);
+    kvs_codec_id id;
+    char names[160];
+    if (!kvs_codec_lookup(f, &id, NULL))
+        return kvs_err_set(err, KVS_EINVAL, "fallback_codec: unknown codec '%.31s' (available: %s)",
+                           f, kvs_codec_names(names, sizeof names));
+    if (id == KVS_CODEC_ROTATEKV || id == KVS_CODEC_SQUAT)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "fallback_codec: '%.31s' learns codec state; a fallback must decode "
+                           "without it: none, fp8, kivi-2, kivi-3, kivi-4 or polarquant",
+                           f);
+    if (strcmp(f, s->key_codec) == 0 && strcmp(f, s->value_codec) == 0)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "fallback_codec: '%.31s' is the namespace's own key and value codec; "
+                           "a fallback must differ from one of them",
+                           f);
+    return 0;
+}
+
+void kvs_spec_fill_defaults(kvs_ns_spec *s)
+{
+    if (!s->key_codec[0])
+        strcpy(s->key_codec, "none");
+    if (!s->value_codec[0])
+        strcpy(s->value_codec, "none");
+    if (s->max_rel_error > 0 && !s->fallback_codec[0])
+        strcpy(s->fallback_codec, "none");
+}
+
 int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
 {
     if (!kvs_spec_name_ok(s->name))
@@ -82,6 +129,17 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
     if (!kvs_codec_name_known(s->value_codec))
         return kvs_err_set(err, KVS_EINVAL, "value_codec: unknown codec '%.31s' (available: %s)",
                            s->value_codec, kvs_codec_names(names, sizeof names));
+    if (s->error_sample_set && !(s->error_sample >= 0 && s->error_sample <= 1))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "error_sample: %g is not a share of Puts in 0..1 (0: none measured)",
+                           s->error_sample);
+    if (!(s->max_rel_error >= 0 && isfinite(s->max_rel_error)))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "max_rel_error: %g is not a relative error >= 0 (0: no bound)",
+                           s->max_rel_error);
+    int rc = fallback_validate(s, err);
+    if (rc)
+        return rc;
     uint64_t full;
     if (s->host_quota && kvs_spec_block_bytes(s, s->block_tokens, &full, NULL) == 0 &&
         s->host_quota < full)

@@ -49,6 +49,17 @@ typedef struct kvs_ns_spec {
     uint64_t seed;
     uint64_t host_quota; /* bytes of the host tier the namespace may hold; 0 = no quota. Over
                           * it, a Put evicts the namespace's own blocks, never another's. */
+    /* Fidelity (README "Namespace options"; storage/xfer.h decides per Put). The share of
+     * Puts whose encoded block is decoded again and measured against its input, 0..1,
+     * when error_sample_set; unset (a zeroed spec, a namespace recorded before these
+     * fields): the daemon's --error-sample. */
+    bool error_sample_set;
+    double error_sample;
+    /* The bound, 0 = none: every Put is measured, and a side (keys or values) whose
+     * relative error passes it is stored with fallback_codec instead (a codec without
+     * learned state; recorded in the block's header, gpu/codec/format.h). */
+    double max_rel_error;
+    char fallback_codec[KVS_CODEC_NAME_MAX + 1]; /* "" without a bound */
 } kvs_ns_spec;
 
 /* Bytes of one element of dtype (2), or 0 for an unknown dtype. */
@@ -65,8 +76,15 @@ bool kvs_codec_name_known(const char *s);
 bool kvs_spec_name_ok(const char *s);
 
 /* Checks every field; the message names the field at fault. Empty codec names are
- * not accepted here: callers fill defaults ("none") first. */
+ * not accepted here: callers fill defaults ("none") first, the fallback codec's too when
+ * max_rel_error is set (kvs_spec_fill_defaults). A fallback codec must be one whose
+ * blocks decode without learned state (none, fp8, kivi-*, polarquant) and may not be the
+ * namespace's own key and value codec both. */
 int kvs_spec_validate(const kvs_ns_spec *spec, kvs_err *err);
+
+/* Fills the defaults a caller may leave empty: codec names "none", and with max_rel_error
+ * set and no fallback_codec, "none" (the block as it is: the bound then always holds). */
+void kvs_spec_fill_defaults(kvs_ns_spec *spec);
 
 /* Raw payload bytes of a block of `tokens` tokens: L * 2 * tokens * H * D * sizeof(dtype).
  * Fails with KVS_EINVAL if tokens is 0 or above block_tokens (message names "tokens"). */

@@ -353,3 +353,35 @@ def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec)
 def grpc_invalid():
     import grpc
     return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fidelity_with_the_gpu_engine(daemon, tmp_path):
+    """Issue 16 on a GPU daemon (not run where there is none; untested at the time of
+    writing): a measured Put is encoded by the engine into the host tier and measured on the
+    CPU (never a GPU slot); a block over the bound (kivi-2 values with an outlier channel,
+    fp8 fallback) is decoded by the engine with the fallback codec, matches the client's CPU
+    decode of its encoded bytes within one fp16 ulp, and is never promoted to the GPU tier;
+    unmeasured blocks of the same shape still land in the GPU tier."""
+    d = gpu_daemon(daemon, extra=["--error-sample", "0"])
+    sampled = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="kivi-2",
+                          value_codec="kivi-2", error_sample=kvs.pb.ErrorSample(share=1.0))
+    plain = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="kivi-2", value_codec="kivi-2")
+    bounded = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="kivi-2",
+                          value_codec="kivi-2", max_rel_error=0.5, fallback_codec="fp8")
+    x = np.random.default_rng(1).standard_normal((L, 2, T, H, D)).astype("<f2")
+    assert kvs.put(d.stub, sampled.spec.name, b"s", T, x.tobytes()).tier == kvs.pb.TIER_HOST
+    assert kvs.put(d.stub, plain.spec.name, b"p", T, x.tobytes()).tier == kvs.pb.TIER_GPU
+    odd = x.copy()
+    odd[:, :, :, :, 5] = 15.0
+    r = kvs.put(d.stub, bounded.spec.name, b"o", T, odd.tobytes())
+    assert r.fallback and r.tier == kvs.pb.TIER_HOST
+    for name in (sampled.spec.name, bounded.spec.name):
+        f = [n for n in d.stats().namespaces if n.spec.name == name][0].fidelity
+        assert f.key_error.count == 1
+    for _ in range(3):  # Gets would promote a host block: not a fallback one
+        g = kvs.get(d.stub, bounded.spec.name, b"o")
+        assert g.header.value_codec == "fp8" and g.header.tier == kvs.pb.TIER_HOST
+    out = tmp_path / "local.bin"
+    rc = d.kvctl("get", bounded.spec.name, "o", out, "--local")
+    assert rc.returncode == 0, rc.stderr
+    assert ulps(g.data, out.read_bytes()) <= 1

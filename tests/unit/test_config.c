@@ -139,6 +139,40 @@ static void test_events_keys(void **state)
     assert_string_equal(cfg.events_topic, "");
 }
 
+/* --error-sample (error_sample): a share in 0..1, printed back as it reads, live. */
+static void test_error_sample(void **state)
+{
+    (void)state;
+    kvs_config cfg;
+    kvs_err err;
+    char buf[64];
+    kvs_config_defaults(&cfg);
+    assert_true(cfg.error_sample == 0.01);
+    int i = kvs_config_key_find("error_sample");
+    assert_true(i >= 0);
+    assert_true(kvs_config_key_flags(i) & KVS_KEY_LIVE);
+    kvs_config_key_value(&cfg, i, buf, sizeof buf);
+    assert_string_equal(buf, "0.01");
+    char *ok[] = {"kvstashd", "--error-sample", "0.25", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, ok), 0);
+    assert_true(cfg.error_sample == 0.25);
+    char *zero[] = {"kvstashd", "--error-sample", "0", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, zero), 0);
+    assert_true(cfg.error_sample == 0);
+    kvs_config_key_value(&cfg, i, buf, sizeof buf);
+    assert_string_equal(buf, "0");
+    assert_int_equal(kvs_config_key_set(&cfg, i, "0.1234567890123", KVS_SRC_FLAG, 0, NULL, &err),
+                     0);
+    kvs_config_key_value(&cfg, i, buf, sizeof buf);
+    assert_string_equal(buf, "0.1234567890123");
+    const char *bad[] = {"1.5", "-0.1", "nan", "x", "", "0.5x"};
+    for (size_t b = 0; b < sizeof bad / sizeof *bad; b++) {
+        assert_int_equal(kvs_config_key_set(&cfg, i, bad[b], KVS_SRC_FLAG, 0, NULL, &err),
+                         KVS_EINVAL);
+        assert_non_null(strstr(err.msg, "--error-sample"));
+    }
+}
+
 static void test_defaults(void **state)
 {
     kvs_config cfg;
@@ -156,9 +190,8 @@ static void test_defaults(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sizes),
-        cmocka_unit_test(test_flags),
-        cmocka_unit_test(test_events_keys),
+        cmocka_unit_test(test_sizes),       cmocka_unit_test(test_flags),
+        cmocka_unit_test(test_events_keys), cmocka_unit_test(test_error_sample),
         cmocka_unit_test(test_defaults),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

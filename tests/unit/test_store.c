@@ -171,7 +171,7 @@ static void test_roundtrip_replace_delete(void **state)
     kvs_store_key keys[3] = {{"a", 1}, {"zz", 2}, {"b", 1}};
     kvs_store_tier tiers[3];
     uint32_t prefix;
-    kvs_store_lookup(st, ns, keys, 3, tiers, &prefix);
+    kvs_store_lookup(st, ns, keys, 3, tiers, &prefix, NULL);
     assert_int_equal(prefix, 1); /* "zz" breaks the prefix even though "b" is present */
     assert_int_equal(tiers[0], KVS_STORE_TIER_HOST);
     assert_int_equal(tiers[1], KVS_STORE_TIER_NONE);
@@ -297,7 +297,7 @@ static int working_set_after_scan(kvs_policy_kind kind)
     for (int i = 0; i < 3; i++) {
         kvs_store_key k = {ws[i], 2};
         kvs_store_tier t;
-        kvs_store_lookup(st, ns, &k, 1, &t, NULL);
+        kvs_store_lookup(st, ns, &k, 1, &t, NULL, NULL);
         if (t == KVS_STORE_TIER_HOST) {
             expect_block(st, ns, ws[i], (uint8_t)(0x10 + i));
             alive++;
@@ -570,7 +570,7 @@ static void test_gpu_tier_and_demotion(void **state)
     /* Lookup reports the tier; Get hands out the GPU view (no checksum on the device). */
     kvs_store_key k0 = {"k0", 2};
     kvs_store_tier tier;
-    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL, NULL);
     assert_int_equal(tier, KVS_STORE_TIER_GPU);
     kvs_block *busy;
     assert_int_equal(kvs_store_get(st, ns, "k1", 2, &busy, &err), 0); /* k1 busy: not picked */
@@ -586,7 +586,7 @@ static void test_gpu_tier_and_demotion(void **state)
     assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
     encode_fill(ns, 4, 0x5A, kvs_block_data(nb), ENC(4));
     kvs_store_demote_commit(st, picked[0], nb);
-    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL, NULL);
     assert_int_equal(tier, KVS_STORE_TIER_HOST);
     expect_block(st, ns, "k0", 0x5A); /* checksummed like any host block */
     kvs_store_demote_cancel(st, picked[1]);
@@ -657,7 +657,7 @@ static void test_gpu_promotion(void **state)
     kvs_store_promote_commit(st, h, g);
     kvs_store_key k0 = {"h0", 2};
     kvs_store_tier tier;
-    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL);
+    kvs_store_lookup(st, ns, &k0, 1, &tier, NULL, NULL);
     assert_int_equal(tier, KVS_STORE_TIER_GPU);
     assert_int_equal(kvs_store_get(st, ns, "h0", 2, &g2, &err), 0);
     assert_int_equal(kvs_block_device(g2)->lens[0], 9);
@@ -899,7 +899,7 @@ static kvs_store_tier tier_of(disk_fx *f, const char *key)
 {
     kvs_store_key k = {key, strlen(key)};
     kvs_store_tier t;
-    kvs_store_lookup(f->st, f->ns, &k, 1, &t, NULL);
+    kvs_store_lookup(f->st, f->ns, &k, 1, &t, NULL, NULL);
     return t;
 }
 
@@ -1492,7 +1492,7 @@ static void test_durable(void **state)
     assert_int_equal(st.disk_used, alen);
     kvs_store_key k0 = {"k0", 2};
     kvs_store_tier t;
-    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL);
+    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL, NULL);
     assert_int_equal(t, KVS_STORE_TIER_HOST);
 
     /* Replacing writes over the record (no deletion queued before the write). */
@@ -1509,7 +1509,7 @@ static void test_durable(void **state)
     kvs_disk_test_fail_write(f.disk, 1, 5 /* EIO */);
     assert_int_equal(put_durable(&f, ns, "k0", 3, NULL, NULL, msg), KVS_EIO);
     assert_true(strlen(msg) > 0);
-    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL);
+    kvs_store_lookup(f.st, ns, &k0, 1, &t, NULL, NULL);
     assert_int_equal(t, KVS_STORE_TIER_DISK);
     kvs_store_disk_wait(f.st);
     expect_record(&f, ns, "k0", b, blen);
@@ -1528,7 +1528,7 @@ static void test_durable(void **state)
     kvs_disk_test_fail_write(f.disk, 1, MDB_MAP_FULL);
     assert_int_equal(put_durable(&f, ns, "k1", 4, NULL, NULL, NULL), KVS_ENOSPC);
     kvs_store_key k1 = {"k1", 2};
-    kvs_store_lookup(f.st, ns, &k1, 1, &t, NULL);
+    kvs_store_lookup(f.st, ns, &k1, 1, &t, NULL, NULL);
     assert_int_equal(t, KVS_STORE_TIER_NONE);
     kvs_store_disk_wait(f.st);
     kvs_store_get_stats(f.st, &st);
@@ -1865,7 +1865,7 @@ static void test_restore_unknown_state_and_unservable(void **state)
     ns = find_ns(st, "kv");
     kvs_store_key keys[2] = {{"odd-state", 9}, {"too-long", 8}};
     kvs_store_tier tiers[2];
-    kvs_store_lookup(st, ns, keys, 2, tiers, NULL);
+    kvs_store_lookup(st, ns, keys, 2, tiers, NULL, NULL);
     assert_int_equal(tiers[0], KVS_STORE_TIER_DISK);
     assert_int_equal(tiers[1], KVS_STORE_TIER_NONE);
     kvs_block *got;

@@ -113,7 +113,7 @@ static kvs_store_tier tier_of(kvs_store *st, kvs_ns *ns, const char *key)
 {
     kvs_store_key k = {key, strlen(key)};
     kvs_store_tier t;
-    kvs_store_lookup(st, ns, &k, 1, &t, NULL);
+    kvs_store_lookup(st, ns, &k, 1, &t, NULL, NULL);
     return t;
 }
 

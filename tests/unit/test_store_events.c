@@ -159,7 +159,7 @@ static void test_put_get_replace_delete(void **state)
     get_release(st, ns, "a");
     kvs_store_key keys[2] = {{"a", 1}, {"zz", 2}};
     kvs_store_tier tiers[2];
-    kvs_store_lookup(st, ns, keys, 2, tiers, NULL);
+    kvs_store_lookup(st, ns, keys, 2, tiers, NULL, NULL);
     kvs_block *blk;
     assert_int_equal(kvs_store_get(st, ns, "zz", 2, &blk, &err), KVS_ENOTFOUND);
     assert_string_equal(since(&r, &at), "");
@@ -422,7 +422,7 @@ static void test_disk_moves(void **state)
     assert_string_equal(since(&r, &at), "");
     kvs_store_key kb = {"b", 1};
     kvs_store_tier t;
-    kvs_store_lookup(f.st, f.ns, &kb, 1, &t, NULL);
+    kvs_store_lookup(f.st, f.ns, &kb, 1, &t, NULL, NULL);
     assert_int_equal(t, KVS_STORE_TIER_DISK);
     /* ...and reports what happens from then on. */
     get_release(f.st, f.ns, "b");
@@ -520,7 +520,7 @@ static void test_replay_matches_index(void **state)
         snprintf(key, sizeof key, "k%u", k);
         kvs_store_key sk = {key, strlen(key)};
         kvs_store_tier t;
-        kvs_store_lookup(f.st, f.ns, &sk, 1, &t, NULL);
+        kvs_store_lookup(f.st, f.ns, &sk, 1, &t, NULL, NULL);
         if (t != replay[k])
             fail_msg("%s: the index says %d, the events %d", key, t, replay[k]);
         present += t != KVS_STORE_TIER_NONE;

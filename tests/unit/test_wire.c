@@ -160,13 +160,74 @@ static void test_spec_from_proto(void **state)
     /* Round trip through the info form. */
     kvs_store_ns_info info = {.spec = s, .id = 3, .usage = {.blocks = 2, .stored_bytes = 10}};
     info.spec.dtype = KVS_DTYPE_FP16;
-    Kvstash__V1__NamespaceSpec ps;
-    Kvstash__V1__NamespaceInfo pi;
-    kvs_wire_info_to_proto(&info, &ps, &pi);
-    assert_string_equal(pi.spec->name, "llama");
-    assert_int_equal(pi.id, 3);
-    assert_int_equal(pi.blocks, 2);
-    assert_int_equal(pi.block_bytes, 32ull * 2 * 16 * 8 * 128 * 2);
+    kvs_wire_ns w;
+    kvs_wire_info_to_proto(&info, 0.01, &w);
+    Kvstash__V1__NamespaceInfo *pi = &w.info;
+    assert_string_equal(pi->spec->name, "llama");
+    assert_int_equal(pi->id, 3);
+    assert_int_equal(pi->blocks, 2);
+    assert_int_equal(pi->block_bytes, 32ull * 2 * 16 * 8 * 128 * 2);
+    assert_null(pi->spec->error_sample);             /* unset: the daemon's default ... */
+    assert_true(pi->fidelity->error_sample == 0.01); /* ... which the stats report */
+    assert_null(pi->fidelity->logit_error);          /* no squat samples */
+    assert_int_equal(pi->fidelity->key_error->n_buckets, KVS_FIDELITY_NBOUNDS + 1);
+}
+
+/* The fidelity options: an explicit share of 0 stays 0 (not the default), a bound without
+ * a fallback gets none, and a snapshot's histogram and counts reach the wire as they are. */
+static void test_fidelity_fields(void **state)
+{
+    (void)state;
+    kvs_err err;
+    kvs_ns_spec s;
+    Kvstash__V1__NamespaceSpec p = KVSTASH__V1__NAMESPACE_SPEC__INIT;
+    Kvstash__V1__ErrorSample zero = KVSTASH__V1__ERROR_SAMPLE__INIT;
+    p.name = "f";
+    p.error_sample = &zero;
+    p.key_codec = "kivi-2";
+    p.max_rel_error = 0.25;
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), 0);
+    assert_true(s.error_sample_set);
+    assert_true(s.error_sample == 0);
+    assert_true(s.max_rel_error == 0.25);
+    assert_string_equal(s.fallback_codec, "none");
+    char long_codec[40];
+    memset(long_codec, 'k', sizeof long_codec - 1);
+    long_codec[39] = 0;
+    p.fallback_codec = long_codec;
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), KVS_EINVAL);
+    assert_non_null(strstr(err.msg, "fallback_codec"));
+    p.fallback_codec = "fp8";
+    assert_int_equal(kvs_wire_spec_from_proto(&p, &s, &err), 0);
+    assert_string_equal(s.fallback_codec, "fp8");
+
+    kvs_store_ns_info info = {.spec = s, .id = 1};
+    kvs_fidelity_acc acc;
+    memset(&acc, 0, sizeof acc);
+    kvs_fidelity_sample m = {.err = {0.3, 0.004, 0.02}, .has_logits = true};
+    kvs_fidelity_acc_add(&acc, &m, true, KVS_FALLBACK_KEYS);
+    kvs_fidelity_acc_read(&acc, &info.fidelity);
+    kvs_wire_ns w;
+    kvs_wire_info_to_proto(&info, 1.0, &w);
+    const Kvstash__V1__NamespaceInfo *pi = &w.info;
+    assert_non_null(pi->spec->error_sample);
+    assert_true(pi->spec->error_sample->share == 0);
+    assert_true(pi->spec->max_rel_error == 0.25);
+    assert_string_equal(pi->spec->fallback_codec, "fp8");
+    const Kvstash__V1__FidelityStats *f = pi->fidelity;
+    assert_true(f->error_sample == 1.0);
+    assert_int_equal(f->key_error->count, 1);
+    assert_true(f->key_error->max == 0.3);
+    assert_int_equal(f->key_error->n_bounds, KVS_FIDELITY_NBOUNDS);
+    assert_true(f->key_error->bounds[8] == 0.5);
+    assert_int_equal(f->key_error->buckets[7], 0); /* 0.3 > 0.2 */
+    assert_int_equal(f->key_error->buckets[8], 1);
+    assert_int_equal(f->value_error->buckets[2], 1); /* 0.004 <= 0.005 */
+    assert_non_null(f->logit_error);
+    assert_int_equal(f->checked, 1);
+    assert_int_equal(f->fallback_blocks, 1);
+    assert_int_equal(f->fallback_keys, 1);
+    assert_int_equal(f->fallback_values, 0);
 }
 
 static void test_block_bytes_and_keys(void **state)
@@ -253,9 +314,10 @@ static void test_put_data_fast_path(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_unpack_strings),       cmocka_unit_test(test_keys),
-        cmocka_unit_test(test_layer_range),          cmocka_unit_test(test_spec_from_proto),
-        cmocka_unit_test(test_block_bytes_and_keys), cmocka_unit_test(test_put_data_fast_path),
+        cmocka_unit_test(test_unpack_strings),     cmocka_unit_test(test_keys),
+        cmocka_unit_test(test_layer_range),        cmocka_unit_test(test_spec_from_proto),
+        cmocka_unit_test(test_fidelity_fields),    cmocka_unit_test(test_block_bytes_and_keys),
+        cmocka_unit_test(test_put_data_fast_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

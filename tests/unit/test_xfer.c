@@ -23,7 +23,9 @@
 #include <xxhash.h>
 
 #include "gpu/codec/codec.h"
+#include "gpu/codec/fidelity.h"
 #include "gpu/codec/format.h"
+#include "gpu/codec/half.h"
 #include "storage/disk.h"
 #include "storage/store.h"
 #include "storage/xfer.h"
@@ -275,11 +277,367 @@ static void test_disk_block_hashed_once(void **state)
     }
 }
 
+/* ---------------------------------------------------------------- fidelity (issue 16) */
+
+/* A namespace of the fixture's store: kivi-2 on both sides, shape as "x". */
+static kvs_ns *ns_with(fx *f, const char *name, double sample, bool sample_set, double bound,
+                       const char *fallback)
+{
+    kvs_ns_spec s = kvs_test_spec(2, 2, 32, 16, KVS_DTYPE_FP16, "kivi-2", "kivi-2", 7);
+    snprintf(s.name, sizeof s.name, "%s", name);
+    s.error_sample_set = sample_set;
+    s.error_sample = sample;
+    s.max_rel_error = bound;
+    snprintf(s.fallback_codec, sizeof s.fallback_codec, "%s", fallback);
+    kvs_ns *ns;
+    kvs_err err;
+    if (kvs_store_ns_create(f->st, &s, &ns, &err))
+        fail_msg("namespace %s: %s", name, err.msg);
+    return ns;
+}
+
+/* Puts raw (t tokens) into ns under key. */
+static void put_raw(fx *f, kvs_ns *ns, const char *key, uint32_t t, uint16_t *raw)
+{
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), t, &bytes, NULL), 0);
+    result r = {0};
+    kvs_xfer_put_req q = {.ns = ns,
+                          .key = key,
+                          .key_len = strlen(key),
+                          .tokens = t,
+                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
+                          .done = put_done,
+                          .arg = &r};
+    kvs_err err;
+    if (kvs_xfer_put(f->x, &q, &err))
+        fail_msg("put %s: %s", key, err.msg);
+    assert_true(r.called);
+    if (r.rc)
+        fail_msg("put %s: %s", key, r.msg);
+}
+
+/* A raw Get of every layer of key in ns; the fallback sides the data path reports. */
+static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *fallback)
+{
+    kvs_xfer_get_req q = {.ns = ns,
+                          .key = key,
+                          .key_len = strlen(key),
+                          .layer_begin = 0,
+                          .layer_end = kvs_ns_spec_of(ns)->layers};
+    kvs_xfer_get *g;
+    kvs_err err;
+    if (kvs_xfer_get_open(f->x, &q, &g, &err))
+        fail_msg("get %s: %s", key, err.msg);
+    *n = kvs_xfer_get_raw_bytes(g);
+    uint16_t *out = malloc(*n);
+    kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)out, .len = *n};
+    result r = {0};
+    if (kvs_xfer_get_run(g, &dst, get_done, &r, &err))
+        fail_msg("get %s: %s", key, err.msg);
+    assert_true(r.called);
+    if (r.rc)
+        fail_msg("get %s: %s", key, r.msg);
+    *fallback = kvs_xfer_get_fallback(g);
+    kvs_xfer_get_close(g);
+    return out;
+}
+
+static unsigned lookup_fallback(fx *f, kvs_ns *ns, const char *key)
+{
+    kvs_store_key k = {key, strlen(key)};
+    kvs_store_tier t;
+    uint8_t fb = 0xFF;
+    kvs_store_lookup(f->st, ns, &k, 1, &t, NULL, &fb);
+    assert_int_not_equal(t, KVS_STORE_TIER_NONE);
+    return fb;
+}
+
+static kvs_fidelity_stats fidelity_of(kvs_ns *ns)
+{
+    kvs_fidelity_stats st;
+    kvs_fidelity_acc_read(kvs_ns_fidelity(ns), &st);
+    return st;
+}
+
+/* A bound no 2-bit block meets, fallback none: the block is stored as it came (a raw Get
+ * returns the input byte for byte), its header names none for both sides, Lookup and Get
+ * say fallback, the namespace counts it; and all of it holds for the disk record, with
+ * promotion off and on, and after the store is opened again on the same disk. */
+static void test_bound_forces_fallback(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns *ns = ns_with(&f, "tight", 0, false, 1e-4, "none");
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), 16, &bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 41, 1.0, KVS_DTYPE_FP16);
+    put_raw(&f, ns, "b", 16, raw);
+    kvs_fidelity_stats st = fidelity_of(ns);
+    assert_int_equal(st.checked, 1);
+    assert_int_equal(st.fallback, 1);
+    assert_int_equal(st.fallback_sides[KVS_KEYS], 1);
+    assert_int_equal(st.fallback_sides[KVS_VALUES], 1);
+    assert_int_equal(st.h[KVS_FIDELITY_KEYS].count, 1);
+    assert_true(st.h[KVS_FIDELITY_KEYS].max == 0); /* measured as stored: none */
+    assert_int_equal(lookup_fallback(&f, ns, "b"), KVS_FALLBACK_KEYS | KVS_FALLBACK_VALUES);
+
+    size_t n;
+    unsigned fb;
+    uint16_t *got = get_ns(&f, ns, "b", &n, &fb);
+    assert_int_equal(n, bytes);
+    assert_memory_equal(got, raw, bytes);
+    assert_int_equal(fb, 3);
+    free(got);
+
+    /* The encoded block's header names the fallback codec of each side. */
+    kvs_xfer_get_req q = {.ns = ns, .key = "b", .key_len = 1, .encoded = true};
+    kvs_xfer_get *g;
+    kvs_err err;
+    assert_int_equal(kvs_xfer_get_open(f.x, &q, &g, &err), 0);
+    result r = {0};
+    assert_int_equal(kvs_xfer_get_run(g, NULL, get_done, &r, &err), 0);
+    size_t len;
+    const uint8_t *enc = kvs_xfer_get_encoded(g, &len);
+    kvs_block_info info;
+    assert_int_equal(kvs_format_parse(enc, len, &info, &err), 0);
+    assert_int_equal(info.k_codec, KVS_CODEC_NONE);
+    assert_int_equal(info.v_codec, KVS_CODEC_NONE);
+    kvs_xfer_get_close(g);
+
+    /* On disk: decoded straight from LMDB's map (promotion off). */
+    kvs_store_key k = {"b", 1};
+    kvs_store_sel sel = {.ns = ns, .keys = &k, .n = 1};
+    kvs_store_evict_info ei;
+    assert_int_equal(kvs_store_evict(f.st, &sel, KVS_STORE_TIER_DISK, NULL, NULL, &ei, &err), 0);
+    assert_int_equal(ei.moved, 1);
+    assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
+    got = get_ns(&f, ns, "b", &n, &fb);
+    assert_memory_equal(got, raw, bytes);
+    assert_int_equal(fb, 3);
+    free(got);
+
+    /* A new store on the same disk: the namespace comes back with its bound, the disk
+     * record's fallback sides from its header, and it decodes. */
+    kvs_ns_unref(ns);
+    kvs_xfer_destroy(f.x);
+    kvs_ns_unref(f.ns);
+    kvs_store_destroy(f.st);
+    kvs_store_opts o = {.host_capacity = 4 << 20,
+                        .disk = f.disk,
+                        .disk_capacity = 16 << 20,
+                        .host_high_pct = 100,
+                        .host_low_pct = 100};
+    if (kvs_store_create(&o, &f.st, &err))
+        fail_msg("store: %s", err.msg);
+    assert_int_equal(kvs_store_ns_find(f.st, "x", &f.ns, &err), 0);
+    assert_int_equal(kvs_store_ns_find(f.st, "tight", &ns, &err), 0);
+    assert_true(kvs_ns_spec_of(ns)->max_rel_error == 1e-4);
+    assert_string_equal(kvs_ns_spec_of(ns)->fallback_codec, "none");
+    assert_false(kvs_ns_spec_of(ns)->error_sample_set);
+    kvs_xfer_opts xo = {.store = f.st};
+    f.x = kvs_xfer_create(&xo);
+    assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
+    got = get_ns(&f, ns, "b", &n, &fb); /* promotion on: read into the host tier */
+    assert_memory_equal(got, raw, bytes);
+    assert_int_equal(fb, 3);
+    free(got);
+    got = get_ns(&f, ns, "b", &n, &fb); /* ... the host copy keeps its sides */
+    assert_memory_equal(got, raw, bytes);
+    assert_int_equal(fb, 3);
+    assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
+    free(got);
+    free(raw);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
+/* A generous bound: checked, never a fallback; the block is the kivi-2 encoding. */
+static void test_bound_holds(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns *ns = ns_with(&f, "loose", 0, false, 0.9, "fp8");
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), 16, &bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 42, 1.0, KVS_DTYPE_FP16);
+    put_raw(&f, ns, "b", 16, raw);
+    kvs_fidelity_stats st = fidelity_of(ns);
+    assert_int_equal(st.checked, 1);
+    assert_int_equal(st.fallback, 0);
+    assert_true(st.h[KVS_FIDELITY_KEYS].max > 0.05); /* kivi-2's error, measured */
+    assert_int_equal(lookup_fallback(&f, ns, "b"), 0);
+    free(raw);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
+/* An adversarial block -- one outlier channel (15 sigma) in every token, which stretches
+ * each per-token 2-bit value group so that the other channels lose their levels (value
+ * error 0.66 against 0.38 for Gaussian data, measured) -- passes a bound of 0.5 that smooth
+ * blocks meet: only its values fall back (fp8); its keys (per-channel groups, where a
+ * constant outlier is harmless: error 0.11) stay kivi-2. A much larger outlier would dominate
+ * the norm and lower the relative error again: the bound measures what it says. */
+static void test_outliers_fall_back(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns *ns = ns_with(&f, "mid", 0, false, 0.5, "fp8");
+    const kvs_ns_spec *s = kvs_ns_spec_of(ns);
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(s, 16, &bytes, NULL), 0);
+    for (int i = 0; i < 4; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "s%d", i);
+        uint16_t *raw = kvs_test_gauss_data(bytes / 2, 50 + i, 1.0, KVS_DTYPE_FP16);
+        put_raw(&f, ns, key, 16, raw);
+        assert_int_equal(lookup_fallback(&f, ns, key), 0);
+        free(raw);
+    }
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 60, 1.0, KVS_DTYPE_FP16);
+    size_t sec = (size_t)16 * s->kv_heads * s->head_dim;
+    for (uint32_t l = 0; l < s->layers; l++)
+        for (size_t tok = 0; tok < 16; tok++)
+            for (uint32_t h = 0; h < s->kv_heads; h++)
+                for (uint32_t kv = 0; kv < 2; kv++)
+                    raw[(2 * l + kv) * sec + (tok * s->kv_heads + h) * s->head_dim + 5] =
+                        kvs_f32_to_fp16(15.0f);
+    put_raw(&f, ns, "adv", 16, raw);
+    assert_int_equal(lookup_fallback(&f, ns, "adv"), KVS_FALLBACK_VALUES);
+    kvs_fidelity_stats st = fidelity_of(ns);
+    assert_int_equal(st.checked, 5);
+    assert_int_equal(st.fallback, 1);
+    assert_int_equal(st.fallback_sides[KVS_KEYS], 0);
+    assert_int_equal(st.fallback_sides[KVS_VALUES], 1);
+    /* The mixed block decodes: keys as kivi-2, values as fp8. */
+    size_t n;
+    unsigned fb;
+    uint16_t *got = get_ns(&f, ns, "adv", &n, &fb);
+    assert_int_equal(fb, KVS_FALLBACK_VALUES);
+    double dv = 0, rv = 0;
+    for (uint32_t l = 0; l < s->layers; l++)
+        kvs_fidelity_sums(raw + (2 * l + 1) * sec, got + (2 * l + 1) * sec, sec, KVS_DTYPE_FP16,
+                          &dv, &rv);
+    assert_true(kvs_fidelity_ratio(dv, rv) < 0.1); /* fp8's error, far below the bound */
+    free(got);
+    free(raw);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
+/* A fallback block that finds no room -- here a host quota of one raw block, which a
+ * `none` fallback (raw size plus its header) cannot fit -- fails the Put with KVS_ENOSPC
+ * naming max_rel_error (RESOURCE_EXHAUSTED on the wire), not as an encoder's failure, and
+ * leaves nothing stored. */
+static void test_fallback_without_room(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns_spec s = kvs_test_spec(2, 2, 32, 16, KVS_DTYPE_FP16, "kivi-2", "kivi-2", 7);
+    snprintf(s.name, sizeof s.name, "quota");
+    s.max_rel_error = 1e-4;
+    snprintf(s.fallback_codec, sizeof s.fallback_codec, "none");
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(&s, 16, &bytes, NULL), 0);
+    s.host_quota = bytes;
+    kvs_ns *ns;
+    kvs_err err;
+    if (kvs_store_ns_create(f.st, &s, &ns, &err))
+        fail_msg("namespace: %s", err.msg);
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 45, 1.0, KVS_DTYPE_FP16);
+    result r = {0};
+    kvs_xfer_put_req q = {.ns = ns,
+                          .key = "q",
+                          .key_len = 1,
+                          .tokens = 16,
+                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
+                          .done = put_done,
+                          .arg = &r};
+    assert_int_equal(kvs_xfer_put(f.x, &q, &err), 0);
+    assert_true(r.called);
+    assert_int_equal(r.rc, KVS_ENOSPC);
+    assert_non_null(strstr(r.msg, "max_rel_error"));
+    kvs_store_key k = {"q", 1};
+    kvs_store_tier t;
+    kvs_store_lookup(f.st, ns, &k, 1, &t, NULL, NULL);
+    assert_int_equal(t, KVS_STORE_TIER_NONE);
+    free(raw);
+    kvs_ns_unref(ns);
+    fx_close(&f);
+}
+
+/* Sampling: a share of 1 measures every Put, 0 none; unset follows the data path's
+ * default, which a reload changes. No measured block is a fallback without a bound. */
+static void test_sampling(void **state)
+{
+    (void)state;
+    fx f;
+    fx_open(&f, false);
+    kvs_ns *all = ns_with(&f, "all", 1.0, true, 0, "");
+    kvs_ns *off = ns_with(&f, "off", 0.0, true, 0, "");
+    kvs_ns *dflt = ns_with(&f, "dflt", 0, false, 0, "");
+    uint64_t bytes;
+    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(all), 16, &bytes, NULL), 0);
+    uint16_t *raw = kvs_test_gauss_data(bytes / 2, 43, 1.0, KVS_DTYPE_FP16);
+    for (int i = 0; i < 5; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "k%d", i);
+        put_raw(&f, all, key, 16, raw);
+        put_raw(&f, off, key, 16, raw);
+        put_raw(&f, dflt, key, 16, raw); /* default 0 (xo.error_sample unset) */
+    }
+    kvs_xfer_set_error_sample(f.x, 1.0);
+    put_raw(&f, dflt, "late", 16, raw);
+    assert_true(kvs_xfer_error_sample(f.x, kvs_ns_spec_of(dflt)) == 1.0);
+    assert_true(kvs_xfer_error_sample(f.x, kvs_ns_spec_of(off)) == 0.0);
+    kvs_fidelity_stats a = fidelity_of(all), o = fidelity_of(off), d = fidelity_of(dflt);
+    assert_int_equal(a.h[KVS_FIDELITY_KEYS].count, 5);
+    assert_int_equal(a.h[KVS_FIDELITY_VALUES].count, 5);
+    assert_int_equal(a.checked, 0);
+    assert_int_equal(a.fallback, 0);
+    assert_true(a.h[KVS_FIDELITY_KEYS].sum > 5 * 0.05);
+    assert_int_equal(o.h[KVS_FIDELITY_KEYS].count, 0);
+    assert_int_equal(d.h[KVS_FIDELITY_KEYS].count, 1);
+    /* A share of 0.3 measures about that share (2000 draws: within 5 sigma). */
+    kvs_xfer_set_error_sample(f.x, 0.3);
+    kvs_ns_spec tiny = kvs_test_spec(1, 1, 16, 1, KVS_DTYPE_FP16, "kivi-4", "kivi-4", 1);
+    snprintf(tiny.name, sizeof tiny.name, "tiny");
+    kvs_ns *t;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(f.st, &tiny, &t, &err), 0);
+    uint64_t tb;
+    assert_int_equal(kvs_spec_block_bytes(&tiny, 1, &tb, NULL), 0);
+    uint16_t *traw = kvs_test_gauss_data(tb / 2, 44, 1.0, KVS_DTYPE_FP16);
+    for (int i = 0; i < 2000; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "%d", i % 50);
+        put_raw(&f, t, key, 1, traw);
+    }
+    uint64_t c = fidelity_of(t).h[KVS_FIDELITY_KEYS].count;
+    assert_true(c > 600 - 5 * 21 && c < 600 + 5 * 21);
+    free(traw);
+    free(raw);
+    kvs_ns_unref(t);
+    kvs_ns_unref(all);
+    kvs_ns_unref(off);
+    kvs_ns_unref(dflt);
+    fx_close(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_host_block_hashed_once),
         cmocka_unit_test(test_disk_block_hashed_once),
+        cmocka_unit_test(test_bound_forces_fallback),
+        cmocka_unit_test(test_bound_holds),
+        cmocka_unit_test(test_outliers_fall_back),
+        cmocka_unit_test(test_fallback_without_room),
+        cmocka_unit_test(test_sampling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

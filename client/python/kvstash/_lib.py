@@ -37,24 +37,41 @@ class NsSpec(ctypes.Structure):
                 ("key_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
                 ("value_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
                 ("keys_pre_rope", ctypes.c_bool), ("durable", ctypes.c_bool),
-                ("seed", ctypes.c_uint64), ("host_quota", ctypes.c_uint64)]
+                ("seed", ctypes.c_uint64), ("host_quota", ctypes.c_uint64),
+                # Fidelity (README "Namespace options").
+                ("error_sample_set", ctypes.c_bool), ("error_sample", ctypes.c_double),
+                ("max_rel_error", ctypes.c_double),
+                ("fallback_codec", ctypes.c_char * (CODEC_NAME_MAX + 1))]
+
+
+class ErrorStats(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint64), ("mean", ctypes.c_double), ("max", ctypes.c_double)]
+
+
+class NsFidelity(ctypes.Structure):
+    _fields_ = [("error_sample", ctypes.c_double), ("keys", ErrorStats), ("values", ErrorStats),
+                ("logits", ErrorStats), ("checked", ctypes.c_uint64),
+                ("fallback_blocks", ctypes.c_uint64), ("fallback_keys", ctypes.c_uint64),
+                ("fallback_values", ctypes.c_uint64)]
 
 
 class NsInfo(ctypes.Structure):
     _fields_ = [("spec", NsSpec), ("id", ctypes.c_uint32), ("blocks", ctypes.c_uint64),
                 ("stored_bytes", ctypes.c_uint64), ("raw_bytes", ctypes.c_uint64),
-                ("block_bytes", ctypes.c_uint64)]
+                ("block_bytes", ctypes.c_uint64), ("fidelity", NsFidelity)]
 
 
 class PutResult(ctypes.Structure):
     _fields_ = [("tier", ctypes.c_int), ("encoded_bytes", ctypes.c_uint64),
-                ("raw_bytes", ctypes.c_uint64), ("replaced", ctypes.c_bool)]
+                ("raw_bytes", ctypes.c_uint64), ("replaced", ctypes.c_bool),
+                ("fallback", ctypes.c_bool)]
 
 
 class GetResult(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint32), ("dtype", ctypes.c_int),
                 ("layer_begin", ctypes.c_uint32), ("layer_end", ctypes.c_uint32),
-                ("bytes", ctypes.c_uint64), ("format", ctypes.c_int), ("tier", ctypes.c_int)]
+                ("bytes", ctypes.c_uint64), ("format", ctypes.c_int), ("tier", ctypes.c_int),
+                ("fallback", ctypes.c_bool)]
 
 
 class PutItem(ctypes.Structure):

@@ -2,7 +2,7 @@
 import ctypes
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -86,6 +86,14 @@ class Namespace:
     raw_bytes: int
     block_bytes: int
     host_quota_bytes: int = 0
+    # Fidelity (README "Namespace options"): error_sample None = the daemon's default.
+    error_sample: Optional[float] = None
+    max_rel_error: float = 0.0
+    fallback_codec: str = ""
+    # Measured error since the daemon started: error_sample (the share measured now),
+    # keys/values/logits as {"count", "mean", "max"}, checked, fallback_blocks,
+    # fallback_keys, fallback_values.
+    fidelity: dict = field(default_factory=dict)
 
     @property
     def token_bytes(self) -> int:
@@ -103,14 +111,22 @@ class PutResult:
     encoded_bytes: int
     raw_bytes: int
     replaced: bool
+    fallback: bool = False  # stored with the namespace's fallback codec (max_rel_error)
 
 
 def _ns_of(info: _lib.NsInfo) -> Namespace:
-    s = info.spec
+    s, f = info.spec, info.fidelity
+    err = lambda e: {"count": e.count, "mean": e.mean, "max": e.max}  # noqa: E731
     return Namespace(s.name.decode(), s.layers, s.kv_heads, s.head_dim, s.block_tokens,
                      {1: "fp16", 2: "bf16"}.get(s.dtype, "?"), s.key_codec.decode(),
                      s.value_codec.decode(), bool(s.durable), info.blocks, info.stored_bytes,
-                     info.raw_bytes, info.block_bytes, s.host_quota)
+                     info.raw_bytes, info.block_bytes, s.host_quota,
+                     s.error_sample if s.error_sample_set else None, s.max_rel_error,
+                     s.fallback_codec.decode(),
+                     {"error_sample": f.error_sample, "keys": err(f.keys),
+                      "values": err(f.values), "logits": err(f.logits), "checked": f.checked,
+                      "fallback_blocks": f.fallback_blocks, "fallback_keys": f.fallback_keys,
+                      "fallback_values": f.fallback_values})
 
 
 def _enc_cap(raw_bytes: int) -> int:
@@ -312,15 +328,22 @@ class Client:
                          block_tokens: int, dtype: str = "fp16", key_codec: str = "none",
                          value_codec: str = "none", durable: bool = False,
                          keys_pre_rope: bool = False, seed: int = 0,
-                         host_quota_bytes: int = 0) -> Namespace:
+                         host_quota_bytes: int = 0, error_sample: Optional[float] = None,
+                         max_rel_error: float = 0.0, fallback_codec: str = "") -> Namespace:
         """Creates a namespace (KvAdmin.CreateNamespace); see the README for codecs.
         host_quota_bytes: bytes of the host tier it may hold (0: no quota); over it, a Put
-        evicts this namespace's own blocks, never another namespace's."""
+        evicts this namespace's own blocks, never another namespace's. error_sample: the
+        share of Puts (0..1) whose encoded block the daemon decodes again and measures
+        (Namespace.fidelity); None: the daemon's --error-sample. max_rel_error: check every
+        Put, and store keys or values whose relative error passes it with fallback_codec
+        (none, the default with a bound; fp8, kivi-2/3/4, polarquant)."""
         if dtype not in _DTYPES:
             raise ValueError(f"kvstash: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         s = _lib.NsSpec(name.encode(), layers, kv_heads, head_dim, block_tokens,
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
-                        keys_pre_rope, durable, seed, host_quota_bytes)
+                        keys_pre_rope, durable, seed, host_quota_bytes,
+                        error_sample is not None, error_sample or 0.0, max_rel_error,
+                        fallback_codec.encode())
         info, err = _lib.NsInfo(), _lib.Err()
         _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
                                  ctypes.byref(err)), err)
@@ -427,7 +450,8 @@ class Client:
         _check(self._c.put(self._h, ns.encode(), k, len(k), self._tokens(n, a),
                            _DTYPES[n.dtype], a.ctypes.data, a.nbytes, ctypes.byref(res),
                            ctypes.byref(err)), err)
-        return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced)
+        return PutResult(_TIERS[res.tier], res.encoded_bytes, res.raw_bytes, res.replaced,
+                         res.fallback)
 
     def get(self, ns: str, key, out=None, layers=None, _fresh: bool = False):
         """Fetches one block, decoded, as [L][2][t][H][D] (a numpy array, or a view of `out`:
@@ -595,7 +619,7 @@ class Client:
     def _put_results(items) -> List[Union[PutResult, KvstashError]]:
         return [KvstashError(it.rc, it.msg.decode(errors="replace")) if it.rc else
                 PutResult(_TIERS[it.res.tier], it.res.encoded_bytes, it.res.raw_bytes,
-                          it.res.replaced) for it in items]
+                          it.res.replaced, it.res.fallback) for it in items]
 
     def _decoder(self, ns: str, device):
         """libkvstash_cuda's decoder of namespace ns on the tensor's device (made once)."""
