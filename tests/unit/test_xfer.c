@@ -143,30 +143,13 @@ static uint16_t *put(fx *f, const char *key, uint32_t t, uint64_t seed)
     return raw;
 }
 
+static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *fallback,
+                        kvs_store_tier *tier);
+
 /* A raw Get of every layer of key into a fresh buffer (*n bytes); the tier it came from. */
 static uint16_t *get_raw(fx *f, const char *key, size_t *n, kvs_store_tier *tier)
 {
-    kvs_xfer_get_req q = {.ns = f->ns,
-                          .key = key,
-                          .key_len = strlen(key),
-                          .layer_begin = 0,
-                          .layer_end = kvs_ns_spec_of(f->ns)->layers};
-    kvs_xfer_get *g;
-    kvs_err err;
-    if (kvs_xfer_get_open(f->x, &q, &g, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    *n = kvs_xfer_get_raw_bytes(g);
-    uint16_t *out = malloc(*n);
-    kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)out, .len = *n};
-    result r = {0};
-    if (kvs_xfer_get_run(g, &dst, get_done, &r, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("get %s: %s", key, r.msg);
-    *tier = kvs_xfer_get_tier(g);
-    kvs_xfer_get_close(g);
-    return out;
+    return get_ns(f, f->ns, key, n, NULL, tier);
 }
 
 /* An encoded Get of key: the stored block, copied out (*n bytes). */
@@ -317,8 +300,10 @@ static void put_raw(fx *f, kvs_ns *ns, const char *key, uint32_t t, uint16_t *ra
         fail_msg("put %s: %s", key, r.msg);
 }
 
-/* A raw Get of every layer of key in ns; the fallback sides the data path reports. */
-static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *fallback)
+/* A raw Get of every layer of key in ns into a fresh buffer (*n bytes); the fallback sides
+ * the data path reports and the tier the block came from (each may be NULL). */
+static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *fallback,
+                        kvs_store_tier *tier)
 {
     kvs_xfer_get_req q = {.ns = ns,
                           .key = key,
@@ -338,7 +323,10 @@ static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned 
     assert_true(r.called);
     if (r.rc)
         fail_msg("get %s: %s", key, r.msg);
-    *fallback = kvs_xfer_get_fallback(g);
+    if (fallback)
+        *fallback = kvs_xfer_get_fallback(g);
+    if (tier)
+        *tier = kvs_xfer_get_tier(g);
     kvs_xfer_get_close(g);
     return out;
 }
@@ -385,7 +373,7 @@ static void test_bound_forces_fallback(void **state)
 
     size_t n;
     unsigned fb;
-    uint16_t *got = get_ns(&f, ns, "b", &n, &fb);
+    uint16_t *got = get_ns(&f, ns, "b", &n, &fb, NULL);
     assert_int_equal(n, bytes);
     assert_memory_equal(got, raw, bytes);
     assert_int_equal(fb, 3);
@@ -413,7 +401,7 @@ static void test_bound_forces_fallback(void **state)
     assert_int_equal(kvs_store_evict(f.st, &sel, KVS_STORE_TIER_DISK, NULL, NULL, &ei, &err), 0);
     assert_int_equal(ei.moved, 1);
     assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
-    got = get_ns(&f, ns, "b", &n, &fb);
+    got = get_ns(&f, ns, "b", &n, &fb, NULL);
     assert_memory_equal(got, raw, bytes);
     assert_int_equal(fb, 3);
     free(got);
@@ -439,11 +427,11 @@ static void test_bound_forces_fallback(void **state)
     kvs_xfer_opts xo = {.store = f.st};
     f.x = kvs_xfer_create(&xo);
     assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
-    got = get_ns(&f, ns, "b", &n, &fb); /* promotion on: read into the host tier */
+    got = get_ns(&f, ns, "b", &n, &fb, NULL); /* promotion on: read into the host tier */
     assert_memory_equal(got, raw, bytes);
     assert_int_equal(fb, 3);
     free(got);
-    got = get_ns(&f, ns, "b", &n, &fb); /* ... the host copy keeps its sides */
+    got = get_ns(&f, ns, "b", &n, &fb, NULL); /* ... the host copy keeps its sides */
     assert_memory_equal(got, raw, bytes);
     assert_int_equal(fb, 3);
     assert_int_equal(lookup_fallback(&f, ns, "b"), 3);
@@ -515,7 +503,7 @@ static void test_outliers_fall_back(void **state)
     /* The mixed block decodes: keys as kivi-2, values as fp8. */
     size_t n;
     unsigned fb;
-    uint16_t *got = get_ns(&f, ns, "adv", &n, &fb);
+    uint16_t *got = get_ns(&f, ns, "adv", &n, &fb, NULL);
     assert_int_equal(fb, KVS_FALLBACK_VALUES);
     double dv = 0, rv = 0;
     for (uint32_t l = 0; l < s->layers; l++)
