@@ -54,6 +54,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,16 @@ FALLBACK_CODECS = ["none", "fp8", "kivi-2", "kivi-3", "kivi-4", "polarquant", "r
 # ----------------------------------------------------------------------------- daemon, wire
 
 
+def _die_with_parent():
+    """In the daemon before exec: SIGKILL it if this process dies first (Linux), so no
+    daemon outlives an interrupted run."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class Daemon:
     """kvstashd on a Unix socket in a temporary directory; stopped by SIGTERM to its pid."""
 
@@ -103,7 +114,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [binary, "--listen", self.target, "--host-capacity", host_capacity,
              "--log-level", "warn", "--calib-tokens", str(calib_tokens), *extra],
-            stdout=self.err, stderr=self.err)
+            stdout=self.err, stderr=self.err, preexec_fn=_die_with_parent)
         for _ in range(400):
             if os.path.exists(sock) or self.proc.poll() is not None:
                 break
@@ -388,6 +399,7 @@ class Bench:
                             f"{self.calib_tokens}?)")
         t0 = time.time()
         nll = kl = agree = acc = n = 0.0
+        win_nll, win_kl = [], []  # per window, summed over its positions
         enc = raw_elems = 0
         exact = True
         err = AttnErr(cfg.layers)
@@ -428,8 +440,12 @@ class Bench:
             if var.codec == "none" and not var.pre_rope:
                 exact &= torch.equal(lp, ref)
             tgt = w[:, self.P + 1:]
-            nll -= lp.gather(-1, tgt[..., None]).sum().item()
-            kl += (ref.exp() * (ref - lp)).sum().item()
+            wn = -lp.gather(-1, tgt[..., None])[..., 0].sum(1)
+            wk = (ref.exp() * (ref - lp)).sum((1, 2))
+            win_nll += wn.tolist()
+            win_kl += wk.tolist()
+            nll += wn.sum().item()
+            kl += wk.sum().item()
             top = lp.argmax(-1)
             agree += (top == ref.argmax(-1)).sum().item()
             acc += (top == tgt).sum().item()
@@ -442,7 +458,8 @@ class Bench:
                    bits=8.0 * enc / raw_elems, bytes_per_token=enc / (raw_elems / (
                        2 * cfg.layers * cfg.kv_heads * cfg.head_dim)),
                    ppl=math.exp(nll / n), kl=kl / n, agree=agree / n, acc=acc / n,
-                   positions=int(n), seconds=time.time() - t0, **err.result())
+                   positions=int(n), seconds=time.time() - t0, win_nll=win_nll,
+                   win_kl=win_kl, **err.result())
         if var.codec == "none":
             row["exact"] = bool(exact)
         return row
@@ -450,10 +467,13 @@ class Bench:
     def run(self, client, wire, codecs):
         self.reference()
         ref_nll = ref_acc = n = 0.0
+        ref_win = []
         for bi, ref in enumerate(self.ref):
             w = self.win[bi * self.a.batch:bi * self.a.batch + ref.shape[0]]
             tgt = w[:, self.P + 1:]
-            ref_nll -= ref.gather(-1, tgt[..., None]).sum().item()
+            wn = -ref.gather(-1, tgt[..., None])[..., 0].sum(1)
+            ref_win += wn.tolist()
+            ref_nll += wn.sum().item()
             ref_acc += (ref.argmax(-1) == tgt).sum().item()
             n += tgt.numel()
         ref_ppl = math.exp(ref_nll / n)
@@ -461,6 +481,15 @@ class Bench:
         for var in variants(codecs, self.a.post_rope, wire is not None):
             row = self.run_variant(client, wire, var)
             row["dppl"] = row["ppl"] - ref_ppl
+            # Standard error of dppl over windows (paired: each window's mean NLL change;
+            # dppl ~ ppl * dNLL for small changes), and of KL.
+            per = n / len(ref_win)
+            d = (np.array(row["win_nll"]) - np.array(ref_win)) / per
+            row["dppl_se"] = ref_ppl * float(d.std(ddof=1) / math.sqrt(len(d))) \
+                if len(d) > 1 else float("nan")
+            k = np.array(row["win_kl"]) / per
+            row["kl_se"] = float(k.std(ddof=1) / math.sqrt(len(k))) if len(k) > 1 else \
+                float("nan")
             rows.append(row)
             if self.a.verbose:
                 print(format_row(row), file=sys.stderr, flush=True)
@@ -478,14 +507,15 @@ def put_all(client, ns, keys, blocks):
 # ----------------------------------------------------------------------------- report
 
 
-HEADER = ("| codec | keys stored | bits/value | bytes/token | ppl | Δppl | KL (nats) | "
+HEADER = ("| codec | keys stored | bits/value | bytes/token | ppl | Δppl ± SE | KL (nats) | "
           "agree % | acc % | attn out | logits | K rel | V rel |")
 
 
 def format_row(r):
     return (f"| {r['codec']} | {r['keys']}{' + prompt queries' if r['queries'] else ''} | "
             f"{r['bits']:.3f} | {r['bytes_per_token']:.0f} | {r['ppl']:.4f} | "
-            f"{r['dppl']:+.4f} | {r['kl']:.4f} | {100 * r['agree']:.2f} | "
+            f"{r['dppl']:+.4f} ± {r['dppl_se']:.4f} | {r['kl']:.4f} | "
+            f"{100 * r['agree']:.2f} | "
             f"{100 * r['acc']:.2f} | {r['attn_out']:.4f} | {r['logits']:.4f} | "
             f"{r['k_rel']:.4f} | {r['v_rel']:.4f} |")
 
