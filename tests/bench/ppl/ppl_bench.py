@@ -7,7 +7,8 @@ put into a kvstashd namespace of each codec as 16-token blocks (`put_many` of th
 package, chained block keys of the tokens), read back with `get_prefix`, and the remaining
 W - P tokens are prefilled on top of the restored KV, as a serving engine does with a
 prefix-cache hit. Over the suffix's W - P - 1 next-token predictions it reports:
-  ppl      exp(mean next-token cross-entropy), and dppl = ppl - ppl of the reference;
+  ppl      exp(mean next-token cross-entropy), and dppl = ppl - ppl of the reference,
+           with its standard error over windows (paired: the same windows under both);
   KL       mean KL(reference || restored) of the next-token distributions, nats;
   agree    share of positions whose top token is the reference's;
   acc      share of positions whose top token is the true next byte;
@@ -39,12 +40,14 @@ Codecs: every codec the daemon offers (the list in its answer to an unknown code
     SQuat is KIVI) and say so.
   - others: post-RoPE keys, what a serving engine caches.
 
-    # a daemon is started on a Unix socket from the build tree (or --target ADDR):
+    # a daemon is started on a Unix socket from the build tree (or --target ADDR); half of
+    # each window restored (RESULTS.md's table A), then nearly all of it (table B):
     /usr/bin/python3 tests/bench/ppl/ppl_bench.py --kvstashd build/bin/kvstashd \\
-        --windows 96 --markdown
+        --windows 128 --post-rope
+    /usr/bin/python3 tests/bench/ppl/ppl_bench.py --kvstashd build/bin/kvstashd \\
+        --windows 192 --prefix-blocks 30 --no-proxy
 
-Exit status 1 when --check fails (CI: none exact, every codec's dppl finite and under
---max-dppl)."""
+Exit status 1 when --check fails (CI: see check()), 77 without torch."""
 import argparse
 import dataclasses
 import glob
