@@ -3,8 +3,7 @@
  *
  * cudaIpcGetMemHandle names the whole allocation that holds the pointer; the daemon opens
  * that allocation, so the region is told where in it the pointer lies. The allocation's
- * start comes from the driver (cuMemGetAddressRange, through the runtime's entry-point
- * query: nothing here links libcuda).
+ * start comes from the driver (gpu/base/cuda_range.h: nothing here links libcuda).
  */
 #include "kvstash_cuda.h"
 
@@ -12,10 +11,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <cuda.h>
 #include <cuda_runtime.h>
 
-typedef CUresult (*get_range_fn)(CUdeviceptr *base, size_t *size, CUdeviceptr p);
+#include "gpu/base/cuda_range.h"
 
 static int cuda_err(kvs_err *err, const char *what, cudaError_t ce)
 {
@@ -39,16 +37,10 @@ int kvs_cuda_region_create(kvs_client *c, void *dptr, size_t bytes, kvs_region *
     struct cudaDeviceProp prop;
     if ((ce = cudaGetDeviceProperties(&prop, a.device)) != cudaSuccess)
         return cuda_err(err, "cudaGetDeviceProperties", ce);
-    get_range_fn get_range = NULL;
-    enum cudaDriverEntryPointQueryResult q;
-    CUdeviceptr base = 0;
-    size_t size = 0;
-    ce = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&get_range, 12000,
-                                          cudaEnableDefault, &q);
-    if (ce != cudaSuccess || q != cudaDriverEntryPointSuccess || !get_range ||
-        get_range(&base, &size, (CUdeviceptr)(uintptr_t)dptr) != CUDA_SUCCESS)
+    uint64_t base = 0, size = 0;
+    if (!kvs_cuda_alloc_range(dptr, &base, &size))
         return kvs_err_set(err, KVS_EINVAL, "region: the allocation holding %p is unknown", dptr);
-    uint64_t offset = (uint64_t)(uintptr_t)dptr - (uint64_t)base;
+    uint64_t offset = (uint64_t)(uintptr_t)dptr - base;
     if (bytes > size - offset)
         return kvs_err_set(err, KVS_EINVAL,
                            "region: %zu bytes from %p run past its allocation (%zu bytes left)",

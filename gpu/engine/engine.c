@@ -10,6 +10,12 @@
  * RotateKV whose sinks make it shorter). Encode uses nl = L. One block's K sections are
  * contiguous in the staging, and so are its V sections: that is also the slot layout of
  * the GPU tier (engine.h), so a slot is filled or read with two device copies.
+ *
+ * Reuse of d_enc (invariant): once a decode batch's kernels have run, nothing reads the
+ * encoded side of the staging again for that batch, so a paged decode writes each block
+ * there in block layout ([nl][K|V][sec]) and scatters it into the worker's pages from there
+ * (move_raw; cpu_decode for a batch the CPU fallback ran). An encode never does this: its
+ * d_enc holds the output until the device-to-host copy (and there is no paged encode).
  */
 #include "gpu/engine/engine.h"
 
@@ -690,9 +696,8 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
                .cap = cap,
                .len = len,
                .done = done,
-               .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = kvs__engine_on_device(raw)};
+               .arg = arg};
+    kvs__engine_raw_mem(j, raw);
     return kvs__engine_submit(e, j, err);
 }
 
@@ -719,9 +724,8 @@ static int submit_decode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
                .raw_out = raw,
                .paged = paged,
                .done = done,
-               .arg = arg,
-               .pinned_raw = paged || kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = paged || kvs__engine_on_device(raw)};
+               .arg = arg};
+    kvs__engine_raw_mem(j, raw);
     return kvs__engine_submit(e, j, err);
 }
 

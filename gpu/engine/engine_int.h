@@ -102,11 +102,18 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
 int kvs__engine_check_block(const kvs_codec *k, const kvs_codec *v, const uint8_t *enc, size_t len,
                             kvs_block_trust trust, uint32_t layer_begin, uint32_t layer_end,
                             kvs_block_info *info, kvs_err *err);
-/* True if p is host memory registered with (or allocated by) CUDA: a copy engine can
- * reach it without a staging buffer. */
-bool kvs__engine_pinned(const void *p);
-/* True if p is device memory (this process's, or another's opened by CUDA IPC). */
-bool kvs__engine_on_device(const void *p);
+/* Where a buffer lives, from one cudaPointerGetAttributes call: PINNED is host memory
+ * registered with (or allocated by) CUDA, which a copy engine reaches without a staging
+ * buffer; DEVICE is device memory (this process's, or another's opened by CUDA IPC). */
+typedef enum kvs__engine_mem {
+    KVS__MEM_PAGEABLE,
+    KVS__MEM_PINNED,
+    KVS__MEM_DEVICE
+} kvs__engine_mem;
+kvs__engine_mem kvs__engine_mem_of(const void *p);
+/* Sets j->pinned_raw and j->raw_dev for its raw buffer `raw` (a paged job's raw side is
+ * the worker's device memory whatever `raw` is). */
+void kvs__engine_raw_mem(job *j, const void *raw);
 
 /* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
  * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */

@@ -3,9 +3,8 @@
  * that its jobs encode from it and decode into it (move_raw's direct copies, engine.c).
  *
  * A handle names a whole allocation; the caller (daemon/region.c) shares a part of it.
- * The allocation's real size comes from the driver (cuMemGetAddressRange, reached through
- * the runtime's entry-point query so nothing links libcuda): a client cannot make the
- * engine touch memory past its allocation by claiming a larger region.
+ * The allocation's real size comes from the driver (gpu/base/cuda_range.h): a client cannot
+ * make the engine touch memory past its allocation by claiming a larger region.
  */
 #include <stdio.h>
 #include <string.h>
@@ -13,9 +12,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include "gpu/base/cuda_range.h"
 #include "gpu/engine/engine_int.h"
-
-typedef CUresult (*get_range_fn)(CUdeviceptr *base, size_t *size, CUdeviceptr p);
 
 static int cuda_fail(kvs_err *err, int code, const char *what, cudaError_t ce)
 {
@@ -57,14 +55,8 @@ int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDL
                          "handle: cudaIpcOpenMemHandle refused it (freed, of another host, or "
                          "made in this process?)",
                          ce);
-    get_range_fn get_range = NULL;
-    enum cudaDriverEntryPointQueryResult q;
-    CUdeviceptr b = 0;
-    size_t n = 0;
-    ce = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&get_range, 12000,
-                                          cudaEnableDefault, &q);
-    if (ce != cudaSuccess || q != cudaDriverEntryPointSuccess || !get_range ||
-        get_range(&b, &n, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS) {
+    uint64_t b = 0, n = 0;
+    if (!kvs_cuda_alloc_range(p, &b, &n)) {
         cudaIpcCloseMemHandle(p);
         return kvs_err_set(err, KVS_EINTERNAL,
                            "GPU engine: the size of an IPC allocation is unknown "
@@ -72,7 +64,7 @@ int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDL
     }
     /* The handle opens at the allocation's start (b == p); counted from p either way. */
     *base = p;
-    *bytes = (uint64_t)n - ((uint64_t)(uintptr_t)p - (uint64_t)b);
+    *bytes = n - ((uint64_t)(uintptr_t)p - b);
     return 0;
 }
 

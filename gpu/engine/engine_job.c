@@ -81,24 +81,23 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
     return kvs_block_frame(j->k, j->v, j->ns_id, j->t, offsets, out);
 }
 
-bool kvs__engine_pinned(const void *p)
+kvs__engine_mem kvs__engine_mem_of(const void *p)
 {
     struct cudaPointerAttributes a;
     if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
         cudaGetLastError(); /* not sticky: clear it */
-        return false;
+        return KVS__MEM_PAGEABLE;
     }
-    return a.type == cudaMemoryTypeHost;
+    if (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged)
+        return KVS__MEM_DEVICE;
+    return a.type == cudaMemoryTypeHost ? KVS__MEM_PINNED : KVS__MEM_PAGEABLE;
 }
 
-bool kvs__engine_on_device(const void *p)
+void kvs__engine_raw_mem(job *j, const void *raw)
 {
-    struct cudaPointerAttributes a;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+    kvs__engine_mem m = j->paged ? KVS__MEM_DEVICE : kvs__engine_mem_of(raw);
+    j->pinned_raw = m != KVS__MEM_PAGEABLE;
+    j->raw_dev = m == KVS__MEM_DEVICE;
 }
 
 int kvs__engine_submit(kvs_engine *e, job *j, kvs_err *err)

@@ -135,9 +135,8 @@ int kvs_engine_encode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .slot.out = slot,
                .lens.out = lens,
                .done = done,
-               .arg = arg,
-               .pinned_raw = kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = kvs__engine_on_device(raw)};
+               .arg = arg};
+    kvs__engine_raw_mem(j, raw);
     return kvs__engine_submit(e, j, err);
 }
 
@@ -166,9 +165,8 @@ static int submit_decode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec 
                .raw_out = raw,
                .paged = paged,
                .done = done,
-               .arg = arg,
-               .pinned_raw = paged || kvs__engine_pinned(raw) || kvs__engine_on_device(raw),
-               .raw_dev = paged || kvs__engine_on_device(raw)};
+               .arg = arg};
+    kvs__engine_raw_mem(j, raw);
     return kvs__engine_submit(e, j, err);
 }
 
@@ -215,7 +213,7 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
                .done = done,
                .arg = arg,
                .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
-                         kvs__engine_pinned(out)};
+                         kvs__engine_mem_of(out) == KVS__MEM_PINNED};
     return kvs__engine_submit(e, j, err);
 }
 
@@ -321,6 +319,7 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .lens.out = lens,
                .done = done,
                .arg = arg,
-               .direct = regular(enc, info.layers, sk, sv) && kvs__engine_pinned(enc)};
+               .direct =
+                   regular(enc, info.layers, sk, sv) && kvs__engine_mem_of(enc) == KVS__MEM_PINNED};
     return kvs__engine_submit(e, j, err);
 }
