@@ -196,14 +196,8 @@ static int many_chunk(many_state *st, const Kvstash__V1__GetChunk *ch, const cha
     return 0;
 }
 
-/* Fast path for a data chunk (GetChunk{data, layer, offset}: 0x12, varint length, the bytes,
- * then optional varint fields 3 and 4): copies the bytes straight from gRPC's slices to dst
- * (at most cap) and sets *n, sparing the flatten and protobuf-c copies of a payload that
- * the restore path would otherwise touch three times. 1 when done, 0 when the message has
- * another shape (a header: the caller unpacks it), KVS_EPROTO when it is malformed or
- * larger than cap. */
-static int chunk_data_fast(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
-                           kvs_err *err)
+int kvs__chunk_data_fast(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
+                         const char *name, kvs_err *err)
 {
     size_t total = grpc_byte_buffer_length(bb);
     grpc_byte_buffer_reader rd;
@@ -228,7 +222,7 @@ static int chunk_data_fast(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uin
                 /* Whatever follows the bytes is fields 3 and 4: two varints at most. */
                 if (len > total - hdr || total - hdr - len > 22 || len > cap) {
                     result = kvs_err_set(err, KVS_EPROTO,
-                                         "GetMany: data chunk of %llu bytes where %llu remain",
+                                         "%s: data chunk of %llu bytes where %llu remain", name,
                                          (unsigned long long)len, (unsigned long long)cap);
                     break;
                 }
@@ -333,8 +327,8 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
             break;
         if (st.cur && st.cur->rc == 0) { /* a data chunk of a block that fits: no copies */
             uint64_t got = 0;
-            int fast = chunk_data_fast(in, (uint8_t *)st.cur->buf + st.got,
-                                       st.cur->res.bytes - st.got, &got, err);
+            int fast = kvs__chunk_data_fast(in, (uint8_t *)st.cur->buf + st.got,
+                                            st.cur->res.bytes - st.got, &got, r.name, err);
             if (fast) {
                 grpc_byte_buffer_destroy(in);
                 if (fast < 0)

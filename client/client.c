@@ -528,6 +528,9 @@ typedef struct get_state {
     uint64_t layer_size; /* RAW: total / layers; ENCODED: 0 (sections differ in size) */
     uint32_t layer;      /* layer of the last data chunk */
     uint64_t layer_off;  /* bytes of `layer` received */
+    uint8_t *dst;        /* kvs_client_get: the bytes go here, at `got`, instead of to a
+                          * callback (data chunks by kvs__chunk_data_fast) */
+    size_t dst_cap;
 } get_state;
 
 static int layer_piece(get_state *st, uint32_t layer, uint64_t offset, const uint8_t *data,
@@ -545,6 +548,10 @@ static int get_chunk(get_state *st, const Kvstash__V1__GetChunk *ch, kvs_layer_c
                                h->layer_begin, h->layer_end);
         st->have_hdr = true;
         st->total = h->total_bytes;
+        if (st->dst && st->total > st->dst_cap)
+            return kvs_err_set(err, KVS_E2BIG,
+                               "Get: block of %llu bytes does not fit in a buffer of %zu",
+                               (unsigned long long)st->total, st->dst_cap);
         st->hdr = kvs__get_result_from_pb(h);
         uint32_t layers = h->layer_end - h->layer_begin;
         if (st->hdr.format == KVS_FORMAT_RAW) {
@@ -597,7 +604,8 @@ static int layer_piece(get_state *st, uint32_t layer, uint64_t offset, const uin
         st->layer = layer;
         st->layer_off = 0;
     }
-    int rc = cb(ctx, &st->hdr, layer, offset, data, n);
+    int rc = st->dst ? (memcpy(st->dst + st->got, data, n), 0)
+                     : cb(ctx, &st->hdr, layer, offset, data, n);
     if (rc != 0)
         return kvs_err_set(err, rc, "Get: stopped by the layer callback: %s (%d)", kvs_strerror(rc),
                            rc);
@@ -606,12 +614,13 @@ static int layer_piece(get_state *st, uint32_t layer, uint64_t offset, const uin
     return 0;
 }
 
-int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t key_len,
-                          const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx, kvs_get_result *res,
-                          kvs_err *err)
+/* A Get stream into the callback, or (st->dst set) into one buffer. */
+static int get_stream(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                      const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx, get_state *st,
+                      kvs_get_result *res, kvs_err *err)
 {
     kvs_err_clear(err);
-    if (!c || !ns || (!key && key_len) || !cb)
+    if (!c || !ns || (!key && key_len) || (!cb && !st->dst))
         return kvs_err_set(err, KVS_EINVAL, "Get: NULL argument");
     if (kvs_key_validate(key_len, err) != 0)
         return kvs_err_prefix(err, "Get");
@@ -637,52 +646,55 @@ int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t
     bool ok = kvs__rpc_run(&r, ops, 4);
     grpc_byte_buffer_destroy(bb);
 
-    get_state st = {0};
     while (ok && rc == 0) {
         grpc_byte_buffer *in = NULL;
         grpc_op op = kvs__op_recv_msg(&in);
         ok = kvs__rpc_run(&r, &op, 1);
         if (!ok || !in) /* end of stream: the status follows */
             break;
+        if (st->dst && st->have_hdr) { /* straight from gRPC's slices: no copies */
+            uint64_t got = 0;
+            int fast =
+                kvs__chunk_data_fast(in, st->dst + st->got, st->total - st->got, &got, r.name, err);
+            if (fast) {
+                grpc_byte_buffer_destroy(in);
+                if (fast < 0)
+                    rc = fast;
+                st->got += got;
+                continue;
+            }
+        }
         ProtobufCMessage *m = NULL;
         rc = kvs__unpack_msg(r.name, in, &kvstash__v1__get_chunk__descriptor, &m, err);
         grpc_byte_buffer_destroy(in);
         if (rc == 0)
-            rc = get_chunk(&st, (const Kvstash__V1__GetChunk *)m, cb, ctx, err);
+            rc = get_chunk(st, (const Kvstash__V1__GetChunk *)m, cb, ctx, err);
         if (m)
             protobuf_c_message_free_unpacked(m, NULL);
     }
     rc = kvs__rpc_finish(&r, rc, err);
-    if (rc == 0 && !st.have_hdr)
+    if (rc == 0 && !st->have_hdr)
         rc = kvs_err_set(err, KVS_EPROTO, "Get: the stream ended without a header");
-    if (rc == 0 && st.got != st.total)
+    if (rc == 0 && st->got != st->total)
         rc = kvs_err_set(err, KVS_EPROTO, "Get: the stream ended after %llu of %llu bytes",
-                         (unsigned long long)st.got, (unsigned long long)st.total);
+                         (unsigned long long)st->got, (unsigned long long)st->total);
     if (rc == 0 && res) {
-        *res = st.hdr;
-        res->bytes = st.got;
+        *res = st->hdr;
+        res->bytes = st->got;
     }
     return rc;
 }
 
-typedef struct copy_ctx {
-    uint8_t *buf;
-    size_t cap, pos;
-    uint64_t need;
-} copy_ctx;
-
-static int copy_layer(void *ctx, const kvs_get_result *hdr, uint32_t layer, uint64_t offset,
-                      const void *data, size_t len)
+int kvs_client_get_layers(kvs_client *c, const char *ns, const void *key, size_t key_len,
+                          const kvs_get_opts *opts, kvs_layer_cb cb, void *ctx, kvs_get_result *res,
+                          kvs_err *err)
 {
-    copy_ctx *cc = ctx;
-    if (hdr->bytes > cc->cap) {
-        cc->need = hdr->bytes;
-        return KVS_E2BIG;
+    get_state st = {0};
+    if (!cb) {
+        kvs_err_clear(err);
+        return kvs_err_set(err, KVS_EINVAL, "Get: NULL argument");
     }
-    /* get_layers has checked that chunks are contiguous, in order and within total. */
-    memcpy(cc->buf + cc->pos, data, len);
-    cc->pos += len;
-    return 0;
+    return get_stream(c, ns, key, key_len, opts, cb, ctx, &st, res, err);
 }
 
 int kvs_client_get(kvs_client *c, const char *ns, const void *key, size_t key_len, void *buf,
@@ -692,12 +704,10 @@ int kvs_client_get(kvs_client *c, const char *ns, const void *key, size_t key_le
         kvs_err_clear(err);
         return kvs_err_set(err, KVS_EINVAL, "Get: buf is NULL");
     }
-    copy_ctx cc = {.buf = buf, .cap = cap};
-    int rc = kvs_client_get_layers(c, ns, key, key_len, NULL, copy_layer, &cc, res, err);
-    if (rc == KVS_E2BIG && cc.need)
-        kvs_err_set(err, rc, "Get: block of %llu bytes does not fit in a buffer of %zu",
-                    (unsigned long long)cc.need, cap);
-    return rc;
+    /* buf NULL with cap 0 asks for the size: every block is E2BIG, with its size. */
+    uint8_t none;
+    get_state st = {.dst = buf ? buf : &none, .dst_cap = cap};
+    return get_stream(c, ns, key, key_len, NULL, NULL, NULL, &st, res, err);
 }
 
 /* ------------------------------------------------------------------ keys */

@@ -84,6 +84,15 @@ grpc_byte_buffer *kvs__pack_msg(const ProtobufCMessage *m);
 grpc_byte_buffer *kvs__data_chunk(const uint8_t *p, size_t n);
 int kvs__unpack_msg(const char *name, grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
                     ProtobufCMessage **out, kvs_err *err);
+/* Fast path for a data chunk of a Get stream (GetChunk{data, layer, offset}: 0x12, varint
+ * length, the bytes, then optional varint fields 3 and 4): copies the bytes straight from
+ * gRPC's slices to dst (at most cap) and sets *n, sparing the flatten and protobuf-c copies
+ * of a payload that the restore path would otherwise touch three times. 1 when done, 0 when
+ * the message has another shape (a header: the caller unpacks it), KVS_EPROTO (named after
+ * the call `name`) when it is malformed or larger than cap. The chunk's layer and offset
+ * are not read: the caller relies on the daemon streaming a block's bytes in order. */
+int kvs__chunk_data_fast(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint64_t *n,
+                         const char *name, kvs_err *err);
 
 /* The id a registered region carries in requests (client/region.c). */
 #define KVS__REGION_ID_LEN 16

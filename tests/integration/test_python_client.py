@@ -127,6 +127,38 @@ def test_errors_carry_status_and_message(tcp):
     assert e.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
+def test_unary_get_into_a_buffer_exact_short_and_size_probe(tcp):
+    """libkvstash's kvs_client_get, under the package's get: a block of several data
+    messages (3 MiB: the daemon sends at most 1 MiB a message) lands byte for byte in a
+    buffer of exactly its size; a buffer one byte short is E2BIG naming both sizes, with
+    nothing written; NULL with cap 0 asks the size (E2BIG naming it)."""
+    from kvstash import _lib
+    with kvstash.Client(tcp) as c:
+        name = kvs.ns_name("pyget")
+        c.create_namespace(name, layers=48, kv_heads=8, head_dim=128, block_tokens=16)
+        blk = blocks(1, t=16, L=48, H=8, D=128, seed=5)[0]
+        assert blk.nbytes == 3 << 20
+        c.put(name, b"k", blk)
+
+        def raw_get(buf, cap):
+            res, err = _lib.GetResult(), _lib.Err()
+            rc = c._c.get(c._h, name.encode(), b"k", 1, buf, cap, ctypes.byref(res),
+                          ctypes.byref(err))
+            return rc, res, err.msg.decode()
+
+        out = np.zeros(blk.nbytes + 8, np.uint8)
+        rc, res, _ = raw_get(out.ctypes.data, blk.nbytes)
+        assert rc == 0 and res.bytes == blk.nbytes and res.tokens == 16
+        assert out[:blk.nbytes].tobytes() == blk.tobytes() and not out[blk.nbytes:].any()
+        out[:] = 0
+        rc, _, msg = raw_get(out.ctypes.data, blk.nbytes - 1)
+        assert rc == kvstash.client.E2BIG, msg
+        assert f"block of {blk.nbytes} bytes" in msg and f"buffer of {blk.nbytes - 1}" in msg
+        assert not out.any()
+        rc, _, msg = raw_get(None, 0)
+        assert rc == kvstash.client.E2BIG and f"block of {blk.nbytes} bytes" in msg
+
+
 def test_block_keys_match_the_vector_file():
     """tests/data/key-vectors.txt: the file libkvstash and Python's xxhash are checked with."""
     vectors = list(kvs.key_vectors())
