@@ -1,10 +1,19 @@
 /* libkvstash_cuda: see include/kvstash_cuda.h.
  *
- * One block: its checksum and header are checked on the host (kvs_block_parse), the bytes
- * are copied to a device staging buffer in one copy, and each of the 2L sections is decoded
- * by the codec's kernel straight into its place in the raw layout ([L][2][t][H][D]: the
- * K section of layer l at (2l) t H D elements, V at (2l+1) t H D), so there is no host
- * decode and no device-side reshuffle.
+ * Blocks are decoded in chunks of up to CHUNK_RAW bytes of output that share their codecs
+ * and token count (a restore's blocks all do), with two kernel launches per chunk whatever
+ * its size (every K section, then every V section), as the daemon's engine batches:
+ *   1. on the host, each block's checksum and header are checked (kvs_block_parse) and its
+ *      sections gathered into pinned staging in the kernels' layout: K sections of every
+ *      block and layer [m][L] at stride sk, then the V sections at stride sv, then their
+ *      lengths (variable for RotateKV);
+ *   2. one host-to-device copy of that staging, the K and V launches into a device raw
+ *      buffer [2][m][L][t*H*D];
+ *   3. per block, two strided device copies (K, V) into its place in the caller's layout
+ *      [L][2][t][H][D].
+ * Two host stagings alternate, so gathering chunk i+1 overlaps the GPU work of chunk i
+ * (an event says when the copy out of a staging is done). One stream orders everything;
+ * the call returns once the stream is drained, so the caller's buffers are final.
  */
 #include "kvstash_cuda.h"
 
@@ -36,11 +45,24 @@ struct kvs_cuda_decoder {
     unsigned n_codecs[2];
     kvs_codec *fallback[2]; /* spec.fallback_codec per side, made at its first block */
     cudaStream_t own;
-    uint8_t *enc_dev; /* staging for one encoded block */
+    /* Staging, grown on demand (a chunk needs at most CHUNK_RAW of raw output, and at least
+     * one block): enc_cap bytes of encoded sections and lengths on each side, raw_cap
+     * bytes of decoded sections on the device. */
+    uint8_t *h_enc[2]; /* pinned, alternating between chunks */
+    cudaEvent_t h_free[2];
+    bool h_used[2]; /* h_free[i] was recorded */
+    int h_next;     /* the staging the next chunk gathers into */
+    uint8_t *d_enc;
     size_t enc_cap;
-    uint32_t *lens_dev;   /* 2L section lengths */
-    uint32_t *layers_dev; /* 0..L-1: the kernels' per-section layer index */
+    uint16_t *d_raw;
+    size_t raw_cap;
+    uint32_t *layers_dev; /* [max_sections]: l for section (b, l), the kernels' layer index */
+    size_t layers_cap;    /* entries */
 };
+
+/* Raw output a chunk decodes at most before its blocks are copied out (the device raw
+ * staging's size unless one block is larger). */
+#define CHUNK_RAW (64u << 20)
 
 static int cuda_err(kvs_err *err, cudaError_t e, const char *what)
 {
@@ -134,15 +156,9 @@ int kvs_cuda_decoder_create(kvs_client *c, const char *ns, const kvs_ns_spec *sp
     snprintf(d->ns, sizeof d->ns, "%s", ns);
     d->spec = *spec;
     cudaError_t e;
-    uint32_t layers[KVS_MAX_LAYERS];
-    for (uint32_t l = 0; l < spec->layers; l++)
-        layers[l] = l;
     if ((e = cudaStreamCreateWithFlags(&d->own, cudaStreamNonBlocking)) != cudaSuccess ||
-        (e = cudaMalloc((void **)&d->lens_dev, 2 * spec->layers * sizeof(uint32_t))) !=
-            cudaSuccess ||
-        (e = cudaMalloc((void **)&d->layers_dev, spec->layers * sizeof(uint32_t))) != cudaSuccess ||
-        (e = cudaMemcpy(d->layers_dev, layers, spec->layers * sizeof(uint32_t),
-                        cudaMemcpyHostToDevice)) != cudaSuccess) {
+        (e = cudaEventCreateWithFlags(&d->h_free[0], cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&d->h_free[1], cudaEventDisableTiming)) != cudaSuccess) {
         rc = cuda_err(err, e, "setup");
         kvs_cuda_decoder_destroy(d);
         return rc;
@@ -160,12 +176,224 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
             kvs_codec_destroy(d->codecs[kv][i].codec);
     kvs_codec_destroy(d->fallback[0]);
     kvs_codec_destroy(d->fallback[1]);
-    cudaFree(d->enc_dev);
-    cudaFree(d->lens_dev);
+    for (int i = 0; i < 2; i++) {
+        cudaFreeHost(d->h_enc[i]);
+        if (d->h_free[i])
+            cudaEventDestroy(d->h_free[i]);
+    }
+    cudaFree(d->d_enc);
+    cudaFree(d->d_raw);
     cudaFree(d->layers_dev);
     if (d->own)
         cudaStreamDestroy(d->own);
     free(d);
+}
+
+/* Checks block i (its header, checksum and buffer) and picks its codecs: 0, or the block's
+ * error in err. */
+static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, const kvs_codec **k,
+                       const kvs_codec **v, kvs_block_info *info, unsigned *fb, uint64_t *need,
+                       kvs_err *err)
+{
+    if (!b->enc || !b->raw_dev)
+        return kvs_err_set(err, KVS_EINVAL, "decode on the GPU: NULL enc or raw_dev");
+    int rc = kvs_format_peek(b->enc, b->len, info, err);
+    *fb = rc ? 0 : kvs_block_fallback(&d->spec, info);
+    if (rc ||
+        (rc = *fb & KVS_FALLBACK_KEYS ? fallback_at(d, KVS_KEYS, k, err)
+                                      : codec_at(d, KVS_KEYS, info->k_state, k, err)) ||
+        (rc = *fb & KVS_FALLBACK_VALUES ? fallback_at(d, KVS_VALUES, v, err)
+                                        : codec_at(d, KVS_VALUES, info->v_state, v, err)) ||
+        (rc = kvs_block_parse(*k, *v, b->enc, b->len, KVS_BLOCK_UNTRUSTED, info, err)) ||
+        (rc = kvs_spec_block_bytes(&d->spec, info->tokens, need, err)))
+        return rc;
+    if (*need > b->cap)
+        return kvs_err_set(err, KVS_E2BIG,
+                           "decode on the GPU: block needs %llu bytes, buffer has %zu",
+                           (unsigned long long)*need, b->cap);
+    return 0;
+}
+
+/* Where a chunk's section lengths start in its staging: after n K sections at stride sk and
+ * n V sections at stride sv, aligned for the kernels' 4-byte reads. */
+static size_t lens_at(size_t n, size_t sk, size_t sv)
+{
+    return (n * (sk + sv) + 15) & ~(size_t)15;
+}
+
+/* Grows the stagings to hold a chunk of `sections` sections (K and V each) of at most sk and
+ * sv bytes and raw bytes of output. */
+static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, size_t raw,
+                   cudaStream_t st, kvs_err *err)
+{
+    cudaError_t e = cudaSuccess;
+    size_t enc = lens_at(sections, sk, sv) + 2 * sections * sizeof(uint32_t);
+    if (enc > d->enc_cap) {
+        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
+            return cuda_err(err, e, "staging");
+        for (int i = 0; i < 2; i++) {
+            cudaFreeHost(d->h_enc[i]);
+            d->h_enc[i] = NULL;
+            d->h_used[i] = false;
+        }
+        cudaFree(d->d_enc);
+        d->d_enc = NULL;
+        d->enc_cap = 0;
+        if ((e = cudaHostAlloc((void **)&d->h_enc[0], enc, cudaHostAllocDefault)) != cudaSuccess ||
+            (e = cudaHostAlloc((void **)&d->h_enc[1], enc, cudaHostAllocDefault)) != cudaSuccess ||
+            (e = cudaMalloc((void **)&d->d_enc, enc)) != cudaSuccess)
+            return cuda_err(err, e, "encoded staging");
+        d->enc_cap = enc;
+    }
+    if (raw > d->raw_cap) {
+        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
+            return cuda_err(err, e, "staging");
+        cudaFree(d->d_raw);
+        d->d_raw = NULL;
+        d->raw_cap = 0;
+        if ((e = cudaMalloc((void **)&d->d_raw, raw)) != cudaSuccess)
+            return cuda_err(err, e, "raw staging");
+        d->raw_cap = raw;
+    }
+    if (sections > d->layers_cap) {
+        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
+            return cuda_err(err, e, "staging");
+        uint32_t *h = kvs_trymalloc(sections * sizeof *h);
+        if (!h)
+            return kvs_err_set(err, KVS_ENOMEM, "decode on the GPU: out of memory");
+        for (size_t i = 0; i < sections; i++)
+            h[i] = (uint32_t)(i % d->spec.layers);
+        cudaFree(d->layers_dev);
+        d->layers_dev = NULL;
+        d->layers_cap = 0;
+        if ((e = cudaMalloc((void **)&d->layers_dev, sections * sizeof *h)) == cudaSuccess)
+            e = cudaMemcpy(d->layers_dev, h, sections * sizeof *h, cudaMemcpyHostToDevice);
+        free(h);
+        if (e != cudaSuccess)
+            return cuda_err(err, e, "layer table");
+        d->layers_cap = sections;
+    }
+    return 0;
+}
+
+/* Decodes blocks[0..m) (checked, all of codecs k, v and t tokens) as one chunk on the
+ * decoder's stream, into each block's raw_dev. */
+static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t m,
+                     const kvs_codec *k, const kvs_codec *v, uint32_t t, cudaStream_t st,
+                     kvs_err *err)
+{
+    const kvs_ns_spec *s = &d->spec;
+    const uint32_t L = s->layers;
+    size_t n = m * L; /* sections per side */
+    size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
+    size_t sec = (size_t)t * s->kv_heads * s->head_dim; /* elements */
+    int rc = reserve(d, n, sk, sv, 2 * n * sec * sizeof(uint16_t), st, err);
+    if (rc)
+        return rc;
+    /* The other staging than the last chunk's, once its own copy to the device is done. */
+    int h = d->h_next;
+    d->h_next ^= 1;
+    cudaError_t e;
+    if (d->h_used[h] && (e = cudaEventSynchronize(d->h_free[h])) != cudaSuccess)
+        return cuda_err(err, e, "staging");
+    uint8_t *hk = d->h_enc[h], *hv = hk + n * sk;
+    uint32_t *lens = (uint32_t *)(hk + lens_at(n, sk, sv)); /* K [n], then V [n] */
+    for (size_t b = 0; b < m; b++)
+        for (uint32_t l = 0; l < L; l++) {
+            size_t i = b * L + l;
+            for (unsigned kv = 0; kv < 2; kv++) {
+                const uint8_t *p;
+                size_t len;
+                kvs_format_section(blocks[b]->enc, l, kv, &p, &len);
+                memcpy(kv ? hv + i * sv : hk + i * sk, p, len);
+                lens[kv * n + i] = (uint32_t)len;
+            }
+        }
+    size_t bytes = (size_t)((uint8_t *)(lens + 2 * n) - hk);
+    if ((e = cudaMemcpyAsync(d->d_enc, hk, bytes, cudaMemcpyHostToDevice, st)) != cudaSuccess ||
+        (e = cudaEventRecord(d->h_free[h], st)) != cudaSuccess)
+        return cuda_err(err, e, "copy to the device");
+    d->h_used[h] = true;
+    const uint32_t *d_lens = (const uint32_t *)(d->d_enc + lens_at(n, sk, sv));
+    for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
+        const kvs_codec *c = kv ? v : k;
+        kvs_cuda_sections q = {
+            .n = (uint32_t)n,
+            .t = t,
+            .layer = d->layers_dev,
+            .raw_out = d->d_raw + kv * n * sec,
+            .enc = d->d_enc + kv * n * sk,
+            .stride = kv ? sv : sk,
+            .len = kvs_codec_cuda_fixed_size(c) ? NULL : d_lens + kv * n,
+        };
+        rc = kvs_codec_decode_cuda(c, &q, st, err);
+    }
+    /* Each block's K sections [L][sec] to its layout's K rows (pitch 2 sec), then V. */
+    size_t row = sec * sizeof(uint16_t);
+    for (size_t b = 0; b < m && rc == 0; b++)
+        for (unsigned kv = 0; kv < 2; kv++)
+            if ((e = cudaMemcpy2DAsync((uint8_t *)blocks[b]->raw_dev + kv * row, 2 * row,
+                                       d->d_raw + (kv * n + b * L) * sec, row, row, L,
+                                       cudaMemcpyDefault, st)) != cudaSuccess)
+                return cuda_err(err, e, "copy into the destination");
+    return rc;
+}
+
+int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n, void *stream,
+                           kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (!d || (!blocks && n))
+        return kvs_err_set(err, KVS_EINVAL, "decode on the GPU: NULL argument");
+    /* One stream orders the chunks and the stagings' events: the caller's, or the decoder's. */
+    cudaStream_t st = stream ? (cudaStream_t)stream : d->own;
+    kvs_cuda_block **chunk = kvs_trymalloc((n ? n : 1) * sizeof *chunk);
+    if (!chunk)
+        return kvs_err_set(err, KVS_ENOMEM, "decode on the GPU: out of memory");
+    const kvs_codec *ck = NULL, *cv = NULL;
+    uint32_t ct = 0;
+    size_t m = 0, raw = 0;
+    int rc = 0;
+    for (size_t i = 0; i <= n && rc == 0; i++) {
+        const kvs_codec *k = NULL, *v = NULL;
+        kvs_block_info info = {0};
+        uint64_t need = 0;
+        bool ok = false;
+        if (i < n) {
+            kvs_cuda_block *b = &blocks[i];
+            kvs_err e1;
+            unsigned fb = 0;
+            b->rc = check_block(d, b, &k, &v, &info, &fb, &need, &e1);
+            snprintf(b->msg, sizeof b->msg, "%.159s", b->rc ? e1.msg : "");
+            ok = b->rc == 0;
+            if (ok)
+                b->res = (kvs_get_result){.tokens = info.tokens,
+                                          .dtype = (kvs_dtype)info.dtype,
+                                          .layer_begin = 0,
+                                          .layer_end = d->spec.layers,
+                                          .bytes = need,
+                                          .format = KVS_FORMAT_RAW,
+                                          .tier = KVS_TIER_NONE,
+                                          .fallback = fb != 0};
+        }
+        /* The chunk so far runs when this block cannot join it (the end, other codecs or
+         * tokens, or no room left). */
+        bool joins = ok && m && k == ck && v == cv && info.tokens == ct && raw + need <= CHUNK_RAW;
+        if (m && (i == n || (ok && !joins))) {
+            rc = run_chunk(d, chunk, m, ck, cv, ct, st, err);
+            m = raw = 0;
+        }
+        if (ok && rc == 0) {
+            ck = k, cv = v, ct = info.tokens;
+            chunk[m++] = &blocks[i];
+            raw += need;
+        }
+    }
+    free(chunk);
+    cudaError_t e = cudaStreamSynchronize(st);
+    if (e != cudaSuccess && rc == 0)
+        rc = cuda_err(err, e, "decode");
+    return rc;
 }
 
 int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void *raw_dev,
@@ -174,82 +402,12 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
     kvs_err_clear(err);
     if (!d || !enc || !raw_dev)
         return kvs_err_set(err, KVS_EINVAL, "decode on the GPU: NULL argument");
-    kvs_block_info info;
-    int rc = kvs_format_peek(enc, len, &info, err);
-    const kvs_codec *k, *v;
-    unsigned fb = rc ? 0 : kvs_block_fallback(&d->spec, &info);
-    if (rc ||
-        (rc = fb & KVS_FALLBACK_KEYS ? fallback_at(d, KVS_KEYS, &k, err)
-                                     : codec_at(d, KVS_KEYS, info.k_state, &k, err)) ||
-        (rc = fb & KVS_FALLBACK_VALUES ? fallback_at(d, KVS_VALUES, &v, err)
-                                       : codec_at(d, KVS_VALUES, info.v_state, &v, err)) ||
-        (rc = kvs_block_parse(k, v, enc, len, KVS_BLOCK_UNTRUSTED, &info, err)))
-        return rc;
-    const kvs_ns_spec *s = &d->spec;
-    uint64_t need;
-    if ((rc = kvs_spec_block_bytes(s, info.tokens, &need, err)))
-        return rc;
-    if (need > cap)
-        return kvs_err_set(err, KVS_E2BIG,
-                           "decode on the GPU: block needs %llu bytes, buffer "
-                           "has %zu",
-                           (unsigned long long)need, cap);
-    cudaStream_t st = stream ? (cudaStream_t)stream : d->own;
-    cudaError_t e;
-    /* The kernels check that a section's stride covers its largest size (RotateKV's sections
-     * vary), so the staging has room for the last section at that size. */
-    size_t smax_k = kvs_codec_section_max(k, info.tokens),
-           smax_v = kvs_codec_section_max(v, info.tokens);
-    size_t need_enc = len + (smax_k > smax_v ? smax_k : smax_v);
-    if (need_enc > d->enc_cap) {
-        cudaFree(d->enc_dev);
-        d->enc_dev = NULL;
-        d->enc_cap = 0;
-        if ((e = cudaMalloc((void **)&d->enc_dev, need_enc)) != cudaSuccess)
-            return cuda_err(err, e, "staging");
-        d->enc_cap = need_enc;
-    }
-    uint32_t lens[2 * KVS_MAX_LAYERS];
-    size_t offs[2 * KVS_MAX_LAYERS];
-    for (uint32_t l = 0; l < s->layers; l++)
-        for (unsigned kv = 0; kv < 2; kv++) {
-            const uint8_t *p;
-            size_t n;
-            kvs_format_section(enc, l, kv, &p, &n);
-            offs[2 * l + kv] = (size_t)(p - (const uint8_t *)enc);
-            lens[2 * l + kv] = (uint32_t)n;
-        }
-    if ((e = cudaMemcpyAsync(d->enc_dev, enc, len, cudaMemcpyHostToDevice, st)) != cudaSuccess ||
-        (e = cudaMemcpyAsync(d->lens_dev, lens, 2 * s->layers * sizeof *lens,
-                             cudaMemcpyHostToDevice, st)) != cudaSuccess)
-        return cuda_err(err, e, "copy to the device");
-    size_t sec = (size_t)info.tokens * s->kv_heads * s->head_dim; /* elements */
-    for (uint32_t l = 0; l < s->layers && rc == 0; l++)
-        for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
-            const kvs_codec *c = kv ? v : k;
-            kvs_cuda_sections q = {
-                .n = 1,
-                .t = info.tokens,
-                .layer = d->layers_dev + l,
-                .raw_out = (uint16_t *)raw_dev + (2 * l + kv) * sec,
-                .enc = d->enc_dev + offs[2 * l + kv],
-                .stride = kv ? smax_v : smax_k, /* one section per launch: only checked */
-                .len = kvs_codec_cuda_fixed_size(c) ? NULL : d->lens_dev + 2 * l + kv,
-            };
-            rc = kvs_codec_decode_cuda(c, &q, st, err);
-        }
-    /* Synchronized before returning: lens and the staging are reused by the next call. */
-    if ((e = cudaStreamSynchronize(st)) != cudaSuccess && rc == 0)
-        rc = cuda_err(err, e, "decode");
+    kvs_cuda_block b = {.enc = enc, .len = len, .raw_dev = raw_dev, .cap = cap};
+    int rc = kvs_decode_blocks_cuda(d, &b, 1, stream, err);
+    if (rc == 0 && b.rc)
+        rc = kvs_err_set(err, b.rc, "%s", b.msg);
     if (rc == 0 && res)
-        *res = (kvs_get_result){.tokens = info.tokens,
-                                .dtype = (kvs_dtype)info.dtype,
-                                .layer_begin = 0,
-                                .layer_end = s->layers,
-                                .bytes = need,
-                                .format = KVS_FORMAT_RAW,
-                                .tier = KVS_TIER_NONE,
-                                .fallback = fb != 0};
+        *res = b.res;
     return rc;
 }
 
@@ -274,6 +432,14 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
                           size_t cap, void *stream, kvs_get_result *res, kvs_err *err)
 {
     (void)d, (void)enc, (void)len, (void)raw_dev, (void)cap, (void)stream, (void)res;
+    kvs_err_clear(err);
+    return kvs_err_set(err, KVS_ENOTSUP, "decode on the GPU: this build has no CUDA");
+}
+
+int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n, void *stream,
+                           kvs_err *err)
+{
+    (void)d, (void)blocks, (void)n, (void)stream;
     kvs_err_clear(err);
     return kvs_err_set(err, KVS_ENOTSUP, "decode on the GPU: this build has no CUDA");
 }

@@ -38,6 +38,27 @@ KVS_API void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d);
 KVS_API int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void *raw_dev,
                                   size_t cap, void *stream, kvs_get_result *res, kvs_err *err);
 
+/* One block of a batch: what kvs_decode_block_cuda takes, and its own result. */
+typedef struct kvs_cuda_block {
+    const void *enc; /* in: the encoded block, host memory (pinned or not) */
+    size_t len;
+    void *raw_dev; /* in: its destination, cap bytes of device memory */
+    size_t cap;
+    int rc;             /* out: 0, or this block's error (KVS_EDATALOSS, KVS_E2BIG, ...) */
+    char msg[160];      /* out: the error's message */
+    kvs_get_result res; /* out, when rc is 0 */
+} kvs_cuda_block;
+
+/* Decodes n blocks: as kvs_decode_block_cuda each, but blocks that share their codecs and
+ * token count (a prefix's do) are decoded together, two kernel launches per up to 64 MiB of
+ * output instead of 2L per block, which is what a remote restore of hundreds of blocks
+ * needs. A block that fails its checks gets its rc and msg and the others go on. Returns
+ * once every block is in place (the stream is synchronized); non-zero only for a failure
+ * of the call itself (a CUDA error, out of memory), after which the blocks' contents are
+ * undefined. */
+KVS_API int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n,
+                                   void *stream, kvs_err *err);
+
 /* CUDA IPC (kvstash.h, kvs_region_create_ipc): registers bytes of device memory at dptr
  * (inside a cudaMalloc allocation; torch's caching allocator's tensors are) with a daemon
  * on this host whose GPU engine runs on that GPU; PutMany and GetMany items naming the

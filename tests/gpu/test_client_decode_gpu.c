@@ -4,8 +4,10 @@
  * and must equal kvs_block_decode's output: byte for byte for `none`, within one fp16 ulp
  * per element for the lossy codecs (the kernels' documented contract, test_codecs_gpu.c).
  * Damaged blocks (a flipped byte: KVS_EDATALOSS), a short buffer (KVS_E2BIG) and a block of
- * another layout (KVS_EPROTO) are refused before any launch. Exits 77 (skipped) where the
- * build has no CUDA or the machine no GPU.
+ * another layout (KVS_EPROTO) are refused before any launch. Batches (kvs_decode_blocks_cuda):
+ * blocks of mixed token counts, a damaged block and a short buffer among good ones, and a
+ * batch larger than one chunk (64 MiB of output), each block against its CPU decode. Exits
+ * 77 (skipped) where the build has no CUDA or the machine no GPU.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -116,6 +118,97 @@ out:
     free(got);
 }
 
+/* A batch of nb blocks of layout (L, H, 128) and codec: most of 16 tokens, a run of 5 in the
+ * middle (another chunk), block 3 damaged, block 4 given a buffer one element short. */
+static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb)
+{
+    kvs_ns_spec s = kvs_test_spec(L, H, 128, 16, KVS_DTYPE_FP16, codec, codec, 11);
+    kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
+    size_t full = (size_t)L * 2 * 16 * H * 128; /* elements of a 16-token block */
+    kvs_cuda_block *bl = calloc(nb, sizeof *bl);
+    uint16_t **ref = calloc(nb, sizeof *ref);
+    uint8_t **enc = calloc(nb, sizeof *enc);
+    size_t *elems = calloc(nb, sizeof *elems);
+    kvs_err err;
+    kvs_cuda_decoder *d = NULL;
+    if (kvs_cuda_decoder_create(NULL, "ns", &s, &d, &err)) {
+        FAIL("%s batch: decoder: %s", codec, err.msg);
+        goto out;
+    }
+    for (size_t i = 0; i < nb; i++) {
+        uint32_t t = i >= nb / 2 && i < nb / 2 + 3 ? 5 : 16;
+        size_t n = (size_t)L * 2 * t * H * 128, cap = kvs_block_encoded_max(k, v, t), len = 0;
+        uint16_t *raw = kvs_test_gauss_data(n, 500 + i, 1.0, KVS_DTYPE_FP16);
+        enc[i] = malloc(cap);
+        ref[i] = malloc(n * 2);
+        elems[i] = n;
+        if (kvs_block_encode(k, v, 7, t, raw, enc[i], cap, &len, &err) ||
+            kvs_block_decode(k, v, enc[i], len, 0, L, ref[i], &err))
+            FAIL("%s batch %zu: CPU reference: %s", codec, i, err.msg);
+        free(raw);
+        bl[i] = (kvs_cuda_block){.enc = enc[i], .len = len, .cap = n * 2};
+        if (cudaMalloc(&bl[i].raw_dev, full * 2) != cudaSuccess) {
+            FAIL("%s batch: cudaMalloc", codec);
+            goto out;
+        }
+        cudaMemset(bl[i].raw_dev, 0xff, full * 2);
+    }
+    if (nb > 4) {
+        enc[3][bl[3].len / 2] ^= 0x40;
+        bl[4].cap -= 2;
+    }
+    cudaDeviceSynchronize();
+    if (kvs_decode_blocks_cuda(d, bl, nb, NULL, &err)) {
+        FAIL("%s batch of %zu: %s", codec, nb, err.msg);
+        goto out;
+    }
+    uint16_t *got = malloc(full * 2);
+    bool exact = strcmp(codec, "none") == 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (nb > 4 && i == 3) {
+            if (bl[i].rc != KVS_EDATALOSS)
+                FAIL("%s batch: damaged block: rc %d (%s)", codec, bl[i].rc, bl[i].msg);
+            continue;
+        }
+        if (nb > 4 && i == 4) {
+            if (bl[i].rc != KVS_E2BIG)
+                FAIL("%s batch: short buffer: rc %d (%s)", codec, bl[i].rc, bl[i].msg);
+            continue;
+        }
+        if (bl[i].rc) {
+            FAIL("%s batch %zu: %s", codec, i, bl[i].msg);
+            continue;
+        }
+        cudaMemcpy(got, bl[i].raw_dev, full * 2, cudaMemcpyDeviceToHost);
+        unsigned u = max_ulp(ref[i], got, elems[i]);
+        if (bl[i].res.bytes != elems[i] * 2)
+            FAIL("%s batch %zu: result says %llu bytes", codec, i,
+                 (unsigned long long)bl[i].res.bytes);
+        if (exact ? memcmp(ref[i], got, elems[i] * 2) != 0 : u > 1)
+            FAIL("%s batch %zu (L=%u): differs from the CPU decode by %u ulp", codec, i, L, u);
+        for (size_t j = elems[i]; j < full; j++)
+            if (got[j] != 0xffff) {
+                FAIL("%s batch %zu: written past its block at element %zu", codec, i, j);
+                break;
+            }
+    }
+    free(got);
+out:
+    for (size_t i = 0; i < nb; i++) {
+        if (bl)
+            cudaFree(bl[i].raw_dev);
+        free(enc[i]);
+        free(ref[i]);
+    }
+    kvs_cuda_decoder_destroy(d);
+    kvs_codec_destroy(k);
+    kvs_codec_destroy(v);
+    free(bl);
+    free(ref);
+    free(enc);
+    free(elems);
+}
+
 int main(void)
 {
     int ndev = 0;
@@ -130,6 +223,10 @@ int main(void)
         for (size_t t = 0; t < 3; t++)
             for (int kind = 0; kind < 3; kind++)
                 one(codecs[c], tokens[t], kind);
+    for (size_t c = 0; c < sizeof codecs / sizeof *codecs; c++) {
+        batch(codecs[c], 4, 2, 23);
+        batch(codecs[c], 32, 8, 40); /* 2 MiB blocks: 80 MiB, more than one chunk */
+    }
     printf("test_client_decode_gpu: %d failures\n", failures);
     return failures ? 1 : 0;
 }

@@ -74,6 +74,13 @@ class GetResult(ctypes.Structure):
                 ("fallback", ctypes.c_bool)]
 
 
+class CudaBlock(ctypes.Structure):
+    """kvs_cuda_block (kvstash_cuda.h): one block of kvs_decode_blocks_cuda."""
+    _fields_ = [("enc", ctypes.c_void_p), ("len", ctypes.c_size_t),
+                ("raw_dev", ctypes.c_void_p), ("cap", ctypes.c_size_t), ("rc", ctypes.c_int),
+                ("msg", ctypes.c_char * 160), ("res", GetResult)]
+
+
 class PutItem(ctypes.Structure):
     _fields_ = [("key", ctypes.c_void_p), ("key_len", ctypes.c_size_t),
                 ("tokens", ctypes.c_uint32), ("data", ctypes.c_void_p),
@@ -263,6 +270,8 @@ def load_cuda():
         "kvs_cuda_decoder_destroy": (None, [P]),
         "kvs_decode_block_cuda": (ctypes.c_int, [P, P, ctypes.c_size_t, P, ctypes.c_size_t, P,
                                                  ctypes.POINTER(GetResult), E]),
+        "kvs_decode_blocks_cuda": (ctypes.c_int, [P, ctypes.POINTER(CudaBlock), ctypes.c_size_t,
+                                                  P, E]),
     }
     for name, (res, args) in sig.items():
         f = getattr(cl, name)

@@ -793,24 +793,31 @@ class Client:
         decoded on the GPU (gpu), copied to the device, or copied in host memory. Called
         with the region lock held; returns once every copy out of view is done."""
         streams = set()
+        batches = {}  # (device, stream) -> [(item, slot, destination)]: one decode call each
         for i, it in enumerate(items):
             if not it.answered or it.rc:
                 continue
             d, slot = dsts[i], view[i * cap:i * cap + it.res.bytes]
             if gpu:
-                stream = _arrays.cuda_stream_ptr(d.obj)
-                res, err = _lib.GetResult(), _lib.Err()
-                rc = self._cuda_lib.kvs_decode_block_cuda(
-                    self._decoder(n.name, d.obj.device), slot.ctypes.data, slot.nbytes,
-                    d.ptr, d.nbytes, stream, ctypes.byref(res), ctypes.byref(err))
-                if rc:  # this block only, as the daemon reports a block's own failure
-                    it.rc, it.msg = rc, err.msg[:159]
-                    continue
-                it.res = res
+                key = (d.obj.device, _arrays.cuda_stream_ptr(d.obj))
+                batches.setdefault(key, []).append((it, slot, d))
             else:
                 d.fill(slot)
                 if d.cuda:
                     streams.add(d.obj.device)
+        for (device, stream), group in batches.items():
+            blocks = (_lib.CudaBlock * len(group))()
+            for b, (_, slot, d) in zip(blocks, group):
+                b.enc, b.len, b.raw_dev, b.cap = slot.ctypes.data, slot.nbytes, d.ptr, d.nbytes
+            err = _lib.Err()
+            _check(self._cuda_lib.kvs_decode_blocks_cuda(
+                self._decoder(n.name, device), blocks, len(group), stream, ctypes.byref(err)),
+                err)
+            for b, (it, _, _) in zip(blocks, group):
+                if b.rc:  # this block only, as the daemon reports a block's own failure
+                    it.rc, it.msg = b.rc, b.msg[:159]
+                else:
+                    it.res = b.res
         if streams:
             import torch
             for dev in streams:
