@@ -176,7 +176,7 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             } else if (b->on_disk && b->state != KVS_BLOCK_WRITING &&
                        b->state != KVS_BLOCK_SPILLING) { /* its host copy is whole: keep it */
                 b->on_disk = false;
-                st->stats.disk_used -= b->size;
+                kvs__store_disk_charge_locked(st, b->ns, -(int64_t)b->size);
             }
         }
         pthread_mutex_unlock(&st->mu);
@@ -373,9 +373,7 @@ static void drop_sel(kvs_store *st, const kvs_store_sel *sel, kvs_store_evict_in
 
 static void pick_locked(kvs_store *st, kvs_block *b, kvs_block **out, size_t *got)
 {
-    kvs__block_set_state(b, KVS_BLOCK_DEMOTING); /* invariant 6, as kvs_store_gpu_pick */
-    b->refs++;
-    st->gpu_picked += b->slot_bytes;
+    kvs__store_gpu_pick_locked(st, b); /* invariant 6, as kvs_store_gpu_pick */
     out[(*got)++] = b;
 }
 

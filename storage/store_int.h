@@ -94,10 +94,12 @@ struct kvs_store {
     kvs_lru disk_lru;           /* disk tier (index entries without payload) */
     kvs_slots *gpu;             /* NULL without a gpu tier */
     uint64_t gpu_high, gpu_low; /* watermarks in bytes */
-    uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
-    kvs_disk *disk;             /* borrowed; NULL without a disk tier */
-    kvs_writer *writer;         /* the disk writer; NULL without a disk tier */
-    uint64_t spill_max;         /* most bytes handed to the writer at once */
+    unsigned gpu_high_pct, gpu_low_pct;   /* what they are computed from; a namespace's gpu
+                                           * quota has marks of the same shares (store_gpu.c) */
+    uint64_t gpu_picked;                  /* slot bytes of the blocks being demoted */
+    kvs_disk *disk;                       /* borrowed; NULL without a disk tier */
+    kvs_writer *writer;                   /* the disk writer; NULL without a disk tier */
+    uint64_t spill_max;                   /* most bytes handed to the writer at once */
     uint64_t host_high, host_low;         /* host tier watermarks in bytes (with a disk tier) */
     bool host_demoting;                   /* between crossing host_high and reaching host_low */
     unsigned host_high_pct, host_low_pct; /* what host_high/low are computed from */
@@ -137,6 +139,15 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk);
 /* Every change of the host tier's used bytes goes through here (delta signed), so each
  * namespace's share, which its host quota is measured by, stays exact. */
 void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* The same for a gpu slot of ns (after kvs_slots_alloc or _free: gpu_used is re-read from
+ * the slots) and for a record of ns in the disk tier (disk_used; invariant 7). */
+void kvs__store_gpu_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* Marks an idle GPU block picked for demotion (invariant 6: DEMOTING, the demoter's
+ * reference, its slot counted in gpu_picked and its namespace's), and the reverse once the
+ * demotion ended (committed or not; the demoter's reference is the caller's to drop). */
+void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b);
+void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not
