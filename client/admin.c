@@ -263,6 +263,11 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
                                                .get_region_bytes = dp->get_region_bytes,
                                                .get_wire_bytes = dp->get_wire_bytes};
     }
+    if (rep->admin)
+        s->admin = (kvs_admin_progress){.verify_planned = rep->admin->verify_planned,
+                                        .verify_checked = rep->admin->verify_checked,
+                                        .flush_queued = rep->admin->flush_queued,
+                                        .flush_done = rep->admin->flush_done};
     snprintf(s->version, sizeof s->version, "%s", rep->version);
     protobuf_c_message_free_unpacked(m, NULL);
     if (rc != 0) {

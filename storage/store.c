@@ -866,4 +866,5 @@ void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
     pthread_mutex_unlock(&st->mu);
+    out->verify_checked = atomic_load_explicit(&st->verify_checked, memory_order_relaxed);
 }

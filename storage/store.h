@@ -421,6 +421,13 @@ typedef struct kvs_store_stats {
     uint64_t spill_pending;     /* bytes queued for the disk writer */
     uint64_t spill_dropped;     /* host victims dropped: writer behind or write failed */
     uint64_t misses, checksum_failures;
+    /* The admin verbs' progress, as counters since start (a client draws its progress bar
+     * from their growth during its call: kvctl verify, flush): blocks kvs_store_verify
+     * expects to check when it starts (host blocks and disk records) and those it checked,
+     * host blocks kvs_store_flush(_sync) handed to the disk writer and those it finished
+     * (written or not). */
+    uint64_t verify_planned, verify_checked;
+    uint64_t flush_queued, flush_done;
 } kvs_store_stats;
 
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);

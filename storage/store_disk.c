@@ -260,7 +260,8 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
         }
         if (b->state == KVS_BLOCK_WRITING) /* a copy or a durable block that stays */
             kvs__block_set_state(b, KVS_BLOCK_IDLE);
-        if (kvs__store_unref_locked(st, b)) { /* the writer's reference */
+        st->stats.flush_done += kind == KVS_WRITER_COPY; /* copies are flushes' only */
+        if (kvs__store_unref_locked(st, b)) {            /* the writer's reference */
             b->node.next = (kvs_index_node *)to_free;
             to_free = b;
         }
@@ -511,6 +512,7 @@ uint64_t kvs_store_flush(kvs_store *st)
         kvs_writer_copy(st->writer, b, b->size);
         n++;
     }
+    st->stats.flush_queued += n;
     pthread_mutex_unlock(&st->mu);
     kvs_store_disk_wait(st);
     return n;

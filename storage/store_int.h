@@ -9,6 +9,7 @@
 #define KVS_STORAGE_STORE_INT_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "storage/disk.h"
 #include "storage/hostpool.h"
@@ -106,6 +107,9 @@ struct kvs_store {
     uint32_t eviction_small_pct;          /* opts.eviction_small_pct, for a new policy */
     bool promote;                         /* Get of a disk block moves it to the host tier */
     uint32_t verify_pass;                 /* kvs_store_verify passes started (store_admin.c) */
+    /* stats.verify_checked, kept apart so that the disk scan's callback, inside an LMDB
+     * read transaction, counts without the store lock (kvs_store_get_stats copies it) */
+    _Atomic uint64_t verify_checked;
     kvs_store_stats stats;
     uint32_t calib_tokens;
     struct kvs_engine *engine;   /* borrowed, may be NULL (opts.engine) */
