@@ -30,6 +30,8 @@ static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb,
     pb->seed = s->seed;
     pb->durable = s->durable;
     pb->host_quota_bytes = s->host_quota;
+    pb->gpu_quota_bytes = s->gpu_quota;
+    pb->disk_quota_bytes = s->disk_quota;
     pb->max_rel_error = s->max_rel_error;
     pb->fallback_codec = kvs_pb_str(s->fallback_codec);
     if (s->error_sample_set) {
@@ -63,6 +65,8 @@ static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info
         info->spec.seed = s->seed;
         info->spec.durable = s->durable;
         info->spec.host_quota = s->host_quota_bytes;
+        info->spec.gpu_quota = s->gpu_quota_bytes;
+        info->spec.disk_quota = s->disk_quota_bytes;
         if (s->error_sample) {
             info->spec.error_sample_set = true;
             info->spec.error_sample = s->error_sample->share;
@@ -259,6 +263,11 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
                                                .get_region_bytes = dp->get_region_bytes,
                                                .get_wire_bytes = dp->get_wire_bytes};
     }
+    if (rep->admin)
+        s->admin = (kvs_admin_progress){.verify_planned = rep->admin->verify_planned,
+                                        .verify_checked = rep->admin->verify_checked,
+                                        .flush_queued = rep->admin->flush_queued,
+                                        .flush_done = rep->admin->flush_done};
     snprintf(s->version, sizeof s->version, "%s", rep->version);
     protobuf_c_message_free_unpacked(m, NULL);
     if (rc != 0) {

@@ -321,22 +321,43 @@ int kvs_call_ns_find(kvs_call *c, const char *name, kvs_ns **out, kvs_err *err)
     return rc ? rc : kvs_store_ns_find(c->srv->store, name, out, err);
 }
 
+/* A tenant's quota in one tier: at most cap (--tenant-TIER-quota), cap when it asks none;
+ * cap 0: the daemon has no such tier, the value is kept as asked (it has nothing to share). */
+static int tenant_quota(uint64_t *quota, uint64_t cap, const char *field, const char *tier,
+                        kvs_err *err)
+{
+    if (!cap)
+        return 0;
+    if (*quota > cap)
+        return kvs_err_set(err, KVS_EPERM,
+                           "%s: %llu; a tenant token may give its namespace at most %llu bytes of "
+                           "the %s tier (--tenant-%s-quota)",
+                           field, (unsigned long long)*quota, (unsigned long long)cap, tier, tier);
+    if (*quota == 0)
+        *quota = cap;
+    return 0;
+}
+
 int kvs_call_ns_create(kvs_call *c, const kvs_ns_spec *spec, kvs_ns **out, kvs_err *err)
 {
     int rc = ns_check(c, spec->name, "spec.name", err);
     if (rc || !c->tenant)
         return rc ? rc : kvs_store_ns_create(c->srv->store, spec, out, err);
-    /* A tenant's namespace always has a host quota, at most the operator's cap: without
-     * one, its Puts could evict every other tenant's blocks (storage/store.c block_alloc). */
+    /* A tenant's namespace always has a quota in each tier the daemon has, at most the
+     * operator's cap: without one, its Puts could take every other tenant's blocks from that
+     * tier (host: evicted, storage/store.c block_alloc; disk: evicted from the budget,
+     * store_disk.c; gpu: demoted, store_gpu.c). */
     kvs_ns_spec s = *spec;
-    uint64_t cap = kvs_config_tenant_host_quota(c->srv->cfg);
-    if (s.host_quota > cap)
-        return kvs_err_set(err, KVS_EPERM,
-                           "host_quota_bytes: %llu; a tenant token may give its namespace at most "
-                           "%llu bytes of the host tier (--tenant-host-quota)",
-                           (unsigned long long)s.host_quota, (unsigned long long)cap);
-    if (s.host_quota == 0)
-        s.host_quota = cap;
+    kvs_store_stats st;
+    kvs_store_get_stats(c->srv->store, &st);
+    const kvs_config *cfg = c->srv->cfg;
+    if ((rc = tenant_quota(&s.host_quota, kvs_config_tenant_host_quota(cfg), "host_quota_bytes",
+                           "host", err)) ||
+        (rc = tenant_quota(&s.gpu_quota, kvs_config_tenant_gpu_quota(cfg, st.gpu_capacity),
+                           "gpu_quota_bytes", "gpu", err)) ||
+        (rc = tenant_quota(&s.disk_quota, kvs_config_tenant_disk_quota(cfg), "disk_quota_bytes",
+                           "disk", err)))
+        return rc;
     return kvs_store_ns_create(c->srv->store, &s, out, err);
 }
 

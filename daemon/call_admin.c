@@ -235,6 +235,12 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     dp.get_region_bytes = atomic_load(&srv->get_region_bytes);
     dp.get_wire_bytes = atomic_load(&srv->get_wire_bytes);
     reply.data_plane = &dp;
+    Kvstash__V1__AdminProgress admin = KVSTASH__V1__ADMIN_PROGRESS__INIT;
+    admin.verify_planned = st.verify_planned;
+    admin.verify_checked = st.verify_checked;
+    admin.flush_queued = st.flush_queued;
+    admin.flush_done = st.flush_done;
+    reply.admin = &admin;
     Kvstash__V1__EventStats evs = KVSTASH__V1__EVENT_STATS__INIT;
     if (srv->events) {
         kvs_events_stats es;

@@ -230,6 +230,14 @@ static const key_def keys[] = {
      "the most host tier a tenant token may give a namespace it\ncreates (host_quota_bytes; "
      "asking none gets this), so a\ntenant cannot opt out of quotas (default auto: a quarter of "
      "the\nhost capacity)"},
+    {"tenant_gpu_quota", "tenant-gpu-quota", "SIZE", T_SIZE, 0, O_AUTO, FIELD(tenant_gpu_quota), 0,
+     1ull << 20, UINT64_MAX, "a size >= 1M",
+     "the same for the GPU tier (gpu_quota_bytes) (default auto:\na quarter of the GPU tier; "
+     "none without one)"},
+    {"tenant_disk_quota", "tenant-disk-quota", "SIZE", T_SIZE, 0, O_AUTO, FIELD(tenant_disk_quota),
+     0, 1ull << 20, UINT64_MAX, "a size >= 1M",
+     "the same for the disk tier (disk_quota_bytes) (default auto:\na quarter of "
+     "--disk-capacity; none without --data-dir)"},
     {"tls_cert", "tls-cert", "PATH", T_STR, 0, 0, FIELD(tls_cert), 0, 0, 0, NULL,
      "TLS on the TCP listener: the server's certificate chain,\nPEM, leaf first (README \"TLS\"); "
      "needs --tls-key; not with\na unix: listen address"},
@@ -622,6 +630,18 @@ void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i)
 uint64_t kvs_config_tenant_host_quota(const kvs_config *cfg)
 {
     return cfg->tenant_host_quota ? cfg->tenant_host_quota : cfg->host_capacity / 4;
+}
+
+uint64_t kvs_config_tenant_gpu_quota(const kvs_config *cfg, uint64_t gpu_tier)
+{
+    return cfg->tenant_gpu_quota ? cfg->tenant_gpu_quota : gpu_tier / 4;
+}
+
+uint64_t kvs_config_tenant_disk_quota(const kvs_config *cfg)
+{
+    if (cfg->tenant_disk_quota)
+        return cfg->tenant_disk_quota;
+    return cfg->data_dir[0] ? cfg->disk_capacity / 4 : 0;
 }
 
 uint64_t kvs_config_recv_budget(const kvs_config *cfg)

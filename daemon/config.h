@@ -25,7 +25,7 @@
 enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 47
+#define KVS_CONFIG_NKEYS 49
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -66,6 +66,8 @@ typedef struct kvs_config {
     char tenant_tokens[512];
     uint64_t tenant_host_quota; /* most host_quota_bytes a tenant token may give a namespace it
                                  * creates (and what it gets when it asks none); 0: auto */
+    uint64_t tenant_gpu_quota;  /* the same for gpu_quota_bytes and disk_quota_bytes; 0: auto */
+    uint64_t tenant_disk_quota;
     /* TLS of the gRPC listener (daemon/tls.h, README "TLS"): PEM files of the server's
      * certificate chain and key, and of the CA that signs client certificates (mutual
      * TLS); "" = plaintext / no client certificates. Read once at start. */
@@ -152,6 +154,10 @@ void kvs_config_key_copy(kvs_config *dst, const kvs_config *src, int i);
 /* Effective values of the keys whose default is "auto" (derived from other keys). */
 uint64_t kvs_config_recv_budget(const kvs_config *cfg);       /* auto: host/4, at least 64M */
 uint64_t kvs_config_tenant_host_quota(const kvs_config *cfg); /* auto: host/4 */
+/* auto: a quarter of the GPU tier the daemon runs (gpu_tier: its bytes, 0 without one) */
+uint64_t kvs_config_tenant_gpu_quota(const kvs_config *cfg, uint64_t gpu_tier);
+/* auto: disk_capacity/4 with a disk tier (data_dir), 0 without one */
+uint64_t kvs_config_tenant_disk_quota(const kvs_config *cfg);
 /* The events' topic prefix: events_topic, or "kv@<hostname>" for auto. KVS_EIO when the
  * host name cannot be read. */
 int kvs_config_events_topic(const kvs_config *cfg, char *buf, size_t cap, kvs_err *err);

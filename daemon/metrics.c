@@ -194,6 +194,12 @@ static void render_namespaces(FILE *f, const kvs_store_ns_info *v, size_t n)
     render_ns_family(f, v, n, "kvstash_namespace_host_bytes", "gauge",
                      "Bytes a namespace is charged in the host tier (its quota's measure).",
                      NS_OFF(host_bytes));
+    render_ns_family(f, v, n, "kvstash_namespace_gpu_bytes", "gauge",
+                     "Slot bytes a namespace holds in the GPU tier (its gpu quota's measure).",
+                     NS_OFF(gpu_bytes));
+    render_ns_family(f, v, n, "kvstash_namespace_disk_bytes", "gauge",
+                     "Bytes of a namespace's records in the disk tier (its disk quota's measure).",
+                     NS_OFF(disk_bytes));
     family(f, "kvstash_namespace_compression_ratio", "gauge",
            "Raw bytes over stored bytes of a namespace's blocks (absent while it has none).");
     for (size_t i = 0; i < n; i++) {

@@ -173,6 +173,8 @@ int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *o
     out->durable = p->durable;
     out->seed = p->seed;
     out->host_quota = p->host_quota_bytes;
+    out->gpu_quota = p->gpu_quota_bytes;
+    out->disk_quota = p->disk_quota_bytes;
     if (p->error_sample) {
         out->error_sample_set = true;
         out->error_sample = p->error_sample->share;
@@ -220,6 +222,8 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, double error_sample, k
     spec->durable = src->spec.durable;
     spec->seed = src->spec.seed;
     spec->host_quota_bytes = src->spec.host_quota;
+    spec->gpu_quota_bytes = src->spec.gpu_quota;
+    spec->disk_quota_bytes = src->spec.disk_quota;
     if (src->spec.error_sample_set) {
         kvstash__v1__error_sample__init(&w->sample);
         w->sample.share = src->spec.error_sample;

@@ -32,6 +32,11 @@ typedef struct kvs_ns_usage {
     uint64_t tokens;       /* tokens those blocks hold */
     uint64_t host_bytes;   /* bytes the namespace is charged in the host tier (its quota's
                             * measure: host_used's share, kvs__store_host_charge_locked) */
+    uint64_t gpu_bytes;    /* slot bytes it holds in the gpu tier (gpu_used's share,
+                            * kvs__store_gpu_charge_locked: its gpu quota's measure) */
+    uint64_t gpu_picked;   /* of those, slots of its blocks being demoted (store.h inv. 6) */
+    uint64_t disk_bytes;   /* bytes of its records in the disk tier (disk_used's share,
+                            * kvs__store_disk_charge_locked: its disk quota's measure) */
     /* Reads of the namespace's blocks (kvs_store_find/read/view), as the store's own
      * gpu_hits, host_hits, disk_hits and misses count them: per namespace for the hit
      * ratio an operator asks for (daemon/metrics.c). */

@@ -46,16 +46,20 @@
  * struct's layout:
  *   "kvs-ns 2 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED QUOTA"
  *   "kvs-ns 3 <the same> SAMPLE MAX_REL_ERROR FALLBACK"
+ *   "kvs-ns 4 <version 3's fields> GPU_QUOTA DISK_QUOTA"
  * Version 1, written before host quotas, lacks QUOTA (read as no quota). Version 3 adds the
  * fidelity options (gpu/codec/spec.h): SAMPLE is error_sample ("-" when unset: the
  * daemon's --error-sample), the two doubles in C's round-trip %.17g, FALLBACK "-" for
- * none. It is written only for a namespace that sets one of them, so a build that reads
- * versions 1-2 alone still restores every other namespace. */
+ * none. Version 4 adds the gpu and disk quotas (0: none). Each is written only for a
+ * namespace that needs it (3: a fidelity option set; 4: a gpu or disk quota, with version
+ * 3's fields as they are), so a build that reads the older versions alone still restores
+ * every other namespace. */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
 {
     const kvs_ns_spec *s = kvs_ns_spec_of(ns);
-    char line[640], fid[160] = "";
-    bool v3 = s->error_sample_set || s->max_rel_error > 0;
+    char line[640], fid[160] = "", quotas[48] = "";
+    bool v4 = s->gpu_quota || s->disk_quota;
+    bool v3 = v4 || s->error_sample_set || s->max_rel_error > 0;
     if (v3) {
         char sample[40] = "-";
         if (s->error_sample_set)
@@ -63,10 +67,16 @@ int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
         snprintf(fid, sizeof fid, " %s %.17g %s", sample, s->max_rel_error,
                  s->fallback_codec[0] ? s->fallback_codec : "-");
     }
-    int n = snprintf(line, sizeof line, "kvs-ns %d %s %u %u %u %u %d %s %s %d %d %llu %llu%s",
-                     v3 ? 3 : 2, s->name, s->layers, s->kv_heads, s->head_dim, s->block_tokens,
-                     (int)s->dtype, s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
-                     (unsigned long long)s->seed, (unsigned long long)s->host_quota, fid);
+    if (v4)
+        snprintf(quotas, sizeof quotas, " %llu %llu", (unsigned long long)s->gpu_quota,
+                 (unsigned long long)s->disk_quota);
+    int n = snprintf(line, sizeof line, "kvs-ns %d %s %u %u %u %u %d %s %s %d %d %llu %llu%s%s",
+                     v4   ? 4
+                     : v3 ? 3
+                          : 2,
+                     s->name, s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
+                     s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
+                     (unsigned long long)s->seed, (unsigned long long)s->host_quota, fid, quotas);
     int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
     return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
 }
@@ -153,31 +163,38 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
     memcpy(line, val, len);
     line[len] = 0;
     int dtype, pre, dur, version;
-    unsigned long long seed, quota = 0;
+    unsigned long long seed, quota = 0, gpu_quota = 0, disk_quota = 0;
     char tail;
     memset(s, 0, sizeof *s);
     /* Widths one over the maxima, so an over-long field is caught by validation. */
-    if (sscanf(line, "kvs-ns %d ", &version) != 1 || version < 1 || version > 3)
+    if (sscanf(line, "kvs-ns %d ", &version) != 1 || version < 1 || version > 4)
         return -1;
-    int got = version == 1 ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c",
-                                    name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens,
-                                    &dtype, kc, vc, &pre, &dur, &seed, &tail)
-              : version == 2
-                  ? sscanf(line, "kvs-ns 2 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu%c", name,
-                           &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
-                           &pre, &dur, &seed, &quota, &tail)
-                  : sscanf(line,
-                           "kvs-ns 3 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
-                           "%32s%c",
-                           name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype,
-                           kc, vc, &pre, &dur, &seed, &quota, sample, maxerr, fb, &tail);
+    int got =
+        version == 1   ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name,
+                                &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc,
+                                vc, &pre, &dur, &seed, &tail)
+        : version == 2 ? sscanf(line, "kvs-ns 2 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu%c",
+                                name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens,
+                                &dtype, kc, vc, &pre, &dur, &seed, &quota, &tail)
+        : version == 3
+            ? sscanf(line,
+                     "kvs-ns 3 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
+                     "%32s%c",
+                     name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
+                     &pre, &dur, &seed, &quota, sample, maxerr, fb, &tail)
+            : sscanf(line,
+                     "kvs-ns 4 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
+                     "%32s %llu %llu%c",
+                     name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
+                     &pre, &dur, &seed, &quota, sample, maxerr, fb, &gpu_quota, &disk_quota, &tail);
     if (got != (version == 1   ? 11
                 : version == 2 ? 12
-                               : 15) ||
+                : version == 3 ? 15
+                               : 17) ||
         strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
         strlen(vc) > KVS_CODEC_NAME_MAX)
         return -1;
-    if (version == 3 && parse_fidelity(sample, maxerr, fb, s))
+    if (version >= 3 && parse_fidelity(sample, maxerr, fb, s))
         return -1;
     strcpy(s->name, name);
     strcpy(s->key_codec, kc);
@@ -187,6 +204,8 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
     s->durable = dur != 0;
     s->seed = seed;
     s->host_quota = quota;
+    s->gpu_quota = gpu_quota;
+    s->disk_quota = disk_quota;
     return 0;
 }
 

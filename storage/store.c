@@ -119,6 +119,18 @@ void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
     kvs_ns_usage_of(ns)->host_bytes += (uint64_t)delta;
 }
 
+void kvs__store_gpu_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
+{
+    st->stats.gpu_used = kvs_slots_used(st->gpu);
+    kvs_ns_usage_of(ns)->gpu_bytes += (uint64_t)delta;
+}
+
+void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
+{
+    st->stats.disk_used += (uint64_t)delta;
+    kvs_ns_usage_of(ns)->disk_bytes += (uint64_t)delta;
+}
+
 /* Returns a block's capacity to its tier (its last reference is gone, or it was never
  * committed). */
 void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
@@ -126,7 +138,7 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
     switch (blk->charge) {
     case KVS_CHARGE_GPU:
         kvs_slots_free(st->gpu, (uintptr_t)blk->dev.slot);
-        st->stats.gpu_used = kvs_slots_used(st->gpu);
+        kvs__store_gpu_charge_locked(st, blk->ns, -(int64_t)blk->slot_bytes);
         break;
     case KVS_CHARGE_SPILL:
         st->stats.spill_pending -= blk->size;
@@ -172,7 +184,7 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     else
         st->stats.host_blocks--;
     if (blk->on_disk)
-        st->stats.disk_used -= blk->size;
+        kvs__store_disk_charge_locked(st, blk->ns, -(int64_t)blk->size);
     return kvs__store_unref_locked(st, blk);
 }
 
@@ -648,7 +660,7 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
     else
         st->stats.host_blocks++;
     if (blk->on_disk)
-        st->stats.disk_used += blk->size;
+        kvs__store_disk_charge_locked(st, blk->ns, (int64_t)blk->size);
     event_locked(st, KVS_STORE_EV_STORED, blk);
 }
 
@@ -854,4 +866,5 @@ void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
     pthread_mutex_unlock(&st->mu);
+    out->verify_checked = atomic_load_explicit(&st->verify_checked, memory_order_relaxed);
 }

@@ -20,6 +20,20 @@
  * kvs_store_block_commit_durable: linked at once, written to LMDB with a flush by the
  * disk writer, and reported done only then (the daemon acknowledges the Put at that
  * point).
+ * Quotas (kvs_ns_spec host_quota, gpu_quota, disk_quota; 0 = none): a namespace's share
+ * of a tier (kvs_ns_usage host_bytes, gpu_bytes, disk_bytes) never passes its quota there,
+ * and a namespace at its quota makes room among its own blocks, never another's; only a
+ * tier's own shortage (every namespace within its quota) takes blocks across namespaces.
+ * Host: a Put evicts the namespace's own idle blocks in policy order (block_alloc), else
+ * KVS_ENOSPC naming host_quota_bytes. GPU: a slot over the quota is refused
+ * (kvs_store_block_alloc_gpu), so the Put lands in the host tier as when the tier is full,
+ * and demotion rounds move the namespace's own least recently used idle blocks to the host
+ * tier once it is above the tier's high share of its quota, down to the low share
+ * (store_gpu.c). Disk: the disk writer's room hook (store_disk.c) deletes the namespace's
+ * own oldest records (disk entries, then records of host blocks) before a write of its
+ * blocks that would pass the quota; when none of its own can go (durable, busy), the write
+ * is refused with KVS_ENOSPC naming disk_quota_bytes: a durable Put is answered with it, a
+ * spilled victim is dropped as when the disk budget is full.
  * Persistence (storage/persist.c): a namespace's spec is recorded in the disk tier when
  * it is created, and each learned codec state version before it is published (so before
  * any block is encoded with it); its records go when it is dropped. kvs_store_create
@@ -50,7 +64,9 @@
  * Invariants:
  *  1. used_bytes = bytes of every block that is FILLING, linked, or UNLINKED but still
  *     referenced; used_bytes <= capacity at all times (reservation happens before any
- *     payload byte is allocated, so concurrent Puts cannot overshoot).
+ *     payload byte is allocated, so concurrent Puts cannot overshoot). Each namespace's
+ *     host_bytes is its blocks' share of host_used, and <= its host quota (reserved under
+ *     the lock in the same step).
  *  2. A linked block is in the index and in its tier's LRU exactly once; a linked host
  *     block is also in the host policy, until it is evicted (SPILLING blocks are not).
  *  3. Eviction only takes IDLE blocks with no readers (refs == 1, the index's own);
@@ -60,12 +76,21 @@
  *     KVS_EDATALOSS. GPU blocks have no checksum while on the device (the engine seals the
  *     bytes when it fetches them).
  *  5. gpu_used = slot bytes of every GPU block that is FILLING, linked, or UNLINKED but
- *     still referenced; a block's slot is returned with its last reference.
- *  6. A DEMOTING block carries the demoter's reference and is picked only once.
+ *     still referenced; a block's slot is returned with its last reference. Each
+ *     namespace's gpu_bytes is its blocks' share (kvs__store_gpu_charge_locked), <= its gpu
+ *     quota (checked under the lock with the slot's allocation).
+ *  6. A DEMOTING block carries the demoter's reference and is picked only once; its slot
+ *     counts in gpu_picked and in its namespace's gpu_picked until the demotion ends.
  *  7. disk_used = bytes of the linked blocks whose record is in the disk tier (on_disk:
  *     every disk entry, host blocks promoted from disk or written durably, and gpu blocks
  *     promoted from such host blocks or demoted back); disk
- *     entries and transient disk reads hold no host budget.
+ *     entries and transient disk reads hold no host budget. Each namespace's disk_bytes is
+ *     its blocks' share (kvs__store_disk_charge_locked: every change of on_disk or of a
+ *     linked on_disk block goes through it, so kvs_store_create's restore, which links the
+ *     recorded blocks, recomputes it exactly). Records are added only on the disk writer's
+ *     thread (its finish hook), after its room hook found room for them in the budget and
+ *     in their namespace's disk quota, counting the run's blocks written but not yet
+ *     finished: so disk_bytes <= the disk quota, as disk_used <= the budget.
  *  8. A SPILLING block holds the writer's reference, is never picked again, and its bytes
  *     count in spill_pending (bounded by spill_max; past it, victims are dropped as without
  *     a disk tier) instead of host_used. Removing a block that is on disk or being written
@@ -239,9 +264,11 @@ typedef struct kvs_block_dev {
 } kvs_block_dev;
 
 /* Reserves a GPU tier slot of slot_bytes (no eviction: KVS_ENOSPC when the tier is full or
- * absent) and allocates a GPU block for it. The caller fills the slot (engine), the lens
- * and states (kvs_block_device), sets the size with kvs_block_set_size (the block's
- * encoded size as a framed block), then commits or aborts like a host block. */
+ * absent, or naming gpu_quota_bytes when the slot would take ns over its gpu quota: the
+ * caller puts the block in the host tier and kicks demotion) and allocates a GPU block. The caller
+ * fills the slot (engine), the lens and states (kvs_block_device), sets the size with
+ * kvs_block_set_size (the block's encoded size as a framed block), then commits or aborts like a
+ * host block. */
 int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
                               kvs_block **out, kvs_err *err);
 /* The GPU side of a GPU-tier block; NULL for other tiers. */
@@ -261,11 +288,14 @@ void kvs_store_disk_wait(kvs_store *st);
  * For a clean shutdown (--flush-on-exit) and kvctl flush. */
 uint64_t kvs_store_flush(kvs_store *st);
 
-/* True while the gpu tier is above its high watermark. */
+/* True while the gpu tier is above its high watermark, or a namespace above its gpu
+ * quota's high share (kvs_store_gpu_pick). */
 bool kvs_store_gpu_over_high(kvs_store *st);
-/* Picks up to max idle GPU blocks, least recently used first, while the gpu tier minus
- * the picks stays above its low watermark; each comes back with a reference held by the
- * demoter (invariant 6). Returns the count. */
+/* Picks up to max idle GPU blocks, least recently used first: of each namespace above its
+ * gpu quota's high share (the tier's gpu_high_pct of the quota), its own, down to the low
+ * share; then, while the tier itself is above its high watermark, anyone's, while the gpu
+ * tier minus the picks stays above its low watermark. Each comes back with a reference
+ * held by the demoter (invariant 6). Returns the count. */
 size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max);
 /* Ends the demotion of a picked GPU block `old`: nb is a host block (kvs_store_block_alloc)
  * filled with old's bytes as an encoded block. If old is still linked, nb takes its place
@@ -391,6 +421,13 @@ typedef struct kvs_store_stats {
     uint64_t spill_pending;     /* bytes queued for the disk writer */
     uint64_t spill_dropped;     /* host victims dropped: writer behind or write failed */
     uint64_t misses, checksum_failures;
+    /* The admin verbs' progress, as counters since start (a client draws its progress bar
+     * from their growth during its call: kvctl verify, flush): blocks kvs_store_verify
+     * expects to check when it starts (host blocks and disk records) and those it checked,
+     * host blocks kvs_store_flush(_sync) handed to the disk writer and those it finished
+     * (written or not). */
+    uint64_t verify_planned, verify_checked;
+    uint64_t flush_queued, flush_done;
 } kvs_store_stats;
 
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);

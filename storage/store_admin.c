@@ -11,6 +11,7 @@
  */
 #include <assert.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +81,7 @@ static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             }
         }
         out->host_checked += m;
+        atomic_fetch_add_explicit(&st->verify_checked, m, memory_order_relaxed);
         pthread_mutex_lock(&st->mu);
         for (size_t i = 0; i < m; i++) {
             if (!ok[i]) {
@@ -112,6 +114,7 @@ typedef struct bad_rec {
 } bad_rec;
 
 typedef struct scan_ctx {
+    kvs_store *st;
     bad_rec *bad;
     size_t n, cap;
     uint64_t nbad;
@@ -121,6 +124,7 @@ typedef struct scan_ctx {
 static int on_record(const kvs_disk_entry *e, void *arg)
 {
     scan_ctx *c = arg;
+    atomic_fetch_add_explicit(&c->st->verify_checked, 1, memory_order_relaxed); /* lock-free */
     if (!e->bad)
         return 0;
     c->nbad++;
@@ -151,7 +155,7 @@ static int read_nothing(const void *bytes, size_t len, void *arg)
 
 static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
 {
-    scan_ctx c = {0};
+    scan_ctx c = {.st = st};
     kvs_disk_scan_info si;
     int rc =
         kvs_disk_scan(st->disk, KVS_DISK_SCAN_VERIFY | KVS_DISK_SCAN_BAD, on_record, &c, &si, err);
@@ -176,7 +180,7 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             } else if (b->on_disk && b->state != KVS_BLOCK_WRITING &&
                        b->state != KVS_BLOCK_SPILLING) { /* its host copy is whole: keep it */
                 b->on_disk = false;
-                st->stats.disk_used -= b->size;
+                kvs__store_disk_charge_locked(st, b->ns, -(int64_t)b->size);
             }
         }
         pthread_mutex_unlock(&st->mu);
@@ -198,9 +202,21 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
     return rc;
 }
 
+/* What a verify will check: every host block and every disk record, as of now (the
+ * record count is LMDB's, read outside the store lock; failing that, the disk entries). */
+static void verify_plan(kvs_store *st)
+{
+    kvs_disk_stats ds;
+    bool counted = st->disk && kvs_disk_get_stats(st->disk, &ds, NULL) == 0;
+    pthread_mutex_lock(&st->mu);
+    st->stats.verify_planned += st->lru.count + (counted ? ds.blocks : st->disk_lru.count);
+    pthread_mutex_unlock(&st->mu);
+}
+
 int kvs_store_verify(kvs_store *st, kvs_store_verify_info *info, kvs_err *err)
 {
     memset(info, 0, sizeof *info);
+    verify_plan(st);
     int rc = verify_host(st, info, err);
     if (rc == 0 && st->disk) {
         if (info->host_bad) /* their records' removal first: the scan then skips them */
@@ -242,6 +258,7 @@ int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err
         v[m++] = b;
         kvs_writer_copy(st->writer, b, b->size);
     }
+    st->stats.flush_queued += m;
     info->gpu_skipped = st->stats.gpu_blocks;
     pthread_mutex_unlock(&st->mu);
 
@@ -373,9 +390,7 @@ static void drop_sel(kvs_store *st, const kvs_store_sel *sel, kvs_store_evict_in
 
 static void pick_locked(kvs_store *st, kvs_block *b, kvs_block **out, size_t *got)
 {
-    kvs__block_set_state(b, KVS_BLOCK_DEMOTING); /* invariant 6, as kvs_store_gpu_pick */
-    b->refs++;
-    st->gpu_picked += b->slot_bytes;
+    kvs__store_gpu_pick_locked(st, b); /* invariant 6, as kvs_store_gpu_pick */
     out[(*got)++] = b;
 }
 

@@ -48,21 +48,25 @@ static size_t gather(void *ctx, kvs_writer_kind kind, void *const *blocks, size_
  * host tier, without a record). The records are deleted before the index changes, and
  * the index changes only if the deletion committed: after an error both still agree.
  * Records of durable namespaces are never taken (README: the durable contract), nor those
- * of blocks being read or written. Returns the bytes freed. */
-static uint64_t free_records(kvs_store *st, uint64_t need, uint64_t extra)
+ * of blocks being read or written. With `only` (a namespace over its disk quota), only
+ * that namespace's records, until `need` more fit its quota: the walk passes other
+ * namespaces' records by (O(disk entries + host blocks) at worst). Returns the bytes
+ * freed. */
+static uint64_t free_records(kvs_store *st, kvs_ns *only, uint64_t need, uint64_t extra)
 {
     size_t n = 0, cap = 0;
     kvs_block **picked = NULL;
     uint64_t freed = 0;
     pthread_mutex_lock(&st->mu);
+    const uint64_t *used = only ? &kvs_ns_usage_of(only)->disk_bytes : &st->stats.disk_used;
+    uint64_t budget = only ? kvs_ns_spec_of(only)->disk_quota : st->stats.disk_capacity;
     for (int pass = 0; pass < 2; pass++) {
         kvs_lru *list = pass ? &st->lru : &st->disk_lru;
         for (kvs_lru_node *it = kvs_lru_oldest(list);
-             it && (st->stats.disk_used - freed + need > st->stats.disk_capacity || freed < extra);
-             it = kvs_lru_newer(list, it)) {
+             it && (*used - freed + need > budget || freed < extra); it = kvs_lru_newer(list, it)) {
             kvs_block *b = KVS__BLOCK_OF_LRU(it);
             if (b->refs != 1 || !b->on_disk || b->state != KVS_BLOCK_IDLE ||
-                kvs_ns_spec_of(b->ns)->durable)
+                kvs_ns_spec_of(b->ns)->durable || (only && b->ns != only))
                 continue;
             if (n == cap) {
                 kvs_block **np = realloc(picked, (cap ? 2 * cap : 64) * sizeof *np);
@@ -104,7 +108,7 @@ static uint64_t free_records(kvs_store *st, uint64_t need, uint64_t extra)
                 still = false;
             } else { /* a host copy without its record now */
                 b->on_disk = false;
-                st->stats.disk_used -= b->size;
+                kvs__store_disk_charge_locked(st, b->ns, -(int64_t)b->size);
             }
         }
         if (still)
@@ -120,22 +124,81 @@ static uint64_t free_records(kvs_store *st, uint64_t need, uint64_t extra)
     return done == n ? freed : 0;
 }
 
+/* A namespace's disk quota (store.h "Quotas"): `need` more bytes of namespace id fit it
+ * once its own oldest records went, or KVS_ENOSPC naming disk_quota_bytes. Exact although
+ * the writer is asynchronous: only the writer thread adds records (finish, after this), and
+ * the run's blocks written but not yet finished are in `need` (the room hook's held). */
+static int quota_room(kvs_store *st, uint32_t id, uint64_t need, kvs_err *err)
+{
+    pthread_mutex_lock(&st->mu);
+    kvs_ns *ns = kvs_ns_registry_find_id(st->reg, id); /* NULL: dropped since gather */
+    uint64_t quota = ns ? kvs_ns_spec_of(ns)->disk_quota : 0;
+    if (quota)
+        kvs_ns_ref(ns);
+    pthread_mutex_unlock(&st->mu);
+    if (!quota)
+        return 0;
+    free_records(st, ns, need, 0);
+    pthread_mutex_lock(&st->mu);
+    uint64_t held = kvs_ns_usage_of(ns)->disk_bytes;
+    pthread_mutex_unlock(&st->mu);
+    int rc = 0;
+    if (held + need > quota)
+        rc = kvs_err_set(err, KVS_ENOSPC,
+                         "disk_quota_bytes: namespace '%s' holds %llu bytes of its disk quota of "
+                         "%llu and no record of its own can be evicted for %llu more%s",
+                         kvs_ns_spec_of(ns)->name, (unsigned long long)held,
+                         (unsigned long long)quota, (unsigned long long)need,
+                         kvs_ns_spec_of(ns)->durable
+                             ? " (a durable namespace's blocks stay until deleted)"
+                             : "");
+    kvs_ns_unref(ns);
+    return rc;
+}
+
 /* The budget is strict: a write that does not fit once every evictable record went is
- * refused (durable Puts answer RESOURCE_EXHAUSTED naming the disk tier; spills are
- * dropped). After LMDB or the filesystem said full, an eighth of the tier (at least the
- * write) more goes. */
-static int room(void *ctx, uint64_t need, bool retry, kvs_err *err)
+ * refused (durable Puts answer RESOURCE_EXHAUSTED naming the disk tier, or
+ * disk_quota_bytes; spills are dropped). A namespace over its disk quota evicts its own
+ * records first, so that only the tier's own shortage evicts across namespaces. After
+ * LMDB or the filesystem said full, an eighth of the tier (at least the write) more goes. */
+static int room(void *ctx, const kvs_disk_item *items, size_t m, const kvs_disk_item *held,
+                size_t nheld, bool retry, kvs_err *err)
 {
     kvs_store *st = ctx;
+    /* The bytes of the write, all and per namespace (a run has few namespaces). */
+    struct {
+        uint32_t id;
+        uint64_t bytes;
+    } per[2 * KVS_WRITER_RUN_MAX];
+    size_t nper = 0;
+    uint64_t need = 0;
+    for (size_t i = 0; i < m + nheld && i < 2 * KVS_WRITER_RUN_MAX; i++) {
+        const kvs_disk_item *it = i < m ? &items[i] : &held[i - m];
+        size_t j = 0;
+        while (j < nper && per[j].id != it->ns_id)
+            j++;
+        if (j == nper) {
+            per[j].id = it->ns_id;
+            per[j].bytes = 0;
+            nper++;
+        }
+        per[j].bytes += it->len;
+        need += it->len;
+    }
     if (retry) {
         pthread_mutex_lock(&st->mu);
         uint64_t extra = st->stats.disk_used / 8;
         pthread_mutex_unlock(&st->mu);
-        if (free_records(st, need, extra > need ? extra : need))
+        if (free_records(st, NULL, need, extra > need ? extra : need))
             return 0;
         return kvs_err_set(err, KVS_ENOSPC, "disk tier: nothing left to evict");
     }
-    free_records(st, need, 0);
+    for (size_t j = 0; j < nper; j++) {
+        int rc = quota_room(st, per[j].id, per[j].bytes, err);
+        if (rc)
+            return rc;
+    }
+    free_records(st, NULL, need, 0);
     pthread_mutex_lock(&st->mu);
     uint64_t used = st->stats.disk_used, cap = st->stats.disk_capacity;
     pthread_mutex_unlock(&st->mu);
@@ -173,7 +236,7 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
         if (written[i] && live) {
             if (keep) {
                 b->on_disk = true;
-                st->stats.disk_used += b->size;
+                kvs__store_disk_charge_locked(st, b->ns, (int64_t)b->size);
             } else {
                 kvs__store_unlink_locked(st, b);
                 kvs__store_link_locked(st, fresh[i]);
@@ -197,7 +260,8 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
         }
         if (b->state == KVS_BLOCK_WRITING) /* a copy or a durable block that stays */
             kvs__block_set_state(b, KVS_BLOCK_IDLE);
-        if (kvs__store_unref_locked(st, b)) { /* the writer's reference */
+        st->stats.flush_done += kind == KVS_WRITER_COPY; /* copies are flushes' only */
+        if (kvs__store_unref_locked(st, b)) {            /* the writer's reference */
             b->node.next = (kvs_index_node *)to_free;
             to_free = b;
         }
@@ -448,6 +512,7 @@ uint64_t kvs_store_flush(kvs_store *st)
         kvs_writer_copy(st->writer, b, b->size);
         n++;
     }
+    st->stats.flush_queued += n;
     pthread_mutex_unlock(&st->mu);
     kvs_store_disk_wait(st);
     return n;

@@ -1,11 +1,58 @@
 /* The store's GPU tier (store.h: "Tiers", invariants 5 and 6): slots for blocks, the picks
  * and commits of demotion to the host tier (storage/tiering drives them), and promotion of
  * host blocks to it. Split from store.c; it shares store_int.h's structures and helpers.
+ *
+ * GPU quotas (store.h "Quotas"): a namespace's gpu_bytes never passes its gpu quota (a slot
+ * that would take it over is refused, and the Put lands in the host tier, as when the tier
+ * is full), and the quota has watermarks of the tier's own shares: above gpu_high_pct of it,
+ * demotion rounds pick the namespace's own least recently used idle blocks, down to
+ * gpu_low_pct of it, before (and regardless of) the tier's own watermarks. So a namespace at
+ * its quota makes room among its own blocks, never another's, and through the same path
+ * (kvs_store_gpu_pick, then the engine's fetch, then kvs_store_demote_commit) as the tier.
  */
 #include <pthread.h>
 #include <stdlib.h>
 
 #include "storage/store_int.h"
+
+/* pct percent of a quota, without overflow for any quota. */
+static uint64_t share(uint64_t quota, unsigned pct)
+{
+    return quota / 100 * pct + quota % 100 * pct / 100;
+}
+
+/* True while ns holds more of its gpu quota, less its blocks being demoted, than `pct`
+ * percent of it (false without a quota). */
+static bool ns_over_locked(kvs_ns *ns, unsigned pct)
+{
+    uint64_t quota = kvs_ns_spec_of(ns)->gpu_quota;
+    const kvs_ns_usage *u = kvs_ns_usage_of(ns);
+    return quota && u->gpu_bytes - u->gpu_picked > share(quota, pct);
+}
+
+/* True if some namespace is over its quota's high watermark. O(namespaces). */
+static bool any_ns_over_locked(kvs_store *st)
+{
+    size_t n = kvs_ns_registry_count(st->reg);
+    for (size_t i = 0; i < n; i++)
+        if (ns_over_locked(kvs_ns_registry_at(st->reg, i), st->gpu_high_pct))
+            return true;
+    return false;
+}
+
+void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b)
+{
+    kvs__block_set_state(b, KVS_BLOCK_DEMOTING);
+    b->refs++;
+    st->gpu_picked += b->slot_bytes;
+    kvs_ns_usage_of(b->ns)->gpu_picked += b->slot_bytes;
+}
+
+void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b)
+{
+    st->gpu_picked -= b->slot_bytes;
+    kvs_ns_usage_of(b->ns)->gpu_picked -= b->slot_bytes;
+}
 
 int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
                               kvs_block **out, kvs_err *err)
@@ -20,10 +67,18 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
         return kvs_err_set(err, KVS_ENOMEM, "gpu tier: out of memory");
     }
     uintptr_t addr = 0;
+    uint64_t quota = kvs_ns_spec_of(ns)->gpu_quota;
+    int rc = 0;
     pthread_mutex_lock(&st->mu);
-    int rc = kvs_slots_alloc(st->gpu, kvs_ns_id(ns), slot_bytes, &addr, err);
-    if (rc == 0)
-        st->stats.gpu_used = kvs_slots_used(st->gpu);
+    uint64_t held = kvs_ns_usage_of(ns)->gpu_bytes;
+    if (quota && held + slot_bytes > quota) /* the caller goes to the host tier instead */
+        rc = kvs_err_set(err, KVS_ENOSPC,
+                         "gpu_quota_bytes: namespace '%s' holds %llu bytes of its gpu quota of "
+                         "%llu, no room for a slot of %llu more (its own blocks are demoted)",
+                         kvs_ns_spec_of(ns)->name, (unsigned long long)held,
+                         (unsigned long long)quota, (unsigned long long)slot_bytes);
+    else if ((rc = kvs_slots_alloc(st->gpu, kvs_ns_id(ns), slot_bytes, &addr, err)) == 0)
+        kvs__store_gpu_charge_locked(st, ns, (int64_t)slot_bytes);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
         free(lens);
@@ -53,9 +108,37 @@ bool kvs_store_gpu_over_high(kvs_store *st)
     if (!st->gpu)
         return false;
     pthread_mutex_lock(&st->mu);
-    bool over = st->stats.gpu_used - st->gpu_picked > st->gpu_high;
+    bool over = st->stats.gpu_used - st->gpu_picked > st->gpu_high || any_ns_over_locked(st);
     pthread_mutex_unlock(&st->mu);
     return over;
+}
+
+/* Picks ns's own idle blocks (every namespace's with ns NULL), least recently used first,
+ * into out[*n..max) while `more` says so. */
+static void pick_locked(kvs_store *st, kvs_ns *ns, kvs_block **out, size_t *n, size_t max,
+                        bool (*more)(kvs_store *st, kvs_ns *ns))
+{
+    for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && *n < max && more(st, ns);
+         it = kvs_lru_newer(&st->gpu_lru, it)) {
+        kvs_block *blk = KVS__BLOCK_OF_LRU(it);
+        if (blk->refs != 1 || blk->state != KVS_BLOCK_IDLE) /* busy (inv. 3) or picked */
+            continue;
+        if (ns && blk->ns != ns)
+            continue;
+        kvs__store_gpu_pick_locked(st, blk);
+        out[(*n)++] = blk;
+    }
+}
+
+static bool ns_above_low(kvs_store *st, kvs_ns *ns)
+{
+    return ns_over_locked(ns, st->gpu_low_pct);
+}
+
+static bool tier_above_low(kvs_store *st, kvs_ns *ns)
+{
+    (void)ns;
+    return st->stats.gpu_used - st->gpu_picked > st->gpu_low; /* in flight counts as done */
 }
 
 size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
@@ -64,18 +147,18 @@ size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
     if (!st->gpu)
         return 0;
     pthread_mutex_lock(&st->mu);
-    uint64_t left = st->stats.gpu_used - st->gpu_picked; /* demotions in flight count as done */
-    for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && n < max && left > st->gpu_low;
-         it = kvs_lru_newer(&st->gpu_lru, it)) {
-        kvs_block *blk = KVS__BLOCK_OF_LRU(it);
-        if (blk->refs != 1 || blk->state != KVS_BLOCK_IDLE) /* busy (inv. 3) or picked */
-            continue;
-        kvs__block_set_state(blk, KVS_BLOCK_DEMOTING);
-        blk->refs++;
-        left -= blk->slot_bytes;
-        st->gpu_picked += blk->slot_bytes;
-        out[n++] = blk;
+    /* A namespace over its quota's high mark demotes its own blocks, down to its low mark
+     * (O(gpu blocks) per such namespace); then, only when the tier itself is over its high
+     * mark, its least recently used blocks go, whoever's, down to gpu_low (the tier's own
+     * shortage, the one case where a namespace's blocks leave for another's). */
+    size_t nns = kvs_ns_registry_count(st->reg);
+    for (size_t i = 0; i < nns && n < max; i++) {
+        kvs_ns *ns = kvs_ns_registry_at(st->reg, i);
+        if (ns_over_locked(ns, st->gpu_high_pct))
+            pick_locked(st, ns, out, &n, max, ns_above_low);
     }
+    if (st->stats.gpu_used - st->gpu_picked > st->gpu_high)
+        pick_locked(st, NULL, out, &n, max, tier_above_low);
     pthread_mutex_unlock(&st->mu);
     return n;
 }
@@ -85,7 +168,7 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old)
     pthread_mutex_lock(&st->mu);
     if (old->state == KVS_BLOCK_DEMOTING) /* else removed meanwhile */
         kvs__block_set_state(old, KVS_BLOCK_IDLE);
-    st->gpu_picked -= old->slot_bytes;
+    kvs__store_gpu_unpick_locked(st, old);
     bool free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
     if (free_old)
@@ -116,7 +199,7 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     }
     if (old->state == KVS_BLOCK_DEMOTING) /* not swapped: it stays where it is */
         kvs__block_set_state(old, KVS_BLOCK_IDLE);
-    st->gpu_picked -= old->slot_bytes;
+    kvs__store_gpu_unpick_locked(st, old);
     if (!free_old)
         free_old = kvs__store_unref_locked(st, old);
     pthread_mutex_unlock(&st->mu);
@@ -132,8 +215,13 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
 {
     if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST)
         return false;
+    /* Below the high marks, the tier's and the namespace's quota's: a promotion never
+     * causes a demotion. */
+    uint64_t quota = kvs_ns_spec_of(blk->ns)->gpu_quota;
     pthread_mutex_lock(&st->mu);
     bool ok = blk->state == KVS_BLOCK_IDLE && st->stats.gpu_used + slot_bytes <= st->gpu_high &&
+              (!quota || kvs_ns_usage_of(blk->ns)->gpu_bytes + slot_bytes <=
+                             share(quota, st->gpu_high_pct)) &&
               kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
     if (ok) {
         kvs__block_set_state(blk, KVS_BLOCK_PROMOTING);

@@ -9,6 +9,7 @@
 #define KVS_STORAGE_STORE_INT_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "storage/disk.h"
 #include "storage/hostpool.h"
@@ -94,16 +95,21 @@ struct kvs_store {
     kvs_lru disk_lru;           /* disk tier (index entries without payload) */
     kvs_slots *gpu;             /* NULL without a gpu tier */
     uint64_t gpu_high, gpu_low; /* watermarks in bytes */
-    uint64_t gpu_picked;        /* slot bytes of the blocks being demoted */
-    kvs_disk *disk;             /* borrowed; NULL without a disk tier */
-    kvs_writer *writer;         /* the disk writer; NULL without a disk tier */
-    uint64_t spill_max;         /* most bytes handed to the writer at once */
+    unsigned gpu_high_pct, gpu_low_pct;   /* what they are computed from; a namespace's gpu
+                                           * quota has marks of the same shares (store_gpu.c) */
+    uint64_t gpu_picked;                  /* slot bytes of the blocks being demoted */
+    kvs_disk *disk;                       /* borrowed; NULL without a disk tier */
+    kvs_writer *writer;                   /* the disk writer; NULL without a disk tier */
+    uint64_t spill_max;                   /* most bytes handed to the writer at once */
     uint64_t host_high, host_low;         /* host tier watermarks in bytes (with a disk tier) */
     bool host_demoting;                   /* between crossing host_high and reaching host_low */
     unsigned host_high_pct, host_low_pct; /* what host_high/low are computed from */
     uint32_t eviction_small_pct;          /* opts.eviction_small_pct, for a new policy */
     bool promote;                         /* Get of a disk block moves it to the host tier */
     uint32_t verify_pass;                 /* kvs_store_verify passes started (store_admin.c) */
+    /* stats.verify_checked, kept apart so that the disk scan's callback, inside an LMDB
+     * read transaction, counts without the store lock (kvs_store_get_stats copies it) */
+    _Atomic uint64_t verify_checked;
     kvs_store_stats stats;
     uint32_t calib_tokens;
     struct kvs_engine *engine;   /* borrowed, may be NULL (opts.engine) */
@@ -137,6 +143,15 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk);
 /* Every change of the host tier's used bytes goes through here (delta signed), so each
  * namespace's share, which its host quota is measured by, stays exact. */
 void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* The same for a gpu slot of ns (after kvs_slots_alloc or _free: gpu_used is re-read from
+ * the slots) and for a record of ns in the disk tier (disk_used; invariant 7). */
+void kvs__store_gpu_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* Marks an idle GPU block picked for demotion (invariant 6: DEMOTING, the demoter's
+ * reference, its slot counted in gpu_picked and its namespace's), and the reverse once the
+ * demotion ended (committed or not; the demoter's reference is the caller's to drop). */
+void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b);
+void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not

@@ -38,6 +38,8 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         unsigned lo = opts->gpu_high_pct ? opts->gpu_low_pct : 80;
         st->gpu_high = cap / 100 * (hi > 100 ? 100 : hi);
         st->gpu_low = cap / 100 * (lo > hi ? hi : lo);
+        st->gpu_high_pct = hi > 100 ? 100 : hi;
+        st->gpu_low_pct = lo > hi ? st->gpu_high_pct : lo;
         st->stats.gpu_capacity = cap;
     }
     st->reg = kvs_ns_registry_create();

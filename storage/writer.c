@@ -223,13 +223,14 @@ static void retry_pending(kvs_writer *w)
 
 /* ---------------------------------------------------------------- writes */
 
-/* Writes items: room first (the owner evicts), then LMDB, which refuses a batch without
- * room on its map or filesystem before starting it (disk.h); on KVS_ENOSPC the owner frees
- * more and the write is tried again, a few times. */
-static int write_items(kvs_writer *w, const kvs_disk_item *items, size_t m, uint64_t bytes,
-                       bool durable, kvs_err *err)
+/* Writes items: room first (the owner evicts; held: the run's items written before these,
+ * not yet reported to finish), then LMDB, which refuses a batch without room on its map
+ * or filesystem before starting it (disk.h); on KVS_ENOSPC the owner frees more and the
+ * write is tried again, a few times. */
+static int write_items(kvs_writer *w, const kvs_disk_item *items, size_t m,
+                       const kvs_disk_item *held, size_t nheld, bool durable, kvs_err *err)
 {
-    int rc = w->h.room(w->h.ctx, bytes, false, err);
+    int rc = w->h.room(w->h.ctx, items, m, held, nheld, false, err);
     if (rc)
         return rc;
     for (int tries = 0;; tries++) {
@@ -238,7 +239,7 @@ static int write_items(kvs_writer *w, const kvs_disk_item *items, size_t m, uint
         if (rc != KVS_ENOSPC || tries == ENOSPC_TRIES)
             return rc;
         kvs_err e2;
-        if (w->h.room(w->h.ctx, bytes, true, &e2))
+        if (w->h.room(w->h.ctx, items, m, held, nheld, true, &e2))
             return rc; /* nothing left to free */
     }
 }
@@ -250,7 +251,9 @@ static const char *kind_name(op_kind k)
 
 /* A run of puts, copies or durable writes (at most BATCH_ITEMS) in one transaction; when
  * the whole run does not fit, one block at a time, so that as many as there is room for
- * are written. */
+ * are written: victims (puts) newest first, so that those left out are the run's oldest,
+ * as a cache would choose (they were queued in eviction order); durable writes and copies
+ * in their order (a durable run may hold two writes of one key: the later must win). */
 static void apply_writes(kvs_writer *w, op **run, size_t n, op_kind kind)
 {
     bool durable = kind == OP_DURABLE;
@@ -266,15 +269,20 @@ static void apply_writes(kvs_writer *w, op **run, size_t n, op_kind kind)
     for (size_t i = 0; i < n; i++)
         blocks[i] = run[i]->blk;
     size_t m = w->h.gather(w->h.ctx, wk, blocks, n, items, at, gone);
-    uint64_t bytes = 0;
-    for (size_t j = 0; j < m; j++)
-        bytes += items[j].len;
 
-    int rc = m ? write_items(w, items, m, bytes, durable, &errs[0]) : 0;
+    int rc = m ? write_items(w, items, m, NULL, 0, durable, &errs[0]) : 0;
     if (rc == KVS_ENOSPC && m > 1) {
-        for (size_t j = 0; j < m; j++)
-            if ((rcs[at[j]] = write_items(w, &items[j], 1, items[j].len, durable, &errs[at[j]])))
+        /* Each one's room counts those written before it (held), which finish reports only
+         * after the run: else every block would find the room the first one took. */
+        kvs_disk_item held[BATCH_ITEMS];
+        size_t nheld = 0;
+        for (size_t o = 0; o < m; o++) {
+            size_t j = kind == OP_PUT ? m - 1 - o : o;
+            if ((rcs[at[j]] = write_items(w, &items[j], 1, held, nheld, durable, &errs[at[j]])))
                 rc = rcs[at[j]];
+            else
+                held[nheld++] = items[j];
+        }
     } else {
         for (size_t j = 0; j < m; j++) {
             rcs[at[j]] = rc;

@@ -16,11 +16,12 @@
  * Puts, copies and durable writes of a run go through the hooks: gather (the items to
  * write: the owner skips blocks removed meanwhile), room (the budget: the owner evicts),
  * then one transaction (retried after more eviction while LMDB or the filesystem is full,
- * then block by block so that as many as fit are written), then finish (the owner
- * updates its index with each block's outcome). Record deletions that fail are kept and
- * retried before every later batch, until they go through or a later write of the same key
- * supersedes them, so an owner that forgot a block never sees it come back. After each
- * batch, and when kicked, the idle hook runs (the store's background host demotion).
+ * then block by block so that as many as fit are written, victims newest first), then
+ * finish (the owner updates its index with each block's outcome). Record deletions that
+ * fail are kept and retried before every later batch, until they go through or a later
+ * write of the same key supersedes them, so an owner that forgot a block never sees it
+ * come back. After each batch, and when kicked, the idle hook runs (the store's background
+ * host demotion).
  *
  * Threading and locks: the queue functions are thread-safe and may be called with the
  * owner's lock held (the queue's mutex is taken after it: daemon/THREADS.md); hooks run on
@@ -58,11 +59,15 @@ typedef struct kvs_writer_hooks {
      * returns m. The items' pointers stay valid until finish. */
     size_t (*gather)(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n,
                      kvs_disk_item *items, size_t *at, bool *gone);
-    /* Room for a write of `need` bytes: evicts what the owner's budget asks (with
+    /* Room for writing items[0..m): evicts what the owner's budgets ask (with
      * kvs_writer_delete_now) and returns 0 when the write may go on, else KVS_ENOSPC with
-     * err saying why. retry: LMDB or the filesystem was full after all: free a good share
-     * more, and KVS_ENOSPC when nothing more could be freed. */
-    int (*room)(void *ctx, uint64_t need, bool retry, kvs_err *err);
+     * err saying why. held[0..nheld) are items of the same run written already (the run
+     * went on block by block) that finish has not reported yet, so that the owner's
+     * accounts do not hold them: the owner counts them as written. retry: LMDB or the
+     * filesystem was full after all: free a good share more, and KVS_ENOSPC when nothing
+     * more could be freed. */
+    int (*room)(void *ctx, const kvs_disk_item *items, size_t m, const kvs_disk_item *held,
+                size_t nheld, bool retry, kvs_err *err);
     /* The outcome of the run: rcs[i] 0 when block i was written, else its error (errs[i]);
      * blocks not gathered have rcs[i] == 0 and written[i] false. */
     void (*finish)(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n, const bool *gone,

@@ -340,6 +340,14 @@ typedef struct kvs_data_plane_stats {
     uint64_t put_region_bytes, put_wire_bytes, get_region_bytes, get_wire_bytes;
 } kvs_data_plane_stats;
 
+/* Progress of the long admin calls, counters since the daemon started (KvAdmin
+ * AdminProgress): a client polling Stats during its own Verify or Flush sees them grow. All
+ * 0 from a daemon that predates them. */
+typedef struct kvs_admin_progress {
+    uint64_t verify_planned, verify_checked; /* blocks Verify calls expected / checked */
+    uint64_t flush_queued, flush_done;       /* host blocks Flush calls queued / finished */
+} kvs_admin_progress;
+
 typedef struct kvs_stats {
     kvs_tier_stats tiers[3];
     size_t n_tiers;
@@ -351,6 +359,7 @@ typedef struct kvs_stats {
     uint64_t uptime_ms;
     char version[32];
     kvs_data_plane_stats data_plane;
+    kvs_admin_progress admin; /* last: the library allocates kvs_stats, so it may grow */
 } kvs_stats;
 
 /* *out is owned by the caller and freed with kvs_stats_free(). */

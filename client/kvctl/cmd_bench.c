@@ -5,10 +5,13 @@
  * read-only bench_cfg; each writes only the op_result slots of its own blocks (block i
  * belongs to worker i % P) and its own worker struct. The main thread reads them after
  * pthread_join. Payloads come from a seeded xorshift per block, so they are distinct,
- * reproducible and regenerated for the comparison instead of kept in memory.
+ * reproducible and regenerated for the comparison instead of kept in memory. Each worker
+ * also counts its finished operations in the phase's one atomic counter, which the
+ * progress bar's helper thread reads (progress.h) while the main thread joins.
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -29,7 +32,8 @@ typedef struct bench_cfg {
     uint64_t seed;
     size_t blocks;
     unsigned threads;
-    bool exact; /* both codecs `none`: bytes must come back identical */
+    bool exact;         /* both codecs `none`: bytes must come back identical */
+    atomic_size_t *ops; /* operations of the running phase finished (progress bar) */
 } bench_cfg;
 
 typedef struct op_result {
@@ -171,6 +175,7 @@ static void *worker_main(void *arg)
         r->ok = rc == 0;
         if (rc != 0)
             record_error(w, i, err.msg);
+        atomic_fetch_add_explicit(cfg->ops, 1, memory_order_relaxed);
     }
     free(expect);
     free(got);
@@ -178,10 +183,37 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Runs one phase on cfg->threads workers; returns its wall time in ms. */
-static double run_phase(const bench_cfg *cfg, bench_op op, op_result *results, worker *ws)
+typedef struct phase {
+    const bench_cfg *cfg;
+    worker *ws;
+} phase;
+
+static int join_workers(void *arg)
+{
+    phase *ph = arg;
+    for (unsigned t = 0; t < ph->cfg->threads; t++)
+        if (ph->ws[t].running && pthread_join(ph->ws[t].tid, NULL) != 0)
+            fprintf(stderr, "kvctl: bench: pthread_join failed\n");
+    return 0;
+}
+
+/* The progress bar's poll (its helper thread): the operations finished so far. */
+static void poll_ops(void *arg, uint64_t *done, uint64_t *total)
+{
+    phase *ph = arg;
+    *done = atomic_load_explicit(ph->cfg->ops, memory_order_relaxed);
+    *total = ph->cfg->blocks;
+}
+
+/* Runs one phase on cfg->threads workers, with a progress bar when bar; returns its wall
+ * time in ms. */
+static double run_phase(const bench_cfg *cfg, bench_op op, op_result *results, worker *ws, bool bar)
 {
     memset(results, 0, cfg->blocks * sizeof *results);
+    atomic_store(cfg->ops, 0);
+    kvctl_progress p;
+    kvctl_progress_start(&p, stderr, bar, op == OP_PUT ? "bench put" : "bench get", "blocks",
+                         cfg->blocks);
     double t0 = now_ms();
     for (unsigned t = 0; t < cfg->threads; t++) {
         ws[t] = (worker){.cfg = cfg, .op = op, .index = t, .results = results};
@@ -189,9 +221,9 @@ static double run_phase(const bench_cfg *cfg, bench_op op, op_result *results, w
         if (!ws[t].running)
             worker_main(&ws[t]); /* run this share here rather than lose it */
     }
-    for (unsigned t = 0; t < cfg->threads; t++)
-        if (ws[t].running && pthread_join(ws[t].tid, NULL) != 0)
-            fprintf(stderr, "kvctl: bench: pthread_join failed\n");
+    phase ph = {cfg, ws};
+    kvctl_progress_during(&p, join_workers, poll_ops, &ph);
+    kvctl_progress_finish(&p, atomic_load(cfg->ops), cfg->blocks);
     double wall = 0;
     for (unsigned t = 0; t < cfg->threads; t++) {
         double busy = ws[t].end_ms - t0 - ws[t].client_ms;
@@ -370,10 +402,13 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
     }
     if (argc - optind != 1)
         return kvctl_usage(cmd, "expected one NS, got %d arguments", argc - optind);
+    atomic_size_t ops;
+    atomic_init(&ops, 0);
     bench_cfg cfg = {.ns = argv[optind],
                      .seed = seed,
                      .blocks = blocks,
-                     .threads = (unsigned)(threads < blocks ? threads : blocks)};
+                     .threads = (unsigned)(threads < blocks ? threads : blocks),
+                     .ops = &ops};
 
     if (kvctl_connect(cmd, g, &cfg.cl) != KVCTL_OK)
         return KVCTL_FAIL;
@@ -397,10 +432,11 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
     op_result *results = kvs_xcalloc(cfg.blocks, sizeof *results);
     worker *ws = kvs_xcalloc(cfg.threads, sizeof *ws);
     phase_stats ph[2];
-    double wall = run_phase(&cfg, OP_PUT, results, ws);
+    bool bar = kvctl_progress_wanted(g->progress, stderr);
+    double wall = run_phase(&cfg, OP_PUT, results, ws, bar);
     report_errors(ws, cfg.threads);
     ph[0] = summarize("put", &cfg, results, wall);
-    wall = run_phase(&cfg, OP_GET, results, ws);
+    wall = run_phase(&cfg, OP_GET, results, ws, bar);
     report_errors(ws, cfg.threads);
     ph[1] = summarize("get", &cfg, results, wall);
     long long deleted = keep ? -1 : delete_blocks(&cfg);
@@ -418,7 +454,8 @@ static int bench(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
 
 const kvctl_cmd kvctl_cmd_bench = {
     .name = "bench",
-    .args = "NS [--blocks N] [--threads P] [--tokens T] [--seed S] [--keep]",
+    .args = "NS [--blocks N] [--threads P] [--tokens T] [--seed S] [--keep]\n"
+            "       [--progress | --no-progress]",
     .summary = "put, get and verify synthetic blocks; throughput and latency",
     .help = "P threads share one client; each puts its share of the N blocks (keys\n"
             "bench-<seed>-<i>, payload from a seeded generator, distinct per block), then\n"
@@ -435,6 +472,9 @@ const kvctl_cmd kvctl_cmd_bench = {
             "  --threads P   worker threads (default 4)\n"
             "  --tokens T    tokens per block (default: the namespace's block_tokens)\n"
             "  --seed S      payload and key seed (default 1)\n"
-            "  --keep        leave the blocks in the daemon\n",
+            "  --keep        leave the blocks in the daemon\n"
+            "  --progress    a progress bar per phase on stderr (blocks done, rate, ETA) even\n"
+            "                when stderr is not a terminal; --no-progress: none (default: on\n"
+            "                a terminal only)\n",
     .run = bench,
 };

@@ -36,6 +36,8 @@ void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
     kvctl_json_bool(j, "durable", ns->spec.durable);
     kvctl_json_u64(j, "seed", ns->spec.seed);
     kvctl_json_u64(j, "host_quota_bytes", ns->spec.host_quota);
+    kvctl_json_u64(j, "gpu_quota_bytes", ns->spec.gpu_quota);
+    kvctl_json_u64(j, "disk_quota_bytes", ns->spec.disk_quota);
     if (ns->spec.error_sample_set) /* else the daemon's --error-sample (fidelity below) */
         kvctl_json_num(j, "error_sample", ns->spec.error_sample);
     kvctl_json_num(j, "max_rel_error", ns->spec.max_rel_error);
@@ -109,6 +111,8 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
         {"keys-pre-rope", no_argument, NULL, 'r'},
         {"durable", no_argument, NULL, 'u'},
         {"host-quota", required_argument, NULL, 'q'},
+        {"gpu-quota", required_argument, NULL, 'G'},
+        {"disk-quota", required_argument, NULL, 'K'},
         {"error-sample", required_argument, NULL, 'e'},
         {"max-rel-error", required_argument, NULL, 'm'},
         {"fallback-codec", required_argument, NULL, 'f'},
@@ -145,10 +149,13 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
             spec.keys_pre_rope = true;
         } else if (c == 'u') {
             spec.durable = true;
-        } else if (c == 'q') {
+        } else if (c == 'q' || c == 'G' || c == 'K') {
+            static const char *const flags[3] = {"--host-quota", "--gpu-quota", "--disk-quota"};
+            uint64_t *quotas[3] = {&spec.host_quota, &spec.gpu_quota, &spec.disk_quota};
+            int i = c == 'q' ? 0 : c == 'G' ? 1 : 2;
             if (!kvctl_parse_size(optarg, &v))
-                return kvctl_usage(cmd, "--host-quota: '%s' is not a size (512M, 2G, ...)", optarg);
-            spec.host_quota = v;
+                return kvctl_usage(cmd, "%s: '%s' is not a size (512M, 2G, ...)", flags[i], optarg);
+            *quotas[i] = v;
         } else if (c == 'e') {
             if (!parse_double(optarg, 0, 1, &spec.error_sample))
                 return kvctl_usage(cmd, "--error-sample: '%s' is not a share in 0..1", optarg);
@@ -209,7 +216,8 @@ const kvctl_cmd kvctl_cmd_ns_create = {
     .name = "ns create",
     .args = "NAME --layers L --kv-heads H --head-dim D --block-tokens T [--dtype fp16|bf16]\n"
             "       [--codec C | --key-codec C --value-codec C] [--seed N] [--keys-pre-rope]\n"
-            "       [--durable] [--host-quota SIZE] [--error-sample SHARE]\n"
+            "       [--durable] [--host-quota SIZE] [--gpu-quota SIZE] [--disk-quota SIZE]\n"
+            "       [--error-sample SHARE]\n"
             "       [--max-rel-error E [--fallback-codec C]]",
     .summary = "create a namespace (one model's KV layout and codecs)",
     .help = "A namespace is immutable once created. A block of t tokens is the layout\n"
@@ -228,6 +236,11 @@ const kvctl_cmd kvctl_cmd_ns_create = {
             "  --durable           acknowledge a Put only once it is on disk\n"
             "  --host-quota SIZE   bytes of the host tier it may hold (512M, 2G); over it a\n"
             "                      Put evicts this namespace's own blocks, never another's\n"
+            "  --gpu-quota SIZE    the same for the GPU tier: over it, Puts land in the host\n"
+            "                      tier while this namespace's own GPU blocks are demoted\n"
+            "  --disk-quota SIZE   the same for the disk tier: over it, this namespace's own\n"
+            "                      oldest disk blocks are evicted (a durable namespace's Put\n"
+            "                      is refused instead)\n"
             "  --error-sample S    share of Puts (0..1) whose encoded block the daemon decodes\n"
             "                      again and measures (kvctl stats); default: the daemon's\n"
             "                      --error-sample\n"

@@ -33,20 +33,89 @@ static int connect_no_args(const kvctl_cmd *cmd, const kvctl_globals *g, int arg
     return kvctl_connect_no_args(cmd, &lg, argc, argv, out);
 }
 
+/* ------------------------------------------------------------------ progress
+ * Verify and Flush are one call each, answered at the end; their progress bar (progress.h)
+ * is drawn from the daemon's AdminProgress counters, read with Stats on the same client
+ * (thread-safe) every 100 ms while the call runs: how much they grew since just before it. A
+ * daemon without them (all 0) gets a spinner and the count at the end. */
+
+typedef struct admin_call {
+    kvs_client *cl;
+    bool flush;              /* else verify */
+    bool based;              /* base was read */
+    kvs_admin_progress base; /* the counters just before the call */
+    kvs_verify_result vr;
+    kvs_flush_result fr;
+    kvs_err err;
+} admin_call;
+
+static bool read_progress(kvs_client *cl, kvs_admin_progress *out)
+{
+    kvs_stats *s;
+    if (kvs_client_stats(cl, &s, NULL) != 0)
+        return false; /* the bar stands still; the call itself says what is wrong */
+    *out = s->admin;
+    kvs_stats_free(s);
+    return true;
+}
+
+/* kvctl_progress_during's poll, on its helper thread: reads only the client and base. */
+static void poll_admin(void *arg, uint64_t *done, uint64_t *total)
+{
+    admin_call *a = arg;
+    kvs_admin_progress now;
+    if (!a->based || !read_progress(a->cl, &now))
+        return;
+    *done = a->flush ? now.flush_done - a->base.flush_done
+                     : now.verify_checked - a->base.verify_checked;
+    *total = a->flush ? now.flush_queued - a->base.flush_queued
+                      : now.verify_planned - a->base.verify_planned;
+}
+
+static int run_admin(void *arg)
+{
+    admin_call *a = arg;
+    return a->flush ? kvs_client_flush(a->cl, &a->fr, &a->err)
+                    : kvs_client_verify(a->cl, &a->vr, &a->err);
+}
+
+/* Runs the call (a->cl, a->flush set) with its bar when g asks for one; returns its rc. */
+static int admin_with_progress(const kvctl_globals *g, admin_call *a)
+{
+    kvctl_progress p;
+    kvctl_progress_start(&p, stderr, kvctl_progress_wanted(g->progress, stderr),
+                         a->flush ? "flush" : "verify", "blocks", 0);
+    if (p.on)
+        a->based = read_progress(a->cl, &a->base);
+    int rc = kvctl_progress_during(&p, run_admin, poll_admin, a);
+    if (rc != 0) {
+        kvctl_progress_stop(&p);
+        return rc;
+    }
+    uint64_t n = 0;
+    if (a->flush) {
+        n = a->fr.written + a->fr.failed;
+    } else {
+        for (size_t i = 0; i < a->vr.n_tiers; i++)
+            n += a->vr.tiers[i].checked;
+    }
+    kvctl_progress_finish(&p, n, n);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ verify */
 
 static int verify(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    kvs_client *cl;
-    int st = connect_no_args(cmd, g, argc, argv, &cl);
+    admin_call a = {.flush = false};
+    int st = connect_no_args(cmd, g, argc, argv, &a.cl);
     if (st != KVCTL_OK)
         return st;
-    kvs_verify_result r;
-    kvs_err err;
-    int rc = kvs_client_verify(cl, &r, &err);
-    kvs_client_close(cl);
+    int rc = admin_with_progress(g, &a);
+    kvs_client_close(a.cl);
     if (rc != 0)
-        return kvctl_fail(cmd, &err);
+        return kvctl_fail(cmd, &a.err);
+    const kvs_verify_result r = a.vr;
     uint64_t checked = 0, bad = 0, skipped = 0;
     for (size_t i = 0; i < r.n_tiers; i++) {
         checked += r.tiers[i].checked;
@@ -91,13 +160,17 @@ static int verify(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
 
 const kvctl_cmd kvctl_cmd_verify = {
     .name = "verify",
-    .args = "[--json]",
+    .args = "[--json] [--progress | --no-progress]",
     .summary = "check the checksum of every stored block; bad ones are dropped",
     .help = "Host blocks are checked against the XXH3-64 kept with them, disk records are\n"
             "read whole (the encoded block's checksum over every byte). A block that fails is\n"
             "dropped (its disk record too) and counted, as a Get would drop it. GPU blocks\n"
             "carry no checksum while on the device: they are counted as skipped.\n"
-            "Exit status 1 when bad blocks were found. Default deadline 10 minutes.\n",
+            "Exit status 1 when bad blocks were found. Default deadline 10 minutes.\n"
+            "\n"
+            "  --progress      a progress bar on stderr (blocks checked of those the daemon\n"
+            "                  planned, rate, ETA) even when stderr is not a terminal\n"
+            "  --no-progress   none, even on a terminal (default: on a terminal only)\n",
     .run = verify,
 };
 
@@ -105,16 +178,15 @@ const kvctl_cmd kvctl_cmd_verify = {
 
 static int flush(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **argv)
 {
-    kvs_client *cl;
-    int st = connect_no_args(cmd, g, argc, argv, &cl);
+    admin_call a = {.flush = true};
+    int st = connect_no_args(cmd, g, argc, argv, &a.cl);
     if (st != KVCTL_OK)
         return st;
-    kvs_flush_result r;
-    kvs_err err;
-    int rc = kvs_client_flush(cl, &r, &err);
-    kvs_client_close(cl);
+    int rc = admin_with_progress(g, &a);
+    kvs_client_close(a.cl);
     if (rc != 0)
-        return kvctl_fail(cmd, &err);
+        return kvctl_fail(cmd, &a.err);
+    const kvs_flush_result r = a.fr;
     if (g->json) {
         kvctl_json j;
         kvctl_json_begin(&j, stdout, '{');
@@ -139,13 +211,17 @@ static int flush(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **
 
 const kvctl_cmd kvctl_cmd_flush = {
     .name = "flush",
-    .args = "[--json]",
+    .args = "[--json] [--progress | --no-progress]",
     .summary = "write host blocks to the disk tier and wait until they are on disk",
     .help = "Every host block that has no disk record yet is written to the disk tier (it\n"
             "stays in the host tier too); returns once LMDB has committed and flushed them,\n"
             "so a restart (or a crash) finds them. Needs a daemon with --data-dir. GPU blocks\n"
             "are not written (evict them to disk first). Exit status 1 when some could not be\n"
-            "written. Default deadline 10 minutes.\n",
+            "written. Default deadline 10 minutes.\n"
+            "\n"
+            "  --progress      a progress bar on stderr (blocks written of those queued,\n"
+            "                  rate, ETA) even when stderr is not a terminal\n"
+            "  --no-progress   none, even on a terminal (default: on a terminal only)\n",
     .run = flush,
 };
 

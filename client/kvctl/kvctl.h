@@ -16,6 +16,7 @@
 #include <stdio.h>
 
 #include "kvstash.h"
+#include "progress.h"
 
 enum { KVCTL_OK = 0, KVCTL_FAIL = 1, KVCTL_USAGE = 2 };
 
@@ -28,6 +29,7 @@ typedef struct kvctl_globals {
     int64_t timeout_ms;
     uint64_t chunk_bytes;
     bool json;
+    kvctl_progress_mode progress; /* --progress / --no-progress (verify, flush, bench) */
 } kvctl_globals;
 
 typedef struct kvctl_cmd kvctl_cmd;

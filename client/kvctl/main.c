@@ -1,7 +1,8 @@
 /* kvctl: the admin and debugging CLI of kvstashd (DESIGN §10).
  *
  *   kvctl [--target ADDR] [--token T | --token-file PATH] [--tls-ca FILE] [--tls-cert FILE
- * --tls-key FILE] [--tls-server-name NAME] [--timeout-ms N] [--chunk SIZE] [--json] COMMAND ...
+ * --tls-key FILE] [--tls-server-name NAME] [--timeout-ms N] [--chunk SIZE] [--json]
+ * [--progress | --no-progress] COMMAND ...
  *
  * This file holds the command table, the global options and the dispatch, including
  * `help`, `--help` and `--version`. The parsed global options are the only mutable
@@ -36,7 +37,8 @@ static void print_overview(FILE *f)
     fprintf(
         f, "usage: kvctl [--target ADDR] [--token T | --token-file PATH] [--tls-ca FILE]\n"
            "             [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]\n"
-           "             [--timeout-ms N] [--chunk SIZE] [--json] COMMAND [ARGS...]\n"
+           "             [--timeout-ms N] [--chunk SIZE] [--json] [--[no-]progress]\n"
+           "             COMMAND [ARGS...]\n"
            "\n"
            "Administers and debugs a kvstashd daemon.\n"
            "\n"
@@ -60,6 +62,10 @@ static void print_overview(FILE *f)
            "  --timeout-ms N    deadline of each call (default 30000)\n"
            "  --chunk SIZE      payload bytes per Put message, e.g. 256K (default 1M)\n"
            "  --json            machine-readable output (also accepted after the command)\n"
+           "  --progress, --no-progress\n"
+           "                    a progress bar on stderr for verify, flush and bench: by\n"
+           "                    default only when stderr is a terminal (also accepted after\n"
+           "                    the command); stdout holds the result either way\n"
            "  --version, --help\n"
            "\n"
            "commands:\n");
@@ -135,8 +141,8 @@ static int cmd_help(int argc, char **argv)
     return KVCTL_USAGE;
 }
 
-/* Takes --help/-h and --json out of a command's arguments (before any "--"), so every
- * command honours them in any position. */
+/* Takes --help/-h, --json and --[no-]progress out of a command's arguments (before any
+ * "--"), so every command honours them in any position. */
 static void strip_common(int *argc, char **argv, bool *help)
 {
     int out = 0;
@@ -150,6 +156,14 @@ static void strip_common(int *argc, char **argv, bool *help)
         }
         if (!rest && i > 0 && strcmp(argv[i], "--json") == 0) {
             g_opts.json = true;
+            continue;
+        }
+        if (!rest && i > 0 && strcmp(argv[i], "--progress") == 0) {
+            g_opts.progress = KVCTL_PROGRESS_ON;
+            continue;
+        }
+        if (!rest && i > 0 && strcmp(argv[i], "--no-progress") == 0) {
+            g_opts.progress = KVCTL_PROGRESS_OFF;
             continue;
         }
         argv[out++] = argv[i];
@@ -225,6 +239,8 @@ static int parse_globals(int argc, char **argv, int *first)
         {"timeout-ms", required_argument, NULL, 'T'},
         {"chunk", required_argument, NULL, 'c'},
         {"json", no_argument, NULL, 'j'},
+        {"progress", no_argument, NULL, 'P'},
+        {"no-progress", no_argument, NULL, 'Q'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {0, 0, 0, 0},
@@ -276,6 +292,12 @@ static int parse_globals(int argc, char **argv, int *first)
             break;
         case 'j':
             g_opts.json = true;
+            break;
+        case 'P':
+            g_opts.progress = KVCTL_PROGRESS_ON;
+            break;
+        case 'Q':
+            g_opts.progress = KVCTL_PROGRESS_OFF;
             break;
         case 'T':
             if (!kvctl_parse_u64(optarg, 1, INT64_MAX, &v)) {

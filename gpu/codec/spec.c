@@ -140,13 +140,24 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
     int rc = fallback_validate(s, err);
     if (rc)
         return rc;
+    /* A quota under one full block could never hold one: its tier would be closed to the
+     * namespace, which 0 (no quota) never means. */
     uint64_t full;
-    if (s->host_quota && kvs_spec_block_bytes(s, s->block_tokens, &full, NULL) == 0 &&
-        s->host_quota < full)
-        return kvs_err_set(err, KVS_EINVAL,
-                           "host_quota_bytes: %llu is less than one full block (%llu bytes): "
-                           "0 (no quota) or at least a block",
-                           (unsigned long long)s->host_quota, (unsigned long long)full);
+    if (kvs_spec_block_bytes(s, s->block_tokens, &full, NULL) != 0)
+        return 0; /* block_tokens was checked above: cannot happen */
+    const struct {
+        uint64_t quota;
+        const char *field;
+    } quotas[3] = {{s->host_quota, "host_quota_bytes"},
+                   {s->gpu_quota, "gpu_quota_bytes"},
+                   {s->disk_quota, "disk_quota_bytes"}};
+    for (int i = 0; i < 3; i++)
+        if (quotas[i].quota && quotas[i].quota < full)
+            return kvs_err_set(err, KVS_EINVAL,
+                               "%s: %llu is less than one full block (%llu bytes): "
+                               "0 (no quota) or at least a block",
+                               quotas[i].field, (unsigned long long)quotas[i].quota,
+                               (unsigned long long)full);
     return 0;
 }
 

@@ -60,6 +60,13 @@ typedef struct kvs_ns_spec {
      * learned state; recorded in the block's header, gpu/codec/format.h). */
     double max_rel_error;
     char fallback_codec[KVS_CODEC_NAME_MAX + 1]; /* "" without a bound */
+    /* Quotas of the other tiers, as host_quota (0 = none; at least one full block). Last in
+     * the struct, so that the fields before keep their offsets (client ABI). GPU: over it, a
+     * Put lands in the host tier and the namespace's own least recently used GPU blocks are
+     * demoted; disk: over it, a write to the disk tier evicts the namespace's own oldest
+     * records, never another's (storage/store.h "Quotas"). */
+    uint64_t gpu_quota;
+    uint64_t disk_quota;
 } kvs_ns_spec;
 
 /* Bytes of one element of dtype (2), or 0 for an unknown dtype. */

@@ -61,7 +61,8 @@ def wire():
     msgs = {
         "CreateNamespaceRequest": pb.CreateNamespaceRequest(spec=kvs.spec(
             "fuzz", L=4, H=2, D=64, T=16, key_codec="kivi-2", value_codec="polarquant",
-            durable=True, seed=7, host_quota_bytes=1 << 20)),
+            durable=True, seed=7, host_quota_bytes=1 << 20, gpu_quota_bytes=1 << 20,
+            disk_quota_bytes=2 << 20)),
         "KeysRequest": pb.KeysRequest(namespace="fuzz", keys=[b"a", b"b" * 64, b"\x00" * 16]),
         "GetRequest": pb.GetRequest(namespace="fuzz", key=b"k", layer_begin=1, layer_end=3),
         "GetManyRequest": pb.GetManyRequest(namespace="fuzz", keys=[b"a", b"b"], prefix=True,

@@ -1,9 +1,14 @@
 """kvctl against a real daemon, cross-checked through the Python client: namespaces,
 put/get byte-exact in both directions, lookup, delete, stats --json, chained keys
-(against Python's xxhash), bench, --help of every command, and a dead target."""
+(against Python's xxhash), bench, progress bars (verify, flush, bench), --help of every
+command, and a dead target."""
 import json
+import os
+import pty
+import re
 import socket
 import struct
+import subprocess
 
 import pytest
 import xxhash
@@ -282,6 +287,91 @@ def test_bench(d):
     n = list_ns(d)[name2]
     assert n.blocks == 64 and n.raw_bytes == 64 * kvs.block_bytes(2, 2, 32, 5)
     assert info.id == n.id
+
+
+def last_bar(err, label):
+    """The last progress line of `label` in stderr text (lines, or redraws after \\r)."""
+    lines = [l for l in re.split(r"[\r\n]+", err) if l.startswith(label + " ")]
+    assert lines, f"no {label!r} progress line in {err!r}"
+    return lines[-1].replace("\033[K", "")
+
+
+def test_progress(daemon, tmp_path):
+    """verify, flush and bench draw a progress bar on stderr with --progress (before or
+    after the command), stdout byte for byte as without it; without it, with stderr not a
+    terminal (a pipe here), nothing; --no-progress wins. The bars of verify and flush are
+    drawn from the daemon's AdminProgress counters (Stats), which grow by what each call
+    did: 40 host blocks checked, then flushed, then 40 host blocks and 40 records."""
+    d = daemon(extra=["--data-dir", tmp_path / "data", "--stats-interval", 0])
+    name = kvs.ns_name("prog")
+    kvs.make_ns(d.admin, name=name, L=2, H=2, D=64, T=16)
+    r = d.kvctl("bench", name, "--blocks", 40, "--keep")
+    assert ok(r) and r.stderr == b""
+    plain = d.kvctl("verify")
+    assert ok(plain) and plain.stderr == b""
+    before = d.stats().admin
+    r = d.kvctl("verify", "--progress")
+    assert r.stdout == plain.stdout and ok(r)
+    err = r.stderr.decode()
+    assert "\r" not in err and "\033" not in err  # not a terminal: whole lines
+    assert err.startswith("verify ") and err.endswith("\n")
+    assert re.fullmatch(r"verify \[#{24}\]  40/40 blocks  100%  .*\d+(\.\d)?s",
+                        last_bar(err, "verify")), err
+    after = d.stats().admin
+    assert (after.verify_planned - before.verify_planned,
+            after.verify_checked - before.verify_checked) == (40, 40)
+    js = d.kvctl("--progress", "--json", "verify")
+    assert json.loads(ok(js))["checked"] == 40 and b"40/40 blocks" in js.stderr
+    r = d.kvctl("verify", "--progress", "--no-progress")
+    assert r.stdout == plain.stdout and r.stderr == b""
+
+    r = d.kvctl("flush", "--progress")
+    assert "flushed: 40 host blocks written" in ok(r)
+    assert "flush [" + "#" * 24 + "]  40/40 blocks  100%" in last_bar(r.stderr.decode(), "flush")
+    now = d.stats().admin
+    assert (now.flush_queued - after.flush_queued, now.flush_done - after.flush_done) == (40, 40)
+    r = d.kvctl("--progress", "verify")
+    assert "80/80 blocks  100%" in last_bar(r.stderr.decode(), "verify")  # + the 40 records
+
+    r = d.kvctl("bench", name, "--blocks", 8, "--seed", 9, "--progress")
+    assert "verified 8/8" in ok(r)
+    err = r.stderr.decode()
+    for phase in ("bench put", "bench get"):
+        assert "8/8 blocks  100%" in last_bar(err, phase), err
+
+
+def kvctl_tty_stderr(*args):
+    """Runs kvctl with stderr on a pseudo-terminal; returns (CompletedProcess, its stderr)."""
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([kvs.KVCTL, *map(str, args)], stdout=subprocess.PIPE, stderr=slave,
+                           stdin=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other side is closed and drained
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    return r, err.decode()
+
+
+def test_progress_on_a_terminal(d):
+    """By default the bar is drawn when stderr is a terminal: redrawn in place (\\r, erase
+    to the end of the line) and left on its last line; --no-progress: nothing."""
+    name = kvs.ns_name("prog")
+    kvs.make_ns(d.admin, name=name, L=2, H=2, D=64, T=16)
+    r, err = kvctl_tty_stderr("--target", d.target, "bench", name, "--blocks", 16)
+    assert r.returncode == 0 and b"verified 16/16" in r.stdout
+    assert "\r" in err and "\033[K" in err
+    assert "16/16 blocks  100%" in last_bar(err, "bench get")
+    r, err = kvctl_tty_stderr("--target", d.target, "--no-progress", "bench", name, "--blocks", 4)
+    assert r.returncode == 0 and err == ""
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: "-".join(c))

@@ -184,6 +184,40 @@ def test_tenant_namespaces_always_have_a_quota(td):
     assert d.admin.GetNamespace(pb.NameRequest(name=NS_A), metadata=adm).spec.host_quota_bytes == 0
 
 
+def test_tenant_namespaces_have_gpu_and_disk_quotas(daemon, files, tmp_path):
+    """The same for the other tiers: with a disk tier, a tenant's namespace always has a disk
+    quota (--tenant-disk-quota, auto: a quarter of the 64M --disk-capacity); the GPU tier's cap
+    is auto a quarter of the GPU tier, none without one, and applies when set (8M here) even
+    without. Asking none gets the cap, more is refused naming the field and the flag."""
+    d = daemon(extra=["--admin-token-file", files["admin"], "--tenant-tokens", files["tenants"],
+                      "--data-dir", tmp_path / "data", "--disk-capacity", "64M",
+                      "--tenant-gpu-quota", "8M"], token=ADMIN)
+    a, adm = kvs.bearer(TA), kvs.bearer(ADMIN)
+    disk_cap, gpu_cap = 16 << 20, 8 << 20
+
+    def create(**quotas):
+        return d.admin.CreateNamespace(pb.CreateNamespaceRequest(
+            spec=kvs.spec(NS_A2, **quotas)), metadata=a).spec
+
+    def drop():
+        d.admin.DropNamespace(pb.NameRequest(name=NS_A2), metadata=adm)
+
+    s = create()
+    assert (s.host_quota_bytes, s.gpu_quota_bytes, s.disk_quota_bytes) == \
+        (64 << 20, gpu_cap, disk_cap)
+    drop()
+    for field, flag, cap in (("disk_quota_bytes", "--tenant-disk-quota", disk_cap),
+                             ("gpu_quota_bytes", "--tenant-gpu-quota", gpu_cap)):
+        kvs.expect_error(DENIED, create, **{field: cap + 1}, words=(field, flag, str(cap)))
+    s = create(gpu_quota_bytes=1 << 20, disk_quota_bytes=2 << 20)
+    assert (s.gpu_quota_bytes, s.disk_quota_bytes) == (1 << 20, 2 << 20)
+    drop()
+    # The admin's namespaces are as the admin made them.
+    s = d.admin.CreateNamespace(pb.CreateNamespaceRequest(spec=kvs.spec(NS_A2)),
+                                metadata=adm).spec
+    assert (s.host_quota_bytes, s.gpu_quota_bytes, s.disk_quota_bytes) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("md", [None, kvs.bearer("wrong"), (("authorization", TA),),
                                 kvs.bearer(TA + "x")],
                          ids=["none", "wrong", "no-bearer-prefix", "longer"])

@@ -161,6 +161,10 @@ static void test_verify(void **state)
     assert_int_equal(vi.host_checked, 3);
     assert_int_equal(vi.disk_checked, 2);
     assert_int_equal(vi.host_bad + vi.disk_bad + vi.gpu_skipped, 0);
+    kvs_store_stats s; /* the progress counters a client polls: planned, then checked */
+    kvs_store_get_stats(f.st, &s);
+    assert_int_equal(s.verify_planned, 5);
+    assert_int_equal(s.verify_checked, 5);
 
     /* k2, k3, k4 get records too (they stay in RAM). */
     kvs_store_flush_info fi;
@@ -282,6 +286,8 @@ static void test_flush(void **state)
     kvs_store_stats s;
     kvs_store_get_stats(f.st, &s);
     assert_int_equal(s.disk_used, 3 * len);
+    assert_int_equal(s.flush_queued, 3); /* the progress counters a client polls */
+    assert_int_equal(s.flush_done, 3);
     assert_int_equal(kvs_store_flush_sync(f.st, &fi, &err), 0);
     assert_int_equal(fi.written, 0);
     assert_int_equal(fi.already, 3);

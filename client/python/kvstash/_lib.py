@@ -41,7 +41,9 @@ class NsSpec(ctypes.Structure):
                 # Fidelity (README "Namespace options").
                 ("error_sample_set", ctypes.c_bool), ("error_sample", ctypes.c_double),
                 ("max_rel_error", ctypes.c_double),
-                ("fallback_codec", ctypes.c_char * (CODEC_NAME_MAX + 1))]
+                ("fallback_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                # Quotas of the GPU and disk tiers (last in kvs_ns_spec).
+                ("gpu_quota", ctypes.c_uint64), ("disk_quota", ctypes.c_uint64)]
 
 
 class ErrorStats(ctypes.Structure):

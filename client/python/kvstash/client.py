@@ -94,6 +94,9 @@ class Namespace:
     # keys/values/logits as {"count", "mean", "max"}, checked, fallback_blocks,
     # fallback_keys, fallback_values.
     fidelity: dict = field(default_factory=dict)
+    # Quotas of the GPU and disk tiers (0: none), as host_quota_bytes.
+    gpu_quota_bytes: int = 0
+    disk_quota_bytes: int = 0
 
     @property
     def token_bytes(self) -> int:
@@ -126,7 +129,8 @@ def _ns_of(info: _lib.NsInfo) -> Namespace:
                      {"error_sample": f.error_sample, "keys": err(f.keys),
                       "values": err(f.values), "logits": err(f.logits), "checked": f.checked,
                       "fallback_blocks": f.fallback_blocks, "fallback_keys": f.fallback_keys,
-                      "fallback_values": f.fallback_values})
+                      "fallback_values": f.fallback_values},
+                     gpu_quota_bytes=s.gpu_quota, disk_quota_bytes=s.disk_quota)
 
 
 def _enc_cap(raw_bytes: int) -> int:
@@ -329,10 +333,14 @@ class Client:
                          value_codec: str = "none", durable: bool = False,
                          keys_pre_rope: bool = False, seed: int = 0,
                          host_quota_bytes: int = 0, error_sample: Optional[float] = None,
-                         max_rel_error: float = 0.0, fallback_codec: str = "") -> Namespace:
+                         max_rel_error: float = 0.0, fallback_codec: str = "",
+                         gpu_quota_bytes: int = 0, disk_quota_bytes: int = 0) -> Namespace:
         """Creates a namespace (KvAdmin.CreateNamespace); see the README for codecs.
         host_quota_bytes: bytes of the host tier it may hold (0: no quota); over it, a Put
-        evicts this namespace's own blocks, never another namespace's. error_sample: the
+        evicts this namespace's own blocks, never another namespace's. gpu_quota_bytes,
+        disk_quota_bytes: the same for the GPU tier (over it, Puts land in the host tier
+        while its own GPU blocks are demoted) and the disk tier (its own oldest records are
+        evicted; a durable namespace's Put over it is refused). error_sample: the
         share of Puts (0..1) whose encoded block the daemon decodes again and measures
         (Namespace.fidelity); None: the daemon's --error-sample. max_rel_error: check every
         Put, and store keys or values whose relative error passes it with fallback_codec
@@ -343,7 +351,7 @@ class Client:
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
                         keys_pre_rope, durable, seed, host_quota_bytes,
                         error_sample is not None, error_sample or 0.0, max_rel_error,
-                        fallback_codec.encode())
+                        fallback_codec.encode(), gpu_quota_bytes, disk_quota_bytes)
         info, err = _lib.NsInfo(), _lib.Err()
         _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
                                  ctypes.byref(err)), err)
