@@ -7,8 +7,15 @@
 
 #include "storage/store_int.h"
 
-int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
-                              kvs_block **out, kvs_err *err)
+/* A namespace's slots of one encoding share a size class (storage/slots.h): a block
+ * promoted with colder codecs (invariant 9) has a smaller slot than a Put's. */
+static uint64_t slot_class(const kvs_ns *ns, unsigned enc)
+{
+    return (uint64_t)enc << 32 | kvs_ns_id(ns);
+}
+
+int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsigned enc,
+                              uint64_t slot_bytes, kvs_block **out, kvs_err *err)
 {
     if (!st->gpu)
         return kvs_err_set(err, KVS_ENOSPC, "gpu tier: not configured");
@@ -21,7 +28,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
     }
     uintptr_t addr = 0;
     pthread_mutex_lock(&st->mu);
-    int rc = kvs_slots_alloc(st->gpu, kvs_ns_id(ns), slot_bytes, &addr, err);
+    int rc = kvs_slots_alloc(st->gpu, slot_class(ns, enc), slot_bytes, &addr, err);
     if (rc == 0)
         st->stats.gpu_used = kvs_slots_used(st->gpu);
     pthread_mutex_unlock(&st->mu);
@@ -32,6 +39,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
     }
     blk->ns = kvs_ns_ref(ns);
     blk->tokens = tokens;
+    blk->enc = (uint8_t)enc;
     blk->tier = KVS_STORE_TIER_GPU;
     blk->charge = KVS_CHARGE_GPU;
     blk->slot_bytes = slot_bytes;
@@ -105,6 +113,19 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     bool free_old = false, free_nb = false;
     if (swap) {
         nb->on_disk = old->on_disk; /* a promoted block kept its disk record (invariant 7) */
+        if (nb->enc != old->enc) {  /* re-encoded colder on the way (invariant 9) */
+            st->stats.host_recoded++;
+            st->stats.host_recode_saved += old->size > nb->size ? old->size - nb->size : 0;
+            /* A block with a record came from the host or disk tier, so is no hotter than
+             * the host tier's codecs already; should one be re-encoded all the same, its
+             * record no longer holds its bytes: it goes (invariant 7 counts nb's size). */
+            if (nb->on_disk && st->writer) {
+                old->on_disk = false;
+                st->stats.disk_used -= old->size;
+                kvs_writer_del(st->writer, old->node.ns_id, old->node.key, old->node.key_len);
+            }
+            nb->on_disk = false;
+        }
         free_old = kvs__store_unlink_locked(st, old);
         kvs__store_host_charge_locked(st, nb->ns, -(int64_t)nb->shrink);
         nb->shrink = 0;
@@ -134,7 +155,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
         return false;
     pthread_mutex_lock(&st->mu);
     bool ok = blk->state == KVS_BLOCK_IDLE && st->stats.gpu_used + slot_bytes <= st->gpu_high &&
-              kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
+              kvs_slots_can_alloc(st->gpu, slot_class(blk->ns, blk->enc), slot_bytes);
     if (ok) {
         kvs__block_set_state(blk, KVS_BLOCK_PROMOTING);
         blk->refs++;
@@ -143,7 +164,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
     if (!ok)
         return false;
     kvs_block *g;
-    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, slot_bytes, &g, NULL)) {
+    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, blk->enc, slot_bytes, &g, NULL)) {
         kvs_store_promote_cancel(st, blk, NULL); /* taken meanwhile */
         return false;
     }

@@ -34,7 +34,8 @@ struct kvs_cuda_decoder {
     kvs_ns_spec spec;
     codec_slot codecs[2][DECODER_CODECS]; /* [keys, values] */
     unsigned n_codecs[2];
-    kvs_codec *fallback[2]; /* spec.fallback_codec per side, made at its first block */
+    kvs_codec *alt[KVS_ENC_ROLES][2]; /* other roles' codecs per side (kvs_enc: fallback,
+                                       * host, disk), made at their first block */
     cudaStream_t own;
     uint8_t *enc_dev; /* staging for one encoded block */
     size_t enc_cap;
@@ -94,29 +95,32 @@ static int codec_at(kvs_cuda_decoder *d, kvs_kv kv, uint32_t version, const kvs_
     return 0;
 }
 
-/* The namespace's fallback codec for side kv (max_rel_error: a side whose error passed the
- * bound is stored with it, and the block's header says so), made and uploaded once. */
-static int fallback_at(kvs_cuda_decoder *d, kvs_kv kv, const kvs_codec **out, kvs_err *err)
+/* The codec of side kv for role `role` of a block (gpu/codec/codec.h kvs_enc): the own
+ * codec of its state version (codec_at), or the namespace's fallback or tier codec (the
+ * block's header says which), made and uploaded once. */
+static int role_at(kvs_cuda_decoder *d, kvs_kv kv, kvs_enc role, uint32_t version,
+                   const kvs_codec **out, kvs_err *err)
 {
-    if (!d->fallback[kv]) {
+    if (role == KVS_ENC_OWN)
+        return codec_at(d, kv, version, out, err);
+    if (!d->alt[role][kv]) {
         kvs_codec *c;
-        int rc = kvs_codec_create_fallback(&d->spec, kv, &c, err);
+        int rc = kvs_codec_create_enc(&d->spec, kv, role, NULL, &c, err);
         if (rc)
             return rc;
         if (!kvs_codec_cuda_supported(c)) {
             kvs_codec_destroy(c);
-            return kvs_err_set(err, KVS_ENOTSUP,
-                               "decode on the GPU: no kernels for fallback codec '%s' with "
-                               "head_dim %u",
-                               d->spec.fallback_codec, d->spec.head_dim);
+            return kvs_err_set(
+                err, KVS_ENOTSUP, "decode on the GPU: no kernels for %s '%s' with head_dim %u",
+                kvs_enc_field(kv, role), kvs_spec_enc_codec(&d->spec, kv, role), d->spec.head_dim);
         }
         if ((rc = kvs_codec_cuda_prepare(c, err))) {
             kvs_codec_destroy(c);
             return rc;
         }
-        d->fallback[kv] = c;
+        d->alt[role][kv] = c;
     }
-    *out = d->fallback[kv];
+    *out = d->alt[role][kv];
     return 0;
 }
 
@@ -158,8 +162,9 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
     for (int kv = 0; kv < 2; kv++)
         for (unsigned i = 0; i < d->n_codecs[kv]; i++)
             kvs_codec_destroy(d->codecs[kv][i].codec);
-    kvs_codec_destroy(d->fallback[0]);
-    kvs_codec_destroy(d->fallback[1]);
+    for (int r = 0; r < KVS_ENC_ROLES; r++)
+        for (int kv = 0; kv < 2; kv++)
+            kvs_codec_destroy(d->alt[r][kv]);
     cudaFree(d->enc_dev);
     cudaFree(d->lens_dev);
     cudaFree(d->layers_dev);
@@ -177,12 +182,10 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
     kvs_block_info info;
     int rc = kvs_format_peek(enc, len, &info, err);
     const kvs_codec *k, *v;
-    unsigned fb = rc ? 0 : kvs_block_fallback(&d->spec, &info);
-    if (rc ||
-        (rc = fb & KVS_FALLBACK_KEYS ? fallback_at(d, KVS_KEYS, &k, err)
-                                     : codec_at(d, KVS_KEYS, info.k_state, &k, err)) ||
-        (rc = fb & KVS_FALLBACK_VALUES ? fallback_at(d, KVS_VALUES, &v, err)
-                                       : codec_at(d, KVS_VALUES, info.v_state, &v, err)) ||
+    unsigned roles = rc ? 0 : kvs_block_encodings(&d->spec, &info);
+    kvs_enc rk = kvs_enc_side(roles, KVS_KEYS), rv = kvs_enc_side(roles, KVS_VALUES);
+    if (rc || (rc = role_at(d, KVS_KEYS, rk, info.k_state, &k, err)) ||
+        (rc = role_at(d, KVS_VALUES, rv, info.v_state, &v, err)) ||
         (rc = kvs_block_parse(k, v, enc, len, KVS_BLOCK_UNTRUSTED, &info, err)))
         return rc;
     const kvs_ns_spec *s = &d->spec;
@@ -241,7 +244,7 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
     /* Synchronized before returning: lens and the staging are reused by the next call. */
     if ((e = cudaStreamSynchronize(st)) != cudaSuccess && rc == 0)
         rc = cuda_err(err, e, "decode");
-    if (rc == 0 && res)
+    if (rc == 0 && res) {
         *res = (kvs_get_result){.tokens = info.tokens,
                                 .dtype = (kvs_dtype)info.dtype,
                                 .layer_begin = 0,
@@ -249,7 +252,11 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
                                 .bytes = need,
                                 .format = KVS_FORMAT_RAW,
                                 .tier = KVS_TIER_NONE,
-                                .fallback = fb != 0};
+                                .fallback = kvs_enc_fallback(roles) != 0};
+        snprintf(res->key_codec, sizeof res->key_codec, "%s", kvs_spec_enc_codec(s, KVS_KEYS, rk));
+        snprintf(res->value_codec, sizeof res->value_codec, "%s",
+                 kvs_spec_enc_codec(s, KVS_VALUES, rv));
+    }
     return rc;
 }
 
