@@ -34,6 +34,8 @@ static void spec_to_pb(const kvs_ns_spec *s, Kvstash__V1__NamespaceSpec *pb,
     pb->disk_quota_bytes = s->disk_quota;
     pb->max_rel_error = s->max_rel_error;
     pb->fallback_codec = kvs_pb_str(s->fallback_codec);
+    pb->host_codec = kvs_pb_str(s->host_codec);
+    pb->disk_codec = kvs_pb_str(s->disk_codec);
     if (s->error_sample_set) {
         *sample = (Kvstash__V1__ErrorSample)KVSTASH__V1__ERROR_SAMPLE__INIT;
         sample->share = s->error_sample;
@@ -74,6 +76,10 @@ static void info_from_pb(const Kvstash__V1__NamespaceInfo *pb, kvs_ns_info *info
         info->spec.max_rel_error = s->max_rel_error;
         snprintf(info->spec.fallback_codec, sizeof info->spec.fallback_codec, "%s",
                  s->fallback_codec ? s->fallback_codec : "");
+        snprintf(info->spec.host_codec, sizeof info->spec.host_codec, "%s",
+                 s->host_codec ? s->host_codec : "");
+        snprintf(info->spec.disk_codec, sizeof info->spec.disk_codec, "%s",
+                 s->disk_codec ? s->disk_codec : "");
     }
     const Kvstash__V1__FidelityStats *f = pb->fidelity; /* absent from older daemons */
     if (f)
@@ -234,7 +240,9 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
                                                   .used_bytes = t->used_bytes,
                                                   .blocks = t->blocks,
                                                   .hits = t->hits,
-                                                  .evictions = t->evictions};
+                                                  .evictions = t->evictions,
+                                                  .recoded_blocks = t->recoded_blocks,
+                                                  .recode_saved_bytes = t->recode_saved_bytes};
     }
     rc = infos_from_pb("Stats", rep->namespaces, rep->n_namespaces, &s->namespaces, err);
     if (rc == 0) {

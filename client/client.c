@@ -388,16 +388,19 @@ kvs_tier kvs__tier_from_pb(int t)
 
 kvs_get_result kvs__get_result_from_pb(const Kvstash__V1__GetHeader *h)
 {
-    return (kvs_get_result){.tokens = h->tokens,
-                            .dtype = kvs__dtype_from_pb(h->dtype),
-                            .layer_begin = h->layer_begin,
-                            .layer_end = h->layer_end,
-                            .bytes = h->total_bytes,
-                            .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
-                                          ? KVS_FORMAT_ENCODED
-                                          : KVS_FORMAT_RAW,
-                            .tier = kvs__tier_from_pb(h->tier),
-                            .fallback = h->fallback};
+    kvs_get_result r = {.tokens = h->tokens,
+                        .dtype = kvs__dtype_from_pb(h->dtype),
+                        .layer_begin = h->layer_begin,
+                        .layer_end = h->layer_end,
+                        .bytes = h->total_bytes,
+                        .format = h->format == KVSTASH__V1__FORMAT__FORMAT_ENCODED
+                                      ? KVS_FORMAT_ENCODED
+                                      : KVS_FORMAT_RAW,
+                        .tier = kvs__tier_from_pb(h->tier),
+                        .fallback = h->fallback};
+    snprintf(r.key_codec, sizeof r.key_codec, "%s", h->key_codec ? h->key_codec : "");
+    snprintf(r.value_codec, sizeof r.value_codec, "%s", h->value_codec ? h->value_codec : "");
+    return r;
 }
 
 kvs_dtype kvs__dtype_from_pb(int d)
@@ -750,8 +753,9 @@ int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t
     return kvs_client_lookup_fallback(c, ns, keys, n, prefix, tiers, NULL, err);
 }
 
-int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
-                               uint32_t *prefix, kvs_tier *tiers, bool *fallback, kvs_err *err)
+/* Lookup with what its reply may carry besides the tiers (each output may be NULL). */
+static int lookup(kvs_client *c, const char *ns, const kvs_key *keys, size_t n, uint32_t *prefix,
+                  kvs_tier *tiers, bool *fallback, kvs_block_codecs *codecs, kvs_err *err)
 {
     ProtobufCMessage *m;
     int rc =
@@ -759,11 +763,15 @@ int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *key
     if (rc != 0)
         return rc;
     const Kvstash__V1__LookupReply *rep = (const Kvstash__V1__LookupReply *)m;
-    /* fallback: n entries, or none (a namespace without a bound, an older daemon). */
-    if (rep->n_tiers != n || rep->prefix_blocks > n || (rep->n_fallback && rep->n_fallback != n)) {
+    /* fallback and codecs: n entries, or none (a namespace without a bound or tier codecs,
+     * an older daemon). */
+    if (rep->n_tiers != n || rep->prefix_blocks > n || (rep->n_fallback && rep->n_fallback != n) ||
+        rep->n_key_codecs != rep->n_value_codecs || (rep->n_key_codecs && rep->n_key_codecs != n)) {
         rc = kvs_err_set(err, KVS_EPROTO,
-                         "Lookup: %zu tiers, %zu fallback flags and prefix %u for %zu keys",
-                         rep->n_tiers, rep->n_fallback, rep->prefix_blocks, n);
+                         "Lookup: %zu tiers, %zu fallback flags, %zu/%zu codecs and prefix %u for "
+                         "%zu keys",
+                         rep->n_tiers, rep->n_fallback, rep->n_key_codecs, rep->n_value_codecs,
+                         rep->prefix_blocks, n);
     } else {
         if (prefix)
             *prefix = rep->prefix_blocks;
@@ -771,9 +779,29 @@ int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *key
             tiers[i] = kvs__tier_from_pb(rep->tiers[i]);
         for (size_t i = 0; fallback && i < n; i++)
             fallback[i] = rep->n_fallback && rep->fallback[i];
+        for (size_t i = 0; codecs && i < n; i++) {
+            bool has = rep->n_key_codecs != 0;
+            snprintf(codecs[i].key_codec, sizeof codecs[i].key_codec, "%s",
+                     has && rep->key_codecs[i] ? rep->key_codecs[i] : "");
+            snprintf(codecs[i].value_codec, sizeof codecs[i].value_codec, "%s",
+                     has && rep->value_codecs[i] ? rep->value_codecs[i] : "");
+        }
     }
     protobuf_c_message_free_unpacked(m, NULL);
     return rc;
+}
+
+int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                               uint32_t *prefix, kvs_tier *tiers, bool *fallback, kvs_err *err)
+{
+    return lookup(c, ns, keys, n, prefix, tiers, fallback, NULL, err);
+}
+
+int kvs_client_lookup_codecs(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                             uint32_t *prefix, kvs_tier *tiers, bool *fallback,
+                             kvs_block_codecs *codecs, kvs_err *err)
+{
+    return lookup(c, ns, keys, n, prefix, tiers, fallback, codecs, err);
 }
 
 int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n, bool *present,

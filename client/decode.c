@@ -31,14 +31,14 @@ static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
     if (need > cap)
         return kvs_err_set(err, KVS_E2BIG, "decode: block needs %llu bytes, buffer has %zu",
                            (unsigned long long)need, cap);
-    /* A side stored with the namespace's fallback codec (max_rel_error) says so by the
-     * codec in the header; that codec has no learned state. */
-    unsigned fb = kvs_block_fallback(spec, &info);
+    /* A side stored with another codec than the namespace's own (its fallback, with
+     * max_rel_error; a colder tier's, after a demotion) says so by the codec in the header;
+     * those codecs have no learned state. */
+    unsigned roles = kvs_block_encodings(spec, &info);
+    kvs_enc rk = kvs_enc_side(roles, KVS_KEYS), rv = kvs_enc_side(roles, KVS_VALUES);
     kvs_codec *k = NULL, *v = NULL;
-    if ((rc = fb & KVS_FALLBACK_KEYS ? kvs_codec_create_fallback(spec, KVS_KEYS, &k, err)
-                                     : kvs_codec_create(spec, KVS_KEYS, ks, &k, err)) == 0 &&
-        (rc = fb & KVS_FALLBACK_VALUES ? kvs_codec_create_fallback(spec, KVS_VALUES, &v, err)
-                                       : kvs_codec_create(spec, KVS_VALUES, vs, &v, err)) == 0) {
+    if ((rc = kvs_codec_create_enc(spec, KVS_KEYS, rk, ks, &k, err)) == 0 &&
+        (rc = kvs_codec_create_enc(spec, KVS_VALUES, rv, vs, &v, err)) == 0) {
         /* Codecs whose decode reads learned state (RotateKV's key permutation) need the
          * block's own state version (kvs_client_decode_block fetches it). */
         if ((info.k_state && kvs_codec_decode_needs_state(k) &&
@@ -54,7 +54,7 @@ static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
     }
     kvs_codec_destroy(k);
     kvs_codec_destroy(v);
-    if (rc == 0 && res)
+    if (rc == 0 && res) {
         *res = (kvs_get_result){.tokens = info.tokens,
                                 .dtype = (kvs_dtype)info.dtype,
                                 .layer_begin = 0,
@@ -62,7 +62,12 @@ static int decode_with(const kvs_ns_spec *spec, const kvs_codec_state *ks,
                                 .bytes = need,
                                 .format = KVS_FORMAT_RAW,
                                 .tier = KVS_TIER_NONE,
-                                .fallback = fb != 0};
+                                .fallback = kvs_enc_fallback(roles) != 0};
+        snprintf(res->key_codec, sizeof res->key_codec, "%s",
+                 kvs_spec_enc_codec(spec, KVS_KEYS, rk));
+        snprintf(res->value_codec, sizeof res->value_codec, "%s",
+                 kvs_spec_enc_codec(spec, KVS_VALUES, rv));
+    }
     return rc;
 }
 

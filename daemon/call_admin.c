@@ -182,6 +182,10 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
         kvs_hostpool_get_stats(pool, &ps);
         host.pinned_bytes = ps.committed;
     }
+    host.recoded_blocks = st.host_recoded;
+    host.recode_saved_bytes = st.host_recode_saved;
+    disk.recoded_blocks = st.disk_recoded;
+    disk.recode_saved_bytes = st.disk_recode_saved;
     Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};
     size_t n_tiers = 1;
     if (kvs_store_has_gpu(srv->store))

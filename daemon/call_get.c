@@ -469,14 +469,15 @@ void kvs_get_start(kvs_call *c, const uint8_t *req, size_t len)
  * block cost more than the block's own move once the GPU engine decodes a batch at once. */
 #define GET_HEADERS_MAX 64
 
-/* The codecs a served block is stored with (GetHeader fields 16-18): the namespace's own,
- * or its fallback codec for a side whose error passed max_rel_error. */
-static void header_codecs(const kvs_ns_spec *spec, unsigned sides, Kvstash__V1__GetHeader *hdr)
+/* The codecs a served block is stored with (GetHeader fields 16-18): of each side's role
+ * (gpu/codec/codec.h kvs_enc): the namespace's own, its fallback codec for a side whose
+ * error passed max_rel_error, or a colder tier's. */
+static void header_codecs(const kvs_ns_spec *spec, unsigned enc, Kvstash__V1__GetHeader *hdr)
 {
-    hdr->fallback = sides != 0;
-    hdr->key_codec = kvs_pb_str(sides & KVS_FALLBACK_KEYS ? spec->fallback_codec : spec->key_codec);
+    hdr->fallback = kvs_enc_fallback(enc) != 0;
+    hdr->key_codec = kvs_pb_str(kvs_spec_enc_codec(spec, KVS_KEYS, kvs_enc_side(enc, KVS_KEYS)));
     hdr->value_codec =
-        kvs_pb_str(sides & KVS_FALLBACK_VALUES ? spec->fallback_codec : spec->value_codec);
+        kvs_pb_str(kvs_spec_enc_codec(spec, KVS_VALUES, kvs_enc_side(enc, KVS_VALUES)));
 }
 
 /* A region slot's header (ok or error): the bytes are in the slot already. */
@@ -497,7 +498,7 @@ static void slot_header(kvs_call *c, const kvs_get_item *it, Kvstash__V1__GetHea
     hdr->layer_begin = g->layer_begin;
     hdr->layer_end = g->layer_end;
     hdr->total_bytes = kvs_spec_layer_bytes(spec, hdr->tokens) * (g->layer_end - g->layer_begin);
-    header_codecs(spec, kvs_xfer_get_fallback(it->op), hdr);
+    header_codecs(spec, kvs_xfer_get_enc(it->op), hdr);
     atomic_fetch_add(&c->srv->get_region_bytes, hdr->total_bytes);
 }
 
@@ -555,7 +556,7 @@ static void send_header(kvs_call *c, kvs_get_item *it)
     hdr.dtype = (Kvstash__V1__Dtype)spec->dtype;
     hdr.format = g->encoded ? KVSTASH__V1__FORMAT__FORMAT_ENCODED : KVSTASH__V1__FORMAT__FORMAT_RAW;
     hdr.tier = (Kvstash__V1__Tier)kvs_xfer_get_tier(it->op);
-    header_codecs(spec, kvs_xfer_get_fallback(it->op), &hdr);
+    header_codecs(spec, kvs_xfer_get_enc(it->op), &hdr);
     hdr.layer_begin = g->encoded ? 0 : g->layer_begin;
     hdr.layer_end = g->encoded ? spec->layers : g->layer_end;
     g->layer = g->layer_begin;

@@ -9,6 +9,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "kvstash/v1/kvstash.pb-c.h"
+#include "pbc.h"
 
 typedef struct keys_req {
     Kvstash__V1__KeysRequest *msg;
@@ -50,29 +51,44 @@ int kvs_lookup_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     keys_req k = {0};
     int rc = keys_open(c, req, len, &k, err);
     kvs_store_tier *tiers = NULL;
-    uint8_t *sides = NULL;
+    uint8_t *enc = NULL;
     protobuf_c_boolean *fallback = NULL;
-    /* Fallback flags only where a namespace has a bound: the others cannot have any. */
-    bool bounded = rc == 0 && kvs_ns_spec_of(k.ns)->max_rel_error > 0;
+    char **codecs = NULL; /* [2n]: keys' codecs, then values' (borrowed from the spec) */
+    /* Fallback flags only where a namespace has a bound, and codecs where blocks may have
+     * others than its own: the others cannot. */
+    const kvs_ns_spec *spec = rc == 0 ? kvs_ns_spec_of(k.ns) : NULL;
+    bool bounded = rc == 0 && spec->max_rel_error > 0;
+    bool other = bounded || (rc == 0 && (spec->host_codec[0] || spec->disk_codec[0]));
     if (rc == 0 && (!(tiers = kvs_trymalloc(k.n * sizeof *tiers)) ||
-                    (bounded && (!(sides = kvs_trymalloc(k.n)) ||
-                                 !(fallback = kvs_trymalloc(k.n * sizeof *fallback))))))
+                    (other && (!(enc = kvs_trymalloc(k.n)) ||
+                               !(fallback = kvs_trymalloc(k.n * sizeof *fallback)) ||
+                               !(codecs = kvs_trymalloc(2 * k.n * sizeof *codecs))))))
         rc = kvs_err_set(err, KVS_ENOMEM, "keys: out of memory");
     if (rc == 0) {
         Kvstash__V1__LookupReply reply = KVSTASH__V1__LOOKUP_REPLY__INIT;
-        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks, sides);
+        kvs_store_lookup(c->srv->store, k.ns, k.keys, k.n, tiers, &reply.prefix_blocks, enc);
         /* kvs_store_tier and the wire Tier enum share their values by construction. */
         reply.n_tiers = k.n;
         reply.tiers = (Kvstash__V1__Tier *)tiers;
-        for (size_t i = 0; bounded && i < k.n; i++)
-            fallback[i] = sides[i] != 0;
+        for (size_t i = 0; other && i < k.n; i++) {
+            bool hit = tiers[i] != KVS_STORE_TIER_NONE;
+            fallback[i] = kvs_enc_fallback(enc[i]) != 0;
+            codecs[i] = kvs_pb_str(
+                hit ? kvs_spec_enc_codec(spec, KVS_KEYS, kvs_enc_side(enc[i], KVS_KEYS)) : "");
+            codecs[k.n + i] = kvs_pb_str(
+                hit ? kvs_spec_enc_codec(spec, KVS_VALUES, kvs_enc_side(enc[i], KVS_VALUES)) : "");
+        }
         reply.n_fallback = bounded ? k.n : 0;
         reply.fallback = fallback;
+        reply.n_key_codecs = reply.n_value_codecs = other ? k.n : 0;
+        reply.key_codecs = codecs;
+        reply.value_codecs = codecs ? codecs + k.n : NULL;
         kvs_call_reply(c, &reply.base);
     }
     free(tiers);
-    free(sides);
+    free(enc);
     free(fallback);
+    free(codecs);
     keys_close(&k);
     return rc;
 }

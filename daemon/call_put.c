@@ -155,7 +155,7 @@ static void maybe_finish(kvs_call *c)
         reply.encoded_bytes = r->info.stored_bytes;
         reply.raw_bytes = r->raw_bytes;
         reply.replaced = r->info.replaced;
-        reply.fallback = r->info.fallback != 0;
+        reply.fallback = kvs_enc_fallback(r->info.enc) != 0;
         kvs_call_reply(c, &reply.base);
     } else {
         Kvstash__V1__PutResult *rs = kvs_xcalloc(p->blocks ? p->blocks : 1, sizeof *rs);
@@ -170,7 +170,7 @@ static void maybe_finish(kvs_call *c)
                 rs[i].tier = (Kvstash__V1__Tier)r->info.tier;
                 rs[i].encoded_bytes = r->info.stored_bytes;
                 rs[i].replaced = r->info.replaced;
-                rs[i].fallback = r->info.fallback != 0;
+                rs[i].fallback = kvs_enc_fallback(r->info.enc) != 0;
             }
             rp[i] = &rs[i];
         }

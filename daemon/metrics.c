@@ -131,6 +131,19 @@ static void render_tiers(FILE *f, const kvs_store_stats *s, bool gpu, bool disk)
         sample1(f, "kvstash_promotions_total", "from", "host", s->gpu_promotions);
     if (disk)
         sample1(f, "kvstash_promotions_total", "from", "disk", s->disk_promotions);
+    family(f, "kvstash_recoded_blocks_total", "counter",
+           "Blocks re-encoded with a colder codec as they moved into a tier (precision "
+           "demotion: host_codec, disk_codec), by that tier.");
+    if (gpu)
+        sample1(f, "kvstash_recoded_blocks_total", "tier", "host", s->host_recoded);
+    if (disk)
+        sample1(f, "kvstash_recoded_blocks_total", "tier", "disk", s->disk_recoded);
+    family(f, "kvstash_recode_saved_bytes_total", "counter",
+           "Stored bytes those re-encodes saved (size before less after), by tier.");
+    if (gpu)
+        sample1(f, "kvstash_recode_saved_bytes_total", "tier", "host", s->host_recode_saved);
+    if (disk)
+        sample1(f, "kvstash_recode_saved_bytes_total", "tier", "disk", s->disk_recode_saved);
     family(f, "kvstash_checksum_failures_total", "counter",
            "Stored blocks that failed their checksum on a read and were dropped.");
     sample(f, "kvstash_checksum_failures_total", s->checksum_failures);

@@ -180,10 +180,15 @@ int kvs_wire_spec_from_proto(const Kvstash__V1__NamespaceSpec *p, kvs_ns_spec *o
         out->error_sample = p->error_sample->share;
     }
     out->max_rel_error = p->max_rel_error;
-    if (p->fallback_codec && *p->fallback_codec) {
-        if (strlen(p->fallback_codec) > KVS_CODEC_NAME_MAX)
-            return kvs_err_set(err, KVS_EINVAL, "fallback_codec: unknown codec (name too long)");
-        strcpy(out->fallback_codec, p->fallback_codec);
+    const char *opt[3] = {p->fallback_codec, p->host_codec, p->disk_codec};
+    char *to[3] = {out->fallback_codec, out->host_codec, out->disk_codec};
+    static const char *const field[3] = {"fallback_codec", "host_codec", "disk_codec"};
+    for (int i = 0; i < 3; i++) { /* "": none (kvs_spec_fill_defaults may name one) */
+        if (!opt[i] || !*opt[i])
+            continue;
+        if (strlen(opt[i]) > KVS_CODEC_NAME_MAX)
+            return kvs_err_set(err, KVS_EINVAL, "%s: unknown codec (name too long)", field[i]);
+        strcpy(to[i], opt[i]);
     }
     kvs_spec_fill_defaults(out);
     return 0;
@@ -231,6 +236,8 @@ void kvs_wire_info_to_proto(const kvs_store_ns_info *src, double error_sample, k
     }
     spec->max_rel_error = src->spec.max_rel_error;
     spec->fallback_codec = kvs_pb_str(src->spec.fallback_codec);
+    spec->host_codec = kvs_pb_str(src->spec.host_codec);
+    spec->disk_codec = kvs_pb_str(src->spec.disk_codec);
     info->spec = spec;
     info->id = src->id;
     info->blocks = src->usage.blocks;

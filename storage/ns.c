@@ -19,7 +19,9 @@ struct kvs_ns {
      * Slots are written before `n` is published (release), read after (acquire). */
     kvs_codec *codecs[2][KVS_NS_MAX_STATE_VERSIONS];
     atomic_uint ncodecs[2];
-    kvs_codec *fallback[2]; /* spec.fallback_codec per K/V, or NULL; immutable */
+    /* The codecs of the other roles (kvs_enc: fallback, host, disk) per K/V, or NULL where
+     * the spec names none; [KVS_ENC_OWN] unused (codecs above). Immutable. */
+    kvs_codec *alt[KVS_ENC_ROLES][2];
     kvs_learn *learn;
     kvs_ns_usage usage;
     kvs_fidelity_acc fidelity; /* atomics: any thread */
@@ -43,8 +45,9 @@ void kvs_ns_unref(kvs_ns *ns)
         for (int kv = 0; kv < 2; kv++)
             for (unsigned i = 0; i < atomic_load(&ns->ncodecs[kv]); i++)
                 kvs_codec_destroy(ns->codecs[kv][i]);
-        kvs_codec_destroy(ns->fallback[0]);
-        kvs_codec_destroy(ns->fallback[1]);
+        for (int r = 0; r < KVS_ENC_ROLES; r++)
+            for (int kv = 0; kv < 2; kv++)
+                kvs_codec_destroy(ns->alt[r][kv]);
         kvs_learn_destroy(ns->learn);
         free(ns);
     }
@@ -88,29 +91,55 @@ int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec
                        kv, vv);
 }
 
-const kvs_codec *kvs_ns_fallback(const kvs_ns *ns, kvs_kv kv)
+const kvs_codec *kvs_ns_enc_codec(const kvs_ns *ns, kvs_kv kv, kvs_enc role)
 {
-    return ns->fallback[kv];
+    return role == KVS_ENC_OWN ? kvs_ns_codec(ns, kv) : ns->alt[role][kv];
 }
 
-int kvs_ns_block_codecs(const kvs_ns *ns, const kvs_block_info *info, const kvs_codec **k,
-                        const kvs_codec **v, unsigned *fallback, kvs_err *err)
+int kvs_ns_codecs_enc(const kvs_ns *ns, unsigned enc, uint32_t ks, uint32_t vs, const kvs_codec **k,
+                      const kvs_codec **v, kvs_err *err)
 {
-    unsigned sides = kvs_block_fallback(&ns->spec, info);
-    int rc = kvs_ns_codecs_at(ns, info->k_state, info->v_state, k, v, err);
-    /* A fallback side carries state version 0 (its codec learns nothing), which the own
-     * codec of a RotateKV side may not know: decided before that lookup's verdict. */
-    if (sides & KVS_FALLBACK_KEYS)
-        *k = ns->fallback[KVS_KEYS];
-    if (sides & KVS_FALLBACK_VALUES)
-        *v = ns->fallback[KVS_VALUES];
-    if (fallback)
-        *fallback = sides;
+    kvs_enc rk = kvs_enc_side(enc, KVS_KEYS), rv = kvs_enc_side(enc, KVS_VALUES);
+    int rc = kvs_ns_codecs_at(ns, ks, vs, k, v, err);
+    /* A side of another role carries state version 0 (its codec learns nothing), which the
+     * own codec of a RotateKV side may not know: decided before that lookup's verdict. */
+    if (rk != KVS_ENC_OWN)
+        *k = ns->alt[rk][KVS_KEYS];
+    if (rv != KVS_ENC_OWN)
+        *v = ns->alt[rv][KVS_VALUES];
+    if ((rk != KVS_ENC_OWN && !*k) || (rv != KVS_ENC_OWN && !*v))
+        return kvs_err_set(
+            err, KVS_EPROTO, "encoded block: its %s is not a codec of namespace '%s'",
+            !*k ? kvs_enc_field(KVS_KEYS, rk) : kvs_enc_field(KVS_VALUES, rv), ns->spec.name);
     if (rc && *k && *v) {
         kvs_err_clear(err);
         rc = 0;
     }
     return rc;
+}
+
+int kvs_ns_block_codecs(const kvs_ns *ns, const kvs_block_info *info, const kvs_codec **k,
+                        const kvs_codec **v, unsigned *enc, kvs_err *err)
+{
+    unsigned e = kvs_block_encodings(&ns->spec, info);
+    if (enc)
+        *enc = e;
+    return kvs_ns_codecs_enc(ns, e, info->k_state, info->v_state, k, v, err);
+}
+
+unsigned kvs_ns_colder(const kvs_ns *ns, unsigned enc, kvs_enc tier, uint32_t t)
+{
+    for (int kv = 0; kv < 2; kv++) {
+        kvs_enc cur = kvs_enc_side(enc, (kvs_kv)kv);
+        const kvs_codec *to = ns->alt[tier][kv];
+        /* The sizes of the own codec do not depend on its learned state: the current one
+         * stands for every version. */
+        const kvs_codec *from = kvs_ns_enc_codec(ns, (kvs_kv)kv, cur);
+        if (to && from && cur != KVS_ENC_FALLBACK &&
+            kvs_codec_section_max(to, t) < kvs_codec_section_max(from, t))
+            enc = kvs_enc_set(enc, (kvs_kv)kv, tier);
+    }
+    return enc;
 }
 
 kvs_fidelity_acc *kvs_ns_fidelity(kvs_ns *ns)
@@ -188,8 +217,9 @@ void kvs_ns_registry_set_next_id(kvs_ns_registry *reg, uint32_t id)
         reg->next_id = id;
 }
 
-int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_codec *fallback[2], kvs_learn *learn, kvs_ns **out, kvs_err *err)
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec,
+                        kvs_codec *codecs[KVS_ENC_ROLES][2], kvs_learn *learn, kvs_ns **out,
+                        kvs_err *err)
 {
     if (find_slot(reg, spec->name) >= 0)
         return kvs_err_set(err, KVS_EEXIST, "name: namespace '%s' already exists", spec->name);
@@ -207,8 +237,9 @@ int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec
     ns->spec = *spec;
     ns->learn = learn;
     for (int kv = 0; kv < 2; kv++) {
-        ns->fallback[kv] = fallback ? fallback[kv] : NULL;
-        ns->codecs[kv][0] = codecs[kv];
+        for (int r = 1; r < KVS_ENC_ROLES; r++)
+            ns->alt[r][kv] = codecs[r][kv];
+        ns->codecs[kv][0] = codecs[KVS_ENC_OWN][kv];
         atomic_init(&ns->ncodecs[kv], 1);
     }
     reg->items[reg->count++] = ns;

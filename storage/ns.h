@@ -64,15 +64,28 @@ const kvs_codec *kvs_ns_codec_version(const kvs_ns *ns, kvs_kv kv, uint32_t vers
  * at start). KVS_EPROTO naming the versions when a needed one is unknown. Lock-free. */
 int kvs_ns_codecs_at(const kvs_ns *ns, uint32_t kv, uint32_t vv, const kvs_codec **k,
                      const kvs_codec **v, kvs_err *err);
-/* The namespace's fallback codec for keys or values (spec max_rel_error, fallback_codec),
- * or NULL without one. Immutable, lives as long as the namespace. */
-const kvs_codec *kvs_ns_fallback(const kvs_ns *ns, kvs_kv kv);
-/* The codecs that decode a block whose header is info: for a side stored with the fallback
- * codec (kvs_block_fallback), the namespace's fallback; for the others, the codec of the
- * block's state version as kvs_ns_codecs_at picks it. *fallback (may be NULL) gets the
- * KVS_FALLBACK_* sides. Errors as kvs_ns_codecs_at's. Lock-free. */
+/* The namespace's codec of role `role` (gpu/codec/codec.h kvs_enc: fallback, host or disk)
+ * for side kv, or NULL when its spec names none; for KVS_ENC_OWN, the current codec.
+ * Immutable, lives as long as the namespace. */
+const kvs_codec *kvs_ns_enc_codec(const kvs_ns *ns, kvs_kv kv, kvs_enc role);
+/* The one resolver of a block's codecs: for each side, the codec of its role in enc
+ * (packed, gpu/codec/codec.h) -- the own codec of state version ks (keys) or vs (values)
+ * as kvs_ns_codecs_at picks it, or the role's codec (no learned state: its version is 0).
+ * Errors as kvs_ns_codecs_at's, for an own side only; KVS_EPROTO for a role the namespace
+ * has no codec for. Lock-free. */
+int kvs_ns_codecs_enc(const kvs_ns *ns, unsigned enc, uint32_t ks, uint32_t vs, const kvs_codec **k,
+                      const kvs_codec **v, kvs_err *err);
+/* kvs_ns_codecs_enc for a block whose header is info (its roles: kvs_block_encodings);
+ * *enc (may be NULL) gets them. */
 int kvs_ns_block_codecs(const kvs_ns *ns, const kvs_block_info *info, const kvs_codec **k,
-                        const kvs_codec **v, unsigned *fallback, kvs_err *err);
+                        const kvs_codec **v, unsigned *enc, kvs_err *err);
+/* Precision demotion's rule (gpu/codec/spec.h host_codec, disk_codec): the encodings of a
+ * block of t tokens encoded as enc once it is in the tier of role `tier` (KVS_ENC_HOST or
+ * KVS_ENC_DISK): each side whose codec so far is larger (kvs_codec_section_max(t)) than
+ * that tier's takes the tier's; the others keep theirs (a block only gets colder). A
+ * fallback side keeps its codec (it exists for the bound, which tier codecs exclude).
+ * Returns enc itself when nothing changes. Lock-free. */
+unsigned kvs_ns_colder(const kvs_ns *ns, unsigned enc, kvs_enc tier, uint32_t t);
 /* The namespace's measured error (gpu/codec/fidelity.h): lock-free, any thread. */
 kvs_fidelity_acc *kvs_ns_fidelity(kvs_ns *ns);
 /* Publishes a codec built with a newer state version as the current one (ownership
@@ -92,12 +105,14 @@ kvs_ns_registry *kvs_ns_registry_create(void);
 /* Drops the registry's references (namespaces still referenced elsewhere live on). */
 void kvs_ns_registry_destroy(kvs_ns_registry *reg);
 
-/* Registers a validated spec with its two codecs, its two fallback codecs (NULL without a
- * bound) and its learner (may be NULL; ownership of all of them passes to the namespace on
- * success; on failure the caller keeps them) under a fresh id; *out (may be NULL) receives
- * a new reference. KVS_EEXIST if the name is taken. */
-int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec, kvs_codec *codecs[2],
-                        kvs_codec *fallback[2], kvs_learn *learn, kvs_ns **out, kvs_err *err);
+/* Registers a validated spec with its codecs, codecs[role][kv] for every role (kvs_enc:
+ * [KVS_ENC_OWN] both required, the others NULL where the spec names none), and its
+ * learner (may be NULL; ownership of all of them passes to the namespace on success; on
+ * failure the caller keeps them) under a fresh id; *out (may be NULL) receives a new
+ * reference. KVS_EEXIST if the name is taken. */
+int kvs_ns_registry_add(kvs_ns_registry *reg, const kvs_ns_spec *spec,
+                        kvs_codec *codecs[KVS_ENC_ROLES][2], kvs_learn *learn, kvs_ns **out,
+                        kvs_err *err);
 /* Borrowed pointer (no reference taken), or NULL. */
 kvs_ns *kvs_ns_registry_find(kvs_ns_registry *reg, const char *name);
 /* Unregisters and marks dropped; returns the registry's reference to the caller, or

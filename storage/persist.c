@@ -47,18 +47,21 @@
  *   "kvs-ns 2 NAME L H D T DTYPE KCODEC VCODEC PRE_ROPE DURABLE SEED QUOTA"
  *   "kvs-ns 3 <the same> SAMPLE MAX_REL_ERROR FALLBACK"
  *   "kvs-ns 4 <version 3's fields> GPU_QUOTA DISK_QUOTA"
+ *   "kvs-ns 5 <version 4's fields> HOST_CODEC DISK_CODEC"
  * Version 1, written before host quotas, lacks QUOTA (read as no quota). Version 3 adds the
  * fidelity options (gpu/codec/spec.h): SAMPLE is error_sample ("-" when unset: the
  * daemon's --error-sample), the two doubles in C's round-trip %.17g, FALLBACK "-" for
- * none. Version 4 adds the gpu and disk quotas (0: none). Each is written only for a
- * namespace that needs it (3: a fidelity option set; 4: a gpu or disk quota, with version
- * 3's fields as they are), so a build that reads the older versions alone still restores
- * every other namespace. */
+ * none. Version 4 adds the gpu and disk quotas (0: none), version 5 the tier codecs of
+ * precision demotion ("-" for none). Each is written only for a namespace that needs it
+ * (3: a fidelity option set; 4: a gpu or disk quota; 5: a tier codec; with the earlier
+ * versions' fields as they are), so a build that reads the older versions alone still
+ * restores every other namespace. */
 int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
 {
     const kvs_ns_spec *s = kvs_ns_spec_of(ns);
-    char line[640], fid[160] = "", quotas[48] = "";
-    bool v4 = s->gpu_quota || s->disk_quota;
+    char line[640], fid[160] = "", quotas[48] = "", tiers[80] = "";
+    bool v5 = s->host_codec[0] || s->disk_codec[0];
+    bool v4 = v5 || s->gpu_quota || s->disk_quota;
     bool v3 = v4 || s->error_sample_set || s->max_rel_error > 0;
     if (v3) {
         char sample[40] = "-";
@@ -70,13 +73,18 @@ int kvs__persist_ns_put(kvs_store *st, kvs_ns *ns, kvs_err *err)
     if (v4)
         snprintf(quotas, sizeof quotas, " %llu %llu", (unsigned long long)s->gpu_quota,
                  (unsigned long long)s->disk_quota);
-    int n = snprintf(line, sizeof line, "kvs-ns %d %s %u %u %u %u %d %s %s %d %d %llu %llu%s%s",
-                     v4   ? 4
+    if (v5)
+        snprintf(tiers, sizeof tiers, " %s %s", s->host_codec[0] ? s->host_codec : "-",
+                 s->disk_codec[0] ? s->disk_codec : "-");
+    int n = snprintf(line, sizeof line, "kvs-ns %d %s %u %u %u %u %d %s %s %d %d %llu %llu%s%s%s",
+                     v5   ? 5
+                     : v4 ? 4
                      : v3 ? 3
                           : 2,
                      s->name, s->layers, s->kv_heads, s->head_dim, s->block_tokens, (int)s->dtype,
                      s->key_codec, s->value_codec, s->keys_pre_rope, s->durable,
-                     (unsigned long long)s->seed, (unsigned long long)s->host_quota, fid, quotas);
+                     (unsigned long long)s->seed, (unsigned long long)s->host_quota, fid, quotas,
+                     tiers);
     int rc = kvs_disk_ns_put(st->disk, kvs_ns_id(ns), "", 0, line, (size_t)n, err);
     return rc ? kvs_err_prefix(err, "namespace '%s': recording it on disk", s->name) : 0;
 }
@@ -154,10 +162,21 @@ static int parse_fidelity(const char *sample, const char *maxerr, const char *fa
     return 0;
 }
 
+/* A tier codec of a version 4 record ("-": none); -1 if too long. */
+static int parse_tier(const char *c, char *out)
+{
+    if (strlen(c) > KVS_CODEC_NAME_MAX)
+        return -1;
+    if (strcmp(c, "-") != 0)
+        strcpy(out, c);
+    return 0;
+}
+
 static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
 {
     char line[640], name[KVS_NAME_MAX + 2], kc[KVS_CODEC_NAME_MAX + 2], vc[KVS_CODEC_NAME_MAX + 2];
     char sample[40], maxerr[40], fb[KVS_CODEC_NAME_MAX + 2];
+    char hc[KVS_CODEC_NAME_MAX + 2], dc[KVS_CODEC_NAME_MAX + 2];
     if (len >= sizeof line)
         return -1;
     memcpy(line, val, len);
@@ -167,7 +186,7 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
     char tail;
     memset(s, 0, sizeof *s);
     /* Widths one over the maxima, so an over-long field is caught by validation. */
-    if (sscanf(line, "kvs-ns %d ", &version) != 1 || version < 1 || version > 4)
+    if (sscanf(line, "kvs-ns %d ", &version) != 1 || version < 1 || version > 5)
         return -1;
     int got =
         version == 1   ? sscanf(line, "kvs-ns 1 %65s %u %u %u %u %d %32s %32s %d %d %llu%c", name,
@@ -182,19 +201,29 @@ static int parse_spec(const void *val, size_t len, kvs_ns_spec *s)
                      "%32s%c",
                      name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
                      &pre, &dur, &seed, &quota, sample, maxerr, fb, &tail)
-            : sscanf(line,
+        : version == 4
+            ? sscanf(line,
                      "kvs-ns 4 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
                      "%32s %llu %llu%c",
                      name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
-                     &pre, &dur, &seed, &quota, sample, maxerr, fb, &gpu_quota, &disk_quota, &tail);
+                     &pre, &dur, &seed, &quota, sample, maxerr, fb, &gpu_quota, &disk_quota, &tail)
+            : sscanf(line,
+                     "kvs-ns 5 %65s %u %u %u %u %d %32s %32s %d %d %llu %llu %39s %39s "
+                     "%32s %llu %llu %32s %32s%c",
+                     name, &s->layers, &s->kv_heads, &s->head_dim, &s->block_tokens, &dtype, kc, vc,
+                     &pre, &dur, &seed, &quota, sample, maxerr, fb, &gpu_quota, &disk_quota, hc, dc,
+                     &tail);
     if (got != (version == 1   ? 11
                 : version == 2 ? 12
                 : version == 3 ? 15
-                               : 17) ||
+                : version == 4 ? 17
+                               : 19) ||
         strlen(name) > KVS_NAME_MAX || strlen(kc) > KVS_CODEC_NAME_MAX ||
         strlen(vc) > KVS_CODEC_NAME_MAX)
         return -1;
     if (version >= 3 && parse_fidelity(sample, maxerr, fb, s))
+        return -1;
+    if (version == 5 && (parse_tier(hc, s->host_codec) || parse_tier(dc, s->disk_codec)))
         return -1;
     strcpy(s->name, name);
     strcpy(s->key_codec, kc);
@@ -347,17 +376,21 @@ static int on_block(const kvs_disk_entry *e, void *arg)
         note_dead(r, e);
         return 0;
     }
-    if (!kvs_ns_codec_version(ns, KVS_KEYS, e->k_state) ||
-        !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state))
+    /* A side stored with another codec than the namespace's own (its fallback, a colder
+     * tier's) says so in the header's codec ids, which the scan read: Lookup reports it
+     * without reading the block. */
+    kvs_block_info hdr = {
+        .k_codec = e->k_codec, .k_bits = e->k_bits, .v_codec = e->v_codec, .v_bits = e->v_bits};
+    unsigned enc = kvs_block_encodings(kvs_ns_spec_of(ns), &hdr);
+    if ((kvs_enc_side(enc, KVS_KEYS) == KVS_ENC_OWN &&
+         !kvs_ns_codec_version(ns, KVS_KEYS, e->k_state)) ||
+        (kvs_enc_side(enc, KVS_VALUES) == KVS_ENC_OWN &&
+         !kvs_ns_codec_version(ns, KVS_VALUES, e->v_state)))
         r->unknown_state++; /* indexed all the same: see the top of the file */
     kvs_block *d = kvs_xcalloc(1, sizeof *d);
     kvs_index_node_init(&d->node, e->ns_id, e->key, e->key_len);
     d->ns = kvs_ns_ref(ns);
-    /* A side stored with the fallback codec (max_rel_error) says so in the header's codec
-     * ids, which the scan read: Lookup reports it without reading the block. */
-    kvs_block_info hdr = {
-        .k_codec = e->k_codec, .k_bits = e->k_bits, .v_codec = e->v_codec, .v_bits = e->v_bits};
-    d->fallback = (uint8_t)kvs_block_fallback(kvs_ns_spec_of(ns), &hdr);
+    d->enc = (uint8_t)enc;
     d->tokens = e->tokens;
     d->size = e->bytes;
     d->raw_bytes = raw;

@@ -19,7 +19,7 @@ typedef struct slab {
 } slab;
 
 typedef struct cls {
-    uint32_t id;
+    uint64_t id;
     uint64_t slot_bytes;
     uint32_t partial; /* first slab with room, NONE if none */
     uint32_t slabs;   /* slabs assigned to this class */
@@ -70,7 +70,7 @@ void kvs_slots_destroy(kvs_slots *s)
     free(s);
 }
 
-static cls *find_class(const kvs_slots *s, uint32_t id)
+static cls *find_class(const kvs_slots *s, uint64_t id)
 {
     for (uint32_t i = 0; i < s->nclasses; i++)
         if (s->classes[i].id == id)
@@ -100,7 +100,7 @@ static void partial_remove(kvs_slots *s, cls *c, uint32_t i)
     b->prev = b->next = NONE;
 }
 
-bool kvs_slots_can_alloc(const kvs_slots *s, uint32_t id, uint64_t slot_bytes)
+bool kvs_slots_can_alloc(const kvs_slots *s, uint64_t id, uint64_t slot_bytes)
 {
     if (slot_bytes == 0 || slot_bytes > s->slab_bytes)
         return false;
@@ -110,7 +110,7 @@ bool kvs_slots_can_alloc(const kvs_slots *s, uint32_t id, uint64_t slot_bytes)
     return (c && c->partial != NONE) || s->free_count > 0;
 }
 
-int kvs_slots_alloc(kvs_slots *s, uint32_t id, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err)
+int kvs_slots_alloc(kvs_slots *s, uint64_t id, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err)
 {
     if (slot_bytes == 0 || slot_bytes > s->slab_bytes)
         return kvs_err_set(err, KVS_EINVAL,
@@ -120,9 +120,10 @@ int kvs_slots_alloc(kvs_slots *s, uint32_t id, uint64_t slot_bytes, uintptr_t *a
     cls *c = find_class(s, id);
     if (c && c->slabs && c->slot_bytes != slot_bytes)
         return kvs_err_set(err, KVS_EINVAL,
-                           "slots: class %u holds slots of %llu bytes, not "
+                           "slots: class %llu holds slots of %llu bytes, not "
                            "%llu",
-                           id, (unsigned long long)c->slot_bytes, (unsigned long long)slot_bytes);
+                           (unsigned long long)id, (unsigned long long)c->slot_bytes,
+                           (unsigned long long)slot_bytes);
     if (!c) {
         if (s->nclasses == s->cap_classes) {
             uint32_t cap = s->cap_classes ? 2 * s->cap_classes : 8;

@@ -29,14 +29,15 @@ int kvs_slots_create(uintptr_t base, uint64_t capacity, uint64_t slab_bytes, kvs
 /* Frees the bookkeeping (not the region). Slots still allocated are forgotten. */
 void kvs_slots_destroy(kvs_slots *s);
 
-/* A slot of slot_bytes (1..slab_bytes) for size class `cls` (e.g. a namespace id: slots of
- * one class share slabs). *addr = its start. KVS_ENOSPC when no slab has room and no free
- * slab is left; KVS_EINVAL when slot_bytes does not fit a slab or changes for a class. */
-int kvs_slots_alloc(kvs_slots *s, uint32_t cls, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err);
+/* A slot of slot_bytes (1..slab_bytes) for size class `cls` (the store's: a namespace id
+ * and the block's encodings, storage/store_gpu.c; slots of one class share slabs). *addr = its
+ * start. KVS_ENOSPC when no slab has room and no free slab is left; KVS_EINVAL when slot_bytes does
+ * not fit a slab or changes for a class. */
+int kvs_slots_alloc(kvs_slots *s, uint64_t cls, uint64_t slot_bytes, uintptr_t *addr, kvs_err *err);
 /* Returns a slot given by kvs_slots_alloc. */
 void kvs_slots_free(kvs_slots *s, uintptr_t addr);
 /* True if a slot of slot_bytes for cls could be allocated now. */
-bool kvs_slots_can_alloc(const kvs_slots *s, uint32_t cls, uint64_t slot_bytes);
+bool kvs_slots_can_alloc(const kvs_slots *s, uint64_t cls, uint64_t slot_bytes);
 
 uint64_t kvs_slots_capacity(const kvs_slots *s); /* usable bytes (whole slabs) */
 uint64_t kvs_slots_used(const kvs_slots *s);     /* bytes of allocated slots */

@@ -73,7 +73,7 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk)
     kvs_block *d = kvs_xcalloc(1, sizeof *d);
     d->node = blk->node;
     d->ns = kvs_ns_ref(blk->ns);
-    d->fallback = blk->fallback;
+    d->enc = blk->enc;
     d->tokens = blk->tokens;
     d->size = blk->size;
     d->raw_bytes = blk->raw_bytes;
@@ -233,18 +233,24 @@ static int publish_codec(void *ctx, void *owner, kvs_kv kv, kvs_codec *c, kvs_er
     return kvs_ns_codec_publish(owner, kv, c, err);
 }
 
-/* Bytes of the largest block of t tokens a namespace may store: with a bound, a side may be
- * stored with its fallback codec instead of its own (fallback[kv] NULL: none). */
-static uint64_t block_max(kvs_codec *const codecs[2], kvs_codec *const fallback[2], uint32_t t)
+/* Bytes of the largest block of t tokens a namespace may store: a side may be stored with
+ * the codec of any of its roles (codecs[role][kv], NULL: none; gpu/codec/codec.h kvs_enc). */
+static uint64_t block_max(kvs_codec *codecs[KVS_ENC_ROLES][2], uint32_t t)
 {
-    uint64_t sec[2];
-    for (int kv = 0; kv < 2; kv++) {
-        sec[kv] = kvs_codec_section_max(codecs[kv], t);
-        if (fallback[kv] && kvs_codec_section_max(fallback[kv], t) > sec[kv])
-            sec[kv] = kvs_codec_section_max(fallback[kv], t);
-    }
-    const kvs_ns_spec *s = kvs_codec_spec(codecs[0]);
+    uint64_t sec[2] = {0, 0};
+    for (int r = 0; r < KVS_ENC_ROLES; r++)
+        for (int kv = 0; kv < 2; kv++)
+            if (codecs[r][kv] && kvs_codec_section_max(codecs[r][kv], t) > sec[kv])
+                sec[kv] = kvs_codec_section_max(codecs[r][kv], t);
+    const kvs_ns_spec *s = kvs_codec_spec(codecs[KVS_ENC_OWN][0]);
     return kvs_format_prefix_bytes(s->layers) + (uint64_t)s->layers * (sec[0] + sec[1]);
+}
+
+static void codecs_destroy(kvs_codec *c[KVS_ENC_ROLES][2])
+{
+    for (int r = 0; r < KVS_ENC_ROLES; r++)
+        for (int kv = 0; kv < 2; kv++)
+            kvs_codec_destroy(c[r][kv]);
 }
 
 int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
@@ -253,36 +259,36 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
     int rc = kvs_spec_validate(spec, err);
     if (rc)
         return rc;
-    /* [0], [1]: keys and values; [2], [3]: their fallbacks (a bound only). */
-    kvs_codec *c[4] = {NULL, NULL, NULL, NULL};
-    if ((rc = kvs_codec_create(spec, KVS_KEYS, NULL, &c[0], err)) ||
-        (rc = kvs_codec_create(spec, KVS_VALUES, NULL, &c[1], err)) ||
-        (spec->fallback_codec[0] &&
-         ((rc = kvs_codec_create_fallback(spec, KVS_KEYS, &c[2], err)) ||
-          (rc = kvs_codec_create_fallback(spec, KVS_VALUES, &c[3], err))))) {
-        for (int i = 0; i < 4; i++)
-            kvs_codec_destroy(c[i]);
+    /* c[role][kv]: the own codecs, and those of every other role the spec names (a
+     * fallback with a bound, the host and disk tiers' for precision demotion). */
+    kvs_codec *c[KVS_ENC_ROLES][2] = {{NULL}};
+    for (int r = 0; r < KVS_ENC_ROLES && rc == 0; r++)
+        for (int kv = 0; kv < 2 && rc == 0; kv++)
+            if (kvs_spec_enc_codec(spec, (kvs_kv)kv, (kvs_enc)r)[0])
+                rc = kvs_codec_create_enc(spec, (kvs_kv)kv, (kvs_enc)r, NULL, &c[r][kv], err);
+    if (rc) {
+        codecs_destroy(c);
         return rc;
     }
-    for (int i = 0; i < 4; i++)
-        if (c[i])
-            kvs__store_codec_prepare(st, c[i]);
-    uint64_t full = block_max(c, c + 2, spec->block_tokens);
+    for (int r = 0; r < KVS_ENC_ROLES; r++)
+        for (int kv = 0; kv < 2; kv++)
+            if (c[r][kv])
+                kvs__store_codec_prepare(st, c[r][kv]);
+    uint64_t full = block_max(c, spec->block_tokens);
     if (full > st->stats.host_capacity) {
-        for (int i = 0; i < 4; i++)
-            kvs_codec_destroy(c[i]);
+        codecs_destroy(c);
         return kvs_err_set(err, KVS_ENOSPC,
                            "block_tokens: a full encoded block of %llu bytes%s exceeds the host "
                            "tier capacity of %llu bytes",
-                           (unsigned long long)full, c[2] ? " (with its fallback codec)" : "",
+                           (unsigned long long)full,
+                           c[KVS_ENC_FALLBACK][0] ? " (with its fallback codec)" : "",
                            (unsigned long long)st->stats.host_capacity);
     }
     kvs_learn *learn = NULL;
     kvs_learn_hooks hooks = {
         .prepare = prepare_codec, .persist = persist, .publish = publish_codec, .ctx = st};
     if ((rc = kvs_learn_create(spec, st->calib_tokens, &hooks, &learn, err))) {
-        for (int i = 0; i < 4; i++)
-            kvs_codec_destroy(c[i]);
+        codecs_destroy(c);
         return rc;
     }
     pthread_mutex_lock(&st->mu);
@@ -291,11 +297,10 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
     else if (id)
         kvs_ns_registry_set_next_id(st->reg, id);
     if (rc == 0)
-        rc = kvs_ns_registry_add(st->reg, spec, c, c + 2, learn, out, err);
+        rc = kvs_ns_registry_add(st->reg, spec, c, learn, out, err);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
-        for (int i = 0; i < 4; i++)
-            kvs_codec_destroy(c[i]);
+        codecs_destroy(c);
         kvs_learn_destroy(learn);
     }
     if (rc == 0 && spec->max_rel_error > 0)
@@ -305,6 +310,14 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
                        spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
                        kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec,
                        spec->max_rel_error, spec->fallback_codec);
+    else if (rc == 0 && (spec->host_codec[0] || spec->disk_codec[0]))
+        kvs__store_log(st, KVS_LOG_INFO,
+                       "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s, "
+                       "host tier %s, disk tier %s)",
+                       spec->name, spec->layers, spec->kv_heads, spec->head_dim, spec->block_tokens,
+                       kvs_dtype_name(spec->dtype), spec->key_codec, spec->value_codec,
+                       spec->host_codec[0] ? spec->host_codec : "as it comes",
+                       spec->disk_codec[0] ? spec->disk_codec : "as it comes");
     else if (rc == 0)
         kvs__store_log(st, KVS_LOG_INFO,
                        "namespace '%s' created (L=%u H=%u D=%u T=%u %s, codecs %s/%s)", spec->name,
@@ -437,7 +450,11 @@ void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target,
          * on. A spilled block stays linked but is no candidate any more (invariant 2). */
         kvs_policy_evicted(st->policy, pn);
         st->stats.host_evictions++;
-        if (st->writer && blk->on_disk) { /* its record is there already: no write */
+        /* A record the disk tier's codecs would re-encode is written again, colder, while
+         * the writer has room (invariant 9); else it stands for the block as it is. */
+        bool record = st->writer && blk->on_disk;
+        if (record && (!writable || kvs__store_record_fits_locked(blk))) {
+            /* its record is there already: no write */
             kvs_block *d = kvs__disk_entry_new(blk);
             kvs__store_unlink_locked(st, blk); /* refs was 1: free */
             kvs__store_link_locked(st, d);
@@ -459,6 +476,11 @@ void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target,
         blk->node.next = (kvs_index_node *)*to_free;
         *to_free = blk;
     }
+}
+
+bool kvs__store_record_fits_locked(const kvs_block *blk)
+{
+    return blk->on_disk && kvs_ns_colder(blk->ns, blk->enc, KVS_ENC_DISK, blk->tokens) == blk->enc;
 }
 
 /* Makes room for `need` more bytes in the host tier (kvs__store_evict_until_locked; drop: also
@@ -592,15 +614,15 @@ void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes)
     blk->raw_bytes = raw_bytes;
 }
 
-void kvs_block_set_fallback(kvs_block *blk, unsigned sides)
+void kvs_block_set_enc(kvs_block *blk, unsigned enc)
 {
     assert(blk->state == KVS_BLOCK_FILLING);
-    blk->fallback = (uint8_t)sides;
+    blk->enc = (uint8_t)enc;
 }
 
-unsigned kvs_block_get_fallback(const kvs_block *blk)
+unsigned kvs_block_enc(const kvs_block *blk)
 {
-    return blk->fallback;
+    return blk->enc;
 }
 
 void *kvs_block_data(kvs_block *blk)
@@ -706,7 +728,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         if (done &&
             (old->on_disk || old->state == KVS_BLOCK_WRITING || old->state == KVS_BLOCK_SPILLING)) {
             blk->prev_rec = true;
-            blk->prev_fallback = old->fallback;
+            blk->prev_enc = old->enc;
             blk->prev_tokens = old->tokens;
             blk->prev_size = old->size;
             blk->prev_raw = old->raw_bytes;
@@ -719,7 +741,7 @@ static int commit(kvs_store *st, kvs_block *blk, const void *key, size_t key_len
         info->tier = blk->tier;
         info->stored_bytes = blk->size;
         info->replaced = old != NULL;
-        info->fallback = blk->fallback;
+        info->enc = blk->enc;
     }
     if (done) { /* the writer's reference keeps it from eviction (invariant 8) */
         kvs__block_set_state(blk, KVS_BLOCK_WRITING);
@@ -821,7 +843,7 @@ void kvs_store_block_release(kvs_store *st, kvs_block *blk)
 }
 
 void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
-                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *fallback)
+                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *enc)
 {
     uint32_t p = 0;
     bool in_prefix = true;
@@ -830,8 +852,8 @@ void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size
         kvs_index_node *node = kvs_index_find(st->index, kvs_ns_id(ns), keys[i].data, keys[i].len);
         bool hit = node != NULL;
         tiers[i] = hit ? BLOCK_OF_NODE(node)->tier : KVS_STORE_TIER_NONE;
-        if (fallback)
-            fallback[i] = hit ? BLOCK_OF_NODE(node)->fallback : 0;
+        if (enc)
+            enc[i] = hit ? BLOCK_OF_NODE(node)->enc : 0;
         in_prefix = in_prefix && hit;
         p += in_prefix;
     }

@@ -34,6 +34,19 @@
  * blocks that would pass the quota; when none of its own can go (durable, busy), the write
  * is refused with KVS_ENOSPC naming disk_quota_bytes: a durable Put is answered with it, a
  * spilled victim is dropped as when the disk budget is full.
+ *
+ * Precision demotion (gpu/codec/spec.h host_codec, disk_codec): a block's sides may be
+ * encoded with a colder codec than the namespace's own, as its header says and
+ * kvs_block_enc keeps (gpu/codec/codec.h kvs_enc). Blocks arrive here already re-encoded:
+ * a Put into the host tier by the data path (storage/xfer.h), a GPU block by the
+ * demoter, which hands kvs_store_demote_commit a host block of the host tier's codecs
+ * (the GPU engine re-encodes it on the device, storage/tiering.h). Only the spill to disk
+ * is re-encoded here: the disk writer encodes the block again with the disk tier's codecs
+ * on its own thread, outside the lock, before writing it (store_disk.c), and a block whose
+ * disk record is hotter than the disk tier's codecs (a flushed or durable copy) is written
+ * again that way rather than become a disk entry of that record. Each changes the block's
+ * stored size: the counters follow the bytes actually held (invariants 1, 7), and
+ * host_recoded / disk_recoded count the re-encodes and the bytes they saved.
  * Persistence (storage/persist.c): a namespace's spec is recorded in the disk tier when
  * it is created, and each learned codec state version before it is published (so before
  * any block is encoded with it); its records go when it is dropped. kvs_store_create
@@ -98,6 +111,14 @@
  *     record never outlives its block's removal by more than the writer's queue. Exception:
  *     a durable commit that replaces a block queues no removal; its own write replaces the
  *     record (or, failing, re-indexes it: README, durable contract).
+ *  9. Every side of a block in the host or disk tier is encoded no larger
+ *     (kvs_codec_section_max) than that tier's codec and the host tier's, where the spec
+ *     names them (kvs_ns_colder: never re-encoded larger); a block in the GPU tier keeps
+ *     what it had (a Put's own codecs, or a promoted block's colder ones). Exception: a disk
+ *     record written while its block stayed in the host tier (flush, durable) is that
+ *     block's bytes; when the block leaves the host tier the disk writer writes it again,
+ *     re-encoded, and only where it cannot (its queue full, the write failed) does the old
+ *     record become the disk entry as it is.
  *
  * Events (opts.on_event): every change of the index is reported, in the order it happens,
  * to one sink, so that a subscriber replaying them holds, for every key, the tier that
@@ -243,12 +264,14 @@ int kvs_store_block_alloc_nodrop(kvs_store *st, kvs_ns *ns, uint32_t tokens, uin
  * difference is given back at commit) and the raw payload bytes it represents. Without
  * this call both equal the allocated size. */
 void kvs_block_set_size(kvs_block *blk, uint64_t size, uint64_t raw_bytes);
-/* The sides of a block stored with its namespace's fallback codec (KVS_FALLBACK_* bits,
- * gpu/codec/codec.h; max_rel_error): the data path sets them on a FILLING block before it
- * commits it; they move with the block between tiers, and a disk record's are read back
- * from its header at start, so Lookup can say so without reading the block. */
-void kvs_block_set_fallback(kvs_block *blk, unsigned sides);
-unsigned kvs_block_get_fallback(const kvs_block *blk);
+/* The codec roles of a block's sides, packed (gpu/codec/codec.h kvs_enc: own, fallback,
+ * host or disk codec; its header says the same): whoever fills a FILLING block with
+ * bytes of other roles than own sets them before it commits it (the data path, the
+ * demoter); they move with the block between tiers, change when the disk writer
+ * re-encodes it, and a disk record's are read back from its header at start, so Lookup
+ * can say so without reading the block. */
+void kvs_block_set_enc(kvs_block *blk, unsigned enc);
+unsigned kvs_block_enc(const kvs_block *blk);
 /* Writable payload of a FILLING block; read-only view of a committed one. */
 void *kvs_block_data(kvs_block *blk);
 uint64_t kvs_block_size(const kvs_block *blk);
@@ -265,12 +288,14 @@ typedef struct kvs_block_dev {
 
 /* Reserves a GPU tier slot of slot_bytes (no eviction: KVS_ENOSPC when the tier is full or
  * absent, or naming gpu_quota_bytes when the slot would take ns over its gpu quota: the
- * caller puts the block in the host tier and kicks demotion) and allocates a GPU block. The caller
- * fills the slot (engine), the lens and states (kvs_block_device), sets the size with
- * kvs_block_set_size (the block's encoded size as a framed block), then commits or aborts like a
- * host block. */
-int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
-                              kvs_block **out, kvs_err *err);
+ * caller puts the block in the host tier and kicks demotion) and allocates a GPU block for it
+ * whose sides have codec roles enc (packed; 0: the namespace's own; slots are sized per
+ * namespace and encodings: slot_bytes must be kvs_engine_slot_bytes of those codecs for a
+ * full block). The caller fills the slot (engine), the lens and states (kvs_block_device),
+ * sets the size with kvs_block_set_size (the block's encoded size as a framed block), then
+ * commits or aborts like a host block. */
+int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsigned enc,
+                              uint64_t slot_bytes, kvs_block **out, kvs_err *err);
 /* The GPU side of a GPU-tier block; NULL for other tiers. */
 kvs_block_dev *kvs_block_device(kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
@@ -298,9 +323,11 @@ bool kvs_store_gpu_over_high(kvs_store *st);
  * held by the demoter (invariant 6). Returns the count. */
 size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max);
 /* Ends the demotion of a picked GPU block `old`: nb is a host block (kvs_store_block_alloc)
- * filled with old's bytes as an encoded block. If old is still linked, nb takes its place
- * in the index (host tier, newest) and old is unlinked; otherwise nb is aborted. Either
- * way the demoter's reference on old is dropped and nb is owned by the store. */
+ * filled with old's bytes as an encoded block, re-encoded with the host tier's codecs
+ * where they are colder (invariant 9; nb's kvs_block_set_enc says so, and the re-encode
+ * is counted in host_recoded with the bytes it saved). If old is still linked, nb takes
+ * its place in the index (host tier, newest) and old is unlinked; otherwise nb is aborted.
+ * Either way the demoter's reference on old is dropped and nb is owned by the store. */
 void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb);
 /* Gives up the demotion of a picked block (it stays in the gpu tier). */
 void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
@@ -310,11 +337,12 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
  * not being written to disk nor already promoted, and that a slot of slot_bytes fits the
  * gpu tier below its high watermark (a promotion never triggers a demotion); it then takes
  * the promoter's reference on blk and allocates the gpu block *out (FILLING) for the
- * caller to fill (engine upload: slot, lens, states), and returns true; false when there
- * is no promotion to do (no gpu tier, promotion off, not such a block, no room). Commit
- * swaps the gpu block in if blk is still linked (it keeps blk's disk record, if any),
- * else drops it; cancel (upload failed; g may be NULL) leaves blk where it was. Both drop
- * the promoter's reference. */
+ * caller to fill (engine upload: slot, lens, states), with blk's encodings (a promotion
+ * keeps a colder encoding: slot_bytes is the slot of its codecs), and returns true; false when
+ * there is no promotion to do (no gpu tier, promotion off, not such a block, no room). Commit swaps
+ * the gpu block in if blk is still linked (it keeps blk's disk record, if any), else drops it;
+ * cancel (upload failed; g may be NULL) leaves blk where it was. Both drop the promoter's
+ * reference. */
 bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out);
 void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g);
 void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g);
@@ -323,7 +351,7 @@ typedef struct kvs_store_put_info {
     kvs_store_tier tier;
     uint64_t stored_bytes;
     bool replaced;
-    unsigned fallback; /* kvs_block_get_fallback of the block */
+    unsigned enc; /* kvs_block_enc of the block */
 } kvs_store_put_info;
 
 /* Links a filled block under key (1..KVS_KEY_MAX bytes), replacing an older block with
@@ -401,11 +429,10 @@ typedef struct kvs_store_key {
 } kvs_store_key;
 
 /* For each key, its tier (KVS_STORE_TIER_NONE when absent) into tiers[i]; *prefix (may
- * be NULL) = number of leading keys present; fallback (may be NULL): each block's sides
- * stored with the fallback codec (kvs_block_get_fallback; 0 when absent) into fallback[i].
- * Keys must have been validated. */
+ * be NULL) = number of leading keys present; enc (may be NULL): each block's codec roles
+ * (kvs_block_enc; 0 when absent) into enc[i]. Keys must have been validated. */
 void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n,
-                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *fallback);
+                      kvs_store_tier *tiers, uint32_t *prefix, uint8_t *enc);
 /* Deletes the keys that exist; returns how many were deleted. */
 uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n);
 
@@ -428,6 +455,11 @@ typedef struct kvs_store_stats {
      * (written or not). */
     uint64_t verify_planned, verify_checked;
     uint64_t flush_queued, flush_done;
+    /* Precision demotion (store.h): blocks re-encoded with a colder codec as they moved
+     * into the host tier (from the GPU tier) and into the disk tier, and the stored bytes
+     * that saved (their size before, less after). */
+    uint64_t host_recoded, host_recode_saved;
+    uint64_t disk_recoded, disk_recode_saved;
 } kvs_store_stats;
 
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out);

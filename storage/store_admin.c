@@ -455,7 +455,11 @@ typedef struct round {
  * room left for it (it stays for the next round). */
 static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evict_info *out)
 {
-    if (b->on_disk) { /* its record is there already: no write (as make_room does) */
+    /* Its record is there already: no write (as make_room does), unless the disk tier's
+     * codecs would re-encode it (invariant 9): then it is written again below, colder, or,
+     * when this round has no room left for it, becomes a disk entry as it is. */
+    bool room = r->m < r->cap && (r->m == 0 || b->size <= r->room);
+    if (b->on_disk && (!room || kvs__store_record_fits_locked(b))) {
         kvs_policy_evicted(st->policy, &b->pol);
         kvs_block *d = kvs__disk_entry_new(b);
         if (kvs__store_unlink_locked(st, b)) {
@@ -470,7 +474,7 @@ static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evic
         return true;
     }
     /* A lone block over the budget still goes: the round would never start otherwise. */
-    if (r->m == r->cap || (r->m > 0 && b->size > r->room))
+    if (!room)
         return false;
     kvs_policy_evicted(st->policy, &b->pol); /* linked still, but no candidate (inv. 2) */
     /* Off the host budget, readable until committed (invariant 8). */

@@ -11,10 +11,49 @@
 #include <string.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/format.h"
 #include "storage/store_int.h"
 #include "storage/writer.h"
 
 /* ---------------------------------------------------------------- the writer's hooks */
+
+/* Precision demotion of a spill (store.h, invariant 9): b's bytes re-encoded with the disk
+ * tier's codecs where those are colder, into b->spill_*, for the writer to write instead.
+ * Nothing when they are not; when the re-encode fails the block is written as it is
+ * (logged: it stays a correct block, only not a colder one). The checksum is verified
+ * first, so that the new seal never covers bytes that went bad in RAM. Writer thread, no
+ * lock held: b is SPILLING, and its bytes and identity are read-only. */
+static void spill_recode(kvs_store *st, kvs_block *b)
+{
+    unsigned to = kvs_ns_colder(b->ns, b->enc, KVS_ENC_DISK, b->tokens);
+    if (to == b->enc)
+        return;
+    kvs_block_info info;
+    const kvs_codec *k, *v, *k2 = NULL, *v2 = NULL;
+    kvs_err err;
+    int rc = kvs_format_parse(b->data, b->size, &info, &err);
+    if (rc == 0)
+        rc = kvs_ns_block_codecs(b->ns, &info, &k, &v, NULL, &err);
+    if (rc == 0)
+        rc = kvs_ns_codecs_enc(b->ns, to, info.k_state, info.v_state, &k2, &v2, &err);
+    size_t cap = rc ? 0 : kvs_block_encoded_max(k2, v2, b->tokens), len = 0;
+    uint8_t *out = cap ? kvs_trymalloc(cap) : NULL;
+    if (rc == 0 && !out)
+        rc = kvs_err_set(&err, KVS_ENOMEM, "cannot allocate %zu bytes", cap);
+    if (rc == 0)
+        rc = kvs_block_transcode(k, v, k2, v2, b->data, b->size, out, cap, &len, &err);
+    if (rc) {
+        free(out);
+        kvs__store_log(st, KVS_LOG_WARN,
+                       "namespace '%s': a block spilled to disk as it is, not re-encoded with "
+                       "disk_codec %s: %s",
+                       kvs_ns_spec_of(b->ns)->name, kvs_ns_spec_of(b->ns)->disk_codec, err.msg);
+        return;
+    }
+    b->spill_data = out;
+    b->spill_size = len;
+    b->spill_enc = (uint8_t)to;
+}
 
 /* The run's blocks to write now. Identity and payload are immutable once linked, and the
  * writer's reference keeps them. A put or copy of a block removed meanwhile is skipped
@@ -39,6 +78,16 @@ static size_t gather(void *ctx, kvs_writer_kind kind, void *const *blocks, size_
         }
     }
     pthread_mutex_unlock(&st->mu);
+    /* A spill leaves RAM: it goes down re-encoded (copies and durable writes keep the host
+     * block's bytes, which stay in RAM beside their record: invariant 9). */
+    for (size_t j = 0; kind == KVS_WRITER_PUT && j < m; j++) {
+        kvs_block *b = blocks[at[j]];
+        spill_recode(st, b);
+        if (b->spill_data) {
+            items[j].bytes = b->spill_data;
+            items[j].len = b->spill_size;
+        }
+    }
     return m;
 }
 
@@ -211,19 +260,35 @@ static int room(void *ctx, const kvs_disk_item *items, size_t m, const kvs_disk_
 }
 
 /* The index after a run: a written put becomes a disk entry (the host copy leaves; its
- * readers keep it until they let go); a written copy or durable block stays, now with its
+ * readers keep it until they let go) of the bytes written (re-encoded by gather: its size
+ * and codecs, counted in disk_recoded); a written copy or durable block stays, now with its
  * record. A durable write that failed leaves its key as it was before the Put: the block is
  * unlinked and the record it replaced, if any (still in LMDB: nothing was written), indexed
- * again. A put that failed is dropped as without a disk tier; a copy that failed stays. */
+ * again. A put that failed is dropped as without a disk tier, unless the block had a
+ * record already (a rewrite, colder): that record, still in LMDB, becomes its disk entry;
+ * a copy that failed stays. */
 static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n, const bool *gone,
                    const bool *written, const int *rcs)
 {
     kvs_store *st = ctx;
     bool durable = kind == KVS_WRITER_DURABLE, keep = kind != KVS_WRITER_PUT;
     kvs_block *fresh[KVS_WRITER_RUN_MAX] = {0};
-    for (size_t i = 0; i < n; i++) /* allocations outside the lock */
-        if (written[i] && !keep)
-            fresh[i] = kvs__disk_entry_new(blocks[i]);
+    bool recoded[KVS_WRITER_RUN_MAX] = {0};
+    for (size_t i = 0; i < n; i++) { /* allocations outside the lock */
+        kvs_block *b = blocks[i];
+        /* on_disk of a spill cannot change meanwhile: the record's eviction takes IDLE blocks
+         * only (free_records). */
+        if (!keep && (written[i] || b->on_disk))
+            fresh[i] = kvs__disk_entry_new(b);
+        if (fresh[i] && written[i] && b->spill_data) {
+            fresh[i]->size = b->spill_size;
+            fresh[i]->enc = b->spill_enc;
+            recoded[i] = true;
+        }
+        /* Written (or not): the re-encoded bytes were the writer's alone. */
+        free(b->spill_data);
+        b->spill_data = NULL;
+    }
     kvs_block *to_free = NULL;
     pthread_mutex_lock(&st->mu);
     for (size_t i = 0; i < n; i++) {
@@ -238,6 +303,10 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
                 b->on_disk = true;
                 kvs__store_disk_charge_locked(st, b->ns, (int64_t)b->size);
             } else {
+                if (recoded[i]) {
+                    st->stats.disk_recoded++;
+                    st->stats.disk_recode_saved += b->size - fresh[i]->size;
+                }
                 kvs__store_unlink_locked(st, b);
                 kvs__store_link_locked(st, fresh[i]);
                 fresh[i] = NULL;
@@ -249,11 +318,16 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
                 !kvs_index_find(st->index, b->node.ns_id, b->node.key, b->node.key_len)) {
                 kvs_block *d = kvs__disk_entry_new(b);
                 d->tokens = b->prev_tokens;
-                d->fallback = b->prev_fallback;
+                d->enc = b->prev_enc;
                 d->size = b->prev_size;
                 d->raw_bytes = b->prev_raw;
                 kvs__store_link_locked(st, d);
             }
+        } else if (rcs[i] && live && !keep && b->on_disk) { /* its old record stays */
+            kvs__store_unlink_locked(st, b);
+            kvs__store_link_locked(st, fresh[i]);
+            fresh[i] = NULL;
+            st->stats.disk_spills++;
         } else if (rcs[i] && live && !keep) {
             kvs__store_unlink_locked(st, b);
             st->stats.spill_dropped++;
@@ -432,7 +506,7 @@ static int disk_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
         } else {
             *h = (kvs_block){.data = data,
                              .ns = kvs_ns_ref(ns),
-                             .fallback = d->fallback,
+                             .enc = d->enc,
                              .tokens = d->tokens,
                              .size = d->size,
                              .tier = KVS_STORE_TIER_DISK,
@@ -441,7 +515,7 @@ static int disk_read(kvs_store *st, kvs_block *d, kvs_block **out, kvs_err *err)
     }
     if (rc == 0) {
         h->raw_bytes = d->raw_bytes;
-        h->fallback = d->fallback;
+        h->enc = d->enc;
         /* Verified, counted, and a lost record's entry forgotten, by the view. */
         rc = disk_view(st, d, copy_cb, h->data, err);
     }

@@ -54,8 +54,15 @@ void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b)
     kvs_ns_usage_of(b->ns)->gpu_picked -= b->slot_bytes;
 }
 
-int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t slot_bytes,
-                              kvs_block **out, kvs_err *err)
+/* A namespace's slots of one encoding share a size class (storage/slots.h): a block
+ * promoted with colder codecs (invariant 9) has a smaller slot than a Put's. */
+static uint64_t slot_class(const kvs_ns *ns, unsigned enc)
+{
+    return (uint64_t)enc << 32 | kvs_ns_id(ns);
+}
+
+int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsigned enc,
+                              uint64_t slot_bytes, kvs_block **out, kvs_err *err)
 {
     if (!st->gpu)
         return kvs_err_set(err, KVS_ENOSPC, "gpu tier: not configured");
@@ -77,7 +84,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
                          "%llu, no room for a slot of %llu more (its own blocks are demoted)",
                          kvs_ns_spec_of(ns)->name, (unsigned long long)held,
                          (unsigned long long)quota, (unsigned long long)slot_bytes);
-    else if ((rc = kvs_slots_alloc(st->gpu, kvs_ns_id(ns), slot_bytes, &addr, err)) == 0)
+    else if ((rc = kvs_slots_alloc(st->gpu, slot_class(ns, enc), slot_bytes, &addr, err)) == 0)
         kvs__store_gpu_charge_locked(st, ns, (int64_t)slot_bytes);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
@@ -87,6 +94,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64
     }
     blk->ns = kvs_ns_ref(ns);
     blk->tokens = tokens;
+    blk->enc = (uint8_t)enc;
     blk->tier = KVS_STORE_TIER_GPU;
     blk->charge = KVS_CHARGE_GPU;
     blk->slot_bytes = slot_bytes;
@@ -188,6 +196,19 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
     bool free_old = false, free_nb = false;
     if (swap) {
         nb->on_disk = old->on_disk; /* a promoted block kept its disk record (invariant 7) */
+        if (nb->enc != old->enc) {  /* re-encoded colder on the way (invariant 9) */
+            st->stats.host_recoded++;
+            st->stats.host_recode_saved += old->size > nb->size ? old->size - nb->size : 0;
+            /* A block with a record came from the host or disk tier, so is no hotter than
+             * the host tier's codecs already; should one be re-encoded all the same, its
+             * record no longer holds its bytes: it goes (invariant 7 counts nb's size). */
+            if (nb->on_disk && st->writer) {
+                old->on_disk = false;
+                st->stats.disk_used -= old->size;
+                kvs_writer_del(st->writer, old->node.ns_id, old->node.key, old->node.key_len);
+            }
+            nb->on_disk = false;
+        }
         free_old = kvs__store_unlink_locked(st, old);
         kvs__store_host_charge_locked(st, nb->ns, -(int64_t)nb->shrink);
         nb->shrink = 0;
@@ -222,7 +243,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
     bool ok = blk->state == KVS_BLOCK_IDLE && st->stats.gpu_used + slot_bytes <= st->gpu_high &&
               (!quota || kvs_ns_usage_of(blk->ns)->gpu_bytes + slot_bytes <=
                              share(quota, st->gpu_high_pct)) &&
-              kvs_slots_can_alloc(st->gpu, kvs_ns_id(blk->ns), slot_bytes);
+              kvs_slots_can_alloc(st->gpu, slot_class(blk->ns, blk->enc), slot_bytes);
     if (ok) {
         kvs__block_set_state(blk, KVS_BLOCK_PROMOTING);
         blk->refs++;
@@ -231,7 +252,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
     if (!ok)
         return false;
     kvs_block *g;
-    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, slot_bytes, &g, NULL)) {
+    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, blk->enc, slot_bytes, &g, NULL)) {
         kvs_store_promote_cancel(st, blk, NULL); /* taken meanwhile */
         return false;
     }

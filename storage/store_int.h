@@ -53,9 +53,10 @@ struct kvs_block {
     unsigned refs;       /* 1 for the index while linked + 1 per reader; under st->mu */
     kvs_block_state state;
     kvs_block_charge charge;
-    bool on_disk;     /* its encoded bytes are a record of the disk tier (invariant 7): apart
-                       * from the state, a block may have a record in any state */
-    uint8_t fallback; /* KVS_FALLBACK_* sides stored with the fallback codec (store.h) */
+    bool on_disk; /* its encoded bytes are a record of the disk tier (invariant 7): apart
+                   * from the state, a block may have a record in any state */
+    uint8_t enc;  /* its sides' codec roles, packed (gpu/codec/codec.h kvs_enc): the
+                   * header's, kept here so Lookup need not read it (store.h) */
     uint32_t tokens;
     uint64_t size;       /* stored (encoded) bytes; the reservation while FILLING */
     uint64_t raw_bytes;  /* payload bytes the block represents */
@@ -67,9 +68,15 @@ struct kvs_block {
      * keeps that record's size here: if its own write fails, the old record, which is
      * still in LMDB, is indexed again, so the acknowledged block stays (README: durable). */
     bool prev_rec;
-    uint8_t prev_fallback;
+    uint8_t prev_enc;
     uint32_t prev_tokens;
     uint64_t prev_size, prev_raw;
+    /* A spill the disk writer re-encodes with the disk tier's codecs (precision demotion,
+     * store_disk.c): the bytes it writes instead of data, their size and roles. Writer
+     * thread only, from its gather to its finish, while the writer's reference holds b. */
+    uint8_t *spill_data;
+    uint64_t spill_size;
+    uint8_t spill_enc;
     uint32_t verified;   /* the kvs_store_verify pass that checked it (st->verify_pass) */
     uint64_t slot_bytes; /* gpu tier */
     kvs_block_dev dev;   /* gpu tier */
@@ -165,6 +172,11 @@ kvs_block *kvs__disk_entry_new(const kvs_block *blk);
  * caller to free outside the lock. */
 void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target, bool drop,
                                    kvs_block **to_free);
+
+/* True when blk's disk record may stand for it in the disk tier as it is: it has one and the
+ * disk tier's codecs would not re-encode it (kvs_ns_colder); else a move to disk rewrites
+ * the record through the disk writer, re-encoded (store_disk.c). */
+bool kvs__store_record_fits_locked(const kvs_block *blk);
 
 /* Computes host_high and host_low from the host capacity and host_*_pct. */
 void kvs__store_host_marks_locked(kvs_store *st);

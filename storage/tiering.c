@@ -1,16 +1,20 @@
 /* Demotion rounds: see tiering.h. A round picks up to ROUND blocks (kvs_store_gpu_pick),
  * reserves a host block for each (which may evict host blocks, the host tier's usual
- * policy), and queues one engine fetch per block; the last completion of the round ends
- * it and kicks again. `busy` is the round's token: whoever sets it runs the round. */
+ * policy), and queues one engine job per block: a fetch, or, where the host tier's codecs
+ * are colder (precision demotion, storage/store.h invariant 9), a re-encode on the device
+ * before the copy (kvs_engine_recode_dev); the last completion of the round ends it and
+ * kicks again. `busy` is the round's token: whoever sets it runs the round. */
 #include "storage/tiering.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "gpu/base/mem.h"
+#include "gpu/codec/codec.h"
 #include "gpu/codec/format.h"
 
 #define ROUND 64
@@ -40,6 +44,10 @@ typedef struct move {
     uint64_t raw_bytes;
     size_t len;
     int rc; /* the fetch's */
+    /* The block's codecs and the host tier's for it; cpu: the engine has no kernels for the
+     * latter, so the pool re-encodes the fetched block (kvs_block_transcode). */
+    const kvs_codec *k, *v, *k2, *v2;
+    bool cpu;
 } move;
 
 static void batch_start(batch *b)
@@ -88,15 +96,21 @@ static void end_round(kvs_tiering *t)
         kvs_tiering_kick(t);
 }
 
-/* Completion thread: one block's bytes are on the host (or the fetch failed). */
+/* Completion thread: one block's bytes are on the host (or the fetch failed). Its codecs
+ * are what its header says: the host tier's, or, where a re-encode could not be done, the
+ * ones it had (it is still the block). */
 static void fetched(void *arg)
 {
     move *m = arg;
     kvs_tiering *t = m->t;
     batch *b = m->b;
     int rc = m->rc;
+    kvs_block_info info;
+    if (rc == 0)
+        rc = kvs_format_peek(kvs_block_data(m->nb), m->len, &info, NULL);
     if (rc == 0) {
         kvs_block_set_size(m->nb, m->len, m->raw_bytes);
+        kvs_block_set_enc(m->nb, kvs_block_encodings(kvs_ns_spec_of(kvs_block_ns(m->old)), &info));
         kvs_store_demote_commit(t->st, m->old, m->nb);
     } else {
         kvs_store_block_abort(t->st, m->nb);
@@ -109,13 +123,38 @@ static void fetched(void *arg)
         end_round(t);
 }
 
-/* Engine thread: the fetch ended; the rest runs on the completion thread. */
+/* Pool thread: the engine fetched a block whose re-encode it cannot run; the CPU codecs
+ * write the same bytes (gpu/codec/codec.h kvs_block_transcode). Should that fail, the
+ * block goes down as it was fetched. */
+static void recode_job(void *arg)
+{
+    move *m = arg;
+    uint8_t *data = kvs_block_data(m->nb);
+    size_t cap = kvs_block_encoded_max(m->k2, m->v2, kvs_block_tokens(m->old)), len;
+    uint8_t *tmp = kvs_trymalloc(cap);
+    if (tmp &&
+        kvs_block_transcode(m->k, m->v, m->k2, m->v2, data, m->len, tmp, cap, &len, NULL) == 0) {
+        memcpy(data, tmp, len); /* smaller: every side that changed got smaller */
+        m->len = len;
+    }
+    free(tmp);
+}
+
+/* Engine thread: the fetch ended; the rest runs on the completion thread (after a CPU
+ * re-encode on the pool, where one is due). */
 static void on_fetched(void *arg, int rc, const kvs_err *err)
 {
     (void)err;
     move *m = arg;
     m->rc = rc;
-    post(m->t, fetched, m);
+    if (rc == 0 && m->cpu && m->t->run)
+        m->t->run(m->t->run_ctx, recode_job, fetched, m);
+    else if (rc == 0 && m->cpu) {
+        recode_job(m);
+        fetched(m);
+    } else {
+        post(m->t, fetched, m);
+    }
 }
 
 /* Queues the demotion of one picked block for the round (b NULL) or for batch b; false if
@@ -124,17 +163,31 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
 {
     kvs_ns *ns = kvs_block_ns(old);
     const kvs_block_dev *d = kvs_block_device(old);
-    const kvs_codec *k = kvs_ns_codec_version(ns, KVS_KEYS, d->k_state);
-    const kvs_codec *v = kvs_ns_codec_version(ns, KVS_VALUES, d->v_state);
     uint32_t tokens = kvs_block_tokens(old);
+    unsigned enc = kvs_block_enc(old), to = kvs_ns_colder(ns, enc, KVS_ENC_HOST, tokens);
+    const kvs_codec *k, *v, *k2, *v2;
     uint64_t raw_bytes = 0;
     kvs_err err;
-    if (!k || !v || kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &raw_bytes, &err)) {
+    if (kvs_ns_codecs_enc(ns, enc, d->k_state, d->v_state, &k, &v, NULL) ||
+        kvs_ns_codecs_enc(ns, to, d->k_state, d->v_state, &k2, &v2, NULL) ||
+        kvs_spec_block_bytes(kvs_ns_spec_of(ns), tokens, &raw_bytes, &err)) {
         kvs_store_demote_cancel(t->st, old);
         return false;
     }
     move *m = kvs_xcalloc(1, sizeof *m);
-    *m = (move){.t = t, .b = b, .old = old, .raw_bytes = raw_bytes};
+    /* Re-encoded on the device when the engine runs the host tier's codecs, else on the
+     * pool once fetched; the host block is reserved for the block as it is (a re-encode
+     * only makes it smaller, and the engine falls back to it: engine.h). */
+    bool recode = to != enc, gpu = recode && kvs_engine_accepts(t->eng, k2, v2);
+    *m = (move){.t = t,
+                .b = b,
+                .old = old,
+                .raw_bytes = raw_bytes,
+                .k = k,
+                .v = v,
+                .k2 = k2,
+                .v2 = v2,
+                .cpu = recode && !gpu};
     uint64_t cap = kvs_block_encoded_max(k, v, tokens);
     if (kvs_store_block_alloc_nodrop(t->st, ns, tokens, cap, &m->nb, &err)) {
         free(m); /* no room without losing a block: try again next round */
@@ -145,8 +198,12 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
         batch_start(b);
     else
         atomic_fetch_add(&t->pending, 1);
-    if (kvs_engine_fetch_dev(t->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
-                             kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err)) {
+    int rc =
+        gpu ? kvs_engine_recode_dev(t->eng, k, v, k2, v2, kvs_ns_id(ns), tokens, d->slot, d->lens,
+                                    kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err)
+            : kvs_engine_fetch_dev(t->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
+                                   kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err);
+    if (rc) {
         if (b)
             batch_end(b, false);
         else
@@ -231,10 +288,7 @@ static void on_uploaded(void *arg, int rc, const kvs_err *err)
 
 void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
 {
-    /* A block stored with its namespace's fallback codec (max_rel_error) stays in the host
-     * tier: GPU slots are sized for the namespace's own codecs, and a GPU block records only
-     * their state versions (storage/store.h kvs_block_dev). */
-    if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST || kvs_block_get_fallback(blk))
+    if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST)
         return;
     /* Counted before the check, so that destroy either sees us or we see it stopping. */
     atomic_fetch_add(&t->promoting, 1);
@@ -244,11 +298,13 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     promo *p = NULL;
     if (!atomic_load(&t->stopping) &&
         kvs_format_peek(kvs_block_data(blk), kvs_block_size(blk), &info, NULL) == 0 &&
-        kvs_ns_codecs_at(ns, info.k_state, info.v_state, &k, &v, NULL) == 0 &&
+        kvs_ns_block_codecs(ns, &info, &k, &v, NULL, NULL) == 0 &&
         kvs_engine_accepts(t->eng, k, v)) {
         p = kvs_xcalloc(1, sizeof *p);
         *p = (promo){.t = t, .old = blk};
-        /* One slot size per namespace, a full block's, as Puts use (storage/slots.h). */
+        /* One slot size per namespace and encodings, a full block's, as Puts use: a block
+         * stored with other codecs than the namespace's own (a fallback, a colder tier's)
+         * keeps them on the GPU (storage/slots.h, store.h invariant 9). */
         uint64_t slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens);
         if (!kvs_store_promote_begin(t->st, blk, slot, &p->g)) {
             free(p);

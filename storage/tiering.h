@@ -3,9 +3,14 @@
  * host tier, down to the low watermark. Promotion: a Get of a host block copies it to the
  * GPU tier while that is below its high watermark (kvs_tiering_promote). The bytes travel through
  * the GPU engine (kvs_engine_fetch_dev: D2H of the slot, framing and checksum on the host); the
- * store swaps the host copy in (kvs_store_demote_commit). Demotion never blocks a Put or Get: a Put
- * that finds the GPU tier full lands in the host tier, and readers of a block being demoted keep
- * using its slot until they let go.
+ * store swaps the host copy in (kvs_store_demote_commit). Precision demotion (host_codec,
+ * gpu/codec/spec.h): where the host tier's codec is colder than a side of the block
+ * (kvs_ns_colder), the engine re-encodes it on the device before the copy
+ * (kvs_engine_recode_dev), so only the colder bytes cross the bus; where it has no kernels
+ * for that codec, the pool re-encodes the fetched block (kvs_block_transcode, the same
+ * bytes). A promotion keeps the block's encoding (its slot is sized for its codecs). Demotion never
+ * blocks a Put or Get: a Put that finds the GPU tier full lands in the host tier, and readers of a
+ * block being demoted keep using its slot until they let go.
  *
  * Threading: kvs_tiering_kick may be called from any thread (it returns at once when a
  * round is already running); completions come back from the engine thread through the

@@ -56,7 +56,9 @@ typedef struct kvs_writer_hooks {
     /* The items of a run of n writes of one kind (the blocks queued with them, in order):
      * fills items[m] for each block to write now and at[m] = its index in the run, and sets
      * gone[i] for a block whose namespace is gone (a durable one is answered KVS_ENOTFOUND);
-     * returns m. The items' pointers stay valid until finish. */
+     * returns m. The items' pointers stay valid until finish. The owner may write other
+     * bytes than the block's (the store re-encodes a spill colder: store_disk.c), produced
+     * here on the writer thread with no writer lock held. */
     size_t (*gather)(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t n,
                      kvs_disk_item *items, size_t *at, bool *gone);
     /* Room for writing items[0..m): evicts what the owner's budgets ask (with

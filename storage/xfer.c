@@ -149,7 +149,8 @@ typedef struct put_op {
     bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
-    const kvs_codec *k, *v; /* the codecs it is encoded with */
+    const kvs_codec *k, *v; /* the codecs it is encoded with... */
+    unsigned enc;           /* ...and their roles (gpu/codec/codec.h kvs_enc), packed */
     uint64_t raw_bytes;
     size_t enc_len;
     uint64_t t0; /* monotonic ns at the engine's submission (kvs_xfer_stats) */
@@ -176,6 +177,17 @@ static void finish_put(put_op *op, int rc, const kvs_err *err)
     free(op);
 }
 
+/* The codecs a Put encodes with: the namespace's current ones in the GPU tier; in the host
+ * tier, the host tier's codec for a side where it is colder (precision demotion: store.h
+ * invariant 9, the same rule as a demotion's). */
+static void put_codecs(put_op *op, bool host)
+{
+    kvs_ns *ns = op->r.ns;
+    op->enc = host ? kvs_ns_colder(ns, 0, KVS_ENC_HOST, op->r.tokens) : 0;
+    op->k = kvs_ns_enc_codec(ns, KVS_KEYS, kvs_enc_side(op->enc, KVS_KEYS));
+    op->v = kvs_ns_enc_codec(ns, KVS_VALUES, kvs_enc_side(op->enc, KVS_VALUES));
+}
+
 /* Placement (xfer.h): the GPU tier when the engine can encode into a slot there, else
  * the host tier (which may evict to make room). A measured block goes to the host tier:
  * its bytes are checked on the CPU (xfer.h "Fidelity"). */
@@ -185,8 +197,7 @@ static int reserve(put_op *op, kvs_err *err)
     kvs_ns *ns = op->r.ns;
     const kvs_ns_spec *spec = kvs_ns_spec_of(ns);
     kvs_store *st = x->o.store;
-    op->k = kvs_ns_codec(ns, KVS_KEYS);
-    op->v = kvs_ns_codec(ns, KVS_VALUES);
+    put_codecs(op, false);
     /* A durable block is written from host memory: it never takes a GPU slot. A RotateKV
      * namespace still calibrating needs the raw keys on the host. */
     if (x->o.engine && kvs_store_has_gpu(st) && !spec->durable && !op->measure &&
@@ -194,7 +205,7 @@ static int reserve(put_op *op, kvs_err *err)
         kvs_engine_accepts(x->o.engine, op->k, op->v)) {
         /* One slot size per namespace: a full block's (a partial block fits in it). */
         uint64_t slot = kvs_engine_slot_bytes(op->k, op->v, spec->block_tokens);
-        if (kvs_store_block_alloc_gpu(st, ns, op->r.tokens, slot, &op->blk, NULL) == 0) {
+        if (kvs_store_block_alloc_gpu(st, ns, op->r.tokens, 0, slot, &op->blk, NULL) == 0) {
             kvs_block_dev *d = kvs_block_device(op->blk);
             op->gpu = true;
             d->k_state = kvs_codec_state_version(op->k);
@@ -203,6 +214,7 @@ static int reserve(put_op *op, kvs_err *err)
         }
         kvs_tiering_kick(x->o.tiering); /* full: demote, and land in the host tier now */
     }
+    put_codecs(op, true);
     uint64_t enc_max = kvs_block_encoded_max(op->k, op->v, op->r.tokens);
     return kvs_store_block_alloc(st, ns, op->r.tokens, enc_max, &op->blk, err);
 }
@@ -246,6 +258,7 @@ static void commit(void *arg)
         count(x, ENCODE, GPU, op->t0, op->raw_bytes, op->enc_len);
     }
     kvs_block_set_size(op->blk, op->enc_len, op->raw_bytes);
+    kvs_block_set_enc(op->blk, op->enc);
     kvs_block *blk = op->blk;
     op->blk = NULL; /* the store owns it from here, committed or not */
     kvs_store *st = x->o.store;
@@ -298,8 +311,10 @@ static int refit(put_op *op, unsigned sides, const uint16_t *raw, kvs_err *err)
 {
     kvs_ns *ns = op->r.ns;
     kvs_store *st = op->x->o.store;
-    const kvs_codec *k = sides & KVS_FALLBACK_KEYS ? kvs_ns_fallback(ns, KVS_KEYS) : op->k;
-    const kvs_codec *v = sides & KVS_FALLBACK_VALUES ? kvs_ns_fallback(ns, KVS_VALUES) : op->v;
+    const kvs_codec *k =
+        sides & KVS_FALLBACK_KEYS ? kvs_ns_enc_codec(ns, KVS_KEYS, KVS_ENC_FALLBACK) : op->k;
+    const kvs_codec *v =
+        sides & KVS_FALLBACK_VALUES ? kvs_ns_enc_codec(ns, KVS_VALUES, KVS_ENC_FALLBACK) : op->v;
     size_t cap = kvs_block_encoded_max(k, v, op->r.tokens), len;
     kvs_block *blk = op->blk;
     int rc;
@@ -325,7 +340,10 @@ static int refit(put_op *op, unsigned sides, const uint16_t *raw, kvs_err *err)
     op->k = k;
     op->v = v;
     op->enc_len = len;
-    kvs_block_set_fallback(blk, sides);
+    if (sides & KVS_FALLBACK_KEYS)
+        op->enc = kvs_enc_set(op->enc, KVS_KEYS, KVS_ENC_FALLBACK);
+    if (sides & KVS_FALLBACK_VALUES)
+        op->enc = kvs_enc_set(op->enc, KVS_VALUES, KVS_ENC_FALLBACK);
     return 0;
 }
 
@@ -357,10 +375,11 @@ static void check_block(put_op *op)
         kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, &m, &e);
     unsigned sides = 0;
     if (rc == 0 && bound > 0) {
-        if (m.err[KVS_FIDELITY_KEYS] > bound && can_fall_back(op->k, kvs_ns_fallback(ns, KVS_KEYS)))
+        if (m.err[KVS_FIDELITY_KEYS] > bound &&
+            can_fall_back(op->k, kvs_ns_enc_codec(ns, KVS_KEYS, KVS_ENC_FALLBACK)))
             sides |= KVS_FALLBACK_KEYS;
         if (m.err[KVS_FIDELITY_VALUES] > bound &&
-            can_fall_back(op->v, kvs_ns_fallback(ns, KVS_VALUES)))
+            can_fall_back(op->v, kvs_ns_enc_codec(ns, KVS_VALUES, KVS_ENC_FALLBACK)))
             sides |= KVS_FALLBACK_VALUES;
     }
     if (rc == 0 && sides && (rc = refit(op, sides, raw, &e)) == 0)
@@ -397,10 +416,9 @@ static void encode_job(void *arg)
     if (kvs_learn_keys(kvs_ns_learner(op->r.ns), op->r.ns, op->r.tokens, raw, &lerr))
         xlog(op->x, KVS_LOG_WARN, "namespace '%s': calibration: %s", kvs_ns_spec_of(op->r.ns)->name,
              lerr.msg);
-    /* The codecs current now (calibration may just have published new ones). NaN/Inf
-     * input fails here, naming the element. */
-    op->k = kvs_ns_codec(op->r.ns, KVS_KEYS);
-    op->v = kvs_ns_codec(op->r.ns, KVS_VALUES);
+    /* The codecs current now (calibration may just have published new ones), of the host
+     * tier (this block's). NaN/Inf input fails here, naming the element. */
+    put_codecs(op, true);
     uint64_t t0 = now_ns();
     op->rc =
         kvs_block_encode(op->k, op->v, kvs_ns_id(op->r.ns), op->r.tokens, raw,
@@ -557,9 +575,9 @@ kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g)
     return kvs_block_tier(g->blk);
 }
 
-unsigned kvs_xfer_get_fallback(const kvs_xfer_get *g)
+unsigned kvs_xfer_get_enc(const kvs_xfer_get *g)
 {
-    return kvs_block_get_fallback(g->blk);
+    return kvs_block_enc(g->blk);
 }
 
 uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g)
@@ -668,7 +686,8 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
     const kvs_block_dev *d = kvs_block_device(g->blk);
     const kvs_codec *k, *v;
     uint32_t t = kvs_block_tokens(g->blk);
-    if (!eng || kvs_ns_codecs_at(g->ns, d->k_state, d->v_state, &k, &v, NULL))
+    if (!eng ||
+        kvs_ns_codecs_enc(g->ns, kvs_block_enc(g->blk), d->k_state, d->v_state, &k, &v, NULL))
         return kvs_err_set(err, KVS_EINTERNAL, "GPU tier block without its engine or codec state");
     int rc;
     if (g->encoded) {
@@ -714,6 +733,7 @@ static void dispatch(kvs_xfer_get *g)
      * caller's thread, than the engine's batching wait or the pool's two thread hops
      * (a 128 KiB Get's latency is mostly those). */
     if (!g->dst.lay && g->dst.kind == KVS_XFER_HOST && g->dst.len <= XFER_INLINE_MAX &&
+        kvs_block_enc(g->blk) == 0 &&
         kvs_codec_id_of(kvs_ns_codec(g->ns, KVS_KEYS)) == KVS_CODEC_NONE &&
         kvs_codec_id_of(kvs_ns_codec(g->ns, KVS_VALUES)) == KVS_CODEC_NONE) {
         decode_job(g);

@@ -4,11 +4,14 @@
  *   - placement: the GPU tier when the engine can encode into a slot there (and no
  *     RotateKV calibration wants the raw keys on the host), else the host tier (which may
  *     evict to make room); durable namespaces always go through the host tier to disk;
+ *   - the codecs: the namespace's own in the GPU tier; in the host tier, for each side,
+ *     the host tier's codec where the namespace names a colder one (precision demotion,
+ *     storage/store.h invariant 9: the block is encoded so from its input, not re-encoded);
  *   - the coder: the GPU engine when it has kernels for the codecs, else the CPU codecs
  *     on the caller's pool (opts.run);
  *   - the codec state versions: a block is decoded with the codecs it was encoded with
  *     (kvs_ns_block_codecs), which may predate the namespace's current ones, or be its
- *     fallback codec;
+ *     fallback codec or a colder tier's;
  *   - fidelity (issue 16): which Puts are measured and what a bound does (below);
  *   - promotion on Get (disk -> host in the store, host -> GPU through the tiering).
  * Callers parse and validate their requests, hand a source or a destination to the data
@@ -172,8 +175,9 @@ uint32_t kvs_xfer_get_tokens(const kvs_xfer_get *g);
 /* The tier the bytes come from (valid after run's done: a disk block read into the host
  * tier by the read says HOST, one read for this Get alone says DISK). */
 kvs_store_tier kvs_xfer_get_tier(const kvs_xfer_get *g);
-/* The sides of the block stored with its namespace's fallback codec (KVS_FALLBACK_*). */
-unsigned kvs_xfer_get_fallback(const kvs_xfer_get *g);
+/* The codec roles of the block's sides, packed (gpu/codec/codec.h kvs_enc: own, fallback,
+ * host or disk codec; kvs_enc_fallback gives its fallback sides). */
+unsigned kvs_xfer_get_enc(const kvs_xfer_get *g);
 /* Raw: bytes of the requested layers, what dst must hold. */
 uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g);
 /* Raw: decodes the requested layers into dst (borrowed until done). Encoded: makes the

@@ -43,7 +43,8 @@ struct kvs_cuda_decoder {
     kvs_ns_spec spec;
     codec_slot codecs[2][DECODER_CODECS]; /* [keys, values] */
     unsigned n_codecs[2];
-    kvs_codec *fallback[2]; /* spec.fallback_codec per side, made at its first block */
+    kvs_codec *alt[KVS_ENC_ROLES][2]; /* other roles' codecs per side (kvs_enc: fallback,
+                                       * host, disk), made at their first block */
     cudaStream_t own;
     /* Staging, grown on demand (a chunk needs at most CHUNK_RAW of raw output, and at least
      * one block): enc_cap bytes of encoded sections and lengths on each side, raw_cap
@@ -116,29 +117,32 @@ static int codec_at(kvs_cuda_decoder *d, kvs_kv kv, uint32_t version, const kvs_
     return 0;
 }
 
-/* The namespace's fallback codec for side kv (max_rel_error: a side whose error passed the
- * bound is stored with it, and the block's header says so), made and uploaded once. */
-static int fallback_at(kvs_cuda_decoder *d, kvs_kv kv, const kvs_codec **out, kvs_err *err)
+/* The codec of side kv for role `role` of a block (gpu/codec/codec.h kvs_enc): the own
+ * codec of its state version (codec_at), or the namespace's fallback or tier codec (the
+ * block's header says which), made and uploaded once. */
+static int role_at(kvs_cuda_decoder *d, kvs_kv kv, kvs_enc role, uint32_t version,
+                   const kvs_codec **out, kvs_err *err)
 {
-    if (!d->fallback[kv]) {
+    if (role == KVS_ENC_OWN)
+        return codec_at(d, kv, version, out, err);
+    if (!d->alt[role][kv]) {
         kvs_codec *c;
-        int rc = kvs_codec_create_fallback(&d->spec, kv, &c, err);
+        int rc = kvs_codec_create_enc(&d->spec, kv, role, NULL, &c, err);
         if (rc)
             return rc;
         if (!kvs_codec_cuda_supported(c)) {
             kvs_codec_destroy(c);
-            return kvs_err_set(err, KVS_ENOTSUP,
-                               "decode on the GPU: no kernels for fallback codec '%s' with "
-                               "head_dim %u",
-                               d->spec.fallback_codec, d->spec.head_dim);
+            return kvs_err_set(
+                err, KVS_ENOTSUP, "decode on the GPU: no kernels for %s '%s' with head_dim %u",
+                kvs_enc_field(kv, role), kvs_spec_enc_codec(&d->spec, kv, role), d->spec.head_dim);
         }
         if ((rc = kvs_codec_cuda_prepare(c, err))) {
             kvs_codec_destroy(c);
             return rc;
         }
-        d->fallback[kv] = c;
+        d->alt[role][kv] = c;
     }
-    *out = d->fallback[kv];
+    *out = d->alt[role][kv];
     return 0;
 }
 
@@ -174,8 +178,9 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
     for (int kv = 0; kv < 2; kv++)
         for (unsigned i = 0; i < d->n_codecs[kv]; i++)
             kvs_codec_destroy(d->codecs[kv][i].codec);
-    kvs_codec_destroy(d->fallback[0]);
-    kvs_codec_destroy(d->fallback[1]);
+    for (int r = 0; r < KVS_ENC_ROLES; r++)
+        for (int kv = 0; kv < 2; kv++)
+            kvs_codec_destroy(d->alt[r][kv]);
     for (int i = 0; i < 2; i++) {
         cudaFreeHost(d->h_enc[i]);
         if (d->h_free[i])
@@ -192,18 +197,15 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
 /* Checks block i (its header, checksum and buffer) and picks its codecs: 0, or the block's
  * error in err. */
 static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, const kvs_codec **k,
-                       const kvs_codec **v, kvs_block_info *info, unsigned *fb, uint64_t *need,
+                       const kvs_codec **v, kvs_block_info *info, unsigned *roles, uint64_t *need,
                        kvs_err *err)
 {
     if (!b->enc || !b->raw_dev)
         return kvs_err_set(err, KVS_EINVAL, "decode on the GPU: NULL enc or raw_dev");
     int rc = kvs_format_peek(b->enc, b->len, info, err);
-    *fb = rc ? 0 : kvs_block_fallback(&d->spec, info);
-    if (rc ||
-        (rc = *fb & KVS_FALLBACK_KEYS ? fallback_at(d, KVS_KEYS, k, err)
-                                      : codec_at(d, KVS_KEYS, info->k_state, k, err)) ||
-        (rc = *fb & KVS_FALLBACK_VALUES ? fallback_at(d, KVS_VALUES, v, err)
-                                        : codec_at(d, KVS_VALUES, info->v_state, v, err)) ||
+    *roles = rc ? 0 : kvs_block_encodings(&d->spec, info);
+    if (rc || (rc = role_at(d, KVS_KEYS, kvs_enc_side(*roles, KVS_KEYS), info->k_state, k, err)) ||
+        (rc = role_at(d, KVS_VALUES, kvs_enc_side(*roles, KVS_VALUES), info->v_state, v, err)) ||
         (rc = kvs_block_parse(*k, *v, b->enc, b->len, KVS_BLOCK_UNTRUSTED, info, err)) ||
         (rc = kvs_spec_block_bytes(&d->spec, info->tokens, need, err)))
         return rc;
@@ -362,11 +364,11 @@ int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n
         if (i < n) {
             kvs_cuda_block *b = &blocks[i];
             kvs_err e1;
-            unsigned fb = 0;
-            b->rc = check_block(d, b, &k, &v, &info, &fb, &need, &e1);
+            unsigned roles = 0;
+            b->rc = check_block(d, b, &k, &v, &info, &roles, &need, &e1);
             snprintf(b->msg, sizeof b->msg, "%.159s", b->rc ? e1.msg : "");
             ok = b->rc == 0;
-            if (ok)
+            if (ok) {
                 b->res = (kvs_get_result){.tokens = info.tokens,
                                           .dtype = (kvs_dtype)info.dtype,
                                           .layer_begin = 0,
@@ -374,7 +376,12 @@ int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n
                                           .bytes = need,
                                           .format = KVS_FORMAT_RAW,
                                           .tier = KVS_TIER_NONE,
-                                          .fallback = fb != 0};
+                                          .fallback = kvs_enc_fallback(roles) != 0};
+                snprintf(b->res.key_codec, sizeof b->res.key_codec, "%s",
+                         kvs_spec_enc_codec(&d->spec, KVS_KEYS, kvs_enc_side(roles, KVS_KEYS)));
+                snprintf(b->res.value_codec, sizeof b->res.value_codec, "%s",
+                         kvs_spec_enc_codec(&d->spec, KVS_VALUES, kvs_enc_side(roles, KVS_VALUES)));
+            }
         }
         /* The chunk so far runs when this block cannot join it (the end, other codecs or
          * tokens, or no room left). */

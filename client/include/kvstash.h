@@ -104,6 +104,11 @@ typedef struct kvs_get_result {
     kvs_tier tier; /* tier it was served from */
     bool fallback; /* stored with the namespace's fallback_codec (kvs_put_result): an
                     * ENCODED block's header names the codec of each side */
+    /* The codecs its keys and values are stored with: the namespace's own, its fallback, or
+     * a colder tier's (host_codec, disk_codec: README "Namespace options"); "" from a daemon
+     * that does not say. */
+    char key_codec[KVS_CODEC_NAME_MAX + 1];
+    char value_codec[KVS_CODEC_NAME_MAX + 1];
 } kvs_get_result;
 
 /* Fetches a whole block, decoded, into buf (caller-owned, cap bytes). Fails with
@@ -175,6 +180,20 @@ KVS_API int kvs_client_lookup(kvs_client *c, const char *ns, const kvs_key *keys
 KVS_API int kvs_client_lookup_fallback(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
                                        uint32_t *prefix, kvs_tier *tiers, bool *fallback,
                                        kvs_err *err);
+
+/* The codecs a block's keys and values are stored with (kvs_get_result's). */
+typedef struct kvs_block_codecs {
+    char key_codec[KVS_CODEC_NAME_MAX + 1];
+    char value_codec[KVS_CODEC_NAME_MAX + 1];
+} kvs_block_codecs;
+/* kvs_client_lookup_fallback that also says, per key, which codecs the block is stored
+ * with (codecs: caller array of n entries; may be NULL, as may fallback): the namespace's
+ * own, its fallback, or a colder tier's (precision demotion). Both names are "" for an
+ * absent key, and for every key of a namespace whose blocks all have its own codecs (no
+ * bound, no tier codec), which the daemon then leaves out. */
+KVS_API int kvs_client_lookup_codecs(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
+                                     uint32_t *prefix, kvs_tier *tiers, bool *fallback,
+                                     kvs_block_codecs *codecs, kvs_err *err);
 
 /* present: caller array of n entries. */
 KVS_API int kvs_client_exists(kvs_client *c, const char *ns, const kvs_key *keys, size_t n,
@@ -327,6 +346,10 @@ KVS_API int kvs_client_ns_get(kvs_client *c, const char *name, kvs_ns_info *info
 typedef struct kvs_tier_stats {
     kvs_tier tier;
     uint64_t capacity_bytes, used_bytes, blocks, hits, evictions;
+    /* Host and disk tiers: blocks re-encoded with the tier's colder codec as they moved
+     * into it (host_codec, disk_codec: README "Namespace options"), and the stored bytes
+     * that saved. */
+    uint64_t recoded_blocks, recode_saved_bytes;
 } kvs_tier_stats;
 
 typedef struct kvs_rpc_stats {

@@ -282,6 +282,10 @@ static int get(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char **ar
         kvctl_json_str(&j, "format", res.format == KVS_FORMAT_ENCODED ? "encoded" : "raw");
         kvctl_json_str(&j, "tier", kvs_tier_name(res.tier));
         kvctl_json_bool(&j, "fallback", res.fallback);
+        if (res.key_codec[0]) {
+            kvctl_json_str(&j, "key_codec", res.key_codec);
+            kvctl_json_str(&j, "value_codec", res.value_codec);
+        }
         kvctl_json_close(&j, '}');
     } else {
         char b[32];
@@ -335,18 +339,26 @@ static void key_table(const char *head, char **names, size_t n,
     kvctl_table_free(&t);
 }
 
-/* A key's tier, and "(fallback)" for a block stored with its namespace's fallback codec. */
+/* A key's tier, and "(fallback)" for a block stored with its namespace's fallback codec,
+ * else the codecs of its keys and values where the daemon names them (a namespace with a
+ * bound or tier codecs: README "Namespace options"). */
 typedef struct where {
     kvs_tier *tiers;
     bool *fallback;
-    char cell[32];
+    kvs_block_codecs *codecs;
+    char cell[96];
 } where;
 
 static const char *where_cell(const void *w, size_t i)
 {
     where *x = (where *)(uintptr_t)w; /* its own scratch cell */
-    snprintf(x->cell, sizeof x->cell, "%s%s", kvs_tier_name(x->tiers[i]),
-             x->fallback[i] ? " (fallback)" : "");
+    const kvs_block_codecs *c = &x->codecs[i];
+    if (x->fallback[i] || !c->key_codec[0])
+        snprintf(x->cell, sizeof x->cell, "%s%s", kvs_tier_name(x->tiers[i]),
+                 x->fallback[i] ? " (fallback)" : "");
+    else
+        snprintf(x->cell, sizeof x->cell, "%s (%s/%s)", kvs_tier_name(x->tiers[i]), c->key_codec,
+                 c->value_codec);
     return x->cell;
 }
 
@@ -365,13 +377,14 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
     char **names = argv + optind + 1;
     kvs_tier *tiers = kvs_xcalloc(n, sizeof *tiers);
     bool *fallback = kvs_xcalloc(n, sizeof *fallback);
+    kvs_block_codecs *codecs = kvs_xcalloc(n, sizeof *codecs);
     uint32_t prefix = 0;
     kvs_client *cl;
     kvs_err err;
     rc = kvctl_connect(cmd, g, &cl);
     if (rc == KVCTL_OK) {
-        if (kvs_client_lookup_fallback(cl, argv[optind], keys, n, &prefix, tiers, fallback, &err) !=
-            0)
+        if (kvs_client_lookup_codecs(cl, argv[optind], keys, n, &prefix, tiers, fallback, codecs,
+                                     &err) != 0)
             rc = kvctl_fail(cmd, &err);
         kvs_client_close(cl);
     }
@@ -385,17 +398,22 @@ static int lookup(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, char *
             kvctl_json_str(&j, "key", names[i]);
             kvctl_json_str(&j, "tier", kvs_tier_name(tiers[i]));
             kvctl_json_bool(&j, "fallback", fallback[i]);
+            if (codecs[i].key_codec[0]) {
+                kvctl_json_str(&j, "key_codec", codecs[i].key_codec);
+                kvctl_json_str(&j, "value_codec", codecs[i].value_codec);
+            }
             kvctl_json_close(&j, '}');
         }
         kvctl_json_close(&j, ']');
         kvctl_json_close(&j, '}');
     } else if (rc == KVCTL_OK) {
         printf("prefix %u of %zu blocks\n", prefix, n);
-        where w = {.tiers = tiers, .fallback = fallback};
+        where w = {.tiers = tiers, .fallback = fallback, .codecs = codecs};
         key_table("TIER", names, n, where_cell, &w);
     }
     free(tiers);
     free(fallback);
+    free(codecs);
     free(keys);
     return rc;
 }
@@ -406,7 +424,9 @@ const kvctl_cmd kvctl_cmd_lookup = {
     .summary = "how many leading keys are stored, and each key's tier",
     .help = "Give a sequence's chained block keys in order (see 'kvctl key'): the prefix is\n"
             "the number of leading blocks a worker can reuse. A block stored with its\n"
-            "namespace's fallback codec (its error passed max_rel_error) says (fallback).\n",
+            "namespace's fallback codec (its error passed max_rel_error) says (fallback);\n"
+            "in a namespace with a bound or a host or disk codec, the others say the codecs\n"
+            "of their keys and values (KEY/VALUE), colder ones once a block moved down.\n",
     .run = lookup,
 };
 

@@ -42,6 +42,8 @@ void kvctl_json_ns(kvctl_json *j, const char *key, const kvs_ns_info *ns)
         kvctl_json_num(j, "error_sample", ns->spec.error_sample);
     kvctl_json_num(j, "max_rel_error", ns->spec.max_rel_error);
     kvctl_json_str(j, "fallback_codec", ns->spec.fallback_codec);
+    kvctl_json_str(j, "host_codec", ns->spec.host_codec);
+    kvctl_json_str(j, "disk_codec", ns->spec.disk_codec);
     kvctl_json_u64(j, "blocks", ns->blocks);
     kvctl_json_u64(j, "stored_bytes", ns->stored_bytes);
     kvctl_json_u64(j, "raw_bytes", ns->raw_bytes);
@@ -116,6 +118,8 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
         {"error-sample", required_argument, NULL, 'e'},
         {"max-rel-error", required_argument, NULL, 'm'},
         {"fallback-codec", required_argument, NULL, 'f'},
+        {"host-codec", required_argument, NULL, 'o'},
+        {"disk-codec", required_argument, NULL, 'i'},
         {0, 0, 0, 0},
     };
     kvs_ns_spec spec = {.dtype = KVS_DTYPE_FP16};
@@ -163,9 +167,15 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
         } else if (c == 'm') {
             if (!parse_double(optarg, 0, 1e300, &spec.max_rel_error))
                 return kvctl_usage(cmd, "--max-rel-error: '%s' is not a number >= 0", optarg);
-        } else if (c == 'f') {
-            if (!set_codec(spec.fallback_codec, optarg))
-                return kvctl_usage(cmd, "--fallback-codec: '%s' is longer than %d characters",
+        } else if (c == 'f' || c == 'o' || c == 'i') {
+            char *to = c == 'f'   ? spec.fallback_codec
+                       : c == 'o' ? spec.host_codec
+                                  : spec.disk_codec;
+            if (!set_codec(to, optarg))
+                return kvctl_usage(cmd, "--%s: '%s' is longer than %d characters",
+                                   c == 'f'   ? "fallback-codec"
+                                   : c == 'o' ? "host-codec"
+                                              : "disk-codec",
                                    optarg, KVS_CODEC_NAME_MAX);
         }
     }
@@ -209,6 +219,10 @@ static int ns_create(const kvctl_cmd *cmd, const kvctl_globals *g, int argc, cha
     else
         printf("  error measured on %g%% of Puts%s\n", 100 * info.fidelity.error_sample,
                info.spec.error_sample_set ? "" : " (the daemon's --error-sample)");
+    if (info.spec.host_codec[0] || info.spec.disk_codec[0])
+        printf("  colder tiers: host %s, disk %s (a side is re-encoded where that is smaller)\n",
+               info.spec.host_codec[0] ? info.spec.host_codec : "as it comes",
+               info.spec.disk_codec[0] ? info.spec.disk_codec : "as it comes");
     return KVCTL_OK;
 }
 
@@ -218,7 +232,7 @@ const kvctl_cmd kvctl_cmd_ns_create = {
             "       [--codec C | --key-codec C --value-codec C] [--seed N] [--keys-pre-rope]\n"
             "       [--durable] [--host-quota SIZE] [--gpu-quota SIZE] [--disk-quota SIZE]\n"
             "       [--error-sample SHARE]\n"
-            "       [--max-rel-error E [--fallback-codec C]]",
+            "       [--max-rel-error E [--fallback-codec C]] [--host-codec C] [--disk-codec C]",
     .summary = "create a namespace (one model's KV layout and codecs)",
     .help = "A namespace is immutable once created. A block of t tokens is the layout\n"
             "[L][2][t][H][D] in the namespace's dtype, t <= T.\n"
@@ -247,7 +261,14 @@ const kvctl_cmd kvctl_cmd_ns_create = {
             "  --max-rel-error E   check every Put: keys or values whose relative error\n"
             "                      ||x^-x||/||x|| passes E are stored with the fallback codec\n"
             "  --fallback-codec C  that codec: none (default: as they came), fp8, kivi-2,\n"
-            "                      kivi-3, kivi-4 or polarquant\n",
+            "                      kivi-3, kivi-4 or polarquant\n"
+            "  --host-codec C      precision demotion: a block that moves down to the host tier\n"
+            "                      (or is Put straight into it) has keys and values re-encoded\n"
+            "                      with C where C is smaller than what they have (the GPU\n"
+            "                      tier's codec is the namespace's own); not with\n"
+            "                      --max-rel-error\n"
+            "  --disk-codec C      the same for the disk tier (default for both: none, a block\n"
+            "                      keeps its encoding)\n",
     .run = ns_create,
 };
 

@@ -14,6 +14,8 @@ static void json_tier(kvctl_json *j, const kvs_tier_stats *t)
     kvctl_json_u64(j, "blocks", t->blocks);
     kvctl_json_u64(j, "hits", t->hits);
     kvctl_json_u64(j, "evictions", t->evictions);
+    kvctl_json_u64(j, "recoded_blocks", t->recoded_blocks);
+    kvctl_json_u64(j, "recode_saved_bytes", t->recode_saved_bytes);
     kvctl_json_close(j, '}');
 }
 
@@ -189,7 +191,8 @@ static void stats_text(const kvs_stats *s)
            kvctl_fmt_duration_ms(s->uptime_ms, up, sizeof up), (unsigned long long)s->misses);
 
     kvctl_table t;
-    kvctl_table_init(&t, 7, "TIER", "CAPACITY", "USED", "USE%", "BLOCKS", "HITS", "EVICTIONS");
+    kvctl_table_init(&t, 8, "TIER", "CAPACITY", "USED", "USE%", "BLOCKS", "HITS", "EVICTIONS",
+                     "RECODED");
     for (size_t i = 0; i < s->n_tiers; i++) {
         const kvs_tier_stats *ts = &s->tiers[i];
         kvctl_table_cell(&t, "%s", kvs_tier_name(ts->tier));
@@ -199,6 +202,11 @@ static void stats_text(const kvs_stats *s)
         kvctl_table_cell(&t, "%llu", (unsigned long long)ts->blocks);
         kvctl_table_cell(&t, "%llu", (unsigned long long)ts->hits);
         kvctl_table_cell(&t, "%llu", (unsigned long long)ts->evictions);
+        if (ts->recoded_blocks)
+            kvctl_table_cell(&t, "%llu (-%s)", (unsigned long long)ts->recoded_blocks,
+                             kvctl_fmt_bytes(ts->recode_saved_bytes, a, sizeof a));
+        else
+            kvctl_table_cell(&t, "-");
     }
     kvctl_table_print(&t, stdout);
     kvctl_table_free(&t);
@@ -281,7 +289,8 @@ const kvctl_cmd kvctl_cmd_stats = {
     .name = "stats",
     .args = "[--json]",
     .summary = "tier usage, namespaces, compression and per-RPC counters",
-    .help = "Tiers: capacity, bytes used, blocks, hits, evictions; misses. Namespaces:\n"
+    .help = "Tiers: capacity, bytes used, blocks, hits, evictions, blocks re-encoded with the\n"
+            "tier's colder codec as they moved in (and the bytes that saved); misses. Namespaces:\n"
             "blocks, tokens held, encoded (stored) and raw bytes, encoded bytes per token,\n"
             "compression ratio (raw / stored). Measured error of the namespaces that measure\n"
             "it: the share of Puts sampled, blocks measured, relative error of keys and values\n"

@@ -381,35 +381,123 @@ int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint
     return block_decode(k, v, enc, len, KVS_BLOCK_VERIFIED, layer_begin, layer_end, raw, err);
 }
 
-/* ---------------------------------------------------------------- fallback */
+/* ---------------------------------------------------------------- a block's encodings */
 
 static bool codec_is(const char *name, uint8_t id, uint8_t bits)
 {
-    const codec_entry *e = find(name);
+    const codec_entry *e = name[0] ? find(name) : NULL;
     return e && e->id == id && e->bits == bits;
+}
+
+const char *kvs_spec_enc_codec(const kvs_ns_spec *spec, kvs_kv kv, kvs_enc role)
+{
+    switch (role) {
+    case KVS_ENC_OWN:
+        return kv == KVS_KEYS ? spec->key_codec : spec->value_codec;
+    case KVS_ENC_FALLBACK:
+        return spec->fallback_codec;
+    case KVS_ENC_HOST:
+        return spec->host_codec;
+    case KVS_ENC_DISK:
+        return spec->disk_codec;
+    }
+    return "";
+}
+
+const char *kvs_enc_field(kvs_kv kv, kvs_enc role)
+{
+    static const char *const names[KVS_ENC_ROLES] = {NULL, "fallback_codec", "host_codec",
+                                                     "disk_codec"};
+    if (role == KVS_ENC_OWN || (unsigned)role >= KVS_ENC_ROLES)
+        return kv == KVS_KEYS ? "key_codec" : "value_codec";
+    return names[role];
+}
+
+static kvs_enc side_role(const kvs_ns_spec *spec, kvs_kv kv, uint8_t id, uint8_t bits)
+{
+    for (unsigned r = 0; r < KVS_ENC_ROLES; r++)
+        if (codec_is(kvs_spec_enc_codec(spec, kv, (kvs_enc)r), id, bits))
+            return (kvs_enc)r;
+    return KVS_ENC_OWN;
+}
+
+unsigned kvs_block_encodings(const kvs_ns_spec *spec, const kvs_block_info *info)
+{
+    return KVS_ENC_PACK(side_role(spec, KVS_KEYS, info->k_codec, info->k_bits),
+                        side_role(spec, KVS_VALUES, info->v_codec, info->v_bits));
 }
 
 unsigned kvs_block_fallback(const kvs_ns_spec *spec, const kvs_block_info *info)
 {
-    if (!spec->fallback_codec[0])
-        return 0;
-    unsigned sides = 0;
-    if (!codec_is(spec->key_codec, info->k_codec, info->k_bits) &&
-        codec_is(spec->fallback_codec, info->k_codec, info->k_bits))
-        sides |= KVS_FALLBACK_KEYS;
-    if (!codec_is(spec->value_codec, info->v_codec, info->v_bits) &&
-        codec_is(spec->fallback_codec, info->v_codec, info->v_bits))
-        sides |= KVS_FALLBACK_VALUES;
-    return sides;
+    return kvs_enc_fallback(kvs_block_encodings(spec, info));
 }
 
-int kvs_codec_create_fallback(const kvs_ns_spec *spec, kvs_kv kv, kvs_codec **out, kvs_err *err)
+int kvs_codec_create_enc(const kvs_ns_spec *spec, kvs_kv kv, kvs_enc role,
+                         const kvs_codec_state *state, kvs_codec **out, kvs_err *err)
 {
-    if (!spec->fallback_codec[0])
-        return kvs_err_set(err, KVS_EINVAL, "fallback_codec: namespace '%s' has none", spec->name);
+    if (role == KVS_ENC_OWN)
+        return kvs_codec_create(spec, kv, state, out, err);
+    const char *name = kvs_spec_enc_codec(spec, kv, role), *field = kvs_enc_field(kv, role);
+    if (!name[0])
+        return kvs_err_set(err, KVS_EINVAL, "%s: namespace '%s' has none", field, spec->name);
     kvs_ns_spec f = *spec;
-    snprintf(f.key_codec, sizeof f.key_codec, "%s", spec->fallback_codec);
-    snprintf(f.value_codec, sizeof f.value_codec, "%s", spec->fallback_codec);
+    snprintf(f.key_codec, sizeof f.key_codec, "%s", name);
+    snprintf(f.value_codec, sizeof f.value_codec, "%s", name);
     int rc = kvs_codec_create(&f, kv, NULL, out, err);
-    return rc ? kvs_err_prefix(err, "fallback_codec") : 0;
+    return rc ? kvs_err_prefix(err, "%s", field) : 0;
+}
+
+/* The same codec for a block's bytes: what it writes and reads does not differ. */
+static bool same_codec(const kvs_codec *a, const kvs_codec *b)
+{
+    return a == b || (a->id == b->id && a->bits == b->bits && a->state.version == b->state.version);
+}
+
+int kvs_block_transcode(const kvs_codec *k, const kvs_codec *v, const kvs_codec *k2,
+                        const kvs_codec *v2, const uint8_t *enc, size_t len, uint8_t *out,
+                        size_t cap, size_t *out_len, kvs_err *err)
+{
+    kvs_block_info info;
+    int rc = kvs_block_parse(k, v, enc, len, KVS_BLOCK_VERIFIED, &info, err);
+    if (rc)
+        return rc;
+    const kvs_ns_spec *s = &k->spec;
+    uint32_t t = info.tokens;
+    if (cap < kvs_block_encoded_max(k2, v2, t))
+        return kvs_err_set(err, KVS_ENOSPC, "transcode: output buffer too small");
+    size_t sec = section_elems(k, t);
+    uint16_t *raw = NULL;
+    if ((!same_codec(k, k2) || !same_codec(v, v2)) && !(raw = kvs_trymalloc(sec * 2)))
+        return kvs_err_set(err, KVS_ENOMEM, "transcode: out of memory for %zu elements", sec);
+    uint32_t *offsets = kvs_trymalloc((2 * (size_t)s->layers + 1) * sizeof *offsets);
+    if (!offsets) {
+        free(raw);
+        return kvs_err_set(err, KVS_ENOMEM, "transcode: out of memory");
+    }
+    size_t pos = kvs_format_prefix_bytes(s->layers);
+    for (uint32_t l = 0; l < s->layers && rc == 0; l++) {
+        for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
+            const kvs_codec *from = kv ? v : k, *to = kv ? v2 : k2;
+            const uint8_t *p;
+            size_t n;
+            kvs_format_section(enc, l, kv, &p, &n);
+            offsets[2 * l + kv] = (uint32_t)pos;
+            if (same_codec(from, to)) { /* kept: its bytes as they are */
+                memcpy(out + pos, p, n);
+            } else if ((rc = kvs_codec_decode(from, l, t, p, n, raw, err)) == 0 &&
+                       (rc = kvs_codec_encode(to, l, t, raw, out + pos, cap - pos, &n, err)) == 0) {
+                rc = kvs_codec_check_section(to, l, t, out + pos, n, err);
+            }
+            pos += n;
+            if (rc == 0 && pos > UINT32_MAX)
+                rc = kvs_err_set(err, KVS_E2BIG, "transcode: block over 4 GiB");
+        }
+    }
+    if (rc == 0) {
+        offsets[2 * s->layers] = (uint32_t)pos;
+        *out_len = kvs_block_frame(k2, v2, info.ns_id, t, offsets, out);
+    }
+    free(offsets);
+    free(raw);
+    return rc;
 }

@@ -157,24 +157,80 @@ int kvs_block_decode_verified(const kvs_codec *k, const kvs_codec *v, const uint
                               size_t len, uint32_t layer_begin, uint32_t layer_end, uint16_t *raw,
                               kvs_err *err);
 
-/* ---------------------------------------------------------------- fallback
- * A namespace with max_rel_error (gpu/codec/spec.h) stores a side (keys or values) of a
- * block whose measured error passed the bound with its fallback_codec. Nothing else marks
- * such a block: its header names the codec and bits of each side (gpu/codec/format.h), and
- * a reader tells the namespace's own codec from its fallback by them. */
+/* ---------------------------------------------------------------- a block's encodings
+ * Which of its namespace's codecs each side (keys, values) of a stored block is encoded
+ * with: its own (key_codec, value_codec, of the block's state version), its fallback_codec
+ * (max_rel_error: the side's measured error passed the bound at Put), or the codec of the
+ * colder tier the block moved into (host_codec, disk_codec: precision demotion). Nothing
+ * else records it: the block's header names the codec and bits of each side
+ * (gpu/codec/format.h), kvs_block_encodings reads the roles back from it, and every reader
+ * (the store's index, Lookup, GetHeader, the daemon's and the client's decoders) resolves
+ * a role to its codec in one place: kvs_codec_create_enc here, kvs_ns_codecs_enc in
+ * storage/ns.h for a namespace's own instances. */
+
+typedef enum kvs_enc {
+    KVS_ENC_OWN = 0,      /* key_codec / value_codec */
+    KVS_ENC_FALLBACK = 1, /* fallback_codec */
+    KVS_ENC_HOST = 2,     /* host_codec */
+    KVS_ENC_DISK = 3,     /* disk_codec */
+} kvs_enc;
+#define KVS_ENC_ROLES 4
+
+/* Both sides' roles in one byte (what the store keeps per block): keys in bits 0-1,
+ * values in bits 2-3. 0 = both own. */
+#define KVS_ENC_PACK(k, v) ((unsigned)(k) | (unsigned)(v) << 2)
+static inline kvs_enc kvs_enc_side(unsigned enc, kvs_kv kv)
+{
+    return (kvs_enc)(enc >> (2 * (unsigned)kv) & 3u);
+}
+static inline unsigned kvs_enc_set(unsigned enc, kvs_kv kv, kvs_enc role)
+{
+    unsigned shift = 2 * (unsigned)kv;
+    return (enc & ~(3u << shift)) | (unsigned)role << shift;
+}
 
 #define KVS_FALLBACK_KEYS 1u
 #define KVS_FALLBACK_VALUES 2u
 
-/* The sides of a block (its parsed or peeked header) stored with spec's fallback codec:
- * KVS_FALLBACK_* bits. A side whose codec is the namespace's own is never a fallback (also
- * where the fallback is that same codec); one that is neither is kvs_block_check's to
- * refuse. */
+/* The sides of packed encodings stored with the fallback codec: KVS_FALLBACK_* bits. */
+static inline unsigned kvs_enc_fallback(unsigned enc)
+{
+    return (kvs_enc_side(enc, KVS_KEYS) == KVS_ENC_FALLBACK ? KVS_FALLBACK_KEYS : 0u) |
+           (kvs_enc_side(enc, KVS_VALUES) == KVS_ENC_FALLBACK ? KVS_FALLBACK_VALUES : 0u);
+}
+
+/* The codec name spec gives role `role` of side kv ("" when it names none), and the field
+ * that names it ("key_codec", "value_codec", "fallback_codec", "host_codec", "disk_codec"). */
+const char *kvs_spec_enc_codec(const kvs_ns_spec *spec, kvs_kv kv, kvs_enc role);
+const char *kvs_enc_field(kvs_kv kv, kvs_enc role);
+
+/* The roles of a block's sides from its (parsed or peeked) header, packed: for each side,
+ * the first of own, fallback, host, disk whose codec and bits the header names (one codec
+ * named by several roles decodes the same whichever is picked). A side that matches none
+ * reads as own, which kvs_block_check then refuses. */
+unsigned kvs_block_encodings(const kvs_ns_spec *spec, const struct kvs_block_info *info);
+
+/* The sides stored with spec's fallback codec (kvs_enc_fallback of kvs_block_encodings). */
 unsigned kvs_block_fallback(const kvs_ns_spec *spec, const struct kvs_block_info *info);
 
-/* Creates spec's fallback codec for side kv (no learned state: it has none). KVS_EINVAL
- * naming fallback_codec when spec has none or it is unknown. Free with kvs_codec_destroy. */
-int kvs_codec_create_fallback(const kvs_ns_spec *spec, kvs_kv kv, kvs_codec **out, kvs_err *err);
+/* Creates the codec of role `role` for side kv of spec: own with the learned state given
+ * (kvs_codec_create), the others without learned state (they learn none: spec.h). KVS_EINVAL
+ * naming the role's field when spec names none or an unknown one. Free with
+ * kvs_codec_destroy. */
+int kvs_codec_create_enc(const kvs_ns_spec *spec, kvs_kv kv, kvs_enc role,
+                         const kvs_codec_state *state, kvs_codec **out, kvs_err *err);
+
+/* Re-encodes a verified encoded block (enc, len; encoded with k and v: kvs_block_parse
+ * with trust VERIFIED) with k2 and v2 into out (cap bytes, at least
+ * kvs_block_encoded_max(k2, v2, t)); *out_len is its size. A side whose codec stays (k2 ==
+ * k, v2 == v) keeps its sections byte for byte; the other is decoded and encoded again,
+ * section by section, each new section passing kvs_codec_check_section. The block keeps
+ * its namespace id; the header names k2 and v2 and their state versions, and is sealed.
+ * Precision demotion on the CPU (the GPU engine's kvs_engine_recode_dev writes the same
+ * bytes). */
+int kvs_block_transcode(const kvs_codec *k, const kvs_codec *v, const kvs_codec *k2,
+                        const kvs_codec *v2, const uint8_t *enc, size_t len, uint8_t *out,
+                        size_t cap, size_t *out_len, kvs_err *err);
 
 #ifdef __cplusplus
 }

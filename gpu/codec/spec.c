@@ -93,6 +93,26 @@ static int fallback_validate(const kvs_ns_spec *s, kvs_err *err)
     return 0;
 }
 
+/* A tier codec (precision demotion): any codec, used without learned state (spec.h), and
+ * not beside a bound: max_rel_error promises the error of a block against the input of its
+ * Put, which a re-encode on the way down no longer has to measure against. */
+static int tier_validate(const kvs_ns_spec *s, const char *field, const char *c, kvs_err *err)
+{
+    char names[160];
+    if (!c[0])
+        return 0;
+    if (!kvs_codec_name_known(c))
+        return kvs_err_set(err, KVS_EINVAL, "%s: unknown codec '%.31s' (available: %s)", field, c,
+                           kvs_codec_names(names, sizeof names));
+    if (s->max_rel_error > 0)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "%s: '%.31s' given with max_rel_error: a re-encoded block's error "
+                           "cannot be checked against its Put's input any more; use one or the "
+                           "other",
+                           field, c);
+    return 0;
+}
+
 void kvs_spec_fill_defaults(kvs_ns_spec *s)
 {
     if (!s->key_codec[0])
@@ -138,6 +158,10 @@ int kvs_spec_validate(const kvs_ns_spec *s, kvs_err *err)
                            "max_rel_error: %g is not a relative error >= 0 (0: no bound)",
                            s->max_rel_error);
     int rc = fallback_validate(s, err);
+    if (rc == 0)
+        rc = tier_validate(s, "host_codec", s->host_codec, err);
+    if (rc == 0)
+        rc = tier_validate(s, "disk_codec", s->disk_codec, err);
     if (rc)
         return rc;
     /* A quota under one full block could never hold one: its tier would be closed to the

@@ -67,6 +67,17 @@ typedef struct kvs_ns_spec {
      * records, never another's (storage/store.h "Quotas"). */
     uint64_t gpu_quota;
     uint64_t disk_quota;
+    /* Precision demotion (README "Namespace options"): the codec of the host tier and of
+     * the disk tier, "" = a block keeps its encoding there. Puts land in the GPU tier with
+     * the namespace's own codecs (key_codec, value_codec: the GPU tier's, so it has no field
+     * of its own); a block that moves down to a tier, or is Put straight into the host tier,
+     * has each side (keys, values) encoded with that tier's codec when it is smaller than
+     * the side's encoding so far (kvs_codec_section_max), else it keeps it: a block only
+     * ever gets colder, and a promotion keeps its colder encoding. A tier codec encodes
+     * without learned state (RotateKV: the identity channel order; SQuat: no query
+     * subspace, i.e. KIVI), so its blocks decode without any. Not with max_rel_error. */
+    char host_codec[KVS_CODEC_NAME_MAX + 1];
+    char disk_codec[KVS_CODEC_NAME_MAX + 1];
 } kvs_ns_spec;
 
 /* Bytes of one element of dtype (2), or 0 for an unknown dtype. */
@@ -86,7 +97,9 @@ bool kvs_spec_name_ok(const char *s);
  * not accepted here: callers fill defaults ("none") first, the fallback codec's too when
  * max_rel_error is set (kvs_spec_fill_defaults). A fallback codec must be one whose
  * blocks decode without learned state (none, fp8, kivi-*, polarquant) and may not be the
- * namespace's own key and value codec both. */
+ * namespace's own key and value codec both. host_codec and disk_codec are "" or any known
+ * codec, and not set together with max_rel_error (the bound is checked against a Put's
+ * input, which a later re-encode no longer has). */
 int kvs_spec_validate(const kvs_ns_spec *spec, kvs_err *err);
 
 /* Fills the defaults a caller may leave empty: codec names "none", and with max_rel_error

@@ -37,8 +37,8 @@
 
 static bool compatible(const job *a, const job *b)
 {
-    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v && a->t == b->t &&
-           a->lb == b->lb && a->le == b->le;
+    return a->kind == b->kind && a->dev == b->dev && a->k == b->k && a->v == b->v &&
+           a->k2 == b->k2 && a->v2 == b->v2 && a->t == b->t && a->lb == b->lb && a->le == b->le;
 }
 
 /* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
@@ -503,6 +503,7 @@ static const kvs__engine_runner runners[] = {
     [JOB_DECODE] = do_decode,
     [JOB_FETCH] = kvs__engine_do_fetch,
     [JOB_UPLOAD] = kvs__engine_do_upload,
+    [JOB_RECODE] = kvs__engine_do_recode,
 };
 
 static void *engine_main(void *arg)

@@ -19,8 +19,9 @@
  * kvs_engine_tier_alloc; storage/slots.h cuts it into slots) and moves blocks in and out
  * of slots (gpu/engine/engine_tier.c): encode straight into a slot (no D2H of the encoded bytes),
  * decode straight from a slot, fetch a slot back to the host as a framed, sealed block
- * (demotion to the host tier, Get ENCODED), and upload a host block's sections into a slot
- * (promotion on Get). Slot layout of a block of t tokens and L layers: the key
+ * (demotion to the host tier, Get ENCODED), re-encode a slot with colder codecs on the way
+ * (precision demotion, gpu/engine/engine_recode.c), and upload a host block's sections into
+ * a slot (promotion on Get). Slot layout of a block of t tokens and L layers: the key
  * sections of layers 0..L-1 at stride kvs_codec_section_max(k, t), then the value
  * sections at stride kvs_codec_section_max(v, t); the section lengths live on the host
  * (lens[2L]: keys of each layer, then values). The bytes in a slot are not checksummed
@@ -148,6 +149,20 @@ int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_cod
 int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                          uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
                          size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
+/* Precision demotion (gpu/codec/spec.h host_codec): the block in a device slot (encoded with
+ * k and v, as kvs_engine_fetch_dev reads it) re-encoded on the device with k2 and v2 and
+ * copied to the host as an encoded block stamped with ns_id and sealed, the bytes
+ * kvs_block_transcode writes on the CPU: a side whose codec stays (k2 == k, v2 == v) keeps
+ * its sections as they are, the other is decoded and encoded again by the kernels, so only
+ * the colder bytes cross the bus. out: cap bytes, at least kvs_block_encoded_max of both
+ * pairs; *len set. Where the kernels flag a section (malformed, or a value the colder codec
+ * refuses), the CPU reference re-encodes the slot's bytes instead, and if it cannot either,
+ * out holds the block as it was (as kvs_engine_fetch_dev writes it): out's header says
+ * which codecs it has. KVS_ENOTSUP when the engine does not run all four codecs. */
+int kvs_engine_recode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                          const kvs_codec *k2, const kvs_codec *v2, uint32_t ns_id, uint32_t t,
+                          const void *slot, const uint32_t *lens, uint8_t *out, size_t cap,
+                          size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
 /* Copies an encoded block (host, borrowed until done; checked as kvs_engine_decode checks
  * it) into a device slot of kvs_engine_slot_bytes(k, v, its tokens), in slot layout; lens
  * (host, 2L entries, borrowed) receives the section lengths before done runs. The block

@@ -17,26 +17,27 @@
 #include "gpu/engine/engine.h"
 #include "gpu/codec/format.h"
 
-typedef enum { JOB_ENCODE, JOB_DECODE, JOB_FETCH, JOB_UPLOAD } job_kind;
+typedef enum { JOB_ENCODE, JOB_DECODE, JOB_FETCH, JOB_UPLOAD, JOB_RECODE } job_kind;
 
 typedef struct job {
     job_kind kind;
     bool dev; /* encode/decode: the encoded side is a GPU tier slot, not host memory */
     const kvs_codec *k, *v;
+    const kvs_codec *k2, *v2; /* recode: the codecs the slot's block is re-encoded with */
     uint32_t t, lb, le, ns_id;
     const uint16_t *raw_in; /* encode */
-    uint8_t *out;           /* encode (host), fetch */
+    uint8_t *out;           /* encode (host), fetch, recode */
     size_t cap, *len;
     const uint8_t *enc; /* decode, upload (host) */
     size_t enc_len;
     uint16_t *raw_out;     /* decode */
-    union {                /* dev encode/decode, fetch, upload: device address */
+    union {                /* dev encode/decode, fetch, upload, recode: device address */
         uint8_t *out;      /* written: dev encode, upload */
-        const uint8_t *in; /* read: dev decode, fetch */
+        const uint8_t *in; /* read: dev decode, fetch, recode */
     } slot;
     union {                 /* 2L section lengths (host) */
         uint32_t *out;      /* dev encode, upload */
-        const uint32_t *in; /* dev decode, fetch */
+        const uint32_t *in; /* dev decode, fetch, recode */
     } lens;
     bool direct;     /* upload, fetch: DMA between the slot and pinned host memory, no
                       * staging (engine_tier.c) */
@@ -121,5 +122,7 @@ typedef int (*kvs__engine_runner)(kvs_engine *e, job *list, uint32_t nb);
 /* engine_tier.c: the runners of fetch jobs and of upload jobs. */
 int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb);
 int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb);
+/* engine_recode.c: the runner of recode jobs. */
+int kvs__engine_do_recode(kvs_engine *e, job *list, uint32_t nb);
 
 #endif

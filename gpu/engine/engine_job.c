@@ -36,6 +36,9 @@ void kvs__engine_footprint(const job *j, size_t *raw, size_t *enc)
                ? 0
                : 2 * nl * kvs__engine_sec_elems(j->k, j->t) * 2;
     *enc = nl * (kvs_codec_section_max(j->k, j->t) + kvs_codec_section_max(j->v, j->t));
+    /* A recode's sections come from its slot; the staging holds what it re-encodes to. */
+    if (j->kind == JOB_RECODE)
+        *enc = nl * (kvs_codec_section_max(j->k2, j->t) + kvs_codec_section_max(j->v2, j->t));
 }
 
 void kvs__engine_finish(job *j, int rc, const kvs_err *err)

@@ -128,7 +128,7 @@ int main(int argc, char **argv)
         kvs_codec *k = NULL, *v = NULL, *fb = NULL;
         kvs_err err;
         if (make(&s, KVS_KEYS, squat ? &st : NULL, &k) || make(&s, KVS_VALUES, NULL, &v) ||
-            kvs_codec_create_fallback(&s, KVS_KEYS, &fb, &err)) {
+            kvs_codec_create_enc(&s, KVS_KEYS, KVS_ENC_FALLBACK, NULL, &fb, &err)) {
             bad = 1;
             break;
         }

@@ -360,8 +360,9 @@ def test_fidelity_with_the_gpu_engine(daemon, tmp_path):
     writing): a measured Put is encoded by the engine into the host tier and measured on the
     CPU (never a GPU slot); a block over the bound (kivi-2 values with an outlier channel,
     fp8 fallback) is decoded by the engine with the fallback codec, matches the client's CPU
-    decode of its encoded bytes within one fp16 ulp, and is never promoted to the GPU tier;
-    unmeasured blocks of the same shape still land in the GPU tier."""
+    decode of its encoded bytes within one fp16 ulp, and is promoted to the GPU tier with
+    its codecs (a block's codec roles travel with it, issue 16 item 5: its slot is sized for
+    them); unmeasured blocks of the same shape still land in the GPU tier."""
     d = gpu_daemon(daemon, extra=["--error-sample", "0"])
     sampled = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="kivi-2",
                           value_codec="kivi-2", error_sample=kvs.pb.ErrorSample(share=1.0))
@@ -378,10 +379,77 @@ def test_fidelity_with_the_gpu_engine(daemon, tmp_path):
     for name in (sampled.spec.name, bounded.spec.name):
         f = [n for n in d.stats().namespaces if n.spec.name == name][0].fidelity
         assert f.key_error.count == 1
-    for _ in range(3):  # Gets would promote a host block: not a fallback one
-        g = kvs.get(d.stub, bounded.spec.name, b"o")
-        assert g.header.value_codec == "fp8" and g.header.tier == kvs.pb.TIER_HOST
+    g = kvs.get(d.stub, bounded.spec.name, b"o")  # from the host tier; promoted beside
+    assert g.header.value_codec == "fp8" and g.header.tier == kvs.pb.TIER_HOST
+    assert wait_tiers(d, bounded.spec.name, [b"o"], [kvs.pb.TIER_GPU]) == [kvs.pb.TIER_GPU]
     out = tmp_path / "local.bin"
     rc = d.kvctl("get", bounded.spec.name, "o", out, "--local")
     assert rc.returncode == 0, rc.stderr
+    for _ in range(2):  # decoded by the engine from its slot, with the fallback codec
+        g2 = kvs.get(d.stub, bounded.spec.name, b"o")
+        assert g2.header.tier == kvs.pb.TIER_GPU and g2.header.fallback
+        assert (g2.header.key_codec, g2.header.value_codec) == ("kivi-2", "fp8")
+        assert ulps(g2.data, out.read_bytes()) <= 1
     assert ulps(g.data, out.read_bytes()) <= 1
+
+
+def test_host_codec_demotion_on_the_gpu(daemon, tmp_path):
+    """Precision demotion with the GPU engine (issue 16 item 5; not run where there is no
+    GPU): fp8 blocks in a small GPU tier, host_codec kivi-2. Demotion re-encodes them on the
+    device (kvs_engine_recode_dev) as they move to the host tier: Lookup and GetHeader say
+    kivi-2 for the demoted blocks and fp8 for those still on the GPU, a Get returns them
+    within kivi-2's error, and its data matches the client's CPU decode of the encoded block
+    (the bytes the CPU transcode writes: tests/gpu/test_recode_gpu.c) within one fp16 ulp;
+    the host tier counts the re-encodes and the bytes saved, and the namespace's stored
+    bytes are exactly its blocks' encoded sizes. A Get promotes a demoted block back to the
+    GPU tier with its kivi-2 encoding."""
+    # fp8 at L=4 H=8 D=128 T=16: a slot is ~128 KiB; 2 MiB holds 16 of them.
+    d = gpu_daemon(daemon, capacity="2M", extra=["--gpu-watermarks", "75,50"])
+    info = kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec="fp8", value_codec="fp8",
+                       host_codec="kivi-2")
+    name = info.spec.name
+    x = {}
+    for i in range(40):
+        x[i] = np.random.default_rng(50 + i).standard_normal((L, 2, T, H, D)).astype("<f2")
+        kvs.put(d.stub, name, b"h%d" % i, T, x[i].tobytes())
+    keys = [b"h%d" % i for i in range(40)]
+    deadline = time.monotonic() + 10
+    while tier(d, kvs.pb.TIER_HOST).recoded_blocks == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the round in flight
+    look = d.stub.Lookup(kvs.pb.KeysRequest(namespace=name, keys=keys))
+    host = [i for i in range(40) if look.tiers[i] == kvs.pb.TIER_HOST]
+    gpu = [i for i in range(40) if look.tiers[i] == kvs.pb.TIER_GPU]
+    assert host and gpu, list(look.tiers)
+    # Every host block is kivi-2: demoted ones re-encoded, Puts past a full GPU tier encoded
+    # so from their input.
+    assert {(look.key_codecs[i], look.value_codecs[i]) for i in host} == {("kivi-2", "kivi-2")}
+    assert {(look.key_codecs[i], look.value_codecs[i]) for i in gpu} == {("fp8", "fp8")}
+    h = tier(d, kvs.pb.TIER_HOST)
+    assert h.recoded_blocks > 0 and h.recode_saved_bytes > 0
+    stored = 0
+    for i in host[:8]:
+        out = tmp_path / "local.bin"
+        rc = d.kvctl("get", name, "h%d" % i, out, "--local")
+        assert rc.returncode == 0, rc.stderr
+        g = kvs.get(d.stub, name, keys[i])  # promotes it beside the answer
+        assert (g.header.key_codec, g.header.value_codec) == ("kivi-2", "kivi-2")
+        assert ulps(g.data, out.read_bytes()) <= 1
+        got = np.frombuffer(g.data, "<f2").astype(np.float64).reshape(L, 2, T, H, D)
+        ref = x[i].astype(np.float64)
+        for kv, hi in ((0, 0.5), (1, 0.55)):  # kivi-2 on Gaussian KV: ~0.3 / ~0.4
+            err = np.linalg.norm(got[:, kv] - ref[:, kv]) / np.linalg.norm(ref[:, kv])
+            assert 0.15 < err < hi, (i, kv, err)
+        enc = kvs.get(d.stub, name, keys[i], fmt=kvs.ENCODED)
+        hdr, _ = kvs.parse_encoded(enc.data)
+        assert (hdr["k_codec"], hdr["k_bits"], hdr["v_codec"], hdr["v_bits"]) == (2, 2, 2, 2)
+    promoted = wait_tiers(d, name, [keys[host[0]]], [kvs.pb.TIER_GPU])
+    if promoted == [kvs.pb.TIER_GPU]:  # room below the high watermark
+        look = d.stub.Lookup(kvs.pb.KeysRequest(namespace=name, keys=[keys[host[0]]]))
+        assert (look.key_codecs[0], look.value_codecs[0]) == ("kivi-2", "kivi-2")
+        g = kvs.get(d.stub, name, keys[host[0]])
+        assert g.header.tier == kvs.pb.TIER_GPU and g.header.key_codec == "kivi-2"
+    for k in keys:
+        stored += len(kvs.get(d.stub, name, k, fmt=kvs.ENCODED).data)
+    ns = [n for n in d.stats().namespaces if n.spec.name == name][0]
+    assert ns.blocks == 40 and ns.stored_bytes == stored

@@ -22,7 +22,7 @@ expect() { # expect "WANT" WORD... : the completions of the last word
 expect "ns" n
 expect "create list drop" ns ""
 expect "verify" --target x ve
-expect "--host-quota" ns create foo --host
+expect "--host-codec --host-quota" ns create foo --host
 expect "--threads" bench --th
 expect "--tls-ca --tls-cert --tls-key --tls-server-name" --tls
 expect "stats status" st

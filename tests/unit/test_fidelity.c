@@ -277,8 +277,8 @@ static void test_block_fallback_sides(void **state)
     kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
     kvs_codec *fk, *fv;
     kvs_err err;
-    assert_int_equal(kvs_codec_create_fallback(&s, KVS_KEYS, &fk, &err), 0);
-    assert_int_equal(kvs_codec_create_fallback(&s, KVS_VALUES, &fv, &err), 0);
+    assert_int_equal(kvs_codec_create_enc(&s, KVS_KEYS, KVS_ENC_FALLBACK, NULL, &fk, &err), 0);
+    assert_int_equal(kvs_codec_create_enc(&s, KVS_VALUES, KVS_ENC_FALLBACK, NULL, &fv, &err), 0);
     assert_int_equal(kvs_codec_id_of(fk), KVS_CODEC_FP8);
     uint64_t bytes;
     assert_int_equal(kvs_spec_block_bytes(&s, T, &bytes, NULL), 0);
@@ -307,7 +307,8 @@ static void test_block_fallback_sides(void **state)
     assert_int_equal(kvs_format_peek(enc, len, &info, &err), 0);
     assert_int_equal(kvs_block_fallback(&plain, &info), 0);
     kvs_codec *none_c = NULL;
-    assert_int_equal(kvs_codec_create_fallback(&plain, KVS_KEYS, &none_c, &err), KVS_EINVAL);
+    assert_int_equal(kvs_codec_create_enc(&plain, KVS_KEYS, KVS_ENC_FALLBACK, NULL, &none_c, &err),
+                     KVS_EINVAL);
     assert_null(none_c);
     assert_non_null(strstr(err.msg, "fallback_codec"));
     free(enc);

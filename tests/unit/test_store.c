@@ -534,7 +534,7 @@ static kvs_store *new_gpu_store(uint64_t host_cap, uint64_t gpu_cap, uint64_t sl
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_block **out, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, err);
     if (rc)
         return rc;
     kvs_block_dev *d = kvs_block_device(blk);
@@ -789,14 +789,14 @@ static void test_gpu_abort_and_absent(void **state)
     kvs_block *blk;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
     assert_false(kvs_store_has_gpu(st));
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 100, &blk, &err), KVS_ENOSPC);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 100, &blk, &err), KVS_ENOSPC);
     assert_false(kvs_store_gpu_over_high(st));
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
 
     st = new_gpu_store(1 << 20, 4000, 1000);
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, &err), 0);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, &err), 0);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_used, 1000);
@@ -804,7 +804,7 @@ static void test_gpu_abort_and_absent(void **state)
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_used, 0);
     /* A slot larger than a slab is refused with a reason, not a crash. */
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 1001, &blk, &err), KVS_EINVAL);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1001, &blk, &err), KVS_EINVAL);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
 }

@@ -555,7 +555,7 @@ static void test_evict_gpu(void **state)
     char key[8];
     for (int i = 0; i < 6; i++) {
         kvs_block *blk;
-        assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, &err), 0);
+        assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, &err), 0);
         kvs_block_set_size(blk, 300, 512);
         snprintf(key, sizeof key, "g%d", i);
         assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);

@@ -257,7 +257,7 @@ static void test_ns_drop_clears(void **state)
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 1000, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, err);
     if (rc)
         return rc;
     kvs_block_set_size(blk, 300, 512);

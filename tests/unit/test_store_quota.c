@@ -104,7 +104,7 @@ static void test_quota_under_a_block_is_refused(void **state)
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, SLOT, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, SLOT, &blk, err);
     if (rc)
         return rc;
     kvs_block_set_size(blk, 300, 512);
@@ -600,16 +600,21 @@ static void test_spec_records_of_every_version(void **state)
         "kvs-ns 1 v1 2 2 16 8 1 none none 0 0 5",
         "kvs-ns 2 v2 2 2 16 8 1 none none 0 0 5 3000",
         "kvs-ns 3 v3 2 2 16 8 1 none none 0 0 5 3000 - 0.5 fp8",
+        "kvs-ns 5 v5 2 2 16 8 1 none none 0 0 5 3000 - 0 - 4096 0 kivi-4 kivi-2",
     };
-    for (uint32_t i = 0; i < 3; i++)
+    for (uint32_t i = 0; i < 4; i++)
         assert_int_equal(kvs_disk_ns_put(f.disk, 100 + i, "", 0, old[i], strlen(old[i]), &err), 0);
     kvs_disk_close(f.disk);
     fx_open(&f, 16 << 20, true);
     const struct {
         const char *name;
         uint64_t host, gpu, disk;
-    } want[] = {{"v1", 0, 0, 0}, {"v2", 3000, 0, 0}, {"v3", 3000, 0, 0}, {"v4", 0, 4096, 8192}};
-    for (size_t i = 0; i < 4; i++) {
+    } want[] = {{"v1", 0, 0, 0},
+                {"v2", 3000, 0, 0},
+                {"v3", 3000, 0, 0},
+                {"v4", 0, 4096, 8192},
+                {"v5", 3000, 4096, 0}};
+    for (size_t i = 0; i < 5; i++) {
         kvs_ns *ns = find(f.st, want[i].name);
         const kvs_ns_spec *sp = kvs_ns_spec_of(ns);
         assert_int_equal(sp->host_quota, want[i].host);
@@ -620,6 +625,10 @@ static void test_spec_records_of_every_version(void **state)
     kvs_ns *v3 = find(f.st, "v3");
     assert_string_equal(kvs_ns_spec_of(v3)->fallback_codec, "fp8");
     kvs_ns_unref(v3);
+    kvs_ns *v5 = find(f.st, "v5"); /* version 5: the tier codecs after version 4's quotas */
+    assert_string_equal(kvs_ns_spec_of(v5)->host_codec, "kivi-4");
+    assert_string_equal(kvs_ns_spec_of(v5)->disk_codec, "kivi-2");
+    kvs_ns_unref(v5);
     fx_close(&f);
 }
 

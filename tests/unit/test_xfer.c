@@ -324,7 +324,7 @@ static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned 
     if (r.rc)
         fail_msg("get %s: %s", key, r.msg);
     if (fallback)
-        *fallback = kvs_xfer_get_fallback(g);
+        *fallback = kvs_enc_fallback(kvs_xfer_get_enc(g));
     if (tier)
         *tier = kvs_xfer_get_tier(g);
     kvs_xfer_get_close(g);
@@ -335,10 +335,10 @@ static unsigned lookup_fallback(fx *f, kvs_ns *ns, const char *key)
 {
     kvs_store_key k = {key, strlen(key)};
     kvs_store_tier t;
-    uint8_t fb = 0xFF;
-    kvs_store_lookup(f->st, ns, &k, 1, &t, NULL, &fb);
+    uint8_t enc = 0xFF;
+    kvs_store_lookup(f->st, ns, &k, 1, &t, NULL, &enc);
     assert_int_not_equal(t, KVS_STORE_TIER_NONE);
-    return fb;
+    return kvs_enc_fallback(enc);
 }
 
 static kvs_fidelity_stats fidelity_of(kvs_ns *ns)

@@ -43,7 +43,10 @@ class NsSpec(ctypes.Structure):
                 ("max_rel_error", ctypes.c_double),
                 ("fallback_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
                 # Quotas of the GPU and disk tiers (last in kvs_ns_spec).
-                ("gpu_quota", ctypes.c_uint64), ("disk_quota", ctypes.c_uint64)]
+                ("gpu_quota", ctypes.c_uint64), ("disk_quota", ctypes.c_uint64),
+                # Precision demotion: the host and disk tiers' codecs ("": none).
+                ("host_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                ("disk_codec", ctypes.c_char * (CODEC_NAME_MAX + 1))]
 
 
 class ErrorStats(ctypes.Structure):
@@ -73,7 +76,9 @@ class GetResult(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint32), ("dtype", ctypes.c_int),
                 ("layer_begin", ctypes.c_uint32), ("layer_end", ctypes.c_uint32),
                 ("bytes", ctypes.c_uint64), ("format", ctypes.c_int), ("tier", ctypes.c_int),
-                ("fallback", ctypes.c_bool)]
+                ("fallback", ctypes.c_bool),
+                ("key_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                ("value_codec", ctypes.c_char * (CODEC_NAME_MAX + 1))]
 
 
 class CudaBlock(ctypes.Structure):
@@ -130,10 +135,16 @@ class Key(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint8), ("bytes", ctypes.c_uint8 * KEY_MAX)]
 
 
+class BlockCodecs(ctypes.Structure):
+    _fields_ = [("key_codec", ctypes.c_char * (CODEC_NAME_MAX + 1)),
+                ("value_codec", ctypes.c_char * (CODEC_NAME_MAX + 1))]
+
+
 class TierStats(ctypes.Structure):
     _fields_ = [("tier", ctypes.c_int), ("capacity_bytes", ctypes.c_uint64),
                 ("used_bytes", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
-                ("hits", ctypes.c_uint64), ("evictions", ctypes.c_uint64)]
+                ("hits", ctypes.c_uint64), ("evictions", ctypes.c_uint64),
+                ("recoded_blocks", ctypes.c_uint64), ("recode_saved_bytes", ctypes.c_uint64)]
 
 
 class RpcStats(ctypes.Structure):
@@ -197,6 +208,12 @@ def load():
         "kvs_client_lookup": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
                                              ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint32),
                                              ctypes.POINTER(ctypes.c_int), E]),
+        "kvs_client_lookup_codecs": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
+                                                    ctypes.c_size_t,
+                                                    ctypes.POINTER(ctypes.c_uint32),
+                                                    ctypes.POINTER(ctypes.c_int),
+                                                    ctypes.POINTER(ctypes.c_bool),
+                                                    ctypes.POINTER(BlockCodecs), E]),
         "kvs_client_exists": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),
                                              ctypes.c_size_t, ctypes.POINTER(ctypes.c_bool), E]),
         "kvs_client_delete": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(Key),

@@ -90,6 +90,9 @@ class Namespace:
     error_sample: Optional[float] = None
     max_rel_error: float = 0.0
     fallback_codec: str = ""
+    # Precision demotion (README "Namespace options"): the host and disk tiers' codecs.
+    host_codec: str = ""
+    disk_codec: str = ""
     # Measured error since the daemon started: error_sample (the share measured now),
     # keys/values/logits as {"count", "mean", "max"}, checked, fallback_blocks,
     # fallback_keys, fallback_values.
@@ -125,7 +128,7 @@ def _ns_of(info: _lib.NsInfo) -> Namespace:
                      s.value_codec.decode(), bool(s.durable), info.blocks, info.stored_bytes,
                      info.raw_bytes, info.block_bytes, s.host_quota,
                      s.error_sample if s.error_sample_set else None, s.max_rel_error,
-                     s.fallback_codec.decode(),
+                     s.fallback_codec.decode(), s.host_codec.decode(), s.disk_codec.decode(),
                      {"error_sample": f.error_sample, "keys": err(f.keys),
                       "values": err(f.values), "logits": err(f.logits), "checked": f.checked,
                       "fallback_blocks": f.fallback_blocks, "fallback_keys": f.fallback_keys,
@@ -334,7 +337,8 @@ class Client:
                          keys_pre_rope: bool = False, seed: int = 0,
                          host_quota_bytes: int = 0, error_sample: Optional[float] = None,
                          max_rel_error: float = 0.0, fallback_codec: str = "",
-                         gpu_quota_bytes: int = 0, disk_quota_bytes: int = 0) -> Namespace:
+                         gpu_quota_bytes: int = 0, disk_quota_bytes: int = 0,
+                         host_codec: str = "", disk_codec: str = "") -> Namespace:
         """Creates a namespace (KvAdmin.CreateNamespace); see the README for codecs.
         host_quota_bytes: bytes of the host tier it may hold (0: no quota); over it, a Put
         evicts this namespace's own blocks, never another namespace's. gpu_quota_bytes,
@@ -344,14 +348,19 @@ class Client:
         share of Puts (0..1) whose encoded block the daemon decodes again and measures
         (Namespace.fidelity); None: the daemon's --error-sample. max_rel_error: check every
         Put, and store keys or values whose relative error passes it with fallback_codec
-        (none, the default with a bound; fp8, kivi-2/3/4, polarquant)."""
+        (none, the default with a bound; fp8, kivi-2/3/4, polarquant). host_codec,
+        disk_codec: precision demotion, the codec of the host and of the disk tier ("":
+        blocks keep theirs); a block moving down (or Put straight into the host tier) has
+        keys and values re-encoded with the tier's codec where it is smaller (the GPU tier's
+        is key_codec/value_codec); not with max_rel_error."""
         if dtype not in _DTYPES:
             raise ValueError(f"kvstash: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         s = _lib.NsSpec(name.encode(), layers, kv_heads, head_dim, block_tokens,
                         _DTYPES[dtype], key_codec.encode(), value_codec.encode(),
                         keys_pre_rope, durable, seed, host_quota_bytes,
                         error_sample is not None, error_sample or 0.0, max_rel_error,
-                        fallback_codec.encode(), gpu_quota_bytes, disk_quota_bytes)
+                        fallback_codec.encode(), gpu_quota_bytes, disk_quota_bytes,
+                        host_codec.encode(), disk_codec.encode())
         info, err = _lib.NsInfo(), _lib.Err()
         _check(self._c.ns_create(self._h, ctypes.byref(s), ctypes.byref(info),
                                  ctypes.byref(err)), err)
@@ -846,6 +855,20 @@ class Client:
                               tiers, ctypes.byref(err)), err)
         return prefix.value, [_TIERS.get(t, "none") for t in tiers]
 
+    def lookup_codecs(self, ns: str, keys: Sequence) -> Tuple[int, List[Tuple[str, str, str]]]:
+        """lookup, and the codecs each block's keys and values are stored with: (prefix,
+        [(tier, key_codec, value_codec)]), the codecs "" for an absent key and where the
+        namespace's blocks all have its own codecs (no bound, no host or disk codec). One
+        daemon only."""
+        self._one_daemon("lookup_codecs")
+        arr, n = _keys(keys), len(keys)
+        prefix, tiers, err = ctypes.c_uint32(), (ctypes.c_int * n)(), _lib.Err()
+        codecs = (_lib.BlockCodecs * n)()
+        _check(lib.kvs_client_lookup_codecs(self._h, ns.encode(), arr, n, ctypes.byref(prefix),
+                                            tiers, None, codecs, ctypes.byref(err)), err)
+        return prefix.value, [(_TIERS.get(t, "none"), c.key_codec.decode(),
+                               c.value_codec.decode()) for t, c in zip(tiers, codecs)]
+
     def exists(self, ns: str, keys: Sequence) -> List[bool]:
         arr = _keys(keys)
         out, err = (ctypes.c_bool * len(keys))(), _lib.Err()
@@ -873,7 +896,8 @@ class Client:
             return {
                 "version": s.version.decode(), "uptime_ms": s.uptime_ms, "misses": s.misses,
                 "tiers": {_TIERS[t.tier]: {f: getattr(t, f) for f in (
-                    "capacity_bytes", "used_bytes", "blocks", "hits", "evictions")}
+                    "capacity_bytes", "used_bytes", "blocks", "hits", "evictions",
+                    "recoded_blocks", "recode_saved_bytes")}
                     for t in s.tiers[:s.n_tiers]},
                 "namespaces": [_ns_of(s.namespaces[i]) for i in range(s.n_namespaces)],
                 "rpcs": {s.rpcs[i].method.decode(): (s.rpcs[i].calls, s.rpcs[i].errors)

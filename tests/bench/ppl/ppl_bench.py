@@ -40,6 +40,20 @@ Codecs: every codec the daemon offers (the list in its answer to an unknown code
     SQuat is KIVI) and say so.
   - others: post-RoPE keys, what a serving engine caches.
 
+Tier policies (--policies, precision demotion: issue 16 item 5): each policy is
+OWN[/HOST[/DISK]], the namespace's own codec (the GPU tier's, where Puts land) and the codecs
+of its host and disk tiers (README "Namespace options"; empty: a block keeps its encoding).
+The daemon gets a disk tier; every window's prefix blocks are put (on a CPU daemon they land in
+the host tier: encoded with HOST where it is colder than OWN), moved to the disk tier by an
+operator's Evict (re-encoded with DISK where colder), and read back from there: the row is the
+quality of the policy's coldest tier, the worst a prefix hit sees. blocks/GiB is read from
+the daemon's byte counters (NamespaceInfo.stored_bytes over its blocks, after the moves);
+bits/value from them too. Without --codecs, only the policies run.
+
+    /usr/bin/python3 tests/bench/ppl/ppl_bench.py --kvstashd build/bin/kvstashd \
+        --windows 8 --window 160 --prefix-blocks 8 --no-proxy \
+        --policies fp8,fp8/kivi-4/kivi-2,fp8//kivi-2,kivi-2,fp8//rotatekv-2
+
     # a daemon is started on a Unix socket from the build tree (or --target ADDR); half of
     # each window restored (RESULTS.md's table A), then nearly all of it (table B):
     /usr/bin/python3 tests/bench/ppl/ppl_bench.py --kvstashd build/bin/kvstashd \\
@@ -109,14 +123,16 @@ def _die_with_parent():
 class Daemon:
     """kvstashd on a Unix socket in a temporary directory; stopped by SIGTERM to its pid."""
 
-    def __init__(self, binary, calib_tokens, extra=(), host_capacity="2G"):
+    def __init__(self, binary, calib_tokens, extra=(), host_capacity="2G", disk=False):
         self.dir = tempfile.mkdtemp(prefix="kvs-ppl-")
         sock = os.path.join(self.dir, "kvs.sock")
         self.target = "unix:" + sock
         self.err = open(os.path.join(self.dir, "stderr"), "wb")
+        tiers = ["--data-dir", os.path.join(self.dir, "data"), "--disk-capacity", "4G",
+                 "--flush-on-exit", "off"] if disk else []
         self.proc = subprocess.Popen(
             [binary, "--listen", self.target, "--host-capacity", host_capacity,
-             "--log-level", "warn", "--calib-tokens", str(calib_tokens), *extra],
+             "--log-level", "warn", "--calib-tokens", str(calib_tokens), *tiers, *extra],
             stdout=self.err, stderr=self.err, preexec_fn=_die_with_parent)
         for _ in range(400):
             if os.path.exists(sock) or self.proc.poll() is not None:
@@ -165,6 +181,7 @@ class Wire:
             response_deserializer=rep.FromString)
         self._add = call("AddQueries", self.pb.AddQueriesRequest, self.pb.NamespaceInfo)
         self._get_ns = call("GetNamespace", self.pb.NameRequest, self.pb.NamespaceInfo)
+        self._evict = call("Evict", self.pb.EvictRequest, self.pb.EvictReply)
 
     def _generate(self):
         proto_dir = os.environ.get("KVS_PROTO_DIR", os.path.join(REPO, "proto"))
@@ -188,6 +205,13 @@ class Wire:
 
     def key_state_version(self, ns):
         return self._get_ns(self.pb.NameRequest(name=ns), timeout=30).key_state_version
+
+    def to_disk(self, ns, keys):
+        """KvAdmin.Evict of keys to the disk tier (it returns once the disk writer wrote
+        them); the number moved."""
+        rep = self._evict(self.pb.EvictRequest(namespace=ns, keys=keys,
+                                                to=self.pb.EvictRequest.TARGET_DISK), timeout=120)
+        return rep.moved
 
     def close(self):
         self.channel.close()
@@ -318,10 +342,32 @@ class Variant:
     pre_rope: bool      # the namespace holds pre-RoPE keys; RoPE re-applied after Get
     queries: bool       # SQuat: the prompt's queries through AddQueries, per window
     calibrate: bool     # RotateKV: calibration KV put first
+    host: str = ""      # a tier policy (--policies): the host and disk tiers' codecs; its
+    disk: str = ""      # blocks are moved to the disk tier before they are read back
+    policy: bool = False
 
     @property
     def label(self):
+        if self.policy:
+            return policy_name(self)
         return self.codec + (" (pre-RoPE K)" if self.pre_rope else "")
+
+
+def policy_name(v):
+    return " → ".join([v.codec] + [f"{t} {c}" for t, c in (("host", v.host),
+                                                            ("disk", v.disk)) if c])
+
+
+def parse_policies(text):
+    """OWN[/HOST[/DISK]],... -> Variants (a policy moves its blocks to disk)."""
+    out = []
+    for p in [x for x in text.split(",") if x]:
+        parts = (p.split("/") + ["", ""])[:3]
+        own, host, disk = parts
+        rot = own.startswith("rotatekv")
+        out.append(Variant(own, pre_rope=rot, queries=False, calibrate=rot, host=host,
+                           disk=disk, policy=True))
+    return out
 
 
 def variants(codecs, post_rope_rows, have_wire):
@@ -383,7 +429,7 @@ class Bench:
         stamp = re.sub(r"[^a-z0-9-]", "", var.label.replace(" ", "-").lower())
         base = f"ppl-{stamp}-{self.run_id}"
         kw = dict(key_codec=var.codec, value_codec=var.codec, keys_pre_rope=var.pre_rope,
-                  seed=a.seed)
+                  seed=a.seed, host_codec=var.host, disk_codec=var.disk)
         state_version = None
 
         def new_ns(name):
@@ -426,6 +472,10 @@ class Bench:
                 res = put_all(client, ns, keys, blocks)
                 enc += sum(r.encoded_bytes for r in res)
                 raw_elems += len(blocks) * blocks[0].size
+                if var.policy:  # down to the coldest tier before the read
+                    moved = wire.to_disk(ns, keys)
+                    if moved != len(keys):
+                        raise RuntimeError(f"{var.label}: {moved} of {len(keys)} blocks to disk")
                 got = client.get_prefix(ns, keys)
                 if len(got) != len(keys):
                     raise RuntimeError(f"{var.label}: {len(got)} of {len(keys)} blocks back")
@@ -458,10 +508,18 @@ class Bench:
             acc += (top == tgt).sum().item()
             n += tgt.numel()
             wi += B
+        stored = None
         if shared:
+            if var.policy:  # what the daemon holds once every block moved down
+                info = client.namespace(shared)
+                stored = (info.stored_bytes, info.blocks, info.raw_bytes)
             client.drop_namespace(shared)
+        if stored:  # the byte counters' view of the evaluated blocks
+            enc, raw_elems = stored[0], stored[2] // 2
         row = dict(codec=var.codec, label=var.label, keys="pre-RoPE" if var.pre_rope else
                    "post-RoPE", queries=var.queries, state_version=state_version,
+                   policy=var.policy, host=var.host, disk=var.disk,
+                   blocks_per_gib=stored[1] * (1 << 30) / stored[0] if stored else None,
                    bits=8.0 * enc / raw_elems, bytes_per_token=enc / (raw_elems / (
                        2 * cfg.layers * cfg.kv_heads * cfg.head_dim)),
                    ppl=math.exp(nll / n), kl=kl / n, agree=agree / n, acc=acc / n,
@@ -485,7 +543,9 @@ class Bench:
             n += tgt.numel()
         ref_ppl = math.exp(ref_nll / n)
         rows = []
-        for var in variants(codecs, self.a.post_rope, wire is not None):
+        todo = variants(codecs, self.a.post_rope, wire is not None) if codecs else []
+        todo += parse_policies(self.a.policies or "")
+        for var in todo:
             row = self.run_variant(client, wire, var)
             row["dppl"] = row["ppl"] - ref_ppl
             # Standard error of dppl over windows (paired: each window's mean NLL change;
@@ -518,7 +578,20 @@ HEADER = ("| codec | keys stored | bits/value | bytes/token | ppl | Δppl ± SE 
           "agree % | acc % | attn out | logits | K rel | V rel |")
 
 
+POLICY_HEADER = ("| policy (GPU → host → disk) | blocks/GiB | bits/value | bytes/token | ppl | "
+                 "Δppl ± SE | KL (nats) | agree % | acc % |")
+
+
+def format_policy(r):
+    return (f"| {policy_name(Variant(r['codec'], False, False, False, r['host'], r['disk']))} | "
+            f"{r['blocks_per_gib']:.0f} | {r['bits']:.3f} | {r['bytes_per_token']:.0f} | "
+            f"{r['ppl']:.4f} | {r['dppl']:+.4f} ± {r['dppl_se']:.4f} | {r['kl']:.4f} | "
+            f"{100 * r['agree']:.2f} | {100 * r['acc']:.2f} |")
+
+
 def format_row(r):
+    if r.get("policy"):
+        return format_policy(r)
     f = lambda x: "—" if math.isnan(x) else f"{x:.4f}"  # noqa: E731  (--no-proxy)
     return (f"| {r['codec']} | {r['keys']}{' + prompt queries' if r['queries'] else ''} | "
             f"{r['bits']:.3f} | {r['bytes_per_token']:.0f} | {r['ppl']:.4f} | "
@@ -542,12 +615,21 @@ def report(s, out=sys.stdout):
       f"prefilled, {s['rows'][0]['positions']} scored positions")
     p(f"reference (prefix KV kept locally in fp16): ppl {s['ref_ppl']:.4f}, "
       f"top-1 accuracy {100 * s['ref_acc']:.2f}%")
-    p("")
-    p(HEADER)
-    p("|" + "---|" * HEADER.count(" | ") + "---|")
-    for r in s["rows"]:
-        p(format_row(r))
-    main = [r for r in s["rows"] if r["codec"] != "none" and
+    plain = [r for r in s["rows"] if not r.get("policy")]
+    policies = [r for r in s["rows"] if r.get("policy")]
+    if plain:
+        p("")
+        p(HEADER)
+        p("|" + "---|" * HEADER.count(" | ") + "---|")
+        for r in plain:
+            p(format_row(r))
+    if policies:
+        p("")
+        p(POLICY_HEADER)
+        p("|" + "---|" * POLICY_HEADER.count(" | ") + "---|")
+        for r in policies:
+            p(format_policy(r))
+    main = [r for r in plain if r["codec"] != "none" and
             (r["keys"] == "pre-RoPE") == r["codec"].startswith("rotatekv")]
     if len(main) > 2 and not math.isnan(main[0]["attn_out"]):
         p("")
@@ -573,7 +655,7 @@ def check(s, max_rel):
     errors = []
     bound = max_rel * s["ref_ppl"]
     for r in s["rows"]:
-        lossy = r["codec"] != "none"
+        lossy = r["codec"] != "none" or bool(r.get("host") or r.get("disk"))
         if not lossy and r["keys"] == "post-RoPE":
             if not r.get("exact") or r["dppl"] != 0.0 or r["agree"] != 1.0:
                 errors.append(f"none is not exact: {r}")
@@ -597,8 +679,13 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=512, help="tokens per window (<= 512)")
     ap.add_argument("--prefix-blocks", type=int, default=16,
                     help="16-token blocks of each window restored from kvstash")
-    ap.add_argument("--codecs", default="all",
-                    help="comma-separated, or 'all' (every codec the daemon offers)")
+    ap.add_argument("--codecs", default=None,
+                    help="comma-separated, or 'all' (every codec the daemon offers; the "
+                    "default without --policies)")
+    ap.add_argument("--policies", default=None, metavar="OWN[/HOST[/DISK]],...",
+                    help="tier policies (precision demotion): the own codec and the host and "
+                    "disk tiers' codecs; each row's blocks are moved to the disk tier before "
+                    "they are read (the daemon gets a disk tier)")
     ap.add_argument("--post-rope", action="store_true",
                     help="also rotatekv on post-RoPE keys, and none with pre-RoPE keys")
     ap.add_argument("--kvstashd", default=None, help="daemon binary to start")
@@ -636,7 +723,8 @@ def run(args, pb=None):
     t0 = time.time()
     bench = Bench(args)
     daemon = None if args.target else Daemon(args.kvstashd or find_kvstashd(),
-                                             args.calib_tokens, args.daemon_args.split())
+                                             args.calib_tokens, args.daemon_args.split(),
+                                             disk=bool(args.policies))
     target = args.target or daemon.target
     wire = None
     try:
@@ -647,7 +735,15 @@ def run(args, pb=None):
                   file=sys.stderr)
         with torch.inference_mode(), kvstash.Client(target) as client:
             offered = daemon_codecs(client, bench.cfg)
-            codecs = offered if args.codecs == "all" else args.codecs.split(",")
+            which = args.codecs or ("" if args.policies else "all")
+            codecs = offered if which == "all" else [c for c in which.split(",") if c]
+            if args.policies and wire is None:
+                raise SystemExit("--policies needs the gRPC wire (protoc, grpcio): KvAdmin.Evict")
+            for v in parse_policies(args.policies or ""):
+                codecs_of = [v.codec] + [c for c in (v.host, v.disk) if c]
+                bad = [c for c in codecs_of if c not in offered]
+                if bad:
+                    raise SystemExit(f"policy {v.label}: codecs {bad} not offered: {offered}")
             unknown = [c for c in codecs if c not in offered]
             if unknown:
                 raise SystemExit(f"codecs {unknown} not offered by the daemon: {offered}")
