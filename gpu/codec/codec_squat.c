@@ -11,11 +11,23 @@
  *     shifts, Golub & Van Loan §8.3) and keep its top-r eigen-part
  *     Q^T Q ~= sum_{i<=r} mu_i v_i v_i^T (r = 20; mu_i = sigma_i^2: the singular vectors
  *     scaled by their singular values, §4.2);
- *   - A = I + lambda_eff * that, lambda = 1e-3, lambda_eff = lambda * N_ref / N (§4.7):
- *     lambda multiplies sigma^2, which grows with the rows. N_ref = 1024 (our choice) is
- *     the row count of the reference measurement (§6: one 512-token prompt, gq = 2), so
- *     a state built from such a prompt uses lambda = 1e-3 unchanged; a Gram over more
- *     rows is averaged down, over fewer scaled up;
+ *   - A = I + lambda_eff * that, lambda = 1e-3 and
+ *         lambda_eff = lambda * (N_ref / N) * (E_ref / E),   E = trace(G) / N,
+ *     that is lambda * N_ref * E_ref / trace(G). lambda multiplies sigma^2, which grows
+ *     with the number of rows (§4.7: hence N_ref / N) and with the square of the
+ *     queries' norm (hence E_ref / E, E the mean query energy ||q||^2 per row). So A
+ *     depends on G / trace(G) only: scaling every query by c, or repeating the rows,
+ *     leaves the codes unchanged (bit for bit when c is a power of two), and
+ *     lambda_eff * mu_i <= lambda * N_ref * E_ref ~= 207 for a Gram of real rows
+ *     (mu_i <= trace). The reference measurement fixes the constants (§6, realkv-a: one
+ *     512-token prompt, gq = 2): N_ref = 1024 rows, and E_ref = 202, the harmonic mean
+ *     of realkv-a's per-head E (201.998 over its 6 x 4 heads; they range 142..306, the
+ *     plain mean is 212), so that the mean of lambda_eff over those heads is the 1e-3
+ *     that was measured there (each head 0.66..1.42 x 1e-3). With N_ref / N alone, as
+ *     first shipped, a model whose queries have twice realkv-a's norm got a 4x larger
+ *     penalty and a key error far past KIVI's (issue 16; tests/bench/RESULTS.md, "SQuat's
+ *     lambda normalized by the query energy"). A head whose Gram has trace <= 0 (zero,
+ *     or not a Gram) has no subspace;
  *   - channel blocks B_1..B_T of g channels in natural order (g = 64 for D >= 128 as in
  *     the paper's code; D = 64 -> g = 32 and in general g = D/2 below 128, our choice,
  *     so that there are always two blocks; the last block may be shorter, e.g. D = 160:
@@ -325,27 +337,35 @@ static int chol_solve(double *A, int m, double *B, int k)
     return 0;
 }
 
-/* Fills Cout (priv->per_head floats) for one head from its Gram (D x D fp32 bytes, LE)
- * and row count. Returns 1 if the head has a subspace (some C entry non-zero), 0 if not,
- * a negative code on failure. */
-static int head_matrices(const squat_priv *sp, uint32_t D, const uint8_t *gbytes, uint64_t N,
-                         float *Cout, double *work)
+/* Fills Cout (priv->per_head floats) for one head from its Gram (D x D fp32 bytes, LE).
+ * Returns 1 if the head has a subspace (some C entry non-zero), 0 if not, a negative code
+ * on failure. */
+static int head_matrices(const squat_priv *sp, uint32_t D, const uint8_t *gbytes, float *Cout,
+                         double *work)
 {
     size_t dd = (size_t)D * D;
     double *G = work, *V = G + dd, *A = V + dd, *S = A + dd, *Bm = S + dd, *w = Bm + dd,
            *tmp = w + D;
+    double trace = 0;
     for (size_t i = 0; i < dd; i++) {
         G[i] = kvs_bits_f32(get32(gbytes + 4 * i));
         if (!isfinite(G[i]))
             return KVS_EINVAL;
     }
     for (uint32_t i = 0; i < D; i++)
+        trace += G[(size_t)i * D + i];
+    /* No query energy (a zero Gram; or a Gram from kvs_squat_state_from_grams that is not
+     * a Gram, with a diagonal summing to <= 0): no subspace, KIVI. */
+    if (!(trace > 0))
+        return 0;
+    for (uint32_t i = 0; i < D; i++)
         for (uint32_t j = 0; j < i; j++)
             G[i * D + j] = G[j * D + i] = 0.5 * (G[i * D + j] + G[j * D + i]);
     if (sym_eig(G, (int)D, w, V, tmp))
         return KVS_EINTERNAL;
-    /* A = I + lambda_eff * sum of the top-r eigen-parts (mu > 0). */
-    double lam = KVS_SQUAT_LAMBDA * KVS_SQUAT_N_REF / (double)N;
+    /* A = I + lambda_eff * sum of the top-r eigen-parts (mu > 0), lambda_eff = lambda *
+     * (N_ref / N) * (E_ref / E), E = trace / N (file comment): the rows cancel. */
+    double lam = KVS_SQUAT_LAMBDA * KVS_SQUAT_N_REF * KVS_SQUAT_E_REF / trace;
     memset(A, 0, dd * sizeof *A);
     for (uint32_t i = 0; i < D; i++)
         A[i * D + i] = 1.0;
@@ -446,7 +466,7 @@ static int squat_init(kvs_codec *c, kvs_err *err)
             rc = kvs_err_set(err, KVS_ENOMEM, "codec state: out of memory");
             break;
         }
-        int h = head_matrices(sp, D, r + 8, N, C, work);
+        int h = head_matrices(sp, D, r + 8, C, work);
         if (h < 0) {
             free(C);
             rc = kvs_err_set(err, KVS_EINVAL,

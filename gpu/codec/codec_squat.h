@@ -26,7 +26,8 @@
 
 #define KVS_SQUAT_RANK 20      /* r: top-r eigen-part of the Gram (reference: 5, 20, 60) */
 #define KVS_SQUAT_LAMBDA 1e-3  /* lambda of A = I + lambda_eff * Q^T Q (§4.3, §4.9) */
-#define KVS_SQUAT_N_REF 1024.0 /* lambda_eff = lambda * N_ref / N (§4.7) */
+#define KVS_SQUAT_N_REF 1024.0 /* rows of the reference Gram (§4.7) */
+#define KVS_SQUAT_E_REF 202.0  /* and its mean query energy trace(G) / N (codec_squat.c) */
 
 /* Bytes of the state of a namespace (16 + L*H*(8 + 4*D*D)). */
 size_t kvs_squat_state_bytes(const kvs_ns_spec *spec);

@@ -1,7 +1,9 @@
 /* gpu/codec/codec_squat.c: without queries SQuat is KIVI bit for bit; the compensation
  * matrices equal the Schur-complement construction of quantizers-reference.md §4.3;
- * with a low-rank query subspace the key error leaves the subspace; on the real sample
- * the attention logits move less than with KIVI; the state helpers and their checks. */
+ * with a low-rank query subspace the key error leaves the subspace; the codes do not
+ * depend on the queries' scale or on repeated rows (lambda normalized by the Gram's
+ * trace); on the real sample the attention logits move less than with KIVI; the state
+ * helpers and their checks. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -189,8 +191,13 @@ static void check_compensation(uint32_t D)
     assert_int_equal(kvs_squat_subspace_heads(c), 1);
 
     /* A from the fp32 Gram the codec saw: top-20 eigen-part of g. The fp32 rounding of
-     * g perturbs the eigenvectors by ~1e-7 relative: inside the tolerance. */
-    double lam = KVS_SQUAT_LAMBDA * KVS_SQUAT_N_REF / (double)N;
+     * g perturbs the eigenvectors by ~1e-7 relative: inside the tolerance. lambda_eff =
+     * lambda * (N_ref / N) * (E_ref / E) with E = trace(g) / N (codec_squat.c). */
+    double trace = 0;
+    for (uint32_t i = 0; i < D; i++)
+        trace += g[i * D + i];
+    double lam =
+        KVS_SQUAT_LAMBDA * (KVS_SQUAT_N_REF / (double)N) * (KVS_SQUAT_E_REF / (trace / (double)N));
     double *A = calloc(dd, sizeof *A), *P = malloc(dd * sizeof *P);
     for (uint32_t i = 0; i < D; i++) {
         A[i * D + i] = 1;
@@ -385,6 +392,183 @@ static void test_subspace_error(void **state)
     check_subspace(128, "squat-4", &g);
 }
 
+/* ---------------------------------------------------------------- query scale */
+
+/* Queries [L][n][Hq][D] (fp16) near a 24-dimensional subspace with a decaying spectrum,
+ * plus a little noise; values below 2^-10 are flushed to zero, so that scaling by 1/4 to 4
+ * stays exact in fp16 (no subnormals, no overflow). */
+static uint16_t *subspace_queries(uint32_t L, uint32_t n, uint32_t Hq, uint32_t D, uint64_t seed)
+{
+    const uint32_t r0 = 24;
+    double *U = orthonormal(D, r0, seed);
+    kvs_rng r;
+    kvs_rng_init(&r, seed, 2, 0, 0, 0);
+    size_t rows = (size_t)L * n * Hq;
+    uint16_t *q = malloc(rows * D * 2);
+    double a[24];
+    for (size_t v = 0; v < rows; v++) {
+        for (uint32_t i = 0; i < r0; i++)
+            a[i] = (3.0 - 0.1 * i) * kvs_test_gauss(&r);
+        for (uint32_t j = 0; j < D; j++) {
+            double x = 0.3 * kvs_test_gauss(&r);
+            for (uint32_t i = 0; i < r0; i++)
+                x += a[i] * U[j * r0 + i];
+            q[v * D + j] = kvs_f32_to_fp16(fabs(x) < 0x1p-10 ? 0.0f : (float)x);
+        }
+    }
+    free(U);
+    return q;
+}
+
+/* Largest |C_a - C_b| over every (layer, head, block) of two squat key codecs, and the
+ * largest |C_a| (both non-NULL for every head). */
+static double compensation_diff(const kvs_ns_spec *s, const kvs_codec *a, const kvs_codec *b,
+                                double *cmax)
+{
+    uint32_t g, T;
+    kvs_squat_blocks(s->head_dim, &g, &T);
+    double diff = 0;
+    *cmax = 0;
+    for (uint32_t l = 0; l < s->layers; l++)
+        for (uint32_t h = 0; h < s->kv_heads; h++)
+            for (uint32_t blk = 0; blk + 1 < T; blk++) {
+                const float *Ca, *Cb;
+                uint32_t ra, ca, rb, cb;
+                assert_int_equal(kvs_squat_compensation(a, l, h, blk, &Ca, &ra, &ca, NULL), 0);
+                assert_int_equal(kvs_squat_compensation(b, l, h, blk, &Cb, &rb, &cb, NULL), 0);
+                assert_non_null(Ca);
+                assert_non_null(Cb);
+                assert_int_equal(ra * ca, rb * cb);
+                for (size_t i = 0; i < (size_t)ra * ca; i++) {
+                    diff = fmax(diff, fabs((double)Ca[i] - Cb[i]));
+                    *cmax = fmax(*cmax, fabs((double)Ca[i]));
+                }
+            }
+    return diff;
+}
+
+/* Keys of both layers encoded by c, back to back (free()). */
+static uint8_t *encode_layers(const kvs_ns_spec *s, const kvs_codec *c, uint32_t t,
+                              const uint16_t *keys, size_t *len)
+{
+    size_t sec = (size_t)t * s->kv_heads * s->head_dim, l0, l1;
+    uint8_t *e0 = encode(c, 0, t, keys, &l0), *e1 = encode(c, 1, t, keys + sec, &l1);
+    uint8_t *out = malloc(l0 + l1);
+    memcpy(out, e0, l0);
+    memcpy(out + l0, e1, l1);
+    free(e0);
+    free(e1);
+    *len = l0 + l1;
+    return out;
+}
+
+/* lambda is normalized by the query energy as well as the row count (codec_squat.c):
+ * queries scaled by c (Gram c^2 G), or every row repeated (2 G over 2 N rows), give the
+ * same compensation matrices and the same key bytes: bit for bit when c is a power of
+ * two (every step scales exactly), to fp32 rounding for c = 3. With lambda_eff = lambda
+ * * N_ref / N alone the penalty grew with c^2 and the bytes changed (issue 16). */
+static void check_query_scale(uint32_t D, const char *codec)
+{
+    const uint32_t L = 2, H = 2, Hq = 4, n = 48, t = 32;
+    kvs_ns_spec s = spec(L, H, D, t, codec);
+    uint16_t *q = subspace_queries(L, n, Hq, D, 300 + D), *qc = malloc((size_t)L * n * Hq * D * 2);
+    uint16_t *keys = kvs_test_gauss_data((size_t)L * t * H * D, 301 + D, 1.0, KVS_DTYPE_FP16);
+    void *bytes;
+    size_t len, dd = (size_t)D * D;
+    assert_int_equal(kvs_squat_state_from_queries(&s, Hq, q, n, &bytes, &len, NULL), 0);
+    kvs_codec_state st = {1, bytes, len};
+    kvs_codec *ref = kvs_test_codec(&s, KVS_KEYS, &st);
+    assert_int_equal(kvs_squat_subspace_heads(ref), L * H);
+    size_t lr;
+    uint8_t *eref = encode_layers(&s, ref, t, keys, &lr);
+    /* not vacuous: the compensation changes the codes */
+    kvs_ns_spec sk = s;
+    snprintf(sk.key_codec, sizeof sk.key_codec, "kivi-%c", codec[6]);
+    kvs_codec *kivi = kvs_test_codec(&sk, KVS_KEYS, NULL);
+    size_t lk;
+    uint8_t *ek = encode_layers(&s, kivi, t, keys, &lk);
+    assert_int_equal(lk, lr);
+    assert_true(memcmp(ek, eref, lr) != 0);
+
+    static const float scales[] = {0.25f, 0.5f, 2.0f, 4.0f};
+    for (unsigned si = 0; si < 4; si++) {
+        for (size_t i = 0; i < (size_t)L * n * Hq * D; i++) {
+            float x = kvs_fp16_to_f32(q[i]);
+            qc[i] = kvs_f32_to_fp16(scales[si] * x);
+            assert_true(kvs_fp16_to_f32(qc[i]) == scales[si] * x); /* exact */
+        }
+        void *b2;
+        size_t l2;
+        assert_int_equal(kvs_squat_state_from_queries(&s, Hq, qc, n, &b2, &l2, NULL), 0);
+        kvs_codec_state st2 = {1, b2, l2};
+        kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, &st2);
+        double cmax, diff = compensation_diff(&s, ref, c, &cmax);
+        size_t le;
+        uint8_t *e = encode_layers(&s, c, t, keys, &le);
+        fprintf(stderr, "%s D=%u queries x %g: max |C - C_ref| %.3g (max |C| %.3f), %s bytes\n",
+                codec, D, (double)scales[si], diff, cmax,
+                le == lr && memcmp(e, eref, lr) == 0 ? "same" : "DIFFERENT");
+        assert_true(diff == 0);
+        assert_int_equal(le, lr);
+        assert_memory_equal(e, eref, lr);
+        free(e);
+        kvs_codec_destroy(c);
+        free(b2);
+    }
+
+    /* The same through Grams: 2 G over 2 N rows (every row twice), and 9 G (queries x 3,
+     * not exact in fp32). */
+    float *g = malloc((size_t)L * H * dd * sizeof *g);
+    uint64_t rows[4];
+    for (int pass = 0; pass < 2; pass++) {
+        float f = pass ? 9.0f : 2.0f;
+        for (uint32_t lh = 0; lh < L * H; lh++) {
+            const float *g0 = kvs_squat_gram(ref, lh / H, lh % H, &rows[lh]);
+            assert_non_null(g0);
+            for (size_t i = 0; i < dd; i++)
+                g[lh * dd + i] = f * g0[i];
+            rows[lh] *= pass ? 1 : 2;
+        }
+        void *b2;
+        size_t l2;
+        assert_int_equal(kvs_squat_state_from_grams(&s, g, rows, &b2, &l2, NULL), 0);
+        kvs_codec_state st2 = {1, b2, l2};
+        kvs_codec *c = kvs_test_codec(&s, KVS_KEYS, &st2);
+        double cmax, diff = compensation_diff(&s, ref, c, &cmax);
+        fprintf(stderr, "%s D=%u Gram x %g%s: max |C - C_ref| %.3g (max |C| %.3f)\n", codec, D,
+                (double)f, pass ? "" : ", rows x 2", diff, cmax);
+        if (pass) {
+            assert_true(diff <= 1e-5 * cmax);
+        } else {
+            size_t le;
+            uint8_t *e = encode_layers(&s, c, t, keys, &le);
+            assert_true(diff == 0);
+            assert_int_equal(le, lr);
+            assert_memory_equal(e, eref, lr);
+            free(e);
+        }
+        kvs_codec_destroy(c);
+        free(b2);
+    }
+    free(g);
+    free(ek);
+    free(eref);
+    kvs_codec_destroy(kivi);
+    kvs_codec_destroy(ref);
+    free(bytes);
+    free(keys);
+    free(qc);
+    free(q);
+}
+
+static void test_query_scale_invariance(void **state)
+{
+    check_query_scale(64, "squat-2");
+    check_query_scale(128, "squat-2");
+    check_query_scale(128, "squat-4");
+    check_query_scale(256, "squat-2");
+}
+
 /* ---------------------------------------------------------------- state checks */
 
 static void test_state_errors(void **state)
@@ -556,8 +740,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_queries_is_kivi), cmocka_unit_test(test_compensation_matrix),
-        cmocka_unit_test(test_subspace_error),     cmocka_unit_test(test_state_errors),
-        cmocka_unit_test(test_block_roundtrip),    cmocka_unit_test(test_real_sample),
+        cmocka_unit_test(test_subspace_error),     cmocka_unit_test(test_query_scale_invariance),
+        cmocka_unit_test(test_state_errors),       cmocka_unit_test(test_block_roundtrip),
+        cmocka_unit_test(test_real_sample),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

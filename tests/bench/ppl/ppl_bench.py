@@ -696,7 +696,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1, help="namespace seed")
     ap.add_argument("--squat-query-scale", type=float, default=1.0,
                     help="diagnostic: multiply the queries sent to SQuat namespaces (their "
-                    "Gram, hence lambda * sigma^2, scales by its square)")
+                    "Gram scales by its square; since the codec normalizes lambda by the "
+                    "Gram's trace, a power of two leaves the codes unchanged unless it makes "
+                    "fp16 queries subnormal)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-proxy", action="store_true",
                     help="skip the K/V/logit/attention-output errors (long prefixes: they "
