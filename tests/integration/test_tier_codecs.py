@@ -76,8 +76,8 @@ def decode_with_library(spec, enc):
                         spec.value_codec.encode(), spec.keys_pre_rope, spec.durable, spec.seed,
                         spec.host_quota_bytes, spec.HasField("error_sample"),
                         spec.error_sample.share, spec.max_rel_error,
-                        spec.fallback_codec.encode(), spec.host_codec.encode(),
-                        spec.disk_codec.encode())
+                        spec.fallback_codec.encode(), spec.gpu_quota_bytes,
+                        spec.disk_quota_bytes, spec.host_codec.encode(), spec.disk_codec.encode())
     cap = kvs.block_bytes(spec.layers, spec.kv_heads, spec.head_dim, spec.block_tokens)
     out = ctypes.create_string_buffer(cap)
     buf = ctypes.create_string_buffer(enc, len(enc))
