@@ -32,7 +32,8 @@ export KVSTASH_LIB=$PWD/$R/libs/libkvstash.so.0 PYTHONUNBUFFERED=1
 status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
-    for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu test_client_decode_gpu; do
+    for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu test_client_decode_gpu \
+             test_recode_gpu; do
         $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
         note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"

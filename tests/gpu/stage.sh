@@ -1,7 +1,7 @@
 #!/bin/sh
 # Stages what the GPU machine needs (it has none of our Debian libraries, no protoc):
 # binaries of a CUDA build (stripped), the shared libraries they need
-# (/work/shared/tools/bundle-libs), and the Python wire modules generated here, packed into
+# ("$(dirname "$0")/../../../shared/tools/bundle-libs"), and the Python wire modules generated here, packed into
 # one .gpurun/bundle.tar.xz (xz's large window shares the CUDA fatbin the binaries have in
 # common, which keeps the carry far below its limit). tests/gpu/device-check.sh unpacks it.
 #
@@ -12,12 +12,12 @@ S=$(mktemp -d)
 trap 'rm -rf "$S"' EXIT
 mkdir -p "$S/bin" "$S/pb"
 cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_extremes_gpu" \
-   "$B/tests/gpu/test_paged_gpu" "$B/tests/gpu/test_client_decode_gpu" \
+   "$B/tests/gpu/test_paged_gpu" "$B/tests/gpu/test_client_decode_gpu" "$B/tests/gpu/test_recode_gpu" \
    "$B/bin/kvs-bench-gpu" \
    "$B/bin/kvs-bench-tier" "$B/bin/kvs-bench-restore" \
    "$B/bin/kvstashd" "$B/bin/kvctl" "$S/bin/"
 strip "$S"/bin/*
-/work/shared/tools/bundle-libs "$S/libs" "$S"/bin/* "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 > /dev/null
+"$(dirname "$0")/../../../shared/tools/bundle-libs" "$S/libs" "$S"/bin/* "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 > /dev/null
 # The Python package's libraries (the tests load them by KVSTASH_LIB / beside it).
 cp -L "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 "$S/libs/"
 /usr/bin/protoc -Iproto --python_out="$S/pb" --grpc_python_out="$S/pb" \
