@@ -269,7 +269,11 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
         d->layers_dev = NULL;
         d->layers_cap = 0;
         if ((e = cudaMalloc((void **)&d->layers_dev, sections * sizeof *h)) == cudaSuccess)
-            e = cudaMemcpy(d->layers_dev, h, sections * sizeof *h, cudaMemcpyHostToDevice);
+            /* On st, and waited for: a cudaMemcpy from pageable memory on the legacy
+             * stream may still be landing when st's kernels (non-blocking) read it. */
+            e = cudaMemcpyAsync(d->layers_dev, h, sections * sizeof *h, cudaMemcpyHostToDevice, st);
+        if (e == cudaSuccess)
+            e = cudaStreamSynchronize(st);
         free(h);
         if (e != cudaSuccess)
             return cuda_err(err, e, "layer table");

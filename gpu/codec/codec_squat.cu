@@ -404,6 +404,10 @@ extern "C" int kvs__squat_cuda_prepare(kvs_codec *c, kvs_err *err)
         cudaError_t e = cudaMallocManaged(&sc->mem, bytes, cudaMemAttachGlobal);
         if (e == cudaSuccess)
             e = cudaMemcpy(sc->mem, host, bytes, cudaMemcpyDefault);
+        /* The kernels that read the tables run on non-blocking streams, which do not wait
+         * for the legacy stream's copy (it may still be landing when cudaMemcpy returns). */
+        if (e == cudaSuccess)
+            e = cudaStreamSynchronize(0);
         if (e != cudaSuccess) {
             rc = kvs_err_set(err, KVS_EINTERNAL, "squat: tables of %zu bytes: %s (%s)", bytes,
                              cudaGetErrorString(e), cudaGetErrorName(e));

@@ -250,7 +250,13 @@ int main(int argc, char **argv)
             printf("ipc: not available (%s)\n", ie.msg);
             ireg = NULL;
         } else {
-            cudaMemcpy(ipc_dev, src, total, cudaMemcpyHostToDevice);
+            /* Synchronized: the daemon reads it through IPC, and a pageable copy returns
+             * before its DMA lands. */
+            if (cudaMemcpy(ipc_dev, src, total, cudaMemcpyHostToDevice) != cudaSuccess ||
+                cudaDeviceSynchronize() != cudaSuccess) {
+                printf("ipc: cannot fill the source\n");
+                return 1;
+            }
             for (size_t i = 0; i < nb; i++)
                 pi[i] = (kvs_put_item){.key = &keys[i],
                                        .key_len = 8,

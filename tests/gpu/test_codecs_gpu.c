@@ -212,7 +212,10 @@ static void run_case_state(const char *name, kvs_kv kv, shape s, kvs_dtype dt, i
     uint32_t *d_layers, *d_len, *d_len_out;
     unsigned long long *d_bad, bad = 0;
     cudaStream_t st;
-    CHECK_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    /* A blocking stream: the cudaMemcpy/cudaMemset below run on the legacy stream, and a
+     * pageable copy returns with its DMA still in flight; only a blocking stream waits for
+     * it (test_paged_gpu read stale bytes on a non-blocking one). */
+    CHECK_CUDA(cudaStreamCreate(&st));
     CHECK_CUDA(cudaMalloc((void **)&d_raw, total * 2));
     CHECK_CUDA(cudaMalloc((void **)&d_dec, total * 2));
     CHECK_CUDA(cudaMalloc((void **)&d_enc, stride * s.n));
@@ -461,7 +464,10 @@ static void rkv_sink_case(const char *name, kvs_kv kv, shape s, kvs_dtype dt,
     uint32_t *d_layers, *d_len, *d_len_out;
     unsigned long long *d_bad, bad = 0;
     cudaStream_t st;
-    CHECK_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    /* A blocking stream: the cudaMemcpy/cudaMemset below run on the legacy stream, and a
+     * pageable copy returns with its DMA still in flight; only a blocking stream waits for
+     * it (test_paged_gpu read stale bytes on a non-blocking one). */
+    CHECK_CUDA(cudaStreamCreate(&st));
     CHECK_CUDA(cudaMalloc((void **)&d_raw, total * 2));
     CHECK_CUDA(cudaMalloc((void **)&d_dec, total * 2));
     CHECK_CUDA(cudaMalloc((void **)&d_enc, stride * s.n));

@@ -189,7 +189,11 @@ static void run_case(const eng *e, uint32_t t, uint32_t lb, uint32_t le, uint32_
     CHECK_CUDA(cudaMalloc((void **)&dblk, bytes));
     uint8_t *dmem = dmem_alloc + shift;
     fill_random(mem, e->region);
-    CHECK_CUDA(cudaMemcpy(dmem, mem, e->region, cudaMemcpyHostToDevice));
+    /* Every copy on the launches' stream: a cudaMemcpy from pageable memory returns once the
+     * bytes are staged, its DMA still in flight on the legacy stream, which a non-blocking
+     * stream does not wait for (the second GPU run failed on it: the far planes of the region,
+     * copied last, gathered stale). */
+    CHECK_CUDA(cudaMemcpyAsync(dmem, mem, e->region, cudaMemcpyHostToDevice, stream));
 
     /* Gather. */
     kvs_paged_gather(&e->lay, mem, pages, t, lb, le, want);
@@ -215,7 +219,7 @@ static void run_case(const eng *e, uint32_t t, uint32_t lb, uint32_t le, uint32_
 
     /* Scatter, compared over the whole region. */
     fill_random(blk, bytes);
-    CHECK_CUDA(cudaMemcpy(dblk, blk, bytes, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpyAsync(dblk, blk, bytes, cudaMemcpyHostToDevice, stream));
     kvs_paged_scatter(&e->lay, mem, pages, t, lb, le, blk);
     rc = kvs_paged_scatter_cuda(&e->lay, dmem, pages, t, lb, le, dblk, stream, &err);
     CHECK_CUDA(cudaStreamSynchronize(stream));

@@ -38,7 +38,7 @@ typedef struct req {
     uint32_t lens[2 * L];
     uint16_t *raw;
     uint8_t *fetched, *recoded;
-    size_t fetched_len, recoded_len;
+    size_t fetched_len, recoded_len, recoded_cap;
     atomic_int done;
     int rc;
     kvs_err err;
@@ -67,6 +67,13 @@ static bool check_rc(const char *what, const char *pair, req *r, int i)
     printf("FAIL %s: %s of block %d: %s\n", pair, what, i, r[i].err.msg);
     failures++;
     return false;
+}
+
+static size_t recode_cap(const kvs_codec *k, const kvs_codec *v, const kvs_codec *k2,
+                         const kvs_codec *v2, uint32_t t)
+{
+    size_t a = kvs_block_encoded_max(k, v, t), b = kvs_block_encoded_max(k2, v2, t);
+    return a > b ? a : b;
 }
 
 static kvs_codec *make(kvs_engine *e, const kvs_ns_spec *s, kvs_kv kv, kvs_enc role)
@@ -115,7 +122,11 @@ static void check_pair(kvs_engine *e, const char *own, const char *cold, int kee
                                        KVS_DTYPE_FP16);
         size_t cap = kvs_block_encoded_max(k, v, r[i].t);
         r[i].fetched = malloc(cap);
-        r[i].recoded = malloc(cap); /* >= the colder codecs' largest */
+        /* The engine's contract: room for both encodings. A short block can be larger in
+         * the colder codec (fp8 -> kivi-4 at 4 tokens: a scale per group); the store never
+         * demotes such a block (kvs_ns_colder), but the engine must still recode it. */
+        r[i].recoded_cap = recode_cap(k, v, k2, cv, r[i].t);
+        r[i].recoded = malloc(r[i].recoded_cap);
     }
     kvs_err err;
     /* 1. Into the slots with the own codecs. */
@@ -142,8 +153,7 @@ static void check_pair(kvs_engine *e, const char *own, const char *cold, int kee
     /* 3. Re-encoded on the device, all submitted at once (batches). */
     for (int i = 0; i < BLOCKS; i++)
         if (kvs_engine_recode_dev(e, k, v, k2, cv, 7, r[i].t, r[i].slot, r[i].lens, r[i].recoded,
-                                  kvs_block_encoded_max(k, v, r[i].t), &r[i].recoded_len, on_done,
-                                  &r[i], &err))
+                                  r[i].recoded_cap, &r[i].recoded_len, on_done, &r[i], &err))
             on_done(&r[i], err.code, &err);
     wait_all(r, BLOCKS);
     /* 4. Against the CPU's transcode of the slot's bytes. */

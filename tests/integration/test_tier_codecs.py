@@ -102,10 +102,11 @@ def settle(d, name, keys, timeout=30):
 
 def spill_daemon(daemon, tmp_path, extra=()):
     """A daemon whose 1 MiB host tier spills to its disk tier; Gets do not promote (so that
-    what a Get reads is what the disk holds)."""
+    what a Get reads is what the disk holds); no GPU tier, where the GPU runs set one with
+    $KVSTASHD_EXTRA (a Put must land in the host tier)."""
     return daemon(host_capacity="1M",
                   extra=["--data-dir", str(tmp_path / "data"), "--disk-capacity", "64M",
-                         "--promote", "off", *extra])
+                         "--promote", "off", "--gpu-capacity", "0", *extra])
 
 
 def test_disk_codec_spill(daemon, tmp_path):
@@ -233,7 +234,7 @@ def test_tier_codec_options(daemon):
     """host_codec and disk_codec: unknown names and the pairing with max_rel_error are
     INVALID_ARGUMENT naming the field; kvctl ns create takes --host-codec/--disk-codec; the
     Python package creates, lists and looks up with them."""
-    d = daemon()
+    d = daemon(extra=["--gpu-capacity", "0"])  # the Put below lands in the host tier
     kvs.expect_error(INVALID, kvs.make_ns, d.admin, L=L, H=H, D=D, T=T, host_codec="kivi-9",
                      words=("host_codec", "kivi-9"))
     kvs.expect_error(INVALID, kvs.make_ns, d.admin, L=L, H=H, D=D, T=T, disk_codec="kivi-2",
