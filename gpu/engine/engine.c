@@ -28,6 +28,7 @@
 
 #include "gpu/base/mem.h"
 #include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/copies.h"
 #include "gpu/codec/format.h"
 #include "gpu/engine/engine_int.h"
 
@@ -84,18 +85,30 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                     return KVS_EINTERNAL;
                 continue;
             }
+            /* Device memory (a worker's, by CUDA IPC): queued for the batch's one copy
+             * launch; pinned host memory: a DMA. */
             if (to_dev) {
                 const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
-                KVS_CUDA_CHECK(
-                    cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, cudaMemcpyDefault, e->st), err);
+                int rc = j->raw_dev ? kvs__engine_copy_dd(e, dev, w, user, 2 * w, w, nl, err) : 0;
+                if (rc)
+                    return rc;
+                if (!j->raw_dev)
+                    KVS_CUDA_CHECK(
+                        cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, cudaMemcpyDefault, e->st),
+                        err);
             } else {
                 uint8_t *user = (uint8_t *)j->raw_out + (size_t)kv * w;
-                KVS_CUDA_CHECK(
-                    cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, cudaMemcpyDefault, e->st), err);
+                int rc = j->raw_dev ? kvs__engine_copy_dd(e, user, 2 * w, dev, w, w, nl, err) : 0;
+                if (rc)
+                    return rc;
+                if (!j->raw_dev)
+                    KVS_CUDA_CHECK(
+                        cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, cudaMemcpyDefault, e->st),
+                        err);
             }
         }
     }
-    return 0;
+    return kvs__engine_copies_flush(e, err);
 }
 
 /* Runs one batch of nb compatible encode or decode requests over nl layers each: moves
@@ -110,6 +123,7 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t enc_bytes = n * (sk + sv);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
+    kvs__engine_copies_reset(e); /* the last batch's stream was synchronized */
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
     KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
@@ -144,15 +158,15 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
             return rc;
         if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
             uint32_t b = 0;
-            for (job *j = list; j; j = j->next, b++) {
-                KVS_CUDA_CHECK(cudaMemcpyAsync(j->slot.out, e->d_enc + b * nl * sk, nl * sk,
-                                               cudaMemcpyDeviceToDevice, e->st),
-                               err);
-                KVS_CUDA_CHECK(cudaMemcpyAsync(j->slot.out + nl * sk,
-                                               e->d_enc + n * sk + b * nl * sv, nl * sv,
-                                               cudaMemcpyDeviceToDevice, e->st),
-                               err);
-            }
+            for (job *j = list; j; j = j->next, b++)
+                if ((rc = kvs__engine_copy_dd(e, j->slot.out, nl * sk, e->d_enc + b * nl * sk,
+                                              nl * sk, nl * sk, 1, err)) ||
+                    (rc = kvs__engine_copy_dd(e, j->slot.out + nl * sk, nl * sv,
+                                              e->d_enc + n * sk + b * nl * sv, nl * sv, nl * sv, 1,
+                                              err)))
+                    return rc;
+            if ((rc = kvs__engine_copies_flush(e, err)))
+                return rc;
         } else {
             KVS_CUDA_CHECK(
                 cudaMemcpyAsync(e->h_enc, e->d_enc, enc_bytes, cudaMemcpyDeviceToHost, e->st), err);
@@ -163,15 +177,15 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     } else {
         if (dev) { /* gather the layers asked for from the slots */
             uint32_t b = 0, L = kvs_codec_spec(k)->layers;
-            for (job *j = list; j; j = j->next, b++) {
-                KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_enc + b * nl * sk, j->slot.in + j->lb * sk,
-                                               nl * sk, cudaMemcpyDeviceToDevice, e->st),
-                               err);
-                KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_enc + n * sk + b * nl * sv,
-                                               j->slot.in + L * sk + j->lb * sv, nl * sv,
-                                               cudaMemcpyDeviceToDevice, e->st),
-                               err);
-            }
+            for (job *j = list; j; j = j->next, b++)
+                if ((rc = kvs__engine_copy_dd(e, e->d_enc + b * nl * sk, nl * sk,
+                                              j->slot.in + j->lb * sk, nl * sk, nl * sk, 1, err)) ||
+                    (rc = kvs__engine_copy_dd(e, e->d_enc + n * sk + b * nl * sv, nl * sv,
+                                              j->slot.in + L * sk + j->lb * sv, nl * sv, nl * sv, 1,
+                                              err)))
+                    return rc;
+            if ((rc = kvs__engine_copies_flush(e, err)))
+                return rc;
         } else {
             KVS_CUDA_CHECK(
                 cudaMemcpyAsync(e->d_enc, e->h_enc, enc_bytes, cudaMemcpyHostToDevice, e->st), err);
@@ -552,6 +566,10 @@ static int alloc_all(kvs_engine *e, kvs_err *err)
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_len, 2 * e->max_sections * sizeof *e->d_len), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
+    /* Per block at most two copies each way of a batch (slot, raw side): four. */
+    e->copies_cap = 4 * e->o.max_batch + 16;
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_copies, e->copies_cap * sizeof *e->h_copies), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_copies, e->copies_cap * sizeof *e->d_copies), err);
     return 0;
 }
 
@@ -562,6 +580,8 @@ static void free_all(kvs_engine *e)
     cudaFreeHost(e->h_layers);
     cudaFreeHost(e->h_bad);
     cudaFreeHost(e->h_len);
+    cudaFreeHost(e->h_copies);
+    cudaFree(e->d_copies);
     cudaFree(e->d_len);
     cudaFree(e->tier);
     cudaFree(e->d_raw);

@@ -68,7 +68,13 @@ struct kvs_engine {
     uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */
     unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
     size_t max_sections;
-    void *tier; /* the GPU tier's region (kvs_engine_tier_alloc) */
+    /* The batch's device-to-device copies (kvs__engine_copy_dd), run by one launch each
+     * flush (gpu/codec/copies.h): [0, copies_flushed) are uploaded and launched, the rest
+     * queued; the table is reused once the batch's stream is synchronized (run_batch). */
+    struct kvs_copy2d *h_copies, *d_copies; /* copies_cap each */
+    uint32_t copies_cap, copies_used, copies_flushed;
+    uint64_t copies_max; /* the largest queued copy's bytes */
+    void *tier;          /* the GPU tier's region (kvs_engine_tier_alloc) */
     /* kvs_engine_get_stats: written by the engine thread only, read by anyone. */
     atomic_uint_fast64_t batches[KVS_ENGINE_BATCH_BUCKETS + 1];
     atomic_uint_fast64_t batch_requests;
@@ -115,6 +121,17 @@ kvs__engine_mem kvs__engine_mem_of(const void *p);
 /* Sets j->pinned_raw and j->raw_dev for its raw buffer `raw` (a paged job's raw side is
  * the worker's device memory whatever `raw` is). */
 void kvs__engine_raw_mem(job *j, const void *raw);
+
+/* Device-to-device copies of a batch, on the engine thread: kvs__engine_copy_dd queues a
+ * 2D copy (height rows of width bytes at the pitches; both sides device memory) for the
+ * next flush, or issues it at once as cudaMemcpy2DAsync when the table is full;
+ * kvs__engine_copies_flush uploads the queued ones and runs them in one launch on the
+ * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table, only
+ * once the stream has passed every flush (after the batch's synchronization). */
+int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src, size_t spitch,
+                        size_t width, size_t height, kvs_err *err);
+int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err);
+void kvs__engine_copies_reset(kvs_engine *e);
 
 /* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
  * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */

@@ -1,7 +1,8 @@
 /* The GPU engine's jobs, below both of its job runners (engine.c: the thread, batching,
  * encode and decode; engine_tier.c: the GPU tier's fetch and upload): the queue's
- * submission, a job's completion, the checks on a block before a job reads it, and the
- * framing of sections into a sealed block. Calls neither runner (engine.c -> engine_tier.c
+ * submission, a job's completion, the checks on a block before a job reads it, the
+ * framing of sections into a sealed block, and the batch's device-to-device copies. Calls neither
+ * runner (engine.c -> engine_tier.c
  * -> engine_job.c).
  */
 #include <pthread.h>
@@ -13,8 +14,11 @@
 #include <cuda_runtime.h>
 
 #include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/copies.h"
 #include "gpu/codec/format.h"
 #include "gpu/engine/engine_int.h"
+
+#include "gpu/base/cuda_try.h"
 
 uint64_t kvs__engine_now_us(void)
 {
@@ -63,6 +67,44 @@ void kvs__engine_note_error(kvs_engine *e, cudaError_t rc)
         rc == cudaErrorMisalignedAddress || rc == cudaErrorInvalidPc ||
         rc == cudaErrorECCUncorrectable)
         atomic_store(&e->failed, true);
+}
+
+int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src, size_t spitch,
+                        size_t width, size_t height, kvs_err *err)
+{
+    if (width == 0 || height == 0)
+        return 0;
+    if (e->copies_used == e->copies_cap) {
+        KVS_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
+                                         cudaMemcpyDeviceToDevice, e->st),
+                       err);
+        return 0;
+    }
+    kvs_copies_add(e->h_copies, &e->copies_used, dst, dpitch, src, spitch, width, height);
+    uint64_t bytes = (uint64_t)width * height;
+    e->copies_max = bytes > e->copies_max ? bytes : e->copies_max;
+    return 0;
+}
+
+int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err)
+{
+    uint32_t first = e->copies_flushed, n = e->copies_used - first;
+    if (n == 0)
+        return 0;
+    /* From pinned memory on the stream: the entries stay untouched until the reset. */
+    KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_copies + first, e->h_copies + first,
+                                   n * sizeof *e->h_copies, cudaMemcpyHostToDevice, e->st),
+                   err);
+    e->copies_flushed = e->copies_used;
+    int rc = kvs_copies_run_cuda(e->d_copies + first, n, e->copies_max, e->st, err);
+    e->copies_max = 0;
+    return rc;
+}
+
+void kvs__engine_copies_reset(kvs_engine *e)
+{
+    e->copies_used = e->copies_flushed = 0;
+    e->copies_max = 0;
 }
 
 size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const uint32_t *klen,

@@ -6,8 +6,9 @@
  * launch carries), padded heads (2-byte copies), a base pointer off 16-byte alignment,
  * 70 layers (more than one launch carries); full, partial and multi-page blocks in random
  * pages; layer ranges. Gather is compared on a poisoned block; scatter over the whole
- * region (a stray write shows). Also the launchers' own refusals, and a throughput line
- * for a vLLM-like block. Exits 77 (skipped) where the build has no CUDA or the machine no
+ * region (a stray write shows). Also the launchers' own refusals, a throughput line for a
+ * vLLM-like block, and the batched copy kernel (gpu/codec/copies.cu) against its CPU
+ * reference. Exits 77 (skipped) where the build has no CUDA or the machine no
  * GPU; KVS_TEST_SEED repeats a run.
  */
 #include <stdint.h>
@@ -16,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "gpu/codec/copies.h"
 #include "gpu/codec/paged.h"
 
 #ifndef KVS_HAVE_CUDA
@@ -298,6 +300,96 @@ static void refusals(void)
     printf("%-24s %s\n", "launcher refusals", failures == before ? "as expected" : "MISMATCH");
 }
 
+/* Batched copies (gpu/codec/copies.cu) against the CPU reference: n copies with random
+ * widths, heights, pitches and offsets (aligned to 16 or not, so both unit sizes run,
+ * mixed in one launch) from a source arena into disjoint places of a poisoned destination
+ * arena, compared over the whole arena (a stray or missing byte shows). `big` adds one
+ * large contiguous copy (many CTAs per copy); n above 65535 takes several launches. */
+static void copies_case(uint32_t n, int aligned, size_t big, uint32_t shrink, const char *what)
+{
+    const size_t src_bytes = (8u << 20) + big + big / 64,
+                 dst_bytes = (size_t)n * 4096 + 2 * big + 4096;
+    uint8_t *src = malloc(src_bytes), *want = malloc(dst_bytes), *got = malloc(dst_bytes);
+    kvs_copy2d *t = malloc((size_t)n * sizeof *t);
+    uint8_t *dsrc, *ddst;
+    kvs_copy2d *dt;
+    if (!src || !want || !got || !t)
+        exit(1);
+    CHECK_CUDA(cudaMalloc((void **)&dsrc, src_bytes));
+    CHECK_CUDA(cudaMalloc((void **)&ddst, dst_bytes));
+    CHECK_CUDA(cudaMalloc((void **)&dt, (size_t)n * sizeof *dt));
+    fill_random(src, src_bytes);
+    memset(want, 0xA5, dst_bytes);
+    size_t at = 0; /* the next free destination byte: copies never overlap */
+    uint64_t max_bytes = 0;
+    uint32_t nt = 0, nh = 0;
+    kvs_copy2d *h = malloc((size_t)n * sizeof *h); /* the same copies on host addresses */
+    if (!h)
+        exit(1);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t width, height, spitch, dpitch, so, doff;
+        if (big && i == n / 2) { /* rows whose units do not divide a thread's stride */
+            width = aligned ? 4800 : 4801, height = big / width;
+            spitch = width + (aligned ? 16 : 3);
+            dpitch = width + (aligned ? 32 : 5);
+        } else {
+            width = 1 + next() % 256, height = next() % 9; /* height 0: a no-op copy */
+            if (aligned)
+                width = (width + 15) & ~15ull;
+            spitch = width + (aligned ? 16 * (next() % 3) : next() % 40);
+            dpitch = width + (aligned ? 16 * (next() % 3) : next() % 40);
+        }
+        uint64_t sspan = height ? (height - 1) * spitch + width : 0;
+        so = next() % (src_bytes - sspan + 1);
+        doff = at + (aligned ? 0 : next() % 16);
+        if (aligned)
+            so &= ~15ull;
+        uint64_t dspan = height ? (height - 1) * dpitch + width : 0;
+        at = (doff + dspan + 15) & ~15ull;
+        if (at > dst_bytes) {
+            printf("FAIL copies %s: test arena too small\n", what);
+            failures++;
+            return;
+        }
+        kvs_copies_add(t, &nt, ddst + doff, dpitch, dsrc + so, spitch, width, height);
+        kvs_copies_add(h, &nh, want + doff, dpitch, src + so, spitch, width, height);
+        max_bytes = width * height > max_bytes ? width * height : max_bytes;
+    }
+    kvs_copies_run(h, n);
+    CHECK_CUDA(cudaMemcpyAsync(dsrc, src, src_bytes, cudaMemcpyHostToDevice, stream));
+    CHECK_CUDA(cudaMemsetAsync(ddst, 0xA5, dst_bytes, stream));
+    CHECK_CUDA(cudaMemcpyAsync(dt, t, (size_t)n * sizeof *t, cudaMemcpyHostToDevice, stream));
+    kvs_err err;
+    /* shrink: a max_bytes below the largest copy's (a smaller grid, more steps a thread). */
+    int rc = kvs_copies_run_cuda(dt, n, max_bytes / shrink, stream, &err);
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    CHECK_CUDA(cudaMemcpy(got, ddst, dst_bytes, cudaMemcpyDeviceToHost));
+    if (rc) {
+        printf("FAIL copies %s: %s\n", what, err.msg);
+        failures++;
+    } else if (memcmp(got, want, dst_bytes)) {
+        size_t i = 0;
+        while (got[i] == want[i])
+            i++;
+        printf("FAIL copies %s: differs from destination byte %zu\n", what, i);
+        failures++;
+    } else {
+        printf("%-24s %s: %u copies, GPU matches CPU\n", "batched copies", what, n);
+    }
+    if (kvs_copies_run_cuda(dt, 0, 0, stream, &err) != KVS_EINVAL) {
+        printf("FAIL copies: n 0 accepted\n");
+        failures++;
+    }
+    CHECK_CUDA(cudaFree(dsrc));
+    CHECK_CUDA(cudaFree(ddst));
+    CHECK_CUDA(cudaFree(dt));
+    free(src);
+    free(want);
+    free(got);
+    free(t);
+    free(h);
+}
+
 /* Gather throughput of a vLLM-like block (32 layers, 8 heads of 128, 256 tokens in 16
  * pages of 16): block bytes per second, for a sense of scale only. */
 static void throughput(void)
@@ -388,6 +480,11 @@ int main(void)
         printf("%-24s shift  0: %3d cases %s\n", e.name, 3,
                failures == before ? "GPU matches CPU" : "MISMATCH");
     }
+    copies_case(300, 1, 0, 1, "aligned");
+    copies_case(300, 0, 0, 1, "unaligned");
+    copies_case(40, 1, (size_t)48 << 20, 1, "a 48 MiB 2D copy among 40");
+    copies_case(40, 0, (size_t)16 << 20, 64, "unaligned 16 MiB, small grid");
+    copies_case(70000, 0, 0, 1, "two launches");
     refusals();
     throughput();
     CHECK_CUDA(cudaStreamDestroy(stream));
