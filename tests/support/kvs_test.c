@@ -1,8 +1,10 @@
 /* Helpers shared by the codec unit tests; contracts in tests/support/kvs_test.h. The
  * Gaussian generator and the error measures are the definitions the tests' thresholds
  * were set against (quantizers-reference.md §6): change them and the thresholds move. */
+#define _GNU_SOURCE /* nftw */
 #include "tests/support/kvs_test.h"
 
+#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <math.h>
@@ -156,4 +158,17 @@ const uint16_t *kvs_test_sample_array(const kvs_test_sample *s, const char *name
     assert_true(off % 2 == 0 && off >= SAMPLE_HEADER);
     assert_true(off <= s->size && elts * 2 <= s->size - off);
     return (const uint16_t *)(s->bytes + off);
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+void kvs_test_rmtree(const char *dir)
+{
+    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }

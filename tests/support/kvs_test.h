@@ -1,7 +1,7 @@
-/* Helpers shared by the codec unit tests (tests/unit/test_codec_*.c): a namespace spec
- * builder, checked codec creation, seeded Gaussian fp16/bf16 data, the relative L2 error
- * of a decoded array, the causal attention-logit error, and the real KV sample
- * tests/data/realkv-a-64.kvs (kvsample/1, tests/data/README.md).
+/* Helpers shared by the C tests: a namespace spec builder, checked codec creation, seeded
+ * Gaussian fp16/bf16 data, the relative L2 error of a decoded array, the causal
+ * attention-logit error, the real KV sample tests/data/realkv-a-64.kvs (kvsample/1,
+ * tests/data/README.md), and scratch directories.
  *
  * Failures are cmocka failures (fail_msg / assert_*), so these are for test bodies only;
  * each test keeps its own assertions on the numbers they return. Single-threaded. */
@@ -68,5 +68,11 @@ void kvs_test_sample_free(kvs_test_sample *s);
  * inside the file. Borrowed: valid until kvs_test_sample_free. */
 const uint16_t *kvs_test_sample_array(const kvs_test_sample *s, const char *name,
                                       const char *shape);
+
+/* ---------------------------------------------------------------- scratch directories */
+
+/* Removes dir and everything under it, not following links (a test's scratch directory,
+ * from mkdtemp); best effort: what cannot be removed stays. */
+void kvs_test_rmtree(const char *dir);
 
 #endif

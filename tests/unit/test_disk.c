@@ -12,7 +12,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -88,14 +87,9 @@ static void tmp_make(tmpdir *t)
     snprintf(t->data, sizeof t->data, "%s/data", t->root);
 }
 
-static int rm_one(const char *p, const struct stat *st, int flag, struct FTW *ftw)
-{
-    return remove(p);
-}
-
 static void tmp_remove(tmpdir *t)
 {
-    nftw(t->root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(t->root);
 }
 
 static kvs_disk *open_ok(const char *dir, uint64_t budget, const kvs_disk_opts *o)

@@ -5,7 +5,6 @@
  * queue, emit never waiting (no subscriber, or one that never reads), destroy sending
  * what is queued, and bind errors naming the endpoint. */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <msgpack.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,6 +20,7 @@
 #include <cmocka.h>
 
 #include "daemon/events.h"
+#include "tests/support/kvs_test.h"
 
 /* ---------------------------------------------------------------- fixture */
 
@@ -121,18 +121,12 @@ static void fx_open(fx *f, uint32_t queue, unsigned flush_ms)
     fx_publisher(f, queue, flush_ms);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-
 static void fx_close(fx *f)
 {
     kvs_events_destroy(f->ev);
     zmq_close(f->sub);
     zmq_ctx_term(f->zctx);
-    nftw(f->dir, rm_one, 8, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
 }
 
 /* ---------------------------------------------------------------- decoding */

@@ -3,7 +3,6 @@
  * tier behind the same verbs (spill, read back, promotion, delete/replace/drop, budget
  * eviction, corrupt records, write errors; one temporary directory per test). */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -859,17 +858,12 @@ static void fx_open(disk_fx *f, const char *codec, uint64_t host_bytes, uint64_t
     fx_open_wm(f, codec, host_bytes, disk_budget, no_promote, 100, 100);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    return remove(p);
-}
-
 static void fx_close(disk_fx *f)
 {
     kvs_ns_unref(f->ns);
     kvs_store_destroy(f->st);
     kvs_disk_close(f->disk);
-    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
 }
 
 /* Puts a real encoded block of t tokens drawn from seed under key; returns its bytes
@@ -1809,7 +1803,7 @@ static void test_codec_state_persisted(void **state)
     free(enc);
     free(before);
     free(after);
-    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(dir);
 }
 
 /* Encodes a block of t tokens for spec (state version kstate for the keys) stamped with
@@ -1893,7 +1887,7 @@ static void test_restore_unknown_state_and_unservable(void **state)
     kvs_disk_close(disk);
     free(odd);
     free(out);
-    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(dir);
 }
 
 int main(void)

@@ -7,7 +7,6 @@
  * data directory per test. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -52,17 +51,12 @@ static void fx_open(fx *f, uint64_t host_bytes, uint64_t spill_max)
     assert_int_equal(kvs_store_ns_create(f->st, &s, &f->ns, &err), 0);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    return remove(p);
-}
-
 static void fx_close(fx *f)
 {
     kvs_ns_unref(f->ns);
     kvs_store_destroy(f->st);
     kvs_disk_close(f->disk);
-    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
 }
 
 /* Puts a real encoded full block drawn from seed under key; returns its bytes (malloc'd). */

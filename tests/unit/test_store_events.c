@@ -5,7 +5,6 @@
  * for destroy. A multi-threaded soak over a disk tier checks the property the sink exists
  * for: replaying the events gives, for every key, the tier Lookup reports. */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -321,12 +320,6 @@ static void test_gpu_demote_promote(void **state)
 
 /* ---------------------------------------------------------------- disk tier */
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-
 typedef struct disk_fx {
     char dir[64];
     kvs_disk *disk;
@@ -369,7 +362,7 @@ static void fx_close(disk_fx *f, bool remove_dir)
     kvs_store_destroy(f->st);
     kvs_disk_close(f->disk);
     if (remove_dir)
-        nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+        kvs_test_rmtree(f->dir);
 }
 
 static void test_disk_moves(void **state)

@@ -10,7 +10,6 @@
  * disk_quota_bytes. The gpu tier is bookkeeping only (a fake device address); the disk tier
  * is a real LMDB environment in a temporary directory per test. */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -295,15 +294,10 @@ static void fx_shut(fx *f)
     kvs_disk_close(f->disk);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    return remove(p);
-}
-
 static void fx_close(fx *f)
 {
     fx_shut(f);
-    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
 }
 
 /* Puts a full block of ns whose payload is drawn from seed; returns its encoded bytes

@@ -16,7 +16,6 @@
  *     colder, when the block leaves the host tier.
  */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -95,19 +94,11 @@ static void fx_open(fx *f, bool promote)
     }
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
 static void fx_close(fx *f)
 {
     store_close(f);
     kvs_disk_close(f->disk);
-    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
     kvs_test_sample_free(&f->sm);
     free(f->blocks[0]);
     free(f->blocks[1]);

@@ -7,7 +7,6 @@
  * (gpu/codec/format.c) calls: the link wraps it for this test alone (tests/CMakeLists.txt).
  */
 #define _GNU_SOURCE
-#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -78,21 +77,13 @@ static void fx_open(fx *f, bool promote)
     f->x = kvs_xfer_create(&xo);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
 static void fx_close(fx *f)
 {
     kvs_xfer_destroy(f->x);
     kvs_ns_unref(f->ns);
     kvs_store_destroy(f->st);
     kvs_disk_close(f->disk);
-    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    kvs_test_rmtree(f->dir);
 }
 
 /* ---------------------------------------------------------------- Put and Get */
