@@ -127,6 +127,27 @@ def test_errors_carry_status_and_message(tcp):
     assert e.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
+def test_stats_admin_progress_follows_verify_and_flush(daemon, tmp_path):
+    """stats()["admin"] mirrors the daemon's AdminProgress: a Verify of 12 host blocks adds
+    12 planned and 12 checked, a Flush of them 12 queued and 12 done (the library's
+    kvs_stats.admin, laid out as the C struct)."""
+    d = daemon(extra=["--data-dir", tmp_path / "data", "--gpu-capacity", "0"])
+    with kvstash.Client(d.target) as c:
+        name = kvs.ns_name("pyadm")
+        c.create_namespace(name, layers=2, kv_heads=2, head_dim=64, block_tokens=16)
+        c.put_many(name, [(b"a%d" % i, x) for i, x in enumerate(blocks(12))])
+        a0 = c.stats()["admin"]
+        assert set(a0) == {"verify_planned", "verify_checked", "flush_queued", "flush_done"}
+        assert d.kvctl("verify").returncode == 0
+        a1 = c.stats()["admin"]
+        assert (a1["verify_planned"] - a0["verify_planned"],
+                a1["verify_checked"] - a0["verify_checked"]) == (12, 12)
+        assert d.kvctl("flush").returncode == 0
+        a2 = c.stats()["admin"]
+        assert (a2["flush_queued"] - a1["flush_queued"],
+                a2["flush_done"] - a1["flush_done"]) == (12, 12)
+
+
 def test_unary_get_into_a_buffer_exact_short_and_size_probe(tcp):
     """libkvstash's kvs_client_get, under the package's get: a block of several data
     messages (3 MiB: the daemon sends at most 1 MiB a message) lands byte for byte in a

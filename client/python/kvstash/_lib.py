@@ -158,12 +158,18 @@ class DataPlaneStats(ctypes.Structure):
         "put_wire_bytes", "get_region_bytes", "get_wire_bytes")]
 
 
+class AdminProgress(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "verify_planned", "verify_checked", "flush_queued", "flush_done")]
+
+
 class Stats(ctypes.Structure):
     _fields_ = [("tiers", TierStats * 3), ("n_tiers", ctypes.c_size_t),
                 ("namespaces", ctypes.POINTER(NsInfo)), ("n_namespaces", ctypes.c_size_t),
                 ("rpcs", ctypes.POINTER(RpcStats)), ("n_rpcs", ctypes.c_size_t),
                 ("misses", ctypes.c_uint64), ("uptime_ms", ctypes.c_uint64),
-                ("version", ctypes.c_char * 32), ("data_plane", DataPlaneStats)]
+                ("version", ctypes.c_char * 32), ("data_plane", DataPlaneStats),
+                ("admin", AdminProgress)]
 
 
 def _candidates():

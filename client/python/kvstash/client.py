@@ -886,7 +886,9 @@ class Client:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
-        """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses."""
+        """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses, and
+        admin (the progress counters of Verify and Flush calls since the daemon started:
+        verify_planned, verify_checked, flush_queued, flush_done)."""
         self._one_daemon("stats")
         p, err = ctypes.POINTER(_lib.Stats)(), _lib.Err()
         _check(lib.kvs_client_stats(self._h, ctypes.byref(p), ctypes.byref(err)), err)
@@ -903,6 +905,7 @@ class Client:
                 "rpcs": {s.rpcs[i].method.decode(): (s.rpcs[i].calls, s.rpcs[i].errors)
                          for i in range(s.n_rpcs)},
                 "data_plane": {f: getattr(dp, f) for f, _ in dp._fields_},
+                "admin": {f: getattr(s.admin, f) for f, _ in s.admin._fields_},
             }
         finally:
             lib.kvs_stats_free(p)
