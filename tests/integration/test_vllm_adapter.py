@@ -174,12 +174,14 @@ def _device(name):
     if name is None:
         return None
     torch = pytest.importorskip("torch")
+    if name == "cpu":  # torch tensors: the adapter's torch path, CUDA streams aside
+        return name
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device (the GPU machine runs this: tests/gpu/device-check.sh)")
     return name
 
 
-@pytest.mark.parametrize("device", [None, "cuda"], ids=["numpy", "cuda"])
+@pytest.mark.parametrize("device", [None, "cpu", "cuda"], ids=["numpy", "torch-cpu", "cuda"])
 def test_save_then_load_shared_prefix(target, device):
     e = Engine(target, kvs.ns_name("vllm"), device=_device(device))
     p1, p2 = prompts()

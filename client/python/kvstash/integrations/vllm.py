@@ -36,7 +36,9 @@ vLLM block ids they go to; build_connector_meta hands the loads of this step, an
 blocks this step completes that kvstashd lacks, to the workers. Worker side: start_load_kv
 fetches all blocks of the step in one GetMany and scatters them layer by layer into the paged
 caches; save_kv_layer gathers each layer's blocks into a staging buffer, and wait_for_save stores
-them in one PutMany. Only whole prompt blocks are stored and loaded (a partial last block and
+them in one PutMany. With CUDA caches the staging buffers are CUDA tensors and nothing crosses
+to the host in the adapter: the package moves them by CUDA IPC to a local kvstashd with its GPU
+engine (encoded and decoded on the GPU), else through host memory. Only whole prompt blocks are stored and loaded (a partial last block and
 generated tokens are not); loads and saves are synchronous within the step.
 
 Keys. vLLM's block hashes (32-byte SHA-256 by default) are used as they are (bytes of 1..64;
@@ -53,6 +55,7 @@ Threading: vLLM makes one connector per process and role; the scheduler side is 
 engine core's scheduling thread and the worker side from the model runner's thread, each
 sequentially. The kvstash Client is thread-safe and made on first use.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -255,9 +258,10 @@ def _is_torch(t) -> bool:
 
 
 class _Layer:
-    """One layer's paged cache: gathers and scatters whole blocks as [n][2][t][H][D] numpy
-    arrays. kv_first: vLLM's FlashAttention layout [2][num_blocks][t][H][D]; else FlashInfer's
-    [num_blocks][2][t][H][D]. numpy arrays and torch tensors (CPU; CUDA untested) are taken."""
+    """One layer's paged cache: gathers and scatters whole blocks as [n][2][t][H][D] arrays.
+    kv_first: vLLM's FlashAttention layout [2][num_blocks][t][H][D]; else FlashInfer's
+    [num_blocks][2][t][H][D]. numpy arrays and torch tensors are taken; a CUDA cache's blocks
+    stay on its GPU (gathered into, and scattered from, a CUDA tensor: no host copy)."""
 
     def __init__(self, name, cache):
         shape = tuple(int(s) for s in cache.shape)
@@ -277,23 +281,22 @@ class _Layer:
         if _is_torch(cache):
             import torch
             idx = torch.as_tensor(ids, dtype=torch.long, device=cache.device)
-            t = (cache[:, idx].transpose(0, 1) if self.kv_first else cache[idx]).contiguous()
-            t = t.cpu()
-            if t.dtype == torch.bfloat16:
-                return t.view(torch.int16).numpy().view(np.uint16)
-            return t.numpy()
+            return (cache[:, idx].transpose(0, 1) if self.kv_first else cache[idx]).contiguous()
         a = np.asarray(cache)
         return np.moveaxis(a[:, ids], 0, 1) if self.kv_first else a[ids]
 
-    def scatter(self, cache, ids, data: np.ndarray):
+    def scatter(self, cache, ids, data):
         if _is_torch(cache):
             import torch
-            src = np.ascontiguousarray(data)
-            if cache.dtype == torch.bfloat16:
-                src_t = torch.from_numpy(src.view(np.int16)).view(torch.bfloat16)
+            if _is_torch(data):  # a load into torch buffers: already on the cache's device
+                src_t = data.to(cache.device)
             else:
-                src_t = torch.from_numpy(src)
-            src_t = src_t.to(cache.device, non_blocking=False)
+                src = np.ascontiguousarray(data)
+                if cache.dtype == torch.bfloat16:
+                    src_t = torch.from_numpy(src.view(np.int16)).view(torch.bfloat16)
+                else:
+                    src_t = torch.from_numpy(src)
+                src_t = src_t.to(cache.device, non_blocking=False)
             idx = torch.as_tensor(ids, dtype=torch.long, device=cache.device)
             if self.kv_first:
                 cache[:, idx] = src_t.transpose(0, 1)
@@ -348,25 +351,47 @@ class _Load:
     def start(self):
         self.thread.start()
 
+    def _fetch(self, b: int, e: int):
+        """Layers [b, e) of every block: into host arrays for numpy caches; for torch caches
+        into one tensor [n][e-b][2][t][H][D] on the caches' device, returned with the list
+        (CUDA: on the side stream; the daemon decodes straight into it by CUDA IPC where it
+        can, else the package copies it up)."""
+        conn = self.conn
+        cache0 = conn._caches[conn._layers[0].name]
+        if not _is_torch(cache0):
+            return conn.client.get_many(conn.cfg.namespace, self.keys, layers=(b, e)), None
+        import torch
+        with (torch.cuda.stream(self.stream) if self.stream is not None  # fills on it
+              else contextlib.nullcontext()):
+            buf = torch.empty((len(self.keys), e - b, 2) + conn._layers[0].block_shape,
+                              dtype=cache0.dtype, device=cache0.device)
+            return conn.client.get_many(conn.cfg.namespace, self.keys, layers=(b, e),
+                                        out=list(buf.unbind(0))), buf
+
     def _run(self):
         conn = self.conn
         try:
             for b, e in self.groups:
+                buf = None
                 try:
-                    got = conn.client.get_many(conn.cfg.namespace, self.keys, layers=(b, e))
+                    got, buf = self._fetch(b, e)
                 except (KvstashError, OSError) as ex:
                     log.warning("kvstash: loading layers [%d, %d) of %d blocks failed: %s",
                                 b, e, len(self.keys), ex)
                     got = [None] * len(self.keys)
-                dst, src = [], []
-                for blk_id, blk in zip(self.ids, got):
+                dst, sel = [], []
+                for i, (blk_id, blk) in enumerate(zip(self.ids, got)):
                     if blk is None or blk.shape[2] != conn.cfg.block_size or \
                             blk_id in self.errors:
                         self.errors.add(blk_id)
                     else:
                         dst.append(blk_id)
-                        src.append(blk)
-                stacked = np.stack(src) if dst else None          # [n][e-b][2][t][H][D]
+                        sel.append(i)
+                stacked = None                                    # [n][e-b][2][t][H][D]
+                if dst and buf is not None:
+                    stacked = buf if len(sel) == len(got) else buf[sel]
+                elif dst:
+                    stacked = np.stack([got[i] for i in sel])
                 for l in range(b, e):
                     if dst:
                         self._scatter(l, dst, stacked[:, l - b])
@@ -625,8 +650,12 @@ class KvstashConnector(KVConnectorBase_V1):
         ids = [b for tr in meta.saves for b in tr.block_ids]
         if self._stage is None:
             layer = self._layers[l]
-            dt = np.float16 if layer.dtype == "fp16" else np.uint16
-            self._stage = np.empty((len(ids), len(self._layers), 2) + layer.block_shape, dt)
+            shape = (len(ids), len(self._layers), 2) + layer.block_shape
+            if _is_torch(kv_layer):  # on the cache's device (a GPU's: PutMany by CUDA IPC)
+                import torch
+                self._stage = torch.empty(shape, dtype=kv_layer.dtype, device=kv_layer.device)
+            else:
+                self._stage = np.empty(shape, np.float16 if layer.dtype == "fp16" else np.uint16)
             self._staged = set()
         self._stage[:, l] = self._layers[l].gather(kv_layer, ids)
         self._staged.add(l)
