@@ -39,6 +39,7 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec/paged.h"
+#include "gpu/engine/engine.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/xfer.h"
 
@@ -50,6 +51,8 @@ typedef struct kvs_put_block {
     uint8_t *raw;       /* the payload: the receive buffer, or the region's bytes */
     uint64_t recv_held; /* bytes of the receive budget raw holds (0: none, or released) */
     kvs_region *region; /* shared memory: held until the payload is read */
+    bool raw_dev;       /* raw is device memory of the engine's (a paged block gathered
+                         * from GPU memory): kvs_engine_dev_free */
     bool from_region;
     uint64_t expected, received;
     uint32_t tokens;
@@ -91,6 +94,9 @@ static void block_release_payload(kvs_put_block *b)
     if (b->region) {
         kvs_region_release(b->region);
         b->region = NULL;
+    } else if (b->raw_dev) {
+        kvs_engine_dev_free(b->c->srv->engine, b->raw);
+        b->raw_dev = false;
     } else {
         kvs_call_buf_free(b->c, b->raw);
     }
@@ -247,17 +253,18 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
     pthread_mutex_unlock(&p->mu);
     kvs_err err;
     kvs_err_clear(&err);
-    kvs_xfer_put_req r = {
-        .ns = b->ns,
-        .key = b->key,
-        .key_len = b->key_len,
-        .tokens = b->tokens,
-        .src = {.kind = b->region && kvs_region_device(b->region) ? KVS_XFER_DEVICE : KVS_XFER_HOST,
-                .ptr = b->raw,
-                .len = b->expected},
-        .consumed = put_consumed,
-        .done = put_done,
-        .arg = b};
+    kvs_xfer_put_req r = {.ns = b->ns,
+                          .key = b->key,
+                          .key_len = b->key_len,
+                          .tokens = b->tokens,
+                          .src = {.kind = (b->region && kvs_region_device(b->region)) || b->raw_dev
+                                              ? KVS_XFER_DEVICE
+                                              : KVS_XFER_HOST,
+                                  .ptr = b->raw,
+                                  .len = b->expected},
+                          .consumed = put_consumed,
+                          .done = put_done,
+                          .arg = b};
     if (kvs_xfer_put(c->srv->xfer, &r, &err))
         put_done(b, err.code, &err, NULL);
 }
@@ -266,7 +273,10 @@ static int recv_buffer(kvs_call *c, kvs_put_block *b, kvs_err *err);
 
 /* A paged block in shared memory (gpu/codec/paged.h): gathered here into a buffer counted
  * in the receive budget, as if it had arrived on the stream, so the data path sees one
- * kind of block. The layout is checked against the region's bytes before any is read. */
+ * kind of block: host memory from a shared-memory region (gathered by the CPU), device
+ * memory from a CUDA IPC region (gathered by the GPU engine into a buffer of its own, a
+ * Put from device memory from there on). The layout is checked against the region's bytes
+ * before any is read. */
 static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHeader *h,
                         const kvs_ns_spec *spec, kvs_err *err)
 {
@@ -288,18 +298,22 @@ static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHea
     if ((rc = kvs_regions_acquire(c->srv->regions, h->region.data, h->region.len, 0, 0, "region",
                                   &g, &base, err)))
         return rc;
-    if (kvs_region_device(g)) { /* the gather below runs on the host */
-        kvs_region_release(g);
-        return kvs_err_set(err, KVS_EINVAL,
-                           "layout: paged blocks in GPU memory (a CUDA IPC region) are not "
-                           "supported yet: name contiguous blocks (region_offset) or use a "
-                           "shared-memory region");
-    }
     rc = kvs_paged_check(&p->layout, spec, kvs_region_len(g), h->pages, h->n_pages, h->tokens, err);
-    if (rc == 0)
-        rc = recv_buffer(c, b, err);
-    if (rc == 0) {
+    if (rc == 0 && kvs_region_device(g) && !c->srv->engine) /* registration needs one */
+        rc = kvs_err_set(err, KVS_EUNAVAIL, "region: GPU memory, and no GPU engine runs");
+    if (rc == 0 && kvs_region_device(g)) {
+        if ((rc = kvs_limits_recv_take(c->srv->limits, b->expected, err)) == 0) {
+            b->recv_held = b->expected;
+            void *dev = NULL;
+            rc = kvs_engine_gather_dev(c->srv->engine, &p->layout, base, h->pages, h->tokens, &dev,
+                                       err);
+            b->raw = dev;
+            b->raw_dev = dev != NULL;
+        }
+    } else if (rc == 0 && (rc = recv_buffer(c, b, err)) == 0) {
         kvs_paged_gather(&p->layout, base, h->pages, h->tokens, 0, spec->layers, b->raw);
+    }
+    if (rc == 0) {
         b->received = b->expected;
         b->from_region = true;
     }

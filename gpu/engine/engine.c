@@ -555,6 +555,7 @@ static int alloc_all(kvs_engine *e, kvs_err *err)
 {
     KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
     KVS_CUDA_CHECK(cudaStreamCreateWithFlags(&e->st, cudaStreamNonBlocking), err);
+    KVS_CUDA_CHECK(cudaStreamCreateWithFlags(&e->aux, cudaStreamNonBlocking), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_raw, e->o.staging_bytes), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_enc, e->o.staging_bytes), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_raw, e->o.staging_bytes), err);
@@ -590,6 +591,8 @@ static void free_all(kvs_engine *e)
     cudaFree(e->d_bad);
     if (e->st)
         cudaStreamDestroy(e->st);
+    if (e->aux)
+        cudaStreamDestroy(e->aux);
 }
 
 int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *err)
@@ -616,11 +619,13 @@ int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *er
     if (rc == 0) {
         pthread_mutex_init(&e->mu, NULL);
         pthread_mutex_init(&e->prep_mu, NULL);
+        pthread_mutex_init(&e->aux_mu, NULL);
         pthread_cond_init(&e->cv, NULL);
         int prc = pthread_create(&e->thread, NULL, engine_main, e);
         if (prc) {
             pthread_mutex_destroy(&e->mu);
             pthread_mutex_destroy(&e->prep_mu);
+            pthread_mutex_destroy(&e->aux_mu);
             pthread_cond_destroy(&e->cv);
             rc = kvs_err_set(err, -prc, "GPU engine: pthread_create: %s", strerror(prc));
         }
@@ -645,6 +650,8 @@ void kvs_engine_destroy(kvs_engine *e)
     pthread_join(e->thread, NULL);
     free_all(e);
     pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->prep_mu);
+    pthread_mutex_destroy(&e->aux_mu);
     pthread_cond_destroy(&e->cv);
     free(e);
 }

@@ -197,6 +197,16 @@ void kvs_engine_ipc_close(kvs_engine *e, void *base);
  * device memory, memory opened by IPC), synchronously: the data path's rare CPU steps on
  * a worker's device memory. Any thread. */
 int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err *err);
+/* Gathers one paged block from device memory (base: a worker's KV cache opened by CUDA IPC;
+ * lay, pages and t checked by kvs_paged_check against its length) into a new contiguous
+ * device buffer *out of kvs_paged_block_bytes(lay, t, 0, layers) bytes, layout
+ * [L][2][t][H][D]: a paged Put from GPU memory becomes a Put from device memory like any
+ * other. Synchronous, on the engine's side stream (not its batch stream); any thread.
+ * KVS_ENOMEM when the device has no room. Free *out with kvs_engine_dev_free once no job
+ * reads it. */
+int kvs_engine_gather_dev(kvs_engine *e, const kvs_paged_layout *lay, const void *base,
+                          const uint32_t *pages, uint32_t t, void **out, kvs_err *err);
+void kvs_engine_dev_free(kvs_engine *e, void *p);
 
 #ifdef __cplusplus
 }

@@ -63,6 +63,12 @@ struct kvs_engine {
     bool stop;
     atomic_bool failed;
     cudaStream_t st;
+    /* The side stream of the data path's synchronous steps on a worker's memory
+     * (kvs_engine_gather_dev: allocation, gather, free; engine_ipc.c), under aux_mu, a
+     * leaf lock taken by any thread; never the batch stream, so they do not wait for
+     * batches. */
+    cudaStream_t aux;
+    pthread_mutex_t aux_mu;
     uint8_t *h_raw, *h_enc, *d_raw, *d_enc; /* staging_bytes each */
     uint32_t *h_layers, *d_layers;          /* max_sections each */
     uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */

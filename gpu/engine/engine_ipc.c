@@ -1,6 +1,8 @@
 /* The GPU engine's side of CUDA IPC (engine.h, "worker memory"): device memory another
  * process on this host exported with cudaIpcGetMemHandle, opened on the engine's device so
- * that its jobs encode from it and decode into it (move_raw's direct copies, engine.c).
+ * that its jobs encode from it and decode into it (move_raw's direct copies, engine.c);
+ * and the data path's synchronous steps on such memory: a copy, a paged block's gather
+ * into a device buffer of its own (on the side stream, aux_mu held).
  *
  * A handle names a whole allocation; the caller (daemon/region.c) shares a part of it.
  * The allocation's real size comes from the driver (gpu/base/cuda_range.h): a client cannot
@@ -13,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include "gpu/base/cuda_range.h"
+#include "gpu/codec/paged.h"
 #include "gpu/engine/engine_int.h"
 
 static int cuda_fail(kvs_err *err, int code, const char *what, cudaError_t ce)
@@ -90,4 +93,48 @@ int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err
         return kvs_err_set(err, KVS_EINTERNAL, "GPU engine: copy of %zu bytes: %s (%s)", n,
                            cudaGetErrorString(ce), cudaGetErrorName(ce));
     return 0;
+}
+
+int kvs_engine_gather_dev(kvs_engine *e, const kvs_paged_layout *lay, const void *base,
+                          const uint32_t *pages, uint32_t t, void **out, kvs_err *err)
+{
+    *out = NULL;
+    size_t bytes = kvs_paged_block_bytes(lay, t, 0, lay->layers);
+    void *p = NULL;
+    int rc = 0;
+    pthread_mutex_lock(&e->aux_mu);
+    cudaError_t ce = cudaSetDevice(e->o.device);
+    /* Stream-ordered: the pool hands back what earlier blocks freed without a device-wide
+     * synchronization (cudaMalloc/cudaFree would stall the batch stream). */
+    if (ce == cudaSuccess)
+        ce = cudaMallocAsync(&p, bytes, e->aux);
+    if (ce == cudaErrorMemoryAllocation) {
+        cudaGetLastError();
+        rc = kvs_err_set(err, KVS_ENOMEM,
+                         "layout: no room on the GPU for a %zu-byte block gathered from its "
+                         "pages",
+                         bytes);
+    } else if (ce != cudaSuccess) {
+        rc = cuda_fail(err, KVS_EINTERNAL, "GPU engine: gather buffer", ce);
+    } else if ((rc = kvs_paged_gather_cuda(lay, base, pages, t, 0, lay->layers, p, e->aux, err)) ==
+                   0 &&
+               (ce = cudaStreamSynchronize(e->aux)) != cudaSuccess) {
+        rc = cuda_fail(err, KVS_EINTERNAL, "GPU engine: gather of a paged block", ce);
+    }
+    if (rc && p)
+        cudaFreeAsync(p, e->aux);
+    pthread_mutex_unlock(&e->aux_mu);
+    if (rc == 0)
+        *out = p;
+    return rc;
+}
+
+void kvs_engine_dev_free(kvs_engine *e, void *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&e->aux_mu);
+    cudaSetDevice(e->o.device);
+    cudaFreeAsync(p, e->aux);
+    pthread_mutex_unlock(&e->aux_mu);
 }

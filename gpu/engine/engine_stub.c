@@ -108,6 +108,13 @@ int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
+int kvs_engine_gather_dev(kvs_engine *e, const kvs_paged_layout *lay, const void *base,
+                          const uint32_t *pages, uint32_t t, void **out, kvs_err *err)
+{
+    *out = NULL;
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
+void kvs_engine_dev_free(kvs_engine *e, void *p) {}
 int kvs_engine_decode_paged(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                             const uint8_t *enc, size_t len, kvs_block_trust trust,
                             uint32_t layer_begin, uint32_t layer_end, const kvs_engine_paged *dst,

@@ -328,6 +328,22 @@ def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec)
         torch.cuda.synchronize()
         assert bytes(paged.cpu().numpy()) == bytes(hpaged.mem[:vbytes])
         assert any(hpaged.mem[:vbytes])
+        # PutMany naming pages of the GPU memory (the engine gathers them on the device)
+        # stores what the same PutMany naming the shared-memory copy stores (the CPU's
+        # gather), which is the block that was loaded into those pages.
+        def paged_put(region, prefix, pgs):
+            return d.stub.PutMany(iter([kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+                namespace=ns.name, key=b"%s%d" % (prefix, i), tokens=T, dtype=kvs.FP16,
+                region=region, layout=vl if i == 0 else None, pages=[p]))
+                for i, p in enumerate(pgs)]), timeout=60).results
+        assert [r.code for r in paged_put(pid, b"pg-gpu-", pages[:4])] == [0] * 4
+        assert [r.code for r in paged_put(hpaged.id, b"pg-host-", pages[:4])] == [0] * 4
+        for i in range(4):  # (a lossy codec re-encodes what it decoded: not keys[i]'s bytes)
+            got = kvs.get(d.stub, ns.name, b"pg-gpu-%d" % i).data
+            assert got == kvs.get(d.stub, ns.name, b"pg-host-%d" % i).data
+            assert codec != "none" or got == kvs.get(d.stub, ns.name, keys[i]).data
+        # A page past the GPU memory's end is refused before any gather, naming it.
+        kvs.expect_error(grpc_invalid(), paged_put, pid, b"bad", [n + 4], words=("page",))
         # PutMany from the GPU memory: stored as a Put of the same bytes stores them.
         import numpy as np
         for i in range(3):
