@@ -114,7 +114,6 @@ struct kvs_server {
     struct kvs_work *work;       /* borrowed: codec work goes to the libuv pool (daemon/work.h) */
     struct kvs_tiering *tiering; /* borrowed, may be NULL: GPU tier demotion (Evict) */
     struct kvs_xfer *xfer;       /* owned: the data path of Put and Get (storage/xfer.h) */
-    struct kvs_engine *engine;   /* borrowed, may be NULL: gathers paged Puts from GPU memory */
     struct kvs_limits *limits;   /* owned: stream slots and receive memory (daemon/limits.h) */
     /* Token digests (daemon/auth.h), owned. Swapped by a SIGHUP reload
      * (kvs_server_set_auth) while CQ threads read it: a reader counts itself in

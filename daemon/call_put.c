@@ -39,7 +39,6 @@
 #include "daemon/wire.h"
 #include "gpu/base/mem.h"
 #include "gpu/codec/paged.h"
-#include "gpu/engine/engine.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "storage/xfer.h"
 
@@ -47,12 +46,12 @@
 typedef struct kvs_put_block {
     kvs_call *c;
     uint32_t index;
-    kvs_ns *ns;         /* reference */
-    uint8_t *raw;       /* the payload: the receive buffer, or the region's bytes */
-    uint64_t recv_held; /* bytes of the receive budget raw holds (0: none, or released) */
-    kvs_region *region; /* shared memory: held until the payload is read */
-    bool raw_dev;       /* raw is device memory of the engine's (a paged block gathered
-                         * from GPU memory): kvs_engine_dev_free */
+    kvs_ns *ns;            /* reference */
+    uint8_t *raw;          /* the payload: the receive buffer, or the region's bytes */
+    uint64_t recv_held;    /* bytes of the receive budget raw holds (0: none, or released) */
+    kvs_region *region;    /* shared memory: held until the payload is read */
+    kvs_xfer_buf gathered; /* a paged block gathered by the data path (kvs_xfer_gather):
+                            * raw is its ptr; kvs_xfer_buf_release */
     bool from_region;
     uint64_t expected, received;
     uint32_t tokens;
@@ -94,9 +93,8 @@ static void block_release_payload(kvs_put_block *b)
     if (b->region) {
         kvs_region_release(b->region);
         b->region = NULL;
-    } else if (b->raw_dev) {
-        kvs_engine_dev_free(b->c->srv->engine, b->raw);
-        b->raw_dev = false;
+    } else if (b->gathered.ptr) {
+        kvs_xfer_buf_release(b->c->srv->xfer, &b->gathered);
     } else {
         kvs_call_buf_free(b->c, b->raw);
     }
@@ -257,7 +255,8 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
                           .key = b->key,
                           .key_len = b->key_len,
                           .tokens = b->tokens,
-                          .src = {.kind = (b->region && kvs_region_device(b->region)) || b->raw_dev
+                          .src = {.kind = b->gathered.ptr ? b->gathered.kind
+                                          : b->region && kvs_region_device(b->region)
                                               ? KVS_XFER_DEVICE
                                               : KVS_XFER_HOST,
                                   .ptr = b->raw,
@@ -271,11 +270,10 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
 
 static int recv_buffer(kvs_call *c, kvs_put_block *b, kvs_err *err);
 
-/* A paged block in shared memory (gpu/codec/paged.h): gathered here into a buffer counted
- * in the receive budget, as if it had arrived on the stream, so the data path sees one
- * kind of block: host memory from a shared-memory region (gathered by the CPU), device
- * memory from a CUDA IPC region (gathered by the GPU engine into a buffer of its own, a
- * Put from device memory from there on). The layout is checked against the region's bytes
+/* A paged block in a region (gpu/codec/paged.h): the data path gathers it into a buffer
+ * of its own (kvs_xfer_gather: host memory from shared memory, device memory from a CUDA
+ * IPC region), counted in the receive budget as if it had arrived on the stream, so the
+ * rest of the Put sees one kind of block. The layout is checked against the region's bytes
  * before any is read. */
 static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHeader *h,
                         const kvs_ns_spec *spec, kvs_err *err)
@@ -299,19 +297,15 @@ static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHea
                                   &g, &base, err)))
         return rc;
     rc = kvs_paged_check(&p->layout, spec, kvs_region_len(g), h->pages, h->n_pages, h->tokens, err);
-    if (rc == 0 && kvs_region_device(g) && !c->srv->engine) /* registration needs one */
-        rc = kvs_err_set(err, KVS_EUNAVAIL, "region: GPU memory, and no GPU engine runs");
-    if (rc == 0 && kvs_region_device(g)) {
-        if ((rc = kvs_limits_recv_take(c->srv->limits, b->expected, err)) == 0) {
-            b->recv_held = b->expected;
-            void *dev = NULL;
-            rc = kvs_engine_gather_dev(c->srv->engine, &p->layout, base, h->pages, h->tokens, &dev,
-                                       err);
-            b->raw = dev;
-            b->raw_dev = dev != NULL;
-        }
-    } else if (rc == 0 && (rc = recv_buffer(c, b, err)) == 0) {
-        kvs_paged_gather(&p->layout, base, h->pages, h->tokens, 0, spec->layers, b->raw);
+    if (rc == 0 && (rc = kvs_limits_recv_take(c->srv->limits, b->expected, err)) == 0) {
+        b->recv_held = b->expected;
+        kvs_xfer_buf pages = {.kind = kvs_region_device(g) ? KVS_XFER_DEVICE : KVS_XFER_HOST,
+                              .ptr = base,
+                              .len = kvs_region_len(g),
+                              .lay = &p->layout,
+                              .pages = h->pages};
+        rc = kvs_xfer_gather(c->srv->xfer, &pages, h->tokens, &b->gathered, err);
+        b->raw = b->gathered.ptr;
     }
     if (rc == 0) {
         b->received = b->expected;

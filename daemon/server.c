@@ -105,7 +105,6 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_s
     srv->store = store;
     srv->work = work;
     srv->tiering = tiering;
-    srv->engine = engine;
     kvs_xfer_opts xo = {.store = store,
                         .engine = engine,
                         .tiering = tiering,

@@ -114,6 +114,38 @@ void kvs_xfer_host_free(kvs_xfer *x, uint8_t *p)
         free(p);
 }
 
+int kvs_xfer_gather(kvs_xfer *x, const kvs_xfer_buf *src, uint32_t tokens, kvs_xfer_buf *out,
+                    kvs_err *err)
+{
+    const kvs_paged_layout *lay = src->lay;
+    const size_t bytes = kvs_paged_block_bytes(lay, tokens, 0, lay->layers);
+    *out = (kvs_xfer_buf){.kind = src->kind, .len = bytes};
+    if (src->kind == KVS_XFER_HOST) {
+        if (!(out->ptr = kvs_xfer_host_alloc(x, bytes)))
+            return kvs_err_set(err, KVS_ENOMEM,
+                               "layout: cannot allocate %zu bytes to gather a "
+                               "block from its pages",
+                               bytes);
+        kvs_paged_gather(lay, src->ptr, src->pages, tokens, 0, lay->layers, out->ptr);
+        return 0;
+    }
+    if (!x->o.engine)
+        return kvs_err_set(err, KVS_EUNAVAIL, "layout: pages in GPU memory, and no GPU engine");
+    void *dev = NULL;
+    int rc = kvs_engine_gather_dev(x->o.engine, lay, src->ptr, src->pages, tokens, &dev, err);
+    out->ptr = dev;
+    return rc;
+}
+
+void kvs_xfer_buf_release(kvs_xfer *x, kvs_xfer_buf *b)
+{
+    if (b->kind == KVS_XFER_DEVICE)
+        kvs_engine_dev_free(x->o.engine, b->ptr);
+    else
+        kvs_xfer_host_free(x, b->ptr);
+    b->ptr = NULL;
+}
+
 static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)

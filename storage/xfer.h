@@ -133,6 +133,17 @@ void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out);
 uint8_t *kvs_xfer_host_alloc(kvs_xfer *x, size_t n);
 void kvs_xfer_host_free(kvs_xfer *x, uint8_t *p);
 
+/* A Put's paged source (gpu/codec/paged.h): src holds an engine's pages (src->lay and
+ * src->pages set, checked by kvs_paged_check against src->len for `tokens` tokens) and
+ * the block is gathered into a contiguous buffer of its own, *out, layout [L][2][t][H][D]:
+ * host memory (kvs_xfer_host_alloc) gathered by the CPU for a HOST source, device memory
+ * gathered by the GPU engine for a DEVICE one (KVS_EUNAVAIL without an engine). *out is
+ * then a Put's source like any other; give it back with kvs_xfer_buf_release once the
+ * Put consumed it. KVS_ENOMEM when there is no room. Any thread; synchronous. */
+int kvs_xfer_gather(kvs_xfer *x, const kvs_xfer_buf *src, uint32_t tokens, kvs_xfer_buf *out,
+                    kvs_err *err);
+void kvs_xfer_buf_release(kvs_xfer *x, kvs_xfer_buf *b);
+
 /* ---------------------------------------------------------------- Put */
 
 typedef struct kvs_xfer_put_req {
