@@ -123,7 +123,7 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t enc_bytes = n * (sk + sv);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
-    kvs__engine_copies_reset(e); /* the last batch's stream was synchronized */
+    kvs__engine_copies_reset(e); /* waits only after a batch that failed part-way */
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
     KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
@@ -204,7 +204,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
         err);
     KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
-    if (encode) { /* fixed-size codecs leave their lengths implicit */
+    e->copies_used = e->copies_flushed = 0; /* the stream passed every flush */
+    if (encode) {                           /* fixed-size codecs leave their lengths implicit */
         for (size_t i = 0; i < n && kfix; i++)
             e->h_len[i] = (uint32_t)sk;
         for (size_t i = 0; i < n && vfix; i++)

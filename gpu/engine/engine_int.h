@@ -132,8 +132,9 @@ void kvs__engine_raw_mem(job *j, const void *raw);
  * 2D copy (height rows of width bytes at the pitches; both sides device memory) for the
  * next flush, or issues it at once as cudaMemcpy2DAsync when the table is full;
  * kvs__engine_copies_flush uploads the queued ones and runs them in one launch on the
- * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table, only
- * once the stream has passed every flush (after the batch's synchronization). */
+ * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table,
+ * waiting for the stream first if anything was flushed (a batch that failed part-way may not
+ * have synchronized). */
 int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src, size_t spitch,
                         size_t width, size_t height, kvs_err *err);
 int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err);
