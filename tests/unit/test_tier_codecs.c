@@ -34,6 +34,7 @@
 #include "storage/store.h"
 #include "storage/xfer.h"
 #include "tests/support/kvs_test.h"
+#include "tests/support/kvs_test_xfer.h"
 
 enum { L = 6, H = 4, D = 128, T = 32, TOKENS = 64 };
 
@@ -119,92 +120,21 @@ static kvs_ns *tier_ns(fx *f, const char *name, const char *own, const char *hos
 
 /* ---------------------------------------------------------------- Put, Get, moves */
 
-typedef struct result {
-    bool called;
-    int rc;
-    char msg[256];
-} result;
-
-static void put_done(void *arg, int rc, const kvs_err *err, const kvs_store_put_info *info)
-{
-    (void)info;
-    result *r = arg;
-    r->called = true;
-    r->rc = rc;
-    snprintf(r->msg, sizeof r->msg, "%s", rc && err ? err->msg : "");
-}
-
-static void get_done(void *arg, int rc, const kvs_err *err)
-{
-    result *r = arg;
-    r->called = true;
-    r->rc = rc;
-    snprintf(r->msg, sizeof r->msg, "%s", rc && err ? err->msg : "");
-}
-
 static void put(fx *f, kvs_ns *ns, const char *key, const uint16_t *raw)
 {
-    uint64_t bytes;
-    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), T, &bytes, NULL), 0);
-    result r = {0};
-    kvs_xfer_put_req q = {
-        .ns = ns,
-        .key = key,
-        .key_len = strlen(key),
-        .tokens = T,
-        .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)(uintptr_t)raw, .len = bytes},
-        .done = put_done,
-        .arg = &r};
-    kvs_err err;
-    if (kvs_xfer_put(f->x, &q, &err))
-        fail_msg("put %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("put %s: %s", key, r.msg);
+    kvs_test_put(f->x, ns, key, T, raw);
 }
 
 /* A raw Get of every layer (*n bytes); the codec roles the data path reports. */
 static uint16_t *get_raw(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *enc)
 {
-    kvs_xfer_get_req q = {
-        .ns = ns, .key = key, .key_len = strlen(key), .layer_begin = 0, .layer_end = L};
-    kvs_xfer_get *g;
-    kvs_err err;
-    if (kvs_xfer_get_open(f->x, &q, &g, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    *n = kvs_xfer_get_raw_bytes(g);
-    uint16_t *out = malloc(*n);
-    kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)out, .len = *n};
-    result r = {0};
-    if (kvs_xfer_get_run(g, &dst, get_done, &r, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("get %s: %s", key, r.msg);
-    if (enc)
-        *enc = kvs_xfer_get_enc(g);
-    kvs_xfer_get_close(g);
-    return out;
+    return kvs_test_get_raw(f->x, ns, key, n, enc, NULL);
 }
 
 /* An encoded Get: the stored block, copied out (*n bytes). */
 static uint8_t *get_encoded(fx *f, kvs_ns *ns, const char *key, size_t *n)
 {
-    kvs_xfer_get_req q = {.ns = ns, .key = key, .key_len = strlen(key), .encoded = true};
-    kvs_xfer_get *g;
-    kvs_err err;
-    if (kvs_xfer_get_open(f->x, &q, &g, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    result r = {0};
-    if (kvs_xfer_get_run(g, NULL, get_done, &r, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    assert_true(r.called);
-    assert_int_equal(r.rc, 0);
-    const uint8_t *b = kvs_xfer_get_encoded(g, n);
-    uint8_t *copy = malloc(*n);
-    memcpy(copy, b, *n);
-    kvs_xfer_get_close(g);
-    return copy;
+    return kvs_test_get_encoded(f->x, ns, key, n);
 }
 
 /* Lookup of one key: its tier (*tier) and codec roles. */

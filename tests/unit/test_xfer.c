@@ -29,6 +29,7 @@
 #include "storage/store.h"
 #include "storage/xfer.h"
 #include "tests/support/kvs_test.h"
+#include "tests/support/kvs_test_xfer.h"
 
 /* ---------------------------------------------------------------- hash counter */
 
@@ -88,49 +89,13 @@ static void fx_close(fx *f)
 
 /* ---------------------------------------------------------------- Put and Get */
 
-typedef struct result {
-    bool called;
-    int rc;
-    char msg[256];
-} result;
-
-static void put_done(void *arg, int rc, const kvs_err *err, const kvs_store_put_info *info)
-{
-    (void)info;
-    result *r = arg;
-    r->called = true;
-    r->rc = rc;
-    snprintf(r->msg, sizeof r->msg, "%s", rc && err ? err->msg : "");
-}
-
-static void get_done(void *arg, int rc, const kvs_err *err)
-{
-    result *r = arg;
-    r->called = true;
-    r->rc = rc;
-    snprintf(r->msg, sizeof r->msg, "%s", rc && err ? err->msg : "");
-}
-
 /* Puts a block of t tokens drawn from seed under key; returns its raw payload. */
 static uint16_t *put(fx *f, const char *key, uint32_t t, uint64_t seed)
 {
     uint64_t bytes;
     assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(f->ns), t, &bytes, NULL), 0);
     uint16_t *raw = kvs_test_gauss_data(bytes / 2, seed, 1.0, KVS_DTYPE_FP16);
-    result r = {0};
-    kvs_xfer_put_req q = {.ns = f->ns,
-                          .key = key,
-                          .key_len = strlen(key),
-                          .tokens = t,
-                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
-                          .done = put_done,
-                          .arg = &r};
-    kvs_err err;
-    if (kvs_xfer_put(f->x, &q, &err))
-        fail_msg("put %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("put %s: %s", key, r.msg);
+    kvs_test_put(f->x, f->ns, key, t, raw);
     return raw;
 }
 
@@ -146,21 +111,7 @@ static uint16_t *get_raw(fx *f, const char *key, size_t *n, kvs_store_tier *tier
 /* An encoded Get of key: the stored block, copied out (*n bytes). */
 static uint8_t *get_encoded(fx *f, const char *key, size_t *n)
 {
-    kvs_xfer_get_req q = {.ns = f->ns, .key = key, .key_len = strlen(key), .encoded = true};
-    kvs_xfer_get *g;
-    kvs_err err;
-    if (kvs_xfer_get_open(f->x, &q, &g, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    result r = {0};
-    if (kvs_xfer_get_run(g, NULL, get_done, &r, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    assert_true(r.called);
-    assert_int_equal(r.rc, 0);
-    const uint8_t *b = kvs_xfer_get_encoded(g, n);
-    uint8_t *copy = malloc(*n);
-    memcpy(copy, b, *n);
-    kvs_xfer_get_close(g);
-    return copy;
+    return kvs_test_get_encoded(f->x, f->ns, key, n);
 }
 
 /* The CPU reference: what a raw Get must return for the block encoded from raw. */
@@ -273,22 +224,7 @@ static kvs_ns *ns_with(fx *f, const char *name, double sample, bool sample_set, 
 /* Puts raw (t tokens) into ns under key. */
 static void put_raw(fx *f, kvs_ns *ns, const char *key, uint32_t t, uint16_t *raw)
 {
-    uint64_t bytes;
-    assert_int_equal(kvs_spec_block_bytes(kvs_ns_spec_of(ns), t, &bytes, NULL), 0);
-    result r = {0};
-    kvs_xfer_put_req q = {.ns = ns,
-                          .key = key,
-                          .key_len = strlen(key),
-                          .tokens = t,
-                          .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
-                          .done = put_done,
-                          .arg = &r};
-    kvs_err err;
-    if (kvs_xfer_put(f->x, &q, &err))
-        fail_msg("put %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("put %s: %s", key, r.msg);
+    kvs_test_put(f->x, ns, key, t, raw);
 }
 
 /* A raw Get of every layer of key in ns into a fresh buffer (*n bytes); the fallback sides
@@ -296,29 +232,10 @@ static void put_raw(fx *f, kvs_ns *ns, const char *key, uint32_t t, uint16_t *ra
 static uint16_t *get_ns(fx *f, kvs_ns *ns, const char *key, size_t *n, unsigned *fallback,
                         kvs_store_tier *tier)
 {
-    kvs_xfer_get_req q = {.ns = ns,
-                          .key = key,
-                          .key_len = strlen(key),
-                          .layer_begin = 0,
-                          .layer_end = kvs_ns_spec_of(ns)->layers};
-    kvs_xfer_get *g;
-    kvs_err err;
-    if (kvs_xfer_get_open(f->x, &q, &g, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    *n = kvs_xfer_get_raw_bytes(g);
-    uint16_t *out = malloc(*n);
-    kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)out, .len = *n};
-    result r = {0};
-    if (kvs_xfer_get_run(g, &dst, get_done, &r, &err))
-        fail_msg("get %s: %s", key, err.msg);
-    assert_true(r.called);
-    if (r.rc)
-        fail_msg("get %s: %s", key, r.msg);
+    unsigned enc;
+    uint16_t *out = kvs_test_get_raw(f->x, ns, key, n, &enc, tier);
     if (fallback)
-        *fallback = kvs_enc_fallback(kvs_xfer_get_enc(g));
-    if (tier)
-        *tier = kvs_xfer_get_tier(g);
-    kvs_xfer_get_close(g);
+        *fallback = kvs_enc_fallback(enc);
     return out;
 }
 
@@ -375,8 +292,8 @@ static void test_bound_forces_fallback(void **state)
     kvs_xfer_get *g;
     kvs_err err;
     assert_int_equal(kvs_xfer_get_open(f.x, &q, &g, &err), 0);
-    result r = {0};
-    assert_int_equal(kvs_xfer_get_run(g, NULL, get_done, &r, &err), 0);
+    kvs_test_result r = {0};
+    assert_int_equal(kvs_xfer_get_run(g, NULL, kvs_test_get_done, &r, &err), 0);
     size_t len;
     const uint8_t *enc = kvs_xfer_get_encoded(g, &len);
     kvs_block_info info;
@@ -528,13 +445,13 @@ static void test_fallback_without_room(void **state)
     if (kvs_store_ns_create(f.st, &s, &ns, &err))
         fail_msg("namespace: %s", err.msg);
     uint16_t *raw = kvs_test_gauss_data(bytes / 2, 45, 1.0, KVS_DTYPE_FP16);
-    result r = {0};
+    kvs_test_result r = {0};
     kvs_xfer_put_req q = {.ns = ns,
                           .key = "q",
                           .key_len = 1,
                           .tokens = 16,
                           .src = {.kind = KVS_XFER_HOST, .ptr = (uint8_t *)raw, .len = bytes},
-                          .done = put_done,
+                          .done = kvs_test_put_done,
                           .arg = &r};
     assert_int_equal(kvs_xfer_put(f.x, &q, &err), 0);
     assert_true(r.called);
