@@ -639,6 +639,42 @@ def test_paged_put_and_get_match_a_reference_gather(d, t):
         dst.close()
 
 
+def test_paged_puts_take_the_receive_budget_and_give_it_back(daemon, tmp_path):
+    """A paged PutMany's block is gathered into a buffer counted in --recv-budget, like one
+    that arrives on the stream: a block larger than the budget is RESOURCE_EXHAUSTED naming
+    it, before any gather; blocks within it are stored, and once the call ends the budget
+    is whole again (Stats' streams.recv_used_bytes 0): 24 blocks through a budget of 4."""
+    import numpy as np
+    sock = str(tmp_path / "kvs.region")
+    L, H, D, T, BIG, N = 4, 8, 128, 16, 20, 24        # 256 KiB blocks; 1.25 MiB ones
+    dd = daemon(extra=["--region-socket", sock, "--recv-budget", "1M", "--stats-interval", 0])
+    small = kvs.Ns(kvs.make_ns(dd.admin, L=L, H=H, D=D, T=T))
+    big = kvs.Ns(kvs.make_ns(dd.admin, L=BIG, H=H, D=D, T=T))
+    vl, vbytes = vllm_layout(BIG, N, T, H, D)
+    src = Region(sock, vbytes)
+    try:
+        src.mem[:] = np.random.default_rng(5).integers(0, 0x7800, vbytes // 2, "<u2").tobytes()
+        small_vl = kvs.pb.PagedLayout()
+        small_vl.CopyFrom(vl)
+        del small_vl.k_base[L:]
+        del small_vl.v_base[L:]
+
+        def puts(ns, lay, n):
+            return dd.stub.PutMany(iter([kvs.pb.PutChunk(header=kvs.pb.PutHeader(
+                namespace=ns.name, key=b"b%d" % i, tokens=T, dtype=FP16, region=src.id,
+                layout=lay if i == 0 else None, pages=[i]))
+                for i in range(n)]), timeout=60).results
+        kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, puts, big, vl, 1,
+                         words=("--recv-budget",))
+        assert [r.code for r in puts(small, small_vl, N)] == [0] * N
+        for i in (0, N - 1):
+            assert kvs.get(dd.stub, small.name, b"b%d" % i).data == \
+                ref_gather(src.mem, small_vl, [i], T, L, H, D)
+        kvs.wait_for(lambda: dd.stats().streams.recv_used_bytes == 0, what="budget back")
+    finally:
+        src.close()
+
+
 def test_paged_requests_are_checked(d):
     L, H, D, T = 2, 2, 32, 16
     nsx = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
