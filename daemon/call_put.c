@@ -251,24 +251,21 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
     pthread_mutex_unlock(&p->mu);
     kvs_err err;
     kvs_err_clear(&err);
-    kvs_xfer_put_req r = {.ns = b->ns,
-                          .key = b->key,
-                          .key_len = b->key_len,
-                          .tokens = b->tokens,
-                          .src = {.kind = b->gathered.ptr ? b->gathered.kind
-                                          : b->region && kvs_region_device(b->region)
-                                              ? KVS_XFER_DEVICE
-                                              : KVS_XFER_HOST,
-                                  .ptr = b->raw,
-                                  .len = b->expected},
-                          .consumed = put_consumed,
-                          .done = put_done,
-                          .arg = b};
+    /* Device memory: a CUDA IPC region's bytes, or a block the engine gathered from one. */
+    bool dev = b->gathered.ptr ? b->gathered.kind == KVS_XFER_DEVICE
+                               : b->region && kvs_region_device(b->region);
+    kvs_xfer_put_req r = {
+        .ns = b->ns,
+        .key = b->key,
+        .key_len = b->key_len,
+        .tokens = b->tokens,
+        .src = {.kind = dev ? KVS_XFER_DEVICE : KVS_XFER_HOST, .ptr = b->raw, .len = b->expected},
+        .consumed = put_consumed,
+        .done = put_done,
+        .arg = b};
     if (kvs_xfer_put(c->srv->xfer, &r, &err))
         put_done(b, err.code, &err, NULL);
 }
-
-static int recv_buffer(kvs_call *c, kvs_put_block *b, kvs_err *err);
 
 /* A paged block in a region (gpu/codec/paged.h): the data path gathers it into a buffer
  * of its own (kvs_xfer_gather: host memory from shared memory, device memory from a CUDA

@@ -86,28 +86,45 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                 continue;
             }
             /* Device memory (a worker's, by CUDA IPC): queued for the batch's one copy
-             * launch; pinned host memory: a DMA. */
-            if (to_dev) {
-                const uint8_t *user = (const uint8_t *)j->raw_in + (size_t)kv * w;
-                int rc = j->raw_dev ? kvs__engine_copy_dd(e, dev, w, user, 2 * w, w, nl, err) : 0;
+             * launch; pinned host memory: a DMA. The user's side is [nl][2][sec]. */
+            const uint8_t *from = to_dev ? (const uint8_t *)j->raw_in + (size_t)kv * w : dev;
+            uint8_t *to = to_dev ? dev : (uint8_t *)j->raw_out + (size_t)kv * w;
+            size_t from_pitch = to_dev ? 2 * w : w, to_pitch = to_dev ? w : 2 * w;
+            if (j->raw_dev) {
+                int rc = kvs__engine_copy_dd(e, to, to_pitch, from, from_pitch, w, nl, err);
                 if (rc)
                     return rc;
-                if (!j->raw_dev)
-                    KVS_CUDA_CHECK(
-                        cudaMemcpy2DAsync(dev, w, user, 2 * w, w, nl, cudaMemcpyDefault, e->st),
-                        err);
             } else {
-                uint8_t *user = (uint8_t *)j->raw_out + (size_t)kv * w;
-                int rc = j->raw_dev ? kvs__engine_copy_dd(e, user, 2 * w, dev, w, w, nl, err) : 0;
-                if (rc)
-                    return rc;
-                if (!j->raw_dev)
-                    KVS_CUDA_CHECK(
-                        cudaMemcpy2DAsync(user, 2 * w, dev, w, w, nl, cudaMemcpyDefault, e->st),
-                        err);
+                KVS_CUDA_CHECK(cudaMemcpy2DAsync(to, to_pitch, from, from_pitch, w, nl,
+                                                 cudaMemcpyDefault, e->st),
+                               err);
             }
         }
     }
+    return kvs__engine_copies_flush(e, err);
+}
+
+/* Moves each job's sections between its GPU tier slot and its place in d_enc (K [B][nl] at
+ * stride sk, then V at stride sv): a slot holds the K sections of layers 0..L-1 at stride
+ * sk, then the V sections at stride sv (engine.h), so layers [lb, lb + nl) are one run per
+ * side. One launch for the batch (gpu/codec/copies.h). */
+static int move_slots(kvs_engine *e, job *list, size_t nl, size_t n, size_t sk, size_t sv,
+                      bool to_slot, kvs_err *err)
+{
+    const size_t L = kvs_codec_spec(list->k)->layers;
+    size_t b = 0;
+    for (job *j = list; j; j = j->next, b++)
+        for (int kv = 0; kv < 2; kv++) {
+            size_t len = nl * (kv ? sv : sk);
+            size_t slot_off = kv ? L * sk + j->lb * sv : j->lb * sk;
+            uint8_t *stage = e->d_enc + (kv ? n * sk + b * nl * sv : b * nl * sk);
+            int rc =
+                to_slot
+                    ? kvs__engine_copy_dd(e, j->slot.out + slot_off, len, stage, len, len, 1, err)
+                    : kvs__engine_copy_dd(e, stage, len, j->slot.in + slot_off, len, len, 1, err);
+            if (rc)
+                return rc;
+        }
     return kvs__engine_copies_flush(e, err);
 }
 
@@ -123,7 +140,7 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t enc_bytes = n * (sk + sv);
     bool kfix = kvs_codec_cuda_fixed_size(k), vfix = kvs_codec_cuda_fixed_size(v);
-    kvs__engine_copies_reset(e); /* waits only after a batch that failed part-way */
+    kvs__engine_copies_reset(e, false);
     for (size_t i = 0; i < n; i++)
         e->h_layers[i] = list->lb + (uint32_t)(i % nl);
     KVS_CUDA_CHECK(cudaMemcpyAsync(e->d_layers, e->h_layers, n * sizeof *e->h_layers,
@@ -156,16 +173,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
             (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
             return rc;
-        if (dev) { /* into the slots: one block's K (then V) sections are contiguous */
-            uint32_t b = 0;
-            for (job *j = list; j; j = j->next, b++)
-                if ((rc = kvs__engine_copy_dd(e, j->slot.out, nl * sk, e->d_enc + b * nl * sk,
-                                              nl * sk, nl * sk, 1, err)) ||
-                    (rc = kvs__engine_copy_dd(e, j->slot.out + nl * sk, nl * sv,
-                                              e->d_enc + n * sk + b * nl * sv, nl * sv, nl * sv, 1,
-                                              err)))
-                    return rc;
-            if ((rc = kvs__engine_copies_flush(e, err)))
+        if (dev) { /* into the slots */
+            if ((rc = move_slots(e, list, nl, n, sk, sv, true, err)))
                 return rc;
         } else {
             KVS_CUDA_CHECK(
@@ -176,15 +185,7 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
                        err);
     } else {
         if (dev) { /* gather the layers asked for from the slots */
-            uint32_t b = 0, L = kvs_codec_spec(k)->layers;
-            for (job *j = list; j; j = j->next, b++)
-                if ((rc = kvs__engine_copy_dd(e, e->d_enc + b * nl * sk, nl * sk,
-                                              j->slot.in + j->lb * sk, nl * sk, nl * sk, 1, err)) ||
-                    (rc = kvs__engine_copy_dd(e, e->d_enc + n * sk + b * nl * sv, nl * sv,
-                                              j->slot.in + L * sk + j->lb * sv, nl * sv, nl * sv, 1,
-                                              err)))
-                    return rc;
-            if ((rc = kvs__engine_copies_flush(e, err)))
+            if ((rc = move_slots(e, list, nl, n, sk, sv, false, err)))
                 return rc;
         } else {
             KVS_CUDA_CHECK(
@@ -204,8 +205,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         cudaMemcpyAsync(e->h_bad, e->d_bad, 2 * sizeof *e->d_bad, cudaMemcpyDeviceToHost, e->st),
         err);
     KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
-    e->copies_used = e->copies_flushed = 0; /* the stream passed every flush */
-    if (encode) {                           /* fixed-size codecs leave their lengths implicit */
+    kvs__engine_copies_reset(e, true);
+    if (encode) { /* fixed-size codecs leave their lengths implicit */
         for (size_t i = 0; i < n && kfix; i++)
             e->h_len[i] = (uint32_t)sk;
         for (size_t i = 0; i < n && vfix; i++)

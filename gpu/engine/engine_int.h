@@ -76,7 +76,7 @@ struct kvs_engine {
     size_t max_sections;
     /* The batch's device-to-device copies (kvs__engine_copy_dd), run by one launch each
      * flush (gpu/codec/copies.h): [0, copies_flushed) are uploaded and launched, the rest
-     * queued; the table is reused once the batch's stream is synchronized (run_batch). */
+     * queued; emptied once the batch's stream passed them (kvs__engine_copies_reset). */
     struct kvs_copy2d *h_copies, *d_copies; /* copies_cap each */
     uint32_t copies_cap, copies_used, copies_flushed;
     uint64_t copies_max; /* the largest queued copy's bytes */
@@ -132,13 +132,13 @@ void kvs__engine_raw_mem(job *j, const void *raw);
  * 2D copy (height rows of width bytes at the pitches; both sides device memory) for the
  * next flush, or issues it at once as cudaMemcpy2DAsync when the table is full;
  * kvs__engine_copies_flush uploads the queued ones and runs them in one launch on the
- * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table,
- * waiting for the stream first if anything was flushed (a batch that failed part-way may not
- * have synchronized). */
+ * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table: after
+ * the batch's synchronization (synced), or before the next batch, which waits for the stream
+ * first if anything was flushed (a batch that failed part-way may not have synchronized). */
 int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src, size_t spitch,
                         size_t width, size_t height, kvs_err *err);
 int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err);
-void kvs__engine_copies_reset(kvs_engine *e);
+void kvs__engine_copies_reset(kvs_engine *e, bool synced);
 
 /* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
  * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */

@@ -85,8 +85,8 @@ int kvs_engine_copy(kvs_engine *e, void *dst, const void *src, size_t n, kvs_err
     if (ce == cudaSuccess)
         ce = cudaMemcpy(dst, src, n, cudaMemcpyDefault);
     /* From pageable host memory cudaMemcpy returns once the bytes are staged, its DMA still
-     * in flight: the caller then answers a worker whose kernels read dst, or frees src's
-     * neighbour, so wait for the copy to land. */
+     * in flight, and the caller answers the worker whose kernels read dst next: wait for
+     * the copy to land. */
     if (ce == cudaSuccess)
         ce = cudaStreamSynchronize(0);
     if (ce != cudaSuccess)

@@ -101,11 +101,11 @@ int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err)
     return rc;
 }
 
-void kvs__engine_copies_reset(kvs_engine *e)
+void kvs__engine_copies_reset(kvs_engine *e, bool synced)
 {
     /* A batch that failed part-way may not have waited for its stream: the table's upload
      * must not still be reading the entries about to be overwritten. */
-    if (e->copies_flushed)
+    if (!synced && e->copies_flushed)
         kvs__engine_note_error(e, cudaStreamSynchronize(e->st));
     e->copies_used = e->copies_flushed = 0;
     e->copies_max = 0;
