@@ -15,6 +15,8 @@
 #   RESTORE=1   tests/bench/restore_gpu.sh (a prefix restored by each data-plane path, vs
 #               recomputing it with PyTorch)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
+#   PPL=1       tests/bench/ppl/ppl_bench.py through a kvstashd with its GPU engine (the codecs
+#               on the GPU; PPL_WINDOWS, PPL_THREADS, PPL_ARGS; default table A's --post-rope)
 #   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
 #               through a kvstashd with its GPU engine (codec none, then CHAT_CODECS)
 # Logs go to $OUT (or ./gpu-out).
@@ -76,6 +78,12 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
     echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
+fi
+if [ "${PPL:-0}" = 1 ]; then  # issue 16: perplexity through a kvstashd with its GPU engine
+    python3 tests/bench/ppl/ppl_bench.py --kvstashd "$KVSTASHD" --daemon-args "--gpu on" \
+        --windows "${PPL_WINDOWS:-128}" --threads "${PPL_THREADS:-8}" ${PPL_ARGS:---post-rope} \
+        --json "$OUT/ppl-gpu.json" > "$OUT/ppl-gpu.md" 2> "$OUT/ppl-gpu.err"
+    note "perplexity, GPU engine" $?; cat "$OUT/ppl-gpu.md"; tail -n 3 "$OUT/ppl-gpu.err"
 fi
 if [ "${CHAT:-0}" = 1 ]; then
     T=$(mktemp -d)

@@ -93,9 +93,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "client", "python"))
 if "KVSTASH_LIB" not in os.environ:  # a build tree of this checkout (the package looks in
-    for _lib in sorted(glob.glob(os.path.join(REPO, "build*", "lib", "libkvstash.so.0"))):
-        os.environ["KVSTASH_LIB"] = _lib  # build/ only); build/ sorts first
-        break
+    for _lib in [os.path.join(REPO, "build", "lib", "libkvstash.so.0")] + sorted(
+            glob.glob(os.path.join(REPO, "build*", "lib", "libkvstash.so.0"))):
+        if os.path.exists(_lib):  # build/ only); build/ first ("build-asan" sorts before it)
+            os.environ["KVSTASH_LIB"] = _lib
+            break
 import model as lm  # noqa: E402
 import kvstash  # noqa: E402
 
@@ -184,14 +186,19 @@ class Wire:
         self._evict = call("Evict", self.pb.EvictRequest, self.pb.EvictReply)
 
     def _generate(self):
-        proto_dir = os.environ.get("KVS_PROTO_DIR", os.path.join(REPO, "proto"))
-        src = os.path.join(proto_dir, "kvstash", "v1", "kvstash.proto")
-        r = subprocess.run(["protoc", f"-I{proto_dir}", f"--python_out={self.tmp}", src],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"protoc: {r.stderr}")
+        # Messages generated beforehand (KVS_PB_DIR, as the integration tests take them: the
+        # GPU machine has no protoc), else generated here.
+        gen = os.environ.get("KVS_PB_DIR")
+        if not gen:
+            proto_dir = os.environ.get("KVS_PROTO_DIR", os.path.join(REPO, "proto"))
+            src = os.path.join(proto_dir, "kvstash", "v1", "kvstash.proto")
+            r = subprocess.run(["protoc", f"-I{proto_dir}", f"--python_out={self.tmp}", src],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"protoc: {r.stderr}")
+            gen = self.tmp
         spec = importlib.util.spec_from_file_location(
-            "kvs_ppl_wire_pb2", os.path.join(self.tmp, "kvstash", "v1", "kvstash_pb2.py"))
+            "kvs_ppl_wire_pb2", os.path.join(gen, "kvstash", "v1", "kvstash_pb2.py"))
         pb = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(pb)
         return pb
@@ -233,8 +240,8 @@ def daemon_codecs(client, cfg):
 
 
 def find_kvstashd():
-    for p in [os.environ.get("KVSTASHD", "")] + sorted(
-            glob.glob(os.path.join(REPO, "build*", "bin", "kvstashd"))):
+    for p in [os.environ.get("KVSTASHD", ""), os.path.join(REPO, "build", "bin", "kvstashd")] + \
+            sorted(glob.glob(os.path.join(REPO, "build*", "bin", "kvstashd"))):
         if p and os.access(p, os.X_OK):
             return p
     raise SystemExit("no kvstashd: pass --kvstashd PATH or --target ADDR")
