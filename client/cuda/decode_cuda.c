@@ -14,16 +14,34 @@
  * Two host stagings alternate, so gathering chunk i+1 overlaps the GPU work of chunk i
  * (an event says when the copy out of a staging is done). One stream orders everything;
  * the call returns once the stream is drained, so the caller's buffers are final.
+ *
+ * Blocks in pinned host memory (a shared-memory region the worker registered with CUDA:
+ * the daemon wrote them there) skip the host gather, whose memcpy bounded a restore at
+ * host memory speed on one core: each block is copied to the device as it is (one DMA),
+ * and its sections are gathered there by one batched-copies launch (gpu/codec/copies.h);
+ * only the section lengths and the copy table go through the staging. A chunk is all
+ * pinned or all not (the pinned test is per block, cudaPointerGetAttributes).
+ *
+ * Checksums: a batch of at least HASH_THREADED_MIN encoded bytes has its blocks' checksums
+ * verified by up to HASH_THREADS threads while this thread checks the headers and runs
+ * the chunks (XXH3 over hundreds of MiB on one core took longer than the whole GPU
+ * work); a block whose checksum fails then gets KVS_EDATALOSS after it was decoded
+ * (its destination's contents are undefined, as for any failed block). Smaller batches
+ * verify each block before its decode, on this thread.
  */
 #include "kvstash_cuda.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gpu/base/mem.h"
 #include "gpu/codec/codec.h"
 #include "gpu/codec/codec_cuda.h"
+#include "gpu/codec/copies.h"
 #include "gpu/codec/format.h"
 
 #ifdef KVS_HAVE_CUDA
@@ -53,17 +71,25 @@ struct kvs_cuda_decoder {
     cudaEvent_t h_free[2];
     bool h_used[2]; /* h_free[i] was recorded */
     int h_next;     /* the staging the next chunk gathers into */
-    uint8_t *d_enc;
+    uint8_t *d_enc; /* sections [n][sk], [n][sv], lengths, then (pinned chunks) the copies */
     size_t enc_cap;
+    uint8_t *d_blk; /* pinned chunks: their blocks as they are, each at a 16-byte boundary */
+    size_t blk_cap;
     uint16_t *d_raw;
     size_t raw_cap;
     uint32_t *layers_dev; /* [max_sections]: l for section (b, l), the kernels' layer index */
     size_t layers_cap;    /* entries */
+    kvs_cuda_decoder_stats stats;
 };
 
 /* Raw output a chunk decodes at most before its blocks are copied out (the device raw
  * staging's size unless one block is larger). */
 #define CHUNK_RAW (64u << 20)
+
+/* Checksums by threads from this many encoded bytes in a call (below, thread start-up is
+ * not worth it), with at most this many threads (memory bandwidth, not cores, bounds them). */
+#define HASH_THREADED_MIN (8u << 20)
+#define HASH_THREADS 8
 
 static int cuda_err(kvs_err *err, cudaError_t e, const char *what)
 {
@@ -187,6 +213,7 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
             cudaEventDestroy(d->h_free[i]);
     }
     cudaFree(d->d_enc);
+    cudaFree(d->d_blk);
     cudaFree(d->d_raw);
     cudaFree(d->layers_dev);
     if (d->own)
@@ -196,9 +223,9 @@ void kvs_cuda_decoder_destroy(kvs_cuda_decoder *d)
 
 /* Checks block i (its header, checksum and buffer) and picks its codecs: 0, or the block's
  * error in err. */
-static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, const kvs_codec **k,
-                       const kvs_codec **v, kvs_block_info *info, unsigned *roles, uint64_t *need,
-                       kvs_err *err)
+static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, kvs_block_trust trust,
+                       const kvs_codec **k, const kvs_codec **v, kvs_block_info *info,
+                       unsigned *roles, uint64_t *need, kvs_err *err)
 {
     if (!b->enc || !b->raw_dev)
         return kvs_err_set(err, KVS_EINVAL, "decode on the GPU: NULL enc or raw_dev");
@@ -206,7 +233,7 @@ static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, const kvs_c
     *roles = rc ? 0 : kvs_block_encodings(&d->spec, info);
     if (rc || (rc = role_at(d, KVS_KEYS, kvs_enc_side(*roles, KVS_KEYS), info->k_state, k, err)) ||
         (rc = role_at(d, KVS_VALUES, kvs_enc_side(*roles, KVS_VALUES), info->v_state, v, err)) ||
-        (rc = kvs_block_parse(*k, *v, b->enc, b->len, KVS_BLOCK_UNTRUSTED, info, err)) ||
+        (rc = kvs_block_parse(*k, *v, b->enc, b->len, trust, info, err)) ||
         (rc = kvs_spec_block_bytes(&d->spec, info->tokens, need, err)))
         return rc;
     if (*need > b->cap)
@@ -223,13 +250,31 @@ static size_t lens_at(size_t n, size_t sk, size_t sv)
     return (n * (sk + sv) + 15) & ~(size_t)15;
 }
 
+/* Where a pinned chunk's copy table starts, after the lengths (host staging: at 0). */
+static size_t table_at(size_t n)
+{
+    return (2 * n * sizeof(uint32_t) + 15) & ~(size_t)15;
+}
+
 /* Grows the stagings to hold a chunk of `sections` sections (K and V each) of at most sk and
- * sv bytes and raw bytes of output. */
+ * sv bytes, raw bytes of output, and (pinned chunks) blk bytes of whole blocks. The host
+ * staging holds either the gathered sections and their lengths or the lengths and the copy
+ * table; the device one both, so the sizes are those of the device's. */
 static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, size_t raw,
-                   cudaStream_t st, kvs_err *err)
+                   size_t blk, cudaStream_t st, kvs_err *err)
 {
     cudaError_t e = cudaSuccess;
-    size_t enc = lens_at(sections, sk, sv) + 2 * sections * sizeof(uint32_t);
+    size_t enc = lens_at(sections, sk, sv) + table_at(sections) + 2 * sections * sizeof(kvs_copy2d);
+    if (blk > d->blk_cap) {
+        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
+            return cuda_err(err, e, "staging");
+        cudaFree(d->d_blk);
+        d->d_blk = NULL;
+        d->blk_cap = 0;
+        if ((e = cudaMalloc((void **)&d->d_blk, blk)) != cudaSuccess)
+            return cuda_err(err, e, "block staging");
+        d->blk_cap = blk;
+    }
     if (enc > d->enc_cap) {
         if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
             return cuda_err(err, e, "staging");
@@ -282,18 +327,29 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
     return 0;
 }
 
-/* Decodes blocks[0..m) (checked, all of codecs k, v and t tokens) as one chunk on the
- * decoder's stream, into each block's raw_dev. */
+/* A block's whole bytes are on the device at this offset of d_blk (pinned chunks). */
+static size_t blk_round(size_t len)
+{
+    return (len + 15) & ~(size_t)15;
+}
+
+/* Decodes blocks[0..m) (checked, all of codecs k, v and t tokens; all in pinned host memory
+ * or none) as one chunk on the decoder's stream, into each block's raw_dev. */
 static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t m,
-                     const kvs_codec *k, const kvs_codec *v, uint32_t t, cudaStream_t st,
-                     kvs_err *err)
+                     const kvs_codec *k, const kvs_codec *v, uint32_t t, bool pinned,
+                     cudaStream_t st, kvs_err *err)
 {
     const kvs_ns_spec *s = &d->spec;
     const uint32_t L = s->layers;
     size_t n = m * L; /* sections per side */
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t sec = (size_t)t * s->kv_heads * s->head_dim; /* elements */
-    int rc = reserve(d, n, sk, sv, 2 * n * sec * sizeof(uint16_t), st, err);
+    size_t blk = 0;
+    for (size_t b = 0; pinned && b < m; b++)
+        blk += blk_round(blocks[b]->len);
+    d->stats.blocks += m;
+    d->stats.blocks_pinned += pinned ? m : 0;
+    int rc = reserve(d, n, sk, sv, 2 * n * sec * sizeof(uint16_t), blk, st, err);
     if (rc)
         return rc;
     /* The other staging than the last chunk's, once its own copy to the device is done. */
@@ -302,24 +358,48 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
     cudaError_t e;
     if (d->h_used[h] && (e = cudaEventSynchronize(d->h_free[h])) != cudaSuccess)
         return cuda_err(err, e, "staging");
-    uint8_t *hk = d->h_enc[h], *hv = hk + n * sk;
-    uint32_t *lens = (uint32_t *)(hk + lens_at(n, sk, sv)); /* K [n], then V [n] */
-    for (size_t b = 0; b < m; b++)
+    uint8_t *hk = d->h_enc[h];
+    /* Lengths: K [n], then V [n]; after the sections, or at the start for a pinned chunk
+     * (whose sections are gathered on the device, from the blocks' copies in d_blk). */
+    uint32_t *lens = (uint32_t *)(pinned ? hk : hk + lens_at(n, sk, sv));
+    kvs_copy2d *table = (kvs_copy2d *)(hk + table_at(n));
+    uint32_t copies = 0;
+    size_t at = 0;
+    for (size_t b = 0; b < m; b++) {
+        const uint8_t *enc = blocks[b]->enc;
+        if (pinned && (e = cudaMemcpyAsync(d->d_blk + at, enc, blocks[b]->len,
+                                           cudaMemcpyHostToDevice, st)) != cudaSuccess)
+            return cuda_err(err, e, "copy of a block to the device");
         for (uint32_t l = 0; l < L; l++) {
             size_t i = b * L + l;
             for (unsigned kv = 0; kv < 2; kv++) {
                 const uint8_t *p;
                 size_t len;
-                kvs_format_section(blocks[b]->enc, l, kv, &p, &len);
-                memcpy(kv ? hv + i * sv : hk + i * sk, p, len);
+                kvs_format_section(enc, l, kv, &p, &len);
+                size_t to = kv ? n * sk + i * sv : i * sk;
+                if (pinned)
+                    kvs_copies_add(table, &copies, d->d_enc + to, len, d->d_blk + at + (p - enc),
+                                   len, len, 1);
+                else
+                    memcpy(hk + to, p, len);
                 lens[kv * n + i] = (uint32_t)len;
             }
         }
-    size_t bytes = (size_t)((uint8_t *)(lens + 2 * n) - hk);
-    if ((e = cudaMemcpyAsync(d->d_enc, hk, bytes, cudaMemcpyHostToDevice, st)) != cudaSuccess ||
+        at += pinned ? blk_round(blocks[b]->len) : 0;
+    }
+    /* One copy of the staging: [sections][lengths], or [lengths][copy table] to where the
+     * device staging keeps them (after its sections). */
+    size_t bytes =
+        pinned ? table_at(n) + copies * sizeof *table : (size_t)((uint8_t *)(lens + 2 * n) - hk);
+    uint8_t *to = pinned ? d->d_enc + lens_at(n, sk, sv) : d->d_enc;
+    if ((e = cudaMemcpyAsync(to, hk, bytes, cudaMemcpyHostToDevice, st)) != cudaSuccess ||
         (e = cudaEventRecord(d->h_free[h], st)) != cudaSuccess)
         return cuda_err(err, e, "copy to the device");
     d->h_used[h] = true;
+    if (pinned &&
+        (rc = kvs_copies_run_cuda((const kvs_copy2d *)(d->d_enc + lens_at(n, sk, sv) + table_at(n)),
+                                  copies, sk > sv ? sk : sv, st, err)))
+        return rc;
     const uint32_t *d_lens = (const uint32_t *)(d->d_enc + lens_at(n, sk, sv));
     for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
         const kvs_codec *c = kv ? v : k;
@@ -345,6 +425,89 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
     return rc;
 }
 
+/* True when the device can copy [p, p + len) by DMA: pinned host memory at both ends (a
+ * cudaHostRegister'd shared-memory region, cudaHostAlloc). Pageable memory answers
+ * cudaMemoryTypeUnregistered. */
+static bool pinned_host(const void *p, size_t len)
+{
+    const uint8_t *ends[2] = {p, (const uint8_t *)p + (len ? len - 1 : 0)};
+    for (int i = 0; i < 2; i++) {
+        struct cudaPointerAttributes a;
+        if (cudaPointerGetAttributes(&a, ends[i]) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not an error of the decode: the gather path then */
+            return false;
+        }
+        if (a.type != cudaMemoryTypeHost)
+            return false;
+    }
+    return true;
+}
+
+/* The checksums of a batch, verified by threads while the chunks run (the file's comment). */
+typedef struct hashing {
+    kvs_cuda_block *blocks;
+    size_t n;
+    atomic_size_t next; /* the next block a thread takes */
+    uint8_t *bad;       /* [n]: 1 where the checksum failed */
+    pthread_t th[HASH_THREADS];
+    unsigned threads; /* started */
+} hashing;
+
+static void hash_some(hashing *h)
+{
+    for (size_t i; (i = atomic_fetch_add(&h->next, 1)) < h->n;) {
+        kvs_block_info info;
+        kvs_err e;
+        const kvs_cuda_block *b = &h->blocks[i];
+        /* Structure errors are check_block's to report; a checksum only needs a sane size. */
+        h->bad[i] = b->enc && kvs_format_parse(b->enc, b->len, &info, &e) == KVS_EDATALOSS;
+    }
+}
+
+static void *hash_thread(void *arg)
+{
+    hash_some(arg);
+    return NULL;
+}
+
+/* Starts the threads for a batch of at least HASH_THREADED_MIN bytes: true when the
+ * checksums are theirs (check_block then skips them), false when the batch verifies each
+ * block itself (small, or no memory for the bookkeeping). */
+static bool hash_start(hashing *h, kvs_cuda_block *blocks, size_t n)
+{
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += blocks[i].len;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    *h = (hashing){.blocks = blocks, .n = n};
+    if (bytes < HASH_THREADED_MIN || cpus < 2 || !(h->bad = kvs_trymalloc(n)))
+        return false;
+    memset(h->bad, 0, n);
+    atomic_init(&h->next, 0);
+    unsigned want = cpus - 1 < HASH_THREADS ? (unsigned)cpus - 1 : HASH_THREADS;
+    while (h->threads < want && pthread_create(&h->th[h->threads], NULL, hash_thread, h) == 0)
+        h->threads++;
+    return true; /* with no thread started, hash_finish does the work */
+}
+
+/* Joins the threads (finishing what they left, if none started) and fails the blocks whose
+ * checksum did not match. */
+static void hash_finish(hashing *h)
+{
+    if (!h->bad)
+        return;
+    hash_some(h);
+    for (unsigned i = 0; i < h->threads; i++)
+        pthread_join(h->th[i], NULL);
+    for (size_t i = 0; i < h->n; i++)
+        if (h->bad[i] && h->blocks[i].rc == 0) {
+            h->blocks[i].rc = KVS_EDATALOSS;
+            snprintf(h->blocks[i].msg, sizeof h->blocks[i].msg, "encoded block: checksum mismatch");
+            h->blocks[i].res = (kvs_get_result){0};
+        }
+    free(h->bad);
+}
+
 int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n, void *stream,
                            kvs_err *err)
 {
@@ -356,20 +519,28 @@ int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n
     kvs_cuda_block **chunk = kvs_trymalloc((n ? n : 1) * sizeof *chunk);
     if (!chunk)
         return kvs_err_set(err, KVS_ENOMEM, "decode on the GPU: out of memory");
+    hashing hash;
+    kvs_block_trust trust = KVS_BLOCK_UNTRUSTED;
+    if (hash_start(&hash, blocks, n)) {
+        trust = KVS_BLOCK_VERIFIED;
+        d->stats.blocks_hashed_threads += n;
+    }
     const kvs_codec *ck = NULL, *cv = NULL;
     uint32_t ct = 0;
+    bool cp = false;
     size_t m = 0, raw = 0;
     int rc = 0;
     for (size_t i = 0; i <= n && rc == 0; i++) {
         const kvs_codec *k = NULL, *v = NULL;
         kvs_block_info info = {0};
         uint64_t need = 0;
-        bool ok = false;
+        bool ok = false, pinned = false;
         if (i < n) {
             kvs_cuda_block *b = &blocks[i];
             kvs_err e1;
             unsigned roles = 0;
-            b->rc = check_block(d, b, &k, &v, &info, &roles, &need, &e1);
+            b->rc = check_block(d, b, trust, &k, &v, &info, &roles, &need, &e1);
+            pinned = b->rc == 0 && pinned_host(b->enc, b->len);
             snprintf(b->msg, sizeof b->msg, "%.159s", b->rc ? e1.msg : "");
             ok = b->rc == 0;
             if (ok) {
@@ -389,13 +560,14 @@ int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n
         }
         /* The chunk so far runs when this block cannot join it (the end, other codecs or
          * tokens, or no room left). */
-        bool joins = ok && m && k == ck && v == cv && info.tokens == ct && raw + need <= CHUNK_RAW;
+        bool joins = ok && m && k == ck && v == cv && info.tokens == ct && pinned == cp &&
+                     raw + need <= CHUNK_RAW;
         if (m && (i == n || (ok && !joins))) {
-            rc = run_chunk(d, chunk, m, ck, cv, ct, st, err);
+            rc = run_chunk(d, chunk, m, ck, cv, ct, cp, st, err);
             m = raw = 0;
         }
         if (ok && rc == 0) {
-            ck = k, cv = v, ct = info.tokens;
+            ck = k, cv = v, ct = info.tokens, cp = pinned;
             chunk[m++] = &blocks[i];
             raw += need;
         }
@@ -404,7 +576,14 @@ int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n
     cudaError_t e = cudaStreamSynchronize(st);
     if (e != cudaSuccess && rc == 0)
         rc = cuda_err(err, e, "decode");
+    hash_finish(&hash);
     return rc;
+}
+
+void kvs_cuda_decoder_stats_get(const kvs_cuda_decoder *d, kvs_cuda_decoder_stats *out)
+{
+    if (out)
+        *out = d ? d->stats : (kvs_cuda_decoder_stats){0};
 }
 
 int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void *raw_dev,
@@ -445,6 +624,96 @@ int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t len, void
     (void)d, (void)enc, (void)len, (void)raw_dev, (void)cap, (void)stream, (void)res;
     kvs_err_clear(err);
     return kvs_err_set(err, KVS_ENOTSUP, "decode on the GPU: this build has no CUDA");
+}
+
+/* True when the device can copy [p, p + len) by DMA: pinned host memory at both ends (a
+ * cudaHostRegister'd shared-memory region, cudaHostAlloc). Pageable memory answers
+ * cudaMemoryTypeUnregistered. */
+static bool pinned_host(const void *p, size_t len)
+{
+    const uint8_t *ends[2] = {p, (const uint8_t *)p + (len ? len - 1 : 0)};
+    for (int i = 0; i < 2; i++) {
+        struct cudaPointerAttributes a;
+        if (cudaPointerGetAttributes(&a, ends[i]) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not an error of the decode: the gather path then */
+            return false;
+        }
+        if (a.type != cudaMemoryTypeHost)
+            return false;
+    }
+    return true;
+}
+
+/* The checksums of a batch, verified by threads while the chunks run (the file's comment). */
+typedef struct hashing {
+    kvs_cuda_block *blocks;
+    size_t n;
+    atomic_size_t next; /* the next block a thread takes */
+    uint8_t *bad;       /* [n]: 1 where the checksum failed */
+    pthread_t th[HASH_THREADS];
+    unsigned threads; /* started */
+} hashing;
+
+static void hash_some(hashing *h)
+{
+    for (size_t i; (i = atomic_fetch_add(&h->next, 1)) < h->n;) {
+        kvs_block_info info;
+        kvs_err e;
+        const kvs_cuda_block *b = &h->blocks[i];
+        /* Structure errors are check_block's to report; a checksum only needs a sane size. */
+        h->bad[i] = b->enc && kvs_format_parse(b->enc, b->len, &info, &e) == KVS_EDATALOSS;
+    }
+}
+
+static void *hash_thread(void *arg)
+{
+    hash_some(arg);
+    return NULL;
+}
+
+/* Starts the threads for a batch of at least HASH_THREADED_MIN bytes: true when the
+ * checksums are theirs (check_block then skips them), false when the batch verifies each
+ * block itself (small, or no memory for the bookkeeping). */
+static bool hash_start(hashing *h, kvs_cuda_block *blocks, size_t n)
+{
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += blocks[i].len;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    *h = (hashing){.blocks = blocks, .n = n};
+    if (bytes < HASH_THREADED_MIN || cpus < 2 || !(h->bad = kvs_trymalloc(n)))
+        return false;
+    memset(h->bad, 0, n);
+    atomic_init(&h->next, 0);
+    unsigned want = cpus - 1 < HASH_THREADS ? (unsigned)cpus - 1 : HASH_THREADS;
+    while (h->threads < want && pthread_create(&h->th[h->threads], NULL, hash_thread, h) == 0)
+        h->threads++;
+    return true; /* with no thread started, hash_finish does the work */
+}
+
+/* Joins the threads (finishing what they left, if none started) and fails the blocks whose
+ * checksum did not match. */
+static void hash_finish(hashing *h)
+{
+    if (!h->bad)
+        return;
+    hash_some(h);
+    for (unsigned i = 0; i < h->threads; i++)
+        pthread_join(h->th[i], NULL);
+    for (size_t i = 0; i < h->n; i++)
+        if (h->bad[i] && h->blocks[i].rc == 0) {
+            h->blocks[i].rc = KVS_EDATALOSS;
+            snprintf(h->blocks[i].msg, sizeof h->blocks[i].msg, "encoded block: checksum mismatch");
+            h->blocks[i].res = (kvs_get_result){0};
+        }
+    free(h->bad);
+}
+
+void kvs_cuda_decoder_stats_get(const kvs_cuda_decoder *d, kvs_cuda_decoder_stats *out)
+{
+    (void)d;
+    if (out)
+        *out = (kvs_cuda_decoder_stats){0};
 }
 
 int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n, void *stream,

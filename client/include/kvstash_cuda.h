@@ -40,7 +40,7 @@ KVS_API int kvs_decode_block_cuda(kvs_cuda_decoder *d, const void *enc, size_t l
 
 /* One block of a batch: what kvs_decode_block_cuda takes, and its own result. */
 typedef struct kvs_cuda_block {
-    const void *enc; /* in: the encoded block, host memory (pinned or not) */
+    const void *enc; /* in: the encoded block, host memory (pinned or not: pinned is faster) */
     size_t len;
     void *raw_dev; /* in: its destination, cap bytes of device memory */
     size_t cap;
@@ -58,6 +58,17 @@ typedef struct kvs_cuda_block {
  * undefined. */
 KVS_API int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, size_t n,
                                    void *stream, kvs_err *err);
+
+/* Where a decoder's work went, since its creation: how many blocks it decoded, how many of
+ * them were copied whole from pinned host memory and gathered on the device (the fast path
+ * for a shared-memory region registered with CUDA: cudaHostRegister over the whole region;
+ * a region left pageable is gathered on the host, which is what blocks_pinned shows), and
+ * how many had their checksum verified by the decoder's threads (batches of 8 MiB and more)
+ * rather than inline. */
+typedef struct kvs_cuda_decoder_stats {
+    uint64_t blocks, blocks_pinned, blocks_hashed_threads;
+} kvs_cuda_decoder_stats;
+KVS_API void kvs_cuda_decoder_stats_get(const kvs_cuda_decoder *d, kvs_cuda_decoder_stats *out);
 
 /* CUDA IPC (kvstash.h, kvs_region_create_ipc): registers bytes of device memory at dptr
  * (inside a cudaMalloc allocation; torch's caching allocator's tensors are) with a daemon

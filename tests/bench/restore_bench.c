@@ -8,6 +8,10 @@
  *              the remote path, fewer wire bytes
  *   gpudecode  the same, decoded on this machine's GPU into device memory
  *              (libkvstash_cuda): the remote path of a GPU worker; skipped without a GPU
+ *   shmgpu     one GetMany of the encoded blocks into the shared-memory region (registered
+ *              with CUDA here too, so pinned on both sides), decoded on this machine's GPU
+ *              from there (libkvstash_cuda: whole blocks by DMA, sections gathered on the
+ *              device): the co-located worker's path when CUDA IPC is not available
  *   ipc        one GetMany whose blocks the daemon's GPU engine decodes straight into this
  *              process's GPU memory (a CUDA IPC region, kvs_cuda_region_create): the
  *              co-located GPU worker's path; skipped without a GPU engine on the same GPU
@@ -21,7 +25,7 @@
  *
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
- *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,ipc] [--token T]
+ *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,ipc] [--token T]
  */
 #include <getopt.h>
 #include <math.h>
@@ -38,7 +42,7 @@
 #include <cuda_runtime.h>
 #endif
 
-#define MAX_PATHS 6
+#define MAX_PATHS 7
 
 typedef struct cfg {
     const char *target, *codec, *token;
@@ -113,7 +117,7 @@ int main(int argc, char **argv)
              .dim = 128,
              .block = 16,
              .reps = 3};
-    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,ipc");
+    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,shmgpu,ipc");
     static const struct option opts[] = {
         {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
         {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
@@ -191,9 +195,12 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < nb; i++)
         keys[i] = 0x6b76730000000000ull + i;
 
-    /* Store the prefix: PutMany from the bytes (and from shared memory when there is one). */
+    /* Store the prefix: PutMany from the bytes (and from shared memory when there is one).
+     * The region has a slot of enc_cap bytes per block for the encoded path (shmgpu; an
+     * encoded block is at most a bit over raw), the raw paths use its first total bytes. */
+    size_t enc_cap = bb + (bb >> 2) + 65536;
     kvs_region *reg = NULL;
-    int rrc = kvs_region_create(cl, total, &reg, &e);
+    int rrc = kvs_region_create(cl, nb * enc_cap, &reg, &e);
     if (rrc && rrc != KVS_ENOTSUP)
         return die("region", &e);
     if (rrc)
@@ -276,10 +283,11 @@ int main(int argc, char **argv)
         }
     }
 #endif
-    const char *names[MAX_PATHS] = {"get", "getmany", "shm", "encoded", "gpudecode", "ipc"};
+    const char *names[MAX_PATHS] = {"get",       "getmany", "shm",   "encoded",
+                                    "gpudecode", "ipc",     "shmgpu"};
     kvs_cuda_decoder *dec = NULL;
     uint8_t *dev = NULL;
-    if (want(&c, "gpudecode")) {
+    if (want(&c, "gpudecode") || want(&c, "shmgpu")) {
         kvs_err de;
         if (kvs_cuda_decoder_create(cl, spec.name, &spec, &dec, &de)) {
             printf("gpudecode: not available (%s)\n", de.msg);
@@ -293,11 +301,25 @@ int main(int argc, char **argv)
         }
 #endif
     }
+    bool reg_pinned_here = false; /* shmgpu: the region registered with CUDA in this process */
+#ifdef KVS_HAVE_CUDA
+    if (dec && reg && want(&c, "shmgpu")) {
+        if (cudaHostRegister(kvs_region_data(reg), kvs_region_size(reg), cudaHostRegisterDefault) ==
+            cudaSuccess)
+            reg_pinned_here = true;
+        else
+            printf("shmgpu: cudaHostRegister of the region failed: %s\n",
+                   cudaGetErrorString(cudaGetLastError()));
+    }
+#endif
     int failed = 0, ref = -1;
     uint8_t *encbuf = NULL;
-    size_t enc_cap = bb + (bb >> 2) + 65536; /* an encoded block is at most a bit over raw */
-    for (int p = 0; p < MAX_PATHS; p++) {
-        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec) || (p == 5 && !ireg))
+    /* In time order: the ipc path before shmgpu, whose decode reuses gpudecode's memory. */
+    const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 6, 5};
+    for (int oi = 0; oi < MAX_PATHS; oi++) {
+        int p = order[oi];
+        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec) || (p == 5 && !ireg) ||
+            (p == 6 && (!dec || !reg_pinned_here)))
             continue;
         out[p] = malloc(total);
         if ((p == 3 || p == 4) && !encbuf)
@@ -324,8 +346,10 @@ int main(int argc, char **argv)
                         gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
                     else if (p == 5)
                         gi[i].region = ireg, gi[i].offset = i * bb, gi[i].cap = bb;
+                    else if (p == 6)
+                        gi[i].region = reg, gi[i].offset = i * enc_cap, gi[i].cap = enc_cap;
                 }
-                bool enc = p == 3 || p == 4;
+                bool enc = p == 3 || p == 4 || p == 6;
                 kvs_get_many_opts go = {.format = enc ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
                 rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
@@ -334,9 +358,10 @@ int main(int argc, char **argv)
                 for (size_t i = 0; i < nb && !rc && p == 3; i++)
                     rc = kvs_client_decode_block(cl, spec.name, &spec, encbuf + i * enc_cap,
                                                  gi[i].res.bytes, out[p] + i * bb, bb, NULL, &e);
-                if (!rc && p == 4) { /* one batch: two launches per 64 MiB of output */
+                if (!rc && (p == 4 || p == 6)) { /* one batch: two launches per 64 MiB */
+                    const uint8_t *from = p == 4 ? encbuf : kvs_region_data(reg);
                     for (size_t i = 0; i < nb; i++)
-                        cb[i] = (kvs_cuda_block){.enc = encbuf + i * enc_cap,
+                        cb[i] = (kvs_cuda_block){.enc = from + i * enc_cap,
                                                  .len = gi[i].res.bytes,
                                                  .raw_dev = dev + i * bb,
                                                  .cap = bb};
@@ -355,7 +380,7 @@ int main(int argc, char **argv)
         if (p == 2)
             memcpy(out[p], kvs_region_data(reg), total);
 #ifdef KVS_HAVE_CUDA
-        if (p == 4)
+        if (p == 4 || p == 6)
             cudaMemcpy(out[p], dev, total, cudaMemcpyDeviceToHost);
         if (p == 5)
             cudaMemcpy(out[p], ipc_dev, total, cudaMemcpyDeviceToHost);
@@ -363,8 +388,9 @@ int main(int argc, char **argv)
         printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
         if (ref < 0)
             ref = p;
-        else if (p == 4 && strcmp(c.codec, "none") != 0 ? max_ulp(out[p], out[ref], total / 2) > 1
-                                                        : memcmp(out[p], out[ref], total) != 0) {
+        else if ((p == 4 || p == 6) && strcmp(c.codec, "none") != 0
+                     ? max_ulp(out[p], out[ref], total / 2) > 1
+                     : memcmp(out[p], out[ref], total) != 0) {
             fprintf(stderr, "kvs-bench-restore: path %s returned other bytes than %s\n", names[p],
                     names[ref]);
             failed = 1;
@@ -377,7 +403,19 @@ int main(int argc, char **argv)
             failed = 1;
         }
     }
+    if (dec) {
+        kvs_cuda_decoder_stats ds;
+        kvs_cuda_decoder_stats_get(dec, &ds);
+        printf("client GPU decode: %llu blocks, %llu from pinned memory, %llu checksums on "
+               "threads\n",
+               (unsigned long long)ds.blocks, (unsigned long long)ds.blocks_pinned,
+               (unsigned long long)ds.blocks_hashed_threads);
+    }
     kvs_cuda_decoder_destroy(dec);
+#ifdef KVS_HAVE_CUDA
+    if (reg_pinned_here)
+        cudaHostUnregister(kvs_region_data(reg));
+#endif
     kvs_region_close(ireg); /* before the memory goes: the daemon closes its handle */
 #ifdef KVS_HAVE_CUDA
     cudaFree(dev);

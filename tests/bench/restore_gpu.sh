@@ -6,7 +6,8 @@
 # tests/bench/recompute.py (PyTorch, random weights).
 #
 #   tests/bench/restore_gpu.sh KVSTASHD KVS_BENCH_RESTORE [OUTDIR]
-#   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3)
+#   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3,
+#    PATHS: kvs-bench-restore --paths for every codec)
 set -u
 D=$1; B=$2; O=${3:-.}
 TOKENS=${TOKENS:-1024 4096 8192 16384}
@@ -23,8 +24,8 @@ for c in $CODECS; do
     for n in $TOKENS; do
         # encoded + client CPU decode is the slow remote path (0.13 GB/s for polarquant on one
         # thread): timed for `none` only; gpudecode is the remote path of a GPU worker.
-        paths=getmany,shm,gpudecode,ipc
-        [ "$c" = none ] && paths=get,getmany,shm,encoded,gpudecode,ipc
+        paths=${PATHS:-getmany,shm,gpudecode,shmgpu,ipc}
+        [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,ipc
         echo "## codec $c, $n tokens"
         "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" 2>&1
         echo "(exit $?)"

@@ -6,8 +6,13 @@
  * Damaged blocks (a flipped byte: KVS_EDATALOSS), a short buffer (KVS_E2BIG) and a block of
  * another layout (KVS_EPROTO) are refused before any launch. Batches (kvs_decode_blocks_cuda):
  * blocks of mixed token counts, a damaged block and a short buffer among good ones, and a
- * batch larger than one chunk (64 MiB of output), each block against its CPU decode. Exits
- * 77 (skipped) where the build has no CUDA or the machine no GPU.
+ * batch larger than one chunk (64 MiB of output), each block against its CPU decode. The
+ * batches run with the encoded blocks in pageable memory (gathered on the host), in pinned
+ * memory (copied whole and gathered on the device: a shared-memory region the worker
+ * registered with CUDA) and alternating between the two (chunks split where the kind
+ * changes); batches of 8 MiB and more verify their checksums on threads, smaller ones
+ * inline, and both kinds must refuse the damaged block. Exits 77 (skipped) where the build
+ * has no CUDA or the machine no GPU.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -118,9 +123,18 @@ out:
     free(got);
 }
 
+enum { PAGEABLE, PINNED, ALTERNATE }; /* where a batch's encoded blocks are */
+static const char *where_name[] = {"pageable", "pinned", "alternating"};
+
+static bool pinned_at(int where, size_t i)
+{
+    return where == PINNED || (where == ALTERNATE && i % 2);
+}
+
 /* A batch of nb blocks of layout (L, H, 128) and codec: most of 16 tokens, a run of 5 in the
- * middle (another chunk), block 3 damaged, block 4 given a buffer one element short. */
-static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb)
+ * middle (another chunk), block 3 damaged, block 4 given a buffer one element short; the
+ * encoded blocks in memory of kind `where`. */
+static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb, int where)
 {
     kvs_ns_spec s = kvs_test_spec(L, H, 128, 16, KVS_DTYPE_FP16, codec, codec, 11);
     kvs_codec *k = kvs_test_codec(&s, KVS_KEYS, NULL), *v = kvs_test_codec(&s, KVS_VALUES, NULL);
@@ -139,7 +153,15 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb)
         uint32_t t = i >= nb / 2 && i < nb / 2 + 3 ? 5 : 16;
         size_t n = (size_t)L * 2 * t * H * 128, cap = kvs_block_encoded_max(k, v, t), len = 0;
         uint16_t *raw = kvs_test_gauss_data(n, 500 + i, 1.0, KVS_DTYPE_FP16);
-        enc[i] = malloc(cap);
+        if (pinned_at(where, i)) {
+            if (cudaHostAlloc((void **)&enc[i], cap, cudaHostAllocDefault) != cudaSuccess) {
+                FAIL("%s batch: cudaHostAlloc", codec);
+                enc[i] = NULL;
+                goto out;
+            }
+        } else {
+            enc[i] = malloc(cap);
+        }
         ref[i] = malloc(n * 2);
         elems[i] = n;
         if (kvs_block_encode(k, v, 7, t, raw, enc[i], cap, &len, &err) ||
@@ -158,16 +180,36 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb)
         bl[4].cap -= 2;
     }
     cudaDeviceSynchronize();
+    kvs_cuda_decoder_stats before, after;
+    kvs_cuda_decoder_stats_get(d, &before);
     if (kvs_decode_blocks_cuda(d, bl, nb, NULL, &err)) {
-        FAIL("%s batch of %zu: %s", codec, nb, err.msg);
+        FAIL("%s batch of %zu (%s): %s", codec, nb, where_name[where], err.msg);
         goto out;
     }
+    /* The path each block took (the stats): the pinned ones by DMA and device gather, and
+     * the checksums on threads exactly for the batch of 8 MiB and more. */
+    kvs_cuda_decoder_stats_get(d, &after);
+    size_t bytes = 0;
+    for (size_t i = 0; i < nb; i++)
+        bytes += bl[i].len;
+    uint64_t decoded = after.blocks - before.blocks,
+             pinned = after.blocks_pinned - before.blocks_pinned,
+             hashed = after.blocks_hashed_threads - before.blocks_hashed_threads;
+    if (decoded < nb - 2 || (where == PINNED && pinned != decoded) ||
+        (where == PAGEABLE && pinned != 0) ||
+        (where == ALTERNATE && (pinned == 0 || pinned == decoded)))
+        FAIL("%s batch (%s): %llu blocks decoded, %llu of them from pinned memory", codec,
+             where_name[where], (unsigned long long)decoded, (unsigned long long)pinned);
+    if (hashed != (bytes >= (8u << 20) ? nb : 0))
+        FAIL("%s batch of %zu bytes: %llu checksums on threads", codec, bytes,
+             (unsigned long long)hashed);
     uint16_t *got = malloc(full * 2);
     bool exact = strcmp(codec, "none") == 0;
     for (size_t i = 0; i < nb; i++) {
         if (nb > 4 && i == 3) {
             if (bl[i].rc != KVS_EDATALOSS)
-                FAIL("%s batch: damaged block: rc %d (%s)", codec, bl[i].rc, bl[i].msg);
+                FAIL("%s batch (%s): damaged block: rc %d (%s)", codec, where_name[where], bl[i].rc,
+                     bl[i].msg);
             continue;
         }
         if (nb > 4 && i == 4) {
@@ -185,7 +227,8 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb)
             FAIL("%s batch %zu: result says %llu bytes", codec, i,
                  (unsigned long long)bl[i].res.bytes);
         if (exact ? memcmp(ref[i], got, elems[i] * 2) != 0 : u > 1)
-            FAIL("%s batch %zu (L=%u): differs from the CPU decode by %u ulp", codec, i, L, u);
+            FAIL("%s batch %zu (L=%u, %s): differs from the CPU decode by %u ulp", codec, i, L,
+                 where_name[where], u);
         for (size_t j = elems[i]; j < full; j++)
             if (got[j] != 0xffff) {
                 FAIL("%s batch %zu: written past its block at element %zu", codec, i, j);
@@ -197,7 +240,10 @@ out:
     for (size_t i = 0; i < nb; i++) {
         if (bl)
             cudaFree(bl[i].raw_dev);
-        free(enc[i]);
+        if (pinned_at(where, i))
+            cudaFreeHost(enc[i]);
+        else
+            free(enc[i]);
         free(ref[i]);
     }
     kvs_cuda_decoder_destroy(d);
@@ -224,8 +270,10 @@ int main(void)
             for (int kind = 0; kind < 3; kind++)
                 one(codecs[c], tokens[t], kind);
     for (size_t c = 0; c < sizeof codecs / sizeof *codecs; c++) {
-        batch(codecs[c], 4, 2, 23);
-        batch(codecs[c], 32, 8, 40); /* 2 MiB blocks: 80 MiB, more than one chunk */
+        for (int where = PAGEABLE; where <= ALTERNATE; where++) {
+            batch(codecs[c], 4, 2, 23, where);
+            batch(codecs[c], 32, 8, 40, where); /* 2 MiB blocks: 80 MiB, more than a chunk */
+        }
     }
     printf("test_client_decode_gpu: %d failures\n", failures);
     return failures ? 1 : 0;
