@@ -17,6 +17,8 @@
  */
 #include "gpu/codec/paged.h"
 
+#include "gpu/codec/copies.h"
+
 #include <assert.h>
 #include <stdbool.h>
 #include <string.h>
@@ -274,6 +276,52 @@ void kvs_paged_scatter(const kvs_paged_layout *lay, uint8_t *base, const uint32_
                        const uint8_t *block)
 {
     walk(lay, pages, tokens, layer_begin, layer_end, block, base, false);
+}
+
+/* Whether a layout's heads of one token are one run of bytes (then a page's tokens are one
+ * 2D copy, else one per head). */
+static bool heads_packed(const kvs_paged_layout *lay)
+{
+    return lay->kv_heads == 1 || lay->head_stride == (uint64_t)lay->head_dim * lay->elem_bytes;
+}
+
+uint32_t kvs_paged_copies_max(const kvs_paged_layout *lay, uint32_t tokens, uint32_t layer_begin,
+                              uint32_t layer_end)
+{
+    uint32_t pages = (tokens + lay->page_tokens - 1) / lay->page_tokens;
+    return (layer_end - layer_begin) * 2 * pages * (heads_packed(lay) ? 1 : lay->kv_heads);
+}
+
+void kvs_paged_copies(const kvs_paged_layout *lay, uint8_t *base, const uint32_t *pages,
+                      uint32_t tokens, uint32_t layer_begin, uint32_t layer_end, uint8_t *k_sec,
+                      uint8_t *v_sec, uint64_t layer_pitch, bool to_pages, kvs_copy2d *table,
+                      uint32_t *n)
+{
+    assert(layer_begin < layer_end && layer_end <= lay->layers && tokens > 0);
+    const uint64_t row = (uint64_t)lay->head_dim * lay->elem_bytes;
+    const uint64_t tok_bytes = row * lay->kv_heads;
+    const bool packed = heads_packed(lay);
+    for (uint32_t l = layer_begin; l < layer_end; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            uint8_t *plane = base + (kv ? lay->v_base[l] : lay->k_base[l]);
+            uint8_t *sec = (kv ? v_sec : k_sec) + (l - layer_begin) * layer_pitch;
+            uint32_t m;
+            for (uint32_t t0 = 0, i = 0; t0 < tokens; t0 += m, i++) {
+                m = tokens - t0 < lay->page_tokens ? tokens - t0 : lay->page_tokens;
+                uint8_t *page = plane + (uint64_t)pages[i] * lay->page_stride;
+                for (uint32_t h = 0; h < (packed ? 1 : lay->kv_heads); h++) {
+                    uint8_t *paged = page + h * lay->head_stride,
+                            *blk = sec + t0 * tok_bytes + h * row;
+                    uint64_t width = packed ? tok_bytes : row;
+                    if (to_pages)
+                        kvs_copies_add(table, n, paged, lay->token_stride, blk, tok_bytes, width,
+                                       m);
+                    else
+                        kvs_copies_add(table, n, blk, tok_bytes, paged, lay->token_stride, width,
+                                       m);
+                }
+            }
+        }
 }
 
 #ifdef KVS_PAGED_CUDA_STUBS

@@ -37,6 +37,7 @@
 #ifndef KVS_CODEC_PAGED_H
 #define KVS_CODEC_PAGED_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -95,6 +96,22 @@ void kvs_paged_gather(const kvs_paged_layout *lay, const uint8_t *base, const ui
 void kvs_paged_scatter(const kvs_paged_layout *lay, uint8_t *base, const uint32_t *pages,
                        uint32_t tokens, uint32_t layer_begin, uint32_t layer_end,
                        const uint8_t *block);
+
+/* The same moves as a table of 2D copies (gpu/codec/copies.h), for a caller that batches
+ * many blocks' moves into one kvs_copies_run_cuda launch instead of one gather or scatter
+ * launch per block. The block side is given per layer and side: layer l's K section
+ * ([tokens][H][D], contiguous) at k_sec + (l - layer_begin) * layer_pitch, its V section at
+ * v_sec + the same (the contiguous block: k_sec = block, v_sec = block + tokens*H*D*e,
+ * layer_pitch = 2*tokens*H*D*e; the GPU engine's staging has other pitches). to_pages:
+ * scatter (block side to pages), else gather. Appends at most kvs_paged_copies_max entries
+ * to table at *n (the caller sizes it). Same preconditions as kvs_paged_gather. */
+uint32_t kvs_paged_copies_max(const kvs_paged_layout *lay, uint32_t tokens, uint32_t layer_begin,
+                              uint32_t layer_end);
+struct kvs_copy2d;
+void kvs_paged_copies(const kvs_paged_layout *lay, uint8_t *base, const uint32_t *pages,
+                      uint32_t tokens, uint32_t layer_begin, uint32_t layer_end, uint8_t *k_sec,
+                      uint8_t *v_sec, uint64_t layer_pitch, bool to_pages, struct kvs_copy2d *table,
+                      uint32_t *n);
 
 /* GPU versions: base and block are device pointers; lay (with its k_base/v_base arrays)
  * and pages are host memory, read during the call only (their values travel in the

@@ -23,6 +23,7 @@
 
 #include <cmocka.h>
 
+#include "gpu/codec/copies.h"
 #include "gpu/codec/paged.h"
 #include "tests/support/kvs_test.h"
 
@@ -262,6 +263,35 @@ static void run_case(const eng *e, const uint32_t *pages, uint32_t t, uint32_t l
     if (memcmp(blk, got, bytes))
         fail_msg("%s t=%u layers [%u,%u): scatter then gather is not the identity",
                  kind_names[e->k], t, lb, le);
+
+    /* The same moves as a copy table (kvs_paged_copies, run by the CPU reference of the
+     * batched copies), with the block as [layer][K|V] sections. mem holds blk scattered
+     * (the reference's): gathering it must give blk back, scattering a new block into a
+     * copy of it must equal the reference's scatter of that block. */
+    const size_t sec = (size_t)t * e->H * e->D * E;
+    uint32_t cap = kvs_paged_copies_max(&e->lay, t, lb, le), n_copies = 0;
+    kvs_copy2d *table = malloc(cap * sizeof *table);
+    assert_non_null(table);
+    memset(got, 0x5A, bytes);
+    kvs_paged_copies(&e->lay, mem, pages, t, lb, le, got, got + sec, 2 * sec, false, table,
+                     &n_copies);
+    assert_true(n_copies <= cap);
+    kvs_copies_run(table, n_copies);
+    if (memcmp(blk, got, bytes))
+        fail_msg("%s t=%u layers [%u,%u): gather by copies differs from the reference",
+                 kind_names[e->k], t, lb, le);
+    fill_random(got, bytes);
+    memcpy(mem2, mem, e->region);
+    ref_scatter(e, mem, pages, t, lb, le, got);
+    n_copies = 0;
+    kvs_paged_copies(&e->lay, mem2, pages, t, lb, le, got, got + sec, 2 * sec, true, table,
+                     &n_copies);
+    assert_true(n_copies <= cap);
+    kvs_copies_run(table, n_copies);
+    if (memcmp(mem, mem2, e->region))
+        fail_msg("%s t=%u layers [%u,%u): scatter by copies differs from the reference",
+                 kind_names[e->k], t, lb, le);
+    free(table);
     free(mem);
     free(mem2);
     free(want);
