@@ -46,6 +46,36 @@ static bool compatible(const job *a, const job *b)
  * of the staging h_raw when no request brought pinned raw memory; otherwise per request,
  * two strided copies straight between its own buffer ([nl][2][sec]: K and V of each layer
  * interleaved) and d_raw for a pinned one, two plain ones through h_raw for the others. */
+/* A paged job's decoded sections (K of its layers at pitch w from sec, V `other` bytes
+ * further) into the engine's pages: queued as the batch's copies straight into the pages
+ * (kvs_paged_copies), or where the copy table is at its largest, through d_enc at blk_off
+ * as a contiguous block and one scatter launch. */
+static int paged_out(kvs_engine *e, job *j, uint8_t *sec, size_t other, size_t w, size_t blk_off,
+                     kvs_err *err)
+{
+    const kvs_paged_layout *lay = j->paged->lay;
+    uint32_t count = kvs_paged_copies_max(lay, j->t, j->lb, j->le);
+    int rc = kvs__engine_copies_reserve(e, count, err);
+    if (rc)
+        return rc;
+    if (e->copies_used + count <= e->copies_cap) {
+        kvs_paged_copies(lay, j->paged->base, j->paged->pages, j->t, j->lb, j->le, sec, sec + other,
+                         w, true, e->h_copies, &e->copies_used);
+        e->copies_max = e->copies_max > w ? e->copies_max : w;
+        return 0;
+    }
+    size_t nl = j->le - j->lb;
+    uint8_t *blk = e->d_enc + blk_off;
+    for (int kv = 0; kv < 2; kv++)
+        KVS_CUDA_CHECK(cudaMemcpy2DAsync(blk + (size_t)kv * w, 2 * w, sec + kv * other, w, w, nl,
+                                         cudaMemcpyDeviceToDevice, e->st),
+                       err);
+    if (kvs_paged_scatter_cuda(lay, j->paged->base, j->paged->pages, j->t, j->lb, j->le, blk, e->st,
+                               err))
+        return KVS_EINTERNAL;
+    return 0;
+}
+
 static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, bool to_dev,
                     kvs_err *err)
 {
@@ -74,15 +104,10 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                 continue;
             }
             /* Default: the user's buffer is pinned host memory or device memory (UVA). */
-            if (j->paged) { /* into d_enc (free once decoded) as a block, scattered below */
-                uint8_t *blk = e->d_enc + b * nl * 2 * w + (size_t)kv * w;
-                KVS_CUDA_CHECK(
-                    cudaMemcpy2DAsync(blk, 2 * w, dev, w, w, nl, cudaMemcpyDeviceToDevice, e->st),
-                    err);
-                if (kv == 1 &&
-                    kvs_paged_scatter_cuda(j->paged->lay, j->paged->base, j->paged->pages, j->t,
-                                           j->lb, j->le, e->d_enc + b * nl * 2 * w, e->st, err))
-                    return KVS_EINTERNAL;
+            if (j->paged) { /* both sides at once */
+                int rc = kv ? 0 : paged_out(e, j, dev, n * w, w, b * nl * 2 * w, err);
+                if (rc)
+                    return rc;
                 continue;
             }
             /* Device memory (a worker's, by CUDA IPC): queued for the batch's one copy

@@ -129,7 +129,8 @@ kvs__engine_mem kvs__engine_mem_of(const void *p);
 void kvs__engine_raw_mem(job *j, const void *raw);
 
 /* Device-to-device copies of a batch, on the engine thread: kvs__engine_copy_dd queues a
- * 2D copy (height rows of width bytes at the pitches; both sides device memory) for the
+ * 2D copy (height rows of width bytes at the pitches; both sides memory the device reaches:
+ * its own, a worker's by CUDA IPC, pinned host memory of a paged region) for the
  * next flush, or issues it at once as cudaMemcpy2DAsync when the table is full;
  * kvs__engine_copies_flush uploads the queued ones and runs them in one launch on the
  * stream (nothing queued: nothing done); kvs__engine_copies_reset empties the table: after
@@ -139,6 +140,10 @@ int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src
                         size_t width, size_t height, kvs_err *err);
 int kvs__engine_copies_flush(kvs_engine *e, kvs_err *err);
 void kvs__engine_copies_reset(kvs_engine *e, bool synced);
+/* Grows the table (waiting for the stream first) so that `more` copies can be queued, up
+ * to its largest size (past it, copies are issued one by one). KVS_ENOMEM naming the size
+ * when the memory cannot be had. */
+int kvs__engine_copies_reserve(kvs_engine *e, uint32_t more, kvs_err *err);
 
 /* A batch runner (engine thread): runs a batch of nb jobs of one kind and finishes every
  * one; returns KVS_EINTERNAL when a CUDA call failed on the way, else 0. */

@@ -74,15 +74,46 @@ int kvs__engine_copy_dd(kvs_engine *e, void *dst, size_t dpitch, const void *src
 {
     if (width == 0 || height == 0)
         return 0;
-    if (e->copies_used == e->copies_cap) {
-        KVS_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
-                                         cudaMemcpyDeviceToDevice, e->st),
-                       err);
+    if (e->copies_used == e->copies_cap) { /* Default: a paged region may be pinned host */
+        KVS_CUDA_CHECK(
+            cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, e->st),
+            err);
         return 0;
     }
     kvs_copies_add(e->h_copies, &e->copies_used, dst, dpitch, src, spitch, width, height);
     uint64_t bytes = (uint64_t)width * height;
     e->copies_max = bytes > e->copies_max ? bytes : e->copies_max;
+    return 0;
+}
+
+/* The table's largest size: 2^18 copies, 12 MiB of pinned host and as much device memory
+ * (a restore of 512 blocks into an engine's paged layout with unpacked heads queues
+ * 2 * L * H copies per block: 262144 at L = 32, H = 8). */
+#define COPIES_MAX (1u << 18)
+
+int kvs__engine_copies_reserve(kvs_engine *e, uint32_t more, kvs_err *err)
+{
+    uint64_t want = (uint64_t)e->copies_used + more;
+    if (want <= e->copies_cap || e->copies_cap >= COPIES_MAX)
+        return 0;
+    uint32_t cap = e->copies_cap;
+    while (cap < want && cap < COPIES_MAX)
+        cap = cap * 2 < COPIES_MAX ? cap * 2 : COPIES_MAX;
+    /* The flushed entries' upload and launch must be done with the old tables. */
+    KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
+    kvs_copy2d *h = NULL, *d = NULL;
+    cudaError_t rc = cudaMallocHost((void **)&h, cap * sizeof *h);
+    if (rc == cudaSuccess)
+        rc = cudaMalloc((void **)&d, cap * sizeof *d);
+    if (rc != cudaSuccess) {
+        cudaFreeHost(h);
+        return kvs_err_set(err, KVS_ENOMEM, "GPU engine: copy table of %u entries: %s", cap,
+                           cudaGetErrorString(rc));
+    }
+    memcpy(h, e->h_copies, e->copies_used * sizeof *h);
+    cudaFreeHost(e->h_copies);
+    cudaFree(e->d_copies);
+    e->h_copies = h, e->d_copies = d, e->copies_cap = cap;
     return 0;
 }
 

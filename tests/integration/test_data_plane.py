@@ -554,13 +554,15 @@ def test_stats_tell_shared_memory_from_wire_bytes(d, ns):
 # ----------------------------------------------------------------------------- paged layouts
 
 
-def vllm_layout(L, nb, bs, H, D):
-    """vLLM: one tensor [2][nb][bs][H][D] per layer, layers one after the other."""
+def vllm_layout(L, nb, bs, H, D, hnd=False):
+    """vLLM: one tensor [2][nb][bs][H][D] per layer, layers one after the other (hnd: the
+    FlashInfer order [2][nb][H][bs][D], whose heads of a token are not one run)."""
     R = H * D * 2
     per_layer = 2 * nb * bs * R
     lay = kvs.pb.PagedLayout(page_tokens=bs, k_base=[l * per_layer for l in range(L)],
                              v_base=[l * per_layer + nb * bs * R for l in range(L)],
-                             page_stride=bs * R, token_stride=R, head_stride=D * 2)
+                             page_stride=bs * R, token_stride=D * 2 if hnd else R,
+                             head_stride=bs * D * 2 if hnd else D * 2)
     return lay, L * per_layer
 
 

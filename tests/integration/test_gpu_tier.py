@@ -293,7 +293,8 @@ def cuda_region(sock_path, t):
 @pytest.mark.parametrize("codec", ["none", "polarquant"])
 def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec):
     # The co-located GPU worker's path: GetMany decodes straight into the worker's GPU
-    # memory, contiguous slots or an engine's paged layout, and PutMany encodes from it.
+    # memory, contiguous slots or an engine's paged layout (vLLM's NHD and HND orders), and
+    # PutMany encodes from it.
     # Every byte equals what the same calls write into a shared-memory region.
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -306,7 +307,8 @@ def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec)
     keys = [b"c%d" % i for i in range(n)]
     put_many(d, [(ns.name, k, T, ns.payload(T, seed=i)) for i, k in enumerate(keys)])
     host = Region(sock, n * bb)
-    vl, vbytes = vllm_layout(L, n + 4, T, H, D)
+    # NHD for one codec, HND (heads of a token apart: a copy per head) for the other.
+    vl, vbytes = vllm_layout(L, n + 4, T, H, D, hnd=codec != "none")
     hpaged = Region(sock, vbytes)
     slots = torch.zeros(n * bb + 4096, dtype=torch.uint8, device="cuda")
     paged = torch.zeros(vbytes, dtype=torch.uint8, device="cuda")
