@@ -57,7 +57,8 @@ trap 'exit 130' INT TERM
 
 # Redis has no "pick a free port" (--port 0 turns TCP off): ask the kernel for one, then
 # retry with another if something took it before redis-server bound it.
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3  # the GPU machine's is elsewhere
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 REDIS_PORT=""
 for _ in 1 2 3 4 5; do
     port=$(free_port) || die "cannot find a free port (python3)"

@@ -15,6 +15,8 @@
 #   RESTORE=1   tests/bench/restore_gpu.sh (a prefix restored by each data-plane path, vs
 #               recomputing it with PyTorch)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
+#   H2H=1       tests/bench/h2h.sh: kvstash against Redis (bundled from this machine's
+#               redis-server), H2H_SECONDS, H2H_CLIENTS, H2H_CODECS, H2H_TOKENS, KVSTASHD_ARGS
 #   PPL=1       tests/bench/ppl/ppl_bench.py through a kvstashd with its GPU engine (the codecs
 #               on the GPU; PPL_WINDOWS, PPL_THREADS, PPL_ARGS; default table A's --post-rope)
 #   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
@@ -78,6 +80,11 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
     echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
+fi
+if [ "${H2H:-0}" = 1 ]; then  # issue 12: kvstash against Redis on this machine (H2H_* knobs)
+    KVSTASHD=$KVSTASHD KVCTL=$KVCTL H2H=$PWD/$R/bin/kvs-bench-h2h REDIS_SERVER=$PWD/$R/bin/redis-server \
+        bash tests/bench/h2h.sh > "$OUT/h2h.md" 2> "$OUT/h2h.err"
+    note "head-to-head with Redis" $?; cat "$OUT/h2h.md"; tail -n 5 "$OUT/h2h.err"
 fi
 if [ "${PPL:-0}" = 1 ]; then  # issue 16: perplexity through a kvstashd with its GPU engine
     python3 tests/bench/ppl/ppl_bench.py --kvstashd "$KVSTASHD" --daemon-args "--gpu on" \

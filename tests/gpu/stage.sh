@@ -15,7 +15,9 @@ cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/t
    "$B/tests/gpu/test_paged_gpu" "$B/tests/gpu/test_client_decode_gpu" "$B/tests/gpu/test_recode_gpu" \
    "$B/bin/kvs-bench-gpu" \
    "$B/bin/kvs-bench-tier" "$B/bin/kvs-bench-restore" \
-   "$B/bin/kvstashd" "$B/bin/kvctl" "$S/bin/"
+   "$B/bin/kvstashd" "$B/bin/kvctl" "$B/bin/kvs-bench-h2h" "$S/bin/"
+# Redis for the head-to-head (tests/bench/h2h.sh, device-check.sh H2H=1), where installed here.
+if command -v redis-server > /dev/null; then cp "$(command -v redis-server)" "$S/bin/"; fi
 strip "$S"/bin/*
 "$(dirname "$0")/../../../shared/tools/bundle-libs" "$S/libs" "$S"/bin/* "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 > /dev/null
 # The Python package's libraries (the tests load them by KVSTASH_LIB / beside it).
