@@ -66,6 +66,8 @@ static int paged_out(kvs_engine *e, job *j, uint8_t *sec, size_t other, size_t w
     }
     size_t nl = j->le - j->lb;
     uint8_t *blk = e->d_enc + blk_off;
+    if ((rc = kvs__engine_copies_flush(e, err))) /* the queued blocks' copies first */
+        return rc;
     for (int kv = 0; kv < 2; kv++)
         KVS_CUDA_CHECK(cudaMemcpy2DAsync(blk + (size_t)kv * w, 2 * w, sec + kv * other, w, w, nl,
                                          cudaMemcpyDeviceToDevice, e->st),
@@ -74,6 +76,25 @@ static int paged_out(kvs_engine *e, job *j, uint8_t *sec, size_t other, size_t w
                                err))
         return KVS_EINTERNAL;
     return 0;
+}
+
+/* Whether a paged job between `from` and j (excluded) writes a page j writes, in the same
+ * memory: j's copies must then run after theirs (one launch runs its copies in any order),
+ * so that the later block's bytes land, as the host path's order does. */
+static bool pages_queued(const job *from, const job *j)
+{
+    const kvs_engine_paged *p = j->paged;
+    uint32_t np = (j->t + p->lay->page_tokens - 1) / p->lay->page_tokens;
+    for (const job *q = from; q && q != j; q = q->next) {
+        if (!q->paged || q->paged->base != p->base)
+            continue;
+        uint32_t nq = (q->t + q->paged->lay->page_tokens - 1) / q->paged->lay->page_tokens;
+        for (uint32_t a = 0; a < nq; a++)
+            for (uint32_t b = 0; b < np; b++)
+                if (q->paged->pages[a] == p->pages[b])
+                    return true;
+    }
+    return false;
 }
 
 static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, bool to_dev,
@@ -91,6 +112,7 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
         return 0;
     }
     size_t b = 0;
+    const job *fresh = list; /* paged jobs from here on are queued since the last flush */
     for (job *j = list; j; j = j->next, b++) {
         for (int kv = 0; kv < 2; kv++) {
             size_t dev_off = ((size_t)kv * n + b * nl) * w; /* in d_raw and h_raw */
@@ -105,7 +127,13 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
             }
             /* Default: the user's buffer is pinned host memory or device memory (UVA). */
             if (j->paged) { /* both sides at once */
-                int rc = kv ? 0 : paged_out(e, j, dev, n * w, w, b * nl * 2 * w, err);
+                int rc = 0;
+                if (kv == 0 && pages_queued(fresh, j)) {
+                    rc = kvs__engine_copies_flush(e, err);
+                    fresh = j;
+                }
+                if (rc == 0 && kv == 0)
+                    rc = paged_out(e, j, dev, n * w, w, b * nl * 2 * w, err);
                 if (rc)
                     return rc;
                 continue;
