@@ -11,7 +11,9 @@
  * namespace's codecs (their tables uploaded once) per learned-state version, fetching the
  * states a block needs through the client (GetCodecState), and its fallback codec
  * (max_rel_error) for the sides a block's header says were stored with it. Not
- * thread-safe: one decoder per thread (or a lock around it).
+ * thread-safe: one decoder per thread (or a lock around it). A batch of 8 MiB of encoded
+ * bytes or more starts up to 8 threads of its own for the checksums and joins them before
+ * it returns; nothing runs between calls.
  */
 #ifndef KVSTASH_CUDA_H
 #define KVSTASH_CUDA_H
