@@ -256,6 +256,25 @@ static size_t table_at(size_t n)
     return (2 * n * sizeof(uint32_t) + 15) & ~(size_t)15;
 }
 
+/* Grows a device staging *p of *cap bytes to want (after the stream is done with it). */
+static int grow_dev(void *p, size_t *cap, size_t want, cudaStream_t st, const char *what,
+                    kvs_err *err)
+{
+    void **ptr = p;
+    if (want <= *cap)
+        return 0;
+    cudaError_t e = cudaStreamSynchronize(st);
+    if (e != cudaSuccess)
+        return cuda_err(err, e, what);
+    cudaFree(*ptr);
+    *ptr = NULL;
+    *cap = 0;
+    if ((e = cudaMalloc(ptr, want)) != cudaSuccess)
+        return cuda_err(err, e, what);
+    *cap = want;
+    return 0;
+}
+
 /* Grows the stagings to hold a chunk of `sections` sections (K and V each) of at most sk and
  * sv bytes, raw bytes of output, and (pinned chunks) blk bytes of whole blocks. The host
  * staging holds either the gathered sections and their lengths or the lengths and the copy
@@ -265,16 +284,9 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
 {
     cudaError_t e = cudaSuccess;
     size_t enc = lens_at(sections, sk, sv) + table_at(sections) + 2 * sections * sizeof(kvs_copy2d);
-    if (blk > d->blk_cap) {
-        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
-            return cuda_err(err, e, "staging");
-        cudaFree(d->d_blk);
-        d->d_blk = NULL;
-        d->blk_cap = 0;
-        if ((e = cudaMalloc((void **)&d->d_blk, blk)) != cudaSuccess)
-            return cuda_err(err, e, "block staging");
-        d->blk_cap = blk;
-    }
+    int rc = grow_dev(&d->d_blk, &d->blk_cap, blk, st, "block staging", err);
+    if (rc || (rc = grow_dev(&d->d_raw, &d->raw_cap, raw, st, "raw staging", err)))
+        return rc;
     if (enc > d->enc_cap) {
         if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
             return cuda_err(err, e, "staging");
@@ -291,16 +303,6 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
             (e = cudaMalloc((void **)&d->d_enc, enc)) != cudaSuccess)
             return cuda_err(err, e, "encoded staging");
         d->enc_cap = enc;
-    }
-    if (raw > d->raw_cap) {
-        if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
-            return cuda_err(err, e, "staging");
-        cudaFree(d->d_raw);
-        d->d_raw = NULL;
-        d->raw_cap = 0;
-        if ((e = cudaMalloc((void **)&d->d_raw, raw)) != cudaSuccess)
-            return cuda_err(err, e, "raw staging");
-        d->raw_cap = raw;
     }
     if (sections > d->layers_cap) {
         if ((e = cudaStreamSynchronize(st)) != cudaSuccess)
