@@ -11,6 +11,7 @@
 
 #include "client/client_int.h"
 #include "gpu/base/mem.h"
+#include "gpu/codec/spec.h"
 #include "kvstash.h"
 #include "kvstash/v1/kvstash.pb-c.h"
 #include "pbc.h"
@@ -34,6 +35,29 @@ int kvs__region_item_check(const kvs_region *g, uint64_t offset, uint64_t len, s
     return 0;
 }
 
+/* The wire's PagedLayout of lay into out, its bases copied into bases (2 * KVS_MAX_LAYERS
+ * entries: protobuf-c's fields are not const). KVS_EINVAL naming the field. */
+static int pb_layout(const kvs_page_layout *lay, Kvstash__V1__PagedLayout *out, uint64_t *bases,
+                     const char *what, kvs_err *err)
+{
+    if (lay->layers == 0 || lay->layers > KVS_MAX_LAYERS || !lay->k_base || !lay->v_base)
+        return kvs_err_set(err, KVS_EINVAL,
+                           "%s: layout: layers %u (1..%d) with k_base and v_base of as many "
+                           "entries",
+                           what, lay->layers, KVS_MAX_LAYERS);
+    memcpy(bases, lay->k_base, lay->layers * sizeof *bases);
+    memcpy(bases + lay->layers, lay->v_base, lay->layers * sizeof *bases);
+    *out = (Kvstash__V1__PagedLayout)KVSTASH__V1__PAGED_LAYOUT__INIT;
+    out->page_tokens = lay->page_tokens;
+    out->n_k_base = out->n_v_base = lay->layers;
+    out->k_base = bases;
+    out->v_base = bases + lay->layers;
+    out->page_stride = lay->page_stride;
+    out->token_stride = lay->token_stride;
+    out->head_stride = lay->head_stride;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ PutMany */
 
 int kvs__put_items_check(kvs_put_item *items, size_t n, kvs_err *err)
@@ -44,7 +68,13 @@ int kvs__put_items_check(kvs_put_item *items, size_t n, kvs_err *err)
             return kvs_err_prefix(err, "PutMany: items[%zu]: key", i);
         if (!it->data && !it->region)
             return kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: neither data nor region", i);
-        if (!it->data && kvs__region_item_check(it->region, it->offset, it->len, i, "PutMany", err))
+        if (it->pages && (it->data || !it->n_pages))
+            return kvs_err_set(err, KVS_EINVAL,
+                               "PutMany: items[%zu]: pages name paged memory of a region: no "
+                               "data, and n_pages at least 1",
+                               i);
+        if (!it->data && !it->pages &&
+            kvs__region_item_check(it->region, it->offset, it->len, i, "PutMany", err))
             return err->code;
         it->rc = KVS_EPROTO; /* until the reply says otherwise */
         it->msg[0] = 0;
@@ -55,16 +85,41 @@ int kvs__put_items_check(kvs_put_item *items, size_t n, kvs_err *err)
 int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
                         size_t n, kvs_err *err)
 {
+    return kvs_client_put_many_paged(c, ns, dtype, NULL, items, n, err);
+}
+
+int kvs_client_put_many_paged(kvs_client *c, const char *ns, kvs_dtype dtype,
+                              const kvs_page_layout *layout, kvs_put_item *items, size_t n,
+                              kvs_err *err)
+{
     kvs_err_clear(err);
     if (!c || !ns || (!items && n))
         return kvs_err_set(err, KVS_EINVAL, "PutMany: NULL argument");
     int rc = kvs__put_items_check(items, n, err);
     if (rc)
         return rc;
+    /* The layout travels once, in the first paged item's header (later headers reuse it). */
+    Kvstash__V1__PagedLayout pl;
+    uint64_t *bases = NULL;
+    bool layout_sent = false;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (items[i].pages && !layout)
+            rc = kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: pages without a layout", i);
+    if (rc == 0 && layout) {
+        bases = kvs_trymalloc(2 * KVS_MAX_LAYERS * sizeof *bases);
+        rc = bases ? pb_layout(layout, &pl, bases, "PutMany", err)
+                   : kvs_err_set(err, KVS_ENOMEM, "PutMany: out of memory");
+    }
+    if (rc) {
+        free(bases);
+        return rc;
+    }
     kvs__rpc r;
     rc = kvs__rpc_start(&r, c, STASH("PutMany"), err);
-    if (rc)
+    if (rc) {
+        free(bases);
         return kvs__rpc_finish(&r, rc, err);
+    }
     grpc_op md = kvs__op_send_md(&r);
     bool ok = kvs__rpc_run(&r, &md, 1);
     /* One message in flight at a time: a header, then the payload in chunks that point at
@@ -81,18 +136,30 @@ int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_
             hdr.region = kvs_pb_bin(kvs__region_id(it->region), KVS__REGION_ID_LEN);
             hdr.region_offset = it->offset;
         }
+        if (it->pages) {
+            hdr.payload_bytes = 0; /* the daemon's, from the namespace */
+            hdr.region_offset = 0;
+            hdr.n_pages = it->n_pages;
+            hdr.pages = (uint32_t *)(uintptr_t)it->pages; /* packed only, never written */
+            if (!layout_sent)
+                hdr.layout = &pl;
+            layout_sent = true;
+        }
         Kvstash__V1__PutChunk first = KVSTASH__V1__PUT_CHUNK__INIT;
         first.kind_case = KVSTASH__V1__PUT_CHUNK__KIND_HEADER;
         first.header = &hdr;
         grpc_byte_buffer *bb = kvs__pack_msg(&first.base);
-        if (!bb)
+        if (!bb) {
+            free(bases);
             return kvs__rpc_finish(&r, kvs_err_set(err, KVS_ENOMEM, "PutMany: out of memory"), err);
+        }
         grpc_op op = kvs__op_send_msg(bb);
         ok = kvs__rpc_run(&r, &op, 1);
         grpc_byte_buffer_destroy(bb);
         if (ok && it->data)
             ok = kvs__send_payload(&r, it->data, it->len) == it->len;
     }
+    free(bases);
     grpc_byte_buffer *in = NULL;
     if (ok)
         kvs__end_stream(&r, &in);
@@ -256,6 +323,10 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
         return kvs_err_set(err, KVS_EINVAL, "GetMany: NULL argument or no items");
     kvs_get_many_opts o = opts ? *opts : (kvs_get_many_opts){0};
     const kvs_region *region = items[0].buf ? NULL : items[0].region;
+    if (o.layout && (!region || !o.pages || !o.n_pages || o.format == KVS_FORMAT_ENCODED))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "GetMany: layout: a paged GetMany names a region in its items and "
+                           "pages, and asks for RAW blocks");
     ProtobufCBinaryData *keys = kvs_trymalloc(n * sizeof *keys);
     uint64_t *offsets = region ? kvs_trymalloc(n * sizeof *offsets) : NULL;
     if (!keys || (region && !offsets)) {
@@ -281,7 +352,7 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
                              "GetMany: items[%zu]: every item of a call into a region names "
                              "the same region and cap, and no buf",
                              i);
-        else if (region)
+        else if (region && !o.layout)
             rc = kvs__region_item_check(region, it->offset, it->cap, i, "GetMany", err);
         keys[i] = kvs_pb_bin(it->key, it->key_len);
         if (offsets)
@@ -296,15 +367,28 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
     q.layer_begin = o.layer_begin;
     q.layer_end = o.layer_end;
     q.prefix = o.prefix;
+    Kvstash__V1__PagedLayout pl;
+    uint64_t *bases = NULL;
     if (region) {
         q.region = kvs_pb_bin(kvs__region_id(region), KVS__REGION_ID_LEN);
-        q.n_region_offsets = n;
-        q.region_offsets = offsets;
-        q.region_slot_bytes = items[0].cap;
+        if (o.layout) { /* the pages instead of slots */
+            if (rc == 0 && !(bases = kvs_trymalloc(2 * KVS_MAX_LAYERS * sizeof *bases)))
+                rc = kvs_err_set(err, KVS_ENOMEM, "GetMany: out of memory");
+            if (rc == 0 && (rc = pb_layout(o.layout, &pl, bases, "GetMany", err)) == 0) {
+                q.layout = &pl;
+                q.n_pages = o.n_pages;
+                q.pages = (uint32_t *)(uintptr_t)o.pages; /* packed only, never written */
+            }
+        } else {
+            q.n_region_offsets = n;
+            q.region_offsets = offsets;
+            q.region_slot_bytes = items[0].cap;
+        }
     }
     grpc_byte_buffer *bb = rc ? NULL : kvs__pack_msg(&q.base);
     free(keys);
     free(offsets);
+    free(bases);
     if (rc)
         return rc;
     if (!bb)

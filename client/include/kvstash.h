@@ -238,9 +238,28 @@ KVS_API int kvs_region_create_ipc(kvs_client *c, const void *handle, uint64_t of
 /* True for a CUDA IPC region (its bytes are on the GPU). */
 KVS_API bool kvs_region_device(const kvs_region *g);
 
+/* An inference engine's paged KV memory inside a region (shared memory or CUDA IPC): the
+ * byte offsets from the region's start of element [page 0][token 0][head 0][dim 0] of each
+ * layer's K and V planes, and the strides all planes share (dims are contiguous). vLLM's
+ * per-layer [2][blocks][block_size][H][D] (R = H*D*2): k_base[l] = off[l], v_base[l] =
+ * off[l] + blocks*block_size*R, page_stride = block_size*R, token_stride = R, head_stride
+ * = D*2; its HND order: token_stride = D*2, head_stride = block_size*D*2; SGLang's
+ * page-first host pool [pages][L][2][ps][H][D]: k_base[l] = 2l*ps*R, v_base[l] =
+ * (2l+1)*ps*R, page_stride = L*2*ps*R. A block of t tokens lies in ceil(t / page_tokens)
+ * pages, listed in order. The daemon checks every byte's bounds against the region
+ * before it touches any (README "Paged layouts"). */
+typedef struct kvs_page_layout {
+    uint32_t page_tokens;
+    uint32_t layers;                 /* entries of k_base and v_base: the namespace's layers */
+    const uint64_t *k_base, *v_base; /* borrowed for the call */
+    uint64_t page_stride, token_stride, head_stride;
+} kvs_page_layout;
+
 /* One block of a PutMany: its payload in `data` (len bytes, borrowed for the call) or, with
- * data NULL, at `offset` in `region`. rc, msg and res are filled by the call: rc 0 and res,
- * or the block's own error (KVS_EINVAL for a NaN a lossy codec refuses, KVS_ENOSPC, ...). */
+ * data NULL, at `offset` in `region`, or (kvs_client_put_many_paged) gathered from the
+ * n_pages `pages` of the region's paged memory (offset and len unused). rc, msg and res
+ * are filled by the call: rc 0 and res, or the block's own error (KVS_EINVAL for a NaN a
+ * lossy codec refuses, KVS_ENOSPC, ...). */
 typedef struct kvs_put_item {
     const void *key;
     size_t key_len;
@@ -252,6 +271,8 @@ typedef struct kvs_put_item {
     int rc;
     char msg[160];
     kvs_put_result res;
+    const uint32_t *pages; /* paged (kvs_client_put_many_paged): borrowed for the call */
+    size_t n_pages;
 } kvs_put_item;
 
 /* Stores n blocks of namespace ns in one call (one round trip; the daemon encodes each as
@@ -260,6 +281,14 @@ typedef struct kvs_put_item {
  * --max-keys blocks, a region id it does not know). */
 KVS_API int kvs_client_put_many(kvs_client *c, const char *ns, kvs_dtype dtype, kvs_put_item *items,
                                 size_t n, kvs_err *err);
+/* The same, where items with pages are gathered by the daemon from the region's paged
+ * memory of this layout (the engine's KV, on the GPU for a CUDA IPC region): no payload
+ * crosses the socket and the worker copies nothing. Items without pages are as in
+ * kvs_client_put_many. KVS_EINVAL (naming the item) for pages without a region or a
+ * layout, or a layout with no bases; the daemon refuses a page past the region naming it. */
+KVS_API int kvs_client_put_many_paged(kvs_client *c, const char *ns, kvs_dtype dtype,
+                                      const kvs_page_layout *layout, kvs_put_item *items, size_t n,
+                                      kvs_err *err);
 
 /* One block of a GetMany: written into buf (cap bytes) or, with buf NULL, at `offset` in
  * `region` (a slot of cap bytes; the items of one call all use the same region and cap).
@@ -295,6 +324,13 @@ typedef struct kvs_get_many_opts {
     /* kvs_cluster_get_many only (kvs_client_get_many ignores it): whether this call asks
      * the cluster's local daemon first. Added last: zero keeps the cluster's choice. */
     kvs_route route;
+    /* Paged (RAW only): each block is scattered into its pages of the items' region (every
+     * item names the same region; offset and cap unused), block i into pages[i * ppb ...],
+     * ppb = ceil(block_tokens / page_tokens) (a partial last block uses the first pages of
+     * its share). NULL: slots or buffers as above. */
+    const kvs_page_layout *layout;
+    const uint32_t *pages;
+    size_t n_pages;
 } kvs_get_many_opts;
 
 /* Fetches n blocks of ns in one call, decoded (or encoded), streamed in key order while

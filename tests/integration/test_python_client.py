@@ -766,3 +766,74 @@ def test_ipc_falls_back_and_forced_ipc_says_why(gpu_daemon, cpu_unix_daemon):
         with pytest.raises(kvstash.KvstashError) as e:
             f.put_many(name, zip(keys, src))
         assert e.value.status == "UNIMPLEMENTED" and "GPU engine" in str(e.value)
+
+
+# ------------------------------------------------------------------ paged layouts, C API
+@pytest.mark.parametrize("hnd", [False, True])
+def test_paged_put_many_and_get_many_through_libkvstash(unix_daemon, hnd):
+    """kvs_client_put_many_paged and kvs_get_many_opts.layout (the C API of paged layouts,
+    issue 12 item 4; the wire's own test is test_data_plane's): blocks stored from pages of a
+    shared-memory region equal the reference gather of those pages (read back by a plain
+    Get); a GetMany into the other pages writes there exactly what was gathered, and leaves
+    the pages it was not given as they were (vLLM's layout, NHD and HND: every byte of the
+    region is in some page). Refused on the client, naming the field: pages without a layout,
+    a layout without bases, a paged GetMany without pages."""
+    from test_data_plane import ref_gather, vllm_layout
+    lib = kvstash._lib
+    L, H, D, T, NB = 2, 2, 64, 16, 6
+    lay, nbytes = vllm_layout(L, 2 * NB, T, H, D, hnd=hnd)
+    with kvstash.Client(unix_daemon) as c:
+        name = kvs.ns_name("pypaged")
+        c.create_namespace(name, layers=L, kv_heads=H, head_dim=D, block_tokens=T)
+        r, err = ctypes.c_void_p(), lib.Err()
+        assert lib.lib.kvs_region_create(c._h, nbytes, ctypes.byref(r), ctypes.byref(err)) == 0, \
+            err.msg
+        try:
+            mem = (ctypes.c_uint8 * nbytes).from_address(lib.lib.kvs_region_data(r))
+            a = np.frombuffer(mem, dtype="<u2")
+            a[:] = np.random.default_rng(3).integers(0, 0x7800, a.size, dtype=np.uint16)
+            kb, vb = (ctypes.c_uint64 * L)(*lay.k_base), (ctypes.c_uint64 * L)(*lay.v_base)
+            pl = lib.PageLayout(T, L, kb, vb, lay.page_stride, lay.token_stride,
+                                lay.head_stride)
+            keys = [b"pg%d" % i for i in range(NB)]
+            src_pages = [(ctypes.c_uint32 * 1)(2 * i + 1) for i in range(NB)]  # odd pages
+            items = (lib.PutItem * NB)()
+            for it, k, p in zip(items, keys, src_pages):
+                it.key, it.key_len = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p), len(k)
+                it.tokens, it.region, it.pages, it.n_pages = T, r, p, 1
+
+            def put(layout):
+                return lib.lib.kvs_client_put_many_paged(c._h, name.encode(), 1, layout,
+                                                         items, NB, ctypes.byref(err))
+            assert put(None) == EINVAL and "layout" in err.msg.decode()
+            empty = lib.PageLayout(T, 0, None, None, 0, 0, 0)
+            assert put(ctypes.byref(empty)) == EINVAL and "layers" in err.msg.decode()
+            assert put(ctypes.byref(pl)) == 0, err.msg
+            assert [it.rc for it in items] == [0] * NB, [it.msg for it in items]
+            before = bytes(mem)
+            for i, k in enumerate(keys):
+                assert c.get(name, k).tobytes() == \
+                    ref_gather(before, lay, [2 * i + 1], T, L, H, D), i
+            gi = (lib.GetItem * NB)()
+            for it, k in zip(gi, keys):
+                it.key, it.key_len = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p), len(k)
+                it.region = r
+            dst = (ctypes.c_uint32 * NB)(*[2 * i for i in range(NB)])  # even pages
+            served = ctypes.c_size_t()
+
+            def get(pages, n_pages):
+                opts = lib.GetManyOpts(0, 0, 0, False, 0, ctypes.pointer(pl), pages, n_pages)
+                return lib.lib.kvs_client_get_many(c._h, name.encode(), gi, NB,
+                                                   ctypes.byref(opts), ctypes.byref(served),
+                                                   ctypes.byref(err))
+            assert get(None, 0) == EINVAL and "pages" in err.msg.decode()
+            assert get(dst, NB) == 0, err.msg
+            assert [it.rc for it in gi] == [0] * NB and served.value == NB
+            after = bytes(mem)
+            for i in range(NB):
+                assert ref_gather(after, lay, [2 * i], T, L, H, D) == \
+                    ref_gather(before, lay, [2 * i + 1], T, L, H, D), i
+                assert ref_gather(after, lay, [2 * i + 1], T, L, H, D) == \
+                    ref_gather(before, lay, [2 * i + 1], T, L, H, D), i
+        finally:
+            lib.lib.kvs_region_close(r)

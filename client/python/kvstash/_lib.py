@@ -93,7 +93,16 @@ class PutItem(ctypes.Structure):
                 ("tokens", ctypes.c_uint32), ("data", ctypes.c_void_p),
                 ("len", ctypes.c_size_t), ("region", ctypes.c_void_p),
                 ("offset", ctypes.c_uint64), ("rc", ctypes.c_int), ("msg", ctypes.c_char * 160),
-                ("res", PutResult)]
+                ("res", PutResult), ("pages", ctypes.POINTER(ctypes.c_uint32)),
+                ("n_pages", ctypes.c_size_t)]
+
+
+class PageLayout(ctypes.Structure):  # kvs_page_layout
+    _fields_ = [("page_tokens", ctypes.c_uint32), ("layers", ctypes.c_uint32),
+                ("k_base", ctypes.POINTER(ctypes.c_uint64)),
+                ("v_base", ctypes.POINTER(ctypes.c_uint64)),
+                ("page_stride", ctypes.c_uint64), ("token_stride", ctypes.c_uint64),
+                ("head_stride", ctypes.c_uint64)]
 
 
 class GetItem(ctypes.Structure):
@@ -107,7 +116,9 @@ class GetItem(ctypes.Structure):
 class GetManyOpts(ctypes.Structure):
     _fields_ = [("format", ctypes.c_int), ("layer_begin", ctypes.c_uint32),
                 ("layer_end", ctypes.c_uint32), ("prefix", ctypes.c_bool),
-                ("route", ctypes.c_int)]  # kvs_route: 0 default, 1 owner, 2 local first
+                ("route", ctypes.c_int),  # kvs_route: 0 default, 1 owner, 2 local first
+                ("layout", ctypes.POINTER(PageLayout)),  # paged: NULL, or the region's pages
+                ("pages", ctypes.POINTER(ctypes.c_uint32)), ("n_pages", ctypes.c_size_t)]
 
 
 NODE_ID_MAX = 264
@@ -208,6 +219,9 @@ def load():
                                           ctypes.c_size_t, ctypes.POINTER(GetResult), E]),
         "kvs_client_put_many": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.c_int,
                                                ctypes.POINTER(PutItem), ctypes.c_size_t, E]),
+        "kvs_client_put_many_paged": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.c_int,
+                                                     ctypes.POINTER(PageLayout),
+                                                     ctypes.POINTER(PutItem), ctypes.c_size_t, E]),
         "kvs_client_get_many": (ctypes.c_int, [P, ctypes.c_char_p, ctypes.POINTER(GetItem),
                                                ctypes.c_size_t, ctypes.POINTER(GetManyOpts),
                                                ctypes.POINTER(ctypes.c_size_t), E]),
