@@ -147,6 +147,9 @@ struct kvs_server {
     atomic_uint_fast64_t rpc_lat_sum_ns[KVS_RPC_COUNT];
     /* Payload bytes by path (Stats' DataPlaneStats): shared memory or the gRPC stream. */
     atomic_uint_fast64_t put_region_bytes, put_wire_bytes, get_region_bytes, get_wire_bytes;
+    /* CQ threads waiting in a Put for the receive budget their call's blocks hold
+     * (call_put.c take_budget): at most half the threads, so Gets and the rest go on. */
+    atomic_uint budget_waiters;
 
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cond;
@@ -187,10 +190,13 @@ typedef struct kvs_put_state {
     struct kvs_put_result *results; /* one per accepted header, in stream order */
     uint32_t results_cap;
     uint32_t outstanding; /* blocks handed to the data path and not yet done */
-    bool ended;           /* no more receives: end of stream, an error or a cancel */
-    bool abandoned;       /* the client went away */
-    bool finishing;       /* the answer has been started (once) */
-    int fail_rc;          /* a protocol error that fails the whole call */
+    uint32_t budget_held; /* blocks holding receive budget (call_put.c, take_budget) */
+    uint64_t budget_gen;  /* bumped, and budget_cv signalled, each time one gives it back */
+    pthread_cond_t budget_cv;
+    bool ended;     /* no more receives: end of stream, an error or a cancel */
+    bool abandoned; /* the client went away */
+    bool finishing; /* the answer has been started (once) */
+    int fail_rc;    /* a protocol error that fails the whole call */
     char fail_msg[256];
     /* Paged blocks: the stream's current layout (PutHeader.layout, reused by the headers
      * after it); its offsets live in layout_bases (owned, allocated at the first). */

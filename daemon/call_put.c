@@ -7,8 +7,10 @@
  *     └─ no slot: fail(RESOURCE_EXHAUSTED)        └─bad─> fail(INVALID_ARGUMENT / NOT_FOUND)
  *   ┌──────────────────────────────────────────────────────────────────────────────────┘
  *   ├─ region ref (shared memory): the payload is there already ──> complete
- *   └─recv──> DATA (the first takes the block's receive buffer from --recv-budget, or fails
- *             RESOURCE_EXHAUSTED) ──recv──> DATA ... ──> complete
+ *   └─recv──> DATA (the first takes the block's receive buffer from --recv-budget: when
+ *             this call's own earlier blocks hold it, after they give it back (take_budget);
+ *             else, or after BUDGET_WAIT_S, fails RESOURCE_EXHAUSTED) ──recv──> DATA ...
+ *             ──> complete
  *   complete ──> kvs_xfer_put (reserve a tier, encode, commit) ──consumed──> receive buffer
  *             back to the budget (region reference dropped) ──done──> the block's result
  *             (PutMany: at once, and the next header may follow; Put: at the end of stream)
@@ -28,10 +30,12 @@
  * are given and, under kvs_put_state.mu, the results; the answer is started once
  * (`finishing`) by whichever of them sees the stream ended and nothing outstanding.
  */
+#include <errno.h>
 #include <grpc/support/alloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "daemon/call.h"
 #include "daemon/limits.h"
@@ -73,6 +77,7 @@ void kvs_put_start(kvs_call *c, const uint8_t *req, size_t len)
     kvs_put_state *p = &c->u.put;
     p->many = c->rpc == KVS_RPC_PUT_MANY;
     pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->budget_cv, NULL);
     p->mu_init = true;
     /* A stream slot first (daemon/limits.h): a client cannot open Puts without bound. */
     kvs_err err;
@@ -102,7 +107,57 @@ static void block_release_payload(kvs_put_block *b)
     if (b->recv_held) {
         kvs_limits_recv_give(b->c->srv->limits, b->recv_held);
         b->recv_held = 0;
+        kvs_put_state *p = &b->c->u.put; /* a receive waiting in take_budget may go on */
+        pthread_mutex_lock(&p->mu);
+        p->budget_held--;
+        p->budget_gen++;
+        pthread_cond_broadcast(&p->budget_cv);
+        pthread_mutex_unlock(&p->mu);
     }
+}
+
+/* How long a block waits for the budget its own call's blocks hold (take_budget). */
+#define BUDGET_WAIT_S 10
+
+/* Takes bytes of the receive budget for block b (CQ thread). When the budget is held and
+ * some of it by this call's own blocks in the data path (encodes are asynchronous: a
+ * PutMany's blocks arrive faster than the pool or the GPU engine consumes them), waits for
+ * them to give it back, up to BUDGET_WAIT_S, rather than fail the whole call: the stream
+ * is not read meanwhile, so the client's sends back up (backpressure). Budget held by other
+ * calls only, a block over the whole budget, or half the CQ threads waiting already:
+ * RESOURCE_EXHAUSTED at once, as before. */
+static int take_budget(kvs_call *c, kvs_put_block *b, uint64_t bytes, kvs_err *err)
+{
+    kvs_put_state *p = &c->u.put;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += BUDGET_WAIT_S;
+    int rc;
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        uint64_t gen = p->budget_gen;
+        pthread_mutex_unlock(&p->mu);
+        if ((rc = kvs_limits_recv_take(c->srv->limits, bytes, err)) == 0)
+            break;
+        kvs_limits_stats st;
+        kvs_limits_get_stats(c->srv->limits, &st);
+        /* A CQ thread that waits serves nothing else: at most half of them wait. */
+        unsigned most = c->srv->nthreads / 2 ? c->srv->nthreads / 2 : 1;
+        bool slot = atomic_fetch_add(&c->srv->budget_waiters, 1) < most, late = false;
+        pthread_mutex_lock(&p->mu);
+        bool wait = slot && p->budget_held > 0 && bytes <= st.recv_budget;
+        while (wait && !late && p->budget_gen == gen)
+            late = pthread_cond_timedwait(&p->budget_cv, &p->mu, &deadline) == ETIMEDOUT;
+        pthread_mutex_unlock(&p->mu);
+        atomic_fetch_sub(&c->srv->budget_waiters, 1);
+        if (!wait || late)
+            return rc;
+    }
+    b->recv_held = bytes;
+    pthread_mutex_lock(&p->mu);
+    p->budget_held++;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
 }
 
 static void block_free(kvs_put_block *b)
@@ -126,8 +181,10 @@ void kvs_put_cleanup(kvs_call *c)
     p->layout_bases = NULL;
     free(p->results);
     p->results = NULL;
-    if (p->mu_init)
+    if (p->mu_init) {
         pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->budget_cv);
+    }
     p->mu_init = false;
     kvs_limits_close(c->srv->limits, KVS_LIMITS_PUT, p->slot);
     p->slot = NULL;
@@ -294,8 +351,7 @@ static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHea
                                   &g, &base, err)))
         return rc;
     rc = kvs_paged_check(&p->layout, spec, kvs_region_len(g), h->pages, h->n_pages, h->tokens, err);
-    if (rc == 0 && (rc = kvs_limits_recv_take(c->srv->limits, b->expected, err)) == 0) {
-        b->recv_held = b->expected;
+    if (rc == 0 && (rc = take_budget(c, b, b->expected, err)) == 0) {
         kvs_xfer_buf pages = {.kind = kvs_region_device(g) ? KVS_XFER_DEVICE : KVS_XFER_HOST,
                               .ptr = base,
                               .len = kvs_region_len(g),
@@ -393,10 +449,9 @@ fail:
  * (sized from the namespace, checked at the header), never in a tier. */
 static int recv_buffer(kvs_call *c, kvs_put_block *b, kvs_err *err)
 {
-    int rc = kvs_limits_recv_take(c->srv->limits, b->expected, err);
+    int rc = take_budget(c, b, b->expected, err);
     if (rc)
         return rc;
-    b->recv_held = b->expected;
     if (!(b->raw = kvs_call_buf_alloc(c, b->expected)))
         return kvs_err_set(err, KVS_ENOMEM, "payload: cannot allocate %llu bytes",
                            (unsigned long long)b->expected); /* block_free gives it back */

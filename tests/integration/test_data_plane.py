@@ -681,6 +681,25 @@ def test_paged_puts_take_the_receive_budget_and_give_it_back(daemon, tmp_path):
         src.close()
 
 
+def test_a_put_many_waits_for_the_budget_its_own_blocks_hold(daemon):
+    """A PutMany whose next block finds --recv-budget held by the call's own earlier blocks
+    (still being encoded: asynchronous on the pool and on a GPU engine) waits for them to
+    give it back instead of failing the whole call with RESOURCE_EXHAUSTED; the client's
+    sends back up meanwhile (backpressure). 16 blocks of 2 MiB, rotatekv-2 (slow on a CPU),
+    through a budget of 2 blocks: every block stored, the budget whole again after. Another
+    call that finds the budget held by others still fails at once (test_limits)."""
+    L, H, D, T, N = 32, 8, 128, 16, 16
+    dd = daemon(extra=["--recv-budget", "4M", "--stats-interval", 0])
+    ns = kvs.Ns(kvs.make_ns(dd.admin, L=L, H=H, D=D, T=T, key_codec="rotatekv-2",
+                            value_codec="rotatekv-2"))
+    blocks = [(ns.name, b"w%d" % i, T, ns.payload(T, seed=i)) for i in range(N)]
+    res = put_many(dd, blocks, chunk=1 << 20)
+    assert [r.code for r in res] == [0] * N, [r.error for r in res]
+    for i in (0, N - 1):
+        assert len(kvs.get(dd.stub, ns.name, b"w%d" % i).data) == len(blocks[i][3])
+    kvs.wait_for(lambda: dd.stats().streams.recv_used_bytes == 0, what="budget back")
+
+
 def test_paged_requests_are_checked(d):
     L, H, D, T = 2, 2, 32, 16
     nsx = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
