@@ -837,3 +837,68 @@ def test_paged_put_many_and_get_many_through_libkvstash(unix_daemon, hnd):
                     ref_gather(before, lay, [2 * i + 1], T, L, H, D), i
         finally:
             lib.lib.kvs_region_close(r)
+
+
+@pytest.mark.parametrize("kind", ["vllm", "vllm-hnd", "sglang", "torch"])
+def test_put_many_paged_and_get_many_paged(unix_daemon, kind):
+    """Client.put_many_paged / get_many_paged with a host cache (numpy, or a CPU tensor:
+    gathered and scattered by the package; a CUDA cache on the daemon's GPU goes by IPC, the
+    GPU machine's runs): each block stored equals the reference gather of its pages, is
+    restored into other pages bit for bit, a partial block fills only its tokens, a prefix
+    restore stops at the first absent key and touches nothing after it, and bad arguments
+    are refused naming the field before anything is sent."""
+    from test_data_plane import ref_gather
+    L, H, D, T, NP = 2, 2, 64, 16, 12
+    lay = {"vllm": kvstash.PageLayout.vllm(L, NP, T, H, D),
+           "vllm-hnd": kvstash.PageLayout.vllm(L, NP, T, H, D, hnd=True),
+           "sglang": kvstash.PageLayout.sglang_page_first(L, T, H, D),
+           "torch": kvstash.PageLayout.vllm(L, NP, T, H, D)}[kind]
+    cache = np.random.default_rng(7).integers(0, 0x7800, L * 2 * NP * T * H * D,
+                                              dtype=np.uint16).view(np.float16)
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        cache = torch.from_numpy(cache)
+    raw = (cache.numpy() if kind == "torch" else cache).view(np.uint8)  # a view: follows writes
+    with kvstash.Client(unix_daemon) as c:
+        name = kvs.ns_name("pypg")
+        c.create_namespace(name, layers=L, kv_heads=H, head_dim=D, block_tokens=T)
+        keys = [b"k%d" % i for i in range(4)]
+        res = c.put_many_paged(name, keys, cache, lay, [[2 * i + 1] for i in range(4)],
+                               tokens=[T, T, T, 5])
+        assert all(isinstance(r, kvstash.PutResult) for r in res), res
+        before = bytes(raw)
+        for i, k in enumerate(keys):
+            t = 5 if i == 3 else T
+            assert c.get(name, k).tobytes() == \
+                ref_gather(before, lay, [2 * i + 1], t, L, H, D), i
+        assert c.get_many_paged(name, keys, cache, lay, [[2 * i] for i in range(4)]) == 4
+        after = bytes(raw)
+        for i in range(4):
+            got = np.frombuffer(ref_gather(after, lay, [2 * i], T, L, H, D), "<u2")
+            want = np.frombuffer(ref_gather(before, lay, [2 * i], T, L, H, D), "<u2").copy()
+            src = np.frombuffer(ref_gather(before, lay, [2 * i + 1], T, L, H, D), "<u2")
+            t = 5 if i == 3 else T
+            want = want.reshape(L, 2, T, H, D)
+            want[:, :, :t] = src.reshape(L, 2, T, H, D)[:, :, :t]  # a partial block: its tokens
+            assert (got.reshape(L, 2, T, H, D) == want).all(), i
+            assert ref_gather(after, lay, [2 * i + 1], T, L, H, D) == \
+                ref_gather(before, lay, [2 * i + 1], T, L, H, D), i
+        # Prefix: k0, then an absent key; page 9 stays as it was.
+        snap = bytes(raw)
+        assert c.get_many_paged(name, [b"k0", b"absent", b"k1"], cache, lay,
+                                [[8], [9], [10]], prefix=True) == 1
+        assert ref_gather(bytes(raw), lay, [9], T, L, H, D) == ref_gather(snap, lay, [9], T, L,
+                                                                            H, D)
+        with pytest.raises(kvstash.KvstashError) as e:
+            c.get_many_paged(name, [b"absent"], cache, lay, [[8]])
+        assert e.value.code == -30002  # KVS_ENOTFOUND
+        for pages, words in (([[NP]], "pages[0]"), ([[0, 1]], "pages"), ([[]], "pages"),
+                             ([0], "one list of page ids per key")):
+            with pytest.raises(ValueError) as e:
+                c.put_many_paged(name, [b"x"], cache, lay, pages)
+            assert words in str(e.value), str(e.value)
+        with pytest.raises(ValueError, match="tokens"):
+            c.put_many_paged(name, [b"x"], cache, lay, [[0]], tokens=T + 1)
+        strided = (cache.numpy() if kind == "torch" else cache)[::2]
+        with pytest.raises(ValueError, match="contiguous"):
+            c.put_many_paged(name, [b"x"], strided, lay, [[0]])

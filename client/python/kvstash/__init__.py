@@ -18,6 +18,7 @@ The library is found at $KVSTASH_LIB, beside the package, in a source tree's bui
 the system's search path.
 """
 from .client import Client, KvstashError, Namespace, PutResult, block_keys
+from .paged import PageLayout
 
-__all__ = ["Client", "KvstashError", "Namespace", "PutResult", "block_keys"]
+__all__ = ["Client", "KvstashError", "Namespace", "PageLayout", "PutResult", "block_keys"]
 __version__ = "0.1.0"

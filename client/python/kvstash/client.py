@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _arrays, _ipc, _lib
+from . import _arrays, _ipc, _lib, paged
 from ._arrays import Dst, Src
 from ._lib import lib
 
@@ -839,6 +839,159 @@ class Client:
             import torch
             for dev in streams:
                 torch.cuda.current_stream(dev).synchronize()
+
+    # ------------------------------------------------------------ paged layouts
+    def _paged_args(self, ns: str, keys, cache, layout, pages, tokens, what: str):
+        """Checks a paged call's arguments (every byte in the cache, README "Paged
+        layouts"): the namespace, the keys, per key its tokens and page list, and the cache
+        as a flat view of 2-byte elements (numpy or torch; it must be contiguous, since
+        gather and scatter address its bytes)."""
+        n = self._ns(ns)
+        keys = [_keybuf(k) for k in keys]
+        try:
+            pages = [[int(x) for x in p] for p in pages]
+        except TypeError:
+            raise ValueError(f"kvstash: {what}: pages must hold one list of page ids per key"
+                             ) from None
+        if len(pages) != len(keys):
+            raise ValueError(f"kvstash: {what}: {len(pages)} page lists for {len(keys)} keys")
+        if _arrays.is_tensor(cache):
+            if not cache.is_contiguous() or cache.element_size() != 2:
+                raise ValueError(f"kvstash: {what}: cache must be a contiguous tensor of "
+                                 f"2-byte elements")
+            import torch
+            flat, nbytes = cache.view(-1).view(torch.int16), cache.numel() * 2
+        else:
+            a = np.asarray(cache)
+            if not a.flags.c_contiguous or a.itemsize != 2:
+                raise ValueError(f"kvstash: {what}: cache must be a C-contiguous array of "
+                                 f"2-byte elements")
+            flat, nbytes = a.reshape(-1).view(np.uint16), a.nbytes
+        if tokens is None or isinstance(tokens, int):
+            ts = [n.block_tokens if tokens is None else tokens] * len(keys)
+        else:
+            ts = list(tokens)
+            if len(ts) != len(keys):
+                raise ValueError(f"kvstash: {what}: {len(ts)} token counts for {len(keys)} "
+                                 f"keys")
+        for i, t in enumerate(ts):
+            if not 1 <= t <= n.block_tokens:
+                raise ValueError(f"kvstash: {what}: tokens[{i}] {t} outside 1..{n.block_tokens}")
+        for i, (pg, t) in enumerate(zip(pages, ts)):
+            paged.check(layout, nbytes, pg, t, n.layers, n.kv_heads, n.head_dim, 2,
+                        f"{what}: keys[{i}]")
+        return n, keys, pages, ts, flat
+
+    def _ipc_layout(self, cache, layout):
+        """The daemon-side path for a CUDA cache: (region, kvs_page_layout with the offsets
+        made relative to the region, its arrays kept alive), or None (no IPC, a cluster)."""
+        if self._cluster or not _arrays.is_tensor(cache) or not cache.is_cuda:
+            return None
+        ipc = self._ipc_regions([cache], "cache")
+        if ipc is None:
+            return None
+        region, off = ipc[0]
+        L = len(layout.k_base)
+        kb = (ctypes.c_uint64 * L)(*[off + b for b in layout.k_base])
+        vb = (ctypes.c_uint64 * L)(*[off + b for b in layout.v_base])
+        pl = _lib.PageLayout(layout.page_tokens, L, kb, vb, layout.page_stride,
+                             layout.token_stride, layout.head_stride)
+        return region, pl, (kb, vb)
+
+    def put_many_paged(self, ns: str, keys: Sequence, cache, layout: "paged.PageLayout",
+                       pages: Sequence[Sequence[int]], tokens=None
+                       ) -> List[Union[PutResult, KvstashError]]:
+        """Stores, per key, the block that lies in pages[i] of an engine's paged KV cache
+        (layout: paged.PageLayout, byte offsets from the cache's start; tokens: of every
+        block, or one count per key, default the namespace's block_tokens). A CUDA cache on the daemon's GPU goes
+        by CUDA IPC and the daemon gathers the pages on the device (no copy here); anything
+        else is gathered here and stored as put_many stores it. Per key, a PutResult or the
+        KvstashError that block got."""
+        n, keys, pages, ts, flat = self._paged_args(ns, keys, cache, layout, pages, tokens,
+                                                    "put_many_paged")
+        if not keys:
+            return []
+        with self._region_lock:
+            direct = self._ipc_layout(cache, layout)
+            if direct is not None:
+                region, pl, _keep = direct
+                self._tls.path = "ipc"
+                items = (_lib.PutItem * len(keys))()
+                arrays = [(ctypes.c_uint32 * len(pg))(*pg) for pg in pages]
+                for it, k, t, pg in zip(items, keys, ts, arrays):
+                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+                    it.key_len, it.tokens, it.region = len(k), t, region
+                    it.pages, it.n_pages = pg, len(pg)
+                err = _lib.Err()
+                _check(lib.kvs_client_put_many_paged(self._h, ns.encode(), _DTYPES[n.dtype],
+                                                     ctypes.byref(pl), items, len(keys),
+                                                     ctypes.byref(err)), err)
+                return self._put_results(items)
+        blocks = []
+        for pg, t in zip(pages, ts):
+            shape = (n.layers, 2, t, n.kv_heads, n.head_dim)
+            if isinstance(flat, np.ndarray):
+                b = np.empty(shape, np.uint16)
+            else:
+                import torch
+                b = torch.empty(shape, dtype=torch.int16, device=flat.device)
+            paged.move(flat, layout, pg, b, t, to_pages=False)
+            blocks.append(b)
+        return self.put_many(ns, list(zip(keys, blocks)))
+
+    def get_many_paged(self, ns: str, keys: Sequence, cache, layout: "paged.PageLayout",
+                       pages: Sequence[Sequence[int]], prefix: bool = False) -> int:
+        """Restores, per key, its block into pages[i] of an engine's paged KV cache (as
+        put_many_paged names them; a block shorter than the namespace's block_tokens fills
+        the first pages of its share). Returns how many keys were restored: with prefix, the
+        leading present ones (the rest untouched); without, every key must be present
+        (KvstashError NOT_FOUND otherwise, after the present ones were written). A CUDA cache
+        on the daemon's GPU is written by the daemon's engine (CUDA IPC); anything else is
+        fetched and scattered here."""
+        n, keys, pages, _, flat = self._paged_args(ns, keys, cache, layout, pages, None,
+                                                   "get_many_paged")
+        if not keys:
+            return 0
+        with self._region_lock:
+            direct = self._ipc_layout(cache, layout)
+            if direct is not None:
+                region, pl, _keep = direct
+                self._tls.path = "ipc"
+                items = (_lib.GetItem * len(keys))()
+                for it, k in zip(items, keys):
+                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+                    it.key_len, it.region = len(k), region
+                flat_pages = (ctypes.c_uint32 * sum(len(p) for p in pages))(
+                    *[x for p in pages for x in p])
+                opts = _lib.GetManyOpts(0, 0, 0, prefix, 0, ctypes.pointer(pl), flat_pages,
+                                        len(flat_pages))
+                served, err = ctypes.c_size_t(), _lib.Err()
+                _check(lib.kvs_client_get_many(self._h, ns.encode(), items, len(keys),
+                                               ctypes.byref(opts), ctypes.byref(served),
+                                               ctypes.byref(err)), err)
+                for it in items[:served.value]:
+                    if it.rc:
+                        raise KvstashError(it.rc, it.msg.decode(errors="replace"))
+                if not prefix and served.value < len(keys):
+                    raise KvstashError(ENOTFOUND, f"get_many_paged: {len(keys) - served.value}"
+                                                  f" of {len(keys)} keys absent")
+                return served.value
+        got = self.get_many(ns, keys, prefix=prefix)
+        done = 0
+        for i, b in enumerate(got):
+            if b is None:
+                continue
+            b = np.ascontiguousarray(b).view(flat.dtype if isinstance(flat, np.ndarray)
+                                             else np.int16)  # the bits, as they are
+            if not isinstance(flat, np.ndarray):
+                import torch
+                b = torch.from_numpy(b).to(flat.device)
+            paged.move(flat, layout, pages[i], b, b.shape[2], to_pages=True)
+            done += 1
+        if not prefix and done < len(keys):
+            raise KvstashError(ENOTFOUND, f"get_many_paged: {len(keys) - done} of "
+                                          f"{len(keys)} keys absent")
+        return done
 
     def get_prefix(self, ns: str, keys: Sequence, layers=None,
                    out: Optional[Sequence] = None) -> list:
