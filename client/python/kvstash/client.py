@@ -142,6 +142,16 @@ def _enc_cap(raw_bytes: int) -> int:
     return raw_bytes + (raw_bytes >> 2) + 65536
 
 
+def _keyed(item_type, keys):
+    """A ctypes array of item_type (PutItem, GetItem), one per key (bytes, kept alive by the
+    caller), their key fields set."""
+    items = (item_type * len(keys))()
+    for it, k in zip(items, keys):
+        it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
+        it.key_len = len(k)
+    return items
+
+
 def _keybuf(key: Union[bytes, str]) -> bytes:
     k = key.encode() if isinstance(key, str) else bytes(key)
     if not 1 <= len(k) <= _lib.KEY_MAX:
@@ -882,9 +892,10 @@ class Client:
                         f"{what}: keys[{i}]")
         return n, keys, pages, ts, flat
 
-    def _ipc_layout(self, cache, layout):
-        """The daemon-side path for a CUDA cache: (region, kvs_page_layout with the offsets
-        made relative to the region, its arrays kept alive), or None (no IPC, a cluster)."""
+    def _ipc_paged(self, cache, layout, item_type, keys):
+        """The daemon-side path for a CUDA cache (the region lock held): (items of item_type
+        for the keys, naming the cache's region; kvs_page_layout with the offsets made
+        relative to the region; its arrays, kept alive), or None (no IPC, a cluster)."""
         if self._cluster or not _arrays.is_tensor(cache) or not cache.is_cuda:
             return None
         ipc = self._ipc_regions([cache], "cache")
@@ -896,32 +907,32 @@ class Client:
         vb = (ctypes.c_uint64 * L)(*[off + b for b in layout.v_base])
         pl = _lib.PageLayout(layout.page_tokens, L, kb, vb, layout.page_stride,
                              layout.token_stride, layout.head_stride)
-        return region, pl, (kb, vb)
+        self._tls.path = "ipc"
+        items = _keyed(item_type, keys)
+        for it in items:
+            it.region = region
+        return items, pl, (kb, vb)
 
     def put_many_paged(self, ns: str, keys: Sequence, cache, layout: "paged.PageLayout",
                        pages: Sequence[Sequence[int]], tokens=None
                        ) -> List[Union[PutResult, KvstashError]]:
         """Stores, per key, the block that lies in pages[i] of an engine's paged KV cache
         (layout: paged.PageLayout, byte offsets from the cache's start; tokens: of every
-        block, or one count per key, default the namespace's block_tokens). A CUDA cache on the daemon's GPU goes
-        by CUDA IPC and the daemon gathers the pages on the device (no copy here); anything
-        else is gathered here and stored as put_many stores it. Per key, a PutResult or the
-        KvstashError that block got."""
+        block, or one count per key, default the namespace's block_tokens). A CUDA cache on
+        the daemon's GPU goes by CUDA IPC and the daemon gathers the pages on the device (no
+        copy here); anything else is gathered here and stored as put_many stores it. Per
+        key, a PutResult or the KvstashError that block got."""
         n, keys, pages, ts, flat = self._paged_args(ns, keys, cache, layout, pages, tokens,
                                                     "put_many_paged")
         if not keys:
             return []
         with self._region_lock:
-            direct = self._ipc_layout(cache, layout)
+            direct = self._ipc_paged(cache, layout, _lib.PutItem, keys)
             if direct is not None:
-                region, pl, _keep = direct
-                self._tls.path = "ipc"
-                items = (_lib.PutItem * len(keys))()
+                items, pl, _keep = direct
                 arrays = [(ctypes.c_uint32 * len(pg))(*pg) for pg in pages]
-                for it, k, t, pg in zip(items, keys, ts, arrays):
-                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                    it.key_len, it.tokens, it.region = len(k), t, region
-                    it.pages, it.n_pages = pg, len(pg)
+                for it, t, pg in zip(items, ts, arrays):
+                    it.tokens, it.pages, it.n_pages = t, pg, len(pg)
                 err = _lib.Err()
                 _check(lib.kvs_client_put_many_paged(self._h, ns.encode(), _DTYPES[n.dtype],
                                                      ctypes.byref(pl), items, len(keys),
@@ -953,14 +964,9 @@ class Client:
         if not keys:
             return 0
         with self._region_lock:
-            direct = self._ipc_layout(cache, layout)
+            direct = self._ipc_paged(cache, layout, _lib.GetItem, keys)
             if direct is not None:
-                region, pl, _keep = direct
-                self._tls.path = "ipc"
-                items = (_lib.GetItem * len(keys))()
-                for it, k in zip(items, keys):
-                    it.key = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p)
-                    it.key_len, it.region = len(k), region
+                items, pl, _keep = direct
                 flat_pages = (ctypes.c_uint32 * sum(len(p) for p in pages))(
                     *[x for p in pages for x in p])
                 opts = _lib.GetManyOpts(0, 0, 0, prefix, 0, ctypes.pointer(pl), flat_pages,
