@@ -126,6 +126,12 @@ int kvs_cluster_put_many(kvs_cluster *cl, const char *ns, kvs_dtype dtype, kvs_p
     int rc = kvs__put_items_check(items, n, err);
     if (rc)
         return rc;
+    for (size_t i = 0; i < n; i++)
+        if (items[i].pages) /* a layout travels in one daemon's stream: not split by owner */
+            return kvs_err_set(err, KVS_ENOTSUP,
+                               "PutMany: items[%zu]: pages: paged memory is one daemon's "
+                               "region (use kvs_cluster_local's client)",
+                               i);
     put_ctx x = {.cl = cl, .ns = ns, .dtype = dtype, .items = items};
     return kvs__fan_out(cl, &put_op, &x, n, NULL, KVS__OWNERS | KVS__LOCAL,
                         kvs__cluster_deadline(cl), err);
@@ -236,6 +242,10 @@ int kvs_cluster_get_many(kvs_cluster *cl, const char *ns, kvs_get_item *items, s
         *served = 0;
     if (!cl || !ns || !items || n == 0)
         return kvs_err_set(err, KVS_EINVAL, "GetMany: NULL argument or no items");
+    if (opts && opts->layout) /* its pages are indexed by the item's place in one call */
+        return kvs_err_set(err, KVS_ENOTSUP,
+                           "GetMany: layout: paged memory is one daemon's region (use "
+                           "kvs_cluster_local's client)");
     for (size_t i = 0; i < n; i++) {
         kvs_get_item *it = &items[i];
         if (!it->key || kvs_key_validate(it->key_len, err) != 0)

@@ -547,6 +547,48 @@ def test_paths_of_a_sharded_client(trio, unix_local):
             assert len(c._ipc) == 0  # nothing was registered
 
 
+def test_paged_calls_of_a_sharded_client(trio, unix_local):
+    """Paged layouts with a sharded Client: the package gathers and scatters a host cache
+    itself, so put_many_paged / get_many_paged place each block on its owner like put_many
+    and restore it bit for bit; libkvstash's own paged calls name one daemon's region, and
+    the cluster's refuse them (KVS_ENOTSUP naming the field) rather than split a page list
+    whose indexes are the items' places in one call."""
+    import ctypes
+    ds, port, _ = trio
+    ids = [d.target for d in ds]
+    name = kvs.ns_name("pgshard")
+    lay = kvstash.PageLayout.vllm(1, 40, 1, 1, 16)  # one token per page, as SHAPE
+    cache = np.random.default_rng(4).standard_normal(2 * 40 * 16).astype(np.float16)
+    keys = kvstash.block_keys(list(range(20)), 1)
+    with kvstash.Client(ids, local=unix_local) as c:
+        c.create_namespace(name, **SHAPE)
+        res = c.put_many_paged(name, keys, cache, lay, [[i] for i in range(20)])
+        assert all(isinstance(r, kvstash.PutResult) for r in res), res
+        for d in ds:
+            assert holds(d, name, keys) == [hrw(k, ids) == d.target for k in keys]
+        assert c.get_many_paged(name, keys, cache, lay, [[20 + i] for i in range(20)]) == 20
+        pages = cache.reshape(2, 40, 16)  # [K|V][page][dim]
+        assert (pages[:, 20:] == pages[:, :20]).all()
+        lib = kvstash._lib
+        kb = vb = (ctypes.c_uint64 * 1)(0)
+        pl = lib.PageLayout(1, 1, kb, vb, 32, 32, 32)
+        gi = (lib.GetItem * 1)()
+        gi[0].key, gi[0].key_len = ctypes.cast(ctypes.c_char_p(keys[0]), ctypes.c_void_p), \
+            len(keys[0])
+        gi[0].buf, gi[0].cap = ctypes.cast(ctypes.create_string_buffer(64), ctypes.c_void_p), 64
+        pg = (ctypes.c_uint32 * 1)(0)
+        opts = lib.GetManyOpts(0, 0, 0, False, 0, ctypes.pointer(pl), pg, 1)
+        served, err = ctypes.c_size_t(), lib.Err()
+        rc = lib.lib.kvs_cluster_get_many(c._h, name.encode(), gi, 1, ctypes.byref(opts),
+                                          ctypes.byref(served), ctypes.byref(err))
+        assert rc == -30012 and b"layout" in err.msg, (rc, err.msg)  # KVS_ENOTSUP
+        pi = (lib.PutItem * 1)()
+        pi[0].key, pi[0].key_len, pi[0].tokens = gi[0].key, gi[0].key_len, 1
+        pi[0].data, pi[0].len, pi[0].pages, pi[0].n_pages = gi[0].buf, 64, pg, 1
+        rc = lib.lib.kvs_cluster_put_many(c._h, name.encode(), 1, pi, 1, ctypes.byref(err))
+        assert rc in (-30001, -30012) and b"pages" in err.msg, (rc, err.msg)
+
+
 def test_client_forms_and_errors():
     # NOT_FOUND where a resolver says the name does not exist; UNAVAILABLE where none can
     # be asked (the GPU machine has no network): the same answer the system's own gives.
