@@ -21,7 +21,7 @@
 #               on the GPU; PPL_WINDOWS, PPL_THREADS, PPL_ARGS; default table A's --post-rope)
 #   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
 #               through a kvstashd with its GPU engine (codec none, then CHAT_CODECS)
-# Logs go to $OUT (or ./gpu-out).
+# Logs go to $OUT (or ./gpu-out), packed into $OUT/logs.tar.gz at the end (PACK=0: not).
 set -u
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
@@ -106,5 +106,12 @@ if [ "${CHAT:-0}" = 1 ]; then
         note "chat example, llama3-8b shapes, codec $codec" $?; tail -n 22 "$OUT/chat-8b-$codec.log"
     done
     kill $kpid; wait $kpid
+fi
+# The device tool brings back at most 8 files from $OUT: every log and stderr file goes into
+# one archive (logs.tar.gz), the summaries (*.md, *.json) stay beside it. PACK=0 keeps them.
+if [ "${PACK:-1}" = 1 ]; then
+    (cd "$OUT" && find . -type f \( -name '*.log' -o -name '*.err' \) > .packed &&
+        [ -s .packed ] && tar -czf logs.tar.gz -T .packed && xargs rm -f < .packed; rm -f .packed)
+    echo "== logs: $OUT/logs.tar.gz"
 fi
 exit $status
