@@ -35,16 +35,20 @@ int kvs__region_item_check(const kvs_region *g, uint64_t offset, uint64_t len, s
     return 0;
 }
 
-/* The wire's PagedLayout of lay into out, its bases copied into bases (2 * KVS_MAX_LAYERS
- * entries: protobuf-c's fields are not const). KVS_EINVAL naming the field. */
-static int pb_layout(const kvs_page_layout *lay, Kvstash__V1__PagedLayout *out, uint64_t *bases,
-                     const char *what, kvs_err *err)
+/* The wire's PagedLayout of lay into out, its bases copied into *bases (allocated here,
+ * the caller frees it: protobuf-c's fields are not const). KVS_EINVAL naming the field,
+ * KVS_ENOMEM. */
+static int pb_layout(const kvs_page_layout *lay, Kvstash__V1__PagedLayout *out,
+                     uint64_t **bases_out, const char *what, kvs_err *err)
 {
     if (lay->layers == 0 || lay->layers > KVS_MAX_LAYERS || !lay->k_base || !lay->v_base)
         return kvs_err_set(err, KVS_EINVAL,
                            "%s: layout: layers %u (1..%d) with k_base and v_base of as many "
                            "entries",
                            what, lay->layers, KVS_MAX_LAYERS);
+    uint64_t *bases = *bases_out = kvs_trymalloc(2 * (size_t)lay->layers * sizeof *bases);
+    if (!bases)
+        return kvs_err_set(err, KVS_ENOMEM, "%s: out of memory", what);
     memcpy(bases, lay->k_base, lay->layers * sizeof *bases);
     memcpy(bases + lay->layers, lay->v_base, lay->layers * sizeof *bases);
     *out = (Kvstash__V1__PagedLayout)KVSTASH__V1__PAGED_LAYOUT__INIT;
@@ -105,11 +109,8 @@ int kvs_client_put_many_paged(kvs_client *c, const char *ns, kvs_dtype dtype,
     for (size_t i = 0; i < n && rc == 0; i++)
         if (items[i].pages && !layout)
             rc = kvs_err_set(err, KVS_EINVAL, "PutMany: items[%zu]: pages without a layout", i);
-    if (rc == 0 && layout) {
-        bases = kvs_trymalloc(2 * KVS_MAX_LAYERS * sizeof *bases);
-        rc = bases ? pb_layout(layout, &pl, bases, "PutMany", err)
-                   : kvs_err_set(err, KVS_ENOMEM, "PutMany: out of memory");
-    }
+    if (rc == 0 && layout)
+        rc = pb_layout(layout, &pl, &bases, "PutMany", err);
     if (rc) {
         free(bases);
         return rc;
@@ -372,9 +373,7 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
     if (region) {
         q.region = kvs_pb_bin(kvs__region_id(region), KVS__REGION_ID_LEN);
         if (o.layout) { /* the pages instead of slots */
-            if (rc == 0 && !(bases = kvs_trymalloc(2 * KVS_MAX_LAYERS * sizeof *bases)))
-                rc = kvs_err_set(err, KVS_ENOMEM, "GetMany: out of memory");
-            if (rc == 0 && (rc = pb_layout(o.layout, &pl, bases, "GetMany", err)) == 0) {
+            if (rc == 0 && (rc = pb_layout(o.layout, &pl, &bases, "GetMany", err)) == 0) {
                 q.layout = &pl;
                 q.n_pages = o.n_pages;
                 q.pages = (uint32_t *)(uintptr_t)o.pages; /* packed only, never written */

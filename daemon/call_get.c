@@ -348,7 +348,7 @@ static int paged_prepare(kvs_call *c, const Kvstash__V1__GetManyRequest *r, kvs_
         return rc;
     if (g->layout.page_tokens == 0)
         return kvs_err_set(err, KVS_EINVAL, "layout.page_tokens: must be at least 1");
-    uint32_t ppb = (spec->block_tokens + g->layout.page_tokens - 1) / g->layout.page_tokens;
+    uint32_t ppb = kvs_paged_pages(&g->layout, spec->block_tokens);
     if (r->n_pages != (size_t)ppb * g->n)
         return kvs_err_set(err, KVS_EINVAL,
                            "pages: %zu page ids for %u keys of %u pages each (block_tokens %u, "

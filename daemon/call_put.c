@@ -129,25 +129,24 @@ static void block_release_payload(kvs_put_block *b)
 static int take_budget(kvs_call *c, kvs_put_block *b, uint64_t bytes, kvs_err *err)
 {
     kvs_put_state *p = &c->u.put;
+    /* A CQ thread that waits serves nothing else: at most half of them wait. */
+    const unsigned most = c->srv->nthreads / 2 ? c->srv->nthreads / 2 : 1;
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += BUDGET_WAIT_S;
+    pthread_mutex_lock(&p->mu);
+    uint64_t gen = p->budget_gen; /* the releases the next take sees */
+    pthread_mutex_unlock(&p->mu);
     int rc;
-    for (;;) {
-        pthread_mutex_lock(&p->mu);
-        uint64_t gen = p->budget_gen;
-        pthread_mutex_unlock(&p->mu);
-        if ((rc = kvs_limits_recv_take(c->srv->limits, bytes, err)) == 0)
-            break;
-        kvs_limits_stats st;
+    while ((rc = kvs_limits_recv_take(c->srv->limits, bytes, err)) != 0) {
+        kvs_limits_stats st; /* the budget's size: a block over it never fits */
         kvs_limits_get_stats(c->srv->limits, &st);
-        /* A CQ thread that waits serves nothing else: at most half of them wait. */
-        unsigned most = c->srv->nthreads / 2 ? c->srv->nthreads / 2 : 1;
         bool slot = atomic_fetch_add(&c->srv->budget_waiters, 1) < most, late = false;
         pthread_mutex_lock(&p->mu);
         bool wait = slot && p->budget_held > 0 && bytes <= st.recv_budget;
         while (wait && !late && p->budget_gen == gen)
             late = pthread_cond_timedwait(&p->budget_cv, &p->mu, &deadline) == ETIMEDOUT;
+        gen = p->budget_gen;
         pthread_mutex_unlock(&p->mu);
         atomic_fetch_sub(&c->srv->budget_waiters, 1);
         if (!wait || late)

@@ -73,7 +73,8 @@ struct kvs_cuda_decoder {
     int h_next;     /* the staging the next chunk gathers into */
     uint8_t *d_enc; /* sections [n][sk], [n][sv], lengths, then (pinned chunks) the copies */
     size_t enc_cap;
-    uint8_t *d_blk; /* pinned chunks: their blocks as they are, each at a 16-byte boundary */
+    uint8_t *d_blk; /* pinned chunks: their blocks as they are, each at a 16-byte boundary
+                     * (align16) */
     size_t blk_cap;
     uint16_t *d_raw;
     size_t raw_cap;
@@ -245,15 +246,21 @@ static int check_block(kvs_cuda_decoder *d, const kvs_cuda_block *b, kvs_block_t
 
 /* Where a chunk's section lengths start in its staging: after n K sections at stride sk and
  * n V sections at stride sv, aligned for the kernels' 4-byte reads. */
+/* n rounded up to 16 bytes: the kernels' and the copies' aligned reads. */
+static size_t align16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
 static size_t lens_at(size_t n, size_t sk, size_t sv)
 {
-    return (n * (sk + sv) + 15) & ~(size_t)15;
+    return align16(n * (sk + sv));
 }
 
 /* Where a pinned chunk's copy table starts, after the lengths (host staging: at 0). */
 static size_t table_at(size_t n)
 {
-    return (2 * n * sizeof(uint32_t) + 15) & ~(size_t)15;
+    return align16(2 * n * sizeof(uint32_t));
 }
 
 /* Grows a device staging *p of *cap bytes to want (after the stream is done with it). */
@@ -329,12 +336,6 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
     return 0;
 }
 
-/* A block's whole bytes are on the device at this offset of d_blk (pinned chunks). */
-static size_t blk_round(size_t len)
-{
-    return (len + 15) & ~(size_t)15;
-}
-
 /* Decodes blocks[0..m) (checked, all of codecs k, v and t tokens; all in pinned host memory
  * or none) as one chunk on the decoder's stream, into each block's raw_dev. */
 static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t m,
@@ -348,7 +349,7 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
     size_t sec = (size_t)t * s->kv_heads * s->head_dim; /* elements */
     size_t blk = 0;
     for (size_t b = 0; pinned && b < m; b++)
-        blk += blk_round(blocks[b]->len);
+        blk += align16(blocks[b]->len);
     d->stats.blocks += m;
     d->stats.blocks_pinned += pinned ? m : 0;
     int rc = reserve(d, n, sk, sv, 2 * n * sec * sizeof(uint16_t), blk, st, err);
@@ -387,7 +388,7 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
                 lens[kv * n + i] = (uint32_t)len;
             }
         }
-        at += pinned ? blk_round(blocks[b]->len) : 0;
+        at += pinned ? align16(blocks[b]->len) : 0;
     }
     /* One copy of the staging: [sections][lengths], or [lengths][copy table] to where the
      * device staging keeps them (after its sections). */

@@ -115,7 +115,7 @@ int kvs_paged_check(const kvs_paged_layout *lay, const kvs_ns_spec *spec, uint64
     if (!pages)
         return kvs_err_set(err, KVS_EINVAL, "pages: NULL");
     const uint32_t pt = lay->page_tokens;
-    const uint64_t need = ((uint64_t)tokens + pt - 1) / pt;
+    const uint64_t need = kvs_paged_pages(lay, tokens);
     if (n_pages < need)
         return kvs_err_set(err, KVS_EINVAL,
                            "tokens: %u tokens need %llu pages of page_tokens %u, but pages has "
@@ -288,8 +288,8 @@ static bool heads_packed(const kvs_paged_layout *lay)
 uint32_t kvs_paged_copies_max(const kvs_paged_layout *lay, uint32_t tokens, uint32_t layer_begin,
                               uint32_t layer_end)
 {
-    uint32_t pages = (tokens + lay->page_tokens - 1) / lay->page_tokens;
-    return (layer_end - layer_begin) * 2 * pages * (heads_packed(lay) ? 1 : lay->kv_heads);
+    return (layer_end - layer_begin) * 2 * kvs_paged_pages(lay, tokens) *
+           (heads_packed(lay) ? 1 : lay->kv_heads);
 }
 
 void kvs_paged_copies(const kvs_paged_layout *lay, uint8_t *base, const uint32_t *pages,

@@ -62,6 +62,12 @@ typedef struct kvs_paged_layout {
     uint64_t head_stride;  /* bytes from head h to h + 1; dim stride is elem_bytes */
 } kvs_paged_layout;
 
+/* Pages a block of `tokens` tokens lies in: ceil(tokens / page_tokens) (page_tokens >= 1). */
+static inline uint32_t kvs_paged_pages(const kvs_paged_layout *lay, uint32_t tokens)
+{
+    return (uint32_t)(((uint64_t)tokens + lay->page_tokens - 1) / lay->page_tokens);
+}
+
 /* Validates lay against the namespace (layers, kv_heads, head_dim, elem_bytes) and proves
  * that every byte gather or scatter of these `tokens` tokens in these pages touches, over
  * all layers, K and V, lies in [0, region_bytes): overflow-safe, whatever the fields.

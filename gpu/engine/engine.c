@@ -42,10 +42,6 @@ static bool compatible(const job *a, const job *b)
            a->k2 == b->k2 && a->v2 == b->v2 && a->t == b->t && a->lb == b->lb && a->le == b->le;
 }
 
-/* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
- * of the staging h_raw when no request brought pinned raw memory; otherwise per request,
- * two strided copies straight between its own buffer ([nl][2][sec]: K and V of each layer
- * interleaved) and d_raw for a pinned one, two plain ones through h_raw for the others. */
 /* A paged job's decoded sections (K of its layers at pitch w from sec, V `other` bytes
  * further) into the engine's pages: queued as the batch's copies straight into the pages
  * (kvs_paged_copies), or where the copy table is at its largest, through d_enc at blk_off
@@ -84,11 +80,11 @@ static int paged_out(kvs_engine *e, job *j, uint8_t *sec, size_t other, size_t w
 static bool pages_queued(const job *from, const job *j)
 {
     const kvs_engine_paged *p = j->paged;
-    uint32_t np = (j->t + p->lay->page_tokens - 1) / p->lay->page_tokens;
+    uint32_t np = kvs_paged_pages(p->lay, j->t);
     for (const job *q = from; q && q != j; q = q->next) {
         if (!q->paged || q->paged->base != p->base)
             continue;
-        uint32_t nq = (q->t + q->paged->lay->page_tokens - 1) / q->paged->lay->page_tokens;
+        uint32_t nq = kvs_paged_pages(q->paged->lay, q->t);
         for (uint32_t a = 0; a < nq; a++)
             for (uint32_t b = 0; b < np; b++)
                 if (q->paged->pages[a] == p->pages[b])
@@ -97,6 +93,10 @@ static bool pages_queued(const job *from, const job *j)
     return false;
 }
 
+/* Moves a batch's raw side between the host and d_raw (K [B][nl][sec], then V): one copy
+ * of the staging h_raw when no request brought pinned raw memory; otherwise per request,
+ * two strided copies straight between its own buffer ([nl][2][sec]: K and V of each layer
+ * interleaved) and d_raw for a pinned one, two plain ones through h_raw for the others. */
 static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, bool to_dev,
                     kvs_err *err)
 {
@@ -126,15 +126,15 @@ static int move_raw(kvs_engine *e, job *list, size_t nl, size_t n, size_t sec, b
                 continue;
             }
             /* Default: the user's buffer is pinned host memory or device memory (UVA). */
-            if (j->paged) { /* both sides at once */
+            if (j->paged) { /* both sides at once, at kv 0 */
                 int rc = 0;
-                if (kv == 0 && pages_queued(fresh, j)) {
+                if (kv == 1)
+                    continue;
+                if (pages_queued(fresh, j)) {
                     rc = kvs__engine_copies_flush(e, err);
                     fresh = j;
                 }
-                if (rc == 0 && kv == 0)
-                    rc = paged_out(e, j, dev, n * w, w, b * nl * 2 * w, err);
-                if (rc)
+                if (rc || (rc = paged_out(e, j, dev, n * w, w, b * nl * 2 * w, err)))
                     return rc;
                 continue;
             }

@@ -1,9 +1,8 @@
 /* The GPU engine's jobs, below both of its job runners (engine.c: the thread, batching,
  * encode and decode; engine_tier.c: the GPU tier's fetch and upload): the queue's
  * submission, a job's completion, the checks on a block before a job reads it, the
- * framing of sections into a sealed block, and the batch's device-to-device copies. Calls neither
- * runner (engine.c -> engine_tier.c
- * -> engine_job.c).
+ * framing of sections into a sealed block, and the batch's device-to-device copies. Calls
+ * neither runner (engine.c -> engine_tier.c -> engine_job.c).
  */
 #include <pthread.h>
 #include <stdatomic.h>
