@@ -243,13 +243,15 @@ static void open_item(kvs_call *c, kvs_get_item *it)
         return;
     }
     kvs_xfer_buf dst = {.kind = it->region && kvs_region_device(it->region) ? KVS_XFER_DEVICE
-                                                                            : KVS_XFER_HOST};
+                                                                            : KVS_XFER_HOST,
+                        .gpu = (uint8_t)(it->region ? kvs_region_gpu(it->region) : 0)};
     if (g->dev_paged) { /* the engine scatters into the pages in GPU memory */
         dst = (kvs_xfer_buf){.kind = KVS_XFER_DEVICE,
                              .ptr = kvs_region_base(g->region),
                              .len = kvs_region_len(g->region),
                              .lay = &g->layout,
-                             .pages = g->pages + (size_t)it->index * g->pages_per_block};
+                             .pages = g->pages + (size_t)it->index * g->pages_per_block,
+                             .gpu = (uint8_t)kvs_region_gpu(g->region)};
     } else if (!g->encoded) {
         dst.len = kvs_xfer_get_raw_bytes(it->op);
         if (it->dst && dst.len > g->slot_bytes) {

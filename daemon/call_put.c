@@ -310,15 +310,18 @@ static void dispatch(kvs_call *c, kvs_put_block *b)
     /* Device memory: a CUDA IPC region's bytes, or a block the engine gathered from one. */
     bool dev = b->gathered.ptr ? b->gathered.kind == KVS_XFER_DEVICE
                                : b->region && kvs_region_device(b->region);
-    kvs_xfer_put_req r = {
-        .ns = b->ns,
-        .key = b->key,
-        .key_len = b->key_len,
-        .tokens = b->tokens,
-        .src = {.kind = dev ? KVS_XFER_DEVICE : KVS_XFER_HOST, .ptr = b->raw, .len = b->expected},
-        .consumed = put_consumed,
-        .done = put_done,
-        .arg = b};
+    unsigned gpu = b->gathered.ptr ? b->gathered.gpu : b->region ? kvs_region_gpu(b->region) : 0;
+    kvs_xfer_put_req r = {.ns = b->ns,
+                          .key = b->key,
+                          .key_len = b->key_len,
+                          .tokens = b->tokens,
+                          .src = {.kind = dev ? KVS_XFER_DEVICE : KVS_XFER_HOST,
+                                  .ptr = b->raw,
+                                  .len = b->expected,
+                                  .gpu = (uint8_t)gpu},
+                          .consumed = put_consumed,
+                          .done = put_done,
+                          .arg = b};
     if (kvs_xfer_put(c->srv->xfer, &r, &err))
         put_done(b, err.code, &err, NULL);
 }
@@ -355,7 +358,8 @@ static int gather_paged(kvs_call *c, kvs_put_block *b, const Kvstash__V1__PutHea
                               .ptr = base,
                               .len = kvs_region_len(g),
                               .lay = &p->layout,
-                              .pages = h->pages};
+                              .pages = h->pages,
+                              .gpu = (uint8_t)kvs_region_gpu(g)};
         rc = kvs_xfer_gather(c->srv->xfer, &pages, h->tokens, &b->gathered, err);
         b->raw = b->gathered.ptr;
     }

@@ -114,6 +114,29 @@ static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
     return 1;
 }
 
+/* "D[,D...]": CUDA device numbers in 0..KVS_GPU_LIST_MAX-1, each once, into a mask. */
+static bool parse_gpu_list(const char *s, unsigned *mask)
+{
+    unsigned m = 0;
+    char item[8];
+    while (*s) {
+        size_t n = strcspn(s, ",");
+        unsigned dev;
+        if (n == 0 || n >= sizeof item)
+            return false;
+        memcpy(item, s, n);
+        item[n] = 0;
+        if (!parse_uint(item, 0, KVS_GPU_LIST_MAX - 1, &dev) || (m >> dev & 1))
+            return false;
+        m |= 1u << dev;
+        s += n;
+        if (*s == ',' && !*++s)
+            return false; /* a trailing comma */
+    }
+    *mask = m;
+    return m != 0;
+}
+
 /* "HIGH,LOW" percentages with 0 <= LOW < HIGH <= 100. */
 static bool parse_watermarks(const char *s, unsigned *high, unsigned *low)
 {
@@ -134,7 +157,7 @@ typedef enum vtype {
     T_UINT,   /* unsigned (or int) in lo..hi */
     T_ONOFF,  /* int: on = 1, off = 0 */
     T_LOG,    /* kvs_log_level */
-    T_GPU,    /* int: auto, on, off */
+    T_GPU,    /* int: auto, on, off, all, or a device list into the second field (mask) */
     T_GPUCAP, /* uint64_t bytes, or "N%" into the second field (unsigned) */
     T_WM,     /* "HIGH,LOW" into two unsigned fields */
     T_EVICT,  /* kvs_policy_kind */
@@ -180,9 +203,11 @@ static const key_def keys[] = {
      "completion-queue threads (default auto: cores, at least 2)"},
     {"codec_threads", "codec-threads", "N", T_UINT, 0, O_AUTO, FIELD(codec_threads), 0, 1, 1024,
      "in 1..1024", "thread-pool threads for CPU encode/decode (default auto: cores)"},
-    {"gpu", "gpu", "auto|on|off", T_GPU, 0, 0, FIELD(gpu), 0, 0, 0, "auto, on or off",
+    {"gpu", "gpu", "auto|on|off|all|LIST", T_GPU, 0, 0, FIELD(gpu), offsetof(kvs_config, gpu_mask),
+     0, 0, "auto, on, off, all or a list of devices such as 0,2",
      "GPU codec engine: auto uses one when present (default),\non refuses to start without one; "
-     "--no-gpu = --gpu off"},
+     "all: one engine and GPU tier\nper device; LIST: on those devices (e.g. 0,1,3); --no-gpu = "
+     "--gpu off"},
     {"gpu_device", "gpu-device", "N", T_UINT, 0, 0, FIELD(gpu_device), 0, 0, 255, "in 0..255",
      "CUDA device of the engine (default 0)"},
     {"gpu_capacity", "gpu-capacity", "SIZE|N%", T_GPUCAP, 0, 0, FIELD(gpu_capacity),
@@ -388,7 +413,7 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
     source_name(cfg, k, src, line, env, w, sizeof w);
     bool is_auto = (k->opt & O_AUTO) && strcmp(v, "auto") == 0;
     uint64_t size;
-    unsigned u;
+    unsigned u, mask = 0;
     switch (k->type) {
     case T_STR: {
         size_t n = strlen(v);
@@ -442,9 +467,17 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
             u = KVS_GPU_ON;
         else if (strcmp(v, "off") == 0)
             u = KVS_GPU_OFF;
+        else if (strcmp(v, "all") == 0)
+            u = KVS_GPU_ALL;
+        else if (parse_gpu_list(v, &mask))
+            u = KVS_GPU_LIST;
         else
-            return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not auto, on or off", w, v);
+            return kvs_err_set(err, KVS_EINVAL,
+                               "%s: '%.64s' is not auto, on, off, all or a list of device "
+                               "numbers in 0..%d (e.g. 0,2)",
+                               w, v, KVS_GPU_LIST_MAX - 1);
         put_uint(cfg, k->off, u);
+        put_uint(cfg, k->off2, u == KVS_GPU_LIST ? mask : 0);
         break;
     case T_GPUCAP: {
         size_t n = strlen(v);
@@ -522,7 +555,7 @@ static void fmt_size(uint64_t v, char *buf, size_t cap)
 void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
 {
     static const char *levels[] = {"error", "warn", "info", "debug"};
-    static const char *gpu[] = {"auto", "on", "off"};
+    static const char *gpu[] = {"auto", "on", "off", "all"};
     const key_def *k = &keys[i];
     uint64_t size;
     unsigned u = k->type == T_STR || k->type == T_SHARE ? 0 : get_uint(cfg, k->off);
@@ -556,7 +589,16 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
         snprintf(buf, cap, "%s", levels[u < 4 ? u : 2]);
         break;
     case T_GPU:
-        snprintf(buf, cap, "%s", gpu[u < 3 ? u : 0]);
+        if (u == KVS_GPU_LIST) {
+            size_t at = 0;
+            unsigned m = get_uint(cfg, k->off2);
+            buf[0] = 0;
+            for (int dev = 0; dev < KVS_GPU_LIST_MAX && at < cap; dev++)
+                if (m >> dev & 1)
+                    at += (size_t)snprintf(buf + at, cap - at, "%s%d", at ? "," : "", dev);
+        } else {
+            snprintf(buf, cap, "%s", gpu[u < 4 ? u : 0]);
+        }
         break;
     case T_GPUCAP:
         memcpy(&size, cfield(cfg, k->off), sizeof size);
@@ -607,7 +649,7 @@ void kvs_config_key_source(const kvs_config *cfg, int i, char *buf, size_t cap)
 /* Bytes of key i's second field (T_GPUCAP, T_WM), 0 for the others. */
 static size_t size2(const key_def *k)
 {
-    return k->type == T_GPUCAP || k->type == T_WM ? sizeof(unsigned) : 0;
+    return k->type == T_GPUCAP || k->type == T_WM || k->type == T_GPU ? sizeof(unsigned) : 0;
 }
 
 bool kvs_config_key_equal(const kvs_config *a, const kvs_config *b, int i)

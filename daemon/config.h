@@ -22,7 +22,10 @@
 #include "gpu/base/log.h"
 #include "storage/policy.h"
 
-enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2 };
+/* --gpu: auto and on use --gpu-device; all every device the process sees; a list of
+ * device numbers those (gpu_mask), in ascending order. */
+enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2, KVS_GPU_ALL = 3, KVS_GPU_LIST = 4 };
+#define KVS_GPU_LIST_MAX 32 /* device numbers 0..31 in a --gpu list */
 
 /* Number of settings in the key table (config.c checks it). */
 #define KVS_CONFIG_NKEYS 49
@@ -41,7 +44,9 @@ typedef struct kvs_config {
     uint64_t max_message;      /* largest gRPC message accepted or sent */
     unsigned threads;          /* completion-queue threads (auto: cores, 2..64) */
     unsigned codec_threads;    /* libuv pool threads for CPU codec work (auto: as threads) */
-    int gpu;                   /* KVS_GPU_AUTO, KVS_GPU_ON (fail without one), KVS_GPU_OFF */
+    int gpu;                   /* KVS_GPU_AUTO, KVS_GPU_ON (fail without one), KVS_GPU_OFF,
+                                * KVS_GPU_ALL, KVS_GPU_LIST (gpu_mask; fail without any) */
+    unsigned gpu_mask;         /* KVS_GPU_LIST: bit d set for CUDA device d */
     int gpu_device;            /* CUDA device of the codec engine */
     uint64_t gpu_capacity;     /* bytes of the GPU tier; 0 = gpu_capacity_pct of free memory */
     unsigned gpu_capacity_pct; /* share of free device memory when gpu_capacity is 0 */

@@ -58,11 +58,15 @@ typedef struct daemon_state {
     kvs_store *store;
     kvs_disk *disk; /* disk tier (--data-dir), closed after the store */
     kvs_work *work;
-    kvs_engine *engine;
+    /* The GPU engines, one per device of --gpu (engine[g] runs device gpu_dev[g] and the
+     * store's gpu tier g), the leading non-NULL entries; none: CPU codecs. */
+    kvs_engine *engine[KVS_STORE_GPUS_MAX];
+    int gpu_dev[KVS_STORE_GPUS_MAX];
+    unsigned engines;
     kvs_tiering *tiering;
-    kvs_hostpool *host_pool; /* pinned memory of host blocks (with an engine), or NULL */
-    void *gpu_tier;          /* device region of the GPU tier (owned by the engine) */
-    uint64_t gpu_bytes;      /* its size, 0 without a GPU tier */
+    kvs_hostpool *host_pool;            /* pinned memory of host blocks (with an engine), or NULL */
+    void *gpu_tier[KVS_STORE_GPUS_MAX]; /* device region of each GPU tier (owned by its engine) */
+    uint64_t gpu_bytes;                 /* their sizes together, 0 without a GPU tier */
     kvs_server *server;
     kvs_tls *tls; /* the listener's certificate (its fetcher reads it): until grpc_shutdown */
     kvs_regions *regions; /* the region socket (--region-socket), or NULL */
@@ -87,9 +91,9 @@ static int start_regions(daemon_state *d, kvs_err *err)
     kvs_regions_opts o = {.path = path,
                           .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
                           .max_bytes = d->cfg.region_max_bytes,
-                          .engine = d->engine,
                           .log = kvs_log_sink,
                           .log_ctx = "region"};
+    memcpy(o.engine, d->engine, sizeof o.engine);
     int rc = kvs_regions_create(&d->loop, &o, &d->regions, err);
     if (rc == 0)
         kvs_log(KVS_LOG_INFO, "region socket %s (shared memory up to %llu bytes)", path,
@@ -366,8 +370,8 @@ static int start_metrics(daemon_state *d, kvs_err *err)
                           .store = d->store,
                           .server = d->server,
                           .regions = d->regions,
-                          .engine = d->engine,
                           .events = d->events};
+    memcpy(o.engine, d->engine, sizeof o.engine);
     int port = 0;
     int rc = kvs_metrics_create(&o, &d->metrics, &port, err);
     if (rc == 0)
@@ -416,8 +420,9 @@ static int start_loop(daemon_state *d, kvs_err *err)
     return 0;
 }
 
-/* The GPU codec engine: on a device when there is one (--gpu auto), required with
- * --gpu on, skipped with --gpu off. Without it codecs run on the CPU pool. */
+/* The GPU codec engines: one on --gpu-device when there is one (--gpu auto), required
+ * with --gpu on; one per device with --gpu all or a list (each required); none with
+ * --gpu off. Without one codecs run on the CPU pool. */
 static int start_engine(daemon_state *d, kvs_err *err)
 {
     if (d->cfg.gpu == KVS_GPU_OFF) {
@@ -425,18 +430,56 @@ static int start_engine(daemon_state *d, kvs_err *err)
                 d->cfg.codec_threads);
         return 0;
     }
-    kvs_engine_opts o = {.device = d->cfg.gpu_device};
-    kvs_err e2;
-    int rc = kvs_engine_create(&o, &d->engine, &e2);
-    if (rc == 0) {
-        kvs_log(KVS_LOG_INFO, "GPU engine on %s", kvs_engine_device_name(d->engine));
-        return 0;
+    int devs[KVS_STORE_GPUS_MAX], n = 0, rc;
+    if (d->cfg.gpu == KVS_GPU_ALL) {
+        int count;
+        if ((rc = kvs_engine_device_count(&count, err)))
+            return kvs_err_prefix(err, "--gpu all");
+        if (count == 0)
+            return kvs_err_set(err, KVS_EUNAVAIL, "--gpu all: no CUDA device is visible");
+        if (count > KVS_STORE_GPUS_MAX)
+            kvs_log(KVS_LOG_WARN, "--gpu all: %d devices, engines on the first %d", count,
+                    KVS_STORE_GPUS_MAX);
+        for (; n < count && n < KVS_STORE_GPUS_MAX; n++)
+            devs[n] = n;
+    } else if (d->cfg.gpu == KVS_GPU_LIST) {
+        for (int dev = 0; dev < KVS_GPU_LIST_MAX; dev++)
+            if (d->cfg.gpu_mask >> dev & 1) {
+                if (n == KVS_STORE_GPUS_MAX)
+                    return kvs_err_set(err, KVS_EINVAL, "--gpu: at most %d devices",
+                                       KVS_STORE_GPUS_MAX);
+                devs[n++] = dev;
+            }
+    } else {
+        devs[n++] = d->cfg.gpu_device;
     }
-    if (d->cfg.gpu == KVS_GPU_ON)
-        return kvs_err_set(err, rc, "--gpu on: %s", e2.msg);
-    kvs_log(KVS_LOG_INFO, "no GPU engine (%s): CPU codecs on %u pool threads", e2.msg,
-            d->cfg.codec_threads);
+    for (int i = 0; i < n; i++) {
+        kvs_engine_opts o = {.device = devs[i]};
+        kvs_err e2;
+        if ((rc = kvs_engine_create(&o, &d->engine[i], &e2)) == 0) {
+            d->gpu_dev[i] = devs[i];
+            d->engines = (unsigned)i + 1;
+            kvs_log(KVS_LOG_INFO, "GPU engine %d on %s", i, kvs_engine_device_name(d->engine[i]));
+            continue;
+        }
+        if (d->cfg.gpu == KVS_GPU_AUTO) {
+            kvs_log(KVS_LOG_INFO, "no GPU engine (%s): CPU codecs on %u pool threads", e2.msg,
+                    d->cfg.codec_threads);
+            return 0;
+        }
+        return kvs_err_set(err, rc, "--gpu: device %d: %s", devs[i], e2.msg);
+    }
     return 0;
+}
+
+/* Every engine, in reverse order of creation. */
+static void destroy_engines(daemon_state *d)
+{
+    while (d->engines > 0) {
+        d->engines--;
+        kvs_engine_destroy(d->engine[d->engines]);
+        d->engine[d->engines] = NULL;
+    }
 }
 
 static int pin_slab(void *ctx, void *addr, size_t bytes, kvs_err *err)
@@ -462,7 +505,7 @@ static int start_host_pool(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
     kvs_hostpool_opts po = {.max_bytes = need + need / 8 + ((uint64_t)1 << 30),
                             .pin = pin_slab,
                             .unpin = unpin_slab,
-                            .ctx = d->engine};
+                            .ctx = d->engine[0]}; /* pinned for every device */
     int rc = kvs_hostpool_create(&po, &d->host_pool, err);
     if (rc)
         return kvs_err_prefix(err, "--host-pinned");
@@ -504,20 +547,29 @@ static int start_events(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
  * the store has the host tier only. */
 static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_err *err)
 {
-    uint64_t bytes = d->cfg.gpu_capacity;
     int rc;
-    if (d->engine && !bytes && d->cfg.gpu_capacity_pct) {
-        uint64_t free_b, total_b;
-        if ((rc = kvs_engine_mem_info(d->engine, &free_b, &total_b, err)))
-            return rc;
-        bytes = free_b / 100 * d->cfg.gpu_capacity_pct;
-    }
-    if (d->engine && bytes) {
-        if ((rc = kvs_engine_tier_alloc(d->engine, bytes, &d->gpu_tier, err)))
-            return kvs_err_prefix(err, "--gpu-capacity");
-        d->gpu_bytes = bytes;
-        sopts->gpu_base = (uintptr_t)d->gpu_tier;
-        sopts->gpu_capacity = bytes;
+    /* One tier per engine, each --gpu-capacity bytes, or that share of its device's free
+     * memory now. */
+    for (unsigned g = 0; g < d->engines; g++) {
+        uint64_t bytes = d->cfg.gpu_capacity;
+        if (!bytes && d->cfg.gpu_capacity_pct) {
+            uint64_t free_b, total_b;
+            if ((rc = kvs_engine_mem_info(d->engine[g], &free_b, &total_b, err)))
+                return kvs_err_prefix(err, "--gpu-capacity: device %d", d->gpu_dev[g]);
+            bytes = free_b / 100 * d->cfg.gpu_capacity_pct;
+        }
+        if (!bytes)
+            break;
+        if ((rc = kvs_engine_tier_alloc(d->engine[g], bytes, &d->gpu_tier[g], err)))
+            return kvs_err_prefix(err, "--gpu-capacity: device %d", d->gpu_dev[g]);
+        d->gpu_bytes += bytes;
+        sopts->gpu[g].base = (uintptr_t)d->gpu_tier[g];
+        sopts->gpu[g].capacity = bytes;
+        kvs_log(KVS_LOG_INFO,
+                "GPU tier %u: %llu bytes on %s; demotion to the host tier above %u%%, down to "
+                "%u%%",
+                g, (unsigned long long)bytes, kvs_engine_device_name(d->engine[g]),
+                d->cfg.gpu_high_pct, d->cfg.gpu_low_pct);
     }
     if (d->cfg.data_dir[0]) {
         /* Data pages flushed at each commit, the meta page lazily: a power loss may undo
@@ -539,19 +591,15 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
                 d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
     }
     sopts->no_promote = !d->cfg.promote;
-    sopts->engine = d->engine; /* codecs are prepared for it as namespaces get them */
-    if (d->engine && d->cfg.host_pinned && (rc = start_host_pool(d, sopts, err)))
+    /* Codecs are prepared for every engine as namespaces get them. */
+    memcpy(sopts->engine, d->engine, sizeof sopts->engine);
+    if (d->engines && d->cfg.host_pinned && (rc = start_host_pool(d, sopts, err)))
         return rc;
     if ((rc = kvs_store_create(sopts, &d->store, err)))
         return rc;
-    if (d->gpu_bytes) {
-        d->tiering = kvs_tiering_create(d->store, d->engine, kvs_work_run, d->work);
-        kvs_log(KVS_LOG_INFO,
-                "GPU tier: %llu bytes on %s; demotion to the host tier above "
-                "%u%%, down to %u%%",
-                (unsigned long long)bytes, kvs_engine_device_name(d->engine), d->cfg.gpu_high_pct,
-                d->cfg.gpu_low_pct);
-    }
+    if (d->gpu_bytes)
+        d->tiering = kvs_tiering_create(d->store, d->engine, kvs_store_gpus(d->store), kvs_work_run,
+                                        d->work);
     return 0;
 }
 
@@ -662,7 +710,7 @@ int main(int argc, char **argv)
         kvs_store_destroy(d.store);
         kvs_events_destroy(d.events);      /* the store, its one emitter, is gone */
         kvs_hostpool_destroy(d.host_pool); /* unpins through the engine */
-        kvs_engine_destroy(d.engine);
+        destroy_engines(&d);
         kvs_disk_close(d.disk);
         grpc_shutdown();
         return 1;
@@ -720,7 +768,7 @@ int main(int argc, char **argv)
     kvs_store_destroy(d.store);        /* applies the disk writer's queue */
     kvs_events_destroy(d.events);      /* sends what the store reported, the flush included */
     kvs_hostpool_destroy(d.host_pool); /* no block is left; unpins through the engine */
-    kvs_engine_destroy(d.engine);      /* after the server and the store: nothing uses it */
+    destroy_engines(&d);               /* after the server and the store: nothing uses them */
     kvs_disk_close(d.disk);
     rc = uv_loop_close(&d.loop);
     if (rc)

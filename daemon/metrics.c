@@ -409,9 +409,33 @@ static void render_events(FILE *f, struct kvs_events *ev)
     sample(f, "kvstash_events_queued", es.queued);
 }
 
-/* Codec work by op and by where it ran (storage/xfer.h), and the engine's batch sizes. */
-static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *engine)
+/* Each device's gpu tier (the tier="gpu" samples above are their sums), labelled by the
+ * device's place in the daemon's --gpu list. */
+static void render_gpu_devices(FILE *f, const kvs_store_stats *s)
 {
+    static const struct {
+        const char *name, *type, *help;
+    } fams[6] = {
+        {"kvstash_gpu_tier_capacity_bytes", "gauge", "Bytes one device's gpu tier may hold."},
+        {"kvstash_gpu_tier_used_bytes", "gauge", "Bytes of blocks one device's gpu tier holds."},
+        {"kvstash_gpu_tier_blocks", "gauge", "Blocks one device's gpu tier holds."},
+        {"kvstash_gpu_tier_hits_total", "counter", "Block reads one device's gpu tier answered."},
+        {"kvstash_gpu_tier_demotions_total", "counter", "Blocks one device demoted to host."},
+        {"kvstash_gpu_tier_promotions_total", "counter", "Host blocks a Get moved to one device."}};
+    for (int i = 0; i < 6; i++) {
+        family(f, fams[i].name, fams[i].type, fams[i].help);
+        for (unsigned g = 0; g < s->gpu_devices; g++) {
+            const kvs_store_gpu_stats *d = &s->gpu_dev[g];
+            uint64_t v[6] = {d->capacity, d->used, d->blocks, d->hits, d->demotions, d->promotions};
+            fprintf(f, "%s{device=\"%u\"} %llu\n", fams[i].name, g, (unsigned long long)v[i]);
+        }
+    }
+}
+
+/* Codec work by op and by where it ran (storage/xfer.h), and the engine's batch sizes. */
+static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *const *engines)
+{
+    struct kvs_engine *engine = engines[0]; /* any: the histogram sums every device's */
     static const char *ops[2] = {"encode", "decode"}, *wheres[2] = {"cpu", "gpu"};
     kvs_xfer_stats xs;
     kvs_xfer_get_stats(srv->xfer, &xs);
@@ -442,8 +466,14 @@ static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *engine)
     }
     if (!engine)
         return;
-    kvs_engine_stats es;
-    kvs_engine_get_stats(engine, &es);
+    kvs_engine_stats es = {0};
+    for (int g = 0; g < KVS_STORE_GPUS_MAX && engines[g]; g++) {
+        kvs_engine_stats one;
+        kvs_engine_get_stats(engines[g], &one);
+        es.requests += one.requests;
+        for (int b = 0; b <= KVS_ENGINE_BATCH_BUCKETS; b++)
+            es.batches[b] += one.batches[b];
+    }
     family(f, "kvstash_gpu_engine_batch_size", "histogram",
            "Requests per batch the GPU engine ran (encode, decode, moves).");
     uint64_t cum = 0;
@@ -484,6 +514,8 @@ int kvs_metrics_render(const kvs_metrics_opts *o, char **out, size_t *len, kvs_e
     fprintf(f, "kvstash_uptime_seconds %.3f\n",
             (double)(kvs_now_ms() - o->server->start_ms) / 1000.0);
     render_tiers(f, &st, kvs_store_has_gpu(o->store), kvs_store_has_disk(o->store));
+    if (st.gpu_devices)
+        render_gpu_devices(f, &st);
     kvs_hostpool *pool = kvs_store_host_pool(o->store);
     if (pool) {
         kvs_hostpool_stats ps;

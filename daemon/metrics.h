@@ -18,6 +18,7 @@
 #include <stddef.h>
 
 #include "gpu/base/err.h"
+#include "storage/store.h"
 
 typedef struct kvs_metrics kvs_metrics;
 struct kvs_server;
@@ -31,8 +32,10 @@ typedef struct kvs_metrics_opts {
     struct kvs_store *store;     /* borrowed; outlives the endpoint */
     struct kvs_server *server;   /* borrowed; outlives the endpoint */
     struct kvs_regions *regions; /* borrowed, may be NULL */
-    struct kvs_engine *engine;   /* borrowed, may be NULL: no GPU engine */
-    struct kvs_events *events;   /* borrowed, may be NULL: no KV events */
+    /* The GPU engines, one per device (borrowed): the leading non-NULL entries; none: no
+     * GPU engine. KVS_STORE_GPUS_MAX (storage/store.h) of them. */
+    struct kvs_engine *engine[KVS_STORE_GPUS_MAX];
+    struct kvs_events *events; /* borrowed, may be NULL: no KV events */
 } kvs_metrics_opts;
 
 /* Binds and starts serving (not ready yet). KVS_EINVAL for an address that does not

@@ -35,6 +35,7 @@ struct kvs_region {
     uint64_t len;
     bool pinned;
     void *ipc_base;   /* CUDA IPC: the allocation as opened (base is inside it), else NULL */
+    unsigned gpu;     /* CUDA IPC: the engine (opts.engine index) that opened it */
     bool listed;      /* under kvs_regions.mu */
     atomic_uint refs; /* the registry's while listed, plus one per acquire */
     kvs_regions *owner;
@@ -83,12 +84,12 @@ static void logf_(kvs_regions *r, kvs_log_level lvl, const char *fmt, ...)
 static void region_free(kvs_region *g)
 {
     if (g->ipc_base) {
-        kvs_engine_ipc_close(g->owner->o.engine, g->ipc_base);
+        kvs_engine_ipc_close(g->owner->o.engine[g->gpu], g->ipc_base);
         free(g);
         return;
     }
-    if (g->pinned && g->owner->o.engine)
-        kvs_engine_host_unregister(g->owner->o.engine, g->base, g->len);
+    if (g->pinned) /* pinned through engine 0, for every device (portable) */
+        kvs_engine_host_unregister(g->owner->o.engine[0], g->base, g->len);
     munmap(g->base, g->len);
     free(g);
 }
@@ -106,6 +107,11 @@ uint64_t kvs_region_len(const kvs_region *g)
 bool kvs_region_device(const kvs_region *g)
 {
     return g->ipc_base != NULL;
+}
+
+unsigned kvs_region_gpu(const kvs_region *g)
+{
+    return g->gpu;
 }
 
 void kvs_region_ref(kvs_region *g)
@@ -282,10 +288,10 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
         pthread_mutex_unlock(&r->mu);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }
-    if (r->o.engine) {
+    if (r->o.engine[0]) {
         kvs_err perr;
         kvs_err_clear(&perr);
-        if (kvs_engine_host_register(r->o.engine, base, bytes, &perr) == 0)
+        if (kvs_engine_host_register(r->o.engine[0], base, bytes, &perr) == 0)
             g->pinned = true;
         else /* still usable: the engine then stages its copies */
             logf_(r, KVS_LOG_WARN, "region of %llu bytes not pinned: %s", (unsigned long long)bytes,
@@ -310,7 +316,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
 static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *q, kvs_region **out,
                             kvs_err *err)
 {
-    if (!r->o.engine)
+    if (!r->o.engine[0])
         return kvs_err_set(err, KVS_ENOTSUP,
                            "op: CUDA IPC needs kvstashd's GPU engine (--gpu on); this daemon "
                            "codes on the CPU: register a shared-memory region instead");
@@ -319,26 +325,35 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
                            REGIONS_PER_CONN);
     if (q->bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "bytes: a region needs at least one byte");
+    /* The engine of the memory's device; none: engine 0 says which device it is not. */
+    unsigned dev = 0;
+    for (unsigned i = 0; i < KVS_STORE_GPUS_MAX && r->o.engine[i]; i++)
+        if (kvs_engine_has_uuid(r->o.engine[i], q->uuid)) {
+            dev = i;
+            break;
+        }
+    kvs_engine *eng = r->o.engine[dev];
     void *base;
     uint64_t avail;
-    int rc = kvs_engine_ipc_open(r->o.engine, q->handle, q->uuid, &base, &avail, err);
+    int rc = kvs_engine_ipc_open(eng, q->handle, q->uuid, &base, &avail, err);
     if (rc)
         return rc;
     if (q->offset > avail || q->bytes > avail - q->offset) {
-        kvs_engine_ipc_close(r->o.engine, base);
+        kvs_engine_ipc_close(eng, base);
         return kvs_err_set(
             err, KVS_EINVAL, "bytes: [%llu, +%llu) lie outside the allocation's %llu bytes",
             (unsigned long long)q->offset, (unsigned long long)q->bytes, (unsigned long long)avail);
     }
     kvs_region *g = kvs_xcalloc(1, sizeof *g);
     g->ipc_base = base;
+    g->gpu = dev;
     g->base = (uint8_t *)base + q->offset;
     g->len = q->bytes;
     g->owner = r;
     atomic_init(&g->refs, 1);
     if (getrandom(g->id, sizeof g->id, 0) != (ssize_t)sizeof g->id) {
         int e = errno;
-        kvs_engine_ipc_close(r->o.engine, base);
+        kvs_engine_ipc_close(eng, base);
         free(g);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }

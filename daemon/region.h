@@ -36,6 +36,7 @@
 
 #include "gpu/base/err.h"
 #include "gpu/base/log.h"
+#include "storage/store.h"
 
 struct kvs_engine;
 
@@ -43,11 +44,14 @@ typedef struct kvs_regions kvs_regions;
 typedef struct kvs_region kvs_region;
 
 typedef struct kvs_regions_opts {
-    const char *path;          /* the Unix socket to listen on (created; an old one replaced) */
-    unsigned mode;             /* its permission bits, e.g. 0600 */
-    uint64_t max_bytes;        /* registered bytes, all regions together (invariant 4) */
-    struct kvs_engine *engine; /* borrowed, may be NULL: regions are pinned for it */
-    kvs_log_fn log;            /* may be NULL */
+    const char *path;   /* the Unix socket to listen on (created; an old one replaced) */
+    unsigned mode;      /* its permission bits, e.g. 0600 */
+    uint64_t max_bytes; /* registered bytes, all regions together (invariant 4) */
+    /* The GPU engines, one per device (borrowed): the leading non-NULL entries; none: no
+     * engine. Shared memory is pinned for every device; a CUDA IPC region is opened by
+     * the engine of the device its memory is on. */
+    struct kvs_engine *engine[KVS_STORE_GPUS_MAX];
+    kvs_log_fn log; /* may be NULL */
     void *log_ctx;
 } kvs_regions_opts;
 
@@ -74,6 +78,8 @@ uint64_t kvs_region_len(const kvs_region *g);
 /* True for a CUDA IPC region: its bytes are a worker's GPU memory (base and ptr are
  * device addresses: only the GPU engine may touch them). */
 bool kvs_region_device(const kvs_region *g);
+/* A CUDA IPC region's device: its index in opts.engine (0 for shared memory). */
+unsigned kvs_region_gpu(const kvs_region *g);
 /* Another reference to a region already held (a call that uses it for several blocks). */
 void kvs_region_ref(kvs_region *g);
 /* Drops a reference; NULL is fine. Any thread. */

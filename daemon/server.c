@@ -93,7 +93,7 @@ static void *cq_thread(void *arg)
 }
 
 int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_store *store,
-                      kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
+                      kvs_work *work, kvs_engine *const *engines, kvs_tiering *tiering,
                       kvs_regions *regions, kvs_events *events, kvs_server **out, int *bound_port,
                       kvs_err *err)
 {
@@ -106,13 +106,13 @@ int kvs_server_create(const kvs_config *cfg, kvs_auth *auth, kvs_tls *tls, kvs_s
     srv->work = work;
     srv->tiering = tiering;
     kvs_xfer_opts xo = {.store = store,
-                        .engine = engine,
                         .tiering = tiering,
                         .run = kvs_work_run,
                         .run_ctx = work,
                         .log = kvs_log_sink,
                         .log_ctx = "xfer",
                         .error_sample = cfg->error_sample};
+    memcpy(xo.engine, engines, sizeof xo.engine);
     srv->xfer = kvs_xfer_create(&xo);
     srv->start_ms = kvs_now_ms();
     kvs_limits_opts lo = {.max_puts = cfg->max_puts,

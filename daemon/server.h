@@ -23,18 +23,19 @@ struct kvs_regions;
 
 /* auth (daemon/auth.h, daemon/tokens.h: kvs_tokens_load) is owned by the server from the
  * call on, even when it fails. tls (daemon/tls.h; NULL = plaintext) is borrowed for the
- * call only: gRPC copies the PEM text into the listener. cfg, store, work, engine, tiering,
+ * call only: gRPC copies the PEM text into the listener. cfg, store, work, engines, tiering,
  * regions and events are borrowed and must outlive the server (work may be NULL: codec work
- * then runs on the CQ threads; engine and tiering may be NULL: no GPU; regions may be NULL:
+ * then runs on the CQ threads; engines: KVS_STORE_GPUS_MAX entries, one per GPU tier's
+ * device, the leading non-NULL ones, none and tiering NULL: no GPU; regions may be NULL:
  * no shared memory; events may be NULL: no KV events, daemon/events.h, for Stats).
  * *bound_port receives the TCP port actually bound (0 for a unix socket). */
 struct kvs_auth;
 struct kvs_tls;
 struct kvs_events;
 int kvs_server_create(const kvs_config *cfg, struct kvs_auth *auth, struct kvs_tls *tls,
-                      kvs_store *store, kvs_work *work, kvs_engine *engine, kvs_tiering *tiering,
-                      struct kvs_regions *regions, struct kvs_events *events, kvs_server **out,
-                      int *bound_port, kvs_err *err);
+                      kvs_store *store, kvs_work *work, kvs_engine *const *engines,
+                      kvs_tiering *tiering, struct kvs_regions *regions, struct kvs_events *events,
+                      kvs_server **out, int *bound_port, kvs_err *err);
 void kvs_server_drain(kvs_server *srv);
 /* Admitted calls that have not finished (Health excluded). Thread-safe. */
 unsigned kvs_server_inflight(kvs_server *srv);

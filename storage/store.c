@@ -63,7 +63,7 @@ void kvs__block_free(kvs_block *blk)
 
 static kvs_lru *lru_of(kvs_store *st, const kvs_block *blk)
 {
-    return blk->tier == KVS_STORE_TIER_GPU    ? &st->gpu_lru
+    return blk->tier == KVS_STORE_TIER_GPU    ? &st->gpu[blk->gpu].lru
            : blk->tier == KVS_STORE_TIER_DISK ? &st->disk_lru
                                               : &st->lru;
 }
@@ -119,9 +119,12 @@ void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
     kvs_ns_usage_of(ns)->host_bytes += (uint64_t)delta;
 }
 
-void kvs__store_gpu_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
+void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t delta)
 {
-    st->stats.gpu_used = kvs_slots_used(st->gpu);
+    kvs__gpu_tier *t = &st->gpu[g];
+    uint64_t used = kvs_slots_used(t->slots);
+    st->stats.gpu_used += used - t->s.used;
+    t->s.used = used;
     kvs_ns_usage_of(ns)->gpu_bytes += (uint64_t)delta;
 }
 
@@ -137,8 +140,8 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
 {
     switch (blk->charge) {
     case KVS_CHARGE_GPU:
-        kvs_slots_free(st->gpu, (uintptr_t)blk->dev.slot);
-        kvs__store_gpu_charge_locked(st, blk->ns, -(int64_t)blk->slot_bytes);
+        kvs_slots_free(st->gpu[blk->gpu].slots, (uintptr_t)blk->dev.slot);
+        kvs__store_gpu_charge_locked(st, blk->gpu, blk->ns, -(int64_t)blk->slot_bytes);
         break;
     case KVS_CHARGE_SPILL:
         st->stats.spill_pending -= blk->size;
@@ -177,9 +180,10 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     u->stored_bytes -= blk->size;
     u->raw_bytes -= blk->raw_bytes;
     u->tokens -= blk->tokens;
-    if (blk->tier == KVS_STORE_TIER_GPU)
+    if (blk->tier == KVS_STORE_TIER_GPU) {
         st->stats.gpu_blocks--;
-    else if (blk->tier == KVS_STORE_TIER_DISK)
+        st->gpu[blk->gpu].s.blocks--;
+    } else if (blk->tier == KVS_STORE_TIER_DISK)
         st->stats.disk_blocks--;
     else
         st->stats.host_blocks--;
@@ -196,8 +200,10 @@ void kvs_store_destroy(kvs_store *st)
      * the daemon, not from a REMOVED per block. */
     st->on_event = NULL;
     kvs_writer_destroy(st->writer); /* applies what is queued: drops its references */
-    kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
-    for (int i = 0; i < 3; i++) {
+    kvs_lru *lists[2 + KVS_STORE_GPUS_MAX] = {&st->lru, &st->disk_lru};
+    for (unsigned g = 0; g < st->gpus; g++)
+        lists[2 + g] = &st->gpu[g].lru;
+    for (unsigned i = 0; i < 2 + st->gpus; i++) {
         kvs_lru_node *n;
         while ((n = kvs_lru_oldest(lists[i])) != NULL) {
             kvs_block *blk = BLOCK_OF_LRU(n);
@@ -206,7 +212,8 @@ void kvs_store_destroy(kvs_store *st)
         }
     }
     kvs_policy_destroy(st->policy); /* after the unlinks above: they leave it */
-    kvs_slots_destroy(st->gpu);
+    for (unsigned g = 0; g < st->gpus; g++)
+        kvs_slots_destroy(st->gpu[g].slots);
     kvs_index_destroy(st->index);
     kvs_ns_registry_destroy(st->reg);
     pthread_mutex_destroy(&st->mu);
@@ -217,8 +224,9 @@ void kvs_store_destroy(kvs_store *st)
 
 void kvs__store_codec_prepare(kvs_store *st, kvs_codec *c)
 {
-    if (st->engine)
-        kvs_engine_prepare(st->engine, c, NULL); /* KVS_ENOTSUP: the CPU codes it */
+    /* Each engine uploads its device's tables (KVS_ENOTSUP: the CPU codes it there). */
+    for (unsigned g = 0; g < KVS_STORE_GPUS_MAX && st->engine[g]; g++)
+        kvs_engine_prepare(st->engine[g], c, NULL);
 }
 
 /* The learners' hooks (gpu/codec/learn.h): a new codec state version of ns. */
@@ -345,8 +353,10 @@ int kvs_store_ns_drop(kvs_store *st, const char *name, uint64_t *blocks_dropped,
     kvs_block *to_free = NULL; /* chained through node.next once unlinked */
     pthread_mutex_lock(&st->mu);
     kvs_ns *ns = kvs_ns_registry_remove(st->reg, name);
-    kvs_lru *lists[3] = {&st->lru, &st->gpu_lru, &st->disk_lru};
-    for (int i = 0; i < 3 && ns; i++) {
+    kvs_lru *lists[2 + KVS_STORE_GPUS_MAX] = {&st->lru, &st->disk_lru};
+    for (unsigned g = 0; g < st->gpus; g++)
+        lists[2 + g] = &st->gpu[g].lru;
+    for (unsigned i = 0; i < 2 + st->gpus && ns; i++) {
         kvs_lru_node *n = kvs_lru_oldest(lists[i]);
         while (n) {
             kvs_lru_node *newer = kvs_lru_newer(lists[i], n);
@@ -588,7 +598,12 @@ int kvs_store_block_alloc_nodrop(kvs_store *st, kvs_ns *ns, uint32_t tokens, uin
 
 bool kvs_store_has_gpu(const kvs_store *st)
 {
-    return st->gpu != NULL;
+    return st->gpus > 0;
+}
+
+unsigned kvs_store_gpus(const kvs_store *st)
+{
+    return st->gpus;
 }
 
 bool kvs_store_has_disk(const kvs_store *st)
@@ -675,9 +690,10 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
     u->stored_bytes += blk->size;
     u->raw_bytes += blk->raw_bytes;
     u->tokens += blk->tokens;
-    if (blk->tier == KVS_STORE_TIER_GPU)
+    if (blk->tier == KVS_STORE_TIER_GPU) {
         st->stats.gpu_blocks++;
-    else if (blk->tier == KVS_STORE_TIER_DISK)
+        st->gpu[blk->gpu].s.blocks++;
+    } else if (blk->tier == KVS_STORE_TIER_DISK)
         st->stats.disk_blocks++;
     else
         st->stats.host_blocks++;
@@ -795,6 +811,7 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
         kvs_policy_hit(st->policy, &blk->pol);
     if (blk->tier == KVS_STORE_TIER_GPU) { /* invariant 4: no host bytes to verify */
         st->stats.gpu_hits++;
+        st->gpu[blk->gpu].s.hits++;
         kvs_ns_usage_of(ns)->gpu_hits++;
         pthread_mutex_unlock(&st->mu);
         *out = blk;
@@ -887,6 +904,9 @@ void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
 {
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
+    out->gpu_devices = st->gpus;
+    for (unsigned g = 0; g < st->gpus; g++)
+        out->gpu_dev[g] = st->gpu[g].s;
     pthread_mutex_unlock(&st->mu);
     out->verify_checked = atomic_load_explicit(&st->verify_checked, memory_order_relaxed);
 }

@@ -1,38 +1,36 @@
 /* The store: namespaces, the block index and the tiers behind one facade.
  *
  * Tiers (DESIGN §7): gpu (optional: fixed-size slots in a device region the GPU engine
- * allocated, storage/slots.h), host (RAM, byte capacity) and disk (optional: an LMDB
- * environment, storage/disk.h, with a byte budget). Blocks arrive here already
- * encoded (gpu/codec/codec.h); each namespace owns its key and value codecs. Each tier has its
- * own LRU list. The host tier evicts idle blocks to make room, in the order of its
- * eviction policy (opts.eviction, storage/policy.h: LRU, or the scan-resistant S3-FIFO;
- * its LRU list then only enumerates its blocks); the gpu tier never evicts: above its
- * high watermark the daemon demotes its least recently used idle blocks to the host tier
- * (kvs_store_gpu_pick, then kvs_store_demote_commit once the engine fetched the bytes),
- * so a Put that finds the gpu tier full simply lands in the host tier. The store itself
- * never touches device memory. With a disk tier, the host tier's victims are not dropped
- * but handed to the disk writer (storage/writer.h, its hooks in storage/store_disk.c), which writes
- * them off the request path and then turns their index entries into disk entries (no payload); the
- * same happens in the background (the writer asks, kvs__store_host_demote) once the host tier
- * passes its high watermark, down to its low one, so that Puts rarely evict on their path; a Get of
- * a disk block reads it back (verified) and, unless opts.no_promote, moves it to the host tier,
- * where it keeps its disk record. A block of a `durable` namespace is committed with
- * kvs_store_block_commit_durable: linked at once, written to LMDB with a flush by the
- * disk writer, and reported done only then (the daemon acknowledges the Put at that
- * point).
- * Quotas (kvs_ns_spec host_quota, gpu_quota, disk_quota; 0 = none): a namespace's share
- * of a tier (kvs_ns_usage host_bytes, gpu_bytes, disk_bytes) never passes its quota there,
- * and a namespace at its quota makes room among its own blocks, never another's; only a
- * tier's own shortage (every namespace within its quota) takes blocks across namespaces.
- * Host: a Put evicts the namespace's own idle blocks in policy order (block_alloc), else
- * KVS_ENOSPC naming host_quota_bytes. GPU: a slot over the quota is refused
- * (kvs_store_block_alloc_gpu), so the Put lands in the host tier as when the tier is full,
- * and demotion rounds move the namespace's own least recently used idle blocks to the host
- * tier once it is above the tier's high share of its quota, down to the low share
- * (store_gpu.c). Disk: the disk writer's room hook (store_disk.c) deletes the namespace's
- * own oldest records (disk entries, then records of host blocks) before a write of its
- * blocks that would pass the quota; when none of its own can go (durable, busy), the write
- * is refused with KVS_ENOSPC naming disk_quota_bytes: a durable Put is answered with it, a
+ * allocated, storage/slots.h; one such tier per device, opts.gpu, each with its own
+ * capacity, watermarks and LRU, a block in exactly one of them: kvs_block_gpu), host (RAM, byte
+ * capacity) and disk (optional: an LMDB environment, storage/disk.h, with a byte budget). Blocks
+ * arrive here already encoded (gpu/codec/codec.h); each namespace owns its key and value codecs.
+ * Each tier has its own LRU list. The host tier evicts idle blocks to make room, in the order of
+ * its eviction policy (opts.eviction, storage/policy.h: LRU, or the scan-resistant S3-FIFO; its LRU
+ * list then only enumerates its blocks); the gpu tier never evicts: above its high watermark the
+ * daemon demotes its least recently used idle blocks to the host tier (kvs_store_gpu_pick, then
+ * kvs_store_demote_commit once the engine fetched the bytes), so a Put that finds the gpu tier full
+ * simply lands in the host tier. The store itself never touches device memory. With a disk tier,
+ * the host tier's victims are not dropped but handed to the disk writer (storage/writer.h, its
+ * hooks in storage/store_disk.c), which writes them off the request path and then turns their index
+ * entries into disk entries (no payload); the same happens in the background (the writer asks,
+ * kvs__store_host_demote) once the host tier passes its high watermark, down to its low one, so
+ * that Puts rarely evict on their path; a Get of a disk block reads it back (verified) and, unless
+ * opts.no_promote, moves it to the host tier, where it keeps its disk record. A block of a
+ * `durable` namespace is committed with kvs_store_block_commit_durable: linked at once, written to
+ * LMDB with a flush by the disk writer, and reported done only then (the daemon acknowledges the
+ * Put at that point). Quotas (kvs_ns_spec host_quota, gpu_quota, disk_quota; 0 = none): a
+ * namespace's share of a tier (kvs_ns_usage host_bytes, gpu_bytes, disk_bytes) never passes its
+ * quota there, and a namespace at its quota makes room among its own blocks, never another's; only
+ * a tier's own shortage (every namespace within its quota) takes blocks across namespaces. Host: a
+ * Put evicts the namespace's own idle blocks in policy order (block_alloc), else KVS_ENOSPC naming
+ * host_quota_bytes. GPU: a slot over the quota is refused (kvs_store_block_alloc_gpu), so the Put
+ * lands in the host tier as when the tier is full, and demotion rounds move the namespace's own
+ * least recently used idle blocks to the host tier once it is above the tier's high share of its
+ * quota, down to the low share (store_gpu.c). Disk: the disk writer's room hook (store_disk.c)
+ * deletes the namespace's own oldest records (disk entries, then records of host blocks) before a
+ * write of its blocks that would pass the quota; when none of its own can go (durable, busy), the
+ * write is refused with KVS_ENOSPC naming disk_quota_bytes: a durable Put is answered with it, a
  * spilled victim is dropped as when the disk budget is full.
  *
  * Precision demotion (gpu/codec/spec.h host_codec, disk_codec): a block's sides may be
@@ -160,6 +158,9 @@
 typedef struct kvs_store kvs_store;
 typedef struct kvs_block kvs_block;
 
+/* Most devices one store keeps gpu tiers on (a node's GPUs: 8 today, 16 leaves room). */
+#define KVS_STORE_GPUS_MAX 16
+
 typedef enum kvs_store_tier {
     KVS_STORE_TIER_NONE = 0,
     KVS_STORE_TIER_GPU = 1,
@@ -189,27 +190,33 @@ typedef struct kvs_store_event {
 typedef void (*kvs_store_event_fn)(void *ctx, const kvs_store_event *ev);
 
 typedef struct kvs_store_opts {
-    uint64_t host_capacity;      /* bytes of the host tier */
-    uintptr_t gpu_base;          /* GPU tier region (device address, borrowed), or 0: no GPU tier */
-    uint64_t gpu_capacity;       /* bytes at gpu_base */
-    uint64_t gpu_slab;           /* slab size (0: 64 MiB, at most capacity/4) */
-    unsigned gpu_high_pct;       /* demote above this share of the gpu tier (0: 90) */
-    unsigned gpu_low_pct;        /* ...down to this share (0: 80) */
-    uint32_t calib_tokens;       /* RotateKV calibration tokens N_cal (0 = 4096) */
-    kvs_disk *disk;              /* disk tier (borrowed: opened and closed by the caller, and
-                                  * must outlive the store), or NULL: no disk tier */
-    uint64_t disk_capacity;      /* byte budget of the disk tier */
-    uint64_t spill_max;          /* most bytes queued for the disk writer (0: host/4) */
-    unsigned host_high_pct;      /* with a disk tier: demote host blocks to disk in the
-                                  * background above this share of the host tier (0: 90)... */
-    unsigned host_low_pct;       /* ...down to this share (0 with host_high_pct 0: 80) */
-    kvs_hostpool *host_pool;     /* host blocks come from this pool (borrowed; outlives the
-                                  * store), malloc when it has no room; NULL: malloc */
-    bool no_promote;             /* a Get leaves disk blocks on disk and host blocks in the
-                                  * host tier (default: promote them one tier up) */
-    struct kvs_engine *engine;   /* the GPU codec engine (borrowed; outlives the store), or
-                                  * NULL: every codec the store adds to a namespace is
-                                  * prepared for it first (kvs_engine_prepare) */
+    uint64_t host_capacity; /* bytes of the host tier */
+    /* GPU tiers, one per device, in the order the caller numbers its devices (a block's
+     * kvs_block_gpu): the leading entries with a base and a capacity; none: no GPU tier.
+     * Each region is a device address range (borrowed) the store never touches. */
+    struct {
+        uintptr_t base;
+        uint64_t capacity;
+    } gpu[KVS_STORE_GPUS_MAX];
+    uint64_t gpu_slab;       /* slab size (0: 64 MiB, at most capacity/4) */
+    unsigned gpu_high_pct;   /* demote above this share of each gpu tier (0: 90) */
+    unsigned gpu_low_pct;    /* ...down to this share (0: 80) */
+    uint32_t calib_tokens;   /* RotateKV calibration tokens N_cal (0 = 4096) */
+    kvs_disk *disk;          /* disk tier (borrowed: opened and closed by the caller, and
+                              * must outlive the store), or NULL: no disk tier */
+    uint64_t disk_capacity;  /* byte budget of the disk tier */
+    uint64_t spill_max;      /* most bytes queued for the disk writer (0: host/4) */
+    unsigned host_high_pct;  /* with a disk tier: demote host blocks to disk in the
+                              * background above this share of the host tier (0: 90)... */
+    unsigned host_low_pct;   /* ...down to this share (0 with host_high_pct 0: 80) */
+    kvs_hostpool *host_pool; /* host blocks come from this pool (borrowed; outlives the
+                              * store), malloc when it has no room; NULL: malloc */
+    bool no_promote;         /* a Get leaves disk blocks on disk and host blocks in the
+                              * host tier (default: promote them one tier up) */
+    /* The GPU codec engines, one per gpu tier's device (borrowed; outlive the store): the
+     * leading non-NULL entries; every codec the store adds to a namespace is prepared
+     * for each first (kvs_engine_prepare). None: CPU codecs only. */
+    struct kvs_engine *engine[KVS_STORE_GPUS_MAX];
     kvs_policy_kind eviction;    /* host tier eviction policy (0: KVS_POLICY_LRU) */
     uint32_t eviction_small_pct; /* S3-FIFO: the small queue's share of the host tier, 1..50
                                   * (0: the policy's default, 10) */
@@ -286,19 +293,27 @@ typedef struct kvs_block_dev {
     uint32_t k_state, v_state; /* codec state versions the sections were encoded with */
 } kvs_block_dev;
 
-/* Reserves a GPU tier slot of slot_bytes (no eviction: KVS_ENOSPC when the tier is full or
- * absent, or naming gpu_quota_bytes when the slot would take ns over its gpu quota: the
+/* Reserves a slot of slot_bytes in device gpu's tier (no eviction: KVS_ENOSPC when the tier
+ * is full or absent, or naming gpu_quota_bytes when the slot would take ns over its gpu quota: the
  * caller puts the block in the host tier and kicks demotion) and allocates a GPU block for it
  * whose sides have codec roles enc (packed; 0: the namespace's own; slots are sized per
  * namespace and encodings: slot_bytes must be kvs_engine_slot_bytes of those codecs for a
  * full block). The caller fills the slot (engine), the lens and states (kvs_block_device),
  * sets the size with kvs_block_set_size (the block's encoded size as a framed block), then
  * commits or aborts like a host block. */
-int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsigned enc,
-                              uint64_t slot_bytes, kvs_block **out, kvs_err *err);
+int kvs_store_block_alloc_gpu(kvs_store *st, unsigned gpu, kvs_ns *ns, uint32_t tokens,
+                              unsigned enc, uint64_t slot_bytes, kvs_block **out, kvs_err *err);
 /* The GPU side of a GPU-tier block; NULL for other tiers. */
 kvs_block_dev *kvs_block_device(kvs_block *blk);
+/* The device (index into opts.gpu) whose tier holds a GPU-tier block; 0 for other tiers. */
+unsigned kvs_block_gpu(const kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
+/* How many gpu tiers (devices) the store has. */
+unsigned kvs_store_gpus(const kvs_store *st);
+/* The device whose tier has the most room below its high watermark for a slot of
+ * slot_bytes for ns (placement of a Put or promotion from the host, whose bytes are on
+ * no device yet), or -1 when none has (the block goes to the host tier). */
+int kvs_store_gpu_choose(kvs_store *st, const kvs_ns *ns, uint64_t slot_bytes);
 bool kvs_store_has_disk(const kvs_store *st);
 /* The pinned host pool the store was given (opts.host_pool), or NULL: request buffers that
  * the engine reads or writes may come from it too. */
@@ -313,15 +328,16 @@ void kvs_store_disk_wait(kvs_store *st);
  * For a clean shutdown (--flush-on-exit) and kvctl flush. */
 uint64_t kvs_store_flush(kvs_store *st);
 
-/* True while the gpu tier is above its high watermark, or a namespace above its gpu
+/* True while device gpu's tier is above its high watermark, or a namespace above its gpu
  * quota's high share (kvs_store_gpu_pick). */
-bool kvs_store_gpu_over_high(kvs_store *st);
-/* Picks up to max idle GPU blocks, least recently used first: of each namespace above its
- * gpu quota's high share (the tier's gpu_high_pct of the quota), its own, down to the low
- * share; then, while the tier itself is above its high watermark, anyone's, while the gpu
- * tier minus the picks stays above its low watermark. Each comes back with a reference
- * held by the demoter (invariant 6). Returns the count. */
-size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max);
+bool kvs_store_gpu_over_high(kvs_store *st, unsigned gpu);
+/* Picks up to max idle blocks of device gpu's tier, least recently used first: of each
+ * namespace above its gpu quota's high share (gpu_high_pct of the quota, which counts its
+ * blocks on every device), its own, down to the low share; then, while that tier itself is
+ * above its high watermark, anyone's, while the tier minus the picks stays above its low
+ * watermark. Each comes back with a reference held by the demoter (invariant 6). Returns
+ * the count. */
+size_t kvs_store_gpu_pick(kvs_store *st, unsigned gpu, kvs_block **out, size_t max);
 /* Ends the demotion of a picked GPU block `old`: nb is a host block (kvs_store_block_alloc)
  * filled with old's bytes as an encoded block, re-encoded with the host tier's codecs
  * where they are colder (invariant 9; nb's kvs_block_set_enc says so, and the re-encode
@@ -332,8 +348,8 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb);
 /* Gives up the demotion of a picked block (it stays in the gpu tier). */
 void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
 
-/* Promotion of a host block to the gpu tier (a Get of it, unless opts.no_promote): begin
- * checks that blk (a block the caller holds a reference on) is a linked host block that is
+/* Promotion of a host block to device gpu's tier (a Get of it, unless opts.no_promote):
+ * begin checks that blk (a block the caller holds a reference on) is a linked host block that is
  * not being written to disk nor already promoted, and that a slot of slot_bytes fits the
  * gpu tier below its high watermark (a promotion never triggers a demotion); it then takes
  * the promoter's reference on blk and allocates the gpu block *out (FILLING) for the
@@ -343,7 +359,8 @@ void kvs_store_demote_cancel(kvs_store *st, kvs_block *old);
  * the gpu block in if blk is still linked (it keeps blk's disk record, if any), else drops it;
  * cancel (upload failed; g may be NULL) leaves blk where it was. Both drop the promoter's
  * reference. */
-bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out);
+bool kvs_store_promote_begin(kvs_store *st, unsigned gpu, kvs_block *blk, uint64_t slot_bytes,
+                             kvs_block **out);
 void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g);
 void kvs_store_promote_cancel(kvs_store *st, kvs_block *old, kvs_block *g);
 
@@ -436,10 +453,18 @@ void kvs_store_lookup(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size
 /* Deletes the keys that exist; returns how many were deleted. */
 uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, size_t n);
 
+/* One device's gpu tier (kvs_store_stats.gpu_dev). */
+typedef struct kvs_store_gpu_stats {
+    uint64_t capacity, used, blocks, hits, demotions, promotions;
+} kvs_store_gpu_stats;
+
 typedef struct kvs_store_stats {
     uint64_t host_capacity, host_used, host_blocks, host_hits, host_evictions;
+    /* The gpu tiers' sums over every device; each device's in gpu_dev[0..gpu_devices). */
     uint64_t gpu_capacity, gpu_used, gpu_blocks, gpu_hits, gpu_demotions;
     uint64_t gpu_promotions; /* host blocks moved to the gpu tier by a Get */
+    unsigned gpu_devices;
+    kvs_store_gpu_stats gpu_dev[KVS_STORE_GPUS_MAX];
     uint64_t disk_capacity, disk_used, disk_blocks, disk_hits, disk_evictions;
     uint64_t disk_spills;       /* host blocks that became disk entries */
     uint64_t disk_promotions;   /* disk blocks moved to the host tier by a Get */

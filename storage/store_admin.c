@@ -338,7 +338,8 @@ static void classify(kvs_store *st, const kvs_store_sel *sel, tier_counts *c,
                 out->absent++;
         }
     } else {
-        c->gpu = count_list(&st->gpu_lru, sel);
+        for (unsigned g = 0; g < st->gpus; g++)
+            c->gpu += count_list(&st->gpu[g].lru, sel);
         c->host = count_list(&st->lru, sel);
         c->disk = count_list(&st->disk_lru, sel);
     }
@@ -372,8 +373,10 @@ static void drop_sel(kvs_store *st, const kvs_store_sel *sel, kvs_store_evict_in
                 drop_locked(st, b, &to_free, out);
         }
     } else {
-        kvs_lru *lists[3] = {&st->gpu_lru, &st->lru, &st->disk_lru};
-        for (int l = 0; l < 3; l++) {
+        kvs_lru *lists[2 + KVS_STORE_GPUS_MAX] = {&st->lru, &st->disk_lru};
+        for (unsigned g = 0; g < st->gpus; g++)
+            lists[2 + g] = &st->gpu[g].lru;
+        for (unsigned l = 0; l < 2 + st->gpus; l++) {
             kvs_lru_node *it = kvs_lru_oldest(lists[l]);
             while (it) {
                 kvs_lru_node *newer = kvs_lru_newer(lists[l], it);
@@ -406,12 +409,13 @@ static size_t pick_sel(kvs_store *st, const kvs_store_sel *sel, kvs_block **out,
                 pick_locked(st, b, out, &got);
         }
     } else {
-        for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && got < max;
-             it = kvs_lru_newer(&st->gpu_lru, it)) {
-            kvs_block *b = BLOCK_OF_LRU(it);
-            if (in_sel(sel, b) && b->refs == 1 && b->state == KVS_BLOCK_IDLE)
-                pick_locked(st, b, out, &got);
-        }
+        for (unsigned g = 0; g < st->gpus; g++)
+            for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu[g].lru); it && got < max;
+                 it = kvs_lru_newer(&st->gpu[g].lru, it)) {
+                kvs_block *b = BLOCK_OF_LRU(it);
+                if (in_sel(sel, b) && b->refs == 1 && b->state == KVS_BLOCK_IDLE)
+                    pick_locked(st, b, out, &got);
+            }
     }
     pthread_mutex_unlock(&st->mu);
     return got;

@@ -9,6 +9,12 @@
  * gpu_low_pct of it, before (and regardless of) the tier's own watermarks. So a namespace at
  * its quota makes room among its own blocks, never another's, and through the same path
  * (kvs_store_gpu_pick, then the engine's fetch, then kvs_store_demote_commit) as the tier.
+ *
+ * Several devices: one tier per device (st->gpu[g]: slots, LRU, watermarks, picked bytes),
+ * a block in one of them (blk->gpu). Every tier verb names its device; a namespace's quota
+ * counts its blocks on every device, and a device over it demotes the namespace's blocks
+ * it holds. Placement of bytes that are on no device yet (kvs_store_gpu_choose) takes the
+ * device with the most room below its high mark, so Puts from host memory spread evenly.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -44,13 +50,13 @@ void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b)
 {
     kvs__block_set_state(b, KVS_BLOCK_DEMOTING);
     b->refs++;
-    st->gpu_picked += b->slot_bytes;
+    st->gpu[b->gpu].picked += b->slot_bytes;
     kvs_ns_usage_of(b->ns)->gpu_picked += b->slot_bytes;
 }
 
 void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b)
 {
-    st->gpu_picked -= b->slot_bytes;
+    st->gpu[b->gpu].picked -= b->slot_bytes;
     kvs_ns_usage_of(b->ns)->gpu_picked -= b->slot_bytes;
 }
 
@@ -61,11 +67,12 @@ static uint64_t slot_class(const kvs_ns *ns, unsigned enc)
     return (uint64_t)enc << 32 | kvs_ns_id(ns);
 }
 
-int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsigned enc,
-                              uint64_t slot_bytes, kvs_block **out, kvs_err *err)
+int kvs_store_block_alloc_gpu(kvs_store *st, unsigned gpu, kvs_ns *ns, uint32_t tokens,
+                              unsigned enc, uint64_t slot_bytes, kvs_block **out, kvs_err *err)
 {
-    if (!st->gpu)
-        return kvs_err_set(err, KVS_ENOSPC, "gpu tier: not configured");
+    if (gpu >= st->gpus)
+        return kvs_err_set(err, KVS_ENOSPC, "gpu tier: none on device %u (%u configured)", gpu,
+                           st->gpus);
     uint32_t L = kvs_ns_spec_of(ns)->layers;
     kvs_block *blk = calloc(1, sizeof *blk);
     uint32_t *lens = blk ? calloc(2 * (size_t)L, sizeof *lens) : NULL;
@@ -84,8 +91,9 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsign
                          "%llu, no room for a slot of %llu more (its own blocks are demoted)",
                          kvs_ns_spec_of(ns)->name, (unsigned long long)held,
                          (unsigned long long)quota, (unsigned long long)slot_bytes);
-    else if ((rc = kvs_slots_alloc(st->gpu, slot_class(ns, enc), slot_bytes, &addr, err)) == 0)
-        kvs__store_gpu_charge_locked(st, ns, (int64_t)slot_bytes);
+    else if ((rc = kvs_slots_alloc(st->gpu[gpu].slots, slot_class(ns, enc), slot_bytes, &addr,
+                                   err)) == 0)
+        kvs__store_gpu_charge_locked(st, gpu, ns, (int64_t)slot_bytes);
     pthread_mutex_unlock(&st->mu);
     if (rc) {
         free(lens);
@@ -96,6 +104,7 @@ int kvs_store_block_alloc_gpu(kvs_store *st, kvs_ns *ns, uint32_t tokens, unsign
     blk->tokens = tokens;
     blk->enc = (uint8_t)enc;
     blk->tier = KVS_STORE_TIER_GPU;
+    blk->gpu = (uint8_t)gpu;
     blk->charge = KVS_CHARGE_GPU;
     blk->slot_bytes = slot_bytes;
     blk->size = blk->raw_bytes = slot_bytes;
@@ -109,25 +118,49 @@ kvs_block_dev *kvs_block_device(kvs_block *blk)
     return blk->tier == KVS_STORE_TIER_GPU ? &blk->dev : NULL;
 }
 
+unsigned kvs_block_gpu(const kvs_block *blk)
+{
+    return blk->tier == KVS_STORE_TIER_GPU ? blk->gpu : 0;
+}
+
+int kvs_store_gpu_choose(kvs_store *st, const kvs_ns *ns, uint64_t slot_bytes)
+{
+    int best = -1;
+    uint64_t best_room = 0;
+    pthread_mutex_lock(&st->mu);
+    for (unsigned g = 0; g < st->gpus; g++) {
+        const kvs__gpu_tier *t = &st->gpu[g];
+        uint64_t room = t->high > t->s.used ? t->high - t->s.used : 0;
+        if (room >= slot_bytes && room > best_room &&
+            kvs_slots_can_alloc(t->slots, slot_class(ns, 0), slot_bytes)) {
+            best = (int)g;
+            best_room = room;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return best;
+}
+
 /* ---------------------------------------------------------------- gpu tier demotion */
 
-bool kvs_store_gpu_over_high(kvs_store *st)
+bool kvs_store_gpu_over_high(kvs_store *st, unsigned gpu)
 {
-    if (!st->gpu)
+    if (gpu >= st->gpus)
         return false;
+    const kvs__gpu_tier *t = &st->gpu[gpu];
     pthread_mutex_lock(&st->mu);
-    bool over = st->stats.gpu_used - st->gpu_picked > st->gpu_high || any_ns_over_locked(st);
+    bool over = t->s.used - t->picked > t->high || any_ns_over_locked(st);
     pthread_mutex_unlock(&st->mu);
     return over;
 }
 
-/* Picks ns's own idle blocks (every namespace's with ns NULL), least recently used first,
- * into out[*n..max) while `more` says so. */
-static void pick_locked(kvs_store *st, kvs_ns *ns, kvs_block **out, size_t *n, size_t max,
-                        bool (*more)(kvs_store *st, kvs_ns *ns))
+/* Picks ns's own idle blocks (every namespace's with ns NULL) of tier t, least recently
+ * used first, into out[*n..max) while `more` says so. */
+static void pick_locked(kvs_store *st, kvs__gpu_tier *t, kvs_ns *ns, kvs_block **out, size_t *n,
+                        size_t max, bool (*more)(kvs_store *st, kvs__gpu_tier *t, kvs_ns *ns))
 {
-    for (kvs_lru_node *it = kvs_lru_oldest(&st->gpu_lru); it && *n < max && more(st, ns);
-         it = kvs_lru_newer(&st->gpu_lru, it)) {
+    for (kvs_lru_node *it = kvs_lru_oldest(&t->lru); it && *n < max && more(st, t, ns);
+         it = kvs_lru_newer(&t->lru, it)) {
         kvs_block *blk = KVS__BLOCK_OF_LRU(it);
         if (blk->refs != 1 || blk->state != KVS_BLOCK_IDLE) /* busy (inv. 3) or picked */
             continue;
@@ -138,22 +171,25 @@ static void pick_locked(kvs_store *st, kvs_ns *ns, kvs_block **out, size_t *n, s
     }
 }
 
-static bool ns_above_low(kvs_store *st, kvs_ns *ns)
+static bool ns_above_low(kvs_store *st, kvs__gpu_tier *t, kvs_ns *ns)
 {
+    (void)t;
     return ns_over_locked(ns, st->gpu_low_pct);
 }
 
-static bool tier_above_low(kvs_store *st, kvs_ns *ns)
+static bool tier_above_low(kvs_store *st, kvs__gpu_tier *t, kvs_ns *ns)
 {
+    (void)st;
     (void)ns;
-    return st->stats.gpu_used - st->gpu_picked > st->gpu_low; /* in flight counts as done */
+    return t->s.used - t->picked > t->low; /* in flight counts as done */
 }
 
-size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
+size_t kvs_store_gpu_pick(kvs_store *st, unsigned gpu, kvs_block **out, size_t max)
 {
     size_t n = 0;
-    if (!st->gpu)
+    if (gpu >= st->gpus)
         return 0;
+    kvs__gpu_tier *t = &st->gpu[gpu];
     pthread_mutex_lock(&st->mu);
     /* A namespace over its quota's high mark demotes its own blocks, down to its low mark
      * (O(gpu blocks) per such namespace); then, only when the tier itself is over its high
@@ -163,10 +199,10 @@ size_t kvs_store_gpu_pick(kvs_store *st, kvs_block **out, size_t max)
     for (size_t i = 0; i < nns && n < max; i++) {
         kvs_ns *ns = kvs_ns_registry_at(st->reg, i);
         if (ns_over_locked(ns, st->gpu_high_pct))
-            pick_locked(st, ns, out, &n, max, ns_above_low);
+            pick_locked(st, t, ns, out, &n, max, ns_above_low);
     }
-    if (st->stats.gpu_used - st->gpu_picked > st->gpu_high)
-        pick_locked(st, NULL, out, &n, max, tier_above_low);
+    if (t->s.used - t->picked > t->high)
+        pick_locked(st, t, NULL, out, &n, max, tier_above_low);
     pthread_mutex_unlock(&st->mu);
     return n;
 }
@@ -214,6 +250,7 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
         nb->shrink = 0;
         kvs__store_link_locked(st, nb);
         st->stats.gpu_demotions++;
+        st->gpu[old->gpu].s.demotions++;
     } else { /* deleted, replaced or dropped meanwhile: the copy is not needed */
         kvs__store_give_back_locked(st, nb);
         free_nb = true;
@@ -232,18 +269,20 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
 
 /* ---------------------------------------------------------------- promotion to the gpu tier */
 
-bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes, kvs_block **out)
+bool kvs_store_promote_begin(kvs_store *st, unsigned gpu, kvs_block *blk, uint64_t slot_bytes,
+                             kvs_block **out)
 {
-    if (!st->gpu || !st->promote || blk->tier != KVS_STORE_TIER_HOST)
+    if (gpu >= st->gpus || !st->promote || blk->tier != KVS_STORE_TIER_HOST)
         return false;
+    const kvs__gpu_tier *t = &st->gpu[gpu];
     /* Below the high marks, the tier's and the namespace's quota's: a promotion never
      * causes a demotion. */
     uint64_t quota = kvs_ns_spec_of(blk->ns)->gpu_quota;
     pthread_mutex_lock(&st->mu);
-    bool ok = blk->state == KVS_BLOCK_IDLE && st->stats.gpu_used + slot_bytes <= st->gpu_high &&
+    bool ok = blk->state == KVS_BLOCK_IDLE && t->s.used + slot_bytes <= t->high &&
               (!quota || kvs_ns_usage_of(blk->ns)->gpu_bytes + slot_bytes <=
                              share(quota, st->gpu_high_pct)) &&
-              kvs_slots_can_alloc(st->gpu, slot_class(blk->ns, blk->enc), slot_bytes);
+              kvs_slots_can_alloc(t->slots, slot_class(blk->ns, blk->enc), slot_bytes);
     if (ok) {
         kvs__block_set_state(blk, KVS_BLOCK_PROMOTING);
         blk->refs++;
@@ -252,7 +291,7 @@ bool kvs_store_promote_begin(kvs_store *st, kvs_block *blk, uint64_t slot_bytes,
     if (!ok)
         return false;
     kvs_block *g;
-    if (kvs_store_block_alloc_gpu(st, blk->ns, blk->tokens, blk->enc, slot_bytes, &g, NULL)) {
+    if (kvs_store_block_alloc_gpu(st, gpu, blk->ns, blk->tokens, blk->enc, slot_bytes, &g, NULL)) {
         kvs_store_promote_cancel(st, blk, NULL); /* taken meanwhile */
         return false;
     }
@@ -274,6 +313,7 @@ void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g)
         free_old = kvs__store_unlink_locked(st, old);
         kvs__store_link_locked(st, g);
         st->stats.gpu_promotions++;
+        st->gpu[g->gpu].s.promotions++;
     } else { /* deleted, replaced, dropped or spilled meanwhile: the copy is not needed */
         kvs__store_give_back_locked(st, g);
         free_g = true;

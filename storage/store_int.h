@@ -78,9 +78,20 @@ struct kvs_block {
     uint64_t spill_size;
     uint8_t spill_enc;
     uint32_t verified;   /* the kvs_store_verify pass that checked it (st->verify_pass) */
+    uint8_t gpu;         /* gpu tier: which device's (st->gpu[gpu]) */
     uint64_t slot_bytes; /* gpu tier */
     kvs_block_dev dev;   /* gpu tier */
 };
+
+/* One device's GPU tier (store.h "Tiers": one per device, each with its own capacity,
+ * watermarks and LRU; the host and disk tiers are shared). Under store->mu. */
+typedef struct kvs__gpu_tier {
+    kvs_slots *slots;      /* the device region's slots */
+    kvs_lru lru;           /* its linked blocks, least recently used first */
+    uint64_t high, low;    /* watermarks in bytes */
+    uint64_t picked;       /* slot bytes of its blocks being demoted */
+    kvs_store_gpu_stats s; /* its share of the stats (store.h; the totals sum them) */
+} kvs__gpu_tier;
 
 /* Changes a block's state, asserting the transition (store.h diagram). Under store->mu. */
 void kvs__block_set_state(kvs_block *b, kvs_block_state to);
@@ -95,31 +106,30 @@ struct kvs_store {
     pthread_mutex_t mu;
     kvs_ns_registry *reg;
     kvs_index *index;
-    kvs_lru lru;                /* host tier: every linked host block (for walks; recency order) */
-    kvs_policy *policy;         /* host tier eviction order (opts.eviction; invariant 2) */
-    kvs_hostpool *pool;         /* borrowed; NULL: host blocks are malloc'ed */
-    kvs_lru gpu_lru;            /* gpu tier */
-    kvs_lru disk_lru;           /* disk tier (index entries without payload) */
-    kvs_slots *gpu;             /* NULL without a gpu tier */
-    uint64_t gpu_high, gpu_low; /* watermarks in bytes */
-    unsigned gpu_high_pct, gpu_low_pct;   /* what they are computed from; a namespace's gpu
-                                           * quota has marks of the same shares (store_gpu.c) */
-    uint64_t gpu_picked;                  /* slot bytes of the blocks being demoted */
-    kvs_disk *disk;                       /* borrowed; NULL without a disk tier */
-    kvs_writer *writer;                   /* the disk writer; NULL without a disk tier */
-    uint64_t spill_max;                   /* most bytes handed to the writer at once */
-    uint64_t host_high, host_low;         /* host tier watermarks in bytes (with a disk tier) */
-    bool host_demoting;                   /* between crossing host_high and reaching host_low */
-    unsigned host_high_pct, host_low_pct; /* what host_high/low are computed from */
-    uint32_t eviction_small_pct;          /* opts.eviction_small_pct, for a new policy */
-    bool promote;                         /* Get of a disk block moves it to the host tier */
-    uint32_t verify_pass;                 /* kvs_store_verify passes started (store_admin.c) */
+    kvs_lru lru;        /* host tier: every linked host block (for walks; recency order) */
+    kvs_policy *policy; /* host tier eviction order (opts.eviction; invariant 2) */
+    kvs_hostpool *pool; /* borrowed; NULL: host blocks are malloc'ed */
+    kvs_lru disk_lru;   /* disk tier (index entries without payload) */
+    kvs__gpu_tier gpu[KVS_STORE_GPUS_MAX]; /* gpu tiers, one per device: gpu[0..gpus) */
+    unsigned gpus;                         /* 0: no gpu tier */
+    unsigned gpu_high_pct, gpu_low_pct;    /* what each tier's marks are computed from; a
+                                            * namespace's gpu quota (over every device) has
+                                            * marks of the same shares (store_gpu.c) */
+    kvs_disk *disk;                        /* borrowed; NULL without a disk tier */
+    kvs_writer *writer;                    /* the disk writer; NULL without a disk tier */
+    uint64_t spill_max;                    /* most bytes handed to the writer at once */
+    uint64_t host_high, host_low;          /* host tier watermarks in bytes (with a disk tier) */
+    bool host_demoting;                    /* between crossing host_high and reaching host_low */
+    unsigned host_high_pct, host_low_pct;  /* what host_high/low are computed from */
+    uint32_t eviction_small_pct;           /* opts.eviction_small_pct, for a new policy */
+    bool promote;                          /* Get of a disk block moves it to the host tier */
+    uint32_t verify_pass;                  /* kvs_store_verify passes started (store_admin.c) */
     /* stats.verify_checked, kept apart so that the disk scan's callback, inside an LMDB
      * read transaction, counts without the store lock (kvs_store_get_stats copies it) */
     _Atomic uint64_t verify_checked;
     kvs_store_stats stats;
     uint32_t calib_tokens;
-    struct kvs_engine *engine;   /* borrowed, may be NULL (opts.engine) */
+    struct kvs_engine *engine[KVS_STORE_GPUS_MAX]; /* borrowed (opts.engine) */
     kvs_store_event_fn on_event; /* opts.on_event, armed once the disk tier is indexed */
     void *event_ctx;
     kvs_log_fn log;
@@ -150,13 +160,14 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk);
 /* Every change of the host tier's used bytes goes through here (delta signed), so each
  * namespace's share, which its host quota is measured by, stays exact. */
 void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
-/* The same for a gpu slot of ns (after kvs_slots_alloc or _free: gpu_used is re-read from
- * the slots) and for a record of ns in the disk tier (disk_used; invariant 7). */
-void kvs__store_gpu_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* The same for a gpu slot of ns on device tier g (after kvs_slots_alloc or _free: its
+ * used bytes are re-read from the slots) and for a record of ns in the disk tier (disk_used;
+ * invariant 7). */
+void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t delta);
 void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
 /* Marks an idle GPU block picked for demotion (invariant 6: DEMOTING, the demoter's
- * reference, its slot counted in gpu_picked and its namespace's), and the reverse once the
- * demotion ended (committed or not; the demoter's reference is the caller's to drop). */
+ * reference, its slot counted in its tier's picked bytes and its namespace's), and the reverse once
+ * the demotion ended (committed or not; the demoter's reference is the caller's to drop). */
 void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b);
 void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b);
 /* Drops one reference; true on the last (capacity given back; caller frees). */

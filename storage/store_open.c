@@ -23,30 +23,35 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         free(st);
         return kvs_err_set(err, -rc, "store: pthread_mutex_init: %s", strerror(rc));
     }
-    if (opts->gpu_base && opts->gpu_capacity) {
-        uint64_t slab = opts->gpu_slab ? opts->gpu_slab : (uint64_t)64 << 20;
-        if (!opts->gpu_slab && slab > opts->gpu_capacity / 4)
-            slab = opts->gpu_capacity / 4;
-        rc = kvs_slots_create(opts->gpu_base, opts->gpu_capacity, slab, &st->gpu, err);
-        if (rc) {
-            pthread_mutex_destroy(&st->mu);
-            free(st);
-            return rc;
-        }
-        uint64_t cap = kvs_slots_capacity(st->gpu);
-        unsigned hi = opts->gpu_high_pct ? opts->gpu_high_pct : 90;
-        unsigned lo = opts->gpu_high_pct ? opts->gpu_low_pct : 80;
-        st->gpu_high = cap / 100 * (hi > 100 ? 100 : hi);
-        st->gpu_low = cap / 100 * (lo > hi ? hi : lo);
-        st->gpu_high_pct = hi > 100 ? 100 : hi;
-        st->gpu_low_pct = lo > hi ? st->gpu_high_pct : lo;
-        st->stats.gpu_capacity = cap;
-    }
     st->reg = kvs_ns_registry_create();
     st->index = kvs_index_create();
     kvs_lru_init(&st->lru);
-    kvs_lru_init(&st->gpu_lru);
     kvs_lru_init(&st->disk_lru);
+    unsigned hi = opts->gpu_high_pct ? opts->gpu_high_pct : 90;
+    unsigned lo = opts->gpu_high_pct ? opts->gpu_low_pct : 80;
+    st->gpu_high_pct = hi > 100 ? 100 : hi;
+    st->gpu_low_pct = lo > hi ? st->gpu_high_pct : lo;
+    /* One tier per device region, in the caller's order (a block's kvs_block_gpu). */
+    for (unsigned g = 0; g < KVS_STORE_GPUS_MAX && opts->gpu[g].base && opts->gpu[g].capacity;
+         g++) {
+        kvs__gpu_tier *t = &st->gpu[g];
+        uint64_t bytes = opts->gpu[g].capacity;
+        uint64_t slab = opts->gpu_slab ? opts->gpu_slab : (uint64_t)64 << 20;
+        if (!opts->gpu_slab && slab > bytes / 4)
+            slab = bytes / 4;
+        kvs_lru_init(&t->lru);
+        if ((rc = kvs_slots_create(opts->gpu[g].base, bytes, slab, &t->slots, err))) {
+            kvs_err_prefix(err, "gpu tier of device %u", g);
+            kvs_store_destroy(st); /* destroys the tiers made so far (st->gpus of them) */
+            return rc;
+        }
+        st->gpus = g + 1;
+        uint64_t cap = kvs_slots_capacity(t->slots);
+        t->high = cap / 100 * st->gpu_high_pct;
+        t->low = cap / 100 * st->gpu_low_pct;
+        t->s.capacity = cap;
+        st->stats.gpu_capacity += cap;
+    }
     kvs_policy_opts popts = {.small_percent = opts->eviction_small_pct};
     if ((rc = kvs_policy_create(opts->eviction ? opts->eviction : KVS_POLICY_LRU,
                                 opts->host_capacity, &popts, &st->policy, err))) {
@@ -61,7 +66,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     st->promote = !opts->no_promote;
     st->pool = opts->host_pool;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
-    st->engine = opts->engine;
+    memcpy(st->engine, opts->engine, sizeof st->engine);
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;
     if (opts->disk) {

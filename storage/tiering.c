@@ -3,7 +3,8 @@
  * policy), and queues one engine job per block: a fetch, or, where the host tier's codecs
  * are colder (precision demotion, storage/store.h invariant 9), a re-encode on the device
  * before the copy (kvs_engine_recode_dev); the last completion of the round ends it and
- * kicks again. `busy` is the round's token: whoever sets it runs the round. */
+ * kicks again. `busy` is the round's token: whoever sets it runs the round. Each device's
+ * gpu tier has rounds of its own (its own token and count), run by its own engine. */
 #include "storage/tiering.h"
 
 #include <pthread.h>
@@ -19,14 +20,20 @@
 
 #define ROUND 64
 
+/* One device's demotion rounds. */
+typedef struct dev_rounds {
+    kvs_engine *eng;     /* the engine of the store's gpu tier of this device */
+    atomic_bool busy;    /* a round is running */
+    atomic_uint pending; /* fetches of the running round not yet completed */
+} dev_rounds;
+
 struct kvs_tiering {
     kvs_store *st;
-    kvs_engine *eng;
+    dev_rounds dev[KVS_STORE_GPUS_MAX];
+    unsigned devs;
     kvs_tiering_run_fn run; /* completions off the engine thread (may be NULL: inline) */
     void *run_ctx;
-    atomic_bool busy;      /* a round is running */
     atomic_bool stopping;  /* no new rounds */
-    atomic_uint pending;   /* fetches of the running round not yet completed */
     atomic_uint promoting; /* promotions in flight (and callers inside kvs_tiering_promote) */
 };
 
@@ -39,7 +46,8 @@ typedef struct batch {
 
 typedef struct move {
     kvs_tiering *t;
-    batch *b; /* NULL: a move of the watermark round */
+    dev_rounds *d; /* the block's device */
+    batch *b;      /* NULL: a move of the watermark round */
     kvs_block *old, *nb;
     uint64_t raw_bytes;
     size_t len;
@@ -67,12 +75,14 @@ static void batch_end(batch *b, bool moved)
     pthread_mutex_unlock(&b->mu);
 }
 
-kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng, kvs_tiering_run_fn run,
-                                void *run_ctx)
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *const *engines, unsigned n,
+                                kvs_tiering_run_fn run, void *run_ctx)
 {
     kvs_tiering *t = kvs_xcalloc(1, sizeof *t);
     t->st = st;
-    t->eng = eng;
+    t->devs = n < KVS_STORE_GPUS_MAX ? n : KVS_STORE_GPUS_MAX;
+    for (unsigned g = 0; g < t->devs; g++)
+        t->dev[g].eng = engines[g];
     t->run = run;
     t->run_ctx = run_ctx;
     return t;
@@ -89,11 +99,13 @@ static void post(kvs_tiering *t, void (*fn)(void *), void *arg)
         fn(arg);
 }
 
-static void end_round(kvs_tiering *t)
+static void kick_dev(kvs_tiering *t, unsigned g);
+
+static void end_round(kvs_tiering *t, dev_rounds *d)
 {
-    atomic_store(&t->busy, false);
+    atomic_store(&d->busy, false);
     if (!atomic_load(&t->stopping))
-        kvs_tiering_kick(t);
+        kick_dev(t, (unsigned)(d - t->dev));
 }
 
 /* Completion thread: one block's bytes are on the host (or the fetch failed). Its codecs
@@ -103,6 +115,7 @@ static void fetched(void *arg)
 {
     move *m = arg;
     kvs_tiering *t = m->t;
+    dev_rounds *d = m->d;
     batch *b = m->b;
     int rc = m->rc;
     kvs_block_info info;
@@ -119,8 +132,8 @@ static void fetched(void *arg)
     free(m);
     if (b)
         batch_end(b, rc == 0);
-    else if (atomic_fetch_sub(&t->pending, 1) == 1)
-        end_round(t);
+    else if (atomic_fetch_sub(&d->pending, 1) == 1)
+        end_round(t, d);
 }
 
 /* Pool thread: the engine fetched a block whose re-encode it cannot run; the CPU codecs
@@ -161,6 +174,8 @@ static void on_fetched(void *arg, int rc, const kvs_err *err)
  * it could not start (cancelled). */
 static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
 {
+    unsigned g = kvs_block_gpu(old);
+    dev_rounds *dr = &t->dev[g];
     kvs_ns *ns = kvs_block_ns(old);
     const kvs_block_dev *d = kvs_block_device(old);
     uint32_t tokens = kvs_block_tokens(old);
@@ -178,8 +193,9 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
     /* Re-encoded on the device when the engine runs the host tier's codecs, else on the
      * pool once fetched; the host block is reserved for the block as it is (a re-encode
      * only makes it smaller, and the engine falls back to it: engine.h). */
-    bool recode = to != enc, gpu = recode && kvs_engine_accepts(t->eng, k2, v2);
+    bool recode = to != enc, gpu = recode && kvs_engine_accepts(dr->eng, k2, v2);
     *m = (move){.t = t,
+                .d = dr,
                 .b = b,
                 .old = old,
                 .raw_bytes = raw_bytes,
@@ -197,17 +213,17 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
     if (b)
         batch_start(b);
     else
-        atomic_fetch_add(&t->pending, 1);
+        atomic_fetch_add(&dr->pending, 1);
     int rc =
-        gpu ? kvs_engine_recode_dev(t->eng, k, v, k2, v2, kvs_ns_id(ns), tokens, d->slot, d->lens,
+        gpu ? kvs_engine_recode_dev(dr->eng, k, v, k2, v2, kvs_ns_id(ns), tokens, d->slot, d->lens,
                                     kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err)
-            : kvs_engine_fetch_dev(t->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
+            : kvs_engine_fetch_dev(dr->eng, k, v, kvs_ns_id(ns), tokens, d->slot, d->lens,
                                    kvs_block_data(m->nb), cap, &m->len, on_fetched, m, &err);
     if (rc) {
         if (b)
             batch_end(b, false);
         else
-            atomic_fetch_sub(&t->pending, 1);
+            atomic_fetch_sub(&dr->pending, 1);
         kvs_store_block_abort(t->st, m->nb);
         kvs_store_demote_cancel(t->st, old);
         free(m);
@@ -216,27 +232,35 @@ static bool start_move(kvs_tiering *t, kvs_block *old, batch *b)
     return true;
 }
 
-void kvs_tiering_kick(kvs_tiering *t)
+/* Starts a round of device g's tier if it is above its high watermark and none runs. */
+static void kick_dev(kvs_tiering *t, unsigned g)
 {
-    if (!t || atomic_load(&t->stopping) || !kvs_store_gpu_over_high(t->st))
+    dev_rounds *d = &t->dev[g];
+    if (atomic_load(&t->stopping) || !kvs_store_gpu_over_high(t->st, g))
         return;
-    if (atomic_exchange(&t->busy, true))
+    if (atomic_exchange(&d->busy, true))
         return; /* a round is running; its end kicks again */
     kvs_block *picked[ROUND];
-    size_t n = kvs_store_gpu_pick(t->st, picked, ROUND);
+    size_t n = kvs_store_gpu_pick(t->st, g, picked, ROUND);
     /* The round's own token keeps `pending` above zero until every move is queued, so a
      * fast completion cannot end the round early. */
-    atomic_store(&t->pending, 1);
+    atomic_store(&d->pending, 1);
     size_t started = 0;
     for (size_t i = 0; i < n; i++)
         started += start_move(t, picked[i], NULL);
-    if (atomic_fetch_sub(&t->pending, 1) == 1) {
+    if (atomic_fetch_sub(&d->pending, 1) == 1) {
         /* Nothing in flight: either nothing was picked or every move was refused. Do not
          * kick again from here (it would spin); the next Put or timer will. */
-        atomic_store(&t->busy, false);
+        atomic_store(&d->busy, false);
         if (started)
-            kvs_tiering_kick(t);
+            kick_dev(t, g);
     }
+}
+
+void kvs_tiering_kick(kvs_tiering *t)
+{
+    for (unsigned g = 0; t && g < t->devs; g++)
+        kick_dev(t, g);
 }
 
 size_t kvs_tiering_demote(void *arg, kvs_block **picked, size_t n)
@@ -260,6 +284,7 @@ size_t kvs_tiering_demote(void *arg, kvs_block **picked, size_t n)
 /* A promotion: the host block (with the promoter's reference) and its gpu copy. */
 typedef struct promo {
     kvs_tiering *t;
+    kvs_engine *eng; /* of the device it goes to */
     kvs_block *old, *g;
     int rc; /* the upload's */
 } promo;
@@ -296,17 +321,21 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     kvs_block_info info;
     const kvs_codec *k = NULL, *v = NULL;
     promo *p = NULL;
+    uint64_t slot = 0;
+    int g = -1;
     if (!atomic_load(&t->stopping) &&
         kvs_format_peek(kvs_block_data(blk), kvs_block_size(blk), &info, NULL) == 0 &&
         kvs_ns_block_codecs(ns, &info, &k, &v, NULL, NULL) == 0 &&
-        kvs_engine_accepts(t->eng, k, v)) {
-        p = kvs_xcalloc(1, sizeof *p);
-        *p = (promo){.t = t, .old = blk};
+        (slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens),
+         (g = kvs_store_gpu_choose(t->st, ns, slot)) >= 0) &&
+        (unsigned)g < t->devs && kvs_engine_accepts(t->dev[g].eng, k, v)) {
         /* One slot size per namespace and encodings, a full block's, as Puts use: a block
          * stored with other codecs than the namespace's own (a fallback, a colder tier's)
-         * keeps them on the GPU (storage/slots.h, store.h invariant 9). */
-        uint64_t slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens);
-        if (!kvs_store_promote_begin(t->st, blk, slot, &p->g)) {
+         * keeps them on the GPU (storage/slots.h, store.h invariant 9); on the device with
+         * the most room. */
+        p = kvs_xcalloc(1, sizeof *p);
+        *p = (promo){.t = t, .old = blk, .eng = t->dev[g].eng};
+        if (!kvs_store_promote_begin(t->st, (unsigned)g, blk, slot, &p->g)) {
             free(p);
             p = NULL;
         }
@@ -319,7 +348,7 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     d->k_state = info.k_state;
     d->v_state = info.v_state;
     kvs_err err;
-    if (kvs_engine_upload_dev(t->eng, k, v, kvs_block_data(blk), kvs_block_size(blk),
+    if (kvs_engine_upload_dev(p->eng, k, v, kvs_block_data(blk), kvs_block_size(blk),
                               KVS_BLOCK_VERIFIED, d->slot, d->lens, on_uploaded, p, &err))
         on_uploaded(p, -1, &err); /* refused (a malformed block: its Get will say so) */
 }
@@ -329,7 +358,12 @@ void kvs_tiering_destroy(kvs_tiering *t)
     if (!t)
         return;
     atomic_store(&t->stopping, true);
-    while (atomic_load(&t->busy) || atomic_load(&t->promoting)) {
+    for (unsigned g = 0; g < t->devs; g++)
+        while (atomic_load(&t->dev[g].busy)) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+    while (atomic_load(&t->promoting)) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }

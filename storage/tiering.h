@@ -33,11 +33,13 @@ typedef struct kvs_tiering kvs_tiering;
  * hook as storage/xfer.h's opts.run). */
 typedef void (*kvs_tiering_run_fn)(void *ctx, void (*fn)(void *), void (*done)(void *), void *arg);
 
-/* store and engine are borrowed and must outlive the tiering object. Engine completions
- * are handed to run (NULL: handled on the engine thread). */
-kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *eng, kvs_tiering_run_fn run,
-                                void *run_ctx);
-/* Starts a demotion round if the GPU tier is above its high watermark and none runs. */
+/* store and engines are borrowed and must outlive the tiering object: engines[g] runs the
+ * store's gpu tier of device g (n of them). Engine completions are handed to run (NULL:
+ * handled on the engine thread). */
+kvs_tiering *kvs_tiering_create(kvs_store *st, kvs_engine *const *engines, unsigned n,
+                                kvs_tiering_run_fn run, void *run_ctx);
+/* Starts a demotion round of each device's gpu tier that is above its high watermark and
+ * has none running. */
 void kvs_tiering_kick(kvs_tiering *t);
 /* Moves picked GPU blocks (each holding the demoter's reference: kvs_store_evict's
  * picks) to the host tier through the engine, outside the watermark rounds, and waits until

@@ -35,7 +35,26 @@ struct kvs_xfer {
     atomic_uint_fast64_t ops[2][2], ns[2][2], raw_bytes[2][2], encoded_bytes[2][2];
     atomic_uint_fast64_t sample_bits; /* the default error_sample (a double's bits): live */
     atomic_uint_fast64_t draws;       /* the sampling stream's position */
+    unsigned engines;                 /* opts.engine[0..engines) are set */
+    atomic_uint turn;                 /* the next engine for host bytes (eng_for) */
 };
+
+/* Device g's engine, or NULL when there is none. */
+static kvs_engine *eng_at(const kvs_xfer *x, unsigned g)
+{
+    return g < x->engines ? x->o.engine[g] : NULL;
+}
+
+/* The engine that codes bytes in b: a DEVICE buffer's own device's; for host bytes the
+ * engines in turn (their queues and staging share the load); NULL without one. */
+static kvs_engine *eng_for(kvs_xfer *x, const kvs_xfer_buf *b)
+{
+    if (b->kind == KVS_XFER_DEVICE)
+        return eng_at(x, b->gpu);
+    if (x->engines <= 1)
+        return eng_at(x, 0);
+    return x->o.engine[atomic_fetch_add_explicit(&x->turn, 1, memory_order_relaxed) % x->engines];
+}
 
 static uint64_t now_ns(void)
 {
@@ -70,6 +89,8 @@ kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o)
 {
     kvs_xfer *x = kvs_xcalloc(1, sizeof *x);
     x->o = *o;
+    while (x->engines < KVS_STORE_GPUS_MAX && o->engine[x->engines])
+        x->engines++;
     kvs_xfer_set_error_sample(x, o->error_sample);
     return x;
 }
@@ -129,10 +150,12 @@ int kvs_xfer_gather(kvs_xfer *x, const kvs_xfer_buf *src, uint32_t tokens, kvs_x
         kvs_paged_gather(lay, src->ptr, src->pages, tokens, 0, lay->layers, out->ptr);
         return 0;
     }
-    if (!x->o.engine)
+    kvs_engine *eng = eng_at(x, src->gpu);
+    if (!eng)
         return kvs_err_set(err, KVS_EUNAVAIL, "layout: pages in GPU memory, and no GPU engine");
     void *dev = NULL;
-    int rc = kvs_engine_gather_dev(x->o.engine, lay, src->ptr, src->pages, tokens, &dev, err);
+    out->gpu = src->gpu;
+    int rc = kvs_engine_gather_dev(eng, lay, src->ptr, src->pages, tokens, &dev, err);
     out->ptr = dev;
     return rc;
 }
@@ -140,7 +163,7 @@ int kvs_xfer_gather(kvs_xfer *x, const kvs_xfer_buf *src, uint32_t tokens, kvs_x
 void kvs_xfer_buf_release(kvs_xfer *x, kvs_xfer_buf *b)
 {
     if (b->kind == KVS_XFER_DEVICE)
-        kvs_engine_dev_free(x->o.engine, b->ptr);
+        kvs_engine_dev_free(eng_at(x, b->gpu), b->ptr);
     else
         kvs_xfer_host_free(x, b->ptr);
     b->ptr = NULL;
@@ -181,6 +204,7 @@ typedef struct put_op {
     bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
+    kvs_engine *eng;        /* the engine that codes it (eng_for, or its slot's device's) */
     const kvs_codec *k, *v; /* the codecs it is encoded with... */
     unsigned enc;           /* ...and their roles (gpu/codec/codec.h kvs_enc), packed */
     uint64_t raw_bytes;
@@ -232,12 +256,19 @@ static int reserve(put_op *op, kvs_err *err)
     put_codecs(op, false);
     /* A durable block is written from host memory: it never takes a GPU slot. A RotateKV
      * namespace still calibrating needs the raw keys on the host. */
-    if (x->o.engine && kvs_store_has_gpu(st) && !spec->durable && !op->measure &&
-        !kvs_learn_wants_keys(kvs_ns_learner(ns)) &&
-        kvs_engine_accepts(x->o.engine, op->k, op->v)) {
-        /* One slot size per namespace: a full block's (a partial block fits in it). */
+    op->eng = eng_for(x, &op->r.src);
+    if (op->eng && kvs_store_has_gpu(st) && !spec->durable && !op->measure &&
+        !kvs_learn_wants_keys(kvs_ns_learner(ns)) && kvs_engine_accepts(op->eng, op->k, op->v)) {
+        /* One slot size per namespace: a full block's (a partial block fits in it). Bytes
+         * on a device stay on it; host bytes go where there is most room. */
         uint64_t slot = kvs_engine_slot_bytes(op->k, op->v, spec->block_tokens);
-        if (kvs_store_block_alloc_gpu(st, ns, op->r.tokens, 0, slot, &op->blk, NULL) == 0) {
+        int g =
+            op->r.src.kind == KVS_XFER_DEVICE ? op->r.src.gpu : kvs_store_gpu_choose(st, ns, slot);
+        kvs_engine *eng = g >= 0 ? eng_at(x, (unsigned)g) : NULL;
+        if (eng && kvs_engine_accepts(eng, op->k, op->v) &&
+            kvs_store_block_alloc_gpu(st, (unsigned)g, ns, op->r.tokens, 0, slot, &op->blk, NULL) ==
+                0) {
+            op->eng = eng;
             kvs_block_dev *d = kvs_block_device(op->blk);
             op->gpu = true;
             d->k_state = kvs_codec_state_version(op->k);
@@ -489,7 +520,7 @@ static int bounce(put_op *op, kvs_err *err)
         return kvs_err_set(err, KVS_ENOMEM,
                            "payload: cannot allocate %llu bytes to copy it from the GPU",
                            (unsigned long long)op->raw_bytes);
-    if (kvs_engine_copy(x->o.engine, op->bounce, op->r.src.ptr, op->raw_bytes, err))
+    if (kvs_engine_copy(eng_at(x, op->r.src.gpu), op->bounce, op->r.src.ptr, op->raw_bytes, err))
         return KVS_EINTERNAL;
     op->r.src = (kvs_xfer_buf){.kind = KVS_XFER_HOST, .ptr = op->bounce, .len = op->raw_bytes};
     return 0;
@@ -505,7 +536,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     if (rc)
         return rc;
     if ((r->src.kind != KVS_XFER_HOST && r->src.kind != KVS_XFER_DEVICE) ||
-        (r->src.kind == KVS_XFER_DEVICE && !x->o.engine) || r->src.len != raw_bytes)
+        (r->src.kind == KVS_XFER_DEVICE && !eng_at(x, r->src.gpu)) || r->src.len != raw_bytes)
         return kvs_err_set(err, KVS_EINVAL, "payload: %zu bytes given, %u tokens take %llu",
                            r->src.len, r->tokens, (unsigned long long)raw_bytes);
     put_op *op = kvs_xcalloc(1, sizeof *op); /* small and fixed (STYLE: may abort) */
@@ -521,7 +552,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     }
     /* The coder: the engine when it has kernels for both codecs, else the CPU codecs on
      * the pool. Either way commit runs next. */
-    kvs_engine *eng = x->o.engine;
+    kvs_engine *eng = op->eng;
     kvs_err e2;
     op->t0 = now_ns();
     if (op->gpu) {
@@ -570,8 +601,10 @@ struct kvs_xfer_get {
     uint32_t lb, le;
     kvs_xfer_buf dst;
     kvs_engine_paged paged; /* dst.lay set: the engine's view of it */
-    uint8_t *fetched;       /* encoded Get of a GPU block: the block fetched to the host */
+    uint8_t *fetched;       /* encoded Get of a GPU block, or a raw one into another device's
+                             * memory: the block fetched to the host */
     size_t fetched_len;
+    bool cross;           /* fetched to be decoded by the destination's engine (xfer.h) */
     bool decoded;         /* decoded straight from LMDB's map by the read */
     uint64_t t0, enc_len; /* a GPU decode: its submission (monotonic ns), the slot's bytes */
     int rc;
@@ -631,7 +664,7 @@ void kvs_xfer_get_close(kvs_xfer_get *g)
 {
     if (!g)
         return;
-    free(g->fetched);
+    kvs_xfer_host_free(g->x, g->fetched);
     if (g->blk) /* NULL after a failed disk read, which dropped it */
         kvs_store_block_release(g->x->o.store, g->blk);
     free(g);
@@ -670,7 +703,7 @@ static int decode_bytes(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
         (rc = kvs_block_decode_verified(k, v, bytes, len, g->lb, g->le, (uint16_t *)out, err)) == 0)
         count(g->x, DECODE, CPU, t0, g->dst.len, len);
     if (dev && rc == 0)
-        rc = kvs_engine_copy(g->x->o.engine, g->dst.ptr, out, g->dst.len, err);
+        rc = kvs_engine_copy(eng_at(g->x, g->dst.gpu), g->dst.ptr, out, g->dst.len, err);
     if (dev)
         free(out);
     if (rc == KVS_EPROTO || rc == KVS_EDATALOSS)
@@ -683,6 +716,13 @@ static void decode_job(void *arg)
 {
     kvs_xfer_get *g = arg;
     g->rc = decode_bytes(g, kvs_block_data(g->blk), kvs_block_size(g->blk));
+}
+
+/* Pool thread: decode a GPU block fetched for another device on the CPU. */
+static void decode_fetched_job(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    g->rc = decode_bytes(g, g->fetched, g->fetched_len);
 }
 
 static void decoded(void *arg)
@@ -705,16 +745,50 @@ static void engine_done(void *arg, int rc, const kvs_err *err)
     g->rc = rc;
     if (err)
         g->err = *err;
-    if (rc == 0 && !g->encoded)
+    if (rc == 0 && !g->encoded && !g->cross)
         count(g->x, DECODE, GPU, g->t0, g->dst.len, g->enc_len);
     run(g->x, NULL, decoded, g);
+}
+
+static int decode_host(kvs_xfer_get *g, kvs_engine *eng, const kvs_codec *k, const kvs_codec *v,
+                       const uint8_t *bytes, size_t len, kvs_err *err);
+
+/* Completion thread: a GPU block fetched from its device for a destination on another
+ * one; the destination's engine decodes the fetched bytes (ours: framed and hashed by the
+ * fetch, so not hashed again). */
+static void cross_fetched(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    g->cross = false; /* the decode below is counted as any other */
+    const kvs_block_dev *d = kvs_block_device(g->blk);
+    const kvs_codec *k, *v;
+    int rc = g->rc;
+    if (rc == 0 &&
+        kvs_ns_codecs_enc(g->ns, kvs_block_enc(g->blk), d->k_state, d->v_state, &k, &v, NULL))
+        rc = kvs_err_set(&g->err, KVS_EINTERNAL, "GPU tier block without its codec state");
+    if (rc) {
+        finish_get(g, rc, &g->err);
+        return;
+    }
+    if (decode_host(g, eng_at(g->x, g->dst.gpu), k, v, g->fetched, g->fetched_len, &g->err))
+        run(g->x, decode_fetched_job, decoded, g); /* that engine cannot: the CPU */
+}
+
+/* Engine thread (the block's device): its fetch for another device ended. */
+static void cross_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_xfer_get *g = arg;
+    g->rc = rc;
+    if (err)
+        g->err = *err;
+    run(g->x, NULL, cross_fetched, g);
 }
 
 /* A GPU tier block: decode from its slot, or fetch it, with the codecs of the state
  * versions it was encoded with. */
 static int start_gpu(kvs_xfer_get *g, kvs_err *err)
 {
-    kvs_engine *eng = g->x->o.engine;
+    kvs_engine *eng = eng_at(g->x, kvs_block_gpu(g->blk));
     const kvs_block_dev *d = kvs_block_device(g->blk);
     const kvs_codec *k, *v;
     uint32_t t = kvs_block_tokens(g->blk);
@@ -722,12 +796,13 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
         kvs_ns_codecs_enc(g->ns, kvs_block_enc(g->blk), d->k_state, d->v_state, &k, &v, NULL))
         return kvs_err_set(err, KVS_EINTERNAL, "GPU tier block without its engine or codec state");
     int rc;
-    if (g->encoded) {
+    g->cross = !g->encoded && g->dst.kind == KVS_XFER_DEVICE && g->dst.gpu != kvs_block_gpu(g->blk);
+    if (g->encoded || g->cross) {
         size_t cap = kvs_block_encoded_max(k, v, t);
-        if (!(g->fetched = kvs_trymalloc(cap)))
+        if (!(g->fetched = kvs_xfer_host_alloc(g->x, cap)))
             return kvs_err_set(err, KVS_ENOMEM, "fetch: cannot allocate %zu bytes", cap);
         rc = kvs_engine_fetch_dev(eng, k, v, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched, cap,
-                                  &g->fetched_len, engine_done, g, err);
+                                  &g->fetched_len, g->cross ? cross_done : engine_done, g, err);
     } else {
         g->t0 = now_ns();
         g->enc_len = kvs_format_prefix_bytes(kvs_ns_spec_of(g->ns)->layers);
@@ -773,22 +848,30 @@ static void dispatch(kvs_xfer_get *g)
         return;
     }
     /* The engine when it has kernels for the block's codecs, else the pool. */
-    kvs_engine *eng = x->o.engine;
     kvs_block_info info;
     const kvs_codec *k, *v;
-    g->t0 = now_ns(); /* before the submission: the engine may finish before it returns */
-    g->enc_len = kvs_block_size(g->blk);
-    if (eng && kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
+    if (kvs_format_peek(kvs_block_data(g->blk), kvs_block_size(g->blk), &info, NULL) == 0 &&
         kvs_ns_block_codecs(g->ns, &info, &k, &v, NULL, NULL) == 0 &&
-        kvs_engine_accepts(eng, k, v) &&
-        (g->dst.lay ? kvs_engine_decode_paged(eng, k, v, kvs_block_data(g->blk),
-                                              kvs_block_size(g->blk), KVS_BLOCK_VERIFIED, g->lb,
-                                              g->le, &g->paged, engine_done, g, &g->err)
-                    : kvs_engine_decode(eng, k, v, kvs_block_data(g->blk), kvs_block_size(g->blk),
-                                        KVS_BLOCK_VERIFIED, g->lb, g->le, (uint16_t *)g->dst.ptr,
-                                        engine_done, g, &g->err)) == 0)
+        decode_host(g, eng_for(x, &g->dst), k, v, kvs_block_data(g->blk), kvs_block_size(g->blk),
+                    &g->err) == 0)
         return;
     run(x, decode_job, decoded, g);
+}
+
+/* Submits the decode of encoded host bytes (verified: the store's, or our own fetch) into
+ * dst to eng (may be NULL); nonzero when eng cannot take it (the caller decodes on the
+ * CPU or fails). */
+static int decode_host(kvs_xfer_get *g, kvs_engine *eng, const kvs_codec *k, const kvs_codec *v,
+                       const uint8_t *bytes, size_t len, kvs_err *err)
+{
+    if (!eng || !kvs_engine_accepts(eng, k, v))
+        return kvs_err_set(err, KVS_EUNAVAIL, "decode: no GPU engine runs these codecs");
+    g->t0 = now_ns(); /* before the submission: the engine may finish before it returns */
+    g->enc_len = len;
+    return g->dst.lay ? kvs_engine_decode_paged(eng, k, v, bytes, len, KVS_BLOCK_VERIFIED, g->lb,
+                                                g->le, &g->paged, engine_done, g, err)
+                      : kvs_engine_decode(eng, k, v, bytes, len, KVS_BLOCK_VERIFIED, g->lb, g->le,
+                                          (uint16_t *)g->dst.ptr, engine_done, g, err);
 }
 
 /* Pool thread: read a disk block (LMDB read transaction, verified). A raw Get that the
@@ -799,7 +882,7 @@ static void read_job(void *arg)
 {
     kvs_xfer_get *g = arg;
     kvs_store *st = g->x->o.store;
-    kvs_engine *eng = g->x->o.engine;
+    kvs_engine *eng = eng_for(g->x, &g->dst);
     kvs_err_clear(&g->err);
     if (!g->encoded && !kvs_store_promotes(st) &&
         (!eng || !kvs_engine_accepts(eng, kvs_ns_codec(g->ns, KVS_KEYS),
@@ -826,7 +909,7 @@ int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
                      void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err)
 {
     if (!g->encoded && (!dst || (dst->kind != KVS_XFER_HOST && dst->kind != KVS_XFER_DEVICE) ||
-                        (dst->kind == KVS_XFER_DEVICE && !g->x->o.engine) ||
+                        (dst->kind == KVS_XFER_DEVICE && !eng_at(g->x, dst->gpu)) ||
                         (dst->lay && dst->kind != KVS_XFER_DEVICE) ||
                         (!dst->lay && dst->len < kvs_xfer_get_raw_bytes(g))))
         return kvs_err_set(err, KVS_EINVAL, "get: destination of %zu bytes, %llu needed",

@@ -85,11 +85,19 @@ typedef struct kvs_xfer_buf {
      * GPU engine writes such a destination (KVS_EUNAVAIL without it). */
     const kvs_paged_layout *lay;
     const uint32_t *pages;
+    uint8_t gpu; /* DEVICE: the device it is on (an index into opts.engine) */
 } kvs_xfer_buf;
 
 typedef struct kvs_xfer_opts {
-    kvs_store *store;            /* borrowed; outlives the data path */
-    struct kvs_engine *engine;   /* borrowed, may be NULL: CPU codecs only */
+    kvs_store *store; /* borrowed; outlives the data path */
+    /* The GPU engines, one per device, numbered as the store's gpu tiers (engine[g] runs
+     * device g's tier; store.h opts.gpu): the leading non-NULL entries. Borrowed; none:
+     * CPU codecs only. A block in a gpu tier is coded by its device's engine; a DEVICE
+     * buffer by its own device's (kvs_xfer_buf.gpu); host bytes by the engines in turn.
+     * A block read into another device's memory is fetched to the host as encoded bytes
+     * and decoded by the destination's engine (the compressed bytes cross the bus twice,
+     * never the raw ones). */
+    struct kvs_engine *engine[KVS_STORE_GPUS_MAX];
     struct kvs_tiering *tiering; /* borrowed, may be NULL: no GPU tier moves */
     /* Runs fn(arg) off the calling thread (a pool), then done(arg) on the caller's
      * completion thread; fn NULL: done alone, there. The GPU engine's completions come

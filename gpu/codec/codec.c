@@ -140,7 +140,7 @@ void kvs_codec_destroy(kvs_codec *c)
         return;
     if (c->ops->fini)
         c->ops->fini(c);
-    if (c->priv_cuda && c->cuda_release)
+    if (c->cuda_release)
         c->cuda_release(c);
     free(c->state_owned);
     free(c);

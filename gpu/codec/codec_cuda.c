@@ -6,6 +6,10 @@
 
 #include <string.h>
 
+#ifdef KVS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 #include "gpu/codec/codec_int.h"
 
 typedef struct cuda_ops {
@@ -53,10 +57,39 @@ bool kvs_codec_cuda_fixed_size(const kvs_codec *c)
     return !c->ops->variable_size;
 }
 
-bool kvs_codec_cuda_ready(const kvs_codec *c)
+int kvs__cuda_device(void)
+{
+    int d = 0;
+#ifdef KVS_HAVE_CUDA
+    if (cudaGetDevice(&d) != cudaSuccess || d < 0 || d >= KVS_CODEC_CUDA_DEVICES)
+        d = 0; /* prepare refused such a device: its slot 0 lookup finds another's or none */
+#endif
+    return d;
+}
+
+bool kvs_codec_cuda_ready(const kvs_codec *c, int device)
 {
     const cuda_ops *o = ops_of(c);
-    return o && (!o->supported || o->supported(c)) && (!o->prepare || c->priv_cuda);
+    return o && (!o->supported || o->supported(c)) &&
+           (!o->prepare ||
+            (device >= 0 && device < KVS_CODEC_CUDA_DEVICES && c->priv_cuda[device]));
+}
+
+/* c->cuda_release: each device's tables, freed with that device current. */
+static void release_all(kvs_codec *c)
+{
+#ifdef KVS_HAVE_CUDA
+    const cuda_ops *o = ops_of(c);
+    int cur = 0;
+    bool have_cur = cudaGetDevice(&cur) == cudaSuccess;
+    for (int d = 0; o && o->release && d < KVS_CODEC_CUDA_DEVICES; d++)
+        if (c->priv_cuda[d] && cudaSetDevice(d) == cudaSuccess)
+            o->release(c);
+    if (have_cur)
+        cudaSetDevice(cur);
+#else
+    (void)c;
+#endif
 }
 
 static int unsupported(const kvs_codec *c, kvs_err *err)
@@ -72,11 +105,23 @@ int kvs_codec_cuda_prepare(kvs_codec *c, kvs_err *err)
     if (!kvs_codec_cuda_supported(c))
         return unsupported(c, err);
     const cuda_ops *o = ops_of(c);
-    if (c->priv_cuda || !o->prepare)
+    if (!o->prepare)
+        return 0;
+    int d = -1;
+#ifdef KVS_HAVE_CUDA
+    cudaError_t ce = cudaGetDevice(&d);
+    if (ce != cudaSuccess)
+        return kvs_err_set(err, KVS_EINTERNAL, "%s: cudaGetDevice: %s", c->ops->family,
+                           cudaGetErrorString(ce));
+#endif
+    if (d < 0 || d >= KVS_CODEC_CUDA_DEVICES)
+        return kvs_err_set(err, KVS_ENOTSUP, "%s: device %d: tables are kept for devices 0..%d",
+                           c->ops->family, d, KVS_CODEC_CUDA_DEVICES - 1);
+    if (c->priv_cuda[d])
         return 0;
     int rc = o->prepare(c, err);
     if (rc == 0)
-        c->cuda_release = o->release; /* kvs_codec_destroy calls it */
+        c->cuda_release = release_all; /* kvs_codec_destroy calls it */
     return rc;
 }
 
@@ -84,7 +129,7 @@ static int check(const kvs_codec *c, const kvs_cuda_sections *s, kvs_err *err)
 {
     if (!kvs_codec_cuda_supported(c))
         return unsupported(c, err);
-    if (ops_of(c)->prepare && !c->priv_cuda)
+    if (ops_of(c)->prepare && !KVS__CUDA_TAB(c))
         return kvs_err_set(err, KVS_EINVAL, "%s: kvs_codec_cuda_prepare was not called",
                            c->ops->family);
     if (s->t == 0 || s->t > c->spec.block_tokens)

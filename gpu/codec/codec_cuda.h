@@ -60,11 +60,17 @@ bool kvs_codec_cuda_supported(const kvs_codec *c);
 /* True if every section of t tokens encodes to exactly kvs_codec_section_max(t) bytes. */
 bool kvs_codec_cuda_fixed_size(const kvs_codec *c);
 
-/* Uploads the codec's tables to the current device (once, before the first launch; not
- * thread-safe against launches of the same codec). Idempotent. */
+/* Most CUDA device ordinals a codec keeps tables for (a node's GPUs, with room). */
+#define KVS_CODEC_CUDA_DEVICES 64
+
+/* Uploads the codec's tables to the current device (once per device, before the first
+ * launch there; not thread-safe against launches of the same codec on that device).
+ * Idempotent. A codec may be prepared on several devices (one engine each): each launch
+ * reads the tables of the device current on its thread. */
 int kvs_codec_cuda_prepare(kvs_codec *c, kvs_err *err);
-/* True once c can be launched: supported, and prepared if its kernels need tables. */
-bool kvs_codec_cuda_ready(const kvs_codec *c);
+/* True once c can be launched on CUDA device `device`: supported, and prepared there if
+ * its kernels need tables. */
+bool kvs_codec_cuda_ready(const kvs_codec *c, int device);
 
 int kvs_codec_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
                           kvs_err *err);

@@ -78,10 +78,17 @@ struct kvs_codec {
     kvs_codec_state state; /* data: state_owned */
     void *state_owned;     /* the codec's copy of the state bytes (freed with it) */
     void *priv;            /* quantizer tables, owned through ops->fini */
-    void *priv_cuda;       /* device tables (kvs_codec_cuda_prepare, in kvs_codec_cuda) */
-    void (*cuda_release)(kvs_codec *c); /* frees priv_cuda; set with it, so that this CPU
-                                         * library never links the CUDA one */
+    /* Device tables, one set per CUDA device ordinal (kvs_codec_cuda_prepare on each
+     * device that launches it: a node's engines share the codec); the kernels read the
+     * current device's, KVS__CUDA_TAB. */
+    void *priv_cuda[KVS_CODEC_CUDA_DEVICES];
+    void (*cuda_release)(kvs_codec *c); /* frees every device's tables; set with them, so
+                                         * that this CPU library never links the CUDA one */
 };
+
+/* The current device's tables of c (CUDA code only: kvs__cuda_device in codec_cuda.c). */
+int kvs__cuda_device(void);
+#define KVS__CUDA_TAB(c) ((c)->priv_cuda[kvs__cuda_device()])
 
 extern const kvs_codec_ops kvs__codec_none_ops;
 extern const kvs_codec_ops kvs__codec_fp8_ops;

@@ -36,10 +36,9 @@
  *
  * Signs: one D-bit word vector per codec, made in cuda_prepare by exactly the reference's
  * generator (pq_init: rng stream (seed, 0, 0, 0, KVS_PQ_RNG_PURPOSE), bit i % 64 of draw
- * i / 64) and kept in host memory (c->priv_cuda); each launch passes the D/32 words by
- * value as a kernel parameter. Nothing is allocated on the device, so a codec prepared on
- * one GPU runs unchanged on every other (the engine runs one thread per GPU and prepares a
- * codec once).
+ * i / 64) and kept in host memory (KVS__CUDA_TAB, one copy per device it is prepared on,
+ * as every codec's tables); each launch passes the D/32 words by value as a kernel
+ * parameter. Nothing is allocated on the device.
  *
  * `bad` (encode): the flat index over n*t*H*D of any NaN/Inf input (atomicMin). A chunk
  * whose norm does not fit the fp16 radius (reference: KVS_EINVAL "... beyond the fp16
@@ -467,14 +466,14 @@ extern "C" int kvs__polarquant_cuda_prepare(kvs_codec *c, kvs_err *err)
         if ((w >> (i % 64)) & 1)
             s->w[i / 32] |= 1u << (i % 32);
     }
-    c->priv_cuda = s;
+    KVS__CUDA_TAB(c) = s;
     return 0;
 }
 
 extern "C" void kvs__polarquant_cuda_release(kvs_codec *c)
 {
-    free(c->priv_cuda);
-    c->priv_cuda = NULL;
+    free(KVS__CUDA_TAB(c));
+    KVS__CUDA_TAB(c) = NULL;
 }
 
 template <int D>
@@ -496,7 +495,7 @@ static int pq_launch(const kvs_codec *c, const kvs_cuda_sections *s, void *strea
     const uintptr_t io = encode ? (uintptr_t)s->raw : (uintptr_t)s->raw_out;
     a.vec_io = io % (E * 2 < 16 ? E * 2 : 16) == 0;
     a.scale = kvs_fwht_scale(D);
-    a.signs = *(const pq_signs *)c->priv_cuda;
+    a.signs = *(const pq_signs *)KVS__CUDA_TAB(c);
     const unsigned long long warps = (a.nvec + G::VPW - 1) / G::VPW;
     const unsigned long long blocks = (warps + PQ_THREADS / 32 - 1) / (PQ_THREADS / 32);
     if (blocks > 0x7FFFFFFFull)

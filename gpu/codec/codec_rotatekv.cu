@@ -94,9 +94,10 @@
  * code, the group scans, all kept identical to the reference), and a lone block waits on
  * the norm lanes' sequential double adds (C of them per token).
  *
- * Codec state: the key permutation of every layer is uploaded once by cuda_prepare to
- * the device that is current then (c->priv_cuda); launches on another device are refused
- * (KVS_EINVAL). Values and state version 0 need no table.
+ * Codec state: the key permutation of every layer is uploaded by cuda_prepare to the
+ * device that is current then, once per device (KVS__CUDA_TAB: each device's table);
+ * a launch on a device where it was not prepared is refused (KVS_EINVAL). Values and
+ * state version 0 need no table.
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -885,7 +886,7 @@ static __global__ void __launch_bounds__(RKV_THREADS) rkv_decode_kernel(const rk
 
 /* ---------------------------------------------------------------- host: geometry, plans */
 
-/* Per-device table of a prepared codec (c->priv_cuda, host memory). */
+/* Per-device table of a prepared codec (KVS__CUDA_TAB(c), host memory). */
 typedef struct rkv_cuda {
     int device;     /* current device at cuda_prepare: the one that holds perm */
     uint16_t *perm; /* device [L][C] p of the codec state, NULL for the identity */
@@ -1030,13 +1031,13 @@ extern "C" int kvs__rotatekv_cuda_prepare(kvs_codec *c, kvs_err *err)
         free(p);
         return rc;
     }
-    c->priv_cuda = p;
+    KVS__CUDA_TAB(c) = p;
     return 0;
 }
 
 extern "C" void kvs__rotatekv_cuda_release(kvs_codec *c)
 {
-    rkv_cuda *p = (rkv_cuda *)c->priv_cuda;
+    rkv_cuda *p = (rkv_cuda *)KVS__CUDA_TAB(c);
     if (p && p->perm) {
         int cur = -1;
         bool other = cudaGetDevice(&cur) == cudaSuccess && cur != p->device;
@@ -1047,7 +1048,7 @@ extern "C" void kvs__rotatekv_cuda_release(kvs_codec *c)
             cudaSetDevice(cur);
     }
     free(p);
-    c->priv_cuda = NULL;
+    KVS__CUDA_TAB(c) = NULL;
 }
 
 template <int N, int B>
@@ -1138,7 +1139,7 @@ static int dispatch_bits(const kvs_codec *c, const kvs_cuda_sections *s, cudaStr
 static int run(const kvs_codec *c, const kvs_cuda_sections *s, void *stream, bool encode,
                kvs_err *err)
 {
-    const rkv_cuda *pc = (const rkv_cuda *)c->priv_cuda;
+    const rkv_cuda *pc = (const rkv_cuda *)KVS__CUDA_TAB(c);
     const void *raw = encode ? (const void *)s->raw : (const void *)s->raw_out;
     if (((uintptr_t)raw & 15) != 0)
         return kvs_err_set(err, KVS_EINVAL, "rotatekv: raw device pointer %p not 16-byte aligned",

@@ -89,7 +89,7 @@ static constexpr __host__ __device__ int sq_block(int d)
     return d >= 128 ? 64 : d / 2;
 }
 
-/* Device tables (c->priv_cuda). */
+/* Device tables (KVS__CUDA_TAB(c): the current device's). */
 typedef struct squat_cuda {
     uint32_t active; /* heads with a subspace; 0: every launch is KIVI's */
     size_t per_head; /* floats of one head's C_1^T .. C_{T-1}^T */
@@ -331,7 +331,7 @@ extern "C" int kvs__squat_cuda_prepare(kvs_codec *c, kvs_err *err)
     if (!sc)
         return kvs_err_set(err, KVS_ENOMEM, "squat: out of memory");
     if (c->kv != KVS_KEYS || kvs_squat_subspace_heads(c) == 0) {
-        c->priv_cuda = sc; /* KIVI launches only */
+        KVS__CUDA_TAB(c) = sc; /* KIVI launches only */
         return 0;
     }
     const uint32_t D = c->spec.head_dim, L = c->spec.layers, H = c->spec.kv_heads;
@@ -439,17 +439,17 @@ extern "C" int kvs__squat_cuda_prepare(kvs_codec *c, kvs_err *err)
 #endif
     sc->slot = (const uint32_t *)sc->mem;
     sc->C = (const float *)((const uint8_t *)sc->mem + slot_bytes);
-    c->priv_cuda = sc;
+    KVS__CUDA_TAB(c) = sc;
     return 0;
 }
 
 extern "C" void kvs__squat_cuda_release(kvs_codec *c)
 {
-    squat_cuda *sc = (squat_cuda *)c->priv_cuda;
+    squat_cuda *sc = (squat_cuda *)KVS__CUDA_TAB(c);
     if (sc && sc->mem)
         cudaFree(sc->mem);
     free(sc);
-    c->priv_cuda = NULL;
+    KVS__CUDA_TAB(c) = NULL;
 }
 
 extern "C" int kvs__squat_encode_cuda(const kvs_codec *c, const kvs_cuda_sections *s, void *stream,
@@ -457,7 +457,7 @@ extern "C" int kvs__squat_encode_cuda(const kvs_codec *c, const kvs_cuda_section
 {
     if (c->kv != KVS_KEYS || kvs_squat_subspace_heads(c) == 0)
         return kvs__kivi_encode_cuda(c, s, stream, err); /* exactly KIVI (codec_squat.c) */
-    const squat_cuda *sc = (const squat_cuda *)c->priv_cuda;
+    const squat_cuda *sc = (const squat_cuda *)KVS__CUDA_TAB(c);
     if (!sc || !sc->mem)
         return kvs_err_set(err, KVS_EINVAL, "squat: kvs_codec_cuda_prepare was not called");
     if (!s->layer)

@@ -668,8 +668,11 @@ int kvs_engine_create(const kvs_engine_opts *opts, kvs_engine **out, kvs_err *er
         e->o.deadline_us = 200;
     e->max_sections = (size_t)e->o.max_batch * KVS_MAX_LAYERS;
     struct cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, e->o.device) == cudaSuccess)
+    if (cudaGetDeviceProperties(&prop, e->o.device) == cudaSuccess) {
         snprintf(e->name, sizeof e->name, "%.200s (device %d)", prop.name, e->o.device);
+        _Static_assert(sizeof prop.uuid.bytes == sizeof e->uuid, "device UUID length");
+        memcpy(e->uuid, prop.uuid.bytes, sizeof e->uuid);
+    }
     int rc = alloc_all(e, err);
     if (rc == 0) {
         pthread_mutex_init(&e->mu, NULL);
@@ -721,6 +724,23 @@ const char *kvs_engine_device_name(const kvs_engine *e)
     return e->name;
 }
 
+bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid)
+{
+    return memcmp(e->uuid, uuid, sizeof e->uuid) == 0;
+}
+
+int kvs_engine_device_count(int *n, kvs_err *err)
+{
+    *n = 0;
+    cudaError_t ce = cudaGetDeviceCount(n);
+    if (ce != cudaSuccess) {
+        *n = 0;
+        return kvs_err_set(err, KVS_EUNAVAIL, "GPU engine: cudaGetDeviceCount: %s (%s)",
+                           cudaGetErrorString(ce), cudaGetErrorName(ce));
+    }
+    return 0;
+}
+
 void kvs_engine_get_stats(const kvs_engine *e, kvs_engine_stats *out)
 {
     memset(out, 0, sizeof *out);
@@ -754,7 +774,8 @@ int kvs_engine_prepare(kvs_engine *e, kvs_codec *c, kvs_err *err)
 
 bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec *v)
 {
-    return !kvs_engine_failed(e) && kvs_codec_cuda_ready(k) && kvs_codec_cuda_ready(v);
+    return !kvs_engine_failed(e) && kvs_codec_cuda_ready(k, e->o.device) &&
+           kvs_codec_cuda_ready(v, e->o.device);
 }
 
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,

@@ -62,6 +62,12 @@ void kvs_engine_destroy(kvs_engine *e);
 bool kvs_engine_failed(const kvs_engine *e);
 /* Device name, for logs. */
 const char *kvs_engine_device_name(const kvs_engine *e);
+/* True when the engine runs the device of this UUID (cudaDeviceProp.uuid): a worker's CUDA
+ * IPC memory is opened by the engine of its device. */
+bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid);
+/* How many CUDA devices this process sees (--gpu all): KVS_ENOTSUP without CUDA, or
+ * KVS_EUNAVAIL naming the runtime's error (no driver, no device). */
+int kvs_engine_device_count(int *n, kvs_err *err);
 
 /* Batches the engine thread ran, by size (requests per batch, all kinds together):
  * batches[i] counts those of at most kvs_engine_batch_bounds[i] requests and more than the

@@ -55,6 +55,7 @@ typedef struct job {
 struct kvs_engine {
     kvs_engine_opts o;
     char name[256];
+    uint8_t uuid[16]; /* the device's (kvs_engine_has_uuid) */
     pthread_t thread;
     pthread_mutex_t mu;      /* guards the queue and stop */
     pthread_mutex_t prep_mu; /* serializes codec table uploads (kvs_engine_prepare) */

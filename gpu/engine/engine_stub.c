@@ -20,6 +20,15 @@ const char *kvs_engine_device_name(const kvs_engine *e)
 {
     return "none";
 }
+bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid)
+{
+    return false;
+}
+int kvs_engine_device_count(int *n, kvs_err *err)
+{
+    *n = 0;
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
 const uint32_t kvs_engine_batch_bounds[KVS_ENGINE_BATCH_BUCKETS] = {1,  2,  4,   8,  16,
                                                                     32, 64, 128, 256};
 void kvs_engine_get_stats(const kvs_engine *e, kvs_engine_stats *out)

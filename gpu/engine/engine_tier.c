@@ -280,7 +280,7 @@ int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
 int kvs_engine_host_register(kvs_engine *e, void *addr, size_t bytes, kvs_err *err)
 {
     KVS_CUDA_CHECK(cudaSetDevice(e->o.device), err);
-    cudaError_t ce = cudaHostRegister(addr, bytes, cudaHostRegisterDefault);
+    cudaError_t ce = cudaHostRegister(addr, bytes, cudaHostRegisterPortable);
     if (ce != cudaSuccess) {
         cudaGetLastError();
         return kvs_err_set(err, KVS_EINTERNAL, "GPU engine: cudaHostRegister of %zu bytes: %s",

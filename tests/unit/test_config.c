@@ -173,6 +173,39 @@ static void test_error_sample(void **state)
     }
 }
 
+/* --gpu (issue 17): auto, on, off, all, or a list of devices (a mask); errors name the
+ * flag; a list prints back as given, sorted. */
+static void test_gpu_devices(void **state)
+{
+    kvs_config cfg;
+    kvs_err err;
+    char *all[] = {"kvstashd", "--gpu", "all", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, all), 0);
+    assert_int_equal(cfg.gpu, KVS_GPU_ALL);
+    char *list[] = {"kvstashd", "--gpu", "3,0,1", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, list), 0);
+    assert_int_equal(cfg.gpu, KVS_GPU_LIST);
+    assert_int_equal(cfg.gpu_mask, 0xBu);
+    char buf[64];
+    kvs_config_key_value(&cfg, kvs_config_key_find("gpu"), buf, sizeof buf);
+    assert_string_equal(buf, "0,1,3");
+    char *one[] = {"kvstashd", "--gpu", "31", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, one), 0);
+    assert_int_equal(cfg.gpu_mask, 1u << 31);
+    char *on[] = {"kvstashd", "--gpu", "on", NULL};
+    assert_int_equal(parse(&cfg, &err, 3, on), 0);
+    assert_int_equal(cfg.gpu, KVS_GPU_ON);
+    assert_int_equal(cfg.gpu_mask, 0);
+    static char bad[][8] = {"0,,1", "0,", ",0", "1,1", "32", "-1", "0x1", "gpu0", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char *argv[] = {"kvstashd", "--gpu", bad[i], NULL};
+        assert_int_equal(parse(&cfg, &err, 3, argv), KVS_EINVAL);
+        assert_non_null(strstr(err.msg, "--gpu"));
+        assert_non_null(strstr(err.msg, "list of device"));
+    }
+    (void)state;
+}
+
 static void test_defaults(void **state)
 {
     kvs_config cfg;
@@ -192,7 +225,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes),       cmocka_unit_test(test_flags),
         cmocka_unit_test(test_events_keys), cmocka_unit_test(test_error_sample),
-        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_defaults),    cmocka_unit_test(test_gpu_devices),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -520,8 +520,7 @@ static kvs_store *new_gpu_store(uint64_t host_cap, uint64_t gpu_cap, uint64_t sl
 {
     kvs_store *st = NULL;
     kvs_store_opts o = {.host_capacity = host_cap,
-                        .gpu_base = FAKE_DEV,
-                        .gpu_capacity = gpu_cap,
+                        .gpu = {{FAKE_DEV, gpu_cap}},
                         .gpu_slab = slab,
                         .gpu_high_pct = 75,
                         .gpu_low_pct = 50};
@@ -533,7 +532,7 @@ static kvs_store *new_gpu_store(uint64_t host_cap, uint64_t gpu_cap, uint64_t sl
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_block **out, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, err);
     if (rc)
         return rc;
     kvs_block_dev *d = kvs_block_device(blk);
@@ -564,7 +563,7 @@ static void test_gpu_tier_and_demotion(void **state)
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_used, 8000);
     assert_int_equal(stats.gpu_blocks, 8);
-    assert_true(kvs_store_gpu_over_high(st));
+    assert_true(kvs_store_gpu_over_high(st, 0));
 
     /* Lookup reports the tier; Get hands out the GPU view (no checksum on the device). */
     kvs_store_key k0 = {"k0", 2};
@@ -577,9 +576,9 @@ static void test_gpu_tier_and_demotion(void **state)
 
     /* Pick: oldest idle first (k0, k2, k3, k4) down to the low watermark. */
     kvs_block *picked[8];
-    size_t n = kvs_store_gpu_pick(st, picked, 8);
+    size_t n = kvs_store_gpu_pick(st, 0, picked, 8);
     assert_int_equal(n, 4);
-    assert_int_equal(kvs_store_gpu_pick(st, picked + n, 8), 0); /* picked once only */
+    assert_int_equal(kvs_store_gpu_pick(st, 0, picked + n, 8), 0); /* picked once only */
     /* Demote k0 (a host copy replaces it), cancel k2, k3 is deleted meanwhile, k4 demoted. */
     kvs_block *nb;
     assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
@@ -626,6 +625,130 @@ static void test_gpu_tier_and_demotion(void **state)
     kvs_store_destroy(st);
 }
 
+/* Several devices (issue 17): one gpu tier per device, each with its own slots, watermarks,
+ * LRU and stats; a block stays on the device it was put on; placement of host bytes takes
+ * the device with the most room; demotion picks one device's blocks only; the totals are
+ * the devices' sums. Two fake device regions: 8 slots of 1000 on device 0, 4 on device 1. */
+#define FAKE_DEV1 ((uintptr_t)0x7f1000000000ull)
+static void test_gpu_tiers_per_device(void **state)
+{
+    kvs_store *st = NULL;
+    kvs_store_opts o = {.host_capacity = 1 << 20,
+                        .gpu = {{FAKE_DEV, 8000}, {FAKE_DEV1, 4000}},
+                        .gpu_slab = 1000,
+                        .gpu_high_pct = 75,
+                        .gpu_low_pct = 50};
+    assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
+    assert_int_equal(kvs_store_gpus(st), 2);
+    kvs_ns_spec s = small_spec("m");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    /* Room below the high marks: 6000 on device 0, 3000 on device 1: device 0 first, and
+     * the devices take turns once their room is equal. */
+    int where[9];
+    for (int i = 0; i < 9; i++) {
+        int g = kvs_store_gpu_choose(st, ns, 1000);
+        assert_true(g == 0 || g == 1);
+        where[i] = g;
+        kvs_block *blk;
+        assert_int_equal(kvs_store_block_alloc_gpu(st, (unsigned)g, ns, 4, 0, 1000, &blk, &err), 0);
+        assert_int_equal(kvs_block_gpu(blk), (unsigned)g);
+        uintptr_t slot = (uintptr_t)kvs_block_device(blk)->slot, base = g ? FAKE_DEV1 : FAKE_DEV;
+        assert_true(slot >= base && slot + 1000 <= base + (g ? 4000 : 8000));
+        kvs_block_set_size(blk, 300, 512);
+        char key[8];
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);
+    }
+    assert_int_equal(where[0], 0);
+    assert_int_equal(where[1], 0);
+    assert_int_equal(where[2], 0); /* 3000 left on each: either */
+    /* Both at their high marks now (6000 and 3000): no more placement. */
+    assert_int_equal(kvs_store_gpu_choose(st, ns, 1000), -1);
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_devices, 2);
+    assert_int_equal(stats.gpu_dev[0].capacity, 8000);
+    assert_int_equal(stats.gpu_dev[1].capacity, 4000);
+    assert_int_equal(stats.gpu_capacity, 12000);
+    assert_int_equal(stats.gpu_dev[0].used, 6000);
+    assert_int_equal(stats.gpu_dev[1].used, 3000);
+    assert_int_equal(stats.gpu_used, 9000);
+    assert_int_equal(stats.gpu_dev[0].blocks + stats.gpu_dev[1].blocks, stats.gpu_blocks);
+    /* A device's own slots: device 1 takes one more (4000 in all), then is full, while
+     * device 0 still has room. */
+    kvs_block *extra;
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 1, ns, 4, 0, 1000, &extra, &err), 0);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 1, ns, 4, 0, 1000, &extra, &err), KVS_ENOSPC);
+    kvs_store_block_abort(st, extra);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 2, ns, 4, 0, 1000, &extra, &err), KVS_ENOSPC);
+    assert_non_null(strstr(err.msg, "device 2"));
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_dev[1].used, 3000); /* the aborted slot went back */
+    /* Over its high mark (3000 of 4000 at 75%: not over; add nothing) vs device 0 at 6000
+     * of 8000 (not over either): put one more block on device 0 to pass its mark. */
+    assert_false(kvs_store_gpu_over_high(st, 0));
+    assert_false(kvs_store_gpu_over_high(st, 1));
+    kvs_block *blk;
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, &err), 0);
+    kvs_block_set_size(blk, 300, 512);
+    assert_int_equal(kvs_store_block_commit(st, blk, "x0", 2, NULL, &err), 0);
+    assert_true(kvs_store_gpu_over_high(st, 0));
+    assert_false(kvs_store_gpu_over_high(st, 1));
+    /* Device 0's round picks its own blocks only, down to its low mark (4000 of 7000). */
+    kvs_block *picked[16];
+    size_t n = kvs_store_gpu_pick(st, 0, picked, 16);
+    assert_int_equal(n, 3);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(kvs_block_gpu(picked[i]), 0);
+    assert_int_equal(kvs_store_gpu_pick(st, 1, picked + n, 16), 0);
+    for (size_t i = 0; i < n; i++) {
+        kvs_block *nb;
+        assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
+        encode_fill(ns, 4, 0x30, kvs_block_data(nb), ENC(4));
+        kvs_store_demote_commit(st, picked[i], nb);
+    }
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_dev[0].demotions, 3);
+    assert_int_equal(stats.gpu_dev[1].demotions, 0);
+    assert_int_equal(stats.gpu_demotions, 3);
+    assert_int_equal(stats.gpu_dev[0].used, 4000);
+    assert_int_equal(stats.gpu_dev[1].used, 3000);
+    /* A promotion goes to the device asked for, below its high mark only (device 1 is at
+     * its 3000); a Get hit counts on the block's device. */
+    kvs_block *host;
+    assert_int_equal(kvs_store_get(st, ns, "k0", 2, &host, &err), 0);
+    assert_int_equal(kvs_block_tier(host), KVS_STORE_TIER_HOST);
+    kvs_block *g0;
+    assert_false(kvs_store_promote_begin(st, 1, host, 1000, &g0));
+    assert_true(kvs_store_promote_begin(st, 0, host, 1000, &g0));
+    assert_int_equal(kvs_block_gpu(g0), 0);
+    kvs_block_device(g0)->lens[0] = 7;
+    kvs_store_promote_commit(st, host, g0);
+    kvs_store_block_release(st, host);
+    kvs_block *hit;
+    assert_int_equal(kvs_store_get(st, ns, "k0", 2, &hit, &err), 0);
+    assert_int_equal(kvs_block_tier(hit), KVS_STORE_TIER_GPU);
+    assert_int_equal(kvs_block_gpu(hit), 0);
+    kvs_store_block_release(st, hit);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_dev[0].promotions, 1);
+    assert_int_equal(stats.gpu_dev[1].promotions, 0);
+    assert_int_equal(stats.gpu_dev[0].hits, 1);
+    assert_int_equal(stats.gpu_dev[1].hits, 0);
+    assert_int_equal(stats.gpu_dev[0].used, 5000);
+    /* Dropping the namespace returns every device's slots. */
+    kvs_ns_unref(ns);
+    assert_int_equal(kvs_store_ns_drop(st, "m", NULL, &err), 0);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.gpu_dev[0].used + stats.gpu_dev[1].used, 0);
+    assert_int_equal(stats.gpu_used, 0);
+    assert_int_equal(stats.gpu_blocks, 0);
+    kvs_store_destroy(st);
+    (void)state;
+}
+
 /* Promotion of host blocks to the gpu tier (what kvs_tiering_promote drives): the gpu copy
  * takes the block's place, unless it was deleted meanwhile; one promotion at a time per
  * block; never above the high watermark; nothing with promotion off. */
@@ -647,8 +770,8 @@ static void test_gpu_promotion(void **state)
 
     kvs_block *h, *g, *g2;
     assert_int_equal(kvs_store_get(st, ns, "h0", 2, &h, &err), 0);
-    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
-    assert_false(kvs_store_promote_begin(st, h, 1000, &g2)); /* one at a time */
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
+    assert_false(kvs_store_promote_begin(st, 0, h, 1000, &g2)); /* one at a time */
     assert_int_equal(kvs_block_tier(g), KVS_STORE_TIER_GPU);
     assert_int_equal(kvs_block_size(g), kvs_block_size(h));
     kvs_store_block_release(st, h); /* the promoter's reference keeps it */
@@ -670,7 +793,7 @@ static void test_gpu_promotion(void **state)
 
     /* Deleted while the copy runs: the copy is dropped, its slot returned. */
     assert_int_equal(kvs_store_get(st, ns, "h1", 2, &h, &err), 0);
-    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_block_release(st, h);
     kvs_store_key k1 = {"h1", 2};
     assert_int_equal(kvs_store_delete(st, ns, &k1, 1), 1);
@@ -678,7 +801,7 @@ static void test_gpu_promotion(void **state)
     expect_missing(st, ns, "h1");
     /* Cancelled (the upload failed): it stays a host block. */
     assert_int_equal(kvs_store_get(st, ns, "h2", 2, &h, &err), 0);
-    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_promote_cancel(st, h, g);
     kvs_store_block_release(st, h);
     expect_block(st, ns, "h2", 0x32);
@@ -693,22 +816,19 @@ static void test_gpu_promotion(void **state)
         assert_int_equal(put_gpu(st, ns, key, NULL, &err), 0);
     }
     assert_int_equal(kvs_store_get(st, ns, "h2", 2, &h, &err), 0);
-    assert_false(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_false(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_block_release(st, h);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
 
     /* Promotion off: nothing moves up. */
-    kvs_store_opts o = {.host_capacity = 1 << 20,
-                        .gpu_base = FAKE_DEV,
-                        .gpu_capacity = 8000,
-                        .gpu_slab = 2000,
-                        .no_promote = true};
+    kvs_store_opts o = {
+        .host_capacity = 1 << 20, .gpu = {{FAKE_DEV, 8000}}, .gpu_slab = 2000, .no_promote = true};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
     assert_int_equal(put(st, ns, "h0", 4, 1, NULL, &err), 0);
     assert_int_equal(kvs_store_get(st, ns, "h0", 2, &h, &err), 0);
-    assert_false(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_false(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_block_release(st, h);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
@@ -788,14 +908,14 @@ static void test_gpu_abort_and_absent(void **state)
     kvs_block *blk;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
     assert_false(kvs_store_has_gpu(st));
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 100, &blk, &err), KVS_ENOSPC);
-    assert_false(kvs_store_gpu_over_high(st));
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 100, &blk, &err), KVS_ENOSPC);
+    assert_false(kvs_store_gpu_over_high(st, 0));
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
 
     st = new_gpu_store(1 << 20, 4000, 1000);
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, &err), 0);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, &err), 0);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_used, 1000);
@@ -803,7 +923,7 @@ static void test_gpu_abort_and_absent(void **state)
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_used, 0);
     /* A slot larger than a slab is refused with a reason, not a crash. */
-    assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1001, &blk, &err), KVS_EINVAL);
+    assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1001, &blk, &err), KVS_EINVAL);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
 }
@@ -1903,6 +2023,7 @@ int main(void)
         cmocka_unit_test(test_concurrent_soak),
         cmocka_unit_test(test_gpu_tier_and_demotion),
         cmocka_unit_test(test_gpu_promotion),
+        cmocka_unit_test(test_gpu_tiers_per_device),
         cmocka_unit_test(test_host_pool_blocks),
         cmocka_unit_test(test_gpu_abort_and_absent),
         cmocka_unit_test(test_disk_spill_get_promote),

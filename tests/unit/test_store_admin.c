@@ -538,8 +538,7 @@ static size_t fake_demote(void *arg, kvs_block **picked, size_t n)
 static void test_evict_gpu(void **state)
 {
     kvs_store *st;
-    kvs_store_opts o = {
-        .host_capacity = 1 << 20, .gpu_base = FAKE_DEV, .gpu_capacity = 8000, .gpu_slab = 2000};
+    kvs_store_opts o = {.host_capacity = 1 << 20, .gpu = {{FAKE_DEV, 8000}}, .gpu_slab = 2000};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = kvs_test_spec(2, 1, 16, 4, KVS_DTYPE_FP16, "none", "none", 0);
     snprintf(s.name, sizeof s.name, "g");
@@ -549,7 +548,7 @@ static void test_evict_gpu(void **state)
     char key[8];
     for (int i = 0; i < 6; i++) {
         kvs_block *blk;
-        assert_int_equal(kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, &err), 0);
+        assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, &err), 0);
         kvs_block_set_size(blk, 300, 512);
         snprintf(key, sizeof key, "g%d", i);
         assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);

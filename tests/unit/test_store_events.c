@@ -256,7 +256,7 @@ static void test_ns_drop_clears(void **state)
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, 1000, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, err);
     if (rc)
         return rc;
     kvs_block_set_size(blk, 300, 512);
@@ -269,8 +269,7 @@ static void test_gpu_demote_promote(void **state)
     size_t at = 0;
     kvs_store *st = NULL;
     kvs_store_opts o = {.host_capacity = 1 << 20,
-                        .gpu_base = FAKE_DEV,
-                        .gpu_capacity = 4000, /* 4 slots of 1000 */
+                        .gpu = {{FAKE_DEV, 4000}}, /* 4 slots of 1000 */
                         .gpu_slab = 2000,
                         .gpu_high_pct = 50,
                         .gpu_low_pct = 25,
@@ -288,7 +287,7 @@ static void test_gpu_demote_promote(void **state)
 
     /* Demotion: picked blocks stay where they are until the copy is committed. */
     kvs_block *picked[4];
-    assert_int_equal(kvs_store_gpu_pick(st, picked, 4), 2); /* g0, g1: down to 1000 */
+    assert_int_equal(kvs_store_gpu_pick(st, 0, picked, 4), 2); /* g0, g1: down to 1000 */
     assert_string_equal(since(&r, &at), "");
     kvs_block *nb;
     assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
@@ -306,10 +305,10 @@ static void test_gpu_demote_promote(void **state)
     since(&r, &at);
     kvs_block *h, *g;
     assert_int_equal(kvs_store_get(st, ns, "h", 1, &h, &err), 0);
-    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_promote_cancel(st, h, g);
     assert_string_equal(since(&r, &at), "");
-    assert_true(kvs_store_promote_begin(st, h, 1000, &g));
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
     kvs_store_block_release(st, h);
     kvs_store_promote_commit(st, h, g);
     assert_string_equal(since(&r, &at), "-host h, +gpu h");

@@ -103,7 +103,7 @@ static void test_quota_under_a_block_is_refused(void **state)
 static int put_gpu(kvs_store *st, kvs_ns *ns, const char *key, kvs_err *err)
 {
     kvs_block *blk;
-    int rc = kvs_store_block_alloc_gpu(st, ns, 4, 0, SLOT, &blk, err);
+    int rc = kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, SLOT, &blk, err);
     if (rc)
         return rc;
     kvs_block_set_size(blk, 300, 512);
@@ -160,7 +160,7 @@ static bool may_promote(kvs_store *st, kvs_ns *ns, const char *key)
 {
     kvs_block *h, *g;
     assert_int_equal(kvs_store_get(st, ns, key, strlen(key), &h, NULL), 0);
-    bool ok = kvs_store_promote_begin(st, h, SLOT, &g);
+    bool ok = kvs_store_promote_begin(st, 0, h, SLOT, &g);
     if (ok)
         kvs_store_promote_cancel(st, h, g);
     kvs_store_block_release(st, h);
@@ -173,8 +173,7 @@ static void test_gpu_quota_demotes_own_blocks(void **state)
      * marks of the same shares: 3000 and 2000. */
     kvs_store *st;
     kvs_store_opts o = {.host_capacity = 1 << 20,
-                        .gpu_base = FAKE_DEV,
-                        .gpu_capacity = 8 * SLOT,
+                        .gpu = {{FAKE_DEV, 8 * SLOT}},
                         .gpu_slab = SLOT, /* one slot a slab: no fragmentation */
                         .gpu_high_pct = 75,
                         .gpu_low_pct = 50};
@@ -201,14 +200,14 @@ static void test_gpu_quota_demotes_own_blocks(void **state)
 
     /* A is above its quota's high share: a round picks A's two oldest, down to its low
      * share, and none of B's. */
-    assert_true(kvs_store_gpu_over_high(st));
+    assert_true(kvs_store_gpu_over_high(st, 0));
     kvs_block *picked[8];
-    assert_int_equal(kvs_store_gpu_pick(st, picked, 8), 2);
+    assert_int_equal(kvs_store_gpu_pick(st, 0, picked, 8), 2);
     assert_ptr_equal(kvs_block_ns(picked[0]), a);
     assert_ptr_equal(kvs_block_ns(picked[1]), a);
     assert_int_equal(usage_of(st, "a").gpu_picked, 2 * SLOT);
-    assert_false(kvs_store_gpu_over_high(st)); /* the picks count as done */
-    assert_int_equal(kvs_store_gpu_pick(st, picked + 2, 6), 0);
+    assert_false(kvs_store_gpu_over_high(st, 0)); /* the picks count as done */
+    assert_int_equal(kvs_store_gpu_pick(st, 0, picked + 2, 6), 0);
     demote(st, picked[0]);
     kvs_store_demote_cancel(st, picked[1]); /* a failed fetch: it stays */
     assert_int_equal(tier_of(st, a, "a0"), KVS_STORE_TIER_HOST);
@@ -230,7 +229,7 @@ static void test_gpu_quota_demotes_own_blocks(void **state)
     assert_int_equal(put_gpu(st, a, "a4", &err), 0);
     assert_int_equal(put_gpu(st, a, "a5", &err), KVS_ENOSPC);
     assert_int_equal(put_gpu(st, b, "b2", &err), 0);
-    assert_int_equal(kvs_store_gpu_pick(st, picked, 8), 2); /* a1 and a2, A's oldest */
+    assert_int_equal(kvs_store_gpu_pick(st, 0, picked, 8), 2); /* a1 and a2, A's oldest */
     demote(st, picked[0]);
     demote(st, picked[1]);
     assert_int_equal(usage_of(st, "a").gpu_bytes, 2 * SLOT);
@@ -239,7 +238,7 @@ static void test_gpu_quota_demotes_own_blocks(void **state)
      * the least recently used blocks of anyone, down to 4000: b0, b1, then A's a3. */
     assert_int_equal(put_gpu(st, b, "b3", &err), 0);
     assert_int_equal(put_gpu(st, b, "b4", &err), 0);
-    size_t n = kvs_store_gpu_pick(st, picked, 8);
+    size_t n = kvs_store_gpu_pick(st, 0, picked, 8);
     assert_int_equal(n, 3);
     assert_ptr_equal(kvs_block_ns(picked[0]), b);
     assert_ptr_equal(kvs_block_ns(picked[1]), b);
