@@ -276,6 +276,16 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
                                         .verify_checked = rep->admin->verify_checked,
                                         .flush_queued = rep->admin->flush_queued,
                                         .flush_done = rep->admin->flush_done};
+    for (size_t i = 0; i < rep->n_gpu_devices && s->n_gpus < 16; i++) {
+        const Kvstash__V1__GpuDeviceStats *d = rep->gpu_devices[i];
+        s->gpus[s->n_gpus++] = (struct kvs_gpu_device_stats){.device = d->device,
+                                                             .capacity_bytes = d->capacity_bytes,
+                                                             .used_bytes = d->used_bytes,
+                                                             .blocks = d->blocks,
+                                                             .hits = d->hits,
+                                                             .demotions = d->demotions,
+                                                             .promotions = d->promotions};
+    }
     snprintf(s->version, sizeof s->version, "%s", rep->version);
     protobuf_c_message_free_unpacked(m, NULL);
     if (rc != 0) {

@@ -245,6 +245,21 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     admin.flush_queued = st.flush_queued;
     admin.flush_done = st.flush_done;
     reply.admin = &admin;
+    Kvstash__V1__GpuDeviceStats devs[KVS_STORE_GPUS_MAX], *dev_ptrs[KVS_STORE_GPUS_MAX];
+    for (unsigned g = 0; g < st.gpu_devices; g++) {
+        const kvs_store_gpu_stats *s = &st.gpu_dev[g];
+        kvstash__v1__gpu_device_stats__init(&devs[g]);
+        devs[g].device = g;
+        devs[g].capacity_bytes = s->capacity;
+        devs[g].used_bytes = s->used;
+        devs[g].blocks = s->blocks;
+        devs[g].hits = s->hits;
+        devs[g].demotions = s->demotions;
+        devs[g].promotions = s->promotions;
+        dev_ptrs[g] = &devs[g];
+    }
+    reply.n_gpu_devices = st.gpu_devices;
+    reply.gpu_devices = dev_ptrs;
     Kvstash__V1__EventStats evs = KVSTASH__V1__EVENT_STATS__INIT;
     if (srv->events) {
         kvs_events_stats es;

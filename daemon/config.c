@@ -212,7 +212,8 @@ static const key_def keys[] = {
      "CUDA device of the engine (default 0)"},
     {"gpu_capacity", "gpu-capacity", "SIZE|N%", T_GPUCAP, 0, 0, FIELD(gpu_capacity),
      offsetof(kvs_config, gpu_capacity_pct), 0, 0, NULL,
-     "GPU tier: bytes of device memory, or a share of the free\nmemory at start; 0 = no GPU "
+     "GPU tier, per device: bytes of device memory, or a share of\nits free memory at start; 0 = "
+     "no GPU "
      "tier (default 25%)"},
     {"gpu_watermarks", "gpu-watermarks", "H,L", T_WM, 0, 0, FIELD(gpu_high_pct),
      offsetof(kvs_config, gpu_low_pct), 0, 0, NULL,

@@ -418,7 +418,15 @@ typedef struct kvs_stats {
     uint64_t uptime_ms;
     char version[32];
     kvs_data_plane_stats data_plane;
-    kvs_admin_progress admin; /* last: the library allocates kvs_stats, so it may grow */
+    kvs_admin_progress admin;
+    /* Each device's GPU tier (a daemon with --gpu all or a list): gpus[0..n_gpus), in the
+     * daemon's order; the GPU entry of tiers is their sum. Last: the library allocates
+     * kvs_stats, so it may grow. */
+    struct kvs_gpu_device_stats {
+        uint32_t device;
+        uint64_t capacity_bytes, used_bytes, blocks, hits, demotions, promotions;
+    } gpus[16];
+    size_t n_gpus;
 } kvs_stats;
 
 /* *out is owned by the caller and freed with kvs_stats_free(). */

@@ -110,6 +110,20 @@ static void stats_json(const kvs_stats *s)
     kvctl_json_u64(&j, "uptime_ms", s->uptime_ms);
     kvctl_json_u64(&j, "misses", s->misses);
     json_tiers(&j, s);
+    kvctl_json_open(&j, "gpu_devices", '[');
+    for (size_t i = 0; i < s->n_gpus; i++) {
+        const struct kvs_gpu_device_stats *d = &s->gpus[i];
+        kvctl_json_open(&j, NULL, '{');
+        kvctl_json_u64(&j, "device", d->device);
+        kvctl_json_u64(&j, "capacity_bytes", d->capacity_bytes);
+        kvctl_json_u64(&j, "used_bytes", d->used_bytes);
+        kvctl_json_u64(&j, "blocks", d->blocks);
+        kvctl_json_u64(&j, "hits", d->hits);
+        kvctl_json_u64(&j, "demotions", d->demotions);
+        kvctl_json_u64(&j, "promotions", d->promotions);
+        kvctl_json_close(&j, '}');
+    }
+    kvctl_json_close(&j, ']');
     kvctl_json_open(&j, "namespaces", '[');
     for (size_t i = 0; i < s->n_namespaces; i++)
         kvctl_json_ns(&j, NULL, &s->namespaces[i]);
@@ -207,6 +221,19 @@ static void stats_text(const kvs_stats *s)
                              kvctl_fmt_bytes(ts->recode_saved_bytes, a, sizeof a));
         else
             kvctl_table_cell(&t, "-");
+    }
+    /* Each device's GPU tier under the sum (a daemon with several: --gpu all or a list);
+     * EVICTIONS is its demotions to the host tier, as for the GPU row. */
+    for (size_t i = 0; s->n_gpus > 1 && i < s->n_gpus; i++) {
+        const struct kvs_gpu_device_stats *d = &s->gpus[i];
+        kvctl_table_cell(&t, "  gpu%u", d->device);
+        kvctl_table_cell(&t, "%s", kvctl_fmt_bytes(d->capacity_bytes, a, sizeof a));
+        kvctl_table_cell(&t, "%s", kvctl_fmt_bytes(d->used_bytes, b, sizeof b));
+        kvctl_table_cell(&t, "%.1f%%", percent(d->used_bytes, d->capacity_bytes));
+        kvctl_table_cell(&t, "%llu", (unsigned long long)d->blocks);
+        kvctl_table_cell(&t, "%llu", (unsigned long long)d->hits);
+        kvctl_table_cell(&t, "%llu", (unsigned long long)d->demotions);
+        kvctl_table_cell(&t, "-");
     }
     kvctl_table_print(&t, stdout);
     kvctl_table_free(&t);

@@ -37,7 +37,7 @@ status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
     for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu test_client_decode_gpu \
-             test_recode_gpu; do
+             test_recode_gpu test_multi_gpu; do
         $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
         note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"

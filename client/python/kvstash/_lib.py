@@ -174,13 +174,19 @@ class AdminProgress(ctypes.Structure):
         "verify_planned", "verify_checked", "flush_queued", "flush_done")]
 
 
+class GpuDeviceStats(ctypes.Structure):
+    _fields_ = [("device", ctypes.c_uint32)] + [(f, ctypes.c_uint64) for f in (
+        "capacity_bytes", "used_bytes", "blocks", "hits", "demotions", "promotions")]
+
+
 class Stats(ctypes.Structure):
     _fields_ = [("tiers", TierStats * 3), ("n_tiers", ctypes.c_size_t),
                 ("namespaces", ctypes.POINTER(NsInfo)), ("n_namespaces", ctypes.c_size_t),
                 ("rpcs", ctypes.POINTER(RpcStats)), ("n_rpcs", ctypes.c_size_t),
                 ("misses", ctypes.c_uint64), ("uptime_ms", ctypes.c_uint64),
                 ("version", ctypes.c_char * 32), ("data_plane", DataPlaneStats),
-                ("admin", AdminProgress)]
+                ("admin", AdminProgress), ("gpus", GpuDeviceStats * 16),
+                ("n_gpus", ctypes.c_size_t)]
 
 
 def _candidates():

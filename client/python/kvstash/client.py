@@ -1045,9 +1045,11 @@ class Client:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
-        """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses, and
+        """The daemon's Stats as a dict: tiers, namespaces, rpcs, data_plane, misses,
         admin (the progress counters of Verify and Flush calls since the daemon started:
-        verify_planned, verify_checked, flush_queued, flush_done)."""
+        verify_planned, verify_checked, flush_queued, flush_done), and gpu_devices (each
+        device's GPU tier of a daemon with several, in its --gpu order; tiers["gpu"] is
+        their sum)."""
         self._one_daemon("stats")
         p, err = ctypes.POINTER(_lib.Stats)(), _lib.Err()
         _check(lib.kvs_client_stats(self._h, ctypes.byref(p), ctypes.byref(err)), err)
@@ -1065,6 +1067,8 @@ class Client:
                          for i in range(s.n_rpcs)},
                 "data_plane": {f: getattr(dp, f) for f, _ in dp._fields_},
                 "admin": {f: getattr(s.admin, f) for f, _ in s.admin._fields_},
+                "gpu_devices": [{f: getattr(g, f) for f, _ in g._fields_}
+                                for g in s.gpus[:s.n_gpus]],
             }
         finally:
             lib.kvs_stats_free(p)
