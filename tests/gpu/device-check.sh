@@ -17,6 +17,8 @@
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 #   H2H=1       tests/bench/h2h.sh: kvstash against Redis (bundled from this machine's
 #               redis-server), H2H_SECONDS, H2H_CLIENTS, H2H_CODECS, H2H_TOKENS, KVSTASHD_ARGS
+#   MULTIGPU=1  tests/bench/multi_gpu.sh: restore into each GPU in parallel through one
+#               kvstashd --gpu all (TOKENS, CODEC, PATHS, REPS, GPUS)
 #   PPL=1       tests/bench/ppl/ppl_bench.py through a kvstashd with its GPU engine (the codecs
 #               on the GPU; PPL_WINDOWS, PPL_THREADS, PPL_ARGS; default table A's --post-rope)
 #   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
@@ -85,6 +87,11 @@ if [ "${H2H:-0}" = 1 ]; then  # issue 12: kvstash against Redis on this machine 
     KVSTASHD=$KVSTASHD KVCTL=$KVCTL H2H=$PWD/$R/bin/kvs-bench-h2h REDIS_SERVER=$PWD/$R/bin/redis-server \
         bash tests/bench/h2h.sh > "$OUT/h2h.md" 2> "$OUT/h2h.err"
     note "head-to-head with Redis" $?; cat "$OUT/h2h.md"; tail -n 5 "$OUT/h2h.err"
+fi
+if [ "${MULTIGPU:-0}" = 1 ]; then  # issue 17: restore into each GPU in parallel (--gpu all)
+    KVCTL=$KVCTL tests/bench/multi_gpu.sh $R/bin/kvstashd $R/bin/kvs-bench-restore "$OUT" \
+        > "$OUT/multi-gpu.md" 2> "$OUT/multi-gpu.err"
+    note "multi-GPU restore" $?; cat "$OUT/multi-gpu.md"; tail -n 5 "$OUT/multi-gpu.err"
 fi
 if [ "${PPL:-0}" = 1 ]; then  # issue 16: perplexity through a kvstashd with its GPU engine
     python3 tests/bench/ppl/ppl_bench.py --kvstashd "$KVSTASHD" --daemon-args "--gpu on" \
