@@ -26,7 +26,9 @@ cp -L "$B"/lib/libkvstash.so.0 "$B"/lib/libkvstash_cuda.so.0 "$S/libs/"
 /usr/bin/protoc -Iproto --python_out="$S/pb" --grpc_python_out="$S/pb" \
     --plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin proto/kvstash/v1/kvstash.proto
 touch "$S/pb/kvstash/__init__.py" "$S/pb/kvstash/v1/__init__.py"  # see kvs.py's load_proto
-rm -rf .gpurun
+# Written beside and renamed into place: a device call that carries .gpurun meanwhile takes
+# the old bundle or the new one, never half of one.
 mkdir -p .gpurun
-tar -C "$S" -cf - bin libs pb | xz -9e -T2 > .gpurun/bundle.tar.xz
+tar -C "$S" -cf - bin libs pb | xz -9e -T2 > .gpurun/bundle.tar.xz.tmp
+mv -f .gpurun/bundle.tar.xz.tmp .gpurun/bundle.tar.xz
 ls -la .gpurun/bundle.tar.xz
