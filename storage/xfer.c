@@ -36,7 +36,10 @@ struct kvs_xfer {
     atomic_uint_fast64_t sample_bits; /* the default error_sample (a double's bits): live */
     atomic_uint_fast64_t draws;       /* the sampling stream's position */
     unsigned engines;                 /* opts.engine[0..engines) are set */
-    atomic_uint turn;                 /* the next engine for host bytes (eng_for) */
+    /* peer[d][s]: engine d decodes blocks of device s's tier straight from their slots
+     * (kvs_engine_peer_enable at create; the diagonal always) */
+    bool peer[KVS_STORE_GPUS_MAX][KVS_STORE_GPUS_MAX];
+    atomic_uint turn; /* the next engine for host bytes (eng_for) */
 };
 
 /* Device g's engine, or NULL when there is none. */
@@ -85,12 +88,25 @@ void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out)
         }
 }
 
+static void xlog(kvs_xfer *x, kvs_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 kvs_xfer *kvs_xfer_create(const kvs_xfer_opts *o)
 {
     kvs_xfer *x = kvs_xcalloc(1, sizeof *x);
     x->o = *o;
     while (x->engines < KVS_STORE_GPUS_MAX && o->engine[x->engines])
         x->engines++;
+    for (unsigned d = 0; d < x->engines; d++)
+        for (unsigned s = 0; s < x->engines; s++) {
+            kvs_err err;
+            x->peer[d][s] =
+                d == s ||
+                (!o->no_peer && kvs_engine_peer_enable(o->engine[d], o->engine[s], &err) == 0);
+            if (d != s && !o->no_peer)
+                xlog(x, KVS_LOG_INFO, "GPU %u reads GPU %u's tier: %s", d, s,
+                     x->peer[d][s] ? "by peer access (encoded bytes over the link)" : err.msg);
+        }
     kvs_xfer_set_error_sample(x, o->error_sample);
     return x;
 }
@@ -797,6 +813,12 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
         return kvs_err_set(err, KVS_EINTERNAL, "GPU tier block without its engine or codec state");
     int rc;
     g->cross = !g->encoded && g->dst.kind == KVS_XFER_DEVICE && g->dst.gpu != kvs_block_gpu(g->blk);
+    if (g->cross && g->x->peer[g->dst.gpu][kvs_block_gpu(g->blk)] &&
+        kvs_engine_accepts(eng_at(g->x, g->dst.gpu), k, v)) {
+        /* The destination's engine reads the slot by peer access. */
+        g->cross = false;
+        eng = eng_at(g->x, g->dst.gpu);
+    }
     if (g->encoded || g->cross) {
         size_t cap = kvs_block_encoded_max(k, v, t);
         if (!(g->fetched = kvs_xfer_host_alloc(g->x, cap)))

@@ -94,10 +94,15 @@ typedef struct kvs_xfer_opts {
      * device g's tier; store.h opts.gpu): the leading non-NULL entries. Borrowed; none:
      * CPU codecs only. A block in a gpu tier is coded by its device's engine; a DEVICE
      * buffer by its own device's (kvs_xfer_buf.gpu); host bytes by the engines in turn.
-     * A block read into another device's memory is fetched to the host as encoded bytes
-     * and decoded by the destination's engine (the compressed bytes cross the bus twice,
-     * never the raw ones). */
+     * A block read into another device's memory is decoded by the destination's engine:
+     * straight from the block's slot where it has peer access to that device (the encoded
+     * bytes cross the link), else from the block fetched to the host as encoded bytes (they
+     * cross the bus twice); never the raw ones. */
     struct kvs_engine *engine[KVS_STORE_GPUS_MAX];
+    /* Cross-device Gets always go through the host, even where the destination's engine
+     * could read the block's device by peer access (tests of that path; default: peer
+     * where kvs_engine_peer_enable allows it, found at create). */
+    bool no_peer;
     struct kvs_tiering *tiering; /* borrowed, may be NULL: no GPU tier moves */
     /* Runs fn(arg) off the calling thread (a pool), then done(arg) on the caller's
      * completion thread; fn NULL: done alone, there. The GPU engine's completions come

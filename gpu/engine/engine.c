@@ -729,6 +729,35 @@ bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid)
     return memcmp(e->uuid, uuid, sizeof e->uuid) == 0;
 }
 
+int kvs_engine_peer_enable(kvs_engine *e, const kvs_engine *other, kvs_err *err)
+{
+    int a = e->o.device, b = other->o.device, can = 0;
+    if (a == b)
+        return 0;
+    cudaError_t ce = cudaDeviceCanAccessPeer(&can, a, b);
+    if (ce != cudaSuccess)
+        return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: cudaDeviceCanAccessPeer(%d, %d): %s", a,
+                           b, cudaGetErrorString(ce));
+    if (!can)
+        return kvs_err_set(err, KVS_ENOTSUP,
+                           "GPU engine: device %d cannot access device %d's memory", a, b);
+    /* Peer access is a property of the device's context, enabled from any thread that has
+     * it current; the engine thread's kernels then see it. */
+    pthread_mutex_lock(&e->prep_mu);
+    if ((ce = cudaSetDevice(a)) == cudaSuccess) {
+        ce = cudaDeviceEnablePeerAccess(b, 0);
+        if (ce == cudaErrorPeerAccessAlreadyEnabled) {
+            (void)cudaGetLastError();
+            ce = cudaSuccess;
+        }
+    }
+    pthread_mutex_unlock(&e->prep_mu);
+    if (ce != cudaSuccess)
+        return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: cudaDeviceEnablePeerAccess(%d -> %d): %s",
+                           a, b, cudaGetErrorString(ce));
+    return 0;
+}
+
 int kvs_engine_device_count(int *n, kvs_err *err)
 {
     *n = 0;

@@ -68,6 +68,12 @@ bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid);
 /* How many CUDA devices this process sees (--gpu all): KVS_ENOTSUP without CUDA, or
  * KVS_EUNAVAIL naming the runtime's error (no driver, no device). */
 int kvs_engine_device_count(int *n, kvs_err *err);
+/* Lets e's kernels read the device memory of `other`'s device (its GPU tier's slots): 0
+ * when they can (the same device, or peer access enabled: NVLink or PCIe P2P, where
+ * cudaDeviceCanAccessPeer says so), KVS_ENOTSUP naming why not. Then e decodes a block
+ * straight from a slot of other's tier (kvs_engine_decode_dev), the encoded bytes crossing
+ * the link, not the raw ones. Call once per pair at start; thread-safe. */
+int kvs_engine_peer_enable(kvs_engine *e, const kvs_engine *other, kvs_err *err);
 
 /* Batches the engine thread ran, by size (requests per batch, all kinds together):
  * batches[i] counts those of at most kvs_engine_batch_bounds[i] requests and more than the

@@ -24,6 +24,10 @@ bool kvs_engine_has_uuid(const kvs_engine *e, const uint8_t *uuid)
 {
     return false;
 }
+int kvs_engine_peer_enable(kvs_engine *e, const kvs_engine *other, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
 int kvs_engine_device_count(int *n, kvs_err *err)
 {
     *n = 0;

@@ -12,8 +12,9 @@
  * both tiers (the device with the most room takes each); Puts from device memory stay on
  * their device; every block read back into host memory, into device memory of its own
  * device and of the other one (fetched encoded and decoded by the destination's engine)
- * equals the CPU reference decode byte for byte; an operator's evict demotes each device's
- * blocks through that device's engine (per-device demotion counts), and the host copies
+ * equals the CPU reference decode byte for byte (the other device's read both by peer access,
+ * where the devices allow it, and fetched through the host); an operator's evict demotes each
+ * device's blocks through that device's engine (per-device demotion counts), and the host copies
  * read back the same. Exits 77 without a GPU.
  */
 #include <stdatomic.h>
@@ -85,7 +86,8 @@ typedef struct fx {
     uint8_t *region[DEVS]; /* device; [0, TIER_BYTES - SCRATCH) is the store's tier */
     kvs_store *st;
     kvs_tiering *tier;
-    kvs_xfer *x;
+    kvs_xfer *x;      /* cross-device reads by peer access where the devices allow it */
+    kvs_xfer *x_host; /* cross-device reads always fetched through the host (no_peer) */
 } fx;
 
 static int put(fx *f, kvs_ns *ns, const char *key, const uint16_t *raw, size_t bytes, int dev)
@@ -130,13 +132,15 @@ static int device_of(fx *f, kvs_ns *ns, const char *key)
     return g;
 }
 
-/* A raw Get of key into out (host), through host memory (dev < 0) or device dev's memory. */
-static int get(fx *f, kvs_ns *ns, const char *key, uint16_t *out, size_t bytes, int dev)
+/* A raw Get of key into out (host) through x, into host memory (dev < 0) or device dev's
+ * memory. */
+static int get(fx *f, kvs_xfer *x, kvs_ns *ns, const char *key, uint16_t *out, size_t bytes,
+               int dev)
 {
     kvs_xfer_get_req q = {.ns = ns, .key = key, .key_len = strlen(key), .layer_end = L};
     kvs_xfer_get *g;
     kvs_err err;
-    int rc = kvs_xfer_get_open(f->x, &q, &g, &err);
+    int rc = kvs_xfer_get_open(x, &q, &g, &err);
     if (rc) {
         fprintf(stderr, "get %s: %s\n", key, err.msg);
         return rc;
@@ -182,13 +186,14 @@ static void check_reads(fx *f, kvs_ns *ns, const char *key, const uint16_t *want
                         const char *when)
 {
     uint16_t *got = malloc(bytes);
-    for (int dev = -1; dev < DEVS; dev++) {
-        memset(got, 0xEE, bytes);
-        int rc = get(f, ns, key, got, bytes, dev);
-        CHECK(rc == 0 && memcmp(got, want, bytes) == 0, "%s: %s read into %s %d: rc %d, %s", when,
-              key, dev < 0 ? "host" : "device", dev, rc,
-              rc ? "failed" : "bytes differ from the CPU reference");
-    }
+    for (int via = 0; via < 2; via++)
+        for (int dev = via ? 0 : -1; dev < DEVS; dev++) {
+            memset(got, 0xEE, bytes);
+            int rc = get(f, via ? f->x_host : f->x, ns, key, got, bytes, dev);
+            CHECK(rc == 0 && memcmp(got, want, bytes) == 0, "%s: %s read into %s %d%s: rc %d, %s",
+                  when, key, dev < 0 ? "host" : "device", dev, via ? " (through the host)" : "", rc,
+                  rc ? "failed" : "bytes differ from the CPU reference");
+        }
     free(got);
 }
 
@@ -308,11 +313,14 @@ int main(void)
     for (int g = 0; g < DEVS; g++)
         xo.engine[g] = f.e[g];
     f.x = kvs_xfer_create(&xo);
+    xo.no_peer = true;
+    f.x_host = kvs_xfer_create(&xo);
     printf("%s\n", ndev >= 2 ? "two devices: cross-device reads are real"
                              : "one device: both engines on it (the multi-engine code path)");
     run_namespace(&f, "pq", "polarquant", "kivi-2", 3);
     run_namespace(&f, "kv", "kivi-2", "fp8", 4);
     kvs_xfer_destroy(f.x);
+    kvs_xfer_destroy(f.x_host);
     kvs_tiering_destroy(f.tier);
     kvs_store_destroy(f.st);
     for (int g = DEVS - 1; g >= 0; g--)
