@@ -16,6 +16,7 @@ import pytest
 
 import kvs
 from test_gpu_tier import ulps
+from test_metrics import free_port, scrape, val
 
 L, H, D, T = 2, 4, 128, 16
 
@@ -48,7 +49,9 @@ def test_a_malformed_device_list_is_refused_naming_the_flag(daemon, bad):
 
 
 def test_gpu_all_serves_every_visible_device(daemon, tmp_path):
-    d = start(daemon, ["--gpu", "all", "--gpu-capacity", "128M"])
+    port = free_port()
+    d = start(daemon, ["--gpu", "all", "--gpu-capacity", "128M",
+                       "--metrics-listen", f"127.0.0.1:{port}"])
     if isinstance(d, RuntimeError):
         # No GPU here (CI): the start fails, saying which flag and why.
         assert visible_gpus() == 0, f"--gpu all failed with GPUs present: {d}"
@@ -85,6 +88,11 @@ def test_gpu_all_serves_every_visible_device(daemon, tmp_path):
     assert r.returncode == 0, r.stderr
     js = json.loads(r.stdout)
     assert [g["blocks"] for g in js["gpu_devices"]] == per_dev
+    # The metrics: one series per device, summing to the GPU tier's.
+    _, m = scrape(port)
+    assert [val(m, "kvstash_gpu_tier_blocks", device=str(i))
+            for i in range(len(per_dev))] == per_dev
+    assert val(m, "kvstash_tier_blocks", tier="gpu") == sum(per_dev)
 
 
 def test_a_device_the_process_cannot_see_is_refused(daemon):
