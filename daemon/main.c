@@ -459,7 +459,9 @@ static int start_engine(daemon_state *d, kvs_err *err)
         if ((rc = kvs_engine_create(&o, &d->engine[i], &e2)) == 0) {
             d->gpu_dev[i] = devs[i];
             d->engines = (unsigned)i + 1;
-            kvs_log(KVS_LOG_INFO, "GPU engine %d on %s", i, kvs_engine_device_name(d->engine[i]));
+            /* "GPU engine on " is what tools look for in the log (tests/integration/kvs.py). */
+            kvs_log(KVS_LOG_INFO, "GPU engine on %s, GPU %d of this daemon",
+                    kvs_engine_device_name(d->engine[i]), i);
             continue;
         }
         if (d->cfg.gpu == KVS_GPU_AUTO) {
