@@ -310,9 +310,11 @@ unsigned kvs_block_gpu(const kvs_block *blk);
 bool kvs_store_has_gpu(const kvs_store *st);
 /* How many gpu tiers (devices) the store has. */
 unsigned kvs_store_gpus(const kvs_store *st);
-/* The device whose tier has the most room below its high watermark for a slot of
- * slot_bytes for ns (placement of a Put or promotion from the host, whose bytes are on
- * no device yet), or -1 when none has (the block goes to the host tier). */
+/* The device whose tier has the most free bytes, among those with room for a slot of
+ * slot_bytes for ns (placement of a Put or promotion from the host, whose bytes are on no
+ * device yet), or -1 when none has (the block goes to the host tier, and the caller kicks
+ * demotion). Room counts up to the tier's capacity, as for a Put on one device; a
+ * promotion then checks the chosen tier's high watermark (kvs_store_promote_begin). */
 int kvs_store_gpu_choose(kvs_store *st, const kvs_ns *ns, uint64_t slot_bytes);
 bool kvs_store_has_disk(const kvs_store *st);
 /* The pinned host pool the store was given (opts.host_pool), or NULL: request buffers that

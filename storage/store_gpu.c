@@ -14,7 +14,7 @@
  * a block in one of them (blk->gpu). Every tier verb names its device; a namespace's quota
  * counts its blocks on every device, and a device over it demotes the namespace's blocks
  * it holds. Placement of bytes that are on no device yet (kvs_store_gpu_choose) takes the
- * device with the most room below its high mark, so Puts from host memory spread evenly.
+ * device with the most free bytes, so Puts from host memory spread evenly.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -128,9 +128,11 @@ int kvs_store_gpu_choose(kvs_store *st, const kvs_ns *ns, uint64_t slot_bytes)
     int best = -1;
     uint64_t best_room = 0;
     pthread_mutex_lock(&st->mu);
+    /* Room up to the tier's capacity, as a Put on one device has (it fills the tier and
+     * kicks demotion when it finds it full): the watermarks are demotion's business. */
     for (unsigned g = 0; g < st->gpus; g++) {
         const kvs__gpu_tier *t = &st->gpu[g];
-        uint64_t room = t->high > t->s.used ? t->high - t->s.used : 0;
+        uint64_t room = t->s.capacity > t->s.used ? t->s.capacity - t->s.used : 0;
         if (room >= slot_bytes && room > best_room &&
             kvs_slots_can_alloc(t->slots, slot_class(ns, 0), slot_bytes)) {
             best = (int)g;

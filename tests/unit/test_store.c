@@ -644,13 +644,13 @@ static void test_gpu_tiers_per_device(void **state)
     kvs_ns *ns;
     kvs_err err;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
-    /* Room below the high marks: 6000 on device 0, 3000 on device 1: device 0 first, and
-     * the devices take turns once their room is equal. */
-    int where[9];
-    for (int i = 0; i < 9; i++) {
+    /* Placement by free bytes: device 0 (8000 free) until its room is device 1's (ties go
+     * to the lower device), then in turns, up to both tiers' capacity (the watermarks are
+     * demotion's: a Put fills a tier, then lands in the host tier and kicks demotion). */
+    int want[12] = {0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1};
+    for (int i = 0; i < 12; i++) {
         int g = kvs_store_gpu_choose(st, ns, 1000);
-        assert_true(g == 0 || g == 1);
-        where[i] = g;
+        assert_int_equal(g, want[i]);
         kvs_block *blk;
         assert_int_equal(kvs_store_block_alloc_gpu(st, (unsigned)g, ns, 4, 0, 1000, &blk, &err), 0);
         assert_int_equal(kvs_block_gpu(blk), (unsigned)g);
@@ -661,83 +661,71 @@ static void test_gpu_tiers_per_device(void **state)
         snprintf(key, sizeof key, "k%d", i);
         assert_int_equal(kvs_store_block_commit(st, blk, key, strlen(key), NULL, &err), 0);
     }
-    assert_int_equal(where[0], 0);
-    assert_int_equal(where[1], 0);
-    assert_int_equal(where[2], 0); /* 3000 left on each: either */
-    /* Both at their high marks now (6000 and 3000): no more placement. */
-    assert_int_equal(kvs_store_gpu_choose(st, ns, 1000), -1);
+    assert_int_equal(kvs_store_gpu_choose(st, ns, 1000), -1); /* both full */
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
     assert_int_equal(stats.gpu_devices, 2);
     assert_int_equal(stats.gpu_dev[0].capacity, 8000);
     assert_int_equal(stats.gpu_dev[1].capacity, 4000);
     assert_int_equal(stats.gpu_capacity, 12000);
-    assert_int_equal(stats.gpu_dev[0].used, 6000);
-    assert_int_equal(stats.gpu_dev[1].used, 3000);
-    assert_int_equal(stats.gpu_used, 9000);
-    assert_int_equal(stats.gpu_dev[0].blocks + stats.gpu_dev[1].blocks, stats.gpu_blocks);
-    /* A device's own slots: device 1 takes one more (4000 in all), then is full, while
-     * device 0 still has room. */
+    assert_int_equal(stats.gpu_dev[0].used, 8000);
+    assert_int_equal(stats.gpu_dev[1].used, 4000);
+    assert_int_equal(stats.gpu_used, 12000);
+    assert_int_equal(stats.gpu_dev[0].blocks, 8);
+    assert_int_equal(stats.gpu_dev[1].blocks, 4);
+    assert_int_equal(stats.gpu_blocks, 12);
+    /* A device's own slots: device 1 is full; there is no device 2. */
     kvs_block *extra;
-    assert_int_equal(kvs_store_block_alloc_gpu(st, 1, ns, 4, 0, 1000, &extra, &err), 0);
     assert_int_equal(kvs_store_block_alloc_gpu(st, 1, ns, 4, 0, 1000, &extra, &err), KVS_ENOSPC);
-    kvs_store_block_abort(st, extra);
     assert_int_equal(kvs_store_block_alloc_gpu(st, 2, ns, 4, 0, 1000, &extra, &err), KVS_ENOSPC);
     assert_non_null(strstr(err.msg, "device 2"));
-    kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.gpu_dev[1].used, 3000); /* the aborted slot went back */
-    /* Over its high mark (3000 of 4000 at 75%: not over; add nothing) vs device 0 at 6000
-     * of 8000 (not over either): put one more block on device 0 to pass its mark. */
-    assert_false(kvs_store_gpu_over_high(st, 0));
-    assert_false(kvs_store_gpu_over_high(st, 1));
-    kvs_block *blk;
-    assert_int_equal(kvs_store_block_alloc_gpu(st, 0, ns, 4, 0, 1000, &blk, &err), 0);
-    kvs_block_set_size(blk, 300, 512);
-    assert_int_equal(kvs_store_block_commit(st, blk, "x0", 2, NULL, &err), 0);
+    /* Each device over its own high mark (6000 of 8000, 3000 of 4000); each round picks its
+     * device's blocks only, oldest first, down to that device's low mark (4000, 2000). */
     assert_true(kvs_store_gpu_over_high(st, 0));
-    assert_false(kvs_store_gpu_over_high(st, 1));
-    /* Device 0's round picks its own blocks only, down to its low mark (4000 of 7000). */
+    assert_true(kvs_store_gpu_over_high(st, 1));
     kvs_block *picked[16];
-    size_t n = kvs_store_gpu_pick(st, 0, picked, 16);
-    assert_int_equal(n, 3);
-    for (size_t i = 0; i < n; i++)
-        assert_int_equal(kvs_block_gpu(picked[i]), 0);
-    assert_int_equal(kvs_store_gpu_pick(st, 1, picked + n, 16), 0);
-    for (size_t i = 0; i < n; i++) {
+    size_t n0 = kvs_store_gpu_pick(st, 0, picked, 16);
+    assert_int_equal(n0, 4);
+    size_t n1 = kvs_store_gpu_pick(st, 1, picked + n0, 16 - n0);
+    assert_int_equal(n1, 2);
+    for (size_t i = 0; i < n0 + n1; i++) {
+        assert_int_equal(kvs_block_gpu(picked[i]), i < n0 ? 0 : 1);
         kvs_block *nb;
         assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
         encode_fill(ns, 4, 0x30, kvs_block_data(nb), ENC(4));
         kvs_store_demote_commit(st, picked[i], nb);
     }
+    assert_false(kvs_store_gpu_over_high(st, 0));
+    assert_false(kvs_store_gpu_over_high(st, 1));
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.gpu_dev[0].demotions, 3);
-    assert_int_equal(stats.gpu_dev[1].demotions, 0);
-    assert_int_equal(stats.gpu_demotions, 3);
+    assert_int_equal(stats.gpu_dev[0].demotions, 4);
+    assert_int_equal(stats.gpu_dev[1].demotions, 2);
+    assert_int_equal(stats.gpu_demotions, 6);
     assert_int_equal(stats.gpu_dev[0].used, 4000);
-    assert_int_equal(stats.gpu_dev[1].used, 3000);
-    /* A promotion goes to the device asked for, below its high mark only (device 1 is at
-     * its 3000); a Get hit counts on the block's device. */
+    assert_int_equal(stats.gpu_dev[1].used, 2000);
+    /* A promotion goes to the device asked for, below that device's high mark only; a Get
+     * hit counts on the block's device. k0 (device 0's oldest) is a host block now. */
     kvs_block *host;
     assert_int_equal(kvs_store_get(st, ns, "k0", 2, &host, &err), 0);
     assert_int_equal(kvs_block_tier(host), KVS_STORE_TIER_HOST);
-    kvs_block *g0;
-    assert_false(kvs_store_promote_begin(st, 1, host, 1000, &g0));
-    assert_true(kvs_store_promote_begin(st, 0, host, 1000, &g0));
-    assert_int_equal(kvs_block_gpu(g0), 0);
-    kvs_block_device(g0)->lens[0] = 7;
-    kvs_store_promote_commit(st, host, g0);
+    kvs_block *g1;
+    assert_false(kvs_store_promote_begin(st, 1, host, 2000, &g1)); /* 2000 + 2000 > 3000 */
+    assert_true(kvs_store_promote_begin(st, 1, host, 1000, &g1));
+    assert_int_equal(kvs_block_gpu(g1), 1);
+    kvs_block_device(g1)->lens[0] = 7;
+    kvs_store_promote_commit(st, host, g1);
     kvs_store_block_release(st, host);
     kvs_block *hit;
     assert_int_equal(kvs_store_get(st, ns, "k0", 2, &hit, &err), 0);
     assert_int_equal(kvs_block_tier(hit), KVS_STORE_TIER_GPU);
-    assert_int_equal(kvs_block_gpu(hit), 0);
+    assert_int_equal(kvs_block_gpu(hit), 1);
     kvs_store_block_release(st, hit);
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.gpu_dev[0].promotions, 1);
-    assert_int_equal(stats.gpu_dev[1].promotions, 0);
-    assert_int_equal(stats.gpu_dev[0].hits, 1);
-    assert_int_equal(stats.gpu_dev[1].hits, 0);
-    assert_int_equal(stats.gpu_dev[0].used, 5000);
+    assert_int_equal(stats.gpu_dev[1].promotions, 1);
+    assert_int_equal(stats.gpu_dev[0].promotions, 0);
+    assert_int_equal(stats.gpu_dev[1].hits, 1);
+    assert_int_equal(stats.gpu_dev[0].hits, 0);
+    assert_int_equal(stats.gpu_dev[1].used, 3000);
     /* Dropping the namespace returns every device's slots. */
     kvs_ns_unref(ns);
     assert_int_equal(kvs_store_ns_drop(st, "m", NULL, &err), 0);
