@@ -311,7 +311,7 @@ static void on_uploaded(void *arg, int rc, const kvs_err *err)
     post(p->t, uploaded, p);
 }
 
-void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
+void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near)
 {
     if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST)
         return;
@@ -321,21 +321,27 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk)
     kvs_block_info info;
     const kvs_codec *k = NULL, *v = NULL;
     promo *p = NULL;
-    uint64_t slot = 0;
-    int g = -1;
     if (!atomic_load(&t->stopping) &&
         kvs_format_peek(kvs_block_data(blk), kvs_block_size(blk), &info, NULL) == 0 &&
-        kvs_ns_block_codecs(ns, &info, &k, &v, NULL, NULL) == 0 &&
-        (slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens),
-         (g = kvs_store_gpu_choose(t->st, ns, slot)) >= 0) &&
-        (unsigned)g < t->devs && kvs_engine_accepts(t->dev[g].eng, k, v)) {
+        kvs_ns_block_codecs(ns, &info, &k, &v, NULL, NULL) == 0) {
         /* One slot size per namespace and encodings, a full block's, as Puts use: a block
          * stored with other codecs than the namespace's own (a fallback, a colder tier's)
-         * keeps them on the GPU (storage/slots.h, store.h invariant 9); on the device with
-         * the most room. */
+         * keeps them on the GPU (storage/slots.h, store.h invariant 9). On the reader's
+         * device when it has room, so its next Get decodes there; else the roomiest. */
+        uint64_t slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens);
         p = kvs_xcalloc(1, sizeof *p);
-        *p = (promo){.t = t, .old = blk, .eng = t->dev[g].eng};
-        if (!kvs_store_promote_begin(t->st, (unsigned)g, blk, slot, &p->g)) {
+        *p = (promo){.t = t, .old = blk};
+        int tries[2] = {near, kvs_store_gpu_choose(t->st, ns, slot)}, g = -1;
+        bool begun = false;
+        for (int i = 0; i < 2 && !begun; i++) {
+            g = tries[i];
+            begun = g >= 0 && (unsigned)g < t->devs && (i == 0 || g != near) &&
+                    kvs_engine_accepts(t->dev[g].eng, k, v) &&
+                    kvs_store_promote_begin(t->st, (unsigned)g, blk, slot, &p->g);
+        }
+        if (begun) {
+            p->eng = t->dev[g].eng;
+        } else {
             free(p);
             p = NULL;
         }

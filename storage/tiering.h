@@ -47,14 +47,16 @@ void kvs_tiering_kick(kvs_tiering *t);
  * kvs_store_demote_fn (arg = t). Blocks the caller: never call it on the engine thread. */
 size_t kvs_tiering_demote(void *t, kvs_block **picked, size_t n);
 /* Promotion on Get (DESIGN §7): starts copying host block blk (the caller holds a
- * reference, needed only during the call) to the gpu tier through the engine, if the
+ * reference, needed only during the call) to a gpu tier through its engine: device `near`
+ * (the reader's: a Get into that device's memory) when it has room below its high
+ * watermark, else the device with the most room (near < 0: no reader device), if the
  * store allows it (kvs_store_promote_begin: promotion on, room below the gpu tier's high
  * watermark) and the engine has kernels for its codecs; returns at once. When the copy is
  * done, the gpu copy takes the host block's place (kvs_store_promote_commit), unless the
  * block was deleted or replaced meanwhile. blk's bytes are those kvs_store_find verified
  * (invariant 4: read-only while referenced), so the upload does not hash them again.
  * Any thread. */
-void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk);
+void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near);
 /* Waits for the round and the promotions in flight (the engine must still run), then
  * frees. NULL is fine. */
 void kvs_tiering_destroy(kvs_tiering *t);

@@ -853,7 +853,7 @@ static void dispatch(kvs_xfer_get *g)
     }
     /* A hot host block moves up to the GPU tier (when allowed and there is room), beside
      * this Get, which goes on reading the host copy. */
-    kvs_tiering_promote(x->o.tiering, g->blk);
+    kvs_tiering_promote(x->o.tiering, g->blk, g->dst.kind == KVS_XFER_DEVICE ? g->dst.gpu : -1);
     if (g->encoded) {
         finish_get(g, 0, NULL); /* the stored bytes go out as they are */
         return;

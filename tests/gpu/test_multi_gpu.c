@@ -14,8 +14,9 @@
  * device and of the other one (fetched encoded and decoded by the destination's engine)
  * equals the CPU reference decode byte for byte (the other device's read both by peer access,
  * where the devices allow it, and fetched through the host); an operator's evict demotes each
- * device's blocks through that device's engine (per-device demotion counts), and the host copies
- * read back the same. Exits 77 without a GPU.
+ * device's blocks through that device's engine (per-device demotion counts); a Get of a host
+ * block into a device's memory promotes it to that device's tier (the reader's), from where it
+ * reads back the same. Exits 77 without a GPU.
  */
 #include <stdatomic.h>
 #include <stdio.h>
@@ -265,12 +266,24 @@ static void run_namespace(fx *f, const char *name, const char *kc, const char *v
         char key[16];
         snprintf(key, sizeof key, "%s%d", name, i);
         CHECK(device_of(f, ns, key) == -1, "%s: %s still in a gpu tier after the evict", name, key);
-        check_reads(f, ns, key, want[i], bytes, "host tier");
+        /* A Get into device near's memory promotes the host block to that device's tier (the
+         * reader's, which has room), beside the Get; the promotion is asynchronous. */
+        int near = i % DEVS, at = -1;
+        uint16_t *got = malloc(bytes);
+        CHECK(get(f, f->x, ns, key, got, bytes, near) == 0 && memcmp(got, want[i], bytes) == 0,
+              "%s: %s read from the host tier into device %d", name, key, near);
+        free(got);
+        for (int w = 0; w < 400 && (at = device_of(f, ns, key)) < 0; w++)
+            usleep(5000);
+        CHECK(at == near, "%s: %s promoted to device %d, the reader was on %d", name, key, at,
+              near);
+        check_reads(f, ns, key, want[i], bytes, "promoted");
         free(raw[i]);
         free(want[i]);
     }
     printf("%s (%s/%s): %d + %d blocks on devices 0 + 1 (%d + %d put from device memory), "
-           "read back into host and both devices' memory, demoted per device\n",
+           "read back into host and both devices' memory, demoted per device, promoted to the "
+           "reader's device\n",
            name, kc, vc, on[0], on[1], dev_put[0], dev_put[1]);
     kvs_ns_unref(ns);
 }
