@@ -1,9 +1,11 @@
 /* The data path (DESIGN §2): the one module between a caller that speaks a protocol (the
  * daemon's gRPC calls today; shared memory, CUDA IPC and a Python package next) and the
  * tiers. It owns every decision about a block's bytes on their way in and out:
- *   - placement: the GPU tier when the engine can encode into a slot there (and no
- *     RotateKV calibration wants the raw keys on the host), else the host tier (which may
- *     evict to make room); durable namespaces always go through the host tier to disk;
+ *   - placement: a GPU tier when an engine can encode into a slot there (and no
+ *     RotateKV calibration wants the raw keys on the host): the source's own device for
+ *     GPU memory, the device with the most free bytes for host bytes (several devices:
+ *     opts.engine); else the host tier (which may evict to make room); durable namespaces
+ *     always go through the host tier to disk;
  *   - the codecs: the namespace's own in the GPU tier; in the host tier, for each side,
  *     the host tier's codec where the namespace names a colder one (precision demotion,
  *     storage/store.h invariant 9: the block is encoded so from its input, not re-encoded);
@@ -13,7 +15,8 @@
  *     (kvs_ns_block_codecs), which may predate the namespace's current ones, or be its
  *     fallback codec or a colder tier's;
  *   - fidelity (issue 16): which Puts are measured and what a bound does (below);
- *   - promotion on Get (disk -> host in the store, host -> GPU through the tiering).
+ *   - promotion on Get (disk -> host in the store, host -> GPU through the tiering, to
+ *     the reader's device when the destination is GPU memory).
  * Callers parse and validate their requests, hand a source or a destination to the data
  * path, and answer when it calls back.
  *
