@@ -17,8 +17,10 @@
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 #   H2H=1       tests/bench/h2h.sh: kvstash against Redis (bundled from this machine's
 #               redis-server), H2H_SECONDS, H2H_CLIENTS, H2H_CODECS, H2H_TOKENS, KVSTASHD_ARGS
-#   MULTIGPU=1  tests/bench/multi_gpu.sh: restore into each GPU in parallel through one
-#               kvstashd --gpu all (TOKENS, CODEC, PATHS, REPS, GPUS)
+#   MULTIGPU=1  (a machine with several GPUs) the multi-GPU, GPU-tier, data-plane and Python
+#               client tests through kvstashd --gpu all, then tests/bench/multi_gpu.sh: restore
+#               into each GPU in parallel through one kvstashd --gpu all (TOKENS, CODEC, PATHS,
+#               REPS, GPUS); test_multi_gpu (TESTS=1) runs on two real devices there
 #   PPL=1       tests/bench/ppl/ppl_bench.py through a kvstashd with its GPU engine (the codecs
 #               on the GPU; PPL_WINDOWS, PPL_THREADS, PPL_ARGS; default table A's --post-rope)
 #   CHAT=1      client/python/examples/chat_reuse.py with Llama-3-8B shapes on this GPU
@@ -88,7 +90,12 @@ if [ "${H2H:-0}" = 1 ]; then  # issue 12: kvstash against Redis on this machine 
         bash tests/bench/h2h.sh > "$OUT/h2h.md" 2> "$OUT/h2h.err"
     note "head-to-head with Redis" $?; cat "$OUT/h2h.md"; tail -n 5 "$OUT/h2h.err"
 fi
-if [ "${MULTIGPU:-0}" = 1 ]; then  # issue 17: restore into each GPU in parallel (--gpu all)
+if [ "${MULTIGPU:-0}" = 1 ]; then  # issue 17: the GPU-tier tests through --gpu all, then
+    # restore into each GPU in parallel
+    (cd tests/integration && KVSTASHD_EXTRA="--gpu all" python3 -m pytest -q -p no:cacheprovider \
+        -rs test_multi_gpu.py test_gpu_tier.py test_data_plane.py test_python_client.py \
+        > "$OUT/integ-multi.log" 2>&1)
+    note "integration, --gpu all" $?; tail -n 5 "$OUT/integ-multi.log"
     KVCTL=$KVCTL tests/bench/multi_gpu.sh $R/bin/kvstashd $R/bin/kvs-bench-restore "$OUT" \
         > "$OUT/multi-gpu.md" 2> "$OUT/multi-gpu.err"
     note "multi-GPU restore" $?; cat "$OUT/multi-gpu.md"; tail -n 5 "$OUT/multi-gpu.err"
