@@ -19,10 +19,12 @@ GPU_CODECS = ["none", "fp8", "kivi-2", "kivi-4", "polarquant", "rotatekv-2", "sq
 
 
 def gpu_daemon(daemon, capacity="256M", extra=()):
+    # --gpu on, unless KVSTASHD_EXTRA chooses the GPUs (device-check.sh MULTIGPU=1: --gpu all).
+    gpu = [] if "--gpu" in kvs.KVSTASHD_EXTRA else ["--gpu", "on"]
     try:
-        return daemon(extra=["--gpu", "on", "--gpu-capacity", capacity, *extra])
+        return daemon(extra=[*gpu, "--gpu-capacity", capacity, *extra])
     except RuntimeError as e:
-        if "--gpu on" in str(e):
+        if "--gpu" in str(e):
             pytest.skip("no GPU engine here: " + str(e).splitlines()[0])
         raise
 
