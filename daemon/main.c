@@ -58,10 +58,9 @@ typedef struct daemon_state {
     kvs_store *store;
     kvs_disk *disk; /* disk tier (--data-dir), closed after the store */
     kvs_work *work;
-    /* The GPU engines, one per device of --gpu (engine[g] runs device gpu_dev[g] and the
-     * store's gpu tier g), the leading non-NULL entries; none: CPU codecs. */
+    /* The GPU engines, one per device of --gpu (engine[g] runs the store's gpu tier g), the
+     * leading non-NULL entries; none: CPU codecs. */
     kvs_engine *engine[KVS_STORE_GPUS_MAX];
-    int gpu_dev[KVS_STORE_GPUS_MAX];
     unsigned engines;
     kvs_tiering *tiering;
     kvs_hostpool *host_pool;            /* pinned memory of host blocks (with an engine), or NULL */
@@ -457,7 +456,6 @@ static int start_engine(daemon_state *d, kvs_err *err)
         kvs_engine_opts o = {.device = devs[i]};
         kvs_err e2;
         if ((rc = kvs_engine_create(&o, &d->engine[i], &e2)) == 0) {
-            d->gpu_dev[i] = devs[i];
             d->engines = (unsigned)i + 1;
             /* "GPU engine on " is what tools look for in the log (tests/integration/kvs.py). */
             kvs_log(KVS_LOG_INFO, "GPU engine on %s, GPU %d of this daemon",
@@ -557,13 +555,14 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
         if (!bytes && d->cfg.gpu_capacity_pct) {
             uint64_t free_b, total_b;
             if ((rc = kvs_engine_mem_info(d->engine[g], &free_b, &total_b, err)))
-                return kvs_err_prefix(err, "--gpu-capacity: device %d", d->gpu_dev[g]);
+                return kvs_err_prefix(err, "--gpu-capacity: %s",
+                                      kvs_engine_device_name(d->engine[g]));
             bytes = free_b / 100 * d->cfg.gpu_capacity_pct;
         }
         if (!bytes)
             break;
         if ((rc = kvs_engine_tier_alloc(d->engine[g], bytes, &d->gpu_tier[g], err)))
-            return kvs_err_prefix(err, "--gpu-capacity: device %d", d->gpu_dev[g]);
+            return kvs_err_prefix(err, "--gpu-capacity: %s", kvs_engine_device_name(d->engine[g]));
         d->gpu_bytes += bytes;
         sopts->gpu[g].base = (uintptr_t)d->gpu_tier[g];
         sopts->gpu[g].capacity = bytes;

@@ -435,7 +435,7 @@ static void render_gpu_devices(FILE *f, const kvs_store_stats *s)
 /* Codec work by op and by where it ran (storage/xfer.h), and the engine's batch sizes. */
 static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *const *engines)
 {
-    struct kvs_engine *engine = engines[0]; /* any: the histogram sums every device's */
+    bool gpu = engines[0] != NULL; /* the leading entries are the engines */
     static const char *ops[2] = {"encode", "decode"}, *wheres[2] = {"cpu", "gpu"};
     kvs_xfer_stats xs;
     kvs_xfer_get_stats(srv->xfer, &xs);
@@ -452,7 +452,7 @@ static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *const *en
         family(f, fams[i].name, "counter", fams[i].help);
         for (int op = 0; op < 2; op++)
             for (int w = 0; w < 2; w++) {
-                if (w == 1 && !engine)
+                if (w == 1 && !gpu)
                     continue;
                 fprintf(f, "%s{op=\"%s\",engine=\"%s\"} ", fams[i].name, ops[op], wheres[w]);
                 if (i == 1)
@@ -464,9 +464,9 @@ static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *const *en
                                                           : xs.encoded_bytes[op][w]));
             }
     }
-    if (!engine)
+    if (!gpu)
         return;
-    kvs_engine_stats es = {0};
+    kvs_engine_stats es = {0}; /* every device's batches in one histogram */
     for (int g = 0; g < KVS_STORE_GPUS_MAX && engines[g]; g++) {
         kvs_engine_stats one;
         kvs_engine_get_stats(engines[g], &one);

@@ -121,10 +121,7 @@ void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
 
 void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t delta)
 {
-    kvs__gpu_tier *t = &st->gpu[g];
-    uint64_t used = kvs_slots_used(t->slots);
-    st->stats.gpu_used += used - t->s.used;
-    t->s.used = used;
+    st->gpu[g].s.used = kvs_slots_used(st->gpu[g].slots);
     kvs_ns_usage_of(ns)->gpu_bytes += (uint64_t)delta;
 }
 
@@ -180,10 +177,9 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     u->stored_bytes -= blk->size;
     u->raw_bytes -= blk->raw_bytes;
     u->tokens -= blk->tokens;
-    if (blk->tier == KVS_STORE_TIER_GPU) {
-        st->stats.gpu_blocks--;
+    if (blk->tier == KVS_STORE_TIER_GPU)
         st->gpu[blk->gpu].s.blocks--;
-    } else if (blk->tier == KVS_STORE_TIER_DISK)
+    else if (blk->tier == KVS_STORE_TIER_DISK)
         st->stats.disk_blocks--;
     else
         st->stats.host_blocks--;
@@ -690,10 +686,9 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
     u->stored_bytes += blk->size;
     u->raw_bytes += blk->raw_bytes;
     u->tokens += blk->tokens;
-    if (blk->tier == KVS_STORE_TIER_GPU) {
-        st->stats.gpu_blocks++;
+    if (blk->tier == KVS_STORE_TIER_GPU)
         st->gpu[blk->gpu].s.blocks++;
-    } else if (blk->tier == KVS_STORE_TIER_DISK)
+    else if (blk->tier == KVS_STORE_TIER_DISK)
         st->stats.disk_blocks++;
     else
         st->stats.host_blocks++;
@@ -810,7 +805,6 @@ int kvs_store_find(kvs_store *st, kvs_ns *ns, const void *key, size_t key_len, k
     if (kvs_policy_node_linked(&blk->pol)) /* host blocks not yet evicted */
         kvs_policy_hit(st->policy, &blk->pol);
     if (blk->tier == KVS_STORE_TIER_GPU) { /* invariant 4: no host bytes to verify */
-        st->stats.gpu_hits++;
         st->gpu[blk->gpu].s.hits++;
         kvs_ns_usage_of(ns)->gpu_hits++;
         pthread_mutex_unlock(&st->mu);
@@ -900,13 +894,30 @@ uint32_t kvs_store_delete(kvs_store *st, kvs_ns *ns, const kvs_store_key *keys, 
     return deleted;
 }
 
+uint64_t kvs__store_gpu_blocks_locked(const kvs_store *st)
+{
+    uint64_t n = 0;
+    for (unsigned g = 0; g < st->gpus; g++)
+        n += st->gpu[g].s.blocks;
+    return n;
+}
+
 void kvs_store_get_stats(kvs_store *st, kvs_store_stats *out)
 {
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
+    /* The gpu totals are the devices' sums: each device's counters are the only ones kept. */
     out->gpu_devices = st->gpus;
-    for (unsigned g = 0; g < st->gpus; g++)
-        out->gpu_dev[g] = st->gpu[g].s;
+    for (unsigned g = 0; g < st->gpus; g++) {
+        const kvs_store_gpu_stats *d = &st->gpu[g].s;
+        out->gpu_dev[g] = *d;
+        out->gpu_capacity += d->capacity;
+        out->gpu_used += d->used;
+        out->gpu_blocks += d->blocks;
+        out->gpu_hits += d->hits;
+        out->gpu_demotions += d->demotions;
+        out->gpu_promotions += d->promotions;
+    }
     pthread_mutex_unlock(&st->mu);
     out->verify_checked = atomic_load_explicit(&st->verify_checked, memory_order_relaxed);
 }

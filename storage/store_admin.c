@@ -51,7 +51,7 @@ static int verify_host(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
     kvs_block *to_free = NULL;
     pthread_mutex_lock(&st->mu);
     uint32_t pass = ++st->verify_pass;
-    out->gpu_skipped = st->stats.gpu_blocks;
+    out->gpu_skipped = kvs__store_gpu_blocks_locked(st);
     kvs_lru_node *it = kvs_lru_oldest(&st->lru);
     for (;;) {
         size_t m = 0;
@@ -259,7 +259,7 @@ int kvs_store_flush_sync(kvs_store *st, kvs_store_flush_info *info, kvs_err *err
         kvs_writer_copy(st->writer, b, b->size);
     }
     st->stats.flush_queued += m;
-    info->gpu_skipped = st->stats.gpu_blocks;
+    info->gpu_skipped = kvs__store_gpu_blocks_locked(st);
     pthread_mutex_unlock(&st->mu);
 
     kvs_store_disk_wait(st);

@@ -251,7 +251,6 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
         kvs__store_host_charge_locked(st, nb->ns, -(int64_t)nb->shrink);
         nb->shrink = 0;
         kvs__store_link_locked(st, nb);
-        st->stats.gpu_demotions++;
         st->gpu[old->gpu].s.demotions++;
     } else { /* deleted, replaced or dropped meanwhile: the copy is not needed */
         kvs__store_give_back_locked(st, nb);
@@ -314,7 +313,6 @@ void kvs_store_promote_commit(kvs_store *st, kvs_block *old, kvs_block *g)
         g->on_disk = old->on_disk;
         free_old = kvs__store_unlink_locked(st, old);
         kvs__store_link_locked(st, g);
-        st->stats.gpu_promotions++;
         st->gpu[g->gpu].s.promotions++;
     } else { /* deleted, replaced, dropped or spilled meanwhile: the copy is not needed */
         kvs__store_give_back_locked(st, g);

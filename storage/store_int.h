@@ -127,7 +127,8 @@ struct kvs_store {
     /* stats.verify_checked, kept apart so that the disk scan's callback, inside an LMDB
      * read transaction, counts without the store lock (kvs_store_get_stats copies it) */
     _Atomic uint64_t verify_checked;
-    kvs_store_stats stats;
+    kvs_store_stats stats; /* its gpu_* fields stay 0: the devices' counters (gpu[g].s) are
+                            * summed when read (kvs_store_get_stats) */
     uint32_t calib_tokens;
     struct kvs_engine *engine[KVS_STORE_GPUS_MAX]; /* borrowed (opts.engine) */
     kvs_store_event_fn on_event; /* opts.on_event, armed once the disk tier is indexed */
@@ -170,6 +171,9 @@ void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
  * the demotion ended (committed or not; the demoter's reference is the caller's to drop). */
 void kvs__store_gpu_pick_locked(kvs_store *st, kvs_block *b);
 void kvs__store_gpu_unpick_locked(kvs_store *st, kvs_block *b);
+/* GPU blocks on every device (their tiers' counters; stats.gpu_* stays 0: the totals are
+ * summed where they are read, kvs_store_get_stats). */
+uint64_t kvs__store_gpu_blocks_locked(const kvs_store *st);
 /* Drops one reference; true on the last (capacity given back; caller frees). */
 bool kvs__store_unref_locked(kvs_store *st, kvs_block *blk);
 /* A disk-tier index entry standing for blk's record (same identity, no payload); not

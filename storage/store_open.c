@@ -50,7 +50,6 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
         t->high = cap / 100 * st->gpu_high_pct;
         t->low = cap / 100 * st->gpu_low_pct;
         t->s.capacity = cap;
-        st->stats.gpu_capacity += cap;
     }
     kvs_policy_opts popts = {.small_percent = opts->eviction_small_pct};
     if ((rc = kvs_policy_create(opts->eviction ? opts->eviction : KVS_POLICY_LRU,

@@ -311,6 +311,14 @@ static void on_uploaded(void *arg, int rc, const kvs_err *err)
     post(p->t, uploaded, p);
 }
 
+/* Begins blk's promotion to device g's tier (g < 0: none) if its engine runs k and v. */
+static bool promote_on(kvs_tiering *t, int g, kvs_block *blk, const kvs_codec *k,
+                       const kvs_codec *v, uint64_t slot, kvs_block **out)
+{
+    return g >= 0 && (unsigned)g < t->devs && kvs_engine_accepts(t->dev[g].eng, k, v) &&
+           kvs_store_promote_begin(t->st, (unsigned)g, blk, slot, out);
+}
+
 void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near)
 {
     if (!t || kvs_block_tier(blk) != KVS_STORE_TIER_HOST)
@@ -331,13 +339,12 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near)
         uint64_t slot = kvs_engine_slot_bytes(k, v, kvs_ns_spec_of(ns)->block_tokens);
         p = kvs_xcalloc(1, sizeof *p);
         *p = (promo){.t = t, .old = blk};
-        int tries[2] = {near, kvs_store_gpu_choose(t->st, ns, slot)}, g = -1;
-        bool begun = false;
-        for (int i = 0; i < 2 && !begun; i++) {
-            g = tries[i];
-            begun = g >= 0 && (unsigned)g < t->devs && (i == 0 || g != near) &&
-                    kvs_engine_accepts(t->dev[g].eng, k, v) &&
-                    kvs_store_promote_begin(t->st, (unsigned)g, blk, slot, &p->g);
+        int g = near;
+        bool begun = promote_on(t, g, blk, k, v, slot, &p->g);
+        if (!begun) {
+            int other = kvs_store_gpu_choose(t->st, ns, slot);
+            begun = other != near && promote_on(t, other, blk, k, v, slot, &p->g);
+            g = other;
         }
         if (begun) {
             p->eng = t->dev[g].eng;
@@ -359,17 +366,20 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near)
         on_uploaded(p, -1, &err); /* refused (a malformed block: its Get will say so) */
 }
 
+static bool rounds_running(kvs_tiering *t)
+{
+    for (unsigned g = 0; g < t->devs; g++)
+        if (atomic_load(&t->dev[g].busy))
+            return true;
+    return false;
+}
+
 void kvs_tiering_destroy(kvs_tiering *t)
 {
     if (!t)
         return;
     atomic_store(&t->stopping, true);
-    for (unsigned g = 0; g < t->devs; g++)
-        while (atomic_load(&t->dev[g].busy)) {
-            struct timespec ts = {0, 1000000};
-            nanosleep(&ts, NULL);
-        }
-    while (atomic_load(&t->promoting)) {
+    while (rounds_running(t) || atomic_load(&t->promoting)) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }

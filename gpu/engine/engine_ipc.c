@@ -31,17 +31,14 @@ int kvs_engine_ipc_open(kvs_engine *e, const uint8_t handle[KVS_ENGINE_IPC_HANDL
 {
     *base = NULL;
     *bytes = 0;
-    struct cudaDeviceProp prop;
     cudaError_t ce = cudaSetDevice(e->o.device);
-    if (ce == cudaSuccess)
-        ce = cudaGetDeviceProperties(&prop, e->o.device);
     if (ce != cudaSuccess)
-        return cuda_fail(err, KVS_EINTERNAL, "GPU engine: device properties", ce);
-    _Static_assert(sizeof prop.uuid.bytes == KVS_ENGINE_UUID_LEN, "device UUID length");
-    if (memcmp(prop.uuid.bytes, uuid, KVS_ENGINE_UUID_LEN) != 0) {
+        return cuda_fail(err, KVS_EINTERNAL, "GPU engine: cudaSetDevice", ce);
+    _Static_assert(sizeof e->uuid == KVS_ENGINE_UUID_LEN, "device UUID length");
+    if (!kvs_engine_has_uuid(e, uuid)) { /* the device's UUID, read at create */
         char want[40], got[40];
         for (int i = 0; i < 16; i++) {
-            snprintf(want + 2 * i, 3, "%02x", (unsigned char)prop.uuid.bytes[i]);
+            snprintf(want + 2 * i, 3, "%02x", e->uuid[i]);
             snprintf(got + 2 * i, 3, "%02x", uuid[i]);
         }
         return kvs_err_set(err, KVS_EINVAL,
