@@ -199,7 +199,10 @@ static void item_ready(void *arg, int rc, const kvs_err *err)
     kvs_get_state *g = &c->u.get;
     pthread_mutex_lock(&g->mu);
     it->rc = rc;
-    if (rc)
+    if (rc == KVS_ENOSPC && it->dst) /* an encoded block larger than the region's slot */
+        snprintf(it->msg, sizeof it->msg, "region_slot_bytes: %.200s",
+                 err ? err->msg : "too small");
+    else if (rc)
         snprintf(it->msg, sizeof it->msg, "%s", err ? err->msg : kvs_strerror(rc));
     it->ready = true;
     g->inflight--;
@@ -252,6 +255,9 @@ static void open_item(kvs_call *c, kvs_get_item *it)
                              .lay = &g->layout,
                              .pages = g->pages + (size_t)it->index * g->pages_per_block,
                              .gpu = (uint8_t)kvs_region_gpu(g->region)};
+    } else if (g->encoded && it->dst) { /* the stored bytes into the region's slot */
+        dst.ptr = it->dst;
+        dst.len = g->slot_bytes;
     } else if (!g->encoded) {
         dst.len = kvs_xfer_get_raw_bytes(it->op);
         if (it->dst && dst.len > g->slot_bytes) {
@@ -277,7 +283,8 @@ static void open_item(kvs_call *c, kvs_get_item *it)
     pthread_mutex_lock(&g->mu);
     g->inflight++;
     pthread_mutex_unlock(&g->mu);
-    if ((rc = kvs_xfer_get_run(it->op, g->encoded ? NULL : &dst, item_ready, it, &err))) {
+    if ((rc = kvs_xfer_get_run(it->op, g->encoded && !it->dst ? NULL : &dst, item_ready, it,
+                               &err))) {
         pthread_mutex_lock(&g->mu);
         g->inflight--;
         pthread_mutex_unlock(&g->mu);
@@ -495,11 +502,20 @@ static void slot_header(kvs_call *c, const kvs_get_item *it, Kvstash__V1__GetHea
     }
     hdr->tokens = kvs_xfer_get_tokens(it->op);
     hdr->dtype = (Kvstash__V1__Dtype)spec->dtype;
-    hdr->format = KVSTASH__V1__FORMAT__FORMAT_RAW;
     hdr->tier = (Kvstash__V1__Tier)kvs_xfer_get_tier(it->op);
-    hdr->layer_begin = g->layer_begin;
-    hdr->layer_end = g->layer_end;
-    hdr->total_bytes = kvs_spec_layer_bytes(spec, hdr->tokens) * (g->layer_end - g->layer_begin);
+    if (g->encoded) { /* the stored block, whole */
+        size_t len;
+        kvs_xfer_get_encoded(it->op, &len);
+        hdr->format = KVSTASH__V1__FORMAT__FORMAT_ENCODED;
+        hdr->layer_end = spec->layers;
+        hdr->total_bytes = len;
+    } else {
+        hdr->format = KVSTASH__V1__FORMAT__FORMAT_RAW;
+        hdr->layer_begin = g->layer_begin;
+        hdr->layer_end = g->layer_end;
+        hdr->total_bytes =
+            kvs_spec_layer_bytes(spec, hdr->tokens) * (g->layer_end - g->layer_begin);
+    }
     header_codecs(spec, kvs_xfer_get_enc(it->op), hdr);
     atomic_fetch_add(&c->srv->get_region_bytes, hdr->total_bytes);
 }
@@ -537,7 +553,7 @@ static void send_slot_headers(kvs_call *c)
 /* The header of items[send] (ready): its data follows unless it went into the region. */
 static void send_header(kvs_call *c, kvs_get_item *it)
 {
-    if ((c->u.get.slots || c->u.get.dev_paged) && !c->u.get.encoded) {
+    if (c->u.get.slots || c->u.get.dev_paged) { /* the bytes are in the region already */
         send_slot_headers(c);
         return;
     }
@@ -583,28 +599,8 @@ static void send_header(kvs_call *c, kvs_get_item *it)
         kvs_call_send(c, &chunk.base);
         return;
     }
-    if (it->dst && g->encoded) { /* into the region: the stored bytes, if they fit */
-        if (hdr.total_bytes > g->slot_bytes) {
-            snprintf(it->msg, sizeof it->msg,
-                     "region_slot_bytes: the encoded block's %llu bytes do not fit a slot of "
-                     "%llu",
-                     (unsigned long long)hdr.total_bytes, (unsigned long long)g->slot_bytes);
-            it->rc = KVS_ENOSPC;
-            if (!g->many || g->prefix) {
-                end_call(c, g->many ? END_REPLY : END_FAIL, it->rc, it->msg);
-                return;
-            }
-            send_header(c, it);
-            return;
-        }
-        memcpy(it->dst, g->bytes, hdr.total_bytes);
-    }
-    atomic_fetch_add(it->dst ? &c->srv->get_region_bytes : &c->srv->get_wire_bytes,
-                     hdr.total_bytes);
-    if (it->dst)
-        g->send++; /* header only: the bytes are in the region */
-    else
-        g->header_out = true;
+    atomic_fetch_add(&c->srv->get_wire_bytes, hdr.total_bytes);
+    g->header_out = true;
     kvs_call_send(c, &chunk.base);
 }
 

@@ -618,11 +618,11 @@ struct kvs_xfer_get {
     kvs_xfer_buf dst;
     kvs_engine_paged paged; /* dst.lay set: the engine's view of it */
     uint8_t *fetched;       /* encoded Get of a GPU block, or a raw one into another device's
-                             * memory: the block fetched to the host */
-    size_t fetched_len;
-    bool cross;           /* fetched to be decoded by the destination's engine (xfer.h) */
-    bool decoded;         /* decoded straight from LMDB's map by the read */
-    uint64_t t0, enc_len; /* a GPU decode: its submission (monotonic ns), the slot's bytes */
+                             * memory: the block fetched to the host (not into dst) */
+    size_t fetched_len;     /* ...or into an encoded Get's dst: its bytes there */
+    bool cross;             /* fetched to be decoded by the destination's engine (xfer.h) */
+    bool decoded;           /* decoded straight from LMDB's map by the read */
+    uint64_t t0, enc_len;   /* a GPU decode: its submission (monotonic ns), the slot's bytes */
     int rc;
     kvs_err err;
     void (*done)(void *arg, int rc, const kvs_err *err);
@@ -668,6 +668,10 @@ uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g)
 
 const uint8_t *kvs_xfer_get_encoded(const kvs_xfer_get *g, size_t *len)
 {
+    if (g->dst.ptr) { /* copied or fetched into the caller's buffer (run's dst) */
+        *len = g->fetched_len;
+        return g->dst.ptr;
+    }
     if (g->fetched) {
         *len = g->fetched_len;
         return g->fetched;
@@ -753,6 +757,57 @@ static int decode_view(const void *bytes, size_t len, void *arg)
     return decode_bytes(arg, bytes, len);
 }
 
+/* Pool thread (or the caller's, for a small block): an encoded Get's stored bytes into its
+ * destination, when they fit. */
+static void copy_encoded_job(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    size_t len = kvs_block_size(g->blk);
+    kvs_err_clear(&g->err);
+    g->rc = 0;
+    if (len > g->dst.len) {
+        g->rc = kvs_err_set(&g->err, KVS_ENOSPC,
+                            "the encoded block's %zu bytes do not fit the destination's %zu", len,
+                            g->dst.len);
+        return;
+    }
+    memcpy(g->dst.ptr, kvs_block_data(g->blk), len);
+    g->fetched_len = len;
+}
+
+/* Pool thread: a GPU block fetched unsealed for an encoded Get: moved into dst if it was
+ * fetched beside it (dst smaller than the largest block), then sealed. Many blocks hash
+ * at once here instead of one after another on the engine thread. */
+static void seal_job(void *arg)
+{
+    kvs_xfer_get *g = arg;
+    if (g->rc)
+        return;
+    uint8_t *block = g->dst.ptr ? g->dst.ptr : g->fetched;
+    if (g->dst.ptr && g->fetched) {
+        if (g->fetched_len > g->dst.len) {
+            g->rc = kvs_err_set(&g->err, KVS_ENOSPC,
+                                "the encoded block's %zu bytes do not fit the destination's %zu",
+                                g->fetched_len, g->dst.len);
+            return;
+        }
+        memcpy(g->dst.ptr, g->fetched, g->fetched_len);
+        kvs_xfer_host_free(g->x, g->fetched);
+        g->fetched = NULL;
+    }
+    kvs_format_seal(block, g->fetched_len);
+}
+
+/* Engine thread: an encoded Get's fetch finished; sealed and answered from the pool. */
+static void fetch_done(void *arg, int rc, const kvs_err *err)
+{
+    kvs_xfer_get *g = arg;
+    g->rc = rc;
+    if (err)
+        g->err = *err;
+    run(g->x, seal_job, decoded, g);
+}
+
 /* Engine thread: the GPU decode, or the fetch of a GPU block, finished; the answer goes
  * out from the completion thread. */
 static void engine_done(void *arg, int rc, const kvs_err *err)
@@ -820,11 +875,16 @@ static int start_gpu(kvs_xfer_get *g, kvs_err *err)
         eng = eng_at(g->x, g->dst.gpu);
     }
     if (g->encoded || g->cross) {
+        /* Unsealed: an encoded Get's block is sealed on the pool (seal_job), a cross one is
+         * decoded as verified bytes (from our own slot). Straight into an encoded Get's dst
+         * (a shared-memory region's slot: pinned, so by DMA) when it holds the largest block. */
         size_t cap = kvs_block_encoded_max(k, v, t);
-        if (!(g->fetched = kvs_xfer_host_alloc(g->x, cap)))
+        uint8_t *out = g->encoded && g->dst.ptr && g->dst.len >= cap ? g->dst.ptr : NULL;
+        if (!out && !(out = g->fetched = kvs_xfer_host_alloc(g->x, cap)))
             return kvs_err_set(err, KVS_ENOMEM, "fetch: cannot allocate %zu bytes", cap);
-        rc = kvs_engine_fetch_dev(eng, k, v, kvs_ns_id(g->ns), t, d->slot, d->lens, g->fetched, cap,
-                                  &g->fetched_len, g->cross ? cross_done : engine_done, g, err);
+        rc = kvs_engine_fetch_dev_unsealed(eng, k, v, kvs_ns_id(g->ns), t, d->slot, d->lens, out,
+                                           cap, &g->fetched_len, g->cross ? cross_done : fetch_done,
+                                           g, err);
     } else {
         g->t0 = now_ns();
         g->enc_len = kvs_format_prefix_bytes(kvs_ns_spec_of(g->ns)->layers);
@@ -854,8 +914,17 @@ static void dispatch(kvs_xfer_get *g)
     /* A hot host block moves up to the GPU tier (when allowed and there is room), beside
      * this Get, which goes on reading the host copy. */
     kvs_tiering_promote(x->o.tiering, g->blk, g->dst.kind == KVS_XFER_DEVICE ? g->dst.gpu : -1);
-    if (g->encoded) {
+    if (g->encoded && !g->dst.ptr) {
         finish_get(g, 0, NULL); /* the stored bytes go out as they are */
+        return;
+    }
+    if (g->encoded) { /* ...into dst: a small block here, a large one on the pool */
+        if (kvs_block_size(g->blk) <= XFER_INLINE_MAX) {
+            copy_encoded_job(g);
+            decoded(g);
+        } else {
+            run(x, copy_encoded_job, decoded, g);
+        }
         return;
     }
     /* A small block stored as it is (codec none) is one memcpy: cheaper here, on the
@@ -930,6 +999,9 @@ static void read_done(void *arg)
 int kvs_xfer_get_run(kvs_xfer_get *g, const kvs_xfer_buf *dst,
                      void (*done)(void *arg, int rc, const kvs_err *err), void *arg, kvs_err *err)
 {
+    if (g->encoded && dst && (dst->kind != KVS_XFER_HOST || dst->lay || !dst->ptr))
+        return kvs_err_set(err, KVS_EINVAL,
+                           "get: an encoded block goes into host memory, whole (not paged)");
     if (!g->encoded && (!dst || (dst->kind != KVS_XFER_HOST && dst->kind != KVS_XFER_DEVICE) ||
                         (dst->kind == KVS_XFER_DEVICE && !eng_at(g->x, dst->gpu)) ||
                         (dst->lay && dst->kind != KVS_XFER_DEVICE) ||

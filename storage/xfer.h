@@ -208,7 +208,10 @@ unsigned kvs_xfer_get_enc(const kvs_xfer_get *g);
 /* Raw: bytes of the requested layers, what dst must hold. */
 uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g);
 /* Raw: decodes the requested layers into dst (borrowed until done). Encoded: makes the
- * stored bytes ready (kvs_xfer_get_encoded); dst is NULL. done(arg, rc, err) once: rc
+ * stored bytes ready (kvs_xfer_get_encoded): where they are (dst NULL), or copied into dst,
+ * host memory (a shared-memory region's slot: a GPU block is fetched straight into it by
+ * DMA when dst.len holds the codecs' largest block; KVS_ENOSPC in done when the block does
+ * not fit dst.len). done(arg, rc, err) once: rc
  * KVS_EDATALOSS for stored bytes that cannot be read (dropped), KVS_ENOTFOUND (a disk
  * record gone meanwhile), KVS_EIO, KVS_ENOMEM, KVS_EINTERNAL. Nonzero return: done never
  * runs. Once per open. */

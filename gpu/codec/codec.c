@@ -291,8 +291,8 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
     return rc;
 }
 
-size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
-                       const uint32_t *offsets, uint8_t *out)
+size_t kvs_block_frame_unsealed(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                                const uint32_t *offsets, uint8_t *out)
 {
     const kvs_ns_spec *s = &k->spec;
     size_t total = offsets[2 * s->layers];
@@ -314,6 +314,13 @@ size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, u
         .total_bytes = total,
     };
     kvs_format_write_prefix(&info, offsets, out);
+    return total;
+}
+
+size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                       const uint32_t *offsets, uint8_t *out)
+{
+    size_t total = kvs_block_frame_unsealed(k, v, ns_id, t, offsets, out);
     kvs_format_seal(out, total);
     return total;
 }

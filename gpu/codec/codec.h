@@ -123,6 +123,10 @@ int kvs_block_encode(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uin
  * kvs_block_encode and the GPU engine. Returns the block's size, offsets[2L]. */
 size_t kvs_block_frame(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
                        const uint32_t *offsets, uint8_t *out);
+/* kvs_block_frame without the seal: the checksum field is left zero for the caller to
+ * seal (kvs_format_seal) on another thread, or to decode as its own verified bytes. */
+size_t kvs_block_frame_unsealed(const kvs_codec *k, const kvs_codec *v, uint32_t ns_id, uint32_t t,
+                                const uint32_t *offsets, uint8_t *out);
 
 struct kvs_block_info; /* gpu/codec/format.h */
 

@@ -161,6 +161,14 @@ int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_cod
 int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                          uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
                          size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err);
+/* kvs_engine_fetch_dev with the checksum field left zero: the engine thread, which
+ * serves every job of its device in turn, does not hash the block (XXH3 of a 2 MiB block
+ * costs more than its copy). The caller seals it (kvs_format_seal) on its own threads, or
+ * decodes it as bytes it verified (KVS_BLOCK_VERIFIED: they came from our own slot). */
+int kvs_engine_fetch_dev_unsealed(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                                  uint32_t ns_id, uint32_t t, const void *slot,
+                                  const uint32_t *lens, uint8_t *out, size_t cap, size_t *len,
+                                  kvs_engine_done done, void *arg, kvs_err *err);
 /* Precision demotion (gpu/codec/spec.h host_codec): the block in a device slot (encoded with
  * k and v, as kvs_engine_fetch_dev reads it) re-encoded on the device with k2 and v2 and
  * copied to the host as an encoded block stamped with ns_id and sealed, the bytes

@@ -39,8 +39,9 @@ typedef struct job {
         uint32_t *out;      /* dev encode, upload */
         const uint32_t *in; /* dev decode, fetch, recode */
     } lens;
-    bool direct;     /* upload, fetch: DMA between the slot and pinned host memory, no
-                      * staging (engine_tier.c) */
+    bool direct;   /* upload, fetch: DMA between the slot and pinned host memory, no
+                    * staging (engine_tier.c) */
+    bool unsealed; /* fetch: the checksum is left for the caller (kvs_engine_fetch_dev_unsealed) */
     bool pinned_raw; /* encode, decode: the raw buffer is pinned host memory or device
                       * memory (a worker's, by CUDA IPC): DMA'd straight to or from d_raw,
                       * no staging (engine.c, move_raw) */

@@ -157,7 +157,8 @@ size_t kvs__engine_frame_block(const job *j, const uint8_t *kb, size_t sk, const
         pos += vlen[l];
     }
     offsets[2 * L] = (uint32_t)pos;
-    return kvs_block_frame(j->k, j->v, j->ns_id, j->t, offsets, out);
+    return j->unsealed ? kvs_block_frame_unsealed(j->k, j->v, j->ns_id, j->t, offsets, out)
+                       : kvs_block_frame(j->k, j->v, j->ns_id, j->t, offsets, out);
 }
 
 kvs__engine_mem kvs__engine_mem_of(const void *p)

@@ -92,6 +92,13 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }
+int kvs_engine_fetch_dev_unsealed(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                                  uint32_t ns_id, uint32_t t, const void *slot,
+                                  const uint32_t *lens, uint8_t *out, size_t cap, size_t *len,
+                                  kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
+}
 int kvs_engine_recode_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                           const kvs_codec *k2, const kvs_codec *v2, uint32_t ns_id, uint32_t t,
                           const void *slot, const uint32_t *lens, uint8_t *out, size_t cap,

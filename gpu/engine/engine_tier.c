@@ -21,7 +21,8 @@ size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
            (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
 }
 
-/* Slots back to the host: one device-to-host copy per block, then framing and checksum. */
+/* Slots back to the host: one device-to-host copy per block, then framing and checksum
+ * (unsealed jobs: no checksum, the caller hashes on its own threads). */
 int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
 {
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
@@ -188,9 +189,10 @@ int kvs_engine_decode_dev_paged(kvs_engine *e, const kvs_codec *k, const kvs_cod
                              err);
 }
 
-int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
-                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
-                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+static int submit_fetch(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                        uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                        size_t cap, size_t *len, bool seal, kvs_engine_done done, void *arg,
+                        kvs_err *err)
 {
     int rc = check_tokens(k, t, err);
     if (rc)
@@ -213,8 +215,24 @@ int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, 
                .done = done,
                .arg = arg,
                .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
-                         kvs__engine_mem_of(out) == KVS__MEM_PINNED};
+                         kvs__engine_mem_of(out) == KVS__MEM_PINNED,
+               .unsealed = !seal};
     return kvs__engine_submit(e, j, err);
+}
+
+int kvs_engine_fetch_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
+                         uint32_t t, const void *slot, const uint32_t *lens, uint8_t *out,
+                         size_t cap, size_t *len, kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return submit_fetch(e, k, v, ns_id, t, slot, lens, out, cap, len, true, done, arg, err);
+}
+
+int kvs_engine_fetch_dev_unsealed(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
+                                  uint32_t ns_id, uint32_t t, const void *slot,
+                                  const uint32_t *lens, uint8_t *out, size_t cap, size_t *len,
+                                  kvs_engine_done done, void *arg, kvs_err *err)
+{
+    return submit_fetch(e, k, v, ns_id, t, slot, lens, out, cap, len, false, done, arg, err);
 }
 
 /* Host blocks into slots: each block's sections gathered into the staging in slot layout,

@@ -325,6 +325,35 @@ def test_region_encoded_get_and_small_slots(d):
         reg.close()
 
 
+def test_region_encoded_get_many_of_large_blocks(d):
+    # Encoded blocks over 256 KiB are copied into their slots on the daemon's pool (smaller
+    # ones on the calling thread), and the headers of ready slots share messages: every
+    # slot must hold its block's stored bytes, sealed, whatever the order they finish in.
+    mixed = kvs.Ns(kvs.make_ns(d.admin, L=8, H=8, D=128, T=16, key_codec="polarquant",
+                               value_codec="none"))
+    n = 12
+    keys = [b"L%d" % i for i in range(n)]
+    put_many(d, [(mixed.name, k, 16 if i % 3 else 2, mixed.payload(16 if i % 3 else 2, seed=i))
+                 for i, k in enumerate(keys)])
+    enc = [kvs.get(d.stub, mixed.name, k, fmt=kvs.ENCODED).data for k in keys]
+    assert max(len(e) for e in enc) > 256 << 10 > min(len(e) for e in enc)
+    slot = max(len(e) for e in enc)
+    reg = Region(d.region_socket, n * slot)
+    try:
+        msgs = []
+        got = get_many(d, mixed.name, keys, messages=msgs, format=kvs.ENCODED, region=reg.id,
+                       region_offsets=[i * slot for i in range(n)], region_slot_bytes=slot)
+        assert [(h.index, h.code, h.format, h.total_bytes) for h, _ in got] == \
+            [(i, 0, kvs.ENCODED, len(enc[i])) for i in range(n)]
+        assert len(msgs) <= n
+        for i in range(n):
+            b = bytes(reg.mem[i * slot:i * slot + len(enc[i])])
+            kvs.parse_encoded(b)
+            assert b == enc[i], i
+    finally:
+        reg.close()
+
+
 def test_region_offsets_outside_are_refused(d, ns):
     bb = ns.bytes(16)
     reg = Region(d.region_socket, 2 * bb)

@@ -272,6 +272,58 @@ def test_get_many_into_region_slots_batches_in_the_engine(daemon, tmp_path):
         reg.close()
 
 
+@pytest.mark.parametrize("codec", ["kivi-2", "polarquant", "none"])
+def test_encoded_get_many_into_region_slots_from_the_gpu_tier(daemon, tmp_path, codec):
+    # ENCODED into region slots of blocks in the GPU tier: the engine fetches each block
+    # straight into its slot when the slot holds the codecs' largest block (by DMA: the
+    # region is pinned), else beside it and copies it in; either way the block is sealed on
+    # the daemon's pool, not the engine thread. Every slot must hold the bytes a plain
+    # ENCODED Get returns, sealed (parse_encoded checks the XXH3 independently); a slot
+    # too small for a block is that block's error, and a prefix GetMany stops there.
+    from test_data_plane import Region, get_many
+    sock = str(tmp_path / "kvs.region")
+    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M"])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    n, bb = 24, L * 2 * T * H * D * 2
+    keys = [b"e%d" % i for i in range(n)]
+    toks = [T if i % 5 else 3 for i in range(n)]  # short blocks too: other section sizes
+    for i, k in enumerate(keys):
+        assert kvs.put(d.stub, ns.name, k, toks[i], ns.payload(toks[i], seed=i)).tier == \
+            kvs.pb.TIER_GPU
+    enc = [kvs.get(d.stub, ns.name, k, fmt=kvs.ENCODED).data for k in keys]
+    for e, t in zip(enc, toks):
+        assert kvs.parse_encoded(e)[0]["tokens"] == t
+    big = bb + (bb >> 2) + 65536  # above kvs_block_encoded_max: fetched straight in
+    reg = Region(sock, n * big)
+    try:
+        for slot in (big, max(len(e) for e in enc)):
+            reg.mem[:] = b"\xa5" * (n * big)  # stale bytes a fetch must overwrite
+            got = get_many(d, ns.name, keys, format=kvs.ENCODED, region=reg.id,
+                           region_offsets=[i * slot for i in range(n)], region_slot_bytes=slot)
+            assert [(h.index, h.code) for h, _ in got] == [(i, 0) for i in range(n)], got[0]
+            for i, (h, _) in enumerate(got):
+                assert h.format == kvs.ENCODED and h.total_bytes == len(enc[i])
+                assert h.tier == kvs.pb.TIER_GPU
+                b = bytes(reg.mem[i * slot:i * slot + h.total_bytes])
+                kvs.parse_encoded(b)
+                assert b == enc[i], f"slot {slot}, block {i}"
+        # Slots smaller than the full blocks: those blocks fail alone; a prefix call stops.
+        small = min(len(e) for e in enc)
+        got = get_many(d, ns.name, keys, format=kvs.ENCODED, region=reg.id,
+                       region_offsets=[i * small for i in range(n)], region_slot_bytes=small)
+        for i, (h, _) in enumerate(got):
+            if len(enc[i]) > small:
+                assert h.code != 0 and "region_slot_bytes" in h.error, (i, h)
+            else:
+                assert h.code == 0 and bytes(reg.mem[i * small:i * small + small]) == enc[i]
+        first_big = next(i for i in range(n) if len(enc[i]) > small)
+        got = get_many(d, ns.name, keys, format=kvs.ENCODED, region=reg.id, prefix=True,
+                       region_offsets=[i * small for i in range(n)], region_slot_bytes=small)
+        assert [h.index for h, _ in got] == list(range(first_big))
+    finally:
+        reg.close()
+
+
 def cuda_region(sock_path, t):
     """Registers CUDA tensor t's storage with the daemon as a CUDA IPC region (op 2 of the
     region socket); returns (socket, region id). Keep the socket open while it is used."""
