@@ -12,6 +12,9 @@
  *              with CUDA here too, so pinned on both sides), decoded on this machine's GPU
  *              from there (libkvstash_cuda: whole blocks by DMA, sections gathered on the
  *              device): the co-located worker's path when CUDA IPC is not available
+ *   shmgpu-pipe  shmgpu in GetMany calls of PIPE_BLOCKS blocks, each chunk decoded on
+ *              this GPU by a second thread while the next one streams into the region
+ *              (what a worker does to overlap the daemon's fetch with its own decode)
  *   ipc        one GetMany whose blocks the daemon's GPU engine decodes straight into this
  *              process's GPU memory (a CUDA IPC region, kvs_cuda_region_create): the
  *              co-located GPU worker's path; skipped without a GPU engine on the same GPU
@@ -25,10 +28,11 @@
  *
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
- *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,ipc] [--token T]
+ *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc] [--token T]
  */
 #include <getopt.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,7 +46,8 @@
 #include <cuda_runtime.h>
 #endif
 
-#define MAX_PATHS 7
+#define MAX_PATHS 8
+#define PIPE_BLOCKS 64 /* shmgpu-pipe: blocks per GetMany */
 
 typedef struct cfg {
     const char *target, *codec, *token;
@@ -97,6 +102,89 @@ static unsigned max_ulp(const uint8_t *a8, const uint8_t *b8, size_t n)
     return worst;
 }
 
+/* shmgpu-pipe: the main thread's GetMany calls hand chunks of the region to a decoder
+ * thread (`fetched` blocks are in the region; the decoder has done `decoded`). */
+typedef struct pipe_ctx {
+    kvs_cuda_decoder *dec;
+    kvs_cuda_block *cb;
+    const kvs_get_item *gi;
+    const uint8_t *base;
+    uint8_t *dev;
+    size_t nb, enc_cap, bb;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t fetched;
+    bool stop; /* no more chunks come (all fetched, or the fetch failed) */
+    int rc;
+    kvs_err e;
+} pipe_ctx;
+
+static void *pipe_decoder(void *arg)
+{
+    pipe_ctx *p = arg;
+    for (size_t at = 0; at < p->nb;) {
+        pthread_mutex_lock(&p->mu);
+        while (p->fetched == at && !p->stop)
+            pthread_cond_wait(&p->cv, &p->mu);
+        size_t upto = p->fetched;
+        pthread_mutex_unlock(&p->mu);
+        if (upto == at)
+            break; /* stopped */
+        for (size_t i = at; i < upto; i++)
+            p->cb[i] = (kvs_cuda_block){.enc = p->base + i * p->enc_cap,
+                                        .len = p->gi[i].res.bytes,
+                                        .raw_dev = p->dev + i * p->bb,
+                                        .cap = p->bb};
+        int rc = kvs_decode_blocks_cuda(p->dec, p->cb + at, upto - at, NULL, &p->e);
+        for (size_t i = at; i < upto && !rc; i++)
+            if (p->cb[i].rc)
+                rc = kvs_err_set(&p->e, p->cb[i].rc, "block %zu: %s", i, p->cb[i].msg);
+        if (rc) {
+            p->rc = rc;
+            return NULL;
+        }
+        at = upto;
+    }
+    return NULL;
+}
+
+/* shmgpu-pipe: GetMany of PIPE_BLOCKS blocks at a time into the region, each chunk decoded
+ * on the GPU by pipe_decoder while the next one streams in. */
+static int restore_pipelined(kvs_client *cl, const char *ns, kvs_get_item *gi, pipe_ctx *p,
+                             kvs_err *e)
+{
+    pthread_t th;
+    p->fetched = 0;
+    p->stop = false;
+    p->rc = 0;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    if (pthread_create(&th, NULL, pipe_decoder, p) != 0)
+        return kvs_err_set(e, KVS_EINTERNAL, "pthread_create failed");
+    int rc = 0;
+    kvs_get_many_opts go = {.format = KVS_FORMAT_ENCODED, .prefix = true};
+    for (size_t at = 0; at < p->nb && !rc;) {
+        size_t n = p->nb - at < PIPE_BLOCKS ? p->nb - at : PIPE_BLOCKS, served = 0;
+        rc = kvs_client_get_many(cl, ns, gi + at, n, &go, &served, e);
+        if (!rc && served != n)
+            rc = kvs_err_set(e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, n);
+        pthread_mutex_lock(&p->mu);
+        if (!rc)
+            p->fetched = at += n;
+        p->stop = rc || at == p->nb;
+        pthread_cond_signal(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+    pthread_join(th, NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    if (!rc && p->rc) {
+        *e = p->e;
+        rc = p->rc;
+    }
+    return rc;
+}
+
 static bool want(const cfg *c, const char *path)
 {
     char buf[128];
@@ -117,7 +205,7 @@ int main(int argc, char **argv)
              .dim = 128,
              .block = 16,
              .reps = 3};
-    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,shmgpu,ipc");
+    snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc");
     static const struct option opts[] = {
         {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
         {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
@@ -283,11 +371,12 @@ int main(int argc, char **argv)
         }
     }
 #endif
-    const char *names[MAX_PATHS] = {"get",       "getmany", "shm",   "encoded",
-                                    "gpudecode", "ipc",     "shmgpu"};
+    const char *names[MAX_PATHS] = {"get",       "getmany", "shm",    "encoded",
+                                    "gpudecode", "ipc",     "shmgpu", "shmgpu-pipe"};
     kvs_cuda_decoder *dec = NULL;
     uint8_t *dev = NULL;
-    if (want(&c, "gpudecode") || want(&c, "shmgpu")) {
+    bool shmgpu = want(&c, "shmgpu") || want(&c, "shmgpu-pipe");
+    if (want(&c, "gpudecode") || shmgpu) {
         kvs_err de;
         if (kvs_cuda_decoder_create(cl, spec.name, &spec, &dec, &de)) {
             printf("gpudecode: not available (%s)\n", de.msg);
@@ -303,7 +392,7 @@ int main(int argc, char **argv)
     }
     bool reg_pinned_here = false; /* shmgpu: the region registered with CUDA in this process */
 #ifdef KVS_HAVE_CUDA
-    if (dec && reg && want(&c, "shmgpu")) {
+    if (dec && reg && shmgpu) {
         if (cudaHostRegister(kvs_region_data(reg), kvs_region_size(reg), cudaHostRegisterDefault) ==
             cudaSuccess)
             reg_pinned_here = true;
@@ -315,11 +404,11 @@ int main(int argc, char **argv)
     int failed = 0, ref = -1;
     uint8_t *encbuf = NULL;
     /* In time order: the ipc path before shmgpu, whose decode reuses gpudecode's memory. */
-    const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 6, 5};
+    const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 6, 7, 5};
     for (int oi = 0; oi < MAX_PATHS; oi++) {
         int p = order[oi];
         if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec) || (p == 5 && !ireg) ||
-            (p == 6 && (!dec || !reg_pinned_here)))
+            ((p == 6 || p == 7) && (!dec || !reg_pinned_here)))
             continue;
         out[p] = malloc(total);
         if ((p == 3 || p == 4) && !encbuf)
@@ -346,15 +435,27 @@ int main(int argc, char **argv)
                         gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
                     else if (p == 5)
                         gi[i].region = ireg, gi[i].offset = i * bb, gi[i].cap = bb;
-                    else if (p == 6)
+                    else if (p == 6 || p == 7)
                         gi[i].region = reg, gi[i].offset = i * enc_cap, gi[i].cap = enc_cap;
                 }
                 bool enc = p == 3 || p == 4 || p == 6;
                 kvs_get_many_opts go = {.format = enc ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
-                rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
-                if (!rc && served != nb)
-                    rc = kvs_err_set(&e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, nb);
+                if (p == 7) { /* chunks, each decoded while the next one streams */
+                    pipe_ctx pc = {.dec = dec,
+                                   .cb = cb,
+                                   .gi = gi,
+                                   .base = kvs_region_data(reg),
+                                   .dev = dev,
+                                   .nb = nb,
+                                   .enc_cap = enc_cap,
+                                   .bb = bb};
+                    rc = restore_pipelined(cl, spec.name, gi, &pc, &e);
+                } else {
+                    rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
+                    if (!rc && served != nb)
+                        rc = kvs_err_set(&e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, nb);
+                }
                 for (size_t i = 0; i < nb && !rc && p == 3; i++)
                     rc = kvs_client_decode_block(cl, spec.name, &spec, encbuf + i * enc_cap,
                                                  gi[i].res.bytes, out[p] + i * bb, bb, NULL, &e);
@@ -380,7 +481,7 @@ int main(int argc, char **argv)
         if (p == 2)
             memcpy(out[p], kvs_region_data(reg), total);
 #ifdef KVS_HAVE_CUDA
-        if (p == 4 || p == 6)
+        if (p == 4 || p == 6 || p == 7)
             cudaMemcpy(out[p], dev, total, cudaMemcpyDeviceToHost);
         if (p == 5)
             cudaMemcpy(out[p], ipc_dev, total, cudaMemcpyDeviceToHost);
@@ -388,7 +489,7 @@ int main(int argc, char **argv)
         printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
         if (ref < 0)
             ref = p;
-        else if ((p == 4 || p == 6) && strcmp(c.codec, "none") != 0
+        else if ((p == 4 || p == 6 || p == 7) && strcmp(c.codec, "none") != 0
                      ? max_ulp(out[p], out[ref], total / 2) > 1
                      : memcmp(out[p], out[ref], total) != 0) {
             fprintf(stderr, "kvs-bench-restore: path %s returned other bytes than %s\n", names[p],

@@ -24,8 +24,8 @@ for c in $CODECS; do
     for n in $TOKENS; do
         # encoded + client CPU decode is the slow remote path (0.13 GB/s for polarquant on one
         # thread): timed for `none` only; gpudecode is the remote path of a GPU worker.
-        paths=${PATHS:-getmany,shm,gpudecode,shmgpu,ipc}
-        [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,ipc
+        paths=${PATHS:-getmany,shm,gpudecode,shmgpu,shmgpu-pipe,ipc}
+        [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc
         echo "## codec $c, $n tokens"
         "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" 2>&1
         echo "(exit $?)"
