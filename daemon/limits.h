@@ -27,7 +27,8 @@ typedef struct kvs_limits kvs_limits;
 typedef struct kvs_limits_slot kvs_limits_slot; /* one open Put stream */
 
 /* The streams counted: a Put holds receive memory, a Get its read-ahead buffers (up to
- * four decoded blocks, call_get.c), both for as long as its client keeps the stream open. */
+ * four decoded blocks or eight encoded ones, call_get.c), both for as long as its client keeps the
+ * stream open. */
 typedef enum kvs_limits_kind { KVS_LIMITS_PUT = 0, KVS_LIMITS_GET = 1 } kvs_limits_kind;
 
 typedef struct kvs_limits_opts {

@@ -511,11 +511,16 @@ static void count_batch(kvs_engine *e, uint32_t nb)
 
 /* Takes a batch off the queue: the oldest request and every compatible one that fits the
  * staging, up to max_batch; waits up to deadline_us for more while the batch is short
- * (neither max_batch requests nor a full staging queued: waiting cannot make it larger). */
+ * (neither max_batch requests nor a full staging queued: waiting cannot make it larger).
+ * Copies (fetch, upload) take what is queued without waiting: they move each block with
+ * its own DMA whatever the batch, so waiting saves only a synchronization, and a stream
+ * that asks for a few blocks at a time (a GetMany ENCODED over gRPC) waited out the
+ * deadline for nearly every block. */
 static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
 {
     job *first = e->head;
     uint64_t deadline = first->enq_us + e->o.deadline_us;
+    bool copies = first->kind == JOB_FETCH || first->kind == JOB_UPLOAD;
     for (;;) {
         uint32_t count = 0;
         size_t raw = 0, enc = 0;
@@ -531,7 +536,7 @@ static job *take_batch_locked(kvs_engine *e, uint32_t *nb)
             count++;
         }
         uint64_t now = kvs__engine_now_us();
-        if (count >= e->o.max_batch || full || now >= deadline || e->stop)
+        if (count >= e->o.max_batch || full || now >= deadline || e->stop || copies)
             break;
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);

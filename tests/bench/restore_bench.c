@@ -28,7 +28,8 @@
  *
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
- *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc] [--token T]
+ *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc]
+ * [--token T]
  */
 #include <getopt.h>
 #include <math.h>
