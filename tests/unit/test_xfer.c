@@ -205,6 +205,68 @@ static void test_disk_block_hashed_once(void **state)
 /* ---------------------------------------------------------------- fidelity (issue 16) */
 
 /* A namespace of the fixture's store: kivi-2 on both sides, shape as "x". */
+/* An encoded Get into the caller's buffer (kvs_xfer_get_run with a host dst: a region
+ * slot's case): the stored bytes land there, from the host tier and from a disk record,
+ * and kvs_xfer_get_encoded names dst; a buffer a byte short is KVS_ENOSPC in done, with
+ * nothing written past it; GPU memory or a paged destination is refused at run. */
+static void encoded_into(fx *f, const char *key, const uint8_t *want, size_t len)
+{
+    kvs_xfer_get_req q = {.ns = f->ns, .key = key, .key_len = strlen(key), .encoded = true};
+    uint8_t *buf = malloc(len + 16);
+    const size_t caps[] = {len + 16, len, len - 1};
+    for (size_t c = 0; c < 3; c++) {
+        size_t cap = caps[c];
+        memset(buf, 0xA5, len + 16);
+        kvs_xfer_get *g;
+        kvs_err err;
+        assert_int_equal(kvs_xfer_get_open(f->x, &q, &g, &err), 0);
+        kvs_xfer_buf dst = {.kind = KVS_XFER_HOST, .ptr = buf, .len = cap};
+        kvs_test_result r = {0};
+        assert_int_equal(kvs_xfer_get_run(g, &dst, kvs_test_get_done, &r, &err), 0);
+        assert_true(r.called);
+        if (cap < len) {
+            assert_int_equal(r.rc, KVS_ENOSPC);
+            assert_non_null(strstr(r.msg, "do not fit"));
+            assert_int_equal(buf[cap], 0xA5);
+        } else {
+            size_t n;
+            assert_int_equal(r.rc, 0);
+            assert_ptr_equal(kvs_xfer_get_encoded(g, &n), buf);
+            assert_int_equal(n, len);
+            assert_memory_equal(buf, want, len);
+            assert_int_equal(buf[len], 0xA5);
+        }
+        kvs_xfer_get_close(g);
+    }
+    kvs_xfer_get *g;
+    kvs_err err;
+    assert_int_equal(kvs_xfer_get_open(f->x, &q, &g, &err), 0);
+    kvs_xfer_buf dev = {.kind = KVS_XFER_DEVICE, .ptr = buf, .len = len};
+    kvs_test_result r = {0};
+    assert_int_equal(kvs_xfer_get_run(g, &dev, kvs_test_get_done, &r, &err), KVS_EINVAL);
+    assert_false(r.called);
+    kvs_xfer_get_close(g);
+    free(buf);
+}
+
+static void test_encoded_into_a_buffer(void **state)
+{
+    (void)state;
+    for (int promote = 0; promote < 2; promote++) {
+        fx f;
+        fx_open(&f, promote);
+        uint16_t *raw = put(&f, "e", 16, 3);
+        size_t len;
+        uint8_t *enc = get_encoded(&f, "e", &len);
+        encoded_into(&f, "e", enc, len);
+        to_disk(&f, "e");
+        encoded_into(&f, "e", enc, len);
+        free(enc);
+        free(raw);
+        fx_close(&f);
+    }
+}
+
 static kvs_ns *ns_with(fx *f, const char *name, double sample, bool sample_set, double bound,
                        const char *fallback)
 {
@@ -529,6 +591,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_host_block_hashed_once),
         cmocka_unit_test(test_disk_block_hashed_once),
+        cmocka_unit_test(test_encoded_into_a_buffer),
         cmocka_unit_test(test_bound_forces_fallback),
         cmocka_unit_test(test_bound_holds),
         cmocka_unit_test(test_outliers_fall_back),
