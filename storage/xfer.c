@@ -668,7 +668,7 @@ uint64_t kvs_xfer_get_raw_bytes(const kvs_xfer_get *g)
 
 const uint8_t *kvs_xfer_get_encoded(const kvs_xfer_get *g, size_t *len)
 {
-    if (g->dst.ptr) { /* copied or fetched into the caller's buffer (run's dst) */
+    if (g->encoded && g->dst.ptr) { /* copied or fetched into the caller's buffer (run's dst) */
         *len = g->fetched_len;
         return g->dst.ptr;
     }
