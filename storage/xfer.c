@@ -798,25 +798,30 @@ static void seal_job(void *arg)
     kvs_format_seal(block, g->fetched_len);
 }
 
+/* An engine's result, kept for the continuation (the engine's err does not outlive its
+ * callback). */
+static void record(kvs_xfer_get *g, int rc, const kvs_err *err)
+{
+    g->rc = rc;
+    if (err)
+        g->err = *err;
+}
+
 /* Engine thread: an encoded Get's fetch finished; sealed and answered from the pool. */
 static void fetch_done(void *arg, int rc, const kvs_err *err)
 {
     kvs_xfer_get *g = arg;
-    g->rc = rc;
-    if (err)
-        g->err = *err;
+    record(g, rc, err);
     run(g->x, seal_job, decoded, g);
 }
 
-/* Engine thread: the GPU decode, or the fetch of a GPU block, finished; the answer goes
- * out from the completion thread. */
+/* Engine thread: the GPU decode finished; the answer goes out from the completion
+ * thread. */
 static void engine_done(void *arg, int rc, const kvs_err *err)
 {
     kvs_xfer_get *g = arg;
-    g->rc = rc;
-    if (err)
-        g->err = *err;
-    if (rc == 0 && !g->encoded && !g->cross)
+    record(g, rc, err);
+    if (rc == 0)
         count(g->x, DECODE, GPU, g->t0, g->dst.len, g->enc_len);
     run(g->x, NULL, decoded, g);
 }
@@ -849,9 +854,7 @@ static void cross_fetched(void *arg)
 static void cross_done(void *arg, int rc, const kvs_err *err)
 {
     kvs_xfer_get *g = arg;
-    g->rc = rc;
-    if (err)
-        g->err = *err;
+    record(g, rc, err);
     run(g->x, NULL, cross_fetched, g);
 }
 
