@@ -57,20 +57,26 @@
 #define GET_WINDOW_PAGED 16
 #define GET_WINDOW_SLOTS 256
 
-/* A decoded block's buffer, shared by its item and the gRPC slices that send it without a
- * copy: gRPC may hold a slice after the send completes (until the bytes are written), so the
- * buffer goes back to the data path with the last reference, whoever drops it. */
+/* The bytes a block is sent from, shared by its item and the gRPC slices that send them
+ * without a copy: gRPC may hold a slice after the send completes (until the bytes are
+ * written), so they go back to the data path with the last reference, whoever drops it:
+ * a decoded block's buffer (p), or an encoded Get (op), whose stored bytes stay held (the
+ * block, or the fetch's buffer) until it is closed. */
 typedef struct get_buf {
     atomic_uint refs;
     struct kvs_xfer *xfer;
     uint8_t *p;
+    struct kvs_xfer_get *op;
 } get_buf;
 
 static void get_buf_unref(void *arg)
 {
     get_buf *b = arg;
     if (b && atomic_fetch_sub(&b->refs, 1) == 1) {
-        kvs_xfer_host_free(b->xfer, b->p);
+        if (b->op)
+            kvs_xfer_get_close(b->op);
+        else
+            kvs_xfer_host_free(b->xfer, b->p);
         free(b);
     }
 }
@@ -82,7 +88,8 @@ typedef struct kvs_get_item {
     size_t key_len;
     struct kvs_xfer_get *op; /* open from open_item until it is sent */
     uint8_t *raw;            /* decoded layers (rawbuf's), NULL when encoded or into a region */
-    get_buf *rawbuf;         /* a reference */
+    get_buf *rawbuf;         /* a reference: the decoded layers, or (encoded, from its header
+                              * on) the op itself, which then moves here from `op` */
     kvs_region *region;      /* GetMany into shared memory: this block's slot, held */
     uint8_t *dst;            /* ...its bytes */
     bool closed;
@@ -604,6 +611,12 @@ static void send_header(kvs_call *c, kvs_get_item *it)
     }
     atomic_fetch_add(&c->srv->get_wire_bytes, hdr.total_bytes);
     g->header_out = true;
+    if (g->encoded) { /* its data chunks reference the stored bytes: the op outlives them */
+        it->rawbuf = kvs_xcalloc(1, sizeof *it->rawbuf);
+        atomic_init(&it->rawbuf->refs, 1);
+        it->rawbuf->op = it->op;
+        it->op = NULL;
+    }
     kvs_call_send(c, &chunk.base);
 }
 
@@ -659,10 +672,11 @@ static void advance(kvs_call *c)
     }
     const uint8_t *data =
         g->bytes + (uint64_t)(g->layer - g->layer_begin) * g->layer_bytes + g->offset;
-    /* Decoded bytes go out by reference (no copy into the message); the encoded block,
-     * which the data path owns until the item closes, is packed. */
+    /* The bytes go out by reference, no copy into the message: decoded layers, or the
+     * encoded block held by its op (rawbuf); into a region nothing follows the header. */
     grpc_byte_buffer *bb =
-        it->rawbuf && !g->encoded ? data_chunk_ref(it->rawbuf, data, n, g->layer, g->offset) : NULL;
+        it->rawbuf ? data_chunk_ref(it->rawbuf, data, n, g->encoded ? 0 : g->layer, g->offset)
+                   : NULL;
     Kvstash__V1__GetChunk chunk = KVSTASH__V1__GET_CHUNK__INIT;
     /* protobuf-c's data field is not const; the message is only packed (read) */
     chunk.data.data = (uint8_t *)(uintptr_t)data;
