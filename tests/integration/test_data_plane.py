@@ -502,23 +502,44 @@ def test_region_socket_hostile_clients(d):
     assert d.stub.DataPlane(kvs.pb.DataPlaneRequest()).region_socket == d.region_socket
 
 
-def test_region_get_races_disconnect(d):
-    """A client that closes its region while GetMany writes into it: the daemon keeps the
-    mapping until the call is done (no crash), and later calls are refused."""
+@pytest.mark.parametrize("fmt", [kvs.RAW, kvs.ENCODED])
+def test_region_get_races_disconnect(d, fmt):
+    """A client that closes its region while GetMany writes into it (decoded blocks, or
+    stored ones copied on the daemon's pool): the daemon keeps the mapping until the call
+    is done (no crash), and later calls are refused."""
     big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))
     bb = big.bytes(16)
+    slot = bb + 65536  # an encoded block of codec none is the raw bytes and its table
     put_many(d, [(big.name, b"z%d" % i, 16, big.payload(16, seed=i)) for i in range(8)])
     for _ in range(3):
-        reg = Region(d.region_socket, 8 * bb)
+        reg = Region(d.region_socket, 8 * slot)
         it = d.stub.GetMany(kvs.pb.GetManyRequest(
-            namespace=big.name, keys=[b"z%d" % i for i in range(8)], region=reg.id,
-            region_offsets=[i * bb for i in range(8)], region_slot_bytes=bb), timeout=30)
+            namespace=big.name, keys=[b"z%d" % i for i in range(8)], region=reg.id, format=fmt,
+            region_offsets=[i * slot for i in range(8)], region_slot_bytes=slot), timeout=30)
         reg.close()
         try:
             list(it)
         except grpc.RpcError as e:
             assert e.code() == NOT_FOUND
     assert get_many(d, big.name, [b"z0"])[0][0].code == 0
+
+
+def test_region_encoded_slots_that_overlap(d):
+    """Hostile or careless: every block of an ENCODED GetMany names the same slot, so the
+    daemon's pool copies race into one place. The client's own memory gets whichever bytes;
+    the daemon answers every block and stays healthy."""
+    big = kvs.Ns(kvs.make_ns(d.admin, L=32, H=8, D=128, T=16))
+    bb = big.bytes(16)
+    keys = [b"o%d" % i for i in range(16)]
+    put_many(d, [(big.name, k, 16, big.payload(16, seed=i)) for i, k in enumerate(keys)])
+    reg = Region(d.region_socket, bb + 65536)
+    try:
+        got = get_many(d, big.name, keys, format=kvs.ENCODED, region=reg.id,
+                       region_offsets=[0] * len(keys), region_slot_bytes=bb + 65536)
+        assert [(h.index, h.code) for h, _ in got] == [(i, 0) for i in range(len(keys))]
+    finally:
+        reg.close()
+    assert get_many(d, big.name, keys[:1], format=kvs.ENCODED)[0][0].code == 0
 
 
 # ----------------------------------------------------------------------------- libkvstash
