@@ -340,13 +340,12 @@ void kvs_tiering_promote(kvs_tiering *t, kvs_block *blk, int near)
         p = kvs_xcalloc(1, sizeof *p);
         *p = (promo){.t = t, .old = blk};
         int g = near;
-        bool begun = promote_on(t, g, blk, k, v, slot, &p->g);
-        if (!begun) {
-            int other = kvs_store_gpu_choose(t->st, ns, slot);
-            begun = other != near && promote_on(t, other, blk, k, v, slot, &p->g);
-            g = other;
+        if (!promote_on(t, g, blk, k, v, slot, &p->g)) {
+            g = kvs_store_gpu_choose(t->st, ns, slot);
+            if (g == near || !promote_on(t, g, blk, k, v, slot, &p->g))
+                g = -1;
         }
-        if (begun) {
+        if (g >= 0) {
             p->eng = t->dev[g].eng;
         } else {
             free(p);

@@ -757,22 +757,25 @@ static int decode_view(const void *bytes, size_t len, void *arg)
     return decode_bytes(arg, bytes, len);
 }
 
-/* Pool thread (or the caller's, for a small block): an encoded Get's stored bytes into its
- * destination, when they fit. */
+/* An encoded block's len bytes into an encoded Get's dst, when they fit. */
+static int into_dst(kvs_xfer_get *g, const uint8_t *bytes, size_t len)
+{
+    if (len > g->dst.len)
+        return kvs_err_set(&g->err, KVS_ENOSPC,
+                           "the encoded block's %zu bytes do not fit the destination's %zu", len,
+                           g->dst.len);
+    memcpy(g->dst.ptr, bytes, len);
+    g->fetched_len = len;
+    return 0;
+}
+
+/* Pool thread (or the caller's, for a small block): a host block's stored bytes into an
+ * encoded Get's dst. */
 static void copy_encoded_job(void *arg)
 {
     kvs_xfer_get *g = arg;
-    size_t len = kvs_block_size(g->blk);
     kvs_err_clear(&g->err);
-    g->rc = 0;
-    if (len > g->dst.len) {
-        g->rc = kvs_err_set(&g->err, KVS_ENOSPC,
-                            "the encoded block's %zu bytes do not fit the destination's %zu", len,
-                            g->dst.len);
-        return;
-    }
-    memcpy(g->dst.ptr, kvs_block_data(g->blk), len);
-    g->fetched_len = len;
+    g->rc = into_dst(g, kvs_block_data(g->blk), kvs_block_size(g->blk));
 }
 
 /* Pool thread: a GPU block fetched unsealed for an encoded Get: moved into dst if it was
@@ -785,13 +788,8 @@ static void seal_job(void *arg)
         return;
     uint8_t *block = g->dst.ptr ? g->dst.ptr : g->fetched;
     if (g->dst.ptr && g->fetched) {
-        if (g->fetched_len > g->dst.len) {
-            g->rc = kvs_err_set(&g->err, KVS_ENOSPC,
-                                "the encoded block's %zu bytes do not fit the destination's %zu",
-                                g->fetched_len, g->dst.len);
+        if ((g->rc = into_dst(g, g->fetched, g->fetched_len)))
             return;
-        }
-        memcpy(g->dst.ptr, g->fetched, g->fetched_len);
         kvs_xfer_host_free(g->x, g->fetched);
         g->fetched = NULL;
     }
