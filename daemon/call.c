@@ -56,6 +56,13 @@ uint64_t kvs_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+bool kvs_call_idle(uint64_t since, uint64_t now, uint64_t idle_ms)
+{
+    /* since > now: the call began waiting after the caller read its clock (the sweep reads
+     * it once, then each call's time on CQ threads that go on): it has not waited. */
+    return since && since <= now && now - since >= idle_ms;
+}
+
 static kvs_call *call_new(kvs_server *srv, kvs_rpc rpc)
 {
     kvs_call *c = kvs_xcalloc(1, sizeof *c);

@@ -376,5 +376,8 @@ int kvs_flush_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 int kvs_evict_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err);
 
 uint64_t kvs_now_ms(void);
+/* Whether a stream waiting for its client since `since` (a kvs_now_ms time; 0: not
+ * waiting) has waited idle_ms or more at `now`; a `since` after `now` has not waited. */
+bool kvs_call_idle(uint64_t since, uint64_t now, uint64_t idle_ms);
 
 #endif

@@ -268,7 +268,7 @@ unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms)
     pthread_mutex_lock(&srv->mu);
     for (kvs_call *c = srv->streams; c; c = c->snext) {
         uint64_t since = atomic_load(&c->waiting_ms);
-        if (!since || c->idle_cut || now - since < idle_ms)
+        if (c->idle_cut || !kvs_call_idle(since, now, idle_ms))
             continue;
         /* Thread-safe in gRPC; the call's pending RECV or SEND then completes with a
          * failure on a CQ thread, which abandons the call and frees what it holds. */
