@@ -55,7 +55,7 @@ if [ "${MEMCHECK:-1}" = 1 ]; then
     done
 fi
 if [ -n "${INTEG_ONLY:-}" ]; then  # these test files only, GPU engine + GPU tier
-    (cd tests/integration && KVSTASHD_EXTRA="--gpu on" python3 -m pytest -q -p no:cacheprovider \
+    (cd tests/integration && KVSTASHD_EXTRA="${INTEG_ONLY_EXTRA:---gpu on}" python3 -m pytest -q -p no:cacheprovider \
         -rs $INTEG_ONLY > "$OUT/integ-only.log" 2>&1)
     note "integration ($INTEG_ONLY), GPU engine + GPU tier" $?; tail -n 25 "$OUT/integ-only.log"
 fi
