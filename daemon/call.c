@@ -197,8 +197,7 @@ static size_t add_initial_md(kvs_call *c, grpc_op *op)
     return 1;
 }
 
-/* Packs msg into c->send (which must be free: invariant 1). */
-static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
+grpc_byte_buffer *kvs_call_pack(const ProtobufCMessage *msg)
 {
     size_t n = protobuf_c_message_get_packed_size(msg);
     grpc_slice s = grpc_slice_malloc(n);
@@ -228,7 +227,7 @@ void kvs_call_recv(kvs_call *c)
 
 void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg)
 {
-    kvs_call_send_buffer(c, pack(msg));
+    kvs_call_send_buffer(c, kvs_call_pack(msg));
 }
 
 void kvs_call_send_buffer(kvs_call *c, grpc_byte_buffer *bb)
@@ -243,14 +242,17 @@ void kvs_call_send_buffer(kvs_call *c, grpc_byte_buffer *bb)
     start_batch(c, ops, n + 1, KVS_STEP_SEND);
 }
 
-static void finish(kvs_call *c, const ProtobufCMessage *msg, grpc_status_code status,
-                   const char *details)
+/* The call's last batch: bb (owned from here; NULL: status only) and the status. */
+static void finish(kvs_call *c, grpc_byte_buffer *bb, grpc_status_code status, const char *details)
 {
     grpc_op ops[3];
     observe(c, status);
     size_t n = add_initial_md(c, &ops[0]);
-    if (msg) {
-        c->send = pack(msg);
+    if (bb) {
+        /* A stream's last message may wait for its client like any other (flow control):
+         * the idle sweep measures it as it does a SEND. */
+        wait_client(c);
+        c->send = bb;
         memset(&ops[n], 0, sizeof ops[n]);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n].data.send_message.send_message = c->send;
@@ -269,7 +271,12 @@ static void finish(kvs_call *c, const ProtobufCMessage *msg, grpc_status_code st
 
 void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg)
 {
-    finish(c, msg, GRPC_STATUS_OK, NULL);
+    finish(c, msg ? kvs_call_pack(msg) : NULL, GRPC_STATUS_OK, NULL);
+}
+
+void kvs_call_reply_buffer(kvs_call *c, grpc_byte_buffer *bb)
+{
+    finish(c, bb, GRPC_STATUS_OK, NULL);
 }
 
 void kvs_call_fail(kvs_call *c, int code, const char *msg)
@@ -536,6 +543,7 @@ void kvs_call_on_event(kvs_call_tag *tag, bool ok)
         c->srv->rpcs[c->rpc].on_send(c, ok);
         break;
     case KVS_STEP_FINISH:
+        atomic_store(&c->waiting_ms, 0);
         if (c->send) {
             grpc_byte_buffer_destroy(c->send);
             c->send = NULL;

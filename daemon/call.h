@@ -302,6 +302,9 @@ int kvs_call_arm(kvs_server *srv, kvs_rpc rpc);
 /* Runs the handler of the completed batch. */
 void kvs_call_on_event(kvs_call_tag *tag, bool ok);
 
+/* msg in protobuf wire form, as a byte buffer (the caller owns it). */
+grpc_byte_buffer *kvs_call_pack(const ProtobufCMessage *msg);
+
 /* Step helpers for handlers (each starts one batch). */
 void kvs_call_recv(kvs_call *c);
 /* Packs msg (borrowed, as above) and sends it as the next stream message (SEND step). */
@@ -312,6 +315,10 @@ void kvs_call_send_buffer(kvs_call *c, grpc_byte_buffer *bb);
 /* Packs msg (borrowed; may be freed once this returns; NULL for status only) and sends
  * it with status OK (FINISH step). */
 void kvs_call_reply(kvs_call *c, const ProtobufCMessage *msg);
+/* Sends bb (owned by the call from here) as the stream's last message, with status OK in
+ * the same batch (FINISH step): the trailers leave in the same write as the last data,
+ * which saves a send completion and a write per call. */
+void kvs_call_reply_buffer(kvs_call *c, grpc_byte_buffer *bb);
 /* Sends an error status: code (KVS_E*) mapped to gRPC, msg as details (FINISH step). */
 void kvs_call_fail(kvs_call *c, int code, const char *msg);
 /* Ends the call without sending anything more (after a failed op or a cancel). Callable
