@@ -5,6 +5,8 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -314,20 +316,47 @@ int kvs__chunk_data_fast(grpc_byte_buffer *bb, uint8_t *dst, uint64_t cap, uint6
     return result;
 }
 
-int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size_t n,
-                        const kvs_get_many_opts *opts, size_t *served, kvs_err *err)
+/* The call's arguments checked, every item set unanswered; errors name items by their index
+ * in the caller's array (a split call's parts are checked here, before the split). */
+static int many_check(kvs_get_item *items, size_t n, const kvs_get_many_opts *o, kvs_err *err)
 {
-    kvs_err_clear(err);
-    if (served)
-        *served = 0;
-    if (!c || !ns || !items || n == 0)
-        return kvs_err_set(err, KVS_EINVAL, "GetMany: NULL argument or no items");
-    kvs_get_many_opts o = opts ? *opts : (kvs_get_many_opts){0};
     const kvs_region *region = items[0].buf ? NULL : items[0].region;
-    if (o.layout && (!region || !o.pages || !o.n_pages || o.format == KVS_FORMAT_ENCODED))
+    if (o->layout && (!region || !o->pages || !o->n_pages || o->format == KVS_FORMAT_ENCODED))
         return kvs_err_set(err, KVS_EINVAL,
                            "GetMany: layout: a paged GetMany names a region in its items and "
                            "pages, and asks for RAW blocks");
+    for (size_t i = 0; i < n; i++) {
+        kvs_get_item *it = &items[i];
+        it->answered = false;
+        it->rc = KVS_ENOTFOUND;
+        it->msg[0] = 0;
+        if (!it->key || kvs_key_validate(it->key_len, err) != 0)
+            return kvs_err_prefix(err, "GetMany: items[%zu]: key", i);
+        if (!region && !it->buf)
+            return kvs_err_set(err, KVS_EINVAL,
+                               "GetMany: items[%zu]: no buf (and items[0] names "
+                               "no region)",
+                               i);
+        if (region && (it->buf || it->region != region || it->cap != items[0].cap))
+            return kvs_err_set(err, KVS_EINVAL,
+                               "GetMany: items[%zu]: every item of a call into a region names "
+                               "the same region and cap, and no buf",
+                               i);
+        if (region && !o->layout) {
+            int rc = kvs__region_item_check(region, it->offset, it->cap, i, "GetMany", err);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* One GetMany call on the wire, its items checked (many_check). */
+static int get_many_call(kvs_client *c, const char *ns, kvs_get_item *items, size_t n,
+                         const kvs_get_many_opts *opts, size_t *served, kvs_err *err)
+{
+    kvs_get_many_opts o = *opts;
+    const kvs_region *region = items[0].buf ? NULL : items[0].region;
     ProtobufCBinaryData *keys = kvs_trymalloc(n * sizeof *keys);
     uint64_t *offsets = region ? kvs_trymalloc(n * sizeof *offsets) : NULL;
     if (!keys || (region && !offsets)) {
@@ -336,28 +365,10 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
         return kvs_err_set(err, KVS_ENOMEM, "GetMany: out of memory");
     }
     int rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        kvs_get_item *it = &items[i];
-        it->answered = false;
-        it->rc = KVS_ENOTFOUND;
-        it->msg[0] = 0;
-        if (!it->key || kvs_key_validate(it->key_len, err) != 0)
-            rc = kvs_err_prefix(err, "GetMany: items[%zu]: key", i);
-        else if (!region && !it->buf)
-            rc = kvs_err_set(err, KVS_EINVAL,
-                             "GetMany: items[%zu]: no buf (and items[0] names "
-                             "no region)",
-                             i);
-        else if (region && (it->buf || it->region != region || it->cap != items[0].cap))
-            rc = kvs_err_set(err, KVS_EINVAL,
-                             "GetMany: items[%zu]: every item of a call into a region names "
-                             "the same region and cap, and no buf",
-                             i);
-        else if (region && !o.layout)
-            rc = kvs__region_item_check(region, it->offset, it->cap, i, "GetMany", err);
-        keys[i] = kvs_pb_bin(it->key, it->key_len);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = kvs_pb_bin(items[i].key, items[i].key_len);
         if (offsets)
-            offsets[i] = it->offset;
+            offsets[i] = items[i].offset;
     }
     Kvstash__V1__GetManyRequest q = KVSTASH__V1__GET_MANY_REQUEST__INIT;
     q.namespace_ = kvs_pb_str(ns);
@@ -435,5 +446,121 @@ int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size
         rc = kvs_err_set(err, KVS_EPROTO, "GetMany: %ld of %zu blocks answered", st.last + 1, n);
     if (served)
         *served = st.served;
+    return rc;
+}
+
+/* ------------------------------------------------------------------ split GetMany */
+
+/* One part of a split GetMany: items [at, at + n) of the caller's, on its own channel. */
+typedef struct many_part {
+    kvs_client *c;
+    const char *ns;
+    kvs_get_item *items;
+    size_t n;
+    const kvs_get_many_opts *opts;
+    unsigned channel;
+    gpr_timespec deadline; /* the caller's kvs__call_deadline, which threads do not inherit */
+    size_t served;
+    int rc;
+    kvs_err err;
+} many_part;
+
+static void *part_run(void *arg)
+{
+    many_part *p = arg;
+    unsigned saved_ch = kvs__call_channel;
+    gpr_timespec saved_dl = kvs__call_deadline;
+    kvs__call_channel = p->channel + 1;
+    kvs__call_deadline = p->deadline;
+    kvs_err_clear(&p->err);
+    p->rc = get_many_call(p->c, p->ns, p->items, p->n, p->opts, &p->served, &p->err);
+    kvs__call_channel = saved_ch;
+    kvs__call_deadline = saved_dl;
+    return NULL;
+}
+
+/* How many parts a GetMany goes in: one per connection when its bytes are worth it. */
+static unsigned split_parts(const kvs_client *c, const kvs_get_item *items, size_t n,
+                            const kvs_get_many_opts *o)
+{
+    if (c->n_channels < 2 || n < 2 || o->layout || kvs__call_channel)
+        return 1;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n && bytes < KVS_SPLIT_MIN_BYTES; i++)
+        bytes += items[i].cap;
+    if (bytes < KVS_SPLIT_MIN_BYTES)
+        return 1;
+    return n < c->n_channels ? (unsigned)n : c->n_channels;
+}
+
+int kvs_client_get_many(kvs_client *c, const char *ns, kvs_get_item *items, size_t n,
+                        const kvs_get_many_opts *opts, size_t *served, kvs_err *err)
+{
+    kvs_err_clear(err);
+    if (served)
+        *served = 0;
+    if (!c || !ns || !items || n == 0)
+        return kvs_err_set(err, KVS_EINVAL, "GetMany: NULL argument or no items");
+    kvs_get_many_opts o = opts ? *opts : (kvs_get_many_opts){0};
+    int rc = many_check(items, n, &o, err);
+    if (rc)
+        return rc;
+    unsigned parts = split_parts(c, items, n, &o);
+    if (parts == 1)
+        return get_many_call(c, ns, items, n, &o, served, err);
+
+    /* Contiguous parts in key order, received at once: part 0 on this thread, the others
+     * on threads of their own (one that cannot start runs here after part 0). */
+    many_part ps[KVS_CONNECTIONS_MAX];
+    pthread_t th[KVS_CONNECTIONS_MAX];
+    bool started[KVS_CONNECTIONS_MAX] = {false};
+    unsigned base = atomic_fetch_add_explicit(c->next_channel, parts, memory_order_relaxed);
+    size_t at = 0;
+    for (unsigned k = 0; k < parts; k++) {
+        size_t m = n / parts + (k < n % parts);
+        ps[k] = (many_part){.c = c,
+                            .ns = ns,
+                            .items = items + at,
+                            .n = m,
+                            .opts = &o,
+                            .channel = (base + k) % c->n_channels,
+                            .deadline = kvs__call_deadline};
+        at += m;
+    }
+    for (unsigned k = 1; k < parts; k++)
+        started[k] = pthread_create(&th[k], NULL, part_run, &ps[k]) == 0;
+    part_run(&ps[0]);
+    for (unsigned k = 1; k < parts; k++) {
+        if (started[k])
+            pthread_join(th[k], NULL);
+        else
+            part_run(&ps[k]);
+    }
+
+    /* The unsplit call's answer: the first error in key order; a prefix stops at the first
+     * part that stopped, and the items after it are left unanswered, as one call leaves
+     * them. */
+    size_t total = 0;
+    bool stopped = false;
+    for (unsigned k = 0; k < parts; k++) {
+        many_part *p = &ps[k];
+        if (stopped) {
+            for (size_t i = 0; i < p->n; i++) {
+                p->items[i].answered = false;
+                p->items[i].rc = KVS_ENOTFOUND;
+                p->items[i].msg[0] = 0;
+            }
+            continue;
+        }
+        total += p->served;
+        if (p->rc && rc == 0) {
+            rc = p->rc;
+            *err = p->err;
+        }
+        if (o.prefix && (p->rc || p->served < p->n))
+            stopped = true;
+    }
+    if (served)
+        *served = total;
     return rc;
 }

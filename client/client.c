@@ -77,6 +77,11 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
     if (o.max_message > INT_MAX)
         return kvs_err_set(err, KVS_EINVAL, "max_message: %zu over the gRPC limit of %d",
                            o.max_message, INT_MAX);
+    if (o.connections > KVS_CONNECTIONS_MAX)
+        return kvs_err_set(err, KVS_EINVAL, "connections: %u over the limit of %d", o.connections,
+                           KVS_CONNECTIONS_MAX);
+    if (o.connections == 0)
+        o.connections = 1;
     if (o.chunk_bytes > o.max_message - CHUNK_OVERHEAD)
         return kvs_err_set(err, KVS_EINVAL, "chunk_bytes: %zu does not fit in max_message %zu",
                            o.chunk_bytes, o.max_message);
@@ -92,6 +97,9 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
     c->target = kvs_xstrdup(o.target);
     c->timeout_ms = o.timeout_ms;
     c->chunk_bytes = o.chunk_bytes;
+    c->channels = kvs_xcalloc(o.connections, sizeof *c->channels);
+    c->next_channel = kvs_xcalloc(1, sizeof *c->next_channel);
+    atomic_init(c->next_channel, 0);
     pthread_mutex_init(&c->states_mu, NULL);
     if (o.token && o.token[0]) {
         size_t n = strlen(o.token) + sizeof "Bearer ";
@@ -110,10 +118,10 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
         /* No call is ever retried (a Put stream is not replayable), and without retries
          * gRPC need not keep a copy of the messages sent. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ENABLE_RETRIES, .value.integer = 0},
-        /* One connection per client: gRPC otherwise shares one TCP connection among every
+        /* One connection per channel: gRPC otherwise shares one TCP connection among every
          * channel of the process with the same settings, so eight clients of eight threads
          * queued on one socket (Gets at 64 clients 30-50% slower, tests/bench/RESULTS.md,
-         * head-to-head with Redis). */
+         * head-to-head with Redis), and a client's several connections would be one. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, .value.integer = 1},
         {0}, /* GRPC_SSL_TARGET_NAME_OVERRIDE_ARG with tls_server_name */
     };
@@ -135,10 +143,15 @@ int kvs_client_connect(const kvs_client_opts *opts, kvs_client **out, kvs_err *e
         kvs_client_close(c);
         return rc;
     }
-    c->channel = grpc_channel_create(c->target, creds, &cargs);
+    for (unsigned i = 0; i < o.connections; i++) {
+        c->channels[i] = grpc_channel_create(c->target, creds, &cargs);
+        if (!c->channels[i])
+            break;
+        c->n_channels++;
+    }
     grpc_channel_credentials_release(creds);
     free(server_name);
-    if (!c->channel) {
+    if (c->n_channels != o.connections) {
         kvs_client_close(c);
         return kvs_err_set(err, KVS_EINTERNAL, "connect: cannot create a channel to %s", o.target);
     }
@@ -150,8 +163,10 @@ void kvs_client_close(kvs_client *c)
 {
     if (!c)
         return;
-    if (c->channel)
-        grpc_channel_destroy(c->channel);
+    for (unsigned i = 0; i < c->n_channels; i++)
+        grpc_channel_destroy(c->channels[i]);
+    free(c->channels);
+    free(c->next_channel);
     /* grpc_init was called in connect whatever happened after it. */
     grpc_shutdown();
     for (size_t i = 0; i < c->n_states; i++)
@@ -166,6 +181,7 @@ void kvs_client_close(kvs_client *c)
 /* ------------------------------------------------------------------ one call */
 
 _Thread_local gpr_timespec kvs__call_deadline;
+_Thread_local unsigned kvs__call_channel;
 
 int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err)
 {
@@ -182,9 +198,13 @@ int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err
     r->cq = grpc_completion_queue_create_for_pluck(NULL);
     if (!r->cq)
         return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a completion queue", r->name);
-    r->call =
-        grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
-                                 grpc_slice_from_static_string(method), NULL, r->deadline, NULL);
+    unsigned ch = kvs__call_channel ? kvs__call_channel - 1
+                  : c->n_channels > 1
+                      ? atomic_fetch_add_explicit(c->next_channel, 1, memory_order_relaxed)
+                      : 0;
+    r->call = grpc_channel_create_call(
+        c->channels[ch % c->n_channels], NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
+        grpc_slice_from_static_string(method), NULL, r->deadline, NULL);
     if (!r->call)
         return kvs_err_set(err, KVS_EINTERNAL, "%s: cannot create a call", r->name);
     if (c->auth) {

@@ -6,6 +6,7 @@
 #include <grpc/grpc.h>
 #include <protobuf-c/protobuf-c.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #include "kvstash.h"
@@ -25,7 +26,10 @@ typedef struct kvs__state {
 
 /* The handle: fixed after connect (client.c), but for the state cache. */
 struct kvs_client {
-    grpc_channel *channel;
+    grpc_channel **channels; /* n_channels (opts.connections), each its own connection */
+    unsigned n_channels;
+    atomic_uint *next_channel; /* calls take channels in turn (a pointer: calls see the
+                                * client const) */
     char *target;
     char *auth; /* "Bearer <token>", or NULL */
     int64_t timeout_ms;
@@ -61,6 +65,9 @@ int kvs__tls_credentials(const kvs_client_opts *opts, grpc_channel_credentials *
  * cluster call, so that all its phases and retries fit the caller's one deadline. tv_sec 0
  * (the initial value): none. */
 extern _Thread_local gpr_timespec kvs__call_deadline;
+/* 1 + the channel the calls this thread starts use (a split GetMany's part, batch.c); 0
+ * (the initial value): the client's next in turn. */
+extern _Thread_local unsigned kvs__call_channel;
 
 int kvs__rpc_start(kvs__rpc *r, const kvs_client *c, const char *method, kvs_err *err);
 /* Runs one batch and waits for it; whether all its ops succeeded. */

@@ -181,7 +181,8 @@ static admit node_admit(kvs__node *n, char *why, size_t cap)
     /* gRPC keeps its own reconnect backoff (up to two minutes): the probe should reach a
      * daemon that is back now, so ours decides when to try. */
     if (a == ADMIT_PROBE)
-        grpc_channel_reset_connect_backoff(n->client->channel);
+        for (unsigned i = 0; i < n->client->n_channels; i++)
+            grpc_channel_reset_connect_backoff(n->client->channels[i]);
     return a;
 }
 

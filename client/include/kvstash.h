@@ -66,7 +66,18 @@ typedef struct kvs_client_opts {
     const char *tls_key;         /* ...and its private key (both or neither) */
     const char *tls_server_name; /* name checked in the daemon's certificate instead of the
                                   * target's host (e.g. "localhost"); NULL = the target's */
+    /* TCP connections (gRPC channels) to the daemon; 0 = 1, at most KVS_CONNECTIONS_MAX.
+     * Calls take them in turn, and a GetMany of KVS_SPLIT_MIN_BYTES or more (its items'
+     * caps; not a paged one) is split into that many parts in key order, one per connection,
+     * received at once by threads of the call: for a remote worker, whose one connection
+     * carries 1-2 GB/s (README "Data plane"). Its answer is the unsplit call's (a prefix
+     * GetMany still stops at the first miss). Same-host workers gain nothing (a shared-memory
+     * region moves no bytes over the connection). */
+    unsigned connections;
 } kvs_client_opts;
+
+#define KVS_CONNECTIONS_MAX 16
+#define KVS_SPLIT_MIN_BYTES (8u << 20)
 
 /* Creates a client for opts->target (borrowed; copied). Does not wait for the
  * connection: the first call does. On success *out is owned by the caller and freed

@@ -29,7 +29,10 @@
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
  *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc]
- * [--token T]
+ *                     [--token T] [--connections N]
+ *
+ * --connections N: the client's connections to the daemon (kvs_client_opts.connections):
+ * the gRPC-bytes paths (getmany, encoded, gpudecode) split each GetMany over them.
  */
 #include <getopt.h>
 #include <math.h>
@@ -53,7 +56,7 @@
 typedef struct cfg {
     const char *target, *codec, *token;
     uint32_t tokens, layers, heads, dim, block;
-    unsigned reps;
+    unsigned reps, connections;
     char paths[128];
 } cfg;
 
@@ -208,9 +211,10 @@ int main(int argc, char **argv)
              .reps = 3};
     snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc");
     static const struct option opts[] = {
-        {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'}, {"tokens", 1, 0, 'n'}, {"layers", 1, 0, 'L'},
-        {"heads", 1, 0, 'H'},  {"dim", 1, 0, 'D'},   {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},
-        {"paths", 1, 0, 'p'},  {"token", 1, 0, 'k'}, {0, 0, 0, 0}};
+        {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'},       {"tokens", 1, 0, 'n'},
+        {"layers", 1, 0, 'L'}, {"heads", 1, 0, 'H'},       {"dim", 1, 0, 'D'},
+        {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},        {"paths", 1, 0, 'p'},
+        {"token", 1, 0, 'k'},  {"connections", 1, 0, 'C'}, {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
         case 't':
@@ -243,6 +247,9 @@ int main(int argc, char **argv)
         case 'k':
             c.token = optarg;
             break;
+        case 'C':
+            c.connections = (unsigned)strtoul(optarg, NULL, 10);
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of restore_bench.c\n");
             return 2;
@@ -254,7 +261,8 @@ int main(int argc, char **argv)
     }
     kvs_err e;
     kvs_client *cl;
-    kvs_client_opts co = {.target = c.target, .token = c.token, .timeout_ms = 600000};
+    kvs_client_opts co = {
+        .target = c.target, .token = c.token, .timeout_ms = 600000, .connections = c.connections};
     if (kvs_client_connect(&co, &cl, &e))
         return die("connect", &e);
     kvs_ns_spec spec = {.layers = c.layers,

@@ -7,7 +7,7 @@
 #
 #   tests/bench/restore_gpu.sh KVSTASHD KVS_BENCH_RESTORE [OUTDIR]
 #   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3,
-#    PATHS: kvs-bench-restore --paths for every codec)
+#    PATHS: kvs-bench-restore --paths for every codec, CONNECTIONS=1: its --connections)
 set -u
 D=$1; B=$2; O=${3:-.}
 TOKENS=${TOKENS:-1024 4096 8192 16384}
@@ -27,7 +27,8 @@ for c in $CODECS; do
         paths=${PATHS:-getmany,shm,gpudecode,shmgpu,shmgpu-pipe,ipc}
         [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc
         echo "## codec $c, $n tokens"
-        "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" 2>&1
+        "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" \
+            --connections "${CONNECTIONS:-1}" 2>&1
         echo "(exit $?)"
     done
 done

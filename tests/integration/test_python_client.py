@@ -902,3 +902,112 @@ def test_put_many_paged_and_get_many_paged(unix_daemon, kind):
         strided = (cache.numpy() if kind == "torch" else cache)[::2]
         with pytest.raises(ValueError, match="contiguous"):
             c.put_many_paged(name, [b"x"], strided, lay, [[0]])
+
+
+def _received_per_connection(port):
+    """Bytes received so far by each of this process's TCP connections to `port` (the
+    package's client lives in this process), from the kernel (TCP_INFO's bytes_received)."""
+    import socket
+    import stat
+    import struct
+    got = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with s:
+            try:
+                if s.type != socket.SOCK_STREAM or s.getpeername()[1] != port:
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except (OSError, IndexError, TypeError):
+                continue
+            got.append(struct.unpack_from("=Q", info, 128)[0])  # tcpi_bytes_received
+    return got
+
+
+def _mib_blocks(n, seed):
+    rng = np.random.default_rng(seed)  # L=4 H=8 D=128 T=64: 1 MiB each
+    return [rng.standard_normal((4, 2, 64, 8, 128)).astype(np.float16) for _ in range(n)]
+
+
+def test_get_many_split_over_connections(daemon):
+    """Client(connections=4): a batched get of 8 MiB or more goes in four parts, one per
+    connection (the kernel's table shows four connections after one call; a smaller get
+    leaves it at two), and answers as one call would: every block, an absent key as None,
+    and a prefix get stopping at the first miss even when a later part found all its keys
+    (they are left unanswered)."""
+    d = daemon(host_capacity="256M")
+    port = int(d.target.rsplit(":", 1)[1])
+    name = kvs.ns_name("split")
+    keys = [b"k%02d" % i for i in range(16)]
+    data = _mib_blocks(16, seed=3)
+    with kvstash.Client(d.target) as w:
+        w.create_namespace(name, layers=4, kv_heads=8, head_dim=128, block_tokens=64)
+        present = [i for i in range(16) if i != 9]
+        assert all(isinstance(r, kvstash.PutResult)
+                   for r in w.put_many(name, [(keys[i], data[i]) for i in present]))
+
+    def carried(at_least=3 << 20):  # connections that received a part's worth or more
+        return sum(b >= at_least for b in _received_per_connection(port))
+
+    with kvstash.Client(d.target, connections=4) as c:
+        got = c.get_many(name, keys[:4])  # 4 MiB: one call on one connection
+        assert all((g == data[i]).all() for i, g in enumerate(got))
+        assert carried() == 1
+    with kvstash.Client(d.target, connections=4) as c:
+        got = c.get_many(name, keys)  # 16 MiB: four parts of 4 keys (3.75-4 MiB each)
+        assert carried() == 4, _received_per_connection(port)
+        assert got[9] is None
+        assert all((got[i] == data[i]).all() for i in present)
+        # Prefix: part 2 stops at key 9; part 3 found all of 12-15, which must not show.
+        pre = c.get_prefix(name, keys)
+        assert len(pre) == 9 and all((pre[i] == data[i]).all() for i in range(9))
+        assert len(c.get_many(name, keys, prefix=True)) == 9
+        # A miss in the first part: nothing after it, though the other parts answered.
+        pre = c.get_prefix(name, [keys[0], b"absent"] + keys[2:9] + keys[10:])
+        assert len(pre) == 1 and (pre[0] == data[0]).all()
+
+    # libkvstash's own answer to a C caller: *served and each item's answered flag.
+    from kvstash import _lib
+    opts = _lib.ClientOpts(d.target.encode(), None, 0, 0, 0, None, None, None, None, 4)
+    h, err = ctypes.c_void_p(), _lib.Err()
+    assert _lib.lib.kvs_client_connect(ctypes.byref(opts), ctypes.byref(h),
+                                       ctypes.byref(err)) == 0, err.msg
+    try:
+        bufs = [ctypes.create_string_buffer(1 << 20) for _ in keys]
+        items = (_lib.GetItem * 16)()
+        for it, k, b in zip(items, keys, bufs):
+            it.key, it.key_len = ctypes.cast(ctypes.c_char_p(k), ctypes.c_void_p), len(k)
+            it.buf, it.cap = ctypes.addressof(b), 1 << 20
+        served = ctypes.c_size_t()
+        for prefix, want in ((True, 9), (False, 15)):
+            mo = _lib.GetManyOpts(prefix=prefix)
+            rc = _lib.lib.kvs_client_get_many(h, name.encode(), items, 16, ctypes.byref(mo),
+                                              ctypes.byref(served), ctypes.byref(err))
+            assert rc == 0 and served.value == want, (rc, err.msg, served.value)
+            answered = [it.answered for it in items]
+            if prefix:
+                assert answered == [True] * 9 + [False] * 7
+            else:
+                # every item answered, the absent one with its error
+                assert all(answered) and items[9].rc != 0 and b"not found" in items[9].msg
+            assert all(bytes(bufs[i]) == data[i].tobytes() for i in range(9))
+    finally:
+        _lib.lib.kvs_client_close(h)
+
+
+def test_connections_option_is_checked():
+    with pytest.raises(ValueError, match="connections"):
+        kvstash.Client("127.0.0.1:1", connections=0)
+    with pytest.raises(ValueError, match="connections"):
+        kvstash.Client("127.0.0.1:1", connections=17)
+    # libkvstash's own check, for C callers (the package checks first).
+    from kvstash import _lib
+    opts = _lib.ClientOpts(b"127.0.0.1:1", None, 0, 0, 0, None, None, None, None, 17)
+    h, err = ctypes.c_void_p(), _lib.Err()
+    rc = _lib.lib.kvs_client_connect(ctypes.byref(opts), ctypes.byref(h), ctypes.byref(err))
+    assert rc != 0 and b"connections: 17" in err.msg

@@ -27,7 +27,8 @@ class ClientOpts(ctypes.Structure):
                 ("chunk_bytes", ctypes.c_size_t),
                 # TLS (kvstash.h): PEM file paths and the name override, in its order.
                 ("tls_ca", ctypes.c_char_p), ("tls_cert", ctypes.c_char_p),
-                ("tls_key", ctypes.c_char_p), ("tls_server_name", ctypes.c_char_p)]
+                ("tls_key", ctypes.c_char_p), ("tls_server_name", ctypes.c_char_p),
+                ("connections", ctypes.c_uint)]
 
 
 class NsSpec(ctypes.Structure):

@@ -201,6 +201,9 @@ class Client:
     "grpc" behaves as with a remote daemon. put() and get() of a CUDA tensor go through the
     batched calls when "ipc" may take them. Outside ipc, CUDA tensors are copied once by the
     GPU between device memory and the bytes the call moves.
+    `connections` (1-16): TCP connections to each daemon; a batched get of 8 MiB or more
+    over gRPC is split over them and received at once (for a remote worker: one connection
+    carries 1-2 GB/s). Calls through shared memory or IPC gain nothing from more.
 
     Sharding (README "Sharding"): `target` as a list of targets, a comma-separated string,
     or "dns:///NAME:PORT" (every A/AAAA record of NAME, re-resolved every `resolve_ms`; a
@@ -231,7 +234,8 @@ class Client:
                  tls_key: Optional[str] = None, tls_server_name: Optional[str] = None,
                  path: str = "auto", ipc_registrations: int = 64,
                  local: Optional[str] = None, local_id: Optional[str] = None,
-                 resolve_ms: int = 10000, backoff_ms: Tuple[int, int] = (100, 5000)):
+                 resolve_ms: int = 10000, backoff_ms: Tuple[int, int] = (100, 5000),
+                 connections: int = 1):
         # TLS (README "TLS"): PEM file paths, read by libkvstash (errors name the option);
         # any of them turns TLS on; tls_cert and tls_key for mutual TLS.
         if token is not None and token_file is not None:
@@ -250,6 +254,8 @@ class Client:
         if path == "ipc" and gpu_decode == "on":
             raise ValueError("kvstash: path='ipc' has the daemon decode into CUDA tensors, "
                              "gpu_decode='on' this process: choose one")
+        if not 1 <= connections <= 16:  # KVS_CONNECTIONS_MAX
+            raise ValueError(f"kvstash: connections must be 1 to 16, got {connections}")
         if ipc_registrations < 1:
             raise ValueError(f"kvstash: ipc_registrations must be at least 1, got "
                              f"{ipc_registrations}")
@@ -275,7 +281,8 @@ class Client:
                                      token.encode() if token else None,
                                      timeout_ms, 0, 0, pem(tls_ca), pem(tls_cert),
                                      pem(tls_key),
-                                     tls_server_name.encode() if tls_server_name else None)
+                                     tls_server_name.encode() if tls_server_name else None,
+                                     connections)
         self._h = ctypes.c_void_p()
         err = _lib.Err()
         if self._cluster:
