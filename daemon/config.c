@@ -37,6 +37,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->stats_interval_s = 60;
     cfg->max_keys = 4096;
     cfg->region_max_bytes = 64ull << 30;
+    cfg->region_max_count = 1024;
     cfg->calib_tokens = 4096;
     cfg->error_sample = 0.01;
     cfg->gpu_capacity_pct = 25;
@@ -337,6 +338,10 @@ static const key_def keys[] = {
      "\nfor a unix: listen address, else none)"},
     {"region_max_bytes", "region-max-bytes", "SIZE", T_SIZE, 0, 0, FIELD(region_max_bytes), 0,
      1ull << 20, UINT64_MAX, "a size >= 1M", "shared memory registered, all clients (default 64G)"},
+    {"region_max_count", "region-max-count", "N", T_UINT, 0, 0, FIELD(region_max_count), 0, 1,
+     1u << 16, "in 1..65536",
+     "regions registered (shared memory and CUDA IPC), all clients, and\nconnections to the "
+     "region socket at once (default 1024)"},
 };
 
 _Static_assert(sizeof keys / sizeof keys[0] == KVS_CONFIG_NKEYS,

@@ -28,7 +28,7 @@ enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2, KVS_GPU_ALL = 3, KVS_G
 #define KVS_GPU_LIST_MAX 32 /* device numbers 0..31 in a --gpu list */
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 49
+#define KVS_CONFIG_NKEYS 50
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -103,6 +103,7 @@ typedef struct kvs_config {
     char region_socket[108];    /* shared-memory region socket: "" = auto, "none" = none
                                  * (kvs_config_region_socket) */
     uint64_t region_max_bytes;  /* bytes of shared memory registered, all clients together */
+    unsigned region_max_count;  /* regions registered, and region-socket connections at once */
     char file[512];             /* the config file read ("" = none), re-read on SIGHUP */
     struct kvs_config_src {
         uint8_t kind;        /* kvs_config_src_kind */

@@ -90,6 +90,7 @@ static int start_regions(daemon_state *d, kvs_err *err)
     kvs_regions_opts o = {.path = path,
                           .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
                           .max_bytes = d->cfg.region_max_bytes,
+                          .max_count = d->cfg.region_max_count,
                           .log = kvs_log_sink,
                           .log_ctx = "region"};
     memcpy(o.engine, d->engine, sizeof o.engine);

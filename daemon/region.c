@@ -63,6 +63,9 @@ struct kvs_regions {
     pthread_mutex_t mu; /* leaf: guards list, bytes, the regions' listed flags, counters */
     kvs_region *list;
     uint64_t bytes, pinned_bytes, connections, refused;
+    unsigned count;   /* listed regions and registrations under way (invariant 5) */
+    unsigned n_conns; /* open connections (loop thread only) */
+    uint64_t conns_refused;
     uint64_t device_bytes; /* CUDA IPC regions' (the worker's GPU memory: not in bytes) */
 };
 
@@ -185,6 +188,7 @@ static void unlist(kvs_regions *r, kvs_region *g)
             break;
         }
     g->listed = false;
+    r->count--;
     if (g->ipc_base)
         r->device_bytes -= g->len;
     else
@@ -208,6 +212,7 @@ static void conn_close(conn *k)
     for (unsigned i = 0; i < k->n; i++)
         unlist(r, k->regions[i]);
     k->n = 0;
+    r->n_conns--;
     if (k->prev)
         k->prev->next = k->next;
     else
@@ -218,10 +223,36 @@ static void conn_close(conn *k)
     uv_close((uv_handle_t *)&k->poll, conn_closed);
 }
 
+/* A registration's place among the regions (invariant 5), taken before anything is
+ * mapped or opened; given back by release_place if the registration fails. */
+static int take_place(kvs_regions *r, kvs_err *err)
+{
+    pthread_mutex_lock(&r->mu);
+    bool room = r->count < r->o.max_count;
+    if (room)
+        r->count++;
+    unsigned n = r->count;
+    pthread_mutex_unlock(&r->mu);
+    if (!room)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "regions: %u registered by all clients, the most (--region-max-count)",
+                           n);
+    return 0;
+}
+
+static void release_place(kvs_regions *r)
+{
+    pthread_mutex_lock(&r->mu);
+    r->count--;
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* A failed shared-memory registration gives back its place and its reserved bytes. */
 static void release_bytes(kvs_regions *r, uint64_t bytes)
 {
     pthread_mutex_lock(&r->mu);
     r->bytes -= bytes;
+    r->count--;
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -240,10 +271,15 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
                            "fd: not a memfd sealed with F_SEAL_SHRINK (memfd_create with "
                            "MFD_ALLOW_SEALING, then fcntl F_ADD_SEALS): a file that can shrink "
                            "cannot be mapped safely");
+    int rc = take_place(r, err);
+    if (rc)
+        return rc;
     pthread_mutex_lock(&r->mu);
     bool room = bytes <= r->o.max_bytes && r->bytes <= r->o.max_bytes - bytes;
     if (room)
         r->bytes += bytes; /* reserved now, so two registrations cannot both pass */
+    else
+        r->count--; /* the place taken above */
     uint64_t used = r->bytes;
     pthread_mutex_unlock(&r->mu);
     if (!room)
@@ -268,9 +304,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
     void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (base == MAP_FAILED) {
         int e = errno;
-        pthread_mutex_lock(&r->mu);
-        r->bytes -= bytes;
-        pthread_mutex_unlock(&r->mu);
+        release_bytes(r, bytes);
         return kvs_err_set(err, KVS_ENOMEM, "mmap of %llu bytes: %s", (unsigned long long)bytes,
                            strerror(e));
     }
@@ -283,9 +317,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
         int e = errno;
         munmap(base, bytes);
         free(g);
-        pthread_mutex_lock(&r->mu);
-        r->bytes -= bytes;
-        pthread_mutex_unlock(&r->mu);
+        release_bytes(r, bytes);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }
     if (r->o.engine[0]) {
@@ -325,6 +357,9 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
                            REGIONS_PER_CONN);
     if (q->bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "bytes: a region needs at least one byte");
+    int prc = take_place(r, err);
+    if (prc)
+        return prc;
     /* The engine of the memory's device; none: engine 0 says which device it is not. */
     unsigned dev = 0;
     for (unsigned i = 0; i < KVS_STORE_GPUS_MAX && r->o.engine[i]; i++)
@@ -336,10 +371,13 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
     void *base;
     uint64_t avail;
     int rc = kvs_engine_ipc_open(eng, q->handle, q->uuid, &base, &avail, err);
-    if (rc)
+    if (rc) {
+        release_place(r);
         return rc;
+    }
     if (q->offset > avail || q->bytes > avail - q->offset) {
         kvs_engine_ipc_close(eng, base);
+        release_place(r);
         return kvs_err_set(
             err, KVS_EINVAL, "bytes: [%llu, +%llu) lie outside the allocation's %llu bytes",
             (unsigned long long)q->offset, (unsigned long long)q->bytes, (unsigned long long)avail);
@@ -355,6 +393,7 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
         int e = errno;
         kvs_engine_ipc_close(eng, base);
         free(g);
+        release_place(r);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }
     pthread_mutex_lock(&r->mu);
@@ -469,7 +508,19 @@ static void on_listen(uv_poll_t *p, int status, int events)
         return;
     int fd = accept4(r->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0)
-        return; /* EAGAIN, or a client that went away: nothing to do */
+        return;                         /* EAGAIN, or a client that went away: nothing to do */
+    if (r->n_conns >= r->o.max_count) { /* invariant 5: closed at once, its client sees EOF */
+        close(fd);
+        pthread_mutex_lock(&r->mu);
+        uint64_t n = ++r->conns_refused;
+        pthread_mutex_unlock(&r->mu);
+        if ((n & (n - 1)) == 0) /* the 1st, 2nd, 4th, ...: a flood does not flood the log */
+            logf_(r, KVS_LOG_WARN,
+                  "region socket: connection closed: %u open, the most (--region-max-count); "
+                  "%llu closed so far",
+                  r->n_conns, (unsigned long long)n);
+        return;
+    }
     conn *k = kvs_xcalloc(1, sizeof *k);
     k->fd = fd;
     k->owner = r;
@@ -485,6 +536,7 @@ static void on_listen(uv_poll_t *p, int status, int events)
     if (r->conns)
         r->conns->prev = k;
     r->conns = k;
+    r->n_conns++;
     pthread_mutex_lock(&r->mu);
     r->connections++;
     pthread_mutex_unlock(&r->mu);

@@ -21,6 +21,10 @@
  *     pointer is formed.
  *  4. Registered bytes are bounded (--region-max-bytes, all connections); each region is
  *     at most that too.
+ *  5. Regions (shared memory and CUDA IPC) and socket connections are each bounded
+ *     (--region-max-count, all clients): a region is a mapping (or an opened handle) and a
+ *     connection a descriptor, so page-sized registrations over many connections cannot
+ *     exhaust the daemon's mappings (vm.max_map_count) or descriptors.
  *
  * Threads: the socket is served on the loop thread (libuv polls; requests are a few bytes,
  * the one slow step is the pin, once per region). acquire/release run on any thread. Lock:
@@ -47,6 +51,7 @@ typedef struct kvs_regions_opts {
     const char *path;   /* the Unix socket to listen on (created; an old one replaced) */
     unsigned mode;      /* its permission bits, e.g. 0600 */
     uint64_t max_bytes; /* registered bytes, all regions together (invariant 4) */
+    unsigned max_count; /* regions, and connections, all clients together (invariant 5) */
     /* The GPU engines, one per device (borrowed): the leading non-NULL entries; none: no
      * engine. Shared memory is pinned for every device; a CUDA IPC region is opened by
      * the engine of the device its memory is on. */

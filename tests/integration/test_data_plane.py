@@ -434,6 +434,77 @@ def test_region_registration_is_checked(d):
     again.close()
 
 
+def test_region_count_is_bounded(daemon, tmp_path):
+    """Each region is a mapping in the daemon (and, with a GPU engine, a pinned range or an
+    opened IPC handle), and each socket connection an open descriptor: a local client that
+    registers page-sized regions over many connections must not exhaust the daemon's
+    mappings (vm.max_map_count) or descriptors. By default at most 1024 regions of all
+    clients (the 1025th registration is refused naming --region-max-count) and as many
+    connections at once (the next is closed at once); both come back when a connection
+    closes."""
+    sock = str(tmp_path / "kvs.region")
+    dm = daemon(extra=["--region-socket", sock])
+    fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    conns = []
+
+    def register(s):
+        socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
+        rep = s.recv(REGION_REP.size + 16)
+        _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
+        return code, msg.rstrip(b"\0").decode()
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(sock)
+        conns.append(s)
+        return s
+
+    try:
+        ok = 0
+        for _ in range(17):  # 64 regions a connection at most: 17 * 64 = 1088
+            s = connect()
+            for _ in range(64):
+                code, msg = register(s)
+                if code:
+                    break
+                ok += 1
+            if code:
+                break
+        assert ok == 1024 and "--region-max-count" in msg, (ok, msg)
+        assert dm.stats().data_plane.regions == 1024
+        conns.pop(0).close()  # its 64 regions go...
+        kvs.wait_for(lambda: dm.stats().data_plane.regions == 960, what="regions released")
+        assert register(conns[-1]) == (0, "")  # ...and the room with them
+        for s in conns:
+            s.close()
+        conns.clear()
+        kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="every region released")
+        assert register(connect()) == (0, "")  # room again
+        conns.pop().close()
+
+        # Connections, with a smaller bound (a test process may have 1024 descriptors): up
+        # to --region-max-count at once; the next one is closed by the daemon at once.
+        sock = str(tmp_path / "kvs2.region")
+        dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16])
+        for _ in range(16):
+            connect()
+        extra = connect()
+        extra.settimeout(10)
+        with pytest.raises((ConnectionResetError, BrokenPipeError, struct.error)):
+            register(extra)  # EOF (an empty reply) or a reset: never an answer
+        assert register(conns[0]) == (0, "")  # the connections it kept still work
+        conns.pop(0).close()
+        kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="regions released")
+        assert register(connect()) == (0, "")  # a place again
+    finally:
+        for s in conns:
+            s.close()
+        os.close(fd)
+
+
 def test_region_headers_share_messages(d):
     # Into region slots only headers are streamed: those of blocks that are ready at once go
     # in one message (GetChunk.more), in key order, errors in place; a prefix GetMany still
