@@ -28,6 +28,8 @@
 
 /* Regions one connection may hold: a worker registers its KV pool once, maybe a few. */
 #define REGIONS_PER_CONN 64
+/* How long the listener pauses after accept failed for want of descriptors or memory. */
+#define ACCEPT_RETRY_MS 100
 
 struct kvs_region {
     uint8_t id[KVS_REGION_ID_LEN];
@@ -57,6 +59,8 @@ struct kvs_regions {
     uv_loop_t *loop;
     int lfd;
     uv_poll_t lpoll;
+    uv_timer_t retry; /* restarts lpoll after an accept failed for want of descriptors */
+    uint64_t accept_pauses;
     bool closed;
     conn *conns; /* loop thread only */
 
@@ -501,15 +505,38 @@ static void on_conn(uv_poll_t *p, int status, int events)
     conn_reply(k, &rep);
 }
 
+static void on_listen(uv_poll_t *p, int status, int events);
+
+static void on_retry(uv_timer_t *t)
+{
+    kvs_regions *r = t->data;
+    if (!r->closed)
+        uv_poll_start(&r->lpoll, UV_READABLE, on_listen);
+}
+
 static void on_listen(uv_poll_t *p, int status, int events)
 {
     kvs_regions *r = p->data;
     if (status < 0 || !(events & UV_READABLE))
         return;
     int fd = accept4(r->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
+        /* The connection stays queued, so the socket stays readable: polling it again at
+         * once would spin the loop thread for as long as descriptors are short. Pause. */
+        int e = errno;
+        uv_poll_stop(&r->lpoll);
+        uv_timer_start(&r->retry, on_retry, ACCEPT_RETRY_MS, 0);
+        uint64_t n = ++r->accept_pauses;
+        if ((n & (n - 1)) == 0)
+            logf_(r, KVS_LOG_WARN,
+                  "region socket: accept: %s: not accepting for %d ms (%llu times so far)",
+                  strerror(e), ACCEPT_RETRY_MS, (unsigned long long)n);
+        return;
+    }
     if (fd < 0)
-        return;                         /* EAGAIN, or a client that went away: nothing to do */
-    if (r->n_conns >= r->o.max_count) { /* invariant 5: closed at once, its client sees EOF */
+        return; /* EAGAIN, or a client that went away: nothing to do */
+    /* Invariant 5: a connection past the bound is closed at once; its client sees EOF. */
+    if (r->n_conns >= r->o.max_count) {
         close(fd);
         pthread_mutex_lock(&r->mu);
         uint64_t n = ++r->conns_refused;
@@ -585,6 +612,8 @@ int kvs_regions_create(uv_loop_t *loop, const kvs_regions_opts *o, kvs_regions *
                            uv_strerror(rc));
     }
     r->lpoll.data = r;
+    uv_timer_init(loop, &r->retry);
+    r->retry.data = r;
     uv_poll_start(&r->lpoll, UV_READABLE, on_listen);
     *out = r;
     return 0;
@@ -599,6 +628,8 @@ void kvs_regions_close(kvs_regions *r)
         conn_close(r->conns);
     uv_poll_stop(&r->lpoll);
     uv_close((uv_handle_t *)&r->lpoll, NULL);
+    uv_timer_stop(&r->retry);
+    uv_close((uv_handle_t *)&r->retry, NULL);
     unlink(r->path);
 }
 

@@ -505,6 +505,67 @@ def test_region_count_is_bounded(daemon, tmp_path):
         os.close(fd)
 
 
+def test_region_socket_out_of_descriptors_does_not_spin(tmp_path):
+    """A daemon out of descriptors cannot accept a region-socket connection: accept fails
+    and the connection stays queued. Polled again at once, that was a busy loop on the loop
+    thread (a core at 100% for as long as a local client kept the descriptors taken). The
+    listener now pauses and retries; once descriptors are free again it accepts."""
+    sock = str(tmp_path / "k.sock")
+    err = open(tmp_path / "stderr", "wb")
+    proc = kvs.spawn(["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", kvs.KVSTASHD,
+                      "--listen", "unix:" + sock, "--host-capacity", "64M", "--gpu", "off"],
+                     stdout=err, stderr=err)
+    conns = []
+    try:
+        kvs.wait_for(lambda: os.path.exists(sock + ".region") or proc.poll() is not None,
+                     what="the region socket")
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()
+        for _ in range(60):  # past the daemon's 40 descriptors; they wait in the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sock + ".region")
+            conns.append(s)
+        time.sleep(0.5)
+
+        def cpu_s():
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        c0, t0 = cpu_s(), time.monotonic()
+        time.sleep(2)
+        used = cpu_s() - c0
+        assert used < 0.25 * (time.monotonic() - t0), f"{used:.2f} s of CPU in 2 s: spinning"
+        assert "not accepting for" in (tmp_path / "stderr").read_text()  # and it says why
+        for s in conns:
+            s.close()
+        conns.clear()
+        # Descriptors free again: a new connection is accepted and served.
+        fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 4096)
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+
+        def registered():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            try:
+                s.connect(sock + ".region")
+                socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
+                rep = s.recv(REGION_REP.size + 16)
+                return len(rep) == REGION_REP.size and REGION_REP.unpack(rep)[1] == 0
+            except OSError:
+                return False
+            finally:
+                s.close()
+        kvs.wait_for(registered, timeout=10, what="a registration after the descriptors freed")
+        os.close(fd)
+    finally:
+        for s in conns:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+        err.close()
+
+
 def test_region_headers_share_messages(d):
     # Into region slots only headers are streamed: those of blocks that are ready at once go
     # in one message (GetChunk.more), in key order, errors in place; a prefix GetMany still
