@@ -7,7 +7,9 @@
 #
 #   tests/bench/restore_gpu.sh KVSTASHD KVS_BENCH_RESTORE [OUTDIR]
 #   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3,
-#    PATHS: kvs-bench-restore --paths for every codec, CONNECTIONS=1: its --connections)
+#    PATHS: kvs-bench-restore --paths for every codec, CONNECTIONS=1: its --connections,
+#    TRANSPORT=unix: the gRPC listener, unix or tcp (loopback TCP, the remote-style paths'
+#    transport; the region socket is on either way, so shm and ipc still run))
 set -u
 D=$1; B=$2; O=${3:-.}
 TOKENS=${TOKENS:-1024 4096 8192 16384}
@@ -15,11 +17,18 @@ CODECS=${CODECS:-none polarquant rotatekv-2 kivi-2}
 REPS=${REPS:-3}
 W=$(mktemp -d)
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$W"' EXIT
-"$D" --listen "unix:$W/kvs.sock" --gpu on --host-capacity 48G --region-max-bytes 8G \
-    --log-level warn > "$O/restore-kvstashd.log" 2>&1 &
+if [ "${TRANSPORT:-unix}" = tcp ]; then
+    listen=127.0.0.1:0
+else
+    listen=unix:$W/kvs.sock
+fi
+"$D" --listen "$listen" --port-file "$W/port" --region-socket "$W/kvs.sock.region" --gpu on \
+    --host-capacity 48G --region-max-bytes 8G --log-level warn > "$O/restore-kvstashd.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do [ -S "$W/kvs.sock.region" ] && break; sleep 0.1; done
-echo "# restore by path ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, $(date -u +%F))"
+for _ in $(seq 100); do [ -S "$W/kvs.sock.region" ] && [ -s "$W/port" ] && break; sleep 0.1; done
+target=unix:$W/kvs.sock
+[ "${TRANSPORT:-unix}" = tcp ] && target=127.0.0.1:$(cat "$W/port")
+echo "# restore by path ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, $(date -u +%F); gRPC over ${TRANSPORT:-unix}, ${CONNECTIONS:-1} connection(s))"
 for c in $CODECS; do
     for n in $TOKENS; do
         # encoded + client CPU decode is the slow remote path (0.13 GB/s for polarquant on one
@@ -27,7 +36,7 @@ for c in $CODECS; do
         paths=${PATHS:-getmany,shm,gpudecode,shmgpu,shmgpu-pipe,ipc}
         [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc
         echo "## codec $c, $n tokens"
-        "$B" --target "unix:$W/kvs.sock" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" \
+        "$B" --target "$target" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" \
             --connections "${CONNECTIONS:-1}" 2>&1
         echo "(exit $?)"
     done

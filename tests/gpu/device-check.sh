@@ -14,7 +14,7 @@
 #   TIERBENCH=1 kvs-bench-tier (host <-> GPU tier moves, staged vs pinned host memory)
 #   RESTORE=1   tests/bench/restore_gpu.sh (a prefix restored by each data-plane path, vs
 #               recomputing it with PyTorch; its knobs TOKENS, CODECS, PATHS, REPS,
-#               CONNECTIONS pass through)
+#               CONNECTIONS, TRANSPORT pass through)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
 #   H2H=1       tests/bench/h2h.sh: kvstash against Redis (bundled from this machine's
 #               redis-server), H2H_SECONDS, H2H_CLIENTS, H2H_CODECS, H2H_TOKENS, KVSTASHD_ARGS
