@@ -39,6 +39,7 @@ void kvs_config_defaults(kvs_config *cfg)
     cfg->region_max_bytes = 64ull << 30;
     cfg->region_max_count = 1024;
     cfg->calib_tokens = 4096;
+    cfg->max_namespaces = 1024;
     cfg->error_sample = 0.01;
     cfg->gpu_capacity_pct = 25;
     cfg->gpu_high_pct = 90;
@@ -323,6 +324,10 @@ static const key_def keys[] = {
      "Put streams open at once (default 1024)"},
     {"max_puts_per_conn", "max-puts-per-conn", "N", T_UINT, 0, 0, FIELD(max_puts_per_conn), 0, 1,
      1u << 20, "in 1..1048576", "...from one client connection (default 256)"},
+    {"max_namespaces", "max-namespaces", "N", T_UINT, 0, 0, FIELD(max_namespaces), 0, 1, 1u << 20,
+     "in 1..1048576",
+     "namespaces that may exist (each holds its codecs' state); a\ncreate past it gets "
+     "RESOURCE_EXHAUSTED, restored ones always\nload (default 1024)"},
     {"max_gets", "max-gets", "N", T_UINT, 0, 0, FIELD(max_gets), 0, 1, 1u << 20, "in 1..1048576",
      "Get and GetMany streams open at once (default 1024)"},
     {"max_gets_per_conn", "max-gets-per-conn", "N", T_UINT, 0, 0, FIELD(max_gets_per_conn), 0, 1,

@@ -28,7 +28,7 @@ enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2, KVS_GPU_ALL = 3, KVS_G
 #define KVS_GPU_LIST_MAX 32 /* device numbers 0..31 in a --gpu list */
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 50
+#define KVS_CONFIG_NKEYS 51
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -83,6 +83,7 @@ typedef struct kvs_config {
     unsigned stats_interval_s;  /* 0 = no periodic stats line */
     unsigned max_keys;          /* keys per Lookup/Exists/Delete */
     unsigned calib_tokens;      /* RotateKV: tokens of keys that calibrate the channel order */
+    unsigned max_namespaces;    /* namespaces that may exist (restored ones always load) */
     double error_sample;        /* share of Puts measured where a namespace sets none (0..1) */
     char data_dir[512];         /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;     /* byte budget of the disk tier */

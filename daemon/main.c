@@ -690,6 +690,7 @@ int main(int argc, char **argv)
                              * misses (tests/bench/RESULTS.md, eviction policies). */
                             .eviction_small_pct = 30,
                             .calib_tokens = d.cfg.calib_tokens,
+                            .max_namespaces = d.cfg.max_namespaces,
                             .gpu_high_pct = d.cfg.gpu_high_pct,
                             .gpu_low_pct = d.cfg.gpu_low_pct,
                             .host_high_pct = d.cfg.host_high_pct,

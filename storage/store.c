@@ -296,8 +296,18 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
         return rc;
     }
     pthread_mutex_lock(&st->mu);
+    size_t count = kvs_ns_registry_count(st->reg);
     if (id && kvs_ns_registry_find_id(st->reg, id))
         rc = kvs_err_set(err, KVS_EEXIST, "namespace id %u: already in use", id);
+    else if (!id && st->max_namespaces && count >= st->max_namespaces &&
+             !kvs_ns_registry_find(st->reg, spec->name)) /* a taken name stays EEXIST */
+        /* Checked under the lock with the add: concurrent creates cannot both pass. Each
+         * namespace holds codec state (and GPU tables): the bound keeps a create loop from
+         * running the daemon out of memory. Restores (id) always load: no data is lost. */
+        rc = kvs_err_set(err, KVS_ENOSPC,
+                         "namespace '%.64s': %zu namespaces exist, the most (--max-namespaces "
+                         "%u): drop one first",
+                         spec->name, count, st->max_namespaces);
     else if (id)
         kvs_ns_registry_set_next_id(st->reg, id);
     if (rc == 0)

@@ -202,6 +202,8 @@ typedef struct kvs_store_opts {
     unsigned gpu_high_pct;   /* demote above this share of each gpu tier (0: 90) */
     unsigned gpu_low_pct;    /* ...down to this share (0: 80) */
     uint32_t calib_tokens;   /* RotateKV calibration tokens N_cal (0 = 4096) */
+    unsigned max_namespaces; /* namespaces kvs_store_ns_create may bring to exist (0: no
+                              * bound); those restored from the disk tier always load */
     kvs_disk *disk;          /* disk tier (borrowed: opened and closed by the caller, and
                               * must outlive the store), or NULL: no disk tier */
     uint64_t disk_capacity;  /* byte budget of the disk tier */

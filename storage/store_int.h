@@ -130,6 +130,7 @@ struct kvs_store {
     kvs_store_stats stats; /* its gpu_* fields stay 0: the devices' counters (gpu[g].s) are
                             * summed when read (kvs_store_get_stats) */
     uint32_t calib_tokens;
+    unsigned max_namespaces;                       /* opts.max_namespaces */
     struct kvs_engine *engine[KVS_STORE_GPUS_MAX]; /* borrowed (opts.engine) */
     kvs_store_event_fn on_event; /* opts.on_event, armed once the disk tier is indexed */
     void *event_ctx;

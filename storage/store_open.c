@@ -65,6 +65,7 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     st->promote = !opts->no_promote;
     st->pool = opts->host_pool;
     st->calib_tokens = opts->calib_tokens ? opts->calib_tokens : 4096;
+    st->max_namespaces = opts->max_namespaces;
     memcpy(st->engine, opts->engine, sizeof st->engine);
     st->log = opts->log;
     st->log_ctx = opts->log_ctx;

@@ -162,3 +162,38 @@ def test_memory_returned_after_load_and_drop(daemon):
     assert after <= bound(), \
         f"RSS {after >> 20} MiB 25 s after the drop (start {rss0 >> 20}, peak {peak >> 20}, " \
         f"pinned pool {kvs.pinned_bytes(d) >> 20} MiB)"
+
+
+# ----------------------------------------------------------------------------- namespaces
+
+def test_namespace_count_is_bounded(daemon, tmp_path):
+    """Each namespace holds its codecs' state (a RotateKV namespace of the Llama-3-8B shape
+    ~260 KiB of host memory, and tables on the GPU with an engine): a client that creates
+    namespaces in a loop (3000 in 1.7 s took the daemon from 19 MB to 780 MB) must not run
+    the daemon out of memory. By default at most 1024; the next create is refused
+    RESOURCE_EXHAUSTED naming --max-namespaces, a drop makes room, and namespaces restored
+    from the disk tier are never dropped for the bound (only new ones are refused)."""
+    d = daemon(extra=["--stats-interval", "0"])
+    for i in range(1024):
+        kvs.make_ns(d.admin, name=f"n{i}")
+    kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.make_ns, d.admin, name="n1024",
+                     words=["--max-namespaces", "1024"])
+    d.admin.DropNamespace(pb.NameRequest(name="n0"), timeout=10)
+    kvs.make_ns(d.admin, name="n1024")  # room again
+    d.stop()
+
+    data = str(tmp_path / "data")
+    d = daemon(extra=["--data-dir", data, "--max-namespaces", 3, "--stats-interval", "0"])
+    infos = [kvs.Ns(kvs.make_ns(d.admin, name=f"keep{i}")) for i in range(3)]
+    for ns in infos:
+        kvs.put(d.stub, ns.name, b"k", ns.T, ns.payload())
+    kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.make_ns, d.admin, name="more",
+                     words=["--max-namespaces"])
+    d.stop()
+    d = daemon(extra=["--data-dir", data, "--max-namespaces", 1, "--stats-interval", "0"])
+    assert {n.spec.name for n in d.stats().namespaces} == {ns.name for ns in infos}
+    for ns in infos:  # every one restored with its block, though over the new bound
+        assert kvs.get(d.stub, ns.name, b"k").data == ns.payload()
+    kvs.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, kvs.make_ns, d.admin, name="more",
+                     words=["--max-namespaces"])
+    d.stop()
