@@ -184,6 +184,13 @@ int kvs_region_create(kvs_client *c, size_t bytes, kvs_region **out, kvs_err *er
         rc = kvs_err_set(err, KVS_ENOMEM, "region: sizing %zu bytes: %s", bytes, strerror(errno));
         goto fail;
     }
+    /* Allocated here, by the process that owns the memory: the daemon refuses a region
+     * with holes rather than allocate a client's memory itself. */
+    int fe = posix_fallocate(g->fd, 0, (off_t)bytes);
+    if (fe != 0) {
+        rc = kvs_err_set(err, KVS_ENOMEM, "region: allocating %zu bytes: %s", bytes, strerror(fe));
+        goto fail;
+    }
     void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, g->fd, 0);
     if (base == MAP_FAILED) {
         rc = kvs_err_set(err, KVS_ENOMEM, "region: mmap of %zu bytes: %s", bytes, strerror(errno));

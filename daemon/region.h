@@ -25,6 +25,8 @@
  *     (--region-max-count, all clients): a region is a mapping (or an opened handle) and a
  *     connection a descriptor, so page-sized registrations over many connections cannot
  *     exhaust the daemon's mappings (vm.max_map_count) or descriptors.
+ *  6. A shared-memory region's pages are allocated by its client before it registers (no
+ *     hole in the range): mapping it allocates nothing in the daemon.
  *
  * Threads: the socket is served on the loop thread (libuv polls; requests are a few bytes,
  * the one slow step is the pin, once per region). acquire/release run on any thread. Lock:

@@ -89,9 +89,11 @@ def get_many(d, ns, keys, messages=None, **kw):
 class Region:
     """A memfd shared with the daemon through its region socket."""
 
-    def __init__(self, path, size, seal=True, register=True):
+    def __init__(self, path, size, seal=True, register=True, allocate=True):
         self.fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if allocate:  # the client allocates its region's memory (the daemon refuses holes)
+            os.posix_fallocate(self.fd, 0, size)
         if seal:
             import fcntl
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
@@ -434,6 +436,43 @@ def test_region_registration_is_checked(d):
     again.close()
 
 
+def _rss_shmem_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_sparse_region_is_refused(daemon, tmp_path):
+    """A region's memory is the client's to allocate. The daemon maps a region with its
+    pages populated (MAP_POPULATE), so a sparse memfd (ftruncate only) made the daemon
+    allocate it: a 2 GiB registration took its RSS from 19 MB to 2 GB and held its loop
+    thread 3.4 s, and --region-max-bytes is 64G by default. A region with a hole in the
+    registered range is refused naming the fix; allocated (posix_fallocate), it registers
+    and the daemon allocates nothing."""
+    import fcntl
+    sock = str(tmp_path / "kvs.region")
+    dm = daemon(extra=["--region-socket", sock])
+    size = 256 << 20
+    base = _rss_shmem_kib(dm.proc.pid)
+    reg = Region(sock, size, register=False, allocate=False)
+    try:
+        code, msg, _, _ = reg.register(size)  # sparse: nothing allocated
+        assert code != 0 and "allocate" in msg, msg
+        assert _rss_shmem_kib(dm.proc.pid) - base < 16 << 10, "the daemon allocated it"
+        os.posix_fallocate(reg.fd, 0, size // 2)  # a hole in the second half
+        code, msg, _, _ = reg.register(size)
+        assert code != 0 and "allocate" in msg, msg
+        code, msg, rid, _ = reg.register(size // 2)  # the allocated half alone: fine
+        assert code == 0, msg
+        os.posix_fallocate(reg.fd, 0, size)
+        code, msg, rid, _ = reg.register(size)
+        assert code == 0 and len(rid) == 16, msg
+    finally:
+        reg.close()
+
+
 def test_region_count_is_bounded(daemon, tmp_path):
     """Each region is a mapping in the daemon (and, with a GPU engine, a pinned range or an
     opened IPC handle), and each socket connection an open descriptor: a local client that
@@ -446,6 +485,7 @@ def test_region_count_is_bounded(daemon, tmp_path):
     dm = daemon(extra=["--region-socket", sock])
     fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
+    os.posix_fallocate(fd, 0, 4096)
     import fcntl
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     conns = []
@@ -541,6 +581,7 @@ def test_region_socket_out_of_descriptors_does_not_spin(tmp_path):
         # Descriptors free again: a new connection is accepted and served.
         fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, 4096)
+        os.posix_fallocate(fd, 0, 4096)
         import fcntl
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 

@@ -6,7 +6,9 @@
  * and sends, per region, one request with the memory's file descriptor attached
  * (SCM_RIGHTS): a memfd sealed against shrinking (F_SEAL_SHRINK; the daemon refuses any
  * other, since a file the client could truncate would fault the daemon when it touches a
- * page that is gone). The daemon maps it, pins it for its GPU engine when it has one, and
+ * page that is gone), whose pages the client has allocated (posix_fallocate, or every page
+ * written: the file's allocated blocks must cover the bytes asked; the daemon does not
+ * allocate a client's memory). The daemon maps it, pins it for its GPU engine when it has one, and
  * answers with the region's id: 16 random bytes that PutHeader.region and
  * GetManyRequest.region carry. The region lives as long as the connection: once the client
  * closes it (or exits), the id is refused and the mapping goes when the last call using it
