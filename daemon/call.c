@@ -214,9 +214,20 @@ static void wait_client(kvs_call *c)
     atomic_store(&c->waiting_ms, now ? now : 1);
 }
 
+void kvs_call_progress(kvs_call *c)
+{
+    c->idle_since_ms = 0;
+}
+
 void kvs_call_recv(kvs_call *c)
 {
-    wait_client(c);
+    /* The wait is measured from the last progress that counted (kvs_call_progress), not
+     * from this message: a client trickling tiny messages is idle all the same. */
+    if (!c->idle_since_ms) {
+        uint64_t now = kvs_now_ms();
+        c->idle_since_ms = now ? now : 1;
+    }
+    atomic_store(&c->waiting_ms, c->idle_since_ms);
     grpc_op ops[2];
     size_t n = add_initial_md(c, &ops[0]);
     memset(&ops[n], 0, sizeof ops[n]);

@@ -185,6 +185,7 @@ typedef struct kvs_put_state {
     bool many;                    /* PutMany: per-block results, blocks stored as they arrive */
     struct kvs_put_block *cur;    /* the block whose header came and payload is arriving */
     uint32_t blocks;              /* headers accepted */
+    uint64_t idle_bytes;          /* message bytes since the last progress that counted */
     pthread_mutex_t mu;           /* guards the fields below (a leaf: call_put.c) */
     bool mu_init;
     struct kvs_put_result *results; /* one per accepted header, in stream order */
@@ -278,6 +279,10 @@ struct kvs_call {
     /* Since when the call waits for its client (a RECV or SEND in flight; monotonic ms),
      * 0 while it does not: what kvs_server_sweep measures idleness by. */
     atomic_uint_fast64_t waiting_ms;
+    /* Since when the client has made no progress that counts (kvs_call_progress), 0 after
+     * some: a RECV waits from here. Touched by the call's receive steps only, one at a
+     * time. */
+    uint64_t idle_since_ms;
     kvs_call *snext, *sprev; /* srv->streams links, under srv->mu (invariant 4) */
     bool streamed;           /* linked in srv->streams */
     bool idle_cut;           /* cancelled by the sweep (under srv->mu) */
@@ -307,6 +312,10 @@ grpc_byte_buffer *kvs_call_pack(const ProtobufCMessage *msg);
 
 /* Step helpers for handlers (each starts one batch). */
 void kvs_call_recv(kvs_call *c);
+/* The client made progress that counts (the handler decides: a Put's header, 64 KiB of
+ * payload, a block complete, the end of its stream): the idle sweep measures the next RECV
+ * from its start instead of from the last progress. */
+void kvs_call_progress(kvs_call *c);
 /* Packs msg (borrowed, as above) and sends it as the next stream message (SEND step). */
 void kvs_call_send(kvs_call *c, const ProtobufCMessage *msg);
 /* Sends bb (owned by the call from here) as the next stream message (SEND step): for a

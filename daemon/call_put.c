@@ -118,6 +118,9 @@ static void block_release_payload(kvs_put_block *b)
 
 /* How long a block waits for the budget its own call's blocks hold (take_budget). */
 #define BUDGET_WAIT_S 10
+/* Payload bytes that count as a client's progress for the idle sweep (with a header or a
+ * block complete): a client must send at least this much per --stream-idle. */
+#define PUT_PROGRESS_BYTES (64u << 10)
 
 /* Takes bytes of the receive budget for block b (CQ thread). When the budget is held and
  * some of it by this call's own blocks in the data path (encodes are asynchronous: a
@@ -552,6 +555,7 @@ void kvs_put_on_recv(kvs_call *c, bool ok)
         return;
     }
     if (!c->recv) {
+        kvs_call_progress(c);
         on_end(c);
         return;
     }
@@ -559,6 +563,8 @@ void kvs_put_on_recv(kvs_call *c, bool ok)
     kvs_err_clear(&err);
     kvs_put_state *p = &c->u.put;
     kvs_put_block *b = p->cur;
+    uint32_t blocks_before = p->blocks;
+    p->idle_bytes += grpc_byte_buffer_length(c->recv);
     int rc = 0;
     uint64_t n = 0;
     /* Data chunks (all but a block's header) go straight from the gRPC slices into the
@@ -577,6 +583,14 @@ void kvs_put_on_recv(kvs_call *c, bool ok)
     }
     grpc_byte_buffer_destroy(c->recv);
     c->recv = NULL;
+    /* Progress that counts for the idle sweep: a header, PUT_PROGRESS_BYTES of payload, a
+     * block complete. Tiny messages alone are not: a client sending its payload a byte at
+     * a time held its slot, buffer and budget for as long as it liked. */
+    if (rc == 0 && (p->blocks != blocks_before || p->idle_bytes >= PUT_PROGRESS_BYTES ||
+                    p->cur != b || (b && b->received == b->expected))) {
+        p->idle_bytes = 0;
+        kvs_call_progress(c);
+    }
     if (rc)
         stop(c, rc, err.msg);
     else

@@ -7,6 +7,7 @@ Now a Put holds a stream slot (--max-puts, --max-puts-per-conn) and, from its fi
 chunk, a buffer counted in --recv-budget; the block's room in a tier is reserved only once
 its payload is complete; a stream without progress for --stream-idle is cancelled."""
 import threading
+import time
 
 import grpc
 import pytest
@@ -155,6 +156,47 @@ def test_put_stream_caps(daemon):
 # the GPU machine (grpcio from pip, newer than Debian's) test_get_streams_are_bounded saw
 # its Gets end instead of stalling, most likely because the window took the whole 8 MiB.
 NO_READ_AHEAD = [("grpc.http2.lookahead_bytes", 0), ("grpc.http2.bdp_probe", 0)]
+
+
+def test_trickled_put_is_cut_and_a_slow_one_is_not(daemon):
+    """Slowloris: a Put that sends its payload a byte at a time keeps a stream slot, a
+    receive buffer and the block's budget for as long as it likes if every message counts
+    as progress (1-byte messages every 0.3 s against --stream-idle 2 ran until the test gave
+    up). Progress is now a header, 64 KiB of payload, or the block complete, so the trickle
+    is cut after --stream-idle; a slow but real client (64 KiB a second) is not."""
+    d = daemon(extra=["--stream-idle", 2, "--stats-interval", 0])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=4, H=8, D=128, T=32))  # 512 KiB blocks
+    data = ns.payload()
+    done = threading.Event()
+
+    def trickle():
+        yield pb.PutChunk(header=pb.PutHeader(namespace=ns.name, key=b"slowloris",
+                                              tokens=ns.T, dtype=kvs.FP16))
+        for i in range(len(data)):
+            if done.wait(0.3):
+                return
+            yield pb.PutChunk(data=data[i:i + 1])
+
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            d.stub.Put(trickle(), timeout=30)
+        assert ei.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   grpc.StatusCode.CANCELLED), ei.value
+        assert "--stream-idle" in (ei.value.details() or "")
+    finally:
+        done.set()
+    assert stream_stats(d).idle_cancelled >= 1
+
+    def slow():
+        yield pb.PutChunk(header=pb.PutHeader(namespace=ns.name, key=b"slow", tokens=ns.T,
+                                              dtype=kvs.FP16))
+        for i in range(0, len(data), 64 << 10):
+            time.sleep(1)
+            yield pb.PutChunk(data=data[i:i + (64 << 10)])
+
+    r = d.stub.Put(slow(), timeout=60)  # 8 s for 512 KiB, never idle for 2 s
+    assert r.tier in (pb.TIER_HOST, pb.TIER_GPU)
+    assert kvs.get(d.stub, ns.name, b"slow").data == data
 
 
 @pytest.mark.parametrize("shape", [
