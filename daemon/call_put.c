@@ -159,6 +159,8 @@ static int take_budget(kvs_call *c, kvs_put_block *b, uint64_t bytes, kvs_err *e
     pthread_mutex_lock(&p->mu);
     p->budget_held++;
     pthread_mutex_unlock(&p->mu);
+    /* The daemon may have kept the client waiting here: that is not the client's idleness. */
+    kvs_call_progress(c);
     return 0;
 }
 
