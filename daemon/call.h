@@ -276,8 +276,9 @@ struct kvs_call {
     uint8_t token_digest[32]; /* KVS_AUTH_DIGEST_LEN (daemon/auth.h) */
     kvs_call_tag tags[KVS_STEP_COUNT];
 
-    /* Since when the call waits for its client (a RECV or SEND in flight; monotonic ms),
-     * 0 while it does not: what kvs_server_sweep measures idleness by. */
+    /* Since when the call waits for its client (a SEND or the last batch in flight; for a
+     * RECV, since its last progress that counted, idle_since_ms; monotonic ms), 0 while it
+     * does not: what kvs_server_sweep measures idleness by. */
     atomic_uint_fast64_t waiting_ms;
     /* Since when the client has made no progress that counts (kvs_call_progress), 0 after
      * some: a RECV waits from here. Touched by the call's receive steps only, one at a

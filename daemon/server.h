@@ -39,8 +39,9 @@ int kvs_server_create(const kvs_config *cfg, struct kvs_auth *auth, struct kvs_t
 void kvs_server_drain(kvs_server *srv);
 /* Admitted calls that have not finished (Health excluded). Thread-safe. */
 unsigned kvs_server_inflight(kvs_server *srv);
-/* Cancels every admitted Put or Get that has waited for its client (its next message, or
- * room to send one) for idle_ms or more: a stalled client cannot hold a stream slot,
+/* Cancels every admitted Put or Get that has waited for its client (progress that counts
+ * on a Put, kvs_call_progress; room to send on a Get) for idle_ms or more: a stalled or
+ * trickling client cannot hold a stream slot,
  * receive memory or a block reference for longer (--stream-idle). Returns how many it
  * cancelled. Thread-safe; called by the loop's sweep timer. */
 unsigned kvs_server_sweep(kvs_server *srv, uint64_t idle_ms);
