@@ -60,16 +60,16 @@ struct kvs_regions {
     int lfd;
     uv_poll_t lpoll;
     uv_timer_t retry; /* restarts lpoll after an accept failed for want of descriptors */
-    uint64_t accept_pauses;
     bool closed;
-    conn *conns; /* loop thread only */
+    /* Loop thread only: */
+    conn *conns;
+    unsigned n_conns;                      /* open connections (invariant 5) */
+    uint64_t accept_pauses, conns_refused; /* for the log's powers of two */
 
     pthread_mutex_t mu; /* leaf: guards list, bytes, the regions' listed flags, counters */
     kvs_region *list;
     uint64_t bytes, pinned_bytes, connections, refused;
-    unsigned count;   /* listed regions and registrations under way (invariant 5) */
-    unsigned n_conns; /* open connections (loop thread only) */
-    uint64_t conns_refused;
+    unsigned count;        /* listed regions and registrations under way (invariant 5) */
     uint64_t device_bytes; /* CUDA IPC regions' (the worker's GPU memory: not in bytes) */
 };
 
@@ -227,36 +227,40 @@ static void conn_close(conn *k)
     uv_close((uv_handle_t *)&k->poll, conn_closed);
 }
 
-/* A registration's place among the regions (invariant 5), taken before anything is
- * mapped or opened; given back by release_place if the registration fails. */
-static int take_place(kvs_regions *r, kvs_err *err)
+/* A registration's reservation, taken before anything is mapped or opened so that two
+ * registrations cannot both pass: its place among the regions (invariant 5) and its bytes
+ * (invariant 4; 0 for CUDA IPC, the worker's GPU memory). Given back by unreserve if the
+ * registration fails; unlist gives back a listed region's. */
+static int reserve(kvs_regions *r, uint64_t bytes, kvs_err *err)
 {
     pthread_mutex_lock(&r->mu);
-    bool room = r->count < r->o.max_count;
-    if (room)
+    bool place = r->count < r->o.max_count;
+    bool room = bytes <= r->o.max_bytes && r->bytes <= r->o.max_bytes - bytes;
+    if (place && room) {
         r->count++;
-    unsigned n = r->count;
+        r->bytes += bytes;
+    }
+    unsigned count = r->count;
+    uint64_t used = r->bytes;
     pthread_mutex_unlock(&r->mu);
-    if (!room)
+    if (!place)
         return kvs_err_set(err, KVS_ENOSPC,
                            "regions: %u registered by all clients, the most (--region-max-count)",
-                           n);
+                           count);
+    if (!room)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "bytes: %llu more would exceed --region-max-bytes %llu (%llu "
+                           "registered)",
+                           (unsigned long long)bytes, (unsigned long long)r->o.max_bytes,
+                           (unsigned long long)used);
     return 0;
 }
 
-static void release_place(kvs_regions *r)
+static void unreserve(kvs_regions *r, uint64_t bytes)
 {
     pthread_mutex_lock(&r->mu);
     r->count--;
-    pthread_mutex_unlock(&r->mu);
-}
-
-/* A failed shared-memory registration gives back its place and its reserved bytes. */
-static void release_bytes(kvs_regions *r, uint64_t bytes)
-{
-    pthread_mutex_lock(&r->mu);
     r->bytes -= bytes;
-    r->count--;
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -275,30 +279,16 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
                            "fd: not a memfd sealed with F_SEAL_SHRINK (memfd_create with "
                            "MFD_ALLOW_SEALING, then fcntl F_ADD_SEALS): a file that can shrink "
                            "cannot be mapped safely");
-    int rc = take_place(r, err);
+    int rc = reserve(r, bytes, err);
     if (rc)
         return rc;
-    pthread_mutex_lock(&r->mu);
-    bool room = bytes <= r->o.max_bytes && r->bytes <= r->o.max_bytes - bytes;
-    if (room)
-        r->bytes += bytes; /* reserved now, so two registrations cannot both pass */
-    else
-        r->count--; /* the place taken above */
-    uint64_t used = r->bytes;
-    pthread_mutex_unlock(&r->mu);
-    if (!room)
-        return kvs_err_set(err, KVS_ENOSPC,
-                           "bytes: %llu more would exceed --region-max-bytes %llu (%llu "
-                           "registered)",
-                           (unsigned long long)bytes, (unsigned long long)r->o.max_bytes,
-                           (unsigned long long)used);
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        release_bytes(r, bytes);
+        unreserve(r, bytes);
         return kvs_err_set(err, KVS_EIO, "fd: fstat: %s", strerror(errno));
     }
     if ((uint64_t)st.st_size < bytes) {
-        release_bytes(r, bytes);
+        unreserve(r, bytes);
         return kvs_err_set(err, KVS_EINVAL, "bytes: %llu asked, the file holds %llu",
                            (unsigned long long)bytes, (unsigned long long)st.st_size);
     }
@@ -310,7 +300,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
      * what it allocated itself. */
     uint64_t allocated = (uint64_t)st.st_blocks * 512;
     if (allocated < bytes) {
-        release_bytes(r, bytes);
+        unreserve(r, bytes);
         return kvs_err_set(err, KVS_EINVAL,
                            "fd: %llu of the %llu bytes are allocated: allocate the region's "
                            "memory before registering it (posix_fallocate, or write every "
@@ -323,7 +313,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
     void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (base == MAP_FAILED) {
         int e = errno;
-        release_bytes(r, bytes);
+        unreserve(r, bytes);
         return kvs_err_set(err, KVS_ENOMEM, "mmap of %llu bytes: %s", (unsigned long long)bytes,
                            strerror(e));
     }
@@ -336,7 +326,7 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
         int e = errno;
         munmap(base, bytes);
         free(g);
-        release_bytes(r, bytes);
+        unreserve(r, bytes);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }
     if (r->o.engine[0]) {
@@ -376,7 +366,7 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
                            REGIONS_PER_CONN);
     if (q->bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "bytes: a region needs at least one byte");
-    int prc = take_place(r, err);
+    int prc = reserve(r, 0, err);
     if (prc)
         return prc;
     /* The engine of the memory's device; none: engine 0 says which device it is not. */
@@ -391,12 +381,12 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
     uint64_t avail;
     int rc = kvs_engine_ipc_open(eng, q->handle, q->uuid, &base, &avail, err);
     if (rc) {
-        release_place(r);
+        unreserve(r, 0);
         return rc;
     }
     if (q->offset > avail || q->bytes > avail - q->offset) {
         kvs_engine_ipc_close(eng, base);
-        release_place(r);
+        unreserve(r, 0);
         return kvs_err_set(
             err, KVS_EINVAL, "bytes: [%llu, +%llu) lie outside the allocation's %llu bytes",
             (unsigned long long)q->offset, (unsigned long long)q->bytes, (unsigned long long)avail);
@@ -412,7 +402,7 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
         int e = errno;
         kvs_engine_ipc_close(eng, base);
         free(g);
-        release_place(r);
+        unreserve(r, 0);
         return kvs_err_set(err, KVS_EINTERNAL, "getrandom: %s", strerror(e));
     }
     pthread_mutex_lock(&r->mu);
@@ -553,9 +543,7 @@ static void on_listen(uv_poll_t *p, int status, int events)
     /* Invariant 5: a connection past the bound is closed at once; its client sees EOF. */
     if (r->n_conns >= r->o.max_count) {
         close(fd);
-        pthread_mutex_lock(&r->mu);
         uint64_t n = ++r->conns_refused;
-        pthread_mutex_unlock(&r->mu);
         if ((n & (n - 1)) == 0) /* the 1st, 2nd, 4th, ...: a flood does not flood the log */
             logf_(r, KVS_LOG_WARN,
                   "region socket: connection closed: %u open, the most (--region-max-count); "

@@ -257,12 +257,34 @@ static void codecs_destroy(kvs_codec *c[KVS_ENC_ROLES][2])
             kvs_codec_destroy(c[r][kv]);
 }
 
+/* Whether a new namespace may be created (--max-namespaces). Each holds codec state (and
+ * GPU tables): the bound keeps a create loop from running the daemon out of memory. A taken
+ * name is left to the add (EEXIST); restores always load, so no data is lost. Locked. */
+static int ns_room_locked(kvs_store *st, const kvs_ns_spec *spec, kvs_err *err)
+{
+    size_t count = kvs_ns_registry_count(st->reg);
+    if (!st->max_namespaces || count < st->max_namespaces ||
+        kvs_ns_registry_find(st->reg, spec->name))
+        return 0;
+    return kvs_err_set(err, KVS_ENOSPC,
+                       "namespace '%.64s': %zu namespaces exist, the most (--max-namespaces "
+                       "%u): drop one first",
+                       spec->name, count, st->max_namespaces);
+}
+
 int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
                       kvs__state_persist_fn persist, kvs_ns **out, kvs_err *err)
 {
     int rc = kvs_spec_validate(spec, err);
     if (rc)
         return rc;
+    if (!id) { /* refused before its codecs are built and their GPU tables uploaded */
+        pthread_mutex_lock(&st->mu);
+        rc = ns_room_locked(st, spec, err);
+        pthread_mutex_unlock(&st->mu);
+        if (rc)
+            return rc;
+    }
     /* c[role][kv]: the own codecs, and those of every other role the spec names (a
      * fallback with a bound, the host and disk tiers' for precision demotion). */
     kvs_codec *c[KVS_ENC_ROLES][2] = {{NULL}};
@@ -296,20 +318,12 @@ int kvs__store_ns_add(kvs_store *st, const kvs_ns_spec *spec, uint32_t id,
         return rc;
     }
     pthread_mutex_lock(&st->mu);
-    size_t count = kvs_ns_registry_count(st->reg);
     if (id && kvs_ns_registry_find_id(st->reg, id))
         rc = kvs_err_set(err, KVS_EEXIST, "namespace id %u: already in use", id);
-    else if (!id && st->max_namespaces && count >= st->max_namespaces &&
-             !kvs_ns_registry_find(st->reg, spec->name)) /* a taken name stays EEXIST */
-        /* Checked under the lock with the add: concurrent creates cannot both pass. Each
-         * namespace holds codec state (and GPU tables): the bound keeps a create loop from
-         * running the daemon out of memory. Restores (id) always load: no data is lost. */
-        rc = kvs_err_set(err, KVS_ENOSPC,
-                         "namespace '%.64s': %zu namespaces exist, the most (--max-namespaces "
-                         "%u): drop one first",
-                         spec->name, count, st->max_namespaces);
     else if (id)
         kvs_ns_registry_set_next_id(st->reg, id);
+    else /* again with the add: concurrent creates cannot both pass */
+        rc = ns_room_locked(st, spec, err);
     if (rc == 0)
         rc = kvs_ns_registry_add(st->reg, spec, c, learn, out, err);
     pthread_mutex_unlock(&st->mu);
