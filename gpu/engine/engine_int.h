@@ -39,8 +39,10 @@ typedef struct job {
         uint32_t *out;      /* dev encode, upload */
         const uint32_t *in; /* dev decode, fetch, recode */
     } lens;
-    bool direct;   /* upload, fetch: DMA between the slot and pinned host memory, no
-                    * staging (engine_tier.c) */
+    bool pinned_host; /* upload, fetch: the host block is pinned memory (DMA'd in place) */
+    bool direct;      /* ...and its sections are fixed-size, at their framed places: two
+                       * strided DMAs between it and the slot; else its body is packed on the
+                       * device (engine_tier.c, above kvs__engine_do_fetch) */
     bool unsealed; /* fetch: the checksum is left for the caller (kvs_engine_fetch_dev_unsealed) */
     bool pinned_raw; /* encode, decode: the raw buffer is pinned host memory or device
                       * memory (a worker's, by CUDA IPC): DMA'd straight to or from d_raw,

@@ -21,46 +21,94 @@ size_t kvs_engine_slot_bytes(const kvs_codec *k, const kvs_codec *v, uint32_t t)
            (kvs_codec_section_max(k, t) + kvs_codec_section_max(v, t));
 }
 
-/* Slots back to the host: one device-to-host copy per block, then framing and checksum
- * (unsealed jobs: no checksum, the caller hashes on its own threads). */
+/* Where a fetch's or an upload's sections travel (job.direct, job.pinned_host):
+ *   direct  fixed-size sections and a pinned host block: two strided DMAs per block
+ *           between the slot and the block's framed places, nothing else;
+ *   packed  otherwise: the block's body (its sections in framed order, K then V of each
+ *           layer, contiguous; format.h) is gathered from the slot (fetch) or scattered into
+ *           it (upload) on the device, at d_enc + b * slot, by one copy launch for the batch
+ *           (gpu/codec/copies.h), and moves as one DMA per block: straight to or from the
+ *           host block when that is pinned, through h_enc + b * slot when it is not (one
+ *           memcpy of the body on the engine thread).
+ * Variable-size codecs (rotatekv) took the host path before: the whole slot, its unused
+ * tail included, through h_enc and 2L memcpys per block on the engine thread; restoring
+ * 512 RotateKV-2 blocks into a worker's region took 45 ms where KIVI-2's took 22 (H100,
+ * 2026-12-07). A batch's bodies fit d_enc and h_enc: take_batch_locked bounds a batch's
+ * slots by staging_bytes. */
+static size_t body_bytes(const job *j, uint32_t L)
+{
+    size_t n = 0;
+    for (uint32_t i = 0; i < 2 * L; i++)
+        n += j->kind == JOB_FETCH ? j->lens.in[i] : j->lens.out[i];
+    return n;
+}
+
+static int fetch_copies(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
+{
+    uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
+    size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
+    size_t slot = (size_t)L * (sk + sv), prefix = kvs_format_prefix_bytes(L);
+    int rc = kvs__engine_copies_reserve(e, nb * 2 * L, err);
+    if (rc)
+        return rc;
+    uint32_t b = 0;
+    for (job *j = list; j; j = j->next, b++) {
+        if (j->direct) { /* K of layer l at prefix + l*(sk+sv), V right after it */
+            KVS_CUDA_CHECK(cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot.in, sk, sk, L,
+                                             cudaMemcpyDeviceToHost, e->st),
+                           err);
+            KVS_CUDA_CHECK(cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot.in + L * sk, sv,
+                                             sv, L, cudaMemcpyDeviceToHost, e->st),
+                           err);
+            continue;
+        }
+        uint8_t *at = e->d_enc + b * slot;
+        for (uint32_t l = 0; l < L; l++) {
+            uint32_t kn = j->lens.in[l], vn = j->lens.in[L + l];
+            if ((rc = kvs__engine_copy_dd(e, at, kn, j->slot.in + l * sk, kn, kn, 1, err)) ||
+                (rc = kvs__engine_copy_dd(e, at + kn, vn, j->slot.in + L * sk + l * sv, vn, vn, 1,
+                                          err)))
+                return rc;
+            at += kn + vn;
+        }
+    }
+    if ((rc = kvs__engine_copies_flush(e, err)))
+        return rc;
+    b = 0;
+    for (job *j = list; j; j = j->next, b++)
+        if (!j->direct)
+            KVS_CUDA_CHECK(cudaMemcpyAsync(j->pinned_host ? j->out + prefix : e->h_enc + b * slot,
+                                           e->d_enc + b * slot, body_bytes(j, L),
+                                           cudaMemcpyDeviceToHost, e->st),
+                           err);
+    KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
+    return 0;
+}
+
+/* Slots back to the host, then framing and checksum (unsealed jobs: no checksum, the caller
+ * hashes on its own threads). */
 int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
 {
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
     size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
-    size_t slot = (size_t)L * (sk + sv);
+    size_t slot = (size_t)L * (sk + sv), prefix = kvs_format_prefix_bytes(L);
     kvs_err err;
     kvs_err_clear(&err);
-    size_t prefix = kvs_format_prefix_bytes(L);
+    kvs__engine_copies_reset(e, false);
+    int rc = fetch_copies(e, list, nb, &err);
+    kvs__engine_copies_reset(e, rc == 0);
+    if (rc) {
+        kvs_err_prefix(&err, "GPU engine: copy from the GPU tier: ");
+        kvs__engine_fail_all(list, rc, &err);
+        return rc == KVS_EINTERNAL ? KVS_EINTERNAL : 0;
+    }
     uint32_t b = 0;
-    cudaError_t ce = cudaSuccess;
-    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
-        if (!j->direct) {
-            ce = cudaMemcpyAsync(e->h_enc + b * slot, j->slot.in, slot, cudaMemcpyDeviceToHost,
-                                 e->st);
-            continue;
-        }
-        /* Sections straight to their framed places in the pinned block: K of layer l at
-         * prefix + l*(sk+sv), V right after it (fixed sizes: every length is sk or sv). */
-        ce = cudaMemcpy2DAsync(j->out + prefix, sk + sv, j->slot.in, sk, sk, L,
-                               cudaMemcpyDeviceToHost, e->st);
-        if (ce == cudaSuccess)
-            ce = cudaMemcpy2DAsync(j->out + prefix + sk, sk + sv, j->slot.in + L * sk, sv, sv, L,
-                                   cudaMemcpyDeviceToHost, e->st);
-    }
-    if (ce == cudaSuccess)
-        ce = cudaStreamSynchronize(e->st);
-    if (ce != cudaSuccess) {
-        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy from the GPU tier: %s (%s)",
-                    cudaGetErrorString(ce), cudaGetErrorName(ce));
-        kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
-        return KVS_EINTERNAL;
-    }
-    b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
-        const uint8_t *kb = j->direct ? NULL : e->h_enc + b * slot;
-        *j->len = kvs__engine_frame_block(j, kb, sk, j->lens.in, kb ? kb + L * sk : NULL, sv,
-                                          j->lens.in + L, j->out);
+        if (!j->direct && !j->pinned_host)
+            memcpy(j->out + prefix, e->h_enc + b * slot, body_bytes(j, L));
+        *j->len =
+            kvs__engine_frame_block(j, NULL, sk, j->lens.in, NULL, sv, j->lens.in + L, j->out);
         kvs__engine_finish(j, 0, NULL);
     }
     return 0;
@@ -214,9 +262,9 @@ static int submit_fetch(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, u
                .len = len,
                .done = done,
                .arg = arg,
-               .direct = kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v) &&
-                         kvs__engine_mem_of(out) == KVS__MEM_PINNED,
+               .pinned_host = kvs__engine_mem_of(out) == KVS__MEM_PINNED,
                .unsealed = !seal};
+    j->direct = j->pinned_host && kvs_codec_cuda_fixed_size(k) && kvs_codec_cuda_fixed_size(v);
     return kvs__engine_submit(e, j, err);
 }
 
@@ -235,58 +283,72 @@ int kvs_engine_fetch_dev_unsealed(kvs_engine *e, const kvs_codec *k, const kvs_c
     return submit_fetch(e, k, v, ns_id, t, slot, lens, out, cap, len, false, done, arg, err);
 }
 
-/* Host blocks into slots: each block's sections gathered into the staging in slot layout,
- * then one host-to-device copy per block. */
-int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
+/* Host blocks into slots (the contract above do_fetch's). The section lengths go to
+ * lens.out first: the packed copies read them. */
+static int upload_copies(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
 {
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
     size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
-    size_t slot = (size_t)L * (sk + sv);
+    size_t slot = (size_t)L * (sk + sv), prefix = kvs_format_prefix_bytes(L);
+    int rc = kvs__engine_copies_reserve(e, nb * 2 * L, err);
+    if (rc)
+        return rc;
     uint32_t b = 0;
     for (job *j = list; j; j = j->next, b++) {
-        if (j->direct) {
-            for (uint32_t l = 0; l < L; l++) {
-                j->lens.out[l] = (uint32_t)sk;
-                j->lens.out[L + l] = (uint32_t)sv;
-            }
-            continue;
-        }
-        uint8_t *kb = e->h_enc + b * slot, *vb = kb + L * sk;
         for (uint32_t l = 0; l < L; l++) {
             const uint8_t *p;
             size_t n;
             kvs_format_section(j->enc, l, 0, &p, &n);
-            memcpy(kb + l * sk, p, n);
             j->lens.out[l] = (uint32_t)n;
             kvs_format_section(j->enc, l, 1, &p, &n);
-            memcpy(vb + l * sv, p, n);
             j->lens.out[L + l] = (uint32_t)n;
         }
-    }
-    cudaError_t ce = cudaSuccess;
-    size_t prefix = kvs_format_prefix_bytes(L);
-    b = 0;
-    for (job *j = list; j && ce == cudaSuccess; j = j->next, b++) {
-        if (!j->direct) {
-            ce = cudaMemcpyAsync(j->slot.out, e->h_enc + b * slot, slot, cudaMemcpyHostToDevice,
-                                 e->st);
+        if (j->direct) { /* from the pinned block straight into the slot layout */
+            KVS_CUDA_CHECK(cudaMemcpy2DAsync(j->slot.out, sk, j->enc + prefix, sk + sv, sk, L,
+                                             cudaMemcpyHostToDevice, e->st),
+                           err);
+            KVS_CUDA_CHECK(cudaMemcpy2DAsync(j->slot.out + L * sk, sv, j->enc + prefix + sk,
+                                             sk + sv, sv, L, cudaMemcpyHostToDevice, e->st),
+                           err);
             continue;
         }
-        /* From the pinned block straight into the slot layout: two strided copies. */
-        ce = cudaMemcpy2DAsync(j->slot.out, sk, j->enc + prefix, sk + sv, sk, L,
-                               cudaMemcpyHostToDevice, e->st);
-        if (ce == cudaSuccess)
-            ce = cudaMemcpy2DAsync(j->slot.out + L * sk, sv, j->enc + prefix + sk, sk + sv, sv, L,
-                                   cudaMemcpyHostToDevice, e->st);
+        /* The body starts at the first section (kvs__engine_check_block parsed the block). */
+        const uint8_t *body;
+        size_t n, bytes = body_bytes(j, L);
+        kvs_format_section(j->enc, 0, 0, &body, &n);
+        if (!j->pinned_host) {
+            memcpy(e->h_enc + b * slot, body, bytes);
+            body = e->h_enc + b * slot;
+        }
+        KVS_CUDA_CHECK(
+            cudaMemcpyAsync(e->d_enc + b * slot, body, bytes, cudaMemcpyHostToDevice, e->st), err);
+        const uint8_t *at = e->d_enc + b * slot;
+        for (uint32_t l = 0; l < L; l++) {
+            uint32_t kn = j->lens.out[l], vn = j->lens.out[L + l];
+            if ((rc = kvs__engine_copy_dd(e, j->slot.out + l * sk, kn, at, kn, kn, 1, err)) ||
+                (rc = kvs__engine_copy_dd(e, j->slot.out + L * sk + l * sv, vn, at + kn, vn, vn, 1,
+                                          err)))
+                return rc;
+            at += kn + vn;
+        }
     }
-    if (ce == cudaSuccess)
-        ce = cudaStreamSynchronize(e->st);
-    if (ce != cudaSuccess) {
-        kvs_err err;
-        kvs_err_set(&err, KVS_EINTERNAL, "GPU engine: copy into the GPU tier: %s (%s)",
-                    cudaGetErrorString(ce), cudaGetErrorName(ce));
-        kvs__engine_fail_all(list, KVS_EINTERNAL, &err);
-        return KVS_EINTERNAL;
+    if ((rc = kvs__engine_copies_flush(e, err)))
+        return rc;
+    KVS_CUDA_CHECK(cudaStreamSynchronize(e->st), err);
+    return 0;
+}
+
+int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
+{
+    kvs_err err;
+    kvs_err_clear(&err);
+    kvs__engine_copies_reset(e, false);
+    int rc = upload_copies(e, list, nb, &err);
+    kvs__engine_copies_reset(e, rc == 0);
+    if (rc) {
+        kvs_err_prefix(&err, "GPU engine: copy into the GPU tier: ");
+        kvs__engine_fail_all(list, rc, &err);
+        return rc == KVS_EINTERNAL ? KVS_EINTERNAL : 0;
     }
     for (job *j = list, *next; j; j = next) {
         next = j->next;
@@ -337,7 +399,7 @@ int kvs_engine_upload_dev(kvs_engine *e, const kvs_codec *k, const kvs_codec *v,
                .lens.out = lens,
                .done = done,
                .arg = arg,
-               .direct =
-                   regular(enc, info.layers, sk, sv) && kvs__engine_mem_of(enc) == KVS__MEM_PINNED};
+               .pinned_host = kvs__engine_mem_of(enc) == KVS__MEM_PINNED};
+    j->direct = j->pinned_host && regular(enc, info.layers, sk, sv);
     return kvs__engine_submit(e, j, err);
 }
