@@ -436,21 +436,21 @@ static void render_gpu_devices(FILE *f, const kvs_store_stats *s)
 static void render_codecs(FILE *f, kvs_server *srv, struct kvs_engine *const *engines)
 {
     bool gpu = engines[0] != NULL; /* the leading entries are the engines */
-    static const char *ops[2] = {"encode", "decode"}, *wheres[2] = {"cpu", "gpu"};
+    static const char *ops[3] = {"encode", "decode", "measure"}, *wheres[2] = {"cpu", "gpu"};
     kvs_xfer_stats xs;
     kvs_xfer_get_stats(srv->xfer, &xs);
     static const struct {
         const char *name, *help;
-    } fams[4] = {
-        {"kvstash_codec_ops_total", "Blocks encoded (Put) or decoded (raw Get), by where."},
-        {"kvstash_codec_seconds_total",
-         "Time spent on them (gpu: submission to completion, queue wait included)."},
-        {"kvstash_codec_raw_bytes_total",
-         "Payload bytes encoded, or decoded (the layers asked for)."},
-        {"kvstash_codec_encoded_bytes_total", "Encoded bytes written or read by them."}};
+    } fams[4] = {{"kvstash_codec_ops_total",
+                  "Blocks encoded (Put), decoded (raw Get) or measured (a Put's error), by where."},
+                 {"kvstash_codec_seconds_total",
+                  "Time spent on them (gpu: submission to completion, queue wait included)."},
+                 {"kvstash_codec_raw_bytes_total",
+                  "Payload bytes encoded, or decoded (the layers asked for)."},
+                 {"kvstash_codec_encoded_bytes_total", "Encoded bytes written or read by them."}};
     for (int i = 0; i < 4; i++) {
         family(f, fams[i].name, "counter", fams[i].help);
-        for (int op = 0; op < 2; op++)
+        for (int op = 0; op < 3; op++)
             for (int w = 0; w < 2; w++) {
                 if (w == 1 && !gpu)
                     continue;

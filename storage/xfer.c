@@ -8,6 +8,7 @@
  */
 #include "storage/xfer.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -23,7 +24,7 @@
 #include "gpu/engine/engine.h"
 #include "storage/tiering.h"
 
-enum { ENCODE = 0, DECODE = 1, CPU = 0, GPU = 1 };
+enum { ENCODE = 0, DECODE = 1, MEASURE = 2, CPU = 0, GPU = 1 };
 
 /* Raw bytes up to which a codec-none host block is copied on the caller's thread (a Get's
  * CQ thread in the daemon): 256 KiB copies in tens of microseconds. */
@@ -32,7 +33,7 @@ enum { ENCODE = 0, DECODE = 1, CPU = 0, GPU = 1 };
 struct kvs_xfer {
     kvs_xfer_opts o;
     /* kvs_xfer_stats, [op][where]; counted by whichever thread finishes the codec work. */
-    atomic_uint_fast64_t ops[2][2], ns[2][2], raw_bytes[2][2], encoded_bytes[2][2];
+    atomic_uint_fast64_t ops[3][2], ns[3][2], raw_bytes[3][2], encoded_bytes[3][2];
     atomic_uint_fast64_t sample_bits; /* the default error_sample (a double's bits): live */
     atomic_uint_fast64_t draws;       /* the sampling stream's position */
     unsigned engines;                 /* opts.engine[0..engines) are set */
@@ -77,7 +78,7 @@ static void count(kvs_xfer *x, int op, int where, uint64_t t0, uint64_t raw, uin
 void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out)
 {
     memset(out, 0, sizeof *out);
-    for (int op = 0; op < 2; op++)
+    for (int op = 0; op < 3; op++)
         for (int w = 0; w < 2; w++) {
             out->ops[op][w] = atomic_load_explicit(&x->ops[op][w], memory_order_relaxed);
             out->ns[op][w] = atomic_load_explicit(&x->ns[op][w], memory_order_relaxed);
@@ -214,9 +215,12 @@ typedef struct put_op {
     kvs_xfer *x;
     kvs_xfer_put_req r;
     uint8_t key[KVS_KEY_MAX];
-    kvs_block *blk;         /* FILLING until commit hands it to the store */
-    bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
-    bool measure;           /* the block is measured once encoded (check_block) */
+    kvs_block *blk; /* FILLING until commit hands it to the store */
+    bool gpu;       /* blk is a GPU tier slot: the engine encodes into it */
+    bool measure;   /* the block is measured once encoded (check_block) */
+    bool sampled;   /* ...and `sample` holds the engine's measurement of it */
+    double sums[4]; /* the engine's error sums (kvs_engine_encode) */
+    kvs_fidelity_sample sample;
     bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
@@ -434,36 +438,63 @@ static bool can_fall_back(const kvs_codec *own, const kvs_codec *fallback)
                         kvs_codec_bits(own) != kvs_codec_bits(fallback));
 }
 
+/* The sides (KVS_FALLBACK_*) of a measured block over its namespace's bound that its
+ * fallback codec would store differently; 0 without a bound. */
+static unsigned sides_over(const put_op *op, const kvs_fidelity_sample *m)
+{
+    kvs_ns *ns = op->r.ns;
+    double bound = kvs_ns_spec_of(ns)->max_rel_error;
+    unsigned sides = 0;
+    if (!(bound > 0))
+        return 0;
+    if (m->err[KVS_FIDELITY_KEYS] > bound &&
+        can_fall_back(op->k, kvs_ns_enc_codec(ns, KVS_KEYS, KVS_ENC_FALLBACK)))
+        sides |= KVS_FALLBACK_KEYS;
+    if (m->err[KVS_FIDELITY_VALUES] > bound &&
+        can_fall_back(op->v, kvs_ns_enc_codec(ns, KVS_VALUES, KVS_ENC_FALLBACK)))
+        sides |= KVS_FALLBACK_VALUES;
+    return sides;
+}
+
+/* The query Gram a namespace's blocks are measured with (the logit error): its current key
+ * codec's, when that is squat with a subspace; else NULL. */
+static const kvs_codec *gram_of(kvs_ns *ns)
+{
+    const kvs_codec *cur = kvs_ns_codec(ns, KVS_KEYS);
+    return kvs_squat_subspace_heads(cur) ? cur : NULL;
+}
+
+/* Decodes op's block on the CPU and measures it against raw (counted as a CPU measure). */
+static int cpu_measure(put_op *op, const kvs_codec *gram, const uint16_t *raw,
+                       kvs_fidelity_sample *m, kvs_err *e)
+{
+    uint64_t t0 = now_ns();
+    int rc =
+        kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, m, e);
+    if (rc == 0)
+        count(op->x, MEASURE, CPU, t0, op->raw_bytes, op->enc_len);
+    return rc;
+}
+
 /* Pool thread, after the encode and before consume (the input must still be there):
- * decodes the block on the CPU and measures it against its input; with a bound, a side
- * whose error passed it is stored with the fallback codec (refit) and measured again, so
- * the namespace's figures describe the blocks as stored. Under a bound every failure
- * fails the Put (the bound is a promise); a sample that cannot be measured is logged and
- * the block stored all the same. */
+ * measures the block against its input (decoding it on the CPU, unless the engine measured
+ * it: op->sampled); with a bound, a side whose error passed it is stored with the fallback
+ * codec (refit) and measured again on the CPU, so the namespace's figures describe the
+ * blocks as stored. Under a bound every failure fails the Put (the bound is a promise); a
+ * sample that cannot be measured is logged and the block stored all the same. */
 static void check_block(put_op *op)
 {
     kvs_ns *ns = op->r.ns;
     const kvs_ns_spec *spec = kvs_ns_spec_of(ns);
     const uint16_t *raw = (const uint16_t *)op->r.src.ptr;
-    const kvs_codec *cur = kvs_ns_codec(ns, KVS_KEYS);
-    const kvs_codec *gram = kvs_squat_subspace_heads(cur) ? cur : NULL;
+    const kvs_codec *gram = gram_of(ns);
     double bound = spec->max_rel_error;
-    kvs_fidelity_sample m;
+    kvs_fidelity_sample m = op->sample;
     kvs_err e;
-    int rc =
-        kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, &m, &e);
-    unsigned sides = 0;
-    if (rc == 0 && bound > 0) {
-        if (m.err[KVS_FIDELITY_KEYS] > bound &&
-            can_fall_back(op->k, kvs_ns_enc_codec(ns, KVS_KEYS, KVS_ENC_FALLBACK)))
-            sides |= KVS_FALLBACK_KEYS;
-        if (m.err[KVS_FIDELITY_VALUES] > bound &&
-            can_fall_back(op->v, kvs_ns_enc_codec(ns, KVS_VALUES, KVS_ENC_FALLBACK)))
-            sides |= KVS_FALLBACK_VALUES;
-    }
+    int rc = op->sampled ? 0 : cpu_measure(op, gram, raw, &m, &e);
+    unsigned sides = rc == 0 ? sides_over(op, &m) : 0;
     if (rc == 0 && sides && (rc = refit(op, sides, raw, &e)) == 0)
-        rc = kvs_fidelity_measure(op->k, op->v, gram, raw, kvs_block_data(op->blk), op->enc_len, &m,
-                                  &e);
+        rc = cpu_measure(op, gram, raw, &m, &e);
     if (rc == 0) {
         kvs_fidelity_acc_add(kvs_ns_fidelity(ns), &m, bound > 0, sides);
     } else if (bound > 0) {
@@ -475,7 +506,7 @@ static void check_block(put_op *op)
     }
 }
 
-/* Pool thread: measure a block the GPU engine encoded into host memory. */
+/* Pool thread: measure (or refit) a block the GPU engine encoded into host memory. */
 static void measure_job(void *arg)
 {
     put_op *op = arg;
@@ -520,9 +551,22 @@ static void engine_encoded(void *arg, int rc, const kvs_err *err)
     /* A slot's encoded size is known at commit (its section lengths): counted there. */
     if (rc == 0 && !op->gpu)
         count(op->x, ENCODE, GPU, op->t0, op->raw_bytes, op->enc_len);
-    if (rc == 0 && op->measure) { /* on the pool, never here: the input stays till then */
-        run(op->x, measure_job, commit, op);
-        return;
+    if (rc == 0 && op->measure) {
+        /* The engine measured it (its time is the encode's): done here unless a side passed
+         * the bound. A refit, or a CPU measurement, goes to the pool, never here: the input
+         * stays till then. */
+        if ((op->sampled = !isnan(op->sums[0]))) {
+            op->sample = (kvs_fidelity_sample){0};
+            op->sample.err[KVS_FIDELITY_KEYS] = kvs_fidelity_ratio(op->sums[0], op->sums[1]);
+            op->sample.err[KVS_FIDELITY_VALUES] = kvs_fidelity_ratio(op->sums[2], op->sums[3]);
+            count(op->x, MEASURE, GPU, now_ns(), op->raw_bytes, op->enc_len);
+        }
+        if (!op->sampled || sides_over(op, &op->sample)) {
+            run(op->x, measure_job, commit, op);
+            return;
+        }
+        kvs_fidelity_acc_add(kvs_ns_fidelity(op->r.ns), &op->sample,
+                             kvs_ns_spec_of(op->r.ns)->max_rel_error > 0, 0);
     }
     consume(op);
     run(op->x, NULL, commit, op);
@@ -586,10 +630,15 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
         finish_put(op, e2.code, &e2);
         return 0;
     }
-    if (on_engine &&
-        kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens,
-                          (const uint16_t *)op->r.src.ptr, kvs_block_data(op->blk),
-                          kvs_block_size(op->blk), &op->enc_len, engine_encoded, op, &e2) == 0)
+    /* The engine measures what it encodes (engine.h "Measured encode"), but for the
+     * logit error, which needs the query Gram the CPU holds: NaN sums say "measure on the
+     * CPU", as they do when the engine could not. */
+    op->sums[0] = NAN;
+    double *sums = op->measure && !gram_of(r->ns) ? op->sums : NULL;
+    if (on_engine && kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens,
+                                       (const uint16_t *)op->r.src.ptr, kvs_block_data(op->blk),
+                                       kvs_block_size(op->blk), &op->enc_len, sums, engine_encoded,
+                                       op, &e2) == 0)
         return 0;
     if (op->r.src.kind == KVS_XFER_DEVICE && bounce(op, &e2)) { /* the engine refused it */
         finish_put(op, e2.code, &e2);

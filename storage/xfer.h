@@ -36,14 +36,17 @@
  * Fidelity: a Put is measured when its namespace has a bound (max_rel_error: every Put),
  * else with probability error_sample (the namespace's, else opts.error_sample). A measured
  * block skips the GPU tier (it lands in the host tier; a Get may promote it later): it is
- * encoded as usual (the engine or the CPU), then decoded on the CPU on the pool, compared
- * with the input (gpu/codec/fidelity.h) and counted in the namespace's accumulator; the
- * input is held until then (consumed runs after). With a bound, a side whose relative error
- * passes it is encoded again with the namespace's fallback codec (a new host block if it
- * does not fit the reservation) and the block's header says so; such a block is never
- * promoted to the GPU tier. A GPU source of a measured Put is copied to the host first.
- * The GPU engine does not check blocks itself (the CPU decodes what it wrote: the same
- * bytes).
+ * encoded as usual, then decoded, compared with the input (gpu/codec/fidelity.h) and
+ * counted in the namespace's accumulator. The GPU engine measures what it encodes in the
+ * same batch (engine.h "Measured encode": a decode and a reduction on the device, the sums
+ * back with the encoded block); the CPU measures on the pool what the CPU encoded, what the
+ * engine could not measure, and the logit error of a squat namespace with query samples
+ * (it holds the Gram). The input is held until then (consumed runs after). With a bound, a
+ * side whose relative error passes it is encoded again on the CPU with the namespace's
+ * fallback codec (a new host block if it does not fit the reservation) and measured again
+ * there; the block's header says so, and such a block is never promoted to the GPU tier. A
+ * GPU source of a measured Put is copied to the host first. kvs_xfer_stats counts the
+ * measurements by where they ran (MEASURE: ops[2]).
  *
  * Threading: every function may be called from any thread. Callbacks run exactly once,
  * on the caller's completion thread (opts.run), on the disk writer's for a durable Put,
@@ -130,16 +133,17 @@ double kvs_xfer_error_sample(kvs_xfer *x, const kvs_ns_spec *spec);
 void kvs_xfer_destroy(kvs_xfer *x);
 
 /* Codec work the data path did, for operators (daemon/metrics.c), indexed [op][where]:
- * op 0 encode (a Put), 1 decode (a Get in raw format); where 0 the CPU (the pool), 1 the
- * GPU engine. Successful operations only. CPU time is the codec call's own; GPU time runs
- * from the submission to the engine's completion, so it includes the wait in the
- * engine's queue (what a request pays). raw: payload bytes (a decode: the layers asked
+ * op 0 encode (a Put), 1 decode (a Get in raw format), 2 measure (a Put's error, above);
+ * where 0 the CPU (the pool), 1 the GPU engine. Successful operations only. CPU time is the
+ * codec call's own; GPU time runs from the submission to the engine's completion, so it
+ * includes the wait in the engine's queue (what a request pays); a GPU measurement's time
+ * is inside its encode's (0 here). raw: payload bytes (a decode: the layers asked
  * for); encoded: the encoded block's bytes. Relaxed atomics, read one by one. */
 typedef struct kvs_xfer_stats {
-    uint64_t ops[2][2];
-    uint64_t ns[2][2];
-    uint64_t raw_bytes[2][2];
-    uint64_t encoded_bytes[2][2];
+    uint64_t ops[3][2];
+    uint64_t ns[3][2];
+    uint64_t raw_bytes[3][2];
+    uint64_t encoded_bytes[3][2];
 } kvs_xfer_stats;
 void kvs_xfer_get_stats(kvs_xfer *x, kvs_xfer_stats *out);
 

@@ -31,6 +31,25 @@ void kvs_fidelity_sums(const uint16_t *ref, const uint16_t *dec, size_t n, kvs_d
     *ref2 += r2;
 }
 
+void kvs_fidelity_section_sums(const uint16_t *ref, const uint16_t *dec, uint32_t nsec, size_t sec,
+                               kvs_dtype dt, double *out)
+{
+    for (uint32_t i = 0; i < nsec; i++) {
+        out[2 * i] = out[2 * i + 1] = 0;
+        kvs_fidelity_sums(ref + i * sec, dec + i * sec, sec, dt, &out[2 * i], &out[2 * i + 1]);
+    }
+}
+
+#ifdef KVS_FIDELITY_CUDA_STUBS
+int kvs_fidelity_section_sums_cuda(const uint16_t *ref, const uint16_t *dec, uint32_t nsec,
+                                   size_t sec, kvs_dtype dt, double *out, void *stream,
+                                   kvs_err *err)
+{
+    (void)ref, (void)dec, (void)nsec, (void)sec, (void)dt, (void)out, (void)stream;
+    return kvs_err_set(err, KVS_ENOTSUP, "fidelity: this build has no CUDA kernels");
+}
+#endif
+
 double kvs_fidelity_ratio(double diff2, double ref2)
 {
     if (ref2 > 0)

@@ -24,7 +24,9 @@
 #ifndef KVS_FIDELITY_H
 #define KVS_FIDELITY_H
 
+#ifndef __CUDACC__
 #include <stdatomic.h>
+#endif
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -59,6 +61,19 @@ typedef struct kvs_fidelity_sample {
  * squares are added to *diff2 and *ref2 (the caller divides; see kvs_fidelity_ratio). */
 void kvs_fidelity_sums(const uint16_t *ref, const uint16_t *dec, size_t n, kvs_dtype dt,
                        double *diff2, double *ref2);
+/* Per-section sums, the GPU engine's measurement (engine.h, "Measured encode"): for each
+ * of nsec sections of sec elements (section i at ref + i*sec and dec + i*sec), out[2i] =
+ * the sum of squared differences and out[2i+1] = the sum of squared references, as
+ * kvs_fidelity_sums computes them (each element widened to double first, so the two differ
+ * only by the order of the additions). kvs_fidelity_section_sums is the CPU reference (host
+ * memory); kvs_fidelity_section_sums_cuda runs on `stream` (a cudaStream_t) over device
+ * memory, one CTA per section, out in device memory: 0, or KVS_EINTERNAL (the launch) /
+ * KVS_ENOTSUP (a build without CUDA) with err set. */
+void kvs_fidelity_section_sums(const uint16_t *ref, const uint16_t *dec, uint32_t nsec, size_t sec,
+                               kvs_dtype dt, double *out);
+int kvs_fidelity_section_sums_cuda(const uint16_t *ref, const uint16_t *dec, uint32_t nsec,
+                                   size_t sec, kvs_dtype dt, double *out, void *stream,
+                                   kvs_err *err);
 /* sqrt(diff2 / ref2); with ref2 = 0: 0 when diff2 is 0, else 1 (module comment). */
 double kvs_fidelity_ratio(double diff2, double ref2);
 
@@ -72,6 +87,10 @@ int kvs_fidelity_measure(const kvs_codec *k, const kvs_codec *v, const kvs_codec
                          kvs_fidelity_sample *out, kvs_err *err);
 
 /* ---------------------------------------------------------------- accumulator */
+
+/* C only: fidelity.cu (C++) includes this header for the sums' declarations above, and C++
+ * before C++23 has no <stdatomic.h>. */
+#ifndef __CUDACC__
 
 /* Fields private: use the functions. Zeroed memory is an empty accumulator. */
 typedef struct kvs_fidelity_acc {
@@ -106,6 +125,7 @@ typedef struct kvs_fidelity_stats {
 
 /* A snapshot (module comment). Any thread. */
 void kvs_fidelity_acc_read(const kvs_fidelity_acc *a, kvs_fidelity_stats *out);
+#endif /* __CUDACC__ */
 
 #ifdef __cplusplus
 }

@@ -19,6 +19,7 @@
  */
 #include "gpu/engine/engine.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -29,6 +30,7 @@
 #include "gpu/base/mem.h"
 #include "gpu/codec/codec_cuda.h"
 #include "gpu/codec/copies.h"
+#include "gpu/codec/fidelity.h"
 #include "gpu/codec/format.h"
 #include "gpu/engine/engine_int.h"
 
@@ -181,6 +183,35 @@ static int move_slots(kvs_engine *e, job *list, size_t nl, size_t n, size_t sk, 
     return kvs__engine_copies_flush(e, err);
 }
 
+/* A measured encode (engine.h): when a job of the batch asks, the batch's sections just
+ * encoded are decoded again into d_meas and reduced against their input in d_raw, both
+ * sides' sections in one launch (K sections [0, n), V [n, 2n) in both buffers), the sums
+ * copied back to h_sums; do_encode adds up each job's. The whole batch is measured, not
+ * only the jobs that ask: a batch is one launch per codec either way. */
+static int measure(kvs_engine *e, const job *list, size_t n, size_t sec,
+                   const kvs_cuda_sections *ks, const kvs_cuda_sections *vs, kvs_err *err)
+{
+    bool any = false;
+    for (const job *j = list; j && !any; j = j->next)
+        any = j->sums != NULL;
+    if (!any)
+        return 0;
+    kvs_cuda_sections km = *ks, vm = *vs;
+    km.raw_out = e->d_meas;
+    vm.raw_out = e->d_meas + n * sec;
+    int rc;
+    if ((rc = kvs_codec_decode_cuda(list->k, &km, e->st, err)) ||
+        (rc = kvs_codec_decode_cuda(list->v, &vm, e->st, err)) ||
+        (rc = kvs_fidelity_section_sums_cuda((const uint16_t *)e->d_raw, e->d_meas,
+                                             (uint32_t)(2 * n), sec, kvs_codec_spec(list->k)->dtype,
+                                             e->d_sums, e->st, err)))
+        return rc;
+    KVS_CUDA_CHECK(cudaMemcpyAsync(e->h_sums, e->d_sums, 4 * n * sizeof *e->h_sums,
+                                   cudaMemcpyDeviceToHost, e->st),
+                   err);
+    return 0;
+}
+
 /* Runs one batch of nb compatible encode or decode requests over nl layers each: moves
  * the encoded side in (decode), launches the K and V kernels, moves the results out, waits.
  * The caller filled h_raw (encode) or h_enc and h_len (host decode) and h_len (dev decode). */
@@ -224,7 +255,8 @@ static int run_batch(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
         if ((rc = move_raw(e, list, nl, n, sec, true, err)))
             return rc;
         if ((rc = kvs_codec_encode_cuda(k, &ks, e->st, err)) ||
-            (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)))
+            (rc = kvs_codec_encode_cuda(v, &vs, e->st, err)) ||
+            (rc = measure(e, list, n, sec, &ks, &vs, err)))
             return rc;
         if (dev) { /* into the slots */
             if ((rc = move_slots(e, list, nl, n, sk, sv, true, err)))
@@ -383,6 +415,23 @@ static int cpu_encode_dev(kvs_engine *e, job *j, kvs_err *err)
     return rc;
 }
 
+/* A measured job's sums from its L sections' (k: 2 per section, keys; v: values), or NaN
+ * (not measured) when k is NULL. */
+static void job_sums(job *j, const double *k, const double *v, uint32_t L)
+{
+    if (!k) {
+        j->sums[0] = j->sums[1] = j->sums[2] = j->sums[3] = NAN;
+        return;
+    }
+    j->sums[0] = j->sums[1] = j->sums[2] = j->sums[3] = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        j->sums[0] += k[2 * l];
+        j->sums[1] += k[2 * l + 1];
+        j->sums[2] += v[2 * l];
+        j->sums[3] += v[2 * l + 1];
+    }
+}
+
 /* The batch runners (engine_int.h: kvs__engine_runner): one batch of a kind, every job
  * finished; they return KVS_EINTERNAL when a CUDA call failed on the way. */
 static int do_encode(kvs_engine *e, job *list, uint32_t nb)
@@ -435,6 +484,9 @@ static int do_encode(kvs_engine *e, job *list, uint32_t nb)
             if (rc2 == 0)
                 *j->len = kvs__engine_frame_block(j, kb, sk, kl, vb, sv, vl, j->out);
         }
+        if (rc2 == 0 && j->sums)
+            job_sums(j, flagged ? NULL : e->h_sums + 2 * (size_t)b * L,
+                     e->h_sums + 2 * (n + (size_t)b * L), L);
         kvs__engine_finish(j, rc2, rc2 ? &err : NULL);
     }
     return rc;
@@ -627,6 +679,10 @@ static int alloc_all(kvs_engine *e, kvs_err *err)
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_len, 2 * e->max_sections * sizeof *e->d_len), err);
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_bad, 2 * sizeof *e->h_bad), err);
     KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_bad, 2 * sizeof *e->d_bad), err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_meas, e->o.staging_bytes), err);
+    KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_sums, 4 * e->max_sections * sizeof *e->h_sums),
+                   err);
+    KVS_CUDA_CHECK(cudaMalloc((void **)&e->d_sums, 4 * e->max_sections * sizeof *e->d_sums), err);
     /* Per block at most two copies each way of a batch (slot, raw side): four. */
     e->copies_cap = 4 * e->o.max_batch + 16;
     KVS_CUDA_CHECK(cudaMallocHost((void **)&e->h_copies, e->copies_cap * sizeof *e->h_copies), err);
@@ -642,6 +698,9 @@ static void free_all(kvs_engine *e)
     cudaFreeHost(e->h_bad);
     cudaFreeHost(e->h_len);
     cudaFreeHost(e->h_copies);
+    cudaFreeHost(e->h_sums);
+    cudaFree(e->d_sums);
+    cudaFree(e->d_meas);
     cudaFree(e->d_copies);
     cudaFree(e->d_len);
     cudaFree(e->tier);
@@ -814,7 +873,7 @@ bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec
 
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                       uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
-                      kvs_engine_done done, void *arg, kvs_err *err)
+                      double *sums, kvs_engine_done done, void *arg, kvs_err *err)
 {
     const kvs_ns_spec *s = kvs_codec_spec(k);
     if (t == 0 || t > s->block_tokens)
@@ -833,6 +892,7 @@ int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uin
                .out = out,
                .cap = cap,
                .len = len,
+               .sums = sums,
                .done = done,
                .arg = arg};
     kvs__engine_raw_mem(j, raw);

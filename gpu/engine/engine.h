@@ -100,10 +100,19 @@ bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec
 typedef void (*kvs_engine_done)(void *arg, int rc, const kvs_err *err);
 
 /* Encodes a raw block of t tokens (borrowed until done runs) into out (cap bytes, at least
- * kvs_block_encoded_max(k, v, t)); *len is set before done runs. */
+ * kvs_block_encoded_max(k, v, t)); *len is set before done runs.
+ *
+ * Measured encode (issue 16; gpu/codec/fidelity.h): with sums not NULL (4 doubles,
+ * borrowed until done), the engine also decodes the sections it encoded and reduces their
+ * error against the input on the device, in the same batch: sums = {keys' sum of squared
+ * differences, keys' sum of squares, the same for values} over the whole block (so
+ * kvs_fidelity_ratio(sums[0], sums[1]) is the keys' relative error), set before done
+ * runs; sums[0] is NaN where the engine did not measure (a batch the CPU reference redid:
+ * the caller measures on the CPU then). Costs a decode and one read of both buffers on the
+ * GPU, and one more raw staging buffer of device memory (d_meas, allocated at start). */
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                       uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
-                      kvs_engine_done done, void *arg, kvs_err *err);
+                      double *sums, kvs_engine_done done, void *arg, kvs_err *err);
 
 /* Decodes layers [layer_begin, layer_end) of an encoded block (borrowed until done runs)
  * into raw. The block must have been encoded with these codecs' state versions. It is

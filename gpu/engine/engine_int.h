@@ -49,6 +49,7 @@ typedef struct job {
                       * no staging (engine.c, move_raw) */
     bool raw_dev;    /* ...device memory: the CPU fallbacks copy it through the host */
     const kvs_engine_paged *paged; /* decode: scattered into pages, not raw_out (borrowed) */
+    double *sums;                  /* encode: measured (engine.h, "Measured encode") */
     kvs_engine_done done;
     void *arg;
     uint64_t enq_us;
@@ -77,6 +78,10 @@ struct kvs_engine {
     uint32_t *h_layers, *d_layers;          /* max_sections each */
     uint32_t *h_len, *d_len;                /* 2 * max_sections each: K, then V */
     unsigned long long *h_bad, *d_bad;      /* [2]: keys, values */
+    /* Measured encodes: the batch's sections decoded again (d_meas, staging_bytes) and
+     * their error sums (2 per section, keys' then values' sections: 4 * max_sections). */
+    uint16_t *d_meas;
+    double *h_sums, *d_sums;
     size_t max_sections;
     /* The batch's device-to-device copies (kvs__engine_copy_dd), run by one launch each
      * flush (gpu/codec/copies.h): [0, copies_flushed) are uploaded and launched, the rest

@@ -49,7 +49,7 @@ bool kvs_engine_accepts(const kvs_engine *e, const kvs_codec *k, const kvs_codec
 }
 int kvs_engine_encode(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, uint32_t ns_id,
                       uint32_t t, const uint16_t *raw, uint8_t *out, size_t cap, size_t *len,
-                      kvs_engine_done done, void *arg, kvs_err *err)
+                      double *sums, kvs_engine_done done, void *arg, kvs_err *err)
 {
     return kvs_err_set(err, KVS_ENOTSUP, "GPU engine: this build has no CUDA");
 }

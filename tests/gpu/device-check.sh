@@ -42,14 +42,14 @@ status=0
 note() { echo "== $1: exit $2"; [ "$2" -eq 0 ] || status=1; }
 if [ "${TESTS:-1}" = 1 ]; then
     for t in test_codecs_gpu test_engine_gpu test_extremes_gpu test_paged_gpu test_client_decode_gpu \
-             test_recode_gpu test_multi_gpu; do
+             test_recode_gpu test_multi_gpu test_fidelity_gpu; do
         $R/bin/$t > "$OUT/$t.log" 2>&1
         rc=$?
         note $t $rc; grep -E "FAIL|MISMATCH" "$OUT/$t.log" | head -n 20; tail -n 12 "$OUT/$t.log"
     done
 fi
 if [ "${MEMCHECK:-1}" = 1 ]; then
-    for t in test_codecs_gpu test_engine_gpu; do
+    for t in test_codecs_gpu test_engine_gpu test_fidelity_gpu; do
         compute-sanitizer --tool memcheck --error-exitcode 9 $R/bin/$t > "$OUT/memcheck-$t.log" 2>&1
         rc=$?
         note "memcheck $t" $rc; grep -E "ERROR SUMMARY|Invalid|failures" "$OUT/memcheck-$t.log" | tail -n 3

@@ -13,7 +13,7 @@ trap 'rm -rf "$S"' EXIT
 mkdir -p "$S/bin" "$S/pb"
 cp "$B/tests/gpu/test_codecs_gpu" "$B/tests/gpu/test_engine_gpu" "$B/tests/gpu/test_extremes_gpu" \
    "$B/tests/gpu/test_paged_gpu" "$B/tests/gpu/test_client_decode_gpu" "$B/tests/gpu/test_recode_gpu" \
-   "$B/tests/gpu/test_multi_gpu" \
+   "$B/tests/gpu/test_multi_gpu" "$B/tests/gpu/test_fidelity_gpu" \
    "$B/bin/kvs-bench-gpu" \
    "$B/bin/kvs-bench-tier" "$B/bin/kvs-bench-restore" \
    "$B/bin/kvstashd" "$B/bin/kvctl" "$B/bin/kvs-bench-h2h" "$S/bin/"

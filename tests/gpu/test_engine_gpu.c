@@ -10,6 +10,7 @@
  * and decoded output in pinned memory (moved by DMA in place), half in malloc'ed memory
  * (through the staging), mixed in the same batches. Exits 77 without a GPU.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include "gpu/codec/codec.h"
+#include "gpu/codec/fidelity.h"
 #include "gpu/engine/engine.h"
 #include "gpu/codec/format.h"
 #include "gpu/codec/half.h"
@@ -37,6 +39,8 @@ typedef struct req {
     uint8_t *gpu, *cpu;
     size_t gpu_len, cpu_len;
     uint16_t *dec_gpu, *dec_cpu;
+    double sums[4]; /* measured encode (mode 7) */
+    int skip;       /* ...not submitted there */
     atomic_int done;
     int rc;
     kvs_err err;
@@ -64,7 +68,8 @@ typedef struct ctx {
     req *r;
     int from, step;
     int decode; /* 0 encode, 1 decode, 2 encode into slot, 3 decode from slot, 4 fetch,
-                 * 5 upload into slot, 6 fetch unsealed */
+                 * 5 upload into slot, 6 fetch unsealed, 7 measured encode (blocks with
+                 * NaN/Inf input skipped: their batches are redone on the CPU, unmeasured) */
 } ctx;
 
 static void *submitter(void *p)
@@ -77,8 +82,13 @@ static void *submitter(void *p)
         int rc;
         switch (c->decode) {
         case 0:
+        case 7:
+            if (c->decode == 7 && r->skip) {
+                atomic_store(&r->done, 1);
+                continue;
+            }
             rc = kvs_engine_encode(c->e, c->k, c->v, 7, r->t, r->raw, r->gpu, cap, &r->gpu_len,
-                                   on_done, r, &err);
+                                   c->decode == 7 ? r->sums : NULL, on_done, r, &err);
             break;
         case 1:
             rc = kvs_engine_decode(c->e, c->k, c->v, r->cpu, r->cpu_len, KVS_BLOCK_UNTRUSTED, 0, L,
@@ -254,6 +264,62 @@ static void check_upload(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, cons
     }
 }
 
+/* Measured encode (engine.h): the engine's error sums of every block (NaN/Inf blocks left
+ * out: their batches are the CPU's) against the reference's, computed on the CPU from the
+ * CPU decode of the bytes the engine wrote, side by side (kvs_fidelity_sums). The squared
+ * references must agree to 1e-10 relative (the order of the additions); so must the
+ * squared differences, but for polarquant, whose GPU decode may differ from the CPU's by an
+ * ulp (tie-tolerant): 2% there. `none` measures exactly 0, every lossy codec more. */
+static void check_measured(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan_at, int nan2)
+{
+    const char *name = kvs_codec_name(kvs_codec_id_of(k), kvs_codec_bits(k));
+    bool tie = kvs_codec_id_of(k) == KVS_CODEC_POLARQUANT;
+    bool lossless = kvs_codec_id_of(k) == KVS_CODEC_NONE && kvs_codec_id_of(v) == KVS_CODEC_NONE;
+    const kvs_ns_spec *s = kvs_codec_spec(k);
+    for (int i = 0; i < BLOCKS; i++) {
+        r[i].skip = i == nan_at || i == nan2;
+        r[i].sums[0] = r[i].sums[1] = r[i].sums[2] = r[i].sums[3] = -1;
+    }
+    run(e, k, v, r, 7);
+    int measured = 0;
+    for (int i = 0; i < BLOCKS; i++) {
+        kvs_err err;
+        if (r[i].skip)
+            continue;
+        if (r[i].rc || kvs_block_decode(k, v, r[i].gpu, r[i].gpu_len, 0, L, r[i].dec_cpu, &err)) {
+            printf("FAIL %s: measured encode of block %d: %s\n", name, i,
+                   r[i].rc ? r[i].err.msg : err.msg);
+            failures++;
+            continue;
+        }
+        size_t sec = (size_t)r[i].t * H * D;
+        double want[4] = {0, 0, 0, 0};
+        for (uint32_t l = 0; l < L; l++)
+            for (unsigned kv = 0; kv < 2; kv++) {
+                size_t off = (2 * (size_t)l + kv) * sec;
+                kvs_fidelity_sums(r[i].raw + off, r[i].dec_cpu + off, sec, s->dtype, &want[2 * kv],
+                                  &want[2 * kv + 1]);
+            }
+        for (int q = 0; q < 4; q++) {
+            double tol = (q % 2 == 0 && tie ? 2e-2 : 1e-10) * fabs(want[q]);
+            if (!(fabs(r[i].sums[q] - want[q]) <= tol) ||
+                (q % 2 == 0 && lossless != (r[i].sums[q] == 0))) {
+                printf("FAIL %s: block %d: measured %s %s %.17g, CPU %.17g\n", name, i,
+                       q < 2 ? "keys" : "values", q % 2 ? "ref2" : "diff2", r[i].sums[q], want[q]);
+                failures++;
+                break;
+            }
+        }
+        measured++;
+    }
+    if (measured != BLOCKS - 2) {
+        printf("FAIL %s: %d blocks measured of %d\n", name, measured, BLOCKS - 2);
+        failures++;
+    }
+    for (int i = 0; i < BLOCKS; i++)
+        r[i].skip = 0;
+}
+
 /* GPU tier: encode into slots, fetch back, decode from slots (whole, and layers 1..3). */
 static void test_tier(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan_at, int nan2)
 {
@@ -421,6 +487,7 @@ static void test_codec(kvs_engine *e, const char *name)
             failures++;
         }
     }
+    check_measured(e, k, v, r, nan_at, nan2);
     /* Decode the CPU's bytes on the engine; compare with the CPU decode. */
     for (int b = 0; b < 2; b++) { /* the NaN blocks have no CPU bytes: reuse block 0's */
         int i = b ? nan2 : nan_at;

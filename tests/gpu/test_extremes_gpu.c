@@ -146,7 +146,7 @@ static void compare(kvs_engine *e, const kvs_codec *k, const kvs_codec *v, const
     atomic_init(&r.done, 0);
     r.rc = -1;
     kvs_err_clear(&r.err);
-    if (kvs_engine_encode(e, k, v, 9, t, raw, c2, cap, &l2, on_done, &r, &err)) {
+    if (kvs_engine_encode(e, k, v, 9, t, raw, c2, cap, &l2, NULL, on_done, &r, &err)) {
         printf("FAIL: submit: %s\n", err.msg);
         failures++;
     } else {

@@ -357,7 +357,8 @@ def test_python_package_options_and_figures(daemon):
 
 def test_metrics_per_namespace(daemon):
     """/metrics: the error histogram of a measuring namespace (count == puts, keys and
-    values), the fallback counter of a bounded one; promtool accepts the page."""
+    values), the fallback counter of a bounded one, the measurements by where they ran;
+    promtool accepts the page."""
     import socket
     import urllib.request
     with socket.socket() as s:
@@ -379,6 +380,15 @@ def test_metrics_per_namespace(daemon):
     assert f'{fam}_bucket{{namespace="{m}",kv="values",le="+Inf"}} 3' in text
     assert f'namespace="{q}"' not in text.split(f"# HELP {fam}")[1].split("# HELP")[0]
     assert f'kvstash_namespace_fallback_blocks_total{{namespace="{bnd}"}} 1' in text
+    # Measurements by where they ran: the 3 sampled Puts and the bounded one once each where
+    # they were encoded, and the bounded one again on the CPU after its fallback re-encode.
+    # With a GPU engine (tests/gpu/device-check.sh) the engine measures what it encodes.
+    def ops(op, engine):
+        line = f'kvstash_codec_ops_total{{op="{op}",engine="{engine}"}} '
+        return sum(int(l[len(line):]) for l in text.splitlines() if l.startswith(line))
+    on_gpu = ops("encode", "gpu")
+    assert ops("measure", "cpu") + ops("measure", "gpu") == 5, text
+    assert (ops("measure", "gpu"), ops("measure", "cpu")) == ((4, 1) if on_gpu else (0, 5))
     promtool = shutil.which("promtool")
     if promtool:
         r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
