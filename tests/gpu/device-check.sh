@@ -16,6 +16,8 @@
 #               recomputing it with PyTorch; its knobs TOKENS, CODECS, PATHS, REPS,
 #               CONNECTIONS, TRANSPORT pass through)
 #   E2E=1       tests/bench/e2e_gpu.sh (Put/Get through kvstashd, GPU vs CPU codecs)
+#   FIDCOST=1   tests/bench/fidelity_cost.sh: what measuring every Put (and a bound) costs a
+#               Put through a GPU-engine kvstashd (MODE, CODECS, BLOCKS, THREADS, ROUNDS)
 #   H2H=1       tests/bench/h2h.sh: kvstash against Redis (bundled from this machine's
 #               redis-server), H2H_SECONDS, H2H_CLIENTS, H2H_CODECS, H2H_TOKENS, KVSTASHD_ARGS
 #   MULTIGPU=1  (a machine with several GPUs) the multi-GPU, GPU-tier, data-plane and Python
@@ -85,6 +87,10 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     LOGDIR=$OUT tests/bench/e2e_gpu.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/e2e.md" 2> "$OUT/e2e.err"
     echo "== e2e: exit $?"; cat "$OUT/e2e.md"; tail -n 8 "$OUT/e2e.err"
+fi
+if [ "${FIDCOST:-0}" = 1 ]; then
+    sh tests/bench/fidelity_cost.sh $R/bin/kvstashd $R/bin/kvctl > "$OUT/fidcost.md" 2>&1
+    note "fidelity cost" $?; cat "$OUT/fidcost.md"
 fi
 if [ "${H2H:-0}" = 1 ]; then  # issue 12: kvstash against Redis on this machine (H2H_* knobs)
     KVSTASHD=$KVSTASHD KVCTL=$KVCTL H2H=$PWD/$R/bin/kvs-bench-h2h REDIS_SERVER=$PWD/$R/bin/redis-server \
