@@ -267,13 +267,14 @@ static void check_upload(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, cons
 /* Measured encode (engine.h): the engine's error sums of every block (NaN/Inf blocks left
  * out: their batches are the CPU's) against the reference's, computed on the CPU from the
  * CPU decode of the bytes the engine wrote, side by side (kvs_fidelity_sums). The squared
- * references must agree to 1e-10 relative (the order of the additions); so must the
- * squared differences, but for polarquant, whose GPU decode may differ from the CPU's by an
- * ulp (tie-tolerant): 2% there. `none` measures exactly 0, every lossy codec more. */
+ * references must agree to 1e-10 relative (the order of the additions); the squared
+ * differences to 2%: the engine decodes on the GPU, whose values may differ from the CPU
+ * decode's by an ulp (the decode checks above allow it). A section measured twice, left
+ * out or taken from another block moves them far more. `none` measures exactly 0, every
+ * lossy codec more. */
 static void check_measured(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, int nan_at, int nan2)
 {
     const char *name = kvs_codec_name(kvs_codec_id_of(k), kvs_codec_bits(k));
-    bool tie = kvs_codec_id_of(k) == KVS_CODEC_POLARQUANT;
     bool lossless = kvs_codec_id_of(k) == KVS_CODEC_NONE && kvs_codec_id_of(v) == KVS_CODEC_NONE;
     const kvs_ns_spec *s = kvs_codec_spec(k);
     for (int i = 0; i < BLOCKS; i++) {
@@ -301,7 +302,7 @@ static void check_measured(kvs_engine *e, kvs_codec *k, kvs_codec *v, req *r, in
                                   &want[2 * kv + 1]);
             }
         for (int q = 0; q < 4; q++) {
-            double tol = (q % 2 == 0 && tie ? 2e-2 : 1e-10) * fabs(want[q]);
+            double tol = (q % 2 == 0 ? 2e-2 : 1e-10) * fabs(want[q]);
             if (!(fabs(r[i].sums[q] - want[q]) <= tol) ||
                 (q % 2 == 0 && lossless != (r[i].sums[q] == 0))) {
                 printf("FAIL %s: block %d: measured %s %s %.17g, CPU %.17g\n", name, i,
