@@ -29,10 +29,12 @@
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
  *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc]
- *                     [--token T] [--connections N]
+ *                     [--token T] [--connections N] [--pipe-blocks 64]
  *
  * --connections N: the client's connections to the daemon (kvs_client_opts.connections):
  * the gRPC-bytes paths (getmany, encoded, gpudecode) split each GetMany over them.
+ * --pipe-blocks N: shmgpu-pipe's blocks per GetMany; its last run's per-chunk trace (when
+ * each GetMany returned, when each chunk's decode ran) goes to stderr.
  */
 #include <getopt.h>
 #include <math.h>
@@ -51,12 +53,13 @@
 #endif
 
 #define MAX_PATHS 8
-#define PIPE_BLOCKS 64 /* shmgpu-pipe: blocks per GetMany */
+#define PIPE_BLOCKS 64  /* shmgpu-pipe: blocks per GetMany (--pipe-blocks) */
+#define PIPE_CHUNKS 256 /* ...chunks traced (the rest are not) */
 
 typedef struct cfg {
     const char *target, *codec, *token;
     uint32_t tokens, layers, heads, dim, block;
-    unsigned reps, connections;
+    unsigned reps, connections, pipe_blocks;
     char paths[128];
 } cfg;
 
@@ -117,8 +120,13 @@ typedef struct pipe_ctx {
     size_t nb, enc_cap, bb;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    size_t fetched;
-    bool stop; /* no more chunks come (all fetched, or the fetch failed) */
+    size_t fetched, chunk; /* chunk: blocks per GetMany */
+    bool stop;             /* no more chunks come (all fetched, or the fetch failed) */
+    /* The trace of the last run (ms since t0): chunk c's GetMany returned at fetched_at[c];
+     * the decoder took it (chunks fetched meanwhile join it) at dec_from[c], done at
+     * dec_to[c] (0: decoded with an earlier one). Where the time goes: the daemon (the
+     * gaps between fetches) or this side's copy and decode. */
+    double t0, fetched_at[PIPE_CHUNKS], dec_from[PIPE_CHUNKS], dec_to[PIPE_CHUNKS];
     int rc;
     kvs_err e;
 } pipe_ctx;
@@ -139,7 +147,12 @@ static void *pipe_decoder(void *arg)
                                         .len = p->gi[i].res.bytes,
                                         .raw_dev = p->dev + i * p->bb,
                                         .cap = p->bb};
+        size_t c = at / p->chunk;
+        if (c < PIPE_CHUNKS)
+            p->dec_from[c] = now_ms() - p->t0;
         int rc = kvs_decode_blocks_cuda(p->dec, p->cb + at, upto - at, NULL, &p->e);
+        if (c < PIPE_CHUNKS)
+            p->dec_to[c] = now_ms() - p->t0;
         for (size_t i = at; i < upto && !rc; i++)
             if (p->cb[i].rc)
                 rc = kvs_err_set(&p->e, p->cb[i].rc, "block %zu: %s", i, p->cb[i].msg);
@@ -160,6 +173,9 @@ static int restore_pipelined(kvs_client *cl, const char *ns, kvs_get_item *gi, p
     pthread_t th;
     p->fetched = 0;
     p->stop = false;
+    p->t0 = now_ms();
+    memset(p->dec_from, 0, sizeof p->dec_from);
+    memset(p->dec_to, 0, sizeof p->dec_to);
     p->rc = 0;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
@@ -168,8 +184,10 @@ static int restore_pipelined(kvs_client *cl, const char *ns, kvs_get_item *gi, p
     int rc = 0;
     kvs_get_many_opts go = {.format = KVS_FORMAT_ENCODED, .prefix = true};
     for (size_t at = 0; at < p->nb && !rc;) {
-        size_t n = p->nb - at < PIPE_BLOCKS ? p->nb - at : PIPE_BLOCKS, served = 0;
+        size_t n = p->nb - at < p->chunk ? p->nb - at : p->chunk, served = 0;
         rc = kvs_client_get_many(cl, ns, gi + at, n, &go, &served, e);
+        if (at / p->chunk < PIPE_CHUNKS)
+            p->fetched_at[at / p->chunk] = now_ms() - p->t0;
         if (!rc && served != n)
             rc = kvs_err_set(e, KVS_ENOTFOUND, "%zu of %zu blocks served", served, n);
         pthread_mutex_lock(&p->mu);
@@ -210,11 +228,13 @@ int main(int argc, char **argv)
              .block = 16,
              .reps = 3};
     snprintf(c.paths, sizeof c.paths, "get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc");
+    c.pipe_blocks = PIPE_BLOCKS;
     static const struct option opts[] = {
         {"target", 1, 0, 't'}, {"codec", 1, 0, 'c'},       {"tokens", 1, 0, 'n'},
         {"layers", 1, 0, 'L'}, {"heads", 1, 0, 'H'},       {"dim", 1, 0, 'D'},
         {"block", 1, 0, 'T'},  {"reps", 1, 0, 'r'},        {"paths", 1, 0, 'p'},
-        {"token", 1, 0, 'k'},  {"connections", 1, 0, 'C'}, {0, 0, 0, 0}};
+        {"token", 1, 0, 'k'},  {"connections", 1, 0, 'C'}, {"pipe-blocks", 1, 0, 'B'},
+        {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
         case 't':
@@ -250,12 +270,15 @@ int main(int argc, char **argv)
         case 'C':
             c.connections = (unsigned)strtoul(optarg, NULL, 10);
             break;
+        case 'B':
+            c.pipe_blocks = (unsigned)strtoul(optarg, NULL, 10);
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of restore_bench.c\n");
             return 2;
         }
     }
-    if (!c.tokens || !c.block || !c.reps || c.tokens % c.block) {
+    if (!c.tokens || !c.block || !c.reps || c.tokens % c.block || !c.pipe_blocks) {
         fprintf(stderr, "kvs-bench-restore: --tokens must be a positive multiple of --block\n");
         return 2;
     }
@@ -450,16 +473,24 @@ int main(int argc, char **argv)
                 bool enc = p == 3 || p == 4 || p == 6;
                 kvs_get_many_opts go = {.format = enc ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
-                if (p == 7) { /* chunks, each decoded while the next one streams */
-                    pipe_ctx pc = {.dec = dec,
-                                   .cb = cb,
-                                   .gi = gi,
-                                   .base = kvs_region_data(reg),
-                                   .dev = dev,
-                                   .nb = nb,
-                                   .enc_cap = enc_cap,
-                                   .bb = bb};
+                if (p == 7) {           /* chunks, each decoded while the next one streams */
+                    static pipe_ctx pc; /* its trace is large: off the stack */
+                    pc = (pipe_ctx){.dec = dec,
+                                    .chunk = c.pipe_blocks,
+                                    .cb = cb,
+                                    .gi = gi,
+                                    .base = kvs_region_data(reg),
+                                    .dev = dev,
+                                    .nb = nb,
+                                    .enc_cap = enc_cap,
+                                    .bb = bb};
                     rc = restore_pipelined(cl, spec.name, gi, &pc, &e);
+                    if (!rc && rep + 1 == c.reps) /* the last run's trace, on stderr */
+                        for (size_t k = 0; k * c.pipe_blocks < nb && k < PIPE_CHUNKS; k++)
+                            fprintf(stderr,
+                                    "shmgpu-pipe chunk %zu: fetched at %.2f ms; decoded %.2f-%.2f "
+                                    "ms\n",
+                                    k, pc.fetched_at[k], pc.dec_from[k], pc.dec_to[k]);
                 } else {
                     rc = kvs_client_get_many(cl, spec.name, gi, nb, &go, &served, &e);
                     if (!rc && served != nb)

@@ -8,6 +8,7 @@
 #   tests/bench/restore_gpu.sh KVSTASHD KVS_BENCH_RESTORE [OUTDIR]
 #   (TOKENS="1024 4096 8192 16384" CODECS="none polarquant rotatekv-2 kivi-2" REPS=3,
 #    PATHS: kvs-bench-restore --paths for every codec, CONNECTIONS=1: its --connections,
+#    PIPE_BLOCKS=64: its --pipe-blocks (shmgpu-pipe; its per-chunk trace is printed too),
 #    TRANSPORT=unix: the gRPC listener, unix or tcp (loopback TCP, the remote-style paths'
 #    transport; the region socket is on either way, so shm and ipc still run))
 set -u
@@ -37,7 +38,7 @@ for c in $CODECS; do
         [ "$c" = none ] && [ -z "${PATHS:-}" ] && paths=get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc
         echo "## codec $c, $n tokens"
         "$B" --target "$target" --codec "$c" --tokens "$n" --reps "$REPS" --paths "$paths" \
-            --connections "${CONNECTIONS:-1}" 2>&1
+            --connections "${CONNECTIONS:-1}" --pipe-blocks "${PIPE_BLOCKS:-64}" 2>&1
         echo "(exit $?)"
     done
 done
