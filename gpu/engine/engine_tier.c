@@ -85,6 +85,24 @@ static int fetch_copies(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
     return 0;
 }
 
+/* Runs a batch's copies (fetch_copies, upload_copies) with the copy table emptied before
+ * and after; on failure every job of the batch fails with the error, prefixed with `what`.
+ * Returns the copies' rc. */
+static int copies_or_fail(kvs_engine *e, job *list, uint32_t nb,
+                          int (*copies)(kvs_engine *, job *, uint32_t, kvs_err *), const char *what)
+{
+    kvs_err err;
+    kvs_err_clear(&err);
+    kvs__engine_copies_reset(e, false);
+    int rc = copies(e, list, nb, &err);
+    kvs__engine_copies_reset(e, rc == 0);
+    if (rc) {
+        kvs_err_prefix(&err, "GPU engine: %s: ", what);
+        kvs__engine_fail_all(list, rc, &err);
+    }
+    return rc;
+}
+
 /* Slots back to the host, then framing and checksum (unsealed jobs: no checksum, the caller
  * hashes on its own threads). */
 int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
@@ -92,16 +110,9 @@ int kvs__engine_do_fetch(kvs_engine *e, job *list, uint32_t nb)
     uint32_t L = kvs_codec_spec(list->k)->layers, t = list->t;
     size_t sk = kvs_codec_section_max(list->k, t), sv = kvs_codec_section_max(list->v, t);
     size_t slot = (size_t)L * (sk + sv), prefix = kvs_format_prefix_bytes(L);
-    kvs_err err;
-    kvs_err_clear(&err);
-    kvs__engine_copies_reset(e, false);
-    int rc = fetch_copies(e, list, nb, &err);
-    kvs__engine_copies_reset(e, rc == 0);
-    if (rc) {
-        kvs_err_prefix(&err, "GPU engine: copy from the GPU tier: ");
-        kvs__engine_fail_all(list, rc, &err);
+    int rc = copies_or_fail(e, list, nb, fetch_copies, "copy from the GPU tier");
+    if (rc)
         return rc == KVS_EINTERNAL ? KVS_EINTERNAL : 0;
-    }
     uint32_t b = 0;
     for (job *j = list, *next; j; j = next, b++) {
         next = j->next;
@@ -340,16 +351,9 @@ static int upload_copies(kvs_engine *e, job *list, uint32_t nb, kvs_err *err)
 
 int kvs__engine_do_upload(kvs_engine *e, job *list, uint32_t nb)
 {
-    kvs_err err;
-    kvs_err_clear(&err);
-    kvs__engine_copies_reset(e, false);
-    int rc = upload_copies(e, list, nb, &err);
-    kvs__engine_copies_reset(e, rc == 0);
-    if (rc) {
-        kvs_err_prefix(&err, "GPU engine: copy into the GPU tier: ");
-        kvs__engine_fail_all(list, rc, &err);
+    int rc = copies_or_fail(e, list, nb, upload_copies, "copy into the GPU tier");
+    if (rc)
         return rc == KVS_EINTERNAL ? KVS_EINTERNAL : 0;
-    }
     for (job *j = list, *next; j; j = next) {
         next = j->next;
         kvs__engine_finish(j, 0, NULL);

@@ -31,16 +31,9 @@ int main(void)
     return 77;
 }
 #else
-#include <cuda_runtime.h>
+#include "tests/support/kvs_gpu_test.h"
 
-#define CK(x)                                                                                      \
-    do {                                                                                           \
-        cudaError_t e_ = (x);                                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
+#define CK CHECK_CUDA
 
 enum { L = 32, H = 8, D = 128, T = 16, REPEATS = 15 };
 

@@ -32,18 +32,9 @@ int main(void)
     return 77;
 }
 #else
-#include <cuda_runtime.h>
+#include "tests/support/kvs_gpu_test.h"
 
 static int failures;
-
-#define CHECK_CUDA(x)                                                                              \
-    do {                                                                                           \
-        cudaError_t e_ = (x);                                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
 
 /* ---------------------------------------------------------------- inputs */
 

@@ -27,16 +27,7 @@ int main(void)
     return 77;
 }
 #else
-#include <cuda_runtime.h>
-
-#define CHECK_CUDA(x)                                                                              \
-    do {                                                                                           \
-        cudaError_t e_ = (x);                                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "tests/support/kvs_gpu_test.h"
 
 #define MAXL 80
 #define E 2
@@ -47,10 +38,7 @@ static cudaStream_t stream;
 
 static uint64_t next(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
+    return kvs_gpu_test_next(&rng_state);
 }
 
 static void fill_random(uint8_t *p, size_t n)
@@ -437,15 +425,10 @@ static void throughput(void)
 
 int main(void)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("test_paged_gpu: no CUDA device: skipped\n");
-        return 77;
-    }
-    const char *env = getenv("KVS_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_paged_gpu: seed %llu (KVS_TEST_SEED=%llu repeats this run)\n",
-           (unsigned long long)seed, (unsigned long long)seed);
+    uint64_t seed;
+    int skip = kvs_gpu_test_start("test_paged_gpu", &seed);
+    if (skip)
+        return skip;
     rng_state = seed * 0x9E3779B97F4A7C15ull | 1;
     CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
