@@ -6,8 +6,9 @@
  *   shm        one GetMany whose blocks the daemon writes into a shared-memory region
  *   encoded    one GetMany of the encoded blocks, decoded on this CPU (kvs_decode_block):
  *              the remote path, fewer wire bytes
- *   gpudecode  the same, decoded on this machine's GPU into device memory
- *              (libkvstash_cuda): the remote path of a GPU worker; skipped without a GPU
+ *   gpudecode  the same, received into pinned host memory (a GPU worker's staging) and
+ *              decoded on this machine's GPU into device memory (libkvstash_cuda): the
+ *              remote path of a GPU worker; skipped without a GPU
  *   shmgpu     one GetMany of the encoded blocks into the shared-memory region (registered
  *              with CUDA here too, so pinned on both sides), decoded on this machine's GPU
  *              from there (libkvstash_cuda: whole blocks by DMA, sections gathered on the
@@ -435,6 +436,9 @@ int main(int argc, char **argv)
 #endif
     int failed = 0, ref = -1;
     uint8_t *encbuf = NULL;
+#ifdef KVS_HAVE_CUDA
+    bool encbuf_pinned = false; /* gpudecode's receive buffer registered with CUDA */
+#endif
     /* In time order: the ipc path before shmgpu, whose decode reuses gpudecode's memory. */
     const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 6, 7, 5};
     for (int oi = 0; oi < MAX_PATHS; oi++) {
@@ -447,6 +451,17 @@ int main(int argc, char **argv)
             encbuf = malloc(nb * enc_cap);
         if (!out[p] || ((p == 3 || p == 4) && !encbuf))
             return fprintf(stderr, "out of memory\n"), 1;
+#ifdef KVS_HAVE_CUDA
+        /* gpudecode: the encoded bytes arrive in pinned memory, as in a GPU worker's
+         * staging, so its decode copies them by DMA (registered once, outside the timing). */
+        if (p == 4 && !encbuf_pinned) {
+            encbuf_pinned =
+                cudaHostRegister(encbuf, nb * enc_cap, cudaHostRegisterPortable) == cudaSuccess;
+            if (!encbuf_pinned)
+                printf("gpudecode: cudaHostRegister of the receive buffer failed: %s\n",
+                       cudaGetErrorString(cudaGetLastError()));
+        }
+#endif
         double best = 1e30;
         for (unsigned rep = 0; rep < c.reps; rep++) {
             size_t served = 0;
@@ -569,6 +584,10 @@ int main(int argc, char **argv)
     kvs_client_close(cl);
     for (int p = 0; p < MAX_PATHS; p++)
         free(out[p]);
+#ifdef KVS_HAVE_CUDA
+    if (encbuf_pinned)
+        cudaHostUnregister(encbuf);
+#endif
     free(encbuf);
     free(src);
     free(pi);
