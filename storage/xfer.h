@@ -44,9 +44,9 @@
  * (it holds the Gram). The input is held until then (consumed runs after). With a bound, a
  * side whose relative error passes it is encoded again on the CPU with the namespace's
  * fallback codec (a new host block if it does not fit the reservation) and measured again
- * there; the block's header says so, and such a block is never promoted to the GPU tier. A
- * GPU source of a measured Put is copied to the host first. kvs_xfer_stats counts the
- * measurements by where they ran (MEASURE: ops[2]).
+ * there; the block's header says so, and a Get's promotion to the GPU tier keeps those
+ * codecs (storage/tiering.c). A GPU source of a measured Put is copied to the host first.
+ * kvs_xfer_stats counts the measurements by where they ran (MEASURE: ops[2]).
  *
  * Threading: every function may be called from any thread. Callbacks run exactly once,
  * on the caller's completion thread (opts.run), on the disk writer's for a durable Put,

@@ -284,8 +284,12 @@ def test_encoded_get_many_into_region_slots_from_the_gpu_tier(daemon, tmp_path, 
     # too small for a block is that block's error, and a prefix GetMany stops there.
     from test_data_plane import Region, get_many
     sock = str(tmp_path / "kvs.region")
-    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M"])
+    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M",
+                                  "--calib-tokens", "16"])
     ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    if codec.startswith("rotatekv"):  # calibrates on the host first (test above)
+        assert kvs.put(d.stub, ns.name, b"calib", T, ns.payload(T, seed=12345)).tier == \
+            kvs.pb.TIER_HOST
     n, bb = 24, L * 2 * T * H * D * 2
     keys = [b"e%d" % i for i in range(n)]
     toks = [T if i % 5 else 3 for i in range(n)]  # short blocks too: other section sizes
@@ -357,8 +361,12 @@ def test_cuda_ipc_slots_and_paged_match_the_host_region(daemon, tmp_path, codec)
         pytest.skip("no CUDA in this torch")
     from test_data_plane import Region, get_many, put_many, vllm_layout
     sock = str(tmp_path / "kvs.region")
-    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M"])
+    d = gpu_daemon(daemon, extra=["--region-socket", sock, "--region-max-bytes", "64M",
+                                  "--calib-tokens", "16"])
     ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T, key_codec=codec, value_codec=codec))
+    if codec.startswith("rotatekv"):  # calibrates on the host first (test above)
+        assert kvs.put(d.stub, ns.name, b"calib", T, ns.payload(T, seed=12345)).tier == \
+            kvs.pb.TIER_HOST
     n, bb = 24, L * 2 * T * H * D * 2
     keys = [b"c%d" % i for i in range(n)]
     put_many(d, [(ns.name, k, T, ns.payload(T, seed=i)) for i, k in enumerate(keys)])
