@@ -16,6 +16,9 @@
  *   shmgpu-pipe  shmgpu in GetMany calls of PIPE_BLOCKS blocks, each chunk decoded on
  *              this GPU by a second thread while the next one streams into the region
  *              (what a worker does to overlap the daemon's fetch with its own decode)
+ *   shmenc     one GetMany of the encoded blocks into the shared-memory region, not decoded
+ *              in the timing: the daemon's half of shmgpu, on any machine (decoded on the CPU
+ *              afterwards for the byte check)
  *   ipc        one GetMany whose blocks the daemon's GPU engine decodes straight into this
  *              process's GPU memory (a CUDA IPC region, kvs_cuda_region_create): the
  *              co-located GPU worker's path; skipped without a GPU engine on the same GPU
@@ -30,6 +33,7 @@
  *   kvs-bench-restore --target HOST:PORT [--codec none|polarquant|rotatekv-2|kivi-2|...]
  *                     [--tokens 8192] [--layers 32 --heads 8 --dim 128 --block 16]
  *                     [--reps 3] [--paths get,getmany,shm,encoded,gpudecode,shmgpu,shmgpu-pipe,ipc]
+ *                     (shmenc: only when named)
  *                     [--token T] [--connections N] [--pipe-blocks 64]
  *
  * --connections N: the client's connections to the daemon (kvs_client_opts.connections):
@@ -53,7 +57,7 @@
 #include <cuda_runtime.h>
 #endif
 
-#define MAX_PATHS 8
+#define MAX_PATHS 9
 #define PIPE_BLOCKS 64  /* shmgpu-pipe: blocks per GetMany (--pipe-blocks) */
 #define PIPE_CHUNKS 256 /* ...chunks traced (the rest are not) */
 
@@ -404,8 +408,8 @@ int main(int argc, char **argv)
         }
     }
 #endif
-    const char *names[MAX_PATHS] = {"get",       "getmany", "shm",    "encoded",
-                                    "gpudecode", "ipc",     "shmgpu", "shmgpu-pipe"};
+    const char *names[MAX_PATHS] = {"get", "getmany", "shm",         "encoded", "gpudecode",
+                                    "ipc", "shmgpu",  "shmgpu-pipe", "shmenc"};
     kvs_cuda_decoder *dec = NULL;
     uint8_t *dev = NULL;
     bool shmgpu = want(&c, "shmgpu") || want(&c, "shmgpu-pipe");
@@ -440,11 +444,11 @@ int main(int argc, char **argv)
     bool encbuf_pinned = false; /* gpudecode's receive buffer registered with CUDA */
 #endif
     /* In time order: the ipc path before shmgpu, whose decode reuses gpudecode's memory. */
-    const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 6, 7, 5};
+    const int order[MAX_PATHS] = {0, 1, 2, 3, 4, 8, 6, 7, 5};
     for (int oi = 0; oi < MAX_PATHS; oi++) {
         int p = order[oi];
-        if (!want(&c, names[p]) || (p == 2 && !reg) || (p == 4 && !dec) || (p == 5 && !ireg) ||
-            ((p == 6 || p == 7) && (!dec || !reg_pinned_here)))
+        if (!want(&c, names[p]) || ((p == 2 || p == 8) && !reg) || (p == 4 && !dec) ||
+            (p == 5 && !ireg) || ((p == 6 || p == 7) && (!dec || !reg_pinned_here)))
             continue;
         out[p] = malloc(total);
         if ((p == 3 || p == 4) && !encbuf)
@@ -482,10 +486,10 @@ int main(int argc, char **argv)
                         gi[i].region = reg, gi[i].offset = i * bb, gi[i].cap = bb;
                     else if (p == 5)
                         gi[i].region = ireg, gi[i].offset = i * bb, gi[i].cap = bb;
-                    else if (p == 6 || p == 7)
+                    else if (p == 6 || p == 7 || p == 8)
                         gi[i].region = reg, gi[i].offset = i * enc_cap, gi[i].cap = enc_cap;
                 }
-                bool enc = p == 3 || p == 4 || p == 6;
+                bool enc = p == 3 || p == 4 || p == 6 || p == 8;
                 kvs_get_many_opts go = {.format = enc ? KVS_FORMAT_ENCODED : KVS_FORMAT_RAW,
                                         .prefix = true};
                 if (p == 7) {           /* chunks, each decoded while the next one streams */
@@ -535,6 +539,11 @@ int main(int argc, char **argv)
         }
         if (p == 2)
             memcpy(out[p], kvs_region_data(reg), total);
+        for (size_t i = 0; i < nb && p == 8; i++) /* checked outside the timing */
+            if (kvs_client_decode_block(cl, spec.name, &spec,
+                                        (const uint8_t *)kvs_region_data(reg) + i * enc_cap,
+                                        gi[i].res.bytes, out[p] + i * bb, bb, NULL, &e))
+                return die("shmenc: decode", &e);
 #ifdef KVS_HAVE_CUDA
         if (p == 4 || p == 6 || p == 7)
             cudaMemcpy(out[p], dev, total, cudaMemcpyDeviceToHost);
@@ -544,7 +553,7 @@ int main(int argc, char **argv)
         printf("| %s | %.1f | %.2f |\n", names[p], best, total / best / 1e6);
         if (ref < 0)
             ref = p;
-        else if ((p == 4 || p == 6 || p == 7) && strcmp(c.codec, "none") != 0
+        else if ((p == 4 || p == 6 || p == 7 || p == 8) && strcmp(c.codec, "none") != 0
                      ? max_ulp(out[p], out[ref], total / 2) > 1
                      : memcmp(out[p], out[ref], total) != 0) {
             fprintf(stderr, "kvs-bench-restore: path %s returned other bytes than %s\n", names[p],

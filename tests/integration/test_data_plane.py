@@ -724,7 +724,8 @@ BENCH_RESTORE = os.environ.get("KVS_BENCH_RESTORE",
 @pytest.mark.parametrize("codec", ["none", "kivi-2"])
 def test_libkvstash_paths_return_the_same_bytes(tmp_path, codec):
     """libkvstash's PutMany (bytes and shared memory), Get, GetMany, GetMany into shared
-    memory and GetMany encoded + client decode, through kvs-bench-restore on a small prefix:
+    memory, GetMany encoded + client decode, and encoded into shared memory (shmenc), through
+    kvs-bench-restore on a small prefix:
     it exits 1 when a path returns other bytes than the first (or, for `none`, than were
     put). The daemon listens on a Unix socket, so the region socket is on by default."""
     import subprocess
@@ -739,9 +740,12 @@ def test_libkvstash_paths_return_the_same_bytes(tmp_path, codec):
             time.sleep(0.05)
         r = subprocess.run([BENCH_RESTORE, "--target", "unix:" + sock, "--codec", codec,
                             "--tokens", "64", "--layers", "4", "--heads", "2", "--dim", "64",
-                            "--reps", "1"], capture_output=True, text=True, timeout=120)
+                            "--reps", "1", "--paths", "get,getmany,shm,encoded,shmenc,gpudecode,"
+                            "shmgpu,shmgpu-pipe,ipc"],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        for path in ("PutMany (shm", "| get |", "| getmany |", "| shm |", "| encoded |"):
+        for path in ("PutMany (shm", "| get |", "| getmany |", "| shm |", "| encoded |",
+                     "| shmenc |"):
             assert path in r.stdout, r.stdout
     finally:
         proc.terminate()
