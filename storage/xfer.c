@@ -215,12 +215,10 @@ typedef struct put_op {
     kvs_xfer *x;
     kvs_xfer_put_req r;
     uint8_t key[KVS_KEY_MAX];
-    kvs_block *blk; /* FILLING until commit hands it to the store */
-    bool gpu;       /* blk is a GPU tier slot: the engine encodes into it */
-    bool measure;   /* the block is measured once encoded (check_block) */
-    bool sampled;   /* ...and `sample` holds the engine's measurement of it */
-    double sums[4]; /* the engine's error sums (kvs_engine_encode) */
-    kvs_fidelity_sample sample;
+    kvs_block *blk;         /* FILLING until commit hands it to the store */
+    bool gpu;               /* blk is a GPU tier slot: the engine encodes into it */
+    bool measure;           /* the block is measured once encoded (check_block) */
+    double sums[4];         /* the engine's error sums (kvs_engine_encode); NaN: none */
     bool no_room;           /* rc KVS_ENOSPC is the store's (a fallback block), not a coder's */
     bool consumed;          /* r.consumed has run */
     uint8_t *bounce;        /* a GPU source copied to the host for the CPU encode */
@@ -464,6 +462,18 @@ static const kvs_codec *gram_of(kvs_ns *ns)
     return kvs_squat_subspace_heads(cur) ? cur : NULL;
 }
 
+/* The engine's measurement of op's block, from its sums: false when it made none (the CPU
+ * encoded the block, the engine redid its batch on the CPU, or the logit error is wanted). */
+static bool engine_sample(const put_op *op, kvs_fidelity_sample *m)
+{
+    if (isnan(op->sums[0]))
+        return false;
+    *m = (kvs_fidelity_sample){0};
+    m->err[KVS_FIDELITY_KEYS] = kvs_fidelity_ratio(op->sums[0], op->sums[1]);
+    m->err[KVS_FIDELITY_VALUES] = kvs_fidelity_ratio(op->sums[2], op->sums[3]);
+    return true;
+}
+
 /* Decodes op's block on the CPU and measures it against raw (counted as a CPU measure). */
 static int cpu_measure(put_op *op, const kvs_codec *gram, const uint16_t *raw,
                        kvs_fidelity_sample *m, kvs_err *e)
@@ -478,7 +488,7 @@ static int cpu_measure(put_op *op, const kvs_codec *gram, const uint16_t *raw,
 
 /* Pool thread, after the encode and before consume (the input must still be there):
  * measures the block against its input (decoding it on the CPU, unless the engine measured
- * it: op->sampled); with a bound, a side whose error passed it is stored with the fallback
+ * it: engine_sample); with a bound, a side whose error passed it is stored with the fallback
  * codec (refit) and measured again on the CPU, so the namespace's figures describe the
  * blocks as stored. Under a bound every failure fails the Put (the bound is a promise); a
  * sample that cannot be measured is logged and the block stored all the same. */
@@ -489,9 +499,9 @@ static void check_block(put_op *op)
     const uint16_t *raw = (const uint16_t *)op->r.src.ptr;
     const kvs_codec *gram = gram_of(ns);
     double bound = spec->max_rel_error;
-    kvs_fidelity_sample m = op->sample;
+    kvs_fidelity_sample m;
     kvs_err e;
-    int rc = op->sampled ? 0 : cpu_measure(op, gram, raw, &m, &e);
+    int rc = engine_sample(op, &m) ? 0 : cpu_measure(op, gram, raw, &m, &e);
     unsigned sides = rc == 0 ? sides_over(op, &m) : 0;
     if (rc == 0 && sides && (rc = refit(op, sides, raw, &e)) == 0)
         rc = cpu_measure(op, gram, raw, &m, &e);
@@ -555,17 +565,15 @@ static void engine_encoded(void *arg, int rc, const kvs_err *err)
         /* The engine measured it (its time is the encode's): done here unless a side passed
          * the bound. A refit, or a CPU measurement, goes to the pool, never here: the input
          * stays till then. */
-        if ((op->sampled = !isnan(op->sums[0]))) {
-            op->sample = (kvs_fidelity_sample){0};
-            op->sample.err[KVS_FIDELITY_KEYS] = kvs_fidelity_ratio(op->sums[0], op->sums[1]);
-            op->sample.err[KVS_FIDELITY_VALUES] = kvs_fidelity_ratio(op->sums[2], op->sums[3]);
+        kvs_fidelity_sample m;
+        bool measured = engine_sample(op, &m);
+        if (measured)
             count(op->x, MEASURE, GPU, now_ns(), op->raw_bytes, op->enc_len);
-        }
-        if (!op->sampled || sides_over(op, &op->sample)) {
+        if (!measured || sides_over(op, &m)) {
             run(op->x, measure_job, commit, op);
             return;
         }
-        kvs_fidelity_acc_add(kvs_ns_fidelity(op->r.ns), &op->sample,
+        kvs_fidelity_acc_add(kvs_ns_fidelity(op->r.ns), &m,
                              kvs_ns_spec_of(op->r.ns)->max_rel_error > 0, 0);
     }
     consume(op);
@@ -606,6 +614,7 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     op->r.key = op->key;
     op->raw_bytes = raw_bytes;
     op->measure = measured(x, spec);
+    op->sums[0] = NAN; /* until the engine measures it */
     if ((rc = reserve(op, err))) {
         free(op);
         return rc;
@@ -633,7 +642,6 @@ int kvs_xfer_put(kvs_xfer *x, const kvs_xfer_put_req *r, kvs_err *err)
     /* The engine measures what it encodes (engine.h "Measured encode"), but for the
      * logit error, which needs the query Gram the CPU holds: NaN sums say "measure on the
      * CPU", as they do when the engine could not. */
-    op->sums[0] = NAN;
     double *sums = op->measure && !gram_of(r->ns) ? op->sums : NULL;
     if (on_engine && kvs_engine_encode(eng, op->k, op->v, kvs_ns_id(r->ns), r->tokens,
                                        (const uint16_t *)op->r.src.ptr, kvs_block_data(op->blk),
