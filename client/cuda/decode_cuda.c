@@ -9,17 +9,19 @@
  *      lengths (variable for RotateKV);
  *   2. one host-to-device copy of that staging, the K and V launches into a device raw
  *      buffer [2][m][L][t*H*D];
- *   3. per block, two strided device copies (K, V) into its place in the caller's layout
- *      [L][2][t][H][D].
+ *   3. per block, two strided copies (K, V) into its place in the caller's layout
+ *      [L][2][t][H][D], all of the chunk's in one batched-copies launch (gpu/codec/copies.h;
+ *      their table rides in the same staging copy).
  * Two host stagings alternate, so gathering chunk i+1 overlaps the GPU work of chunk i
  * (an event says when the copy out of a staging is done). One stream orders everything;
  * the call returns once the stream is drained, so the caller's buffers are final.
  *
  * Blocks in pinned host memory (a shared-memory region the worker registered with CUDA:
  * the daemon wrote them there) skip the host gather, whose memcpy bounded a restore at
- * host memory speed on one core: each block is copied to the device as it is (one DMA),
- * and its sections are gathered there by one batched-copies launch (gpu/codec/copies.h);
- * only the section lengths and the copy table go through the staging. A chunk is all
+ * host memory speed on one core: the blocks are copied to the device as they are, in
+ * spans of consecutive blocks (a region's slots: one DMA for the chunk, see span_joins),
+ * and their sections are gathered there by one batched-copies launch; only the section
+ * lengths and the copy table go through the staging. A chunk is all
  * pinned or all not (the pinned test is per block, cudaPointerGetAttributes).
  *
  * Checksums: a batch of at least HASH_THREADED_MIN encoded bytes has its blocks' checksums
@@ -73,7 +75,7 @@ struct kvs_cuda_decoder {
     int h_next;     /* the staging the next chunk gathers into */
     uint8_t *d_enc; /* sections [n][sk], [n][sv], lengths, then (pinned chunks) the copies */
     size_t enc_cap;
-    uint8_t *d_blk; /* pinned chunks: their blocks as they are, each at a 16-byte boundary
+    uint8_t *d_blk; /* pinned chunks: their blocks' spans as they are, each at a 16-byte boundary
                      * (align16) */
     size_t blk_cap;
     uint16_t *d_raw;
@@ -290,7 +292,8 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
                    size_t blk, cudaStream_t st, kvs_err *err)
 {
     cudaError_t e = cudaSuccess;
-    size_t enc = lens_at(sections, sk, sv) + table_at(sections) + 2 * sections * sizeof(kvs_copy2d);
+    /* Copies: two section gathers per section pair, two destination copies per block. */
+    size_t enc = lens_at(sections, sk, sv) + table_at(sections) + 4 * sections * sizeof(kvs_copy2d);
     int rc = grow_dev(&d->d_blk, &d->blk_cap, blk, st, "block staging", err);
     if (rc || (rc = grow_dev(&d->d_raw, &d->raw_cap, raw, st, "raw staging", err)))
         return rc;
@@ -336,6 +339,42 @@ static int reserve(kvs_cuda_decoder *d, size_t sections, size_t sk, size_t sv, s
     return 0;
 }
 
+/* Pinned chunks copy their blocks to the device in spans: a block that starts at most
+ * SPAN_GAP_MAX bytes (and at most an eighth of its length) after the previous block's end,
+ * at the same offset modulo 16 from the span's start, joins its span, gap included. A
+ * shared-memory region's consecutive slots then go in one DMA per chunk instead of one
+ * per block (a few microseconds of driver time each: 512 blocks of an 8k prefix). */
+#define SPAN_GAP_MAX (64u << 10)
+
+static bool span_joins(const uint8_t *lo, const uint8_t *hi, const kvs_cuda_block *b)
+{
+    const uint8_t *enc = b->enc;
+    size_t gap = (size_t)(enc - hi);
+    return enc >= hi && (size_t)(enc - lo) % 16 == 0 && gap <= SPAN_GAP_MAX && gap <= b->len / 8;
+}
+
+/* Copies the span [lo, hi) holding blocks[first..end) to dev; where the runtime refuses
+ * the whole span (memory between two pinned blocks that is not pinned itself: two
+ * registrations side by side), each block alone. */
+static int copy_span(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t first, size_t end,
+                     const uint8_t *lo, const uint8_t *hi, uint8_t *dev, cudaStream_t st,
+                     kvs_err *err)
+{
+    cudaError_t e = cudaMemcpyAsync(dev, lo, (size_t)(hi - lo), cudaMemcpyHostToDevice, st);
+    d->stats.pinned_copies++;
+    if (e == cudaSuccess)
+        return 0;
+    (void)cudaGetLastError();
+    d->stats.pinned_copies += end - first - 1;
+    for (size_t b = first; b < end; b++) {
+        const uint8_t *enc = blocks[b]->enc;
+        if ((e = cudaMemcpyAsync(dev + (enc - lo), enc, blocks[b]->len, cudaMemcpyHostToDevice,
+                                 st)) != cudaSuccess)
+            return cuda_err(err, e, "copy of a block to the device");
+    }
+    return 0;
+}
+
 /* Decodes blocks[0..m) (checked, all of codecs k, v and t tokens; all in pinned host memory
  * or none) as one chunk on the decoder's stream, into each block's raw_dev. */
 static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t m,
@@ -347,9 +386,17 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
     size_t n = m * L; /* sections per side */
     size_t sk = kvs_codec_section_max(k, t), sv = kvs_codec_section_max(v, t);
     size_t sec = (size_t)t * s->kv_heads * s->head_dim; /* elements */
-    size_t blk = 0;
-    for (size_t b = 0; pinned && b < m; b++)
-        blk += align16(blocks[b]->len);
+    size_t blk = 0;                                     /* pinned: the spans' device bytes */
+    const uint8_t *lo = NULL, *hi = NULL;
+    for (size_t b = 0; pinned && b <= m; b++) {
+        if (b < m && lo && span_joins(lo, hi, blocks[b])) {
+            hi = (const uint8_t *)blocks[b]->enc + blocks[b]->len;
+            continue;
+        }
+        blk += lo ? align16((size_t)(hi - lo)) : 0;
+        if (b < m)
+            lo = blocks[b]->enc, hi = lo + blocks[b]->len;
+    }
     d->stats.blocks += m;
     d->stats.blocks_pinned += pinned ? m : 0;
     int rc = reserve(d, n, sk, sv, 2 * n * sec * sizeof(uint16_t), blk, st, err);
@@ -361,18 +408,27 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
     cudaError_t e;
     if (d->h_used[h] && (e = cudaEventSynchronize(d->h_free[h])) != cudaSuccess)
         return cuda_err(err, e, "staging");
+    /* The staging's layout is the device's: sections (gathered here unless pinned), their
+     * lengths (K [n], then V [n]), then a table of copies: a pinned chunk's section gathers
+     * from its blocks' copies in d_blk, then every chunk's copies into the destinations. */
     uint8_t *hk = d->h_enc[h];
-    /* Lengths: K [n], then V [n]; after the sections, or at the start for a pinned chunk
-     * (whose sections are gathered on the device, from the blocks' copies in d_blk). */
-    uint32_t *lens = (uint32_t *)(pinned ? hk : hk + lens_at(n, sk, sv));
-    kvs_copy2d *table = (kvs_copy2d *)(hk + table_at(n));
+    size_t lens_off = lens_at(n, sk, sv), table_off = lens_off + table_at(n);
+    uint32_t *lens = (uint32_t *)(hk + lens_off);
+    kvs_copy2d *table = (kvs_copy2d *)(hk + table_off);
     uint32_t copies = 0;
-    size_t at = 0;
+    size_t at = 0, first = 0; /* the current span: its device offset and first block */
+    lo = hi = NULL;
     for (size_t b = 0; b < m; b++) {
         const uint8_t *enc = blocks[b]->enc;
-        if (pinned && (e = cudaMemcpyAsync(d->d_blk + at, enc, blocks[b]->len,
-                                           cudaMemcpyHostToDevice, st)) != cudaSuccess)
-            return cuda_err(err, e, "copy of a block to the device");
+        if (pinned && !(lo && span_joins(lo, hi, blocks[b]))) {
+            if (lo && (rc = copy_span(d, blocks, first, b, lo, hi, d->d_blk + at, st, err)))
+                return rc;
+            at += lo ? align16((size_t)(hi - lo)) : 0;
+            lo = enc, first = b;
+        }
+        if (pinned)
+            hi = enc + blocks[b]->len;
+        const uint8_t *dev = pinned ? d->d_blk + at + (enc - lo) : NULL; /* the block there */
         for (uint32_t l = 0; l < L; l++) {
             size_t i = b * L + l;
             for (unsigned kv = 0; kv < 2; kv++) {
@@ -381,29 +437,34 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
                 kvs_format_section(enc, l, kv, &p, &len);
                 size_t to = kv ? n * sk + i * sv : i * sk;
                 if (pinned)
-                    kvs_copies_add(table, &copies, d->d_enc + to, len, d->d_blk + at + (p - enc),
-                                   len, len, 1);
+                    kvs_copies_add(table, &copies, d->d_enc + to, len, dev + (p - enc), len, len,
+                                   1);
                 else
                     memcpy(hk + to, p, len);
                 lens[kv * n + i] = (uint32_t)len;
             }
         }
-        at += pinned ? align16(blocks[b]->len) : 0;
     }
-    /* One copy of the staging: [sections][lengths], or [lengths][copy table] to where the
-     * device staging keeps them (after its sections). */
-    size_t bytes =
-        pinned ? table_at(n) + copies * sizeof *table : (size_t)((uint8_t *)(lens + 2 * n) - hk);
-    uint8_t *to = pinned ? d->d_enc + lens_at(n, sk, sv) : d->d_enc;
-    if ((e = cudaMemcpyAsync(to, hk, bytes, cudaMemcpyHostToDevice, st)) != cudaSuccess ||
+    if (lo && (rc = copy_span(d, blocks, first, m, lo, hi, d->d_blk + at, st, err)))
+        return rc;
+    /* Each block's K sections [L][sec] to its layout's K rows (pitch 2 sec), then V. */
+    size_t row = sec * sizeof(uint16_t);
+    uint32_t gathers = copies;
+    for (size_t b = 0; b < m; b++)
+        for (unsigned kv = 0; kv < 2; kv++)
+            kvs_copies_add(table, &copies, (uint8_t *)blocks[b]->raw_dev + kv * row, 2 * row,
+                           d->d_raw + (kv * n + b * L) * sec, row, row, L);
+    /* One copy of the staging: all of it, or (pinned) from the lengths on. */
+    size_t from = pinned ? lens_off : 0, bytes = table_off + copies * sizeof *table - from;
+    if ((e = cudaMemcpyAsync(d->d_enc + from, hk + from, bytes, cudaMemcpyHostToDevice, st)) !=
+            cudaSuccess ||
         (e = cudaEventRecord(d->h_free[h], st)) != cudaSuccess)
         return cuda_err(err, e, "copy to the device");
     d->h_used[h] = true;
-    if (pinned &&
-        (rc = kvs_copies_run_cuda((const kvs_copy2d *)(d->d_enc + lens_at(n, sk, sv) + table_at(n)),
-                                  copies, sk > sv ? sk : sv, st, err)))
+    const kvs_copy2d *d_table = (const kvs_copy2d *)(d->d_enc + table_off);
+    if (gathers && (rc = kvs_copies_run_cuda(d_table, gathers, sk > sv ? sk : sv, st, err)))
         return rc;
-    const uint32_t *d_lens = (const uint32_t *)(d->d_enc + lens_at(n, sk, sv));
+    const uint32_t *d_lens = (const uint32_t *)(d->d_enc + lens_off);
     for (unsigned kv = 0; kv < 2 && rc == 0; kv++) {
         const kvs_codec *c = kv ? v : k;
         kvs_cuda_sections q = {
@@ -417,14 +478,8 @@ static int run_chunk(kvs_cuda_decoder *d, kvs_cuda_block *const *blocks, size_t 
         };
         rc = kvs_codec_decode_cuda(c, &q, st, err);
     }
-    /* Each block's K sections [L][sec] to its layout's K rows (pitch 2 sec), then V. */
-    size_t row = sec * sizeof(uint16_t);
-    for (size_t b = 0; b < m && rc == 0; b++)
-        for (unsigned kv = 0; kv < 2; kv++)
-            if ((e = cudaMemcpy2DAsync((uint8_t *)blocks[b]->raw_dev + kv * row, 2 * row,
-                                       d->d_raw + (kv * n + b * L) * sec, row, row, L,
-                                       cudaMemcpyDefault, st)) != cudaSuccess)
-                return cuda_err(err, e, "copy into the destination");
+    if (rc == 0)
+        rc = kvs_copies_run_cuda(d_table + gathers, copies - gathers, (uint64_t)row * L, st, err);
     return rc;
 }
 

@@ -66,9 +66,10 @@ KVS_API int kvs_decode_blocks_cuda(kvs_cuda_decoder *d, kvs_cuda_block *blocks, 
  * for a shared-memory region registered with CUDA: cudaHostRegister over the whole region;
  * a region left pageable is gathered on the host, which is what blocks_pinned shows), and
  * how many had their checksum verified by the decoder's threads (batches of 8 MiB and more)
- * rather than inline. */
+ * rather than inline; pinned_copies counts the host-to-device copies that moved the pinned
+ * blocks (consecutive blocks, as in a region's slots, share one). */
 typedef struct kvs_cuda_decoder_stats {
-    uint64_t blocks, blocks_pinned, blocks_hashed_threads;
+    uint64_t blocks, blocks_pinned, blocks_hashed_threads, pinned_copies;
 } kvs_cuda_decoder_stats;
 KVS_API void kvs_cuda_decoder_stats_get(const kvs_cuda_decoder *d, kvs_cuda_decoder_stats *out);
 

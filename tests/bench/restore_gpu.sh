@@ -10,7 +10,8 @@
 #    PATHS: kvs-bench-restore --paths for every codec, CONNECTIONS=1: its --connections,
 #    PIPE_BLOCKS=64: its --pipe-blocks (shmgpu-pipe; its per-chunk trace is printed too),
 #    TRANSPORT=unix: the gRPC listener, unix or tcp (loopback TCP, the remote-style paths'
-#    transport; the region socket is on either way, so shm and ipc still run))
+#    transport; the region socket is on either way, so shm and ipc still run),
+#    RECOMPUTE=0: skip the PyTorch prefill)
 set -u
 D=$1; B=$2; O=${3:-.}
 TOKENS=${TOKENS:-1024 4096 8192 16384}
@@ -42,5 +43,6 @@ for c in $CODECS; do
         echo "(exit $?)"
     done
 done
+[ "${RECOMPUTE:-1}" = 1 ] || exit 0   # RECOMPUTE=0: the restore paths only
 echo "# recompute"
 python3 "$(dirname "$0")/recompute.py" --tokens "$(echo $TOKENS | tr ' ' ,)" 2>&1

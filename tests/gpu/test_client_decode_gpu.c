@@ -10,7 +10,9 @@
  * batches run with the encoded blocks in pageable memory (gathered on the host), in pinned
  * memory (copied whole and gathered on the device: a shared-memory region the worker
  * registered with CUDA) and alternating between the two (chunks split where the kind
- * changes); batches of 8 MiB and more verify their checksums on threads, smaller ones
+ * changes), and in the slots of one pinned arena, in order (consecutive blocks copied to
+ * the device together: fewer copies than blocks) and in reverse (one copy each); batches of
+ * 8 MiB and more verify their checksums on threads, smaller ones
  * inline, and both kinds must refuse the damaged block. Exits 77 (skipped) where the build
  * has no CUDA or the machine no GPU.
  */
@@ -123,12 +125,21 @@ out:
     free(got);
 }
 
-enum { PAGEABLE, PINNED, ALTERNATE }; /* where a batch's encoded blocks are */
-static const char *where_name[] = {"pageable", "pinned", "alternating"};
+/* Where a batch's encoded blocks are: each in its own allocation (pageable, pinned, or
+ * alternating), or in the slots of one pinned arena as in a shared-memory region, slot i
+ * holding block i (SLOTS: consecutive blocks are copied to the device together) or block
+ * nb-1-i (SLOTS_REVERSED: none are). */
+enum { PAGEABLE, PINNED, ALTERNATE, SLOTS, SLOTS_REVERSED };
+static const char *where_name[] = {"pageable", "pinned", "alternating", "slots", "reversed slots"};
 
 static bool pinned_at(int where, size_t i)
 {
-    return where == PINNED || (where == ALTERNATE && i % 2);
+    return where == PINNED || where >= SLOTS || (where == ALTERNATE && i % 2);
+}
+
+static size_t align16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
 }
 
 /* A batch of nb blocks of layout (L, H, 128) and codec: most of 16 tokens, a run of 5 in the
@@ -145,6 +156,13 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb, int wher
     size_t *elems = calloc(nb, sizeof *elems);
     kvs_err err;
     kvs_cuda_decoder *d = NULL;
+    /* Slots: one pinned arena, a slot of the largest encoded size per block (a region's). */
+    size_t slot = align16(kvs_block_encoded_max(k, v, 16));
+    uint8_t *arena = NULL;
+    if (where >= SLOTS && cudaHostAlloc((void **)&arena, nb * slot, cudaHostAllocDefault)) {
+        FAIL("%s batch: cudaHostAlloc of the slots", codec);
+        goto out;
+    }
     if (kvs_cuda_decoder_create(NULL, "ns", &s, &d, &err)) {
         FAIL("%s batch: decoder: %s", codec, err.msg);
         goto out;
@@ -153,7 +171,9 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb, int wher
         uint32_t t = i >= nb / 2 && i < nb / 2 + 3 ? 5 : 16;
         size_t n = (size_t)L * 2 * t * H * 128, cap = kvs_block_encoded_max(k, v, t), len = 0;
         uint16_t *raw = kvs_test_gauss_data(n, 500 + i, 1.0, KVS_DTYPE_FP16);
-        if (pinned_at(where, i)) {
+        if (where >= SLOTS) {
+            enc[i] = arena + (where == SLOTS ? i : nb - 1 - i) * slot;
+        } else if (pinned_at(where, i)) {
             if (cudaHostAlloc((void **)&enc[i], cap, cudaHostAllocDefault) != cudaSuccess) {
                 FAIL("%s batch: cudaHostAlloc", codec);
                 enc[i] = NULL;
@@ -194,8 +214,25 @@ static void batch(const char *codec, uint32_t L, uint32_t H, size_t nb, int wher
         bytes += bl[i].len;
     uint64_t decoded = after.blocks - before.blocks,
              pinned = after.blocks_pinned - before.blocks_pinned,
-             hashed = after.blocks_hashed_threads - before.blocks_hashed_threads;
-    if (decoded < nb - 2 || (where == PINNED && pinned != decoded) ||
+             hashed = after.blocks_hashed_threads - before.blocks_hashed_threads,
+             copies = after.pinned_copies - before.pinned_copies;
+    /* Copies to the device: one per block from separate allocations at most, one per block
+     * from slots in reverse order (none follows the one before it), and from slots in
+     * order, where the full blocks fill their slots to within an eighth, at most one per
+     * half of the blocks (a span ends where a chunk does, at the 5-token run and at the
+     * damaged and short blocks, which are left out). */
+    size_t min_len = SIZE_MAX, max_gap = 0; /* over the decoded full blocks */
+    for (size_t i = 0; i < nb; i++)
+        if (bl[i].rc == 0 && elems[i] == full) {
+            min_len = bl[i].len < min_len ? bl[i].len : min_len;
+            max_gap = slot - bl[i].len > max_gap ? slot - bl[i].len : max_gap;
+        }
+    bool full_slots = max_gap <= min_len / 8;
+    if (copies > pinned || (where == SLOTS_REVERSED && copies != pinned) ||
+        (where == SLOTS && full_slots && copies * 2 > pinned))
+        FAIL("%s batch (%s): %llu pinned blocks in %llu copies", codec, where_name[where],
+             (unsigned long long)pinned, (unsigned long long)copies);
+    if (decoded < nb - 2 || (where >= PINNED && where != ALTERNATE && pinned != decoded) ||
         (where == PAGEABLE && pinned != 0) ||
         (where == ALTERNATE && (pinned == 0 || pinned == decoded)))
         FAIL("%s batch (%s): %llu blocks decoded, %llu of them from pinned memory", codec,
@@ -240,12 +277,15 @@ out:
     for (size_t i = 0; i < nb; i++) {
         if (bl)
             cudaFree(bl[i].raw_dev);
-        if (pinned_at(where, i))
+        if (where >= SLOTS)
+            ; /* the arena's */
+        else if (pinned_at(where, i))
             cudaFreeHost(enc[i]);
         else
             free(enc[i]);
         free(ref[i]);
     }
+    cudaFreeHost(arena);
     kvs_cuda_decoder_destroy(d);
     kvs_codec_destroy(k);
     kvs_codec_destroy(v);
@@ -270,7 +310,7 @@ int main(void)
             for (int kind = 0; kind < 3; kind++)
                 one(codecs[c], tokens[t], kind);
     for (size_t c = 0; c < sizeof codecs / sizeof *codecs; c++) {
-        for (int where = PAGEABLE; where <= ALTERNATE; where++) {
+        for (int where = PAGEABLE; where <= SLOTS_REVERSED; where++) {
             batch(codecs[c], 4, 2, 23, where);
             batch(codecs[c], 32, 8, 40, where); /* 2 MiB blocks: 80 MiB, more than a chunk */
         }
