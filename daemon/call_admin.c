@@ -182,6 +182,7 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
         kvs_hostpool_get_stats(pool, &ps);
         host.pinned_bytes = ps.committed;
     }
+    host.block_meta_bytes = KVS_STORE_BLOCK_META;
     host.recoded_blocks = st.host_recoded;
     host.recode_saved_bytes = st.host_recode_saved;
     disk.recoded_blocks = st.disk_recoded;

@@ -144,7 +144,8 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
         st->stats.spill_pending -= blk->size;
         break;
     case KVS_CHARGE_HOST:
-        kvs__store_host_charge_locked(st, blk->ns, -(int64_t)(blk->size + blk->shrink));
+        kvs__store_host_charge_locked(st, blk->ns,
+                                      -(int64_t)(blk->size + blk->shrink + KVS_STORE_BLOCK_META));
         break;
     case KVS_CHARGE_NONE:
         break; /* disk entries and transient reads (invariant 7) */
@@ -494,7 +495,8 @@ void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target,
             kvs__block_set_state(blk, KVS_BLOCK_SPILLING);
             blk->charge = KVS_CHARGE_SPILL;
             blk->refs++;
-            kvs__store_host_charge_locked(st, blk->ns, -(int64_t)blk->size);
+            kvs__store_host_charge_locked(st, blk->ns,
+                                          -(int64_t)(blk->size + KVS_STORE_BLOCK_META));
             st->stats.spill_pending += blk->size;
             kvs_writer_put(st->writer, blk, blk->size);
             continue;
@@ -550,6 +552,7 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
                        kvs_block **out, kvs_err *err)
 {
     kvs_block *to_free = NULL;
+    const uint64_t charge = bytes + KVS_STORE_BLOCK_META; /* what the block holds */
     uint64_t quota = kvs_ns_spec_of(ns)->host_quota;
     pthread_mutex_lock(&st->mu);
     const uint64_t *mine = &kvs_ns_usage_of(ns)->host_bytes;
@@ -557,28 +560,30 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
      * the tier's own shortage (every namespace within its quota) evicts across tenants. */
     bool within = true;
     if (quota) {
-        if (*mine + bytes > quota && bytes <= quota)
-            kvs__store_evict_until_locked(st, ns, quota - bytes, drop, &to_free);
-        within = *mine + bytes <= quota;
+        if (*mine + charge > quota && charge <= quota)
+            kvs__store_evict_until_locked(st, ns, quota - charge, drop, &to_free);
+        within = *mine + charge <= quota;
     }
-    bool ok = within && make_room_locked(st, bytes, drop, &to_free);
+    bool ok = within && make_room_locked(st, charge, drop, &to_free);
     if (ok)
-        kvs__store_host_charge_locked(st, ns, (int64_t)bytes);
+        kvs__store_host_charge_locked(st, ns, (int64_t)charge);
     uint64_t used = st->stats.host_used, cap = st->stats.host_capacity, held = *mine;
     pthread_mutex_unlock(&st->mu);
     kvs__block_free_chain(to_free);
     if (!within)
         return kvs_err_set(err, KVS_ENOSPC,
                            "host_quota_bytes: namespace '%s' holds %llu bytes of its host quota "
-                           "of %llu and no idle block of its own is left to evict for %llu more",
+                           "of %llu and no idle block of its own is left to evict for %llu more "
+                           "(the block's %llu and %u of bookkeeping)",
                            kvs_ns_spec_of(ns)->name, (unsigned long long)held,
-                           (unsigned long long)quota, (unsigned long long)bytes);
+                           (unsigned long long)quota, (unsigned long long)charge,
+                           (unsigned long long)bytes, KVS_STORE_BLOCK_META);
     if (!ok)
         return kvs_err_set(err, KVS_ENOSPC,
-                           "host tier: no room for %llu bytes (%llu of %llu used, the rest "
-                           "is busy)",
-                           (unsigned long long)bytes, (unsigned long long)used,
-                           (unsigned long long)cap);
+                           "host tier: no room for %llu bytes (the block's %llu and %u of "
+                           "bookkeeping; %llu of %llu used, the rest is busy)",
+                           (unsigned long long)charge, (unsigned long long)bytes,
+                           KVS_STORE_BLOCK_META, (unsigned long long)used, (unsigned long long)cap);
     kvs_block *blk = calloc(1, sizeof *blk);
     unsigned char *data = NULL;
     if (blk && st->pool && (data = kvs_hostpool_alloc(st->pool, bytes)))
@@ -588,7 +593,7 @@ static int block_alloc(kvs_store *st, kvs_ns *ns, uint32_t tokens, uint64_t byte
     if (!data) {
         free(blk);
         pthread_mutex_lock(&st->mu);
-        kvs__store_host_charge_locked(st, ns, -(int64_t)bytes);
+        kvs__store_host_charge_locked(st, ns, -(int64_t)charge);
         pthread_mutex_unlock(&st->mu);
         return kvs_err_set(err, KVS_ENOMEM, "host tier: cannot allocate %llu bytes",
                            (unsigned long long)bytes);

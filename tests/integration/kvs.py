@@ -127,6 +127,11 @@ def parse_encoded(b):
     return hdr, list(zip(offs[:-1], offs[1:]))
 
 
+# What the host tier charges each block beyond its stored bytes (storage/store.h
+# KVS_STORE_BLOCK_META; TierStats.block_meta_bytes says it too).
+BLOCK_META = 512
+
+
 def encoded_prefix_bytes(L):
     """Header + section table of an encoded block (gpu/codec/format.h)."""
     return 64 + 4 * (2 * L + 1)

@@ -95,7 +95,8 @@ def test_eviction_under_churn(daemon):
 def test_tier_of_exactly_one_block(daemon):
     """A tier with room for exactly one full block: the namespace is accepted, a block
     can be replaced in place, and a second key evicts the first."""
-    room = BLOCK + kvs.encoded_prefix_bytes(L)  # one encoded `none` block, header included
+    # One encoded `none` block, header included, and its bookkeeping.
+    room = BLOCK + kvs.encoded_prefix_bytes(L) + kvs.BLOCK_META
     d = daemon(host_capacity=str(room))
     ns = kvs.Ns(kvs.make_ns(d.admin, L=L, H=H, D=D, T=T))
     a1, a2, b = ns.payload(T, seed=1), ns.payload(T, seed=2), ns.payload(T, seed=3)
@@ -107,6 +108,7 @@ def test_tier_of_exactly_one_block(daemon):
     assert kvs.get(d.stub, ns.name, b"b").data == b
     host = d.host_tier()
     assert host.blocks == 1 and host.used_bytes == room
+    assert host.block_meta_bytes == kvs.BLOCK_META
     # Small blocks share the room (each carries its own encoded header: three quarters fit).
     for i in range(3):
         kvs.put(d.stub, ns.name, bytes([i]), T // 4, ns.payload(T // 4, seed=10 + i))

@@ -164,6 +164,28 @@ def test_memory_returned_after_load_and_drop(daemon):
         f"pinned pool {kvs.pinned_bytes(d) >> 20} MiB)"
 
 
+def test_tiny_blocks_cannot_outgrow_the_host_capacity(daemon):
+    """One-token blocks of a one-layer namespace are 140 bytes stored, and each took about
+    500 more in the daemon's bookkeeping that no budget counted: a client could hold three
+    times --host-capacity in memory. Each block is now charged its bookkeeping, so the
+    tier holds capacity / (140 + BLOCK_META) of them and evicts past that."""
+    cap = 256 << 10
+    d = daemon(host_capacity=str(cap))
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=1, H=1, D=16, T=1))
+    for i in range(2500):
+        kvs.put(d.stub, ns.name, i.to_bytes(4, "little"), 1, ns.payload(1, seed=i))
+    host = d.host_tier()
+    info = [n for n in d.admin.ListNamespaces(pb.ListNamespacesRequest()).namespaces
+            if n.spec.name == ns.name][0]
+    one = info.stored_bytes // info.blocks  # every block is the same size
+    assert one == kvs.encoded_prefix_bytes(1) + kvs.block_bytes(1, 1, 16, 1)
+    assert host.blocks == cap // (one + kvs.BLOCK_META), host
+    assert host.used_bytes == host.blocks * (one + kvs.BLOCK_META) <= cap
+    assert host.evictions == 2500 - host.blocks
+    # The newest are there, as written.
+    assert kvs.get(d.stub, ns.name, (2499).to_bytes(4, "little")).data == ns.payload(1, seed=2499)
+
+
 # ----------------------------------------------------------------------------- namespaces
 
 def test_namespace_count_is_bounded(daemon, tmp_path):

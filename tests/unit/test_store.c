@@ -31,8 +31,10 @@ static kvs_ns_spec small_spec(const char *name)
     return s;
 }
 
-/* Encoded bytes of a small_spec block of t tokens. */
+/* Encoded bytes of a small_spec block of t tokens, and what it is charged in the host tier
+ * (its bookkeeping too). */
 #define ENC(t) ((uint64_t)kvs_format_prefix_bytes(2) + 128u * (t))
+#define HOST(t) (ENC(t) + KVS_STORE_BLOCK_META)
 
 static kvs_store *new_store(uint64_t cap)
 {
@@ -164,7 +166,7 @@ static void test_roundtrip_replace_delete(void **state)
 
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, ENC(2) + ENC(1));
+    assert_int_equal(stats.host_used, HOST(2) + HOST(1));
     assert_int_equal(stats.host_blocks, 2);
 
     kvs_store_key keys[3] = {{"a", 1}, {"zz", 2}, {"b", 1}};
@@ -187,7 +189,7 @@ static void test_roundtrip_replace_delete(void **state)
 
 static void test_lru_eviction_and_busy_blocks(void **state)
 {
-    kvs_store *st = new_store(4 * ENC(4)); /* room for exactly four full blocks */
+    kvs_store *st = new_store(4 * HOST(4)); /* room for exactly four full blocks */
     kvs_ns_spec s = small_spec("m");
     kvs_ns *ns;
     kvs_err err;
@@ -215,11 +217,11 @@ static void test_lru_eviction_and_busy_blocks(void **state)
     expect_fill(ns, held, 2);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 4 * ENC(4)); /* held block still counted */
+    assert_int_equal(stats.host_used, 4 * HOST(4)); /* held block still counted */
     assert_int_equal(stats.host_blocks, 3);
     kvs_store_block_release(st, held);
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, 3 * ENC(4));
+    assert_int_equal(stats.host_used, 3 * HOST(4));
     assert_int_equal(stats.host_evictions, 2);
 
     /* When every block is busy nothing can be evicted: ENOSPC, nothing lost. */
@@ -271,7 +273,7 @@ static void test_checksum_mismatch_is_data_loss(void **state)
 static int working_set_after_scan(kvs_policy_kind kind)
 {
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 10 * ENC(4), .eviction = kind};
+    kvs_store_opts o = {.host_capacity = 10 * HOST(4), .eviction = kind};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = small_spec("p");
     kvs_ns *ns;
@@ -307,6 +309,40 @@ static int working_set_after_scan(kvs_policy_kind kind)
     return alive;
 }
 
+/* Tiny blocks cannot hold more memory than the capacity says: each is charged its
+ * bookkeeping (KVS_STORE_BLOCK_META) with its bytes, so a client writing one-token blocks
+ * gets evictions at capacity / (bytes + META), not at capacity / bytes with three times
+ * the capacity in index entries. */
+static void test_tiny_blocks_charged_their_bookkeeping(void **state)
+{
+    (void)state;
+    const uint64_t cap = 64u << 10, one = ENC(1) + KVS_STORE_BLOCK_META;
+    kvs_store *st = new_store(cap);
+    kvs_ns_spec spec = small_spec("tiny");
+    kvs_ns *ns;
+    kvs_err err;
+    assert_int_equal(kvs_store_ns_create(st, &spec, &ns, &err), 0);
+    char key[32];
+    for (int i = 0; i < 1000; i++) {
+        snprintf(key, sizeof key, "k%d", i);
+        assert_int_equal(put(st, ns, key, 1, (uint8_t)(i % 100), NULL, &err), 0);
+    }
+    kvs_store_stats stats;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(stats.host_blocks, cap / one);
+    assert_int_equal(stats.host_used, stats.host_blocks * one);
+    kvs_store_ns_info *list;
+    size_t n;
+    assert_int_equal(kvs_store_ns_list(st, &list, &n, &err), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(list[0].usage.stored_bytes, stats.host_blocks * ENC(1)); /* the bytes */
+    assert_int_equal(list[0].usage.host_bytes, stats.host_used);              /* the charge */
+    free(list);
+    snprintf(key, sizeof key, "k%d", 999); /* the newest stays */
+    expect_block(st, ns, key, (uint8_t)(999 % 100));
+    kvs_store_destroy(st);
+}
+
 static void test_policy_scan_resistance(void **state)
 {
     /* LRU: the scan pushes the working set out (its blocks are the least recently used). */
@@ -319,7 +355,7 @@ static void test_policy_scan_resistance(void **state)
     /* S3-FIFO skips busy blocks too (policy.h's busy-skip contract): with every block held
      * nothing can be evicted (ENOSPC, nothing lost); the one let go is the one evicted. */
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 4 * ENC(4), .eviction = KVS_POLICY_S3FIFO};
+    kvs_store_opts o = {.host_capacity = 4 * HOST(4), .eviction = KVS_POLICY_S3FIFO};
     kvs_err err;
     assert_int_equal(kvs_store_create(&o, &st, &err), 0);
     kvs_ns_spec s = small_spec("b");
@@ -386,7 +422,7 @@ static void test_drop_namespace(void **state)
     free(list);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, ENC(4));
+    assert_int_equal(stats.host_used, HOST(4));
     kvs_ns_unref(n1);
     kvs_ns_unref(n2);
     kvs_store_destroy(st);
@@ -475,7 +511,7 @@ static void *soak_thread(void *p)
 static void soak(kvs_policy_kind eviction)
 {
     kvs_store *st = NULL;
-    kvs_store_opts o = {.host_capacity = 16 * ENC(4), /* small: eviction runs constantly */
+    kvs_store_opts o = {.host_capacity = 16 * HOST(4), /* small: eviction runs constantly */
                         .eviction = eviction};
     assert_int_equal(kvs_store_create(&o, &st, NULL), 0);
     kvs_ns_spec s = small_spec("m");
@@ -498,7 +534,9 @@ static void soak(kvs_policy_kind eviction)
     kvs_store_ns_info *list;
     size_t n;
     assert_int_equal(kvs_store_ns_list(st, &list, &n, NULL), 0);
-    assert_int_equal(list[0].usage.stored_bytes, stats.host_used); /* nothing held */
+    assert_int_equal(list[0].usage.host_bytes, stats.host_used); /* nothing held */
+    assert_int_equal(list[0].usage.stored_bytes + stats.host_blocks * KVS_STORE_BLOCK_META,
+                     stats.host_used);
     assert_int_equal(list[0].usage.blocks, stats.host_blocks);
     free(list);
     kvs_ns_unref(ns);
@@ -603,7 +641,7 @@ static void test_gpu_tier_and_demotion(void **state)
     assert_int_equal(stats.gpu_blocks, 5); /* k1 k2 k5 k6 k7 */
     assert_int_equal(stats.gpu_used, 5000);
     assert_int_equal(stats.host_blocks, 2);
-    assert_int_equal(stats.host_used, 2 * ENC(4));
+    assert_int_equal(stats.host_used, 2 * HOST(4));
     /* Room again: new Puts land in the GPU tier; replacing a GPU block by a host one
      * frees its slot once the last reader lets go. */
     assert_int_equal(put_gpu(st, ns, "k8", NULL, &err), 0);
@@ -837,7 +875,7 @@ static void test_host_pool_blocks(void **state)
     kvs_ns *ns;
     kvs_err err;
     assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
-    uint64_t one = ENC(4); /* a full block as stored */
+    uint64_t one = HOST(4); /* a full block as stored, and its bookkeeping */
     int fit = (int)((64 << 10) / one);
     char key[16];
     for (int i = 0; i < fit + 3; i++) { /* the first 3 are evicted */
@@ -1025,7 +1063,8 @@ static kvs_store_tier expect_bytes(disk_fx *f, const char *key, const uint8_t *w
 static void test_disk_spill_get_promote(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 3 * 2200, 16 << 20, false); /* a none block of 8 tokens: ~2.1 KB */
+    fx_open(&f, "none", 3 * (2200 + KVS_STORE_BLOCK_META), 16 << 20,
+            false); /* a none block of 8 tokens: ~2.1 KB */
     uint8_t *want[NB];
     size_t len[NB];
     char key[16];
@@ -1107,6 +1146,7 @@ static void test_host_watermarks(void **state)
 
     /* Room for 20.5 blocks: the high watermark (50%) lies between 10 and 11 blocks, the
      * low one (30%) between 6 and 7. */
+    one += KVS_STORE_BLOCK_META;
     const uint64_t cap = 20 * one + one / 2;
     fx_open_wm(&f, "none", cap, 16 << 20, false, 50, 30);
     uint8_t *want[NB];
@@ -1181,7 +1221,7 @@ static void test_disk_no_promote(void **state)
 static void test_disk_find_then_read(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 16 << 20, false);
     size_t len;
     uint8_t *b0 = put_enc(&f, "k0", 8, 21, &len);
     free(put_enc(&f, "k1", 8, 22, &len));
@@ -1350,7 +1390,7 @@ static void test_disk_barrier(void **state)
 static void test_disk_delete_replace_drop(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 16 << 20, false);
     size_t len;
     char key[16];
     for (int i = 0; i < 6; i++) {
@@ -1393,7 +1433,7 @@ static void test_disk_delete_replace_drop(void **state)
 static void test_disk_corrupt_record_is_data_loss(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 16 << 20, false);
     size_t len;
     uint8_t *b0 = put_enc(&f, "k0", 8, 1, &len);
     free(put_enc(&f, "k1", 8, 2, &len));
@@ -1421,7 +1461,8 @@ static void test_disk_corrupt_record_is_data_loss(void **state)
 static void test_disk_budget_eviction(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 4 * 2200, false); /* room for 4 blocks on disk */
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 4 * 2200,
+            false); /* room for 4 blocks on disk */
     uint8_t *want[NB];
     size_t len[NB];
     char key[16];
@@ -1459,7 +1500,7 @@ static void test_disk_budget_eviction(void **state)
 static void test_disk_write_error(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 16 << 20, false);
     size_t len;
     free(put_enc(&f, "k0", 8, 1, &len));
     free(put_enc(&f, "k1", 8, 2, &len));
@@ -1652,7 +1693,7 @@ static void test_durable(void **state)
 static void test_disk_full_durable_contract(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 8 * 2200, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 8 * 2200, false);
     kvs_ns_spec ds = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 5);
     snprintf(ds.name, sizeof ds.name, "dur");
     ds.durable = true;
@@ -1722,7 +1763,7 @@ static void test_disk_evict_failure_keeps_index(void **state)
     disk_fx f;
     /* 4 blocks on disk; reads do not promote (a promotion would evict, and the checks
      * below would race the writer) */
-    fx_open(&f, "none", 2 * 2200, 4 * 2200, true);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 4 * 2200, true);
     char key[16];
     size_t len;
     uint8_t *want[6];
@@ -1759,7 +1800,7 @@ static void test_disk_evict_failure_keeps_index(void **state)
 static void test_disk_failed_delete_retried(void **state)
 {
     disk_fx f;
-    fx_open(&f, "none", 2 * 2200, 16 << 20, false);
+    fx_open(&f, "none", 2 * (2200 + KVS_STORE_BLOCK_META), 16 << 20, false);
     size_t len;
     char key[16];
     for (int i = 0; i < 4; i++) { /* k0, k1 spill to disk */
@@ -2004,6 +2045,7 @@ int main(void)
         cmocka_unit_test(test_ns_validation),
         cmocka_unit_test(test_roundtrip_replace_delete),
         cmocka_unit_test(test_lru_eviction_and_busy_blocks),
+        cmocka_unit_test(test_tiny_blocks_charged_their_bookkeeping),
         cmocka_unit_test(test_policy_scan_resistance),
         cmocka_unit_test(test_checksum_mismatch_is_data_loss),
         cmocka_unit_test(test_drop_namespace),

@@ -138,7 +138,7 @@ static bool on_disk(fx *f, const char *key)
 static void test_verify(void **state)
 {
     fx f;
-    fx_open(&f, 3 * 2200, 64 << 20);
+    fx_open(&f, 3 * (2200 + KVS_STORE_BLOCK_META), 64 << 20);
     size_t len;
     uint8_t *b[5];
     char key[8];
@@ -248,7 +248,8 @@ static void test_verify_batches(void **state)
     assert_int_equal(vi.host_bad, 0);
     kvs_store_stats stats;
     kvs_store_get_stats(st, &stats);
-    assert_int_equal(stats.host_used, (N - 4) * (kvs_format_prefix_bytes(2) + 128));
+    assert_int_equal(stats.host_used,
+                     (N - 4) * (kvs_format_prefix_bytes(2) + 128 + KVS_STORE_BLOCK_META));
     assert_int_equal(stats.checksum_failures, 4);
     kvs_ns_unref(ns);
     kvs_store_destroy(st);
@@ -376,7 +377,7 @@ static void test_evict_host_to_disk(void **state)
 static void test_evict_out(void **state)
 {
     fx f;
-    fx_open(&f, 3 * 2200, 64 << 20);
+    fx_open(&f, 3 * (2200 + KVS_STORE_BLOCK_META), 64 << 20);
     size_t len;
     char key[8];
     for (int i = 0; i < 5; i++) { /* o0 and o1 spill to disk */

@@ -97,6 +97,7 @@ static kvs_ns_spec small_spec(const char *name)
 }
 
 #define ENC(t) ((uint64_t)kvs_format_prefix_bytes(2) + 128u * (t))
+#define HOST(t) (ENC(t) + KVS_STORE_BLOCK_META) /* its host tier charge */
 
 /* Puts a real encoded block (the store checks its checksum on reads) of t tokens. */
 static int put(kvs_store *st, kvs_ns *ns, const char *key, uint32_t t, kvs_err *err)
@@ -187,7 +188,7 @@ static void test_host_eviction(void **state)
 {
     recorder r = {0};
     size_t at = 0;
-    kvs_store *st = new_store(&r, 2 * ENC(4)); /* two full blocks */
+    kvs_store *st = new_store(&r, 2 * HOST(4)); /* two full blocks */
     kvs_ns_spec s = small_spec("m");
     kvs_ns *ns;
     kvs_err err;
@@ -200,7 +201,7 @@ static void test_host_eviction(void **state)
     assert_string_equal(since(&r, &at), "+host a, +host b, -host b, +host c");
 
     /* A smaller host tier at run time evicts too. */
-    assert_int_equal(kvs_store_set_host(st, ENC(4), KVS_POLICY_LRU, NULL, &err), 0);
+    assert_int_equal(kvs_store_set_host(st, HOST(4), KVS_POLICY_LRU, NULL, &err), 0);
     assert_string_equal(since(&r, &at), "-host a");
 
     /* An operator's evict out of the store. */
@@ -371,7 +372,7 @@ static void test_disk_moves(void **state)
     disk_fx f;
     /* Room for 4 blocks; a multiple of 100, so that watermarks of 100% are the capacity
      * itself (they are computed as capacity / 100 * pct) and no background demotion runs. */
-    const uint64_t cap = (4 * ENC(4) + 99) / 100 * 100;
+    const uint64_t cap = (4 * HOST(4) + 99) / 100 * 100;
     fx_open(&f, &r, cap, false, false);
     kvs_err err;
     assert_int_equal(put(f.st, f.ns, "a", 4, &err), 0);
@@ -476,7 +477,7 @@ static void test_replay_matches_index(void **state)
 {
     recorder r = {0};
     disk_fx f;
-    fx_open(&f, &r, 8 * ENC(4), true, false);
+    fx_open(&f, &r, 8 * HOST(4), true, false);
     pthread_t th[SOAK_THREADS];
     soak_arg args[SOAK_THREADS];
     for (int i = 0; i < SOAK_THREADS; i++) {

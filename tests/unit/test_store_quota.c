@@ -276,7 +276,7 @@ static void fx_open(fx *f, uint64_t disk_budget, bool reopen)
     kvs_disk_opts dopts = {.nosync = true};
     if (kvs_disk_open(f->dir, disk_budget, &dopts, &f->disk, &err))
         fail_msg("%s", err.msg);
-    kvs_store_opts o = {.host_capacity = 2 * 2200,
+    kvs_store_opts o = {.host_capacity = 2 * (2200 + KVS_STORE_BLOCK_META),
                         .disk = f->disk,
                         .disk_capacity = disk_budget,
                         .spill_max = 64 << 20,
