@@ -242,7 +242,8 @@ int kvs_client_stats(kvs_client *c, kvs_stats **out, kvs_err *err)
                                                   .hits = t->hits,
                                                   .evictions = t->evictions,
                                                   .recoded_blocks = t->recoded_blocks,
-                                                  .recode_saved_bytes = t->recode_saved_bytes};
+                                                  .recode_saved_bytes = t->recode_saved_bytes,
+                                                  .block_meta_bytes = t->block_meta_bytes};
     }
     rc = infos_from_pb("Stats", rep->namespaces, rep->n_namespaces, &s->namespaces, err);
     if (rc == 0) {

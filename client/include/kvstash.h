@@ -397,6 +397,10 @@ typedef struct kvs_tier_stats {
      * into it (host_codec, disk_codec: README "Namespace options"), and the stored bytes
      * that saved. */
     uint64_t recoded_blocks, recode_saved_bytes;
+    /* Host tier: what each block is charged in used_bytes beyond its stored bytes (its
+     * index entry and bookkeeping: README --host-capacity); 0 from a daemon that predates
+     * it and for the other tiers. */
+    uint64_t block_meta_bytes;
 } kvs_tier_stats;
 
 typedef struct kvs_rpc_stats {

@@ -16,6 +16,7 @@ static void json_tier(kvctl_json *j, const kvs_tier_stats *t)
     kvctl_json_u64(j, "evictions", t->evictions);
     kvctl_json_u64(j, "recoded_blocks", t->recoded_blocks);
     kvctl_json_u64(j, "recode_saved_bytes", t->recode_saved_bytes);
+    kvctl_json_u64(j, "block_meta_bytes", t->block_meta_bytes);
     kvctl_json_close(j, '}');
 }
 

@@ -557,7 +557,10 @@ static void close_workers(worker *ws, unsigned n)
     }
 }
 
-/* Encoded bytes per block the store holds right now for this run's keys. */
+/* Bytes per block the store holds right now for this run's keys: Redis's used_memory
+ * growth (values, keys and its per-key structures); kvstash's encoded bytes and the
+ * bookkeeping its host tier charges each block (TierStats.block_meta_bytes), its
+ * counterpart of Redis's per-key structures. */
 static int measure_memory(const bench *b, const target *t, uint64_t redis_before, size_t keys,
                           double *out, kvs_err *err)
 {
@@ -575,7 +578,15 @@ static int measure_memory(const bench *b, const target *t, uint64_t redis_before
     if (info.blocks != keys)
         fprintf(stderr, "kvs-bench-h2h: %s holds %" PRIu64 " blocks, expected %zu\n", t->ns,
                 info.blocks, keys);
-    *out = info.blocks ? (double)info.stored_bytes / (double)info.blocks : 0;
+    kvs_stats *s;
+    if (kvs_client_stats(b->kvs, &s, err) != 0)
+        return kvs_err_prefix(err, "stats");
+    uint64_t meta = 0;
+    for (size_t i = 0; i < s->n_tiers; i++)
+        if (s->tiers[i].tier == KVS_TIER_HOST)
+            meta = s->tiers[i].block_meta_bytes;
+    kvs_stats_free(s);
+    *out = info.blocks ? (double)info.stored_bytes / (double)info.blocks + (double)meta : 0;
     return 0;
 }
 

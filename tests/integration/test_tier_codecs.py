@@ -263,4 +263,9 @@ def test_tier_codec_options(daemon):
         c.put(n.name, b"k", gaussian(3))
         prefix, rows = c.lookup_codecs(n.name, [b"k", b"none"])
         assert prefix == 1 and rows == [("host", "fp8", "fp8"), ("none", "", "")]
-        assert "recoded_blocks" in c.stats()["tiers"]["host"]
+        host = c.stats()["tiers"]["host"]
+        assert "recoded_blocks" in host
+        # The C struct's last field read through the ctypes mirror: a layout that drifted
+        # would read something else here.
+        assert host["block_meta_bytes"] == kvs.BLOCK_META
+        assert host["used_bytes"] > host["blocks"] * kvs.BLOCK_META > 0

@@ -156,7 +156,8 @@ class TierStats(ctypes.Structure):
     _fields_ = [("tier", ctypes.c_int), ("capacity_bytes", ctypes.c_uint64),
                 ("used_bytes", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
                 ("hits", ctypes.c_uint64), ("evictions", ctypes.c_uint64),
-                ("recoded_blocks", ctypes.c_uint64), ("recode_saved_bytes", ctypes.c_uint64)]
+                ("recoded_blocks", ctypes.c_uint64), ("recode_saved_bytes", ctypes.c_uint64),
+                ("block_meta_bytes", ctypes.c_uint64)]
 
 
 class RpcStats(ctypes.Structure):

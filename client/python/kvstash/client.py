@@ -1067,7 +1067,7 @@ class Client:
                 "version": s.version.decode(), "uptime_ms": s.uptime_ms, "misses": s.misses,
                 "tiers": {_TIERS[t.tier]: {f: getattr(t, f) for f in (
                     "capacity_bytes", "used_bytes", "blocks", "hits", "evictions",
-                    "recoded_blocks", "recode_saved_bytes")}
+                    "recoded_blocks", "recode_saved_bytes", "block_meta_bytes")}
                     for t in s.tiers[:s.n_tiers]},
                 "namespaces": [_ns_of(s.namespaces[i]) for i in range(s.n_namespaces)],
                 "rpcs": {s.rpcs[i].method.decode(): (s.rpcs[i].calls, s.rpcs[i].errors)
