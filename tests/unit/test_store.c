@@ -1520,6 +1520,78 @@ static void test_disk_write_error(void **state)
     fx_close(&f);
 }
 
+/* A GPU block with a disk record (a flushed host block, promoted), demoted with a re-encode
+ * to a colder host codec: its record no longer holds its bytes and goes (store_gpu.c). The
+ * tier's disk_used and the namespace's disk_bytes (its disk quota's measure) both give the
+ * bytes back: disk_used alone did, and the namespace stayed charged for a record it no
+ * longer had. */
+static void test_demotion_recode_drops_the_record_everywhere(void **state)
+{
+    (void)state;
+    char dir[64];
+    kvs_disk *disk = tmp_disk(dir, "recode", 16 << 20);
+    kvs_store_opts o = {.host_capacity = 1 << 20,
+                        .disk = disk,
+                        .disk_capacity = 16 << 20,
+                        .spill_max = 1 << 20,
+                        .host_high_pct = 100,
+                        .host_low_pct = 100,
+                        .gpu = {{FAKE_DEV, 8000}},
+                        .gpu_slab = 2000,
+                        .gpu_high_pct = 75,
+                        .gpu_low_pct = 50};
+    kvs_store *st;
+    kvs_err err;
+    assert_int_equal(kvs_store_create(&o, &st, &err), 0);
+    kvs_ns_spec s = small_spec("r");
+    kvs_ns *ns;
+    assert_int_equal(kvs_store_ns_create(st, &s, &ns, &err), 0);
+    assert_int_equal(put(st, ns, "k", 4, 0x21, NULL, &err), 0);
+    assert_int_equal(kvs_store_flush(st), 1); /* a record for the host block */
+    kvs_store_disk_wait(st);
+    kvs_block *h, *g;
+    assert_int_equal(kvs_store_get(st, ns, "k", 1, &h, &err), 0);
+    assert_true(kvs_store_promote_begin(st, 0, h, 1000, &g));
+    kvs_store_block_release(st, h);
+    kvs_store_promote_commit(st, h, g); /* the record stays with the block (invariant 7) */
+    kvs_store_stats stats;
+    kvs_store_ns_info *list;
+    size_t n;
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(kvs_store_ns_list(st, &list, &n, &err), 0);
+    assert_int_equal(stats.disk_used, ENC(4));
+    assert_int_equal(list[0].usage.disk_bytes, ENC(4));
+    free(list);
+    /* Over the GPU tier's high mark: the promoted block, the oldest, is picked first. */
+    for (int i = 0; i < 6; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "g%d", i);
+        assert_int_equal(put_gpu(st, ns, key, NULL, &err), 0);
+    }
+    kvs_block *picked[8];
+    size_t np = kvs_store_gpu_pick(st, 0, picked, 8);
+    assert_true(np >= 1);
+    assert_ptr_equal(picked[0], g);
+    kvs_block *nb;
+    assert_int_equal(kvs_store_block_alloc(st, ns, 4, ENC(4), &nb, &err), 0);
+    encode_fill(ns, 4, 0x21, kvs_block_data(nb), ENC(4));
+    kvs_block_set_enc(nb, KVS_ENC_PACK(KVS_ENC_HOST, KVS_ENC_HOST)); /* re-encoded colder */
+    kvs_store_demote_commit(st, picked[0], nb);
+    for (size_t i = 1; i < np; i++)
+        kvs_store_demote_cancel(st, picked[i]);
+    kvs_store_disk_wait(st);
+    kvs_store_get_stats(st, &stats);
+    assert_int_equal(kvs_store_ns_list(st, &list, &n, &err), 0);
+    assert_int_equal(stats.disk_used, 0);
+    assert_int_equal(list[0].usage.disk_bytes, 0);
+    free(list);
+    expect_block(st, ns, "k", 0x21);
+    kvs_ns_unref(ns);
+    kvs_store_destroy(st);
+    kvs_disk_close(disk);
+    kvs_test_rmtree(dir);
+}
+
 /* ---- durable namespaces */
 
 typedef struct durable_wait {
@@ -2046,6 +2118,7 @@ int main(void)
         cmocka_unit_test(test_roundtrip_replace_delete),
         cmocka_unit_test(test_lru_eviction_and_busy_blocks),
         cmocka_unit_test(test_tiny_blocks_charged_their_bookkeeping),
+        cmocka_unit_test(test_demotion_recode_drops_the_record_everywhere),
         cmocka_unit_test(test_policy_scan_resistance),
         cmocka_unit_test(test_checksum_mismatch_is_data_loss),
         cmocka_unit_test(test_drop_namespace),
