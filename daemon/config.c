@@ -5,6 +5,7 @@
 #include "daemon/config.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <getopt.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -171,6 +172,7 @@ enum {
     O_AUTO = 1,     /* "auto" stands for the derived default (0 or "" in the field) */
     O_NONEMPTY = 2, /* T_STR: "" refused */
     O_NONE = 4,     /* T_STR: "none" stands for "" (nothing; "./none" names a file) */
+    O_CORES = 8,    /* T_UINT with O_AUTO: "auto" is the core count (default_threads) */
 };
 
 typedef struct key_def {
@@ -201,10 +203,10 @@ static const key_def keys[] = {
      UINT64_MAX, "a size > 0", "bytes of the host RAM tier, e.g. 512M, 2G (default 2G)"},
     {"max_message", "max-message", "SIZE", T_SIZE, 0, 0, FIELD(max_message), 0, 4096,
      (1ull << 31) - 1, "a size in 4K..2G-1", "largest gRPC message accepted or sent (default 64M)"},
-    {"threads", "threads", "N", T_UINT, 0, O_AUTO, FIELD(threads), 0, 1, 256, "in 1..256",
+    {"threads", "threads", "N", T_UINT, 0, O_AUTO | O_CORES, FIELD(threads), 0, 1, 256, "in 1..256",
      "completion-queue threads (default auto: cores, at least 2)"},
-    {"codec_threads", "codec-threads", "N", T_UINT, 0, O_AUTO, FIELD(codec_threads), 0, 1, 1024,
-     "in 1..1024", "thread-pool threads for CPU encode/decode (default auto: cores)"},
+    {"codec_threads", "codec-threads", "N", T_UINT, 0, O_AUTO | O_CORES, FIELD(codec_threads), 0, 1,
+     1024, "in 1..1024", "thread-pool threads for CPU encode/decode (default auto: cores)"},
     {"gpu", "gpu", "auto|on|off|all|LIST", T_GPU, 0, 0, FIELD(gpu), offsetof(kvs_config, gpu_mask),
      0, 0, "auto, on, off, all or a list of devices such as 0,2",
      "GPU codec engine: auto uses one when present (default),\non refuses to start without one; "
@@ -299,9 +301,15 @@ static const key_def keys[] = {
      "(in the file: data_dir_reset: on|off, default off)"},
     {"disk_capacity", "disk-capacity", "SIZE", T_SIZE, 0, 0, FIELD(disk_capacity), 0, 1ull << 20,
      UINT64_MAX, "a size >= 1M", "byte budget of the disk tier (default 16G)"},
+    {"disk_max_blocks", "disk-max-blocks", "N", T_UINT, 0, O_AUTO, FIELD(disk_max_blocks), 0, 1,
+     UINT_MAX, "in 1..4294967295",
+     "records the disk tier holds at most: each is indexed in\nmemory (about 512 bytes), so "
+     "this bounds the index; past it\nthe oldest non-durable records are evicted (default "
+     "auto:\nthe host capacity / 4096, at least 1048576)"},
     {"host_watermarks", "host-watermarks", "H,L", T_WM, 0, 0, FIELD(host_high_pct),
      offsetof(kvs_config, host_low_pct), 0, 0, NULL,
-     "with --data-dir: write idle host blocks to the disk tier in\nthe background above H% of "
+     "with --data-dir: write idle host blocks to the disk tier in\nthe background above H% "
+     "of "
      "the host tier, down to L%\n(default 90,80)"},
     {"spill_queue", "spill-queue", "SIZE", T_SIZE, 0, O_AUTO, FIELD(spill_queue), 0, 1, UINT64_MAX,
      "a size > 0",
@@ -339,7 +347,8 @@ static const key_def keys[] = {
     {"region_socket", "region-socket", "PATH", T_STR, 0, O_NONEMPTY | O_AUTO, FIELD(region_socket),
      0, 0, 0, "empty path ('none' for none)",
      "Unix socket where co-located clients register shared memory\nfor PutMany/GetMany without "
-     "payload copies (README \"Data\nplane\"); 'none' for none (default auto: <listen path>.region"
+     "payload copies (README \"Data\nplane\"); 'none' for none (default auto: <listen "
+     "path>.region"
      "\nfor a unix: listen address, else none)"},
     {"region_max_bytes", "region-max-bytes", "SIZE", T_SIZE, 0, 0, FIELD(region_max_bytes), 0,
      1ull << 20, UINT64_MAX, "a size >= 1M", "shared memory registered, all clients (default 64G)"},
@@ -452,7 +461,7 @@ int kvs_config_key_set(kvs_config *cfg, int i, const char *v, kvs_config_src_kin
         break;
     case T_UINT:
         if (is_auto)
-            u = default_threads(); /* the only auto counts: threads, codec_threads */
+            u = (k->opt & O_CORES) ? default_threads() : 0; /* 0: derived where it is used */
         else if (!parse_uint(v, (unsigned)k->lo, (unsigned)k->hi, &u))
             return kvs_err_set(err, KVS_EINVAL, "%s: '%.64s' is not %s%s", w, v, k->want,
                                (k->opt & O_AUTO) ? " (or auto)" : "");
@@ -591,7 +600,10 @@ void kvs_config_key_value(const kvs_config *cfg, int i, char *buf, size_t cap)
             fmt_size(size, buf, cap);
         break;
     case T_UINT:
-        snprintf(buf, cap, "%u", u);
+        if ((k->opt & O_AUTO) && u == 0)
+            snprintf(buf, cap, "auto");
+        else
+            snprintf(buf, cap, "%u", u);
         break;
     case T_ONOFF:
         snprintf(buf, cap, "%s", u ? "on" : "off");

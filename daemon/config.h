@@ -28,7 +28,7 @@ enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2, KVS_GPU_ALL = 3, KVS_G
 #define KVS_GPU_LIST_MAX 32 /* device numbers 0..31 in a --gpu list */
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 51
+#define KVS_CONFIG_NKEYS 52
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -87,6 +87,8 @@ typedef struct kvs_config {
     double error_sample;        /* share of Puts measured where a namespace sets none (0..1) */
     char data_dir[512];         /* disk tier directory ("" = no disk tier) */
     uint64_t disk_capacity;     /* byte budget of the disk tier */
+    unsigned disk_max_blocks;   /* records of the disk tier at most; 0 = auto (storage/store.h
+                                 * KVS_STORE_DISK_RECORDS_AUTO of the host capacity) */
     int host_pinned;            /* with a GPU engine: host blocks in pinned memory (default 1) */
     uint64_t spill_queue;       /* bytes of host blocks waiting for the disk writer; 0 = auto
                                  * (the store's host/4) */

@@ -585,11 +585,15 @@ static int start_gpu_tier_and_store(daemon_state *d, kvs_store_opts *sopts, kvs_
             return kvs_err_prefix(err, "--data-dir");
         sopts->disk = d->disk;
         sopts->disk_capacity = d->cfg.disk_capacity;
+        sopts->disk_max_records = d->cfg.disk_max_blocks;
         sopts->spill_max = d->cfg.spill_queue;
         kvs_log(KVS_LOG_INFO,
-                "disk tier: %s, budget %llu bytes, promotion %s; host blocks "
+                "disk tier: %s, budget %llu bytes and %llu records, promotion %s; host blocks "
                 "written there in the background above %u%% of the host tier, down to %u%%",
                 d->cfg.data_dir, (unsigned long long)d->cfg.disk_capacity,
+                (unsigned long long)(d->cfg.disk_max_blocks
+                                         ? d->cfg.disk_max_blocks
+                                         : KVS_STORE_DISK_RECORDS_AUTO(d->cfg.host_capacity)),
                 d->cfg.promote ? "on" : "off", d->cfg.host_high_pct, d->cfg.host_low_pct);
     }
     sopts->no_promote = !d->cfg.promote;

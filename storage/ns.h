@@ -36,7 +36,7 @@ typedef struct kvs_ns_usage {
                             * kvs__store_gpu_charge_locked: its gpu quota's measure) */
     uint64_t gpu_picked;   /* of those, slots of its blocks being demoted (store.h inv. 6) */
     uint64_t disk_bytes;   /* bytes of its records in the disk tier (disk_used's share,
-                            * kvs__store_disk_charge_locked: its disk quota's measure) */
+                            * kvs__store_disk_record_locked: its disk quota's measure) */
     /* Reads of the namespace's blocks (kvs_store_find/read/view), as the store's own
      * gpu_hits, host_hits, disk_hits and misses count them: per namespace for the hit
      * ratio an operator asks for (daemon/metrics.c). */

@@ -125,10 +125,12 @@ void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t
     kvs_ns_usage_of(ns)->gpu_bytes += (uint64_t)delta;
 }
 
-void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta)
+void kvs__store_disk_record_locked(kvs_store *st, const kvs_block *b, bool add)
 {
-    st->stats.disk_used += (uint64_t)delta;
-    kvs_ns_usage_of(ns)->disk_bytes += (uint64_t)delta;
+    uint64_t delta = add ? b->size : (uint64_t)0 - b->size; /* modular: a subtraction */
+    st->stats.disk_used += delta;
+    st->stats.disk_records += add ? 1 : (uint64_t)-1;
+    kvs_ns_usage_of(b->ns)->disk_bytes += delta;
 }
 
 /* Returns a block's capacity to its tier (its last reference is gone, or it was never
@@ -185,7 +187,7 @@ bool kvs__store_unlink_locked(kvs_store *st, kvs_block *blk)
     else
         st->stats.host_blocks--;
     if (blk->on_disk)
-        kvs__store_disk_charge_locked(st, blk->ns, -(int64_t)blk->size);
+        kvs__store_disk_record_locked(st, blk, false);
     return kvs__store_unref_locked(st, blk);
 }
 
@@ -722,7 +724,7 @@ void kvs__store_link_locked(kvs_store *st, kvs_block *blk)
     else
         st->stats.host_blocks++;
     if (blk->on_disk)
-        kvs__store_disk_charge_locked(st, blk->ns, (int64_t)blk->size);
+        kvs__store_disk_record_locked(st, blk, true);
     event_locked(st, KVS_STORE_EV_STORED, blk);
 }
 

@@ -97,12 +97,14 @@
  *     every disk entry, host blocks promoted from disk or written durably, and gpu blocks
  *     promoted from such host blocks or demoted back); disk
  *     entries and transient disk reads hold no host budget. Each namespace's disk_bytes is
- *     its blocks' share (kvs__store_disk_charge_locked: every change of on_disk or of a
+ *     its blocks' share (kvs__store_disk_record_locked: every change of on_disk or of a
  *     linked on_disk block goes through it, so kvs_store_create's restore, which links the
  *     recorded blocks, recomputes it exactly). Records are added only on the disk writer's
  *     thread (its finish hook), after its room hook found room for them in the budget and
  *     in their namespace's disk quota, counting the run's blocks written but not yet
- *     finished: so disk_bytes <= the disk quota, as disk_used <= the budget.
+ *     finished: so disk_bytes <= the disk quota, as disk_used <= the budget, and
+ *     disk_records (counted with disk_used) <= disk_max_records: each record is indexed
+ *     in memory, which the byte budget alone does not bound.
  *  8. A SPILLING block holds the writer's reference, is never picked again, and its bytes
  *     count in spill_pending (bounded by spill_max; past it, victims are dropped as without
  *     a disk tier) instead of host_used. Removing a block that is on disk or being written
@@ -197,6 +199,14 @@ typedef void (*kvs_store_event_fn)(void *ctx, const kvs_store_event *ev);
  * times the capacity in bookkeeping. */
 #define KVS_STORE_BLOCK_META 512u
 
+/* kvs_store_opts.disk_max_records when 0: the disk tier's index may take an eighth of the
+ * host tier's capacity in memory beside it (a deployment sizes --host-capacity to most of
+ * its RAM), and at least 512 MiB (a million records). */
+#define KVS_STORE_DISK_RECORDS_AUTO(host_capacity)                                                 \
+    ((host_capacity) / KVS_STORE_BLOCK_META / 8 > (1u << 20)                                       \
+         ? (host_capacity) / KVS_STORE_BLOCK_META / 8                                              \
+         : (uint64_t)(1u << 20))
+
 typedef struct kvs_store_opts {
     uint64_t host_capacity; /* bytes of the host tier */
     /* GPU tiers, one per device, in the order the caller numbers its devices (a block's
@@ -215,6 +225,10 @@ typedef struct kvs_store_opts {
     kvs_disk *disk;          /* disk tier (borrowed: opened and closed by the caller, and
                               * must outlive the store), or NULL: no disk tier */
     uint64_t disk_capacity;  /* byte budget of the disk tier */
+    /* Records the disk tier holds at most (0: auto, KVS_STORE_DISK_RECORDS_AUTO). Each is
+     * indexed in memory (KVS_STORE_BLOCK_META bytes, about), so the byte budget alone let
+     * blocks of a few hundred bytes fill RAM with the index: this bounds it. */
+    uint64_t disk_max_records;
     uint64_t spill_max;      /* most bytes queued for the disk writer (0: host/4) */
     unsigned host_high_pct;  /* with a disk tier: demote host blocks to disk in the
                               * background above this share of the host tier (0: 90)... */
@@ -478,6 +492,10 @@ typedef struct kvs_store_stats {
     unsigned gpu_devices;
     kvs_store_gpu_stats gpu_dev[KVS_STORE_GPUS_MAX];
     uint64_t disk_capacity, disk_used, disk_blocks, disk_hits, disk_evictions;
+    /* Records in the disk tier (its entries and the host and GPU blocks with one) and the
+     * most it may hold (opts.disk_max_records): past it, the oldest non-durable records
+     * are evicted as past the byte budget. */
+    uint64_t disk_records, disk_max_records;
     uint64_t disk_spills;       /* host blocks that became disk entries */
     uint64_t disk_promotions;   /* disk blocks moved to the host tier by a Get */
     uint64_t disk_write_errors; /* failed disk writes (their blocks were dropped) */

@@ -180,7 +180,7 @@ static int verify_disk(kvs_store *st, kvs_store_verify_info *out, kvs_err *err)
             } else if (b->on_disk && b->state != KVS_BLOCK_WRITING &&
                        b->state != KVS_BLOCK_SPILLING) { /* its host copy is whole: keep it */
                 b->on_disk = false;
-                kvs__store_disk_charge_locked(st, b->ns, -(int64_t)b->size);
+                kvs__store_disk_record_locked(st, b, false);
             }
         }
         pthread_mutex_unlock(&st->mu);

@@ -92,7 +92,8 @@ static size_t gather(void *ctx, kvs_writer_kind kind, void *const *blocks, size_
 }
 
 /* Frees room in the disk budget: deletes records of non-durable blocks, oldest first,
- * until `need` more bytes fit and at least `extra` bytes went. First disk entries (the
+ * until `need` more bytes and `need_records` more records (disk_max_records) fit and at
+ * least `extra` bytes went. First disk entries (the
  * block leaves the store), then the records of idle host blocks (the block stays in the
  * host tier, without a record). The records are deleted before the index changes, and
  * the index changes only if the deletion committed: after an error both still agree.
@@ -101,7 +102,8 @@ static size_t gather(void *ctx, kvs_writer_kind kind, void *const *blocks, size_
  * that namespace's records, until `need` more fit its quota: the walk passes other
  * namespaces' records by (O(disk entries + host blocks) at worst). Returns the bytes
  * freed. */
-static uint64_t free_records(kvs_store *st, kvs_ns *only, uint64_t need, uint64_t extra)
+static uint64_t free_records(kvs_store *st, kvs_ns *only, uint64_t need, uint64_t extra,
+                             uint64_t need_records)
 {
     size_t n = 0, cap = 0;
     kvs_block **picked = NULL;
@@ -109,10 +111,13 @@ static uint64_t free_records(kvs_store *st, kvs_ns *only, uint64_t need, uint64_
     pthread_mutex_lock(&st->mu);
     const uint64_t *used = only ? &kvs_ns_usage_of(only)->disk_bytes : &st->stats.disk_used;
     uint64_t budget = only ? kvs_ns_spec_of(only)->disk_quota : st->stats.disk_capacity;
+    const uint64_t records = st->stats.disk_records, max_records = st->stats.disk_max_records;
     for (int pass = 0; pass < 2; pass++) {
         kvs_lru *list = pass ? &st->lru : &st->disk_lru;
         for (kvs_lru_node *it = kvs_lru_oldest(list);
-             it && (*used - freed + need > budget || freed < extra); it = kvs_lru_newer(list, it)) {
+             it && (*used - freed + need > budget || freed < extra ||
+                    (!only && records - n + need_records > max_records));
+             it = kvs_lru_newer(list, it)) {
             kvs_block *b = KVS__BLOCK_OF_LRU(it);
             if (b->refs != 1 || !b->on_disk || b->state != KVS_BLOCK_IDLE ||
                 kvs_ns_spec_of(b->ns)->durable || (only && b->ns != only))
@@ -157,7 +162,7 @@ static uint64_t free_records(kvs_store *st, kvs_ns *only, uint64_t need, uint64_
                 still = false;
             } else { /* a host copy without its record now */
                 b->on_disk = false;
-                kvs__store_disk_charge_locked(st, b->ns, -(int64_t)b->size);
+                kvs__store_disk_record_locked(st, b, false);
             }
         }
         if (still)
@@ -187,7 +192,7 @@ static int quota_room(kvs_store *st, uint32_t id, uint64_t need, kvs_err *err)
     pthread_mutex_unlock(&st->mu);
     if (!quota)
         return 0;
-    free_records(st, ns, need, 0);
+    free_records(st, ns, need, 0, 0);
     pthread_mutex_lock(&st->mu);
     uint64_t held = kvs_ns_usage_of(ns)->disk_bytes;
     pthread_mutex_unlock(&st->mu);
@@ -238,7 +243,7 @@ static int room(void *ctx, const kvs_disk_item *items, size_t m, const kvs_disk_
         pthread_mutex_lock(&st->mu);
         uint64_t extra = st->stats.disk_used / 8;
         pthread_mutex_unlock(&st->mu);
-        if (free_records(st, NULL, need, extra > need ? extra : need))
+        if (free_records(st, NULL, need, extra > need ? extra : need, m + nheld))
             return 0;
         return kvs_err_set(err, KVS_ENOSPC, "disk tier: nothing left to evict");
     }
@@ -247,10 +252,16 @@ static int room(void *ctx, const kvs_disk_item *items, size_t m, const kvs_disk_
         if (rc)
             return rc;
     }
-    free_records(st, NULL, need, 0);
+    free_records(st, NULL, need, 0, m + nheld);
     pthread_mutex_lock(&st->mu);
     uint64_t used = st->stats.disk_used, cap = st->stats.disk_capacity;
+    uint64_t records = st->stats.disk_records, max_records = st->stats.disk_max_records;
     pthread_mutex_unlock(&st->mu);
+    if (records + m + nheld > max_records)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "disk tier: no room for %zu more records among its %llu at most "
+                           "(--disk-max-blocks): %llu are durable blocks or in use",
+                           m + nheld, (unsigned long long)max_records, (unsigned long long)records);
     if (used + need <= cap)
         return 0;
     return kvs_err_set(err, KVS_ENOSPC,
@@ -301,7 +312,7 @@ static void finish(void *ctx, kvs_writer_kind kind, void *const *blocks, size_t 
         if (written[i] && live) {
             if (keep) {
                 b->on_disk = true;
-                kvs__store_disk_charge_locked(st, b->ns, (int64_t)b->size);
+                kvs__store_disk_record_locked(st, b, true);
             } else {
                 if (recoded[i]) {
                     st->stats.disk_recoded++;

@@ -242,7 +242,7 @@ void kvs_store_demote_commit(kvs_store *st, kvs_block *old, kvs_block *nb)
              * record no longer holds its bytes: it goes (invariant 7 counts nb's size). */
             if (nb->on_disk && st->writer) {
                 old->on_disk = false; /* its record's bytes leave the tier and its namespace */
-                kvs__store_disk_charge_locked(st, old->ns, -(int64_t)old->size);
+                kvs__store_disk_record_locked(st, old, false);
                 kvs_writer_del(st->writer, old->node.ns_id, old->node.key, old->node.key_len);
             }
             nb->on_disk = false;

@@ -166,7 +166,9 @@ void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
  * used bytes are re-read from the slots) and for a record of ns in the disk tier (disk_used;
  * invariant 7). */
 void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t delta);
-void kvs__store_disk_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
+/* A record of the disk tier gained (add) or lost by linked block b, of b->size bytes: the
+ * tier's disk_used and disk_records and b's namespace's disk_bytes (invariant 7). */
+void kvs__store_disk_record_locked(kvs_store *st, const kvs_block *b, bool add);
 /* Marks an idle GPU block picked for demotion (invariant 6: DEMOTING, the demoter's
  * reference, its slot counted in its tier's picked bytes and its namespace's), and the reverse once
  * the demotion ended (committed or not; the demoter's reference is the caller's to drop). */

@@ -72,6 +72,9 @@ int kvs_store_create(const kvs_store_opts *opts, kvs_store **out, kvs_err *err)
     if (opts->disk) {
         st->disk = opts->disk;
         st->stats.disk_capacity = opts->disk_capacity;
+        st->stats.disk_max_records = opts->disk_max_records
+                                         ? opts->disk_max_records
+                                         : KVS_STORE_DISK_RECORDS_AUTO(opts->host_capacity);
         st->spill_max = opts->spill_max ? opts->spill_max : opts->host_capacity / 4;
         kvs__store_host_marks_locked(st); /* no other thread has the store yet */
         kvs_writer_hooks hooks;

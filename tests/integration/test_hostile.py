@@ -12,6 +12,10 @@ import kvs
 from kvs import pb
 
 
+def tier(d, which):
+    return [t for t in d.stats().tiers if t.tier == which][0]
+
+
 # ----------------------------------------------------------------------------- strings
 
 def test_nul_in_namespace_names_is_refused_everywhere(daemon):
@@ -184,6 +188,42 @@ def test_tiny_blocks_cannot_outgrow_the_host_capacity(daemon):
     assert host.evictions == 2500 - host.blocks
     # The newest are there, as written.
     assert kvs.get(d.stub, ns.name, (2499).to_bytes(4, "little")).data == ns.payload(1, seed=2499)
+
+
+def test_tiny_blocks_cannot_outgrow_memory_through_the_disk_tier(daemon, tmp_path):
+    """Past the host tier, tiny blocks went to the disk tier, whose byte budget (16G by
+    default) held a hundred million records of 140 bytes, each indexed in memory (about
+    512 bytes): the index outgrew RAM. --disk-max-blocks bounds the records: the oldest
+    non-durable ones are evicted past it, and a durable Put that finds only durable records
+    is refused naming the flag, its block not acknowledged."""
+    d = daemon(host_capacity="16K", extra=["--data-dir", str(tmp_path / "data"),
+                                           "--disk-max-blocks", 40, "--stats-interval", 0])
+    ns = kvs.Ns(kvs.make_ns(d.admin, L=1, H=1, D=16, T=1))
+    for i in range(300):
+        kvs.put(d.stub, ns.name, i.to_bytes(4, "little"), 1, ns.payload(1, seed=i))
+    kvs.wait_for(lambda: tier(d, kvs.pb.TIER_DISK).evictions > 0, what="disk evictions")
+    disk, host = tier(d, kvs.pb.TIER_DISK), d.host_tier()
+    assert disk.blocks <= 40, disk
+    assert host.blocks <= (16 << 10) // (140 + kvs.BLOCK_META), host
+    assert kvs.get(d.stub, ns.name, (299).to_bytes(4, "little")).data == ns.payload(1, seed=299)
+    # Durable blocks are never evicted: once they fill the records, the next durable Put
+    # is refused, and the ones acknowledged before stay.
+    dur = kvs.Ns(kvs.make_ns(d.admin, L=1, H=1, D=16, T=1, durable=True))
+    acked = []
+    for i in range(60):
+        try:
+            kvs.put(d.stub, dur.name, i.to_bytes(4, "little"), 1, dur.payload(1, seed=i))
+            acked.append(i)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            assert "--disk-max-blocks" in e.details(), e.details()
+            break
+    else:
+        pytest.fail("60 durable Puts acknowledged with room for 40 records")
+    assert 0 < len(acked) <= 40
+    for i in acked:
+        assert kvs.get(d.stub, dur.name, i.to_bytes(4, "little")).data == \
+            dur.payload(1, seed=i)
 
 
 # ----------------------------------------------------------------------------- namespaces

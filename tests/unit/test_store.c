@@ -1520,6 +1520,49 @@ static void test_disk_write_error(void **state)
     fx_close(&f);
 }
 
+/* The disk tier's records are indexed in memory whatever their size: with blocks of a few
+ * hundred bytes, its byte budget let the index outgrow RAM. disk_max_records bounds them:
+ * past it the oldest non-durable records are evicted, as past the byte budget. */
+static void test_disk_records_are_bounded(void **state)
+{
+    (void)state;
+    disk_fx f;
+    f.disk = tmp_disk(f.dir, "records", 16 << 20);
+    kvs_err err;
+    kvs_store_opts o = {.host_capacity = 2 * (2200 + KVS_STORE_BLOCK_META),
+                        .disk = f.disk,
+                        .disk_capacity = 16 << 20,
+                        .disk_max_records = 3,
+                        .spill_max = 64 << 20,
+                        .host_high_pct = 100,
+                        .host_low_pct = 100};
+    assert_int_equal(kvs_store_create(&o, &f.st, &err), 0);
+    kvs_ns_spec s = kvs_test_spec(2, 2, 16, 8, KVS_DTYPE_FP16, "none", "none", 5);
+    snprintf(s.name, sizeof s.name, "d");
+    assert_int_equal(kvs_store_ns_create(f.st, &s, &f.ns, &err), 0);
+    char key[16];
+    size_t len;
+    uint8_t *last = NULL;
+    for (int i = 0; i < 8; i++) { /* two stay in the host tier, the rest spill */
+        snprintf(key, sizeof key, "k%d", i);
+        free(last);
+        last = put_enc(&f, key, 8, 900 + i, &len);
+        kvs_store_disk_wait(f.st);
+    }
+    kvs_store_stats st;
+    kvs_store_get_stats(f.st, &st);
+    assert_int_equal(st.disk_max_records, 3);
+    assert_int_equal(st.disk_records, 3);
+    assert_int_equal(st.disk_blocks, 3);
+    assert_int_equal(st.host_blocks, 2);
+    assert_int_equal(st.disk_evictions, 3);
+    assert_int_equal(tier_of(&f, "k0"), KVS_STORE_TIER_NONE); /* the oldest went */
+    assert_int_equal(tier_of(&f, "k5"), KVS_STORE_TIER_DISK);
+    expect_bytes(&f, "k7", last, len);
+    free(last);
+    fx_close(&f);
+}
+
 /* A GPU block with a disk record (a flushed host block, promoted), demoted with a re-encode
  * to a colder host codec: its record no longer holds its bytes and goes (store_gpu.c). The
  * tier's disk_used and the namespace's disk_bytes (its disk quota's measure) both give the
@@ -2119,6 +2162,7 @@ int main(void)
         cmocka_unit_test(test_lru_eviction_and_busy_blocks),
         cmocka_unit_test(test_tiny_blocks_charged_their_bookkeeping),
         cmocka_unit_test(test_demotion_recode_drops_the_record_everywhere),
+        cmocka_unit_test(test_disk_records_are_bounded),
         cmocka_unit_test(test_policy_scan_resistance),
         cmocka_unit_test(test_checksum_mismatch_is_data_loss),
         cmocka_unit_test(test_drop_namespace),
