@@ -340,6 +340,7 @@ static void test_tiny_blocks_charged_their_bookkeeping(void **state)
     free(list);
     snprintf(key, sizeof key, "k%d", 999); /* the newest stays */
     expect_block(st, ns, key, (uint8_t)(999 % 100));
+    kvs_ns_unref(ns);
     kvs_store_destroy(st);
 }
 
