@@ -185,6 +185,8 @@ int kvs_stats_handle(kvs_call *c, const uint8_t *req, size_t len, kvs_err *err)
     host.block_meta_bytes = KVS_STORE_BLOCK_META;
     host.recoded_blocks = st.host_recoded;
     host.recode_saved_bytes = st.host_recode_saved;
+    disk.records = st.disk_records;
+    disk.max_records = st.disk_max_records;
     disk.recoded_blocks = st.disk_recoded;
     disk.recode_saved_bytes = st.disk_recode_saved;
     Kvstash__V1__TierStats *tiers[3] = {&host, NULL, NULL};

@@ -161,6 +161,12 @@ static void render_tiers(FILE *f, const kvs_store_stats *s, bool gpu, bool disk)
     family(f, "kvstash_durable_puts_refused_total", "counter",
            "Durable Puts refused for want of room on the disk tier.");
     sample(f, "kvstash_durable_puts_refused_total", s->disk_refused);
+    family(f, "kvstash_disk_records", "gauge",
+           "Records of the disk tier, each indexed in memory (entries and blocks with one).");
+    sample(f, "kvstash_disk_records", s->disk_records);
+    family(f, "kvstash_disk_max_records", "gauge",
+           "Records the disk tier may hold (--disk-max-blocks).");
+    sample(f, "kvstash_disk_max_records", s->disk_max_records);
 }
 
 /* One family over every namespace: off picks the value (a uint64_t in the info). */
