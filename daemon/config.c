@@ -356,6 +356,10 @@ static const key_def keys[] = {
      1u << 16, "in 1..65536",
      "regions registered (shared memory and CUDA IPC), all clients, and\nconnections to the "
      "region socket at once (default 1024)"},
+    {"region_max_per_client", "region-max-per-client", "N", T_UINT, 0, O_AUTO,
+     FIELD(region_max_per_client), 0, 1, 1u << 16, "in 1..65536",
+     "the same for one client process (the socket's peer), so that\none cannot take every "
+     "place (default auto: a quarter of\nregion_max_count, at least 1)"},
 };
 
 _Static_assert(sizeof keys / sizeof keys[0] == KVS_CONFIG_NKEYS,

@@ -28,7 +28,7 @@ enum { KVS_GPU_AUTO = 0, KVS_GPU_ON = 1, KVS_GPU_OFF = 2, KVS_GPU_ALL = 3, KVS_G
 #define KVS_GPU_LIST_MAX 32 /* device numbers 0..31 in a --gpu list */
 
 /* Number of settings in the key table (config.c checks it). */
-#define KVS_CONFIG_NKEYS 52
+#define KVS_CONFIG_NKEYS 53
 
 typedef enum kvs_config_src_kind {
     KVS_SRC_DEFAULT = 0,
@@ -107,7 +107,8 @@ typedef struct kvs_config {
                                  * (kvs_config_region_socket) */
     uint64_t region_max_bytes;  /* bytes of shared memory registered, all clients together */
     unsigned region_max_count;  /* regions registered, and region-socket connections at once */
-    char file[512];             /* the config file read ("" = none), re-read on SIGHUP */
+    unsigned region_max_per_client; /* ...of one client process; 0 = auto (a quarter) */
+    char file[512];                 /* the config file read ("" = none), re-read on SIGHUP */
     struct kvs_config_src {
         uint8_t kind;        /* kvs_config_src_kind */
         uint32_t line;       /* KVS_SRC_FILE: 1-based line of the key */

@@ -91,6 +91,9 @@ static int start_regions(daemon_state *d, kvs_err *err)
                           .mode = 0660, /* as the gRPC Unix socket: the daemon's group */
                           .max_bytes = d->cfg.region_max_bytes,
                           .max_count = d->cfg.region_max_count,
+                          .max_per_client = d->cfg.region_max_per_client
+                                                ? d->cfg.region_max_per_client
+                                                : (d->cfg.region_max_count + 3) / 4,
                           .log = kvs_log_sink,
                           .log_ctx = "region"};
     memcpy(o.engine, d->engine, sizeof o.engine);

@@ -47,6 +47,7 @@ struct kvs_region {
 typedef struct conn {
     uv_poll_t poll;
     int fd;
+    pid_t pid; /* the client process (SO_PEERCRED; 0: unknown), for invariant 7's share */
     kvs_regions *owner;
     kvs_region *regions[REGIONS_PER_CONN];
     unsigned n;
@@ -231,6 +232,30 @@ static void conn_close(conn *k)
  * registrations cannot both pass: its place among the regions (invariant 5) and its bytes
  * (invariant 4; 0 for CUDA IPC, the worker's GPU memory). Given back by unreserve if the
  * registration fails; unlist gives back a listed region's. */
+/* Invariant 7: one client process's share of the regions and connections. Loop thread
+ * (connections are only touched there): a walk of at most --region-max-count entries. */
+static void client_holds(const kvs_regions *r, pid_t pid, unsigned *conns, unsigned *regions)
+{
+    *conns = *regions = 0;
+    for (const conn *c = r->conns; c && pid; c = c->next)
+        if (c->pid == pid) {
+            (*conns)++;
+            *regions += c->n;
+        }
+}
+
+static int client_room(const kvs_regions *r, const conn *k, kvs_err *err)
+{
+    unsigned conns, regions;
+    client_holds(r, k->pid, &conns, &regions);
+    if (k->pid && regions >= r->o.max_per_client)
+        return kvs_err_set(err, KVS_ENOSPC,
+                           "regions: this client (pid %ld) holds %u, the most one client may "
+                           "(--region-max-per-client)",
+                           (long)k->pid, regions);
+    return 0;
+}
+
 static int reserve(kvs_regions *r, uint64_t bytes, kvs_err *err)
 {
     pthread_mutex_lock(&r->mu);
@@ -279,7 +304,9 @@ static int region_map(kvs_regions *r, conn *k, int fd, uint64_t bytes, kvs_regio
                            "fd: not a memfd sealed with F_SEAL_SHRINK (memfd_create with "
                            "MFD_ALLOW_SEALING, then fcntl F_ADD_SEALS): a file that can shrink "
                            "cannot be mapped safely");
-    int rc = reserve(r, bytes, err);
+    int rc = reserve(r, bytes, err); /* the bound of all clients first: it names the flag */
+    if (rc == 0 && (rc = client_room(r, k, err)))
+        unreserve(r, bytes);
     if (rc)
         return rc;
     struct stat st;
@@ -367,6 +394,8 @@ static int region_open_cuda(kvs_regions *r, conn *k, const kvs_region_cuda_req *
     if (q->bytes == 0)
         return kvs_err_set(err, KVS_EINVAL, "bytes: a region needs at least one byte");
     int prc = reserve(r, 0, err);
+    if (prc == 0 && (prc = client_room(r, k, err)))
+        unreserve(r, 0);
     if (prc)
         return prc;
     /* The engine of the memory's device; none: engine 0 says which device it is not. */
@@ -540,19 +569,30 @@ static void on_listen(uv_poll_t *p, int status, int events)
     }
     if (fd < 0)
         return; /* EAGAIN, or a client that went away: nothing to do */
-    /* Invariant 5: a connection past the bound is closed at once; its client sees EOF. */
-    if (r->n_conns >= r->o.max_count) {
+    struct ucred cred = {0};
+    socklen_t cl = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) != 0)
+        cred.pid = 0; /* unknown: the global bound alone */
+    unsigned mine, regions;
+    client_holds(r, cred.pid, &mine, &regions);
+    /* Invariants 5 and 7: a connection past either bound is closed at once; its client sees
+     * EOF. */
+    bool all = r->n_conns >= r->o.max_count, own = cred.pid && mine >= r->o.max_per_client;
+    if (all || own) {
         close(fd);
         uint64_t n = ++r->conns_refused;
         if ((n & (n - 1)) == 0) /* the 1st, 2nd, 4th, ...: a flood does not flood the log */
             logf_(r, KVS_LOG_WARN,
-                  "region socket: connection closed: %u open, the most (--region-max-count); "
-                  "%llu closed so far",
-                  r->n_conns, (unsigned long long)n);
+                  all ? "region socket: connection closed: %u open, the most "
+                        "(--region-max-count); %llu closed so far"
+                      : "region socket: connection closed: its client holds %u, the most one "
+                        "may (--region-max-per-client); %llu closed so far",
+                  all ? r->n_conns : mine, (unsigned long long)n);
         return;
     }
     conn *k = kvs_xcalloc(1, sizeof *k);
     k->fd = fd;
+    k->pid = cred.pid;
     k->owner = r;
     int rc = uv_poll_init(r->loop, &k->poll, fd);
     if (rc) {

@@ -27,6 +27,11 @@
  *     exhaust the daemon's mappings (vm.max_map_count) or descriptors.
  *  6. A shared-memory region's pages are allocated by its client before it registers (no
  *     hole in the range): mapping it allocates nothing in the daemon.
+ *  7. One client process (the socket's peer pid) holds at most --region-max-per-client
+ *     regions and as many connections, so that one client, buggy or hostile, cannot take
+ *     every place of invariant 5 from the others. (A client that forks gets a share per
+ *     process: the bound is against one process's leak or flood, not a sandbox; the
+ *     socket's mode says who may connect at all.)
  *
  * Threads: the socket is served on the loop thread (libuv polls; requests are a few bytes,
  * the one slow step is the pin, once per region). acquire/release run on any thread. Lock:
@@ -50,10 +55,11 @@ typedef struct kvs_regions kvs_regions;
 typedef struct kvs_region kvs_region;
 
 typedef struct kvs_regions_opts {
-    const char *path;   /* the Unix socket to listen on (created; an old one replaced) */
-    unsigned mode;      /* its permission bits, e.g. 0600 */
-    uint64_t max_bytes; /* registered bytes, all regions together (invariant 4) */
-    unsigned max_count; /* regions, and connections, all clients together (invariant 5) */
+    const char *path;        /* the Unix socket to listen on (created; an old one replaced) */
+    unsigned mode;           /* its permission bits, e.g. 0600 */
+    uint64_t max_bytes;      /* registered bytes, all regions together (invariant 4) */
+    unsigned max_count;      /* regions, and connections, all clients together (invariant 5) */
+    unsigned max_per_client; /* regions, and connections, of one client process (inv. 7) */
     /* The GPU engines, one per device (borrowed): the leading non-NULL entries; none: no
      * engine. Shared memory is pinned for every device; a CUDA IPC region is opened by
      * the engine of the device its memory is on. */

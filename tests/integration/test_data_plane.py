@@ -5,6 +5,8 @@ import mmap
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -482,7 +484,9 @@ def test_region_count_is_bounded(daemon, tmp_path):
     connections at once (the next is closed at once); both come back when a connection
     closes."""
     sock = str(tmp_path / "kvs.region")
-    dm = daemon(extra=["--region-socket", sock])
+    # One process plays every client here: its own share (--region-max-per-client,
+    # test_region_share_of_one_client) is the whole.
+    dm = daemon(extra=["--region-socket", sock, "--region-max-per-client", 1024])
     fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
     os.posix_fallocate(fd, 0, 4096)
@@ -528,7 +532,8 @@ def test_region_count_is_bounded(daemon, tmp_path):
         # Connections, with a smaller bound (a test process may have 1024 descriptors): up
         # to --region-max-count at once; the next one is closed by the daemon at once.
         sock = str(tmp_path / "kvs2.region")
-        dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16])
+        dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16,
+                           "--region-max-per-client", 16])
         for _ in range(16):
             connect()
         extra = connect()
@@ -539,6 +544,75 @@ def test_region_count_is_bounded(daemon, tmp_path):
         conns.pop(0).close()
         kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="regions released")
         assert register(connect()) == (0, "")  # a place again
+    finally:
+        for s in conns:
+            s.close()
+        os.close(fd)
+
+
+def test_region_share_of_one_client(daemon, tmp_path):
+    """One client process could take every region and connection place of the region socket
+    (--region-max-count) and leave none to the others. Each process now holds at most
+    --region-max-per-client of each: past it a registration is refused naming the flag and a
+    connection is closed at once, while another process still gets its places."""
+    sock = str(tmp_path / "kvs.region")
+    dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16,
+                       "--region-max-per-client", 4])
+    fd = os.memfd_create("kvstash-share", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    os.posix_fallocate(fd, 0, 4096)
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    conns = []
+
+    def register(s):
+        socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
+        rep = s.recv(REGION_REP.size + 16)
+        _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
+        return code, msg.rstrip(b"\0").decode()
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(sock)
+        conns.append(s)
+        return s
+
+    try:
+        first = connect()
+        for _ in range(4):
+            assert register(first) == (0, "")
+        code, msg = register(first)  # a fifth region of this process
+        assert code and "--region-max-per-client" in msg, (code, msg)
+        for _ in range(3):
+            connect()
+        extra = connect()  # a fifth connection of this process: closed at once
+        extra.settimeout(10)
+        with pytest.raises((ConnectionResetError, BrokenPipeError, struct.error)):
+            register(extra)
+        # Another process has its own share: it connects and registers.
+        child = """
+import os, socket, struct, sys
+REQ, REP = struct.Struct(sys.argv[2]), struct.Struct(sys.argv[3])
+fd = int(sys.argv[4])
+ok = 0
+for _ in range(4):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    socket.send_fds(s, [REQ.pack(b"KVR1", 1, 4096)], [fd])
+    ok += REP.unpack(s.recv(REP.size + 16))[1] == 0
+print(ok)
+"""
+        r = subprocess.run([sys.executable, "-c", child, sock, REGION_REQ.format,
+                            REGION_REP.format, str(fd)], pass_fds=[fd], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "4", (r.stdout, r.stderr)
+        kvs.wait_for(lambda: dm.stats().data_plane.regions == 4,  # the child's went with it
+                     what="the child's regions released")
+        # This process's places come back with its connections.
+        first.close()
+        conns.remove(first)
+        kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="regions released")
+        assert register(conns[0]) == (0, "")
     finally:
         for s in conns:
             s.close()
