@@ -475,6 +475,32 @@ def test_sparse_region_is_refused(daemon, tmp_path):
         reg.close()
 
 
+def sealed_page():
+    """A memfd of one allocated page, sealed against shrinking: what the region socket maps."""
+    fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    os.posix_fallocate(fd, 0, 4096)
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def register_page(s, fd):
+    """Registers fd's page over region-socket connection s: (code, message)."""
+    socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
+    rep = s.recv(REGION_REP.size + 16)
+    _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
+    return code, msg.rstrip(b"\0").decode()
+
+
+def connect_region(sock, conns):
+    """A new connection to the region socket, kept in conns (the caller closes them)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock)
+    conns.append(s)
+    return s
+
+
 def test_region_count_is_bounded(daemon, tmp_path):
     """Each region is a mapping in the daemon (and, with a GPU engine, a pinned range or an
     opened IPC handle), and each socket connection an open descriptor: a local client that
@@ -487,24 +513,14 @@ def test_region_count_is_bounded(daemon, tmp_path):
     # One process plays every client here: its own share (--region-max-per-client,
     # test_region_share_of_one_client) is the whole.
     dm = daemon(extra=["--region-socket", sock, "--region-max-per-client", 1024])
-    fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 4096)
-    os.posix_fallocate(fd, 0, 4096)
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    fd = sealed_page()
     conns = []
 
     def register(s):
-        socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
-        rep = s.recv(REGION_REP.size + 16)
-        _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
-        return code, msg.rstrip(b"\0").decode()
+        return register_page(s, fd)
 
     def connect():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.connect(sock)
-        conns.append(s)
-        return s
+        return connect_region(sock, conns)
 
     try:
         ok = 0
@@ -558,24 +574,14 @@ def test_region_share_of_one_client(daemon, tmp_path):
     sock = str(tmp_path / "kvs.region")
     dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16,
                        "--region-max-per-client", 4])
-    fd = os.memfd_create("kvstash-share", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 4096)
-    os.posix_fallocate(fd, 0, 4096)
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    fd = sealed_page()
     conns = []
 
     def register(s):
-        socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
-        rep = s.recv(REGION_REP.size + 16)
-        _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
-        return code, msg.rstrip(b"\0").decode()
+        return register_page(s, fd)
 
     def connect():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.connect(sock)
-        conns.append(s)
-        return s
+        return connect_region(sock, conns)
 
     try:
         first = connect()
