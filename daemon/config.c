@@ -301,8 +301,8 @@ static const key_def keys[] = {
      "(in the file: data_dir_reset: on|off, default off)"},
     {"disk_capacity", "disk-capacity", "SIZE", T_SIZE, 0, 0, FIELD(disk_capacity), 0, 1ull << 20,
      UINT64_MAX, "a size >= 1M", "byte budget of the disk tier (default 16G)"},
-    {"disk_max_blocks", "disk-max-blocks", "N", T_UINT, 0, O_AUTO, FIELD(disk_max_blocks), 0, 1,
-     UINT_MAX, "in 1..4294967295",
+    {"disk_max_blocks", "disk-max-blocks", "N", T_UINT, 0, O_AUTO, FIELD(disk_max_blocks), 0, 1024,
+     UINT_MAX, "in 1024..4294967295",
      "records the disk tier holds at most: each is indexed in\nmemory (about 512 bytes), so "
      "this bounds the index; past it\nthe oldest non-durable records are evicted (default "
      "auto:\nthe host capacity / 4096, at least 1048576)"},

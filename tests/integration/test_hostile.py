@@ -196,21 +196,24 @@ def test_tiny_blocks_cannot_outgrow_memory_through_the_disk_tier(daemon, tmp_pat
     512 bytes): the index outgrew RAM. --disk-max-blocks bounds the records: the oldest
     non-durable ones are evicted past it, and a durable Put that finds only durable records
     is refused naming the flag, its block not acknowledged."""
+    # The smallest bound (a writer's run is up to 64 records, and one that cannot fit is
+    # refused whole).
     d = daemon(host_capacity="16K", extra=["--data-dir", str(tmp_path / "data"),
-                                           "--disk-max-blocks", 40, "--stats-interval", 0])
+                                           "--disk-max-blocks", 1024, "--stats-interval", 0])
     ns = kvs.Ns(kvs.make_ns(d.admin, L=1, H=1, D=16, T=1))
-    for i in range(300):
+    for i in range(1400):
         kvs.put(d.stub, ns.name, i.to_bytes(4, "little"), 1, ns.payload(1, seed=i))
     kvs.wait_for(lambda: tier(d, kvs.pb.TIER_DISK).evictions > 0, what="disk evictions")
     disk, host = tier(d, kvs.pb.TIER_DISK), d.host_tier()
-    assert disk.max_records == 40 and disk.blocks <= disk.records <= 40, disk
+    assert disk.max_records == 1024 and disk.blocks <= disk.records <= 1024, disk
     assert host.blocks <= (16 << 10) // (140 + kvs.BLOCK_META), host
-    assert kvs.get(d.stub, ns.name, (299).to_bytes(4, "little")).data == ns.payload(1, seed=299)
+    assert kvs.get(d.stub, ns.name, (1399).to_bytes(4, "little")).data == \
+        ns.payload(1, seed=1399)
     # Durable blocks are never evicted: once they fill the records, the next durable Put
     # is refused, and the ones acknowledged before stay.
     dur = kvs.Ns(kvs.make_ns(d.admin, L=1, H=1, D=16, T=1, durable=True))
     acked = []
-    for i in range(60):
+    for i in range(1100):
         try:
             kvs.put(d.stub, dur.name, i.to_bytes(4, "little"), 1, dur.payload(1, seed=i))
             acked.append(i)
@@ -219,8 +222,8 @@ def test_tiny_blocks_cannot_outgrow_memory_through_the_disk_tier(daemon, tmp_pat
             assert "--disk-max-blocks" in e.details(), e.details()
             break
     else:
-        pytest.fail("60 durable Puts acknowledged with room for 40 records")
-    assert 0 < len(acked) <= 40
+        pytest.fail("1100 durable Puts acknowledged with room for 1024 records")
+    assert 0 < len(acked) <= 1024
     for i in acked:
         assert kvs.get(d.stub, dur.name, i.to_bytes(4, "little")).data == \
             dur.payload(1, seed=i)
