@@ -228,10 +228,6 @@ static void conn_close(conn *k)
     uv_close((uv_handle_t *)&k->poll, conn_closed);
 }
 
-/* A registration's reservation, taken before anything is mapped or opened so that two
- * registrations cannot both pass: its place among the regions (invariant 5) and its bytes
- * (invariant 4; 0 for CUDA IPC, the worker's GPU memory). Given back by unreserve if the
- * registration fails; unlist gives back a listed region's. */
 /* Invariant 7: one client process's share of the regions and connections. Loop thread
  * (connections are only touched there): a walk of at most --region-max-count entries. */
 static void client_holds(const kvs_regions *r, pid_t pid, unsigned *conns, unsigned *regions)
@@ -256,6 +252,10 @@ static int client_room(const kvs_regions *r, const conn *k, kvs_err *err)
     return 0;
 }
 
+/* A registration's reservation, taken before anything is mapped or opened so that two
+ * registrations cannot both pass: its place among the regions (invariant 5) and its bytes
+ * (invariant 4; 0 for CUDA IPC, the worker's GPU memory). Given back by unreserve if the
+ * registration fails; unlist gives back a listed region's. */
 static int reserve(kvs_regions *r, uint64_t bytes, kvs_err *err)
 {
     pthread_mutex_lock(&r->mu);
