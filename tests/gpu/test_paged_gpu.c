@@ -425,11 +425,9 @@ static void throughput(void)
 
 int main(void)
 {
-    uint64_t seed;
-    int skip = kvs_gpu_test_start("test_paged_gpu", &seed);
+    int skip = kvs_gpu_test_start("test_paged_gpu", &rng_state);
     if (skip)
         return skip;
-    rng_state = seed * 0x9E3779B97F4A7C15ull | 1;
     CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
     static eng e; /* MAXL offsets each: keep off the stack */

@@ -475,30 +475,36 @@ def test_sparse_region_is_refused(daemon, tmp_path):
         reg.close()
 
 
-def sealed_page():
-    """A memfd of one allocated page, sealed against shrinking: what the region socket maps."""
-    fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 4096)
-    os.posix_fallocate(fd, 0, 4096)
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    return fd
+class PageRegions:
+    """Raw connections to one region socket (self.sock), each able to register the one
+    allocated page of a memfd sealed against shrinking (what the socket maps). close()
+    closes the connections left in self.conns and the memfd."""
 
+    def __init__(self, sock):
+        self.sock, self.conns = sock, []
+        self.fd = os.memfd_create("kvstash-test", os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, 4096)
+        os.posix_fallocate(self.fd, 0, 4096)
+        import fcntl
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 
-def register_page(s, fd):
-    """Registers fd's page over region-socket connection s: (code, message)."""
-    socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [fd])
-    rep = s.recv(REGION_REP.size + 16)
-    _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
-    return code, msg.rstrip(b"\0").decode()
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(self.sock)
+        self.conns.append(s)
+        return s
 
+    def register(self, s):
+        """Registers the page over connection s: (code, message)."""
+        socket.send_fds(s, [REGION_REQ.pack(b"KVR1", 1, 4096)], [self.fd])
+        rep = s.recv(REGION_REP.size + 16)
+        _, code, _, _, _, _, msg = REGION_REP.unpack(rep)
+        return code, msg.rstrip(b"\0").decode()
 
-def connect_region(sock, conns):
-    """A new connection to the region socket, kept in conns (the caller closes them)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(sock)
-    conns.append(s)
-    return s
+    def close(self):
+        for s in self.conns:
+            s.close()
+        os.close(self.fd)
 
 
 def test_region_count_is_bounded(daemon, tmp_path):
@@ -513,14 +519,8 @@ def test_region_count_is_bounded(daemon, tmp_path):
     # One process plays every client here: its own share (--region-max-per-client,
     # test_region_share_of_one_client) is the whole.
     dm = daemon(extra=["--region-socket", sock, "--region-max-per-client", 1024])
-    fd = sealed_page()
-    conns = []
-
-    def register(s):
-        return register_page(s, fd)
-
-    def connect():
-        return connect_region(sock, conns)
+    pr = PageRegions(sock)
+    register, connect, conns = pr.register, pr.connect, pr.conns
 
     try:
         ok = 0
@@ -550,6 +550,7 @@ def test_region_count_is_bounded(daemon, tmp_path):
         sock = str(tmp_path / "kvs2.region")
         dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16,
                            "--region-max-per-client", 16])
+        pr.sock = sock
         for _ in range(16):
             connect()
         extra = connect()
@@ -561,9 +562,7 @@ def test_region_count_is_bounded(daemon, tmp_path):
         kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="regions released")
         assert register(connect()) == (0, "")  # a place again
     finally:
-        for s in conns:
-            s.close()
-        os.close(fd)
+        pr.close()
 
 
 def test_region_share_of_one_client(daemon, tmp_path):
@@ -574,14 +573,8 @@ def test_region_share_of_one_client(daemon, tmp_path):
     sock = str(tmp_path / "kvs.region")
     dm = daemon(extra=["--region-socket", sock, "--region-max-count", 16,
                        "--region-max-per-client", 4])
-    fd = sealed_page()
-    conns = []
-
-    def register(s):
-        return register_page(s, fd)
-
-    def connect():
-        return connect_region(sock, conns)
+    pr = PageRegions(sock)
+    register, connect, conns = pr.register, pr.connect, pr.conns
 
     try:
         first = connect()
@@ -609,8 +602,8 @@ for _ in range(4):
 print(ok)
 """
         r = subprocess.run([sys.executable, "-c", child, sock, REGION_REQ.format,
-                            REGION_REP.format, str(fd)], pass_fds=[fd], capture_output=True,
-                           text=True, timeout=30)
+                            REGION_REP.format, str(pr.fd)], pass_fds=[pr.fd],
+                           capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.strip() == "4", (r.stdout, r.stderr)
         kvs.wait_for(lambda: dm.stats().data_plane.regions == 4,  # the child's went with it
                      what="the child's regions released")
@@ -620,9 +613,7 @@ print(ok)
         kvs.wait_for(lambda: dm.stats().data_plane.regions == 0, what="regions released")
         assert register(conns[0]) == (0, "")
     finally:
-        for s in conns:
-            s.close()
-        os.close(fd)
+        pr.close()
 
 
 def test_region_socket_out_of_descriptors_does_not_spin(tmp_path):

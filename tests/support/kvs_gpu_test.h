@@ -30,9 +30,10 @@ static inline uint64_t kvs_gpu_test_next(uint64_t *state)
     return *state;
 }
 
-/* 0 and *seed set (and printed) when a device is there; else prints that `name` is skipped
- * and returns 77, the tests' skip code (tests/CMakeLists.txt). */
-static inline int kvs_gpu_test_start(const char *name, uint64_t *seed)
+/* 0 when a device is there, with the seed printed and *rng set to the xorshift state it
+ * gives (never 0); else prints that `name` is skipped and returns 77, the tests' skip code
+ * (tests/CMakeLists.txt). */
+static inline int kvs_gpu_test_start(const char *name, uint64_t *rng)
 {
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
@@ -40,9 +41,10 @@ static inline int kvs_gpu_test_start(const char *name, uint64_t *seed)
         return 77;
     }
     const char *env = getenv("KVS_TEST_SEED");
-    *seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
-    printf("%s: seed %llu (KVS_TEST_SEED=%llu repeats this run)\n", name, (unsigned long long)*seed,
-           (unsigned long long)*seed);
+    uint64_t seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
+    printf("%s: seed %llu (KVS_TEST_SEED=%llu repeats this run)\n", name, (unsigned long long)seed,
+           (unsigned long long)seed);
+    *rng = seed * 0x9E3779B97F4A7C15ull | 1;
     return 0;
 }
 
