@@ -146,8 +146,7 @@ void kvs__store_give_back_locked(kvs_store *st, kvs_block *blk)
         st->stats.spill_pending -= blk->size;
         break;
     case KVS_CHARGE_HOST:
-        kvs__store_host_charge_locked(st, blk->ns,
-                                      -(int64_t)(blk->size + blk->shrink + KVS_STORE_BLOCK_META));
+        kvs__store_host_charge_locked(st, blk->ns, -(int64_t)kvs__block_host_charge(blk));
         break;
     case KVS_CHARGE_NONE:
         break; /* disk entries and transient reads (invariant 7) */
@@ -497,8 +496,7 @@ void kvs__store_evict_until_locked(kvs_store *st, kvs_ns *only, uint64_t target,
             kvs__block_set_state(blk, KVS_BLOCK_SPILLING);
             blk->charge = KVS_CHARGE_SPILL;
             blk->refs++;
-            kvs__store_host_charge_locked(st, blk->ns,
-                                          -(int64_t)(blk->size + KVS_STORE_BLOCK_META));
+            kvs__store_host_charge_locked(st, blk->ns, -(int64_t)kvs__block_host_charge(blk));
             st->stats.spill_pending += blk->size;
             kvs_writer_put(st->writer, blk, blk->size);
             continue;

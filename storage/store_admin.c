@@ -485,7 +485,7 @@ static bool to_disk_locked(kvs_store *st, kvs_block *b, round *r, kvs_store_evic
     kvs__block_set_state(b, KVS_BLOCK_SPILLING);
     b->charge = KVS_CHARGE_SPILL;
     b->refs += 2; /* the writer's, and ours to read the outcome */
-    kvs__store_host_charge_locked(st, b->ns, -(int64_t)(b->size + KVS_STORE_BLOCK_META));
+    kvs__store_host_charge_locked(st, b->ns, -(int64_t)kvs__block_host_charge(b));
     st->stats.spill_pending += b->size;
     st->stats.host_evictions++;
     r->room -= b->size < r->room ? b->size : r->room;

@@ -166,6 +166,13 @@ void kvs__store_host_charge_locked(kvs_store *st, kvs_ns *ns, int64_t delta);
  * used bytes are re-read from the slots) and for a record of ns in the disk tier (disk_used;
  * invariant 7). */
 void kvs__store_gpu_charge_locked(kvs_store *st, unsigned g, kvs_ns *ns, int64_t delta);
+/* What a host-charged block holds of the host tier (invariant 1): its bytes, the part of
+ * its reservation not yet given back, and its bookkeeping. */
+static inline uint64_t kvs__block_host_charge(const kvs_block *b)
+{
+    return b->size + b->shrink + KVS_STORE_BLOCK_META;
+}
+
 /* A record of the disk tier gained (add) or lost by linked block b, of b->size bytes: the
  * tier's disk_used and disk_records and b's namespace's disk_bytes (invariant 7). */
 void kvs__store_disk_record_locked(kvs_store *st, const kvs_block *b, bool add);
